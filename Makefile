@@ -1,0 +1,35 @@
+# Set-up and everyday commands. `make demo` and `make test` work on a clean machine with Python 3.11.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch 2.13.0 CPU is installed first and pinned by constraints.txt, so that no dependency
+# can pull a multi-GB CUDA build of a newer torch.
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=python3"; exit 2; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/waferscope run recipes/demo_wafer.yaml --out scans/demo_wafer
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/bench_scan.py
+
+clean:
+	rm -rf $(VENV) scans .pytest_cache

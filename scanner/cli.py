@@ -1,0 +1,205 @@
+"""The ``waferscope`` command line.
+
+Exit codes: 0 done, 2 bad input (one clear line on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="waferscope",
+    help="Scan wafers and solar cells under a motorized microscope and find their defects.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(func: F) -> F:
+    """Turn UserError into one line + exit 2, anything else into one line + exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; what was acquired is kept in the scan folder")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if os.environ.get("WAFERSCOPE_DEBUG"):
+                raise
+            err.print(
+                f"[bold red]failed:[/] {type(exc).__name__}: {exc} "
+                "(set WAFERSCOPE_DEBUG=1 for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RichObserver:
+    """Progress bars for the stages of a scan."""
+
+    _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic"}
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
+
+    def stage_started(self, stage: str, total: int) -> None:
+        self.tasks[stage] = self.progress.add_task(self._LABELS.get(stage, stage), total=total)
+
+    def advance(self, stage: str, done: int) -> None:
+        if stage in self.tasks:
+            self.progress.advance(self.tasks[stage], done)
+
+    def stage_finished(self, stage: str) -> None:
+        if stage in self.tasks:
+            self.progress.stop_task(self.tasks[stage])
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (tiles, chunks)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f}/s" if speed else "     -/s", style="cyan")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<17}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and not os.environ.get("WAFERSCOPE_PROGRESS"),
+    )
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="Scan recipe (YAML).", show_default=False)]
+
+
+@app.command()
+@_friendly
+def validate(recipe: RecipeArg) -> None:
+    """Check a recipe and print its plan (tiles, area, estimated hardware time); moves nothing."""
+    from devices.core import build_microscope
+
+    from .pipeline import make_plan, plan_summary
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    handle = build_microscope(rec)
+    summary = plan_summary(make_plan(rec, handle), rec)
+    table = Table(title=f"{recipe.name}: plan", show_header=False)
+    table.add_row("sample", rec.sample.kind)
+    table.add_row("microscope", rec.microscope.kind)
+    table.add_row("tiles", f"{summary['n_tiles']} ({summary['n_rows']} rows x "
+                  f"{summary['n_cols']} cols)")
+    table.add_row("field of view", f"{summary['fov_um'][0]:.0f} x {summary['fov_um'][1]:.0f} µm")
+    table.add_row("sample region", f"{summary['region_area_mm2']:.2f} mm²")
+    table.add_row("scanned area", f"{summary['scanned_area_mm2']:.2f} mm²")
+    table.add_row("est. hardware time", _duration(summary["estimated_hardware_s"]))
+    out.print(table)
+    out.print("recipe OK")
+
+
+@app.command()
+@_friendly
+def run(
+    recipe: RecipeArg,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Scan folder (default: output.root/NAME-TIME).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing scan folder given with --out.")
+    ] = False,
+) -> None:
+    """Scan a recipe's sample: plan, acquire, stitch; print where the outputs are."""
+    from .pipeline import run_scan
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    with _progress() as progress:
+        result = run_scan(rec, out_dir, overwrite=overwrite, observer=RichObserver(progress))
+    _print_result(result)
+    if result.status != "complete":
+        err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
+                  f"{result.n_tiles} tiles acquired (see scan.json)")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def stitch(scan: Annotated[Path, typer.Argument(help="Scan folder.")]) -> None:
+    """Re-stitch the mosaic of an existing scan folder."""
+    from .pipeline import restitch
+
+    with _progress() as progress:
+        result = restitch(scan, observer=RichObserver(progress))
+    _print_result(result)
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}h {minutes:02d}m {sec:04.1f}s" if hours else f"{minutes}m {sec:04.1f}s"
+
+
+def _print_result(result: Any) -> None:
+    out.print(f"scan folder: {result.folder.resolve()}")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<10} {path.resolve()}")
+    for stage, t in result.timings.items():
+        parts = [f"{k.removesuffix('_s')} {_duration(v)}" for k, v in t.items()]
+        out.print(f"  {stage} time: " + ", ".join(parts))
+
+
+def main() -> None:
+    """Entry point for ``python -m scanner``."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,398 @@
+"""Scan recipes: the pydantic models that describe one scan, and the YAML loader.
+
+A recipe has four sections, ``sample``, ``microscope``, ``scan`` and ``output``. ``sample`` and
+``microscope`` are tagged by ``kind``. The resolved recipe (every default filled in, every path
+absolute) is the scan's description and is saved in ``scan.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import RecipeError
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+XY = tuple[float, float]
+
+
+class _Model(BaseModel):
+    """Base for recipe sections: unknown keys are errors (a typo must not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Resolve a relative path against the recipe's folder (given in the validation context)."""
+    base = (info.context or {}).get("base_dir")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path.resolve()
+
+
+# --------------------------------------------------------------------------- samples
+
+
+class DefectSpec(_Model):
+    """Synthetic defects placed on a simulated sample (ignored on real hardware)."""
+
+    count: Annotated[int, Field(ge=0)] = 20
+    kinds: list[str] | None = None
+    seed: int = 0
+
+
+class WaferSample(_Model):
+    """A round wafer with a die grid."""
+
+    kind: Literal["wafer"] = "wafer"
+    diameter_mm: PositiveFloat = 100.0
+    orientation: Literal["notch", "flat", "none"] = "notch"
+    flat_length_mm: PositiveFloat = 32.5
+    edge_exclusion_mm: NonNegFloat = 3.0
+    die_pitch_mm: tuple[PositiveFloat, PositiveFloat] = (10.0, 10.0)
+    die_origin_mm: XY = (0.0, 0.0)
+    scribe_width_um: NonNegFloat = 80.0
+    center_um: XY = (0.0, 0.0)
+    lot_id: str = "LOT0001"
+    wafer_id: str = "W01"
+    defects: DefectSpec = DefectSpec()
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> WaferSample:
+        if self.edge_exclusion_mm * 2 >= self.diameter_mm:
+            raise ValueError("edge_exclusion_mm: leaves no usable area (must be < diameter_mm / 2)")
+        return self
+
+
+class PVCellSample(_Model):
+    """A photovoltaic cell with busbars and fingers (imaged like electroluminescence)."""
+
+    kind: Literal["pv_cell"] = "pv_cell"
+    width_mm: PositiveFloat = 156.0
+    height_mm: PositiveFloat = 156.0
+    busbars: Annotated[int, Field(ge=0, le=30)] = 5
+    busbar_width_mm: PositiveFloat = 1.2
+    finger_pitch_mm: PositiveFloat = 2.0
+    finger_width_um: PositiveFloat = 60.0
+    center_um: XY = (0.0, 0.0)
+    defects: DefectSpec = DefectSpec()
+
+
+class ImageSample(_Model):
+    """Any TIFF/PNG file used as the sample, with its pixel size and stage placement."""
+
+    kind: Literal["image"] = "image"
+    path: Path
+    pixel_size_um: PositiveFloat
+    origin_um: XY = Field(
+        (0.0, 0.0), description="stage position (x, y) µm of the image's pixel (0, 0)"
+    )
+    region_px: tuple[int, int, int, int] | None = Field(
+        None, description="(row, col, rows, cols) to scan; default: the whole image"
+    )
+    defects: DefectSpec = DefectSpec(count=0)
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @field_validator("region_px")
+    @classmethod
+    def _region_positive(
+        cls, value: tuple[int, int, int, int] | None
+    ) -> tuple[int, int, int, int] | None:
+        if value is not None and (value[0] < 0 or value[1] < 0 or value[2] <= 0 or value[3] <= 0):
+            raise ValueError("must be (row >= 0, col >= 0, rows > 0, cols > 0)")
+        return value
+
+
+class RectangleSample(_Model):
+    """A plain rectangular region (a coupon, a die, a test area)."""
+
+    kind: Literal["rectangle"] = "rectangle"
+    width_mm: PositiveFloat
+    height_mm: PositiveFloat
+    center_um: XY = (0.0, 0.0)
+    defects: DefectSpec = DefectSpec(count=10)
+
+
+Sample = Annotated[
+    WaferSample | PVCellSample | ImageSample | RectangleSample, Field(discriminator="kind")
+]
+
+# --------------------------------------------------------------------------- microscopes
+
+
+class CameraSpec(_Model):
+    """Camera sensor and image formation."""
+
+    width: Annotated[int, Field(gt=0, le=16384)] = 1024
+    height: Annotated[int, Field(gt=0, le=16384)] = 1024
+    pixel_size_um: PositiveFloat = 1.0
+    bit_depth: Literal[8, 10, 12, 14, 16] = 12
+    exposure_ms: PositiveFloat = 10.0
+    readout_ms: NonNegFloat = 20.0
+    full_well_e: PositiveFloat = 10000.0
+    read_noise_e: NonNegFloat = 5.0
+    noise: bool = True
+
+
+class StageSpec(_Model):
+    """XY stage travel and mechanics."""
+
+    travel_x_um: XY = (-100_000.0, 100_000.0)
+    travel_y_um: XY = (-100_000.0, 100_000.0)
+    speed_um_s: PositiveFloat = 20_000.0
+    acceleration_um_s2: PositiveFloat = 200_000.0
+    settle_ms: NonNegFloat = 30.0
+    repeatability_um: NonNegFloat = 2.0
+
+    @field_validator("travel_x_um", "travel_y_um")
+    @classmethod
+    def _ordered(cls, value: XY) -> XY:
+        if value[0] >= value[1]:
+            raise ValueError("must be (min, max) with min < max")
+        return value
+
+
+class FocusSpec(_Model):
+    """Focus drive (Z) range and mechanics."""
+
+    z_um: float = 0.0
+    range_um: XY = (-500.0, 500.0)
+    speed_um_s: PositiveFloat = 1000.0
+    settle_ms: NonNegFloat = 10.0
+
+    @model_validator(mode="after")
+    def _z_in_range(self) -> FocusSpec:
+        lo, hi = self.range_um
+        if lo >= hi:
+            raise ValueError("range_um: must be (min, max) with min < max")
+        if not lo <= self.z_um <= hi:
+            raise ValueError(f"z_um: {self.z_um} is outside range_um {self.range_um}")
+        return self
+
+
+class SimulatedMicroscope(_Model):
+    """The built-in simulated microscope (pure-Python Micro-Manager devices)."""
+
+    kind: Literal["simulated"] = "simulated"
+    camera: CameraSpec = CameraSpec()
+    stage: StageSpec = StageSpec()
+    focus: FocusSpec = FocusSpec()
+    realtime: bool = Field(False, description="really sleep the simulated hardware time")
+    seed: int = 0
+
+
+class MicroManagerMicroscope(_Model):
+    """Real hardware through a Micro-Manager configuration file."""
+
+    kind: Literal["micromanager"] = "micromanager"
+    config: Path
+    adapter_path: Path | None = None
+    pixel_size_um: PositiveFloat | None = Field(
+        None, description="overrides the configuration's pixel size"
+    )
+    stage: StageSpec = Field(
+        StageSpec(), description="travel limits and mechanics; Micro-Manager does not report them"
+    )
+    focus: FocusSpec = FocusSpec()
+
+    @field_validator("config")
+    @classmethod
+    def _config_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        path = _resolve_path(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        if path.suffix.lower() != ".cfg":
+            raise ValueError(f"not a Micro-Manager .cfg file: {path}")
+        return path
+
+    @field_validator("adapter_path")
+    @classmethod
+    def _adapters_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve_path(value, info)
+        if not path.is_dir():
+            raise ValueError(f"folder not found: {path}")
+        return path
+
+
+Microscope = Annotated[
+    SimulatedMicroscope | MicroManagerMicroscope, Field(discriminator="kind")
+]
+
+# --------------------------------------------------------------------------- scan, output
+
+
+class ScanSpec(_Model):
+    """How to tile the sample."""
+
+    overlap: Annotated[float, Field(ge=0.0, lt=0.9)] = 0.1
+    order: Literal["serpentine", "raster"] = "serpentine"
+    exposure_ms: PositiveFloat | None = Field(None, description="default: the camera's exposure")
+    max_tiles: Annotated[int, Field(gt=0)] = 20_000
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+
+
+class OutputSpec(_Model):
+    """Where the scan folder goes (relative paths are relative to the working directory)."""
+
+    root: Path = Path("scans")
+    name: str | None = Field(None, description="default: the recipe file's name")
+    chunk_px: Annotated[int, Field(ge=64, le=8192)] = 1024
+
+
+class Recipe(_Model):
+    """A whole scan: what is scanned, with what, how, and where the results go."""
+
+    sample: Sample
+    microscope: Microscope = SimulatedMicroscope()
+    scan: ScanSpec = ScanSpec()
+    output: OutputSpec = OutputSpec()
+    name: str = "scan"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+_MESSAGES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "missing": "required",
+    "extra_forbidden": "unknown key",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "tuple_type": "must be a list",
+    "too_short": "needs {min_length} values",
+    "too_long": "needs at most {max_length} values",
+    "union_tag_invalid": "must be one of {expected_tags}",
+    "union_tag_not_found": "needs a 'kind'",
+    "model_type": "must be a mapping of keys",
+    "string_type": "must be text",
+}
+
+_KIND_TAGS = {"wafer", "pv_cell", "image", "rectangle", "simulated", "micromanager"}
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    """One validation error as ``section.field: why``."""
+    loc = [str(p) for p in error["loc"]]
+    # pydantic puts the union's tag in the location (sample.wafer.diameter_mm): drop it
+    if len(loc) >= 2 and loc[0] in ("sample", "microscope") and loc[1] in _KIND_TAGS:
+        del loc[1]
+    where = ".".join(loc) or "recipe"
+    kind = error["type"]
+    if kind in ("value_error", "assertion_error"):
+        message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        # a model validator may already name its field ("edge_exclusion_mm: ...")
+        if ": " in message and message.split(": ", 1)[0].isidentifier():
+            field, why = message.split(": ", 1)
+            return f"{where}.{field}: {why}"
+        return f"{where}: {message}"
+    template = _MESSAGES.get(kind)
+    ctx = error.get("ctx") or {}
+    if template is not None:
+        try:
+            why = template.format(**ctx)
+        except KeyError:
+            why = str(error["msg"])
+    else:
+        why = str(error["msg"])
+    if kind == "literal_error":
+        why = f"must be one of {ctx.get('expected', '')}"
+    if kind not in ("missing", "extra_forbidden") and "input" in error:
+        got = error["input"]
+        if isinstance(got, (str, int, float, bool)) or got is None:
+            why += f" (got {got!r})"
+    return f"{where}: {why}"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Summarise a pydantic error as one line naming the first bad field."""
+    errors = exc.errors()
+    line = _format_error(errors[0])
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return line
+
+
+def parse_recipe(data: Any, base_dir: Path, name: str = "scan") -> Recipe:
+    """Validate recipe data (already parsed from YAML).
+
+    Parameters
+    ----------
+    data : Any
+        The YAML document.
+    base_dir : Path
+        Folder that relative paths in the recipe are resolved against.
+    name : str
+        Default scan name (the recipe file's stem).
+
+    Raises
+    ------
+    RecipeError
+        With one line naming the field and why.
+    """
+    if not isinstance(data, dict):
+        raise RecipeError(
+            "recipe: must be a mapping with sample, microscope, scan, output sections"
+        )
+    data = {"name": name, **data}
+    try:
+        return Recipe.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file.
+
+    Raises
+    ------
+    RecipeError
+        If the file is missing, is not valid YAML, or does not validate.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise RecipeError(f"{path}:{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+    if data is None:
+        raise RecipeError(f"{path}: recipe is empty")
+    try:
+        return parse_recipe(data, base_dir=path.resolve().parent, name=path.stem)
+    except RecipeError as exc:
+        raise RecipeError(f"{path.name}: {exc}") from None

@@ -1,0 +1,111 @@
+"""The scan folder: the interface between the stages of the flow.
+
+``scan.json`` describes the scan (resolved recipe, versions, plan, per-stage timings, status);
+each stage reads what the previous one wrote, so stages can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SCAN_JSON = "scan.json"
+TRUTH_JSON = "truth.json"
+
+_PACKAGES = ("waferscope", "pymmcore-plus", "pymmcore", "useq-schema", "zarr", "numpy",
+             "scikit-image", "scipy", "pydantic", "torch")
+
+
+def now_iso() -> str:
+    """Local time with offset, to the second."""
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape a scan's results."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a crash leaves the previous file intact)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_scan_json(folder: Path) -> dict[str, Any]:
+    """Read ``scan.json`` of a scan folder.
+
+    Raises
+    ------
+    UserError
+        If the folder or file is missing or unreadable.
+    """
+    path = Path(folder) / SCAN_JSON
+    if not path.is_file():
+        raise UserError(f"{folder}: not a scan folder (no {SCAN_JSON})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc})") from None
+
+
+def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = False) -> Path:
+    """Choose and create the scan folder without destroying an earlier scan.
+
+    Parameters
+    ----------
+    out : Path or None
+        Folder the user asked for; None picks ``root/name-YYYYmmdd-HHMMSS``.
+    root : Path
+        Parent folder for automatically named scans.
+    name : str
+        Scan name.
+    overwrite : bool
+        Allow replacing an existing scan folder given as ``out``.
+
+    Raises
+    ------
+    UserError
+        If ``out`` exists, is not empty, and ``overwrite`` is False.
+    """
+    if out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path(root) / f"{name}-{stamp}"
+        suffix = 1
+        while out.exists():
+            out = Path(root) / f"{name}-{stamp}-{suffix}"
+            suffix += 1
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(
+                f"--out {out}: folder is not empty; choose another folder or pass --overwrite"
+            )
+        if not (out / SCAN_JSON).is_file():
+            raise UserError(f"--out {out}: not a scan folder; refusing to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,133 @@
+"""Stage mechanics: travel limits, trapezoidal motion time, settling and repeatability."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .clock import HardwareClock
+
+
+class TravelLimitError(RuntimeError):
+    """A move was asked for outside the stage's travel range; the stage did not move."""
+
+
+def axis_move_time_s(distance_um: float, speed_um_s: float, accel_um_s2: float) -> float:
+    """Time for one axis to travel ``distance_um`` with a trapezoidal velocity profile.
+
+    Parameters
+    ----------
+    distance_um : float
+        Distance to travel (sign ignored).
+    speed_um_s : float
+        Maximum speed.
+    accel_um_s2 : float
+        Acceleration and deceleration.
+
+    Returns
+    -------
+    float
+        Seconds from start to stop (settling not included).
+    """
+    d = abs(distance_um)
+    if d == 0:
+        return 0.0
+    d_ramp = speed_um_s**2 / accel_um_s2  # distance spent accelerating and decelerating
+    if d <= d_ramp:  # triangular profile: never reaches full speed
+        return 2.0 * math.sqrt(d / accel_um_s2)
+    return 2.0 * speed_um_s / accel_um_s2 + (d - d_ramp) / speed_um_s
+
+
+def xy_move_time_s(
+    dx_um: float, dy_um: float, speed_um_s: float, accel_um_s2: float
+) -> float:
+    """Time for an XY move with both axes moving at once (the slower axis decides)."""
+    return max(
+        axis_move_time_s(dx_um, speed_um_s, accel_um_s2),
+        axis_move_time_s(dy_um, speed_um_s, accel_um_s2),
+    )
+
+
+class StageAxes:
+    """Mechanics of a motorized stage with one or more axes (XY: 2, focus: 1).
+
+    The *commanded* position is what the controller reports back (quantised to its encoder
+    step); the *true* position is where the stage really stops: the commanded one plus a
+    random repeatability error drawn at each move.
+
+    Parameters
+    ----------
+    limits_um : sequence of (min, max)
+        Travel range of each axis.
+    speed_um_s, accel_um_s2 : float
+        Motion profile.
+    settle_s : float
+        Settling time after each move.
+    repeatability_um : float
+        Standard deviation of the landing error on each axis.
+    clock : HardwareClock
+        Clock that moves and settling are charged to.
+    rng : numpy.random.Generator
+        Random source for the landing error.
+    encoder_step_um : float
+        Resolution of the reported position.
+    """
+
+    def __init__(
+        self,
+        limits_um: list[tuple[float, float]],
+        speed_um_s: float,
+        accel_um_s2: float,
+        settle_s: float,
+        repeatability_um: float,
+        clock: HardwareClock,
+        rng: np.random.Generator,
+        encoder_step_um: float = 0.01,
+        start_um: list[float] | None = None,
+    ) -> None:
+        self.limits_um = [tuple(map(float, lim)) for lim in limits_um]
+        self.speed_um_s = speed_um_s
+        self.accel_um_s2 = accel_um_s2
+        self.settle_s = settle_s
+        self.repeatability_um = repeatability_um
+        self.clock = clock
+        self.rng = rng
+        self.encoder_step_um = encoder_step_um
+        start = start_um if start_um is not None else [
+            min(max(0.0, lo), hi) for lo, hi in self.limits_um
+        ]
+        self.commanded = np.asarray(start, dtype=float)
+        self.true = self.commanded.copy()
+        self.moves = 0
+
+    def check(self, target_um: np.ndarray) -> None:
+        """Raise :class:`TravelLimitError` if ``target_um`` is outside the travel range."""
+        for axis, (value, (lo, hi)) in enumerate(zip(target_um, self.limits_um, strict=True)):
+            if not lo <= value <= hi:
+                raise TravelLimitError(
+                    f"axis {'XYZ'[axis] if len(self.limits_um) > 1 else 'Z'} target {value:.1f} µm "
+                    f"is outside the travel range [{lo:.1f}, {hi:.1f}] µm"
+                )
+
+    def move_to(self, *target_um: float) -> float:
+        """Move to an absolute position; returns the hardware time spent (also on the clock)."""
+        target = np.asarray(target_um, dtype=float)
+        self.check(target)
+        delta = target - self.true
+        seconds = max(
+            axis_move_time_s(float(d), self.speed_um_s, self.accel_um_s2) for d in delta
+        )
+        if np.any(target != self.commanded):
+            seconds += self.settle_s
+            error = self.rng.normal(0.0, self.repeatability_um, size=target.shape)
+            self.true = target + error
+            self.moves += 1
+        self.commanded = target
+        self.clock.advance(seconds)
+        return seconds
+
+    def reported(self) -> np.ndarray:
+        """The position the controller reports: commanded, quantised to the encoder step."""
+        step = self.encoder_step_um
+        return np.round(self.commanded / step) * step
