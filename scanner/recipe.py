@@ -294,6 +294,8 @@ _MESSAGES = {
     "union_tag_invalid": "must be one of {expected_tags}",
     "union_tag_not_found": "needs a 'kind'",
     "model_type": "must be a mapping of keys",
+    "model_attributes_type": "must be a mapping of keys",
+    "dict_type": "must be a mapping of keys",
     "string_type": "must be text",
 }
 

@@ -1,0 +1,112 @@
+"""Recipes: validation, defaults, relative paths, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scanner.cli import app
+from scanner.errors import RecipeError
+from scanner.recipe import load_recipe
+
+runner = CliRunner()
+
+MINIMAL = """\
+sample: {kind: image, path: coupon.tif, pixel_size_um: 1.0, origin_um: [0, 0]}
+microscope: {kind: simulated, camera: {width: 512, height: 512, pixel_size_um: 1.0}}
+scan: {overlap: 0.1}
+"""
+
+
+def test_minimal_recipe_resolves_relative_path(write_recipe, coupon_tif: Path) -> None:
+    recipe = load_recipe(write_recipe(MINIMAL))
+    assert recipe.sample.path == coupon_tif.resolve()
+    assert recipe.microscope.camera.width == 512
+    assert recipe.scan.order == "serpentine"
+    assert recipe.name == "recipe"
+
+
+def test_shipped_recipes_validate() -> None:
+    recipes = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+    assert len(recipes) >= 3
+    for path in recipes:
+        load_recipe(path)
+
+
+BROKEN = [
+    ("sample: {kind: wafer, diameter_mm: -5}\n", "sample.diameter_mm: must be > 0"),
+    ("sample: {kind: wafer, diamter_mm: 100}\n", "sample.diamter_mm: unknown key"),
+    ("sample: {kind: disk}\n", "sample: must be one of"),
+    ("sample: {diameter_mm: 100}\n", "sample: needs a 'kind'"),
+    ("microscope: {kind: simulated}\n", "sample: required"),
+    ("sample: {kind: image, path: nope.tif, pixel_size_um: 1}\n", "sample.path: file not found"),
+    ("sample: {kind: image, path: coupon.tif}\n", "sample.pixel_size_um: required"),
+    ("sample: {kind: wafer}\nscan: {overlap: 1.5}\n", "scan.overlap: must be < 0.9"),
+    ("sample: {kind: wafer}\nscan: {order: spiral}\n", "scan.order: must be one of"),
+    ("sample: {kind: wafer, diameter_mm: 10, edge_exclusion_mm: 6}\n",
+     "sample.edge_exclusion_mm: leaves no usable area"),
+    ("sample: {kind: wafer}\nmicroscope: {kind: simulated, camera: {bit_depth: 11}}\n",
+     "microscope.camera.bit_depth: must be one of"),
+    ("sample: {kind: wafer}\nmicroscope: {kind: simulated, stage: {travel_x_um: [5, -5]}}\n",
+     "microscope.stage.travel_x_um: must be (min, max)"),
+    ("sample: {kind: wafer}\nmicroscope: {kind: micromanager, config: missing.cfg}\n",
+     "microscope.config: file not found"),
+    ("sample: {kind: wafer, die_pitch_mm: ten}\n", "sample.die_pitch_mm: must be a list"),
+    ("sample: {kind: wafer}\nmicroscope: {kind: simulated, focus: {z_um: 900}}\n",
+     "microscope.focus.z_um: 900.0 is outside range_um"),
+    ("sample: [kind, wafer\n", "line"),
+    ("- just\n- a list\n", "recipe: must be a mapping"),
+    ("", "recipe is empty"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BROKEN)
+def test_broken_recipe_gives_one_line_and_exit_2(
+    text: str, expected: str, write_recipe, coupon_tif: Path
+) -> None:
+    path = write_recipe(text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert expected in str(info.value)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    assert expected.split(":")[0] in lines[0]
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2
+    assert "recipe file not found" in result.stderr
+
+
+def test_plan_outside_travel_is_refused_before_moving(write_recipe, tmp_path: Path) -> None:
+    path = write_recipe(
+        "sample: {kind: rectangle, width_mm: 4, height_mm: 4, center_um: [9000, 0]}\n"
+        "microscope: {kind: simulated, camera: {width: 256, height: 256},"
+        " stage: {travel_x_um: [-10000, 10000], travel_y_um: [-10000, 10000]}}\n"
+    )
+    out = tmp_path / "scan"
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "microscope.stage.travel_x_um" in result.stderr
+    assert "outside the travel" in result.stderr
+    assert not out.exists()  # refused before the scan folder (or any move) existed
+
+
+def test_existing_output_is_not_destroyed(write_recipe, tmp_path: Path) -> None:
+    out = tmp_path / "scan"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    path = write_recipe(
+        "sample: {kind: rectangle, width_mm: 0.3, height_mm: 0.3}\n"
+        "microscope: {kind: simulated, camera: {width: 256, height: 256}}\n"
+    )
+    result = runner.invoke(app, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "not empty" in result.stderr
+    assert (out / "precious.txt").read_text() == "keep me"

@@ -1,0 +1,119 @@
+"""Stage kinematics, simulated stage behaviour, and scan planning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from shapely.geometry import box
+
+from scanner.errors import PlanError
+from scanner.plan import check_travel, estimate_hardware_time_s, plan_scan
+from scanner.recipe import parse_recipe
+from simulators.clock import HardwareClock
+from simulators.stage import StageAxes, TravelLimitError, axis_move_time_s
+
+
+def test_trapezoid_and_triangle_profiles() -> None:
+    # long move: accelerate 0.1 s (1000 µm), cruise, decelerate 0.1 s
+    assert axis_move_time_s(10_000, 10_000, 100_000) == pytest.approx(0.2 + 0.9)
+    # short move never reaches full speed: t = 2 sqrt(d / a)
+    assert axis_move_time_s(100, 10_000, 100_000) == pytest.approx(2 * math.sqrt(1e-3))
+    assert axis_move_time_s(0, 10_000, 100_000) == 0.0
+    assert axis_move_time_s(-500, 1e4, 1e5) == axis_move_time_s(500, 1e4, 1e5)
+
+
+def _stage(repeat: float = 2.0) -> StageAxes:
+    return StageAxes([(-1000, 1000), (-500, 500)], 10_000, 100_000, 0.05, repeat,
+                     HardwareClock(), np.random.default_rng(0))
+
+
+def test_stage_refuses_moves_outside_travel_without_moving() -> None:
+    stage = _stage()
+    stage.move_to(100, 100)
+    before = stage.true.copy()
+    with pytest.raises(TravelLimitError):
+        stage.move_to(0, 600)
+    np.testing.assert_array_equal(stage.true, before)
+
+
+def test_stage_repeatability_and_clock() -> None:
+    stage = _stage(repeat=3.0)
+    errors = []
+    for i in range(400):
+        target = (float(i % 7) * 100 - 300, float(i % 5) * 100 - 200)
+        stage.move_to(*target)
+        np.testing.assert_allclose(stage.reported(), target, atol=0.01)
+        errors.append(stage.true - np.array(target))
+    errors = np.array(errors)
+    assert 2.5 < errors.std() < 3.5  # lands with the configured repeatability error
+    assert abs(errors.mean()) < 0.5
+    # every move costs motion + 50 ms settling on the hardware clock
+    assert stage.clock.elapsed_s > 400 * 0.05
+
+
+def _recipe(sample: dict, camera: dict | None = None, **extra) -> object:
+    data = {"sample": sample, "microscope": {"kind": "simulated",
+                                            "camera": camera or {"width": 500, "height": 400}}}
+    data.update(extra)
+    return parse_recipe(data, base_dir=None)
+
+
+def test_rectangle_plan_covers_region_in_serpentine_order() -> None:
+    recipe = _recipe({"kind": "rectangle", "width_mm": 2.0, "height_mm": 1.0,
+                      "center_um": [500, -200]}, scan={"overlap": 0.1})
+    plan = plan_scan(recipe, (500.0, 400.0))
+    assert plan.step_um == pytest.approx((450.0, 360.0))
+    # every point of the region is seen by some tile
+    tiles = [box(t.x_um - 250, t.y_um - 200, t.x_um + 250, t.y_um + 200) for t in plan.tiles]
+    from shapely import union_all
+
+    assert union_all(tiles).contains(plan.region)
+    # serpentine: consecutive tiles are neighbours (no flyback across the sample)
+    pos = plan.positions_um()
+    steps = np.abs(np.diff(pos, axis=0))
+    assert np.all((steps[:, 0] < 451) & (steps[:, 1] < 361))
+    # rows grow with y, cols with x
+    for t in plan.tiles:
+        assert t.x_um == pytest.approx(pos[:, 0].min() + t.col * 450.0)
+        assert t.y_um == pytest.approx(pos[:, 1].min() + t.row * 360.0)
+
+
+def test_wafer_plan_keeps_only_tiles_touching_usable_area() -> None:
+    recipe = _recipe({"kind": "wafer", "diameter_mm": 20, "edge_exclusion_mm": 2,
+                      "die_pitch_mm": [2, 2]}, camera={"width": 1000, "height": 1000,
+                                                        "pixel_size_um": 1.0})
+    plan = plan_scan(recipe, (1000.0, 1000.0))
+    usable_r = 8000.0
+    for t in plan.tiles:
+        # nearest point of the tile to the centre must be inside the usable disk
+        nx = max(abs(t.x_um) - 500, 0)
+        ny = max(abs(t.y_um) - 500, 0)
+        assert math.hypot(nx, ny) <= usable_r + 1e-6
+    # and the disk is covered: about area / step^2 tiles
+    expected = math.pi * usable_r**2 / 900.0**2
+    assert expected < len(plan.tiles) < expected * 1.5
+
+
+def test_travel_check_names_tile_and_axis() -> None:
+    recipe = parse_recipe({"sample": {"kind": "rectangle", "width_mm": 1, "height_mm": 1,
+                                      "center_um": [0, 49_800]},
+                           "microscope": {"kind": "simulated",
+                                          "stage": {"travel_y_um": [-50_000, 50_000]}}},
+                          base_dir=None)
+    plan = plan_scan(recipe, (300.0, 300.0))
+    with pytest.raises(PlanError, match=r"travel_y_um: tile \d+ .* y = "):
+        check_travel(plan, recipe)
+
+
+def test_estimate_counts_moves_settle_and_exposure() -> None:
+    recipe = parse_recipe({"sample": {"kind": "rectangle", "width_mm": 1, "height_mm": 1},
+                           "microscope": {"kind": "simulated",
+                                          "camera": {"exposure_ms": 10, "readout_ms": 20},
+                                          "stage": {"settle_ms": 50}}}, base_dir=None)
+    plan = plan_scan(recipe, (400.0, 400.0))
+    est = estimate_hardware_time_s(plan, recipe)
+    n = len(plan.tiles)
+    assert est > n * (0.03 + 0.05) - 0.05
+    assert est < n * (0.03 + 0.05 + 0.2)
