@@ -79,12 +79,12 @@ def _set_pixel_size(core: UniMMCore, pixel_size_um: float) -> None:
 
 def build_simulated(recipe: Recipe) -> MicroscopeHandle:
     """A UniMMCore with the simulated camera, XY stage, focus drive and clock loaded."""
-    from simulators.camera import CameraModel
+    from simulators.camera import CameraModel, Optics
     from simulators.clock import HardwareClock
     from simulators.microscope import SimulatedMicroscope as SimScope
     from simulators.stage import StageAxes
 
-    from .sample_factory import sample_for_recipe
+    from .sample_factory import focal_surface_for_recipe, sample_for_recipe
     from .simulated import SimCamera, SimClock, SimFocus, SimXYStage
 
     spec: SimulatedMicroscope = recipe.microscope  # type: ignore[assignment]
@@ -123,7 +123,10 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
         np.random.default_rng([spec.seed, 2]),
         start_um=[fo.z_um],
     )
-    scope = SimScope(sample, camera, xy, z, clock, rng=rng, exposure_ms=cam.exposure_ms)
+    optics = Optics(spec.objective.numerical_aperture, spec.objective.wavelength_um)
+    scope = SimScope(sample, camera, xy, z, clock, optics=optics,
+                     surface=focal_surface_for_recipe(recipe.sample), rng=rng,
+                     exposure_ms=cam.exposure_ms)
 
     with _quiet_discovery():
         core = UniMMCore()
@@ -183,7 +186,11 @@ def build_micromanager(recipe: Recipe) -> MicroscopeHandle:
         )
     if not core.getShutterDevice():
         core.setAutoShutter(False)
-    return MicroscopeHandle(core=core, kind="micromanager", info={"config": str(spec.config)})
+    return MicroscopeHandle(
+        core=core,
+        kind="micromanager",
+        info={"config": str(spec.config), "depth_of_field_um": spec.objective.depth_of_field_um},
+    )
 
 
 def build_microscope(recipe: Recipe) -> MicroscopeHandle:

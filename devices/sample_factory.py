@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from simulators.samples import VirtualSample, make_sample
 
 from scanner.errors import UserError
+from simulators.surface import FocalSurface
 
 
 def sample_for_recipe(sample: Any) -> VirtualSample:
@@ -17,7 +19,7 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     sample : WaferSample | PVCellSample | ImageSample | RectangleSample
         The validated ``sample:`` section.
     """
-    params = sample.model_dump(exclude={"kind", "defects", "lot_id", "wafer_id"})
+    params = sample.model_dump(exclude={"kind", "defects", "surface", "lot_id", "wafer_id"})
     params["n_defects"] = sample.defects.count
     params["seed"] = sample.defects.seed
     if sample.defects.kinds is not None:
@@ -26,3 +28,26 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
         return make_sample(sample.kind, **params)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"sample: {exc}") from None
+
+
+def focal_surface_for_recipe(sample: Any) -> FocalSurface:
+    """The simulated focal surface of a recipe sample, centred on the sample's region."""
+    from scanner.geometry import usable_polygon
+
+    region = usable_polygon(sample)
+    cx, cy = region.centroid.x, region.centroid.y
+    xs, ys = np.asarray(region.exterior.coords).T
+    radius = float(np.max(np.hypot(xs - cx, ys - cy)))
+    if sample.kind == "wafer":
+        radius = sample.diameter_mm * 500.0  # the bow is referenced to the wafer's own edge
+    spec = sample.surface
+    return FocalSurface(
+        tilt_um_per_mm=spec.tilt_um_per_mm,
+        bow_um=spec.bow_um,
+        waviness_um=spec.waviness_um,
+        waviness_period_mm=spec.waviness_period_mm,
+        center_um=(cx, cy),
+        radius_um=max(radius, 1.0),
+        z0_um=spec.z0_um,
+        seed=spec.seed,
+    )

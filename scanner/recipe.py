@@ -54,6 +54,17 @@ class DefectSpec(_Model):
     seed: int = 0
 
 
+class SurfaceSpec(_Model):
+    """Shape of a simulated sample's surface along the focus axis (ignored on real hardware)."""
+
+    tilt_um_per_mm: XY = (0.0, 0.0)
+    bow_um: float = 0.0
+    waviness_um: NonNegFloat = 0.0
+    waviness_period_mm: PositiveFloat = 10.0
+    z0_um: float = 0.0
+    seed: int = 0
+
+
 class WaferSample(_Model):
     """A round wafer with a die grid."""
 
@@ -69,6 +80,7 @@ class WaferSample(_Model):
     lot_id: str = "LOT0001"
     wafer_id: str = "W01"
     defects: DefectSpec = DefectSpec()
+    surface: SurfaceSpec = SurfaceSpec()
 
     @model_validator(mode="after")
     def _check_geometry(self) -> WaferSample:
@@ -89,6 +101,7 @@ class PVCellSample(_Model):
     finger_width_um: PositiveFloat = 60.0
     center_um: XY = (0.0, 0.0)
     defects: DefectSpec = DefectSpec()
+    surface: SurfaceSpec = SurfaceSpec()
 
 
 class ImageSample(_Model):
@@ -104,6 +117,7 @@ class ImageSample(_Model):
         None, description="(row, col, rows, cols) to scan; default: the whole image"
     )
     defects: DefectSpec = DefectSpec(count=0)
+    surface: SurfaceSpec = SurfaceSpec()
 
     @field_validator("path")
     @classmethod
@@ -131,6 +145,7 @@ class RectangleSample(_Model):
     height_mm: PositiveFloat
     center_um: XY = (0.0, 0.0)
     defects: DefectSpec = DefectSpec(count=10)
+    surface: SurfaceSpec = SurfaceSpec()
 
 
 Sample = Annotated[
@@ -190,6 +205,19 @@ class FocusSpec(_Model):
         return self
 
 
+class ObjectiveSpec(_Model):
+    """Objective lens; its depth of field sets the focus tolerances."""
+
+    numerical_aperture: Annotated[float, Field(gt=0, lt=1.0)] = 0.3
+    wavelength_um: PositiveFloat = 0.55
+    magnification: PositiveFloat = 10.0
+
+    @property
+    def depth_of_field_um(self) -> float:
+        """Wave-optical depth of field ``lambda / NA**2``."""
+        return self.wavelength_um / self.numerical_aperture**2
+
+
 class SimulatedMicroscope(_Model):
     """The built-in simulated microscope (pure-Python Micro-Manager devices)."""
 
@@ -197,6 +225,7 @@ class SimulatedMicroscope(_Model):
     camera: CameraSpec = CameraSpec()
     stage: StageSpec = StageSpec()
     focus: FocusSpec = FocusSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
     realtime: bool = Field(False, description="really sleep the simulated hardware time")
     seed: int = 0
 
@@ -214,6 +243,7 @@ class MicroManagerMicroscope(_Model):
         StageSpec(), description="travel limits and mechanics; Micro-Manager does not report them"
     )
     focus: FocusSpec = FocusSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
 
     @field_validator("config")
     @classmethod

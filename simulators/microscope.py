@@ -14,6 +14,7 @@ import numpy as np
 from .camera import CameraModel, Optics
 from .clock import HardwareClock
 from .stage import StageAxes
+from .surface import FocalSurface
 
 
 @dataclass
@@ -45,6 +46,8 @@ class SimulatedMicroscope:
         Simulated hardware time.
     optics : Optics
         Objective (defocus blur).
+    surface : FocalSurface
+        Height of the sample surface (where the image is in focus).
     rng : numpy.random.Generator
         Noise source of the camera.
     """
@@ -55,14 +58,14 @@ class SimulatedMicroscope:
     z: StageAxes
     clock: HardwareClock
     optics: Optics = field(default_factory=Optics)
+    surface: FocalSurface = field(default_factory=FocalSurface)
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     exposure_ms: float = 10.0
     last: Snapshot | None = None
 
     def focal_z_um(self, x_um: float, y_um: float) -> float:
         """Height of the sample surface (the in-focus Z) at a stage position."""
-        surface = getattr(self.sample, "focal_z_um", None)
-        return float(surface(x_um, y_um)) if callable(surface) else 0.0
+        return float(self.surface(x_um, y_um))
 
     def snap(self) -> np.ndarray:
         """Expose one frame at the stage's true position and return camera counts."""
