@@ -53,6 +53,11 @@ class MicroscopeHandle:
             return None
         return float(self.core.getProperty(self.clock_device, "Elapsed_s"))
 
+    @property
+    def depth_of_field_um(self) -> float:
+        """Depth of field of the objective (from the recipe)."""
+        return float(self.info.get("depth_of_field_um", 5.0))
+
     def fov_um(self) -> tuple[float, float]:
         """Field of view (width, height) in µm at the sample."""
         p = self.core.getPixelSizeUm()
@@ -148,7 +153,7 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
         kind="simulated",
         truth=truth,
         clock_device=labels["clock"],
-        info={"labels": labels, "depth_of_field_um": scope.optics.depth_of_field_um},
+        info={"labels": labels, "depth_of_field_um": spec.objective.depth_of_field_um},
     )
 
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pymmcore_plus import CMMCorePlus
@@ -22,6 +23,9 @@ from pymmcore_plus.mda._runner import SkipEvent
 from useq import MDAEvent
 
 from devices.core import MicroscopeHandle
+
+if TYPE_CHECKING:
+    from .focusing import FocusController, TileFocus
 
 from .plan import ScanPlan, exposure_for, to_sequence
 from .recipe import Recipe
@@ -45,11 +49,19 @@ class ScanEngine(MDAEngine):
         Returns the hardware time in seconds (simulated clock, or wall time).
     """
 
-    def __init__(self, mmcore: CMMCorePlus, retries: int = 3, clock=time.perf_counter) -> None:
+    def __init__(
+        self,
+        mmcore: CMMCorePlus,
+        retries: int = 3,
+        clock=time.perf_counter,
+        focus: FocusController | None = None,
+    ) -> None:
         super().__init__(mmcore)
         self.retries = retries
         self.clock = clock
+        self.focus = focus
         self.failures: dict[int, str] = {}
+        self._tile_focus: dict[int, TileFocus] = {}
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -66,14 +78,13 @@ class ScanEngine(MDAEngine):
                     ),
                     f"move to tile {index}",
                 )
-            if event.z_pos is not None:
-                self._retry(
-                    lambda: (
-                        core.setPosition(event.z_pos),
-                        core.waitForDevice(core.getFocusDevice()),
-                    ),
-                    f"focus of tile {index}",
-                )
+            z = event.z_pos
+            if self.focus is not None and event.x_pos is not None and event.y_pos is not None:
+                tile_focus = self.focus.z_for(index, event.x_pos, event.y_pos)
+                self._tile_focus[index] = tile_focus
+                z = tile_focus.z_um
+            if z is not None:
+                self._move_z(z, index)
         except RuntimeError as exc:
             self.failures[index] = str(exc)
             raise SkipEvent(1, str(exc)) from None
@@ -87,6 +98,16 @@ class ScanEngine(MDAEngine):
         try:
             self._retry(core.snapImage, f"snap of tile {index}")
             image = core.getImage()
+            tile_focus = self._tile_focus.get(index)
+            if self.focus is not None and tile_focus is not None and self.focus.check_tile(
+                image, tile_focus
+            ):
+                log.info("tile %d looks defocused at the predicted Z; re-measuring", index)
+                tile_focus = self.focus.remeasure(event.x_pos, event.y_pos, tile_focus)
+                self._tile_focus[index] = tile_focus
+                self._move_z(tile_focus.z_um, index)
+                self._retry(core.snapImage, f"snap of tile {index}")
+                image = core.getImage()
         except RuntimeError as exc:
             self.failures[index] = str(exc)
             log.error("tile %d lost after %d attempts: %s", index, self.retries + 1, exc)
@@ -96,6 +117,13 @@ class ScanEngine(MDAEngine):
         yield ImagePayload(image, event, meta)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _move_z(self, z: float, index: int) -> None:
+        core = self.mmcore
+        self._retry(
+            lambda: (core.setPosition(z), core.waitForDevice(core.getFocusDevice())),
+            f"focus of tile {index}",
+        )
 
     def _retry(self, action, what: str) -> None:
         last: Exception | None = None
@@ -124,6 +152,11 @@ class ScanEngine(MDAEngine):
             "x_planned_um": float(event.x_pos) if event.x_pos is not None else float("nan"),
             "y_planned_um": float(event.y_pos) if event.y_pos is not None else float("nan"),
         }
+        tile_focus = self._tile_focus.get(event.index.get("p", 0))
+        if tile_focus is not None:
+            where["focus_source"] = tile_focus.source
+            where["focus_confidence"] = tile_focus.confidence
+            where["af_images"] = tile_focus.images
         xy_dev, z_dev = core.getXYStageDevice(), core.getFocusDevice()
         for key, dev, prop in (
             ("x_true_um", xy_dev, "SimTrueX_um"),
@@ -144,6 +177,7 @@ class AcquisitionResult:
     lost: dict[int, str] = field(default_factory=dict)
     wall_s: float = 0.0
     hardware_s: float = 0.0
+    focus: dict = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -180,7 +214,14 @@ def acquire(
             time.perf_counter() - wall_start
         )
 
-    engine = ScanEngine(core, retries=recipe.scan.retries, clock=clock)
+    focus = None
+    if recipe.scan.focus.strategy != "none":
+        from .focusing import FocusController
+
+        focus = FocusController(core, recipe, plan, handle.depth_of_field_um)
+        focus.prepare()
+    # the focus map is measured before the first tile, so its hardware time counts too
+    engine = ScanEngine(core, retries=recipe.scan.retries, clock=clock, focus=focus)
     core.mda.set_engine(engine)
     shape = (core.getImageHeight(), core.getImageWidth())
     dtype = np.uint8 if core.getBytesPerPixel() == 1 else np.uint16
@@ -210,6 +251,7 @@ def acquire(
         n_planned=len(plan.tiles),
         n_acquired=store.written,
         lost=dict(engine.failures),
+        focus=focus.summary() if focus is not None else {"strategy": "none"},
         wall_s=time.perf_counter() - wall_start,
         hardware_s=(hw_end - hw_start) if hw_end is not None and hw_start is not None
         else time.perf_counter() - wall_start,

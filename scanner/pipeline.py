@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from devices.core import MicroscopeHandle, build_microscope
 
 from .acquire import acquire
+from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
 from .recipe import Recipe
 from .scanfolder import (
@@ -22,6 +23,7 @@ from .scanfolder import (
     write_json,
 )
 from .stitch import MOSAIC, stitch
+from .tilestore import read_tiles_csv
 
 
 class Observer(Protocol):
@@ -59,7 +61,8 @@ class ScanResult:
     def outputs(self) -> dict[str, Path]:
         """Output files that exist in the scan folder."""
         names = {"scan": SCAN_JSON, "tiles": "tiles.csv", "raw tiles": "tiles.zarr",
-                 "mosaic": MOSAIC, "truth": TRUTH_JSON}
+                 "mosaic": MOSAIC, "truth": TRUTH_JSON, "focus map": "focus_map.json",
+                 "focus plot": "focus_map.png"}
         return {k: self.folder / v for k, v in names.items() if (self.folder / v).exists()}
 
 
@@ -113,6 +116,7 @@ def run_scan(
             "kind": handle.kind,
             "pixel_size_um": pixel_size,
             "camera_shape": [handle.core.getImageHeight(), handle.core.getImageWidth()],
+            "depth_of_field_um": handle.depth_of_field_um,
             **{k: v for k, v in handle.info.items() if k != "labels"},
         },
         "plan": plan_summary(plan, recipe),
@@ -135,6 +139,9 @@ def run_scan(
     scan["timings"]["acquire"] = {"hardware_s": round(result.hardware_s, 3),
                                   "wall_s": round(result.wall_s, 3)}
     scan["acquired_tiles"] = result.n_acquired
+    scan["focus"] = {k: v for k, v in result.focus.items() if k not in ("points", "surface")}
+    if recipe.scan.focus.strategy != "none":
+        write_focus_outputs(folder, result.focus, read_tiles_csv(folder))
     if result.lost:
         scan["lost_tiles"] = {str(k): v for k, v in result.lost.items()}
     scan["status"] = "stitching"

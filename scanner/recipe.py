@@ -273,6 +273,25 @@ Microscope = Annotated[
 # --------------------------------------------------------------------------- scan, output
 
 
+class FocusPlan(_Model):
+    """How each tile is brought into focus."""
+
+    strategy: Literal["none", "every_tile", "every_n_tiles", "focus_map"] = "none"
+    every_n: Annotated[int, Field(ge=1)] = 5
+    points: Annotated[int, Field(ge=3, le=400)] = 13
+    layout: Literal["grid", "rings"] = "grid"
+    model: Literal["auto", "plane", "quadratic", "tps"] = "auto"
+    method: Literal["image", "hardware"] = Field(
+        "image", description="image-based search, or the configuration's autofocus device"
+    )
+    measure: (
+        Literal["normalized_variance", "tenengrad", "brenner", "variance_of_laplacian"] | None
+    ) = None
+    search_span_um: PositiveFloat | None = None
+    recheck: bool = True
+    recheck_ratio: PositiveFloat = 0.5
+
+
 class ScanSpec(_Model):
     """How to tile the sample."""
 
@@ -281,6 +300,7 @@ class ScanSpec(_Model):
     exposure_ms: PositiveFloat | None = Field(None, description="default: the camera's exposure")
     max_tiles: Annotated[int, Field(gt=0)] = 20_000
     retries: Annotated[int, Field(ge=0, le=10)] = 3
+    focus: FocusPlan = FocusPlan()
 
 
 class OutputSpec(_Model):

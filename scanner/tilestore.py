@@ -41,6 +41,9 @@ class TileRecord:
     z_true_um: float = float("nan")
     x_reg_um: float = float("nan")
     y_reg_um: float = float("nan")
+    focus_source: str = "fixed"
+    focus_confidence: float = float("nan")
+    af_images: int = 0
     status: str = "ok"
 
 
@@ -109,11 +112,11 @@ def read_tiles_csv(folder: Path) -> list[TileRecord]:
             for field in fields(TileRecord):
                 raw = row.get(field.name, "")
                 if field.type in ("int", int):
-                    values[field.name] = int(raw)
+                    values[field.name] = int(raw) if raw not in ("", None) else 0
                 elif field.type in ("float", float):
                     values[field.name] = float(raw) if raw not in ("", None) else float("nan")
                 else:
-                    values[field.name] = raw or "ok"
+                    values[field.name] = raw if raw not in ("", None) else field.default
             record = TileRecord(**values)  # type: ignore[arg-type]
             by_index[record.index] = record
     return [by_index[i] for i in sorted(by_index)]

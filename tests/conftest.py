@@ -36,7 +36,7 @@ def smooth_texture(shape: tuple[int, int], seed: int = 0, sigma: float = 3.0) ->
 @pytest.fixture
 def coupon_tif(tmp_path: Path) -> Path:
     """A 900 x 1200 16-bit TIFF with smooth texture: the sample of image-based recipes."""
-    img = (smooth_texture((900, 1200), seed=3) * 60000 + 2000).astype(np.uint16)
+    img = (smooth_texture((900, 1200), seed=3, sigma=8.0) * 60000 + 2000).astype(np.uint16)
     path = tmp_path / "coupon.tif"
     tifffile.imwrite(path, img)
     return path

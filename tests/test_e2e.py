@@ -112,9 +112,15 @@ def test_wafer_scan_end_to_end(write_recipe, tmp_path: Path):
     assert scan["status"] == "complete"
     assert len(rows) == scan["plan"]["n_tiles"] == scan["acquired_tiles"]
     assert all(r["status"] == "ok" for r in rows)
-    # tiles were taken in serpentine order: consecutive tiles are grid neighbours
+    # serpentine order: each row is swept in one go, in the opposite direction to the last
     rc = np.array([(int(r["row"]), int(r["col"])) for r in rows])
-    assert np.all(np.abs(np.diff(rc, axis=0)).sum(axis=1) == 1)
+    row_changes = np.flatnonzero(np.diff(rc[:, 0]) != 0)
+    assert np.all(np.abs(np.diff(rc[:, 0])) <= 1)
+    assert len(np.unique(rc[:, 0])) == len(row_changes) + 1  # no row visited twice
+    directions = [np.sign(np.diff(seg[:, 1])).mean() for seg in np.split(rc, row_changes + 1)
+                  if len(seg) > 1]
+    assert all(np.abs(d) == 1 for d in directions)
+    assert all(a == -b for a, b in zip(directions, directions[1:], strict=False))
 
     truth = json.loads((out / "truth.json").read_text())
     assert len(truth["defects"]) == 8

@@ -1,0 +1,373 @@
+"""An image file used as the sample: any TIFF or PNG placed on the stage at a pixel size.
+
+TIFF files are read lazily: each render reads only the window of the file it needs (through
+``tifffile``'s Zarr store, chunk by chunk, or a memory map for uncompressed contiguous files),
+so a 20000 x 20000 px image never has to fit in memory. PNG, JPEG and other formats that
+``imageio`` reads have no random-access reader: they are loaded once, whole, when the sample
+is created.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import VirtualSample
+from .defects import ALL_KINDS, SURFACE_KINDS, DefectField, place_defects, resolve_kinds
+from .shapes import interval_coverage, pixel_axes, rect_polygon
+from .texture import chuck_background
+
+#: Rec. 709 luminance weights of linear R, G, B
+LUMA = (0.2126, 0.7152, 0.0722)
+#: most source pixels read at once when averaging down (bounds memory on overviews)
+_STRIP_PIXELS = 8_000_000
+
+
+class _Reader:
+    """Raw window access to a 2-D luminance image (float64, in the file's units)."""
+
+    shape: tuple[int, int]
+    scale: float  # the dtype's maximum: divide by it to get [0, 1]
+    lazy: bool
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file (no-op for in-memory images)."""
+
+
+def _dtype_scale(dtype: np.dtype) -> float:
+    """Value of full white for a pixel type (1.0 for float images)."""
+    if dtype == np.bool_:
+        return 1.0
+    if np.issubdtype(dtype, np.integer):
+        return float(np.iinfo(dtype).max)
+    return 1.0
+
+
+def _luminance(window: np.ndarray) -> np.ndarray:
+    """(rows, cols[, channels]) -> (rows, cols) float64; RGB(A) -> Rec. 709 luminance."""
+    a = np.asarray(window)
+    if a.ndim == 2:
+        return a.astype(np.float64)
+    if a.shape[-1] >= 3:
+        r, g, b = (a[..., k].astype(np.float64) for k in range(3))
+        return LUMA[0] * r + LUMA[1] * g + LUMA[2] * b
+    return a[..., 0].astype(np.float64)  # grey + alpha
+
+
+class _TiffReader(_Reader):
+    """Lazy TIFF window reader (memory map if possible, else tifffile's Zarr store)."""
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+        import zarr
+
+        self._tif = tifffile.TiffFile(path)
+        try:
+            series = self._tif.series[0]
+            axes, shape = series.axes, series.shape
+            if "Y" not in axes or "X" not in axes:
+                raise ValueError(f"no Y/X axes in {axes!r}")
+            self.shape = (int(shape[axes.index("Y")]), int(shape[axes.index("X")]))
+            self.scale = _dtype_scale(np.dtype(series.dtype))
+            channel = "S" if "S" in axes else ("C" if "C" in axes else None)
+            # index template: Y and X sliced per read, the channel axis kept, the rest at 0
+            self._axes = axes
+            self._channel = channel
+            self._array: Any = None
+            try:
+                mm = tifffile.memmap(path, mode="r")
+                if tuple(mm.shape) == tuple(shape):
+                    self._array = mm
+            except Exception:  # noqa: BLE001 - not memory-mappable: use the chunked reader
+                self._array = None
+            if self._array is None:
+                self._array = zarr.open_array(series.aszarr(level=0), mode="r")
+            self.lazy = True
+        except Exception:
+            self._tif.close()
+            raise
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        index: list[Any] = []
+        for ax in self._axes:
+            if ax == "Y":
+                index.append(slice(r0, r1))
+            elif ax == "X":
+                index.append(slice(c0, c1))
+            elif ax == self._channel:
+                index.append(slice(None))
+            else:
+                index.append(0)
+        window = np.asarray(self._array[tuple(index)])
+        if self._channel is not None:
+            kept = [ax for ax in self._axes if ax in ("Y", "X", self._channel)]
+            window = np.moveaxis(window, kept.index(self._channel), -1)
+            if window.shape[-1] == 1:
+                window = window[..., 0]
+        return _luminance(window)
+
+    def close(self) -> None:
+        self._array = None
+        self._tif.close()
+
+
+class _ArrayReader(_Reader):
+    """Whole image held in memory (formats without a random-access reader)."""
+
+    def __init__(self, path: Path) -> None:
+        import imageio.v3 as iio
+
+        raw = np.asarray(iio.imread(path))
+        if raw.ndim == 3 and raw.shape[0] in (3, 4) and raw.shape[-1] not in (1, 2, 3, 4):
+            raw = np.moveaxis(raw, 0, -1)
+        if raw.ndim not in (2, 3):
+            raise ValueError(f"unsupported image shape {raw.shape}")
+        self.scale = _dtype_scale(raw.dtype)
+        self._lum = _luminance(raw)
+        self.shape = (int(self._lum.shape[0]), int(self._lum.shape[1]))
+        self.lazy = False
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        return self._lum[r0:r1, c0:c1]
+
+
+class ImageSample(VirtualSample):
+    """An image file on the stage, rendered by resampling at the camera's pixel size.
+
+    Pixel ``(r, c)`` of the file is centred on stage ``origin_um + (c, r) * pixel_size_um``.
+    Values are the luminance (Rec. 709 for RGB, alpha ignored) divided by the maximum of the
+    pixel type (255, 65535, ...; float images are taken as already in [0, 1]). A camera pixel
+    no larger than a file pixel is interpolated bilinearly (at the file's own pixel size and
+    grid it reproduces the file exactly); a larger one is the exact area average of the file
+    pixels under its footprint (no aliasing on overviews). Outside the image: the chuck.
+
+    TIFF files are read lazily, one window per render (only the chunks under it); PNG and
+    other formats are loaded whole once, at construction.
+
+    Parameters
+    ----------
+    path : str or Path
+        TIFF or PNG (or anything ``imageio`` reads), 8/16-bit, greyscale or RGB(A).
+    pixel_size_um : float
+        Size of a file pixel on the stage.
+    origin_um : (float, float)
+        Stage position of the centre of file pixel (0, 0).
+    region_px : (int, int, int, int), optional
+        ``(row0, col0, rows, cols)`` of the file to scan (the usable polygon); the whole
+        image still renders. Default: the whole image.
+    n_defects : int
+        Synthetic defects drawn on top of the image (default none).
+    defect_kinds : sequence of str, optional
+        Kinds to place (default ``SURFACE_KINDS``).
+    seed : int
+        Seed of the defects.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist (the message names it).
+    ValueError
+        The file cannot be read as an image, or ``region_px`` lies outside it.
+    """
+
+    kind = "image"
+
+    def __init__(
+        self,
+        path: str | Path,
+        pixel_size_um: float,
+        origin_um: Sequence[float] = (0.0, 0.0),
+        region_px: Sequence[int] | None = None,
+        n_defects: int = 0,
+        defect_kinds: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"image file not found: {self.path}")
+        if not pixel_size_um > 0:
+            raise ValueError(f"pixel_size_um: must be > 0, got {pixel_size_um}")
+        self.pixel_size_um = float(pixel_size_um)
+        self.origin_um = (float(origin_um[0]), float(origin_um[1]))
+        try:
+            if self.path.suffix.lower() in (".tif", ".tiff"):
+                self._reader: _Reader = _TiffReader(self.path)
+            else:
+                self._reader = _ArrayReader(self.path)
+            self._reader.read(0, 1, 0, 1)  # fail now, not in the middle of a scan
+        except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
+            raise ValueError(f"cannot read image {self.path}: {exc}") from None
+        rows, cols = self._reader.shape
+        if region_px is None:
+            region = (0, 0, rows, cols)
+        else:
+            region = tuple(int(v) for v in region_px)
+            r0, c0, nr, nc = region
+            if r0 < 0 or c0 < 0 or nr <= 0 or nc <= 0 or r0 + nr > rows or c0 + nc > cols:
+                raise ValueError(
+                    f"region_px: {region} is not inside the image {self.path} "
+                    f"({rows} x {cols} px)"
+                )
+        self.region_px: tuple[int, int, int, int] = region  # type: ignore[assignment]
+        self.n_defects = int(n_defects)
+        self.seed = int(seed)
+        self.defect_kinds = resolve_kinds(defect_kinds, SURFACE_KINDS, ALL_KINDS[:4], "image")
+        self._field = DefectField(
+            place_defects(self, self.n_defects, self.defect_kinds, self.seed),
+            nominal=0.5, bare=0.5,
+        )
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the file."""
+        return self._reader.shape
+
+    @property
+    def lazy(self) -> bool:
+        """Whether renders read only the window they need (TIFF) or the whole image is held."""
+        return self._reader.lazy
+
+    def close(self) -> None:
+        """Close the file (TIFF); the sample cannot render afterwards."""
+        self._reader.close()
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "pixel_size_um": self.pixel_size_um,
+            "origin_um": self.origin_um, "region_px": self.region_px,
+            "image_shape": self.image_shape, "n_defects": self.n_defects,
+            "defect_kinds": list(self.defect_kinds), "seed": self.seed,
+        }
+
+    def _extent(self, r0: int, c0: int, nr: int, nc: int) -> tuple[float, float, float, float]:
+        ps, (ox, oy) = self.pixel_size_um, self.origin_um
+        return (ox + (c0 - 0.5) * ps, oy + (r0 - 0.5) * ps,
+                ox + (c0 + nc - 0.5) * ps, oy + (r0 + nr - 0.5) * ps)
+
+    def bounds_um(self) -> tuple[float, float, float, float]:
+        return self._extent(0, 0, *self.image_shape)
+
+    def usable_polygon_um(self) -> np.ndarray:
+        return rect_polygon(*self._extent(*self.region_px))
+
+    # ------------------------------------------------------------------ rendering
+
+    def _grid(self, coords: np.ndarray, origin: float) -> np.ndarray:
+        """File pixel coordinates of stage coordinates, snapped to integers when within 1e-6
+        (so the native grid reproduces the file exactly despite rounding in ``x0 + c p``)."""
+        g = (coords - origin) / self.pixel_size_um
+        near = np.rint(g)
+        return np.where(np.abs(g - near) < 1e-6, near, g)
+
+    def render(
+        self, x0_um: float, y0_um: float, shape: tuple[int, int], pixel_size_um: float
+    ) -> np.ndarray:
+        """Reflectance of a stage region (see ``VirtualSample.render``)."""
+        p = float(pixel_size_um)
+        xs, ys = pixel_axes(x0_um, y0_um, shape, p)
+        bx0, by0, bx1, by1 = self.bounds_um()
+        cov_x = interval_coverage(xs, bx0, bx1, p)
+        cov_y = interval_coverage(ys, by0, by1, p)
+        if not cov_x.any() or not cov_y.any():
+            return chuck_background(xs, ys, p)
+        gx = self._grid(xs, self.origin_um[0])
+        gy = self._grid(ys, self.origin_um[1])
+        # only the rows/columns that see the image are resampled
+        cx = np.flatnonzero(cov_x)
+        cy = np.flatnonzero(cov_y)
+        c0, c1, r0, r1 = int(cx[0]), int(cx[-1]) + 1, int(cy[0]), int(cy[-1]) + 1
+        if p <= self.pixel_size_um * (1 + 1e-9):
+            inner = self._bilinear(gx[c0:c1], gy[r0:r1])
+        else:
+            inner = self._area(gx[c0:c1], gy[r0:r1], p / self.pixel_size_um)
+        img = np.zeros((len(ys), len(xs)), dtype=np.float32)
+        img[r0:r1, c0:c1] = (inner / self._reader.scale).astype(np.float32)
+        self._field.draw(img, xs, ys, p)
+        if not (cov_x.all() and cov_y.all()):
+            cov = cov_y[:, None] * cov_x[None, :]
+            bg = chuck_background(xs, ys, p)
+            # blend only the border: fully covered pixels keep the file's exact values
+            img = np.where(cov < 1.0, bg + (img - bg) * cov, img)
+        return np.clip(img, 0.0, 1.0, out=img)
+
+    def _bilinear(self, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+        """Bilinear interpolation of the file at pixel coordinates (edge pixels extended)."""
+        rows, cols = self.image_shape
+
+        def axis(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            g = np.clip(g, 0.0, n - 1.0)
+            i0 = np.minimum(np.floor(g).astype(np.int64), n - 1)
+            return i0, np.minimum(i0 + 1, n - 1), g - i0
+
+        ix0, ix1, wx = axis(gx, cols)
+        iy0, iy1, wy = axis(gy, rows)
+        # one window read (+1 px margin for the upper neighbours)
+        wr0, wr1 = int(iy0[0]), int(iy1[-1]) + 1
+        wc0, wc1 = int(ix0[0]), int(ix1[-1]) + 1
+        win = self._reader.read(wr0, wr1, wc0, wc1)
+        ix0, ix1, iy0, iy1 = ix0 - wc0, ix1 - wc0, iy0 - wr0, iy1 - wr0
+        if not wx.any() and not wy.any():
+            return win[np.ix_(iy0, ix0)]  # on the file's grid: a plain gather
+        upper, lower = win[iy0], win[iy1]
+        top = upper[:, ix0] * (1.0 - wx) + upper[:, ix1] * wx
+        bottom = lower[:, ix0] * (1.0 - wx) + lower[:, ix1] * wx
+        return top * (1.0 - wy)[:, None] + bottom * wy[:, None]
+
+    def _area(self, gx: np.ndarray, gy: np.ndarray, width: float) -> np.ndarray:
+        """Exact area average of the file under each pixel footprint (``width`` file px).
+
+        Processes bands of output rows so that at most ``_STRIP_PIXELS`` file pixels are held
+        at once. Full pixels are summed with ``np.add.reduceat`` over each footprint's own
+        index range, so a value does not depend on where the window starts.
+        """
+        rows, cols = self.image_shape
+        xa, xb = _footprints(gx, width, cols)
+        ya, yb = _footprints(gy, width, rows)
+        wc0, wc1 = int(np.floor(xa[0])), int(np.ceil(xb[-1]))
+        out = np.empty((len(gy), len(gx)), dtype=np.float64)
+        band = max(1, int(_STRIP_PIXELS // max(1, (wc1 - wc0) * (width + 1))))
+        for k0 in range(0, len(gy), band):
+            k1 = min(k0 + band, len(gy))
+            wr0, wr1 = int(np.floor(ya[k0])), int(np.ceil(yb[k1 - 1]))
+            win = self._reader.read(wr0, wr1, wc0, wc1)
+            horiz = _area_sum(win, xa - wc0, xb - wc0, axis=1)
+            out[k0:k1] = _area_sum(horiz, ya[k0:k1] - wr0, yb[k0:k1] - wr0, axis=0)
+        area = (yb - ya)[:, None] * (xb - xa)[None, :]
+        return out / np.where(area > 0, area, 1.0)
+
+
+def _footprints(g: np.ndarray, width: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Footprint ``[a, b]`` of each sample in pixel-edge units (pixel i covers [i, i + 1]),
+    clipped to the image."""
+    e = g + 0.5
+    a = np.clip(e - width / 2, 0.0, float(n))
+    b = np.clip(e + width / 2, 0.0, float(n))
+    return a, b
+
+
+def _area_sum(v: np.ndarray, a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
+    """Integral of the piecewise-constant ``v`` over ``[a_k, b_k]`` (pixel-edge units) along
+    ``axis``: whole pixels summed by ``np.add.reduceat``, partial pixels at both ends."""
+    v = np.moveaxis(v, axis, -1)
+    n = v.shape[-1]
+    vp = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), dtype=v.dtype)], axis=-1)
+    s = np.clip(np.ceil(a).astype(np.int64), 0, n)  # first whole pixel
+    t = np.clip(np.floor(b).astype(np.int64), 0, n)  # one past the last whole pixel
+    # interleaved (s_k, t_k) indices: even outputs are the sums of v[s_k:t_k]
+    idx = np.empty(2 * len(a), dtype=np.int64)
+    idx[0::2] = s
+    idx[1::2] = np.maximum(t, s)
+    whole = np.add.reduceat(vp, idx, axis=-1)[..., 0::2]
+    whole = np.where(t > s, whole, 0.0)
+    first = np.clip(np.floor(a).astype(np.int64), 0, n)
+    left = np.where(s > a, s - a, 0.0) * vp[..., np.clip(s - 1, 0, n)]
+    right = np.where(b > t, b - t, 0.0) * vp[..., t]
+    inside = (b - a) * vp[..., first]  # footprint within a single pixel
+    out = np.where(s > t, inside, whole + left + right)
+    return np.moveaxis(out, -1, axis)
