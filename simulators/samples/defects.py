@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -90,7 +90,7 @@ def resolve_kinds(
 # ----------------------------------------------------------------------------- defect shapes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # array fields: compare truths, not shapes
 class Defect:
     """A defect shape placed at ``(cx, cy)``; subclasses define its profile.
 
@@ -195,7 +195,7 @@ def _soft_disk(inside_um: np.ndarray, p: float, edge_um: float, area_um2: float)
     return cov if scale >= 1.0 else cov * np.float32(scale)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Blob(Defect):
     """Particle: a rotated ellipse with four soft lobes and a soft edge."""
 
@@ -220,7 +220,7 @@ class Blob(Defect):
         return _soft_disk(inside, p, self.edge_um, np.pi * self.a * self.b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Pit(Defect):
     """Pit: a dark disk (``amp`` < 0) with a bright rim of ``rim_ratio * |amp|``."""
 
@@ -237,7 +237,7 @@ class Pit(Defect):
         return core - np.float32(self.rim_ratio * s0 / np.sqrt(s2)) * rim
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Polylines(Defect):
     """Scratch or crack: Gaussian-profile lines along polylines with per-vertex width.
 
@@ -284,7 +284,7 @@ class Polylines(Defect):
         np.maximum(out[r0:r1, c0:c1], val, out=out[r0:r1, c0:c1])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Metaballs(Defect):
     """Stain or dark area: thresholded sum of Gaussian balls (an irregular soft blob).
 
@@ -292,7 +292,7 @@ class Metaballs(Defect):
     ``smoothstep((F - t0) / (t1 - t0))`` of the field ``F``.
     """
 
-    balls: np.ndarray = None  # type: ignore[assignment]
+    balls: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     t0: float = 0.4
     t1: float = 0.6
 
@@ -307,7 +307,7 @@ class Metaballs(Defect):
         return f * f * (np.float32(3.0) - np.float32(2.0) * f)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Patch(Defect):
     """Missing pattern: an axis-aligned rectangle of bare surface."""
 
@@ -320,7 +320,7 @@ class Patch(Defect):
         return cy[:, None] * cx[None, :]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Streak(Defect):
     """Finger interruption: an anisotropic Gaussian darkening along a finger (x)."""
 
@@ -528,7 +528,8 @@ def place_defects(
     ``n >= len(kinds)``. Defect ``i`` draws its shape and position from its own generator
     (``seed``, ``i``): raising ``n`` keeps the first defects unchanged. A position is redrawn
     until the sample's ``_accept_defect`` hook accepts it (whole defect inside the usable
-    area); after ``attempts`` tries the last proposal is kept (its centre is inside).
+    area), and the shape itself is redrawn every 40 tries (a large crack may not fit a small
+    cell); after ``attempts`` tries the last proposal is kept (its centre is inside).
 
     Parameters
     ----------
@@ -552,9 +553,10 @@ def place_defects(
     for i in range(int(n)):
         kind = kinds[i % len(kinds)]
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xDEFEC7, i])
-        shape = BUILDERS[kind](rng, table)
-        placed = shape
-        for _ in range(attempts):
+        placed = None
+        for attempt in range(attempts):
+            if attempt % 40 == 0:  # a shape that keeps not fitting is drawn anew
+                shape = BUILDERS[kind](rng, table)
             x, y = sample._adjust_point(kind, *sample._propose_point(rng))
             placed = shape.moved(x, y)
             if sample._accept_defect(placed):

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 #: bare silicon (scribe lanes, unpatterned edge dies, missing pattern)
-BARE_SI = 0.36
+BARE_SI = 92 / 255  # a uint8 level, so the template and bare dies agree exactly
 #: dielectric field between structures
 FIELD = 0.55
 METAL = 0.82
@@ -67,20 +67,21 @@ class DieTemplate:
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0xD1E])
         self._img = np.full((self.ny, self.nx), _q(BARE_SI), dtype=np.uint8)
         self._draw_die(rng)
-        self.levels = self._pyramid(self._img)
+        # one periodic extra row and column: bilinear lookups never need a modulo
+        self._padded = [np.pad(a, ((0, 1), (0, 1)), mode="wrap") for a in self._pyramid(self._img)]
+        #: pyramid levels (views without the padding), level 0 the finest
+        self.levels = [a[:-1, :-1] for a in self._padded]
         self.mean = float(self.levels[-1].mean()) / 255.0
         self.die_mean = self._die_mean()
         del self._img
 
     # ------------------------------------------------------------------ rasterising
 
-    def _fill(self, x0: float, y0: float, x1: float, y1: float, value: float | np.ndarray) -> None:
+    def _fill(self, x0: float, y0: float, x1: float, y1: float, value: float) -> None:
         """Fill a rectangle given in cell µm (clipped to the cell)."""
-        tx, ty = self.texel
-        c0, c1 = max(round(x0 / tx), 0), min(round(x1 / tx), self.nx)
-        r0, r1 = max(round(y0 / ty), 0), min(round(y1 / ty), self.ny)
+        r0, r1, c0, c1 = self._texel_range(x0, y0, x1, y1)
         if c0 < c1 and r0 < r1:
-            self._img[r0:r1, c0:c1] = value if np.ndim(value) else _q(float(value))
+            self._img[r0:r1, c0:c1] = _q(float(value))
 
     def _draw_die(self, rng: np.random.Generator) -> None:
         px, py = self.pitch
@@ -295,23 +296,28 @@ class DieTemplate:
         -------
         ndarray of float32, shape (len(uy), len(ux))
         """
-        arr = self.levels[self.level_for(pixel_size_um)]
-        ny, nx = arr.shape
-        ix0, ix1, wx = _axis(ux, self.pitch[0] / nx, nx)
-        iy0, iy1, wy = _axis(uy, self.pitch[1] / ny, ny)
-        r0, r1 = arr[iy0], arr[iy1]  # (rows, nx) row gathers, then column gathers
-        top = r0[:, ix0] * (np.float32(1.0) - wx) + r0[:, ix1] * wx
-        bottom = r1[:, ix0] * (np.float32(1.0) - wx) + r1[:, ix1] * wx
-        wy2 = wy[:, None]
-        out = top * (np.float32(1.0) - wy2) + bottom * wy2
-        out *= np.float32(1.0 / 255.0)
-        return out
+        level = self.level_for(pixel_size_um)
+        ny, nx = self.levels[level].shape
+        flat = self._padded[level].ravel()
+        ix0, wx = _axis(ux, self.pitch[0] / nx, nx)
+        iy0, wy = _axis(uy, self.pitch[1] / ny, ny)
+        # flat indices of the lower-left texel; the other three corners are the same
+        # indices into views shifted by 1, a row and a row + 1 (the padding does the wrap)
+        row = nx + 1
+        idx = (iy0 * row)[:, None] + ix0[None, :]
+        wx1 = np.float32(1.0) - wx
+        top = flat.take(idx) * wx1
+        top += flat[1:].take(idx) * wx
+        bottom = flat[row:].take(idx) * wx1
+        bottom += flat[row + 1:].take(idx) * wx
+        top *= ((np.float32(1.0) - wy) * np.float32(1.0 / 255.0))[:, None]
+        bottom *= (wy * np.float32(1.0 / 255.0))[:, None]
+        top += bottom
+        return top
 
 
-def _axis(u: np.ndarray, texel: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Wrapped lower/upper texel indices and the bilinear weight along one axis."""
+def _axis(u: np.ndarray, texel: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Wrapped lower texel index and the bilinear weight along one axis."""
     g = u / texel - 0.5
     f = np.floor(g)
-    w = (g - f).astype(np.float32)
-    i0 = f.astype(np.int64) % n
-    return i0, (i0 + 1) % n, w
+    return f.astype(np.int64) % n, (g - f).astype(np.float32)

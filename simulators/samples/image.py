@@ -18,7 +18,7 @@ import numpy as np
 from .base import VirtualSample
 from .defects import ALL_KINDS, SURFACE_KINDS, DefectField, place_defects, resolve_kinds
 from .shapes import interval_coverage, pixel_axes, rect_polygon
-from .texture import chuck_background
+from .texture import chuck_background, over_chuck
 
 #: Rec. 709 luminance weights of linear R, G, B
 LUMA = (0.2126, 0.7152, 0.0722)
@@ -289,11 +289,8 @@ class ImageSample(VirtualSample):
         img = np.zeros((len(ys), len(xs)), dtype=np.float32)
         img[r0:r1, c0:c1] = (inner / self._reader.scale).astype(np.float32)
         self._field.draw(img, xs, ys, p)
-        if not (cov_x.all() and cov_y.all()):
-            cov = cov_y[:, None] * cov_x[None, :]
-            bg = chuck_background(xs, ys, p)
-            # blend only the border: fully covered pixels keep the file's exact values
-            img = np.where(cov < 1.0, bg + (img - bg) * cov, img)
+        if cov_x.min() < 1.0 or cov_y.min() < 1.0:
+            img = over_chuck(img, cov_y[:, None] * cov_x[None, :], xs, ys, p)
         return np.clip(img, 0.0, 1.0, out=img)
 
     def _bilinear(self, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 from .base import VirtualSample
 from .defects import ALL_KINDS, CELL_KINDS, Defect, DefectField, place_defects, resolve_kinds
 from .shapes import interval_coverage, periodic_coverage, pixel_axes, rect_polygon
-from .texture import chuck_background, fractal_noise, hash_uniform
+from .texture import chuck_background, fractal_noise, hash_uniform, over_chuck
 
 #: EL brightness range of the grains
 GRAIN_LO, GRAIN_HI = 0.55, 0.8
@@ -243,12 +243,8 @@ class PVCellSample(VirtualSample):
             bus = np.minimum(bus, 1.0)[None, :]
             img += (np.float32(BUSBAR) - img) * bus
         self._field.draw(img, xs, ys, p)
-        if not (cov_x.all() and cov_y.all()):
-            cov = cov_y[:, None] * cov_x[None, :]
-            bg = chuck_background(xs, ys, p)
-            img -= bg
-            img *= cov
-            img += bg
+        if cov_x.min() < 1.0 or cov_y.min() < 1.0:
+            img = over_chuck(img, cov_y[:, None] * cov_x[None, :], xs, ys, p)
         return np.clip(img, 0.0, 1.0, out=img)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from .base import VirtualSample
 from .defects import ALL_KINDS, SURFACE_KINDS, DefectField, place_defects, resolve_kinds
 from .shapes import interval_coverage, pixel_axes, rect_polygon
-from .texture import chuck_background, fractal_noise
+from .texture import chuck_background, fractal_noise, over_chuck
 
 #: mean reflectance of the polished surface
 SURFACE = 0.5
@@ -89,10 +89,6 @@ class RectangleSample(VirtualSample):
         img = fractal_noise(xs, ys, p, TEXTURE, seed=self.seed * 131 + 17)
         img += np.float32(SURFACE)
         self._field.draw(img, xs, ys, p)
-        if not (cov_x.all() and cov_y.all()):
-            cov = cov_y[:, None] * cov_x[None, :]
-            bg = chuck_background(xs, ys, p)
-            img -= bg
-            img *= cov
-            img += bg
+        if cov_x.min() < 1.0 or cov_y.min() < 1.0:
+            img = over_chuck(img, cov_y[:, None] * cov_x[None, :], xs, ys, p)
         return np.clip(img, 0.0, 1.0, out=img)

@@ -145,5 +145,18 @@ def chuck_background(xs: np.ndarray, ys: np.ndarray, pixel_size_um: float) -> np
     -------
     ndarray of float32, shape (len(ys), len(xs))
     """
-    tex = fractal_noise(xs, ys, pixel_size_um, [(400.0, 0.02), (40.0, 0.01)], seed=9_000_001)
+    tex = fractal_noise(xs, ys, pixel_size_um, [(300.0, 0.025)], seed=9_000_001)
     return tex + np.float32(CHUCK_REFLECTANCE)
+
+
+def over_chuck(
+    img: np.ndarray, cov: np.ndarray, xs: np.ndarray, ys: np.ndarray, pixel_size_um: float
+) -> np.ndarray:
+    """Composite a sample image over the chuck with an anti-aliased coverage (1 = sample).
+
+    Pixels with full coverage keep their exact values (blending them would change the last
+    bit, and a tile wholly inside the sample, which skips blending, must agree with a tile
+    that straddles the edge).
+    """
+    bg = chuck_background(xs, ys, pixel_size_um)
+    return np.where(cov < 1.0, bg + (img - bg) * cov, img).astype(np.float32, copy=False)

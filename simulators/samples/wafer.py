@@ -12,7 +12,7 @@ from .base import VirtualSample
 from .defects import ALL_KINDS, WAFER_KINDS, Defect, DefectField, place_defects, resolve_kinds
 from .die import BARE_SI, DieTemplate
 from .shapes import edge_coverage, pixel_axes
-from .texture import chuck_background
+from .texture import chuck_background, over_chuck
 
 
 class WaferSample(VirtualSample):
@@ -117,6 +117,12 @@ class WaferSample(VirtualSample):
 
         self.template = DieTemplate(self._pitch, self.scribe_width_um, self.seed)
         self._valid, self._valid_i0, self._valid_j0 = self._valid_dies()
+        if not self._valid.any() and "missing_pattern" in self.defect_kinds:
+            # no patterned die: a missing pattern would be invisible
+            if defect_kinds is not None:
+                raise ValueError("defect_kinds: missing_pattern needs at least one whole die "
+                                 "inside the usable area")
+            self.defect_kinds = tuple(k for k in self.defect_kinds if k != "missing_pattern")
         self._field = DefectField(
             place_defects(self, self.n_defects, self.defect_kinds, self.seed),
             nominal=self.template.die_mean, bare=BARE_SI,
@@ -262,6 +268,17 @@ class WaferSample(VirtualSample):
         r = np.sqrt(dx32[None, :] ** 2 + dy32[:, None] ** 2)
         cov = edge_coverage(np.float32(self._R) - r, p)
         ux, uy = np.float32(self._u[0]), np.float32(self._u[1])
+        # projections of the tile corners on the notch/flat direction and across it
+        corners_a = [x * self._u[0] + y * self._u[1] for x in dx[[0, -1]] for y in dy[[0, -1]]]
+        corners_b = [y * self._u[0] - x * self._u[1] for x in dx[[0, -1]] for y in dy[[0, -1]]]
+        if self.orientation == "flat" and max(corners_a) < self._flat_h - p:
+            return cov  # the flat is out of reach
+        if self.orientation == "notch" and (
+            max(corners_a) < self._R - self._notch_d - p
+            or min(corners_b) > self._notch_d + p
+            or max(corners_b) < -self._notch_d - p
+        ):
+            return cov  # the notch is out of reach
         if self.orientation == "flat":
             a = dx32[None, :] * ux + dy32[:, None] * uy
             np.minimum(cov, edge_coverage(np.float32(self._flat_h) - a, p), out=cov)
@@ -314,8 +331,5 @@ class WaferSample(VirtualSample):
         img = self._surface(xs, ys, p)
         self._field.draw(img, xs, ys, p)
         if not isinstance(cov, str):
-            bg = chuck_background(xs, ys, p)
-            img -= bg
-            img *= cov
-            img += bg
+            img = over_chuck(img, cov, xs, ys, p)
         return np.clip(img, 0.0, 1.0, out=img)
