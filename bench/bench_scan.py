@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
                           f"{r['acquire_wall_s']:.1f}", f"{r['hardware_s']:.1f}",
                           f"{r['hardware_s'] / r['acquire_wall_s']:.2f}x",
                           f"{r['stitch_wall_s']:.1f}", f"{r['total_wall_s']:.1f}")
-    Console().print(table)
+    Console(width=150).print(table)
 
 
 if __name__ == "__main__":
