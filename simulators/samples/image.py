@@ -238,6 +238,7 @@ class ImageSample(VirtualSample):
         self._reader.close()
 
     def parameters(self) -> dict[str, Any]:
+        """Constructor parameters plus the image shape."""
         return {
             "path": str(self.path), "pixel_size_um": self.pixel_size_um,
             "origin_um": self.origin_um, "region_px": self.region_px,
@@ -251,9 +252,11 @@ class ImageSample(VirtualSample):
                 ox + (c0 + nc - 0.5) * ps, oy + (r0 + nr - 0.5) * ps)
 
     def bounds_um(self) -> tuple[float, float, float, float]:
+        """Outer edges of the whole image's pixels."""
         return self._extent(0, 0, *self.image_shape)
 
     def usable_polygon_um(self) -> np.ndarray:
+        """Outer edges of the pixels of ``region_px``."""
         return rect_polygon(*self._extent(*self.region_px))
 
     # ------------------------------------------------------------------ rendering

@@ -109,6 +109,7 @@ class PVCellSample(VirtualSample):
         )
 
     def parameters(self) -> dict[str, Any]:
+        """Constructor parameters."""
         return {
             "width_mm": self.width_mm, "height_mm": self.height_mm, "busbars": self.busbars,
             "busbar_width_mm": self.busbar_width_mm, "finger_pitch_mm": self.finger_pitch_mm,
@@ -118,9 +119,11 @@ class PVCellSample(VirtualSample):
         }
 
     def bounds_um(self) -> tuple[float, float, float, float]:
+        """The cell rectangle."""
         return self._box
 
     def usable_polygon_um(self) -> np.ndarray:
+        """The whole cell."""
         return rect_polygon(*self._box)
 
     def _adjust_point(self, kind: str, x: float, y: float) -> tuple[float, float]:

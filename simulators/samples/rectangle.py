@@ -63,6 +63,7 @@ class RectangleSample(VirtualSample):
         )
 
     def parameters(self) -> dict[str, Any]:
+        """Constructor parameters."""
         return {
             "width_mm": self.width_mm, "height_mm": self.height_mm, "center_um": self.center_um,
             "n_defects": self.n_defects, "defect_kinds": list(self.defect_kinds),
@@ -70,9 +71,11 @@ class RectangleSample(VirtualSample):
         }
 
     def bounds_um(self) -> tuple[float, float, float, float]:
+        """The rectangle."""
         return self._box
 
     def usable_polygon_um(self) -> np.ndarray:
+        """The whole rectangle."""
         return rect_polygon(*self._box)
 
     def render(

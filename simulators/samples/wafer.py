@@ -131,6 +131,7 @@ class WaferSample(VirtualSample):
     # ------------------------------------------------------------------ geometry
 
     def parameters(self) -> dict[str, Any]:
+        """Constructor parameters plus the number of patterned dies."""
         out = {
             "diameter_mm": self.diameter_mm, "orientation": self.orientation,
             "flat_length_mm": self.flat_length_mm, "notch_depth_mm": self.notch_depth_mm,
@@ -147,6 +148,7 @@ class WaferSample(VirtualSample):
         return out
 
     def bounds_um(self) -> tuple[float, float, float, float]:
+        """Box of the wafer circle."""
         cx, cy = self.center_um
         return (cx - self._R, cy - self._R, cx + self._R, cy + self._R)
 
