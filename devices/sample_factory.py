@@ -19,7 +19,7 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     sample : WaferSample | PVCellSample | ImageSample | RectangleSample
         The validated ``sample:`` section.
     """
-    params = sample.model_dump(exclude={"kind", "defects", "surface", "lot_id", "wafer_id"})
+    params = sample.model_dump(exclude={"kind", "defects", "surface"})
     params["n_defects"] = sample.defects.count
     params["seed"] = sample.defects.seed
     if sample.defects.kinds is not None:

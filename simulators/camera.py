@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, special
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,31 @@ class Optics:
         return math.hypot(airy_sigma, radius / 2.0)
 
     def apply(self, image: np.ndarray, defocus_um: float, pixel_size_um: float) -> np.ndarray:
-        """Blur ``image`` for a defocus; no-op when the blur is below half a pixel."""
+        """Blur ``image`` for a defocus (the blur beyond the in-focus spot, in pixels).
+
+        The kernel is the discrete analogue of the Gaussian (``exp(-t) I_n(t)``, ``t = sigma**2``),
+        whose variance is exactly ``sigma**2`` even below one pixel, so the blur -- and any focus
+        measure computed from the image -- changes smoothly with defocus instead of jumping at a
+        threshold (a "no blur below half a pixel" rule made the image identical over +-0.5 depth
+        of field at 1 um pixels, a dead zone wider than the autofocus tolerance). Blur under
+        0.02 px (a change of ~2e-4 of the Laplacian, far below shot noise) is skipped.
+        """
         extra = self.blur_sigma_um(defocus_um) ** 2 - self.blur_sigma_um(0.0) ** 2
         sigma_px = math.sqrt(max(extra, 0.0)) / pixel_size_um
-        if sigma_px < 0.5:
+        if sigma_px < 0.02:
             return image
-        return ndimage.gaussian_filter(image, sigma_px, mode="nearest")
+        kernel = _discrete_gaussian(sigma_px)
+        src = image if image.dtype.kind == "f" else image.astype(np.float32)
+        out = ndimage.correlate1d(src, kernel, axis=0, mode="nearest")
+        out = ndimage.correlate1d(out, kernel, axis=1, mode="nearest")
+        if image.dtype.kind != "f":
+            out = np.rint(out).astype(image.dtype)
+        return out
+
+
+def _discrete_gaussian(sigma_px: float) -> np.ndarray:
+    """Lindeberg's discrete Gaussian kernel, truncated at 4 sigma (at least 3 taps)."""
+    t = sigma_px * sigma_px
+    radius = max(1, math.ceil(4.0 * sigma_px))
+    kernel = special.ive(np.arange(-radius, radius + 1), t)
+    return kernel / kernel.sum()
