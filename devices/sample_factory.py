@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from simulators.samples import VirtualSample, make_sample
 
 from scanner.errors import UserError
+from simulators.samples import VirtualSample, make_sample
 from simulators.surface import FocalSurface
 
 

@@ -288,7 +288,7 @@ class FocusPlan(_Model):
         Literal["normalized_variance", "tenengrad", "brenner", "variance_of_laplacian"] | None
     ) = None
     search_span_um: PositiveFloat | None = None
-    recheck: bool = True
+    recheck: bool = False
     recheck_ratio: PositiveFloat = 0.5
 
 
