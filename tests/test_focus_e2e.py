@@ -1,0 +1,60 @@
+"""A tilted, bowed sample scanned with a focus map: tiles land within the depth of field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scanner.pipeline import run_scan
+from scanner.recipe import load_recipe
+from scanner.tilestore import read_tiles_csv
+
+pytestmark = pytest.mark.slow
+
+RECIPE = """\
+sample:
+  kind: wafer
+  diameter_mm: 8
+  edge_exclusion_mm: 0.5
+  die_pitch_mm: [1, 1]
+  scribe_width_um: 40
+  defects: {{count: 3, seed: 2}}
+  surface: {{tilt_um_per_mm: [3.0, -2.0], bow_um: 8, waviness_um: 0.5}}
+microscope:
+  kind: simulated
+  camera: {{width: 512, height: 512, pixel_size_um: 2.0}}
+  objective: {{numerical_aperture: 0.3}}
+  focus: {{z_um: 0, range_um: [-100, 100]}}
+scan:
+  overlap: 0.1
+  focus: {{strategy: {strategy}, points: 9, layout: rings}}
+"""
+
+
+def _errors(folder: Path) -> tuple[np.ndarray, float]:
+    rows = read_tiles_csv(folder)
+    dof = json.loads((folder / "scan.json").read_text())["microscope"]["depth_of_field_um"]
+    return np.array([abs(r.z_um - r.z_true_um) for r in rows]) / dof, dof
+
+
+def test_focus_map_keeps_tiles_in_focus(write_recipe, tmp_path: Path) -> None:
+    mapped = run_scan(load_recipe(write_recipe(RECIPE.format(strategy="focus_map"))),
+                      tmp_path / "map")
+    fixed = run_scan(load_recipe(write_recipe(RECIPE.format(strategy="none"), "none.yaml")),
+                     tmp_path / "none")
+    err_map, dof = _errors(mapped.folder)
+    err_none, _ = _errors(fixed.folder)
+    assert err_none.max() > 2.0  # the surface really spans several depths of field
+    assert np.median(err_map) <= 0.2
+    assert np.percentile(err_map, 95) <= 0.5
+    assert err_map.max() <= 1.0
+    focus = json.loads((mapped.folder / "focus_map.json").read_text())
+    assert focus["autofocus_images"] / focus["autofocus_runs"] <= 8
+    assert (mapped.folder / "focus_map.png").stat().st_size > 1000
+    # the focus map costs little hardware time next to the scan itself
+    hw_map = mapped.timings["acquire"]["hardware_s"]
+    hw_none = fixed.timings["acquire"]["hardware_s"]
+    assert hw_map < hw_none * 2.5
