@@ -322,7 +322,8 @@ def autofocus(
     # 3. refine: a symmetric pair at +-d, d ~ the peak width but inside the bracket
     d = min(max(0.6 * w1, 0.3 * dof), 0.75 * h)
     for zz in (z1 - d, z1 + d):
-        s.take(zz)
+        if not any(abs(zz - zs) < 0.25 * d for zs, _ in s.samples):  # a bracket frame will do
+            s.take(zz)
     z, v = s.arrays()
     zf, wf, r2 = _fit_peak(z, v, z1, window=max(2.0 * d, 1.01 * h))
     if math.isfinite(zf) and abs(zf - z1) > 0.5 * d and s.left > 0:
