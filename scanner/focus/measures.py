@@ -190,7 +190,11 @@ MEASURES: dict[str, Callable[[np.ndarray], float]] = {
     "variance_of_laplacian": variance_of_laplacian,
 }
 
-#: Chosen by ``bench/bench_focus_measures.py`` (see docs/focus.md).
+#: Chosen by ``bench/bench_focus_measures.py`` (docs/focus.md): the highest peak over its
+#: noise floor on textured and sparse fields (2x Brenner's), a peak 0.6-0.75x as wide as the
+#: normalised variance's, robust on low contrast where the Laplacian fails; ~3 ms on a full
+#: 1024 x 1024 frame. Full frame: 2x binning widened the peak by 15-70 %, and a central crop
+#: can miss the only feature of a sparse field.
 DEFAULT_MEASURE = "tenengrad"
 
 #: Value of each measure on white noise of unit sigma and unit mean: the sum of the squared

@@ -10,10 +10,18 @@ The search
 2. **interpolates** the peak from the top three frames (a parabola in the log of the measure,
    exact for a Gaussian peak) and takes its width from the curvature;
 3. **refines** with a symmetric pair of frames at ``+-d`` around that estimate, ``d`` scaled to
-   the measured width, and fits a weighted log-parabola to the frames near the peak; one more
-   frame is taken at the fitted peak when the fit moved by more than ``d / 2``.
+   the measured width (a bracket frame already there stands in for one of them), and fits a
+   weighted log-parabola to the frames near the peak; one more frame is taken at the fitted
+   peak when the fit moved by more than ``d / 2``;
+4. **judges** the peak: ``confidence`` combines the texture strength of the sharpest frame,
+   the prominence of the peak over the frames on its flanks and the quality of the fit. When
+   only the texture score is short (a faint fine texture fades within a fraction of the DOF,
+   so the nearest frame may miss it) one frame at the fitted peak decides.
 
-Typically 5-7 frames from a start within +-5 depth of field. A field with nothing to focus on
+The measure's noise floor (``measures.noise_floor``, from the noise estimated on the blurriest
+frame) is subtracted before any fit: it flattens the tails and biases a log fit.
+
+Typically 6 frames from a start within +-5 depths of field. A field with nothing to focus on
 (bare wafer, busbar) is recognised from its texture strength and the flatness of the measure
 and refused after three frames, leaving ``z_um`` at the start.
 """
@@ -341,10 +349,17 @@ def autofocus(
 
     # confidence: texture above noise, prominence of the peak over the flanks, fit quality
     contrast = s.raw_contrast()
-    c_tex = _score(tex, MIN_TEXTURE, 2.0 * MIN_TEXTURE)
     c_prom = _score(contrast, flat, 0.3)
     c_fit = _score(r2, 0.5, 0.95)
+    c_tex = _score(tex, MIN_TEXTURE, 2.0 * MIN_TEXTURE)
     conf = float((c_tex * c_prom * c_fit) ** (1.0 / 3.0))
+    if conf < 0.3 and c_prom * c_fit > 0.25 and s.left > 0 and not s.has(zf):
+        # A clear peak, but the sharpest frame is off it and shows little texture (a faint,
+        # fine texture fades within a fraction of the DOF): judge the frame at the peak.
+        s.take(zf)
+        tex = texture_strength(s.best_image, sigma)
+        c_tex = _score(tex, MIN_TEXTURE, 2.0 * MIN_TEXTURE)
+        conf = float((c_tex * c_prom * c_fit) ** (1.0 / 3.0))
     if tex < MIN_TEXTURE:
         return result(False, "featureless field: no texture above noise", z_fit=zf,
                       conf=conf, tex=tex)
