@@ -1,0 +1,178 @@
+"""The defect list: the contract between inspection (which finds defects) and reports.
+
+Inspection produces :class:`Defect` rows in stage coordinates (centre, bounding box, area, class,
+score, roughness, uncertainty). Reports *locate* them (wafer mm, die index and position in the
+die, PV-cell region, tiles that saw them) and write ``defects.json`` / ``defects.csv`` /
+``defects.klarf``. Both sides read and write through this module only.
+
+``defects.json`` is ``{"header": {...}, "defects": [row, ...]}``; ``defects.csv`` holds the same
+rows, one per line, with the columns of :data:`CSV_COLUMNS` (``bbox_um`` split into four columns,
+``tiles`` joined with ``;``).
+
+Coordinates follow the scan folder's contract: stage micrometres, x grows with the mosaic column
+and y with the mosaic row; wafer millimetres from the wafer centre, same axis directions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .scanfolder import write_json
+
+DEFECTS_JSON = "defects.json"
+DEFECTS_CSV = "defects.csv"
+
+#: Defect classes and their KLARF class numbers (0 is reserved by KLARF for "unclassified").
+CLASSES: dict[str, int] = {
+    "particle": 1,
+    "scratch": 2,
+    "pit": 3,
+    "stain": 4,
+    "crack": 5,
+    "pattern": 6,
+    "other": 7,
+}
+
+#: Anomaly maps written next to the mosaic by inspection (OME-NGFF, same stage transforms).
+MAP_NAMES: dict[str, str] = {
+    "anomaly": "anomaly.ome.zarr",
+    "roughness": "roughness.ome.zarr",
+    "uncertainty": "uncertainty.ome.zarr",
+}
+
+
+@dataclass
+class Defect:
+    """One defect.
+
+    Attributes
+    ----------
+    id : int
+        1, 2, ... in the order of the list.
+    x_um, y_um : float
+        Centre in stage micrometres.
+    bbox_um : tuple of float
+        ``(xmin, ymin, xmax, ymax)`` in stage micrometres.
+    area_um2 : float
+        Area of the defect's pixels.
+    size_um : float
+        Largest extent (Feret diameter or the bbox diagonal where that is all there is).
+    defect_class : str
+        One of :data:`CLASSES`.
+    score : float
+        Anomaly score (the peak of the anomaly map over the defect; higher = more defective).
+    roughness : float
+        Mean roughness estimate over the defect (the model's height units, e.g. nm Sa).
+    uncertainty : float
+        Mean uncertainty of the model over the defect.
+    review : bool
+        True when the uncertainty is high enough that a person should look at it.
+    tiles : list of int
+        Indices (``tiles.csv`` ``index``) of the tiles whose field of view contains the centre.
+    wafer_x_mm, wafer_y_mm : float or None
+        Centre relative to the wafer centre (wafers only).
+    die_col, die_row : int or None
+        Die index on the recipe's die grid (wafers only); ``(0, 0)`` is the die whose lower
+        corner is ``die_origin_mm``.
+    die_x_um, die_y_um : float or None
+        Position of the centre inside its die, from the die's lower corner (wafers only).
+    region : str or None
+        PV cells: ``"busbar N"``, ``"finger area"`` or ``"edge"``; None elsewhere.
+    """
+
+    id: int
+    x_um: float
+    y_um: float
+    bbox_um: tuple[float, float, float, float]
+    area_um2: float
+    size_um: float
+    defect_class: str = "other"
+    score: float = float("nan")
+    roughness: float = float("nan")
+    uncertainty: float = float("nan")
+    review: bool = False
+    tiles: list[int] = field(default_factory=list)
+    wafer_x_mm: float | None = None
+    wafer_y_mm: float | None = None
+    die_col: int | None = None
+    die_row: int | None = None
+    die_x_um: float | None = None
+    die_y_um: float | None = None
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.defect_class not in CLASSES:
+            raise ValueError(f"defect_class: {self.defect_class!r} is not one of {list(CLASSES)}")
+        self.bbox_um = tuple(float(v) for v in self.bbox_um)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN becomes None)."""
+        return {k: _clean(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Defect:
+        """Inverse of :meth:`to_dict` (unknown keys are ignored, None floats become NaN)."""
+        names = {f.name: f for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        for key in ("score", "roughness", "uncertainty"):
+            if values.get(key) is None:
+                values[key] = float("nan")
+        values["bbox_um"] = tuple(values.get("bbox_um") or (math.nan,) * 4)
+        values["tiles"] = [int(t) for t in values.get("tiles") or []]
+        return cls(**values)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, tuple | list):
+        return [_clean(v) for v in value]
+    return value
+
+
+CSV_COLUMNS: list[str] = [
+    "id", "x_um", "y_um", "wafer_x_mm", "wafer_y_mm", "die_col", "die_row", "die_x_um",
+    "die_y_um", "region", "bbox_xmin_um", "bbox_ymin_um", "bbox_xmax_um", "bbox_ymax_um",
+    "area_um2", "size_um", "defect_class", "score", "roughness", "uncertainty", "review", "tiles",
+]
+
+
+def write_defects(folder: Path, defects: list[Defect], header: dict[str, Any]) -> None:
+    """Write ``defects.json`` and ``defects.csv`` atomically (the same rows in both)."""
+    folder = Path(folder)
+    write_json(folder / DEFECTS_JSON, {"header": header, "defects": [d.to_dict() for d in defects]})
+    tmp = folder / (DEFECTS_CSV + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for d in defects:
+            row = d.to_dict()
+            xmin, ymin, xmax, ymax = row.pop("bbox_um")
+            row.update(bbox_xmin_um=xmin, bbox_ymin_um=ymin, bbox_xmax_um=xmax, bbox_ymax_um=ymax,
+                       tiles=";".join(str(t) for t in d.tiles))
+            writer.writerow(["" if row[c] is None else row[c] for c in CSV_COLUMNS])
+    tmp.replace(folder / DEFECTS_CSV)
+
+
+def read_defects(folder: Path) -> tuple[dict[str, Any], list[Defect]]:
+    """Read ``defects.json`` of a scan folder: ``(header, defects)``.
+
+    Raises
+    ------
+    UserError
+        If the file is missing or not a defect list.
+    """
+    path = Path(folder) / DEFECTS_JSON
+    if not path.is_file():
+        raise UserError(f"{folder}: no {DEFECTS_JSON} (inspect the scan first)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return dict(data.get("header", {})), [Defect.from_dict(d) for d in data["defects"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a readable defect list ({exc})") from None
