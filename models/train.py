@@ -219,7 +219,7 @@ def train_model(
     good: Sequence[str | Path],
     out: str | Path,
     *,
-    epochs: int = 15,
+    epochs: int = 10,
     seed: int = 0,
     false_alarms_per_cm2: float = 1.0,
     pixel_size_um: float | None = None,
@@ -264,7 +264,7 @@ def train_model(
     n_simulated, simulated_size : int
         Number and side of simulated training images.
     steps_per_epoch : int, optional
-        Default: enough batches to see the training pixels about once, between 40 and 150.
+        Default: enough batches to see the training pixels about once, between 40 and 100.
     batch_size, patch, lr, patience, val_fraction :
         Optimisation settings.
     config : NetConfig, optional
@@ -330,7 +330,7 @@ def train_model(
     net.train()
     if steps_per_epoch is None:
         pixels = sum(g.image.size for g in user_train + sim_train)
-        steps_per_epoch = int(np.clip(pixels / (batch_size * patch * patch), 40, 150))
+        steps_per_epoch = int(np.clip(pixels / (batch_size * patch * patch), 40, 100))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     total_steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
@@ -353,7 +353,7 @@ def train_model(
             opt.step()
             sched.step()
             step += 1
-            running += float(loss["total"])
+            running += float(loss["total"].detach())
             notify("train", step, total_steps, {"epoch": epoch, "loss": running /
                                                  max(1, (step - 1) % steps_per_epoch + 1)})
         metrics = evaluate(net, val_batches)
