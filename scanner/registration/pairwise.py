@@ -31,6 +31,8 @@ _HIGHPASS_SIGMA = 8.0
 _MIN_TEXTURE_SNR = 0.25
 #: Pixels around the best peak excluded when looking for the second best (peak ratio).
 _PEAK_EXCLUSION = 3
+#: Exponent of the spectral whitening (1 = phase correlation, 0 = plain cross-correlation).
+_WHITEN = 0.5
 #: Fraction of a strip's length tapered by the apodization window.
 _TAPER = 0.5
 #: Narrowest overlap (pixels) that is still registered.
@@ -50,7 +52,8 @@ class PairResult:
     ncc : float
         Normalized cross-correlation of the high-passed overlaps after the shift (0 if none).
     peak_ratio : float
-        Best / second-best correlation peak inside the search window (inf if only one).
+        Normalized cross-correlation of the best candidate shift in the search window over
+        that of the second best (inf if there is only one).
     texture : float
         Signal-to-noise ratio of the overlap's texture (the lower of the two strips).
     ok : bool
@@ -128,20 +131,23 @@ def _tukey(n: int) -> np.ndarray:
     return signal.windows.tukey(n, alpha=_TAPER).astype(np.float32)
 
 
-def _windowed_peak(
-    a: np.ndarray, b: np.ndarray, centre: tuple[int, int], max_shift: tuple[float, float]
-) -> tuple[int, int, float, float]:
-    """Integer shift ``(sy, sx)`` with ``b(r, c) ~ a(r + sy, c + sx)`` inside the window.
+def _window_candidates(
+    a: np.ndarray, b: np.ndarray, centre: tuple[int, int], max_shift: tuple[float, float],
+    count: int = 4,
+) -> list[tuple[int, int]]:
+    """The ``count`` best integer shifts ``(sy, sx)`` with ``b(r, c) ~ a(r + sy, c + sx)``.
 
-    The window is ``centre +- max_shift`` on each axis, narrowed to fewer shifts than the
-    strip has samples, so that no two shifts of the window alias to the same peak.
-    Returns the shift, the peak value and the ratio to the second-best peak in the window.
+    Only local maxima of the correlation inside the window ``centre +- max_shift`` count (the
+    window narrowed to fewer shifts than the strip has samples, so that no two shifts of it
+    alias to the same peak), at least ``_PEAK_EXCLUSION`` pixels apart, best first.
     """
     win = np.outer(_tukey(a.shape[0]), _tukey(a.shape[1]))
     fa = np.fft.rfft2(a * win)
     fb = np.fft.rfft2(b * win)
     cross = fa * np.conj(fb)
-    cross /= np.maximum(np.abs(cross), 1e-12)
+    # partial whitening (|F|^-WHITEN): full phase normalization lets the shared apodization
+    # window and noise dominate where the texture is weak and pulls the peak to zero shift
+    cross /= np.maximum(np.abs(cross), 1e-12) ** _WHITEN
     corr = np.fft.irfft2(cross, s=a.shape)
     rows, cols = corr.shape
     my = min(int(math.floor(max_shift[0])), (rows - 1) // 2)
@@ -149,18 +155,12 @@ def _windowed_peak(
     ys = np.arange(centre[0] - my, centre[0] + my + 1)
     xs = np.arange(centre[1] - mx, centre[1] + mx + 1)
     sub = corr[np.ix_(ys % rows, xs % cols)]
-    k = int(np.argmax(sub))
-    iy, ix = divmod(k, sub.shape[1])
-    best = float(sub[iy, ix])
-    masked = sub.copy()
-    masked[
-        max(0, iy - _PEAK_EXCLUSION) : iy + _PEAK_EXCLUSION + 1,
-        max(0, ix - _PEAK_EXCLUSION) : ix + _PEAK_EXCLUSION + 1,
-    ] = -np.inf
-    second = float(masked.max()) if np.isfinite(masked).any() else -np.inf
-    ratio = best / second if second > 0 else math.inf
+    size = 2 * _PEAK_EXCLUSION + 1
+    peaks = sub == ndimage.maximum_filter(sub, size=size, mode="constant", cval=-np.inf)
+    iy, ix = np.nonzero(peaks)
+    order = np.argsort(sub[iy, ix])[::-1][:count]
     # corr peaks at s where a(x) = b(x - s), i.e. b(r, c) = a(r + sy, c + sx)
-    return int(ys[iy]), int(xs[ix]), best, ratio
+    return [(int(ys[iy[k]]), int(xs[ix[k]])) for k in order]
 
 
 def refine_subpixel(
@@ -199,7 +199,7 @@ def refine_subpixel(
         # aligned(x) = b(x - f); d aligned / d f = -gradient, so the update is -H^-1 J^T r
         step = -np.linalg.solve(hess, [np.sum(gy * diff), np.sum(gx * diff)])
         f += step
-        if np.max(np.abs(f)) > limit:
+        if np.max(np.abs(f)) > limit or min(a.shape) <= 2 * np.max(np.abs(f)) + 2 * margin:
             return 0.0, 0.0, b
         aligned = ndimage.shift(b, f, order=3, mode="nearest")
         if np.max(np.abs(step)) < 1e-3:
@@ -223,7 +223,7 @@ def register_pair(
     ids: tuple[int, int] = (0, 1),
     shape: tuple[int, int] | None = None,
     min_ncc: float = 0.3,
-    min_peak_ratio: float = 1.15,
+    min_peak_ratio: float = 1.1,
 ) -> PairResult:
     """Register two overlapping tiles.
 
@@ -243,8 +243,8 @@ def register_pair(
     min_ncc : float
         Pairs with a lower normalized cross-correlation after the shift are not ``ok``.
     min_peak_ratio : float
-        Pairs whose best peak is not this much higher than the second are ambiguous (``ok``
-        False).
+        Pairs whose best candidate does not correlate this much better than the second are
+        ambiguous (``ok`` False): a periodic pattern with more than one period in the window.
 
     Returns
     -------
@@ -270,18 +270,36 @@ def register_pair(
     if texture < _MIN_TEXTURE_SNR:
         return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
 
-    sy, sx, _, ratio = _windowed_peak(ha, hb, centre, window)
-    oy2, ox2 = cut[0] + sy, cut[1] + sx
-    sl2 = overlap_slices((oy2, ox2), shape)
-    if sl2 is None or min(s.stop - s.start for s in sl2[0]) < _MIN_OVERLAP:
-        return PairResult(a_id, b_id, math.nan, math.nan, 0.0, ratio, texture, False)
-    ha2 = prepare_strip(tile_a[sl2[0]])
-    hb2 = prepare_strip(tile_b[sl2[1]])
-    # coarse-to-fine: a blurred pass pulls in a peak that is off by a pixel or two
-    cy, cx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, 2.0),
-                                ndimage.gaussian_filter(hb2, 2.0), limit=3.0)
-    fy, fx, aligned = refine_subpixel(ha2, hb2, start=(cy, cx), limit=3.0)
+    # each candidate peak is scored by the normalized cross-correlation of the overlap it
+    # implies (cheap, at the integer shift); the best is refined, the second best says how
+    # ambiguous the choice was
+    scored = []
+    for sy, sx in _window_candidates(ha, hb, centre, window):
+        oy2, ox2 = cut[0] + sy, cut[1] + sx
+        sl2 = overlap_slices((oy2, ox2), shape)
+        if sl2 is None or min(s.stop - s.start for s in sl2[0]) < _MIN_OVERLAP:
+            continue
+        ha2 = prepare_strip(tile_a[sl2[0]])
+        hb2 = prepare_strip(tile_b[sl2[1]])
+        scored.append((_ncc(ha2, hb2), oy2, ox2, ha2, hb2))
+    if not scored:
+        return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
+    scored.sort(key=lambda c: c[0], reverse=True)
+    _, oy2, ox2, ha2, hb2 = scored[0]
+    # coarse-to-fine: blurred passes pull in a peak that is off by a few pixels (a weak, broad
+    # correlation peak on a narrow overlap)
+    f = (0.0, 0.0)
+    for sigma in (4.0, 2.0):
+        fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
+                                    ndimage.gaussian_filter(hb2, sigma), start=f, limit=8.0)
+        f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
+    fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0)
     m = 2
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
+    dy, dx = oy2 + fy, ox2 + fx
+    # candidates more than a couple of pixels away are other peaks (periods, noise)
+    others = [c[0] for c in scored[1:] if math.hypot(c[1] - dy, c[2] - dx) > 2.5]
+    second = max(others) if others else 0.0
+    ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
     ok = ncc >= min_ncc and ratio >= min_peak_ratio
-    return PairResult(a_id, b_id, ox2 + fx, oy2 + fy, ncc, ratio, texture, ok)
+    return PairResult(a_id, b_id, dx, dy, ncc, ratio, texture, ok)
