@@ -12,7 +12,6 @@ from scanner.registration.solve import solve_positions
 from simulators.camera import CameraModel
 
 
-
 def smooth_texture(shape: tuple[int, int], seed: int = 0, sigma: float = 3.0) -> np.ndarray:
     """A band-limited random texture in [0, 1]."""
     img = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)

@@ -35,6 +35,8 @@ _PEAK_EXCLUSION = 3
 _WHITEN = 0.5
 #: Fraction of a strip's length tapered by the apodization window.
 _TAPER = 0.5
+#: Pairs whose overlap texture is more one-directional than this are not used (see _isotropy).
+_MIN_ISOTROPY = 0.1
 #: Narrowest overlap (pixels) that is still registered.
 _MIN_OVERLAP = 8
 
@@ -207,6 +209,18 @@ def refine_subpixel(
     return float(f[0]), float(f[1]), aligned
 
 
+def _isotropy(a: np.ndarray) -> float:
+    """Smaller over larger eigenvalue of the gradient structure tensor of a strip.
+
+    Near 0 when all the texture is one straight edge (a wafer's rim, a busbar): the shift
+    along the edge is then not measurable (the aperture problem), whatever the correlation.
+    """
+    gy, gx = np.gradient(a.astype(np.float64))
+    t = np.array([[np.sum(gy * gy), np.sum(gy * gx)], [np.sum(gy * gx), np.sum(gx * gx)]])
+    ev = np.linalg.eigvalsh(t)
+    return float(ev[0] / ev[1]) if ev[1] > 0 else 0.0
+
+
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     a = a - a.mean()
     b = b - b.mean()
@@ -301,5 +315,5 @@ def register_pair(
     others = [c[0] for c in scored[1:] if math.hypot(c[1] - dy, c[2] - dx) > 2.5]
     second = max(others) if others else 0.0
     ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
-    ok = ncc >= min_ncc and ratio >= min_peak_ratio
+    ok = ncc >= min_ncc and ratio >= min_peak_ratio and _isotropy(ha2) >= _MIN_ISOTROPY
     return PairResult(a_id, b_id, dx, dy, ncc, ratio, texture, ok)
