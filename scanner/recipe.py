@@ -346,7 +346,9 @@ class StitchSpec(_Model):
     registration: bool = Field(
         True, description="register overlapping tiles (else: place them at stage positions)"
     )
-    flatfield: bool = Field(True, description="estimate the vignetting from the tiles, divide it out")
+    flatfield: bool = Field(
+        True, description="estimate the vignetting from the tiles and divide it out"
+    )
     max_shift_um: PositiveFloat | None = Field(
         None, description="largest pairwise position error searched; default: from the stage's "
         "repeatability (4.5 sigma of the difference of two tiles) plus 1 % of the step"
