@@ -105,3 +105,24 @@ def test_tiny_training_run_learns_and_writes_a_calibrated_model(tmp_path: Path) 
     maps = model.predict_image(test.astype(np.uint16))
     a = maps["anomaly"]
     assert a[16:19, 23:27].mean() > 2 * np.median(a)
+
+
+def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "--good" in res.output
+    res = runner.invoke(app, ["train", "--good", str(tmp_path / "missing"), "--out",
+                              str(tmp_path / "m")])
+    assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m"),
+                              "--no-simulated"])
+    assert res.exit_code == 2 and "bad.png" in res.output
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "--overwrite" in res.output
