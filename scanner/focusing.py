@@ -27,7 +27,7 @@ from .focus.recheck import (
     strip_energies,
 )
 from .focus.search import FocusResult, autofocus
-from .focus.surface import FocusSurface, fit_focus_surface, focus_points_layout
+from .focus.surface import FocusSurface, fit_focus_surface, focus_points_layout, tour_order
 from .plan import ScanPlan
 from .recipe import Recipe
 
@@ -150,6 +150,9 @@ class FocusController:
         fov = min(self.plan.fov_um)
         points = focus_points_layout(polygon, self.spec.points, self.spec.layout,
                                      margin_um=fov / 2)
+        # a short stage path from where the stage is to the scan's first tile
+        first = self.plan.tiles[0]
+        points = points[tour_order(points, self.core.getXYPosition(), (first.x_um, first.y_um))]
         z_guess = self.recipe.microscope.focus.z_um
         for x, y in points:
             self.core.setXYPosition(float(x), float(y))
