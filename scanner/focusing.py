@@ -191,6 +191,18 @@ class FocusController:
 
     # -- during the scan ----------------------------------------------------------------------
 
+    def z_ahead(self, x_um: float, y_um: float) -> float | None:
+        """Z of a tile known before the stage gets there (the map's), else None.
+
+        The engine then commands the focus drive together with the XY move, so the focus
+        move costs no time of its own.
+        """
+        if self.spec.strategy != "focus_map" or self.surface is None:
+            return None
+        lo, hi = self.z_range
+        z = float(self.surface.predict(np.array([x_um]), np.array([y_um]))[0])
+        return min(max(z, lo), hi)
+
     def z_for(self, index: int, x_um: float, y_um: float) -> TileFocus:
         """Z for a tile (the stage is already at its XY); may run an autofocus."""
         spec = self.spec
@@ -200,11 +212,8 @@ class FocusController:
         if spec.strategy == "none":
             return TileFocus(fixed, "fixed")
         if spec.strategy == "focus_map":
-            if self.surface is None:
-                return TileFocus(base, "fixed")
-            z = float(self.surface.predict(np.array([x_um]), np.array([y_um]))[0])
-            lo, hi = self.z_range
-            return TileFocus(min(max(z, lo), hi), "map")
+            z = self.z_ahead(x_um, y_um)
+            return TileFocus(base, "fixed") if z is None else TileFocus(z, "map")
         if spec.strategy == "every_n_tiles" and index % spec.every_n != 0:
             return TileFocus(base, "neighbour")
         result = self._autofocus_here(self._predict_start(x_um, y_um, base))
