@@ -180,6 +180,43 @@ def stitch(scan: Annotated[Path, typer.Argument(help="Scan folder.")]) -> None:
     _print_result(result)
 
 
+@app.command()
+@_friendly
+def report(
+    scan: Annotated[Path, typer.Argument(help="Scan folder (with defects.json).")],
+    lot: Annotated[str | None, typer.Option("--lot", help="Lot id (default: the recipe's).")]
+    = None,
+    wafer: Annotated[
+        str | None, typer.Option("--wafer", help="Wafer id (default: the recipe's).")
+    ] = None,
+) -> None:
+    """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
+    from .reports import report as run_report
+
+    result = run_report(scan, lot_id=lot, wafer_id=wafer)
+    out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<11} {path.resolve()}")
+    out.print(f"  report time: {_duration(result.wall_s)}")
+
+
+@app.command()
+@_friendly
+def view(
+    scan: Annotated[Path, typer.Argument(help="Scan folder.")],
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="Save a screenshot of the viewer's canvas (PNG) and exit."),
+    ] = None,
+) -> None:
+    """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
+    from .napari.viewer import view as open_view
+
+    saved = open_view(scan, screenshot=screenshot)
+    if saved is not None:
+        out.print(f"screenshot: {saved.resolve()}")
+
+
 def _duration(seconds: float) -> str:
     minutes, sec = divmod(seconds, 60)
     hours, minutes = divmod(int(minutes), 60)
