@@ -77,7 +77,8 @@ def _friendly(func: F) -> F:
 class RichObserver:
     """Progress bars for the stages of a scan."""
 
-    _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic"}
+    _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
+               "register": "registering tiles"}
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
