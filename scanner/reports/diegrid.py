@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from shapely.geometry import Polygon, box
+import shapely
+from shapely.geometry import Polygon
 
 
 @dataclass(frozen=True)
@@ -76,22 +77,14 @@ class DieGrid:
         xmin, ymin, xmax, ymax = region.bounds
         c0, r0 = self.index(xmin, ymin)
         c1, r1 = self.index(xmax, ymax)
-        cell_area = self.pitch_um[0] * self.pitch_um[1]
-        out = []
-        for row in range(r0, r1 + 1):
-            for col in range(c0, c1 + 1):
-                cell = box(*self.cell_box(col, row))
-                inside = region.intersection(cell).area / cell_area
-                if inside > min_fraction:
-                    out.append((col, row, bool(inside >= 1.0 - 1e-9)))
-        return out
-
-
-def grid_lines(grid: DieGrid, bounds: tuple[float, float, float, float]) -> tuple[np.ndarray, ...]:
-    """x and y positions (stage µm) of the grid lines that cross a box ``(x0, y0, x1, y1)``."""
-    x0, y0, x1, y1 = bounds
-    c0, r0 = grid.index(x0, y0)
-    c1, r1 = grid.index(x1, y1)
-    xs = grid.origin_um[0] + np.arange(c0, c1 + 2) * grid.pitch_um[0]
-    ys = grid.origin_um[1] + np.arange(r0, r1 + 2) * grid.pitch_um[1]
-    return xs, ys
+        rows, cols = np.mgrid[r0:r1 + 1, c0:c1 + 1]
+        cols, rows = cols.ravel(), rows.ravel()
+        x0 = self.origin_um[0] + cols * self.pitch_um[0]
+        y0 = self.origin_um[1] + rows * self.pitch_um[1]
+        cells = shapely.box(x0, y0, x0 + self.pitch_um[0], y0 + self.pitch_um[1])
+        shapely.prepare(region)
+        inside = shapely.area(shapely.intersection(cells, region)) / (
+            self.pitch_um[0] * self.pitch_um[1])
+        keep = inside > min_fraction
+        return [(int(c), int(r), bool(f >= 1.0 - 1e-9))
+                for c, r, f in zip(cols[keep], rows[keep], inside[keep], strict=True)]

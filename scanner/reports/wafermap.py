@@ -99,21 +99,25 @@ def _draw_defects(ax: Axes, defects: list[Defect], to_xy: Any, extent_mm: float)
     """Defects as class-coloured markers; large ones also with their bounding box."""
     from matplotlib.patches import Rectangle
 
-    for d in sorted(defects, key=lambda d: -d.size_um):  # small ones on top
-        x, y = to_xy(d.x_um, d.y_um)
-        colour = CLASS_COLORS.get(d.defect_class, CLASS_COLORS["other"])
+    if not defects:
+        return
+    order = sorted(defects, key=lambda d: -d.size_um)  # small ones drawn on top
+    colours = [CLASS_COLORS.get(d.defect_class, CLASS_COLORS["other"]) for d in order]
+    for d, colour in zip(order, colours, strict=True):
         x0, y0, x1, y1 = d.bbox_um
         w, h = (x1 - x0) / 1000.0, (y1 - y0) / 1000.0
         if np.isfinite(w) and max(w, h) > 0.015 * extent_mm:
             bx, by = to_xy(x0, y0)
             ax.add_patch(Rectangle((bx, by), w, h, fill=False, edgecolor=colour, lw=1.2,
                                    zorder=4))
-        ax.scatter([x], [y], s=_marker_area(d.size_um), c=colour, edgecolors="black",
-                   linewidths=1.4 if d.review else 0.6, zorder=5)
+    xy = np.array([to_xy(d.x_um, d.y_um) for d in order])
+    ax.scatter(xy[:, 0], xy[:, 1], s=[_marker_area(d.size_um) for d in order], c=colours,
+               edgecolors="black", linewidths=[1.4 if d.review else 0.6 for d in order],
+               zorder=5)
 
 
 def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect]) -> None:
-    from matplotlib.patches import Rectangle
+    from matplotlib.collections import PolyCollection
 
     sample = ctx.sample
     centre = tuple(float(v) for v in sample.get("center_um", (0.0, 0.0)))
@@ -131,16 +135,21 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     tested = (header.get("dies") or {}).get("tested") or []
     pitch = (grid.pitch_um[0] / 1000.0, grid.pitch_um[1] / 1000.0)
     small = max(pitch) < 0.045 * float(sample["diameter_mm"])
+    cells, faces = [], []
     for die in tested:
         x0, y0, _, _ = grid.cell_box(die["col"], die["row"])
         x0, y0 = (x0 - centre[0]) / 1000.0, (y0 - centre[1]) / 1000.0
-        face = _FAIL_FACE if not die["pass"] else (_PASS_FACE if die["full"] else _PARTIAL_FACE)
-        cell = ax.add_patch(Rectangle((x0, y0), *pitch, facecolor=face, edgecolor=_EDGE,
-                                      lw=0.6, zorder=2))
-        cell.set_clip_path(wafer_patch)
+        cells.append([(x0, y0), (x0 + pitch[0], y0), (x0 + pitch[0], y0 + pitch[1]),
+                      (x0, y0 + pitch[1])])
+        faces.append(_FAIL_FACE if not die["pass"]
+                     else (_PASS_FACE if die["full"] else _PARTIAL_FACE))
         if not die["pass"] and not small:
             ax.text(x0 + 0.06 * pitch[0], y0 + 0.06 * pitch[1], str(die["defects"]),
                     fontsize=6.5, color="#a01818", ha="left", va="top", zorder=3)
+    # one collection of plain vertices: a 300 mm wafer of small dies has thousands of them
+    dies = ax.add_collection(PolyCollection(cells, facecolors=faces, edgecolors=_EDGE,
+                                            linewidths=0.6 if not small else 0.3, zorder=2))
+    dies.set_clip_path(wafer_patch)
     _outline(ax, usable, color="#6c7a89", lw=0.9, ls="--", zorder=3)
     _outline(ax, outline, color="#2f3b48", lw=1.6, zorder=3)
     _die_indices(ax, tested, grid, centre, float(sample["diameter_mm"]) / 2.0)
