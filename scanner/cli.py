@@ -78,7 +78,7 @@ class RichObserver:
     """Progress bars for the stages of a scan."""
 
     _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
-               "register": "registering tiles"}
+               "register": "registering tiles", "report": "writing reports"}
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress

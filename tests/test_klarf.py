@@ -110,3 +110,17 @@ def test_record_order_and_flat_orientation():
     assert "SampleCenterLocation 5.0000000000e+03 7.0000000000e+03;" in text
     assert " 1 10.000 6000.000 2 1 10.000 10.000 78.500 10.000 2 1 0 2 0 0 0 0;" in text
     assert "SampleTestPlan 1\n 2 1;" in text
+
+
+def test_a_clean_wafer_still_parses(tmp_path: Path):
+    header = {"sample": {"name": "r", "lot_id": "A", "wafer_id": "B"},
+              "scan_started": "2026-01-02T03:04:05+00:00",
+              "dies": {"tested": [{"col": 0, "row": 0, "full": True, "defects": 0,
+                                   "pass": True}]}}
+    sample = {"diameter_mm": 100, "orientation": "notch", "die_pitch_mm": [10, 10]}
+    path = tmp_path / "clean.klarf"
+    path.write_text(klarf_text(header, [], sample, 7.0e9))
+    k = klarf_reader.Klarf.load_from_file(path)
+    assert k.wafers[0].defects == [] and k.wafers[0].summary.number_of_defects == 0
+    assert k.wafers[0].summary.number_of_dies == 1
+    assert "DefectList;" in path.read_text()
