@@ -218,3 +218,17 @@ def test_locate_leaves_inspection_fields_alone(wafer_scan: Path):
     assert (out.die_col, out.die_row) == (0, 0)  # die origin (-1, -2) mm: centre in die (0, 0)
     assert (out.die_x_um, out.die_y_um) == pytest.approx((1000.0, 2000.0))
     assert d.die_col is None  # the input is not modified
+
+
+def test_model_identity_from_the_inspection_header():
+    from scanner.reports.locate import _model_info
+
+    inspection = {"model": {"file": "m.safetensors", "name": "wafer-cnn",
+                            "weights_sha256": "ab" * 32, "pixel_size_um": 5.0}}
+    info = _model_info(inspection, {})
+    assert (info["id"], info["sha256"]) == ("wafer-cnn", "ab" * 32)
+    assert info["pixel_size_um"] == 5.0 and info["file"] == "m.safetensors"
+    assert _model_info({}, {"inspection": inspection})["id"] == "wafer-cnn"
+    assert _model_info({}, {}) == {"id": None, "sha256": None}
+    # re-reading a header the report wrote gives the same identity (idempotent)
+    assert _model_info({"model": info}, {}) == info

@@ -214,17 +214,24 @@ def tested_dies(ctx: ScanContext, defects: list[Defect]) -> list[dict[str, Any]]
     ]
 
 
+_MODEL_ID_KEYS = ("id", "name", "model_id")
+_MODEL_HASH_KEYS = ("sha256", "weights_sha256", "hash", "model_sha256")
+
+
 def _model_info(previous: dict[str, Any], scan: dict[str, Any]) -> dict[str, Any]:
-    """Model id and hash as inspection recorded them (header first, then ``scan.json``)."""
-    for source in (previous, scan.get("inspect") or {}, scan):
+    """Model id and hash as inspection recorded them (header first, then ``scan.json``).
+
+    Returns ``{"id", "sha256", ...}`` with inspection's other model fields (file, pixel size,
+    threshold) kept beside them.
+    """
+    sources = (previous, scan.get("inspection") or {}, scan.get("inspect") or {}, scan)
+    for source in sources:
         model = source.get("model")
         if isinstance(model, dict) and model:
-            return {
-                "id": model.get("id") or model.get("name") or model.get("model_id"),
-                "sha256": model.get("sha256") or model.get("hash") or model.get("model_sha256"),
-                **{k: v for k, v in model.items()
-                   if k not in ("id", "name", "model_id", "sha256", "hash", "model_sha256")},
-            }
+            ident = next((model[k] for k in _MODEL_ID_KEYS if model.get(k)), None)
+            digest = next((model[k] for k in _MODEL_HASH_KEYS if model.get(k)), None)
+            rest = {k: v for k, v in model.items() if k not in ("id", "sha256")}
+            return {"id": ident, "sha256": digest, **rest}
         if source.get("model_id") or isinstance(model, str):
             return {"id": source.get("model_id") or model,
                     "sha256": source.get("model_sha256") or source.get("model_hash")}
