@@ -211,11 +211,14 @@ def view(
         Path | None,
         typer.Option(help="Save a screenshot of the viewer's canvas (PNG) and exit."),
     ] = None,
+    window: Annotated[
+        bool, typer.Option("--window", help="Screenshot the whole window, not only the canvas.")
+    ] = False,
 ) -> None:
     """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
     from .napari.viewer import view as open_view
 
-    saved = open_view(scan, screenshot=screenshot)
+    saved = open_view(scan, screenshot=screenshot, canvas_only=not window)
     if saved is not None:
         out.print(f"screenshot: {saved.resolve()}")
 

@@ -168,7 +168,8 @@ def die_grid_shapes(folder: Path) -> LayerData | None:
         x0, y0, x1, y1 = grid.cell_box(d["col"], d["row"])
         rects.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], dtype=float))
         edges.append((1.0, 0.25, 0.25, 1.0) if not d["pass"] else (0.6, 0.8, 1.0, 0.8))
-    return rects, {"name": "die grid", "shape_type": "rectangle", "edge_color": np.array(edges),
+    return rects, {"name": "die grid", "shape_type": "rectangle",
+                   "units": ("micrometer", "micrometer"), "edge_color": np.array(edges),
                    "face_color": "transparent", "edge_width": 0.01 * min(grid.pitch_um),
                    "visible": False, "opacity": 0.8,
                    "features": {"die": [f"{d['col']},{d['row']}" for d in tested],

@@ -36,8 +36,8 @@ def add_scan(viewer: Any, folder: Path) -> list[Any]:
     return layers
 
 
-def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (1400, 1000)
-         ) -> Path | None:
+def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (1400, 1000),
+         canvas_only: bool = True) -> Path | None:
     """Open a scan folder in a napari viewer.
 
     Parameters
@@ -48,6 +48,8 @@ def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (
         Save a screenshot of the canvas there and close, instead of running the viewer.
     size : (int, int)
         Window size (width, height) in pixels.
+    canvas_only : bool
+        Screenshot of the canvas only; False includes the layer list and controls.
 
     Raises
     ------
@@ -74,6 +76,6 @@ def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (
         QApplication.processEvents()
     viewer.reset_view()
     QApplication.processEvents()
-    viewer.screenshot(str(screenshot), canvas_only=True, flash=False)
+    viewer.screenshot(str(screenshot), canvas_only=canvas_only, flash=False)
     viewer.close()
     return Path(screenshot)
