@@ -66,3 +66,21 @@ def _point(x: float, y: float):
     from shapely.geometry import Point
 
     return Point(x, y)
+
+
+def test_rectangle_sample_gets_a_defect_map_and_no_klarf(tmp_path: Path):
+    from conftest import _scan_with_truth_defects
+
+    folder = _scan_with_truth_defects(tmp_path, "coupon", {
+        "sample": {"kind": "rectangle", "width_mm": 6, "height_mm": 4, "center_um": [2000, 0],
+                   "defects": {"count": 6, "seed": 2}},
+        "microscope": {"kind": "simulated",
+                       "camera": {"width": 256, "height": 256, "pixel_size_um": 10.0}},
+    })
+    result = report(folder)
+    assert set(result.outputs) == {"defects", "defects csv", "wafer map"}
+    header, defects = read_defects(folder)
+    assert all(d.region is None and d.die_col is None and d.tiles for d in defects)
+    img = iio.imread(folder / "wafermap.png")
+    for cls in {d.defect_class for d in defects}:
+        assert _pixels_like(img, CLASS_COLORS[cls]) > 30, cls

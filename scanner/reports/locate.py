@@ -103,10 +103,16 @@ class ScanContext:
         """The sample's usable area in stage µm (wafers and PV cells; None for others)."""
         if self.kind not in ("wafer", "pv_cell"):
             return None
-        from ..recipe import PVCellSample, WaferSample
+        from pydantic import ValidationError
+
+        from ..recipe import PVCellSample, WaferSample, format_validation_error
 
         model = WaferSample if self.kind == "wafer" else PVCellSample
-        return usable_polygon(model.model_validate(self.sample))
+        try:
+            return usable_polygon(model.model_validate(self.sample))
+        except ValidationError as exc:
+            raise UserError(f"{self.folder / 'scan.json'}: recipe sample: "
+                            f"{format_validation_error(exc)}") from None
 
     def die_grid(self) -> DieGrid | None:
         """The die grid (wafers only)."""

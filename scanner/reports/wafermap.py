@@ -131,7 +131,8 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     # the exclusion ring goes over the dies (partial dies reach into it), translucent
     _fill(ax, outline.difference(usable), lw=0, zorder=2.5, **_EXCLUSION)
     grid = ctx.die_grid()
-    assert grid is not None
+    if grid is None:  # not a wafer
+        raise ValueError("_wafer: the scan's sample has no die grid")
     tested = (header.get("dies") or {}).get("tested") or []
     pitch = (grid.pitch_um[0] / 1000.0, grid.pitch_um[1] / 1000.0)
     small = max(pitch) < 0.045 * float(sample["diameter_mm"])
@@ -220,7 +221,8 @@ def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
 
 
 def _other(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
-    """Image or rectangle samples: the scanned tiles' extent and the defects in stage mm."""
+    """Image or rectangle samples: the sample (rectangles), the scanned extent (dashed) and
+    the defects, in stage mm."""
     from matplotlib.patches import Rectangle
 
     fw, fh = ctx.fov_um
@@ -230,7 +232,15 @@ def _other(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
     else:
         x0, y0, x1, y1 = 0.0, 0.0, fw, fh
     ax.add_patch(Rectangle((x0 / 1000, y0 / 1000), (x1 - x0) / 1000, (y1 - y0) / 1000,
-                           facecolor="#dfe3e8", edgecolor="#2f3b48", lw=1.4, zorder=0))
+                           fill=False, edgecolor="#6c7a89", lw=0.9, ls="--", zorder=3))
+    s = ctx.sample
+    if ctx.kind == "rectangle":
+        cx, cy = (float(v) / 1000.0 for v in s.get("center_um", (0.0, 0.0)))
+        w, h = float(s["width_mm"]), float(s["height_mm"])
+        ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, facecolor="#dfe3e8",
+                               edgecolor="#2f3b48", lw=1.4, zorder=0))
+        x0, y0 = min(x0, (cx - w / 2) * 1000), min(y0, (cy - h / 2) * 1000)
+        x1, y1 = max(x1, (cx + w / 2) * 1000), max(y1, (cy + h / 2) * 1000)
     extent = max(x1 - x0, y1 - y0) / 1000.0
     _draw_defects(ax, defects, lambda x, y: (x / 1000.0, y / 1000.0), extent)
     pad = 0.05 * extent
@@ -269,7 +279,7 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
                 f"{int(s.get('busbars', 0))} busbars")
     else:
         title = f"{ctx.kind}  {info.get('name', '')}"
-        what = "scanned region"
+        what = "dashed: the scanned area"
     model = header.get("model") or {}
     model_txt = model.get("id") or "-"
     if model.get("sha256"):
