@@ -199,3 +199,12 @@ def test_view_without_napari_or_display_is_a_clear_error(review_scan: Path, monk
         assert res.exit_code == 2 and "no display" in res.output
     res = runner.invoke(app, ["view", str(review_scan.parent)])
     assert res.exit_code == 2
+
+
+def test_reader_imports_no_napari_or_qt():
+    code = ("import sys, scanner.napari._reader, scanner.napari.viewer, scanner.cli; "
+            "bad = [m for m in ('napari', 'qtpy', 'PyQt6', 'vispy') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
