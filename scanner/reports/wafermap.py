@@ -180,8 +180,7 @@ def _die_indices(ax: Axes, tested: list[dict[str, Any]], grid: Any,
     for r in rows[::step]:
         ax.text(-radius_mm * 1.045, oy + (r + 0.5) * py, str(r), fontsize=6, color="#55606e",
                 ha="right", va="center")
-    ax.text(-radius_mm * 1.045, -radius_mm * 1.045, "row \\ col", fontsize=6,
-            color="#55606e", ha="right", va="bottom")
+
 
 
 def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
@@ -272,7 +271,8 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
         mark = {"notch": "notch", "flat": "flat", "none": "no mark"}[s.get("orientation", "notch")]
         what = (f"{float(s['diameter_mm']):g} mm wafer, {mark} at 6 o'clock\n"
                 f"edge exclusion {float(s['edge_exclusion_mm']):g} mm, die "
-                f"{float(s['die_pitch_mm'][0]):g} x {float(s['die_pitch_mm'][1]):g} mm")
+                f"{float(s['die_pitch_mm'][0]):g} x {float(s['die_pitch_mm'][1]):g} mm\n"
+                "die columns above the wafer, rows at its left")
     elif ctx.kind == "pv_cell":
         title = f"PV cell  {info.get('name', '')}"
         what = (f"{float(s['width_mm']):g} x {float(s['height_mm']):g} mm, "
