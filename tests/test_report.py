@@ -232,3 +232,33 @@ def test_model_identity_from_the_inspection_header():
     assert _model_info({}, {}) == {"id": None, "sha256": None}
     # re-reading a header the report wrote gives the same identity (idempotent)
     assert _model_info({"model": info}, {}) == info
+
+
+@pytest.mark.slow
+def test_run_scan_reports_when_inspection_left_a_defect_list(tmp_path: Path, monkeypatch):
+    """The report stage runs at the end of run_scan once defects.json exists (written here
+    right after stitching, where the inspect stage will write it)."""
+    from conftest import truth_defects
+
+    import scanner.pipeline as pipeline
+    from scanner.defectlist import write_defects
+    from scanner.recipe import parse_recipe
+
+    stitch_stage = pipeline._stitch_stage
+
+    def stitch_then_inspect(folder, *args, **kwargs):
+        stitch_stage(folder, *args, **kwargs)
+        write_defects(folder, truth_defects(folder), {})
+
+    monkeypatch.setattr(pipeline, "_stitch_stage", stitch_then_inspect)
+    recipe = parse_recipe({
+        "sample": {"kind": "wafer", "diameter_mm": 12, "edge_exclusion_mm": 1,
+                   "die_pitch_mm": [2, 2], "defects": {"count": 5, "seed": 1}},
+        "microscope": {"kind": "simulated",
+                       "camera": {"width": 512, "height": 512, "pixel_size_um": 8.0}},
+    }, tmp_path, "small")
+    result = pipeline.run_scan(recipe, tmp_path / "scan")
+    assert {"defects", "defects csv", "klarf", "wafer map"} <= set(result.outputs)
+    assert "report" in result.timings
+    _, defects = read_defects(result.folder)
+    assert len(defects) == 5 and all(d.die_col is not None and d.tiles for d in defects)
