@@ -235,6 +235,13 @@ class FocusController:
         return (self.spec.strategy == "focus_map" and self.recheck is not None
                 and self.recheck.enabled and self.surface is not None)
 
+    def _tile(self, index: int) -> Any:
+        """The planned tile of an MDA position index."""
+        tile = self.plan.tiles[index]
+        if tile.index != index:  # plans are built in index order; make sure of it
+            tile = next(t for t in self.plan.tiles if t.index == index)
+        return tile
+
     def _overlap_px(self) -> tuple[int, int]:
         p = self.core.getPixelSizeUm()
         (fx, fy), (sx, sy) = self.plan.fov_um, self.plan.step_um
@@ -268,7 +275,7 @@ class FocusController:
         """
         if not self._recheck_on or self._current is None:
             return False
-        tile = self.plan.tiles[self._current]
+        tile = self._tile(self._current)
         strips = strip_energies(image, self._overlap_px())
         cal, noise = self.recheck, self._pair_noise
         assert cal is not None and noise is not None
@@ -296,7 +303,7 @@ class FocusController:
         """Record the final frame of a re-measured tile (the reference for its neighbours)."""
         if not self._recheck_on or self._current is None:
             return
-        tile = self.plan.tiles[self._current]
+        tile = self._tile(self._current)
         old = self._tiles.get((tile.row, tile.col), {})
         dz2 = 0.0 if focus.source == "remeasured" else old.get("dz2", 0.0)
         self._record(tile, strip_energies(image, self._overlap_px()), focus, dz2)
@@ -313,7 +320,7 @@ class FocusController:
         The search starts from the map's Z plus the map's error at re-measured neighbours (a
         local bump spans several tiles).
         """
-        tile = self.plan.tiles[self._current] if self._current is not None else None
+        tile = self._tile(self._current) if self._current is not None else None
         entry: dict[str, Any] = {"index": None if tile is None else tile.index,
                                  "x_um": x_um, "y_um": y_um, "z_map_um": focus.z_um}
         if tile is not None:
