@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..tilestore import TileRecord, open_tiles, read_tiles_csv, write_tiles_csv
+from .accuracy import classify_tiles
 from .pairwise import PairResult, register_pair
 from .solve import solve_positions
 
@@ -50,6 +51,9 @@ class RegistrationSummary:
     n_pairs_rejected: int
     n_blank_pairs: int
     n_unconstrained_tiles: int
+    n_edge_pairs_used: int
+    n_textured_tiles: int
+    n_partial_tiles: int
     max_shift_px: float
     median_ncc: float
     rms_residual_px: float
@@ -88,7 +92,7 @@ def register_tiles(
     max_shift_um: float | None = None,
     min_ncc: float = 0.3,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, RegistrationSummary, list[PairResult]]:
+) -> tuple[np.ndarray, RegistrationSummary, list[PairResult], np.ndarray]:
     """Registered tile centres (stage µm) of acquired tiles.
 
     Parameters
@@ -115,6 +119,10 @@ def register_tiles(
     summary : RegistrationSummary
     pairs : list[PairResult]
         Every measured pair (``a``/``b`` index ``records``).
+    classes : ndarray
+        Per tile ``"textured"`` (in the main group registered in both directions),
+        ``"partial"`` or ``"featureless"`` (keeps its stage position), see
+        ``registration.accuracy.classify_tiles``.
     """
     n = len(records)
     h, w = (int(s) for s in tiles.shape[1:])
@@ -172,6 +180,7 @@ def register_tiles(
     result = solve_positions(prior, repeatability_um / p, pairs)
     centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
     nccs = [q.ncc for q in result.used]
+    classes = classify_tiles(n, result.used)
     summary = RegistrationSummary(
         n_tiles=n,
         n_pairs=len(pairs),
@@ -179,13 +188,16 @@ def register_tiles(
         n_pairs_rejected=len(result.rejected),
         n_blank_pairs=sum(1 for q in pairs if not q.ok and q.ncc == 0.0),
         n_unconstrained_tiles=int((~result.constrained).sum()),
+        n_edge_pairs_used=sum(1 for q in result.used if q.is_edge),
+        n_textured_tiles=int((classes == "textured").sum()),
+        n_partial_tiles=int((classes == "partial").sum()),
         max_shift_px=float(max_shift),
         median_ncc=float(np.median(nccs)) if nccs else 0.0,
         rms_residual_px=float(np.sqrt(np.mean(result.residuals_px**2)))
         if result.residuals_px.size else 0.0,
         max_correction_um=float(np.abs(centres - stage).max()) if n else 0.0,
     )
-    return centres, summary, pairs
+    return centres, summary, pairs, classes
 
 
 def register_scan(
@@ -204,7 +216,7 @@ def register_scan(
     folder = Path(folder)
     all_records = read_tiles_csv(folder)
     ok = [r for r in all_records if r.status == "ok"]
-    centres, summary, _ = register_tiles(open_tiles(folder), ok, camera, repeatability_um,
+    centres, summary, _, _ = register_tiles(open_tiles(folder), ok, camera, repeatability_um,
                                          max_shift_um=max_shift_um, min_ncc=min_ncc,
                                          progress=progress)
     by_index = {r.index: (float(c[0]), float(c[1])) for r, c in zip(ok, centres, strict=True)}
