@@ -250,6 +250,10 @@ def _print_result(result: Any) -> None:
 def main() -> None:
     """Entry point for ``python -m scanner``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # pymmcore-plus sets its own logger to DEBUG (for its log file); its records reach the root
+    # handler whatever the root's level, so the handler itself must filter them.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
     app()
 
 
