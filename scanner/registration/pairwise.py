@@ -123,7 +123,8 @@ def prepare_strip(strip: np.ndarray) -> np.ndarray:
     """
     s = np.asarray(strip, dtype=np.float32)
     sigma = min(_HIGHPASS_SIGMA, max(1.0, min(s.shape) / 4))
-    return s - ndimage.gaussian_filter(s, sigma, mode="nearest")
+    # truncated at 3 sigma: the blur only has to follow illumination, not be exact
+    return s - ndimage.gaussian_filter(s, sigma, mode="nearest", truncate=3.0)
 
 
 def texture_snr(hp: np.ndarray) -> float:
@@ -135,6 +136,8 @@ def texture_snr(hp: np.ndarray) -> float:
     if hp.size < 16:
         return 0.0
     d = np.diff(hp, axis=1) if hp.shape[1] > 1 else np.diff(hp, axis=0)
+    if d.size > 8192:
+        d = d.ravel()[:: d.size // 4096]  # a robust scale needs a few thousand samples
     noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
     var = float(hp.var())
     if noise <= 0:
@@ -189,6 +192,7 @@ def refine_subpixel(
     iterations: int = 8,
     margin: int = 4,
     direction: np.ndarray | None = None,
+    order: int = 3,
 ) -> tuple[float, float, np.ndarray]:
     """Sub-pixel shift ``(fy, fx)`` with ``b(r, c) ~ a(r + fy, c + fx)`` by Gauss-Newton.
 
@@ -203,10 +207,17 @@ def refine_subpixel(
         ``b`` moved onto ``a``.
     """
     f = np.array(start, dtype=float)
-    aligned = ndimage.shift(b, f, order=3, mode="nearest") if np.any(f) else b
     inner = (slice(margin, -margin), slice(margin, -margin))
     if min(a.shape) <= 2 * margin + 2:
         return 0.0, 0.0, b
+    # the spline coefficients are computed once, not at every warp (mirror boundaries make the
+    # prefiltered shift exact)
+    coeffs = ndimage.spline_filter(b, order=order, mode="mirror") if order > 1 else b
+
+    def warp(shift: np.ndarray) -> np.ndarray:
+        return ndimage.shift(coeffs, shift, order=order, mode="mirror", prefilter=False)
+
+    aligned = warp(f) if np.any(f) else b
     target = a[inner].astype(np.float64)
     for _ in range(iterations):
         gy, gx = np.gradient(aligned)
@@ -227,7 +238,7 @@ def refine_subpixel(
         f += step
         if np.max(np.abs(f)) > limit or min(a.shape) <= 2 * np.max(np.abs(f)) + 2 * margin:
             return 0.0, 0.0, b
-        aligned = ndimage.shift(b, f, order=3, mode="nearest")
+        aligned = warp(f)
         if np.max(np.abs(step)) < 1e-3:
             break
     return float(f[0]), float(f[1]), aligned
@@ -330,25 +341,32 @@ def register_pair(
         sl2 = overlap_slices((oy2, ox2), shape)
         if sl2 is None or min(s.stop - s.start for s in sl2[0]) < _MIN_OVERLAP:
             continue
-        ha2 = prepare_strip(tile_a[sl2[0]])
-        hb2 = prepare_strip(tile_b[sl2[1]])
-        scored.append((_ncc(ha2, hb2), oy2, ox2, ha2, hb2))
+        # scored on the part of the candidate's overlap that the strips already hold
+        part = overlap_slices((sy, sx), ha.shape)
+        if part is None or min(s.stop - s.start for s in part[0]) < _MIN_OVERLAP:
+            continue
+        scored.append((_ncc(ha[part[0]], hb[part[1]]), oy2, ox2, sl2))
     if not scored:
         return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
     scored.sort(key=lambda c: c[0], reverse=True)
-    _, oy2, ox2, ha2, hb2 = scored[0]
+    _, oy2, ox2, sl2 = scored[0]
+    ha2 = prepare_strip(tile_a[sl2[0]])
+    hb2 = prepare_strip(tile_b[sl2[1]])
     isotropy, shape, normal = _structure(ha2)
     edge = isotropy < _EDGE_ISOTROPY
     direction = normal if edge else None
-    # coarse-to-fine: blurred passes pull in a peak that is off by a few pixels (a weak, broad
-    # correlation peak on a narrow overlap)
-    f = (0.0, 0.0)
-    for sigma in (4.0, 2.0):
-        fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
-                                    ndimage.gaussian_filter(hb2, sigma), start=f, limit=8.0,
-                                    direction=direction)
-        f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
-    fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0, direction=direction)
+    # the integer peak is usually within a pixel: refine at full resolution first; when that
+    # does not converge, coarse-to-fine blurred passes pull in a peak that is off by a few
+    # pixels (a weak, broad correlation peak on a narrow overlap)
+    fy, fx, aligned = refine_subpixel(ha2, hb2, limit=2.0, direction=direction)
+    if (fy, fx) == (0.0, 0.0):
+        f = (0.0, 0.0)
+        for sigma in (4.0, 2.0):
+            fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
+                                        ndimage.gaussian_filter(hb2, sigma), start=f,
+                                        limit=8.0, direction=direction, order=1)
+            f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
+        fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0, direction=direction)
     m = 2
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
     dy, dx = oy2 + fy, ox2 + fx
