@@ -43,6 +43,8 @@ REPEAT_UM = 5.0
 #: waferscope estimates (ASHLAR and m2stitch register raw tiles, vignetting included)
 TOOLS = ("ashlar", "ashlar+ff", "m2stitch", "m2stitch+ff")
 NOTES: list[str] = []
+#: a tool still running after this long is reported as not finishing
+TOOL_TIMEOUT_S = 300
 
 
 # --------------------------------------------------------------------------- other tools
@@ -222,12 +224,16 @@ def _bench(name: str, work: Path) -> list[dict]:
             results[tool] = (None, math.nan, "bench/.venv-stitch missing: run "
                              "bash bench/setup_stitch_bench.sh")
             continue
-        proc = subprocess.run([str(OTHER_PY), __file__, "--tool", tool, str(data)],
-                              capture_output=True, text=True,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
         info_path = data / f"{tool}.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {
-            "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        info_path.unlink(missing_ok=True)
+        try:
+            proc = subprocess.run([str(OTHER_PY), __file__, "--tool", tool, str(data)],
+                                  capture_output=True, text=True, timeout=TOOL_TIMEOUT_S,
+                                  env={**os.environ, "TQDM_DISABLE": "1"})
+            info = json.loads(info_path.read_text()) if info_path.exists() else {
+                "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
+        except subprocess.TimeoutExpired:
+            info = {"error": f"did not finish in {TOOL_TIMEOUT_S} s"}
         if "error" in info:
             results[tool] = (None, math.nan, info["error"])
         else:

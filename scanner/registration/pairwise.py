@@ -231,7 +231,8 @@ def refine_subpixel(
                 break
             step = -float(direction @ grad) / curv * direction
         else:
-            if np.linalg.cond(hess) > 1e8:
+            det = hess[0, 0] * hess[1, 1] - hess[0, 1] ** 2
+            if det <= 1e-8 * (hess[0, 0] + hess[1, 1]) ** 2:
                 break  # no texture along one axis: the shift along it is not measurable
             # aligned(x) = b(x - f); d aligned / d f = -gradient, so the update is -H^-1 J^T r
             step = -np.linalg.solve(hess, grad)
@@ -358,7 +359,7 @@ def register_pair(
     # the integer peak is usually within a pixel: refine at full resolution first; when that
     # does not converge, coarse-to-fine blurred passes pull in a peak that is off by a few
     # pixels (a weak, broad correlation peak on a narrow overlap)
-    fy, fx, aligned = refine_subpixel(ha2, hb2, limit=2.0, direction=direction)
+    fy, fx, aligned = refine_subpixel(ha2, hb2, limit=1.0, direction=direction)
     if (fy, fx) == (0.0, 0.0):
         f = (0.0, 0.0)
         for sigma in (4.0, 2.0):

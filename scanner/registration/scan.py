@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,33 @@ def default_max_shift_px(repeatability_um: float, step_px: float, pixel_size_um:
     return 4.5 * math.sqrt(2.0) * repeatability_um / pixel_size_um + 0.01 * step_px + 2.0
 
 
+class _Done:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class _Inline:
+    """Executor stand-in that runs each job at once (one worker)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Done:
+        return _Done(fn(*args))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _register_one(crop: Any, here: Any, expected: tuple[float, float], max_shift: float,
+                  ids: tuple[int, int], shape: tuple[int, int], min_ncc: float) -> PairResult:
+    try:
+        return register_pair(crop, here, expected, max_shift, ids=ids, shape=shape,
+                             min_ncc=min_ncc)
+    except IndexError:  # the kept strip does not hold the overlap (a far-off stage position)
+        return PairResult(ids[0], ids[1], math.nan, math.nan, 0.0, 0.0, 0.0, False)
+
+
 def register_tiles(
     tiles: Any,
     records: list[TileRecord],
@@ -92,6 +120,7 @@ def register_tiles(
     max_shift_um: float | None = None,
     min_ncc: float = 0.3,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 2,
 ) -> tuple[np.ndarray, RegistrationSummary, list[PairResult], np.ndarray]:
     """Registered tile centres (stage µm) of acquired tiles.
 
@@ -111,6 +140,8 @@ def register_tiles(
         Pairs correlating less are not used.
     progress : callable, optional
         ``progress(done, total)`` per tile.
+    workers : int
+        Threads registering the pairs of a row.
 
     Returns
     -------
@@ -150,7 +181,11 @@ def register_tiles(
     above: dict[int, _Crop] = {}
     rows = sorted({r.row for r in records})
     done = 0
+    # pairs are independent: a row's pairs run on a few threads (the FFTs, filters and warps
+    # release the GIL); waiting at the end of each row keeps memory at one row of tiles
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else _Inline()
     for row in rows:
+        jobs: list[Any] = []
         cols = sorted(c for (r, c) in grid if r == row)
         below: dict[int, _Crop] = {}
         left: tuple[int, _Crop] | None = None
@@ -165,17 +200,16 @@ def register_tiles(
                 neighbours.append((grid[(row - 1, col)], above[col]))
             for a, crop in neighbours:
                 expected = prior[k] - prior[a]
-                try:
-                    pairs.append(register_pair(crop, here, (expected[0], expected[1]), max_shift,
-                                               ids=(a, k), shape=(h, w), min_ncc=min_ncc))
-                except IndexError:
-                    pairs.append(PairResult(a, k, math.nan, math.nan, 0.0, 0.0, 0.0, False))
+                jobs.append(pool.submit(_register_one, crop, here, (expected[0], expected[1]),
+                                        max_shift, (a, k), (h, w), min_ncc))
             left = (col, _Crop(tile[:, w - keep_c:].copy(), 0, w - keep_c))
             below[col] = _Crop(tile[h - keep_r:, :].copy(), h - keep_r, 0)
             done += 1
             if progress is not None:
                 progress(done, n)
+        pairs.extend(job.result() for job in jobs)
         above = below
+    pool.shutdown()
 
     result = solve_positions(prior, repeatability_um / p, pairs)
     centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
