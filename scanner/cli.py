@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -51,7 +52,8 @@ def _friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; what was acquired is kept in the scan folder")
@@ -76,7 +78,7 @@ class RichObserver:
     """Progress bars for the stages of a scan."""
 
     _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
-               "register": "registering tiles"}
+               "register": "registering tiles", "report": "writing reports"}
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -258,6 +260,97 @@ def train(
               f"alarm/cm² on {card['calibration']['held_out_images']} held-out good images)")
     out.print(f"  epochs     {report.epochs_run} (best {report.best_epoch})")
     out.print(f"  time       {_duration(report.train_time_s)}")
+
+
+@app.command()
+@_friendly
+def calibrate(
+    recipe: RecipeArg,
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Calibration file to write (JSON).")
+    ] = Path("calibration.json"),
+    at: Annotated[
+        tuple[float, float] | None,
+        typer.Option("--at", help="Stage X Y (µm) of a textured area (default: sample centre)."),
+    ] = None,
+    grid: Annotated[
+        int | None, typer.Option(help="Frames per side (default: enough for 0.03 % error).")
+    ] = None,
+    step: Annotated[float, typer.Option(help="Step between frames, fraction of the FOV.")] = 0.75,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
+) -> None:
+    """Measure the camera's pixel size and rotation by moving the stage by known steps."""
+    from .calibrate import calibrate_recipe
+    from .recipe import load_recipe
+
+    if out_file.exists() and not overwrite:
+        raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
+    rec = load_recipe(recipe)
+    with _progress() as progress:
+        task = progress.add_task("calibrating", total=None)
+        result = calibrate_recipe(
+            rec, centre_um=at, grid=grid, step_fraction=step,
+            progress=lambda d, t: progress.update(task, completed=d, total=t),
+        )
+    result.write(out_file)
+    data = result.to_json()
+    table = Table(title=f"{recipe.name}: camera calibration", show_header=False)
+    table.add_row("pixel size", f"{result.pixel_size_um:.5f} µm "
+                  f"(± {100 * result.pixel_size_sigma_rel:.3f} %; nominal "
+                  f"{result.nominal_pixel_size_um:g} µm)")
+    table.add_row("rotation", f"{result.rotation_deg:+.4f}° (± {result.rotation_sigma_deg:.4f}°)")
+    table.add_row("pixel x / y", f"{result.pixel_size_x_um:.5f} / {result.pixel_size_y_um:.5f} µm")
+    table.add_row("skew", f"{result.skew_deg:+.4f}°")
+    table.add_row("stage scatter", f"{result.residual_rms_um:.2f} µm RMS")
+    table.add_row("frames / pairs", f"{result.n_frames} / {result.n_pairs_used} of "
+                  f"{result.n_pairs}")
+    if "truth" in data:
+        t = data["truth"]
+        table.add_row("vs simulator truth", f"pixel {t['pixel_size_error_pct']:+.4f} %, "
+                      f"rotation {t['rotation_error_deg']:+.4f}°")
+    out.print(table)
+    out.print(f"wrote {out_file.resolve()}; use it with `microscope: {{calibration: "
+              f"{out_file.name}}}`")
+
+
+@app.command()
+@_friendly
+def report(
+    scan: Annotated[Path, typer.Argument(help="Scan folder (with defects.json).")],
+    lot: Annotated[str | None, typer.Option("--lot", help="Lot id (default: the recipe's).")]
+    = None,
+    wafer: Annotated[
+        str | None, typer.Option("--wafer", help="Wafer id (default: the recipe's).")
+    ] = None,
+) -> None:
+    """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
+    from .reports import report as run_report
+
+    result = run_report(scan, lot_id=lot, wafer_id=wafer)
+    out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<11} {path.resolve()}")
+    out.print(f"  report time: {_duration(result.wall_s)}")
+
+
+@app.command()
+@_friendly
+def view(
+    scan: Annotated[Path, typer.Argument(help="Scan folder.")],
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="Save a screenshot of the viewer's canvas (PNG) and exit."),
+    ] = None,
+    window: Annotated[
+        bool, typer.Option("--window", help="Screenshot the whole window, not only the canvas.")
+    ] = False,
+) -> None:
+    """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
+    from .napari.viewer import view as open_view
+
+    saved = open_view(scan, screenshot=screenshot, canvas_only=not window)
+    if saved is not None:
+        out.print(f"screenshot: {saved.resolve()}")
 
 
 def _duration(seconds: float) -> str:
