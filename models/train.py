@@ -265,7 +265,9 @@ def train_model(
     n_simulated, simulated_size : int
         Number and side of simulated training images.
     steps_per_epoch : int, optional
-        Default: enough batches to see the training pixels about once, between 40 and 100.
+        Default: enough batches to see the training pixels about once, between 40 and 60
+        (10 epochs of 60 steps: 200 good 512 x 512 images train in about 10 minutes on 2
+        cores).
     batch_size, patch, lr, patience, val_fraction :
         Optimisation settings.
     config : NetConfig, optional
@@ -331,7 +333,7 @@ def train_model(
     net.train()
     if steps_per_epoch is None:
         pixels = sum(g.image.size for g in user_train + sim_train)
-        steps_per_epoch = int(np.clip(pixels / (batch_size * patch * patch), 40, 100))
+        steps_per_epoch = int(np.clip(pixels / (batch_size * patch * patch), 40, 60))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     total_steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
