@@ -46,13 +46,13 @@ from .errors import UserError
 from .mosaic import build_pyramid, create_multiscale, finish_multiscale, open_mosaic
 
 #: Window origins are multiples of this many input pixels (covers networks that downsample
-#: by up to 64 internally).
-ALIGN_PX = 64
+#: by up to 32 internally).
+ALIGN_PX = 32
 #: Default core of a window, in input pixels (before context): large enough that the context
 #: margins cost little, small enough that the network's activations fit comfortably.
-DEFAULT_CORE_PX = 1024
+DEFAULT_CORE_PX = 2048
 #: Map pixels of ramp on each side of a window boundary (before rounding to :data:`ALIGN_PX`).
-DEFAULT_OVERLAP_PX = 64
+DEFAULT_OVERLAP_PX = 32
 MAPS: tuple[str, ...] = ("anomaly", "roughness", "uncertainty")
 
 
@@ -65,7 +65,9 @@ class Model(Protocol):
     threshold: float
     card: dict
 
-    def normalize(self, image: np.ndarray) -> np.ndarray: ...
+    def normalize(self, image: np.ndarray, level: float | None = None) -> np.ndarray: ...
+
+    def brightness_level(self, image: np.ndarray) -> float: ...
 
     def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
 
@@ -287,6 +289,17 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def source_level(model: Model, source: Any, max_side: int = 2048) -> float:
+    """Brightness level of a whole image or mosaic level from a strided subsample.
+
+    Zeros (unscanned mosaic areas) are left out.
+    """
+    step = max(1, math.ceil(max(int(n) for n in source.shape) / max_side))
+    sub = np.asarray(source[::step, ::step], dtype=np.float32)
+    sub = sub[sub != 0]
+    return float(model.brightness_level(sub[None, :])) if sub.size else 1.0
+
+
 def run_tiled(
     model: Model,
     reader: GridReader,
@@ -296,6 +309,7 @@ def run_tiled(
     batch: int = 2,
     mask: Callable[[int, int, int, int], np.ndarray | None] | None = None,
     skip_empty: bool = False,
+    level: float | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> InferenceStats:
     """Run the model over the whole model grid of ``reader``, window row by window row.
@@ -318,6 +332,9 @@ def run_tiled(
         maps are 0 outside the mask.
     skip_empty : bool
         Skip windows whose input is all zeros (unscanned mosaic areas).
+    level : float, optional
+        Brightness level for ``model.normalize``, the same for every window (a per-window
+        level would make windows disagree). Default: that of a subsample of the source.
     progress : callable, optional
         ``progress(done, total)`` in windows.
     """
@@ -332,6 +349,9 @@ def run_tiled(
     n_win = step + 2 * ov  # map pixels produced per window (before clipping)
     stats = InferenceStats()
     total = n_rows * n_cols
+    if level is None:
+        level = source_level(model, reader.source)
+    stats.extra["level"] = float(level)
 
     def window_input(i: int, j: int) -> np.ndarray | None:
         r0, c0 = tiling.input_origin(i, j)
@@ -341,7 +361,7 @@ def run_tiled(
             return None
         t = time.perf_counter()
         raw = reader.read(r0, c0, side, side)
-        data = np.asarray(model.normalize(raw), dtype=np.float32)
+        data = np.asarray(model.normalize(raw, level), dtype=np.float32)
         stats.read_s += time.perf_counter() - t
         return data
 
@@ -362,6 +382,8 @@ def run_tiled(
 
     old_threads = torch.get_num_threads()
     torch.set_num_threads(_threads())
+    if hasattr(model, "num_threads"):
+        model.num_threads = _threads()
     done = 0
     try:
         with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
@@ -633,6 +655,7 @@ def infer_mosaic(
             out_dir / MAP_NAMES[name], tiling.map_shape, chunk=tiling.step, dtype=np.float32)
     stats = run_tiled(model, reader, ZarrSink({k: a[0] for k, a in arrays.items()}),
                       tiling=tiling, batch=batch, mask=mask, skip_empty=True, progress=progress)
+    stats.extra["mosaic_px"] = int(level0.shape[0]) * int(level0.shape[1])
     paths = {}
     for name in MAPS:
         build_pyramid(arrays[name], tiling.step)
