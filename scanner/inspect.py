@@ -212,8 +212,11 @@ def plan_tiling(
     if stride < 1 or ALIGN_PX % stride:
         raise ValueError(f"output stride must divide {ALIGN_PX}, got {stride}")
     up = lambda v: max(ALIGN_PX, math.ceil(v / ALIGN_PX) * ALIGN_PX)  # noqa: E731
-    # a grid smaller than one core: one window, no bigger than needed
-    core = min(up(core_px), up(max(shape)))
+    # as few windows as the requested core allows, shrunk to share the grid evenly (a 4.7k
+    # mosaic takes 3 x 3 cores of 1.6k, not 3 x 3 of 2k of which a quarter would be padding)
+    side = max(int(shape[0]), int(shape[1]), 1)
+    n = math.ceil(side / up(core_px))
+    core = up(math.ceil(side / n))
     return Tiling(
         shape=(int(shape[0]), int(shape[1])),
         stride=stride,
