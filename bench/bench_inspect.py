@@ -159,7 +159,7 @@ def main(argv: list[str]) -> None:
         for name, data in recipes(p, args.quick).items():
             path = Path(tmp) / f"{name}.yaml"
             path.write_text(yaml.safe_dump(data))
-            result = run_scan(load_recipe(path), Path(tmp) / name, model=model)
+            result = run_scan(load_recipe(path), Path(tmp) / name, inspect=True, model=model)
             r = evaluate(result.folder, p)
             ins = r["inspect"]
             mp = ins["mosaic_megapixels"]

@@ -95,7 +95,7 @@ def run_scan(
     *,
     overwrite: bool = False,
     observer: Observer | None = None,
-    inspect: bool = True,
+    inspect: bool = False,
     model: Any = None,
 ) -> ScanResult:
     """Scan a recipe's sample into a new scan folder.
@@ -103,8 +103,8 @@ def run_scan(
     Everything that can be refused (recipe, plan, output folder) is checked before the
     stage moves. ``scan.json`` is written before acquisition starts and updated after each
     stage, so an interrupted scan leaves a folder that says how far it got. With ``inspect``
-    the mosaic is then inspected with ``model`` (a path, a loaded model, or None for the
-    shipped default).
+    (what ``waferscope run`` asks for unless ``--no-inspect``) the mosaic is then inspected
+    with ``model`` (a path, a loaded model, or None for the shipped default).
     """
     observer = observer or _Silent()
     handle = build_microscope(recipe)
