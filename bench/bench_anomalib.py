@@ -127,7 +127,7 @@ def run_waferscope(root: Path, pixel_um: float, epochs: int) -> dict:
         from models import train_model
 
         out = root / "ws_model"
-        train_model([root / "train" / "good"], out, pixel_size_um=pixel_um, max_epochs=epochs)
+        train_model([root / "train" / "good"], out, pixel_size_um=pixel_um, epochs=epochs)
         model = load_model(out.with_suffix(".safetensors"))
         how = "trained on the good crops"
     except (ImportError, ModuleNotFoundError, TypeError) as exc:
