@@ -152,8 +152,8 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
 
 def appearance(
     patch: np.ndarray, inside: np.ndarray, ring_px: int
-) -> tuple[float, float]:
-    """Signed contrast of a defect against a ring around it, and its signal to noise ratio.
+) -> tuple[float, float, tuple[float, float] | None]:
+    """Signed contrast of a defect against a ring around it, its SNR, and its refined centre.
 
     Parameters
     ----------
@@ -164,23 +164,43 @@ def appearance(
         Boolean mask of the defect on ``patch``.
     ring_px : int
         Width of the surrounding ring used as background.
+
+    Returns
+    -------
+    contrast, snr : float
+        NaN when there is no usable background.
+    centre : tuple of float or None
+        ``(row, col)`` on ``patch`` of the centroid of the pixels that deviate from the
+        background with the defect's sign (weighted by the deviation): the defect itself at
+        full resolution rather than its blurred footprint on the map. None when the defect does
+        not stand clearly out of the noise.
     """
     if not inside.any():
-        return math.nan, math.nan
+        return math.nan, math.nan, None
     # distance to the defect: a gap of a third of the ring (the defect's blurred border),
     # then the ring itself; one linear-time transform whatever the ring's width
     dist = ndimage.distance_transform_edt(~inside)
     gap = max(1, ring_px // 3)
     ring = (dist > gap) & (dist <= gap + ring_px)
     if ring.sum() < 8:
-        return math.nan, math.nan
+        return math.nan, math.nan, None
     bg = patch[ring]
     med = float(np.median(bg))
     noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
     dev = patch[inside] - med
-    hi, lo = float(np.percentile(dev, 90)), float(np.percentile(dev, 10))
+    # the defect may fill only a few per cent of its blurred footprint on the map
+    hi, lo = float(np.percentile(dev, 98)), float(np.percentile(dev, 2))
     contrast = hi if abs(hi) >= abs(lo) else lo
-    return contrast, abs(contrast) / noise
+    snr = abs(contrast) / noise
+    centre = None
+    if snr >= 5:
+        signed = (patch - med) * math.copysign(1.0, contrast)
+        strong = inside & (signed > max(3 * noise, 0.3 * abs(contrast)))
+        if strong.any():
+            rr, cc = np.nonzero(strong)
+            w = signed[rr, cc]
+            centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
+    return contrast, snr, centre
 
 
 @dataclass
@@ -299,7 +319,11 @@ def extract_defects(
             inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
             inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
             inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
-            contrast, snr = appearance(patch, inside, ring_px=min(max(2, margin * s // 2), 24))
+            contrast, snr, centre = appearance(patch, inside,
+                                               ring_px=min(max(2, margin * s // 2), 24))
+            if centre is not None:  # model-grid pixel -> map pixel coordinates
+                cy = (pr0 + centre[0] - (s - 1) / 2) / s
+                cx = (pc0 + centre[1] - (s - 1) / 2) / s
         feats = Features(
             area=shape["area"], length=shape["length"], width=shape["width"],
             elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
@@ -307,6 +331,10 @@ def extract_defects(
             skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
             contrast=contrast, snr=snr,
         )
+        defect_class = classify(feats)
+        if defect_class in ("scratch", "crack"):
+            cy, cx = _on_skeleton(sub, cy - r0, cx - c0)
+            cy, cx = cy + r0, cx + c0
         score = float(an[sub].max())
         uncertainty = float(unc[sub].mean())
         found.append(Defect(
@@ -317,7 +345,7 @@ def extract_defects(
                      x0 + (c1 - 0.5) * p, y0 + (r1 - 0.5) * p),
             area_um2=float(region.area) * p * p,
             size_um=max(shape["feret"], 1.0) * p,
-            defect_class=classify(feats),
+            defect_class=defect_class,
             score=score,
             roughness=float(rough[sub].mean()),
             uncertainty=uncertainty,
@@ -327,3 +355,19 @@ def extract_defects(
     for k, d in enumerate(found, start=1):
         d.id = k
     return found
+
+
+def _on_skeleton(mask: np.ndarray, cy: float, cx: float) -> tuple[float, float]:
+    """The point of a line-like region's skeleton nearest to ``(cy, cx)``.
+
+    The centroid of a curved scratch or a crack may lie off the defect; its centre is
+    reported on the defect itself.
+    """
+    skel = morphology.skeletonize(mask)
+    rr, cc = np.nonzero(skel)
+    if rr.size == 0:
+        return cy, cx
+    k = int(np.argmin((rr - cy) ** 2 + (cc - cx) ** 2))
+    if math.hypot(rr[k] - cy, cc[k] - cx) <= 1.0:
+        return cy, cx
+    return float(rr[k]), float(cc[k])

@@ -50,7 +50,7 @@ from .mosaic import build_pyramid, create_multiscale, finish_multiscale, open_mo
 ALIGN_PX = 32
 #: Default core of a window, in input pixels (before context): large enough that the context
 #: margins cost little, small enough that the network's activations fit comfortably.
-DEFAULT_CORE_PX = 2048
+DEFAULT_CORE_PX = 3072
 #: Map pixels of ramp on each side of a window boundary (before rounding to :data:`ALIGN_PX`).
 DEFAULT_OVERLAP_PX = 32
 MAPS: tuple[str, ...] = ("anomaly", "roughness", "uncertainty")

@@ -131,3 +131,38 @@ def classify_mask(mask: np.ndarray) -> str:
     f = shape_features(mask)
     return classify(Features(**{k: v for k, v in f.items() if k != "feret"},
                              contrast=float("nan"), snr=float("nan")))
+
+
+def test_centre_is_refined_on_the_full_resolution_image():
+    a = np.zeros((80, 80), np.float32)
+    a[disk((30.0, 50.0), 3)] = 0.9
+    img = np.random.default_rng(1).normal(0, 0.01, (320, 320)).astype(np.float32)
+    true_r, true_c = 30 * 4 + 1.5 + 2.0, 50 * 4 + 1.5 - 3.0  # model-grid pixels
+    img[disk((true_r, true_c), 3.5)] += 0.5
+
+    def read(r0, c0, h, w):
+        return img[r0:r0 + h, c0:c0 + w] if r0 >= 0 and c0 >= 0 else np.zeros((h, w))
+
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, image=read)[0]
+    # stage = map origin + map px * 4 µm; map px = (grid px - 1.5) / 4
+    assert d.x_um == pytest.approx(100 + (true_c - 1.5), abs=0.6)
+    assert d.y_um == pytest.approx(200 + (true_r - 1.5), abs=0.6)
+
+
+def test_curved_scratch_centre_lies_on_the_scratch():
+    a = np.zeros((120, 120), np.float32)
+    t = np.linspace(-1.2, 1.2, 400)
+    rr = np.round(60 + 50 * np.sin(t)).astype(int)
+    cc = np.round(30 + 40 * np.cos(t)).astype(int)
+    a[rr, cc] = 0.9
+    a = np.maximum(a, ndimage_grey_dilate(a))
+    d = extract_defects(_maps(a), GEOM, threshold=0.5)[0]
+    assert d.defect_class == "scratch"
+    r, c = (d.y_um - 200) / 4, (d.x_um - 100) / 4
+    assert a[int(round(r)), int(round(c))] > 0  # on the line, not at the chord's middle
+
+
+def ndimage_grey_dilate(a):
+    from scipy import ndimage
+
+    return ndimage.grey_dilation(a, size=(2, 2))
