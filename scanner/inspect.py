@@ -17,9 +17,9 @@ memory, so inference walks over it in overlapping windows:
   memory depends on the window size and the mosaic *width*, never on its height;
 * windows that lie wholly outside the sample (the chuck, unscanned areas) are not computed.
 
-Images whose pixel size differs from the model's are resampled on the fly (bilinear, with a
-Gaussian anti-alias filter when shrinking) onto a *model grid* with the model's pixel size
-and the same stage origin.
+Images whose pixel size differs from the model's (outside the range it was trained over, see
+:func:`grid_pixel_um`) are resampled on the fly (bilinear, with a Gaussian anti-alias filter
+when shrinking) onto a *model grid* with the model's pixel size and the same stage origin.
 
 The maps go next to the mosaic as OME-NGFF multiscale images (:data:`MAP_NAMES`), in the same
 stage coordinate system: map pixel ``(i, j)`` summarises model-grid pixels
@@ -562,6 +562,19 @@ def polygon_mask(
     return mask
 
 
+def grid_pixel_um(model: Model, source_um: float) -> float:
+    """Pixel size to run the model at for a source of ``source_um``.
+
+    A model trained over a range of pixel sizes (``pixel_size_range_um`` in its card) runs at
+    the source's own pixel size inside that range and at the nearest end of it outside; a
+    model trained at one pixel size runs at that one. The source is resampled to it.
+    """
+    span = (getattr(model, "card", None) or {}).get("pixel_size_range_um")
+    if span and len(span) == 2 and 0 < float(span[0]) <= float(span[1]):
+        return float(min(max(source_um, float(span[0])), float(span[1])))
+    return float(model.pixel_size_um)
+
+
 def infer_image(
     model: Model,
     image: np.ndarray,
@@ -586,8 +599,8 @@ def infer_image(
     core_px, batch : int
         Window core size (input pixels) and windows per network call.
     """
-    p_model = float(model.pixel_size_um)
-    p_img = float(pixel_size_um or p_model)
+    p_img = float(pixel_size_um or model.pixel_size_um)
+    p_model = grid_pixel_um(model, p_img)
     reader = GridReader(image, p_model / p_img)
     s = int(model.output_stride)
     tiling = plan_tiling(reader.shape, s, int(model.context_px), core_px=core_px)
@@ -640,7 +653,7 @@ def infer_mosaic(
     trans = next(t["translation"] for t in transforms[0] if t["type"] == "translation")
     p_mosaic = float(scale[1])
     x0, y0 = float(trans[1]), float(trans[0])
-    p_model = float(model.pixel_size_um)
+    p_model = grid_pixel_um(model, p_mosaic)
     reader = GridReader(level0, p_model / p_mosaic)
     s = int(model.output_stride)
     tiling = plan_tiling(reader.shape, s, int(model.context_px), core_px=core_px)

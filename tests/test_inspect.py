@@ -145,3 +145,14 @@ def test_cli_inspect_bad_inputs_exit_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert runner.invoke(app, ["inspect", str(empty)]).exit_code == 2
+
+
+def test_a_model_trained_over_a_pixel_range_runs_at_the_source_pixel(net_model):
+    from scanner.inspect import grid_pixel_um
+
+    assert grid_pixel_um(net_model, 5.0) == 1.0  # one pixel size: resample to it
+    card = dict(net_model.card, pixel_size_range_um=[0.5, 8.0])
+    ranged = InspectionModel(InspectionNet(), card)
+    assert grid_pixel_um(ranged, 5.0) == 5.0
+    assert grid_pixel_um(ranged, 20.0) == 8.0
+    assert grid_pixel_um(ranged, 0.1) == 0.5
