@@ -217,6 +217,11 @@ def plan_tiling(
     side = max(int(shape[0]), int(shape[1]), 1)
     n = math.ceil(side / up(core_px))
     core = up(math.ceil(side / n))
+    if n == 1:
+        # one window holds it all: nothing to blend, and the context only pads the image
+        # border (mirrored), so one alignment step of it is enough; small images stay cheap
+        return Tiling((int(shape[0]), int(shape[1])), stride, core // stride, 0,
+                      min(up(context_px), ALIGN_PX) if context_px > 0 else 0)
     return Tiling(
         shape=(int(shape[0]), int(shape[1])),
         stride=stride,
