@@ -107,6 +107,9 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
         full_well_e=cam.full_well_e,
         read_noise_e=cam.read_noise_e,
         noise=cam.noise,
+        vignetting=cam.vignetting,
+        rotation_deg=cam.rotation_deg,
+        pixel_size_error=cam.pixel_size_error,
     )
     st, fo = spec.stage, spec.focus
     xy = StageAxes(
@@ -148,6 +151,12 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
     _set_pixel_size(core, cam.pixel_size_um)
     core.setExposure(cam.exposure_ms)
     truth = sample.truth()
+    truth["camera"] = {
+        "pixel_size_um": camera.true_pixel_size_um,
+        "nominal_pixel_size_um": camera.pixel_size_um,
+        "rotation_deg": camera.rotation_deg,
+        "vignetting": camera.vignetting,
+    }
     return MicroscopeHandle(
         core=core,
         kind="simulated",

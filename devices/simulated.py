@@ -49,6 +49,18 @@ class SimCamera(SimpleCameraDevice):
     def bit_depth(self) -> int:
         return int(self._scope.camera.bit_depth)
 
+    @pymm_property(is_read_only=True, name="SimTruePixelSize_um")
+    def true_pixel_size_um(self) -> float:
+        return float(self._scope.camera.true_pixel_size_um)
+
+    @pymm_property(is_read_only=True, name="SimRotation_deg")
+    def rotation_deg(self) -> float:
+        return float(self._scope.camera.rotation_deg)
+
+    @pymm_property(is_read_only=True, name="SimVignetting")
+    def vignetting(self) -> float:
+        return float(self._scope.camera.vignetting)
+
 
 class SimXYStage(XYStageDevice):
     """XY stage with travel limits, motion time, settling and repeatability error."""

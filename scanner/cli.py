@@ -76,7 +76,8 @@ class RichObserver:
     """Progress bars for the stages of a scan."""
 
     _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
-               "inspect": "inspecting", "images": "inspecting images"}
+               "register": "registering tiles", "inspect": "inspecting",
+               "images": "inspecting images"}
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -255,6 +256,10 @@ def _print_result(result: Any) -> None:
 def main() -> None:
     """Entry point for ``python -m scanner``."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # pymmcore-plus sets its own logger to DEBUG (for its log file); its records reach the root
+    # handler whatever the root's level, so the handler itself must filter them.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
     app()
 
 

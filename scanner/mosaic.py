@@ -217,8 +217,10 @@ class _Prepared:
     col0: int
 
 
-def _prepare_tile(tiles: Any, i: int, place: _Placement) -> _Prepared:
-    """Read tile ``i`` and resample / weight it for blending."""
+def _prepare_tile(
+    tiles: Any, i: int, place: _Placement, flatfield: np.ndarray | None = None
+) -> _Prepared:
+    """Read tile ``i``, flatten it (divide by the flat-field) and resample / weight it."""
     raw = np.asarray(tiles[i])
     if raw.ndim != 2:
         raise ValueError(f"tile {i} has shape {raw.shape}, expected 2-D")
@@ -226,6 +228,8 @@ def _prepare_tile(tiles: Any, i: int, place: _Placement) -> _Prepared:
     fy = float(place.frac_y[i])
     fx = float(place.frac_x[i])
     data = raw.astype(np.float32)
+    if flatfield is not None:
+        data /= flatfield
     data = _shift_linear(data, fy, axis=0)
     data = _shift_linear(data, fx, axis=1)  # a fresh float32 array in every case
     wy = _ramp(h, fy)
@@ -431,6 +435,7 @@ def fuse_mosaic(
     min_level_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
     name: str = "mosaic",
+    flatfield: np.ndarray | None = None,
 ) -> MosaicInfo:
     """Fuse tiles into a multiscale OME-NGFF 0.5 mosaic, streaming chunk by chunk.
 
@@ -460,6 +465,9 @@ def fuse_mosaic(
         of chunks over all levels.
     name : str, optional
         Name of the multiscale image in the metadata (default ``"mosaic"``).
+    flatfield : np.ndarray, optional
+        ``(H, W)`` relative illumination of the sensor (mean about 1); each tile is divided by
+        it before blending (vignetting correction).
 
     Returns
     -------
@@ -496,7 +504,11 @@ def fuse_mosaic(
     # of the next column, must fit in the cache (they are bounded by the geometry, not by N).
     band = max(1, math.ceil(2 * tile_hw[0] / chunk))
     capacity = _cache_capacity(place, shape, chunk, band)
-    cache = _TileCache(lambda i: _prepare_tile(tiles, i, place), capacity)
+    if flatfield is not None:
+        flatfield = np.asarray(flatfield, dtype=np.float32)
+        if flatfield.shape != tile_hw or not np.all(flatfield > 0):
+            raise ValueError(f"flatfield must be positive with shape {tile_hw}")
+    cache = _TileCache(lambda i: _prepare_tile(tiles, i, place, flatfield), capacity)
 
     tmp, arrays = create_multiscale(out_path, shape, chunk=chunk, dtype=dtype,
                                     min_level_size=min_level_size)

@@ -22,7 +22,7 @@ from .scanfolder import (
     software_versions,
     write_json,
 )
-from .stitch import MOSAIC, stitch
+from .stitch import MOSAIC, stitch_scan
 from .tilestore import read_tiles_csv
 
 
@@ -168,18 +168,41 @@ def _stitch_stage(
 ) -> None:
     """Fuse the mosaic and record it (and the stage's wall time) in ``scan``."""
     t0 = time.perf_counter()
-    started = False
+    started: set[str] = set()
 
-    def on_chunk(done: int, total: int) -> None:
-        nonlocal started
-        if not started:
-            observer.stage_started("stitch", total)
-            started = True
-        observer.advance("stitch", 1)
+    def on_step(step: str, done: int, total: int) -> None:
+        stage = "register" if step == "register" else "stitch"
+        if stage not in started:
+            observer.stage_started(stage, total)
+            started.add(stage)
+        observer.advance(stage, 1)
 
-    info = stitch(folder, pixel_size, chunk=chunk, progress=on_chunk)
-    observer.stage_finished("stitch")
-    scan.setdefault("timings", {})["stitch"] = {"wall_s": round(time.perf_counter() - t0, 3)}
+    recipe = scan.get("recipe", {})
+    options = recipe.get("stitch", {}) or {}
+    microscope = recipe.get("microscope", {}) or {}
+    calibration = microscope.get("calibration")
+    result = stitch_scan(
+        folder,
+        pixel_size,
+        repeatability_um=float((microscope.get("stage") or {}).get("repeatability_um", 2.0)),
+        registration=bool(options.get("registration", True)),
+        flatfield=bool(options.get("flatfield", True)),
+        calibration=Path(calibration) if calibration else None,
+        max_shift_um=options.get("max_shift_um"),
+        min_ncc=float(options.get("min_confidence", 0.3)),
+        chunk=chunk,
+        progress=on_step,
+    )
+    info = result.mosaic
+    for stage in started:
+        observer.stage_finished(stage)
+    scan.setdefault("timings", {})["stitch"] = {"wall_s": round(time.perf_counter() - t0, 3),
+                                                **result.timings}
+    scan["registration"] = result.registration
+    scan["flatfield"] = result.flatfield
+    scan["stitch_camera"] = {"pixel_size_um": result.camera.pixel_size_um,
+                             "rotation_deg": result.camera.rotation_deg,
+                             "calibration": calibration}
     scan["mosaic"] = {"path": MOSAIC, "shape": list(info.shape), "levels": info.n_levels,
                       "pixel_size_um": info.pixel_size_um, "origin_um": list(info.origin_um)}
     write_json(folder / SCAN_JSON, scan)

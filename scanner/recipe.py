@@ -43,6 +43,16 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     return path.resolve()
 
 
+def _existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve an optional path and check that the file exists."""
+    if value is None:
+        return None
+    path = _resolve_path(value, info)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
 # --------------------------------------------------------------------------- samples
 
 
@@ -185,6 +195,15 @@ class CameraSpec(_Model):
     full_well_e: PositiveFloat = 10000.0
     read_noise_e: NonNegFloat = 5.0
     noise: bool = True
+    vignetting: Annotated[float, Field(ge=0.0, lt=0.9)] = Field(
+        0.08, description="simulated illumination loss at the sensor corners (0.08 = 8 %)"
+    )
+    rotation_deg: Annotated[float, Field(ge=-5.0, le=5.0)] = Field(
+        0.0, description="simulated sensor rotation against the stage axes (truth; calibrate it)"
+    )
+    pixel_size_error: Annotated[float, Field(gt=-0.1, lt=0.1)] = Field(
+        0.0, description="simulated true pixel size = pixel_size_um * (1 + error) (truth)"
+    )
 
 
 class StageSpec(_Model):
@@ -246,6 +265,15 @@ class SimulatedMicroscope(_Model):
     objective: ObjectiveSpec = ObjectiveSpec()
     realtime: bool = Field(False, description="really sleep the simulated hardware time")
     seed: int = 0
+    calibration: Path | None = Field(
+        None, description="camera calibration file from `waferscope calibrate` (pixel size, "
+        "rotation) used to place tiles"
+    )
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(value, info)
 
 
 class MicroManagerMicroscope(_Model):
@@ -262,6 +290,15 @@ class MicroManagerMicroscope(_Model):
     )
     focus: FocusSpec = FocusSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
+    calibration: Path | None = Field(
+        None, description="camera calibration file from `waferscope calibrate` (pixel size, "
+        "rotation) used to place tiles"
+    )
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(value, info)
 
     @field_validator("config")
     @classmethod
@@ -321,6 +358,24 @@ class ScanSpec(_Model):
     focus: FocusPlan = FocusPlan()
 
 
+class StitchSpec(_Model):
+    """How tiles are put together into the mosaic."""
+
+    registration: bool = Field(
+        True, description="register overlapping tiles (else: place them at stage positions)"
+    )
+    flatfield: bool = Field(
+        True, description="estimate the vignetting from the tiles and divide it out"
+    )
+    max_shift_um: PositiveFloat | None = Field(
+        None, description="largest pairwise position error searched; default: from the stage's "
+        "repeatability (4.5 sigma of the difference of two tiles) plus 1 % of the step"
+    )
+    min_confidence: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        0.3, description="pairs whose normalized cross-correlation is lower are ignored"
+    )
+
+
 class OutputSpec(_Model):
     """Where the scan folder goes (relative paths are relative to the working directory)."""
 
@@ -336,6 +391,7 @@ class Recipe(_Model):
     microscope: Microscope = SimulatedMicroscope()
     scan: ScanSpec = ScanSpec()
     output: OutputSpec = OutputSpec()
+    stitch: StitchSpec = StitchSpec()
     name: str = "scan"
 
 

@@ -1,21 +1,30 @@
-"""Stitching: place the tiles of a scan folder into the OME-NGFF mosaic.
+"""Stitching: register the tiles of a scan folder, flatten them and fuse the OME-NGFF mosaic.
 
-Until registration lands, tiles are placed at the stage positions read back from the core
-(registered positions are used instead when ``tiles.csv`` has them).
+:func:`stitch_scan` is the stage: register (pairwise + global solve, ``x_reg_um``/``y_reg_um``
+into ``tiles.csv``) → flat-field (``flatfield.npy``) → fuse at the registered positions.
+:func:`stitch` is the fusion alone: it places tiles at their registered positions when
+``tiles.csv`` has them, else at the stage positions read back from the core.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import UserError
 from .mosaic import MosaicInfo, fuse_mosaic
+from .registration.flatfield import estimate_flatfield
+from .registration.scan import CameraGeometry, register_scan
 from .tilestore import TILES_CSV, open_tiles, read_tiles_csv
 
 MOSAIC = "mosaic.ome.zarr"
+FLATFIELD = "flatfield.npy"
 
 
 def tile_origins_um(
@@ -33,6 +42,8 @@ def stitch(
     *,
     chunk: int = 1024,
     progress: Callable[[int, int], None] | None = None,
+    flatfield: np.ndarray | None = None,
+    use_registered: bool = True,
 ) -> MosaicInfo:
     """Fuse the tiles of a scan folder into ``mosaic.ome.zarr``.
 
@@ -46,6 +57,10 @@ def stitch(
         Chunk size of the mosaic (pixels).
     progress : callable, optional
         Called with (done, total) output chunks.
+    flatfield : ndarray, optional
+        Relative illumination of the sensor; tiles are divided by it.
+    use_registered : bool
+        Place tiles at ``x_reg_um``/``y_reg_um`` where ``tiles.csv`` has them.
     """
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
@@ -56,14 +71,15 @@ def stitch(
     tiles = open_tiles(folder)
     centres = np.array(
         [
-            (r.x_reg_um, r.y_reg_um) if np.isfinite(r.x_reg_um) else (r.x_um, r.y_um)
+            (r.x_reg_um, r.y_reg_um) if use_registered and np.isfinite(r.x_reg_um)
+            else (r.x_um, r.y_um)
             for r in records
         ]
     )
     origins = tile_origins_um(centres, tiles.shape[1:], pixel_size_um)
     subset = _TileSubset(tiles, [r.index for r in records])
     return fuse_mosaic(subset, origins, pixel_size_um, folder / MOSAIC, chunk=chunk,
-                       progress=progress, name=folder.name)
+                       progress=progress, name=folder.name, flatfield=flatfield)
 
 
 class _TileSubset:
@@ -80,3 +96,105 @@ class _TileSubset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return np.asarray(self._tiles[self._indices[i]])
+
+
+@dataclass
+class StitchResult:
+    """What the stitch stage did: the mosaic, the registration summary, timings per sub-step."""
+
+    mosaic: MosaicInfo
+    camera: CameraGeometry
+    registration: dict[str, Any] | None = None
+    flatfield: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_calibration(path: Path) -> CameraGeometry:
+    """Read a calibration file written by ``waferscope calibrate``.
+
+    Raises
+    ------
+    UserError
+        If the file is missing or does not hold ``pixel_size_um`` and ``rotation_deg``.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return CameraGeometry(float(data["pixel_size_um"]), float(data.get("rotation_deg", 0.0)))
+    except FileNotFoundError:
+        raise UserError(f"{path}: calibration file not found") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not a calibration file (needs pixel_size_um, rotation_deg)")\
+            from None
+
+
+def stitch_scan(
+    folder: Path,
+    nominal_pixel_size_um: float,
+    *,
+    repeatability_um: float,
+    registration: bool = True,
+    flatfield: bool = True,
+    calibration: Path | None = None,
+    max_shift_um: float | None = None,
+    min_ncc: float = 0.3,
+    chunk: int = 1024,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> StitchResult:
+    """The stitch stage: register → global solve → flat-field → fuse.
+
+    Parameters
+    ----------
+    folder : Path
+        Scan folder.
+    nominal_pixel_size_um : float
+        Pixel size the microscope reports (used unless ``calibration`` gives another).
+    repeatability_um : float
+        Stage repeatability: the prior of the solve and the registration's search window.
+    registration, flatfield : bool
+        Steps to run (off: stage positions / no vignetting correction).
+    calibration : Path, optional
+        Calibration file (pixel size and rotation of the camera against the stage).
+    max_shift_um, min_ncc : float
+        Registration settings (see ``scanner.registration.scan.register_tiles``).
+    chunk : int
+        Mosaic chunk size.
+    progress : callable, optional
+        ``progress(step, done, total)`` with step ``"register"`` or ``"fuse"``.
+    """
+    folder = Path(folder)
+    if not (folder / TILES_CSV).is_file():
+        raise UserError(f"{folder}: not a scan folder (no {TILES_CSV})")
+    camera = (load_calibration(calibration) if calibration is not None
+              else CameraGeometry(nominal_pixel_size_um, 0.0))
+    timings: dict[str, float] = {}
+    reg_summary = None
+    if registration:
+        t0 = time.perf_counter()
+        summary = register_scan(
+            folder, camera, repeatability_um, max_shift_um=max_shift_um, min_ncc=min_ncc,
+            progress=(lambda d, t: progress("register", d, t)) if progress else None,
+        )
+        reg_summary = summary.to_json()
+        timings["register_s"] = round(time.perf_counter() - t0, 3)
+    ff = None
+    ff_info = None
+    if flatfield:
+        t0 = time.perf_counter()
+        ok = [r.index for r in read_tiles_csv(folder) if r.status == "ok"]
+        ff = estimate_flatfield(open_tiles(folder), ok)
+        if ff is not None:
+            tmp = folder / (FLATFIELD + ".tmp.npy")
+            np.save(tmp, ff)
+            tmp.replace(folder / FLATFIELD)
+            ff_info = {"path": FLATFIELD, "min": round(float(ff.min()), 4),
+                       "max": round(float(ff.max()), 4), "tiles_used": min(len(ok), 200)}
+        else:
+            ff_info = {"path": None, "why": "too few tiles to estimate it"}
+        timings["flatfield_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    info = stitch(folder, camera.pixel_size_um, chunk=chunk, flatfield=ff,
+                  use_registered=registration,
+                  progress=(lambda d, t: progress("fuse", d, t)) if progress else None)
+    timings["fuse_s"] = round(time.perf_counter() - t0, 3)
+    return StitchResult(info, camera, reg_summary, ff_info, timings)

@@ -15,6 +15,12 @@ class CameraModel:
 
     A reflectance of 1.0 fills 80 % of the full well at the reference exposure; other
     exposures scale the signal linearly.
+
+    The physical imperfections are truths of the simulator that a real system only knows by
+    calibration: ``vignetting`` (fractional illumination loss at the sensor corners),
+    ``rotation_deg`` (sensor columns against the stage x axis, counter-clockwise in image
+    coordinates) and ``pixel_size_error`` (true pixel pitch = nominal * (1 + error)). The nominal
+    ``pixel_size_um`` is what Micro-Manager reports.
     """
 
     width: int = 1024
@@ -26,6 +32,31 @@ class CameraModel:
     full_well_e: float = 10000.0
     read_noise_e: float = 5.0
     noise: bool = True
+    vignetting: float = 0.0
+    rotation_deg: float = 0.0
+    pixel_size_error: float = 0.0
+
+    @property
+    def true_pixel_size_um(self) -> float:
+        """Pixel pitch really imaged at the sample (the nominal one is ``pixel_size_um``)."""
+        return self.pixel_size_um * (1.0 + self.pixel_size_error)
+
+    def vignetting_gain(self) -> np.ndarray:
+        """Relative illumination of each pixel: 1 on the optical axis, ``1 - vignetting`` at the
+        sensor corners.
+
+        The falloff is the ``cos**4`` law of a lens, ``1 / (1 + a rho**2)**2`` with ``rho`` the
+        distance from the centre in half-diagonals and ``a`` chosen for the corner value.
+        """
+        if self.vignetting <= 0:
+            return np.ones((self.height, self.width), dtype=np.float32)
+        a = (1.0 - self.vignetting) ** -0.5 - 1.0
+        cy, cx = (self.height - 1) / 2, (self.width - 1) / 2
+        half_diag2 = cy * cy + cx * cx or 1.0
+        yy = ((np.arange(self.height) - cy) ** 2)[:, None]
+        xx = ((np.arange(self.width) - cx) ** 2)[None, :]
+        rho2 = (yy + xx) / half_diag2
+        return (1.0 / (1.0 + a * rho2) ** 2).astype(np.float32)
 
     @property
     def dtype(self) -> type[np.unsignedinteger]:
@@ -49,6 +80,8 @@ class CameraModel:
         electrons = reflectance.astype(np.float32) * np.float32(
             0.8 * self.full_well_e * exposure_ms / self.exposure_ref_ms
         )
+        if self.vignetting > 0 and electrons.shape == (self.height, self.width):
+            electrons *= self.vignetting_gain()
         if self.noise:
             # Gaussian approximation of Poisson shot noise (exact enough above ~20 e-, and
             # several times faster than rng.poisson on megapixel frames).

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy import ndimage
 
 from .camera import CameraModel, Optics
 from .clock import HardwareClock
@@ -72,14 +73,43 @@ class SimulatedMicroscope:
         cam = self.camera
         x, y = (float(v) for v in self.xy.true)
         z = float(self.z.true[0])
-        p = cam.pixel_size_um
-        # pixel (r, c) images stage (x0 + c p, y0 + r p); the optical axis hits the sensor centre
-        x0 = x - (cam.width - 1) / 2 * p
-        y0 = y - (cam.height - 1) / 2 * p
-        reflectance = self.sample.render(x0, y0, (cam.height, cam.width), p)
+        p = cam.true_pixel_size_um
+        if cam.rotation_deg == 0:
+            # pixel (r, c) images stage (x0 + c p, y0 + r p); the optical axis hits the centre
+            x0 = x - (cam.width - 1) / 2 * p
+            y0 = y - (cam.height - 1) / 2 * p
+            reflectance = self.sample.render(x0, y0, (cam.height, cam.width), p)
+        else:
+            reflectance = self._render_rotated(x, y)
         focal = self.focal_z_um(x, y)
         reflectance = self.optics.apply(reflectance, z - focal, p)
         image = cam.digitise(reflectance, self.exposure_ms, self.rng)
         self.clock.advance((self.exposure_ms + cam.readout_ms) / 1000.0)
         self.last = Snapshot(x, y, z, focal, self.clock.elapsed_s)
         return image
+
+    def _render_rotated(self, x: float, y: float) -> np.ndarray:
+        """Reflectance seen by a sensor rotated by ``rotation_deg`` against the stage axes.
+
+        Pixel ``(r, c)`` images stage ``(x, y) + R(theta) @ ((c - cx) p, (r - cy) p)``. The
+        sample renders on axis-aligned grids only, so an axis-aligned patch that covers the
+        rotated footprint is rendered at the true pixel pitch and resampled (cubic spline).
+        """
+        cam = self.camera
+        p = cam.true_pixel_size_um
+        h, w = cam.height, cam.width
+        th = np.deg2rad(cam.rotation_deg)
+        cos, sin = np.cos(th), np.sin(th)
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        pad = int(np.ceil(abs(sin) * max(h, w))) + 4
+        ph, pw = h + 2 * pad, w + 2 * pad
+        px0 = x - (pw - 1) / 2 * p
+        py0 = y - (ph - 1) / 2 * p
+        patch = self.sample.render(px0, py0, (ph, pw), p)
+        rr, cc = np.mgrid[0:h, 0:w].astype(np.float64)
+        u, v = cc - cx, rr - cy
+        col = cos * u - sin * v + (pw - 1) / 2
+        row = sin * u + cos * v + (ph - 1) / 2
+        out = ndimage.map_coordinates(patch.astype(np.float32), [row, col], order=3,
+                                      mode="nearest")
+        return np.clip(out, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,319 @@
+"""Pairwise registration of overlapping tiles by phase correlation on their overlap strips.
+
+Why not ``skimage.registration.phase_cross_correlation`` alone: it takes the highest peak of the
+whole correlation surface. On a periodic pattern (a die grid, PV fingers) every period gives a
+peak nearly as high as the true one, and noise decides which wins. The stage's error model says
+how far a tile can really be from where the stage reported it, so the integer peak is searched
+only inside that window (here, by hand: no library restricts the search), which is what stops a
+periodic pattern snapping to the wrong period. The sub-pixel residual (under a pixel once the
+strips are re-cut at the integer shift) is then found by Gauss-Newton (Lucas-Kanade) on the
+high-passed strips: measured on noisy band-limited strips it is accurate to ~0.01 px, where
+scikit-image's upsampled phase correlation of the same (whitened, windowed) strips was off by
+0.3-0.6 px, its equal weighting of all frequencies letting the noise decide.
+
+Conventions: a tile's pixel ``(r, c)`` lies at ``(t_x + c, t_y + r)`` of a common camera-pixel
+frame; the offset of a pair ``(a, b)`` is ``t_b - t_a`` as ``(dx, dy)`` pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage, signal
+
+__all__ = ["PairResult", "overlap_slices", "prepare_strip", "register_pair", "texture_snr"]
+
+#: High-pass scale (pixels): removes vignetting and illumination gradients before correlating.
+_HIGHPASS_SIGMA = 8.0
+#: Below this signal-to-noise ratio of its texture a strip is called blank.
+_MIN_TEXTURE_SNR = 0.25
+#: Pixels around the best peak excluded when looking for the second best (peak ratio).
+_PEAK_EXCLUSION = 3
+#: Exponent of the spectral whitening (1 = phase correlation, 0 = plain cross-correlation).
+_WHITEN = 0.5
+#: Fraction of a strip's length tapered by the apodization window.
+_TAPER = 0.5
+#: Pairs whose overlap texture is more one-directional than this are not used (see _isotropy).
+_MIN_ISOTROPY = 0.1
+#: Narrowest overlap (pixels) that is still registered.
+_MIN_OVERLAP = 8
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """Measured offset of tile ``b`` relative to tile ``a`` and how far to trust it.
+
+    Attributes
+    ----------
+    a, b : int
+        Tile ids.
+    dx, dy : float
+        ``t_b - t_a`` in camera pixels (nan when nothing was measured).
+    ncc : float
+        Normalized cross-correlation of the high-passed overlaps after the shift (0 if none).
+    peak_ratio : float
+        Normalized cross-correlation of the best candidate shift in the search window over
+        that of the second best (inf if there is only one).
+    texture : float
+        Signal-to-noise ratio of the overlap's texture (the lower of the two strips).
+    ok : bool
+        Whether the measurement is usable (textured, confident, unambiguous).
+    """
+
+    a: int
+    b: int
+    dx: float
+    dy: float
+    ncc: float
+    peak_ratio: float
+    texture: float
+    ok: bool
+
+
+def overlap_slices(
+    offset: tuple[int, int], shape: tuple[int, int]
+) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Slices of tiles ``a`` and ``b`` that see the same area for an integer offset.
+
+    Parameters
+    ----------
+    offset : (int, int)
+        ``(dy, dx)`` = ``t_b - t_a`` in pixels.
+    shape : (int, int)
+        Tile shape ``(rows, cols)`` (both tiles).
+
+    Returns
+    -------
+    tuple or None
+        ``(slices_a, slices_b)`` of equal shape, or None if the tiles do not overlap.
+    """
+    out_a, out_b = [], []
+    for d, n in zip(offset, shape, strict=True):
+        lo, hi = max(0, d), min(n, n + d)
+        if hi - lo < 1:
+            return None
+        out_a.append(slice(lo, hi))
+        out_b.append(slice(lo - d, hi - d))
+    return (out_a[0], out_a[1]), (out_b[0], out_b[1])
+
+
+def prepare_strip(strip: np.ndarray) -> np.ndarray:
+    """High-pass a strip (float32): subtract a Gaussian-blurred copy of itself.
+
+    Illumination (vignetting) differs between the two views of an overlap, the texture does
+    not; the high-pass keeps the texture only.
+    """
+    s = np.asarray(strip, dtype=np.float32)
+    sigma = min(_HIGHPASS_SIGMA, max(1.0, min(s.shape) / 4))
+    return s - ndimage.gaussian_filter(s, sigma, mode="nearest")
+
+
+def texture_snr(hp: np.ndarray) -> float:
+    """Signal-to-noise ratio of a high-passed strip's texture.
+
+    The noise is estimated from differences of neighbouring pixels (robust MAD), the signal is
+    what is left of the variance once the noise is taken out.
+    """
+    if hp.size < 16:
+        return 0.0
+    d = np.diff(hp, axis=1) if hp.shape[1] > 1 else np.diff(hp, axis=0)
+    noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
+    var = float(hp.var())
+    if noise <= 0:
+        return math.inf if var > 0 else 0.0
+    # the neighbour difference also sees fine texture; smoothing it out keeps a fair estimate
+    signal2 = max(var - noise * noise, 0.0)
+    return math.sqrt(signal2) / noise
+
+
+def _tukey(n: int) -> np.ndarray:
+    """Tukey (tapered cosine) window: flat middle keeps more of a narrow overlap than Hann."""
+    return signal.windows.tukey(n, alpha=_TAPER).astype(np.float32)
+
+
+def _window_candidates(
+    a: np.ndarray, b: np.ndarray, centre: tuple[int, int], max_shift: tuple[float, float],
+    count: int = 4,
+) -> list[tuple[int, int]]:
+    """The ``count`` best integer shifts ``(sy, sx)`` with ``b(r, c) ~ a(r + sy, c + sx)``.
+
+    Only local maxima of the correlation inside the window ``centre +- max_shift`` count (the
+    window narrowed to fewer shifts than the strip has samples, so that no two shifts of it
+    alias to the same peak), at least ``_PEAK_EXCLUSION`` pixels apart, best first.
+    """
+    win = np.outer(_tukey(a.shape[0]), _tukey(a.shape[1]))
+    fa = np.fft.rfft2(a * win)
+    fb = np.fft.rfft2(b * win)
+    cross = fa * np.conj(fb)
+    # partial whitening (|F|^-WHITEN): full phase normalization lets the shared apodization
+    # window and noise dominate where the texture is weak and pulls the peak to zero shift
+    cross /= np.maximum(np.abs(cross), 1e-12) ** _WHITEN
+    corr = np.fft.irfft2(cross, s=a.shape)
+    rows, cols = corr.shape
+    my = min(int(math.floor(max_shift[0])), (rows - 1) // 2)
+    mx = min(int(math.floor(max_shift[1])), (cols - 1) // 2)
+    ys = np.arange(centre[0] - my, centre[0] + my + 1)
+    xs = np.arange(centre[1] - mx, centre[1] + mx + 1)
+    sub = corr[np.ix_(ys % rows, xs % cols)]
+    size = 2 * _PEAK_EXCLUSION + 1
+    peaks = sub == ndimage.maximum_filter(sub, size=size, mode="constant", cval=-np.inf)
+    iy, ix = np.nonzero(peaks)
+    order = np.argsort(sub[iy, ix])[::-1][:count]
+    # corr peaks at s where a(x) = b(x - s), i.e. b(r, c) = a(r + sy, c + sx)
+    return [(int(ys[iy[k]]), int(xs[ix[k]])) for k in order]
+
+
+def refine_subpixel(
+    a: np.ndarray,
+    b: np.ndarray,
+    start: tuple[float, float] = (0.0, 0.0),
+    limit: float = 1.5,
+    iterations: int = 8,
+    margin: int = 4,
+) -> tuple[float, float, np.ndarray]:
+    """Sub-pixel shift ``(fy, fx)`` with ``b(r, c) ~ a(r + fy, c + fx)`` by Gauss-Newton.
+
+    Starts from ``start`` (the integer shift is already applied) and stops when the update is
+    below 1/1000 pixel; a result beyond ``limit`` pixels (no convergence) is dropped for 0.
+
+    Returns
+    -------
+    fy, fx : float
+        The shift.
+    aligned : ndarray
+        ``b`` moved onto ``a``.
+    """
+    f = np.array(start, dtype=float)
+    aligned = ndimage.shift(b, f, order=3, mode="nearest") if np.any(f) else b
+    inner = (slice(margin, -margin), slice(margin, -margin))
+    if min(a.shape) <= 2 * margin + 2:
+        return 0.0, 0.0, b
+    target = a[inner].astype(np.float64)
+    for _ in range(iterations):
+        gy, gx = np.gradient(aligned)
+        gy, gx = gy[inner].astype(np.float64), gx[inner].astype(np.float64)
+        diff = target - aligned[inner]
+        hess = np.array([[np.sum(gy * gy), np.sum(gy * gx)], [np.sum(gy * gx), np.sum(gx * gx)]])
+        if np.linalg.cond(hess) > 1e8:
+            break  # no texture along one axis: the shift along it is not measurable
+        # aligned(x) = b(x - f); d aligned / d f = -gradient, so the update is -H^-1 J^T r
+        step = -np.linalg.solve(hess, [np.sum(gy * diff), np.sum(gx * diff)])
+        f += step
+        if np.max(np.abs(f)) > limit or min(a.shape) <= 2 * np.max(np.abs(f)) + 2 * margin:
+            return 0.0, 0.0, b
+        aligned = ndimage.shift(b, f, order=3, mode="nearest")
+        if np.max(np.abs(step)) < 1e-3:
+            break
+    return float(f[0]), float(f[1]), aligned
+
+
+def _isotropy(a: np.ndarray) -> float:
+    """Smaller over larger eigenvalue of the gradient structure tensor of a strip.
+
+    Near 0 when all the texture is one straight edge (a wafer's rim, a busbar): the shift
+    along the edge is then not measurable (the aperture problem), whatever the correlation.
+    """
+    gy, gx = np.gradient(a.astype(np.float64))
+    t = np.array([[np.sum(gy * gy), np.sum(gy * gx)], [np.sum(gy * gx), np.sum(gx * gx)]])
+    ev = np.linalg.eigvalsh(t)
+    return float(ev[0] / ev[1]) if ev[1] > 0 else 0.0
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / den if den > 0 else 0.0
+
+
+def register_pair(
+    tile_a: np.ndarray,
+    tile_b: np.ndarray,
+    expected: tuple[float, float],
+    max_shift_px: float,
+    *,
+    ids: tuple[int, int] = (0, 1),
+    shape: tuple[int, int] | None = None,
+    min_ncc: float = 0.3,
+    min_peak_ratio: float = 1.1,
+) -> PairResult:
+    """Register two overlapping tiles.
+
+    Parameters
+    ----------
+    tile_a, tile_b : array-like
+        The two tiles (same shape), or anything sliced like them (a crop that holds the strips
+        that can overlap, see ``shape``); only their overlap is read.
+    expected : (float, float)
+        Expected offset ``(dx, dy)`` = ``t_b - t_a`` in pixels, from the stage positions.
+    max_shift_px : float
+        Largest error of ``expected`` searched (each axis), from the stage's error model.
+    ids : (int, int)
+        Tile ids recorded in the result.
+    shape : (int, int), optional
+        Tile shape, when ``tile_a`` / ``tile_b`` are crops that do not know it.
+    min_ncc : float
+        Pairs with a lower normalized cross-correlation after the shift are not ``ok``.
+    min_peak_ratio : float
+        Pairs whose best candidate does not correlate this much better than the second are
+        ambiguous (``ok`` False): a periodic pattern with more than one period in the window.
+
+    Returns
+    -------
+    PairResult
+    """
+    a_id, b_id = ids
+    shape = tuple(shape or tile_a.shape)
+    ex, ey = expected
+    oy, ox = int(round(ey)), int(round(ex))
+    window = (max_shift_px + abs(ey - oy), max_shift_px + abs(ex - ox))
+    # strips cut at the expected offset (widening them by the window was tried: the true
+    # overlap then sits at opposite ends of the two strips and the apodization window hides it)
+    centre = (0, 0)
+    cut = (oy - centre[0], ox - centre[1])
+    nothing = PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, 0.0, False)
+    sl = overlap_slices(cut, shape)
+    if sl is None:
+        return nothing
+    (sa, sb) = sl
+    ha = prepare_strip(tile_a[sa])
+    hb = prepare_strip(tile_b[sb])
+    texture = min(texture_snr(ha), texture_snr(hb))
+    if texture < _MIN_TEXTURE_SNR:
+        return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
+
+    # each candidate peak is scored by the normalized cross-correlation of the overlap it
+    # implies (cheap, at the integer shift); the best is refined, the second best says how
+    # ambiguous the choice was
+    scored = []
+    for sy, sx in _window_candidates(ha, hb, centre, window):
+        oy2, ox2 = cut[0] + sy, cut[1] + sx
+        sl2 = overlap_slices((oy2, ox2), shape)
+        if sl2 is None or min(s.stop - s.start for s in sl2[0]) < _MIN_OVERLAP:
+            continue
+        ha2 = prepare_strip(tile_a[sl2[0]])
+        hb2 = prepare_strip(tile_b[sl2[1]])
+        scored.append((_ncc(ha2, hb2), oy2, ox2, ha2, hb2))
+    if not scored:
+        return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
+    scored.sort(key=lambda c: c[0], reverse=True)
+    _, oy2, ox2, ha2, hb2 = scored[0]
+    # coarse-to-fine: blurred passes pull in a peak that is off by a few pixels (a weak, broad
+    # correlation peak on a narrow overlap)
+    f = (0.0, 0.0)
+    for sigma in (4.0, 2.0):
+        fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
+                                    ndimage.gaussian_filter(hb2, sigma), start=f, limit=8.0)
+        f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
+    fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0)
+    m = 2
+    ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
+    dy, dx = oy2 + fy, ox2 + fx
+    # candidates more than a couple of pixels away are other peaks (periods, noise)
+    others = [c[0] for c in scored[1:] if math.hypot(c[1] - dy, c[2] - dx) > 2.5]
+    second = max(others) if others else 0.0
+    ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
+    ok = ncc >= min_ncc and ratio >= min_peak_ratio and _isotropy(ha2) >= _MIN_ISOTROPY
+    return PairResult(a_id, b_id, dx, dy, ncc, ratio, texture, ok)

@@ -1,0 +1,131 @@
+"""Pairwise registration and the global solve on synthetic tiles with known offsets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from scanner.registration.flatfield import estimate_flatfield
+from scanner.registration.pairwise import PairResult, register_pair
+from scanner.registration.solve import solve_positions
+from simulators.camera import CameraModel
+
+
+def smooth_texture(shape: tuple[int, int], seed: int = 0, sigma: float = 3.0) -> np.ndarray:
+    """A band-limited random texture in [0, 1]."""
+    img = ndimage.gaussian_filter(np.random.default_rng(seed).random(shape), sigma)
+    img -= img.min()
+    return img / img.max()
+
+
+SCENE = smooth_texture((700, 700), seed=11, sigma=3.0)
+
+
+def _tile(scene: np.ndarray, x: float, y: float, n: int = 192, noise: float = 0.01,
+          seed: int = 0) -> np.ndarray:
+    """Tile whose pixel (r, c) sees scene (y + r, x + c) (cubic interpolation), with noise."""
+    rr, cc = np.mgrid[0:n, 0:n].astype(float)
+    t = ndimage.map_coordinates(scene, [y + rr, x + cc], order=3, mode="nearest")
+    rng = np.random.default_rng(seed)
+    return (t + rng.normal(0, noise, t.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_known_subpixel_shifts_are_recovered(axis: str):
+    rng = np.random.default_rng(1)
+    errors = []
+    for k in range(12):
+        err = rng.uniform(-8, 8, 2)  # stage error of tile b, px
+        step = (160.0, 0.0) if axis == "x" else (0.0, 160.0)
+        a = _tile(SCENE, 300, 300, seed=2 * k)
+        true = np.array(step) + err
+        b = _tile(SCENE, 300 + true[0], 300 + true[1], seed=2 * k + 1)
+        r = register_pair(a, b, step, max_shift_px=12.0)
+        assert r.ok and r.ncc > 0.9
+        errors.append(np.hypot(r.dx - true[0], r.dy - true[1]))
+    assert np.sqrt(np.mean(np.square(errors))) < 0.05
+    assert max(errors) < 0.15
+
+
+def test_periodic_pattern_does_not_snap_to_another_period():
+    # a die-like pattern repeating every 24 px; the stage error is 7 px, the window 10 px
+    period = 24
+    rr, cc = np.mgrid[0:700, 0:700]
+    cell = ((rr % period) < 6) | ((cc % period) < 4) | (((rr + 2 * cc) % period) < 3)
+    scene = ndimage.gaussian_filter(cell.astype(float), 1.0) * 0.7 + 0.1
+    scene += 0.02 * smooth_texture((700, 700), seed=4, sigma=2.0)  # weak non-periodic texture
+    true = np.array([152.0 + 7.3, -6.6])
+    a = _tile(scene, 300, 300)
+    b = _tile(scene, 300 + true[0], 300 + true[1], seed=1)
+    r = register_pair(a, b, (152.0, 0.0), max_shift_px=10.0)
+    assert r.ok
+    assert np.hypot(r.dx - true[0], r.dy - true[1]) < 0.3
+    # searched over a window wider than the period, the choice is ambiguous: not trusted
+    wide = register_pair(a, b, (152.0, 0.0), max_shift_px=30.0)
+    assert not wide.ok or np.hypot(wide.dx - true[0], wide.dy - true[1]) < 0.3
+    assert wide.peak_ratio < 1.3
+
+
+def test_blank_tiles_give_no_pair():
+    rng = np.random.default_rng(0)
+    a = (0.5 + rng.normal(0, 0.01, (192, 192))).astype(np.float32)
+    b = (0.5 + rng.normal(0, 0.01, (192, 192))).astype(np.float32)
+    r = register_pair(a, b, (160.0, 0.0), max_shift_px=10.0)
+    assert not r.ok
+    assert r.texture < 0.25
+    # vignetting alone (a smooth gradient) is not texture either
+    gain = CameraModel(width=192, height=192, vignetting=0.15).vignetting_gain()
+    r2 = register_pair(a * gain, b * gain, (160.0, 0.0), max_shift_px=10.0)
+    assert not r2.ok
+
+
+def _grid_pairs(truth: np.ndarray, n: int, blank: set[int], noise: float, outlier: bool,
+                rng: np.random.Generator) -> list[PairResult]:
+    pairs = []
+    for r in range(n):
+        for c in range(n):
+            k = r * n + c
+            for j in ([k + 1] if c + 1 < n else []) + ([k + n] if r + 1 < n else []):
+                if k in blank or j in blank:
+                    pairs.append(PairResult(k, j, np.nan, np.nan, 0.0, 0.0, 0.0, False))
+                    continue
+                d = truth[j] - truth[k] + rng.normal(0, noise, 2)
+                pairs.append(PairResult(k, j, d[0], d[1], 0.95, 3.0, 5.0, True))
+    if outlier:
+        p = pairs[5]
+        pairs[5] = PairResult(p.a, p.b, p.dx + 24.0, p.dy, 0.6, 1.5, 5.0, True)
+    return pairs
+
+
+def test_solve_agrees_with_pairs_rejects_outliers_and_keeps_blank_priors():
+    rng = np.random.default_rng(3)
+    n, sigma = 6, 5.0
+    ideal = np.array([(c * 200.0, r * 200.0) for r in range(n) for c in range(n)])
+    truth = ideal + rng.normal(0, sigma, ideal.shape)
+    prior = ideal.copy()  # the stage reports where it was asked to go
+    blank = {14}
+    pairs = _grid_pairs(truth, n, blank, noise=0.05, outlier=True, rng=rng)
+    res = solve_positions(prior, sigma, pairs)
+    assert [(q.a, q.b) for q in res.rejected] == [(pairs[5].a, pairs[5].b)]
+    err = res.positions - truth
+    rel = err - err[[i for i in range(n * n) if i not in blank]].mean(axis=0)
+    keep = [i for i in range(n * n) if i not in blank]
+    assert np.sqrt(np.mean(np.sum(rel[keep] ** 2, axis=1))) < 0.1
+    assert not res.constrained[14]
+    np.testing.assert_allclose(res.positions[14], prior[14])  # featureless: keeps its prior
+
+
+def test_flatfield_recovers_vignetting():
+    cam = CameraModel(width=256, height=256, vignetting=0.12)
+    gain = cam.vignetting_gain()
+    rng = np.random.default_rng(0)
+    tiles = np.stack([
+        (smooth_texture((256, 256), seed=s, sigma=3.0) * 0.6 + 0.4) * gain * 3000
+        + rng.normal(0, 20, (256, 256)) for s in range(100)
+    ]).astype(np.float32)
+    ff = estimate_flatfield(tiles, range(100))
+    assert ff is not None
+    truth = gain / gain.mean()
+    assert np.abs(ff - truth).max() < 0.02
+    assert estimate_flatfield(tiles[:3], range(3)) is None  # too few tiles to tell
