@@ -297,13 +297,26 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def source_level(model: Model, source: Any, max_side: int = 2048) -> float:
-    """Brightness level of a whole image or mosaic level from a strided subsample.
+def source_level(model: Model, source: Any, grid: int = 8, window: int = 128) -> float:
+    """Brightness level of a whole image or mosaic, from full-resolution samples.
 
-    Zeros (unscanned mosaic areas) are left out.
+    ``grid x grid`` windows of ``window`` pixels spread evenly over the source are read (a few
+    chunks of a mosaic, whatever its size) and the model's brightness level is taken over
+    their pixels, leaving out zeros (unscanned mosaic areas). Full-resolution pixels, not a
+    pyramid level, because averaging changes the median of a patterned surface.
     """
-    step = max(1, math.ceil(max(int(n) for n in source.shape) / max_side))
-    sub = np.asarray(source[::step, ::step], dtype=np.float32)
+    h, w = (int(n) for n in source.shape)
+    if h * w <= (grid * window) ** 2:
+        sub = np.asarray(source[:], dtype=np.float32).ravel()
+    else:
+        parts = []
+        for i in range(grid):
+            for j in range(grid):
+                r0 = max(0, min(h - window, int((i + 0.5) * h / grid) - window // 2))
+                c0 = max(0, min(w - window, int((j + 0.5) * w / grid) - window // 2))
+                parts.append(np.asarray(source[r0 : r0 + window, c0 : c0 + window],
+                                        dtype=np.float32).ravel())
+        sub = np.concatenate(parts)
     sub = sub[sub != 0]
     return float(model.brightness_level(sub[None, :])) if sub.size else 1.0
 
