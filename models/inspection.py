@@ -92,6 +92,10 @@ class InspectionModel:
         Margin (input pixels) a window needs on each side for output free of border effects.
     pixel_size_um : float
         Pixel size the model was trained at.
+    pixel_size_range_um : tuple of float
+        Pixel sizes it was trained over (the default model is trained multi-scale, 0.5 to
+        40 µm: use it at the scan's own pixel size, without resampling, anywhere in this
+        range; a model trained on a user's images has ``(p, p)``).
     threshold : float
         Calibrated decision threshold on the ``anomaly`` map.
     num_threads : int
@@ -105,10 +109,18 @@ class InspectionModel:
         self.output_stride = OUTPUT_STRIDE
         self.context_px = int(card.get("context_px", context_margin_px()))
         self.pixel_size_um = float(card.get("pixel_size_um", 1.0))
+        lo, hi = card.get("pixel_size_range_um", [self.pixel_size_um, self.pixel_size_um])
+        self.pixel_size_range_um = (float(lo), float(hi))
         self.threshold = float(card.get("threshold", 0.5))
         self.num_threads = max(1, os.cpu_count() or 1)
         self._net = fuse_batchnorm(net).to(memory_format=torch.channels_last)
         self._net.eval()
+
+    def accepts_pixel_size(self, pixel_size_um: float, tolerance: float = 0.25) -> bool:
+        """Whether images at this pixel size can be inspected as they are (no resampling):
+        inside ``pixel_size_range_um`` widened by ``tolerance`` (relative)."""
+        lo, hi = self.pixel_size_range_um
+        return lo * (1 - tolerance) <= pixel_size_um <= hi * (1 + tolerance)
 
     # ------------------------------------------------------------------ pre-processing
 

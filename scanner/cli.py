@@ -238,6 +238,85 @@ def inspect(
         for k, v in result.timings.items()))
 
 
+@app.command()
+@_friendly
+def train(
+    more_good: Annotated[
+        list[Path] | None,
+        typer.Argument(help="More good images/folders (so that --good A B C works).",
+                       show_default=False),
+    ] = None,
+    good: Annotated[
+        list[Path] | None,
+        typer.Option("--good", help="Good images: files, folders of images, good scan folders."),
+    ] = None,
+    model_out: Annotated[
+        Path, typer.Option("--out", help="Model to write (MODEL.safetensors + MODEL.json).")
+    ] = Path("model.safetensors"),
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
+    false_alarms_per_cm2: Annotated[
+        float, typer.Option(help="Threshold calibration target on held-out good images.")
+    ] = 1.0,
+    pixel_size_um: Annotated[
+        float | None,
+        typer.Option(help="Pixel size of the good images (default: scan.json, else 1.0)."),
+    ] = None,
+    no_simulated: Annotated[
+        bool, typer.Option("--no-simulated", help="Train on the given good images only.")
+    ] = False,
+    simulated_only: Annotated[
+        bool,
+        typer.Option("--simulated-only",
+                     help="Train on simulated wafers, PV cells and rough surfaces only, over "
+                          "their usual pixel sizes (how the default model is made)."),
+    ] = False,
+    n_simulated: Annotated[int, typer.Option(min=0, help="Simulated training images.")] = 96,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+) -> None:
+    """Train an inspection model on good images (+ simulated surfaces); calibrate its threshold."""
+    from models.train import train_model
+
+    paths = list(good or []) + list(more_good or [])
+    if simulated_only and paths:
+        raise UserError("--simulated-only: give no --good images with it")
+    if not paths and not simulated_only:
+        raise UserError("--good: give good images (or --simulated-only)")
+    if no_simulated and simulated_only:
+        raise UserError("--no-simulated and --simulated-only exclude each other")
+    target = model_out if model_out.suffix == ".safetensors" else model_out.with_suffix(
+        ".safetensors")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: exists (use --overwrite to replace it)")
+    with _progress() as progress:
+        tasks: dict[str, TaskID] = {}
+        labels = {"data": "preparing data", "train": "training", "calibrate": "calibrating"}
+
+        def on_progress(stage: str, done: int, total: int, info: dict) -> None:
+            if stage == "epoch":
+                auc = info.get("val_auroc", float("nan"))
+                err.print(f"epoch {done}: train loss {info['train_loss']:.4f}, val loss "
+                          f"{info['val_loss']:.4f}, val AUROC {auc:.3f}, val Sa MAE "
+                          f"{info.get('val_sa_mae_nm', float('nan')):.2f} nm", highlight=False)
+                return
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        report = train_model(
+            paths, target, epochs=epochs, seed=seed, false_alarms_per_cm2=false_alarms_per_cm2,
+            pixel_size_um=pixel_size_um, simulated=not no_simulated,
+            multiscale=simulated_only, n_simulated=n_simulated, progress=on_progress,
+        )
+    card = report.card
+    out.print(f"model: {report.weights.resolve()}")
+    out.print(f"  card       {report.card_path.resolve()}")
+    out.print(f"  threshold  {card['threshold']:.4f} (target {false_alarms_per_cm2} false "
+              f"alarm/cm² on {card['calibration']['held_out_images']} held-out good images)")
+    out.print(f"  epochs     {report.epochs_run} (best {report.best_epoch})")
+    out.print(f"  time       {_duration(report.train_time_s)}")
+
+
 def _duration(seconds: float) -> str:
     minutes, sec = divmod(seconds, 60)
     hours, minutes = divmod(int(minutes), 60)
