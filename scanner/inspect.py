@@ -327,7 +327,7 @@ def run_tiled(
     sink: RowSink,
     *,
     tiling: Tiling | None = None,
-    batch: int = 2,
+    batch: int = 1,
     mask: Callable[[int, int, int, int], np.ndarray | None] | None = None,
     skip_empty: bool = False,
     level: float | None = None,
@@ -346,7 +346,8 @@ def run_tiled(
     tiling : Tiling, optional
         Window plan (default :func:`plan_tiling` with the model's stride and context).
     batch : int
-        Windows per network call.
+        Windows per network call (1: on a CPU a bigger batch gains nothing, and the next
+        window is read while the network runs on this one).
     mask : callable, optional
         ``mask(r0, c0, h, w)`` gives the boolean map-pixel mask of the sample over a map region,
         or None when the region lies wholly outside it: such windows are skipped, and the
@@ -600,7 +601,7 @@ def infer_image(
     pixel_size_um: float | None = None,
     origin_um: tuple[float, float] = (0.0, 0.0),
     core_px: int = DEFAULT_CORE_PX,
-    batch: int = 2,
+    batch: int = 1,
 ) -> MapSet:
     """Maps of an in-memory 2-D image.
 
@@ -637,7 +638,7 @@ def infer_mosaic(
     polygon: Any = None,
     edge_um: float | None = None,
     core_px: int = DEFAULT_CORE_PX,
-    batch: int = 2,
+    batch: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> MapSet:
     """Stream a mosaic through the model and write the three OME-NGFF maps into ``out_dir``.
