@@ -124,15 +124,6 @@ class GridReader:
         coords = np.meshgrid(rr, cc, indexing="ij")
         return ndimage.map_coordinates(src, coords, order=1, mode="nearest").astype(np.float32)
 
-    def is_empty(self, r0: int, c0: int, h: int, w: int) -> bool:
-        """Whether the window holds no signal at all (unscanned mosaic area)."""
-        f = self.scale if self.resample else 1.0
-        a0, a1 = max(0, math.floor(r0 * f)), min(self.source.shape[0], math.ceil((r0 + h) * f))
-        b0, b1 = max(0, math.floor(c0 * f)), min(self.source.shape[1], math.ceil((c0 + w) * f))
-        if a0 >= a1 or b0 >= b1:
-            return True
-        return not np.asarray(self.source[a0:a1, b0:b1]).any()
-
 
 def _read_reflect(src: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray:
     """Read ``src[r0:r0+h, c0:c0+w]`` as float32, mirroring the image about its borders."""
