@@ -50,4 +50,5 @@ def focal_surface_for_recipe(sample: Any) -> FocalSurface:
         radius_um=max(radius, 1.0),
         z0_um=spec.z0_um,
         seed=spec.seed,
+        bumps=tuple((*b.center_um, b.height_um, b.radius_um) for b in spec.bumps),
     )

@@ -108,6 +108,7 @@ class ScanEngine(MDAEngine):
                 self._move_z(tile_focus.z_um, index)
                 self._retry(core.snapImage, f"snap of tile {index}")
                 image = core.getImage()
+                self.focus.record_tile(image, tile_focus)
         except RuntimeError as exc:
             self.failures[index] = str(exc)
             log.error("tile %d lost after %d attempts: %s", index, self.retries + 1, exc)

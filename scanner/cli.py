@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -51,7 +52,8 @@ def _friendly(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; what was acquired is kept in the scan folder")
@@ -77,7 +79,7 @@ class RichObserver:
 
     _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
                "register": "registering tiles", "inspect": "inspecting",
-               "images": "inspecting images"}
+               "images": "inspecting images", "report": "writing reports"}
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -240,6 +242,26 @@ def inspect(
 
 @app.command()
 @_friendly
+def report(
+    scan: Annotated[Path, typer.Argument(help="Scan folder (with defects.json).")],
+    lot: Annotated[str | None, typer.Option("--lot", help="Lot id (default: the recipe's).")]
+    = None,
+    wafer: Annotated[
+        str | None, typer.Option("--wafer", help="Wafer id (default: the recipe's).")
+    ] = None,
+) -> None:
+    """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
+    from .reports import report as run_report
+
+    result = run_report(scan, lot_id=lot, wafer_id=wafer)
+    out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<11} {path.resolve()}")
+    out.print(f"  report time: {_duration(result.wall_s)}")
+
+
+@app.command()
+@_friendly
 def train(
     more_good: Annotated[
         list[Path] | None,
@@ -315,6 +337,26 @@ def train(
               f"alarm/cm² on {card['calibration']['held_out_images']} held-out good images)")
     out.print(f"  epochs     {report.epochs_run} (best {report.best_epoch})")
     out.print(f"  time       {_duration(report.train_time_s)}")
+
+
+@app.command()
+@_friendly
+def view(
+    scan: Annotated[Path, typer.Argument(help="Scan folder.")],
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="Save a screenshot of the viewer's canvas (PNG) and exit."),
+    ] = None,
+    window: Annotated[
+        bool, typer.Option("--window", help="Screenshot the whole window, not only the canvas.")
+    ] = False,
+) -> None:
+    """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
+    from .napari.viewer import view as open_view
+
+    saved = open_view(scan, screenshot=screenshot, canvas_only=not window)
+    if saved is not None:
+        out.print(f"screenshot: {saved.resolve()}")
 
 
 def _duration(seconds: float) -> str:

@@ -8,6 +8,7 @@ a real microscope. Z is never driven outside the focus drive's safe range from t
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,18 @@ import numpy as np
 from pymmcore_plus import CMMCorePlus
 
 from .focus.measures import DEFAULT_MEASURE, MEASURES
+from .focus.recheck import (
+    BandEnergy,
+    PairNoise,
+    RecheckCalibration,
+    band_energy,
+    calibrate,
+    estimate_defocus_sq,
+    log_ratio,
+    strip_energies,
+)
 from .focus.search import FocusResult, autofocus
-from .focus.surface import FocusSurface, fit_focus_surface, focus_points_layout
+from .focus.surface import FocusSurface, fit_focus_surface, focus_points_layout, tour_order
 from .plan import ScanPlan
 from .recipe import Recipe
 
@@ -59,7 +70,14 @@ class FocusController:
     af_images: int = 0
     af_runs: int = 0
     remeasured: int = 0
-    _sharp_floor: float | None = None
+    recheck: RecheckCalibration | None = None
+    recheck_log: list[dict[str, Any]] = field(default_factory=list)
+    checked_tiles: int = 0
+    _frames: list[tuple[float, BandEnergy]] | None = None
+    _sweeps: list[list[tuple[float, BandEnergy]]] = field(default_factory=list)
+    _current: int | None = None
+    _pair_noise: PairNoise | None = None
+    _tiles: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
 
     @property
     def spec(self):  # noqa: ANN201 - the recipe's FocusPlan model
@@ -85,7 +103,10 @@ class FocusController:
     def _snap_at(self, z: float) -> np.ndarray:
         self._move_z(z)
         self.core.snapImage()
-        return self.core.getImage()
+        image = self.core.getImage()
+        if self._frames is not None:  # focus-map point: evidence for the re-check
+            self._frames.append((z, band_energy(image)))
+        return image
 
     def _autofocus_here(self, z_start: float) -> FocusResult | None:
         """Run the configured autofocus at the current XY; None if it could not run."""
@@ -129,13 +150,21 @@ class FocusController:
         fov = min(self.plan.fov_um)
         points = focus_points_layout(polygon, self.spec.points, self.spec.layout,
                                      margin_um=fov / 2)
+        # a short stage path from where the stage is to the scan's first tile
+        first = self.plan.tiles[0]
+        points = points[tour_order(points, self.core.getXYPosition(), (first.x_um, first.y_um))]
         z_guess = self.recipe.microscope.focus.z_um
         for x, y in points:
             self.core.setXYPosition(float(x), float(y))
             self.core.waitForDevice(self.core.getXYStageDevice())
+            self._frames = []
             result = self._autofocus_here(z_guess)
+            frames, self._frames = self._frames, None
             if result is None:
                 continue
+            if result.ok:
+                self._sweeps.append([((z - result.z_um) / self.depth_of_field_um, e)
+                                     for z, e in frames])
             rx, ry = self.core.getXYPosition()
             self.map_points.append({"x_um": rx, "y_um": ry, "z_um": result.z_um,
                                     "confidence": result.confidence, "ok": result.ok,
@@ -143,6 +172,12 @@ class FocusController:
             if result.ok:
                 z_guess = result.z_um  # neighbouring points start near the last good focus
         self._refit()
+        if self.spec.recheck:
+            self.recheck = calibrate(self._sweeps, self.spec.recheck_dof)
+            # until the scan's own neighbour pairs say otherwise, assume 10 % comparison noise
+            self._pair_noise = PairNoise(prior=max(self.recheck.scatter, 0.1))
+            if not self.recheck.enabled:
+                log.warning("sharpness re-check off for this scan: %s", self.recheck.reason)
 
     def _refit(self) -> None:
         good = [p for p in self.map_points if p["ok"]]
@@ -159,6 +194,7 @@ class FocusController:
     def z_for(self, index: int, x_um: float, y_um: float) -> TileFocus:
         """Z for a tile (the stage is already at its XY); may run an autofocus."""
         spec = self.spec
+        self._current = index
         fixed = self.recipe.microscope.focus.z_um
         base = self.last_good_z if self.last_good_z is not None else fixed
         if spec.strategy == "none":
@@ -183,31 +219,117 @@ class FocusController:
             return float(self.surface.predict(np.array([x_um]), np.array([y_um]))[0])
         return base
 
+    # -- sharpness re-check (focus_map) -----------------------------------------------------
+
+    @property
+    def _recheck_on(self) -> bool:
+        return (self.spec.strategy == "focus_map" and self.recheck is not None
+                and self.recheck.enabled and self.surface is not None)
+
+    def _overlap_px(self) -> tuple[int, int]:
+        p = self.core.getPixelSizeUm()
+        (fx, fy), (sx, sy) = self.plan.fov_um, self.plan.step_um
+        return int(round((fx - sx) / p)), int(round((fy - sy) / p))
+
+    def _neighbour_pairs(self, tile: Any, strips: dict[str, BandEnergy]
+                         ) -> list[tuple[BandEnergy, BandEnergy, float]]:
+        """(this tile's strip, the neighbour's strip, the neighbour's dz**2) per neighbour."""
+        pairs = []
+        for dr, dc in ((0, -1), (0, 1), (-1, 0), (1, 0)):
+            nb = self._tiles.get((tile.row + dr, tile.col + dc))
+            if nb is None:
+                continue
+            dx, dy = nb["x_um"] - tile.x_um, nb["y_um"] - tile.y_um
+            if abs(dx) >= abs(dy):
+                side, other = ("right", "left") if dx > 0 else ("left", "right")
+            else:
+                side, other = ("bottom", "top") if dy > 0 else ("top", "bottom")
+            if side in strips and other in nb["strips"]:
+                pairs.append((strips[side], nb["strips"][other], nb["dz2"]))
+        return pairs
+
     def check_tile(self, image: np.ndarray, focus: TileFocus) -> bool:
-        """True when a tile taken at a predicted Z looks defocused and should be re-measured.
+        """True when a tile taken at the map's Z looks defocused and should be re-measured.
 
-        Only for ``focus_map`` with ``recheck``: the tile's sharpness is compared with the
-        sharpness its own content would have in focus, estimated from the ratio of fine- to
-        coarse-scale gradient energy (which defocus lowers whatever the content).
+        Only for ``focus_map`` with ``recheck`` and a calibration that can see
+        ``recheck_dof`` of defocus (``focus.recheck.calibrate``). The tile's squared defocus
+        is estimated from the strips it shares with already acquired neighbours
+        (``estimate_defocus_sq``); a tile with no textured strip in common with them is
+        never re-measured (nothing to go by), nor is a tile not placed by the map.
         """
-        if self.spec.strategy != "focus_map" or not self.spec.recheck or focus.source != "map":
+        if not self._recheck_on or self._current is None:
             return False
-        from .focus.measures import texture_strength
+        tile = self.plan.tiles[self._current]
+        strips = strip_energies(image, self._overlap_px())
+        cal, noise = self.recheck, self._pair_noise
+        assert cal is not None and noise is not None
+        dz2 = None
+        if focus.source == "map":
+            self.checked_tiles += 1
+            pairs = self._neighbour_pairs(tile, strips)
+            dz2 = estimate_defocus_sq(pairs, cal.c_per_dof2, noise.sigma)
+            # the comparison noise is learnt from the pairs that do not trigger
+            triggered = dz2 is not None and self._significant(dz2)
+            if not triggered:
+                for a, b, _ in pairs:
+                    if a.usable and b.usable:
+                        noise.add(log_ratio(a, b))
+        self._record(tile, strips, focus, 0.0 if dz2 is None else dz2)
+        return dz2 is not None and self._significant(dz2)
 
-        if texture_strength(image) < 3.0:
-            return False  # featureless: sharpness says nothing about focus
-        return defocus_ratio(image) < self.spec.recheck_ratio
+    def _significant(self, dz2: float) -> bool:
+        """Beyond the tolerance, and beyond 3 sigma of the comparison noise."""
+        cal, noise = self.recheck, self._pair_noise
+        assert cal is not None and noise is not None
+        return dz2 > cal.tolerance_dof**2 and dz2 * cal.c_per_dof2 > 3.0 * noise.sigma
+
+    def record_tile(self, image: np.ndarray, focus: TileFocus) -> None:
+        """Record the final frame of a re-measured tile (the reference for its neighbours)."""
+        if not self._recheck_on or self._current is None:
+            return
+        tile = self.plan.tiles[self._current]
+        old = self._tiles.get((tile.row, tile.col), {})
+        dz2 = 0.0 if focus.source == "remeasured" else old.get("dz2", 0.0)
+        self._record(tile, strip_energies(image, self._overlap_px()), focus, dz2)
+
+    def _record(self, tile: Any, strips: dict[str, BandEnergy], focus: TileFocus,
+                dz2: float) -> None:
+        self._tiles[(tile.row, tile.col)] = {"x_um": tile.x_um, "y_um": tile.y_um,
+                                             "strips": strips, "dz2": dz2, "z_um": focus.z_um,
+                                             "source": focus.source}
 
     def remeasure(self, x_um: float, y_um: float, focus: TileFocus) -> TileFocus:
-        """Autofocus a tile whose predicted Z failed; the result also refines the map."""
-        result = self._autofocus_here(focus.z_um)
+        """Autofocus a tile whose predicted Z failed (recorded in ``recheck_log``).
+
+        The search starts from the map's Z plus the map's error at re-measured neighbours (a
+        local bump spans several tiles).
+        """
+        tile = self.plan.tiles[self._current] if self._current is not None else None
+        entry: dict[str, Any] = {"index": None if tile is None else tile.index,
+                                 "x_um": x_um, "y_um": y_um, "z_map_um": focus.z_um}
+        if tile is not None:
+            entry["defocus_estimate_dof"] = math.sqrt(
+                self._tiles.get((tile.row, tile.col), {}).get("dz2", 0.0))
+        start = focus.z_um
+        if tile is not None and self.surface is not None:
+            offsets = []
+            for dr, dc in ((0, -1), (0, 1), (-1, 0), (1, 0)):
+                nb = self._tiles.get((tile.row + dr, tile.col + dc))
+                if nb is not None and nb["source"] == "remeasured":
+                    pred = self.surface.predict(np.array([nb["x_um"]]), np.array([nb["y_um"]]))
+                    offsets.append(nb["z_um"] - float(pred[0]))
+            if offsets:
+                start = focus.z_um + float(np.median(offsets))
+        result = self._autofocus_here(start)
         if result is None or not result.ok:
+            entry.update(ok=False, reason="" if result is None else result.reason)
+            self.recheck_log.append(entry)
             return focus
         self.remeasured += 1
-        self.map_points.append({"x_um": x_um, "y_um": y_um, "z_um": result.z_um,
-                                "confidence": result.confidence, "ok": True,
-                                "images": result.n_images, "reason": "re-measured"})
-        self._refit()
+        entry.update(ok=True, z_um=result.z_um, images=result.n_images)
+        self.recheck_log.append(entry)
+        # Not added to the map's fit: a re-measured tile is, by selection, where the smooth
+        # surface does not hold (a local bump), and would bend it for the tiles around.
         return TileFocus(result.z_um, "remeasured", result.confidence, result.n_images)
 
     def summary(self) -> dict[str, Any]:
@@ -221,26 +343,14 @@ class FocusController:
             "remeasured_tiles": self.remeasured,
             "points": self.map_points,
         }
+        if self.recheck is not None:
+            out["recheck"] = {**self.recheck.to_dict(), "checked_tiles": self.checked_tiles,
+                              "pair_noise": None if self._pair_noise is None
+                              else self._pair_noise.sigma,
+                              "remeasured": self.recheck_log}
         if self.surface is not None:
             out["surface"] = self.surface.to_dict()
         return out
 
 
-def defocus_ratio(image: np.ndarray) -> float:
-    """Fine- over mid-scale detail energy: falls with defocus whatever the content.
-
-    Difference-of-Gaussian bands at 0.7-1.4 px and 1.4-2.8 px; blur removes the fine band
-    first, so the ratio drops below its in-focus value as soon as the image is defocused.
-    """
-    from scipy import ndimage
-
-    img = np.asarray(image, dtype=np.float32)
-    g1 = ndimage.gaussian_filter(img, 0.7)
-    g2 = ndimage.gaussian_filter(img, 1.4)
-    g3 = ndimage.gaussian_filter(img, 2.8)
-    fine = float(np.mean((g1 - g2) ** 2))
-    mid = float(np.mean((g2 - g3) ** 2))
-    return fine / mid if mid > 0 else 0.0
-
-
-__all__ = ["MEASURES", "FocusController", "TileFocus", "defocus_ratio"]
+__all__ = ["MEASURES", "FocusController", "TileFocus"]

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from devices.core import MicroscopeHandle, build_microscope
 
 from .acquire import acquire
+from .defectlist import DEFECTS_JSON
 from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
 from .recipe import Recipe
@@ -63,7 +64,9 @@ class ScanResult:
         names = {"scan": SCAN_JSON, "tiles": "tiles.csv", "raw tiles": "tiles.zarr",
                  "mosaic": MOSAIC, "truth": TRUTH_JSON, "focus map": "focus_map.json",
                  "focus plot": "focus_map.png", "defects": "defects.json",
-                 "anomaly map": "anomaly.ome.zarr"}
+                 "anomaly map": "anomaly.ome.zarr",
+                 "defects csv": "defects.csv", "klarf": "defects.klarf",
+                 "wafer map": "wafermap.png"}
         return {k: self.folder / v for k, v in names.items() if (self.folder / v).exists()}
 
 
@@ -160,6 +163,9 @@ def run_scan(
     scan["status"] = "complete" if result.complete else "incomplete"
     scan["finished"] = now_iso()
     write_json(folder / SCAN_JSON, scan)
+    if (folder / DEFECTS_JSON).is_file():
+        _report_stage(folder, observer)
+        scan = read_scan_json(folder)
     return ScanResult(folder, scan["status"], len(plan.tiles), result.n_acquired, scan["timings"])
 
 
@@ -206,6 +212,16 @@ def _stitch_stage(
     scan["mosaic"] = {"path": MOSAIC, "shape": list(info.shape), "levels": info.n_levels,
                       "pixel_size_um": info.pixel_size_um, "origin_um": list(info.origin_um)}
     write_json(folder / SCAN_JSON, scan)
+
+
+def _report_stage(folder: Path, observer: Observer) -> None:
+    """Locate the defects and write defects.json/csv, the KLARF and the wafer map."""
+    from .reports import report
+
+    observer.stage_started("report", 1)
+    report(folder)
+    observer.advance("report", 1)
+    observer.stage_finished("report")
 
 
 def restitch(folder: Path, observer: Observer | None = None) -> ScanResult:

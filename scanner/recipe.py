@@ -64,6 +64,14 @@ class DefectSpec(_Model):
     seed: int = 0
 
 
+class BumpSpec(_Model):
+    """A local bump (or dent, with a negative height) in a simulated focal surface."""
+
+    center_um: XY
+    height_um: float
+    radius_um: PositiveFloat
+
+
 class SurfaceSpec(_Model):
     """Shape of a simulated sample's surface along the focus axis (ignored on real hardware)."""
 
@@ -73,6 +81,9 @@ class SurfaceSpec(_Model):
     waviness_period_mm: PositiveFloat = 10.0
     z0_um: float = 0.0
     seed: int = 0
+    bumps: list[BumpSpec] = Field(
+        default_factory=list, description="local raised-cosine bumps (stage µm)"
+    )
 
 
 class RoughnessSpec(_Model):
@@ -343,8 +354,12 @@ class FocusPlan(_Model):
         Literal["normalized_variance", "tenengrad", "brenner", "variance_of_laplacian"] | None
     ) = None
     search_span_um: PositiveFloat | None = None
-    recheck: bool = False
-    recheck_ratio: PositiveFloat = 0.5
+    recheck: bool = Field(
+        True, description="focus_map: re-measure tiles whose sharpness says the map failed"
+    )
+    recheck_dof: Annotated[float, Field(gt=0, le=5)] = Field(
+        0.75, description="defocus (depths of field) beyond which a tile is re-measured"
+    )
 
 
 class ScanSpec(_Model):

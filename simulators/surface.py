@@ -11,10 +11,13 @@ import numpy as np
 class FocalSurface:
     """Height (µm, along the focus axis) of the sample surface at each stage position.
 
-    ``z(x, y) = z0 + tx * dx + ty * dy + bow * (r / R)**2 + waviness(x, y)`` with ``dx, dy`` in
-    mm from the sample centre and ``r`` the distance from it: a tilted plane plus a paraboloid
-    bow reaching ``bow_um`` at the sample's edge (radius ``R``), plus a few low-frequency
-    sinusoids of total amplitude about ``waviness_um``.
+    ``z(x, y) = z0 + tx * dx + ty * dy + bow * (r / R)**2 + waviness(x, y) + bumps(x, y)`` with
+    ``dx, dy`` in mm from the sample centre and ``r`` the distance from it: a tilted plane plus
+    a paraboloid bow reaching ``bow_um`` at the sample's edge (radius ``R``), plus a few
+    low-frequency sinusoids of total amplitude about ``waviness_um``, plus local bumps (a
+    particle under the wafer on the chuck, a warped corner of a cell): each a raised-cosine
+    dome ``h * (1 + cos(pi * d / rho)) / 2`` for ``d < rho`` from its centre, 0 beyond, so
+    it is invisible to a focus map whose points all lie off it.
 
     Parameters
     ----------
@@ -34,6 +37,8 @@ class FocalSurface:
         Height at the centre.
     seed : int
         Phases and directions of the waviness.
+    bumps : tuple of (x_um, y_um, height_um, radius_um)
+        Local bumps: stage position of the top, height (negative: a dent) and radius.
     """
 
     tilt_um_per_mm: tuple[float, float] = (0.0, 0.0)
@@ -44,6 +49,7 @@ class FocalSurface:
     radius_um: float = 50_000.0
     z0_um: float = 0.0
     seed: int = 0
+    bumps: tuple[tuple[float, float, float, float], ...] = ()
     _waves: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,4 +72,8 @@ class FocalSurface:
         z = z + self.bow_um * (dx**2 + dy**2) / self.radius_um**2
         for kx, ky, phase, amp in self._waves:
             z = z + amp * np.sin(kx * dx + ky * dy + phase)
+        for bx, by, height, radius in self.bumps:
+            d = np.hypot(np.asarray(x_um, dtype=float) - bx, np.asarray(y_um, dtype=float) - by)
+            z = z + np.where(d < radius, height * 0.5 * (1 + np.cos(np.pi * np.minimum(
+                d / radius, 1.0))), 0.0)
         return z

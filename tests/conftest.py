@@ -40,3 +40,78 @@ def coupon_tif(tmp_path: Path) -> Path:
     path = tmp_path / "coupon.tif"
     tifffile.imwrite(path, img)
     return path
+
+
+# --------------------------------------------------------------------------- reports (issue 6)
+
+#: simulator defect kinds -> defect-list classes (for defect lists made from the ground truth)
+TRUTH_CLASSES = {"missing_pattern": "pattern", "dark_area": "stain",
+                 "finger_interruption": "other"}
+
+
+def truth_defects(folder: Path) -> list:
+    """A scan's true defects as contract rows (a stand-in for inspection's output in tests).
+
+    Only the stage-coordinate fields are filled, as inspection fills them; score, roughness,
+    uncertainty and review are deterministic made-up values.
+    """
+    import json
+
+    from scanner.defectlist import Defect
+
+    truth = json.loads((folder / "truth.json").read_text(encoding="utf-8"))
+    rows = []
+    for t in truth["defects"]:
+        x0, y0, x1, y1 = t["bbox_um"]
+        i = int(t["id"])
+        rows.append(Defect(
+            id=i + 1, x_um=t["x_um"], y_um=t["y_um"], bbox_um=(x0, y0, x1, y1),
+            area_um2=0.5 * (x1 - x0) * (y1 - y0), size_um=t["size_um"],
+            defect_class=TRUTH_CLASSES.get(t["kind"], t["kind"]), score=0.5 + 0.01 * i,
+            roughness=1.0 + 0.1 * i, uncertainty=0.05 * (i % 5), review=i % 5 == 4,
+        ))
+    return rows
+
+
+def _scan_with_truth_defects(root: Path, name: str, recipe: dict) -> Path:
+    from scanner.defectlist import write_defects
+    from scanner.pipeline import run_scan
+    from scanner.recipe import parse_recipe
+
+    result = run_scan(parse_recipe(recipe, root, name), root / name)
+    folder = result.folder
+    write_defects(folder, truth_defects(folder),
+                  {"model": {"id": "ground-truth", "sha256": "0" * 64}})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wafer_scan(tmp_path_factory) -> Path:
+    """A small simulated wafer scan (off-centre, notch, odd die origin) with its true defects
+    in defects.json, not yet reported."""
+    root = tmp_path_factory.mktemp("wafer_scan")
+    return _scan_with_truth_defects(root, "wafer", {
+        "sample": {"kind": "wafer", "diameter_mm": 20, "orientation": "notch",
+                   "edge_exclusion_mm": 1.0, "die_pitch_mm": [3.0, 2.5],
+                   "die_origin_mm": [-1.0, -2.0], "center_um": [1500, -800],
+                   "lot_id": "LOT42", "wafer_id": "W07", "defects": {"count": 14, "seed": 3}},
+        "microscope": {"kind": "simulated",
+                       "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0},
+                       "seed": 1},
+        "scan": {"overlap": 0.1},
+    })
+
+
+@pytest.fixture(scope="session")
+def pv_scan(tmp_path_factory) -> Path:
+    """A small simulated PV-cell scan with its true defects in defects.json."""
+    root = tmp_path_factory.mktemp("pv_scan")
+    return _scan_with_truth_defects(root, "pv", {
+        "sample": {"kind": "pv_cell", "width_mm": 30, "height_mm": 30, "busbars": 3,
+                   "busbar_width_mm": 1.0, "finger_pitch_mm": 2.0,
+                   "defects": {"count": 10, "seed": 5}},
+        "microscope": {"kind": "simulated",
+                       "camera": {"width": 512, "height": 512, "pixel_size_um": 20.0},
+                       "seed": 2},
+        "scan": {"overlap": 0.1},
+    })

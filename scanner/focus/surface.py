@@ -584,3 +584,51 @@ def focus_points_layout(
     if len(best) == 0:
         return c[None, :]
     return best
+
+
+def tour_order(
+    points_xy: np.ndarray, start_xy: tuple[float, float], end_xy: tuple[float, float]
+) -> np.ndarray:
+    """Visiting order of focus points for a short stage path from ``start_xy`` to ``end_xy``.
+
+    Both stage axes move at once, so a move costs about its longer axis (Chebyshev distance).
+    Nearest neighbour from the start, then 2-opt improvement of the open path whose ends are
+    pinned to the current stage position and the scan's first tile (written here: no
+    dependency of the project solves this small open-path problem, and a few hundred points
+    take milliseconds).
+
+    Parameters
+    ----------
+    points_xy : ndarray, shape (n, 2)
+        Focus points (µm).
+    start_xy, end_xy : (float, float)
+        Where the stage is, and where it goes after the last point.
+
+    Returns
+    -------
+    ndarray of int
+        A permutation of ``range(n)``.
+    """
+    pts = np.asarray(points_xy, dtype=float).reshape(-1, 2)
+    n = len(pts)
+    if n <= 1:
+        return np.arange(n)
+    nodes = np.vstack([np.asarray(start_xy, float), pts, np.asarray(end_xy, float)])
+    d = np.max(np.abs(nodes[:, None, :] - nodes[None, :, :]), axis=2)
+    path = [0]
+    left = set(range(1, n + 1))
+    while left:
+        nxt = min(left, key=lambda j: d[path[-1], j])
+        path.append(nxt)
+        left.remove(nxt)
+    path.append(n + 1)
+    improved = True
+    while improved:  # 2-opt: reverse a segment when that shortens the path
+        improved = False
+        for i in range(1, len(path) - 2):
+            for k in range(i + 1, len(path) - 1):
+                a, b, c, e = path[i - 1], path[i], path[k], path[k + 1]
+                if d[a, c] + d[b, e] < d[a, b] + d[c, e] - 1e-9:
+                    path[i : k + 1] = path[i : k + 1][::-1]
+                    improved = True
+    return np.array(path[1:-1]) - 1

@@ -1,0 +1,202 @@
+"""npe2 reader: a scan folder as napari layers, in stage micrometres.
+
+Layers (bottom to top):
+
+* ``mosaic``: the stitched mosaic as a lazy multiscale image (dask arrays over the OME-Zarr
+  levels; nothing is read until napari draws it), placed by the OME-NGFF ``scale`` and
+  ``translation`` of level 0, so world coordinates are stage µm ``(y, x)``.
+* ``anomaly``, ``roughness``, ``uncertainty``: the inspection maps (``MAP_NAMES``) where they
+  exist, each placed by its own OME metadata, hidden and half-transparent until toggled.
+* ``die grid`` (wafers): the tested dies as rectangles, failing dies outlined in red; hidden.
+* ``defects``: one point per defect at its centre, coloured by class (the wafer map's
+  colours), with ``id``, ``class``, ``score``, ``size_um``, ``die``, ``region``, ``review`` as
+  features, which napari shows on hover.
+
+Nothing here imports napari: the reader returns plain ``(data, kwargs, layer_type)`` tuples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
+from ..reports.style import CLASS_COLORS, class_rgba
+from ..scanfolder import SCAN_JSON
+
+MOSAIC = "mosaic.ome.zarr"
+
+LayerData = tuple[Any, dict[str, Any], str]
+
+#: colormap of each inspection map
+MAP_COLORMAPS = {"anomaly": "inferno", "roughness": "viridis", "uncertainty": "magma"}
+
+
+def _scan_folder(path: str | list[str] | Path) -> Path | None:
+    """The scan folder a path points at (the folder, or a file or mosaic inside it)."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    for candidate in (p, p.parent):
+        if candidate.is_dir() and ((candidate / SCAN_JSON).is_file()
+                                   or (candidate / MOSAIC).is_dir()):
+            return candidate
+    return None
+
+
+def get_reader(path: str | list[str]) -> Any:
+    """npe2 ``get_reader`` hook: :func:`read_scan` for a scan folder, else None."""
+    return read_scan if _scan_folder(path) is not None else None
+
+
+def open_multiscale(path: Path) -> tuple[list[Any], tuple[float, float], tuple[float, float]]:
+    """Open an OME-NGFF multiscale image lazily.
+
+    Returns
+    -------
+    levels : list of dask arrays
+        Finest first.
+    scale, translate : (float, float)
+        Level 0's ``scale`` and ``translation`` (``(y, x)``, stage µm).
+    """
+    import dask.array as da
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    ome = root.attrs.get("ome") or {}
+    multiscales = ome.get("multiscales") or root.attrs.get("multiscales")
+    if not multiscales:
+        raise ValueError(f"{path}: not an OME-NGFF multiscale image (no multiscales metadata)")
+    datasets = multiscales[0]["datasets"]
+    levels = [da.from_zarr(root[d["path"]]) for d in datasets]
+    transforms = datasets[0].get("coordinateTransformations", [])
+    scale = next((t["scale"] for t in transforms if t["type"] == "scale"), [1.0, 1.0])
+    trans = next((t["translation"] for t in transforms if t["type"] == "translation"),
+                 [0.0, 0.0])
+    return levels, (float(scale[-2]), float(scale[-1])), (float(trans[-2]), float(trans[-1]))
+
+
+def _limits(levels: list[Any], lo: float = 0.5, hi: float = 99.9) -> tuple[float, float]:
+    """Contrast limits from the first level at most ~1024 px a side (cheap, still detailed)."""
+    level = next((a for a in levels if max(a.shape[-2:]) <= 1024), levels[-1])
+    small = np.asarray(level)
+    values = small[np.isfinite(small)] if small.dtype.kind == "f" else small.ravel()
+    if values.size == 0:
+        return 0.0, 1.0
+    a, b = np.percentile(values, [lo, hi])
+    return (float(a), float(b)) if b > a else (float(a), float(a) + 1.0)
+
+
+def _image_layer(path: Path, name: str, **kwargs: Any) -> LayerData:
+    levels, scale, translate = open_multiscale(path)
+    data = levels if len(levels) > 1 else levels[0]
+    return (data, {"name": name, "multiscale": len(levels) > 1, "scale": scale,
+                   "units": ("micrometer", "micrometer"), "axis_labels": ("y", "x"),
+                   "translate": translate, "contrast_limits": _limits(levels),
+                   "metadata": {"path": str(path)}, **kwargs}, "image")
+
+
+def defect_points(folder: Path, extent_um: float | None = None) -> LayerData | None:
+    """The defects of a scan folder as a points layer (None without ``defects.json``).
+
+    Parameters
+    ----------
+    folder : Path
+        Scan folder.
+    extent_um : float, optional
+        Size of the imaged area; markers are at least 0.6 % of it, so that a 20 µm particle
+        is still visible on a whole-wafer view.
+    """
+    if not (folder / DEFECTS_JSON).is_file():
+        return None
+    _, defects = read_defects(folder)
+    coords = np.array([(d.y_um, d.x_um) for d in defects], dtype=float).reshape(-1, 2)
+    floor = 0.006 * extent_um if extent_um else 0.0
+    sizes = np.array([max(1.3 * d.size_um, floor, 1.0) for d in defects], dtype=float)
+
+    def die(d: Any) -> str:
+        return "" if d.die_col is None else f"{d.die_col},{d.die_row}"
+
+    features = {
+        "id": np.array([d.id for d in defects], dtype=int),
+        "class": np.array([d.defect_class for d in defects], dtype=object),
+        "score": np.array([d.score for d in defects], dtype=float),
+        "size_um": np.array([round(d.size_um, 1) for d in defects], dtype=float),
+        "area_um2": np.array([round(d.area_um2, 1) for d in defects], dtype=float),
+        "die": np.array([die(d) for d in defects], dtype=object),
+        "region": np.array([d.region or "" for d in defects], dtype=object),
+        "review": np.array([bool(d.review) for d in defects], dtype=bool),
+    }
+    colours = np.array([class_rgba(d.defect_class) for d in defects], dtype=float).reshape(-1, 4)
+    kwargs = {
+        "name": "defects",
+        "features": features,
+        "units": ("micrometer", "micrometer"),
+        "size": sizes,
+        "symbol": "ring",
+        "face_color": colours,
+        "border_color": colours,
+        "border_width": 0.0,
+        "canvas_size_limits": (12, 400),
+        "opacity": 1.0,
+        "metadata": {"class_colors": dict(CLASS_COLORS), "path": str(folder / DEFECTS_JSON)},
+    }
+    return coords, kwargs, "points"
+
+
+def die_grid_shapes(folder: Path) -> LayerData | None:
+    """Tested dies of a wafer scan as rectangles (None when there are none)."""
+    if not (folder / DEFECTS_JSON).is_file():
+        return None
+    import json
+
+    from ..reports.diegrid import DieGrid
+
+    header, _ = read_defects(folder)
+    tested = (header.get("dies") or {}).get("tested") or []
+    scan = json.loads((folder / SCAN_JSON).read_text(encoding="utf-8"))
+    sample = (scan.get("recipe") or {}).get("sample") or {}
+    if not tested or sample.get("kind") != "wafer":
+        return None
+    grid = DieGrid.from_sample(sample)
+    rects, edges = [], []
+    for d in tested:
+        x0, y0, x1, y1 = grid.cell_box(d["col"], d["row"])
+        rects.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], dtype=float))
+        edges.append((1.0, 0.25, 0.25, 1.0) if not d["pass"] else (0.6, 0.8, 1.0, 0.8))
+    return rects, {"name": "die grid", "shape_type": "rectangle",
+                   "units": ("micrometer", "micrometer"), "edge_color": np.array(edges),
+                   "face_color": "transparent", "edge_width": 0.01 * min(grid.pitch_um),
+                   "visible": False, "opacity": 0.8,
+                   "features": {"die": [f"{d['col']},{d['row']}" for d in tested],
+                                "defects": [d["defects"] for d in tested],
+                                "pass": [d["pass"] for d in tested]}}, "shapes"
+
+
+def read_scan(path: str | list[str]) -> list[LayerData]:
+    """Layers of a scan folder (see the module docstring)."""
+    folder = _scan_folder(path)
+    if folder is None:
+        raise ValueError(f"{path}: not a waferscope scan folder (no {SCAN_JSON} or {MOSAIC})")
+    layers: list[LayerData] = []
+    extent = None
+    if (folder / MOSAIC).is_dir():
+        mosaic = _image_layer(folder / MOSAIC, "mosaic", colormap="gray", blending="opaque")
+        layers.append(mosaic)
+        shape = np.asarray((mosaic[0][0] if mosaic[1]["multiscale"] else mosaic[0]).shape[-2:])
+        extent = float(np.max(shape * np.asarray(mosaic[1]["scale"])))
+    for name, filename in MAP_NAMES.items():
+        if (folder / filename).is_dir():
+            layers.append(_image_layer(folder / filename, name, colormap=MAP_COLORMAPS[name],
+                                       visible=False, opacity=0.5, blending="additive"))
+    grid = die_grid_shapes(folder)
+    if grid is not None:
+        layers.append(grid)
+    points = defect_points(folder, extent)
+    if points is not None:
+        layers.append(points)
+    return layers

@@ -1,0 +1,88 @@
+"""The report stage: from ``defects.json`` to every output a fab uses.
+
+Reads the scan folder only (``scan.json``, ``tiles.csv``, ``defects.json``), so it can be
+re-run at any time without re-acquiring (``waferscope report SCAN``). Rewriting is
+idempotent: running it twice gives the same ``defects.json`` and ``defects.csv``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..defectlist import DEFECTS_CSV, DEFECTS_JSON, read_defects, write_defects
+from ..scanfolder import SCAN_JSON, read_scan_json, write_json
+from .klarf import KLARF, write_klarf
+from .locate import ScanContext, build_header, locate
+from .wafermap import WAFERMAP, draw_wafermap
+
+
+@dataclass
+class ReportResult:
+    """What the report stage wrote.
+
+    Attributes
+    ----------
+    folder : Path
+        Scan folder.
+    outputs : dict of str to Path
+        Written files by name (``defects``, ``defects csv``, ``klarf``, ``wafer map``).
+    n_defects : int
+        Number of defects in the list.
+    wall_s : float
+        Wall time of the stage.
+    """
+
+    folder: Path
+    outputs: dict[str, Path] = field(default_factory=dict)
+    n_defects: int = 0
+    wall_s: float = 0.0
+
+
+def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = None,
+           record: bool = True) -> ReportResult:
+    """Locate the defects of a scan folder and write all report outputs.
+
+    Parameters
+    ----------
+    folder : Path
+        Scan folder with ``scan.json``, ``tiles.csv`` and ``defects.json``.
+    lot_id, wafer_id : str, optional
+        Override the recipe's lot and wafer ids (KLARF ``LotID`` / ``WaferID``).
+    record : bool
+        Record the stage's wall time and outputs in ``scan.json``.
+
+    Raises
+    ------
+    UserError
+        If the folder is not a scan folder or has no readable ``defects.json``.
+    """
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    ctx = ScanContext.load(folder)
+    previous, defects = read_defects(folder)
+    defects = locate(defects, ctx)
+    header = build_header(ctx, defects, previous, lot_id=lot_id, wafer_id=wafer_id)
+    write_defects(folder, defects, header)
+    result = ReportResult(folder, n_defects=len(defects))
+    result.outputs["defects"] = folder / DEFECTS_JSON
+    result.outputs["defects csv"] = folder / DEFECTS_CSV
+    if ctx.kind == "wafer":
+        region = ctx.usable_polygon()
+        micro = ctx.scan.get("microscope") or {}
+        station = ("WAFERSCOPE", str(micro.get("kind", "microscope")).upper(),
+                   str(header.get("versions", {}).get("waferscope", "0")))
+        result.outputs["klarf"] = write_klarf(
+            folder / KLARF, header, defects, ctx.sample,
+            region.area if region is not None else 0.0, station=station,
+        )
+    result.outputs["wafer map"] = draw_wafermap(folder / WAFERMAP, ctx, header, defects)
+    result.wall_s = time.perf_counter() - t0
+    if record:
+        scan = read_scan_json(folder)
+        scan.setdefault("timings", {})["report"] = {"wall_s": round(result.wall_s, 3)}
+        scan["report"] = {"outputs": sorted(p.name for p in result.outputs.values()),
+                          "n_defects": len(defects)}
+        write_json(folder / SCAN_JSON, scan)
+    return result

@@ -1,0 +1,372 @@
+"""``wafermap.png``: one picture of the sample and its defects, readable at a glance.
+
+Wafers: outline with the notch or flat, the edge-exclusion ring, the tested dies (failing
+dies shaded, with their defect count), die column/row indices around the wafer, and every
+defect at its position, coloured by class (large ones also with their bounding box). PV
+cells: the cell with its busbars, fingers and edge band, and the defects. Other samples: the
+scanned region and the defects. A side panel gives the lot, wafer, scan, recipe and model,
+and the counts by class (and dies or regions).
+
+The view is the mosaic's: x to the right, y (stage +y) **down**, so a wafer's notch is at
+6 o'clock, as in napari and on the mosaic. Drawn with matplotlib's object API on an Agg
+canvas (no pyplot state, no display needed).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from shapely import affinity
+from shapely.geometry import Point, Polygon, box
+
+from ..defectlist import CLASSES, Defect
+from .style import CLASS_COLORS
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from .locate import ScanContext
+
+WAFERMAP = "wafermap.png"
+
+#: SEMI notch: a 90° V about 1 mm deep
+NOTCH_DEPTH_MM = 1.0
+_PASS_FACE, _FAIL_FACE, _PARTIAL_FACE = "#ffffff", "#f6b3b3", "#eeeeee"
+_EDGE = "#bdbdbd"
+#: edge exclusion ring (wafers) and edge band (PV cells)
+_EXCLUSION = {"facecolor": "#aab2bd", "edgecolor": "#7d8794", "hatch": "////", "alpha": 0.35}
+
+
+def wafer_outline_mm(diameter_mm: float, orientation: str, flat_length_mm: float) -> Polygon:
+    """Wafer outline in mm from its centre, with its notch or flat towards +y."""
+    r = diameter_mm / 2.0
+    disc = Point(0.0, 0.0).buffer(r, quad_segs=128)
+    if orientation == "flat":
+        half = min(flat_length_mm / 2.0, 0.99 * r)
+        h = math.sqrt(r * r - half * half)
+        return disc.intersection(box(-r, -r, r, h))
+    if orientation == "notch":
+        d = min(NOTCH_DEPTH_MM, 0.5 * r)
+        apex = r - d
+        reach = d + 1.0  # the V's sides run past the circle
+        notch = Polygon([(0.0, apex), (-reach, apex + reach), (reach, apex + reach)])
+        return disc.difference(notch)
+    return disc
+
+
+def _to_mm(poly: Polygon, centre_um: tuple[float, float]) -> Polygon:
+    """Stage-µm polygon to mm from a centre."""
+    moved = affinity.translate(poly, -centre_um[0], -centre_um[1])
+    return affinity.scale(moved, 1e-3, 1e-3, origin=(0, 0))
+
+
+def _fill(ax: Axes, poly: Any, **kwargs: Any) -> list[Any]:
+    """Fill a shapely (multi)polygon, holes included; returns the patches."""
+    from matplotlib.patches import PathPatch
+    from matplotlib.path import Path as MplPath
+
+    patches = []
+    for g in getattr(poly, "geoms", [poly]):
+        if g.is_empty or g.geom_type != "Polygon":
+            continue
+        rings = [np.asarray(g.exterior.coords)] + [np.asarray(i.coords) for i in g.interiors]
+        verts = np.concatenate(rings)
+        codes = np.concatenate(
+            [[MplPath.MOVETO] + [MplPath.LINETO] * (len(r) - 2) + [MplPath.CLOSEPOLY]
+             for r in rings]
+        )
+        patches.append(ax.add_patch(PathPatch(MplPath(verts, codes), **kwargs)))
+    return patches
+
+
+def _outline(ax: Axes, poly: Any, **kwargs: Any) -> None:
+    for g in getattr(poly, "geoms", [poly]):
+        if g.geom_type == "Polygon":
+            x, y = np.asarray(g.exterior.coords).T
+            ax.plot(x, y, **kwargs)
+
+
+def _marker_area(size_um: float) -> float:
+    """Scatter marker area (pt²): grows with the defect size, bounded to stay readable."""
+    return float(np.clip(14.0 + 14.0 * math.log10(max(size_um, 1.0)) ** 2, 18.0, 140.0))
+
+
+def _draw_defects(ax: Axes, defects: list[Defect], to_xy: Any, extent_mm: float) -> None:
+    """Defects as class-coloured markers; large ones also with their bounding box."""
+    from matplotlib.patches import Rectangle
+
+    if not defects:
+        return
+    order = sorted(defects, key=lambda d: -d.size_um)  # small ones drawn on top
+    colours = [CLASS_COLORS.get(d.defect_class, CLASS_COLORS["other"]) for d in order]
+    for d, colour in zip(order, colours, strict=True):
+        x0, y0, x1, y1 = d.bbox_um
+        w, h = (x1 - x0) / 1000.0, (y1 - y0) / 1000.0
+        if np.isfinite(w) and max(w, h) > 0.015 * extent_mm:
+            bx, by = to_xy(x0, y0)
+            ax.add_patch(Rectangle((bx, by), w, h, fill=False, edgecolor=colour, lw=1.2,
+                                   zorder=4))
+    xy = np.array([to_xy(d.x_um, d.y_um) for d in order])
+    ax.scatter(xy[:, 0], xy[:, 1], s=[_marker_area(d.size_um) for d in order], c=colours,
+               edgecolors="black", linewidths=[1.4 if d.review else 0.6 for d in order],
+               zorder=5)
+
+
+def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect]) -> None:
+    from matplotlib.collections import PolyCollection
+
+    sample = ctx.sample
+    centre = tuple(float(v) for v in sample.get("center_um", (0.0, 0.0)))
+    outline = wafer_outline_mm(float(sample["diameter_mm"]), sample.get("orientation", "notch"),
+                               float(sample.get("flat_length_mm", 32.5)))
+    usable = _to_mm(ctx.usable_polygon(), centre)
+    if sample.get("orientation") == "notch":
+        # the planner's usable area is round; the exclusion also follows the notch
+        usable = usable.intersection(outline.buffer(-float(sample["edge_exclusion_mm"])))
+    wafer_patch = _fill(ax, outline, facecolor="#dfe3e8", edgecolor="none", zorder=0)[0]
+    # the exclusion ring goes over the dies (partial dies reach into it), translucent
+    _fill(ax, outline.difference(usable), lw=0, zorder=2.5, **_EXCLUSION)
+    grid = ctx.die_grid()
+    if grid is None:  # not a wafer
+        raise ValueError("_wafer: the scan's sample has no die grid")
+    tested = (header.get("dies") or {}).get("tested") or []
+    pitch = (grid.pitch_um[0] / 1000.0, grid.pitch_um[1] / 1000.0)
+    small = max(pitch) < 0.045 * float(sample["diameter_mm"])
+    cells, faces = [], []
+    for die in tested:
+        x0, y0, _, _ = grid.cell_box(die["col"], die["row"])
+        x0, y0 = (x0 - centre[0]) / 1000.0, (y0 - centre[1]) / 1000.0
+        cells.append([(x0, y0), (x0 + pitch[0], y0), (x0 + pitch[0], y0 + pitch[1]),
+                      (x0, y0 + pitch[1])])
+        faces.append(_FAIL_FACE if not die["pass"]
+                     else (_PASS_FACE if die["full"] else _PARTIAL_FACE))
+        if not die["pass"] and not small:
+            ax.text(x0 + 0.06 * pitch[0], y0 + 0.06 * pitch[1], str(die["defects"]),
+                    fontsize=6.5, color="#a01818", ha="left", va="top", zorder=3)
+    # one collection of plain vertices: a 300 mm wafer of small dies has thousands of them
+    dies = ax.add_collection(PolyCollection(cells, facecolors=faces, edgecolors=_EDGE,
+                                            linewidths=0.6 if not small else 0.3, zorder=2))
+    dies.set_clip_path(wafer_patch)
+    _outline(ax, usable, color="#6c7a89", lw=0.9, ls="--", zorder=3)
+    _outline(ax, outline, color="#2f3b48", lw=1.6, zorder=3)
+    _die_indices(ax, tested, grid, centre, float(sample["diameter_mm"]) / 2.0)
+    _draw_defects(ax, defects, lambda x, y: ((x - centre[0]) / 1000.0, (y - centre[1]) / 1000.0),
+                  float(sample["diameter_mm"]))
+    r = float(sample["diameter_mm"]) / 2.0
+    pad = 0.09 * r
+    ax.set_xlim(-r - pad, r + pad)
+    ax.set_ylim(r + pad, -r - pad)  # y down: the notch at 6 o'clock, as on the mosaic
+    ax.set_xlabel("wafer x (mm)")
+    ax.set_ylabel("wafer y (mm, stage +y down)")
+
+
+def _die_indices(ax: Axes, tested: list[dict[str, Any]], grid: Any,
+                 centre: tuple[float, ...], radius_mm: float) -> None:
+    """Column numbers above the wafer and row numbers left of it."""
+    if not tested:
+        return
+    cols = sorted({d["col"] for d in tested})
+    rows = sorted({d["row"] for d in tested})
+    step = max(1, math.ceil(max(len(cols), len(rows)) / 25))
+    px, py = grid.pitch_um[0] / 1000.0, grid.pitch_um[1] / 1000.0
+    ox, oy = (grid.origin_um[0] - centre[0]) / 1000.0, (grid.origin_um[1] - centre[1]) / 1000.0
+    for c in cols[::step]:
+        ax.text(ox + (c + 0.5) * px, -radius_mm * 1.045, str(c), fontsize=6, color="#55606e",
+                ha="center", va="bottom")
+    for r in rows[::step]:
+        ax.text(-radius_mm * 1.045, oy + (r + 0.5) * py, str(r), fontsize=6, color="#55606e",
+                ha="right", va="center")
+
+
+
+def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
+    from matplotlib.patches import Rectangle
+
+    s = ctx.sample
+    from .locate import PV_EDGE_BAND_MM
+
+    w, h = float(s["width_mm"]), float(s["height_mm"])
+    centre = tuple(float(v) for v in s.get("center_um", (0.0, 0.0)))
+    ax.add_patch(Rectangle((-w / 2, -h / 2), w, h, facecolor="#dfe3e8", edgecolor="none",
+                           zorder=0))
+    band = PV_EDGE_BAND_MM
+    ring = box(-w / 2, -h / 2, w / 2, h / 2).difference(
+        box(-w / 2 + band, -h / 2 + band, w / 2 - band, h / 2 - band))
+    _fill(ax, ring, lw=0, zorder=2.5, **_EXCLUSION)
+    pitch = float(s.get("finger_pitch_mm", 2.0))
+    ys = -h / 2 + pitch / 2 + np.arange(int(h // pitch)) * pitch
+    ax.hlines(ys, -w / 2, w / 2, colors="#b4bcc6", lw=0.4, zorder=1)
+    n = int(s.get("busbars", 0))
+    bw = float(s.get("busbar_width_mm", 1.2))
+    for k in range(n):
+        xk = -w / 2 + (k + 0.5) * w / n
+        ax.add_patch(Rectangle((xk - bw / 2, -h / 2), bw, h, facecolor="#4a5563",
+                               edgecolor="none", zorder=2))
+        ax.text(xk, -h / 2 - 0.02 * h, f"BB{k + 1}", ha="center", va="bottom", fontsize=7,
+                color="#4a5563")
+    ax.add_patch(Rectangle((-w / 2, -h / 2), w, h, fill=False, edgecolor="#2f3b48", lw=1.6,
+                           zorder=3))
+    _draw_defects(ax, defects,
+                  lambda x, y: ((x - centre[0]) / 1000.0, (y - centre[1]) / 1000.0), max(w, h))
+    pad = 0.06 * max(w, h)
+    ax.set_xlim(-w / 2 - pad, w / 2 + pad)
+    ax.set_ylim(h / 2 + pad, -h / 2 - pad)
+    ax.set_xlabel("cell x (mm from centre)")
+    ax.set_ylabel("cell y (mm, stage +y down)")
+
+
+def _other(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
+    """Image or rectangle samples: the sample (rectangles), the scanned extent (dashed) and
+    the defects, in stage mm."""
+    from matplotlib.patches import Rectangle
+
+    fw, fh = ctx.fov_um
+    if len(ctx.tiles):
+        x0, y0 = ctx.tiles[:, 1].min() - fw / 2, ctx.tiles[:, 2].min() - fh / 2
+        x1, y1 = ctx.tiles[:, 1].max() + fw / 2, ctx.tiles[:, 2].max() + fh / 2
+    else:
+        x0, y0, x1, y1 = 0.0, 0.0, fw, fh
+    ax.add_patch(Rectangle((x0 / 1000, y0 / 1000), (x1 - x0) / 1000, (y1 - y0) / 1000,
+                           fill=False, edgecolor="#6c7a89", lw=0.9, ls="--", zorder=3))
+    s = ctx.sample
+    if ctx.kind == "rectangle":
+        cx, cy = (float(v) / 1000.0 for v in s.get("center_um", (0.0, 0.0)))
+        w, h = float(s["width_mm"]), float(s["height_mm"])
+        ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, facecolor="#dfe3e8",
+                               edgecolor="#2f3b48", lw=1.4, zorder=0))
+        x0, y0 = min(x0, (cx - w / 2) * 1000), min(y0, (cy - h / 2) * 1000)
+        x1, y1 = max(x1, (cx + w / 2) * 1000), max(y1, (cy + h / 2) * 1000)
+    extent = max(x1 - x0, y1 - y0) / 1000.0
+    _draw_defects(ax, defects, lambda x, y: (x / 1000.0, y / 1000.0), extent)
+    pad = 0.05 * extent
+    ax.set_xlim(x0 / 1000 - pad, x1 / 1000 + pad)
+    ax.set_ylim(y1 / 1000 + pad, y0 / 1000 - pad)
+    ax.set_xlabel("stage x (mm)")
+    ax.set_ylabel("stage y (mm, down)")
+
+
+def _when(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    try:
+        return _dt.datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return str(iso)
+
+
+def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect]) -> None:
+    """Side panel: identity of the scan, counts by class, dies or regions."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    ax.axis("off")
+    info = header.get("sample") or {}
+    s = ctx.sample
+    if ctx.kind == "wafer":
+        title = f"Lot {info.get('lot_id', '-')}   Wafer {info.get('wafer_id', '-')}"
+        mark = {"notch": "notch", "flat": "flat", "none": "no mark"}[s.get("orientation", "notch")]
+        what = (f"{float(s['diameter_mm']):g} mm wafer, {mark} at 6 o'clock\n"
+                f"edge exclusion {float(s['edge_exclusion_mm']):g} mm, die "
+                f"{float(s['die_pitch_mm'][0]):g} x {float(s['die_pitch_mm'][1]):g} mm\n"
+                "die columns above the wafer, rows at its left")
+    elif ctx.kind == "pv_cell":
+        title = f"PV cell  {info.get('name', '')}"
+        what = (f"{float(s['width_mm']):g} x {float(s['height_mm']):g} mm, "
+                f"{int(s.get('busbars', 0))} busbars")
+    else:
+        title = f"{ctx.kind}  {info.get('name', '')}"
+        what = "dashed: the scanned area"
+    model = header.get("model") or {}
+    model_txt = model.get("id") or "-"
+    if model.get("sha256"):
+        model_txt += f" ({str(model['sha256'])[:10]})"
+    lines = [
+        what,
+        f"scan {_when(header.get('scan_started'))} ({header.get('scan_status') or '-'})",
+        f"recipe {info.get('name', '-')} ({str(header.get('recipe_sha256', ''))[:10]})",
+        f"model {model_txt}",
+    ]
+    ax.text(0.0, 1.0, title, fontsize=13, fontweight="bold", va="top", transform=ax.transAxes)
+    ax.text(0.0, 0.945, "\n".join(lines), fontsize=8.5, va="top", linespacing=1.5,
+            color="#333333", transform=ax.transAxes)
+
+    counts = {c: 0 for c in CLASSES}
+    for d in defects:
+        counts[d.defect_class] += 1
+    handles = [Line2D([], [], marker="o", ls="none", markersize=8, markerfacecolor=CLASS_COLORS[c],
+                      markeredgecolor="black", markeredgewidth=0.6, label=f"{c}  {n}")
+               for c, n in counts.items() if n]
+    if any(d.review for d in defects):
+        handles.append(Line2D([], [], marker="o", ls="none", markersize=8, markerfacecolor="white",
+                              markeredgecolor="black", markeredgewidth=1.6,
+                              label=f"to review  {sum(d.review for d in defects)}"))
+    summary = [f"defects  {len(defects)}"]
+    if ctx.kind == "wafer":
+        dies = header.get("dies") or {}
+        n, failed = int(dies.get("n_tested", 0)), int(dies.get("n_failed", 0))
+        region = ctx.usable_polygon()
+        area_cm2 = region.area * 1e-8 if region is not None else 0.0
+        if area_cm2:
+            summary.append(f"density  {len(defects) / area_cm2:.2f} /cm²")
+        if n:
+            summary.append(f"dies tested  {n}   failing  {failed}")
+            summary.append(f"die yield  {100.0 * (n - failed) / n:.1f} %")
+        handles += [Patch(facecolor=_PASS_FACE, edgecolor=_EDGE, label="die: pass"),
+                    Patch(facecolor=_FAIL_FACE, edgecolor=_EDGE, label="die: fail (count)"),
+                    Patch(facecolor=_PARTIAL_FACE, edgecolor=_EDGE, label="partial edge die"),
+                    Patch(lw=0, label="edge exclusion", **_EXCLUSION)]
+    elif ctx.kind == "pv_cell":
+        summary.append("by region:")
+        for name, n in (header.get("regions") or {}).items():
+            summary.append(f"    {name}  {n}")
+        handles += [Patch(lw=0, label="edge band", **_EXCLUSION)]
+    ax.text(0.0, 0.76, "\n".join(summary), fontsize=10, va="top", linespacing=1.6,
+            transform=ax.transAxes, family="DejaVu Sans")
+    ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 0.0), frameon=False,
+              fontsize=9, title="defect classes", title_fontsize=9, alignment="left",
+              labelspacing=0.7)
+
+
+def draw_wafermap(path: Path, ctx: ScanContext, header: dict[str, Any],
+                  defects: list[Defect], dpi: int = 150) -> Path:
+    """Draw the map of a located defect list and save it as PNG (atomically).
+
+    Parameters
+    ----------
+    path : Path
+        Output PNG.
+    ctx : ScanContext
+        The scan (sample geometry, tiles).
+    header : dict
+        The defect list's header (ids, tested dies, counts).
+    defects : list of Defect
+        Located defects.
+    dpi : int
+        Resolution.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11.0, 8.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(1, 2, width_ratios=(2.6, 1.0))
+    ax = fig.add_subplot(grid[0, 0])
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=8)
+    if ctx.kind == "wafer":
+        _wafer(ax, ctx, header, defects)
+    elif ctx.kind == "pv_cell":
+        _pv_cell(ax, ctx, defects)
+    else:
+        _other(ax, ctx, defects)
+    ax.set_axisbelow(True)
+    _panel(fig.add_subplot(grid[0, 1]), ctx, header, defects)
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.15)
+    tmp.replace(path)
+    return path

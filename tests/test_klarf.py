@@ -1,0 +1,126 @@
+"""KLARF 1.2 output read back by two independent parsers from PyPI (klarf-reader, klarfio)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scanner.defectlist import CLASSES, Defect, read_defects
+from scanner.reports import report
+from scanner.reports.klarf import klarf_text
+
+klarf_reader = pytest.importorskip("klarf_reader.klarf", reason="test extra: klarf-reader")
+klarfio = pytest.importorskip("klarfio.klarfio", reason="test extra: klarfio")
+
+
+@pytest.fixture(scope="module")
+def klarf_scan(wafer_scan: Path, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("klarf") / "wafer"
+    shutil.copytree(wafer_scan, folder)
+    report(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_klarf_reader_round_trip_matches_defects_json(klarf_scan: Path):
+    header, defects = read_defects(klarf_scan)
+    sample = json.loads((klarf_scan / "scan.json").read_text())["recipe"]["sample"]
+    px, py = (v * 1000 for v in sample["die_pitch_mm"])
+    k = klarf_reader.Klarf.load_from_file(klarf_scan / "defects.klarf")
+    assert k.file_version == 1.2 and k.sample_type == "WAFER"
+    assert (k.lot_id, k.wafers[0].id) == ("LOT42", "W07")
+    assert k.sample_size == 20
+    assert k.sample_orientation_mark_type == "NOTCH" and k.orientation_mark_location == "DOWN"
+    assert (k.die_pitch.x, k.die_pitch.y) == pytest.approx((px, py))
+    (wafer,) = k.wafers
+    assert len(wafer.defects) == len(defects) > 5
+    for d, kd in zip(defects, wafer.defects, strict=True):
+        assert kd.id == d.id
+        # die index and relative position, in KLARF's frame (y up)
+        assert (kd.x_index, kd.y_index) == (d.die_col, -d.die_row)
+        assert kd.x_rel == pytest.approx(d.die_x_um, abs=2e-3)
+        assert kd.y_rel == pytest.approx(py - d.die_y_um, abs=2e-3)
+        # the reader's wafer coordinates: our wafer mm, y flipped
+        assert kd.point[0] == pytest.approx(d.wafer_x_mm * 1000, abs=5e-3)
+        assert kd.point[1] == pytest.approx(-d.wafer_y_mm * 1000, abs=5e-3)
+        x0, y0, x1, y1 = d.bbox_um
+        assert (kd.x_size, kd.y_size) == pytest.approx((x1 - x0, y1 - y0), abs=2e-3)
+        assert kd.area == pytest.approx(d.area_um2, abs=2e-3)
+        assert kd.d_size == pytest.approx(d.size_um, abs=2e-3)
+        assert kd.class_number == CLASSES[d.defect_class] and kd.test_id == 1
+    tested = header["dies"]["tested"]
+    plan = set(zip(k.sample_plan_test.x, k.sample_plan_test.y, strict=True))
+    assert plan == {(t["col"], -t["row"]) for t in tested}
+    assert wafer.summary.number_of_defects == len(defects)
+    assert wafer.summary.number_of_dies == len(tested)
+    assert wafer.summary.number_of_def_dies == header["dies"]["n_failed"]
+    assert wafer.tests[0].area > 0
+    # density per cm² over the tested area
+    assert wafer.summary.defect_density == pytest.approx(
+        len(defects) / (wafer.tests[0].area * 1e-8), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_klarfio_reads_the_same_defect_table(klarf_scan: Path):
+    _, defects = read_defects(klarf_scan)
+    data = klarfio.klarf(str(klarf_scan / "defects.klarf")).data["FileRecord_1.2"]
+    columns = [c["Column"] for c in data["DefectList"]["Columns"]]
+    assert columns[:11] == ["DEFECTID", "XREL", "YREL", "XINDEX", "YINDEX", "XSIZE", "YSIZE",
+                            "DEFECTAREA", "DSIZE", "CLASSNUMBER", "TEST"]
+    assert len(columns) == 17 and columns[-1] == "IMAGELIST"
+    rows = [dict(zip(columns, r, strict=True)) for r in data["DefectList"]["Data"]]
+    assert len(rows) == len(defects)
+    for d, r in zip(defects, rows, strict=True):
+        assert r["DEFECTID"] == d.id
+        assert (r["XINDEX"], r["YINDEX"]) == (d.die_col, -d.die_row)
+        assert r["XREL"] == pytest.approx(d.die_x_um, abs=2e-3)
+        assert r["CLASSNUMBER"] == CLASSES[d.defect_class]
+        assert r["REVIEWSAMPLE"] == int(d.review)
+    assert data["FileVersion"] == [1, 2] and data["SampleType"] == ["WAFER"]
+    assert data["SummaryShortList"][1] == len(defects)
+
+
+def test_record_order_and_flat_orientation():
+    defect = Defect(id=1, x_um=0, y_um=0, bbox_um=(-5, -5, 5, 5), area_um2=78.5, size_um=10,
+                    defect_class="scratch", die_col=2, die_row=-1, die_x_um=10.0,
+                    die_y_um=4000.0, wafer_x_mm=0.0, wafer_y_mm=0.0)
+    header = {"sample": {"name": "r", "lot_id": "A", "wafer_id": "B"},
+              "scan_started": "2026-01-02T03:04:05+00:00",
+              "dies": {"tested": [{"col": 2, "row": -1, "full": True, "defects": 1,
+                                   "pass": False}]}}
+    sample = {"diameter_mm": 150, "orientation": "flat", "die_pitch_mm": [10, 10],
+              "die_origin_mm": [-5, -3]}
+    text = klarf_text(header, [defect], sample, 1.5e10, created="2026-01-02T05:00:00+00:00")
+    names = [line.split()[0].rstrip(";") for line in text.splitlines() if line[:1] != " "]
+    assert names == [
+        "FileVersion", "FileTimestamp", "InspectionStationID", "SampleType", "ResultTimestamp",
+        "LotID", "SampleSize", "DeviceID", "SetupID", "StepID", "SampleOrientationMarkType",
+        "OrientationMarkLocation", "DiePitch", "DieOrigin", "WaferID", "Slot",
+        "SampleCenterLocation", "ClassLookup", "InspectionTest", "SampleTestPlan",
+        "AreaPerTest", "DefectRecordSpec", "DefectList", "SummarySpec", "SummaryList",
+        "EndOfFile",
+    ]
+    assert "SampleOrientationMarkType FLAT;" in text
+    assert "ResultTimestamp 01-02-26 03:04:05;" in text
+    assert "SampleSize 1 150;" in text
+    # die (0, 0)'s lower-left corner in KLARF's frame: x = -5 mm, y = +3 mm - 10 mm
+    assert "SampleCenterLocation 5.0000000000e+03 7.0000000000e+03;" in text
+    assert " 1 10.000 6000.000 2 1 10.000 10.000 78.500 10.000 2 1 0 2 0 0 0 0;" in text
+    assert "SampleTestPlan 1\n 2 1;" in text
+
+
+def test_a_clean_wafer_still_parses(tmp_path: Path):
+    header = {"sample": {"name": "r", "lot_id": "A", "wafer_id": "B"},
+              "scan_started": "2026-01-02T03:04:05+00:00",
+              "dies": {"tested": [{"col": 0, "row": 0, "full": True, "defects": 0,
+                                   "pass": True}]}}
+    sample = {"diameter_mm": 100, "orientation": "notch", "die_pitch_mm": [10, 10]}
+    path = tmp_path / "clean.klarf"
+    path.write_text(klarf_text(header, [], sample, 7.0e9))
+    k = klarf_reader.Klarf.load_from_file(path)
+    assert k.wafers[0].defects == [] and k.wafers[0].summary.number_of_defects == 0
+    assert k.wafers[0].summary.number_of_dies == 1
+    assert "DefectList;" in path.read_text()

@@ -1,0 +1,86 @@
+"""wafermap.png: the picture shows the sample, the failing dies and every class's defects."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from scanner.defectlist import read_defects
+from scanner.reports import report
+from scanner.reports.style import CLASS_COLORS
+from scanner.reports.wafermap import _FAIL_FACE, wafer_outline_mm
+
+pytestmark = pytest.mark.slow
+
+
+def _rgb(hex_colour: str) -> np.ndarray:
+    h = hex_colour.lstrip("#")
+    return np.array([int(h[i:i + 2], 16) for i in (0, 2, 4)])
+
+
+def _pixels_like(img: np.ndarray, hex_colour: str, tol: int = 12) -> int:
+    return int((np.abs(img[..., :3].astype(int) - _rgb(hex_colour)).max(axis=-1) <= tol).sum())
+
+
+def test_wafer_map_shows_classes_and_failing_dies(wafer_scan: Path, tmp_path: Path):
+    folder = tmp_path / "wafer"
+    shutil.copytree(wafer_scan, folder)
+    report(folder)
+    img = iio.imread(folder / "wafermap.png")
+    assert img.shape[0] > 900 and img.shape[1] > 1200
+    _, defects = read_defects(folder)
+    for cls in {d.defect_class for d in defects}:  # each class present is drawn in its colour
+        assert _pixels_like(img, CLASS_COLORS[cls]) > 30, cls
+    for cls in set(CLASS_COLORS) - {d.defect_class for d in defects}:
+        assert _pixels_like(img, CLASS_COLORS[cls]) == 0, cls  # no stray legend entries
+    assert _pixels_like(img, _FAIL_FACE, tol=6) > 2000  # failing dies shaded
+
+
+def test_pv_map_shows_busbars_and_defects(pv_scan: Path, tmp_path: Path):
+    folder = tmp_path / "pv"
+    shutil.copytree(pv_scan, folder)
+    report(folder)
+    img = iio.imread(folder / "wafermap.png")
+    _, defects = read_defects(folder)
+    assert _pixels_like(img, "#4a5563", tol=4) > 3000  # three busbars across the cell
+    for cls in {d.defect_class for d in defects}:
+        assert _pixels_like(img, CLASS_COLORS[cls]) > 30, cls
+
+
+def test_wafer_outline_notch_and_flat_point_to_plus_y():
+    notch = wafer_outline_mm(100.0, "notch", 32.5)
+    flat = wafer_outline_mm(100.0, "flat", 32.5)
+    disc = wafer_outline_mm(100.0, "none", 32.5)
+    assert notch.bounds[3] == pytest.approx(50.0, abs=0.05)  # the rim beside the notch
+    assert not notch.contains(_point(0.0, 49.5)) and notch.contains(_point(0.0, -49.5))
+    assert flat.bounds[3] == pytest.approx(np.sqrt(50**2 - 16.25**2), abs=1e-6)
+    assert flat.bounds[1] == pytest.approx(-50.0, abs=0.05)
+    assert disc.area > notch.area > flat.area
+
+
+def _point(x: float, y: float):
+    from shapely.geometry import Point
+
+    return Point(x, y)
+
+
+def test_rectangle_sample_gets_a_defect_map_and_no_klarf(tmp_path: Path):
+    from conftest import _scan_with_truth_defects
+
+    folder = _scan_with_truth_defects(tmp_path, "coupon", {
+        "sample": {"kind": "rectangle", "width_mm": 6, "height_mm": 4, "center_um": [2000, 0],
+                   "defects": {"count": 6, "seed": 2}},
+        "microscope": {"kind": "simulated",
+                       "camera": {"width": 256, "height": 256, "pixel_size_um": 10.0}},
+    })
+    result = report(folder)
+    assert set(result.outputs) == {"defects", "defects csv", "wafer map"}
+    header, defects = read_defects(folder)
+    assert all(d.region is None and d.die_col is None and d.tiles for d in defects)
+    img = iio.imread(folder / "wafermap.png")
+    for cls in {d.defect_class for d in defects}:
+        assert _pixels_like(img, CLASS_COLORS[cls]) > 30, cls
