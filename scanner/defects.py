@@ -3,7 +3,8 @@
 The steps, all on the maps' grid (``1 / stride`` of the model grid):
 
 1. **Hysteresis threshold.** A defect is a connected region where the anomaly exceeds a *low*
-   threshold (default half the decision threshold) that somewhere exceeds the decision
+   threshold (default halfway from the surface's median anomaly to the decision threshold,
+   at least half the latter) that somewhere exceeds the decision
    threshold itself (the model's calibrated one unless overridden). The low threshold gives a
    defect its full extent; the high one decides whether it is one.
 2. **Merging.** Regions closer than ``merge_px`` (model-grid pixels) are one defect: a scratch
@@ -212,6 +213,24 @@ class MapGeometry:
     stride: int
 
 
+def extent_threshold(anomaly: Any, threshold: float, chunk: int = 1024) -> float:
+    """Default low (extent) threshold: halfway from the surface's typical anomaly to ``threshold``.
+
+    The typical level is the median of the map over the inspected area (zeros, outside the
+    sample, left out). Half the threshold would do on a quiet surface, but where the surface
+    itself scores near it (patterned wafers, textured cells) the extent would flood into the
+    surface and join unrelated defects.
+    """
+    h = int(anomaly.shape[0])
+    samples = []
+    for r0 in range(0, h, chunk):
+        block = np.asarray(anomaly[r0 : r0 + chunk])[::2, ::2]
+        samples.append(block[block > 0])
+    values = np.concatenate(samples) if samples else np.zeros(0)
+    typical = float(np.median(values)) if values.size else 0.0
+    return max(threshold / 2, typical + 0.5 * (threshold - typical))
+
+
 def threshold_masks(
     anomaly: Any, threshold: float, low: float, chunk: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -273,7 +292,7 @@ def extract_defects(
     threshold : float
         Decision threshold on the anomaly.
     low : float, optional
-        Extent threshold (default ``threshold / 2``).
+        Extent threshold (default :func:`extent_threshold`).
     min_area_px : float
         Smallest defect, in model-grid pixels (area).
     merge_px : float
@@ -289,7 +308,9 @@ def extract_defects(
     list of Defect
         Sorted by score (highest first), ids 1, 2, ...
     """
-    low = threshold / 2 if low is None else min(low, threshold)
+    if low is None:
+        low = extent_threshold(maps["anomaly"], threshold)
+    low = min(low, threshold)
     s = geometry.stride
     p = geometry.pixel_size_um
     x0, y0 = geometry.origin_um

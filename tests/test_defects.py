@@ -55,12 +55,12 @@ def test_threshold_min_size_and_hysteresis():
     a[rr := slice(50, 60), slice(50, 60)] = 0.3  # below the threshold everywhere: not a defect
     a[rr, slice(80, 90)] = 0.3
     a[55, 85] = 0.8  # ... unless it peaks above it: the whole low region is its extent
-    defects = extract_defects(_maps(a), GEOM, threshold=0.5)
+    defects = extract_defects(_maps(a), GEOM, threshold=0.5, low=0.25)
     assert len(defects) == 2
     big = max(defects, key=lambda d: d.area_um2)
     assert big.area_um2 == pytest.approx(100 * 16.0)
     assert big.review is False
-    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, min_area_px=20)) == 1
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, low=0.25, min_area_px=20)) == 1
     assert extract_defects(_maps(a), GEOM, threshold=0.95) == []
 
 
@@ -166,3 +166,17 @@ def ndimage_grey_dilate(a):
     from scipy import ndimage
 
     return ndimage.grey_dilation(a, size=(2, 2))
+
+
+def test_extent_threshold_stays_above_a_busy_surface():
+    from scanner.defects import extent_threshold
+
+    rng = np.random.default_rng(0)
+    quiet = rng.uniform(0.0, 0.05, (100, 100))
+    busy = rng.uniform(0.3, 0.4, (100, 100))
+    assert extent_threshold(quiet, 0.6) == pytest.approx(0.3125, abs=0.01)
+    assert extent_threshold(busy, 0.6) == pytest.approx(0.475, abs=0.01)
+    # a defect on the busy surface keeps its own extent instead of flooding the surface
+    busy[40:50, 40:50] = 0.9
+    d = extract_defects(_maps(busy.astype(np.float32)), GEOM, threshold=0.6)
+    assert len(d) == 1 and d[0].area_um2 == pytest.approx(100 * 16.0)
