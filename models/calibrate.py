@@ -98,13 +98,15 @@ def calibrate_threshold(
         raise ValueError("calibration needs held-out maps with a positive area")
     allowed = target_per_cm2 * area_cm2
     values = np.concatenate([m.ravel() for m in maps])
-    base = float(np.quantile(values, 0.98))
+    base = float(np.quantile(values, 0.9))
     peaks = component_peaks(maps, base)
     # empirical: leave the floor(allowed) highest peaks above the threshold; components may
     # split or merge as the threshold moves, so check with an exact count and move up a peak
     # at a time while there are too many
     k = int(np.floor(allowed))
     empirical = float(values.max())
+    if len(peaks) <= k and count_components(maps, base) <= allowed:
+        empirical = base  # even the 90th percentile leaves few enough components
     for j in range(k, len(peaks)):
         t = float(peaks[j])
         if count_components(maps, t) <= allowed:

@@ -103,6 +103,10 @@ class InspectionNet(nn.Module):
         self.rough_hidden = nn.Conv2d(c1, h, 1)
         self.rough_out = nn.Conv2d(h, 2, 1)
         self.mc_dropout = False  # keep dropout active at inference (MC dropout evaluation)
+        # defects are rare: start the anomaly heads at a prior of 2 % (RetinaNet's prior
+        # initialisation), so the first steps do not spend themselves unlearning p = 0.5
+        nn.init.constant_(self.anomaly_out.bias, -4.0)
+        nn.init.normal_(self.anomaly_out.weight, std=0.01)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Shared decoder features at stride 4."""

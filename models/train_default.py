@@ -16,7 +16,7 @@ from .inspection import default_model_path
 from .train import train_model
 
 #: settings of the shipped model (recorded in its card)
-DEFAULTS = {"epochs": 12, "steps_per_epoch": 60, "n_simulated": 192, "seed": 0}
+DEFAULTS = {"epochs": 10, "steps_per_epoch": 60, "n_simulated": 128, "seed": 0}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -341,6 +341,58 @@ def train(
 
 @app.command()
 @_friendly
+def calibrate(
+    recipe: RecipeArg,
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Calibration file to write (JSON).")
+    ] = Path("calibration.json"),
+    at: Annotated[
+        tuple[float, float] | None,
+        typer.Option("--at", help="Stage X Y (µm) of a textured area (default: sample centre)."),
+    ] = None,
+    grid: Annotated[
+        int | None, typer.Option(help="Frames per side (default: enough for 0.03 % error).")
+    ] = None,
+    step: Annotated[float, typer.Option(help="Step between frames, fraction of the FOV.")] = 0.75,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
+) -> None:
+    """Measure the camera's pixel size and rotation by moving the stage by known steps."""
+    from .calibrate import calibrate_recipe
+    from .recipe import load_recipe
+
+    if out_file.exists() and not overwrite:
+        raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
+    rec = load_recipe(recipe)
+    with _progress() as progress:
+        task = progress.add_task("calibrating", total=None)
+        result = calibrate_recipe(
+            rec, centre_um=at, grid=grid, step_fraction=step,
+            progress=lambda d, t: progress.update(task, completed=d, total=t),
+        )
+    result.write(out_file)
+    data = result.to_json()
+    table = Table(title=f"{recipe.name}: camera calibration", show_header=False)
+    table.add_row("pixel size", f"{result.pixel_size_um:.5f} µm "
+                  f"(± {100 * result.pixel_size_sigma_rel:.3f} %; nominal "
+                  f"{result.nominal_pixel_size_um:g} µm)")
+    table.add_row("rotation", f"{result.rotation_deg:+.4f}° (± {result.rotation_sigma_deg:.4f}°)")
+    table.add_row("pixel x / y", f"{result.pixel_size_x_um:.5f} / {result.pixel_size_y_um:.5f} µm")
+    table.add_row("skew", f"{result.skew_deg:+.4f}°")
+    table.add_row("stage scatter", f"{result.residual_rms_um:.2f} µm RMS")
+    table.add_row("frames / pairs", f"{result.n_frames} / {result.n_pairs_used} of "
+                  f"{result.n_pairs}")
+    if "truth" in data:
+        t = data["truth"]
+        table.add_row("vs simulator truth", f"pixel {t['pixel_size_error_pct']:+.4f} %, "
+                      f"rotation {t['rotation_error_deg']:+.4f}°")
+    out.print(table)
+    out.print(f"wrote {out_file.resolve()}; use it with `microscope: {{calibration: "
+              f"{out_file.name}}}`")
+
+
+
+@app.command()
+@_friendly
 def view(
     scan: Annotated[Path, typer.Argument(help="Scan folder.")],
     screenshot: Annotated[
