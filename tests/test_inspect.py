@@ -49,6 +49,7 @@ def _one_window(model, img: np.ndarray, level: float) -> dict[str, np.ndarray]:
     return {k: out[k][0, c:c + mh, c:c + mw] for k in ("anomaly", "roughness", "uncertainty")}
 
 
+@pytest.mark.slow
 def test_tiled_inference_has_no_seams(net_model):
     img = _texture((700, 900))
     maps = infer_image(net_model, img, core_px=256)  # 3 x 4 windows with blended borders
@@ -70,6 +71,7 @@ def _write_mosaic(path: Path, img: np.ndarray, pixel_um: float, origin: tuple[fl
     finish_multiscale(tmp, path, len(arrays), pixel_um, origin, "mosaic")
 
 
+@pytest.mark.slow
 def test_streaming_over_a_chunked_mosaic_writes_ome_maps(net_model, tmp_path):
     img = _texture((700, 1100), seed=1)
     mosaic = tmp_path / "mosaic.ome.zarr"
