@@ -162,7 +162,9 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
         kind="simulated",
         truth=truth,
         clock_device=labels["clock"],
-        info={"labels": labels, "depth_of_field_um": spec.objective.depth_of_field_um},
+        info={"labels": labels, "depth_of_field_um": spec.objective.depth_of_field_um,
+              "effective_depth_of_field_um": round(
+                  spec.objective.effective_depth_of_field_um(cam.pixel_size_um), 3)},
     )
 
 
@@ -203,7 +205,9 @@ def build_micromanager(recipe: Recipe) -> MicroscopeHandle:
     return MicroscopeHandle(
         core=core,
         kind="micromanager",
-        info={"config": str(spec.config), "depth_of_field_um": spec.objective.depth_of_field_um},
+        info={"config": str(spec.config), "depth_of_field_um": spec.objective.depth_of_field_um,
+              "effective_depth_of_field_um": round(
+                  spec.objective.effective_depth_of_field_um(core.getPixelSizeUm()), 3)},
     )
 
 

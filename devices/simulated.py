@@ -41,6 +41,9 @@ class SimCamera(SimpleCameraDevice):
         return np.dtype(self._scope.camera.dtype)
 
     def snap(self, buffer: np.ndarray) -> Mapping:
+        # the exposure starts once every axis has arrived (as after the core's waitForSystem)
+        self._scope.xy.wait()
+        self._scope.z.wait()
         buffer[:] = self._scope.snap()
         last = self._scope.last
         return {"SimClock_s": f"{last.clock_s:.6f}"} if last else {}
@@ -70,8 +73,15 @@ class SimXYStage(XYStageDevice):
         self._scope = scope
 
     def set_position_um(self, x: float, y: float) -> None:
-        self._scope.xy.move_to(x, y)  # raises TravelLimitError before moving
+        # starts the move (raises TravelLimitError before moving); waitForDevice charges it,
+        # so a focus move commanded meanwhile runs at the same time, as on real controllers
+        self._scope.xy.start_move_to(x, y)
         self.core.events.XYStagePositionChanged.emit(self.get_label(), x, y)
+
+    def busy(self) -> bool:
+        """Polled by waitForDevice: in simulated time, waiting means the move completes."""
+        self._scope.xy.wait()
+        return False
 
     def get_position_um(self) -> tuple[float, float]:
         x, y = self._scope.xy.reported()
@@ -106,8 +116,13 @@ class SimFocus(StageDevice):
         self._scope = scope
 
     def set_position_um(self, val: float) -> None:
-        self._scope.z.move_to(val)
+        self._scope.z.start_move_to(val)
         self.core.events.stagePositionChanged.emit(self.get_label(), val)
+
+    def busy(self) -> bool:
+        """Polled by waitForDevice: in simulated time, waiting means the move completes."""
+        self._scope.z.wait()
+        return False
 
     def get_position_um(self) -> float:
         return float(self._scope.z.reported()[0])

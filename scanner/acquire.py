@@ -71,9 +71,14 @@ class ScanEngine(MDAEngine):
         index = event.index.get("p", 0)
         try:
             if event.x_pos is not None and event.y_pos is not None:
+                # a Z known in advance (focus map) moves together with XY, as the stock
+                # engine does; the focus drive is a separate controller
+                z_ahead = (self.focus.z_ahead(event.x_pos, event.y_pos)
+                           if self.focus is not None else None)
                 self._retry(
                     lambda: (
                         core.setXYPosition(event.x_pos, event.y_pos),
+                        z_ahead is not None and core.setPosition(z_ahead),
                         core.waitForDevice(core.getXYStageDevice()),
                     ),
                     f"move to tile {index}",

@@ -191,6 +191,18 @@ class FocusController:
 
     # -- during the scan ----------------------------------------------------------------------
 
+    def z_ahead(self, x_um: float, y_um: float) -> float | None:
+        """Z of a tile known before the stage gets there (the map's), else None.
+
+        The engine then commands the focus drive together with the XY move, so the focus
+        move costs no time of its own.
+        """
+        if self.spec.strategy != "focus_map" or self.surface is None:
+            return None
+        lo, hi = self.z_range
+        z = float(self.surface.predict(np.array([x_um]), np.array([y_um]))[0])
+        return min(max(z, lo), hi)
+
     def z_for(self, index: int, x_um: float, y_um: float) -> TileFocus:
         """Z for a tile (the stage is already at its XY); may run an autofocus."""
         spec = self.spec
@@ -200,11 +212,8 @@ class FocusController:
         if spec.strategy == "none":
             return TileFocus(fixed, "fixed")
         if spec.strategy == "focus_map":
-            if self.surface is None:
-                return TileFocus(base, "fixed")
-            z = float(self.surface.predict(np.array([x_um]), np.array([y_um]))[0])
-            lo, hi = self.z_range
-            return TileFocus(min(max(z, lo), hi), "map")
+            z = self.z_ahead(x_um, y_um)
+            return TileFocus(base, "fixed") if z is None else TileFocus(z, "map")
         if spec.strategy == "every_n_tiles" and index % spec.every_n != 0:
             return TileFocus(base, "neighbour")
         result = self._autofocus_here(self._predict_start(x_um, y_um, base))
@@ -225,6 +234,13 @@ class FocusController:
     def _recheck_on(self) -> bool:
         return (self.spec.strategy == "focus_map" and self.recheck is not None
                 and self.recheck.enabled and self.surface is not None)
+
+    def _tile(self, index: int) -> Any:
+        """The planned tile of an MDA position index."""
+        tile = self.plan.tiles[index]
+        if tile.index != index:  # plans are built in index order; make sure of it
+            tile = next(t for t in self.plan.tiles if t.index == index)
+        return tile
 
     def _overlap_px(self) -> tuple[int, int]:
         p = self.core.getPixelSizeUm()
@@ -259,7 +275,7 @@ class FocusController:
         """
         if not self._recheck_on or self._current is None:
             return False
-        tile = self.plan.tiles[self._current]
+        tile = self._tile(self._current)
         strips = strip_energies(image, self._overlap_px())
         cal, noise = self.recheck, self._pair_noise
         assert cal is not None and noise is not None
@@ -287,7 +303,7 @@ class FocusController:
         """Record the final frame of a re-measured tile (the reference for its neighbours)."""
         if not self._recheck_on or self._current is None:
             return
-        tile = self.plan.tiles[self._current]
+        tile = self._tile(self._current)
         old = self._tiles.get((tile.row, tile.col), {})
         dz2 = 0.0 if focus.source == "remeasured" else old.get("dz2", 0.0)
         self._record(tile, strip_energies(image, self._overlap_px()), focus, dz2)
@@ -304,7 +320,7 @@ class FocusController:
         The search starts from the map's Z plus the map's error at re-measured neighbours (a
         local bump spans several tiles).
         """
-        tile = self.plan.tiles[self._current] if self._current is not None else None
+        tile = self._tile(self._current) if self._current is not None else None
         entry: dict[str, Any] = {"index": None if tile is None else tile.index,
                                  "x_um": x_um, "y_um": y_um, "z_map_um": focus.z_um}
         if tile is not None:

@@ -69,6 +69,11 @@ def _draw(path: Path, focus: dict[str, Any], tiles: list[TileRecord], z: np.ndar
         py = np.array([p["y_um"] for p in pts]) / 1000
         ax.scatter(px[ok], py[ok], facecolors="none", edgecolors="w", s=60, label="focus point")
         ax.scatter(px[~ok], py[~ok], c="r", marker="x", s=60, label="refused point")
+    redone = np.array([t.focus_source == "remeasured" for t in tiles])
+    if redone.any():  # tiles the sharpness re-check re-measured
+        ax.scatter(x[redone], y[redone], facecolors="none", edgecolors="r", marker="s", s=40,
+                   label="re-measured")
+    if pts or redone.any():
         ax.legend(loc="lower right", fontsize=7)
     ax.set_title(f"focus: {focus.get('strategy')}")
     ax.set_xlabel("x (mm)")

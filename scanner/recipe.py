@@ -247,6 +247,15 @@ class ObjectiveSpec(_Model):
         """Wave-optical depth of field ``lambda / NA**2``."""
         return self.wavelength_um / self.numerical_aperture**2
 
+    def effective_depth_of_field_um(self, pixel_size_um: float) -> float:
+        """Depth of field seen through a camera pixel: ``lambda / NA**2 + pixel / NA``.
+
+        Where the pixel (in sample space) is coarser than the optics resolve, the image
+        hardly changes until the blur spans a pixel; the focus targets still use the
+        stricter optical ``depth_of_field_um``.
+        """
+        return self.depth_of_field_um + pixel_size_um / self.numerical_aperture
+
 
 class SimulatedMicroscope(_Model):
     """The built-in simulated microscope (pure-Python Micro-Manager devices)."""

@@ -100,6 +100,7 @@ class StageAxes:
         self.commanded = np.asarray(start, dtype=float)
         self.true = self.commanded.copy()
         self.moves = 0
+        self._busy_until_s = 0.0
 
     def check(self, target_um: np.ndarray) -> None:
         """Raise :class:`TravelLimitError` if ``target_um`` is outside the travel range."""
@@ -112,7 +113,13 @@ class StageAxes:
 
     def move_to(self, *target_um: float) -> float:
         """Move to an absolute position; returns the hardware time spent (also on the clock)."""
-        target = np.asarray(target_um, dtype=float)
+        self.wait()  # a move started earlier finishes first
+        seconds = self._move(np.asarray(target_um, dtype=float))
+        self.clock.advance(seconds)
+        return seconds
+
+    def _move(self, target: np.ndarray) -> float:
+        """Land at ``target`` (with the repeatability error); the move's time in seconds."""
         self.check(target)
         delta = target - self.true
         seconds = max(
@@ -124,8 +131,22 @@ class StageAxes:
             self.true = target + error
             self.moves += 1
         self.commanded = target
-        self.clock.advance(seconds)
         return seconds
+
+    def start_move_to(self, *target_um: float) -> None:
+        """Start a move and return at once, as a motion controller does.
+
+        The move's time is not charged yet: it runs while other devices work (the XY stage
+        and the focus drive are separate controllers that move at the same time) and is
+        charged by :meth:`wait`, from when the axis was last free. Raises
+        :class:`TravelLimitError` before moving, like :meth:`move_to`.
+        """
+        start = max(self.clock.elapsed_s, self._busy_until_s)
+        self._busy_until_s = start + self._move(np.asarray(target_um, dtype=float))
+
+    def wait(self) -> None:
+        """Charge the clock until the last started move has finished and settled."""
+        self.clock.advance(self._busy_until_s - self.clock.elapsed_s)
 
     def reported(self) -> np.ndarray:
         """The position the controller reports: commanded, quantised to the encoder step."""

@@ -51,6 +51,11 @@ def test_focus_map_keeps_tiles_in_focus(write_recipe, tmp_path: Path) -> None:
     assert np.median(err_map) <= 0.2
     assert np.percentile(err_map, 95) <= 0.5
     assert err_map.max() <= 1.0
+    micro = json.loads((mapped.folder / "scan.json").read_text())["microscope"]
+    assert micro["depth_of_field_um"] == pytest.approx(0.55 / 0.3**2)  # the optical one
+    # 2 um pixels are coarser than NA 0.3 resolves: the camera sees a deeper focus
+    assert micro["effective_depth_of_field_um"] == pytest.approx(0.55 / 0.09 + 2.0 / 0.3,
+                                                                 abs=1e-3)
     focus = json.loads((mapped.folder / "focus_map.json").read_text())
     assert focus["autofocus_images"] / focus["autofocus_runs"] <= 8
     assert (mapped.folder / "focus_map.png").stat().st_size > 1000

@@ -128,7 +128,7 @@ def test_surface_bump_is_local():
 
 # ----------------------------------------------------------------------------- scans
 
-BUMP = (1500.0, 0.0, 24.0, 1000.0)  # x, y, height, radius: between the 9 rings points
+BUMP = (1600.0, 0.0, 24.0, 1400.0)  # x, y, height, radius: between the 9 rings points
 
 BUMP_RECIPE = """\
 sample:

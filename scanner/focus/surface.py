@@ -554,7 +554,8 @@ def focus_points_layout(
         for k, m in enumerate(counts, start=1):
             if m == 0:
                 continue
-            r = radius * k / (n_rings + 0.5)  # half a ring spacing from the edge
+            # the outer ring close to the edge: a fit extrapolates badly beyond its points
+            r = radius * k / (n_rings + 0.15)
             phase = (0.5 if k % 2 else 0.0) * 2 * math.pi / m  # stagger successive rings
             ang = phase + 2 * math.pi * np.arange(m) / m
             pts.extend(np.stack([c[0] + r * np.cos(ang), c[1] + r * np.sin(ang)], axis=1))
