@@ -385,8 +385,11 @@ def register_pair(
         sl3 = overlap_slices((oy2 + round(fy), ox2 + round(fx)), shape)
         if sl3 is None or min(s.stop - s.start for s in sl3[0]) < _MIN_OVERLAP:
             break
-        oy2, ox2 = oy2 + round(fy), ox2 + round(fx)
-        ha2, hb2 = prepare_strip(tile_a[sl3[0]]), prepare_strip(tile_b[sl3[1]])
+        try:
+            ha3, hb3 = prepare_strip(tile_a[sl3[0]]), prepare_strip(tile_b[sl3[1]])
+        except IndexError:  # beyond the strip kept of tile a: keep what was found
+            break
+        oy2, ox2, ha2, hb2 = oy2 + round(fy), ox2 + round(fx), ha3, hb3
         fy, fx, aligned = refine_subpixel(ha2, hb2, limit=2.0, direction=direction)
     m = 2
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
