@@ -37,7 +37,10 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
-__all__ = ["MosaicInfo", "fuse_mosaic", "mosaic_geometry", "mosaic_region", "open_mosaic"]
+__all__ = [
+    "MosaicInfo", "build_pyramid", "create_multiscale", "finish_multiscale", "fuse_mosaic",
+    "mosaic_geometry", "mosaic_region", "open_mosaic",
+]
 
 #: Fractional offsets closer than this (in pixels) to a whole number are snapped to it.
 _SNAP_PX = 1e-6
@@ -594,22 +597,8 @@ def fuse_mosaic(
     else:
         cache = _TileCache(lambda i: _prepare_tile(tiles, i, place, flatfield), capacity)
 
-    tmp = _tmp_path(out_path)
-    _remove(tmp)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    arrays = [
-        root.create_array(
-            str(k),
-            shape=s,
-            chunks=(chunk, chunk),
-            dtype=dtype,
-            fill_value=0,
-            compressors=zarr.codecs.ZstdCodec(level=3),
-            dimension_names=["y", "x"],
-        )
-        for k, s in enumerate(shapes)
-    ]
+    tmp, arrays = create_multiscale(out_path, shape, chunk=chunk, dtype=dtype,
+                                    min_level_size=min_level_size)
 
     done = 0
     lock = threading.Lock()
@@ -649,29 +638,9 @@ def fuse_mosaic(
     n_r, n_c = math.ceil(shape[0] / chunk), math.ceil(shape[1] / chunk)
     _run(fuse_chunk, _chunk_order(n_r, n_c, band), _WORKERS, tick)
 
-    for k in range(1, len(shapes)):
-        src, dst_arr = arrays[k - 1], arrays[k]
-        rows, cols = shapes[k]
+    build_pyramid(arrays, chunk, tick)
 
-        def down_chunk(
-            ij: tuple[int, int],
-            src: zarr.Array = src,
-            dst: zarr.Array = dst_arr,
-            rows: int = rows,
-            cols: int = cols,
-        ) -> None:
-            r0, c0 = ij[0] * chunk, ij[1] * chunk
-            r1, c1 = min(r0 + chunk, rows), min(c0 + chunk, cols)
-            block = src[2 * r0 : min(2 * r1, src.shape[0]), 2 * c0 : min(2 * c1, src.shape[1])]
-            if not block.any():
-                return  # unscanned
-            dst[r0:r1, c0:c1] = _downsample2(np.asarray(block))
-
-        n_r, n_c = math.ceil(rows / chunk), math.ceil(cols / chunk)
-        _run(down_chunk, _chunk_order(n_r, n_c, 1), _WORKERS, tick)
-
-    root.attrs["ome"] = _ome_attrs(name, len(shapes), p, origin)
-    _replace_dir(tmp, out_path)
+    finish_multiscale(tmp, out_path, len(shapes), p, origin, name)
     return MosaicInfo(
         path=out_path,
         shape=(int(shape[0]), int(shape[1])),
@@ -762,3 +731,92 @@ def mosaic_region(
     if a0 < a1 and b0 < b1:
         out[a0 - row : a1 - row, b0 - col : b1 - col] = arr[a0:a1, b0:b1]
     return out
+
+
+# ----------------------------------------------------------------------- shared OME-NGFF writing
+
+
+def create_multiscale(
+    out_path: Path,
+    shape: tuple[int, int],
+    *,
+    chunk: int,
+    dtype: Any,
+    fill_value: float = 0,
+    min_level_size: int = 256,
+) -> tuple[Path, list[zarr.Array]]:
+    """Create the empty levels of a multiscale image in the ``*.tmp.zarr`` sibling of ``out_path``.
+
+    Fill level 0, then call :func:`build_pyramid` and :func:`finish_multiscale`, which renames
+    the temporary group over ``out_path``: an earlier image there survives until the new one is
+    complete.
+
+    Returns
+    -------
+    tmp : Path
+        The temporary group being written.
+    arrays : list of zarr.Array
+        One array per level, level 0 first.
+    """
+    out_path = Path(out_path)
+    shapes = _level_shapes((int(shape[0]), int(shape[1])), min_level_size)
+    tmp = _tmp_path(out_path)
+    _remove(tmp)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    arrays = [
+        root.create_array(
+            str(k),
+            shape=s,
+            chunks=(chunk, chunk),
+            dtype=dtype,
+            fill_value=fill_value,
+            compressors=zarr.codecs.ZstdCodec(level=3),
+            dimension_names=["y", "x"],
+        )
+        for k, s in enumerate(shapes)
+    ]
+    return tmp, arrays
+
+
+def build_pyramid(
+    arrays: list[zarr.Array], chunk: int, tick: Callable[[], None] | None = None
+) -> None:
+    """Fill levels 1.. of a multiscale image chunk-wise, each the 2 x 2 mean of the level below.
+
+    Chunks of the level below that hold only zeros (unscanned) are skipped.
+    """
+    for k in range(1, len(arrays)):
+        src, dst_arr = arrays[k - 1], arrays[k]
+        rows, cols = dst_arr.shape
+
+        def down_chunk(
+            ij: tuple[int, int],
+            src: zarr.Array = src,
+            dst: zarr.Array = dst_arr,
+            rows: int = rows,
+            cols: int = cols,
+        ) -> None:
+            r0, c0 = ij[0] * chunk, ij[1] * chunk
+            r1, c1 = min(r0 + chunk, rows), min(c0 + chunk, cols)
+            block = src[2 * r0 : min(2 * r1, src.shape[0]), 2 * c0 : min(2 * c1, src.shape[1])]
+            if not block.any():
+                return  # unscanned
+            dst[r0:r1, c0:c1] = _downsample2(np.asarray(block))
+
+        n_r, n_c = math.ceil(rows / chunk), math.ceil(cols / chunk)
+        _run(down_chunk, _chunk_order(n_r, n_c, 1), _WORKERS, tick or (lambda: None))
+
+
+def finish_multiscale(
+    tmp: Path, out_path: Path, n_levels: int, pixel_size_um: float,
+    origin_um: tuple[float, float], name: str,
+) -> None:
+    """Write the OME-NGFF 0.5 metadata of a multiscale image and rename it over ``out_path``.
+
+    ``origin_um`` is the stage ``(x_um, y_um)`` of the centre of level-0 pixel ``(0, 0)`` and
+    ``pixel_size_um`` the level-0 pixel size.
+    """
+    root = zarr.open_group(str(tmp), mode="r+")
+    root.attrs["ome"] = _ome_attrs(name, n_levels, float(pixel_size_um), origin_um)
+    _replace_dir(Path(tmp), Path(out_path))
