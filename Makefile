@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean model
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_scan.py
+
+# the shipped default model (models/default.safetensors + .json): simulated data only, seed 0
+model: install
+	nice -n 10 $(PY) -m models.train_default
 
 clean:
 	rm -rf $(VENV) scans .pytest_cache

@@ -212,7 +212,30 @@ def build_micromanager(recipe: Recipe) -> MicroscopeHandle:
 
 
 def build_microscope(recipe: Recipe) -> MicroscopeHandle:
-    """Build the core that a recipe asks for."""
+    """Build the core that a recipe asks for (with its camera calibration applied, if any)."""
     if recipe.microscope.kind == "simulated":
-        return build_simulated(recipe)
-    return build_micromanager(recipe)
+        handle = build_simulated(recipe)
+    else:
+        handle = build_micromanager(recipe)
+    calibration = getattr(recipe.microscope, "calibration", None)
+    if calibration is not None:
+        apply_calibration(handle.core, calibration)
+    return handle
+
+
+def apply_calibration(core: UniMMCore, path: Any) -> None:
+    """Set the core's pixel size and pixel→stage affine from a ``waferscope calibrate`` file.
+
+    The plan's field of view then uses the measured pixel size, and Micro-Manager clients see
+    the measured rotation (``getPixelSizeAffine``: stage = A @ (col, row) + t).
+    """
+    import math
+
+    from scanner.stitch import load_calibration
+
+    cam = load_calibration(path)
+    _set_pixel_size(core, cam.pixel_size_um)
+    th = math.radians(cam.rotation_deg)
+    p = cam.pixel_size_um
+    core.setPixelSizeAffine(PIXEL_CONFIG, [p * math.cos(th), -p * math.sin(th), 0.0,
+                                           p * math.sin(th), p * math.cos(th), 0.0])

@@ -78,7 +78,8 @@ class RichObserver:
     """Progress bars for the stages of a scan."""
 
     _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
-               "register": "registering tiles", "report": "writing reports"}
+               "register": "registering tiles", "inspect": "inspecting",
+               "images": "inspecting images", "report": "writing reports"}
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
@@ -157,14 +158,26 @@ def run(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing scan folder given with --out.")
     ] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Inspection model (default: the shipped one).")
+    ] = None,
+    inspect_: Annotated[
+        bool, typer.Option("--inspect/--no-inspect", help="Inspect the mosaic after stitching.")
+    ] = True,
 ) -> None:
-    """Scan a recipe's sample: plan, acquire, stitch; print where the outputs are."""
+    """Scan a recipe's sample: plan, acquire, stitch, inspect; print where the outputs are."""
     from .pipeline import run_scan
     from .recipe import load_recipe
 
     rec = load_recipe(recipe)
+    loaded = None
+    if inspect_:
+        from .inspection import load_inspection_model
+
+        loaded = load_inspection_model(model)  # a bad model fails before the stage moves
     with _progress() as progress:
-        result = run_scan(rec, out_dir, overwrite=overwrite, observer=RichObserver(progress))
+        result = run_scan(rec, out_dir, overwrite=overwrite, observer=RichObserver(progress),
+                          inspect=inspect_, model=loaded)
     _print_result(result)
     if result.status != "complete":
         err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
@@ -185,6 +198,50 @@ def stitch(scan: Annotated[Path, typer.Argument(help="Scan folder.")]) -> None:
 
 @app.command()
 @_friendly
+def inspect(
+    target: Annotated[list[Path], typer.Argument(
+        help="Scan folder, mosaic (.ome.zarr), or image files/folders.", show_default=False)],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Inspection model (default: the shipped one).")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Output folder (default: the scan folder; ./inspection for images).")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Decision threshold on the anomaly map (default: the model's calibrated one).")
+    ] = None,
+    pixel_size: Annotated[float | None, typer.Option(
+        "--pixel-size", help="Pixel size of plain images in µm (default: the model's).")
+    ] = None,
+) -> None:
+    """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
+    from .inspection import inspect_target
+
+    if threshold is not None and not threshold > 0:
+        raise UserError(f"--threshold: must be > 0, got {threshold}")
+    if pixel_size is not None and not pixel_size > 0:
+        raise UserError(f"--pixel-size: must be > 0, got {pixel_size}")
+    with _progress() as progress:
+        task = None
+
+        def on_progress(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = progress.add_task("inspecting", total=total)
+            progress.update(task, completed=done)
+
+        result = inspect_target(target, out_dir, model=model, threshold=threshold,
+                                pixel_size_um=pixel_size, progress=on_progress)
+    out.print(f"defects: {result.n_defects}")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<10} {Path(path).resolve()}")
+    out.print("  inspect time: " + ", ".join(
+        f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
+        for k, v in result.timings.items()))
+
+
+@app.command()
+@_friendly
 def report(
     scan: Annotated[Path, typer.Argument(help="Scan folder (with defects.json).")],
     lot: Annotated[str | None, typer.Option("--lot", help="Lot id (default: the recipe's).")]
@@ -201,6 +258,137 @@ def report(
     for name, path in result.outputs.items():
         out.print(f"  {name:<11} {path.resolve()}")
     out.print(f"  report time: {_duration(result.wall_s)}")
+
+
+@app.command()
+@_friendly
+def train(
+    more_good: Annotated[
+        list[Path] | None,
+        typer.Argument(help="More good images/folders (so that --good A B C works).",
+                       show_default=False),
+    ] = None,
+    good: Annotated[
+        list[Path] | None,
+        typer.Option("--good", help="Good images: files, folders of images, good scan folders."),
+    ] = None,
+    model_out: Annotated[
+        Path, typer.Option("--out", help="Model to write (MODEL.safetensors + MODEL.json).")
+    ] = Path("model.safetensors"),
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
+    false_alarms_per_cm2: Annotated[
+        float, typer.Option(help="Threshold calibration target on held-out good images.")
+    ] = 1.0,
+    pixel_size_um: Annotated[
+        float | None,
+        typer.Option(help="Pixel size of the good images (default: scan.json, else 1.0)."),
+    ] = None,
+    no_simulated: Annotated[
+        bool, typer.Option("--no-simulated", help="Train on the given good images only.")
+    ] = False,
+    simulated_only: Annotated[
+        bool,
+        typer.Option("--simulated-only",
+                     help="Train on simulated wafers, PV cells and rough surfaces only, over "
+                          "their usual pixel sizes (how the default model is made)."),
+    ] = False,
+    n_simulated: Annotated[int, typer.Option(min=0, help="Simulated training images.")] = 96,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+) -> None:
+    """Train an inspection model on good images (+ simulated surfaces); calibrate its threshold."""
+    from models.train import train_model
+
+    paths = list(good or []) + list(more_good or [])
+    if simulated_only and paths:
+        raise UserError("--simulated-only: give no --good images with it")
+    if not paths and not simulated_only:
+        raise UserError("--good: give good images (or --simulated-only)")
+    if no_simulated and simulated_only:
+        raise UserError("--no-simulated and --simulated-only exclude each other")
+    target = model_out if model_out.suffix == ".safetensors" else model_out.with_suffix(
+        ".safetensors")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: exists (use --overwrite to replace it)")
+    with _progress() as progress:
+        tasks: dict[str, TaskID] = {}
+        labels = {"data": "preparing data", "train": "training", "calibrate": "calibrating"}
+
+        def on_progress(stage: str, done: int, total: int, info: dict) -> None:
+            if stage == "epoch":
+                auc = info.get("val_auroc", float("nan"))
+                err.print(f"epoch {done}: train loss {info['train_loss']:.4f}, val loss "
+                          f"{info['val_loss']:.4f}, val AUROC {auc:.3f}, val Sa MAE "
+                          f"{info.get('val_sa_mae_nm', float('nan')):.2f} nm", highlight=False)
+                return
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        report = train_model(
+            paths, target, epochs=epochs, seed=seed, false_alarms_per_cm2=false_alarms_per_cm2,
+            pixel_size_um=pixel_size_um, simulated=not no_simulated,
+            multiscale=simulated_only, n_simulated=n_simulated, progress=on_progress,
+        )
+    card = report.card
+    out.print(f"model: {report.weights.resolve()}")
+    out.print(f"  card       {report.card_path.resolve()}")
+    out.print(f"  threshold  {card['threshold']:.4f} (target {false_alarms_per_cm2} false "
+              f"alarm/cm² on {card['calibration']['held_out_images']} held-out good images)")
+    out.print(f"  epochs     {report.epochs_run} (best {report.best_epoch})")
+    out.print(f"  time       {_duration(report.train_time_s)}")
+
+
+@app.command()
+@_friendly
+def calibrate(
+    recipe: RecipeArg,
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Calibration file to write (JSON).")
+    ] = Path("calibration.json"),
+    at: Annotated[
+        tuple[float, float] | None,
+        typer.Option("--at", help="Stage X Y (µm) of a textured area (default: sample centre)."),
+    ] = None,
+    grid: Annotated[
+        int | None, typer.Option(help="Frames per side (default: enough for 0.03 % error).")
+    ] = None,
+    step: Annotated[float, typer.Option(help="Step between frames, fraction of the FOV.")] = 0.75,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
+) -> None:
+    """Measure the camera's pixel size and rotation by moving the stage by known steps."""
+    from .calibrate import calibrate_recipe
+    from .recipe import load_recipe
+
+    if out_file.exists() and not overwrite:
+        raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
+    rec = load_recipe(recipe)
+    with _progress() as progress:
+        task = progress.add_task("calibrating", total=None)
+        result = calibrate_recipe(
+            rec, centre_um=at, grid=grid, step_fraction=step,
+            progress=lambda d, t: progress.update(task, completed=d, total=t),
+        )
+    result.write(out_file)
+    data = result.to_json()
+    table = Table(title=f"{recipe.name}: camera calibration", show_header=False)
+    table.add_row("pixel size", f"{result.pixel_size_um:.5f} µm "
+                  f"(± {100 * result.pixel_size_sigma_rel:.3f} %; nominal "
+                  f"{result.nominal_pixel_size_um:g} µm)")
+    table.add_row("rotation", f"{result.rotation_deg:+.4f}° (± {result.rotation_sigma_deg:.4f}°)")
+    table.add_row("pixel x / y", f"{result.pixel_size_x_um:.5f} / {result.pixel_size_y_um:.5f} µm")
+    table.add_row("skew", f"{result.skew_deg:+.4f}°")
+    table.add_row("stage scatter", f"{result.residual_rms_um:.2f} µm RMS")
+    table.add_row("frames / pairs", f"{result.n_frames} / {result.n_pairs_used} of "
+                  f"{result.n_pairs}")
+    if "truth" in data:
+        t = data["truth"]
+        table.add_row("vs simulator truth", f"pixel {t['pixel_size_error_pct']:+.4f} %, "
+                      f"rotation {t['rotation_error_deg']:+.4f}°")
+    out.print(table)
+    out.print(f"wrote {out_file.resolve()}; use it with `microscope: {{calibration: "
+              f"{out_file.name}}}`")
+
 
 
 @app.command()

@@ -35,8 +35,12 @@ from typing import Any
 
 import numpy as np
 import zarr
+from scipy import ndimage
 
-__all__ = ["MosaicInfo", "fuse_mosaic", "mosaic_geometry", "mosaic_region", "open_mosaic"]
+__all__ = [
+    "MosaicInfo", "build_pyramid", "create_multiscale", "finish_multiscale", "fuse_mosaic",
+    "mosaic_geometry", "mosaic_region", "open_mosaic",
+]
 
 #: Fractional offsets closer than this (in pixels) to a whole number are snapped to it.
 _SNAP_PX = 1e-6
@@ -212,6 +216,7 @@ class _Prepared:
     wx: np.ndarray  # float32 (cols,) weights along columns
     row0: int
     col0: int
+    weight: np.ndarray | None = None  # float32 (rows, cols) when not separable (rotated tile)
 
 
 def _prepare_tile(
@@ -234,6 +239,75 @@ def _prepare_tile(
     data *= wy[:, None]
     data *= wx[None, :]
     return _Prepared(data, wy, wx, int(place.row0[i]), int(place.col0[i]))
+
+
+def _tent(u: np.ndarray, n: int) -> np.ndarray:
+    """The feather weight of :func:`_ramp` at (fractional) tile coordinates ``u``."""
+    d = np.minimum(u, (n - 1) - u) + 1.0
+    return np.clip(d / ((n + 1) / 2.0), 1e-6, 1.0).astype(np.float32)
+
+
+def _rotation(rotation_deg: float) -> np.ndarray:
+    """``R`` with tile pixel ``(c, r)`` at stage ``pos + R @ (c, r) * p``."""
+    th = math.radians(rotation_deg)
+    return np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+
+
+def _rotated_corners(pos: np.ndarray, tile_shape: tuple[int, int], p: float,
+                     rotation_deg: float) -> np.ndarray:
+    """``(N, 4, 2)`` stage positions of the corner pixel centres of rotated tiles."""
+    h, w = tile_shape
+    corners = np.array([(0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1)], dtype=float) * p
+    return pos[:, None, :] + corners @ _rotation(rotation_deg).T
+
+
+def _rotated_placements(
+    pos: np.ndarray, origin: tuple[float, float], tile_shape: tuple[int, int], p: float,
+    rotation_deg: float,
+) -> _Placement:
+    """Footprints (mosaic pixels inside each rotated tile's bounding box) of rotated tiles."""
+    corners = _rotated_corners(pos, tile_shape, p, rotation_deg)
+    lo = (corners.min(axis=1) - origin) / p
+    hi = (corners.max(axis=1) - origin) / p
+    col0 = np.ceil(lo[:, 0] - _SNAP_PX).astype(np.int64)
+    row0 = np.ceil(lo[:, 1] - _SNAP_PX).astype(np.int64)
+    col1 = np.floor(hi[:, 0] + _SNAP_PX).astype(np.int64) + 1
+    row1 = np.floor(hi[:, 1] + _SNAP_PX).astype(np.int64) + 1
+    zero = np.zeros(len(pos))
+    return _Placement(row0, col0, row1, col1, zero, zero)
+
+
+def _prepare_rotated(
+    tiles: Any, i: int, place: _Placement, flatfield: np.ndarray | None, pos: np.ndarray,
+    origin: tuple[float, float], p: float, rotation_deg: float,
+) -> _Prepared:
+    """Read tile ``i``, flatten it and resample it (bilinear) onto its mosaic footprint.
+
+    Mosaic pixel ``(R, C)`` at stage ``X`` samples the tile at ``R^T (X - pos) / p``; pixels
+    outside the tile get weight 0, the others the tile's feather tent at that point.
+    """
+    raw = np.asarray(tiles[i])
+    if raw.ndim != 2:
+        raise ValueError(f"tile {i} has shape {raw.shape}, expected 2-D")
+    h, w = raw.shape
+    data = raw.astype(np.float32)
+    if flatfield is not None:
+        data /= flatfield
+    r0, r1, c0, c1 = (int(place.row0[i]), int(place.row1[i]), int(place.col0[i]),
+                      int(place.col1[i]))
+    dx = (origin[0] + np.arange(c0, c1) * p - pos[i, 0]) / p
+    dy = (origin[1] + np.arange(r0, r1) * p - pos[i, 1]) / p
+    rot = _rotation(rotation_deg)
+    u = rot[0, 0] * dx[None, :] + rot[1, 0] * dy[:, None]  # tile column
+    v = rot[0, 1] * dx[None, :] + rot[1, 1] * dy[:, None]  # tile row
+    eps = _SNAP_PX
+    inside = (u >= -eps) & (u <= w - 1 + eps) & (v >= -eps) & (v <= h - 1 + eps)
+    out = ndimage.map_coordinates(data, [v, u], order=1, mode="nearest").astype(np.float32)
+    weight = _tent(np.clip(u, 0, w - 1), w) * _tent(np.clip(v, 0, h - 1), h)
+    weight = np.where(inside, weight, 0.0).astype(np.float32)
+    out *= weight
+    return _Prepared(out, np.ones(r1 - r0, np.float32), np.ones(c1 - c0, np.float32), r0, c0,
+                     weight)
 
 
 class _TileCache:
@@ -433,6 +507,7 @@ def fuse_mosaic(
     progress: Callable[[int, int], None] | None = None,
     name: str = "mosaic",
     flatfield: np.ndarray | None = None,
+    rotation_deg: float = 0.0,
 ) -> MosaicInfo:
     """Fuse tiles into a multiscale OME-NGFF 0.5 mosaic, streaming chunk by chunk.
 
@@ -465,6 +540,11 @@ def fuse_mosaic(
     flatfield : np.ndarray, optional
         ``(H, W)`` relative illumination of the sensor (mean about 1); each tile is divided by
         it before blending (vignetting correction).
+    rotation_deg : float, optional
+        Rotation of the camera against the stage axes (from a calibration): tile pixel
+        ``(r, c)`` lies at stage ``position + R(rotation) @ (c, r) * pixel_size_um``. Rotated
+        tiles are resampled (bilinear) onto the stage-aligned mosaic grid; the mosaic then
+        covers the bounding box of all rotated footprints.
 
     Returns
     -------
@@ -491,8 +571,14 @@ def fuse_mosaic(
     tile_hw = (t_shape[1], t_shape[2])
     p = float(pixel_size_um)
 
-    origin, shape = mosaic_geometry(pos, tile_hw, p)
-    place = _placements(pos, origin, tile_hw, p)
+    rotated = abs(float(rotation_deg)) > 1e-9
+    if rotated:
+        corners = _rotated_corners(pos, tile_hw, p, float(rotation_deg)).reshape(-1, 2)
+        origin, shape = mosaic_geometry(corners, (1, 1), p)
+        place = _rotated_placements(pos, origin, tile_hw, p, float(rotation_deg))
+    else:
+        origin, shape = mosaic_geometry(pos, tile_hw, p)
+        place = _placements(pos, origin, tile_hw, p)
     shapes = _level_shapes(shape, min_level_size)
     n_chunks = [math.ceil(r / chunk) * math.ceil(c / chunk) for r, c in shapes]
     total = sum(n_chunks)
@@ -505,24 +591,14 @@ def fuse_mosaic(
         flatfield = np.asarray(flatfield, dtype=np.float32)
         if flatfield.shape != tile_hw or not np.all(flatfield > 0):
             raise ValueError(f"flatfield must be positive with shape {tile_hw}")
-    cache = _TileCache(lambda i: _prepare_tile(tiles, i, place, flatfield), capacity)
+    if rotated:
+        cache = _TileCache(lambda i: _prepare_rotated(tiles, i, place, flatfield, pos, origin, p,
+                                                      float(rotation_deg)), capacity)
+    else:
+        cache = _TileCache(lambda i: _prepare_tile(tiles, i, place, flatfield), capacity)
 
-    tmp = _tmp_path(out_path)
-    _remove(tmp)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    arrays = [
-        root.create_array(
-            str(k),
-            shape=s,
-            chunks=(chunk, chunk),
-            dtype=dtype,
-            fill_value=0,
-            compressors=zarr.codecs.ZstdCodec(level=3),
-            dimension_names=["y", "x"],
-        )
-        for k, s in enumerate(shapes)
-    ]
+    tmp, arrays = create_multiscale(out_path, shape, chunk=chunk, dtype=dtype,
+                                    min_level_size=min_level_size)
 
     done = 0
     lock = threading.Lock()
@@ -550,38 +626,21 @@ def fuse_mosaic(
             b0, b1 = max(c0, t.col0), min(c1, t.col0 + t.data.shape[1])
             dst = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
             acc[dst] += t.data[a0 - t.row0 : a1 - t.row0, b0 - t.col0 : b1 - t.col0]
-            wsum[dst] += np.multiply.outer(
-                t.wy[a0 - t.row0 : a1 - t.row0], t.wx[b0 - t.col0 : b1 - t.col0]
-            )
+            if t.weight is not None:
+                wsum[dst] += t.weight[a0 - t.row0 : a1 - t.row0, b0 - t.col0 : b1 - t.col0]
+            else:
+                wsum[dst] += np.multiply.outer(
+                    t.wy[a0 - t.row0 : a1 - t.row0], t.wx[b0 - t.col0 : b1 - t.col0]
+                )
         np.divide(acc, wsum, out=acc, where=wsum > 0)  # acc is 0 where no tile has weight
         arrays[0][r0:r1, c0:c1] = _cast(acc, dtype)
 
     n_r, n_c = math.ceil(shape[0] / chunk), math.ceil(shape[1] / chunk)
     _run(fuse_chunk, _chunk_order(n_r, n_c, band), _WORKERS, tick)
 
-    for k in range(1, len(shapes)):
-        src, dst_arr = arrays[k - 1], arrays[k]
-        rows, cols = shapes[k]
+    build_pyramid(arrays, chunk, tick)
 
-        def down_chunk(
-            ij: tuple[int, int],
-            src: zarr.Array = src,
-            dst: zarr.Array = dst_arr,
-            rows: int = rows,
-            cols: int = cols,
-        ) -> None:
-            r0, c0 = ij[0] * chunk, ij[1] * chunk
-            r1, c1 = min(r0 + chunk, rows), min(c0 + chunk, cols)
-            block = src[2 * r0 : min(2 * r1, src.shape[0]), 2 * c0 : min(2 * c1, src.shape[1])]
-            if not block.any():
-                return  # unscanned
-            dst[r0:r1, c0:c1] = _downsample2(np.asarray(block))
-
-        n_r, n_c = math.ceil(rows / chunk), math.ceil(cols / chunk)
-        _run(down_chunk, _chunk_order(n_r, n_c, 1), _WORKERS, tick)
-
-    root.attrs["ome"] = _ome_attrs(name, len(shapes), p, origin)
-    _replace_dir(tmp, out_path)
+    finish_multiscale(tmp, out_path, len(shapes), p, origin, name)
     return MosaicInfo(
         path=out_path,
         shape=(int(shape[0]), int(shape[1])),
@@ -672,3 +731,92 @@ def mosaic_region(
     if a0 < a1 and b0 < b1:
         out[a0 - row : a1 - row, b0 - col : b1 - col] = arr[a0:a1, b0:b1]
     return out
+
+
+# ----------------------------------------------------------------------- shared OME-NGFF writing
+
+
+def create_multiscale(
+    out_path: Path,
+    shape: tuple[int, int],
+    *,
+    chunk: int,
+    dtype: Any,
+    fill_value: float = 0,
+    min_level_size: int = 256,
+) -> tuple[Path, list[zarr.Array]]:
+    """Create the empty levels of a multiscale image in the ``*.tmp.zarr`` sibling of ``out_path``.
+
+    Fill level 0, then call :func:`build_pyramid` and :func:`finish_multiscale`, which renames
+    the temporary group over ``out_path``: an earlier image there survives until the new one is
+    complete.
+
+    Returns
+    -------
+    tmp : Path
+        The temporary group being written.
+    arrays : list of zarr.Array
+        One array per level, level 0 first.
+    """
+    out_path = Path(out_path)
+    shapes = _level_shapes((int(shape[0]), int(shape[1])), min_level_size)
+    tmp = _tmp_path(out_path)
+    _remove(tmp)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    arrays = [
+        root.create_array(
+            str(k),
+            shape=s,
+            chunks=(chunk, chunk),
+            dtype=dtype,
+            fill_value=fill_value,
+            compressors=zarr.codecs.ZstdCodec(level=3),
+            dimension_names=["y", "x"],
+        )
+        for k, s in enumerate(shapes)
+    ]
+    return tmp, arrays
+
+
+def build_pyramid(
+    arrays: list[zarr.Array], chunk: int, tick: Callable[[], None] | None = None
+) -> None:
+    """Fill levels 1.. of a multiscale image chunk-wise, each the 2 x 2 mean of the level below.
+
+    Chunks of the level below that hold only zeros (unscanned) are skipped.
+    """
+    for k in range(1, len(arrays)):
+        src, dst_arr = arrays[k - 1], arrays[k]
+        rows, cols = dst_arr.shape
+
+        def down_chunk(
+            ij: tuple[int, int],
+            src: zarr.Array = src,
+            dst: zarr.Array = dst_arr,
+            rows: int = rows,
+            cols: int = cols,
+        ) -> None:
+            r0, c0 = ij[0] * chunk, ij[1] * chunk
+            r1, c1 = min(r0 + chunk, rows), min(c0 + chunk, cols)
+            block = src[2 * r0 : min(2 * r1, src.shape[0]), 2 * c0 : min(2 * c1, src.shape[1])]
+            if not block.any():
+                return  # unscanned
+            dst[r0:r1, c0:c1] = _downsample2(np.asarray(block))
+
+        n_r, n_c = math.ceil(rows / chunk), math.ceil(cols / chunk)
+        _run(down_chunk, _chunk_order(n_r, n_c, 1), _WORKERS, tick or (lambda: None))
+
+
+def finish_multiscale(
+    tmp: Path, out_path: Path, n_levels: int, pixel_size_um: float,
+    origin_um: tuple[float, float], name: str,
+) -> None:
+    """Write the OME-NGFF 0.5 metadata of a multiscale image and rename it over ``out_path``.
+
+    ``origin_um`` is the stage ``(x_um, y_um)`` of the centre of level-0 pixel ``(0, 0)`` and
+    ``pixel_size_um`` the level-0 pixel size.
+    """
+    root = zarr.open_group(str(tmp), mode="r+")
+    root.attrs["ome"] = _ome_attrs(name, n_levels, float(pixel_size_um), origin_um)
+    _replace_dir(Path(tmp), Path(out_path))

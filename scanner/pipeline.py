@@ -64,6 +64,7 @@ class ScanResult:
         names = {"scan": SCAN_JSON, "tiles": "tiles.csv", "raw tiles": "tiles.zarr",
                  "mosaic": MOSAIC, "truth": TRUTH_JSON, "focus map": "focus_map.json",
                  "focus plot": "focus_map.png", "defects": "defects.json",
+                 "anomaly map": "anomaly.ome.zarr",
                  "defects csv": "defects.csv", "klarf": "defects.klarf",
                  "wafer map": "wafermap.png"}
         return {k: self.folder / v for k, v in names.items() if (self.folder / v).exists()}
@@ -97,12 +98,16 @@ def run_scan(
     *,
     overwrite: bool = False,
     observer: Observer | None = None,
+    inspect: bool = False,
+    model: Any = None,
 ) -> ScanResult:
     """Scan a recipe's sample into a new scan folder.
 
     Everything that can be refused (recipe, plan, output folder) is checked before the
     stage moves. ``scan.json`` is written before acquisition starts and updated after each
-    stage, so an interrupted scan leaves a folder that says how far it got.
+    stage, so an interrupted scan leaves a folder that says how far it got. With ``inspect``
+    (what ``waferscope run`` asks for unless ``--no-inspect``) the mosaic is then inspected
+    with ``model`` (a path, a loaded model, or None for the shipped default).
     """
     observer = observer or _Silent()
     handle = build_microscope(recipe)
@@ -151,6 +156,10 @@ def run_scan(
     write_json(folder / SCAN_JSON, scan)
 
     _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer)
+    if inspect:
+        scan["status"] = "inspecting"
+        write_json(folder / SCAN_JSON, scan)
+        inspect_stage(folder, scan, model=model, observer=observer)
     scan["status"] = "complete" if result.complete else "incomplete"
     scan["finished"] = now_iso()
     write_json(folder / SCAN_JSON, scan)
@@ -225,3 +234,33 @@ def restitch(folder: Path, observer: Observer | None = None) -> ScanResult:
     n = int(scan.get("plan", {}).get("n_tiles", 0))
     return ScanResult(Path(folder), scan.get("status", "unknown"), n,
                       int(scan.get("acquired_tiles", n)), scan["timings"])
+
+
+def inspect_stage(
+    folder: Path,
+    scan: dict[str, Any] | None = None,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    observer: Observer | None = None,
+) -> Any:
+    """Inspect the scan folder's mosaic: maps, ``defects.json``/``.csv``, ``scan.json`` timings."""
+    from .inspection import inspect_scan
+
+    observer = observer or _Silent()
+    started, last = False, 0
+
+    def on_window(done: int, total: int) -> None:
+        nonlocal started, last
+        if not started:
+            observer.stage_started("inspect", total)
+            started = True
+        if done > last:
+            observer.advance("inspect", done - last)
+            last = done
+
+    try:
+        return inspect_scan(Path(folder), model=model, threshold=threshold, scan=scan,
+                            progress=on_window)
+    finally:
+        observer.stage_finished("inspect")

@@ -86,6 +86,20 @@ class SurfaceSpec(_Model):
     )
 
 
+class RoughnessSpec(_Model):
+    """Simulated surface roughness with a known areal roughness Sa (ignored on real hardware).
+
+    See ``simulators.roughness``; the true Sa map follows from these parameters (truth.json).
+    """
+
+    sa_nm: NonNegFloat = 5.0
+    variation: Annotated[float, Field(ge=0.0, le=0.95)] = 0.0
+    variation_period_mm: PositiveFloat = 20.0
+    correlation_um: PositiveFloat = 2.0
+    wavelength_um: PositiveFloat = 0.55
+    seed: int = 0
+
+
 class WaferSample(_Model):
     """A round wafer with a die grid."""
 
@@ -102,6 +116,7 @@ class WaferSample(_Model):
     wafer_id: str = "W01"
     defects: DefectSpec = DefectSpec()
     surface: SurfaceSpec = SurfaceSpec()
+    roughness: RoughnessSpec | None = None
 
     @model_validator(mode="after")
     def _check_geometry(self) -> WaferSample:
@@ -123,6 +138,7 @@ class PVCellSample(_Model):
     center_um: XY = (0.0, 0.0)
     defects: DefectSpec = DefectSpec()
     surface: SurfaceSpec = SurfaceSpec()
+    roughness: RoughnessSpec | None = None
 
 
 class ImageSample(_Model):
@@ -139,6 +155,7 @@ class ImageSample(_Model):
     )
     defects: DefectSpec = DefectSpec(count=0)
     surface: SurfaceSpec = SurfaceSpec()
+    roughness: RoughnessSpec | None = None
 
     @field_validator("path")
     @classmethod
@@ -167,6 +184,7 @@ class RectangleSample(_Model):
     center_um: XY = (0.0, 0.0)
     defects: DefectSpec = DefectSpec(count=10)
     surface: SurfaceSpec = SurfaceSpec()
+    roughness: RoughnessSpec | None = None
 
 
 Sample = Annotated[

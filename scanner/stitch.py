@@ -28,12 +28,18 @@ FLATFIELD = "flatfield.npy"
 
 
 def tile_origins_um(
-    centres_um: np.ndarray, tile_shape: tuple[int, int], pixel_size_um: float
+    centres_um: np.ndarray, tile_shape: tuple[int, int], pixel_size_um: float,
+    rotation_deg: float = 0.0,
 ) -> np.ndarray:
-    """Stage position of each tile's pixel (0, 0) centre from the tile centres (x, y)."""
+    """Stage position of each tile's pixel (0, 0) centre from the tile centres (x, y).
+
+    With a rotated camera pixel ``(r, c)`` lies at ``centre + R @ (c - cx, r - cy) * p``.
+    """
     rows, cols = tile_shape
     half = np.array([(cols - 1) / 2, (rows - 1) / 2]) * pixel_size_um
-    return np.asarray(centres_um, dtype=float) - half
+    th = np.deg2rad(rotation_deg)
+    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
+    return np.asarray(centres_um, dtype=float) - rot @ half
 
 
 def stitch(
@@ -44,6 +50,7 @@ def stitch(
     progress: Callable[[int, int], None] | None = None,
     flatfield: np.ndarray | None = None,
     use_registered: bool = True,
+    rotation_deg: float = 0.0,
 ) -> MosaicInfo:
     """Fuse the tiles of a scan folder into ``mosaic.ome.zarr``.
 
@@ -61,6 +68,8 @@ def stitch(
         Relative illumination of the sensor; tiles are divided by it.
     use_registered : bool
         Place tiles at ``x_reg_um``/``y_reg_um`` where ``tiles.csv`` has them.
+    rotation_deg : float
+        Camera rotation against the stage (from a calibration); tiles are warped by it.
     """
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
@@ -76,10 +85,11 @@ def stitch(
             for r in records
         ]
     )
-    origins = tile_origins_um(centres, tiles.shape[1:], pixel_size_um)
+    origins = tile_origins_um(centres, tiles.shape[1:], pixel_size_um, rotation_deg)
     subset = _TileSubset(tiles, [r.index for r in records])
     return fuse_mosaic(subset, origins, pixel_size_um, folder / MOSAIC, chunk=chunk,
-                       progress=progress, name=folder.name, flatfield=flatfield)
+                       progress=progress, name=folder.name, flatfield=flatfield,
+                       rotation_deg=rotation_deg)
 
 
 class _TileSubset:
@@ -194,7 +204,7 @@ def stitch_scan(
         timings["flatfield_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     info = stitch(folder, camera.pixel_size_um, chunk=chunk, flatfield=ff,
-                  use_registered=registration,
+                  use_registered=registration, rotation_deg=camera.rotation_deg,
                   progress=(lambda d, t: progress("fuse", d, t)) if progress else None)
     timings["fuse_s"] = round(time.perf_counter() - t0, 3)
     return StitchResult(info, camera, reg_summary, ff_info, timings)

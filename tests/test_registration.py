@@ -129,3 +129,40 @@ def test_flatfield_recovers_vignetting():
     truth = gain / gain.mean()
     assert np.abs(ff - truth).max() < 0.02
     assert estimate_flatfield(tiles[:3], range(3)) is None  # too few tiles to tell
+
+
+@pytest.mark.parametrize("angle_deg", [0.0, 30.0])
+def test_edge_only_overlap_is_measured_across_the_edge(angle_deg: float):
+    # a wafer rim or scribe line: one straight edge, no other texture (the aperture problem)
+    rr, cc = np.mgrid[0:700, 0:700].astype(float)
+    th = np.deg2rad(angle_deg)
+    normal = np.array([np.cos(th), np.sin(th)])  # (x, y)
+    dist = (cc - 472) * normal[0] + (rr - 350) * normal[1]
+    scene = 0.2 + 0.6 / (1 + np.exp(-dist / 1.5))
+    true = np.array([152.0 + 3.4, -5.2])
+    a = _tile(scene, 300, 300, noise=0.01)
+    b = _tile(scene, 300 + true[0], 300 + true[1], noise=0.01, seed=1)
+    r = register_pair(a, b, (152.0, 0.0), max_shift_px=12.0)
+    assert r.ok and r.is_edge
+    xx, xy, yy = r.info
+    np.testing.assert_allclose([xx, xy, yy], [normal[0] ** 2, normal[0] * normal[1],
+                                              normal[1] ** 2], atol=0.02)
+    across = (np.array([r.dx, r.dy]) - true) @ normal
+    assert abs(across) < 0.1
+
+
+def test_solve_takes_edge_pairs_across_only_and_rejects_impossible_pairs():
+    prior = np.array([(0.0, 0.0), (200.0, 0.0), (0.0, 200.0)])
+    truth = prior + [(0.0, 0.0), (3.0, -2.0), (-1.0, 2.5)]
+    # tile 1 is linked by a vertical edge: x measured, y not (its y is garbage)
+    edge = PairResult(0, 1, truth[1, 0] - truth[0, 0], 37.0, 0.95, np.inf, 5.0, True,
+                      (1.0, 0.0, 0.0))
+    # tile 2 by a pair 30 px off the stage's expectation: 6 sigma of a 2.5 px stage
+    wrong = PairResult(0, 2, truth[2, 0], truth[2, 1] + 30.0, 0.6, 2.0, 5.0, True)
+    res = solve_positions(prior, 2.5, [edge, wrong])
+    assert res.rejected == [wrong]
+    assert res.used == [edge]
+    assert res.positions[1, 0] - res.positions[0, 0] == pytest.approx(truth[1, 0], abs=0.05)
+    # along the edge the stage decides: both tiles stay at their (equal) prior y
+    assert abs(res.positions[1, 1]) < 0.05 and abs(res.positions[0, 1]) < 0.05
+    np.testing.assert_allclose(res.positions[2], prior[2])

@@ -94,3 +94,38 @@ def test_registered_mosaic_matches_source(write_recipe, coupon_tif: Path, tmp_pa
     assert cli.exit_code == 0, cli.output
     again = read_tiles_csv(folder)
     np.testing.assert_allclose([(r.x_reg_um, r.y_reg_um) for r in again], reg, atol=1e-3)
+
+
+def test_wafer_registration_textured_subpixel_bare_keeps_stage(write_recipe, tmp_path: Path):
+    """A small simulated wafer: dies, scribe lines, rim, bare areas; 5 µm repeatability."""
+    from scanner.registration.accuracy import position_accuracy
+    from scanner.registration.scan import CameraGeometry, register_tiles
+    from scanner.tilestore import open_tiles
+
+    recipe = load_recipe(write_recipe(
+        "sample: {kind: wafer, diameter_mm: 4, orientation: notch, edge_exclusion_mm: 0.1,"
+        " die_pitch_mm: [1, 1], die_origin_mm: [-0.5, -0.5], scribe_width_um: 40,"
+        " defects: {count: 5, seed: 2}}\n"
+        "microscope: {kind: simulated, camera: {width: 256, height: 256, pixel_size_um: 2.0},"
+        f" stage: {{repeatability_um: {REPEAT_UM}}}, seed: 4}}\n"
+        "scan: {overlap: 0.15}\n"
+        "stitch: {flatfield: false}\n"
+    ))
+    folder = run_scan(recipe, tmp_path / "wafer").folder
+    records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+    centres, summary, _, classes = register_tiles(open_tiles(folder), records,
+                                                  CameraGeometry(2.0), REPEAT_UM)
+    true = np.array([(r.x_true_um, r.y_true_um) for r in records])
+    stage = np.array([(r.x_um, r.y_um) for r in records])
+    acc = position_accuracy(centres, true, stage, classes, 2.0)
+    assert acc.counts["textured"] >= 0.3 * len(records)
+    assert acc.rms_px["textured"] <= 0.3 and acc.worst_px["textured"] <= 1.0
+    # bare tiles keep their stage position exactly; tiles fixed across an edge only gain
+    assert acc.featureless_worse_than_stage == 0
+    if acc.counts["partial"]:
+        assert acc.rms_px["partial"] <= acc.stage_rms_px["partial"]
+    # what the stitch stage wrote is the same registration
+    reg = np.array([(r.x_reg_um, r.y_reg_um) for r in records])
+    np.testing.assert_allclose(reg, centres, atol=1e-3)  # csv keeps 0.1 nm
+    scan = json.loads((folder / "scan.json").read_text())
+    assert scan["registration"]["n_textured_tiles"] == acc.counts["textured"]

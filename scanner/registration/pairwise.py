@@ -35,8 +35,12 @@ _PEAK_EXCLUSION = 3
 _WHITEN = 0.5
 #: Fraction of a strip's length tapered by the apodization window.
 _TAPER = 0.5
-#: Pairs whose overlap texture is more one-directional than this are not used (see _isotropy).
-_MIN_ISOTROPY = 0.1
+#: Below this ratio of the structure tensor's eigenvalues a strip is an edge (see _structure):
+#: only the shift across the edge is measured.
+_EDGE_ISOTROPY = 0.05
+#: Smoothing (pixels) before the structure tensor, so that pixel noise (isotropic) does not
+#: pass a straight edge for texture.
+_TENSOR_SIGMA = 1.5
 #: Narrowest overlap (pixels) that is still registered.
 _MIN_OVERLAP = 8
 
@@ -60,6 +64,11 @@ class PairResult:
         Signal-to-noise ratio of the overlap's texture (the lower of the two strips).
     ok : bool
         Whether the measurement is usable (textured, confident, unambiguous).
+    info : (float, float, float)
+        Shape of the measurement's information matrix ``(xx, xy, yy)`` in (x, y) pixel axes,
+        scaled to a largest eigenvalue of 1: the identity for isotropic texture, ``v v^T``
+        (``v`` the unit normal of the edge) for a strip whose only texture is one straight
+        edge (a wafer rim, a scribe line), along which the shift is not measurable.
     """
 
     a: int
@@ -70,6 +79,13 @@ class PairResult:
     peak_ratio: float
     texture: float
     ok: bool
+    info: tuple[float, float, float] = (1.0, 0.0, 1.0)
+
+    @property
+    def is_edge(self) -> bool:
+        """Only the direction across one edge is measured (rank-1 information)."""
+        xx, xy, yy = self.info
+        return xx * yy - xy * xy < 1e-9
 
 
 def overlap_slices(
@@ -107,7 +123,8 @@ def prepare_strip(strip: np.ndarray) -> np.ndarray:
     """
     s = np.asarray(strip, dtype=np.float32)
     sigma = min(_HIGHPASS_SIGMA, max(1.0, min(s.shape) / 4))
-    return s - ndimage.gaussian_filter(s, sigma, mode="nearest")
+    # truncated at 3 sigma: the blur only has to follow illumination, not be exact
+    return s - ndimage.gaussian_filter(s, sigma, mode="nearest", truncate=3.0)
 
 
 def texture_snr(hp: np.ndarray) -> float:
@@ -119,6 +136,8 @@ def texture_snr(hp: np.ndarray) -> float:
     if hp.size < 16:
         return 0.0
     d = np.diff(hp, axis=1) if hp.shape[1] > 1 else np.diff(hp, axis=0)
+    if d.size > 8192:
+        d = d.ravel()[:: d.size // 4096]  # a robust scale needs a few thousand samples
     noise = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
     var = float(hp.var())
     if noise <= 0:
@@ -172,6 +191,8 @@ def refine_subpixel(
     limit: float = 1.5,
     iterations: int = 8,
     margin: int = 4,
+    direction: np.ndarray | None = None,
+    order: int = 3,
 ) -> tuple[float, float, np.ndarray]:
     """Sub-pixel shift ``(fy, fx)`` with ``b(r, c) ~ a(r + fy, c + fx)`` by Gauss-Newton.
 
@@ -186,39 +207,67 @@ def refine_subpixel(
         ``b`` moved onto ``a``.
     """
     f = np.array(start, dtype=float)
-    aligned = ndimage.shift(b, f, order=3, mode="nearest") if np.any(f) else b
     inner = (slice(margin, -margin), slice(margin, -margin))
     if min(a.shape) <= 2 * margin + 2:
         return 0.0, 0.0, b
+    # the spline coefficients are computed once, not at every warp (mirror boundaries make the
+    # prefiltered shift exact)
+    coeffs = ndimage.spline_filter(b, order=order, mode="mirror") if order > 1 else b
+
+    def warp(shift: np.ndarray) -> np.ndarray:
+        return ndimage.shift(coeffs, shift, order=order, mode="mirror", prefilter=False)
+
+    aligned = warp(f) if np.any(f) else b
     target = a[inner].astype(np.float64)
     for _ in range(iterations):
         gy, gx = np.gradient(aligned)
         gy, gx = gy[inner].astype(np.float64), gx[inner].astype(np.float64)
         diff = target - aligned[inner]
         hess = np.array([[np.sum(gy * gy), np.sum(gy * gx)], [np.sum(gy * gx), np.sum(gx * gx)]])
-        if np.linalg.cond(hess) > 1e8:
-            break  # no texture along one axis: the shift along it is not measurable
-        # aligned(x) = b(x - f); d aligned / d f = -gradient, so the update is -H^-1 J^T r
-        step = -np.linalg.solve(hess, [np.sum(gy * diff), np.sum(gx * diff)])
+        grad = np.array([np.sum(gy * diff), np.sum(gx * diff)])
+        if direction is not None:
+            curv = float(direction @ hess @ direction)
+            if curv <= 0:
+                break
+            step = -float(direction @ grad) / curv * direction
+        else:
+            det = hess[0, 0] * hess[1, 1] - hess[0, 1] ** 2
+            if det <= 1e-8 * (hess[0, 0] + hess[1, 1]) ** 2:
+                break  # no texture along one axis: the shift along it is not measurable
+            # aligned(x) = b(x - f); d aligned / d f = -gradient, so the update is -H^-1 J^T r
+            step = -np.linalg.solve(hess, grad)
         f += step
         if np.max(np.abs(f)) > limit or min(a.shape) <= 2 * np.max(np.abs(f)) + 2 * margin:
             return 0.0, 0.0, b
-        aligned = ndimage.shift(b, f, order=3, mode="nearest")
+        aligned = warp(f)
         if np.max(np.abs(step)) < 1e-3:
             break
     return float(f[0]), float(f[1]), aligned
 
 
-def _isotropy(a: np.ndarray) -> float:
-    """Smaller over larger eigenvalue of the gradient structure tensor of a strip.
+def _structure(a: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Isotropy and shape of the gradient structure tensor of a (lightly smoothed) strip.
 
-    Near 0 when all the texture is one straight edge (a wafer's rim, a busbar): the shift
-    along the edge is then not measurable (the aperture problem), whatever the correlation.
+    The tensor ``sum(g g^T)`` is, up to the noise level, the information matrix of a
+    Gauss-Newton shift estimate: its eigenvalues say how well the shift is measured along
+    each eigenvector. The isotropy (smaller over larger eigenvalue) is near 0 when all the
+    texture is one straight edge (a wafer's rim, a busbar, a scribe line): the shift along the
+    edge is then not measurable (the aperture problem), whatever the correlation.
+
+    Returns
+    -------
+    isotropy : float
+    shape : ndarray
+        ``(2, 2)`` tensor in (y, x) axes scaled to a largest eigenvalue of 1.
+    normal : ndarray
+        ``(y, x)`` unit eigenvector of the largest eigenvalue (across an edge).
     """
-    gy, gx = np.gradient(a.astype(np.float64))
+    gy, gx = np.gradient(ndimage.gaussian_filter(a.astype(np.float64), _TENSOR_SIGMA))
     t = np.array([[np.sum(gy * gy), np.sum(gy * gx)], [np.sum(gy * gx), np.sum(gx * gx)]])
-    ev = np.linalg.eigvalsh(t)
-    return float(ev[0] / ev[1]) if ev[1] > 0 else 0.0
+    ev, vec = np.linalg.eigh(t)
+    if ev[1] <= 0:
+        return 0.0, np.zeros((2, 2)), np.array([1.0, 0.0])
+    return float(ev[0] / ev[1]), t / ev[1], vec[:, 1]
 
 
 def _ncc(a: np.ndarray, b: np.ndarray) -> float:
@@ -237,7 +286,7 @@ def register_pair(
     ids: tuple[int, int] = (0, 1),
     shape: tuple[int, int] | None = None,
     min_ncc: float = 0.3,
-    min_peak_ratio: float = 1.1,
+    min_peak_ratio: float = 1.5,
 ) -> PairResult:
     """Register two overlapping tiles.
 
@@ -293,27 +342,48 @@ def register_pair(
         sl2 = overlap_slices((oy2, ox2), shape)
         if sl2 is None or min(s.stop - s.start for s in sl2[0]) < _MIN_OVERLAP:
             continue
-        ha2 = prepare_strip(tile_a[sl2[0]])
-        hb2 = prepare_strip(tile_b[sl2[1]])
-        scored.append((_ncc(ha2, hb2), oy2, ox2, ha2, hb2))
+        # scored on the part of the candidate's overlap that the strips already hold
+        part = overlap_slices((sy, sx), ha.shape)
+        if part is None or min(s.stop - s.start for s in part[0]) < _MIN_OVERLAP:
+            continue
+        scored.append((_ncc(ha[part[0]], hb[part[1]]), oy2, ox2, sl2))
     if not scored:
         return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
     scored.sort(key=lambda c: c[0], reverse=True)
-    _, oy2, ox2, ha2, hb2 = scored[0]
-    # coarse-to-fine: blurred passes pull in a peak that is off by a few pixels (a weak, broad
-    # correlation peak on a narrow overlap)
-    f = (0.0, 0.0)
-    for sigma in (4.0, 2.0):
-        fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
-                                    ndimage.gaussian_filter(hb2, sigma), start=f, limit=8.0)
-        f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
-    fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0)
+    _, oy2, ox2, sl2 = scored[0]
+    ha2 = prepare_strip(tile_a[sl2[0]])
+    hb2 = prepare_strip(tile_b[sl2[1]])
+    isotropy, shape, normal = _structure(ha2)
+    edge = isotropy < _EDGE_ISOTROPY
+    direction = normal if edge else None
+    # the integer peak is usually within a pixel: refine at full resolution first; when that
+    # does not converge, coarse-to-fine blurred passes pull in a peak that is off by a few
+    # pixels (a weak, broad correlation peak on a narrow overlap)
+    fy, fx, aligned = refine_subpixel(ha2, hb2, limit=1.0, direction=direction)
+    if (fy, fx) == (0.0, 0.0):
+        f = (0.0, 0.0)
+        for sigma in (4.0, 2.0):
+            fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
+                                        ndimage.gaussian_filter(hb2, sigma), start=f,
+                                        limit=8.0, direction=direction, order=1)
+            f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
+        fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0, direction=direction)
     m = 2
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
     dy, dx = oy2 + fy, ox2 + fx
-    # candidates more than a couple of pixels away are other peaks (periods, noise)
-    others = [c[0] for c in scored[1:] if math.hypot(c[1] - dy, c[2] - dx) > 2.5]
+    # candidates more than a couple of pixels away are other peaks (periods, noise); along an
+    # edge every shift is as good, so only the distance across it counts
+    def apart(c: tuple) -> float:
+        d = np.array([c[1] - dy, c[2] - dx])
+        return abs(float(d @ normal)) if edge else float(np.hypot(*d))
+
+    others = [c[0] for c in scored[1:] if apart(c) > 2.5]
     second = max(others) if others else 0.0
     ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
-    ok = ncc >= min_ncc and ratio >= min_peak_ratio and _isotropy(ha2) >= _MIN_ISOTROPY
-    return PairResult(a_id, b_id, dx, dy, ncc, ratio, texture, ok)
+    ok = ncc >= min_ncc and ratio >= min_peak_ratio
+    if edge:
+        ny, nx = float(normal[0]), float(normal[1])
+        info = (nx * nx, nx * ny, ny * ny)
+    else:
+        info = (float(shape[1, 1]), float(shape[0, 1]), float(shape[0, 0]))
+    return PairResult(a_id, b_id, dx, dy, ncc, ratio, texture, ok, info)

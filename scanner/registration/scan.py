@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..tilestore import TileRecord, open_tiles, read_tiles_csv, write_tiles_csv
+from .accuracy import classify_tiles
 from .pairwise import PairResult, register_pair
 from .solve import solve_positions
 
@@ -50,6 +52,9 @@ class RegistrationSummary:
     n_pairs_rejected: int
     n_blank_pairs: int
     n_unconstrained_tiles: int
+    n_edge_pairs_used: int
+    n_textured_tiles: int
+    n_partial_tiles: int
     max_shift_px: float
     median_ncc: float
     rms_residual_px: float
@@ -79,6 +84,33 @@ def default_max_shift_px(repeatability_um: float, step_px: float, pixel_size_um:
     return 4.5 * math.sqrt(2.0) * repeatability_um / pixel_size_um + 0.01 * step_px + 2.0
 
 
+class _Done:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class _Inline:
+    """Executor stand-in that runs each job at once (one worker)."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> _Done:
+        return _Done(fn(*args))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _register_one(crop: Any, here: Any, expected: tuple[float, float], max_shift: float,
+                  ids: tuple[int, int], shape: tuple[int, int], min_ncc: float) -> PairResult:
+    try:
+        return register_pair(crop, here, expected, max_shift, ids=ids, shape=shape,
+                             min_ncc=min_ncc)
+    except IndexError:  # the kept strip does not hold the overlap (a far-off stage position)
+        return PairResult(ids[0], ids[1], math.nan, math.nan, 0.0, 0.0, 0.0, False)
+
+
 def register_tiles(
     tiles: Any,
     records: list[TileRecord],
@@ -88,7 +120,8 @@ def register_tiles(
     max_shift_um: float | None = None,
     min_ncc: float = 0.3,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, RegistrationSummary, list[PairResult]]:
+    workers: int = 2,
+) -> tuple[np.ndarray, RegistrationSummary, list[PairResult], np.ndarray]:
     """Registered tile centres (stage µm) of acquired tiles.
 
     Parameters
@@ -107,6 +140,8 @@ def register_tiles(
         Pairs correlating less are not used.
     progress : callable, optional
         ``progress(done, total)`` per tile.
+    workers : int
+        Threads registering the pairs of a row.
 
     Returns
     -------
@@ -115,6 +150,10 @@ def register_tiles(
     summary : RegistrationSummary
     pairs : list[PairResult]
         Every measured pair (``a``/``b`` index ``records``).
+    classes : ndarray
+        Per tile ``"textured"`` (in the main group registered in both directions),
+        ``"partial"`` or ``"featureless"`` (keeps its stage position), see
+        ``registration.accuracy.classify_tiles``.
     """
     n = len(records)
     h, w = (int(s) for s in tiles.shape[1:])
@@ -142,7 +181,11 @@ def register_tiles(
     above: dict[int, _Crop] = {}
     rows = sorted({r.row for r in records})
     done = 0
+    # pairs are independent: a row's pairs run on a few threads (the FFTs, filters and warps
+    # release the GIL); waiting at the end of each row keeps memory at one row of tiles
+    pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else _Inline()
     for row in rows:
+        jobs: list[Any] = []
         cols = sorted(c for (r, c) in grid if r == row)
         below: dict[int, _Crop] = {}
         left: tuple[int, _Crop] | None = None
@@ -157,21 +200,21 @@ def register_tiles(
                 neighbours.append((grid[(row - 1, col)], above[col]))
             for a, crop in neighbours:
                 expected = prior[k] - prior[a]
-                try:
-                    pairs.append(register_pair(crop, here, (expected[0], expected[1]), max_shift,
-                                               ids=(a, k), shape=(h, w), min_ncc=min_ncc))
-                except IndexError:
-                    pairs.append(PairResult(a, k, math.nan, math.nan, 0.0, 0.0, 0.0, False))
+                jobs.append(pool.submit(_register_one, crop, here, (expected[0], expected[1]),
+                                        max_shift, (a, k), (h, w), min_ncc))
             left = (col, _Crop(tile[:, w - keep_c:].copy(), 0, w - keep_c))
             below[col] = _Crop(tile[h - keep_r:, :].copy(), h - keep_r, 0)
             done += 1
             if progress is not None:
                 progress(done, n)
+        pairs.extend(job.result() for job in jobs)
         above = below
+    pool.shutdown()
 
     result = solve_positions(prior, repeatability_um / p, pairs)
     centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
     nccs = [q.ncc for q in result.used]
+    classes = classify_tiles(n, result.used)
     summary = RegistrationSummary(
         n_tiles=n,
         n_pairs=len(pairs),
@@ -179,13 +222,16 @@ def register_tiles(
         n_pairs_rejected=len(result.rejected),
         n_blank_pairs=sum(1 for q in pairs if not q.ok and q.ncc == 0.0),
         n_unconstrained_tiles=int((~result.constrained).sum()),
+        n_edge_pairs_used=sum(1 for q in result.used if q.is_edge),
+        n_textured_tiles=int((classes == "textured").sum()),
+        n_partial_tiles=int((classes == "partial").sum()),
         max_shift_px=float(max_shift),
         median_ncc=float(np.median(nccs)) if nccs else 0.0,
         rms_residual_px=float(np.sqrt(np.mean(result.residuals_px**2)))
         if result.residuals_px.size else 0.0,
         max_correction_um=float(np.abs(centres - stage).max()) if n else 0.0,
     )
-    return centres, summary, pairs
+    return centres, summary, pairs, classes
 
 
 def register_scan(
@@ -204,7 +250,7 @@ def register_scan(
     folder = Path(folder)
     all_records = read_tiles_csv(folder)
     ok = [r for r in all_records if r.status == "ok"]
-    centres, summary, _ = register_tiles(open_tiles(folder), ok, camera, repeatability_um,
+    centres, summary, _, _ = register_tiles(open_tiles(folder), ok, camera, repeatability_um,
                                          max_shift_um=max_shift_um, min_ncc=min_ncc,
                                          progress=progress)
     by_index = {r.index: (float(c[0]), float(c[1])) for r, c in zip(ok, centres, strict=True)}

@@ -44,7 +44,8 @@ def make_sample(kind: str, **params: Any) -> VirtualSample:
         ``"wafer"``, ``"pv_cell"``, ``"image"`` or ``"rectangle"``.
     **params
         Keyword arguments of the sample class (lengths in mm for sample geometry, µm for
-        stage positions).
+        stage positions). ``roughness`` (a dict of :class:`simulators.roughness.RoughnessField`
+        parameters, or None) gives any sample a rough surface with a known Sa.
 
     Raises
     ------
@@ -53,6 +54,7 @@ def make_sample(kind: str, **params: Any) -> VirtualSample:
     FileNotFoundError
         ``image`` whose file does not exist.
     """
+    roughness = params.pop("roughness", None)
     try:
         cls = SAMPLE_TYPES[kind]
     except KeyError:
@@ -63,7 +65,16 @@ def make_sample(kind: str, **params: Any) -> VirtualSample:
         inspect.signature(cls).bind(**params)
     except TypeError as exc:  # an unknown or missing keyword is a parameter error
         raise ValueError(f"{kind} sample: {exc}") from None
-    return cls(**params)
+    sample = cls(**params)
+    if roughness:
+        from ..roughness import RoughnessField, RoughSample
+
+        try:
+            field = RoughnessField(**dict(roughness))
+        except TypeError as exc:
+            raise ValueError(f"roughness: {exc}") from None
+        sample = RoughSample(sample, field)
+    return sample
 
 
 __all__ = [

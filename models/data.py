@@ -1,0 +1,271 @@
+"""Training data: a user's good images, and simulated good surfaces with known roughness.
+
+Every image becomes a :class:`GoodImage`: relative reflectance (the raw image divided by its
+brightness level, i.e. what :func:`models.inspection.normalize_image` feeds the network, before
+the fixed gain) plus, where known, the true roughness Sa (nm) per pixel.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from scanner.errors import UserError
+
+from .inspection import brightness_level, to_luminance
+
+#: file types read as good images
+IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}
+
+
+@dataclass
+class GoodImage:
+    """One good image for training.
+
+    Attributes
+    ----------
+    image : ndarray (H, W) float32
+        Relative reflectance: the raw image divided by its brightness level.
+    sa_nm : ndarray (H, W) float32 or None
+        True roughness Sa per pixel when known (simulated surfaces), else None.
+    source : str
+        Where it came from (file name, scan folder, simulator and seed).
+    kind : str
+        ``"user"`` or the simulated sample kind.
+    """
+
+    image: np.ndarray
+    sa_nm: np.ndarray | None = None
+    source: str = ""
+    kind: str = "user"
+    meta: dict = field(default_factory=dict)
+
+
+def relative(raw: np.ndarray, level: float | None = None) -> np.ndarray:
+    """Raw image (any dtype, grey or colour) divided by its brightness level."""
+    lum = to_luminance(raw)
+    level = brightness_level(lum) if level is None else level
+    return (lum * np.float32(1.0 / level)).astype(np.float32)
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """Read an image file (TIFF with tifffile, others with imageio)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            return np.asarray(tifffile.imread(path))
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(path))
+    except Exception as exc:  # any decoder error is a bad input file
+        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+
+
+def _scan_folder_images(folder: Path, max_crops: int = 64, crop: int = 512) -> list[GoodImage]:
+    """Good tiles of a scan folder: the raw tiles (tiles.zarr), or crops of the mosaic."""
+    from scanner.tilestore import TILES_ZARR, open_tiles, read_tiles_csv
+
+    out: list[GoodImage] = []
+    if (folder / TILES_ZARR).exists():
+        tiles = open_tiles(folder)
+        try:
+            ok = [r.index for r in read_tiles_csv(folder) if r.status == "ok"]
+        except OSError:
+            ok = list(range(tiles.shape[0]))
+        step = max(1, len(ok) // max_crops)
+        for i in ok[::step][:max_crops]:
+            out.append(GoodImage(relative(np.asarray(tiles[i])), source=f"{folder.name}/tile{i}"))
+        return out
+    mosaic = folder / "mosaic.ome.zarr"
+    if folder.name.endswith(".ome.zarr"):
+        mosaic = folder
+    if mosaic.exists():
+        from scanner.mosaic import open_mosaic
+
+        levels, _ = open_mosaic(mosaic)
+        arr = levels[0]
+        h, w = arr.shape
+        level = brightness_level(np.asarray(levels[-1][:]))
+        rng = np.random.default_rng(0)
+        for k in range(max_crops):
+            r0 = int(rng.integers(0, max(h - crop, 0) + 1))
+            c0 = int(rng.integers(0, max(w - crop, 0) + 1))
+            block = np.asarray(arr[r0:r0 + crop, c0:c0 + crop])
+            out.append(GoodImage(relative(block, level), source=f"{folder.name}/crop{k}"))
+    return out
+
+
+def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
+    """Good images from files, folders of images, or good scan folders.
+
+    Raises
+    ------
+    UserError
+        A path that does not exist, an unreadable image, or no image at all.
+    """
+    out: list[GoodImage] = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise UserError(f"{path}: good image path not found")
+        if path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(f"{path}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            out.append(GoodImage(relative(_read_image(path)), source=path.name))
+            continue
+        if (path / "tiles.zarr").exists() or (path / "mosaic.ome.zarr").exists() or \
+                path.name.endswith(".ome.zarr"):
+            out.extend(_scan_folder_images(path))
+            continue
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        for f in files:
+            out.append(GoodImage(relative(_read_image(f)), source=str(f.relative_to(path))))
+    if not out and list(paths):
+        raise UserError(f"--good: no images found in {', '.join(str(p) for p in paths)}")
+    return out
+
+
+def scan_pixel_size_um(paths: Iterable[str | Path]) -> float | None:
+    """Pixel size recorded in a good scan folder's scan.json, if any of the paths is one."""
+    for p in paths:
+        scan = Path(p) / "scan.json"
+        if scan.is_file():
+            try:
+                recipe = json.loads(scan.read_text())["recipe"]
+                return float(recipe["microscope"]["camera"]["pixel_size_um"])
+            except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+                continue
+    return None
+
+
+# ---------------------------------------------------------------------- simulated surfaces
+
+
+#: pixel sizes (µm) at which each simulated kind is typically imaged (multi-scale training):
+#: wafers under a 2x to 20x objective, PV cells in electroluminescence, rough surfaces where
+#: their texture is resolved
+PIXEL_RANGES_UM: dict[str, tuple[float, float]] = {
+    "wafer": (1.0, 8.0),
+    "pv_cell": (8.0, 40.0),
+    "rough": (0.5, 2.0),
+}
+
+
+def simulated_good_images(
+    n: int, size: int, pixel_size_um: float, seed: int,
+    kinds: tuple[str, ...] = ("wafer", "pv_cell", "rough"),
+    pixel_ranges_um: dict[str, tuple[float, float]] | None = None,
+) -> list[GoodImage]:
+    """Good simulated images (no defects) through the simulator's camera model.
+
+    Wafers with random die pitch, scribe width and roughness; PV cells with random grain size,
+    finger pitch and busbars; plain rough surfaces (rectangles) with Sa from 0 to 25 nm varying
+    across the sample. Camera shot and read noise and a small random defocus are applied, as
+    in a scan. The true Sa map is kept for wafers and rough surfaces (0 where not rough).
+
+    Parameters
+    ----------
+    n : int
+        Number of images (spread over ``kinds``).
+    size : int
+        Side of each square image (pixels).
+    pixel_size_um : float
+        Pixel size to render at (when ``pixel_ranges_um`` is None).
+    seed : int
+        Seed of everything (sample layouts, positions, roughness, noise).
+    kinds : tuple of str
+        Sample kinds, used in turn.
+    pixel_ranges_um : dict, optional
+        Per kind ``(min, max)`` pixel size drawn log-uniformly per image (multi-scale
+        training, e.g. :data:`PIXEL_RANGES_UM`); None renders everything at ``pixel_size_um``.
+    """
+    from simulators.camera import CameraModel, Optics
+    from simulators.roughness import RoughnessField
+    from simulators.samples import PVCellSample, RectangleSample, WaferSample
+    from simulators.samples.shapes import pixel_axes
+
+    rng = np.random.default_rng(seed)
+    cam = CameraModel(width=size, height=size, bit_depth=12)
+    optics = Optics()
+    out: list[GoodImage] = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        p = float(pixel_size_um)
+        if pixel_ranges_um is not None and kind in pixel_ranges_um:
+            lo, hi = pixel_ranges_um[kind]
+            p = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        s = int(rng.integers(0, 2**31 - 1))
+        rough = None
+        if kind == "wafer":
+            pitch = float(rng.uniform(1.5, 12.0))
+            wafer = {"diameter_mm": float(rng.choice([50.0, 100.0, 150.0])), "n_defects": 0,
+                     "seed": s, "scribe_width_um": float(rng.uniform(30, 150)),
+                     "edge_exclusion_mm": 2.0}
+            try:
+                sample = WaferSample(
+                    die_pitch_mm=(pitch, pitch * float(rng.uniform(0.6, 1.4))), **wafer)
+            except ValueError:
+                # DieTemplate's pyramid fails for some unequal pitches (sides whose halvings
+                # stop being even at different levels); square dies always work
+                sample = WaferSample(die_pitch_mm=(pitch, pitch), **wafer)
+            if rng.random() < 0.5:
+                rough = RoughnessField(sa_nm=float(rng.uniform(0.5, 20.0)),
+                                       variation=float(rng.uniform(0.0, 0.6)),
+                                       variation_period_mm=float(rng.uniform(0.2, 2.0)),
+                                       seed=s)
+        elif kind == "pv_cell":
+            sample = PVCellSample(
+                n_defects=0, seed=s, grain_size_mm=float(rng.choice([0.0, 2.0, 5.0, 8.0])),
+                finger_pitch_mm=float(rng.uniform(1.2, 2.5)), busbars=int(rng.integers(2, 7)),
+                finger_width_um=float(rng.uniform(30, 90)),
+            )
+        else:
+            sample = RectangleSample(40.0, 40.0, n_defects=0, seed=s)
+            rough = RoughnessField(sa_nm=float(rng.uniform(0.0, 25.0)),
+                                   variation=float(rng.uniform(0.0, 0.8)),
+                                   variation_period_mm=float(rng.uniform(0.2, 2.0)), seed=s)
+        poly = sample.usable_polygon_um()
+        x0, y0 = poly.min(axis=0)
+        x1, y1 = poly.max(axis=0)
+        half = size * p / 2
+        from simulators.samples.shapes import points_in_polygon
+
+        for _ in range(200):  # a window wholly inside the usable area
+            cx, cy = rng.uniform(x0 + half, x1 - half), rng.uniform(y0 + half, y1 - half)
+            xs_c = np.array([cx - half, cx + half, cx + half, cx - half])
+            ys_c = np.array([cy - half, cy - half, cy + half, cy + half])
+            if points_in_polygon(xs_c, ys_c, poly).all():
+                break
+        level = None
+        if kind == "wafer" and rng.random() < 0.25:
+            # a window on the wafer edge (notch, flat, chuck around it): normal, too; scaled by
+            # the level of the wafer surface, as a whole-mosaic level would
+            level = float(np.median(sample.render(cx - half, cy - half, (64, 64), p)))
+            r_edge = sample.diameter_mm * 500.0 + rng.uniform(-1.5, 0.5) * half
+            ang = rng.uniform(0, 2 * np.pi)
+            cx = sample.center_um[0] + r_edge * np.cos(ang)
+            cy = sample.center_um[1] + r_edge * np.sin(ang)
+        ox, oy = cx - half, cy - half
+        refl = sample.render(ox, oy, (size, size), p)
+        sa = None
+        if kind != "pv_cell":
+            xs, ys = pixel_axes(ox, oy, (size, size), p)
+            if rough is not None:
+                refl = rough.apply(refl, xs, ys, p)
+                sa = rough.sa_map(xs, ys)
+            else:
+                sa = np.zeros((size, size), dtype=np.float32)
+        refl = optics.apply(refl, float(rng.uniform(-3.0, 3.0)), p)
+        exposure = float(rng.uniform(6.0, 12.0))
+        counts = cam.digitise(refl, exposure, rng)
+        if level is not None:
+            level *= 0.8 * cam.full_well_e * exposure / cam.exposure_ref_ms
+            level *= (2**cam.bit_depth - 1) / cam.full_well_e
+        out.append(GoodImage(relative(counts, level), sa_nm=sa, source=f"sim:{kind}:{s}", kind=kind,
+                             meta={"pixel_size_um": p}))
+    return out

@@ -1,0 +1,305 @@
+"""A trained inspection model: network weights (safetensors) plus its JSON card.
+
+A model is two files side by side: ``NAME.safetensors`` (tensors only; never pickle, which can
+run code when loaded) and ``NAME.json`` (the card: architecture, normalisation, pixel size,
+calibrated threshold, training summary, metrics, sha256 of the weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scanner.errors import UserError
+
+from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, context_margin_px, fuse_batchnorm
+
+#: version of the card format
+CARD_VERSION = 1
+
+#: images are divided by a robust brightness level, then ``(x / level - 1) * GAIN``
+GAIN = 2.0
+
+
+def default_model_path() -> Path:
+    """The shipped default model (``models/default.safetensors``)."""
+    return Path(__file__).resolve().parent / "default.safetensors"
+
+
+def card_path_for(weights: Path) -> Path:
+    """The JSON card that belongs to a weights file (same stem, ``.json``)."""
+    return Path(weights).with_suffix(".json")
+
+
+def to_luminance(image: np.ndarray) -> np.ndarray:
+    """Grayscale view of an image: RGB(A) in the last axis becomes Rec. 709 luminance.
+
+    A 2-D image is returned as float32 unchanged; ``(..., 3)`` or ``(..., 4)`` images are
+    converted with ``skimage.color.rgb2gray`` (alpha dropped).
+    """
+    a = np.asarray(image)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        from skimage.color import rgb2gray
+
+        return rgb2gray(a[..., :3].astype(np.float32)).astype(np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale or (H, W, 3|4) colour image, got {a.shape}")
+    return a.astype(np.float32, copy=False)
+
+
+def brightness_level(image: np.ndarray, max_samples: int = 1_000_000) -> float:
+    """Robust brightness level of an image: the median of its pixels (subsampled when large).
+
+    Any dtype; colour images are reduced to luminance first. A blank image (level 0) gives 1.
+    """
+    lum = to_luminance(image)
+    step = max(1, int(np.sqrt(lum.size / max_samples)))
+    level = float(np.median(lum[::step, ::step]))
+    return level if level > 0 else 1.0
+
+
+def normalize_image(image: np.ndarray, level: float | None = None) -> np.ndarray:
+    """Network input from raw counts: ``(x / level - 1) * GAIN`` as float32.
+
+    Dividing by the brightness level makes the input independent of bit depth, exposure and
+    illumination while keeping contrast relative to the surface (what defects and roughness
+    change). ``level`` defaults to :func:`brightness_level` of ``image`` itself (per image).
+    """
+    lum = to_luminance(image)
+    if level is None:
+        level = brightness_level(lum)
+    return ((lum * np.float32(1.0 / level) - np.float32(1.0)) * np.float32(GAIN)).astype(
+        np.float32, copy=False
+    )
+
+
+class InspectionModel:
+    """A trained network with its card, ready for inference.
+
+    Attributes
+    ----------
+    card : dict
+        The JSON card.
+    output_stride : int
+        Output maps are ``1 / output_stride`` of the input resolution.
+    context_px : int
+        Margin (input pixels) a window needs on each side for output free of border effects.
+    pixel_size_um : float
+        Pixel size the model was trained at.
+    pixel_size_range_um : tuple of float
+        Pixel sizes it was trained over (the default model is trained multi-scale, 0.5 to
+        40 µm: use it at the scan's own pixel size, without resampling, anywhere in this
+        range; a model trained on a user's images has ``(p, p)``).
+    threshold : float
+        Calibrated decision threshold on the ``anomaly`` map.
+    num_threads : int
+        Torch threads used by :meth:`predict` (default: all cores of this machine).
+    """
+
+    def __init__(self, net: InspectionNet, card: dict[str, Any], path: Path | None = None) -> None:
+        self.card = card
+        self.path = path
+        self.config = net.config
+        self.output_stride = OUTPUT_STRIDE
+        self.context_px = int(card.get("context_px", context_margin_px()))
+        self.pixel_size_um = float(card.get("pixel_size_um", 1.0))
+        lo, hi = card.get("pixel_size_range_um", [self.pixel_size_um, self.pixel_size_um])
+        self.pixel_size_range_um = (float(lo), float(hi))
+        self.threshold = float(card.get("threshold", 0.5))
+        self.num_threads = max(1, os.cpu_count() or 1)
+        self._net = fuse_batchnorm(net).to(memory_format=torch.channels_last)
+        self._net.eval()
+
+    def accepts_pixel_size(self, pixel_size_um: float, tolerance: float = 0.25) -> bool:
+        """Whether images at this pixel size can be inspected as they are (no resampling):
+        inside ``pixel_size_range_um`` widened by ``tolerance`` (relative)."""
+        lo, hi = self.pixel_size_range_um
+        return lo * (1 - tolerance) <= pixel_size_um <= hi * (1 + tolerance)
+
+    # ------------------------------------------------------------------ pre-processing
+
+    def brightness_level(self, image: np.ndarray) -> float:
+        """Robust level (median) of an image or a subsample of a mosaic; see ``normalize``."""
+        return brightness_level(image)
+
+    def normalize(self, image: np.ndarray, level: float | None = None) -> np.ndarray:
+        """Raw camera counts (any dtype, grayscale or RGB) to float32 network input.
+
+        Per image by default: the image is divided by its own median brightness. For a mosaic
+        cut into windows pass one ``level`` for all windows (``brightness_level`` of a
+        subsample of the whole mosaic), so that the windows agree and no seam appears.
+        Colour images are converted to luminance here.
+        """
+        return normalize_image(image, level)
+
+    # ------------------------------------------------------------------ inference
+
+    def predict(self, batch: np.ndarray, mc_samples: int = 0) -> dict[str, np.ndarray]:
+        """Anomaly, roughness and uncertainty maps of a batch of normalised images.
+
+        Parameters
+        ----------
+        batch : ndarray, shape (N, H, W)
+            float32 output of :meth:`normalize`; ``H`` and ``W`` multiples of
+            ``output_stride``.
+        mc_samples : int
+            0 (default): uncertainty from the head ensemble. > 0: Monte-Carlo dropout with
+            this many passes of the heads (for the comparison in docs/model.md).
+
+        Returns
+        -------
+        dict of ndarray float32, each (N, H/s, W/s)
+            ``anomaly``: probability that the pixel is defective (0..1, higher = more
+            defective); ``roughness``: areal roughness Sa in nm; ``uncertainty``: standard
+            deviation of the anomaly probability across the ensemble (same units as
+            ``anomaly``); ``roughness_sigma``: predicted standard deviation of the roughness
+            (nm).
+        """
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3:
+            raise ValueError(f"batch must be (N, H, W), got {x.shape}")
+        s = self.output_stride
+        if x.shape[1] % s or x.shape[2] % s:
+            raise ValueError(f"H and W must be multiples of {s}, got {x.shape[1:]}")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            with torch.inference_mode():
+                t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
+                t = t.contiguous(memory_format=torch.channels_last)
+                feat = self._net.features(t)
+                out = self._net.heads(feat)
+                probs = torch.sigmoid(out["anomaly_logits"])
+                if mc_samples > 0:
+                    self._net.mc_dropout = True
+                    try:
+                        draws = torch.stack([
+                            torch.sigmoid(self._net.heads(feat)["anomaly_logits"]).mean(1)
+                            for _ in range(mc_samples)
+                        ])
+                    finally:
+                        self._net.mc_dropout = False
+                    unc = draws.std(0)
+                else:
+                    unc = probs.std(1)
+                result = {
+                    "anomaly": probs.mean(1),
+                    "roughness": out["roughness"][:, 0],
+                    "uncertainty": unc,
+                    "roughness_sigma": torch.exp(0.5 * out["roughness_logvar"][:, 0]),
+                }
+                return {k: v.float().contiguous().numpy() for k, v in result.items()}
+        finally:
+            torch.set_num_threads(previous)
+
+    def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of one raw image of any size (padded by reflection to a multiple of 4).
+
+        Convenience for plain images and training; mosaics go through tiled inference.
+        Returns (H/s, W/s) maps (rounded up).
+        """
+        x = self.normalize(image)
+        s = self.output_stride
+        h, w = x.shape
+        ph, pw = (-h) % s, (-w) % s
+        if ph or pw:
+            x = np.pad(x, ((0, ph), (0, pw)), mode="reflect")
+        return {k: v[0] for k, v in self.predict(x[None]).items()}
+
+
+# ---------------------------------------------------------------------- save / load
+
+
+def _weights_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_model(net: InspectionNet, card: dict[str, Any], path: str | Path) -> Path:
+    """Write ``path`` (.safetensors) and its card (.json) atomically; returns the weights path.
+
+    The card gets ``version``, ``architecture``, ``output_stride``, ``context_px`` and the
+    ``weights_sha256`` of the file written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "card_version": str(CARD_VERSION)})
+    card = dict(card)
+    card.update(
+        version=CARD_VERSION,
+        architecture={"name": "InspectionNet", **net.config.to_dict()},
+        output_stride=OUTPUT_STRIDE,
+        context_px=context_margin_px(),
+        weights_file=path.name,
+        weights_sha256=_weights_sha256(tmp),
+    )
+    card_tmp = card_path_for(path).with_name(card_path_for(path).name + ".tmp")
+    card_tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    card_tmp.replace(card_path_for(path))
+    return path
+
+
+def load_model(path: str | Path | None = None) -> InspectionModel:
+    """Load a model (weights + card); ``None`` loads the shipped default.
+
+    ``path`` may name the ``.safetensors`` file, the ``.json`` card, or the common stem.
+
+    Raises
+    ------
+    UserError
+        Missing file, corrupt weights, a card that does not match the weights (sha256,
+        architecture), naming the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = default_model_path() if path is None else Path(path)
+    if weights.suffix == ".json":
+        weights = weights.with_suffix(".safetensors")
+    elif weights.suffix != ".safetensors":
+        weights = weights.with_name(weights.name + ".safetensors")
+    card_file = card_path_for(weights)
+    for f in (weights, card_file):
+        if not f.is_file():
+            raise UserError(f"{f}: model file not found")
+    try:
+        card = json.loads(card_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{card_file}: not a valid model card ({exc})") from None
+    if not isinstance(card, dict) or "architecture" not in card:
+        raise UserError(f"{card_file}: not a waferscope model card (no 'architecture')")
+    expected = card.get("weights_sha256")
+    if expected and expected != _weights_sha256(weights):
+        raise UserError(f"{weights}: checksum does not match its card {card_file.name} "
+                        "(corrupt or replaced weights)")
+    try:
+        arch = {k: v for k, v in card["architecture"].items() if k != "name"}
+        net = InspectionNet(NetConfig.from_dict(arch))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{card_file}: unknown architecture ({exc})") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{weights}: corrupt model weights ({exc})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "mismatch"
+        raise UserError(
+            f"{weights}: weights do not fit the card's architecture ({first})"
+        ) from None
+    return InspectionModel(net, card, path=weights)

@@ -1,0 +1,457 @@
+"""Training: good images (+ simulated surfaces) -> a calibrated inspection model.
+
+1. Good images are split by image into training and validation sets (fixed seed).
+2. Each training step draws random crops, paints synthetic anomalies on part of them
+   (:mod:`models.synth`; no real defect label is ever used) and trains the anomaly heads on
+   "visibly changed or not" with a focal loss (each head on its own bootstrap weights of the
+   batch, so the ensemble's spread means something) and the roughness head with a Gaussian
+   negative log-likelihood where the true Sa is known (simulated surfaces).
+3. After each epoch a fixed validation set scores the model; training stops early when the
+   validation AUROC of synthetic anomalies (less 0.002 per nm of roughness MAE) has not
+   improved for ``patience`` epochs, and the best epoch is kept.
+4. The decision threshold is calibrated on held-out good images to the false-alarm rate asked
+   for (:mod:`models.calibrate`), and the model is saved (safetensors + JSON card).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from scanner.errors import UserError
+
+from .calibrate import calibrate_threshold
+from .data import (
+    PIXEL_RANGES_UM,
+    GoodImage,
+    load_good_images,
+    scan_pixel_size_um,
+    simulated_good_images,
+)
+from .inspection import GAIN, InspectionModel, save_model
+from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, macs_per_pixel
+from .synth import add_anomalies
+
+#: roughness targets and predictions are compared in units of this many nm
+SA_UNIT_NM = 5.0
+
+Progress = Callable[[str, int, int, dict], None]
+
+
+@dataclass
+class TrainReport:
+    """What :func:`train_model` did.
+
+    Attributes
+    ----------
+    weights, card_path : Path
+        Files written.
+    card : dict
+        The model card.
+    epochs_run, best_epoch : int
+        Epochs trained and the epoch whose weights were kept (1-based).
+    train_time_s : float
+        Wall-clock time of the whole call.
+    history : list of dict
+        Per epoch: training loss, validation loss, validation AUROC, roughness MAE.
+    """
+
+    weights: Path
+    card_path: Path
+    card: dict
+    epochs_run: int
+    best_epoch: int
+    train_time_s: float
+    history: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- batches
+
+
+def _crop(img: GoodImage, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random crop (and its Sa map, NaN where unknown), randomly flipped / rotated."""
+    h, w = img.image.shape
+    if h < size or w < size:  # small images are reflected up to the crop size
+        ph, pw = max(0, size - h), max(0, size - w)
+        im = np.pad(img.image, ((0, ph), (0, pw)), mode="reflect")
+        sa = None if img.sa_nm is None else np.pad(img.sa_nm, ((0, ph), (0, pw)), mode="edge")
+        h, w = im.shape
+    else:
+        im, sa = img.image, img.sa_nm
+    r0, c0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    x = im[r0:r0 + size, c0:c0 + size]
+    s = (np.full((size, size), np.nan, np.float32) if sa is None
+         else sa[r0:r0 + size, c0:c0 + size])
+    k = int(rng.integers(4))
+    x, s = np.rot90(x, k), np.rot90(s, k)
+    if rng.random() < 0.5:
+        x, s = x[:, ::-1], s[:, ::-1]
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(s, dtype=np.float32)
+
+
+def make_batch(
+    images: Sequence[GoodImage],
+    n: int,
+    size: int,
+    rng: np.random.Generator,
+    anomaly_fraction: float = 0.6,
+) -> dict[str, torch.Tensor]:
+    """A training batch: normalised crops, anomaly targets and Sa targets at stride 4."""
+    xs, targets, sas = [], [], []
+    donors = [_crop(images[int(rng.integers(len(images)))], size, rng)[0] for _ in range(2)]
+    for _ in range(n):
+        img = images[int(rng.integers(len(images)))]
+        x, sa = _crop(img, size, rng)
+        x = x * np.float32(rng.uniform(0.92, 1.08))  # residual brightness-level error
+        if rng.random() < anomaly_fraction:
+            x, t = add_anomalies(x, rng, donors=donors)
+        else:
+            t = np.zeros_like(x)
+        xs.append((x - np.float32(1.0)) * np.float32(GAIN))
+        targets.append(t)
+        sas.append(np.where(t > 0, np.nan, sa))  # roughness is undefined on a defect
+    x = torch.from_numpy(np.stack(xs))[:, None]
+    t = torch.from_numpy(np.stack(targets))[:, None]
+    s = torch.from_numpy(np.stack(sas).astype(np.float32))[:, None]
+    s_known = torch.isfinite(s).float()
+    pool = OUTPUT_STRIDE
+    return {
+        "x": x,
+        "target": F.max_pool2d(t, pool),  # a cell with any defect pixel is defective
+        "target_full": t,
+        # Sa of a cell: mean over its pixels, defined only where every pixel is known
+        "sa": F.avg_pool2d(torch.nan_to_num(s), pool),
+        "sa_known": (F.avg_pool2d(s_known, pool) > 0.999).float(),
+    }
+
+
+# ---------------------------------------------------------------------- losses
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+               alpha: float = 0.75) -> torch.Tensor:
+    """Per-element focal loss (Lin et al. 2017) of logits against targets in {0, 1}."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    pt = p * target + (1 - p) * (1 - target)
+    a = alpha * target + (1 - alpha) * (1 - target)
+    return a * (1 - pt) ** gamma * bce
+
+
+def losses(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
+           weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Anomaly (focal, per head, bootstrap-weighted) and roughness (Gaussian NLL) losses."""
+    logits = out["anomaly_logits"]  # (N, K, h, w)
+    target = batch["target"].expand_as(logits)
+    fl = focal_loss(logits, target).mean(dim=(2, 3))  # (N, K)
+    if weights is not None:
+        fl = fl * weights
+    anomaly = fl.mean() * 10.0
+    known = batch["sa_known"]
+    if known.sum() > 0:
+        mu = out["roughness"] / SA_UNIT_NM
+        y = batch["sa"] / SA_UNIT_NM
+        logvar = out["roughness_logvar"]
+        nll = 0.5 * (logvar + (y - mu) ** 2 * torch.exp(-logvar))
+        l1 = (y - mu).abs()
+        rough = ((nll + l1) * known).sum() / known.sum()
+    else:
+        rough = logits.sum() * 0.0
+    return {"anomaly": anomaly, "roughness": rough, "total": anomaly + rough}
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula; NaN if one class."""
+    from scipy.stats import rankdata
+
+    labels = labels.astype(bool).ravel()
+    scores = np.asarray(scores, dtype=float).ravel()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate(net: InspectionNet, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Validation loss, stride-level AUROC of synthetic anomalies and roughness MAE (nm)."""
+    net.eval()
+    total, scores, labels, err, n_known = 0.0, [], [], 0.0, 0.0
+    with torch.inference_mode():
+        for b in batches:
+            out = net(b["x"])
+            total += float(losses(out, b)["total"])
+            scores.append(torch.sigmoid(out["anomaly_logits"]).mean(1).numpy().ravel())
+            labels.append(b["target"].numpy().ravel())
+            k = b["sa_known"]
+            err += float(((out["roughness"] - b["sa"]).abs() * k).sum())
+            n_known += float(k.sum())
+    net.train()
+    return {
+        "val_loss": total / max(len(batches), 1),
+        "val_auroc": auroc(np.concatenate(scores), np.concatenate(labels) > 0.5),
+        "val_sa_mae_nm": err / n_known if n_known else float("nan"),
+    }
+
+
+# ---------------------------------------------------------------------- training
+
+
+def _split(images: list[GoodImage], fraction: float, rng: np.random.Generator
+           ) -> tuple[list[GoodImage], list[GoodImage]]:
+    """Split by image; at least one validation image when there are two or more."""
+    if len(images) < 2:
+        return images, []
+    order = rng.permutation(len(images))
+    n_val = min(len(images) - 1, max(1, int(round(fraction * len(images)))))
+    return [images[i] for i in order[n_val:]], [images[i] for i in order[:n_val]]
+
+
+def train_model(
+    good: Sequence[str | Path],
+    out: str | Path,
+    *,
+    epochs: int = 10,
+    seed: int = 0,
+    false_alarms_per_cm2: float = 1.0,
+    pixel_size_um: float | None = None,
+    simulated: bool = True,
+    multiscale: bool = False,
+    n_simulated: int = 96,
+    simulated_size: int = 256,
+    steps_per_epoch: int | None = None,
+    batch_size: int = 16,
+    patch: int = 128,
+    lr: float = 3e-3,
+    patience: int = 4,
+    val_fraction: float = 0.15,
+    config: NetConfig | None = None,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> TrainReport:
+    """Train an inspection model and calibrate its threshold.
+
+    Parameters
+    ----------
+    good : sequence of path
+        Good images: image files, folders of images, good scan folders. May be empty with
+        ``simulated=True`` (simulated surfaces only: how the default model is made).
+    out : path
+        Output weights path (``.safetensors`` added when missing); the card goes beside it.
+    epochs : int
+        Maximum epochs (early stopping may end sooner).
+    seed : int
+        Seed of every random choice: the same inputs and seed give the same model.
+    false_alarms_per_cm2 : float
+        Target false-alarm rate for the threshold calibration.
+    pixel_size_um : float, optional
+        Pixel size of the good images (default: from a good scan folder, else 1.0);
+        simulated surfaces are rendered at it.
+    simulated : bool
+        Add simulated good surfaces (wafers, PV cells, rough surfaces) to the training data.
+    multiscale : bool
+        Render each simulated kind over the range of pixel sizes it is imaged at
+        (``models.data.PIXEL_RANGES_UM``) instead of at ``pixel_size_um`` only: a model for
+        any scan (the default model), recorded as ``pixel_size_range_um`` in the card.
+    n_simulated, simulated_size : int
+        Number and side of simulated training images.
+    steps_per_epoch : int, optional
+        Default: enough batches to see the training pixels about once, between 40 and 100.
+    batch_size, patch, lr, patience, val_fraction :
+        Optimisation settings.
+    config : NetConfig, optional
+        Architecture (default :class:`NetConfig`).
+    threads : int, optional
+        Torch threads (default: torch's choice).
+    progress : callable, optional
+        ``progress(stage, done, total, info)`` for progress bars; stages are
+        ``"data"``, ``"train"``, ``"calibrate"``.
+
+    Returns
+    -------
+    TrainReport
+
+    Raises
+    ------
+    UserError
+        No usable good image (and no simulated data), unreadable inputs.
+    """
+    t_start = time.perf_counter()
+    notify = progress or (lambda *a: None)
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    good = [Path(p) for p in good]
+    if pixel_size_um is None:
+        pixel_size_um = scan_pixel_size_um(good) or 1.0
+    if pixel_size_um <= 0:
+        raise UserError(f"--pixel-size-um: must be > 0, got {pixel_size_um}")
+    if false_alarms_per_cm2 <= 0:
+        raise UserError(f"--false-alarms-per-cm2: must be > 0, got {false_alarms_per_cm2}")
+
+    notify("data", 0, 3, {})
+    user = load_good_images(good) if good else []
+    if not user and not simulated:
+        raise UserError("--good: no good images given and --no-simulated: nothing to train on")
+    user_train, user_val = _split(user, val_fraction, rng)
+    notify("data", 1, 3, {"user_images": len(user)})
+    sim_train: list[GoodImage] = []
+    sim_val: list[GoodImage] = []
+    if simulated:
+        ranges = PIXEL_RANGES_UM if multiscale else None
+        sim_train = simulated_good_images(n_simulated, simulated_size, pixel_size_um, seed,
+                                          pixel_ranges_um=ranges)
+        n_val_sim = max(6, n_simulated // 8)
+        sim_val = simulated_good_images(n_val_sim, max(simulated_size, 512), pixel_size_um,
+                                        seed + 1_000_003, pixel_ranges_um=ranges)
+    notify("data", 2, 3, {"simulated_images": len(sim_train) + len(sim_val)})
+
+    # training pool: user images weigh as much as all simulated ones together when both exist
+    train_pool = user_train + sim_train
+    if user_train and sim_train:
+        reps = max(1, len(sim_train) // max(len(user_train), 1))
+        train_pool = user_train * reps + sim_train
+    val_pool = user_val + sim_val or train_pool
+    vrng = np.random.default_rng(seed + 7)
+    val_batches = [make_batch(val_pool, batch_size, patch, vrng) for _ in range(8)]
+    notify("data", 3, 3, {})
+
+    config = config or NetConfig()
+    net = InspectionNet(config)
+    net.train()
+    if steps_per_epoch is None:
+        pixels = sum(g.image.size for g in user_train + sim_train)
+        steps_per_epoch = int(np.clip(pixels / (batch_size * patch * patch), 40, 100))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    total_steps = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
+                                                pct_start=0.15)
+    best, best_state, best_epoch, bad_epochs = math.inf, None, 0, 0
+    history: list[dict] = []
+    k = config.heads
+    step = 0
+    for epoch in range(1, epochs + 1):
+        running = 0.0
+        for _ in range(steps_per_epoch):
+            batch = make_batch(train_pool, batch_size, patch, rng)
+            # bootstrap: each head sees the batch with its own Poisson(1) sample weights
+            w = torch.from_numpy(rng.poisson(1.0, (batch_size, k)).astype(np.float32))
+            out_ = net(batch["x"])
+            loss = losses(out_, batch, w)
+            opt.zero_grad(set_to_none=True)
+            loss["total"].backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            step += 1
+            running += float(loss["total"].detach())
+            notify("train", step, total_steps, {"epoch": epoch, "loss": running /
+                                                 max(1, (step - 1) % steps_per_epoch + 1)})
+        metrics = evaluate(net, val_batches)
+        metrics.update(epoch=epoch, train_loss=running / steps_per_epoch)
+        history.append(metrics)
+        notify("epoch", epoch, epochs, metrics)
+        # model selection on the validation AUROC of synthetic anomalies (the loss mixes in the
+        # roughness NLL, whose noise made it pick early epochs), roughness MAE as tie-breaker
+        auc = metrics["val_auroc"] if math.isfinite(metrics["val_auroc"]) else 0.0
+        sa = metrics["val_sa_mae_nm"] if math.isfinite(metrics["val_sa_mae_nm"]) else 0.0
+        merit = -(auc - 0.002 * sa)
+        if merit < best - 1e-4:
+            best, best_state, best_epoch, bad_epochs = (
+                merit, copy.deepcopy(net.state_dict()), epoch, 0)
+        else:
+            bad_epochs += 1
+            if bad_epochs >= patience:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    train_seconds = time.perf_counter() - t_start
+
+    # ------------------------------------------------------------------ calibration
+    held_out = user_val if user_val else sim_val
+    if not held_out:  # a single user image and no simulation: calibrate on it (documented)
+        held_out = user_train
+    if multiscale and simulated and not user:
+        lo = min(r[0] for r in PIXEL_RANGES_UM.values())
+        hi = max(r[1] for r in PIXEL_RANGES_UM.values())
+    else:
+        lo = hi = float(pixel_size_um)
+    card: dict[str, Any] = {
+        "pixel_size_um": float(pixel_size_um),
+        "pixel_size_range_um": [lo, hi],
+        "normalization": {
+            "method": "relative",
+            "formula": "(x / level - 1) * gain, level = median of the image or mosaic",
+            "gain": GAIN,
+            "colour": "converted to luminance (Rec. 709) by normalize",
+        },
+        "seed": int(seed),
+        "threshold": 0.5,
+    }
+    model = InspectionModel(copy.deepcopy(net), card)
+    maps = []
+    for i, g in enumerate(held_out):
+        img = g.image[: 2048, : 2048]
+        maps.append(model.predict_image(img)["anomaly"])
+        notify("calibrate", i + 1, len(held_out), {})
+    area_cm2 = sum(
+        g.image[:2048, :2048].size * g.meta.get("pixel_size_um", pixel_size_um) ** 2
+        for g in held_out
+    ) / 1e8
+    cal = calibrate_threshold(maps, area_cm2, false_alarms_per_cm2)
+    final = history[best_epoch - 1] if best_epoch else (history[-1] if history else {})
+    card.update(
+        threshold=cal.threshold,
+        calibration={**cal.to_dict(), "held_out": "user" if user_val else "simulated",
+                     "held_out_images": len(held_out)},
+        training={
+            "user_images": len(user),
+            "user_sources": sorted({g.source.split("/")[0] for g in user})[:20],
+            "user_train_images": len(user_train),
+            "user_val_images": len(user_val),
+            "simulated_images": len(sim_train) + len(sim_val) if simulated else 0,
+            "simulated_kinds": ["wafer", "pv_cell", "rough"] if simulated else [],
+            "epochs_max": epochs,
+            "epochs_run": len(history),
+            "best_epoch": best_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "batch_size": batch_size,
+            "patch_px": patch,
+            "lr": lr,
+            "train_time_s": round(train_seconds, 1),
+            "macs_per_pixel": round(macs_per_pixel(config)),
+        },
+        metrics={k2: (round(v, 5) if isinstance(v, float) else v) for k2, v in final.items()},
+        history=[{k2: (round(v, 5) if isinstance(v, float) else v) for k2, v in h.items()}
+                 for h in history],
+        uncertainty={
+            "method": "multi-head ensemble",
+            "anomaly": "std of the heads' anomaly probabilities (same units as anomaly)",
+            "roughness": "predicted standard deviation (nm), heteroscedastic Gaussian head",
+        },
+        roughness_units="nm (areal Sa)",
+    )
+    weights = save_model(net, card, out)
+    from .inspection import card_path_for, load_model
+
+    saved = load_model(weights).card
+    return TrainReport(
+        weights=weights,
+        card_path=card_path_for(weights),
+        card=saved,
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        train_time_s=time.perf_counter() - t_start,
+        history=history,
+    )

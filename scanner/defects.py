@@ -1,0 +1,394 @@
+"""Defects from the anomaly maps: threshold, connected components, merging, classification.
+
+The steps, all on the maps' grid (``1 / stride`` of the model grid):
+
+1. **Hysteresis threshold.** A defect is a connected region where the anomaly exceeds a *low*
+   threshold (default halfway from the surface's median anomaly to the decision threshold,
+   at least half the latter) that somewhere exceeds the decision
+   threshold itself (the model's calibrated one unless overridden). The low threshold gives a
+   defect its full extent; the high one decides whether it is one.
+2. **Merging.** Regions closer than ``merge_px`` (model-grid pixels) are one defect: a scratch
+   whose contrast fades in places, or any defect broken into fragments, is reported once. The
+   grouping dilates the mask by half the gap and labels it; pixels keep their own extent.
+3. **Minimum size.** Defects smaller than ``min_area_px`` model-grid pixels are dropped.
+4. **Measurements** in stage µm: the anomaly-weighted centroid (sub-pixel), bounding box,
+   area, Feret diameter, peak score, mean roughness and uncertainty.
+5. **Class** from shape and appearance only (see :func:`classify`): nothing here knows how
+   any simulator draws its defects.
+
+Defects whose uncertainty is high, or whose score barely passes the threshold, get
+``review=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from skimage import measure, morphology
+
+from .defectlist import Defect
+
+#: Default uncertainty (the map's units) above which a defect is flagged for review, when the
+#: model card does not give one (``review_uncertainty``).
+DEFAULT_REVIEW_UNCERTAINTY = 0.1
+#: Defects scoring below this multiple of the threshold are flagged for review too.
+BORDERLINE = 1.15
+
+
+@dataclass(frozen=True)
+class Features:
+    """Shape and appearance of one defect (map pixels unless stated).
+
+    Attributes
+    ----------
+    area : float
+        Pixels of the defect.
+    length, width : float
+        Major and minor axis lengths of the moment ellipse.
+    elongation : float
+        ``length / width``.
+    solidity : float
+        Area over the area of the convex hull.
+    extent : float
+        Area over the area of the bounding box.
+    branches : int
+        Branch points of the skeleton (pixels with 3 or more skeleton neighbours).
+    tortuosity : float
+        Skeleton length over the Feret diameter (1 for a straight line).
+    skeleton : int
+        Skeleton length (pixels).
+    corners : bool
+        Whether all four corners of the bounding box belong to the defect (rectangles).
+    contrast : float
+        Signed intensity change of the defect against its surroundings, in units of the
+        surface level (positive: brighter); NaN when the image is not available.
+    snr : float
+        ``|contrast|`` over the local noise of the surroundings.
+    """
+
+    area: float
+    length: float
+    width: float
+    elongation: float
+    solidity: float
+    extent: float
+    branches: int
+    tortuosity: float
+    skeleton: int
+    corners: bool
+    contrast: float
+    snr: float
+
+
+def classify(f: Features) -> str:
+    """Class of a defect from its features (one of :data:`scanner.defectlist.CLASSES`).
+
+    General rules, in order:
+
+    * **linear** (elongation >= 4, or a long thin skeleton with a sparse hull):
+      a branched or winding line is a ``crack``, a straight or gently curved one a ``scratch``;
+    * **compact and rectangular** (extent >= 0.85, the corners of the bounding box filled,
+      at least 3 x 3 pixels): ``pattern``
+      (missing or extra structure on a patterned surface is axis-aligned and square-cornered);
+    * **large, irregular or faint** (solidity < 0.75, or a faint change over at least
+      8 x 8 pixels): ``stain``;
+    * **compact**: brighter than its surroundings, a ``particle`` (scatters light); darker, a
+      ``pit`` (a hole or a dark inclusion); contrast unknown: ``particle``;
+    * anything else: ``other``.
+    """
+    # a line bent or branched has a low moment elongation but a long, thin skeleton
+    thin = f.skeleton >= 8 and f.skeleton**2 / f.area >= 12 and f.solidity < 0.5
+    if f.elongation >= 4.0 or thin:
+        if f.branches >= 2 or f.tortuosity >= 1.35:
+            return "crack"
+        return "scratch"
+    if f.extent >= 0.85 and f.corners and f.area >= 9 and f.elongation < 3.0:
+        return "pattern"
+    faint = math.isfinite(f.contrast) and abs(f.contrast) < 0.05
+    if f.area >= 64 and (f.solidity < 0.75 or faint):
+        return "stain"
+    if f.solidity >= 0.75 and f.elongation < 3.0:
+        if math.isfinite(f.contrast) and f.contrast < 0:
+            return "pit"
+        return "particle"
+    return "other"
+
+
+def shape_features(mask: np.ndarray) -> dict[str, float]:
+    """Shape features of one binary region (see :class:`Features`)."""
+    mask = np.asarray(mask, dtype=bool)
+    props = measure.regionprops(mask.astype(np.uint8))[0]
+    area = float(props.area)
+    length = float(props.axis_major_length) if area > 1 else 1.0
+    width = float(props.axis_minor_length) if area > 1 else 1.0
+    length, width = max(length, 1.0), max(width, 1.0)
+    skel = morphology.skeletonize(mask)
+    n_skel = int(skel.sum())
+    if n_skel:
+        nb = ndimage.convolve(skel.astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant")
+        branches = int(np.count_nonzero(skel & (nb >= 4)))  # self + 3 neighbours
+    else:
+        branches = 0
+    feret = max(float(props.feret_diameter_max), 1.0)
+    box = props.image
+    return {
+        "area": area,
+        "length": length,
+        "width": width,
+        "elongation": length / width,
+        "solidity": float(props.solidity),
+        "extent": float(props.extent),
+        "branches": branches,
+        "tortuosity": max(1.0, n_skel / feret) if n_skel > 2 else 1.0,
+        "skeleton": n_skel,
+        "corners": bool(box[0, 0] and box[0, -1] and box[-1, 0] and box[-1, -1]),
+        "feret": feret,
+    }
+
+
+def appearance(
+    patch: np.ndarray, inside: np.ndarray, ring_px: int
+) -> tuple[float, float, tuple[float, float] | None]:
+    """Signed contrast of a defect against a ring around it, its SNR, and its refined centre.
+
+    Parameters
+    ----------
+    patch : np.ndarray
+        Normalised image (surface level about 0, one unit = the surface level / gain) around
+        the defect.
+    inside : np.ndarray
+        Boolean mask of the defect on ``patch``.
+    ring_px : int
+        Width of the surrounding ring used as background.
+
+    Returns
+    -------
+    contrast, snr : float
+        NaN when there is no usable background.
+    centre : tuple of float or None
+        ``(row, col)`` on ``patch`` of the centroid of the pixels that deviate from the
+        background with the defect's sign (weighted by the deviation): the defect itself at
+        full resolution rather than its blurred footprint on the map. None when the defect does
+        not stand clearly out of the noise.
+    """
+    if not inside.any():
+        return math.nan, math.nan, None
+    # distance to the defect: a gap of a third of the ring (the defect's blurred border),
+    # then the ring itself; one linear-time transform whatever the ring's width
+    dist = ndimage.distance_transform_edt(~inside)
+    gap = max(1, ring_px // 3)
+    ring = (dist > gap) & (dist <= gap + ring_px)
+    if ring.sum() < 8:
+        return math.nan, math.nan, None
+    bg = patch[ring]
+    med = float(np.median(bg))
+    noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
+    dev = patch[inside] - med
+    # the defect may fill only a few per cent of its blurred footprint on the map
+    hi, lo = float(np.percentile(dev, 98)), float(np.percentile(dev, 2))
+    contrast = hi if abs(hi) >= abs(lo) else lo
+    snr = abs(contrast) / noise
+    centre = None
+    if snr >= 5:
+        signed = (patch - med) * math.copysign(1.0, contrast)
+        strong = inside & (signed > max(3 * noise, 0.3 * abs(contrast)))
+        if strong.any():
+            rr, cc = np.nonzero(strong)
+            w = signed[rr, cc]
+            centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
+    return contrast, snr, centre
+
+
+@dataclass
+class MapGeometry:
+    """Where a map lies: stage ``(x, y)`` of the centre of pixel (0, 0), pixel size, stride."""
+
+    origin_um: tuple[float, float]
+    pixel_size_um: float
+    stride: int
+
+
+def extent_threshold(anomaly: Any, threshold: float, chunk: int = 1024) -> float:
+    """Default low (extent) threshold: halfway from the surface's typical anomaly to ``threshold``.
+
+    The typical level is the median of the map over the inspected area (zeros, outside the
+    sample, left out). Half the threshold would do on a quiet surface, but where the surface
+    itself scores near it (patterned wafers, textured cells) the extent would flood into the
+    surface and join unrelated defects.
+    """
+    h = int(anomaly.shape[0])
+    samples = []
+    for r0 in range(0, h, chunk):
+        block = np.asarray(anomaly[r0 : r0 + chunk])[::2, ::2]
+        samples.append(block[block > 0])
+    values = np.concatenate(samples) if samples else np.zeros(0)
+    typical = float(np.median(values)) if values.size else 0.0
+    return max(threshold / 2, typical + 0.5 * (threshold - typical))
+
+
+def threshold_masks(
+    anomaly: Any, threshold: float, low: float, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean ``(anomaly >= low, anomaly >= threshold)`` masks, read chunk row by chunk row."""
+    h, w = (int(n) for n in anomaly.shape)
+    lo = np.zeros((h, w), dtype=bool)
+    hi = np.zeros((h, w), dtype=bool)
+    for r0 in range(0, h, chunk):
+        block = np.asarray(anomaly[r0 : r0 + chunk])
+        lo[r0 : r0 + chunk] = block >= low
+        hi[r0 : r0 + chunk] = block >= threshold
+    return lo, hi
+
+
+def label_defects(
+    low: np.ndarray, high: np.ndarray, merge_map_px: float
+) -> np.ndarray:
+    """Label the defects: low-threshold regions holding a high pixel, grouped across gaps.
+
+    Regions of ``low`` that touch no pixel of ``high`` are dropped; regions closer than
+    ``merge_map_px`` are given one label. Returns int32 labels (0: background).
+    """
+    lab, n = ndimage.label(low, structure=np.ones((3, 3)))
+    if n == 0:
+        return lab.astype(np.int32)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(lab[high])] = True
+    keep[0] = False
+    kept = keep[lab]
+    radius = int(math.ceil(merge_map_px / 2))
+    if radius >= 1:
+        grown = ndimage.binary_dilation(kept, structure=morphology.disk(radius))
+        groups, _ = ndimage.label(grown, structure=np.ones((3, 3)))
+        out = np.where(kept, groups, 0)
+    else:
+        out, _ = ndimage.label(kept, structure=np.ones((3, 3)))
+    return out.astype(np.int32)
+
+
+def extract_defects(
+    maps: dict[str, Any],
+    geometry: MapGeometry,
+    *,
+    threshold: float,
+    low: float | None = None,
+    min_area_px: float = 4.0,
+    merge_px: float = 12.0,
+    review_uncertainty: float = DEFAULT_REVIEW_UNCERTAINTY,
+    image: Callable[[int, int, int, int], np.ndarray] | None = None,
+) -> list[Defect]:
+    """Defects of one set of maps, in stage coordinates.
+
+    Parameters
+    ----------
+    maps : dict
+        ``anomaly``, ``roughness`` and ``uncertainty`` 2-D arrays (numpy or Zarr) on one grid.
+    geometry : MapGeometry
+        Map origin, pixel size and stride.
+    threshold : float
+        Decision threshold on the anomaly.
+    low : float, optional
+        Extent threshold (default :func:`extent_threshold`).
+    min_area_px : float
+        Smallest defect, in model-grid pixels (area).
+    merge_px : float
+        Fragments closer than this (model-grid pixels) are one defect.
+    review_uncertainty : float
+        Mean uncertainty above which a defect gets ``review=True``.
+    image : callable, optional
+        ``image(r0, c0, h, w)``: the *normalised* input on the model grid (for the contrast
+        of each defect); without it the contrast is unknown.
+
+    Returns
+    -------
+    list of Defect
+        Sorted by score (highest first), ids 1, 2, ...
+    """
+    if low is None:
+        low = extent_threshold(maps["anomaly"], threshold)
+    low = min(low, threshold)
+    s = geometry.stride
+    p = geometry.pixel_size_um
+    x0, y0 = geometry.origin_um
+    lo, hi = threshold_masks(maps["anomaly"], threshold, low)
+    labels = label_defects(lo, hi, merge_px / s)
+    found: list[Defect] = []
+    for region in measure.regionprops(labels):
+        if region.area * s * s < min_area_px:
+            continue
+        r0, c0, r1, c1 = region.bbox
+        sub = region.image
+        an = np.asarray(maps["anomaly"][r0:r1, c0:c1], dtype=np.float64)
+        rough = np.asarray(maps["roughness"][r0:r1, c0:c1], dtype=np.float64)
+        unc = np.asarray(maps["uncertainty"][r0:r1, c0:c1], dtype=np.float64)
+        weights = np.where(sub, np.clip(an - low, 0, None) + 1e-9, 0.0)
+        rr, cc = np.nonzero(sub)
+        wsum = weights[rr, cc].sum()
+        cy = r0 + float((weights[rr, cc] * rr).sum() / wsum)
+        cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
+        shape = shape_features(sub)
+        contrast, snr = math.nan, math.nan
+        if image is not None:
+            margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
+            pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
+            ph, pw = (r1 - r0 + 2 * margin) * s, (c1 - c0 + 2 * margin) * s
+            patch = np.asarray(image(pr0, pc0, ph, pw), dtype=np.float32)
+            inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
+            inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
+            inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
+            contrast, snr, centre = appearance(patch, inside,
+                                               ring_px=min(max(2, margin * s // 2), 24))
+            if centre is not None:  # model-grid pixel -> map pixel coordinates
+                cy = (pr0 + centre[0] - (s - 1) / 2) / s
+                cx = (pc0 + centre[1] - (s - 1) / 2) / s
+        feats = Features(
+            area=shape["area"], length=shape["length"], width=shape["width"],
+            elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
+            branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
+            skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
+            contrast=contrast, snr=snr,
+        )
+        defect_class = classify(feats)
+        if defect_class in ("scratch", "crack"):
+            cy, cx = _on_skeleton(sub, cy - r0, cx - c0)
+            cy, cx = cy + r0, cx + c0
+        score = float(an[sub].max())
+        uncertainty = float(unc[sub].mean())
+        found.append(Defect(
+            id=0,
+            x_um=x0 + cx * p,
+            y_um=y0 + cy * p,
+            bbox_um=(x0 + (c0 - 0.5) * p, y0 + (r0 - 0.5) * p,
+                     x0 + (c1 - 0.5) * p, y0 + (r1 - 0.5) * p),
+            area_um2=float(region.area) * p * p,
+            size_um=max(shape["feret"], 1.0) * p,
+            defect_class=defect_class,
+            score=score,
+            roughness=float(rough[sub].mean()),
+            uncertainty=uncertainty,
+            review=bool(uncertainty >= review_uncertainty or score < BORDERLINE * threshold),
+        ))
+    found.sort(key=lambda d: -d.score)
+    for k, d in enumerate(found, start=1):
+        d.id = k
+    return found
+
+
+def _on_skeleton(mask: np.ndarray, cy: float, cx: float) -> tuple[float, float]:
+    """The point of a line-like region's skeleton nearest to ``(cy, cx)``.
+
+    The centroid of a curved scratch or a crack may lie off the defect; its centre is
+    reported on the defect itself.
+    """
+    skel = morphology.skeletonize(mask)
+    rr, cc = np.nonzero(skel)
+    if rr.size == 0:
+        return cy, cx
+    k = int(np.argmin((rr - cy) ** 2 + (cc - cx) ** 2))
+    if math.hypot(rr[k] - cy, cc[k] - cx) <= 1.0:
+        return cy, cx
+    return float(rr[k]), float(cc[k])

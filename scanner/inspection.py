@@ -1,0 +1,397 @@
+"""The inspect stage: maps and defect list of a scan folder, a mosaic, or plain image files.
+
+* A **scan folder** (or its ``mosaic.ome.zarr``): the maps go next to the mosaic as OME-NGFF
+  images (:data:`scanner.defectlist.MAP_NAMES`), the defects to ``defects.json`` /
+  ``defects.csv``, the timings and model to ``scan.json``. Only the sample's usable area (from
+  the recipe saved in ``scan.json``) is inspected, so the chuck and the sample's edge are not
+  defects.
+* **Image files or folders**: each image is inspected whole (tiled if large); ``scores.csv``
+  has one row per image (``image``, ``score``, ``n_defects``, ``n_review``), ``defects.csv``
+  one row per defect with its ``image``, and ``defects.json`` the same per image. The image
+  score is the peak of the anomaly map after a light Gaussian smoothing (sigma one map
+  pixel), so a single noisy map pixel does not decide it: higher is more defective, on the
+  scale of the model's threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .defectlist import CSV_COLUMNS, MAP_NAMES, Defect, write_defects
+from .defects import DEFAULT_REVIEW_UNCERTAINTY, MapGeometry, extract_defects
+from .errors import UserError
+from .inspect import MapSet, infer_image, infer_mosaic
+from .scanfolder import SCAN_JSON, now_iso, write_json
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+MOSAIC = "mosaic.ome.zarr"
+SCORES_CSV = "scores.csv"
+
+
+@dataclass
+class InspectionResult:
+    """What an inspection wrote and how long it took."""
+
+    folder: Path
+    n_defects: int
+    timings: dict[str, float]
+    outputs: dict[str, Path] = field(default_factory=dict)
+    defects: list[Defect] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def load_inspection_model(model: Any = None) -> Any:
+    """The model to use: an already loaded one, a path, or None for the shipped default."""
+    if model is not None and hasattr(model, "predict"):
+        return model
+    from models import load_model
+
+    return load_model(model)
+
+
+def model_info(model: Any) -> dict[str, Any]:
+    """Identity of a model for the headers of outputs (name, file, weights hash, pixel size)."""
+    card = dict(getattr(model, "card", {}) or {})
+    path = getattr(model, "path", None)
+    info = {
+        "file": str(path) if path else None,
+        "name": card.get("name") or (Path(path).stem if path else None),
+        "weights_sha256": card.get("weights_sha256"),
+        "pixel_size_um": float(model.pixel_size_um),
+        "output_stride": int(model.output_stride),
+        "calibrated_threshold": float(model.threshold),
+    }
+    if not info["weights_sha256"] and path and Path(path).is_file():
+        info["weights_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return info
+
+
+def _review_level(model: Any) -> float:
+    card = getattr(model, "card", {}) or {}
+    return float(card.get("review_uncertainty", DEFAULT_REVIEW_UNCERTAINTY))
+
+
+def _defects_from(maps: MapSet, model: Any, threshold: float, level: float) -> list[Defect]:
+    def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        return model.normalize(maps.reader.read(r0, c0, h, w), level)
+
+    geom = MapGeometry(maps.origin_um, maps.pixel_size_um, maps.stride)
+    return extract_defects(maps.maps, geom, threshold=threshold, image=image,
+                           review_uncertainty=_review_level(model))
+
+
+def _usable_polygon(folder: Path, scan: dict[str, Any] | None) -> Any:
+    """The sample's usable polygon from the recipe saved in ``scan.json`` (None if unknown)."""
+    if not scan or "recipe" not in scan:
+        return None
+    from .geometry import usable_polygon
+    from .recipe import parse_recipe
+
+    try:
+        recipe = parse_recipe(scan["recipe"], base_dir=folder)
+        return usable_polygon(recipe.sample)
+    except Exception:  # an unreadable recipe must not stop inspection: inspect everything
+        return None
+
+
+def inspect_mosaic(
+    mosaic: Path,
+    out_dir: Path | None = None,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    polygon: Any = None,
+    scan: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> InspectionResult:
+    """Inspect a mosaic: write the maps and the defect list into ``out_dir``.
+
+    Parameters
+    ----------
+    mosaic : Path
+        ``mosaic.ome.zarr``.
+    out_dir : Path, optional
+        Where maps and defects go (default: the mosaic's folder).
+    model : InspectionModel or path, optional
+        Default: the shipped model.
+    threshold : float, optional
+        Decision threshold (default: the model's calibrated one).
+    polygon : shapely Polygon, optional
+        Usable area of the sample (stage µm); default: from ``scan.json`` next to the mosaic.
+    scan : dict, optional
+        The scan's ``scan.json`` (read from the mosaic's folder when not given); when the
+        outputs go to the scan folder it is updated with the inspection's timings.
+    progress : callable, optional
+        ``progress(done, total)`` windows.
+    """
+    mosaic = Path(mosaic)
+    if not mosaic.exists():
+        raise UserError(f"{mosaic}: mosaic not found")
+    folder = mosaic.parent
+    out_dir = Path(out_dir) if out_dir is not None else folder
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = load_inspection_model(model)
+    if scan is None and (folder / SCAN_JSON).is_file():
+        try:
+            scan = json.loads((folder / SCAN_JSON).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            scan = None
+    if polygon is None:
+        polygon = _usable_polygon(folder, scan)
+    thr = float(model.threshold if threshold is None else threshold)
+    maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress)
+    t_maps = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    defects = _defects_from(maps, model, thr, maps.stats.extra["level"])
+    t_defects = time.perf_counter() - t1
+    mp = maps.stats.extra.get("mosaic_px", 0)
+    timings = {
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "maps_s": round(t_maps, 3),
+        "network_s": round(maps.stats.network_s, 3),
+        "defects_s": round(t_defects, 3),
+    }
+    header = {
+        "source": str(mosaic),
+        "created": now_iso(),
+        "model": model_info(model),
+        "threshold": thr,
+        "threshold_source": "model card" if threshold is None else "user",
+        "maps": {k: v.name for k, v in maps.paths.items()},
+        "map_pixel_size_um": maps.pixel_size_um,
+        "masked_to_usable_area": polygon is not None,
+        "windows": maps.stats.windows,
+        "windows_skipped": maps.stats.skipped,
+        "timings": timings,
+        "n_defects": len(defects),
+    }
+    write_defects(out_dir, defects, header)
+    if scan is not None and out_dir.resolve() == folder.resolve():
+        scan.setdefault("timings", {})["inspect"] = {"wall_s": timings["wall_s"]}
+        scan["inspection"] = {
+            "model": header["model"], "threshold": thr, "n_defects": len(defects),
+            "n_review": sum(d.review for d in defects), "maps": header["maps"],
+            "mosaic_megapixels": round(mp / 1e6, 3) if mp else None, **timings,
+        }
+        write_json(folder / SCAN_JSON, scan)
+    outputs = {k: v for k, v in maps.paths.items()}
+    outputs["defects"] = out_dir / "defects.json"
+    return InspectionResult(out_dir, len(defects), timings, outputs, defects)
+
+
+def inspect_scan(
+    folder: Path,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    out_dir: Path | None = None,
+    scan: dict[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> InspectionResult:
+    """Inspect the mosaic of a scan folder (see :func:`inspect_mosaic`)."""
+    folder = Path(folder)
+    if not (folder / MOSAIC).exists():
+        raise UserError(f"{folder}: no {MOSAIC} (stitch the scan first)")
+    return inspect_mosaic(folder / MOSAIC, out_dir, model=model, threshold=threshold,
+                          scan=scan, progress=progress)
+
+
+# --------------------------------------------------------------------------- plain images
+
+
+def list_images(targets: Sequence[Path]) -> list[tuple[str, Path]]:
+    """``(name, path)`` of every image among files and folders (folders searched recursively).
+
+    Raises
+    ------
+    UserError
+        A target that does not exist, a file that is not an image, or no image at all.
+    """
+    found: list[tuple[str, Path]] = []
+    for target in targets:
+        target = Path(target)
+        if target.is_dir():
+            for p in sorted(target.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((p.relative_to(target).as_posix(), p))
+        elif target.is_file():
+            if target.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(f"{target}: not an image file (expected "
+                                f"{', '.join(IMAGE_SUFFIXES)})")
+            found.append((target.name, target))
+        else:
+            raise UserError(f"{target}: file or folder not found")
+    if not found:
+        raise UserError(f"{', '.join(str(t) for t in targets)}: no image files found")
+    return found
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A 2-D float32 luminance image from a TIFF/PNG/JPEG/BMP file of any dtype and size.
+
+    Raises
+    ------
+    UserError
+        The file cannot be read as an image.
+    """
+    from models.inspection import to_luminance
+
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            img = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            img = iio.imread(path)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+    img = np.asarray(img)
+    img = np.squeeze(img)
+    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
+        img = np.moveaxis(img, 0, -1)  # planar RGB TIFF
+    if img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or min(img.shape[:2]) < 8:
+        raise UserError(f"{path}: not a 2-D image (shape {img.shape})")
+    if img.dtype == bool:
+        img = img.astype(np.uint8)
+    if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
+        raise UserError(f"{path}: unsupported pixel type {img.dtype}")
+    try:
+        return to_luminance(img)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def image_score(anomaly: np.ndarray) -> float:
+    """Score of a whole image: peak of the anomaly map smoothed with sigma = 1 map pixel."""
+    return float(ndimage.gaussian_filter(np.asarray(anomaly, np.float32), 1.0).max())
+
+
+def inspect_images(
+    targets: Sequence[Path],
+    out_dir: Path,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    pixel_size_um: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> InspectionResult:
+    """Inspect image files: ``scores.csv``, ``defects.csv`` and ``defects.json`` in ``out_dir``.
+
+    Parameters
+    ----------
+    targets : sequence of Path
+        Image files and folders of images.
+    out_dir : Path
+        Output folder (created).
+    model, threshold
+        As in :func:`inspect_mosaic`.
+    pixel_size_um : float, optional
+        Pixel size of the images (default: the model's; images are resampled otherwise).
+        Defect coordinates are in µm from the centre of each image's pixel (0, 0).
+    progress : callable, optional
+        ``progress(done, total)`` images.
+    """
+    images = list_images(targets)
+    t0 = time.perf_counter()
+    model = load_inspection_model(model)
+    thr = float(model.threshold if threshold is None else threshold)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, all_defects, per_image = [], [], {}
+    network_s = 0.0
+    n_px = 0
+    for k, (name, path) in enumerate(images):
+        img = read_image(path)
+        n_px += img.size
+        maps = infer_image(model, img, pixel_size_um=pixel_size_um)
+        network_s += maps.stats.network_s
+        defects = _defects_from(maps, model, thr, maps.stats.extra["level"])
+        score = image_score(maps.maps["anomaly"])
+        rows.append({"image": name, "score": round(score, 6), "n_defects": len(defects),
+                     "n_review": sum(d.review for d in defects),
+                     "height": img.shape[0], "width": img.shape[1]})
+        per_image[name] = [d.to_dict() for d in defects]
+        all_defects += [(name, d) for d in defects]
+        if progress is not None:
+            progress(k + 1, len(images))
+    wall = time.perf_counter() - t0
+    _write_csv(out_dir / SCORES_CSV, ["image", "score", "n_defects", "n_review", "height",
+                                      "width"], rows)
+    defect_rows = []
+    for name, d in all_defects:
+        row = d.to_dict()
+        xmin, ymin, xmax, ymax = row.pop("bbox_um")
+        row.update(bbox_xmin_um=xmin, bbox_ymin_um=ymin, bbox_xmax_um=xmax, bbox_ymax_um=ymax,
+                   tiles="")
+        defect_rows.append({"image": name, **{c: row.get(c) for c in CSV_COLUMNS}})
+    _write_csv(out_dir / "defects.csv", ["image", *CSV_COLUMNS], defect_rows)
+    header = {"created": now_iso(), "model": model_info(model), "threshold": thr,
+              "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
+              "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
+              "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),
+                          "megapixels": round(n_px / 1e6, 3)}}
+    write_json(out_dir / "defects.json", {"header": header, "images": per_image})
+    return InspectionResult(
+        out_dir, len(all_defects), header["timings"],
+        {"scores": out_dir / SCORES_CSV, "defects": out_dir / "defects.csv",
+         "defects json": out_dir / "defects.json"},
+        [d for _, d in all_defects], {r["image"]: r["score"] for r in rows})
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write a CSV atomically (None as empty)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    tmp.replace(path)
+
+
+def inspect_target(
+    target: Sequence[Path],
+    out_dir: Path | None = None,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    pixel_size_um: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> InspectionResult:
+    """Inspect a scan folder, a mosaic (``.ome.zarr``) or image files/folders."""
+    targets = [Path(t) for t in target]
+    if not targets:
+        raise UserError("inspect: give a scan folder, a mosaic or image files")
+    first = targets[0]
+    if len(targets) == 1 and first.is_dir() and (first / MOSAIC).exists():
+        return inspect_scan(first, model=model, threshold=threshold, out_dir=out_dir,
+                            progress=progress)
+    if len(targets) == 1 and first.name.endswith(".zarr"):
+        return inspect_mosaic(first, out_dir, model=model, threshold=threshold,
+                              progress=progress)
+    if len(targets) == 1 and first.is_dir() and (first / SCAN_JSON).is_file():
+        raise UserError(f"{first}: scan folder has no {MOSAIC} (stitch it first)")
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / "inspection"
+    return inspect_images(targets, out, model=model, threshold=threshold,
+                          pixel_size_um=pixel_size_um, progress=progress)
+
+
+__all__ = [
+    "InspectionResult", "MAP_NAMES", "image_score", "inspect_images", "inspect_mosaic",
+    "inspect_scan", "inspect_target", "list_images", "read_image",
+]

@@ -1,0 +1,88 @@
+"""Camera calibration: the stage→pixel fit and `waferscope calibrate` on the simulator."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import smooth_texture
+from typer.testing import CliRunner
+
+from scanner.calibrate import _geometry, auto_grid, expected_error_rel, fit_camera_matrix
+from scanner.cli import app
+from scanner.registration.scan import CameraGeometry
+from scanner.stitch import load_calibration
+
+
+def test_fit_recovers_rotation_and_pixel_size():
+    rng = np.random.default_rng(0)
+    truth = CameraGeometry(pixel_size_um=1.37, rotation_deg=-0.8).stage_to_px()
+    stage = rng.uniform(-500, 500, (30, 2))
+    pixels = stage @ truth.T + (12.0, -7.0)
+    a, res, _ = fit_camera_matrix(stage, pixels)
+    pixel, theta, px_x, px_y, skew = _geometry(a)
+    assert pixel == pytest.approx(1.37, rel=1e-9)
+    assert theta == pytest.approx(-0.8, abs=1e-9)
+    assert px_x == pytest.approx(1.37, rel=1e-9) and px_y == pytest.approx(1.37, rel=1e-9)
+    assert abs(skew) < 1e-6
+    assert np.abs(res).max() < 1e-9
+
+
+def test_auto_grid_meets_the_expected_error():
+    n = auto_grid(2.0, 768.0)
+    assert expected_error_rel(2.0, 768.0, n) <= 3e-4 < expected_error_rel(2.0, 768.0, n - 1)
+    assert auto_grid(0.0, 100.0) == 5
+
+
+@pytest.fixture
+def textured_recipe(tmp_path: Path, write_recipe):
+    img = (smooth_texture((1400, 1400), seed=5, sigma=5.0) * 60000 + 2000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "tex.tif", img)
+    return write_recipe(
+        "sample: {kind: image, path: tex.tif, pixel_size_um: 1.0, origin_um: [0, 0]}\n"
+        "microscope: {kind: simulated, camera: {width: 192, height: 192, pixel_size_um: 1.0,"
+        " pixel_size_error: 0.01, rotation_deg: 0.3, vignetting: 0.1},"
+        " stage: {repeatability_um: 0.5, travel_x_um: [-100, 5000]}}\n"
+    )
+
+
+@pytest.mark.slow
+def test_calibrate_command_recovers_the_simulated_camera(textured_recipe: Path, tmp_path: Path):
+    out = tmp_path / "calib.json"
+    runner = CliRunner()
+    res = runner.invoke(app, ["calibrate", str(textured_recipe), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert abs(data["pixel_size_um"] / 1.01 - 1) < 1e-3  # target: within 0.1 %
+    assert abs(data["rotation_deg"] - 0.3) < 0.05  # target: within 0.05°
+    assert data["truth"]["pixel_size_um"] == pytest.approx(1.01)
+    assert data["residual_rms_um"] == pytest.approx(0.5, rel=0.5)  # the stage's scatter
+    cam = load_calibration(out)
+    assert cam.pixel_size_um == data["pixel_size_um"]
+    assert math.isclose(cam.rotation_deg, data["rotation_deg"])
+
+    # an existing file is not replaced without --overwrite; travel is checked before moving
+    again = runner.invoke(app, ["calibrate", str(textured_recipe), "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert json.loads(out.read_text()) == data
+    far = runner.invoke(app, ["calibrate", str(textured_recipe), "--out", str(tmp_path / "x.json"),
+                              "--at", "-200", "700"])
+    assert far.exit_code == 2 and "travel_x_um" in far.output
+
+
+def test_calibrate_refuses_a_plain_area(write_recipe, tmp_path: Path):
+    img = np.full((600, 600), 30000, dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "plain.tif", img)
+    recipe = write_recipe(
+        "sample: {kind: image, path: plain.tif, pixel_size_um: 1.0, origin_um: [0, 0]}\n"
+        "microscope: {kind: simulated, camera: {width: 128, height: 128}}\n"
+    )
+    res = CliRunner().invoke(app, ["calibrate", str(recipe), "--out", str(tmp_path / "c.json"),
+                                   "--grid", "3"])
+    assert res.exit_code == 2
+    assert "textured" in res.output
+    assert not (tmp_path / "c.json").exists()

@@ -1,0 +1,182 @@
+"""Defect extraction on synthetic anomaly maps: threshold, merging, minimum size, classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from skimage.draw import disk, line, rectangle
+
+from scanner.defects import MapGeometry, classify, extract_defects, shape_features
+
+GEOM = MapGeometry(origin_um=(100.0, 200.0), pixel_size_um=4.0, stride=4)
+
+
+def _maps(anomaly: np.ndarray) -> dict[str, np.ndarray]:
+    return {"anomaly": anomaly.astype(np.float32),
+            "roughness": np.full(anomaly.shape, 2.0, np.float32),
+            "uncertainty": np.full(anomaly.shape, 0.01, np.float32)}
+
+
+def _image_from(anomaly_mask: np.ndarray, contrast: float, stride: int = 4):
+    """Normalised input on the model grid: flat surface with the mask's pixels changed."""
+    img = np.kron(anomaly_mask.astype(np.float32), np.ones((stride, stride))) * contrast
+    img += np.random.default_rng(0).normal(0, 0.01, img.shape)
+
+    def read(r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        out = np.zeros((h, w), np.float32)
+        a0, b0 = max(r0, 0), max(c0, 0)
+        a1, b1 = min(r0 + h, img.shape[0]), min(c0 + w, img.shape[1])
+        if a0 < a1 and b0 < b1:
+            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = img[a0:a1, b0:b1]
+        return out
+
+    return read
+
+
+def test_fragments_of_a_scratch_are_one_defect_and_classed_scratch():
+    a = np.zeros((120, 200), np.float32)
+    rr, cc = line(60, 10, 70, 190)
+    a[rr, cc] = 0.9
+    a[:, 70:72] = 0  # two gaps (2 map px = 8 model px) break the line into three fragments
+    a[:, 130:132] = 0
+    defects = extract_defects(_maps(a), GEOM, threshold=0.5, merge_px=16)
+    assert len(defects) == 1
+    d = defects[0]
+    assert d.defect_class == "scratch"
+    assert d.size_um == pytest.approx(180 * 4, rel=0.05)
+    assert d.score == pytest.approx(0.9)
+    # without merging the fragments stay apart
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, merge_px=0)) == 3
+
+
+def test_threshold_min_size_and_hysteresis():
+    a = np.zeros((100, 100), np.float32)
+    a[20, 20] = 0.9  # one map pixel = 16 model px: kept with the default minimum (4 px)
+    a[rr := slice(50, 60), slice(50, 60)] = 0.3  # below the threshold everywhere: not a defect
+    a[rr, slice(80, 90)] = 0.3
+    a[55, 85] = 0.8  # ... unless it peaks above it: the whole low region is its extent
+    defects = extract_defects(_maps(a), GEOM, threshold=0.5, low=0.25)
+    assert len(defects) == 2
+    big = max(defects, key=lambda d: d.area_um2)
+    assert big.area_um2 == pytest.approx(100 * 16.0)
+    assert big.review is False
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, low=0.25, min_area_px=20)) == 1
+    assert extract_defects(_maps(a), GEOM, threshold=0.95) == []
+
+
+def test_centre_bbox_and_stage_coordinates():
+    a = np.zeros((80, 80), np.float32)
+    rr, cc = disk((30.0, 50.0), 4)
+    a[rr, cc] = 0.9
+    d = extract_defects(_maps(a), GEOM, threshold=0.5)[0]
+    assert d.x_um == pytest.approx(100 + 50 * 4, abs=0.5)
+    assert d.y_um == pytest.approx(200 + 30 * 4, abs=0.5)
+    xmin, ymin, xmax, ymax = d.bbox_um
+    assert xmin < d.x_um < xmax and ymin < d.y_um < ymax
+    assert d.roughness == pytest.approx(2.0)
+    assert d.uncertainty == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("contrast, expected", [(0.8, "particle"), (-0.8, "pit")])
+def test_small_round_blob_is_particle_or_pit_by_contrast(contrast, expected):
+    a = np.zeros((80, 80), np.float32)
+    mask = np.zeros_like(a, dtype=bool)
+    mask[disk((40, 40), 4)] = True
+    a[mask] = 0.9
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, image=_image_from(mask, contrast))[0]
+    assert d.defect_class == expected
+
+
+def test_branched_line_is_crack_and_rectangle_is_pattern():
+    m = np.zeros((200, 200), bool)
+    for r0, c0, r1, c1 in [(100, 10, 100, 190), (100, 100, 20, 140), (100, 60, 180, 30)]:
+        rr, cc = line(r0, c0, r1, c1)
+        m[rr, cc] = True
+    assert classify_mask(m) == "crack"
+    m = np.zeros((60, 60), bool)
+    rr, cc = rectangle((20, 20), extent=(10, 14))
+    m[rr, cc] = True
+    assert classify_mask(m) == "pattern"
+
+
+def test_large_faint_irregular_region_is_stain():
+    rng = np.random.default_rng(2)
+    from scipy import ndimage
+
+    m = ndimage.gaussian_filter(rng.random((120, 120)), 8) > 0.5
+    m = ndimage.binary_opening(m, iterations=2)
+    lab, _ = ndimage.label(m)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    m = lab == sizes.argmax()
+    a = np.where(m, 0.9, 0).astype(np.float32)
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, merge_px=0,
+                        image=_image_from(m, -0.03))
+    assert max(d, key=lambda x: x.area_um2).defect_class == "stain"
+
+
+def test_uncertain_defects_are_flagged_for_review():
+    a = np.zeros((60, 60), np.float32)
+    a[disk((20, 20), 3)] = 0.9
+    a[disk((40, 40), 3)] = 0.9
+    maps = _maps(a)
+    maps["uncertainty"][30:, 30:] = 0.3
+    defects = sorted(extract_defects(maps, GEOM, threshold=0.5), key=lambda d: d.x_um)
+    assert [d.review for d in defects] == [False, True]
+
+
+def classify_mask(mask: np.ndarray) -> str:
+    from scanner.defects import Features
+
+    f = shape_features(mask)
+    return classify(Features(**{k: v for k, v in f.items() if k != "feret"},
+                             contrast=float("nan"), snr=float("nan")))
+
+
+def test_centre_is_refined_on_the_full_resolution_image():
+    a = np.zeros((80, 80), np.float32)
+    a[disk((30.0, 50.0), 3)] = 0.9
+    img = np.random.default_rng(1).normal(0, 0.01, (320, 320)).astype(np.float32)
+    true_r, true_c = 30 * 4 + 1.5 + 2.0, 50 * 4 + 1.5 - 3.0  # model-grid pixels
+    img[disk((true_r, true_c), 3.5)] += 0.5
+
+    def read(r0, c0, h, w):
+        return img[r0:r0 + h, c0:c0 + w] if r0 >= 0 and c0 >= 0 else np.zeros((h, w))
+
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, image=read)[0]
+    # stage = map origin + map px * 4 µm; map px = (grid px - 1.5) / 4
+    assert d.x_um == pytest.approx(100 + (true_c - 1.5), abs=0.6)
+    assert d.y_um == pytest.approx(200 + (true_r - 1.5), abs=0.6)
+
+
+def test_curved_scratch_centre_lies_on_the_scratch():
+    a = np.zeros((120, 120), np.float32)
+    t = np.linspace(-1.2, 1.2, 400)
+    rr = np.round(60 + 50 * np.sin(t)).astype(int)
+    cc = np.round(30 + 40 * np.cos(t)).astype(int)
+    a[rr, cc] = 0.9
+    a = np.maximum(a, ndimage_grey_dilate(a))
+    d = extract_defects(_maps(a), GEOM, threshold=0.5)[0]
+    assert d.defect_class == "scratch"
+    r, c = (d.y_um - 200) / 4, (d.x_um - 100) / 4
+    assert a[int(round(r)), int(round(c))] > 0  # on the line, not at the chord's middle
+
+
+def ndimage_grey_dilate(a):
+    from scipy import ndimage
+
+    return ndimage.grey_dilation(a, size=(2, 2))
+
+
+def test_extent_threshold_stays_above_a_busy_surface():
+    from scanner.defects import extent_threshold
+
+    rng = np.random.default_rng(0)
+    quiet = rng.uniform(0.0, 0.05, (100, 100))
+    busy = rng.uniform(0.3, 0.4, (100, 100))
+    assert extent_threshold(quiet, 0.6) == pytest.approx(0.3125, abs=0.01)
+    assert extent_threshold(busy, 0.6) == pytest.approx(0.475, abs=0.01)
+    # a defect on the busy surface keeps its own extent instead of flooding the surface
+    busy[40:50, 40:50] = 0.9
+    d = extract_defects(_maps(busy.astype(np.float32)), GEOM, threshold=0.6)
+    assert len(d) == 1 and d[0].area_um2 == pytest.approx(100 * 16.0)

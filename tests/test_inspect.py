@@ -1,0 +1,160 @@
+"""Tiled inference: no seams, streaming over a chunked mosaic, geometry, masking, CLI on images."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+import torch
+from scipy import ndimage
+from shapely.geometry import box
+from typer.testing import CliRunner
+
+from models import InspectionModel
+from models.network import InspectionNet
+from scanner.cli import app
+from scanner.inspect import infer_image, infer_mosaic
+from scanner.mosaic import create_multiscale, finish_multiscale, open_mosaic
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def net_model() -> InspectionModel:
+    """The real network, randomly initialised (seeded): inference maths, not trained results."""
+    torch.manual_seed(0)
+    net = InspectionNet()
+    return InspectionModel(net, {"pixel_size_um": 1.0, "threshold": 0.5})
+
+
+def _texture(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    img = ndimage.gaussian_filter(rng.random(shape), 2.0)
+    return (img * 3000 + 1000).astype(np.uint16)
+
+
+def _one_window(model, img: np.ndarray, level: float) -> dict[str, np.ndarray]:
+    """The whole image as one window, with the same mirrored context as tiled inference."""
+    ctx = 96
+    h, w = img.shape
+    pad = np.pad(img.astype(np.float32), ((ctx, ctx + (-h) % 32), (ctx, ctx + (-w) % 32)),
+                 mode="reflect")
+    out = model.predict(model.normalize(pad, level)[None])
+    c = ctx // 4
+    mh, mw = -(-h // 4), -(-w // 4)
+    return {k: out[k][0, c:c + mh, c:c + mw] for k in ("anomaly", "roughness", "uncertainty")}
+
+
+@pytest.mark.slow
+def test_tiled_inference_has_no_seams(net_model):
+    img = _texture((700, 900))
+    maps = infer_image(net_model, img, core_px=256)  # 3 x 4 windows with blended borders
+    assert maps.stats.windows == 12
+    ref = _one_window(net_model, img, maps.stats.extra["level"])
+    for name in ("anomaly", "roughness", "uncertainty"):
+        assert maps.maps[name].shape == (175, 225)
+        scale = float(np.abs(ref[name]).max())
+        np.testing.assert_allclose(maps.maps[name], ref[name], atol=5e-3 * scale, rtol=0)
+
+
+def _write_mosaic(path: Path, img: np.ndarray, pixel_um: float, origin: tuple[float, float],
+                  chunk: int = 256) -> None:
+    tmp, arrays = create_multiscale(path, img.shape, chunk=chunk, dtype=img.dtype)
+    arrays[0][:] = img
+    from scanner.mosaic import build_pyramid
+
+    build_pyramid(arrays, chunk)
+    finish_multiscale(tmp, path, len(arrays), pixel_um, origin, "mosaic")
+
+
+@pytest.mark.slow
+def test_streaming_over_a_chunked_mosaic_writes_ome_maps(net_model, tmp_path):
+    img = _texture((700, 1100), seed=1)
+    mosaic = tmp_path / "mosaic.ome.zarr"
+    _write_mosaic(mosaic, img, 1.0, (5000.0, -2000.0))
+    maps = infer_mosaic(net_model, mosaic, tmp_path, core_px=256)
+    ref = infer_image(net_model, img, core_px=256)
+    for name, file in (("anomaly", "anomaly.ome.zarr"), ("roughness", "roughness.ome.zarr"),
+                       ("uncertainty", "uncertainty.ome.zarr")):
+        levels, transforms = open_mosaic(tmp_path / file)
+        assert levels[0].shape == (175, 275)
+        assert levels[0].chunks == (56, 56)  # core of 224 px: 1100 px in 5 even windows
+        assert len(levels) == 2  # 275 > 256: one coarser level
+        scale, trans = transforms[0][0]["scale"], transforms[0][1]["translation"]
+        assert scale == [4.0, 4.0]
+        # map pixel (0, 0) summarises mosaic pixels 0..3: its centre is 1.5 px in
+        assert trans == pytest.approx([-2000 + 1.5, 5000 + 1.5])
+        np.testing.assert_allclose(levels[0][:], ref.maps[name], atol=1e-4)
+    assert maps.stats.windows == 4 * 5
+
+
+def test_outside_the_sample_is_not_computed_and_zero(net_model, tmp_path):
+    img = _texture((1024, 1024), seed=2)
+    mosaic = tmp_path / "mosaic.ome.zarr"
+    _write_mosaic(mosaic, img, 1.0, (0.0, 0.0))
+    poly = box(0, 0, 400, 1023)  # the left part only
+    maps = infer_mosaic(net_model, mosaic, tmp_path, polygon=poly, edge_um=0, core_px=256)
+    assert maps.stats.skipped > 0
+    an = np.asarray(maps.maps["anomaly"])
+    assert np.all(an[:, 102:] == 0)  # map column 102 is centred at 409.5 µm
+    assert np.all(an[:, :99] > 0)
+
+
+def test_resampling_when_the_mosaic_pixel_differs(net_model, tmp_path):
+    img = _texture((800, 600), seed=3)
+    mosaic = tmp_path / "mosaic.ome.zarr"
+    _write_mosaic(mosaic, img, 0.5, (10.0, 20.0))  # twice the model's resolution
+    maps = infer_mosaic(net_model, mosaic, tmp_path, core_px=256)
+    levels, transforms = open_mosaic(tmp_path / "anomaly.ome.zarr")
+    assert levels[0].shape == (100, 75)  # 400 x 300 model pixels of 1 µm, stride 4
+    assert transforms[0][0]["scale"] == [4.0, 4.0]
+    assert transforms[0][1]["translation"] == pytest.approx([21.5, 11.5])
+    assert maps.reader.shape == (400, 300)
+
+
+def test_cli_inspect_image_folder_writes_scores(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    tex = _texture((300, 400), seed=4)
+    tifffile.imwrite(folder / "a16.tif", tex)
+    rgb = np.stack([tex >> 4] * 3, axis=-1).astype(np.uint8)
+    iio.imwrite(folder / "sub" / "b.png", rgb)
+    iio.imwrite(folder / "c.jpg", (tex >> 4).astype(np.uint8)[:250, :333])
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["inspect", str(folder), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    with open(out / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["image"] for r in rows) == ["a16.tif", "c.jpg", "sub/b.png"]
+    assert all(np.isfinite(float(r["score"])) for r in rows)
+    with open(out / "defects.csv", newline="") as f:
+        assert csv.DictReader(f).fieldnames[:2] == ["image", "id"]
+    assert (out / "defects.json").is_file()
+
+
+def test_cli_inspect_bad_inputs_exit_2(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    for args in (["inspect", str(bad)], ["inspect", str(tmp_path / "missing.tif")],
+                 ["inspect", str(tmp_path), "--model", str(tmp_path / "nope.safetensors")]):
+        res = runner.invoke(app, [*args, "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2, (args, res.output)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert runner.invoke(app, ["inspect", str(empty)]).exit_code == 2
+
+
+def test_a_model_trained_over_a_pixel_range_runs_at_the_source_pixel(net_model):
+    from scanner.inspect import grid_pixel_um
+
+    assert grid_pixel_um(net_model, 5.0) == 1.0  # one pixel size: resample to it
+    card = dict(net_model.card, pixel_size_range_um=[0.5, 8.0])
+    ranged = InspectionModel(InspectionNet(), card)
+    assert grid_pixel_um(ranged, 5.0) == 5.0
+    assert grid_pixel_um(ranged, 20.0) == 8.0
+    assert grid_pixel_um(ranged, 0.1) == 0.5

@@ -1,0 +1,93 @@
+"""End-to-end: scan a small simulated sample, inspect it, compare with the simulator's truth."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from models import load_model
+from scanner.cli import app
+from scanner.defectlist import MAP_NAMES, read_defects
+from scanner.mosaic import open_mosaic
+
+runner = CliRunner()
+pytestmark = pytest.mark.slow
+
+
+def _recipe(write_recipe, pixel_um: float, seed: int = 90303) -> Path:
+    side = 1.2 * pixel_um
+    return write_recipe({
+        "sample": {"kind": "rectangle", "width_mm": side, "height_mm": side,
+                   "center_um": [0, 0], "defects": {"count": 6, "seed": seed}},
+        "microscope": {"kind": "simulated", "seed": 5,
+                       "camera": {"width": 512, "height": 512, "pixel_size_um": pixel_um}},
+        "scan": {"overlap": 0.1},
+    }
+    )
+
+
+def test_run_inspects_after_stitching_and_inspect_reruns(write_recipe, tmp_path):
+    model = load_model(None)
+    recipe = _recipe(write_recipe, model.pixel_size_um)
+    scan = tmp_path / "scan"
+    res = runner.invoke(app, ["run", str(recipe), "--out", str(scan)])
+    assert res.exit_code == 0, res.output
+    info = json.loads((scan / "scan.json").read_text())
+    assert info["status"] == "complete"
+    assert info["timings"]["inspect"]["wall_s"] > 0
+    assert info["inspection"]["model"]["weights_sha256"] == model.card["weights_sha256"]
+    header, defects = read_defects(scan)
+    assert header["threshold"] == pytest.approx(model.threshold)
+    _, mosaic_tr = open_mosaic(scan / "mosaic.ome.zarr")
+    for name in MAP_NAMES.values():
+        levels, tr = open_mosaic(scan / name)
+        assert levels[0].dtype == "float32"
+        s = model.output_stride
+        p = mosaic_tr[0][0]["scale"][0]
+        assert tr[0][0]["scale"] == pytest.approx([s * p, s * p])
+        assert tr[0][1]["translation"] == pytest.approx(
+            [v + (s - 1) / 2 * p for v in mosaic_tr[0][1]["translation"]])
+    # re-run alone with another threshold into another folder: the scan's own list stays
+    before = (scan / "defects.json").read_text()
+    out = tmp_path / "again"
+    res = runner.invoke(app, ["inspect", str(scan), "--out", str(out), "--threshold", "0.99"])
+    assert res.exit_code == 0, res.output
+    assert (scan / "defects.json").read_text() == before
+    assert read_defects(out)[0]["threshold"] == 0.99
+    assert zarr.open_group(str(out / MAP_NAMES["anomaly"]), mode="r").attrs["ome"]
+
+
+@pytest.mark.skipif(not load_model(None).card.get("trained", True),
+                    reason="the shipped model is the untrained placeholder")
+def test_defects_match_the_truth(write_recipe, tmp_path):
+    model = load_model(None)
+    p = model.pixel_size_um
+    recipe = _recipe(write_recipe, p, seed=90404)
+    res = runner.invoke(app, ["run", str(recipe), "--out", str(tmp_path / "scan")])
+    assert res.exit_code == 0, res.output
+    truth = json.loads((tmp_path / "scan" / "truth.json").read_text())["defects"]
+    _, found = read_defects(tmp_path / "scan")
+    big = [t for t in truth if t["size_um"] >= 4 * p]
+    hits, errors, used = 0, [], set()
+    for t in big:  # one reported defect finds at most one true defect
+        near = [(math.hypot(d.x_um - t["x_um"], d.y_um - t["y_um"]), k)
+                for k, d in enumerate(found) if k not in used
+                and d.bbox_um[0] - 2 * p <= t["x_um"] <= d.bbox_um[2] + 2 * p
+                and d.bbox_um[1] - 2 * p <= t["y_um"] <= d.bbox_um[3] + 2 * p]
+        if near:
+            dist, k = min(near)
+            used.add(k)
+            hits += 1
+            if t["kind"] in ("particle", "pit") and found[k].defect_class in ("particle", "pit"):
+                errors.append(dist / p)
+    # floors of the interim default model (bench/bench_inspect.py measures the issue's targets:
+    # recall 0.95); raise them as the shipped model improves
+    assert hits >= 1
+    assert len(found) <= len(truth) + 2
+    if errors:
+        assert sorted(errors)[len(errors) // 2] <= 2.0

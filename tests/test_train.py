@@ -1,0 +1,130 @@
+"""Training: threshold calibration maths, synthetic anomalies, and a tiny run that learns."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from models.calibrate import calibrate_threshold, count_components
+from models.synth import add_anomalies
+
+
+def _blobs(shape: tuple[int, int], peaks: list[tuple[int, int, float]]) -> np.ndarray:
+    m = np.full(shape, 0.01, np.float32)
+    for r, c, v in peaks:
+        m[r:r + 2, c:c + 2] = v
+    return m
+
+
+def test_count_components_uses_8_connectivity() -> None:
+    m = np.zeros((10, 10), np.float32)
+    m[1, 1] = m[2, 2] = 0.9  # diagonal neighbours: one component
+    m[6, 6] = 0.8
+    assert count_components([m], 0.5) == 2
+    assert count_components([m], 0.85) == 1
+    assert count_components([m, m], 0.5) == 4
+
+
+def test_calibration_meets_the_target_rate_exactly_when_area_allows() -> None:
+    # 40 maps with one false peak each, peaks 0.50, 0.51, ... 0.89; 10 cm² in all
+    maps = [_blobs((32, 32), [(10, 10, 0.5 + 0.01 * i)]) for i in range(40)]
+    cal = calibrate_threshold(maps, area_cm2=10.0, target_per_cm2=2.0)
+    # 2 per cm² over 10 cm² allows 20 components: the 20 highest peaks stay above
+    assert cal.components_at_threshold <= 20
+    assert count_components(maps, cal.threshold) <= 20
+    assert cal.threshold <= 0.70 + 1e-6  # and not much stricter than needed
+    assert count_components(maps, cal.threshold - 0.02) > 20 or cal.threshold < 0.7
+    assert not cal.extrapolated
+
+
+def test_calibration_extrapolates_the_tail_on_small_areas() -> None:
+    # 297 component peaks whose logits follow an exponential tail exactly (ideal order
+    # statistics): rank i has z_i = -4 + 0.8 ln(297 / i)
+    n = 297
+    z = -4.0 + 0.8 * np.log(n / np.arange(1, n + 1))
+    peaks = 1 / (1 + np.exp(-z))
+    maps = [_blobs((64, 64), [(8 + 16 * (k % 3), 8 + 16 * (k // 3), float(p))
+                              for k, p in enumerate(peaks[i:i + 9])]) for i in range(0, n, 9)]
+    cal = calibrate_threshold(maps, area_cm2=0.05, target_per_cm2=1.0)
+    # 0.05 allowed components: the empirical answer is the top peak, the tail goes beyond it
+    assert cal.empirical_threshold == pytest.approx(float(peaks.max()), abs=1e-6)
+    assert cal.extrapolated and cal.threshold > cal.empirical_threshold
+    assert cal.components_at_threshold == 0
+    # the fitted tail agrees with the generating law: count(z > t) = 297 exp(-(t + 4) / 0.8)
+    z_thr = np.log(cal.threshold / (1 - cal.threshold))
+    expected = -4.0 + 0.8 * np.log(n / 0.05)
+    assert z_thr == pytest.approx(expected, abs=0.3)
+
+
+def test_synthetic_anomalies_mark_what_changed() -> None:
+    rng = np.random.default_rng(3)
+    good = np.ones((96, 96), np.float32) + 0.01 * rng.standard_normal((96, 96)).astype(np.float32)
+    seen = 0
+    for _ in range(30):
+        img, target = add_anomalies(good, rng)
+        assert img.shape == good.shape and target.shape == good.shape
+        changed = np.abs(img - good) > 0.04
+        if target.any():
+            seen += 1
+            # target pixels changed visibly, or lie next to pixels that did (closing, grain)
+            near = ndimage.binary_dilation(changed, iterations=2)
+            assert near[target > 0].mean() > 0.97
+        assert (target[~changed] > 0).mean() < 0.05 if (~changed).any() else True
+    assert seen >= 25
+
+
+@pytest.mark.slow
+def test_tiny_training_run_learns_and_writes_a_calibrated_model(tmp_path: Path) -> None:
+    from models import load_model, train_model
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(10):  # a fine, even texture: the kind of sample to learn
+        tex = ndimage.gaussian_filter(rng.standard_normal((160, 160)), 1.5)
+        img = 2000 + 400 * tex / tex.std() + rng.normal(0, 20, (160, 160))
+        tifffile.imwrite(folder / f"good_{i}.tif", img.astype(np.uint16))
+    report = train_model([folder], tmp_path / "tiny", epochs=3, steps_per_epoch=25,
+                         batch_size=8, patch=64, simulated=False, seed=1, lr=5e-3,
+                         pixel_size_um=2.0)
+    assert report.weights.is_file() and report.card_path.is_file()
+    card = json.loads(report.card_path.read_text())
+    assert card["training"]["user_images"] == 10 and card["training"]["user_val_images"] >= 1
+    assert card["pixel_size_um"] == 2.0 and 0 < card["threshold"] < 1
+    assert card["calibration"]["held_out"] == "user"
+    model = load_model(report.weights)
+    # a planted dark blob scores above the good area around it
+    tex = ndimage.gaussian_filter(rng.standard_normal((160, 160)), 1.5)
+    test = 2000 + 400 * tex / tex.std()
+    test[60:80, 90:110] = 900
+    maps = model.predict_image(test.astype(np.uint16))
+    a = maps["anomaly"]
+    blob = np.zeros(a.shape, bool)
+    blob[15:20, 22:28] = True
+    assert a[16:19, 23:27].mean() > np.quantile(a[~blob], 0.95)
+
+
+def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "--good" in res.output
+    res = runner.invoke(app, ["train", "--good", str(tmp_path / "missing"), "--out",
+                              str(tmp_path / "m")])
+    assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m"),
+                              "--no-simulated"])
+    assert res.exit_code == 2 and "bad.png" in res.output
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and "--overwrite" in res.output
