@@ -38,7 +38,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+# Paths are printed whole (no wrapping) so that they can be copied from the terminal.
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -234,7 +235,7 @@ def inspect(
                                 pixel_size_um=pixel_size, progress=on_progress)
     out.print(f"defects: {result.n_defects}")
     for name, path in result.outputs.items():
-        out.print(f"  {name:<10} {Path(path).resolve()}")
+        out.print(f"  {name:<12} {Path(path).resolve()}")
     out.print("  inspect time: " + ", ".join(
         f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
         for k, v in result.timings.items()))
@@ -256,7 +257,7 @@ def report(
     result = run_report(scan, lot_id=lot, wafer_id=wafer)
     out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
     for name, path in result.outputs.items():
-        out.print(f"  {name:<11} {path.resolve()}")
+        out.print(f"  {name:<12} {path.resolve()}")
     out.print(f"  report time: {_duration(result.wall_s)}")
 
 
@@ -420,7 +421,7 @@ def _duration(seconds: float) -> str:
 def _print_result(result: Any) -> None:
     out.print(f"scan folder: {result.folder.resolve()}")
     for name, path in result.outputs.items():
-        out.print(f"  {name:<10} {path.resolve()}")
+        out.print(f"  {name:<12} {path.resolve()}")
     for stage, t in result.timings.items():
         parts = [f"{k.removesuffix('_s')} {_duration(v)}" for k, v in t.items()]
         out.print(f"  {stage} time: " + ", ".join(parts))

@@ -27,7 +27,13 @@ from .focus.recheck import (
     strip_energies,
 )
 from .focus.search import FocusResult, autofocus
-from .focus.surface import FocusSurface, fit_focus_surface, focus_points_layout, tour_order
+from .focus.surface import (
+    MIN_POINTS,
+    FocusSurface,
+    fit_focus_surface,
+    focus_points_layout,
+    tour_order,
+)
 from .plan import ScanPlan
 from .recipe import Recipe
 
@@ -154,12 +160,15 @@ class FocusController:
         first = self.plan.tiles[0]
         points = points[tour_order(points, self.core.getXYPosition(), (first.x_um, first.y_um))]
         z_guess = self.recipe.microscope.focus.z_um
+        inner = self.plan.region.buffer(-fov / 2)
         for x, y in points:
-            self.core.setXYPosition(float(x), float(y))
-            self.core.waitForDevice(self.core.getXYStageDevice())
-            self._frames = []
-            result = self._autofocus_here(z_guess)
-            frames, self._frames = self._frames, None
+            result, frames = self._measure_point(float(x), float(y), z_guess)
+            # A featureless field (bare area between dies, a busbar) says nothing: try up to
+            # two places one field of view away, towards the centre first.
+            for ax, ay in self._alternatives(float(x), float(y), fov, inner):
+                if result is None or result.ok or "featureless" not in result.reason:
+                    break
+                result, frames = self._measure_point(ax, ay, z_guess)
             if result is None:
                 continue
             if result.ok:
@@ -179,6 +188,27 @@ class FocusController:
             if not self.recheck.enabled:
                 log.warning("sharpness re-check off for this scan: %s", self.recheck.reason)
 
+    def _measure_point(self, x: float, y: float, z_guess: float
+                       ) -> tuple[FocusResult | None, list[tuple[float, BandEnergy]]]:
+        """Autofocus at one focus-map point, keeping its frames' evidence for the re-check."""
+        self.core.setXYPosition(x, y)
+        self.core.waitForDevice(self.core.getXYStageDevice())
+        self._frames = []
+        result = self._autofocus_here(z_guess)
+        frames, self._frames = self._frames, None
+        return result, frames
+
+    def _alternatives(self, x: float, y: float, fov: float, inner: Any
+                      ) -> list[tuple[float, float]]:
+        """Up to two positions one field away, inside the region, nearest the centre first."""
+        from shapely import contains_xy
+
+        c = inner.centroid if not inner.is_empty else self.plan.region.centroid
+        cand = [(x + dx * fov, y + dy * fov) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+        cand = [p for p in cand if not inner.is_empty and contains_xy(inner, *p)]
+        cand.sort(key=lambda p: math.hypot(p[0] - c.x, p[1] - c.y))
+        return cand[:2]
+
     def _refit(self) -> None:
         good = [p for p in self.map_points if p["ok"]]
         if len(good) < 3:
@@ -186,7 +216,12 @@ class FocusController:
             self.surface = None
             return
         xs, ys, zs = (np.array([p[k] for p in good]) for k in ("x_um", "y_um", "z_um"))
-        self.surface = fit_focus_surface(xs, ys, zs, self.spec.model,
+        model = self.spec.model
+        if model != "auto" and len(good) < MIN_POINTS[model]:
+            log.warning("focus map: %d trusted points are too few for a %s fit; choosing the "
+                        "model automatically", len(good), model)
+            model = "auto"
+        self.surface = fit_focus_surface(xs, ys, zs, model,
                                          outlier_threshold_um=self.depth_of_field_um)
 
     # -- during the scan ----------------------------------------------------------------------

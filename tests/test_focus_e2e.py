@@ -63,3 +63,16 @@ def test_focus_map_keeps_tiles_in_focus(write_recipe, tmp_path: Path) -> None:
     hw_map = mapped.timings["acquire"]["hardware_s"]
     hw_none = fixed.timings["acquire"]["hardware_s"]
     assert hw_map < hw_none * 2.5
+
+
+def test_too_few_points_for_the_chosen_model_do_not_fail_the_scan(write_recipe,
+                                                                  tmp_path: Path) -> None:
+    """9 points cannot carry a thin-plate spline (>= 10): the map falls back to auto."""
+    text = RECIPE.format(strategy="focus_map")
+    text = text.replace("layout: rings}", "layout: rings, model: tps}")
+    result = run_scan(load_recipe(write_recipe(text)), tmp_path / "tps")
+    assert result.status == "complete"
+    focus = json.loads((result.folder / "focus_map.json").read_text())
+    assert focus["surface"]["model"] in ("plane", "quadratic")
+    err, _ = _errors(result.folder)
+    assert err.max() <= 1.0

@@ -35,6 +35,8 @@ __all__ = ["FocusSurface", "fit_focus_surface", "focus_points_layout"]
 Model = Literal["constant", "plane", "quadratic", "tps"]
 
 _MIN_POINTS = {"constant": 1, "plane": 3, "quadratic": 6, "tps": 10}
+#: Fewest points each model can be fitted to (public: callers fall back below it).
+MIN_POINTS = dict(_MIN_POINTS)
 # auto only considers a model with some redundancy (leave-one-out needs n > parameters)
 _AUTO_MIN_POINTS = {"constant": 1, "plane": 3, "quadratic": 8, "tps": 10}
 _TERMS = {

@@ -350,10 +350,19 @@ def register_pair(
     if not scored:
         return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
     scored.sort(key=lambda c: c[0], reverse=True)
+    # close calls (a weakly textured direction, a near-period) are re-scored on the whole
+    # overlap each candidate implies, cut and high-passed anew
+    close = [c for c in scored if c[0] >= 0.9 * scored[0][0]]
+    if len(close) > 1:
+        rescored = []
+        for _, cy, cx, csl in close:
+            pa, pb = prepare_strip(tile_a[csl[0]]), prepare_strip(tile_b[csl[1]])
+            rescored.append((_ncc(pa, pb), cy, cx, csl))
+        scored = sorted(rescored, key=lambda c: c[0], reverse=True) + scored[len(close):]
     _, oy2, ox2, sl2 = scored[0]
     ha2 = prepare_strip(tile_a[sl2[0]])
     hb2 = prepare_strip(tile_b[sl2[1]])
-    isotropy, shape, normal = _structure(ha2)
+    isotropy, tensor, normal = _structure(ha2)
     edge = isotropy < _EDGE_ISOTROPY
     direction = normal if edge else None
     # the integer peak is usually within a pixel: refine at full resolution first; when that
@@ -368,6 +377,20 @@ def register_pair(
                                         limit=8.0, direction=direction, order=1)
             f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
         fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0, direction=direction)
+    # a refinement that moved far from its integer start (a weak correlation peak on a narrow
+    # strip, most of whose true overlap the cut missed) is repeated on strips re-cut there
+    for _ in range(2):
+        if max(abs(fy), abs(fx)) <= 1.5:
+            break
+        sl3 = overlap_slices((oy2 + round(fy), ox2 + round(fx)), shape)
+        if sl3 is None or min(s.stop - s.start for s in sl3[0]) < _MIN_OVERLAP:
+            break
+        try:
+            ha3, hb3 = prepare_strip(tile_a[sl3[0]]), prepare_strip(tile_b[sl3[1]])
+        except IndexError:  # beyond the strip kept of tile a: keep what was found
+            break
+        oy2, ox2, ha2, hb2 = oy2 + round(fy), ox2 + round(fx), ha3, hb3
+        fy, fx, aligned = refine_subpixel(ha2, hb2, limit=2.0, direction=direction)
     m = 2
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
     dy, dx = oy2 + fy, ox2 + fx
@@ -385,5 +408,5 @@ def register_pair(
         ny, nx = float(normal[0]), float(normal[1])
         info = (nx * nx, nx * ny, ny * ny)
     else:
-        info = (float(shape[1, 1]), float(shape[0, 1]), float(shape[0, 0]))
+        info = (float(tensor[1, 1]), float(tensor[0, 1]), float(tensor[0, 0]))
     return PairResult(a_id, b_id, dx, dy, ncc, ratio, texture, ok, info)
