@@ -484,3 +484,15 @@ def test_random_tiles_agree_with_a_larger_render(wafer, cell, rect, coupon):
     whole = rect.render(9000.0, edge - 1.0 - 99 * 3.0, (100, 50), 3.0)
     np.testing.assert_array_equal(rect.render(9000.0, edge - 1.0, (5, 50), 3.0)[0], whole[-1])
     assert whole[-1].mean() < whole[-2].mean() - 0.05  # 5/6 covered: darker than inside
+
+
+@pytest.mark.parametrize("pitch_um", [(3000.0, 4000.0), (4000.0, 3000.0), (5000.0, 6100.0)])
+def test_die_template_with_unequal_pitches(pitch_um):
+    """Templates whose sides halve a different number of times still build a full pyramid."""
+    from simulators.samples.die import DieTemplate
+
+    template = DieTemplate(pitch_um, 80.0, seed=0)
+    for fine, coarse in zip(template.levels, template.levels[1:], strict=False):
+        assert coarse.shape == (fine.shape[0] // 2, fine.shape[1] // 2)
+    patch = template.sample(np.linspace(0, pitch_um[0], 50), np.linspace(0, pitch_um[1], 40), 5.0)
+    assert patch.shape == (40, 50) and np.isfinite(patch).all()

@@ -260,7 +260,8 @@ class DieTemplate:
     @staticmethod
     def _pyramid(level0: np.ndarray) -> list[np.ndarray]:
         levels = [level0]
-        while min(levels[-1].shape) % 2 == 0 and min(levels[-1].shape) > 32:
+        # halve while both sides are even (an odd side cannot be 2x2 block-averaged)
+        while all(n % 2 == 0 for n in levels[-1].shape) and min(levels[-1].shape) > 32:
             a = levels[-1].astype(np.uint16)
             s = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
             levels.append(((s + 2) // 4).astype(np.uint8))
