@@ -275,16 +275,9 @@ class ObjectiveSpec(_Model):
         return self.depth_of_field_um + pixel_size_um / self.numerical_aperture
 
 
-class SimulatedMicroscope(_Model):
-    """The built-in simulated microscope (pure-Python Micro-Manager devices)."""
+class _CalibratedMicroscope(_Model):
+    """What every microscope section has: an optional camera calibration."""
 
-    kind: Literal["simulated"] = "simulated"
-    camera: CameraSpec = CameraSpec()
-    stage: StageSpec = StageSpec()
-    focus: FocusSpec = FocusSpec()
-    objective: ObjectiveSpec = ObjectiveSpec()
-    realtime: bool = Field(False, description="really sleep the simulated hardware time")
-    seed: int = 0
     calibration: Path | None = Field(
         None, description="camera calibration file from `waferscope calibrate` (pixel size, "
         "rotation) used to place tiles"
@@ -296,7 +289,19 @@ class SimulatedMicroscope(_Model):
         return _existing_file(value, info)
 
 
-class MicroManagerMicroscope(_Model):
+class SimulatedMicroscope(_CalibratedMicroscope):
+    """The built-in simulated microscope (pure-Python Micro-Manager devices)."""
+
+    kind: Literal["simulated"] = "simulated"
+    camera: CameraSpec = CameraSpec()
+    stage: StageSpec = StageSpec()
+    focus: FocusSpec = FocusSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    realtime: bool = Field(False, description="really sleep the simulated hardware time")
+    seed: int = 0
+
+
+class MicroManagerMicroscope(_CalibratedMicroscope):
     """Real hardware through a Micro-Manager configuration file."""
 
     kind: Literal["micromanager"] = "micromanager"
@@ -310,15 +315,6 @@ class MicroManagerMicroscope(_Model):
     )
     focus: FocusSpec = FocusSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
-    calibration: Path | None = Field(
-        None, description="camera calibration file from `waferscope calibrate` (pixel size, "
-        "rotation) used to place tiles"
-    )
-
-    @field_validator("calibration")
-    @classmethod
-    def _calibration_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return _existing_file(value, info)
 
     @field_validator("config")
     @classmethod
