@@ -49,8 +49,10 @@ from .mosaic import build_pyramid, create_multiscale, finish_multiscale, open_mo
 #: by up to 32 internally).
 ALIGN_PX = 32
 #: Default core of a window, in input pixels (before context): large enough that the context
-#: margins cost little, small enough that the network's activations fit comfortably.
-DEFAULT_CORE_PX = 3072
+#: margins cost little (windows 1.1x the core's area) and the network runs at its full rate per
+#: pixel (on a 2-core CPU: 2.7 MP/s on 1k windows, 9.4 on 2.6k, 11.8 on 4.9k), small enough
+#: that the network's activations fit comfortably (about 1.5 GB on a 5.4k window).
+DEFAULT_CORE_PX = 5120
 #: Map pixels of ramp on each side of a window boundary (before rounding to :data:`ALIGN_PX`).
 DEFAULT_OVERLAP_PX = 32
 MAPS: tuple[str, ...] = ("anomaly", "roughness", "uncertainty")
