@@ -134,12 +134,27 @@ def _read_reflect(src: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray:
     b0, b1 = max(c0, 0), min(c0 + w, W)
     if a0 >= a1 or b0 >= b1:
         return np.zeros((h, w), dtype=np.float32)
-    inner = np.asarray(src[a0:a1, b0:b1], dtype=np.float32)
     pads = ((a0 - r0, r0 + h - a1), (b0 - c0, c0 + w - b1))
     if not any(p for pair in pads for p in pair):
-        return inner
-    mirror = all(p < n for pair, n in zip(pads, inner.shape, strict=True) for p in pair)
-    return np.pad(inner, pads, mode="reflect" if mirror else "edge")
+        return np.asarray(src[a0:a1, b0:b1], dtype=np.float32)
+    # the source is converted straight into the window and the borders mirrored in place:
+    # np.pad would cost a second full-size copy of every border window
+    out = np.empty((h, w), dtype=np.float32)
+    (pt, pb), (pl, pr) = pads
+    out[pt : h - pb, pl : w - pr] = src[a0:a1, b0:b1]
+    mirror = all(p < n for pair, n in zip(pads, (a1 - a0, b1 - b0), strict=True) for p in pair)
+    mode = "reflect" if mirror else "edge"
+    ri = np.pad(np.arange(a1 - a0), pads[0], mode=mode) + pt  # window row each row copies
+    ci = np.pad(np.arange(b1 - b0), pads[1], mode=mode) + pl
+    if pt:
+        out[:pt] = out[ri[:pt]]
+    if pb:
+        out[h - pb :] = out[ri[h - pb :]]
+    if pl:
+        out[:, :pl] = out[:, ci[:pl]]
+    if pr:
+        out[:, w - pr :] = out[:, ci[w - pr :]]
+    return out
 
 
 # --------------------------------------------------------------------------- window plan
@@ -302,14 +317,15 @@ def source_level(model: Model, source: Any, grid: int = 8, window: int = 128) ->
     if h * w <= (grid * window) ** 2:
         sub = np.asarray(source[:], dtype=np.float32).ravel()
     else:
-        parts = []
-        for i in range(grid):
-            for j in range(grid):
-                r0 = max(0, min(h - window, int((i + 0.5) * h / grid) - window // 2))
-                c0 = max(0, min(w - window, int((j + 0.5) * w / grid) - window // 2))
-                parts.append(np.asarray(source[r0 : r0 + window, c0 : c0 + window],
-                                        dtype=np.float32).ravel())
-        sub = np.concatenate(parts)
+        # the windows' rows times their columns, in one orthogonal read: each chunk is
+        # decoded once (not once per window that touches it), chunks concurrently
+        rows = np.concatenate([np.arange(window) + max(0, min(h - window, int(
+            (i + 0.5) * h / grid) - window // 2)) for i in range(grid)])
+        cols = np.concatenate([np.arange(window) + max(0, min(w - window, int(
+            (j + 0.5) * w / grid) - window // 2)) for j in range(grid)])
+        block = source.oindex[rows, cols] if hasattr(source, "oindex") else \
+            np.asarray(source)[np.ix_(rows, cols)]
+        sub = np.asarray(block, dtype=np.float32).ravel()
     sub = sub[sub != 0]
     return float(model.brightness_level(sub[None, :])) if sub.size else 1.0
 
