@@ -235,7 +235,7 @@ def inspect(
                                 pixel_size_um=pixel_size, progress=on_progress)
     out.print(f"defects: {result.n_defects}")
     for name, path in result.outputs.items():
-        out.print(f"  {name:<12} {Path(path).resolve()}")
+        out.print(f"  {name:<16} {Path(path).resolve()}")
     out.print("  inspect time: " + ", ".join(
         f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
         for k, v in result.timings.items()))
@@ -257,7 +257,7 @@ def report(
     result = run_report(scan, lot_id=lot, wafer_id=wafer)
     out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
     for name, path in result.outputs.items():
-        out.print(f"  {name:<12} {path.resolve()}")
+        out.print(f"  {name:<16} {path.resolve()}")
     out.print(f"  report time: {_duration(result.wall_s)}")
 
 
@@ -421,7 +421,7 @@ def _duration(seconds: float) -> str:
 def _print_result(result: Any) -> None:
     out.print(f"scan folder: {result.folder.resolve()}")
     for name, path in result.outputs.items():
-        out.print(f"  {name:<12} {path.resolve()}")
+        out.print(f"  {name:<16} {path.resolve()}")
     for stage, t in result.timings.items():
         parts = [f"{k.removesuffix('_s')} {_duration(v)}" for k, v in t.items()]
         out.print(f"  {stage} time: " + ", ".join(parts))

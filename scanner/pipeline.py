@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from devices.core import MicroscopeHandle, build_microscope
 
 from .acquire import acquire
-from .defectlist import DEFECTS_JSON
+from .defectlist import DEFECTS_JSON, MAP_NAMES
 from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
 from .recipe import Recipe
@@ -64,9 +64,9 @@ class ScanResult:
         names = {"scan": SCAN_JSON, "tiles": "tiles.csv", "raw tiles": "tiles.zarr",
                  "mosaic": MOSAIC, "truth": TRUTH_JSON, "focus map": "focus_map.json",
                  "focus plot": "focus_map.png", "defects": "defects.json",
-                 "anomaly map": "anomaly.ome.zarr",
                  "defects csv": "defects.csv", "klarf": "defects.klarf",
-                 "wafer map": "wafermap.png"}
+                 "wafer map": "wafermap.png", "flat-field": "flatfield.npy",
+                 **{f"{name} map": file for name, file in MAP_NAMES.items()}}
         return {k: self.folder / v for k, v in names.items() if (self.folder / v).exists()}
 
 
