@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,17 @@ def wafer_scan(tmp_path_factory) -> Path:
                        "seed": 1},
         "scan": {"overlap": 0.1},
     })
+
+
+@pytest.fixture(scope="session")
+def reported_wafer(wafer_scan: Path, tmp_path_factory) -> Path:
+    """A copy of ``wafer_scan`` after the report stage (located defects, KLARF, wafer map)."""
+    from scanner.reports import report
+
+    folder = tmp_path_factory.mktemp("reported") / "wafer"
+    shutil.copytree(wafer_scan, folder)
+    report(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from scanner.defectlist import CLASSES, Defect, read_defects
-from scanner.reports import report
 from scanner.reports.klarf import klarf_text
 
 klarf_reader = pytest.importorskip("klarf_reader.klarf", reason="test extra: klarf-reader")
 klarfio = pytest.importorskip("klarfio.klarfio", reason="test extra: klarfio")
 
 
-@pytest.fixture(scope="module")
-def klarf_scan(wafer_scan: Path, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("klarf") / "wafer"
-    shutil.copytree(wafer_scan, folder)
-    report(folder)
-    return folder
-
-
 @pytest.mark.slow
-def test_klarf_reader_round_trip_matches_defects_json(klarf_scan: Path):
-    header, defects = read_defects(klarf_scan)
-    sample = json.loads((klarf_scan / "scan.json").read_text())["recipe"]["sample"]
+def test_klarf_reader_round_trip_matches_defects_json(reported_wafer: Path):
+    header, defects = read_defects(reported_wafer)
+    sample = json.loads((reported_wafer / "scan.json").read_text())["recipe"]["sample"]
     px, py = (v * 1000 for v in sample["die_pitch_mm"])
-    k = klarf_reader.Klarf.load_from_file(klarf_scan / "defects.klarf")
+    k = klarf_reader.Klarf.load_from_file(reported_wafer / "defects.klarf")
     assert k.file_version == 1.2 and k.sample_type == "WAFER"
     assert (k.lot_id, k.wafers[0].id) == ("LOT42", "W07")
     assert k.sample_size == 20
@@ -64,9 +54,9 @@ def test_klarf_reader_round_trip_matches_defects_json(klarf_scan: Path):
 
 
 @pytest.mark.slow
-def test_klarfio_reads_the_same_defect_table(klarf_scan: Path):
-    _, defects = read_defects(klarf_scan)
-    data = klarfio.klarf(str(klarf_scan / "defects.klarf")).data["FileRecord_1.2"]
+def test_klarfio_reads_the_same_defect_table(reported_wafer: Path):
+    _, defects = read_defects(reported_wafer)
+    data = klarfio.klarf(str(reported_wafer / "defects.klarf")).data["FileRecord_1.2"]
     columns = [c["Column"] for c in data["DefectList"]["Columns"]]
     assert columns[:11] == ["DEFECTID", "XREL", "YREL", "XINDEX", "YINDEX", "XSIZE", "YSIZE",
                             "DEFECTAREA", "DSIZE", "CLASSNUMBER", "TEST"]

@@ -85,14 +85,6 @@ def test_every_class_has_a_colour():
 # --------------------------------------------------------------------------- report stage
 
 
-@pytest.fixture(scope="module")
-def reported_wafer(wafer_scan: Path, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("reported") / "wafer"
-    shutil.copytree(wafer_scan, folder)
-    report(folder)
-    return folder
-
-
 @pytest.mark.slow
 def test_wafer_defects_are_located_against_the_truth(reported_wafer: Path):
     header, defects = read_defects(reported_wafer)
