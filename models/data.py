@@ -150,7 +150,7 @@ def scan_pixel_size_um(paths: Iterable[str | Path]) -> float | None:
 #: wafers under a 2x to 20x objective, PV cells in electroluminescence, rough surfaces where
 #: their texture is resolved
 PIXEL_RANGES_UM: dict[str, tuple[float, float]] = {
-    "wafer": (1.0, 8.0),
+    "wafer": (1.0, 10.0),
     "pv_cell": (8.0, 40.0),
     "rough": (0.5, 2.0),
 }
@@ -202,7 +202,9 @@ def simulated_good_images(
         s = int(rng.integers(0, 2**31 - 1))
         rough = None
         if kind == "wafer":
-            pitch = float(rng.uniform(1.5, 12.0))
+            # log-uniform: small dies, seen whole (with their marks) at 2-10 µm px, as often
+            # as large ones
+            pitch = float(np.exp(rng.uniform(np.log(1.5), np.log(12.0))))
             wafer = {"diameter_mm": float(rng.choice([50.0, 100.0, 150.0])), "n_defects": 0,
                      "seed": s, "scribe_width_um": float(rng.uniform(30, 150)),
                      "edge_exclusion_mm": 2.0}
@@ -241,6 +243,7 @@ def simulated_good_images(
             ys_c = np.array([cy - half, cy - half, cy + half, cy + half])
             if points_in_polygon(xs_c, ys_c, poly).all():
                 break
+        cx, cy = _structured_window(sample, kind, cx, cy, half, poly, rng)
         level = None
         if kind == "wafer" and rng.random() < 0.25:
             # a window on the wafer edge (notch, flat, chuck around it): normal, too; scaled by
@@ -250,6 +253,16 @@ def simulated_good_images(
             ang = rng.uniform(0, 2 * np.pi)
             cx = sample.center_um[0] + r_edge * np.cos(ang)
             cy = sample.center_um[1] + r_edge * np.sin(ang)
+        if kind == "pv_cell" and level is None and rng.random() < 0.15:
+            # a window over the cell's edge (busbar ends, dimmer rim, background): normal
+            level = float(np.median(sample.render(cx - half, cy - half, (64, 64), p)))
+            bx0, by0, bx1, by1 = sample.bounds_um()
+            side = int(rng.integers(4))
+            off = rng.uniform(-0.8, 0.3) * half
+            if side < 2:
+                cx = (bx0 - off) if side == 0 else (bx1 + off)
+            else:
+                cy = (by0 - off) if side == 2 else (by1 + off)
         ox, oy = cx - half, cy - half
         refl = sample.render(ox, oy, (size, size), p)
         sa = None
@@ -269,3 +282,43 @@ def simulated_good_images(
         out.append(GoodImage(relative(counts, level), sa_nm=sa, source=f"sim:{kind}:{s}", kind=kind,
                              meta={"pixel_size_um": p}))
     return out
+
+
+def _structured_window(
+    sample: object, kind: str, cx: float, cy: float, half: float, poly: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[float, float]:
+    """Move a window centre onto the structures that score highest on good surfaces.
+
+    Uniformly placed windows rarely hold the few strong, normal edges of a sample, so the
+    anomaly head learned to call them defects: on PV cells the busbar edges (the brightest
+    response on good cells, which set the calibrated threshold), on wafers the die-cell
+    corners where the alignment mark sits. Half of the wafer and PV windows are moved there
+    (kept only when still wholly inside the usable area).
+    """
+    from simulators.samples.shapes import points_in_polygon
+
+    if rng.random() >= 0.5:
+        return cx, cy
+    nx, ny = cx, cy
+    if kind == "pv_cell" and getattr(sample, "busbars", 0) > 0:
+        x0, _, x1, _ = sample.bounds_um()  # type: ignore[attr-defined]
+        spacing = (x1 - x0) / sample.busbars  # type: ignore[attr-defined]
+        k = int(rng.integers(sample.busbars))  # type: ignore[attr-defined]
+        edge = rng.choice([-0.5, 0.5]) * sample.busbar_width_mm * 1000.0  # type: ignore
+        nx = x0 + (k + 0.5) * spacing + edge + rng.uniform(-0.6, 0.6) * half
+    elif kind == "wafer":
+        ox = sample.center_um[0] + sample.die_origin_mm[0] * 1000.0  # type: ignore[attr-defined]
+        oy = sample.center_um[1] + sample.die_origin_mm[1] * 1000.0  # type: ignore[attr-defined]
+        px, py = (v * 1000.0 for v in sample.die_pitch_mm)  # type: ignore[attr-defined]
+        # nearest die-cell corner, then into the die by up to a quarter pitch (the mark lies
+        # in the die's top-left corner; flips and rotations in training cover the others)
+        nx = ox + round((cx - ox) / px) * px + rng.uniform(-0.3, 1.0) * min(half, 0.25 * px)
+        ny = oy + round((cy - oy) / py) * py + rng.uniform(-0.3, 1.0) * min(half, 0.25 * py)
+    else:
+        return cx, cy
+    xs_c = np.array([nx - half, nx + half, nx + half, nx - half])
+    ys_c = np.array([ny - half, ny - half, ny + half, ny + half])
+    if points_in_polygon(xs_c, ys_c, poly).all():
+        return float(nx), float(ny)
+    return cx, cy

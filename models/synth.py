@@ -150,6 +150,16 @@ def _foreign_texture(
     return (1.0 + rng.uniform(-0.4, 0.4) + rng.uniform(0.05, 0.3) * tex).astype(np.float32)
 
 
+def _is_flat(r: np.ndarray, mask: np.ndarray, level: float) -> bool:
+    """True when the patch has no structure under the mask (local std below 3 % of level)."""
+    inside = mask > 0.25
+    if not inside.any():
+        return True
+    mean = ndimage.uniform_filter(r, 7)
+    local_sd = np.sqrt(np.maximum(ndimage.uniform_filter(r * r, 7) - mean * mean, 0.0))
+    return float(np.median(local_sd[inside])) < 0.03 * max(level, 1e-3)
+
+
 def add_anomalies(
     r: np.ndarray,
     rng: np.random.Generator,
@@ -196,6 +206,10 @@ def add_anomalies(
         # blob is invisible on a speckled rough surface): scale by the local texture contrast
         tex_sigma = float(np.std(before - ndimage.uniform_filter(before, 5))) / max(level, 1e-3)
         floor = max(0.08, 2.5 * tex_sigma)
+        if op == "flat" and _is_flat(before, mask, level):
+            # flattening what is already flat teaches the network that plain areas (bare
+            # silicon, wide metal) are missing pattern: paint a plain level change instead
+            op = "intensity"
         if op == "intensity":  # particle, pit, stain: brighter or darker
             delta = rng.choice([-1, 1]) * np.exp(rng.uniform(np.log(floor), np.log(
                 max(0.7, 2 * floor))))

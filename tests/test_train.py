@@ -11,7 +11,8 @@ import tifffile
 from scipy import ndimage
 
 from models.calibrate import calibrate_threshold, count_components
-from models.synth import add_anomalies
+from models.synth import _is_flat, add_anomalies
+from models.train import select_epoch
 
 
 def _blobs(shape: tuple[int, int], peaks: list[tuple[int, int, float]]) -> np.ndarray:
@@ -78,6 +79,31 @@ def test_synthetic_anomalies_mark_what_changed() -> None:
     assert seen >= 25
 
 
+def test_flat_areas_are_not_flattened_but_patterned_ones_are() -> None:
+    rng = np.random.default_rng(0)
+    plain = np.ones((64, 64), np.float32) + 0.005 * rng.standard_normal((64, 64)).astype(
+        np.float32)
+    lines = plain.copy()
+    lines[:, ::4] = 0.6  # a line pattern: structure a "flat" fill would remove
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1.0
+    assert _is_flat(plain, mask, 1.0)
+    assert not _is_flat(lines, mask, 1.0)
+
+
+def test_epoch_selection_weighs_auroc_and_guards_roughness() -> None:
+    h = [
+        {"val_loss": 1.30, "val_auroc": 0.70, "val_sa_mae_nm": 3.6},
+        {"val_loss": 1.40, "val_auroc": 0.82, "val_sa_mae_nm": 3.8},  # better detection
+        {"val_loss": 1.35, "val_auroc": 0.90, "val_sa_mae_nm": 6.0},  # roughness diverged
+    ]
+    assert select_epoch(h) == 2
+    assert select_epoch(h[:1]) == 1
+    assert select_epoch([]) == 0
+    no_sa = [{**e, "val_sa_mae_nm": float("nan")} for e in h]
+    assert select_epoch(no_sa) == 3  # no roughness known: detection decides
+
+
 @pytest.mark.slow
 def test_tiny_training_run_learns_and_writes_a_calibrated_model(tmp_path: Path) -> None:
     from models import load_model, train_model
@@ -128,3 +154,27 @@ def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "m.safetensors").write_bytes(b"x")
     res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m")])
     assert res.exit_code == 2 and "--overwrite" in res.output
+
+
+def test_structured_windows_sit_on_busbar_edges_and_die_corners() -> None:
+    from models.data import _structured_window
+    from simulators.samples import PVCellSample, WaferSample
+
+    rng = np.random.default_rng(1)
+    cell = PVCellSample(n_defects=0, seed=1, busbars=3)
+    poly = cell.usable_polygon_um()
+    x0, _, x1, _ = cell.bounds_um()
+    bars = x0 + (np.arange(3) + 0.5) * (x1 - x0) / 3
+    half = 1000.0
+    cx, cy = float(poly[:, 0].mean()) + 17_000.0, float(poly[:, 1].mean())
+    moved = [_structured_window(cell, "pv_cell", cx, cy, half, poly, rng) for _ in range(40)]
+    on_bar = [abs(x - bars).min() < half + cell.busbar_width_mm * 500.0 for x, _ in moved]
+    assert 0.25 < np.mean(on_bar) < 0.8  # about half of the windows hold a busbar edge
+    wafer = WaferSample(die_pitch_mm=(5.0, 5.0), n_defects=0, seed=2)
+    wpoly = wafer.usable_polygon_um()
+    wx, wy = wafer.center_um[0] + 2_400.0, wafer.center_um[1] + 2_400.0
+    pts = [_structured_window(wafer, "wafer", wx, wy, 600.0, wpoly, rng) for _ in range(40)]
+    ox = wafer.center_um[0] + wafer.die_origin_mm[0] * 1000.0
+    corner = [((x - ox) % 5000.0) < 1250.0 + 1e-6 or ((x - ox) % 5000.0) > 5000.0 - 400.0
+              for x, _ in pts if (x, _) != (wx, wy)]
+    assert corner and all(corner)
