@@ -16,7 +16,8 @@ from .inspection import default_model_path
 from .train import train_model
 
 #: settings of the shipped model (recorded in its card)
-DEFAULTS = {"epochs": 8, "steps_per_epoch": 50, "n_simulated": 128, "seed": 0, "patience": 4}
+DEFAULTS = {"epochs": 8, "steps_per_epoch": 50, "n_simulated": 128, "simulated_size": 256,
+            "patch": 128, "seed": 0, "patience": 4}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     parser.add_argument("--steps-per-epoch", type=int, default=DEFAULTS["steps_per_epoch"])
     parser.add_argument("--n-simulated", type=int, default=DEFAULTS["n_simulated"])
+    parser.add_argument("--simulated-size", type=int, default=DEFAULTS["simulated_size"])
+    parser.add_argument("--patch", type=int, default=DEFAULTS["patch"])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--patience", type=int, default=DEFAULTS["patience"])
     args = parser.parse_args(argv)
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
     report = train_model(
         [], args.out, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-        n_simulated=args.n_simulated, seed=args.seed, simulated=True, multiscale=True,
+        n_simulated=args.n_simulated, simulated_size=args.simulated_size, patch=args.patch,
+        seed=args.seed, simulated=True, multiscale=True,
         patience=args.patience,
         progress=progress,
     )
