@@ -78,8 +78,12 @@ class TrainReport:
 # ---------------------------------------------------------------------- batches
 
 
-def _crop(img: GoodImage, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random crop (and its Sa map, NaN where unknown), randomly flipped / rotated."""
+def _crop(img: GoodImage, size: int, rng: np.random.Generator,
+          at: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A random crop (and its Sa map, NaN where unknown), randomly flipped / rotated.
+
+    ``at`` gives the crop's top-left corner instead of a random one (hard examples).
+    """
     h, w = img.image.shape
     if h < size or w < size:  # small images are reflected up to the crop size
         ph, pw = max(0, size - h), max(0, size - w)
@@ -88,7 +92,10 @@ def _crop(img: GoodImage, size: int, rng: np.random.Generator) -> tuple[np.ndarr
         h, w = im.shape
     else:
         im, sa = img.image, img.sa_nm
-    r0, c0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    if at is None:
+        r0, c0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    else:
+        r0, c0 = min(at[0], h - size), min(at[1], w - size)
     x = im[r0:r0 + size, c0:c0 + size]
     s = (np.full((size, size), np.nan, np.float32) if sa is None
          else sa[r0:r0 + size, c0:c0 + size])
@@ -99,19 +106,32 @@ def _crop(img: GoodImage, size: int, rng: np.random.Generator) -> tuple[np.ndarr
     return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(s, dtype=np.float32)
 
 
+#: a crop of a good image: (index in the image list, top row, left column)
+CropRef = tuple[int, int, int]
+
+
 def make_batch(
     images: Sequence[GoodImage],
     n: int,
     size: int,
     rng: np.random.Generator,
     anomaly_fraction: float = 0.6,
+    hard: Sequence[CropRef] = (),
+    hard_fraction: float = 0.25,
 ) -> dict[str, torch.Tensor]:
-    """A training batch: normalised crops, anomaly targets and Sa targets at stride 4."""
+    """A training batch: normalised crops, anomaly targets and Sa targets at stride 4.
+
+    With ``hard`` crops given (good crops the model scored highest, :func:`mine_hard_crops`),
+    a ``hard_fraction`` of the batch is drawn from them.
+    """
     xs, targets, sas = [], [], []
     donors = [_crop(images[int(rng.integers(len(images)))], size, rng)[0] for _ in range(2)]
     for _ in range(n):
-        img = images[int(rng.integers(len(images)))]
-        x, sa = _crop(img, size, rng)
+        if hard and rng.random() < hard_fraction:
+            i, r0, c0 = hard[int(rng.integers(len(hard)))]
+            x, sa = _crop(images[i], size, rng, at=(r0, c0))
+        else:
+            x, sa = _crop(images[int(rng.integers(len(images)))], size, rng)
         x = x * np.float32(rng.uniform(0.92, 1.08))  # residual brightness-level error
         if rng.random() < anomaly_fraction:
             x, t = add_anomalies(x, rng, donors=donors)
@@ -133,6 +153,40 @@ def make_batch(
         "sa": F.avg_pool2d(torch.nan_to_num(s), pool),
         "sa_known": (F.avg_pool2d(s_known, pool) > 0.999).float(),
     }
+
+
+def mine_hard_crops(
+    net: InspectionNet, images: Sequence[GoodImage], size: int, rng: np.random.Generator,
+    candidates: int = 256, keep: int = 48,
+) -> list[CropRef]:
+    """Good crops on which the model's anomaly score peaks highest (hard negative mining).
+
+    Uniform crops rarely hold the few normal structures that look most like a defect (grain
+    boundaries, alignment marks, dense pattern blocks); the model learns them as normal only
+    when it sees them often. Scores ``candidates`` random crops of good images (no synthetic
+    anomaly) and returns the ``keep`` with the highest peak, for the next epoch's batches.
+    """
+    refs: list[CropRef] = []
+    xs = []
+    for _ in range(candidates):
+        i = int(rng.integers(len(images)))
+        h, w = images[i].image.shape
+        r0 = int(rng.integers(0, max(h - size, 0) + 1))
+        c0 = int(rng.integers(0, max(w - size, 0) + 1))
+        x, _ = _crop(images[i], size, rng, at=(r0, c0))
+        refs.append((i, r0, c0))
+        xs.append((x - np.float32(1.0)) * np.float32(GAIN))
+    was_training = net.training
+    net.eval()
+    peaks = []
+    with torch.inference_mode():
+        for k in range(0, candidates, 16):
+            out = net(torch.from_numpy(np.stack(xs[k:k + 16]))[:, None])
+            p = torch.sigmoid(out["anomaly_logits"]).mean(1)
+            peaks.append(p.flatten(1).max(1).values.numpy())
+    net.train(was_training)
+    order = np.argsort(np.concatenate(peaks))[::-1]
+    return [refs[int(j)] for j in order[:keep]]
 
 
 # ---------------------------------------------------------------------- losses
@@ -364,7 +418,7 @@ def train_model(
         train_pool = user_train * reps + sim_train
     val_pool = user_val + sim_val or train_pool
     vrng = np.random.default_rng(seed + 7)
-    val_batches = [make_batch(val_pool, batch_size, patch, vrng) for _ in range(8)]
+    val_batches = [make_batch(val_pool, batch_size, patch, vrng) for _ in range(16)]
     notify("data", 3, 3, {})
 
     config = config or NetConfig()
@@ -382,10 +436,11 @@ def train_model(
     history: list[dict] = []
     k = config.heads
     step = 0
+    hard: list[CropRef] = []
     for epoch in range(1, epochs + 1):
         running = 0.0
         for _ in range(steps_per_epoch):
-            batch = make_batch(train_pool, batch_size, patch, rng)
+            batch = make_batch(train_pool, batch_size, patch, rng, hard=hard)
             # bootstrap: each head sees the batch with its own Poisson(1) sample weights
             w = torch.from_numpy(rng.poisson(1.0, (batch_size, k)).astype(np.float32))
             out_ = net(batch["x"])
@@ -399,6 +454,7 @@ def train_model(
             running += float(loss["total"].detach())
             notify("train", step, total_steps, {"epoch": epoch, "loss": running /
                                                  max(1, (step - 1) % steps_per_epoch + 1)})
+        hard = mine_hard_crops(net, train_pool, patch, rng)
         metrics = evaluate(net, val_batches)
         metrics.update(epoch=epoch, train_loss=running / steps_per_epoch)
         history.append(metrics)

@@ -16,8 +16,8 @@ from .inspection import default_model_path
 from .train import train_model
 
 #: settings of the shipped model (recorded in its card)
-DEFAULTS = {"epochs": 8, "steps_per_epoch": 50, "n_simulated": 128, "simulated_size": 256,
-            "patch": 128, "seed": 0, "patience": 4}
+DEFAULTS = {"epochs": 60, "steps_per_epoch": 200, "n_simulated": 384, "simulated_size": 320,
+            "patch": 192, "seed": 0, "patience": 15}
 
 
 def main(argv: list[str] | None = None) -> None:
