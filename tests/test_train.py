@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import torch
 from scipy import ndimage
 
 from models.calibrate import calibrate_threshold, count_components
@@ -178,3 +179,26 @@ def test_structured_windows_sit_on_busbar_edges_and_die_corners() -> None:
     corner = [((x - ox) % 5000.0) < 1250.0 + 1e-6 or ((x - ox) % 5000.0) > 5000.0 - 400.0
               for x, _ in pts if (x, _) != (wx, wy)]
     assert corner and all(corner)
+
+
+class _BrightnessNet(torch.nn.Module):
+    """Scores each 4 x 4 cell by its brightness: the hardest good crop is the brightest."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"anomaly_logits": torch.nn.functional.avg_pool2d(x, 4).repeat(1, 2, 1, 1)}
+
+
+def test_hard_negative_mining_returns_the_crops_the_model_scores_highest() -> None:
+    from models.data import GoodImage
+    from models.train import make_batch, mine_hard_crops
+
+    rng = np.random.default_rng(0)
+    images = [GoodImage(np.ones((256, 256), np.float32)) for _ in range(3)]
+    images[1].image[100:110, 150:160] = 3.0  # one bright spot among flat images
+    hard = mine_hard_crops(_BrightnessNet(), images, 64, rng, candidates=200, keep=10)
+    assert len(hard) == 10
+    for i, r0, c0 in hard[:3]:  # the top crops all overlap the spot
+        assert i == 1 and r0 < 110 and r0 + 64 > 100 and c0 < 160 and c0 + 64 > 150
+    batch = make_batch(images, 32, 64, rng, anomaly_fraction=0.0, hard=hard[:1],
+                       hard_fraction=1.0)
+    assert (batch["x"].amax(dim=(1, 2, 3)) > 3.0).all()  # every crop drawn from the hard one
