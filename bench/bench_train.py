@@ -4,12 +4,13 @@
 size on a dark, faintly grainy substrate (written here, not in ``simulators/``; neither the
 shipped model nor the training code has seen it).
 
-1. Writes ``N`` good 512 x 512 images (TIFF, 12-bit counts with camera noise) to a folder.
+1. Writes ``N`` good 512 x 512 images (TIFF, 12-bit counts with camera noise) to a folder:
+   windows of one large image of the array seen through the simulator's ``image`` sample.
 2. Trains on them with the default options (``train_model(good, out)``, the same as
    ``waferscope train --good DIR --out MODEL``) and times it.
-3. Makes defective images of the same type: a large image of the array loaded as an
-   ``image`` sample of the simulator with synthetic defects (particles, scratches, pits,
-   stains) whose truth gives the defect masks.
+3. Makes defective images of the same type: another large image of the array loaded as an
+   ``image`` sample of the simulator (the same rendering path) with synthetic defects
+   (particles, scratches, pits, stains) whose truth gives the defect masks.
 4. Prints per-cell AUROC and recall at the calibrated threshold for the trained model and for
    the shipped default model, and the false components per cm² on unseen good images.
 
@@ -70,22 +71,32 @@ def led_array(x0: float, y0: float, shape: tuple[int, int]) -> np.ndarray:
     return (base + (bright - base) * dot).astype(np.float32)
 
 
+def _array_sample(folder: Path, name: str, origin: tuple[float, float], side: int,
+                  n_defects: int = 0, seed: int = 424242) -> ImageSample:
+    """A large image of the array loaded as the simulator's ``image`` sample."""
+    path = folder / f"{name}.tif"
+    if not path.exists():
+        tifffile.imwrite(path, (led_array(*origin, (side, side)) * 60000).astype(np.uint16))
+    kinds = ["particle", "scratch", "pit", "stain"]
+    return ImageSample(path, PIX, n_defects=n_defects, seed=seed, defect_kinds=kinds)
+
+
 def write_good(folder: Path, n: int, rng: np.random.Generator) -> None:
+    """Good training images: windows of another part of the array, rendered through the same
+    ``image`` sample and camera as the test windows (a different rendering path would be a
+    domain shift the model rightly flags)."""
+    sample = _array_sample(folder.parent, "array_train", (-777_000.0, 333_000.0), 4096)
     cam = CameraModel(width=512, height=512, bit_depth=12)
     for k in range(n):
-        ox, oy = rng.uniform(-50_000, 50_000, size=2)
-        img = cam.digitise(led_array(ox, oy, (512, 512)), 10.0, rng)
+        ox, oy = rng.uniform(0, 4096 - 512, size=2)
+        img = cam.digitise(sample.render(float(ox), float(oy), (512, 512), PIX), 10.0, rng)
         tifffile.imwrite(folder / f"good_{k:03d}.tif", img)
 
 
 def defect_set(folder: Path, rng: np.random.Generator, n_windows: int):
     """(raw, mask, good raw) windows around simulated defects on the array."""
-    big = led_array(123_456.0, 654_321.0, (3072, 3072))
-    path = folder / "array_big.tif"
-    tifffile.imwrite(path, (big * 60000).astype(np.uint16))
-    bad = ImageSample(path, PIX, n_defects=n_windows, seed=424242,
-                      defect_kinds=["particle", "scratch", "pit", "stain"])
-    good = ImageSample(path, PIX, n_defects=0, seed=424242)
+    bad = _array_sample(folder, "array_test", (123_456.0, 654_321.0), 3072, n_windows)
+    good = _array_sample(folder, "array_test", (123_456.0, 654_321.0), 3072)
     cam = CameraModel(width=512, height=512, bit_depth=12)
     out = []
     for d in bad.defects():
