@@ -100,18 +100,19 @@ def calibrate_threshold(
     values = np.concatenate([m.ravel() for m in maps])
     base = float(np.quantile(values, 0.9))
     peaks = component_peaks(maps, base)
-    # empirical: leave the floor(allowed) highest peaks above the threshold; components may
-    # split or merge as the threshold moves, so check with an exact count and move up a peak
-    # at a time while there are too many
+    # empirical: leave the floor(allowed) highest peaks above the threshold; a component of
+    # the base level may split into several as the threshold rises, so check with an exact
+    # count and move up a peak at a time (peaks are in descending order) while too many
     k = int(np.floor(allowed))
     empirical = float(values.max())
     if len(peaks) <= k and count_components(maps, base) <= allowed:
         empirical = base  # even the 90th percentile leaves few enough components
-    for j in range(k, len(peaks)):
-        t = float(peaks[j])
-        if count_components(maps, t) <= allowed:
-            empirical = t
-            break
+    else:
+        for j in range(min(k, len(peaks) - 1), -1, -1):
+            t = float(peaks[j])
+            if count_components(maps, t) <= allowed:
+                empirical = t
+                break
     threshold, extrapolated = empirical, False
     n_tail = int(min(len(peaks), tail))
     # peaks-over-threshold tail: log(rank) is close to linear in logit(peak)

@@ -280,7 +280,7 @@ def simulated_good_images(
             level *= 0.8 * cam.full_well_e * exposure / cam.exposure_ref_ms
             level *= (2**cam.bit_depth - 1) / cam.full_well_e
         out.append(GoodImage(relative(counts, level), sa_nm=sa, source=f"sim:{kind}:{s}", kind=kind,
-                             meta={"pixel_size_um": p}))
+                             meta={"pixel_size_um": p, "edge": level is not None}))
     return out
 
 

@@ -474,7 +474,9 @@ def train_model(
     train_seconds = time.perf_counter() - t_start
 
     # ------------------------------------------------------------------ calibration
-    held_out = user_val if user_val else sim_val
+    # simulated windows over the sample's edge (wafer rim and chuck, cell border) train the
+    # model but do not calibrate it: inspection masks everything outside the usable area
+    held_out = user_val if user_val else [g for g in sim_val if not g.meta.get("edge")]
     if not held_out:  # a single user image and no simulation: calibrate on it (documented)
         held_out = user_train
     if multiscale and simulated and not user:

@@ -44,6 +44,18 @@ def test_calibration_meets_the_target_rate_exactly_when_area_allows() -> None:
     assert not cal.extrapolated
 
 
+def test_calibration_raises_the_threshold_when_components_split() -> None:
+    # one base-level component holds two peaks (0.9 and 0.8, saddle 0.5), two more stand alone
+    m = np.full((40, 40), 0.01, np.float32)
+    m[5, 5:12] = [0.9, 0.7, 0.5, 0.5, 0.5, 0.7, 0.8]
+    m[20, 20], m[30, 30] = 0.7, 0.6
+    cal = calibrate_threshold([m], area_cm2=1.0, target_per_cm2=2.0)
+    # at 0.6 the ridge splits in two (3 components > 2 allowed): the threshold must rise to
+    # 0.7, where two remain, not jump to the map's maximum
+    assert count_components([m], cal.threshold) <= 2
+    assert cal.threshold == pytest.approx(0.7)
+
+
 def test_calibration_extrapolates_the_tail_on_small_areas() -> None:
     # 297 component peaks whose logits follow an exponential tail exactly (ideal order
     # statistics): rank i has z_i = -4 + 0.8 ln(297 / i)
