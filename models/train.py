@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from scanner.errors import UserError
 
-from .calibrate import calibrate_threshold
+from .calibrate import Calibration, calibrate_threshold
 from .data import (
     PIXEL_RANGES_UM,
     GoodImage,
@@ -309,6 +309,29 @@ def _split(images: list[GoodImage], fraction: float, rng: np.random.Generator
     return [images[i] for i in order[n_val:]], [images[i] for i in order[:n_val]]
 
 
+def calibrate_on(
+    model: InspectionModel,
+    held_out: Sequence[GoodImage],
+    pixel_size_um: float,
+    false_alarms_per_cm2: float,
+    notify: Progress | None = None,
+) -> Calibration:
+    """Calibrate a model's threshold on held-out good images (up to 2048 x 2048 px of each).
+
+    ``pixel_size_um`` is the pixel size of images whose ``meta`` does not give one.
+    """
+    maps = []
+    for i, g in enumerate(held_out):
+        maps.append(model.predict_image(g.image[:2048, :2048])["anomaly"])
+        if notify:
+            notify("calibrate", i + 1, len(held_out), {})
+    area_cm2 = sum(
+        g.image[:2048, :2048].size * g.meta.get("pixel_size_um", pixel_size_um) ** 2
+        for g in held_out
+    ) / 1e8
+    return calibrate_threshold(maps, area_cm2, false_alarms_per_cm2)
+
+
 def train_model(
     good: Sequence[str | Path],
     out: str | Path,
@@ -496,17 +519,8 @@ def train_model(
         "seed": int(seed),
         "threshold": 0.5,
     }
-    model = InspectionModel(copy.deepcopy(net), card)
-    maps = []
-    for i, g in enumerate(held_out):
-        img = g.image[: 2048, : 2048]
-        maps.append(model.predict_image(img)["anomaly"])
-        notify("calibrate", i + 1, len(held_out), {})
-    area_cm2 = sum(
-        g.image[:2048, :2048].size * g.meta.get("pixel_size_um", pixel_size_um) ** 2
-        for g in held_out
-    ) / 1e8
-    cal = calibrate_threshold(maps, area_cm2, false_alarms_per_cm2)
+    cal = calibrate_on(InspectionModel(copy.deepcopy(net), card), held_out, pixel_size_um,
+                       false_alarms_per_cm2, notify)
     final = history[best_epoch - 1] if best_epoch else (history[-1] if history else {})
     card.update(
         threshold=cal.threshold,
