@@ -105,7 +105,15 @@ def estimate_flatfield(
     stack = np.stack([t for t, b in zip(thumbs, bright, strict=True) if b])
     if stack.shape[0] < min_tiles:
         return None
-    med = np.median(stack, axis=0)
+    # a tile partly off the sample has dark (chuck) thumbnail pixels: they say nothing about
+    # the illumination there and, on a small scan where most tiles touch the edge, turned the
+    # median into a picture of the sample's outline; the statistic uses sample pixels only
+    stack[stack < 0.5] = np.nan
+    counts = np.isfinite(stack).sum(axis=0)
+    if (counts >= min_tiles).mean() < 0.5:
+        return None  # too few tiles see the sample at most sensor positions
+    with np.errstate(all="ignore"):
+        med = np.nanmedian(np.where(counts >= min_tiles, stack, np.nan), axis=0)
     ty, tx = med.shape
     # thumbnail pixel centres in full-resolution normalised coordinates
     by, bx = h // ty, w // tx
@@ -113,12 +121,14 @@ def estimate_flatfield(
     xx = ((np.arange(tx) + 0.5) * bx - 0.5 - (w - 1) / 2) / (w / 2)
     yy, xx = np.meshgrid(yy, xx, indexing="ij")
     design = _design(yy, xx, order)
-    coeffs, *_ = np.linalg.lstsq(design, med.ravel(), rcond=None)
+    valid = np.isfinite(med.ravel())
+    design, target = design[valid], med.ravel()[valid]
+    coeffs, *_ = np.linalg.lstsq(design, target, rcond=None)
     # one robust pass: refit without the thumbnail pixels the sample still dominates
-    resid = med.ravel() - design @ coeffs
+    resid = target - design @ coeffs
     mad = 1.4826 * np.median(np.abs(resid - np.median(resid))) + 1e-9
     good = np.abs(resid) < 3 * mad
-    coeffs, *_ = np.linalg.lstsq(design[good], med.ravel()[good], rcond=None)
+    coeffs, *_ = np.linalg.lstsq(design[good], target[good], rcond=None)
     gain = polynomial_surface(coeffs, (h, w), order)
     gain = np.clip(gain, 0.05, None)
     return (gain / gain.mean()).astype(np.float32)
