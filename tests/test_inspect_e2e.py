@@ -19,13 +19,15 @@ runner = CliRunner()
 pytestmark = pytest.mark.slow
 
 
-def _recipe(write_recipe, pixel_um: float, seed: int = 90303) -> Path:
+def _recipe(write_recipe, pixel_um: float, seed: int = 90303, repeatability_um: float = 2.0
+            ) -> Path:
     side = 1.2 * pixel_um
     return write_recipe({
         "sample": {"kind": "rectangle", "width_mm": side, "height_mm": side,
                    "center_um": [0, 0], "defects": {"count": 6, "seed": seed}},
         "microscope": {"kind": "simulated", "seed": 5,
-                       "camera": {"width": 512, "height": 512, "pixel_size_um": pixel_um}},
+                       "camera": {"width": 512, "height": 512, "pixel_size_um": pixel_um},
+                       "stage": {"repeatability_um": repeatability_um}},
         "scan": {"overlap": 0.1},
     }
     )
@@ -67,7 +69,9 @@ def test_run_inspects_after_stitching_and_inspect_reruns(write_recipe, tmp_path)
 def test_defects_match_the_truth(write_recipe, tmp_path):
     model = load_model(None)
     p = model.pixel_size_um
-    recipe = _recipe(write_recipe, p, seed=90404)
+    # a plain surface gives registration nothing to hold on to, so tiles sit where the stage
+    # put them; an exact stage keeps stitching out of the centre error measured here
+    recipe = _recipe(write_recipe, p, seed=90404, repeatability_um=0.0)
     res = runner.invoke(app, ["run", str(recipe), "--out", str(tmp_path / "scan")])
     assert res.exit_code == 0, res.output
     truth = json.loads((tmp_path / "scan" / "truth.json").read_text())["defects"]
@@ -86,9 +90,10 @@ def test_defects_match_the_truth(write_recipe, tmp_path):
             # centre error on compact defects, as bench/bench_inspect.py measures it
             if t["kind"] in ("particle", "pit", "stain") and t["size_um"] <= 32 * p:
                 errors.append(dist / p)
-    # regression floors of the shipped model on this sample (found 2 of 6: the pit lies inside
-    # a scratch's box and is reported with it, the 8 % stain is too faint; centre error 2.9 px
-    # on a lumpy 26 px particle); bench/bench_inspect.py measures the targets
+    # regression floors of the shipped model on this sample (the pit lies inside a scratch's
+    # box and is reported with it, the 8 % stain is too faint); bench/bench_inspect.py
+    # measures the targets
+    print(f"found {hits} of {len(big)}, reported {len(found)}, centre errors {errors}")
     assert hits >= 2
     assert len(found) <= len(truth) + 2
-    assert errors and sorted(errors)[len(errors) // 2] <= 3.0
+    assert errors and sorted(errors)[len(errors) // 2] <= 2.0
