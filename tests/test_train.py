@@ -82,13 +82,17 @@ def test_synthetic_anomalies_mark_what_changed() -> None:
     for _ in range(30):
         img, target = add_anomalies(good, rng)
         assert img.shape == good.shape and target.shape == good.shape
-        changed = np.abs(img - good) > 0.04
+        # visibly changed: over 4 % of the level once the 1 % pixel noise is smoothed away (a
+        # faint 5 % stain is one region even where single noisy pixels dip under 4 %)
+        diff = img - good
+        changed = (np.abs(diff) > 0.04) | (np.abs(ndimage.gaussian_filter(diff, 1.0)) > 0.04)
         if target.any():
             seen += 1
             # target pixels changed visibly, or lie next to pixels that did (closing, grain)
             near = ndimage.binary_dilation(changed, iterations=2)
             assert near[target > 0].mean() > 0.97
-        assert (target[~changed] > 0).mean() < 0.05 if (~changed).any() else True
+        # (a grain fill marks its whole region, pixels whose draw was small included)
+        assert (target[~changed] > 0).mean() < 0.08 if (~changed).any() else True
     assert seen >= 25
 
 
