@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt -e ".[test,napari]"
 	touch $(STAMP)
 
+# each demo run gets its own folder, so a second run neither fails nor replaces the first
 demo: install
-	$(VENV)/bin/waferscope run recipes/demo_wafer.yaml --out scans/demo_wafer
+	$(VENV)/bin/waferscope run recipes/demo_wafer.yaml --out scans/demo_wafer-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(PY) -m pytest -q
