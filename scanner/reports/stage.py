@@ -14,7 +14,8 @@ from pathlib import Path
 from ..defectlist import DEFECTS_CSV, DEFECTS_JSON, read_defects, write_defects
 from ..scanfolder import SCAN_JSON, read_scan_json, write_json
 from .klarf import KLARF, write_klarf
-from .locate import ScanContext, build_header, locate
+from .locate import ScanContext, build_header, locate, tested_dies
+from .repeaters import REPEATERS_JSON, find_repeaters, read_repeaters, write_repeaters
 from .wafermap import WAFERMAP, draw_wafermap
 
 
@@ -62,12 +63,28 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
     folder = Path(folder)
     ctx = ScanContext.load(folder)
     previous, defects = read_defects(folder)
+    created = previous.get("created")
+    # defects an earlier run of this stage moved to repeaters.json take part again
+    defects = sorted(defects + read_repeaters(folder, created), key=lambda d: d.id)
     defects = locate(defects, ctx)
+    groups: list = []
+    if ctx.kind == "wafer":
+        n_full = sum(1 for die in tested_dies(ctx, []) if die["full"])
+        map_px = previous.get("map_pixel_size_um")
+        tolerance = 3.0 * float(map_px) if map_px else 50.0
+        defects, groups = find_repeaters(defects, n_full, tolerance)
     header = build_header(ctx, defects, previous, lot_id=lot_id, wafer_id=wafer_id)
+    header["n_defects"] = len(defects)
+    if ctx.kind == "wafer":
+        header["repeaters"] = {"groups": len(groups),
+                               "defects": sum(len(g.defects) for g in groups),
+                               "file": REPEATERS_JSON}
     write_defects(folder, defects, header)
     result = ReportResult(folder, n_defects=len(defects))
     result.outputs["defects"] = folder / DEFECTS_JSON
     result.outputs["defects csv"] = folder / DEFECTS_CSV
+    if groups or (folder / REPEATERS_JSON).exists():
+        result.outputs["repeaters"] = write_repeaters(folder, groups, created, tolerance)
     if ctx.kind == "wafer":
         region = ctx.usable_polygon()
         micro = ctx.scan.get("microscope") or {}
