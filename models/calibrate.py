@@ -105,8 +105,8 @@ def calibrate_threshold(
     # count and move up a peak at a time (peaks are in descending order) while too many
     k = int(np.floor(allowed))
     empirical = float(values.max())
-    if len(peaks) <= k and count_components(maps, base) <= allowed:
-        empirical = base  # even the 90th percentile leaves few enough components
+    if len(peaks) <= k:  # one peak per component of the base level: few enough already
+        empirical = base
     else:
         for j in range(min(k, len(peaks) - 1), -1, -1):
             t = float(peaks[j])

@@ -235,13 +235,9 @@ def simulated_good_images(
         x0, y0 = poly.min(axis=0)
         x1, y1 = poly.max(axis=0)
         half = size * p / 2
-        from simulators.samples.shapes import points_in_polygon
-
         for _ in range(200):  # a window wholly inside the usable area
             cx, cy = rng.uniform(x0 + half, x1 - half), rng.uniform(y0 + half, y1 - half)
-            xs_c = np.array([cx - half, cx + half, cx + half, cx - half])
-            ys_c = np.array([cy - half, cy - half, cy + half, cy + half])
-            if points_in_polygon(xs_c, ys_c, poly).all():
+            if _window_inside(cx, cy, half, poly):
                 break
         cx, cy = _structured_window(sample, kind, cx, cy, half, poly, rng)
         level = None
@@ -296,8 +292,6 @@ def _structured_window(
     corners where the alignment mark sits. Half of the wafer and PV windows are moved there
     (kept only when still wholly inside the usable area).
     """
-    from simulators.samples.shapes import points_in_polygon
-
     if rng.random() >= 0.5:
         return cx, cy
     nx, ny = cx, cy
@@ -317,8 +311,15 @@ def _structured_window(
         ny = oy + round((cy - oy) / py) * py + rng.uniform(-0.3, 1.0) * min(half, 0.25 * py)
     else:
         return cx, cy
-    xs_c = np.array([nx - half, nx + half, nx + half, nx - half])
-    ys_c = np.array([ny - half, ny - half, ny + half, ny + half])
-    if points_in_polygon(xs_c, ys_c, poly).all():
+    if _window_inside(nx, ny, half, poly):
         return float(nx), float(ny)
     return cx, cy
+
+
+def _window_inside(cx: float, cy: float, half: float, poly: np.ndarray) -> bool:
+    """Whether the square window of half-side ``half`` centred on ``(cx, cy)`` lies in ``poly``."""
+    from simulators.samples.shapes import points_in_polygon
+
+    xs = np.array([cx - half, cx + half, cx + half, cx - half])
+    ys = np.array([cy - half, cy - half, cy + half, cy + half])
+    return bool(points_in_polygon(xs, ys, poly).all())

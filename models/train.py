@@ -78,6 +78,16 @@ class TrainReport:
 # ---------------------------------------------------------------------- batches
 
 
+def _crop_origin(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Random top-left corner of a ``size`` crop of an ``h`` x ``w`` image (0 when smaller)."""
+    return int(rng.integers(0, max(h - size, 0) + 1)), int(rng.integers(0, max(w - size, 0) + 1))
+
+
+def _network_input(x: np.ndarray) -> np.ndarray:
+    """Relative reflectance to network input (what ``normalize_image`` does to raw counts)."""
+    return (x - np.float32(1.0)) * np.float32(GAIN)
+
+
 def _crop(img: GoodImage, size: int, rng: np.random.Generator,
           at: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A random crop (and its Sa map, NaN where unknown), randomly flipped / rotated.
@@ -92,10 +102,8 @@ def _crop(img: GoodImage, size: int, rng: np.random.Generator,
         h, w = im.shape
     else:
         im, sa = img.image, img.sa_nm
-    if at is None:
-        r0, c0 = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-    else:
-        r0, c0 = min(at[0], h - size), min(at[1], w - size)
+    r0, c0 = _crop_origin(h, w, size, rng) if at is None else (min(at[0], h - size),
+                                                                 min(at[1], w - size))
     x = im[r0:r0 + size, c0:c0 + size]
     s = (np.full((size, size), np.nan, np.float32) if sa is None
          else sa[r0:r0 + size, c0:c0 + size])
@@ -137,7 +145,7 @@ def make_batch(
             x, t = add_anomalies(x, rng, donors=donors)
         else:
             t = np.zeros_like(x)
-        xs.append((x - np.float32(1.0)) * np.float32(GAIN))
+        xs.append(_network_input(x))
         targets.append(t)
         sas.append(np.where(t > 0, np.nan, sa))  # roughness is undefined on a defect
     x = torch.from_numpy(np.stack(xs))[:, None]
@@ -170,12 +178,10 @@ def mine_hard_crops(
     xs = []
     for _ in range(candidates):
         i = int(rng.integers(len(images)))
-        h, w = images[i].image.shape
-        r0 = int(rng.integers(0, max(h - size, 0) + 1))
-        c0 = int(rng.integers(0, max(w - size, 0) + 1))
+        r0, c0 = _crop_origin(*images[i].image.shape, size, rng)
         x, _ = _crop(images[i], size, rng, at=(r0, c0))
         refs.append((i, r0, c0))
-        xs.append((x - np.float32(1.0)) * np.float32(GAIN))
+        xs.append(_network_input(x))
     was_training = net.training
     net.eval()
     peaks = []
@@ -454,7 +460,7 @@ def train_model(
     total_steps = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
                                                 pct_start=0.15)
-    best, best_epoch, bad_epochs = math.inf, 0, 0
+    best, bad_epochs = math.inf, 0
     states: list[dict[str, torch.Tensor]] = []  # per epoch (a small net: a few MB each)
     history: list[dict] = []
     k = config.heads

@@ -93,7 +93,6 @@ def test_defects_match_the_truth(write_recipe, tmp_path):
     # regression floors of the shipped model on this sample (the pit lies inside a scratch's
     # box and is reported with it, the 8 % stain is too faint); bench/bench_inspect.py
     # measures the targets
-    print(f"found {hits} of {len(big)}, reported {len(found)}, centre errors {errors}")
     assert hits >= 2
     assert len(found) <= len(truth) + 2
     assert errors and sorted(errors)[len(errors) // 2] <= 2.0

@@ -14,6 +14,7 @@ connected groups (``scipy.sparse.csgraph``), and keeps a group when it covers at
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,6 @@ def read_repeaters(folder: Path, source_created: Any) -> list[Defect]:
     come back into the analysis, but only while ``defects.json`` still comes from the same
     inspection run (its header's ``created``).
     """
-    import json
-
     path = Path(folder) / REPEATERS_JSON
     if not path.is_file():
         return []
