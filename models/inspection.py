@@ -149,17 +149,18 @@ class InspectionModel:
             float32 output of :meth:`normalize`; ``H`` and ``W`` multiples of
             ``output_stride``.
         mc_samples : int
-            0 (default): uncertainty from the head ensemble. > 0: Monte-Carlo dropout with
-            this many passes of the heads (for the comparison in docs/model.md).
+            0 (default): the head ensemble's probabilities. > 0: Monte-Carlo dropout with this
+            many passes of the heads (for the comparison in docs/model.md).
 
         Returns
         -------
         dict of ndarray float32, each (N, H/s, W/s)
             ``anomaly``: probability that the pixel is defective (0..1, higher = more
-            defective); ``roughness``: areal roughness Sa in nm; ``uncertainty``: standard
-            deviation of the anomaly probability across the ensemble (same units as
-            ``anomaly``); ``roughness_sigma``: predicted standard deviation of the roughness
-            (nm).
+            defective), the mean over the ensemble; ``uncertainty``: entropy (bits, 0..1) of
+            that mean probability, the ensemble's total predictive uncertainty;
+            ``spread``: standard deviation of the probability across the ensemble (its
+            disagreement alone); ``roughness``: areal roughness Sa in nm;
+            ``roughness_sigma``: predicted standard deviation of the roughness (nm).
         """
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim == 2:
@@ -187,13 +188,14 @@ class InspectionModel:
                         ])
                     finally:
                         self._net.mc_dropout = False
-                    unc = draws.std(0)
+                    mean, spread = draws.mean(0), draws.std(0)
                 else:
-                    unc = probs.std(1)
+                    mean, spread = probs.mean(1), probs.std(1)
                 result = {
-                    "anomaly": probs.mean(1),
+                    "anomaly": mean,
                     "roughness": out["roughness"][:, 0],
-                    "uncertainty": unc,
+                    "uncertainty": predictive_entropy(mean),
+                    "spread": spread,
                     "roughness_sigma": torch.exp(0.5 * out["roughness_logvar"][:, 0]),
                 }
                 return {k: v.float().contiguous().numpy() for k, v in result.items()}
@@ -220,6 +222,19 @@ class InspectionModel:
 
 def _weights_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def predictive_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of a Bernoulli probability (0 when certain, 1 at p = 0.5).
+
+    The uncertainty of a deep ensemble (Lakshminarayanan et al., 2017) is the entropy of its
+    mean prediction: it is the total of the heads' own uncertainty and their disagreement
+    (the mutual information), and for a calibrated model it grows with the expected error.
+    The disagreement alone (``spread``) misses confident mistakes and measured worse
+    (docs/model.md).
+    """
+    q = p.clamp(1e-6, 1 - 1e-6)
+    return -(q * torch.log2(q) + (1 - q) * torch.log2(1 - q))
 
 
 def save_model(net: InspectionNet, card: dict[str, Any], path: str | Path) -> Path:
@@ -254,9 +269,24 @@ def save_model(net: InspectionNet, card: dict[str, Any], path: str | Path) -> Pa
 
 
 def load_model(path: str | Path | None = None) -> InspectionModel:
-    """Load a model (weights + card); ``None`` loads the shipped default.
+    """Load a model (weights + card) for inference; ``None`` loads the shipped default.
 
     ``path`` may name the ``.safetensors`` file, the ``.json`` card, or the common stem.
+
+    Raises
+    ------
+    UserError
+        Missing file, corrupt weights, a card that does not match the weights (sha256,
+        architecture), naming the file.
+    """
+    net, card, weights = load_network(path)
+    return InspectionModel(net, card, path=weights)
+
+
+def load_network(path: str | Path | None = None) -> tuple[InspectionNet, dict[str, Any], Path]:
+    """The trainable network of a saved model (not fused for inference), its card and file.
+
+    ``path`` as for :func:`load_model`; used to fine-tune a model.
 
     Raises
     ------
@@ -302,4 +332,4 @@ def load_model(path: str | Path | None = None) -> InspectionModel:
         raise UserError(
             f"{weights}: weights do not fit the card's architecture ({first})"
         ) from None
-    return InspectionModel(net, card, path=weights)
+    return net, card, weights

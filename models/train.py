@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from scanner.errors import UserError
 
-from .calibrate import Calibration, calibrate_threshold
+from .calibrate import Calibration, calibrate_threshold, review_level
 from .data import (
     PIXEL_RANGES_UM,
     GoodImage,
@@ -38,7 +38,7 @@ from .data import (
     scan_pixel_size_um,
     simulated_good_images,
 )
-from .inspection import GAIN, InspectionModel, save_model
+from .inspection import GAIN, InspectionModel, load_network, save_model
 from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, macs_per_pixel
 from .synth import add_anomalies
 
@@ -315,27 +315,85 @@ def _split(images: list[GoodImage], fraction: float, rng: np.random.Generator
     return [images[i] for i in order[n_val:]], [images[i] for i in order[:n_val]]
 
 
+def _init_record(init: str | Path) -> dict[str, str]:
+    """Card entry naming the model a fine-tuning started from (file name and weights hash)."""
+    _net, card, weights = load_network(None if str(init) == "default" else init)
+    return {"model": weights.stem, "weights_sha256": str(card.get("weights_sha256", ""))}
+
+
+def held_out_maps(
+    model: InspectionModel, held_out: Sequence[GoodImage], notify: Progress | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """The model's maps of held-out good images (up to 2048 x 2048 px of each)."""
+    maps = []
+    for i, g in enumerate(held_out):
+        maps.append(model.predict_image(g.image[:2048, :2048]))
+        if notify:
+            notify("calibrate", i + 1, len(held_out), {})
+    return maps
+
+
 def calibrate_on(
     model: InspectionModel,
     held_out: Sequence[GoodImage],
     pixel_size_um: float,
     false_alarms_per_cm2: float,
     notify: Progress | None = None,
+    maps: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> Calibration:
     """Calibrate a model's threshold on held-out good images (up to 2048 x 2048 px of each).
 
-    ``pixel_size_um`` is the pixel size of images whose ``meta`` does not give one.
+    ``pixel_size_um`` is the pixel size of images whose ``meta`` does not give one; ``maps``
+    are the model's maps of ``held_out`` when already computed (:func:`held_out_maps`).
     """
-    maps = []
-    for i, g in enumerate(held_out):
-        maps.append(model.predict_image(g.image[:2048, :2048])["anomaly"])
-        if notify:
-            notify("calibrate", i + 1, len(held_out), {})
+    if maps is None:
+        maps = held_out_maps(model, held_out, notify)
     area_cm2 = sum(
         g.image[:2048, :2048].size * g.meta.get("pixel_size_um", pixel_size_um) ** 2
         for g in held_out
     ) / 1e8
-    return calibrate_threshold(maps, area_cm2, false_alarms_per_cm2)
+    return calibrate_threshold([m["anomaly"] for m in maps], area_cm2, false_alarms_per_cm2)
+
+
+def _defects_of(maps: dict[str, np.ndarray], threshold: float) -> list:
+    """Defects of one image's maps as inspection extracts them (model-pixel coordinates)."""
+    from scanner.defects import MapGeometry, extract_defects
+
+    s = OUTPUT_STRIDE  # a map pixel covers s x s image pixels; its centre is at (s - 1) / 2
+    return extract_defects(maps, MapGeometry(((s - 1) / 2, (s - 1) / 2), float(s), s),
+                           threshold=threshold)
+
+
+def calibrate_review(
+    model: InspectionModel,
+    held_out: Sequence[GoodImage],
+    good_maps: Sequence[dict[str, np.ndarray]],
+    threshold: float,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """The review level of a defect's uncertainty, from held-out data.
+
+    False defects: every defect on the held-out good images, and defects off the painted
+    anomalies on the same images with synthetic anomalies added; true defects: those on a
+    painted anomaly. The level best separates the two (:func:`models.calibrate.review_level`).
+    """
+    false_u = [d.uncertainty for m in good_maps for d in _defects_of(m, threshold)]
+    true_u: list[float] = []
+    for g in held_out:
+        image, target = add_anomalies(g.image[:1024, :1024], rng)
+        for d in _defects_of(model.predict_image(image), threshold):
+            x0, y0, x1, y1 = (int(round(v)) for v in d.bbox_um)
+            pad = OUTPUT_STRIDE
+            hit = target[max(y0 - pad, 0):y1 + pad + 1, max(x0 - pad, 0):x1 + pad + 1].any()
+            (true_u if hit else false_u).append(d.uncertainty)
+    level = review_level(false_u, true_u)
+
+    def share(u: list[float]) -> float | None:
+        return None if level is None else round(float(np.mean(np.asarray(u) >= level)), 3)
+
+    return {"review_uncertainty": level, "false_defects": len(false_u),
+            "true_defects": len(true_u), "false_flagged": share(false_u),
+            "true_flagged": share(true_u)}
 
 
 def train_model(
@@ -358,6 +416,7 @@ def train_model(
     val_fraction: float = 0.15,
     config: NetConfig | None = None,
     threads: int | None = None,
+    init: str | Path | None = None,
     progress: Progress | None = None,
 ) -> TrainReport:
     """Train an inspection model and calibrate its threshold.
@@ -396,6 +455,10 @@ def train_model(
         Architecture (default :class:`NetConfig`).
     threads : int, optional
         Torch threads (default: torch's choice).
+    init : path, optional
+        Start from this model's weights (fine-tuning; ``"default"`` for the shipped model)
+        instead of a random initialisation. Its architecture is used and ``config`` must not
+        be given. Fine-tuning usually wants a lower ``lr`` than training from scratch.
     progress : callable, optional
         ``progress(stage, done, total, info)`` for progress bars; stages are
         ``"data"``, ``"train"``, ``"calibrate"``.
@@ -423,6 +486,11 @@ def train_model(
     if false_alarms_per_cm2 <= 0:
         raise UserError(f"--false-alarms-per-cm2: must be > 0, got {false_alarms_per_cm2}")
 
+    start = None  # checked before the data are prepared: a bad --init fails at once
+    if init is not None:
+        if config is not None:
+            raise ValueError("give either init or config: a fine-tuned model keeps its start's")
+        start = load_network(None if str(init) == "default" else init)[0]
     notify("data", 0, 3, {})
     user = load_good_images(good) if good else []
     if not user and not simulated:
@@ -450,8 +518,11 @@ def train_model(
     val_batches = [make_batch(val_pool, batch_size, patch, vrng) for _ in range(16)]
     notify("data", 3, 3, {})
 
-    config = config or NetConfig()
-    net = InspectionNet(config)
+    if start is not None:
+        net, config = start, start.config
+    else:
+        config = config or NetConfig()
+        net = InspectionNet(config)
     net.train()
     if steps_per_epoch is None:
         pixels = sum(g.image.size for g in user_train + sim_train)
@@ -525,9 +596,15 @@ def train_model(
         "seed": int(seed),
         "threshold": 0.5,
     }
-    cal = calibrate_on(InspectionModel(copy.deepcopy(net), card), held_out, pixel_size_um,
-                       false_alarms_per_cm2, notify)
+    inspector = InspectionModel(copy.deepcopy(net), card)
+    good_maps = held_out_maps(inspector, held_out, notify)
+    cal = calibrate_on(inspector, held_out, pixel_size_um, false_alarms_per_cm2,
+                       maps=good_maps)
+    review = calibrate_review(inspector, held_out, good_maps, cal.threshold,
+                              np.random.default_rng(seed + 11))
     final = history[best_epoch - 1] if best_epoch else (history[-1] if history else {})
+    if review["review_uncertainty"] is not None:
+        card["review_uncertainty"] = review["review_uncertainty"]
     card.update(
         threshold=cal.threshold,
         calibration={**cal.to_dict(), "held_out": "user" if user_val else "simulated",
@@ -546,6 +623,7 @@ def train_model(
             "batch_size": batch_size,
             "patch_px": patch,
             "lr": lr,
+            "init": None if init is None else _init_record(init),
             "train_time_s": round(train_seconds, 1),
             "macs_per_pixel": round(macs_per_pixel(config)),
         },
@@ -554,7 +632,8 @@ def train_model(
                  for h in history],
         uncertainty={
             "method": "multi-head ensemble",
-            "anomaly": "std of the heads' anomaly probabilities (same units as anomaly)",
+            "anomaly": "entropy (bits) of the heads' mean anomaly probability",
+            "review": review,
             "roughness": "predicted standard deviation (nm), heteroscedastic Gaussian head",
         },
         roughness_units="nm (areal Sa)",

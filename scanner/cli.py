@@ -295,6 +295,15 @@ def train(
                           "their usual pixel sizes (how the default model is made)."),
     ] = False,
     n_simulated: Annotated[int, typer.Option(min=0, help="Simulated training images.")] = 96,
+    init: Annotated[
+        str | None,
+        typer.Option("--init", help="Fine-tune this model ('default': the shipped one) instead "
+                                    "of training from scratch."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(min=0, help="Peak learning rate (default 3e-3; 1e-3 with --init)."),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
 ) -> None:
     """Train an inspection model on good images (+ simulated surfaces); calibrate its threshold."""
@@ -330,6 +339,7 @@ def train(
             paths, target, epochs=epochs, seed=seed, false_alarms_per_cm2=false_alarms_per_cm2,
             pixel_size_um=pixel_size_um, simulated=not no_simulated,
             multiscale=simulated_only, n_simulated=n_simulated, progress=on_progress,
+            init=init, lr=lr if lr is not None else (1e-3 if init else 3e-3),
         )
     card = report.card
     out.print(f"model: {report.weights.resolve()}")

@@ -32,7 +32,8 @@ def test_output_shapes_and_stride(saved: Path) -> None:
     for key in ("anomaly", "roughness", "uncertainty", "roughness_sigma"):
         assert out[key].shape == (3, 16, 24) and out[key].dtype == np.float32
     assert ((out["anomaly"] >= 0) & (out["anomaly"] <= 1)).all()
-    assert (out["roughness"] >= 0).all() and (out["uncertainty"] >= 0).all()
+    assert (out["roughness"] >= 0).all()
+    assert ((out["uncertainty"] >= 0) & (out["uncertainty"] <= 1)).all()
     with pytest.raises(ValueError, match="multiples of 4"):
         model.predict(np.zeros((1, 30, 32), np.float32))
 
@@ -126,3 +127,12 @@ def test_shipped_default_model_loads() -> None:
 def test_compute_budget() -> None:
     # a few thousand multiply-accumulates per input pixel at most (CPU throughput target)
     assert macs_per_pixel() < 2000
+
+
+def test_uncertainty_is_the_entropy_of_the_mean_probability() -> None:
+    from models.inspection import predictive_entropy
+
+    p = torch.tensor([1e-9, 0.1, 0.5, 0.9, 1 - 1e-9])
+    h = predictive_entropy(p)
+    assert h[2] == pytest.approx(1.0) and h[0] < 1e-4 and h[4] < 1e-4
+    assert h[1] == pytest.approx(h[3]) and h[1] == pytest.approx(0.469, abs=1e-3)

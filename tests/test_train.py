@@ -11,7 +11,7 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from models.calibrate import calibrate_threshold, count_components
+from models.calibrate import calibrate_threshold, count_components, review_level
 from models.synth import _is_flat, add_anomalies
 from models.train import select_epoch
 
@@ -150,6 +150,24 @@ def test_tiny_training_run_learns_and_writes_a_calibrated_model(tmp_path: Path) 
     blob = np.zeros(a.shape, bool)
     blob[15:20, 22:28] = True
     assert a[16:19, 23:27].mean() > np.quantile(a[~blob], 0.95)
+    review = card["uncertainty"]["review"]
+    assert review["false_defects"] + review["true_defects"] > 0
+    if review["review_uncertainty"] is not None:
+        assert card["review_uncertainty"] == review["review_uncertainty"]
+    # fine-tuning starts from the saved weights: a negligible learning rate keeps them
+    # (batch-norm running statistics still move with the new batches)
+    tuned = train_model([folder], tmp_path / "tuned", epochs=1, steps_per_epoch=2,
+                        batch_size=4, patch=64, simulated=False, seed=2, lr=1e-12,
+                        pixel_size_um=2.0, init=report.weights)
+    card2 = json.loads(tuned.card_path.read_text())
+    assert card2["training"]["init"]["weights_sha256"] == card["weights_sha256"]
+    from models.inspection import load_network
+
+    start, tuned_net = load_network(report.weights)[0], load_network(tuned.weights)[0]
+    learned = {k: v for k, v in start.state_dict().items() if "running" not in k
+               and "num_batches" not in k}
+    tuned_state = tuned_net.state_dict()
+    assert all(torch.allclose(v, tuned_state[k], atol=1e-6) for k, v in learned.items())
 
 
 def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
@@ -171,6 +189,12 @@ def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     (tmp_path / "m.safetensors").write_bytes(b"x")
     res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m")])
     assert res.exit_code == 2 and "--overwrite" in res.output
+    img = tmp_path / "good.tif"
+    tifffile.imwrite(img, np.full((64, 64), 1000, np.uint16))
+    res = runner.invoke(app, ["train", "--good", str(img), "--out", str(tmp_path / "n"),
+                              "--init", str(tmp_path / "nothing.safetensors")])
+    assert res.exit_code == 2 and "nothing.safetensors" in res.output
+    assert "Traceback" not in res.output
 
 
 def test_structured_windows_sit_on_busbar_edges_and_die_corners() -> None:
@@ -218,3 +242,12 @@ def test_hard_negative_mining_returns_the_crops_the_model_scores_highest() -> No
     batch = make_batch(images, 32, 64, rng, anomaly_fraction=0.0, hard=hard[:1],
                        hard_fraction=1.0)
     assert (batch["x"].amax(dim=(1, 2, 3)) > 3.0).all()  # every crop drawn from the hard one
+
+
+def test_review_level_separates_false_from_true_defects() -> None:
+    # false defects are the uncertain ones: the level flags them all and no true one
+    assert review_level([0.8, 0.9, 0.95], [0.2, 0.3, 0.5]) == pytest.approx(0.8)
+    # overlap: the best split flags 2/3 of the false and 1/4 of the true defects
+    level = review_level([0.6, 0.7, 0.2], [0.1, 0.3, 0.4, 0.65])
+    assert level == pytest.approx(0.6)
+    assert review_level([], [0.3]) is None and review_level([0.3], []) is None
