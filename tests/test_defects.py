@@ -120,7 +120,7 @@ def test_uncertain_defects_are_flagged_for_review():
     a[disk((20, 20), 3)] = 0.9
     a[disk((40, 40), 3)] = 0.9
     maps = _maps(a)
-    maps["uncertainty"][30:, 30:] = 0.3
+    maps["uncertainty"][30:, 30:] = 0.9  # bits: above the default review level
     defects = sorted(extract_defects(maps, GEOM, threshold=0.5), key=lambda d: d.x_um)
     assert [d.review for d in defects] == [False, True]
 
