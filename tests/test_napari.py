@@ -208,3 +208,31 @@ def test_reader_imports_no_napari_or_qt():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_repeaters_get_their_own_layer_while_they_belong_to_the_inspection(review_scan: Path,
+                                                                           tmp_path: Path):
+
+    from scanner.napari._reader import repeater_points
+    from scanner.reports.repeaters import RepeaterGroup, write_repeaters
+
+    folder = tmp_path / "scan"
+    shutil.copytree(review_scan, folder)
+    header, defects = read_defects(folder)
+    assert repeater_points(folder) is None
+    group = RepeaterGroup(10.0, 20.0, [(0, 0), (1, 0)], defects[:2])
+    write_repeaters(folder, [group], header.get("created"), 30.0)
+    coords, kw, kind = repeater_points(folder)
+    assert kind == "points" and kw["name"] == "repeaters"
+    np.testing.assert_allclose(coords, [(d.y_um, d.x_um) for d in defects[:2]])
+    names = [k["name"] for _, k, _ in read_scan(str(folder))]
+    assert names.index("repeaters") == names.index("defects") - 1
+    try:
+        from napari.layers import Layer
+    except ImportError:
+        pass
+    else:
+        assert len(Layer.create(coords, kw, kind).data) == 2
+    # a repeaters.json of an earlier inspection is not shown
+    write_repeaters(folder, [group], "an older run", 30.0)
+    assert repeater_points(folder) is None

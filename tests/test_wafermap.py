@@ -84,3 +84,22 @@ def test_rectangle_sample_gets_a_defect_map_and_no_klarf(tmp_path: Path):
     img = iio.imread(folder / "wafermap.png")
     for cls in {d.defect_class for d in defects}:
         assert _pixels_like(img, CLASS_COLORS[cls]) > 30, cls
+
+
+def test_repeaters_are_drawn_as_brown_crosses_with_a_legend_entry(wafer_scan: Path,
+                                                                  tmp_path: Path):
+    from scanner.reports.locate import ScanContext
+    from scanner.reports.style import REPEATER_COLOR
+    from scanner.reports.wafermap import draw_wafermap
+
+    folder = tmp_path / "wafer"
+    shutil.copytree(wafer_scan, folder)
+    report(folder)
+    header, defects = read_defects(folder)
+    ctx = ScanContext.load(folder)
+    plain = iio.imread(draw_wafermap(tmp_path / "plain.png", ctx, header, defects[2:]))
+    marked = iio.imread(draw_wafermap(tmp_path / "marked.png", ctx,
+                                      {**header, "repeaters": {"groups": 1}}, defects[2:],
+                                      repeaters=defects[:2]))
+    assert _pixels_like(plain, REPEATER_COLOR, tol=8) == 0
+    assert _pixels_like(marked, REPEATER_COLOR, tol=8) > 20

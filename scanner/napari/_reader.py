@@ -8,6 +8,8 @@ Layers (bottom to top):
 * ``anomaly``, ``roughness``, ``uncertainty``: the inspection maps (``MAP_NAMES``) where they
   exist, each placed by its own OME metadata, hidden and half-transparent until toggled.
 * ``die grid`` (wafers): the tested dies as rectangles, failing dies outlined in red; hidden.
+* ``repeaters`` (wafers with repeaters): defects at one in-die position in many dies, which
+  the report keeps out of the defect list (``repeaters.json``), as small brown crosses.
 * ``defects``: one point per defect at its centre, coloured by class (the wafer map's
   colours), with ``id``, ``class``, ``score``, ``size_um``, ``die``, ``region``, ``review`` as
   features, which napari shows on hover.
@@ -23,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
-from ..reports.style import CLASS_COLORS, class_rgba
+from ..reports.repeaters import REPEATERS_JSON, read_repeaters
+from ..reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
 from ..scanfolder import SCAN_JSON
 
 MOSAIC = "mosaic.ome.zarr"
@@ -148,6 +151,34 @@ def defect_points(folder: Path, extent_um: float | None = None) -> LayerData | N
     return coords, kwargs, "points"
 
 
+def repeater_points(folder: Path, extent_um: float | None = None) -> LayerData | None:
+    """Repeater defects of a wafer scan (``repeaters.json``) as small brown crosses.
+
+    None when the repeater analysis found none, or its file belongs to an older inspection.
+    """
+    if not (folder / DEFECTS_JSON).is_file():
+        return None
+    header, _ = read_defects(folder)
+    repeaters = read_repeaters(folder, header.get("created"))
+    if not repeaters:
+        return None
+    coords = np.array([(d.y_um, d.x_um) for d in repeaters], dtype=float)
+    floor = 0.004 * extent_um if extent_um else 0.0
+    return coords, {
+        "name": "repeaters",
+        "features": {"id": np.array([d.id for d in repeaters], dtype=int),
+                     "class": np.array([d.defect_class for d in repeaters], dtype=object),
+                     "score": np.array([d.score for d in repeaters], dtype=float)},
+        "units": ("micrometer", "micrometer"),
+        "size": np.array([max(1.3 * d.size_um, floor, 1.0) for d in repeaters], dtype=float),
+        "symbol": "cross",
+        "face_color": REPEATER_COLOR,
+        "border_width": 0.0,
+        "canvas_size_limits": (8, 200),
+        "metadata": {"path": str(folder / REPEATERS_JSON)},
+    }, "points"
+
+
 def die_grid_shapes(folder: Path) -> LayerData | None:
     """Tested dies of a wafer scan as rectangles (None when there are none)."""
     if not (folder / DEFECTS_JSON).is_file():
@@ -196,6 +227,9 @@ def read_scan(path: str | list[str]) -> list[LayerData]:
     grid = die_grid_shapes(folder)
     if grid is not None:
         layers.append(grid)
+    repeaters = repeater_points(folder, extent)
+    if repeaters is not None:
+        layers.append(repeaters)
     points = defect_points(folder, extent)
     if points is not None:
         layers.append(points)

@@ -94,7 +94,9 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
             folder / KLARF, header, defects, ctx.sample,
             region.area if region is not None else 0.0, station=station,
         )
-    result.outputs["wafer map"] = draw_wafermap(folder / WAFERMAP, ctx, header, defects)
+    result.outputs["wafer map"] = draw_wafermap(
+        folder / WAFERMAP, ctx, header, defects,
+        repeaters=[d for g in groups for d in g.defects])
     result.wall_s = time.perf_counter() - t0
     if record:
         scan = read_scan_json(folder)

@@ -17,6 +17,8 @@ CLASS_COLORS: dict[str, str] = {
     "pattern": "#00d9e6",  # cyan
     "other": "#ffe119",  # yellow
 }
+#: repeater defects (one in-die position in many dies): apart from every class colour
+REPEATER_COLOR = "#8b4513"  # brown
 
 
 def class_rgba(name: str, alpha: float = 1.0) -> tuple[float, float, float, float]:

@@ -24,7 +24,7 @@ from shapely import affinity
 from shapely.geometry import Point, Polygon, box
 
 from ..defectlist import CLASSES, Defect
-from .style import CLASS_COLORS
+from .style import CLASS_COLORS, REPEATER_COLOR
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -116,7 +116,16 @@ def _draw_defects(ax: Axes, defects: list[Defect], to_xy: Any, extent_mm: float)
                zorder=5)
 
 
-def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect]) -> None:
+def _draw_repeaters(ax: Axes, repeaters: list[Defect], to_xy: Any) -> None:
+    """Repeater defects (one in-die position in many dies) as small brown crosses."""
+    if not repeaters:
+        return
+    xy = np.array([to_xy(d.x_um, d.y_um) for d in repeaters])
+    ax.scatter(xy[:, 0], xy[:, 1], s=16, marker="x", c=REPEATER_COLOR, linewidths=0.9, zorder=4.5)
+
+
+def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect],
+           repeaters: list[Defect]) -> None:
     from matplotlib.collections import PolyCollection
 
     sample = ctx.sample
@@ -154,8 +163,12 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     _outline(ax, usable, color="#6c7a89", lw=0.9, ls="--", zorder=3)
     _outline(ax, outline, color="#2f3b48", lw=1.6, zorder=3)
     _die_indices(ax, tested, grid, centre, float(sample["diameter_mm"]) / 2.0)
-    _draw_defects(ax, defects, lambda x, y: ((x - centre[0]) / 1000.0, (y - centre[1]) / 1000.0),
-                  float(sample["diameter_mm"]))
+
+    def to_mm(x: float, y: float) -> tuple[float, float]:
+        return (x - centre[0]) / 1000.0, (y - centre[1]) / 1000.0
+
+    _draw_repeaters(ax, repeaters, to_mm)
+    _draw_defects(ax, defects, to_mm, float(sample["diameter_mm"]))
     r = float(sample["diameter_mm"]) / 2.0
     pad = 0.09 * r
     ax.set_xlim(-r - pad, r + pad)
@@ -258,7 +271,8 @@ def _when(iso: str | None) -> str:
         return str(iso)
 
 
-def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect]) -> None:
+def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect],
+           repeaters: list[Defect]) -> None:
     """Side panel: identity of the scan, counts by class, dies or regions."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -315,6 +329,11 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
         if n:
             summary.append(f"dies tested  {n}   failing  {failed}")
             summary.append(f"die yield  {100.0 * (n - failed) / n:.1f} %")
+        if repeaters:
+            groups = (header.get("repeaters") or {}).get("groups", "?")
+            handles.append(Line2D([], [], marker="x", ls="none", markersize=6,
+                                  markeredgecolor=REPEATER_COLOR, markeredgewidth=1.2,
+                                  label=f"repeater  {len(repeaters)} ({groups} in-die positions)"))
         handles += [Patch(facecolor=_PASS_FACE, edgecolor=_EDGE, label="die: pass"),
                     Patch(facecolor=_FAIL_FACE, edgecolor=_EDGE, label="die: fail (count)"),
                     Patch(facecolor=_PARTIAL_FACE, edgecolor=_EDGE, label="partial edge die"),
@@ -332,7 +351,8 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
 
 
 def draw_wafermap(path: Path, ctx: ScanContext, header: dict[str, Any],
-                  defects: list[Defect], dpi: int = 150) -> Path:
+                  defects: list[Defect], dpi: int = 150,
+                  repeaters: list[Defect] | None = None) -> Path:
     """Draw the map of a located defect list and save it as PNG (atomically).
 
     Parameters
@@ -347,6 +367,8 @@ def draw_wafermap(path: Path, ctx: ScanContext, header: dict[str, Any],
         Located defects.
     dpi : int
         Resolution.
+    repeaters : list of Defect, optional
+        Wafer defects the repeater analysis took out of the list (drawn as brown crosses).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -358,13 +380,13 @@ def draw_wafermap(path: Path, ctx: ScanContext, header: dict[str, Any],
     ax.set_aspect("equal")
     ax.tick_params(labelsize=8)
     if ctx.kind == "wafer":
-        _wafer(ax, ctx, header, defects)
+        _wafer(ax, ctx, header, defects, repeaters or [])
     elif ctx.kind == "pv_cell":
         _pv_cell(ax, ctx, defects)
     else:
         _other(ax, ctx, defects)
     ax.set_axisbelow(True)
-    _panel(fig.add_subplot(grid[0, 1]), ctx, header, defects)
+    _panel(fig.add_subplot(grid[0, 1]), ctx, header, defects, repeaters or [])
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.15)
