@@ -14,7 +14,8 @@ shipped model nor the training code has seen it).
 4. Prints per-cell AUROC and recall at the calibrated threshold for the trained model and for
    the shipped default model, and the false components per cm² on unseen good images.
 
-Usage: ``python bench/bench_train.py [--n 200] [--epochs E]``.
+Usage: ``python bench/bench_train.py [--n 200] [--epochs E] [--init default]`` (``--init``:
+fine-tune the shipped model instead of training from scratch, as ``train --init``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--init", default=None,
+                        help="fine-tune this model ('default': the shipped one), lr 1e-3")
     args = parser.parse_args()
     rng = np.random.default_rng(2026)
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +143,8 @@ def main() -> None:
         (tmp / "good").mkdir()
         write_good(tmp / "good", args.n, rng)
         opts = {} if args.epochs is None else {"epochs": args.epochs}
+        if args.init:
+            opts.update(init=args.init, lr=1e-3)
         t0, c0 = time.perf_counter(), time.process_time()
         report = train_model([tmp / "good"], tmp / "led", pixel_size_um=PIX, **opts)
         t_train, c_train = time.perf_counter() - t0, time.process_time() - c0
@@ -148,7 +153,9 @@ def main() -> None:
         default = score(load_model(None), windows)
     # CPU time over the 2 cores bounds the wall time on an idle machine from below; on a
     # shared machine the wall time is longer (the load average is printed for that reason)
-    print(f"micro-LED array: {args.n} good 512² images, training {t_train / 60:.1f} min wall, "
+    how = f"fine-tuned from {args.init}" if args.init else "from scratch"
+    print(f"micro-LED array: {args.n} good 512² images, {how}, training "
+          f"{t_train / 60:.1f} min wall, "
           f"{c_train / 60:.1f} min CPU ({report.epochs_run} epochs, best {report.best_epoch}), "
           f"load average {os.getloadavg()[0]:.1f}, threshold {report.card['threshold']:.4f}")
     print(f"{'model':<22}{'cell AUROC':>11}{'recall':>8}{'false/cm²':>11}{'windows':>9}")
