@@ -85,15 +85,23 @@ def _polyline_mask(
 def _draw_lines(shape: tuple[int, int], lines: list[np.ndarray], width: float) -> np.ndarray:
     """Coverage of polylines of a given width (distance to the nearest segment, soft edge)."""
     h, w = shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     d = np.full(shape, np.inf, dtype=np.float32)
+    reach = width / 2.0 + 1.0  # beyond this distance a pixel's coverage is 0
     for line in lines:
         for a, b in zip(line[:-1], line[1:], strict=True):
+            # only the segment's bounding box (grown by its reach) can be covered
+            r0 = int(max(np.floor(min(a[0], b[0]) - reach), 0))
+            r1 = int(min(np.ceil(max(a[0], b[0]) + reach) + 1, h))
+            c0 = int(max(np.floor(min(a[1], b[1]) - reach), 0))
+            c1 = int(min(np.ceil(max(a[1], b[1]) + reach) + 1, w))
+            if r0 >= r1 or c0 >= c1:
+                continue
+            yy, xx = np.mgrid[r0:r1, c0:c1].astype(np.float32)
             e = b - a
             l2 = max(float(e @ e), 1e-9)
             t = np.clip(((yy - a[0]) * e[0] + (xx - a[1]) * e[1]) / l2, 0.0, 1.0)
             dist = np.hypot(yy - (a[0] + t * e[0]), xx - (a[1] + t * e[1]))
-            np.minimum(d, dist, out=d)
+            np.minimum(d[r0:r1, c0:c1], dist, out=d[r0:r1, c0:c1])
     return np.clip(width / 2.0 + 0.5 - d, 0.0, 1.0).astype(np.float32)
 
 

@@ -156,11 +156,75 @@ def make_batch(
     return {
         "x": x,
         "target": F.max_pool2d(t, pool),  # a cell with any defect pixel is defective
-        "target_full": t,
         # Sa of a cell: mean over its pixels, defined only where every pixel is known
         "sa": F.avg_pool2d(torch.nan_to_num(s), pool),
         "sa_known": (F.avg_pool2d(s_known, pool) > 0.999).float(),
     }
+
+
+class EpochBatches(torch.utils.data.IterableDataset):
+    """The training batches of one epoch, made in ``DataLoader`` worker processes.
+
+    Painting synthetic anomalies costs more than a training step on a GPU, so batches are made
+    in parallel. Worker ``i`` of ``n`` makes every ``n``-th batch from its own generator seeded
+    by ``(seed, epoch, i)``; the loader hands batches out in a fixed round-robin order, so a run
+    is reproducible for a given number of workers (0: made in the training process).
+    Batches travel as numpy arrays (pickled through a pipe): tensors would travel through
+    shared memory, which a container may hold to a few tens of MB.
+    """
+
+    def __init__(self, images: Sequence[GoodImage], steps: int, batch_size: int, patch: int,
+                 seed: int, epoch: int, hard: Sequence[CropRef] = ()) -> None:
+        super().__init__()
+        self.images, self.steps, self.batch_size, self.patch = images, steps, batch_size, patch
+        self.seed, self.epoch, self.hard = seed, epoch, list(hard)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        rng = np.random.default_rng([self.seed, self.epoch, worker])
+        for _ in range(worker, self.steps, workers):
+            batch = make_batch(self.images, self.batch_size, self.patch, rng, hard=self.hard)
+            yield {key: v.numpy() for key, v in batch.items()}
+
+
+def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return batch
+
+
+def epoch_loader(dataset: EpochBatches, workers: int) -> torch.utils.data.DataLoader:
+    """A loader over one epoch's batches (already batched; numpy arrays, see EpochBatches)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
+                                       collate_fn=_as_is,
+                                       prefetch_factor=4 if workers else None)
+
+
+def warmup_cosine(step: int, total: int, warmup: float = 0.15, floor: float = 1e-3) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` of ``total`` steps, cosine decay.
+
+    The shape of one-cycle's learning rate, written as a plain function of ``total`` so that a
+    time-limited run can shorten its schedule after measuring its first epoch.
+    """
+    w = max(1, int(warmup * total))
+    if step < w:
+        return floor + (1.0 - floor) * step / w
+    t = min(1.0, (step - w) / max(1, total - w))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"cpu"``: the CPU; ``"auto"``: CUDA when available; else as torch reads it."""
+    if device in (None, "", "cpu"):
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device: not a torch device: {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: {device} asked for but no CUDA GPU is available")
+    return dev
 
 
 def mine_hard_crops(
@@ -184,12 +248,13 @@ def mine_hard_crops(
         xs.append(_network_input(x))
     was_training = net.training
     net.eval()
+    device = next(net.parameters(), torch.empty(0)).device  # a net may have no parameters
     peaks = []
     with torch.inference_mode():
         for k in range(0, candidates, 16):
-            out = net(torch.from_numpy(np.stack(xs[k:k + 16]))[:, None])
+            out = net(torch.from_numpy(np.stack(xs[k:k + 16]))[:, None].to(device))
             p = torch.sigmoid(out["anomaly_logits"]).mean(1)
-            peaks.append(p.flatten(1).max(1).values.numpy())
+            peaks.append(p.flatten(1).max(1).values.cpu().numpy())
     net.train(was_training)
     order = np.argsort(np.concatenate(peaks))[::-1]
     return [refs[int(j)] for j in order[:keep]]
@@ -217,7 +282,7 @@ def losses(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
     logits = out["anomaly_logits"]  # (N, K, h, w)
     target = batch["target"].expand_as(logits)
     ce = F.binary_cross_entropy_with_logits(
-        logits, target, reduction="none", pos_weight=torch.tensor(POS_WEIGHT)
+        logits, target, reduction="none", pos_weight=logits.new_tensor(POS_WEIGHT)
     ).mean(dim=(2, 3))  # (N, K)
     if weights is not None:
         ce = ce * weights
@@ -252,13 +317,15 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def evaluate(net: InspectionNet, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Validation loss, stride-level AUROC of synthetic anomalies and roughness MAE (nm)."""
     net.eval()
+    device = next(net.parameters(), torch.empty(0)).device  # a net may have no parameters
     total, scores, labels, err, n_known = 0.0, [], [], 0.0, 0.0
     with torch.inference_mode():
         for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
             out = net(b["x"])
             total += float(losses(out, b)["total"])
-            scores.append(torch.sigmoid(out["anomaly_logits"]).mean(1).numpy().ravel())
-            labels.append(b["target"].numpy().ravel())
+            scores.append(torch.sigmoid(out["anomaly_logits"]).mean(1).cpu().numpy().ravel())
+            labels.append(b["target"].cpu().numpy().ravel())
             k = b["sa_known"]
             err += float(((out["roughness"] - b["sa"]).abs() * k).sum())
             n_known += float(k.sum())
@@ -417,6 +484,9 @@ def train_model(
     config: NetConfig | None = None,
     threads: int | None = None,
     init: str | Path | None = None,
+    device: str | None = None,
+    workers: int = 0,
+    time_limit_s: float | None = None,
     progress: Progress | None = None,
 ) -> TrainReport:
     """Train an inspection model and calibrate its threshold.
@@ -459,6 +529,15 @@ def train_model(
         Start from this model's weights (fine-tuning; ``"default"`` for the shipped model)
         instead of a random initialisation. Its architecture is used and ``config`` must not
         be given. Fine-tuning usually wants a lower ``lr`` than training from scratch.
+    device : str, optional
+        Where to train: ``"cpu"`` (default), ``"cuda"``, ``"auto"`` (CUDA when available).
+        Calibration and the saved model are on the CPU either way.
+    workers : int
+        Processes that make training batches (0: the training process itself). With a GPU
+        the batches, not the network, limit the speed: use about the number of free cores.
+    time_limit_s : float, optional
+        Wall-clock budget of the training loop: after the first epoch the number of epochs is
+        cut to what fits, and the learning-rate schedule is shortened to match.
     progress : callable, optional
         ``progress(stage, done, total, info)`` for progress bars; stages are
         ``"data"``, ``"train"``, ``"calibrate"``.
@@ -476,6 +555,9 @@ def train_model(
     notify = progress or (lambda *a: None)
     if threads:
         torch.set_num_threads(int(threads))
+    dev = resolve_device(device)
+    if workers < 0:
+        raise UserError(f"--workers: must be >= 0, got {workers}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     good = [Path(p) for p in good]
@@ -523,26 +605,31 @@ def train_model(
     else:
         config = config or NetConfig()
         net = InspectionNet(config)
-    net.train()
+    net.to(dev).train()
     if steps_per_epoch is None:
         pixels = sum(g.image.size for g in user_train + sim_train)
         steps_per_epoch = int(np.clip(pixels / (batch_size * patch * patch), 40, 60))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    total_steps = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps,
-                                                pct_start=0.15)
+    plan = {"total": epochs * steps_per_epoch}  # shortened by a time limit after epoch 1
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: warmup_cosine(i, plan["total"]))
+    wrng = np.random.default_rng([seed, 1])  # bootstrap weights of the heads
+    t_loop = time.perf_counter()
     best, bad_epochs = math.inf, 0
     states: list[dict[str, torch.Tensor]] = []  # per epoch (a small net: a few MB each)
     history: list[dict] = []
     k = config.heads
     step = 0
     hard: list[CropRef] = []
-    for epoch in range(1, epochs + 1):
+    epoch = 0
+    while epoch < epochs:
+        epoch += 1
         running = 0.0
-        for _ in range(steps_per_epoch):
-            batch = make_batch(train_pool, batch_size, patch, rng, hard=hard)
+        batches = EpochBatches(train_pool, steps_per_epoch, batch_size, patch, seed, epoch, hard)
+        for arrays in epoch_loader(batches, workers):
+            batch = {key: torch.from_numpy(v).to(dev) for key, v in arrays.items()}
             # bootstrap: each head sees the batch with its own Poisson(1) sample weights
-            w = torch.from_numpy(rng.poisson(1.0, (batch_size, k)).astype(np.float32))
+            w = torch.from_numpy(wrng.poisson(1.0, (batch_size, k)).astype(np.float32)).to(dev)
             out_ = net(batch["x"])
             loss = losses(out_, batch, w)
             opt.zero_grad(set_to_none=True)
@@ -552,14 +639,18 @@ def train_model(
             sched.step()
             step += 1
             running += float(loss["total"].detach())
-            notify("train", step, total_steps, {"epoch": epoch, "loss": running /
-                                                 max(1, (step - 1) % steps_per_epoch + 1)})
+            notify("train", step, plan["total"], {"epoch": epoch, "loss": running /
+                                                  max(1, (step - 1) % steps_per_epoch + 1)})
         hard = mine_hard_crops(net, train_pool, patch, rng)
         metrics = evaluate(net, val_batches)
         metrics.update(epoch=epoch, train_loss=running / steps_per_epoch)
         history.append(metrics)
         notify("epoch", epoch, epochs, metrics)
-        states.append(copy.deepcopy(net.state_dict()))
+        states.append({key: v.detach().cpu().clone() for key, v in net.state_dict().items()})
+        if time_limit_s is not None and epoch == 1:
+            fit = int(time_limit_s / max(time.perf_counter() - t_loop, 1e-6))
+            epochs = max(1, min(epochs, fit))
+            plan["total"] = epochs * steps_per_epoch
         merit = selection_merit(metrics)
         if merit < best - 1e-4:
             best, bad_epochs = merit, 0
@@ -568,6 +659,7 @@ def train_model(
             if bad_epochs >= patience:
                 break
     best_epoch = select_epoch(history)
+    net.cpu()
     if best_epoch:
         net.load_state_dict(states[best_epoch - 1])
     net.eval()
@@ -617,6 +709,8 @@ def train_model(
             "simulated_images": len(sim_train) + len(sim_val) if simulated else 0,
             "simulated_kinds": ["wafer", "pv_cell", "rough"] if simulated else [],
             "epochs_max": epochs,
+            "device": dev.type,
+            "workers": workers,
             "epochs_run": len(history),
             "best_epoch": best_epoch,
             "steps_per_epoch": steps_per_epoch,

@@ -12,6 +12,11 @@ Two stages, because early stopping on one long one-cycle schedule cannot be resu
    (``STAGE2``: another seed), which adds data diversity as well as steps.
 
 ``--init MODEL`` skips stage 1 and fine-tunes ``MODEL`` (a stage-1 model made earlier).
+
+``--plan gpu`` is one longer stage from scratch for a CUDA GPU (``GPU``: larger batches, more
+simulated images), with batches made by ``--workers`` processes and the epochs cut to fit
+``--time-limit`` seconds of training (the card records the epochs run; ``--epochs`` repeats
+them exactly).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ STAGE1 = {"epochs": 60, "steps_per_epoch": 200, "n_simulated": 384, "simulated_s
 #: stage 2 (fine-tuning of stage 1 on new simulated images)
 STAGE2 = {"epochs": 80, "steps_per_epoch": 200, "n_simulated": 512, "simulated_size": 320,
           "patch": 192, "seed": 1, "patience": 20, "lr": 1e-3}
+
+#: one stage from scratch on a GPU (``--plan gpu``)
+GPU = {"epochs": 200, "steps_per_epoch": 400, "batch_size": 32, "n_simulated": 768,
+       "simulated_size": 320, "patch": 192, "seed": 0, "patience": 30, "lr": 4e-3}
 
 
 def _progress(t0: float):
@@ -50,18 +59,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="fine-tune this stage-1 model (skip stage 1)")
     parser.add_argument("--stage2-epochs", type=int, default=STAGE2["epochs"])
+    parser.add_argument("--plan", choices=["cpu", "gpu"], default="cpu",
+                        help="cpu: two stages (STAGE1, STAGE2); gpu: one long stage (GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--workers", type=int, default=0, help="batch-making processes")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds of training (gpu plan): epochs are cut to fit")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (gpu plan)")
+    parser.add_argument("--widths", type=int, nargs=3, default=None,
+                        help="network widths at 1/4, 1/8, 1/16 (gpu plan; default NetConfig)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    run = {"device": args.device, "workers": args.workers, "threads": args.threads}
+    if args.plan == "gpu":
+        from .network import NetConfig
+
+        plan = {**GPU, "epochs": args.epochs or GPU["epochs"]}
+        config = NetConfig(widths=tuple(args.widths)) if args.widths else None
+        report = train_model([], args.out, simulated=True, multiscale=True, config=config,
+                             time_limit_s=args.time_limit, progress=_progress(t0), **plan, **run)
+        _summary(report, t0)
+        return
     init = args.init
     if init is None:
         init = args.out.with_name(args.out.stem + "-stage1.safetensors")
         print(f"stage 1: from scratch -> {init}", flush=True)
-        train_model([], init, simulated=True, multiscale=True, progress=_progress(t0), **STAGE1)
+        train_model([], init, simulated=True, multiscale=True, progress=_progress(t0), **STAGE1,
+                    **run)
     print(f"stage 2: fine-tuning {init} -> {args.out}", flush=True)
     report = train_model(
         [], args.out, simulated=True, multiscale=True, init=init, progress=_progress(t0),
-        **{**STAGE2, "epochs": args.stage2_epochs},
+        **{**STAGE2, "epochs": args.stage2_epochs}, **run,
     )
+    _summary(report, t0)
+
+
+def _summary(report, t0: float) -> None:
     cal = report.card["calibration"]
     print(f"wrote {report.weights} ({report.weights.stat().st_size / 1e6:.2f} MB), threshold "
           f"{report.card['threshold']:.4f} ({cal['components_at_threshold']} false components "

@@ -304,6 +304,13 @@ def train(
         float | None,
         typer.Option(min=0, help="Peak learning rate (default 3e-3; 1e-3 with --init)."),
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="Where to train: cpu, cuda, or auto (a GPU when there is one).")
+    ] = "cpu",
+    workers: Annotated[
+        int, typer.Option(min=0, help="Processes making training batches (0: none; with a GPU "
+                                      "use about the free CPU cores).")
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
 ) -> None:
     """Train an inspection model on good images (+ simulated surfaces); calibrate its threshold."""
@@ -340,6 +347,7 @@ def train(
             pixel_size_um=pixel_size_um, simulated=not no_simulated,
             multiscale=simulated_only, n_simulated=n_simulated, progress=on_progress,
             init=init, lr=lr if lr is not None else (1e-3 if init else 3e-3),
+            device=device, workers=workers,
         )
     card = report.card
     out.print(f"model: {report.weights.resolve()}")
