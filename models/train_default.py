@@ -39,6 +39,9 @@ STAGE2 = {"epochs": 80, "steps_per_epoch": 200, "n_simulated": 512, "simulated_s
 GPU = {"epochs": 200, "steps_per_epoch": 400, "batch_size": 32, "n_simulated": 768,
        "simulated_size": 320, "patch": 192, "seed": 0, "patience": 30, "lr": 4e-3}
 
+#: peak learning rate of a second GPU stage (``--plan gpu --init MODEL``)
+GPU_FINETUNE_LR = 1.5e-3
+
 
 def _progress(t0: float):
     def progress(stage: str, done: int, total: int, info: dict) -> None:
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_model_path())
     parser.add_argument("--init", type=Path, default=None,
-                        help="fine-tune this stage-1 model (skip stage 1)")
+                        help="fine-tune this model (cpu plan: skip stage 1; gpu plan: a "
+                             "second stage on new images)")
     parser.add_argument("--stage2-epochs", type=int, default=STAGE2["epochs"])
     parser.add_argument("--plan", choices=["cpu", "gpu"], default="cpu",
                         help="cpu: two stages (STAGE1, STAGE2); gpu: one long stage (GPU)")
@@ -76,9 +80,12 @@ def main(argv: list[str] | None = None) -> None:
         from .network import NetConfig
 
         plan = {**GPU, "epochs": args.epochs or GPU["epochs"]}
+        if args.init:  # a second stage: new simulated images, a lower learning rate
+            plan.update(seed=1, lr=GPU_FINETUNE_LR)
         config = NetConfig(widths=tuple(args.widths)) if args.widths else None
         report = train_model([], args.out, simulated=True, multiscale=True, config=config,
-                             time_limit_s=args.time_limit, progress=_progress(t0), **plan, **run)
+                             init=args.init, time_limit_s=args.time_limit,
+                             progress=_progress(t0), **plan, **run)
         _summary(report, t0)
         return
     init = args.init

@@ -70,10 +70,36 @@ def model_info(model: Any) -> dict[str, Any]:
         "pixel_size_um": float(model.pixel_size_um),
         "output_stride": int(model.output_stride),
         "calibrated_threshold": float(model.threshold),
+        "thresholds_by_sample_kind": dict(card.get("thresholds_by_sample_kind") or {}),
     }
     if not info["weights_sha256"] and path and Path(path).is_file():
         info["weights_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return info
+
+
+def card_threshold(model: Any, sample_kind: str | None = None) -> tuple[float, str]:
+    """The model's calibrated threshold for a kind of sample, and where it comes from.
+
+    A card may hold one threshold per recipe sample kind (``thresholds_by_sample_kind``,
+    each calibrated on held-out images of that kind); any other kind, or none known (plain
+    images), gets the pooled ``threshold``.
+    """
+    by_kind = (getattr(model, "card", {}) or {}).get("thresholds_by_sample_kind") or {}
+    if sample_kind in by_kind:
+        return float(by_kind[sample_kind]), f"model card ({sample_kind})"
+    return float(model.threshold), "model card"
+
+
+def _sample_kind(folder: Path, scan: dict[str, Any] | None) -> str | None:
+    """The recipe's sample kind from ``scan.json`` (None if unknown)."""
+    if not scan or "recipe" not in scan:
+        return None
+    from .recipe import parse_recipe
+
+    try:
+        return str(parse_recipe(scan["recipe"], base_dir=folder).sample.kind)
+    except Exception:  # an unreadable recipe: the pooled threshold
+        return None
 
 
 def _review_level(model: Any) -> float:
@@ -125,7 +151,8 @@ def inspect_mosaic(
     model : InspectionModel or path, optional
         Default: the shipped model.
     threshold : float, optional
-        Decision threshold (default: the model's calibrated one).
+        Decision threshold (default: the model's calibrated one for the scan's sample kind,
+        see :func:`card_threshold`).
     polygon : shapely Polygon, optional
         Usable area of the sample (stage µm); default: from ``scan.json`` next to the mosaic.
     scan : dict, optional
@@ -149,7 +176,10 @@ def inspect_mosaic(
             scan = None
     if polygon is None:
         polygon = _usable_polygon(folder, scan)
-    thr = float(model.threshold if threshold is None else threshold)
+    if threshold is None:
+        thr, thr_source = card_threshold(model, _sample_kind(folder, scan))
+    else:
+        thr, thr_source = float(threshold), "user"
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress)
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -167,7 +197,7 @@ def inspect_mosaic(
         "created": now_iso(),
         "model": model_info(model),
         "threshold": thr,
-        "threshold_source": "model card" if threshold is None else "user",
+        "threshold_source": thr_source,
         "maps": {k: v.name for k, v in maps.paths.items()},
         "map_pixel_size_um": maps.pixel_size_um,
         "masked_to_usable_area": polygon is not None,

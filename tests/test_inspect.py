@@ -158,3 +158,15 @@ def test_a_model_trained_over_a_pixel_range_runs_at_the_source_pixel(net_model):
     assert grid_pixel_um(ranged, 5.0) == 5.0
     assert grid_pixel_um(ranged, 20.0) == 8.0
     assert grid_pixel_um(ranged, 0.1) == 0.5
+
+
+def test_card_threshold_is_chosen_by_sample_kind() -> None:
+    from scanner.inspection import card_threshold
+
+    card = {"pixel_size_um": 1.0, "threshold": 0.7,
+            "thresholds_by_sample_kind": {"wafer": 0.9, "pv_cell": 0.5}}
+    model = InspectionModel(InspectionNet(), card)
+    assert card_threshold(model, "wafer") == (0.9, "model card (wafer)")
+    assert card_threshold(model, "pv_cell")[0] == 0.5
+    assert card_threshold(model, "image") == (0.7, "model card")  # a kind not calibrated
+    assert card_threshold(model, None) == (0.7, "model card")

@@ -44,7 +44,11 @@ def test_run_inspects_after_stitching_and_inspect_reruns(write_recipe, tmp_path)
     assert info["timings"]["inspect"]["wall_s"] > 0
     assert info["inspection"]["model"]["weights_sha256"] == model.card["weights_sha256"]
     header, defects = read_defects(scan)
-    assert header["threshold"] == pytest.approx(model.threshold)
+    # the card's threshold for the recipe's kind of sample
+    by_kind = model.card.get("thresholds_by_sample_kind", {})
+    assert header["threshold"] == pytest.approx(by_kind.get("rectangle", model.threshold))
+    assert header["threshold_source"] == ("model card (rectangle)" if "rectangle" in by_kind
+                                          else "model card")
     _, mosaic_tr = open_mosaic(scan / "mosaic.ome.zarr")
     for name in MAP_NAMES.values():
         levels, tr = open_mosaic(scan / name)
