@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", type=int, nargs=3, default=None,
                         help="network widths at 1/4, 1/8, 1/16 (gpu plan; default NetConfig)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the simulated images (gpu plan; default 0, 1 with --init)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     run = {"device": args.device, "workers": args.workers, "threads": args.threads}
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = {**GPU, "epochs": args.epochs or GPU["epochs"]}
         if args.init:  # a second stage: new simulated images, a lower learning rate
             plan.update(seed=1, lr=GPU_FINETUNE_LR)
+        if args.seed is not None:
+            plan["seed"] = args.seed
         config = NetConfig(widths=tuple(args.widths)) if args.widths else None
         report = train_model([], args.out, simulated=True, multiscale=True, config=config,
                              init=args.init, time_limit_s=args.time_limit,
