@@ -292,3 +292,17 @@ def test_batches_are_reproducible_and_split_over_workers() -> None:
     # schedule: warm-up to the peak, then down to near zero at the end
     assert warmup_cosine(0, 100) < 0.01 and warmup_cosine(15, 100) == pytest.approx(1.0)
     assert warmup_cosine(100, 100) < 0.01
+
+
+def test_a_time_limit_cuts_the_epochs_after_the_first(tmp_path: Path) -> None:
+    from models.train import train_model
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(4):
+        img = 2000 + 300 * ndimage.gaussian_filter(rng.standard_normal((96, 96)), 1.5)
+        tifffile.imwrite(folder / f"g{i}.tif", img.astype(np.uint16))
+    report = train_model([folder], tmp_path / "m", epochs=6, steps_per_epoch=2, batch_size=2,
+                         patch=64, simulated=False, time_limit_s=1e-6, pixel_size_um=1.0)
+    assert report.epochs_run == 1 and report.card["training"]["epochs_max"] == 1
