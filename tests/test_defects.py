@@ -180,3 +180,14 @@ def test_extent_threshold_stays_above_a_busy_surface():
     busy[40:50, 40:50] = 0.9
     d = extract_defects(_maps(busy.astype(np.float32)), GEOM, threshold=0.6)
     assert len(d) == 1 and d[0].area_um2 == pytest.approx(100 * 16.0)
+
+
+def test_a_defects_uncertainty_is_read_at_its_peak():
+    a = np.zeros((60, 60), np.float32)
+    a[disk((30, 30), 8)] = 0.6
+    a[30, 30] = 0.95
+    maps = _maps(a)
+    maps["uncertainty"][:] = 0.9  # an uncertain fringe everywhere ...
+    maps["uncertainty"][30, 30] = 0.2  # ... but confident where the defect peaks
+    (d,) = extract_defects(maps, GEOM, threshold=0.5)
+    assert d.score == pytest.approx(0.95) and d.uncertainty == pytest.approx(0.2)
