@@ -44,6 +44,9 @@ err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: the recipe's sample kinds (``scanner.recipe``), for ``inspect --sample-kind``
+SAMPLE_KINDS = ("wafer", "pv_cell", "rectangle", "image")
+
 
 def _friendly(func: F) -> F:
     """Turn UserError into one line + exit 2, anything else into one line + exit 1."""
@@ -214,10 +217,16 @@ def inspect(
     pixel_size: Annotated[float | None, typer.Option(
         "--pixel-size", help="Pixel size of plain images in µm (default: the model's).")
     ] = None,
+    sample_kind: Annotated[str | None, typer.Option(
+        "--sample-kind", help="Use the model card's threshold for this kind of sample: "
+        + ", ".join(SAMPLE_KINDS) + " (default: the scan's recipe; plain images: pooled).")
+    ] = None,
 ) -> None:
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
     from .inspection import inspect_target
 
+    if sample_kind is not None and sample_kind not in SAMPLE_KINDS:
+        raise UserError(f"--sample-kind: one of {', '.join(SAMPLE_KINDS)}, got {sample_kind!r}")
     if threshold is not None and not threshold > 0:
         raise UserError(f"--threshold: must be > 0, got {threshold}")
     if pixel_size is not None and not pixel_size > 0:
@@ -232,7 +241,8 @@ def inspect(
             progress.update(task, completed=done)
 
         result = inspect_target(target, out_dir, model=model, threshold=threshold,
-                                pixel_size_um=pixel_size, progress=on_progress)
+                                pixel_size_um=pixel_size, sample_kind=sample_kind,
+                                progress=on_progress)
     out.print(f"defects: {result.n_defects}")
     for name, path in result.outputs.items():
         out.print(f"  {name:<16} {Path(path).resolve()}")

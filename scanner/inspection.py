@@ -138,6 +138,7 @@ def inspect_mosaic(
     threshold: float | None = None,
     polygon: Any = None,
     scan: dict[str, Any] | None = None,
+    sample_kind: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> InspectionResult:
     """Inspect a mosaic: write the maps and the defect list into ``out_dir``.
@@ -158,6 +159,9 @@ def inspect_mosaic(
     scan : dict, optional
         The scan's ``scan.json`` (read from the mosaic's folder when not given); when the
         outputs go to the scan folder it is updated with the inspection's timings.
+    sample_kind : str, optional
+        Kind of sample whose calibrated threshold to use (default: the recipe's in
+        ``scan.json``; none known: the model's pooled threshold).
     progress : callable, optional
         ``progress(done, total)`` windows.
     """
@@ -177,7 +181,7 @@ def inspect_mosaic(
     if polygon is None:
         polygon = _usable_polygon(folder, scan)
     if threshold is None:
-        thr, thr_source = card_threshold(model, _sample_kind(folder, scan))
+        thr, thr_source = card_threshold(model, sample_kind or _sample_kind(folder, scan))
     else:
         thr, thr_source = float(threshold), "user"
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress)
@@ -227,6 +231,7 @@ def inspect_scan(
     threshold: float | None = None,
     out_dir: Path | None = None,
     scan: dict[str, Any] | None = None,
+    sample_kind: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> InspectionResult:
     """Inspect the mosaic of a scan folder (see :func:`inspect_mosaic`)."""
@@ -234,7 +239,7 @@ def inspect_scan(
     if not (folder / MOSAIC).exists():
         raise UserError(f"{folder}: no {MOSAIC} (stitch the scan first)")
     return inspect_mosaic(folder / MOSAIC, out_dir, model=model, threshold=threshold,
-                          scan=scan, progress=progress)
+                          scan=scan, sample_kind=sample_kind, progress=progress)
 
 
 # --------------------------------------------------------------------------- plain images
@@ -318,6 +323,7 @@ def inspect_images(
     model: Any = None,
     threshold: float | None = None,
     pixel_size_um: float | None = None,
+    sample_kind: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> InspectionResult:
     """Inspect image files: ``scores.csv``, ``defects.csv`` and ``defects.json`` in ``out_dir``.
@@ -339,7 +345,10 @@ def inspect_images(
     images = list_images(targets)
     t0 = time.perf_counter()
     model = load_inspection_model(model)
-    thr = float(model.threshold if threshold is None else threshold)
+    if threshold is None:
+        thr, thr_source = card_threshold(model, sample_kind)
+    else:
+        thr, thr_source = float(threshold), "user"
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_defects, per_image = [], [], {}
@@ -371,6 +380,7 @@ def inspect_images(
         defect_rows.append({"image": name, **{c: row.get(c) for c in CSV_COLUMNS}})
     _write_csv(out_dir / "defects.csv", ["image", *CSV_COLUMNS], defect_rows)
     header = {"created": now_iso(), "model": model_info(model), "threshold": thr,
+              "threshold_source": thr_source,
               "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
               "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
               "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),
@@ -401,24 +411,31 @@ def inspect_target(
     model: Any = None,
     threshold: float | None = None,
     pixel_size_um: float | None = None,
+    sample_kind: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> InspectionResult:
-    """Inspect a scan folder, a mosaic (``.ome.zarr``) or image files/folders."""
+    """Inspect a scan folder, a mosaic (``.ome.zarr``) or image files/folders.
+
+    ``sample_kind`` chooses the model card's threshold for that kind of sample
+    (:func:`card_threshold`); by default a scan's recipe says, and plain images get the pooled
+    threshold.
+    """
     targets = [Path(t) for t in target]
     if not targets:
         raise UserError("inspect: give a scan folder, a mosaic or image files")
     first = targets[0]
     if len(targets) == 1 and first.is_dir() and (first / MOSAIC).exists():
         return inspect_scan(first, model=model, threshold=threshold, out_dir=out_dir,
-                            progress=progress)
+                            sample_kind=sample_kind, progress=progress)
     if len(targets) == 1 and first.name.endswith(".zarr"):
         return inspect_mosaic(first, out_dir, model=model, threshold=threshold,
-                              progress=progress)
+                              sample_kind=sample_kind, progress=progress)
     if len(targets) == 1 and first.is_dir() and (first / SCAN_JSON).is_file():
         raise UserError(f"{first}: scan folder has no {MOSAIC} (stitch it first)")
     out = Path(out_dir) if out_dir is not None else Path.cwd() / "inspection"
     return inspect_images(targets, out, model=model, threshold=threshold,
-                          pixel_size_um=pixel_size_um, progress=progress)
+                          pixel_size_um=pixel_size_um, sample_kind=sample_kind,
+                          progress=progress)
 
 
 __all__ = [

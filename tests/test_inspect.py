@@ -135,6 +135,20 @@ def test_cli_inspect_image_folder_writes_scores(tmp_path):
     with open(out / "defects.csv", newline="") as f:
         assert csv.DictReader(f).fieldnames[:2] == ["image", "id"]
     assert (out / "defects.json").is_file()
+    import json
+
+    from models import load_model
+
+    header = json.loads((out / "defects.json").read_text())["header"]
+    assert header["threshold_source"] == "model card"  # plain images: the pooled threshold
+    # the threshold of a kind of sample, when asked for
+    res = runner.invoke(app, ["inspect", str(folder / "a16.tif"), "--out", str(tmp_path / "w"),
+                              "--sample-kind", "wafer"])
+    assert res.exit_code == 0, res.output
+    card = load_model(None).card
+    header = json.loads((tmp_path / "w" / "defects.json").read_text())["header"]
+    want = card.get("thresholds_by_sample_kind", {}).get("wafer", card["threshold"])
+    assert header["threshold"] == pytest.approx(want)
 
 
 def test_cli_inspect_bad_inputs_exit_2(tmp_path):
@@ -147,8 +161,18 @@ def test_cli_inspect_bad_inputs_exit_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert runner.invoke(app, ["inspect", str(empty)]).exit_code == 2
+    res = runner.invoke(app, ["inspect", str(empty), "--sample-kind", "moon"])
+    assert res.exit_code == 2 and "--sample-kind" in res.output
 
 
+def test_sample_kinds_of_the_cli_are_the_recipes() -> None:
+    from scanner import recipe
+    from scanner.cli import SAMPLE_KINDS
+
+    kinds = {m.model_fields["kind"].default for m in
+             (recipe.WaferSample, recipe.PVCellSample, recipe.RectangleSample,
+              recipe.ImageSample)}
+    assert set(SAMPLE_KINDS) == kinds
 def test_a_model_trained_over_a_pixel_range_runs_at_the_source_pixel(net_model):
     from scanner.inspect import grid_pixel_um
 
