@@ -35,10 +35,17 @@ from .defectlist import Defect
 
 #: Default uncertainty (bits of entropy, the map's units) above which a defect is flagged for
 #: review, when the model card does not give one (``review_uncertainty``; training calibrates
-#: it on held-out data, 0.83 for the shipped model).
+#: it on held-out data, 0.58 for the shipped model).
 DEFAULT_REVIEW_UNCERTAINTY = 0.8
-#: Defects scoring below this multiple of the threshold are flagged for review too.
-BORDERLINE = 1.15
+#: Defects whose score lies in this lowest fraction of the range from the threshold to 1 are
+#: flagged for review too (barely above the threshold). A fraction of the range, not a multiple
+#: of the threshold: with a threshold above 1 / 1.15 = 0.87 a multiple flagged every defect.
+BORDERLINE = 0.15
+
+
+def is_borderline(score: float, threshold: float) -> bool:
+    """True when ``score`` is in the lowest :data:`BORDERLINE` of the range threshold..1."""
+    return score < threshold + BORDERLINE * (1.0 - threshold)
 
 
 @dataclass(frozen=True)
@@ -377,7 +384,7 @@ def extract_defects(
             score=score,
             roughness=float(rough[sub].mean()),
             uncertainty=uncertainty,
-            review=bool(uncertainty >= review_uncertainty or score < BORDERLINE * threshold),
+            review=bool(uncertainty >= review_uncertainty or is_borderline(score, threshold)),
         ))
     found.sort(key=lambda d: -d.score)
     for k, d in enumerate(found, start=1):

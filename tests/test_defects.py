@@ -191,3 +191,15 @@ def test_a_defects_uncertainty_is_read_at_its_peak():
     maps["uncertainty"][30, 30] = 0.2  # ... but confident where the defect peaks
     (d,) = extract_defects(maps, GEOM, threshold=0.5)
     assert d.score == pytest.approx(0.95) and d.uncertainty == pytest.approx(0.2)
+
+
+def test_only_defects_barely_above_a_high_threshold_are_borderline():
+    from scanner.defects import is_borderline
+
+    assert is_borderline(0.55, 0.5) and not is_borderline(0.6, 0.5)
+    # a high calibrated threshold: a confident defect is not borderline
+    assert not is_borderline(0.99, 0.935) and is_borderline(0.94, 0.935)
+    a = np.zeros((60, 60), np.float32)
+    a[disk((30, 30), 4)] = 0.99
+    (d,) = extract_defects(_maps(a), GEOM, threshold=0.935)
+    assert not d.review
