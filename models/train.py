@@ -227,6 +227,11 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def _device_of(net: torch.nn.Module) -> torch.device:
+    """Where a network's parameters live (the CPU for one without parameters)."""
+    return next(net.parameters(), torch.empty(0)).device
+
+
 def mine_hard_crops(
     net: InspectionNet, images: Sequence[GoodImage], size: int, rng: np.random.Generator,
     candidates: int = 256, keep: int = 48,
@@ -248,7 +253,7 @@ def mine_hard_crops(
         xs.append(_network_input(x))
     was_training = net.training
     net.eval()
-    device = next(net.parameters(), torch.empty(0)).device  # a net may have no parameters
+    device = _device_of(net)
     peaks = []
     with torch.inference_mode():
         for k in range(0, candidates, 16):
@@ -317,7 +322,7 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 def evaluate(net: InspectionNet, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Validation loss, stride-level AUROC of synthetic anomalies and roughness MAE (nm)."""
     net.eval()
-    device = next(net.parameters(), torch.empty(0)).device  # a net may have no parameters
+    device = _device_of(net)
     total, scores, labels, err, n_known = 0.0, [], [], 0.0, 0.0
     with torch.inference_mode():
         for b in batches:

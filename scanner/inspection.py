@@ -90,15 +90,23 @@ def card_threshold(model: Any, sample_kind: str | None = None) -> tuple[float, s
     return float(model.threshold), "model card"
 
 
-def _sample_kind(folder: Path, scan: dict[str, Any] | None) -> str | None:
-    """The recipe's sample kind from ``scan.json`` (None if unknown)."""
+def _decision_threshold(model: Any, threshold: float | None, sample_kind: str | None
+                        ) -> tuple[float, str]:
+    """The user's threshold when given, else the card's for the kind (:func:`card_threshold`)."""
+    if threshold is not None:
+        return float(threshold), "user"
+    return card_threshold(model, sample_kind)
+
+
+def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
+    """The sample of the recipe saved in ``scan.json`` (None if unknown or unreadable)."""
     if not scan or "recipe" not in scan:
         return None
     from .recipe import parse_recipe
 
     try:
-        return str(parse_recipe(scan["recipe"], base_dir=folder).sample.kind)
-    except Exception:  # an unreadable recipe: the pooled threshold
+        return parse_recipe(scan["recipe"], base_dir=folder).sample
+    except Exception:  # an unreadable recipe must not stop inspection: inspect everything
         return None
 
 
@@ -116,17 +124,15 @@ def _defects_from(maps: MapSet, model: Any, threshold: float, level: float) -> l
                            review_uncertainty=_review_level(model))
 
 
-def _usable_polygon(folder: Path, scan: dict[str, Any] | None) -> Any:
-    """The sample's usable polygon from the recipe saved in ``scan.json`` (None if unknown)."""
-    if not scan or "recipe" not in scan:
+def _usable_polygon(sample: Any) -> Any:
+    """A saved sample's usable polygon (None if unknown)."""
+    if sample is None:
         return None
     from .geometry import usable_polygon
-    from .recipe import parse_recipe
 
     try:
-        recipe = parse_recipe(scan["recipe"], base_dir=folder)
-        return usable_polygon(recipe.sample)
-    except Exception:  # an unreadable recipe must not stop inspection: inspect everything
+        return usable_polygon(sample)
+    except Exception:  # an odd sample must not stop inspection: inspect everything
         return None
 
 
@@ -178,12 +184,11 @@ def inspect_mosaic(
             scan = json.loads((folder / SCAN_JSON).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             scan = None
+    saved = _saved_sample(folder, scan)  # the recipe is parsed once, for both uses
     if polygon is None:
-        polygon = _usable_polygon(folder, scan)
-    if threshold is None:
-        thr, thr_source = card_threshold(model, sample_kind or _sample_kind(folder, scan))
-    else:
-        thr, thr_source = float(threshold), "user"
+        polygon = _usable_polygon(saved)
+    thr, thr_source = _decision_threshold(
+        model, threshold, sample_kind or (str(saved.kind) if saved is not None else None))
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress)
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -345,10 +350,7 @@ def inspect_images(
     images = list_images(targets)
     t0 = time.perf_counter()
     model = load_inspection_model(model)
-    if threshold is None:
-        thr, thr_source = card_threshold(model, sample_kind)
-    else:
-        thr, thr_source = float(threshold), "user"
+    thr, thr_source = _decision_threshold(model, threshold, sample_kind)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_defects, per_image = [], [], {}
