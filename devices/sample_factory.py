@@ -19,7 +19,8 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     sample : WaferSample | PVCellSample | ImageSample | RectangleSample
         The validated ``sample:`` section.
     """
-    params = sample.model_dump(exclude={"kind", "defects", "surface"})
+    # die_to_die is how the inspection treats the sample, not how the sample looks
+    params = sample.model_dump(exclude={"kind", "defects", "surface", "die_to_die"})
     params["n_defects"] = sample.defects.count
     params["seed"] = sample.defects.seed
     if sample.defects.kinds is not None:

@@ -136,6 +136,36 @@ def _usable_polygon(sample: Any) -> Any:
         return None
 
 
+def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
+                stats: dict[str, Any]) -> Callable[[dict[str, Any], tuple[float, float], float],
+                                                   None] | None:
+    """The map refinement that adds die-to-die evidence (wafers with ``die_to_die`` only).
+
+    What it did goes into ``stats`` (dies compared, seconds, ...).
+    """
+    if sample is None or getattr(sample, "kind", None) != "wafer" or polygon is None \
+            or not getattr(sample, "die_to_die", False):
+        return None
+    from .diegrid import DieGrid
+    from .dietodie import MosaicGrid, fuse_die_to_die
+    from .mosaic import open_mosaic
+
+    grid = DieGrid.from_sample(sample.model_dump(mode="json"))
+
+    def refine(maps: dict[str, Any], origin_um: tuple[float, float], map_pixel_um: float
+               ) -> None:
+        levels, transforms = open_mosaic(mosaic)
+        scale = next(t["scale"] for t in transforms[0] if t["type"] == "scale")
+        trans = next(t["translation"] for t in transforms[0] if t["type"] == "translation")
+        geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
+                              tuple(levels[0].shape))
+        done = fuse_die_to_die(maps["anomaly"], origin_um, map_pixel_um, levels[0], geometry,
+                               grid, polygon, threshold)
+        stats.update(done.to_dict())
+
+    return refine
+
+
 def inspect_mosaic(
     mosaic: Path,
     out_dir: Path | None = None,
@@ -189,7 +219,9 @@ def inspect_mosaic(
         polygon = _usable_polygon(saved)
     thr, thr_source = _decision_threshold(
         model, threshold, sample_kind or (str(saved.kind) if saved is not None else None))
-    maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress)
+    d2d: dict[str, Any] = {}
+    maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
+                        refine=_die_to_die(mosaic, saved, polygon, thr, d2d))
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
     defects = _defects_from(maps, model, thr, maps.stats.extra["level"])
@@ -213,6 +245,7 @@ def inspect_mosaic(
         "windows": maps.stats.windows,
         "windows_skipped": maps.stats.skipped,
         "timings": timings,
+        "die_to_die": d2d or None,
         "n_defects": len(defects),
     }
     write_defects(out_dir, defects, header)
@@ -222,6 +255,7 @@ def inspect_mosaic(
             "model": header["model"], "threshold": thr, "n_defects": len(defects),
             "n_review": sum(d.review for d in defects), "maps": header["maps"],
             "mosaic_megapixels": round(mp / 1e6, 3) if mp else None, **timings,
+            "die_to_die": d2d or None,
         }
         write_json(folder / SCAN_JSON, scan)
     outputs = {k: v for k, v in maps.paths.items()}

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from scanner.cli import app
 from scanner.defectlist import CLASSES, Defect, read_defects
+from scanner.diegrid import DieGrid
 from scanner.pipeline import ScanResult
 from scanner.reports import report
-from scanner.reports.diegrid import DieGrid
 from scanner.reports.locate import ScanContext, pv_region, tiles_containing
 from scanner.reports.style import CLASS_COLORS
 from scanner.tilestore import read_tiles_csv

@@ -185,7 +185,7 @@ def die_grid_shapes(folder: Path) -> LayerData | None:
         return None
     import json
 
-    from ..reports.diegrid import DieGrid
+    from ..diegrid import DieGrid
 
     header, _ = read_defects(folder)
     tested = (header.get("dies") or {}).get("tested") or []

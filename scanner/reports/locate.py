@@ -20,11 +20,11 @@ import numpy as np
 from shapely.geometry import Polygon
 
 from ..defectlist import CLASSES, Defect
+from ..diegrid import DieGrid
 from ..errors import UserError
 from ..geometry import usable_polygon
 from ..scanfolder import read_scan_json, software_versions
 from ..tilestore import TILES_CSV, read_tiles_csv
-from .diegrid import DieGrid
 
 #: width of the band along a PV cell's border reported as region "edge" (mm)
 PV_EDGE_BAND_MM = 2.0

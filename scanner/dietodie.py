@@ -1,0 +1,493 @@
+"""Die-to-die comparison: each die of a patterned wafer against the median of its neighbours.
+
+The dies of a wafer are copies of one design, so the strongest evidence of a defect inside a
+die is a difference from the other dies at the same in-die position: fab inspection tools
+compare every die with its neighbours for this reason. The anomaly network judges a window on
+its own; it cannot know that a patch of bare silicon inside a die is a *missing* structure, and
+it must tolerate the design's own busy circuitry, which hides faint stains and thin scratches.
+
+For every full die of the recipe's die grid inside the usable area and the mosaic, band by
+band (memory stays flat whatever the die's size):
+
+1. the test band and the same band of its nearest full dies (up to ``neighbours``) are read
+   from the mosaic with a margin;
+2. each neighbour is aligned to the test die block by block (phase correlation, scikit-image),
+   because a stitched mosaic has local offsets of a pixel or two at tile seams;
+3. the reference is the per-pixel median of the aligned neighbours (one defective neighbour
+   does not make a defect in the test die), scaled to the test band's brightness;
+4. the test pixel's distance outside the reference's 3 x 3 minimum-maximum envelope is the
+   difference, so sub-pixel misalignment of sharp edges is tolerated;
+5. the difference is smoothed at a few scales (a thin scratch at the finest, a faint wide stain
+   at the coarsest) and divided by the noise of the plain difference at that scale, measured
+   robustly on the band's flat pixels: a z-score per pixel, the largest over the scales.
+
+A z-score of :attr:`DieToDie.z_threshold` means "a defect" and is put on the anomaly map's
+scale at the decision threshold (:func:`z_to_score`), so the two kinds of evidence join in one
+anomaly map and one defect list (:func:`scanner.inspection.inspect_mosaic`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .diegrid import DieGrid
+
+Cell = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class DieToDie:
+    """Settings of the die-to-die comparison.
+
+    Attributes
+    ----------
+    z_threshold : float
+        Difference (in noise standard deviations at its scale) that counts as a defect.
+    neighbours : int
+        Reference dies per die (the nearest full dies); at least two are needed.
+    block_px : int
+        Side of the blocks aligned one by one (mosaic pixels).
+    band_px : int
+        Rows of a die compared at a time (bounds memory).
+    max_shift_px : float
+        Largest misalignment of a die searched for (larger estimates are failures).
+    max_local_px : float
+        Largest departure of one block's shift from the die's median shift (local stitching
+        offsets); a block estimate further off, or none (featureless block), is replaced by
+        the median.
+    scales_px : tuple of float
+        Gaussian sigmas (mosaic pixels) at which differences are scored.
+    tolerance_px : int
+        Local misalignment tolerated after alignment (see :func:`difference_z`).
+    """
+
+    z_threshold: float = 13.0
+    neighbours: int = 4
+    block_px: int = 256
+    band_px: int = 1024
+    max_shift_px: float = 4.0
+    max_local_px: float = 2.5
+    tolerance_px: int = 4
+    scales_px: tuple[float, ...] = (1.0,2.5,6.0)
+
+
+@dataclass
+class MosaicGrid:
+    """Where mosaic pixels lie on the stage: ``origin_um`` is the centre of pixel ``(0, 0)``."""
+
+    origin_um: tuple[float, float]
+    pixel_size_um: float
+    shape: tuple[int, int]
+
+    def to_px(self, x_um: float, y_um: float) -> tuple[float, float]:
+        """``(row, col)`` (fractional) of a stage point."""
+        return ((y_um - self.origin_um[1]) / self.pixel_size_um,
+                (x_um - self.origin_um[0]) / self.pixel_size_um)
+
+
+def full_dies(grid: DieGrid, polygon: Any, mosaic: MosaicGrid, margin_px: int = 0) -> list[Cell]:
+    """Die cells wholly inside the usable area and inside the mosaic (with a margin)."""
+    rows, cols = mosaic.shape
+    out = []
+    for col, row, full in grid.cells_in(polygon):
+        if not full:
+            continue
+        x0, y0, x1, y1 = grid.cell_box(col, row)
+        r0, c0 = mosaic.to_px(x0, y0)
+        r1, c1 = mosaic.to_px(x1, y1)
+        if r0 - margin_px >= 0 and c0 - margin_px >= 0 and r1 + margin_px < rows - 1 \
+                and c1 + margin_px < cols - 1:
+            out.append((col, row))
+    return out
+
+
+def nearest_dies(cells: list[Cell], k: int) -> dict[Cell, list[Cell]]:
+    """Up to ``k`` nearest other dies of each die (grid distance; ties in a fixed order)."""
+    out = {}
+    for c in cells:
+        others = sorted((o for o in cells if o != c),
+                        key=lambda o: (math.hypot(o[0] - c[0], o[1] - c[1]), o[1], o[0]))
+        out[c] = others[:k]
+    return out
+
+
+def block_shift(fixed: np.ndarray, moving: np.ndarray, max_shift_px: float) -> np.ndarray | None:
+    """Shift ``(dy, dx)`` that aligns ``moving`` onto ``fixed`` (None: no reliable estimate).
+
+    Phase correlation with 1/10 pixel precision (``skimage.registration``) of the two blocks
+    smoothed (Gaussian sigma 2 pixels): a grating finer than a few pixels, common in a die,
+    matches itself one period off as well as at the true shift, while the coarser structure
+    around it does not. A Hann window keeps the block's borders from biasing the estimate
+    (0.3 pixel without it, under 0.1 with it, on a test pattern). Featureless blocks give no
+    estimate.
+    """
+    from skimage.filters import window
+    from skimage.registration import phase_cross_correlation
+
+    f = ndimage.gaussian_filter(fixed.astype(np.float64), 2.0)
+    m = ndimage.gaussian_filter(moving.astype(np.float64), 2.0)
+    if f.std() < 1e-6 * (abs(f.mean()) + 1) or m.std() < 1e-6 * (abs(m.mean()) + 1):
+        return None
+    hann = window("hann", f.shape)
+    shift, _, _ = phase_cross_correlation((f - f.mean()) * hann, (m - m.mean()) * hann,
+                                          upsample_factor=10, normalization=None)
+    if not np.all(np.isfinite(shift)) or np.max(np.abs(shift)) > max_shift_px:
+        return None
+    return np.asarray(shift, dtype=np.float64)
+
+
+def _mean_pool(a: np.ndarray, f: int) -> np.ndarray:
+    """``f x f`` block means over the last two axes (edges padded by replication)."""
+    if f == 1:
+        return a
+    h, w = a.shape[-2:]
+    ph, pw = -h % f, -w % f
+    if ph or pw:
+        a = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, ph), (0, pw)], mode="edge")
+    shape = a.shape[:-2] + (a.shape[-2] // f, f, a.shape[-1] // f, f)
+    return a.reshape(shape).mean(axis=(-3, -1))
+
+
+def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...],
+                 tolerance_px: int = 4) -> np.ndarray:
+    """Z-score of the test image's difference from aligned references.
+
+    Parameters
+    ----------
+    test : ndarray, shape (h, w)
+        The die region under test.
+    refs : ndarray, shape (k, h, w)
+        The same region of ``k >= 2`` reference dies, aligned to ``test``.
+    scales_px : tuple of float
+        Gaussian sigmas of the smoothing scales (pixels of ``test``).
+    tolerance_px : int
+        Local misalignment tolerated (pixels): the half-width of the references' envelope.
+
+    Returns
+    -------
+    ndarray, shape (h, w), float32
+        The largest ``|excess| / noise`` over the scales, where the excess is how far the
+        smoothed test lies outside the envelope of the smoothed references (0 inside).
+    """
+    test = test.astype(np.float32)
+    refs = refs.astype(np.float32)
+    k = refs.shape[0]
+    level_t = float(np.median(test))
+    for i in range(k):  # illumination drift between dies
+        level_r = float(np.median(refs[i]))
+        if level_r > 0 and level_t > 0:
+            refs[i] *= level_t / level_r
+    floor = 1e-3 * max(abs(level_t), 1.0)  # noiseless (synthetic) images
+    z = np.zeros(test.shape, dtype=np.float32)
+    for s in scales_px:
+        # coarse scales are computed on block means (2 x 2 from sigma 1.5, 4 x 4 from 3.5):
+        # the same smoothing at a quarter or a sixteenth of the cost
+        f = 1 if s < 1.5 else 2 if s < 3.5 else 4
+        tp, rp = _mean_pool(test, f), _mean_pool(refs, f)
+        # compared at each scale after smoothing all images alike: a faint wide stain is a
+        # mean shift that shows at a coarse scale, while a fine grating that differs from
+        # die to die only in its sampling (or focus) averages out there
+        t = ndimage.gaussian_filter(tp, s / f)
+        r = np.stack([ndimage.gaussian_filter(rp[i], s / f) for i in range(k)])
+        # the envelope of every reference's neighbourhood: a pixel differs only when it lies
+        # outside what all the references show nearby (arbitration over the neighbours;
+        # tolerates residual misalignment, e.g. stitching offsets where tiles overlap on
+        # featureless areas and registration could not correct the stage)
+        size = 2 * int(math.ceil(tolerance_px / f)) + 1
+        lo = ndimage.minimum_filter(r.min(axis=0), size)
+        hi = ndimage.maximum_filter(r.max(axis=0), size)
+        excess = t - np.clip(t, lo, hi)
+        # the local noise at this scale: how much the references differ from one another
+        # around each pixel (unbiased variance over the k references, averaged over a
+        # neighbourhood). Surface texture, grain and residual misalignment vary across a
+        # die, so one noise level per die would flag every textured area; a defect in the
+        # test die does not raise its own noise estimate, as the references lack it
+        var = ((r - r.mean(axis=0)) ** 2).sum(axis=0) / (k - 1)
+        var = ndimage.uniform_filter(var, 2 * int(round(max(4.0, 3.0 * s) / f)) + 1)
+        # test minus median-of-k has about (1 + pi / (2k)) times the variance of one die
+        noise = np.sqrt(var * (1.0 + math.pi / (2 * k))) + floor
+        zs = np.abs(excess) / noise
+        if f > 1:
+            zs = np.repeat(np.repeat(zs, f, axis=0), f, axis=1)[:test.shape[0], :test.shape[1]]
+        np.maximum(z, zs, out=z)
+    return z
+
+
+def _read(arr: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+    return np.asarray(arr[r0:r0 + h, c0:c0 + w], dtype=np.float32)
+
+
+def _shifted(a: np.ndarray, y: int, x: int, h: int, w: int, shift: np.ndarray, margin: int
+             ) -> np.ndarray:
+    """``a[y:y+h, x:x+w]`` moved by ``shift`` (``a`` holds ``margin`` extra pixels around)."""
+    block = a[y:y + h + 2 * margin, x:x + w + 2 * margin]
+    return ndimage.shift(block, shift, order=1, mode="nearest")[margin:margin + h,
+                                                                margin:margin + w]
+
+
+def die_origin_px(grid: DieGrid, mosaic: MosaicGrid, cell: Cell) -> tuple[int, int, np.ndarray]:
+    """Integer mosaic ``(row, col)`` of a die cell's corner and the fractional remainder."""
+    x0, y0, _, _ = grid.cell_box(*cell)
+    r, c = mosaic.to_px(x0, y0)
+    ri, ci = int(round(r)), int(round(c))
+    return ri, ci, np.array([r - ri, c - ci])
+
+
+def _blocks(n: int, b: int) -> list[tuple[int, int]]:
+    return [(i, min(i + b, n)) for i in range(0, n, b)]
+
+
+def shift_fields(
+    level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], anchor: Cell,
+    settings: DieToDie
+) -> dict[Cell, np.ndarray]:
+    """Per-block shift of every die onto one anchor die, shape ``(block rows, block cols, 2)``.
+
+    Aligning a reference onto a test die is then ``field[ref] - field[test]``: one phase
+    correlation per block and die rather than one per block, die and reference.
+
+    Phase correlation fails on featureless blocks and may lock a period off on a fine grating,
+    so each block keeps whichever of three candidates leaves the smallest squared difference
+    to the anchor: its own estimate, the median of its neighbours' estimates, and the median
+    of the die's (stitching leaves smooth offsets of a pixel or two between tiles).
+    """
+    p = mosaic.pixel_size_um
+    h_die = int(math.floor(grid.pitch_um[1] / p))
+    w_die = int(math.floor(grid.pitch_um[0] / p))
+    b = int(settings.block_px)
+    m = int(math.ceil(settings.max_shift_px)) + 2
+    rows, cols = _blocks(h_die, b), _blocks(w_die, b)
+    ar, ac, _ = die_origin_px(grid, mosaic, anchor)
+    fields: dict[Cell, np.ndarray] = {}
+    for cell in cells:
+        field = np.zeros((len(rows), len(cols), 2))
+        fields[cell] = field
+        if cell == anchor:
+            continue
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        own = np.full_like(field, np.nan)
+        for i, (y0, y1) in enumerate(rows):
+            fixed = _read(level0, ar + y0, ac, y1 - y0, w_die)
+            moving = _read(level0, r0 + y0, c0, y1 - y0, w_die)
+            for j, (x0, x1) in enumerate(cols):
+                est = block_shift(fixed[:, x0:x1], moving[:, x0:x1], settings.max_shift_px)
+                if est is not None:
+                    own[i, j] = est
+        valid = np.isfinite(own[..., 0])
+        typical = np.median(own[valid], axis=0) if valid.any() else np.zeros(2)
+        for i, (y0, y1) in enumerate(rows):
+            fixed = _read(level0, ar + y0, ac, y1 - y0, w_die)
+            moving = _read(level0, r0 + y0 - m, c0 - m, y1 - y0 + 2 * m, w_die + 2 * m)
+            for j, (x0, x1) in enumerate(cols):
+                near = own[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(-1, 2)
+                near = near[np.isfinite(near[:, 0])]
+                candidates = [typical] + ([np.median(near, axis=0)] if len(near) else []) \
+                    + ([own[i, j]] if valid[i, j] else [])
+                target = fixed[m:y1 - y0 - m, x0 + m:x1 - m]  # away from the block's border
+                best, best_err = typical, math.inf
+                for c in candidates:
+                    moved = _shifted(moving, 0, x0, y1 - y0, x1 - x0, c, m)[m:-m, m:-m]
+                    err = float(np.mean((moved - target) ** 2)) if target.size else 0.0
+                    if err < best_err - 1e-9:
+                        best, best_err = c, err
+                field[i, j] = best
+    return fields
+
+
+def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
+               min_correlation: float = 0.5, side_px: int = 256) -> tuple[list[Cell], Cell | None]:
+    """The dies that look like the majority, and the most typical of them (the anchor).
+
+    A die that differs from its neighbours everywhere is not a copy of their design (an
+    unexposed or partial field, a test-structure die, another product): comparing it would
+    call the whole die a defect, and as a reference it would spoil its neighbours' medians.
+    Dies are compared as thumbnails of about ``side_px`` pixels (Pearson correlation); a die
+    whose median correlation with the others is below ``min_correlation`` is left out.
+    """
+    if len(cells) < 3:
+        return [], None
+    p = mosaic.pixel_size_um
+    h_die = int(math.floor(grid.pitch_um[1] / p))
+    w_die = int(math.floor(grid.pitch_um[0] / p))
+    step = max(1, min(h_die, w_die) // side_px)
+    thumbs = []
+    for cell in cells:
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        t = np.asarray(level0[r0:r0 + h_die:step, c0:c0 + w_die:step], dtype=np.float64)
+        t = t - t.mean()
+        thumbs.append(t.ravel() / (np.linalg.norm(t) + 1e-12))
+    corr = np.array(thumbs) @ np.array(thumbs).T
+    np.fill_diagonal(corr, np.nan)
+    typical = np.nanmedian(corr, axis=1)
+    keep = [c for c, v in zip(cells, typical, strict=True) if v >= min_correlation]
+    if len(keep) < 3:
+        return [], None
+    return keep, cells[int(np.nanargmax(typical))]
+
+
+def compare_dies(
+    level0: Any,
+    mosaic: MosaicGrid,
+    grid: DieGrid,
+    cells: list[Cell],
+    settings: DieToDie = DieToDie(),
+) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
+    """Z-score maps of every die against its neighbours, band by band.
+
+    Only the dies alike enough to be compared (:func:`alike_dies`) are; ``cells`` are all the
+    full dies.
+
+    Yields
+    ------
+    cell, r0, c0, z
+        A die, the mosaic pixel of the band's top-left corner and the band's z-score map.
+    """
+    cells, anchor = alike_dies(level0, mosaic, grid, cells)
+    if anchor is None:
+        return  # fewer than three comparable dies: two cannot tell which one differs
+    p = mosaic.pixel_size_um
+    h_die = int(math.floor(grid.pitch_um[1] / p))
+    w_die = int(math.floor(grid.pitch_um[0] / p))
+    margin = int(math.ceil(2 * settings.max_shift_px)) + 2
+    # bands are scored with this many rows of the die above and below, so the smoothing
+    # does not see a band's border
+    overlap = int(math.ceil(3 * max(settings.scales_px))) + 4
+    b = int(settings.block_px)
+    cols = _blocks(w_die, b)
+    fields = shift_fields(level0, mosaic, grid, cells, anchor, settings)
+    refs_of = nearest_dies(cells, settings.neighbours)
+    for cell in cells:
+        tr, tc, _ = die_origin_px(grid, mosaic, cell)
+        refs = refs_of[cell]
+        if len(refs) < 2:
+            continue
+        for br in range(0, h_die, settings.band_px):
+            bh = min(settings.band_px, h_die - br)
+            top, bottom = min(overlap, br), min(overlap, h_die - br - bh)
+            d0, h = br - top, bh + top + bottom  # die rows [d0, d0 + h)
+            test = _read(level0, tr + d0, tc, h, w_die)
+            aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
+            for k, ref in enumerate(refs):
+                rr, rc, _ = die_origin_px(grid, mosaic, ref)
+                band = _read(level0, rr + d0 - margin, rc - margin,
+                             h + 2 * margin, w_die + 2 * margin)
+                shifts = fields[ref] - fields[cell]
+                y = 0
+                while y < h:  # rows of the band, cut where the block rows change
+                    i = (d0 + y) // b
+                    y1 = min(h, (i + 1) * b - d0)
+                    for j, (x0, x1) in enumerate(cols):
+                        aligned[k, y:y1, x0:x1] = _shifted(band, y, x0, y1 - y, x1 - x0,
+                                                           shifts[i, j], margin)
+                    y = y1
+            z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px)
+            yield cell, tr + br, tc, z[top:top + bh]
+
+
+def z_to_score(z: np.ndarray, z_threshold: float, threshold: float) -> np.ndarray:
+    """Die-to-die z-scores on the anomaly map's scale: ``z_threshold`` maps to ``threshold``.
+
+    ``threshold * sqrt(z / z_threshold)`` below the threshold and ``threshold + (1 -
+    threshold)(1 - z_threshold / z)`` above it (approaching 1 for strong differences). The
+    square root puts the extent threshold of defect extraction (about two thirds of the
+    decision threshold on a patterned wafer) near z = 7, well above the noise, so a scratch
+    that is faint where it crosses busy circuitry still grows into one defect.
+    """
+    z = np.maximum(np.asarray(z, dtype=np.float32), 0.0)
+    below = threshold * np.sqrt(z / z_threshold)
+    above = threshold + (1.0 - threshold) * (1.0 - z_threshold / np.maximum(z, 1e-6))
+    return np.where(z <= z_threshold, below, above).astype(np.float32)
+
+
+@dataclass
+class DieToDieStats:
+    """What a die-to-die pass did (for the defect list's header)."""
+
+    dies: int = 0
+    z_threshold: float = 0.0
+    seconds: float = 0.0
+    pixels_over: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"dies": self.dies, "z_threshold": self.z_threshold,
+                "seconds": round(self.seconds, 3), "map_pixels_over_threshold": self.pixels_over}
+
+
+def fuse_die_to_die(
+    anomaly: Any,
+    map_origin_um: tuple[float, float],
+    map_pixel_um: float,
+    level0: Any,
+    mosaic: MosaicGrid,
+    grid: DieGrid,
+    polygon: Any,
+    threshold: float,
+    settings: DieToDie = DieToDie(),
+) -> DieToDieStats:
+    """Raise the anomaly map to the die-to-die evidence, in place, over every full die.
+
+    Parameters
+    ----------
+    anomaly : array-like, writable
+        Level 0 of the anomaly map (numpy or Zarr).
+    map_origin_um, map_pixel_um
+        Stage ``(x, y)`` of the centre of map pixel ``(0, 0)`` and the map pixel size.
+    level0 : array-like
+        Level 0 of the mosaic.
+    mosaic : MosaicGrid
+        The mosaic's geometry.
+    grid : DieGrid
+        The recipe's die grid.
+    polygon : shapely Polygon
+        The usable area (only dies wholly inside it are compared).
+    threshold : float
+        The decision threshold the z-scores are put on (:func:`z_to_score`).
+    settings : DieToDie
+        Comparison settings.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    margin = int(math.ceil(settings.max_shift_px)) + 4
+    cells = full_dies(grid, polygon, mosaic, margin_px=margin)
+    stats = DieToDieStats(z_threshold=settings.z_threshold)
+    if len(cells) < 3:
+        return stats
+    stats.dies = len(cells)
+    factor = map_pixel_um / mosaic.pixel_size_um  # mosaic pixels per map pixel
+    size = max(1, int(math.ceil(factor)))
+    mr, mc = anomaly.shape
+    for _, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings):
+        # map pixels whose centres fall on this band, sampled from the band's z after a
+        # max-filter of one map pixel, so a defect narrower than a map pixel is kept
+        y0 = mosaic.origin_um[1] + r0 * mosaic.pixel_size_um
+        x0 = mosaic.origin_um[0] + c0 * mosaic.pixel_size_um
+        i0 = max(0, int(math.ceil((y0 - map_origin_um[1]) / map_pixel_um)))
+        j0 = max(0, int(math.ceil((x0 - map_origin_um[0]) / map_pixel_um)))
+        i1 = min(mr, int(math.floor((y0 + (z.shape[0] - 1) * mosaic.pixel_size_um
+                                      - map_origin_um[1]) / map_pixel_um)) + 1)
+        j1 = min(mc, int(math.floor((x0 + (z.shape[1] - 1) * mosaic.pixel_size_um
+                                      - map_origin_um[0]) / map_pixel_um)) + 1)
+        if i1 <= i0 or j1 <= j0:
+            continue
+        # a grey opening first: evidence must span 2 x 2 mosaic pixels, so a lone noisy
+        # pixel does not become a whole map pixel (and pass the minimum defect area)
+        z = ndimage.grey_opening(z, size=(2, 2))
+        zmax = ndimage.maximum_filter(z, size=size) if size > 1 else z
+        rows = np.rint((map_origin_um[1] + np.arange(i0, i1) * map_pixel_um - y0)
+                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[0] - 1)
+        cols = np.rint((map_origin_um[0] + np.arange(j0, j1) * map_pixel_um - x0)
+                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[1] - 1)
+        score = z_to_score(zmax[np.ix_(rows, cols)], settings.z_threshold, threshold)
+        current = np.asarray(anomaly[i0:i1, j0:j1], dtype=np.float32)
+        stats.pixels_over += int(np.count_nonzero(score >= threshold))
+        anomaly[i0:i1, j0:j1] = np.maximum(current, score)
+    stats.seconds = time.perf_counter() - t0
+    return stats
