@@ -28,6 +28,7 @@ anomaly map and one defect list (:func:`scanner.inspection.inspect_mosaic`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,6 +118,13 @@ def nearest_dies(cells: list[Cell], k: int) -> dict[Cell, list[Cell]]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _hann(shape: tuple[int, int]) -> np.ndarray:
+    from skimage.filters import window
+
+    return window("hann", shape)
+
+
 def block_shift(fixed: np.ndarray, moving: np.ndarray, max_shift_px: float) -> np.ndarray | None:
     """Shift ``(dy, dx)`` that aligns ``moving`` onto ``fixed`` (None: no reliable estimate).
 
@@ -127,14 +135,13 @@ def block_shift(fixed: np.ndarray, moving: np.ndarray, max_shift_px: float) -> n
     (0.3 pixel without it, under 0.1 with it, on a test pattern). Featureless blocks give no
     estimate.
     """
-    from skimage.filters import window
     from skimage.registration import phase_cross_correlation
 
     f = ndimage.gaussian_filter(fixed.astype(np.float64), 2.0)
     m = ndimage.gaussian_filter(moving.astype(np.float64), 2.0)
     if f.std() < 1e-6 * (abs(f.mean()) + 1) or m.std() < 1e-6 * (abs(m.mean()) + 1):
         return None
-    hann = window("hann", f.shape)
+    hann = _hann(f.shape)
     shift, _, _ = phase_cross_correlation((f - f.mean()) * hann, (m - m.mean()) * hann,
                                           upsample_factor=10, normalization=None)
     if not np.all(np.isfinite(shift)) or np.max(np.abs(shift)) > max_shift_px:
@@ -143,15 +150,18 @@ def block_shift(fixed: np.ndarray, moving: np.ndarray, max_shift_px: float) -> n
 
 
 def _mean_pool(a: np.ndarray, f: int) -> np.ndarray:
-    """``f x f`` block means over the last two axes (edges padded by replication)."""
-    if f == 1:
-        return a
-    h, w = a.shape[-2:]
-    ph, pw = -h % f, -w % f
-    if ph or pw:
-        a = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, ph), (0, pw)], mode="edge")
-    shape = a.shape[:-2] + (a.shape[-2] // f, f, a.shape[-1] // f, f)
-    return a.reshape(shape).mean(axis=(-3, -1))
+    """``f x f`` block means over the last two axes, ``f`` a power of two (edges replicated).
+
+    Done as repeated 2 x 2 means of four strided views: several times faster than a
+    reshaped ``mean`` over two non-adjacent axes.
+    """
+    while f > 1:
+        h, w = a.shape[-2:]
+        if h % 2 or w % 2:
+            a = np.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, h % 2), (0, w % 2)], mode="edge")
+        a = 0.25 * (a[..., ::2, ::2] + a[..., 1::2, ::2] + a[..., ::2, 1::2] + a[..., 1::2, 1::2])
+        f //= 2
+    return a
 
 
 def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...],
@@ -178,9 +188,9 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
     test = test.astype(np.float32)
     refs = refs.astype(np.float32)
     k = refs.shape[0]
-    level_t = float(np.median(test))
+    level_t = float(np.median(test[::4, ::4]))
     for i in range(k):  # illumination drift between dies
-        level_r = float(np.median(refs[i]))
+        level_r = float(np.median(refs[i, ::4, ::4]))
         if level_r > 0 and level_t > 0:
             refs[i] *= level_t / level_r
     floor = 1e-3 * max(abs(level_t), 1.0)  # noiseless (synthetic) images
@@ -219,16 +229,66 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
     return z
 
 
+class _DieCache:
+    """Read-through cache of whole die cells of a mosaic (with a margin), least recently used.
+
+    Alignment and comparison read each die many times in small pieces (blocks, bands, as test
+    and as reference); Zarr decompresses whole chunks for every piece. Whole dies are read
+    once while at least three fit in ``budget_bytes``; otherwise reads go to the mosaic.
+    """
+
+    def __init__(self, level0: Any, boxes: dict[Cell, tuple[int, int, int, int]],
+                 capacity: int, budget_bytes: int = 512 * 2**20) -> None:
+        from collections import OrderedDict
+
+        self.level0 = level0
+        self.boxes = boxes
+        self.shape = tuple(level0.shape)
+        size = max(((b[2] - b[0]) * (b[3] - b[1]) for b in boxes.values()), default=0)
+        per_die = size * np.dtype(level0.dtype).itemsize
+        self.capacity = min(capacity, budget_bytes // max(per_die, 1))
+        self._dies: OrderedDict[Cell, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rs, cs = key
+        if self.capacity >= 3:
+            for cell, (r0, c0, r1, c1) in self.boxes.items():
+                if r0 <= rs.start and rs.stop <= r1 and c0 <= cs.start and cs.stop <= c1:
+                    return self._die(cell)[rs.start - r0:rs.stop - r0, cs.start - c0:cs.stop - c0]
+        return np.asarray(self.level0[rs, cs])
+
+    def _die(self, cell: Cell) -> np.ndarray:
+        if cell in self._dies:
+            self._dies.move_to_end(cell)
+            return self._dies[cell]
+        r0, c0, r1, c1 = self.boxes[cell]
+        self._dies[cell] = np.asarray(self.level0[r0:r1, c0:c1])
+        while len(self._dies) > self.capacity:
+            self._dies.popitem(last=False)
+        return self._dies[cell]
+
+
 def _read(arr: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray:
     return np.asarray(arr[r0:r0 + h, c0:c0 + w], dtype=np.float32)
 
 
 def _shifted(a: np.ndarray, y: int, x: int, h: int, w: int, shift: np.ndarray, margin: int
              ) -> np.ndarray:
-    """``a[y:y+h, x:x+w]`` moved by ``shift`` (``a`` holds ``margin`` extra pixels around)."""
-    block = a[y:y + h + 2 * margin, x:x + w + 2 * margin]
-    return ndimage.shift(block, shift, order=1, mode="nearest")[margin:margin + h,
-                                                                margin:margin + w]
+    """``a[y:y+h, x:x+w]`` moved by ``shift`` (``a`` holds ``margin`` extra pixels around).
+
+    Bilinear, as ``scipy.ndimage.shift(order=1)``, written as four weighted slices: the
+    same values at a third of the cost for the many small blocks aligned here.
+    """
+    sy, sx = float(shift[0]), float(shift[1])
+    ny, nx = math.floor(sy), math.floor(sx)
+    fy, fx = sy - ny, sx - nx
+    r, c = y + margin - ny, x + margin - nx
+    if not (1 <= r and r + h <= a.shape[0] and 1 <= c and c + w <= a.shape[1]):
+        raise ValueError(f"shift {shift} exceeds the margin of {margin} pixels")
+    return ((1 - fy) * (1 - fx) * a[r:r + h, c:c + w]
+            + fy * (1 - fx) * a[r - 1:r - 1 + h, c:c + w]
+            + (1 - fy) * fx * a[r:r + h, c - 1:c - 1 + w]
+            + fy * fx * a[r - 1:r - 1 + h, c - 1:c - 1 + w]).astype(np.float32)
 
 
 def die_origin_px(grid: DieGrid, mosaic: MosaicGrid, cell: Cell) -> tuple[int, int, np.ndarray]:
@@ -289,9 +349,14 @@ def shift_fields(
                 near = near[np.isfinite(near[:, 0])]
                 candidates = [typical] + ([np.median(near, axis=0)] if len(near) else []) \
                     + ([own[i, j]] if valid[i, j] else [])
+                distinct = [c for k, c in enumerate(candidates)
+                            if all(np.abs(c - o).max() > 0.2 for o in candidates[:k])]
+                if len(distinct) == 1:
+                    field[i, j] = distinct[0]
+                    continue
                 target = fixed[m:y1 - y0 - m, x0 + m:x1 - m]  # away from the block's border
                 best, best_err = typical, math.inf
-                for c in candidates:
+                for c in distinct:
                     moved = _shifted(moving, 0, x0, y1 - y0, x1 - x0, c, m)[m:-m, m:-m]
                     err = float(np.mean((moved - target) ** 2)) if target.size else 0.0
                     if err < best_err - 1e-9:
@@ -355,6 +420,11 @@ def compare_dies(
     h_die = int(math.floor(grid.pitch_um[1] / p))
     w_die = int(math.floor(grid.pitch_um[0] / p))
     margin = int(math.ceil(2 * settings.max_shift_px)) + 2
+    boxes = {}
+    for cell in cells:
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        boxes[cell] = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
+    level0 = _DieCache(level0, boxes, capacity=settings.neighbours + 2)
     # bands are scored with this many rows of the die above and below, so the smoothing
     # does not see a band's border
     overlap = int(math.ceil(3 * max(settings.scales_px))) + 4
