@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from scanner.errors import UserError
 
-from .calibrate import Calibration, calibrate_threshold, review_level
+from .calibrate import Calibration, calibrate_quiet, calibrate_threshold, review_level
 from .data import (
     PIXEL_RANGES_UM,
     GoodImage,
@@ -38,7 +39,7 @@ from .data import (
     scan_pixel_size_um,
     simulated_good_images,
 )
-from .inspection import GAIN, InspectionModel, load_network, save_model
+from .inspection import GAIN, InspectionModel, card_path_for, load_model, load_network, save_model
 from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, macs_per_pixel
 from .synth import add_anomalies
 
@@ -457,6 +458,55 @@ def calibrate_by_kind(
     return out
 
 
+def calibrate_quiet_by_kind(
+    held_out: Sequence[GoodImage],
+    maps: Sequence[dict[str, np.ndarray]],
+    pixel_size_um: float,
+    false_alarms_per_cm2: float,
+) -> dict[str, Calibration]:
+    """Per recipe sample kind, the threshold for quiet neighbourhoods (:func:`calibrate_quiet`).
+
+    Kinds with too little quiet area in their held-out images get no entry.
+    """
+    out: dict[str, Calibration] = {}
+    for kind in sorted({g.kind for g in held_out} & set(SAMPLE_KIND)):
+        idx = [i for i, g in enumerate(held_out) if g.kind == kind]
+        area = sum(held_out[i].image[:2048, :2048].size
+                   * held_out[i].meta.get("pixel_size_um", pixel_size_um) ** 2 for i in idx) / 1e8
+        cal = calibrate_quiet([maps[i]["anomaly"] for i in idx], area, false_alarms_per_cm2)
+        if cal is not None:
+            out[SAMPLE_KIND[kind]] = cal
+    return out
+
+
+def recalibrate_quiet(model_path: str | Path, n_per_kind: int, seed: int,
+                      false_alarms_per_cm2: float = 1.0) -> dict[str, float]:
+    """Add quiet-neighbourhood thresholds to a trained model's card, from new simulated images.
+
+    For models trained before the card had them; ``seed`` should be one never used in the
+    model's training. Returns the thresholds written.
+    """
+    model = load_model(model_path)
+    ranges = PIXEL_RANGES_UM if model.card.get("pixel_size_range_um") else None
+    images = simulated_calibration_images(n_per_kind, float(model.pixel_size_um), seed, ranges)
+    maps = held_out_maps(model, images)
+    cals = calibrate_quiet_by_kind(images, maps, float(model.pixel_size_um),
+                                   false_alarms_per_cm2)
+    by_kind = model.card.get("thresholds_by_sample_kind") or {}
+    thresholds = {k: c.threshold for k, c in cals.items()
+                  if c.threshold < by_kind.get(k, model.threshold)}
+    path = card_path_for(Path(model.path))
+    card = json.loads(path.read_text(encoding="utf-8"))
+    card["thresholds_quiet_by_sample_kind"] = thresholds
+    card.setdefault("calibration", {})["quiet_by_sample_kind"] = {
+        **{k: c.to_dict() for k, c in cals.items()},
+        "held_out": f"simulated, {n_per_kind} images per kind, seed {seed} "
+                    f"(models.train.simulated_calibration_images)",
+    }
+    path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return thresholds
+
+
 def simulated_calibration_images(n_per_kind: int, pixel_size_um: float, seed: int,
                                  ranges: dict[str, tuple[float, float]] | None,
                                  size: int = 1024) -> list[GoodImage]:
@@ -491,17 +541,24 @@ def calibrate_card(
     cal = calibrate_on(model, held_out, pixel_size_um, false_alarms_per_cm2, maps=maps)
     by_kind = (calibrate_by_kind(model, held_out, maps, pixel_size_um, false_alarms_per_cm2)
                if source != "user" else {})
+    quiet = (calibrate_quiet_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2)
+             if source != "user" else {})
+    quiet = {k: c for k, c in quiet.items()
+             if c.threshold < (by_kind[k].threshold if k in by_kind else cal.threshold)}
     review = calibrate_review(model, held_out, maps, cal.threshold,
                               np.random.default_rng(seed + 11))
     out: dict[str, Any] = {
         "threshold": cal.threshold,
         "calibration": {**cal.to_dict(), "held_out": source,
                         "held_out_images": len(held_out),
-                        "by_sample_kind": {k: c.to_dict() for k, c in by_kind.items()}},
+                        "by_sample_kind": {k: c.to_dict() for k, c in by_kind.items()},
+                        "quiet_by_sample_kind": {k: c.to_dict() for k, c in quiet.items()}},
         "review": review,
     }
     if by_kind:
         out["thresholds_by_sample_kind"] = {k: c.threshold for k, c in by_kind.items()}
+    if quiet:
+        out["thresholds_quiet_by_sample_kind"] = {k: c.threshold for k, c in quiet.items()}
     if review["review_uncertainty"] is not None:
         out["review_uncertainty"] = review["review_uncertainty"]
     return out
@@ -814,8 +871,6 @@ def train_model(
         roughness_units="nm (areal Sa)",
     )
     weights = save_model(net, card, out)
-    from .inspection import card_path_for, load_model
-
     saved = load_model(weights).card
     return TrainReport(
         weights=weights,

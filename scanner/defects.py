@@ -240,14 +240,20 @@ def extent_threshold(anomaly: Any, threshold: float, chunk: int = 1024) -> float
 
 
 def threshold_masks(
-    anomaly: Any, threshold: float, low: float, chunk: int = 1024
+    anomaly: Any, threshold: float, low: float, chunk: int = 1024,
+    quiet: np.ndarray | None = None, quiet_scale: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean ``(anomaly >= low, anomaly >= threshold)`` masks, read chunk row by chunk row."""
+    """Boolean ``(anomaly >= low, anomaly >= threshold)`` masks, read chunk row by chunk row.
+
+    Where ``quiet`` is True both thresholds are multiplied by ``quiet_scale``.
+    """
     h, w = (int(n) for n in anomaly.shape)
     lo = np.zeros((h, w), dtype=bool)
     hi = np.zeros((h, w), dtype=bool)
     for r0 in range(0, h, chunk):
         block = np.asarray(anomaly[r0 : r0 + chunk])
+        if quiet is not None:
+            block = np.where(quiet[r0 : r0 + chunk], block / quiet_scale, block)
         lo[r0 : r0 + chunk] = block >= low
         hi[r0 : r0 + chunk] = block >= threshold
     return lo, hi
@@ -288,6 +294,8 @@ def extract_defects(
     merge_px: float = 12.0,
     review_uncertainty: float = DEFAULT_REVIEW_UNCERTAINTY,
     image: Callable[[int, int, int, int], np.ndarray] | None = None,
+    quiet: np.ndarray | None = None,
+    quiet_threshold: float | None = None,
 ) -> list[Defect]:
     """Defects of one set of maps, in stage coordinates.
 
@@ -310,6 +318,12 @@ def extract_defects(
     image : callable, optional
         ``image(r0, c0, h, w)``: the *normalised* input on the model grid (for the contrast
         of each defect); without it the contrast is unknown.
+    quiet : ndarray of bool, optional
+        Map pixels in a quiet neighbourhood (:func:`models.calibrate.quiet_mask`), where
+        ``quiet_threshold`` decides instead of ``threshold`` (and the extent threshold is
+        scaled alike).
+    quiet_threshold : float, optional
+        Decision threshold in quiet neighbourhoods (used only when lower than ``threshold``).
 
     Returns
     -------
@@ -322,7 +336,12 @@ def extract_defects(
     s = geometry.stride
     p = geometry.pixel_size_um
     x0, y0 = geometry.origin_um
-    lo, hi = threshold_masks(maps["anomaly"], threshold, low)
+    scale = 1.0
+    if quiet is not None and quiet_threshold is not None and quiet_threshold < threshold:
+        scale = quiet_threshold / threshold
+    else:
+        quiet = None
+    lo, hi = threshold_masks(maps["anomaly"], threshold, low, quiet=quiet, quiet_scale=scale)
     labels = label_defects(lo, hi, merge_px / s)
     found: list[Defect] = []
     for region in measure.regionprops(labels):
@@ -372,6 +391,9 @@ def extract_defects(
         peak = np.unravel_index(int(np.argmax(np.where(sub, an, -np.inf))), an.shape)
         score = float(an[peak])
         uncertainty = float(unc[peak])
+        # the threshold that decided at the peak (a quiet neighbourhood has its own)
+        applied = threshold * scale if quiet is not None and quiet[r0 + peak[0], c0 + peak[1]] \
+            else threshold
         found.append(Defect(
             id=0,
             x_um=x0 + cx * p,
@@ -384,7 +406,7 @@ def extract_defects(
             score=score,
             roughness=float(rough[sub].mean()),
             uncertainty=uncertainty,
-            review=bool(uncertainty >= review_uncertainty or is_borderline(score, threshold)),
+            review=bool(uncertainty >= review_uncertainty or is_borderline(score, applied)),
         ))
     found.sort(key=lambda d: -d.score)
     for k, d in enumerate(found, start=1):

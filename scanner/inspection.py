@@ -110,18 +110,37 @@ def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
         return None
 
 
+def quiet_threshold(model: Any, sample_kind: str | None, threshold_source: str) -> float | None:
+    """The card's threshold for quiet neighbourhoods of a kind of sample (None: none applies).
+
+    Only with the card's own threshold: a user's threshold applies everywhere.
+    """
+    if threshold_source == "user":
+        return None
+    by_kind = (getattr(model, "card", {}) or {}).get("thresholds_quiet_by_sample_kind") or {}
+    value = by_kind.get(sample_kind) if sample_kind else None
+    return float(value) if value is not None else None
+
+
 def _review_level(model: Any) -> float:
     card = getattr(model, "card", {}) or {}
     return float(card.get("review_uncertainty", DEFAULT_REVIEW_UNCERTAINTY))
 
 
-def _defects_from(maps: MapSet, model: Any, threshold: float, level: float) -> list[Defect]:
+def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
+                  quiet_thr: float | None = None) -> list[Defect]:
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
         return model.normalize(maps.reader.read(r0, c0, h, w), level)
 
+    quiet = None
+    if quiet_thr is not None and quiet_thr < threshold:
+        from models.calibrate import quiet_mask
+
+        quiet = quiet_mask(np.asarray(maps.maps["anomaly"][:]))
     geom = MapGeometry(maps.origin_um, maps.pixel_size_um, maps.stride)
     return extract_defects(maps.maps, geom, threshold=threshold, image=image,
-                           review_uncertainty=_review_level(model))
+                           review_uncertainty=_review_level(model), quiet=quiet,
+                           quiet_threshold=quiet_thr)
 
 
 def _usable_polygon(sample: Any) -> Any:
@@ -217,14 +236,15 @@ def inspect_mosaic(
     saved = _saved_sample(folder, scan)  # the recipe is parsed once, for both uses
     if polygon is None:
         polygon = _usable_polygon(saved)
-    thr, thr_source = _decision_threshold(
-        model, threshold, sample_kind or (str(saved.kind) if saved is not None else None))
+    kind = sample_kind or (str(saved.kind) if saved is not None else None)
+    thr, thr_source = _decision_threshold(model, threshold, kind)
+    thr_quiet = quiet_threshold(model, kind, thr_source)
     d2d: dict[str, Any] = {}
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=_die_to_die(mosaic, saved, polygon, thr, d2d))
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
-    defects = _defects_from(maps, model, thr, maps.stats.extra["level"])
+    defects = _defects_from(maps, model, thr, maps.stats.extra["level"], thr_quiet)
     t_defects = time.perf_counter() - t1
     mp = maps.stats.extra.get("mosaic_px", 0)
     timings = {
@@ -239,6 +259,7 @@ def inspect_mosaic(
         "model": model_info(model),
         "threshold": thr,
         "threshold_source": thr_source,
+        "threshold_quiet": thr_quiet,
         "maps": {k: v.name for k, v in maps.paths.items()},
         "map_pixel_size_um": maps.pixel_size_um,
         "masked_to_usable_area": polygon is not None,
@@ -385,6 +406,7 @@ def inspect_images(
     t0 = time.perf_counter()
     model = load_inspection_model(model)
     thr, thr_source = _decision_threshold(model, threshold, sample_kind)
+    thr_quiet = quiet_threshold(model, sample_kind, thr_source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_defects, per_image = [], [], {}
@@ -395,7 +417,7 @@ def inspect_images(
         n_px += img.size
         maps = infer_image(model, img, pixel_size_um=pixel_size_um)
         network_s += maps.stats.network_s
-        defects = _defects_from(maps, model, thr, maps.stats.extra["level"])
+        defects = _defects_from(maps, model, thr, maps.stats.extra["level"], thr_quiet)
         score = image_score(maps.maps["anomaly"])
         rows.append({"image": name, "score": round(score, 6), "n_defects": len(defects),
                      "n_review": sum(d.review for d in defects),
@@ -416,7 +438,7 @@ def inspect_images(
         defect_rows.append({"image": name, **{c: row.get(c) for c in CSV_COLUMNS}})
     _write_csv(out_dir / "defects.csv", ["image", *CSV_COLUMNS], defect_rows)
     header = {"created": now_iso(), "model": model_info(model), "threshold": thr,
-              "threshold_source": thr_source,
+              "threshold_source": thr_source, "threshold_quiet": thr_quiet,
               "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
               "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
               "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),

@@ -203,3 +203,43 @@ def test_only_defects_barely_above_a_high_threshold_are_borderline():
     a[disk((30, 30), 4)] = 0.99
     (d,) = extract_defects(_maps(a), GEOM, threshold=0.935)
     assert not d.review
+
+
+def _busy_and_quiet(shape=(160, 320), seed=0) -> np.ndarray:
+    """Left half: busy structure (many moderate peaks); right half: a quiet surface."""
+    rng = np.random.default_rng(seed)
+    a = np.full(shape, 0.005, np.float32)
+    busy = rng.uniform(0.0, 0.25, (shape[0], shape[1] // 2)).astype(np.float32)
+    a[:, : shape[1] // 2] = busy
+    return a
+
+
+def test_quiet_mask_follows_the_surface_not_a_small_defect():
+    from models.calibrate import quiet_mask
+
+    a = _busy_and_quiet()
+    a[70:78, 250:262] = 0.6  # a defect on the quiet side
+    q = quiet_mask(a)
+    assert not q[:, :120].any()  # busy structure
+    assert q[:, 200:].all()  # quiet, defect included
+    # pixels outside the inspected area (0) do not make their neighbours quiet
+    b = np.full((160, 160), 0.005, np.float32)
+    b[:, :80] = 0.0
+    assert not quiet_mask(b)[:, :72].any() and quiet_mask(b)[:, 100:].all()
+
+
+def test_quiet_threshold_finds_a_faint_defect_on_the_quiet_surface_only():
+    from models.calibrate import quiet_mask
+
+    a = _busy_and_quiet()
+    a[40:46, 240:246] = 0.6  # faint defect, quiet side
+    a[40:46, 60:66] = 0.6  # same, inside the busy structure
+    quiet = quiet_mask(a)
+    found = extract_defects(_maps(a), GEOM, threshold=0.9, quiet=quiet, quiet_threshold=0.5)
+    assert len(found) == 1
+    x_map = (found[0].x_um - GEOM.origin_um[0]) / GEOM.pixel_size_um
+    assert 238 <= x_map <= 248
+    # without the quiet threshold (or with one above the threshold) neither is found
+    assert extract_defects(_maps(a), GEOM, threshold=0.9) == []
+    assert extract_defects(_maps(a), GEOM, threshold=0.9, quiet=quiet,
+                           quiet_threshold=0.95) == []

@@ -194,3 +194,16 @@ def test_card_threshold_is_chosen_by_sample_kind() -> None:
     assert card_threshold(model, "pv_cell")[0] == 0.5
     assert card_threshold(model, "image") == (0.7, "model card")  # a kind not calibrated
     assert card_threshold(model, None) == (0.7, "model card")
+
+
+def test_quiet_threshold_comes_from_the_card_unless_the_user_sets_one() -> None:
+    from scanner.inspection import quiet_threshold
+
+    card = {"pixel_size_um": 1.0, "threshold": 0.7,
+            "thresholds_by_sample_kind": {"wafer": 0.9},
+            "thresholds_quiet_by_sample_kind": {"wafer": 0.75}}
+    model = InspectionModel(InspectionNet(), card)
+    assert quiet_threshold(model, "wafer", "model card (wafer)") == 0.75
+    assert quiet_threshold(model, "wafer", "user") is None
+    assert quiet_threshold(model, "pv_cell", "model card") is None
+    assert quiet_threshold(model, None, "model card") is None

@@ -306,3 +306,21 @@ def test_a_time_limit_cuts_the_epochs_after_the_first(tmp_path: Path) -> None:
     report = train_model([folder], tmp_path / "m", epochs=6, steps_per_epoch=2, batch_size=2,
                          patch=64, simulated=False, time_limit_s=1e-6, pixel_size_um=1.0)
     assert report.epochs_run == 1 and report.card["training"]["epochs_max"] == 1
+
+
+def test_quiet_calibration_counts_only_quiet_areas():
+    from models.calibrate import calibrate_quiet
+
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(4):
+        m = np.full((256, 256), 0.005, np.float32)
+        m[:, :128] = rng.uniform(0, 0.95, (256, 128))  # busy half, high peaks
+        m[rng.integers(0, 256, 3), rng.integers(160, 256, 3)] = 0.4  # rare quiet peaks
+        maps.append(m)
+    full = calibrate_threshold(maps, area_cm2=4.0, target_per_cm2=1.0)
+    quiet = calibrate_quiet(maps, area_cm2=4.0, target_per_cm2=1.0)
+    assert quiet is not None
+    assert quiet.area_cm2 < 4.0
+    assert quiet.threshold < full.threshold
+    assert calibrate_quiet(maps, area_cm2=0.1) is None  # too little quiet area to count on
