@@ -137,13 +137,16 @@ def block_shift(fixed: np.ndarray, moving: np.ndarray, max_shift_px: float) -> n
     """
     from skimage.registration import phase_cross_correlation
 
-    f = ndimage.gaussian_filter(fixed.astype(np.float64), 2.0)
-    m = ndimage.gaussian_filter(moving.astype(np.float64), 2.0)
+    # at half resolution (2 x 2 means, then sigma 1: the same smoothing as sigma 2 at full
+    # resolution) for a quarter of the cost; the estimate is doubled back
+    f = ndimage.gaussian_filter(_mean_pool(fixed.astype(np.float32), 2), 1.0)
+    m = ndimage.gaussian_filter(_mean_pool(moving.astype(np.float32), 2), 1.0)
     if f.std() < 1e-6 * (abs(f.mean()) + 1) or m.std() < 1e-6 * (abs(m.mean()) + 1):
         return None
     hann = _hann(f.shape)
     shift, _, _ = phase_cross_correlation((f - f.mean()) * hann, (m - m.mean()) * hann,
-                                          upsample_factor=10, normalization=None)
+                                          upsample_factor=20, normalization=None)
+    shift = 2.0 * np.asarray(shift)
     if not np.all(np.isfinite(shift)) or np.max(np.abs(shift)) > max_shift_px:
         return None
     return np.asarray(shift, dtype=np.float64)
@@ -203,8 +206,8 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
         # compared at each scale after smoothing all images alike: a faint wide stain is a
         # mean shift that shows at a coarse scale, while a fine grating that differs from
         # die to die only in its sampling (or focus) averages out there
-        t = ndimage.gaussian_filter(tp, s / f)
-        r = np.stack([ndimage.gaussian_filter(rp[i], s / f) for i in range(k)])
+        t = ndimage.gaussian_filter(tp, s / f, truncate=2.5)
+        r = np.stack([ndimage.gaussian_filter(rp[i], s / f, truncate=2.5) for i in range(k)])
         # the envelope of every reference's neighbourhood: a pixel differs only when it lies
         # outside what all the references show nearby (arbitration over the neighbours;
         # tolerates residual misalignment, e.g. stitching offsets where tiles overlap on
@@ -246,7 +249,8 @@ class _DieCache:
         self.shape = tuple(level0.shape)
         size = max(((b[2] - b[0]) * (b[3] - b[1]) for b in boxes.values()), default=0)
         per_die = size * np.dtype(level0.dtype).itemsize
-        self.capacity = min(capacity, budget_bytes // max(per_die, 1))
+        self.capacity = max(capacity, budget_bytes // max(per_die, 1)) \
+            if 3 * per_die <= budget_bytes else 0
         self._dies: OrderedDict[Cell, np.ndarray] = OrderedDict()
 
     def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
@@ -424,7 +428,7 @@ def compare_dies(
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
         boxes[cell] = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
-    level0 = _DieCache(level0, boxes, capacity=settings.neighbours + 2)
+    level0 = _DieCache(level0, boxes, capacity=settings.neighbours + 2)  # more while they fit
     # bands are scored with this many rows of the die above and below, so the smoothing
     # does not see a band's border
     overlap = int(math.ceil(3 * max(settings.scales_px))) + 4
@@ -432,32 +436,53 @@ def compare_dies(
     cols = _blocks(w_die, b)
     fields = shift_fields(level0, mosaic, grid, cells, anchor, settings)
     refs_of = nearest_dies(cells, settings.neighbours)
-    for cell in cells:
-        tr, tc, _ = die_origin_px(grid, mosaic, cell)
-        refs = refs_of[cell]
-        if len(refs) < 2:
-            continue
-        for br in range(0, h_die, settings.band_px):
-            bh = min(settings.band_px, h_die - br)
-            top, bottom = min(overlap, br), min(overlap, h_die - br - bh)
-            d0, h = br - top, bh + top + bottom  # die rows [d0, d0 + h)
-            test = _read(level0, tr + d0, tc, h, w_die)
-            aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
-            for k, ref in enumerate(refs):
-                rr, rc, _ = die_origin_px(grid, mosaic, ref)
-                band = _read(level0, rr + d0 - margin, rc - margin,
-                             h + 2 * margin, w_die + 2 * margin)
-                shifts = fields[ref] - fields[cell]
-                y = 0
-                while y < h:  # rows of the band, cut where the block rows change
-                    i = (d0 + y) // b
-                    y1 = min(h, (i + 1) * b - d0)
-                    for j, (x0, x1) in enumerate(cols):
-                        aligned[k, y:y1, x0:x1] = _shifted(band, y, x0, y1 - y, x1 - x0,
-                                                           shifts[i, j], margin)
-                    y = y1
-            z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px)
-            yield cell, tr + br, tc, z[top:top + bh]
+
+    def bands() -> Iterator[tuple[Cell, int, int, slice, np.ndarray, np.ndarray]]:
+        for cell in cells:
+            tr, tc, _ = die_origin_px(grid, mosaic, cell)
+            refs = refs_of[cell]
+            if len(refs) < 2:
+                continue
+            for br in range(0, h_die, settings.band_px):
+                bh = min(settings.band_px, h_die - br)
+                top, bottom = min(overlap, br), min(overlap, h_die - br - bh)
+                d0, h = br - top, bh + top + bottom  # die rows [d0, d0 + h)
+                test = _read(level0, tr + d0, tc, h, w_die)
+                aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
+                for k, ref in enumerate(refs):
+                    rr, rc, _ = die_origin_px(grid, mosaic, ref)
+                    band = _read(level0, rr + d0 - margin, rc - margin,
+                                 h + 2 * margin, w_die + 2 * margin)
+                    shifts = fields[ref] - fields[cell]
+                    y = 0
+                    while y < h:  # rows of the band, cut where the block rows change
+                        i = (d0 + y) // b
+                        y1 = min(h, (i + 1) * b - d0)
+                        for j, (x0, x1) in enumerate(cols):
+                            aligned[k, y:y1, x0:x1] = _shifted(band, y, x0, y1 - y, x1 - x0,
+                                                               shifts[i, j], margin)
+                        y = y1
+                yield cell, tr + br, tc, slice(top, top + bh), test, aligned
+
+    def score(job: tuple[Cell, int, int, slice, np.ndarray, np.ndarray]
+              ) -> tuple[Cell, int, int, np.ndarray]:
+        cell, r0, c0, rows, test, aligned = job
+        z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px)
+        return cell, r0, c0, z[rows]
+
+    # the next band is read and aligned while a worker thread scores the last one (numpy and
+    # scipy release the GIL for much of the scoring); at most two bands wait, so memory stays
+    # that of a few bands
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = []
+        for job in bands():
+            pending.append(pool.submit(score, job))
+            if len(pending) > 1:
+                yield pending.pop(0).result()
+        for f in pending:
+            yield f.result()
 
 
 def z_to_score(z: np.ndarray, z_threshold: float, threshold: float) -> np.ndarray:
