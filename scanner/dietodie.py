@@ -258,7 +258,8 @@ class _DieCache:
         if self.capacity >= 3:
             for cell, (r0, c0, r1, c1) in self.boxes.items():
                 if r0 <= rs.start and rs.stop <= r1 and c0 <= cs.start and cs.stop <= c1:
-                    return self._die(cell)[rs.start - r0:rs.stop - r0, cs.start - c0:cs.stop - c0]
+                    return self._die(cell)[rs.start - r0:rs.stop - r0:rs.step,
+                                           cs.start - c0:cs.stop - c0:cs.step]
         return np.asarray(self.level0[rs, cs])
 
     def _die(self, cell: Cell) -> np.ndarray:
@@ -417,9 +418,6 @@ def compare_dies(
     cell, r0, c0, z
         A die, the mosaic pixel of the band's top-left corner and the band's z-score map.
     """
-    cells, anchor = alike_dies(level0, mosaic, grid, cells)
-    if anchor is None:
-        return  # fewer than three comparable dies: two cannot tell which one differs
     p = mosaic.pixel_size_um
     h_die = int(math.floor(grid.pitch_um[1] / p))
     w_die = int(math.floor(grid.pitch_um[0] / p))
@@ -429,6 +427,9 @@ def compare_dies(
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
         boxes[cell] = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
     level0 = _DieCache(level0, boxes, capacity=settings.neighbours + 2)  # more while they fit
+    cells, anchor = alike_dies(level0, mosaic, grid, cells)
+    if anchor is None:
+        return  # fewer than three comparable dies: two cannot tell which one differs
     # bands are scored with this many rows of the die above and below, so the smoothing
     # does not see a band's border
     overlap = int(math.ceil(3 * max(settings.scales_px))) + 4
@@ -515,6 +516,77 @@ class DieToDieStats:
                 "seconds": round(self.seconds, 3), "map_pixels_over_threshold": self.pixels_over}
 
 
+#: a block of die-to-die scores on the anomaly map: its first map row and column, and values
+Patch = tuple[int, int, np.ndarray]
+
+
+def die_to_die_patches(
+    map_origin_um: tuple[float, float],
+    map_pixel_um: float,
+    level0: Any,
+    mosaic: MosaicGrid,
+    grid: DieGrid,
+    polygon: Any,
+    threshold: float,
+    settings: DieToDie = DieToDie(),
+) -> tuple[list[Patch], DieToDieStats]:
+    """Die-to-die evidence of every full die as blocks of anomaly-map scores.
+
+    Needs only the mosaic and the map's geometry, not the map, so it can run while the
+    network fills the map; :func:`apply_patches` then raises the map to them. Parameters as
+    :func:`fuse_die_to_die`.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    margin = int(math.ceil(settings.max_shift_px)) + 4
+    cells = full_dies(grid, polygon, mosaic, margin_px=margin)
+    stats = DieToDieStats(z_threshold=settings.z_threshold)
+    patches: list[Patch] = []
+    if len(cells) < 3:
+        return patches, stats
+    stats.dies = len(cells)
+    factor = map_pixel_um / mosaic.pixel_size_um  # mosaic pixels per map pixel
+    size = max(1, int(math.ceil(factor)))
+    for _, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings):
+        # map pixels whose centres fall on this band, sampled from the band's z after a
+        # max-filter of one map pixel, so a defect narrower than a map pixel is kept
+        y0 = mosaic.origin_um[1] + r0 * mosaic.pixel_size_um
+        x0 = mosaic.origin_um[0] + c0 * mosaic.pixel_size_um
+        i0 = max(0, int(math.ceil((y0 - map_origin_um[1]) / map_pixel_um)))
+        j0 = max(0, int(math.ceil((x0 - map_origin_um[0]) / map_pixel_um)))
+        i1 = int(math.floor((y0 + (z.shape[0] - 1) * mosaic.pixel_size_um
+                             - map_origin_um[1]) / map_pixel_um)) + 1
+        j1 = int(math.floor((x0 + (z.shape[1] - 1) * mosaic.pixel_size_um
+                             - map_origin_um[0]) / map_pixel_um)) + 1
+        if i1 <= i0 or j1 <= j0:
+            continue
+        # a grey opening first: evidence must span 2 x 2 mosaic pixels, so a lone noisy
+        # pixel does not become a whole map pixel (and pass the minimum defect area)
+        z = ndimage.grey_opening(z, size=(2, 2))
+        zmax = ndimage.maximum_filter(z, size=size) if size > 1 else z
+        rows = np.rint((map_origin_um[1] + np.arange(i0, i1) * map_pixel_um - y0)
+                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[0] - 1)
+        cols = np.rint((map_origin_um[0] + np.arange(j0, j1) * map_pixel_um - x0)
+                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[1] - 1)
+        score = z_to_score(zmax[np.ix_(rows, cols)], settings.z_threshold, threshold)
+        stats.pixels_over += int(np.count_nonzero(score >= threshold))
+        patches.append((i0, j0, score))
+    stats.seconds = time.perf_counter() - t0
+    return patches, stats
+
+
+def apply_patches(anomaly: Any, patches: list[Patch]) -> None:
+    """Raise ``anomaly`` (numpy or Zarr, writable) to the patches' scores, in place."""
+    mr, mc = anomaly.shape
+    for i0, j0, score in patches:
+        h, w = min(score.shape[0], mr - i0), min(score.shape[1], mc - j0)
+        if h <= 0 or w <= 0:
+            continue
+        current = np.asarray(anomaly[i0:i0 + h, j0:j0 + w], dtype=np.float32)
+        anomaly[i0:i0 + h, j0:j0 + w] = np.maximum(current, score[:h, :w])
+
+
 def fuse_die_to_die(
     anomaly: Any,
     map_origin_um: tuple[float, float],
@@ -547,42 +619,7 @@ def fuse_die_to_die(
     settings : DieToDie
         Comparison settings.
     """
-    import time
-
-    t0 = time.perf_counter()
-    margin = int(math.ceil(settings.max_shift_px)) + 4
-    cells = full_dies(grid, polygon, mosaic, margin_px=margin)
-    stats = DieToDieStats(z_threshold=settings.z_threshold)
-    if len(cells) < 3:
-        return stats
-    stats.dies = len(cells)
-    factor = map_pixel_um / mosaic.pixel_size_um  # mosaic pixels per map pixel
-    size = max(1, int(math.ceil(factor)))
-    mr, mc = anomaly.shape
-    for _, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings):
-        # map pixels whose centres fall on this band, sampled from the band's z after a
-        # max-filter of one map pixel, so a defect narrower than a map pixel is kept
-        y0 = mosaic.origin_um[1] + r0 * mosaic.pixel_size_um
-        x0 = mosaic.origin_um[0] + c0 * mosaic.pixel_size_um
-        i0 = max(0, int(math.ceil((y0 - map_origin_um[1]) / map_pixel_um)))
-        j0 = max(0, int(math.ceil((x0 - map_origin_um[0]) / map_pixel_um)))
-        i1 = min(mr, int(math.floor((y0 + (z.shape[0] - 1) * mosaic.pixel_size_um
-                                      - map_origin_um[1]) / map_pixel_um)) + 1)
-        j1 = min(mc, int(math.floor((x0 + (z.shape[1] - 1) * mosaic.pixel_size_um
-                                      - map_origin_um[0]) / map_pixel_um)) + 1)
-        if i1 <= i0 or j1 <= j0:
-            continue
-        # a grey opening first: evidence must span 2 x 2 mosaic pixels, so a lone noisy
-        # pixel does not become a whole map pixel (and pass the minimum defect area)
-        z = ndimage.grey_opening(z, size=(2, 2))
-        zmax = ndimage.maximum_filter(z, size=size) if size > 1 else z
-        rows = np.rint((map_origin_um[1] + np.arange(i0, i1) * map_pixel_um - y0)
-                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[0] - 1)
-        cols = np.rint((map_origin_um[0] + np.arange(j0, j1) * map_pixel_um - x0)
-                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[1] - 1)
-        score = z_to_score(zmax[np.ix_(rows, cols)], settings.z_threshold, threshold)
-        current = np.asarray(anomaly[i0:i1, j0:j1], dtype=np.float32)
-        stats.pixels_over += int(np.count_nonzero(score >= threshold))
-        anomaly[i0:i1, j0:j1] = np.maximum(current, score)
-    stats.seconds = time.perf_counter() - t0
+    patches, stats = die_to_die_patches(map_origin_um, map_pixel_um, level0, mosaic, grid,
+                                        polygon, threshold, settings)
+    apply_patches(anomaly, patches)
     return stats

@@ -623,6 +623,16 @@ def grid_pixel_um(model: Model, source_um: float) -> float:
     return float(model.pixel_size_um)
 
 
+def map_geometry(model: Model, origin_um: tuple[float, float], pixel_size_um: float
+                 ) -> tuple[tuple[float, float], float]:
+    """Stage ``(x, y)`` of the centre of map pixel ``(0, 0)``, and the map pixel size, of the
+    maps of a source whose pixel ``(0, 0)`` is centred at ``origin_um``."""
+    p_model = grid_pixel_um(model, pixel_size_um)
+    s = int(model.output_stride)
+    half = (s - 1) / 2 * p_model
+    return (origin_um[0] + half, origin_um[1] + half), s * p_model
+
+
 def infer_image(
     model: Model,
     image: np.ndarray,
@@ -710,9 +720,7 @@ def infer_mosaic(
     reader = GridReader(level0, p_model / p_mosaic)
     s = int(model.output_stride)
     tiling = plan_tiling(reader.shape, s, int(model.context_px), core_px=core_px)
-    half = (s - 1) / 2 * p_model
-    origin = (x0 + half, y0 + half)
-    p_map = s * p_model
+    origin, p_map = map_geometry(model, (x0, y0), p_mosaic)
     mask = None
     if polygon is not None:
         mask = polygon_mask(polygon, origin, p_map, 2 * p_map if edge_um is None else edge_um)
