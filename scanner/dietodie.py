@@ -471,16 +471,16 @@ def compare_dies(
         z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px)
         return cell, r0, c0, z[rows]
 
-    # the next band is read and aligned while a worker thread scores the last one (numpy and
-    # scipy release the GIL for much of the scoring); at most two bands wait, so memory stays
-    # that of a few bands
+    # two worker threads score bands while the next is read and aligned (numpy and scipy
+    # release the GIL for much of the scoring: demo wafer, 49 dies, 9.9 s with one worker,
+    # 7.0 s with two on 2 cores); at most three bands wait, so memory stays that of a few bands
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=2) as pool:
         pending = []
         for job in bands():
             pending.append(pool.submit(score, job))
-            if len(pending) > 1:
+            if len(pending) > 2:
                 yield pending.pop(0).result()
         for f in pending:
             yield f.result()
