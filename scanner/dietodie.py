@@ -58,6 +58,10 @@ class DieToDie:
         Rows of a die compared at a time (bounds memory).
     max_shift_px : float
         Largest misalignment of a die searched for (larger estimates are failures).
+    max_global_px : int
+        Largest offset of a whole die from where the recipe's grid puts it, relative to the
+        anchor die (a die pitch a little off, stage drift); found at a coarse resolution
+        before the blocks are aligned within ``max_shift_px`` of it.
     max_local_px : float
         Largest departure of one block's shift from the die's median shift (local stitching
         offsets); a block estimate further off, or none (featureless block), is replaced by
@@ -73,9 +77,15 @@ class DieToDie:
     block_px: int = 256
     band_px: int = 1024
     max_shift_px: float = 4.0
+    max_global_px: int = 16
     max_local_px: float = 2.5
     tolerance_px: int = 4
     scales_px: tuple[float, ...] = (1.0,2.5,6.0)
+
+
+def _margin(settings: DieToDie) -> int:
+    """Pixels read around a die: room for a reference's shift relative to a test die."""
+    return 2 * (int(settings.max_global_px) + int(math.ceil(settings.max_shift_px))) + 4
 
 
 @dataclass
@@ -308,6 +318,30 @@ def _blocks(n: int, b: int) -> list[tuple[int, int]]:
     return [(i, min(i + b, n)) for i in range(0, n, b)]
 
 
+def global_shift(fixed: np.ndarray, moving: np.ndarray, max_px: float) -> np.ndarray:
+    """Whole-pixel shift ``(dy, dx)`` aligning a whole die onto another (0 if beyond ``max_px``).
+
+    Phase correlation of the two dies averaged down to about 128-256 pixels a side, so an
+    offset of many pixels is found in one step; blocks are then aligned around it.
+    """
+    from skimage.registration import phase_cross_correlation
+
+    f = 1
+    while min(fixed.shape) // (2 * f) >= 128:
+        f *= 2
+    a = _mean_pool(fixed.astype(np.float32), f)
+    b = _mean_pool(moving.astype(np.float32), f)
+    if a.std() < 1e-6 * (abs(a.mean()) + 1) or b.std() < 1e-6 * (abs(b.mean()) + 1):
+        return np.zeros(2)
+    hann = _hann(a.shape)
+    # sub-sampled precision (1 / f of a coarse pixel), so the estimate is good to a full
+    # resolution pixel rather than a step of f
+    shift, _, _ = phase_cross_correlation((a - a.mean()) * hann, (b - b.mean()) * hann,
+                                          upsample_factor=2 * f, normalization=None)
+    shift = np.round(np.asarray(shift, dtype=np.float64) * f)
+    return shift if np.all(np.abs(shift) <= max_px) else np.zeros(2)
+
+
 def shift_fields(
     level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], anchor: Cell,
     settings: DieToDie
@@ -336,6 +370,12 @@ def shift_fields(
         if cell == anchor:
             continue
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        # the whole die first (a pitch a little off moves far dies by many pixels), then
+        # each block within max_shift_px of that; blocks of the die are read offset by it
+        g = global_shift(_read(level0, ar, ac, h_die, w_die), _read(level0, r0, c0, h_die, w_die),
+                         settings.max_global_px)
+        gy, gx = int(g[0]), int(g[1])
+        r0, c0 = r0 - gy, c0 - gx
         own = np.full_like(field, np.nan)
         for i, (y0, y1) in enumerate(rows):
             fixed = _read(level0, ar + y0, ac, y1 - y0, w_die)
@@ -346,6 +386,7 @@ def shift_fields(
                     own[i, j] = est
         valid = np.isfinite(own[..., 0])
         typical = np.median(own[valid], axis=0) if valid.any() else np.zeros(2)
+        # the fields hold the whole shift: the global part plus the block's
         for i, (y0, y1) in enumerate(rows):
             fixed = _read(level0, ar + y0, ac, y1 - y0, w_die)
             moving = _read(level0, r0 + y0 - m, c0 - m, y1 - y0 + 2 * m, w_die + 2 * m)
@@ -357,7 +398,7 @@ def shift_fields(
                 distinct = [c for k, c in enumerate(candidates)
                             if all(np.abs(c - o).max() > 0.2 for o in candidates[:k])]
                 if len(distinct) == 1:
-                    field[i, j] = distinct[0]
+                    field[i, j] = g + distinct[0]
                     continue
                 target = fixed[m:y1 - y0 - m, x0 + m:x1 - m]  # away from the block's border
                 best, best_err = typical, math.inf
@@ -366,7 +407,7 @@ def shift_fields(
                     err = float(np.mean((moved - target) ** 2)) if target.size else 0.0
                     if err < best_err - 1e-9:
                         best, best_err = c, err
-                field[i, j] = best
+                field[i, j] = g + best
     return fields
 
 
@@ -421,7 +462,7 @@ def compare_dies(
     p = mosaic.pixel_size_um
     h_die = int(math.floor(grid.pitch_um[1] / p))
     w_die = int(math.floor(grid.pitch_um[0] / p))
-    margin = int(math.ceil(2 * settings.max_shift_px)) + 2
+    margin = _margin(settings)
     boxes = {}
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
@@ -452,9 +493,9 @@ def compare_dies(
                 aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
                 for k, ref in enumerate(refs):
                     rr, rc, _ = die_origin_px(grid, mosaic, ref)
+                    shifts = fields[ref] - fields[cell]
                     band = _read(level0, rr + d0 - margin, rc - margin,
                                  h + 2 * margin, w_die + 2 * margin)
-                    shifts = fields[ref] - fields[cell]
                     y = 0
                     while y < h:  # rows of the band, cut where the block rows change
                         i = (d0 + y) // b
@@ -539,8 +580,7 @@ def die_to_die_patches(
     import time
 
     t0 = time.perf_counter()
-    margin = int(math.ceil(settings.max_shift_px)) + 4
-    cells = full_dies(grid, polygon, mosaic, margin_px=margin)
+    cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
     stats = DieToDieStats(z_threshold=settings.z_threshold)
     patches: list[Patch] = []
     if len(cells) < 3:

@@ -90,22 +90,27 @@ def test_nearest_dies_are_the_closest_other_dies():
 
 
 def _mosaic(n: int = 3, die_px: int = 160, defect: tuple[int, int] | None = (1, 1),
-            blank: tuple[int, int] | None = None, seed: int = 0):
-    """A stitched-looking mosaic of n x n dies of one design with noise; one die defective."""
+            blank: tuple[int, int] | None = None, seed: int = 0, drift_px: int = 0):
+    """A stitched-looking mosaic of n x n dies of one design with noise; one die defective.
+
+    ``drift_px``: the dies lie this much further apart than the grid's pitch (a recipe pitch
+    a little off), so die (c, r) is ``(r, c) * drift_px`` away from where the grid puts it.
+    """
     rng = np.random.default_rng(seed)
     design = _design(die_px, die_px, seed=5)
-    pad = 40
-    img = np.full((n * die_px + 2 * pad, n * die_px + 2 * pad), 1000.0)
+    pad = 60
+    size = n * die_px + 2 * pad
+    img = np.full((size, size), 1000.0)
     for r in range(n):
         for c in range(n):
             die = design if (c, r) != blank else np.full_like(design, 1000.0)
-            img[pad + r * die_px: pad + (r + 1) * die_px,
-                pad + c * die_px: pad + (c + 1) * die_px] = die
+            y, x = pad + r * (die_px + drift_px), pad + c * (die_px + drift_px)
+            img[y:y + die_px, x:x + die_px] = die
     img += rng.normal(0, 10, img.shape)
     truth = None
     if defect is not None:  # a missing piece of pattern in one die
-        r0 = pad + defect[1] * die_px + 50
-        c0 = pad + defect[0] * die_px + 70
+        r0 = pad + defect[1] * (die_px + drift_px) + 50
+        c0 = pad + defect[0] * (die_px + drift_px) + 70
         img[r0:r0 + 12, c0:c0 + 16] = 1000.0 + rng.normal(0, 10, (12, 16))
         truth = (r0 + 6, c0 + 8)
     p = 2.0
@@ -115,8 +120,11 @@ def _mosaic(n: int = 3, die_px: int = 160, defect: tuple[int, int] | None = (1, 
     return img.astype(np.float32), geometry, grid, usable, truth
 
 
-def test_compare_dies_finds_the_defect_in_its_own_die_only():
-    img, geometry, grid, usable, truth = _mosaic()
+@pytest.mark.parametrize("drift_px", [0, 5])
+def test_compare_dies_finds_the_defect_in_its_own_die_only(drift_px):
+    # a drift of 5 px a die puts the far dies 10 px from the anchor's grid position: beyond
+    # the block search, found by the whole-die alignment
+    img, geometry, grid, usable, truth = _mosaic(drift_px=drift_px)
     cells = full_dies(grid, usable, geometry, margin_px=8)
     assert len(cells) == 9
     hot = []
