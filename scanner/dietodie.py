@@ -573,9 +573,8 @@ def die_to_die_patches(
 ) -> tuple[list[Patch], DieToDieStats]:
     """Die-to-die evidence of every full die as blocks of anomaly-map scores.
 
-    Needs only the mosaic and the map's geometry, not the map, so it can run while the
-    network fills the map; :func:`apply_patches` then raises the map to them. Parameters as
-    :func:`fuse_die_to_die`.
+    Needs only the mosaic and the map's geometry, not the map; :func:`apply_patches` then
+    raises the map to them. Parameters as :func:`fuse_die_to_die`.
     """
     import time
 
@@ -586,34 +585,43 @@ def die_to_die_patches(
     if len(cells) < 3:
         return patches, stats
     stats.dies = len(cells)
-    factor = map_pixel_um / mosaic.pixel_size_um  # mosaic pixels per map pixel
-    size = max(1, int(math.ceil(factor)))
     for _, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings):
-        # map pixels whose centres fall on this band, sampled from the band's z after a
-        # max-filter of one map pixel, so a defect narrower than a map pixel is kept
-        y0 = mosaic.origin_um[1] + r0 * mosaic.pixel_size_um
-        x0 = mosaic.origin_um[0] + c0 * mosaic.pixel_size_um
-        i0 = max(0, int(math.ceil((y0 - map_origin_um[1]) / map_pixel_um)))
-        j0 = max(0, int(math.ceil((x0 - map_origin_um[0]) / map_pixel_um)))
-        i1 = int(math.floor((y0 + (z.shape[0] - 1) * mosaic.pixel_size_um
-                             - map_origin_um[1]) / map_pixel_um)) + 1
-        j1 = int(math.floor((x0 + (z.shape[1] - 1) * mosaic.pixel_size_um
-                             - map_origin_um[0]) / map_pixel_um)) + 1
-        if i1 <= i0 or j1 <= j0:
-            continue
-        # a grey opening first: evidence must span 2 x 2 mosaic pixels, so a lone noisy
-        # pixel does not become a whole map pixel (and pass the minimum defect area)
-        z = ndimage.grey_opening(z, size=(2, 2))
-        zmax = ndimage.maximum_filter(z, size=size) if size > 1 else z
-        rows = np.rint((map_origin_um[1] + np.arange(i0, i1) * map_pixel_um - y0)
-                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[0] - 1)
-        cols = np.rint((map_origin_um[0] + np.arange(j0, j1) * map_pixel_um - x0)
-                       / mosaic.pixel_size_um).astype(int).clip(0, z.shape[1] - 1)
-        score = z_to_score(zmax[np.ix_(rows, cols)], settings.z_threshold, threshold)
-        stats.pixels_over += int(np.count_nonzero(score >= threshold))
-        patches.append((i0, j0, score))
+        patch = map_patch(z, r0, c0, mosaic, map_origin_um, map_pixel_um, settings.z_threshold,
+                          threshold)
+        if patch is not None:
+            stats.pixels_over += int(np.count_nonzero(patch[2] >= threshold))
+            patches.append(patch)
     stats.seconds = time.perf_counter() - t0
     return patches, stats
+
+
+def map_patch(z: np.ndarray, r0: int, c0: int, mosaic: MosaicGrid,
+              map_origin_um: tuple[float, float], map_pixel_um: float, z_threshold: float,
+              threshold: float) -> Patch | None:
+    """A z-score map of mosaic pixels ``[r0:, c0:]`` as anomaly-map scores (None: no overlap).
+
+    The map pixels whose centres fall on ``z`` are sampled from it after a grey opening
+    (evidence must span 2 x 2 mosaic pixels, so a lone noisy pixel does not become a whole
+    map pixel and pass the minimum defect area) and a max-filter of one map pixel (a defect
+    narrower than a map pixel is kept).
+    """
+    p = mosaic.pixel_size_um
+    size = max(1, int(math.ceil(map_pixel_um / p)))
+    y0 = mosaic.origin_um[1] + r0 * p
+    x0 = mosaic.origin_um[0] + c0 * p
+    i0 = max(0, int(math.ceil((y0 - map_origin_um[1]) / map_pixel_um)))
+    j0 = max(0, int(math.ceil((x0 - map_origin_um[0]) / map_pixel_um)))
+    i1 = int(math.floor((y0 + (z.shape[0] - 1) * p - map_origin_um[1]) / map_pixel_um)) + 1
+    j1 = int(math.floor((x0 + (z.shape[1] - 1) * p - map_origin_um[0]) / map_pixel_um)) + 1
+    if i1 <= i0 or j1 <= j0:
+        return None
+    z = ndimage.grey_opening(z, size=(2, 2))
+    zmax = ndimage.maximum_filter(z, size=size) if size > 1 else z
+    rows = np.rint((map_origin_um[1] + np.arange(i0, i1) * map_pixel_um - y0) / p
+                   ).astype(int).clip(0, z.shape[0] - 1)
+    cols = np.rint((map_origin_um[0] + np.arange(j0, j1) * map_pixel_um - x0) / p
+                   ).astype(int).clip(0, z.shape[1] - 1)
+    return i0, j0, z_to_score(zmax[np.ix_(rows, cols)], z_threshold, threshold)
 
 
 def apply_patches(anomaly: Any, patches: list[Patch]) -> None:
