@@ -120,10 +120,17 @@ def full_dies(grid: DieGrid, polygon: Any, mosaic: MosaicGrid, margin_px: int = 
 
 def nearest_dies(cells: list[Cell], k: int) -> dict[Cell, list[Cell]]:
     """Up to ``k`` nearest other dies of each die (grid distance; ties in a fixed order)."""
+    from scipy.spatial import cKDTree
+
+    if len(cells) < 2:
+        return {c: [] for c in cells}
+    xy = np.array(cells, dtype=float)
+    # a few more than k, then ties ordered by (distance, row, column)
+    _, idx = cKDTree(xy).query(xy, k=min(len(cells), k + 9))
     out = {}
-    for c in cells:
-        others = sorted((o for o in cells if o != c),
-                        key=lambda o: (math.hypot(o[0] - c[0], o[1] - c[1]), o[1], o[0]))
+    for i, c in enumerate(cells):
+        others = sorted((cells[j] for j in np.atleast_1d(idx[i]) if j != i and j < len(cells)),
+                        key=lambda o, c=c: (math.hypot(o[0] - c[0], o[1] - c[1]), o[1], o[0]))
         out[c] = others[:k]
     return out
 
@@ -412,8 +419,8 @@ def shift_fields(
 
 
 def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
-               min_correlation: float = 0.5, side_px: int = 256) -> tuple[list[Cell], Cell | None]:
-    """The dies that look like the majority, and the most typical of them (the anchor).
+               min_correlation: float = 0.5, side_px: int = 64) -> tuple[list[Cell], Cell | None]:
+    """The dies that look like the majority, and the one nearest their middle (the anchor).
 
     A die that differs from its neighbours everywhere is not a copy of their design (an
     unexposed or partial field, a test-structure die, another product): comparing it would
@@ -426,20 +433,26 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
     p = mosaic.pixel_size_um
     h_die = int(math.floor(grid.pitch_um[1] / p))
     w_die = int(math.floor(grid.pitch_um[0] / p))
-    step = max(1, min(h_die, w_die) // side_px)
+    f = 1  # block means of f x f pixels (f a power of two), about side_px a side
+    while min(h_die, w_die) // (2 * f) >= side_px:
+        f *= 2
     thumbs = []
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
-        t = np.asarray(level0[r0:r0 + h_die:step, c0:c0 + w_die:step], dtype=np.float64)
+        t = _mean_pool(np.asarray(level0[r0:r0 + h_die, c0:c0 + w_die], dtype=np.float32), f)
         t = t - t.mean()
-        thumbs.append(t.ravel() / (np.linalg.norm(t) + 1e-12))
-    corr = np.array(thumbs) @ np.array(thumbs).T
+        thumbs.append((t.ravel() / (np.linalg.norm(t) + 1e-12)).astype(np.float32))
+    corr = np.array(thumbs) @ np.array(thumbs).T  # n x n: small thumbnails keep it cheap
     np.fill_diagonal(corr, np.nan)
     typical = np.nanmedian(corr, axis=1)
     keep = [c for c, v in zip(cells, typical, strict=True) if v >= min_correlation]
     if len(keep) < 3:
         return [], None
-    return keep, cells[int(np.nanargmax(typical))]
+    # the anchor: the kept die nearest the middle of the kept ones (every die is aligned to
+    # it, so a central one keeps the offsets small)
+    centre = np.mean(np.array(keep, dtype=float), axis=0)
+    return keep, min(keep, key=lambda c: (math.hypot(c[0] - centre[0], c[1] - centre[1]),
+                                          c[1], c[0]))
 
 
 def compare_dies(
@@ -466,7 +479,11 @@ def compare_dies(
     boxes = {}
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
-        boxes[cell] = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
+        box = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
+        if box[0] >= 0 and box[1] >= 0 and box[2] <= mosaic.shape[0] \
+                and box[3] <= mosaic.shape[1]:  # room to align it: else not compared
+            boxes[cell] = box
+    cells = [c for c in cells if c in boxes]
     level0 = _DieCache(level0, boxes, capacity=settings.neighbours + 2)  # more while they fit
     cells, anchor = alike_dies(level0, mosaic, grid, cells)
     if anchor is None:

@@ -195,3 +195,16 @@ def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path):
         assert any(d.bbox_um[0] - 2 * p <= t["x_um"] <= d.bbox_um[2] + 2 * p
                    and d.bbox_um[1] - 2 * p <= t["y_um"] <= d.bbox_um[3] + 2 * p
                    for d in found), t
+
+
+def test_many_small_dies_smaller_than_a_block():
+    """48 px dies on a 12 x 12 grid: blocks, bands and thumbnails all larger than a die."""
+    img, geometry, grid, usable, truth = _mosaic(n=12, die_px=48, defect=None, seed=3)
+    r, c = 60 + 5 * 48 + 20, 60 + 7 * 48 + 20  # a missing piece in die (7, 5)
+    img[r:r + 6, c:c + 8] = 1000.0
+    cells = full_dies(grid, usable, geometry, margin_px=8)
+    # the plain border around the 12 x 12 dies holds grid cells too: unlike the dies
+    alike, _ = alike_dies(img, geometry, grid, cells)
+    assert sorted(alike) == sorted((cc, rr) for rr in range(12) for cc in range(12))
+    hot = {cell for cell, *_, z in compare_dies(img, geometry, grid, cells) if z.max() > 13}
+    assert hot == {(7, 5)}
