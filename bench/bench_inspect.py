@@ -17,7 +17,10 @@ mosaic and prints, per sample and in total:
 * Spearman rank correlation between a defect's uncertainty and its error (1 for a false
   defect, 0 for a true one): positive means "more uncertain, more often wrong";
 * throughput: end to end Zarr -> Zarr (three OME-NGFF maps written) in mosaic megapixels per
-  second, and the network alone on one full window.
+  second, and the network alone on one full window;
+* a die-dense wafer (about 40 full dies in 5 x 5 tiles, as on the demo wafer) apart: the
+  table's wafers hold 4 dies each, so they would not show what the die-to-die comparison
+  costs (``scanner/dietodie.py``); its recall and false defects are printed too.
 
 Run: ``nice -n 10 .venv/bin/python bench/bench_inspect.py [--model M] [--quick]``.
 """
@@ -90,6 +93,22 @@ def recipes(pixel_um: dict[str, float], quick: bool) -> dict[str, dict]:
             "scan": {"overlap": 0.1},
         }
     return out
+
+
+def dense_wafer(pixel_um: float, quick: bool) -> dict:
+    """A wafer whose 5 x 5 tiles (3 x 3 quick) are mostly dies: pitch a seventh of the side."""
+    n_tiles = 3 if quick else 5
+    side_mm = 1024 * pixel_um / 1000 * n_tiles
+    cam = {"width": 1024, "height": 1024, "pixel_size_um": pixel_um, "bit_depth": 12}
+    return {
+        "sample": {"kind": "wafer", "diameter_mm": round(side_mm * 1.45, 3),
+                   "edge_exclusion_mm": round(side_mm * 0.05, 3),
+                   "die_pitch_mm": [round(side_mm / 7, 3)] * 2,
+                   "die_origin_mm": [round(side_mm / 14, 3), round(side_mm / 14, 3)],
+                   "defects": {"count": 12, "seed": 90303}},
+        "microscope": {"kind": "simulated", "camera": cam, "seed": 90303},
+        "scan": {"overlap": 0.1},
+    }
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -238,6 +257,19 @@ def main(argv: list[str]) -> None:
                   f"{total['mp'] / max(total['s'], 1e-9):.2f}")
     console = Console(width=160)
     console.print(table)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "dense.yaml"
+        path.write_text(yaml.safe_dump(dense_wafer(pixels["wafer"], args.quick)))
+        result = run_scan(load_recipe(path), Path(tmp) / "dense", inspect=True, model=model)
+        r = evaluate(result.folder)
+        ins = r["inspect"]
+        d2d = ins.get("die_to_die") or {}
+        console.print(
+            f"die-dense wafer: {d2d.get('dies', 0)} dies compared, {ins['mosaic_megapixels']:.1f} "
+            f"MP, {ins['mosaic_megapixels'] / ins['maps_s']:.2f} MP/s Zarr→Zarr (network "
+            f"{ins['network_s']:.1f} s, die-to-die {d2d.get('seconds', 0.0):.1f} s of "
+            f"{ins['maps_s']:.1f} s); found {r['found']}/{r['true']}, {r['false']} false "
+            f"({r['false'] / r['area_cm2']:.2f}/cm²)")
     console.print(f"network alone: {network_rate(model):.2f} MP/s (one window, "
                   f"{model.output_stride}x output stride)")
     with tempfile.TemporaryDirectory() as tmp:

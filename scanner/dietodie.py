@@ -641,15 +641,31 @@ def map_patch(z: np.ndarray, r0: int, c0: int, mosaic: MosaicGrid,
     return i0, j0, z_to_score(zmax[np.ix_(rows, cols)], z_threshold, threshold)
 
 
-def apply_patches(anomaly: Any, patches: list[Patch]) -> None:
-    """Raise ``anomaly`` (numpy or Zarr, writable) to the patches' scores, in place."""
+def apply_patches(anomaly: Any, patches: list[Patch], band_rows: int = 1024) -> None:
+    """Raise ``anomaly`` (numpy or Zarr, writable) to the patches' scores, in place.
+
+    Band by band of ``band_rows`` map rows, each read and written once: writing patch by
+    patch into a Zarr array re-encodes its chunks once per patch (1.4 s for the 49 dies of the
+    benchmark's die-dense wafer).
+    """
     mr, mc = anomaly.shape
-    for i0, j0, score in patches:
-        h, w = min(score.shape[0], mr - i0), min(score.shape[1], mc - j0)
-        if h <= 0 or w <= 0:
+    if not patches:
+        return
+    top = min(i0 for i0, _, _ in patches)
+    bottom = min(mr, max(i0 + sc.shape[0] for i0, _, sc in patches))
+    for b0 in range(top, bottom, band_rows):
+        b1 = min(b0 + band_rows, bottom)
+        inside = [(i0, j0, sc) for i0, j0, sc in patches
+                  if i0 < b1 and i0 + sc.shape[0] > b0 and j0 < mc]
+        if not inside:
             continue
-        current = np.asarray(anomaly[i0:i0 + h, j0:j0 + w], dtype=np.float32)
-        anomaly[i0:i0 + h, j0:j0 + w] = np.maximum(current, score[:h, :w])
+        band = np.asarray(anomaly[b0:b1], dtype=np.float32).copy()
+        for i0, j0, sc in inside:
+            r0, r1 = max(i0, b0), min(i0 + sc.shape[0], b1)
+            w = min(sc.shape[1], mc - j0)
+            view = band[r0 - b0:r1 - b0, j0:j0 + w]
+            np.maximum(view, sc[r0 - i0:r1 - i0, :w], out=view)
+        anomaly[b0:b1] = band
 
 
 def fuse_die_to_die(

@@ -208,3 +208,20 @@ def test_many_small_dies_smaller_than_a_block():
     assert sorted(alike) == sorted((cc, rr) for rr in range(12) for cc in range(12))
     hot = {cell for cell, *_, z in compare_dies(img, geometry, grid, cells) if z.max() > 13}
     assert hot == {(7, 5)}
+
+
+def test_apply_patches_matches_patch_by_patch_and_clips_at_the_border():
+    from scanner.dietodie import apply_patches
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0, 0.5, (50, 40)).astype(np.float32)
+    patches = [(0, 0, rng.uniform(0, 1, (10, 12)).astype(np.float32)),
+               (8, 30, rng.uniform(0, 1, (20, 20)).astype(np.float32)),  # past the right edge
+               (45, 5, rng.uniform(0, 1, (10, 5)).astype(np.float32))]  # past the bottom
+    expected = base.copy()
+    for i0, j0, sc in patches:
+        h, w = min(sc.shape[0], 50 - i0), min(sc.shape[1], 40 - j0)
+        expected[i0:i0 + h, j0:j0 + w] = np.maximum(expected[i0:i0 + h, j0:j0 + w], sc[:h, :w])
+    got = base.copy()
+    apply_patches(got, patches, band_rows=7)
+    np.testing.assert_array_equal(got, expected)
