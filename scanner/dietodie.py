@@ -41,6 +41,9 @@ from .diegrid import DieGrid
 
 Cell = tuple[int, int]
 
+#: dies smaller than this (mosaic pixels a side) are not compared
+MIN_DIE_PX = 32
+
 
 @dataclass(frozen=True)
 class DieToDie:
@@ -596,9 +599,11 @@ def die_to_die_patches(
     import time
 
     t0 = time.perf_counter()
-    cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
     stats = DieToDieStats(z_threshold=settings.z_threshold)
     patches: list[Patch] = []
+    if min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
+        return patches, stats  # dies of a few pixels: nothing to align or compare
+    cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
     if len(cells) < 3:
         return patches, stats
     stats.dies = len(cells)

@@ -225,3 +225,11 @@ def test_apply_patches_matches_patch_by_patch_and_clips_at_the_border():
     got = base.copy()
     apply_patches(got, patches, band_rows=7)
     np.testing.assert_array_equal(got, expected)
+
+
+def test_dies_of_a_few_pixels_are_not_compared():
+    img, geometry, _, usable, _ = _mosaic(n=3, die_px=160, defect=None)
+    tiny = DieGrid((20 * geometry.pixel_size_um,) * 2, (120.0, 120.0))  # 20 px dies
+    anomaly = np.zeros((img.shape[0] // 4, img.shape[1] // 4), np.float32)
+    stats = fuse_die_to_die(anomaly, (3.0, 3.0), 8.0, img, geometry, tiny, usable, 0.7)
+    assert stats.dies == 0 and not anomaly.any()
