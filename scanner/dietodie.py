@@ -6,20 +6,21 @@ compare every die with its neighbours for this reason. The anomaly network judge
 its own; it cannot know that a patch of bare silicon inside a die is a *missing* structure, and
 it must tolerate the design's own busy circuitry, which hides faint stains and thin scratches.
 
-For every full die of the recipe's die grid inside the usable area and the mosaic, band by
-band (memory stays flat whatever the die's size):
+For every full die of the recipe's die grid inside the usable area and the mosaic:
 
-1. the test band and the same band of its nearest full dies (up to ``neighbours``) are read
-   from the mosaic with a margin;
-2. each neighbour is aligned to the test die block by block (phase correlation, scikit-image),
-   because a stitched mosaic has local offsets of a pixel or two at tile seams;
-3. the reference is the per-pixel median of the aligned neighbours (one defective neighbour
-   does not make a defect in the test die), scaled to the test band's brightness;
-4. the test pixel's distance outside the reference's 3 x 3 minimum-maximum envelope is the
-   difference, so sub-pixel misalignment of sharp edges is tolerated;
-5. the difference is smoothed at a few scales (a thin scratch at the finest, a faint wide stain
-   at the coarsest) and divided by the noise of the plain difference at that scale, measured
-   robustly on the band's flat pixels: a z-score per pixel, the largest over the scales.
+1. dies unlike the others (an unexposed field, a test die, another product: thumbnail
+   correlation) are neither compared nor used as references (:func:`alike_dies`);
+2. every die is aligned to one anchor die, first as a whole at a coarse resolution (a recipe
+   pitch a little off moves far dies by many pixels), then block by block (phase correlation,
+   scikit-image), because a stitched mosaic has local offsets of a pixel or two at tile seams
+   (:func:`shift_fields`); a reference's offset from a test die is the difference of the two;
+3. band by band of the test die (memory stays flat whatever the die's size), its nearest dies
+   (up to ``neighbours``) are moved onto it, block by block;
+4. at each of a few scales (a thin scratch at the finest, a faint wide stain at the coarsest,
+   coarse scales on block means) the smoothed test's distance outside the minimum-maximum
+   envelope of the smoothed references over +-``tolerance_px`` is the difference, divided by
+   the local die-to-die noise (how much the references differ from one another around the
+   pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`).
 
 A z-score of :attr:`DieToDie.z_threshold` means "a defect" and is put on the anomaly map's
 scale at the decision threshold (:func:`z_to_score`), so the two kinds of evidence join in one
@@ -65,10 +66,6 @@ class DieToDie:
         Largest offset of a whole die from where the recipe's grid puts it, relative to the
         anchor die (a die pitch a little off, stage drift); found at a coarse resolution
         before the blocks are aligned within ``max_shift_px`` of it.
-    max_local_px : float
-        Largest departure of one block's shift from the die's median shift (local stitching
-        offsets); a block estimate further off, or none (featureless block), is replaced by
-        the median.
     scales_px : tuple of float
         Gaussian sigmas (mosaic pixels) at which differences are scored.
     tolerance_px : int
@@ -81,7 +78,6 @@ class DieToDie:
     band_px: int = 1024
     max_shift_px: float = 4.0
     max_global_px: int = 16
-    max_local_px: float = 2.5
     tolerance_px: int = 4
     scales_px: tuple[float, ...] = (1.0,2.5,6.0)
 
