@@ -4,7 +4,10 @@
   images (:data:`scanner.defectlist.MAP_NAMES`), the defects to ``defects.json`` /
   ``defects.csv``, the timings and model to ``scan.json``. Only the sample's usable area (from
   the recipe saved in ``scan.json``) is inspected, so the chuck and the sample's edge are not
-  defects.
+  defects. On a wafer the full dies are also compared with their neighbours
+  (``scanner.dietodie``) and that evidence is added to the anomaly map before defects are
+  extracted; quiet neighbourhoods get the card's quiet threshold for the sample kind
+  (:func:`quiet_threshold`).
 * **Image files or folders**: each image is inspected whole (tiled if large); ``scores.csv``
   has one row per image (``image``, ``score``, ``n_defects``, ``n_review``), ``defects.csv``
   one row per defect with its ``image``, and ``defects.json`` the same per image. The image
