@@ -264,6 +264,8 @@ def inspect_mosaic(
         "network_s": round(maps.stats.network_s, 3),
         "defects_s": round(t_defects, 3),
     }
+    if d2d.get("dies"):  # part of maps_s
+        timings["die_to_die_s"] = round(float(d2d["seconds"]), 3)
     header = {
         "source": str(mosaic),
         "created": now_iso(),
