@@ -187,6 +187,10 @@ def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path):
     assert res.exit_code == 0, res.output
     header, found = read_defects(out)
     assert header["die_to_die"]["dies"] >= 3
+    from models import load_model
+
+    quiet = load_model(None).card.get("thresholds_quiet_by_sample_kind", {}).get("wafer")
+    assert header["threshold_quiet"] == quiet  # the card's, for the recipe's kind
     truth = json.loads((out / "truth.json").read_text())["defects"]
     assert truth
     # the network alone finds 1 of these 3 (checked with die_to_die: false)
