@@ -79,7 +79,7 @@ class DieToDie:
     max_shift_px: float = 4.0
     max_global_px: int = 16
     tolerance_px: int = 4
-    scales_px: tuple[float, ...] = (1.0,2.5,6.0)
+    scales_px: tuple[float, ...] = (1.0, 2.5, 6.0)
 
 
 def _margin(settings: DieToDie) -> int:
@@ -99,6 +99,12 @@ class MosaicGrid:
         """``(row, col)`` (fractional) of a stage point."""
         return ((y_um - self.origin_um[1]) / self.pixel_size_um,
                 (x_um - self.origin_um[0]) / self.pixel_size_um)
+
+
+def die_shape_px(grid: DieGrid, mosaic: MosaicGrid) -> tuple[int, int]:
+    """``(rows, cols)`` of mosaic pixels compared per die: whole pixels of the die pitch."""
+    p = mosaic.pixel_size_um
+    return int(math.floor(grid.pitch_um[1] / p)), int(math.floor(grid.pitch_um[0] / p))
 
 
 def full_dies(grid: DieGrid, polygon: Any, mosaic: MosaicGrid, margin_px: int = 0) -> list[Cell]:
@@ -151,20 +157,30 @@ def block_shift(fixed: np.ndarray, moving: np.ndarray, max_shift_px: float) -> n
     (0.3 pixel without it, under 0.1 with it, on a test pattern). Featureless blocks give no
     estimate.
     """
-    from skimage.registration import phase_cross_correlation
-
     # at half resolution (2 x 2 means, then sigma 1: the same smoothing as sigma 2 at full
     # resolution) for a quarter of the cost; the estimate is doubled back
     f = ndimage.gaussian_filter(_mean_pool(fixed.astype(np.float32), 2), 1.0)
     m = ndimage.gaussian_filter(_mean_pool(moving.astype(np.float32), 2), 1.0)
-    if f.std() < 1e-6 * (abs(f.mean()) + 1) or m.std() < 1e-6 * (abs(m.mean()) + 1):
+    shift = _correlate(f, m, upsample=20)
+    if shift is None:
         return None
-    hann = _hann(f.shape)
-    shift, _, _ = phase_cross_correlation((f - f.mean()) * hann, (m - m.mean()) * hann,
-                                          upsample_factor=20, normalization=None)
-    shift = 2.0 * np.asarray(shift)
+    shift = 2.0 * shift
     if not np.all(np.isfinite(shift)) or np.max(np.abs(shift)) > max_shift_px:
         return None
+    return shift
+
+
+def _correlate(fixed: np.ndarray, moving: np.ndarray, upsample: int) -> np.ndarray | None:
+    """Phase-correlation shift of two equal images, Hann-windowed (None: one is featureless)."""
+    from skimage.registration import phase_cross_correlation
+
+    if fixed.std() < 1e-6 * (abs(fixed.mean()) + 1) or moving.std() < 1e-6 * (
+            abs(moving.mean()) + 1):
+        return None
+    hann = _hann(fixed.shape)
+    shift, _, _ = phase_cross_correlation((fixed - fixed.mean()) * hann,
+                                          (moving - moving.mean()) * hann,
+                                          upsample_factor=upsample, normalization=None)
     return np.asarray(shift, dtype=np.float64)
 
 
@@ -262,7 +278,6 @@ class _DieCache:
 
         self.level0 = level0
         self.boxes = boxes
-        self.shape = tuple(level0.shape)
         size = max(((b[2] - b[0]) * (b[3] - b[1]) for b in boxes.values()), default=0)
         per_die = size * np.dtype(level0.dtype).itemsize
         self.capacity = max(capacity, budget_bytes // max(per_die, 1)) \
@@ -330,21 +345,16 @@ def global_shift(fixed: np.ndarray, moving: np.ndarray, max_px: float) -> np.nda
     Phase correlation of the two dies averaged down to about 128-256 pixels a side, so an
     offset of many pixels is found in one step; blocks are then aligned around it.
     """
-    from skimage.registration import phase_cross_correlation
-
     f = 1
     while min(fixed.shape) // (2 * f) >= 128:
         f *= 2
-    a = _mean_pool(fixed.astype(np.float32), f)
-    b = _mean_pool(moving.astype(np.float32), f)
-    if a.std() < 1e-6 * (abs(a.mean()) + 1) or b.std() < 1e-6 * (abs(b.mean()) + 1):
-        return np.zeros(2)
-    hann = _hann(a.shape)
     # sub-sampled precision (1 / f of a coarse pixel), so the estimate is good to a full
     # resolution pixel rather than a step of f
-    shift, _, _ = phase_cross_correlation((a - a.mean()) * hann, (b - b.mean()) * hann,
-                                          upsample_factor=2 * f, normalization=None)
-    shift = np.round(np.asarray(shift, dtype=np.float64) * f)
+    shift = _correlate(_mean_pool(fixed.astype(np.float32), f),
+                       _mean_pool(moving.astype(np.float32), f), upsample=2 * f)
+    if shift is None:
+        return np.zeros(2)
+    shift = np.round(shift * f)
     return shift if np.all(np.abs(shift) <= max_px) else np.zeros(2)
 
 
@@ -362,9 +372,7 @@ def shift_fields(
     to the anchor: its own estimate, the median of its neighbours' estimates, and the median
     of the die's (stitching leaves smooth offsets of a pixel or two between tiles).
     """
-    p = mosaic.pixel_size_um
-    h_die = int(math.floor(grid.pitch_um[1] / p))
-    w_die = int(math.floor(grid.pitch_um[0] / p))
+    h_die, w_die = die_shape_px(grid, mosaic)
     b = int(settings.block_px)
     m = int(math.ceil(settings.max_shift_px)) + 2
     rows, cols = _blocks(h_die, b), _blocks(w_die, b)
@@ -383,19 +391,20 @@ def shift_fields(
         gy, gx = int(g[0]), int(g[1])
         r0, c0 = r0 - gy, c0 - gx
         own = np.full_like(field, np.nan)
-        for i, (y0, y1) in enumerate(rows):
-            fixed = _read(level0, ar + y0, ac, y1 - y0, w_die)
-            moving = _read(level0, r0 + y0, c0, y1 - y0, w_die)
+        # each block row of the anchor and of the die (with a margin), read once for both passes
+        pairs = [(_read(level0, ar + y0, ac, y1 - y0, w_die),
+                  _read(level0, r0 + y0 - m, c0 - m, y1 - y0 + 2 * m, w_die + 2 * m))
+                 for y0, y1 in rows]
+        for i, (fixed, moving) in enumerate(pairs):
             for j, (x0, x1) in enumerate(cols):
-                est = block_shift(fixed[:, x0:x1], moving[:, x0:x1], settings.max_shift_px)
+                est = block_shift(fixed[:, x0:x1], moving[m:-m, m + x0:m + x1],
+                                  settings.max_shift_px)
                 if est is not None:
                     own[i, j] = est
         valid = np.isfinite(own[..., 0])
         typical = np.median(own[valid], axis=0) if valid.any() else np.zeros(2)
         # the fields hold the whole shift: the global part plus the block's
-        for i, (y0, y1) in enumerate(rows):
-            fixed = _read(level0, ar + y0, ac, y1 - y0, w_die)
-            moving = _read(level0, r0 + y0 - m, c0 - m, y1 - y0 + 2 * m, w_die + 2 * m)
+        for i, ((y0, y1), (fixed, moving)) in enumerate(zip(rows, pairs, strict=True)):
             for j, (x0, x1) in enumerate(cols):
                 near = own[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(-1, 2)
                 near = near[np.isfinite(near[:, 0])]
@@ -429,9 +438,7 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
     """
     if len(cells) < 3:
         return [], None
-    p = mosaic.pixel_size_um
-    h_die = int(math.floor(grid.pitch_um[1] / p))
-    w_die = int(math.floor(grid.pitch_um[0] / p))
+    h_die, w_die = die_shape_px(grid, mosaic)
     f = 1  # block means of f x f pixels (f a power of two), about side_px a side
     while min(h_die, w_die) // (2 * f) >= side_px:
         f *= 2
@@ -471,9 +478,7 @@ def compare_dies(
     cell, r0, c0, z
         A die, the mosaic pixel of the band's top-left corner and the band's z-score map.
     """
-    p = mosaic.pixel_size_um
-    h_die = int(math.floor(grid.pitch_um[1] / p))
-    w_die = int(math.floor(grid.pitch_um[0] / p))
+    h_die, w_die = die_shape_px(grid, mosaic)
     margin = _margin(settings)
     boxes = {}
     for cell in cells:
@@ -590,7 +595,24 @@ def die_to_die_patches(
     """Die-to-die evidence of every full die as blocks of anomaly-map scores.
 
     Needs only the mosaic and the map's geometry, not the map; :func:`apply_patches` then
-    raises the map to them. Parameters as :func:`fuse_die_to_die`.
+    raises the map to them.
+
+    Parameters
+    ----------
+    map_origin_um, map_pixel_um
+        Stage ``(x, y)`` of the centre of map pixel ``(0, 0)`` and the map pixel size.
+    level0 : array-like
+        Level 0 of the mosaic.
+    mosaic : MosaicGrid
+        The mosaic's geometry.
+    grid : DieGrid
+        The recipe's die grid.
+    polygon : shapely Polygon
+        The usable area (only dies wholly inside it are compared).
+    threshold : float
+        The decision threshold the z-scores are put on (:func:`z_to_score`).
+    settings : DieToDie
+        Comparison settings.
     """
     import time
 
@@ -667,41 +689,3 @@ def apply_patches(anomaly: Any, patches: list[Patch], band_rows: int = 1024) -> 
             view = band[r0 - b0:r1 - b0, j0:j0 + w]
             np.maximum(view, sc[r0 - i0:r1 - i0, :w], out=view)
         anomaly[b0:b1] = band
-
-
-def fuse_die_to_die(
-    anomaly: Any,
-    map_origin_um: tuple[float, float],
-    map_pixel_um: float,
-    level0: Any,
-    mosaic: MosaicGrid,
-    grid: DieGrid,
-    polygon: Any,
-    threshold: float,
-    settings: DieToDie = DieToDie(),
-) -> DieToDieStats:
-    """Raise the anomaly map to the die-to-die evidence, in place, over every full die.
-
-    Parameters
-    ----------
-    anomaly : array-like, writable
-        Level 0 of the anomaly map (numpy or Zarr).
-    map_origin_um, map_pixel_um
-        Stage ``(x, y)`` of the centre of map pixel ``(0, 0)`` and the map pixel size.
-    level0 : array-like
-        Level 0 of the mosaic.
-    mosaic : MosaicGrid
-        The mosaic's geometry.
-    grid : DieGrid
-        The recipe's die grid.
-    polygon : shapely Polygon
-        The usable area (only dies wholly inside it are compared).
-    threshold : float
-        The decision threshold the z-scores are put on (:func:`z_to_score`).
-    settings : DieToDie
-        Comparison settings.
-    """
-    patches, stats = die_to_die_patches(map_origin_um, map_pixel_um, level0, mosaic, grid,
-                                        polygon, threshold, settings)
-    apply_patches(anomaly, patches)
-    return stats

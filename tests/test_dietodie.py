@@ -16,11 +16,12 @@ from scanner.dietodie import (
     DieToDie,
     MosaicGrid,
     alike_dies,
+    apply_patches,
     block_shift,
     compare_dies,
+    die_to_die_patches,
     difference_z,
     full_dies,
-    fuse_die_to_die,
     nearest_dies,
     z_to_score,
 )
@@ -155,8 +156,10 @@ def test_fuse_raises_the_anomaly_map_at_the_defect_only():
     shape = (img.shape[0] // stride, img.shape[1] // stride)
     anomaly = np.full(shape, 0.2, dtype=np.float32)
     origin = ((stride - 1) / 2 * geometry.pixel_size_um,) * 2
-    stats = fuse_die_to_die(anomaly, origin, stride * geometry.pixel_size_um, img, geometry,
-                            grid, usable, threshold=0.7, settings=DieToDie(block_px=64))
+    patches, stats = die_to_die_patches(origin, stride * geometry.pixel_size_um, img, geometry,
+                                        grid, usable, threshold=0.7,
+                                        settings=DieToDie(block_px=64))
+    apply_patches(anomaly, patches)
     assert stats.dies == 9 and stats.pixels_over > 0
     over = np.argwhere(anomaly >= 0.7)
     assert len(over) > 0
@@ -215,8 +218,6 @@ def test_many_small_dies_smaller_than_a_block():
 
 
 def test_apply_patches_matches_patch_by_patch_and_clips_at_the_border():
-    from scanner.dietodie import apply_patches
-
     rng = np.random.default_rng(0)
     base = rng.uniform(0, 0.5, (50, 40)).astype(np.float32)
     patches = [(0, 0, rng.uniform(0, 1, (10, 12)).astype(np.float32)),
@@ -235,5 +236,6 @@ def test_dies_of_a_few_pixels_are_not_compared():
     img, geometry, _, usable, _ = _mosaic(n=3, die_px=160, defect=None)
     tiny = DieGrid((20 * geometry.pixel_size_um,) * 2, (120.0, 120.0))  # 20 px dies
     anomaly = np.zeros((img.shape[0] // 4, img.shape[1] // 4), np.float32)
-    stats = fuse_die_to_die(anomaly, (3.0, 3.0), 8.0, img, geometry, tiny, usable, 0.7)
+    patches, stats = die_to_die_patches((3.0, 3.0), 8.0, img, geometry, tiny, usable, 0.7)
+    apply_patches(anomaly, patches)
     assert stats.dies == 0 and not anomaly.any()
