@@ -43,7 +43,13 @@ from scipy import ndimage
 
 from .defectlist import MAP_NAMES
 from .errors import UserError
-from .mosaic import build_pyramid, create_multiscale, finish_multiscale, open_mosaic
+from .mosaic import (
+    build_pyramid,
+    create_multiscale,
+    finish_multiscale,
+    level_transform,
+    open_mosaic,
+)
 
 #: Window origins are multiples of this many input pixels (covers networks that downsample
 #: by up to 32 internally).
@@ -712,8 +718,7 @@ def infer_mosaic(
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise UserError(f"{mosaic}: not a readable OME-NGFF mosaic ({exc})") from None
     level0 = levels[0]
-    scale = next(t["scale"] for t in transforms[0] if t["type"] == "scale")
-    trans = next(t["translation"] for t in transforms[0] if t["type"] == "translation")
+    scale, trans = level_transform(transforms)
     p_mosaic = float(scale[1])
     x0, y0 = float(trans[1]), float(trans[0])
     p_model = grid_pixel_um(model, p_mosaic)

@@ -171,15 +171,14 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
         return None
     from .diegrid import DieGrid
     from .dietodie import MosaicGrid, apply_patches, die_to_die_patches
-    from .mosaic import open_mosaic
+    from .mosaic import level_transform, open_mosaic
 
     grid = DieGrid.from_sample(sample.model_dump(mode="json"))
 
     def refine(maps: dict[str, Any], origin_um: tuple[float, float], map_pixel_um: float
                ) -> dict[str, Any]:
         levels, transforms = open_mosaic(mosaic)
-        scale = next(t["scale"] for t in transforms[0] if t["type"] == "scale")
-        trans = next(t["translation"] for t in transforms[0] if t["type"] == "translation")
+        scale, trans = level_transform(transforms)
         geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
                               tuple(levels[0].shape))
         patches, stats = die_to_die_patches(origin_um, map_pixel_um, levels[0], geometry,

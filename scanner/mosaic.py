@@ -695,6 +695,15 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
     return levels, [d["coordinateTransformations"] for d in datasets]
 
 
+def level_transform(transforms: list[dict], level: int = 0
+                    ) -> tuple[list[float], list[float]]:
+    """A level's ``scale`` and ``translation`` (``[y, x]``), from :func:`open_mosaic`'s list."""
+    entries = transforms[level]
+    scale = next(t["scale"] for t in entries if t["type"] == "scale")
+    trans = next(t["translation"] for t in entries if t["type"] == "translation")
+    return scale, trans
+
+
 def mosaic_region(
     path: Path, x_um: float, y_um: float, shape: tuple[int, int], level: int = 0
 ) -> np.ndarray:
@@ -720,8 +729,7 @@ def mosaic_region(
     if not 0 <= level < len(levels):
         raise ValueError(f"level must be in 0..{len(levels) - 1}, got {level}")
     arr = levels[level]
-    scale = next(t["scale"] for t in transforms[level] if t["type"] == "scale")
-    trans = next(t["translation"] for t in transforms[level] if t["type"] == "translation")
+    scale, trans = level_transform(transforms, level)
     row = round((y_um - trans[0]) / scale[0])
     col = round((x_um - trans[1]) / scale[1])
     h, w = (int(s) for s in shape)
