@@ -73,11 +73,16 @@ def model_info(model: Any) -> dict[str, Any]:
         "pixel_size_um": float(model.pixel_size_um),
         "output_stride": int(model.output_stride),
         "calibrated_threshold": float(model.threshold),
-        "thresholds_by_sample_kind": dict(card.get("thresholds_by_sample_kind") or {}),
+        "thresholds_by_sample_kind": dict(_card_by_kind(model, "thresholds_by_sample_kind")),
     }
     if not info["weights_sha256"] and path and Path(path).is_file():
         info["weights_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return info
+
+
+def _card_by_kind(model: Any, key: str) -> dict[str, float]:
+    """A card's per-sample-kind table (``thresholds_by_sample_kind`` and the like; {} if none)."""
+    return (getattr(model, "card", {}) or {}).get(key) or {}
 
 
 def card_threshold(model: Any, sample_kind: str | None = None) -> tuple[float, str]:
@@ -87,7 +92,7 @@ def card_threshold(model: Any, sample_kind: str | None = None) -> tuple[float, s
     each calibrated on held-out images of that kind); any other kind, or none known (plain
     images), gets the pooled ``threshold``.
     """
-    by_kind = (getattr(model, "card", {}) or {}).get("thresholds_by_sample_kind") or {}
+    by_kind = _card_by_kind(model, "thresholds_by_sample_kind")
     if sample_kind in by_kind:
         return float(by_kind[sample_kind]), f"model card ({sample_kind})"
     return float(model.threshold), "model card"
@@ -120,7 +125,7 @@ def quiet_threshold(model: Any, sample_kind: str | None, threshold_source: str) 
     """
     if threshold_source == "user":
         return None
-    by_kind = (getattr(model, "card", {}) or {}).get("thresholds_quiet_by_sample_kind") or {}
+    by_kind = _card_by_kind(model, "thresholds_quiet_by_sample_kind")
     value = by_kind.get(sample_kind) if sample_kind else None
     return float(value) if value is not None else None
 
