@@ -421,11 +421,23 @@ def calibrate_on(
     """
     if maps is None:
         maps = held_out_maps(model, held_out, notify)
-    area_cm2 = sum(
-        g.image[:2048, :2048].size * g.meta.get("pixel_size_um", pixel_size_um) ** 2
-        for g in held_out
-    ) / 1e8
-    return calibrate_threshold([m["anomaly"] for m in maps], area_cm2, false_alarms_per_cm2)
+    return calibrate_threshold([m["anomaly"] for m in maps],
+                               held_out_area_cm2(held_out, pixel_size_um), false_alarms_per_cm2)
+
+
+def held_out_area_cm2(held_out: Sequence[GoodImage], pixel_size_um: float) -> float:
+    """Sample area (cm²) the maps of :func:`held_out_maps` cover (up to 2048 x 2048 px each).
+
+    ``pixel_size_um`` is the pixel size of images whose ``meta`` does not give one.
+    """
+    return sum(g.image[:2048, :2048].size * g.meta.get("pixel_size_um", pixel_size_um) ** 2
+               for g in held_out) / 1e8
+
+
+def _indices_by_kind(held_out: Sequence[GoodImage]) -> dict[str, list[int]]:
+    """Indices of the simulated held-out images of each recipe sample kind (:data:`SAMPLE_KIND`)."""
+    return {SAMPLE_KIND[kind]: [i for i, g in enumerate(held_out) if g.kind == kind]
+            for kind in sorted({g.kind for g in held_out} & set(SAMPLE_KIND))}
 
 
 #: recipe sample kind of each simulated kind (``scanner.recipe``: plain rough surfaces are
@@ -449,13 +461,9 @@ def calibrate_by_kind(
     the asked-for rate. User images (kind ``"user"``) get no entry: their pooled threshold is
     their own.
     """
-    out: dict[str, Calibration] = {}
-    for kind in sorted({g.kind for g in held_out} & set(SAMPLE_KIND)):
-        idx = [i for i, g in enumerate(held_out) if g.kind == kind]
-        out[SAMPLE_KIND[kind]] = calibrate_on(
-            model, [held_out[i] for i in idx], pixel_size_um, false_alarms_per_cm2,
-            maps=[maps[i] for i in idx])
-    return out
+    return {kind: calibrate_on(model, [held_out[i] for i in idx], pixel_size_um,
+                               false_alarms_per_cm2, maps=[maps[i] for i in idx])
+            for kind, idx in _indices_by_kind(held_out).items()}
 
 
 def calibrate_quiet_by_kind(
@@ -469,13 +477,11 @@ def calibrate_quiet_by_kind(
     Kinds with too little quiet area in their held-out images get no entry.
     """
     out: dict[str, Calibration] = {}
-    for kind in sorted({g.kind for g in held_out} & set(SAMPLE_KIND)):
-        idx = [i for i, g in enumerate(held_out) if g.kind == kind]
-        area = sum(held_out[i].image[:2048, :2048].size
-                   * held_out[i].meta.get("pixel_size_um", pixel_size_um) ** 2 for i in idx) / 1e8
+    for kind, idx in _indices_by_kind(held_out).items():
+        area = held_out_area_cm2([held_out[i] for i in idx], pixel_size_um)
         cal = calibrate_quiet([maps[i]["anomaly"] for i in idx], area, false_alarms_per_cm2)
         if cal is not None:
-            out[SAMPLE_KIND[kind]] = cal
+            out[kind] = cal
     return out
 
 
