@@ -471,16 +471,19 @@ def calibrate_quiet_by_kind(
     maps: Sequence[dict[str, np.ndarray]],
     pixel_size_um: float,
     false_alarms_per_cm2: float,
+    ceilings: dict[str, float],
+    default: float,
 ) -> dict[str, Calibration]:
     """Per recipe sample kind, the threshold for quiet neighbourhoods (:func:`calibrate_quiet`).
 
-    Kinds with too little quiet area in their held-out images get no entry.
+    Kept only where it is below the kind's own threshold (``ceilings``, else ``default``: the
+    pooled one); kinds with too little quiet area in their held-out images get no entry.
     """
     out: dict[str, Calibration] = {}
     for kind, idx in _indices_by_kind(held_out).items():
         area = held_out_area_cm2([held_out[i] for i in idx], pixel_size_um)
         cal = calibrate_quiet([maps[i]["anomaly"] for i in idx], area, false_alarms_per_cm2)
-        if cal is not None:
+        if cal is not None and cal.threshold < ceilings.get(kind, default):
             out[kind] = cal
     return out
 
@@ -497,10 +500,10 @@ def recalibrate_quiet(model_path: str | Path, n_per_kind: int, seed: int,
     images = simulated_calibration_images(n_per_kind, float(model.pixel_size_um), seed, ranges)
     maps = held_out_maps(model, images)
     cals = calibrate_quiet_by_kind(images, maps, float(model.pixel_size_um),
-                                   false_alarms_per_cm2)
-    by_kind = model.card.get("thresholds_by_sample_kind") or {}
-    thresholds = {k: c.threshold for k, c in cals.items()
-                  if c.threshold < by_kind.get(k, model.threshold)}
+                                   false_alarms_per_cm2,
+                                   model.card.get("thresholds_by_sample_kind") or {},
+                                   float(model.threshold))
+    thresholds = {k: c.threshold for k, c in cals.items()}
     path = card_path_for(Path(model.path))
     card = json.loads(path.read_text(encoding="utf-8"))
     card["thresholds_quiet_by_sample_kind"] = thresholds
@@ -547,10 +550,10 @@ def calibrate_card(
     cal = calibrate_on(model, held_out, pixel_size_um, false_alarms_per_cm2, maps=maps)
     by_kind = (calibrate_by_kind(model, held_out, maps, pixel_size_um, false_alarms_per_cm2)
                if source != "user" else {})
-    quiet = (calibrate_quiet_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2)
+    quiet = (calibrate_quiet_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2,
+                                     {k: c.threshold for k, c in by_kind.items()},
+                                     cal.threshold)
              if source != "user" else {})
-    quiet = {k: c for k, c in quiet.items()
-             if c.threshold < (by_kind[k].threshold if k in by_kind else cal.threshold)}
     review = calibrate_review(model, held_out, maps, cal.threshold,
                               np.random.default_rng(seed + 11))
     out: dict[str, Any] = {
