@@ -70,17 +70,7 @@ def recipes(pixel_um: dict[str, float], quick: bool) -> dict[str, dict]:
     n_tiles = 3 if quick else 5
     out = {}
     for seed in SEEDS[: 1 if quick else 2]:
-        p = pixel_um["wafer"]
-        side_mm = 1024 * p / 1000 * n_tiles
-        cam = {"width": 1024, "height": 1024, "pixel_size_um": p, "bit_depth": 12}
-        out[f"wafer-{seed}"] = {
-            "sample": {"kind": "wafer", "diameter_mm": round(side_mm * 1.45, 3),
-                       "edge_exclusion_mm": round(side_mm * 0.05, 3),
-                       "die_pitch_mm": [round(side_mm / 3, 3)] * 2,
-                       "defects": {"count": 12, "seed": seed}},
-            "microscope": {"kind": "simulated", "camera": cam, "seed": seed},
-            "scan": {"overlap": 0.1},
-        }
+        out[f"wafer-{seed}"] = wafer_recipe(pixel_um["wafer"], n_tiles, seed, dies_across=3)
         p = pixel_um["pv_cell"]
         side_mm = 1024 * p / 1000 * n_tiles * 0.9
         cam = {"width": 1024, "height": 1024, "pixel_size_um": p, "bit_depth": 12}
@@ -95,20 +85,28 @@ def recipes(pixel_um: dict[str, float], quick: bool) -> dict[str, dict]:
     return out
 
 
-def dense_wafer(pixel_um: float, quick: bool) -> dict:
-    """A wafer whose 5 x 5 tiles (3 x 3 quick) are mostly dies: pitch a seventh of the side."""
-    n_tiles = 3 if quick else 5
+def wafer_recipe(pixel_um: float, n_tiles: int, seed: int, dies_across: int,
+                 die_origin_mm: float = 0.0) -> dict:
+    """A wafer scanned in about ``n_tiles`` x ``n_tiles`` tiles, dies a ``dies_across``-th of
+    the scanned side, 12 defects of seed ``seed``."""
     side_mm = 1024 * pixel_um / 1000 * n_tiles
     cam = {"width": 1024, "height": 1024, "pixel_size_um": pixel_um, "bit_depth": 12}
     return {
         "sample": {"kind": "wafer", "diameter_mm": round(side_mm * 1.45, 3),
                    "edge_exclusion_mm": round(side_mm * 0.05, 3),
-                   "die_pitch_mm": [round(side_mm / 7, 3)] * 2,
-                   "die_origin_mm": [round(side_mm / 14, 3), round(side_mm / 14, 3)],
-                   "defects": {"count": 12, "seed": 90303}},
-        "microscope": {"kind": "simulated", "camera": cam, "seed": 90303},
+                   "die_pitch_mm": [round(side_mm / dies_across, 3)] * 2,
+                   "die_origin_mm": [round(die_origin_mm, 3)] * 2,
+                   "defects": {"count": 12, "seed": seed}},
+        "microscope": {"kind": "simulated", "camera": cam, "seed": seed},
         "scan": {"overlap": 0.1},
     }
+
+
+def dense_wafer(pixel_um: float, quick: bool) -> dict:
+    """A wafer whose 5 x 5 tiles (3 x 3 quick) are mostly dies: pitch a seventh of the side."""
+    n_tiles = 3 if quick else 5
+    side_mm = 1024 * pixel_um / 1000 * n_tiles
+    return wafer_recipe(pixel_um, n_tiles, 90303, dies_across=7, die_origin_mm=side_mm / 14)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
