@@ -206,17 +206,106 @@ def quiet_mask(anomaly: np.ndarray, level: float = QUIET_LEVEL, block: int = QUI
     return quiet[:h, :w]
 
 
-def calibrate_quiet(maps: list[np.ndarray], area_cm2: float, target_per_cm2: float = 1.0,
-                    min_area_cm2: float = 0.5) -> Calibration | None:
-    """:func:`calibrate_threshold` on the quiet parts of held-out maps (:func:`quiet_mask`).
+#: a neighbourhood is *plain* where the image itself shows no structure: every block's
+#: median absolute deviation (relative to the surface level, at map resolution) and every step
+#: between neighbouring block medians (/ 3) below this. Polished bare silicon sits near 0.003,
+#: rough silicon and multicrystalline cells at 0.03-0.1
+PLAIN_LEVEL = 0.02
 
-    ``area_cm2`` is the area of all ``maps``; the quiet share of it is what the rate is per.
-    ``None`` when the quiet area is under ``min_area_cm2`` (too little to count on).
+
+def plain_mask(image: np.ndarray, level: float = PLAIN_LEVEL, block: int = QUIET_BLOCK,
+               span: int = QUIET_SPAN) -> np.ndarray:
+    """Where the image's neighbourhood has no structure of its own (a plain surface).
+
+    A refinement of :func:`quiet_mask` by the image: a neighbourhood the network finds quiet
+    can still hold normal structure that it scores moderately (the corner of a large pad in
+    a plain die area), which sets the quiet threshold; where the image itself is plain, a
+    faint defect (a thin scratch on polished silicon) has nothing normal to be confused with,
+    so a third, lower threshold can hold the same false-alarm rate. One threshold per kind
+    of background is what segmented automatic thresholds of wafer inspection tools do.
+
+    The block statistic is robust (median absolute deviation): a defect thinner than half a
+    block (a scratch) leaves its own neighbourhood plain, while any block of structure in
+    reach (``span`` x ``span`` blocks, their maximum) makes it not plain. Level steps
+    between neighbouring block medians count too (an edge along a block boundary leaves both
+    blocks uniform).
+
+    Parameters
+    ----------
+    image : ndarray (H, W)
+        Relative reflectance (1 = the surface level) at map resolution: the mean of each map
+        pixel's input pixels (:func:`map_resolution`).
+    level, block, span
+        See :data:`PLAIN_LEVEL`, :data:`QUIET_BLOCK` and :data:`QUIET_SPAN`.
+
+    Returns
+    -------
+    ndarray of bool, the shape of ``image``.
     """
-    quiet = [quiet_mask(m) for m in maps]
-    share = sum(int(q.sum()) for q in quiet) / max(sum(q.size for q in quiet), 1)
-    area = area_cm2 * share
+    from scipy import ndimage
+
+    a = np.asarray(image, dtype=np.float32)
+    h, w = a.shape
+    ph, pw = -h % block, -w % block
+    padded = np.pad(a, ((0, ph), (0, pw)), mode="edge")
+    nb_r, nb_c = (h + ph) // block, (w + pw) // block
+    blocks = padded.reshape(nb_r, block, nb_c, block).transpose(0, 2, 1, 3).reshape(
+        nb_r, nb_c, block * block)
+    med = np.median(blocks, axis=2)
+    spread = np.median(np.abs(blocks - med[..., None]), axis=2)
+    step_r = np.abs(np.diff(med, axis=0, append=med[-1:]))
+    step_c = np.abs(np.diff(med, axis=1, append=med[:, -1:]))
+    spread = np.maximum(spread, np.maximum(step_r, step_c) / 3.0)
+    local = ndimage.maximum_filter(spread, size=span, mode="nearest")
+    plain = np.repeat(np.repeat(local < level, block, axis=0), block, axis=1)
+    return plain[:h, :w]
+
+
+def map_resolution(image: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:
+    """An image mean-pooled to map pixels (``stride`` x ``stride``), padded or cropped to
+    ``shape`` (the map's: windows are padded to a multiple of the stride)."""
+    a = np.asarray(image, dtype=np.float32)
+    h, w = a.shape
+    a = np.pad(a, ((0, -h % stride), (0, -w % stride)), mode="edge")
+    pooled = a.reshape(a.shape[0] // stride, stride, a.shape[1] // stride, stride).mean(
+        axis=(1, 3))
+    pooled = pooled[: shape[0], : shape[1]]
+    return np.pad(pooled, ((0, shape[0] - pooled.shape[0]), (0, shape[1] - pooled.shape[1])),
+                  mode="edge")
+
+
+def calibrate_within(maps: list[np.ndarray], masks: list[np.ndarray],
+                     areas_cm2: Sequence[float], target_per_cm2: float = 1.0,
+                     min_area_cm2: float = 0.5) -> Calibration | None:
+    """:func:`calibrate_threshold` on the masked parts of held-out maps.
+
+    ``areas_cm2`` is each map's whole area; the rate is per cm² of masked area (each map's
+    masked share of its own area: held-out images differ in pixel size). ``None`` when the
+    masked area is under ``min_area_cm2`` (too little to count on).
+    """
+    area = sum(float(a) * float(k.mean()) for a, k in zip(areas_cm2, masks, strict=True)
+               if k.size)
     if area < min_area_cm2:
         return None
-    return calibrate_threshold([np.where(q, m, 0.0) for m, q in zip(maps, quiet, strict=True)],
+    return calibrate_threshold([np.where(k, m, 0.0) for m, k in zip(maps, masks, strict=True)],
                                area, target_per_cm2)
+
+
+def calibrate_quiet(maps: list[np.ndarray], areas_cm2: Sequence[float],
+                    target_per_cm2: float = 1.0, min_area_cm2: float = 0.5
+                    ) -> Calibration | None:
+    """:func:`calibrate_within` the quiet parts of held-out maps (:func:`quiet_mask`)."""
+    return calibrate_within(maps, [quiet_mask(m) for m in maps], areas_cm2, target_per_cm2,
+                            min_area_cm2)
+
+
+def calibrate_plain(maps: list[np.ndarray], images: list[np.ndarray],
+                    areas_cm2: Sequence[float], target_per_cm2: float = 1.0,
+                    min_area_cm2: float = 0.5) -> Calibration | None:
+    """:func:`calibrate_within` the plain and quiet parts of held-out maps.
+
+    ``images`` are the held-out images at map resolution (:func:`map_resolution`), relative
+    reflectance.
+    """
+    masks = [plain_mask(i) & quiet_mask(m) for m, i in zip(maps, images, strict=True)]
+    return calibrate_within(maps, masks, areas_cm2, target_per_cm2, min_area_cm2)

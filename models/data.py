@@ -36,6 +36,9 @@ class GoodImage:
         Where it came from (file name, scan folder, simulator and seed).
     kind : str
         ``"user"`` or the simulated sample kind.
+    usable : ndarray (H, W) bool or None
+        Where the sample's usable area is, for windows over a sample's edge (what inspection
+        of a scan would look at); None: all of the image.
     """
 
     image: np.ndarray
@@ -43,6 +46,7 @@ class GoodImage:
     source: str = ""
     kind: str = "user"
     meta: dict = field(default_factory=dict)
+    usable: np.ndarray | None = None
 
 
 def relative(raw: np.ndarray, level: float | None = None) -> np.ndarray:
@@ -187,7 +191,7 @@ def simulated_good_images(
     from simulators.camera import CameraModel, Optics
     from simulators.roughness import RoughnessField
     from simulators.samples import PVCellSample, RectangleSample, WaferSample
-    from simulators.samples.shapes import pixel_axes
+    from simulators.samples.shapes import pixel_axes, points_in_polygon
 
     rng = np.random.default_rng(seed)
     cam = CameraModel(width=size, height=size, bit_depth=12)
@@ -275,8 +279,17 @@ def simulated_good_images(
         if level is not None:
             level *= 0.8 * cam.full_well_e * exposure / cam.exposure_ref_ms
             level *= (2**cam.bit_depth - 1) / cam.full_well_e
+        usable = None
+        if level is not None:  # an edge window: part of it is chuck or background
+            # tested on every 4th pixel (the anomaly map's resolution; a full-resolution
+            # test of a 1024 px window against the wafer's polygon takes seconds)
+            xs, ys = pixel_axes(ox, oy, (size, size), p)
+            gx, gy = np.meshgrid(xs[1::4] + p / 2, ys[1::4] + p / 2)
+            coarse = points_in_polygon(gx, gy, poly)
+            usable = np.repeat(np.repeat(coarse, 4, axis=0), 4, axis=1)[:size, :size]
         out.append(GoodImage(relative(counts, level), sa_nm=sa, source=f"sim:{kind}:{s}", kind=kind,
-                             meta={"pixel_size_um": p, "edge": level is not None}))
+                             meta={"pixel_size_um": p, "edge": level is not None},
+                             usable=usable))
     return out
 
 

@@ -31,7 +31,14 @@ import torch.nn.functional as F  # noqa: N812
 
 from scanner.errors import UserError
 
-from .calibrate import Calibration, calibrate_quiet, calibrate_threshold, review_level
+from .calibrate import (
+    Calibration,
+    calibrate_plain,
+    calibrate_quiet,
+    calibrate_threshold,
+    map_resolution,
+    review_level,
+)
 from .data import (
     PIXEL_RANGES_UM,
     GoodImage,
@@ -466,6 +473,25 @@ def calibrate_by_kind(
             for kind, idx in _indices_by_kind(held_out).items()}
 
 
+def inspected_anomaly(image: GoodImage, anomaly: np.ndarray, stride: int = OUTPUT_STRIDE,
+                      edge_px: int = 2) -> np.ndarray:
+    """A held-out anomaly map as inspection of a scan would see it: 0 outside the sample.
+
+    Inspection masks a scan to the sample's usable area, eroded by two map pixels
+    (``scanner.inspect.infer_mosaic``), and the quiet and plain masks count that border as
+    busy; the chuck or background of an edge window must not count as plain area that cannot
+    hold a false alarm.
+    """
+    if image.usable is None:
+        return anomaly
+    from scipy import ndimage
+
+    inside = map_resolution(image.usable[:2048, :2048].astype(np.float32), stride,
+                            anomaly.shape) > 0.5
+    inside = ndimage.binary_erosion(inside, iterations=edge_px)
+    return np.where(inside, anomaly, 0.0).astype(np.float32)
+
+
 def calibrate_quiet_by_kind(
     held_out: Sequence[GoodImage],
     maps: Sequence[dict[str, np.ndarray]],
@@ -481,39 +507,93 @@ def calibrate_quiet_by_kind(
     """
     out: dict[str, Calibration] = {}
     for kind, idx in _indices_by_kind(held_out).items():
-        area = held_out_area_cm2([held_out[i] for i in idx], pixel_size_um)
-        cal = calibrate_quiet([maps[i]["anomaly"] for i in idx], area, false_alarms_per_cm2)
+        areas = [held_out_area_cm2([held_out[i]], pixel_size_um) for i in idx]
+        cal = calibrate_quiet([inspected_anomaly(held_out[i], maps[i]["anomaly"]) for i in idx],
+                              areas, false_alarms_per_cm2)
         if cal is not None and cal.threshold < ceilings.get(kind, default):
             out[kind] = cal
     return out
 
 
-def recalibrate_quiet(model_path: str | Path, n_per_kind: int, seed: int,
-                      false_alarms_per_cm2: float = 1.0) -> dict[str, float]:
-    """Add quiet-neighbourhood thresholds to a trained model's card, from new simulated images.
+def calibrate_plain_by_kind(
+    held_out: Sequence[GoodImage],
+    maps: Sequence[dict[str, np.ndarray]],
+    pixel_size_um: float,
+    false_alarms_per_cm2: float,
+    ceilings: dict[str, float],
+    default: float,
+    stride: int,
+) -> dict[str, Calibration]:
+    """Per recipe sample kind, the threshold for plain neighbourhoods (:func:`calibrate_plain`).
+
+    Kept only where it is below the kind's quiet threshold, else its own (``ceilings``, else
+    ``default``); kinds with too little plain area in their held-out images get no entry.
+    ``stride`` is the model's output stride (input pixels per map pixel).
+    """
+    out: dict[str, Calibration] = {}
+    for kind, idx in _indices_by_kind(held_out).items():
+        areas = [held_out_area_cm2([held_out[i]], pixel_size_um) for i in idx]
+        amaps = [inspected_anomaly(held_out[i], maps[i]["anomaly"], stride) for i in idx]
+        images = [map_resolution(held_out[i].image[:2048, :2048], stride, a.shape)
+                  for i, a in zip(idx, amaps, strict=True)]
+        cal = calibrate_plain(amaps, images, areas, false_alarms_per_cm2)
+        if cal is not None and cal.threshold < ceilings.get(kind, default):
+            out[kind] = cal
+    return out
+
+
+def calibrate_contexts(
+    held_out: Sequence[GoodImage],
+    maps: Sequence[dict[str, np.ndarray]],
+    pixel_size_um: float,
+    false_alarms_per_cm2: float,
+    thresholds_by_kind: dict[str, float],
+    default: float,
+) -> dict[str, dict[str, Calibration]]:
+    """The quiet and plain thresholds per sample kind (``{"quiet": ..., "plain": ...}``).
+
+    Each is kept only below the one it refines: quiet below the kind's threshold
+    (``thresholds_by_kind``, else ``default``), plain below the kind's quiet threshold.
+    """
+    quiet = calibrate_quiet_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2,
+                                    thresholds_by_kind, default)
+    ceilings = {**thresholds_by_kind, **{k: c.threshold for k, c in quiet.items()}}
+    plain = calibrate_plain_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2,
+                                    ceilings, default, OUTPUT_STRIDE)
+    return {"quiet": quiet, "plain": plain}
+
+
+#: card keys of the context thresholds (:func:`calibrate_contexts`)
+CONTEXT_CARD_KEYS = {"quiet": "thresholds_quiet_by_sample_kind",
+                     "plain": "thresholds_plain_by_sample_kind"}
+
+
+def recalibrate_contexts(model_path: str | Path, n_per_kind: int, seed: int,
+                         false_alarms_per_cm2: float = 1.0) -> dict[str, dict[str, float]]:
+    """Add the quiet and plain thresholds to a trained model's card, from new simulated images.
 
     For models trained before the card had them; ``seed`` should be one never used in the
-    model's training. Returns the thresholds written.
+    model's training. Returns the thresholds written (``{"quiet": {kind: t}, "plain": ...}``).
     """
     model = load_model(model_path)
     ranges = PIXEL_RANGES_UM if model.card.get("pixel_size_range_um") else None
     images = simulated_calibration_images(n_per_kind, float(model.pixel_size_um), seed, ranges)
     maps = held_out_maps(model, images)
-    cals = calibrate_quiet_by_kind(images, maps, float(model.pixel_size_um),
-                                   false_alarms_per_cm2,
-                                   model.card.get("thresholds_by_sample_kind") or {},
-                                   float(model.threshold))
-    thresholds = {k: c.threshold for k, c in cals.items()}
+    cals = calibrate_contexts(images, maps, float(model.pixel_size_um), false_alarms_per_cm2,
+                              model.card.get("thresholds_by_sample_kind") or {},
+                              float(model.threshold))
     path = card_path_for(Path(model.path))
     card = json.loads(path.read_text(encoding="utf-8"))
-    card["thresholds_quiet_by_sample_kind"] = thresholds
-    card.setdefault("calibration", {})["quiet_by_sample_kind"] = {
-        **{k: c.to_dict() for k, c in cals.items()},
-        "held_out": f"simulated, {n_per_kind} images per kind, seed {seed} "
-                    f"(models.train.simulated_calibration_images)",
-    }
+    held = (f"simulated, {n_per_kind} images per kind, seed {seed} "
+            f"(models.train.simulated_calibration_images)")
+    written = {}
+    for context, by_kind in cals.items():
+        written[context] = {k: c.threshold for k, c in by_kind.items()}
+        card[CONTEXT_CARD_KEYS[context]] = written[context]
+        card.setdefault("calibration", {})[f"{context}_by_sample_kind"] = {
+            **{k: c.to_dict() for k, c in by_kind.items()}, "held_out": held}
     path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    return thresholds
+    return written
 
 
 def simulated_calibration_images(n_per_kind: int, pixel_size_um: float, seed: int,
@@ -550,10 +630,9 @@ def calibrate_card(
     cal = calibrate_on(model, held_out, pixel_size_um, false_alarms_per_cm2, maps=maps)
     by_kind = (calibrate_by_kind(model, held_out, maps, pixel_size_um, false_alarms_per_cm2)
                if source != "user" else {})
-    quiet = (calibrate_quiet_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2,
-                                     {k: c.threshold for k, c in by_kind.items()},
-                                     cal.threshold)
-             if source != "user" else {})
+    contexts = (calibrate_contexts(held_out, maps, pixel_size_um, false_alarms_per_cm2,
+                                   {k: c.threshold for k, c in by_kind.items()}, cal.threshold)
+                if source != "user" else {})
     review = calibrate_review(model, held_out, maps, cal.threshold,
                               np.random.default_rng(seed + 11))
     out: dict[str, Any] = {
@@ -561,13 +640,15 @@ def calibrate_card(
         "calibration": {**cal.to_dict(), "held_out": source,
                         "held_out_images": len(held_out),
                         "by_sample_kind": {k: c.to_dict() for k, c in by_kind.items()},
-                        "quiet_by_sample_kind": {k: c.to_dict() for k, c in quiet.items()}},
+                        **{f"{context}_by_sample_kind": {k: c.to_dict() for k, c in cals.items()}
+                           for context, cals in contexts.items()}},
         "review": review,
     }
     if by_kind:
         out["thresholds_by_sample_kind"] = {k: c.threshold for k, c in by_kind.items()}
-    if quiet:
-        out["thresholds_quiet_by_sample_kind"] = {k: c.threshold for k, c in quiet.items()}
+    for context, cals in contexts.items():
+        if cals:
+            out[CONTEXT_CARD_KEYS[context]] = {k: c.threshold for k, c in cals.items()}
     if review["review_uncertainty"] is not None:
         out["review_uncertainty"] = review["review_uncertainty"]
     return out

@@ -13,9 +13,10 @@ Two stages, because early stopping on one long one-cycle schedule cannot be resu
 
 ``--init MODEL`` skips stage 1 and fine-tunes ``MODEL`` (a stage-1 model made earlier).
 
-``--calibrate-quiet N`` trains nothing: it adds the thresholds for quiet neighbourhoods
-(``models.calibrate.quiet_mask``) to the card of ``--out``, calibrated on N new simulated
-images of each kind (seed ``QUIET_SEED``); models trained now get them from training.
+``--calibrate-contexts N`` trains nothing: it adds the thresholds for quiet and plain
+neighbourhoods (``models.calibrate.quiet_mask``, ``plain_mask``) to the card of ``--out``,
+calibrated on N new simulated images of each kind (seed ``CONTEXT_SEED``); models trained now
+get them from training.
 
 ``--plan gpu`` is one longer stage from scratch for a CUDA GPU (``GPU``: larger batches, more
 simulated images), with batches made by ``--workers`` processes and the epochs cut to fit
@@ -46,8 +47,8 @@ GPU = {"epochs": 200, "steps_per_epoch": 400, "batch_size": 32, "n_simulated": 7
 #: peak learning rate of a second GPU stage (``--plan gpu --init MODEL``)
 GPU_FINETUNE_LR = 1.5e-3
 
-#: seed of the simulated images of ``--calibrate-quiet`` (never used in training)
-QUIET_SEED = 778
+#: seed of the simulated images of ``--calibrate-contexts`` (never used in training)
+CONTEXT_SEED = 778
 
 
 def _progress(t0: float):
@@ -82,16 +83,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the simulated images (gpu plan; default 0, 1 with --init)")
-    parser.add_argument("--calibrate-quiet", type=int, default=None, metavar="N",
-                        help="only add quiet-neighbourhood thresholds to the card of --out, "
-                             "from N simulated images of each kind")
+    parser.add_argument("--calibrate-contexts", type=int, default=None, metavar="N",
+                        help="only add the quiet and plain neighbourhood thresholds to the "
+                             "card of --out, from N simulated images of each kind")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    if args.calibrate_quiet:
-        from .train import recalibrate_quiet
+    if args.calibrate_contexts:
+        from .train import recalibrate_contexts
 
-        written = recalibrate_quiet(args.out, args.calibrate_quiet, QUIET_SEED)
-        print(f"quiet thresholds {written} written to the card of {args.out} "
+        written = recalibrate_contexts(args.out, args.calibrate_contexts, CONTEXT_SEED)
+        print(f"context thresholds {written} written to the card of {args.out} "
               f"({(time.perf_counter() - t0) / 60:.1f} min)")
         return
     run = {"device": args.device, "workers": args.workers, "threads": args.threads}

@@ -541,6 +541,8 @@ class MapSet:
         Timings.
     paths : dict
         Where the maps were written (mosaics only).
+    source_levels : list, optional
+        The mosaic's pyramid (level k: 2^k x 2^k means of level 0), mosaics only.
     """
 
     maps: dict[str, Any]
@@ -550,6 +552,38 @@ class MapSet:
     reader: GridReader
     stats: InferenceStats
     paths: dict[str, Path] = field(default_factory=dict)
+    source_levels: list[Any] | None = None
+
+
+def reflectance_at_map(maps: MapSet, chunk_rows: int = 256) -> np.ndarray:
+    """The input as relative reflectance (raw / brightness level) at map resolution.
+
+    Each map pixel gets the mean of its ``stride`` x ``stride`` input pixels (what
+    :func:`models.calibrate.plain_mask` reads). A mosaic read at its own pixel size has that
+    already in its pyramid (level log2(stride)); otherwise the model grid is read in strips.
+    """
+    from models.calibrate import map_resolution
+
+    shape = tuple(int(n) for n in maps.maps["anomaly"].shape)
+    s = int(maps.stride)
+    level = float(maps.stats.extra.get("level", 1.0)) or 1.0
+    k = int(round(math.log2(s))) if s > 0 else 0
+    levels = maps.source_levels
+    if levels is not None and not maps.reader.resample and 2**k == s and len(levels) > k:
+        pooled = np.asarray(levels[k], dtype=np.float32)
+        if pooled.ndim == 2 and abs(pooled.shape[0] - shape[0]) <= 1 \
+                and abs(pooled.shape[1] - shape[1]) <= 1:
+            return map_resolution(pooled, 1, shape) / np.float32(level)
+    h, w = maps.reader.shape
+    out = np.zeros(shape, dtype=np.float32)
+    for m0 in range(0, shape[0], chunk_rows):
+        m1 = min(m0 + chunk_rows, shape[0])
+        rows = min(m1 * s, h) - m0 * s
+        if rows <= 0:
+            break
+        strip = maps.reader.read(m0 * s, 0, rows, w)
+        out[m0:m1] = map_resolution(strip, s, (m1 - m0, shape[1]))
+    return out / np.float32(level)
 
 
 def polygon_mask(
@@ -746,4 +780,4 @@ def infer_mosaic(
         paths[name] = out_dir / MAP_NAMES[name]
         finish_multiscale(tmps[name], paths[name], len(arrays[name]), p_map, origin, name)
     maps = {name: open_mosaic(paths[name])[0][0] for name in MAPS}
-    return MapSet(maps, p_map, origin, s, reader, stats, paths)
+    return MapSet(maps, p_map, origin, s, reader, stats, paths, levels)

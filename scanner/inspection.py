@@ -6,8 +6,8 @@
   the recipe saved in ``scan.json``) is inspected, so the chuck and the sample's edge are not
   defects. On a wafer the full dies are also compared with their neighbours
   (``scanner.dietodie``) and that evidence is added to the anomaly map before defects are
-  extracted; quiet neighbourhoods get the card's quiet threshold for the sample kind
-  (:func:`quiet_threshold`).
+  extracted; quiet and plain neighbourhoods get the card's thresholds for them for the
+  sample kind (:func:`context_thresholds`).
 * **Image files or folders**: each image is inspected whole (tiled if large); ``scores.csv``
   has one row per image (``image``, ``score``, ``n_defects``, ``n_review``), ``defects.csv``
   one row per defect with its ``image``, and ``defects.json`` the same per image. The image
@@ -31,9 +31,9 @@ import numpy as np
 from scipy import ndimage
 
 from .defectlist import CSV_COLUMNS, MAP_NAMES, Defect, write_defects
-from .defects import DEFAULT_REVIEW_UNCERTAINTY, MapGeometry, extract_defects
+from .defects import DEFAULT_REVIEW_UNCERTAINTY, MapGeometry, extract_defects, local_thresholds
 from .errors import UserError
-from .inspect import MapSet, infer_image, infer_mosaic
+from .inspect import MapSet, infer_image, infer_mosaic, reflectance_at_map
 from .scanfolder import SCAN_JSON, now_iso, write_json
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -118,16 +118,25 @@ def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
         return None
 
 
-def quiet_threshold(model: Any, sample_kind: str | None, threshold_source: str) -> float | None:
-    """The card's threshold for quiet neighbourhoods of a kind of sample (None: none applies).
+#: neighbourhood contexts with their own threshold, and the card entry that holds it
+CONTEXTS = {"quiet": "thresholds_quiet_by_sample_kind",
+            "plain": "thresholds_plain_by_sample_kind"}
 
-    Only with the card's own threshold: a user's threshold applies everywhere.
+
+def context_thresholds(model: Any, sample_kind: str | None, threshold_source: str
+                       ) -> dict[str, float | None]:
+    """The card's thresholds for quiet and plain neighbourhoods of a kind of sample.
+
+    ``{"quiet": t, "plain": t}``, None where none applies: the card has none for the kind,
+    or the user set the threshold (a user's threshold applies everywhere).
     """
-    if threshold_source == "user":
-        return None
-    by_kind = _card_by_kind(model, "thresholds_quiet_by_sample_kind")
-    value = by_kind.get(sample_kind) if sample_kind else None
-    return float(value) if value is not None else None
+    out: dict[str, float | None] = {}
+    for context, key in CONTEXTS.items():
+        value = None
+        if threshold_source != "user" and sample_kind:
+            value = _card_by_kind(model, key).get(sample_kind)
+        out[context] = float(value) if value is not None else None
+    return out
 
 
 def _review_level(model: Any) -> float:
@@ -135,20 +144,32 @@ def _review_level(model: Any) -> float:
     return float(card.get("review_uncertainty", DEFAULT_REVIEW_UNCERTAINTY))
 
 
+def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float | None]
+                     ) -> np.ndarray | None:
+    """Per map pixel threshold of :func:`scanner.defects.local_thresholds` (None: uniform)."""
+    lower = {k: v for k, v in contexts.items() if v is not None and v < threshold}
+    if not lower:
+        return None
+    from models.calibrate import plain_mask, quiet_mask
+
+    anomaly = np.asarray(maps.maps["anomaly"][:])
+    quiet = quiet_mask(anomaly)
+    masks = {"quiet": quiet}
+    if "plain" in lower:
+        masks["plain"] = plain_mask(reflectance_at_map(maps)) & quiet
+    return local_thresholds(threshold, [(masks[k], v) for k, v in lower.items()],
+                            anomaly.shape)
+
+
 def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
-                  quiet_thr: float | None = None) -> list[Defect]:
+                  contexts: dict[str, float | None] | None = None) -> list[Defect]:
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
         return model.normalize(maps.reader.read(r0, c0, h, w), level)
 
-    quiet = None
-    if quiet_thr is not None and quiet_thr < threshold:
-        from models.calibrate import quiet_mask
-
-        quiet = quiet_mask(np.asarray(maps.maps["anomaly"][:]))
     geom = MapGeometry(maps.origin_um, maps.pixel_size_um, maps.stride)
     return extract_defects(maps.maps, geom, threshold=threshold, image=image,
-                           review_uncertainty=_review_level(model), quiet=quiet,
-                           quiet_threshold=quiet_thr)
+                           review_uncertainty=_review_level(model),
+                           local_threshold=_local_threshold(maps, threshold, contexts or {}))
 
 
 def _usable_polygon(sample: Any) -> Any:
@@ -247,7 +268,7 @@ def inspect_mosaic(
         polygon = _usable_polygon(saved)
     kind = sample_kind or (str(saved.kind) if saved is not None else None)
     thr, thr_source = _decision_threshold(model, threshold, kind)
-    thr_quiet = quiet_threshold(model, kind, thr_source)
+    contexts = context_thresholds(model, kind, thr_source)
     d2d: dict[str, Any] = {}
     die_to_die = _die_to_die(mosaic, saved, polygon, thr)
 
@@ -259,7 +280,7 @@ def inspect_mosaic(
                         refine=refine)
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
-    defects = _defects_from(maps, model, thr, maps.stats.extra["level"], thr_quiet)
+    defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts)
     t_defects = time.perf_counter() - t1
     mp = maps.stats.extra.get("mosaic_px", 0)
     timings = {
@@ -276,7 +297,8 @@ def inspect_mosaic(
         "model": model_info(model),
         "threshold": thr,
         "threshold_source": thr_source,
-        "threshold_quiet": thr_quiet,
+        "threshold_quiet": contexts["quiet"],
+        "threshold_plain": contexts["plain"],
         "maps": {k: v.name for k, v in maps.paths.items()},
         "map_pixel_size_um": maps.pixel_size_um,
         "masked_to_usable_area": polygon is not None,
@@ -423,7 +445,7 @@ def inspect_images(
     t0 = time.perf_counter()
     model = load_inspection_model(model)
     thr, thr_source = _decision_threshold(model, threshold, sample_kind)
-    thr_quiet = quiet_threshold(model, sample_kind, thr_source)
+    contexts = context_thresholds(model, sample_kind, thr_source)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_defects, per_image = [], [], {}
@@ -434,7 +456,7 @@ def inspect_images(
         n_px += img.size
         maps = infer_image(model, img, pixel_size_um=pixel_size_um)
         network_s += maps.stats.network_s
-        defects = _defects_from(maps, model, thr, maps.stats.extra["level"], thr_quiet)
+        defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts)
         score = image_score(maps.maps["anomaly"])
         rows.append({"image": name, "score": round(score, 6), "n_defects": len(defects),
                      "n_review": sum(d.review for d in defects),
@@ -455,7 +477,8 @@ def inspect_images(
         defect_rows.append({"image": name, **{c: row.get(c) for c in CSV_COLUMNS}})
     _write_csv(out_dir / "defects.csv", ["image", *CSV_COLUMNS], defect_rows)
     header = {"created": now_iso(), "model": model_info(model), "threshold": thr,
-              "threshold_source": thr_source, "threshold_quiet": thr_quiet,
+              "threshold_source": thr_source, "threshold_quiet": contexts["quiet"],
+              "threshold_plain": contexts["plain"],
               "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
               "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
               "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from skimage.draw import disk, line, rectangle
 
-from scanner.defects import MapGeometry, classify, extract_defects, shape_features
+from scanner.defects import (
+    MapGeometry,
+    classify,
+    extract_defects,
+    local_thresholds,
+    shape_features,
+)
 
 GEOM = MapGeometry(origin_um=(100.0, 200.0), pixel_size_um=4.0, stride=4)
 
@@ -235,11 +241,60 @@ def test_quiet_threshold_finds_a_faint_defect_on_the_quiet_surface_only():
     a[40:46, 240:246] = 0.6  # faint defect, quiet side
     a[40:46, 60:66] = 0.6  # same, inside the busy structure
     quiet = quiet_mask(a)
-    found = extract_defects(_maps(a), GEOM, threshold=0.9, quiet=quiet, quiet_threshold=0.5)
+    local = local_thresholds(0.9, [(quiet, 0.5)], a.shape)
+    found = extract_defects(_maps(a), GEOM, threshold=0.9, local_threshold=local)
     assert len(found) == 1
     x_map = (found[0].x_um - GEOM.origin_um[0]) / GEOM.pixel_size_um
     assert 238 <= x_map <= 248
     # without the quiet threshold (or with one above the threshold) neither is found
     assert extract_defects(_maps(a), GEOM, threshold=0.9) == []
-    assert extract_defects(_maps(a), GEOM, threshold=0.9, quiet=quiet,
-                           quiet_threshold=0.95) == []
+    assert local_thresholds(0.9, [(quiet, 0.95)], a.shape) is None
+
+
+def test_local_thresholds_take_the_lowest_context_that_applies():
+    shape = (4, 6)
+    quiet = np.zeros(shape, bool)
+    quiet[:, 2:] = True
+    plain = np.zeros(shape, bool)
+    plain[:, 4:] = True
+    t = local_thresholds(0.9, [(quiet, 0.7), (plain, 0.3)], shape)
+    assert np.allclose(t[:, :2], 0.9) and np.allclose(t[:, 2:4], 0.7)
+    assert np.allclose(t[:, 4:], 0.3)
+    # order does not matter; a context above the threshold or without one changes nothing
+    assert np.array_equal(t, local_thresholds(0.9, [(plain, 0.3), (quiet, 0.7),
+                                                    (quiet, None), (plain, 0.95)], shape))
+
+
+def _plain_surface(shape=(96, 192), seed=0) -> np.ndarray:
+    """Relative reflectance at map resolution: left a patterned die (pads, dense wiring),
+    right plain."""
+    rng = np.random.default_rng(seed)
+    img = (1.0 + rng.normal(0, 0.004, shape)).astype(np.float32)
+    for r in range(4, shape[0] - 12, 24):
+        img[r : r + 10, 8:18] = 1.6  # pads
+    for r in range(0, shape[0], 4):
+        img[r : r + 2, 24:80] = 0.7  # wiring at half coverage
+    return img
+
+
+def test_plain_mask_keeps_a_thin_scratch_plain_and_structure_not():
+    from models.calibrate import map_resolution, plain_mask
+
+    img = _plain_surface()
+    img[50:52, 120:180] = 1.25  # a thin scratch on the plain side
+    m = plain_mask(img)
+    assert not m[:, :80].any()  # the die's structure
+    assert m[:, 160:].all()  # plain, the scratch's own neighbourhood included
+    # a rough surface is not plain; a uniform level change (no texture) is
+    rng = np.random.default_rng(1)
+    rough = (1.0 + rng.normal(0, 0.08, (96, 96))).astype(np.float32)
+    assert not plain_mask(rough).any()
+    assert plain_mask(np.full((96, 96), 0.4, np.float32)).all()
+    # a stain bigger than half a block makes its own neighbourhood not plain
+    stain = _plain_surface()
+    stain[40:60, 130:150] = 0.85
+    assert not plain_mask(stain)[50, 140]
+    # map resolution: mean of stride x stride pixels, padded to the map's shape
+    big = np.arange(36, dtype=np.float32).reshape(6, 6)
+    pooled = map_resolution(big, 4, (2, 2))
+    assert pooled.shape == (2, 2) and pooled[0, 0] == big[:4, :4].mean()

@@ -196,14 +196,17 @@ def test_card_threshold_is_chosen_by_sample_kind() -> None:
     assert card_threshold(model, None) == (0.7, "model card")
 
 
-def test_quiet_threshold_comes_from_the_card_unless_the_user_sets_one() -> None:
-    from scanner.inspection import quiet_threshold
+def test_context_thresholds_come_from_the_card_unless_the_user_sets_one() -> None:
+    from scanner.inspection import context_thresholds
 
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9},
-            "thresholds_quiet_by_sample_kind": {"wafer": 0.75}}
+            "thresholds_quiet_by_sample_kind": {"wafer": 0.75},
+            "thresholds_plain_by_sample_kind": {"wafer": 0.3}}
     model = InspectionModel(InspectionNet(), card)
-    assert quiet_threshold(model, "wafer", "model card (wafer)") == 0.75
-    assert quiet_threshold(model, "wafer", "user") is None
-    assert quiet_threshold(model, "pv_cell", "model card") is None
-    assert quiet_threshold(model, None, "model card") is None
+    assert context_thresholds(model, "wafer", "model card (wafer)") == {"quiet": 0.75,
+                                                                         "plain": 0.3}
+    none = {"quiet": None, "plain": None}
+    assert context_thresholds(model, "wafer", "user") == none
+    assert context_thresholds(model, "pv_cell", "model card") == none
+    assert context_thresholds(model, None, "model card") == none

@@ -319,8 +319,30 @@ def test_quiet_calibration_counts_only_quiet_areas():
         m[rng.integers(0, 256, 3), rng.integers(160, 256, 3)] = 0.4  # rare quiet peaks
         maps.append(m)
     full = calibrate_threshold(maps, area_cm2=4.0, target_per_cm2=1.0)
-    quiet = calibrate_quiet(maps, area_cm2=4.0, target_per_cm2=1.0)
+    quiet = calibrate_quiet(maps, [1.0] * 4, target_per_cm2=1.0)
     assert quiet is not None
     assert quiet.area_cm2 < 4.0
     assert quiet.threshold < full.threshold
-    assert calibrate_quiet(maps, area_cm2=0.1) is None  # too little quiet area to count on
+    assert calibrate_quiet(maps, [0.025] * 4) is None  # too little quiet area to count on
+    # each map's quiet share counts at its own area (held-out images differ in pixel size)
+    assert calibrate_quiet(maps, [4.0, 0, 0, 0]).area_cm2 == pytest.approx(quiet.area_cm2)
+
+
+def test_plain_calibration_counts_only_plain_and_quiet_areas():
+    from models.calibrate import calibrate_plain, calibrate_quiet
+
+    rng = np.random.default_rng(0)
+    maps, images = [], []
+    for _ in range(4):
+        m = np.full((256, 256), 0.005, np.float32)
+        img = np.ones((256, 256), np.float32)
+        img[:, 128:192] += (np.arange(64) % 8 < 4) * 0.5  # structure the network finds quiet
+        m[rng.integers(0, 256, 3), rng.integers(130, 190, 3)] = 0.6  # its moderate peaks
+        m[rng.integers(0, 256, 3), rng.integers(208, 256, 3)] = 0.2  # rare plain peaks
+        maps.append(m)
+        images.append(img)
+    quiet = calibrate_quiet(maps, [1.0] * 4)
+    plain = calibrate_plain(maps, images, [1.0] * 4)
+    assert quiet is not None and plain is not None
+    assert plain.area_cm2 < quiet.area_cm2
+    assert plain.threshold < 0.6 <= quiet.threshold
