@@ -104,6 +104,26 @@ def test_outside_the_sample_is_not_computed_and_zero(net_model, tmp_path):
     assert np.all(an[:, :99] > 0)
 
 
+def test_reflectance_at_map_resolution_from_the_pyramid_or_the_model_grid(net_model, tmp_path):
+    import dataclasses
+
+    from models.calibrate import map_resolution
+    from scanner.inspect import reflectance_at_map
+
+    img = _texture((1100, 1030), seed=5)
+    mosaic = tmp_path / "mosaic.ome.zarr"
+    _write_mosaic(mosaic, img, 1.0, (0.0, 0.0))
+    maps = infer_mosaic(net_model, mosaic, tmp_path, core_px=256)
+    level = maps.stats.extra["level"]
+    want = map_resolution(img.astype(np.float32) / level, 4, maps.maps["anomaly"].shape)
+    from_pyramid = reflectance_at_map(maps)  # level 2 of the mosaic: 4 x 4 means
+    from_grid = reflectance_at_map(dataclasses.replace(maps, source_levels=None), chunk_rows=64)
+    assert from_pyramid.shape == from_grid.shape == want.shape
+    # the pyramid is stored in the mosaic's dtype (rounded 4 x 4 means); edges are padded
+    np.testing.assert_allclose(from_pyramid[:-1, :-1], want[:-1, :-1], atol=1.5 / level)
+    np.testing.assert_allclose(from_grid, want, rtol=1e-5)
+
+
 def test_resampling_when_the_mosaic_pixel_differs(net_model, tmp_path):
     img = _texture((800, 600), seed=3)
     mosaic = tmp_path / "mosaic.ome.zarr"
