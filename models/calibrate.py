@@ -195,15 +195,25 @@ def quiet_mask(anomaly: np.ndarray, level: float = QUIET_LEVEL, block: int = QUI
     from scipy import ndimage
 
     a = np.asarray(anomaly, dtype=np.float32)
-    h, w = a.shape
-    ph, pw = -h % block, -w % block
-    padded = np.pad(a, ((0, ph), (0, pw)))
-    blocks = padded.reshape((h + ph) // block, block, (w + pw) // block, block)
+    blocks = _blocks(a, block, "constant")  # padding of 0: not inspected
     inside = (blocks > 0).sum(axis=(1, 3))
     means = np.where(inside > 0, blocks.sum(axis=(1, 3)) / np.maximum(inside, 1), 1.0)
     local = ndimage.percentile_filter(means, percentile, size=span, mode="nearest")
-    quiet = np.repeat(np.repeat(local < level, block, axis=0), block, axis=1)
-    return quiet[:h, :w]
+    return _per_pixel(local < level, block, a.shape)
+
+
+def _blocks(a: np.ndarray, block: int, mode: str) -> np.ndarray:
+    """``a`` padded (``np.pad`` mode) to whole blocks, as ``(rows, block, cols, block)``."""
+    h, w = a.shape
+    ph, pw = -h % block, -w % block
+    padded = np.pad(a, ((0, ph), (0, pw)), mode=mode)
+    return padded.reshape((h + ph) // block, block, (w + pw) // block, block)
+
+
+def _per_pixel(per_block: np.ndarray, block: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A per-block array repeated over each block's pixels, cropped to ``shape``."""
+    out = np.repeat(np.repeat(per_block, block, axis=0), block, axis=1)
+    return out[: shape[0], : shape[1]]
 
 
 #: a neighbourhood is *plain* where the image itself shows no structure: every block's
@@ -245,20 +255,16 @@ def plain_mask(image: np.ndarray, level: float = PLAIN_LEVEL, block: int = QUIET
     from scipy import ndimage
 
     a = np.asarray(image, dtype=np.float32)
-    h, w = a.shape
-    ph, pw = -h % block, -w % block
-    padded = np.pad(a, ((0, ph), (0, pw)), mode="edge")
-    nb_r, nb_c = (h + ph) // block, (w + pw) // block
-    blocks = padded.reshape(nb_r, block, nb_c, block).transpose(0, 2, 1, 3).reshape(
-        nb_r, nb_c, block * block)
+    blocks = _blocks(a, block, "edge")
+    nb_r, nb_c = blocks.shape[0], blocks.shape[2]
+    blocks = blocks.transpose(0, 2, 1, 3).reshape(nb_r, nb_c, block * block)
     med = np.median(blocks, axis=2)
     spread = np.median(np.abs(blocks - med[..., None]), axis=2)
     step_r = np.abs(np.diff(med, axis=0, append=med[-1:]))
     step_c = np.abs(np.diff(med, axis=1, append=med[:, -1:]))
     spread = np.maximum(spread, np.maximum(step_r, step_c) / 3.0)
     local = ndimage.maximum_filter(spread, size=span, mode="nearest")
-    plain = np.repeat(np.repeat(local < level, block, axis=0), block, axis=1)
-    return plain[:h, :w]
+    return _per_pixel(local < level, block, a.shape)
 
 
 def map_resolution(image: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:
@@ -291,21 +297,33 @@ def calibrate_within(maps: list[np.ndarray], masks: list[np.ndarray],
                                area, target_per_cm2)
 
 
-def calibrate_quiet(maps: list[np.ndarray], areas_cm2: Sequence[float],
-                    target_per_cm2: float = 1.0, min_area_cm2: float = 0.5
-                    ) -> Calibration | None:
-    """:func:`calibrate_within` the quiet parts of held-out maps (:func:`quiet_mask`)."""
-    return calibrate_within(maps, [quiet_mask(m) for m in maps], areas_cm2, target_per_cm2,
-                            min_area_cm2)
+#: neighbourhood contexts with their own per-kind threshold, and the card entry of each
+CONTEXT_CARD_KEYS = {"quiet": "thresholds_quiet_by_sample_kind",
+                     "plain": "thresholds_plain_by_sample_kind"}
 
 
-def calibrate_plain(maps: list[np.ndarray], images: list[np.ndarray],
-                    areas_cm2: Sequence[float], target_per_cm2: float = 1.0,
-                    min_area_cm2: float = 0.5) -> Calibration | None:
-    """:func:`calibrate_within` the plain and quiet parts of held-out maps.
+def context_masks(anomaly: np.ndarray, image: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The map pixels of each context: ``quiet`` (:func:`quiet_mask`) and, given the image at
+    map resolution (:func:`map_resolution`, relative reflectance), ``plain``
+    (:func:`plain_mask`, within the quiet pixels: the network must agree)."""
+    quiet = quiet_mask(anomaly)
+    out = {"quiet": quiet}
+    if image is not None:
+        out["plain"] = plain_mask(image) & quiet
+    return out
 
-    ``images`` are the held-out images at map resolution (:func:`map_resolution`), relative
-    reflectance.
+
+def calibrate_contexts_on(maps: list[np.ndarray], images: list[np.ndarray] | None,
+                          areas_cm2: Sequence[float], target_per_cm2: float = 1.0,
+                          min_area_cm2: float = 0.5) -> dict[str, Calibration | None]:
+    """:func:`calibrate_within` each context of held-out maps (:func:`context_masks`).
+
+    ``images``: the held-out images at map resolution (relative reflectance); without them
+    only ``quiet`` is calibrated. None for a context with too little area to count on.
     """
-    masks = [plain_mask(i) & quiet_mask(m) for m, i in zip(maps, images, strict=True)]
-    return calibrate_within(maps, masks, areas_cm2, target_per_cm2, min_area_cm2)
+    masks = [context_masks(m, None if images is None else images[k])
+             for k, m in enumerate(maps)]
+    return {context: calibrate_within(maps, [m[context] for m in masks], areas_cm2,
+                                      target_per_cm2, min_area_cm2)
+            for context in masks[0]} if masks else {}

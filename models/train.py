@@ -32,9 +32,9 @@ import torch.nn.functional as F  # noqa: N812
 from scanner.errors import UserError
 
 from .calibrate import (
+    CONTEXT_CARD_KEYS,
     Calibration,
-    calibrate_plain,
-    calibrate_quiet,
+    calibrate_contexts_on,
     calibrate_threshold,
     map_resolution,
     review_level,
@@ -492,56 +492,6 @@ def inspected_anomaly(image: GoodImage, anomaly: np.ndarray, stride: int = OUTPU
     return np.where(inside, anomaly, 0.0).astype(np.float32)
 
 
-def calibrate_quiet_by_kind(
-    held_out: Sequence[GoodImage],
-    maps: Sequence[dict[str, np.ndarray]],
-    pixel_size_um: float,
-    false_alarms_per_cm2: float,
-    ceilings: dict[str, float],
-    default: float,
-) -> dict[str, Calibration]:
-    """Per recipe sample kind, the threshold for quiet neighbourhoods (:func:`calibrate_quiet`).
-
-    Kept only where it is below the kind's own threshold (``ceilings``, else ``default``: the
-    pooled one); kinds with too little quiet area in their held-out images get no entry.
-    """
-    out: dict[str, Calibration] = {}
-    for kind, idx in _indices_by_kind(held_out).items():
-        areas = [held_out_area_cm2([held_out[i]], pixel_size_um) for i in idx]
-        cal = calibrate_quiet([inspected_anomaly(held_out[i], maps[i]["anomaly"]) for i in idx],
-                              areas, false_alarms_per_cm2)
-        if cal is not None and cal.threshold < ceilings.get(kind, default):
-            out[kind] = cal
-    return out
-
-
-def calibrate_plain_by_kind(
-    held_out: Sequence[GoodImage],
-    maps: Sequence[dict[str, np.ndarray]],
-    pixel_size_um: float,
-    false_alarms_per_cm2: float,
-    ceilings: dict[str, float],
-    default: float,
-    stride: int,
-) -> dict[str, Calibration]:
-    """Per recipe sample kind, the threshold for plain neighbourhoods (:func:`calibrate_plain`).
-
-    Kept only where it is below the kind's quiet threshold, else its own (``ceilings``, else
-    ``default``); kinds with too little plain area in their held-out images get no entry.
-    ``stride`` is the model's output stride (input pixels per map pixel).
-    """
-    out: dict[str, Calibration] = {}
-    for kind, idx in _indices_by_kind(held_out).items():
-        areas = [held_out_area_cm2([held_out[i]], pixel_size_um) for i in idx]
-        amaps = [inspected_anomaly(held_out[i], maps[i]["anomaly"], stride) for i in idx]
-        images = [map_resolution(held_out[i].image[:2048, :2048], stride, a.shape)
-                  for i, a in zip(idx, amaps, strict=True)]
-        cal = calibrate_plain(amaps, images, areas, false_alarms_per_cm2)
-        if cal is not None and cal.threshold < ceilings.get(kind, default):
-            out[kind] = cal
-    return out
-
-
 def calibrate_contexts(
     held_out: Sequence[GoodImage],
     maps: Sequence[dict[str, np.ndarray]],
@@ -550,22 +500,28 @@ def calibrate_contexts(
     thresholds_by_kind: dict[str, float],
     default: float,
 ) -> dict[str, dict[str, Calibration]]:
-    """The quiet and plain thresholds per sample kind (``{"quiet": ..., "plain": ...}``).
+    """The quiet and plain thresholds per recipe sample kind (``{"quiet": ..., "plain": ...}``).
 
-    Each is kept only below the one it refines: quiet below the kind's threshold
-    (``thresholds_by_kind``, else ``default``), plain below the kind's quiet threshold.
+    :func:`models.calibrate.calibrate_contexts_on` each kind's held-out maps as inspection
+    sees them (:func:`inspected_anomaly`). Each is kept only below the one it refines: quiet
+    below the kind's threshold (``thresholds_by_kind``, else ``default``: the pooled one),
+    plain below the kind's quiet threshold; kinds with too little area of a context in their
+    held-out images get no entry for it.
     """
-    quiet = calibrate_quiet_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2,
-                                    thresholds_by_kind, default)
-    ceilings = {**thresholds_by_kind, **{k: c.threshold for k, c in quiet.items()}}
-    plain = calibrate_plain_by_kind(held_out, maps, pixel_size_um, false_alarms_per_cm2,
-                                    ceilings, default, OUTPUT_STRIDE)
-    return {"quiet": quiet, "plain": plain}
-
-
-#: card keys of the context thresholds (:func:`calibrate_contexts`)
-CONTEXT_CARD_KEYS = {"quiet": "thresholds_quiet_by_sample_kind",
-                     "plain": "thresholds_plain_by_sample_kind"}
+    out: dict[str, dict[str, Calibration]] = {"quiet": {}, "plain": {}}
+    for kind, idx in _indices_by_kind(held_out).items():
+        areas = [held_out_area_cm2([held_out[i]], pixel_size_um) for i in idx]
+        amaps = [inspected_anomaly(held_out[i], maps[i]["anomaly"]) for i in idx]
+        images = [map_resolution(held_out[i].image[:2048, :2048], OUTPUT_STRIDE, a.shape)
+                  for i, a in zip(idx, amaps, strict=True)]
+        cals = calibrate_contexts_on(amaps, images, areas, false_alarms_per_cm2)
+        ceiling = thresholds_by_kind.get(kind, default)
+        for context in ("quiet", "plain"):  # plain refines quiet
+            cal = cals.get(context)
+            if cal is not None and cal.threshold < ceiling:
+                out[context][kind] = cal
+                ceiling = cal.threshold
+    return out
 
 
 def recalibrate_contexts(model_path: str | Path, n_per_kind: int, seed: int,

@@ -118,11 +118,6 @@ def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
         return None
 
 
-#: neighbourhood contexts with their own threshold, and the card entry that holds it
-CONTEXTS = {"quiet": "thresholds_quiet_by_sample_kind",
-            "plain": "thresholds_plain_by_sample_kind"}
-
-
 def context_thresholds(model: Any, sample_kind: str | None, threshold_source: str
                        ) -> dict[str, float | None]:
     """The card's thresholds for quiet and plain neighbourhoods of a kind of sample.
@@ -130,8 +125,10 @@ def context_thresholds(model: Any, sample_kind: str | None, threshold_source: st
     ``{"quiet": t, "plain": t}``, None where none applies: the card has none for the kind,
     or the user set the threshold (a user's threshold applies everywhere).
     """
+    from models.calibrate import CONTEXT_CARD_KEYS
+
     out: dict[str, float | None] = {}
-    for context, key in CONTEXTS.items():
+    for context, key in CONTEXT_CARD_KEYS.items():
         value = None
         if threshold_source != "user" and sample_kind:
             value = _card_by_kind(model, key).get(sample_kind)
@@ -150,13 +147,10 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
     lower = {k: v for k, v in contexts.items() if v is not None and v < threshold}
     if not lower:
         return None
-    from models.calibrate import plain_mask, quiet_mask
+    from models.calibrate import context_masks
 
     anomaly = np.asarray(maps.maps["anomaly"][:])
-    quiet = quiet_mask(anomaly)
-    masks = {"quiet": quiet}
-    if "plain" in lower:
-        masks["plain"] = plain_mask(reflectance_at_map(maps)) & quiet
+    masks = context_masks(anomaly, reflectance_at_map(maps) if "plain" in lower else None)
     return local_thresholds(threshold, [(masks[k], v) for k, v in lower.items()],
                             anomaly.shape)
 

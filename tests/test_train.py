@@ -309,7 +309,10 @@ def test_a_time_limit_cuts_the_epochs_after_the_first(tmp_path: Path) -> None:
 
 
 def test_quiet_calibration_counts_only_quiet_areas():
-    from models.calibrate import calibrate_quiet
+    from models.calibrate import calibrate_contexts_on
+
+    def calibrate_quiet(maps, areas, target_per_cm2=1.0):
+        return calibrate_contexts_on(maps, None, areas, target_per_cm2)["quiet"]
 
     rng = np.random.default_rng(0)
     maps = []
@@ -329,7 +332,7 @@ def test_quiet_calibration_counts_only_quiet_areas():
 
 
 def test_plain_calibration_counts_only_plain_and_quiet_areas():
-    from models.calibrate import calibrate_plain, calibrate_quiet
+    from models.calibrate import calibrate_contexts_on
 
     rng = np.random.default_rng(0)
     maps, images = [], []
@@ -341,8 +344,8 @@ def test_plain_calibration_counts_only_plain_and_quiet_areas():
         m[rng.integers(0, 256, 3), rng.integers(208, 256, 3)] = 0.2  # rare plain peaks
         maps.append(m)
         images.append(img)
-    quiet = calibrate_quiet(maps, [1.0] * 4)
-    plain = calibrate_plain(maps, images, [1.0] * 4)
+    cals = calibrate_contexts_on(maps, images, [1.0] * 4)
+    quiet, plain = cals["quiet"], cals["plain"]
     assert quiet is not None and plain is not None
     assert plain.area_cm2 < quiet.area_cm2
     assert plain.threshold < 0.6 <= quiet.threshold
