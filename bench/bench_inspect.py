@@ -14,6 +14,8 @@ mosaic and prints, per sample and in total:
   up to 32 pixels across);
 * roughness R² against the true Sa: plain coupons with uniform simulated roughness of known Sa,
   the median of the roughness map against it;
+* class accuracy: the share of found defects whose class is the one a fab would give the
+  true kind (:data:`EXPECTED_CLASS`), with the confusions listed;
 * Spearman rank correlation between a defect's uncertainty and its error (1 for a false
   defect, 0 for a true one): positive means "more uncertain, more often wrong";
 * throughput: end to end Zarr -> Zarr (three OME-NGFF maps written) in mosaic megapixels per
@@ -33,6 +35,7 @@ import math
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +61,14 @@ SEEDS = (90101, 90202)
 #: stains are clusters of blobs whose drawn "centre" is one blob's, not the region's)
 COMPACT = ("particle", "pit", "stain")
 COMPACT_MAX_PX = 32
+
+#: the class a fab would give each simulated defect kind (for the class accuracy): a dark area
+#: of a PV cell is a stain; a missing structure or an interrupted finger is a pattern defect
+EXPECTED_CLASS = {
+    "particle": "particle", "pit": "pit", "scratch": "scratch", "crack": "crack",
+    "stain": "stain", "dark_area": "stain", "missing_pattern": "pattern",
+    "finger_interruption": "pattern",
+}
 
 #: pixel sizes (µm) the benchmark images each kind at: those of the demo recipes
 #: (``recipes/demo_wafer.yaml``, ``recipes/demo_pv_cell.yaml``), inside the ranges the default
@@ -126,6 +137,7 @@ def evaluate(folder: Path) -> dict[str, float]:
     true = [t for t in truth["defects"] if t["size_um"] >= 4 * pixel_um]
     matched_true, used = 0, set()
     errors = []
+    classes = []  # (expected, reported) of every found true defect
     for t in true:
         best, best_d = None, math.inf
         for k, d in enumerate(found):
@@ -140,6 +152,7 @@ def evaluate(folder: Path) -> dict[str, float]:
         if best is not None:
             matched_true += 1
             used.add(best)
+            classes.append((EXPECTED_CLASS.get(t["kind"], "other"), found[best].defect_class))
             if t["kind"] in COMPACT and t["size_um"] <= COMPACT_MAX_PX * pixel_um:
                 errors.append(best_d / pixel_um)
     # a reported defect that holds any true defect (even one under 4 px) is not false
@@ -164,8 +177,13 @@ def evaluate(folder: Path) -> dict[str, float]:
         "centre_err_px": float(np.median(errors)) if errors else math.nan,
         "unc_rho": _spearman(unc, np.array(wrong)),
         "inspect": scan["inspection"],
-        "unc": unc.tolist(), "wrong": wrong,
+        "unc": unc.tolist(), "wrong": wrong, "classes": classes,
     }
+
+
+def class_accuracy(classes: list[tuple[str, str]]) -> float:
+    """Share of ``(expected, reported)`` class pairs that agree (NaN for none)."""
+    return sum(e == c for e, c in classes) / len(classes) if classes else math.nan
 
 
 def network_rate(model) -> float:
@@ -220,10 +238,10 @@ def main(argv: list[str]) -> None:
                         f"PV cell {pixels['pv_cell']:g} µm pixels; threshold "
                         f"{model.threshold:.3g})")
     for col in ("sample", "mosaic MP", "true ≥4px", "found", "recall", "false", "false/cm²",
-                "centre err px", "unc. ρ", "Zarr→Zarr MP/s"):
+                "centre err px", "class acc.", "unc. ρ", "Zarr→Zarr MP/s"):
         table.add_column(col, justify="right")
     total = {"true": 0, "found": 0, "false": 0, "area": 0.0, "mp": 0.0, "s": 0.0}
-    errs, uncs, wrongs = [], [], []
+    errs, uncs, wrongs, classes = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in recipes(pixels, args.quick).items():
             path = Path(tmp) / f"{name}.yaml"
@@ -243,18 +261,24 @@ def main(argv: list[str]) -> None:
                 errs.append(r["centre_err_px"])
             uncs += r["unc"]
             wrongs += r["wrong"]
+            classes += r["classes"]
             table.add_row(name, f"{mp:.1f}", str(r["true"]), str(r["found"]),
                           f"{r['found'] / max(r['true'], 1):.2f}", str(r["false"]),
                           f"{r['false'] / r['area_cm2']:.2f}", f"{r['centre_err_px']:.2f}",
-                          f"{r['unc_rho']:.2f}", f"{rate:.2f}")
+                          f"{class_accuracy(r['classes']):.2f}", f"{r['unc_rho']:.2f}",
+                          f"{rate:.2f}")
     table.add_row("all", f"{total['mp']:.1f}", str(total["true"]), str(total["found"]),
                   f"{total['found'] / max(total['true'], 1):.2f}", str(total["false"]),
                   f"{total['false'] / max(total['area'], 1e-9):.2f}",
                   f"{np.median(errs):.2f}" if errs else "nan",
+                  f"{class_accuracy(classes):.2f}",
                   f"{_spearman(np.array(uncs), np.array(wrongs)):.2f}",
                   f"{total['mp'] / max(total['s'], 1e-9):.2f}")
     console = Console(width=160)
     console.print(table)
+    confusions = Counter(f"{e}→{c}" for e, c in classes if e != c)
+    console.print("class confusions (expected→reported): "
+                  + (", ".join(f"{k} {n}" for k, n in confusions.most_common()) or "none"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dense.yaml"
         path.write_text(yaml.safe_dump(dense_wafer(pixels["wafer"], args.quick)))

@@ -50,6 +50,15 @@ BORDERLINE = 0.15
 #: spent 4.5 s on them). Larger maps (gigapixel mosaics) are read region by region.
 IN_MEMORY_MAP_PX = 64_000_000
 
+#: contrast (relative to the surface level) under which a large defect is a stain: films and
+#: residues change reflectance by tens of per cent at most, while particles and pits of that
+#: size are opaque or deep (simulated wafers and PV cells: stains 0.13-0.34, particles and pits
+#: over 20 px across 0.48-0.88, measured as :func:`appearance` does)
+FAINT_CONTRAST = 0.4
+#: mean width (image pixels) up to which a long region on the image is a line (a crack or a
+#: scratch imaged at the resolution limit is 1-4 pixels wide; a blotchy stain 8 or more)
+THIN_LINE_PX = 6.0
+
 
 def _in_memory(array: Any) -> Any:
     """``array`` as numpy when it is small enough (:data:`IN_MEMORY_MAP_PX`), else as is."""
@@ -92,6 +101,10 @@ class Features:
         surface level (positive: brighter); NaN when the image is not available.
     snr : float
         ``|contrast|`` over the local noise of the surroundings.
+    resolution : float
+        Size of one pixel of the shape measurements in map pixels: 1 when they are measured
+        on the map, ``1 / stride`` when on the defect's footprint in the image
+        (:func:`appearance`).
     """
 
     area: float
@@ -106,34 +119,45 @@ class Features:
     corners: bool
     contrast: float
     snr: float
+    resolution: float = 1.0
 
 
 def classify(f: Features) -> str:
     """Class of a defect from its features (one of :data:`scanner.defectlist.CLASSES`).
 
-    General rules, in order:
+    General rules, in order (sizes in map pixels, whatever the resolution the shape was
+    measured at; see :attr:`Features.resolution`):
 
-    * **linear** (elongation >= 4, or a long thin skeleton with a sparse hull):
-      a branched or winding line is a ``crack``, a straight or gently curved one a ``scratch``;
-    * **compact and rectangular** (extent >= 0.85, the corners of the bounding box filled,
-      at least 3 x 3 pixels): ``pattern``
+    * **rectangular** (the bounding box filled: extent >= 0.93 on the image, or >= 0.85 with
+      its corners on the map; solid, at least 3 x 3, not a thin line): ``pattern``
       (missing or extra structure on a patterned surface is axis-aligned and square-cornered);
-    * **large, irregular or faint** (solidity < 0.75, or a faint change over at least
-      8 x 8 pixels): ``stain``;
+    * **linear** (elongation >= 4, or a long thin skeleton with a sparse hull): a winding line
+      (or on the map, where a crack is blurred, a branched one) is a ``crack``, a straight or
+      gently curved one a ``scratch``;
+    * **large and faint, or large and irregular** (at least 4 x 4 with a contrast under
+      :data:`FAINT_CONTRAST`, or 8 x 8 with solidity < 0.75): ``stain``;
     * **compact**: brighter than its surroundings, a ``particle`` (scatters light); darker, a
       ``pit`` (a hole or a dark inclusion); contrast unknown: ``particle``;
     * anything else: ``other``.
     """
-    # a line bent or branched has a low moment elongation but a long, thin skeleton
-    thin = f.skeleton >= 8 and f.skeleton**2 / f.area >= 12 and f.solidity < 0.5
+    fine = f.resolution < 1.0  # measured on the defect's footprint in the image
+    area = f.area * f.resolution**2
+    thickness = f.area / max(f.skeleton, 1)  # mean width of a line-like region (own pixels)
+    filled = f.extent >= 0.93 if fine else (f.extent >= 0.85 and f.corners)
+    if filled and f.solidity >= 0.95 and area >= 9 and f.elongation < (6.0 if fine else 3.0) \
+            and f.width >= 3:
+        return "pattern"
+    # a line bent or branched has a low moment elongation but a long, thin skeleton; on the
+    # image a line is also thin in pixels (a blotchy stain's skeleton is long too)
+    thin = f.skeleton * f.resolution >= 8 and f.skeleton**2 / f.area >= 12 \
+        and f.solidity < 0.5 and (not fine or thickness <= THIN_LINE_PX)
     if f.elongation >= 4.0 or thin:
-        if f.branches >= 2 or f.tortuosity >= 1.35:
+        # on the image, outline noise branches any skeleton: only the winding counts there
+        if f.tortuosity >= 1.35 or (not fine and f.branches >= 2):
             return "crack"
         return "scratch"
-    if f.extent >= 0.85 and f.corners and f.area >= 9 and f.elongation < 3.0:
-        return "pattern"
-    faint = math.isfinite(f.contrast) and abs(f.contrast) < 0.05
-    if f.area >= 64 and (f.solidity < 0.75 or faint):
+    faint = math.isfinite(f.contrast) and abs(f.contrast) < FAINT_CONTRAST
+    if (area >= 16 and faint) or (area >= 64 and f.solidity < 0.75):
         return "stain"
     if f.solidity >= 0.75 and f.elongation < 3.0:
         if math.isfinite(f.contrast) and f.contrast < 0:
@@ -176,8 +200,9 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
 
 def appearance(
     patch: np.ndarray, inside: np.ndarray, ring_px: int
-) -> tuple[float, float, tuple[float, float] | None]:
-    """Signed contrast of a defect against a ring around it, its SNR, and its refined centre.
+) -> tuple[float, float, tuple[float, float] | None, np.ndarray | None]:
+    """Signed contrast of a defect against a ring around it, its SNR, its refined centre and
+    its footprint at the image's resolution.
 
     Parameters
     ----------
@@ -198,16 +223,23 @@ def appearance(
         background with the defect's sign (weighted by the deviation): the defect itself at
         full resolution rather than its blurred footprint on the map. None when the defect does
         not stand clearly out of the noise.
+    footprint : np.ndarray of bool or None
+        The defect as seen on ``patch``: the largest connected region inside ``inside`` that
+        deviates from the background with the defect's sign by more than half its contrast
+        (and 3 noise sigmas). A scratch one pixel wide is a line here while its footprint on
+        the map is a blurred band a map pixel or two wide, so shape is measured on this when
+        there is one. None when the defect does not stand out, or when the deviating pixels
+        are scattered (structure of a patterned surface rather than one object).
     """
     if not inside.any():
-        return math.nan, math.nan, None
+        return math.nan, math.nan, None, None
     # distance to the defect: a gap of a third of the ring (the defect's blurred border),
     # then the ring itself; one linear-time transform whatever the ring's width
     dist = ndimage.distance_transform_edt(~inside)
     gap = max(1, ring_px // 3)
     ring = (dist > gap) & (dist <= gap + ring_px)
     if ring.sum() < 8:
-        return math.nan, math.nan, None
+        return math.nan, math.nan, None, None
     bg = patch[ring]
     med = float(np.median(bg))
     noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
@@ -216,15 +248,58 @@ def appearance(
     hi, lo = float(np.percentile(dev, 98)), float(np.percentile(dev, 2))
     contrast = hi if abs(hi) >= abs(lo) else lo
     snr = abs(contrast) / noise
-    centre = None
-    if snr >= 5:
+    centre, footprint = None, None
+    if snr >= 3:
         signed = (patch - med) * math.copysign(1.0, contrast)
-        strong = inside & (signed > max(3 * noise, 0.3 * abs(contrast)))
-        if strong.any():
-            rr, cc = np.nonzero(strong)
-            w = signed[rr, cc]
-            centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
-    return contrast, snr, centre
+        if snr >= 5:
+            strong = inside & (signed > max(3 * noise, 0.3 * abs(contrast)))
+            if strong.any():
+                rr, cc = np.nonzero(strong)
+                w = signed[rr, cc]
+                centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
+        footprint = _footprint(patch, inside, ring, math.copysign(1.0, contrast))
+    return contrast, snr, centre, footprint
+
+
+def _footprint(patch: np.ndarray, inside: np.ndarray, ring: np.ndarray, sign: float
+               ) -> np.ndarray | None:
+    """The defect's region on the image (see :func:`appearance`).
+
+    Thresholded after a Gaussian of one pixel: on the raw image a faint defect's region is
+    speckled by the noise, and its skeleton then branches everywhere. Levels are taken on the
+    smoothed image too, so a line one pixel wide keeps its (lower) peak above half of it.
+    """
+    smooth = ndimage.gaussian_filter(patch.astype(np.float32), 1.0)
+    bg = smooth[ring]
+    med = float(np.median(bg))
+    noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
+    signed = (smooth - med) * sign
+    peak = float(np.percentile(signed[inside], 98))
+    region = _largest_region(inside & (signed > max(3 * noise, 0.5 * peak)))
+    if region is None:
+        return None
+    # pinholes of noise inside a blob are part of it (skimage's remove_small_holes changed its
+    # parameter in 0.26; this works with any version)
+    holes, n = ndimage.label(ndimage.binary_fill_holes(region) & ~region)
+    if n:
+        small = np.bincount(holes.ravel()) < 16
+        small[0] = False
+        region = region | small[holes]
+    return region
+
+
+def _largest_region(mask: np.ndarray, min_share: float = 0.5, min_px: int = 4
+                    ) -> np.ndarray | None:
+    """The largest connected region of ``mask`` when it holds at least ``min_share`` of the
+    mask's pixels and ``min_px`` pixels (else None)."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())[1:]
+    k = int(np.argmax(sizes))
+    if sizes[k] < min_px or sizes[k] < min_share * sizes.sum():
+        return None
+    return labels == k + 1
 
 
 @dataclass
@@ -349,8 +424,9 @@ def extract_defects(
     review_uncertainty : float
         Uncertainty (at the defect's peak) above which a defect gets ``review=True``.
     image : callable, optional
-        ``image(r0, c0, h, w)``: the *normalised* input on the model grid (for the contrast
-        of each defect); without it the contrast is unknown.
+        ``image(r0, c0, h, w)``: the image on the model grid as relative reflectance
+        (``x / level - 1``, level the surface's), for each defect's contrast, centre and
+        footprint; without it the contrast is unknown and shape is measured on the map.
     local_threshold : ndarray of float32, optional
         The decision threshold of each map pixel where neighbourhoods have their own (quiet
         and plain ones: :func:`local_thresholds`); the extent threshold is scaled alike.
@@ -385,6 +461,7 @@ def extract_defects(
         cy = r0 + float((weights[rr, cc] * rr).sum() / wsum)
         cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
         shape = shape_features(sub)
+        resolution = 1.0  # map pixels per pixel of the shape measured
         contrast, snr = math.nan, math.nan
         if image is not None:
             margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
@@ -394,17 +471,21 @@ def extract_defects(
             inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
             inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
             inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
-            contrast, snr, centre = appearance(patch, inside,
-                                               ring_px=min(max(2, margin * s // 2), 24))
+            contrast, snr, centre, footprint = appearance(
+                patch, inside, ring_px=min(max(2, margin * s // 2), 24))
             if centre is not None:  # model-grid pixel -> map pixel coordinates
                 cy = (pr0 + centre[0] - (s - 1) / 2) / s
                 cx = (pc0 + centre[1] - (s - 1) / 2) / s
+            if footprint is not None:  # the class from the defect itself, not its blur
+                fine = shape_features(footprint)
+                shape = {**fine, "feret": shape["feret"]}  # size stays the map region's
+                resolution = 1.0 / s
         feats = Features(
             area=shape["area"], length=shape["length"], width=shape["width"],
             elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
             branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
             skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
-            contrast=contrast, snr=snr,
+            contrast=contrast, snr=snr, resolution=resolution,
         )
         defect_class = classify(feats)
         if defect_class in ("scratch", "crack"):

@@ -157,8 +157,11 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
 
 def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
                   contexts: dict[str, float | None] | None = None) -> list[Defect]:
+    from models.inspection import to_luminance
+
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
-        return model.normalize(maps.reader.read(r0, c0, h, w), level)
+        # relative reflectance: a defect's contrast in units of the surface level
+        return to_luminance(maps.reader.read(r0, c0, h, w)) * np.float32(1.0 / level) - 1.0
 
     geom = MapGeometry(maps.origin_um, maps.pixel_size_um, maps.stride)
     return extract_defects(maps.maps, geom, threshold=threshold, image=image,

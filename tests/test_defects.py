@@ -298,3 +298,74 @@ def test_plain_mask_keeps_a_thin_scratch_plain_and_structure_not():
     big = np.arange(36, dtype=np.float32).reshape(6, 6)
     pooled = map_resolution(big, 4, (2, 2))
     assert pooled.shape == (2, 2) and pooled[0, 0] == big[:4, :4].mean()
+
+
+def _blurred_footprint(image: np.ndarray, stride: int = 4, grow: int = 1) -> np.ndarray:
+    """What the anomaly map makes of an image defect: its map pixels, grown by ``grow``
+    (the network's response is blurred over a map pixel or two), as scores of 0.9."""
+    from scipy import ndimage
+
+    h, w = image.shape
+    hit = np.abs(image).reshape(h // stride, stride, w // stride, stride).max(axis=(1, 3)) > 0.05
+    return np.where(ndimage.binary_dilation(hit, iterations=grow), 0.9, 0.0).astype(np.float32)
+
+
+def _reader(image: np.ndarray):
+    def read(r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        out = np.zeros((h, w), np.float32)
+        a0, b0 = max(r0, 0), max(c0, 0)
+        a1, b1 = min(r0 + h, image.shape[0]), min(c0 + w, image.shape[1])
+        if a0 < a1 and b0 < b1:
+            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = image[a0:a1, b0:b1]
+        return out
+
+    return read
+
+
+def _classify_image_defect(draw) -> str:
+    """Class of the one defect drawn (relative reflectance) on a noisy flat 320 px image."""
+    img = np.zeros((320, 320), np.float32)
+    draw(img)
+    anomaly = _blurred_footprint(img)
+    img += np.random.default_rng(3).normal(0, 0.01, img.shape).astype(np.float32)
+    defects = extract_defects(_maps(anomaly), GEOM, threshold=0.5, image=_reader(img))
+    assert len(defects) == 1
+    return defects[0].defect_class
+
+
+def test_short_thin_scratch_is_a_scratch_though_its_map_blur_is_compact():
+    # 23 px long, 1 px wide: on the map (4 px per map pixel, blurred by one) a compact blob
+    def draw(img):
+        rr, cc = line(150, 150, 166, 166)
+        img[rr, cc] = -0.3
+
+    assert _classify_image_defect(draw) == "scratch"
+
+
+def test_winding_thin_line_is_a_crack():
+    def draw(img):
+        t = np.linspace(0, 1, 400)
+        rr = (100 + 120 * t).astype(int)
+        cc = (160 + 25 * np.sin(t * 4 * np.pi)).astype(int)
+        img[rr, cc] = -0.4
+
+    assert _classify_image_defect(draw) == "crack"
+
+
+def test_rectangle_on_the_image_is_a_pattern_defect_though_its_map_blur_is_round():
+    def draw(img):
+        img[140:164, 130:146] = -0.3
+
+    assert _classify_image_defect(draw) == "pattern"
+
+
+@pytest.mark.parametrize("contrast, expected", [(-0.15, "stain"), (0.2, "stain"),
+                                                (-0.7, "pit"), (0.7, "particle")])
+def test_large_round_defect_is_a_stain_when_faint_and_a_particle_or_pit_when_opaque(
+        contrast, expected):
+    # contrast in units of the surface level: a residue changes reflectance by tens of per
+    # cent, an opaque particle or a deep pit by more
+    def draw(img):
+        img[disk((160, 160), 20)] = contrast
+
+    assert _classify_image_defect(draw) == expected
