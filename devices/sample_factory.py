@@ -35,7 +35,7 @@ def focal_surface_for_recipe(sample: Any) -> FocalSurface:
     """The simulated focal surface of a recipe sample, centred on the sample's region."""
     from scanner.geometry import usable_polygon
 
-    region = usable_polygon(sample)
+    region = usable_polygon(sample, notch=False)  # centred on the wafer's circle
     cx, cy = region.centroid.x, region.centroid.y
     xs, ys = np.asarray(region.exterior.coords).T
     radius = float(np.max(np.hypot(xs - cx, ys - cy)))

@@ -297,7 +297,7 @@ def calibrate_recipe(
     handle = build_microscope(recipe)
     core = handle.core
     if centre_um is None:
-        c = usable_polygon(recipe.sample).centroid
+        c = usable_polygon(recipe.sample, notch=False).centroid  # the sample's centre
         centre_um = (float(c.x), float(c.y))
     micro = recipe.microscope
     stage = getattr(micro, "stage", None)

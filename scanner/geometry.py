@@ -45,27 +45,42 @@ def wafer_outline(
     center_um: tuple[float, float],
     shrink_mm: float = 0.0,
     n_vertices: int = 360,
+    notch_depth_mm: float = 1.0,
 ) -> Polygon:
-    """Wafer outline (optionally shrunk by an edge exclusion) with its flat towards +y."""
-    radius = diameter_mm * 500.0 - shrink_mm * 1000.0
+    """Wafer outline (optionally shrunk by an edge exclusion) with its flat or notch towards +y.
+
+    The notch is a V of 90° opening, ``notch_depth_mm`` deep (SEMI M1: 1 mm); the edge
+    exclusion follows it (its apex moves in by ``shrink * sqrt(2)``).
+    """
+    full_r = diameter_mm * 500.0
+    radius = full_r - shrink_mm * 1000.0
     cx, cy = center_um
     angles = np.linspace(0, 2 * math.pi, n_vertices, endpoint=False)
     circle = Polygon(np.c_[cx + radius * np.cos(angles), cy + radius * np.sin(angles)])
     if orientation == "flat":
-        full_r = diameter_mm * 500.0
         half = min(flat_length_mm * 500.0, full_r * 0.99)
         flat_y = math.sqrt(full_r**2 - half**2) - shrink_mm * 1000.0
         circle = circle.intersection(box(cx - full_r, cy - full_r, cx + full_r, cy + flat_y))
+    elif orientation == "notch" and notch_depth_mm > 0:
+        depth = min(notch_depth_mm * 1000.0, 0.5 * full_r)
+        apex = full_r - depth - shrink_mm * 1000.0 * math.sqrt(2)
+        notch = Polygon([(cx, cy + apex), (cx - 2 * full_r, cy + apex + 2 * full_r),
+                         (cx + 2 * full_r, cy + apex + 2 * full_r)])
+        circle = circle.difference(notch)
     return circle
 
 
-def usable_polygon(sample: object) -> Polygon:
+def usable_polygon(sample: object, notch: bool = True) -> Polygon:
     """The area of a recipe's sample that is to be scanned, as a shapely polygon (µm).
 
     Parameters
     ----------
     sample : WaferSample | PVCellSample | ImageSample | RectangleSample
         Validated ``sample:`` section.
+    notch : bool
+        Leave a wafer's notch out (default). The scan plan keeps it (a few tiles over the
+        notch cost little, and the tile grid stays anchored on the wafer's circle);
+        inspection and reports leave it out (the chuck seen through it is not a defect).
     """
     kind = sample.kind
     if kind == "wafer":
@@ -75,6 +90,7 @@ def usable_polygon(sample: object) -> Polygon:
             sample.flat_length_mm,
             sample.center_um,
             shrink_mm=sample.edge_exclusion_mm,
+            notch_depth_mm=getattr(sample, "notch_depth_mm", 1.0) if notch else 0.0,
         )
     if kind in ("pv_cell", "rectangle"):
         cx, cy = sample.center_um

@@ -719,7 +719,7 @@ def infer_mosaic(
     core_px: int = DEFAULT_CORE_PX,
     batch: int = 1,
     progress: Callable[[int, int], None] | None = None,
-    refine: Callable[[dict[str, Any], tuple[float, float], float], None] | None = None,
+    refine: Callable[[MapSet], None] | None = None,
 ) -> MapSet:
     """Stream a mosaic through the model and write the three OME-NGFF maps into ``out_dir``.
 
@@ -742,9 +742,10 @@ def infer_mosaic(
     progress : callable, optional
         ``progress(done, total)`` in windows.
     refine : callable, optional
-        ``refine(maps, origin_um, map_pixel_um)``: called with the level-0 map arrays (Zarr,
+        ``refine(maps)``: called with a :class:`MapSet` of the level-0 map arrays (Zarr,
         writable) once the network has filled them and before their pyramids are built, to
-        add evidence from outside the network (die-to-die comparison).
+        add evidence from outside the network (die-to-die comparison, plain-surface
+        defects).
     """
 
     try:
@@ -773,7 +774,8 @@ def infer_mosaic(
                       tiling=tiling, batch=batch, mask=mask, skip_empty=True, progress=progress)
     stats.extra["mosaic_px"] = int(level0.shape[0]) * int(level0.shape[1])
     if refine is not None:
-        refine({k: a[0] for k, a in arrays.items()}, origin, p_map)
+        refine(MapSet({k: a[0] for k, a in arrays.items()}, p_map, origin, s, reader, stats,
+                      source_levels=levels))
     paths = {}
     for name in MAPS:
         build_pyramid(arrays[name], tiling.step)

@@ -141,22 +141,27 @@ def _review_level(model: Any) -> float:
     return float(card.get("review_uncertainty", DEFAULT_REVIEW_UNCERTAINTY))
 
 
-def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float | None]
-                     ) -> np.ndarray | None:
-    """Per map pixel threshold of :func:`scanner.defects.local_thresholds` (None: uniform)."""
+def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float | None],
+                     reflectance: np.ndarray | None = None) -> np.ndarray | None:
+    """Per map pixel threshold of :func:`scanner.defects.local_thresholds` (None: uniform).
+
+    ``reflectance``: the input at map resolution when already computed."""
     lower = {k: v for k, v in contexts.items() if v is not None and v < threshold}
     if not lower:
         return None
     from models.calibrate import context_masks
 
     anomaly = np.asarray(maps.maps["anomaly"][:])
-    masks = context_masks(anomaly, reflectance_at_map(maps) if "plain" in lower else None)
+    if "plain" in lower and reflectance is None:
+        reflectance = reflectance_at_map(maps)
+    masks = context_masks(anomaly, reflectance if "plain" in lower else None)
     return local_thresholds(threshold, [(masks[k], v) for k, v in lower.items()],
                             anomaly.shape)
 
 
 def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
-                  contexts: dict[str, float | None] | None = None) -> list[Defect]:
+                  contexts: dict[str, float | None] | None = None,
+                  reflectance: np.ndarray | None = None) -> list[Defect]:
     from models.inspection import to_luminance
 
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
@@ -166,7 +171,8 @@ def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
     geom = MapGeometry(maps.origin_um, maps.pixel_size_um, maps.stride)
     return extract_defects(maps.maps, geom, threshold=threshold, image=image,
                            review_uncertainty=_review_level(model),
-                           local_threshold=_local_threshold(maps, threshold, contexts or {}))
+                           local_threshold=_local_threshold(maps, threshold, contexts or {},
+                                                            reflectance))
 
 
 def _usable_polygon(sample: Any) -> Any:
@@ -182,7 +188,7 @@ def _usable_polygon(sample: Any) -> Any:
 
 
 def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
-                ) -> Callable[[dict[str, Any], tuple[float, float], float], dict[str, Any]] | None:
+                ) -> Callable[[MapSet], dict[str, Any]] | None:
     """The map refinement that adds die-to-die evidence (wafers with ``die_to_die`` only).
 
     It runs after the network, not beside it: on the 2-core reference machine a thread
@@ -198,18 +204,45 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
 
     grid = DieGrid.from_sample(sample.model_dump(mode="json"))
 
-    def refine(maps: dict[str, Any], origin_um: tuple[float, float], map_pixel_um: float
-               ) -> dict[str, Any]:
+    def refine(maps: MapSet) -> dict[str, Any]:
         levels, transforms = open_mosaic(mosaic)
         scale, trans = level_transform(transforms)
         geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
                               tuple(levels[0].shape))
-        patches, stats = die_to_die_patches(origin_um, map_pixel_um, levels[0], geometry,
-                                            grid, polygon, threshold)
-        apply_patches(maps["anomaly"], patches)
+        patches, stats = die_to_die_patches(maps.origin_um, maps.pixel_size_um, levels[0],
+                                            geometry, grid, polygon, threshold)
+        apply_patches(maps.maps["anomaly"], patches)
         return stats.to_dict()
 
     return refine
+
+
+#: sample kinds whose surface can be plain (polished wafers between and around dies, blank
+#: coupons): a PV cell's grains are never plain, and an image sample may show anything, with
+#: no die grid to tell a large uniform structure of its design from a stain
+PLAIN_SURFACE_KINDS = ("wafer", "rectangle")
+
+
+def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: Any,
+                   threshold: float) -> dict[str, Any]:
+    """Add large faint defects on plain surface to the anomaly map (see
+    :mod:`scanner.plainsurface`); returns what it found."""
+    from .inspect import polygon_mask
+    from .plainsurface import apply_plain_surface, die_pitch_in_map_px, plain_surface_defects
+
+    t0 = time.perf_counter()
+    shape = tuple(int(n) for n in maps.maps["anomaly"].shape)
+    usable = None
+    if polygon is not None:
+        usable = polygon_mask(polygon, maps.origin_um, maps.pixel_size_um,
+                              2 * maps.pixel_size_um)(0, 0, *shape)
+        if usable is None:
+            usable = np.zeros(shape, dtype=bool)
+    found = plain_surface_defects(reflectance, usable,
+                                  die_pitch_in_map_px(sample, maps.pixel_size_um))
+    raised = apply_plain_surface(maps.maps["anomaly"], found, threshold)
+    return {"regions": len(found), "map_pixels_raised": raised,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
 def inspect_mosaic(
@@ -267,17 +300,24 @@ def inspect_mosaic(
     thr, thr_source = _decision_threshold(model, threshold, kind)
     contexts = context_thresholds(model, kind, thr_source)
     d2d: dict[str, Any] = {}
+    plain: dict[str, Any] = {}
+    reflectance: list[np.ndarray] = []  # at map resolution, computed once for two uses
     die_to_die = _die_to_die(mosaic, saved, polygon, thr)
+    plain_kind = kind in PLAIN_SURFACE_KINDS
 
-    def refine(maps: dict[str, Any], origin_um: tuple[float, float], p_map: float) -> None:
+    def refine(maps: MapSet) -> None:
         if die_to_die is not None:
-            d2d.update(die_to_die(maps, origin_um, p_map))
+            d2d.update(die_to_die(maps))
+        if plain_kind:
+            reflectance.append(reflectance_at_map(maps))
+            plain.update(_plain_surface(maps, reflectance[0], saved, polygon, thr))
 
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine)
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
-    defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts)
+    defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
+                            reflectance[0] if reflectance else None)
     t_defects = time.perf_counter() - t1
     mp = maps.stats.extra.get("mosaic_px", 0)
     timings = {
@@ -288,6 +328,8 @@ def inspect_mosaic(
     }
     if d2d.get("dies"):  # part of maps_s
         timings["die_to_die_s"] = round(float(d2d["seconds"]), 3)
+    if plain:
+        timings["plain_surface_s"] = plain["seconds"]
     header = {
         "source": str(mosaic),
         "created": now_iso(),
@@ -303,6 +345,7 @@ def inspect_mosaic(
         "windows_skipped": maps.stats.skipped,
         "timings": timings,
         "die_to_die": d2d or None,
+        "plain_surface": plain or None,
         "n_defects": len(defects),
     }
     write_defects(out_dir, defects, header)

@@ -80,7 +80,7 @@ def plan_scan(recipe: Recipe, fov_um: tuple[float, float]) -> ScanPlan:
     PlanError
         If the plan is empty or larger than ``scan.max_tiles``.
     """
-    region = usable_polygon(recipe.sample)
+    region = usable_polygon(recipe.sample, notch=False)
     overlap_pct = recipe.scan.overlap * 100.0
     grid = useq.GridFromPolygon(
         vertices=[tuple(v) for v in np.asarray(region.exterior.coords)[:-1]],

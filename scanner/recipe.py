@@ -107,6 +107,7 @@ class WaferSample(_Model):
     diameter_mm: PositiveFloat = 100.0
     orientation: Literal["notch", "flat", "none"] = "notch"
     flat_length_mm: PositiveFloat = 32.5
+    notch_depth_mm: NonNegFloat = Field(1.0, description="depth of the V notch (SEMI M1: 1 mm)")
     edge_exclusion_mm: NonNegFloat = 3.0
     die_pitch_mm: tuple[PositiveFloat, PositiveFloat] = (10.0, 10.0)
     die_origin_mm: XY = (0.0, 0.0)

@@ -1,0 +1,125 @@
+"""Large faint defects on plain surfaces (scanner/plainsurface.py) and the wafer's notch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from scanner.plainsurface import (
+    apply_plain_surface,
+    deviation_to_score,
+    die_pitch_in_map_px,
+    plain_surface_defects,
+)
+
+SHAPE = (400, 400)
+
+
+def _surface(noise: float = 0.003, seed: int = 0) -> np.ndarray:
+    """Relative reflectance of a polished surface (1 = level) with pixel noise."""
+    rng = np.random.default_rng(seed)
+    return (1.0 + rng.normal(0, noise, SHAPE)).astype(np.float32)
+
+
+def _stain(image: np.ndarray, centre: tuple[int, int], radius: float, contrast: float
+           ) -> np.ndarray:
+    """A uniform stain with soft edges (a few pixels), like a dried residue."""
+    rr, cc = np.mgrid[:SHAPE[0], :SHAPE[1]]
+    inside = (np.hypot(rr - centre[0], cc - centre[1]) <= radius).astype(np.float32)
+    return image + contrast * ndimage.gaussian_filter(inside, 2.0)
+
+
+def test_large_faint_stain_on_a_plain_surface_is_found_where_it_is():
+    img = _stain(_surface(), (200, 180), 25, -0.1)
+    found = plain_surface_defects(img)
+    assert len(found) == 1
+    box, region, dev = found[0]
+    rows, cols = np.nonzero(region)
+    assert abs(box[0].start + rows.mean() - 200) < 2 and abs(box[1].start + cols.mean() - 180) < 2
+    assert region.sum() == pytest.approx(np.pi * 25**2, rel=0.25)
+    assert dev[region].min() < -0.08
+
+
+def test_plain_surface_without_defect_and_a_slow_illumination_falloff_gives_nothing():
+    rr, cc = np.mgrid[:SHAPE[0], :SHAPE[1]]
+    falloff = 1.0 - 0.15 * ((rr - 200) ** 2 + (cc - 200) ** 2) / 200**2  # vignetting
+    assert plain_surface_defects(_surface() * falloff.astype(np.float32)) == []
+
+
+def test_faint_change_under_the_minimum_contrast_is_not_reported():
+    assert plain_surface_defects(_stain(_surface(), (200, 200), 25, -0.02)) == []
+
+
+def test_stain_on_a_textured_surface_is_left_to_the_network():
+    # rough texture (block MAD well above the plain level): no ring of plain surface
+    img = _stain(_surface(noise=0.06), (200, 200), 25, -0.1)
+    assert plain_surface_defects(img) == []
+
+
+def test_stain_at_the_edge_of_the_usable_area_is_not_judged():
+    usable = np.zeros(SHAPE, bool)
+    usable[:, :230] = True
+    img = _stain(_surface(), (200, 215), 25, -0.1)
+    assert plain_surface_defects(img, usable) == []
+    assert len(plain_surface_defects(img)) == 1  # the same stain with the whole surface
+
+
+def test_structure_repeated_one_die_away_is_design_not_a_defect():
+    img = _surface()
+    pitch = (120.0, 130.0)  # rows, cols
+    for r in (60, 180, 300):  # a large uniform pad in every die of a 3 x 3 grid
+        for c in (70, 200, 330):
+            img[r - 15:r + 15, c - 12:c + 12] -= 0.2
+    assert plain_surface_defects(img, die_pitch_px=pitch) == []
+    # without the die grid nothing tells the pads from stains
+    assert len(plain_surface_defects(img)) == 9
+    # a stain that no neighbouring die shows is still one
+    stained = _stain(img, (245, 265), 18, -0.1)
+    found = plain_surface_defects(stained, die_pitch_px=pitch)
+    assert len(found) == 1
+    box, region, _ = found[0]
+    rows, cols = np.nonzero(region)
+    assert abs(box[0].start + rows.mean() - 245) < 3 and abs(box[1].start + cols.mean() - 265) < 3
+
+
+def test_scores_start_above_the_threshold_and_grow_with_the_change():
+    s = deviation_to_score(np.array([0.03, -0.06, 0.3]), 0.03, 0.9)
+    assert np.all(s > 0.9) and s[0] < s[1] < s[2] < 1.0
+
+
+def test_apply_raises_the_anomaly_map_only_over_the_region():
+    img = _stain(_surface(), (200, 180), 25, -0.1)
+    found = plain_surface_defects(img)
+    anomaly = np.full(SHAPE, 0.1, np.float32)
+    raised = apply_plain_surface(anomaly, found, threshold=0.8)
+    box, region, _ = found[0]
+    assert raised == region.sum()
+    assert anomaly[box][region].min() > 0.8
+    assert np.count_nonzero(anomaly > 0.8) == region.sum()
+
+
+def test_die_pitch_in_map_pixels_of_a_wafer_only():
+    class Wafer:
+        kind = "wafer"
+        die_pitch_mm = (8.0, 6.0)
+
+    class Cell:
+        kind = "pv_cell"
+
+    assert die_pitch_in_map_px(Wafer(), 20.0) == (300.0, 400.0)
+    assert die_pitch_in_map_px(Cell(), 20.0) is None
+
+
+def test_usable_area_of_a_notched_wafer_leaves_the_notch_out():
+    from scanner.geometry import wafer_outline
+
+    plain = wafer_outline(100.0, "none", 32.5, (0.0, 0.0), shrink_mm=2.0)
+    notched = wafer_outline(100.0, "notch", 32.5, (0.0, 0.0), shrink_mm=2.0)
+    # the notch points to +y; the edge exclusion follows it (apex at R - 1 mm - 2 mm * sqrt 2)
+    apex = 50_000 - 1_000 - 2_000 * np.sqrt(2)
+    from shapely.geometry import Point
+
+    assert plain.contains(Point(0, apex + 200)) and not notched.contains(Point(0, apex + 200))
+    assert notched.contains(Point(0, apex - 200)) and notched.contains(Point(0, -47_900))
+    assert plain.area - notched.area == pytest.approx((48_000 - apex) ** 2, rel=0.05)
