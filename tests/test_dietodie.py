@@ -22,6 +22,7 @@ from scanner.dietodie import (
     die_to_die_patches,
     difference_z,
     full_dies,
+    global_shift,
     nearest_dies,
     z_to_score,
 )
@@ -46,6 +47,24 @@ def test_block_shift_recovers_a_subpixel_shift_and_rejects_a_flat_block():
     assert est is not None
     assert est == pytest.approx([-1.3, 0.6], abs=0.15)
     assert block_shift(np.ones((64, 64)), a[:64, :64], 4.0) is None
+
+
+def test_global_shift_of_a_die_of_fine_gratings_is_not_a_period_off():
+    # a die mostly covered by a line grating of 8.5 px period (memory arrays at a coarse pixel
+    # size), with two pads and its border; averaged down without smoothing, the grating
+    # aliases into a moire that moves 17 times as far as the die, and phase correlation follows
+    # it (before: (0, 0) and (4, -6) for the two shifts below)
+    h, w = 1280, 1420
+    cols = np.arange(w)
+    die = np.full((h, w), 1000.0) + 600.0 * (np.sin(2 * np.pi * cols / 8.5) > 0)[None, :]
+    die[200:240, 300:340] = die[900:940, 1000:1040] = 300.0
+    die[:, :30] = die[:30, :] = 1500.0
+    die = ndimage.gaussian_filter(die, 0.8)
+    rng = np.random.default_rng(3)
+    for true in [(0.0, 0.0), (2.0, -3.0), (-5.0, 6.0)]:
+        moved = ndimage.shift(die, true, order=1, mode="nearest") + rng.normal(0, 5, die.shape)
+        # the shift that aligns the moved die back onto the die
+        assert global_shift(die, moved, 16) == pytest.approx([-true[0], -true[1]], abs=0.5)
 
 
 def test_difference_z_flags_a_faint_spot_and_tolerates_noise_and_misalignment():
