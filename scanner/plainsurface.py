@@ -17,9 +17,10 @@ Steps, on the relative reflectance at map resolution (1 = the surface level):
    :attr:`PlainSurface.min_area_px` map pixels inside the usable area.
 3. **Ringed by plain surface**: the band 8 to 16 map pixels around the region lies in plain
    blocks (median absolute deviation, and the steps to neighbouring block medians / 3, under
-   :data:`models.calibrate.PLAIN_LEVEL`), and the region's core is uniform (median block MAD
-   under the same level): a uniform region on a plain surface, not texture, grains or
-   circuitry, whose blocks are busy everywhere.
+   :data:`models.calibrate.PLAIN_LEVEL`), the region's change is at least
+   :attr:`PlainSurface.ring_contrast` times the band's own spread, and its core is uniform
+   (median block MAD under the plain level): a uniform region on a plain surface, not
+   texture, grains, circuitry or a field of fine lines.
 4. **Not design**: on a die grid, a region seen again at the same place of a neighbouring
    die (normalised correlation >= :attr:`PlainSurface.repeat_correlation` within
    +-``repeat_search_px``) is a structure of the design (a large pad, an alignment mark),
@@ -65,6 +66,11 @@ class PlainSurface:
         Inner and outer distance (map pixels) of the band around a region that must be plain.
     ring_plain : float
         Share of that band in plain blocks.
+    ring_contrast : float
+        A region's largest change over the band's own structure (median of its blocks' spread,
+        :data:`models.calibrate.PLAIN_LEVEL`'s statistic) must reach this: polished silicon
+        around a stain spreads by 0.2-0.3 %, a field of fine lines that passes as plain by
+        1-2 %, and a seam through it shifts its level by 3-5 %.
     repeat_correlation : float
         Correlation with the same place of a neighbouring die above which a region is design.
     repeat_search_px : int
@@ -77,6 +83,7 @@ class PlainSurface:
     max_area_share: float = 0.1
     ring_px: tuple[int, int] = (8, 16)
     ring_plain: float = 0.9
+    ring_contrast: float = 8.0
     repeat_correlation: float = 0.6
     repeat_search_px: int = 3
 
@@ -165,7 +172,8 @@ def plain_surface_defects(
     # off the sample (the chuck, beyond a wafer's edge) is neither background nor a change
     r = np.where(usable, r, np.float32(np.median(r[usable])))
     med, mad, step = _block_stats(r)
-    plain = _per_pixel(np.maximum(mad, step / 3.0) < PLAIN_LEVEL, r.shape)
+    spread_px = _per_pixel(np.maximum(mad, step / 3.0), r.shape)
+    plain = spread_px < PLAIN_LEVEL
     mad_px = _per_pixel(mad, r.shape)
     dev = ndimage.gaussian_filter(r, 1.5) - background(med, r.shape)
     # the background needs a whole neighbourhood of surface: within half of one from the
@@ -199,6 +207,9 @@ def plain_surface_defects(
         dist = ndimage.distance_transform_edt(~region)
         ring = (dist > ring_in) & (dist <= ring_out) & usable[box]
         if ring.sum() < 8 or plain[box][ring].mean() < settings.ring_plain:
+            continue
+        peak = float(np.abs(dev[box][region]).max())
+        if peak < settings.ring_contrast * float(np.median(spread_px[box][ring])):
             continue
         core = ndimage.binary_erosion(region, iterations=4)
         if core.sum() < 8:

@@ -123,3 +123,11 @@ def test_usable_area_of_a_notched_wafer_leaves_the_notch_out():
     assert plain.contains(Point(0, apex + 200)) and not notched.contains(Point(0, apex + 200))
     assert notched.contains(Point(0, apex - 200)) and notched.contains(Point(0, -47_900))
     assert plain.area - notched.area == pytest.approx((48_000 - apex) ** 2, rel=0.05)
+
+
+def test_change_must_stand_out_of_its_surroundings_own_spread():
+    # a surface that passes as plain (block spread about 1 %, under the 2 % plain level) but is
+    # not polished: a 4 % change there is as likely its texture or a seam as a stain
+    surface = _surface(noise=0.015, seed=4)
+    assert plain_surface_defects(_stain(surface, (200, 200), 25, -0.04)) == []
+    assert len(plain_surface_defects(_stain(surface, (200, 200), 25, -0.15))) == 1
