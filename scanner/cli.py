@@ -286,7 +286,8 @@ def train(
     model_out: Annotated[
         Path, typer.Option("--out", help="Model to write (MODEL.safetensors + MODEL.json).")
     ] = Path("model.safetensors"),
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping).")] = 10,
+    # models.train.DEFAULT_EPOCHS (not imported here: it would load torch for every command)
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping).")] = 40,
     seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
     false_alarms_per_cm2: Annotated[
         float, typer.Option(help="Threshold calibration target on held-out good images.")

@@ -349,3 +349,13 @@ def test_plain_calibration_counts_only_plain_and_quiet_areas():
     assert quiet is not None and plain is not None
     assert plain.area_cm2 < quiet.area_cm2
     assert plain.threshold < 0.6 <= quiet.threshold
+
+
+def test_cli_train_defaults_to_the_library_epochs():
+    import inspect
+
+    from models.train import DEFAULT_EPOCHS, train_model
+    from scanner.cli import train
+
+    assert inspect.signature(train_model).parameters["epochs"].default == DEFAULT_EPOCHS
+    assert inspect.signature(train).parameters["epochs"].default == DEFAULT_EPOCHS
