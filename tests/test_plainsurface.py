@@ -131,3 +131,17 @@ def test_change_must_stand_out_of_its_surroundings_own_spread():
     surface = _surface(noise=0.015, seed=4)
     assert plain_surface_defects(_stain(surface, (200, 200), 25, -0.04)) == []
     assert len(plain_surface_defects(_stain(surface, (200, 200), 25, -0.15))) == 1
+
+
+def test_background_is_the_bilinear_interpolation_of_the_block_levels():
+    from scanner.plainsurface import background
+
+    rng = np.random.default_rng(5)
+    med = rng.random((20, 30)).astype(np.float32)
+    shape = (157, 233)  # not whole blocks
+    level = ndimage.median_filter(med, size=9, mode="nearest")
+    rows = np.clip((np.arange(shape[0]) + 0.5) / 8 - 0.5, 0, level.shape[0] - 1)
+    cols = np.clip((np.arange(shape[1]) + 0.5) / 8 - 0.5, 0, level.shape[1] - 1)
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    expected = ndimage.map_coordinates(level, [rr, cc], order=1, mode="nearest")
+    np.testing.assert_allclose(background(med, shape), expected, atol=1e-5)
