@@ -255,16 +255,25 @@ def plain_mask(image: np.ndarray, level: float = PLAIN_LEVEL, block: int = QUIET
     from scipy import ndimage
 
     a = np.asarray(image, dtype=np.float32)
-    blocks = _blocks(a, block, "edge")
+    _, mad, step = block_statistics(a, block)
+    spread = np.maximum(mad, step / 3.0)
+    local = ndimage.maximum_filter(spread, size=span, mode="nearest")
+    return _per_pixel(local < level, block, a.shape)
+
+
+def block_statistics(image: np.ndarray, block: int = QUIET_BLOCK
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ``block`` x ``block`` block of an image (edges replicated to whole blocks): the
+    median, the median absolute deviation, and the larger step of its median to the next
+    block down or right."""
+    blocks = _blocks(np.asarray(image), block, "edge")
     nb_r, nb_c = blocks.shape[0], blocks.shape[2]
     blocks = blocks.transpose(0, 2, 1, 3).reshape(nb_r, nb_c, block * block)
     med = np.median(blocks, axis=2)
-    spread = np.median(np.abs(blocks - med[..., None]), axis=2)
-    step_r = np.abs(np.diff(med, axis=0, append=med[-1:]))
-    step_c = np.abs(np.diff(med, axis=1, append=med[:, -1:]))
-    spread = np.maximum(spread, np.maximum(step_r, step_c) / 3.0)
-    local = ndimage.maximum_filter(spread, size=span, mode="nearest")
-    return _per_pixel(local < level, block, a.shape)
+    mad = np.median(np.abs(blocks - med[..., None]), axis=2)
+    step = np.maximum(np.abs(np.diff(med, axis=0, append=med[-1:])),
+                      np.abs(np.diff(med, axis=1, append=med[:, -1:])))
+    return med, mad, step
 
 
 def map_resolution(image: np.ndarray, stride: int, shape: tuple[int, int]) -> np.ndarray:

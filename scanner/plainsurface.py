@@ -88,20 +88,6 @@ class PlainSurface:
     repeat_search_px: int = 3
 
 
-def _block_stats(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per 8 x 8 block: median, median absolute deviation, largest step to a neighbour."""
-    from models.calibrate import _blocks
-
-    b = _blocks(image, BLOCK, "edge")
-    nr, nc = b.shape[0], b.shape[2]
-    b = b.transpose(0, 2, 1, 3).reshape(nr, nc, BLOCK * BLOCK)
-    med = np.median(b, axis=2)
-    mad = np.median(np.abs(b - med[..., None]), axis=2)
-    step = np.maximum(np.abs(np.diff(med, axis=0, append=med[-1:])),
-                      np.abs(np.diff(med, axis=1, append=med[:, -1:])))
-    return med, mad, step
-
-
 def _blocks_all(mask: np.ndarray) -> np.ndarray:
     """Per 8 x 8 block: whether all its pixels are set (pixels past the edge count as set)."""
     from models.calibrate import _blocks
@@ -169,7 +155,7 @@ def plain_surface_defects(
         Per defect: the map region (row and column slices), the defect's pixels in it and
         the smoothed reflectance change there (signed, fraction of the surface level).
     """
-    from models.calibrate import PLAIN_LEVEL
+    from models.calibrate import PLAIN_LEVEL, block_statistics
 
     r = np.asarray(reflectance, dtype=np.float32)
     if usable is None:
@@ -178,7 +164,7 @@ def plain_surface_defects(
         return []
     # off the sample (the chuck, beyond a wafer's edge) is neither background nor a change
     r = np.where(usable, r, np.float32(np.median(r[usable])))
-    med, mad, step = _block_stats(r)
+    med, mad, step = block_statistics(r, BLOCK)
     spread_px = _per_pixel(np.maximum(mad, step / 3.0), r.shape)
     plain = spread_px < PLAIN_LEVEL
     mad_px = _per_pixel(mad, r.shape)

@@ -24,16 +24,21 @@ def _maps(anomaly: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _image_from(anomaly_mask: np.ndarray, contrast: float, stride: int = 4):
-    """Normalised input on the model grid: flat surface with the mask's pixels changed."""
+    """Relative reflectance on the model grid: flat surface with the mask's pixels changed."""
     img = np.kron(anomaly_mask.astype(np.float32), np.ones((stride, stride))) * contrast
     img += np.random.default_rng(0).normal(0, 0.01, img.shape)
+    return _reader(img)
+
+
+def _reader(image: np.ndarray):
+    """``image(r0, c0, h, w)`` of :func:`extract_defects`: zeros outside ``image``."""
 
     def read(r0: int, c0: int, h: int, w: int) -> np.ndarray:
         out = np.zeros((h, w), np.float32)
         a0, b0 = max(r0, 0), max(c0, 0)
-        a1, b1 = min(r0 + h, img.shape[0]), min(c0 + w, img.shape[1])
+        a1, b1 = min(r0 + h, image.shape[0]), min(c0 + w, image.shape[1])
         if a0 < a1 and b0 < b1:
-            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = img[a0:a1, b0:b1]
+            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = image[a0:a1, b0:b1]
         return out
 
     return read
@@ -308,18 +313,6 @@ def _blurred_footprint(image: np.ndarray, stride: int = 4, grow: int = 1) -> np.
     h, w = image.shape
     hit = np.abs(image).reshape(h // stride, stride, w // stride, stride).max(axis=(1, 3)) > 0.05
     return np.where(ndimage.binary_dilation(hit, iterations=grow), 0.9, 0.0).astype(np.float32)
-
-
-def _reader(image: np.ndarray):
-    def read(r0: int, c0: int, h: int, w: int) -> np.ndarray:
-        out = np.zeros((h, w), np.float32)
-        a0, b0 = max(r0, 0), max(c0, 0)
-        a1, b1 = min(r0 + h, image.shape[0]), min(c0 + w, image.shape[1])
-        if a0 < a1 and b0 < b1:
-            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = image[a0:a1, b0:b1]
-        return out
-
-    return read
 
 
 def _classify_image_defect(draw) -> str:
