@@ -190,7 +190,8 @@ def plain_surface_defects(
         if sl is None or not settings.min_area_px <= sizes[k] <= largest:
             continue
         own = labels[sl] == k
-        if float(np.abs(dev[sl][own]).max()) < strong or not inner[sl][own].all():
+        peak = float(np.abs(dev[sl][own]).max())
+        if peak < strong or not inner[sl][own].all():
             continue
         # the region with room for its ring
         r0, r1 = max(sl[0].start - ring_out - 1, 0), min(sl[0].stop + ring_out + 1, r.shape[0])
@@ -201,7 +202,6 @@ def plain_surface_defects(
         ring = (dist > ring_in) & (dist <= ring_out) & usable[box]
         if ring.sum() < 8 or plain[box][ring].mean() < settings.ring_plain:
             continue
-        peak = float(np.abs(dev[box][region]).max())
         if peak < settings.ring_contrast * float(np.median(spread_px[box][ring])):
             continue
         core = ndimage.binary_erosion(region, iterations=4)
