@@ -22,6 +22,12 @@ For every full die of the recipe's die grid inside the usable area and the mosai
    the local die-to-die noise (how much the references differ from one another around the
    pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`).
 
+Edge dies cut by the usable area (or the mosaic's border) are compared too, on their usable
+part, as fab tools inspect partial dies: aligned around a whole-die shift predicted from the
+full dies (:func:`partial_fields`), referenced to their nearest full dies, and left out where
+their usable part does not look like the same part of the other dies (an edge field that was
+never exposed: :func:`partial_masks`).
+
 A z-score of :attr:`DieToDie.z_threshold` means "a defect" and is put on the anomaly map's
 scale at the decision threshold (:func:`z_to_score`), so the two kinds of evidence join in one
 anomaly map and one defect list (:func:`scanner.inspection.inspect_mosaic`).
@@ -123,18 +129,22 @@ def full_dies(grid: DieGrid, polygon: Any, mosaic: MosaicGrid, margin_px: int = 
     return out
 
 
-def nearest_dies(cells: list[Cell], k: int) -> dict[Cell, list[Cell]]:
-    """Up to ``k`` nearest other dies of each die (grid distance; ties in a fixed order)."""
+def nearest_dies(cells: list[Cell], k: int, among: list[Cell] | None = None
+                 ) -> dict[Cell, list[Cell]]:
+    """Up to ``k`` nearest other dies of each die (grid distance; ties in a fixed order),
+    taken from ``among`` (default: ``cells`` themselves)."""
     from scipy.spatial import cKDTree
 
-    if len(cells) < 2:
+    among = cells if among is None else among
+    if not cells or not among or (among is cells and len(cells) < 2):
         return {c: [] for c in cells}
-    xy = np.array(cells, dtype=float)
+    tree = cKDTree(np.array(among, dtype=float))
     # a few more than k, then ties ordered by (distance, row, column)
-    _, idx = cKDTree(xy).query(xy, k=min(len(cells), k + 9))
+    _, idx = tree.query(np.array(cells, dtype=float), k=min(len(among), k + 9))
     out = {}
     for i, c in enumerate(cells):
-        others = sorted((cells[j] for j in np.atleast_1d(idx[i]) if j != i and j < len(cells)),
+        others = sorted((among[j] for j in np.atleast_1d(idx[i])
+                         if j < len(among) and among[j] != c),
                         key=lambda o, c=c: (math.hypot(o[0] - c[0], o[1] - c[1]), o[1], o[0]))
         out[c] = others[:k]
     return out
@@ -200,7 +210,7 @@ def _mean_pool(a: np.ndarray, f: int) -> np.ndarray:
 
 
 def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...],
-                 tolerance_px: int = 4) -> np.ndarray:
+                 tolerance_px: int = 4, mask: np.ndarray | None = None) -> np.ndarray:
     """Z-score of the test image's difference from aligned references.
 
     Parameters
@@ -213,6 +223,9 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
         Gaussian sigmas of the smoothing scales (pixels of ``test``).
     tolerance_px : int
         Local misalignment tolerated (pixels): the half-width of the references' envelope.
+    mask : ndarray of bool, shape (h, w), optional
+        The test pixels to compare (a die cut by the wafer's edge): elsewhere the references'
+        median stands in for the test, so nothing there differs, and z is 0.
 
     Returns
     -------
@@ -223,11 +236,15 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
     test = test.astype(np.float32)
     refs = refs.astype(np.float32)
     k = refs.shape[0]
-    level_t = float(np.median(test[::4, ::4]))
+    sample = (slice(None, None, 4), slice(None, None, 4))
+    inside = mask[sample] if mask is not None else np.ones(test[sample].shape, dtype=bool)
+    level_t = float(np.median(test[sample][inside])) if inside.any() else 0.0
     for i in range(k):  # illumination drift between dies
-        level_r = float(np.median(refs[i, ::4, ::4]))
+        level_r = float(np.median(refs[i][sample][inside])) if inside.any() else 0.0
         if level_r > 0 and level_t > 0:
             refs[i] *= level_t / level_r
+    if mask is not None:
+        test = np.where(mask, test, np.median(refs, axis=0))
     floor = 1e-3 * max(abs(level_t), 1.0)  # noiseless (synthetic) images
     z = np.zeros(test.shape, dtype=np.float32)
     for s in scales_px:
@@ -261,6 +278,8 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
         if f > 1:
             zs = np.repeat(np.repeat(zs, f, axis=0), f, axis=1)[:test.shape[0], :test.shape[1]]
         np.maximum(z, zs, out=z)
+    if mask is not None:
+        z[~mask] = 0.0
     return z
 
 
@@ -277,6 +296,7 @@ class _DieCache:
         from collections import OrderedDict
 
         self.level0 = level0
+        self.shape = tuple(level0.shape)
         self.boxes = boxes
         size = max(((b[2] - b[0]) * (b[3] - b[1]) for b in boxes.values()), default=0)
         per_die = size * np.dtype(level0.dtype).itemsize
@@ -305,7 +325,16 @@ class _DieCache:
 
 
 def _read(arr: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray:
-    return np.asarray(arr[r0:r0 + h, c0:c0 + w], dtype=np.float32)
+    """``arr[r0:r0+h, c0:c0+w]`` as float32; pixels beyond ``arr`` read as 0 (a die cut by
+    the mosaic's border: they are never compared)."""
+    rows, cols = arr.shape[-2:]
+    if r0 >= 0 and c0 >= 0 and r0 + h <= rows and c0 + w <= cols:
+        return np.asarray(arr[r0:r0 + h, c0:c0 + w], dtype=np.float32)
+    out = np.zeros((h, w), dtype=np.float32)
+    a0, a1, b0, b1 = max(r0, 0), min(r0 + h, rows), max(c0, 0), min(c0 + w, cols)
+    if a1 > a0 and b1 > b0:
+        out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = np.asarray(arr[a0:a1, b0:b1])
+    return out
 
 
 def _shifted(a: np.ndarray, y: int, x: int, h: int, w: int, shift: np.ndarray, margin: int
@@ -390,59 +419,110 @@ def shift_fields(
     of the die's (stitching leaves smooth offsets of a pixel or two between tiles).
     """
     h_die, w_die = die_shape_px(grid, mosaic)
-    b = int(settings.block_px)
-    m = int(math.ceil(settings.max_shift_px)) + 2
-    rows, cols = _blocks(h_die, b), _blocks(w_die, b)
     ar, ac, _ = die_origin_px(grid, mosaic, anchor)
-    fields: dict[Cell, np.ndarray] = {}
     anchor_die = _read(level0, ar, ac, h_die, w_die)
     anchor_coarse = coarse_die(anchor_die)
+    fields: dict[Cell, np.ndarray] = {}
     for cell in cells:
-        field = np.zeros((len(rows), len(cols), 2))
-        fields[cell] = field
         if cell == anchor:
+            fields[cell] = _die_field(level0, mosaic, grid, cell, anchor, None, settings)
             continue
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
         # the whole die first (a pitch a little off moves far dies by many pixels), then
-        # each block within max_shift_px of that; blocks of the die are read offset by it
+        # each block within max_shift_px of that
         g = global_shift(anchor_die, _read(level0, r0, c0, h_die, w_die),
                          settings.max_global_px, anchor_coarse)
-        gy, gx = int(g[0]), int(g[1])
-        r0, c0 = r0 - gy, c0 - gx
-        own = np.full_like(field, np.nan)
-        # each block row of the anchor and of the die (with a margin), read once for both passes
-        pairs = [(_read(level0, ar + y0, ac, y1 - y0, w_die),
-                  _read(level0, r0 + y0 - m, c0 - m, y1 - y0 + 2 * m, w_die + 2 * m))
-                 for y0, y1 in rows]
-        for i, (fixed, moving) in enumerate(pairs):
-            for j, (x0, x1) in enumerate(cols):
-                est = block_shift(fixed[:, x0:x1], moving[m:-m, m + x0:m + x1],
-                                  settings.max_shift_px)
-                if est is not None:
-                    own[i, j] = est
-        valid = np.isfinite(own[..., 0])
-        typical = np.median(own[valid], axis=0) if valid.any() else np.zeros(2)
-        # the fields hold the whole shift: the global part plus the block's
-        for i, ((y0, y1), (fixed, moving)) in enumerate(zip(rows, pairs, strict=True)):
-            for j, (x0, x1) in enumerate(cols):
-                near = own[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(-1, 2)
-                near = near[np.isfinite(near[:, 0])]
-                candidates = [typical] + ([np.median(near, axis=0)] if len(near) else []) \
-                    + ([own[i, j]] if valid[i, j] else [])
-                distinct = [c for k, c in enumerate(candidates)
-                            if all(np.abs(c - o).max() > 0.2 for o in candidates[:k])]
-                if len(distinct) == 1:
-                    field[i, j] = g + distinct[0]
-                    continue
-                target = fixed[m:y1 - y0 - m, x0 + m:x1 - m]  # away from the block's border
-                best, best_err = typical, math.inf
-                for c in distinct:
-                    moved = _shifted(moving, 0, x0, y1 - y0, x1 - x0, c, m)[m:-m, m:-m]
-                    err = float(np.mean((moved - target) ** 2)) if target.size else 0.0
-                    if err < best_err - 1e-9:
-                        best, best_err = c, err
-                field[i, j] = g + best
+        fields[cell] = _die_field(level0, mosaic, grid, cell, anchor, g, settings)
     return fields
+
+
+def partial_fields(
+    level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], anchor: Cell,
+    fields: dict[Cell, np.ndarray], usable: dict[Cell, np.ndarray], settings: DieToDie
+) -> dict[Cell, np.ndarray]:
+    """Per-block shifts of partial dies onto the anchor, as :func:`shift_fields`.
+
+    A die cut by the wafer's edge cannot be aligned as a whole (the chuck is in it), so its
+    whole-die shift is predicted from the full dies' ``fields``: a plane over the grid (a die
+    pitch a little off moves dies in proportion to their index), and only its blocks that lie
+    in the usable area (``usable[cell]``, the die's pixels) are aligned on their own.
+    """
+    if not fields:
+        return {}
+    idx = np.array([(1.0, c, r) for c, r in fields])
+    typical = np.array([np.median(f.reshape(-1, 2), axis=0) for f in fields.values()])
+    coef, *_ = np.linalg.lstsq(idx, typical, rcond=None)
+    b = int(settings.block_px)
+    out = {}
+    for cell in cells:
+        g = np.round(np.array([1.0, cell[0], cell[1]]) @ coef)
+        g = np.clip(g, -settings.max_global_px, settings.max_global_px)
+        mask = usable[cell]
+        share = np.array([[mask[y0:y1, x0:x1].mean() for x0, x1 in _blocks(mask.shape[1], b)]
+                          for y0, y1 in _blocks(mask.shape[0], b)])
+        out[cell] = _die_field(level0, mosaic, grid, cell, anchor, g, settings,
+                               aligned_blocks=share >= 0.9)
+    return out
+
+
+def _die_field(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cell: Cell, anchor: Cell,
+               g: np.ndarray | None, settings: DieToDie,
+               aligned_blocks: np.ndarray | None = None) -> np.ndarray:
+    """Block shifts of one die onto the anchor around its whole-die shift ``g`` (see
+    :func:`shift_fields`; ``None``: the anchor itself). Only ``aligned_blocks`` (all when
+    None) are estimated and judged on their own; the others take their neighbours' median."""
+    h_die, w_die = die_shape_px(grid, mosaic)
+    b = int(settings.block_px)
+    m = int(math.ceil(settings.max_shift_px)) + 2
+    rows, cols = _blocks(h_die, b), _blocks(w_die, b)
+    field = np.zeros((len(rows), len(cols), 2))
+    if g is None:
+        return field
+    if aligned_blocks is None:
+        aligned_blocks = np.ones(field.shape[:2], dtype=bool)
+    ar, ac, _ = die_origin_px(grid, mosaic, anchor)
+    r0, c0, _ = die_origin_px(grid, mosaic, cell)
+    gy, gx = int(g[0]), int(g[1])
+    r0, c0 = r0 - gy, c0 - gx  # blocks of the die are read offset by the whole-die shift
+    own = np.full_like(field, np.nan)
+    # each block row of the anchor and of the die (with a margin), read once for both passes
+    pairs = [(_read(level0, ar + y0, ac, y1 - y0, w_die),
+              _read(level0, r0 + y0 - m, c0 - m, y1 - y0 + 2 * m, w_die + 2 * m))
+             for y0, y1 in rows]
+    for i, (fixed, moving) in enumerate(pairs):
+        for j, (x0, x1) in enumerate(cols):
+            if not aligned_blocks[i, j]:
+                continue
+            est = block_shift(fixed[:, x0:x1], moving[m:-m, m + x0:m + x1],
+                              settings.max_shift_px)
+            if est is not None:
+                own[i, j] = est
+    valid = np.isfinite(own[..., 0])
+    typical = np.median(own[valid], axis=0) if valid.any() else np.zeros(2)
+    # the field holds the whole shift: the global part plus the block's
+    for i, ((y0, y1), (fixed, moving)) in enumerate(zip(rows, pairs, strict=True)):
+        for j, (x0, x1) in enumerate(cols):
+            near = own[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(-1, 2)
+            near = near[np.isfinite(near[:, 0])]
+            if not aligned_blocks[i, j]:  # mostly outside the usable area: nothing to judge by
+                field[i, j] = g + (np.median(near, axis=0) if len(near) else typical)
+                continue
+            candidates = [typical] + ([np.median(near, axis=0)] if len(near) else []) \
+                + ([own[i, j]] if valid[i, j] else [])
+            distinct = [c for k, c in enumerate(candidates)
+                        if all(np.abs(c - o).max() > 0.2 for o in candidates[:k])]
+            if len(distinct) == 1:
+                field[i, j] = g + distinct[0]
+                continue
+            target = fixed[m:y1 - y0 - m, x0 + m:x1 - m]  # away from the block's border
+            best, best_err = typical, math.inf
+            for c in distinct:
+                moved = _shifted(moving, 0, x0, y1 - y0, x1 - x0, c, m)[m:-m, m:-m]
+                err = float(np.mean((moved - target) ** 2)) if target.size else 0.0
+                if err < best_err - 1e-9:
+                    best, best_err = c, err
+            field[i, j] = g + best
+    return field
 
 
 def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
@@ -486,11 +566,17 @@ def compare_dies(
     grid: DieGrid,
     cells: list[Cell],
     settings: DieToDie = DieToDie(),
+    partial: list[Cell] | None = None,
+    polygon: Any = None,
+    pyramid: list[Any] | None = None,
 ) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
     """Z-score maps of every die against its neighbours, band by band.
 
     Only the dies alike enough to be compared (:func:`alike_dies`) are; ``cells`` are all the
-    full dies.
+    full dies. ``partial`` dies (cut by the usable ``polygon`` or the mosaic's border: the
+    edge dies of a wafer) are compared on their usable part against their nearest full
+    dies, when that part looks like the same part of the anchor die (an edge field left
+    unexposed is not a defect; ``pyramid``: the mosaic's levels, for :func:`partial_masks`).
 
     Yields
     ------
@@ -518,9 +604,17 @@ def compare_dies(
     cols = _blocks(w_die, b)
     fields = shift_fields(level0, mosaic, grid, cells, anchor, settings)
     refs_of = nearest_dies(cells, settings.neighbours)
+    usable: dict[Cell, np.ndarray] = {}
+    if partial and polygon is not None:
+        usable = partial_masks(level0, mosaic, grid, partial, anchor, polygon, settings,
+                               pyramid=pyramid)
+        fields.update(partial_fields(level0, mosaic, grid, list(usable), anchor, fields,
+                                     usable, settings))
+        refs_of.update(nearest_dies(list(usable), settings.neighbours, among=cells))
 
-    def bands() -> Iterator[tuple[Cell, int, int, slice, np.ndarray, np.ndarray]]:
-        for cell in cells:
+    def bands() -> Iterator[tuple[Cell, int, int, slice, np.ndarray, np.ndarray,
+                                  np.ndarray | None]]:
+        for cell in [*cells, *usable]:
             tr, tc, _ = die_origin_px(grid, mosaic, cell)
             refs = refs_of[cell]
             if len(refs) < 2:
@@ -529,7 +623,16 @@ def compare_dies(
                 bh = min(settings.band_px, h_die - br)
                 top, bottom = min(overlap, br), min(overlap, h_die - br - bh)
                 d0, h = br - top, bh + top + bottom  # die rows [d0, d0 + h)
-                test = _read(level0, tr + d0, tc, h, w_die)
+                # a partial die: only the columns around its usable part of this band
+                x_lo, x_hi, mask = 0, w_die, None
+                if cell in usable:
+                    mask = usable[cell][d0:d0 + h]
+                    used = np.flatnonzero(mask[top:top + bh].any(axis=0))
+                    if not len(used):
+                        continue
+                    x_lo, x_hi = max(0, used[0] - overlap), min(w_die, used[-1] + 1 + overlap)
+                    mask = mask[:, x_lo:x_hi]
+                test = _read(level0, tr + d0, tc + x_lo, h, x_hi - x_lo)
                 aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
                 for k, ref in enumerate(refs):
                     rr, rc, _ = die_origin_px(grid, mosaic, ref)
@@ -541,15 +644,18 @@ def compare_dies(
                         i = (d0 + y) // b
                         y1 = min(h, (i + 1) * b - d0)
                         for j, (x0, x1) in enumerate(cols):
+                            if x1 <= x_lo or x0 >= x_hi:
+                                continue
                             aligned[k, y:y1, x0:x1] = _shifted(band, y, x0, y1 - y, x1 - x0,
                                                                shifts[i, j], margin)
                         y = y1
-                yield cell, tr + br, tc, slice(top, top + bh), test, aligned
+                yield (cell, tr + br, tc + x_lo, slice(top, top + bh), test,
+                       aligned[:, :, x_lo:x_hi], mask)
 
-    def score(job: tuple[Cell, int, int, slice, np.ndarray, np.ndarray]
+    def score(job: tuple[Cell, int, int, slice, np.ndarray, np.ndarray, np.ndarray | None]
               ) -> tuple[Cell, int, int, np.ndarray]:
-        cell, r0, c0, rows, test, aligned = job
-        z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px)
+        cell, r0, c0, rows, test, aligned, mask = job
+        z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px, mask)
         return cell, r0, c0, z[rows]
 
     # two worker threads score bands while the next is read and aligned (numpy and scipy
@@ -565,6 +671,64 @@ def compare_dies(
                 yield pending.pop(0).result()
         for f in pending:
             yield f.result()
+
+
+def _thumbnail(level0: Any, pyramid: list[Any] | None, r0: int, c0: int, h: int, w: int,
+               f: int) -> np.ndarray:
+    """``f x f`` means of ``level0[r0:r0+h, c0:c0+w]`` (``f`` a power of two), from the
+    pyramid's level ``log2(f)`` when there is one (to within half a block of position)."""
+    k = f.bit_length() - 1
+    shape = (-(-h // f), -(-w // f))
+    if pyramid is not None and 0 < k < len(pyramid):
+        return _read(pyramid[k], int(round(r0 / f)), int(round(c0 / f)), *shape)
+    return _mean_pool(_read(level0, r0, c0, h, w), f)[:shape[0], :shape[1]]
+
+
+def partial_masks(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
+                  anchor: Cell, polygon: Any, settings: DieToDie,
+                  min_correlation: float = 0.5, side_px: int = 64,
+                  pyramid: list[Any] | None = None) -> dict[Cell, np.ndarray]:
+    """The usable pixels of each partial die worth comparing (die-sized boolean masks).
+
+    A pixel is usable inside ``polygon`` shrunk by the alignment tolerance and inside the
+    mosaic. A die is kept when its usable part holds a few thumbnail pixels of
+    :func:`alike_dies` and correlates there with the anchor die as the full dies must.
+    ``pyramid``: the mosaic's levels (each a 2 x 2 mean of the one before), where the
+    thumbnails are read without decoding whole dies.
+    """
+    from .inspect import polygon_mask
+
+    h_die, w_die = die_shape_px(grid, mosaic)
+    p = mosaic.pixel_size_um
+    inside = polygon_mask(polygon, mosaic.origin_um, p, edge_um=settings.tolerance_px * p)
+    f = 1
+    while min(h_die, w_die) // (2 * f) >= side_px:
+        f *= 2
+    ar, ac, _ = die_origin_px(grid, mosaic, anchor)
+    anchor_thumb = _thumbnail(level0, pyramid, ar, ac, h_die, w_die, f)
+    out = {}
+    for cell in cells:
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        mask = inside(r0, c0, h_die, w_die)
+        if mask is None:
+            continue
+        rows = np.arange(r0, r0 + h_die)[:, None]
+        cols = np.arange(c0, c0 + w_die)[None, :]
+        mask &= (rows >= 0) & (rows < mosaic.shape[0]) & (cols >= 0) & (cols < mosaic.shape[1])
+        keep = _mean_pool(mask.astype(np.float32), f) > 0.999
+        if keep.sum() < 16:
+            continue
+        # only the thumbnail rows and columns with usable pixels are read
+        ti, tj = np.flatnonzero(keep.any(axis=1)), np.flatnonzero(keep.any(axis=0))
+        i0, i1, j0, j1 = ti[0], ti[-1] + 1, tj[0], tj[-1] + 1
+        h, w = min(i1 * f, h_die) - i0 * f, min(j1 * f, w_die) - j0 * f
+        thumb = _thumbnail(level0, pyramid, r0 + i0 * f, c0 + j0 * f, h, w, f)
+        keep, at = keep[i0:i1, j0:j1], anchor_thumb[i0:i1, j0:j1]
+        a, t = at[keep] - at[keep].mean(), thumb[keep] - thumb[keep].mean()
+        corr = float(a @ t) / (float(np.linalg.norm(a) * np.linalg.norm(t)) + 1e-12)
+        if corr >= min_correlation:
+            out[cell] = mask
+    return out
 
 
 def z_to_score(z: np.ndarray, z_threshold: float, threshold: float) -> np.ndarray:
@@ -587,13 +751,15 @@ class DieToDieStats:
     """What a die-to-die pass did (for the defect list's header)."""
 
     dies: int = 0
+    partial_dies: int = 0
     z_threshold: float = 0.0
     seconds: float = 0.0
     pixels_over: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {"dies": self.dies, "z_threshold": self.z_threshold,
+        return {"dies": self.dies, "partial_dies": self.partial_dies,
+                "z_threshold": self.z_threshold,
                 "seconds": round(self.seconds, 3), "map_pixels_over_threshold": self.pixels_over}
 
 
@@ -610,8 +776,9 @@ def die_to_die_patches(
     polygon: Any,
     threshold: float,
     settings: DieToDie = DieToDie(),
+    pyramid: list[Any] | None = None,
 ) -> tuple[list[Patch], DieToDieStats]:
-    """Die-to-die evidence of every full die as blocks of anomaly-map scores.
+    """Die-to-die evidence of every die as blocks of anomaly-map scores.
 
     Needs only the mosaic and the map's geometry, not the map; :func:`apply_patches` then
     raises the map to them.
@@ -627,11 +794,14 @@ def die_to_die_patches(
     grid : DieGrid
         The recipe's die grid.
     polygon : shapely Polygon
-        The usable area (only dies wholly inside it are compared).
+        The usable area: dies wholly inside it are compared with each other, and the edge
+        dies it cuts on their part inside it (see :func:`compare_dies`).
     threshold : float
         The decision threshold the z-scores are put on (:func:`z_to_score`).
     settings : DieToDie
         Comparison settings.
+    pyramid : list of array-like, optional
+        The mosaic's levels (level 0 first), to screen edge dies cheaply.
     """
     import time
 
@@ -644,12 +814,17 @@ def die_to_die_patches(
     if len(cells) < 3:
         return patches, stats
     stats.dies = len(cells)
-    for _, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings):
+    partial = [(c, r) for c, r, _ in grid.cells_in(polygon) if (c, r) not in set(cells)]
+    compared = set()
+    for cell, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings, partial,
+                                        polygon, pyramid):
+        compared.add(cell)
         patch = map_patch(z, r0, c0, mosaic, map_origin_um, map_pixel_um, settings.z_threshold,
                           threshold)
         if patch is not None:
             stats.pixels_over += int(np.count_nonzero(patch[2] >= threshold))
             patches.append(patch)
+    stats.partial_dies = len(compared.intersection(partial))
     stats.seconds = time.perf_counter() - t0
     return patches, stats
 

@@ -4,7 +4,7 @@
   images (:data:`scanner.defectlist.MAP_NAMES`), the defects to ``defects.json`` /
   ``defects.csv``, the timings and model to ``scan.json``. Only the sample's usable area (from
   the recipe saved in ``scan.json``) is inspected, so the chuck and the sample's edge are not
-  defects. On a wafer the full dies are also compared with their neighbours
+  defects. On a wafer the dies are also compared with their neighbours
   (``scanner.dietodie``) and that evidence is added to the anomaly map before defects are
   extracted; quiet and plain neighbourhoods get the card's thresholds for them for the
   sample kind (:func:`context_thresholds`).
@@ -210,7 +210,8 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
         geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
                               tuple(levels[0].shape))
         patches, stats = die_to_die_patches(maps.origin_um, maps.pixel_size_um, levels[0],
-                                            geometry, grid, polygon, threshold)
+                                            geometry, grid, polygon, threshold,
+                                            pyramid=levels)
         apply_patches(maps.maps["anomaly"], patches)
         return stats.to_dict()
 

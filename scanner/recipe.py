@@ -114,7 +114,7 @@ class WaferSample(_Model):
     scribe_width_um: NonNegFloat = 80.0
     center_um: XY = (0.0, 0.0)
     die_to_die: bool = Field(
-        True, description="inspection compares each full die with its neighbouring dies "
+        True, description="inspection compares each die with its neighbouring dies "
                           "(set false when the dies are not copies of one design)")
     lot_id: str = "LOT0001"
     wafer_id: str = "W01"

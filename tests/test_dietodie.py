@@ -258,3 +258,41 @@ def test_dies_of_a_few_pixels_are_not_compared():
     patches, stats = die_to_die_patches((3.0, 3.0), 8.0, img, geometry, tiny, usable, 0.7)
     apply_patches(anomaly, patches)
     assert stats.dies == 0 and not anomaly.any()
+
+
+def test_an_edge_die_is_compared_on_its_usable_part():
+    """4 x 4 dies under a round usable area that cuts the four corner dies."""
+    from shapely.geometry import Point
+
+    img, geometry, grid, _, truth = _mosaic(n=4, defect=(0, 0), blank=(3, 3))
+    p = geometry.pixel_size_um
+    centre = (60 + 2 * 160) * p
+    usable = Point(centre, centre).buffer(400 * p)
+    # the wafer ends 10 px beyond the usable area: the dark chuck there
+    rr, cc = np.mgrid[:img.shape[0], :img.shape[1]]
+    off = np.hypot(rr - centre / p, cc - centre / p) > 410
+    img[off] = 200.0 + np.random.default_rng(1).normal(0, 10, off.sum())
+    cells = full_dies(grid, usable, geometry, margin_px=8)
+    corners = [(0, 0), (3, 0), (0, 3), (3, 3)]
+    assert sorted(cells) == sorted((c, r) for r in range(4) for c in range(4)
+                                   if (c, r) not in corners)
+    assert math.hypot(truth[0] - centre / p, truth[1] - centre / p) < 400 - 20  # usable part
+    settings = DieToDie(block_px=64)
+    hot, seen = [], set()
+    for cell, r0, c0, z in compare_dies(img, geometry, grid, cells, settings, corners, usable):
+        seen.add(cell)
+        if z.max() > settings.z_threshold:
+            rr, cc = np.unravel_index(np.argmax(z), z.shape)
+            hot.append((cell, r0 + rr, c0 + cc))
+    # the blank corner die is unlike the anchor where it is usable: not compared; the chuck
+    # beyond the usable area of the others is no defect
+    assert seen == set(cells) | {(0, 0), (3, 0), (0, 3)}
+    assert [h[0] for h in hot] == [(0, 0)]
+    assert math.hypot(hot[0][1] - truth[0], hot[0][2] - truth[1]) < 12
+    # full dies only: the defect in the edge die is not seen
+    assert all(z.max() <= settings.z_threshold
+               for *_, z in compare_dies(img, geometry, grid, cells, settings))
+    # the defect list's header counts the edge dies compared
+    _, stats = die_to_die_patches((0.0, 0.0), 4 * p, img, geometry, grid, usable, 0.7,
+                                  settings)
+    assert (stats.dies, stats.partial_dies) == (12, 3)
