@@ -430,10 +430,22 @@ def shift_fields(
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
         # the whole die first (a pitch a little off moves far dies by many pixels), then
         # each block within max_shift_px of that
-        g = global_shift(anchor_die, _read(level0, r0, c0, h_die, w_die),
-                         settings.max_global_px, anchor_coarse)
+        die = _read(level0, r0, c0, h_die, w_die)
+        g = global_shift(anchor_die, die, settings.max_global_px, anchor_coarse)
+        if np.any(g != 0):
+            # kept only when it matches the anchor better than the grid's position does: a
+            # moiré of a grating finer than the pixels differs from die to die (it follows
+            # the die's sub-pixel phase) and can still mislead the coarse correlation
+            # (3.5 um pixels: one die 11 px off, every edge of it a false defect)
+            moved = _read(level0, r0 - int(g[0]), c0 - int(g[1]), h_die, w_die)
+            if _mean_square(anchor_die - moved) >= _mean_square(anchor_die - die):
+                g = np.zeros(2)
         fields[cell] = _die_field(level0, mosaic, grid, cell, anchor, g, settings)
     return fields
+
+
+def _mean_square(a: np.ndarray) -> float:
+    return float(np.mean(np.square(a[::2, ::2], dtype=np.float64)))
 
 
 def partial_fields(

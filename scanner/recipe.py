@@ -118,6 +118,9 @@ class WaferSample(_Model):
                           "(set false when the dies are not copies of one design)")
     lot_id: str = "LOT0001"
     wafer_id: str = "W01"
+    edge_dies: Literal["bare", "patterned"] = Field(
+        "bare", description="simulated wafer: whether the dies cut by the usable area's edge "
+                            "carry the pattern (steppers often expose edge fields)")
     defects: DefectSpec = DefectSpec()
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None

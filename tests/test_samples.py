@@ -332,6 +332,25 @@ def test_only_whole_dies_are_patterned_and_dies_repeat(clean_wafer):
     assert clean_wafer.truth()["sample"]["n_patterned_dies"] > 20
 
 
+def test_patterned_edge_dies_carry_the_design_where_the_wafer_is():
+    bare = WaferSample(**WAFER, n_defects=0, seed=7)
+    exposed = WaferSample(**WAFER, n_defects=0, seed=7, edge_dies="patterned")
+    cx, cy = WAFER["center_um"]
+    ox, oy = cx + WAFER["die_origin_mm"][0] * 1000, cy + WAFER["die_origin_mm"][1] * 1000
+    # the same place in a whole die and in the edge die of cell x in [-22.5, -17.5],
+    # y in [-7.5, -2.5] mm from the centre (partly beyond the 23 mm usable radius)
+    inner = exposed.render(ox + 400, oy + 700, (200, 300), 2.0)
+    x, y = ox - 20000 + 400, oy - 5000 + 700
+    edge = exposed.render(x, y, (200, 300), 2.0)
+    assert np.hypot(x + 600 - cx, y - cy) < WAFER["diameter_mm"] * 500 - 1000  # on the wafer
+    np.testing.assert_array_equal(inner, edge)
+    np.testing.assert_allclose(bare.render(x, y, (200, 300), 2.0), BARE_SI, atol=1e-6)
+    assert exposed.truth()["sample"]["n_patterned_dies"] \
+        > bare.truth()["sample"]["n_patterned_dies"]
+    with pytest.raises(ValueError, match="edge_dies"):
+        WaferSample(**WAFER, edge_dies="some")
+
+
 # ----------------------------------------------------------------------------- PV cell
 
 

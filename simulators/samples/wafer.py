@@ -27,8 +27,10 @@ class WaferSample(VirtualSample):
     Dies: the grid has pitch ``die_pitch_mm`` with a die-cell corner at ``die_origin_mm``
     from the wafer centre; each cell is a die plus half a scribe lane on each side. Only dies
     whose whole cell lies in the usable area (wafer minus edge exclusion, notch and flat
-    included) are patterned; partial edge dies are bare silicon, so die-to-die comparison
-    sees only complete dies.
+    included) are patterned by default; partial edge dies are bare silicon, as when a
+    stepper skips edge fields. ``edge_dies="patterned"`` exposes every field the wafer
+    touches instead (the common practice, for even polishing), so edge dies carry the
+    pattern up to the wafer's edge.
 
     Parameters
     ----------
@@ -58,6 +60,8 @@ class WaferSample(VirtualSample):
         Kinds to place (default ``WAFER_KINDS``).
     seed : int
         Seed of the die layout and the defects.
+    edge_dies : {"bare", "patterned"}
+        Whether dies cut by the usable area's edge carry the pattern.
     lot_id, wafer_id : str, optional
         Labels copied into the truth record.
     """
@@ -81,9 +85,13 @@ class WaferSample(VirtualSample):
         seed: int = 0,
         lot_id: str | None = None,
         wafer_id: str | None = None,
+        edge_dies: str = "bare",
     ) -> None:
         if orientation not in ("notch", "flat", "none"):
             raise ValueError(f"orientation: must be notch, flat or none, got {orientation!r}")
+        if edge_dies not in ("bare", "patterned"):
+            raise ValueError(f"edge_dies: must be bare or patterned, got {edge_dies!r}")
+        self.edge_dies = edge_dies
         if diameter_mm <= 0 or not 0 <= edge_exclusion_mm * 2 < diameter_mm:
             raise ValueError("edge_exclusion_mm: leaves no usable area")
         if min(die_pitch_mm) <= 0 or scribe_width_um < 0:
@@ -210,7 +218,8 @@ class WaferSample(VirtualSample):
         oy_pts = np.r_[np.zeros(9), t, np.ones(9), 1 - t]
         xs = ox + (ii[..., None] + ox_pts) * px
         ys = oy + (jj[..., None] + oy_pts) * py
-        valid = self._in_usable(xs, ys).all(axis=-1)
+        inside = self._in_usable(xs, ys)
+        valid = inside.all(axis=-1) if self.edge_dies == "bare" else np.ones(ii.shape, bool)
         return valid, i0, j0
 
     # ------------------------------------------------------------------ defect hooks
