@@ -80,6 +80,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n-test", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--keep", type=Path, default=None, help="keep the images here")
+    parser.add_argument("--init", default=None,
+                        help="fine-tune this model (default: the shipped one) instead of "
+                             "training from scratch")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(2026)
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,6 +102,8 @@ def main(argv: list[str]) -> None:
         cmd = [WS, "train", "--good", str(good), "--out", str(root / "metal")]
         if args.epochs:
             cmd += ["--epochs", str(args.epochs)]
+        if args.init:
+            cmd += ["--init", args.init]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         train_s = time.perf_counter() - t0

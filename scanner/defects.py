@@ -55,6 +55,10 @@ IN_MEMORY_MAP_PX = 64_000_000
 #: size are opaque or deep (simulated wafers and PV cells: stains 0.13-0.34, particles and pits
 #: over 20 px across 0.48-0.88, measured as :func:`appearance` does)
 FAINT_CONTRAST = 0.4
+#: a compact dark defect is a pit when the brightest part of the shell around it stands out by
+#: this fraction of its contrast (beyond the noise): simulated pits 0.09-0.37, dark particles
+#: 0.00-0.03 (see :attr:`Features.rim`)
+PIT_RIM = 0.06
 #: mean width (image pixels) up to which a long region on the image is a line (a crack or a
 #: scratch imaged at the resolution limit is 1-4 pixels wide; a blotchy stain 8 or more)
 THIN_LINE_PX = 6.0
@@ -105,6 +109,10 @@ class Features:
         Size of one pixel of the shape measurements in map pixels: 1 when they are measured
         on the map, ``1 / stride`` when on the defect's footprint in the image
         (:func:`appearance`).
+    rim : float
+        The 10th percentile of the deviation of a 2 px shell just outside the footprint on
+        the image, with the defect's own sign, over ``|contrast|`` (a pit's bright rim around
+        its dark core makes it negative); NaN without a footprint.
     """
 
     area: float
@@ -120,6 +128,7 @@ class Features:
     contrast: float
     snr: float
     resolution: float = 1.0
+    rim: float = math.nan
 
 
 def classify(f: Features) -> str:
@@ -136,8 +145,10 @@ def classify(f: Features) -> str:
       gently curved one a ``scratch``;
     * **large and faint, or large and irregular** (at least 4 x 4 with a contrast under
       :data:`FAINT_CONTRAST`, or 8 x 8 with solidity < 0.75): ``stain``;
-    * **compact**: brighter than its surroundings, a ``particle`` (scatters light); darker, a
-      ``pit`` (a hole or a dark inclusion); contrast unknown: ``particle``;
+    * **compact**: darker than its surroundings with a brighter rim around it (beyond the
+      noise: :data:`PIT_RIM` + 1.28 / SNR, the noise's own 10th percentile), a ``pit`` (its
+      slope sends light back into the objective); otherwise a ``particle`` (bright or dark:
+      a particle scatters light out of the objective and has no rim);
     * anything else: ``other``.
     """
     fine = f.resolution < 1.0  # measured on the defect's footprint in the image
@@ -160,7 +171,8 @@ def classify(f: Features) -> str:
     if (area >= 16 and faint) or (area >= 64 and f.solidity < 0.75):
         return "stain"
     if f.solidity >= 0.75 and f.elongation < 3.0:
-        if math.isfinite(f.contrast) and f.contrast < 0:
+        if math.isfinite(f.contrast) and f.contrast < 0 and math.isfinite(f.rim) \
+                and f.rim <= -(PIT_RIM + 1.28 / max(f.snr, 1e-6)):
             return "pit"
         return "particle"
     return "other"
@@ -200,9 +212,9 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
 
 def appearance(
     patch: np.ndarray, inside: np.ndarray, ring_px: int
-) -> tuple[float, float, tuple[float, float] | None, np.ndarray | None]:
-    """Signed contrast of a defect against a ring around it, its SNR, its refined centre and
-    its footprint at the image's resolution.
+) -> tuple[float, float, tuple[float, float] | None, np.ndarray | None, float]:
+    """Signed contrast of a defect against a ring around it, its SNR, its refined centre,
+    its footprint at the image's resolution and the rim around that footprint.
 
     Parameters
     ----------
@@ -230,16 +242,18 @@ def appearance(
         the map is a blurred band a map pixel or two wide, so shape is measured on this when
         there is one. None when the defect does not stand out, or when the deviating pixels
         are scattered (structure of a patterned surface rather than one object).
+    rim : float
+        :attr:`Features.rim` (NaN without a footprint).
     """
     if not inside.any():
-        return math.nan, math.nan, None, None
+        return math.nan, math.nan, None, None, math.nan
     # distance to the defect: a gap of a third of the ring (the defect's blurred border),
     # then the ring itself; one linear-time transform whatever the ring's width
     dist = ndimage.distance_transform_edt(~inside)
     gap = max(1, ring_px // 3)
     ring = (dist > gap) & (dist <= gap + ring_px)
     if ring.sum() < 8:
-        return math.nan, math.nan, None, None
+        return math.nan, math.nan, None, None, math.nan
     bg = patch[ring]
     med = float(np.median(bg))
     noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
@@ -258,7 +272,16 @@ def appearance(
                 w = signed[rr, cc]
                 centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
         footprint = _footprint(patch, inside, ring, math.copysign(1.0, contrast))
-    return contrast, snr, centre, footprint
+    rim = math.nan
+    if footprint is not None:
+        # the shell 1-2 px outside the footprint: the blurred border of a plain blob keeps
+        # the defect's sign there, the rim of a pit (light scattered back by its slope) has
+        # the opposite one; a rim need not go all round, so its brightest tenth counts
+        near = ndimage.binary_dilation(footprint, iterations=2) & ~footprint
+        if near.sum() >= 8:
+            shell = (patch[near] - med) * math.copysign(1.0, contrast)
+            rim = float(np.percentile(shell, 10)) / abs(contrast)
+    return contrast, snr, centre, footprint, rim
 
 
 def _footprint(patch: np.ndarray, inside: np.ndarray, ring: np.ndarray, sign: float
@@ -462,7 +485,7 @@ def extract_defects(
         cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
         shape = shape_features(sub)
         resolution = 1.0  # map pixels per pixel of the shape measured
-        contrast, snr = math.nan, math.nan
+        contrast, snr, rim = math.nan, math.nan, math.nan
         if image is not None:
             margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
             pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
@@ -471,7 +494,7 @@ def extract_defects(
             inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
             inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
             inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
-            contrast, snr, centre, footprint = appearance(
+            contrast, snr, centre, footprint, rim = appearance(
                 patch, inside, ring_px=min(max(2, margin * s // 2), 24))
             if centre is not None:  # model-grid pixel -> map pixel coordinates
                 cy = (pr0 + centre[0] - (s - 1) / 2) / s
@@ -485,7 +508,7 @@ def extract_defects(
             elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
             branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
             skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
-            contrast=contrast, snr=snr, resolution=resolution,
+            contrast=contrast, snr=snr, resolution=resolution, rim=rim,
         )
         defect_class = classify(feats)
         if defect_class in ("scratch", "crack"):

@@ -88,13 +88,22 @@ def test_centre_bbox_and_stage_coordinates():
     assert d.uncertainty == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("contrast, expected", [(0.8, "particle"), (-0.8, "pit")])
-def test_small_round_blob_is_particle_or_pit_by_contrast(contrast, expected):
+@pytest.mark.parametrize("contrast, rim, expected", [
+    (0.8, 0.0, "particle"), (-0.8, 0.0, "particle"), (-0.8, 0.25, "pit"),
+    (0.8, -0.25, "particle"), (-0.8, 0.02, "particle")])
+def test_small_round_blob_is_a_pit_when_dark_with_a_bright_rim(contrast, rim, expected):
+    # a dark spot is a particle (it scatters light away) unless the light its slope sends back
+    # rings it: the rim of a pit
     a = np.zeros((80, 80), np.float32)
     mask = np.zeros_like(a, dtype=bool)
     mask[disk((40, 40), 4)] = True
     a[mask] = 0.9
-    d = extract_defects(_maps(a), GEOM, threshold=0.5, image=_image_from(mask, contrast))[0]
+    img = np.zeros((320, 320), np.float32)
+    dist = np.hypot(*(np.mgrid[:320, :320] - 161.5))
+    img[dist <= 16] = contrast
+    img[(dist > 16) & (dist <= 18)] = rim * abs(contrast)
+    img += np.random.default_rng(0).normal(0, 0.01, img.shape)
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img))[0]
     assert d.defect_class == expected
 
 
@@ -353,7 +362,7 @@ def test_rectangle_on_the_image_is_a_pattern_defect_though_its_map_blur_is_round
 
 
 @pytest.mark.parametrize("contrast, expected", [(-0.15, "stain"), (0.2, "stain"),
-                                                (-0.7, "pit"), (0.7, "particle")])
+                                                (-0.7, "particle"), (0.7, "particle")])
 def test_large_round_defect_is_a_stain_when_faint_and_a_particle_or_pit_when_opaque(
         contrast, expected):
     # contrast in units of the surface level: a residue changes reflectance by tens of per
