@@ -113,6 +113,9 @@ class Features:
         The 10th percentile of the deviation of a 2 px shell just outside the footprint on
         the image, with the defect's own sign, over ``|contrast|`` (a pit's bright rim around
         its dark core makes it negative); NaN without a footprint.
+    body : float
+        Median deviation over the footprint on the image (units of the surface level; NaN
+        without a footprint).
     """
 
     area: float
@@ -129,6 +132,7 @@ class Features:
     snr: float
     resolution: float = 1.0
     rim: float = math.nan
+    body: float = math.nan
 
 
 def classify(f: Features) -> str:
@@ -137,14 +141,15 @@ def classify(f: Features) -> str:
     General rules, in order (sizes in map pixels, whatever the resolution the shape was
     measured at; see :attr:`Features.resolution`):
 
-    * **rectangular** (the bounding box filled: extent >= 0.93 on the image, or >= 0.85 with
-      its corners on the map; solid, at least 3 x 3, not a thin line): ``pattern``
+    * **rectangular** (the bounding box filled: extent >= 0.88 on the image, or >= 0.85 with
+      its corners on the map; solid, at least 2 x 2 map pixels, not a thin line): ``pattern``
       (missing or extra structure on a patterned surface is axis-aligned and square-cornered);
     * **linear** (elongation >= 4, or a long thin skeleton with a sparse hull): a winding line
       (or on the map, where a crack is blurred, a branched one) is a ``crack``, a straight or
       gently curved one a ``scratch``;
     * **large and faint, or large and irregular** (at least 4 x 4 with a contrast under
-      :data:`FAINT_CONTRAST`, or 8 x 8 with solidity < 0.75): ``stain``;
+      :data:`FAINT_CONTRAST`: the footprint's median one when there is a footprint, or
+      8 x 8 with solidity < 0.75): ``stain``;
     * **compact**: darker than its surroundings with a brighter rim around it (beyond the
       noise: :data:`PIT_RIM` + 1.28 / SNR, the noise's own 10th percentile), a ``pit`` (its
       slope sends light back into the objective); otherwise a ``particle`` (bright or dark:
@@ -154,9 +159,11 @@ def classify(f: Features) -> str:
     fine = f.resolution < 1.0  # measured on the defect's footprint in the image
     area = f.area * f.resolution**2
     thickness = f.area / max(f.skeleton, 1)  # mean width of a line-like region (own pixels)
-    filled = f.extent >= 0.93 if fine else (f.extent >= 0.85 and f.corners)
-    if filled and f.solidity >= 0.95 and area >= 9 and f.elongation < (6.0 if fine else 3.0) \
-            and f.width >= 3:
+    filled = f.extent >= 0.88 if fine else (f.extent >= 0.85 and f.corners)
+    # a long filled rectangle is a missing line of the design unless it is as thin as a
+    # scratch (an axis-aligned scratch fills its bounding box too)
+    squat = f.elongation < (6.0 if fine else 3.0) or (fine and f.width > 2 * THIN_LINE_PX)
+    if filled and f.solidity >= 0.95 and area >= 4 and squat and f.width >= 3:
         return "pattern"
     # a line bent or branched has a low moment elongation but a long, thin skeleton; on the
     # image a line is also thin in pixels (a blotchy stain's skeleton is long too)
@@ -167,7 +174,10 @@ def classify(f: Features) -> str:
         if f.tortuosity >= 1.35 or (not fine and f.branches >= 2):
             return "crack"
         return "scratch"
-    faint = math.isfinite(f.contrast) and abs(f.contrast) < FAINT_CONTRAST
+    # the typical contrast over the footprint when there is one: the extreme of a stain on
+    # circuitry is where the design is brightest
+    level = f.body if math.isfinite(f.body) else f.contrast
+    faint = math.isfinite(level) and abs(level) < FAINT_CONTRAST
     if (area >= 16 and faint) or (area >= 64 and f.solidity < 0.75):
         return "stain"
     if f.solidity >= 0.75 and f.elongation < 3.0:
@@ -210,11 +220,46 @@ def shape_features(mask: np.ndarray) -> dict[str, float]:
     }
 
 
-def appearance(
-    patch: np.ndarray, inside: np.ndarray, ring_px: int
-) -> tuple[float, float, tuple[float, float] | None, np.ndarray | None, float]:
-    """Signed contrast of a defect against a ring around it, its SNR, its refined centre,
-    its footprint at the image's resolution and the rim around that footprint.
+@dataclass
+class Appearance:
+    """What a defect looks like on the image (see :func:`appearance`).
+
+    Attributes
+    ----------
+    contrast, snr : float
+        Signed contrast against the surrounding ring (units of the surface level; the
+        extreme of the defect's pixels) and ``|contrast|`` over the ring's noise. NaN when
+        there is no usable background.
+    centre : tuple of float or None
+        ``(row, col)`` on the patch of the centroid of the pixels that deviate from the
+        background with the defect's sign (weighted by the deviation): the defect itself at
+        full resolution rather than its blurred footprint on the map. None when the defect
+        does not stand clearly out of the noise.
+    footprint : np.ndarray of bool or None
+        The defect as seen on the patch: the largest connected region inside the map's
+        region that deviates from the background with the defect's sign by more than half its
+        contrast (and 3 noise sigmas). A scratch one pixel wide is a line here while its
+        footprint on the map is a blurred band a map pixel or two wide, so shape is measured
+        on this when there is one. None when the defect does not stand out, or when the
+        deviating pixels are scattered (structure of a patterned surface rather than one
+        object).
+    rim : float
+        :attr:`Features.rim` (NaN without a footprint).
+    body : float
+        Median deviation over the footprint (units of the surface level; NaN without one):
+        the defect's typical contrast, where ``contrast`` is its extreme.
+    """
+
+    contrast: float = math.nan
+    snr: float = math.nan
+    centre: tuple[float, float] | None = None
+    footprint: np.ndarray | None = None
+    rim: float = math.nan
+    body: float = math.nan
+
+
+def appearance(patch: np.ndarray, inside: np.ndarray, ring_px: int) -> Appearance:
+    """What a defect looks like against a ring around it (:class:`Appearance`).
 
     Parameters
     ----------
@@ -225,35 +270,16 @@ def appearance(
         Boolean mask of the defect on ``patch``.
     ring_px : int
         Width of the surrounding ring used as background.
-
-    Returns
-    -------
-    contrast, snr : float
-        NaN when there is no usable background.
-    centre : tuple of float or None
-        ``(row, col)`` on ``patch`` of the centroid of the pixels that deviate from the
-        background with the defect's sign (weighted by the deviation): the defect itself at
-        full resolution rather than its blurred footprint on the map. None when the defect does
-        not stand clearly out of the noise.
-    footprint : np.ndarray of bool or None
-        The defect as seen on ``patch``: the largest connected region inside ``inside`` that
-        deviates from the background with the defect's sign by more than half its contrast
-        (and 3 noise sigmas). A scratch one pixel wide is a line here while its footprint on
-        the map is a blurred band a map pixel or two wide, so shape is measured on this when
-        there is one. None when the defect does not stand out, or when the deviating pixels
-        are scattered (structure of a patterned surface rather than one object).
-    rim : float
-        :attr:`Features.rim` (NaN without a footprint).
     """
     if not inside.any():
-        return math.nan, math.nan, None, None, math.nan
+        return Appearance()
     # distance to the defect: a gap of a third of the ring (the defect's blurred border),
     # then the ring itself; one linear-time transform whatever the ring's width
     dist = ndimage.distance_transform_edt(~inside)
     gap = max(1, ring_px // 3)
     ring = (dist > gap) & (dist <= gap + ring_px)
     if ring.sum() < 8:
-        return math.nan, math.nan, None, None, math.nan
+        return Appearance()
     bg = patch[ring]
     med = float(np.median(bg))
     noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
@@ -261,27 +287,27 @@ def appearance(
     # the defect may fill only a few per cent of its blurred footprint on the map
     hi, lo = float(np.percentile(dev, 98)), float(np.percentile(dev, 2))
     contrast = hi if abs(hi) >= abs(lo) else lo
-    snr = abs(contrast) / noise
-    centre, footprint = None, None
-    if snr >= 3:
-        signed = (patch - med) * math.copysign(1.0, contrast)
-        if snr >= 5:
-            strong = inside & (signed > max(3 * noise, 0.3 * abs(contrast)))
-            if strong.any():
-                rr, cc = np.nonzero(strong)
-                w = signed[rr, cc]
-                centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
-        footprint = _footprint(patch, inside, ring, math.copysign(1.0, contrast))
-    rim = math.nan
-    if footprint is not None:
+    out = Appearance(contrast=contrast, snr=abs(contrast) / noise)
+    if out.snr < 3:
+        return out
+    sign = math.copysign(1.0, contrast)
+    signed = (patch - med) * sign
+    if out.snr >= 5:
+        strong = inside & (signed > max(3 * noise, 0.3 * abs(contrast)))
+        if strong.any():
+            rr, cc = np.nonzero(strong)
+            w = signed[rr, cc]
+            out.centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
+    out.footprint = _footprint(patch, inside, ring, sign)
+    if out.footprint is not None:
+        out.body = float(np.median(patch[out.footprint])) - med
         # the shell 1-2 px outside the footprint: the blurred border of a plain blob keeps
         # the defect's sign there, the rim of a pit (light scattered back by its slope) has
         # the opposite one; a rim need not go all round, so its brightest tenth counts
-        near = ndimage.binary_dilation(footprint, iterations=2) & ~footprint
+        near = ndimage.binary_dilation(out.footprint, iterations=2) & ~out.footprint
         if near.sum() >= 8:
-            shell = (patch[near] - med) * math.copysign(1.0, contrast)
-            rim = float(np.percentile(shell, 10)) / abs(contrast)
-    return contrast, snr, centre, footprint, rim
+            out.rim = float(np.percentile(signed[near], 10)) / abs(contrast)
+    return out
 
 
 def _footprint(patch: np.ndarray, inside: np.ndarray, ring: np.ndarray, sign: float
@@ -485,7 +511,7 @@ def extract_defects(
         cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
         shape = shape_features(sub)
         resolution = 1.0  # map pixels per pixel of the shape measured
-        contrast, snr, rim = math.nan, math.nan, math.nan
+        contrast, snr, rim, body = math.nan, math.nan, math.nan, math.nan
         if image is not None:
             margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
             pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
@@ -494,13 +520,13 @@ def extract_defects(
             inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
             inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
             inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
-            contrast, snr, centre, footprint, rim = appearance(
-                patch, inside, ring_px=min(max(2, margin * s // 2), 24))
-            if centre is not None:  # model-grid pixel -> map pixel coordinates
-                cy = (pr0 + centre[0] - (s - 1) / 2) / s
-                cx = (pc0 + centre[1] - (s - 1) / 2) / s
-            if footprint is not None:  # the class from the defect itself, not its blur
-                fine = shape_features(footprint)
+            look = appearance(patch, inside, ring_px=min(max(2, margin * s // 2), 24))
+            contrast, snr, rim, body = look.contrast, look.snr, look.rim, look.body
+            if look.centre is not None:  # model-grid pixel -> map pixel coordinates
+                cy = (pr0 + look.centre[0] - (s - 1) / 2) / s
+                cx = (pc0 + look.centre[1] - (s - 1) / 2) / s
+            if look.footprint is not None:  # the class from the defect itself, not its blur
+                fine = shape_features(look.footprint)
                 shape = {**fine, "feret": shape["feret"]}  # size stays the map region's
                 resolution = 1.0 / s
         feats = Features(
@@ -508,7 +534,7 @@ def extract_defects(
             elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
             branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
             skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
-            contrast=contrast, snr=snr, resolution=resolution, rim=rim,
+            contrast=contrast, snr=snr, resolution=resolution, rim=rim, body=body,
         )
         defect_class = classify(feats)
         if defect_class in ("scratch", "crack"):

@@ -572,6 +572,72 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
                                           c[1], c[0]))
 
 
+@dataclass
+class Comparison:
+    """The dies a die-to-die pass compared, their references and alignment.
+
+    Attributes
+    ----------
+    mosaic, grid, settings
+        As given to :func:`compare_dies`.
+    fields : dict
+        Per-block shift of each compared die onto the anchor (:func:`shift_fields`).
+    refs_of : dict
+        The reference dies of each compared die.
+    usable : dict
+        The usable pixels of each partial die compared (die-sized boolean masks).
+    """
+
+    mosaic: MosaicGrid
+    grid: DieGrid
+    settings: DieToDie
+    fields: dict[Cell, np.ndarray]
+    refs_of: dict[Cell, list[Cell]]
+    usable: dict[Cell, np.ndarray]
+
+    def difference(self, level0: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray | None:
+        """The test die minus the median of its aligned references over mosaic pixels
+        ``[r0, r0+h) x [c0, c0+w)``, float32 in the mosaic's units.
+
+        What a defect looks like without the design around it: a particle on circuitry is a
+        blob, missing pattern a patch of the design's own structure with both signs. None
+        unless the window lies inside one compared die; 0 outside a partial die's usable
+        part. The references are moved by the shift of the block at the window's centre.
+        """
+        h_die, w_die = die_shape_px(self.grid, self.mosaic)
+        p = self.mosaic.pixel_size_um
+        cell = self.grid.index(self.mosaic.origin_um[0] + (c0 + w / 2) * p,
+                               self.mosaic.origin_um[1] + (r0 + h / 2) * p)
+        refs = self.refs_of.get(cell, [])
+        if cell not in self.fields or len(refs) < 2:
+            return None
+        tr, tc, _ = die_origin_px(self.grid, self.mosaic, cell)
+        dr, dc = r0 - tr, c0 - tc
+        if dr < 0 or dc < 0 or dr + h > h_die or dc + w > w_die:
+            return None
+        b = int(self.settings.block_px)
+        field = self.fields[cell]
+        i = min((dr + h // 2) // b, field.shape[0] - 1)
+        j = min((dc + w // 2) // b, field.shape[1] - 1)
+        m = _margin(self.settings)
+        test = _read(level0, r0, c0, h, w)
+        aligned = []
+        for ref in refs:
+            rr, rc, _ = die_origin_px(self.grid, self.mosaic, ref)
+            window = _read(level0, rr + dr - m, rc + dc - m, h + 2 * m, w + 2 * m)
+            aligned.append(_shifted(window, 0, 0, h, w, self.fields[ref][i, j] - field[i, j], m))
+        refs_img = np.stack(aligned)
+        level_t = float(np.median(test))
+        for k in range(len(refs_img)):  # illumination drift between dies, as difference_z
+            level_r = float(np.median(refs_img[k]))
+            if level_r > 0 and level_t > 0:
+                refs_img[k] *= level_t / level_r
+        diff = test - np.median(refs_img, axis=0)
+        if cell in self.usable:
+            diff[~self.usable[cell][dr:dr + h, dc:dc + w]] = 0.0
+        return diff.astype(np.float32)
+
+
 def compare_dies(
     level0: Any,
     mosaic: MosaicGrid,
@@ -581,6 +647,7 @@ def compare_dies(
     partial: list[Cell] | None = None,
     polygon: Any = None,
     pyramid: list[Any] | None = None,
+    plans: list[Comparison] | None = None,
 ) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
     """Z-score maps of every die against its neighbours, band by band.
 
@@ -589,6 +656,8 @@ def compare_dies(
     edge dies of a wafer) are compared on their usable part against their nearest full
     dies, when that part looks like the same part of the anchor die (an edge field left
     unexposed is not a defect; ``pyramid``: the mosaic's levels, for :func:`partial_masks`).
+    The dies compared and their alignment are appended to ``plans`` as a :class:`Comparison`
+    (for difference images of the defects found).
 
     Yields
     ------
@@ -623,6 +692,8 @@ def compare_dies(
         fields.update(partial_fields(level0, mosaic, grid, list(usable), anchor, fields,
                                      usable, settings))
         refs_of.update(nearest_dies(list(usable), settings.neighbours, among=cells))
+    if plans is not None:
+        plans.append(Comparison(mosaic, grid, settings, fields, refs_of, usable))
 
     def bands() -> Iterator[tuple[Cell, int, int, slice, np.ndarray, np.ndarray,
                                   np.ndarray | None]]:
@@ -789,8 +860,9 @@ def die_to_die_patches(
     threshold: float,
     settings: DieToDie = DieToDie(),
     pyramid: list[Any] | None = None,
-) -> tuple[list[Patch], DieToDieStats]:
-    """Die-to-die evidence of every die as blocks of anomaly-map scores.
+) -> tuple[list[Patch], DieToDieStats, Comparison | None]:
+    """Die-to-die evidence of every die as blocks of anomaly-map scores, and the comparison
+    made (None when no dies were compared: :meth:`Comparison.difference` images).
 
     Needs only the mosaic and the map's geometry, not the map; :func:`apply_patches` then
     raises the map to them.
@@ -821,15 +893,16 @@ def die_to_die_patches(
     stats = DieToDieStats(z_threshold=settings.z_threshold)
     patches: list[Patch] = []
     if min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
-        return patches, stats  # dies of a few pixels: nothing to align or compare
+        return patches, stats, None  # dies of a few pixels: nothing to align or compare
     cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
     if len(cells) < 3:
-        return patches, stats
+        return patches, stats, None
     stats.dies = len(cells)
     partial = [(c, r) for c, r, _ in grid.cells_in(polygon) if (c, r) not in set(cells)]
     compared = set()
+    plans: list[Comparison] = []
     for cell, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings, partial,
-                                        polygon, pyramid):
+                                        polygon, pyramid, plans):
         compared.add(cell)
         patch = map_patch(z, r0, c0, mosaic, map_origin_um, map_pixel_um, settings.z_threshold,
                           threshold)
@@ -838,7 +911,7 @@ def die_to_die_patches(
             patches.append(patch)
     stats.partial_dies = len(compared.intersection(partial))
     stats.seconds = time.perf_counter() - t0
-    return patches, stats
+    return patches, stats, plans[0] if plans else None
 
 
 def map_patch(z: np.ndarray, r0: int, c0: int, mosaic: MosaicGrid,

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import time
@@ -161,10 +162,19 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
 
 def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
                   contexts: dict[str, float | None] | None = None,
-                  reflectance: np.ndarray | None = None) -> list[Defect]:
+                  reflectance: np.ndarray | None = None,
+                  difference: Callable[[int, int, int, int], np.ndarray | None] | None = None
+                  ) -> list[Defect]:
+    """The defect list of refined maps. ``difference``: the die-to-die difference image of
+    a mosaic window (None outside the compared dies), read instead of the image there, so
+    a defect's contrast and shape are its own rather than mixed with the design's."""
     from models.inspection import to_luminance
 
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        if difference is not None:
+            diff = difference(r0, c0, h, w)
+            if diff is not None:  # the surface level is 0 there, as in the image below
+                return diff * np.float32(1.0 / level)
         # relative reflectance: a defect's contrast in units of the surface level
         return to_luminance(maps.reader.read(r0, c0, h, w)) * np.float32(1.0 / level) - 1.0
 
@@ -188,12 +198,14 @@ def _usable_polygon(sample: Any) -> Any:
 
 
 def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
-                ) -> Callable[[MapSet], dict[str, Any]] | None:
+                ) -> Callable[[MapSet], tuple[dict[str, Any], Any]] | None:
     """The map refinement that adds die-to-die evidence (wafers with ``die_to_die`` only).
 
     It runs after the network, not beside it: on the 2-core reference machine a thread
     running it during inference slowed both (demo wafer: inspection 18.2 -> 22.8 s).
-    Returns what it did (dies compared, seconds, ...).
+    Returns what it did (dies compared, seconds, ...) and the difference image reader of
+    the dies compared (``difference(r0, c0, h, w)`` on the mosaic's level 0; None when none
+    were, or when the maps are not on the mosaic's own grid).
     """
     if sample is None or getattr(sample, "kind", None) != "wafer" or polygon is None \
             or not getattr(sample, "die_to_die", False):
@@ -204,16 +216,19 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
 
     grid = DieGrid.from_sample(sample.model_dump(mode="json"))
 
-    def refine(maps: MapSet) -> dict[str, Any]:
+    def refine(maps: MapSet) -> tuple[dict[str, Any], Any]:
         levels, transforms = open_mosaic(mosaic)
         scale, trans = level_transform(transforms)
         geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
                               tuple(levels[0].shape))
-        patches, stats = die_to_die_patches(maps.origin_um, maps.pixel_size_um, levels[0],
-                                            geometry, grid, polygon, threshold,
-                                            pyramid=levels)
+        patches, stats, comparison = die_to_die_patches(
+            maps.origin_um, maps.pixel_size_um, levels[0], geometry, grid, polygon, threshold,
+            pyramid=levels)
         apply_patches(maps.maps["anomaly"], patches)
-        return stats.to_dict()
+        difference = None
+        if comparison is not None and not maps.reader.resample and levels[0].ndim == 2:
+            difference = functools.partial(comparison.difference, levels[0])
+        return stats.to_dict(), difference
 
     return refine
 
@@ -301,6 +316,7 @@ def inspect_mosaic(
     thr, thr_source = _decision_threshold(model, threshold, kind)
     contexts = context_thresholds(model, kind, thr_source)
     d2d: dict[str, Any] = {}
+    difference: list[Any] = []  # the die-to-die difference image reader, when there is one
     plain: dict[str, Any] = {}
     reflectance: list[np.ndarray] = []  # at map resolution, computed once for two uses
     die_to_die = _die_to_die(mosaic, saved, polygon, thr)
@@ -308,7 +324,9 @@ def inspect_mosaic(
 
     def refine(maps: MapSet) -> None:
         if die_to_die is not None:
-            d2d.update(die_to_die(maps))
+            stats, diff = die_to_die(maps)
+            d2d.update(stats)
+            difference.append(diff)
         if plain_kind:
             reflectance.append(reflectance_at_map(maps))
             plain.update(_plain_surface(maps, reflectance[0], saved, polygon, thr))
@@ -318,7 +336,8 @@ def inspect_mosaic(
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
     defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
-                            reflectance[0] if reflectance else None)
+                            reflectance[0] if reflectance else None,
+                            difference[0] if difference else None)
     t_defects = time.perf_counter() - t1
     mp = maps.stats.extra.get("mosaic_px", 0)
     timings = {

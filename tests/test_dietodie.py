@@ -192,9 +192,9 @@ def test_fuse_raises_the_anomaly_map_at_the_defect_only():
     shape = (img.shape[0] // stride, img.shape[1] // stride)
     anomaly = np.full(shape, 0.2, dtype=np.float32)
     origin = ((stride - 1) / 2 * geometry.pixel_size_um,) * 2
-    patches, stats = die_to_die_patches(origin, stride * geometry.pixel_size_um, img, geometry,
-                                        grid, usable, threshold=0.7,
-                                        settings=DieToDie(block_px=64))
+    patches, stats, comparison = die_to_die_patches(
+        origin, stride * geometry.pixel_size_um, img, geometry, grid, usable, threshold=0.7,
+        settings=DieToDie(block_px=64))
     apply_patches(anomaly, patches)
     assert stats.dies == 9 and stats.pixels_over > 0
     over = np.argwhere(anomaly >= 0.7)
@@ -202,6 +202,17 @@ def test_fuse_raises_the_anomaly_map_at_the_defect_only():
     centre = over.mean(axis=0) * stride + (stride - 1) / 2
     assert math.hypot(centre[0] - truth[0], centre[1] - truth[1]) < 2 * stride
     assert np.all(np.abs(over * stride - np.array(truth)) < 20)
+    # the difference image around the defect: the missing piece (12 x 16 px) alone stands out
+    r0, c0 = truth[0] - 20, truth[1] - 20
+    diff = comparison.difference(img, r0, c0, 40, 40)
+    strong = np.abs(diff) > 100.0  # the design's levels differ by 400-800, the noise is 10
+    rows, cols = np.nonzero(strong)
+    assert 0 < strong.sum() <= 12 * 16
+    assert rows.min() >= 20 - 6 and rows.max() < 20 + 6 and cols.min() >= 20 - 8 \
+        and cols.max() < 20 + 8
+    assert np.abs(diff[~strong]).std() < 25
+    # outside the compared dies (the plain border) there is nothing to subtract
+    assert comparison.difference(img, 0, 0, 40, 40) is None
 
 
 @pytest.mark.slow
@@ -276,9 +287,10 @@ def test_dies_of_a_few_pixels_are_not_compared():
     img, geometry, _, usable, _ = _mosaic(n=3, die_px=160, defect=None)
     tiny = DieGrid((20 * geometry.pixel_size_um,) * 2, (120.0, 120.0))  # 20 px dies
     anomaly = np.zeros((img.shape[0] // 4, img.shape[1] // 4), np.float32)
-    patches, stats = die_to_die_patches((3.0, 3.0), 8.0, img, geometry, tiny, usable, 0.7)
+    patches, stats, comparison = die_to_die_patches((3.0, 3.0), 8.0, img, geometry, tiny,
+                                                    usable, 0.7)
     apply_patches(anomaly, patches)
-    assert stats.dies == 0 and not anomaly.any()
+    assert stats.dies == 0 and not anomaly.any() and comparison is None
 
 
 def test_an_edge_die_is_compared_on_its_usable_part():
@@ -314,6 +326,6 @@ def test_an_edge_die_is_compared_on_its_usable_part():
     assert all(z.max() <= settings.z_threshold
                for *_, z in compare_dies(img, geometry, grid, cells, settings))
     # the defect list's header counts the edge dies compared
-    _, stats = die_to_die_patches((0.0, 0.0), 4 * p, img, geometry, grid, usable, 0.7,
+    _, stats, _ = die_to_die_patches((0.0, 0.0), 4 * p, img, geometry, grid, usable, 0.7,
                                   settings)
     assert (stats.dies, stats.partial_dies) == (12, 3)
