@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from skimage.draw import disk, line, rectangle
@@ -57,7 +59,26 @@ def test_fragments_of_a_scratch_are_one_defect_and_classed_scratch():
     assert d.size_um == pytest.approx(180 * 4, rel=0.05)
     assert d.score == pytest.approx(0.9)
     # without merging the fragments stay apart
-    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, merge_px=0)) == 3
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, merge_px=0,
+                               merge_lines=False)) == 3
+
+
+def test_pieces_of_one_line_are_joined_across_a_long_gap_and_other_lines_are_not():
+    a = np.zeros((160, 300), np.float32)
+    for c0, c1 in [(10, 60), (100, 150)]:  # one scratch, its middle 40 map px too faint
+        rr, cc = line(40 + c0 // 10, c0, 40 + c1 // 10, c1)
+        a[rr, cc] = 0.9
+    rr, cc = line(100, 10, 100, 60)  # parallel to it but 55 px away: another defect
+    a[rr, cc] = 0.9
+    rr, cc = line(110, 100, 150, 110)  # across the first line's direction
+    a[rr, cc] = 0.9
+    rr, cc = line(90, 200, 100, 290)  # the first line's direction, 30 px off its axis
+    a[rr, cc] = 0.9
+    defects = extract_defects(_maps(a), GEOM, threshold=0.5)
+    assert len(defects) == 4
+    joined = max(defects, key=lambda d: d.size_um)
+    assert joined.size_um == pytest.approx(math.hypot(140, 14) * 4, rel=0.05)
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, merge_lines=False)) == 5
 
 
 def test_threshold_min_size_and_hysteresis():
