@@ -118,6 +118,10 @@ class Features:
     body : float
         Median deviation over the footprint on the image (units of the surface level; NaN
         without a footprint).
+    map_winding : bool
+        When the shape is the footprint's: whether the defect's whole region on the map winds
+        or branches (tortuosity >= 1.2 or two branch points; a straight scratch's blurred
+        band does neither).
     """
 
     area: float
@@ -135,6 +139,7 @@ class Features:
     resolution: float = 1.0
     rim: float = math.nan
     body: float = math.nan
+    map_winding: bool = False
 
 
 def classify(f: Features) -> str:
@@ -147,8 +152,9 @@ def classify(f: Features) -> str:
       its corners on the map; solid, at least 2 x 2 map pixels, not a thin line): ``pattern``
       (missing or extra structure on a patterned surface is axis-aligned and square-cornered);
     * **linear** (elongation >= 4, or a long thin skeleton with a sparse hull): a winding line
-      (or on the map, where a crack is blurred, a branched one) is a ``crack``, a straight or
-      gently curved one a ``scratch``;
+      (or on the map, where a crack is blurred, a branched one; or one whose whole region on
+      the map winds or branches while its footprint is one straight piece) is a ``crack``, a
+      straight or gently curved one a ``scratch``;
     * **large and faint, or large and irregular** (at least 4 x 4 with a contrast under
       :data:`FAINT_CONTRAST`: the footprint's median one when there is a footprint, or
       8 x 8 with solidity < 0.75): ``stain``;
@@ -172,8 +178,9 @@ def classify(f: Features) -> str:
     thin = f.skeleton * f.resolution >= 8 and f.skeleton**2 / f.area >= 12 \
         and f.solidity < 0.5 and (not fine or thickness <= THIN_LINE_PX)
     if f.elongation >= 4.0 or thin:
-        # on the image, outline noise branches any skeleton: only the winding counts there
-        if f.tortuosity >= 1.35 or (not fine and f.branches >= 2):
+        # on the image, outline noise branches any skeleton: only the winding counts there,
+        # or the course of the whole region on the map (the footprint is one piece of it)
+        if f.tortuosity >= 1.35 or (not fine and f.branches >= 2) or f.map_winding:
             return "crack"
         return "scratch"
     # the typical contrast over the footprint when there is one: the extreme of a stain on
@@ -572,6 +579,7 @@ def extract_defects(
         cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
         shape = shape_features(sub)
         resolution = 1.0  # map pixels per pixel of the shape measured
+        map_winding = False
         contrast, snr, rim, body = math.nan, math.nan, math.nan, math.nan
         if image is not None:
             margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
@@ -588,7 +596,10 @@ def extract_defects(
                 cx = (pc0 + look.centre[1] - (s - 1) / 2) / s
             if look.footprint is not None:  # the class from the defect itself, not its blur
                 fine = shape_features(look.footprint)
-                shape = {**fine, "feret": shape["feret"]}  # size stays the map region's
+                # size stays the map region's, and so does the course of the whole defect:
+                # the footprint is its largest piece only (one branch of a crack)
+                map_winding = shape["tortuosity"] >= 1.2 or shape["branches"] >= 2
+                shape = {**fine, "feret": shape["feret"]}
                 resolution = 1.0 / s
         feats = Features(
             area=shape["area"], length=shape["length"], width=shape["width"],
@@ -596,6 +607,7 @@ def extract_defects(
             branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
             skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
             contrast=contrast, snr=snr, resolution=resolution, rim=rim, body=body,
+            map_winding=map_winding,
         )
         defect_class = classify(feats)
         if defect_class in ("scratch", "crack"):

@@ -392,3 +392,24 @@ def test_large_round_defect_is_a_stain_when_faint_and_a_particle_or_pit_when_opa
         img[disk((160, 160), 20)] = contrast
 
     assert _classify_image_defect(draw) == expected
+
+
+def test_a_crack_seen_on_the_image_as_one_straight_piece_is_still_a_crack():
+    # the map holds the whole branched crack; on the image only its main branch stands out
+    # (the branches fade into the surface): the footprint is a straight line
+    a = np.zeros((100, 120), np.float32)
+    for r0, c0, r1, c1 in [(50, 10, 50, 110), (50, 60, 15, 85), (50, 40, 85, 20)]:
+        rr, cc = line(r0, c0, r1, c1)
+        a[rr, cc] = 0.9
+    img = np.zeros((400, 480), np.float32)
+    rr, cc = line(201, 40, 201, 440)
+    img[rr, cc] = -0.5
+    img[rr + 1, cc] = -0.5
+    img += np.random.default_rng(1).normal(0, 0.01, img.shape).astype(np.float32)
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img))
+    assert len(d) == 1 and d[0].defect_class == "crack"
+    # the same footprint under a straight region on the map: a scratch
+    a = np.zeros((100, 120), np.float32)
+    a[50, 10:111] = 0.9
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img))
+    assert len(d) == 1 and d[0].defect_class == "scratch"
