@@ -26,7 +26,7 @@ Edge dies cut by the usable area (or the mosaic's border) are compared too, on t
 part, as fab tools inspect partial dies: aligned around a whole-die shift predicted from the
 full dies (:func:`partial_fields`), referenced to their nearest full dies, and left out where
 their usable part does not look like the same part of the other dies (an edge field that was
-never exposed: :func:`partial_masks`).
+never exposed: :func:`alike_partial_dies`).
 
 A z-score of :attr:`DieToDie.z_threshold` means "a defect" and is put on the anomaly map's
 scale at the decision threshold (:func:`z_to_score`), so the two kinds of evidence join in one
@@ -444,20 +444,61 @@ def shift_fields(
     return fields
 
 
+class UsableArea:
+    """Which mosaic pixels of edge dies may be compared: inside the usable polygon shrunk by
+    ``edge_px`` (the alignment tolerance) and inside the mosaic.
+
+    Masks are made window by window (``area(r0, c0, h, w)``), so no die-sized mask is held:
+    a 20 mm die at 2 um would be a 100 MB mask per edge die.
+    """
+
+    def __init__(self, polygon: Any, mosaic: MosaicGrid, edge_px: float) -> None:
+        from .inspect import polygon_mask
+
+        p = mosaic.pixel_size_um
+        self.polygon = polygon.buffer(-edge_px * p) if edge_px > 0 else polygon
+        self.mosaic = mosaic
+        self._inside = polygon_mask(self.polygon, mosaic.origin_um, p)
+
+    def __call__(self, r0: int, c0: int, h: int, w: int, step: int = 1) -> np.ndarray:
+        """Usable pixels ``[r0, r0+h) x [c0, c0+w)``; with ``step`` > 1, whether each
+        ``step x step`` block of them is wholly usable (``h`` and ``w`` multiples of it)."""
+        rows, cols = self.mosaic.shape
+        if step > 1:
+            from .inspect import polygon_mask
+
+            # block centres, in a polygon shrunk by half a block's diagonal
+            p = self.mosaic.pixel_size_um
+            ox = self.mosaic.origin_um[0] + (c0 + (step - 1) / 2) * p
+            oy = self.mosaic.origin_um[1] + (r0 + (step - 1) / 2) * p
+            coarse = polygon_mask(self.polygon, (ox, oy), step * p, edge_um=0.71 * step * p)
+            m = coarse(0, 0, h // step, w // step)
+            r = r0 + step * np.arange(h // step)
+            c = c0 + step * np.arange(w // step)
+            fits_r, fits_c = (r >= 0) & (r + step <= rows), (c >= 0) & (c + step <= cols)
+        else:
+            m = self._inside(r0, c0, h, w)
+            r, c = r0 + np.arange(h), c0 + np.arange(w)
+            fits_r, fits_c = (r >= 0) & (r < rows), (c >= 0) & (c < cols)
+        if m is None:
+            return np.zeros((len(fits_r), len(fits_c)), dtype=bool)
+        return m & fits_r[:, None] & fits_c[None, :]
+
+
 def _mean_square(a: np.ndarray) -> float:
     return float(np.mean(np.square(a[::2, ::2], dtype=np.float64)))
 
 
 def partial_fields(
     level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], anchor: Cell,
-    fields: dict[Cell, np.ndarray], usable: dict[Cell, np.ndarray], settings: DieToDie
+    fields: dict[Cell, np.ndarray], usable: UsableArea, settings: DieToDie
 ) -> dict[Cell, np.ndarray]:
     """Per-block shifts of partial dies onto the anchor, as :func:`shift_fields`.
 
     A die cut by the wafer's edge cannot be aligned as a whole (the chuck is in it), so its
     whole-die shift is predicted from the full dies' ``fields``: a plane over the grid (a die
     pitch a little off moves dies in proportion to their index), and only its blocks that lie
-    in the usable area (``usable[cell]``, the die's pixels) are aligned on their own.
+    in the ``usable`` area are aligned on their own.
     """
     if not fields:
         return {}
@@ -465,13 +506,14 @@ def partial_fields(
     typical = np.array([np.median(f.reshape(-1, 2), axis=0) for f in fields.values()])
     coef, *_ = np.linalg.lstsq(idx, typical, rcond=None)
     b = int(settings.block_px)
+    h_die, w_die = die_shape_px(grid, mosaic)
     out = {}
     for cell in cells:
         g = np.round(np.array([1.0, cell[0], cell[1]]) @ coef)
         g = np.clip(g, -settings.max_global_px, settings.max_global_px)
-        mask = usable[cell]
-        share = np.array([[mask[y0:y1, x0:x1].mean() for x0, x1 in _blocks(mask.shape[1], b)]
-                          for y0, y1 in _blocks(mask.shape[0], b)])
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        share = np.array([[usable(r0 + y0, c0 + x0, y1 - y0, x1 - x0).mean()
+                           for x0, x1 in _blocks(w_die, b)] for y0, y1 in _blocks(h_die, b)])
         out[cell] = _die_field(level0, mosaic, grid, cell, anchor, g, settings,
                                aligned_blocks=share >= 0.9)
     return out
@@ -584,8 +626,9 @@ class Comparison:
         Per-block shift of each compared die onto the anchor (:func:`shift_fields`).
     refs_of : dict
         The reference dies of each compared die.
-    usable : dict
-        The usable pixels of each partial die compared (die-sized boolean masks).
+    partial : set
+        The partial (edge) dies compared, on their ``usable`` pixels only.
+    usable : UsableArea or None
     """
 
     mosaic: MosaicGrid
@@ -593,7 +636,8 @@ class Comparison:
     settings: DieToDie
     fields: dict[Cell, np.ndarray]
     refs_of: dict[Cell, list[Cell]]
-    usable: dict[Cell, np.ndarray]
+    partial: set[Cell]
+    usable: UsableArea | None
 
     def difference(self, level0: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray | None:
         """The test die minus the median of its aligned references over mosaic pixels
@@ -633,8 +677,8 @@ class Comparison:
             if level_r > 0 and level_t > 0:
                 refs_img[k] *= level_t / level_r
         diff = test - np.median(refs_img, axis=0)
-        if cell in self.usable:
-            diff[~self.usable[cell][dr:dr + h, dc:dc + w]] = 0.0
+        if cell in self.partial and self.usable is not None:
+            diff[~self.usable(r0, c0, h, w)] = 0.0
         return diff.astype(np.float32)
 
 
@@ -655,7 +699,8 @@ def compare_dies(
     full dies. ``partial`` dies (cut by the usable ``polygon`` or the mosaic's border: the
     edge dies of a wafer) are compared on their usable part against their nearest full
     dies, when that part looks like the same part of the anchor die (an edge field left
-    unexposed is not a defect; ``pyramid``: the mosaic's levels, for :func:`partial_masks`).
+    unexposed is not a defect; ``pyramid``: the mosaic's levels, for
+    :func:`alike_partial_dies`).
     The dies compared and their alignment are appended to ``plans`` as a :class:`Comparison`
     (for difference images of the defects found).
 
@@ -685,19 +730,19 @@ def compare_dies(
     cols = _blocks(w_die, b)
     fields = shift_fields(level0, mosaic, grid, cells, anchor, settings)
     refs_of = nearest_dies(cells, settings.neighbours)
-    usable: dict[Cell, np.ndarray] = {}
+    usable, edge = None, []
     if partial and polygon is not None:
-        usable = partial_masks(level0, mosaic, grid, partial, anchor, polygon, settings,
-                               pyramid=pyramid)
-        fields.update(partial_fields(level0, mosaic, grid, list(usable), anchor, fields,
-                                     usable, settings))
-        refs_of.update(nearest_dies(list(usable), settings.neighbours, among=cells))
+        usable = UsableArea(polygon, mosaic, settings.tolerance_px)
+        edge = alike_partial_dies(level0, mosaic, grid, partial, anchor, usable, pyramid=pyramid)
+        fields.update(partial_fields(level0, mosaic, grid, edge, anchor, fields, usable,
+                                     settings))
+        refs_of.update(nearest_dies(edge, settings.neighbours, among=cells))
     if plans is not None:
-        plans.append(Comparison(mosaic, grid, settings, fields, refs_of, usable))
+        plans.append(Comparison(mosaic, grid, settings, fields, refs_of, set(edge), usable))
 
     def bands() -> Iterator[tuple[Cell, int, int, slice, np.ndarray, np.ndarray,
                                   np.ndarray | None]]:
-        for cell in [*cells, *usable]:
+        for cell in [*cells, *edge]:
             tr, tc, _ = die_origin_px(grid, mosaic, cell)
             refs = refs_of[cell]
             if len(refs) < 2:
@@ -708,8 +753,8 @@ def compare_dies(
                 d0, h = br - top, bh + top + bottom  # die rows [d0, d0 + h)
                 # a partial die: only the columns around its usable part of this band
                 x_lo, x_hi, mask = 0, w_die, None
-                if cell in usable:
-                    mask = usable[cell][d0:d0 + h]
+                if usable is not None and cell in edge:
+                    mask = usable(tr + d0, tc, h, w_die)
                     used = np.flatnonzero(mask[top:top + bh].any(axis=0))
                     if not len(used):
                         continue
@@ -767,38 +812,28 @@ def _thumbnail(level0: Any, pyramid: list[Any] | None, r0: int, c0: int, h: int,
     return _mean_pool(_read(level0, r0, c0, h, w), f)[:shape[0], :shape[1]]
 
 
-def partial_masks(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
-                  anchor: Cell, polygon: Any, settings: DieToDie,
-                  min_correlation: float = 0.5, side_px: int = 64,
-                  pyramid: list[Any] | None = None) -> dict[Cell, np.ndarray]:
-    """The usable pixels of each partial die worth comparing (die-sized boolean masks).
+def alike_partial_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
+                       anchor: Cell, usable: UsableArea, min_correlation: float = 0.5,
+                       side_px: int = 64, pyramid: list[Any] | None = None) -> list[Cell]:
+    """The partial dies worth comparing on their ``usable`` part.
 
-    A pixel is usable inside ``polygon`` shrunk by the alignment tolerance and inside the
-    mosaic. A die is kept when its usable part holds a few thumbnail pixels of
-    :func:`alike_dies` and correlates there with the anchor die as the full dies must.
-    ``pyramid``: the mosaic's levels (each a 2 x 2 mean of the one before), where the
-    thumbnails are read without decoding whole dies.
+    A die is kept when its usable part holds a few thumbnail pixels of :func:`alike_dies`
+    and correlates there with the anchor die as the full dies must (an edge field left
+    unexposed is bare: not compared). ``pyramid``: the mosaic's levels (each a 2 x 2 mean of
+    the one before), where the thumbnails are read without decoding whole dies.
     """
-    from .inspect import polygon_mask
-
     h_die, w_die = die_shape_px(grid, mosaic)
-    p = mosaic.pixel_size_um
-    inside = polygon_mask(polygon, mosaic.origin_um, p, edge_um=settings.tolerance_px * p)
     f = 1
     while min(h_die, w_die) // (2 * f) >= side_px:
         f *= 2
     ar, ac, _ = die_origin_px(grid, mosaic, anchor)
     anchor_thumb = _thumbnail(level0, pyramid, ar, ac, h_die, w_die, f)
-    out = {}
+    out = []
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
-        mask = inside(r0, c0, h_die, w_die)
-        if mask is None:
-            continue
-        rows = np.arange(r0, r0 + h_die)[:, None]
-        cols = np.arange(c0, c0 + w_die)[None, :]
-        mask &= (rows >= 0) & (rows < mosaic.shape[0]) & (cols >= 0) & (cols < mosaic.shape[1])
-        keep = _mean_pool(mask.astype(np.float32), f) > 0.999
+        keep = np.zeros(anchor_thumb.shape, dtype=bool)
+        whole = usable(r0, c0, (h_die // f) * f, (w_die // f) * f, step=f)
+        keep[:whole.shape[0], :whole.shape[1]] = whole
         if keep.sum() < 16:
             continue
         # only the thumbnail rows and columns with usable pixels are read
@@ -810,7 +845,7 @@ def partial_masks(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Ce
         a, t = at[keep] - at[keep].mean(), thumb[keep] - thumb[keep].mean()
         corr = float(a @ t) / (float(np.linalg.norm(a) * np.linalg.norm(t)) + 1e-12)
         if corr >= min_correlation:
-            out[cell] = mask
+            out.append(cell)
     return out
 
 
