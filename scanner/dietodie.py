@@ -969,13 +969,28 @@ def map_patch(z: np.ndarray, r0: int, c0: int, mosaic: MosaicGrid,
     j1 = int(math.floor((x0 + (z.shape[1] - 1) * p - map_origin_um[0]) / map_pixel_um)) + 1
     if i1 <= i0 or j1 <= j0:
         return None
-    z = ndimage.grey_opening(z, size=(2, 2))
-    zmax = ndimage.maximum_filter(z, size=size) if size > 1 else z
     rows = np.rint((map_origin_um[1] + np.arange(i0, i1) * map_pixel_um - y0) / p
                    ).astype(int).clip(0, z.shape[0] - 1)
     cols = np.rint((map_origin_um[0] + np.arange(j0, j1) * map_pixel_um - x0) / p
                    ).astype(int).clip(0, z.shape[1] - 1)
-    return i0, j0, z_to_score(zmax[np.ix_(rows, cols)], z_threshold, threshold)
+    return i0, j0, z_to_score(opened_max_at(z, rows, cols, size), z_threshold, threshold)
+
+
+def opened_max_at(z: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
+    """``maximum_filter(grey_opening(z, 2 x 2), size)[np.ix_(rows, cols)]`` (scipy's
+    filters, borders included), computed at the sampled pixels only.
+
+    The opening is a dilation of a 2 x 2 erosion, so the whole is the maximum of the erosion
+    over a window one pixel wider than ``size``: gathered at the map pixels (a sixteenth of
+    the mosaic's at a 4 px map pixel) instead of filtering every mosaic pixel twice, which
+    took a second of the die-dense wafer's die-to-die pass.
+    """
+    h, w = z.shape
+    zp = np.pad(z, ((1, 0), (1, 0)), mode="edge")
+    eroded = np.minimum(np.minimum(zp[:-1, :-1], zp[1:, :-1]), np.minimum(zp[:-1, 1:], zp[1:, 1:]))
+    lo, hi = -(size // 2), (size - 1) // 2 + 1
+    band = np.max([eroded[np.clip(rows + d, 0, h - 1)] for d in range(lo, hi + 1)], axis=0)
+    return np.max([band[:, np.clip(cols + d, 0, w - 1)] for d in range(lo, hi + 1)], axis=0)
 
 
 def apply_patches(anomaly: Any, patches: list[Patch], band_rows: int = 1024) -> None:

@@ -329,3 +329,16 @@ def test_an_edge_die_is_compared_on_its_usable_part():
     _, stats, _ = die_to_die_patches((0.0, 0.0), 4 * p, img, geometry, grid, usable, 0.7,
                                   settings)
     assert (stats.dies, stats.partial_dies) == (12, 3)
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 5])
+def test_opened_max_at_the_map_pixels_equals_scipys_filters(size):
+    from scanner.dietodie import opened_max_at
+
+    rng = np.random.default_rng(size)
+    z = rng.random((41, 53)).astype(np.float32)
+    full = ndimage.grey_opening(z, size=(2, 2))
+    full = ndimage.maximum_filter(full, size=size) if size > 1 else full
+    rows = np.array([0, 3, 7, 20, 39, 40])
+    cols = np.array([0, 1, 13, 26, 50, 52])
+    np.testing.assert_array_equal(opened_max_at(z, rows, cols, size), full[np.ix_(rows, cols)])
