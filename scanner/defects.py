@@ -61,6 +61,12 @@ FAINT_CONTRAST = 0.4
 #: this fraction of its contrast (beyond the noise): simulated pits 0.09-0.37, dark particles
 #: 0.00-0.03 (see :attr:`Features.rim`)
 PIT_RIM = 0.06
+#: a region whose die-to-die difference stands out of the difference's own noise around it by
+#: less than this is the design the neighbouring dies repeat (see ``extract_defects``)
+DESIGN_SNR = 3.0
+#: die-to-die z-score (noise sigmas; a defect is 13) under which a whole region is the design
+#: the neighbouring dies repeat
+DESIGN_Z = 4.0
 #: mean width (image pixels) up to which a long region on the image is a line (a crack or a
 #: scratch imaged at the resolution limit is 1-4 pixels wide; a blotchy stain 8 or more)
 THIN_LINE_PX = 6.0
@@ -516,6 +522,7 @@ def extract_defects(
     image: Callable[[int, int, int, int], np.ndarray] | None = None,
     local_threshold: np.ndarray | None = None,
     merge_lines: bool = True,
+    difference: Callable[[int, int, int, int], np.ndarray | None] | None = None,
 ) -> list[Defect]:
     """Defects of one set of maps, in stage coordinates.
 
@@ -546,6 +553,14 @@ def extract_defects(
     merge_lines : bool
         Join line-like fragments that continue one another across longer gaps
         (:func:`merge_collinear`).
+    difference : callable, optional
+        ``difference(r0, c0, h, w)``: the die-to-die difference image in the units of
+        ``image`` (0: no difference) and its z-scores (:func:`scanner.dietodie.difference_z`),
+        None outside the dies compared. The difference is read instead of ``image`` where
+        there is one, so a defect's contrast, footprint and centre are its own rather than
+        mixed with the design under it. A region where the neighbouring dies show the same
+        (z under :data:`DESIGN_Z` all over it, or a difference that does not stand out of its
+        surroundings: SNR under :data:`DESIGN_SNR`) is their common design, and is dropped.
 
     Returns
     -------
@@ -581,15 +596,23 @@ def extract_defects(
         resolution = 1.0  # map pixels per pixel of the shape measured
         map_winding = False
         contrast, snr, rim, body = math.nan, math.nan, math.nan, math.nan
-        if image is not None:
-            margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
-            pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
-            ph, pw = (r1 - r0 + 2 * margin) * s, (c1 - c0 + 2 * margin) * s
-            patch = np.asarray(image(pr0, pc0, ph, pw), dtype=np.float32)
+        margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
+        pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
+        ph, pw = (r1 - r0 + 2 * margin) * s, (c1 - c0 + 2 * margin) * s
+        compared = difference(pr0, pc0, ph, pw) if difference is not None else None
+        patch = compared[0] if compared is not None else None
+        if patch is None and image is not None:
+            patch = image(pr0, pc0, ph, pw)
+        if patch is not None:
+            patch = np.asarray(patch, dtype=np.float32)
             inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
             inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
             inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
             look = appearance(patch, inside, ring_px=min(max(2, margin * s // 2), 24))
+            if compared is not None and (
+                    float(compared[1][inside].max(initial=0.0)) < DESIGN_Z
+                    or (math.isfinite(look.snr) and look.snr < DESIGN_SNR)):
+                continue  # the neighbouring dies show the same: their common design
             contrast, snr, rim, body = look.contrast, look.snr, look.rim, look.body
             if look.centre is not None:  # model-grid pixel -> map pixel coordinates
                 cy = (pr0 + look.centre[0] - (s - 1) / 2) / s

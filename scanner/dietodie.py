@@ -639,14 +639,17 @@ class Comparison:
     partial: set[Cell]
     usable: UsableArea | None
 
-    def difference(self, level0: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray | None:
+    def difference(self, level0: Any, r0: int, c0: int, h: int, w: int
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
         """The test die minus the median of its aligned references over mosaic pixels
-        ``[r0, r0+h) x [c0, c0+w)``, float32 in the mosaic's units.
+        ``[r0, r0+h) x [c0, c0+w)`` (float32, the mosaic's units), and the z-scores of
+        :func:`difference_z` there.
 
         What a defect looks like without the design around it: a particle on circuitry is a
-        blob, missing pattern a patch of the design's own structure with both signs. None
-        unless the window lies inside one compared die; 0 outside a partial die's usable
-        part. The references are moved by the shift of the block at the window's centre.
+        blob, missing pattern a patch of the design's own structure with both signs; z under
+        a few means the neighbouring dies show the same. None unless the window lies inside
+        one compared die; 0 outside a partial die's usable part. The references are moved
+        by the shift of the block at the window's centre.
         """
         h_die, w_die = die_shape_px(self.grid, self.mosaic)
         p = self.mosaic.pixel_size_um
@@ -664,22 +667,34 @@ class Comparison:
         i = min((dr + h // 2) // b, field.shape[0] - 1)
         j = min((dc + w // 2) // b, field.shape[1] - 1)
         m = _margin(self.settings)
-        test = _read(level0, r0, c0, h, w)
+        # read with room for the smoothing of the z-scores, then cropped; and wide enough
+        # that the levels matched between dies (medians) are the surroundings' more than a
+        # large faint stain's own (else its difference is normalised away)
+        pad = max(int(math.ceil(3 * max(self.settings.scales_px))) + 4, h, w)
+        test = _read(level0, r0 - pad, c0 - pad, h + 2 * pad, w + 2 * pad)
         aligned = []
         for ref in refs:
             rr, rc, _ = die_origin_px(self.grid, self.mosaic, ref)
-            window = _read(level0, rr + dr - m, rc + dc - m, h + 2 * m, w + 2 * m)
-            aligned.append(_shifted(window, 0, 0, h, w, self.fields[ref][i, j] - field[i, j], m))
+            window = _read(level0, rr + dr - pad - m, rc + dc - pad - m, h + 2 * (pad + m),
+                           w + 2 * (pad + m))
+            aligned.append(_shifted(window, 0, 0, h + 2 * pad, w + 2 * pad,
+                                    self.fields[ref][i, j] - field[i, j], m))
         refs_img = np.stack(aligned)
+        mask = None
+        if cell in self.partial and self.usable is not None:
+            mask = self.usable(r0 - pad, c0 - pad, h + 2 * pad, w + 2 * pad)
+        z = difference_z(test, refs_img, self.settings.scales_px, self.settings.tolerance_px,
+                         mask)
         level_t = float(np.median(test))
         for k in range(len(refs_img)):  # illumination drift between dies, as difference_z
             level_r = float(np.median(refs_img[k]))
             if level_r > 0 and level_t > 0:
                 refs_img[k] *= level_t / level_r
         diff = test - np.median(refs_img, axis=0)
-        if cell in self.partial and self.usable is not None:
-            diff[~self.usable(r0, c0, h, w)] = 0.0
-        return diff.astype(np.float32)
+        if mask is not None:
+            diff[~mask] = 0.0
+        core = (slice(pad, pad + h), slice(pad, pad + w))
+        return diff[core].astype(np.float32), z[core]
 
 
 def compare_dies(

@@ -166,23 +166,25 @@ def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
                   difference: Callable[[int, int, int, int], np.ndarray | None] | None = None
                   ) -> list[Defect]:
     """The defect list of refined maps. ``difference``: the die-to-die difference image of
-    a mosaic window (None outside the compared dies), read instead of the image there, so
-    a defect's contrast and shape are its own rather than mixed with the design's."""
+    a mosaic window (None outside the compared dies; see ``extract_defects``)."""
     from models.inspection import to_luminance
 
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
-        if difference is not None:
-            diff = difference(r0, c0, h, w)
-            if diff is not None:  # the surface level is 0 there, as in the image below
-                return diff * np.float32(1.0 / level)
         # relative reflectance: a defect's contrast in units of the surface level
         return to_luminance(maps.reader.read(r0, c0, h, w)) * np.float32(1.0 / level) - 1.0
+
+    def relative_difference(r0: int, c0: int, h: int, w: int
+                            ) -> tuple[np.ndarray, np.ndarray] | None:
+        compared = difference(r0, c0, h, w) if difference is not None else None
+        return None if compared is None else (compared[0] * np.float32(1.0 / level),
+                                              compared[1])
 
     geom = MapGeometry(maps.origin_um, maps.pixel_size_um, maps.stride)
     return extract_defects(maps.maps, geom, threshold=threshold, image=image,
                            review_uncertainty=_review_level(model),
                            local_threshold=_local_threshold(maps, threshold, contexts or {},
-                                                            reflectance))
+                                                            reflectance),
+                           difference=relative_difference if difference is not None else None)
 
 
 def _usable_polygon(sample: Any) -> Any:

@@ -413,3 +413,28 @@ def test_a_crack_seen_on_the_image_as_one_straight_piece_is_still_a_crack():
     a[50, 10:111] = 0.9
     d = extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img))
     assert len(d) == 1 and d[0].defect_class == "scratch"
+
+
+def test_a_region_the_neighbouring_dies_repeat_is_design_not_a_defect():
+    # two regions the network flags; the die-to-die difference shows only the second
+    a = np.zeros((80, 160), np.float32)
+    a[disk((40, 40), 5)] = 0.9
+    a[disk((40, 120), 5)] = 0.9
+    img = np.zeros((320, 640), np.float32)
+    img[disk((161.5, 161.5), 14)] = -0.6  # a dark design feature, in every die
+    img[disk((161.5, 481.5), 14)] = -0.6
+    noise = np.random.default_rng(2).normal(0, 0.01, img.shape).astype(np.float32)
+    diff = noise.copy()
+    diff[disk((161.5, 481.5), 8)] -= 0.5  # a particle on the second feature
+    z = np.zeros_like(img)
+    z[disk((161.5, 481.5), 8)] = 30.0
+
+    def difference(r0, c0, h, w):
+        return _reader(diff)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
+
+    found = extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img + noise),
+                            difference=difference)
+    assert len(found) == 1 and found[0].x_um > GEOM.origin_um[0] + 400
+    assert found[0].defect_class == "particle"
+    # without the comparison both are reported
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img + noise))) == 2

@@ -204,7 +204,11 @@ def test_fuse_raises_the_anomaly_map_at_the_defect_only():
     assert np.all(np.abs(over * stride - np.array(truth)) < 20)
     # the difference image around the defect: the missing piece (12 x 16 px) alone stands out
     r0, c0 = truth[0] - 20, truth[1] - 20
-    diff = comparison.difference(img, r0, c0, 40, 40)
+    diff, z = comparison.difference(img, r0, c0, 40, 40)
+    assert z.max() > DieToDie().z_threshold
+    # a window of the same die without the defect: the neighbours show the same there
+    _, z_clean = comparison.difference(img, r0 + 60, c0 - 50, 40, 40)
+    assert z_clean.max() < 4.0
     strong = np.abs(diff) > 100.0  # the design's levels differ by 400-800, the noise is 10
     rows, cols = np.nonzero(strong)
     assert 0 < strong.sum() <= 12 * 16
