@@ -458,7 +458,7 @@ def label_defects(
 
 
 def merge_collinear(labels: np.ndarray, max_angle_deg: float = 10.0,
-                    min_elongation: float = 3.0) -> np.ndarray:
+                    min_elongation: float = 3.0, max_regions: int = 5000) -> np.ndarray:
     """Join line-like labelled regions that continue one another: one scratch seen in pieces.
 
     A scratch whose contrast fades over a stretch longer than the merging gap (on the
@@ -466,15 +466,14 @@ def merge_collinear(labels: np.ndarray, max_angle_deg: float = 10.0,
     not two or three. Two regions are joined when both are elongated
     (``min_elongation``), point the same way (within ``max_angle_deg``), lie on one line
     (each centroid within 2 px or 5 % of their distance of the other's axis) and the gap
-    between their ends
-    is no longer than the two together. Returns the labels with joined regions sharing the
-    lowest of their labels.
+    between their ends is no longer than the two together. Returns the labels with joined
+    regions sharing one label (unchanged with more than ``max_regions`` line-like regions).
     """
     props = [r for r in measure.regionprops(labels)
              if r.area >= 3 and r.axis_major_length >= 4
              and r.axis_major_length >= min_elongation * max(r.axis_minor_length, 1.0)]
-    if len(props) < 2:
-        return labels
+    if not 2 <= len(props) <= max_regions:
+        return labels  # nothing to join, or a map of noise (every piece would be a defect)
     tol = math.radians(max_angle_deg)
     parent = {r.label: r.label for r in props}
 
@@ -488,22 +487,27 @@ def merge_collinear(labels: np.ndarray, max_angle_deg: float = 10.0,
         d = abs(a - b) % math.pi
         return min(d, math.pi - d) <= tol
 
-    for i, a in enumerate(props):
-        for b in props[i + 1:]:
-            dy, dx = (b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1])
-            dist = math.hypot(dy, dx)
-            la, lb = a.axis_major_length, b.axis_major_length
-            gap = dist - (la + lb) / 2
-            if gap > la + lb or dist == 0:
-                continue
-            # on one line: each centroid near the other's axis (skimage's orientation is the
-            # angle from the row axis to the major axis); 5 % of the distance allows a gentle
-            # curve, 2 px the pieces' own width
-            off = max(2.0, 0.05 * dist)
-            if along(a.orientation, b.orientation) and all(
-                    abs(dy * math.sin(r.orientation) - dx * math.cos(r.orientation)) <= off
-                    for r in (a, b)):
-                parent[root(b.label)] = root(a.label)
+    from scipy.spatial import cKDTree
+
+    # only pairs close enough to pass the gap test (dist <= 1.5 (la + lb)): a noisy map may
+    # hold thousands of small line-like regions
+    reach = 3.0 * max(r.axis_major_length for r in props)
+    pairs = cKDTree(np.array([r.centroid for r in props])).query_pairs(reach)
+    for i, j in sorted(pairs):
+        a, b = props[i], props[j]
+        dy, dx = (b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1])
+        dist = math.hypot(dy, dx)
+        la, lb = a.axis_major_length, b.axis_major_length
+        if dist - (la + lb) / 2 > la + lb or dist == 0:
+            continue
+        # on one line: each centroid near the other's axis (skimage's orientation is the
+        # angle from the row axis to the major axis); 5 % of the distance allows a gentle
+        # curve, 2 px the pieces' own width
+        off = max(2.0, 0.05 * dist)
+        if along(a.orientation, b.orientation) and all(
+                abs(dy * math.sin(r.orientation) - dx * math.cos(r.orientation)) <= off
+                for r in (a, b)):
+            parent[root(b.label)] = root(a.label)
     lut = np.arange(int(labels.max()) + 1, dtype=labels.dtype)
     for k in parent:
         lut[k] = root(k)
@@ -522,7 +526,8 @@ def extract_defects(
     image: Callable[[int, int, int, int], np.ndarray] | None = None,
     local_threshold: np.ndarray | None = None,
     merge_lines: bool = True,
-    difference: Callable[[int, int, int, int], np.ndarray | None] | None = None,
+    difference: Callable[[int, int, int, int],
+                         tuple[np.ndarray, np.ndarray] | None] | None = None,
 ) -> list[Defect]:
     """Defects of one set of maps, in stage coordinates.
 

@@ -163,10 +163,12 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
 def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
                   contexts: dict[str, float | None] | None = None,
                   reflectance: np.ndarray | None = None,
-                  difference: Callable[[int, int, int, int], np.ndarray | None] | None = None
+                  difference: Callable[[int, int, int, int],
+                                       tuple[np.ndarray, np.ndarray] | None] | None = None
                   ) -> list[Defect]:
-    """The defect list of refined maps. ``difference``: the die-to-die difference image of
-    a mosaic window (None outside the compared dies; see ``extract_defects``)."""
+    """The defect list of refined maps. ``difference``: the die-to-die difference image of a
+    mosaic window and its z-scores (None outside the compared dies; see ``extract_defects``
+    and ``scanner.dietodie.Comparison.difference``)."""
     from models.inspection import to_luminance
 
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
@@ -205,9 +207,10 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
 
     It runs after the network, not beside it: on the 2-core reference machine a thread
     running it during inference slowed both (demo wafer: inspection 18.2 -> 22.8 s).
-    Returns what it did (dies compared, seconds, ...) and the difference image reader of
-    the dies compared (``difference(r0, c0, h, w)`` on the mosaic's level 0; None when none
-    were, or when the maps are not on the mosaic's own grid).
+    Returns what it did (dies compared, seconds, ...) and the reader of difference images
+    and z-scores of the dies compared (``difference(r0, c0, h, w)`` on the mosaic's level 0:
+    ``Comparison.difference``; None when none were, or when the maps are not on the mosaic's
+    own grid).
     """
     if sample is None or getattr(sample, "kind", None) != "wafer" or polygon is None \
             or not getattr(sample, "die_to_die", False):
@@ -318,7 +321,7 @@ def inspect_mosaic(
     thr, thr_source = _decision_threshold(model, threshold, kind)
     contexts = context_thresholds(model, kind, thr_source)
     d2d: dict[str, Any] = {}
-    difference: list[Any] = []  # the die-to-die difference image reader, when there is one
+    difference: list[Any] = []  # the die-to-die difference reader, when there is one
     plain: dict[str, Any] = {}
     reflectance: list[np.ndarray] = []  # at map resolution, computed once for two uses
     die_to_die = _die_to_die(mosaic, saved, polygon, thr)
