@@ -209,6 +209,24 @@ def _mean_pool(a: np.ndarray, f: int) -> np.ndarray:
     return a
 
 
+def match_levels(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None = None
+                 ) -> tuple[float, np.ndarray]:
+    """The test's level (median) and the references scaled to it (a float32 copy): the
+    illumination drifts between dies. Medians over every 4th pixel of ``mask`` (all when
+    None); a reference or test of level <= 0 is left as it is."""
+    sample = (slice(None, None, 4), slice(None, None, 4))
+    inside = mask[sample] if mask is not None else np.ones(test[sample].shape, dtype=bool)
+    refs = refs.astype(np.float32)
+    if not inside.any():
+        return 0.0, refs
+    level_t = float(np.median(test[sample][inside]))
+    for i in range(refs.shape[0]):
+        level_r = float(np.median(refs[i][sample][inside]))
+        if level_r > 0 and level_t > 0:
+            refs[i] *= level_t / level_r
+    return level_t, refs
+
+
 def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...],
                  tolerance_px: int = 4, mask: np.ndarray | None = None) -> np.ndarray:
     """Z-score of the test image's difference from aligned references.
@@ -234,15 +252,8 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
         smoothed test lies outside the envelope of the smoothed references (0 inside).
     """
     test = test.astype(np.float32)
-    refs = refs.astype(np.float32)
     k = refs.shape[0]
-    sample = (slice(None, None, 4), slice(None, None, 4))
-    inside = mask[sample] if mask is not None else np.ones(test[sample].shape, dtype=bool)
-    level_t = float(np.median(test[sample][inside])) if inside.any() else 0.0
-    for i in range(k):  # illumination drift between dies
-        level_r = float(np.median(refs[i][sample][inside])) if inside.any() else 0.0
-        if level_r > 0 and level_t > 0:
-            refs[i] *= level_t / level_r
+    level_t, refs = match_levels(test, refs, mask)
     if mask is not None:
         test = np.where(mask, test, np.median(refs, axis=0))
     floor = 1e-3 * max(abs(level_t), 1.0)  # noiseless (synthetic) images
@@ -592,13 +603,11 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
     if len(cells) < 3:
         return [], None
     h_die, w_die = die_shape_px(grid, mosaic)
-    f = 1  # block means of f x f pixels (f a power of two), about side_px a side
-    while min(h_die, w_die) // (2 * f) >= side_px:
-        f *= 2
+    f = _thumbnail_factor(h_die, w_die, side_px)
     thumbs = []
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
-        t = _mean_pool(np.asarray(level0[r0:r0 + h_die, c0:c0 + w_die], dtype=np.float32), f)
+        t = _thumbnail(level0, None, r0, c0, h_die, w_die, f)
         t = t - t.mean()
         thumbs.append((t.ravel() / (np.linalg.norm(t) + 1e-12)).astype(np.float32))
     corr = np.array(thumbs) @ np.array(thumbs).T  # n x n: small thumbnails keep it cheap
@@ -679,17 +688,13 @@ class Comparison:
                            w + 2 * (pad + m))
             aligned.append(_shifted(window, 0, 0, h + 2 * pad, w + 2 * pad,
                                     self.fields[ref][i, j] - field[i, j], m))
-        refs_img = np.stack(aligned)
         mask = None
         if cell in self.partial and self.usable is not None:
             mask = self.usable(r0 - pad, c0 - pad, h + 2 * pad, w + 2 * pad)
+        # levels matched here as difference_z matches them (there it is then a no-op)
+        _, refs_img = match_levels(test, np.stack(aligned), mask)
         z = difference_z(test, refs_img, self.settings.scales_px, self.settings.tolerance_px,
                          mask)
-        level_t = float(np.median(test))
-        for k in range(len(refs_img)):  # illumination drift between dies, as difference_z
-            level_r = float(np.median(refs_img[k]))
-            if level_r > 0 and level_t > 0:
-                refs_img[k] *= level_t / level_r
         diff = test - np.median(refs_img, axis=0)
         if mask is not None:
             diff[~mask] = 0.0
@@ -816,6 +821,15 @@ def compare_dies(
             yield f.result()
 
 
+def _thumbnail_factor(h: int, w: int, side_px: int) -> int:
+    """The power of two ``f`` whose ``f x f`` block means make a die of ``h x w`` pixels a
+    thumbnail of about ``side_px`` pixels a side (at least)."""
+    f = 1
+    while min(h, w) // (2 * f) >= side_px:
+        f *= 2
+    return f
+
+
 def _thumbnail(level0: Any, pyramid: list[Any] | None, r0: int, c0: int, h: int, w: int,
                f: int) -> np.ndarray:
     """``f x f`` means of ``level0[r0:r0+h, c0:c0+w]`` (``f`` a power of two), from the
@@ -838,9 +852,7 @@ def alike_partial_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: li
     the one before), where the thumbnails are read without decoding whole dies.
     """
     h_die, w_die = die_shape_px(grid, mosaic)
-    f = 1
-    while min(h_die, w_die) // (2 * f) >= side_px:
-        f *= 2
+    f = _thumbnail_factor(h_die, w_die, side_px)
     ar, ac, _ = die_origin_px(grid, mosaic, anchor)
     anchor_thumb = _thumbnail(level0, pyramid, ar, ac, h_die, w_die, f)
     out = []
