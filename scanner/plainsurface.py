@@ -221,12 +221,12 @@ def _repeats(image: np.ndarray, box: tuple[slice, slice], region: np.ndarray,
              ) -> bool | None:
     """Whether the region's patch is seen again one die away (a design structure); None when
     no neighbouring die lies in the image and on the sample there."""
+    from skimage.feature import match_template
+
     patch = image[box].astype(np.float64)
     checked = False
     m = settings.repeat_search_px
     h, w = patch.shape
-    a = patch - patch.mean()
-    a /= np.linalg.norm(a) + 1e-12
     for dr, dc in ((pitch_px[0], 0.0), (-pitch_px[0], 0.0), (0.0, pitch_px[1]),
                    (0.0, -pitch_px[1])):
         top = box[0].start + int(round(dr)) - m
@@ -238,12 +238,8 @@ def _repeats(image: np.ndarray, box: tuple[slice, slice], region: np.ndarray,
             continue  # the neighbour is off the sample there: it cannot say
         checked = True
         other = image[top:top + h + 2 * m, left:left + w + 2 * m].astype(np.float64)
-        best = -1.0
-        for i in range(2 * m + 1):
-            for j in range(2 * m + 1):
-                b = other[i:i + h, j:j + w]
-                b = b - b.mean()
-                best = max(best, float((a * b).sum() / (np.linalg.norm(b) + 1e-12)))
+        # normalised correlation at every shift within +-m (zero-mean, unit-norm both)
+        best = float(match_template(other, patch).max())
         if best >= settings.repeat_correlation:
             return True
     return False if checked else None
