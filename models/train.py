@@ -524,32 +524,46 @@ def calibrate_contexts(
     return out
 
 
-def recalibrate_contexts(model_path: str | Path, n_per_kind: int, seed: int,
-                         false_alarms_per_cm2: float = 1.0) -> dict[str, dict[str, float]]:
-    """Add the quiet and plain thresholds to a trained model's card, from new simulated images.
+def recalibrate(model_path: str | Path, n_per_kind: int, seed: int,
+                false_alarms_per_cm2: float = 1.0, contexts_only: bool = False,
+                ) -> dict[str, Any]:
+    """Calibrate a trained model's card again on new simulated held-out images.
 
-    For models trained before the card had them; ``seed`` should be one never used in the
-    model's training. Returns the thresholds written (``{"quiet": {kind: t}, "plain": ...}``).
+    ``n_per_kind`` new 1024 px windows of each kind (seed ``seed``: one never used in the
+    model's training). The pooled and per-kind thresholds and the review level come from the
+    windows wholly on the sample (as in training); the quiet and plain thresholds from all of
+    them, windows over a sample's edge masked to its usable area as inspection masks a scan
+    (:func:`inspected_anomaly`): plain area lies mostly at a wafer's rim, and without those
+    windows a wafer's plain threshold rested on 1.8 cm² instead of 4.4. With ``contexts_only``
+    only the quiet and plain thresholds are written (the per-kind ones kept as they are).
+    Returns the card's new entries.
     """
     model = load_model(model_path)
     ranges = PIXEL_RANGES_UM if model.card.get("pixel_size_range_um") else None
-    images = simulated_calibration_images(n_per_kind, float(model.pixel_size_um), seed, ranges)
+    pixel_size_um = float(model.pixel_size_um)
+    images = simulated_calibration_images(n_per_kind, pixel_size_um, seed, ranges)
     maps = held_out_maps(model, images)
-    cals = calibrate_contexts(images, maps, float(model.pixel_size_um), false_alarms_per_cm2,
-                              model.card.get("thresholds_by_sample_kind") or {},
-                              float(model.threshold))
-    path = card_path_for(Path(model.path))
-    card = json.loads(path.read_text(encoding="utf-8"))
     held = (f"simulated, {n_per_kind} images per kind, seed {seed} "
             f"(models.train.simulated_calibration_images)")
-    written = {}
-    for context, by_kind in cals.items():
-        written[context] = {k: c.threshold for k, c in by_kind.items()}
-        card[CONTEXT_CARD_KEYS[context]] = written[context]
-        card.setdefault("calibration", {})[f"{context}_by_sample_kind"] = {
-            **{k: c.to_dict() for k, c in by_kind.items()}, "held_out": held}
+    path = card_path_for(Path(model.path))
+    card = json.loads(path.read_text(encoding="utf-8"))
+    if contexts_only:
+        cals = calibrate_contexts(images, maps, pixel_size_um, false_alarms_per_cm2,
+                                  card.get("thresholds_by_sample_kind") or {},
+                                  float(card["threshold"]))
+        new: dict[str, Any] = {}
+        for context, by_kind in cals.items():
+            new[CONTEXT_CARD_KEYS[context]] = {k: c.threshold for k, c in by_kind.items()}
+            card.setdefault("calibration", {})[f"{context}_by_sample_kind"] = {
+                **{k: c.to_dict() for k, c in by_kind.items()}, "held_out": held}
+    else:
+        new = calibrate_card(model, images, pixel_size_um, false_alarms_per_cm2, "simulated",
+                             seed, maps=maps)
+        new["calibration"]["held_out"] = held
+        card.setdefault("uncertainty", {})["review"] = new.pop("review")
+    card.update(new)
     path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    return written
+    return new
 
 
 def simulated_calibration_images(n_per_kind: int, pixel_size_um: float, seed: int,
@@ -573,6 +587,7 @@ def calibrate_card(
     source: str,
     seed: int,
     notify: Progress | None = None,
+    maps: Sequence[dict[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Everything a card says about calibration, from held-out good images.
 
@@ -581,12 +596,25 @@ def calibrate_card(
     defect's uncertainty (:func:`calibrate_review`). Returns the card's ``threshold``,
     ``calibration``, ``thresholds_by_sample_kind``, ``review_uncertainty`` (when found) and
     ``review`` (the review calibration's summary, for the card's uncertainty section).
+    ``maps`` are the model's maps of ``held_out`` when already computed.
+
+    Simulated windows over a sample's edge (``meta["edge"]``: wafer rim and chuck, cell
+    border) count for the quiet and plain thresholds only, masked to the sample's usable area
+    as inspection masks a scan (:func:`calibrate_contexts`): plain area lies mostly near a
+    wafer's rim (without them a wafer's plain threshold rested on 1.8 cm² of 384 windows
+    instead of 4.4). The other calibrations count whole-image areas, so they use the windows
+    wholly on the sample.
     """
-    maps = held_out_maps(model, held_out, notify)
+    if maps is None:
+        maps = held_out_maps(model, held_out, notify)
+    all_images, all_maps = held_out, maps
+    whole = [i for i, g in enumerate(held_out) if not g.meta.get("edge")] or list(
+        range(len(held_out)))
+    held_out, maps = [held_out[i] for i in whole], [maps[i] for i in whole]
     cal = calibrate_on(model, held_out, pixel_size_um, false_alarms_per_cm2, maps=maps)
     by_kind = (calibrate_by_kind(model, held_out, maps, pixel_size_um, false_alarms_per_cm2)
                if source != "user" else {})
-    contexts = (calibrate_contexts(held_out, maps, pixel_size_um, false_alarms_per_cm2,
+    contexts = (calibrate_contexts(all_images, all_maps, pixel_size_um, false_alarms_per_cm2,
                                    {k: c.threshold for k, c in by_kind.items()}, cal.threshold)
                 if source != "user" else {})
     review = calibrate_review(model, held_out, maps, cal.threshold,
@@ -862,13 +890,14 @@ def train_model(
     train_seconds = time.perf_counter() - t_start
 
     # ------------------------------------------------------------------ calibration
-    # simulated windows over the sample's edge (wafer rim and chuck, cell border) train the
-    # model but do not calibrate it: inspection masks everything outside the usable area
-    held_out = user_val if user_val else [g for g in sim_val if not g.meta.get("edge")]
+    # simulated windows over the sample's edge (wafer rim and chuck, cell border) calibrate
+    # only the context thresholds, masked to the usable area as inspection masks a scan
+    # (calibrate_card)
+    held_out = list(user_val) if user_val else list(sim_val)
     if not user_val and simulated:
         # larger windows of every kind, so that each kind's calibration has area to count on
-        held_out += [g for g in simulated_calibration_images(
-            max(3, n_simulated // 16), pixel_size_um, seed, ranges) if not g.meta.get("edge")]
+        held_out += simulated_calibration_images(max(3, n_simulated // 16), pixel_size_um,
+                                                 seed, ranges)
     if not held_out:  # a single user image and no simulation: calibrate on it (documented)
         held_out = user_train
     if multiscale and simulated and not user:

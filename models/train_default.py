@@ -86,13 +86,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibrate-contexts", type=int, default=None, metavar="N",
                         help="only add the quiet and plain neighbourhood thresholds to the "
                              "card of --out, from N simulated images of each kind")
+    parser.add_argument("--calibrate", type=int, default=None, metavar="N",
+                        help="only calibrate the card of --out again (every threshold and the "
+                             "review level) on N new simulated images of each kind")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    if args.calibrate_contexts:
-        from .train import recalibrate_contexts
+    if args.calibrate_contexts or args.calibrate:
+        from .train import recalibrate
 
-        written = recalibrate_contexts(args.out, args.calibrate_contexts, CONTEXT_SEED)
-        print(f"context thresholds {written} written to the card of {args.out} "
+        written = recalibrate(args.out, args.calibrate or args.calibrate_contexts, CONTEXT_SEED,
+                              contexts_only=not args.calibrate)
+        shown = {k: v for k, v in written.items() if k.startswith("threshold")}
+        print(f"thresholds {shown} written to the card of {args.out} "
               f"({(time.perf_counter() - t0) / 60:.1f} min)")
         return
     run = {"device": args.device, "workers": args.workers, "threads": args.threads}
