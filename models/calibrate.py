@@ -58,13 +58,33 @@ def review_level(false_uncertainty: Sequence[float], true_uncertainty: Sequence[
     return float(levels[best])
 
 
-def count_components(maps: list[np.ndarray], threshold: float) -> int:
-    """Connected components (8-connectivity) of ``map > threshold`` summed over maps."""
+#: map pixels within which inspection reports neighbouring regions as one defect
+#: (``scanner.defects.extract_defects``: ``merge_px`` 24 model pixels at output stride 4)
+DEFECT_MERGE_MAP_PX = 6.0
+
+
+def _groups(above: np.ndarray, merge_map_px: float) -> np.ndarray:
+    """Labels of ``above``: 8-connected regions, grouped as inspection groups a defect's
+    fragments when ``merge_map_px`` > 0 (:func:`scanner.defects.label_defects`)."""
+    if merge_map_px > 0:
+        from scanner.defects import label_defects
+
+        return label_defects(above, above, merge_map_px)
+    return label(above, connectivity=2)
+
+
+def count_components(maps: list[np.ndarray], threshold: float,
+                     merge_map_px: float = 0.0) -> int:
+    """Connected components (8-connectivity) of ``map > threshold`` summed over maps.
+
+    With ``merge_map_px`` > 0, components closer than that count as one, as inspection
+    reports them (one defect per group of fragments).
+    """
     total = 0
     for m in maps:
         above = m > threshold
         if above.any():
-            total += int(label(above, connectivity=2).max())
+            total += int(_groups(above, merge_map_px).max())
     return total
 
 
@@ -77,13 +97,15 @@ def _sigmoid(z: float) -> float:
     return float(1.0 / (1.0 + np.exp(-z)))
 
 
-def component_peaks(maps: list[np.ndarray], base: float) -> np.ndarray:
-    """Peak score of every connected component of ``map > base``, all maps together."""
+def component_peaks(maps: list[np.ndarray], base: float,
+                    merge_map_px: float = 0.0) -> np.ndarray:
+    """Peak score of every connected component of ``map > base``, all maps together
+    (components grouped as in :func:`count_components`)."""
     from scipy import ndimage
 
     peaks = []
     for m in maps:
-        lab = label(m > base, connectivity=2)
+        lab = _groups(m > base, merge_map_px)
         n = int(lab.max())
         if n:
             peaks.append(np.asarray(ndimage.maximum(m, lab, np.arange(1, n + 1)), dtype=float))
@@ -95,8 +117,16 @@ def calibrate_threshold(
     area_cm2: float,
     target_per_cm2: float = 1.0,
     tail: int = 40,
+    merge_map_px: float = DEFECT_MERGE_MAP_PX,
 ) -> Calibration:
-    """Lowest anomaly threshold with at most ``target_per_cm2`` false components per cm².
+    """Lowest anomaly threshold with at most ``target_per_cm2`` false defects per cm².
+
+    A false defect is what inspection would report on a good image: a connected component of
+    ``map > threshold``, with components closer than ``merge_map_px`` map pixels counted once
+    (inspection reports them as one defect). Counting every fragment (0) asks for less than
+    the user asked for: the model shipped until 2026-11-26 had 1.5 components per cm² on 24
+    good PV-cell windows at 30 µm and 0.8-0.97 reported false defects per cm² on the
+    benchmark's PV cells at that pixel size.
 
     Parameters
     ----------
@@ -108,6 +138,8 @@ def calibrate_threshold(
         Allowed false alarms per cm².
     tail : int
         Number of highest component peaks the tail model is fitted to.
+    merge_map_px : float
+        Components closer than this (map pixels) count as one false defect.
 
     Returns
     -------
@@ -118,7 +150,7 @@ def calibrate_threshold(
     allowed = target_per_cm2 * area_cm2
     values = np.concatenate([m.ravel() for m in maps])
     base = float(np.quantile(values, 0.9))
-    peaks = component_peaks(maps, base)
+    peaks = component_peaks(maps, base, merge_map_px)
     # empirical: leave the floor(allowed) highest peaks above the threshold; a component of
     # the base level may split into several as the threshold rises, so check with an exact
     # count and move up a peak at a time (peaks are in descending order) while too many
@@ -129,7 +161,7 @@ def calibrate_threshold(
     else:
         for j in range(min(k, len(peaks) - 1), -1, -1):
             t = float(peaks[j])
-            if count_components(maps, t) <= allowed:
+            if count_components(maps, t, merge_map_px) <= allowed:
                 empirical = t
                 break
     threshold, extrapolated = empirical, False
@@ -145,7 +177,7 @@ def calibrate_threshold(
                 candidate = min(_sigmoid(float(z_target)), 1 - 1e-6)
                 if candidate > threshold:
                     threshold, extrapolated = candidate, True
-    final_count = count_components(maps, threshold)
+    final_count = count_components(maps, threshold, merge_map_px)
     return Calibration(
         threshold=float(threshold),
         target_per_cm2=float(target_per_cm2),

@@ -49,11 +49,26 @@ def test_calibration_raises_the_threshold_when_components_split() -> None:
     m = np.full((40, 40), 0.01, np.float32)
     m[5, 5:12] = [0.9, 0.7, 0.5, 0.5, 0.5, 0.7, 0.8]
     m[20, 20], m[30, 30] = 0.7, 0.6
-    cal = calibrate_threshold([m], area_cm2=1.0, target_per_cm2=2.0)
+    cal = calibrate_threshold([m], area_cm2=1.0, target_per_cm2=2.0, merge_map_px=0)
     # at 0.6 the ridge splits in two (3 components > 2 allowed): the threshold must rise to
     # 0.7, where two remain, not jump to the map's maximum
     assert count_components([m], cal.threshold) <= 2
     assert cal.threshold == pytest.approx(0.7)
+
+
+def test_calibration_counts_fragments_of_one_defect_once() -> None:
+    # two fragments 4 map px apart (inspection reports one defect), a third 20 px away
+    m = np.full((40, 40), 0.01, np.float32)
+    m[10, 10] = m[10, 15] = 0.9
+    m[30, 30] = 0.8
+    assert count_components([m], 0.5) == 3
+    assert count_components([m], 0.5, merge_map_px=6) == 2
+    # one false defect allowed: counted as reported, 0.8 leaves one (the merged pair)
+    assert calibrate_threshold([m], area_cm2=1.0, target_per_cm2=1.0).threshold == (
+        pytest.approx(0.8))
+    # counted as fragments, the pair is two: only the map's maximum leaves one or none
+    assert calibrate_threshold([m], area_cm2=1.0, target_per_cm2=1.0,
+                               merge_map_px=0).threshold >= 0.9 - 1e-6
 
 
 def test_calibration_extrapolates_the_tail_on_small_areas() -> None:
