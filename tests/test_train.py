@@ -12,7 +12,7 @@ import torch
 from scipy import ndimage
 
 from models.calibrate import calibrate_threshold, count_components, review_level
-from models.synth import _is_flat, add_anomalies, line_break, texture_contrast
+from models.synth import _is_flat, add_anomalies
 from models.train import select_epoch
 
 
@@ -121,49 +121,6 @@ def test_flat_areas_are_not_flattened_but_patterned_ones_are() -> None:
     mask[16:48, 16:48] = 1.0
     assert _is_flat(plain, mask, 1.0)
     assert not _is_flat(lines, mask, 1.0)
-
-
-def test_texture_contrast_is_local_and_ignores_sparse_lines() -> None:
-    rng = np.random.default_rng(1)
-    surface = np.ones((128, 128), np.float32) + 0.01 * rng.standard_normal((128, 128)).astype(
-        np.float32)
-    surface[::16, :] = 1.8  # sparse bright fingers: structure, not the texture a defect sits on
-    surface[:, 96:] += 0.1 * rng.standard_normal((128, 32)).astype(np.float32)  # rough strip
-    left = np.zeros_like(surface)
-    left[40:60, 20:40] = 1.0
-    right = np.zeros_like(surface)
-    right[40:60, 100:120] = 1.0
-    calm = texture_contrast(surface, left, 1.0)
-    assert calm < 0.02  # the 1 % grain noise (after a 5 px high-pass), fingers ignored
-    assert float(np.std(surface - ndimage.uniform_filter(surface, 5))) > 5 * calm  # std is not
-    assert texture_contrast(surface, right, 1.0) > 4 * calm
-
-
-def test_line_break_opens_or_bridges_the_surfaces_own_lines() -> None:
-    rng = np.random.default_rng(2)
-    plain = np.ones((96, 96), np.float32) + 0.005 * rng.standard_normal((96, 96)).astype(
-        np.float32)
-    assert all(line_break(plain, rng) is None for _ in range(10))  # no line: nothing to break
-    lines = plain.copy()
-    lines[20:23, :] = 0.4  # two dark horizontal lines 9 px apart
-    lines[32:35, :] = 0.4
-    opened = bridged = 0
-    for _ in range(40):
-        result = line_break(lines, rng)
-        if result is None:
-            continue
-        out, mask = result
-        changed = np.abs(out - lines) > 0.04
-        assert changed.any() and mask[changed].min() > 0  # only the mask changed
-        rows = np.nonzero(changed.any(axis=1))[0]
-        cols = np.nonzero(changed.any(axis=0))[0]
-        if rows.min() >= 20 and rows.max() <= 34 and len(cols) < 96:
-            if out[changed].mean() > 0.9:  # a line replaced by the plain surface beside it
-                opened += 1
-            else:  # the gap between the lines filled with line
-                assert rows.min() >= 23 and rows.max() <= 31
-                bridged += 1
-    assert opened >= 5 and bridged >= 1
 
 
 def test_epoch_selection_weighs_auroc_and_guards_roughness() -> None:
