@@ -150,22 +150,24 @@ def calibrate_threshold(
     allowed = target_per_cm2 * area_cm2
     values = np.concatenate([m.ravel() for m in maps])
     base = float(np.quantile(values, 0.9))
-    peaks = component_peaks(maps, base, merge_map_px)
-    # empirical: leave the floor(allowed) highest peaks above the threshold; a component of
-    # the base level may split into several as the threshold rises, so check with an exact
-    # count and move up the peaks (in descending order) while too many
-    k = int(np.floor(allowed))
+    # candidate thresholds and the tail model come from the components' own peaks: grouped
+    # at this low base level, most of a map joins a few groups (a user's brushed-metal model
+    # got 0.92 from the tail fitted to group peaks, 0.77 from component peaks), so the tail
+    # counts fragments, as many as or more than the defects reported
+    peaks = component_peaks(maps, base)
+    # empirical: the lowest component peak at which the exact count (grouped as reported) is
+    # within the allowance; a component of the base level may split as the threshold rises
     empirical = float(values.max())
-    if len(peaks) <= k:  # one peak per component of the base level: few enough already
+    if count_components(maps, base, merge_map_px) <= allowed:  # few enough already
         empirical = base
-    else:
-        # the highest-ranked peak j whose threshold leaves few enough; the count grows as the
-        # threshold falls (a split can break that locally), so bisect rather than step down a
-        # peak at a time: thousands of recounts over hundreds of maps on a large held-out set
+    elif len(peaks):
+        # the lowest component peak whose threshold leaves few enough; the count grows as
+        # the threshold falls (a split can break that locally), so bisect rather than step
+        # down a peak at a time: thousands of recounts over hundreds of maps otherwise
         def fits(j: int) -> bool:
             return count_components(maps, float(peaks[j]), merge_map_px) <= allowed
 
-        lo, hi = -1, min(k, len(peaks) - 1)  # fits(lo) (lo = -1: none), not fits(hi)
+        lo, hi = -1, len(peaks) - 1  # fits(lo) (lo = -1: none), not fits(hi)
         if fits(hi):
             lo = hi
         while hi - lo > 1:
