@@ -97,15 +97,13 @@ def _sigmoid(z: float) -> float:
     return float(1.0 / (1.0 + np.exp(-z)))
 
 
-def component_peaks(maps: list[np.ndarray], base: float,
-                    merge_map_px: float = 0.0) -> np.ndarray:
-    """Peak score of every connected component of ``map > base``, all maps together
-    (components grouped as in :func:`count_components`)."""
+def component_peaks(maps: list[np.ndarray], base: float) -> np.ndarray:
+    """Peak score of every connected component of ``map > base``, all maps together."""
     from scipy import ndimage
 
     peaks = []
     for m in maps:
-        lab = _groups(m > base, merge_map_px)
+        lab = label(m > base, connectivity=2)
         n = int(lab.max())
         if n:
             peaks.append(np.asarray(ndimage.maximum(m, lab, np.arange(1, n + 1)), dtype=float))

@@ -374,3 +374,23 @@ def test_cli_train_defaults_to_the_library_epochs():
 
     assert inspect.signature(train_model).parameters["epochs"].default == DEFAULT_EPOCHS
     assert inspect.signature(train).parameters["epochs"].default == DEFAULT_EPOCHS
+
+
+def test_recalibrate_rewrites_every_threshold_of_a_card(tmp_path: Path) -> None:
+    import shutil
+
+    from models.inspection import default_model_path, load_model
+    from models.train import recalibrate
+
+    src = default_model_path()
+    shutil.copy(src, tmp_path / "m.safetensors")
+    card = json.loads(src.with_suffix(".json").read_text())
+    card["thresholds_by_sample_kind"] = {"wafer": 0.01, "pv_cell": 0.01, "rectangle": 0.01}
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    new = recalibrate(tmp_path / "m.safetensors", 1, seed=4321)
+    model = load_model(tmp_path / "m.safetensors")  # the card still loads (checksum kept)
+    kinds = model.card["thresholds_by_sample_kind"]
+    assert kinds == new["thresholds_by_sample_kind"]
+    assert set(kinds) == {"wafer", "pv_cell", "rectangle"}
+    assert all(0.01 < t < 1.0 for t in kinds.values())  # the planted values are gone
+    assert "seed 4321" in model.card["calibration"]["held_out"]
