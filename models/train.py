@@ -551,16 +551,17 @@ def recalibrate(model_path: str | Path, n_per_kind: int, seed: int,
         cals = calibrate_contexts(images, maps, pixel_size_um, false_alarms_per_cm2,
                                   card.get("thresholds_by_sample_kind") or {},
                                   float(card["threshold"]))
-        new: dict[str, Any] = {}
-        for context, by_kind in cals.items():
-            new[CONTEXT_CARD_KEYS[context]] = {k: c.threshold for k, c in by_kind.items()}
-            card.setdefault("calibration", {})[f"{context}_by_sample_kind"] = {
-                **{k: c.to_dict() for k, c in by_kind.items()}, "held_out": held}
+        new, records = _context_entries(cals, held)
+        card.setdefault("calibration", {}).update(records)
     else:
         new = calibrate_card(model, images, pixel_size_um, false_alarms_per_cm2, "simulated",
                              seed, maps=maps)
         new["calibration"]["held_out"] = held
         card.setdefault("uncertainty", {})["review"] = new.pop("review")
+        # entries calibrate_card leaves out when it finds none must not survive from before
+        for key in ("thresholds_by_sample_kind", "review_uncertainty",
+                    *CONTEXT_CARD_KEYS.values()):
+            card.pop(key, None)
     card.update(new)
     path.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     return new
@@ -619,23 +620,35 @@ def calibrate_card(
                 if source != "user" else {})
     review = calibrate_review(model, held_out, maps, cal.threshold,
                               np.random.default_rng(seed + 11))
+    thresholds, records = _context_entries(contexts)
     out: dict[str, Any] = {
         "threshold": cal.threshold,
         "calibration": {**cal.to_dict(), "held_out": source,
                         "held_out_images": len(held_out),
                         "by_sample_kind": {k: c.to_dict() for k, c in by_kind.items()},
-                        **{f"{context}_by_sample_kind": {k: c.to_dict() for k, c in cals.items()}
-                           for context, cals in contexts.items()}},
+                        **records},
         "review": review,
     }
     if by_kind:
         out["thresholds_by_sample_kind"] = {k: c.threshold for k, c in by_kind.items()}
-    for context, cals in contexts.items():
-        if cals:
-            out[CONTEXT_CARD_KEYS[context]] = {k: c.threshold for k, c in cals.items()}
+    out.update({key: t for key, t in thresholds.items() if t})
     if review["review_uncertainty"] is not None:
         out["review_uncertainty"] = review["review_uncertainty"]
     return out
+
+
+def _context_entries(contexts: dict[str, dict[str, Calibration]], held_out: str | None = None
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """A card's entries for context calibrations (:func:`calibrate_contexts`): the thresholds
+    under :data:`CONTEXT_CARD_KEYS` and the records for its ``calibration`` section
+    (``quiet_by_sample_kind``, ...), each noting ``held_out`` when given."""
+    note = {"held_out": held_out} if held_out else {}
+    thresholds = {CONTEXT_CARD_KEYS[context]: {k: c.threshold for k, c in cals.items()}
+                  for context, cals in contexts.items()}
+    records = {f"{context}_by_sample_kind": {**{k: c.to_dict() for k, c in cals.items()},
+                                             **note}
+               for context, cals in contexts.items()}
+    return thresholds, records
 
 
 def _defects_of(maps: dict[str, np.ndarray], threshold: float) -> list:
