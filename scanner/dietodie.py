@@ -212,18 +212,45 @@ def _mean_pool(a: np.ndarray, f: int) -> np.ndarray:
 def match_levels(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None = None
                  ) -> tuple[float, np.ndarray]:
     """The test's level (median) and the references scaled to it (a float32 copy): the
-    illumination drifts between dies. Medians over every 4th pixel of ``mask`` (all when
-    None); a reference or test of level <= 0 is left as it is."""
+    illumination drifts between dies.
+
+    Each reference's gain is the median of the pixel ratios test / reference (every 4th
+    pixel of ``mask``; all when None) over the pixels the other references show brightest
+    (their median above its own median). Not the ratio of the images' medians: the median
+    of a design of two levels (lines on a dark ground) jumps between them with the window
+    (a window of 270 px on a circuit die: medians 5 % apart between dies whose pixels
+    agreed within 0.5 %, and a particle's z fell from 13 to 4). Nor sums: a window that
+    reaches where a reference shows something else (another die's edge, the wafer's rim)
+    moves a sum, not a median (gains 8 % apart on one large window). The bright pixels
+    are chosen by the other references, not by this one: chosen by its own noise they are
+    those where it reads high, and the gain is biased low (1 % on bare silicon). The
+    median is taken again without the ratios far from it (a tenth of a window on the chuck
+    moved it 0.4 %). A reference or test of level <= 0 is left as it is.
+    """
     sample = (slice(None, None, 4), slice(None, None, 4))
     inside = mask[sample] if mask is not None else np.ones(test[sample].shape, dtype=bool)
     refs = refs.astype(np.float32)
     if not inside.any():
         return 0.0, refs
-    level_t = float(np.median(test[sample][inside]))
-    for i in range(refs.shape[0]):
-        level_r = float(np.median(refs[i][sample][inside]))
-        if level_r > 0 and level_t > 0:
-            refs[i] *= level_t / level_r
+    t = test[sample][inside]
+    level_t = float(np.median(t))
+    if level_t <= 0:
+        return level_t, refs
+    sampled = np.stack([r[sample][inside] for r in refs])
+    k = len(refs)
+    for i in range(k):
+        r = sampled[i]
+        others = np.median(np.delete(sampled, i, axis=0), axis=0) if k > 1 else t
+        pick = (others > np.median(others)) & (r > 0)
+        if np.count_nonzero(pick) < 8:
+            pick = r > 0
+        if np.count_nonzero(pick) >= 8:
+            ratio = t[pick] / r[pick]
+            centre = np.median(ratio)
+            spread = 1.4826 * np.median(np.abs(ratio - centre))
+            if spread > 0:  # again without outliers: a defect, another die's edge, the chuck
+                ratio = ratio[np.abs(ratio - centre) <= 3.0 * spread]
+            refs[i] *= np.float32(np.median(ratio))
     return level_t, refs
 
 

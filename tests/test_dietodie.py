@@ -23,6 +23,7 @@ from scanner.dietodie import (
     difference_z,
     full_dies,
     global_shift,
+    match_levels,
     nearest_dies,
     z_to_score,
 )
@@ -92,6 +93,34 @@ def test_difference_z_flags_a_faint_spot_and_tolerates_noise_and_misalignment():
     assert clean.max() < thr  # noise, sub-pixel shifts and a grating are not defects
     far = ndimage.distance_transform_edt(~spot) > 12
     assert z[far].max() < thr
+
+
+@pytest.mark.parametrize("surface", ["two_levels", "flat"])
+def test_match_levels_finds_the_gain_between_dies(surface):
+    """Lines on a dark ground cover half the window (the median jumps between the two
+    levels), a flat surface (choosing bright pixels by a reference's own noise biases the
+    gain), a reference reaching the dark chuck on a tenth of the window, a bright defect
+    in the test: the gains stay within 0.3 %."""
+    rng = np.random.default_rng(5)
+    h, w = 256, 256
+    if surface == "two_levels":
+        base = np.where((np.arange(w) // 6) % 2 == 0, 400.0, 1600.0)[None, :].repeat(h, 0)
+    else:
+        base = np.full((h, w), 1000.0)
+    gains = np.array([1.0, 1.06, 0.95])  # illumination of each reference relative to test
+
+    def die() -> np.ndarray:
+        return base + rng.normal(0, 20, base.shape)
+
+    test = die()
+    test[100:120, 100:120] *= 1.4  # a defect in the test die
+    refs = np.stack([die() * g for g in gains])
+    refs[2, :, :26] = 30.0  # the chuck beside the wafer
+    level, matched = match_levels(test, refs)
+    assert level > 0
+    for i, g in enumerate(gains):
+        measured = float(np.median(matched[i, :, 30:] / (refs[i, :, 30:] / g)))
+        assert measured == pytest.approx(1.0, abs=0.003)
 
 
 def test_z_to_score_puts_the_z_threshold_on_the_decision_threshold():
