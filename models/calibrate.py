@@ -347,20 +347,43 @@ def calibrate_within(maps: list[np.ndarray], masks: list[np.ndarray],
                                area, target_per_cm2)
 
 
+#: plain surface *near structure* (:func:`context_masks`): the image plain within one block
+#: of ``NEAR_BLOCK`` x ``NEAR_BLOCK`` map pixels (``NEAR_SPAN`` blocks across), and the
+#: network's neighbourhood quiet at its ``NEAR_PERCENTILE`` (structure may fill up to half
+#: of it). A scribe lane or the bare part of an edge die beside its pads is plain silicon,
+#: but never *plain* in the wide sense (72 map pixels of nothing), so it had the busy
+#: threshold of the dies beside it
+NEAR_BLOCK = 4
+NEAR_SPAN = 3
+NEAR_PERCENTILE = 50.0
+
 #: neighbourhood contexts with their own per-kind threshold, and the card entry of each
 CONTEXT_CARD_KEYS = {"quiet": "thresholds_quiet_by_sample_kind",
-                     "plain": "thresholds_plain_by_sample_kind"}
+                     "plain": "thresholds_plain_by_sample_kind",
+                     "plain_near_structure": "thresholds_plain_near_structure_by_sample_kind"}
+#: the contexts that read the image (the others the anomaly map only)
+IMAGE_CONTEXTS = ("plain", "plain_near_structure")
 
 
 def context_masks(anomaly: np.ndarray, image: np.ndarray | None = None
                   ) -> dict[str, np.ndarray]:
     """The map pixels of each context: ``quiet`` (:func:`quiet_mask`) and, given the image at
     map resolution (:func:`map_resolution`, relative reflectance), ``plain``
-    (:func:`plain_mask`, within the quiet pixels: the network must agree)."""
+    (:func:`plain_mask`, within the quiet pixels: the network must agree) and
+    ``plain_near_structure`` (the same at a finer scale: :data:`NEAR_BLOCK`).
+
+    Each context's threshold is calibrated on its own pixels, so the finer one pays for the
+    network's higher scores next to structure with a threshold of its own, between the
+    plain one and the busy one: on 192 held-out wafer windows (38 cm²) it covered 6.6 cm²
+    at 0.41 where *plain* covered 2.2 cm² at 0.16 and the rest had 0.90.
+    """
     quiet = quiet_mask(anomaly)
     out = {"quiet": quiet}
     if image is not None:
         out["plain"] = plain_mask(image) & quiet
+        out["plain_near_structure"] = (
+            plain_mask(image, block=NEAR_BLOCK, span=NEAR_SPAN)
+            & quiet_mask(anomaly, percentile=NEAR_PERCENTILE))
     return out
 
 

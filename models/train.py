@@ -500,28 +500,35 @@ def calibrate_contexts(
     thresholds_by_kind: dict[str, float],
     default: float,
 ) -> dict[str, dict[str, Calibration]]:
-    """The quiet and plain thresholds per recipe sample kind (``{"quiet": ..., "plain": ...}``).
+    """The thresholds of each neighbourhood context per recipe sample kind (``{"quiet": ...,
+    "plain": ..., "plain_near_structure": ...}``).
 
     :func:`models.calibrate.calibrate_contexts_on` each kind's held-out maps as inspection
-    sees them (:func:`inspected_anomaly`). Each is kept only below the one it refines: quiet
-    below the kind's threshold (``thresholds_by_kind``, else ``default``: the pooled one),
-    plain below the kind's quiet threshold; kinds with too little area of a context in their
-    held-out images get no entry for it.
+    sees them (:func:`inspected_anomaly`). Each is kept only below the one it refines
+    (:data:`CONTEXT_REFINES`; the kind's threshold where that one was not kept): quiet and
+    plain near structure below the kind's threshold (``thresholds_by_kind``, else
+    ``default``: the pooled one), plain below the kind's quiet threshold; kinds with too
+    little area of a context in their held-out images get no entry for it.
     """
-    out: dict[str, dict[str, Calibration]] = {"quiet": {}, "plain": {}}
+    out: dict[str, dict[str, Calibration]] = {context: {} for context in CONTEXT_CARD_KEYS}
     for kind, idx in _indices_by_kind(held_out).items():
         areas = [held_out_area_cm2([held_out[i]], pixel_size_um) for i in idx]
         amaps = [inspected_anomaly(held_out[i], maps[i]["anomaly"]) for i in idx]
         images = [map_resolution(held_out[i].image[:2048, :2048], OUTPUT_STRIDE, a.shape)
                   for i, a in zip(idx, amaps, strict=True)]
         cals = calibrate_contexts_on(amaps, images, areas, false_alarms_per_cm2)
-        ceiling = thresholds_by_kind.get(kind, default)
-        for context in ("quiet", "plain"):  # plain refines quiet
+        ceiling = {"kind": thresholds_by_kind.get(kind, default)}
+        for context, refines in CONTEXT_REFINES.items():
             cal = cals.get(context)
-            if cal is not None and cal.threshold < ceiling:
+            if cal is not None and cal.threshold < ceiling.get(refines, ceiling["kind"]):
                 out[context][kind] = cal
-                ceiling = cal.threshold
+                ceiling[context] = cal.threshold
     return out
+
+
+#: the context (or the kind's own threshold) each context's threshold must stay below:
+#: plain areas are quiet ones, plain ones near structure need not be
+CONTEXT_REFINES = {"quiet": "kind", "plain": "quiet", "plain_near_structure": "kind"}
 
 
 def recalibrate(model_path: str | Path, n_per_kind: int, seed: int,

@@ -13,10 +13,11 @@ Two stages, because early stopping on one long one-cycle schedule cannot be resu
 
 ``--init MODEL`` skips stage 1 and fine-tunes ``MODEL`` (a stage-1 model made earlier).
 
-``--calibrate-contexts N`` trains nothing: it adds the thresholds for quiet and plain
-neighbourhoods (``models.calibrate.quiet_mask``, ``plain_mask``) to the card of ``--out``,
-calibrated on N new simulated images of each kind (seed ``CONTEXT_SEED``); models trained now
-get them from training.
+``--calibrate-contexts N`` trains nothing: it adds the thresholds for the neighbourhood
+contexts (quiet, plain, plain near structure: ``models.calibrate.context_masks``) to the card
+of ``--out``, calibrated on N new simulated images of each kind (seed ``CONTEXT_SEED``);
+models trained now get them from training. ``--calibrate N`` calibrates every threshold of
+the card and its review level again alike.
 
 ``--plan gpu`` is one longer stage from scratch for a CUDA GPU (``GPU``: larger batches, more
 simulated images), with batches made by ``--workers`` processes and the epochs cut to fit
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the simulated images (gpu plan; default 0, 1 with --init)")
     parser.add_argument("--calibrate-contexts", type=int, default=None, metavar="N",
-                        help="only add the quiet and plain neighbourhood thresholds to the "
-                             "card of --out, from N simulated images of each kind")
+                        help="only add the neighbourhood context thresholds (quiet, plain, "
+                             "plain near structure) to the card of --out, from N simulated "
+                             "images of each kind")
     parser.add_argument("--calibrate", type=int, default=None, metavar="N",
                         help="only calibrate the card of --out again (every threshold and the "
                              "review level) on N new simulated images of each kind")

@@ -121,10 +121,11 @@ def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
 
 def context_thresholds(model: Any, sample_kind: str | None, threshold_source: str
                        ) -> dict[str, float | None]:
-    """The card's thresholds for quiet and plain neighbourhoods of a kind of sample.
+    """The card's thresholds for the neighbourhood contexts of a kind of sample.
 
-    ``{"quiet": t, "plain": t}``, None where none applies: the card has none for the kind,
-    or the user set the threshold (a user's threshold applies everywhere).
+    ``{"quiet": t, "plain": t, "plain_near_structure": t}``, None where none applies: the
+    card has none for the kind, or the user set the threshold (a user's threshold applies
+    everywhere).
     """
     from models.calibrate import CONTEXT_CARD_KEYS
 
@@ -150,12 +151,13 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
     lower = {k: v for k, v in contexts.items() if v is not None and v < threshold}
     if not lower:
         return None
-    from models.calibrate import context_masks
+    from models.calibrate import IMAGE_CONTEXTS, context_masks
 
     anomaly = np.asarray(maps.maps["anomaly"][:])
-    if "plain" in lower and reflectance is None:
+    needs_image = any(context in lower for context in IMAGE_CONTEXTS)
+    if needs_image and reflectance is None:
         reflectance = reflectance_at_map(maps)
-    masks = context_masks(anomaly, reflectance if "plain" in lower else None)
+    masks = context_masks(anomaly, reflectance if needs_image else None)
     return local_thresholds(threshold, [(masks[k], v) for k, v in lower.items()],
                             anomaly.shape)
 
@@ -363,6 +365,7 @@ def inspect_mosaic(
         "threshold_source": thr_source,
         "threshold_quiet": contexts["quiet"],
         "threshold_plain": contexts["plain"],
+        "threshold_plain_near_structure": contexts["plain_near_structure"],
         "maps": {k: v.name for k, v in maps.paths.items()},
         "map_pixel_size_um": maps.pixel_size_um,
         "masked_to_usable_area": polygon is not None,
@@ -544,6 +547,7 @@ def inspect_images(
     header = {"created": now_iso(), "model": model_info(model), "threshold": thr,
               "threshold_source": thr_source, "threshold_quiet": contexts["quiet"],
               "threshold_plain": contexts["plain"],
+              "threshold_plain_near_structure": contexts["plain_near_structure"],
               "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
               "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
               "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),

@@ -366,6 +366,26 @@ def test_plain_calibration_counts_only_plain_and_quiet_areas():
     assert plain.threshold < 0.6 <= quiet.threshold
 
 
+def test_plain_near_structure_reaches_a_scratch_beside_a_pad_column():
+    """Bare silicon beside a die's last column of pads, with a thin scratch on it 2 map px
+    from the pads: never plain in the wide sense (the pads are within reach), plain near
+    structure; the pads are in neither context, the far bare silicon in both."""
+    from models.calibrate import context_masks
+
+    img = np.ones((160, 160), np.float32)
+    anomaly = np.full(img.shape, 0.005, np.float32)
+    for r in range(4, 160, 12):
+        img[r:r + 6, 60:66] = 1.8  # pads
+    anomaly[:, 48:70] = 0.06  # the network's moderate scores over the die's edge
+    img[78, 68:86] = 0.85  # a thin dark scratch on the bare silicon beside it
+    anomaly[77:80, 67:87] = 0.6
+    masks = context_masks(anomaly, img)
+    near, plain = masks["plain_near_structure"], masks["plain"]
+    assert near[78, 72:86].all() and not plain[78, 68:86].any()
+    assert not near[:, 60:66].any()  # the pads themselves
+    assert near[:, 130:].all() and plain[:, 150:].all()
+
+
 def test_cli_train_defaults_to_the_library_epochs():
     import inspect
 
