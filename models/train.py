@@ -33,6 +33,7 @@ from scanner.errors import UserError
 
 from .calibrate import (
     CONTEXT_CARD_KEYS,
+    NEAR_STRUCTURE_KINDS,
     Calibration,
     calibrate_contexts_on,
     calibrate_threshold,
@@ -508,7 +509,8 @@ def calibrate_contexts(
     (:data:`CONTEXT_REFINES`; the kind's threshold where that one was not kept): quiet and
     plain near structure below the kind's threshold (``thresholds_by_kind``, else
     ``default``: the pooled one), plain below the kind's quiet threshold; kinds with too
-    little area of a context in their held-out images get no entry for it.
+    little area of a context in their held-out images get no entry for it, and plain near
+    structure is for :data:`NEAR_STRUCTURE_KINDS` only.
     """
     out: dict[str, dict[str, Calibration]] = {context: {} for context in CONTEXT_CARD_KEYS}
     for kind, idx in _indices_by_kind(held_out).items():
@@ -519,6 +521,8 @@ def calibrate_contexts(
         cals = calibrate_contexts_on(amaps, images, areas, false_alarms_per_cm2)
         ceiling = {"kind": thresholds_by_kind.get(kind, default)}
         for context, refines in CONTEXT_REFINES.items():
+            if context == "plain_near_structure" and kind not in NEAR_STRUCTURE_KINDS:
+                continue
             cal = cals.get(context)
             if cal is not None and cal.threshold < ceiling.get(refines, ceiling["kind"]):
                 out[context][kind] = cal
