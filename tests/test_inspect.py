@@ -222,11 +222,12 @@ def test_context_thresholds_come_from_the_card_unless_the_user_sets_one() -> Non
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9},
             "thresholds_quiet_by_sample_kind": {"wafer": 0.75},
-            "thresholds_plain_by_sample_kind": {"wafer": 0.3}}
+            "thresholds_plain_by_sample_kind": {"wafer": 0.3},
+            "thresholds_plain_near_structure_by_sample_kind": {"wafer": 0.5}}
     model = InspectionModel(InspectionNet(), card)
-    assert context_thresholds(model, "wafer", "model card (wafer)") == {"quiet": 0.75,
-                                                                         "plain": 0.3}
-    none = {"quiet": None, "plain": None}
+    assert context_thresholds(model, "wafer", "model card (wafer)") == {
+        "quiet": 0.75, "plain": 0.3, "plain_near_structure": 0.5}
+    none = {"quiet": None, "plain": None, "plain_near_structure": None}
     assert context_thresholds(model, "wafer", "user") == none
     assert context_thresholds(model, "pv_cell", "model card") == none
     assert context_thresholds(model, None, "model card") == none
