@@ -86,25 +86,60 @@ def _card_by_kind(model: Any, key: str) -> dict[str, float]:
     return (getattr(model, "card", {}) or {}).get(key) or {}
 
 
-def card_threshold(model: Any, sample_kind: str | None = None) -> tuple[float, str]:
+def pixel_band(model: Any, sample_kind: str | None, pixel_size_um: float | None
+               ) -> dict[str, Any] | None:
+    """The card's calibration band of a kind of sample at a pixel size (None: none).
+
+    Cards may hold thresholds per band of pixel sizes (``thresholds_by_pixel_size``, see
+    :func:`models.train.calibrate_pixel_bands`); a pixel size outside every band gets the
+    nearest one.
+    """
+    bands = _card_by_kind(model, "thresholds_by_pixel_size").get(sample_kind or "")
+    if not bands or not pixel_size_um or pixel_size_um <= 0:
+        return None
+    for band in bands:
+        lo, hi = band["pixel_size_um"]
+        if lo <= pixel_size_um <= hi:
+            return band
+    return bands[0] if pixel_size_um < bands[0]["pixel_size_um"][0] else bands[-1]
+
+
+def card_threshold(model: Any, sample_kind: str | None = None,
+                   pixel_size_um: float | None = None) -> tuple[float, str]:
     """The model's calibrated threshold for a kind of sample, and where it comes from.
 
     A card may hold one threshold per recipe sample kind (``thresholds_by_sample_kind``,
-    each calibrated on held-out images of that kind); any other kind, or none known (plain
-    images), gets the pooled ``threshold``.
+    each calibrated on held-out images of that kind), and for some kinds one per band of
+    pixel sizes (:func:`pixel_band`, taken when the pixel size is known); any other kind, or
+    none known (plain images), gets the pooled ``threshold``.
     """
+    band = pixel_band(model, sample_kind, pixel_size_um)
+    if band is not None:
+        lo, hi = band["pixel_size_um"]
+        return float(band["threshold"]), f"model card ({sample_kind}, {lo:g}-{hi:g} um pixels)"
     by_kind = _card_by_kind(model, "thresholds_by_sample_kind")
     if sample_kind in by_kind:
         return float(by_kind[sample_kind]), f"model card ({sample_kind})"
     return float(model.threshold), "model card"
 
 
-def _decision_threshold(model: Any, threshold: float | None, sample_kind: str | None
-                        ) -> tuple[float, str]:
+def _decision_threshold(model: Any, threshold: float | None, sample_kind: str | None,
+                        pixel_size_um: float | None = None) -> tuple[float, str]:
     """The user's threshold when given, else the card's for the kind (:func:`card_threshold`)."""
     if threshold is not None:
         return float(threshold), "user"
-    return card_threshold(model, sample_kind)
+    return card_threshold(model, sample_kind, pixel_size_um)
+
+
+def _mosaic_pixel_size_um(mosaic: Path) -> float | None:
+    """The pixel size of a mosaic's level 0 (µm), None when it cannot be read."""
+    from .mosaic import level_transform, open_mosaic
+
+    try:
+        _, transforms = open_mosaic(mosaic)
+        return float(level_transform(transforms)[0][-1])
+    except Exception:  # inspection reads the mosaic again and reports what is wrong with it
+        return None
 
 
 def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
@@ -119,21 +154,23 @@ def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
         return None
 
 
-def context_thresholds(model: Any, sample_kind: str | None, threshold_source: str
-                       ) -> dict[str, float | None]:
+def context_thresholds(model: Any, sample_kind: str | None, threshold_source: str,
+                       pixel_size_um: float | None = None) -> dict[str, float | None]:
     """The card's thresholds for the neighbourhood contexts of a kind of sample.
 
     ``{"quiet": t, "plain": t, "plain_near_structure": t}``, None where none applies: the
     card has none for the kind, or the user set the threshold (a user's threshold applies
-    everywhere).
+    everywhere). A kind calibrated per band of pixel sizes takes its band's (:func:`pixel_band`).
     """
     from models.calibrate import CONTEXT_CARD_KEYS
 
+    band = pixel_band(model, sample_kind, pixel_size_um)
     out: dict[str, float | None] = {}
     for context, key in CONTEXT_CARD_KEYS.items():
         value = None
         if threshold_source != "user" and sample_kind:
-            value = _card_by_kind(model, key).get(sample_kind)
+            value = (band.get(context) if band is not None
+                     else _card_by_kind(model, key).get(sample_kind))
         out[context] = float(value) if value is not None else None
     return out
 
@@ -320,8 +357,9 @@ def inspect_mosaic(
     if polygon is None:
         polygon = _usable_polygon(saved)
     kind = sample_kind or (str(saved.kind) if saved is not None else None)
-    thr, thr_source = _decision_threshold(model, threshold, kind)
-    contexts = context_thresholds(model, kind, thr_source)
+    pixel_um = _mosaic_pixel_size_um(mosaic)
+    thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
+    contexts = context_thresholds(model, kind, thr_source, pixel_um)
     d2d: dict[str, Any] = {}
     difference: list[Any] = []  # the die-to-die difference reader, when there is one
     plain: dict[str, Any] = {}
@@ -512,8 +550,8 @@ def inspect_images(
     images = list_images(targets)
     t0 = time.perf_counter()
     model = load_inspection_model(model)
-    thr, thr_source = _decision_threshold(model, threshold, sample_kind)
-    contexts = context_thresholds(model, sample_kind, thr_source)
+    thr, thr_source = _decision_threshold(model, threshold, sample_kind, pixel_size_um)
+    contexts = context_thresholds(model, sample_kind, thr_source, pixel_size_um)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_defects, per_image = [], [], {}

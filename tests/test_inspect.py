@@ -216,6 +216,30 @@ def test_card_threshold_is_chosen_by_sample_kind() -> None:
     assert card_threshold(model, None) == (0.7, "model card")
 
 
+def test_thresholds_follow_the_band_of_the_scans_pixel_size() -> None:
+    from scanner.inspection import card_threshold, context_thresholds
+
+    card = {"pixel_size_um": 1.0, "threshold": 0.7,
+            "thresholds_by_sample_kind": {"wafer": 0.9, "pv_cell": 0.5},
+            "thresholds_quiet_by_sample_kind": {"pv_cell": 0.3},
+            "thresholds_by_pixel_size": {"pv_cell": [
+                {"pixel_size_um": [8.0, 16.0], "threshold": 0.8, "quiet": 0.6},
+                {"pixel_size_um": [16.0, 40.0], "threshold": 0.45, "quiet": 0.28,
+                 "plain": 0.2}]}}
+    model = InspectionModel(InspectionNet(), card)
+    assert card_threshold(model, "pv_cell", 10.0) == (0.8, "model card (pv_cell, 8-16 um pixels)")
+    assert card_threshold(model, "pv_cell", 30.0)[0] == 0.45
+    assert card_threshold(model, "pv_cell", 5.0)[0] == 0.8  # outside: the nearest band
+    assert card_threshold(model, "pv_cell", 60.0)[0] == 0.45
+    assert card_threshold(model, "pv_cell")[0] == 0.5  # pixel size unknown: the kind's
+    assert card_threshold(model, "wafer", 10.0)[0] == 0.9  # a kind without bands
+    assert context_thresholds(model, "pv_cell", "model card", 10.0) == {
+        "quiet": 0.6, "plain": None, "plain_near_structure": None}
+    assert context_thresholds(model, "pv_cell", "model card", 20.0)["plain"] == 0.2
+    assert context_thresholds(model, "pv_cell", "model card")["quiet"] == 0.3
+    assert context_thresholds(model, "pv_cell", "user", 10.0)["quiet"] is None
+
+
 def test_context_thresholds_come_from_the_card_unless_the_user_sets_one() -> None:
     from scanner.inspection import context_thresholds
 

@@ -386,6 +386,40 @@ def test_plain_near_structure_reaches_a_scratch_beside_a_pad_column():
     assert near[:, 130:].all() and plain[:, 150:].all()
 
 
+def test_pixel_bands_give_finer_pixels_their_own_higher_threshold(monkeypatch):
+    """Held-out PV windows from 10 to 30 µm whose false alarms per cm² grow at finer pixels
+    (as the network's do): each band of pixel sizes gets the threshold that holds the rate
+    on its own windows, higher at the fine end; too little area per band: no bands."""
+    import models.train as train
+    from models.data import GoodImage
+
+    rng = np.random.default_rng(2)
+    images, maps = [], []
+    for px in np.repeat(np.geomspace(10.0, 30.0, 6), 3):
+        m = np.full((64, 64), 0.01, np.float32)
+        for _ in range(60):  # as many per window (per pixel) at every pixel size
+            r, c = rng.integers(2, 62, 2)
+            m[r, c] = rng.uniform(0.2, 0.9)
+        images.append(GoodImage(image=np.ones((256, 256), np.float32), kind="pv_cell",
+                                meta={"pixel_size_um": float(px), "edge": False}))
+        maps.append({"anomaly": m})
+    monkeypatch.setattr(train, "MIN_BAND_AREA_CM2", 0.1)
+    bands = train.calibrate_pixel_bands(images, maps, 10.0, 1.0, None, {})["pv_cell"]
+    assert len(bands) == train.PIXEL_BANDS
+    assert bands[0]["pixel_size_um"][0] == pytest.approx(10.0)
+    assert bands[-1]["pixel_size_um"][1] == pytest.approx(30.0)
+    assert bands[0]["threshold"] > bands[-1]["threshold"]
+    # a band only raises the kind's thresholds, and has only the contexts the kind has
+    floor = {"threshold": (bands[0]["threshold"] + bands[-1]["threshold"]) / 2, "quiet": 0.95}
+    raised = train.calibrate_pixel_bands(images, maps, 10.0, 1.0, None,
+                                         {"pv_cell": floor})["pv_cell"]
+    assert raised[0]["threshold"] == bands[0]["threshold"]
+    assert raised[-1]["threshold"] == floor["threshold"]
+    assert all(b["quiet"] == 0.95 and "plain" not in b for b in raised)
+    monkeypatch.setattr(train, "MIN_BAND_AREA_CM2", 100.0)
+    assert train.calibrate_pixel_bands(images, maps, 10.0, 1.0, None, {}) == {}
+
+
 def test_cli_train_defaults_to_the_library_epochs():
     import inspect
 
