@@ -617,8 +617,9 @@ def recalibrate(model_path: str | Path, n_per_kind: int, seed: int,
     them, windows over a sample's edge masked to its usable area as inspection masks a scan
     (:func:`inspected_anomaly`): plain area lies mostly at a wafer's rim, and without those
     windows a wafer's plain threshold rested on 1.8 cm² instead of 4.4. With ``contexts_only``
-    only the quiet and plain thresholds are written (the per-kind ones kept as they are).
-    Returns the card's new entries.
+    only the context thresholds per kind are written (the per-kind ones and the bands of
+    pixel sizes kept as they are: run it without to renew the bands too). Returns the card's
+    new entries.
     """
     model = load_model(model_path)
     ranges = PIXEL_RANGES_UM if model.card.get("pixel_size_range_um") else None
