@@ -371,6 +371,13 @@ CONTEXT_CARD_KEYS = {"quiet": "thresholds_quiet_by_sample_kind",
 IMAGE_CONTEXTS = ("plain", "plain_near_structure")
 
 
+def kind_contexts(kind: str) -> tuple[str, ...]:
+    """The contexts a recipe sample kind gets thresholds for (plain near structure only for
+    :data:`NEAR_STRUCTURE_KINDS`)."""
+    return tuple(c for c in CONTEXT_CARD_KEYS
+                 if c != "plain_near_structure" or kind in NEAR_STRUCTURE_KINDS)
+
+
 def context_masks(anomaly: np.ndarray, image: np.ndarray | None = None
                   ) -> dict[str, np.ndarray]:
     """The map pixels of each context: ``quiet`` (:func:`quiet_mask`) and, given the image at
@@ -395,14 +402,17 @@ def context_masks(anomaly: np.ndarray, image: np.ndarray | None = None
 
 def calibrate_contexts_on(maps: list[np.ndarray], images: list[np.ndarray] | None,
                           areas_cm2: Sequence[float], target_per_cm2: float = 1.0,
-                          min_area_cm2: float = 0.5) -> dict[str, Calibration | None]:
+                          min_area_cm2: float = 0.5, contexts: Sequence[str] | None = None
+                          ) -> dict[str, Calibration | None]:
     """:func:`calibrate_within` each context of held-out maps (:func:`context_masks`).
 
     ``images``: the held-out images at map resolution (relative reflectance); without them
-    only ``quiet`` is calibrated. None for a context with too little area to count on.
+    only ``quiet`` is calibrated. ``contexts``: only these (default all). None for a context
+    with too little area to count on.
     """
     masks = [context_masks(m, None if images is None else images[k])
              for k, m in enumerate(maps)]
     return {context: calibrate_within(maps, [m[context] for m in masks], areas_cm2,
                                       target_per_cm2, min_area_cm2)
-            for context in masks[0]} if masks else {}
+            for context in masks[0]
+            if contexts is None or context in contexts} if masks else {}

@@ -33,10 +33,10 @@ from scanner.errors import UserError
 
 from .calibrate import (
     CONTEXT_CARD_KEYS,
-    NEAR_STRUCTURE_KINDS,
     Calibration,
     calibrate_contexts_on,
     calibrate_threshold,
+    kind_contexts,
     map_resolution,
     review_level,
 )
@@ -509,8 +509,8 @@ def calibrate_contexts(
     (:data:`CONTEXT_REFINES`; the kind's threshold where that one was not kept): quiet and
     plain near structure below the kind's threshold (``thresholds_by_kind``, else
     ``default``: the pooled one), plain below the kind's quiet threshold; kinds with too
-    little area of a context in their held-out images get no entry for it, and plain near
-    structure is for :data:`NEAR_STRUCTURE_KINDS` only.
+    little area of a context in their held-out images get no entry for it, and each kind
+    only its own contexts (:func:`models.calibrate.kind_contexts`).
     """
     out: dict[str, dict[str, Calibration]] = {context: {} for context in CONTEXT_CARD_KEYS}
     for kind, idx in _indices_by_kind(held_out).items():
@@ -518,11 +518,10 @@ def calibrate_contexts(
         amaps = [inspected_anomaly(held_out[i], maps[i]["anomaly"]) for i in idx]
         images = [map_resolution(held_out[i].image[:2048, :2048], OUTPUT_STRIDE, a.shape)
                   for i, a in zip(idx, amaps, strict=True)]
-        cals = calibrate_contexts_on(amaps, images, areas, false_alarms_per_cm2)
+        cals = calibrate_contexts_on(amaps, images, areas, false_alarms_per_cm2,
+                                     contexts=kind_contexts(kind))
         ceiling = {"kind": thresholds_by_kind.get(kind, default)}
         for context, refines in CONTEXT_REFINES.items():
-            if context == "plain_near_structure" and kind not in NEAR_STRUCTURE_KINDS:
-                continue
             cal = cals.get(context)
             if cal is not None and cal.threshold < ceiling.get(refines, ceiling["kind"]):
                 out[context][kind] = cal
@@ -578,11 +577,11 @@ def calibrate_pixel_bands(
         if sizes.max() <= sizes.min() * 1.01:
             continue  # one pixel size: nothing to band
         edges = np.geomspace(sizes.min(), sizes.max(), PIXEL_BANDS + 1)
+        # each window's band; the largest size falls on the last edge and into the last band
+        band_of = np.minimum(np.searchsorted(edges, sizes, side="right") - 1, PIXEL_BANDS - 1)
         bands = []
         for b in range(PIXEL_BANDS):
-            upper = sizes <= edges[b + 1] if b == PIXEL_BANDS - 1 else sizes < edges[b + 1]
-            band = [i for i, inside in zip(idx, (sizes >= edges[b]) & upper, strict=True)
-                    if inside]
+            band = [i for i, k in zip(idx, band_of, strict=True) if k == b]
             whole = [i for i in band if not held_out[i].meta.get("edge")]
             area = held_out_area_cm2([held_out[i] for i in whole], pixel_size_um)
             if area < MIN_BAND_AREA_CM2:
