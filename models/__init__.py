@@ -1,39 +1,36 @@
-"""The inspection CNN: network, training, threshold calibration and the shipped default model.
+"""Inspection models: the one-class detector on pretrained features, its training and
+calibration, the roughness network beside it, and the shipped default model.
 
 Public interface (used by inspection and the CLI)::
 
-    model = load_model(path_or_None)      # InspectionModel; None -> default_model_path()
-    x = model.normalize(raw_image)        # float32 network input (see InspectionModel.normalize)
+    model = load_model(path_or_None)      # a detector (or a legacy network); None -> default
+    x = model.normalize(raw_image)        # float32 model input (see the model's normalize)
     maps = model.predict(batch)           # {'anomaly', 'roughness', 'uncertainty', ...} at 1/4
-    report = train_model(good, out, ...)  # TrainReport; writes OUT.safetensors + OUT.json
+    report = build_detector(good, out)    # BuildReport; writes OUT.safetensors + OUT.json
+
+Attributes are imported lazily, so that ``models.errors`` can be imported without torch.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import Any
 
-from .inspection import InspectionModel, default_model_path, load_model, save_model
-
-if TYPE_CHECKING:
-    from .train import TrainReport
-
-
-def train_model(good: list[Path], out: Path, **options: Any) -> TrainReport:
-    """Train a model on good images (+ simulated data) and calibrate its threshold.
-
-    See :func:`models.train.train_model` for the options. Imported lazily: training pulls in
-    the simulators, which inference does not need.
-    """
-    from .train import train_model as _train
-
-    return _train(good, out, **options)
+_LAZY = {
+    "InspectionModel": "models.inspection",
+    "default_model_path": "models.inspection",
+    "load_model": "models.inspection",
+    "save_model": "models.inspection",
+    "PatchDetector": "models.detector",
+    "build_detector": "models.build",
+    "train_model": "models.train",
+}
 
 
-__all__ = [
-    "InspectionModel",
-    "default_model_path",
-    "load_model",
-    "save_model",
-    "train_model",
-]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -97,6 +97,13 @@ def _sigmoid(z: float) -> float:
     return float(1.0 / (1.0 + np.exp(-z)))
 
 
+#: the scale on which the tail of component peaks is close to linear in log(rank), and back
+_TAIL_SCALES = {
+    "probability": (_logit, lambda z: min(_sigmoid(z), 1 - 1e-6)),
+    "distance": (lambda d: np.asarray(d, dtype=float), float),
+}
+
+
 def component_peaks(maps: list[np.ndarray], base: float) -> np.ndarray:
     """Peak score of every connected component of ``map > base``, all maps together."""
     from scipy import ndimage
@@ -116,6 +123,7 @@ def calibrate_threshold(
     target_per_cm2: float = 1.0,
     tail: int = 40,
     merge_map_px: float = DEFECT_MERGE_MAP_PX,
+    scores: str = "probability",
 ) -> Calibration:
     """Lowest anomaly threshold with at most ``target_per_cm2`` false defects per cm².
 
@@ -138,6 +146,11 @@ def calibrate_threshold(
         Number of highest component peaks the tail model is fitted to.
     merge_map_px : float
         Components closer than this (map pixels) count as one false defect.
+    scores : {"probability", "distance"}
+        What the maps hold: probabilities in (0, 1) (the tail is linear in their logit) or
+        positive distances with no upper bound (the detector's: an exponential tail, linear
+        in the distance itself; a power law, linear in its log, put the threshold of a model
+        built from one good image four times above every score of a defective copy).
 
     Returns
     -------
@@ -177,13 +190,14 @@ def calibrate_threshold(
     n_tail = int(min(len(peaks), tail))
     # peaks-over-threshold tail: log(rank) is close to linear in logit(peak)
     if allowed < 20 and n_tail >= 5:
-        z = _logit(peaks[:n_tail])
+        forward, inverse = _TAIL_SCALES[scores]
+        z = forward(peaks[:n_tail])
         logn = np.log(np.arange(1, n_tail + 1))
         if np.ptp(z) > 1e-9:
             slope, icept = np.polyfit(z, logn, 1)
             if slope < 0:
                 z_target = (np.log(max(allowed, 1e-6)) - icept) / slope
-                candidate = min(_sigmoid(float(z_target)), 1 - 1e-6)
+                candidate = inverse(float(z_target))
                 if candidate > threshold:
                     threshold, extrapolated = candidate, True
     final_count = count_components(maps, threshold, merge_map_px)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scanner.errors import UserError
-
+from .errors import InputError as UserError
 from .inspection import brightness_level, to_luminance
 
 #: file types read as good images

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from scanner.errors import UserError
-
+from .errors import InputError as UserError
 from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, context_margin_px, fuse_batchnorm
 
 #: version of the card format
@@ -243,24 +242,29 @@ def save_model(net: InspectionNet, card: dict[str, Any], path: str | Path) -> Pa
     The card gets ``version``, ``architecture``, ``output_stride``, ``context_px`` and the
     ``weights_sha256`` of the file written.
     """
+    card = dict(card)
+    card.update(architecture={"name": "InspectionNet", **net.config.to_dict()},
+                output_stride=OUTPUT_STRIDE, context_px=context_margin_px())
+    return write_model_files(net.state_dict(), card, path)
+
+
+def write_model_files(state: dict[str, torch.Tensor], card: dict[str, Any],
+                      path: str | Path) -> Path:
+    """Write tensors (.safetensors) and card (.json) atomically; returns the weights path.
+
+    The card gets ``version``, ``weights_file`` and the ``weights_sha256`` of the file written.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "card_version": str(CARD_VERSION)})
     card = dict(card)
-    card.update(
-        version=CARD_VERSION,
-        architecture={"name": "InspectionNet", **net.config.to_dict()},
-        output_stride=OUTPUT_STRIDE,
-        context_px=context_margin_px(),
-        weights_file=path.name,
-        weights_sha256=_weights_sha256(tmp),
-    )
+    card.update(version=CARD_VERSION, weights_file=path.name, weights_sha256=_weights_sha256(tmp))
     card_tmp = card_path_for(path).with_name(card_path_for(path).name + ".tmp")
     card_tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
@@ -268,10 +272,12 @@ def save_model(net: InspectionNet, card: dict[str, Any], path: str | Path) -> Pa
     return path
 
 
-def load_model(path: str | Path | None = None) -> InspectionModel:
+def load_model(path: str | Path | None = None) -> Any:
     """Load a model (weights + card) for inference; ``None`` loads the shipped default.
 
-    ``path`` may name the ``.safetensors`` file, the ``.json`` card, or the common stem.
+    ``path`` may name the ``.safetensors`` file, the ``.json`` card, or the common stem. A
+    detector card (architecture ``PatchCore``) gives a :class:`models.detector.PatchDetector`,
+    a network card an :class:`InspectionModel`.
 
     Raises
     ------
@@ -279,14 +285,19 @@ def load_model(path: str | Path | None = None) -> InspectionModel:
         Missing file, corrupt weights, a card that does not match the weights (sha256,
         architecture), naming the file.
     """
-    net, card, weights = load_network(path)
-    return InspectionModel(net, card, path=weights)
+    card, state, weights = read_model_files(path)
+    if card["architecture"].get("name") == "PatchCore":
+        from .detector import detector_from_files
+
+        return detector_from_files(card, state, weights)
+    return InspectionModel(network_from_state(card["architecture"], state, weights), card,
+                           path=weights)
 
 
 def load_network(path: str | Path | None = None) -> tuple[InspectionNet, dict[str, Any], Path]:
     """The trainable network of a saved model (not fused for inference), its card and file.
 
-    ``path`` as for :func:`load_model`; used to fine-tune a model.
+    ``path`` as for :func:`load_model`; a detector's roughness network is taken from it.
 
     Raises
     ------
@@ -294,14 +305,40 @@ def load_network(path: str | Path | None = None) -> tuple[InspectionNet, dict[st
         Missing file, corrupt weights, a card that does not match the weights (sha256,
         architecture), naming the file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    card, state, weights = read_model_files(path)
+    arch = card["architecture"]
+    if arch.get("name") == "PatchCore":
+        if not arch.get("companion"):
+            raise UserError(f"{weights}: this detector has no roughness network")
+        prefix = "companion."
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        arch = arch["companion"]
+    return network_from_state(arch, state, weights), card, weights
 
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    """The ``.safetensors`` file a model path names (None: the shipped default)."""
     weights = default_model_path() if path is None else Path(path)
     if weights.suffix == ".json":
         weights = weights.with_suffix(".safetensors")
     elif weights.suffix != ".safetensors":
         weights = weights.with_name(weights.name + ".safetensors")
+    return weights
+
+
+def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                        Path]:
+    """The card, the tensors and the weights file of a saved model (checked against the card).
+
+    Raises
+    ------
+    UserError
+        Missing file, unreadable card, corrupt weights, a checksum that does not match.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = resolve_model_path(path)
     card_file = card_path_for(weights)
     for f in (weights, card_file):
         if not f.is_file():
@@ -310,21 +347,26 @@ def load_network(path: str | Path | None = None) -> tuple[InspectionNet, dict[st
         card = json.loads(card_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{card_file}: not a valid model card ({exc})") from None
-    if not isinstance(card, dict) or "architecture" not in card:
+    if not isinstance(card, dict) or not isinstance(card.get("architecture"), dict):
         raise UserError(f"{card_file}: not a waferscope model card (no 'architecture')")
     expected = card.get("weights_sha256")
     if expected and expected != _weights_sha256(weights):
         raise UserError(f"{weights}: checksum does not match its card {card_file.name} "
                         "(corrupt or replaced weights)")
     try:
-        arch = {k: v for k, v in card["architecture"].items() if k != "name"}
-        net = InspectionNet(NetConfig.from_dict(arch))
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"{card_file}: unknown architecture ({exc})") from None
-    try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{weights}: corrupt model weights ({exc})") from None
+    return card, state, weights
+
+
+def network_from_state(arch: dict[str, Any], state: dict[str, torch.Tensor],
+                       weights: Path) -> InspectionNet:
+    """An :class:`InspectionNet` of an architecture record with its tensors (checked)."""
+    try:
+        net = InspectionNet(NetConfig.from_dict({k: v for k, v in arch.items() if k != "name"}))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{card_path_for(weights)}: unknown architecture ({exc})") from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -332,4 +374,4 @@ def load_network(path: str | Path | None = None) -> tuple[InspectionNet, dict[st
         raise UserError(
             f"{weights}: weights do not fit the card's architecture ({first})"
         ) from None
-    return net, card, weights
+    return net

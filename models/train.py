@@ -29,8 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from scanner.errors import UserError
-
 from .calibrate import (
     CONTEXT_CARD_KEYS,
     Calibration,
@@ -47,6 +45,7 @@ from .data import (
     scan_pixel_size_um,
     simulated_good_images,
 )
+from .errors import InputError as UserError
 from .inspection import GAIN, InspectionModel, card_path_for, load_model, load_network, save_model
 from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, macs_per_pixel
 from .synth import add_anomalies

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+from models.errors import InputError
 
 from .errors import UserError
 
@@ -55,7 +58,7 @@ def _friendly(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except UserError as exc:
+        except InputError as exc:  # UserError and the model package's bad input
             # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -286,87 +289,101 @@ def train(
     model_out: Annotated[
         Path, typer.Option("--out", help="Model to write (MODEL.safetensors + MODEL.json).")
     ] = Path("model.safetensors"),
-    # models.train.DEFAULT_EPOCHS (not imported here: it would load torch for every command)
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping).")] = 40,
-    seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
     false_alarms_per_cm2: Annotated[
-        float, typer.Option(help="Threshold calibration target on held-out good images.")
+        float, typer.Option(help="Threshold calibration target on held-out good surface.")
     ] = 1.0,
     pixel_size_um: Annotated[
         float | None,
-        typer.Option(help="Pixel size of the good images (default: scan.json, else 1.0)."),
+        typer.Option("--pixel-size", help="Pixel size of the good images in µm (default: the "
+                                          "good scan's, else 1.0)."),
     ] = None,
-    no_simulated: Annotated[
-        bool, typer.Option("--no-simulated", help="Train on the given good images only.")
-    ] = False,
-    simulated_only: Annotated[
-        bool,
-        typer.Option("--simulated-only",
-                     help="Train on simulated wafers, PV cells and rough surfaces only, over "
-                          "their usual pixel sizes (how the default model is made)."),
-    ] = False,
-    n_simulated: Annotated[int, typer.Option(min=0, help="Simulated training images.")] = 96,
     init: Annotated[
-        str | None,
-        typer.Option("--init", help="Fine-tune this model ('default': the shipped one) instead "
-                                    "of training from scratch."),
+        Path | None,
+        typer.Option("--init", help="Extend this model with the new good images (it is left "
+                                    "as it is; the result goes to --out)."),
     ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(min=0, help="Peak learning rate (default 3e-3; 1e-3 with --init)."),
-    ] = None,
-    device: Annotated[
-        str, typer.Option(help="Where to train: cpu, cuda, or auto (a GPU when there is one).")
-    ] = "cpu",
-    workers: Annotated[
-        int, typer.Option(min=0, help="Processes making training batches (0: none; with a GPU "
-                                      "use about the free CPU cores).")
+    simulated: Annotated[
+        int, typer.Option(min=0, help="Also add this many simulated good windows of wafers "
+                                      "and PV cells at the same pixel size.")
     ] = 0,
+    seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
 ) -> None:
-    """Train an inspection model on good images (+ simulated surfaces); calibrate its threshold."""
-    from models.train import train_model
+    """Build a detector from good images and calibrate its threshold on held-out good surface."""
+    from models.build import build_detector
+
+    from .goodimages import load_good
 
     paths = list(good or []) + list(more_good or [])
-    if simulated_only and paths:
-        raise UserError("--simulated-only: give no --good images with it")
-    if not paths and not simulated_only:
-        raise UserError("--good: give good images (or --simulated-only)")
-    if no_simulated and simulated_only:
-        raise UserError("--no-simulated and --simulated-only exclude each other")
+    if not paths:
+        raise UserError("--good: give good images, folders of them, or good scan folders")
     target = model_out if model_out.suffix == ".safetensors" else model_out.with_suffix(
         ".safetensors")
     if target.exists() and not overwrite:
         raise UserError(f"{target}: exists (use --overwrite to replace it)")
+    if init is not None and init.resolve().with_suffix(".safetensors") == target.resolve():
+        raise UserError(f"--init {init}: give another --out (the model extended is kept)")
+    if pixel_size_um is not None and not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
+        raise UserError("--pixel-size: must be a positive number of µm")
+    images, scan_pixel = load_good(paths)
+    pixel = float(pixel_size_um or scan_pixel or 1.0)
+    if simulated:
+        from models.data import simulated_good_images
+
+        images += simulated_good_images(simulated, 512, pixel, seed, kinds=("wafer", "pv_cell"))
     with _progress() as progress:
         tasks: dict[str, TaskID] = {}
-        labels = {"data": "preparing data", "train": "training", "calibrate": "calibrating"}
+        labels = {"features": "features of good images", "bank": "memory bank (coreset)",
+                  "calibrate": "calibrating"}
 
-        def on_progress(stage: str, done: int, total: int, info: dict) -> None:
-            if stage == "epoch":
-                auc = info.get("val_auroc", float("nan"))
-                err.print(f"epoch {done}: train loss {info['train_loss']:.4f}, val loss "
-                          f"{info['val_loss']:.4f}, val AUROC {auc:.3f}, val Sa MAE "
-                          f"{info.get('val_sa_mae_nm', float('nan')):.2f} nm", highlight=False)
-                return
+        def on_progress(stage: str, done: int, total: int) -> None:
             if stage not in tasks:
                 tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
-        report = train_model(
-            paths, target, epochs=epochs, seed=seed, false_alarms_per_cm2=false_alarms_per_cm2,
-            pixel_size_um=pixel_size_um, simulated=not no_simulated,
-            multiscale=simulated_only, n_simulated=n_simulated, progress=on_progress,
-            init=init, lr=lr if lr is not None else (1e-3 if init else 3e-3),
-            device=device, workers=workers,
-        )
+        report = build_detector(images, target, pixel_size_um=pixel,
+                                false_alarms_per_cm2=false_alarms_per_cm2, init=init,
+                                seed=seed, progress=on_progress,
+                                card_extra={"good": [str(p) for p in paths]})
     card = report.card
+    cal = card["calibration"]
     out.print(f"model: {report.weights.resolve()}")
     out.print(f"  card       {report.card_path.resolve()}")
-    out.print(f"  threshold  {card['threshold']:.4f} (target {false_alarms_per_cm2} false "
-              f"alarm/cm² on {card['calibration']['held_out_images']} held-out good images)")
-    out.print(f"  epochs     {report.epochs_run} (best {report.best_epoch})")
-    out.print(f"  time       {_duration(report.train_time_s)}")
+    out.print(f"  bank       {card['bank']['features']} features of {len(images)} good "
+              f"image(s) at {pixel:g} µm/px")
+    out.print(f"  threshold  {card['threshold']:.4f} (target {false_alarms_per_cm2:g} false "
+              f"alarm/cm² on {cal['area_cm2']:.3g} cm² of held-out good surface, "
+              f"{cal['held_out']})")
+    out.print(f"  time       {_duration(report.build_time_s)}")
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_friendly
+def drift(
+    scans: Annotated[list[Path], typer.Argument(help="Inspected scan folders, oldest first.")],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The model they were inspected with "
+                                                  "(default: the shipped one).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for drift.png (default: no plot).")
+    ] = None,
+) -> None:
+    """Whether recent scans' good-surface scores moved beyond the model's calibration."""
+    from .drift import check_drift
+    from .inspection import load_inspection_model
+
+    report = check_drift(scans, load_inspection_model(model), out_dir)
+    for skipped in report.skipped:
+        err.print(f"skipped {escape(skipped)}", highlight=False, soft_wrap=True)
+    for row in report.scans:
+        ratios = ", ".join(f"{k} x{v:.2f}" for k, v in row["ratios"].items())
+        out.print(f"  {escape(Path(row['scan']).name)}: {ratios}", highlight=False)
+    if report.plot is not None:
+        out.print(f"plot: {report.plot.resolve()}")
+    out.print(report.verdict(), highlight=False)
 
 
 @app.command()

@@ -79,9 +79,18 @@ def _in_memory(array: Any) -> Any:
     return np.asarray(array[...])
 
 
+def score_ceiling(threshold: float) -> float:
+    """The top of the anomaly map's useful range above a threshold: 1 on a probability map
+    (threshold below 1), twice the threshold on the detector's unbounded distance scale
+    (threshold 1 and above). Evidence from outside the model (die-to-die, plain surface)
+    approaches it, and the borderline band is measured against it."""
+    return 1.0 if threshold < 1.0 else 2.0 * float(threshold)
+
+
 def is_borderline(score: float, threshold: float) -> bool:
-    """True when ``score`` is in the lowest :data:`BORDERLINE` of the range threshold..1."""
-    return score < threshold + BORDERLINE * (1.0 - threshold)
+    """True when ``score`` is in the lowest :data:`BORDERLINE` of the range threshold..top
+    (:func:`score_ceiling`)."""
+    return score < threshold + BORDERLINE * (score_ceiling(threshold) - threshold)
 
 
 @dataclass(frozen=True)

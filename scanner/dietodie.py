@@ -906,15 +906,19 @@ def alike_partial_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: li
 def z_to_score(z: np.ndarray, z_threshold: float, threshold: float) -> np.ndarray:
     """Die-to-die z-scores on the anomaly map's scale: ``z_threshold`` maps to ``threshold``.
 
-    ``threshold * sqrt(z / z_threshold)`` below the threshold and ``threshold + (1 -
-    threshold)(1 - z_threshold / z)`` above it (approaching 1 for strong differences). The
+    ``threshold * sqrt(z / z_threshold)`` below the threshold and ``threshold + (top -
+    threshold)(1 - z_threshold / z)`` above it, approaching ``top`` for strong differences
+    (:func:`score_ceiling`: 1 on a probability map, twice the threshold on a distance map). The
     square root puts the extent threshold of defect extraction (about two thirds of the
     decision threshold on a patterned wafer) near z = 7, well above the noise, so a scratch
     that is faint where it crosses busy circuitry still grows into one defect.
     """
     z = np.maximum(np.asarray(z, dtype=np.float32), 0.0)
     below = threshold * np.sqrt(z / z_threshold)
-    above = threshold + (1.0 - threshold) * (1.0 - z_threshold / np.maximum(z, 1e-6))
+    from .defects import score_ceiling
+
+    above = threshold + (score_ceiling(threshold) - threshold) * (
+        1.0 - z_threshold / np.maximum(z, 1e-6))
     return np.where(z <= z_threshold, below, above).astype(np.float32)
 
 

@@ -311,7 +311,7 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def source_level(model: Model, source: Any, grid: int = 8, window: int = 128) -> float:
+def source_level(source: Any, grid: int = 8, window: int = 128) -> float:
     """Brightness level of a whole image or mosaic, from full-resolution samples.
 
     ``grid x grid`` windows of ``window`` pixels spread evenly over the source are read (a few
@@ -333,7 +333,9 @@ def source_level(model: Model, source: Any, grid: int = 8, window: int = 128) ->
             np.asarray(source)[np.ix_(rows, cols)]
         sub = np.asarray(block, dtype=np.float32).ravel()
     sub = sub[sub != 0]
-    return float(model.brightness_level(sub[None, :])) if sub.size else 1.0
+    from models.inspection import brightness_level
+
+    return float(brightness_level(sub[None, :])) if sub.size else 1.0
 
 
 def run_tiled(
@@ -387,7 +389,7 @@ def run_tiled(
     stats = InferenceStats()
     total = n_rows * n_cols
     if level is None:
-        level = source_level(model, reader.source)
+        level = source_level(reader.source)
     stats.extra["level"] = float(level)
 
     def window_input(i: int, j: int) -> np.ndarray | None:
@@ -679,7 +681,7 @@ def infer_image(
     *,
     pixel_size_um: float | None = None,
     origin_um: tuple[float, float] = (0.0, 0.0),
-    core_px: int = DEFAULT_CORE_PX,
+    core_px: int | None = None,
     batch: int = 1,
 ) -> MapSet:
     """Maps of an in-memory 2-D image.
@@ -694,14 +696,18 @@ def infer_image(
         Pixel size of the image; default the model's (no resampling).
     origin_um : tuple of float
         Stage ``(x, y)`` of image pixel ``(0, 0)``.
-    core_px, batch : int
-        Window core size (input pixels) and windows per network call.
+    core_px : int, optional
+        Window core (input pixels); default the model's ``core_px``, else
+        :data:`DEFAULT_CORE_PX`.
+    batch : int
+        Windows per network call.
     """
     p_img = float(pixel_size_um or model.pixel_size_um)
     p_model = grid_pixel_um(model, p_img)
     reader = GridReader(image, p_model / p_img)
     s = int(model.output_stride)
-    tiling = plan_tiling(reader.shape, s, int(model.context_px), core_px=core_px)
+    tiling = plan_tiling(reader.shape, s, int(model.context_px),
+                         core_px=core_px or getattr(model, "core_px", DEFAULT_CORE_PX))
     sink = ArraySink(tiling.map_shape)
     stats = run_tiled(model, reader, sink, tiling=tiling, batch=batch)
     half = (s - 1) / 2 * p_model
@@ -716,7 +722,7 @@ def infer_mosaic(
     *,
     polygon: Any = None,
     edge_um: float | None = None,
-    core_px: int = DEFAULT_CORE_PX,
+    core_px: int | None = None,
     batch: int = 1,
     progress: Callable[[int, int], None] | None = None,
     refine: Callable[[MapSet], None] | None = None,
@@ -737,8 +743,11 @@ def infer_mosaic(
         are 0 outside it. Default: everything scanned.
     edge_um : float, optional
         Erosion of ``polygon`` (default two map pixels), so the sample's border is not a defect.
-    core_px, batch : int
-        Window core (input pixels) and windows per network call.
+    core_px : int, optional
+        Window core (input pixels); default the model's ``core_px``, else
+        :data:`DEFAULT_CORE_PX`.
+    batch : int
+        Windows per network call.
     progress : callable, optional
         ``progress(done, total)`` in windows.
     refine : callable, optional
@@ -759,7 +768,8 @@ def infer_mosaic(
     p_model = grid_pixel_um(model, p_mosaic)
     reader = GridReader(level0, p_model / p_mosaic)
     s = int(model.output_stride)
-    tiling = plan_tiling(reader.shape, s, int(model.context_px), core_px=core_px)
+    tiling = plan_tiling(reader.shape, s, int(model.context_px),
+                         core_px=core_px or getattr(model, "core_px", DEFAULT_CORE_PX))
     origin, p_map = map_geometry(model, (x0, y0), p_mosaic)
     mask = None
     if polygon is not None:

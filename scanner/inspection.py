@@ -242,26 +242,33 @@ def _usable_polygon(sample: Any) -> Any:
 
 def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
                 ) -> Callable[[MapSet], tuple[dict[str, Any], Any]] | None:
-    """The map refinement that adds die-to-die evidence (wafers with ``die_to_die`` only).
+    """The map refinement that adds die-to-die evidence, or None when there is no die grid.
 
-    It runs after the network, not beside it: on the 2-core reference machine a thread
-    running it during inference slowed both (demo wafer: inspection 18.2 -> 22.8 s).
-    Returns what it did (dies compared, seconds, ...) and the reader of difference images
-    and z-scores of the dies compared (``difference(r0, c0, h, w)`` on the mosaic's level 0:
-    ``Comparison.difference``; None when none were, or when the maps are not on the mosaic's
-    own grid).
+    Wafers with ``die_to_die`` use the recipe's grid; image and rectangle samples the grid
+    their recipe gives, else the repeat found in the mosaic (:func:`scanner.diegrid.
+    estimate_grid`) when ``die_to_die`` is true or auto. It runs after the model, not beside
+    it: on the 2-core reference machine a thread running it during inference slowed both
+    (demo wafer: inspection 18.2 -> 22.8 s). Returns what it did (dies compared, seconds,
+    the grid) and the reader of difference images and z-scores of the dies compared
+    (``difference(r0, c0, h, w)`` on the mosaic's level 0: ``Comparison.difference``; None
+    when none were, or when the maps are not on the mosaic's own grid).
     """
-    if sample is None or getattr(sample, "kind", None) != "wafer" or polygon is None \
-            or not getattr(sample, "die_to_die", False):
+    kind = getattr(sample, "kind", None)
+    if sample is None or polygon is None or kind not in ("wafer", "image", "rectangle") \
+            or getattr(sample, "die_to_die", False) is False:
         return None
-    from .diegrid import DieGrid
+    from .diegrid import sample_grid
     from .dietodie import MosaicGrid, apply_patches, die_to_die_patches
     from .mosaic import level_transform, open_mosaic
 
-    grid = DieGrid.from_sample(sample.model_dump(mode="json"))
+    levels, transforms = open_mosaic(mosaic)
+    grid, source = sample_grid(sample), "recipe"
+    if grid is None:
+        grid, source = _found_grid(levels, transforms), "found in the mosaic"
+    if grid is None:
+        return None
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any]:
-        levels, transforms = open_mosaic(mosaic)
         scale, trans = level_transform(transforms)
         geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
                               tuple(levels[0].shape))
@@ -272,9 +279,31 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
         difference = None
         if comparison is not None and not maps.reader.resample and levels[0].ndim == 2:
             difference = functools.partial(comparison.difference, levels[0])
-        return stats.to_dict(), difference
+        return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
+                                             "origin_um": list(grid.origin_um),
+                                             "source": source}}, difference
 
     return refine
+
+
+#: side (px) of the pyramid level the repeat of a layout is looked for in
+GRID_SEARCH_PX = 1100
+
+
+def _found_grid(levels: list[Any], transforms: list[Any]) -> Any:
+    """The repeat found in a mosaic's pyramid level of about :data:`GRID_SEARCH_PX` a side
+    (None: no clear repeat)."""
+    from .diegrid import estimate_grid
+    from .mosaic import level_transform
+
+    k = next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
+             len(levels) - 1)
+    image = np.asarray(levels[k][...], dtype=np.float32)
+    if image.ndim != 2:
+        return None
+    scale, trans = level_transform(transforms, k)
+    return estimate_grid(image, float(scale[1]), (float(trans[1]), float(trans[0])),
+                         image != 0)
 
 
 #: sample kinds whose surface can be plain (polished wafers between and around dies, blank
@@ -384,6 +413,9 @@ def inspect_mosaic(
                             reflectance[0] if reflectance else None,
                             difference[0] if difference else None)
     t_defects = time.perf_counter() - t1
+    from .drift import good_surface_scores
+
+    good_scores = good_surface_scores(maps.maps["anomaly"], thr)
     mp = maps.stats.extra.get("mosaic_px", 0)
     timings = {
         "wall_s": round(time.perf_counter() - t0, 3),
@@ -413,6 +445,7 @@ def inspect_mosaic(
         "die_to_die": d2d or None,
         "plain_surface": plain or None,
         "n_defects": len(defects),
+        "good_scores": good_scores,
     }
     write_defects(out_dir, defects, header)
     if scan is not None and out_dir.resolve() == folder.resolve():
@@ -421,7 +454,7 @@ def inspect_mosaic(
             "model": header["model"], "threshold": thr, "n_defects": len(defects),
             "n_review": sum(d.review for d in defects), "maps": header["maps"],
             "mosaic_megapixels": round(mp / 1e6, 3) if mp else None, **timings,
-            "die_to_die": d2d or None,
+            "die_to_die": d2d or None, "good_scores": good_scores,
         }
         write_json(folder / SCAN_JSON, scan)
     outputs = {k: v for k, v in maps.paths.items()}

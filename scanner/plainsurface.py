@@ -122,11 +122,15 @@ def background(block_median: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def deviation_to_score(deviation: np.ndarray, min_contrast: float, threshold: float
                        ) -> np.ndarray:
-    """Reflectance changes on the anomaly map's scale: ``threshold + (1 - threshold)(1 -
-    min_contrast / (2 |d|))``, halfway between the threshold and 1 at the smallest change
-    reported, approaching 1 for strong ones."""
+    """Reflectance changes on the anomaly map's scale: ``threshold + (top - threshold)(1 -
+    min_contrast / (2 |d|))``, halfway between the threshold and ``top``
+    (:func:`scanner.defects.score_ceiling`) at the smallest change reported, approaching
+    ``top`` for strong ones."""
+    from .defects import score_ceiling
+
     d = np.maximum(np.abs(np.asarray(deviation, dtype=np.float32)), min_contrast)
-    return (threshold + (1.0 - threshold) * (1.0 - min_contrast / (2.0 * d))).astype(np.float32)
+    top = score_ceiling(threshold)
+    return (threshold + (top - threshold) * (1.0 - min_contrast / (2.0 * d))).astype(np.float32)
 
 
 def plain_surface_defects(

@@ -160,6 +160,15 @@ class ImageSample(_Model):
     region_px: tuple[int, int, int, int] | None = Field(
         None, description="(row, col, rows, cols) to scan; default: the whole image"
     )
+    die_pitch_mm: tuple[PositiveFloat, PositiveFloat] | None = Field(
+        None, description="pitch (x, y) of a repeating layout; default: found from the mosaic "
+                          "when die_to_die is true or auto")
+    die_origin_mm: XY = Field(
+        (0.0, 0.0), description="corner of die (0, 0) from the stage position of the "
+                                "image's pixel (0, 0) (with die_pitch_mm)")
+    die_to_die: bool | Literal["auto"] = Field(
+        "auto", description="compare each repeat with its neighbours: true, false, or auto "
+                            "(when the mosaic shows a clear repeat)")
     defects: DefectSpec = DefectSpec(count=0)
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
@@ -189,6 +198,15 @@ class RectangleSample(_Model):
     width_mm: PositiveFloat
     height_mm: PositiveFloat
     center_um: XY = (0.0, 0.0)
+    die_pitch_mm: tuple[PositiveFloat, PositiveFloat] | None = Field(
+        None, description="pitch (x, y) of a repeating layout; default: found from the mosaic "
+                          "when die_to_die is true or auto")
+    die_origin_mm: XY = Field(
+        (0.0, 0.0), description="corner of die (0, 0) from the rectangle's lower corner "
+                                "(smallest x and y) (with die_pitch_mm)")
+    die_to_die: bool | Literal["auto"] = Field(
+        "auto", description="compare each repeat with its neighbours: true, false, or auto "
+                            "(when the mosaic shows a clear repeat)")
     defects: DefectSpec = DefectSpec(count=10)
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None

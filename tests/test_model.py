@@ -11,7 +11,7 @@ import torch
 
 from models import InspectionModel, default_model_path, load_model, save_model
 from models.network import InspectionNet, NetConfig, context_margin_px, macs_per_pixel
-from scanner.errors import UserError
+from models.errors import InputError as UserError
 
 SMALL = NetConfig(widths=(16, 16, 16), heads=2, head_hidden=4)
 

@@ -198,8 +198,7 @@ def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m"),
-                              "--no-simulated"])
+    res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m")])
     assert res.exit_code == 2 and "bad.png" in res.output
     (tmp_path / "m.safetensors").write_bytes(b"x")
     res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m")])
@@ -209,11 +208,10 @@ def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", "--good", str(img), "--out", str(tmp_path / "n"),
                               "--init", str(tmp_path / "nothing.safetensors")])
     assert res.exit_code == 2 and "nothing.safetensors" in res.output
-    for device in ["warp9"] + ([] if torch.cuda.is_available() else ["cuda"]):
-        res = runner.invoke(app, ["train", "--simulated-only", "--out", str(tmp_path / "d"),
-                                  "--device", device])
-        assert res.exit_code == 2 and "--device" in res.output
-        assert "Traceback" not in res.output
+    for option in ("--pixel-size", "--false-alarms-per-cm2"):
+        res = runner.invoke(app, ["train", "--good", str(img), "--out", str(tmp_path / "p"),
+                                  option, "-1"])
+        assert res.exit_code == 2 and option in res.output
     assert "Traceback" not in res.output
 
 
@@ -418,16 +416,6 @@ def test_pixel_bands_give_finer_pixels_their_own_higher_threshold(monkeypatch):
     assert all(b["quiet"] == 0.95 and "plain" not in b for b in raised)
     monkeypatch.setattr(train, "MIN_BAND_AREA_CM2", 100.0)
     assert train.calibrate_pixel_bands(images, maps, 10.0, 1.0, None, {}) == {}
-
-
-def test_cli_train_defaults_to_the_library_epochs():
-    import inspect
-
-    from models.train import DEFAULT_EPOCHS, train_model
-    from scanner.cli import train
-
-    assert inspect.signature(train_model).parameters["epochs"].default == DEFAULT_EPOCHS
-    assert inspect.signature(train).parameters["epochs"].default == DEFAULT_EPOCHS
 
 
 def test_recalibrate_rewrites_every_threshold_of_a_card(tmp_path: Path) -> None:

@@ -1,0 +1,403 @@
+"""Building a detector from good images: memory bank, held-out calibration, card.
+
+The user's good images (files, folders, or the mosaic of a good scan, as relative reflectance)
+are cut into stride-8 cells with pretrained features (:mod:`models.backbone`). Part of the good
+surface is held out: whole images when there are enough of them, else one quarter of each
+image. The rest is reduced to a greedy coreset (:func:`models.bank.greedy_coreset`): the
+memory bank. The held-out surface is then scored like an inspection would score it, which
+gives the score scale (``score_reference``), the threshold for the false-alarm rate per cm²
+the user asked for (:func:`models.calibrate.calibrate_threshold`), the uncertainty's scale and
+the distribution of good scores that drift checks compare scans with.
+
+Nothing here needs a defect: no synthetic anomalies are painted, nothing is trained by
+gradient descent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backbone import FEATURE_DIM, FEATURE_STRIDE, extract
+from .bank import greedy_coreset, nearest_distance
+from .calibrate import calibrate_threshold
+from .data import GoodImage
+from .detector import (
+    CONTEXT_PX,
+    CORE_PX,
+    PAD_MULTIPLE,
+    SMALL_IMAGE_CONTEXT_PX,
+    PatchDetector,
+    save_detector,
+)
+from .drift import score_summary
+from .errors import InputError
+
+#: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
+BANK_MAX = 16384
+#: fewest bank features (a small good image keeps all of its cells up to this)
+BANK_MIN = 2048
+#: share of the candidate cells kept by the coreset (PatchCore keeps 1-10 %)
+BANK_FRACTION = 0.1
+#: candidate cells drawn at random before the coreset (the greedy search is linear in them)
+CANDIDATES_MAX = 80_000
+#: with at least this many good images, whole images are held out; with fewer, a quarter of
+#: each image
+MIN_IMAGES_TO_HOLD_OUT = 8
+HOLD_OUT_FRACTION = 0.2
+#: stride-8 cells left out of the bank around a held-out quarter, so that the bank does not
+#: see the held-out surface through the features' receptive field
+GAP_CELLS = 4
+#: the score reference: this quantile of held-out good cell distances
+REFERENCE_QUANTILE = 0.99
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class BuildReport:
+    """What :func:`build_detector` did."""
+
+    weights: Path
+    card_path: Path
+    card: dict[str, Any]
+    build_time_s: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def features_of(image: np.ndarray) -> torch.Tensor:
+    """Pretrained features ``(D, ceil(H/8), ceil(W/8))`` of a relative-reflectance image,
+    computed as inspection computes them: one window with 32 px of mirrored context for an
+    image that fits a window, else windows of ``CORE_PX`` with ``CONTEXT_PX`` of real context
+    (mirrored beyond the image)."""
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape
+    big = max(h, w) > CORE_PX
+    ctx = CONTEXT_PX if big else SMALL_IMAGE_CONTEXT_PX
+    core = CORE_PX if big else max(h, w)
+    out = torch.zeros(FEATURE_DIM, -(-h // FEATURE_STRIDE), -(-w // FEATURE_STRIDE))
+    for r0 in range(0, h, core):
+        for c0 in range(0, w, core):
+            hh, ww = min(core, h - r0), min(core, w - c0)
+            win = _window(img, r0 - ctx, c0 - ctx, hh + 2 * ctx, ww + 2 * ctx)
+            f = extract(torch.from_numpy(win)[None, None])[0]
+            k = ctx // FEATURE_STRIDE
+            fh, fw = -(-hh // FEATURE_STRIDE), -(-ww // FEATURE_STRIDE)
+            out[:, r0 // FEATURE_STRIDE : r0 // FEATURE_STRIDE + fh,
+                c0 // FEATURE_STRIDE : c0 // FEATURE_STRIDE + fw] = f[:, k : k + fh, k : k + fw]
+    return out
+
+
+def _window(img: np.ndarray, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+    """``img[r0:r0+h, c0:c0+w]`` mirrored beyond its borders, sides padded to multiples of 16."""
+    h_pad, w_pad = h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE
+    H, W = img.shape  # noqa: N806
+    a0, a1, b0, b1 = max(r0, 0), min(r0 + h_pad, H), max(c0, 0), min(c0 + w_pad, W)
+    block = img[a0:a1, b0:b1]
+    pads = ((a0 - r0, r0 + h_pad - a1), (b0 - c0, c0 + w_pad - b1))
+    mode = "reflect" if all(p < n for pair, n in zip(pads, block.shape, strict=True)
+                            for p in pair) else "symmetric"
+    while any(p >= n for pair, n in zip(pads, block.shape, strict=True) for p in pair):
+        # an image smaller than its context: mirror in steps no longer than it
+        step = tuple((min(p0, n - 1), min(p1, n - 1)) for (p0, p1), n in
+                     zip(pads, block.shape, strict=True))
+        block = np.pad(block, step, mode="symmetric")
+        pads = tuple((p0 - s0, p1 - s1) for (p0, p1), (s0, s1) in
+                     zip(pads, step, strict=True))
+    return np.ascontiguousarray(np.pad(block, pads, mode=mode), dtype=np.float32)
+
+
+def _usable_cells(image: GoodImage, shape: tuple[int, int]) -> np.ndarray:
+    """Stride-8 cells wholly inside the image's usable area (all when none is given)."""
+    if image.usable is None:
+        return np.ones(shape, dtype=bool)
+    u = np.asarray(image.usable, dtype=bool)
+    h, w = shape
+    pad = np.zeros((h * FEATURE_STRIDE, w * FEATURE_STRIDE), dtype=bool)
+    pad[: u.shape[0], : u.shape[1]] = u
+    return pad.reshape(h, FEATURE_STRIDE, w, FEATURE_STRIDE).all(axis=(1, 3))
+
+
+@dataclass
+class _HeldOut:
+    """The held-out part of one image: its features and usable cells, and its area (µm²)."""
+
+    features: torch.Tensor  # (D, h, w)
+    usable: np.ndarray  # (h, w) bool
+    area_um2: float
+
+
+def _split_image(feat: torch.Tensor, usable: np.ndarray, pixel_um: float
+                 ) -> tuple[torch.Tensor, _HeldOut]:
+    """Bank candidates and the held-out central block (half the rows and half the columns:
+    a quarter of the area) of one image's cells.
+
+    The centre, not a corner quarter: a corner quarter holds one of the image's four corners,
+    which no other part of the image shows (the bank never learns it), so the corner alone
+    set the threshold of a model built from one good scan.
+    """
+    _, h, w = feat.shape
+    rows, cols = slice(h // 4, h // 4 + max(h // 2, 1)), slice(w // 4, w // 4 + max(w // 2, 1))
+    held = _HeldOut(feat[:, rows, cols].clone(), usable[rows, cols].copy(),
+                    float(usable[rows, cols].sum()) * (FEATURE_STRIDE * pixel_um) ** 2)
+    keep = usable.copy()
+    g = GAP_CELLS
+    keep[max(rows.start - g, 0) : rows.stop + g, max(cols.start - g, 0) : cols.stop + g] = False
+    return feat.permute(1, 2, 0)[torch.from_numpy(keep)], held
+
+
+def _held_out_images(n: int, seed: int) -> set[int]:
+    """Indices of the whole images held out (stable under adding images: a hash of the index
+    and the seed decides, so each image keeps its role)."""
+    if n < MIN_IMAGES_TO_HOLD_OUT:
+        return set()
+    ranked = sorted(range(n), key=lambda i: zlib.crc32(f"{seed}:{i}".encode()))
+    return set(ranked[: max(2, round(HOLD_OUT_FRACTION * n))])
+
+
+def build_detector(
+    images: Sequence[GoodImage],
+    out: str | Path,
+    *,
+    pixel_size_um: float = 1.0,
+    pixel_size_range_um: tuple[float, float] | None = None,
+    false_alarms_per_cm2: float = 1.0,
+    init: str | Path | None = None,
+    seed: int = 0,
+    bank_max: int = BANK_MAX,
+    card_extra: dict[str, Any] | None = None,
+    companion_from: str | Path | None = None,
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Build a detector from good images and calibrate its threshold; write it to ``out``.
+
+    Parameters
+    ----------
+    images : sequence of GoodImage
+        Good images as relative reflectance (``models.data``), with their usable areas.
+    out : path
+        Weights to write (``.safetensors``; the card goes beside it).
+    pixel_size_um : float
+        Pixel size of the images (the model runs at it; other scans are resampled to it).
+    pixel_size_range_um : tuple, optional
+        Pixel sizes the images span (multi-scale banks such as the default), recorded so that
+        scans inside it are inspected at their own pixel size.
+    false_alarms_per_cm2 : float
+        Target of the threshold calibration on the held-out good surface.
+    init : path, optional
+        An existing detector to extend: its bank is kept and only what it does not cover of
+        the new images is added (the file at ``init`` is not changed).
+    seed : int
+        Seed of every random choice.
+    bank_max : int
+        Most features in the bank.
+    card_extra : dict, optional
+        More entries for the card (provenance).
+    companion_from : path, optional
+        The model whose roughness network goes beside the detector (default: ``init``,
+        else the shipped default).
+    progress : callable, optional
+        ``progress(stage, done, total)`` with stages ``features``, ``bank``, ``calibrate``.
+    """
+    from .inspection import load_model, load_network
+
+    t0 = time.perf_counter()
+    if not images:
+        raise InputError("--good: no good images to build the model from")
+    if false_alarms_per_cm2 <= 0 or not math.isfinite(false_alarms_per_cm2):
+        raise InputError("--false-alarms-per-cm2: must be a positive number")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    base = load_model(init) if init is not None else None
+    if base is not None and not isinstance(base, PatchDetector):
+        raise InputError(f"--init {init}: not a detector (a network-only model cannot be "
+                         "extended; build a new one)")
+    held_images = _held_out_images(len(images), seed)  # none: the centre of each is held out
+    total_cells = sum(-(-g.image.shape[0] // FEATURE_STRIDE) * -(-g.image.shape[1] //
+                      FEATURE_STRIDE) for g in images)
+    per_cell_keep = min(1.0, CANDIDATES_MAX / max(total_cells, 1))
+    candidates: list[torch.Tensor] = []
+    held: list[_HeldOut] = []
+    for k, image in enumerate(images):
+        feat = features_of(image.image)
+        usable = _usable_cells(image, tuple(feat.shape[1:]))
+        p = float(image.meta.get("pixel_size_um", pixel_size_um))
+        if k in held_images:
+            held.append(_HeldOut(feat, usable, float(usable.sum()) * (FEATURE_STRIDE * p) ** 2))
+        else:
+            if not held_images:
+                cand, h = _split_image(feat, usable, p)
+                held.append(h)
+            else:
+                cand = feat.permute(1, 2, 0)[torch.from_numpy(usable)]
+            if per_cell_keep < 1.0 and len(cand):
+                pick = rng.random(len(cand)) < per_cell_keep
+                cand = cand[torch.from_numpy(pick)]
+            candidates.append(cand.reshape(-1, FEATURE_DIM))
+        if progress is not None:
+            progress("features", k + 1, len(images))
+    pool = torch.cat(candidates) if candidates else torch.zeros(0, FEATURE_DIM)
+    if not len(pool):
+        raise InputError("--good: the good images hold no usable surface to build from")
+    n_cells = int(total_cells * (1 - len(held_images) / len(images)))
+    size = int(min(bank_max, max(BANK_MIN, BANK_FRACTION * n_cells), len(pool)))
+    if progress is not None:
+        progress("bank", 0, 1)
+    start = base.bank if base is not None else None
+    if start is not None:
+        size = max(0, min(size, bank_max - len(start)))
+    chosen = greedy_coreset(pool, size, start=start, seed=seed) if size else \
+        torch.zeros(0, dtype=torch.long)
+    bank = pool[chosen]
+    if start is not None:
+        bank = torch.cat([start, bank])
+    if progress is not None:
+        progress("bank", 1, 1)
+
+    # score the held-out surface as inspection would, at the output stride
+    detector = PatchDetector(bank, {"score_reference": 1.0})
+    bank_sq = (detector.bank**2).sum(1)
+    distances, masks = [], []
+    for h in held:
+        q = h.features.permute(1, 2, 0).reshape(-1, FEATURE_DIM)
+        d = nearest_distance(q, detector.bank, bank_sq).view(h.features.shape[1:])
+        distances.append(d)
+        masks.append(h.usable)
+    good = torch.cat([d[torch.from_numpy(m)] for d, m in zip(distances, masks, strict=True)])
+    if not len(good):
+        raise InputError("--good: no usable good surface left to calibrate on")
+    reference = float(torch.quantile(good[torch.randperm(len(good))[:1_000_000]],
+                                     REFERENCE_QUANTILE))
+    reference = reference if reference > 0 else 1.0
+    maps = []
+    for d, m in zip(distances, masks, strict=True):
+        a = detector.anomaly_from_distances(d[None] / reference, (2 * d.shape[0],
+                                                                 2 * d.shape[1]))[0].numpy()
+        a[~np.repeat(np.repeat(m, 2, 0), 2, 1)] = 0.0  # outside the usable area: not inspected
+        maps.append(a)
+    area_cm2 = sum(h.area_um2 for h in held) * 1e-8
+    if progress is not None:
+        progress("calibrate", 0, 1)
+    cal = calibrate_threshold(maps, area_cm2, false_alarms_per_cm2, scores="distance")
+    values = np.concatenate([a[np.repeat(np.repeat(m, 2, 0), 2, 1)] for a, m in
+                             zip(maps, masks, strict=True)])
+    q99, q999 = np.quantile(values, [0.99, 0.999])
+    tau = float(max(0.02, np.log(max(q999, 1e-6) / max(q99, 1e-6))))
+    warnings = _calibration_warnings(cal.to_dict(), len(held), len(held_images))
+    if progress is not None:
+        progress("calibrate", 1, 1)
+    # the held-out surface joins the bank once it has served the calibration: what it shows
+    # that the bank does not (the scores that set the threshold) is added, so the final model
+    # knows all of the good surface and its threshold errs on the side of fewer false alarms
+    held_cells = torch.cat([h.features.permute(1, 2, 0)[torch.from_numpy(h.usable)]
+                            for h in held])
+    if len(held_cells) > CANDIDATES_MAX:
+        held_cells = held_cells[torch.randperm(len(held_cells))[:CANDIDATES_MAX]]
+    extra = int(min(max(0, bank_max - len(bank)), BANK_FRACTION * len(held_cells)))
+    if extra:
+        bank = torch.cat([bank, held_cells[greedy_coreset(held_cells, extra, start=bank,
+                                                          seed=seed)]])
+
+    companion = None
+    try:
+        companion, _, _ = load_network(companion_from if companion_from is not None else init)
+    except InputError:
+        companion = None  # a detector without a roughness network: roughness is NaN
+    card: dict[str, Any] = {
+        "name": Path(out).stem,
+        "kind": "detector",
+        "method": "PatchCore: nearest-neighbour distance to a greedy coreset of pretrained "
+                  "EfficientNet-Lite0 patch features of good images",
+        "pixel_size_um": float(pixel_size_um),
+        "pixel_size_range_um": list(pixel_size_range_um or (pixel_size_um, pixel_size_um)),
+        "normalization": {"method": "relative", "formula": "x / level, level = median of the "
+                          "image or mosaic; colour converted to luminance (Rec. 709)"},
+        "score": "nearest-bank distance / score_reference",
+        "score_reference": reference,
+        "threshold": float(cal.threshold),
+        "uncertainty_log_scale": tau,
+        "seed": int(seed),
+        "calibration": {
+            **cal.to_dict(),
+            "held_out": "whole images" if held_images else "the central quarter of each image",
+            "held_out_images": len(held),
+            "warnings": warnings,
+        },
+        "good_scores": score_summary(values),
+        "bank": {"features": int(len(bank)), "candidates": int(len(pool)),
+                 "from_held_out": extra,
+                 "from_init": int(len(start)) if start is not None else 0,
+                 "images": len(images) - len(held_images)},
+        "init": str(init) if init is not None else None,
+        **(card_extra or {}),
+    }
+    if base is not None:
+        card["history"] = [*base.card.get("history", []),
+                           {"model": str(base.path), "sha256": base.card.get("weights_sha256"),
+                            "bank": int(len(start))}]
+    weights = save_detector(bank, card, out, companion=companion)
+    import json
+
+    from .inspection import card_path_for
+
+    written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))
+    return BuildReport(weights, card_path_for(weights), written, time.perf_counter() - t0,
+                       warnings)
+
+
+def _calibration_warnings(cal: dict[str, Any], n_held: int, n_held_images: int) -> list[str]:
+    """What the user should know about the calibration (too little held-out surface)."""
+    out = []
+    allowed = cal["target_per_cm2"] * cal["area_cm2"]
+    if allowed < 1.0:
+        out.append(f"held-out good area {cal['area_cm2']:.3g} cm² is less than the "
+                   f"{1 / cal['target_per_cm2']:.3g} cm² in which one false alarm is allowed: "
+                   "the threshold is extrapolated from the tail of good scores; add good "
+                   "images for a measured one")
+    if n_held_images == 0:
+        out.append(f"only {n_held} good image(s): the central quarter of each was held out for "
+                   "calibration (give 8 or more good images to hold out whole ones)")
+    return out
+
+
+def held_out_map(detector: PatchDetector, image: GoodImage) -> np.ndarray:
+    """The anomaly map inspection would give a good image: 0 outside its usable area."""
+    # the image is relative reflectance already: its level is 1
+    x = detector.normalize(image.image, 1.0)
+    a = detector.predict_image_normalized(x)["anomaly"]
+    if image.usable is not None:
+        s = detector.output_stride
+        u = np.asarray(image.usable, dtype=bool)[::s, ::s][: a.shape[0], : a.shape[1]]
+        a = np.where(u, a, np.float32(0.0))
+    return a
+
+
+def calibrate_by_kind(detector: PatchDetector, images: Sequence[GoodImage],
+                      false_alarms_per_cm2: float, pixel_size_um: float = 1.0,
+                      progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+    """A threshold per sample kind, each on held-out good images of that kind only.
+
+    ``images`` carry their kind (``GoodImage.kind``) and pixel size (``meta``); their area is
+    what they cover. Returns ``{kind: Calibration.to_dict()}``.
+    """
+    maps: dict[str, list[np.ndarray]] = {}
+    area: dict[str, float] = {}
+    for k, image in enumerate(images):
+        p = float(image.meta.get("pixel_size_um", pixel_size_um))
+        usable = image.usable
+        px = float(np.count_nonzero(usable)) if usable is not None else float(image.image.size)
+        maps.setdefault(image.kind, []).append(held_out_map(detector, image))
+        area[image.kind] = area.get(image.kind, 0.0) + px * p * p * 1e-8
+        if progress is not None:
+            progress("calibrate", k + 1, len(images))
+    return {kind: calibrate_threshold(m, area[kind], false_alarms_per_cm2,
+                                      scores="distance").to_dict()
+            for kind, m in maps.items()}

@@ -1,0 +1,272 @@
+"""The one-class detector: pretrained patch features against a memory bank of normal ones.
+
+Every stride-8 cell of an image gets the 176 pretrained features of :mod:`models.backbone`;
+its anomaly is the distance to the nearest feature in the bank of normal patches built from
+the user's good images (:mod:`models.build`), divided by the card's ``score_reference`` (a
+high quantile of the same distance on held-out good images), so 1 means "as unusual as the
+rarest good patches". Nothing is learned from defects, so a product nobody simulated is
+modelled from a single good image or scan of it.
+
+Beside it runs the roughness network of :mod:`models.network` (its weights travel in the same
+file): areal roughness Sa is regression, which a memory bank does not do.
+
+The uncertainty of a map pixel is the entropy (bits) of the probability that it is defective,
+``sigmoid(log(anomaly / threshold) / tau)``, with ``tau`` the spread of the log-scores of the
+highest good patches (card ``uncertainty_log_scale``): 1 at the threshold, falling to 0 as the
+score leaves it by several times the spread good surfaces show there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
+
+from .backbone import FEATURE_STRIDE, extract
+from .bank import nearest_distance
+from .inspection import (
+    GAIN,
+    InspectionModel,
+    brightness_level,
+    predictive_entropy,
+    to_luminance,
+)
+from .network import InspectionNet
+
+#: the maps are written at this stride (the bank's stride-8 cells upsampled bilinearly), the
+#: grid the defect extraction, die-to-die comparison and napari views share
+OUTPUT_STRIDE = 4
+#: input pixels of context a mosaic window needs on each side: the stride-16 features see
+#: about 200 px, and the 3 x 3 pooling at stride 16 a further 16 on each side
+CONTEXT_PX = 128
+#: window core for mosaics (input px): the backbone's stride-2 activations of a 1.8k window
+#: take about 1.2 GB, and the network runs at its full rate per pixel from about 1k
+CORE_PX = 1536
+#: mirrored context around an image that fits one window (``scanner.inspect.plan_tiling``)
+SMALL_IMAGE_CONTEXT_PX = 32
+#: the backbone needs sides that are multiples of its coarsest stride
+PAD_MULTIPLE = 16
+
+
+def relative_reflectance(image: np.ndarray, level: float | None = None) -> np.ndarray:
+    """Raw counts (any dtype, grey or colour) divided by a brightness level (default: the
+    image's own median), float32."""
+    lum = to_luminance(image)
+    if level is None:
+        level = brightness_level(lum)
+    return (lum * np.float32(1.0 / level)).astype(np.float32, copy=False)
+
+
+class PatchDetector:
+    """A memory-bank detector with its card, ready for inference (the ``Model`` protocol of
+    :mod:`scanner.inspect`).
+
+    Attributes
+    ----------
+    bank : Tensor (M, D)
+        Normal patch features.
+    card : dict
+        The JSON card (threshold, ``score_reference``, calibration, backbone record).
+    companion : InspectionModel or None
+        The roughness network (its anomaly output is not used).
+    """
+
+    output_stride = OUTPUT_STRIDE
+    context_px = CONTEXT_PX
+    core_px = CORE_PX
+
+    def __init__(self, bank: torch.Tensor, card: dict[str, Any],
+                 companion: InspectionModel | None = None, path: Path | None = None) -> None:
+        self.bank = bank.float().contiguous()
+        self.bank_sq = (self.bank * self.bank).sum(1)
+        self.card = card
+        self.companion = companion
+        self.path = path
+        self.pixel_size_um = float(card.get("pixel_size_um", 1.0))
+        lo, hi = card.get("pixel_size_range_um", [self.pixel_size_um, self.pixel_size_um])
+        self.pixel_size_range_um = (float(lo), float(hi))
+        self.threshold = float(card.get("threshold", 2.0))
+        self.score_reference = float(card.get("score_reference", 1.0))
+        self.uncertainty_log_scale = float(card.get("uncertainty_log_scale", 0.1))
+        self.num_threads = max(1, os.cpu_count() or 1)
+
+    def accepts_pixel_size(self, pixel_size_um: float, tolerance: float = 0.25) -> bool:
+        """Whether images at this pixel size are inspected as they are (no resampling)."""
+        lo, hi = self.pixel_size_range_um
+        return lo * (1 - tolerance) <= pixel_size_um <= hi * (1 + tolerance)
+
+    # ------------------------------------------------------------------ pre-processing
+
+    def brightness_level(self, image: np.ndarray) -> float:
+        """Robust level (median) of an image or of a subsample of a mosaic."""
+        return brightness_level(image)
+
+    def normalize(self, image: np.ndarray, level: float | None = None) -> np.ndarray:
+        """Raw counts to model input: relative reflectance (see :func:`relative_reflectance`).
+
+        For a mosaic cut into windows pass one ``level`` for all of them, so they agree.
+        """
+        return relative_reflectance(image, level)
+
+    # ------------------------------------------------------------------ inference
+
+    def distances(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Nearest-bank distance of every stride-8 cell, ``(N, H/8, W/8)`` (sides rounded up).
+
+        ``batch``: relative reflectance ``(N, H, W)``; padded by reflection to multiples of
+        16 for the backbone, the padding's cells dropped again.
+        """
+        x = torch.as_tensor(np.asarray(batch, dtype=np.float32))
+        if x.ndim == 2:
+            x = x[None]
+        n, h, w = x.shape
+        ph, pw = (-h) % PAD_MULTIPLE, (-w) % PAD_MULTIPLE
+        x = x[:, None]
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else
+                      "replicate")
+        feat = extract(x)  # (N, D, H'/8, W'/8)
+        hh, ww = -(-h // FEATURE_STRIDE), -(-w // FEATURE_STRIDE)
+        feat = feat[:, :, :hh, :ww]
+        q = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
+        return nearest_distance(q, self.bank, self.bank_sq).view(n, hh, ww)
+
+    def anomaly_from_distances(self, d: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Stride-8 distances ``(N, h, w)`` to the anomaly map at the output stride."""
+        a = F.interpolate(d[:, None] / self.score_reference, scale_factor=2, mode="bilinear",
+                          align_corners=False)[:, 0]
+        return a[:, : shape[0], : shape[1]]
+
+    def uncertainty(self, anomaly: torch.Tensor) -> torch.Tensor:
+        """Entropy (bits) of the defect probability of an anomaly map (module docstring)."""
+        z = torch.log(anomaly.clamp_min(1e-6) / self.threshold) / self.uncertainty_log_scale
+        return predictive_entropy(torch.sigmoid(z))
+
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Anomaly, roughness and uncertainty maps of a batch of normalised windows.
+
+        Parameters
+        ----------
+        batch : ndarray, shape (N, H, W)
+            Output of :meth:`normalize`; ``H`` and ``W`` multiples of ``output_stride``.
+
+        Returns
+        -------
+        dict of ndarray float32, each (N, H/4, W/4)
+            ``anomaly`` (nearest-bank distance / ``score_reference``), ``uncertainty``
+            (bits), ``roughness`` (Sa, nm) and ``roughness_sigma`` (nm) from the roughness
+            network (NaN without one), ``spread`` (0: one bank, no ensemble).
+        """
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        s = self.output_stride
+        if x.shape[1] % s or x.shape[2] % s:
+            raise ValueError(f"H and W must be multiples of {s}, got {x.shape[1:]}")
+        shape = (x.shape[1] // s, x.shape[2] // s)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            with torch.inference_mode():
+                anomaly = self.anomaly_from_distances(self.distances(x), shape)
+                out = {"anomaly": anomaly, "uncertainty": self.uncertainty(anomaly),
+                       "spread": torch.zeros_like(anomaly)}
+                result = {k: v.float().contiguous().numpy() for k, v in out.items()}
+        finally:
+            torch.set_num_threads(previous)
+        if self.companion is not None:
+            self.companion.num_threads = self.num_threads
+            # the network's input: (relative - 1) * gain, as models.inspection.normalize_image
+            rough = self.companion.predict((x - np.float32(1.0)) * np.float32(GAIN))
+            result["roughness"] = rough["roughness"]
+            result["roughness_sigma"] = rough["roughness_sigma"]
+        else:
+            result["roughness"] = np.full_like(result["anomaly"], np.nan)
+            result["roughness_sigma"] = np.full_like(result["anomaly"], np.nan)
+        return result
+
+    def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of one raw image of any size (padded by reflection to a multiple of 4)."""
+        return self.predict_image_normalized(self.normalize(image))
+
+    def predict_image_normalized(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Maps of one normalised image of any size (see :meth:`predict_image`), with the
+        32 px of mirrored context that inspection gives an image that fits one window."""
+        s, m = self.output_stride, SMALL_IMAGE_CONTEXT_PX
+        h, w = x.shape
+        ph, pw = (-h) % s, (-w) % s
+        x = np.pad(x, ((m, m + ph), (m, m + pw)), mode="symmetric")
+        maps = self.predict(x[None])
+        k = m // s
+        return {name: v[0, k : k + (h + ph) // s, k : k + (w + pw) // s]
+                for name, v in maps.items()}
+
+
+def companion_network(net: InspectionNet | None, card: dict[str, Any]) -> InspectionModel | None:
+    """The roughness network beside a detector, as an inference model (None without one)."""
+    if net is None:
+        return None
+    return InspectionModel(net, dict(card.get("companion", {})))
+
+
+# ---------------------------------------------------------------------- save / load
+
+
+def save_detector(bank: torch.Tensor, card: dict[str, Any], path: str | Path,
+                  companion: InspectionNet | None = None) -> Path:
+    """Write a detector: the bank (float16) and the roughness network's tensors in one
+    safetensors file, the card beside it; returns the weights path."""
+    from .backbone import backbone_record
+    from .inspection import write_model_files
+
+    state = {"bank": bank.detach().to(torch.float16)}
+    arch: dict[str, Any] = {"name": "PatchCore", "backbone": backbone_record(),
+                            "bank_size": int(bank.shape[0]), "companion": None}
+    if companion is not None:
+        state.update({f"companion.{k}": v for k, v in companion.state_dict().items()})
+        arch["companion"] = {"name": "InspectionNet", **companion.config.to_dict()}
+    card = dict(card)
+    card.update(architecture=arch, output_stride=OUTPUT_STRIDE, context_px=CONTEXT_PX)
+    return write_model_files(state, card, path)
+
+
+def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
+                        weights: Path) -> PatchDetector:
+    """A :class:`PatchDetector` from a card and its tensors (see ``load_model``).
+
+    Raises
+    ------
+    InputError
+        No bank, a bank of the wrong width, a backbone other than the installed one.
+    """
+    from .backbone import BACKBONE_SHA256, FEATURE_DIM, backbone_record
+    from .errors import InputError
+    from .inspection import network_from_state
+
+    arch = card["architecture"]
+    backbone = arch.get("backbone") or {}
+    if backbone.get("weights_sha256") != BACKBONE_SHA256:
+        raise InputError(f"{weights}: built on backbone weights "
+                         f"{str(backbone.get('weights_sha256'))[:12]}..., not the installed "
+                         f"{BACKBONE_SHA256[:12]}... (rebuild it with waferscope train)")
+    ours = backbone_record()
+    if [backbone.get(k) for k in ("layers", "layer_weights")] != \
+            [ours["layers"], ours["layer_weights"]]:
+        raise InputError(f"{weights}: built on other backbone features (layers "
+                         f"{backbone.get('layers')}); rebuild it with waferscope train")
+    bank = state.get("bank")
+    if bank is None or bank.ndim != 2 or bank.shape[1] != FEATURE_DIM or not len(bank):
+        raise InputError(f"{weights}: no memory bank of {FEATURE_DIM} features in the file")
+    if not torch.isfinite(bank).all():
+        raise InputError(f"{weights}: the memory bank holds non-finite values (corrupt file)")
+    net = None
+    if arch.get("companion"):
+        prefix = "companion."
+        net = network_from_state(arch["companion"], {k[len(prefix):]: v for k, v in
+                                                     state.items() if k.startswith(prefix)},
+                                 weights)
+    return PatchDetector(bank, card, companion_network(net, card), path=weights)

@@ -1,0 +1,177 @@
+"""The one-class detector: memory bank, coreset, build from good images, card, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from skimage import data
+
+from models.bank import greedy_coreset, nearest_distance
+from models.build import build_detector, features_of
+from models.data import GoodImage
+from models.detector import PatchDetector
+from models.errors import InputError
+from models.inspection import load_model
+
+
+def _product(seed: int = 0) -> np.ndarray:
+    """A repeating product from a real photograph: a grid of brick cells with dark streets."""
+    cell = data.brick()[:120, :120].astype(np.float32)
+    grid = np.full((4 * 136, 4 * 136), 40.0, dtype=np.float32)
+    for i in range(4):
+        for j in range(4):
+            grid[i * 136 + 8 : i * 136 + 128, j * 136 + 8 : j * 136 + 128] = cell
+    rng = np.random.default_rng(seed)
+    return grid + rng.normal(0, 2.0, grid.shape).astype(np.float32)
+
+
+def _relative(img: np.ndarray) -> np.ndarray:
+    return img / np.float32(np.median(img))
+
+
+def test_nearest_distance_equals_an_exhaustive_search() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(700, 24, generator=gen)
+    queries = torch.randn(5000, 24, generator=gen)
+    expected = torch.cdist(queries, bank).min(1).values
+    assert torch.allclose(nearest_distance(queries, bank), expected, atol=1e-4)
+
+
+def test_coreset_keeps_a_rare_cluster_a_random_subset_drops() -> None:
+    gen = torch.Generator().manual_seed(1)
+    common = torch.randn(5000, 8, generator=gen)
+    rare = torch.randn(5, 8, generator=gen) * 0.1 + 20.0  # far from everything else
+    feats = torch.cat([common, rare])
+    chosen = greedy_coreset(feats, 50, seed=0)
+    assert len(set(chosen.tolist())) == 50
+    assert (chosen >= 5000).any()  # the rare cluster is represented
+    # the coreset covers every feature better than its size in random picks would
+    cover = nearest_distance(feats, feats[chosen]).max()
+    random_cover = nearest_distance(feats, feats[torch.randperm(len(feats))[:50]]).max()
+    assert cover < random_cover
+
+
+def test_coreset_started_from_a_bank_adds_only_what_it_does_not_cover() -> None:
+    gen = torch.Generator().manual_seed(2)
+    old = torch.randn(200, 8, generator=gen)
+    new = torch.cat([old[:100] + 0.001, torch.randn(20, 8, generator=gen) + 30.0])
+    chosen = greedy_coreset(new, 20, start=old, seed=0)
+    assert (chosen >= 100).all()  # the new, uncovered appearance; not copies of the old
+
+
+def test_features_of_a_large_image_match_the_windowed_inspection_grid() -> None:
+    img = _relative(np.tile(data.brick().astype(np.float32), (4, 4)))[:1700, :1800]
+    f = features_of(img)
+    assert f.shape == (176, -(-1700 // 8), -(-1800 // 8))
+    assert torch.isfinite(f).all()
+    # windows agree where they meet: no seam in the features along the window boundary
+    seam = (f[:, :, 191] - f[:, :, 192]).norm(dim=0).mean()
+    inside = (f[:, :, 100] - f[:, :, 101]).norm(dim=0).mean()
+    assert seam < 2.0 * inside
+
+
+@pytest.fixture(scope="module")
+def product_model(tmp_path_factory: pytest.TempPathFactory) -> PatchDetector:
+    out = tmp_path_factory.mktemp("det") / "product"
+    report = build_detector([GoodImage(_relative(_product(0)))], out, pixel_size_um=1.0)
+    assert report.weights.is_file() and report.card_path.is_file()
+    return load_model(out)
+
+
+def test_a_detector_built_from_one_good_image_finds_painted_defects(
+        product_model: PatchDetector) -> None:
+    good = _product(1)  # another copy: new camera noise
+    bad = good.copy()
+    bad[200:216, 60:76] = 400.0  # a bright particle on a brick cell
+    bad[329:334, 300:360] = 400.0  # a bright scratch
+    thr = product_model.threshold
+    a_good = product_model.predict_image(good)["anomaly"]
+    a_bad = product_model.predict_image(bad)["anomaly"]
+    assert a_good.max() < thr  # the good copy raises no false alarm
+    assert a_bad[50:54, 15:19].max() > thr
+    assert a_bad[82:84, 75:90].max() > thr
+    assert a_bad.max() > 1.5 * a_good.max()
+
+
+def test_card_records_backbone_calibration_and_warnings(product_model: PatchDetector) -> None:
+    card = product_model.card
+    assert card["architecture"]["name"] == "PatchCore"
+    assert len(card["architecture"]["backbone"]["weights_sha256"]) == 64
+    cal = card["calibration"]
+    assert cal["held_out"] == "the central quarter of each image"
+    assert any("extrapolated" in w for w in cal["warnings"])  # 0.0007 cm² held out
+    assert card["threshold"] >= cal["empirical_threshold"]
+    assert card["good_scores"]["n"] > 1000
+    maps = product_model.predict_image(_product(2))
+    assert np.isfinite(maps["roughness"]).all()  # the roughness network runs beside it
+    assert 0.0 <= maps["uncertainty"].min() and maps["uncertainty"].max() <= 1.0
+
+
+def test_init_extends_a_detector_and_leaves_it_unchanged(
+        product_model: PatchDetector, tmp_path: Path) -> None:
+    before = Path(product_model.path).read_bytes()
+    other = np.tile(data.grass()[:136, :136].astype(np.float32), (4, 4))
+    report = build_detector([GoodImage(_relative(other))], tmp_path / "more",
+                            init=product_model.path)
+    assert Path(product_model.path).read_bytes() == before
+    bigger = load_model(report.weights)
+    n_old = len(product_model.bank)
+    assert len(bigger.bank) > n_old
+    assert torch.equal(bigger.bank[:n_old], product_model.bank)
+    assert bigger.card["history"][0]["sha256"] == product_model.card["weights_sha256"]
+    # the new appearance is now normal
+    assert bigger.predict_image(other)["anomaly"].max() < \
+        product_model.predict_image(other)["anomaly"].max()
+
+
+def test_a_damaged_detector_file_is_refused_with_the_file_named(
+        product_model: PatchDetector, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    card = dict(product_model.card)
+    weights = tmp_path / "m.safetensors"
+    save_file({"bank": torch.full((10, 176), float("nan"))}, str(weights))
+    card.pop("weights_sha256")
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match="non-finite"):
+        load_model(weights)
+    card["architecture"] = {**card["architecture"],
+                            "backbone": {"weights_sha256": "0" * 64}}
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match="backbone"):
+        load_model(weights)
+
+
+def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    good = _product(0).clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "good.tif", good)
+    test = tmp_path / "test"
+    test.mkdir()
+    bad = _product(3)
+    bad[100:120, 200:220] = 0.0
+    tifffile.imwrite(test / "bad.tif", bad.clip(0, 255).astype(np.uint8))
+    tifffile.imwrite(test / "ok.tif", _product(4).clip(0, 255).astype(np.uint8))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--good", str(tmp_path / "good.tif"), "--out",
+                                 str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "threshold" in result.output
+    result = runner.invoke(app, ["inspect", str(test), "--model", str(tmp_path / "m"),
+                                 "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "o" / "scores.csv").read_text().splitlines()
+    scores = {r.split(",")[0]: float(r.split(",")[1]) for r in rows[1:]}
+    assert scores["bad.tif"] > scores["ok.tif"]
+    result = runner.invoke(app, ["train", "--good", str(tmp_path / "nothing"), "--out",
+                                 str(tmp_path / "m2")])
+    assert result.exit_code == 2
+    assert "nothing" in result.output
