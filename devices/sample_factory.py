@@ -19,8 +19,12 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     sample : WaferSample | PVCellSample | ImageSample | RectangleSample
         The validated ``sample:`` section.
     """
-    # die_to_die is how the inspection treats the sample, not how the sample looks
-    params = sample.model_dump(exclude={"kind", "defects", "surface", "die_to_die"})
+    # die_to_die is how the inspection treats the sample, not how the sample looks; an image
+    # or a coupon looks as its file or the simulator draws it, whatever die grid it is given
+    exclude = {"kind", "defects", "surface", "die_to_die"}
+    if sample.kind in ("image", "rectangle"):
+        exclude |= {"die_pitch_mm", "die_origin_mm"}
+    params = sample.model_dump(exclude=exclude)
     params["n_defects"] = sample.defects.count
     params["seed"] = sample.defects.seed
     if sample.defects.kinds is not None:
