@@ -15,10 +15,13 @@ never below the empirical answer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage
+from skimage import morphology
 from skimage.measure import label
 
 
@@ -63,12 +66,36 @@ def review_level(false_uncertainty: Sequence[float], true_uncertainty: Sequence[
 DEFECT_MERGE_MAP_PX = 6.0
 
 
+def label_defects(
+    low: np.ndarray, high: np.ndarray, merge_map_px: float
+) -> np.ndarray:
+    """Label the defects: low-threshold regions holding a high pixel, grouped across gaps.
+
+    Regions of ``low`` that touch no pixel of ``high`` are dropped; regions closer than
+    ``merge_map_px`` are given one label. Returns int32 labels (0: background).
+    """
+    lab, n = ndimage.label(low, structure=np.ones((3, 3)))
+    if n == 0:
+        return lab.astype(np.int32)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(lab[high])] = True
+    keep[0] = False
+    kept = keep[lab]
+    radius = int(math.ceil(merge_map_px / 2))
+    if radius >= 1:
+        grown = ndimage.binary_dilation(kept, structure=morphology.disk(radius))
+        groups, _ = ndimage.label(grown, structure=np.ones((3, 3)))
+        out = np.where(kept, groups, 0)
+    else:
+        out, _ = ndimage.label(kept, structure=np.ones((3, 3)))
+    return out.astype(np.int32)
+
+
+
 def _groups(above: np.ndarray, merge_map_px: float) -> np.ndarray:
     """Labels of ``above``: 8-connected regions, grouped as inspection groups a defect's
-    fragments when ``merge_map_px`` > 0 (:func:`scanner.defects.label_defects`)."""
+    fragments when ``merge_map_px`` > 0 (:func:`label_defects`)."""
     if merge_map_px > 0:
-        from scanner.defects import label_defects
-
         return label_defects(above, above, merge_map_px)
     return label(above, connectivity=2)
 

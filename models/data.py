@@ -69,47 +69,14 @@ def _read_image(path: Path) -> np.ndarray:
         raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
 
 
-def _scan_folder_images(folder: Path, max_crops: int = 64, crop: int = 512) -> list[GoodImage]:
-    """Good tiles of a scan folder: the raw tiles (tiles.zarr), or crops of the mosaic."""
-    from scanner.tilestore import TILES_ZARR, open_tiles, read_tiles_csv
-
-    out: list[GoodImage] = []
-    if (folder / TILES_ZARR).exists():
-        tiles = open_tiles(folder)
-        try:
-            ok = [r.index for r in read_tiles_csv(folder) if r.status == "ok"]
-        except OSError:
-            ok = list(range(tiles.shape[0]))
-        step = max(1, len(ok) // max_crops)
-        for i in ok[::step][:max_crops]:
-            out.append(GoodImage(relative(np.asarray(tiles[i])), source=f"{folder.name}/tile{i}"))
-        return out
-    mosaic = folder / "mosaic.ome.zarr"
-    if folder.name.endswith(".ome.zarr"):
-        mosaic = folder
-    if mosaic.exists():
-        from scanner.mosaic import open_mosaic
-
-        levels, _ = open_mosaic(mosaic)
-        arr = levels[0]
-        h, w = arr.shape
-        level = brightness_level(np.asarray(levels[-1][:]))
-        rng = np.random.default_rng(0)
-        for k in range(max_crops):
-            r0 = int(rng.integers(0, max(h - crop, 0) + 1))
-            c0 = int(rng.integers(0, max(w - crop, 0) + 1))
-            block = np.asarray(arr[r0:r0 + crop, c0:c0 + crop])
-            out.append(GoodImage(relative(block, level), source=f"{folder.name}/crop{k}"))
-    return out
-
-
 def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
-    """Good images from files, folders of images, or good scan folders.
+    """Good images from image files and folders of them (good scan folders are read by
+    ``scanner.goodimages``, which knows the scan folder's layout).
 
     Raises
     ------
     UserError
-        A path that does not exist, an unreadable image, or no image at all.
+        A path that does not exist, an unreadable image, a scan folder, or no image at all.
     """
     out: list[GoodImage] = []
     for p in paths:
@@ -121,10 +88,8 @@ def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
                 raise UserError(f"{path}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
             out.append(GoodImage(relative(_read_image(path)), source=path.name))
             continue
-        if (path / "tiles.zarr").exists() or (path / "mosaic.ome.zarr").exists() or \
-                path.name.endswith(".ome.zarr"):
-            out.extend(_scan_folder_images(path))
-            continue
+        if (path / "scan.json").exists() or path.name.endswith(".ome.zarr"):
+            raise UserError(f"{path}: a scan folder (build from it with waferscope train)")
         files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         for f in files:
             out.append(GoodImage(relative(_read_image(f)), source=str(f.relative_to(path))))

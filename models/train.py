@@ -740,13 +740,39 @@ def _context_entries(contexts: dict[str, dict[str, Calibration]], held_out: str 
     return thresholds, records
 
 
-def _defects_of(maps: dict[str, np.ndarray], threshold: float) -> list:
-    """Defects of one image's maps as inspection extracts them (model-pixel coordinates)."""
-    from scanner.defects import MapGeometry, extract_defects
+@dataclass
+class _MapDefect:
+    """A defect of one image's maps: its box (image pixels) and uncertainty at its peak."""
 
-    s = OUTPUT_STRIDE  # a map pixel covers s x s image pixels; its centre is at (s - 1) / 2
-    return extract_defects(maps, MapGeometry(((s - 1) / 2, (s - 1) / 2), float(s), s),
-                           threshold=threshold)
+    bbox_um: tuple[float, float, float, float]
+    uncertainty: float
+
+
+def _defects_of(maps: dict[str, np.ndarray], threshold: float) -> list[_MapDefect]:
+    """Defects of one image's maps as inspection groups them (``scanner.defects``: the
+    hysteresis extent halfway from the map's median to the threshold, fragments closer than
+    the merge distance joined), with boxes in image pixels."""
+    from scipy import ndimage
+
+    from .calibrate import DEFECT_MERGE_MAP_PX, label_defects
+
+    a = np.asarray(maps["anomaly"], dtype=np.float32)
+    high = a > threshold
+    if not high.any():
+        return []
+    low = a > 0.5 * (float(np.median(a)) + threshold)
+    labels = label_defects(low, high, DEFECT_MERGE_MAP_PX)
+    s = OUTPUT_STRIDE
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        region = np.where(labels[sl] == k, a[sl], -np.inf)
+        peak = np.unravel_index(int(np.argmax(region)), region.shape)
+        unc = float(np.asarray(maps["uncertainty"])[sl][peak])
+        out.append(_MapDefect((sl[1].start * s, sl[0].start * s, sl[1].stop * s - 1,
+                               sl[0].stop * s - 1), unc))
+    return out
 
 
 def calibrate_review(

@@ -36,6 +36,8 @@ import numpy as np
 from scipy import ndimage
 from skimage import measure, morphology
 
+from models.calibrate import label_defects
+
 from .defectlist import Defect
 
 #: Default uncertainty (bits of entropy, the map's units) above which a defect is flagged for
@@ -439,31 +441,6 @@ def local_thresholds(threshold: float, contexts: Sequence[tuple[np.ndarray, floa
             out = np.full(shape, threshold, dtype=np.float32)
         np.minimum(out, np.where(mask, np.float32(value), out), out=out)
     return out
-
-
-def label_defects(
-    low: np.ndarray, high: np.ndarray, merge_map_px: float
-) -> np.ndarray:
-    """Label the defects: low-threshold regions holding a high pixel, grouped across gaps.
-
-    Regions of ``low`` that touch no pixel of ``high`` are dropped; regions closer than
-    ``merge_map_px`` are given one label. Returns int32 labels (0: background).
-    """
-    lab, n = ndimage.label(low, structure=np.ones((3, 3)))
-    if n == 0:
-        return lab.astype(np.int32)
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[np.unique(lab[high])] = True
-    keep[0] = False
-    kept = keep[lab]
-    radius = int(math.ceil(merge_map_px / 2))
-    if radius >= 1:
-        grown = ndimage.binary_dilation(kept, structure=morphology.disk(radius))
-        groups, _ = ndimage.label(grown, structure=np.ones((3, 3)))
-        out = np.where(kept, groups, 0)
-    else:
-        out, _ = ndimage.label(kept, structure=np.ones((3, 3)))
-    return out.astype(np.int32)
 
 
 def merge_collinear(labels: np.ndarray, max_angle_deg: float = 10.0,
