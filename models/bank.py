@@ -1,9 +1,9 @@
 """The memory bank of normal patch features: greedy coreset selection and nearest-neighbour
 distances (PatchCore, Roth et al., 2022).
 
-Both are chunked torch matrix products. faiss would add an index, but at the bank sizes used
-here (a few ten thousand 176-d vectors) an exact search by blocked matrix products is as fast
-on a CPU (the work is one SGEMM per block either way) and needs no approximation.
+The search is exact (chunked torch matrix products) for small banks and an inverted-file index
+of faiss for large ones (:class:`BankIndex`): the exact search of a 16k bank cost about 90
+GFLOP per megapixel, four times the backbone, and the index visits 1/32 of the bank.
 """
 
 from __future__ import annotations
@@ -106,3 +106,47 @@ def greedy_coreset(
     finally:
         torch.set_num_threads(previous)
     return chosen
+
+
+#: banks at least this large are searched through an inverted-file index
+INDEX_MIN_BANK = 4096
+#: bank features per inverted list, and lists visited per query
+LIST_SIZE = 128
+PROBES = 4
+
+
+class BankIndex:
+    """Nearest-neighbour distances to a bank: exact for small banks, faiss IVF for large.
+
+    The inverted file (``faiss.IndexIVFFlat``: k-means cells of about :data:`LIST_SIZE`
+    features, :data:`PROBES` nearest cells searched) is built from the bank itself, with
+    faiss's fixed k-means seed, so the same bank gives the same index and the same scores.
+    Build and calibration search the same way, so a neighbour the index misses (a slightly
+    larger distance) is in the threshold too.
+    """
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        self.bank = bank.float().contiguous()
+        self.bank_sq = (self.bank * self.bank).sum(1)
+        self.index = None
+        if len(self.bank) >= INDEX_MIN_BANK:
+            import faiss
+
+            d = self.bank.shape[1]
+            quantizer = faiss.IndexFlatL2(d)
+            index = faiss.IndexIVFFlat(quantizer, d, max(1, len(self.bank) // LIST_SIZE))
+            data = np.ascontiguousarray(self.bank.numpy(), dtype=np.float32)
+            index.train(data)
+            index.add(data)
+            index.nprobe = PROBES
+            self.index = index
+
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Distance from each query ``(Q, D)`` to its nearest bank feature."""
+        if self.index is None:
+            return nearest_distance(queries, self.bank, self.bank_sq)
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        d2, _ = self.index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), 1)
+        return torch.from_numpy(d2[:, 0]).clamp_min_(0.0).sqrt_()

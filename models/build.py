@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .backbone import FEATURE_DIM, FEATURE_STRIDE, extract
-from .bank import greedy_coreset, nearest_distance
+from .bank import greedy_coreset
 from .calibrate import calibrate_threshold
 from .data import GoodImage
 from .detector import (
@@ -264,11 +264,10 @@ def build_detector(
 
     # score the held-out surface as inspection would, at the output stride
     detector = PatchDetector(bank, {"score_reference": 1.0})
-    bank_sq = (detector.bank**2).sum(1)
     distances, masks = [], []
     for h in held:
         q = h.features.permute(1, 2, 0).reshape(-1, FEATURE_DIM)
-        d = nearest_distance(q, detector.bank, bank_sq).view(h.features.shape[1:])
+        d = detector.index.distances(q).view(h.features.shape[1:])
         distances.append(d)
         masks.append(h.usable)
     good = torch.cat([d[torch.from_numpy(m)] for d, m in zip(distances, masks, strict=True)])

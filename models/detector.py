@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
 from .backbone import FEATURE_STRIDE, extract
-from .bank import nearest_distance
+from .bank import BankIndex
 from .inspection import (
     GAIN,
     InspectionModel,
@@ -82,7 +82,7 @@ class PatchDetector:
     def __init__(self, bank: torch.Tensor, card: dict[str, Any],
                  companion: InspectionModel | None = None, path: Path | None = None) -> None:
         self.bank = bank.float().contiguous()
-        self.bank_sq = (self.bank * self.bank).sum(1)
+        self.index = BankIndex(self.bank)
         self.card = card
         self.companion = companion
         self.path = path
@@ -133,7 +133,7 @@ class PatchDetector:
         hh, ww = -(-h // FEATURE_STRIDE), -(-w // FEATURE_STRIDE)
         feat = feat[:, :, :hh, :ww]
         q = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
-        return nearest_distance(q, self.bank, self.bank_sq).view(n, hh, ww)
+        return self.index.distances(q).view(n, hh, ww)
 
     def anomaly_from_distances(self, d: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """Stride-8 distances ``(N, h, w)`` to the anomaly map at the output stride."""

@@ -42,6 +42,23 @@ def test_nearest_distance_equals_an_exhaustive_search() -> None:
     assert torch.allclose(nearest_distance(queries, bank), expected, atol=1e-4)
 
 
+def test_the_index_of_a_large_bank_finds_the_nearest_neighbour_of_clustered_features() -> None:
+    from models.bank import INDEX_MIN_BANK, BankIndex
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(200, 32)).astype(np.float32) * 4
+    bank = torch.from_numpy(centres[rng.integers(0, 200, INDEX_MIN_BANK * 2)]
+                            + rng.normal(size=(INDEX_MIN_BANK * 2, 32)).astype(np.float32))
+    queries = torch.from_numpy(centres[rng.integers(0, 200, 3000)]
+                               + rng.normal(size=(3000, 32)).astype(np.float32))
+    index = BankIndex(bank)
+    assert index.index is not None  # the inverted file, not the exhaustive search
+    exact = nearest_distance(queries, bank)
+    found = index.distances(queries)
+    assert (found >= exact - 1e-3).all()  # never nearer than the true nearest
+    assert float((found <= exact + 1e-3).float().mean()) > 0.97
+
+
 def test_coreset_keeps_a_rare_cluster_a_random_subset_drops() -> None:
     gen = torch.Generator().manual_seed(1)
     common = torch.randn(5000, 8, generator=gen)
