@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=N_IMAGES, help="simulated images in the bank")
     parser.add_argument("--calibrate", type=int, default=N_CALIBRATION, metavar="N",
                         help="new simulated windows per kind for the per-kind thresholds")
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="build nothing: calibrate the per-kind thresholds of --out again")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         if done == total:
             print(f"{stage} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
+    if args.calibrate_only:
+        calibrate_kinds(args.out.with_suffix(".safetensors"), args.calibrate, say)
+        return
     images = simulated_good_images(args.n, SIZE, 1.0, SEED, kinds=tuple(SAMPLE_KIND),
                                    pixel_ranges_um=PIXEL_RANGES_UM)
     print(f"{len(images)} simulated good images ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -70,19 +75,7 @@ def main(argv: list[str] | None = None) -> None:
                                    "models.data.simulated_good_images over PIXEL_RANGES_UM"})
     for warning in report.warnings:
         print(f"warning: {warning}", flush=True)
-    detector = load_model(tmp)
-    held = simulated_good_images(args.calibrate * len(SAMPLE_KIND), CALIBRATION_SIZE, 1.0,
-                                 CALIBRATION_SEED, kinds=tuple(SAMPLE_KIND),
-                                 pixel_ranges_um=PIXEL_RANGES_UM)
-    by_kind = calibrate_by_kind(detector, held, 1.0, progress=say)
-    card = json.loads(card_path_for(tmp).read_text(encoding="utf-8"))
-    card["thresholds_by_sample_kind"] = {SAMPLE_KIND[k]: v["threshold"]
-                                         for k, v in by_kind.items()}
-    card["calibration"]["by_sample_kind"] = {SAMPLE_KIND[k]: v for k, v in by_kind.items()}
-    card["calibration"]["by_sample_kind_held_out"] = (
-        f"{args.calibrate} new simulated windows of {CALIBRATION_SIZE} px per kind, seed "
-        f"{CALIBRATION_SEED}")
-    card_path_for(tmp).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    card = calibrate_kinds(tmp, args.calibrate, say)
     # the new files replace the old ones only once both are complete
     tmp.replace(args.out.with_suffix(".safetensors"))
     card_path_for(tmp).replace(card_path_for(args.out.with_suffix(".safetensors")))
@@ -91,6 +84,25 @@ def main(argv: list[str] | None = None) -> None:
           f"thresholds pooled {card['threshold']:.3f}, by kind "
           f"{ {k: round(v, 3) for k, v in card['thresholds_by_sample_kind'].items()} } "
           f"({(time.perf_counter() - t0) / 60:.1f} min)", flush=True)
+
+
+def calibrate_kinds(weights: Path, n_per_kind: int, progress=None) -> dict:
+    """Calibrate a threshold per sample kind on ``n_per_kind`` new simulated windows of each
+    kind and write them into the card of ``weights``; returns the card."""
+    detector = load_model(weights)
+    held = simulated_good_images(n_per_kind * len(SAMPLE_KIND), CALIBRATION_SIZE, 1.0,
+                                 CALIBRATION_SEED, kinds=tuple(SAMPLE_KIND),
+                                 pixel_ranges_um=PIXEL_RANGES_UM)
+    by_kind = calibrate_by_kind(detector, held, 1.0, progress=progress)
+    card = json.loads(card_path_for(weights).read_text(encoding="utf-8"))
+    card["thresholds_by_sample_kind"] = {SAMPLE_KIND[k]: v["threshold"]
+                                         for k, v in by_kind.items()}
+    card["calibration"]["by_sample_kind"] = {SAMPLE_KIND[k]: v for k, v in by_kind.items()}
+    card["calibration"]["by_sample_kind_held_out"] = (
+        f"{n_per_kind} new simulated windows of {CALIBRATION_SIZE} px per kind, seed "
+        f"{CALIBRATION_SEED}")
+    card_path_for(weights).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    return card
 
 
 if __name__ == "__main__":
