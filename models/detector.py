@@ -78,6 +78,9 @@ class PatchDetector:
     output_stride = OUTPUT_STRIDE
     context_px = CONTEXT_PX
     core_px = CORE_PX
+    #: input pixels along the sample's own border left out of inspection: a cell's features
+    #: reach about two cells across it, into what lies beyond the sample
+    edge_px = 2 * FEATURE_STRIDE
 
     def __init__(self, bank: torch.Tensor, card: dict[str, Any],
                  companion: InspectionModel | None = None, path: Path | None = None) -> None:

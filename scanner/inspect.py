@@ -742,7 +742,8 @@ def infer_mosaic(
         The sample's usable area (stage µm): windows outside it are not computed and the maps
         are 0 outside it. Default: everything scanned.
     edge_um : float, optional
-        Erosion of ``polygon`` (default two map pixels), so the sample's border is not a defect.
+        Erosion of ``polygon``, so the sample's border is not a defect (default: the model's
+        ``edge_px`` input pixels, at least two map pixels).
     core_px : int, optional
         Window core (input pixels); default the model's ``core_px``, else
         :data:`DEFAULT_CORE_PX`.
@@ -773,7 +774,9 @@ def infer_mosaic(
     origin, p_map = map_geometry(model, (x0, y0), p_mosaic)
     mask = None
     if polygon is not None:
-        mask = polygon_mask(polygon, origin, p_map, 2 * p_map if edge_um is None else edge_um)
+        if edge_um is None:  # the model's reach across the border, at least two map pixels
+            edge_um = max(2 * p_map, float(getattr(model, "edge_px", 0)) * p_model)
+        mask = polygon_mask(polygon, origin, p_map, edge_um)
 
     out_dir = Path(out_dir)
     tmps, arrays = {}, {}
