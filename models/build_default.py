@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     hi = max(r[1] for r in PIXEL_RANGES_UM.values())
     report = build_detector(
         images, tmp, pixel_size_um=1.0, pixel_size_range_um=(lo, hi), init=None, seed=SEED,
-        progress=say, companion_from=companion,
+        progress=say, companion_from=companion, augment_camera=False,
         card_extra={"name": "default", "built_with": "python -m models.build_default",
                     "bank_images": f"{args.n} simulated good images of {SIZE} px, seed {SEED}, "
                                    "models.data.simulated_good_images over PIXEL_RANGES_UM"})

@@ -111,6 +111,6 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
         if usable.mean() < 0.05:
             continue
         images.append(GoodImage(block / np.float32(level), source=f"{folder.name}:{r0},{c0}",
-                                usable=usable))
+                                usable=usable, meta={"acquired": True, "pixel_size_um": p}))
     step = max(1, len(images) // MAX_CROPS)
     return images[::step][:MAX_CROPS], p
