@@ -1,0 +1,89 @@
+"""Drift of good-surface scores, and the die grid found from a repeating layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+
+from models.drift import drift_verdict, score_summary
+from scanner.diegrid import estimate_grid
+from scanner.drift import check_drift, good_surface_scores
+
+
+class _Model:
+    def __init__(self, scores: dict) -> None:
+        self.card = {"good_scores": scores, "weights_sha256": "abc"}
+
+
+def _scan(folder: Path, scores: dict, sha: str = "abc") -> Path:
+    folder.mkdir()
+    (folder / "scan.json").write_text(json.dumps(
+        {"inspection": {"good_scores": scores, "model": {"weights_sha256": sha}}}))
+    return folder
+
+
+def test_good_surface_scores_leave_out_flagged_and_uninspected_pixels() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.5, 1.0, (300, 300)).astype(np.float32)
+    a[:50] = 0.0  # outside the inspected area
+    a[100:110, 100:110] = 5.0  # a defect
+    s = good_surface_scores(a, threshold=2.0)
+    assert s["n"] == 250 * 300 - 100
+    assert 0.5 < s["q50"] < 1.0 and s["q99.9"] < 1.0
+
+
+def test_drift_is_reported_when_good_scores_move_and_not_otherwise(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    reference = score_summary(rng.gamma(4.0, 0.2, 100_000))
+    same = score_summary(rng.gamma(4.0, 0.2, 100_000))
+    moved = score_summary(1.6 * rng.gamma(4.0, 0.2, 100_000))
+    assert drift_verdict(reference, [same])[0] is False
+    drifted, move = drift_verdict(reference, [moved, moved])
+    assert drifted and move == pytest.approx(1.6, rel=0.05)
+    scans = [_scan(tmp_path / "a", same), _scan(tmp_path / "b", moved),
+             _scan(tmp_path / "c", moved), _scan(tmp_path / "other", moved, sha="zzz")]
+    report = check_drift(scans, _Model(reference), tmp_path / "out")
+    assert report.drifted
+    assert len(report.scans) == 3 and "other" in report.skipped[0]
+    assert report.plot is not None and report.plot.is_file()
+    assert report.verdict().startswith("DRIFT")
+
+
+def test_drift_command_names_a_model_without_good_scores(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    scan = _scan(tmp_path / "s", {"n": 10, "q50": 1.0})
+    res = CliRunner().invoke(app, ["drift", str(scan)])  # the shipped network: no good scores
+    assert res.exit_code == 2 and "--model" in res.output and "Traceback" not in res.output
+
+
+def _die_grid(pitch: int, street: int, n: int, seed: int = 0) -> np.ndarray:
+    cell = data.coins()[:pitch - street, :pitch - street].astype(np.float32)
+    img = np.full((n * pitch + 20, n * pitch + 20), 20.0, dtype=np.float32)
+    for i in range(n):
+        for j in range(n):
+            r, c = 10 + i * pitch + street // 2, 10 + j * pitch + street // 2
+            img[r : r + pitch - street, c : c + pitch - street] = cell
+    return img + np.random.default_rng(seed).normal(0, 2.0, img.shape).astype(np.float32)
+
+
+def test_the_die_grid_of_a_repeating_layout_is_found_to_a_fraction_of_a_pixel() -> None:
+    img = _die_grid(pitch=96, street=12, n=8)
+    grid = estimate_grid(img, 2.0, (100.0, -50.0))  # 2 µm pixels, pixel (0, 0) at (100, -50)
+    assert grid is not None
+    assert grid.pitch_um == pytest.approx((192.0, 192.0), abs=0.5)
+    # the grid's lines run in the street: between cells, not through them
+    x_street = 100.0 + 2.0 * (10 + 96 - 6)  # a street centre, in stage µm
+    offset = (grid.origin_um[0] - x_street) % 192.0
+    assert min(offset, 192.0 - offset) < 2.0 * 12
+
+
+def test_no_grid_is_found_in_a_texture_or_a_single_photograph() -> None:
+    assert estimate_grid(data.camera().astype(np.float32), 1.0, (0.0, 0.0)) is None
+    assert estimate_grid(data.grass().astype(np.float32), 1.0, (0.0, 0.0)) is None
