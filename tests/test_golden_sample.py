@@ -1,0 +1,73 @@
+"""A user's golden sample, through the README's commands: scan a good copy of a product nobody
+simulated, build a detector from that scan, scan a defective copy with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from skimage import data
+from typer.testing import CliRunner
+
+from scanner.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def _product() -> np.ndarray:
+    """A die grid of coin photographs: 4 x 4 cells of 224 px on a 256 px pitch, dark streets."""
+    cell = data.coins()[40:264, 60:284].astype(np.float32) * 200.0
+    img = np.full((1056, 1056), 4000.0, dtype=np.float32)
+    for i in range(4):
+        for j in range(4):
+            r, c = 32 + i * 256 + 16, 32 + j * 256 + 16
+            img[r : r + 224, c : c + 224] = cell
+    return img
+
+
+def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
+        tmp_path: Path) -> None:
+    good = _product()
+    bad = good.copy()
+    # a dark spot on the brightest part of a coin (a dark spot on the dark ground between
+    # coins changes nothing), a bright particle, and a die's pattern missing
+    block = good[304 + 16 : 528 - 16, 560 + 16 : 784 - 16]
+    means = np.lib.stride_tricks.sliding_window_view(block, (16, 16)).mean(axis=(2, 3))
+    r, c = np.unravel_index(int(np.argmax(means)), means.shape)
+    painted = {"dark spot": (304 + 16 + int(r), 560 + 16 + int(c), 16),
+               "bright particle": (700, 180, 12), "missing pattern": (600, 860, 48)}
+    for kind, (r, c, size) in painted.items():
+        value = {"dark spot": 0.0, "bright particle": 60000.0}.get(kind, 4000.0)
+        bad[r : r + size, c : c + size] = value
+    for name, img in (("good", good), ("bad", bad)):
+        tifffile.imwrite(tmp_path / f"{name}.tif", img.astype(np.uint16))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"sample: {{kind: image, path: {name}.tif, pixel_size_um: 1.0, origin_um: [0, 0]}}\n"
+            "microscope: {kind: simulated, camera: {width: 512, height: 512, "
+            "pixel_size_um: 1.0}}\nscan: {overlap: 0.1}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(tmp_path / "good.yaml"), "--no-inspect", "--out",
+                              str(tmp_path / "good_scan")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "--good", str(tmp_path / "good_scan"), "--out",
+                              str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["calibration"]["held_out"] == "the central quarter of each image"
+    res = runner.invoke(app, ["run", str(tmp_path / "bad.yaml"), "--model", str(tmp_path / "m"),
+                              "--out", str(tmp_path / "bad_scan")])
+    assert res.exit_code == 0, res.output
+    found = json.loads((tmp_path / "bad_scan" / "defects.json").read_text())
+    header, defects = found["header"], found["defects"]
+    assert header["die_to_die"]["grid"]["source"] == "found in the mosaic"
+    assert header["die_to_die"]["grid"]["pitch_um"] == pytest.approx([256, 256], abs=1.0)
+    for kind, (r, c, size) in painted.items():
+        x, y = c + size / 2, r + size / 2
+        assert any(d["bbox_um"][0] - 4 <= x <= d["bbox_um"][2] + 4
+                   and d["bbox_um"][1] - 4 <= y <= d["bbox_um"][3] + 4 for d in defects), kind
+    assert len(defects) <= len(painted) + 1  # at most one false defect on 0.011 cm²
+    scan = json.loads((tmp_path / "bad_scan" / "scan.json").read_text())
+    assert scan["inspection"]["good_scores"]["n"] > 1000  # for drift checks
