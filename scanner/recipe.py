@@ -148,7 +148,21 @@ class PVCellSample(_Model):
     roughness: RoughnessSpec | None = None
 
 
-class ImageSample(_Model):
+class _RepeatKeys(_Model):
+    """The die-grid keys of samples that may repeat a layout (an image, a coupon)."""
+
+    die_pitch_mm: tuple[PositiveFloat, PositiveFloat] | None = Field(
+        None, description="pitch (x, y) of a repeating layout; default: found from the mosaic "
+                          "when die_to_die is true or auto")
+    die_origin_mm: XY = Field(
+        (0.0, 0.0), description="corner of die (0, 0) from an image's pixel (0, 0) or a "
+                                "rectangle's lower corner (smallest x and y), with die_pitch_mm")
+    die_to_die: bool | Literal["auto"] = Field(
+        "auto", description="compare each repeat with its neighbours: true, false, or auto "
+                            "(when the mosaic shows a clear repeat)")
+
+
+class ImageSample(_RepeatKeys):
     """Any TIFF/PNG file used as the sample, with its pixel size and stage placement."""
 
     kind: Literal["image"] = "image"
@@ -160,15 +174,6 @@ class ImageSample(_Model):
     region_px: tuple[int, int, int, int] | None = Field(
         None, description="(row, col, rows, cols) to scan; default: the whole image"
     )
-    die_pitch_mm: tuple[PositiveFloat, PositiveFloat] | None = Field(
-        None, description="pitch (x, y) of a repeating layout; default: found from the mosaic "
-                          "when die_to_die is true or auto")
-    die_origin_mm: XY = Field(
-        (0.0, 0.0), description="corner of die (0, 0) from the stage position of the "
-                                "image's pixel (0, 0) (with die_pitch_mm)")
-    die_to_die: bool | Literal["auto"] = Field(
-        "auto", description="compare each repeat with its neighbours: true, false, or auto "
-                            "(when the mosaic shows a clear repeat)")
     defects: DefectSpec = DefectSpec(count=0)
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
@@ -191,22 +196,13 @@ class ImageSample(_Model):
         return value
 
 
-class RectangleSample(_Model):
+class RectangleSample(_RepeatKeys):
     """A plain rectangular region (a coupon, a die, a test area)."""
 
     kind: Literal["rectangle"] = "rectangle"
     width_mm: PositiveFloat
     height_mm: PositiveFloat
     center_um: XY = (0.0, 0.0)
-    die_pitch_mm: tuple[PositiveFloat, PositiveFloat] | None = Field(
-        None, description="pitch (x, y) of a repeating layout; default: found from the mosaic "
-                          "when die_to_die is true or auto")
-    die_origin_mm: XY = Field(
-        (0.0, 0.0), description="corner of die (0, 0) from the rectangle's lower corner "
-                                "(smallest x and y) (with die_pitch_mm)")
-    die_to_die: bool | Literal["auto"] = Field(
-        "auto", description="compare each repeat with its neighbours: true, false, or auto "
-                            "(when the mosaic shows a clear repeat)")
     defects: DefectSpec = DefectSpec(count=10)
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
