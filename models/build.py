@@ -58,11 +58,12 @@ HOLD_OUT_FRACTION = 0.2
 GAP_CELLS = 4
 #: the score reference: this quantile of held-out good cell distances
 REFERENCE_QUANTILE = 0.99
-#: what a microscope does to a clean image file: Gaussian blur (sigma, px) of its optics at
-#: and about Nyquist sampling (the simulated microscope's: about 2 px), and camera noise (relative to the surface level). An image file
-#: enters the bank as it is and as each of these; a good scan (a camera image already) as it
-#: is. Built from a clean image file alone, the bank had seen neither: a scan of the same
-#: product (blurred: 25 % less gradient; 1 % noise) scored 4-400 times its threshold everywhere
+#: what a microscope does to a clean image file: the Gaussian blur (sigma, px) of its optics
+#: at about Nyquist sampling (the simulated microscope's is about 2 px), and camera noise
+#: (relative to the surface level). An image file enters the bank as it is and as each of
+#: these; a good scan (a camera image already) as it is. Built from a clean image file alone,
+#: the bank had seen neither: a scan of the same product (25 % less gradient, 1 % noise)
+#: scored 4-400 times its threshold everywhere
 CAMERA_VARIANTS = ((1.0, 0.01), (2.0, 0.015), (3.0, 0.02))
 
 
@@ -213,7 +214,7 @@ def build_detector(
     bank_max: int = BANK_MAX,
     card_extra: dict[str, Any] | None = None,
     companion_from: str | Path | None = None,
-    augment_camera: bool = True,
+    augment_camera: bool | str = "auto",
     progress: Progress | None = None,
 ) -> BuildReport:
     """Build a detector from good images and calibrate its threshold; write it to ``out``.
@@ -243,10 +244,12 @@ def build_detector(
     companion_from : path, optional
         The model whose roughness network goes beside the detector (default: ``init``,
         else the shipped default).
-    augment_camera : bool
+    augment_camera : bool or "auto"
         Let image files (``GoodImage.meta["acquired"]`` false) enter the bank also as a
         microscope would see them (:func:`camera_variants`); their held-out part is scored on
-        the last variant.
+        the last variant. ``"auto"``: only with fewer than :data:`MIN_IMAGES_TO_HOLD_OUT`
+        images (a golden image or two, to inspect scans with; a folder of many images is
+        taken as a set of camera images of the kind it will inspect).
     progress : callable, optional
         ``progress(stage, done, total)`` with stages ``features``, ``bank``, ``calibrate``.
     """
@@ -271,7 +274,8 @@ def build_detector(
     held: list[_HeldOut] = []
     for k, image in enumerate(images):
         p = float(image.meta.get("pixel_size_um", pixel_size_um))
-        acquired = image.meta.get("acquired", False) or not augment_camera
+        acquired = image.meta.get("acquired", False) or not augment_camera or (
+            augment_camera == "auto" and len(images) >= MIN_IMAGES_TO_HOLD_OUT)
         variants = [image.image] if acquired else camera_variants(image.image, rng)
         for v, variant in enumerate(variants):
             feat = features_of(variant)

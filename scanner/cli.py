@@ -306,6 +306,10 @@ def train(
         int, typer.Option(min=0, help="Also add this many simulated good windows of wafers "
                                       "and PV cells at the same pixel size.")
     ] = 0,
+    camera_variants: Annotated[
+        str, typer.Option(help="Let image files enter the bank also blurred and noisy as a "
+                               "microscope sees them: auto (with fewer than 8 images), on, off.")
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
 ) -> None:
@@ -325,6 +329,9 @@ def train(
         raise UserError(f"--init {init}: give another --out (the model extended is kept)")
     if pixel_size_um is not None and not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
         raise UserError("--pixel-size: must be a positive number of µm")
+    variants = {"auto": "auto", "on": True, "off": False}.get(camera_variants)
+    if variants is None:
+        raise UserError("--camera-variants: auto, on or off")
     images, scan_pixel = load_good(paths)
     pixel = float(pixel_size_um or scan_pixel or 1.0)
     if simulated:
@@ -343,7 +350,8 @@ def train(
 
         report = build_detector(images, target, pixel_size_um=pixel,
                                 false_alarms_per_cm2=false_alarms_per_cm2, init=init,
-                                seed=seed, progress=on_progress,
+                                seed=seed, augment_camera=variants,
+                                progress=on_progress,
                                 card_extra={"good": [str(p) for p in paths]})
     card = report.card
     cal = card["calibration"]
