@@ -247,9 +247,9 @@ def build_detector(
     augment_camera : bool or "auto"
         Let image files (``GoodImage.meta["acquired"]`` false) enter the bank also as a
         microscope would see them (:func:`camera_variants`); their held-out part is scored on
-        the last variant. ``"auto"``: only with fewer than :data:`MIN_IMAGES_TO_HOLD_OUT`
-        images (a golden image or two, to inspect scans with; a folder of many images is
-        taken as a set of camera images of the kind it will inspect).
+        every variant, each for its share of the area. ``"auto"``: only with fewer than
+        :data:`MIN_IMAGES_TO_HOLD_OUT` images (a golden image or two, to inspect scans with; a
+        folder of many images is taken as a set of camera images of the kind it will inspect).
     progress : callable, optional
         ``progress(stage, done, total)`` with stages ``features``, ``bank``, ``calibrate``.
     """
@@ -277,19 +277,20 @@ def build_detector(
         acquired = image.meta.get("acquired", False) or not augment_camera or (
             augment_camera == "auto" and len(images) >= MIN_IMAGES_TO_HOLD_OUT)
         variants = [image.image] if acquired else camera_variants(image.image, rng)
-        for v, variant in enumerate(variants):
+        # every variant's held-out part is scored (a blurred one alone scored lower than the
+        # sharp scans to come, and set the threshold under them), each for its share of the area
+        share = 1.0 / len(variants)
+        for variant in variants:
             feat = features_of(variant)
             usable = _usable_cells(image, tuple(feat.shape[1:]))
-            last = v == len(variants) - 1  # the most blurred and noisy: scored when held out
             if k in held_images:
-                if last:
-                    held.append(_HeldOut(feat, usable,
-                                         float(usable.sum()) * (FEATURE_STRIDE * p) ** 2))
+                held.append(_HeldOut(feat, usable,
+                                     share * float(usable.sum()) * (FEATURE_STRIDE * p) ** 2))
                 continue
             if not held_images:
                 cand, h = _split_image(feat, usable, p)
-                if last:
-                    held.append(h)
+                h.area_um2 *= share
+                held.append(h)
             else:
                 cand = feat.permute(1, 2, 0)[torch.from_numpy(usable)]
             keep = per_cell_keep / len(variants)

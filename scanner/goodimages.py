@@ -18,7 +18,7 @@ import numpy as np
 from models.data import GoodImage
 
 from .errors import UserError
-from .inspect import polygon_mask, source_level
+from .inspect import polygon_mask, polygon_pixels, source_level
 from .inspection import IMAGE_SUFFIXES, MOSAIC, _saved_sample, _usable_polygon, read_image
 from .scanfolder import SCAN_JSON
 
@@ -93,7 +93,8 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
             scan = None
     polygon = _usable_polygon(_saved_sample(folder, scan))
     mask = polygon_mask(polygon, origin, p, 2 * p) if polygon is not None else None
-    level = source_level(arr)
+    level = source_level(arr, inside=polygon_pixels(polygon, origin, p)
+                         if polygon is not None else None)
     h, w = (int(n) for n in arr.shape)
     if h * w <= WHOLE_MOSAIC_PX:
         boxes = [(0, 0, h, w)]

@@ -311,17 +311,22 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def source_level(source: Any, grid: int = 8, window: int = 128) -> float:
+def source_level(source: Any, grid: int = 8, window: int = 128,
+                 inside: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> float:
     """Brightness level of a whole image or mosaic, from full-resolution samples.
 
     ``grid x grid`` windows of ``window`` pixels spread evenly over the source are read (a few
     chunks of a mosaic, whatever its size) and the model's brightness level is taken over
-    their pixels, leaving out zeros (unscanned mosaic areas). Full-resolution pixels, not a
-    pyramid level, because averaging changes the median of a patterned surface.
+    their pixels, leaving out zeros (unscanned mosaic areas) and, with ``inside(rows, cols)``
+    (a boolean grid, see :func:`polygon_pixels`), what lies off the sample. Full-resolution
+    pixels, not a pyramid level, because averaging changes the median of a patterned surface.
     """
     h, w = (int(n) for n in source.shape)
     if h * w <= (grid * window) ** 2:
-        sub = np.asarray(source[:], dtype=np.float32).ravel()
+        sub = np.asarray(source[:], dtype=np.float32)
+        if inside is not None:
+            sub = sub[inside(np.arange(h), np.arange(w))]
+        sub = sub.ravel()
     else:
         # the windows' rows times their columns, in one orthogonal read: each chunk is
         # decoded once (not once per window that touches it), chunks concurrently
@@ -331,11 +336,27 @@ def source_level(source: Any, grid: int = 8, window: int = 128) -> float:
             (j + 0.5) * w / grid) - window // 2)) for j in range(grid)])
         block = source.oindex[rows, cols] if hasattr(source, "oindex") else \
             np.asarray(source)[np.ix_(rows, cols)]
-        sub = np.asarray(block, dtype=np.float32).ravel()
+        sub = np.asarray(block, dtype=np.float32)
+        if inside is not None:
+            sub = sub[inside(rows, cols)]
+        sub = sub.ravel()
     sub = sub[sub != 0]
     from models.inspection import brightness_level
 
     return float(brightness_level(sub[None, :])) if sub.size else 1.0
+
+
+def polygon_pixels(polygon: Any, origin_um: tuple[float, float], pixel_um: float
+                   ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``inside(rows, cols)``: which pixels of a grid (pixel ``(0, 0)`` centred at
+    ``origin_um``) have their centre in a polygon (stage µm)."""
+    import shapely
+
+    def inside(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        x, y = np.meshgrid(origin_um[0] + cols * pixel_um, origin_um[1] + rows * pixel_um)
+        return shapely.contains_xy(polygon, x, y)
+
+    return inside
 
 
 def run_tiled(
@@ -783,8 +804,14 @@ def infer_mosaic(
     for name in MAPS:
         tmps[name], arrays[name] = create_multiscale(
             out_dir / MAP_NAMES[name], tiling.map_shape, chunk=tiling.step, dtype=np.float32)
+    # the surface's level, not that of the chuck or background the mosaic also shows (an
+    # image sample's dark surround moved it by 11 %, and every cell of a scan with it)
+    level = None
+    if polygon is not None:
+        level = source_level(level0, inside=polygon_pixels(polygon, (x0, y0), p_mosaic))
     stats = run_tiled(model, reader, ZarrSink({k: a[0] for k, a in arrays.items()}),
-                      tiling=tiling, batch=batch, mask=mask, skip_empty=True, progress=progress)
+                      tiling=tiling, batch=batch, mask=mask, skip_empty=True, level=level,
+                      progress=progress)
     stats.extra["mosaic_px"] = int(level0.shape[0]) * int(level0.shape[1])
     if refine is not None:
         refine(MapSet({k: a[0] for k, a in arrays.items()}, p_map, origin, s, reader, stats,
