@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models import InspectionModel, default_model_path, load_model, save_model
-from models.network import InspectionNet, NetConfig, context_margin_px, macs_per_pixel
 from models.errors import InputError as UserError
+from models.network import InspectionNet, NetConfig, context_margin_px, macs_per_pixel
 
 SMALL = NetConfig(widths=(16, 16, 16), heads=2, head_hidden=4)
 
