@@ -95,7 +95,9 @@ def test_features_of_a_large_image_match_the_windowed_inspection_grid() -> None:
 @pytest.fixture(scope="module")
 def product_model(tmp_path_factory: pytest.TempPathFactory) -> PatchDetector:
     out = tmp_path_factory.mktemp("det") / "product"
-    report = build_detector([GoodImage(_relative(_product(0)))], out, pixel_size_um=1.0)
+    # camera images of the product, inspected against camera images of it: as acquired
+    report = build_detector([GoodImage(_relative(_product(0)))], out, pixel_size_um=1.0,
+                            augment_camera=False)
     assert report.weights.is_file() and report.card_path.is_file()
     return load_model(out)
 
@@ -192,3 +194,17 @@ def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
                                  str(tmp_path / "m2")])
     assert result.exit_code == 2
     assert "nothing" in result.output
+
+
+def test_camera_variants_blur_an_image_file_and_bring_its_noise_to_each_level() -> None:
+    from models.build import CAMERA_VARIANTS, camera_variants, noise_sigma
+
+    clean = np.full((256, 256), 1.0, dtype=np.float32)
+    clean[:, 128:] = 2.0  # an edge: blur must soften it
+    variants = camera_variants(clean, np.random.default_rng(0))
+    assert len(variants) == 1 + len(CAMERA_VARIANTS)
+    assert variants[0] is clean
+    for (sigma_px, level), v in zip(CAMERA_VARIANTS, variants[1:], strict=True):
+        assert noise_sigma(v[:, :100]) == pytest.approx(level, rel=0.25)
+        assert abs(v[:, 127].mean() - 1.5) < 0.5  # the edge spread over the blur
+        assert float(v[:, 120:136].std(axis=0).max()) < 0.1 + 2 * level
