@@ -206,5 +206,6 @@ def test_camera_variants_blur_an_image_file_and_bring_its_noise_to_each_level() 
     assert variants[0] is clean
     for (sigma_px, level), v in zip(CAMERA_VARIANTS, variants[1:], strict=True):
         assert noise_sigma(v[:, :100]) == pytest.approx(level, rel=0.25)
-        assert abs(v[:, 127].mean() - 1.5) < 0.5  # the edge spread over the blur
-        assert float(v[:, 120:136].std(axis=0).max()) < 0.1 + 2 * level
+        # the edge spread over the blur: a pixel sigma before it has risen a fifth of the step
+        assert float(v[:, 128 - int(sigma_px)].mean()) > 1.15
+        assert float(v[:, 128 - int(4 * sigma_px)].mean()) < 1.02
