@@ -15,6 +15,7 @@ gradient descent.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import zlib
@@ -40,6 +41,7 @@ from .detector import (
 )
 from .drift import score_summary
 from .errors import InputError
+from .inspection import card_path_for
 
 #: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
 BANK_MAX = 16384
@@ -398,11 +400,7 @@ def build_detector(
                            {"model": str(base.path), "sha256": base.card.get("weights_sha256"),
                             "bank": int(len(start))}]
     weights = save_detector(bank, card, out, companion=companion)
-    import json
-
-    from .inspection import card_path_for
-
-    written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))
+    written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))  # hash included
     return BuildReport(weights, card_path_for(weights), written, time.perf_counter() - t0,
                        warnings)
 
