@@ -28,12 +28,12 @@ import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
 from .backbone import FEATURE_STRIDE, extract
 from .bank import BankIndex
+from .data import relative
 from .inspection import (
     GAIN,
     InspectionModel,
     brightness_level,
     predictive_entropy,
-    to_luminance,
 )
 from .network import InspectionNet
 
@@ -50,15 +50,6 @@ CORE_PX = 1536
 SMALL_IMAGE_CONTEXT_PX = 32
 #: the backbone needs sides that are multiples of its coarsest stride
 PAD_MULTIPLE = 16
-
-
-def relative_reflectance(image: np.ndarray, level: float | None = None) -> np.ndarray:
-    """Raw counts (any dtype, grey or colour) divided by a brightness level (default: the
-    image's own median), float32."""
-    lum = to_luminance(image)
-    if level is None:
-        level = brightness_level(lum)
-    return (lum * np.float32(1.0 / level)).astype(np.float32, copy=False)
 
 
 class PatchDetector:
@@ -109,11 +100,12 @@ class PatchDetector:
         return brightness_level(image)
 
     def normalize(self, image: np.ndarray, level: float | None = None) -> np.ndarray:
-        """Raw counts to model input: relative reflectance (see :func:`relative_reflectance`).
+        """Raw counts to model input: relative reflectance (:func:`models.data.relative`: the
+        luminance divided by a level, by default the image's own median).
 
         For a mosaic cut into windows pass one ``level`` for all of them, so they agree.
         """
-        return relative_reflectance(image, level)
+        return relative(image, level)
 
     # ------------------------------------------------------------------ inference
 
