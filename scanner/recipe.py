@@ -7,8 +7,9 @@ absolute) is the scan's description and is saved in ``scan.json``.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -31,7 +32,8 @@ XY = tuple[float, float]
 class _Model(BaseModel):
     """Base for recipe sections: unknown keys are errors (a typo must not pass silently)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/NaN would pass every range check of a float field and fail deep inside the plan
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
@@ -424,6 +426,18 @@ class OutputSpec(_Model):
     name: str | None = Field(None, description="default: the recipe file's name")
     chunk_px: Annotated[int, Field(ge=64, le=8192)] = 1024
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        # the name becomes a folder under root: it must not climb out of it or name another
+        if value is not None and (
+            not value.strip() or value in (".", "..") or any(c in value for c in "/\\:\0")
+        ):
+            raise ValueError(
+                f"must be a plain folder name inside output.root (got {value!r})"
+            )
+        return value
+
 
 class Recipe(_Model):
     """A whole scan: what is scanned, with what, how, and where the results go."""
@@ -462,6 +476,7 @@ _MESSAGES = {
     "model_attributes_type": "must be a mapping of keys",
     "dict_type": "must be a mapping of keys",
     "string_type": "must be text",
+    "finite_number": "must be a finite number",
 }
 
 _KIND_TAGS = {"wafer", "pv_cell", "image", "rectangle", "simulated", "micromanager"}
@@ -500,10 +515,53 @@ def _format_error(error: dict[str, Any]) -> str:
     return f"{where}: {why}"
 
 
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The recipe section (pydantic model) that a validation error's location points into."""
+    model: Any = Recipe
+    parts = list(loc)
+    while parts and model is not None:
+        part = str(parts.pop(0))
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        candidates = [a for a in _flatten(field.annotation) if isinstance(a, type)
+                      and issubclass(a, BaseModel)]
+        if len(candidates) > 1 and parts and str(parts[0]) in _KIND_TAGS:
+            tag = str(parts.pop(0))
+            candidates = [c for c in candidates if c.model_fields.get("kind") is not None
+                          and c.model_fields["kind"].default == tag]
+        model = candidates[0] if candidates else None
+    return model
+
+
+def _flatten(annotation: Any) -> list[Any]:
+    """The classes inside an annotation (unions, Annotated, Optional, lists)."""
+    args = get_args(annotation)
+    if not args:
+        return [annotation]
+    return [leaf for arg in args for leaf in _flatten(arg)]
+
+
+def _suggest(error: dict[str, Any]) -> str:
+    """``(did you mean 'x'?)`` for an unknown key close to a valid one of its section."""
+    loc = tuple(error["loc"])
+    model = _model_at(loc[:-1])
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def format_validation_error(exc: ValidationError) -> str:
-    """Summarise a pydantic error as one line naming the first bad field."""
-    errors = exc.errors()
+    """Summarise a pydantic error as one line naming the first bad field.
+
+    An unknown key is reported first: a misspelt key also makes its real key "missing",
+    and the misspelling is what the user has to fix.
+    """
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     line = _format_error(errors[0])
+    if errors[0]["type"] == "extra_forbidden":
+        line += _suggest(errors[0])
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return line
