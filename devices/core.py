@@ -17,7 +17,7 @@ from pymmcore_plus.experimental.unicore import UniMMCore
 from scanner.errors import UserError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from scanner.recipe import MicroManagerMicroscope, Recipe, SimulatedMicroscope
 
@@ -82,6 +82,19 @@ def _set_pixel_size(core: UniMMCore, pixel_size_um: float) -> None:
     core.setPixelSizeConfig(PIXEL_CONFIG)
 
 
+def _require_initialized(core: UniMMCore, labels: Iterable[str]) -> None:
+    """UniMMCore logs a Python device's failed initialization and carries on; stop here."""
+    from pymmcore_plus import DeviceInitializationState
+
+    from .errors import HardwareError
+
+    for label in labels:
+        if core.getDeviceInitializationState(label) != (
+            DeviceInitializationState.InitializedSuccessfully
+        ):
+            raise HardwareError(f"device {label} failed to initialize (see the log)")
+
+
 def build_simulated(recipe: Recipe) -> MicroscopeHandle:
     """A UniMMCore with the simulated camera, XY stage, focus drive and clock loaded."""
     from simulators.camera import CameraModel, Optics
@@ -90,7 +103,7 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
     from simulators.stage import StageAxes
 
     from .sample_factory import focal_surface_for_recipe, sample_for_recipe
-    from .simulated import SimCamera, SimClock, SimFocus, SimXYStage
+    from .simulated import SimCamera, SimClock, SimFocus, sim_xy_stage
 
     spec: SimulatedMicroscope = recipe.microscope  # type: ignore[assignment]
     sample = sample_for_recipe(recipe.sample)
@@ -139,11 +152,14 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
     with _quiet_discovery():
         core = UniMMCore()
     labels = SIM_LABELS
-    core.loadPyDevice(labels["camera"], SimCamera(scope))
-    core.loadPyDevice(labels["xy"], SimXYStage(scope))
+    core.loadPyDevice(labels["camera"], SimCamera(
+        scope, timeout_rate=spec.faults.camera_timeout_rate, seed=spec.faults.seed))
+    # driver direct | prior | asi (prior/asi: the serial driver on the emulated controller)
+    core.loadPyDevice(labels["xy"], sim_xy_stage(spec, scope))
     core.loadPyDevice(labels["z"], SimFocus(scope))
     core.loadPyDevice(labels["clock"], SimClock(scope))
     core.initializeAllDevices()
+    _require_initialized(core, labels.values())
     core.setCameraDevice(labels["camera"])
     core.setXYStageDevice(labels["xy"])
     core.setFocusDevice(labels["z"])

@@ -7,7 +7,9 @@ read-only properties whose names start with ``Sim``; acquisition records them wh
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pymmcore_plus.experimental.unicore import (
@@ -20,13 +22,24 @@ from pymmcore_plus.experimental.unicore import (
 
 from simulators.microscope import SimulatedMicroscope
 
+from .errors import HardwareTimeout
+from .serial_stage import ASIXYStage, PriorXYStage, emulator_url
+
+if TYPE_CHECKING:
+    from scanner.recipe import SimulatedMicroscope as SimulatedSpec
+
 
 class SimCamera(SimpleCameraDevice):
     """Camera that renders the virtual sample at the stage's true position."""
 
-    def __init__(self, scope: SimulatedMicroscope) -> None:
+    def __init__(
+        self, scope: SimulatedMicroscope, timeout_rate: float = 0.0, seed: int = 0
+    ) -> None:
         super().__init__()
         self._scope = scope
+        self._timeout_rate = float(timeout_rate)
+        # a stream of its own, apart from the emulated controllers' (seeded with ``seed``)
+        self._faults = np.random.default_rng([seed, 1])
 
     def get_exposure(self) -> float:
         return self._scope.exposure_ms
@@ -44,6 +57,11 @@ class SimCamera(SimpleCameraDevice):
         # the exposure starts once every axis has arrived (as after the core's waitForSystem)
         self._scope.xy.wait()
         self._scope.z.wait()
+        if self._timeout_rate > 0 and self._faults.random() < self._timeout_rate:
+            # the exposure was spent, the frame never came; raised before rendering, so a
+            # retry sees the frame an uninterrupted run would have seen
+            self._scope.clock.advance(self._scope.exposure_ms / 1000.0)
+            raise HardwareTimeout("camera: no frame arrived (simulated camera timeout)")
         buffer[:] = self._scope.snap()
         last = self._scope.last
         return {"SimClock_s": f"{last.clock_s:.6f}"} if last else {}
@@ -65,7 +83,21 @@ class SimCamera(SimpleCameraDevice):
         return float(self._scope.camera.vignetting)
 
 
-class SimXYStage(XYStageDevice):
+class _StageTruth:
+    """Where the simulated XY stage really is (a real controller could never know)."""
+
+    _scope: SimulatedMicroscope
+
+    @pymm_property(is_read_only=True, name="SimTrueX_um")
+    def true_x_um(self) -> float:
+        return float(self._scope.xy.true[0])
+
+    @pymm_property(is_read_only=True, name="SimTrueY_um")
+    def true_y_um(self) -> float:
+        return float(self._scope.xy.true[1])
+
+
+class SimXYStage(_StageTruth, XYStageDevice):
     """XY stage with travel limits, motion time, settling and repeatability error."""
 
     def __init__(self, scope: SimulatedMicroscope) -> None:
@@ -99,13 +131,77 @@ class SimXYStage(XYStageDevice):
     def stop(self) -> None:
         """Moves complete instantly in simulated time; nothing to stop."""
 
-    @pymm_property(is_read_only=True, name="SimTrueX_um")
-    def true_x_um(self) -> float:
-        return float(self._scope.xy.true[0])
 
-    @pymm_property(is_read_only=True, name="SimTrueY_um")
-    def true_y_um(self) -> float:
-        return float(self._scope.xy.true[1])
+class _EmulatedXYStage(_StageTruth):
+    """A serial stage driver talking to the emulator that drives the scope's own XY axes.
+
+    The stage is registered with the emulator under a unique name only until the port is
+    open (the emulator then holds the axes), so a process running many scans keeps none.
+    """
+
+    _stage_name: str
+
+    def initialize(self) -> None:
+        from simulators.serial_emu import unregister_stage
+
+        try:
+            super().initialize()  # type: ignore[misc]
+        finally:
+            unregister_stage(self._stage_name)
+
+
+class SimPriorXYStage(_EmulatedXYStage, PriorXYStage):
+    """:class:`PriorXYStage` on an emulated ProScan III bound to the simulated stage."""
+
+    def __init__(self, scope: SimulatedMicroscope, stage_name: str, port: str,
+                 **options: object) -> None:
+        super().__init__(port, **options)
+        self._scope, self._stage_name = scope, stage_name
+
+
+class SimASIXYStage(_EmulatedXYStage, ASIXYStage):
+    """:class:`ASIXYStage` on an emulated MS-2000 bound to the simulated stage."""
+
+    def __init__(self, scope: SimulatedMicroscope, stage_name: str, port: str,
+                 **options: object) -> None:
+        super().__init__(port, **options)
+        self._scope, self._stage_name = scope, stage_name
+
+
+_STAGE_NAMES = itertools.count(1)
+
+
+def sim_xy_stage(spec: SimulatedSpec, scope: SimulatedMicroscope) -> XYStageDevice:
+    """The XY stage device that ``microscope.stage.driver`` asks for.
+
+    ``direct`` is :class:`SimXYStage`; ``prior``/``asi`` load that driver on the emulated
+    controller (``waferscope-emu://``) driving the scope's own XY axes and clock, with
+    ``microscope.faults.serial_error_rate`` injected at random (seeded with
+    ``microscope.faults.seed``). A ``stage.port`` given as an emulator URL keeps its other
+    options (``faults=...``, ``fail_next=...``).
+    """
+    from urllib.parse import parse_qsl, urlsplit
+
+    from simulators.serial_emu import register_stage
+
+    st, faults = spec.stage, spec.faults
+    if st.driver == "direct":
+        return SimXYStage(scope)
+    name = f"sim-xy-{next(_STAGE_NAMES)}"
+    register_stage(name, scope.xy)
+    options = dict(parse_qsl(urlsplit(st.port).query)) if st.port else {}
+    options.update(fault_rate=faults.serial_error_rate, seed=faults.seed)
+    cls = SimPriorXYStage if st.driver == "prior" else SimASIXYStage
+    return cls(
+        scope, name, emulator_url(st.driver, name, **options),
+        travel_x_um=st.travel_x_um, travel_y_um=st.travel_y_um,
+        # replies come at once: a lost one is known after a short wait
+        answer_timeout_s=0.05,
+        # moves take no wall time unless realtime: a busy flag still set after a quarter
+        # second is stuck, and waiting longer would only slow the simulation down
+        move_timeout_s=0.0 if spec.realtime else 0.25,
+        speed_um_s=st.speed_um_s,
+    )
 
 
 class SimFocus(StageDevice):

@@ -241,7 +241,7 @@ class CameraSpec(_Model):
 
 
 class StageSpec(_Model):
-    """XY stage travel and mechanics."""
+    """XY stage travel and mechanics, and (simulated microscope) how it is driven."""
 
     travel_x_um: XY = (-100_000.0, 100_000.0)
     travel_y_um: XY = (-100_000.0, 100_000.0)
@@ -249,6 +249,13 @@ class StageSpec(_Model):
     acceleration_um_s2: PositiveFloat = 200_000.0
     settle_ms: NonNegFloat = 30.0
     repeatability_um: NonNegFloat = 2.0
+    driver: Literal["direct", "prior", "asi"] = Field(
+        "direct", description="simulated microscope: direct (a Python device moves the "
+        "simulated stage), or prior / asi (the Prior ProScan III / ASI MS-2000 serial driver "
+        "talking to an emulated controller that moves it)")
+    port: str | None = Field(
+        None, description="simulated microscope with driver prior / asi: default the emulator "
+        "bound to the simulated stage; a waferscope-emu:// URL may add emulator options")
 
     @field_validator("travel_x_um", "travel_y_um")
     @classmethod
@@ -312,6 +319,18 @@ class _CalibratedMicroscope(_Model):
         return _existing_file(value, info)
 
 
+class FaultsSpec(_Model):
+    """Hardware faults injected into the simulated microscope (to exercise the retries)."""
+
+    serial_error_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="share of serial commands to the emulated stage controller that fail "
+        "(garbled, lost or error reply, stuck busy flag, limit switch); needs stage.driver "
+        "prior or asi")
+    camera_timeout_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="share of snaps that time out")
+    seed: int = Field(0, description="seed of the fault draws")
+
+
 class SimulatedMicroscope(_CalibratedMicroscope):
     """The built-in simulated microscope (pure-Python Micro-Manager devices)."""
 
@@ -322,6 +341,33 @@ class SimulatedMicroscope(_CalibratedMicroscope):
     objective: ObjectiveSpec = ObjectiveSpec()
     realtime: bool = Field(False, description="really sleep the simulated hardware time")
     seed: int = 0
+    faults: FaultsSpec = FaultsSpec()
+
+    @field_validator("stage")
+    @classmethod
+    def _emulated_port(cls, value: StageSpec) -> StageSpec:
+        scheme = "waferscope-emu://"
+        if value.port is None:
+            return value
+        if value.driver == "direct":
+            raise ValueError("port: only with driver prior or asi")
+        if not value.port.lower().startswith(f"{scheme}{value.driver}"):
+            raise ValueError(f"port: the simulated microscope's {value.driver} stage is the "
+                             f"emulator; leave port unset or give a {scheme}{value.driver} URL")
+        return value
+
+    # a field validator (not a model validator) so the error names faults.serial_error_rate;
+    # stage is declared before faults, so it is validated already
+    @field_validator("faults")
+    @classmethod
+    def _serial_faults_need_a_serial_stage(
+        cls, value: FaultsSpec, info: ValidationInfo
+    ) -> FaultsSpec:
+        stage = info.data.get("stage")
+        if value.serial_error_rate > 0 and stage is not None and stage.driver == "direct":
+            raise ValueError("serial_error_rate: needs microscope.stage.driver prior or asi "
+                             "(the direct stage has no serial line)")
+        return value
 
 
 class MicroManagerMicroscope(_CalibratedMicroscope):

@@ -215,7 +215,7 @@ class ControllerEmulator:
     def poll_busy(self, axes: tuple[str, ...]) -> set[str]:
         """The busy axes among ``axes``; then the clock runs to the end of their moves."""
         busy = {a for a in axes if self.has_axis(a) and self.moving(a)}
-        for a in busy - self._stuck:
+        for a in busy:  # a stuck flag outlives the motion itself
             self._axis(a)[0].wait()
         return busy
 
