@@ -107,8 +107,7 @@ class StageController:
             except HardwareError as exc:
                 if attempt == self.query_retries:
                     raise
-                log.warning("%s: %s; asking again (%d/%d)", self.name, exc, attempt + 1,
-                            self.query_retries)
+                log.warning("%s; asking again (%d/%d)", exc, attempt + 1, self.query_retries)
         raise AssertionError("unreachable")
 
     # -- units and limits ---------------------------------------------------------------

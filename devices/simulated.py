@@ -190,6 +190,7 @@ def sim_xy_stage(spec: SimulatedSpec, scope: SimulatedMicroscope) -> XYStageDevi
     name = f"sim-xy-{next(_STAGE_NAMES)}"
     register_stage(name, scope.xy)
     options = dict(parse_qsl(urlsplit(st.port).query)) if st.port else {}
+    options.pop("stage", None)  # the emulator drives this scope's stage, no other
     options.update(fault_rate=faults.serial_error_rate, seed=faults.seed)
     cls = SimPriorXYStage if st.driver == "prior" else SimASIXYStage
     return cls(

@@ -320,7 +320,7 @@ class ProScanEmulator(ControllerEmulator):
         self._base_speed = xy.speed_um_s
         self._handlers: dict[str, Callable[[list[str], Fault | None, dict], str]] = {
             "G": self._go, "GR": self._go_relative, "M": self._go_zero, "SIS": self._home,
-            "V": self._focus, "U": self._focus_up, "D": self._focus_down,
+            "V": self._focus, "U": self._focus_step(1.0), "D": self._focus_step(-1.0),
             "P": self._position, "PX": self._axis_position, "PY": self._axis_position,
             "PZ": self._axis_position, "PS": self._set_xy, "Z": self._zero, "$": self._busy,
             "LMT": self._limits, "K": self._stop, "I": self._stop, "RES": self._resolution,
@@ -340,7 +340,7 @@ class ProScanEmulator(ControllerEmulator):
         handler = self._handlers.get(head)
         if handler is None:
             raise CommandError(4)
-        self._head = head
+        self._head = head  # PX/PY/PZ share a handler
         try:
             return handler(parts[1:], fault, targets)
         except CommandError as exc:
@@ -391,13 +391,14 @@ class ProScanEmulator(ControllerEmulator):
         self.start_move({"Z": z * self._res("Z")}, fault, log)
         return "R"
 
-    def _focus_up(self, args: list[str], fault: Fault | None, log: dict) -> str:
-        (dz,) = self._args(args, (1,))
-        sign = -1.0 if self._head == "D" else 1.0
-        self.start_move({"Z": self.position_um("Z") + sign * dz * self._res("Z")}, fault, log)
-        return "R"
+    def _focus_step(self, sign: float) -> Callable[[list[str], Fault | None, dict], str]:
+        def step(args: list[str], fault: Fault | None, log: dict) -> str:
+            (dz,) = self._args(args, (1,))
+            self.start_move({"Z": self.position_um("Z") + sign * dz * self._res("Z")},
+                            fault, log)
+            return "R"
 
-    _focus_down = _focus_up
+        return step
 
     def _stop(self, args: list[str], fault: Fault | None, log: dict) -> str:
         self.stop()
