@@ -440,3 +440,24 @@ def test_serial_faults_need_a_serial_driver(tmp_path: Path):
         parse_recipe(data, tmp_path)
     data["microscope"]["stage"] = {"driver": "asi", "port": f"{SCHEME}://asi?faults=lost"}
     assert parse_recipe(data, tmp_path).microscope.stage.driver == "asi"
+
+
+def test_camera_timeouts_are_typed_and_seeded(tmp_path: Path):
+    from devices.core import build_simulated
+
+    recipe = parse_recipe(_tiny("asi", camera_timeout_rate=0.5, seed=1), tmp_path)
+    runs = []
+    for _ in range(2):
+        core = build_simulated(recipe).core
+        snaps = []
+        for _ in range(12):
+            try:
+                core.snapImage()  # the camera's exception arrives unchanged
+                snaps.append(True)
+            except HardwareTimeout:
+                snaps.append(False)
+        runs.append(snaps)
+        assert core.hasProperty("XYStage", "SimTrueX_um")
+        assert core.getProperty("XYStage", "Controller") == "MS-2000"
+    assert runs[0] == runs[1]  # same seed, same faults
+    assert any(runs[0]) and not all(runs[0])
