@@ -11,10 +11,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pymmcore_plus.experimental.unicore import UniMMCore
 
 from scanner.errors import UserError
+
+from .simulated import providing
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -95,19 +96,17 @@ def _require_initialized(core: UniMMCore, labels: Iterable[str]) -> None:
             raise HardwareError(f"device {label} failed to initialize (see the log)")
 
 
-def build_simulated(recipe: Recipe) -> MicroscopeHandle:
-    """A UniMMCore with the simulated camera, XY stage, focus drive and clock loaded."""
+def make_scope(recipe: Recipe, spec: SimulatedMicroscope) -> Any:
+    """The simulated microscope (``simulators``) for a recipe's sample and a simulated spec."""
     from simulators.camera import CameraModel, Optics
     from simulators.clock import HardwareClock
     from simulators.microscope import SimulatedMicroscope as SimScope
+    from simulators.randomness import KeyedRandom
     from simulators.stage import StageAxes
 
     from .sample_factory import focal_surface_for_recipe, sample_for_recipe
-    from .simulated import SimCamera, SimClock, SimFocus, sim_xy_stage
 
-    spec: SimulatedMicroscope = recipe.microscope  # type: ignore[assignment]
     sample = sample_for_recipe(recipe.sample)
-    rng = np.random.default_rng(spec.seed)
     clock = HardwareClock(realtime=spec.realtime)
     cam = spec.camera
     camera = CameraModel(
@@ -125,6 +124,8 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
         pixel_size_error=cam.pixel_size_error,
     )
     st, fo = spec.stage, spec.focus
+    # every draw keyed by position and visit: a retry or a resume sees what an
+    # uninterrupted run would have seen
     xy = StageAxes(
         [st.travel_x_um, st.travel_y_um],
         st.speed_um_s,
@@ -132,7 +133,7 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
         st.settle_ms / 1000,
         st.repeatability_um,
         clock,
-        np.random.default_rng([spec.seed, 1]),
+        KeyedRandom(spec.seed, "xy"),
     )
     z = StageAxes(
         [fo.range_um],
@@ -141,13 +142,22 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
         fo.settle_ms / 1000,
         0.0,
         clock,
-        np.random.default_rng([spec.seed, 2]),
+        KeyedRandom(spec.seed, "z"),
         start_um=[fo.z_um],
     )
     optics = Optics(spec.objective.numerical_aperture, spec.objective.wavelength_um)
-    scope = SimScope(sample, camera, xy, z, clock, optics=optics,
-                     surface=focal_surface_for_recipe(recipe.sample), rng=rng,
-                     exposure_ms=cam.exposure_ms)
+    return SimScope(sample, camera, xy, z, clock, optics=optics,
+                    surface=focal_surface_for_recipe(recipe.sample),
+                    rng=KeyedRandom(spec.seed, "camera"), exposure_ms=cam.exposure_ms)
+
+
+def build_simulated(recipe: Recipe) -> MicroscopeHandle:
+    """A UniMMCore with the simulated camera, XY stage, focus drive and clock loaded."""
+    from .simulated import SimCamera, SimClock, SimFocus, sim_xy_stage
+
+    spec: SimulatedMicroscope = recipe.microscope  # type: ignore[assignment]
+    scope = make_scope(recipe, spec)
+    sample, camera, cam = scope.sample, scope.camera, spec.camera
 
     with _quiet_discovery():
         core = UniMMCore()
@@ -185,19 +195,37 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
 
 
 def build_micromanager(recipe: Recipe) -> MicroscopeHandle:
-    """A core loaded from a Micro-Manager ``.cfg`` (the C++ adapters must be installed)."""
+    """A core loaded from a Micro-Manager ``.cfg`` (C++ adapters and ``#py`` Python devices).
+
+    The file is checked offline first (:func:`devices.mmconfig.check_config`): every missing
+    adapter is named in one line before anything is loaded. Roles come from the recipe's
+    ``microscope.roles`` or the file's Core properties; the pixel size from a calibration
+    (applied by :func:`build_microscope`), else the file's pixel-size presets, else the recipe.
+    """
+    from .errors import ConfigError
+    from .mmconfig import ROLE_PROPERTIES, check_config
+
     spec: MicroManagerMicroscope = recipe.microscope  # type: ignore[assignment]
+    roles = spec.roles.model_dump(exclude_none=True) if spec.roles is not None else {}
+    try:
+        summary = check_config(spec.config, spec.adapter_path, roles)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
     adapters = [str(spec.adapter_path)] if spec.adapter_path else ()
     with _quiet_discovery():
         core = UniMMCore(adapter_paths=adapters)
+    scope = _cfg_scope(recipe, summary)
     try:
-        core.loadSystemConfiguration(str(spec.config))
+        with providing(scope):
+            core.loadSystemConfiguration(str(spec.config))
     except Exception as exc:  # the C++ core raises plain RuntimeErrors with multi-line text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"microscope.config: cannot load {spec.config.name}: {first} "
             "(are the Micro-Manager device adapters installed? run `mmcore install`)"
         ) from None
+    for role, label in roles.items():
+        core.setProperty("Core", ROLE_PROPERTIES[role], label)
     missing = [
         what
         for what, label in (
@@ -208,23 +236,73 @@ def build_micromanager(recipe: Recipe) -> MicroscopeHandle:
         if not label
     ]
     if missing:
-        raise UserError(f"microscope.config: {spec.config.name} defines no {', '.join(missing)}")
-    if spec.pixel_size_um is not None:
-        _set_pixel_size(core, spec.pixel_size_um)
-    elif core.getPixelSizeUm() <= 0:
-        raise UserError(
-            f"microscope.pixel_size_um: {spec.config.name} has no pixel size calibration; "
-            "give pixel_size_um in the recipe"
-        )
+        raise UserError(f"microscope.roles: {spec.config.name} defines no {', '.join(missing)} "
+                        "(set it in the .cfg's Core properties or in microscope.roles)")
+    if summary.pixel_size_um is None or core.getPixelSizeUm() <= 0:
+        if spec.pixel_size_um is None and spec.calibration is None:
+            raise UserError(
+                f"microscope.pixel_size_um: {spec.config.name} has no pixel size calibration; "
+                "give pixel_size_um in the recipe"
+            )
+        if spec.pixel_size_um is not None:
+            _set_pixel_size(core, spec.pixel_size_um)
     if not core.getShutterDevice():
         core.setAutoShutter(False)
+    _limit_travel(core, spec.stage)
+    clock = next((label for label in core.getLoadedDevices()
+                  if core.getDeviceName(label) == "SimClock"), None)
     return MicroscopeHandle(
         core=core,
         kind="micromanager",
+        truth=scope.sample.truth() if scope is not None else None,
+        clock_device=clock,
         info={"config": str(spec.config), "depth_of_field_um": spec.objective.depth_of_field_um,
               "effective_depth_of_field_um": round(
                   spec.objective.effective_depth_of_field_um(core.getPixelSizeUm()), 3)},
     )
+
+
+#: emulator stage name that a shipped or user ``.cfg`` binds its emulated controller to
+CFG_EMULATOR_STAGE = "waferscope"
+
+
+def _cfg_scope(recipe: Recipe, summary: Any) -> Any:
+    """A simulated microscope for the simulated devices a ``.cfg`` loads (None if it has none).
+
+    Python devices are built by ``pyDevice`` lines with no arguments; :func:`providing` hands
+    them this scope, which renders the recipe's sample as ``kind: simulated`` would. Emulated
+    controllers on ``waferscope-emu://...?stage=waferscope`` drive its XY axes.
+    """
+    simulated = [cls for module, cls in summary.py_devices.values()
+                 if module == "devices.simulated"]
+    if not simulated:
+        return None
+    from scanner.recipe import CameraSpec
+    from scanner.recipe import SimulatedMicroscope as SimSpec
+    from simulators.serial_emu import register_stage
+
+    mm: MicroManagerMicroscope = recipe.microscope  # type: ignore[assignment]
+    pixel = summary.pixel_size_um or mm.pixel_size_um or 1.0
+    spec = SimSpec(camera=CameraSpec(pixel_size_um=pixel), stage=mm.stage, focus=mm.focus,
+                   objective=mm.objective)
+    scope = make_scope(recipe, spec)
+    register_stage(CFG_EMULATOR_STAGE, scope.xy, scope.z)
+    return scope
+
+
+def _limit_travel(core: UniMMCore, stage: Any) -> None:
+    """Narrow a driver's own travel limits (``TravelXMin_um``...) to the recipe's."""
+    xy = core.getXYStageDevice()
+    for axis, (lo, hi) in (("X", stage.travel_x_um), ("Y", stage.travel_y_um)):
+        low, high = f"Travel{axis}Min_um", f"Travel{axis}Max_um"
+        if xy and core.hasProperty(xy, low) and core.hasProperty(xy, high):
+            lo = max(lo, float(core.getProperty(xy, low)))
+            hi = min(hi, float(core.getProperty(xy, high)))
+            if lo >= hi:
+                raise UserError(f"microscope.stage.travel_{axis.lower()}_um: does not overlap "
+                                f"the {xy} controller's travel")
+            core.setProperty(xy, low, lo)
+            core.setProperty(xy, high, hi)
 
 
 def build_microscope(recipe: Recipe) -> MicroscopeHandle:

@@ -18,3 +18,22 @@ class HardwareTimeout(HardwareError):
 
 class TravelLimitRefused(RuntimeError):
     """A move outside the travel range was refused before any command was sent (not retried)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a device error may go away when the action is tried again.
+
+    True for the device layer's :class:`HardwareError`, for timeouts and I/O errors (a serial
+    port that hiccupped), and for the plain ``RuntimeError`` that pymmcore raises for every
+    C++ adapter error. Subclasses of ``RuntimeError`` that mean a refusal (a travel limit) and
+    programming errors (``TypeError``, ``AttributeError``...) are not transient.
+    """
+    if isinstance(exc, TravelLimitRefused):
+        return False
+    if isinstance(exc, (HardwareError, TimeoutError, OSError)):
+        return True
+    return type(exc) is RuntimeError
+
+
+class ConfigError(ValueError):
+    """A Micro-Manager configuration that cannot be used here (bad input: exit code 2)."""

@@ -8,7 +8,8 @@ read-only properties whose names start with ``Sim``; acquisition records them wh
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,21 +23,51 @@ from pymmcore_plus.experimental.unicore import (
 
 from simulators.microscope import SimulatedMicroscope
 
-from .errors import HardwareTimeout
+from .errors import HardwareError, HardwareTimeout
 from .serial_stage import ASIXYStage, PriorXYStage, emulator_url
 
 if TYPE_CHECKING:
     from scanner.recipe import SimulatedMicroscope as SimulatedSpec
 
 
+_PROVIDED: list[SimulatedMicroscope] = []
+
+
+@contextmanager
+def providing(scope: SimulatedMicroscope | None) -> Iterator[None]:
+    """Hand ``scope`` to simulated devices built without one (by a ``.cfg``'s pyDevice lines).
+
+    A ``.cfg`` line ``#py pyDevice,Camera,devices.simulated,SimCamera`` constructs the device
+    with no arguments; the core factory loads the file inside this context, so the device
+    renders the recipe's sample as ``kind: simulated`` would.
+    """
+    if scope is None:
+        yield
+        return
+    _PROVIDED.append(scope)
+    try:
+        yield
+    finally:
+        _PROVIDED.pop()
+
+
+def _provided(scope: SimulatedMicroscope | None, who: str) -> SimulatedMicroscope:
+    if scope is not None:
+        return scope
+    if not _PROVIDED:
+        raise HardwareError(f"{who}: a simulated device needs a sample; load its .cfg through "
+                            "a waferscope recipe (microscope.kind: micromanager)")
+    return _PROVIDED[-1]
+
+
 class SimCamera(SimpleCameraDevice):
     """Camera that renders the virtual sample at the stage's true position."""
 
     def __init__(
-        self, scope: SimulatedMicroscope, timeout_rate: float = 0.0, seed: int = 0
+        self, scope: SimulatedMicroscope | None = None, timeout_rate: float = 0.0, seed: int = 0
     ) -> None:
         super().__init__()
-        self._scope = scope
+        self._scope = _provided(scope, "SimCamera")
         self._timeout_rate = float(timeout_rate)
         # a stream of its own, apart from the emulated controllers' (seeded with ``seed``)
         self._faults = np.random.default_rng([seed, 1])
@@ -100,9 +131,9 @@ class _StageTruth:
 class SimXYStage(_StageTruth, XYStageDevice):
     """XY stage with travel limits, motion time, settling and repeatability error."""
 
-    def __init__(self, scope: SimulatedMicroscope) -> None:
+    def __init__(self, scope: SimulatedMicroscope | None = None) -> None:
         super().__init__()
-        self._scope = scope
+        self._scope = _provided(scope, "SimXYStage")
 
     def set_position_um(self, x: float, y: float) -> None:
         # starts the move (raises TravelLimitError before moving); waitForDevice charges it,
@@ -208,9 +239,9 @@ def sim_xy_stage(spec: SimulatedSpec, scope: SimulatedMicroscope) -> XYStageDevi
 class SimFocus(StageDevice):
     """Focus drive (Z) with a safe range."""
 
-    def __init__(self, scope: SimulatedMicroscope) -> None:
+    def __init__(self, scope: SimulatedMicroscope | None = None) -> None:
         super().__init__()
-        self._scope = scope
+        self._scope = _provided(scope, "SimFocus")
 
     def set_position_um(self, val: float) -> None:
         self._scope.z.start_move_to(val)
@@ -246,9 +277,9 @@ class SimFocus(StageDevice):
 class SimClock(GenericDevice):
     """Exposes the simulated hardware clock, so timings can be reported in hardware time."""
 
-    def __init__(self, scope: SimulatedMicroscope) -> None:
+    def __init__(self, scope: SimulatedMicroscope | None = None) -> None:
         super().__init__()
-        self._scope = scope
+        self._scope = _provided(scope, "SimClock")
 
     @pymm_property(is_read_only=True, name="Elapsed_s")
     def elapsed_s(self) -> float:

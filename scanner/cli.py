@@ -9,6 +9,7 @@ import functools
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -63,7 +64,8 @@ def _friendly(func: F) -> F:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("interrupted; what was acquired is kept in the scan folder")
+            err.print("interrupted; what was acquired is kept in the scan folder "
+                      "(continue with `waferscope resume SCAN`)")
             raise typer.Exit(130) from None
         except typer.Exit:
             raise
@@ -157,6 +159,48 @@ def validate(recipe: RecipeArg) -> None:
 
 @app.command()
 @_friendly
+def devices(
+    recipe: RecipeArg,
+    save: Annotated[Path | None, typer.Option(
+        "--save", help="Write the test image to this TIFF file.")] = None,
+) -> None:
+    """List the recipe's microscope: devices, roles, positions and limits; snap one image."""
+    import numpy as np
+
+    from devices.core import build_microscope
+    from devices.inventory import inventory
+
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    handle = build_microscope(rec)
+    core = handle.core
+    table = Table(title=f"{recipe.name}: {rec.microscope.kind} microscope")
+    for column in ("label", "role", "library", "device", "port"):
+        table.add_column(column)
+    for d in inventory(core):
+        table.add_row(d.label, d.role or "-", d.library or "-", d.name, d.port or "-")
+    out.print(table)
+    stage = rec.microscope.stage
+    x, y = core.getXYPosition()
+    out.print(f"XY stage at ({x:.2f}, {y:.2f}) µm; travel x {list(stage.travel_x_um)} µm, "
+              f"y {list(stage.travel_y_um)} µm")
+    focus = rec.microscope.focus
+    out.print(f"focus at {core.getPosition():.2f} µm; range {list(focus.range_um)} µm")
+    out.print(f"pixel size {core.getPixelSizeUm():.4g} µm; exposure {core.getExposure():g} ms")
+    core.snapImage()
+    image = core.getImage()
+    out.print(f"test image: {image.shape[1]} x {image.shape[0]} px {image.dtype}, "
+              f"min {int(image.min())}, mean {float(np.mean(image)):.1f}, max {int(image.max())}")
+    if save is not None:
+        import tifffile
+
+        tifffile.imwrite(save, image)
+        out.print(f"saved: {save.resolve()}")
+
+
+@app.command()
+@_friendly
 def run(
     recipe: RecipeArg,
     out_dir: Annotated[
@@ -194,10 +238,34 @@ def run(
 
 @app.command()
 @_friendly
-def stitch(scan: Annotated[Path, typer.Argument(help="Scan folder.")]) -> None:
+def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped scan.")]) -> None:
+    """Finish a stopped scan: acquire only the missing tiles, then stitch, inspect, report."""
+    from .pipeline import resume_scan
+
+    with _progress() as progress:
+        result = resume_scan(scan, observer=RichObserver(progress))
+    _print_result(result)
+    if result.status != "complete":
+        err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
+                  f"{result.n_tiles} tiles acquired (see scan.json)")
+        raise typer.Exit(1)
+
+
+AllowIncomplete = Annotated[bool, typer.Option(
+    "--allow-incomplete", help="Accept a scan that did not acquire every planned tile.")]
+
+
+@app.command()
+@_friendly
+def stitch(
+    scan: Annotated[Path, typer.Argument(help="Scan folder.")],
+    allow_incomplete: AllowIncomplete = False,
+) -> None:
     """Re-stitch the mosaic of an existing scan folder."""
+    from .integrity import require_ready
     from .pipeline import restitch
 
+    require_ready(scan, "stitch", allow_incomplete=allow_incomplete)
     with _progress() as progress:
         result = restitch(scan, observer=RichObserver(progress))
     _print_result(result)
@@ -224,9 +292,16 @@ def inspect(
         "--sample-kind", help="Use the model card's threshold for this kind of sample: "
         + ", ".join(SAMPLE_KINDS) + " (default: the scan's recipe; plain images: pooled).")
     ] = None,
+    allow_incomplete: AllowIncomplete = False,
 ) -> None:
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
     from .inspection import inspect_target
+    from .integrity import require_ready
+    from .scanfolder import SCAN_JSON
+
+    for path in target:
+        if (path / SCAN_JSON).is_file():
+            require_ready(path, "inspect", allow_incomplete=allow_incomplete)
 
     if sample_kind is not None and sample_kind not in SAMPLE_KINDS:
         raise UserError(f"--sample-kind: one of {', '.join(SAMPLE_KINDS)}, got {sample_kind!r}")
@@ -263,10 +338,13 @@ def report(
     wafer: Annotated[
         str | None, typer.Option("--wafer", help="Wafer id (default: the recipe's).")
     ] = None,
+    allow_incomplete: AllowIncomplete = False,
 ) -> None:
     """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
+    from .integrity import require_ready
     from .reports import report as run_report
 
+    require_ready(scan, "report", allow_incomplete=allow_incomplete)
     result = run_report(scan, lot_id=lot, wafer_id=wafer)
     out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
     for name, path in result.outputs.items():
@@ -481,8 +559,16 @@ def _print_result(result: Any) -> None:
         out.print(f"  {stage} time: " + ", ".join(parts))
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM is handled like Ctrl-C: the scan stops cleanly and can be resumed."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point for ``python -m scanner``."""
+    signal.signal(signal.SIGTERM, _terminate)
+    # a log file that cannot be written (a full disk) must not bury the one line that says so
+    logging.raiseExceptions = False
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # pymmcore-plus sets its own logger to DEBUG (for its log file); its records reach the root
     # handler whatever the root's level, so the handler itself must filter them.

@@ -898,7 +898,9 @@ def alike_partial_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: li
         keep, at = keep[i0:i1, j0:j1], anchor_thumb[i0:i1, j0:j1]
         a, t = at[keep] - at[keep].mean(), thumb[keep] - thumb[keep].mean()
         corr = float(a @ t) / (float(np.linalg.norm(a) * np.linalg.norm(t)) + 1e-12)
-        if corr >= min_correlation:
+        # a sliver of a few thumbnail pixels correlates by chance: two unrelated images of n
+        # pixels correlate within about 1/sqrt(n), so ask for three times that as well
+        if corr >= max(min_correlation, 3.0 / np.sqrt(keep.sum())):
             out.append(cell)
     return out
 

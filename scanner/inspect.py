@@ -45,6 +45,7 @@ from .defectlist import MAP_NAMES
 from .errors import UserError
 from .mosaic import (
     build_pyramid,
+    check_complete,
     create_multiscale,
     finish_multiscale,
     level_transform,
@@ -783,6 +784,8 @@ def infer_mosaic(
         levels, transforms = open_mosaic(Path(mosaic))
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise UserError(f"{mosaic}: not a readable OME-NGFF mosaic ({exc})") from None
+    for k, level in enumerate(levels):
+        check_complete(level, f"{mosaic} level {k}")
     level0 = levels[0]
     scale, trans = level_transform(transforms)
     p_mosaic = float(scale[1])

@@ -23,6 +23,7 @@ that falls to ~0 at each tile border, the product of the x and y ramps), so ther
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 import threading
@@ -37,9 +38,11 @@ import numpy as np
 import zarr
 from scipy import ndimage
 
+from .errors import UserError
+
 __all__ = [
     "MosaicInfo", "build_pyramid", "create_multiscale", "finish_multiscale", "fuse_mosaic",
-    "mosaic_geometry", "mosaic_region", "open_mosaic",
+    "check_complete", "mosaic_geometry", "mosaic_region", "open_mosaic",
 ]
 
 #: Fractional offsets closer than this (in pixels) to a whole number are snapped to it.
@@ -781,10 +784,32 @@ def create_multiscale(
             fill_value=fill_value,
             compressors=zarr.codecs.ZstdCodec(level=3),
             dimension_names=["y", "x"],
+            # every chunk is stored, background included, so that a missing chunk is damage
+            # that can be found (zarr would read it back as fill value, i.e. black)
+            config={"write_empty_chunks": True},
         )
         for k, s in enumerate(shapes)
     ]
     return tmp, arrays
+
+
+def check_complete(array: zarr.Array, what: str) -> None:
+    """Refuse an image with a missing chunk: zarr would read it as fill value (black).
+
+    Raises
+    ------
+    UserError
+        Naming the first missing chunk (its pixel rows and columns).
+    """
+    if array.nchunks_initialized == array.nchunks:
+        return
+    root = Path(str(array.store_path.store.root)) / array.store_path.path
+    grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks, strict=True)]
+    for ij in itertools.product(*grid):
+        if not (root / array.metadata.encode_chunk_key(ij)).is_file():
+            r, c = (i * n for i, n in zip(ij, array.chunks, strict=True))
+            raise UserError(f"{what}: chunk {ij} (rows {r}.., cols {c}..) is missing; "
+                            "the image is damaged (re-run `waferscope stitch`)")
 
 
 def build_pyramid(

@@ -7,24 +7,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from devices.core import MicroscopeHandle, build_microscope
+from devices.inventory import inventory_json
 
 from .acquire import acquire
 from .defectlist import DEFECTS_JSON, MAP_NAMES
+from .errors import UserError
 from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
-from .recipe import Recipe
+from .recipe import Recipe, format_validation_error
 from .scanfolder import (
+    RUNNING,
     SCAN_JSON,
     TRUTH_JSON,
+    effective_status,
     now_iso,
     prepare_folder,
     read_scan_json,
     software_versions,
+    this_process,
     write_json,
 )
 from .stitch import MOSAIC, stitch_scan
-from .tilestore import read_tiles_csv
+from .tilestore import TILES_CSV, open_tiles, read_tiles_csv, stored_tiles
 
 
 class Observer(Protocol):
@@ -105,20 +112,26 @@ def run_scan(
 
     Everything that can be refused (recipe, plan, output folder) is checked before the
     stage moves. ``scan.json`` is written before acquisition starts and updated after each
-    stage, so an interrupted scan leaves a folder that says how far it got. With ``inspect``
-    (what ``waferscope run`` asks for unless ``--no-inspect``) the mosaic is then inspected
-    with ``model`` (a path, a loaded model, or None for the shipped default).
+    stage, so an interrupted scan leaves a folder that says how far it got and that
+    :func:`resume_scan` can finish. With ``inspect`` (what ``waferscope run`` asks for unless
+    ``--no-inspect``) the mosaic is then inspected with ``model`` (a path, a loaded model, or
+    None for the shipped default).
     """
     observer = observer or _Silent()
     handle = build_microscope(recipe)
     plan = make_plan(recipe, handle)
     folder = prepare_folder(out, recipe.output.root, recipe.output.name or recipe.name, overwrite)
     pixel_size = handle.core.getPixelSizeUm()
+    model_path = getattr(model, "path", model)
     scan: dict[str, Any] = {
         "status": "acquiring",
         "started": now_iso(),
         "finished": None,
+        "process": this_process(),
         "recipe": recipe.model_dump(mode="json"),
+        # what `resume` needs to finish the scan exactly as `run` would have
+        "options": {"inspect": bool(inspect),
+                    "model": str(Path(model_path).resolve()) if model_path else None},
         "versions": software_versions(),
         "microscope": {
             "kind": handle.kind,
@@ -126,47 +139,169 @@ def run_scan(
             "camera_shape": [handle.core.getImageHeight(), handle.core.getImageWidth()],
             "depth_of_field_um": handle.depth_of_field_um,
             **{k: v for k, v in handle.info.items() if k != "labels"},
+            "devices": inventory_json(handle.core),
         },
         "plan": plan_summary(plan, recipe),
+        "acquired_tiles": 0,
+        "stages_done": [],
         "timings": {},
     }
     write_json(folder / SCAN_JSON, scan)
     if handle.truth is not None:
         write_json(folder / TRUTH_JSON, handle.truth)
+    return _finish_scan(folder, scan, recipe, observer, model, handle=handle, plan=plan)
 
-    observer.stage_started("acquire", len(plan.tiles))
-    handle.core.mda.events.frameReady.connect(lambda *_: observer.advance("acquire", 1))
+
+def resume_scan(folder: Path, *, observer: Observer | None = None) -> ScanResult:
+    """Finish a scan that stopped (Ctrl-C, SIGTERM, ``kill -9``, lost tiles, a full disk).
+
+    The journal is the truth: only planned tiles without an ``ok`` row whose data is in the
+    store are acquired (a tile in the store without its row, or lost, is taken again), then
+    the scan is stitched, inspected and reported as ``run`` would have done, with the options
+    ``run`` recorded.
+
+    Raises
+    ------
+    UserError
+        If the folder is not a scan, is complete, is still running, or its recipe or plan no
+        longer match.
+    """
+    observer = observer or _Silent()
+    folder = Path(folder)
+    scan = read_scan_json(folder)
+    status = effective_status(scan)
+    if status in RUNNING:
+        raise UserError(f"{folder}: the scan is still {status} (process "
+                        f"{scan.get('process', {}).get('pid')} is alive)")
+    if status == "complete":
+        raise UserError(f"{folder}: the scan is complete; nothing to resume")
     try:
-        result = acquire(handle, plan, recipe, folder)
+        recipe = Recipe.model_validate(scan["recipe"], context={"base_dir": folder})
+    except (KeyError, ValidationError) as exc:
+        why = format_validation_error(exc) if isinstance(exc, ValidationError) else exc
+        raise UserError(f"{folder / SCAN_JSON}: cannot resume, the recorded recipe is not "
+                        f"valid now: {why}") from None
+    options = scan.get("options") or {"inspect": False, "model": None}
+    n = int(scan["plan"]["n_tiles"])
+    done = _acquired(folder, n)
+    handle = plan = None
+    if len(done) < n:
+        handle = build_microscope(recipe)
+        plan = make_plan(recipe, handle)
+        recorded = {k: scan["plan"].get(k) for k in ("n_tiles", "n_rows", "n_cols")}
+        now = {k: plan_summary(plan, recipe)[k] for k in recorded}
+        if now != recorded:
+            raise UserError(f"{folder}: cannot resume, the plan changed ({recorded} recorded, "
+                            f"{now} now)")
+    scan.setdefault("resumed", []).append({"at": now_iso(), "previous_status": status,
+                                           "tiles_missing": n - len(done)})
+    scan.update(status="acquiring", process=this_process(), finished=None)
+    scan.pop("error", None)
+    write_json(folder / SCAN_JSON, scan)
+    return _finish_scan(folder, scan, recipe, observer, options.get("model"),
+                        handle=handle, plan=plan, only=set(range(n)) - done,
+                        inspect=bool(options.get("inspect")))
+
+
+def _acquired(folder: Path, n_planned: int) -> set[int]:
+    """Plan indices with an ``ok`` journal row and their data in the store."""
+    if not (folder / TILES_CSV).is_file():
+        return set()
+    stored = stored_tiles(open_tiles(folder))
+    return {r.index for r in read_tiles_csv(folder)
+            if r.status == "ok" and r.index in stored and 0 <= r.index < n_planned}
+
+
+def _finish_scan(
+    folder: Path,
+    scan: dict[str, Any],
+    recipe: Recipe,
+    observer: Observer,
+    model: Any,
+    *,
+    handle: MicroscopeHandle | None,
+    plan: ScanPlan | None,
+    only: set[int] | None = None,
+    inspect: bool | None = None,
+) -> ScanResult:
+    """Acquire (what is missing), stitch, inspect and report, keeping ``scan.json`` current.
+
+    Whatever stops the scan, ``scan.json`` ends as ``interrupted`` (Ctrl-C, SIGTERM) or
+    ``failed`` (an error), with the number of tiles acquired.
+    """
+    if inspect is None:
+        inspect = bool(scan["options"]["inspect"])
+    n_tiles = int(scan["plan"]["n_tiles"])
+    try:
+        if handle is not None and plan is not None:
+            _acquire_stage(folder, scan, recipe, handle, plan, observer, only)
+        scan["stages_done"] = ["acquire"]
+        _set_status(folder, scan, "stitching")
+        pixel_size = float(scan["microscope"]["pixel_size_um"])
+        _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer)
+        scan["stages_done"].append("stitch")
+        if inspect:
+            _set_status(folder, scan, "inspecting")
+            inspect_stage(folder, scan, model=model, observer=observer)
+            scan["stages_done"].append("inspect")
+        if (folder / DEFECTS_JSON).is_file():
+            # the reports' header carries how the scan ended, known before they are written
+            n_acquired = len(_acquired(folder, n_tiles))
+            scan.update(outcome="complete" if n_acquired == n_tiles else "incomplete",
+                        finished=now_iso())
+            _set_status(folder, scan, "reporting")
+            _report_stage(folder, observer)
+            scan.update({k: v for k, v in read_scan_json(folder).items()
+                         if k not in ("status", "stages_done", "process")})
+            scan["stages_done"].append("report")
     except BaseException as exc:
-        scan.update(status="failed", error=f"{type(exc).__name__}: {exc}", finished=now_iso())
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        scan.update(status="interrupted" if interrupted else "failed", finished=now_iso(),
+                    acquired_tiles=len(_acquired(folder, n_tiles)))
+        if not interrupted:
+            scan["error"] = f"{type(exc).__name__}: {exc}"
         write_json(folder / SCAN_JSON, scan)
         raise
+    n_acquired = len(_acquired(folder, n_tiles))
+    scan.update(status="complete" if n_acquired == n_tiles else "incomplete",
+                finished=now_iso(), acquired_tiles=n_acquired)
+    write_json(folder / SCAN_JSON, scan)
+    return ScanResult(folder, scan["status"], n_tiles, n_acquired, scan["timings"])
+
+
+def _set_status(folder: Path, scan: dict[str, Any], status: str) -> None:
+    scan["status"] = status
+    write_json(folder / SCAN_JSON, scan)
+
+
+def _acquire_stage(
+    folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,
+    plan: ScanPlan, observer: Observer, only: set[int] | None,
+) -> None:
+    """Acquire into the folder and record how it went in ``scan``."""
+    total = len(plan.tiles) if only is None else len(only)
+    observer.stage_started("acquire", total)
+    progress = handle.core.mda.events.frameReady.connect(
+        lambda *_: observer.advance("acquire", 1))
+    try:
+        result = acquire(handle, plan, recipe, folder, only=only)
     finally:
+        handle.core.mda.events.frameReady.disconnect(progress)
         observer.stage_finished("acquire")
-    scan["timings"]["acquire"] = {"hardware_s": round(result.hardware_s, 3),
-                                  "wall_s": round(result.wall_s, 3)}
+    timing = {"hardware_s": round(result.hardware_s, 3), "wall_s": round(result.wall_s, 3)}
+    if only is not None:  # a resume adds its time to what the first run spent
+        before = scan["timings"].get("acquire", {})
+        timing = {k: round(v + float(before.get(k, 0.0)), 3) for k, v in timing.items()}
+    scan["timings"]["acquire"] = timing
     scan["acquired_tiles"] = result.n_acquired
+    scan["retried_actions"] = int(scan.get("retried_actions", 0)) + result.retried
     scan["focus"] = {k: v for k, v in result.focus.items() if k not in ("points", "surface")}
     if recipe.scan.focus.strategy != "none":
         write_focus_outputs(folder, result.focus, read_tiles_csv(folder))
     if result.lost:
         scan["lost_tiles"] = {str(k): v for k, v in result.lost.items()}
-    scan["status"] = "stitching"
-    write_json(folder / SCAN_JSON, scan)
-
-    _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer)
-    if inspect:
-        scan["status"] = "inspecting"
-        write_json(folder / SCAN_JSON, scan)
-        inspect_stage(folder, scan, model=model, observer=observer)
-    scan["status"] = "complete" if result.complete else "incomplete"
-    scan["finished"] = now_iso()
-    write_json(folder / SCAN_JSON, scan)
-    if (folder / DEFECTS_JSON).is_file():
-        _report_stage(folder, observer)
-        scan = read_scan_json(folder)
-    return ScanResult(folder, scan["status"], len(plan.tiles), result.n_acquired, scan["timings"])
+    else:
+        scan.pop("lost_tiles", None)
 
 
 def _stitch_stage(

@@ -5,6 +5,7 @@ The plan is computed from the recipe and the camera's field of view only; nothin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,11 +178,17 @@ def exposure_for(recipe: Recipe) -> float:
     return camera.exposure_ms if camera is not None else 10.0
 
 
-def to_sequence(plan: ScanPlan, recipe: Recipe) -> useq.MDASequence:
-    """The useq sequence that the MDA runner executes: one event per tile."""
+def to_sequence(
+    plan: ScanPlan, recipe: Recipe, tiles: Sequence[Tile] | None = None
+) -> useq.MDASequence:
+    """The useq sequence that the MDA runner executes: one event per tile.
+
+    ``tiles`` (default: all of the plan's, in order) lets a resumed scan take only the
+    missing ones; the position index of an event is then its place in ``tiles``.
+    """
     positions = [
         useq.AbsolutePosition(x=t.x_um, y=t.y_um, z=t.z_um, name=f"tile{t.index:05d}")
-        for t in plan.tiles
+        for t in (plan.tiles if tiles is None else tiles)
     ]
     return useq.MDASequence(
         stage_positions=positions,

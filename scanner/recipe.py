@@ -370,6 +370,16 @@ class SimulatedMicroscope(_CalibratedMicroscope):
         return value
 
 
+class RolesSpec(_Model):
+    """Which device of a Micro-Manager configuration plays each role (device labels)."""
+
+    camera: str | None = None
+    xy_stage: str | None = None
+    focus: str | None = None
+    autofocus: str | None = None
+    shutter: str | None = None
+
+
 class MicroManagerMicroscope(_CalibratedMicroscope):
     """Real hardware through a Micro-Manager configuration file."""
 
@@ -377,13 +387,31 @@ class MicroManagerMicroscope(_CalibratedMicroscope):
     config: Path
     adapter_path: Path | None = None
     pixel_size_um: PositiveFloat | None = Field(
-        None, description="overrides the configuration's pixel size"
+        None, description="pixel size when neither a calibration nor the configuration's "
+        "pixel-size presets give one"
     )
+    roles: RolesSpec | None = Field(
+        None, description="device labels of each role (default: the configuration's Core "
+        "properties)")
     stage: StageSpec = Field(
-        StageSpec(), description="travel limits and mechanics; Micro-Manager does not report them"
+        StageSpec(), description="travel limits (required: Micro-Manager does not report them) "
+        "and mechanics"
     )
     focus: FocusSpec = FocusSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
+
+    @field_validator("stage")
+    @classmethod
+    def _travel_given(cls, value: StageSpec) -> StageSpec:
+        # a real stage has no safe default travel: the recipe must say where its limits are
+        for key in ("travel_x_um", "travel_y_um"):
+            if key not in value.model_fields_set:
+                raise ValueError(f"{key}: required for kind: micromanager (the stage's safe "
+                                 "travel in stage µm, e.g. [-50000, 50000])")
+        if value.driver != "direct" or value.port is not None:
+            raise ValueError("driver: only for kind: simulated (a real rig names its stage "
+                             "driver in the .cfg)")
+        return value
 
     @field_validator("config")
     @classmethod
@@ -444,6 +472,9 @@ class ScanSpec(_Model):
     exposure_ms: PositiveFloat | None = Field(None, description="default: the camera's exposure")
     max_tiles: Annotated[int, Field(gt=0)] = 20_000
     retries: Annotated[int, Field(ge=0, le=10)] = 3
+    device_timeout_s: PositiveFloat = Field(
+        60.0, description="watchdog: a move or snap not done after this long is a hardware fault"
+    )
     focus: FocusPlan = FocusPlan()
 
 

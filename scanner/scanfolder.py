@@ -9,8 +9,10 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 import platform
 import shutil
+import socket
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,11 @@ from .errors import UserError
 
 SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
+
+#: statuses written while a stage runs; found with no live process, they read as interrupted
+RUNNING = ("acquiring", "stitching", "inspecting", "reporting")
+#: how every scan ends
+FINAL = ("complete", "incomplete", "interrupted", "failed")
 
 _PACKAGES = ("waferscope", "pymmcore-plus", "pymmcore", "useq-schema", "zarr", "numpy",
              "scikit-image", "scipy", "pydantic", "torch")
@@ -109,3 +116,41 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def this_process() -> dict[str, Any]:
+    """What ``scan.json`` records of the process running a stage (to tell a crash later)."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _alive(process: dict[str, Any] | None) -> bool:
+    if not process:
+        return False
+    if process.get("host") != socket.gethostname():
+        return True  # another machine's process cannot be checked from here
+    pid = int(process.get("pid", 0))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (killed, not yet reaped) is not running the scan
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
+def effective_status(scan: dict[str, Any]) -> str:
+    """The scan's status, with a running stage whose process is gone read as ``interrupted``.
+
+    A ``kill -9`` leaves ``scan.json`` at the stage that was running; nothing else can fix it.
+    """
+    status = str(scan.get("status", "unknown"))
+    if status in RUNNING and not _alive(scan.get("process")):
+        return "interrupted"
+    return status

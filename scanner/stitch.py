@@ -21,7 +21,7 @@ from .errors import UserError
 from .mosaic import MosaicInfo, fuse_mosaic
 from .registration.flatfield import estimate_flatfield
 from .registration.scan import CameraGeometry, register_scan
-from .tilestore import TILES_CSV, open_tiles, read_tiles_csv
+from .tilestore import TILES_CSV, check_journal, open_tiles, read_tiles_csv
 
 MOSAIC = "mosaic.ome.zarr"
 FLATFIELD = "flatfield.npy"
@@ -74,10 +74,11 @@ def stitch(
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
         raise UserError(f"{folder}: not a scan folder (no {TILES_CSV})")
-    records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+    tiles = open_tiles(folder)
+    # a journaled tile whose data is missing stops the stitch: it must not be fused as black
+    records = [r for r in check_journal(folder, tiles.shape[0]) if r.status == "ok"]
     if not records:
         raise UserError(f"{folder / TILES_CSV}: no acquired tiles to stitch")
-    tiles = open_tiles(folder)
     centres = np.array(
         [
             (r.x_reg_um, r.y_reg_um) if use_registered and np.isfinite(r.x_reg_um)
@@ -175,6 +176,7 @@ def stitch_scan(
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
         raise UserError(f"{folder}: not a scan folder (no {TILES_CSV})")
+    check_journal(folder, open_tiles(folder).shape[0])  # before registration rewrites it
     camera = (load_calibration(calibration) if calibration is not None
               else CameraGeometry(nominal_pixel_size_um, 0.0))
     timings: dict[str, float] = {}

@@ -1,18 +1,23 @@
 """The tiles store of a scan folder: raw tiles in Zarr plus a journal row per tile.
 
 Each tile is written to ``tiles.zarr`` as it arrives and only then journaled in ``tiles.csv``
-(flushed at once), so after a crash every row of the journal points at a complete tile.
+(flushed and synced at once), so after a crash every row of the journal points at a complete
+tile. The journal is the truth: a tile in the store without its row is not acquired, and a row
+whose chunk is missing is damage, never read as a black tile.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import zarr
+
+from .errors import UserError
 
 TILES_ZARR = "tiles.zarr"
 TILES_CSV = "tiles.csv"
@@ -56,6 +61,10 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+class StorageError(UserError):
+    """A tile could not be written (disk full, permissions): the scan stops at once."""
+
+
 class TileStore:
     """Writes tiles and their journal into a scan folder.
 
@@ -69,31 +78,64 @@ class TileStore:
         Tile shape (rows, cols).
     dtype : numpy dtype
         Camera pixel type.
+    resume : bool
+        Keep the tiles and journal already in the folder and append to them (``resume``);
+        otherwise both are created empty.
     """
 
-    def __init__(self, folder: Path, n_tiles: int, shape: tuple[int, int], dtype: np.dtype) -> None:
+    def __init__(self, folder: Path, n_tiles: int, shape: tuple[int, int], dtype: np.dtype,
+                 resume: bool = False) -> None:
         self.folder = Path(folder)
-        self.array = zarr.create_array(
-            self.folder / TILES_ZARR,
-            shape=(n_tiles, *shape),
-            chunks=(1, *shape),
-            dtype=dtype,
-            fill_value=0,
-            dimension_names=("tile", "y", "x"),
-            overwrite=True,
-        )
-        self._csv_file = open(self.folder / TILES_CSV, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        if resume:
+            self.array = zarr.open_array(self.folder / TILES_ZARR, mode="r+")
+            if self.array.shape != (n_tiles, *shape) or self.array.dtype != np.dtype(dtype):
+                raise UserError(
+                    f"{self.folder / TILES_ZARR}: holds {self.array.shape} {self.array.dtype} "
+                    f"tiles but the plan needs {(n_tiles, *shape)} {np.dtype(dtype)}"
+                )
+            kept = read_tiles_csv(self.folder)  # drops a row cut short by a crash
+            write_tiles_csv(self.folder, kept)
+            mode = "a"
+        else:
+            self.array = zarr.create_array(
+                self.folder / TILES_ZARR,
+                shape=(n_tiles, *shape),
+                chunks=(1, *shape),
+                dtype=dtype,
+                fill_value=0,
+                dimension_names=("tile", "y", "x"),
+                overwrite=True,
+                # every acquired tile gets its chunk, even an all-zero one, so that a missing
+                # chunk always means damage
+                config={"write_empty_chunks": True},
+            )
+            mode = "w"
+        self._csv_file = open(self.folder / TILES_CSV, mode, newline="", encoding="utf-8")  # noqa: SIM115
         self._csv = csv.writer(self._csv_file)
-        self._csv.writerow(COLUMNS)
-        self._csv_file.flush()
+        if mode == "w":
+            self._csv.writerow(COLUMNS)
+            self._csv_file.flush()
         self.written = 0
 
     def write(self, image: np.ndarray, record: TileRecord) -> None:
-        """Store one tile, then journal it."""
-        if record.status == "ok":
-            self.array[record.index] = image
-        self._csv.writerow([_fmt(v) for v in asdict(record).values()])
-        self._csv_file.flush()
+        """Store one tile, then journal it.
+
+        Raises
+        ------
+        StorageError
+            If the tile or its row cannot be written; the row is only written after the tile.
+        """
+        try:
+            if record.status == "ok":
+                self.array[record.index] = image
+            self._csv.writerow([_fmt(v) for v in asdict(record).values()])
+            self._csv_file.flush()
+            os.fsync(self._csv_file.fileno())
+        except OSError as exc:
+            raise StorageError(
+                f"{self.folder}: cannot write tile {record.index} ({exc.strerror or exc}); the "
+                "scan stopped; free space and run `waferscope resume` on the folder"
+            ) from None
         self.written += record.status == "ok"
 
     def close(self) -> None:
@@ -103,11 +145,19 @@ class TileStore:
 
 
 def read_tiles_csv(folder: Path) -> list[TileRecord]:
-    """Read the journal of a scan folder (last row wins for a re-acquired tile)."""
+    """Read the journal of a scan folder (last row wins for a re-acquired tile).
+
+    A row cut short (the process killed while writing it) is dropped: its tile counts as not
+    acquired.
+    """
     path = Path(folder) / TILES_CSV
+    if not path.is_file():
+        raise UserError(f"{folder}: no {TILES_CSV} (the scan acquired nothing)")
     by_index: dict[int, TileRecord] = {}
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
+            if None in row or any(row.get(c) is None for c in COLUMNS) or not row["status"]:
+                continue  # a partial last line
             values: dict[str, object] = {}
             for field in fields(TileRecord):
                 raw = row.get(field.name, "")
@@ -137,3 +187,35 @@ def write_tiles_csv(folder: Path, records: Iterable[TileRecord]) -> None:
 def open_tiles(folder: Path) -> zarr.Array:
     """Open the raw tiles array of a scan folder (read-only)."""
     return zarr.open_array(Path(folder) / TILES_ZARR, mode="r")
+
+
+def stored_tiles(array: zarr.Array) -> set[int]:
+    """Indices of the tiles whose chunk is in the store (a tile is exactly one chunk)."""
+    root = Path(str(array.store_path.store.root)) / array.store_path.path
+    present = set()
+    for index in range(array.shape[0]):
+        key = array.metadata.encode_chunk_key((index, 0, 0))
+        if (root / key).is_file():
+            present.add(index)
+    return present
+
+
+def check_journal(folder: Path, n_planned: int) -> list[TileRecord]:
+    """The journal's rows, checked against the plan and the store.
+
+    Raises
+    ------
+    UserError
+        If a row names a tile outside the plan, or a journaled tile's chunk is missing
+        (damage, which must never be read as a black tile).
+    """
+    records = read_tiles_csv(folder)
+    present = stored_tiles(open_tiles(folder))
+    for r in records:
+        if not 0 <= r.index < n_planned:
+            raise UserError(f"{folder / TILES_CSV}: tile {r.index} is not in the plan "
+                            f"of {n_planned} tiles")
+        if r.status == "ok" and r.index not in present:
+            raise UserError(f"{folder / TILES_ZARR}: tile {r.index} (row {r.row}, col {r.col}) "
+                            "is journaled but its data is missing; the scan is damaged")
+    return records

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from .camera import CameraModel, Optics
 from .clock import HardwareClock
+from .randomness import KeyedRandom
 from .stage import StageAxes
 from .surface import FocalSurface
 
@@ -49,8 +50,9 @@ class SimulatedMicroscope:
         Objective (defocus blur).
     surface : FocalSurface
         Height of the sample surface (where the image is in focus).
-    rng : numpy.random.Generator
-        Noise source of the camera.
+    rng : numpy.random.Generator or KeyedRandom
+        Noise source of the camera; a :class:`KeyedRandom` draws each frame's noise from the
+        commanded XY, Z and exposure and the visit, so a resumed scan sees the same frames.
     """
 
     sample: object
@@ -60,7 +62,8 @@ class SimulatedMicroscope:
     clock: HardwareClock
     optics: Optics = field(default_factory=Optics)
     surface: FocalSurface = field(default_factory=FocalSurface)
-    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    rng: np.random.Generator | KeyedRandom = field(
+        default_factory=lambda: np.random.default_rng(0))
     exposure_ms: float = 10.0
     last: Snapshot | None = None
 
@@ -83,7 +86,9 @@ class SimulatedMicroscope:
             reflectance = self._render_rotated(x, y)
         focal = self.focal_z_um(x, y)
         reflectance = self.optics.apply(reflectance, z - focal, p)
-        image = cam.digitise(reflectance, self.exposure_ms, self.rng)
+        rng = (self.rng.rng(*self.xy.commanded, *self.z.commanded, self.exposure_ms)
+               if isinstance(self.rng, KeyedRandom) else self.rng)
+        image = cam.digitise(reflectance, self.exposure_ms, rng)
         self.clock.advance((self.exposure_ms + cam.readout_ms) / 1000.0)
         self.last = Snapshot(x, y, z, focal, self.clock.elapsed_s)
         return image

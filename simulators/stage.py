@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .clock import HardwareClock
+from .randomness import KeyedRandom
 
 
 class TravelLimitError(RuntimeError):
@@ -68,8 +69,9 @@ class StageAxes:
         Standard deviation of the landing error on each axis.
     clock : HardwareClock
         Clock that moves and settling are charged to.
-    rng : numpy.random.Generator
-        Random source for the landing error.
+    rng : numpy.random.Generator or KeyedRandom
+        Random source for the landing error; a :class:`KeyedRandom` draws it per target and
+        visit, so a resumed scan lands where an uninterrupted one would have.
     encoder_step_um : float
         Resolution of the reported position.
     """
@@ -82,7 +84,7 @@ class StageAxes:
         settle_s: float,
         repeatability_um: float,
         clock: HardwareClock,
-        rng: np.random.Generator,
+        rng: np.random.Generator | KeyedRandom,
         encoder_step_um: float = 0.01,
         start_um: list[float] | None = None,
     ) -> None:
@@ -127,7 +129,8 @@ class StageAxes:
         )
         if np.any(target != self.commanded):
             seconds += self.settle_s
-            error = self.rng.normal(0.0, self.repeatability_um, size=target.shape)
+            rng = self.rng.rng(*target) if isinstance(self.rng, KeyedRandom) else self.rng
+            error = rng.normal(0.0, self.repeatability_um, size=target.shape)
             self.true = target + error
             self.moves += 1
         self.commanded = target

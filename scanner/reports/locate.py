@@ -293,7 +293,7 @@ def build_header(
         "versions": versions,
         "scan_started": scan.get("started"),
         "scan_finished": scan.get("finished"),
-        "scan_status": scan.get("status"),
+        "scan_status": scan.get("outcome", scan.get("status")),
         "coordinates": COORDINATES,
         "counts": {**counts, "total": len(defects)},
     }

@@ -1,0 +1,62 @@
+"""What a stage may be run on: refuse scans that are unfinished or damaged.
+
+``stitch``, ``inspect`` and ``report`` run on a scan folder only when what they read is whole:
+every planned tile acquired (unless the user accepts an incomplete scan) and every journaled
+tile's data in the store. A damaged store is refused whatever the options: a missing chunk
+would otherwise be read as a black tile.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .defectlist import DEFECTS_JSON
+from .errors import UserError
+from .scanfolder import SCAN_JSON, effective_status, read_scan_json
+from .stitch import MOSAIC
+from .tilestore import check_journal
+
+#: the stage a command reads from, by command
+_NEEDS = {"stitch": "acquire", "inspect": "stitch", "report": "inspect"}
+_OUTPUT = {"stitch": MOSAIC, "inspect": DEFECTS_JSON}
+
+
+def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
+                  ) -> dict[str, Any]:
+    """Check that a scan folder can be given to ``command``; return its ``scan.json``.
+
+    Parameters
+    ----------
+    folder : Path
+        Scan folder.
+    command : {"stitch", "inspect", "report"}
+        What is about to run.
+    allow_incomplete : bool
+        Accept a scan whose acquisition did not take every planned tile
+        (``--allow-incomplete``); damage is refused all the same.
+
+    Raises
+    ------
+    UserError
+        One line naming the scan's status, the missing tiles or the damaged tile.
+    """
+    folder = Path(folder)
+    scan = read_scan_json(folder)
+    status = effective_status(scan)
+    # the mosaic and the defect list are written whole or not at all (renamed into place)
+    needed = _NEEDS[command]
+    if needed != "acquire" and not (folder / _OUTPUT[needed]).exists():
+        raise UserError(f"{folder}: scan {status}: no {_OUTPUT[needed]} (its {needed} stage "
+                        f"did not finish); run `waferscope {needed}` or `waferscope resume`")
+    n_planned = int((scan.get("plan") or {}).get("n_tiles", 0))
+    if n_planned <= 0:
+        raise UserError(f"{folder / SCAN_JSON}: records no plan; not a waferscope scan")
+    records = check_journal(folder, n_planned)
+    ok = {r.index for r in records if r.status == "ok"}
+    hint = "run `waferscope resume` on it, or pass --allow-incomplete"
+    if len(ok) < n_planned and not allow_incomplete:
+        missing = sorted(set(range(n_planned)) - ok)
+        raise UserError(f"{folder}: scan {status}: {len(ok)} of {n_planned} planned tiles "
+                        f"acquired (first missing: tile {missing[0]}); {hint}")
+    return scan

@@ -1,0 +1,227 @@
+"""Stopped scans: statuses, ``resume``, storage errors, and refusing damaged or unfinished data.
+
+The kill tests run ``waferscope`` as a real process (``kill -9`` and SIGTERM cannot be tested
+in-process) on a small wafer with ``realtime: true``, so that acquisition lasts a few seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from scanner.cli import app
+from scanner.pipeline import run_scan
+from scanner.recipe import parse_recipe
+from scanner.scanfolder import effective_status
+
+runner = CliRunner()
+
+SMALL = {
+    "sample": {"kind": "wafer", "diameter_mm": 20, "edge_exclusion_mm": 1.0,
+               "die_pitch_mm": [3.0, 2.5], "defects": {"count": 8, "seed": 3}},
+    "microscope": {"kind": "simulated",
+                   "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0}, "seed": 1},
+    "scan": {"overlap": 0.1},
+}
+WAFERSCOPE = [sys.executable, "-m", "scanner"]
+
+
+def _recipe(tmp_path: Path, realtime: bool = False) -> Path:
+    import yaml
+
+    data = json.loads(json.dumps(SMALL))
+    data["microscope"]["realtime"] = realtime
+    path = tmp_path / f"small{'_rt' if realtime else ''}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _scan(folder: Path) -> dict:
+    return json.loads((folder / "scan.json").read_text())
+
+
+def _ok_rows(folder: Path) -> collections.Counter:
+    with open(folder / "tiles.csv", newline="") as f:
+        return collections.Counter(int(r["index"]) for r in csv.DictReader(f)
+                                   if r.get("status") == "ok")
+
+
+def _defects(folder: Path) -> list[tuple]:
+    data = json.loads((folder / "defects.json").read_text())
+    return sorted((d["defect_class"], round(d["x_um"], 1), round(d["y_um"], 1))
+                  for d in data["defects"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run (inspected and reported) of the small wafer."""
+    root = tmp_path_factory.mktemp("reference")
+    out = root / "scan"
+    subprocess.run([*WAFERSCOPE, "run", str(_recipe(root)), "--out", str(out)], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_scan(tmp_path_factory) -> Path:
+    """A complete, uninspected scan of the small wafer (copied by tests that damage it)."""
+    root = tmp_path_factory.mktemp("plain")
+    result = run_scan(parse_recipe(SMALL, root, "small"), root / "scan")
+    assert result.status == "complete"
+    return result.folder
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume(reference: Path, tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, realtime=True)
+    n = _scan(reference)["plan"]["n_tiles"]
+    # the realtime run's length, to place the kills in acquisition, stitching and inspection
+    t0 = time.perf_counter()
+    subprocess.run([*WAFERSCOPE, "run", str(recipe), "--out", str(tmp_path / "timed")],
+                   check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    moments = sorted(random.Random(7).uniform(0.15, 0.95) * wall for _ in range(4))
+    for k, moment in enumerate(moments):
+        out = tmp_path / f"killed{k}"
+        proc = subprocess.Popen([*WAFERSCOPE, "run", str(recipe), "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(moment)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        scan = _scan(out)
+        if scan["status"] == "complete":
+            continue  # the kill came after the end
+        assert effective_status(scan) == "interrupted", scan["status"]
+        resumed = subprocess.run([*WAFERSCOPE, "resume", str(out)], capture_output=True,
+                                 text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        scan = _scan(out)
+        assert scan["status"] == "complete"
+        assert scan["acquired_tiles"] == n
+        rows = _ok_rows(out)
+        assert sorted(rows) == list(range(n)) and set(rows.values()) == {1}
+        assert _defects(out) == _defects(reference), f"kill at {moment:.1f} s"
+        ref_mosaic = zarr.open_array(reference / "mosaic.ome.zarr" / "0")[:]
+        np.testing.assert_array_equal(zarr.open_array(out / "mosaic.ome.zarr" / "0")[:],
+                                      ref_mosaic)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_like_ctrl_c_and_resume_finishes(tmp_path: Path) -> None:
+    out = tmp_path / "scan"
+    proc = subprocess.Popen([*WAFERSCOPE, "run", str(_recipe(tmp_path, realtime=True)),
+                             "--no-inspect", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "tiles.csv").is_file() or len(_ok_rows(out)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "resume" in stderr and "Traceback" not in stderr
+    scan = _scan(out)
+    assert scan["status"] == "interrupted"  # written by the process itself
+    assert 2 <= scan["acquired_tiles"] < scan["plan"]["n_tiles"]
+    # an unfinished scan is refused by the stages that read it
+    result = runner.invoke(app, ["stitch", str(out)])
+    assert result.exit_code == 2 and "interrupted" in result.stderr
+    assert "resume" in result.stderr
+    resumed = subprocess.run([*WAFERSCOPE, "resume", str(out)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _scan(out)["status"] == "complete"
+    assert set(_ok_rows(out).values()) == {1}
+    assert (out / "mosaic.ome.zarr").is_dir()
+    # nothing left to do
+    again = runner.invoke(app, ["resume", str(out)])
+    assert again.exit_code == 2 and "complete" in again.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "setpgid"), reason="needs RLIMIT_FSIZE (POSIX)")
+def test_full_disk_stops_the_scan_with_one_line_and_resume_finishes(tmp_path: Path) -> None:
+    import resource
+
+    out = tmp_path / "scan"
+
+    def small_files() -> None:  # files over 64 kB fail with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    quiet = {**os.environ, "PYTEST_RUNNING": "1"}  # pymmcore-plus writes no log file then
+    proc = subprocess.run([*WAFERSCOPE, "run", str(_recipe(tmp_path)), "--no-inspect",
+                           "--out", str(out)], capture_output=True, text=True,
+                          preexec_fn=small_files, env=quiet)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "cannot write tile 0" in lines[0] and "resume" in lines[0]
+    scan = _scan(out)
+    assert scan["status"] == "failed" and scan["acquired_tiles"] == 0
+    assert _ok_rows(out) == collections.Counter()  # nothing journaled that is not stored
+    resumed = subprocess.run([*WAFERSCOPE, "resume", str(out)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _scan(out)["acquired_tiles"] == _scan(out)["plan"]["n_tiles"]
+
+
+def test_deleted_tile_chunk_is_refused_not_fused_as_black(plain_scan: Path,
+                                                          tmp_path: Path) -> None:
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    shutil.rmtree(folder / "tiles.zarr" / "c" / "5")
+    for command in ("stitch", "inspect"):
+        result = runner.invoke(app, [command, str(folder)])
+        assert result.exit_code == 2, result.output
+        assert "tile 5" in result.stderr and "missing" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_journal_is_refused_and_left_as_it_is(plain_scan: Path,
+                                                        tmp_path: Path) -> None:
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    lines = (folder / "tiles.csv").read_text().splitlines(keepends=True)
+    (folder / "tiles.csv").write_text("".join(lines[:3]))
+    result = runner.invoke(app, ["stitch", str(folder)])
+    assert result.exit_code == 2
+    assert "2 of" in result.stderr and "planned tiles" in result.stderr
+    assert len((folder / "tiles.csv").read_text().splitlines()) == 3
+    # accepted as incomplete when asked, and then fused from the two tiles only
+    assert runner.invoke(app, ["stitch", str(folder), "--allow-incomplete"]).exit_code == 0
+
+
+def test_deleted_mosaic_chunk_is_refused_before_inspection(plain_scan: Path,
+                                                           tmp_path: Path) -> None:
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    row = folder / "mosaic.ome.zarr" / "0" / "c" / "1"
+    assert row.is_dir()
+    shutil.rmtree(row)
+    result = runner.invoke(app, ["inspect", str(folder)])
+    assert result.exit_code == 2, result.output
+    assert "missing" in result.stderr and "level 0" in result.stderr
+    assert not (folder / "defects.json").exists()
+
+
+def test_status_left_running_by_a_dead_process_reads_interrupted(plain_scan: Path,
+                                                                 tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    scan = {**_scan(plain_scan), "status": "stitching",
+            "process": {"pid": dead.pid, "host": _scan(plain_scan)["process"]["host"]}}
+    assert effective_status(scan) == "interrupted"
+    scan["process"]["pid"] = os.getpid()
+    assert effective_status(scan) == "stitching"
+    assert effective_status({**scan, "status": "complete"}) == "complete"

@@ -1,0 +1,130 @@
+"""Real-rig paths: Micro-Manager configurations, device faults survived through the emulator."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from skimage.registration import phase_cross_correlation
+from typer.testing import CliRunner
+
+from scanner.cli import app
+from scanner.pipeline import run_scan
+from scanner.recipe import load_recipe, parse_recipe
+
+runner = CliRunner()
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+WAFER = {"kind": "wafer", "diameter_mm": 20, "edge_exclusion_mm": 1.0,
+         "die_pitch_mm": [3.0, 2.5], "defects": {"count": 8, "seed": 3}}
+
+
+def _sim(**extra) -> dict:
+    return {"sample": WAFER,
+            "microscope": {"kind": "simulated", "seed": 1,
+                           "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0},
+                           **extra},
+            "scan": {"overlap": 0.1}}
+
+
+def _journal(folder: Path) -> list[dict]:
+    with open(folder / "tiles.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_faulty_serial_line_and_camera_still_give_every_tile_once(tmp_path: Path) -> None:
+    clean = run_scan(parse_recipe(_sim(stage={"driver": "prior"}), tmp_path, "clean"),
+                     tmp_path / "clean")
+    faulty = run_scan(parse_recipe(_sim(stage={"driver": "prior"}, faults={
+        "serial_error_rate": 0.05, "camera_timeout_rate": 0.02, "seed": 4}), tmp_path, "faulty"),
+        tmp_path / "faulty")
+    assert clean.status == faulty.status == "complete"
+    scan = json.loads((faulty.folder / "scan.json").read_text())
+    assert scan["retried_actions"] > 0  # the faults happened and were retried
+    ok = collections.Counter(int(r["index"]) for r in _journal(faulty.folder)
+                             if r["status"] == "ok")
+    assert sorted(ok) == list(range(faulty.n_tiles)) and set(ok.values()) == {1}
+    a = zarr.open_array(clean.folder / "mosaic.ome.zarr" / "0")[:].astype(np.float32)
+    b = zarr.open_array(faulty.folder / "mosaic.ome.zarr" / "0")[:].astype(np.float32)
+    assert a.shape == b.shape
+    shift, _, _ = phase_cross_correlation(a, b, upsample_factor=20)
+    assert np.hypot(*shift) <= 0.3
+    # tile by tile too: each tile placed where the fault-free run placed it
+    clean_rows = {r["index"]: r for r in _journal(clean.folder)}
+    for r in _journal(faulty.folder):
+        c = clean_rows[r["index"]]
+        dx = (float(r["x_reg_um"]) - float(r["x_true_um"])) - (
+            float(c["x_reg_um"]) - float(c["x_true_um"]))
+        dy = (float(r["y_reg_um"]) - float(r["y_true_um"])) - (
+            float(c["y_reg_um"]) - float(c["y_true_um"]))
+        assert np.hypot(dx, dy) / 10.0 <= 0.3, r["index"]
+
+
+def test_serial_faults_without_a_serial_stage_are_refused(tmp_path: Path) -> None:
+    from scanner.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="microscope.faults.serial_error_rate"):
+        parse_recipe(_sim(faults={"serial_error_rate": 0.1}), tmp_path)
+
+
+def test_shipped_config_drives_the_emulated_prior_stage(tmp_path: Path) -> None:
+    recipe = load_recipe(RECIPES / "emulated_rig.yaml")
+    result = run_scan(recipe, tmp_path / "scan")
+    assert result.status == "complete" and result.n_acquired == result.n_tiles
+    scan = json.loads((result.folder / "scan.json").read_text())
+    assert scan["microscope"]["kind"] == "micromanager"
+    xy = next(d for d in scan["microscope"]["devices"] if d["role"] == "xy_stage")
+    assert (xy["name"], xy["library"]) == ("PriorXYStage", "devices.serial_stage")
+    assert xy["port"].startswith("waferscope-emu://prior")
+    # the .cfg's simulated camera renders the recipe's sample: its truth is written
+    assert json.loads((result.folder / "truth.json").read_text())["defects"]
+    res = runner.invoke(app, ["devices", str(RECIPES / "emulated_rig.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "PriorXYStage" in res.output and "test image" in res.output
+
+
+def _rig(tmp_path: Path, cfg: str, microscope: str = "") -> Path:
+    shutil.copy(RECIPES / "emulated_rig.yaml", tmp_path / "rig.yaml")
+    (tmp_path / "rig.cfg").write_text(cfg)
+    text = (tmp_path / "rig.yaml").read_text().replace("emulated_rig.cfg", "rig.cfg")
+    if microscope:
+        text = text.replace("  pixel_size_um: 10.0\n", f"  pixel_size_um: 10.0\n{microscope}")
+    (tmp_path / "rig.yaml").write_text(text)
+    return tmp_path / "rig.yaml"
+
+
+BAD_RIGS = [
+    ("Device,Camera,DemoCamera,DCam\nDevice,XY,ASIStage,XYStage\n",
+     "", "needs device adapters not installed here: ASIStage, DemoCamera"),
+    ("#py pyDevice,Camera,devices.nowhere,Cam\n", "", "Camera (devices.nowhere.Cam)"),
+    ((RECIPES / "emulated_rig.cfg").read_text(), "  roles: {camera: Cam2}\n",
+     "microscope.roles.camera: 'Cam2' is not a device"),
+]
+
+
+@pytest.mark.parametrize(("cfg", "extra", "expected"), BAD_RIGS)
+def test_bad_configurations_are_named_in_one_line(tmp_path: Path, cfg: str, extra: str,
+                                                  expected: str) -> None:
+    path = _rig(tmp_path, cfg, extra)
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], res.stderr
+
+
+def test_micromanager_stage_travel_is_required(tmp_path: Path) -> None:
+    path = _rig(tmp_path, (RECIPES / "emulated_rig.cfg").read_text())
+    text = path.read_text().replace(
+        "  stage: {travel_x_um: [-50000, 50000], travel_y_um: [-50000, 50000]}\n",
+        "  stage: {travel_x_um: [-50000, 50000]}\n")
+    path.write_text(text)
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2
+    assert "microscope.stage.travel_y_um: required for kind: micromanager" in res.stderr
