@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-elpv clean model
+.PHONY: install demo test lint bench bench-elpv bench-resume clean model
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_scan.py
+
+# kill -9 at random moments then resume, and scans through a faulty serial line and camera
+bench-resume: install
+	$(PY) bench/bench_resume.py
 
 # real electroluminescence images of PV cells (PyPI elpv-dataset, CC BY-NC-SA 4.0: the images are
 # only copied to a temporary folder, never commit them); bench/bench_elpv.py says what it compares;

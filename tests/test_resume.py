@@ -225,3 +225,26 @@ def test_status_left_running_by_a_dead_process_reads_interrupted(plain_scan: Pat
     scan["process"]["pid"] = os.getpid()
     assert effective_status(scan) == "stitching"
     assert effective_status({**scan, "status": "complete"}) == "complete"
+
+
+def test_lost_tiles_leave_an_incomplete_scan_that_resume_completes(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(SMALL))
+    data["microscope"]["faults"] = {"camera_timeout_rate": 0.3, "seed": 2}
+    data["scan"]["retries"] = 0
+    result = run_scan(parse_recipe(data, tmp_path, "lossy"), tmp_path / "scan")
+    assert result.status == "incomplete" and 0 < result.n_acquired < result.n_tiles
+    scan = _scan(result.folder)
+    assert len(scan["lost_tiles"]) == result.n_tiles - result.n_acquired
+    from scanner.pipeline import resume_scan
+
+    missing = result.n_tiles - result.n_acquired
+    for _ in range(12):  # each resume takes the lost tiles again (and may lose some again)
+        result = resume_scan(result.folder)
+        now = result.n_tiles - result.n_acquired
+        assert now <= missing
+        missing = now
+        if result.status == "complete":
+            break
+    assert result.status == "complete"
+    assert set(_ok_rows(result.folder).values()) == {1}
+    assert "lost_tiles" not in _scan(result.folder)

@@ -51,8 +51,8 @@ def test_faulty_serial_line_and_camera_still_give_every_tile_once(tmp_path: Path
     ok = collections.Counter(int(r["index"]) for r in _journal(faulty.folder)
                              if r["status"] == "ok")
     assert sorted(ok) == list(range(faulty.n_tiles)) and set(ok.values()) == {1}
-    a = zarr.open_array(clean.folder / "mosaic.ome.zarr" / "0")[:].astype(np.float32)
-    b = zarr.open_array(faulty.folder / "mosaic.ome.zarr" / "0")[:].astype(np.float32)
+    a = zarr.open_array(clean.folder / "mosaic.ome.zarr" / "0")[:].astype(np.float64)
+    b = zarr.open_array(faulty.folder / "mosaic.ome.zarr" / "0")[:].astype(np.float64)
     assert a.shape == b.shape
     shift, _, _ = phase_cross_correlation(a, b, upsample_factor=20)
     assert np.hypot(*shift) <= 0.3
