@@ -305,10 +305,10 @@ def inspect(
 
     if sample_kind is not None and sample_kind not in SAMPLE_KINDS:
         raise UserError(f"--sample-kind: one of {', '.join(SAMPLE_KINDS)}, got {sample_kind!r}")
-    if threshold is not None and not threshold > 0:
-        raise UserError(f"--threshold: must be > 0, got {threshold}")
-    if pixel_size is not None and not pixel_size > 0:
-        raise UserError(f"--pixel-size: must be > 0, got {pixel_size}")
+    if threshold is not None and not (threshold > 0 and math.isfinite(threshold)):
+        raise UserError(f"--threshold: must be a positive finite number, got {threshold}")
+    if pixel_size is not None and not (pixel_size > 0 and math.isfinite(pixel_size)):
+        raise UserError(f"--pixel-size: must be a positive finite number, got {pixel_size}")
     with _progress() as progress:
         task = None
 
@@ -407,6 +407,9 @@ def train(
         raise UserError(f"--init {init}: give another --out (the model extended is kept)")
     if pixel_size_um is not None and not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
         raise UserError("--pixel-size: must be a positive number of µm")
+    if not (false_alarms_per_cm2 > 0 and math.isfinite(false_alarms_per_cm2)):
+        raise UserError(f"--false-alarms-per-cm2: must be a positive number, got "
+                        f"{false_alarms_per_cm2}")
     variants = {"auto": "auto", "on": True, "off": False}.get(camera_variants)
     if variants is None:
         raise UserError("--camera-variants: auto, on or off")
@@ -495,6 +498,10 @@ def calibrate(
 
     if out_file.exists() and not overwrite:
         raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
+    if at is not None and not all(map(math.isfinite, at)):
+        raise UserError(f"--at: must be finite stage coordinates, got {at}")
+    if not (0 < step <= 1):
+        raise UserError(f"--step: must be in (0, 1], got {step}")
     rec = load_recipe(recipe)
     with _progress() as progress:
         task = progress.add_task("calibrating", total=None)

@@ -123,3 +123,15 @@ def test_existing_output_is_not_destroyed(write_recipe, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "not empty" in result.stderr
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args", [
+    ["inspect", ".", "--threshold", "inf"],
+    ["inspect", ".", "--pixel-size", "nan"],
+    ["train", "--good", ".", "--false-alarms-per-cm2", "inf"],
+    ["train", "--good", ".", "--pixel-size", "-inf"],
+])
+def test_non_finite_command_line_numbers_exit_2(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output

@@ -50,6 +50,15 @@ def _recipe(tmp_path: Path, realtime: bool = False) -> Path:
     return path
 
 
+def _started(folder: Path) -> float:
+    """Wait until a run has created its scan.json; the time it did."""
+    deadline = time.monotonic() + 120
+    while not (folder / "scan.json").is_file():
+        assert time.monotonic() < deadline, f"{folder} never appeared"
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
 def _scan(folder: Path) -> dict:
     return json.loads((folder / "scan.json").read_text())
 
@@ -89,16 +98,19 @@ def plain_scan(tmp_path_factory) -> Path:
 def test_kill_9_at_random_moments_then_resume(reference: Path, tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, realtime=True)
     n = _scan(reference)["plan"]["n_tiles"]
-    # the realtime run's length, to place the kills in acquisition, stitching and inspection
-    t0 = time.perf_counter()
-    subprocess.run([*WAFERSCOPE, "run", str(recipe), "--out", str(tmp_path / "timed")],
-                   check=True, capture_output=True)
+    # the realtime run's length from its folder's creation, to place the kills in
+    # acquisition, stitching and inspection
+    timed = subprocess.Popen([*WAFERSCOPE, "run", str(recipe), "--out", str(tmp_path / "t")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = _started(tmp_path / "t")
+    assert timed.wait() == 0
     wall = time.perf_counter() - t0
-    moments = sorted(random.Random(7).uniform(0.15, 0.95) * wall for _ in range(4))
+    moments = sorted(random.Random(7).uniform(0.1, 0.95) * wall for _ in range(4))
     for k, moment in enumerate(moments):
         out = tmp_path / f"killed{k}"
         proc = subprocess.Popen([*WAFERSCOPE, "run", str(recipe), "--out", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _started(out)
         time.sleep(moment)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
