@@ -7,6 +7,7 @@ hardware.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +74,7 @@ class SimulatedMicroscope:
 
     def snap(self) -> np.ndarray:
         """Expose one frame at the stage's true position and return camera counts."""
+        began = time.perf_counter()  # rendering happens during the exposure, not after it
         cam = self.camera
         x, y = (float(v) for v in self.xy.true)
         z = float(self.z.true[0])
@@ -89,7 +91,7 @@ class SimulatedMicroscope:
         rng = (self.rng.rng(*self.xy.commanded, *self.z.commanded, self.exposure_ms)
                if isinstance(self.rng, KeyedRandom) else self.rng)
         image = cam.digitise(reflectance, self.exposure_ms, rng)
-        self.clock.advance((self.exposure_ms + cam.readout_ms) / 1000.0)
+        self.clock.advance((self.exposure_ms + cam.readout_ms) / 1000.0, since=began)
         self.last = Snapshot(x, y, z, focal, self.clock.elapsed_s)
         return image
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -103,6 +104,7 @@ class StageAxes:
         self.true = self.commanded.copy()
         self.moves = 0
         self._busy_until_s = 0.0
+        self._wall_until_s = 0.0  # perf_counter() when the last started move ends (real time)
 
     def check(self, target_um: np.ndarray) -> None:
         """Raise :class:`TravelLimitError` if ``target_um`` is outside the travel range."""
@@ -145,11 +147,16 @@ class StageAxes:
         :class:`TravelLimitError` before moving, like :meth:`move_to`.
         """
         start = max(self.clock.elapsed_s, self._busy_until_s)
-        self._busy_until_s = start + self._move(np.asarray(target_um, dtype=float))
+        seconds = self._move(np.asarray(target_um, dtype=float))
+        self._busy_until_s = start + seconds
+        # in real time the move runs on the wall clock while the caller computes
+        self._wall_until_s = max(time.perf_counter(), self._wall_until_s) + seconds
 
     def wait(self) -> None:
         """Charge the clock until the last started move has finished and settled."""
-        self.clock.advance(self._busy_until_s - self.clock.elapsed_s)
+        remaining = self._busy_until_s - self.clock.elapsed_s
+        self.clock.advance(remaining, since=self._wall_until_s - remaining)
+        self.clock.sleep_until(self._wall_until_s)
 
     def reported(self) -> np.ndarray:
         """The position the controller reports: commanded, quantised to the encoder step."""

@@ -117,3 +117,19 @@ def test_estimate_counts_moves_settle_and_exposure() -> None:
     n = len(plan.tiles)
     assert est > n * (0.03 + 0.05) - 0.05
     assert est < n * (0.03 + 0.05 + 0.2)
+
+
+def test_realtime_clock_sleeps_only_what_is_left_after_computing() -> None:
+    import time
+
+    from simulators.clock import HardwareClock
+
+    clock = HardwareClock(realtime=True)
+    t0 = time.perf_counter()
+    clock.advance(0.2, since=t0)
+    assert time.perf_counter() - t0 >= 0.2  # the hardware time is spent on the wall clock
+    # an action that already spent its hardware time computing does not wait again
+    t1 = time.perf_counter()
+    clock.advance(0.5, since=t1 - 10.0)
+    assert time.perf_counter() - t1 < 0.4
+    assert clock.elapsed_s == pytest.approx(0.7)
