@@ -63,6 +63,8 @@ DEFAULT_CORE_PX = 5120
 #: Map pixels of ramp on each side of a window boundary (before rounding to :data:`ALIGN_PX`).
 DEFAULT_OVERLAP_PX = 32
 MAPS: tuple[str, ...] = ("anomaly", "roughness", "uncertainty")
+#: Scratch store of window maps next to the maps while a mosaic is inspected.
+WINDOWS_SCRATCH = "inspect-windows.tmp.zarr"
 
 
 class Model(Protocol):
@@ -748,8 +750,12 @@ def infer_mosaic(
     batch: int = 1,
     progress: Callable[[int, int], None] | None = None,
     refine: Callable[[MapSet], None] | None = None,
+    cluster: Any = None,
 ) -> MapSet:
     """Stream a mosaic through the model and write the three OME-NGFF maps into ``out_dir``.
+
+    Memory is bounded in width as well as height (:mod:`scanner.streammaps`): windows go to a
+    scratch store in ``out_dir`` (removed at the end) and the maps are blended chunk by chunk.
 
     Parameters
     ----------
@@ -778,6 +784,8 @@ def infer_mosaic(
         writable) once the network has filled them and before their pyramids are built, to
         add evidence from outside the network (die-to-die comparison, plain-surface
         defects).
+    cluster : scanner.cluster.Cluster, optional
+        Run the windows and the blending as dask tasks (same maps, bit for bit).
     """
 
     try:
@@ -812,9 +820,19 @@ def infer_mosaic(
     level = None
     if polygon is not None:
         level = source_level(level0, inside=polygon_pixels(polygon, (x0, y0), p_mosaic))
-    stats = run_tiled(model, reader, ZarrSink({k: a[0] for k, a in arrays.items()}),
-                      tiling=tiling, batch=batch, mask=mask, skip_empty=True, level=level,
-                      progress=progress)
+    if level is None:
+        level = source_level(level0)
+    level0_maps = {k: a[0] for k, a in arrays.items()}
+    scratch = out_dir / WINDOWS_SCRATCH
+    if cluster is not None:  # the same two steps as dask tasks (scanner.cluster)
+        stats = cluster.stream_maps(model, Path(mosaic), reader.scale, level0_maps, scratch,
+                                    tiling=tiling, level=level, mask=mask, skip_empty=True,
+                                    progress=progress)
+    else:
+        from .streammaps import stream_maps
+
+        stats = stream_maps(model, reader, level0_maps, scratch, tiling=tiling, level=level,
+                            mask=mask, skip_empty=True, batch=batch, progress=progress)
     stats.extra["mosaic_px"] = int(level0.shape[0]) * int(level0.shape[1])
     if refine is not None:
         refine(MapSet({k: a[0] for k, a in arrays.items()}, p_map, origin, s, reader, stats,
