@@ -21,7 +21,7 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     """
     # die_to_die is how the inspection treats the sample, not how the sample looks; an image
     # or a coupon looks as its file or the simulator draws it, whatever die grid it is given
-    exclude = {"kind", "defects", "surface", "die_to_die"}
+    exclude = {"kind", "defects", "surface", "die_to_die", "placement"}
     if sample.kind in ("image", "rectangle"):
         exclude |= {"die_pitch_mm", "die_origin_mm"}
     params = sample.model_dump(exclude=exclude)
@@ -30,9 +30,24 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     if sample.defects.kinds is not None:
         params["defect_kinds"] = list(sample.defects.kinds)
     try:
-        return make_sample(sample.kind, **params)
+        built = make_sample(sample.kind, **params)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"sample: {exc}") from None
+    return placed(built, getattr(sample, "placement", None))
+
+
+def placed(sample: VirtualSample, spec: Any) -> VirtualSample:
+    """The sample where ``sample.placement`` puts it (itself when it lies exactly in place)."""
+    from simulators.samples.placement import PlacedSample, draw_placement
+
+    if spec is None:
+        return sample
+    if spec.random:
+        dx, dy, rot = draw_placement(spec.seed, spec.max_offset_um, spec.max_rotation_deg)
+        return PlacedSample(sample, (dx, dy), rot, {"random": True, "seed": spec.seed})
+    if tuple(spec.offset_um) == (0.0, 0.0) and spec.rotation_deg == 0.0:
+        return sample  # the default: exactly where the recipe says, rendered as before
+    return PlacedSample(sample, spec.offset_um, spec.rotation_deg)
 
 
 def focal_surface_for_recipe(sample: Any) -> FocalSurface:

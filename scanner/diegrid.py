@@ -5,6 +5,10 @@ Convention (the same as the simulator's, ``simulators/samples/wafer.py``): the g
 ``(col, row) = (0, 0)`` is the cell whose *lower* corner (smallest stage x and y) is that
 corner; ``col`` grows with stage x and ``row`` with stage y (downwards in the mosaic). Each
 cell is a die plus half a scribe lane on each side.
+
+A wafer that lies turned on the chuck (``scanner.align``) turns its grid too: ``rotation_deg``
+turns the grid's axes about die (0, 0)'s corner (from +x towards +y), so ``col`` and ``row``
+count along the wafer's own axes; the grid stays in stage micrometres.
 """
 
 from __future__ import annotations
@@ -28,35 +32,77 @@ class DieGrid:
         Die pitch along x and y.
     origin_um : (float, float)
         Stage position of the lower corner (smallest x and y) of die ``(0, 0)``.
+    rotation_deg : float
+        Turn of the grid's axes against the stage's (from +x towards +y).
     """
 
     pitch_um: tuple[float, float]
     origin_um: tuple[float, float]
+    rotation_deg: float = 0.0
 
     @classmethod
-    def from_sample(cls, sample: dict[str, Any]) -> DieGrid:
-        """The grid of a wafer recipe's ``sample`` section (as stored in ``scan.json``)."""
+    def from_sample(cls, sample: dict[str, Any],
+                    alignment: dict[str, Any] | None = None) -> DieGrid:
+        """The grid of a wafer recipe's ``sample`` section (as stored in ``scan.json``).
+
+        With a measured ``alignment`` (``scan.json``'s record, :mod:`scanner.align`) the grid
+        is the one the alignment found on the stage.
+        """
+        if alignment and alignment.get("die_grid"):
+            g = alignment["die_grid"]
+            return cls(tuple(g["pitch_um"]), tuple(g["origin_um"]),  # type: ignore[arg-type]
+                       float(g.get("rotation_deg", 0.0)))
         px, py = (float(v) * 1000.0 for v in sample["die_pitch_mm"])
         cx, cy = (float(v) for v in sample.get("center_um", (0.0, 0.0)))
         ox, oy = (float(v) * 1000.0 for v in sample.get("die_origin_mm", (0.0, 0.0)))
         return cls((px, py), (cx + ox, cy + oy))
 
+    def _axes(self) -> tuple[float, float]:
+        th = math.radians(self.rotation_deg)
+        return math.cos(th), math.sin(th)
+
+    def to_grid(self, x_um: float, y_um: float) -> tuple[float, float]:
+        """A stage point in the grid's frame: µm from die (0, 0)'s corner along its axes."""
+        c, s = self._axes()
+        dx, dy = x_um - self.origin_um[0], y_um - self.origin_um[1]
+        return c * dx + s * dy, -s * dx + c * dy
+
+    def to_stage(self, u_um: float, v_um: float) -> tuple[float, float]:
+        """A point of the grid's frame on the stage."""
+        c, s = self._axes()
+        return self.origin_um[0] + c * u_um - s * v_um, self.origin_um[1] + s * u_um + c * v_um
+
     def index(self, x_um: float, y_um: float) -> tuple[int, int]:
         """``(col, row)`` of the die cell that contains a stage point."""
-        return (math.floor((x_um - self.origin_um[0]) / self.pitch_um[0]),
-                math.floor((y_um - self.origin_um[1]) / self.pitch_um[1]))
+        u, v = self.to_grid(x_um, y_um)
+        return math.floor(u / self.pitch_um[0]), math.floor(v / self.pitch_um[1])
 
     def in_die(self, x_um: float, y_um: float) -> tuple[float, float]:
-        """Position of a stage point inside its die cell, from the cell's lower corner (µm)."""
-        col, row = self.index(x_um, y_um)
-        x0, y0, _, _ = self.cell_box(col, row)
-        return x_um - x0, y_um - y0
+        """Position of a stage point inside its die cell, from the cell's lower corner (µm),
+        along the grid's axes."""
+        u, v = self.to_grid(x_um, y_um)
+        col, row = math.floor(u / self.pitch_um[0]), math.floor(v / self.pitch_um[1])
+        return u - col * self.pitch_um[0], v - row * self.pitch_um[1]
+
+    def corner(self, col: int, row: int) -> tuple[float, float]:
+        """Stage position of a die cell's lower corner (its corner nearest die (0, 0)'s)."""
+        return self.to_stage(col * self.pitch_um[0], row * self.pitch_um[1])
 
     def cell_box(self, col: int, row: int) -> tuple[float, float, float, float]:
-        """``(xmin, ymin, xmax, ymax)`` of a die cell in stage µm."""
-        x0 = self.origin_um[0] + col * self.pitch_um[0]
-        y0 = self.origin_um[1] + row * self.pitch_um[1]
+        """``(xmin, ymin, xmax, ymax)`` of a die cell in stage µm.
+
+        On a turned grid: the pitch-sized, stage-aligned box at the cell's lower corner (the
+        window die-to-die comparison cuts; :meth:`cell_polygon` is the cell itself).
+        """
+        x0, y0 = self.corner(col, row)
         return x0, y0, x0 + self.pitch_um[0], y0 + self.pitch_um[1]
+
+    def cell_polygon(self, col: int, row: int) -> Polygon:
+        """A die cell's outline in stage µm."""
+        px, py = self.pitch_um
+        return Polygon([self.corner(col, row), self.to_stage((col + 1) * px, row * py),
+                        self.to_stage((col + 1) * px, (row + 1) * py),
+                        self.to_stage(col * px, (row + 1) * py)])
 
     def cells_in(self, region: Polygon, min_fraction: float = 1e-6) -> list[tuple[int, int, bool]]:
         """Die cells that lie fully or partly inside a region.
@@ -75,13 +121,19 @@ class DieGrid:
             Sorted by row then column; ``full`` is True when the whole cell is inside.
         """
         xmin, ymin, xmax, ymax = region.bounds
-        c0, r0 = self.index(xmin, ymin)
-        c1, r1 = self.index(xmax, ymax)
+        idx = np.array([self.index(x, y) for x in (xmin, xmax) for y in (ymin, ymax)])
+        c0, r0 = idx.min(axis=0)
+        c1, r1 = idx.max(axis=0)
         rows, cols = np.mgrid[r0:r1 + 1, c0:c1 + 1]
         cols, rows = cols.ravel(), rows.ravel()
-        x0 = self.origin_um[0] + cols * self.pitch_um[0]
-        y0 = self.origin_um[1] + rows * self.pitch_um[1]
-        cells = shapely.box(x0, y0, x0 + self.pitch_um[0], y0 + self.pitch_um[1])
+        px, py = self.pitch_um
+        c, s = self._axes()
+        # the four corners of every cell, turned with the grid
+        u = np.stack([cols, cols + 1, cols + 1, cols], axis=1) * px
+        v = np.stack([rows, rows, rows + 1, rows + 1], axis=1) * py
+        xs = self.origin_um[0] + c * u - s * v
+        ys = self.origin_um[1] + s * u + c * v
+        cells = shapely.polygons(np.stack([xs, ys], axis=-1))
         shapely.prepare(region)
         inside = shapely.area(shapely.intersection(cells, region)) / (
             self.pitch_um[0] * self.pitch_um[1])
@@ -90,15 +142,16 @@ class DieGrid:
                 for c, r, f in zip(cols[keep], rows[keep], inside[keep], strict=True)]
 
 
-def sample_grid(sample: Any) -> DieGrid | None:
+def sample_grid(sample: Any, alignment: dict[str, Any] | None = None) -> DieGrid | None:
     """The die grid a recipe's sample gives (None: none given; a wafer always has one).
 
-    A wafer's grid is anchored at its centre; an image's at the stage position of its pixel
-    (0, 0); a rectangle's at its lower corner (smallest x and y).
+    A wafer's grid is anchored at its centre (the measured one with an ``alignment``, and
+    turned with it); an image's at the stage position of its pixel (0, 0); a rectangle's at
+    its lower corner (smallest x and y).
     """
     kind = getattr(sample, "kind", None)
     if kind == "wafer":
-        return DieGrid.from_sample(sample.model_dump(mode="json"))
+        return DieGrid.from_sample(sample.model_dump(mode="json"), alignment)
     pitch = getattr(sample, "die_pitch_mm", None)
     if pitch is None:
         return None

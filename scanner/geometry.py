@@ -70,7 +70,25 @@ def wafer_outline(
     return circle
 
 
-def usable_polygon(sample: object, notch: bool = True) -> Polygon:
+def place(polygon: Polygon, sample: object, alignment: dict | None) -> Polygon:
+    """A nominal outline moved where the alignment found the sample (itself without one).
+
+    The sample is turned about its nominal centre by the measured rotation and shifted to
+    its measured centre (``scanner.align``'s record in ``scan.json``).
+    """
+    if not alignment:
+        return polygon
+    from shapely import affinity
+
+    nx, ny = (float(v) for v in alignment["nominal_center_um"])
+    cx, cy = (float(v) for v in alignment["center_um"])
+    turned = affinity.rotate(polygon, float(alignment.get("rotation_deg", 0.0)),
+                             origin=(nx, ny), use_radians=False)
+    return affinity.translate(turned, cx - nx, cy - ny)
+
+
+def usable_polygon(sample: object, notch: bool = True,
+                   alignment: dict | None = None) -> Polygon:
     """The area of a recipe's sample that is to be scanned, as a shapely polygon (µm).
 
     Parameters
@@ -81,7 +99,15 @@ def usable_polygon(sample: object, notch: bool = True) -> Polygon:
         Leave a wafer's notch out (default). The scan plan keeps it (a few tiles over the
         notch cost little, and the tile grid stays anchored on the wafer's circle);
         inspection and reports leave it out (the chuck seen through it is not a defect).
+    alignment : dict, optional
+        The measured placement (``scan.json``'s ``alignment``): the area where the sample
+        really lies.
     """
+    return place(_nominal_polygon(sample, notch), sample, alignment)
+
+
+def _nominal_polygon(sample: object, notch: bool) -> Polygon:
+    """The usable area where the recipe puts the sample."""
     kind = sample.kind
     if kind == "wafer":
         return wafer_outline(

@@ -228,19 +228,20 @@ def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
                            difference=relative_difference if difference is not None else None)
 
 
-def _usable_polygon(sample: Any) -> Any:
-    """A saved sample's usable polygon (None if unknown)."""
+def _usable_polygon(sample: Any, alignment: dict[str, Any] | None = None) -> Any:
+    """A saved sample's usable polygon, where the alignment found it (None if unknown)."""
     if sample is None:
         return None
     from .geometry import usable_polygon
 
     try:
-        return usable_polygon(sample)
+        return usable_polygon(sample, alignment=alignment)
     except Exception:  # an odd sample must not stop inspection: inspect everything
         return None
 
 
-def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
+def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
+                alignment: dict[str, Any] | None = None
                 ) -> Callable[[MapSet], tuple[dict[str, Any], Any]] | None:
     """The map refinement that adds die-to-die evidence, or None when there is no die grid.
 
@@ -262,7 +263,7 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
     from .mosaic import level_transform, open_mosaic
 
     levels, transforms = open_mosaic(mosaic)
-    grid, source = sample_grid(sample), "recipe"
+    grid, source = sample_grid(sample, alignment), "alignment" if alignment else "recipe"
     if grid is None:
         grid, source = _found_grid(levels, transforms), "found in the mosaic"
     if grid is None:
@@ -281,6 +282,7 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float
             difference = functools.partial(comparison.difference, levels[0])
         return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
                                              "origin_um": list(grid.origin_um),
+                                             "rotation_deg": grid.rotation_deg,
                                              "source": source}}, difference
 
     return refine
@@ -383,8 +385,9 @@ def inspect_mosaic(
         except (OSError, ValueError):
             scan = None
     saved = _saved_sample(folder, scan)  # the recipe is parsed once, for both uses
+    alignment = (scan or {}).get("alignment")  # where the sample really lies (scanner.align)
     if polygon is None:
-        polygon = _usable_polygon(saved)
+        polygon = _usable_polygon(saved, alignment)
     kind = sample_kind or (str(saved.kind) if saved is not None else None)
     pixel_um = _mosaic_pixel_size_um(mosaic)
     thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
@@ -393,7 +396,7 @@ def inspect_mosaic(
     difference: list[Any] = []  # the die-to-die difference reader, when there is one
     plain: dict[str, Any] = {}
     reflectance: list[np.ndarray] = []  # at map resolution, computed once for two uses
-    die_to_die = _die_to_die(mosaic, saved, polygon, thr)
+    die_to_die = _die_to_die(mosaic, saved, polygon, thr, alignment)
     plain_kind = kind in PLAIN_SURFACE_KINDS
 
     def refine(maps: MapSet) -> None:

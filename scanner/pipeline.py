@@ -13,6 +13,7 @@ from devices.core import MicroscopeHandle, build_microscope
 from devices.inventory import inventory_json
 
 from .acquire import acquire
+from .align import align, wants_alignment
 from .defectlist import DEFECTS_JSON, MAP_NAMES
 from .errors import UserError
 from .focusreport import write_focus_outputs
@@ -92,9 +93,11 @@ def plan_summary(plan: ScanPlan, recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def make_plan(recipe: Recipe, handle: MicroscopeHandle) -> ScanPlan:
-    """Plan the scan for a built microscope and refuse it if it leaves the travel range."""
-    plan = plan_scan(recipe, handle.fov_um())
+def make_plan(recipe: Recipe, handle: MicroscopeHandle,
+              alignment: dict[str, Any] | None = None) -> ScanPlan:
+    """Plan the scan for a built microscope (where the alignment found the sample, if it
+    ran) and refuse it if it leaves the travel range."""
+    plan = plan_scan(recipe, handle.fov_um(), alignment)
     check_travel(plan, recipe)
     return plan
 
@@ -146,10 +149,39 @@ def run_scan(
         "stages_done": [],
         "timings": {},
     }
+    if wants_alignment(recipe):
+        scan["status"] = "aligning"
     write_json(folder / SCAN_JSON, scan)
     if handle.truth is not None:
         write_json(folder / TRUTH_JSON, handle.truth)
+    if wants_alignment(recipe):
+        plan = _align_stage(folder, scan, recipe, handle, observer)
     return _finish_scan(folder, scan, recipe, observer, model, handle=handle, plan=plan)
+
+
+def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,
+                 observer: Observer) -> ScanPlan:
+    """Find where the sample lies, record it in ``scan`` and plan the scan there.
+
+    A refused alignment (or a plan that now leaves the travel) ends the scan as ``failed``
+    before any tile is taken, with ``alignment.png`` beside ``scan.json``.
+    """
+    observer.stage_started("align", 1)
+    try:
+        alignment = align(handle, recipe, folder).model_dump(mode="json")
+        scan["alignment"] = alignment
+        scan["timings"]["align"] = {"hardware_s": alignment["hardware_s"]}
+        plan = make_plan(recipe, handle, alignment)
+    except BaseException as exc:
+        scan.update(status="failed", finished=now_iso(), error=f"{type(exc).__name__}: {exc}")
+        write_json(folder / SCAN_JSON, scan)
+        raise
+    finally:
+        observer.stage_finished("align")
+    scan["plan"] = plan_summary(plan, recipe)
+    scan["status"] = "acquiring"
+    write_json(folder / SCAN_JSON, scan)
+    return plan
 
 
 def resume_scan(folder: Path, *, observer: Observer | None = None) -> ScanResult:
@@ -182,12 +214,17 @@ def resume_scan(folder: Path, *, observer: Observer | None = None) -> ScanResult
         raise UserError(f"{folder / SCAN_JSON}: cannot resume, the recorded recipe is not "
                         f"valid now: {why}") from None
     options = scan.get("options") or {"inspect": False, "model": None}
+    handle = plan = None
+    if wants_alignment(recipe) and not scan.get("alignment"):
+        # stopped while aligning: nothing was tiled yet, so align (and plan) now
+        handle = build_microscope(recipe)
+        plan = _align_stage(folder, scan, recipe, handle, observer)
     n = int(scan["plan"]["n_tiles"])
     done = _acquired(folder, n)
-    handle = plan = None
-    if len(done) < n:
+    if len(done) < n and plan is None:
         handle = build_microscope(recipe)
-        plan = make_plan(recipe, handle)
+        # the recorded alignment, not a new one: the tiles taken lie where it put them
+        plan = make_plan(recipe, handle, scan.get("alignment"))
         recorded = {k: scan["plan"].get(k) for k in ("n_tiles", "n_rows", "n_cols")}
         now = {k: plan_summary(plan, recipe)[k] for k in recorded}
         if now != recorded:

@@ -63,7 +63,8 @@ class ScanPlan:
         return np.array([(t.x_um, t.y_um) for t in self.tiles], dtype=float)
 
 
-def plan_scan(recipe: Recipe, fov_um: tuple[float, float]) -> ScanPlan:
+def plan_scan(recipe: Recipe, fov_um: tuple[float, float],
+              alignment: dict | None = None) -> ScanPlan:
     """Cover the recipe's sample region with overlapping tiles.
 
     Uses useq-schema's ``GridFromPolygon`` so the grid is the same one a Micro-Manager user
@@ -75,13 +76,15 @@ def plan_scan(recipe: Recipe, fov_um: tuple[float, float]) -> ScanPlan:
         Validated recipe.
     fov_um : (float, float)
         Field of view (width, height) in µm at the sample.
+    alignment : dict, optional
+        Where the sample was found (``scanner.align``'s record): the tiles cover it there.
 
     Raises
     ------
     PlanError
         If the plan is empty or larger than ``scan.max_tiles``.
     """
-    region = usable_polygon(recipe.sample, notch=False)
+    region = usable_polygon(recipe.sample, notch=False, alignment=alignment)
     overlap_pct = recipe.scan.overlap * 100.0
     grid = useq.GridFromPolygon(
         vertices=[tuple(v) for v in np.asarray(region.exterior.coords)[:-1]],

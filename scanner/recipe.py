@@ -102,6 +102,31 @@ class RoughnessSpec(_Model):
     seed: int = 0
 
 
+class PlacementSpec(_Model):
+    """Simulated misplacement of a sample on the chuck (ignored on real hardware).
+
+    The sample lies ``offset_um`` from where the recipe puts it, turned by ``rotation_deg``
+    about its own centre (from +x towards +y); ``random: true`` draws both from ``seed``
+    (offset up to ``max_offset_um`` along each axis, rotation up to ``max_rotation_deg``).
+    The true placement is written to ``truth.json``.
+    """
+
+    offset_um: XY = (0.0, 0.0)
+    rotation_deg: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.0
+    random: bool = False
+    seed: int = 0
+    max_offset_um: NonNegFloat = 500.0
+    max_rotation_deg: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _random_or_given(self) -> PlacementSpec:
+        given = {"offset_um", "rotation_deg"} & self.model_fields_set
+        if self.random and given:
+            raise ValueError(f"{sorted(given)[0]}: not with random: true (the placement is "
+                             "drawn from seed)")
+        return self
+
+
 class WaferSample(_Model):
     """A round wafer with a die grid."""
 
@@ -126,6 +151,7 @@ class WaferSample(_Model):
     defects: DefectSpec = DefectSpec()
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
+    placement: PlacementSpec = PlacementSpec()
 
     @model_validator(mode="after")
     def _check_geometry(self) -> WaferSample:
@@ -148,6 +174,7 @@ class PVCellSample(_Model):
     defects: DefectSpec = DefectSpec()
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
+    placement: PlacementSpec = PlacementSpec()
 
 
 class _RepeatKeys(_Model):
@@ -476,6 +503,9 @@ class ScanSpec(_Model):
         60.0, description="watchdog: a move or snap not done after this long is a hardware fault"
     )
     focus: FocusPlan = FocusPlan()
+    align: bool | Literal["auto"] = Field(
+        "auto", description="find the sample's centre, rotation (notch, flat or edges) and "
+        "die grid on the stage before tiling: true, false, or auto (wafers and PV cells)")
 
 
 class StitchSpec(_Model):

@@ -23,7 +23,7 @@ SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
 
 #: statuses written while a stage runs; found with no live process, they read as interrupted
-RUNNING = ("acquiring", "stitching", "inspecting", "reporting")
+RUNNING = ("aligning", "acquiring", "stitching", "inspecting", "reporting")
 #: how every scan ends
 FINAL = ("complete", "incomplete", "interrupted", "failed")
 

@@ -96,14 +96,17 @@ def test_wafer_defects_are_located_against_the_truth(reported_wafer: Path):
     px, py = (v * 1000 for v in sample["die_pitch_mm"])
     tiles = {r.index: r for r in read_tiles_csv(reported_wafer)}
     assert len(defects) == len(truth) > 5
+    # the scan aligned (scan.align: auto): the wafer frame is the measured one, a few µm
+    # (the stage's repeatability) from the exact placement the simulator used
+    tol = 5.0 if scan.get("alignment") else 1e-3
     for d, t in zip(defects, truth, strict=True):
-        assert d.wafer_x_mm == pytest.approx((t["x_um"] - cx) / 1000, abs=1e-6)
-        assert d.wafer_y_mm == pytest.approx((t["y_um"] - cy) / 1000, abs=1e-6)
+        assert d.wafer_x_mm == pytest.approx((t["x_um"] - cx) / 1000, abs=tol / 1000)
+        assert d.wafer_y_mm == pytest.approx((t["y_um"] - cy) / 1000, abs=tol / 1000)
         # the die's cell contains the defect, and the position is measured from its corner
-        assert ox + d.die_col * px <= t["x_um"] < ox + (d.die_col + 1) * px
-        assert oy + d.die_row * py <= t["y_um"] < oy + (d.die_row + 1) * py
-        assert d.die_x_um == pytest.approx(t["x_um"] - ox - d.die_col * px, abs=1e-3)
-        assert d.die_y_um == pytest.approx(t["y_um"] - oy - d.die_row * py, abs=1e-3)
+        assert ox + d.die_col * px - tol <= t["x_um"] < ox + (d.die_col + 1) * px + tol
+        assert oy + d.die_row * py - tol <= t["y_um"] < oy + (d.die_row + 1) * py + tol
+        assert d.die_x_um == pytest.approx(t["x_um"] - ox - d.die_col * px, abs=tol)
+        assert d.die_y_um == pytest.approx(t["y_um"] - oy - d.die_row * py, abs=tol)
         assert d.region is None
         # listed tiles really imaged the defect (their true field of view contains it)
         assert d.tiles
@@ -206,9 +209,10 @@ def test_locate_leaves_inspection_fields_alone(wafer_scan: Path):
 
     (out,) = locate([d], ctx)
     assert (out.id, out.score, out.defect_class, out.review) == (7, 0.9, "pit", True)
-    assert (out.wafer_x_mm, out.wafer_y_mm) == (0.0, 0.0)
+    # the aligned scan's wafer frame is the measured one (within the stage's few µm)
+    assert (out.wafer_x_mm, out.wafer_y_mm) == pytest.approx((0.0, 0.0), abs=0.005)
     assert (out.die_col, out.die_row) == (0, 0)  # die origin (-1, -2) mm: centre in die (0, 0)
-    assert (out.die_x_um, out.die_y_um) == pytest.approx((1000.0, 2000.0))
+    assert (out.die_x_um, out.die_y_um) == pytest.approx((1000.0, 2000.0), abs=5.0)
     assert d.die_col is None  # the input is not modified
 
 

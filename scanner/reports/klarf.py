@@ -18,7 +18,8 @@ Units and axes (KLARF's conventions, not ours)
   and a reader's ``x = XINDEX * pitch_x + XREL - SampleCenterLocation.x`` gives
   ``wafer_x_mm * 1000`` and the same for y gives ``-wafer_y_mm * 1000``.
 * ``DieOrigin 0 0`` (die coordinates start at the die's lower-left corner) and
-  ``SampleCenterLocation`` = the wafer centre relative to the lower-left corner of die (0, 0).
+  ``SampleCenterLocation`` = the wafer centre relative to the lower-left corner of die (0, 0)
+  (as the alignment measured them when the scan aligned: ``header["alignment"]``).
 * Our notch or flat points to +y (6 o'clock on the mosaic), i.e. to -Y in KLARF's frame:
   ``OrientationMarkLocation DOWN``. A wafer without a mark is written as ``NOTCH DOWN``:
   its coordinate frame is defined as if the notch were there.
@@ -116,6 +117,9 @@ def klarf_text(
     info = header.get("sample") or {}
     px, py = (float(v) * 1000.0 for v in sample["die_pitch_mm"])
     ox, oy = (float(v) * 1000.0 for v in sample.get("die_origin_mm", (0.0, 0.0)))
+    aligned = (header.get("alignment") or {}).get("die_origin_um")
+    if aligned is not None:  # the die origin the alignment measured, in the wafer's frame
+        ox, oy = (float(v) for v in aligned)
     mark = "FLAT" if sample.get("orientation") == "flat" else "NOTCH"
     started = header.get("scan_started")
     name = info.get("name") or "waferscope"

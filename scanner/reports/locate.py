@@ -32,10 +32,12 @@ PV_EDGE_BAND_MM = 2.0
 #: how the coordinates of the defect list are defined (copied into its header)
 COORDINATES = (
     "x_um, y_um, bbox_um: stage micrometres, x grows with the mosaic column and y with the "
-    "mosaic row; wafer_x_mm, wafer_y_mm: millimetres from the wafer centre, same directions "
-    "(the notch or flat lies towards +y); die_col, die_row: index on the recipe's die grid, "
-    "(0, 0) is the die whose lower corner (smallest x and y) is die_origin_mm from the wafer "
-    "centre; die_x_um, die_y_um: from that lower corner of the die."
+    "mosaic row; wafer_x_mm, wafer_y_mm: millimetres in the wafer's own frame, from its "
+    "centre (the measured one when the scan aligned) along its axes (turned with the wafer; "
+    "the notch or flat lies towards +y); die_col, die_row: index on the die grid (the "
+    "aligned one when the scan aligned), (0, 0) is the die whose lower corner (smallest "
+    "wafer x and y) is die_origin_mm from the wafer centre; die_x_um, die_y_um: from that "
+    "lower corner of the die, along the wafer's axes."
 )
 
 
@@ -109,14 +111,27 @@ class ScanContext:
 
         model = WaferSample if self.kind == "wafer" else PVCellSample
         try:
-            return usable_polygon(model.model_validate(self.sample))
+            return usable_polygon(model.model_validate(self.sample), alignment=self.alignment)
         except ValidationError as exc:
             raise UserError(f"{self.folder / 'scan.json'}: recipe sample: "
                             f"{format_validation_error(exc)}") from None
 
+    @property
+    def alignment(self) -> dict[str, Any] | None:
+        """Where the alignment found the sample (``scan.json``; None: not aligned)."""
+        return self.scan.get("alignment") or None
+
     def die_grid(self) -> DieGrid | None:
-        """The die grid (wafers only)."""
-        return DieGrid.from_sample(self.sample) if self.kind == "wafer" else None
+        """The die grid (wafers only), the aligned one when the scan aligned."""
+        return DieGrid.from_sample(self.sample, self.alignment) if self.kind == "wafer" else None
+
+    def to_wafer_um(self, x_um: float, y_um: float) -> tuple[float, float]:
+        """A stage point in the wafer's own frame: µm from its (measured) centre, along its
+        (measured) axes, the notch or flat towards +y."""
+        from ..align import to_wafer_frame
+
+        centre = tuple(float(v) for v in self.sample.get("center_um", (0.0, 0.0)))
+        return to_wafer_frame(self.alignment, centre, x_um, y_um)  # type: ignore[arg-type]
 
 
 def recipe_sha256(recipe: dict[str, Any]) -> str:
@@ -178,7 +193,6 @@ def locate(defects: list[Defect], ctx: ScanContext) -> list[Defect]:
     Ids are kept; fields that do not apply to the sample are set to None.
     """
     grid = ctx.die_grid()
-    cx, cy = (float(v) for v in ctx.sample.get("center_um", (0.0, 0.0)))
     out = []
     for d in defects:
         fields: dict[str, Any] = {
@@ -189,13 +203,17 @@ def locate(defects: list[Defect], ctx: ScanContext) -> list[Defect]:
         if grid is not None:
             col, row = grid.index(d.x_um, d.y_um)
             dx, dy = grid.in_die(d.x_um, d.y_um)
+            wx, wy = ctx.to_wafer_um(d.x_um, d.y_um)
             fields.update(
-                wafer_x_mm=round((d.x_um - cx) / 1000.0, 6),
-                wafer_y_mm=round((d.y_um - cy) / 1000.0, 6),
+                wafer_x_mm=round(wx / 1000.0, 6),
+                wafer_y_mm=round(wy / 1000.0, 6),
                 die_col=col, die_row=row, die_x_um=round(dx, 3), die_y_um=round(dy, 3),
             )
         elif ctx.kind == "pv_cell":
-            fields["region"] = pv_region(d.x_um, d.y_um, ctx.sample)
+            # the cell's regions in its own frame (turned and shifted as aligned)
+            wx, wy = ctx.to_wafer_um(d.x_um, d.y_um)
+            cx, cy = (float(v) for v in ctx.sample.get("center_um", (0.0, 0.0)))
+            fields["region"] = pv_region(cx + wx, cy + wy, ctx.sample)
         out.append(replace(d, **fields))
     return out
 
@@ -304,6 +322,15 @@ def build_header(
         header["regions"] = dict(sorted(regions.items()))
     if ctx.kind == "wafer":
         dies = tested_dies(ctx, defects)
+        if ctx.alignment:
+            header["alignment"] = {k: ctx.alignment.get(k) for k in (
+                "center_um", "nominal_center_um", "rotation_deg", "edge_rotation_deg", "mark",
+                "mark_angle_deg", "radius_um", "edge_residual_um", "die_residual_um")}
+            # die (0, 0)'s lower corner in the wafer frame, as measured (KLARF's die origin)
+            grid = ctx.die_grid()
+            if grid is not None:
+                header["alignment"]["die_origin_um"] = [
+                    round(v, 3) for v in ctx.to_wafer_um(*grid.corner(0, 0))]
         header["dies"] = {
             "pitch_mm": list(sample["die_pitch_mm"]),
             "origin_mm": list(sample.get("die_origin_mm", (0.0, 0.0))),

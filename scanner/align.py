@@ -1,0 +1,703 @@
+"""Pre-alignment: find where the sample really lies on the chuck before it is tiled.
+
+A loader or a hand puts a wafer down a few hundred micrometres off and a fraction of a degree
+turned. Before the scan, a few fields are taken through the Micro-Manager core (the same moves
+and snaps as the scan, with its retries):
+
+1. **Edge** (wafers): three fields on the expected edge, 120° apart, and one on the notch or
+   flat. Along rays from the nominal centre the outermost crossing from the dark chuck to the
+   sample is found to a fraction of a pixel (the level halfway between the chuck and the
+   sample next to it, per ray); a circle fitted to the edge points (least squares, outliers
+   dropped) gives the centre and radius.
+2. **Notch or flat**: in the mark's field, rays from the fitted centre give the edge's depth
+   below the circle; the notch's axis is the depth-weighted mean direction (the V is
+   symmetric about it), a flat's normal that of a line fitted to its points. Their angle
+   less the nominal one (+y, 6 o'clock) is the rotation.
+3. **Die grid** (patterned wafers): two die corners far apart on the row nearest the centre
+   (each where four whole dies meet). The first corner's field is the template; the second's
+   shift against it comes from phase correlation (a fraction of a pixel), and each corner's
+   absolute place from the middle of its scribe lanes. The vector between the corners gives
+   the rotation to a few thousandths of a degree, the corners the grid's origin.
+
+A PV cell is aligned by its four edges (a field at the middle of each side; a line fitted to
+each, the centre where the mid-lines cross, the rotation from the lines' directions).
+
+The mosaic stays in stage axes (a stage has no rotation axis and OME-NGFF 0.5 carries only
+scale and translation); the measured centre and rotation move the plan and the usable area
+and turn the die grid and the wafer coordinates (:meth:`Alignment.to_wafer`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+from scipy import ndimage, optimize
+
+from .errors import UserError
+
+ALIGNMENT_PNG = "alignment.png"
+
+#: nominal direction of a wafer's notch or flat (+y: 6 o'clock), as the recipe's frame has it
+MARK_ANGLE_DEG = 90.0
+#: a die-grid rotation further than this from the edge's is a disagreement
+MAX_DIE_EDGE_DISAGREEMENT_DEG = 0.15
+#: the measured distance between die sites may differ from the pitch's by this much (µm)
+MAX_SITE_DISAGREEMENT_UM = 8.0
+#: edge points a field must give to count as "edge found"
+MIN_EDGE_POINTS = 20
+
+
+class AlignmentError(UserError):
+    """The sample is not where the recipe expects it, its mark is missing, or sites disagree."""
+
+
+class Site(BaseModel):
+    """One alignment field: where it was taken and what it gave."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["edge", "notch", "flat", "die", "side"]
+    x_um: float
+    y_um: float
+    n_points: int = 0
+    residual_um: float | None = None
+    die: tuple[int, int] | None = None
+
+
+class Alignment(BaseModel):
+    """Where the sample lies on the stage (recorded in ``scan.json`` as ``alignment``).
+
+    The wafer frame has its origin at ``center_um`` and its axes turned by ``rotation_deg``
+    from the stage's (from +x towards +y), so the notch lies towards the frame's +y as in
+    the recipe: ``wafer = R(-rotation) @ (stage - center)``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["wafer", "pv_cell"]
+    nominal_center_um: tuple[float, float]
+    center_um: tuple[float, float]
+    rotation_deg: float
+    edge_rotation_deg: float | None = None
+    mark: Literal["notch", "flat", "none", "edges"] = "none"
+    mark_angle_deg: float | None = None
+    radius_um: float | None = None
+    edge_residual_um: float
+    n_edge_points: int
+    die_grid: dict[str, Any] | None = None
+    die_residual_um: float | None = None
+    sites: tuple[Site, ...] = ()
+    hardware_s: float | None = None
+
+    @property
+    def offset_um(self) -> tuple[float, float]:
+        """Measured centre less the nominal one."""
+        return (self.center_um[0] - self.nominal_center_um[0],
+                self.center_um[1] - self.nominal_center_um[1])
+
+    def to_wafer(self, x_um: float, y_um: float) -> tuple[float, float]:
+        """A stage point in the sample's own frame (µm from its centre, notch towards +y)."""
+        th = math.radians(self.rotation_deg)
+        dx, dy = x_um - self.center_um[0], y_um - self.center_um[1]
+        return math.cos(th) * dx + math.sin(th) * dy, -math.sin(th) * dx + math.cos(th) * dy
+
+    def to_stage(self, u_um: float, v_um: float) -> tuple[float, float]:
+        """A point of the sample's frame on the stage."""
+        th = math.radians(self.rotation_deg)
+        return (self.center_um[0] + math.cos(th) * u_um - math.sin(th) * v_um,
+                self.center_um[1] + math.sin(th) * u_um + math.cos(th) * v_um)
+
+
+def to_wafer_frame(alignment: dict[str, Any] | None, center: tuple[float, float],
+                   x_um: float, y_um: float) -> tuple[float, float]:
+    """Wafer-frame µm of a stage point: with ``scan.json``'s alignment, else from ``center``."""
+    if not alignment:
+        return x_um - center[0], y_um - center[1]
+    return Alignment.model_validate(alignment).to_wafer(x_um, y_um)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def wants_alignment(recipe: Any) -> bool:
+    """Whether the scan aligns first (``scan.align``; auto: wafers and PV cells)."""
+    setting = recipe.scan.align
+    kind = recipe.sample.kind
+    if setting == "auto":
+        return kind in ("wafer", "pv_cell")
+    if setting and kind not in ("wafer", "pv_cell"):
+        raise UserError(f"scan.align: true needs a wafer or pv_cell sample (got {kind})")
+    return bool(setting)
+
+
+def _u(deg: float) -> tuple[float, float]:
+    return math.cos(math.radians(deg)), math.sin(math.radians(deg))
+
+
+def edge_fields(sample: Any) -> list[tuple[str, float, float, float]]:
+    """``(kind, x, y, angle_deg)`` of the edge fields, in the order they are taken.
+
+    Wafers: three fields on the circle 120° apart starting opposite the mark, then the mark
+    (last, so the scan, which starts at the row opposite the mark, is near). PV cells: the
+    middle of each side.
+    """
+    cx, cy = sample.center_um
+    if sample.kind == "pv_cell":
+        hw, hh = sample.width_mm * 500.0, sample.height_mm * 500.0
+        return [("side", cx + hw, cy, 0.0), ("side", cx, cy + hh, 90.0),
+                ("side", cx - hw, cy, 180.0), ("side", cx, cy - hh, 270.0)]
+    r = sample.diameter_mm * 500.0
+    mark = MARK_ANGLE_DEG
+    fields = []
+    for a in (mark - 60.0, mark - 180.0, mark + 60.0):
+        ux, uy = _u(a)
+        fields.append(("edge", cx + r * ux, cy + r * uy, a % 360.0))
+    if sample.orientation != "none":
+        ux, uy = _u(mark)
+        depth = r - _flat_distance(sample) if sample.orientation == "flat" else 0.0
+        fields.insert(1, (sample.orientation, cx + (r - depth) * ux, cy + (r - depth) * uy,
+                          mark))
+    return fields
+
+
+def _flat_distance(sample: Any) -> float:
+    r = sample.diameter_mm * 500.0
+    half = min(sample.flat_length_mm * 500.0, 0.99 * r)
+    return math.sqrt(r * r - half * half)
+
+
+def die_sites(sample: Any, center: tuple[float, float], rotation_deg: float
+              ) -> list[tuple[int, int]]:
+    """Two die corners far apart on the row nearest the centre, each where four whole dies
+    meet (empty when there are not two such corners)."""
+    from .diegrid import DieGrid
+    from .geometry import usable_polygon
+
+    nominal = DieGrid.from_sample(sample.model_dump(mode="json"))
+    region = usable_polygon(sample)
+    full = {(c, r) for c, r, f in nominal.cells_in(region) if f}
+    corners = [(c, r) for c, r in full
+               if {(c - 1, r - 1), (c, r - 1), (c - 1, r)} <= full]
+    if len(corners) < 2:
+        return []
+    cx, cy = sample.center_um
+    # the row of corners nearest the centre, then its two ends
+    by_row: dict[int, list[int]] = {}
+    for c, r in corners:
+        by_row.setdefault(r, []).append(c)
+    rows = sorted(by_row, key=lambda r: (abs(nominal.corner(0, r)[1] - cy), -len(by_row[r])))
+    for r in rows:
+        cols = sorted(by_row[r])
+        if len(cols) >= 2 and cols[-1] > cols[0]:
+            return [(cols[0], r), (cols[-1], r)]
+    return []
+
+
+def alignment_fields(recipe: Any) -> list[tuple[str, float, float]]:
+    """``(kind, x, y)`` of the nominal alignment fields (``validate``'s alignment plan)."""
+    sample = recipe.sample
+    out = [(k, x, y) for k, x, y, _ in edge_fields(sample)]
+    if sample.kind == "wafer" and getattr(sample, "die_to_die", True):
+        from .diegrid import DieGrid
+
+        grid = DieGrid.from_sample(sample.model_dump(mode="json"))
+        for c, r in die_sites(sample, sample.center_um, 0.0):
+            out.append(("die", *grid.corner(c, r)))
+    return out
+
+
+def estimate_alignment_time_s(recipe: Any, first_tile: tuple[float, float] | None = None
+                              ) -> float:
+    """Hardware time of the alignment's moves and snaps (and the move on to the first tile)."""
+    from simulators.stage import xy_move_time_s
+
+    from .plan import exposure_for
+
+    stage = recipe.microscope.stage
+    camera = getattr(recipe.microscope, "camera", None)
+    per_snap = (exposure_for(recipe) + (camera.readout_ms if camera else 0.0)) / 1000.0
+    x = min(max(0.0, stage.travel_x_um[0]), stage.travel_x_um[1])
+    y = min(max(0.0, stage.travel_y_um[0]), stage.travel_y_um[1])
+    start = (x, y)
+    total = 0.0
+    for _, fx, fy in alignment_fields(recipe):
+        total += xy_move_time_s(fx - x, fy - y, stage.speed_um_s, stage.acceleration_um_s2)
+        total += stage.settle_ms / 1000 + per_snap
+        x, y = fx, fy
+    if first_tile is not None:
+        # the scan would have moved from the start to its first tile anyway
+        total += xy_move_time_s(first_tile[0] - x, first_tile[1] - y, stage.speed_um_s,
+                                stage.acceleration_um_s2)
+        total -= xy_move_time_s(first_tile[0] - start[0], first_tile[1] - start[1],
+                                stage.speed_um_s, stage.acceleration_um_s2)
+    return total
+
+
+# --------------------------------------------------------------------------- image measures
+
+
+def ray_edges(image: np.ndarray, field_xy: tuple[float, float], pixel_um: float,
+              centre: tuple[float, float], angles_deg: np.ndarray, r_out: float,
+              r_in: float) -> np.ndarray:
+    """Radius of the outermost chuck-to-sample crossing along each ray (NaN: none).
+
+    Rays start at ``centre + r_out * u`` and run inwards to ``r_in``, sampled every half
+    pixel (bilinear). A first pass finds the crossing of the field's Otsu level; the level is
+    then the mean of the chuck's and the sample's medians just outside and inside it on the
+    same ray (so a pattern, vignetting or a dim edge die does not move it), and the crossing
+    is interpolated between the two samples around it.
+    """
+    from skimage.filters import threshold_otsu
+
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape
+    step = 0.5 * pixel_um
+    radii = np.arange(r_out, r_in, -step)
+    ang = np.radians(np.asarray(angles_deg, dtype=float))
+    xs = centre[0] + radii[None, :] * np.cos(ang)[:, None]
+    ys = centre[1] + radii[None, :] * np.sin(ang)[:, None]
+    cols = (xs - field_xy[0]) / pixel_um + (w - 1) / 2
+    rows = (ys - field_xy[1]) / pixel_um + (h - 1) / 2
+    v = ndimage.map_coordinates(img, [rows, cols], order=1, cval=np.nan)
+    inside = (cols >= 0) & (cols <= w - 1) & (rows >= 0) & (rows <= h - 1)
+    v[~inside] = np.nan
+    t0 = float(threshold_otsu(img[::4, ::4]))
+    out = np.full(len(ang), np.nan)
+    near, far = 6, 24  # half-pixel steps: clear of the edge's blur, still local
+    for k in range(len(ang)):
+        prof = v[k]
+        ok = np.flatnonzero(np.isfinite(prof))
+        if len(ok) < 2 * far:
+            continue
+        first = ok[0]
+        if prof[first] >= t0:
+            continue  # the ray starts on the sample: its edge lies beyond the field
+        above = np.flatnonzero(prof[first:] >= t0)
+        if len(above) == 0:
+            continue
+        j = first + int(above[0])
+        lo = prof[max(first, j - far): j - near]
+        hi = prof[j + near: j + far]
+        if len(lo) < 4 or len(hi) < 4 or not np.isfinite(hi).all():
+            continue
+        t = 0.5 * (float(np.median(lo)) + float(np.median(hi)))
+        seg = prof[max(first, j - near): j + near]
+        cross = np.flatnonzero((seg[:-1] < t) & (seg[1:] >= t))
+        if len(cross) == 0:
+            continue
+        i = max(first, j - near) + int(cross[0])
+        a, b = prof[i], prof[i + 1]
+        out[k] = radii[i] - step * (t - a) / (b - a)
+    return out
+
+
+def fit_circle(points: np.ndarray, start: tuple[float, float, float],
+               clip_um: float) -> tuple[float, float, float, float, np.ndarray]:
+    """Least-squares circle through edge points, dropping those off it by more than 3 sigma
+    (or ``clip_um``): ``(cx, cy, r, rms, kept)``."""
+    keep = np.ones(len(points), bool)
+    params = np.asarray(start, float)
+    for _ in range(4):
+        p = points[keep]
+
+        def resid(q: np.ndarray, p: np.ndarray = p) -> np.ndarray:
+            return np.hypot(p[:, 0] - q[0], p[:, 1] - q[1]) - q[2]
+
+        params = optimize.least_squares(resid, params, method="lm").x
+        res = np.hypot(points[:, 0] - params[0], points[:, 1] - params[1]) - params[2]
+        rms = float(np.sqrt(np.mean(res[keep] ** 2)))
+        new = np.abs(res) <= max(3 * rms, 1e-6) if rms > clip_um / 3 else np.abs(res) <= clip_um
+        new |= np.abs(res) <= 3 * rms
+        if (new == keep).all():
+            break
+        keep = new
+    return float(params[0]), float(params[1]), float(params[2]), rms, keep
+
+
+def fit_line(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Total least squares line: ``(point, unit direction, rms distance)``."""
+    mean = points.mean(axis=0)
+    _, s, vt = np.linalg.svd(points - mean, full_matrices=False)
+    return mean, vt[0], float(s[-1] / math.sqrt(len(points)))
+
+
+def lane_middle(profile: np.ndarray, approx: float, half_width_px: float) -> float | None:
+    """Middle (sub-pixel) of the quiet run (a scribe lane) nearest ``approx`` in a profile of
+    per-column (or per-row) spread; None when no clear lane is there."""
+    n = len(profile)
+    lo_i = max(int(approx - 3 * half_width_px) - 4, 1)
+    hi_i = min(int(approx + 3 * half_width_px) + 4, n - 2)
+    if hi_i - lo_i < 4:
+        return None
+    window = profile[lo_i:hi_i]
+    quiet = float(np.min(window))
+    # a die's seal ring and pads flank its lane, busy at any pixel size (a die's core may
+    # average to grey at a coarse one)
+    busy = float(np.percentile(window, 90))
+    if busy <= quiet * 2 + 1e-9:
+        return None
+    t = 0.5 * (quiet + busy)
+    j = lo_i + int(np.argmin(window))
+    a = j
+    while a > 0 and profile[a - 1] < t:
+        a -= 1
+    b = j
+    while b < n - 1 and profile[b + 1] < t:
+        b += 1
+    if a == 0 or b == n - 1:
+        return None
+    # crossings interpolated on each side of the run
+    left = a - 1 + (t - profile[a - 1]) / (profile[a] - profile[a - 1])
+    right = b + (profile[b] - t) / (profile[b] - profile[b + 1])
+    return 0.5 * (left + right)
+
+
+def lane_cross(image: np.ndarray, lane_um: float, pixel_um: float) -> tuple[float, float] | None:
+    """Pixel ``(col, row)`` where a vertical and a horizontal scribe lane cross, near the
+    field's centre (None: not seen)."""
+    img = np.asarray(image, dtype=np.float32)
+    # interquartile range per column/row: a die varies, a lane does not (a particle on the
+    # lane moves a few pixels of a column, not its quartiles)
+    q = np.percentile(img, [25, 75], axis=0)
+    cols = q[1] - q[0]
+    q = np.percentile(img, [25, 75], axis=1)
+    rows = q[1] - q[0]
+    half = 0.5 * lane_um / pixel_um
+    h, w = img.shape
+    c = lane_middle(cols, (w - 1) / 2, max(half, 2.0))
+    r = lane_middle(rows, (h - 1) / 2, max(half, 2.0))
+    return None if c is None or r is None else (c, r)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class _Scope:
+    """Moves and snaps through the Micro-Manager core, with the scan's retries."""
+
+    def __init__(self, handle: Any, recipe: Any) -> None:
+        from .acquire import ScanEngine, _TileLost
+
+        self.core = handle.core
+        self.engine = ScanEngine(self.core, retries=recipe.scan.retries,
+                                 timeout_s=recipe.scan.device_timeout_s)
+        self.lost = _TileLost
+        self.pixel_um = float(self.core.getPixelSizeUm())
+        self.images: list[tuple[str, float, float, np.ndarray]] = []
+
+    def snap(self, kind: str, x: float, y: float) -> np.ndarray:
+        core = self.core
+        xy = core.getXYStageDevice()
+        try:
+            self.engine._retry(lambda: (core.setXYPosition(x, y), core.waitForDevice(xy)),
+                               f"alignment move to ({x:.0f}, {y:.0f}) µm")
+            self.engine._retry(core.snapImage, "alignment snap")
+        except self.lost as exc:
+            raise AlignmentError(f"scan.align: {exc}") from None
+        image = np.asarray(core.getImage(), dtype=np.float32)
+        self.images.append((kind, x, y, image))
+        return image
+
+
+def align(handle: Any, recipe: Any, folder: Path | None = None) -> Alignment:
+    """Measure where the recipe's wafer or PV cell lies (see the module docstring).
+
+    Raises
+    ------
+    AlignmentError
+        No edge where the recipe expects the sample, no notch or flat, or alignment sites
+        that disagree; ``alignment.png`` in ``folder`` shows what was seen.
+    """
+    scope = _Scope(handle, recipe)
+    t0 = handle.hardware_time_s()
+    seen: list[tuple[float, float]] = []
+    try:
+        if recipe.sample.kind == "pv_cell":
+            result = _align_cell(scope, recipe.sample, seen)
+        else:
+            result = _align_wafer(scope, recipe.sample, seen)
+    except AlignmentError:
+        if folder is not None:
+            draw_alignment(folder / ALIGNMENT_PNG, scope, seen, None)
+        raise
+    t1 = handle.hardware_time_s()
+    result = result.model_copy(update={"hardware_s": None if t0 is None or t1 is None
+                                       else round(t1 - t0, 3)})
+    if folder is not None:
+        draw_alignment(folder / ALIGNMENT_PNG, scope, seen, result)
+    return result
+
+
+def _edge_points(scope: _Scope, image: np.ndarray, fx: float, fy: float,
+                 centre: tuple[float, float], angle: float, r_nom: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Edge points (stage µm) of one field along rays through it: ``(angles, points)``."""
+    p = scope.pixel_um
+    h, w = image.shape
+    half = 0.5 * math.hypot(h, w) * p
+    span = math.degrees(half / r_nom)
+    angles = angle + np.linspace(-span, span, 2 * max(h, w))
+    r = ray_edges(image, (fx, fy), p, centre, angles, r_nom + half, r_nom - half)
+    ok = np.isfinite(r)
+    ang = np.radians(angles[ok])
+    pts = np.c_[centre[0] + r[ok] * np.cos(ang), centre[1] + r[ok] * np.sin(ang)]
+    return angles[ok], pts
+
+
+def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]]) -> Alignment:
+    nominal = tuple(float(v) for v in sample.center_um)
+    r_nom = sample.diameter_mm * 500.0
+    p = scope.pixel_um
+    sites: list[Site] = []
+    circle_pts = []
+    mark_field = None
+    for kind, fx, fy, angle in edge_fields(sample):
+        image = scope.snap(kind, fx, fy)
+        _, pts = _edge_points(scope, image, fx, fy, nominal, angle, r_nom)
+        seen.extend(map(tuple, pts))
+        if kind == "edge":
+            # an edge through the field crosses most rays; a corner of one, a few
+            if len(pts) < max(MIN_EDGE_POINTS, 0.25 * 2 * max(image.shape)):
+                raise AlignmentError(
+                    f"sample.center_um: no wafer edge found in the field at ({fx:.0f}, "
+                    f"{fy:.0f}) µm (the wafer is not where the recipe puts it, within "
+                    f"{0.5 * image.shape[1] * p:.0f} µm; see {ALIGNMENT_PNG})")
+            circle_pts.append(pts)
+            sites.append(Site(kind="edge", x_um=fx, y_um=fy, n_points=len(pts)))
+        else:
+            mark_field = (kind, fx, fy, angle, image)
+    pts = np.concatenate(circle_pts)
+    cx, cy, r, rms, keep = fit_circle(pts, (*nominal, r_nom), clip_um=3 * p)
+    if mark_field is not None:
+        # the mark's field shows the circle beside the mark too: a fourth arc, so that each
+        # field's landing error (the stage's repeatability) weighs less in the centre
+        kind, fx, fy, angle, image = mark_field
+        _, more = _edge_points(scope, image, fx, fy, (cx, cy), angle, r)
+        on_circle = np.abs(np.hypot(more[:, 0] - cx, more[:, 1] - cy) - r) < max(4 * rms, 2 * p)
+        if on_circle.sum() >= MIN_EDGE_POINTS:
+            pts = np.concatenate([pts, more[on_circle]])
+            cx, cy, r, rms, keep = fit_circle(pts, (cx, cy, r), clip_um=3 * p)
+    n_edge = int(keep.sum())
+    rotation = 0.0
+    mark_angle = None
+    if mark_field is not None:
+        kind, fx, fy, angle, image = mark_field
+        mark_angle, n_mark = _mark_angle(scope, sample, kind, image, fx, fy, (cx, cy), r)
+        rotation = mark_angle - MARK_ANGLE_DEG
+        sites.insert(1, Site(kind=kind, x_um=fx, y_um=fy, n_points=n_mark))
+    edge_rotation = rotation
+    grid = None
+    die_rms = None
+    if getattr(sample, "die_to_die", True):
+        refined = _align_dies(scope, sample, (cx, cy), rotation, sites)
+        if refined is not None:
+            grid, rotation, die_rms = refined
+            if mark_field is not None and abs(rotation - edge_rotation) \
+                    > MAX_DIE_EDGE_DISAGREEMENT_DEG:
+                raise AlignmentError(
+                    f"scan.align: the die grid is turned {rotation:.3f}° but the "
+                    f"{sample.orientation} {edge_rotation:.3f}° (sites disagree beyond "
+                    f"{MAX_DIE_EDGE_DISAGREEMENT_DEG}°; see {ALIGNMENT_PNG})")
+    return Alignment(
+        kind="wafer", nominal_center_um=nominal, center_um=(cx, cy), rotation_deg=rotation,
+        edge_rotation_deg=edge_rotation if mark_field is not None else None,
+        mark=sample.orientation, mark_angle_deg=mark_angle, radius_um=r,
+        edge_residual_um=rms, n_edge_points=n_edge, die_grid=grid, die_residual_um=die_rms,
+        sites=tuple(sites))
+
+
+def _mark_angle(scope: _Scope, sample: Any, kind: str, image: np.ndarray, fx: float,
+                fy: float, centre: tuple[float, float], radius: float) -> tuple[float, int]:
+    """Direction (deg) of the notch's axis or the flat's normal, seen from the centre."""
+    angles, pts = _edge_points(scope, image, fx, fy, centre, MARK_ANGLE_DEG, radius)
+    depth = radius - np.hypot(pts[:, 0] - centre[0], pts[:, 1] - centre[1])
+    if kind == "notch":
+        nominal_depth = min(sample.notch_depth_mm * 1000.0, 0.5 * radius)
+        if len(depth) == 0 or depth.max() < 0.5 * nominal_depth:
+            raise AlignmentError(
+                f"sample.orientation: no notch found in the field at ({fx:.0f}, {fy:.0f}) µm "
+                f"(deepest edge point {max(depth.max(), 0.0) if len(depth) else 0:.0f} µm "
+                f"below the circle, the notch is {nominal_depth:.0f} µm deep; see "
+                f"{ALIGNMENT_PNG})")
+        # the V is symmetric about its axis: weights growing with the depth below a level
+        # near its mouth average to the axis (rays from the centre, evenly spaced in angle)
+        wts = np.clip(depth - 0.25 * nominal_depth, 0.0, None)
+        return float(np.sum(angles * wts) / np.sum(wts)), int(np.count_nonzero(wts))
+    sagitta = radius - _flat_distance(sample)
+    on_flat = depth > 0.2 * sagitta
+    if on_flat.sum() < MIN_EDGE_POINTS:
+        raise AlignmentError(
+            f"sample.orientation: no flat found in the field at ({fx:.0f}, {fy:.0f}) µm "
+            f"(see {ALIGNMENT_PNG})")
+    _, direction, _ = fit_line(pts[on_flat])
+    normal = math.degrees(math.atan2(direction[0], -direction[1]))
+    # the normal that points away from the centre
+    mid = pts[on_flat].mean(axis=0)
+    outward = math.degrees(math.atan2(mid[1] - centre[1], mid[0] - centre[0]))
+    if abs(((normal - outward + 180) % 360) - 180) > 90:
+        normal += 180.0
+    normal = outward + ((normal - outward + 180) % 360 - 180)
+    return float(normal), int(on_flat.sum())
+
+
+def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotation: float,
+                sites: list[Site]) -> tuple[dict[str, Any], float, float] | None:
+    """Refine the rotation and the grid's origin at two die corners far apart."""
+    from skimage.registration import phase_cross_correlation
+
+    corners = die_sites(sample, sample.center_um, 0.0)
+    if len(corners) < 2:
+        return None
+    px, py = (v * 1000.0 for v in sample.die_pitch_mm)
+    ox, oy = (v * 1000.0 for v in sample.die_origin_mm)
+    th = math.radians(rotation)
+    p = scope.pixel_um
+
+    def predicted(c: int, r: int, th: float) -> tuple[float, float]:
+        u, v = ox + c * px, oy + r * py
+        return (centre[0] + math.cos(th) * u - math.sin(th) * v,
+                centre[1] + math.sin(th) * u + math.cos(th) * v)
+
+    measured = []
+    template = None
+    for c, r in corners:
+        x, y = predicted(c, r, th)
+        image = scope.snap("die", x, y)
+        h, w = image.shape
+        cross = lane_cross(image, sample.scribe_width_um, p)
+        if cross is None:
+            raise AlignmentError(
+                f"sample.die_origin_mm: no scribe-lane crossing seen at die ({c}, {r}) "
+                f"corner ({x:.0f}, {y:.0f}) µm (see {ALIGNMENT_PNG})")
+        absolute = np.array([x + (cross[0] - (w - 1) / 2) * p, y + (cross[1] - (h - 1) / 2) * p])
+        if template is None:
+            template = image
+            relative = np.zeros(2)
+        else:
+            # shift of this corner's field against the first's: the same corner of the die
+            shift, _, _ = phase_cross_correlation(template, image, upsample_factor=50,
+                                                  normalization=None)
+            relative = -np.array([shift[1], shift[0]]) * p
+        measured.append((c, r, np.array([x, y]), absolute, relative))
+    # absolute places from the lanes, relative ones from the correlation: the first corner's
+    # place is the mean that both agree on
+    first = np.mean([a - (pos - measured[0][2]) - rel for _, _, pos, a, rel in measured],
+                    axis=0)
+    places = [measured[0][2] + (pos - measured[0][2]) + rel + (first - measured[0][2])
+              for _, _, pos, _, rel in measured]
+    (c0, r0), (c1, r1) = corners[0], corners[-1]
+    d = places[-1] - places[0]
+    nominal_vec = np.array([(c1 - c0) * px, (r1 - r0) * py])
+    turned = math.degrees(math.atan2(d[1], d[0]) - math.atan2(nominal_vec[1], nominal_vec[0]))
+    mismatch = abs(float(np.hypot(*d)) - float(np.hypot(*nominal_vec)))
+    lane_rms = float(np.sqrt(np.mean([np.sum((a - pl) ** 2)
+                                      for (_, _, _, a, _), pl in zip(measured, places,
+                                                                      strict=True)])))
+    for (c, r, pos, _, _), pl in zip(measured, places, strict=True):
+        sites.append(Site(kind="die", x_um=float(pos[0]), y_um=float(pos[1]), die=(c, r),
+                          residual_um=round(float(np.hypot(*(pl - pos))), 3)))
+    if mismatch > MAX_SITE_DISAGREEMENT_UM:
+        raise AlignmentError(
+            f"scan.align: die corners ({c0}, {r0}) and ({c1}, {r1}) lie "
+            f"{np.hypot(*d):.1f} µm apart, the die pitch puts them {np.hypot(*nominal_vec):.1f}"
+            f" µm apart (sites disagree beyond {MAX_SITE_DISAGREEMENT_UM} µm; see "
+            f"{ALIGNMENT_PNG})")
+    tr = math.radians(turned)
+    origin = np.mean([pl - np.array([math.cos(tr) * c * px - math.sin(tr) * r * py,
+                                     math.sin(tr) * c * px + math.cos(tr) * r * py])
+                      for (c, r, *_), pl in zip(measured, places, strict=True)], axis=0)
+    grid = {"pitch_um": [px, py], "origin_um": [float(origin[0]), float(origin[1])],
+            "rotation_deg": turned}
+    return grid, turned, max(lane_rms, mismatch)
+
+
+def _align_cell(scope: _Scope, sample: Any, seen: list[tuple[float, float]]) -> Alignment:
+    """A PV cell by its four sides: a line per side, centre and rotation from the lines."""
+    nominal = tuple(float(v) for v in sample.center_um)
+    sites = []
+    lines = []
+    for kind, fx, fy, angle in edge_fields(sample):
+        image = scope.snap(kind, fx, fy)
+        dist = math.hypot(fx - nominal[0], fy - nominal[1])
+        _, pts = _edge_points(scope, image, fx, fy, nominal, angle, dist)
+        seen.extend(map(tuple, pts))
+        if len(pts) < MIN_EDGE_POINTS:
+            raise AlignmentError(
+                f"sample.center_um: no cell edge found in the field at ({fx:.0f}, {fy:.0f}) "
+                f"µm (the cell is not where the recipe puts it; see {ALIGNMENT_PNG})")
+        point, direction, rms = fit_line(pts)
+        lines.append((point, direction, rms, angle))
+        sites.append(Site(kind="side", x_um=fx, y_um=fy, n_points=len(pts),
+                          residual_um=round(rms, 3)))
+    # each side's direction, turned back to the x axis, gives the rotation
+    turns = []
+    for _, direction, _, angle in lines:
+        a = math.degrees(math.atan2(direction[1], direction[0])) - (angle + 90.0)
+        turns.append((a + 90.0) % 180.0 - 90.0)
+    rotation = float(np.mean(turns))
+    # the centre: where the mid-lines between opposite sides cross (a side's points sit at
+    # its middle only up to the cell's shift along it)
+    cx, cy = _midline_cross(lines)
+    return Alignment(kind="pv_cell", nominal_center_um=nominal, center_um=(cx, cy),
+                     rotation_deg=rotation, mark="edges",
+                     edge_residual_um=float(np.sqrt(np.mean([ln[2] ** 2 for ln in lines]))),
+                     n_edge_points=len(seen), sites=tuple(sites),
+                     edge_rotation_deg=rotation)
+
+
+def _midline_cross(lines: list[tuple[np.ndarray, np.ndarray, float, float]]
+                   ) -> tuple[float, float]:
+    """Where the line halfway between the left and right sides crosses the one halfway
+    between the top and bottom sides."""
+    def offset_line(a: tuple, b: tuple) -> tuple[np.ndarray, np.ndarray]:
+        da, db = a[1], b[1] if np.dot(a[1], b[1]) > 0 else -b[1]
+        d = (da + db) / np.linalg.norm(da + db)
+        n = np.array([-d[1], d[0]])
+        # the mid-line: points whose distances to both sides agree
+        off = 0.5 * (np.dot(n, a[0]) + np.dot(n, b[0]))
+        return n, np.array(off)
+
+    n1, o1 = offset_line(lines[0], lines[2])
+    n2, o2 = offset_line(lines[1], lines[3])
+    x, y = np.linalg.solve(np.array([n1, n2]), np.array([o1, o2]))
+    return float(x), float(y)
+
+
+# --------------------------------------------------------------------------- picture
+
+
+def draw_alignment(path: Path, scope: _Scope, seen: list[tuple[float, float]],
+                   result: Alignment | None) -> None:
+    """``alignment.png``: each field taken, with the edge points found on it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(scope.images), 1)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.6), squeeze=False)
+    pts = np.asarray(seen, dtype=float).reshape(-1, 2)
+    p = scope.pixel_um
+    for ax, (kind, x, y, image) in zip(axes[0], scope.images, strict=False):
+        h, w = image.shape
+        extent = (x - w / 2 * p, x + w / 2 * p, y + h / 2 * p, y - h / 2 * p)
+        ax.imshow(image, cmap="gray", extent=extent)
+        inside = ((np.abs(pts[:, 0] - x) <= w / 2 * p) & (np.abs(pts[:, 1] - y) <= h / 2 * p))
+        ax.plot(pts[inside, 0], pts[inside, 1], ",", color="tab:red")
+        ax.set_title(f"{kind} ({x / 1000:.1f}, {y / 1000:.1f}) mm", fontsize=8)
+        ax.tick_params(labelsize=6)
+    if result is None:
+        fig.suptitle("alignment refused: what the fields showed (edge points in red)",
+                     fontsize=9)
+    else:
+        fig.suptitle(f"centre ({result.center_um[0]:.1f}, {result.center_um[1]:.1f}) µm, "
+                     f"rotation {result.rotation_deg:.4f}°", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+

@@ -1,0 +1,209 @@
+"""Alignment before the scan (issue 22): misplaced simulated samples, the edge/notch/die-grid
+alignment through the core, the plan and the reports following it. Assertions are on the
+simulator's ground truth (truth.json)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scanner.recipe import parse_recipe
+
+#: a 20 mm wafer, 2.5 mm dies, 10 µm pixels: small enough to scan in a test
+WAFER = {
+    "sample": {"kind": "wafer", "diameter_mm": 20, "orientation": "notch",
+               "edge_exclusion_mm": 1.0, "die_pitch_mm": [2.5, 2.5],
+               "die_origin_mm": [-1.25, -1.25], "scribe_width_um": 100,
+               "center_um": [1500, -800], "defects": {"count": 12, "seed": 3}},
+    "microscope": {"kind": "simulated",
+                   "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0},
+                   "stage": {"repeatability_um": 0.5}, "seed": 1},
+    "scan": {"overlap": 0.1},
+}
+
+
+def _recipe(tmp_path: Path, placement: dict | None = None, **scan: object):
+    data = json.loads(json.dumps(WAFER))
+    if placement is not None:
+        data["sample"]["placement"] = placement
+    data["scan"].update(scan)
+    return parse_recipe(data, tmp_path, "aligned")
+
+
+def test_placement_is_recorded_in_truth_and_moves_the_wafer(tmp_path: Path) -> None:
+    from devices.core import build_microscope
+
+    recipe = _recipe(tmp_path, {"offset_um": [300, -200], "rotation_deg": 0.5})
+    handle = build_microscope(recipe)
+    truth = handle.truth
+    assert truth["placement"]["offset_um"] == [300.0, -200.0]
+    assert truth["placement"]["rotation_deg"] == 0.5
+    assert truth["placement"]["center_um"] == [1800.0, -1000.0]
+    # a defect's stage position is its sample position turned and shifted
+    d = truth["defects"][0]
+    th = math.radians(0.5)
+    u, v = d["sample_x_um"] - 1500, d["sample_y_um"] + 800
+    assert d["x_um"] == pytest.approx(1800 + math.cos(th) * u - math.sin(th) * v, abs=1e-6)
+    assert d["y_um"] == pytest.approx(-1000 + math.sin(th) * u + math.cos(th) * v, abs=1e-6)
+
+
+def test_random_placement_is_drawn_from_its_seed(tmp_path: Path) -> None:
+    from devices.core import build_microscope
+
+    a = build_microscope(_recipe(tmp_path, {"random": True, "seed": 4})).truth["placement"]
+    b = build_microscope(_recipe(tmp_path, {"random": True, "seed": 4})).truth["placement"]
+    c = build_microscope(_recipe(tmp_path, {"random": True, "seed": 5})).truth["placement"]
+    assert a == b and a != c
+    assert max(abs(v) for v in a["offset_um"]) <= 500 and abs(a["rotation_deg"]) <= 1.0
+
+
+def test_exact_placement_renders_as_before(tmp_path: Path) -> None:
+    from devices.sample_factory import sample_for_recipe
+
+    plain = sample_for_recipe(_recipe(tmp_path).sample)
+    assert type(plain).__name__ == "WaferSample"  # no wrapper, same pixels as before
+    assert "placement" not in plain.truth()
+
+
+def test_placement_refuses_random_with_given_values(tmp_path: Path) -> None:
+    from scanner.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"sample\.placement\.offset_um: not with random"):
+        _recipe(tmp_path, {"random": True, "offset_um": [1, 2]})
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_alignment_finds_centre_rotation_and_die_grid(tmp_path: Path, seed: int) -> None:
+    from devices.core import build_microscope
+    from scanner.align import align
+    from scanner.diegrid import DieGrid
+
+    recipe = _recipe(tmp_path, {"random": True, "seed": seed})
+    handle = build_microscope(recipe)
+    result = align(handle, recipe, tmp_path)
+    truth = handle.truth["placement"]
+    err = np.hypot(*(np.array(result.center_um) - truth["center_um"]))
+    assert err <= 5.0
+    assert abs(result.rotation_deg - truth["rotation_deg"]) <= 0.01
+    assert result.die_grid is not None
+    assert (tmp_path / "alignment.png").is_file()
+    # every true defect lies in the die the aligned grid gives
+    grid = DieGrid.from_sample(recipe.sample.model_dump(mode="json"), result.model_dump())
+    nominal = DieGrid.from_sample(recipe.sample.model_dump(mode="json"))
+    for d in handle.truth["defects"]:
+        assert grid.index(d["x_um"], d["y_um"]) == nominal.index(d["sample_x_um"],
+                                                                  d["sample_y_um"])
+
+
+def test_no_edge_where_expected_is_refused_with_a_picture(tmp_path: Path) -> None:
+    from devices.core import build_microscope
+    from scanner.align import AlignmentError, align
+
+    recipe = _recipe(tmp_path, {"offset_um": [6000, 0]})
+    with pytest.raises(AlignmentError, match="no wafer edge found"):
+        align(build_microscope(recipe), recipe, tmp_path)
+    assert (tmp_path / "alignment.png").is_file()
+
+
+def test_missing_notch_is_refused(tmp_path: Path) -> None:
+    from devices.core import build_microscope
+    from scanner.align import AlignmentError, align
+
+    # a 50 mm wafer turned 10° (a loader error far beyond the usual): its notch lies 4 mm
+    # from where the recipe has it, outside the notch's field
+    data = json.loads(json.dumps(WAFER))
+    data["sample"].update(diameter_mm=50, placement={"rotation_deg": 10.0})
+    recipe = parse_recipe(data, tmp_path, "turned")
+    with pytest.raises(AlignmentError, match="no notch found"):
+        align(build_microscope(recipe), recipe, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def aligned_scan(tmp_path_factory) -> Path:
+    """A misplaced wafer scanned with alignment; its true defects reported."""
+    from conftest import truth_defects
+
+    from scanner.defectlist import write_defects
+    from scanner.pipeline import run_scan
+    from scanner.reports import report
+
+    root = tmp_path_factory.mktemp("aligned")
+    recipe = _recipe(root, {"offset_um": [420, -310], "rotation_deg": 0.7})
+    folder = run_scan(recipe, root / "scan").folder
+    write_defects(folder, truth_defects(folder), {"model": {"id": "truth", "sha256": "0" * 64}})
+    report(folder)
+    return folder
+
+
+def test_scan_records_alignment_and_follows_it(aligned_scan: Path) -> None:
+    from shapely.geometry import Point
+
+    scan = json.loads((aligned_scan / "scan.json").read_text())
+    truth = json.loads((aligned_scan / "truth.json").read_text())
+    alignment = scan["alignment"]
+    assert np.hypot(*(np.array(alignment["center_um"]) - truth["placement"]["center_um"])) < 5
+    assert abs(alignment["rotation_deg"] - 0.7) < 0.01
+    assert scan["timings"]["align"]["hardware_s"] > 0
+    # the tiles cover the wafer where it lies: every true defect is inside a tile
+    tiles = [line.split(",") for line in (aligned_scan / "tiles.csv").read_text().splitlines()]
+    assert len(tiles) - 1 == scan["plan"]["n_tiles"]
+    from scanner.geometry import usable_polygon
+    from scanner.recipe import WaferSample
+
+    region = usable_polygon(WaferSample.model_validate(scan["recipe"]["sample"]),
+                            alignment=alignment)
+    for d in truth["defects"]:
+        assert region.buffer(1.0).contains(Point(d["x_um"], d["y_um"]))
+
+
+def test_defects_carry_true_die_index_and_wafer_coordinates(aligned_scan: Path) -> None:
+    from scanner.diegrid import DieGrid
+
+    defects = json.loads((aligned_scan / "defects.json").read_text())
+    truth = {d["id"] + 1: d for d in json.loads((aligned_scan / "truth.json").read_text())[
+        "defects"]}
+    scan = json.loads((aligned_scan / "scan.json").read_text())
+    nominal = DieGrid.from_sample(scan["recipe"]["sample"])
+    for d in defects["defects"]:
+        t = truth[d["id"]]
+        assert (d["die_col"], d["die_row"]) == nominal.index(t["sample_x_um"], t["sample_y_um"])
+        # wafer coordinates: the defect's place on the wafer, from its centre
+        assert d["wafer_x_mm"] * 1000 == pytest.approx(t["sample_x_um"] - 1500, abs=6)
+        assert d["wafer_y_mm"] * 1000 == pytest.approx(t["sample_y_um"] + 800, abs=6)
+    assert defects["header"]["alignment"]["rotation_deg"] == pytest.approx(0.7, abs=0.01)
+
+
+def test_resume_reuses_the_recorded_alignment(aligned_scan: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from scanner.pipeline import resume_scan
+
+    folder = tmp_path / "scan"
+    shutil.copytree(aligned_scan, folder)
+    scan = json.loads((folder / "scan.json").read_text())
+    # lose the last three tiles' journal rows and mark the scan interrupted
+    lines = (folder / "tiles.csv").read_text().splitlines()
+    (folder / "tiles.csv").write_text("\n".join(lines[:-3]) + "\n")
+    scan.update(status="interrupted")
+    (folder / "scan.json").write_text(json.dumps(scan))
+    result = resume_scan(folder)
+    after = json.loads((folder / "scan.json").read_text())
+    assert result.status == "complete"
+    assert after["alignment"] == scan["alignment"]
+
+
+def test_klarf_carries_the_aligned_centre_and_die_origin(aligned_scan: Path) -> None:
+    klarf_reader = pytest.importorskip("klarf_reader.klarf")
+    from scanner.defectlist import read_defects
+
+    _, defects = read_defects(aligned_scan)
+    k = klarf_reader.Klarf.load_from_file(aligned_scan / "defects.klarf")
+    (wafer,) = k.wafers
+    for d, kd in zip(defects, wafer.defects, strict=True):
+        # a reader's wafer coordinates are the aligned wafer frame's (KLARF's y up)
+        assert kd.point[0] == pytest.approx(d.wafer_x_mm * 1000, abs=5e-3)
+        assert kd.point[1] == pytest.approx(-d.wafer_y_mm * 1000, abs=5e-3)
