@@ -10,7 +10,8 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -215,6 +216,7 @@ def run(
     inspect_: Annotated[
         bool, typer.Option("--inspect/--no-inspect", help="Inspect the mosaic after stitching.")
     ] = True,
+    dask: DaskOption = None,
 ) -> None:
     """Scan a recipe's sample: plan, acquire, stitch, inspect; print where the outputs are."""
     from .pipeline import run_scan
@@ -226,9 +228,9 @@ def run(
         from .inspection import load_inspection_model
 
         loaded = load_inspection_model(model)  # a bad model fails before the stage moves
-    with _progress() as progress:
+    with _cluster(dask) as cluster, _progress() as progress:
         result = run_scan(rec, out_dir, overwrite=overwrite, observer=RichObserver(progress),
-                          inspect=inspect_, model=loaded)
+                          inspect=inspect_, model=loaded, cluster=cluster)
     _print_result(result)
     if result.status != "complete":
         err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
@@ -251,6 +253,23 @@ def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped s
         raise typer.Exit(1)
 
 
+DaskOption = Annotated[str | None, typer.Option(
+    "--dask", help="Run fusion and inspection as dask tasks: local:N (a local cluster of N "
+    "worker processes) or the address of a running dask scheduler (tcp://HOST:PORT).")]
+
+
+@contextmanager
+def _cluster(spec: str | None) -> Iterator[Any]:
+    """The dask cluster of ``--dask`` (None without it: nothing changes)."""
+    if spec is None:
+        yield None
+        return
+    from .cluster import ClusterSpec, open_cluster
+
+    with open_cluster(ClusterSpec.parse(spec)) as cluster:  # refused before anything starts
+        yield cluster
+
+
 AllowIncomplete = Annotated[bool, typer.Option(
     "--allow-incomplete", help="Accept a scan that did not acquire every planned tile.")]
 
@@ -260,14 +279,15 @@ AllowIncomplete = Annotated[bool, typer.Option(
 def stitch(
     scan: Annotated[Path, typer.Argument(help="Scan folder.")],
     allow_incomplete: AllowIncomplete = False,
+    dask: DaskOption = None,
 ) -> None:
     """Re-stitch the mosaic of an existing scan folder."""
     from .integrity import require_ready
     from .pipeline import restitch
 
     require_ready(scan, "stitch", allow_incomplete=allow_incomplete)
-    with _progress() as progress:
-        result = restitch(scan, observer=RichObserver(progress))
+    with _cluster(dask) as cluster, _progress() as progress:
+        result = restitch(scan, observer=RichObserver(progress), cluster=cluster)
     _print_result(result)
 
 
@@ -293,6 +313,7 @@ def inspect(
         + ", ".join(SAMPLE_KINDS) + " (default: the scan's recipe; plain images: pooled).")
     ] = None,
     allow_incomplete: AllowIncomplete = False,
+    dask: DaskOption = None,
 ) -> None:
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
     from .inspection import inspect_target
@@ -309,7 +330,7 @@ def inspect(
         raise UserError(f"--threshold: must be a positive finite number, got {threshold}")
     if pixel_size is not None and not (pixel_size > 0 and math.isfinite(pixel_size)):
         raise UserError(f"--pixel-size: must be a positive finite number, got {pixel_size}")
-    with _progress() as progress:
+    with _cluster(dask) as cluster, _progress() as progress:
         task = None
 
         def on_progress(done: int, total: int) -> None:
@@ -320,13 +341,39 @@ def inspect(
 
         result = inspect_target(target, out_dir, model=model, threshold=threshold,
                                 pixel_size_um=pixel_size, sample_kind=sample_kind,
-                                progress=on_progress)
+                                progress=on_progress, cluster=cluster)
     out.print(f"defects: {result.n_defects}")
     for name, path in result.outputs.items():
         out.print(f"  {name:<16} {Path(path).resolve()}")
     out.print("  inspect time: " + ", ".join(
         f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
         for k, v in result.timings.items()))
+
+
+@app.command()
+@_friendly
+def batch(
+    scans: Annotated[list[Path], typer.Argument(help="Scan folders.", show_default=False)],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Inspection model (default: the shipped one).")
+    ] = None,
+    allow_incomplete: AllowIncomplete = False,
+    dask: DaskOption = None,
+) -> None:
+    """Stitch, inspect and report many scan folders (on a dask cluster with --dask)."""
+    from .batch import run_batch
+
+    with _cluster(dask) as cluster, _progress() as progress:
+        items = run_batch(scans, model=model, cluster=cluster, observer=RichObserver(progress),
+                          allow_incomplete=allow_incomplete)
+    for item in items:
+        if item.ok:
+            out.print(f"{item.folder.resolve()}: {item.n_defects} defects "
+                      f"({_duration(item.wall_s)})")
+        else:
+            err.print(f"[red]{item.folder}: failed:[/] {item.error}")
+    if not all(item.ok for item in items):
+        raise typer.Exit(1)
 
 
 @app.command()

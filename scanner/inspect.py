@@ -785,7 +785,8 @@ def infer_mosaic(
         add evidence from outside the network (die-to-die comparison, plain-surface
         defects).
     cluster : scanner.cluster.Cluster, optional
-        Run the windows and the blending as dask tasks (same maps, bit for bit).
+        Run the windows and the blending as dask tasks (the same maps, to float32 rounding
+        when workers run torch on fewer threads: see :mod:`scanner.cluster`).
     """
 
     try:

@@ -346,6 +346,7 @@ def inspect_mosaic(
     scan: dict[str, Any] | None = None,
     sample_kind: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cluster: Any = None,
 ) -> InspectionResult:
     """Inspect a mosaic: write the maps and the defect list into ``out_dir``.
 
@@ -370,6 +371,9 @@ def inspect_mosaic(
         ``scan.json``; none known: the model's pooled threshold).
     progress : callable, optional
         ``progress(done, total)`` windows.
+    cluster : scanner.cluster.Cluster, optional
+        Compute the maps as dask tasks (see :mod:`scanner.cluster`); refinement and defects
+        run here.
     """
     mosaic = Path(mosaic)
     if not mosaic.exists():
@@ -409,7 +413,7 @@ def inspect_mosaic(
             plain.update(_plain_surface(maps, reflectance[0], saved, polygon, thr))
 
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
-                        refine=refine)
+                        refine=refine, cluster=cluster)
     t_maps = time.perf_counter() - t0
     t1 = time.perf_counter()
     defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
@@ -474,13 +478,15 @@ def inspect_scan(
     scan: dict[str, Any] | None = None,
     sample_kind: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cluster: Any = None,
 ) -> InspectionResult:
     """Inspect the mosaic of a scan folder (see :func:`inspect_mosaic`)."""
     folder = Path(folder)
     if not (folder / MOSAIC).exists():
         raise UserError(f"{folder}: no {MOSAIC} (stitch the scan first)")
     return inspect_mosaic(folder / MOSAIC, out_dir, model=model, threshold=threshold,
-                          scan=scan, sample_kind=sample_kind, progress=progress)
+                          scan=scan, sample_kind=sample_kind, progress=progress,
+                          cluster=cluster)
 
 
 # --------------------------------------------------------------------------- plain images
@@ -654,6 +660,7 @@ def inspect_target(
     pixel_size_um: float | None = None,
     sample_kind: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    cluster: Any = None,
 ) -> InspectionResult:
     """Inspect a scan folder, a mosaic (``.ome.zarr``) or image files/folders.
 
@@ -667,10 +674,10 @@ def inspect_target(
     first = targets[0]
     if len(targets) == 1 and first.is_dir() and (first / MOSAIC).exists():
         return inspect_scan(first, model=model, threshold=threshold, out_dir=out_dir,
-                            sample_kind=sample_kind, progress=progress)
+                            sample_kind=sample_kind, progress=progress, cluster=cluster)
     if len(targets) == 1 and first.name.endswith(".zarr"):
         return inspect_mosaic(first, out_dir, model=model, threshold=threshold,
-                              sample_kind=sample_kind, progress=progress)
+                              sample_kind=sample_kind, progress=progress, cluster=cluster)
     if len(targets) == 1 and first.is_dir() and (first / SCAN_JSON).is_file():
         raise UserError(f"{first}: scan folder has no {MOSAIC} (stitch it first)")
     out = Path(out_dir) if out_dir is not None else Path.cwd() / "inspection"

@@ -496,6 +496,90 @@ def _tmp_path(out_path: Path) -> Path:
     return out_path.with_name(stem + ".tmp.zarr")
 
 
+@dataclass
+class _Fusion:
+    """Everything needed to fuse chunks of level 0: a dask task receives it whole (pickled)."""
+
+    tiles: Any
+    place: _Placement
+    pos: np.ndarray
+    origin: tuple[float, float]
+    p: float
+    rotation_deg: float
+    rotated: bool
+    flatfield: np.ndarray | None
+    shape: tuple[int, int]
+    chunk: int
+    dtype: np.dtype
+    capacity: int
+
+    def cache(self) -> _TileCache:
+        """An empty LRU cache of this fusion's prepared tiles."""
+        if self.rotated:
+            return _TileCache(lambda i: _prepare_rotated(
+                self.tiles, i, self.place, self.flatfield, self.pos, self.origin, self.p,
+                self.rotation_deg), self.capacity)
+        return _TileCache(lambda i: _prepare_tile(self.tiles, i, self.place, self.flatfield),
+                          self.capacity)
+
+    def fuse_chunk(self, ij: tuple[int, int], cache: _TileCache, level0: Any) -> None:
+        """Blend the tiles that meet chunk ``ij`` and write it (unscanned: not written)."""
+        chunk, shape, place = self.chunk, self.shape, self.place
+        r0, c0 = ij[0] * chunk, ij[1] * chunk
+        r1, c1 = min(r0 + chunk, shape[0]), min(c0 + chunk, shape[1])
+        hit = np.flatnonzero(
+            (place.row0 < r1) & (place.row1 > r0) & (place.col0 < c1) & (place.col1 > c0)
+        )
+        if hit.size == 0:
+            # unscanned, but stored all the same: a missing chunk is damage (check_complete)
+            level0[r0:r1, c0:c1] = np.zeros((r1 - r0, c1 - c0), dtype=self.dtype)
+            return
+        acc = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
+        wsum = np.zeros_like(acc)
+        for i in hit:
+            t = cache.get(int(i))
+            a0, a1 = max(r0, t.row0), min(r1, t.row0 + t.data.shape[0])
+            b0, b1 = max(c0, t.col0), min(c1, t.col0 + t.data.shape[1])
+            dst = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
+            acc[dst] += t.data[a0 - t.row0 : a1 - t.row0, b0 - t.col0 : b1 - t.col0]
+            if t.weight is not None:
+                wsum[dst] += t.weight[a0 - t.row0 : a1 - t.row0, b0 - t.col0 : b1 - t.col0]
+            else:
+                wsum[dst] += np.multiply.outer(
+                    t.wy[a0 - t.row0 : a1 - t.row0], t.wx[b0 - t.col0 : b1 - t.col0]
+                )
+        np.divide(acc, wsum, out=acc, where=wsum > 0)  # acc is 0 where no tile has weight
+        level0[r0:r1, c0:c1] = _cast(acc, self.dtype)
+
+
+def fuse_block(fusion: _Fusion, level0: Any, chunks: list[tuple[int, int]]) -> int:
+    """Fuse ``chunks`` (one dask task) with a cache of its own; returns how many."""
+    cache = fusion.cache()
+    for ij in chunks:
+        fusion.fuse_chunk(ij, cache, level0)
+    return len(chunks)
+
+
+def downsample_block(src: Any, dst: Any, chunk: int, chunks: list[tuple[int, int]]) -> int:
+    """Fill ``chunks`` of a pyramid level from the level below (one dask task)."""
+    for ij in chunks:
+        _down_chunk(ij, src, dst, chunk)
+    return len(chunks)
+
+
+def _chunk_blocks(n_rows: int, n_cols: int, band: int, want: int) -> list[list[tuple[int, int]]]:
+    """:func:`_chunk_order` cut into about ``want`` blocks, each a run of columns of a band."""
+    n_bands = math.ceil(n_rows / band)
+    per_band = max(1, math.ceil(want / n_bands))
+    width = max(1, math.ceil(n_cols / per_band))
+    blocks = []
+    for b0 in range(0, n_rows, band):
+        for j0 in range(0, n_cols, width):
+            blocks.append([(i, j) for j in range(j0, min(j0 + width, n_cols))
+                           for i in range(b0, min(b0 + band, n_rows))])
+    return blocks
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -511,6 +595,7 @@ def fuse_mosaic(
     name: str = "mosaic",
     flatfield: np.ndarray | None = None,
     rotation_deg: float = 0.0,
+    cluster: Any = None,
 ) -> MosaicInfo:
     """Fuse tiles into a multiscale OME-NGFF 0.5 mosaic, streaming chunk by chunk.
 
@@ -548,6 +633,9 @@ def fuse_mosaic(
         ``(r, c)`` lies at stage ``position + R(rotation) @ (c, r) * pixel_size_um``. Rotated
         tiles are resampled (bilinear) onto the stage-aligned mosaic grid; the mosaic then
         covers the bounding box of all rotated footprints.
+    cluster : scanner.cluster.Cluster, optional
+        Fuse blocks of chunks and build the pyramid as dask tasks (``tiles`` must pickle, as
+        a ``zarr.Array`` does: by its path). The mosaic is the same, bit for bit.
 
     Returns
     -------
@@ -594,11 +682,8 @@ def fuse_mosaic(
         flatfield = np.asarray(flatfield, dtype=np.float32)
         if flatfield.shape != tile_hw or not np.all(flatfield > 0):
             raise ValueError(f"flatfield must be positive with shape {tile_hw}")
-    if rotated:
-        cache = _TileCache(lambda i: _prepare_rotated(tiles, i, place, flatfield, pos, origin, p,
-                                                      float(rotation_deg)), capacity)
-    else:
-        cache = _TileCache(lambda i: _prepare_tile(tiles, i, place, flatfield), capacity)
+    fusion = _Fusion(tiles, place, pos, origin, p, float(rotation_deg), rotated, flatfield,
+                     (int(shape[0]), int(shape[1])), chunk, dtype, capacity)
 
     tmp, arrays = create_multiscale(out_path, shape, chunk=chunk, dtype=dtype,
                                     min_level_size=min_level_size)
@@ -613,35 +698,16 @@ def fuse_mosaic(
             if progress is not None:
                 progress(done, total)
 
-    def fuse_chunk(ij: tuple[int, int]) -> None:
-        r0, c0 = ij[0] * chunk, ij[1] * chunk
-        r1, c1 = min(r0 + chunk, shape[0]), min(c0 + chunk, shape[1])
-        hit = np.flatnonzero(
-            (place.row0 < r1) & (place.row1 > r0) & (place.col0 < c1) & (place.col1 > c0)
-        )
-        if hit.size == 0:
-            return  # unscanned: the fill value (0) stands, nothing is written
-        acc = np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
-        wsum = np.zeros_like(acc)
-        for i in hit:
-            t = cache.get(int(i))
-            a0, a1 = max(r0, t.row0), min(r1, t.row0 + t.data.shape[0])
-            b0, b1 = max(c0, t.col0), min(c1, t.col0 + t.data.shape[1])
-            dst = (slice(a0 - r0, a1 - r0), slice(b0 - c0, b1 - c0))
-            acc[dst] += t.data[a0 - t.row0 : a1 - t.row0, b0 - t.col0 : b1 - t.col0]
-            if t.weight is not None:
-                wsum[dst] += t.weight[a0 - t.row0 : a1 - t.row0, b0 - t.col0 : b1 - t.col0]
-            else:
-                wsum[dst] += np.multiply.outer(
-                    t.wy[a0 - t.row0 : a1 - t.row0], t.wx[b0 - t.col0 : b1 - t.col0]
-                )
-        np.divide(acc, wsum, out=acc, where=wsum > 0)  # acc is 0 where no tile has weight
-        arrays[0][r0:r1, c0:c1] = _cast(acc, dtype)
-
     n_r, n_c = math.ceil(shape[0] / chunk), math.ceil(shape[1] / chunk)
-    _run(fuse_chunk, _chunk_order(n_r, n_c, band), _WORKERS, tick)
-
-    build_pyramid(arrays, chunk, tick)
+    if cluster is not None:
+        cluster.fuse(fusion, arrays[0], _chunk_blocks(n_r, n_c, band, 4 * cluster.n_workers),
+                     tick)
+        cluster.pyramid(arrays, chunk, tick)
+    else:
+        cache = fusion.cache()
+        _run(lambda ij: fusion.fuse_chunk(ij, cache, arrays[0]), _chunk_order(n_r, n_c, band),
+             _WORKERS, tick)
+        build_pyramid(arrays, chunk, tick)
 
     finish_multiscale(tmp, out_path, len(shapes), p, origin, name)
     return MosaicInfo(
@@ -817,28 +883,31 @@ def build_pyramid(
 ) -> None:
     """Fill levels 1.. of a multiscale image chunk-wise, each the 2 x 2 mean of the level below.
 
-    Chunks of the level below that hold only zeros (unscanned) are skipped.
+    Chunks of the level below that hold only zeros (unscanned) are not averaged: zeros are
+    stored.
     """
     for k in range(1, len(arrays)):
         src, dst_arr = arrays[k - 1], arrays[k]
         rows, cols = dst_arr.shape
 
-        def down_chunk(
-            ij: tuple[int, int],
-            src: zarr.Array = src,
-            dst: zarr.Array = dst_arr,
-            rows: int = rows,
-            cols: int = cols,
-        ) -> None:
-            r0, c0 = ij[0] * chunk, ij[1] * chunk
-            r1, c1 = min(r0 + chunk, rows), min(c0 + chunk, cols)
-            block = src[2 * r0 : min(2 * r1, src.shape[0]), 2 * c0 : min(2 * c1, src.shape[1])]
-            if not block.any():
-                return  # unscanned
-            dst[r0:r1, c0:c1] = _downsample2(np.asarray(block))
+        def down_chunk(ij: tuple[int, int], src: zarr.Array = src,
+                       dst: zarr.Array = dst_arr) -> None:
+            _down_chunk(ij, src, dst, chunk)
 
         n_r, n_c = math.ceil(rows / chunk), math.ceil(cols / chunk)
         _run(down_chunk, _chunk_order(n_r, n_c, 1), _WORKERS, tick or (lambda: None))
+
+
+def _down_chunk(ij: tuple[int, int], src: Any, dst: Any, chunk: int) -> None:
+    """Chunk ``ij`` of a pyramid level: the 2 x 2 mean of the level below (unscanned: skipped)."""
+    rows, cols = dst.shape
+    r0, c0 = ij[0] * chunk, ij[1] * chunk
+    r1, c1 = min(r0 + chunk, rows), min(c0 + chunk, cols)
+    block = src[2 * r0 : min(2 * r1, src.shape[0]), 2 * c0 : min(2 * c1, src.shape[1])]
+    if not block.any():  # unscanned: zeros, stored (a missing chunk is damage)
+        dst[r0:r1, c0:c1] = np.zeros((r1 - r0, c1 - c0), dtype=dst.dtype)
+        return
+    dst[r0:r1, c0:c1] = _downsample2(np.asarray(block))
 
 
 def finish_multiscale(

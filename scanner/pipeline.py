@@ -110,6 +110,7 @@ def run_scan(
     observer: Observer | None = None,
     inspect: bool = False,
     model: Any = None,
+    cluster: Any = None,
 ) -> ScanResult:
     """Scan a recipe's sample into a new scan folder.
 
@@ -118,7 +119,8 @@ def run_scan(
     stage, so an interrupted scan leaves a folder that says how far it got and that
     :func:`resume_scan` can finish. With ``inspect`` (what ``waferscope run`` asks for unless
     ``--no-inspect``) the mosaic is then inspected with ``model`` (a path, a loaded model, or
-    None for the shipped default).
+    None for the shipped default). With ``cluster`` (:class:`scanner.cluster.Cluster`) fusion
+    and inspection run as dask tasks (the same mosaic; see :mod:`scanner.cluster`).
     """
     observer = observer or _Silent()
     handle = build_microscope(recipe)
@@ -156,7 +158,8 @@ def run_scan(
         write_json(folder / TRUTH_JSON, handle.truth)
     if wants_alignment(recipe):
         plan = _align_stage(folder, scan, recipe, handle, observer)
-    return _finish_scan(folder, scan, recipe, observer, model, handle=handle, plan=plan)
+    return _finish_scan(folder, scan, recipe, observer, model, handle=handle, plan=plan,
+                        cluster=cluster)
 
 
 def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,
@@ -184,7 +187,8 @@ def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: Mic
     return plan
 
 
-def resume_scan(folder: Path, *, observer: Observer | None = None) -> ScanResult:
+def resume_scan(folder: Path, *, observer: Observer | None = None,
+                cluster: Any = None) -> ScanResult:
     """Finish a scan that stopped (Ctrl-C, SIGTERM, ``kill -9``, lost tiles, a full disk).
 
     The journal is the truth: only planned tiles without an ``ok`` row whose data is in the
@@ -237,7 +241,7 @@ def resume_scan(folder: Path, *, observer: Observer | None = None) -> ScanResult
     write_json(folder / SCAN_JSON, scan)
     return _finish_scan(folder, scan, recipe, observer, options.get("model"),
                         handle=handle, plan=plan, only=set(range(n)) - done,
-                        inspect=bool(options.get("inspect")))
+                        inspect=bool(options.get("inspect")), cluster=cluster)
 
 
 def _acquired(folder: Path, n_planned: int) -> set[int]:
@@ -260,6 +264,7 @@ def _finish_scan(
     plan: ScanPlan | None,
     only: set[int] | None = None,
     inspect: bool | None = None,
+    cluster: Any = None,
 ) -> ScanResult:
     """Acquire (what is missing), stitch, inspect and report, keeping ``scan.json`` current.
 
@@ -275,11 +280,11 @@ def _finish_scan(
         scan["stages_done"] = ["acquire"]
         _set_status(folder, scan, "stitching")
         pixel_size = float(scan["microscope"]["pixel_size_um"])
-        _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer)
+        _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer, cluster)
         scan["stages_done"].append("stitch")
         if inspect:
             _set_status(folder, scan, "inspecting")
-            inspect_stage(folder, scan, model=model, observer=observer)
+            inspect_stage(folder, scan, model=model, observer=observer, cluster=cluster)
             scan["stages_done"].append("inspect")
         if (folder / DEFECTS_JSON).is_file():
             # the reports' header carries how the scan ended, known before they are written
@@ -342,7 +347,8 @@ def _acquire_stage(
 
 
 def _stitch_stage(
-    folder: Path, scan: dict[str, Any], pixel_size: float, chunk: int, observer: Observer
+    folder: Path, scan: dict[str, Any], pixel_size: float, chunk: int, observer: Observer,
+    cluster: Any = None,
 ) -> None:
     """Fuse the mosaic and record it (and the stage's wall time) in ``scan``."""
     t0 = time.perf_counter()
@@ -370,6 +376,7 @@ def _stitch_stage(
         min_ncc=float(options.get("min_confidence", 0.3)),
         chunk=chunk,
         progress=on_step,
+        cluster=cluster,
     )
     info = result.mosaic
     for stage in started:
@@ -396,13 +403,14 @@ def _report_stage(folder: Path, observer: Observer) -> None:
     observer.stage_finished("report")
 
 
-def restitch(folder: Path, observer: Observer | None = None) -> ScanResult:
+def restitch(folder: Path, observer: Observer | None = None, cluster: Any = None
+             ) -> ScanResult:
     """Re-run the stitch stage on an existing scan folder."""
     observer = observer or _Silent()
     scan = read_scan_json(folder)
     pixel_size = float(scan["microscope"]["pixel_size_um"])
     chunk = int(scan["recipe"].get("output", {}).get("chunk_px", 1024))
-    _stitch_stage(Path(folder), scan, pixel_size, chunk, observer)
+    _stitch_stage(Path(folder), scan, pixel_size, chunk, observer, cluster)
     n = int(scan.get("plan", {}).get("n_tiles", 0))
     return ScanResult(Path(folder), scan.get("status", "unknown"), n,
                       int(scan.get("acquired_tiles", n)), scan["timings"])
@@ -415,6 +423,7 @@ def inspect_stage(
     model: Any = None,
     threshold: float | None = None,
     observer: Observer | None = None,
+    cluster: Any = None,
 ) -> Any:
     """Inspect the scan folder's mosaic: maps, ``defects.json``/``.csv``, ``scan.json`` timings."""
     from .inspection import inspect_scan
@@ -433,6 +442,6 @@ def inspect_stage(
 
     try:
         return inspect_scan(Path(folder), model=model, threshold=threshold, scan=scan,
-                            progress=on_window)
+                            progress=on_window, cluster=cluster)
     finally:
         observer.stage_finished("inspect")

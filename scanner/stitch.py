@@ -51,6 +51,7 @@ def stitch(
     flatfield: np.ndarray | None = None,
     use_registered: bool = True,
     rotation_deg: float = 0.0,
+    cluster: Any = None,
 ) -> MosaicInfo:
     """Fuse the tiles of a scan folder into ``mosaic.ome.zarr``.
 
@@ -70,6 +71,8 @@ def stitch(
         Place tiles at ``x_reg_um``/``y_reg_um`` where ``tiles.csv`` has them.
     rotation_deg : float
         Camera rotation against the stage (from a calibration); tiles are warped by it.
+    cluster : scanner.cluster.Cluster, optional
+        Fuse as dask tasks (the same mosaic).
     """
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
@@ -90,7 +93,7 @@ def stitch(
     subset = _TileSubset(tiles, [r.index for r in records])
     return fuse_mosaic(subset, origins, pixel_size_um, folder / MOSAIC, chunk=chunk,
                        progress=progress, name=folder.name, flatfield=flatfield,
-                       rotation_deg=rotation_deg)
+                       rotation_deg=rotation_deg, cluster=cluster)
 
 
 class _TileSubset:
@@ -151,6 +154,7 @@ def stitch_scan(
     min_ncc: float = 0.3,
     chunk: int = 1024,
     progress: Callable[[str, int, int], None] | None = None,
+    cluster: Any = None,
 ) -> StitchResult:
     """The stitch stage: register → global solve → flat-field → fuse.
 
@@ -172,6 +176,8 @@ def stitch_scan(
         Mosaic chunk size.
     progress : callable, optional
         ``progress(step, done, total)`` with step ``"register"`` or ``"fuse"``.
+    cluster : scanner.cluster.Cluster, optional
+        Fuse (and build the pyramid) as dask tasks; registration runs here.
     """
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
@@ -206,7 +212,7 @@ def stitch_scan(
         timings["flatfield_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     info = stitch(folder, camera.pixel_size_um, chunk=chunk, flatfield=ff,
-                  use_registered=registration, rotation_deg=camera.rotation_deg,
+                  use_registered=registration, rotation_deg=camera.rotation_deg, cluster=cluster,
                   progress=(lambda d, t: progress("fuse", d, t)) if progress else None)
     timings["fuse_s"] = round(time.perf_counter() - t0, 3)
     return StitchResult(info, camera, reg_summary, ff_info, timings)

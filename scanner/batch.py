@@ -1,0 +1,76 @@
+"""``waferscope batch``: stitch, inspect and report many scan folders, on a dask cluster.
+
+Scans are taken one after the other; inside each, fusion and inspection are spread over the
+cluster's workers as tasks (:mod:`scanner.cluster`), so that one large wafer uses every
+worker as well as many small ones do. A scan that fails is recorded and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import UserError
+
+__all__ = ["BatchItem", "run_batch"]
+
+
+class BatchItem(BaseModel):
+    """How one scan folder of a batch went."""
+
+    folder: Path
+    ok: bool
+    n_defects: int | None = None
+    wall_s: float = 0.0
+    error: str | None = None
+
+
+def process_scan(folder: Path, *, model: Any, cluster: Any = None,
+                 observer: Any = None, allow_incomplete: bool = False) -> int:
+    """Stitch, inspect and report one scan folder; returns its number of defects.
+
+    Raises
+    ------
+    UserError
+        The folder is not a scan that can be stitched (see
+        :func:`scanner.integrity.require_ready`).
+    """
+    from .integrity import require_ready
+    from .pipeline import _report_stage, inspect_stage, restitch
+    from .scanfolder import read_scan_json
+
+    require_ready(folder, "stitch", allow_incomplete=allow_incomplete)
+    restitch(folder, observer=observer, cluster=cluster)
+    scan = read_scan_json(folder)
+    result = inspect_stage(folder, scan, model=model, observer=observer, cluster=cluster)
+    if observer is not None:
+        _report_stage(folder, observer)
+    else:
+        from .reports import report
+
+        report(folder)
+    return int(result.n_defects)
+
+
+def run_batch(folders: Sequence[Path], *, model: Any = None, cluster: Any = None,
+              observer: Any = None, allow_incomplete: bool = False) -> list[BatchItem]:
+    """:func:`process_scan` on each folder in turn; a failure is recorded, not raised."""
+    from .inspection import load_inspection_model
+
+    model = load_inspection_model(model)  # once, not once per scan
+    items = []
+    for folder in folders:
+        t0 = time.perf_counter()
+        try:
+            n = process_scan(Path(folder), model=model, cluster=cluster, observer=observer,
+                             allow_incomplete=allow_incomplete)
+            items.append(BatchItem(folder=Path(folder), ok=True, n_defects=n,
+                                   wall_s=round(time.perf_counter() - t0, 3)))
+        except (UserError, OSError, ValueError) as exc:
+            items.append(BatchItem(folder=Path(folder), ok=False, error=str(exc),
+                                   wall_s=round(time.perf_counter() - t0, 3)))
+    return items

@@ -1,0 +1,274 @@
+"""Scale-out on dask.distributed: ``--dask ADDRESS`` or ``--dask local:N``.
+
+Fusion and inspection are cut into tasks over the Zarr stores, which every worker opens by
+path (a ``zarr.Array`` pickles as its path): fusion into blocks of chunks of level 0
+(:func:`scanner.mosaic.fuse_block`), then each pyramid level into chunk rows; inspection
+into groups of windows whose maps go to a scratch store, then chunk rows of the maps blended
+from them (:mod:`scanner.streammaps`), each blend waiting only for its three window rows.
+The same chunks are computed by the same code, only elsewhere: the mosaic is that of the
+path without dask bit for bit, and so are the maps when a worker runs torch on as many threads
+as the path without dask does (``local:1``); torch's float sums depend on its thread count, so
+on fewer threads per worker (``local:2`` on two cores) the maps agree to float32 rounding
+(about 1e-7 relative) and the defect list is the same, its scores to that rounding.
+
+A worker loads the model itself, once, from its file (a torch module is never pickled), and
+runs torch on its share of the cores: ``WAFERSCOPE_TORCH_THREADS`` when set (a ``local:N``
+cluster sets it to cores / N), else its own cores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import UserError
+
+__all__ = ["Cluster", "ClusterSpec", "open_cluster"]
+
+#: Environment variable that sets torch's threads in a worker.
+THREADS_ENV = "WAFERSCOPE_TORCH_THREADS"
+#: Windows per inspection task: enough to hide a task's overhead (~10 ms) behind seconds of
+#: network time, few enough that two workers share a mosaic of a few window rows evenly.
+WINDOWS_PER_TASK = 2
+
+_LOCAL = re.compile(r"^local:(\d+)$")
+_ADDRESS = re.compile(r"^(?:(?:tcp|tls|inproc|ucx|ws|wss)://)?[\w.\-\[\]:]+:\d+$")
+
+
+class ClusterSpec(BaseModel):
+    """Where dask tasks run: a new local cluster of ``local_workers`` processes, or an existing
+    scheduler at ``address``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    address: str | None = None
+    local_workers: int | None = Field(default=None, ge=1, le=256)
+
+    @classmethod
+    def parse(cls, text: str) -> ClusterSpec:
+        """``local:N`` or a scheduler address (``tcp://host:8786``, ``host:8786``).
+
+        Raises
+        ------
+        UserError
+            Anything else.
+        """
+        text = text.strip()
+        m = _LOCAL.match(text)
+        if m:
+            n = int(m.group(1))
+            if not 1 <= n <= 256:
+                raise UserError(f"--dask {text}: local:N needs 1 <= N <= 256")
+            return cls(local_workers=n)
+        if _ADDRESS.match(text):
+            return cls(address=text)
+        raise UserError(f"--dask {text}: expected local:N (N worker processes here) or the "
+                        "address of a dask scheduler (tcp://HOST:PORT)")
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def open_cluster(spec: str | ClusterSpec) -> Iterator[Cluster]:
+    """Connect to (or start) the cluster of ``spec``; closed (or left running) at the end."""
+    from distributed import Client, LocalCluster
+
+    spec = ClusterSpec.parse(spec) if isinstance(spec, str) else spec
+    if spec.local_workers is not None:
+        n = spec.local_workers
+        threads = max(1, _cores() // n)
+        # one task at a time per worker process: inference uses the worker's cores through
+        # torch, and two windows at once would double its memory
+        env = {THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)}
+        with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                          dashboard_address=None, env=env, memory_limit=0) as local, \
+                Client(local) as client:
+            yield Cluster(client)
+        return
+    try:
+        client = Client(spec.address, timeout="20s")
+    except OSError as exc:
+        raise UserError(f"--dask {spec.address}: no dask scheduler there ({exc})") from None
+    with client:
+        yield Cluster(client)
+
+
+class Cluster:
+    """Runs waferscope's fusion and inspection tasks on a dask client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        workers = client.scheduler_info().get("workers", {})
+        self.n_workers = max(1, len(workers))
+
+    # ------------------------------------------------------------------ generic
+
+    def _wait(self, futures: list[Any], on_result: Callable[[Any], None]) -> None:
+        """Wait for every future, calling ``on_result`` as each finishes; the first error is
+        raised once the others are cancelled."""
+        from distributed import as_completed
+
+        try:
+            for fut in as_completed(futures):
+                on_result(fut.result())
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+
+    # ------------------------------------------------------------------ fusion
+
+    def fuse(self, fusion: Any, level0: Any, blocks: list[list[tuple[int, int]]],
+             tick: Callable[[], None]) -> None:
+        """Fuse level 0, a task per block of chunks (:func:`scanner.mosaic.fuse_block`)."""
+        from .mosaic import fuse_block
+
+        shared = self.client.scatter(fusion, broadcast=True)  # the flat-field once per worker
+        futures = [self.client.submit(fuse_block, shared, level0, block, pure=False)
+                   for block in blocks]
+        self._wait(futures, lambda n: [tick() for _ in range(n)])
+
+    def pyramid(self, arrays: list[Any], chunk: int, tick: Callable[[], None]) -> None:
+        """Levels 1.. of a multiscale image, a task per chunk row of each level in turn."""
+        from .mosaic import downsample_block
+
+        for k in range(1, len(arrays)):
+            rows, cols = arrays[k].shape
+            n_r, n_c = -(-rows // chunk), -(-cols // chunk)
+            futures = [self.client.submit(downsample_block, arrays[k - 1], arrays[k], chunk,
+                                          [(i, j) for j in range(n_c)], pure=False)
+                       for i in range(n_r)]
+            self._wait(futures, lambda n: [tick() for _ in range(n)])
+
+    # ------------------------------------------------------------------ inspection
+
+    def stream_maps(
+        self, model: Any, mosaic: Path, scale: float, arrays: dict[str, Any],
+        scratch_path: Path, *, tiling: Any, level: float, mask: Any, skip_empty: bool,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """:func:`scanner.streammaps.stream_maps` as dask tasks (see the module's notes)."""
+        import shutil
+
+        from .inspect import InferenceStats
+        from .streammaps import create_scratch, planned_windows
+
+        path = getattr(model, "path", None)
+        if not path or not Path(path).is_file():
+            raise UserError("--dask: the inspection model must be a file (each worker loads "
+                            "it from there)")
+        t_start = time.perf_counter()
+        n_rows, n_cols = tiling.grid
+        total = n_rows * n_cols
+        todo, skipped = planned_windows(tiling, mask)
+        stats = InferenceStats(skipped=skipped)
+        stats.extra["level"] = float(level)
+        scratch = create_scratch(Path(scratch_path), tiling)
+        job = _WindowJob(model=str(Path(path).resolve()), mosaic=str(mosaic), scale=scale,
+                         tiling=tiling, level=level, skip_empty=skip_empty, scratch=scratch)
+        by_row: list[list[Any]] = [[] for _ in range(n_rows)]
+        compute = []
+        for i in range(n_rows):
+            row = [ij for ij in todo if ij[0] == i]
+            for k in range(0, len(row), WINDOWS_PER_TASK):
+                fut = self.client.submit(_compute_task, job, row[k : k + WINDOWS_PER_TASK],
+                                         pure=False)
+                by_row[i].append(fut)
+                compute.append(fut)
+        blends = [
+            self.client.submit(_blend_task, ci, scratch, tiling, arrays, mask,
+                               [f for r in (ci - 1, ci, ci + 1) if 0 <= r < n_rows
+                                for f in by_row[r]], pure=False)
+            for ci in range(n_rows)
+        ]
+
+        def on_result(result: Any) -> None:
+            if isinstance(result, dict):
+                for key in ("windows", "skipped"):
+                    setattr(stats, key, getattr(stats, key) + int(result[key]))
+                for key in ("read_s", "network_s"):
+                    setattr(stats, key, getattr(stats, key) + float(result[key]))
+                stats.input_px += int(result["input_px"])
+                if progress is not None:
+                    progress(min(stats.windows + stats.skipped, total), total)
+
+        try:
+            self._wait(compute + blends, on_result)
+        finally:
+            shutil.rmtree(scratch_path, ignore_errors=True)
+        if progress is not None:
+            progress(total, total)
+        stats.total_s = time.perf_counter() - t_start
+        return stats
+
+
+class _WindowJob(BaseModel):
+    """What a worker needs to compute windows: paths and numbers, never the model itself."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    model: str
+    mosaic: str
+    scale: float
+    tiling: Any
+    level: float
+    skip_empty: bool
+    scratch: Any
+
+
+#: models loaded in this (worker) process, by file
+_MODELS: dict[str, Any] = {}
+
+
+def _worker_model(path: str) -> Any:
+    """The model of ``path``, loaded once per worker process, on the worker's threads."""
+    import torch
+
+    from .inspection import load_inspection_model
+
+    if path not in _MODELS:
+        _MODELS[path] = load_inspection_model(path)
+    threads = int(os.environ.get(THREADS_ENV, "0")) or _cores()
+    torch.set_num_threads(threads)
+    model = _MODELS[path]
+    if hasattr(model, "num_threads"):
+        model.num_threads = threads
+    return model
+
+
+def _compute_task(job: _WindowJob, windows: list[tuple[int, int]]) -> dict[str, float]:
+    """Compute ``windows`` into the scratch store (a dask task); returns its statistics."""
+    import torch
+
+    from .inspect import GridReader
+    from .mosaic import open_mosaic
+    from .streammaps import compute_windows
+
+    model = _worker_model(job.model)
+    reader = GridReader(open_mosaic(Path(job.mosaic))[0][0], job.scale)
+    with torch.inference_mode():
+        stats = compute_windows(model, reader, job.tiling, windows, job.scratch,
+                                level=job.level, skip_empty=job.skip_empty)
+    return {"windows": stats.windows, "skipped": stats.skipped, "read_s": stats.read_s,
+            "network_s": stats.network_s, "input_px": stats.input_px}
+
+
+def _blend_task(ci: int, scratch: Any, tiling: Any, arrays: dict[str, Any], mask: Any,
+                _after: list[Any]) -> int:
+    """Blend chunk row ``ci`` of the maps (a dask task, run once its windows are stored)."""
+    from .streammaps import blend_chunk_row
+
+    blend_chunk_row(ci, scratch, tiling, arrays, mask)
+    return ci
+

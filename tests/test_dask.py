@@ -1,0 +1,110 @@
+"""Scale-out on dask.distributed: the same mosaic, maps and defects as without dask."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from scanner.cli import app
+from scanner.cluster import ClusterSpec, open_cluster
+from scanner.errors import UserError
+from scanner.mosaic import fuse_mosaic, open_mosaic
+from scanner.pipeline import run_scan
+from scanner.recipe import parse_recipe
+
+runner = CliRunner()
+
+WAFER = {
+    "sample": {"kind": "wafer", "diameter_mm": 10, "edge_exclusion_mm": 1,
+               "die_pitch_mm": [2, 2], "orientation": "flat", "flat_length_mm": 4,
+               "defects": {"count": 6, "seed": 3}},
+    "microscope": {"kind": "simulated",
+                   "camera": {"width": 512, "height": 512, "pixel_size_um": 5.0}},
+    "output": {"chunk_px": 256},
+}
+
+
+def test_cluster_spec_is_parsed_and_refused():
+    assert ClusterSpec.parse("local:2").local_workers == 2
+    assert ClusterSpec.parse("tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
+    assert ClusterSpec.parse("sched.lab:8786").address == "sched.lab:8786"
+    for bad in ("local:0", "local:x", "local", "nowhere", "tcp://host"):
+        with pytest.raises(UserError):
+            ClusterSpec.parse(bad)
+
+
+def test_cli_refuses_a_bad_dask_spec(tmp_path):
+    result = runner.invoke(app, ["stitch", str(tmp_path), "--dask", "local:zero"])
+    assert result.exit_code != 0
+
+
+def _levels(path: Path) -> list[np.ndarray]:
+    return [np.asarray(a[:]) for a in open_mosaic(path)[0]]
+
+
+def _defects(folder: Path) -> list[dict]:
+    return json.loads((folder / "defects.json").read_text())["defects"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with open_cluster("local:2") as c:
+        yield c
+
+
+def test_fusion_on_the_cluster_equals_fusion_here(cluster, tmp_path):
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 60000, size=(12, 100, 120), dtype=np.uint16)
+    pos = np.array([(c * 97.3, r * 81.7) for r in range(3) for c in range(4)])
+    flat = np.clip(rng.normal(1, 0.05, (100, 120)), 0.8, 1.2).astype(np.float32)
+    for rot in (0.0, 0.4):
+        here = fuse_mosaic(tiles, pos, 1.0, tmp_path / f"a{rot}.zarr", chunk=32,
+                           min_level_size=20, flatfield=flat, rotation_deg=rot)
+        there = fuse_mosaic(tiles, pos, 1.0, tmp_path / f"b{rot}.zarr", chunk=32,
+                            min_level_size=20, flatfield=flat, rotation_deg=rot,
+                            cluster=cluster)
+        assert here == type(here)(**{**here.__dict__, "path": here.path}) and \
+            here.shape == there.shape and here.n_levels == there.n_levels >= 3
+        for a, b in zip(_levels(here.path), _levels(there.path), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_stitch_inspect_report_on_two_workers_equal_the_sequential_scan(cluster, tmp_path):
+    recipe = parse_recipe(WAFER, base_dir=tmp_path)
+    seq = tmp_path / "seq"
+    result = run_scan(recipe, seq, inspect=True)
+    assert result.status == "complete"
+    par = tmp_path / "par"
+    shutil.copytree(seq, par)
+    for name in ("mosaic.ome.zarr", "anomaly.ome.zarr", "defects.json"):
+        path = par / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    from scanner.batch import run_batch
+
+    items = run_batch([par], cluster=cluster)
+    assert items[0].ok, items[0].error
+    for a, b in zip(_levels(seq / "mosaic.ome.zarr"), _levels(par / "mosaic.ome.zarr"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    # torch's float sums depend on its thread count (a worker of local:2 runs on one core,
+    # the sequential path on two): the maps agree to float32 rounding, not bit for bit
+    for name in ("anomaly.ome.zarr", "roughness.ome.zarr", "uncertainty.ome.zarr"):
+        for a, b in zip(_levels(seq / name), _levels(par / name), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+    # the same defects, where they are, how large, their class and review flag; their
+    # scores to float32 rounding (as the maps)
+    values = ("score", "roughness", "uncertainty")
+    want, got = _defects(seq), _defects(par)
+    assert len(want) == len(got) > 0
+    for d, e in zip(want, got, strict=True):
+        assert {k: v for k, v in d.items() if k not in values} == \
+            {k: v for k, v in e.items() if k not in values}
+        assert [d[k] for k in values] == pytest.approx([e[k] for k in values], rel=1e-5)
+    assert not list(par.glob("*.tmp.zarr"))
