@@ -63,6 +63,28 @@ class ScanPlan:
         return np.array([(t.x_um, t.y_um) for t in self.tiles], dtype=float)
 
 
+def _scanned_part(region: Polygon, recipe: Recipe) -> Polygon:
+    """The part of the sample's region that ``scan.region`` asks for (all of it by default).
+
+    Raises
+    ------
+    PlanError
+        If the band misses the sample.
+    """
+    spec = recipe.scan.region
+    if spec is None or spec.band_mm is None:
+        return region
+    x0, y_min, x1, y_max = region.bounds
+    mid = (y_min + y_max) / 2
+    part = region.intersection(box(x0, mid + spec.band_mm[0] * 1000.0,
+                                   x1, mid + spec.band_mm[1] * 1000.0))
+    if part.is_empty or part.geom_type != "Polygon":
+        raise PlanError(f"scan.region.band_mm: {list(spec.band_mm)} mm from the middle of the "
+                        f"sample (which spans {(y_max - y_min) / 1000:g} mm in y) "
+                        + ("misses it" if part.is_empty else "cuts it in pieces"))
+    return part
+
+
 def plan_scan(recipe: Recipe, fov_um: tuple[float, float],
               alignment: dict | None = None) -> ScanPlan:
     """Cover the recipe's sample region with overlapping tiles.
@@ -84,7 +106,8 @@ def plan_scan(recipe: Recipe, fov_um: tuple[float, float],
     PlanError
         If the plan is empty or larger than ``scan.max_tiles``.
     """
-    region = usable_polygon(recipe.sample, notch=False, alignment=alignment)
+    region = _scanned_part(usable_polygon(recipe.sample, notch=False, alignment=alignment),
+                           recipe)
     overlap_pct = recipe.scan.overlap * 100.0
     grid = useq.GridFromPolygon(
         vertices=[tuple(v) for v in np.asarray(region.exterior.coords)[:-1]],

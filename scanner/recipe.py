@@ -491,6 +491,21 @@ class FocusPlan(_Model):
     )
 
 
+class RegionSpec(_Model):
+    """A part of the sample to scan instead of all of it."""
+
+    band_mm: tuple[float, float] | None = Field(
+        None, description="[y0, y1]: only the band of stage y from y0 to y1 mm, measured from "
+        "the middle of the sample's extent in y, across its whole width (e.g. a band along a "
+        "300 mm wafer's diameter)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RegionSpec:
+        if self.band_mm is not None and not self.band_mm[0] < self.band_mm[1]:
+            raise ValueError(f"band_mm: y0 must be below y1, got {list(self.band_mm)}")
+        return self
+
+
 class ScanSpec(_Model):
     """How to tile the sample."""
 
@@ -503,6 +518,8 @@ class ScanSpec(_Model):
         60.0, description="watchdog: a move or snap not done after this long is a hardware fault"
     )
     focus: FocusPlan = FocusPlan()
+    region: RegionSpec | None = Field(
+        None, description="scan only a part of the sample (default: all of its usable area)")
     align: bool | Literal["auto"] = Field(
         "auto", description="find the sample's centre, rotation (notch, flat or edges) and "
         "die grid on the stage before tiling: true, false, or auto (wafers and PV cells)")
