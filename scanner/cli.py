@@ -200,6 +200,23 @@ def devices(
         out.print(f"saved: {save.resolve()}")
 
 
+DaskOption = Annotated[str | None, typer.Option(
+    "--dask", help="Run fusion and inspection as dask tasks: local:N (a local cluster of N "
+    "worker processes) or the address of a running dask scheduler (tcp://HOST:PORT).")]
+
+
+@contextmanager
+def _cluster(spec: str | None) -> Iterator[Any]:
+    """The dask cluster of ``--dask`` (None without it: nothing changes)."""
+    if spec is None:
+        yield None
+        return
+    from .cluster import ClusterSpec, open_cluster
+
+    with open_cluster(ClusterSpec.parse(spec)) as cluster:  # refused before anything starts
+        yield cluster
+
+
 @app.command()
 @_friendly
 def run(
@@ -240,34 +257,18 @@ def run(
 
 @app.command()
 @_friendly
-def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped scan.")]) -> None:
+def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped scan.")],
+           dask: DaskOption = None) -> None:
     """Finish a stopped scan: acquire only the missing tiles, then stitch, inspect, report."""
     from .pipeline import resume_scan
 
-    with _progress() as progress:
-        result = resume_scan(scan, observer=RichObserver(progress))
+    with _cluster(dask) as cluster, _progress() as progress:
+        result = resume_scan(scan, observer=RichObserver(progress), cluster=cluster)
     _print_result(result)
     if result.status != "complete":
         err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
                   f"{result.n_tiles} tiles acquired (see scan.json)")
         raise typer.Exit(1)
-
-
-DaskOption = Annotated[str | None, typer.Option(
-    "--dask", help="Run fusion and inspection as dask tasks: local:N (a local cluster of N "
-    "worker processes) or the address of a running dask scheduler (tcp://HOST:PORT).")]
-
-
-@contextmanager
-def _cluster(spec: str | None) -> Iterator[Any]:
-    """The dask cluster of ``--dask`` (None without it: nothing changes)."""
-    if spec is None:
-        yield None
-        return
-    from .cluster import ClusterSpec, open_cluster
-
-    with open_cluster(ClusterSpec.parse(spec)) as cluster:  # refused before anything starts
-        yield cluster
 
 
 AllowIncomplete = Annotated[bool, typer.Option(
