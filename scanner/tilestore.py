@@ -86,6 +86,9 @@ class TileStore:
     def __init__(self, folder: Path, n_tiles: int, shape: tuple[int, int], dtype: np.dtype,
                  resume: bool = False) -> None:
         self.folder = Path(folder)
+        # a scan stopped before its first tile has no store yet: start one
+        resume = resume and (self.folder / TILES_ZARR).is_dir() and (
+            self.folder / TILES_CSV).is_file()
         if resume:
             self.array = zarr.open_array(self.folder / TILES_ZARR, mode="r+")
             if self.array.shape != (n_tiles, *shape) or self.array.dtype != np.dtype(dtype):
