@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-elpv bench-resume clean model
+.PHONY: install demo test lint bench bench-elpv bench-resume bench-pipeline clean model
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ bench: install
 # kill -9 at random moments then resume, and scans through a faulty serial line and camera
 bench-resume: install
 	$(PY) bench/bench_resume.py
+
+# realtime wall against the hardware time, time after the last tile, peak RSS, inspection rate
+# and the dask speed-up (local:1, local:2); options through PIPELINE_ARGS, e.g. "--band300"
+bench-pipeline: install
+	$(PY) bench/bench_pipeline.py $(PIPELINE_ARGS)
 
 # real electroluminescence images of PV cells (PyPI elpv-dataset, CC BY-NC-SA 4.0: the images are
 # only copied to a temporary folder, never commit them); bench/bench_elpv.py says what it compares;
