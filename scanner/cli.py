@@ -5,6 +5,7 @@ Exit codes: 0 done, 2 bad input (one clear line on stderr), 1 anything else.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
@@ -53,13 +54,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 SAMPLE_KINDS = ("wafer", "pv_cell", "rectangle", "image")
 
 
+#: errors of a full, over-quota, read-only or forbidden destination (exit 2, one line)
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                   errno.EPERM}
+
+
 def _friendly(func: F) -> F:
-    """Turn UserError into one line + exit 2, anything else into one line + exit 1."""
+    """Turn bad input (UserError, a full disk) into one line + exit 2, anything else into one
+    line + exit 1."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except OSError as exc:
+                if exc.errno not in _STORAGE_ERRNOS or os.environ.get("WAFERSCOPE_DEBUG"):
+                    raise
+                # a full or read-only disk: the user can act on it, as on bad input
+                where = f"{exc.filename}: " if exc.filename else ""
+                err.print(f"[bold red]error:[/] {escape(where)}cannot write ({exc.strerror}); "
+                          "free space or choose another folder (a stopped scan continues with "
+                          "`waferscope resume SCAN`)", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
         except InputError as exc:  # UserError and the model package's bad input
             # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
@@ -137,14 +154,18 @@ RecipeArg = Annotated[Path, typer.Argument(help="Scan recipe (YAML).", show_defa
 @_friendly
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe and print its plan (tiles, area, estimated hardware time); moves nothing."""
+    from collections import Counter
+
     from devices.core import build_microscope
 
+    from .align import alignment_fields, estimate_alignment_time_s, wants_alignment
     from .pipeline import make_plan, plan_summary
     from .recipe import load_recipe
 
     rec = load_recipe(recipe)
     handle = build_microscope(rec)
-    summary = plan_summary(make_plan(rec, handle), rec)
+    plan = make_plan(rec, handle)
+    summary = plan_summary(plan, rec)
     table = Table(title=f"{recipe.name}: plan", show_header=False)
     table.add_row("sample", rec.sample.kind)
     table.add_row("microscope", rec.microscope.kind)
@@ -154,6 +175,19 @@ def validate(recipe: RecipeArg) -> None:
     table.add_row("sample region", f"{summary['region_area_mm2']:.2f} mm²")
     table.add_row("scanned area", f"{summary['scanned_area_mm2']:.2f} mm²")
     table.add_row("est. hardware time", _duration(summary["estimated_hardware_s"]))
+    if wants_alignment(rec):
+        # the nominal plan: the fields move with the sample, the time hardly does
+        fields = alignment_fields(rec)
+        kinds = Counter(kind for kind, _, _ in fields)
+        first = (plan.tiles[0].x_um, plan.tiles[0].y_um) if plan.tiles else None
+        align_s = estimate_alignment_time_s(rec, first)
+        table.add_row("alignment", f"{len(fields)} fields ("
+                      + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
+        for kind, x, y in fields:
+            table.add_row("", f"{kind} at ({x / 1000:.2f}, {y / 1000:.2f}) mm")
+        share = align_s / summary["estimated_hardware_s"] if summary[
+            "estimated_hardware_s"] > 0 else 0.0
+        table.add_row("est. alignment time", f"{_duration(align_s)} ({share:.0%} of the scan)")
     out.print(table)
     out.print("recipe OK")
 
@@ -387,13 +421,24 @@ def report(
         str | None, typer.Option("--wafer", help="Wafer id (default: the recipe's).")
     ] = None,
     allow_incomplete: AllowIncomplete = False,
+    klarf_version: Annotated[str | None, typer.Option(
+        "--klarf-version", help="KLARF version of defects.klarf: 1.2 or 1.8 (default: the "
+        "recipe's output.klarf_version, else 1.2).")] = None,
+    full_dies_only: Annotated[bool, typer.Option(
+        "--full-dies-only", help="Leave partial edge dies out of the test plan and the yield "
+        "(their defects stay in defects.json, not in the KLARF).")] = False,
 ) -> None:
     """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
     from .integrity import require_ready
     from .reports import report as run_report
+    from .reports.klarf import KLARF_VERSIONS
 
+    if klarf_version is not None and klarf_version not in KLARF_VERSIONS:
+        raise UserError(f"--klarf-version: {klarf_version} is not one of "
+                        f"{', '.join(KLARF_VERSIONS)}")
     require_ready(scan, "report", allow_incomplete=allow_incomplete)
-    result = run_report(scan, lot_id=lot, wafer_id=wafer)
+    result = run_report(scan, lot_id=lot, wafer_id=wafer, klarf_version=klarf_version,
+                        full_dies_only=full_dies_only)
     out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
     for name, path in result.outputs.items():
         out.print(f"  {name:<16} {path.resolve()}")

@@ -40,11 +40,12 @@ SMALL = {
 WAFERSCOPE = [sys.executable, "-m", "scanner"]
 
 
-def _recipe(tmp_path: Path, realtime: bool = False) -> Path:
+def _recipe(tmp_path: Path, realtime: bool = False, **scan: object) -> Path:
     import yaml
 
     data = json.loads(json.dumps(SMALL))
     data["microscope"]["realtime"] = realtime
+    data["scan"].update(scan)
     path = tmp_path / f"small{'_rt' if realtime else ''}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -173,8 +174,9 @@ def test_full_disk_stops_the_scan_with_one_line_and_resume_finishes(tmp_path: Pa
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     quiet = {**os.environ, "PYTEST_RUNNING": "1"}  # pymmcore-plus writes no log file then
-    proc = subprocess.run([*WAFERSCOPE, "run", str(_recipe(tmp_path)), "--no-inspect",
-                           "--out", str(out)], capture_output=True, text=True,
+    # no alignment: its picture would be the first file to fail; the tiles are the point here
+    proc = subprocess.run([*WAFERSCOPE, "run", str(_recipe(tmp_path, align=False)),
+                           "--no-inspect", "--out", str(out)], capture_output=True, text=True,
                           preexec_fn=small_files, env=quiet)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
@@ -260,3 +262,17 @@ def test_lost_tiles_leave_an_incomplete_scan_that_resume_completes(tmp_path: Pat
     assert result.status == "complete"
     assert set(_ok_rows(result.folder).values()) == {1}
     assert "lost_tiles" not in _scan(result.folder)
+
+
+def test_any_write_on_a_full_disk_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    import resource
+
+    def tiny_files() -> None:  # every file over 4 kB fails, whatever writes it first
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 1024, 4 * 1024))
+
+    proc = subprocess.run([*WAFERSCOPE, "run", str(_recipe(tmp_path)), "--no-inspect",
+                           "--out", str(tmp_path / "scan")], capture_output=True, text=True,
+                          preexec_fn=tiny_files, env={**os.environ, "PYTEST_RUNNING": "1"})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "cannot write" in lines[0] and "Traceback" not in proc.stderr
