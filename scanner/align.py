@@ -45,8 +45,11 @@ ALIGNMENT_PNG = "alignment.png"
 MARK_ANGLE_DEG = 90.0
 #: a die-grid rotation further than this from the edge's is a disagreement
 MAX_DIE_EDGE_DISAGREEMENT_DEG = 0.15
-#: the measured distance between die sites may differ from the pitch's by this much (µm)
-MAX_SITE_DISAGREEMENT_UM = 8.0
+#: die sites disagree when their measured distance differs from the pitch's by more than this
+#: many standard deviations of the stage's landing noise (plus the measurement floor below)
+SITE_SIGMAS = 5.0
+#: what the lane and the correlation measure a corner to, in pixels, whatever the stage
+SITE_FLOOR_PX = 2.0
 #: edge points a field must give to count as "edge found"
 MIN_EDGE_POINTS = 20
 
@@ -132,6 +135,20 @@ def wants_alignment(recipe: Any) -> bool:
     if setting and kind not in ("wafer", "pv_cell"):
         raise UserError(f"scan.align: true needs a wafer or pv_cell sample (got {kind})")
     return bool(setting)
+
+
+def site_tolerance_um(repeatability_um: float, pixel_um: float) -> float:
+    """Largest disagreement of two die sites' distance from the pitch's that is still the
+    stage's landing noise, not a wrong site.
+
+    Each field lands with an error of ``repeatability_um`` (one sigma per axis) that the
+    stage does not report, so the distance between two sites carries the difference of two
+    landings: one sigma of sqrt(2) * repeatability along the line between them. A fixed
+    tolerance refused good wafers (bench_align seed 5: two landings 14.3 µm apart along x,
+    3.4 sigma of a 3 µm stage, against a fixed 8 µm); a wrong site (another lane, another
+    die, a wrong pitch) is off by a lane's width or more.
+    """
+    return SITE_SIGMAS * math.sqrt(2.0) * repeatability_um + SITE_FLOOR_PX * pixel_um
 
 
 def _u(deg: float) -> tuple[float, float]:
@@ -387,6 +404,8 @@ class _Scope:
                                  timeout_s=recipe.scan.device_timeout_s)
         self.lost = _TileLost
         self.pixel_um = float(self.core.getPixelSizeUm())
+        #: one sigma per axis of where a field really lands (the stage reports the command)
+        self.repeatability_um = float(recipe.microscope.stage.repeatability_um)
         self.images: list[tuple[str, float, float, np.ndarray]] = []
 
     def snap(self, kind: str, x: float, y: float) -> np.ndarray:
@@ -594,18 +613,19 @@ def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotatio
     nominal_vec = np.array([(c1 - c0) * px, (r1 - r0) * py])
     turned = math.degrees(math.atan2(d[1], d[0]) - math.atan2(nominal_vec[1], nominal_vec[0]))
     mismatch = abs(float(np.hypot(*d)) - float(np.hypot(*nominal_vec)))
+    tolerance = site_tolerance_um(scope.repeatability_um, p)
     lane_rms = float(np.sqrt(np.mean([np.sum((a - pl) ** 2)
                                       for (_, _, _, a, _), pl in zip(measured, places,
                                                                       strict=True)])))
     for (c, r, pos, _, _), pl in zip(measured, places, strict=True):
         sites.append(Site(kind="die", x_um=float(pos[0]), y_um=float(pos[1]), die=(c, r),
                           residual_um=round(float(np.hypot(*(pl - pos))), 3)))
-    if mismatch > MAX_SITE_DISAGREEMENT_UM:
+    if mismatch > tolerance:
         raise AlignmentError(
             f"scan.align: die corners ({c0}, {r0}) and ({c1}, {r1}) lie "
             f"{np.hypot(*d):.1f} µm apart, the die pitch puts them {np.hypot(*nominal_vec):.1f}"
-            f" µm apart (sites disagree beyond {MAX_SITE_DISAGREEMENT_UM} µm; see "
-            f"{ALIGNMENT_PNG})")
+            f" µm apart (sites disagree beyond {tolerance:.1f} µm, {SITE_SIGMAS:g} sigma of "
+            f"the stage's repeatability; see {ALIGNMENT_PNG})")
     tr = math.radians(turned)
     origin = np.mean([pl - np.array([math.cos(tr) * c * px - math.sin(tr) * r * py,
                                      math.sin(tr) * c * px + math.cos(tr) * r * py])

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .alignrefine import effective_alignment
 from .defectlist import CSV_COLUMNS, MAP_NAMES, Defect, write_defects
 from .defects import DEFAULT_REVIEW_UNCERTAINTY, MapGeometry, extract_defects, local_thresholds
 from .errors import UserError
@@ -389,7 +390,8 @@ def inspect_mosaic(
         except (OSError, ValueError):
             scan = None
     saved = _saved_sample(folder, scan)  # the recipe is parsed once, for both uses
-    alignment = (scan or {}).get("alignment")  # where the sample really lies (scanner.align)
+    # where the sample really lies (scanner.align; refined on the mosaic after stitching)
+    alignment = effective_alignment((scan or {}).get("alignment"))
     if polygon is None:
         polygon = _usable_polygon(saved, alignment)
     kind = sample_kind or (str(saved.kind) if saved is not None else None)

@@ -14,6 +14,7 @@ from devices.inventory import inventory_json
 
 from .acquire import acquire
 from .align import align, wants_alignment
+from .alignrefine import refine_alignment
 from .defectlist import DEFECTS_JSON, MAP_NAMES
 from .errors import UserError
 from .focusreport import write_focus_outputs
@@ -390,6 +391,12 @@ def _stitch_stage(
                              "calibration": calibration}
     scan["mosaic"] = {"path": MOSAIC, "shape": list(info.shape), "levels": info.n_levels,
                       "pixel_size_um": info.pixel_size_um, "origin_um": list(info.origin_um)}
+    if scan.get("alignment"):
+        # the die grid and rotation from the registered mosaic (free of the stage's landing
+        # error); the plan keeps the pre-alignment the tiles were taken with
+        fine = refine_alignment(folder / MOSAIC, scan)
+        scan["alignment"] = {**scan["alignment"],
+                             "refined": None if fine is None else fine.model_dump(mode="json")}
     write_json(folder / SCAN_JSON, scan)
 
 

@@ -120,7 +120,9 @@ class PlacementSpec(_Model):
 
     @model_validator(mode="after")
     def _random_or_given(self) -> PlacementSpec:
-        given = {"offset_um", "rotation_deg"} & self.model_fields_set
+        # zeros are what a dumped recipe (scan.json) carries beside random: true
+        given = {k for k in ("offset_um", "rotation_deg") if k in self.model_fields_set
+                 and getattr(self, k) != type(self).model_fields[k].default}
         if self.random and given:
             raise ValueError(f"{sorted(given)[0]}: not with random: true (the placement is "
                              "drawn from seed)")
@@ -549,6 +551,9 @@ class OutputSpec(_Model):
     root: Path = Path("scans")
     name: str | None = Field(None, description="default: the recipe file's name")
     chunk_px: Annotated[int, Field(ge=64, le=8192)] = 1024
+    klarf_version: Literal["1.2", "1.8"] = Field(
+        "1.2", description="KLARF version of defects.klarf: 1.2 (flat) or 1.8 (nested "
+        "records); `report --klarf-version` overrides it")
 
     @field_validator("name")
     @classmethod

@@ -122,6 +122,35 @@ def test_missing_notch_is_refused(tmp_path: Path) -> None:
         align(build_microscope(recipe), recipe, tmp_path)
 
 
+def test_site_tolerance_follows_the_stage_repeatability() -> None:
+    from scanner.align import site_tolerance_um
+
+    # 5 sigma of the difference of two landings, plus two pixels of measurement
+    assert site_tolerance_um(3.0, 5.0) == pytest.approx(5 * math.sqrt(2) * 3 + 10)
+    assert site_tolerance_um(0.0, 5.0) == pytest.approx(10.0)
+    assert site_tolerance_um(6.0, 5.0) > site_tolerance_um(3.0, 5.0)
+
+
+@pytest.mark.slow
+def test_a_stage_landing_far_off_does_not_refuse_a_good_wafer(tmp_path: Path) -> None:
+    """bench_align seed 5: one die site landed 10.3 µm off in x (3.4 sigma of a 3 µm stage),
+    and a fixed 8 µm tolerance refused the wafer."""
+    import yaml
+
+    from devices.core import build_microscope
+    from scanner.align import align
+
+    data = yaml.safe_load(Path("recipes/demo_wafer.yaml").read_text())
+    data["sample"]["placement"] = {"random": True, "seed": 5}
+    data["microscope"]["seed"] = 5
+    recipe = parse_recipe(data, tmp_path, "seed5")
+    handle = build_microscope(recipe)
+    result = align(handle, recipe)
+    truth = handle.truth["placement"]
+    assert result.die_grid is not None
+    assert abs(result.rotation_deg - truth["rotation_deg"]) < 0.02
+
+
 @pytest.fixture(scope="module")
 def aligned_scan(tmp_path_factory) -> Path:
     """A misplaced wafer scanned with alignment; its true defects reported."""
@@ -148,6 +177,12 @@ def test_scan_records_alignment_and_follows_it(aligned_scan: Path) -> None:
     assert np.hypot(*(np.array(alignment["center_um"]) - truth["placement"]["center_um"])) < 5
     assert abs(alignment["rotation_deg"] - 0.7) < 0.01
     assert scan["timings"]["align"]["hardware_s"] > 0
+    # refined on the registered mosaic: many corners, the stage's landing error gone
+    fine = alignment["refined"]
+    assert fine["n_corners"] >= 10 and fine["residual_um"] < 2.0
+    assert np.hypot(*(np.array(fine["center_um"]) - truth["placement"]["center_um"])) < 2.0
+    assert abs(fine["rotation_deg"] - 0.7) < 0.005
+    assert abs(fine["scale"] - 1.0) < 1e-3
     # the tiles cover the wafer where it lies: every true defect is inside a tile
     tiles = [line.split(",") for line in (aligned_scan / "tiles.csv").read_text().splitlines()]
     assert len(tiles) - 1 == scan["plan"]["n_tiles"]
@@ -193,7 +228,9 @@ def test_resume_reuses_the_recorded_alignment(aligned_scan: Path, tmp_path: Path
     result = resume_scan(folder)
     after = json.loads((folder / "scan.json").read_text())
     assert result.status == "complete"
-    assert after["alignment"] == scan["alignment"]
+    # the plan's alignment is the recorded one (the refinement is redone on the new mosaic)
+    assert {k: v for k, v in after["alignment"].items() if k != "refined"} == {
+        k: v for k, v in scan["alignment"].items() if k != "refined"}
 
 
 def test_klarf_carries_the_aligned_centre_and_die_origin(aligned_scan: Path) -> None:

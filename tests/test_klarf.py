@@ -114,3 +114,92 @@ def test_a_clean_wafer_still_parses(tmp_path: Path):
     assert k.wafers[0].defects == [] and k.wafers[0].summary.number_of_defects == 0
     assert k.wafers[0].summary.number_of_dies == 1
     assert "DefectList;" in path.read_text()
+
+
+def _one_defect_header() -> tuple[dict, list[Defect], dict]:
+    defect = Defect(id=1, x_um=0, y_um=0, bbox_um=(-5, -5, 5, 5), area_um2=78.5, size_um=10,
+                    defect_class="scratch", die_col=2, die_row=-1, die_x_um=10.0,
+                    die_y_um=4000.0, wafer_x_mm=0.0, wafer_y_mm=0.0, review=True)
+    header = {"sample": {"name": "r", "lot_id": "A", "wafer_id": "B"},
+              "scan_started": "2026-01-02T03:04:05+00:00",
+              "dies": {"tested": [{"col": 2, "row": -1, "full": True, "defects": 1,
+                                   "pass": False},
+                                  {"col": 3, "row": -1, "full": False, "defects": 0,
+                                   "pass": True}]}}
+    sample = {"diameter_mm": 150, "orientation": "flat", "die_pitch_mm": [10, 10],
+              "die_origin_mm": [-5, -3]}
+    return header, [defect], sample
+
+
+def test_klarf18_nested_records_read_back_by_klarfio(tmp_path: Path):
+    from scanner.reports.klarf import klarf18_text
+
+    header, defects, sample = _one_defect_header()
+    path = tmp_path / "d.klarf"
+    path.write_text(klarf18_text(header, defects, sample, 1.5e10,
+                                 created="2026-01-02T05:00:00+00:00"))
+    assert klarfio.identify_klarf_version(str(path)) == "1.8"
+    data = klarfio.klarf(str(path)).data["FileRecord_1.8"]
+    assert data["FileTimestamp"] == ["01-02-2026", "05:00:00"]
+    lot = data["LotRecord_A"]
+    assert lot["SampleOrientationMarkType"] == ["FLAT"] and lot["SampleSize"] == [1, 150]
+    assert lot["DiePitch"] == [10000.0, 10000.0]
+    classes = {row[0]: row[1] for row in lot["ClassLookupList"]["Data"]}
+    assert classes[0] == "UNCLASSIFIED" and classes[CLASSES["scratch"]] == "SCRATCH"
+    wafer = lot["WaferRecord_B"]
+    # the same frame as 1.2: die (0, 0)'s lower-left corner at x = -5 mm, y = +3 - 10 mm
+    assert wafer["SampleCenterLocation"] == [5000.0, 7000.0]
+    test = wafer["TestRecord_1"]
+    assert test["AreaPerTest"] == [1.5e10]
+    assert sorted(map(tuple, test["SampleTestPlanList"]["Data"])) == [(2, 1), (3, 1)]
+    columns = [c["Column"] for c in wafer["DefectList"]["Columns"]]
+    (row,) = wafer["DefectList"]["Data"]
+    r = dict(zip(columns, row, strict=True))
+    assert (r["DEFECTID"], r["XINDEX"], r["YINDEX"]) == (1, 2, 1)
+    assert (r["XREL"], r["YREL"]) == (10.0, 6000.0)
+    assert r["CLASSNUMBER"] == CLASSES["scratch"] and r["REVIEWSAMPLE"] == 1
+    summary = dict(zip([c["Column"] for c in wafer["SummaryRecord"]["TestSummaryList"][
+        "Columns"]], wafer["SummaryRecord"]["TestSummaryList"]["Data"][0], strict=True))
+    assert (summary["NDEFECT"], summary["NDIE"], summary["NDEFDIE"]) == (1, 2, 1)
+
+
+def test_klarf18_of_a_clean_wafer_parses(tmp_path: Path):
+    from scanner.reports.klarf import write_klarf
+
+    header, _, sample = _one_defect_header()
+    path = write_klarf(tmp_path / "c.klarf", header, [], sample, 7.0e9, version="1.8")
+    wafer = klarfio.klarf(str(path)).data["FileRecord_1.8"]["LotRecord_A"]["WaferRecord_B"]
+    assert wafer["DefectList"]["Data"] == []
+    with pytest.raises(ValueError, match="KLARF version"):
+        write_klarf(tmp_path / "x.klarf", header, [], sample, 7.0e9, version="2.0")
+
+
+@pytest.mark.slow
+def test_report_klarf18_with_full_dies_only(reported_wafer: Path, tmp_path: Path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    folder = tmp_path / "wafer"
+    shutil.copytree(reported_wafer, folder)
+    runner = CliRunner()
+    bad = runner.invoke(app, ["report", str(folder), "--klarf-version", "1.9"])
+    assert bad.exit_code == 2 and "--klarf-version" in bad.output
+    res = runner.invoke(app, ["report", str(folder), "--klarf-version", "1.8",
+                              "--full-dies-only"])
+    assert res.exit_code == 0, res.output
+    header, defects = read_defects(folder)
+    tested = header["dies"]["tested"]
+    assert header["dies"]["full_dies_only"] and tested and all(t["full"] for t in tested)
+    full = {(t["col"], t["row"]) for t in tested}
+    data = klarfio.klarf(str(folder / "defects.klarf")).data["FileRecord_1.8"]
+    (lot,) = [v for k, v in data.items() if k.startswith("LotRecord_")]
+    (wafer,) = [v for k, v in lot.items() if k.startswith("WaferRecord_")]
+    plan = {(i, -j) for i, j in wafer["TestRecord_1"]["SampleTestPlanList"]["Data"]}
+    assert plan == full
+    # defects on partial dies stay in defects.json, not in the KLARF
+    ids = {row[0] for row in wafer["DefectList"]["Data"]}
+    assert ids == {d.id for d in defects if (d.die_col, d.die_row) in full}
+    assert len(defects) > len(ids) or all((d.die_col, d.die_row) in full for d in defects)

@@ -1,10 +1,14 @@
-"""KLARF 1.2 (KLA Results File) writer for wafer scans.
+"""KLARF (KLA Results File) writer for wafer scans: 1.2 (flat) and 1.8 (nested records).
 
 KLARF 1.2 is the flat, line-oriented defect file that yield-management systems ingest: one
 record per line, terminated by ``;``, tables (class lookup, test plan, defect list, summary)
-as a record name followed by indented rows. No maintained Python library writes it (the PyPI
-readers ``klarf-reader`` and ``klarfio`` only parse it; the test suite reads our files back
-with both), so the writer is here, in the record order the format uses.
+as a record name followed by indented rows. KLARF 1.8 carries the same content as nested
+``Record``/``Field``/``List`` blocks in braces (file, lot, wafer, test and summary records;
+typed ``Columns`` and ``Data`` for the tables), which newer yield systems expect. No
+maintained Python library writes either reliably (the PyPI readers ``klarf-reader`` (1.2)
+and ``klarfio`` (1.2 and 1.8) parse them; the test suite reads our files back with both), so
+the writer is here, in the record order the formats use. ``report --klarf-version`` (or the
+recipe's ``output.klarf_version``) chooses which one ``defects.klarf`` is.
 
 Units and axes (KLARF's conventions, not ours)
 ----------------------------------------------
@@ -35,6 +39,8 @@ from typing import Any
 from ..defectlist import CLASSES, Defect
 
 KLARF = "defects.klarf"
+#: KLARF versions written (``output.klarf_version``)
+KLARF_VERSIONS = ("1.2", "1.8")
 
 #: the 17 columns of the standard 1.2 defect record
 DEFECT_COLUMNS = (
@@ -116,10 +122,7 @@ def klarf_text(
     """
     info = header.get("sample") or {}
     px, py = (float(v) * 1000.0 for v in sample["die_pitch_mm"])
-    ox, oy = (float(v) * 1000.0 for v in sample.get("die_origin_mm", (0.0, 0.0)))
-    aligned = (header.get("alignment") or {}).get("die_origin_um")
-    if aligned is not None:  # the die origin the alignment measured, in the wafer's frame
-        ox, oy = (float(v) for v in aligned)
+    ox, oy = _die_origin(header, sample)
     mark = "FLAT" if sample.get("orientation") == "flat" else "NOTCH"
     started = header.get("scan_started")
     name = info.get("name") or "waferscope"
@@ -180,10 +183,131 @@ def klarf_text(
     return "\n".join(lines) + "\n"
 
 
-def write_klarf(path: Path, *args: Any, **kwargs: Any) -> Path:
-    """Write :func:`klarf_text` to ``path`` atomically (written beside, then renamed)."""
+def _string18(value: Any) -> str:
+    """A KLARF 1.8 string: quoted, without the characters that delimit its blocks."""
+    return '"' + re.sub(r'[",;{}\r\n]', "_", str(value)) + '"'
+
+
+def _word18(value: Any) -> str:
+    """A string in a 1.8 ``Data`` row: quoted and without spaces (rows split at spaces)."""
+    return _string18(re.sub(r"\s+", "_", str(value)))
+
+
+def _stamp18(value: str | _dt.datetime | None) -> str:
+    """``"MM-DD-YYYY", "HH:MM:SS"`` (1.8 gives the date and the time as two strings)."""
+    date, time = _timestamp(value).split(" ")
+    month, day, year = date.split("-")
+    return f'"{month}-{day}-20{year}", "{time}"'
+
+
+def _list18(name: str, columns: list[tuple[str, str]], rows: list[list[str]],
+            indent: str) -> list[str]:
+    """A 1.8 ``List``: typed columns, then one ``;``-terminated row per entry."""
+    out = [f"{indent}List {name}", f"{indent}{{",
+           f"{indent}  Columns {len(columns)} {{ "
+           + ", ".join(f"{t} {c}" for t, c in columns) + " }",
+           f"{indent}  Data {len(rows)}", f"{indent}  {{"]
+    out += [f"{indent}    " + " ".join(r) + ";" for r in rows]
+    out += [f"{indent}  }}", f"{indent}}}"]
+    return out
+
+
+#: types of the 1.2 defect columns in a 1.8 ``DefectList``
+_DEFECT_TYPES = ("int32", "float", "float", "int32", "int32", "float", "float", "float",
+                 "float", "int32", "int32", "int32", "int32", "int32", "int32", "int32",
+                 "int32")
+
+
+def klarf18_text(
+    header: dict[str, Any],
+    defects: list[Defect],
+    sample: dict[str, Any],
+    area_um2: float,
+    *,
+    created: str | _dt.datetime | None = None,
+    station: tuple[str, str, str] = ("WAFERSCOPE", "SIMULATED", "1"),
+    slot: int = 1,
+) -> str:
+    """The KLARF 1.8 text of a located wafer defect list (the parameters of
+    :func:`klarf_text`; the same values, frames and columns, in nested records)."""
+    info = header.get("sample") or {}
+    px, py = (float(v) * 1000.0 for v in sample["die_pitch_mm"])
+    ox, oy = _die_origin(header, sample)
+    started = header.get("scan_started")
+    name = info.get("name") or "waferscope"
+    tested = (header.get("dies") or {}).get("tested") or []
+    n_failed = sum(not d["pass"] for d in tested)
+    density = len(defects) / (area_um2 * 1e-8) if area_um2 > 0 else 0.0  # per cm²
+    mark = "FLAT" if sample.get("orientation") == "flat" else "NOTCH"
+    lot, wafer = info.get("lot_id") or "LOT", info.get("wafer_id") or "W01"
+    i1, i2, i3 = "  ", "    ", "      "
+    lines = ['Record FileRecord "1.8"', "{",
+             f"{i1}Field FileTimestamp 2 {{{_stamp18(created)}}}",
+             f"{i1}Field InspectionStationID 3 {{"
+             + ", ".join(_string18(v) for v in station) + "}",
+             f"{i1}Record LotRecord {_word18(lot)}", f"{i1}{{",
+             f"{i2}Field DeviceID 1 {{{_string18(name)}}}",
+             f"{i2}Field DiePitch 2 {{{_sci(px)}, {_sci(py)}}}",
+             f"{i2}Field RecipeID 3 {{{_string18(name)}, {_stamp18(started)}}}",
+             f"{i2}Field ResultTimestamp 2 {{{_stamp18(started)}}}",
+             f'{i2}Field SampleOrientationMarkType 1 {{"{mark}"}}',
+             f'{i2}Field OrientationMarkLocation 1 {{"DOWN"}}',
+             f"{i2}Field SampleSize 2 {{1, {round(float(sample['diameter_mm']))}}}",
+             f'{i2}Field SampleType 1 {{"WAFER"}}',
+             f'{i2}Field StepID 1 {{"INSPECTION"}}']
+    lookup = [(0, "UNCLASSIFIED")] + [(n, c.upper()) for c, n in CLASSES.items()]
+    lines += _list18("ClassLookupList", [("int32", "CLASSNUMBER"), ("string", "CLASSNAME"),
+                                         ("string", "CLASSCODE")],
+                     [[str(n), _word18(c), '""'] for n, c in lookup], i2)
+    lines += [f"{i2}Record WaferRecord {_word18(wafer)}", f"{i2}{{",
+              f"{i3}Field DieOrigin 2 {{{_sci(0.0)}, {_sci(0.0)}}}",
+              # the wafer centre seen from the lower-left corner of die (0, 0), KLARF's y up
+              f"{i3}Field SampleCenterLocation 2 {{{_sci(-ox)}, {_sci(oy + py)}}}",
+              f"{i3}Field SlotNumber 1 {{{int(slot)}}}",
+              f'{i3}Record TestRecord "1"', f"{i3}{{",
+              f"{i3}  Field AreaPerTest 1 {{{_sci(area_um2)}}}"]
+    plan = sorted({(int(d["col"]), -int(d["row"])) for d in tested}, key=lambda t: (-t[1], t[0]))
+    lines += _list18("SampleTestPlanList", [("int32", "XINDEX"), ("int32", "YINDEX")],
+                     [[str(i), str(j)] for i, j in plan], i3 + "  ")
+    lines.append(f"{i3}}}")
+    rows = []
+    for d in defects:
+        xi, yi, xrel, yrel = klarf_die_position(d, py)
+        x0, y0, x1, y1 = d.bbox_um
+        number = CLASSES[d.defect_class]
+        rows.append([str(d.id), _fixed(xrel), _fixed(yrel), str(xi), str(yi),
+                     _fixed(x1 - x0), _fixed(y1 - y0), _fixed(d.area_um2), _fixed(d.size_um),
+                     str(number), "1", "0", str(number), "0", "1" if d.review else "0", "0",
+                     "0"])
+    lines += _list18("DefectList", list(zip(_DEFECT_TYPES, DEFECT_COLUMNS, strict=True)), rows,
+                     i3)
+    lines += [f"{i3}Record SummaryRecord", f"{i3}{{"]
+    lines += _list18("TestSummaryList", [("int32", "TESTNO"), ("int32", "NDEFECT"),
+                                         ("float", "DEFDENSITY"), ("int32", "NDIE"),
+                                         ("int32", "NDEFDIE")],
+                     [["1", str(len(defects)), f"{density:.6e}", str(len(tested)),
+                       str(n_failed)]], i3 + "  ")
+    lines += [f"{i3}}}", f"{i2}}}", f"{i1}}}", "}", "EndOfFile;"]
+    return "\n".join(lines) + "\n"
+
+
+def _die_origin(header: dict[str, Any], sample: dict[str, Any]) -> tuple[float, float]:
+    """Die (0, 0)'s lower corner in the wafer frame (µm): measured when the scan aligned."""
+    aligned = (header.get("alignment") or {}).get("die_origin_um")
+    if aligned is not None:
+        return float(aligned[0]), float(aligned[1])
+    ox, oy = (float(v) * 1000.0 for v in sample.get("die_origin_mm", (0.0, 0.0)))
+    return ox, oy
+
+
+def write_klarf(path: Path, *args: Any, version: str = "1.2", **kwargs: Any) -> Path:
+    """Write :func:`klarf_text` (``version`` 1.2) or :func:`klarf18_text` (1.8) to ``path``
+    atomically (written beside, then renamed)."""
+    if version not in KLARF_VERSIONS:
+        raise ValueError(f"KLARF version {version!r}: one of {', '.join(KLARF_VERSIONS)}")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(klarf_text(*args, **kwargs), encoding="ascii", errors="replace")
+    text = (klarf_text if version == "1.2" else klarf18_text)(*args, **kwargs)
+    tmp.write_text(text, encoding="ascii", errors="replace")
     tmp.replace(path)
     return path

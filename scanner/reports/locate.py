@@ -118,12 +118,20 @@ class ScanContext:
 
     @property
     def alignment(self) -> dict[str, Any] | None:
-        """Where the alignment found the sample (``scan.json``; None: not aligned)."""
-        return self.scan.get("alignment") or None
+        """Where the alignment found the sample (``scan.json``; None: not aligned), refined
+        on the registered mosaic when stitching could (:mod:`scanner.alignrefine`)."""
+        from ..alignrefine import effective_alignment
+
+        return effective_alignment(self.scan.get("alignment")) or None
 
     def die_grid(self) -> DieGrid | None:
         """The die grid (wafers only), the aligned one when the scan aligned."""
         return DieGrid.from_sample(self.sample, self.alignment) if self.kind == "wafer" else None
+
+    def die_area_um2(self) -> float:
+        """Area of one die cell (the die pitch's rectangle; wafers only)."""
+        px, py = (float(v) * 1000.0 for v in self.sample["die_pitch_mm"])
+        return px * py
 
     def to_wafer_um(self, x_um: float, y_um: float) -> tuple[float, float]:
         """A stage point in the wafer's own frame: µm from its (measured) centre, along its
@@ -269,6 +277,7 @@ def build_header(
     *,
     lot_id: str | None = None,
     wafer_id: str | None = None,
+    full_dies_only: bool = False,
 ) -> dict[str, Any]:
     """The defect list's header.
 
@@ -277,7 +286,8 @@ def build_header(
     ``scan_finished``, ``coordinates``, ``counts``, and for wafers ``dies``.
 
     Lot and wafer ids: the arguments (command line) win, then the ids an earlier report
-    wrote into ``previous``, then the recipe's.
+    wrote into ``previous``, then the recipe's. ``full_dies_only``: the partial edge dies
+    are not tested (``dies.tested`` holds the full ones only).
     """
     previous = dict(previous or {})
     scan, sample = ctx.scan, ctx.sample
@@ -322,10 +332,15 @@ def build_header(
         header["regions"] = dict(sorted(regions.items()))
     if ctx.kind == "wafer":
         dies = tested_dies(ctx, defects)
+        if full_dies_only:
+            dies = [d for d in dies if d["full"]]
         if ctx.alignment:
             header["alignment"] = {k: ctx.alignment.get(k) for k in (
                 "center_um", "nominal_center_um", "rotation_deg", "edge_rotation_deg", "mark",
                 "mark_angle_deg", "radius_um", "edge_residual_um", "die_residual_um")}
+            fine = ctx.alignment.get("refined")
+            header["alignment"]["refined"] = None if not fine else {k: fine.get(k) for k in (
+                "source", "edge_center_um", "n_corners", "n_dropped", "residual_um", "scale")}
             # die (0, 0)'s lower corner in the wafer frame, as measured (KLARF's die origin)
             grid = ctx.die_grid()
             if grid is not None:
@@ -334,6 +349,7 @@ def build_header(
         header["dies"] = {
             "pitch_mm": list(sample["die_pitch_mm"]),
             "origin_mm": list(sample.get("die_origin_mm", (0.0, 0.0))),
+            "full_dies_only": full_dies_only,
             "n_tested": len(dies),
             "n_failed": sum(not d["pass"] for d in dies),
             "tested": dies,

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..defectlist import DEFECTS_CSV, DEFECTS_JSON, read_defects, write_defects
+from ..errors import UserError
 from ..scanfolder import SCAN_JSON, read_scan_json, write_json
-from .klarf import KLARF, write_klarf
+from .klarf import KLARF, KLARF_VERSIONS, write_klarf
 from .locate import ScanContext, build_header, locate, tested_dies
 from .repeaters import REPEATERS_JSON, find_repeaters, read_repeaters, write_repeaters
 from .wafermap import WAFERMAP, draw_wafermap
@@ -42,7 +43,8 @@ class ReportResult:
 
 
 def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = None,
-           record: bool = True) -> ReportResult:
+           record: bool = True, klarf_version: str | None = None,
+           full_dies_only: bool = False) -> ReportResult:
     """Locate the defects of a scan folder and write all report outputs.
 
     Parameters
@@ -53,6 +55,13 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
         Override the recipe's lot and wafer ids (KLARF ``LotID`` / ``WaferID``).
     record : bool
         Record the stage's wall time and outputs in ``scan.json``.
+    klarf_version : {"1.2", "1.8"}, optional
+        KLARF version of ``defects.klarf`` (default: the recipe's ``output.klarf_version``).
+    full_dies_only : bool
+        Leave the partial edge dies out of the test plan and the yield (the KLARF's
+        ``SampleTestPlan`` and summary, ``dies`` in the header and the wafer map); their
+        defects stay in ``defects.json`` but not in the KLARF, whose defects lie in tested
+        dies.
 
     Raises
     ------
@@ -73,7 +82,14 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
         map_px = previous.get("map_pixel_size_um")
         tolerance = 3.0 * float(map_px) if map_px else 50.0
         defects, groups = find_repeaters(defects, n_full, tolerance)
-    header = build_header(ctx, defects, previous, lot_id=lot_id, wafer_id=wafer_id)
+    if klarf_version is None:
+        klarf_version = str(((ctx.scan.get("recipe") or {}).get("output") or {}).get(
+            "klarf_version", "1.2"))
+    if klarf_version not in KLARF_VERSIONS:
+        raise UserError(f"--klarf-version: {klarf_version} is not one of "
+                        f"{', '.join(KLARF_VERSIONS)}")
+    header = build_header(ctx, defects, previous, lot_id=lot_id, wafer_id=wafer_id,
+                          full_dies_only=full_dies_only)
     header["n_defects"] = len(defects)
     if ctx.kind == "wafer":
         header["repeaters"] = {"groups": len(groups),
@@ -90,10 +106,15 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
         micro = ctx.scan.get("microscope") or {}
         station = ("WAFERSCOPE", str(micro.get("kind", "microscope")).upper(),
                    str(header.get("versions", {}).get("waferscope", "0")))
+        tested = {(d["col"], d["row"]) for d in (header.get("dies") or {}).get("tested", [])}
+        in_plan = [d for d in defects if (d.die_col, d.die_row) in tested] \
+            if full_dies_only else defects
+        area = region.area if region is not None else 0.0
+        if full_dies_only and region is not None:
+            area = float(len(tested) * ctx.die_area_um2())
         result.outputs["klarf"] = write_klarf(
-            folder / KLARF, header, defects, ctx.sample,
-            region.area if region is not None else 0.0, station=station,
-        )
+            folder / KLARF, header, in_plan, ctx.sample, area, station=station,
+            version=klarf_version)
     result.outputs["wafer map"] = draw_wafermap(
         folder / WAFERMAP, ctx, header, defects,
         repeaters=[d for g in groups for d in g.defects])
