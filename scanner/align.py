@@ -50,6 +50,8 @@ MAX_DIE_EDGE_DISAGREEMENT_DEG = 0.15
 SITE_SIGMAS = 5.0
 #: what the lane and the correlation measure a corner to, in pixels, whatever the stage
 SITE_FLOOR_PX = 2.0
+#: die sites must lie at least this share of the wafer's diameter apart
+MIN_DIE_LEVER = 0.3
 #: edge points a field must give to count as "edge found"
 MIN_EDGE_POINTS = 20
 
@@ -187,71 +189,134 @@ def _flat_distance(sample: Any) -> float:
     return math.sqrt(r * r - half * half)
 
 
-def die_sites(sample: Any, center: tuple[float, float], rotation_deg: float
-              ) -> list[tuple[int, int]]:
-    """Two die corners far apart on the row nearest the centre, each where four whole dies
-    meet (empty when there are not two such corners)."""
+def die_site_pairs(sample: Any) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Candidate pairs of die sites: the two ends of each row of corners where four whole
+    dies meet, at least :data:`MIN_DIE_LEVER` of the diameter apart (the pair's lever on
+    the rotation), the row nearest the centre first."""
     from .diegrid import DieGrid
     from .geometry import usable_polygon
 
     nominal = DieGrid.from_sample(sample.model_dump(mode="json"))
     region = usable_polygon(sample)
     full = {(c, r) for c, r, f in nominal.cells_in(region) if f}
-    corners = [(c, r) for c, r in full
-               if {(c - 1, r - 1), (c, r - 1), (c - 1, r)} <= full]
-    if len(corners) < 2:
-        return []
-    cx, cy = sample.center_um
-    # the row of corners nearest the centre, then its two ends
     by_row: dict[int, list[int]] = {}
-    for c, r in corners:
-        by_row.setdefault(r, []).append(c)
-    rows = sorted(by_row, key=lambda r: (abs(nominal.corner(0, r)[1] - cy), -len(by_row[r])))
-    for r in rows:
+    for c, r in full:
+        if {(c - 1, r - 1), (c, r - 1), (c - 1, r)} <= full:
+            by_row.setdefault(r, []).append(c)
+    cy = sample.center_um[1]
+    lever = MIN_DIE_LEVER * sample.diameter_mm * 1000.0
+    out = []
+    for r in sorted(by_row, key=lambda r: (abs(nominal.corner(0, r)[1] - cy), -len(by_row[r]))):
         cols = sorted(by_row[r])
-        if len(cols) >= 2 and cols[-1] > cols[0]:
-            return [(cols[0], r), (cols[-1], r)]
-    return []
-
-
-def alignment_fields(recipe: Any) -> list[tuple[str, float, float]]:
-    """``(kind, x, y)`` of the nominal alignment fields (``validate``'s alignment plan)."""
-    sample = recipe.sample
-    out = [(k, x, y) for k, x, y, _ in edge_fields(sample)]
-    if sample.kind == "wafer" and getattr(sample, "die_to_die", True):
-        from .diegrid import DieGrid
-
-        grid = DieGrid.from_sample(sample.model_dump(mode="json"))
-        for c, r in die_sites(sample, sample.center_um, 0.0):
-            out.append(("die", *grid.corner(c, r)))
+        if (cols[-1] - cols[0]) * nominal.pitch_um[0] >= lever:
+            out.append(((cols[0], r), (cols[-1], r)))
     return out
 
 
-def estimate_alignment_time_s(recipe: Any, first_tile: tuple[float, float] | None = None
-                              ) -> float:
-    """Hardware time of the alignment's moves and snaps (and the move on to the first tile)."""
+class Route(BaseModel):
+    """The alignment's fields in the order they are taken (``validate`` shows it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    edges: tuple[tuple[str, float, float, float], ...]
+    dies: tuple[tuple[int, int], ...] = ()
+    seconds: float = 0.0
+
+    def fields(self, sample: Any) -> list[tuple[str, float, float]]:
+        """``(kind, x, y)`` of every field, die sites where the nominal grid puts them."""
+        out = [(k, x, y) for k, x, y, _ in self.edges]
+        if self.dies:
+            from .diegrid import DieGrid
+
+            grid = DieGrid.from_sample(sample.model_dump(mode="json"))
+            out += [("die", *grid.corner(c, r)) for c, r in self.dies]
+        return out
+
+
+def plan_route(recipe: Any, start: tuple[float, float],
+               first_tile: tuple[float, float] | None) -> Route:
+    """The order of the alignment's fields (and the pair of die sites) that costs the least
+    stage time from ``start`` through them to the scan's first tile.
+
+    The edge and mark fields come first in any order (the die sites are predicted from the
+    centre and rotation they give), then the two die sites in either order. Moves dominate
+    (25 mm at the demo stage's 25 mm/s is a second; a snap is 50 ms), so ending near the
+    first tile saves most: the scan would have moved there from the start anyway, so only
+    the detour counts (``seconds``).
+    """
+    from itertools import permutations
+
     from simulators.stage import xy_move_time_s
 
+    from .diegrid import DieGrid
     from .plan import exposure_for
 
-    stage = recipe.microscope.stage
+    sample, stage = recipe.sample, recipe.microscope.stage
     camera = getattr(recipe.microscope, "camera", None)
-    per_snap = (exposure_for(recipe) + (camera.readout_ms if camera else 0.0)) / 1000.0
-    x = min(max(0.0, stage.travel_x_um[0]), stage.travel_x_um[1])
-    y = min(max(0.0, stage.travel_y_um[0]), stage.travel_y_um[1])
-    start = (x, y)
-    total = 0.0
-    for _, fx, fy in alignment_fields(recipe):
-        total += xy_move_time_s(fx - x, fy - y, stage.speed_um_s, stage.acceleration_um_s2)
-        total += stage.settle_ms / 1000 + per_snap
-        x, y = fx, fy
-    if first_tile is not None:
-        # the scan would have moved from the start to its first tile anyway
-        total += xy_move_time_s(first_tile[0] - x, first_tile[1] - y, stage.speed_um_s,
-                                stage.acceleration_um_s2)
-        total -= xy_move_time_s(first_tile[0] - start[0], first_tile[1] - start[1],
-                                stage.speed_um_s, stage.acceleration_um_s2)
-    return total
+    per_field = stage.settle_ms / 1000 + (exposure_for(recipe) + (
+        camera.readout_ms if camera else 0.0)) / 1000.0
+
+    def move(a: tuple[float, float], b: tuple[float, float]) -> float:
+        return xy_move_time_s(b[0] - a[0], b[1] - a[1], stage.speed_um_s,
+                              stage.acceleration_um_s2)
+
+    def cost(points: list[tuple[float, float]]) -> float:
+        total, here = 0.0, start
+        for q in points:
+            total += move(here, q) + per_field
+            here = q
+        if first_tile is not None:
+            total += move(here, first_tile) - move(start, first_tile)
+        return total
+
+    edges = edge_fields(sample)
+    pairs: list[tuple[tuple[int, int], ...]] = [()]
+    corner_at: dict[tuple[int, int], tuple[float, float]] = {}
+    if sample.kind == "wafer" and getattr(sample, "die_to_die", True):
+        grid = DieGrid.from_sample(sample.model_dump(mode="json"))
+        found = die_site_pairs(sample)
+        if found:
+            pairs = [pair for a, b in found for pair in ((a, b), (b, a))]
+            corner_at = {c: grid.corner(*c) for pair in found for c in pair}
+    best: Route | None = None
+    for order in permutations(edges):
+        head = [(x, y) for _, x, y, _ in order]
+        for pair in pairs:
+            seconds = cost(head + [corner_at[c] for c in pair])
+            if best is None or seconds < best.seconds:
+                best = Route(edges=order, dies=pair, seconds=seconds)
+    assert best is not None
+    return best
+
+
+def _nominal_route(recipe: Any, fov_um: tuple[float, float] | None = None) -> Route:
+    """:func:`plan_route` from the stage's start (the travel position nearest the origin,
+    as the simulated stage and :func:`scanner.plan.estimate_hardware_time_s` have it) to the
+    first tile of the plan where the recipe puts the sample."""
+    from .plan import plan_scan
+
+    stage = recipe.microscope.stage
+    start = (min(max(0.0, stage.travel_x_um[0]), stage.travel_x_um[1]),
+             min(max(0.0, stage.travel_y_um[0]), stage.travel_y_um[1]))
+    first = None
+    if fov_um is not None:
+        tiles = plan_scan(recipe, fov_um).tiles
+        first = (tiles[0].x_um, tiles[0].y_um) if tiles else None
+    return plan_route(recipe, start, first)
+
+
+def alignment_fields(recipe: Any, fov_um: tuple[float, float] | None = None
+                     ) -> list[tuple[str, float, float]]:
+    """``(kind, x, y)`` of the nominal alignment fields in the order they are taken
+    (``validate``'s alignment plan; ``fov_um`` routes them to the plan's first tile)."""
+    return _nominal_route(recipe, fov_um).fields(recipe.sample)
+
+
+def estimate_alignment_time_s(recipe: Any, fov_um: tuple[float, float] | None = None
+                              ) -> float:
+    """Hardware time the alignment adds to the scan: its moves and snaps, and the detour
+    from the start through its fields to the first tile (with ``fov_um``)."""
+    return _nominal_route(recipe, fov_um).seconds
 
 
 # --------------------------------------------------------------------------- image measures
@@ -431,14 +496,21 @@ def align(handle: Any, recipe: Any, folder: Path | None = None) -> Alignment:
         No edge where the recipe expects the sample, no notch or flat, or alignment sites
         that disagree; ``alignment.png`` in ``folder`` shows what was seen.
     """
+    from .plan import plan_scan
+
     scope = _Scope(handle, recipe)
     t0 = handle.hardware_time_s()
     seen: list[tuple[float, float]] = []
+    # from where the stage is, through the fields, to the first tile the nominal plan has
+    # (the sample moves by a fraction of a tile, the first tile hardly)
+    tiles = plan_scan(recipe, handle.fov_um()).tiles
+    route = plan_route(recipe, tuple(scope.core.getXYPosition()),
+                       (tiles[0].x_um, tiles[0].y_um) if tiles else None)
     try:
         if recipe.sample.kind == "pv_cell":
-            result = _align_cell(scope, recipe.sample, seen)
+            result = _align_cell(scope, recipe.sample, seen, route)
         else:
-            result = _align_wafer(scope, recipe.sample, seen)
+            result = _align_wafer(scope, recipe.sample, seen, route)
     except AlignmentError:
         if folder is not None:
             draw_alignment(folder / ALIGNMENT_PNG, scope, seen, None)
@@ -467,14 +539,15 @@ def _edge_points(scope: _Scope, image: np.ndarray, fx: float, fy: float,
     return angles[ok], pts
 
 
-def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]]) -> Alignment:
+def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
+                 route: Route) -> Alignment:
     nominal = tuple(float(v) for v in sample.center_um)
     r_nom = sample.diameter_mm * 500.0
     p = scope.pixel_um
     sites: list[Site] = []
     circle_pts = []
     mark_field = None
-    for kind, fx, fy, angle in edge_fields(sample):
+    for kind, fx, fy, angle in route.edges:
         image = scope.snap(kind, fx, fy)
         _, pts = _edge_points(scope, image, fx, fy, nominal, angle, r_nom)
         seen.extend(map(tuple, pts))
@@ -512,7 +585,7 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]]) ->
     grid = None
     die_rms = None
     if getattr(sample, "die_to_die", True):
-        refined = _align_dies(scope, sample, (cx, cy), rotation, sites)
+        refined = _align_dies(scope, sample, (cx, cy), rotation, sites, route.dies)
         if refined is not None:
             grid, rotation, die_rms = refined
             if mark_field is not None and abs(rotation - edge_rotation) \
@@ -564,11 +637,11 @@ def _mark_angle(scope: _Scope, sample: Any, kind: str, image: np.ndarray, fx: fl
 
 
 def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotation: float,
-                sites: list[Site]) -> tuple[dict[str, Any], float, float] | None:
+                sites: list[Site], corners: tuple[tuple[int, int], ...]
+                ) -> tuple[dict[str, Any], float, float] | None:
     """Refine the rotation and the grid's origin at two die corners far apart."""
     from skimage.registration import phase_cross_correlation
 
-    corners = die_sites(sample, sample.center_um, 0.0)
     if len(corners) < 2:
         return None
     px, py = (v * 1000.0 for v in sample.die_pitch_mm)
@@ -612,6 +685,7 @@ def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotatio
     d = places[-1] - places[0]
     nominal_vec = np.array([(c1 - c0) * px, (r1 - r0) * py])
     turned = math.degrees(math.atan2(d[1], d[0]) - math.atan2(nominal_vec[1], nominal_vec[0]))
+    turned = (turned + 180.0) % 360.0 - 180.0  # the sites in either order
     mismatch = abs(float(np.hypot(*d)) - float(np.hypot(*nominal_vec)))
     tolerance = site_tolerance_um(scope.repeatability_um, p)
     lane_rms = float(np.sqrt(np.mean([np.sum((a - pl) ** 2)
@@ -635,12 +709,13 @@ def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotatio
     return grid, turned, max(lane_rms, mismatch)
 
 
-def _align_cell(scope: _Scope, sample: Any, seen: list[tuple[float, float]]) -> Alignment:
+def _align_cell(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
+                route: Route) -> Alignment:
     """A PV cell by its four sides: a line per side, centre and rotation from the lines."""
     nominal = tuple(float(v) for v in sample.center_um)
     sites = []
     lines = []
-    for kind, fx, fy, angle in edge_fields(sample):
+    for kind, fx, fy, angle in route.edges:
         image = scope.snap(kind, fx, fy)
         dist = math.hypot(fx - nominal[0], fy - nominal[1])
         _, pts = _edge_points(scope, image, fx, fy, nominal, angle, dist)
@@ -661,6 +736,7 @@ def _align_cell(scope: _Scope, sample: Any, seen: list[tuple[float, float]]) -> 
     rotation = float(np.mean(turns))
     # the centre: where the mid-lines between opposite sides cross (a side's points sit at
     # its middle only up to the cell's shift along it)
+    lines.sort(key=lambda ln: ln[3])  # right, bottom, left, top: opposite sides 2 apart
     cx, cy = _midline_cross(lines)
     return Alignment(kind="pv_cell", nominal_center_um=nominal, center_um=(cx, cy),
                      rotation_deg=rotation, mark="edges",

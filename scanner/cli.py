@@ -177,10 +177,9 @@ def validate(recipe: RecipeArg) -> None:
     table.add_row("est. hardware time", _duration(summary["estimated_hardware_s"]))
     if wants_alignment(rec):
         # the nominal plan: the fields move with the sample, the time hardly does
-        fields = alignment_fields(rec)
+        fields = alignment_fields(rec, handle.fov_um())
         kinds = Counter(kind for kind, _, _ in fields)
-        first = (plan.tiles[0].x_um, plan.tiles[0].y_um) if plan.tiles else None
-        align_s = estimate_alignment_time_s(rec, first)
+        align_s = estimate_alignment_time_s(rec, handle.fov_um())
         table.add_row("alignment", f"{len(fields)} fields ("
                       + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         for kind, x, y in fields:
