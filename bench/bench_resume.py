@@ -2,8 +2,8 @@
 
 Prints one table: per kill, when it came, the status it left (as read back), the tiles
 acquired before the resume, and whether the resumed scan has every tile once, the same
-defects and the same mosaic as the uninterrupted run. Then the fault-injection figures: a
-simulated scan through the emulated Prior controller with 5 % of serial commands faulted and
+defects and the same mosaic as the uninterrupted run. Then the fault-injection figures: the
+demo wafer scanned through the emulated Prior controller with 5 % of serial commands faulted and
 2 % camera timeouts, against the same scan without faults.
 
     python bench/bench_resume.py [--kills 10] [--seed 7] [--keep DIR]
@@ -119,8 +119,13 @@ def faults(work: Path) -> None:
                                             {"faults": {"serial_error_rate": 0.05,
                                                         "camera_timeout_rate": 0.02,
                                                         "seed": 4}})):
-        recipe = load_recipe(_write(work / f"{len(rows)}.yaml", {"stage": {"driver": "prior"},
-                                                                 **extra}))
+        # the demo wafer (94 tiles) through the Prior driver on the emulated controller
+        demo = yaml.safe_load((Path(__file__).parents[1] / "recipes/demo_wafer.yaml").read_text())
+        demo["microscope"]["stage"]["driver"] = "prior"
+        demo["microscope"].update(extra)
+        path = work / f"{len(rows)}.yaml"
+        path.write_text(yaml.safe_dump(demo))
+        recipe = load_recipe(path)
         t0 = time.perf_counter()
         result = run_scan(recipe, work / f"faults{len(rows)}")
         rows.append((name, result, time.perf_counter() - t0))
