@@ -278,6 +278,7 @@ def _finish_scan(
     try:
         if handle is not None and plan is not None:
             _acquire_stage(folder, scan, recipe, handle, plan, observer, only)
+        last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
         scan["stages_done"] = ["acquire"]
         _set_status(folder, scan, "stitching")
         pixel_size = float(scan["microscope"]["pixel_size_um"])
@@ -306,6 +307,7 @@ def _finish_scan(
         write_json(folder / SCAN_JSON, scan)
         raise
     n_acquired = len(_acquired(folder, n_tiles))
+    scan["timings"]["after_last_tile"] = {"wall_s": round(time.perf_counter() - last_tile, 3)}
     scan.update(status="complete" if n_acquired == n_tiles else "incomplete",
                 finished=now_iso(), acquired_tiles=n_acquired)
     write_json(folder / SCAN_JSON, scan)
