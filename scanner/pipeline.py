@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from devices.core import MicroscopeHandle, build_microscope
 from devices.inventory import inventory_json
 
 from .acquire import acquire
-from .align import align, wants_alignment
+from .align import AlignmentError, align, wants_alignment
 from .alignrefine import refine_alignment
 from .defectlist import DEFECTS_JSON, MAP_NAMES
 from .errors import UserError
@@ -34,6 +35,8 @@ from .scanfolder import (
 )
 from .stitch import MOSAIC, stitch_scan
 from .tilestore import TILES_CSV, open_tiles, read_tiles_csv, stored_tiles
+
+log = logging.getLogger("waferscope.pipeline")
 
 
 class Observer(Protocol):
@@ -172,9 +175,21 @@ def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: Mic
     """
     observer.stage_started("align", 1)
     try:
-        alignment = align(handle, recipe, folder).model_dump(mode="json")
-        scan["alignment"] = alignment
-        scan["timings"]["align"] = {"hardware_s": alignment["hardware_s"]}
+        try:
+            alignment = align(handle, recipe, folder).model_dump(mode="json")
+        except AlignmentError as exc:
+            # `auto` aligns where it can: a mark or die site it cannot read (a field smaller
+            # than the notch, a die pattern it cannot lock on) leaves the recipe's placement,
+            # said in scan.json and the log. A sample not where the recipe puts it (no edge)
+            # is refused whatever the setting, and `align: true` refuses every failure.
+            if recipe.scan.align != "auto" or str(exc).startswith("sample.center_um:"):
+                raise
+            log.warning("alignment skipped, the recipe's placement is used: %s", exc)
+            scan["alignment_skipped"] = str(exc)
+            alignment = None
+        else:
+            scan["alignment"] = alignment
+            scan["timings"]["align"] = {"hardware_s": alignment["hardware_s"]}
         plan = make_plan(recipe, handle, alignment)
     except BaseException as exc:
         scan.update(status="failed", finished=now_iso(), error=f"{type(exc).__name__}: {exc}")
@@ -220,7 +235,8 @@ def resume_scan(folder: Path, *, observer: Observer | None = None,
                         f"valid now: {why}") from None
     options = scan.get("options") or {"inspect": False, "model": None}
     handle = plan = None
-    if wants_alignment(recipe) and not scan.get("alignment"):
+    if wants_alignment(recipe) and not scan.get("alignment") \
+            and not scan.get("alignment_skipped"):
         # stopped while aligning: nothing was tiled yet, so align (and plan) now
         handle = build_microscope(recipe)
         plan = _align_stage(folder, scan, recipe, handle, observer)

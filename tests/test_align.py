@@ -313,3 +313,33 @@ def test_validate_shows_the_alignment_plan_and_its_time() -> None:
     routed = estimate_alignment_time_s(recipe, (5120.0, 5120.0))
     assert 0 < routed < plan_route(recipe, (0.0, 0.0), None).seconds + 2.0
     assert routed < 0.2 * 33.8
+
+
+def test_auto_alignment_falls_back_where_a_field_cannot_see_the_notch(tmp_path) -> None:
+    """A 0.5 mm field cannot hold a 1 mm notch: `auto` scans at the recipe's placement and
+    says so; `align: true` refuses with one line."""
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+    from scanner.pipeline import run_scan
+    from scanner.recipe import parse_recipe
+
+    recipe = {"sample": {"kind": "wafer", "diameter_mm": 4, "orientation": "notch",
+                         "edge_exclusion_mm": 0.1, "die_pitch_mm": [1, 1],
+                         "defects": {"count": 0}},
+              "microscope": {"kind": "simulated", "seed": 1,
+                             "camera": {"width": 256, "height": 256, "pixel_size_um": 2.0}},
+              "scan": {"overlap": 0.1}}
+    result = run_scan(parse_recipe(recipe, tmp_path, "auto"), tmp_path / "auto")
+    assert result.status == "complete"
+    scan = json.loads((result.folder / "scan.json").read_text())
+    assert "no notch found" in scan["alignment_skipped"] and "alignment" not in scan
+    recipe["scan"]["align"] = True
+    import yaml
+
+    path = tmp_path / "strict.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["run", str(path), "--no-inspect", "--out",
+                                   str(tmp_path / "strict")])
+    assert res.exit_code == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "no notch found" in res.stderr
