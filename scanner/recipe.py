@@ -8,6 +8,7 @@ absolute) is the scan's description and is saved in ``scan.json``.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -681,6 +682,37 @@ def _suggest(error: dict[str, Any]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+#: how pydantic names the branches of a union of plain types in an error's location
+_BRANCH = re.compile(r"^(bool|int|float|str|literal\[.*\])$")
+
+
+def _union_error(errors: list[dict[str, Any]]) -> str | None:
+    """One line for a field that matched no branch of a union (``true | false | 'auto'``).
+
+    pydantic reports each branch as its own error located at ``field.bool``,
+    ``field.literal['auto']``...; the user needs the field and every accepted value.
+    """
+    loc = [str(p) for p in errors[0]["loc"]]
+    if len(loc) < 2 or not _BRANCH.match(loc[-1]):
+        return None
+    field = loc[:-1]
+    accepted = []
+    for e in errors:
+        where = [str(p) for p in e["loc"]]
+        if where[:-1] != field or not _BRANCH.match(where[-1]):
+            continue
+        if e["type"].startswith("bool"):
+            accepted.append("true or false")
+        elif e["type"] == "literal_error":
+            accepted.append(str((e.get("ctx") or {}).get("expected", "")))
+        else:
+            accepted.append(_MESSAGES.get(e["type"], str(e["msg"])).removeprefix("must be "))
+    first = dict(errors[0], loc=tuple(field))
+    got = first.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) else ""
+    return f"{_format_error(first).split(': ', 1)[0]}: must be {' or '.join(accepted)}{shown}"
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """Summarise a pydantic error as one line naming the first bad field.
 
@@ -688,6 +720,9 @@ def format_validation_error(exc: ValidationError) -> str:
     and the misspelling is what the user has to fix.
     """
     errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    union = _union_error(errors)
+    if union is not None:
+        return union
     line = _format_error(errors[0])
     if errors[0]["type"] == "extra_forbidden":
         line += _suggest(errors[0])

@@ -69,6 +69,8 @@ BROKEN = [
     ("sampel: {kind: wafer}\n", "sampel: unknown key (did you mean 'sample'?)"),
     ("sample: {kind: wafer}\nscan: {focus: {strategi: none}}\n",
      "scan.focus.strategi: unknown key (did you mean 'strategy'?)"),
+    ("sample: {kind: wafer}\nscan: {align: maybe}\n",
+     "scan.align: must be true or false or 'auto' (got 'maybe')"),
     ("sample: [kind, wafer\n", "line"),
     ("- just\n- a list\n", "recipe: must be a mapping"),
     ("", "recipe is empty"),
