@@ -66,7 +66,8 @@ def _read_image(path: Path) -> np.ndarray:
 
         return np.asarray(iio.imread(path))
     except Exception as exc:  # any decoder error is a bad input file
-        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0]})") from None
 
 
 def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:

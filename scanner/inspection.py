@@ -541,7 +541,8 @@ def read_image(path: Path) -> np.ndarray:
 
             img = iio.imread(path)
     except Exception as exc:
-        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0]})") from None
     img = np.asarray(img)
     img = np.squeeze(img)
     if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
