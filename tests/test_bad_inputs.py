@@ -1,0 +1,27 @@
+"""Broken input files: one line naming the file, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from scanner.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("command", [["inspect", "IMGS", "--out", "OUT"],
+                                     ["train", "--good", "IMGS", "--out", "OUT/m"]])
+def test_a_file_that_is_not_an_image_is_one_line(tmp_path: Path, command: list[str]) -> None:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    args = [str(images) if a == "IMGS" else a.replace("OUT", str(out)) for a in command]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "broken.png: cannot read image" in lines[0]
+    assert not (out / "defects.json").exists() and not (out / "m.safetensors").exists()
