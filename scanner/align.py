@@ -4,11 +4,12 @@ A loader or a hand puts a wafer down a few hundred micrometres off and a fractio
 turned. Before the scan, a few fields are taken through the Micro-Manager core (the same moves
 and snaps as the scan, with its retries):
 
-1. **Edge** (wafers): three fields on the expected edge, 120° apart, and one on the notch or
-   flat. Along rays from the nominal centre the outermost crossing from the dark chuck to the
-   sample is found to a fraction of a pixel (the level halfway between the chuck and the
-   sample next to it, per ray); a circle fitted to the edge points (least squares, outliers
-   dropped) gives the centre and radius.
+1. **Edge** (wafers): fields on the expected edge (three 120° apart; two with a notch, whose
+   own field shows the circle beside it) and one on the notch or flat. Along rays from the
+   nominal centre the outermost crossing from the dark chuck to the sample is found to a
+   fraction of a pixel (the level halfway between the chuck and the sample next to it, per
+   ray); a circle fitted to the edge points (least squares, outliers dropped) gives the
+   centre and radius.
 2. **Notch or flat**: in the mark's field, rays from the fitted centre give the edge's depth
    below the circle; the notch's axis is the depth-weighted mean direction (the V is
    symmetric about it), a flat's normal that of a line fitted to its points. Their angle
@@ -160,9 +161,9 @@ def _u(deg: float) -> tuple[float, float]:
 def edge_fields(sample: Any) -> list[tuple[str, float, float, float]]:
     """``(kind, x, y, angle_deg)`` of the edge fields, in the order they are taken.
 
-    Wafers: three fields on the circle 120° apart starting opposite the mark, then the mark
-    (last, so the scan, which starts at the row opposite the mark, is near). PV cells: the
-    middle of each side.
+    Wafers: fields on the circle (three 120° apart with a flat or no mark; with a notch,
+    two: opposite it and 60° past it, the notch's field giving the third arc) and one on
+    the mark (:func:`plan_route` orders them). PV cells: the middle of each side.
     """
     cx, cy = sample.center_um
     if sample.kind == "pv_cell":
@@ -172,7 +173,14 @@ def edge_fields(sample: Any) -> list[tuple[str, float, float, float]]:
     r = sample.diameter_mm * 500.0
     mark = MARK_ANGLE_DEG
     fields = []
-    for a in (mark - 60.0, mark - 180.0, mark + 60.0):
+    # a notch's field shows the circle beside the V: with it, two edge fields (opposite
+    # the mark and 60° past it) leave the three arcs spread over 180°, enough for the centre
+    # to a few µm (the fine alignment on the mosaic takes it further); the field at mark -
+    # 60° cost about a second of stage moves, 3 % of the demo's scan. A flat's field shows
+    # little arc beside the flat, so a flat (or no mark) keeps three.
+    angles = ((mark - 180.0, mark + 60.0) if sample.orientation == "notch"
+              else (mark - 60.0, mark - 180.0, mark + 60.0))
+    for a in angles:
         ux, uy = _u(a)
         fields.append(("edge", cx + r * ux, cy + r * uy, a % 360.0))
     if sample.orientation != "none":
@@ -400,6 +408,27 @@ def fit_circle(points: np.ndarray, start: tuple[float, float, float],
     return float(params[0]), float(params[1]), float(params[2]), rms, keep
 
 
+def fit_circle_radius(points: np.ndarray, start: tuple[float, float], radius: float,
+                      clip_um: float) -> tuple[float, float, float, np.ndarray]:
+    """:func:`fit_circle` with the radius held: ``(cx, cy, rms, kept)``."""
+    keep = np.ones(len(points), bool)
+    params = np.asarray(start, float)
+    for _ in range(4):
+        p = points[keep]
+
+        def resid(q: np.ndarray, p: np.ndarray = p) -> np.ndarray:
+            return np.hypot(p[:, 0] - q[0], p[:, 1] - q[1]) - radius
+
+        params = optimize.least_squares(resid, params, method="lm").x
+        res = np.hypot(points[:, 0] - params[0], points[:, 1] - params[1]) - radius
+        rms = float(np.sqrt(np.mean(res[keep] ** 2)))
+        new = (np.abs(res) <= max(3 * rms, 1e-6)) | (np.abs(res) <= clip_um)
+        if (new == keep).all():
+            break
+        keep = new
+    return float(params[0]), float(params[1]), rms, keep
+
+
 def fit_line(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Total least squares line: ``(point, unit direction, rms distance)``."""
     mean = points.mean(axis=0)
@@ -563,13 +592,23 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         else:
             mark_field = (kind, fx, fy, angle, image)
     pts = np.concatenate(circle_pts)
-    cx, cy, r, rms, keep = fit_circle(pts, (*nominal, r_nom), clip_um=3 * p)
+    if len(circle_pts) >= 3:
+        cx, cy, r, rms, keep = fit_circle(pts, (*nominal, r_nom), clip_um=3 * p)
+    else:
+        # two arcs hardly fix a radius: the nominal one places the centre near enough to
+        # tell the notch's arc from its V, and the fit below frees the radius again
+        cx, cy, rms, keep = fit_circle_radius(pts, nominal, r_nom, clip_um=3 * p)
+        r = r_nom
     if mark_field is not None:
-        # the mark's field shows the circle beside the mark too: a fourth arc, so that each
+        # the mark's field shows the circle beside the mark too: another arc, so that each
         # field's landing error (the stage's repeatability) weighs less in the centre
         kind, fx, fy, angle, image = mark_field
         _, more = _edge_points(scope, image, fx, fy, (cx, cy), angle, r)
-        on_circle = np.abs(np.hypot(more[:, 0] - cx, more[:, 1] - cy) - r) < max(4 * rms, 2 * p)
+        res = np.hypot(more[:, 0] - cx, more[:, 1] - cy) - r
+        # relative to the arc's own level: a wafer's radius off the nominal (two arcs) moves
+        # the whole arc, the V lies far inside it
+        level = float(np.median(res)) if len(res) else 0.0
+        on_circle = np.abs(res - level) < max(4 * rms, 2 * p)
         if on_circle.sum() >= MIN_EDGE_POINTS:
             pts = np.concatenate([pts, more[on_circle]])
             cx, cy, r, rms, keep = fit_circle(pts, (cx, cy, r), clip_um=3 * p)
