@@ -88,7 +88,6 @@ class ScanEngine(MDAEngine):
         self.on_lost = on_lost
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
-        self.failures: dict[int, str] = {}
         self.retried = 0
         self._tile_focus: dict[int, TileFocus] = {}
 
@@ -166,7 +165,6 @@ class ScanEngine(MDAEngine):
     # -- helpers ----------------------------------------------------------------------------
 
     def _lose(self, index: int, reason: str) -> None:
-        self.failures[index] = reason
         log.error("tile %d lost: %s", index, reason)
         if self.on_lost is not None:
             self.on_lost(index, reason)

@@ -152,7 +152,6 @@ def run_scan(
         },
         "plan": plan_summary(plan, recipe),
         "acquired_tiles": 0,
-        "stages_done": [],
         "timings": {},
     }
     if wants_alignment(recipe):
@@ -295,15 +294,12 @@ def _finish_scan(
         if handle is not None and plan is not None:
             _acquire_stage(folder, scan, recipe, handle, plan, observer, only)
         last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
-        scan["stages_done"] = ["acquire"]
         _set_status(folder, scan, "stitching")
         pixel_size = float(scan["microscope"]["pixel_size_um"])
         _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer, cluster)
-        scan["stages_done"].append("stitch")
         if inspect:
             _set_status(folder, scan, "inspecting")
             inspect_stage(folder, scan, model=model, observer=observer, cluster=cluster)
-            scan["stages_done"].append("inspect")
         if (folder / DEFECTS_JSON).is_file():
             # the reports' header carries how the scan ended, known before they are written
             n_acquired = len(_acquired(folder, n_tiles))
@@ -312,8 +308,7 @@ def _finish_scan(
             _set_status(folder, scan, "reporting")
             _report_stage(folder, observer)
             scan.update({k: v for k, v in read_scan_json(folder).items()
-                         if k not in ("status", "stages_done", "process")})
-            scan["stages_done"].append("report")
+                         if k not in ("status", "process")})
     except BaseException as exc:
         interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
         scan.update(status="interrupted" if interrupted else "failed", finished=now_iso(),
