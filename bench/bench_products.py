@@ -259,13 +259,16 @@ def write_tiff(img: np.ndarray, path: Path) -> None:
     tifffile.imwrite(path, np.rint(np.clip(img, 0, 1) * 65535).astype(np.uint16))
 
 
-def write_recipe(path: Path, image: Path, p: Product) -> None:
+def write_recipe(path: Path, image: Path, p: Product, seed: int = 0) -> None:
+    """A recipe scanning ``image``; ``seed`` is the simulated microscope's (camera noise, stage
+    landing): the defective copy is scanned with another one, as a second part scanned on
+    another day never repeats the first scan's noise and tile positions."""
     cam = "{width: 512, height: 512, pixel_size_um: 1.0"
     cam += f", vignetting: {p.vignetting}}}" if p.vignetting else "}"
     path.write_text(
         f"sample: {{kind: image, path: {image.name}, pixel_size_um: {PIXEL_UM}, "
         f"origin_um: [{ORIGIN_UM[0]}, {ORIGIN_UM[1]}]}}\n"
-        f"microscope: {{kind: simulated, camera: {cam}}}\n"
+        f"microscope: {{kind: simulated, seed: {seed}, camera: {cam}}}\n"
         "scan: {overlap: 0.1}\n"
     )
 
@@ -360,7 +363,7 @@ def bench_product(p: Product, work: Path, model: str | None, log: Path,
     write_tiff(good, pdir / "good.tif")
     write_tiff(bad, pdir / "bad.tif")
     write_recipe(pdir / "good.yaml", pdir / "good.tif", p)
-    write_recipe(pdir / "bad.yaml", pdir / "bad.tif", p)
+    write_recipe(pdir / "bad.yaml", pdir / "bad.tif", p, seed=1)
     (pdir / "truth.json").write_text(json.dumps(truth, indent=1))
     n = good.shape[0]
     extent = (ORIGIN_UM[0] - 0.5 * PIXEL_UM, ORIGIN_UM[1] - 0.5 * PIXEL_UM,
