@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
+from pymmcore_plus.core import Keyword
 from pymmcore_plus.experimental.unicore import (
     GenericDevice,
     SimpleCameraDevice,
@@ -61,7 +62,24 @@ def _provided(scope: SimulatedMicroscope | None, who: str) -> SimulatedMicroscop
 
 
 class SimCamera(SimpleCameraDevice):
-    """Camera that renders the virtual sample at the stage's true position."""
+    """Camera that renders the virtual sample at the stage's true position.
+
+    ``Binning`` (1, 2 or 4) combines b x b pixels into one: the frame is ``(h // b, w // b)``
+    and each pixel is the **sum** of its block of the full-resolution frame (rows and
+    columns past the last whole block are dropped, as much from each side as can be), clipped
+    to the dtype's range. A sum, not a mean, is what cameras report: a CCD bins charge on
+    the chip, many sCMOS cameras add the digitised pixels, and Micro-Manager's DemoCamera
+    scales its signal by b * b. A 12-bit sensor's 4 x 4 sum still fits its 16-bit frames;
+    an 8-bit one saturates sooner. ``BitDepth`` stays the sensor's. The noise is the
+    full-resolution frame's (read noise per pixel, as digital binning has it), so a binned
+    frame is exactly the block sum of the frame binning 1 gives at the same commanded
+    position and visit. Timing: exposure and readout on the simulated clock are those of a
+    full frame whatever the binning (``microscope.camera.readout_ms`` per frame), so binning
+    changes no hardware-time estimate; the pixel size the core reports is b times the
+    calibrated one (``UniMMCore.getPixelSizeUm`` reads this property).
+    """
+
+    BINNINGS = (1, 2, 4)
 
     def __init__(
         self, scope: SimulatedMicroscope | None = None, timeout_rate: float = 0.0, seed: int = 0
@@ -71,6 +89,23 @@ class SimCamera(SimpleCameraDevice):
         self._timeout_rate = float(timeout_rate)
         # a stream of its own, apart from the emulated controllers' (seeded with ``seed``)
         self._faults = np.random.default_rng([seed, 1])
+        self._binning = 1
+        self.set_property_allowed_values(Keyword.Binning, self.BINNINGS)
+
+    def set_property_value(self, prop_name: str, value: object) -> None:
+        # a .cfg's config groups and the core's string API give "2"
+        if prop_name == Keyword.Binning and isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        super().set_property_value(prop_name, value)
+
+    def get_binning(self) -> int:
+        return self._binning
+
+    def set_binning(self, value: int) -> None:
+        # the property's allowed values have checked it already (1, 2 or 4)
+        self._binning = int(value)
+        # a software ROI is in the old binning's pixels: cameras drop it when binning changes
+        self.clear_roi()
 
     def get_exposure(self) -> float:
         return self._scope.exposure_ms
@@ -79,7 +114,8 @@ class SimCamera(SimpleCameraDevice):
         self._scope.exposure_ms = float(exposure)
 
     def sensor_shape(self) -> tuple[int, int]:
-        return (self._scope.camera.height, self._scope.camera.width)
+        b = self._binning
+        return (self._scope.camera.height // b, self._scope.camera.width // b)
 
     def dtype(self) -> np.dtype:
         return np.dtype(self._scope.camera.dtype)
@@ -93,7 +129,7 @@ class SimCamera(SimpleCameraDevice):
             # retry sees the frame an uninterrupted run would have seen
             self._scope.clock.advance(self._scope.exposure_ms / 1000.0)
             raise HardwareTimeout("camera: no frame arrived (simulated camera timeout)")
-        buffer[:] = self._scope.snap()
+        buffer[:] = _bin(self._scope.snap(), self._binning)
         last = self._scope.last
         return {"SimClock_s": f"{last.clock_s:.6f}"} if last else {}
 
@@ -112,6 +148,17 @@ class SimCamera(SimpleCameraDevice):
     @pymm_property(is_read_only=True, name="SimVignetting")
     def vignetting(self) -> float:
         return float(self._scope.camera.vignetting)
+
+
+def _bin(frame: np.ndarray, b: int) -> np.ndarray:
+    """The b x b block sums of ``frame`` (whole blocks, centred), clipped to its dtype."""
+    if b == 1:
+        return frame
+    h, w = frame.shape[0] // b * b, frame.shape[1] // b * b
+    r0, c0 = (frame.shape[0] - h) // 2, (frame.shape[1] - w) // 2
+    blocks = frame[r0:r0 + h, c0:c0 + w].reshape(h // b, b, w // b, b)
+    total = blocks.sum(axis=(1, 3), dtype=np.int64)
+    return np.clip(total, 0, np.iinfo(frame.dtype).max).astype(frame.dtype)
 
 
 class _StageTruth:

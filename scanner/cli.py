@@ -158,7 +158,7 @@ def validate(recipe: RecipeArg) -> None:
 
     from devices.core import build_microscope
 
-    from .align import alignment_fields, estimate_alignment_time_s, wants_alignment
+    from .align import alignment_fields, edge_binning, estimate_alignment_time_s, wants_alignment
     from .pipeline import make_plan, plan_summary
     from .recipe import load_recipe
 
@@ -184,6 +184,11 @@ def validate(recipe: RecipeArg) -> None:
                       + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         for kind, x, y in fields:
             table.add_row("", f"{kind} at ({x / 1000:.2f}, {y / 1000:.2f}) mm")
+        # where the camera offers binning (the time is the same: the simulated camera reads
+        # a binned frame out no faster)
+        binned = edge_binning(handle.core)
+        if binned > 1 and rec.sample.kind == "wafer":
+            table.add_row("", f"edge fields binned {binned}x")
         share = align_s / summary["estimated_hardware_s"] if summary[
             "estimated_hardware_s"] > 0 else 0.0
         table.add_row("est. alignment time", f"{_duration(align_s)} ({share:.0%} of the scan)")

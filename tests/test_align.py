@@ -309,6 +309,8 @@ def test_validate_shows_the_alignment_plan_and_its_time() -> None:
     # a notch's field gives the third arc: two edge fields
     assert "5 fields (2 edge, 1 notch, 2 die)" in res.output
     assert "est. alignment time" in res.output
+    # the simulated camera offers binning: the edge fields are taken 2x binned
+    assert "edge fields binned 2x" in res.output
     recipe = load_recipe(Path("recipes/demo_wafer.yaml"))
     # routed to the first tile: cheaper than taking the fields in their listed order
     routed = estimate_alignment_time_s(recipe, (5120.0, 5120.0))
