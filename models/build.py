@@ -26,21 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
-from .backbone import FEATURE_DIM, FEATURE_STRIDE, extract
+from .backbone import FEATURE_DIM, FEATURE_STRIDE
 from .bank import greedy_coreset
 from .calibrate import calibrate_threshold
 from .data import GoodImage
-from .detector import (
-    CONTEXT_PX,
-    CORE_PX,
-    PAD_MULTIPLE,
-    SMALL_IMAGE_CONTEXT_PX,
-    PatchDetector,
-    save_detector,
-)
+from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
 from .errors import InputError
+from .gaussian import choose_dims, descriptor, fit_position_model, pooled
 from .inspection import card_path_for
 
 #: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
@@ -54,6 +49,9 @@ CANDIDATES_MAX = 80_000
 #: with at least this many good images, whole images are held out; with fewer, a quarter of
 #: each image
 MIN_IMAGES_TO_HOLD_OUT = 8
+#: with at least this many good images of one shape (and nothing masked), the part is taken
+#: as aligned and also modelled per position (:mod:`models.gaussian`)
+POSITION_MIN_IMAGES = 40
 HOLD_OUT_FRACTION = 0.2
 #: stride-8 cells left out of the bank around a held-out quarter, so that the bank does not
 #: see the held-out surface through the features' receptive field
@@ -163,48 +161,6 @@ class BuildReport:
     card: dict[str, Any]
     build_time_s: float
     warnings: list[str] = field(default_factory=list)
-
-
-def features_of(image: np.ndarray) -> torch.Tensor:
-    """Pretrained features ``(D, ceil(H/8), ceil(W/8))`` of a relative-reflectance image,
-    computed as inspection computes them: one window with 32 px of mirrored context for an
-    image that fits a window, else windows of ``CORE_PX`` with ``CONTEXT_PX`` of real context
-    (mirrored beyond the image)."""
-    img = np.asarray(image, dtype=np.float32)
-    h, w = img.shape
-    big = max(h, w) > CORE_PX
-    ctx = CONTEXT_PX if big else SMALL_IMAGE_CONTEXT_PX
-    core = CORE_PX if big else max(h, w)
-    out = torch.zeros(FEATURE_DIM, -(-h // FEATURE_STRIDE), -(-w // FEATURE_STRIDE))
-    for r0 in range(0, h, core):
-        for c0 in range(0, w, core):
-            hh, ww = min(core, h - r0), min(core, w - c0)
-            win = _window(img, r0 - ctx, c0 - ctx, hh + 2 * ctx, ww + 2 * ctx)
-            f = extract(torch.from_numpy(win)[None, None])[0]
-            k = ctx // FEATURE_STRIDE
-            fh, fw = -(-hh // FEATURE_STRIDE), -(-ww // FEATURE_STRIDE)
-            out[:, r0 // FEATURE_STRIDE : r0 // FEATURE_STRIDE + fh,
-                c0 // FEATURE_STRIDE : c0 // FEATURE_STRIDE + fw] = f[:, k : k + fh, k : k + fw]
-    return out
-
-
-def _window(img: np.ndarray, r0: int, c0: int, h: int, w: int) -> np.ndarray:
-    """``img[r0:r0+h, c0:c0+w]`` mirrored beyond its borders, sides padded to multiples of 16."""
-    h_pad, w_pad = h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE
-    H, W = img.shape  # noqa: N806
-    a0, a1, b0, b1 = max(r0, 0), min(r0 + h_pad, H), max(c0, 0), min(c0 + w_pad, W)
-    block = img[a0:a1, b0:b1]
-    pads = ((a0 - r0, r0 + h_pad - a1), (b0 - c0, c0 + w_pad - b1))
-    mode = "reflect" if all(p < n for pair, n in zip(pads, block.shape, strict=True)
-                            for p in pair) else "symmetric"
-    while any(p >= n for pair, n in zip(pads, block.shape, strict=True) for p in pair):
-        # an image smaller than its context: mirror in steps no longer than it
-        step = tuple((min(p0, n - 1), min(p1, n - 1)) for (p0, p1), n in
-                     zip(pads, block.shape, strict=True))
-        block = np.pad(block, step, mode="symmetric")
-        pads = tuple((p0 - s0, p1 - s1) for (p0, p1), (s0, s1) in
-                     zip(pads, step, strict=True))
-    return np.ascontiguousarray(np.pad(block, pads, mode=mode), dtype=np.float32)
 
 
 def _usable_cells(usable: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
@@ -360,6 +316,14 @@ def build_detector(
         raise InputError(f"--init {init}: not a detector (a network-only model cannot be "
                          "extended; build a new one)")
     held_images = _held_out_images(len(images), seed)  # none: the centre of each is held out
+    augmenting = bool(augment_camera) and not (
+        augment_camera == "auto" and len(images) >= MIN_IMAGES_TO_HOLD_OUT)
+    aligned = (len(images) >= POSITION_MIN_IMAGES and len(held_images) >= 2
+               and not augmenting and len({g.image.shape for g in images}) == 1
+               and all(g.usable is None for g in images))
+    dims = choose_dims(FEATURE_DIM, seed) if aligned else None
+    position_feats: dict[bool, list[torch.Tensor]] = {True: [], False: []}
+    position_desc: list[torch.Tensor] = []
     total_cells = sum(-(-g.image.shape[0] // FEATURE_STRIDE) * -(-g.image.shape[1] //
                       FEATURE_STRIDE) for g in images)
     per_cell_keep = min(1.0, CANDIDATES_MAX / max(total_cells, 1))
@@ -367,13 +331,15 @@ def build_detector(
     held: list[_HeldOut] = []
     for k, image in enumerate(images):
         p = float(image.meta.get("pixel_size_um", pixel_size_um))
-        augment = bool(augment_camera) and not (
-            augment_camera == "auto" and len(images) >= MIN_IMAGES_TO_HOLD_OUT)
-        variants = _variants(image, augment, rng)
+        variants = _variants(image, augmenting, rng)
         n_bank = sum(v.bank for v in variants)
         n_held = sum(v.held for v in variants)
         for v in variants:
             feat = features_of(v.image)
+            if aligned:
+                position_feats[k in held_images].append(pooled(feat[None], dims)[0])
+                if k in held_images:
+                    position_desc.append(descriptor(feat[None])[0])
             usable = _usable_cells(v.usable, tuple(feat.shape[1:]))
             if k in held_images:
                 if v.held:
@@ -437,6 +403,11 @@ def build_detector(
     if progress is not None:
         progress("calibrate", 0, 1)
     cal = calibrate_threshold(maps, area_cm2, false_alarms_per_cm2, scores="distance")
+    position, position_cal = None, None
+    if aligned:
+        position, position_cal = _position_model(position_feats, position_desc, dims,
+                                                 images[0].image.shape, area_cm2,
+                                                 false_alarms_per_cm2, cal.threshold)
     values = np.concatenate([a[np.repeat(np.repeat(m, 2, 0), 2, 1)] for a, m in
                              zip(maps, masks, strict=True)])
     q99, q999 = np.quantile(values, [0.99, 0.999])
@@ -493,10 +464,36 @@ def build_detector(
         card["history"] = [*base.card.get("history", []),
                            {"model": str(base.path), "sha256": base.card.get("weights_sha256"),
                             "bank": int(len(start))}]
-    weights = save_detector(bank, card, out, companion=companion)
+    if position is not None:
+        card["position_calibration"] = position_cal
+    weights = save_detector(bank, card, out, companion=companion, position=position)
     written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))  # hash included
     return BuildReport(weights, card_path_for(weights), written, time.perf_counter() - t0,
                        warnings)
+
+
+def _position_model(feats: dict[bool, list[torch.Tensor]], held_desc: list[torch.Tensor],
+                    dims: torch.Tensor, shape: tuple[int, int], area_cm2: float,
+                    target_per_cm2: float, threshold: float) -> tuple[Any, dict[str, Any]]:
+    """The position model of an aligned part, its maps scaled so that the card's
+    ``threshold`` gives the false-alarm rate asked for on the held-out images.
+
+    Each held-out image's level comes from the *other* held-out images, as an unseen
+    image's will."""
+    from .gaussian import POOL
+
+    held = torch.stack(feats[True])
+    desc = torch.stack(held_desc)
+    model = fit_position_model(torch.stack(feats[False]), held, desc, dims, tuple(shape))
+    a16 = model.distances_pooled(held) / model.levels(desc, exclude_self=True)[:, None, None]
+    up = F.interpolate(a16[:, None], scale_factor=POOL * FEATURE_STRIDE // OUTPUT_STRIDE,
+                       mode="bilinear", align_corners=False)[:, 0]
+    h4, w4 = -(-shape[0] // OUTPUT_STRIDE), -(-shape[1] // OUTPUT_STRIDE)
+    maps = [m[:h4, :w4].numpy() for m in up]
+    cal = calibrate_threshold(maps, area_cm2, target_per_cm2, scores="distance")
+    model.scale = float(threshold / max(cal.threshold, 1e-9))
+    return model, {**cal.to_dict(), "scale": model.scale,
+                   "train_images": len(feats[False]), "held_out_images": len(held)}
 
 
 def _calibration_warnings(cal: dict[str, Any], n_held: int, n_held_images: int) -> list[str]:

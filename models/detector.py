@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
-from .backbone import FEATURE_STRIDE, extract
+from .backbone import FEATURE_DIM, FEATURE_STRIDE, extract
 from .bank import BankIndex
 from .data import relative
+from .gaussian import PositionModel
 from .inspection import (
     GAIN,
     InspectionModel,
@@ -50,6 +51,8 @@ CORE_PX = 1536
 SMALL_IMAGE_CONTEXT_PX = 32
 #: the backbone needs sides that are multiples of its coarsest stride
 PAD_MULTIPLE = 16
+#: stride of a position model's maps (the stride-8 features pooled 2 x 2)
+POOL_STRIDE = 16
 
 
 class PatchDetector:
@@ -74,8 +77,10 @@ class PatchDetector:
     edge_px = 2 * FEATURE_STRIDE
 
     def __init__(self, bank: torch.Tensor, card: dict[str, Any],
-                 companion: InspectionModel | None = None, path: Path | None = None) -> None:
+                 companion: InspectionModel | None = None, path: Path | None = None,
+                 position: PositionModel | None = None) -> None:
         self.bank = bank.float().contiguous()
+        self.position = position
         self.index = BankIndex(self.bank)
         self.card = card
         self.companion = companion
@@ -184,6 +189,26 @@ class PatchDetector:
             result["roughness_sigma"] = np.full_like(result["anomaly"], np.nan)
         return result
 
+    def aligned_anomaly(self, x: np.ndarray) -> np.ndarray | None:
+        """Anomaly map (output stride) of a whole normalised image of the aligned part the
+        detector also models per position (:mod:`models.gaussian`); None for any other
+        image (another shape, or no position model), which the bank alone scores."""
+        pm = self.position
+        if pm is None or tuple(x.shape) != tuple(pm.image_shape):
+            return None
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            with torch.inference_mode():
+                a16 = pm.anomaly(features_of(x)[None])
+                up = POOL_STRIDE // self.output_stride
+                a = F.interpolate(a16[:, None], scale_factor=up, mode="bilinear",
+                                  align_corners=False)[0, 0]
+        finally:
+            torch.set_num_threads(previous)
+        s = self.output_stride
+        return a[: -(-x.shape[0] // s), : -(-x.shape[1] // s)].contiguous().numpy()
+
     def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Maps of one raw image of any size (padded by reflection to a multiple of 4)."""
         return self.predict_image_normalized(self.normalize(image))
@@ -201,6 +226,48 @@ class PatchDetector:
                 for name, v in maps.items()}
 
 
+def features_of(image: np.ndarray) -> torch.Tensor:
+    """Pretrained features ``(D, ceil(H/8), ceil(W/8))`` of a relative-reflectance image,
+    computed as inspection computes them: one window with 32 px of mirrored context for an
+    image that fits a window, else windows of ``CORE_PX`` with ``CONTEXT_PX`` of real context
+    (mirrored beyond the image)."""
+    img = np.asarray(image, dtype=np.float32)
+    h, w = img.shape
+    big = max(h, w) > CORE_PX
+    ctx = CONTEXT_PX if big else SMALL_IMAGE_CONTEXT_PX
+    core = CORE_PX if big else max(h, w)
+    out = torch.zeros(FEATURE_DIM, -(-h // FEATURE_STRIDE), -(-w // FEATURE_STRIDE))
+    for r0 in range(0, h, core):
+        for c0 in range(0, w, core):
+            hh, ww = min(core, h - r0), min(core, w - c0)
+            win = _window(img, r0 - ctx, c0 - ctx, hh + 2 * ctx, ww + 2 * ctx)
+            f = extract(torch.from_numpy(win)[None, None])[0]
+            k = ctx // FEATURE_STRIDE
+            fh, fw = -(-hh // FEATURE_STRIDE), -(-ww // FEATURE_STRIDE)
+            out[:, r0 // FEATURE_STRIDE : r0 // FEATURE_STRIDE + fh,
+                c0 // FEATURE_STRIDE : c0 // FEATURE_STRIDE + fw] = f[:, k : k + fh, k : k + fw]
+    return out
+
+
+def _window(img: np.ndarray, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+    """``img[r0:r0+h, c0:c0+w]`` mirrored beyond its borders, sides padded to multiples of 16."""
+    h_pad, w_pad = h + (-h) % PAD_MULTIPLE, w + (-w) % PAD_MULTIPLE
+    H, W = img.shape  # noqa: N806
+    a0, a1, b0, b1 = max(r0, 0), min(r0 + h_pad, H), max(c0, 0), min(c0 + w_pad, W)
+    block = img[a0:a1, b0:b1]
+    pads = ((a0 - r0, r0 + h_pad - a1), (b0 - c0, c0 + w_pad - b1))
+    mode = "reflect" if all(p < n for pair, n in zip(pads, block.shape, strict=True)
+                            for p in pair) else "symmetric"
+    while any(p >= n for pair, n in zip(pads, block.shape, strict=True) for p in pair):
+        # an image smaller than its context: mirror in steps no longer than it
+        step = tuple((min(p0, n - 1), min(p1, n - 1)) for (p0, p1), n in
+                     zip(pads, block.shape, strict=True))
+        block = np.pad(block, step, mode="symmetric")
+        pads = tuple((p0 - s0, p1 - s1) for (p0, p1), (s0, s1) in
+                     zip(pads, step, strict=True))
+    return np.ascontiguousarray(np.pad(block, pads, mode=mode), dtype=np.float32)
+
+
 def companion_network(net: InspectionNet | None, card: dict[str, Any]) -> InspectionModel | None:
     """The roughness network beside a detector, as an inference model (None without one)."""
     if net is None:
@@ -212,15 +279,21 @@ def companion_network(net: InspectionNet | None, card: dict[str, Any]) -> Inspec
 
 
 def save_detector(bank: torch.Tensor, card: dict[str, Any], path: str | Path,
-                  companion: InspectionNet | None = None) -> Path:
-    """Write a detector: the bank (float16) and the roughness network's tensors in one
-    safetensors file, the card beside it; returns the weights path."""
+                  companion: InspectionNet | None = None,
+                  position: PositionModel | None = None) -> Path:
+    """Write a detector: the bank (float16), the position model's tensors (if any) and the
+    roughness network's in one safetensors file, the card beside it; returns the weights
+    path."""
     from .backbone import backbone_record
     from .inspection import write_model_files
 
     state = {"bank": bank.detach().to(torch.float16)}
     arch: dict[str, Any] = {"name": "PatchCore", "backbone": backbone_record(),
-                            "bank_size": int(bank.shape[0]), "companion": None}
+                            "bank_size": int(bank.shape[0]), "companion": None,
+                            "position": None}
+    if position is not None:
+        state.update({k: v.contiguous() for k, v in position.state().items()})
+        arch["position"] = position.record()
     if companion is not None:
         state.update({f"companion.{k}": v for k, v in companion.state_dict().items()})
         arch["companion"] = {"name": "InspectionNet", **companion.config.to_dict()}
@@ -264,4 +337,12 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
         net = network_from_state(arch["companion"], {k[len(prefix):]: v for k, v in
                                                      state.items() if k.startswith(prefix)},
                                  weights)
-    return PatchDetector(bank, card, companion_network(net, card), path=weights)
+    position = None
+    if arch.get("position"):
+        try:
+            position = PositionModel.from_state(arch["position"], state)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{weights}: position model incomplete ({exc}); rebuild it "
+                             "with waferscope train") from None
+    return PatchDetector(bank, card, companion_network(net, card), path=weights,
+                         position=position)

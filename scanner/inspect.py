@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .defectlist import MAP_NAMES
@@ -734,6 +735,13 @@ def infer_image(
                          core_px=core_px or getattr(model, "core_px", DEFAULT_CORE_PX))
     sink = ArraySink(tiling.map_shape)
     stats = run_tiled(model, reader, sink, tiling=tiling, batch=batch)
+    aligned = getattr(model, "aligned_anomaly", None)
+    if aligned is not None and p_model == p_img:
+        # an image of the aligned part a detector also models per position: that model's map
+        a = aligned(model.normalize(image))
+        if a is not None and a.shape == sink.maps["anomaly"].shape:
+            sink.maps["anomaly"] = a.astype(np.float32)
+            sink.maps["uncertainty"] = model.uncertainty(torch.from_numpy(a)).numpy()
     half = (s - 1) / 2 * p_model
     return MapSet(sink.maps, s * p_model, (origin_um[0] + half, origin_um[1] + half), s,
                   reader, stats)

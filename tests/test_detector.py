@@ -220,3 +220,28 @@ def test_a_golden_scan_covers_the_stride_phases_a_second_scan_brings(tmp_path: P
     anomaly = model.predict_image(second)["anomaly"][4:-4, 4:-4]  # the reach of its borders
     assert float(np.quantile(anomaly, 0.999)) < 0.8 * model.threshold
     assert float(anomaly.max()) < model.threshold  # no false defect on a good second part
+
+
+def test_an_aligned_part_is_also_modelled_per_position(tmp_path: Path) -> None:
+    from scanner.inspect import infer_image
+
+    # 48 good crops of one part at the same place (cells cut to one size): a bright square is
+    # normal at one position only
+    rng = np.random.default_rng(0)
+    part = np.full((128, 128), 100.0, dtype=np.float32)
+    part[16:48, 16:48] = 200.0
+    goods = [GoodImage(_relative(part * np.float32(1 + rng.normal(0, 0.02))
+                                 + rng.normal(0, 3, part.shape).astype(np.float32)))
+             for _ in range(48)]
+    build_detector(goods, tmp_path / "cells", pixel_size_um=1.0)
+    model = load_model(tmp_path / "cells")
+    assert model.position is not None and model.card["architecture"]["position"]["grid"] == [8, 8]
+    good = part + rng.normal(0, 3, part.shape).astype(np.float32)
+    moved = np.full_like(good, 100.0) + rng.normal(0, 3, part.shape).astype(np.float32)
+    moved[80:112, 80:112] = 200.0  # the same square where it never is
+    a_good = infer_image(model, good).maps["anomaly"]
+    a_moved = infer_image(model, moved).maps["anomaly"]
+    assert float(a_good.max()) < model.threshold
+    assert float(a_moved[20:28, 20:28].max()) > model.threshold  # found at its new place
+    # another size is not the aligned part: the bank alone scores it
+    assert model.aligned_anomaly(np.ones((120, 128), np.float32)) is None
