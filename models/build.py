@@ -52,6 +52,11 @@ MIN_IMAGES_TO_HOLD_OUT = 8
 #: with at least this many good images of one shape (and nothing masked), the part is taken
 #: as aligned and also modelled per position (:mod:`models.gaussian`)
 POSITION_MIN_IMAGES = 40
+#: ... and only when the features vary less across the images at one position than across
+#: positions: the mean per-position variance over the total is 0.57 for real EL cells, 0.11
+#: for one die imaged again, 0.97-0.98 for random crops of a texture (brick, gravel, grass),
+#: where a position means nothing
+ALIGNED_MAX_VARIANCE_RATIO = 0.85
 HOLD_OUT_FRACTION = 0.2
 #: stride-8 cells left out of the bank around a held-out quarter, so that the bank does not
 #: see the held-out surface through the features' receptive field
@@ -464,12 +469,20 @@ def build_detector(
         card["history"] = [*base.card.get("history", []),
                            {"model": str(base.path), "sha256": base.card.get("weights_sha256"),
                             "bank": int(len(start))}]
-    if position is not None:
+    if position_cal is not None:
         card["position_calibration"] = position_cal
     weights = save_detector(bank, card, out, companion=companion, position=position)
     written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))  # hash included
     return BuildReport(weights, card_path_for(weights), written, time.perf_counter() - t0,
                        warnings)
+
+
+def variance_ratio(feats: torch.Tensor) -> float:
+    """Mean per-position variance of features ``(N, D, h, w)`` over their total variance:
+    near 0 for one part imaged again and again, near 1 where positions mean nothing."""
+    f = feats.float()
+    total = f.permute(1, 0, 2, 3).reshape(f.shape[1], -1).var(dim=1).mean()
+    return float(f.var(dim=0).mean() / total.clamp_min(1e-12))
 
 
 def _position_model(feats: dict[bool, list[torch.Tensor]], held_desc: list[torch.Tensor],
@@ -482,9 +495,15 @@ def _position_model(feats: dict[bool, list[torch.Tensor]], held_desc: list[torch
     image's will."""
     from .gaussian import POOL
 
+    train = torch.stack(feats[False])
+    ratio = variance_ratio(train)
+    if ratio >= ALIGNED_MAX_VARIANCE_RATIO:
+        return None, {"used": False, "variance_ratio": ratio,
+                      "why": "the images are not aligned: features vary as much at one "
+                             "position as across positions"}
     held = torch.stack(feats[True])
     desc = torch.stack(held_desc)
-    model = fit_position_model(torch.stack(feats[False]), held, desc, dims, tuple(shape))
+    model = fit_position_model(train, held, desc, dims, tuple(shape))
     a16 = model.distances_pooled(held) / model.levels(desc, exclude_self=True)[:, None, None]
     up = F.interpolate(a16[:, None], scale_factor=POOL * FEATURE_STRIDE // OUTPUT_STRIDE,
                        mode="bilinear", align_corners=False)[:, 0]
@@ -492,7 +511,8 @@ def _position_model(feats: dict[bool, list[torch.Tensor]], held_desc: list[torch
     maps = [m[:h4, :w4].numpy() for m in up]
     cal = calibrate_threshold(maps, area_cm2, target_per_cm2, scores="distance")
     model.scale = float(threshold / max(cal.threshold, 1e-9))
-    return model, {**cal.to_dict(), "scale": model.scale,
+    return model, {"used": True, "variance_ratio": ratio, **cal.to_dict(),
+                   "scale": model.scale,
                    "train_images": len(feats[False]), "held_out_images": len(held)}
 
 

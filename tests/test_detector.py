@@ -245,3 +245,14 @@ def test_an_aligned_part_is_also_modelled_per_position(tmp_path: Path) -> None:
     assert float(a_moved[20:28, 20:28].max()) > model.threshold  # found at its new place
     # another size is not the aligned part: the bank alone scores it
     assert model.aligned_anomaly(np.ones((120, 128), np.float32)) is None
+
+
+def test_random_crops_of_a_texture_are_not_taken_for_an_aligned_part(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    tex = data.gravel().astype(np.float32)
+    corners = rng.integers(0, tex.shape[0] - 128, (44, 2))
+    goods = [GoodImage(_relative(tex[r : r + 128, c : c + 128])) for r, c in corners]
+    report = build_detector(goods, tmp_path / "crops", pixel_size_um=1.0)
+    assert report.card["architecture"]["position"] is None
+    assert report.card["position_calibration"]["used"] is False
+    assert report.card["position_calibration"]["variance_ratio"] > 0.85
