@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from pymmcore_plus import CMMCorePlus
-from pymmcore_plus.mda import MDAEngine
-from pymmcore_plus.mda._engine import ImagePayload
-from pymmcore_plus.mda._runner import SkipEvent
+from pymmcore_plus.mda import MDAEngine, SkipEvent
+from pymmcore_plus.metadata import FrameMetaV1
 from useq import MDAEvent
 
 from devices.core import MicroscopeHandle
@@ -129,7 +128,9 @@ class ScanEngine(MDAEngine):
         super().setup_single_event(event.model_copy(update={"x_pos": None, "y_pos": None,
                                                              "z_pos": None}))
 
-    def exec_single_event(self, event: MDAEvent) -> Iterator[ImagePayload]:
+    def exec_single_event(
+        self, event: MDAEvent
+    ) -> Iterator[tuple[np.ndarray, MDAEvent, FrameMetaV1]]:
         """Snap with retries and attach the read-back position to the frame metadata."""
         core = self.mmcore
         index = self.tile_index(event)
@@ -160,7 +161,9 @@ class ScanEngine(MDAEngine):
         meta[META_KEY] = where  # type: ignore[literal-required]
         if self.sink is not None:  # a storage error propagates and stops the run
             self.sink(image, index, meta[META_KEY])
-        yield ImagePayload(image, event, meta)
+        # the runner unpacks a plain (image, event, metadata) tuple (pymmcore-plus's public
+        # engine protocol); its ImagePayload named tuple lives in a private module
+        yield image, event, meta
 
     # -- helpers ----------------------------------------------------------------------------
 
