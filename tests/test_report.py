@@ -140,7 +140,12 @@ def test_wafer_header_block(reported_wafer: Path):
     for die in tested.values():
         assert die["defects"] == sum((d.die_col, d.die_row) == (die["col"], die["row"])
                                      for d in defects)
-    assert "timings" in scan and scan["timings"]["report"]["wall_s"] >= 0
+    assert scan["report"]["n_defects"] == len(defects)
+    assert {"defects.json", "defects.csv", "wafermap.png"} <= set(scan["report"]["outputs"])
+    # the report's wall time spans its outputs, from the defect list to the wafer map (drawn
+    # last); 0.02 s for the file system's clock tick
+    first, last = ((reported_wafer / n).stat().st_mtime for n in ("defects.json", "wafermap.png"))
+    assert last > first and scan["timings"]["report"]["wall_s"] >= last - first - 0.02
 
 
 @pytest.mark.slow
