@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-elpv bench-resume bench-pipeline clean model
+.PHONY: install demo test test-fast lint bench bench-elpv bench-resume bench-pipeline clean model
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the inner loop (meant to stay under 2 minutes on 2 cores): the tests not marked slow (tests/conftest.py marks
+# those using the session's scans), less one 15 s feature test; `make test` (CI) runs everything
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" \
+		--deselect tests/test_detector.py::test_features_of_a_large_image_match_the_windowed_inspection_grid
 
 lint: install
 	$(VENV)/bin/ruff check .

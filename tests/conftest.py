@@ -10,6 +10,16 @@ import pytest
 import tifffile
 import yaml
 
+#: the session's end-to-end scans: a test that uses one is marked slow here (``make test-fast``
+#: leaves the slow tests out; ``make test`` and CI run everything)
+SESSION_SCANS = frozenset({"wafer_scan", "reported_wafer", "pv_scan"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SESSION_SCANS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def write_recipe(tmp_path: Path):

@@ -57,6 +57,7 @@ def cluster():
         yield c
 
 
+@pytest.mark.slow
 def test_fusion_on_the_cluster_equals_fusion_here(cluster, tmp_path):
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 60000, size=(12, 100, 120), dtype=np.uint16)

@@ -28,6 +28,9 @@ from scanner.pipeline import run_scan
 from scanner.recipe import parse_recipe
 from scanner.scanfolder import effective_status
 
+# every test here runs or resumes a scan (together some 20 s): not for `make test-fast`
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 SMALL = {

@@ -76,6 +76,7 @@ def test_serial_faults_without_a_serial_stage_are_refused(tmp_path: Path) -> Non
         parse_recipe(_sim(faults={"serial_error_rate": 0.1}), tmp_path)
 
 
+@pytest.mark.slow
 def test_shipped_config_drives_the_emulated_prior_stage(tmp_path: Path) -> None:
     recipe = load_recipe(RECIPES / "emulated_rig.yaml")
     result = run_scan(recipe, tmp_path / "scan")
