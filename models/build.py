@@ -135,17 +135,17 @@ def gain_field(shape: tuple[int, int], std: float, rng: np.random.Generator) -> 
     return (1.0 + zoomed[:h, :w]).astype(np.float32)
 
 
-def scan_variants(image: np.ndarray, rng: np.random.Generator, n: int = 3
+def scan_variants(image: np.ndarray, rng: np.random.Generator, n: int = 3, first: int = 0
                   ) -> list[np.ndarray]:
     """``n`` copies of an acquired image as another scan could show it, cycling through
-    :data:`SCAN_VARIANTS`: blurred by ``sigma`` px, multiplied by a smooth random gain field
-    and given another exposure's noise (the image's own noise level, measured by
-    :func:`noise_sigma`, added independently)."""
+    :data:`SCAN_VARIANTS` from its ``first`` entry: blurred by ``sigma`` px, multiplied by a
+    smooth random gain field and given another exposure's noise (the image's own noise
+    level, measured by :func:`noise_sigma`, added independently)."""
     from scipy import ndimage
 
     out = []
     sigma_n = noise_sigma(image)
-    for i in range(n):
+    for i in range(first, first + n):
         sigma_px, gain_std = SCAN_VARIANTS[i % len(SCAN_VARIANTS)]
         blurred = ndimage.gaussian_filter(image, sigma_px, mode="reflect") if sigma_px else image
         noisy = blurred * gain_field(image.shape, gain_std, rng) + rng.normal(
@@ -199,23 +199,40 @@ BANK_SHIFTS = ((4, 0), (0, 4), (4, 4))
 HELD_SHIFTS = ((2, 2), (6, 6), (2, 6))
 
 
-def _variants(image: GoodImage, augment: bool, rng: np.random.Generator) -> list[_Variant]:
+def _shifted(image: GoodImage, version: np.ndarray, dy: int, dx: int, bank: bool) -> _Variant:
+    usable = None if image.usable is None else np.asarray(image.usable)[dy:, dx:]
+    return _Variant(np.ascontiguousarray(version[dy:, dx:]), usable, bank, not bank)
+
+
+def _variants(image: GoodImage, augment: bool, rng: np.random.Generator, index: int = 0,
+              held_out: bool = False) -> list[_Variant]:
     """The versions of one good image the bank and the calibration see.
 
-    Without augmentation, the image as it is, for both. A golden image (augmented): the image
-    as it is and :data:`BANK_SHIFTS` versions for the bank, :data:`HELD_SHIFTS` versions for
-    the calibration, each shifted version perturbed as a scan would differ
-    (:func:`scan_variants` for an acquired image, :func:`camera_variants` for a file).
+    A golden image (``augment``): the image as it is and :data:`BANK_SHIFTS` versions for the
+    bank, :data:`HELD_SHIFTS` versions for the calibration, each shifted version perturbed as
+    a scan would differ (:func:`scan_variants` for an acquired image, :func:`camera_variants`
+    for a file). Many crops of one scan (acquired, not augmented): one version each, the
+    ``index``-th image at the next phase in turn (the bank's for a bank image, half way
+    between them for a ``held_out`` one), so that the phases cost no more than the crops.
+    Otherwise the image as it is, for both.
     """
     if not augment:
-        return [_Variant(image.image, image.usable, True, True)]
+        if not image.meta.get("acquired", False):
+            return [_Variant(image.image, image.usable, True, True)]
+        shifts = HELD_SHIFTS if held_out else ((0, 0), *BANK_SHIFTS)
+        dy, dx = shifts[index % len(shifts)]
+        if (dy, dx) == (0, 0):
+            return [_Variant(image.image, image.usable, True, True)]
+        version = scan_variants(image.image, rng, 1, first=index)[0]
+        v = _shifted(image, version, dy, dx, bank=True)
+        v.held = True  # the whole image is one role or the other: bank or held out
+        return [v]
     perturb = scan_variants if image.meta.get("acquired", False) else camera_variants
     out = [_Variant(image.image, image.usable, True, False)]
     shifts = [(s, True) for s in BANK_SHIFTS] + [(s, False) for s in HELD_SHIFTS]
     versions = perturb(image.image, rng, len(shifts))
     for ((dy, dx), bank), version in zip(shifts, versions, strict=True):
-        usable = None if image.usable is None else np.asarray(image.usable)[dy:, dx:]
-        out.append(_Variant(np.ascontiguousarray(version[dy:, dx:]), usable, bank, not bank))
+        out.append(_shifted(image, version, dy, dx, bank))
     return out
 
 
@@ -336,7 +353,7 @@ def build_detector(
     held: list[_HeldOut] = []
     for k, image in enumerate(images):
         p = float(image.meta.get("pixel_size_um", pixel_size_um))
-        variants = _variants(image, augmenting, rng)
+        variants = _variants(image, augmenting, rng, k, k in held_images)
         n_bank = sum(v.bank for v in variants)
         n_held = sum(v.held for v in variants)
         for v in variants:

@@ -256,3 +256,17 @@ def test_random_crops_of_a_texture_are_not_taken_for_an_aligned_part(tmp_path: P
     assert report.card["architecture"]["position"] is None
     assert report.card["position_calibration"]["used"] is False
     assert report.card["position_calibration"]["variance_ratio"] > 0.85
+
+
+def test_the_crops_of_one_large_good_scan_also_cover_the_stride_phases(tmp_path: Path) -> None:
+    # a large good scan comes as crops (scanner.goodimages): all at the scan's one phase
+    full = _relative(np.tile(_product(0), (2, 3)))
+    crops = [GoodImage(full[r : r + 272, c : c + 272].copy(),
+                       meta={"acquired": True, "pixel_size_um": 1.0})
+             for r in (0, 272, 544, 816) for c in (0, 272, 544, 816, 1088)]
+    build_detector(crops, tmp_path / "crops", pixel_size_um=1.0)
+    model = load_model(tmp_path / "crops")
+    assert model.card["calibration"]["held_out"] == "whole images"
+    second = _relative(_product(1))[3:, 5:]
+    anomaly = model.predict_image(second)["anomaly"][4:-4, 4:-4]
+    assert float(anomaly.max()) < model.threshold  # no false defect on a good second part
