@@ -29,8 +29,7 @@ test: install
 # the inner loop (meant to stay under 2 minutes on 2 cores): the tests not marked slow (tests/conftest.py marks
 # those using the session's scans), less one 15 s feature test; `make test` (CI) runs everything
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" \
-		--deselect tests/test_detector.py::test_features_of_a_large_image_match_the_windowed_inspection_grid
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .
