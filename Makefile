@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q
 
 # the inner loop (meant to stay under 2 minutes on 2 cores): the tests not marked slow (tests/conftest.py marks
-# those using the session's scans), less one 15 s feature test; `make test` (CI) runs everything
+# those using the session's scans); `make test` (CI) runs everything
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
