@@ -178,16 +178,39 @@ class PatchDetector:
                 result = {k: v.float().contiguous().numpy() for k, v in out.items()}
         finally:
             torch.set_num_threads(previous)
-        if self.companion is not None:
-            self.companion.num_threads = self.num_threads
-            # the network's input: (relative - 1) * gain, as models.inspection.normalize_image
-            rough = self.companion.predict((x - np.float32(1.0)) * np.float32(GAIN))
-            result["roughness"] = rough["roughness"]
-            result["roughness_sigma"] = rough["roughness_sigma"]
-        else:
-            result["roughness"] = np.full_like(result["anomaly"], np.nan)
-            result["roughness_sigma"] = np.full_like(result["anomaly"], np.nan)
+        result.update(self._roughness(x))
         return result
+
+    def _roughness(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The roughness network's maps of normalised windows ``(N, H, W)`` (NaN without
+        one)."""
+        s = self.output_stride
+        if self.companion is None:
+            nan = np.full((x.shape[0], x.shape[1] // s, x.shape[2] // s), np.nan, np.float32)
+            return {"roughness": nan, "roughness_sigma": nan.copy()}
+        self.companion.num_threads = self.num_threads
+        # the network's input: (relative - 1) * gain, as models.inspection.normalize_image
+        rough = self.companion.predict((x - np.float32(1.0)) * np.float32(GAIN))
+        return {"roughness": rough["roughness"], "roughness_sigma": rough["roughness_sigma"]}
+
+    def predict_aligned(self, x: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Every map of a whole normalised image of the aligned part (see
+        :meth:`aligned_anomaly`; None for any other image): the position model's anomaly
+        and its uncertainty, and roughness with the 32 px of mirrored context
+        :meth:`predict_image_normalized` gives. The bank is not searched (its map would be
+        replaced), so the backbone runs once."""
+        a = self.aligned_anomaly(x)
+        if a is None:
+            return None
+        s, m = self.output_stride, SMALL_IMAGE_CONTEXT_PX
+        h, w = x.shape
+        xp = np.pad(x, ((m, m + (-h) % s), (m, m + (-w) % s)), mode="symmetric")
+        k = m // s
+        rough = {name: v[0, k : k + a.shape[0], k : k + a.shape[1]]
+                 for name, v in self._roughness(xp[None].astype(np.float32)).items()}
+        with torch.inference_mode():
+            unc = self.uncertainty(torch.from_numpy(a)).numpy()
+        return {"anomaly": a, "uncertainty": unc, "spread": np.zeros_like(a), **rough}
 
     def aligned_anomaly(self, x: np.ndarray) -> np.ndarray | None:
         """Anomaly map (output stride) of a whole normalised image of the aligned part the

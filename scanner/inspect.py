@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from .defectlist import MAP_NAMES
@@ -733,15 +732,22 @@ def infer_image(
     s = int(model.output_stride)
     tiling = plan_tiling(reader.shape, s, int(model.context_px),
                          core_px=core_px or getattr(model, "core_px", DEFAULT_CORE_PX))
+    aligned = getattr(model, "predict_aligned", None)
+    if aligned is not None and p_model == p_img:
+        # an image of the aligned part a detector also models per position: one pass of
+        # that model (None for any other image, which the windows below score)
+        t0 = time.perf_counter()
+        level = float(source_level(image))  # as the good images were normalised
+        maps = aligned(model.normalize(image, level))
+        if maps is not None and maps["anomaly"].shape == tuple(tiling.map_shape):
+            stats = InferenceStats(windows=1, input_px=int(image.shape[0] * image.shape[1]))
+            stats.network_s = stats.total_s = time.perf_counter() - t0
+            stats.extra["level"] = level
+            half = (s - 1) / 2 * p_model
+            return MapSet({k: np.asarray(maps[k], np.float32) for k in MAPS}, s * p_model,
+                          (origin_um[0] + half, origin_um[1] + half), s, reader, stats)
     sink = ArraySink(tiling.map_shape)
     stats = run_tiled(model, reader, sink, tiling=tiling, batch=batch)
-    aligned = getattr(model, "aligned_anomaly", None)
-    if aligned is not None and p_model == p_img:
-        # an image of the aligned part a detector also models per position: that model's map
-        a = aligned(model.normalize(image))
-        if a is not None and a.shape == sink.maps["anomaly"].shape:
-            sink.maps["anomaly"] = a.astype(np.float32)
-            sink.maps["uncertainty"] = model.uncertainty(torch.from_numpy(a)).numpy()
     half = (s - 1) / 2 * p_model
     return MapSet(sink.maps, s * p_model, (origin_um[0] + half, origin_um[1] + half), s,
                   reader, stats)
