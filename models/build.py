@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 
 from .backbone import FEATURE_DIM, FEATURE_STRIDE
 from .bank import greedy_coreset
@@ -35,7 +34,7 @@ from .data import GoodImage
 from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
 from .errors import InputError
-from .gaussian import choose_dims, descriptor, fit_position_model, pooled
+from .gaussian import choose_dims, descriptor, fit_position_model, pooled, to_output_stride
 from .inspection import card_path_for
 
 #: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
@@ -522,10 +521,9 @@ def _position_model(feats: dict[bool, list[torch.Tensor]], held_desc: list[torch
     desc = torch.stack(held_desc)
     model = fit_position_model(train, held, desc, dims, tuple(shape))
     a16 = model.distances_pooled(held) / model.levels(desc, exclude_self=True)[:, None, None]
-    up = F.interpolate(a16[:, None], scale_factor=POOL * FEATURE_STRIDE // OUTPUT_STRIDE,
-                       mode="bilinear", align_corners=False)[:, 0]
     h4, w4 = -(-shape[0] // OUTPUT_STRIDE), -(-shape[1] // OUTPUT_STRIDE)
-    maps = [m[:h4, :w4].numpy() for m in up]
+    up = to_output_stride(a16, POOL * FEATURE_STRIDE // OUTPUT_STRIDE, (h4, w4))
+    maps = [m.numpy() for m in up]
     cal = calibrate_threshold(maps, area_cm2, target_per_cm2, scores="distance")
     model.scale = float(threshold / max(cal.threshold, 1e-9))
     return model, {"used": True, "variance_ratio": ratio, **cal.to_dict(),

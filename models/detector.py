@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from .backbone import FEATURE_DIM, FEATURE_STRIDE, extract
 from .bank import BankIndex
 from .data import relative
-from .gaussian import PositionModel
+from .gaussian import PositionModel, to_output_stride
 from .inspection import (
     GAIN,
     InspectionModel,
@@ -202,10 +202,7 @@ class PatchDetector:
         a = self.aligned_anomaly(x)
         if a is None:
             return None
-        s, m = self.output_stride, SMALL_IMAGE_CONTEXT_PX
-        h, w = x.shape
-        xp = np.pad(x, ((m, m + (-h) % s), (m, m + (-w) % s)), mode="symmetric")
-        k = m // s
+        xp, k = self._with_context(x)
         rough = {name: v[0, k : k + a.shape[0], k : k + a.shape[1]]
                  for name, v in self._roughness(xp[None].astype(np.float32)).items()}
         with torch.inference_mode():
@@ -223,14 +220,12 @@ class PatchDetector:
         torch.set_num_threads(self.num_threads)
         try:
             with torch.inference_mode():
-                a16 = pm.anomaly(features_of(x)[None])
-                up = POOL_STRIDE // self.output_stride
-                a = F.interpolate(a16[:, None], scale_factor=up, mode="bilinear",
-                                  align_corners=False)[0, 0]
+                s = self.output_stride
+                a = to_output_stride(pm.anomaly(features_of(x)[None]), POOL_STRIDE // s,
+                                     (-(-x.shape[0] // s), -(-x.shape[1] // s)))[0]
         finally:
             torch.set_num_threads(previous)
-        s = self.output_stride
-        return a[: -(-x.shape[0] // s), : -(-x.shape[1] // s)].contiguous().numpy()
+        return a.contiguous().numpy()
 
     def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Maps of one raw image of any size (padded by reflection to a multiple of 4)."""
@@ -239,14 +234,18 @@ class PatchDetector:
     def predict_image_normalized(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Maps of one normalised image of any size (see :meth:`predict_image`), with the
         32 px of mirrored context that inspection gives an image that fits one window."""
+        s = self.output_stride
+        h, w = x.shape
+        xp, k = self._with_context(x)
+        maps = self.predict(xp[None])
+        return {name: v[0, k : k + -(-h // s), k : k + -(-w // s)] for name, v in maps.items()}
+
+    def _with_context(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """``x`` with 32 px of mirrored context (and its far sides to a multiple of the output
+        stride), and where the image's first map pixel lies in the padded image's maps."""
         s, m = self.output_stride, SMALL_IMAGE_CONTEXT_PX
         h, w = x.shape
-        ph, pw = (-h) % s, (-w) % s
-        x = np.pad(x, ((m, m + ph), (m, m + pw)), mode="symmetric")
-        maps = self.predict(x[None])
-        k = m // s
-        return {name: v[0, k : k + (h + ph) // s, k : k + (w + pw) // s]
-                for name, v in maps.items()}
+        return np.pad(x, ((m, m + (-h) % s), (m, m + (-w) % s)), mode="symmetric"), m // s
 
 
 def features_of(image: np.ndarray) -> torch.Tensor:

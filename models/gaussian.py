@@ -102,10 +102,10 @@ class PositionModel:
         idx = dd.topk(max(k, 1), largest=False).indices
         return self.ref_levels[idx].mean(dim=1).clamp_min(1e-6)
 
-    def anomaly(self, feat: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
+    def anomaly(self, feat: torch.Tensor) -> torch.Tensor:
         """Anomaly at stride 16 ``(N, h, w)``: smoothed distance / level x ``scale``."""
         dist = self.mahalanobis(feat)
-        return dist / self.levels(descriptor(feat), exclude_self)[:, None, None] * self.scale
+        return dist / self.levels(descriptor(feat))[:, None, None] * self.scale
 
     # ---------------------------------------------------------------- files
 
@@ -130,6 +130,13 @@ class PositionModel:
                    state["position.mean"].float(), state["position.precision"].float(),
                    tuple(record["grid"]), state["position.ref_descriptors"].float(),
                    state["position.ref_levels"].float(), float(record["scale"]))
+
+
+def to_output_stride(a: torch.Tensor, factor: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Maps ``(N, h, w)`` at the model's stride upsampled ``factor`` times (bilinear) and cut
+    to ``shape``: the anomaly map at the output stride, for inspection and calibration alike."""
+    up = F.interpolate(a[:, None], scale_factor=factor, mode="bilinear", align_corners=False)
+    return up[:, 0, : shape[0], : shape[1]]
 
 
 def top_level(dist: torch.Tensor) -> torch.Tensor:
