@@ -9,21 +9,34 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pymmcore_plus.experimental.unicore import UniMMCore
 
-from scanner.errors import UserError
-
+from .errors import UserError
 from .simulated import providing
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    from scanner.recipe import MicroManagerMicroscope, Recipe, SimulatedMicroscope
+    from .spec import MicroManagerMicroscope, SimulatedMicroscope
 
 PIXEL_CONFIG = "waferscope"
 SIM_LABELS = {"camera": "Camera", "xy": "XYStage", "z": "Focus", "clock": "SimClock"}
+
+
+class RecipeLike(Protocol):
+    """What the device layer reads of a recipe (``scanner.recipe.Recipe``).
+
+    ``sample`` is the validated ``sample:`` section (read by attribute, see
+    :mod:`devices.sample_factory`); ``microscope`` the ``microscope:`` one (:mod:`devices.spec`).
+    """
+
+    @property
+    def sample(self) -> Any: ...
+
+    @property
+    def microscope(self) -> SimulatedMicroscope | MicroManagerMicroscope: ...
 
 
 @dataclass
@@ -96,7 +109,7 @@ def _require_initialized(core: UniMMCore, labels: Iterable[str]) -> None:
             raise HardwareError(f"device {label} failed to initialize (see the log)")
 
 
-def make_scope(recipe: Recipe, spec: SimulatedMicroscope) -> Any:
+def make_scope(recipe: RecipeLike, spec: SimulatedMicroscope) -> Any:
     """The simulated microscope (``simulators``) for a recipe's sample and a simulated spec."""
     from simulators.camera import CameraModel, Optics
     from simulators.clock import HardwareClock
@@ -151,7 +164,7 @@ def make_scope(recipe: Recipe, spec: SimulatedMicroscope) -> Any:
                     rng=KeyedRandom(spec.seed, "camera"), exposure_ms=cam.exposure_ms)
 
 
-def build_simulated(recipe: Recipe) -> MicroscopeHandle:
+def build_simulated(recipe: RecipeLike) -> MicroscopeHandle:
     """A UniMMCore with the simulated camera, XY stage, focus drive and clock loaded."""
     from .simulated import SimCamera, SimClock, SimFocus, sim_xy_stage
 
@@ -194,7 +207,7 @@ def build_simulated(recipe: Recipe) -> MicroscopeHandle:
     )
 
 
-def build_micromanager(recipe: Recipe) -> MicroscopeHandle:
+def build_micromanager(recipe: RecipeLike) -> MicroscopeHandle:
     """A core loaded from a Micro-Manager ``.cfg`` (C++ adapters and ``#py`` Python devices).
 
     The file is checked offline first (:func:`devices.mmconfig.check_config`): every missing
@@ -266,7 +279,7 @@ def build_micromanager(recipe: Recipe) -> MicroscopeHandle:
 CFG_EMULATOR_STAGE = "waferscope"
 
 
-def _cfg_scope(recipe: Recipe, summary: Any) -> Any:
+def _cfg_scope(recipe: RecipeLike, summary: Any) -> Any:
     """A simulated microscope for the simulated devices a ``.cfg`` loads (None if it has none).
 
     Python devices are built by ``pyDevice`` lines with no arguments; :func:`providing` hands
@@ -277,9 +290,10 @@ def _cfg_scope(recipe: Recipe, summary: Any) -> Any:
                  if module == "devices.simulated"]
     if not simulated:
         return None
-    from scanner.recipe import CameraSpec
-    from scanner.recipe import SimulatedMicroscope as SimSpec
     from simulators.serial_emu import register_stage
+
+    from .spec import CameraSpec
+    from .spec import SimulatedMicroscope as SimSpec
 
     mm: MicroManagerMicroscope = recipe.microscope  # type: ignore[assignment]
     pixel = summary.pixel_size_um or mm.pixel_size_um or 1.0
@@ -305,7 +319,7 @@ def _limit_travel(core: UniMMCore, stage: Any) -> None:
             core.setProperty(xy, high, hi)
 
 
-def build_microscope(recipe: Recipe) -> MicroscopeHandle:
+def build_microscope(recipe: RecipeLike) -> MicroscopeHandle:
     """Build the core that a recipe asks for (with its camera calibration applied, if any)."""
     if recipe.microscope.kind == "simulated":
         handle = build_simulated(recipe)
@@ -325,11 +339,10 @@ def apply_calibration(core: UniMMCore, path: Any) -> None:
     """
     import math
 
-    from scanner.stitch import load_calibration
+    from .calibration import read_camera_calibration
 
-    cam = load_calibration(path)
-    _set_pixel_size(core, cam.pixel_size_um)
-    th = math.radians(cam.rotation_deg)
-    p = cam.pixel_size_um
+    p, rotation_deg = read_camera_calibration(path)
+    _set_pixel_size(core, p)
+    th = math.radians(rotation_deg)
     core.setPixelSizeAffine(PIXEL_CONFIG, [p * math.cos(th), -p * math.sin(th), 0.0,
                                            p * math.sin(th), p * math.cos(th), 0.0])

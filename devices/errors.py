@@ -3,9 +3,14 @@
 The acquisition retries only :class:`HardwareError` (and its subclasses): a controller that
 answered with an error, a garbled or missing reply, a camera that timed out. Anything else
 (a programming error, a travel-limit refusal) is not a transient fault and is never retried.
+:class:`UserError` is bad input (a recipe's sample, a calibration file); ``scanner.errors``
+re-exports it.
 """
 
 from __future__ import annotations
+
+# bad input (exit code 2); defined in the lowest layer, which raises it too (sample geometry)
+from simulators.errors import UserError as UserError
 
 
 class HardwareError(RuntimeError):

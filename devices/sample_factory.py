@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from scanner.errors import UserError
 from simulators.samples import VirtualSample, make_sample
 from simulators.surface import FocalSurface
+
+from .errors import UserError
 
 
 def sample_for_recipe(sample: Any) -> VirtualSample:
@@ -52,7 +53,7 @@ def placed(sample: VirtualSample, spec: Any) -> VirtualSample:
 
 def focal_surface_for_recipe(sample: Any) -> FocalSurface:
     """The simulated focal surface of a recipe sample, centred on the sample's region."""
-    from scanner.geometry import usable_polygon
+    from simulators.geometry import usable_polygon
 
     region = usable_polygon(sample, notch=False)  # centred on the wafer's circle
     cx, cy = region.centroid.x, region.centroid.y

@@ -28,7 +28,7 @@ from .errors import HardwareError, HardwareTimeout
 from .serial_stage import ASIXYStage, PriorXYStage, emulator_url
 
 if TYPE_CHECKING:
-    from scanner.recipe import SimulatedMicroscope as SimulatedSpec
+    from .spec import SimulatedMicroscope as SimulatedSpec
 
 
 _PROVIDED: list[SimulatedMicroscope] = []

@@ -6,14 +6,8 @@ with code 2 (bad input); everything else is a bug or a hardware fault and exits 
 
 from __future__ import annotations
 
-from models.errors import InputError
-
-
-class UserError(InputError):
-    """Bad input: a malformed recipe, a missing file, a plan outside the stage travel.
-
-    The message must name the field or file at fault and say why, in one line.
-    """
+# the very class that devices and simulators raise (defined in the lowest layer)
+from devices.errors import UserError as UserError
 
 
 class RecipeError(UserError):

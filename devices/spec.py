@@ -1,0 +1,267 @@
+"""The pydantic models of a recipe's ``microscope:`` section, and what they are built from.
+
+``microscope`` is tagged by ``kind``: :class:`SimulatedMicroscope` (the built-in simulator) or
+:class:`MicroManagerMicroscope` (a Micro-Manager configuration file). The device layer builds a
+core from them (:mod:`devices.core`); ``scanner.recipe`` puts them into a whole recipe and
+re-exports them. :class:`SpecModel` and the path helpers are the base of every recipe section.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+XY = tuple[float, float]
+
+
+class SpecModel(BaseModel):
+    """Base for recipe sections: unknown keys are errors (a typo must not pass silently)."""
+
+    # inf/NaN would pass every range check of a float field and fail deep inside the plan
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Resolve a relative path against the recipe's folder (given in the validation context)."""
+    base = (info.context or {}).get("base_dir")
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return path.resolve()
+
+
+def existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Resolve an optional path and check that the file exists."""
+    if value is None:
+        return None
+    path = resolve_path(value, info)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
+
+class CameraSpec(SpecModel):
+    """Camera sensor and image formation."""
+
+    width: Annotated[int, Field(gt=0, le=16384)] = 1024
+    height: Annotated[int, Field(gt=0, le=16384)] = 1024
+    pixel_size_um: PositiveFloat = 1.0
+    bit_depth: Literal[8, 10, 12, 14, 16] = 12
+    exposure_ms: PositiveFloat = 10.0
+    readout_ms: NonNegFloat = 20.0
+    full_well_e: PositiveFloat = 10000.0
+    read_noise_e: NonNegFloat = 5.0
+    noise: bool = True
+    vignetting: Annotated[float, Field(ge=0.0, lt=0.9)] = Field(
+        0.08, description="simulated illumination loss at the sensor corners (0.08 = 8 %)"
+    )
+    rotation_deg: Annotated[float, Field(ge=-5.0, le=5.0)] = Field(
+        0.0, description="simulated sensor rotation against the stage axes (truth; calibrate it)"
+    )
+    pixel_size_error: Annotated[float, Field(gt=-0.1, lt=0.1)] = Field(
+        0.0, description="simulated true pixel size = pixel_size_um * (1 + error) (truth)"
+    )
+
+
+class StageSpec(SpecModel):
+    """XY stage travel and mechanics, and (simulated microscope) how it is driven."""
+
+    travel_x_um: XY = (-100_000.0, 100_000.0)
+    travel_y_um: XY = (-100_000.0, 100_000.0)
+    speed_um_s: PositiveFloat = 20_000.0
+    acceleration_um_s2: PositiveFloat = 200_000.0
+    settle_ms: NonNegFloat = 30.0
+    repeatability_um: NonNegFloat = 2.0
+    driver: Literal["direct", "prior", "asi"] = Field(
+        "direct", description="simulated microscope: direct (a Python device moves the "
+        "simulated stage), or prior / asi (the Prior ProScan III / ASI MS-2000 serial driver "
+        "talking to an emulated controller that moves it)")
+    port: str | None = Field(
+        None, description="simulated microscope with driver prior / asi: default the emulator "
+        "bound to the simulated stage; a waferscope-emu:// URL may add emulator options")
+
+    @field_validator("travel_x_um", "travel_y_um")
+    @classmethod
+    def _ordered(cls, value: XY) -> XY:
+        if value[0] >= value[1]:
+            raise ValueError("must be (min, max) with min < max")
+        return value
+
+
+class FocusSpec(SpecModel):
+    """Focus drive (Z) range and mechanics."""
+
+    z_um: float = 0.0
+    range_um: XY = (-500.0, 500.0)
+    speed_um_s: PositiveFloat = 1000.0
+    settle_ms: NonNegFloat = 10.0
+
+    @model_validator(mode="after")
+    def _z_in_range(self) -> FocusSpec:
+        lo, hi = self.range_um
+        if lo >= hi:
+            raise ValueError("range_um: must be (min, max) with min < max")
+        if not lo <= self.z_um <= hi:
+            raise ValueError(f"z_um: {self.z_um} is outside range_um {self.range_um}")
+        return self
+
+
+class ObjectiveSpec(SpecModel):
+    """Objective lens; its depth of field sets the focus tolerances."""
+
+    numerical_aperture: Annotated[float, Field(gt=0, lt=1.0)] = 0.3
+    wavelength_um: PositiveFloat = 0.55
+    magnification: PositiveFloat = 10.0
+
+    @property
+    def depth_of_field_um(self) -> float:
+        """Wave-optical depth of field ``lambda / NA**2``."""
+        return self.wavelength_um / self.numerical_aperture**2
+
+    def effective_depth_of_field_um(self, pixel_size_um: float) -> float:
+        """Depth of field seen through a camera pixel: ``lambda / NA**2 + pixel / NA``.
+
+        Where the pixel (in sample space) is coarser than the optics resolve, the image
+        hardly changes until the blur spans a pixel; the focus targets still use the
+        stricter optical ``depth_of_field_um``.
+        """
+        return self.depth_of_field_um + pixel_size_um / self.numerical_aperture
+
+
+class _CalibratedMicroscope(SpecModel):
+    """What every microscope section has: an optional camera calibration."""
+
+    calibration: Path | None = Field(
+        None, description="camera calibration file from `waferscope calibrate` (pixel size, "
+        "rotation) used to place tiles"
+    )
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return existing_file(value, info)
+
+
+class FaultsSpec(SpecModel):
+    """Hardware faults injected into the simulated microscope (to exercise the retries)."""
+
+    serial_error_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="share of serial commands to the emulated stage controller that fail "
+        "(garbled, lost or error reply, stuck busy flag, limit switch); needs stage.driver "
+        "prior or asi")
+    camera_timeout_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="share of snaps that time out")
+    seed: int = Field(0, description="seed of the fault draws")
+
+
+class SimulatedMicroscope(_CalibratedMicroscope):
+    """The built-in simulated microscope (pure-Python Micro-Manager devices)."""
+
+    kind: Literal["simulated"] = "simulated"
+    camera: CameraSpec = CameraSpec()
+    stage: StageSpec = StageSpec()
+    focus: FocusSpec = FocusSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    realtime: bool = Field(False, description="really sleep the simulated hardware time")
+    seed: int = 0
+    faults: FaultsSpec = FaultsSpec()
+
+    @field_validator("stage")
+    @classmethod
+    def _emulated_port(cls, value: StageSpec) -> StageSpec:
+        scheme = "waferscope-emu://"
+        if value.port is None:
+            return value
+        if value.driver == "direct":
+            raise ValueError("port: only with driver prior or asi")
+        if not value.port.lower().startswith(f"{scheme}{value.driver}"):
+            raise ValueError(f"port: the simulated microscope's {value.driver} stage is the "
+                             f"emulator; leave port unset or give a {scheme}{value.driver} URL")
+        return value
+
+    # a field validator (not a model validator) so the error names faults.serial_error_rate;
+    # stage is declared before faults, so it is validated already
+    @field_validator("faults")
+    @classmethod
+    def _serial_faults_need_a_serial_stage(
+        cls, value: FaultsSpec, info: ValidationInfo
+    ) -> FaultsSpec:
+        stage = info.data.get("stage")
+        if value.serial_error_rate > 0 and stage is not None and stage.driver == "direct":
+            raise ValueError("serial_error_rate: needs microscope.stage.driver prior or asi "
+                             "(the direct stage has no serial line)")
+        return value
+
+
+class RolesSpec(SpecModel):
+    """Which device of a Micro-Manager configuration plays each role (device labels)."""
+
+    camera: str | None = None
+    xy_stage: str | None = None
+    focus: str | None = None
+    autofocus: str | None = None
+    shutter: str | None = None
+
+
+class MicroManagerMicroscope(_CalibratedMicroscope):
+    """Real hardware through a Micro-Manager configuration file."""
+
+    kind: Literal["micromanager"] = "micromanager"
+    config: Path
+    adapter_path: Path | None = None
+    pixel_size_um: PositiveFloat | None = Field(
+        None, description="pixel size when neither a calibration nor the configuration's "
+        "pixel-size presets give one"
+    )
+    roles: RolesSpec | None = Field(
+        None, description="device labels of each role (default: the configuration's Core "
+        "properties)")
+    stage: StageSpec = Field(
+        StageSpec(), description="travel limits (required: Micro-Manager does not report them) "
+        "and mechanics"
+    )
+    focus: FocusSpec = FocusSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+
+    @field_validator("stage")
+    @classmethod
+    def _travel_given(cls, value: StageSpec) -> StageSpec:
+        # a real stage has no safe default travel: the recipe must say where its limits are
+        for key in ("travel_x_um", "travel_y_um"):
+            if key not in value.model_fields_set:
+                raise ValueError(f"{key}: required for kind: micromanager (the stage's safe "
+                                 "travel in stage µm, e.g. [-50000, 50000])")
+        if value.driver != "direct" or value.port is not None:
+            raise ValueError("driver: only for kind: simulated (a real rig names its stage "
+                             "driver in the .cfg)")
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _config_exists(cls, value: Path, info: ValidationInfo) -> Path:
+        path = resolve_path(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        if path.suffix.lower() != ".cfg":
+            raise ValueError(f"not a Micro-Manager .cfg file: {path}")
+        return path
+
+    @field_validator("adapter_path")
+    @classmethod
+    def _adapters_exist(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = resolve_path(value, info)
+        if not path.is_dir():
+            raise ValueError(f"folder not found: {path}")
+        return path
+
+
+Microscope = Annotated[
+    SimulatedMicroscope | MicroManagerMicroscope, Field(discriminator="kind")
+]
