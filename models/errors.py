@@ -2,11 +2,12 @@
 
 :class:`InputError` is bad input to training or inference (a missing or corrupt model file, an
 unreadable good image, too little data): the CLI prints it as one line and exits with code 2.
-``scanner.errors.UserError`` derives from it, so one ``except InputError`` catches both.
+It lives in the lowest layer (``simulators.errors``) so that ``scanner.errors.UserError``
+derives from the same class and one ``except InputError`` catches both.
 """
 
 from __future__ import annotations
 
+from simulators.errors import InputError
 
-class InputError(Exception):
-    """Bad input: the message names the file or option at fault and says why, in one line."""
+__all__ = ["InputError"]

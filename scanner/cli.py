@@ -77,7 +77,7 @@ def _friendly(func: F) -> F:
                           "free space or choose another folder (a stopped scan continues with "
                           "`waferscope resume SCAN`)", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
-        except (UserError, InputError) as exc:  # ours and the model package's bad input
+        except InputError as exc:  # ours and the model package's bad input (UserError derives)
             # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
