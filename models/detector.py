@@ -18,6 +18,7 @@ score leaves it by several times the spread good surfaces show there.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,7 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
     InputError
         No bank, a bank of the wrong width, a backbone other than the installed one.
     """
-    from .backbone import BACKBONE_SHA256, FEATURE_DIM, backbone_record
+    from .backbone import BACKBONE_SHA256, FEATURE_DIM, backbone_record, feature_precision
     from .errors import InputError
     from .inspection import network_from_state
 
@@ -348,6 +349,13 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
             [ours["layers"], ours["layer_weights"]]:
         raise InputError(f"{weights}: built on other backbone features (layers "
                          f"{backbone.get('layers')}); rebuild it with waferscope train")
+    built, here = backbone.get("precision", "float32"), feature_precision()
+    if built != here:
+        # features differ by about 3 % between the two precisions: scores shift a little
+        logging.getLogger(__name__).warning(
+            "%s: built on %s features, this machine computes %s ones (scores may shift by a "
+            "few per cent; rebuild here or set WAFERSCOPE_FEATURE_PRECISION=%s)",
+            weights, built, here, built)
     bank = state.get("bank")
     if bank is None or bank.ndim != 2 or bank.shape[1] != FEATURE_DIM or not len(bank):
         raise InputError(f"{weights}: no memory bank of {FEATURE_DIM} features in the file")
