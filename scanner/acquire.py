@@ -283,6 +283,7 @@ def acquire(
     folder: Path,
     *,
     only: set[int] | None = None,
+    on_tile: Callable[[np.ndarray, TileRecord], None] | None = None,
 ) -> AcquisitionResult:
     """Acquire the tiles of ``plan`` into the tiles store of ``folder``.
 
@@ -303,6 +304,10 @@ def acquire(
     only : set of int, optional
         Take only these tiles (by plan index) and keep what the store already holds
         (``waferscope resume``).
+    on_tile : callable, optional
+        ``on_tile(image, record)`` once each tile is stored and journaled, on the acquisition
+        thread (processing while the stage moves, see ``registration.live``): it must return
+        at once; its exceptions are logged and never stop the run.
     """
     core = handle.core
     core.setExposure(exposure_for(recipe))
@@ -333,7 +338,13 @@ def acquire(
 
     def sink(image: np.ndarray, index: int, where: dict) -> None:
         tile = by_index[index]
-        store.write(image, TileRecord(index=tile.index, row=tile.row, col=tile.col, **where))
+        record = TileRecord(index=tile.index, row=tile.row, col=tile.col, **where)
+        store.write(image, record)
+        if on_tile is not None:
+            try:
+                on_tile(image, record)
+            except Exception:  # processing is not acquisition: the tile is stored already
+                log.exception("processing of tile %d during acquisition failed", index)
 
     def on_lost(index: int, reason: str) -> None:
         tile = by_index[index]

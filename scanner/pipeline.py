@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from pydantic import ValidationError
 
 from devices.core import MicroscopeHandle, build_microscope
@@ -21,6 +23,8 @@ from .errors import UserError
 from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
 from .recipe import Recipe, format_validation_error
+from .registration.live import LiveRegistrar, LiveResults
+from .registration.scan import CameraGeometry
 from .scanfolder import (
     RUNNING,
     SCAN_JSON,
@@ -33,8 +37,8 @@ from .scanfolder import (
     this_process,
     write_json,
 )
-from .stitch import MOSAIC, stitch_scan
-from .tilestore import TILES_CSV, open_tiles, read_tiles_csv, stored_tiles
+from .stitch import MOSAIC, load_calibration, stitch_scan
+from .tilestore import TILES_CSV, TileRecord, open_tiles, read_tiles_csv, stored_tiles
 
 log = logging.getLogger("waferscope.pipeline")
 
@@ -290,13 +294,25 @@ def _finish_scan(
     if inspect is None:
         inspect = bool(scan["options"]["inspect"])
     n_tiles = int(scan["plan"]["n_tiles"])
+    live = None
     try:
         if handle is not None and plan is not None:
-            _acquire_stage(folder, scan, recipe, handle, plan, observer, only)
+            # the pairs of the tiles are registered while the stage moves (the stitch stage
+            # measures what it missed), see scanner.registration.live
+            live = _start_live(scan, handle, plan, only)
+            _acquire_stage(folder, scan, recipe, handle, plan, observer, only,
+                           on_tile=live.feed if live is not None else None)
         last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
+        precomputed = _finish_live(live)
+        if precomputed is not None:
+            _record_live(scan, precomputed.stats)
+        else:  # nothing was processed during this run's acquisition (if it had one)
+            scan.pop("during_acquisition", None)
+            scan["timings"].pop("during_acquisition", None)
         _set_status(folder, scan, "stitching")
         pixel_size = float(scan["microscope"]["pixel_size_um"])
-        _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer, cluster)
+        _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer, cluster,
+                      precomputed=precomputed)
         if inspect:
             _set_status(folder, scan, "inspecting")
             inspect_stage(folder, scan, model=model, observer=observer, cluster=cluster)
@@ -310,6 +326,8 @@ def _finish_scan(
             scan.update({k: v for k, v in read_scan_json(folder).items()
                          if k not in ("status", "process")})
     except BaseException as exc:
+        if live is not None:
+            live.abort()
         interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
         scan.update(status="interrupted" if interrupted else "failed", finished=now_iso(),
                     acquired_tiles=len(_acquired(folder, n_tiles)))
@@ -325,22 +343,81 @@ def _finish_scan(
     return ScanResult(folder, scan["status"], n_tiles, n_acquired, scan["timings"])
 
 
+def _finish_live(live: LiveRegistrar | None) -> LiveResults | None:
+    """What was registered during acquisition (None if nothing, or if that failed)."""
+    if live is None:
+        return None
+    try:
+        return live.finish()
+    except Exception:  # the stitch stage measures it all, as it would have
+        log.exception("registration during acquisition failed")
+        return None
+
+
+def _record_live(scan: dict[str, Any], stats: dict[str, Any]) -> None:
+    """What was processed during acquisition: counts in ``during_acquisition``, seconds (the
+    workers' busy time, and the wait for their queue after the last tile) in the timings."""
+    scan["during_acquisition"] = {k: v for k, v in stats.items() if not k.endswith("_s")}
+    scan["timings"]["during_acquisition"] = {k: v for k, v in stats.items()
+                                             if k.endswith("_s")}
+
+
 def _set_status(folder: Path, scan: dict[str, Any], status: str) -> None:
     scan["status"] = status
     write_json(folder / SCAN_JSON, scan)
 
 
+def _stitch_settings(scan: dict[str, Any]) -> dict[str, Any]:
+    """The stitch stage's settings from the recipe recorded in ``scan``."""
+    recipe = scan.get("recipe", {})
+    options = recipe.get("stitch", {}) or {}
+    microscope = recipe.get("microscope", {}) or {}
+    calibration = microscope.get("calibration")
+    return {
+        "repeatability_um": float((microscope.get("stage") or {}).get("repeatability_um", 2.0)),
+        "registration": bool(options.get("registration", True)),
+        "flatfield": bool(options.get("flatfield", True)),
+        "calibration": Path(calibration) if calibration else None,
+        "max_shift_um": options.get("max_shift_um"),
+        "min_ncc": float(options.get("min_confidence", 0.3)),
+    }
+
+
+def _start_live(scan: dict[str, Any], handle: MicroscopeHandle, plan: ScanPlan,
+                only: set[int] | None) -> LiveRegistrar | None:
+    """The registrar fed the tiles during acquisition with the stitch stage's settings, or
+    None (registration off; anything that stops it starting is logged, never fatal)."""
+    try:
+        settings = _stitch_settings(scan)
+        if not settings["registration"]:
+            return None
+        pixel_size = float(scan["microscope"]["pixel_size_um"])
+        camera = (load_calibration(settings["calibration"])
+                  if settings["calibration"] is not None else CameraGeometry(pixel_size, 0.0))
+        return LiveRegistrar(
+            (handle.core.getImageHeight(), handle.core.getImageWidth()), camera,
+            settings["repeatability_um"], max_shift_um=settings["max_shift_um"],
+            min_ncc=settings["min_ncc"],
+            planned=[(t.index, t.row, t.col, t.x_um, t.y_um) for t in plan.tiles],
+            coming=[t.index for t in plan.tiles if only is None or t.index in only])
+    except Exception:  # the stitch stage does it all, as it would have
+        log.exception("registration during acquisition could not start")
+        return None
+
+
 def _acquire_stage(
     folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,
     plan: ScanPlan, observer: Observer, only: set[int] | None,
+    on_tile: Callable[[np.ndarray, TileRecord], None] | None = None,
 ) -> None:
-    """Acquire into the folder and record how it went in ``scan``."""
+    """Acquire into the folder and record how it went in ``scan``; ``on_tile`` is called
+    with each stored tile (see :func:`scanner.acquire.acquire`)."""
     total = len(plan.tiles) if only is None else len(only)
     observer.stage_started("acquire", total)
     progress = handle.core.mda.events.frameReady.connect(
         lambda *_: observer.advance("acquire", 1))
     try:
-        result = acquire(handle, plan, recipe, folder, only=only)
+        result = acquire(handle, plan, recipe, folder, only=only, on_tile=on_tile)
     finally:
         handle.core.mda.events.frameReady.disconnect(progress)
         observer.stage_finished("acquire")
@@ -362,9 +439,12 @@ def _acquire_stage(
 
 def _stitch_stage(
     folder: Path, scan: dict[str, Any], pixel_size: float, chunk: int, observer: Observer,
-    cluster: Any = None,
+    cluster: Any = None, precomputed: LiveResults | None = None,
 ) -> None:
-    """Fuse the mosaic and record it (and the stage's wall time) in ``scan``."""
+    """Fuse the mosaic and record it (and the stage's wall time) in ``scan``.
+
+    ``precomputed``: what was registered during acquisition (the same result as without it).
+    """
     t0 = time.perf_counter()
     started: set[str] = set()
 
@@ -375,23 +455,10 @@ def _stitch_stage(
             started.add(stage)
         observer.advance(stage, 1)
 
-    recipe = scan.get("recipe", {})
-    options = recipe.get("stitch", {}) or {}
-    microscope = recipe.get("microscope", {}) or {}
-    calibration = microscope.get("calibration")
-    result = stitch_scan(
-        folder,
-        pixel_size,
-        repeatability_um=float((microscope.get("stage") or {}).get("repeatability_um", 2.0)),
-        registration=bool(options.get("registration", True)),
-        flatfield=bool(options.get("flatfield", True)),
-        calibration=Path(calibration) if calibration else None,
-        max_shift_um=options.get("max_shift_um"),
-        min_ncc=float(options.get("min_confidence", 0.3)),
-        chunk=chunk,
-        progress=on_step,
-        cluster=cluster,
-    )
+    settings = _stitch_settings(scan)
+    calibration = (scan.get("recipe", {}).get("microscope") or {}).get("calibration")
+    result = stitch_scan(folder, pixel_size, **settings, chunk=chunk, progress=on_step,
+                         cluster=cluster, precomputed=precomputed)
     info = result.mosaic
     for stage in started:
         observer.stage_finished(stage)

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import UserError
 from .mosaic import MosaicInfo, fuse_mosaic
 from .registration.flatfield import estimate_flatfield
-from .registration.scan import CameraGeometry, register_scan
+from .registration.scan import CameraGeometry, PairSource, register_scan
 from .tilestore import TILES_CSV, check_journal, open_tiles, read_tiles_csv
 
 MOSAIC = "mosaic.ome.zarr"
@@ -155,6 +155,7 @@ def stitch_scan(
     chunk: int = 1024,
     progress: Callable[[str, int, int], None] | None = None,
     cluster: Any = None,
+    precomputed: PairSource | None = None,
 ) -> StitchResult:
     """The stitch stage: register → global solve → flat-field → fuse.
 
@@ -178,6 +179,9 @@ def stitch_scan(
         ``progress(step, done, total)`` with step ``"register"`` or ``"fuse"``.
     cluster : scanner.cluster.Cluster, optional
         Fuse (and build the pyramid) as dask tasks; registration runs here.
+    precomputed : scanner.registration.live.LiveResults, optional
+        What was registered during acquisition: the pairs measured exactly as here are taken
+        from it, the others measured (the same result as without it, only sooner).
     """
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
@@ -192,8 +196,10 @@ def stitch_scan(
         summary = register_scan(
             folder, camera, repeatability_um, max_shift_um=max_shift_um, min_ncc=min_ncc,
             progress=(lambda d, t: progress("register", d, t)) if progress else None,
+            precomputed=precomputed,
         )
         reg_summary = summary.to_json()
+        # with precomputed pairs: the pairs not measured during acquisition, and the solve
         timings["register_s"] = round(time.perf_counter() - t0, 3)
     ff = None
     ff_info = None

@@ -161,18 +161,27 @@ def read_tiles_csv(folder: Path) -> list[TileRecord]:
         for row in csv.DictReader(f):
             if None in row or any(row.get(c) is None for c in COLUMNS) or not row["status"]:
                 continue  # a partial last line
-            values: dict[str, object] = {}
-            for field in fields(TileRecord):
-                raw = row.get(field.name, "")
-                if field.type in ("int", int):
-                    values[field.name] = int(raw) if raw not in ("", None) else 0
-                elif field.type in ("float", float):
-                    values[field.name] = float(raw) if raw not in ("", None) else float("nan")
-                else:
-                    values[field.name] = raw if raw not in ("", None) else field.default
-            record = TileRecord(**values)  # type: ignore[arg-type]
+            record = _parse_row(row)
             by_index[record.index] = record
     return [by_index[i] for i in sorted(by_index)]
+
+
+def _parse_row(row: dict[str, str]) -> TileRecord:
+    values: dict[str, object] = {}
+    for field in fields(TileRecord):
+        raw = row.get(field.name, "")
+        if field.type in ("int", int):
+            values[field.name] = int(raw) if raw not in ("", None) else 0
+        elif field.type in ("float", float):
+            values[field.name] = float(raw) if raw not in ("", None) else float("nan")
+        else:
+            values[field.name] = raw if raw not in ("", None) else field.default
+    return TileRecord(**values)  # type: ignore[arg-type]
+
+
+def as_journaled(record: TileRecord) -> TileRecord:
+    """``record`` as :func:`read_tiles_csv` reads it back once journaled (floats rounded)."""
+    return _parse_row({k: _fmt(v) for k, v in asdict(record).items()})
 
 
 def write_tiles_csv(folder: Path, records: Iterable[TileRecord]) -> None:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, signal
 
-__all__ = ["PairResult", "overlap_slices", "prepare_strip", "register_pair", "texture_snr"]
+__all__ = ["PairResult", "overlap_slices", "prepare_strip", "register_pair", "search_key",
+           "texture_snr"]
 
 #: High-pass scale (pixels): removes vignetting and illumination gradients before correlating.
 _HIGHPASS_SIGMA = 8.0
@@ -277,6 +278,26 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum()) / den if den > 0 else 0.0
 
 
+def search_key(expected: tuple[float, float], max_shift_px: float) -> tuple[int, int, int, int]:
+    """What :func:`register_pair` makes of ``expected`` and ``max_shift_px``: nothing else.
+
+    The strips are cut at the rounded expected offset and the integer peak is searched in a
+    window of whole pixels; the fractional parts of ``expected`` and ``max_shift_px`` play no
+    other part. Two registrations of the same tiles with the same key (and the same other
+    arguments) are therefore identical, which is what lets a pair measured during acquisition
+    (with parameters estimated from the plan) stand for one measured afterwards.
+
+    Returns
+    -------
+    (oy, ox, wy, wx) : int
+        The cut ``(dy, dx)`` and the window's half-widths (pixels).
+    """
+    ex, ey = expected
+    oy, ox = int(round(ey)), int(round(ex))
+    return (oy, ox, int(math.floor(max_shift_px + abs(ey - oy))),
+            int(math.floor(max_shift_px + abs(ex - ox))))
+
+
 def register_pair(
     tile_a: np.ndarray,
     tile_b: np.ndarray,
@@ -315,9 +336,9 @@ def register_pair(
     """
     a_id, b_id = ids
     shape = tuple(shape or tile_a.shape)
-    ex, ey = expected
-    oy, ox = int(round(ey)), int(round(ex))
-    window = (max_shift_px + abs(ey - oy), max_shift_px + abs(ex - ox))
+    # expected and max_shift_px enter through the search key alone (see search_key)
+    oy, ox, wy, wx = search_key(expected, max_shift_px)
+    window = (float(wy), float(wx))
     # strips cut at the expected offset (widening them by the window was tried: the true
     # overlap then sits at opposite ends of the two strips and the apodization window hides it)
     centre = (0, 0)

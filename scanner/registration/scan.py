@@ -12,16 +12,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..tilestore import TileRecord, open_tiles, read_tiles_csv, write_tiles_csv
 from .accuracy import classify_tiles
-from .pairwise import PairResult, register_pair
+from .pairwise import PairResult, register_pair, search_key
 from .solve import solve_positions
 
-__all__ = ["CameraGeometry", "RegistrationSummary", "register_scan", "register_tiles"]
+__all__ = ["CameraGeometry", "PairSource", "RegistrationSummary", "SearchParams",
+           "kept_region", "register_scan", "register_tiles", "search_params",
+           "tile_prior"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class RegistrationSummary:
     median_ncc: float
     rms_residual_px: float
     max_correction_um: float
+    #: pairs taken from those measured during acquisition (the rest measured after it)
+    n_pairs_precomputed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (floats rounded)."""
@@ -111,6 +115,73 @@ def _register_one(crop: Any, here: Any, expected: tuple[float, float], max_shift
         return PairResult(ids[0], ids[1], math.nan, math.nan, 0.0, 0.0, 0.0, False)
 
 
+@dataclass(frozen=True)
+class SearchParams:
+    """The registration's parameters derived from the tile positions (see
+    :func:`search_params`)."""
+
+    step_px: float
+    max_shift_px: float
+    keep_c: int  # columns of a tile kept for its right neighbour
+    keep_r: int  # rows of a tile kept for its lower neighbour
+
+
+def tile_prior(stage_um: np.ndarray, camera: CameraGeometry,
+               shape: tuple[int, int]) -> np.ndarray:
+    """Camera-frame position ``t_i`` of pixel (0, 0) of tiles centred at ``stage_um`` (N, 2)."""
+    h, w = shape
+    centre_px = np.array([(w - 1) / 2, (h - 1) / 2])
+    return np.asarray(stage_um, dtype=float) @ camera.stage_to_px().T - centre_px
+
+
+def search_params(prior: np.ndarray, grid: dict[tuple[int, int], int],
+                  shape: tuple[int, int], camera: CameraGeometry, repeatability_um: float,
+                  max_shift_um: float | None) -> SearchParams:
+    """Step (the median over grid neighbours), search window and strips kept.
+
+    ``prior`` are the tiles' camera-frame positions, ``grid`` maps ``(row, col)`` to a row of
+    ``prior``.
+    """
+    h, w = shape
+    steps = [abs(prior[grid[(r, c + 1)]] - prior[k]).max() for (r, c), k in grid.items()
+             if (r, c + 1) in grid]
+    steps += [abs(prior[grid[(r + 1, c)]] - prior[k]).max() for (r, c), k in grid.items()
+              if (r + 1, c) in grid]
+    step_px = float(np.median(steps)) if steps else float(max(h, w))
+    p = camera.pixel_size_um
+    if max_shift_um is not None:
+        max_shift = max_shift_um / p
+    else:
+        max_shift = default_max_shift_px(repeatability_um, step_px, p)
+    # strips kept for later neighbours: the overlap plus the window, plus a little
+    keep_c = min(w, int(math.ceil(w - step_px + 2 * max_shift + 4)))
+    keep_r = min(h, int(math.ceil(h - step_px + 2 * max_shift + 4)))
+    return SearchParams(step_px, float(max_shift), keep_c, keep_r)
+
+
+def kept_region(kind: str, shape: tuple[int, int], params: SearchParams
+                ) -> tuple[int, int, int, int]:
+    """``(r0, r1, c0, c1)`` of tile ``a`` kept for a ``"left"`` pair (``a`` left of ``b``) or
+    an ``"up"`` pair (``a`` above ``b``)."""
+    h, w = shape
+    if kind == "left":
+        return (0, h, w - params.keep_c, w)
+    return (h - params.keep_r, h, 0, w)
+
+
+class PairSource(Protocol):
+    """Pairs measured earlier (during acquisition), see ``registration.live``."""
+
+    def lookup(self, a: TileRecord, b: TileRecord, key: tuple[int, int, int, int],
+               min_ncc: float, shape: tuple[int, int], region_a: tuple[int, int, int, int]
+               ) -> PairResult | None:
+        """The pair of tiles ``a`` and ``b`` (ids their tile indices) if it was measured on
+        these very tiles and is what :func:`register_tiles` would measure now: the same search
+        key (``pairwise.search_key``), ``min_ncc`` and shape, and reads of ``a`` that the strip
+        ``region_a`` holds; else None."""
+        ...
+
+
 def register_tiles(
     tiles: Any,
     records: list[TileRecord],
@@ -121,13 +192,15 @@ def register_tiles(
     min_ncc: float = 0.3,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 2,
+    precomputed: PairSource | None = None,
 ) -> tuple[np.ndarray, RegistrationSummary, list[PairResult], np.ndarray]:
     """Registered tile centres (stage µm) of acquired tiles.
 
     Parameters
     ----------
     tiles : array-like
-        ``(N, H, W)`` tile store; ``tiles[record.index]`` is read once per tile.
+        ``(N, H, W)`` tile store; ``tiles[record.index]`` is read once per tile (only for the
+        tiles of pairs not taken from ``precomputed``).
     records : list[TileRecord]
         The acquired tiles (grid ``row``/``col`` and reported ``x_um``/``y_um``).
     camera : CameraGeometry
@@ -142,6 +215,11 @@ def register_tiles(
         ``progress(done, total)`` per tile.
     workers : int
         Threads registering the pairs of a row.
+    precomputed : PairSource, optional
+        Pairs measured during acquisition (``registration.live``): a pair is taken from it
+        only when it is exactly the one measured here (same tiles, same search key, see
+        :meth:`PairSource.lookup`), so that the result is the same bit for bit; the others
+        are measured as without it.
 
     Returns
     -------
@@ -160,56 +238,73 @@ def register_tiles(
     to_px = camera.stage_to_px()
     stage = np.array([(r.x_um, r.y_um) for r in records], dtype=float)
     centre_px = np.array([(w - 1) / 2, (h - 1) / 2])
-    prior = stage @ to_px.T - centre_px  # t_i: camera-frame position of pixel (0, 0)
+    prior = tile_prior(stage, camera, (h, w))  # t_i: camera-frame position of pixel (0, 0)
 
     grid = {(r.row, r.col): k for k, r in enumerate(records)}
-    steps = [abs(prior[grid[(r, c + 1)]] - prior[k]).max() for (r, c), k in grid.items()
-             if (r, c + 1) in grid]
-    steps += [abs(prior[grid[(r + 1, c)]] - prior[k]).max() for (r, c), k in grid.items()
-              if (r + 1, c) in grid]
-    step_px = float(np.median(steps)) if steps else float(max(h, w))
+    params = search_params(prior, grid, (h, w), camera, repeatability_um, max_shift_um)
+    max_shift, keep_c, keep_r = params.max_shift_px, params.keep_c, params.keep_r
     p = camera.pixel_size_um
-    if max_shift_um is not None:
-        max_shift = max_shift_um / p
-    else:
-        max_shift = default_max_shift_px(repeatability_um, step_px, p)
-    # strips kept for later neighbours: the overlap plus the window, plus a little
-    keep_c = min(w, int(math.ceil(w - step_px + 2 * max_shift + 4)))
-    keep_r = min(h, int(math.ceil(h - step_px + 2 * max_shift + 4)))
 
-    pairs: list[PairResult] = []
-    above: dict[int, _Crop] = {}
+    # the pairs, in the order they have always been measured and solved in: grid rows top to
+    # bottom, each tile with its left then its upper neighbour
     rows = sorted({r.row for r in records})
+    order: list[tuple[int, int, str]] = []
+    for row in rows:
+        for col in sorted(c for (r, c) in grid if r == row):
+            k = grid[(row, col)]
+            if (row, col - 1) in grid:
+                order.append((grid[(row, col - 1)], k, "left"))
+            if (row - 1, col) in grid:
+                order.append((grid[(row - 1, col)], k, "up"))
+    found: dict[tuple[int, int], PairResult] = {}
+    if precomputed is not None:
+        for a, k, kind in order:
+            expected = prior[k] - prior[a]
+            got = precomputed.lookup(
+                records[a], records[k], search_key((expected[0], expected[1]), max_shift),
+                min_ncc, (h, w), kept_region(kind, (h, w), params))
+            if got is not None:
+                found[(a, k)] = replace(got, a=a, b=k)
+    needed = {t for a, k, _ in order if (a, k) not in found for t in (a, k)}
+
+    results: dict[tuple[int, int], Any] = {}
+    above: dict[int, _Crop] = {}
     done = 0
     # pairs are independent: a row's pairs run on a few threads (the FFTs, filters and warps
     # release the GIL); waiting at the end of each row keeps memory at one row of tiles
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else _Inline()
     for row in rows:
-        jobs: list[Any] = []
+        jobs: list[tuple[tuple[int, int], Any]] = []
         cols = sorted(c for (r, c) in grid if r == row)
         below: dict[int, _Crop] = {}
         left: tuple[int, _Crop] | None = None
         for col in cols:
             k = grid[(row, col)]
-            tile = np.asarray(tiles[records[k].index])
-            here = _Crop(tile, 0, 0)
-            neighbours = []
-            if left is not None and left[0] == col - 1:
-                neighbours.append((grid[(row, col - 1)], left[1]))
-            if (row - 1, col) in grid and col in above:
-                neighbours.append((grid[(row - 1, col)], above[col]))
-            for a, crop in neighbours:
-                expected = prior[k] - prior[a]
-                jobs.append(pool.submit(_register_one, crop, here, (expected[0], expected[1]),
-                                        max_shift, (a, k), (h, w), min_ncc))
-            left = (col, _Crop(tile[:, w - keep_c:].copy(), 0, w - keep_c))
-            below[col] = _Crop(tile[h - keep_r:, :].copy(), h - keep_r, 0)
+            if k in needed:  # tiles whose pairs are all known are not read
+                tile = np.asarray(tiles[records[k].index])
+                here = _Crop(tile, 0, 0)
+                neighbours = []
+                if left is not None and left[0] == col - 1:
+                    neighbours.append((grid[(row, col - 1)], left[1]))
+                if (row - 1, col) in grid and col in above:
+                    neighbours.append((grid[(row - 1, col)], above[col]))
+                for a, crop in neighbours:
+                    if (a, k) in found:
+                        continue
+                    expected = prior[k] - prior[a]
+                    jobs.append(((a, k), pool.submit(
+                        _register_one, crop, here, (expected[0], expected[1]), max_shift,
+                        (a, k), (h, w), min_ncc)))
+                left = (col, _Crop(tile[:, w - keep_c:].copy(), 0, w - keep_c))
+                below[col] = _Crop(tile[h - keep_r:, :].copy(), h - keep_r, 0)
             done += 1
             if progress is not None:
                 progress(done, n)
-        pairs.extend(job.result() for job in jobs)
+        results.update((ids, job.result()) for ids, job in jobs)
         above = below
     pool.shutdown()
+    pairs: list[PairResult] = [found[(a, k)] if (a, k) in found else results[(a, k)]
+                               for a, k, _ in order]
 
     result = solve_positions(prior, repeatability_um / p, pairs)
     centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
@@ -230,6 +325,7 @@ def register_tiles(
         rms_residual_px=float(np.sqrt(np.mean(result.residuals_px**2)))
         if result.residuals_px.size else 0.0,
         max_correction_um=float(np.abs(centres - stage).max()) if n else 0.0,
+        n_pairs_precomputed=len(found),
     )
     return centres, summary, pairs, classes
 
@@ -242,6 +338,7 @@ def register_scan(
     max_shift_um: float | None = None,
     min_ncc: float = 0.3,
     progress: Callable[[int, int], None] | None = None,
+    precomputed: PairSource | None = None,
 ) -> RegistrationSummary:
     """Register a scan folder's tiles and write ``x_reg_um``/``y_reg_um`` into ``tiles.csv``.
 
@@ -251,8 +348,8 @@ def register_scan(
     all_records = read_tiles_csv(folder)
     ok = [r for r in all_records if r.status == "ok"]
     centres, summary, _, _ = register_tiles(open_tiles(folder), ok, camera, repeatability_um,
-                                         max_shift_um=max_shift_um, min_ncc=min_ncc,
-                                         progress=progress)
+                                            max_shift_um=max_shift_um, min_ncc=min_ncc,
+                                            progress=progress, precomputed=precomputed)
     by_index = {r.index: (float(c[0]), float(c[1])) for r, c in zip(ok, centres, strict=True)}
     out = [replace(r, x_reg_um=by_index[r.index][0], y_reg_um=by_index[r.index][1])
            if r.index in by_index else r for r in all_records]
