@@ -297,8 +297,9 @@ def _finish_scan(
     live = None
     try:
         if handle is not None and plan is not None:
-            # the pairs of the tiles are registered while the stage moves (the stitch stage
-            # measures what it missed), see scanner.registration.live
+            # the pairs of the tiles are registered and the flat-field's thumbnails computed
+            # while the stage moves (the stitch stage computes what is missing), see
+            # scanner.registration.live
             live = _start_live(scan, handle, plan, only)
             _acquire_stage(folder, scan, recipe, handle, plan, observer, only,
                            on_tile=live.feed if live is not None else None)
@@ -386,10 +387,11 @@ def _stitch_settings(scan: dict[str, Any]) -> dict[str, Any]:
 def _start_live(scan: dict[str, Any], handle: MicroscopeHandle, plan: ScanPlan,
                 only: set[int] | None) -> LiveRegistrar | None:
     """The registrar fed the tiles during acquisition with the stitch stage's settings, or
-    None (registration off; anything that stops it starting is logged, never fatal)."""
+    None (registration and flat-field off; anything that stops it starting is logged, never
+    fatal)."""
     try:
         settings = _stitch_settings(scan)
-        if not settings["registration"]:
+        if not settings["registration"] and not settings["flatfield"]:
             return None
         pixel_size = float(scan["microscope"]["pixel_size_um"])
         camera = (load_calibration(settings["calibration"])
@@ -399,7 +401,8 @@ def _start_live(scan: dict[str, Any], handle: MicroscopeHandle, plan: ScanPlan,
             settings["repeatability_um"], max_shift_um=settings["max_shift_um"],
             min_ncc=settings["min_ncc"],
             planned=[(t.index, t.row, t.col, t.x_um, t.y_um) for t in plan.tiles],
-            coming=[t.index for t in plan.tiles if only is None or t.index in only])
+            coming=[t.index for t in plan.tiles if only is None or t.index in only],
+            register=settings["registration"], thumbnails=settings["flatfield"])
     except Exception:  # the stitch stage does it all, as it would have
         log.exception("registration during acquisition could not start")
         return None

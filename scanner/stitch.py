@@ -19,8 +19,9 @@ import numpy as np
 
 from .errors import UserError
 from .mosaic import MosaicInfo, fuse_mosaic
-from .registration.flatfield import estimate_flatfield
-from .registration.scan import CameraGeometry, PairSource, register_scan
+from .registration.flatfield import estimate_flatfield, flatfield_tiles
+from .registration.live import LiveResults
+from .registration.scan import CameraGeometry, register_scan
 from .tilestore import TILES_CSV, check_journal, open_tiles, read_tiles_csv
 
 MOSAIC = "mosaic.ome.zarr"
@@ -155,7 +156,7 @@ def stitch_scan(
     chunk: int = 1024,
     progress: Callable[[str, int, int], None] | None = None,
     cluster: Any = None,
-    precomputed: PairSource | None = None,
+    precomputed: LiveResults | None = None,
 ) -> StitchResult:
     """The stitch stage: register → global solve → flat-field → fuse.
 
@@ -180,8 +181,9 @@ def stitch_scan(
     cluster : scanner.cluster.Cluster, optional
         Fuse (and build the pyramid) as dask tasks; registration runs here.
     precomputed : scanner.registration.live.LiveResults, optional
-        What was registered during acquisition: the pairs measured exactly as here are taken
-        from it, the others measured (the same result as without it, only sooner).
+        What was computed during acquisition: the pairs measured exactly as here and the
+        flat-field thumbnails of the same acquisitions are taken from it, the rest computed
+        here (the same result as without it, only sooner).
     """
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
@@ -205,8 +207,11 @@ def stitch_scan(
     ff_info = None
     if flatfield:
         t0 = time.perf_counter()
-        ok = [r.index for r in read_tiles_csv(folder) if r.status == "ok"]
-        ff = estimate_flatfield(open_tiles(folder), ok)
+        records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+        ok = [r.index for r in records]
+        # thumbnails computed during acquisition, for these very acquisitions
+        thumbs = precomputed.thumbnails_for(records) if precomputed is not None else {}
+        ff = estimate_flatfield(open_tiles(folder), ok, thumbnails=thumbs)
         if ff is not None:
             tmp = folder / (FLATFIELD + ".tmp.npy")
             np.save(tmp, ff)
@@ -215,6 +220,7 @@ def stitch_scan(
                        "max": round(float(ff.max()), 4), "tiles_used": min(len(ok), 200)}
         else:
             ff_info = {"path": None, "why": "too few tiles to estimate it"}
+        ff_info["thumbnails_precomputed"] = sum(i in thumbs for i in flatfield_tiles(ok))
         timings["flatfield_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     info = stitch(folder, camera.pixel_size_um, chunk=chunk, flatfield=ff,

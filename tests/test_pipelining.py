@@ -16,6 +16,7 @@ import scanner.pipeline as pipeline
 from scanner.pipeline import restitch, resume_scan, run_scan
 from scanner.recipe import parse_recipe
 from scanner.registration import live
+from scanner.registration.flatfield import estimate_flatfield, thumbnail
 from scanner.registration.live import LiveRegistrar, LiveResults
 from scanner.registration.scan import CameraGeometry, register_tiles
 from scanner.tilestore import open_tiles, read_tiles_csv
@@ -118,6 +119,9 @@ def test_registration_during_acquisition_equals_the_sequential_stitch(live_scan,
     assert scan["during_acquisition"]["pairs"] == reg["n_pairs"]
     assert scan["during_acquisition"]["failures"] == 0
     assert scan["timings"]["during_acquisition"]["busy_s"] > 0
+    # and every tile's flat-field thumbnail (none read back from the store)
+    assert scan["flatfield"]["path"] == "flatfield.npy"
+    assert scan["flatfield"]["thumbnails_precomputed"] == scan["flatfield"]["tiles_used"] > 8
     # tiles.csv's registered positions and the mosaic are those of a stitch without them
     _assert_same(_outputs(folder), _sequential(folder, tmp_path))
     # and so are the pairs and the positions at full precision
@@ -239,6 +243,9 @@ def test_failures_in_the_background_leave_a_complete_identical_scan(tmp_path, mo
     assert scan["during_acquisition"]["failures"] >= 2
     reg = scan["registration"]
     assert 0 < reg["n_pairs_precomputed"] < reg["n_pairs"]
+    # tile 5 failed before its thumbnail, tile 9 was never queued: read from the store
+    ff = scan["flatfield"]
+    assert ff["thumbnails_precomputed"] == ff["tiles_used"] - 2
     monkeypatch.undo()
     _assert_same(_outputs(folder), _sequential(folder, tmp_path))
 
@@ -301,3 +308,40 @@ def test_tracked_strip_records_what_was_read_and_reads_outside():
     with pytest.raises(IndexError):
         strip[slice(5, 8), slice(0, 2)]
     assert strip.outside and strip.read == (6, 9, 2, 10)
+
+
+def test_flatfield_from_precomputed_thumbnails_is_the_same():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:96, :128]
+    gain = 1 - 0.2 * (((yy - 48) / 48) ** 2 + ((xx - 64) / 64) ** 2)
+    tiles = (rng.uniform(0.6, 1.0, (30, 96, 128)) * gain * 3000).astype(np.uint16)
+    plain = estimate_flatfield(tiles, range(30))
+    assert plain is not None
+    thumbs = {i: thumbnail(tiles[i]) for i in range(0, 30, 2)}
+
+    class Counting:  # what is read from the store
+        shape, read = tiles.shape, []
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return tiles[i]
+
+    store = Counting()
+    assert np.array_equal(estimate_flatfield(store, range(30), thumbnails=thumbs), plain)
+    assert store.read == list(range(1, 30, 2))
+    # a thumbnail of another shape is not one of these tiles': it is computed again
+    odd = {i: t[:-1] for i, t in thumbs.items()}
+    assert np.array_equal(estimate_flatfield(tiles, range(30), thumbnails=odd), plain)
+    # the control: thumbnails given are used as they are
+    wrong = {i: t[::-1] for i, t in thumbs.items()}
+    assert not np.array_equal(estimate_flatfield(tiles, range(30), thumbnails=wrong), plain)
+
+
+@slow
+def test_thumbnails_of_other_acquisitions_are_not_used(live_scan):
+    folder, results = live_scan
+    records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+    assert results.thumbnails_for(records).keys() == {r.index for r in records}
+    again = [replace(r, time_s=r.time_s + 1.0) if r.index % 2 else r for r in records]
+    assert results.thumbnails_for(again).keys() == {r.index for r in records
+                                                     if r.index % 2 == 0}

@@ -13,12 +13,12 @@ each reduced to a small block-mean thumbnail.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["estimate_flatfield", "polynomial_surface"]
+__all__ = ["estimate_flatfield", "flatfield_tiles", "polynomial_surface", "thumbnail"]
 
 #: Thumbnail edge (pixels) tiles are reduced to before the statistics.
 _THUMB = 64
@@ -30,6 +30,12 @@ def _block_mean(tile: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     by, bx = max(1, h // shape[0]), max(1, w // shape[1])
     t = tile[: by * shape[0], : bx * shape[1]].astype(np.float64)
     return t.reshape(shape[0], by, shape[1], bx).mean(axis=(1, 3))
+
+
+def thumbnail(tile: np.ndarray) -> np.ndarray:
+    """The block-mean thumbnail :func:`estimate_flatfield` reduces a tile to (float64)."""
+    h, w = tile.shape
+    return _block_mean(tile, (min(_THUMB, h), min(_THUMB, w)))
 
 
 def _design(yy: np.ndarray, xx: np.ndarray, order: int) -> np.ndarray:
@@ -54,6 +60,15 @@ def polynomial_surface(
     return out.astype(np.float32)
 
 
+def flatfield_tiles(indices: Sequence[int], max_tiles: int = 200) -> list[int]:
+    """The tiles :func:`estimate_flatfield` reads: at most ``max_tiles``, evenly spread."""
+    chosen = list(indices)
+    if len(chosen) > max_tiles:
+        pick = np.linspace(0, len(chosen) - 1, max_tiles).round().astype(int)
+        chosen = [chosen[i] for i in np.unique(pick)]
+    return chosen
+
+
 def estimate_flatfield(
     tiles: Any,
     indices: Sequence[int],
@@ -61,6 +76,7 @@ def estimate_flatfield(
     max_tiles: int = 200,
     order: int = 4,
     min_tiles: int = 8,
+    thumbnails: Mapping[int, np.ndarray] | None = None,
 ) -> np.ndarray | None:
     """Estimate the relative illumination of the sensor from scan tiles.
 
@@ -77,6 +93,9 @@ def estimate_flatfield(
     min_tiles : int
         With fewer usable tiles nothing is estimated (None): a median over a handful of tiles
         still shows the sample.
+    thumbnails : mapping of int to ndarray, optional
+        :func:`thumbnail` of tiles already computed (during acquisition, from the very data
+        the store holds): a chosen tile found there is not read.
 
     Returns
     -------
@@ -84,14 +103,14 @@ def estimate_flatfield(
         ``(H, W)`` float32 gain, mean 1 over the sensor: divide a tile by it to flatten it.
     """
     h, w = (int(s) for s in tiles.shape[1:])
-    chosen = list(indices)
-    if len(chosen) > max_tiles:
-        pick = np.linspace(0, len(chosen) - 1, max_tiles).round().astype(int)
-        chosen = [chosen[i] for i in np.unique(pick)]
+    chosen = flatfield_tiles(indices, max_tiles)
     thumb = (min(_THUMB, h), min(_THUMB, w))
     thumbs, levels = [], []
+    thumbnails = thumbnails or {}
     for i in chosen:
-        t = _block_mean(np.asarray(tiles[i]), thumb)
+        t = thumbnails.get(i)
+        if t is None or t.shape != thumb:
+            t = _block_mean(np.asarray(tiles[i]), thumb)
         level = float(np.median(t))
         if level > 0:
             thumbs.append(t / level)

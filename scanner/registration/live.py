@@ -1,4 +1,5 @@
-"""Registration while the stage moves: the pairs of a scan measured as its tiles arrive.
+"""Registration while the stage moves: the pairs of a scan measured as its tiles arrive (and
+the flat-field's thumbnails of the tiles computed).
 
 :class:`LiveRegistrar` is fed each tile as soon as it is stored (``acquire``'s ``on_tile``) and
 measures, in the background (a worker thread keeping strips of the tiles, a few threads for
@@ -27,6 +28,9 @@ provably the one register_tiles would measure:
   whose read of ``b`` fell outside what the worker held is not handed over.
 
 Anything else is measured again by register_tiles, from the store.
+
+The flat-field's thumbnail of each tile (``flatfield.thumbnail``) is computed from the same data
+and handed over for the same journal row only (:meth:`LiveResults.thumbnails_for`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..tilestore import COLUMNS, TileRecord, _fmt, as_journaled
+from .flatfield import thumbnail
 from .pairwise import PairResult, search_key
 from .scan import (
     CameraGeometry,
@@ -130,6 +135,16 @@ class LiveResults:
     camera: CameraGeometry | None = None
     min_ncc: float = 0.3
     stats: dict[str, Any] = field(default_factory=dict)
+    thumbnails: dict[int, tuple[tuple[str, ...], np.ndarray]] = field(default_factory=dict)
+
+    def thumbnails_for(self, records: Iterable[TileRecord]) -> dict[int, np.ndarray]:
+        """The flat-field thumbnails of these tiles computed from these very acquisitions."""
+        out = {}
+        for r in records:
+            got = self.thumbnails.get(r.index)
+            if got is not None and got[0] == identity(r):
+                out[r.index] = got[1]
+        return out
 
     def lookup(self, a: TileRecord, b: TileRecord, key: tuple[int, int, int, int],
                min_ncc: float, shape: tuple[int, int], region_a: Region) -> PairResult | None:
@@ -174,6 +189,8 @@ class LiveRegistrar:
         Tiles waiting beyond this are dropped (left to the stitch stage); one always fits.
     workers : int
         Threads measuring the pairs (the worker thread keeps the strips and hands them out).
+    register, thumbnails : bool
+        Measure the pairs; compute the flat-field thumbnails.
     """
 
     def __init__(
@@ -188,6 +205,8 @@ class LiveRegistrar:
         coming: Iterable[int],
         max_queued_bytes: int = 128 * 2**20,
         workers: int = 2,
+        register: bool = True,
+        thumbnails: bool = False,
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.camera = camera
@@ -214,8 +233,11 @@ class LiveRegistrar:
         self._dropped: set[int] = set()
         self._waited = 0.0
         self._released: set[int] = set()
+        self._register, self._thumbnails = bool(register), bool(thumbnails)
         self.pairs: dict[tuple[int, int], MeasuredPair] = {}
-        self.stats = {"tiles": 0, "pairs": 0, "dropped": 0, "failures": 0, "busy_s": 0.0}
+        self.thumbs: dict[int, tuple[tuple[str, ...], np.ndarray]] = {}
+        self.stats = {"tiles": 0, "pairs": 0, "thumbnails": 0, "dropped": 0, "failures": 0,
+                      "busy_s": 0.0}
         # the worker keeps the strips; the pairs are measured on a few threads (the FFTs,
         # filters and warps release the GIL)
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers),
@@ -258,7 +280,8 @@ class LiveRegistrar:
         self._pool.shutdown()
         stats = {**self.stats, "busy_s": round(self.stats["busy_s"], 3),
                  "drain_s": round(time.perf_counter() - t0, 3)}
-        return LiveResults(dict(self.pairs), self.params, self.camera, self.min_ncc, stats)
+        return LiveResults(dict(self.pairs), self.params, self.camera, self.min_ncc, stats,
+                           dict(self.thumbs))
 
     def abort(self) -> None:
         """Stop the worker without waiting (the scan stopped)."""
@@ -319,6 +342,12 @@ class LiveRegistrar:
             raise ValueError(f"tile {record.index} is {image.shape}, expected {(h, w)}")
         rec = as_journaled(record)
         here = rec.index
+        if self._thumbnails:
+            self.thumbs[here] = (identity(rec), thumbnail(image))
+            with self._lock:
+                self.stats["thumbnails"] += 1
+        if not self._register:
+            return
         self._records[here] = rec
         for dr, dc, kind, new_is_b in _NEIGHBOURS:
             other = self._by_cell.get((rec.row + dr, rec.col + dc))
