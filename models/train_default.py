@@ -1,9 +1,10 @@
-"""Train the shipped default model: ``python -m models.train_default`` (or ``make model``).
+"""Train the shipped network: ``python -m models.train_default`` (``models/network.*``).
 
 Simulated good wafers, PV cells and rough surfaces only (no user data, nothing downloaded),
 each kind rendered over the pixel sizes it is imaged at, fixed seeds: the same command gives the
-same weights on the same software versions. Writes ``models/default.safetensors`` and
-``models/default.json``.
+same weights on the same software versions. Writes ``models/network.safetensors`` and
+``models/network.json``: the roughness network the shipped detector (``models.build_default``)
+carries beside its bank; until 2026-12-03 this network was the default inspection model.
 
 Two stages, because early stopping on one long one-cycle schedule cannot be resumed:
 
@@ -31,7 +32,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .inspection import default_model_path
+from .inspection import network_model_path
 from .train import train_model
 
 #: stage 1 (from scratch) of the shipped model (recorded in its card)
@@ -67,7 +68,7 @@ def _progress(t0: float):
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_model_path())
+    parser.add_argument("--out", type=Path, default=network_model_path())
     parser.add_argument("--init", type=Path, default=None,
                         help="fine-tune this model (cpu plan: skip stage 1; gpu plan: a "
                              "second stage on new images)")

@@ -176,7 +176,8 @@ class Cluster:
         stats.extra["level"] = float(level)
         scratch = create_scratch(Path(scratch_path), tiling)
         job = _WindowJob(model=str(Path(path).resolve()), mosaic=str(mosaic), scale=scale,
-                         tiling=tiling, level=level, skip_empty=skip_empty, scratch=scratch)
+                         tiling=tiling, level=level, skip_empty=skip_empty, scratch=scratch,
+                         decision_threshold=getattr(model, "decision_threshold", None))
         by_row: list[list[Any]] = [[] for _ in range(n_rows)]
         compute = []
         for i in range(n_rows):
@@ -225,6 +226,8 @@ class _WindowJob(BaseModel):
     level: float
     skip_empty: bool
     scratch: Any
+    #: a detector's uncertainty is centred on the threshold inspection applies
+    decision_threshold: float | None = None
 
 
 #: models loaded in this (worker) process, by file
@@ -256,6 +259,8 @@ def _compute_task(job: _WindowJob, windows: list[tuple[int, int]]) -> dict[str, 
     from .streammaps import compute_windows
 
     model = _worker_model(job.model)
+    if job.decision_threshold is not None and hasattr(model, "decision_threshold"):
+        model.decision_threshold = job.decision_threshold
     reader = GridReader(open_mosaic(Path(job.mosaic))[0][0], job.scale)
     with torch.inference_mode():
         stats = compute_windows(model, reader, job.tiling, windows, job.scratch,

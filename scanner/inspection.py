@@ -126,10 +126,16 @@ def card_threshold(model: Any, sample_kind: str | None = None,
 
 def _decision_threshold(model: Any, threshold: float | None, sample_kind: str | None,
                         pixel_size_um: float | None = None) -> tuple[float, str]:
-    """The user's threshold when given, else the card's for the kind (:func:`card_threshold`)."""
-    if threshold is not None:
-        return float(threshold), "user"
-    return card_threshold(model, sample_kind, pixel_size_um)
+    """The user's threshold when given, else the card's for the kind (:func:`card_threshold`).
+
+    A detector's uncertainty map is centred on it (``decision_threshold``): a defect just over
+    the threshold applied is the uncertain one, not one near the card's pooled threshold.
+    """
+    thr, source = ((float(threshold), "user") if threshold is not None
+                   else card_threshold(model, sample_kind, pixel_size_um))
+    if hasattr(model, "decision_threshold"):
+        model.decision_threshold = thr
+    return thr, source
 
 
 def _mosaic_pixel_size_um(mosaic: Path) -> float | None:

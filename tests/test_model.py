@@ -116,12 +116,22 @@ def test_normalize_is_relative_to_the_brightness_level(saved: Path) -> None:
 
 
 def test_shipped_default_model_loads() -> None:
+    from models.detector import PatchDetector
+    from models.inspection import network_model_path
+
     model = load_model(None)
-    assert isinstance(model, InspectionModel)
-    assert default_model_path().stat().st_size < 20 * 1024 * 1024
+    # the default is the one-class detector (under 50 MB), with the shipped network beside it
+    assert isinstance(model, PatchDetector)
+    assert default_model_path().stat().st_size < 50 * 1024 * 1024
+    assert model.companion is not None
+    assert set(model.card["thresholds_by_sample_kind"]) == {"wafer", "pv_cell", "rectangle"}
     assert model.card["pixel_size_range_um"][0] <= model.pixel_size_um
     out = model.predict(np.zeros((1, 64, 64), np.float32))
     assert out["anomaly"].shape == (1, 16, 16)
+    assert np.isfinite(out["roughness"]).all()
+    network = load_model(network_model_path())
+    assert isinstance(network, InspectionModel)
+    assert network_model_path().stat().st_size < 20 * 1024 * 1024
 
 
 def test_compute_budget() -> None:

@@ -427,10 +427,10 @@ def test_pixel_bands_give_finer_pixels_their_own_higher_threshold(monkeypatch):
 def test_recalibrate_rewrites_every_threshold_of_a_card(tmp_path: Path) -> None:
     import shutil
 
-    from models.inspection import default_model_path, load_model
+    from models.inspection import load_model, network_model_path
     from models.train import recalibrate
 
-    src = default_model_path()
+    src = network_model_path()
     shutil.copy(src, tmp_path / "m.safetensors")
     card = json.loads(src.with_suffix(".json").read_text())
     card["thresholds_by_sample_kind"] = {"wafer": 0.01, "pv_cell": 0.01, "rectangle": 0.01}
