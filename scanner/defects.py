@@ -48,6 +48,11 @@ DEFAULT_REVIEW_UNCERTAINTY = 0.8
 #: flagged for review too (barely above the threshold). A fraction of the range, not a multiple
 #: of the threshold: with a threshold above 1 / 1.15 = 0.87 a multiple flagged every defect.
 BORDERLINE = 0.15
+#: fragments closer than this (model-grid pixels) are one defect (``extract_defects``'s
+#: ``merge_px``; module docstring). Training's component count uses the same gap on the map
+#: grid: ``models.calibrate.DEFECT_MERGE_MAP_PX`` = this / the output stride (4), checked by
+#: tests/test_single_source.py since models/ may not import scanner.
+MERGE_PX = 24.0
 
 #: maps of up to this many pixels are read into memory once: each defect reads its region of
 #: three maps, and a small read of a Zarr array costs about 6 ms (a PV cell with 190 defects
@@ -507,7 +512,7 @@ def extract_defects(
     threshold: float,
     low: float | None = None,
     min_area_px: float = 4.0,
-    merge_px: float = 24.0,
+    merge_px: float = MERGE_PX,
     review_uncertainty: float = DEFAULT_REVIEW_UNCERTAINTY,
     image: Callable[[int, int, int, int], np.ndarray] | None = None,
     local_threshold: np.ndarray | None = None,

@@ -19,8 +19,8 @@ from models.data import GoodImage
 
 from .errors import UserError
 from .inspect import polygon_mask, polygon_pixels, source_level
-from .inspection import IMAGE_SUFFIXES, MOSAIC, _saved_sample, _usable_polygon, read_image
-from .scanfolder import SCAN_JSON
+from .inspection import IMAGE_SUFFIXES, _saved_sample, _usable_polygon, read_image
+from .scanfolder import MOSAIC, SCAN_JSON
 
 #: a mosaic larger than this (pixels) is read as crops on a grid rather than whole
 WHOLE_MOSAIC_PX = 64_000_000

@@ -13,8 +13,7 @@ from typing import Any
 
 from .defectlist import DEFECTS_JSON
 from .errors import UserError
-from .scanfolder import SCAN_JSON, effective_status, read_scan_json
-from .stitch import MOSAIC
+from .scanfolder import MOSAIC, SCAN_JSON, effective_status, read_scan_json
 from .tilestore import check_journal
 
 #: the stage a command reads from, by command

@@ -21,6 +21,8 @@ from .errors import UserError
 
 SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
+#: the stitched OME-NGFF mosaic (written by ``scanner.stitch``)
+MOSAIC = "mosaic.ome.zarr"
 
 #: statuses written while a stage runs; found with no live process, they read as interrupted
 RUNNING = ("aligning", "acquiring", "stitching", "inspecting", "reporting")

@@ -27,9 +27,7 @@ import numpy as np
 from ..defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
 from ..reports.repeaters import REPEATERS_JSON, read_repeaters
 from ..reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
-from ..scanfolder import SCAN_JSON
-
-MOSAIC = "mosaic.ome.zarr"
+from ..scanfolder import MOSAIC, SCAN_JSON
 
 LayerData = tuple[Any, dict[str, Any], str]
 

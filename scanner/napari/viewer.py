@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..scanfolder import MOSAIC, SCAN_JSON
 from ._reader import _scan_folder, read_scan
 
 
@@ -58,7 +59,7 @@ def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (
     """
     check_napari()
     if _scan_folder(folder) is None:
-        raise UserError(f"{folder}: not a scan folder (no scan.json or mosaic.ome.zarr)")
+        raise UserError(f"{folder}: not a scan folder (no {SCAN_JSON} or {MOSAIC})")
     _check_display()
     import napari
 

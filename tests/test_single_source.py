@@ -1,0 +1,33 @@
+"""Values that must agree where a module cannot import the one that owns them.
+
+``scanner.scanfolder.MOSAIC`` names the mosaic; ``scanner.stitch`` and ``scanner.inspection``
+still spell it themselves. ``models`` may not import ``scanner`` (tests/test_layers.py), so the
+merge gap of ``scanner.defects`` is restated on the map grid in ``models.calibrate``.
+"""
+
+from __future__ import annotations
+
+
+def test_the_mosaic_has_one_name() -> None:
+    import scanner.goodimages
+    import scanner.inspection
+    import scanner.integrity
+    import scanner.napari._reader
+    import scanner.stitch
+    from scanner.scanfolder import MOSAIC
+
+    assert MOSAIC == "mosaic.ome.zarr"
+    for module in (scanner.stitch, scanner.inspection, scanner.integrity,
+                   scanner.goodimages, scanner.napari._reader):
+        assert module.MOSAIC == MOSAIC, module.__name__
+
+
+def test_calibration_merges_defects_as_inspection_does() -> None:
+    import inspect
+
+    from models.calibrate import DEFECT_MERGE_MAP_PX
+    from models.detector import OUTPUT_STRIDE
+    from scanner.defects import MERGE_PX, extract_defects
+
+    assert inspect.signature(extract_defects).parameters["merge_px"].default == MERGE_PX
+    assert DEFECT_MERGE_MAP_PX == MERGE_PX / OUTPUT_STRIDE
