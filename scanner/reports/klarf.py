@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,59 @@ def _fixed(value: float, digits: int = 3) -> str:
     return "0." + "0" * digits if text.lstrip("-").strip("0.") == "" else text
 
 
+@dataclass(frozen=True)
+class _Content:
+    """What both KLARF versions write, in their units and frames (the module docstring)."""
+
+    info: dict[str, Any]  # the header's sample: name, lot and wafer ids
+    pitch_um: tuple[float, float]
+    center: tuple[float, float]  # SampleCenterLocation: the wafer centre, KLARF's y up
+    mark: str  # FLAT or NOTCH
+    started: Any  # the scan's start: ResultTimestamp
+    name: str
+    diameter_mm: int
+    classes: list[tuple[int, str]]  # ClassLookup: number, name
+    plan: list[tuple[int, int]]  # SampleTestPlan: XINDEX, YINDEX
+    rows: list[list[str]]  # DefectList rows, DEFECT_COLUMNS
+    summary: list[str]  # SummaryList row, SUMMARY_COLUMNS
+
+
+def _content(header: dict[str, Any], defects: list[Defect], sample: dict[str, Any],
+             area_um2: float) -> _Content:
+    """The values of a KLARF file of either version (parameters of :func:`klarf_text`)."""
+    info = header.get("sample") or {}
+    px, py = (float(v) * 1000.0 for v in sample["die_pitch_mm"])
+    ox, oy = _die_origin(header, sample)
+    tested = (header.get("dies") or {}).get("tested") or []
+    n_failed = sum(not d["pass"] for d in tested)
+    density = len(defects) / (area_um2 * 1e-8) if area_um2 > 0 else 0.0  # per cm²
+    rows = []
+    for d in defects:
+        xi, yi, xrel, yrel = klarf_die_position(d, py)
+        x0, y0, x1, y1 = d.bbox_um
+        number = CLASSES[d.defect_class]
+        rows.append([
+            str(d.id), _fixed(xrel), _fixed(yrel), str(xi), str(yi),
+            _fixed(x1 - x0), _fixed(y1 - y0), _fixed(d.area_um2), _fixed(d.size_um),
+            str(number), "1", "0", str(number), "0", "1" if d.review else "0", "0", "0",
+        ])
+    return _Content(
+        info=info,
+        pitch_um=(px, py),
+        # the wafer centre seen from the lower-left corner of die (0, 0), KLARF's y up
+        center=(-ox, oy + py),
+        mark="FLAT" if sample.get("orientation") == "flat" else "NOTCH",
+        started=header.get("scan_started"),
+        name=info.get("name") or "waferscope",
+        diameter_mm=round(float(sample["diameter_mm"])),
+        classes=[(0, "UNCLASSIFIED")] + [(n, c.upper()) for c, n in CLASSES.items()],
+        plan=sorted({(int(d["col"]), -int(d["row"])) for d in tested},
+                    key=lambda t: (-t[1], t[0])),
+        rows=rows,
+        summary=["1", str(len(defects)), f"{density:.6e}", str(len(tested)), str(n_failed)],
+    )
+
+
 def klarf_text(
     header: dict[str, Any],
     defects: list[Defect],
@@ -99,8 +153,9 @@ def klarf_text(
     created: str | _dt.datetime | None = None,
     station: tuple[str, str, str] = ("WAFERSCOPE", "SIMULATED", "1"),
     slot: int = 1,
+    version: str = "1.2",
 ) -> str:
-    """The KLARF 1.2 text of a located wafer defect list.
+    """The KLARF text of a located wafer defect list: 1.2 (flat) or 1.8 (nested records).
 
     Parameters
     ----------
@@ -119,66 +174,57 @@ def klarf_text(
         ``InspectionStationID`` (manufacturer, model, id).
     slot : int
         Carrier slot of the wafer.
+    version : {"1.2", "1.8"}
+        KLARF version (:data:`KLARF_VERSIONS`); 1.8 has the same values, frames and columns.
     """
-    info = header.get("sample") or {}
-    px, py = (float(v) * 1000.0 for v in sample["die_pitch_mm"])
-    ox, oy = _die_origin(header, sample)
-    mark = "FLAT" if sample.get("orientation") == "flat" else "NOTCH"
-    started = header.get("scan_started")
-    name = info.get("name") or "waferscope"
-    tested = (header.get("dies") or {}).get("tested") or []
-    n_failed = sum(not d["pass"] for d in tested)
-    density = len(defects) / (area_um2 * 1e-8) if area_um2 > 0 else 0.0  # per cm²
+    if version not in KLARF_VERSIONS:
+        raise ValueError(f"KLARF version {version!r}: one of {', '.join(KLARF_VERSIONS)}")
+    content = _content(header, defects, sample, area_um2)
+    write = _text12 if version == "1.2" else _text18
+    return write(content, area_um2, created=created, station=station, slot=slot)
 
+
+def _text12(k: _Content, area_um2: float, *, created: str | _dt.datetime | None,
+            station: tuple[str, str, str], slot: int) -> str:
+    """KLARF 1.2: one record per line."""
+    px, py = k.pitch_um
     lines = [
         "FileVersion 1 2;",
         f"FileTimestamp {_timestamp(created)};",
         "InspectionStationID " + " ".join(_token(s) for s in station) + ";",
         "SampleType WAFER;",
-        f"ResultTimestamp {_timestamp(started)};",
-        f"LotID {_quoted(info.get('lot_id') or 'LOT')};",
-        f"SampleSize 1 {round(float(sample['diameter_mm']))};",
-        f"DeviceID {_quoted(name)};",
-        f"SetupID {_quoted(name)} {_timestamp(started)};",
+        f"ResultTimestamp {_timestamp(k.started)};",
+        f"LotID {_quoted(k.info.get('lot_id') or 'LOT')};",
+        f"SampleSize 1 {k.diameter_mm};",
+        f"DeviceID {_quoted(k.name)};",
+        f"SetupID {_quoted(k.name)} {_timestamp(k.started)};",
         f"StepID {_quoted('INSPECTION')};",
-        f"SampleOrientationMarkType {mark};",
+        f"SampleOrientationMarkType {k.mark};",
         "OrientationMarkLocation DOWN;",
         f"DiePitch {_sci(px)} {_sci(py)};",
         f"DieOrigin {_sci(0.0)} {_sci(0.0)};",
-        f"WaferID {_quoted(info.get('wafer_id') or 'W01')};",
+        f"WaferID {_quoted(k.info.get('wafer_id') or 'W01')};",
         f"Slot {int(slot)};",
-        # the wafer centre seen from the lower-left corner of die (0, 0), KLARF's y up
-        f"SampleCenterLocation {_sci(-ox)} {_sci(oy + py)};",
+        f"SampleCenterLocation {_sci(k.center[0])} {_sci(k.center[1])};",
     ]
-    lines.append(f"ClassLookup {len(CLASSES) + 1}")
-    lookup = [(0, "UNCLASSIFIED")] + [(n, c.upper()) for c, n in CLASSES.items()]
-    lines += [f" {n} {_quoted(c)}" for n, c in lookup]
+    lines.append(f"ClassLookup {len(k.classes)}")
+    lines += [f" {n} {_quoted(c)}" for n, c in k.classes]
     lines[-1] += ";"
     lines.append("InspectionTest 1;")
-    plan = sorted({(int(d["col"]), -int(d["row"])) for d in tested}, key=lambda t: (-t[1], t[0]))
-    if plan:
-        lines.append(f"SampleTestPlan {len(plan)}")
-        lines += [f" {i} {j}" for i, j in plan]
+    if k.plan:
+        lines.append(f"SampleTestPlan {len(k.plan)}")
+        lines += [f" {i} {j}" for i, j in k.plan]
         lines[-1] += ";"
     else:
         lines.append("SampleTestPlan 0;")
     lines.append(f"AreaPerTest {_sci(area_um2)};")
     lines.append(f"DefectRecordSpec {len(DEFECT_COLUMNS)} {' '.join(DEFECT_COLUMNS)};")
     lines.append("DefectList")
-    for d in defects:
-        xi, yi, xrel, yrel = klarf_die_position(d, py)
-        x0, y0, x1, y1 = d.bbox_um
-        number = CLASSES[d.defect_class]
-        row = [
-            str(d.id), _fixed(xrel), _fixed(yrel), str(xi), str(yi),
-            _fixed(x1 - x0), _fixed(y1 - y0), _fixed(d.area_um2), _fixed(d.size_um),
-            str(number), "1", "0", str(number), "0", "1" if d.review else "0", "0", "0",
-        ]
-        lines.append(" " + " ".join(row))
+    lines += [" " + " ".join(row) for row in k.rows]
     lines[-1] += ";"
     lines.append(f"SummarySpec {len(SUMMARY_COLUMNS)} {' '.join(SUMMARY_COLUMNS)};")
     lines.append("SummaryList")
-    lines.append(f" 1 {len(defects)} {density:.6e} {len(tested)} {n_failed};")
+    lines.append(" " + " ".join(k.summary) + ";")
     lines.append("EndOfFile;")
     return "\n".join(lines) + "\n"
 
@@ -228,65 +274,51 @@ def klarf18_text(
     station: tuple[str, str, str] = ("WAFERSCOPE", "SIMULATED", "1"),
     slot: int = 1,
 ) -> str:
-    """The KLARF 1.8 text of a located wafer defect list (the parameters of
-    :func:`klarf_text`; the same values, frames and columns, in nested records)."""
-    info = header.get("sample") or {}
-    px, py = (float(v) * 1000.0 for v in sample["die_pitch_mm"])
-    ox, oy = _die_origin(header, sample)
-    started = header.get("scan_started")
-    name = info.get("name") or "waferscope"
-    tested = (header.get("dies") or {}).get("tested") or []
-    n_failed = sum(not d["pass"] for d in tested)
-    density = len(defects) / (area_um2 * 1e-8) if area_um2 > 0 else 0.0  # per cm²
-    mark = "FLAT" if sample.get("orientation") == "flat" else "NOTCH"
-    lot, wafer = info.get("lot_id") or "LOT", info.get("wafer_id") or "W01"
+    """The KLARF 1.8 text of a located wafer defect list: :func:`klarf_text` with
+    ``version="1.8"`` (the same values, frames and columns, in nested records)."""
+    return klarf_text(header, defects, sample, area_um2, created=created, station=station,
+                      slot=slot, version="1.8")
+
+
+def _text18(k: _Content, area_um2: float, *, created: str | _dt.datetime | None,
+            station: tuple[str, str, str], slot: int) -> str:
+    """KLARF 1.8: nested ``Record``/``Field``/``List`` blocks."""
+    px, py = k.pitch_um
+    lot, wafer = k.info.get("lot_id") or "LOT", k.info.get("wafer_id") or "W01"
     i1, i2, i3 = "  ", "    ", "      "
     lines = ['Record FileRecord "1.8"', "{",
              f"{i1}Field FileTimestamp 2 {{{_stamp18(created)}}}",
              f"{i1}Field InspectionStationID 3 {{"
              + ", ".join(_string18(v) for v in station) + "}",
              f"{i1}Record LotRecord {_word18(lot)}", f"{i1}{{",
-             f"{i2}Field DeviceID 1 {{{_string18(name)}}}",
+             f"{i2}Field DeviceID 1 {{{_string18(k.name)}}}",
              f"{i2}Field DiePitch 2 {{{_sci(px)}, {_sci(py)}}}",
-             f"{i2}Field RecipeID 3 {{{_string18(name)}, {_stamp18(started)}}}",
-             f"{i2}Field ResultTimestamp 2 {{{_stamp18(started)}}}",
-             f'{i2}Field SampleOrientationMarkType 1 {{"{mark}"}}',
+             f"{i2}Field RecipeID 3 {{{_string18(k.name)}, {_stamp18(k.started)}}}",
+             f"{i2}Field ResultTimestamp 2 {{{_stamp18(k.started)}}}",
+             f'{i2}Field SampleOrientationMarkType 1 {{"{k.mark}"}}',
              f'{i2}Field OrientationMarkLocation 1 {{"DOWN"}}',
-             f"{i2}Field SampleSize 2 {{1, {round(float(sample['diameter_mm']))}}}",
+             f"{i2}Field SampleSize 2 {{1, {k.diameter_mm}}}",
              f'{i2}Field SampleType 1 {{"WAFER"}}',
              f'{i2}Field StepID 1 {{"INSPECTION"}}']
-    lookup = [(0, "UNCLASSIFIED")] + [(n, c.upper()) for c, n in CLASSES.items()]
     lines += _list18("ClassLookupList", [("int32", "CLASSNUMBER"), ("string", "CLASSNAME"),
                                          ("string", "CLASSCODE")],
-                     [[str(n), _word18(c), '""'] for n, c in lookup], i2)
+                     [[str(n), _word18(c), '""'] for n, c in k.classes], i2)
     lines += [f"{i2}Record WaferRecord {_word18(wafer)}", f"{i2}{{",
               f"{i3}Field DieOrigin 2 {{{_sci(0.0)}, {_sci(0.0)}}}",
-              # the wafer centre seen from the lower-left corner of die (0, 0), KLARF's y up
-              f"{i3}Field SampleCenterLocation 2 {{{_sci(-ox)}, {_sci(oy + py)}}}",
+              f"{i3}Field SampleCenterLocation 2 {{{_sci(k.center[0])}, {_sci(k.center[1])}}}",
               f"{i3}Field SlotNumber 1 {{{int(slot)}}}",
               f'{i3}Record TestRecord "1"', f"{i3}{{",
               f"{i3}  Field AreaPerTest 1 {{{_sci(area_um2)}}}"]
-    plan = sorted({(int(d["col"]), -int(d["row"])) for d in tested}, key=lambda t: (-t[1], t[0]))
     lines += _list18("SampleTestPlanList", [("int32", "XINDEX"), ("int32", "YINDEX")],
-                     [[str(i), str(j)] for i, j in plan], i3 + "  ")
+                     [[str(i), str(j)] for i, j in k.plan], i3 + "  ")
     lines.append(f"{i3}}}")
-    rows = []
-    for d in defects:
-        xi, yi, xrel, yrel = klarf_die_position(d, py)
-        x0, y0, x1, y1 = d.bbox_um
-        number = CLASSES[d.defect_class]
-        rows.append([str(d.id), _fixed(xrel), _fixed(yrel), str(xi), str(yi),
-                     _fixed(x1 - x0), _fixed(y1 - y0), _fixed(d.area_um2), _fixed(d.size_um),
-                     str(number), "1", "0", str(number), "0", "1" if d.review else "0", "0",
-                     "0"])
-    lines += _list18("DefectList", list(zip(_DEFECT_TYPES, DEFECT_COLUMNS, strict=True)), rows,
+    lines += _list18("DefectList", list(zip(_DEFECT_TYPES, DEFECT_COLUMNS, strict=True)), k.rows,
                      i3)
     lines += [f"{i3}Record SummaryRecord", f"{i3}{{"]
     lines += _list18("TestSummaryList", [("int32", "TESTNO"), ("int32", "NDEFECT"),
                                          ("float", "DEFDENSITY"), ("int32", "NDIE"),
                                          ("int32", "NDEFDIE")],
-                     [["1", str(len(defects)), f"{density:.6e}", str(len(tested)),
-                       str(n_failed)]], i3 + "  ")
+                     [k.summary], i3 + "  ")
     lines += [f"{i3}}}", f"{i2}}}", f"{i1}}}", "}", "EndOfFile;"]
     return "\n".join(lines) + "\n"
 
@@ -301,13 +333,13 @@ def _die_origin(header: dict[str, Any], sample: dict[str, Any]) -> tuple[float, 
 
 
 def write_klarf(path: Path, *args: Any, version: str = "1.2", **kwargs: Any) -> Path:
-    """Write :func:`klarf_text` (``version`` 1.2) or :func:`klarf18_text` (1.8) to ``path``
-    atomically (written beside, then renamed)."""
+    """Write :func:`klarf_text` of ``version`` (1.2 or 1.8) to ``path`` atomically (written
+    beside, then renamed)."""
     if version not in KLARF_VERSIONS:
         raise ValueError(f"KLARF version {version!r}: one of {', '.join(KLARF_VERSIONS)}")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    text = (klarf_text if version == "1.2" else klarf18_text)(*args, **kwargs)
+    text = klarf_text(*args, version=version, **kwargs)
     tmp.write_text(text, encoding="ascii", errors="replace")
     tmp.replace(path)
     return path
