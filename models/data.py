@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError as UserError
+from simulators.errors import UserError
+
 from .inspection import brightness_level, to_luminance
 
 #: file types read as good images
@@ -55,19 +56,44 @@ def relative(raw: np.ndarray, level: float | None = None) -> np.ndarray:
     return (lum * np.float32(1.0 / level)).astype(np.float32)
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """Read an image file (TIFF with tifffile, others with imageio)."""
+def read_image(path: Path) -> np.ndarray:
+    """A 2-D float32 luminance image from a TIFF/PNG/JPEG/BMP file of any dtype and size
+    (planar RGB TIFFs and grey + alpha included): the one image reader of training and
+    inspection.
+
+    Raises
+    ------
+    UserError
+        The file cannot be read as an image (it names the file and why, in one line).
+    """
+    path = Path(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            return np.asarray(tifffile.imread(path))
-        import imageio.v3 as iio
+            img = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
 
-        return np.asarray(iio.imread(path))
+            img = iio.imread(path)
     except Exception as exc:  # any decoder error is a bad input file
         raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
                         f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+    img = np.squeeze(np.asarray(img))
+    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
+        img = np.moveaxis(img, 0, -1)  # planar RGB TIFF
+    if img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha
+        img = img[..., 0]
+    if img.ndim not in (2, 3) or min(img.shape[:2]) < 8:
+        raise UserError(f"{path}: not a 2-D image (shape {img.shape})")
+    if img.dtype == bool:
+        img = img.astype(np.uint8)
+    if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
+        raise UserError(f"{path}: unsupported pixel type {img.dtype}")
+    try:
+        return to_luminance(img)
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
 
 
 def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
@@ -87,13 +113,13 @@ def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
         if path.is_file():
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise UserError(f"{path}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            out.append(GoodImage(relative(_read_image(path)), source=path.name))
+            out.append(GoodImage(relative(read_image(path)), source=path.name))
             continue
         if (path / "scan.json").exists() or path.name.endswith(".ome.zarr"):
             raise UserError(f"{path}: a scan folder (build from it with waferscope train)")
         files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
         for f in files:
-            out.append(GoodImage(relative(_read_image(f)), source=str(f.relative_to(path))))
+            out.append(GoodImage(relative(read_image(f)), source=str(f.relative_to(path))))
     if not out and list(paths):
         raise UserError(f"--good: no images found in {', '.join(str(p) for p in paths)}")
     return out

@@ -659,7 +659,8 @@ def _print_result(result: Any) -> None:
     for name, path in result.outputs.items():
         out.print(f"  {name:<16} {path.resolve()}")
     for stage, t in result.timings.items():
-        parts = [f"{k.removesuffix('_s')} {_duration(v)}" for k, v in t.items()]
+        parts = [f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
+                 for k, v in t.items()]
         out.print(f"  {stage} time: " + ", ".join(parts))
 
 

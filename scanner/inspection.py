@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from models.data import read_image
+
 from .alignrefine import effective_alignment
 from .defectlist import CSV_COLUMNS, MAP_NAMES, Defect, write_defects
 from .defects import DEFAULT_REVIEW_UNCERTAINTY, MapGeometry, extract_defects, local_thresholds
@@ -525,46 +527,6 @@ def list_images(targets: Sequence[Path]) -> list[tuple[str, Path]]:
     if not found:
         raise UserError(f"{', '.join(str(t) for t in targets)}: no image files found")
     return found
-
-
-def read_image(path: Path) -> np.ndarray:
-    """A 2-D float32 luminance image from a TIFF/PNG/JPEG/BMP file of any dtype and size.
-
-    Raises
-    ------
-    UserError
-        The file cannot be read as an image.
-    """
-    from models.inspection import to_luminance
-
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            img = tifffile.imread(path)
-        else:
-            import imageio.v3 as iio
-
-            img = iio.imread(path)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
-                        f"{(str(exc).strip().splitlines() or [''])[0]})") from None
-    img = np.asarray(img)
-    img = np.squeeze(img)
-    if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
-        img = np.moveaxis(img, 0, -1)  # planar RGB TIFF
-    if img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha
-        img = img[..., 0]
-    if img.ndim not in (2, 3) or min(img.shape[:2]) < 8:
-        raise UserError(f"{path}: not a 2-D image (shape {img.shape})")
-    if img.dtype == bool:
-        img = img.astype(np.uint8)
-    if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
-        raise UserError(f"{path}: unsupported pixel type {img.dtype}")
-    try:
-        return to_luminance(img)
-    except ValueError as exc:
-        raise UserError(f"{path}: {exc}") from None
 
 
 def image_score(anomaly: np.ndarray) -> float:

@@ -8,7 +8,6 @@ into ``tiles.csv``) → flat-field (``flatfield.npy``) → fuse at the registere
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from devices.calibration import read_camera_calibration
 
 from .errors import UserError
 from .mosaic import MosaicInfo, fuse_mosaic
@@ -125,22 +126,15 @@ class StitchResult:
 
 
 def load_calibration(path: Path) -> CameraGeometry:
-    """Read a calibration file written by ``waferscope calibrate``.
+    """Read a calibration file written by ``waferscope calibrate``
+    (:func:`devices.calibration.read_camera_calibration`, the one reader).
 
     Raises
     ------
     UserError
         If the file is missing or does not hold ``pixel_size_um`` and ``rotation_deg``.
     """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return CameraGeometry(float(data["pixel_size_um"]), float(data.get("rotation_deg", 0.0)))
-    except FileNotFoundError:
-        raise UserError(f"{path}: calibration file not found") from None
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path}: not a calibration file (needs pixel_size_um, rotation_deg)")\
-            from None
+    return CameraGeometry(*read_camera_calibration(path))
 
 
 def stitch_scan(
