@@ -24,7 +24,7 @@ from .defectlist import DEFECTS_JSON, MAP_NAMES
 from .errors import UserError
 from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
-from .recipe import Recipe, format_validation_error
+from .recipe import OutputSpec, Recipe, StageSpec, StitchSpec, format_validation_error, recorded
 from .registration.live import LiveRegistrar, LiveResults
 from .registration.scan import CameraGeometry
 from .scanfolder import (
@@ -398,17 +398,15 @@ def _set_status(folder: Path, scan: dict[str, Any], status: str) -> None:
 
 def _stitch_settings(scan: dict[str, Any]) -> dict[str, Any]:
     """The stitch stage's settings from the recipe recorded in ``scan``."""
-    recipe = scan.get("recipe", {})
-    options = recipe.get("stitch", {}) or {}
-    microscope = recipe.get("microscope", {}) or {}
-    calibration = microscope.get("calibration")
+    stitch = recorded(scan, StitchSpec)
+    calibration = (scan.get("recipe", {}).get("microscope") or {}).get("calibration")
     return {
-        "repeatability_um": float((microscope.get("stage") or {}).get("repeatability_um", 2.0)),
-        "registration": bool(options.get("registration", True)),
-        "flatfield": bool(options.get("flatfield", True)),
+        "repeatability_um": recorded(scan, StageSpec).repeatability_um,
+        "registration": stitch.registration,
+        "flatfield": stitch.flatfield,
         "calibration": Path(calibration) if calibration else None,
-        "max_shift_um": options.get("max_shift_um"),
-        "min_ncc": float(options.get("min_confidence", 0.3)),
+        "max_shift_um": stitch.max_shift_um,
+        "min_ncc": stitch.min_confidence,
     }
 
 
@@ -487,7 +485,6 @@ def _stitch_stage(
         observer.advance(stage, 1)
 
     settings = _stitch_settings(scan)
-    calibration = (scan.get("recipe", {}).get("microscope") or {}).get("calibration")
     result = stitch_scan(folder, pixel_size, **settings, chunk=chunk, progress=on_step,
                          cluster=cluster, precomputed=precomputed)
     info = result.mosaic
@@ -499,7 +496,8 @@ def _stitch_stage(
     scan["flatfield"] = result.flatfield
     scan["stitch_camera"] = {"pixel_size_um": result.camera.pixel_size_um,
                              "rotation_deg": result.camera.rotation_deg,
-                             "calibration": calibration}
+                             "calibration": (scan.get("recipe", {}).get("microscope")
+                                             or {}).get("calibration")}
     scan["mosaic"] = {"path": MOSAIC, "shape": list(info.shape), "levels": info.n_levels,
                       "pixel_size_um": info.pixel_size_um, "origin_um": list(info.origin_um)}
     if scan.get("alignment"):
@@ -527,7 +525,7 @@ def restitch(folder: Path, observer: Observer | None = None, cluster: Any = None
     observer = observer or _Silent()
     scan = read_scan_json(folder)
     pixel_size = float(scan["microscope"]["pixel_size_um"])
-    chunk = int(scan["recipe"].get("output", {}).get("chunk_px", 1024))
+    chunk = recorded(scan, OutputSpec).chunk_px
     _stitch_stage(Path(folder), scan, pixel_size, chunk, observer, cluster)
     n = int(scan.get("plan", {}).get("n_tiles", 0))
     return ScanResult(Path(folder), scan.get("status", "unknown"), n,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -38,6 +38,8 @@ from devices.spec import StageSpec as StageSpec
 from devices.spec import resolve_path as _resolve_path
 
 from .errors import RecipeError
+
+_SectionT = TypeVar("_SectionT", bound=BaseModel)
 
 # --------------------------------------------------------------------------- samples
 
@@ -545,3 +547,34 @@ def load_recipe(path: str | Path) -> Recipe:
         return parse_recipe(data, base_dir=path.resolve().parent, name=path.stem)
     except RecipeError as exc:
         raise RecipeError(f"{path.name}: {exc}") from None
+
+
+#: where each section a finished scan reads back sits in the recipe ``scan.json`` records
+RECORDED_SECTIONS: dict[type[BaseModel], tuple[str, ...]] = {
+    StitchSpec: ("stitch",),
+    OutputSpec: ("output",),
+    StageSpec: ("microscope", "stage"),
+}
+
+
+def recorded(scan: dict[str, Any], section: type[_SectionT]) -> _SectionT:
+    """A section of the recipe recorded in ``scan.json``, parsed by its own model.
+
+    The one place later stages (restitch, report) read a scan's settings back: the defaults
+    are the model's, never restated by hand. Only the section is validated, so a scan whose
+    sample file has moved since still restitches and reports.
+
+    Raises
+    ------
+    RecipeError
+        The recorded section does not validate (it names the field).
+    """
+    path = RECORDED_SECTIONS[section]
+    data: Any = scan.get("recipe") or {}
+    for key in path:
+        data = (data.get(key) if isinstance(data, dict) else None) or {}
+    try:
+        return section.model_validate(data)
+    except ValidationError as exc:
+        where = ".".join(path)
+        raise RecipeError(f"scan.json recipe.{where}: {format_validation_error(exc)}") from None

@@ -137,3 +137,17 @@ def test_non_finite_command_line_numbers_exit_2(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_a_scans_recorded_settings_are_read_back_by_their_own_models() -> None:
+    from scanner.errors import RecipeError
+    from scanner.recipe import OutputSpec, StageSpec, StitchSpec, recorded
+
+    scan = {"recipe": {"stitch": {"min_confidence": 0.5}, "microscope": {"kind": "simulated"}}}
+    # what the record holds, and the model's own defaults where it holds nothing
+    assert recorded(scan, StitchSpec).min_confidence == 0.5
+    assert recorded(scan, StitchSpec).registration is StitchSpec().registration
+    assert recorded(scan, StageSpec).repeatability_um == StageSpec().repeatability_um
+    assert recorded({}, OutputSpec).chunk_px == OutputSpec().chunk_px
+    with pytest.raises(RecipeError, match=r"recipe\.output.*klarf_version"):
+        recorded({"recipe": {"output": {"klarf_version": "9"}}}, OutputSpec)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..defectlist import DEFECTS_CSV, DEFECTS_JSON, read_defects, write_defects
 from ..errors import UserError
+from ..recipe import OutputSpec, recorded
 from ..scanfolder import SCAN_JSON, read_scan_json, write_json
 from .klarf import KLARF, KLARF_VERSIONS, write_klarf
 from .locate import ScanContext, build_header, locate, tested_dies
@@ -83,8 +84,7 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
         tolerance = 3.0 * float(map_px) if map_px else 50.0
         defects, groups = find_repeaters(defects, n_full, tolerance)
     if klarf_version is None:
-        klarf_version = str(((ctx.scan.get("recipe") or {}).get("output") or {}).get(
-            "klarf_version", "1.2"))
+        klarf_version = recorded(ctx.scan, OutputSpec).klarf_version
     if klarf_version not in KLARF_VERSIONS:
         raise UserError(f"--klarf-version: {klarf_version} is not one of "
                         f"{', '.join(KLARF_VERSIONS)}")
