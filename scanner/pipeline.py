@@ -317,12 +317,13 @@ def _finish_scan(
         pixel_size = float(scan["microscope"]["pixel_size_um"])
         _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer, cluster,
                       precomputed=precomputed)
+        # acquisition is over: the journal no longer changes (read once)
+        n_acquired = len(_acquired(folder, n_tiles))
         if inspect:
             _set_status(folder, scan, "inspecting")
             inspect_stage(folder, scan, model=model, observer=observer, cluster=cluster)
         if (folder / DEFECTS_JSON).is_file():
             # the reports' header carries how the scan ended, known before they are written
-            n_acquired = len(_acquired(folder, n_tiles))
             scan.update(outcome="complete" if n_acquired == n_tiles else "incomplete",
                         finished=now_iso())
             _set_status(folder, scan, "reporting")
@@ -339,7 +340,6 @@ def _finish_scan(
             scan["error"] = f"{type(exc).__name__}: {exc}"
         write_json(folder / SCAN_JSON, scan)
         raise
-    n_acquired = len(_acquired(folder, n_tiles))
     scan["timings"]["after_last_tile"] = {"wall_s": round(time.perf_counter() - last_tile, 3)}
     scan.update(status="complete" if n_acquired == n_tiles else "incomplete",
                 finished=now_iso(), acquired_tiles=n_acquired)
