@@ -38,10 +38,9 @@ from .defectlist import CSV_COLUMNS, MAP_NAMES, Defect, write_defects
 from .defects import DEFAULT_REVIEW_UNCERTAINTY, MapGeometry, extract_defects, local_thresholds
 from .errors import UserError
 from .inspect import MapSet, infer_image, infer_mosaic, reflectance_at_map
-from .scanfolder import SCAN_JSON, now_iso, write_json
+from .scanfolder import MOSAIC, SCAN_JSON, now_iso, write_json
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-MOSAIC = "mosaic.ome.zarr"
 SCORES_CSV = "scores.csv"
 
 

@@ -23,9 +23,9 @@ from .mosaic import MosaicInfo, fuse_mosaic
 from .registration.flatfield import estimate_flatfield, flatfield_tiles
 from .registration.live import LiveResults
 from .registration.scan import CameraGeometry, register_scan
+from .scanfolder import MOSAIC
 from .tilestore import TILES_CSV, check_journal, open_tiles, read_tiles_csv
 
-MOSAIC = "mosaic.ome.zarr"
 FLATFIELD = "flatfield.npy"
 
 

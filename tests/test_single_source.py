@@ -1,7 +1,7 @@
 """Values that must agree where a module cannot import the one that owns them.
 
-``scanner.scanfolder.MOSAIC`` names the mosaic; ``scanner.stitch`` and ``scanner.inspection``
-still spell it themselves. ``models`` may not import ``scanner`` (tests/test_layers.py), so the
+``scanner.scanfolder.MOSAIC`` names the mosaic (the modules below import it; the test keeps
+them from spelling it again). ``models`` may not import ``scanner`` (tests/test_layers.py), so the
 merge gap of ``scanner.defects`` is restated on the map grid in ``models.calibrate``.
 """
 
