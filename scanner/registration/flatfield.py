@@ -13,6 +13,7 @@ each reduced to a small block-mean thumbnail.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -131,7 +132,10 @@ def estimate_flatfield(
     counts = np.isfinite(stack).sum(axis=0)
     if (counts >= min_tiles).mean() < 0.5:
         return None  # too few tiles see the sample at most sensor positions
-    with np.errstate(all="ignore"):
+    # thumbnail pixels too few tiles see are NaN on purpose (left out of the fit below);
+    # nanmedian warns about each through the warnings module, which errstate does not cover
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(np.where(counts >= min_tiles, stack, np.nan), axis=0)
     ty, tx = med.shape
     # thumbnail pixel centres in full-resolution normalised coordinates
