@@ -21,6 +21,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+#: a small simulated wafer recipe (20 mm, 8 defects, 10 µm pixels) that scans in seconds, for
+#: the resume and pipelining tests
+SMALL_WAFER = {
+    "sample": {"kind": "wafer", "diameter_mm": 20, "edge_exclusion_mm": 1.0,
+               "die_pitch_mm": [3.0, 2.5], "defects": {"count": 8, "seed": 3}},
+    "microscope": {"kind": "simulated",
+                   "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0}, "seed": 1},
+    "scan": {"overlap": 0.1},
+}
+
+
 @pytest.fixture
 def write_recipe(tmp_path: Path):
     """Write a recipe dict (or raw text) to tmp_path and return its path."""

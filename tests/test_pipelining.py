@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import SMALL_WAFER as SMALL
 
 import scanner.pipeline as pipeline
 from scanner.pipeline import restitch, resume_scan, run_scan
@@ -23,14 +24,6 @@ from scanner.tilestore import open_tiles, read_tiles_csv
 
 #: the tests that run a small scan (a few seconds each)
 slow = pytest.mark.slow
-
-SMALL = {
-    "sample": {"kind": "wafer", "diameter_mm": 20, "edge_exclusion_mm": 1.0,
-               "die_pitch_mm": [3.0, 2.5], "defects": {"count": 8, "seed": 3}},
-    "microscope": {"kind": "simulated",
-                   "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0}, "seed": 1},
-    "scan": {"overlap": 0.1},
-}
 
 
 def _recipe(root: Path, **scan: object):

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import SMALL_WAFER as SMALL
 from typer.testing import CliRunner
 
 from scanner.cli import app
@@ -33,13 +34,6 @@ pytestmark = pytest.mark.slow
 
 runner = CliRunner()
 
-SMALL = {
-    "sample": {"kind": "wafer", "diameter_mm": 20, "edge_exclusion_mm": 1.0,
-               "die_pitch_mm": [3.0, 2.5], "defects": {"count": 8, "seed": 3}},
-    "microscope": {"kind": "simulated",
-                   "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0}, "seed": 1},
-    "scan": {"overlap": 0.1},
-}
 WAFERSCOPE = [sys.executable, "-m", "scanner"]
 
 
