@@ -244,9 +244,7 @@ class MicroManagerMicroscope(_CalibratedMicroscope):
     @field_validator("config")
     @classmethod
     def _config_exists(cls, value: Path, info: ValidationInfo) -> Path:
-        path = resolve_path(value, info)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
+        path = existing_file(value, info)
         if path.suffix.lower() != ".cfg":
             raise ValueError(f"not a Micro-Manager .cfg file: {path}")
         return path

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from devices.spec import XY, NonNegFloat, PositiveFloat
+from devices.spec import XY, NonNegFloat, PositiveFloat, existing_file
 from devices.spec import CameraSpec as CameraSpec
 from devices.spec import FaultsSpec as FaultsSpec
 from devices.spec import FocusSpec as FocusSpec
@@ -35,7 +35,6 @@ from devices.spec import RolesSpec as RolesSpec
 from devices.spec import SimulatedMicroscope as SimulatedMicroscope
 from devices.spec import SpecModel as _Model
 from devices.spec import StageSpec as StageSpec
-from devices.spec import resolve_path as _resolve_path
 
 from .errors import RecipeError
 
@@ -198,10 +197,7 @@ class ImageSample(_RepeatKeys):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, value: Path, info: ValidationInfo) -> Path:
-        path = _resolve_path(value, info)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
+        return existing_file(value, info)
 
     @field_validator("region_px")
     @classmethod
