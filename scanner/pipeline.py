@@ -26,7 +26,6 @@ from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
 from .recipe import OutputSpec, Recipe, StageSpec, StitchSpec, format_validation_error, recorded
 from .registration.live import LiveRegistrar, LiveResults
-from .registration.scan import CameraGeometry
 from .scanfolder import (
     RUNNING,
     SCAN_JSON,
@@ -39,7 +38,7 @@ from .scanfolder import (
     this_process,
     write_json,
 )
-from .stitch import MOSAIC, load_calibration, stitch_scan
+from .stitch import MOSAIC, camera_geometry, stitch_scan
 from .tilestore import TILES_CSV, TileRecord, open_tiles, read_tiles_csv, stored_tiles
 
 log = logging.getLogger("waferscope.pipeline")
@@ -420,8 +419,7 @@ def _start_live(scan: dict[str, Any], handle: MicroscopeHandle, plan: ScanPlan,
         if not settings["registration"] and not settings["flatfield"]:
             return None
         pixel_size = float(scan["microscope"]["pixel_size_um"])
-        camera = (load_calibration(settings["calibration"])
-                  if settings["calibration"] is not None else CameraGeometry(pixel_size, 0.0))
+        camera = camera_geometry(settings["calibration"], pixel_size)
         return LiveRegistrar(
             (handle.core.getImageHeight(), handle.core.getImageWidth()), camera,
             settings["repeatability_um"], max_shift_um=settings["max_shift_um"],

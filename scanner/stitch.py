@@ -137,6 +137,14 @@ def load_calibration(path: Path) -> CameraGeometry:
     return CameraGeometry(*read_camera_calibration(path))
 
 
+def camera_geometry(calibration: Path | None, nominal_pixel_size_um: float) -> CameraGeometry:
+    """The camera the tiles are placed with: the calibration file's, else the nominal pixel
+    size unrotated (the stitch stage and the registration during acquisition alike)."""
+    if calibration is None:
+        return CameraGeometry(nominal_pixel_size_um, 0.0)
+    return load_calibration(calibration)
+
+
 def stitch_scan(
     folder: Path,
     nominal_pixel_size_um: float,
@@ -183,8 +191,7 @@ def stitch_scan(
     if not (folder / TILES_CSV).is_file():
         raise UserError(f"{folder}: not a scan folder (no {TILES_CSV})")
     check_journal(folder, open_tiles(folder).shape[0])  # before registration rewrites it
-    camera = (load_calibration(calibration) if calibration is not None
-              else CameraGeometry(nominal_pixel_size_um, 0.0))
+    camera = camera_geometry(calibration, nominal_pixel_size_um)
     timings: dict[str, float] = {}
     reg_summary = None
     if registration:
