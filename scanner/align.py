@@ -29,24 +29,30 @@ mid-lines cross, the rotation from the lines' directions).
 The mosaic stays in stage axes (a stage has no rotation axis and OME-NGFF 0.5 carries only
 scale and translation); the measured centre and rotation move the plan and the usable area
 and turn the die grid and the wafer coordinates (:meth:`Alignment.to_wafer`).
+
+The record lives in :mod:`scanner.alignrecord`, the route in :mod:`scanner.alignplan` and
+the measures on one field's image in :mod:`scanner.alignimage`; this module takes the fields
+and combines them.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
-from scipy import ndimage, optimize
 
-from .errors import UserError
+from .alignimage import fit_circle, fit_circle_radius, fit_line, lane_cross, ray_edges
+from .alignplan import MARK_ANGLE_DEG, Route, _flat_distance, plan_route
+from .alignplan import alignment_fields as alignment_fields  # the CLI's `validate`
+from .alignplan import estimate_alignment_time_s as estimate_alignment_time_s
+from .alignplan import wants_alignment as wants_alignment
+from .alignrecord import Alignment, AlignmentError, Site
+from .alignrecord import to_wafer_frame as to_wafer_frame  # scanner.reports.locate
 
 ALIGNMENT_PNG = "alignment.png"
 
-#: nominal direction of a wafer's notch or flat (+y: 6 o'clock), as the recipe's frame has it
-MARK_ANGLE_DEG = 90.0
 #: a die-grid rotation further than this from the edge's is a disagreement
 MAX_DIE_EDGE_DISAGREEMENT_DEG = 0.15
 #: die sites disagree when their measured distance differs from the pitch's by more than this
@@ -54,8 +60,6 @@ MAX_DIE_EDGE_DISAGREEMENT_DEG = 0.15
 SITE_SIGMAS = 5.0
 #: what the lane and the correlation measure a corner to, in pixels, whatever the stage
 SITE_FLOOR_PX = 2.0
-#: die sites must lie at least this share of the wafer's diameter apart
-MIN_DIE_LEVER = 0.3
 #: edge points a field must give to count as "edge found"
 MIN_EDGE_POINTS = 20
 #: a PV cell side's RANSAC line takes points this many of the field's pixels off it: the
@@ -78,92 +82,6 @@ MIN_BINNED_FIELD_PX = 128
 BINNING = "Binning"
 
 
-class AlignmentError(UserError):
-    """The sample is not where the recipe expects it, its mark is missing, or sites disagree."""
-
-
-class Site(BaseModel):
-    """One alignment field: where it was taken and what it gave."""
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: Literal["edge", "notch", "flat", "die", "side"]
-    x_um: float
-    y_um: float
-    n_points: int = 0
-    residual_um: float | None = None
-    die: tuple[int, int] | None = None
-
-
-class Alignment(BaseModel):
-    """Where the sample lies on the stage (recorded in ``scan.json`` as ``alignment``).
-
-    The wafer frame has its origin at ``center_um`` and its axes turned by ``rotation_deg``
-    from the stage's (from +x towards +y), so the notch lies towards the frame's +y as in
-    the recipe: ``wafer = R(-rotation) @ (stage - center)``.
-    """
-
-    model_config = ConfigDict(frozen=True)
-
-    kind: Literal["wafer", "pv_cell"]
-    nominal_center_um: tuple[float, float]
-    center_um: tuple[float, float]
-    rotation_deg: float
-    edge_rotation_deg: float | None = None
-    mark: Literal["notch", "flat", "none", "edges"] = "none"
-    mark_angle_deg: float | None = None
-    radius_um: float | None = None
-    edge_residual_um: float
-    n_edge_points: int
-    die_grid: dict[str, Any] | None = None
-    die_residual_um: float | None = None
-    sites: tuple[Site, ...] = ()
-    hardware_s: float | None = None
-    #: camera binning of the edge and notch fields (1: unbinned; a flat's and the die
-    #: fields always are)
-    edge_binning: int = 1
-
-    @property
-    def offset_um(self) -> tuple[float, float]:
-        """Measured centre less the nominal one."""
-        return (self.center_um[0] - self.nominal_center_um[0],
-                self.center_um[1] - self.nominal_center_um[1])
-
-    def to_wafer(self, x_um: float, y_um: float) -> tuple[float, float]:
-        """A stage point in the sample's own frame (µm from its centre, notch towards +y)."""
-        th = math.radians(self.rotation_deg)
-        dx, dy = x_um - self.center_um[0], y_um - self.center_um[1]
-        return math.cos(th) * dx + math.sin(th) * dy, -math.sin(th) * dx + math.cos(th) * dy
-
-    def to_stage(self, u_um: float, v_um: float) -> tuple[float, float]:
-        """A point of the sample's frame on the stage."""
-        th = math.radians(self.rotation_deg)
-        return (self.center_um[0] + math.cos(th) * u_um - math.sin(th) * v_um,
-                self.center_um[1] + math.sin(th) * u_um + math.cos(th) * v_um)
-
-
-def to_wafer_frame(alignment: dict[str, Any] | None, center: tuple[float, float],
-                   x_um: float, y_um: float) -> tuple[float, float]:
-    """Wafer-frame µm of a stage point: with ``scan.json``'s alignment, else from ``center``."""
-    if not alignment:
-        return x_um - center[0], y_um - center[1]
-    return Alignment.model_validate(alignment).to_wafer(x_um, y_um)
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def wants_alignment(recipe: Any) -> bool:
-    """Whether the scan aligns first (``scan.align``; auto: wafers and PV cells)."""
-    setting = recipe.scan.align
-    kind = recipe.sample.kind
-    if setting == "auto":
-        return kind in ("wafer", "pv_cell")
-    if setting and kind not in ("wafer", "pv_cell"):
-        raise UserError(f"scan.align: true needs a wafer or pv_cell sample (got {kind})")
-    return bool(setting)
-
-
 def site_tolerance_um(repeatability_um: float, pixel_um: float) -> float:
     """Largest disagreement of two die sites' distance from the pitch's that is still the
     stage's landing noise, not a wrong site.
@@ -176,288 +94,6 @@ def site_tolerance_um(repeatability_um: float, pixel_um: float) -> float:
     die, a wrong pitch) is off by a lane's width or more.
     """
     return SITE_SIGMAS * math.sqrt(2.0) * repeatability_um + SITE_FLOOR_PX * pixel_um
-
-
-def _u(deg: float) -> tuple[float, float]:
-    return math.cos(math.radians(deg)), math.sin(math.radians(deg))
-
-
-def edge_fields(sample: Any) -> list[tuple[str, float, float, float]]:
-    """``(kind, x, y, angle_deg)`` of the edge fields, in the order they are taken.
-
-    Wafers: fields on the circle (three 120° apart with a flat or no mark; with a notch,
-    two: opposite it and 60° past it, the notch's field giving the third arc) and one on
-    the mark (:func:`plan_route` orders them). PV cells: the middle of each side.
-    """
-    cx, cy = sample.center_um
-    if sample.kind == "pv_cell":
-        hw, hh = sample.width_mm * 500.0, sample.height_mm * 500.0
-        return [("side", cx + hw, cy, 0.0), ("side", cx, cy + hh, 90.0),
-                ("side", cx - hw, cy, 180.0), ("side", cx, cy - hh, 270.0)]
-    r = sample.diameter_mm * 500.0
-    mark = MARK_ANGLE_DEG
-    fields = []
-    # a notch's field shows the circle beside the V: with it, two edge fields (opposite
-    # the mark and 60° past it) leave the three arcs spread over 180°, enough for the centre
-    # to a few µm (the fine alignment on the mosaic takes it further); the field at mark -
-    # 60° cost about a second of stage moves, 3 % of the demo's scan. A flat's field shows
-    # little arc beside the flat, so a flat (or no mark) keeps three.
-    angles = ((mark - 180.0, mark + 60.0) if sample.orientation == "notch"
-              else (mark - 60.0, mark - 180.0, mark + 60.0))
-    for a in angles:
-        ux, uy = _u(a)
-        fields.append(("edge", cx + r * ux, cy + r * uy, a % 360.0))
-    if sample.orientation != "none":
-        ux, uy = _u(mark)
-        depth = r - _flat_distance(sample) if sample.orientation == "flat" else 0.0
-        fields.insert(1, (sample.orientation, cx + (r - depth) * ux, cy + (r - depth) * uy,
-                          mark))
-    return fields
-
-
-def _flat_distance(sample: Any) -> float:
-    r = sample.diameter_mm * 500.0
-    half = min(sample.flat_length_mm * 500.0, 0.99 * r)
-    return math.sqrt(r * r - half * half)
-
-
-def die_site_pairs(sample: Any) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Candidate pairs of die sites: the two ends of each row of corners where four whole
-    dies meet, at least :data:`MIN_DIE_LEVER` of the diameter apart (the pair's lever on
-    the rotation), the row nearest the centre first."""
-    from .diegrid import DieGrid
-    from .geometry import usable_polygon
-
-    nominal = DieGrid.from_sample(sample.model_dump(mode="json"))
-    region = usable_polygon(sample)
-    full = {(c, r) for c, r, f in nominal.cells_in(region) if f}
-    by_row: dict[int, list[int]] = {}
-    for c, r in full:
-        if {(c - 1, r - 1), (c, r - 1), (c - 1, r)} <= full:
-            by_row.setdefault(r, []).append(c)
-    cy = sample.center_um[1]
-    lever = MIN_DIE_LEVER * sample.diameter_mm * 1000.0
-    out = []
-    for r in sorted(by_row, key=lambda r: (abs(nominal.corner(0, r)[1] - cy), -len(by_row[r]))):
-        cols = sorted(by_row[r])
-        if (cols[-1] - cols[0]) * nominal.pitch_um[0] >= lever:
-            out.append(((cols[0], r), (cols[-1], r)))
-    return out
-
-
-class Route(BaseModel):
-    """The alignment's fields in the order they are taken (``validate`` shows it)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    edges: tuple[tuple[str, float, float, float], ...]
-    dies: tuple[tuple[int, int], ...] = ()
-    seconds: float = 0.0
-
-    def fields(self, sample: Any) -> list[tuple[str, float, float]]:
-        """``(kind, x, y)`` of every field, die sites where the nominal grid puts them."""
-        out = [(k, x, y) for k, x, y, _ in self.edges]
-        if self.dies:
-            from .diegrid import DieGrid
-
-            grid = DieGrid.from_sample(sample.model_dump(mode="json"))
-            out += [("die", *grid.corner(c, r)) for c, r in self.dies]
-        return out
-
-
-def plan_route(recipe: Any, start: tuple[float, float],
-               first_tile: tuple[float, float] | None) -> Route:
-    """The order of the alignment's fields (and the pair of die sites) that costs the least
-    stage time from ``start`` through them to the scan's first tile.
-
-    The edge and mark fields come first in any order (the die sites are predicted from the
-    centre and rotation they give), then the two die sites in either order. Moves dominate
-    (25 mm at the demo stage's 25 mm/s is a second; a snap is 50 ms), so ending near the
-    first tile saves most: the scan would have moved there from the start anyway, so only
-    the detour counts (``seconds``).
-    """
-    from itertools import permutations
-
-    from simulators.stage import xy_move_time_s
-
-    from .diegrid import DieGrid
-    from .plan import exposure_for
-
-    sample, stage = recipe.sample, recipe.microscope.stage
-    camera = getattr(recipe.microscope, "camera", None)
-    per_field = stage.settle_ms / 1000 + (exposure_for(recipe) + (
-        camera.readout_ms if camera else 0.0)) / 1000.0
-
-    def move(a: tuple[float, float], b: tuple[float, float]) -> float:
-        return xy_move_time_s(b[0] - a[0], b[1] - a[1], stage.speed_um_s,
-                              stage.acceleration_um_s2)
-
-    def cost(points: list[tuple[float, float]]) -> float:
-        total, here = 0.0, start
-        for q in points:
-            total += move(here, q) + per_field
-            here = q
-        if first_tile is not None:
-            total += move(here, first_tile) - move(start, first_tile)
-        return total
-
-    edges = edge_fields(sample)
-    pairs: list[tuple[tuple[int, int], ...]] = [()]
-    corner_at: dict[tuple[int, int], tuple[float, float]] = {}
-    if sample.kind == "wafer" and getattr(sample, "die_to_die", True):
-        grid = DieGrid.from_sample(sample.model_dump(mode="json"))
-        found = die_site_pairs(sample)
-        if found:
-            pairs = [pair for a, b in found for pair in ((a, b), (b, a))]
-            corner_at = {c: grid.corner(*c) for pair in found for c in pair}
-    best: Route | None = None
-    for order in permutations(edges):
-        head = [(x, y) for _, x, y, _ in order]
-        for pair in pairs:
-            seconds = cost(head + [corner_at[c] for c in pair])
-            if best is None or seconds < best.seconds:
-                best = Route(edges=order, dies=pair, seconds=seconds)
-    assert best is not None
-    return best
-
-
-def _nominal_route(recipe: Any, fov_um: tuple[float, float] | None = None) -> Route:
-    """:func:`plan_route` from the stage's start (the travel position nearest the origin,
-    as the simulated stage and :func:`scanner.plan.estimate_hardware_time_s` have it) to the
-    first tile of the plan where the recipe puts the sample."""
-    from .plan import plan_scan
-
-    stage = recipe.microscope.stage
-    start = (min(max(0.0, stage.travel_x_um[0]), stage.travel_x_um[1]),
-             min(max(0.0, stage.travel_y_um[0]), stage.travel_y_um[1]))
-    first = None
-    if fov_um is not None:
-        tiles = plan_scan(recipe, fov_um).tiles
-        first = (tiles[0].x_um, tiles[0].y_um) if tiles else None
-    return plan_route(recipe, start, first)
-
-
-def alignment_fields(recipe: Any, fov_um: tuple[float, float] | None = None
-                     ) -> list[tuple[str, float, float]]:
-    """``(kind, x, y)`` of the nominal alignment fields in the order they are taken
-    (``validate``'s alignment plan; ``fov_um`` routes them to the plan's first tile)."""
-    return _nominal_route(recipe, fov_um).fields(recipe.sample)
-
-
-def estimate_alignment_time_s(recipe: Any, fov_um: tuple[float, float] | None = None
-                              ) -> float:
-    """Hardware time the alignment adds to the scan: its moves and snaps, and the detour
-    from the start through its fields to the first tile (with ``fov_um``)."""
-    return _nominal_route(recipe, fov_um).seconds
-
-
-# --------------------------------------------------------------------------- image measures
-
-
-def ray_edges(image: np.ndarray, field_xy: tuple[float, float], pixel_um: float,
-              centre: tuple[float, float], angles_deg: np.ndarray, r_out: float,
-              r_in: float) -> np.ndarray:
-    """Radius of the outermost chuck-to-sample crossing along each ray (NaN: none).
-
-    Rays start at ``centre + r_out * u`` and run inwards to ``r_in``, sampled every half
-    pixel (bilinear). A first pass finds the crossing of the field's Otsu level; the level is
-    then the mean of the chuck's and the sample's medians just outside and inside it on the
-    same ray (so a pattern, vignetting or a dim edge die does not move it), and the crossing
-    is interpolated between the two samples around it.
-    """
-    from skimage.filters import threshold_otsu
-
-    img = np.asarray(image, dtype=np.float32)
-    h, w = img.shape
-    step = 0.5 * pixel_um
-    radii = np.arange(r_out, r_in, -step)
-    ang = np.radians(np.asarray(angles_deg, dtype=float))
-    xs = centre[0] + radii[None, :] * np.cos(ang)[:, None]
-    ys = centre[1] + radii[None, :] * np.sin(ang)[:, None]
-    cols = (xs - field_xy[0]) / pixel_um + (w - 1) / 2
-    rows = (ys - field_xy[1]) / pixel_um + (h - 1) / 2
-    v = ndimage.map_coordinates(img, [rows, cols], order=1, cval=np.nan)
-    inside = (cols >= 0) & (cols <= w - 1) & (rows >= 0) & (rows <= h - 1)
-    v[~inside] = np.nan
-    t0 = float(threshold_otsu(img[::4, ::4]))
-    out = np.full(len(ang), np.nan)
-    near, far = 6, 24  # half-pixel steps: clear of the edge's blur, still local
-    for k in range(len(ang)):
-        prof = v[k]
-        ok = np.flatnonzero(np.isfinite(prof))
-        if len(ok) < 2 * far:
-            continue
-        first = ok[0]
-        if prof[first] >= t0:
-            continue  # the ray starts on the sample: its edge lies beyond the field
-        above = np.flatnonzero(prof[first:] >= t0)
-        if len(above) == 0:
-            continue
-        j = first + int(above[0])
-        lo = prof[max(first, j - far): j - near]
-        hi = prof[j + near: j + far]
-        if len(lo) < 4 or len(hi) < 4 or not np.isfinite(hi).all():
-            continue
-        t = 0.5 * (float(np.median(lo)) + float(np.median(hi)))
-        seg = prof[max(first, j - near): j + near]
-        cross = np.flatnonzero((seg[:-1] < t) & (seg[1:] >= t))
-        if len(cross) == 0:
-            continue
-        i = max(first, j - near) + int(cross[0])
-        a, b = prof[i], prof[i + 1]
-        out[k] = radii[i] - step * (t - a) / (b - a)
-    return out
-
-
-def fit_circle(points: np.ndarray, start: tuple[float, float, float],
-               clip_um: float) -> tuple[float, float, float, float, np.ndarray]:
-    """Least-squares circle through edge points, dropping those off it by more than 3 sigma
-    (or ``clip_um``): ``(cx, cy, r, rms, kept)``."""
-    keep = np.ones(len(points), bool)
-    params = np.asarray(start, float)
-    for _ in range(4):
-        p = points[keep]
-
-        def resid(q: np.ndarray, p: np.ndarray = p) -> np.ndarray:
-            return np.hypot(p[:, 0] - q[0], p[:, 1] - q[1]) - q[2]
-
-        params = optimize.least_squares(resid, params, method="lm").x
-        res = np.hypot(points[:, 0] - params[0], points[:, 1] - params[1]) - params[2]
-        rms = float(np.sqrt(np.mean(res[keep] ** 2)))
-        new = np.abs(res) <= max(3 * rms, 1e-6) if rms > clip_um / 3 else np.abs(res) <= clip_um
-        new |= np.abs(res) <= 3 * rms
-        if (new == keep).all():
-            break
-        keep = new
-    return float(params[0]), float(params[1]), float(params[2]), rms, keep
-
-
-def fit_circle_radius(points: np.ndarray, start: tuple[float, float], radius: float,
-                      clip_um: float) -> tuple[float, float, float, np.ndarray]:
-    """:func:`fit_circle` with the radius held: ``(cx, cy, rms, kept)``."""
-    keep = np.ones(len(points), bool)
-    params = np.asarray(start, float)
-    for _ in range(4):
-        p = points[keep]
-
-        def resid(q: np.ndarray, p: np.ndarray = p) -> np.ndarray:
-            return np.hypot(p[:, 0] - q[0], p[:, 1] - q[1]) - radius
-
-        params = optimize.least_squares(resid, params, method="lm").x
-        res = np.hypot(points[:, 0] - params[0], points[:, 1] - params[1]) - radius
-        rms = float(np.sqrt(np.mean(res[keep] ** 2)))
-        new = (np.abs(res) <= max(3 * rms, 1e-6)) | (np.abs(res) <= clip_um)
-        if (new == keep).all():
-            break
-        keep = new
-    return float(params[0]), float(params[1]), rms, keep
-
-
-def fit_line(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Total least squares line: ``(point, unit direction, rms distance)``."""
-    mean = points.mean(axis=0)
-    _, s, vt = np.linalg.svd(points - mean, full_matrices=False)
-    return mean, vt[0], float(s[-1] / math.sqrt(len(points)))
 
 
 def fit_side(points: np.ndarray, pixel_um: float
@@ -478,54 +114,6 @@ def fit_side(points: np.ndarray, pixel_um: float
     _, inliers = ransac(points, LineModelND, min_samples=2,
                         residual_threshold=SIDE_INLIER_PX * pixel_um, max_trials=100, rng=0)
     return (*fit_line(points[inliers]), inliers)
-
-
-def lane_middle(profile: np.ndarray, approx: float, half_width_px: float) -> float | None:
-    """Middle (sub-pixel) of the quiet run (a scribe lane) nearest ``approx`` in a profile of
-    per-column (or per-row) spread; None when no clear lane is there."""
-    n = len(profile)
-    lo_i = max(int(approx - 3 * half_width_px) - 4, 1)
-    hi_i = min(int(approx + 3 * half_width_px) + 4, n - 2)
-    if hi_i - lo_i < 4:
-        return None
-    window = profile[lo_i:hi_i]
-    quiet = float(np.min(window))
-    # a die's seal ring and pads flank its lane, busy at any pixel size (a die's core may
-    # average to grey at a coarse one)
-    busy = float(np.percentile(window, 90))
-    if busy <= quiet * 2 + 1e-9:
-        return None
-    t = 0.5 * (quiet + busy)
-    j = lo_i + int(np.argmin(window))
-    a = j
-    while a > 0 and profile[a - 1] < t:
-        a -= 1
-    b = j
-    while b < n - 1 and profile[b + 1] < t:
-        b += 1
-    if a == 0 or b == n - 1:
-        return None
-    # crossings interpolated on each side of the run
-    left = a - 1 + (t - profile[a - 1]) / (profile[a] - profile[a - 1])
-    right = b + (profile[b] - t) / (profile[b] - profile[b + 1])
-    return 0.5 * (left + right)
-
-
-def lane_cross(image: np.ndarray, lane_um: float, pixel_um: float) -> tuple[float, float] | None:
-    """Pixel ``(col, row)`` where a vertical and a horizontal scribe lane cross, near the
-    field's centre (None: not seen)."""
-    img = np.asarray(image, dtype=np.float32)
-    # interquartile range per column/row: a die varies, a lane does not (a particle on the
-    # lane moves a few pixels of a column, not its quartiles)
-    q = np.percentile(img, [25, 75], axis=0)
-    cols = q[1] - q[0]
-    q = np.percentile(img, [25, 75], axis=1)
-    rows = q[1] - q[0]
-    half = 0.5 * lane_um / pixel_um
-    h, w = img.shape
-    c = lane_middle(cols, (w - 1) / 2, max(half, 2.0))
-    r = lane_middle(rows, (h - 1) / 2, max(half, 2.0))
-    return None if c is None or r is None else (c, r)
 
 
 # --------------------------------------------------------------------------- measuring
