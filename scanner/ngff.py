@@ -1,0 +1,348 @@
+"""Multiscale OME-NGFF (v0.5, zarr v3) images: written level by level, read back by stage
+coordinates.
+
+The mosaic (:mod:`scanner.mosaic`) and the inspection's maps share it: create the empty levels
+in a ``*.tmp.zarr`` sibling (:func:`create_multiscale`), fill level 0, build the pyramid
+(:func:`build_pyramid`, each level the 2 x 2 mean of the one below) and write the metadata
+and rename it over the destination (:func:`finish_multiscale`), so that an earlier image
+survives until the new one is complete. Level ``k`` has pixels of size ``p * 2**k``; its pixel
+``(0, 0)`` is the 2**k x 2**k block of level-0 pixels at the origin, so its centre lies at
+``origin + (2**k - 1) / 2 * p`` (the stored ``translation``, in ``[y, x]`` order).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import UserError
+
+#: Worker threads used for fusion and pyramid building (numpy and the codecs release the GIL).
+_WORKERS = 2
+
+
+def _chunk_order(n_rows: int, n_cols: int, band: int) -> Iterator[tuple[int, int]]:
+    """Chunk indices in bands of ``band`` chunk rows, column by column inside each band.
+
+    Consecutive chunks then share most of their tiles, which keeps the LRU cache small.
+    """
+    for b0 in range(0, n_rows, band):
+        for j in range(n_cols):
+            for i in range(b0, min(b0 + band, n_rows)):
+                yield i, j
+
+
+def _run(
+    fn: Callable[[tuple[int, int]], None],
+    items: Iterator[tuple[int, int]],
+    workers: int,
+    on_done: Callable[[], None],
+) -> None:
+    """Apply ``fn`` to every item, on ``workers`` threads, keeping few items in flight."""
+    if workers <= 1:
+        for item in items:
+            fn(item)
+            on_done()
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        in_flight = []
+        for item in items:
+            in_flight.append(pool.submit(fn, item))
+            if len(in_flight) >= 2 * workers:
+                in_flight.pop(0).result()
+                on_done()
+        for fut in in_flight:
+            fut.result()
+            on_done()
+
+
+def _ome_attrs(name: str, n_levels: int, p: float, origin: tuple[float, float]) -> dict[str, Any]:
+    """The OME-NGFF 0.5 ``ome`` attributes of a mosaic with ``n_levels`` levels."""
+    datasets = []
+    for k in range(n_levels):
+        scale = p * 2**k
+        shift = (2**k - 1) / 2.0 * p
+        datasets.append(
+            {
+                "path": str(k),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": [scale, scale]},
+                    {"type": "translation", "translation": [origin[1] + shift, origin[0] + shift]},
+                ],
+            }
+        )
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": datasets,
+            }
+        ],
+    }
+
+
+def _level_shapes(shape: tuple[int, int], min_level_size: int) -> list[tuple[int, int]]:
+    """Shapes of all pyramid levels: halve (rounding up) while the last is > min_level_size."""
+    shapes = [shape]
+    while max(shapes[-1]) > min_level_size and max(shapes[-1]) > 1:
+        r, c = shapes[-1]
+        shapes.append(((r + 1) // 2, (c + 1) // 2))
+    return shapes
+
+
+def _downsample2(block: np.ndarray) -> np.ndarray:
+    """2 x 2 mean of ``block`` (odd edges padded by repeating the last row / column), rounded."""
+    r, c = block.shape
+    if r % 2 or c % 2:
+        block = np.pad(block, ((0, r % 2), (0, c % 2)), mode="edge")
+    dtype = block.dtype
+    if np.issubdtype(dtype, np.integer):
+        acc_t = np.uint32 if dtype in (np.uint8, np.uint16) else np.int64
+        acc = block[0::2, 0::2].astype(acc_t)
+        acc += block[1::2, 0::2]
+        acc += block[0::2, 1::2]
+        acc += block[1::2, 1::2]
+        acc += 2  # round half up; the mean of in-range values stays in range
+        acc //= 4
+        return acc.astype(dtype)
+    acc = block[0::2, 0::2].astype(np.float64)
+    acc += block[1::2, 0::2]
+    acc += block[0::2, 1::2]
+    acc += block[1::2, 1::2]
+    acc *= 0.25
+    return acc.astype(dtype)
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    """Move ``tmp`` to ``dest``, replacing whatever ``dest`` was, losing it only at the end."""
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(dest.name + ".old")
+        _remove(old)
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _tmp_path(out_path: Path) -> Path:
+    """Sibling of ``out_path`` where the mosaic is written before being renamed over it."""
+    stem = out_path.name[: -len(out_path.suffix)] if out_path.suffix else out_path.name
+    return out_path.with_name(stem + ".tmp.zarr")
+
+def downsample_block(src: Any, dst: Any, chunk: int, chunks: list[tuple[int, int]]) -> int:
+    """Fill ``chunks`` of a pyramid level from the level below (one dask task)."""
+    for ij in chunks:
+        _down_chunk(ij, src, dst, chunk)
+    return len(chunks)
+
+
+def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
+    """Open a mosaic written by :func:`scanner.mosaic.fuse_mosaic`.
+
+    Parameters
+    ----------
+    path : Path
+        The mosaic's zarr group.
+
+    Returns
+    -------
+    levels : list[zarr.Array]
+        The level arrays, finest (level 0) first, opened read-only.
+    transforms : list[dict]
+        Each level's ``coordinateTransformations`` list as stored (a ``scale`` then a
+        ``translation`` entry, in ``[y, x]`` order).
+
+    Raises
+    ------
+    ValueError
+        If the group has no OME-NGFF multiscales metadata.
+    """
+    root = zarr.open_group(str(path), mode="r")
+    ome = root.attrs.get("ome")
+    if not isinstance(ome, dict) or not ome.get("multiscales"):
+        raise ValueError(f"{path} is not an OME-NGFF multiscale image (no 'ome' attributes)")
+    datasets = ome["multiscales"][0]["datasets"]
+    levels = [root[d["path"]] for d in datasets]
+    return levels, [d["coordinateTransformations"] for d in datasets]
+
+
+def level_transform(transforms: list[dict], level: int = 0
+                    ) -> tuple[list[float], list[float]]:
+    """A level's ``scale`` and ``translation`` (``[y, x]``), from :func:`open_mosaic`'s list."""
+    entries = transforms[level]
+    scale = next(t["scale"] for t in entries if t["type"] == "scale")
+    trans = next(t["translation"] for t in entries if t["type"] == "translation")
+    return scale, trans
+
+
+def mosaic_region(
+    path: Path, x_um: float, y_um: float, shape: tuple[int, int], level: int = 0
+) -> np.ndarray:
+    """Read a window of a mosaic by stage coordinates.
+
+    Parameters
+    ----------
+    path : Path
+        The mosaic's zarr group.
+    x_um, y_um : float
+        Stage position; the window's pixel ``(0, 0)`` is the level pixel whose centre is nearest.
+    shape : tuple[int, int]
+        Window shape ``(rows, cols)`` in pixels of ``level``.
+    level : int, optional
+        Pyramid level (default 0, full resolution).
+
+    Returns
+    -------
+    np.ndarray
+        The window, in the mosaic's dtype; pixels outside the mosaic are 0.
+    """
+    levels, transforms = open_mosaic(path)
+    if not 0 <= level < len(levels):
+        raise ValueError(f"level must be in 0..{len(levels) - 1}, got {level}")
+    arr = levels[level]
+    scale, trans = level_transform(transforms, level)
+    row = round((y_um - trans[0]) / scale[0])
+    col = round((x_um - trans[1]) / scale[1])
+    h, w = (int(s) for s in shape)
+    out = np.zeros((h, w), dtype=arr.dtype)
+    a0, a1 = max(row, 0), min(row + h, arr.shape[0])
+    b0, b1 = max(col, 0), min(col + w, arr.shape[1])
+    if a0 < a1 and b0 < b1:
+        out[a0 - row : a1 - row, b0 - col : b1 - col] = arr[a0:a1, b0:b1]
+    return out
+
+
+# ----------------------------------------------------------------------- shared OME-NGFF writing
+
+
+def create_multiscale(
+    out_path: Path,
+    shape: tuple[int, int],
+    *,
+    chunk: int,
+    dtype: Any,
+    fill_value: float = 0,
+    min_level_size: int = 256,
+) -> tuple[Path, list[zarr.Array]]:
+    """Create the empty levels of a multiscale image in the ``*.tmp.zarr`` sibling of ``out_path``.
+
+    Fill level 0, then call :func:`build_pyramid` and :func:`finish_multiscale`, which renames
+    the temporary group over ``out_path``: an earlier image there survives until the new one is
+    complete.
+
+    Returns
+    -------
+    tmp : Path
+        The temporary group being written.
+    arrays : list of zarr.Array
+        One array per level, level 0 first.
+    """
+    out_path = Path(out_path)
+    shapes = _level_shapes((int(shape[0]), int(shape[1])), min_level_size)
+    tmp = _tmp_path(out_path)
+    _remove(tmp)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    arrays = [
+        root.create_array(
+            str(k),
+            shape=s,
+            chunks=(chunk, chunk),
+            dtype=dtype,
+            fill_value=fill_value,
+            compressors=zarr.codecs.ZstdCodec(level=3),
+            dimension_names=["y", "x"],
+            # every chunk is stored, background included, so that a missing chunk is damage
+            # that can be found (zarr would read it back as fill value, i.e. black)
+            config={"write_empty_chunks": True},
+        )
+        for k, s in enumerate(shapes)
+    ]
+    return tmp, arrays
+
+
+def check_complete(array: zarr.Array, what: str) -> None:
+    """Refuse an image with a missing chunk: zarr would read it as fill value (black).
+
+    Raises
+    ------
+    UserError
+        Naming the first missing chunk (its pixel rows and columns).
+    """
+    if array.nchunks_initialized == array.nchunks:
+        return
+    root = Path(str(array.store_path.store.root)) / array.store_path.path
+    grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks, strict=True)]
+    for ij in itertools.product(*grid):
+        if not (root / array.metadata.encode_chunk_key(ij)).is_file():
+            r, c = (i * n for i, n in zip(ij, array.chunks, strict=True))
+            raise UserError(f"{what}: chunk {ij} (rows {r}.., cols {c}..) is missing; "
+                            "the image is damaged (re-run `waferscope stitch`)")
+
+
+def build_pyramid(
+    arrays: list[zarr.Array], chunk: int, tick: Callable[[], None] | None = None
+) -> None:
+    """Fill levels 1.. of a multiscale image chunk-wise, each the 2 x 2 mean of the level below.
+
+    Chunks of the level below that hold only zeros (unscanned) are not averaged: zeros are
+    stored.
+    """
+    for k in range(1, len(arrays)):
+        src, dst_arr = arrays[k - 1], arrays[k]
+        rows, cols = dst_arr.shape
+
+        def down_chunk(ij: tuple[int, int], src: zarr.Array = src,
+                       dst: zarr.Array = dst_arr) -> None:
+            _down_chunk(ij, src, dst, chunk)
+
+        n_r, n_c = math.ceil(rows / chunk), math.ceil(cols / chunk)
+        _run(down_chunk, _chunk_order(n_r, n_c, 1), _WORKERS, tick or (lambda: None))
+
+
+def _down_chunk(ij: tuple[int, int], src: Any, dst: Any, chunk: int) -> None:
+    """Chunk ``ij`` of a pyramid level: the 2 x 2 mean of the level below (unscanned: skipped)."""
+    rows, cols = dst.shape
+    r0, c0 = ij[0] * chunk, ij[1] * chunk
+    r1, c1 = min(r0 + chunk, rows), min(c0 + chunk, cols)
+    block = src[2 * r0 : min(2 * r1, src.shape[0]), 2 * c0 : min(2 * c1, src.shape[1])]
+    if not block.any():  # unscanned: zeros, stored (a missing chunk is damage)
+        dst[r0:r1, c0:c1] = np.zeros((r1 - r0, c1 - c0), dtype=dst.dtype)
+        return
+    dst[r0:r1, c0:c1] = _downsample2(np.asarray(block))
+
+
+def finish_multiscale(
+    tmp: Path, out_path: Path, n_levels: int, pixel_size_um: float,
+    origin_um: tuple[float, float], name: str,
+) -> None:
+    """Write the OME-NGFF 0.5 metadata of a multiscale image and rename it over ``out_path``.
+
+    ``origin_um`` is the stage ``(x_um, y_um)`` of the centre of level-0 pixel ``(0, 0)`` and
+    ``pixel_size_um`` the level-0 pixel size.
+    """
+    root = zarr.open_group(str(tmp), mode="r+")
+    root.attrs["ome"] = _ome_attrs(name, n_levels, float(pixel_size_um), origin_um)
+    _replace_dir(Path(tmp), Path(out_path))
