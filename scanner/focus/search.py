@@ -50,6 +50,8 @@ MIN_TEXTURE = 1.6
 #: flat, times sqrt(pixels): noise alone moves the measures by ~2 / sqrt(pixels) (one sigma),
 #: so this is ~4 sigma (0.8 % on a 1024 x 1024 frame).
 FLAT_CONTRAST_SQRT_N = 8.0
+#: why a field with no texture above noise is refused
+_FEATURELESS = "featureless field: no texture above noise"
 
 
 @dataclass
@@ -261,6 +263,40 @@ def autofocus(
         ``ok=False`` (and ``z_um == z_start``, ``confidence < 0.3``) for a featureless field,
         a peak against a Z limit, or a peak the frames could not bracket.
     """
+    lo, hi, fn, dof, h = _checked_args(depth_of_field_um, z_range, max_images, measure,
+                                       search_span_um)
+    z0 = min(max(float(z_start), lo), hi)
+    s = _Sampler(snap_at, fn, (lo, hi), max_images, tol=1e-3 * dof)
+
+    # 1. bracket. Frames in increasing Z (one direction of travel).
+    sigma, flat = _first_frames(s, z0, h, measure, noise_sigma)
+    tex = texture_strength(s.best_image, sigma)
+    if s.raw_contrast() < flat:
+        if tex < MIN_TEXTURE:
+            return _result(s, z_start, False, _FEATURELESS, tex=tex)
+        # Textured but flat: the peak is much wider than the grid (pixel-limited depth of
+        # field, or the caller's DOF too small). Widen the grid.
+        h *= 3.0
+        for z in (z0 - h, z0 + h):
+            s.take(z)
+    why = _bracket(s, h, max_images, lambda: _walk_is_noise(s, flat, sigma))
+    z, v = s.arrays()
+    tex = texture_strength(s.best_image, sigma)
+    if why:
+        return _unbracketed(s, z_start, why, z, v, tex, max_images)
+
+    # 2. interpolate the peak from the top three frames; 3. refine around it
+    zf, r2 = _refine(s, z, v, h, dof, (lo, hi))
+    tex = texture_strength(s.best_image, sigma)
+    if not math.isfinite(zf):
+        return _result(s, z_start, False, "measure has no peak", tex=tex)
+    return _judge(s, z_start, zf, r2, flat, sigma, tex)
+
+
+def _checked_args(depth_of_field_um: float, z_range: tuple[float, float], max_images: int,
+                  measure: str | Callable[[np.ndarray], float], search_span_um: float | None
+                  ) -> tuple[float, float, Callable[[np.ndarray], float], float, float]:
+    """:func:`autofocus`'s arguments checked: ``(lo, hi, measure function, dof, coarse step)``."""
     if not depth_of_field_um > 0:
         raise ValueError(f"depth_of_field_um must be > 0, got {depth_of_field_um}")
     lo, hi = float(z_range[0]), float(z_range[1])
@@ -275,19 +311,24 @@ def autofocus(
     span = 4.0 * dof if search_span_um is None else float(search_span_um)
     if not span > 0:
         raise ValueError(f"search_span_um must be > 0, got {search_span_um}")
-    h = span / 2.0
-    z0 = min(max(float(z_start), lo), hi)
-    s = _Sampler(snap_at, fn, (lo, hi), max_images, tol=1e-3 * dof)
+    return lo, hi, fn, dof, span / 2.0
 
-    def result(ok: bool, reason: str, z_fit: float = math.nan, conf: float = 0.0,
-               tex: float = math.nan) -> FocusResult:
-        z_out = z_fit if ok else float(z_start)
-        conf = conf if ok else min(conf, 0.29)
-        return FocusResult(z_um=z_out, confidence=float(conf), n_images=len(s.samples),
-                           samples=list(s.samples), ok=ok, reason=reason, z_peak_um=z_fit,
-                           texture=tex)
 
-    # 1. bracket. Frames in increasing Z (one direction of travel).
+def _result(s: _Sampler, z_start: float, ok: bool, reason: str, z_fit: float = math.nan,
+            conf: float = 0.0, tex: float = math.nan) -> FocusResult:
+    """The search's outcome; a refused one keeps ``z_start`` and a confidence below 0.3."""
+    z_out = z_fit if ok else float(z_start)
+    conf = conf if ok else min(conf, 0.29)
+    return FocusResult(z_um=z_out, confidence=float(conf), n_images=len(s.samples),
+                       samples=list(s.samples), ok=ok, reason=reason, z_peak_um=z_fit,
+                       texture=tex)
+
+
+def _first_frames(s: _Sampler, z0: float, h: float,
+                  measure: str | Callable[[np.ndarray], float], noise_sigma: float | None
+                  ) -> tuple[float, float]:
+    """Three frames at ``z0 - h, z0, z0 + h``; the pixel noise and the contrast below which
+    the sampled measure counts as flat (the sampler's noise floor set from the noise)."""
     for z in (z0 - h, z0, z0 + h):
         s.take(z)
     # The measure's noise floor flattens the tails of the peak and biases a log fit; remove
@@ -296,38 +337,35 @@ def autofocus(
     sigma = estimate_noise_sigma(s.worst_image) if noise_sigma is None else float(noise_sigma)
     if isinstance(measure, str):
         s.floor_gain = noise_floor(measure, sigma, 1.0)
-    contrast = s.raw_contrast()
     flat = max(FLAT_CONTRAST_SQRT_N / math.sqrt(s.best_image.size), 0.005)
-    tex = texture_strength(s.best_image, sigma)
-    if contrast < flat:
-        if tex < MIN_TEXTURE:
-            return result(False, "featureless field: no texture above noise", tex=tex)
-        # Textured but flat: the peak is much wider than the grid (pixel-limited depth of
-        # field, or the caller's DOF too small). Widen the grid.
-        h *= 3.0
-        for z in (z0 - h, z0 + h):
-            s.take(z)
-    def featureless() -> bool:
-        # a walk that finds neither texture nor a clear slope is following noise
-        return s.raw_contrast() < 2 * flat and texture_strength(s.best_image, sigma) < MIN_TEXTURE
+    return sigma, flat
 
-    why = _bracket(s, h, max_images, featureless)
-    z, v = s.arrays()
-    tex = texture_strength(s.best_image, sigma)
+
+def _walk_is_noise(s: _Sampler, flat: float, sigma: float) -> bool:
+    """Whether the bracketing walk follows noise: it finds neither texture nor a clear slope."""
+    return s.raw_contrast() < 2 * flat and texture_strength(s.best_image, sigma) < MIN_TEXTURE
+
+
+def _unbracketed(s: _Sampler, z_start: float, why: str, z: np.ndarray, v: np.ndarray,
+                 tex: float, max_images: int) -> FocusResult:
+    """The refusal when :func:`_bracket` gave up (``why``: its reason)."""
     if why == "featureless":
-        return result(False, "featureless field: no texture above noise", tex=tex)
-    if why:
-        i = int(np.argmax(v))
-        reason = ("focus peak at the Z range limit" if why == "range"
-                  else f"peak not bracketed within {max_images} images")
-        return result(False, reason, z_fit=float(z[i]), tex=tex)
+        return _result(s, z_start, False, _FEATURELESS, tex=tex)
+    i = int(np.argmax(v))
+    reason = ("focus peak at the Z range limit" if why == "range"
+              else f"peak not bracketed within {max_images} images")
+    return _result(s, z_start, False, reason, z_fit=float(z[i]), tex=tex)
 
-    # 2. interpolate the peak from the top three frames
+
+def _refine(s: _Sampler, z: np.ndarray, v: np.ndarray, h: float, dof: float,
+            z_range: tuple[float, float]) -> tuple[float, float]:
+    """Peak from the bracket's top three frames, refined with a pair of frames around it
+    (and one at the refit when it moved): ``(peak Z, fit R^2)``; NaN peak when none."""
     i = int(np.argmax(v))
     z1, w1 = _log_parabola_3(z[i - 1 : i + 2], v[i - 1 : i + 2])
     if not math.isfinite(z1):
         z1, w1 = float(z[i]), h
-    # 3. refine: a symmetric pair at +-d, d ~ the peak width but inside the bracket
+    # a symmetric pair at +-d, d ~ the peak width but inside the bracket
     d = min(max(0.6 * w1, 0.3 * dof), 0.75 * h)
     for zz in (z1 - d, z1 + d):
         if not any(abs(zz - zs) < 0.25 * d for zs, _ in s.samples):  # a bracket frame will do
@@ -339,15 +377,18 @@ def autofocus(
         s.take(zf)
         z, v = s.arrays()
         zf, wf, r2 = _fit_peak(z, v, zf, window=max(2.0 * d, 1.01 * h))
-    tex = texture_strength(s.best_image, sigma)
     if not math.isfinite(zf):
-        return result(False, "measure has no peak", tex=tex)
+        return zf, r2
     # the fit may not extrapolate beyond the frames around the peak
     i = int(np.argmax(v))
     zf = min(max(zf, z[max(i - 1, 0)]), z[min(i + 1, len(z) - 1)])
-    zf = min(max(zf, lo), hi)
+    return min(max(zf, z_range[0]), z_range[1]), r2
 
-    # confidence: texture above noise, prominence of the peak over the flanks, fit quality
+
+def _judge(s: _Sampler, z_start: float, zf: float, r2: float, flat: float, sigma: float,
+           tex: float) -> FocusResult:
+    """Confidence in the peak at ``zf`` (texture above noise, prominence over the flanks,
+    fit quality) and the verdict; a frame at the peak decides a clear peak short of texture."""
     contrast = s.raw_contrast()
     c_prom = _score(contrast, flat, 0.3)
     c_fit = _score(r2, 0.5, 0.95)
@@ -361,11 +402,10 @@ def autofocus(
         c_tex = _score(tex, MIN_TEXTURE, 2.0 * MIN_TEXTURE)
         conf = float((c_tex * c_prom * c_fit) ** (1.0 / 3.0))
     if tex < MIN_TEXTURE:
-        return result(False, "featureless field: no texture above noise", z_fit=zf,
-                      conf=conf, tex=tex)
+        return _result(s, z_start, False, _FEATURELESS, z_fit=zf, conf=conf, tex=tex)
     if contrast < flat:
-        return result(False, "measure flat over the searched range", z_fit=zf, conf=conf,
-                      tex=tex)
+        return _result(s, z_start, False, "measure flat over the searched range", z_fit=zf,
+                       conf=conf, tex=tex)
     if conf < 0.3:
-        return result(False, "low confidence peak", z_fit=zf, conf=conf, tex=tex)
-    return result(True, "ok", z_fit=zf, conf=conf, tex=tex)
+        return _result(s, z_start, False, "low confidence peak", z_fit=zf, conf=conf, tex=tex)
+    return _result(s, z_start, True, "ok", z_fit=zf, conf=conf, tex=tex)
