@@ -1,4 +1,5 @@
-"""Focus maps: robust fits of the in-focus Z over the stage, and where to measure it.
+"""Focus maps: robust fits of the in-focus Z over the stage (where to measure it:
+:mod:`scanner.focus.points`).
 
 A focus map is a handful of autofocus results ``(x, y, z)`` spread over the sample; between
 them the scan predicts Z from a fitted surface. Autofocus occasionally locks onto dust, a
@@ -29,6 +30,10 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy import linalg
+
+# where the points are measured: scanner.focusing and the package read them here too
+from .points import focus_points_layout as focus_points_layout
+from .points import tour_order as tour_order
 
 __all__ = ["FocusSurface", "fit_focus_surface", "focus_points_layout"]
 
@@ -398,21 +403,8 @@ def fit_focus_surface(
     ValueError
         Mismatched inputs, an unknown model, or too few finite points for ``model``.
     """
-    x = np.asarray(x_um, dtype=float).ravel()
-    y = np.asarray(y_um, dtype=float).ravel()
-    z = np.asarray(z_um, dtype=float).ravel()
-    if not (x.shape == y.shape == z.shape):
-        raise ValueError(f"x, y, z must have the same length: {x.size}, {y.size}, {z.size}")
-    if model not in ("plane", "quadratic", "tps", "auto"):
-        raise ValueError(f"unknown model {model!r}")
-    if outlier_threshold_um is not None and not outlier_threshold_um > 0:
-        raise ValueError(f"outlier_threshold_um must be > 0, got {outlier_threshold_um}")
-    finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    x, y, z, finite = _checked_points(x_um, y_um, z_um, model, outlier_threshold_um)
     n = int(finite.sum())
-    if model != "auto" and n < _MIN_POINTS[model]:
-        raise ValueError(f"model {model!r} needs >= {_MIN_POINTS[model]} points, got {n}")
-    if n == 0:
-        raise ValueError("no finite focus points")
 
     xf, yf, zf = x[finite], y[finite], z[finite]
     cx, cy = float(np.mean(xf)), float(np.mean(yf))
@@ -422,35 +414,9 @@ def fit_focus_surface(
     z_off = float(np.median(zf))
     zc = zf - z_off
 
-    if model == "auto":
-        candidates = [m for m in ("constant", "plane", "quadratic", "tps")
-                      if n >= _AUTO_MIN_POINTS[m]]
-        if n >= 3:
-            candidates.remove("constant")
-    else:
-        candidates = [model]
-
-    fits: dict[str, dict[str, Any]] = {}
-    for m in candidates:
-        if m == "tps":
-            base = fits.get("quadratic") or _fit_parametric(
-                "quadratic" if n >= _AUTO_MIN_POINTS["quadratic"] else "plane",
-                u, v, zc, outlier_threshold_um)
-            fits[m] = _fit_tps(u, v, zc, outlier_threshold_um, base["inliers"])
-        else:
-            fits[m] = _fit_parametric(m, u, v, zc, outlier_threshold_um)
-
-    def score(f: dict[str, Any]) -> float:
-        loo = f["loo"]
-        return math.sqrt(float(np.median(loo**2))) if np.all(np.isfinite(loo)) else math.inf
-
-    scores = {m: score(f) for m, f in fits.items()}
-    best = min(scores.values())
-    chosen = candidates[-1]
-    for m in candidates:  # simplest first
-        if scores[m] <= _AUTO_TOLERANCE * best + 1e-9:
-            chosen = m
-            break
+    candidates = _candidates(model, n)
+    fits = _fit_candidates(candidates, u, v, zc, outlier_threshold_um, n)
+    chosen, scores = _choose(candidates, fits)
     f = fits[chosen]
 
     coeffs: dict[str, Any] = {"center_um": [cx, cy], "scale_um": scale, "z_offset_um": z_off}
@@ -480,158 +446,69 @@ def fit_focus_surface(
     return surf
 
 
-def focus_points_layout(
-    polygon_xy: np.ndarray,
-    n_points: int,
-    layout: Literal["grid", "rings"] = "grid",
-    margin_um: float = 0.0,
-) -> np.ndarray:
-    """Spread about ``n_points`` focus points over a polygon, all strictly inside it.
+def _checked_points(x_um: np.ndarray, y_um: np.ndarray, z_um: np.ndarray, model: str,
+                    outlier_threshold_um: float | None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fit_focus_surface`'s arguments checked: flat ``x, y, z`` and which are finite."""
+    x = np.asarray(x_um, dtype=float).ravel()
+    y = np.asarray(y_um, dtype=float).ravel()
+    z = np.asarray(z_um, dtype=float).ravel()
+    if not (x.shape == y.shape == z.shape):
+        raise ValueError(f"x, y, z must have the same length: {x.size}, {y.size}, {z.size}")
+    if model not in ("plane", "quadratic", "tps", "auto"):
+        raise ValueError(f"unknown model {model!r}")
+    if outlier_threshold_um is not None and not outlier_threshold_um > 0:
+        raise ValueError(f"outlier_threshold_um must be > 0, got {outlier_threshold_um}")
+    finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(z)
+    n = int(finite.sum())
+    if model != "auto" and n < _MIN_POINTS[model]:
+        raise ValueError(f"model {model!r} needs >= {_MIN_POINTS[model]} points, got {n}")
+    if n == 0:
+        raise ValueError("no finite focus points")
+    return x, y, z, finite
 
-    Parameters
-    ----------
-    polygon_xy : ndarray, shape (K, 2)
-        Vertices of the region (µm), e.g. the usable region of a wafer.
-    n_points : int
-        Wanted number of points (>= 1). "grid" gives the count closest to it that a square
-        grid achieves; "rings" gives exactly it on a round region.
-    layout : {"grid", "rings"}
-        "grid": a square grid of cell centres clipped to the polygon, in serpentine order
-        (short travel). "rings": the centroid plus concentric rings with points in
-        proportion to their circumference (uniform density on wafers); ring points that
-        fall outside a non-round polygon are dropped.
-    margin_um : float
-        Keep the points this far inside the boundary (edge exclusion, wafer bevel).
 
-    Returns
-    -------
-    ndarray, shape (n, 2)
-        Focus point positions (µm).
+def _candidates(model: str, n: int) -> list[str]:
+    """The models fitted, simplest first: ``model``, or for "auto" those ``n`` points allow
+    (a constant only below 3 points)."""
+    if model != "auto":
+        return [model]
+    candidates = [m for m in ("constant", "plane", "quadratic", "tps")
+                  if n >= _AUTO_MIN_POINTS[m]]
+    if n >= 3:
+        candidates.remove("constant")
+    return candidates
 
-    Raises
-    ------
-    ValueError
-        Too few vertices, ``n_points < 1``, an unknown layout, or a polygon with nothing
-        left inside the margin.
-    """
-    from shapely import contains_xy
-    from shapely.geometry import Polygon
 
-    verts = np.asarray(polygon_xy, dtype=float)
-    if verts.ndim != 2 or verts.shape[1] != 2 or verts.shape[0] < 3:
-        raise ValueError(f"polygon_xy must be (K >= 3, 2), got {verts.shape}")
-    if n_points < 1:
-        raise ValueError(f"n_points must be >= 1, got {n_points}")
-    if layout not in ("grid", "rings"):
-        raise ValueError(f"unknown layout {layout!r}")
-    poly = Polygon(verts)
-    if not poly.is_valid:
-        poly = poly.buffer(0)
-    if margin_um > 0:
-        poly = poly.buffer(-margin_um)
-    if poly.is_empty or poly.area <= 0:
-        raise ValueError("no area left inside the polygon after the margin")
+def _fit_candidates(candidates: list[str], u: np.ndarray, v: np.ndarray, zc: np.ndarray,
+                    outlier_threshold_um: float | None, n: int) -> dict[str, dict[str, Any]]:
+    """Each candidate's fit; the spline starts from the robust quadratic's (or plane's)
+    inliers."""
+    fits: dict[str, dict[str, Any]] = {}
+    for m in candidates:
+        if m == "tps":
+            base = fits.get("quadratic") or _fit_parametric(
+                "quadratic" if n >= _AUTO_MIN_POINTS["quadratic"] else "plane",
+                u, v, zc, outlier_threshold_um)
+            fits[m] = _fit_tps(u, v, zc, outlier_threshold_um, base["inliers"])
+        else:
+            fits[m] = _fit_parametric(m, u, v, zc, outlier_threshold_um)
+    return fits
 
-    centre = poly.centroid
-    c = np.array([centre.x, centre.y])
-    if not poly.contains(centre):
-        rp = poly.representative_point()
-        c = np.array([rp.x, rp.y])
 
-    def inside(p: np.ndarray) -> np.ndarray:
-        return p[contains_xy(poly, p[:, 0], p[:, 1])] if len(p) else p
+def _choose(candidates: list[str], fits: dict[str, dict[str, Any]]
+            ) -> tuple[str, dict[str, float]]:
+    """The simplest model within :data:`_AUTO_TOLERANCE` of the best robust leave-one-out
+    error (root median square; inf where a point could not be left out), and every score."""
+    def score(f: dict[str, Any]) -> float:
+        loo = f["loo"]
+        return math.sqrt(float(np.median(loo**2))) if np.all(np.isfinite(loo)) else math.inf
 
-    if n_points == 1:
-        return c[None, :]
-
-    if layout == "rings":
-        xs, ys = np.asarray(poly.exterior.coords).T
-        radius = float(np.max(np.hypot(xs - c[0], ys - c[1])))
-        n_rings = max(1, round((-3 + math.sqrt(9 + 12 * (n_points - 1))) / 6))
-        # points per ring in proportion to its radius (largest remainders), summing to n - 1
-        share = (n_points - 1) * np.arange(1, n_rings + 1) / np.sum(np.arange(1, n_rings + 1))
-        counts = np.floor(share).astype(int)
-        counts[np.argsort(share - counts)[::-1][: n_points - 1 - counts.sum()]] += 1
-        pts = [c]
-        for k, m in enumerate(counts, start=1):
-            if m == 0:
-                continue
-            # the outer ring close to the edge: a fit extrapolates badly beyond its points
-            r = radius * k / (n_rings + 0.15)
-            phase = (0.5 if k % 2 else 0.0) * 2 * math.pi / m  # stagger successive rings
-            ang = phase + 2 * math.pi * np.arange(m) / m
-            pts.extend(np.stack([c[0] + r * np.cos(ang), c[1] + r * np.sin(ang)], axis=1))
-        return inside(np.asarray(pts))
-
-    minx, miny, maxx, maxy = poly.bounds
-
-    def grid(step: float) -> np.ndarray:
-        # cell centres, the lattice centred on the bounding box
-        nx = max(1, int(math.floor((maxx - minx) / step)) + 1)
-        ny = max(1, int(math.floor((maxy - miny) / step)) + 1)
-        gx = (minx + maxx) / 2 + (np.arange(nx) - (nx - 1) / 2) * step
-        gy = (miny + maxy) / 2 + (np.arange(ny) - (ny - 1) / 2) * step
-        rows = [np.stack([gx if j % 2 == 0 else gx[::-1], np.full(nx, yy)], axis=1)
-                for j, yy in enumerate(gy)]  # serpentine
-        return inside(np.concatenate(rows))
-
-    step = math.sqrt(poly.area / n_points)
-    best = cand = grid(step)
-    for _ in range(30):  # the count goes as 1 / step**2: rescale the step towards n_points
-        if len(best) == n_points:
+    scores = {m: score(f) for m, f in fits.items()}
+    best = min(scores.values())
+    chosen = candidates[-1]
+    for m in candidates:  # simplest first
+        if scores[m] <= _AUTO_TOLERANCE * best + 1e-9:
+            chosen = m
             break
-        step *= math.sqrt(max(len(cand), 0.5) / n_points) * (1 + 0.01 * _)  # 0.01: no 2-cycles
-        cand = grid(step)
-        if abs(len(cand) - n_points) < abs(len(best) - n_points):
-            best = cand
-    if len(best) == 0:
-        return c[None, :]
-    return best
-
-
-def tour_order(
-    points_xy: np.ndarray, start_xy: tuple[float, float], end_xy: tuple[float, float]
-) -> np.ndarray:
-    """Visiting order of focus points for a short stage path from ``start_xy`` to ``end_xy``.
-
-    Both stage axes move at once, so a move costs about its longer axis (Chebyshev distance).
-    Nearest neighbour from the start, then 2-opt improvement of the open path whose ends are
-    pinned to the current stage position and the scan's first tile (written here: no
-    dependency of the project solves this small open-path problem, and a few hundred points
-    take milliseconds).
-
-    Parameters
-    ----------
-    points_xy : ndarray, shape (n, 2)
-        Focus points (µm).
-    start_xy, end_xy : (float, float)
-        Where the stage is, and where it goes after the last point.
-
-    Returns
-    -------
-    ndarray of int
-        A permutation of ``range(n)``.
-    """
-    pts = np.asarray(points_xy, dtype=float).reshape(-1, 2)
-    n = len(pts)
-    if n <= 1:
-        return np.arange(n)
-    nodes = np.vstack([np.asarray(start_xy, float), pts, np.asarray(end_xy, float)])
-    d = np.max(np.abs(nodes[:, None, :] - nodes[None, :, :]), axis=2)
-    path = [0]
-    left = set(range(1, n + 1))
-    while left:
-        nxt = min(left, key=lambda j: d[path[-1], j])
-        path.append(nxt)
-        left.remove(nxt)
-    path.append(n + 1)
-    improved = True
-    while improved:  # 2-opt: reverse a segment when that shortens the path
-        improved = False
-        for i in range(1, len(path) - 2):
-            for k in range(i + 1, len(path) - 1):
-                a, b, c, e = path[i - 1], path[i], path[k], path[k + 1]
-                if d[a, c] + d[b, e] < d[a, b] + d[c, e] - 1e-9:
-                    path[i : k + 1] = path[i : k + 1][::-1]
-                    improved = True
-    return np.array(path[1:-1]) - 1
+    return chosen, scores
