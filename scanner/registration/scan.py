@@ -19,7 +19,7 @@ import numpy as np
 from ..tilestore import TileRecord, open_tiles, read_tiles_csv, write_tiles_csv
 from .accuracy import classify_tiles
 from .pairwise import PairResult, register_pair, search_key
-from .solve import solve_positions
+from .solve import SolveResult, solve_positions
 
 __all__ = ["CameraGeometry", "PairSource", "RegistrationSummary", "SearchParams",
            "kept_region", "register_scan", "register_tiles", "search_params",
@@ -242,43 +242,78 @@ def register_tiles(
 
     grid = {(r.row, r.col): k for k, r in enumerate(records)}
     params = search_params(prior, grid, (h, w), camera, repeatability_um, max_shift_um)
-    max_shift, keep_c, keep_r = params.max_shift_px, params.keep_c, params.keep_r
-    p = camera.pixel_size_um
+    order = _pair_order(records, grid)
+    found = ({} if precomputed is None else
+             _precomputed_pairs(precomputed, order, records, prior, params, min_ncc, (h, w)))
+    needed = {t for a, k, _ in order if (a, k) not in found for t in (a, k)}
+    results = _measure_pairs(tiles, records, grid, prior, params, found, needed, min_ncc,
+                             workers, progress)
+    pairs: list[PairResult] = [found[(a, k)] if (a, k) in found else results[(a, k)]
+                               for a, k, _ in order]
 
-    # the pairs, in the order they have always been measured and solved in: grid rows top to
-    # bottom, each tile with its left then its upper neighbour
-    rows = sorted({r.row for r in records})
+    result = solve_positions(prior, repeatability_um / camera.pixel_size_um, pairs)
+    centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
+    classes = classify_tiles(n, result.used)
+    summary = _summary(n, pairs, result, classes, params.max_shift_px,
+                       float(np.abs(centres - stage).max()) if n else 0.0, len(found))
+    return centres, summary, pairs, classes
+
+
+def _pair_order(records: list[TileRecord], grid: dict[tuple[int, int], int]
+                ) -> list[tuple[int, int, str]]:
+    """``(a, b, "left" | "up")`` of every pair, in the order they have always been measured
+    and solved in: grid rows top to bottom, each tile with its left then its upper
+    neighbour."""
     order: list[tuple[int, int, str]] = []
-    for row in rows:
+    for row in sorted({r.row for r in records}):
         for col in sorted(c for (r, c) in grid if r == row):
             k = grid[(row, col)]
             if (row, col - 1) in grid:
                 order.append((grid[(row, col - 1)], k, "left"))
             if (row - 1, col) in grid:
                 order.append((grid[(row - 1, col)], k, "up"))
-    found: dict[tuple[int, int], PairResult] = {}
-    if precomputed is not None:
-        for a, k, kind in order:
-            expected = prior[k] - prior[a]
-            got = precomputed.lookup(
-                records[a], records[k], search_key((expected[0], expected[1]), max_shift),
-                min_ncc, (h, w), kept_region(kind, (h, w), params))
-            if got is not None:
-                found[(a, k)] = replace(got, a=a, b=k)
-    needed = {t for a, k, _ in order if (a, k) not in found for t in (a, k)}
+    return order
 
+
+def _precomputed_pairs(precomputed: PairSource, order: list[tuple[int, int, str]],
+                       records: list[TileRecord], prior: np.ndarray, params: SearchParams,
+                       min_ncc: float, shape: tuple[int, int]
+                       ) -> dict[tuple[int, int], PairResult]:
+    """The pairs ``precomputed`` measured exactly as they would be measured now (ids
+    ``records``' positions)."""
+    found: dict[tuple[int, int], PairResult] = {}
+    for a, k, kind in order:
+        expected = prior[k] - prior[a]
+        got = precomputed.lookup(
+            records[a], records[k],
+            search_key((expected[0], expected[1]), params.max_shift_px),
+            min_ncc, shape, kept_region(kind, shape, params))
+        if got is not None:
+            found[(a, k)] = replace(got, a=a, b=k)
+    return found
+
+
+def _measure_pairs(tiles: Any, records: list[TileRecord], grid: dict[tuple[int, int], int],
+                   prior: np.ndarray, params: SearchParams,
+                   found: dict[tuple[int, int], PairResult], needed: set[int],
+                   min_ncc: float, workers: int,
+                   progress: Callable[[int, int], None] | None
+                   ) -> dict[tuple[int, int], PairResult]:
+    """Measure the pairs not ``found``, reading the ``needed`` tiles row by row and keeping
+    only the strips later neighbours overlap (memory: one row of strips and a tile)."""
+    h, w = (int(s) for s in tiles.shape[1:])
+    max_shift, keep_c, keep_r = params.max_shift_px, params.keep_c, params.keep_r
     results: dict[tuple[int, int], Any] = {}
     above: dict[int, _Crop] = {}
     done = 0
     # pairs are independent: a row's pairs run on a few threads (the FFTs, filters and warps
     # release the GIL); waiting at the end of each row keeps memory at one row of tiles
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 else _Inline()
-    for row in rows:
+    for row in sorted({r.row for r in records}):
         jobs: list[tuple[tuple[int, int], Any]] = []
-        cols = sorted(c for (r, c) in grid if r == row)
         below: dict[int, _Crop] = {}
         left: tuple[int, _Crop] | None = None
-        for col in cols:
+        for col in sorted(c for (r, c) in grid if r == row):
             k = grid[(row, col)]
             if k in needed:  # tiles whose pairs are all known are not read
                 tile = np.asarray(tiles[records[k].index])
@@ -299,18 +334,19 @@ def register_tiles(
                 below[col] = _Crop(tile[h - keep_r:, :].copy(), h - keep_r, 0)
             done += 1
             if progress is not None:
-                progress(done, n)
+                progress(done, len(records))
         results.update((ids, job.result()) for ids, job in jobs)
         above = below
     pool.shutdown()
-    pairs: list[PairResult] = [found[(a, k)] if (a, k) in found else results[(a, k)]
-                               for a, k, _ in order]
+    return results
 
-    result = solve_positions(prior, repeatability_um / p, pairs)
-    centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
+
+def _summary(n: int, pairs: list[PairResult], result: SolveResult, classes: np.ndarray,
+             max_shift: float, max_correction_um: float, n_precomputed: int
+             ) -> RegistrationSummary:
+    """What the registration did, from the pairs and the global solve's ``result``."""
     nccs = [q.ncc for q in result.used]
-    classes = classify_tiles(n, result.used)
-    summary = RegistrationSummary(
+    return RegistrationSummary(
         n_tiles=n,
         n_pairs=len(pairs),
         n_pairs_used=len(result.used),
@@ -324,10 +360,9 @@ def register_tiles(
         median_ncc=float(np.median(nccs)) if nccs else 0.0,
         rms_residual_px=float(np.sqrt(np.mean(result.residuals_px**2)))
         if result.residuals_px.size else 0.0,
-        max_correction_um=float(np.abs(centres - stage).max()) if n else 0.0,
-        n_pairs_precomputed=len(found),
+        max_correction_um=max_correction_um,
+        n_pairs_precomputed=n_precomputed,
     )
-    return centres, summary, pairs, classes
 
 
 def register_scan(
