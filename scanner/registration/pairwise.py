@@ -354,6 +354,17 @@ def register_pair(
     if texture < _MIN_TEXTURE_SNR:
         return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
 
+    scored = _scored_candidates(tile_a, tile_b, ha, hb, cut, centre, window, shape)
+    if not scored:
+        return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
+    return _measured_pair(tile_a, tile_b, scored, shape, ids, texture, min_ncc, min_peak_ratio)
+
+
+def _scored_candidates(tile_a: np.ndarray, tile_b: np.ndarray, ha: np.ndarray, hb: np.ndarray,
+                       cut: tuple[int, int], centre: tuple[int, int],
+                       window: tuple[float, float], shape: tuple[int, ...]) -> list[tuple]:
+    """``(ncc, dy, dx, slices)`` of the candidate peaks in the window, best first (empty:
+    none with an overlap wide enough)."""
     # each candidate peak is scored by the normalized cross-correlation of the overlap it
     # implies (cheap, at the integer shift); the best is refined, the second best says how
     # ambiguous the choice was
@@ -369,7 +380,7 @@ def register_pair(
             continue
         scored.append((_ncc(ha[part[0]], hb[part[1]]), oy2, ox2, sl2))
     if not scored:
-        return PairResult(a_id, b_id, math.nan, math.nan, 0.0, 0.0, texture, False)
+        return scored
     scored.sort(key=lambda c: c[0], reverse=True)
     # close calls (a weakly textured direction, a near-period) are re-scored on the whole
     # overlap each candidate implies, cut and high-passed anew
@@ -380,24 +391,21 @@ def register_pair(
             pa, pb = prepare_strip(tile_a[csl[0]]), prepare_strip(tile_b[csl[1]])
             rescored.append((_ncc(pa, pb), cy, cx, csl))
         scored = sorted(rescored, key=lambda c: c[0], reverse=True) + scored[len(close):]
+    return scored
+
+
+def _measured_pair(tile_a: np.ndarray, tile_b: np.ndarray, scored: list[tuple],
+                   shape: tuple[int, ...], ids: tuple[int, int], texture: float,
+                   min_ncc: float, min_peak_ratio: float) -> PairResult:
+    """The best candidate refined to a fraction of a pixel (across the edge only, on an edge
+    strip) and judged by its correlation and its lead over the other peaks."""
     _, oy2, ox2, sl2 = scored[0]
     ha2 = prepare_strip(tile_a[sl2[0]])
     hb2 = prepare_strip(tile_b[sl2[1]])
     isotropy, tensor, normal = _structure(ha2)
     edge = isotropy < _EDGE_ISOTROPY
     direction = normal if edge else None
-    # the integer peak is usually within a pixel: refine at full resolution first; when that
-    # does not converge, coarse-to-fine blurred passes pull in a peak that is off by a few
-    # pixels (a weak, broad correlation peak on a narrow overlap)
-    fy, fx, aligned = refine_subpixel(ha2, hb2, limit=1.0, direction=direction)
-    if (fy, fx) == (0.0, 0.0):
-        f = (0.0, 0.0)
-        for sigma in (4.0, 2.0):
-            fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
-                                        ndimage.gaussian_filter(hb2, sigma), start=f,
-                                        limit=8.0, direction=direction, order=1)
-            f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
-        fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0, direction=direction)
+    fy, fx, aligned = _refine_from_peak(ha2, hb2, direction)
     # a refinement that moved far from its integer start (a weak correlation peak on a narrow
     # strip, most of whose true overlap the cut missed) is repeated on strips re-cut there
     for _ in range(2):
@@ -415,6 +423,37 @@ def register_pair(
     m = 2
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
     dy, dx = oy2 + fy, ox2 + fx
+    ratio = _peak_ratio(ncc, scored, dy, dx, edge, normal)
+    ok = ncc >= min_ncc and ratio >= min_peak_ratio
+    if edge:
+        ny, nx = float(normal[0]), float(normal[1])
+        info = (nx * nx, nx * ny, ny * ny)
+    else:
+        info = (float(tensor[1, 1]), float(tensor[0, 1]), float(tensor[0, 0]))
+    return PairResult(ids[0], ids[1], dx, dy, ncc, ratio, texture, ok, info)
+
+
+def _refine_from_peak(ha2: np.ndarray, hb2: np.ndarray, direction: np.ndarray | None
+                      ) -> tuple[float, float, np.ndarray]:
+    """Sub-pixel ``(fy, fx, aligned b strip)`` from the integer peak's strips."""
+    # the integer peak is usually within a pixel: refine at full resolution first; when that
+    # does not converge, coarse-to-fine blurred passes pull in a peak that is off by a few
+    # pixels (a weak, broad correlation peak on a narrow overlap)
+    fy, fx, aligned = refine_subpixel(ha2, hb2, limit=1.0, direction=direction)
+    if (fy, fx) == (0.0, 0.0):
+        f = (0.0, 0.0)
+        for sigma in (4.0, 2.0):
+            fy, fx, _ = refine_subpixel(ndimage.gaussian_filter(ha2, sigma),
+                                        ndimage.gaussian_filter(hb2, sigma), start=f,
+                                        limit=8.0, direction=direction, order=1)
+            f = (fy, fx) if (fy, fx) != (0.0, 0.0) else f
+        fy, fx, aligned = refine_subpixel(ha2, hb2, start=f, limit=8.0, direction=direction)
+    return fy, fx, aligned
+
+
+def _peak_ratio(ncc: float, scored: list[tuple], dy: float, dx: float, edge: bool,
+                normal: np.ndarray) -> float:
+    """How much better the chosen peak correlates than the best other one (inf: none)."""
     # candidates more than a couple of pixels away are other peaks (periods, noise); along an
     # edge every shift is as good, so only the distance across it counts
     def apart(c: tuple) -> float:
@@ -423,11 +462,4 @@ def register_pair(
 
     others = [c[0] for c in scored[1:] if apart(c) > 2.5]
     second = max(others) if others else 0.0
-    ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
-    ok = ncc >= min_ncc and ratio >= min_peak_ratio
-    if edge:
-        ny, nx = float(normal[0]), float(normal[1])
-        info = (nx * nx, nx * ny, ny * ny)
-    else:
-        info = (float(tensor[1, 1]), float(tensor[0, 1]), float(tensor[0, 0]))
-    return PairResult(a_id, b_id, dx, dy, ncc, ratio, texture, ok, info)
+    return max(ncc, scored[0][0]) / second if second > 0 else math.inf
