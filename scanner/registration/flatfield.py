@@ -105,9 +105,19 @@ def estimate_flatfield(
     """
     h, w = (int(s) for s in tiles.shape[1:])
     chosen = flatfield_tiles(indices, max_tiles)
-    thumb = (min(_THUMB, h), min(_THUMB, w))
+    med = _median_thumbnail(tiles, chosen, (min(_THUMB, h), min(_THUMB, w)), min_tiles,
+                            thumbnails or {})
+    if med is None:
+        return None
+    return _fit_gain(med, (h, w), order)
+
+
+def _median_thumbnail(tiles: Any, chosen: Sequence[int], thumb: tuple[int, int],
+                      min_tiles: int, thumbnails: Mapping[int, np.ndarray]
+                      ) -> np.ndarray | None:
+    """Per thumbnail pixel, the median over bright tiles of each tile over its own median,
+    NaN where fewer than ``min_tiles`` see the sample (None: too few tiles to tell)."""
     thumbs, levels = [], []
-    thumbnails = thumbnails or {}
     for i in chosen:
         t = thumbnails.get(i)
         if t is None or t.shape != thumb:
@@ -137,6 +147,12 @@ def estimate_flatfield(
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         med = np.nanmedian(np.where(counts >= min_tiles, stack, np.nan), axis=0)
+    return med
+
+
+def _fit_gain(med: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """The gain: a robust polynomial fit to the median thumbnail at full resolution, mean 1."""
+    h, w = shape
     ty, tx = med.shape
     # thumbnail pixel centres in full-resolution normalised coordinates
     by, bx = h // ty, w // tx
