@@ -171,6 +171,11 @@ def sample_grid(sample: Any, alignment: dict[str, Any] | None = None) -> DieGrid
 MIN_REPEAT_CORRELATION = 0.5
 #: and the layout must repeat at least this many times along each axis
 MIN_REPEATS = 3
+#: ... or, repeated only twice along an axis (a 2 x 2 layout: its double lies outside the
+#: image, so nothing confirms it), its peak must reach this: an exact copy scores about 0.99
+#: (a mirrored brick texture tiled 2 x 2 through the simulated microscope), the echoes of a
+#: natural texture or an unrelated motif 0.2-0.7
+MIN_TWICE_CORRELATION = 0.85
 
 
 def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, float],
@@ -215,10 +220,15 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
     if ac[0, 0] <= 0:
         return None
     ac /= ac[0, 0]
+    # the extent of the valid pixels along each axis: what the repeats must fit in
+    rows_ok, cols_ok = np.nonzero(ok.any(axis=1))[0], np.nonzero(ok.any(axis=0))[0]
+    span = {1: (int(cols_ok[0]), int(cols_ok[-1]) + 1), 0: (int(rows_ok[0]), int(rows_ok[-1]) + 1)}
     pitch = []
-    for axis, n in ((1, wd), (0, h)):
-        profile = ac[0, : n // MIN_REPEATS + 1] if axis == 1 else ac[: n // MIN_REPEATS + 1, 0]
-        lag = _first_repeat(profile)
+    for axis in (1, 0):
+        n = span[axis][1] - span[axis][0]
+        # up to half the extent (two repeats) and one lag beyond, to see that it peaks
+        profile = ac[0, : n // 2 + 2] if axis == 1 else ac[: n // 2 + 2, 0]
+        lag = _first_repeat(profile, n)
         if lag is None:
             return None
         pitch.append(lag)
@@ -232,11 +242,28 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
     np.add.at(total, (rows[:, None], cols[None, :]), np.where(ok, img, 0.0))
     np.add.at(count, (rows[:, None], cols[None, :]), w)
     mean_cell = total / np.maximum(count, 1.0)
-    cx = int(np.argmin(_smooth(mean_cell.std(axis=0))))
-    cy = int(np.argmin(_smooth(mean_cell.std(axis=1))))
+    cx = _cell_start(_smooth(mean_cell.std(axis=0)), px, span[1])
+    cy = _cell_start(_smooth(mean_cell.std(axis=1)), py, span[0])
     ox = origin_um[0] - 0.5 * pixel_um + cx * pixel_um
     oy = origin_um[1] - 0.5 * pixel_um + cy * pixel_um
     return DieGrid((px * pixel_um, py * pixel_um), (ox, oy))
+
+
+def _cell_start(variation: np.ndarray, pitch: float, span: tuple[int, int]) -> int:
+    """Where a cell starts (pixel, modulo the pitch): the quietest column (row) of the mean
+    cell, the street, among the starts that fit the most whole cells into ``span``.
+
+    A die grid's street gives both at once. A texture has no street, and its quietest
+    column is anywhere: a start that leaves the repeats cut at both ends of the image would
+    leave no whole cell to compare (a 2 x 2 layout), so the whole cells come first.
+    """
+    starts = np.arange(len(variation))
+    a, b = span
+    first = a + (starts - a) % pitch  # the first cell start at or after the span's start
+    # a cell may overhang the span by a pixel: the pitch is measured to a fraction of one
+    whole = np.floor((b - first + 1) / pitch).astype(int)
+    candidates = starts[whole == whole.max()]
+    return int(candidates[np.argmin(variation[candidates])])
 
 
 def _smooth(v: np.ndarray) -> np.ndarray:
@@ -244,16 +271,19 @@ def _smooth(v: np.ndarray) -> np.ndarray:
     return (np.roll(v, 1) + v + np.roll(v, -1)) / 3.0
 
 
-def _first_repeat(profile: np.ndarray) -> float | None:
-    """The repeat's lag in an autocorrelation profile: of the strong peaks (at least
-    :data:`MIN_REPEAT_CORRELATION`, and strong again at twice the lag), the first one within
-    0.1 of the strongest (an exact repeat outscores the looser one of a motif inside the die;
-    the die's multiples score as high as it does, and come later)."""
+def _first_repeat(profile: np.ndarray, extent: int) -> float | None:
+    """The repeat's lag in an autocorrelation profile over ``extent`` valid pixels: of the
+    strong peaks (at least :data:`MIN_REPEAT_CORRELATION` and strong again at twice the lag
+    where :data:`MIN_REPEATS` fit, else at least :data:`MIN_TWICE_CORRELATION`), the first one
+    within 0.1 of the strongest (an exact repeat outscores the looser one of a motif inside
+    the die; the die's multiples score as high as it does, and come later)."""
     n = len(profile)
     peaks = []
     for lag in range(4, n - 1):
         v = profile[lag]
         if v < MIN_REPEAT_CORRELATION or v < profile[lag - 1] or v < profile[lag + 1]:
+            continue
+        if lag * MIN_REPEATS > extent and v < MIN_TWICE_CORRELATION:
             continue
         a, c = profile[lag - 1], profile[lag + 1]
         den = a - 2 * v + c

@@ -273,7 +273,7 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     levels, transforms = open_mosaic(mosaic)
     grid, source = sample_grid(sample, alignment), "alignment" if alignment else "recipe"
     if grid is None:
-        grid, source = _found_grid(levels, transforms), "found in the mosaic"
+        grid, source = _found_grid(levels, transforms, polygon), "found in the mosaic"
     if grid is None:
         return None
 
@@ -300,10 +300,14 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
 GRID_SEARCH_PX = 1100
 
 
-def _found_grid(levels: list[Any], transforms: list[Any]) -> Any:
-    """The repeat found in a mosaic's pyramid level of about :data:`GRID_SEARCH_PX` a side
-    (None: no clear repeat)."""
+def _found_grid(levels: list[Any], transforms: list[Any], polygon: Any = None) -> Any:
+    """The repeat found in a mosaic's pyramid level of about :data:`GRID_SEARCH_PX` a side,
+    over the sample's usable ``polygon`` where one is given (None: no clear repeat).
+
+    The polygon matters: a scan reaches past an image sample's edges, and the surround,
+    scanned but not part of the product, would be read as part of its layout."""
     from .diegrid import estimate_grid
+    from .inspect import polygon_mask
     from .mosaic import level_transform
 
     k = next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
@@ -312,8 +316,12 @@ def _found_grid(levels: list[Any], transforms: list[Any]) -> Any:
     if image.ndim != 2:
         return None
     scale, trans = level_transform(transforms, k)
-    return estimate_grid(image, float(scale[1]), (float(trans[1]), float(trans[0])),
-                         image != 0)
+    origin, pixel = (float(trans[1]), float(trans[0])), float(scale[1])
+    valid = image != 0
+    if polygon is not None:
+        inside = polygon_mask(polygon, origin, pixel)(0, 0, *image.shape)
+        valid &= inside if inside is not None else False
+    return estimate_grid(image, pixel, origin, valid)
 
 
 #: sample kinds whose surface can be plain (polished wafers between and around dies, blank

@@ -89,3 +89,29 @@ def test_the_die_grid_of_a_repeating_layout_is_found_to_a_fraction_of_a_pixel() 
 def test_no_grid_is_found_in_a_texture_or_a_single_photograph() -> None:
     assert estimate_grid(data.camera().astype(np.float32), 1.0, (0.0, 0.0)) is None
     assert estimate_grid(data.grass().astype(np.float32), 1.0, (0.0, 0.0)) is None
+    assert estimate_grid(data.brick().astype(np.float32), 1.0, (0.0, 0.0)) is None
+
+
+def _texture_twice(surround: int = 0) -> np.ndarray:
+    """A 160 px crop of a texture repeated 2 x 2, in a darker, flat surround of ``surround`` px."""
+    tile = data.gravel()[:160, :160].astype(np.float32)
+    img = np.full((320 + 2 * surround,) * 2, 5.0, dtype=np.float32)
+    img[surround : surround + 320, surround : surround + 320] = np.tile(tile, (2, 2))
+    return img + np.random.default_rng(1).normal(0, 2.0, img.shape).astype(np.float32)
+
+
+def test_a_layout_repeated_only_twice_is_found_with_cells_that_fit_the_image() -> None:
+    grid = estimate_grid(_texture_twice(), 1.0, (0.0, 0.0))
+    assert grid is not None and grid.pitch_um == pytest.approx((160.0, 160.0), abs=0.5)
+    # a texture has no street: the cells start where two whole ones fit (pixel 0's lower edge)
+    assert grid.origin_um == pytest.approx((-0.5, -0.5), abs=1.5)
+
+
+def test_the_surround_of_an_image_sample_is_left_out_of_its_layout() -> None:
+    img = _texture_twice(surround=60)
+    assert estimate_grid(img, 1.0, (0.0, 0.0)) is None  # the flat surround hides the repeat
+    valid = np.zeros(img.shape, bool)
+    valid[60:380, 60:380] = True
+    grid = estimate_grid(img, 1.0, (0.0, 0.0), valid)
+    assert grid is not None and grid.pitch_um == pytest.approx((160.0, 160.0), abs=0.5)
+    assert grid.origin_um == pytest.approx((59.5, 59.5), abs=1.5)
