@@ -208,20 +208,7 @@ def stitch_scan(
     ff_info = None
     if flatfield:
         t0 = time.perf_counter()
-        records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
-        ok = [r.index for r in records]
-        # thumbnails computed during acquisition, for these very acquisitions
-        thumbs = precomputed.thumbnails_for(records) if precomputed is not None else {}
-        ff = estimate_flatfield(open_tiles(folder), ok, thumbnails=thumbs)
-        if ff is not None:
-            tmp = folder / (FLATFIELD + ".tmp.npy")
-            np.save(tmp, ff)
-            tmp.replace(folder / FLATFIELD)
-            ff_info = {"path": FLATFIELD, "min": round(float(ff.min()), 4),
-                       "max": round(float(ff.max()), 4), "tiles_used": min(len(ok), 200)}
-        else:
-            ff_info = {"path": None, "why": "too few tiles to estimate it"}
-        ff_info["thumbnails_precomputed"] = sum(i in thumbs for i in flatfield_tiles(ok))
+        ff, ff_info = _flatfield_step(folder, precomputed)
         timings["flatfield_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     info = stitch(folder, camera.pixel_size_um, chunk=chunk, flatfield=ff,
@@ -229,3 +216,24 @@ def stitch_scan(
                   progress=(lambda d, t: progress("fuse", d, t)) if progress else None)
     timings["fuse_s"] = round(time.perf_counter() - t0, 3)
     return StitchResult(info, camera, reg_summary, ff_info, timings)
+
+
+def _flatfield_step(folder: Path, precomputed: LiveResults | None
+                    ) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Estimate the flat-field of the scan's good tiles and save it (``flatfield.npy``):
+    the gain (None: too few tiles) and its record for ``scan.json``."""
+    records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+    ok = [r.index for r in records]
+    # thumbnails computed during acquisition, for these very acquisitions
+    thumbs = precomputed.thumbnails_for(records) if precomputed is not None else {}
+    ff = estimate_flatfield(open_tiles(folder), ok, thumbnails=thumbs)
+    if ff is not None:
+        tmp = folder / (FLATFIELD + ".tmp.npy")
+        np.save(tmp, ff)
+        tmp.replace(folder / FLATFIELD)
+        ff_info = {"path": FLATFIELD, "min": round(float(ff.min()), 4),
+                   "max": round(float(ff.max()), 4), "tiles_used": min(len(ok), 200)}
+    else:
+        ff_info = {"path": None, "why": "too few tiles to estimate it"}
+    ff_info["thumbnails_precomputed"] = sum(i in thumbs for i in flatfield_tiles(ok))
+    return ff, ff_info
