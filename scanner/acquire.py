@@ -326,32 +326,10 @@ def acquire(
     dtype = np.uint8 if core.getBytesPerPixel() == 1 else np.uint16
     # the store is opened before anything moves: a folder that cannot be written stops here
     store = TileStore(folder, len(plan.tiles), shape, np.dtype(dtype), resume=only is not None)
-    focus = None
-    if recipe.scan.focus.strategy != "none":
-        from .focusing import FocusController
-
-        focus = FocusController(core, recipe, plan, handle.depth_of_field_um)
-        focus.prepare()
+    focus = _focus_controller(handle, recipe, plan)
     # the focus map is measured before the first tile, so its hardware time counts too
-    by_index = {t.index: t for t in plan.tiles}
     todo = [t for t in plan.tiles if only is None or t.index in only]
-
-    def sink(image: np.ndarray, index: int, where: dict) -> None:
-        tile = by_index[index]
-        record = TileRecord(index=tile.index, row=tile.row, col=tile.col, **where)
-        store.write(image, record)
-        if on_tile is not None:
-            try:
-                on_tile(image, record)
-            except Exception:  # processing is not acquisition: the tile is stored already
-                log.exception("processing of tile %d during acquisition failed", index)
-
-    def on_lost(index: int, reason: str) -> None:
-        tile = by_index[index]
-        store.write(np.zeros(shape, dtype),
-                    TileRecord(tile.index, tile.row, tile.col, tile.x_um, tile.y_um, tile.z_um,
-                               clock(), status=f"lost: {reason}"[:200].replace(",", ";")))
-
+    sink, on_lost = _tile_sinks(store, plan, shape, np.dtype(dtype), clock, on_tile)
     engine = ScanEngine(core, retries=recipe.scan.retries, clock=clock, focus=focus,
                         tiles=[t.index for t in todo], sink=sink, on_lost=on_lost,
                         timeout_s=recipe.scan.device_timeout_s)
@@ -373,3 +351,42 @@ def acquire(
         hardware_s=(hw_end - hw_start) if hw_end is not None and hw_start is not None
         else time.perf_counter() - wall_start,
     )
+
+
+def _focus_controller(handle: MicroscopeHandle, recipe: Recipe, plan: ScanPlan
+                      ) -> FocusController | None:
+    """The scan's focus controller, prepared (its focus map measured); None without focus."""
+    if recipe.scan.focus.strategy == "none":
+        return None
+    from .focusing import FocusController
+
+    focus = FocusController(handle.core, recipe, plan, handle.depth_of_field_um)
+    focus.prepare()
+    return focus
+
+
+def _tile_sinks(store: TileStore, plan: ScanPlan, shape: tuple[int, int], dtype: np.dtype,
+                clock: Callable[[], float],
+                on_tile: Callable[[np.ndarray, TileRecord], None] | None
+                ) -> tuple[Callable[[np.ndarray, int, dict], None], Callable[[int, str], None]]:
+    """The engine's ``sink`` (store and journal a tile, then ``on_tile``) and ``on_lost``
+    (journal a lost tile, black, at once)."""
+    by_index = {t.index: t for t in plan.tiles}
+
+    def sink(image: np.ndarray, index: int, where: dict) -> None:
+        tile = by_index[index]
+        record = TileRecord(index=tile.index, row=tile.row, col=tile.col, **where)
+        store.write(image, record)
+        if on_tile is not None:
+            try:
+                on_tile(image, record)
+            except Exception:  # processing is not acquisition: the tile is stored already
+                log.exception("processing of tile %d during acquisition failed", index)
+
+    def on_lost(index: int, reason: str) -> None:
+        tile = by_index[index]
+        store.write(np.zeros(shape, dtype),
+                    TileRecord(tile.index, tile.row, tile.col, tile.x_um, tile.y_um, tile.z_um,
+                               clock(), status=f"lost: {reason}"[:200].replace(",", ";")))
+
+    return sink, on_lost
