@@ -394,7 +394,7 @@ def test_pixel_bands_give_finer_pixels_their_own_higher_threshold(monkeypatch):
     """Held-out PV windows from 10 to 30 µm whose false alarms per cm² grow at finer pixels
     (as the network's do): each band of pixel sizes gets the threshold that holds the rate
     on its own windows, higher at the fine end; too little area per band: no bands."""
-    import models.train as train
+    import models.train_calibration as train  # MIN_BAND_AREA_CM2 is read there
     from models.data import GoodImage
 
     rng = np.random.default_rng(2)
