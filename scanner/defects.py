@@ -18,8 +18,8 @@ The steps, all on the maps' grid (``1 / stride`` of the model grid):
 3. **Minimum size.** Defects smaller than ``min_area_px`` model-grid pixels are dropped.
 4. **Measurements** in stage µm: the anomaly-weighted centroid (sub-pixel), bounding box,
    area, Feret diameter, peak score, mean roughness, and the uncertainty at the peak.
-5. **Class** from shape and appearance only (see :func:`classify`): nothing here knows how
-   any simulator draws its defects.
+5. **Class** from shape and appearance only (:func:`classify`, in :mod:`scanner.defectclass`):
+   nothing here knows how any simulator draws its defects.
 
 Defects whose uncertainty is high, or whose score barely passes the threshold, get
 ``review=True``.
@@ -33,11 +33,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from skimage import measure, morphology
 
 from models.calibrate import label_defects
 
+# the classes live in their own module; their names stay importable from here (the tests
+# import them from scanner.defects)
+from .defectclass import (  # noqa: F401
+    FAINT_CONTRAST,
+    PIT_RIM,
+    THIN_LINE_PX,
+    Appearance,
+    Features,
+    appearance,
+    classify,
+    shape_features,
+)
 from .defectlist import Defect
 
 #: Default uncertainty (bits of entropy, the map's units) above which a defect is flagged for
@@ -59,24 +70,12 @@ MERGE_PX = 24.0
 #: spent 4.5 s on them). Larger maps (gigapixel mosaics) are read region by region.
 IN_MEMORY_MAP_PX = 64_000_000
 
-#: contrast (relative to the surface level) under which a large defect is a stain: films and
-#: residues change reflectance by tens of per cent at most, while particles and pits of that
-#: size are opaque or deep (simulated wafers and PV cells: stains 0.13-0.34, particles and pits
-#: over 20 px across 0.48-0.88, measured as :func:`appearance` does)
-FAINT_CONTRAST = 0.4
-#: a compact dark defect is a pit when the brightest part of the shell around it stands out by
-#: this fraction of its contrast (beyond the noise): simulated pits 0.09-0.37, dark particles
-#: 0.00-0.03 (see :attr:`Features.rim`)
-PIT_RIM = 0.06
 #: a region whose die-to-die difference stands out of the difference's own noise around it by
 #: less than this is the design the neighbouring dies repeat (see ``extract_defects``)
 DESIGN_SNR = 3.0
 #: die-to-die z-score (noise sigmas; a defect is 13) under which a whole region is the design
 #: the neighbouring dies repeat
 DESIGN_Z = 4.0
-#: mean width (image pixels) up to which a long region on the image is a line (a crack or a
-#: scratch imaged at the resolution limit is 1-4 pixels wide; a blotchy stain 8 or more)
-THIN_LINE_PX = 6.0
 
 
 def _in_memory(array: Any) -> Any:
@@ -98,288 +97,6 @@ def is_borderline(score: float, threshold: float) -> bool:
     """True when ``score`` is in the lowest :data:`BORDERLINE` of the range threshold..top
     (:func:`score_ceiling`)."""
     return score < threshold + BORDERLINE * (score_ceiling(threshold) - threshold)
-
-
-@dataclass(frozen=True)
-class Features:
-    """Shape and appearance of one defect (map pixels unless stated).
-
-    Attributes
-    ----------
-    area : float
-        Pixels of the defect.
-    length, width : float
-        Major and minor axis lengths of the moment ellipse.
-    elongation : float
-        ``length / width``.
-    solidity : float
-        Area over the area of the convex hull.
-    extent : float
-        Area over the area of the bounding box.
-    branches : int
-        Branch points of the skeleton (pixels with 3 or more skeleton neighbours).
-    tortuosity : float
-        Skeleton length over the Feret diameter (1 for a straight line).
-    skeleton : int
-        Skeleton length (pixels).
-    corners : bool
-        Whether all four corners of the bounding box belong to the defect (rectangles).
-    contrast : float
-        Signed intensity change of the defect against its surroundings, in units of the
-        surface level (positive: brighter); NaN when the image is not available.
-    snr : float
-        ``|contrast|`` over the local noise of the surroundings.
-    resolution : float
-        Size of one pixel of the shape measurements in map pixels: 1 when they are measured
-        on the map, ``1 / stride`` when on the defect's footprint in the image
-        (:func:`appearance`).
-    rim : float
-        The 10th percentile of the deviation of a 2 px shell just outside the footprint on
-        the image, with the defect's own sign, over ``|contrast|`` (a pit's bright rim around
-        its dark core makes it negative); NaN without a footprint.
-    body : float
-        Median deviation over the footprint on the image (units of the surface level; NaN
-        without a footprint).
-    map_winding : bool
-        When the shape is the footprint's: whether the defect's whole region on the map winds
-        or branches (tortuosity >= 1.2 or two branch points; a straight scratch's blurred
-        band does neither).
-    """
-
-    area: float
-    length: float
-    width: float
-    elongation: float
-    solidity: float
-    extent: float
-    branches: int
-    tortuosity: float
-    skeleton: int
-    corners: bool
-    contrast: float
-    snr: float
-    resolution: float = 1.0
-    rim: float = math.nan
-    body: float = math.nan
-    map_winding: bool = False
-
-
-def classify(f: Features) -> str:
-    """Class of a defect from its features (one of :data:`scanner.defectlist.CLASSES`).
-
-    General rules, in order (sizes in map pixels, whatever the resolution the shape was
-    measured at; see :attr:`Features.resolution`):
-
-    * **rectangular** (the bounding box filled: extent >= 0.88 on the image, or >= 0.85 with
-      its corners on the map; solid, at least 2 x 2 map pixels, not a thin line): ``pattern``
-      (missing or extra structure on a patterned surface is axis-aligned and square-cornered);
-    * **linear** (elongation >= 4, or a long thin skeleton with a sparse hull): a winding line
-      (or on the map, where a crack is blurred, a branched one; or one whose whole region on
-      the map winds or branches while its footprint is one straight piece) is a ``crack``, a
-      straight or gently curved one a ``scratch``;
-    * **large and faint, or large and irregular** (at least 4 x 4 with a contrast under
-      :data:`FAINT_CONTRAST`: the footprint's median one when there is a footprint, or
-      8 x 8 with solidity < 0.75): ``stain``;
-    * **compact**: darker than its surroundings with a brighter rim around it (beyond the
-      noise: :data:`PIT_RIM` + 1.28 / SNR, the noise's own 10th percentile), a ``pit`` (its
-      slope sends light back into the objective); otherwise a ``particle`` (bright or dark:
-      a particle scatters light out of the objective and has no rim);
-    * anything else: ``other``.
-    """
-    fine = f.resolution < 1.0  # measured on the defect's footprint in the image
-    area = f.area * f.resolution**2
-    thickness = f.area / max(f.skeleton, 1)  # mean width of a line-like region (own pixels)
-    filled = f.extent >= 0.88 if fine else (f.extent >= 0.85 and f.corners)
-    # a long filled rectangle is a missing line of the design unless it is as thin as a
-    # scratch (an axis-aligned scratch fills its bounding box too)
-    squat = f.elongation < (6.0 if fine else 3.0) or (fine and f.width > 2 * THIN_LINE_PX)
-    if filled and f.solidity >= 0.95 and area >= 4 and squat and f.width >= 3:
-        return "pattern"
-    # a line bent or branched has a low moment elongation but a long, thin skeleton; on the
-    # image a line is also thin in pixels (a blotchy stain's skeleton is long too)
-    thin = f.skeleton * f.resolution >= 8 and f.skeleton**2 / f.area >= 12 \
-        and f.solidity < 0.5 and (not fine or thickness <= THIN_LINE_PX)
-    if f.elongation >= 4.0 or thin:
-        # on the image, outline noise branches any skeleton: only the winding counts there,
-        # or the course of the whole region on the map (the footprint is one piece of it)
-        if f.tortuosity >= 1.35 or (not fine and f.branches >= 2) or f.map_winding:
-            return "crack"
-        return "scratch"
-    # the typical contrast over the footprint when there is one: the extreme of a stain on
-    # circuitry is where the design is brightest
-    level = f.body if math.isfinite(f.body) else f.contrast
-    faint = math.isfinite(level) and abs(level) < FAINT_CONTRAST
-    if (area >= 16 and faint) or (area >= 64 and f.solidity < 0.75):
-        return "stain"
-    if f.solidity >= 0.75 and f.elongation < 3.0:
-        if math.isfinite(f.contrast) and f.contrast < 0 and math.isfinite(f.rim) \
-                and f.rim <= -(PIT_RIM + 1.28 / max(f.snr, 1e-6)):
-            return "pit"
-        return "particle"
-    return "other"
-
-
-def shape_features(mask: np.ndarray) -> dict[str, float]:
-    """Shape features of one binary region (see :class:`Features`)."""
-    mask = np.asarray(mask, dtype=bool)
-    props = measure.regionprops(mask.astype(np.uint8))[0]
-    area = float(props.area)
-    length = float(props.axis_major_length) if area > 1 else 1.0
-    width = float(props.axis_minor_length) if area > 1 else 1.0
-    length, width = max(length, 1.0), max(width, 1.0)
-    skel = morphology.skeletonize(mask)
-    n_skel = int(skel.sum())
-    if n_skel:
-        nb = ndimage.convolve(skel.astype(np.uint8), np.ones((3, 3), np.uint8), mode="constant")
-        branches = int(np.count_nonzero(skel & (nb >= 4)))  # self + 3 neighbours
-    else:
-        branches = 0
-    feret = max(float(props.feret_diameter_max), 1.0)
-    box = props.image
-    return {
-        "area": area,
-        "length": length,
-        "width": width,
-        "elongation": length / width,
-        "solidity": float(props.solidity),
-        "extent": float(props.extent),
-        "branches": branches,
-        "tortuosity": max(1.0, n_skel / feret) if n_skel > 2 else 1.0,
-        "skeleton": n_skel,
-        "corners": bool(box[0, 0] and box[0, -1] and box[-1, 0] and box[-1, -1]),
-        "feret": feret,
-    }
-
-
-@dataclass
-class Appearance:
-    """What a defect looks like on the image (see :func:`appearance`).
-
-    Attributes
-    ----------
-    contrast, snr : float
-        Signed contrast against the surrounding ring (units of the surface level; the
-        extreme of the defect's pixels) and ``|contrast|`` over the ring's noise. NaN when
-        there is no usable background.
-    centre : tuple of float or None
-        ``(row, col)`` on the patch of the centroid of the pixels that deviate from the
-        background with the defect's sign (weighted by the deviation): the defect itself at
-        full resolution rather than its blurred footprint on the map. None when the defect
-        does not stand clearly out of the noise.
-    footprint : np.ndarray of bool or None
-        The defect as seen on the patch: the largest connected region inside the map's
-        region that deviates from the background with the defect's sign by more than half its
-        contrast (and 3 noise sigmas). A scratch one pixel wide is a line here while its
-        footprint on the map is a blurred band a map pixel or two wide, so shape is measured
-        on this when there is one. None when the defect does not stand out, or when the
-        deviating pixels are scattered (structure of a patterned surface rather than one
-        object).
-    rim : float
-        :attr:`Features.rim` (NaN without a footprint).
-    body : float
-        Median deviation over the footprint (units of the surface level; NaN without one):
-        the defect's typical contrast, where ``contrast`` is its extreme.
-    """
-
-    contrast: float = math.nan
-    snr: float = math.nan
-    centre: tuple[float, float] | None = None
-    footprint: np.ndarray | None = None
-    rim: float = math.nan
-    body: float = math.nan
-
-
-def appearance(patch: np.ndarray, inside: np.ndarray, ring_px: int) -> Appearance:
-    """What a defect looks like against a ring around it (:class:`Appearance`).
-
-    Parameters
-    ----------
-    patch : np.ndarray
-        Normalised image (surface level about 0, one unit = the surface level / gain) around
-        the defect.
-    inside : np.ndarray
-        Boolean mask of the defect on ``patch``.
-    ring_px : int
-        Width of the surrounding ring used as background.
-    """
-    if not inside.any():
-        return Appearance()
-    # distance to the defect: a gap of a third of the ring (the defect's blurred border),
-    # then the ring itself; one linear-time transform whatever the ring's width
-    dist = ndimage.distance_transform_edt(~inside)
-    gap = max(1, ring_px // 3)
-    ring = (dist > gap) & (dist <= gap + ring_px)
-    if ring.sum() < 8:
-        return Appearance()
-    bg = patch[ring]
-    med = float(np.median(bg))
-    noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
-    dev = patch[inside] - med
-    # the defect may fill only a few per cent of its blurred footprint on the map
-    hi, lo = float(np.percentile(dev, 98)), float(np.percentile(dev, 2))
-    contrast = hi if abs(hi) >= abs(lo) else lo
-    out = Appearance(contrast=contrast, snr=abs(contrast) / noise)
-    if out.snr < 3:
-        return out
-    sign = math.copysign(1.0, contrast)
-    signed = (patch - med) * sign
-    if out.snr >= 5:
-        strong = inside & (signed > max(3 * noise, 0.3 * abs(contrast)))
-        if strong.any():
-            rr, cc = np.nonzero(strong)
-            w = signed[rr, cc]
-            out.centre = (float((w * rr).sum() / w.sum()), float((w * cc).sum() / w.sum()))
-    out.footprint = _footprint(patch, inside, ring, sign)
-    if out.footprint is not None:
-        out.body = float(np.median(patch[out.footprint])) - med
-        # the shell 1-2 px outside the footprint: the blurred border of a plain blob keeps
-        # the defect's sign there, the rim of a pit (light scattered back by its slope) has
-        # the opposite one; a rim need not go all round, so its brightest tenth counts
-        near = ndimage.binary_dilation(out.footprint, iterations=2) & ~out.footprint
-        if near.sum() >= 8:
-            out.rim = float(np.percentile(signed[near], 10)) / abs(contrast)
-    return out
-
-
-def _footprint(patch: np.ndarray, inside: np.ndarray, ring: np.ndarray, sign: float
-               ) -> np.ndarray | None:
-    """The defect's region on the image (see :func:`appearance`).
-
-    Thresholded after a Gaussian of one pixel: on the raw image a faint defect's region is
-    speckled by the noise, and its skeleton then branches everywhere. Levels are taken on the
-    smoothed image too, so a line one pixel wide keeps its (lower) peak above half of it.
-    """
-    smooth = ndimage.gaussian_filter(patch.astype(np.float32), 1.0)
-    bg = smooth[ring]
-    med = float(np.median(bg))
-    noise = 1.4826 * float(np.median(np.abs(bg - med))) + 1e-6
-    signed = (smooth - med) * sign
-    peak = float(np.percentile(signed[inside], 98))
-    region = _largest_region(inside & (signed > max(3 * noise, 0.5 * peak)))
-    if region is None:
-        return None
-    # pinholes of noise inside a blob are part of it (skimage's remove_small_holes changed its
-    # parameter in 0.26; this works with any version)
-    holes, n = ndimage.label(ndimage.binary_fill_holes(region) & ~region)
-    if n:
-        small = np.bincount(holes.ravel()) < 16
-        small[0] = False
-        region = region | small[holes]
-    return region
-
-
-def _largest_region(mask: np.ndarray, min_share: float = 0.5, min_px: int = 4
-                    ) -> np.ndarray | None:
-    """The largest connected region of ``mask`` when it holds at least ``min_share`` of the
-    mask's pixels and ``min_px`` pixels (else None)."""
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
-    if n == 0:
-        return None
-    sizes = np.bincount(labels.ravel())[1:]
-    k = int(np.argmax(sizes))
-    if sizes[k] < min_px or sizes[k] < min_share * sizes.sum():
-        return None
-    return labels == k + 1
 
 
 @dataclass
@@ -568,8 +285,6 @@ def extract_defects(
         low = extent_threshold(maps["anomaly"], threshold)
     low = min(low, threshold)
     s = geometry.stride
-    p = geometry.pixel_size_um
-    x0, y0 = geometry.origin_um
     lo, hi = threshold_masks(maps["anomaly"], threshold, low, local=local_threshold)
     labels = label_defects(lo, hi, merge_px / s)
     if merge_lines:
@@ -578,89 +293,142 @@ def extract_defects(
     for region in measure.regionprops(labels):
         if region.area * s * s < min_area_px:
             continue
-        r0, c0, r1, c1 = region.bbox
-        sub = region.image
-        an = np.asarray(maps["anomaly"][r0:r1, c0:c1], dtype=np.float64)
-        rough = np.asarray(maps["roughness"][r0:r1, c0:c1], dtype=np.float64)
-        unc = np.asarray(maps["uncertainty"][r0:r1, c0:c1], dtype=np.float64)
-        weights = np.where(sub, np.clip(an - low, 0, None) + 1e-9, 0.0)
-        rr, cc = np.nonzero(sub)
-        wsum = weights[rr, cc].sum()
-        cy = r0 + float((weights[rr, cc] * rr).sum() / wsum)
-        cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
-        shape = shape_features(sub)
-        resolution = 1.0  # map pixels per pixel of the shape measured
-        map_winding = False
-        contrast, snr, rim, body = math.nan, math.nan, math.nan, math.nan
-        margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
-        pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
-        ph, pw = (r1 - r0 + 2 * margin) * s, (c1 - c0 + 2 * margin) * s
-        compared = difference(pr0, pc0, ph, pw) if difference is not None else None
-        patch = compared[0] if compared is not None else None
-        if patch is None and image is not None:
-            patch = image(pr0, pc0, ph, pw)
-        if patch is not None:
-            patch = np.asarray(patch, dtype=np.float32)
-            inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
-            inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
-            inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
-            look = appearance(patch, inside, ring_px=min(max(2, margin * s // 2), 24))
-            if compared is not None and (
-                    float(compared[1][inside].max(initial=0.0)) < DESIGN_Z
-                    or (math.isfinite(look.snr) and look.snr < DESIGN_SNR)):
-                continue  # the neighbouring dies show the same: their common design
-            contrast, snr, rim, body = look.contrast, look.snr, look.rim, look.body
-            if look.centre is not None:  # model-grid pixel -> map pixel coordinates
-                cy = (pr0 + look.centre[0] - (s - 1) / 2) / s
-                cx = (pc0 + look.centre[1] - (s - 1) / 2) / s
-            if look.footprint is not None:  # the class from the defect itself, not its blur
-                fine = shape_features(look.footprint)
-                # size stays the map region's, and so does the course of the whole defect:
-                # the footprint is its largest piece only (one branch of a crack)
-                map_winding = shape["tortuosity"] >= 1.2 or shape["branches"] >= 2
-                shape = {**fine, "feret": shape["feret"]}
-                resolution = 1.0 / s
-        feats = Features(
-            area=shape["area"], length=shape["length"], width=shape["width"],
-            elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
-            branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
-            skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
-            contrast=contrast, snr=snr, resolution=resolution, rim=rim, body=body,
-            map_winding=map_winding,
-        )
-        defect_class = classify(feats)
-        if defect_class in ("scratch", "crack"):
-            cy, cx = _on_skeleton(sub, cy - r0, cx - c0)
-            cy, cx = cy + r0, cx + c0
-        # the uncertainty where the defect is most anomalous: how sure the model is that
-        # there is a defect. Not the mean over the region: a defect's fringe is uncertain by
-        # nature (p near 0.5 at any edge), so the mean grew with size and ranked true cracks
-        # as less certain than false grain-boundary spots (bench, shipped model: Spearman
-        # with "defect is false" 0.49 at the peak, 0.16 as the mean)
-        peak = np.unravel_index(int(np.argmax(np.where(sub, an, -np.inf))), an.shape)
-        score = float(an[peak])
-        uncertainty = float(unc[peak])
-        # the threshold that decided at the peak (quiet and plain neighbourhoods have their own)
-        applied = (float(local_threshold[r0 + peak[0], c0 + peak[1]])
-                   if local_threshold is not None else threshold)
-        found.append(Defect(
-            id=0,
-            x_um=x0 + cx * p,
-            y_um=y0 + cy * p,
-            bbox_um=(x0 + (c0 - 0.5) * p, y0 + (r0 - 0.5) * p,
-                     x0 + (c1 - 0.5) * p, y0 + (r1 - 0.5) * p),
-            area_um2=float(region.area) * p * p,
-            size_um=max(shape["feret"], 1.0) * p,
-            defect_class=defect_class,
-            score=score,
-            roughness=float(rough[sub].mean()),
-            uncertainty=uncertainty,
-            review=bool(uncertainty >= review_uncertainty or is_borderline(score, applied)),
-        ))
+        defect = _region_defect(region, maps, geometry, threshold, low, review_uncertainty,
+                                image, local_threshold, difference)
+        if defect is not None:
+            found.append(defect)
     found.sort(key=lambda d: -d.score)
     for k, d in enumerate(found, start=1):
         d.id = k
     return found
+
+
+def _region_defect(
+    region: Any,
+    maps: dict[str, Any],
+    geometry: MapGeometry,
+    threshold: float,
+    low: float,
+    review_uncertainty: float,
+    image: Callable[[int, int, int, int], np.ndarray] | None,
+    local_threshold: np.ndarray | None,
+    difference: Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray] | None] | None,
+) -> Defect | None:
+    """One labelled region (``skimage.measure.regionprops``) of :func:`extract_defects` as a
+    defect with id 0; None where it is the neighbouring dies' common design."""
+    s = geometry.stride
+    p = geometry.pixel_size_um
+    x0, y0 = geometry.origin_um
+    r0, c0, r1, c1 = region.bbox
+    sub = region.image
+    an = np.asarray(maps["anomaly"][r0:r1, c0:c1], dtype=np.float64)
+    rough = np.asarray(maps["roughness"][r0:r1, c0:c1], dtype=np.float64)
+    unc = np.asarray(maps["uncertainty"][r0:r1, c0:c1], dtype=np.float64)
+    weights = np.where(sub, np.clip(an - low, 0, None) + 1e-9, 0.0)
+    rr, cc = np.nonzero(sub)
+    wsum = weights[rr, cc].sum()
+    cy = r0 + float((weights[rr, cc] * rr).sum() / wsum)
+    cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
+    m = _measure(sub, region.bbox, s, _Measured(cy, cx, shape_features(sub)), image,
+                 difference)
+    if m is None:
+        return None  # the neighbouring dies show the same: their common design
+    shape, cy, cx = m.shape, m.cy, m.cx
+    feats = Features(
+        area=shape["area"], length=shape["length"], width=shape["width"],
+        elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
+        branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
+        skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
+        contrast=m.contrast, snr=m.snr, resolution=m.resolution, rim=m.rim, body=m.body,
+        map_winding=m.map_winding,
+    )
+    defect_class = classify(feats)
+    if defect_class in ("scratch", "crack"):
+        cy, cx = _on_skeleton(sub, cy - r0, cx - c0)
+        cy, cx = cy + r0, cx + c0
+    # the uncertainty where the defect is most anomalous: how sure the model is that
+    # there is a defect. Not the mean over the region: a defect's fringe is uncertain by
+    # nature (p near 0.5 at any edge), so the mean grew with size and ranked true cracks
+    # as less certain than false grain-boundary spots (bench, shipped model: Spearman
+    # with "defect is false" 0.49 at the peak, 0.16 as the mean)
+    peak = np.unravel_index(int(np.argmax(np.where(sub, an, -np.inf))), an.shape)
+    score = float(an[peak])
+    uncertainty = float(unc[peak])
+    # the threshold that decided at the peak (quiet and plain neighbourhoods have their own)
+    applied = (float(local_threshold[r0 + peak[0], c0 + peak[1]])
+               if local_threshold is not None else threshold)
+    return Defect(
+        id=0,
+        x_um=x0 + cx * p,
+        y_um=y0 + cy * p,
+        bbox_um=(x0 + (c0 - 0.5) * p, y0 + (r0 - 0.5) * p,
+                 x0 + (c1 - 0.5) * p, y0 + (r1 - 0.5) * p),
+        area_um2=float(region.area) * p * p,
+        size_um=max(shape["feret"], 1.0) * p,
+        defect_class=defect_class,
+        score=score,
+        roughness=float(rough[sub].mean()),
+        uncertainty=uncertainty,
+        review=bool(uncertainty >= review_uncertainty or is_borderline(score, applied)),
+    )
+
+
+@dataclass
+class _Measured:
+    """A region's centre (map pixels) and shape, and what its image says: contrast, noise,
+    rim and body (NaN without an image), the resolution its shape was measured at (map
+    pixels per pixel) and whether the map region winds (its footprint is one piece only)."""
+
+    cy: float
+    cx: float
+    shape: dict[str, Any]
+    contrast: float = math.nan
+    snr: float = math.nan
+    rim: float = math.nan
+    body: float = math.nan
+    resolution: float = 1.0
+    map_winding: bool = False
+
+
+def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measured,
+             image: Callable[[int, int, int, int], np.ndarray] | None,
+             difference: Callable[[int, int, int, int],
+                                  tuple[np.ndarray, np.ndarray] | None] | None,
+             ) -> _Measured | None:
+    """``m`` measured again on the region's die-to-die difference or image around it, where
+    there is one (contrast, centre, footprint); None where the difference shows the
+    neighbouring dies' common design."""
+    r0, c0, r1, c1 = bbox
+    margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
+    pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
+    ph, pw = (r1 - r0 + 2 * margin) * s, (c1 - c0 + 2 * margin) * s
+    compared = difference(pr0, pc0, ph, pw) if difference is not None else None
+    patch = compared[0] if compared is not None else None
+    if patch is None and image is not None:
+        patch = image(pr0, pc0, ph, pw)
+    if patch is None:
+        return m
+    patch = np.asarray(patch, dtype=np.float32)
+    inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
+    inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
+    inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
+    look = appearance(patch, inside, ring_px=min(max(2, margin * s // 2), 24))
+    if compared is not None and (
+            float(compared[1][inside].max(initial=0.0)) < DESIGN_Z
+            or (math.isfinite(look.snr) and look.snr < DESIGN_SNR)):
+        return None  # the neighbouring dies show the same: their common design
+    m.contrast, m.snr, m.rim, m.body = look.contrast, look.snr, look.rim, look.body
+    if look.centre is not None:  # model-grid pixel -> map pixel coordinates
+        m.cy = (pr0 + look.centre[0] - (s - 1) / 2) / s
+        m.cx = (pc0 + look.centre[1] - (s - 1) / 2) / s
+    if look.footprint is not None:  # the class from the defect itself, not its blur
+        fine = shape_features(look.footprint)
+        # size stays the map region's, and so does the course of the whole defect:
+        # the footprint is its largest piece only (one branch of a crack)
+        m.map_winding = m.shape["tortuosity"] >= 1.2 or m.shape["branches"] >= 2
+        m.shape = {**fine, "feret": m.shape["feret"]}
+        m.resolution = 1.0 / s
+    return m
 
 
 def _on_skeleton(mask: np.ndarray, cy: float, cx: float) -> tuple[float, float]:
