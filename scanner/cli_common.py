@@ -1,0 +1,179 @@
+"""What the ``waferscope`` commands share: the typer app, the consoles, errors as one line and
+an exit code (:func:`_friendly`), progress bars and the common options."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from models.errors import InputError
+
+app = typer.Typer(
+    name="waferscope",
+    help="Scan wafers and solar cells under a motorized microscope and find their defects.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Paths are printed whole (no wrapping) so that they can be copied from the terminal.
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: the recipe's sample kinds (``scanner.recipe``), for ``inspect --sample-kind``
+SAMPLE_KINDS = ("wafer", "pv_cell", "rectangle", "image")
+
+
+#: errors of a full, over-quota, read-only or forbidden destination (exit 2, one line)
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                   errno.EPERM}
+
+
+def _friendly(func: F) -> F:
+    """Turn bad input (UserError, a full disk) into one line + exit 2, anything else into one
+    line + exit 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            try:
+                return func(*args, **kwargs)
+            except OSError as exc:
+                if exc.errno not in _STORAGE_ERRNOS or os.environ.get("WAFERSCOPE_DEBUG"):
+                    raise
+                # a full or read-only disk: the user can act on it, as on bad input
+                where = f"{exc.filename}: " if exc.filename else ""
+                err.print(f"[bold red]error:[/] {escape(where)}cannot write ({exc.strerror}); "
+                          "free space or choose another folder (a stopped scan continues with "
+                          "`waferscope resume SCAN`)", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+        except InputError as exc:  # ours and the model package's bad input (UserError derives)
+            # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; what was acquired is kept in the scan folder "
+                      "(continue with `waferscope resume SCAN`)")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            if os.environ.get("WAFERSCOPE_DEBUG"):
+                raise
+            err.print(
+                f"[bold red]failed:[/] {type(exc).__name__}: {exc} "
+                "(set WAFERSCOPE_DEBUG=1 for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RichObserver:
+    """Progress bars for the stages of a scan."""
+
+    _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
+               "register": "registering tiles", "inspect": "inspecting",
+               "images": "inspecting images", "report": "writing reports"}
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, TaskID] = {}
+
+    def stage_started(self, stage: str, total: int) -> None:
+        self.tasks[stage] = self.progress.add_task(self._LABELS.get(stage, stage), total=total)
+
+    def advance(self, stage: str, done: int) -> None:
+        if stage in self.tasks:
+            self.progress.advance(self.tasks[stage], done)
+
+    def stage_finished(self, stage: str) -> None:
+        if stage in self.tasks:
+            self.progress.stop_task(self.tasks[stage])
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (tiles, chunks)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f}/s" if speed else "     -/s", style="cyan")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<17}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+        disable=not err.is_terminal and not os.environ.get("WAFERSCOPE_PROGRESS"),
+    )
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="Scan recipe (YAML).", show_default=False)]
+
+
+DaskOption = Annotated[str | None, typer.Option(
+    "--dask", help="Run fusion and inspection as dask tasks: local:N (a local cluster of N "
+    "worker processes) or the address of a running dask scheduler (tcp://HOST:PORT).")]
+
+
+@contextmanager
+def _cluster(spec: str | None) -> Iterator[Any]:
+    """The dask cluster of ``--dask`` (None without it: nothing changes)."""
+    if spec is None:
+        yield None
+        return
+    from .cluster import ClusterSpec, open_cluster
+
+    with open_cluster(ClusterSpec.parse(spec)) as cluster:  # refused before anything starts
+        yield cluster
+
+
+AllowIncomplete = Annotated[bool, typer.Option(
+    "--allow-incomplete", help="Accept a scan that did not acquire every planned tile.")]
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}h {minutes:02d}m {sec:04.1f}s" if hours else f"{minutes}m {sec:04.1f}s"
+
+
+def _print_result(result: Any) -> None:
+    out.print(f"scan folder: {result.folder.resolve()}")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<16} {path.resolve()}")
+    for stage, t in result.timings.items():
+        parts = [f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
+                 for k, v in t.items()]
+        out.print(f"  {stage} time: " + ", ".join(parts))

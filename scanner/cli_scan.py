@@ -1,0 +1,306 @@
+"""The ``waferscope`` commands of a scan: validate, devices, run, resume, stitch, inspect,
+batch, report (registered on :data:`scanner.cli.app`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .cli_common import (
+    SAMPLE_KINDS,
+    AllowIncomplete,
+    DaskOption,
+    RecipeArg,
+    RichObserver,
+    _cluster,
+    _duration,
+    _friendly,
+    _print_result,
+    _progress,
+    app,
+    err,
+    out,
+)
+from .errors import UserError
+
+
+@app.command()
+@_friendly
+def validate(recipe: RecipeArg) -> None:
+    """Check a recipe and print its plan (tiles, area, estimated hardware time); moves nothing."""
+    from collections import Counter
+
+    from devices.core import build_microscope
+
+    from .align import alignment_fields, edge_binning, estimate_alignment_time_s, wants_alignment
+    from .pipeline import make_plan, plan_summary
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    handle = build_microscope(rec)
+    plan = make_plan(rec, handle)
+    summary = plan_summary(plan, rec)
+    table = Table(title=f"{recipe.name}: plan", show_header=False)
+    table.add_row("sample", rec.sample.kind)
+    table.add_row("microscope", rec.microscope.kind)
+    table.add_row("tiles", f"{summary['n_tiles']} ({summary['n_rows']} rows x "
+                  f"{summary['n_cols']} cols)")
+    table.add_row("field of view", f"{summary['fov_um'][0]:.0f} x {summary['fov_um'][1]:.0f} µm")
+    table.add_row("sample region", f"{summary['region_area_mm2']:.2f} mm²")
+    table.add_row("scanned area", f"{summary['scanned_area_mm2']:.2f} mm²")
+    table.add_row("est. hardware time", _duration(summary["estimated_hardware_s"]))
+    if wants_alignment(rec):
+        # the nominal plan: the fields move with the sample, the time hardly does
+        fields = alignment_fields(rec, handle.fov_um())
+        kinds = Counter(kind for kind, _, _ in fields)
+        align_s = estimate_alignment_time_s(rec, handle.fov_um())
+        table.add_row("alignment", f"{len(fields)} fields ("
+                      + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
+        for kind, x, y in fields:
+            table.add_row("", f"{kind} at ({x / 1000:.2f}, {y / 1000:.2f}) mm")
+        # where the camera offers binning (the time is the same: the simulated camera reads
+        # a binned frame out no faster)
+        binned = edge_binning(handle.core)
+        if binned > 1 and rec.sample.kind == "wafer":
+            table.add_row("", f"edge fields binned {binned}x")
+        share = align_s / summary["estimated_hardware_s"] if summary[
+            "estimated_hardware_s"] > 0 else 0.0
+        table.add_row("est. alignment time", f"{_duration(align_s)} ({share:.0%} of the scan)")
+    out.print(table)
+    out.print("recipe OK")
+
+
+@app.command()
+@_friendly
+def devices(
+    recipe: RecipeArg,
+    save: Annotated[Path | None, typer.Option(
+        "--save", help="Write the test image to this TIFF file.")] = None,
+) -> None:
+    """List the recipe's microscope: devices, roles, positions and limits; snap one image."""
+    import numpy as np
+
+    from devices.core import build_microscope
+    from devices.inventory import inventory
+
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    handle = build_microscope(rec)
+    core = handle.core
+    table = Table(title=f"{recipe.name}: {rec.microscope.kind} microscope")
+    for column in ("label", "role", "library", "device", "port"):
+        table.add_column(column)
+    for d in inventory(core):
+        table.add_row(d.label, d.role or "-", d.library or "-", d.name, d.port or "-")
+    out.print(table)
+    stage = rec.microscope.stage
+    x, y = core.getXYPosition()
+    out.print(f"XY stage at ({x:.2f}, {y:.2f}) µm; travel x {list(stage.travel_x_um)} µm, "
+              f"y {list(stage.travel_y_um)} µm")
+    focus = rec.microscope.focus
+    out.print(f"focus at {core.getPosition():.2f} µm; range {list(focus.range_um)} µm")
+    out.print(f"pixel size {core.getPixelSizeUm():.4g} µm; exposure {core.getExposure():g} ms")
+    core.snapImage()
+    image = core.getImage()
+    out.print(f"test image: {image.shape[1]} x {image.shape[0]} px {image.dtype}, "
+              f"min {int(image.min())}, mean {float(np.mean(image)):.1f}, max {int(image.max())}")
+    if save is not None:
+        import tifffile
+
+        tifffile.imwrite(save, image)
+        out.print(f"saved: {save.resolve()}")
+
+
+@app.command()
+@_friendly
+def run(
+    recipe: RecipeArg,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Scan folder (default: output.root/NAME-TIME).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing scan folder given with --out.")
+    ] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Inspection model (default: the shipped one).")
+    ] = None,
+    inspect_: Annotated[
+        bool, typer.Option("--inspect/--no-inspect", help="Inspect the mosaic after stitching.")
+    ] = True,
+    dask: DaskOption = None,
+) -> None:
+    """Scan a recipe's sample: plan, acquire, stitch, inspect; print where the outputs are."""
+    from .pipeline import run_scan
+    from .recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    loaded = None
+    if inspect_:
+        from .inspection import load_inspection_model
+
+        loaded = load_inspection_model(model)  # a bad model fails before the stage moves
+    with _cluster(dask) as cluster, _progress() as progress:
+        result = run_scan(rec, out_dir, overwrite=overwrite, observer=RichObserver(progress),
+                          inspect=inspect_, model=loaded, cluster=cluster)
+    _print_result(result)
+    if result.status != "complete":
+        err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
+                  f"{result.n_tiles} tiles acquired (see scan.json)")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped scan.")],
+           dask: DaskOption = None) -> None:
+    """Finish a stopped scan: acquire only the missing tiles, then stitch, inspect, report."""
+    from .pipeline import resume_scan
+
+    with _cluster(dask) as cluster, _progress() as progress:
+        result = resume_scan(scan, observer=RichObserver(progress), cluster=cluster)
+    _print_result(result)
+    if result.status != "complete":
+        err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
+                  f"{result.n_tiles} tiles acquired (see scan.json)")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def stitch(
+    scan: Annotated[Path, typer.Argument(help="Scan folder.")],
+    allow_incomplete: AllowIncomplete = False,
+    dask: DaskOption = None,
+) -> None:
+    """Re-stitch the mosaic of an existing scan folder."""
+    from .integrity import require_ready
+    from .pipeline import restitch
+
+    require_ready(scan, "stitch", allow_incomplete=allow_incomplete)
+    with _cluster(dask) as cluster, _progress() as progress:
+        result = restitch(scan, observer=RichObserver(progress), cluster=cluster)
+    _print_result(result)
+
+
+@app.command()
+@_friendly
+def inspect(
+    target: Annotated[list[Path], typer.Argument(
+        help="Scan folder, mosaic (.ome.zarr), or image files/folders.", show_default=False)],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Inspection model (default: the shipped one).")
+    ] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Output folder (default: the scan folder; ./inspection for images).")
+    ] = None,
+    threshold: Annotated[float | None, typer.Option(
+        help="Decision threshold on the anomaly map (default: the model's calibrated one).")
+    ] = None,
+    pixel_size: Annotated[float | None, typer.Option(
+        "--pixel-size", help="Pixel size of plain images in µm (default: the model's).")
+    ] = None,
+    sample_kind: Annotated[str | None, typer.Option(
+        "--sample-kind", help="Use the model card's threshold for this kind of sample: "
+        + ", ".join(SAMPLE_KINDS) + " (default: the scan's recipe; plain images: pooled).")
+    ] = None,
+    allow_incomplete: AllowIncomplete = False,
+    dask: DaskOption = None,
+) -> None:
+    """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
+    from .inspection import inspect_target
+    from .integrity import require_ready
+    from .scanfolder import SCAN_JSON
+
+    for path in target:
+        if (path / SCAN_JSON).is_file():
+            require_ready(path, "inspect", allow_incomplete=allow_incomplete)
+
+    if sample_kind is not None and sample_kind not in SAMPLE_KINDS:
+        raise UserError(f"--sample-kind: one of {', '.join(SAMPLE_KINDS)}, got {sample_kind!r}")
+    if threshold is not None and not (threshold > 0 and math.isfinite(threshold)):
+        raise UserError(f"--threshold: must be a positive finite number, got {threshold}")
+    if pixel_size is not None and not (pixel_size > 0 and math.isfinite(pixel_size)):
+        raise UserError(f"--pixel-size: must be a positive finite number, got {pixel_size}")
+    with _cluster(dask) as cluster, _progress() as progress:
+        task = None
+
+        def on_progress(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = progress.add_task("inspecting", total=total)
+            progress.update(task, completed=done)
+
+        result = inspect_target(target, out_dir, model=model, threshold=threshold,
+                                pixel_size_um=pixel_size, sample_kind=sample_kind,
+                                progress=on_progress, cluster=cluster)
+    out.print(f"defects: {result.n_defects}")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<16} {Path(path).resolve()}")
+    out.print("  inspect time: " + ", ".join(
+        f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
+        for k, v in result.timings.items()))
+
+
+@app.command()
+@_friendly
+def batch(
+    scans: Annotated[list[Path], typer.Argument(help="Scan folders.", show_default=False)],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Inspection model (default: the shipped one).")
+    ] = None,
+    allow_incomplete: AllowIncomplete = False,
+    dask: DaskOption = None,
+) -> None:
+    """Stitch, inspect and report many scan folders (on a dask cluster with --dask)."""
+    from .batch import run_batch
+
+    with _cluster(dask) as cluster, _progress() as progress:
+        items = run_batch(scans, model=model, cluster=cluster, observer=RichObserver(progress),
+                          allow_incomplete=allow_incomplete)
+    for item in items:
+        if item.ok:
+            out.print(f"{item.folder.resolve()}: {item.n_defects} defects "
+                      f"({_duration(item.wall_s)})")
+        else:
+            err.print(f"[red]{item.folder}: failed:[/] {item.error}")
+    if not all(item.ok for item in items):
+        raise typer.Exit(1)
+
+
+@app.command()
+@_friendly
+def report(
+    scan: Annotated[Path, typer.Argument(help="Scan folder (with defects.json).")],
+    lot: Annotated[str | None, typer.Option("--lot", help="Lot id (default: the recipe's).")]
+    = None,
+    wafer: Annotated[
+        str | None, typer.Option("--wafer", help="Wafer id (default: the recipe's).")
+    ] = None,
+    allow_incomplete: AllowIncomplete = False,
+    klarf_version: Annotated[str | None, typer.Option(
+        "--klarf-version", help="KLARF version of defects.klarf: 1.2 or 1.8 (default: the "
+        "recipe's output.klarf_version, else 1.2).")] = None,
+    full_dies_only: Annotated[bool, typer.Option(
+        "--full-dies-only", help="Leave partial edge dies out of the test plan and the yield "
+        "(their defects stay in defects.json, not in the KLARF).")] = False,
+) -> None:
+    """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
+    from .integrity import require_ready
+    from .reports import report as run_report
+    from .reports.klarf import KLARF_VERSIONS
+
+    if klarf_version is not None and klarf_version not in KLARF_VERSIONS:
+        raise UserError(f"--klarf-version: {klarf_version} is not one of "
+                        f"{', '.join(KLARF_VERSIONS)}")
+    require_ready(scan, "report", allow_incomplete=allow_incomplete)
+    result = run_report(scan, lot_id=lot, wafer_id=wafer, klarf_version=klarf_version,
+                        full_dies_only=full_dies_only)
+    out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
+    for name, path in result.outputs.items():
+        out.print(f"  {name:<16} {path.resolve()}")
+    out.print(f"  report time: {_duration(result.wall_s)}")

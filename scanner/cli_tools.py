@@ -1,0 +1,231 @@
+"""The ``waferscope`` commands around scans: train a detector, drift of scans' scores,
+camera calibration, review in napari (registered on :data:`scanner.cli.app`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.progress import TaskID
+from rich.table import Table
+
+from .cli_common import RecipeArg, _duration, _friendly, _progress, app, err, out
+from .errors import UserError
+
+
+@app.command()
+@_friendly
+def train(
+    more_good: Annotated[
+        list[Path] | None,
+        typer.Argument(help="More good images/folders (so that --good A B C works).",
+                       show_default=False),
+    ] = None,
+    good: Annotated[
+        list[Path] | None,
+        typer.Option("--good", help="Good images: files, folders of images, good scan folders."),
+    ] = None,
+    model_out: Annotated[
+        Path, typer.Option("--out", help="Model to write (MODEL.safetensors + MODEL.json).")
+    ] = Path("model.safetensors"),
+    false_alarms_per_cm2: Annotated[
+        float, typer.Option(help="Threshold calibration target on held-out good surface.")
+    ] = 1.0,
+    pixel_size_um: Annotated[
+        float | None,
+        typer.Option("--pixel-size", help="Pixel size of the good images in µm (default: the "
+                                          "good scan's, else 1.0)."),
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option("--init", help="Extend this model with the new good images (it is left "
+                                    "as it is; the result goes to --out)."),
+    ] = None,
+    simulated: Annotated[
+        int, typer.Option(min=0, help="Also add this many simulated good windows of wafers "
+                                      "and PV cells at the same pixel size.")
+    ] = 0,
+    camera_variants: Annotated[
+        str, typer.Option(help="Let image files enter the bank also blurred and noisy as a "
+                               "microscope sees them: auto (with fewer than 8 images), on, off.")
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
+) -> None:
+    """Build a detector from good images and calibrate its threshold on held-out good surface."""
+    from models.build import build_detector
+
+    from .goodimages import load_good
+
+    paths = list(good or []) + list(more_good or [])
+    target, variants = _checked_train_options(paths, model_out, overwrite, init, pixel_size_um,
+                                              false_alarms_per_cm2, camera_variants)
+    images, scan_pixel = load_good(paths)
+    pixel = float(pixel_size_um or scan_pixel or 1.0)
+    if simulated:
+        from models.data import simulated_good_images
+
+        images += simulated_good_images(simulated, 512, pixel, seed, kinds=("wafer", "pv_cell"))
+    with _progress() as progress:
+        tasks: dict[str, TaskID] = {}
+        labels = {"features": "features of good images", "bank": "memory bank (coreset)",
+                  "calibrate": "calibrating"}
+
+        def on_progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        report = build_detector(images, target, pixel_size_um=pixel,
+                                false_alarms_per_cm2=false_alarms_per_cm2, init=init,
+                                seed=seed, augment_camera=variants,
+                                progress=on_progress,
+                                card_extra={"good": [str(p) for p in paths]})
+    _print_model(report, len(images), pixel, false_alarms_per_cm2)
+
+
+def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
+                           init: Path | None, pixel_size_um: float | None,
+                           false_alarms_per_cm2: float, camera_variants: str
+                           ) -> tuple[Path, bool | str]:
+    """``train``'s options checked before anything is read: the model file to write and the
+    camera variants (``"auto"``, True, False)."""
+    if not paths:
+        raise UserError("--good: give good images, folders of them, or good scan folders")
+    target = model_out if model_out.suffix == ".safetensors" else model_out.with_suffix(
+        ".safetensors")
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: exists (use --overwrite to replace it)")
+    if init is not None and init.resolve().with_suffix(".safetensors") == target.resolve():
+        raise UserError(f"--init {init}: give another --out (the model extended is kept)")
+    if pixel_size_um is not None and not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
+        raise UserError("--pixel-size: must be a positive number of µm")
+    if not (false_alarms_per_cm2 > 0 and math.isfinite(false_alarms_per_cm2)):
+        raise UserError(f"--false-alarms-per-cm2: must be a positive number, got "
+                        f"{false_alarms_per_cm2}")
+    variants = {"auto": "auto", "on": True, "off": False}.get(camera_variants)
+    if variants is None:
+        raise UserError("--camera-variants: auto, on or off")
+    return target, variants
+
+
+def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2: float
+                 ) -> None:
+    """What ``train`` built: files, bank, threshold, time; the build's warnings on stderr."""
+    card = report.card
+    cal = card["calibration"]
+    out.print(f"model: {report.weights.resolve()}")
+    out.print(f"  card       {report.card_path.resolve()}")
+    out.print(f"  bank       {card['bank']['features']} features of {n_images} good "
+              f"image(s) at {pixel:g} µm/px")
+    out.print(f"  threshold  {card['threshold']:.4f} (target {false_alarms_per_cm2:g} false "
+              f"alarm/cm² on {cal['area_cm2']:.3g} cm² of held-out good surface, "
+              f"{cal['held_out']})")
+    out.print(f"  time       {_duration(report.build_time_s)}")
+    for warning in report.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@_friendly
+def drift(
+    scans: Annotated[list[Path], typer.Argument(help="Inspected scan folders, oldest first.")],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The model they were inspected with "
+                                                  "(default: the shipped one).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Folder for drift.png (default: no plot).")
+    ] = None,
+) -> None:
+    """Whether recent scans' good-surface scores moved beyond the model's calibration."""
+    from .drift import check_drift
+    from .inspection import load_inspection_model
+
+    report = check_drift(scans, load_inspection_model(model), out_dir)
+    for skipped in report.skipped:
+        err.print(f"skipped {escape(skipped)}", highlight=False, soft_wrap=True)
+    for row in report.scans:
+        ratios = ", ".join(f"{k} x{v:.2f}" for k, v in row["ratios"].items())
+        out.print(f"  {escape(Path(row['scan']).name)}: {ratios}", highlight=False)
+    if report.plot is not None:
+        out.print(f"plot: {report.plot.resolve()}")
+    out.print(report.verdict(), highlight=False)
+
+
+@app.command()
+@_friendly
+def calibrate(
+    recipe: RecipeArg,
+    out_file: Annotated[
+        Path, typer.Option("--out", "-o", help="Calibration file to write (JSON).")
+    ] = Path("calibration.json"),
+    at: Annotated[
+        tuple[float, float] | None,
+        typer.Option("--at", help="Stage X Y (µm) of a textured area (default: sample centre)."),
+    ] = None,
+    grid: Annotated[
+        int | None, typer.Option(help="Frames per side (default: enough for 0.03 % error).")
+    ] = None,
+    step: Annotated[float, typer.Option(help="Step between frames, fraction of the FOV.")] = 0.75,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
+) -> None:
+    """Measure the camera's pixel size and rotation by moving the stage by known steps."""
+    from .calibrate import calibrate_recipe
+    from .recipe import load_recipe
+
+    if out_file.exists() and not overwrite:
+        raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
+    if at is not None and not all(map(math.isfinite, at)):
+        raise UserError(f"--at: must be finite stage coordinates, got {at}")
+    if not (0 < step <= 1):
+        raise UserError(f"--step: must be in (0, 1], got {step}")
+    rec = load_recipe(recipe)
+    with _progress() as progress:
+        task = progress.add_task("calibrating", total=None)
+        result = calibrate_recipe(
+            rec, centre_um=at, grid=grid, step_fraction=step,
+            progress=lambda d, t: progress.update(task, completed=d, total=t),
+        )
+    result.write(out_file)
+    data = result.to_json()
+    table = Table(title=f"{recipe.name}: camera calibration", show_header=False)
+    table.add_row("pixel size", f"{result.pixel_size_um:.5f} µm "
+                  f"(± {100 * result.pixel_size_sigma_rel:.3f} %; nominal "
+                  f"{result.nominal_pixel_size_um:g} µm)")
+    table.add_row("rotation", f"{result.rotation_deg:+.4f}° (± {result.rotation_sigma_deg:.4f}°)")
+    table.add_row("pixel x / y", f"{result.pixel_size_x_um:.5f} / {result.pixel_size_y_um:.5f} µm")
+    table.add_row("skew", f"{result.skew_deg:+.4f}°")
+    table.add_row("stage scatter", f"{result.residual_rms_um:.2f} µm RMS")
+    table.add_row("frames / pairs", f"{result.n_frames} / {result.n_pairs_used} of "
+                  f"{result.n_pairs}")
+    if "truth" in data:
+        t = data["truth"]
+        table.add_row("vs simulator truth", f"pixel {t['pixel_size_error_pct']:+.4f} %, "
+                      f"rotation {t['rotation_error_deg']:+.4f}°")
+    out.print(table)
+    out.print(f"wrote {out_file.resolve()}; use it with `microscope: {{calibration: "
+              f"{out_file.name}}}`")
+
+
+@app.command()
+@_friendly
+def view(
+    scan: Annotated[Path, typer.Argument(help="Scan folder.")],
+    screenshot: Annotated[
+        Path | None,
+        typer.Option(help="Save a screenshot of the viewer's canvas (PNG) and exit."),
+    ] = None,
+    window: Annotated[
+        bool, typer.Option("--window", help="Screenshot the whole window, not only the canvas.")
+    ] = False,
+) -> None:
+    """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
+    from .napari.viewer import view as open_view
+
+    saved = open_view(scan, screenshot=screenshot, canvas_only=not window)
+    if saved is not None:
+        out.print(f"screenshot: {saved.resolve()}")
