@@ -193,9 +193,34 @@ def calibrate_threshold(
     # got 0.92 from the tail fitted to group peaks, 0.77 from component peaks), so the tail
     # counts fragments, as many as or more than the defects reported
     peaks = component_peaks(maps, base)
-    # empirical: the lowest component peak at which the exact count (grouped as reported) is
-    # within the allowance; a component of the base level may split as the threshold rises
-    empirical = float(values.max())
+    empirical = _empirical_threshold(maps, float(values.max()), base, peaks, allowed,
+                                     merge_map_px)
+    threshold, extrapolated = empirical, False
+    n_tail = int(min(len(peaks), tail))
+    # peaks-over-threshold tail: log(rank) is close to linear in logit(peak)
+    if allowed < 20 and n_tail >= 5:
+        candidate = _tail_threshold(peaks[:n_tail], allowed, scores)
+        if candidate is not None and candidate > threshold:
+            threshold, extrapolated = candidate, True
+    final_count = count_components(maps, threshold, merge_map_px)
+    return Calibration(
+        threshold=float(threshold),
+        target_per_cm2=float(target_per_cm2),
+        area_cm2=float(area_cm2),
+        empirical_threshold=float(empirical),
+        components_at_threshold=int(final_count),
+        rate_at_threshold_per_cm2=float(final_count / area_cm2),
+        extrapolated=bool(extrapolated),
+        tail_points=n_tail,
+    )
+
+
+def _empirical_threshold(maps: list[np.ndarray], top: float, base: float, peaks: np.ndarray,
+                         allowed: float, merge_map_px: float) -> float:
+    """The lowest component peak at which the exact count (grouped as reported) is within
+    the allowance (``base`` when the base level already is, ``top``: the highest value, when
+    no peak is); a component of the base level may split as the threshold rises."""
+    empirical = top
     if count_components(maps, base, merge_map_px) <= allowed:  # few enough already
         empirical = base
     elif len(peaks):
@@ -213,31 +238,22 @@ def calibrate_threshold(
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         if lo >= 0:
             empirical = float(peaks[lo])
-    threshold, extrapolated = empirical, False
-    n_tail = int(min(len(peaks), tail))
-    # peaks-over-threshold tail: log(rank) is close to linear in logit(peak)
-    if allowed < 20 and n_tail >= 5:
-        forward, inverse = _TAIL_SCALES[scores]
-        z = forward(peaks[:n_tail])
-        logn = np.log(np.arange(1, n_tail + 1))
-        if np.ptp(z) > 1e-9:
-            slope, icept = np.polyfit(z, logn, 1)
-            if slope < 0:
-                z_target = (np.log(max(allowed, 1e-6)) - icept) / slope
-                candidate = inverse(float(z_target))
-                if candidate > threshold:
-                    threshold, extrapolated = candidate, True
-    final_count = count_components(maps, threshold, merge_map_px)
-    return Calibration(
-        threshold=float(threshold),
-        target_per_cm2=float(target_per_cm2),
-        area_cm2=float(area_cm2),
-        empirical_threshold=float(empirical),
-        components_at_threshold=int(final_count),
-        rate_at_threshold_per_cm2=float(final_count / area_cm2),
-        extrapolated=bool(extrapolated),
-        tail_points=n_tail,
-    )
+    return empirical
+
+
+def _tail_threshold(peaks: np.ndarray, allowed: float, scores: str) -> float | None:
+    """The threshold at which the tail fitted to the highest component ``peaks`` (log rank
+    linear in the scale of ``scores``) leaves ``allowed`` components; None where the peaks
+    are all equal or the fit does not fall."""
+    forward, inverse = _TAIL_SCALES[scores]
+    z = forward(peaks)
+    logn = np.log(np.arange(1, len(peaks) + 1))
+    if np.ptp(z) > 1e-9:
+        slope, icept = np.polyfit(z, logn, 1)
+        if slope < 0:
+            z_target = (np.log(max(allowed, 1e-6)) - icept) / slope
+            return inverse(float(z_target))
+    return None
 
 
 #: a neighbourhood is *quiet* where the network's local anomaly level is below this: the

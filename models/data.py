@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -180,9 +181,7 @@ def simulated_good_images(
         training, e.g. :data:`PIXEL_RANGES_UM`); None renders everything at ``pixel_size_um``.
     """
     from simulators.camera import CameraModel, Optics
-    from simulators.roughness import RoughnessField
-    from simulators.samples import PVCellSample, RectangleSample, WaferSample
-    from simulators.samples.shapes import pixel_axes, points_in_polygon
+    from simulators.samples.shapes import pixel_axes
 
     rng = np.random.default_rng(seed)
     cam = CameraModel(width=size, height=size, bit_depth=12)
@@ -195,65 +194,10 @@ def simulated_good_images(
             lo, hi = pixel_ranges_um[kind]
             p = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         s = int(rng.integers(0, 2**31 - 1))
-        rough = None
-        if kind == "wafer":
-            # log-uniform: small dies, seen whole (with their marks) at 2-10 µm px, as often
-            # as large ones
-            pitch = float(np.exp(rng.uniform(np.log(1.5), np.log(12.0))))
-            wafer = {"diameter_mm": float(rng.choice([50.0, 100.0, 150.0])), "n_defects": 0,
-                     "seed": s, "scribe_width_um": float(rng.uniform(30, 150)),
-                     "edge_exclusion_mm": 2.0}
-            try:
-                sample = WaferSample(
-                    die_pitch_mm=(pitch, pitch * float(rng.uniform(0.6, 1.4))), **wafer)
-            except ValueError:
-                # DieTemplate's pyramid fails for some unequal pitches (sides whose halvings
-                # stop being even at different levels); square dies always work
-                sample = WaferSample(die_pitch_mm=(pitch, pitch), **wafer)
-            if rng.random() < 0.5:
-                rough = RoughnessField(sa_nm=float(rng.uniform(0.5, 20.0)),
-                                       variation=float(rng.uniform(0.0, 0.6)),
-                                       variation_period_mm=float(rng.uniform(0.2, 2.0)),
-                                       seed=s)
-        elif kind == "pv_cell":
-            sample = PVCellSample(
-                n_defects=0, seed=s, grain_size_mm=float(rng.choice([0.0, 2.0, 5.0, 8.0])),
-                finger_pitch_mm=float(rng.uniform(1.2, 2.5)), busbars=int(rng.integers(2, 7)),
-                finger_width_um=float(rng.uniform(30, 90)),
-            )
-        else:
-            sample = RectangleSample(40.0, 40.0, n_defects=0, seed=s)
-            rough = RoughnessField(sa_nm=float(rng.uniform(0.0, 25.0)),
-                                   variation=float(rng.uniform(0.0, 0.8)),
-                                   variation_period_mm=float(rng.uniform(0.2, 2.0)), seed=s)
+        sample, rough = _simulated_sample(kind, s, rng)
         poly = sample.usable_polygon_um()
-        x0, y0 = poly.min(axis=0)
-        x1, y1 = poly.max(axis=0)
         half = size * p / 2
-        for _ in range(200):  # a window wholly inside the usable area
-            cx, cy = rng.uniform(x0 + half, x1 - half), rng.uniform(y0 + half, y1 - half)
-            if _window_inside(cx, cy, half, poly):
-                break
-        cx, cy = _structured_window(sample, kind, cx, cy, half, poly, rng)
-        level = None
-        if kind == "wafer" and rng.random() < 0.25:
-            # a window on the wafer edge (notch, flat, chuck around it): normal, too; scaled by
-            # the level of the wafer surface, as a whole-mosaic level would
-            level = float(np.median(sample.render(cx - half, cy - half, (64, 64), p)))
-            r_edge = sample.diameter_mm * 500.0 + rng.uniform(-1.5, 0.5) * half
-            ang = rng.uniform(0, 2 * np.pi)
-            cx = sample.center_um[0] + r_edge * np.cos(ang)
-            cy = sample.center_um[1] + r_edge * np.sin(ang)
-        if kind == "pv_cell" and level is None and rng.random() < 0.15:
-            # a window over the cell's edge (busbar ends, dimmer rim, background): normal
-            level = float(np.median(sample.render(cx - half, cy - half, (64, 64), p)))
-            bx0, by0, bx1, by1 = sample.bounds_um()
-            side = int(rng.integers(4))
-            off = rng.uniform(-0.8, 0.3) * half
-            if side < 2:
-                cx = (bx0 - off) if side == 0 else (bx1 + off)
-            else:
-                cy = (by0 - off) if side == 2 else (by1 + off)
+        cx, cy, level = _window_centre(sample, kind, half, p, poly, rng)
         ox, oy = cx - half, cy - half
         refl = sample.render(ox, oy, (size, size), p)
         sa = None
@@ -272,16 +216,98 @@ def simulated_good_images(
             level *= (2**cam.bit_depth - 1) / cam.full_well_e
         usable = None
         if level is not None:  # an edge window: part of it is chuck or background
-            # tested on every 4th pixel (the anomaly map's resolution; a full-resolution
-            # test of a 1024 px window against the wafer's polygon takes seconds)
-            xs, ys = pixel_axes(ox, oy, (size, size), p)
-            gx, gy = np.meshgrid(xs[1::4] + p / 2, ys[1::4] + p / 2)
-            coarse = points_in_polygon(gx, gy, poly)
-            usable = np.repeat(np.repeat(coarse, 4, axis=0), 4, axis=1)[:size, :size]
+            usable = _usable_mask(ox, oy, size, p, poly)
         out.append(GoodImage(relative(counts, level), sa_nm=sa, source=f"sim:{kind}:{s}", kind=kind,
                              meta={"pixel_size_um": p, "edge": level is not None},
                              usable=usable))
     return out
+
+
+def _simulated_sample(kind: str, s: int, rng: np.random.Generator) -> tuple[Any, Any]:
+    """A random defect-free virtual sample of ``kind`` (seed ``s``) and its roughness field
+    (None: no roughness added)."""
+    from simulators.roughness import RoughnessField
+    from simulators.samples import PVCellSample, RectangleSample, WaferSample
+
+    rough = None
+    if kind == "wafer":
+        # log-uniform: small dies, seen whole (with their marks) at 2-10 µm px, as often
+        # as large ones
+        pitch = float(np.exp(rng.uniform(np.log(1.5), np.log(12.0))))
+        wafer = {"diameter_mm": float(rng.choice([50.0, 100.0, 150.0])), "n_defects": 0,
+                 "seed": s, "scribe_width_um": float(rng.uniform(30, 150)),
+                 "edge_exclusion_mm": 2.0}
+        try:
+            sample = WaferSample(
+                die_pitch_mm=(pitch, pitch * float(rng.uniform(0.6, 1.4))), **wafer)
+        except ValueError:
+            # DieTemplate's pyramid fails for some unequal pitches (sides whose halvings
+            # stop being even at different levels); square dies always work
+            sample = WaferSample(die_pitch_mm=(pitch, pitch), **wafer)
+        if rng.random() < 0.5:
+            rough = RoughnessField(sa_nm=float(rng.uniform(0.5, 20.0)),
+                                   variation=float(rng.uniform(0.0, 0.6)),
+                                   variation_period_mm=float(rng.uniform(0.2, 2.0)),
+                                   seed=s)
+    elif kind == "pv_cell":
+        sample = PVCellSample(
+            n_defects=0, seed=s, grain_size_mm=float(rng.choice([0.0, 2.0, 5.0, 8.0])),
+            finger_pitch_mm=float(rng.uniform(1.2, 2.5)), busbars=int(rng.integers(2, 7)),
+            finger_width_um=float(rng.uniform(30, 90)),
+        )
+    else:
+        sample = RectangleSample(40.0, 40.0, n_defects=0, seed=s)
+        rough = RoughnessField(sa_nm=float(rng.uniform(0.0, 25.0)),
+                               variation=float(rng.uniform(0.0, 0.8)),
+                               variation_period_mm=float(rng.uniform(0.2, 2.0)), seed=s)
+    return sample, rough
+
+
+def _window_centre(sample: Any, kind: str, half: float, p: float, poly: np.ndarray,
+                   rng: np.random.Generator) -> tuple[float, float, float | None]:
+    """Centre of a window of half-side ``half`` (µm) on ``sample``, and the sample surface's
+    raw level for a window over its edge (None: a window wholly on the sample)."""
+    x0, y0 = poly.min(axis=0)
+    x1, y1 = poly.max(axis=0)
+    for _ in range(200):  # a window wholly inside the usable area
+        cx, cy = rng.uniform(x0 + half, x1 - half), rng.uniform(y0 + half, y1 - half)
+        if _window_inside(cx, cy, half, poly):
+            break
+    cx, cy = _structured_window(sample, kind, cx, cy, half, poly, rng)
+    level = None
+    if kind == "wafer" and rng.random() < 0.25:
+        # a window on the wafer edge (notch, flat, chuck around it): normal, too; scaled by
+        # the level of the wafer surface, as a whole-mosaic level would
+        level = float(np.median(sample.render(cx - half, cy - half, (64, 64), p)))
+        r_edge = sample.diameter_mm * 500.0 + rng.uniform(-1.5, 0.5) * half
+        ang = rng.uniform(0, 2 * np.pi)
+        cx = sample.center_um[0] + r_edge * np.cos(ang)
+        cy = sample.center_um[1] + r_edge * np.sin(ang)
+    if kind == "pv_cell" and level is None and rng.random() < 0.15:
+        # a window over the cell's edge (busbar ends, dimmer rim, background): normal
+        level = float(np.median(sample.render(cx - half, cy - half, (64, 64), p)))
+        bx0, by0, bx1, by1 = sample.bounds_um()
+        side = int(rng.integers(4))
+        off = rng.uniform(-0.8, 0.3) * half
+        if side < 2:
+            cx = (bx0 - off) if side == 0 else (bx1 + off)
+        else:
+            cy = (by0 - off) if side == 2 else (by1 + off)
+    return cx, cy, level
+
+
+def _usable_mask(ox: float, oy: float, size: int, p: float, poly: np.ndarray) -> np.ndarray:
+    """Which pixels of a window at ``(ox, oy)`` lie on the sample's usable area.
+
+    Tested on every 4th pixel (the anomaly map's resolution; a full-resolution test of a
+    1024 px window against the wafer's polygon takes seconds).
+    """
+    from simulators.samples.shapes import pixel_axes, points_in_polygon
+
+    xs, ys = pixel_axes(ox, oy, (size, size), p)
+    gx, gy = np.meshgrid(xs[1::4] + p / 2, ys[1::4] + p / 2)
+    coarse = points_in_polygon(gx, gy, poly)
+    return np.repeat(np.repeat(coarse, 4, axis=0), 4, axis=1)[:size, :size]
 
 
 def _structured_window(

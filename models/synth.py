@@ -218,35 +218,49 @@ def add_anomalies(
             # flattening what is already flat teaches the network that plain areas (bare
             # silicon, wide metal) are missing pattern: paint a plain level change instead
             op = "intensity"
-        if op == "intensity":  # particle, pit, stain: brighter or darker
-            delta = rng.choice([-1, 1]) * np.exp(rng.uniform(np.log(floor), np.log(
-                max(0.7, 2 * floor))))
-            out = out + np.float32(delta * level) * mask
-        elif op == "relative":  # EL-like darkening (crack, dark area): scales the emission
-            out = out * (1.0 - np.float32(rng.uniform(min(floor, 0.5), 0.9)) * mask)
-        elif op == "texture":
-            tex = _foreign_texture(out, donors, rng)
-            # a donor of the same kind is the same texture: shift its level or change its
-            # contrast so that the fill is foreign, not a seamless copy
-            shift = rng.choice([-1, 1]) * rng.uniform(floor, max(0.5, 2 * floor))
-            tex = (tex - tex.mean()) * np.float32(rng.choice([0.3, 2.0]) * rng.uniform(0.8, 1.5))
-            tex = (tex + np.float32(1.0 + shift)) * np.float32(level)
-            out = out + (tex - out) * mask
-        elif op == "blur":
-            blurred = ndimage.gaussian_filter(out, rng.uniform(1.5, 5.0))
-            out = out + (blurred - out) * mask
-        elif op == "flat":  # missing pattern: structure replaced by a plain level
-            flat = np.float32(level * rng.uniform(0.5, 1.5))
-            out = out + (flat - out) * mask
-        else:  # contamination grain
-            grain = rng.standard_normal(out.shape).astype(np.float32) * np.float32(
-                rng.uniform(floor, max(0.3, 2 * floor)) * level
-            )
-            out = out + grain * mask
+        out = _paint(op, out, mask, level, floor, donors, rng)
         changed = np.abs(out - before) > np.float32(VISIBLE * max(level, 1e-3))
         if op == "grain":  # the grain's region is the defect, also where a draw was small
             changed = ndimage.binary_closing(changed, iterations=2) | (mask > 0.5)
         target = np.maximum(target, ((mask > 0.25) & changed).astype(np.float32))
+    return out.astype(np.float32), _one_region_each(target, out, r)
+
+
+def _paint(op: str, out: np.ndarray, mask: np.ndarray, level: float, floor: float,
+           donors: list[np.ndarray] | None, rng: np.random.Generator) -> np.ndarray:
+    """``out`` with one anomaly of kind ``op`` painted under ``mask`` (weights in [0, 1]);
+    ``floor`` is the smallest relative change that stands out of the surface's texture."""
+    if op == "intensity":  # particle, pit, stain: brighter or darker
+        delta = rng.choice([-1, 1]) * np.exp(rng.uniform(np.log(floor), np.log(
+            max(0.7, 2 * floor))))
+        out = out + np.float32(delta * level) * mask
+    elif op == "relative":  # EL-like darkening (crack, dark area): scales the emission
+        out = out * (1.0 - np.float32(rng.uniform(min(floor, 0.5), 0.9)) * mask)
+    elif op == "texture":
+        tex = _foreign_texture(out, donors, rng)
+        # a donor of the same kind is the same texture: shift its level or change its
+        # contrast so that the fill is foreign, not a seamless copy
+        shift = rng.choice([-1, 1]) * rng.uniform(floor, max(0.5, 2 * floor))
+        tex = (tex - tex.mean()) * np.float32(rng.choice([0.3, 2.0]) * rng.uniform(0.8, 1.5))
+        tex = (tex + np.float32(1.0 + shift)) * np.float32(level)
+        out = out + (tex - out) * mask
+    elif op == "blur":
+        blurred = ndimage.gaussian_filter(out, rng.uniform(1.5, 5.0))
+        out = out + (blurred - out) * mask
+    elif op == "flat":  # missing pattern: structure replaced by a plain level
+        flat = np.float32(level * rng.uniform(0.5, 1.5))
+        out = out + (flat - out) * mask
+    else:  # contamination grain
+        grain = rng.standard_normal(out.shape).astype(np.float32) * np.float32(
+            rng.uniform(floor, max(0.3, 2 * floor)) * level
+        )
+        out = out + grain * mask
+    return out
+
+
+def _one_region_each(target: np.ndarray, out: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """The target closed into one region per anomaly and kept only where the final patch
+    ``out`` visibly differs from the good one ``r`` (or right next to it)."""
     # a pixel whose change is isolated inside a mask (noise in a grain fill) still belongs to
     # the defect: close small gaps so the target is one region per anomaly
     if target.any():
@@ -256,4 +270,4 @@ def add_anomalies(
         level0 = max(float(np.median(r)), 1e-3)
         visible = np.abs(out - r) > np.float32(VISIBLE * level0)
         target = (target & ndimage.binary_dilation(visible, iterations=1)).astype(np.float32)
-    return out.astype(np.float32), target
+    return target
