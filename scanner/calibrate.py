@@ -211,37 +211,14 @@ def calibrate_core(
         grid = auto_grid(repeatability_um, min(step_um))
     positions = grid_positions(centre_um, grid, step_um)
     if travel_um is not None:
-        for axis, k, (lo, hi) in (("x", 2, travel_um[0]), ("y", 3, travel_um[1])):
-            for pos in positions:
-                if not lo <= pos[k] <= hi:
-                    raise UserError(
-                        f"microscope.stage.travel_{axis}_um: calibration frame at {axis} = "
-                        f"{pos[k]:.0f} µm is outside the travel [{lo:.0f}, {hi:.0f}] µm; "
-                        "move --at or use a smaller --grid/--step")
-
-    xy = core.getXYStageDevice()
-    frames: dict[tuple[int, int], np.ndarray] = {}
-    for i, (r, c, x, y) in enumerate(positions):
-        core.setXYPosition(x, y)
-        core.waitForDevice(xy)
-        core.snapImage()
-        frames[(r, c)] = np.asarray(core.getImage())
-        if progress is not None:
-            progress(i + 1, len(positions))
+        _check_travel(positions, travel_um)
+    frames = _snap_frames(core, positions, progress)
 
     stage = np.array([(x, y) for _, _, x, y in positions])
-    ids = {(r, c): k for k, (r, c, _, _) in enumerate(positions)}
     centre_px = np.array([(w - 1) / 2, (h - 1) / 2])
     prior = stage / p - centre_px
     window = default_max_shift_px(repeatability_um, max(step_px), p) + max_error * max(step_px)
-    pairs = []
-    for (r, c), k in ids.items():
-        for nb in ((r, c + 1), (r + 1, c)):
-            if nb in ids:
-                j = ids[nb]
-                d = prior[j] - prior[k]
-                pairs.append(register_pair(frames[(r, c)], frames[nb], (d[0], d[1]), window,
-                                           ids=(k, j)))
+    pairs = _register_grid(frames, positions, prior, window)
     ok = [q for q in pairs if q.ok]
     if len(ok) < max(3, len(pairs) // 2):
         raise UserError(
@@ -252,9 +229,18 @@ def calibrate_core(
     solved = solve_positions(prior, 1e4, pairs)
     use = solved.constrained
     a, res, cov = fit_camera_matrix(stage[use], solved.positions[use])
+    return _result(a, res, cov, int(use.sum()), len(solved.used), len(pairs), len(positions), p,
+                   centre_um, step_um)
+
+
+def _result(a: np.ndarray, res: np.ndarray, cov: np.ndarray, n_used_frames: int,
+            n_pairs_used: int, n_pairs: int, n_frames: int, p: float,
+            centre_um: tuple[float, float], step_um: tuple[float, float]) -> CalibrationResult:
+    """The calibration from the fitted stage-to-pixel matrix ``a``, its residuals ``res`` and
+    covariance ``cov`` (:func:`fit_camera_matrix` over ``n_used_frames`` frames)."""
     pixel, theta, px_x, px_y, skew = _geometry(a)
     # residual in pixels is the stage's landing error (µm) times the scale
-    dof = max(1, 2 * int(use.sum()) - 6)
+    dof = max(1, 2 * n_used_frames - 6)
     sigma_px = float(np.sqrt((res**2).sum() / dof))
     slope_sigma = sigma_px * math.sqrt(float(np.trace(cov)) / 2)
     scale = math.hypot((a[0, 0] + a[1, 1]) / 2, (a[0, 1] - a[1, 0]) / 2)
@@ -268,13 +254,58 @@ def calibrate_core(
         residual_rms_um=float(np.sqrt(np.mean(res**2))) * pixel,
         pixel_size_sigma_rel=slope_sigma / scale / math.sqrt(2),
         rotation_sigma_deg=math.degrees(slope_sigma / scale / math.sqrt(2)),
-        n_frames=len(positions),
-        n_pairs_used=len(solved.used),
-        n_pairs=len(pairs),
+        n_frames=n_frames,
+        n_pairs_used=n_pairs_used,
+        n_pairs=n_pairs,
         nominal_pixel_size_um=p,
         centre_um=(float(centre_um[0]), float(centre_um[1])),
         step_um=step_um,
     )
+
+
+def _check_travel(positions: list[tuple[int, int, float, float]],
+                  travel_um: tuple[tuple[float, float], tuple[float, float]]) -> None:
+    """Refuse a grid whose frames lie outside the stage travel, before the first move."""
+    for axis, k, (lo, hi) in (("x", 2, travel_um[0]), ("y", 3, travel_um[1])):
+        for pos in positions:
+            if not lo <= pos[k] <= hi:
+                raise UserError(
+                    f"microscope.stage.travel_{axis}_um: calibration frame at {axis} = "
+                    f"{pos[k]:.0f} µm is outside the travel [{lo:.0f}, {hi:.0f}] µm; "
+                    "move --at or use a smaller --grid/--step")
+
+
+def _snap_frames(core: Any, positions: list[tuple[int, int, float, float]],
+                 progress: Callable[[int, int], None] | None
+                 ) -> dict[tuple[int, int], np.ndarray]:
+    """One frame at each grid position, by ``(row, column)``."""
+    xy = core.getXYStageDevice()
+    frames: dict[tuple[int, int], np.ndarray] = {}
+    for i, (r, c, x, y) in enumerate(positions):
+        core.setXYPosition(x, y)
+        core.waitForDevice(xy)
+        core.snapImage()
+        frames[(r, c)] = np.asarray(core.getImage())
+        if progress is not None:
+            progress(i + 1, len(positions))
+    return frames
+
+
+def _register_grid(frames: dict[tuple[int, int], np.ndarray],
+                   positions: list[tuple[int, int, float, float]], prior: np.ndarray,
+                   window: float) -> list[Any]:
+    """Every frame registered with its right and lower neighbours, near the offsets the
+    nominal geometry predicts (``prior``: each frame's expected position in pixels)."""
+    ids = {(r, c): k for k, (r, c, _, _) in enumerate(positions)}
+    pairs = []
+    for (r, c), k in ids.items():
+        for nb in ((r, c + 1), (r + 1, c)):
+            if nb in ids:
+                j = ids[nb]
+                d = prior[j] - prior[k]
+                pairs.append(register_pair(frames[(r, c)], frames[nb], (d[0], d[1]), window,
+                                           ids=(k, j)))
+    return pairs
 
 
 def calibrate_recipe(
