@@ -188,7 +188,6 @@ def plain_surface_defects(
         return []
     sizes = np.bincount(labels.ravel())
     largest = settings.max_area_share * float(usable.sum())
-    ring_in, ring_out = settings.ring_px
     found = []
     for k, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None or not settings.min_area_px <= sizes[k] <= largest:
@@ -197,17 +196,10 @@ def plain_surface_defects(
         peak = float(np.abs(dev[sl][own]).max())
         if peak < strong or not inner[sl][own].all():
             continue
-        # the region with room for its ring
-        r0, r1 = max(sl[0].start - ring_out - 1, 0), min(sl[0].stop + ring_out + 1, r.shape[0])
-        c0, c1 = max(sl[1].start - ring_out - 1, 0), min(sl[1].stop + ring_out + 1, r.shape[1])
-        box = (slice(r0, r1), slice(c0, c1))
-        region = labels[box] == k
-        dist = ndimage.distance_transform_edt(~region)
-        ring = (dist > ring_in) & (dist <= ring_out) & usable[box]
-        if ring.sum() < 8 or plain[box][ring].mean() < settings.ring_plain:
+        ringed = _ringed_region(labels, k, sl, peak, usable, plain, spread_px, settings)
+        if ringed is None:
             continue
-        if peak < settings.ring_contrast * float(np.median(spread_px[box][ring])):
-            continue
+        box, region = ringed
         core = ndimage.binary_erosion(region, iterations=4)
         if core.sum() < 8:
             core = region
@@ -218,6 +210,27 @@ def plain_surface_defects(
             continue  # design, or no neighbouring die in the scan to tell
         found.append((box, region, np.where(region, dev[box], 0.0).astype(np.float32)))
     return found
+
+
+def _ringed_region(labels: np.ndarray, k: int, sl: tuple[slice, slice], peak: float,
+                   usable: np.ndarray, plain: np.ndarray, spread_px: np.ndarray,
+                   settings: PlainSurface) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """Candidate ``k`` (``peak``: its largest change) in a box with room for the ring around
+    it, and its pixels there; None when the ring is not plain enough or the change does not
+    stand out of the ring's spread."""
+    ring_in, ring_out = settings.ring_px
+    shape = labels.shape
+    r0, r1 = max(sl[0].start - ring_out - 1, 0), min(sl[0].stop + ring_out + 1, shape[0])
+    c0, c1 = max(sl[1].start - ring_out - 1, 0), min(sl[1].stop + ring_out + 1, shape[1])
+    box = (slice(r0, r1), slice(c0, c1))
+    region = labels[box] == k
+    dist = ndimage.distance_transform_edt(~region)
+    ring = (dist > ring_in) & (dist <= ring_out) & usable[box]
+    if ring.sum() < 8 or plain[box][ring].mean() < settings.ring_plain:
+        return None
+    if peak < settings.ring_contrast * float(np.median(spread_px[box][ring])):
+        return None
+    return box, region
 
 
 def _repeats(image: np.ndarray, box: tuple[slice, slice], region: np.ndarray,
