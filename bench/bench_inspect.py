@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scanner.defectlist import read_defects  # noqa: E402
-from scanner.inspect import DEFAULT_CORE_PX, plan_tiling  # noqa: E402
 from scanner.inspection import load_inspection_model  # noqa: E402
 from scanner.pipeline import run_scan  # noqa: E402
 from scanner.recipe import load_recipe  # noqa: E402
+from scanner.tiled import DEFAULT_CORE_PX, plan_tiling  # noqa: E402
 
 #: seeds of the benchmark samples (training uses small seeds; these are never used there)
 SEEDS = (90101, 90202)

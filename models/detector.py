@@ -48,7 +48,7 @@ CONTEXT_PX = 128
 #: window core for mosaics (input px): the backbone's stride-2 activations of a 1.8k window
 #: take about 1.2 GB, and the network runs at its full rate per pixel from about 1k
 CORE_PX = 1536
-#: mirrored context around an image that fits one window (``scanner.inspect.plan_tiling``)
+#: mirrored context around an image that fits one window (``scanner.tiled.plan_tiling``)
 SMALL_IMAGE_CONTEXT_PX = 32
 #: the backbone needs sides that are multiples of its coarsest stride
 PAD_MULTIPLE = 16

@@ -161,8 +161,8 @@ class Cluster:
         """:func:`scanner.streammaps.stream_maps` as dask tasks (see the module's notes)."""
         import shutil
 
-        from .inspect import InferenceStats
         from .streammaps import create_scratch, planned_windows
+        from .tiled import InferenceStats
 
         path = getattr(model, "path", None)
         if not path or not Path(path).is_file():
@@ -254,9 +254,9 @@ def _compute_task(job: _WindowJob, windows: list[tuple[int, int]]) -> dict[str, 
     """Compute ``windows`` into the scratch store (a dask task); returns its statistics."""
     import torch
 
-    from .inspect import GridReader
     from .mosaic import open_mosaic
     from .streammaps import compute_windows
+    from .tiled import GridReader
 
     model = _worker_model(job.model)
     if job.decision_threshold is not None and hasattr(model, "decision_threshold"):

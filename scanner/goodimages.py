@@ -18,9 +18,10 @@ import numpy as np
 from models.data import GoodImage
 
 from .errors import UserError
-from .inspect import polygon_mask, polygon_pixels, source_level
 from .inspection import IMAGE_SUFFIXES, _saved_sample, _usable_polygon, read_image
+from .polygonmask import polygon_mask, polygon_pixels
 from .scanfolder import MOSAIC, SCAN_JSON
+from .tiled import source_level
 
 #: a mosaic larger than this (pixels) is read as crops on a grid rather than whole
 WHOLE_MOSAIC_PX = 64_000_000

@@ -307,8 +307,8 @@ def _found_grid(levels: list[Any], transforms: list[Any], polygon: Any = None) -
     The polygon matters: a scan reaches past an image sample's edges, and the surround,
     scanned but not part of the product, would be read as part of its layout."""
     from .diegrid import estimate_grid
-    from .inspect import polygon_mask
     from .mosaic import level_transform
+    from .polygonmask import polygon_mask
 
     k = next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
              len(levels) - 1)
@@ -334,8 +334,8 @@ def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: 
                    threshold: float) -> dict[str, Any]:
     """Add large faint defects on plain surface to the anomaly map (see
     :mod:`scanner.plainsurface`); returns what it found."""
-    from .inspect import polygon_mask
     from .plainsurface import apply_plain_surface, die_pitch_in_map_px, plain_surface_defects
+    from .polygonmask import polygon_mask
 
     t0 = time.perf_counter()
     shape = tuple(int(n) for n in maps.maps["anomaly"].shape)

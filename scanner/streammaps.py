@@ -1,6 +1,6 @@
 """Inference over a mosaic in memory bounded in width as well as height.
 
-:func:`scanner.inspect.run_tiled` blends windows in a buffer one window row high and as wide
+:func:`scanner.tiled.run_tiled` blends windows in a buffer one window row high and as wide
 as the mosaic (about 0.5 GB across a 300 mm wafer at 2 µm, 3 GB at 1 µm). Here the work is
 cut in two steps that each hold a few windows only:
 
@@ -11,7 +11,7 @@ cut in two steps that each hold a few windows only:
 2. **blend** (:func:`blend_chunk_row`): each chunk of the maps is the weighted sum of the
    (at most 3 x 3) windows that overlap it, divided by the sum of their weights, then masked.
 
-The sums are taken in the order in which :func:`~scanner.inspect.run_tiled` takes them
+The sums are taken in the order in which :func:`~scanner.tiled.run_tiled` takes them
 (window rows, then window columns, starting from zero), with the same float32 products, so
 the maps are bit for bit those of the row buffer. Both steps only need their own windows and
 chunks: :mod:`scanner.cluster` runs them as dask tasks; here they run one after the other,
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .inspect import MAPS, GridReader, InferenceStats, Model, Tiling, _ramp, _threads
+from .tiled import MAPS, GridReader, InferenceStats, Model, Tiling, _ramp, _threads
 
 __all__ = ["blend_chunk_row", "compute_windows", "create_scratch", "planned_windows",
            "stream_maps"]
@@ -154,7 +154,7 @@ def blend_chunk_row(
     """Blend, normalise, mask and write chunk row ``ci`` of the maps, chunk by chunk.
 
     Each chunk sums the windows of rows ``ci - 1 .. ci + 1`` and of the three columns around
-    it, row by row and column by column (the order of :func:`scanner.inspect.run_tiled`); the
+    it, row by row and column by column (the order of :func:`scanner.tiled.run_tiled`); the
     windows of three columns are kept while the chunk column moves right.
     """
     step, ov = tiling.step, tiling.overlap
