@@ -296,19 +296,7 @@ def build_header(
     report_versions = software_versions()
     versions.setdefault("waferscope", report_versions.get("waferscope", "unknown"))
     versions["report"] = report_versions.get("waferscope", "unknown")
-
-    info: dict[str, Any] = {"kind": ctx.kind, "name": recipe.get("name") or ctx.folder.name}
-    if ctx.kind == "wafer":
-        old = previous.get("sample") or {}
-        info.update(
-            lot_id=lot_id or old.get("lot_id") or sample.get("lot_id"),
-            wafer_id=wafer_id or old.get("wafer_id") or sample.get("wafer_id"),
-            diameter_mm=sample.get("diameter_mm"), orientation=sample.get("orientation"),
-            edge_exclusion_mm=sample.get("edge_exclusion_mm"),
-        )
-    elif ctx.kind == "pv_cell":
-        info.update(width_mm=sample.get("width_mm"), height_mm=sample.get("height_mm"),
-                    busbars=sample.get("busbars"), edge_band_mm=PV_EDGE_BAND_MM)
+    info = _sample_info(ctx, recipe, previous, lot_id, wafer_id)
 
     counts = {name: 0 for name in CLASSES}
     for d in defects:
@@ -335,17 +323,7 @@ def build_header(
         if full_dies_only:
             dies = [d for d in dies if d["full"]]
         if ctx.alignment:
-            header["alignment"] = {k: ctx.alignment.get(k) for k in (
-                "center_um", "nominal_center_um", "rotation_deg", "edge_rotation_deg", "mark",
-                "mark_angle_deg", "radius_um", "edge_residual_um", "die_residual_um")}
-            fine = ctx.alignment.get("refined")
-            header["alignment"]["refined"] = None if not fine else {k: fine.get(k) for k in (
-                "source", "edge_center_um", "n_corners", "n_dropped", "residual_um", "scale")}
-            # die (0, 0)'s lower corner in the wafer frame, as measured (KLARF's die origin)
-            grid = ctx.die_grid()
-            if grid is not None:
-                header["alignment"]["die_origin_um"] = [
-                    round(v, 3) for v in ctx.to_wafer_um(*grid.corner(0, 0))]
+            header["alignment"] = _alignment_entry(ctx)
         header["dies"] = {
             "pitch_mm": list(sample["die_pitch_mm"]),
             "origin_mm": list(sample.get("die_origin_mm", (0.0, 0.0))),
@@ -357,3 +335,38 @@ def build_header(
     else:
         header.pop("dies", None)
     return header
+
+
+def _sample_info(ctx: ScanContext, recipe: dict[str, Any], previous: dict[str, Any],
+                 lot_id: str | None, wafer_id: str | None) -> dict[str, Any]:
+    """The header's ``sample``: kind and name, a wafer's ids and geometry, a PV cell's."""
+    sample = ctx.sample
+    info: dict[str, Any] = {"kind": ctx.kind, "name": recipe.get("name") or ctx.folder.name}
+    if ctx.kind == "wafer":
+        old = previous.get("sample") or {}
+        info.update(
+            lot_id=lot_id or old.get("lot_id") or sample.get("lot_id"),
+            wafer_id=wafer_id or old.get("wafer_id") or sample.get("wafer_id"),
+            diameter_mm=sample.get("diameter_mm"), orientation=sample.get("orientation"),
+            edge_exclusion_mm=sample.get("edge_exclusion_mm"),
+        )
+    elif ctx.kind == "pv_cell":
+        info.update(width_mm=sample.get("width_mm"), height_mm=sample.get("height_mm"),
+                    busbars=sample.get("busbars"), edge_band_mm=PV_EDGE_BAND_MM)
+    return info
+
+
+def _alignment_entry(ctx: ScanContext) -> dict[str, Any]:
+    """The header's ``alignment`` of an aligned wafer: the pre-alignment's figures, the fine
+    alignment's (None without one) and die (0, 0)'s corner in the wafer frame."""
+    entry = {k: ctx.alignment.get(k) for k in (
+        "center_um", "nominal_center_um", "rotation_deg", "edge_rotation_deg", "mark",
+        "mark_angle_deg", "radius_um", "edge_residual_um", "die_residual_um")}
+    fine = ctx.alignment.get("refined")
+    entry["refined"] = None if not fine else {k: fine.get(k) for k in (
+        "source", "edge_center_um", "n_corners", "n_dropped", "residual_um", "scale")}
+    # die (0, 0)'s lower corner in the wafer frame, as measured (KLARF's die origin)
+    grid = ctx.die_grid()
+    if grid is not None:
+        entry["die_origin_um"] = [round(v, 3) for v in ctx.to_wafer_um(*grid.corner(0, 0))]
+    return entry

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..defectlist import DEFECTS_CSV, DEFECTS_JSON, read_defects, write_defects
+from ..defectlist import DEFECTS_CSV, DEFECTS_JSON, Defect, read_defects, write_defects
 from ..errors import UserError
 from ..recipe import OutputSpec, recorded
 from ..scanfolder import SCAN_JSON, read_scan_json, write_json
@@ -102,19 +103,8 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
     if groups or (folder / REPEATERS_JSON).exists():
         result.outputs["repeaters"] = write_repeaters(folder, groups, created, tolerance)
     if ctx.kind == "wafer":
-        region = ctx.usable_polygon()
-        micro = ctx.scan.get("microscope") or {}
-        station = ("WAFERSCOPE", str(micro.get("kind", "microscope")).upper(),
-                   str(header.get("versions", {}).get("waferscope", "0")))
-        tested = {(d["col"], d["row"]) for d in (header.get("dies") or {}).get("tested", [])}
-        in_plan = [d for d in defects if (d.die_col, d.die_row) in tested] \
-            if full_dies_only else defects
-        area = region.area if region is not None else 0.0
-        if full_dies_only and region is not None:
-            area = float(len(tested) * ctx.die_area_um2())
-        result.outputs["klarf"] = write_klarf(
-            folder / KLARF, header, in_plan, ctx.sample, area, station=station,
-            version=klarf_version)
+        result.outputs["klarf"] = _klarf(folder, ctx, header, defects, full_dies_only,
+                                         klarf_version)
     result.outputs["wafer map"] = draw_wafermap(
         folder / WAFERMAP, ctx, header, defects,
         repeaters=[d for g in groups for d in g.defects])
@@ -126,3 +116,21 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
                           "n_defects": len(defects)}
         write_json(folder / SCAN_JSON, scan)
     return result
+
+
+def _klarf(folder: Path, ctx: ScanContext, header: dict[str, Any], defects: list[Defect],
+           full_dies_only: bool, klarf_version: str) -> Path:
+    """Write a wafer's ``defects.klarf``: the defects in the test plan (the dies the header
+    lists as tested with ``full_dies_only``, else all) over the inspected area."""
+    region = ctx.usable_polygon()
+    micro = ctx.scan.get("microscope") or {}
+    station = ("WAFERSCOPE", str(micro.get("kind", "microscope")).upper(),
+               str(header.get("versions", {}).get("waferscope", "0")))
+    tested = {(d["col"], d["row"]) for d in (header.get("dies") or {}).get("tested", [])}
+    in_plan = [d for d in defects if (d.die_col, d.die_row) in tested] \
+        if full_dies_only else defects
+    area = region.area if region is not None else 0.0
+    if full_dies_only and region is not None:
+        area = float(len(tested) * ctx.die_area_um2())
+    return write_klarf(folder / KLARF, header, in_plan, ctx.sample, area, station=station,
+                       version=klarf_version)
