@@ -176,3 +176,15 @@ def read_defects(folder: Path) -> tuple[dict[str, Any], list[Defect]]:
         return dict(data.get("header", {})), [Defect.from_dict(d) for d in data["defects"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a readable defect list ({exc})") from None
+
+
+@dataclass
+class InspectionResult:
+    """What an inspection wrote (its files and defects), and how long it took."""
+
+    folder: Path
+    n_defects: int
+    timings: dict[str, float]
+    outputs: dict[str, Path] = field(default_factory=dict)
+    defects: list[Defect] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)

@@ -18,7 +18,8 @@ import numpy as np
 from models.data import GoodImage
 
 from .errors import UserError
-from .inspection import IMAGE_SUFFIXES, _saved_sample, _usable_polygon, read_image
+from .inspectimages import IMAGE_SUFFIXES
+from .inspection import _saved_sample, _usable_polygon, read_image
 from .polygonmask import polygon_mask, polygon_pixels
 from .scanfolder import MOSAIC, SCAN_JSON
 from .tiled import source_level

@@ -205,7 +205,7 @@ def test_a_model_trained_over_a_pixel_range_runs_at_the_source_pixel(net_model):
 
 
 def test_card_threshold_is_chosen_by_sample_kind() -> None:
-    from scanner.inspection import card_threshold
+    from scanner.card import card_threshold
 
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9, "pv_cell": 0.5}}
@@ -217,7 +217,7 @@ def test_card_threshold_is_chosen_by_sample_kind() -> None:
 
 
 def test_thresholds_follow_the_band_of_the_scans_pixel_size() -> None:
-    from scanner.inspection import card_threshold, context_thresholds
+    from scanner.card import card_threshold, context_thresholds
 
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9, "pv_cell": 0.5},
@@ -241,7 +241,7 @@ def test_thresholds_follow_the_band_of_the_scans_pixel_size() -> None:
 
 
 def test_context_thresholds_come_from_the_card_unless_the_user_sets_one() -> None:
-    from scanner.inspection import context_thresholds
+    from scanner.card import context_thresholds
 
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9},
