@@ -298,58 +298,151 @@ def build_detector(
     pixel_size_um : float
         Pixel size of the images (the model runs at it; other scans are resampled to it).
     pixel_size_range_um : tuple, optional
-        Pixel sizes the images span (multi-scale banks such as the default), recorded so that
-        scans inside it are inspected at their own pixel size.
+        Pixel sizes the images span (the default's banks): scans inside it run at their own.
     false_alarms_per_cm2 : float
         Target of the threshold calibration on the held-out good surface.
     init : path, optional
-        An existing detector to extend: its bank is kept and only what it does not cover of
-        the new images is added (the file at ``init`` is not changed).
-    seed : int
-        Seed of every random choice.
-    bank_max : int
-        Most features in the bank.
+        A detector to extend: its bank is kept, what it does not cover of the new images is
+        added (the file at ``init`` is not changed).
+    seed, bank_max : int
+        Seed of every random choice; most features in the bank.
     card_extra : dict, optional
         More entries for the card (provenance).
     companion_from : path, optional
-        The model whose roughness network goes beside the detector (default: ``init``,
-        else the shipped default).
+        Model whose roughness network goes beside (default: ``init``, else the default's).
     augment_camera : bool or "auto"
         Let image files (``GoodImage.meta["acquired"]`` false) enter the bank also as a
-        microscope would see them (:func:`camera_variants`); their held-out part is scored on
-        every variant, each for its share of the area. ``"auto"``: only with fewer than
-        :data:`MIN_IMAGES_TO_HOLD_OUT` images (a golden image or two, to inspect scans with; a
-        folder of many images is taken as a set of camera images of the kind it will inspect).
+        microscope would see them (:func:`camera_variants`), held out on every variant.
+        ``"auto"``: with fewer than :data:`MIN_IMAGES_TO_HOLD_OUT` images only (a golden image
+        or two; many images are taken as camera images of the kind they will inspect).
     progress : callable, optional
         ``progress(stage, done, total)`` with stages ``features``, ``bank``, ``calibrate``.
     """
-    from .inspection import load_model, load_network
-
     t0 = time.perf_counter()
-    if not images:
-        raise InputError("--good: no good images to build the model from")
-    if false_alarms_per_cm2 <= 0 or not math.isfinite(false_alarms_per_cm2):
-        raise InputError("--false-alarms-per-cm2: must be a positive number")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    base = load_model(init) if init is not None else None
-    if base is not None and not isinstance(base, PatchDetector):
-        raise InputError(f"--init {init}: not a detector (a network-only model cannot be "
-                         "extended; build a new one)")
-    held_images = _held_out_images(len(images), seed)  # none: the centre of each is held out
+    base = _checked_inputs(images, false_alarms_per_cm2, init)
+    held_images, augmenting, dims = _roles(images, seed, augment_camera)
+    seen = _collect_features(images, held_images, augmenting, dims, rng, pixel_size_um,
+                             progress)
+    start = base.bank if base is not None else None
+    bank = _choose_bank(seen.pool, int(seen.total_cells * (1 - len(held_images) / len(images))),
+                        bank_max, start, seed, progress)
+    cal = _calibrate(bank, seen.held, false_alarms_per_cm2, progress)
+    position, position_cal = _position_model(
+        seen.position, seen.position_desc, dims, images[0].image.shape, cal.area_cm2,
+        false_alarms_per_cm2, cal.result.threshold) if dims is not None else (None, None)
+    warnings = _calibration_warnings(cal.result.to_dict(), len(seen.held), len(held_images))
+    if progress is not None:
+        progress("calibrate", 1, 1)
+    bank, extra = _with_held_out(bank, seen.held, bank_max, seed)
+    card = _card(Path(out).stem, pixel_size_um, pixel_size_range_um, seed, cal, {
+        **cal.result.to_dict(), "held_out_images": len(seen.held), "warnings": warnings,
+        "held_out": "whole images" if held_images else "the central quarter of each image"})
+    card.update(bank={"features": int(len(bank)), "candidates": int(len(seen.pool)),
+                      "from_held_out": extra, "from_init": 0 if start is None else len(start),
+                      "images": len(images) - len(held_images)},
+                init=str(init) if init is not None else None, **(card_extra or {}))
+    if base is not None:
+        card["history"] = _history(base)
+    if position_cal is not None:
+        card["position_calibration"] = position_cal
+    weights = save_detector(bank, card, out, companion=_companion(companion_from, init),
+                            position=position)
+    written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))  # hash included
+    return BuildReport(weights, card_path_for(weights), written, time.perf_counter() - t0,
+                       warnings)
+
+
+def _roles(images: Sequence[GoodImage], seed: int, augment_camera: bool | str
+           ) -> tuple[set[int], bool, torch.Tensor | None]:
+    """The images held out whole (none: the centre of each is held out), whether image
+    files also enter as a microscope would see them, and the channels of a position model
+    (None unless the images show one aligned part: same shape, no usable masks, enough of
+    them held out)."""
+    held_images = _held_out_images(len(images), seed)
     augmenting = bool(augment_camera) and not (
         augment_camera == "auto" and len(images) >= MIN_IMAGES_TO_HOLD_OUT)
     aligned = (len(images) >= POSITION_MIN_IMAGES and len(held_images) >= 2
                and not augmenting and len({g.image.shape for g in images}) == 1
                and all(g.usable is None for g in images))
-    dims = choose_dims(FEATURE_DIM, seed) if aligned else None
-    position_feats: dict[bool, list[torch.Tensor]] = {True: [], False: []}
-    position_desc: list[torch.Tensor] = []
-    total_cells = sum(-(-g.image.shape[0] // FEATURE_STRIDE) * -(-g.image.shape[1] //
-                      FEATURE_STRIDE) for g in images)
-    per_cell_keep = min(1.0, CANDIDATES_MAX / max(total_cells, 1))
+    return held_images, augmenting, choose_dims(FEATURE_DIM, seed) if aligned else None
+
+
+def _history(base: PatchDetector) -> list[dict[str, Any]]:
+    """The card's record of the models a detector was extended from, the last one added."""
+    return [*base.card.get("history", []),
+            {"model": str(base.path), "sha256": base.card.get("weights_sha256"),
+             "bank": int(len(base.bank))}]
+
+
+def _card(name: str, pixel_size_um: float, pixel_size_range_um: tuple[float, float] | None,
+          seed: int, cal: _Calibrated, calibration: dict[str, Any]) -> dict[str, Any]:
+    """The card of a detector: method, geometry, scores, threshold and its calibration."""
+    return {
+        "name": name,
+        "kind": "detector",
+        "method": "PatchCore: nearest-neighbour distance to a greedy coreset of pretrained "
+                  "EfficientNet-Lite0 patch features of good images",
+        "pixel_size_um": float(pixel_size_um),
+        "pixel_size_range_um": list(pixel_size_range_um or (pixel_size_um, pixel_size_um)),
+        "normalization": {"method": "relative", "formula": "x / level, level = median of the "
+                          "image or mosaic; colour converted to luminance (Rec. 709)"},
+        "score": "nearest-bank distance / score_reference",
+        "score_reference": cal.reference,
+        "threshold": float(cal.result.threshold),
+        "uncertainty_log_scale": cal.tau,
+        "seed": int(seed),
+        "calibration": calibration,
+        "good_scores": score_summary(cal.values),
+    }
+
+
+def _checked_inputs(images: Sequence[GoodImage], false_alarms_per_cm2: float,
+                    init: str | Path | None) -> PatchDetector | None:
+    """The detector ``init`` names (None without one), once the inputs are usable.
+
+    Raises
+    ------
+    InputError
+        No images, a false-alarm target that is not a positive number, an ``init`` that is
+        not a detector.
+    """
+    from .inspection import load_model
+
+    if not images:
+        raise InputError("--good: no good images to build the model from")
+    if false_alarms_per_cm2 <= 0 or not math.isfinite(false_alarms_per_cm2):
+        raise InputError("--false-alarms-per-cm2: must be a positive number")
+    base = load_model(init) if init is not None else None
+    if base is not None and not isinstance(base, PatchDetector):
+        raise InputError(f"--init {init}: not a detector (a network-only model cannot be "
+                         "extended; build a new one)")
+    return base
+
+
+@dataclass
+class _Features:
+    """What the good images gave: bank candidates, held-out surface, and the pooled features
+    (by held out or not) and descriptors of held-out images for a position model."""
+
+    pool: torch.Tensor
+    held: list[_HeldOut]
+    position: dict[bool, list[torch.Tensor]]
+    position_desc: list[torch.Tensor]
+    total_cells: int
+
+
+def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmenting: bool,
+                      dims: torch.Tensor | None, rng: np.random.Generator,
+                      pixel_size_um: float, progress: Progress | None) -> _Features:
+    """Features of every version of every good image, split into bank candidates (a random
+    share, so that at most :data:`CANDIDATES_MAX` cells are kept) and held-out surface."""
+    seen = _Features(torch.zeros(0, FEATURE_DIM), [], {True: [], False: []}, [],
+                     sum(-(-g.image.shape[0] // FEATURE_STRIDE) * -(-g.image.shape[1] //
+                         FEATURE_STRIDE) for g in images))
+    per_cell_keep = min(1.0, CANDIDATES_MAX / max(seen.total_cells, 1))
     candidates: list[torch.Tensor] = []
-    held: list[_HeldOut] = []
     for k, image in enumerate(images):
         p = float(image.meta.get("pixel_size_um", pixel_size_um))
         variants = _variants(image, augmenting, rng, k, k in held_images)
@@ -357,21 +450,21 @@ def build_detector(
         n_held = sum(v.held for v in variants)
         for v in variants:
             feat = features_of(v.image)
-            if aligned:
-                position_feats[k in held_images].append(pooled(feat[None], dims)[0])
+            if dims is not None:
+                seen.position[k in held_images].append(pooled(feat[None], dims)[0])
                 if k in held_images:
-                    position_desc.append(descriptor(feat[None])[0])
+                    seen.position_desc.append(descriptor(feat[None])[0])
             usable = _usable_cells(v.usable, tuple(feat.shape[1:]))
             if k in held_images:
                 if v.held:
-                    held.append(_HeldOut(feat, usable, float(usable.sum()) / n_held
-                                         * (FEATURE_STRIDE * p) ** 2))
+                    seen.held.append(_HeldOut(feat, usable, float(usable.sum()) / n_held
+                                              * (FEATURE_STRIDE * p) ** 2))
                 continue
             if not held_images:
                 cand, h = _split_image(feat, usable, p)
                 if v.held:
                     h.area_um2 /= n_held
-                    held.append(h)
+                    seen.held.append(h)
             else:
                 cand = feat.permute(1, 2, 0)[torch.from_numpy(usable)]
             if not v.bank:
@@ -382,14 +475,20 @@ def build_detector(
             candidates.append(cand.reshape(-1, FEATURE_DIM))
         if progress is not None:
             progress("features", k + 1, len(images))
-    pool = torch.cat(candidates) if candidates else torch.zeros(0, FEATURE_DIM)
-    if not len(pool):
+    if candidates:
+        seen.pool = torch.cat(candidates)
+    if not len(seen.pool):
         raise InputError("--good: the good images hold no usable surface to build from")
-    n_cells = int(total_cells * (1 - len(held_images) / len(images)))
+    return seen
+
+
+def _choose_bank(pool: torch.Tensor, n_cells: int, bank_max: int, start: torch.Tensor | None,
+                 seed: int, progress: Progress | None) -> torch.Tensor:
+    """The memory bank: a greedy coreset of the candidates (a share of the cells the bank
+    images hold), after the bank of the model extended (``start``) when there is one."""
     size = int(min(bank_max, max(BANK_MIN, BANK_FRACTION * n_cells), len(pool)))
     if progress is not None:
         progress("bank", 0, 1)
-    start = base.bank if base is not None else None
     if start is not None:
         size = max(0, min(size, bank_max - len(start)))
     chosen = greedy_coreset(pool, size, start=start, seed=seed) if size else \
@@ -399,14 +498,30 @@ def build_detector(
         bank = torch.cat([start, bank])
     if progress is not None:
         progress("bank", 1, 1)
+    return bank
 
-    # score the held-out surface as inspection would, at the output stride
+
+@dataclass
+class _Calibrated:
+    """The bank's calibration on the held-out surface."""
+
+    result: Any  # models.calibrate.Calibration
+    reference: float  # score_reference: the REFERENCE_QUANTILE of held-out distances
+    tau: float  # uncertainty_log_scale
+    values: np.ndarray  # held-out anomaly scores over the usable surface
+    area_cm2: float
+
+
+def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: float,
+               progress: Progress | None) -> _Calibrated:
+    """Score the held-out surface as inspection would (at the output stride) and set the
+    threshold for the false-alarm rate asked for, the score reference and the uncertainty's
+    log scale (the spread of the highest good scores)."""
     detector = PatchDetector(bank, {"score_reference": 1.0})
     distances, masks = [], []
     for h in held:
         q = h.features.permute(1, 2, 0).reshape(-1, FEATURE_DIM)
-        d = detector.index.distances(q).view(h.features.shape[1:])
-        distances.append(d)
+        distances.append(detector.index.distances(q).view(h.features.shape[1:]))
         masks.append(h.usable)
     good = torch.cat([d[torch.from_numpy(m)] for d, m in zip(distances, masks, strict=True)])
     if not len(good):
@@ -424,21 +539,21 @@ def build_detector(
     if progress is not None:
         progress("calibrate", 0, 1)
     cal = calibrate_threshold(maps, area_cm2, false_alarms_per_cm2, scores="distance")
-    position, position_cal = None, None
-    if aligned:
-        position, position_cal = _position_model(position_feats, position_desc, dims,
-                                                 images[0].image.shape, area_cm2,
-                                                 false_alarms_per_cm2, cal.threshold)
     values = np.concatenate([a[np.repeat(np.repeat(m, 2, 0), 2, 1)] for a, m in
                              zip(maps, masks, strict=True)])
     q99, q999 = np.quantile(values, [0.99, 0.999])
     tau = float(max(0.02, np.log(max(q999, 1e-6) / max(q99, 1e-6))))
-    warnings = _calibration_warnings(cal.to_dict(), len(held), len(held_images))
-    if progress is not None:
-        progress("calibrate", 1, 1)
-    # the held-out surface joins the bank once it has served the calibration: what it shows
-    # that the bank does not (the scores that set the threshold) is added, so the final model
-    # knows all of the good surface and its threshold errs on the side of fewer false alarms
+    return _Calibrated(cal, reference, tau, values, area_cm2)
+
+
+def _with_held_out(bank: torch.Tensor, held: list[_HeldOut], bank_max: int, seed: int
+                   ) -> tuple[torch.Tensor, int]:
+    """The bank grown by what the held-out surface shows that it does not, and how many
+    features that added.
+
+    Once it has served the calibration, the held-out surface joins the bank: the scores that
+    set the threshold are added, so the final model knows all of the good surface and its
+    threshold errs on the side of fewer false alarms."""
     held_cells = torch.cat([h.features.permute(1, 2, 0)[torch.from_numpy(h.usable)]
                             for h in held])
     if len(held_cells) > CANDIDATES_MAX:
@@ -447,50 +562,17 @@ def build_detector(
     if extra:
         bank = torch.cat([bank, held_cells[greedy_coreset(held_cells, extra, start=bank,
                                                           seed=seed)]])
+    return bank, extra
 
-    companion = None
+
+def _companion(companion_from: str | Path | None, init: str | Path | None) -> Any:
+    """The roughness network that goes beside the detector (None: roughness is NaN)."""
+    from .inspection import load_network
+
     try:
-        companion, _, _ = load_network(companion_from if companion_from is not None else init)
+        return load_network(companion_from if companion_from is not None else init)[0]
     except InputError:
-        companion = None  # a detector without a roughness network: roughness is NaN
-    card: dict[str, Any] = {
-        "name": Path(out).stem,
-        "kind": "detector",
-        "method": "PatchCore: nearest-neighbour distance to a greedy coreset of pretrained "
-                  "EfficientNet-Lite0 patch features of good images",
-        "pixel_size_um": float(pixel_size_um),
-        "pixel_size_range_um": list(pixel_size_range_um or (pixel_size_um, pixel_size_um)),
-        "normalization": {"method": "relative", "formula": "x / level, level = median of the "
-                          "image or mosaic; colour converted to luminance (Rec. 709)"},
-        "score": "nearest-bank distance / score_reference",
-        "score_reference": reference,
-        "threshold": float(cal.threshold),
-        "uncertainty_log_scale": tau,
-        "seed": int(seed),
-        "calibration": {
-            **cal.to_dict(),
-            "held_out": "whole images" if held_images else "the central quarter of each image",
-            "held_out_images": len(held),
-            "warnings": warnings,
-        },
-        "good_scores": score_summary(values),
-        "bank": {"features": int(len(bank)), "candidates": int(len(pool)),
-                 "from_held_out": extra,
-                 "from_init": int(len(start)) if start is not None else 0,
-                 "images": len(images) - len(held_images)},
-        "init": str(init) if init is not None else None,
-        **(card_extra or {}),
-    }
-    if base is not None:
-        card["history"] = [*base.card.get("history", []),
-                           {"model": str(base.path), "sha256": base.card.get("weights_sha256"),
-                            "bank": int(len(start))}]
-    if position_cal is not None:
-        card["position_calibration"] = position_cal
-    weights = save_detector(bank, card, out, companion=companion, position=position)
-    written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))  # hash included
-    return BuildReport(weights, card_path_for(weights), written, time.perf_counter() - t0,
-                       warnings)
+        return None
 
 
 def variance_ratio(feats: torch.Tensor) -> float:
