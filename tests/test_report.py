@@ -175,6 +175,22 @@ def test_pv_cell_defects_get_regions(pv_scan: Path, tmp_path: Path):
     assert "dies" not in header
 
 
+def test_a_stale_repeaters_file_in_a_cell_scan_is_emptied_not_a_crash(pv_scan: Path,
+                                                                      tmp_path: Path):
+    # a repeaters.json left in a folder that now holds a PV-cell scan: its defects take part
+    # again (none here), and the file is rewritten without groups
+    folder = tmp_path / "pv"
+    shutil.copytree(pv_scan, folder)
+    n = len(read_defects(folder)[1])
+    (folder / "repeaters.json").write_text(json.dumps(
+        {"source_created": None, "tolerance_um": 60.0, "n_groups": 0, "n_defects": 0,
+         "groups": []}))
+    result = report(folder)
+    assert "repeaters" in result.outputs
+    assert json.loads((folder / "repeaters.json").read_text())["n_groups"] == 0
+    assert len(read_defects(folder)[1]) == n
+
+
 @pytest.mark.slow
 def test_report_command_with_lot_and_wafer(wafer_scan: Path, tmp_path: Path):
     folder = tmp_path / "scan"

@@ -79,10 +79,10 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
     defects = sorted(defects + read_repeaters(folder, created), key=lambda d: d.id)
     defects = locate(defects, ctx)
     groups: list = []
+    map_px = previous.get("map_pixel_size_um")
+    tolerance = 3.0 * float(map_px) if map_px else 50.0
     if ctx.kind == "wafer":
         n_full = sum(1 for die in tested_dies(ctx, []) if die["full"])
-        map_px = previous.get("map_pixel_size_um")
-        tolerance = 3.0 * float(map_px) if map_px else 50.0
         defects, groups = find_repeaters(defects, n_full, tolerance)
     if klarf_version is None:
         klarf_version = recorded(ctx.scan, OutputSpec).klarf_version
