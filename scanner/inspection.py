@@ -119,19 +119,63 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
         scale, trans = level_transform(transforms)
         geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
                               tuple(levels[0].shape))
+        image, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
+        if pad:
+            geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
+                                   geometry.origin_um[1] - pad * geometry.pixel_size_um),
+                                  geometry.pixel_size_um, tuple(image.shape))
         patches, stats, comparison = die_to_die_patches(
-            maps.origin_um, maps.pixel_size_um, levels[0], geometry, grid, polygon, threshold,
-            pyramid=levels)
+            maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
+            pyramid=pyramid)
         apply_patches(maps.maps["anomaly"], patches)
         difference = None
         if comparison is not None and not maps.reader.resample and levels[0].ndim == 2:
-            difference = functools.partial(comparison.difference, levels[0])
+            difference = functools.partial(_shifted_difference, comparison, image, pad)
         return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
                                              "origin_um": list(grid.origin_um),
                                              "rotation_deg": grid.rotation_deg,
                                              "source": source}}, difference
 
     return refine
+
+
+#: a mosaic whose dies all touch its border is padded in memory up to this size (pixels)
+PAD_MAX_PX = 128 * 2**20
+
+
+def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
+               ) -> tuple[Any, list[Any] | None, Any, int]:
+    """What die-to-die compares: the mosaic, its pyramid, the usable area and the padding
+    (pixels) added on each side of the mosaic.
+
+    Dies are compared only with room around them to be aligned. A layout repeated only a few
+    times (a 2 x 2 product) has every die on the image's border, where the scan often ends a
+    pixel or two past it: no die had room, and no die was compared. When fewer than three do,
+    a small mosaic is padded in memory by mirroring (the padding is never compared: it lies
+    outside the usable area) and the usable area is let out by the precision of a found grid
+    (a pixel of the level it was found in), so that dies found from the image itself count as
+    whole.
+    """
+    from .dietodie import DieToDie, _margin, full_dies
+
+    level0 = levels[0]
+    margin = _margin(DieToDie())
+    if len(full_dies(grid, polygon, geometry, margin_px=margin)) >= 3 or level0.ndim != 2 \
+            or (level0.shape[0] + 2 * margin) * (level0.shape[1] + 2 * margin) > PAD_MAX_PX:
+        return level0, levels, polygon, 0
+    padded = np.pad(np.asarray(level0[...]), margin + 1, mode="symmetric")
+    # a found grid fits to a pixel of the level it was found in (_found_grid)
+    k = next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
+             len(levels) - 1)
+    slack = (2**k + 1) * geometry.pixel_size_um
+    return padded, None, polygon.buffer(slack, join_style="mitre"), margin + 1
+
+
+def _shifted_difference(comparison: Any, source: Any, pad: int, r0: int, c0: int, h: int,
+                        w: int) -> Any:
+    """``comparison.difference`` of a mosaic window, in the coordinates of the unpadded
+    mosaic (see :func:`_with_room`)."""
+    return comparison.difference(source, r0 + pad, c0 + pad, h, w)
 
 
 #: side (px) of the pyramid level the repeat of a layout is looked for in

@@ -375,3 +375,38 @@ def test_opened_max_at_the_map_pixels_equals_scipys_filters(size):
     rows = np.array([0, 3, 7, 20, 39, 40])
     cols = np.array([0, 1, 13, 26, 50, 52])
     np.testing.assert_array_equal(opened_max_at(z, rows, cols, size), full[np.ix_(rows, cols)])
+
+
+def test_a_layout_repeated_only_2x2_is_compared_on_a_padded_mosaic() -> None:
+    # every die of a 2 x 2 product touches the image's border, and the scan ends 2 px past
+    # it: no die has room to be aligned, so nothing was compared; padded, all four are
+    from skimage import data
+
+    from scanner.diegrid import estimate_grid
+    from scanner.inspection import _with_room
+
+    tile = data.brick()[:200, :200].astype(np.float32) + 20.0
+    product = np.tile(tile, (2, 2))
+    product[250:268, 300:318] *= 0.3  # a dark spot in die (1, 1)
+    img = np.pad(product, 2, mode="constant", constant_values=5.0)  # the surround scanned
+    rng = np.random.default_rng(0)
+    img = (img + rng.normal(0, 1.0, img.shape)).astype(np.float32)
+    geometry = MosaicGrid((-2.0, -2.0), 1.0, img.shape)  # product pixel (0, 0) at (0, 0) µm
+    usable = box(-0.5, -0.5, 399.5, 399.5)
+    valid = np.zeros(img.shape, bool)
+    valid[2:402, 2:402] = True
+    grid = estimate_grid(img, 1.0, (-2.0, -2.0), valid)
+    assert grid is not None and grid.pitch_um == pytest.approx((200.0, 200.0), abs=0.5)
+    _, stats, _ = die_to_die_patches((0.0, 0.0), 4.0, img, geometry, grid, usable, 0.7,
+                                     settings=DieToDie(block_px=64))
+    assert stats.dies == 0  # as it was
+    image, pyramid, area, pad = _with_room([img], geometry, grid, usable)
+    assert pad > 0 and image.shape == (img.shape[0] + 2 * pad, img.shape[1] + 2 * pad)
+    padded = MosaicGrid((-2.0 - pad, -2.0 - pad), 1.0, image.shape)
+    anomaly = np.zeros((101, 101), np.float32)  # map pixel (i, j): product (4i + 1.5, 4j + 1.5)
+    patches, stats, _ = die_to_die_patches((1.5, 1.5), 4.0, image, padded, grid, area, 0.7,
+                                           settings=DieToDie(block_px=64))
+    apply_patches(anomaly, patches)
+    assert stats.dies == 4
+    over = np.argwhere(anomaly >= 0.7)
+    assert len(over) and np.all(np.abs(over * 4 + 1.5 - (259, 309)) < 24)
