@@ -197,7 +197,7 @@ def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
 
 
 def test_camera_variants_blur_an_image_file_and_bring_its_noise_to_each_level() -> None:
-    from models.build import CAMERA_VARIANTS, camera_variants, noise_sigma
+    from models.variants import CAMERA_VARIANTS, camera_variants, noise_sigma
 
     clean = np.full((256, 256), 1.0, dtype=np.float32)
     clean[:, 128:] = 2.0  # an edge: blur must soften it
