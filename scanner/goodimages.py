@@ -9,7 +9,6 @@ inspection of image files does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from .errors import UserError
 from .inspectimages import IMAGE_SUFFIXES
 from .inspection import _saved_sample, _usable_polygon, read_image
 from .polygonmask import polygon_mask, polygon_pixels
-from .scanfolder import MOSAIC, SCAN_JSON
+from .scanfolder import MOSAIC, SCAN_JSON, scan_json_if_any
 from .tiled import source_level
 
 #: a mosaic larger than this (pixels) is read as crops on a grid rather than whole
@@ -87,12 +86,7 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
     p = float(scale[1])
     origin = (float(trans[1]), float(trans[0]))
     folder = mosaic.parent
-    scan = None
-    if (folder / SCAN_JSON).is_file():
-        try:
-            scan = json.loads((folder / SCAN_JSON).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            scan = None
+    scan = scan_json_if_any(folder)
     polygon = _usable_polygon(_saved_sample(folder, scan))
     mask = polygon_mask(polygon, origin, p, 2 * p) if polygon is not None else None
     level = source_level(arr, inside=polygon_pixels(polygon, origin, p)

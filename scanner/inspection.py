@@ -17,7 +17,6 @@ The model's card (thresholds by sample kind, pixel size and context) is read by
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ from .drift import good_surface_scores
 from .errors import UserError
 from .inspect import MapSet, infer_mosaic, reflectance_at_map
 from .inspectimages import image_score, inspect_images, list_images
-from .scanfolder import MOSAIC, SCAN_JSON, now_iso, write_json
+from .scanfolder import MOSAIC, SCAN_JSON, now_iso, scan_json_if_any, write_json
 
 
 def _mosaic_pixel_size_um(mosaic: Path) -> float | None:
@@ -281,7 +280,7 @@ def inspect_mosaic(
     t0 = time.perf_counter()
     model = load_inspection_model(model)
     if scan is None:
-        scan = _read_scan(folder)
+        scan = scan_json_if_any(folder)
     saved = _saved_sample(folder, scan)  # the recipe is parsed once, for both uses
     # where the sample really lies (scanner.align; refined on the mosaic after stitching)
     alignment = effective_alignment((scan or {}).get("alignment"))
@@ -360,17 +359,6 @@ def _maps_record(maps: MapSet, refine: _Refinement, masked: bool) -> dict[str, A
             "map_pixel_size_um": maps.pixel_size_um, "masked_to_usable_area": masked,
             "windows": maps.stats.windows, "windows_skipped": maps.stats.skipped,
             "die_to_die": refine.d2d or None, "plain_surface": refine.plain or None}
-
-
-def _read_scan(folder: Path) -> dict[str, Any] | None:
-    """The ``scan.json`` beside a mosaic (None when there is none or it is unreadable: the
-    mosaic is then inspected whole, with the pooled threshold)."""
-    if not (folder / SCAN_JSON).is_file():
-        return None
-    try:
-        return json.loads((folder / SCAN_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _threshold_record(thr: float, source: str, contexts: dict[str, float | None]

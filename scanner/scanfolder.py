@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .scanrecord import validated_scan
 
 SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
@@ -68,15 +69,28 @@ def read_scan_json(folder: Path) -> dict[str, Any]:
     Raises
     ------
     UserError
-        If the folder or file is missing or unreadable.
+        If the folder or file is missing or unreadable, or the record does not fit
+        :class:`scanner.scanrecord.ScanRecord` (the field is named).
     """
     path = Path(folder) / SCAN_JSON
     if not path.is_file():
         raise UserError(f"{folder}: not a scan folder (no {SCAN_JSON})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: unreadable ({exc})") from None
+    return validated_scan(data, str(path))
+
+
+def scan_json_if_any(folder: Path) -> dict[str, Any] | None:
+    """The ``scan.json`` beside a mosaic, None when there is none or it is unreadable (what
+    only refines a stage: a bare mosaic is inspected whole, with the pooled threshold)."""
+    if not (Path(folder) / SCAN_JSON).is_file():
+        return None
+    try:
+        return read_scan_json(folder)
+    except UserError:
+        return None
 
 
 def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = False) -> Path:

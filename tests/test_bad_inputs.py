@@ -25,3 +25,23 @@ def test_a_file_that_is_not_an_image_is_one_line(tmp_path: Path, command: list[s
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "broken.png: cannot read image" in lines[0]
     assert not (out / "defects.json").exists() and not (out / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"status": "complete", "acquired_tiles": "many"}, "acquired_tiles"),
+    ({"status": "complete", "timings": {"acquire": 12.0}}, "timings.acquire"),
+    ([1, 2, 3], "not a scan record"),
+])
+def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
+        tmp_path: Path, record: object, field: str) -> None:
+    import json
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    (folder / "scan.json").write_text(json.dumps(record))
+    before = (folder / "scan.json").read_bytes()
+    result = runner.invoke(app, ["report", str(folder)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "scan.json" in lines[0] and field in lines[0], lines
+    assert (folder / "scan.json").read_bytes() == before  # nothing written over it

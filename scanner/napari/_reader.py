@@ -27,7 +27,7 @@ import numpy as np
 from ..defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
 from ..reports.repeaters import REPEATERS_JSON, read_repeaters
 from ..reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
-from ..scanfolder import MOSAIC, SCAN_JSON
+from ..scanfolder import MOSAIC, SCAN_JSON, read_scan_json
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -181,13 +181,12 @@ def die_grid_shapes(folder: Path) -> LayerData | None:
     """Tested dies of a wafer scan as rectangles (None when there are none)."""
     if not (folder / DEFECTS_JSON).is_file():
         return None
-    import json
 
     from ..diegrid import DieGrid
 
     header, _ = read_defects(folder)
     tested = (header.get("dies") or {}).get("tested") or []
-    scan = json.loads((folder / SCAN_JSON).read_text(encoding="utf-8"))
+    scan = read_scan_json(folder)
     sample = (scan.get("recipe") or {}).get("sample") or {}
     if not tested or sample.get("kind") != "wafer":
         return None

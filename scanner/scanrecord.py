@@ -1,0 +1,79 @@
+"""``scan.json`` as one typed record: what a scan folder holds and how it got there.
+
+The pipeline writes ``scan.json`` stage by stage (a stage that is killed leaves the record of
+the last one that finished), and every later stage, report and viewer reads it back. This
+model is the one description of its top level: :func:`scanner.scanfolder.read_scan_json`
+validates every read against it, so a damaged or hand-edited record is refused with the
+field that is wrong, instead of failing somewhere later on a missing key or a wrong type.
+
+Sections a stage owns (``plan``, ``focus``, ``registration``, ``mosaic``, ``inspection``...)
+are mappings whose content that stage documents; keys added by newer versions are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UserError
+
+Section = dict[str, Any]
+
+
+class ScanRecord(BaseModel):
+    """The top level of ``scan.json``.
+
+    Every field is optional (a record is written before the scan has done anything), but
+    each one present must have its type.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str | None = Field(None, description="the stage running or the outcome: aligning, "
+                               "acquiring, stitching, inspecting, complete, incomplete, "
+                               "interrupted, failed")
+    started: str | None = None
+    finished: str | None = None
+    error: str | None = Field(None, description="why the scan failed, in one line")
+    process: Section | None = Field(None, description="host and pid of the running process")
+    recipe: Section | None = Field(None, description="the recipe as validated, paths resolved")
+    options: Section | None = None
+    versions: dict[str, str] | None = None
+    microscope: Section | None = None
+    plan: Section | None = Field(None, description="tiles, travel and time estimate")
+    acquired_tiles: int | None = Field(None, ge=0)
+    lost_tiles: dict[str, Any] | None = Field(None, description="tiles that could not be "
+                                              "acquired, by index, and why")
+    retried_actions: int | None = Field(None, ge=0)
+    timings: dict[str, Section] | None = Field(None, description="seconds per stage")
+    alignment: Section | None = None
+    alignment_skipped: str | None = Field(None, description="why the alignment was skipped")
+    focus: Section | None = None
+    during_acquisition: Section | None = None
+    registration: Section | None = None
+    flatfield: Section | None = None
+    stitch_camera: Section | None = None
+    mosaic: Section | None = None
+    inspection: Section | None = None
+    report: Section | None = None
+    resumed: list[Section] | None = Field(None, description="each resume: when, from what")
+
+
+def validated_scan(data: Any, source: str) -> dict[str, Any]:
+    """``data`` (parsed ``scan.json``) once it fits :class:`ScanRecord`, as it is.
+
+    Raises
+    ------
+    UserError
+        Not a mapping, or a field of the wrong type (the first one is named).
+    """
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: not a scan record (a JSON object is expected)")
+    try:
+        ScanRecord.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise UserError(f"{source}: {where}: {err['msg']}") from None
+    return data
