@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
+from .card import ModelCard
 from .errors import InputError as UserError
 from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, context_margin_px, fuse_batchnorm
 
@@ -357,6 +359,12 @@ def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str,
         raise UserError(f"{card_file}: not a valid model card ({exc})") from None
     if not isinstance(card, dict) or not isinstance(card.get("architecture"), dict):
         raise UserError(f"{card_file}: not a waferscope model card (no 'architecture')")
+    try:
+        ModelCard.model_validate(card)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"{card_file}: {'.'.join(str(p) for p in err['loc'])}: "
+                        f"{err['msg']}") from None
     expected = card.get("weights_sha256")
     if expected and expected != _weights_sha256(weights):
         raise UserError(f"{weights}: checksum does not match its card {card_file.name} "

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from models.card import card_of
+
 from .defectlist import Defect
 from .defects import DEFAULT_REVIEW_UNCERTAINTY, MapGeometry, extract_defects, local_thresholds
 from .inspect import MapSet, reflectance_at_map
@@ -40,34 +42,11 @@ def model_info(model: Any) -> dict[str, Any]:
         "pixel_size_um": float(model.pixel_size_um),
         "output_stride": int(model.output_stride),
         "calibrated_threshold": float(model.threshold),
-        "thresholds_by_sample_kind": dict(_card_by_kind(model, "thresholds_by_sample_kind")),
+        "thresholds_by_sample_kind": dict(card_of(model).thresholds_by_sample_kind),
     }
     if not info["weights_sha256"] and path and Path(path).is_file():
         info["weights_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return info
-
-
-def _card_by_kind(model: Any, key: str) -> dict[str, float]:
-    """A card's per-sample-kind table (``thresholds_by_sample_kind`` and the like; {} if none)."""
-    return (getattr(model, "card", {}) or {}).get(key) or {}
-
-
-def pixel_band(model: Any, sample_kind: str | None, pixel_size_um: float | None
-               ) -> dict[str, Any] | None:
-    """The card's calibration band of a kind of sample at a pixel size (None: none).
-
-    Cards may hold thresholds per band of pixel sizes (``thresholds_by_pixel_size``, see
-    :func:`models.train.calibrate_pixel_bands`); a pixel size outside every band gets the
-    nearest one.
-    """
-    bands = _card_by_kind(model, "thresholds_by_pixel_size").get(sample_kind or "")
-    if not bands or not pixel_size_um or pixel_size_um <= 0:
-        return None
-    for band in bands:
-        lo, hi = band["pixel_size_um"]
-        if lo <= pixel_size_um <= hi:
-            return band
-    return bands[0] if pixel_size_um < bands[0]["pixel_size_um"][0] else bands[-1]
 
 
 def card_threshold(model: Any, sample_kind: str | None = None,
@@ -76,17 +55,10 @@ def card_threshold(model: Any, sample_kind: str | None = None,
 
     A card may hold one threshold per recipe sample kind (``thresholds_by_sample_kind``,
     each calibrated on held-out images of that kind), and for some kinds one per band of
-    pixel sizes (:func:`pixel_band`, taken when the pixel size is known); any other kind, or
-    none known (plain images), gets the pooled ``threshold``.
+    pixel sizes (taken when the pixel size is known); any other kind, or none known (plain
+    images), gets the pooled ``threshold`` (:meth:`models.card.ModelCard.threshold_for`).
     """
-    band = pixel_band(model, sample_kind, pixel_size_um)
-    if band is not None:
-        lo, hi = band["pixel_size_um"]
-        return float(band["threshold"]), f"model card ({sample_kind}, {lo:g}-{hi:g} um pixels)"
-    by_kind = _card_by_kind(model, "thresholds_by_sample_kind")
-    if sample_kind in by_kind:
-        return float(by_kind[sample_kind]), f"model card ({sample_kind})"
-    return float(model.threshold), "model card"
+    return card_of(model).threshold_for(sample_kind, pixel_size_um, model.threshold)
 
 
 def _decision_threshold(model: Any, threshold: float | None, sample_kind: str | None,
@@ -109,19 +81,10 @@ def context_thresholds(model: Any, sample_kind: str | None, threshold_source: st
 
     ``{"quiet": t, "plain": t, "plain_near_structure": t}``, None where none applies: the
     card has none for the kind, or the user set the threshold (a user's threshold applies
-    everywhere). A kind calibrated per band of pixel sizes takes its band's (:func:`pixel_band`).
+    everywhere). A kind calibrated per band of pixel sizes takes its band's
+    (:meth:`models.card.ModelCard.context_thresholds`).
     """
-    from models.calibrate import CONTEXT_CARD_KEYS
-
-    band = pixel_band(model, sample_kind, pixel_size_um)
-    out: dict[str, float | None] = {}
-    for context, key in CONTEXT_CARD_KEYS.items():
-        value = None
-        if threshold_source != "user" and sample_kind:
-            value = (band.get(context) if band is not None
-                     else _card_by_kind(model, key).get(sample_kind))
-        out[context] = float(value) if value is not None else None
-    return out
+    return card_of(model).context_thresholds(sample_kind, threshold_source, pixel_size_um)
 
 
 def _review_level(model: Any) -> float:

@@ -45,3 +45,29 @@ def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "scan.json" in lines[0] and field in lines[0], lines
     assert (folder / "scan.json").read_bytes() == before  # nothing written over it
+
+
+def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
+        tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from models.inspection import default_model_path
+
+    weights = default_model_path()
+    shutil.copyfile(weights, tmp_path / "m.safetensors")
+    card = json.loads(weights.with_suffix(".json").read_text())
+    card["thresholds_by_sample_kind"] = {"wafer": "high"}
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(images / "a.tif", np.full((64, 64), 1000, np.uint16))
+    result = runner.invoke(app, ["inspect", str(images), "--model", str(tmp_path / "m"),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "m.json" in lines[0], lines
+    assert "thresholds_by_sample_kind.wafer" in lines[0]

@@ -1,0 +1,105 @@
+"""A model's JSON card as one typed record, with the look-ups inspection needs.
+
+The card travels beside the weights (``NAME.json`` beside ``NAME.safetensors``): what the
+model is (``architecture``), the pixel sizes it runs at, and the thresholds calibrated on
+held-out good images: pooled (``threshold``), per recipe sample kind, per band of pixel
+sizes, and per neighbourhood context (quiet, plain, plain near structure). Every card read
+is validated against :class:`ModelCard` (``models.inspection.read_model_files``), so a card
+with a field of the wrong type is refused naming it; keys it does not describe (provenance,
+training history) are kept as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .calibrate import CONTEXT_CARD_KEYS
+
+
+class PixelBand(BaseModel):
+    """Thresholds of one sample kind over a band of pixel sizes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    pixel_size_um: tuple[float, float]
+    threshold: float
+    quiet: float | None = None
+    plain: float | None = None
+    plain_near_structure: float | None = None
+
+    def context(self, name: str) -> float | None:
+        """The band's threshold for a neighbourhood context (None: none)."""
+        return getattr(self, name, None)
+
+
+class ModelCard(BaseModel):
+    """The top level of a model card (see the module docstring)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    architecture: dict[str, Any] = Field(description="what the weights are: detector "
+                                         "(PatchCore) or network, and their layout")
+    threshold: float | None = Field(None, description="pooled decision threshold")
+    pixel_size_um: float | None = Field(None, gt=0)
+    pixel_size_range_um: tuple[float, float] | None = None
+    output_stride: int | None = Field(None, gt=0)
+    context_px: int | None = Field(None, ge=0)
+    weights_sha256: str | None = None
+    score_reference: float | None = Field(None, gt=0)
+    uncertainty_log_scale: float | None = Field(None, gt=0)
+    thresholds_by_sample_kind: dict[str, float] = Field(default_factory=dict)
+    thresholds_by_pixel_size: dict[str, list[PixelBand]] = Field(default_factory=dict)
+    thresholds_quiet_by_sample_kind: dict[str, float] = Field(default_factory=dict)
+    thresholds_plain_by_sample_kind: dict[str, float] = Field(default_factory=dict)
+    thresholds_plain_near_structure_by_sample_kind: dict[str, float] = Field(
+        default_factory=dict)
+
+    def pixel_band(self, sample_kind: str | None, pixel_size_um: float | None
+                   ) -> PixelBand | None:
+        """The calibration band of a kind of sample at a pixel size (None: none); a pixel
+        size outside every band gets the nearest one."""
+        bands = self.thresholds_by_pixel_size.get(sample_kind or "")
+        if not bands or not pixel_size_um or pixel_size_um <= 0:
+            return None
+        for band in bands:
+            lo, hi = band.pixel_size_um
+            if lo <= pixel_size_um <= hi:
+                return band
+        return bands[0] if pixel_size_um < bands[0].pixel_size_um[0] else bands[-1]
+
+    def threshold_for(self, sample_kind: str | None, pixel_size_um: float | None,
+                      pooled: float) -> tuple[float, str]:
+        """The threshold for a kind of sample and where it comes from: its pixel band's, else
+        its kind's, else ``pooled`` (the model's)."""
+        band = self.pixel_band(sample_kind, pixel_size_um)
+        if band is not None:
+            lo, hi = band.pixel_size_um
+            return band.threshold, f"model card ({sample_kind}, {lo:g}-{hi:g} um pixels)"
+        if sample_kind in self.thresholds_by_sample_kind:
+            return self.thresholds_by_sample_kind[sample_kind], f"model card ({sample_kind})"
+        return float(pooled), "model card"
+
+    def context_thresholds(self, sample_kind: str | None, threshold_source: str,
+                           pixel_size_um: float | None = None) -> dict[str, float | None]:
+        """``{"quiet": t, "plain": t, "plain_near_structure": t}`` for a kind of sample, None
+        where none applies: none for the kind, or the user set the threshold (a user's
+        threshold applies everywhere)."""
+        band = self.pixel_band(sample_kind, pixel_size_um)
+        out: dict[str, float | None] = {}
+        for context, key in CONTEXT_CARD_KEYS.items():
+            value = None
+            if threshold_source != "user" and sample_kind:
+                value = (band.context(context) if band is not None
+                         else getattr(self, key).get(sample_kind))
+            out[context] = float(value) if value is not None else None
+        return out
+
+
+def card_of(model: Any) -> ModelCard:
+    """The typed card of a loaded model (its ``card`` dict; an empty card when it has none)."""
+    card = getattr(model, "card", None) or {}
+    if isinstance(card, ModelCard):
+        return card
+    return ModelCard.model_validate({"architecture": {}, **card})
