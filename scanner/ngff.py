@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
+import yaozarrs
 import zarr
+from yaozarrs import v05
 
 from .errors import UserError
 
@@ -64,34 +67,25 @@ def _run(
             on_done()
 
 
-def _ome_attrs(name: str, n_levels: int, p: float, origin: tuple[float, float]) -> dict[str, Any]:
-    """The OME-NGFF 0.5 ``ome`` attributes of a mosaic with ``n_levels`` levels."""
+def ome_attributes(name: str, n_levels: int, p: float, origin: tuple[float, float]
+                   ) -> dict[str, Any]:
+    """The OME-NGFF 0.5 ``ome`` attributes of a mosaic with ``n_levels`` levels, level 0 of
+    pixel size ``p`` with pixel ``(0, 0)`` centred at stage ``origin`` (x, y), built with
+    yaozarrs' models of the specification (so what is written is valid by construction).
+
+    Level ``k`` has pixels ``2**k`` times larger; its pixel ``(0, 0)`` is the mean of level
+    0's first ``2**k`` pixels, so its centre lies ``(2**k - 1) / 2`` level-0 pixels further.
+    """
     datasets = []
     for k in range(n_levels):
         scale = p * 2**k
         shift = (2**k - 1) / 2.0 * p
-        datasets.append(
-            {
-                "path": str(k),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [scale, scale]},
-                    {"type": "translation", "translation": [origin[1] + shift, origin[0] + shift]},
-                ],
-            }
-        )
-    return {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": name,
-                "axes": [
-                    {"name": "y", "type": "space", "unit": "micrometer"},
-                    {"name": "x", "type": "space", "unit": "micrometer"},
-                ],
-                "datasets": datasets,
-            }
-        ],
-    }
+        datasets.append(v05.Dataset(path=str(k), coordinateTransformations=[
+            v05.ScaleTransformation(scale=[scale, scale]),
+            v05.TranslationTransformation(translation=[origin[1] + shift, origin[0] + shift])]))
+    axes = [v05.SpaceAxis(name=n, unit="micrometer") for n in ("y", "x")]
+    image = v05.Image(multiscales=[v05.Multiscale(name=name, axes=axes, datasets=datasets)])
+    return image.model_dump(mode="json", exclude_none=True)
 
 
 def _level_shapes(shape: tuple[int, int], min_level_size: int) -> list[tuple[int, int]]:
@@ -183,7 +177,12 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
     ome = root.attrs.get("ome")
     if not isinstance(ome, dict) or not ome.get("multiscales"):
         raise ValueError(f"{path} is not an OME-NGFF multiscale image (no 'ome' attributes)")
-    datasets = ome["multiscales"][0]["datasets"]
+    try:
+        image = yaozarrs.validate_ome_object(ome, v05.Image)
+    except pydantic.ValidationError as exc:
+        raise ValueError(f"{path}: invalid OME-NGFF 0.5 image metadata "
+                         f"({exc.errors()[0]['msg']})") from None
+    datasets = image.model_dump(mode="json", exclude_none=True)["multiscales"][0]["datasets"]
     levels = [root[d["path"]] for d in datasets]
     return levels, [d["coordinateTransformations"] for d in datasets]
 
@@ -344,5 +343,5 @@ def finish_multiscale(
     ``pixel_size_um`` the level-0 pixel size.
     """
     root = zarr.open_group(str(tmp), mode="r+")
-    root.attrs["ome"] = _ome_attrs(name, n_levels, float(pixel_size_um), origin_um)
+    root.attrs["ome"] = ome_attributes(name, n_levels, float(pixel_size_um), origin_um)
     _replace_dir(Path(tmp), Path(out_path))

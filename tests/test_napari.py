@@ -27,19 +27,12 @@ needs_napari = pytest.mark.skipif(not HAS_NAPARI, reason="needs waferscope[napar
 
 def _write_map(path: Path, data: np.ndarray, pixel_um: float, origin_yx: tuple[float, float]):
     """A two-level OME-NGFF 0.5 map, as inspection writes them next to the mosaic."""
+    from scanner.ngff import ome_attributes
+
     root = zarr.open_group(str(path), mode="w")
-    datasets = []
     for k, level in enumerate((data, data[::2, ::2])):
         root.create_array(str(k), data=level.astype(np.float32), chunks=(64, 64))
-        s, shift = pixel_um * 2**k, (2**k - 1) / 2 * pixel_um
-        datasets.append({"path": str(k), "coordinateTransformations": [
-            {"type": "scale", "scale": [s, s]},
-            {"type": "translation", "translation": [origin_yx[0] + shift, origin_yx[1] + shift]},
-        ]})
-    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
-        "name": path.name, "datasets": datasets,
-        "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
-                 {"name": "x", "type": "space", "unit": "micrometer"}]}]}
+    root.attrs["ome"] = ome_attributes(path.name, 2, pixel_um, (origin_yx[1], origin_yx[0]))
 
 
 @pytest.fixture(scope="module")

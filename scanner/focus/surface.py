@@ -294,6 +294,11 @@ def _tps_solve(
     Returns weights, affine part, lambda, the leave-one-out residuals and their variance
     factors ``1 / (A^-1)_ii`` (the leave-one-out residual over its square root is the
     standardised cross-validation residual of kriging).
+
+    Written here rather than with ``scipy.interpolate.RBFInterpolator(kernel=
+    "thin_plate_spline", smoothing=lam)``: that solves one smoothing at a time and gives no
+    leave-one-out residuals, so choosing lambda by cross-validation would cost a fit per
+    point per lambda; one eigen-decomposition here gives them all in closed form.
     """
     n = pts.shape[0]
     k = _tps_kernel(pts, pts)

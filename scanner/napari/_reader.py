@@ -65,19 +65,12 @@ def open_multiscale(path: Path) -> tuple[list[Any], tuple[float, float], tuple[f
         Level 0's ``scale`` and ``translation`` (``(y, x)``, stage µm).
     """
     import dask.array as da
-    import zarr
 
-    root = zarr.open_group(str(path), mode="r")
-    ome = root.attrs.get("ome") or {}
-    multiscales = ome.get("multiscales") or root.attrs.get("multiscales")
-    if not multiscales:
-        raise ValueError(f"{path}: not an OME-NGFF multiscale image (no multiscales metadata)")
-    datasets = multiscales[0]["datasets"]
-    levels = [da.from_zarr(root[d["path"]]) for d in datasets]
-    transforms = datasets[0].get("coordinateTransformations", [])
-    scale = next((t["scale"] for t in transforms if t["type"] == "scale"), [1.0, 1.0])
-    trans = next((t["translation"] for t in transforms if t["type"] == "translation"),
-                 [0.0, 0.0])
+    from ..ngff import level_transform, open_mosaic
+
+    arrays, transforms = open_mosaic(path)  # the metadata validated (OME-NGFF 0.5)
+    scale, trans = level_transform(transforms)
+    levels = [da.from_zarr(a) for a in arrays]
     return levels, (float(scale[-2]), float(scale[-1])), (float(trans[-2]), float(trans[-1]))
 
 
