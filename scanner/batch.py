@@ -30,7 +30,7 @@ class BatchItem(BaseModel):
 
 
 def process_scan(folder: Path, *, model: Any, cluster: Any = None,
-                 observer: Any = None, allow_incomplete: bool = False) -> int:
+                 events: Any = None, allow_incomplete: bool = False) -> int:
     """Stitch, inspect and report one scan folder; returns its number of defects.
 
     Raises
@@ -44,11 +44,11 @@ def process_scan(folder: Path, *, model: Any, cluster: Any = None,
     from .scanfolder import read_scan_json
 
     require_ready(folder, "stitch", allow_incomplete=allow_incomplete)
-    restitch(folder, observer=observer, cluster=cluster)
+    restitch(folder, events=events, cluster=cluster)
     scan = read_scan_json(folder)
-    result = inspect_stage(folder, scan, model=model, observer=observer, cluster=cluster)
-    if observer is not None:
-        _report_stage(folder, observer)
+    result = inspect_stage(folder, scan, model=model, events=events, cluster=cluster)
+    if events is not None:
+        _report_stage(folder, events)
     else:
         from .reports import report
 
@@ -57,7 +57,7 @@ def process_scan(folder: Path, *, model: Any, cluster: Any = None,
 
 
 def run_batch(folders: Sequence[Path], *, model: Any = None, cluster: Any = None,
-              observer: Any = None, allow_incomplete: bool = False) -> list[BatchItem]:
+              events: Any = None, allow_incomplete: bool = False) -> list[BatchItem]:
     """:func:`process_scan` on each folder in turn; a failure is recorded, not raised."""
     from .inspection import load_inspection_model
 
@@ -66,7 +66,7 @@ def run_batch(folders: Sequence[Path], *, model: Any = None, cluster: Any = None
     for folder in folders:
         t0 = time.perf_counter()
         try:
-            n = process_scan(Path(folder), model=model, cluster=cluster, observer=observer,
+            n = process_scan(Path(folder), model=model, cluster=cluster, events=events,
                              allow_incomplete=allow_incomplete)
             items.append(BatchItem(folder=Path(folder), ok=True, n_defects=n,
                                    wall_s=round(time.perf_counter() - t0, 3)))

@@ -29,6 +29,8 @@ from rich.text import Text
 
 from models.errors import InputError
 
+from .events import StageEvents
+
 app = typer.Typer(
     name="waferscope",
     help="Scan wafers and solar cells under a motorized microscope and find their defects.",
@@ -94,7 +96,7 @@ def _friendly(func: F) -> F:
 
 
 class RichObserver:
-    """Progress bars for the stages of a scan."""
+    """Progress bars for the stages of a scan (slots of its stage signals)."""
 
     _LABELS = {"acquire": "acquiring tiles", "stitch": "stitching mosaic",
                "register": "registering tiles", "inspect": "inspecting",
@@ -103,6 +105,14 @@ class RichObserver:
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.tasks: dict[str, TaskID] = {}
+
+    def connect(self, events: StageEvents) -> StageEvents:
+        """Draw the bars from a scan's stage signals; returns them."""
+        events.stageStarted.connect(self.stage_started)
+        events.stageAdvanced.connect(self.advance)
+        events.stageFinished.connect(self.stage_finished)
+        return events
+
 
     def stage_started(self, stage: str, total: int) -> None:
         self.tasks[stage] = self.progress.add_task(self._LABELS.get(stage, stage), total=total)
@@ -114,6 +124,11 @@ class RichObserver:
     def stage_finished(self, stage: str) -> None:
         if stage in self.tasks:
             self.progress.stop_task(self.tasks[stage])
+
+
+def stage_bars(progress: Progress) -> StageEvents:
+    """Stage signals whose progress is drawn as bars in ``progress``."""
+    return RichObserver(progress).connect(StageEvents())
 
 
 class RateColumn(ProgressColumn):

@@ -15,7 +15,6 @@ from .cli_common import (
     AllowIncomplete,
     DaskOption,
     RecipeArg,
-    RichObserver,
     _cluster,
     _duration,
     _friendly,
@@ -24,6 +23,7 @@ from .cli_common import (
     app,
     err,
     out,
+    stage_bars,
 )
 from .errors import UserError
 
@@ -145,7 +145,7 @@ def run(
 
         loaded = load_inspection_model(model)  # a bad model fails before the stage moves
     with _cluster(dask) as cluster, _progress() as progress:
-        result = run_scan(rec, out_dir, overwrite=overwrite, observer=RichObserver(progress),
+        result = run_scan(rec, out_dir, overwrite=overwrite, events=stage_bars(progress),
                           inspect=inspect_, model=loaded, cluster=cluster)
     _print_result(result)
     if result.status != "complete":
@@ -162,7 +162,7 @@ def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped s
     from .pipeline import resume_scan
 
     with _cluster(dask) as cluster, _progress() as progress:
-        result = resume_scan(scan, observer=RichObserver(progress), cluster=cluster)
+        result = resume_scan(scan, events=stage_bars(progress), cluster=cluster)
     _print_result(result)
     if result.status != "complete":
         err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
@@ -183,7 +183,7 @@ def stitch(
 
     require_ready(scan, "stitch", allow_incomplete=allow_incomplete)
     with _cluster(dask) as cluster, _progress() as progress:
-        result = restitch(scan, observer=RichObserver(progress), cluster=cluster)
+        result = restitch(scan, events=stage_bars(progress), cluster=cluster)
     _print_result(result)
 
 
@@ -260,7 +260,7 @@ def batch(
     from .batch import run_batch
 
     with _cluster(dask) as cluster, _progress() as progress:
-        items = run_batch(scans, model=model, cluster=cluster, observer=RichObserver(progress),
+        items = run_batch(scans, model=model, cluster=cluster, events=stage_bars(progress),
                           allow_incomplete=allow_incomplete)
     for item in items:
         if item.ok:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -22,6 +22,7 @@ from .align import AlignmentError, align, wants_alignment
 from .alignrefine import refine_alignment
 from .defectlist import DEFECTS_JSON, MAP_NAMES
 from .errors import UserError
+from .events import StageEvents
 from .focusreport import write_focus_outputs
 from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
 from .recipe import OutputSpec, Recipe, StageSpec, StitchSpec, format_validation_error, recorded
@@ -42,27 +43,6 @@ from .stitch import MOSAIC, camera_geometry, stitch_scan
 from .tilestore import TILES_CSV, TileRecord, open_tiles, read_tiles_csv, stored_tiles
 
 log = logging.getLogger("waferscope.pipeline")
-
-
-class Observer(Protocol):
-    """Receives progress of the stages (the CLI draws progress bars from it)."""
-
-    def stage_started(self, stage: str, total: int) -> None: ...
-
-    def advance(self, stage: str, done: int) -> None: ...
-
-    def stage_finished(self, stage: str) -> None: ...
-
-
-class _Silent:
-    def stage_started(self, stage: str, total: int) -> None:
-        pass
-
-    def advance(self, stage: str, done: int) -> None:
-        pass
-
-    def stage_finished(self, stage: str) -> None:
-        pass
 
 
 @dataclass
@@ -116,7 +96,7 @@ def run_scan(
     out: Path | None = None,
     *,
     overwrite: bool = False,
-    observer: Observer | None = None,
+    events: StageEvents | None = None,
     inspect: bool = False,
     model: Any = None,
     cluster: Any = None,
@@ -131,7 +111,7 @@ def run_scan(
     None for the shipped default). With ``cluster`` (:class:`scanner.cluster.Cluster`) fusion
     and inspection run as dask tasks (the same mosaic; see :mod:`scanner.cluster`).
     """
-    observer = observer or _Silent()
+    events = events or StageEvents()
     handle = build_microscope(recipe)
     plan = make_plan(recipe, handle)
     folder = prepare_folder(out, recipe.output.root, recipe.output.name or recipe.name, overwrite)
@@ -165,19 +145,19 @@ def run_scan(
     if handle.truth is not None:
         write_json(folder / TRUTH_JSON, handle.truth)
     if wants_alignment(recipe):
-        plan = _align_stage(folder, scan, recipe, handle, observer)
-    return _finish_scan(folder, scan, recipe, observer, model, handle=handle, plan=plan,
+        plan = _align_stage(folder, scan, recipe, handle, events)
+    return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
                         cluster=cluster)
 
 
 def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,
-                 observer: Observer) -> ScanPlan:
+                 events: StageEvents) -> ScanPlan:
     """Find where the sample lies, record it in ``scan`` and plan the scan there.
 
     A refused alignment (or a plan that now leaves the travel) ends the scan as ``failed``
     before any tile is taken, with ``alignment.png`` beside ``scan.json``.
     """
-    observer.stage_started("align", 1)
+    events.stageStarted.emit("align", 1)
     try:
         try:
             alignment = align(handle, recipe, folder).model_dump(mode="json")
@@ -200,14 +180,14 @@ def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: Mic
         write_json(folder / SCAN_JSON, scan)
         raise
     finally:
-        observer.stage_finished("align")
+        events.stageFinished.emit("align")
     scan["plan"] = plan_summary(plan, recipe)
     scan["status"] = "acquiring"
     write_json(folder / SCAN_JSON, scan)
     return plan
 
 
-def resume_scan(folder: Path, *, observer: Observer | None = None,
+def resume_scan(folder: Path, *, events: StageEvents | None = None,
                 cluster: Any = None) -> ScanResult:
     """Finish a scan that stopped (Ctrl-C, SIGTERM, ``kill -9``, lost tiles, a full disk).
 
@@ -222,7 +202,7 @@ def resume_scan(folder: Path, *, observer: Observer | None = None,
         If the folder is not a scan, is complete, is still running, or its recipe or plan no
         longer match.
     """
-    observer = observer or _Silent()
+    events = events or StageEvents()
     folder = Path(folder)
     scan = read_scan_json(folder)
     status = effective_status(scan)
@@ -243,7 +223,7 @@ def resume_scan(folder: Path, *, observer: Observer | None = None,
             and not scan.get("alignment_skipped"):
         # stopped while aligning: nothing was tiled yet, so align (and plan) now
         handle = build_microscope(recipe)
-        plan = _align_stage(folder, scan, recipe, handle, observer)
+        plan = _align_stage(folder, scan, recipe, handle, events)
     n = int(scan["plan"]["n_tiles"])
     done = _acquired(folder, n)
     if len(done) < n and plan is None:
@@ -260,7 +240,7 @@ def resume_scan(folder: Path, *, observer: Observer | None = None,
     scan.update(status="acquiring", process=this_process(), finished=None)
     scan.pop("error", None)
     write_json(folder / SCAN_JSON, scan)
-    return _finish_scan(folder, scan, recipe, observer, options.get("model"),
+    return _finish_scan(folder, scan, recipe, events, options.get("model"),
                         handle=handle, plan=plan, only=set(range(n)) - done,
                         inspect=bool(options.get("inspect")), cluster=cluster)
 
@@ -278,7 +258,7 @@ def _finish_scan(
     folder: Path,
     scan: dict[str, Any],
     recipe: Recipe,
-    observer: Observer,
+    events: StageEvents,
     model: Any,
     *,
     handle: MicroscopeHandle | None,
@@ -303,7 +283,7 @@ def _finish_scan(
             # scanner.registration.live
             live = _start_live(scan, handle, plan, only)
             with _responsive_gil(live is not None):
-                _acquire_stage(folder, scan, recipe, handle, plan, observer, only,
+                _acquire_stage(folder, scan, recipe, handle, plan, events, only,
                                on_tile=live.feed if live is not None else None)
         last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
         precomputed = _finish_live(live)
@@ -314,19 +294,19 @@ def _finish_scan(
             scan["timings"].pop("during_acquisition", None)
         _set_status(folder, scan, "stitching")
         pixel_size = float(scan["microscope"]["pixel_size_um"])
-        _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, observer, cluster,
+        _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, events, cluster,
                       precomputed=precomputed)
         # acquisition is over: the journal no longer changes (read once)
         n_acquired = len(_acquired(folder, n_tiles))
         if inspect:
             _set_status(folder, scan, "inspecting")
-            inspect_stage(folder, scan, model=model, observer=observer, cluster=cluster)
+            inspect_stage(folder, scan, model=model, events=events, cluster=cluster)
         if (folder / DEFECTS_JSON).is_file():
             # the reports' header carries how the scan ended, known before they are written
             scan.update(outcome="complete" if n_acquired == n_tiles else "incomplete",
                         finished=now_iso())
             _set_status(folder, scan, "reporting")
-            _report_stage(folder, observer)
+            _report_stage(folder, events)
             scan.update({k: v for k, v in read_scan_json(folder).items()
                          if k not in ("status", "process")})
     except BaseException as exc:
@@ -434,20 +414,20 @@ def _start_live(scan: dict[str, Any], handle: MicroscopeHandle, plan: ScanPlan,
 
 def _acquire_stage(
     folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,
-    plan: ScanPlan, observer: Observer, only: set[int] | None,
+    plan: ScanPlan, events: StageEvents, only: set[int] | None,
     on_tile: Callable[[np.ndarray, TileRecord], None] | None = None,
 ) -> None:
     """Acquire into the folder and record how it went in ``scan``; ``on_tile`` is called
     with each stored tile (see :func:`scanner.acquire.acquire`)."""
     total = len(plan.tiles) if only is None else len(only)
-    observer.stage_started("acquire", total)
+    events.stageStarted.emit("acquire", total)
     progress = handle.core.mda.events.frameReady.connect(
-        lambda *_: observer.advance("acquire", 1))
+        lambda *_: events.stageAdvanced.emit("acquire", 1))
     try:
         result = acquire(handle, plan, recipe, folder, only=only, on_tile=on_tile)
     finally:
         handle.core.mda.events.frameReady.disconnect(progress)
-        observer.stage_finished("acquire")
+        events.stageFinished.emit("acquire")
     timing = {"hardware_s": round(result.hardware_s, 3), "wall_s": round(result.wall_s, 3)}
     if only is not None:  # a resume adds its time to what the first run spent
         before = scan["timings"].get("acquire", {})
@@ -465,7 +445,7 @@ def _acquire_stage(
 
 
 def _stitch_stage(
-    folder: Path, scan: dict[str, Any], pixel_size: float, chunk: int, observer: Observer,
+    folder: Path, scan: dict[str, Any], pixel_size: float, chunk: int, events: StageEvents,
     cluster: Any = None, precomputed: LiveResults | None = None,
 ) -> None:
     """Fuse the mosaic and record it (and the stage's wall time) in ``scan``.
@@ -478,16 +458,16 @@ def _stitch_stage(
     def on_step(step: str, done: int, total: int) -> None:
         stage = "register" if step == "register" else "stitch"
         if stage not in started:
-            observer.stage_started(stage, total)
+            events.stageStarted.emit(stage, total)
             started.add(stage)
-        observer.advance(stage, 1)
+        events.stageAdvanced.emit(stage, 1)
 
     settings = _stitch_settings(scan)
     result = stitch_scan(folder, pixel_size, **settings, chunk=chunk, progress=on_step,
                          cluster=cluster, precomputed=precomputed)
     info = result.mosaic
     for stage in started:
-        observer.stage_finished(stage)
+        events.stageFinished.emit(stage)
     scan.setdefault("timings", {})["stitch"] = {"wall_s": round(time.perf_counter() - t0, 3),
                                                 **result.timings}
     scan["registration"] = result.registration
@@ -507,24 +487,24 @@ def _stitch_stage(
     write_json(folder / SCAN_JSON, scan)
 
 
-def _report_stage(folder: Path, observer: Observer) -> None:
+def _report_stage(folder: Path, events: StageEvents) -> None:
     """Locate the defects and write defects.json/csv, the KLARF and the wafer map."""
     from .reports import report
 
-    observer.stage_started("report", 1)
+    events.stageStarted.emit("report", 1)
     report(folder)
-    observer.advance("report", 1)
-    observer.stage_finished("report")
+    events.stageAdvanced.emit("report", 1)
+    events.stageFinished.emit("report")
 
 
-def restitch(folder: Path, observer: Observer | None = None, cluster: Any = None
+def restitch(folder: Path, events: StageEvents | None = None, cluster: Any = None
              ) -> ScanResult:
     """Re-run the stitch stage on an existing scan folder."""
-    observer = observer or _Silent()
+    events = events or StageEvents()
     scan = read_scan_json(folder)
     pixel_size = float(scan["microscope"]["pixel_size_um"])
     chunk = recorded(scan, OutputSpec).chunk_px
-    _stitch_stage(Path(folder), scan, pixel_size, chunk, observer, cluster)
+    _stitch_stage(Path(folder), scan, pixel_size, chunk, events, cluster)
     n = int(scan.get("plan", {}).get("n_tiles", 0))
     return ScanResult(Path(folder), scan.get("status", "unknown"), n,
                       int(scan.get("acquired_tiles", n)), scan["timings"])
@@ -536,26 +516,26 @@ def inspect_stage(
     *,
     model: Any = None,
     threshold: float | None = None,
-    observer: Observer | None = None,
+    events: StageEvents | None = None,
     cluster: Any = None,
 ) -> Any:
     """Inspect the scan folder's mosaic: maps, ``defects.json``/``.csv``, ``scan.json`` timings."""
     from .inspection import inspect_scan
 
-    observer = observer or _Silent()
+    events = events or StageEvents()
     started, last = False, 0
 
     def on_window(done: int, total: int) -> None:
         nonlocal started, last
         if not started:
-            observer.stage_started("inspect", total)
+            events.stageStarted.emit("inspect", total)
             started = True
         if done > last:
-            observer.advance("inspect", done - last)
+            events.stageAdvanced.emit("inspect", done - last)
             last = done
 
     try:
         return inspect_scan(Path(folder), model=model, threshold=threshold, scan=scan,
                             progress=on_window, cluster=cluster)
     finally:
-        observer.stage_finished("inspect")
+        events.stageFinished.emit("inspect")

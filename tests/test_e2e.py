@@ -151,3 +151,25 @@ def test_wafer_scan_end_to_end(write_recipe, tmp_path: Path):
     truth_img = sample.render(tx, ty, (rows_, cols_), p)
     covered = mosaic > 0
     assert _ncc(mosaic[covered].astype(float), truth_img[covered].astype(float)) > 0.9
+
+
+def test_stage_progress_is_signalled(tmp_path: Path) -> None:
+    # the CLI's progress bars are slots of these psygnal signals; so can anyone's be
+    from conftest import SMALL_WAFER
+
+    from scanner.events import StageEvents
+    from scanner.recipe import parse_recipe
+
+    events = StageEvents()
+    seen: list[tuple] = []
+    events.stageStarted.connect(lambda stage, total: seen.append(("start", stage, total)))
+    events.stageAdvanced.connect(lambda stage, n: seen.append(("step", stage, n)))
+    events.stageFinished.connect(lambda stage: seen.append(("end", stage)))
+    result = run_scan(parse_recipe(SMALL_WAFER, tmp_path, "w"), tmp_path / "w", events=events)
+    assert result.status == "complete"
+    starts = [s for s in seen if s[0] == "start"]
+    assert ("start", "acquire", result.n_tiles) in starts and len(starts) >= 2
+    assert sum(s[2] for s in seen if s[:2] == ("step", "acquire")) == result.n_tiles
+    for stage in {s[1] for s in starts}:  # each stage that starts also ends, after its steps
+        assert seen.index(("end", stage)) > max(i for i, s in enumerate(seen) if s[1] == stage
+                                                 and s[0] != "end")
