@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -147,6 +147,11 @@ def run(
     with _cluster(dask) as cluster, _progress() as progress:
         result = run_scan(rec, out_dir, overwrite=overwrite, events=stage_bars(progress),
                           inspect=inspect_, model=loaded, cluster=cluster)
+    _print_scan(result)
+
+
+def _print_scan(result: Any) -> None:
+    """Print where a scan's outputs are; exit 1 when tiles are missing (it can be resumed)."""
     _print_result(result)
     if result.status != "complete":
         err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
@@ -163,11 +168,7 @@ def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped s
 
     with _cluster(dask) as cluster, _progress() as progress:
         result = resume_scan(scan, events=stage_bars(progress), cluster=cluster)
-    _print_result(result)
-    if result.status != "complete":
-        err.print(f"[yellow]warning:[/] scan {result.status}: {result.n_acquired} of "
-                  f"{result.n_tiles} tiles acquired (see scan.json)")
-        raise typer.Exit(1)
+    _print_scan(result)
 
 
 @app.command()
