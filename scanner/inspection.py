@@ -164,8 +164,7 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
         return level0, levels, polygon, 0
     padded = np.pad(np.asarray(level0[...]), margin + 1, mode="symmetric")
     # a found grid fits to a pixel of the level it was found in (_found_grid)
-    k = next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
-             len(levels) - 1)
+    k = _search_level(levels)
     slack = (2**k + 1) * geometry.pixel_size_um
     return padded, None, polygon.buffer(slack, join_style="mitre"), margin + 1
 
@@ -181,6 +180,13 @@ def _shifted_difference(comparison: Any, source: Any, pad: int, r0: int, c0: int
 GRID_SEARCH_PX = 1100
 
 
+def _search_level(levels: list[Any]) -> int:
+    """The pyramid level a layout's repeat is looked for in: the first of at most
+    :data:`GRID_SEARCH_PX` a side (the coarsest when none is)."""
+    return next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
+                len(levels) - 1)
+
+
 def _found_grid(levels: list[Any], transforms: list[Any], polygon: Any = None) -> Any:
     """The repeat found in a mosaic's pyramid level of about :data:`GRID_SEARCH_PX` a side,
     over the sample's usable ``polygon`` where one is given (None: no clear repeat).
@@ -191,8 +197,7 @@ def _found_grid(levels: list[Any], transforms: list[Any], polygon: Any = None) -
     from .mosaic import level_transform
     from .polygonmask import polygon_mask
 
-    k = next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
-             len(levels) - 1)
+    k = _search_level(levels)
     image = np.asarray(levels[k][...], dtype=np.float32)
     if image.ndim != 2:
         return None
