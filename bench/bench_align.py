@@ -31,10 +31,10 @@ import yaml
 
 def main() -> None:
     from devices.core import build_microscope
-    from scanner.align import AlignmentError, align
+    from scanner.acquisition.align import AlignmentError, align
+    from scanner.acquisition.plan import estimate_hardware_time_s, plan_scan
     from scanner.diegrid import DieGrid
     from scanner.pipeline import run_scan
-    from scanner.plan import estimate_hardware_time_s, plan_scan
     from scanner.recipe import parse_recipe
     from simulators.stage import xy_move_time_s
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from devices.core import build_microscope  # noqa: E402
-from scanner.acquire import acquire  # noqa: E402
+from scanner.acquisition.acquire import acquire  # noqa: E402
 from scanner.pipeline import make_plan  # noqa: E402
 from scanner.recipe import parse_recipe  # noqa: E402
 from scanner.tilestore import read_tiles_csv  # noqa: E402

@@ -33,7 +33,7 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scanner.focus import (  # noqa: E402
+from scanner.acquisition.focus import (  # noqa: E402
     DEFAULT_MEASURE,
     MEASURES,
     autofocus,

@@ -22,7 +22,7 @@ mosaic and prints, per sample and in total:
   second, and the network alone on one full window;
 * a die-dense wafer (about 40 full dies in 5 x 5 tiles, as on the demo wafer) apart: the
   table's wafers hold 4 dies each, so they would not show what the die-to-die comparison
-  costs (``scanner/dietodie.py``); its recall and false defects are printed too.
+  costs (``scanner/inspection/dietodie.py``); its recall and false defects are printed too.
 
 Run: ``nice -n 10 .venv/bin/python bench/bench_inspect.py [--model M] [--quick]``.
 """
@@ -47,10 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scanner.defectlist import read_defects  # noqa: E402
-from scanner.inspection import load_inspection_model  # noqa: E402
+from scanner.inspection.stage import load_inspection_model  # noqa: E402
+from scanner.inspection.tiled import DEFAULT_CORE_PX, plan_tiling  # noqa: E402
 from scanner.pipeline import run_scan  # noqa: E402
 from scanner.recipe import load_recipe  # noqa: E402
-from scanner.tiled import DEFAULT_CORE_PX, plan_tiling  # noqa: E402
 
 #: seeds of the benchmark samples (training uses small seeds; these are never used there)
 SEEDS = (90101, 90202)
@@ -215,7 +215,7 @@ def roughness_r2(model, tmp: Path, quick: bool) -> tuple[float, list[tuple[float
         path = tmp / f"rough{k}.yaml"
         path.write_text(yaml.safe_dump(data))
         res = run_scan(load_recipe(path), tmp / f"rough{k}", inspect=True, model=model)
-        from scanner.mosaic import open_mosaic
+        from scanner.ngff import open_mosaic
 
         rough = np.asarray(open_mosaic(res.folder / "roughness.ome.zarr")[0][0][:])
         inner = rough[rough.shape[0] // 4: -rough.shape[0] // 4,

@@ -120,8 +120,8 @@ def run_dask(folder: Path, workers: int, work: Path) -> tuple[float, Path, Path]
     Returns the tasks' wall time (fusion + maps), the mosaic and the folder of the maps.
     """
     from scanner.cluster import open_cluster
-    from scanner.inspection import inspect_scan
-    from scanner.stitch import MOSAIC, stitch
+    from scanner.inspection.stage import inspect_scan
+    from scanner.stitching.stitch import MOSAIC, stitch
 
     scan = json.loads((folder / "scan.json").read_text(encoding="utf-8"))
     camera = scan["stitch_camera"]
@@ -146,7 +146,7 @@ def run_dask(folder: Path, workers: int, work: Path) -> tuple[float, Path, Path]
 
 
 def _same(a: Path, b: Path, exact: bool) -> bool:
-    from scanner.mosaic import open_mosaic
+    from scanner.ngff import open_mosaic
 
     for x, y in zip(open_mosaic(a)[0], open_mosaic(b)[0], strict=True):
         x, y = np.asarray(x[:]), np.asarray(y[:])

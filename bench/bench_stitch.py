@@ -5,7 +5,7 @@ axis): a 12 mm wafer (2 µm pixels; dies, scribe lines, rim, large bare areas) a
 sample (a textured 2400 x 2400 px image at 1 µm pixels), 256 x 256 px tiles, 15 % overlap.
 The same tiles and reported stage positions go through
 
-* waferscope: ``scanner.registration.scan.register_tiles`` (pairwise + global solve);
+* waferscope: ``scanner.stitching.registration.scan.register_tiles`` (pairwise + global solve);
 * ASHLAR 1.20.0: ``ashlar.reg.EdgeAligner`` with an in-memory reader (its own metadata API);
 * m2stitch 0.7.2: ``m2stitch.stitch_images`` with the stage positions as initial guess.
 
@@ -16,7 +16,8 @@ only (no imports, no JVM start, no file I/O), like waferscope's.
 
 Accuracy: tile positions against the simulator's truth, in pixels, after removing the common
 offset of the textured tiles (no image can tell it). Tiles are classed by what their images
-can tell (``scanner.registration.accuracy``): textured (registered in both directions to the
+can tell (``scanner.stitching.registration.accuracy``): textured (registered in both directions to
+the
 main group), partial (across an edge only, or a small island), featureless (no usable pair:
 they should keep their stage position). "all" is every tile.
 
@@ -186,7 +187,11 @@ def _acquire(name: str, work: Path) -> Path:
 
 
 def _bench(name: str, work: Path) -> list[dict]:
-    from scanner.registration.scan import CameraGeometry, default_max_shift_px, register_tiles
+    from scanner.stitching.registration.scan import (
+        CameraGeometry,
+        default_max_shift_px,
+        register_tiles,
+    )
     from scanner.tilestore import open_tiles, read_tiles_csv
 
     folder = _acquire(name, work)
@@ -212,7 +217,7 @@ def _bench(name: str, work: Path) -> list[dict]:
     max_shift_um = default_max_shift_px(REPEAT_UM, step, p) * p
     data = work / f"{name}-data"
     data.mkdir(exist_ok=True)
-    from scanner.registration.flatfield import estimate_flatfield
+    from scanner.stitching.registration.flatfield import estimate_flatfield
 
     ff = estimate_flatfield(tiles, list(range(len(tiles))))
     np.savez(data / "tiles.npz", tiles=tiles, pos_yx=stage_px[:, ::-1].copy(),

@@ -62,7 +62,7 @@ def review_level(false_uncertainty: Sequence[float], true_uncertainty: Sequence[
 
 
 #: map pixels within which inspection reports neighbouring regions as one defect
-#: (``scanner.defects.extract_defects``: ``merge_px`` 24 model pixels at output stride 4)
+#: (``scanner.inspection.defects.extract_defects``: ``merge_px`` 24 model pixels at output stride 4)
 DEFECT_MERGE_MAP_PX = 6.0
 
 

@@ -99,7 +99,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
     """Good images from image files and folders of them (good scan folders are read by
-    ``scanner.goodimages``, which knows the scan folder's layout).
+    ``scanner.inspection.goodimages``, which knows the scan folder's layout).
 
     Raises
     ------

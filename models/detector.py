@@ -48,7 +48,7 @@ CONTEXT_PX = 128
 #: window core for mosaics (input px): the backbone's stride-2 activations of a 1.8k window
 #: take about 1.2 GB, and the network runs at its full rate per pixel from about 1k
 CORE_PX = 1536
-#: mirrored context around an image that fits one window (``scanner.tiled.plan_tiling``)
+#: mirrored context around an image that fits one window (``scanner.inspection.tiled.plan_tiling``)
 SMALL_IMAGE_CONTEXT_PX = 32
 #: the backbone needs sides that are multiples of its coarsest stride
 PAD_MULTIPLE = 16
@@ -58,7 +58,7 @@ POOL_STRIDE = 16
 
 class PatchDetector:
     """A memory-bank detector with its card, ready for inference (the ``Model`` protocol of
-    :mod:`scanner.inspect`).
+    :mod:`scanner.inspection.maps`).
 
     Attributes
     ----------

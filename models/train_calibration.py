@@ -112,7 +112,7 @@ def inspected_anomaly(image: GoodImage, anomaly: np.ndarray, stride: int = OUTPU
     """A held-out anomaly map as inspection of a scan would see it: 0 outside the sample.
 
     Inspection masks a scan to the sample's usable area, eroded by two map pixels
-    (``scanner.inspect.infer_mosaic``), and the quiet and plain masks count that border as
+    (``scanner.inspection.maps.infer_mosaic``), and the quiet and plain masks count that border as
     busy; the chuck or background of an edge window must not count as plain area that cannot
     hold a false alarm.
     """
@@ -383,7 +383,7 @@ class _MapDefect:
 
 
 def _defects_of(maps: dict[str, np.ndarray], threshold: float) -> list[_MapDefect]:
-    """Defects of one image's maps as inspection groups them (``scanner.defects``: the
+    """Defects of one image's maps as inspection groups them (``scanner.inspection.defects``: the
     hysteresis extent halfway from the map's median to the threshold, fragments closer than
     the merge distance joined), with boxes in image pixels."""
     from scipy import ndimage

@@ -1,5 +1,5 @@
 """``python -m scanner`` runs the waferscope command line."""
 
-from .cli import main
+from scanner.cli import main
 
 main()

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import UserError
+from scanner.errors import UserError
 
 __all__ = ["BatchItem", "run_batch"]
 
@@ -39,9 +39,9 @@ def process_scan(folder: Path, *, model: Any, cluster: Any = None,
         The folder is not a scan that can be stitched (see
         :func:`scanner.integrity.require_ready`).
     """
-    from .integrity import require_ready
-    from .pipeline import _report_stage, inspect_stage, restitch
-    from .scanfolder import read_scan_json
+    from scanner.integrity import require_ready
+    from scanner.pipeline import _report_stage, inspect_stage, restitch
+    from scanner.scanfolder import read_scan_json
 
     require_ready(folder, "stitch", allow_incomplete=allow_incomplete)
     restitch(folder, events=events, cluster=cluster)
@@ -50,7 +50,7 @@ def process_scan(folder: Path, *, model: Any, cluster: Any = None,
     if events is not None:
         _report_stage(folder, events)
     else:
-        from .reports import report
+        from scanner.reports import report
 
         report(folder)
     return int(result.n_defects)
@@ -59,7 +59,7 @@ def process_scan(folder: Path, *, model: Any, cluster: Any = None,
 def run_batch(folders: Sequence[Path], *, model: Any = None, cluster: Any = None,
               events: Any = None, allow_incomplete: bool = False) -> list[BatchItem]:
     """:func:`process_scan` on each folder in turn; a failure is recorded, not raised."""
-    from .inspection import load_inspection_model
+    from scanner.inspection.stage import load_inspection_model
 
     model = load_inspection_model(model)  # once, not once per scan
     items = []

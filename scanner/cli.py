@@ -14,8 +14,8 @@ from typing import Any
 
 # importing the command modules registers their commands on the app, in this order (the
 # order ``waferscope --help`` lists them in): a scan's stages first, then the tools
-from . import cli_scan, cli_tools  # noqa: F401
-from .cli_common import SAMPLE_KINDS, app  # noqa: F401
+from scanner import cli_scan, cli_tools  # noqa: F401
+from scanner.cli_common import SAMPLE_KINDS, app  # noqa: F401
 
 
 def _terminate(signum: int, frame: Any) -> None:

@@ -28,8 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from models.errors import InputError
-
-from .events import StageEvents
+from scanner.events import StageEvents
 
 app = typer.Typer(
     name="waferscope",
@@ -168,7 +167,7 @@ def _cluster(spec: str | None) -> Iterator[Any]:
     if spec is None:
         yield None
         return
-    from .cluster import ClusterSpec, open_cluster
+    from scanner.cluster import ClusterSpec, open_cluster
 
     with open_cluster(ClusterSpec.parse(spec)) as cluster:  # refused before anything starts
         yield cluster

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .cli_common import (
+from scanner.cli_common import (
     SAMPLE_KINDS,
     AllowIncomplete,
     DaskOption,
@@ -25,7 +25,7 @@ from .cli_common import (
     out,
     stage_bars,
 )
-from .errors import UserError
+from scanner.errors import UserError
 
 
 @app.command()
@@ -35,10 +35,14 @@ def validate(recipe: RecipeArg) -> None:
     from collections import Counter
 
     from devices.core import build_microscope
-
-    from .align import alignment_fields, edge_binning, estimate_alignment_time_s, wants_alignment
-    from .pipeline import make_plan, plan_summary
-    from .recipe import load_recipe
+    from scanner.acquisition.align import (
+        alignment_fields,
+        edge_binning,
+        estimate_alignment_time_s,
+        wants_alignment,
+    )
+    from scanner.pipeline import make_plan, plan_summary
+    from scanner.recipe import load_recipe
 
     rec = load_recipe(recipe)
     handle = build_microscope(rec)
@@ -86,8 +90,7 @@ def devices(
 
     from devices.core import build_microscope
     from devices.inventory import inventory
-
-    from .recipe import load_recipe
+    from scanner.recipe import load_recipe
 
     rec = load_recipe(recipe)
     handle = build_microscope(rec)
@@ -135,13 +138,13 @@ def run(
     dask: DaskOption = None,
 ) -> None:
     """Scan a recipe's sample: plan, acquire, stitch, inspect; print where the outputs are."""
-    from .pipeline import run_scan
-    from .recipe import load_recipe
+    from scanner.pipeline import run_scan
+    from scanner.recipe import load_recipe
 
     rec = load_recipe(recipe)
     loaded = None
     if inspect_:
-        from .inspection import load_inspection_model
+        from scanner.inspection.stage import load_inspection_model
 
         loaded = load_inspection_model(model)  # a bad model fails before the stage moves
     with _cluster(dask) as cluster, _progress() as progress:
@@ -164,7 +167,7 @@ def _print_scan(result: Any) -> None:
 def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped scan.")],
            dask: DaskOption = None) -> None:
     """Finish a stopped scan: acquire only the missing tiles, then stitch, inspect, report."""
-    from .pipeline import resume_scan
+    from scanner.pipeline import resume_scan
 
     with _cluster(dask) as cluster, _progress() as progress:
         result = resume_scan(scan, events=stage_bars(progress), cluster=cluster)
@@ -179,8 +182,8 @@ def stitch(
     dask: DaskOption = None,
 ) -> None:
     """Re-stitch the mosaic of an existing scan folder."""
-    from .integrity import require_ready
-    from .pipeline import restitch
+    from scanner.integrity import require_ready
+    from scanner.pipeline import restitch
 
     require_ready(scan, "stitch", allow_incomplete=allow_incomplete)
     with _cluster(dask) as cluster, _progress() as progress:
@@ -213,9 +216,9 @@ def inspect(
     dask: DaskOption = None,
 ) -> None:
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
-    from .inspection import inspect_target
-    from .integrity import require_ready
-    from .scanfolder import SCAN_JSON
+    from scanner.inspection.stage import inspect_target
+    from scanner.integrity import require_ready
+    from scanner.scanfolder import SCAN_JSON
 
     for path in target:
         if (path / SCAN_JSON).is_file():
@@ -258,7 +261,7 @@ def batch(
     dask: DaskOption = None,
 ) -> None:
     """Stitch, inspect and report many scan folders (on a dask cluster with --dask)."""
-    from .batch import run_batch
+    from scanner.batch import run_batch
 
     with _cluster(dask) as cluster, _progress() as progress:
         items = run_batch(scans, model=model, cluster=cluster, events=stage_bars(progress),
@@ -291,9 +294,9 @@ def report(
         "(their defects stay in defects.json, not in the KLARF).")] = False,
 ) -> None:
     """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
-    from .integrity import require_ready
-    from .reports import report as run_report
-    from .reports.klarf import KLARF_VERSIONS
+    from scanner.integrity import require_ready
+    from scanner.reports import report as run_report
+    from scanner.reports.klarf import KLARF_VERSIONS
 
     if klarf_version is not None and klarf_version not in KLARF_VERSIONS:
         raise UserError(f"--klarf-version: {klarf_version} is not one of "

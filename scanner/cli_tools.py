@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.progress import TaskID
 from rich.table import Table
 
-from .cli_common import RecipeArg, _duration, _friendly, _progress, app, err, out
-from .errors import UserError
+from scanner.cli_common import RecipeArg, _duration, _friendly, _progress, app, err, out
+from scanner.errors import UserError
 
 
 @app.command()
@@ -57,8 +57,7 @@ def train(
 ) -> None:
     """Build a detector from good images and calibrate its threshold on held-out good surface."""
     from models.build import build_detector
-
-    from .goodimages import load_good
+    from scanner.inspection.goodimages import load_good
 
     paths = list(good or []) + list(more_good or [])
     target, variants = _checked_train_options(paths, model_out, overwrite, init, pixel_size_um,
@@ -142,8 +141,8 @@ def drift(
     ] = None,
 ) -> None:
     """Whether recent scans' good-surface scores moved beyond the model's calibration."""
-    from .drift import check_drift
-    from .inspection import load_inspection_model
+    from scanner.inspection.drift import check_drift
+    from scanner.inspection.stage import load_inspection_model
 
     report = check_drift(scans, load_inspection_model(model), out_dir)
     for skipped in report.skipped:
@@ -174,8 +173,8 @@ def calibrate(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing calibration file.")] = False,
 ) -> None:
     """Measure the camera's pixel size and rotation by moving the stage by known steps."""
-    from .calibrate import calibrate_recipe
-    from .recipe import load_recipe
+    from scanner.recipe import load_recipe
+    from scanner.stitching.calibrate import calibrate_recipe
 
     if out_file.exists() and not overwrite:
         raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
@@ -224,7 +223,7 @@ def view(
     ] = False,
 ) -> None:
     """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
-    from .napari.viewer import view as open_view
+    from scanner.napari.viewer import view as open_view
 
     saved = open_view(scan, screenshot=screenshot, canvas_only=not window)
     if saved is not None:

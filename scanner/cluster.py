@@ -2,9 +2,9 @@
 
 Fusion and inspection are cut into tasks over the Zarr stores, which every worker opens by
 path (a ``zarr.Array`` pickles as its path): fusion into blocks of chunks of level 0
-(:func:`scanner.mosaic.fuse_block`), then each pyramid level into chunk rows; inspection
+(:func:`scanner.stitching.mosaic.fuse_block`), then each pyramid level into chunk rows; inspection
 into groups of windows whose maps go to a scratch store, then chunk rows of the maps blended
-from them (:mod:`scanner.streammaps`), each blend waiting only for its three window rows.
+from them (:mod:`scanner.inspection.streammaps`), each blend waiting only for its three window rows.
 The same chunks are computed by the same code, only elsewhere: the mosaic is that of the
 path without dask bit for bit, and so are the maps when a worker runs torch on as many threads
 as the path without dask does (``local:1``); torch's float sums depend on its thread count, so
@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import UserError
+from scanner.errors import UserError
 
 __all__ = ["Cluster", "ClusterSpec", "open_cluster"]
 
@@ -131,8 +131,9 @@ class Cluster:
 
     def fuse(self, fusion: Any, level0: Any, blocks: list[list[tuple[int, int]]],
              tick: Callable[[], None]) -> None:
-        """Fuse level 0, a task per block of chunks (:func:`scanner.mosaic.fuse_block`)."""
-        from .mosaic import fuse_block
+        """Fuse level 0, a task per block of chunks
+        (:func:`scanner.stitching.mosaic.fuse_block`)."""
+        from scanner.stitching.mosaic import fuse_block
 
         shared = self.client.scatter(fusion, broadcast=True)  # the flat-field once per worker
         futures = [self.client.submit(fuse_block, shared, level0, block, pure=False)
@@ -141,7 +142,7 @@ class Cluster:
 
     def pyramid(self, arrays: list[Any], chunk: int, tick: Callable[[], None]) -> None:
         """Levels 1.. of a multiscale image, a task per chunk row of each level in turn."""
-        from .mosaic import downsample_block
+        from scanner.ngff import downsample_block
 
         for k in range(1, len(arrays)):
             rows, cols = arrays[k].shape
@@ -158,11 +159,12 @@ class Cluster:
         scratch_path: Path, *, tiling: Any, level: float, mask: Any, skip_empty: bool,
         progress: Callable[[int, int], None] | None = None,
     ) -> Any:
-        """:func:`scanner.streammaps.stream_maps` as dask tasks (see the module's notes)."""
+        """:func:`scanner.inspection.streammaps.stream_maps` as dask tasks (see the module's
+        notes)."""
         import shutil
 
-        from .streammaps import create_scratch, planned_windows
-        from .tiled import InferenceStats
+        from scanner.inspection.streammaps import create_scratch, planned_windows
+        from scanner.inspection.tiled import InferenceStats
 
         path = getattr(model, "path", None)
         if not path or not Path(path).is_file():
@@ -238,7 +240,7 @@ def _worker_model(path: str) -> Any:
     """The model of ``path``, loaded once per worker process, on the worker's threads."""
     import torch
 
-    from .inspection import load_inspection_model
+    from scanner.inspection.stage import load_inspection_model
 
     if path not in _MODELS:
         _MODELS[path] = load_inspection_model(path)
@@ -254,9 +256,9 @@ def _compute_task(job: _WindowJob, windows: list[tuple[int, int]]) -> dict[str, 
     """Compute ``windows`` into the scratch store (a dask task); returns its statistics."""
     import torch
 
-    from .mosaic import open_mosaic
-    from .streammaps import compute_windows
-    from .tiled import GridReader
+    from scanner.inspection.streammaps import compute_windows
+    from scanner.inspection.tiled import GridReader
+    from scanner.ngff import open_mosaic
 
     model = _worker_model(job.model)
     if job.decision_threshold is not None and hasattr(model, "decision_threshold"):
@@ -272,7 +274,7 @@ def _compute_task(job: _WindowJob, windows: list[tuple[int, int]]) -> dict[str, 
 def _blend_task(ci: int, scratch: Any, tiling: Any, arrays: dict[str, Any], mask: Any,
                 _after: list[Any]) -> int:
     """Blend chunk row ``ci`` of the maps (a dask task, run once its windows are stored)."""
-    from .streammaps import blend_chunk_row
+    from scanner.inspection.streammaps import blend_chunk_row
 
     blend_chunk_row(ci, scratch, tiling, arrays, mask)
     return ci

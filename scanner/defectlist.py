@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .scanfolder import write_json
+from scanner.errors import UserError
+from scanner.scanfolder import write_json
 
 DEFECTS_JSON = "defects.json"
 DEFECTS_CSV = "defects.csv"

@@ -6,7 +6,8 @@ Convention (the same as the simulator's, ``simulators/samples/wafer.py``): the g
 corner; ``col`` grows with stage x and ``row`` with stage y (downwards in the mosaic). Each
 cell is a die plus half a scribe lane on each side.
 
-A wafer that lies turned on the chuck (``scanner.align``) turns its grid too: ``rotation_deg``
+A wafer that lies turned on the chuck (``scanner.acquisition.align``) turns its grid too:
+``rotation_deg``
 turns the grid's axes about die (0, 0)'s corner (from +x towards +y), so ``col`` and ``row``
 count along the wafer's own axes; the grid stays in stage micrometres.
 """
@@ -45,7 +46,8 @@ class DieGrid:
                     alignment: dict[str, Any] | None = None) -> DieGrid:
         """The grid of a wafer recipe's ``sample`` section (as stored in ``scan.json``).
 
-        With a measured ``alignment`` (``scan.json``'s record, :mod:`scanner.align`) the grid
+        With a measured ``alignment`` (``scan.json``'s record, :mod:`scanner.acquisition.align`)
+        the grid
         is the one the alignment found on the stage.
         """
         if alignment and alignment.get("die_grid"):

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .defectlist import DEFECTS_JSON
-from .errors import UserError
-from .scanfolder import MOSAIC, SCAN_JSON, effective_status, read_scan_json
-from .tilestore import check_journal
+from scanner.defectlist import DEFECTS_JSON
+from scanner.errors import UserError
+from scanner.scanfolder import MOSAIC, SCAN_JSON, effective_status, read_scan_json
+from scanner.tilestore import check_journal
 
 #: the stage a command reads from, by command
 _NEEDS = {"stitch": "acquire", "inspect": "stitch", "report": "inspect"}

@@ -1,7 +1,8 @@
 """Multiscale OME-NGFF (v0.5, zarr v3) images: written level by level, read back by stage
 coordinates.
 
-The mosaic (:mod:`scanner.mosaic`) and the inspection's maps share it: create the empty levels
+The mosaic (:mod:`scanner.stitching.mosaic`) and the inspection's maps share it: create the empty
+levels
 in a ``*.tmp.zarr`` sibling (:func:`create_multiscale`), fill level 0, build the pyramid
 (:func:`build_pyramid`, each level the 2 x 2 mean of the one below) and write the metadata
 and rename it over the destination (:func:`finish_multiscale`), so that an earlier image
@@ -26,7 +27,7 @@ import yaozarrs
 import zarr
 from yaozarrs import v05
 
-from .errors import UserError
+from scanner.errors import UserError
 
 #: Worker threads used for fusion and pyramid building (numpy and the codecs release the GIL).
 _WORKERS = 2
@@ -153,7 +154,7 @@ def downsample_block(src: Any, dst: Any, chunk: int, chunks: list[tuple[int, int
 
 
 def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
-    """Open a mosaic written by :func:`scanner.mosaic.fuse_mosaic`.
+    """Open a mosaic written by :func:`scanner.stitching.mosaic.fuse_mosaic`.
 
     Parameters
     ----------

@@ -16,18 +16,29 @@ from pydantic import ValidationError
 
 from devices.core import MicroscopeHandle, build_microscope
 from devices.inventory import inventory_json
-
-from .acquire import acquire
-from .align import AlignmentError, align, wants_alignment
-from .alignrefine import refine_alignment
-from .defectlist import DEFECTS_JSON, MAP_NAMES
-from .errors import UserError
-from .events import StageEvents
-from .focusreport import write_focus_outputs
-from .plan import ScanPlan, check_travel, estimate_hardware_time_s, exposure_for, plan_scan
-from .recipe import OutputSpec, Recipe, StageSpec, StitchSpec, format_validation_error, recorded
-from .registration.live import LiveRegistrar, LiveResults
-from .scanfolder import (
+from scanner.acquisition.acquire import acquire
+from scanner.acquisition.align import AlignmentError, align, wants_alignment
+from scanner.acquisition.alignrefine import refine_alignment
+from scanner.acquisition.focusreport import write_focus_outputs
+from scanner.acquisition.plan import (
+    ScanPlan,
+    check_travel,
+    estimate_hardware_time_s,
+    exposure_for,
+    plan_scan,
+)
+from scanner.defectlist import DEFECTS_JSON, MAP_NAMES
+from scanner.errors import UserError
+from scanner.events import StageEvents
+from scanner.recipe import (
+    OutputSpec,
+    Recipe,
+    StageSpec,
+    StitchSpec,
+    format_validation_error,
+    recorded,
+)
+from scanner.scanfolder import (
     RUNNING,
     SCAN_JSON,
     TRUTH_JSON,
@@ -39,8 +50,9 @@ from .scanfolder import (
     this_process,
     write_json,
 )
-from .stitch import MOSAIC, camera_geometry, stitch_scan
-from .tilestore import TILES_CSV, TileRecord, open_tiles, read_tiles_csv, stored_tiles
+from scanner.stitching.registration.live import LiveRegistrar, LiveResults
+from scanner.stitching.stitch import MOSAIC, camera_geometry, stitch_scan
+from scanner.tilestore import TILES_CSV, TileRecord, open_tiles, read_tiles_csv, stored_tiles
 
 log = logging.getLogger("waferscope.pipeline")
 
@@ -280,7 +292,7 @@ def _finish_scan(
         if handle is not None and plan is not None:
             # the pairs of the tiles are registered and the flat-field's thumbnails computed
             # while the stage moves (the stitch stage computes what is missing), see
-            # scanner.registration.live
+            # scanner.stitching.registration.live
             live = _start_live(scan, handle, plan, only)
             with _responsive_gil(live is not None):
                 _acquire_stage(folder, scan, recipe, handle, plan, events, only,
@@ -418,7 +430,7 @@ def _acquire_stage(
     on_tile: Callable[[np.ndarray, TileRecord], None] | None = None,
 ) -> None:
     """Acquire into the folder and record how it went in ``scan``; ``on_tile`` is called
-    with each stored tile (see :func:`scanner.acquire.acquire`)."""
+    with each stored tile (see :func:`scanner.acquisition.acquire.acquire`)."""
     total = len(plan.tiles) if only is None else len(only)
     events.stageStarted.emit("acquire", total)
     progress = handle.core.mda.events.frameReady.connect(
@@ -489,7 +501,7 @@ def _stitch_stage(
 
 def _report_stage(folder: Path, events: StageEvents) -> None:
     """Locate the defects and write defects.json/csv, the KLARF and the wafer map."""
-    from .reports import report
+    from scanner.reports import report
 
     events.stageStarted.emit("report", 1)
     report(folder)
@@ -520,7 +532,7 @@ def inspect_stage(
     cluster: Any = None,
 ) -> Any:
     """Inspect the scan folder's mosaic: maps, ``defects.json``/``.csv``, ``scan.json`` timings."""
-    from .inspection import inspect_scan
+    from scanner.inspection.stage import inspect_scan
 
     events = events or StageEvents()
     started, last = False, 0

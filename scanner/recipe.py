@@ -35,8 +35,7 @@ from devices.spec import RolesSpec as RolesSpec
 from devices.spec import SimulatedMicroscope as SimulatedMicroscope
 from devices.spec import SpecModel as _Model
 from devices.spec import StageSpec as StageSpec
-
-from .errors import RecipeError
+from scanner.errors import RecipeError
 
 _SectionT = TypeVar("_SectionT", bound=BaseModel)
 

@@ -17,12 +17,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .scanrecord import validated_scan
+from scanner.errors import UserError
+from scanner.scanrecord import validated_scan
 
 SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
-#: the stitched OME-NGFF mosaic (written by ``scanner.stitch``)
+#: the stitched OME-NGFF mosaic (written by ``scanner.stitching.stitch``)
 MOSAIC = "mosaic.ome.zarr"
 
 #: statuses written while a stage runs; found with no live process, they read as interrupted

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UserError
+from scanner.errors import UserError
 
 Section = dict[str, Any]
 

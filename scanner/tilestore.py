@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .errors import UserError
+from scanner.errors import UserError
 
 TILES_ZARR = "tiles.zarr"
 TILES_CSV = "tiles.csv"

@@ -78,7 +78,7 @@ def place(polygon: Polygon, sample: object, alignment: dict | None) -> Polygon:
     """A nominal outline moved where the alignment found the sample (itself without one).
 
     The sample is turned about its nominal centre by the measured rotation and shifted to
-    its measured centre (``scanner.align``'s record in ``scan.json``).
+    its measured centre (``scanner.acquisition.align``'s record in ``scan.json``).
     """
     if not alignment:
         return polygon

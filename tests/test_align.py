@@ -79,7 +79,7 @@ def test_placement_refuses_random_with_given_values(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed", [1, 2])
 def test_alignment_finds_centre_rotation_and_die_grid(tmp_path: Path, seed: int) -> None:
     from devices.core import build_microscope
-    from scanner.align import align
+    from scanner.acquisition.align import align
     from scanner.diegrid import DieGrid
 
     recipe = _recipe(tmp_path, {"random": True, "seed": seed})
@@ -101,7 +101,7 @@ def test_alignment_finds_centre_rotation_and_die_grid(tmp_path: Path, seed: int)
 
 def test_no_edge_where_expected_is_refused_with_a_picture(tmp_path: Path) -> None:
     from devices.core import build_microscope
-    from scanner.align import AlignmentError, align
+    from scanner.acquisition.align import AlignmentError, align
 
     recipe = _recipe(tmp_path, {"offset_um": [6000, 0]})
     with pytest.raises(AlignmentError, match="no wafer edge found"):
@@ -111,7 +111,7 @@ def test_no_edge_where_expected_is_refused_with_a_picture(tmp_path: Path) -> Non
 
 def test_missing_notch_is_refused(tmp_path: Path) -> None:
     from devices.core import build_microscope
-    from scanner.align import AlignmentError, align
+    from scanner.acquisition.align import AlignmentError, align
 
     # a 50 mm wafer turned 10° (a loader error far beyond the usual): its notch lies 4 mm
     # from where the recipe has it, outside the notch's field
@@ -123,7 +123,7 @@ def test_missing_notch_is_refused(tmp_path: Path) -> None:
 
 
 def test_site_tolerance_follows_the_stage_repeatability() -> None:
-    from scanner.align import site_tolerance_um
+    from scanner.acquisition.align import site_tolerance_um
 
     # 5 sigma of the difference of two landings, plus two pixels of measurement
     assert site_tolerance_um(3.0, 5.0) == pytest.approx(5 * math.sqrt(2) * 3 + 10)
@@ -138,7 +138,7 @@ def test_a_stage_landing_far_off_does_not_refuse_a_good_wafer(tmp_path: Path) ->
     import yaml
 
     from devices.core import build_microscope
-    from scanner.align import align
+    from scanner.acquisition.align import align
 
     data = yaml.safe_load(Path("recipes/demo_wafer.yaml").read_text())
     data["sample"]["placement"] = {"random": True, "seed": 5}
@@ -300,7 +300,7 @@ def test_die_to_die_finds_the_same_defects_on_a_misplaced_wafer(write_recipe, tm
 def test_validate_shows_the_alignment_plan_and_its_time() -> None:
     from typer.testing import CliRunner
 
-    from scanner.align import estimate_alignment_time_s, plan_route
+    from scanner.acquisition.align import estimate_alignment_time_s, plan_route
     from scanner.cli import app
     from scanner.recipe import load_recipe
 

@@ -33,7 +33,7 @@ def test_demo_cell_aligns_despite_fingers_ending_rays(tmp_path: Path, seed: int)
     0.0009° and 0.0001° (20 placements: up to 11.3 µm, the stage's 5 µm landing error of
     the fields, and 0.0014°)."""
     from devices.core import build_microscope
-    from scanner.align import align
+    from scanner.acquisition.align import align
 
     _, recipe = _demo_cell(tmp_path, seed)
     handle = build_microscope(recipe)
@@ -47,7 +47,7 @@ def test_demo_cell_aligns_despite_fingers_ending_rays(tmp_path: Path, seed: int)
 
 
 def test_fit_side_drops_rays_that_end_inside_the_cell() -> None:
-    from scanner.align import fit_line, fit_side
+    from scanner.acquisition.align import fit_line, fit_side
 
     rng = np.random.default_rng(0)
     along = np.linspace(-15000.0, 15000.0, 1000)
@@ -71,14 +71,14 @@ def test_a_side_without_a_straight_edge_is_refused_in_one_line(tmp_path: Path,
     with one line, as for any other alignment failure."""
     from typer.testing import CliRunner
 
-    import scanner.align
+    import scanner.acquisition.align
     from scanner.cli import app
 
     data, _ = _demo_cell(tmp_path, 7, align=True)
     path = tmp_path / "cell.yaml"
     path.write_text(yaml.safe_dump(data))
     # a line within a thousandth of a pixel holds a handful of the edge's points
-    monkeypatch.setattr(scanner.align, "SIDE_INLIER_PX", 1e-3)
+    monkeypatch.setattr(scanner.acquisition.align, "SIDE_INLIER_PX", 1e-3)
     res = CliRunner().invoke(app, ["run", str(path), "--no-inspect", "--out",
                                    str(tmp_path / "scan")])
     assert res.exit_code == 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scanner.focus import autofocus
+from scanner.acquisition.focus import autofocus
 from simulators.camera import CameraModel, Optics
 
 OPTICS = Optics()

@@ -12,10 +12,10 @@ import tifffile
 from conftest import smooth_texture
 from typer.testing import CliRunner
 
-from scanner.calibrate import _geometry, auto_grid, expected_error_rel, fit_camera_matrix
 from scanner.cli import app
-from scanner.registration.scan import CameraGeometry
-from scanner.stitch import load_calibration
+from scanner.stitching.calibrate import _geometry, auto_grid, expected_error_rel, fit_camera_matrix
+from scanner.stitching.registration.scan import CameraGeometry
+from scanner.stitching.stitch import load_calibration
 
 
 def test_fit_recovers_rotation_and_pixel_size():

@@ -71,7 +71,7 @@ def test_binning_one_again_gives_the_frames_of_before(tmp_path: Path) -> None:
 
 
 def test_camera_binnings_reads_the_property() -> None:
-    from scanner.align import camera_binnings
+    from scanner.acquisition.align import camera_binnings
 
     class Core:
         def __init__(self, allowed: tuple[str, ...], read_only: bool = False,
@@ -99,7 +99,7 @@ def test_camera_binnings_reads_the_property() -> None:
 
 def _spy_snaps(monkeypatch) -> list[tuple[str, tuple[int, ...], float]]:
     """Record ``(kind, frame shape, pixel µm)`` of every alignment field."""
-    from scanner import align
+    from scanner.acquisition import align
 
     taken: list[tuple[str, tuple[int, ...], float]] = []
     snap = align._Scope.snap
@@ -117,7 +117,7 @@ def _spy_snaps(monkeypatch) -> list[tuple[str, tuple[int, ...], float]]:
 def test_alignment_takes_edge_fields_binned_and_restores_binning(
         tmp_path: Path, monkeypatch, seed: int) -> None:
     from devices.core import build_microscope
-    from scanner.align import align
+    from scanner.acquisition.align import align
 
     taken = _spy_snaps(monkeypatch)
     recipe = _recipe(tmp_path, {"random": True, "seed": seed})
@@ -141,7 +141,7 @@ def test_alignment_takes_edge_fields_binned_and_restores_binning(
 
 def test_binning_is_restored_when_the_alignment_is_refused(tmp_path: Path) -> None:
     from devices.core import build_microscope
-    from scanner.align import AlignmentError, align
+    from scanner.acquisition.align import AlignmentError, align
 
     recipe = _recipe(tmp_path, {"offset_um": [6000, 0]})
     handle = build_microscope(recipe)
@@ -153,7 +153,7 @@ def test_binning_is_restored_when_the_alignment_is_refused(tmp_path: Path) -> No
 
 def test_a_camera_without_binning_aligns_unbinned(tmp_path: Path, monkeypatch) -> None:
     from devices.core import build_microscope
-    from scanner import align
+    from scanner.acquisition import align
 
     monkeypatch.setattr(align, "camera_binnings", lambda core: {})
     taken = _spy_snaps(monkeypatch)
@@ -173,7 +173,7 @@ def test_a_flat_wafer_aligns_with_binned_edge_fields_and_an_unbinned_flat(
     0.14 mm off. And a flat crossing fewer than two binned rows gave its angle 0.013° off:
     it stays unbinned."""
     from devices.core import build_microscope
-    from scanner.align import align
+    from scanner.acquisition.align import align
 
     taken = _spy_snaps(monkeypatch)
     data = json.loads(json.dumps(WAFER))

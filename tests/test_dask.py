@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from scanner.cli import app
 from scanner.cluster import ClusterSpec, open_cluster
 from scanner.errors import UserError
-from scanner.mosaic import fuse_mosaic, open_mosaic
+from scanner.ngff import open_mosaic
 from scanner.pipeline import run_scan
 from scanner.recipe import parse_recipe
+from scanner.stitching.mosaic import fuse_mosaic
 
 runner = CliRunner()
 

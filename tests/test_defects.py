@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from skimage.draw import disk, line, rectangle
 
-from scanner.defects import (
+from scanner.inspection.defects import (
     MapGeometry,
     classify,
     extract_defects,
@@ -167,7 +167,7 @@ def test_uncertain_defects_are_flagged_for_review():
 
 
 def classify_mask(mask: np.ndarray) -> str:
-    from scanner.defects import Features
+    from scanner.inspection.defects import Features
 
     f = shape_features(mask)
     return classify(Features(**{k: v for k, v in f.items() if k != "feret"},
@@ -210,7 +210,7 @@ def ndimage_grey_dilate(a):
 
 
 def test_extent_threshold_stays_above_a_busy_surface():
-    from scanner.defects import extent_threshold
+    from scanner.inspection.defects import extent_threshold
 
     rng = np.random.default_rng(0)
     quiet = rng.uniform(0.0, 0.05, (100, 100))
@@ -235,7 +235,7 @@ def test_a_defects_uncertainty_is_read_at_its_peak():
 
 
 def test_only_defects_barely_above_a_high_threshold_are_borderline():
-    from scanner.defects import is_borderline
+    from scanner.inspection.defects import is_borderline
 
     assert is_borderline(0.55, 0.5) and not is_borderline(0.6, 0.5)
     # a high calibrated threshold: a confident defect is not borderline

@@ -223,7 +223,7 @@ def test_a_golden_scan_covers_the_stride_phases_a_second_scan_brings(tmp_path: P
 
 
 def test_an_aligned_part_is_also_modelled_per_position(tmp_path: Path) -> None:
-    from scanner.inspect import infer_image
+    from scanner.inspection.maps import infer_image
 
     # 48 good crops of one part at the same place (cells cut to one size): a bright square is
     # normal at one position only
@@ -259,7 +259,7 @@ def test_random_crops_of_a_texture_are_not_taken_for_an_aligned_part(tmp_path: P
 
 
 def test_the_crops_of_one_large_good_scan_also_cover_the_stride_phases(tmp_path: Path) -> None:
-    # a large good scan comes as crops (scanner.goodimages): all at the scan's one phase
+    # a large good scan comes as crops (scanner.inspection.goodimages): all at the scan's one phase
     full = _relative(np.tile(_product(0), (2, 3)))
     crops = [GoodImage(full[r : r + 272, c : c + 272].copy(),
                        meta={"acquired": True, "pixel_size_um": 1.0})

@@ -12,7 +12,7 @@ from shapely.geometry import box
 from typer.testing import CliRunner
 
 from scanner.diegrid import DieGrid
-from scanner.dietodie import (
+from scanner.inspection.dietodie import (
     DieToDie,
     MosaicGrid,
     alike_dies,
@@ -189,7 +189,7 @@ def test_a_whole_die_shift_worse_than_the_grid_position_is_not_kept(monkeypatch)
     # the coarse correlation can lock onto a moire that differs from die to die (3.5 um
     # pixels on fine gratings: one die 11 px off); the shift must then leave the die less
     # alike the anchor than the grid's position does, and is dropped
-    import scanner.dietodie as dietodie
+    import scanner.inspection.dietodie as dietodie
 
     img, geometry, grid, usable, _ = _mosaic(defect=None)
     cells = full_dies(grid, usable, geometry, margin_px=8)
@@ -366,7 +366,7 @@ def test_an_edge_die_is_compared_on_its_usable_part():
 
 @pytest.mark.parametrize("size", [1, 2, 4, 5])
 def test_opened_max_at_the_map_pixels_equals_scipys_filters(size):
-    from scanner.dietodie import opened_max_at
+    from scanner.inspection.dietodie import opened_max_at
 
     rng = np.random.default_rng(size)
     z = rng.random((41, 53)).astype(np.float32)
@@ -383,7 +383,7 @@ def test_a_layout_repeated_only_2x2_is_compared_on_a_padded_mosaic() -> None:
     from skimage import data
 
     from scanner.diegrid import estimate_grid
-    from scanner.inspection import _with_room
+    from scanner.inspection.stage import _with_room
 
     tile = data.brick()[:200, :200].astype(np.float32) + 20.0
     product = np.tile(tile, (2, 2))

@@ -11,7 +11,7 @@ from skimage import data
 
 from models.drift import drift_verdict, score_summary
 from scanner.diegrid import estimate_grid
-from scanner.drift import check_drift, good_surface_scores
+from scanner.inspection.drift import check_drift, good_surface_scores
 
 
 class _Model:

@@ -14,7 +14,7 @@ from skimage.registration import phase_cross_correlation
 from typer.testing import CliRunner
 
 from scanner.cli import app
-from scanner.mosaic import open_mosaic
+from scanner.ngff import open_mosaic
 from scanner.pipeline import run_scan
 from scanner.recipe import load_recipe
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scanner.focus import (
+from scanner.acquisition.focus import (
     DEFAULT_MEASURE,
     MEASURES,
     estimate_noise_sigma,
     tenengrad,
     texture_strength,
 )
-from scanner.focus.measures import NOISE_GAIN, noise_floor
+from scanner.acquisition.focus.measures import NOISE_GAIN, noise_floor
 from simulators.camera import CameraModel, Optics
 
 OPTICS = Optics()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanner.focus.surface import focus_points_layout, tour_order
+from scanner.acquisition.focus.surface import focus_points_layout, tour_order
 from simulators.clock import HardwareClock
 from simulators.stage import StageAxes, axis_move_time_s
 

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from scanner.focus.recheck import (
+from scanner.acquisition.focus.recheck import (
     BandEnergy,
     PairNoise,
     band_energy,

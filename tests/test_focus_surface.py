@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from shapely.geometry import Point, Polygon
 
-from scanner.focus.surface import FocusSurface, fit_focus_surface, focus_points_layout
+from scanner.acquisition.focus.surface import FocusSurface, fit_focus_surface, focus_points_layout
 
 R = 40_000.0  # µm: half-width of the sampled area
 

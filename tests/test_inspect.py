@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from models import InspectionModel
 from models.network import InspectionNet
 from scanner.cli import app
-from scanner.inspect import infer_image, infer_mosaic
-from scanner.mosaic import create_multiscale, finish_multiscale, open_mosaic
+from scanner.inspection.maps import infer_image, infer_mosaic
+from scanner.ngff import create_multiscale, finish_multiscale, open_mosaic
 
 runner = CliRunner()
 
@@ -65,7 +65,7 @@ def _write_mosaic(path: Path, img: np.ndarray, pixel_um: float, origin: tuple[fl
                   chunk: int = 256) -> None:
     tmp, arrays = create_multiscale(path, img.shape, chunk=chunk, dtype=img.dtype)
     arrays[0][:] = img
-    from scanner.mosaic import build_pyramid
+    from scanner.ngff import build_pyramid
 
     build_pyramid(arrays, chunk)
     finish_multiscale(tmp, path, len(arrays), pixel_um, origin, "mosaic")
@@ -108,7 +108,7 @@ def test_reflectance_at_map_resolution_from_the_pyramid_or_the_model_grid(net_mo
     import dataclasses
 
     from models.calibrate import map_resolution
-    from scanner.inspect import reflectance_at_map
+    from scanner.inspection.maps import reflectance_at_map
 
     img = _texture((1100, 1030), seed=5)
     mosaic = tmp_path / "mosaic.ome.zarr"
@@ -194,7 +194,7 @@ def test_sample_kinds_of_the_cli_are_the_recipes() -> None:
               recipe.ImageSample)}
     assert set(SAMPLE_KINDS) == kinds
 def test_a_model_trained_over_a_pixel_range_runs_at_the_source_pixel(net_model):
-    from scanner.inspect import grid_pixel_um
+    from scanner.inspection.maps import grid_pixel_um
 
     assert grid_pixel_um(net_model, 5.0) == 1.0  # one pixel size: resample to it
     card = dict(net_model.card, pixel_size_range_um=[0.5, 8.0])
@@ -205,7 +205,7 @@ def test_a_model_trained_over_a_pixel_range_runs_at_the_source_pixel(net_model):
 
 
 def test_card_threshold_is_chosen_by_sample_kind() -> None:
-    from scanner.card import card_threshold
+    from scanner.inspection.card import card_threshold
 
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9, "pv_cell": 0.5}}
@@ -217,7 +217,7 @@ def test_card_threshold_is_chosen_by_sample_kind() -> None:
 
 
 def test_thresholds_follow_the_band_of_the_scans_pixel_size() -> None:
-    from scanner.card import card_threshold, context_thresholds
+    from scanner.inspection.card import card_threshold, context_thresholds
 
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9, "pv_cell": 0.5},
@@ -241,7 +241,7 @@ def test_thresholds_follow_the_band_of_the_scans_pixel_size() -> None:
 
 
 def test_context_thresholds_come_from_the_card_unless_the_user_sets_one() -> None:
-    from scanner.card import context_thresholds
+    from scanner.inspection.card import context_thresholds
 
     card = {"pixel_size_um": 1.0, "threshold": 0.7,
             "thresholds_by_sample_kind": {"wafer": 0.9},

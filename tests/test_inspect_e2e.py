@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from models import load_model
 from scanner.cli import app
 from scanner.defectlist import MAP_NAMES, read_defects
-from scanner.mosaic import open_mosaic
+from scanner.ngff import open_mosaic
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow

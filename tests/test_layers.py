@@ -114,3 +114,41 @@ def test_moved_names_are_the_same_objects() -> None:
     assert scanner.recipe.Microscope is devices.spec.Microscope
     for name in ("usable_polygon", "wafer_outline", "image_shape", "place"):
         assert getattr(scanner.geometry, name) is getattr(simulators.geometry, name)
+
+
+#: inside scanner/, the stage packages each stage may read (besides the shared core and the
+#: layers below): inspection and reports read the alignment record, napari the reports' files
+STAGES = {"acquisition", "stitching", "inspection", "reports", "napari"}
+STAGE_MAY_USE = {
+    "acquisition": set(),
+    "stitching": set(),
+    "inspection": {"acquisition"},
+    "reports": {"acquisition"},
+    "napari": {"reports"},
+}
+
+
+def stage_violations(root: Path = ROOT) -> list[str]:
+    """``file:line: imports X`` where a stage package of scanner/ reaches into another stage
+    package it may not use, or where the shared core reaches into any stage package."""
+    bad = []
+    for path in sorted((root / "scanner").rglob("*.py")):
+        parts = path.relative_to(root / "scanner").parts
+        own = parts[0] if len(parts) > 1 and parts[0] in STAGES else None
+        for line, name in sorted(imported_modules(path, root)):
+            bits = name.split(".")
+            if bits[0] != "scanner" or len(bits) < 2 or bits[1] not in STAGES or bits[1] == own:
+                continue
+            if own is None and path.name in ("pipeline.py", "batch.py", "cluster.py") \
+                    or own is None and path.name.startswith("cli"):
+                continue  # running the stages: what composes them may use them all
+            if own is None or bits[1] not in STAGE_MAY_USE[own]:
+                bad.append(f"{path.relative_to(root).as_posix()}:{line}: imports {name}")
+    return bad
+
+
+def test_stage_packages_use_only_the_core_and_earlier_stages() -> None:
+    assert {p.name for p in (ROOT / "scanner").iterdir() if (p / "__init__.py").exists()} \
+        == STAGES
+    bad = stage_violations()
+    assert not bad, "a stage package of scanner/ reaches where it may not:\n  " + "\n  ".join(bad)

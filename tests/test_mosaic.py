@@ -1,4 +1,4 @@
-"""Tests of the streaming, multiscale mosaic fusion (scanner.mosaic)."""
+"""Tests of the streaming, multiscale mosaic fusion (scanner.stitching.mosaic)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from scanner.mosaic import (
-    MosaicInfo,
-    fuse_mosaic,
-    mosaic_geometry,
-    mosaic_region,
-    open_mosaic,
-)
+from scanner.ngff import mosaic_region, open_mosaic
+from scanner.stitching.mosaic import MosaicInfo, fuse_mosaic, mosaic_geometry
 
 P = 0.65  # pixel size, µm
 STAGE0 = (1234.5, -321.25)  # stage (x, y) of source-image coordinate (0, 0)

@@ -16,10 +16,10 @@ from conftest import SMALL_WAFER as SMALL
 import scanner.pipeline as pipeline
 from scanner.pipeline import restitch, resume_scan, run_scan
 from scanner.recipe import parse_recipe
-from scanner.registration import live
-from scanner.registration.flatfield import estimate_flatfield, thumbnail
-from scanner.registration.live import LiveRegistrar, LiveResults
-from scanner.registration.scan import CameraGeometry, register_tiles
+from scanner.stitching.registration import live
+from scanner.stitching.registration.flatfield import estimate_flatfield, thumbnail
+from scanner.stitching.registration.live import LiveRegistrar, LiveResults
+from scanner.stitching.registration.scan import CameraGeometry, register_tiles
 from scanner.tilestore import open_tiles, read_tiles_csv
 
 #: the tests that run a small scan (a few seconds each)

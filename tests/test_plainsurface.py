@@ -1,4 +1,5 @@
-"""Large faint defects on plain surfaces (scanner/plainsurface.py) and the wafer's notch."""
+"""Large faint defects on plain surfaces (scanner/inspection/plainsurface.py) and the wafer's
+notch."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scanner.plainsurface import (
+from scanner.inspection.plainsurface import (
     apply_plain_surface,
     deviation_to_score,
     die_pitch_in_map_px,
@@ -134,7 +135,7 @@ def test_change_must_stand_out_of_its_surroundings_own_spread():
 
 
 def test_background_is_the_bilinear_interpolation_of_the_block_levels():
-    from scanner.plainsurface import background
+    from scanner.inspection.plainsurface import background
 
     rng = np.random.default_rng(5)
     med = rng.random((20, 30)).astype(np.float32)

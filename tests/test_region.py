@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from scanner.acquisition.plan import plan_scan
 from scanner.errors import PlanError, RecipeError
-from scanner.plan import plan_scan
 from scanner.recipe import parse_recipe
 
 

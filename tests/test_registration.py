@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from scanner.registration.flatfield import estimate_flatfield
-from scanner.registration.pairwise import PairResult, register_pair
-from scanner.registration.solve import solve_positions
+from scanner.stitching.registration.flatfield import estimate_flatfield
+from scanner.stitching.registration.pairwise import PairResult, register_pair
+from scanner.stitching.registration.solve import solve_positions
 from simulators.camera import CameraModel
 
 

@@ -2,23 +2,23 @@
 
 ``scanner.scanfolder.MOSAIC`` names the mosaic (the modules below import it; the test keeps
 them from spelling it again). ``models`` may not import ``scanner`` (tests/test_layers.py), so the
-merge gap of ``scanner.defects`` is restated on the map grid in ``models.calibrate``.
+merge gap of ``scanner.inspection.defects`` is restated on the map grid in ``models.calibrate``.
 """
 
 from __future__ import annotations
 
 
 def test_the_mosaic_has_one_name() -> None:
-    import scanner.goodimages
-    import scanner.inspection
+    import scanner.inspection.goodimages
+    import scanner.inspection.stage
     import scanner.integrity
     import scanner.napari._reader
-    import scanner.stitch
+    import scanner.stitching.stitch
     from scanner.scanfolder import MOSAIC
 
     assert MOSAIC == "mosaic.ome.zarr"
-    for module in (scanner.stitch, scanner.inspection, scanner.integrity,
-                   scanner.goodimages, scanner.napari._reader):
+    for module in (scanner.stitching.stitch, scanner.inspection.stage, scanner.integrity,
+                   scanner.inspection.goodimages, scanner.napari._reader):
         assert module.MOSAIC == MOSAIC, module.__name__
 
 
@@ -27,7 +27,7 @@ def test_calibration_merges_defects_as_inspection_does() -> None:
 
     from models.calibrate import DEFECT_MERGE_MAP_PX
     from models.detector import OUTPUT_STRIDE
-    from scanner.defects import MERGE_PX, extract_defects
+    from scanner.inspection.defects import MERGE_PX, extract_defects
 
     assert inspect.signature(extract_defects).parameters["merge_px"].default == MERGE_PX
     assert DEFECT_MERGE_MAP_PX == MERGE_PX / OUTPUT_STRIDE

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
+from scanner.acquisition.plan import check_travel, estimate_hardware_time_s, plan_scan
 from scanner.errors import PlanError
-from scanner.plan import check_travel, estimate_hardware_time_s, plan_scan
 from scanner.recipe import parse_recipe
 from simulators.clock import HardwareClock
 from simulators.stage import StageAxes, TravelLimitError, axis_move_time_s

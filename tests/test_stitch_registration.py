@@ -12,7 +12,7 @@ from skimage.registration import phase_cross_correlation
 from typer.testing import CliRunner
 
 from scanner.cli import app
-from scanner.mosaic import open_mosaic
+from scanner.ngff import open_mosaic
 from scanner.pipeline import run_scan
 from scanner.recipe import load_recipe
 from scanner.tilestore import read_tiles_csv
@@ -98,8 +98,8 @@ def test_registered_mosaic_matches_source(write_recipe, coupon_tif: Path, tmp_pa
 
 def test_wafer_registration_textured_subpixel_bare_keeps_stage(write_recipe, tmp_path: Path):
     """A small simulated wafer: dies, scribe lines, rim, bare areas; 5 µm repeatability."""
-    from scanner.registration.accuracy import position_accuracy
-    from scanner.registration.scan import CameraGeometry, register_tiles
+    from scanner.stitching.registration.accuracy import position_accuracy
+    from scanner.stitching.registration.scan import CameraGeometry, register_tiles
     from scanner.tilestore import open_tiles
 
     recipe = load_recipe(write_recipe(

@@ -12,11 +12,12 @@ from conftest import smooth_texture
 from scipy import ndimage
 from skimage.registration import phase_cross_correlation
 
-from scanner.calibrate import calibrate_recipe
-from scanner.mosaic import fuse_mosaic, open_mosaic
+from scanner.ngff import open_mosaic
 from scanner.pipeline import run_scan
 from scanner.recipe import load_recipe
-from scanner.stitch import tile_origins_um
+from scanner.stitching.calibrate import calibrate_recipe
+from scanner.stitching.mosaic import fuse_mosaic
+from scanner.stitching.stitch import tile_origins_um
 from scanner.tilestore import read_tiles_csv
 
 SCENE = smooth_texture((600, 600), seed=8, sigma=4.0)

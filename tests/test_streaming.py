@@ -10,10 +10,10 @@ from shapely.geometry import Point
 
 from models import InspectionModel
 from models.network import InspectionNet
-from scanner.inspect import infer_mosaic
-from scanner.mosaic import build_pyramid, create_multiscale, finish_multiscale, open_mosaic
-from scanner.polygonmask import polygon_mask
-from scanner.tiled import MAPS, GridReader, ZarrSink, plan_tiling, run_tiled
+from scanner.inspection.maps import infer_mosaic
+from scanner.inspection.polygonmask import polygon_mask
+from scanner.inspection.tiled import MAPS, GridReader, ZarrSink, plan_tiling, run_tiled
+from scanner.ngff import build_pyramid, create_multiscale, finish_multiscale, open_mosaic
 
 
 @pytest.fixture(scope="module")

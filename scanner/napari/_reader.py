@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ..defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
-from ..reports.repeaters import REPEATERS_JSON, read_repeaters
-from ..reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
-from ..scanfolder import MOSAIC, SCAN_JSON, read_scan_json
+from scanner.defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
+from scanner.reports.repeaters import REPEATERS_JSON, read_repeaters
+from scanner.reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
+from scanner.scanfolder import MOSAIC, SCAN_JSON, read_scan_json
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -66,7 +66,7 @@ def open_multiscale(path: Path) -> tuple[list[Any], tuple[float, float], tuple[f
     """
     import dask.array as da
 
-    from ..ngff import level_transform, open_mosaic
+    from scanner.ngff import level_transform, open_mosaic
 
     arrays, transforms = open_mosaic(path)  # the metadata validated (OME-NGFF 0.5)
     scale, trans = level_transform(transforms)
@@ -175,7 +175,7 @@ def die_grid_shapes(folder: Path) -> LayerData | None:
     if not (folder / DEFECTS_JSON).is_file():
         return None
 
-    from ..diegrid import DieGrid
+    from scanner.diegrid import DieGrid
 
     header, _ = read_defects(folder)
     tested = (header.get("dies") or {}).get("tested") or []

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..scanfolder import MOSAIC, SCAN_JSON
-from ._reader import _scan_folder, read_scan
+from scanner.errors import UserError
+from scanner.napari._reader import _scan_folder, read_scan
+from scanner.scanfolder import MOSAIC, SCAN_JSON
 
 
 def check_napari() -> None:

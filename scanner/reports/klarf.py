@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..defectlist import CLASSES, Defect
+from scanner.defectlist import CLASSES, Defect
 
 KLARF = "defects.klarf"
 #: KLARF versions written (``output.klarf_version``)

@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 from shapely.geometry import Polygon
 
-from ..defectlist import CLASSES, Defect
-from ..diegrid import DieGrid
-from ..errors import UserError
-from ..geometry import usable_polygon
-from ..scanfolder import read_scan_json, software_versions
-from ..tilestore import TILES_CSV, read_tiles_csv
+from scanner.defectlist import CLASSES, Defect
+from scanner.diegrid import DieGrid
+from scanner.errors import UserError
+from scanner.geometry import usable_polygon
+from scanner.scanfolder import read_scan_json, software_versions
+from scanner.tilestore import TILES_CSV, read_tiles_csv
 
 #: width of the band along a PV cell's border reported as region "edge" (mm)
 PV_EDGE_BAND_MM = 2.0
@@ -107,7 +107,7 @@ class ScanContext:
             return None
         from pydantic import ValidationError
 
-        from ..recipe import PVCellSample, WaferSample, format_validation_error
+        from scanner.recipe import PVCellSample, WaferSample, format_validation_error
 
         model = WaferSample if self.kind == "wafer" else PVCellSample
         try:
@@ -119,8 +119,8 @@ class ScanContext:
     @property
     def alignment(self) -> dict[str, Any] | None:
         """Where the alignment found the sample (``scan.json``; None: not aligned), refined
-        on the registered mosaic when stitching could (:mod:`scanner.alignrefine`)."""
-        from ..alignrefine import effective_alignment
+        on the registered mosaic when stitching could (:mod:`scanner.acquisition.alignrefine`)."""
+        from scanner.acquisition.alignrefine import effective_alignment
 
         return effective_alignment(self.scan.get("alignment")) or None
 
@@ -136,7 +136,7 @@ class ScanContext:
     def to_wafer_um(self, x_um: float, y_um: float) -> tuple[float, float]:
         """A stage point in the wafer's own frame: µm from its (measured) centre, along its
         (measured) axes, the notch or flat towards +y."""
-        from ..align import to_wafer_frame
+        from scanner.acquisition.align import to_wafer_frame
 
         centre = tuple(float(v) for v in self.sample.get("center_um", (0.0, 0.0)))
         return to_wafer_frame(self.alignment, centre, x_um, y_um)  # type: ignore[arg-type]

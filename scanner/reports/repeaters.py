@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..defectlist import Defect
-from ..scanfolder import write_json
+from scanner.defectlist import Defect
+from scanner.scanfolder import write_json
 
 REPEATERS_JSON = "repeaters.json"
 

@@ -12,14 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..defectlist import DEFECTS_CSV, DEFECTS_JSON, Defect, read_defects, write_defects
-from ..errors import UserError
-from ..recipe import OutputSpec, recorded
-from ..scanfolder import SCAN_JSON, read_scan_json, write_json
-from .klarf import KLARF, KLARF_VERSIONS, write_klarf
-from .locate import ScanContext, build_header, locate, tested_dies
-from .repeaters import REPEATERS_JSON, find_repeaters, read_repeaters, write_repeaters
-from .wafermap import WAFERMAP, draw_wafermap
+from scanner.defectlist import DEFECTS_CSV, DEFECTS_JSON, Defect, read_defects, write_defects
+from scanner.errors import UserError
+from scanner.recipe import OutputSpec, recorded
+from scanner.reports.klarf import KLARF, KLARF_VERSIONS, write_klarf
+from scanner.reports.locate import ScanContext, build_header, locate, tested_dies
+from scanner.reports.repeaters import (
+    REPEATERS_JSON,
+    find_repeaters,
+    read_repeaters,
+    write_repeaters,
+)
+from scanner.reports.wafermap import WAFERMAP, draw_wafermap
+from scanner.scanfolder import SCAN_JSON, read_scan_json, write_json
 
 
 @dataclass

@@ -23,13 +23,13 @@ import numpy as np
 from shapely import affinity
 from shapely.geometry import Point, Polygon, box
 
-from ..defectlist import CLASSES, Defect
-from .style import CLASS_COLORS, REPEATER_COLOR
+from scanner.defectlist import CLASSES, Defect
+from scanner.reports.style import CLASS_COLORS, REPEATER_COLOR
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from .locate import ScanContext
+    from scanner.reports.locate import ScanContext
 
 WAFERMAP = "wafermap.png"
 
@@ -200,7 +200,7 @@ def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
     from matplotlib.patches import Rectangle
 
     s = ctx.sample
-    from .locate import PV_EDGE_BAND_MM
+    from scanner.reports.locate import PV_EDGE_BAND_MM
 
     w, h = float(s["width_mm"]), float(s["height_mm"])
     centre = tuple(float(v) for v in s.get("center_um", (0.0, 0.0)))

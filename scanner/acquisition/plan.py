@@ -1,0 +1,223 @@
+"""Planning: tile positions that cover the sample, checked against the stage's travel.
+
+The plan is computed from the recipe and the camera's field of view only; nothing moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import useq
+from shapely import union_all
+from shapely.geometry import Polygon, box
+
+from scanner.errors import PlanError
+from scanner.geometry import usable_polygon
+from scanner.recipe import Recipe
+from simulators.stage import xy_move_time_s
+
+_ORDER_MODES = {"serpentine": "row_wise_snake", "raster": "row_wise"}
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One planned field of view: its centre on the stage and its place in the grid."""
+
+    index: int
+    row: int
+    col: int
+    x_um: float
+    y_um: float
+    z_um: float
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """The tiles of a scan, in acquisition order, and what they cover."""
+
+    tiles: tuple[Tile, ...]
+    fov_um: tuple[float, float]
+    step_um: tuple[float, float]
+    region: Polygon
+    n_rows: int
+    n_cols: int
+
+    @property
+    def region_area_mm2(self) -> float:
+        """Area of the sample region to be scanned."""
+        return float(self.region.area) / 1e6
+
+    @property
+    def scanned_area_mm2(self) -> float:
+        """Area the tiles cover on the stage (overlaps counted once)."""
+        w, h = self.fov_um
+        boxes = [box(t.x_um - w / 2, t.y_um - h / 2, t.x_um + w / 2, t.y_um + h / 2)
+                 for t in self.tiles]
+        return float(union_all(boxes).area) / 1e6
+
+    def positions_um(self) -> np.ndarray:
+        """(N, 2) array of tile centres (x, y)."""
+        return np.array([(t.x_um, t.y_um) for t in self.tiles], dtype=float)
+
+
+def _scanned_part(region: Polygon, recipe: Recipe) -> Polygon:
+    """The part of the sample's region that ``scan.region`` asks for (all of it by default).
+
+    Raises
+    ------
+    PlanError
+        If the band misses the sample.
+    """
+    spec = recipe.scan.region
+    if spec is None or spec.band_mm is None:
+        return region
+    x0, y_min, x1, y_max = region.bounds
+    mid = (y_min + y_max) / 2
+    part = region.intersection(box(x0, mid + spec.band_mm[0] * 1000.0,
+                                   x1, mid + spec.band_mm[1] * 1000.0))
+    if part.is_empty or part.geom_type != "Polygon":
+        raise PlanError(f"scan.region.band_mm: {list(spec.band_mm)} mm from the middle of the "
+                        f"sample (which spans {(y_max - y_min) / 1000:g} mm in y) "
+                        + ("misses it" if part.is_empty else "cuts it in pieces"))
+    return part
+
+
+def plan_scan(recipe: Recipe, fov_um: tuple[float, float],
+              alignment: dict | None = None) -> ScanPlan:
+    """Cover the recipe's sample region with overlapping tiles.
+
+    Uses useq-schema's ``GridFromPolygon`` so the grid is the same one a Micro-Manager user
+    would get; only tiles that touch the region are kept.
+
+    Parameters
+    ----------
+    recipe : Recipe
+        Validated recipe.
+    fov_um : (float, float)
+        Field of view (width, height) in µm at the sample.
+    alignment : dict, optional
+        Where the sample was found (``scanner.acquisition.align``'s record): the tiles cover it
+        there.
+
+    Raises
+    ------
+    PlanError
+        If the plan is empty or larger than ``scan.max_tiles``.
+    """
+    region = _scanned_part(usable_polygon(recipe.sample, notch=False, alignment=alignment),
+                           recipe)
+    overlap_pct = recipe.scan.overlap * 100.0
+    grid = useq.GridFromPolygon(
+        vertices=[tuple(v) for v in np.asarray(region.exterior.coords)[:-1]],
+        overlap=overlap_pct,
+        mode=_ORDER_MODES[recipe.scan.order],
+        fov_width=fov_um[0],
+        fov_height=fov_um[1],
+    )
+    n = grid.num_positions()
+    if n == 0:
+        raise PlanError("sample: the scan region is empty")
+    if n > recipe.scan.max_tiles:
+        raise PlanError(
+            f"scan.max_tiles: the plan needs {n} tiles, more than the limit "
+            f"{recipe.scan.max_tiles} (raise it, or scan a smaller region)"
+        )
+    step = (fov_um[0] * (1 - recipe.scan.overlap), fov_um[1] * (1 - recipe.scan.overlap))
+    raw = list(grid.iter_grid_positions())
+    xs = np.array([p.x for p in raw])
+    ys = np.array([p.y for p in raw])
+    # our rows grow with +y (image rows); useq counts rows from the top of a y-up frame
+    rows = np.rint((ys - ys.min()) / step[1]).astype(int)
+    cols = np.rint((xs - xs.min()) / step[0]).astype(int)
+    z = recipe.microscope.focus.z_um
+    tiles = tuple(
+        Tile(i, int(r), int(c), float(x), float(y), float(z))
+        for i, (r, c, x, y) in enumerate(zip(rows, cols, xs, ys, strict=True))
+    )
+    return ScanPlan(
+        tiles=tiles,
+        fov_um=fov_um,
+        step_um=step,
+        region=region,
+        n_rows=int(rows.max()) + 1,
+        n_cols=int(cols.max()) + 1,
+    )
+
+
+def check_travel(plan: ScanPlan, recipe: Recipe) -> None:
+    """Refuse a plan with any position outside the stage's or focus drive's travel.
+
+    Called before the first move, so a bad plan never drives the stage into its limits.
+
+    Raises
+    ------
+    PlanError
+        Naming the first offending tile and the limit it breaks.
+    """
+    stage = recipe.microscope.stage
+    (xlo, xhi), (ylo, yhi) = stage.travel_x_um, stage.travel_y_um
+    zlo, zhi = recipe.microscope.focus.range_um
+    for t in plan.tiles:
+        for axis, value, lo, hi in (
+            ("x", t.x_um, xlo, xhi),
+            ("y", t.y_um, ylo, yhi),
+            ("z", t.z_um, zlo, zhi),
+        ):
+            if not lo <= value <= hi:
+                field = f"microscope.stage.travel_{axis}_um" if axis != "z" else (
+                    "microscope.focus.range_um"
+                )
+                raise PlanError(
+                    f"{field}: tile {t.index} (row {t.row}, col {t.col}) needs {axis} = "
+                    f"{value:.0f} µm, outside the travel [{lo:.0f}, {hi:.0f}] µm; move "
+                    "sample.center_um/origin_um or scan a smaller region"
+                )
+
+
+def estimate_hardware_time_s(plan: ScanPlan, recipe: Recipe) -> float:
+    """Hardware time of the scan: moves, settling, exposures and readout (no computing).
+
+    The stage starts from the travel position nearest the origin.
+    """
+    stage = recipe.microscope.stage
+    exposure_ms = exposure_for(recipe)
+    readout_ms = getattr(getattr(recipe.microscope, "camera", None), "readout_ms", 0.0)
+    x = min(max(0.0, stage.travel_x_um[0]), stage.travel_x_um[1])
+    y = min(max(0.0, stage.travel_y_um[0]), stage.travel_y_um[1])
+    total = 0.0
+    for t in plan.tiles:
+        total += xy_move_time_s(t.x_um - x, t.y_um - y, stage.speed_um_s, stage.acceleration_um_s2)
+        if (t.x_um, t.y_um) != (x, y):
+            total += stage.settle_ms / 1000
+        total += (exposure_ms + readout_ms) / 1000
+        x, y = t.x_um, t.y_um
+    return total
+
+
+def exposure_for(recipe: Recipe) -> float:
+    """Exposure of the scan: the scan section's, else the camera's, else 10 ms."""
+    if recipe.scan.exposure_ms is not None:
+        return recipe.scan.exposure_ms
+    camera = getattr(recipe.microscope, "camera", None)
+    return camera.exposure_ms if camera is not None else 10.0
+
+
+def to_sequence(
+    plan: ScanPlan, recipe: Recipe, tiles: Sequence[Tile] | None = None
+) -> useq.MDASequence:
+    """The useq sequence that the MDA runner executes: one event per tile.
+
+    ``tiles`` (default: all of the plan's, in order) lets a resumed scan take only the
+    missing ones; the position index of an event is then its place in ``tiles``.
+    """
+    positions = [
+        useq.AbsolutePosition(x=t.x_um, y=t.y_um, z=t.z_um, name=f"tile{t.index:05d}")
+        for t in (plan.tiles if tiles is None else tiles)
+    ]
+    return useq.MDASequence(
+        stage_positions=positions,
+        axis_order="p",
+        metadata={"waferscope": {"recipe": recipe.name, "n_tiles": len(plan.tiles)}},
+    )

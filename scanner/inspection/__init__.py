@@ -1,0 +1,1 @@
+"""Inspection: the detector's maps, die-to-die comparison, plain surfaces, defects, drift."""

@@ -1,0 +1,449 @@
+"""Defects from the anomaly maps: threshold, connected components, merging, classification.
+
+The steps, all on the maps' grid (``1 / stride`` of the model grid):
+
+1. **Hysteresis threshold.** A defect is a connected region where the anomaly exceeds a *low*
+   threshold (default halfway from the surface's median anomaly to the decision threshold,
+   at least half the latter) that somewhere exceeds the decision
+   threshold itself (the model's calibrated one unless overridden). The low threshold gives a
+   defect its full extent; the high one decides whether it is one.
+2. **Merging.** Regions closer than ``merge_px`` (model-grid pixels) are one defect: a scratch
+   whose contrast fades in places, or any defect broken into fragments, is reported once. The
+   grouping dilates the mask by half the gap and labels it; pixels keep their own extent.
+   The default gap is 24 px: with the lower thresholds of quiet and plain neighbourhoods a
+   faint scratch passes in pieces up to ~20 px apart (12 px reported a 236 µm scratch on a
+   rough coupon as two defects; the benchmark's recall is the same with 24). Line-like
+   pieces that continue one another are joined across longer gaps
+   (:func:`merge_collinear`).
+3. **Minimum size.** Defects smaller than ``min_area_px`` model-grid pixels are dropped.
+4. **Measurements** in stage µm: the anomaly-weighted centroid (sub-pixel), bounding box,
+   area, Feret diameter, peak score, mean roughness, and the uncertainty at the peak.
+5. **Class** from shape and appearance only (:func:`classify`, in
+:mod:`scanner.inspection.defectclass`):
+   nothing here knows how any simulator draws its defects.
+
+Defects whose uncertainty is high, or whose score barely passes the threshold, get
+``review=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from skimage import measure, morphology
+
+from models.calibrate import label_defects
+from scanner.defectlist import Defect
+
+# the classes live in their own module; their names stay importable from here (the tests
+# import them from scanner.inspection.defects)
+from scanner.inspection.defectclass import (  # noqa: F401
+    FAINT_CONTRAST,
+    PIT_RIM,
+    THIN_LINE_PX,
+    Appearance,
+    Features,
+    appearance,
+    classify,
+    shape_features,
+)
+
+#: Default uncertainty (bits of entropy, the map's units) above which a defect is flagged for
+#: review, when the model card does not give one (``review_uncertainty``; training calibrates
+#: it on held-out data, 0.58 for the shipped model).
+DEFAULT_REVIEW_UNCERTAINTY = 0.8
+#: Defects whose score lies in this lowest fraction of the range from the threshold to 1 are
+#: flagged for review too (barely above the threshold). A fraction of the range, not a multiple
+#: of the threshold: with a threshold above 1 / 1.15 = 0.87 a multiple flagged every defect.
+BORDERLINE = 0.15
+#: fragments closer than this (model-grid pixels) are one defect (``extract_defects``'s
+#: ``merge_px``; module docstring). Training's component count uses the same gap on the map
+#: grid: ``models.calibrate.DEFECT_MERGE_MAP_PX`` = this / the output stride (4), checked by
+#: tests/test_single_source.py since models/ may not import scanner.
+MERGE_PX = 24.0
+
+#: maps of up to this many pixels are read into memory once: each defect reads its region of
+#: three maps, and a small read of a Zarr array costs about 6 ms (a PV cell with 190 defects
+#: spent 4.5 s on them). Larger maps (gigapixel mosaics) are read region by region.
+IN_MEMORY_MAP_PX = 64_000_000
+
+#: a region whose die-to-die difference stands out of the difference's own noise around it by
+#: less than this is the design the neighbouring dies repeat (see ``extract_defects``)
+DESIGN_SNR = 3.0
+#: die-to-die z-score (noise sigmas; a defect is 13) under which a whole region is the design
+#: the neighbouring dies repeat
+DESIGN_Z = 4.0
+
+
+def _in_memory(array: Any) -> Any:
+    """``array`` as numpy when it is small enough (:data:`IN_MEMORY_MAP_PX`), else as is."""
+    if isinstance(array, np.ndarray) or math.prod(array.shape) > IN_MEMORY_MAP_PX:
+        return array
+    return np.asarray(array[...])
+
+
+def score_ceiling(threshold: float) -> float:
+    """The top of the anomaly map's useful range above a threshold: 1 on a probability map
+    (threshold below 1), twice the threshold on the detector's unbounded distance scale
+    (threshold 1 and above). Evidence from outside the model (die-to-die, plain surface)
+    approaches it, and the borderline band is measured against it."""
+    return 1.0 if threshold < 1.0 else 2.0 * float(threshold)
+
+
+def is_borderline(score: float, threshold: float) -> bool:
+    """True when ``score`` is in the lowest :data:`BORDERLINE` of the range threshold..top
+    (:func:`score_ceiling`)."""
+    return score < threshold + BORDERLINE * (score_ceiling(threshold) - threshold)
+
+
+@dataclass
+class MapGeometry:
+    """Where a map lies: stage ``(x, y)`` of the centre of pixel (0, 0), pixel size, stride."""
+
+    origin_um: tuple[float, float]
+    pixel_size_um: float
+    stride: int
+
+
+def extent_threshold(anomaly: Any, threshold: float, chunk: int = 1024) -> float:
+    """Default low (extent) threshold: halfway from the surface's typical anomaly to ``threshold``.
+
+    The typical level is the median of the map over the inspected area (zeros, outside the
+    sample, left out). Half the threshold would do on a quiet surface, but where the surface
+    itself scores near it (patterned wafers, textured cells) the extent would flood into the
+    surface and join unrelated defects.
+    """
+    h = int(anomaly.shape[0])
+    samples = []
+    for r0 in range(0, h, chunk):
+        block = np.asarray(anomaly[r0 : r0 + chunk])[::2, ::2]
+        samples.append(block[block > 0])
+    values = np.concatenate(samples) if samples else np.zeros(0)
+    typical = float(np.median(values)) if values.size else 0.0
+    return max(threshold / 2, typical + 0.5 * (threshold - typical))
+
+
+def threshold_masks(
+    anomaly: Any, threshold: float, low: float, chunk: int = 1024,
+    local: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean ``(anomaly >= low, anomaly >= threshold)`` masks, read chunk row by chunk row.
+
+    ``local`` (optional, the map's shape) is the decision threshold of each pixel: both
+    thresholds are scaled by ``local / threshold`` there.
+    """
+    h, w = (int(n) for n in anomaly.shape)
+    lo = np.zeros((h, w), dtype=bool)
+    hi = np.zeros((h, w), dtype=bool)
+    for r0 in range(0, h, chunk):
+        block = np.asarray(anomaly[r0 : r0 + chunk])
+        if local is not None:
+            block = block * (np.float32(threshold) / local[r0 : r0 + chunk])
+        lo[r0 : r0 + chunk] = block >= low
+        hi[r0 : r0 + chunk] = block >= threshold
+    return lo, hi
+
+
+def local_thresholds(threshold: float, contexts: Sequence[tuple[np.ndarray, float | None]],
+                     shape: tuple[int, int]) -> np.ndarray | None:
+    """Per map pixel decision threshold: ``threshold``, lowered where a context applies.
+
+    ``contexts`` are ``(mask, context_threshold)`` pairs (quiet, plain neighbourhoods); a
+    pixel gets the lowest threshold of the contexts it is in, never above ``threshold``.
+    None when no context lowers anything.
+    """
+    out = None
+    for mask, value in contexts:
+        if value is None or value >= threshold or mask is None or not mask.any():
+            continue
+        if out is None:
+            out = np.full(shape, threshold, dtype=np.float32)
+        np.minimum(out, np.where(mask, np.float32(value), out), out=out)
+    return out
+
+
+def merge_collinear(labels: np.ndarray, max_angle_deg: float = 10.0,
+                    min_elongation: float = 3.0, max_regions: int = 5000) -> np.ndarray:
+    """Join line-like labelled regions that continue one another: one scratch seen in pieces.
+
+    A scratch whose contrast fades over a stretch longer than the merging gap (on the
+    benchmark coupon a 1.3 mm scratch lost 0.8 mm of its middle) is one defect to a fab,
+    not two or three. Two regions are joined when both are elongated
+    (``min_elongation``), point the same way (within ``max_angle_deg``), lie on one line
+    (each centroid within 2 px or 5 % of their distance of the other's axis) and the gap
+    between their ends is no longer than the two together. Returns the labels with joined
+    regions sharing one label (unchanged with more than ``max_regions`` line-like regions).
+    """
+    props = [r for r in measure.regionprops(labels)
+             if r.area >= 3 and r.axis_major_length >= 4
+             and r.axis_major_length >= min_elongation * max(r.axis_minor_length, 1.0)]
+    if not 2 <= len(props) <= max_regions:
+        return labels  # nothing to join, or a map of noise (every piece would be a defect)
+    tol = math.radians(max_angle_deg)
+    parent = {r.label: r.label for r in props}
+
+    def root(k: int) -> int:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def along(a: float, b: float) -> bool:  # two undirected orientations agree
+        d = abs(a - b) % math.pi
+        return min(d, math.pi - d) <= tol
+
+    from scipy.spatial import cKDTree
+
+    # only pairs close enough to pass the gap test (dist <= 1.5 (la + lb)): a noisy map may
+    # hold thousands of small line-like regions
+    reach = 3.0 * max(r.axis_major_length for r in props)
+    pairs = cKDTree(np.array([r.centroid for r in props])).query_pairs(reach)
+    for i, j in sorted(pairs):
+        a, b = props[i], props[j]
+        dy, dx = (b.centroid[0] - a.centroid[0], b.centroid[1] - a.centroid[1])
+        dist = math.hypot(dy, dx)
+        la, lb = a.axis_major_length, b.axis_major_length
+        if dist - (la + lb) / 2 > la + lb or dist == 0:
+            continue
+        # on one line: each centroid near the other's axis (skimage's orientation is the
+        # angle from the row axis to the major axis); 5 % of the distance allows a gentle
+        # curve, 2 px the pieces' own width
+        off = max(2.0, 0.05 * dist)
+        if along(a.orientation, b.orientation) and all(
+                abs(dy * math.sin(r.orientation) - dx * math.cos(r.orientation)) <= off
+                for r in (a, b)):
+            parent[root(b.label)] = root(a.label)
+    lut = np.arange(int(labels.max()) + 1, dtype=labels.dtype)
+    for k in parent:
+        lut[k] = root(k)
+    return lut[labels]
+
+
+def extract_defects(
+    maps: dict[str, Any],
+    geometry: MapGeometry,
+    *,
+    threshold: float,
+    low: float | None = None,
+    min_area_px: float = 4.0,
+    merge_px: float = MERGE_PX,
+    review_uncertainty: float = DEFAULT_REVIEW_UNCERTAINTY,
+    image: Callable[[int, int, int, int], np.ndarray] | None = None,
+    local_threshold: np.ndarray | None = None,
+    merge_lines: bool = True,
+    difference: Callable[[int, int, int, int],
+                         tuple[np.ndarray, np.ndarray] | None] | None = None,
+) -> list[Defect]:
+    """Defects of one set of maps, in stage coordinates.
+
+    Parameters
+    ----------
+    maps : dict
+        ``anomaly``, ``roughness`` and ``uncertainty`` 2-D arrays (numpy or Zarr) on one grid.
+    geometry : MapGeometry
+        Map origin, pixel size and stride.
+    threshold : float
+        Decision threshold on the anomaly.
+    low : float, optional
+        Extent threshold (default :func:`extent_threshold`).
+    min_area_px : float
+        Smallest defect, in model-grid pixels (area).
+    merge_px : float
+        Fragments closer than this (model-grid pixels) are one defect.
+    review_uncertainty : float
+        Uncertainty (at the defect's peak) above which a defect gets ``review=True``.
+    image : callable, optional
+        ``image(r0, c0, h, w)``: the image on the model grid as relative reflectance
+        (``x / level - 1``, level the surface's), for each defect's contrast, centre and
+        footprint; without it the contrast is unknown and shape is measured on the map.
+    local_threshold : ndarray of float32, optional
+        The decision threshold of each map pixel where neighbourhoods have their own (quiet
+        and plain ones: :func:`local_thresholds`); the extent threshold is scaled alike.
+        Default: ``threshold`` everywhere.
+    merge_lines : bool
+        Join line-like fragments that continue one another across longer gaps
+        (:func:`merge_collinear`).
+    difference : callable, optional
+        ``difference(r0, c0, h, w)``: the die-to-die difference image in the units of
+        ``image`` (0: no difference) and its z-scores
+        (:func:`scanner.inspection.dietodie.difference_z`),
+        None outside the dies compared. The difference is read instead of ``image`` where
+        there is one, so a defect's contrast, footprint and centre are its own rather than
+        mixed with the design under it. A region where the neighbouring dies show the same
+        (z under :data:`DESIGN_Z` all over it, or a difference that does not stand out of its
+        surroundings: SNR under :data:`DESIGN_SNR`) is their common design, and is dropped.
+
+    Returns
+    -------
+    list of Defect
+        Sorted by score (highest first), ids 1, 2, ...
+    """
+    maps = {k: _in_memory(v) for k, v in maps.items()}
+    if low is None:
+        low = extent_threshold(maps["anomaly"], threshold)
+    low = min(low, threshold)
+    s = geometry.stride
+    lo, hi = threshold_masks(maps["anomaly"], threshold, low, local=local_threshold)
+    labels = label_defects(lo, hi, merge_px / s)
+    if merge_lines:
+        labels = merge_collinear(labels)
+    found: list[Defect] = []
+    for region in measure.regionprops(labels):
+        if region.area * s * s < min_area_px:
+            continue
+        defect = _region_defect(region, maps, geometry, threshold, low, review_uncertainty,
+                                image, local_threshold, difference)
+        if defect is not None:
+            found.append(defect)
+    found.sort(key=lambda d: -d.score)
+    for k, d in enumerate(found, start=1):
+        d.id = k
+    return found
+
+
+def _region_defect(
+    region: Any,
+    maps: dict[str, Any],
+    geometry: MapGeometry,
+    threshold: float,
+    low: float,
+    review_uncertainty: float,
+    image: Callable[[int, int, int, int], np.ndarray] | None,
+    local_threshold: np.ndarray | None,
+    difference: Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray] | None] | None,
+) -> Defect | None:
+    """One labelled region (``skimage.measure.regionprops``) of :func:`extract_defects` as a
+    defect with id 0; None where it is the neighbouring dies' common design."""
+    s = geometry.stride
+    p = geometry.pixel_size_um
+    x0, y0 = geometry.origin_um
+    r0, c0, r1, c1 = region.bbox
+    sub = region.image
+    an = np.asarray(maps["anomaly"][r0:r1, c0:c1], dtype=np.float64)
+    rough = np.asarray(maps["roughness"][r0:r1, c0:c1], dtype=np.float64)
+    unc = np.asarray(maps["uncertainty"][r0:r1, c0:c1], dtype=np.float64)
+    weights = np.where(sub, np.clip(an - low, 0, None) + 1e-9, 0.0)
+    rr, cc = np.nonzero(sub)
+    wsum = weights[rr, cc].sum()
+    cy = r0 + float((weights[rr, cc] * rr).sum() / wsum)
+    cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
+    m = _measure(sub, region.bbox, s, _Measured(cy, cx, shape_features(sub)), image,
+                 difference)
+    if m is None:
+        return None  # the neighbouring dies show the same: their common design
+    shape, cy, cx = m.shape, m.cy, m.cx
+    feats = Features(
+        area=shape["area"], length=shape["length"], width=shape["width"],
+        elongation=shape["elongation"], solidity=shape["solidity"], extent=shape["extent"],
+        branches=int(shape["branches"]), tortuosity=shape["tortuosity"],
+        skeleton=int(shape["skeleton"]), corners=bool(shape["corners"]),
+        contrast=m.contrast, snr=m.snr, resolution=m.resolution, rim=m.rim, body=m.body,
+        map_winding=m.map_winding,
+    )
+    defect_class = classify(feats)
+    if defect_class in ("scratch", "crack"):
+        cy, cx = _on_skeleton(sub, cy - r0, cx - c0)
+        cy, cx = cy + r0, cx + c0
+    # the uncertainty where the defect is most anomalous: how sure the model is that
+    # there is a defect. Not the mean over the region: a defect's fringe is uncertain by
+    # nature (p near 0.5 at any edge), so the mean grew with size and ranked true cracks
+    # as less certain than false grain-boundary spots (bench, shipped model: Spearman
+    # with "defect is false" 0.49 at the peak, 0.16 as the mean)
+    peak = np.unravel_index(int(np.argmax(np.where(sub, an, -np.inf))), an.shape)
+    score = float(an[peak])
+    uncertainty = float(unc[peak])
+    # the threshold that decided at the peak (quiet and plain neighbourhoods have their own)
+    applied = (float(local_threshold[r0 + peak[0], c0 + peak[1]])
+               if local_threshold is not None else threshold)
+    return Defect(
+        id=0,
+        x_um=x0 + cx * p,
+        y_um=y0 + cy * p,
+        bbox_um=(x0 + (c0 - 0.5) * p, y0 + (r0 - 0.5) * p,
+                 x0 + (c1 - 0.5) * p, y0 + (r1 - 0.5) * p),
+        area_um2=float(region.area) * p * p,
+        size_um=max(shape["feret"], 1.0) * p,
+        defect_class=defect_class,
+        score=score,
+        roughness=float(rough[sub].mean()),
+        uncertainty=uncertainty,
+        review=bool(uncertainty >= review_uncertainty or is_borderline(score, applied)),
+    )
+
+
+@dataclass
+class _Measured:
+    """A region's centre (map pixels) and shape, and what its image says: contrast, noise,
+    rim and body (NaN without an image), the resolution its shape was measured at (map
+    pixels per pixel) and whether the map region winds (its footprint is one piece only)."""
+
+    cy: float
+    cx: float
+    shape: dict[str, Any]
+    contrast: float = math.nan
+    snr: float = math.nan
+    rim: float = math.nan
+    body: float = math.nan
+    resolution: float = 1.0
+    map_winding: bool = False
+
+
+def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measured,
+             image: Callable[[int, int, int, int], np.ndarray] | None,
+             difference: Callable[[int, int, int, int],
+                                  tuple[np.ndarray, np.ndarray] | None] | None,
+             ) -> _Measured | None:
+    """``m`` measured again on the region's die-to-die difference or image around it, where
+    there is one (contrast, centre, footprint); None where the difference shows the
+    neighbouring dies' common design."""
+    r0, c0, r1, c1 = bbox
+    margin = min(max(2, int(round(0.5 * max(r1 - r0, c1 - c0)))), 8) + 2
+    pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
+    ph, pw = (r1 - r0 + 2 * margin) * s, (c1 - c0 + 2 * margin) * s
+    compared = difference(pr0, pc0, ph, pw) if difference is not None else None
+    patch = compared[0] if compared is not None else None
+    if patch is None and image is not None:
+        patch = image(pr0, pc0, ph, pw)
+    if patch is None:
+        return m
+    patch = np.asarray(patch, dtype=np.float32)
+    inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
+    inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
+    inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
+    look = appearance(patch, inside, ring_px=min(max(2, margin * s // 2), 24))
+    if compared is not None and (
+            float(compared[1][inside].max(initial=0.0)) < DESIGN_Z
+            or (math.isfinite(look.snr) and look.snr < DESIGN_SNR)):
+        return None  # the neighbouring dies show the same: their common design
+    m.contrast, m.snr, m.rim, m.body = look.contrast, look.snr, look.rim, look.body
+    if look.centre is not None:  # model-grid pixel -> map pixel coordinates
+        m.cy = (pr0 + look.centre[0] - (s - 1) / 2) / s
+        m.cx = (pc0 + look.centre[1] - (s - 1) / 2) / s
+    if look.footprint is not None:  # the class from the defect itself, not its blur
+        fine = shape_features(look.footprint)
+        # size stays the map region's, and so does the course of the whole defect:
+        # the footprint is its largest piece only (one branch of a crack)
+        m.map_winding = m.shape["tortuosity"] >= 1.2 or m.shape["branches"] >= 2
+        m.shape = {**fine, "feret": m.shape["feret"]}
+        m.resolution = 1.0 / s
+    return m
+
+
+def _on_skeleton(mask: np.ndarray, cy: float, cx: float) -> tuple[float, float]:
+    """The point of a line-like region's skeleton nearest to ``(cy, cx)``.
+
+    The centroid of a curved scratch or a crack may lie off the defect; its centre is
+    reported on the defect itself.
+    """
+    skel = morphology.skeletonize(mask)
+    rr, cc = np.nonzero(skel)
+    if rr.size == 0:
+        return cy, cx
+    k = int(np.argmin((rr - cy) ** 2 + (cc - cx) ** 2))
+    if math.hypot(rr[k] - cy, cc[k] - cx) <= 1.0:
+        return cy, cx
+    return float(rr[k]), float(cc[k])

@@ -1,0 +1,581 @@
+"""Die-to-die comparison: each die of a patterned wafer against the median of its neighbours.
+
+The dies of a wafer are copies of one design, so the strongest evidence of a defect inside a
+die is a difference from the other dies at the same in-die position: fab inspection tools
+compare every die with its neighbours for this reason. The anomaly network judges a window on
+its own; it cannot know that a patch of bare silicon inside a die is a *missing* structure, and
+it must tolerate the design's own busy circuitry, which hides faint stains and thin scratches.
+
+For every full die of the recipe's die grid inside the usable area and the mosaic:
+
+1. dies unlike the others (an unexposed field, a test die, another product: thumbnail
+   correlation) are neither compared nor used as references (:func:`alike_dies`);
+2. every die is aligned to one anchor die, first as a whole at a coarse resolution (a recipe
+   pitch a little off moves far dies by many pixels), then block by block (phase correlation,
+   scikit-image), because a stitched mosaic has local offsets of a pixel or two at tile seams
+   (:func:`shift_fields`); a reference's offset from a test die is the difference of the two;
+3. band by band of the test die (memory stays flat whatever the die's size), its nearest dies
+   (up to ``neighbours``) are moved onto it, block by block;
+4. at each of a few scales (a thin scratch at the finest, a faint wide stain at the coarsest,
+   coarse scales on block means) the smoothed test's distance outside the minimum-maximum
+   envelope of the smoothed references over +-``tolerance_px`` is the difference, divided by
+   the local die-to-die noise (how much the references differ from one another around the
+   pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`).
+
+Edge dies cut by the usable area (or the mosaic's border) are compared too, on their usable
+part, as fab tools inspect partial dies: aligned around a whole-die shift predicted from the
+full dies (:func:`partial_fields`), referenced to their nearest full dies, and left out where
+their usable part does not look like the same part of the other dies (an edge field that was
+never exposed: :func:`alike_partial_dies`).
+
+A z-score of :attr:`DieToDie.z_threshold` means "a defect" and is put on the anomaly map's
+scale at the decision threshold (:func:`z_to_score`), so the two kinds of evidence join in one
+anomaly map and one defect list (:func:`scanner.inspection.stage.inspect_mosaic`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from scanner.diegrid import DieGrid
+
+# the comparison's parts live in sibling modules; their names stay importable from here
+# (scanner.inspection.stage and the tests import them from scanner.inspection.dietodie)
+from scanner.inspection.dietodie_alike import alike_dies, alike_partial_dies  # noqa: F401
+from scanner.inspection.dietodie_geometry import (  # noqa: F401
+    Cell,
+    MosaicGrid,
+    UsableArea,
+    _blocks,
+    _DieCache,
+    _read,
+    _shifted,
+    die_origin_px,
+    die_shape_px,
+    full_dies,
+    nearest_dies,
+)
+from scanner.inspection.dietodie_maps import (  # noqa: F401
+    Patch,
+    apply_patches,
+    map_patch,
+    opened_max_at,
+    z_to_score,
+)
+from scanner.inspection.dietodie_maths import (  # noqa: F401
+    _correlate,
+    block_shift,
+    coarse_die,
+    difference_z,
+    match_levels,
+)
+
+#: dies smaller than this (mosaic pixels a side) are not compared
+MIN_DIE_PX = 32
+
+
+@dataclass(frozen=True)
+class DieToDie:
+    """Settings of the die-to-die comparison.
+
+    Attributes
+    ----------
+    z_threshold : float
+        Difference (in noise standard deviations at its scale) that counts as a defect.
+    neighbours : int
+        Reference dies per die (the nearest full dies); at least two are needed.
+    block_px : int
+        Side of the blocks aligned one by one (mosaic pixels).
+    band_px : int
+        Rows of a die compared at a time (bounds memory).
+    max_shift_px : float
+        Largest misalignment of a die searched for (larger estimates are failures).
+    max_global_px : int
+        Largest offset of a whole die from where the recipe's grid puts it, relative to the
+        anchor die (a die pitch a little off, stage drift); found at a coarse resolution
+        before the blocks are aligned within ``max_shift_px`` of it.
+    scales_px : tuple of float
+        Gaussian sigmas (mosaic pixels) at which differences are scored.
+    tolerance_px : int
+        Local misalignment tolerated after alignment (see :func:`difference_z`).
+    """
+
+    z_threshold: float = 13.0
+    neighbours: int = 4
+    block_px: int = 256
+    band_px: int = 1024
+    max_shift_px: float = 4.0
+    max_global_px: int = 16
+    tolerance_px: int = 4
+    scales_px: tuple[float, ...] = (1.0, 2.5, 6.0)
+
+
+def _margin(settings: DieToDie) -> int:
+    """Pixels read around a die: room for a reference's shift relative to a test die."""
+    return 2 * (int(settings.max_global_px) + int(math.ceil(settings.max_shift_px))) + 4
+
+
+def global_shift(fixed: np.ndarray, moving: np.ndarray, max_px: float,
+                 fixed_coarse: tuple[np.ndarray, int] | None = None) -> np.ndarray:
+    """Whole-pixel shift ``(dy, dx)`` aligning a whole die onto another (0 if beyond ``max_px``).
+
+    Phase correlation of the two dies reduced to about 128-256 pixels a side
+    (:func:`coarse_die`; ``fixed_coarse`` when already reduced), so an offset of many pixels
+    is found in one step from the die's coarse structure; blocks are then aligned around it.
+    """
+    fc, f = fixed_coarse if fixed_coarse is not None else coarse_die(fixed)
+    mc, _ = coarse_die(moving)
+    # sub-sampled precision (1 / f of a coarse pixel), so the estimate is good to a full
+    # resolution pixel rather than a step of f
+    shift = _correlate(fc, mc, upsample=2 * f)
+    if shift is None:
+        return np.zeros(2)
+    shift = np.round(shift * f)
+    return shift if np.all(np.abs(shift) <= max_px) else np.zeros(2)
+
+
+def shift_fields(
+    level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], anchor: Cell,
+    settings: DieToDie
+) -> dict[Cell, np.ndarray]:
+    """Per-block shift of every die onto one anchor die, shape ``(block rows, block cols, 2)``.
+
+    Aligning a reference onto a test die is then ``field[ref] - field[test]``: one phase
+    correlation per block and die rather than one per block, die and reference.
+
+    Phase correlation fails on featureless blocks and may lock a period off on a fine grating,
+    so each block keeps whichever of three candidates leaves the smallest squared difference
+    to the anchor: its own estimate, the median of its neighbours' estimates, and the median
+    of the die's (stitching leaves smooth offsets of a pixel or two between tiles).
+    """
+    h_die, w_die = die_shape_px(grid, mosaic)
+    ar, ac, _ = die_origin_px(grid, mosaic, anchor)
+    anchor_die = _read(level0, ar, ac, h_die, w_die)
+    anchor_coarse = coarse_die(anchor_die)
+    fields: dict[Cell, np.ndarray] = {}
+    for cell in cells:
+        if cell == anchor:
+            fields[cell] = _die_field(level0, mosaic, grid, cell, anchor, None, settings)
+            continue
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        # the whole die first (a pitch a little off moves far dies by many pixels), then
+        # each block within max_shift_px of that
+        die = _read(level0, r0, c0, h_die, w_die)
+        g = global_shift(anchor_die, die, settings.max_global_px, anchor_coarse)
+        if np.any(g != 0):
+            # kept only when it matches the anchor better than the grid's position does: a
+            # moiré of a grating finer than the pixels differs from die to die (it follows
+            # the die's sub-pixel phase) and can still mislead the coarse correlation
+            # (3.5 um pixels: one die 11 px off, every edge of it a false defect)
+            moved = _read(level0, r0 - int(g[0]), c0 - int(g[1]), h_die, w_die)
+            if _mean_square(anchor_die - moved) >= _mean_square(anchor_die - die):
+                g = np.zeros(2)
+        fields[cell] = _die_field(level0, mosaic, grid, cell, anchor, g, settings)
+    return fields
+
+
+def _mean_square(a: np.ndarray) -> float:
+    return float(np.mean(np.square(a[::2, ::2], dtype=np.float64)))
+
+
+def partial_fields(
+    level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], anchor: Cell,
+    fields: dict[Cell, np.ndarray], usable: UsableArea, settings: DieToDie
+) -> dict[Cell, np.ndarray]:
+    """Per-block shifts of partial dies onto the anchor, as :func:`shift_fields`.
+
+    A die cut by the wafer's edge cannot be aligned as a whole (the chuck is in it), so its
+    whole-die shift is predicted from the full dies' ``fields``: a plane over the grid (a die
+    pitch a little off moves dies in proportion to their index), and only its blocks that lie
+    in the ``usable`` area are aligned on their own.
+    """
+    if not fields:
+        return {}
+    idx = np.array([(1.0, c, r) for c, r in fields])
+    typical = np.array([np.median(f.reshape(-1, 2), axis=0) for f in fields.values()])
+    coef, *_ = np.linalg.lstsq(idx, typical, rcond=None)
+    b = int(settings.block_px)
+    h_die, w_die = die_shape_px(grid, mosaic)
+    out = {}
+    for cell in cells:
+        g = np.round(np.array([1.0, cell[0], cell[1]]) @ coef)
+        g = np.clip(g, -settings.max_global_px, settings.max_global_px)
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        share = np.array([[usable(r0 + y0, c0 + x0, y1 - y0, x1 - x0).mean()
+                           for x0, x1 in _blocks(w_die, b)] for y0, y1 in _blocks(h_die, b)])
+        out[cell] = _die_field(level0, mosaic, grid, cell, anchor, g, settings,
+                               aligned_blocks=share >= 0.9)
+    return out
+
+
+def _die_field(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cell: Cell, anchor: Cell,
+               g: np.ndarray | None, settings: DieToDie,
+               aligned_blocks: np.ndarray | None = None) -> np.ndarray:
+    """Block shifts of one die onto the anchor around its whole-die shift ``g`` (see
+    :func:`shift_fields`; ``None``: the anchor itself). Only ``aligned_blocks`` (all when
+    None) are estimated and judged on their own; the others take their neighbours' median."""
+    h_die, w_die = die_shape_px(grid, mosaic)
+    b = int(settings.block_px)
+    m = int(math.ceil(settings.max_shift_px)) + 2
+    rows, cols = _blocks(h_die, b), _blocks(w_die, b)
+    field = np.zeros((len(rows), len(cols), 2))
+    if g is None:
+        return field
+    if aligned_blocks is None:
+        aligned_blocks = np.ones(field.shape[:2], dtype=bool)
+    ar, ac, _ = die_origin_px(grid, mosaic, anchor)
+    r0, c0, _ = die_origin_px(grid, mosaic, cell)
+    gy, gx = int(g[0]), int(g[1])
+    r0, c0 = r0 - gy, c0 - gx  # blocks of the die are read offset by the whole-die shift
+    own = np.full_like(field, np.nan)
+    # each block row of the anchor and of the die (with a margin), read once for both passes
+    pairs = [(_read(level0, ar + y0, ac, y1 - y0, w_die),
+              _read(level0, r0 + y0 - m, c0 - m, y1 - y0 + 2 * m, w_die + 2 * m))
+             for y0, y1 in rows]
+    for i, (fixed, moving) in enumerate(pairs):
+        for j, (x0, x1) in enumerate(cols):
+            if not aligned_blocks[i, j]:
+                continue
+            est = block_shift(fixed[:, x0:x1], moving[m:-m, m + x0:m + x1],
+                              settings.max_shift_px)
+            if est is not None:
+                own[i, j] = est
+    valid = np.isfinite(own[..., 0])
+    typical = np.median(own[valid], axis=0) if valid.any() else np.zeros(2)
+    # the field holds the whole shift: the global part plus the block's
+    for i, ((y0, y1), (fixed, moving)) in enumerate(zip(rows, pairs, strict=True)):
+        for j, (x0, x1) in enumerate(cols):
+            near = own[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].reshape(-1, 2)
+            near = near[np.isfinite(near[:, 0])]
+            if not aligned_blocks[i, j]:  # mostly outside the usable area: nothing to judge by
+                field[i, j] = g + (np.median(near, axis=0) if len(near) else typical)
+                continue
+            candidates = [typical] + ([np.median(near, axis=0)] if len(near) else []) \
+                + ([own[i, j]] if valid[i, j] else [])
+            distinct = [c for k, c in enumerate(candidates)
+                        if all(np.abs(c - o).max() > 0.2 for o in candidates[:k])]
+            if len(distinct) == 1:
+                field[i, j] = g + distinct[0]
+                continue
+            target = fixed[m:y1 - y0 - m, x0 + m:x1 - m]  # away from the block's border
+            best, best_err = typical, math.inf
+            for c in distinct:
+                moved = _shifted(moving, 0, x0, y1 - y0, x1 - x0, c, m)[m:-m, m:-m]
+                err = float(np.mean((moved - target) ** 2)) if target.size else 0.0
+                if err < best_err - 1e-9:
+                    best, best_err = c, err
+            field[i, j] = g + best
+    return field
+
+
+@dataclass
+class Comparison:
+    """The dies a die-to-die pass compared, their references and alignment.
+
+    Attributes
+    ----------
+    mosaic, grid, settings
+        As given to :func:`compare_dies`.
+    fields : dict
+        Per-block shift of each compared die onto the anchor (:func:`shift_fields`).
+    refs_of : dict
+        The reference dies of each compared die.
+    partial : set
+        The partial (edge) dies compared, on their ``usable`` pixels only.
+    usable : UsableArea or None
+    """
+
+    mosaic: MosaicGrid
+    grid: DieGrid
+    settings: DieToDie
+    fields: dict[Cell, np.ndarray]
+    refs_of: dict[Cell, list[Cell]]
+    partial: set[Cell]
+    usable: UsableArea | None
+
+    def difference(self, level0: Any, r0: int, c0: int, h: int, w: int
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The test die minus the median of its aligned references over mosaic pixels
+        ``[r0, r0+h) x [c0, c0+w)`` (float32, the mosaic's units), and the z-scores of
+        :func:`difference_z` there.
+
+        What a defect looks like without the design around it: a particle on circuitry is a
+        blob, missing pattern a patch of the design's own structure with both signs; z under
+        a few means the neighbouring dies show the same. None unless the window lies inside
+        one compared die; 0 outside a partial die's usable part. The references are moved
+        by the shift of the block at the window's centre.
+        """
+        h_die, w_die = die_shape_px(self.grid, self.mosaic)
+        p = self.mosaic.pixel_size_um
+        cell = self.grid.index(self.mosaic.origin_um[0] + (c0 + w / 2) * p,
+                               self.mosaic.origin_um[1] + (r0 + h / 2) * p)
+        refs = self.refs_of.get(cell, [])
+        if cell not in self.fields or len(refs) < 2:
+            return None
+        tr, tc, _ = die_origin_px(self.grid, self.mosaic, cell)
+        dr, dc = r0 - tr, c0 - tc
+        if dr < 0 or dc < 0 or dr + h > h_die or dc + w > w_die:
+            return None
+        b = int(self.settings.block_px)
+        field = self.fields[cell]
+        i = min((dr + h // 2) // b, field.shape[0] - 1)
+        j = min((dc + w // 2) // b, field.shape[1] - 1)
+        m = _margin(self.settings)
+        # read with room for the smoothing of the z-scores, then cropped; and wide enough
+        # that the levels matched between dies (medians) are the surroundings' more than a
+        # large faint stain's own (else its difference is normalised away)
+        pad = max(int(math.ceil(3 * max(self.settings.scales_px))) + 4, h, w)
+        test = _read(level0, r0 - pad, c0 - pad, h + 2 * pad, w + 2 * pad)
+        aligned = []
+        for ref in refs:
+            rr, rc, _ = die_origin_px(self.grid, self.mosaic, ref)
+            window = _read(level0, rr + dr - pad - m, rc + dc - pad - m, h + 2 * (pad + m),
+                           w + 2 * (pad + m))
+            aligned.append(_shifted(window, 0, 0, h + 2 * pad, w + 2 * pad,
+                                    self.fields[ref][i, j] - field[i, j], m))
+        mask = None
+        if cell in self.partial and self.usable is not None:
+            mask = self.usable(r0 - pad, c0 - pad, h + 2 * pad, w + 2 * pad)
+        # levels matched here as difference_z matches them (there it is then a no-op)
+        _, refs_img = match_levels(test, np.stack(aligned), mask)
+        z = difference_z(test, refs_img, self.settings.scales_px, self.settings.tolerance_px,
+                         mask)
+        diff = test - np.median(refs_img, axis=0)
+        if mask is not None:
+            diff[~mask] = 0.0
+        core = (slice(pad, pad + h), slice(pad, pad + w))
+        return diff[core].astype(np.float32), z[core]
+
+
+def compare_dies(
+    level0: Any,
+    mosaic: MosaicGrid,
+    grid: DieGrid,
+    cells: list[Cell],
+    settings: DieToDie = DieToDie(),
+    partial: list[Cell] | None = None,
+    polygon: Any = None,
+    pyramid: list[Any] | None = None,
+    plans: list[Comparison] | None = None,
+) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
+    """Z-score maps of every die against its neighbours, band by band.
+
+    Only the dies alike enough to be compared (:func:`alike_dies`) are; ``cells`` are all the
+    full dies. ``partial`` dies (cut by the usable ``polygon`` or the mosaic's border: the
+    edge dies of a wafer) are compared on their usable part against their nearest full
+    dies, when that part looks like the same part of the anchor die (an edge field left
+    unexposed is not a defect; ``pyramid``: the mosaic's levels, for
+    :func:`alike_partial_dies`).
+    The dies compared and their alignment are appended to ``plans`` as a :class:`Comparison`
+    (for difference images of the defects found).
+
+    Yields
+    ------
+    cell, r0, c0, z
+        A die, the mosaic pixel of the band's top-left corner and the band's z-score map.
+    """
+    h_die, w_die = die_shape_px(grid, mosaic)
+    cells, level0 = _cached_dies(level0, mosaic, grid, cells, settings)
+    cells, anchor = alike_dies(level0, mosaic, grid, cells)
+    if anchor is None:
+        return  # fewer than three comparable dies: two cannot tell which one differs
+    fields = shift_fields(level0, mosaic, grid, cells, anchor, settings)
+    refs_of = nearest_dies(cells, settings.neighbours)
+    usable, edge = None, []
+    if partial and polygon is not None:
+        usable = UsableArea(polygon, mosaic, settings.tolerance_px)
+        edge = alike_partial_dies(level0, mosaic, grid, partial, anchor, usable, pyramid=pyramid)
+        fields.update(partial_fields(level0, mosaic, grid, edge, anchor, fields, usable,
+                                     settings))
+        refs_of.update(nearest_dies(edge, settings.neighbours, among=cells))
+    plan = Comparison(mosaic, grid, settings, fields, refs_of, set(edge), usable)
+    if plans is not None:
+        plans.append(plan)
+    yield from _scored(_bands(level0, plan, [*cells, *edge], (h_die, w_die)), settings)
+
+
+def _cached_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
+                 settings: DieToDie) -> tuple[list[Cell], _DieCache]:
+    """The dies with room around them to be aligned (the others are not compared), and the
+    mosaic read through a cache of their whole cells."""
+    h_die, w_die = die_shape_px(grid, mosaic)
+    margin = _margin(settings)
+    boxes = {}
+    for cell in cells:
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        box = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
+        if box[0] >= 0 and box[1] >= 0 and box[2] <= mosaic.shape[0] \
+                and box[3] <= mosaic.shape[1]:  # room to align it: else not compared
+            boxes[cell] = box
+    cells = [c for c in cells if c in boxes]
+    # more dies are kept while they fit
+    return cells, _DieCache(level0, boxes, capacity=settings.neighbours + 2)
+
+
+#: one band of a die to score: the die, the mosaic pixel of the band's top-left corner, the
+#: band's rows within the read rows, the test rows, its aligned references and the usable mask
+_Band = tuple[Cell, int, int, slice, np.ndarray, np.ndarray, np.ndarray | None]
+
+
+def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int, int]
+           ) -> Iterator[_Band]:
+    """Every compared die band by band, read with the references moved onto it block by
+    block (``plan``: the dies' shift fields, references and the usable area of edge dies)."""
+    mosaic, grid, settings = plan.mosaic, plan.grid, plan.settings
+    fields, usable = plan.fields, plan.usable
+    h_die, w_die = die_shape
+    margin = _margin(settings)
+    # bands are scored with this many rows of the die above and below, so the smoothing
+    # does not see a band's border
+    overlap = int(math.ceil(3 * max(settings.scales_px))) + 4
+    b = int(settings.block_px)
+    cols = _blocks(w_die, b)
+    for cell in dies:
+        tr, tc, _ = die_origin_px(grid, mosaic, cell)
+        refs = plan.refs_of[cell]
+        if len(refs) < 2:
+            continue
+        for br in range(0, h_die, settings.band_px):
+            bh = min(settings.band_px, h_die - br)
+            top, bottom = min(overlap, br), min(overlap, h_die - br - bh)
+            d0, h = br - top, bh + top + bottom  # die rows [d0, d0 + h)
+            # a partial die: only the columns around its usable part of this band
+            x_lo, x_hi, mask = 0, w_die, None
+            if usable is not None and cell in plan.partial:
+                mask = usable(tr + d0, tc, h, w_die)
+                used = np.flatnonzero(mask[top:top + bh].any(axis=0))
+                if not len(used):
+                    continue
+                x_lo, x_hi = max(0, used[0] - overlap), min(w_die, used[-1] + 1 + overlap)
+                mask = mask[:, x_lo:x_hi]
+            test = _read(level0, tr + d0, tc + x_lo, h, x_hi - x_lo)
+            aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
+            for k, ref in enumerate(refs):
+                rr, rc, _ = die_origin_px(grid, mosaic, ref)
+                shifts = fields[ref] - fields[cell]
+                band = _read(level0, rr + d0 - margin, rc - margin,
+                             h + 2 * margin, w_die + 2 * margin)
+                y = 0
+                while y < h:  # rows of the band, cut where the block rows change
+                    i = (d0 + y) // b
+                    y1 = min(h, (i + 1) * b - d0)
+                    for j, (x0, x1) in enumerate(cols):
+                        if x1 <= x_lo or x0 >= x_hi:
+                            continue
+                        aligned[k, y:y1, x0:x1] = _shifted(band, y, x0, y1 - y, x1 - x0,
+                                                           shifts[i, j], margin)
+                    y = y1
+            yield (cell, tr + br, tc + x_lo, slice(top, top + bh), test,
+                   aligned[:, :, x_lo:x_hi], mask)
+
+
+def _scored(jobs: Iterator[_Band], settings: DieToDie
+            ) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
+    """The z-score maps of the bands, in order, scored by two worker threads."""
+
+    def score(job: _Band) -> tuple[Cell, int, int, np.ndarray]:
+        cell, r0, c0, rows, test, aligned, mask = job
+        z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px, mask)
+        return cell, r0, c0, z[rows]
+
+    # two worker threads score bands while the next is read and aligned (numpy and scipy
+    # release the GIL for much of the scoring: demo wafer, 49 dies, 9.9 s with one worker,
+    # 7.0 s with two on 2 cores); at most three bands wait, so memory stays that of a few bands
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = []
+        for job in jobs:
+            pending.append(pool.submit(score, job))
+            if len(pending) > 2:
+                yield pending.pop(0).result()
+        for f in pending:
+            yield f.result()
+
+
+@dataclass
+class DieToDieStats:
+    """What a die-to-die pass did (for the defect list's header)."""
+
+    dies: int = 0
+    partial_dies: int = 0
+    z_threshold: float = 0.0
+    seconds: float = 0.0
+    pixels_over: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {"dies": self.dies, "partial_dies": self.partial_dies,
+                "z_threshold": self.z_threshold,
+                "seconds": round(self.seconds, 3), "map_pixels_over_threshold": self.pixels_over}
+
+
+def die_to_die_patches(
+    map_origin_um: tuple[float, float],
+    map_pixel_um: float,
+    level0: Any,
+    mosaic: MosaicGrid,
+    grid: DieGrid,
+    polygon: Any,
+    threshold: float,
+    settings: DieToDie = DieToDie(),
+    pyramid: list[Any] | None = None,
+) -> tuple[list[Patch], DieToDieStats, Comparison | None]:
+    """Die-to-die evidence of every die as blocks of anomaly-map scores, and the comparison
+    made (None when no dies were compared: :meth:`Comparison.difference` images).
+
+    Needs only the mosaic and the map's geometry, not the map; :func:`apply_patches` then
+    raises the map to them.
+
+    Parameters
+    ----------
+    map_origin_um, map_pixel_um
+        Stage ``(x, y)`` of the centre of map pixel ``(0, 0)`` and the map pixel size.
+    level0 : array-like
+        Level 0 of the mosaic.
+    mosaic : MosaicGrid
+        The mosaic's geometry.
+    grid : DieGrid
+        The recipe's die grid.
+    polygon : shapely Polygon
+        The usable area: dies wholly inside it are compared with each other, and the edge
+        dies it cuts on their part inside it (see :func:`compare_dies`).
+    threshold : float
+        The decision threshold the z-scores are put on (:func:`z_to_score`).
+    settings : DieToDie
+        Comparison settings.
+    pyramid : list of array-like, optional
+        The mosaic's levels (level 0 first), to screen edge dies cheaply.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    stats = DieToDieStats(z_threshold=settings.z_threshold)
+    patches: list[Patch] = []
+    if min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
+        return patches, stats, None  # dies of a few pixels: nothing to align or compare
+    cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
+    if len(cells) < 3:
+        return patches, stats, None
+    stats.dies = len(cells)
+    partial = [(c, r) for c, r, _ in grid.cells_in(polygon) if (c, r) not in set(cells)]
+    compared = set()
+    plans: list[Comparison] = []
+    for cell, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings, partial,
+                                        polygon, pyramid, plans):
+        compared.add(cell)
+        patch = map_patch(z, r0, c0, mosaic, map_origin_um, map_pixel_um, settings.z_threshold,
+                          threshold)
+        if patch is not None:
+            stats.pixels_over += int(np.count_nonzero(patch[2] >= threshold))
+            patches.append(patch)
+    stats.partial_dies = len(compared.intersection(partial))
+    stats.seconds = time.perf_counter() - t0
+    return patches, stats, plans[0] if plans else None
+
+

@@ -1,0 +1,202 @@
+"""Where the dies of a die-to-die comparison lie on the mosaic, and reading them.
+
+The mosaic's geometry (:class:`MosaicGrid`), the full dies inside the usable area and their
+nearest neighbours, each die's corner in mosaic pixels, the usable area as a mask
+(:class:`UsableArea`), and reading dies from the mosaic: whole dies cached, windows beyond the
+mosaic's border, windows moved by a sub-pixel shift (:mod:`scanner.inspection.dietodie`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from scanner.diegrid import DieGrid
+
+Cell = tuple[int, int]
+
+
+@dataclass
+class MosaicGrid:
+    """Where mosaic pixels lie on the stage: ``origin_um`` is the centre of pixel ``(0, 0)``."""
+
+    origin_um: tuple[float, float]
+    pixel_size_um: float
+    shape: tuple[int, int]
+
+    def to_px(self, x_um: float, y_um: float) -> tuple[float, float]:
+        """``(row, col)`` (fractional) of a stage point."""
+        return ((y_um - self.origin_um[1]) / self.pixel_size_um,
+                (x_um - self.origin_um[0]) / self.pixel_size_um)
+
+
+def die_shape_px(grid: DieGrid, mosaic: MosaicGrid) -> tuple[int, int]:
+    """``(rows, cols)`` of mosaic pixels compared per die: whole pixels of the die pitch."""
+    p = mosaic.pixel_size_um
+    return int(math.floor(grid.pitch_um[1] / p)), int(math.floor(grid.pitch_um[0] / p))
+
+
+def full_dies(grid: DieGrid, polygon: Any, mosaic: MosaicGrid, margin_px: int = 0) -> list[Cell]:
+    """Die cells wholly inside the usable area and inside the mosaic (with a margin)."""
+    rows, cols = mosaic.shape
+    out = []
+    for col, row, full in grid.cells_in(polygon):
+        if not full:
+            continue
+        x0, y0, x1, y1 = grid.cell_box(col, row)
+        r0, c0 = mosaic.to_px(x0, y0)
+        r1, c1 = mosaic.to_px(x1, y1)
+        if r0 - margin_px >= 0 and c0 - margin_px >= 0 and r1 + margin_px < rows - 1 \
+                and c1 + margin_px < cols - 1:
+            out.append((col, row))
+    return out
+
+
+def nearest_dies(cells: list[Cell], k: int, among: list[Cell] | None = None
+                 ) -> dict[Cell, list[Cell]]:
+    """Up to ``k`` nearest other dies of each die (grid distance; ties in a fixed order),
+    taken from ``among`` (default: ``cells`` themselves)."""
+    from scipy.spatial import cKDTree
+
+    among = cells if among is None else among
+    if not cells or not among or (among is cells and len(cells) < 2):
+        return {c: [] for c in cells}
+    tree = cKDTree(np.array(among, dtype=float))
+    # a few more than k, then ties ordered by (distance, row, column)
+    _, idx = tree.query(np.array(cells, dtype=float), k=min(len(among), k + 9))
+    out = {}
+    for i, c in enumerate(cells):
+        others = sorted((among[j] for j in np.atleast_1d(idx[i])
+                         if j < len(among) and among[j] != c),
+                        key=lambda o, c=c: (math.hypot(o[0] - c[0], o[1] - c[1]), o[1], o[0]))
+        out[c] = others[:k]
+    return out
+
+
+class _DieCache:
+    """Read-through cache of whole die cells of a mosaic (with a margin), least recently used.
+
+    Alignment and comparison read each die many times in small pieces (blocks, bands, as test
+    and as reference); Zarr decompresses whole chunks for every piece. Whole dies are read
+    once while at least three fit in ``budget_bytes``; otherwise reads go to the mosaic.
+    """
+
+    def __init__(self, level0: Any, boxes: dict[Cell, tuple[int, int, int, int]],
+                 capacity: int, budget_bytes: int = 512 * 2**20) -> None:
+        from collections import OrderedDict
+
+        self.level0 = level0
+        self.shape = tuple(level0.shape)
+        self.boxes = boxes
+        size = max(((b[2] - b[0]) * (b[3] - b[1]) for b in boxes.values()), default=0)
+        per_die = size * np.dtype(level0.dtype).itemsize
+        self.capacity = max(capacity, budget_bytes // max(per_die, 1)) \
+            if 3 * per_die <= budget_bytes else 0
+        self._dies: OrderedDict[Cell, np.ndarray] = OrderedDict()
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rs, cs = key
+        if self.capacity >= 3:
+            for cell, (r0, c0, r1, c1) in self.boxes.items():
+                if r0 <= rs.start and rs.stop <= r1 and c0 <= cs.start and cs.stop <= c1:
+                    return self._die(cell)[rs.start - r0:rs.stop - r0:rs.step,
+                                           cs.start - c0:cs.stop - c0:cs.step]
+        return np.asarray(self.level0[rs, cs])
+
+    def _die(self, cell: Cell) -> np.ndarray:
+        if cell in self._dies:
+            self._dies.move_to_end(cell)
+            return self._dies[cell]
+        r0, c0, r1, c1 = self.boxes[cell]
+        self._dies[cell] = np.asarray(self.level0[r0:r1, c0:c1])
+        while len(self._dies) > self.capacity:
+            self._dies.popitem(last=False)
+        return self._dies[cell]
+
+
+def _read(arr: Any, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+    """``arr[r0:r0+h, c0:c0+w]`` as float32; pixels beyond ``arr`` read as 0 (a die cut by
+    the mosaic's border: they are never compared)."""
+    rows, cols = arr.shape[-2:]
+    if r0 >= 0 and c0 >= 0 and r0 + h <= rows and c0 + w <= cols:
+        return np.asarray(arr[r0:r0 + h, c0:c0 + w], dtype=np.float32)
+    out = np.zeros((h, w), dtype=np.float32)
+    a0, a1, b0, b1 = max(r0, 0), min(r0 + h, rows), max(c0, 0), min(c0 + w, cols)
+    if a1 > a0 and b1 > b0:
+        out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = np.asarray(arr[a0:a1, b0:b1])
+    return out
+
+
+def _shifted(a: np.ndarray, y: int, x: int, h: int, w: int, shift: np.ndarray, margin: int
+             ) -> np.ndarray:
+    """``a[y:y+h, x:x+w]`` moved by ``shift`` (``a`` holds ``margin`` extra pixels around).
+
+    Bilinear, as ``scipy.ndimage.shift(order=1)``, written as four weighted slices: the
+    same values at a third of the cost for the many small blocks aligned here.
+    """
+    sy, sx = float(shift[0]), float(shift[1])
+    ny, nx = math.floor(sy), math.floor(sx)
+    fy, fx = sy - ny, sx - nx
+    r, c = y + margin - ny, x + margin - nx
+    if not (1 <= r and r + h <= a.shape[0] and 1 <= c and c + w <= a.shape[1]):
+        raise ValueError(f"shift {shift} exceeds the margin of {margin} pixels")
+    return ((1 - fy) * (1 - fx) * a[r:r + h, c:c + w]
+            + fy * (1 - fx) * a[r - 1:r - 1 + h, c:c + w]
+            + (1 - fy) * fx * a[r:r + h, c - 1:c - 1 + w]
+            + fy * fx * a[r - 1:r - 1 + h, c - 1:c - 1 + w]).astype(np.float32)
+
+
+def die_origin_px(grid: DieGrid, mosaic: MosaicGrid, cell: Cell) -> tuple[int, int, np.ndarray]:
+    """Integer mosaic ``(row, col)`` of a die cell's corner and the fractional remainder."""
+    x0, y0, _, _ = grid.cell_box(*cell)
+    r, c = mosaic.to_px(x0, y0)
+    ri, ci = int(round(r)), int(round(c))
+    return ri, ci, np.array([r - ri, c - ci])
+
+
+def _blocks(n: int, b: int) -> list[tuple[int, int]]:
+    return [(i, min(i + b, n)) for i in range(0, n, b)]
+
+
+class UsableArea:
+    """Which mosaic pixels of edge dies may be compared: inside the usable polygon shrunk by
+    ``edge_px`` (the alignment tolerance) and inside the mosaic.
+
+    Masks are made window by window (``area(r0, c0, h, w)``), so no die-sized mask is held:
+    a 20 mm die at 2 um would be a 100 MB mask per edge die.
+    """
+
+    def __init__(self, polygon: Any, mosaic: MosaicGrid, edge_px: float) -> None:
+        from scanner.inspection.maps import polygon_mask
+
+        p = mosaic.pixel_size_um
+        self.polygon = polygon.buffer(-edge_px * p) if edge_px > 0 else polygon
+        self.mosaic = mosaic
+        self._inside = polygon_mask(self.polygon, mosaic.origin_um, p)
+
+    def __call__(self, r0: int, c0: int, h: int, w: int, step: int = 1) -> np.ndarray:
+        """Usable pixels ``[r0, r0+h) x [c0, c0+w)``; with ``step`` > 1, whether each
+        ``step x step`` block of them is wholly usable (``h`` and ``w`` multiples of it)."""
+        rows, cols = self.mosaic.shape
+        if step > 1:
+            from scanner.inspection.maps import polygon_mask
+
+            # block centres, in a polygon shrunk by half a block's diagonal
+            p = self.mosaic.pixel_size_um
+            ox = self.mosaic.origin_um[0] + (c0 + (step - 1) / 2) * p
+            oy = self.mosaic.origin_um[1] + (r0 + (step - 1) / 2) * p
+            coarse = polygon_mask(self.polygon, (ox, oy), step * p, edge_um=0.71 * step * p)
+            m = coarse(0, 0, h // step, w // step)
+            r = r0 + step * np.arange(h // step)
+            c = c0 + step * np.arange(w // step)
+            fits_r, fits_c = (r >= 0) & (r + step <= rows), (c >= 0) & (c + step <= cols)
+        else:
+            m = self._inside(r0, c0, h, w)
+            r, c = r0 + np.arange(h), c0 + np.arange(w)
+            fits_r, fits_c = (r >= 0) & (r < rows), (c >= 0) & (c < cols)
+        if m is None:
+            return np.zeros((len(fits_r), len(fits_c)), dtype=bool)
+        return m & fits_r[:, None] & fits_c[None, :]

@@ -1,0 +1,112 @@
+"""The user's good images for building a detector: image files, folders, good scan folders.
+
+A good scan is read as inspection will read the scans it judges: its stitched mosaic (seams,
+flat-field correction and camera noise included), divided by the mosaic's brightness level
+taken as inspection takes it, with the sample's usable area from the scan's recipe (the chuck
+and the sample's edge are not good surface). Image files are divided by their own median, as
+inspection of image files does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from models.data import GoodImage
+from scanner.errors import UserError
+from scanner.inspection.images import IMAGE_SUFFIXES
+from scanner.inspection.polygonmask import polygon_mask, polygon_pixels
+from scanner.inspection.stage import _saved_sample, _usable_polygon, read_image
+from scanner.inspection.tiled import source_level
+from scanner.scanfolder import MOSAIC, SCAN_JSON, scan_json_if_any
+
+#: a mosaic larger than this (pixels) is read as crops on a grid rather than whole
+WHOLE_MOSAIC_PX = 64_000_000
+#: side of those crops, and the most of them
+CROP_PX = 2048
+MAX_CROPS = 48
+
+
+def load_good(paths: Iterable[str | Path]) -> tuple[list[GoodImage], float | None]:
+    """Good images from files, folders of images and good scan folders (or mosaics), and the
+    pixel size a scan records (None when no scan says).
+
+    Raises
+    ------
+    UserError
+        A path that does not exist, an unreadable image, a scan without a mosaic, no images.
+    """
+    out: list[GoodImage] = []
+    pixel_um: float | None = None
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"{path}: good image path not found")
+        if path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
+            out.append(_image_file(path, path.name))
+        elif path.name.endswith(".ome.zarr") or (path / MOSAIC).exists():
+            images, p = _scan(path if path.name.endswith(".ome.zarr") else path / MOSAIC)
+            out += images
+            pixel_um = pixel_um or p
+        elif (path / SCAN_JSON).is_file():
+            raise UserError(f"{path}: good scan has no {MOSAIC} (stitch it first)")
+        else:
+            files = sorted(f for f in path.rglob("*") if f.is_file()
+                           and f.suffix.lower() in IMAGE_SUFFIXES)
+            out += [_image_file(f, str(f.relative_to(path))) for f in files]
+    if not out:
+        raise UserError(f"--good: no images found in {', '.join(str(p) for p in paths)}")
+    return out, pixel_um
+
+
+def _image_file(path: Path, name: str) -> GoodImage:
+    img = read_image(path)
+    if not np.isfinite(img).all():
+        raise UserError(f"{path}: image holds non-finite pixels")
+    return GoodImage(img / np.float32(source_level(img)), source=name)
+
+
+def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
+    """The good surface of a scan's mosaic: whole, or crops on a grid when large."""
+    from scanner.ngff import level_transform, open_mosaic
+
+    try:
+        levels, transforms = open_mosaic(mosaic)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise UserError(f"{mosaic}: not a readable OME-NGFF mosaic ({exc})") from None
+    arr = levels[0]
+    if arr.ndim != 2:
+        raise UserError(f"{mosaic}: expected a 2-D grey mosaic, got shape {arr.shape}")
+    scale, trans = level_transform(transforms)
+    p = float(scale[1])
+    origin = (float(trans[1]), float(trans[0]))
+    folder = mosaic.parent
+    scan = scan_json_if_any(folder)
+    polygon = _usable_polygon(_saved_sample(folder, scan))
+    mask = polygon_mask(polygon, origin, p, 2 * p) if polygon is not None else None
+    level = source_level(arr, inside=polygon_pixels(polygon, origin, p)
+                         if polygon is not None else None)
+    h, w = (int(n) for n in arr.shape)
+    if h * w <= WHOLE_MOSAIC_PX:
+        boxes = [(0, 0, h, w)]
+    else:
+        nr, nc = max(1, h // CROP_PX), max(1, w // CROP_PX)
+        boxes = [(int(i * (h - CROP_PX) / max(nr - 1, 1)), int(j * (w - CROP_PX) /
+                  max(nc - 1, 1)), CROP_PX, CROP_PX) for i in range(nr) for j in range(nc)]
+    images = []
+    for r0, c0, bh, bw in boxes:
+        usable = mask(r0, c0, bh, bw) if mask is not None else np.ones((bh, bw), dtype=bool)
+        if usable is None:
+            continue
+        block = np.asarray(arr[r0 : r0 + bh, c0 : c0 + bw], dtype=np.float32)
+        usable = usable & (block != 0)  # never scanned: no surface
+        if usable.mean() < 0.05:
+            continue
+        images.append(GoodImage(block / np.float32(level), source=f"{folder.name}:{r0},{c0}",
+                                usable=usable, meta={"acquired": True, "pixel_size_um": p}))
+    step = max(1, len(images) // MAX_CROPS)
+    return images[::step][:MAX_CROPS], p

@@ -1,0 +1,155 @@
+"""Inspection of plain image files: each image whole (tiled if large), one score per image.
+
+``scores.csv`` has one row per image (``image``, ``score``, ``n_defects``, ``n_review``),
+``defects.csv`` one row per defect with its ``image``, and ``defects.json`` the same per
+image. The image score is the peak of the anomaly map after a light Gaussian smoothing (sigma
+one map pixel), so a single noisy map pixel does not decide it: higher is more defective, on
+the scale of the model's threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from models.data import read_image
+from scanner.defectlist import CSV_COLUMNS, InspectionResult
+from scanner.errors import UserError
+from scanner.inspection.card import (
+    _decision_threshold,
+    _defects_from,
+    context_thresholds,
+    load_inspection_model,
+    model_info,
+)
+from scanner.inspection.maps import infer_image
+from scanner.scanfolder import now_iso, write_json
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+SCORES_CSV = "scores.csv"
+
+
+def list_images(targets: Sequence[Path]) -> list[tuple[str, Path]]:
+    """``(name, path)`` of every image among files and folders (folders searched recursively).
+
+    Raises
+    ------
+    UserError
+        A target that does not exist, a file that is not an image, or no image at all.
+    """
+    found: list[tuple[str, Path]] = []
+    for target in targets:
+        target = Path(target)
+        if target.is_dir():
+            for p in sorted(target.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append((p.relative_to(target).as_posix(), p))
+        elif target.is_file():
+            if target.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(f"{target}: not an image file (expected "
+                                f"{', '.join(IMAGE_SUFFIXES)})")
+            found.append((target.name, target))
+        else:
+            raise UserError(f"{target}: file or folder not found")
+    if not found:
+        raise UserError(f"{', '.join(str(t) for t in targets)}: no image files found")
+    return found
+
+
+def image_score(anomaly: np.ndarray) -> float:
+    """Score of a whole image: peak of the anomaly map smoothed with sigma = 1 map pixel."""
+    return float(ndimage.gaussian_filter(np.asarray(anomaly, np.float32), 1.0).max())
+
+
+def inspect_images(
+    targets: Sequence[Path],
+    out_dir: Path,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    pixel_size_um: float | None = None,
+    sample_kind: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> InspectionResult:
+    """Inspect image files: ``scores.csv``, ``defects.csv`` and ``defects.json`` in ``out_dir``.
+
+    Parameters
+    ----------
+    targets : sequence of Path
+        Image files and folders of images.
+    out_dir : Path
+        Output folder (created).
+    model, threshold
+        As in :func:`inspect_mosaic`.
+    pixel_size_um : float, optional
+        Pixel size of the images (default: the model's; images are resampled otherwise).
+        Defect coordinates are in µm from the centre of each image's pixel (0, 0).
+    progress : callable, optional
+        ``progress(done, total)`` images.
+    """
+    images = list_images(targets)
+    t0 = time.perf_counter()
+    model = load_inspection_model(model)
+    thr, thr_source = _decision_threshold(model, threshold, sample_kind, pixel_size_um)
+    contexts = context_thresholds(model, sample_kind, thr_source, pixel_size_um)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, all_defects, per_image = [], [], {}
+    network_s = 0.0
+    n_px = 0
+    for k, (name, path) in enumerate(images):
+        img = read_image(path)
+        n_px += img.size
+        maps = infer_image(model, img, pixel_size_um=pixel_size_um)
+        network_s += maps.stats.network_s
+        defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts)
+        score = image_score(maps.maps["anomaly"])
+        rows.append({"image": name, "score": round(score, 6), "n_defects": len(defects),
+                     "n_review": sum(d.review for d in defects),
+                     "height": img.shape[0], "width": img.shape[1]})
+        per_image[name] = [d.to_dict() for d in defects]
+        all_defects += [(name, d) for d in defects]
+        if progress is not None:
+            progress(k + 1, len(images))
+    wall = time.perf_counter() - t0
+    _write_csv(out_dir / SCORES_CSV, ["image", "score", "n_defects", "n_review", "height",
+                                      "width"], rows)
+    defect_rows = []
+    for name, d in all_defects:
+        row = d.to_dict()
+        xmin, ymin, xmax, ymax = row.pop("bbox_um")
+        row.update(bbox_xmin_um=xmin, bbox_ymin_um=ymin, bbox_xmax_um=xmax, bbox_ymax_um=ymax,
+                   tiles="")
+        defect_rows.append({"image": name, **{c: row.get(c) for c in CSV_COLUMNS}})
+    _write_csv(out_dir / "defects.csv", ["image", *CSV_COLUMNS], defect_rows)
+    header = {"created": now_iso(), "model": model_info(model), "threshold": thr,
+              "threshold_source": thr_source, "threshold_quiet": contexts["quiet"],
+              "threshold_plain": contexts["plain"],
+              "threshold_plain_near_structure": contexts["plain_near_structure"],
+              "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
+              "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
+              "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),
+                          "megapixels": round(n_px / 1e6, 3)}}
+    write_json(out_dir / "defects.json", {"header": header, "images": per_image})
+    return InspectionResult(
+        out_dir, len(all_defects), header["timings"],
+        {"scores": out_dir / SCORES_CSV, "defects": out_dir / "defects.csv",
+         "defects json": out_dir / "defects.json"},
+        [d for _, d in all_defects], {r["image"]: r["score"] for r in rows})
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """Write a CSV atomically (None as empty)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    tmp.replace(path)

@@ -1,0 +1,465 @@
+"""The inspect stage: maps and defect list of a scan folder, a mosaic, or plain image files.
+
+* A **scan folder** (or its ``mosaic.ome.zarr``): the maps go next to the mosaic as OME-NGFF
+  images (:data:`scanner.defectlist.MAP_NAMES`), the defects to ``defects.json`` /
+  ``defects.csv``, the timings and model to ``scan.json``. Only the sample's usable area (from
+  the recipe saved in ``scan.json``) is inspected, so the chuck and the sample's edge are not
+  defects. On a wafer the dies are also compared with their neighbours
+  (``scanner.inspection.dietodie``) and that evidence is added to the anomaly map before defects are
+  extracted; quiet and plain neighbourhoods get the card's thresholds for them for the
+  sample kind (:func:`context_thresholds`).
+* **Image files or folders**: each image is inspected whole (:mod:`scanner.inspection.images`).
+
+The model's card (thresholds by sample kind, pixel size and context) is read by
+:mod:`scanner.inspection.card`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.data import read_image
+from scanner.acquisition.alignrefine import effective_alignment
+from scanner.defectlist import MAP_NAMES, InspectionResult, write_defects
+from scanner.errors import UserError
+from scanner.inspection.card import (
+    _decision_threshold,
+    _defects_from,
+    context_thresholds,
+    load_inspection_model,
+    model_info,
+)
+from scanner.inspection.drift import good_surface_scores
+from scanner.inspection.images import image_score, inspect_images, list_images
+from scanner.inspection.maps import MapSet, infer_mosaic, reflectance_at_map
+from scanner.scanfolder import MOSAIC, SCAN_JSON, now_iso, scan_json_if_any, write_json
+
+
+def _mosaic_pixel_size_um(mosaic: Path) -> float | None:
+    """The pixel size of a mosaic's level 0 (µm), None when it cannot be read."""
+    from scanner.ngff import level_transform, open_mosaic
+
+    try:
+        _, transforms = open_mosaic(mosaic)
+        return float(level_transform(transforms)[0][-1])
+    except Exception:  # inspection reads the mosaic again and reports what is wrong with it
+        return None
+
+
+def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
+    """The sample of the recipe saved in ``scan.json`` (None if unknown or unreadable)."""
+    if not scan or "recipe" not in scan:
+        return None
+    from scanner.recipe import parse_recipe
+
+    try:
+        return parse_recipe(scan["recipe"], base_dir=folder).sample
+    except Exception:  # an unreadable recipe must not stop inspection: inspect everything
+        return None
+
+
+
+
+
+
+
+
+
+
+def _usable_polygon(sample: Any, alignment: dict[str, Any] | None = None) -> Any:
+    """A saved sample's usable polygon, where the alignment found it (None if unknown)."""
+    if sample is None:
+        return None
+    from scanner.geometry import usable_polygon
+
+    try:
+        return usable_polygon(sample, alignment=alignment)
+    except Exception:  # an odd sample must not stop inspection: inspect everything
+        return None
+
+
+def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
+                alignment: dict[str, Any] | None = None
+                ) -> Callable[[MapSet], tuple[dict[str, Any], Any]] | None:
+    """The map refinement that adds die-to-die evidence, or None when there is no die grid.
+
+    Wafers with ``die_to_die`` use the recipe's grid; image and rectangle samples the grid
+    their recipe gives, else the repeat found in the mosaic (:func:`scanner.diegrid.
+    estimate_grid`) when ``die_to_die`` is true or auto. It runs after the model, not beside
+    it: on the 2-core reference machine a thread running it during inference slowed both
+    (demo wafer: inspection 18.2 -> 22.8 s). Returns what it did (dies compared, seconds,
+    the grid) and the reader of difference images and z-scores of the dies compared
+    (``difference(r0, c0, h, w)`` on the mosaic's level 0: ``Comparison.difference``; None
+    when none were, or when the maps are not on the mosaic's own grid).
+    """
+    kind = getattr(sample, "kind", None)
+    if sample is None or polygon is None or kind not in ("wafer", "image", "rectangle") \
+            or getattr(sample, "die_to_die", False) is False:
+        return None
+    from scanner.diegrid import sample_grid
+    from scanner.inspection.dietodie import MosaicGrid, apply_patches, die_to_die_patches
+    from scanner.ngff import level_transform, open_mosaic
+
+    levels, transforms = open_mosaic(mosaic)
+    grid, source = sample_grid(sample, alignment), "alignment" if alignment else "recipe"
+    if grid is None:
+        grid, source = _found_grid(levels, transforms, polygon), "found in the mosaic"
+    if grid is None:
+        return None
+
+    def refine(maps: MapSet) -> tuple[dict[str, Any], Any]:
+        scale, trans = level_transform(transforms)
+        geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
+                              tuple(levels[0].shape))
+        image, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
+        if pad:
+            geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
+                                   geometry.origin_um[1] - pad * geometry.pixel_size_um),
+                                  geometry.pixel_size_um, tuple(image.shape))
+        patches, stats, comparison = die_to_die_patches(
+            maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
+            pyramid=pyramid)
+        apply_patches(maps.maps["anomaly"], patches)
+        difference = None
+        if comparison is not None and not maps.reader.resample and levels[0].ndim == 2:
+            difference = functools.partial(_shifted_difference, comparison, image, pad)
+        return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
+                                             "origin_um": list(grid.origin_um),
+                                             "rotation_deg": grid.rotation_deg,
+                                             "source": source}}, difference
+
+    return refine
+
+
+#: a mosaic whose dies all touch its border is padded in memory up to this size (pixels)
+PAD_MAX_PX = 128 * 2**20
+
+
+def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
+               ) -> tuple[Any, list[Any] | None, Any, int]:
+    """What die-to-die compares: the mosaic, its pyramid, the usable area and the padding
+    (pixels) added on each side of the mosaic.
+
+    Dies are compared only with room around them to be aligned. A layout repeated only a few
+    times (a 2 x 2 product) has every die on the image's border, where the scan often ends a
+    pixel or two past it: no die had room, and no die was compared. When fewer than three do,
+    a small mosaic is padded in memory by mirroring (the padding is never compared: it lies
+    outside the usable area) and the usable area is let out by the precision of a found grid
+    (a pixel of the level it was found in), so that dies found from the image itself count as
+    whole.
+    """
+    from scanner.inspection.dietodie import DieToDie, _margin, full_dies
+
+    level0 = levels[0]
+    margin = _margin(DieToDie())
+    if len(full_dies(grid, polygon, geometry, margin_px=margin)) >= 3 or level0.ndim != 2 \
+            or (level0.shape[0] + 2 * margin) * (level0.shape[1] + 2 * margin) > PAD_MAX_PX:
+        return level0, levels, polygon, 0
+    padded = np.pad(np.asarray(level0[...]), margin + 1, mode="symmetric")
+    # a found grid fits to a pixel of the level it was found in (_found_grid)
+    k = _search_level(levels)
+    slack = (2**k + 1) * geometry.pixel_size_um
+    return padded, None, polygon.buffer(slack, join_style="mitre"), margin + 1
+
+
+def _shifted_difference(comparison: Any, source: Any, pad: int, r0: int, c0: int, h: int,
+                        w: int) -> Any:
+    """``comparison.difference`` of a mosaic window, in the coordinates of the unpadded
+    mosaic (see :func:`_with_room`)."""
+    return comparison.difference(source, r0 + pad, c0 + pad, h, w)
+
+
+#: side (px) of the pyramid level the repeat of a layout is looked for in
+GRID_SEARCH_PX = 1100
+
+
+def _search_level(levels: list[Any]) -> int:
+    """The pyramid level a layout's repeat is looked for in: the first of at most
+    :data:`GRID_SEARCH_PX` a side (the coarsest when none is)."""
+    return next((i for i, a in enumerate(levels) if max(a.shape) <= GRID_SEARCH_PX),
+                len(levels) - 1)
+
+
+def _found_grid(levels: list[Any], transforms: list[Any], polygon: Any = None) -> Any:
+    """The repeat found in a mosaic's pyramid level of about :data:`GRID_SEARCH_PX` a side,
+    over the sample's usable ``polygon`` where one is given (None: no clear repeat).
+
+    The polygon matters: a scan reaches past an image sample's edges, and the surround,
+    scanned but not part of the product, would be read as part of its layout."""
+    from scanner.diegrid import estimate_grid
+    from scanner.inspection.polygonmask import polygon_mask
+    from scanner.ngff import level_transform
+
+    k = _search_level(levels)
+    image = np.asarray(levels[k][...], dtype=np.float32)
+    if image.ndim != 2:
+        return None
+    scale, trans = level_transform(transforms, k)
+    origin, pixel = (float(trans[1]), float(trans[0])), float(scale[1])
+    valid = image != 0
+    if polygon is not None:
+        inside = polygon_mask(polygon, origin, pixel)(0, 0, *image.shape)
+        valid &= inside if inside is not None else False
+    return estimate_grid(image, pixel, origin, valid)
+
+
+#: sample kinds whose surface can be plain (polished wafers between and around dies, blank
+#: coupons): a PV cell's grains are never plain, and an image sample may show anything, with
+#: no die grid to tell a large uniform structure of its design from a stain
+PLAIN_SURFACE_KINDS = ("wafer", "rectangle")
+
+
+def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: Any,
+                   threshold: float) -> dict[str, Any]:
+    """Add large faint defects on plain surface to the anomaly map (see
+    :mod:`scanner.inspection.plainsurface`); returns what it found."""
+    from scanner.inspection.plainsurface import (
+        apply_plain_surface,
+        die_pitch_in_map_px,
+        plain_surface_defects,
+    )
+    from scanner.inspection.polygonmask import polygon_mask
+
+    t0 = time.perf_counter()
+    shape = tuple(int(n) for n in maps.maps["anomaly"].shape)
+    usable = None
+    if polygon is not None:
+        usable = polygon_mask(polygon, maps.origin_um, maps.pixel_size_um,
+                              2 * maps.pixel_size_um)(0, 0, *shape)
+        if usable is None:
+            usable = np.zeros(shape, dtype=bool)
+    found = plain_surface_defects(reflectance, usable,
+                                  die_pitch_in_map_px(sample, maps.pixel_size_um))
+    raised = apply_plain_surface(maps.maps["anomaly"], found, threshold)
+    return {"regions": len(found), "map_pixels_raised": raised,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def inspect_mosaic(
+    mosaic: Path,
+    out_dir: Path | None = None,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    polygon: Any = None,
+    scan: dict[str, Any] | None = None,
+    sample_kind: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cluster: Any = None,
+) -> InspectionResult:
+    """Inspect a mosaic: write the maps and the defect list into ``out_dir``.
+
+    Parameters
+    ----------
+    mosaic : Path
+        ``mosaic.ome.zarr``.
+    out_dir : Path, optional
+        Where maps and defects go (default: the mosaic's folder).
+    model : InspectionModel or path, optional
+        Default: the shipped model.
+    threshold : float, optional
+        Decision threshold (default: the model's calibrated one for the scan's sample kind,
+        see :func:`card_threshold`).
+    polygon : shapely Polygon, optional
+        Usable area of the sample (stage µm); default: from ``scan.json`` next to the mosaic.
+    scan : dict, optional
+        The scan's ``scan.json`` (read from the mosaic's folder when not given); when the
+        outputs go to the scan folder it is updated with the inspection's timings.
+    sample_kind : str, optional
+        Kind of sample whose calibrated threshold to use (default: the recipe's in
+        ``scan.json``; none known: the model's pooled threshold).
+    progress : callable, optional
+        ``progress(done, total)`` windows.
+    cluster : scanner.cluster.Cluster, optional
+        Compute the maps as dask tasks (:mod:`scanner.cluster`); defects are found here.
+    """
+    mosaic = Path(mosaic)
+    if not mosaic.exists():
+        raise UserError(f"{mosaic}: mosaic not found")
+    folder = mosaic.parent
+    out_dir = Path(out_dir) if out_dir is not None else folder
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model = load_inspection_model(model)
+    if scan is None:
+        scan = scan_json_if_any(folder)
+    saved = _saved_sample(folder, scan)  # the recipe is parsed once, for both uses
+    # where the sample really lies (scanner.acquisition.align; refined on the mosaic after
+    # stitching)
+    alignment = effective_alignment((scan or {}).get("alignment"))
+    if polygon is None:
+        polygon = _usable_polygon(saved, alignment)
+    kind = sample_kind or (str(saved.kind) if saved is not None else None)
+    pixel_um = _mosaic_pixel_size_um(mosaic)
+    thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
+    contexts = context_thresholds(model, kind, thr_source, pixel_um)
+    refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment),
+                         kind in PLAIN_SURFACE_KINDS, saved, polygon, thr)
+    maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
+                        refine=refine, cluster=cluster)
+    t1 = time.perf_counter()
+    t_maps = t1 - t0
+    defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
+                            refine.reflectance, refine.difference)
+    t_defects = time.perf_counter() - t1
+    timings = _timings(time.perf_counter() - t0, t_maps, t_defects, maps, refine)
+    header = {
+        "source": str(mosaic), "created": now_iso(), "model": model_info(model),
+        **_threshold_record(thr, thr_source, contexts),
+        **_maps_record(maps, refine, polygon is not None),
+        "timings": timings, "n_defects": len(defects),
+        "good_scores": good_surface_scores(maps.maps["anomaly"], thr),
+    }
+    write_defects(out_dir, defects, header)
+    if scan is not None and out_dir.resolve() == folder.resolve():
+        _record_in_scan(scan, folder, header, defects, maps.stats.extra.get("mosaic_px", 0))
+    outputs = {k: v for k, v in maps.paths.items()}
+    outputs["defects"] = out_dir / "defects.json"
+    return InspectionResult(out_dir, len(defects), timings, outputs, defects)
+
+
+class _Refinement:
+    """The evidence added to the network's maps before defects are extracted (the ``refine``
+    of :func:`scanner.inspection.maps.infer_mosaic`): die-to-die comparison where there is a die
+    grid, large faint defects on plain surface for the kinds that have one."""
+
+    def __init__(self, die_to_die: Callable[[MapSet], tuple[dict[str, Any], Any]] | None,
+                 plain_kind: bool, sample: Any, polygon: Any, threshold: float) -> None:
+        self.die_to_die, self.plain_kind = die_to_die, plain_kind
+        self.sample, self.polygon, self.threshold = sample, polygon, threshold
+        self.d2d: dict[str, Any] = {}
+        self.plain: dict[str, Any] = {}
+        #: the die-to-die difference reader, when dies were compared
+        self.difference: Any = None
+        #: the input at map resolution, computed once for plain surface and defects
+        self.reflectance: np.ndarray | None = None
+
+    def __call__(self, maps: MapSet) -> None:
+        if self.die_to_die is not None:
+            stats, self.difference = self.die_to_die(maps)
+            self.d2d.update(stats)
+        if self.plain_kind:
+            self.reflectance = reflectance_at_map(maps)
+            self.plain.update(_plain_surface(maps, self.reflectance, self.sample, self.polygon,
+                                             self.threshold))
+
+
+def _timings(wall: float, t_maps: float, t_defects: float, maps: MapSet,
+             refine: _Refinement) -> dict[str, float]:
+    """The inspection's timings (seconds; die-to-die and plain surface are part of maps_s)."""
+    timings = {"wall_s": round(wall, 3), "maps_s": round(t_maps, 3),
+               "network_s": round(maps.stats.network_s, 3), "defects_s": round(t_defects, 3)}
+    if refine.d2d.get("dies"):
+        timings["die_to_die_s"] = round(float(refine.d2d["seconds"]), 3)
+    if refine.plain:
+        timings["plain_surface_s"] = refine.plain["seconds"]
+    return timings
+
+
+def _maps_record(maps: MapSet, refine: _Refinement, masked: bool) -> dict[str, Any]:
+    """What a defect list's header records of the maps and of the evidence added to them."""
+    return {"maps": {k: v.name for k, v in maps.paths.items()},
+            "map_pixel_size_um": maps.pixel_size_um, "masked_to_usable_area": masked,
+            "windows": maps.stats.windows, "windows_skipped": maps.stats.skipped,
+            "die_to_die": refine.d2d or None, "plain_surface": refine.plain or None}
+
+
+def _threshold_record(thr: float, source: str, contexts: dict[str, float | None]
+                      ) -> dict[str, Any]:
+    """The thresholds a defect list's header records."""
+    return {"threshold": thr, "threshold_source": source,
+            "threshold_quiet": contexts["quiet"], "threshold_plain": contexts["plain"],
+            "threshold_plain_near_structure": contexts["plain_near_structure"]}
+
+
+def _record_in_scan(scan: dict[str, Any], folder: Path, header: dict[str, Any],
+                    defects: list[Any], mosaic_px: int) -> None:
+    """Write the inspection's summary and timings into the scan folder's ``scan.json``."""
+    timings = header["timings"]
+    scan.setdefault("timings", {})["inspect"] = {"wall_s": timings["wall_s"]}
+    scan["inspection"] = {
+        "model": header["model"], "threshold": header["threshold"],
+        "n_defects": len(defects), "n_review": sum(d.review for d in defects),
+        "maps": header["maps"],
+        "mosaic_megapixels": round(mosaic_px / 1e6, 3) if mosaic_px else None, **timings,
+        "die_to_die": header["die_to_die"], "good_scores": header["good_scores"],
+    }
+    write_json(folder / SCAN_JSON, scan)
+
+
+def inspect_scan(
+    folder: Path,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    out_dir: Path | None = None,
+    scan: dict[str, Any] | None = None,
+    sample_kind: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cluster: Any = None,
+) -> InspectionResult:
+    """Inspect the mosaic of a scan folder (see :func:`inspect_mosaic`)."""
+    folder = Path(folder)
+    if not (folder / MOSAIC).exists():
+        raise UserError(f"{folder}: no {MOSAIC} (stitch the scan first)")
+    return inspect_mosaic(folder / MOSAIC, out_dir, model=model, threshold=threshold,
+                          scan=scan, sample_kind=sample_kind, progress=progress,
+                          cluster=cluster)
+
+
+# --------------------------------------------------------------------------- plain images
+
+
+
+
+
+
+
+
+
+
+def inspect_target(
+    target: Sequence[Path],
+    out_dir: Path | None = None,
+    *,
+    model: Any = None,
+    threshold: float | None = None,
+    pixel_size_um: float | None = None,
+    sample_kind: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    cluster: Any = None,
+) -> InspectionResult:
+    """Inspect a scan folder, a mosaic (``.ome.zarr``) or image files/folders.
+
+    ``sample_kind`` chooses the model card's threshold for that kind of sample
+    (:func:`card_threshold`); by default a scan's recipe says, and plain images get the pooled
+    threshold.
+    """
+    targets = [Path(t) for t in target]
+    if not targets:
+        raise UserError("inspect: give a scan folder, a mosaic or image files")
+    first = targets[0]
+    if len(targets) == 1 and first.is_dir() and (first / MOSAIC).exists():
+        return inspect_scan(first, model=model, threshold=threshold, out_dir=out_dir,
+                            sample_kind=sample_kind, progress=progress, cluster=cluster)
+    if len(targets) == 1 and first.name.endswith(".zarr"):
+        return inspect_mosaic(first, out_dir, model=model, threshold=threshold,
+                              sample_kind=sample_kind, progress=progress, cluster=cluster)
+    if len(targets) == 1 and first.is_dir() and (first / SCAN_JSON).is_file():
+        raise UserError(f"{first}: scan folder has no {MOSAIC} (stitch it first)")
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / "inspection"
+    return inspect_images(targets, out, model=model, threshold=threshold,
+                          pixel_size_um=pixel_size_um, sample_kind=sample_kind,
+                          progress=progress)
+
+
+__all__ = [
+    "InspectionResult", "MAP_NAMES", "image_score", "inspect_images", "inspect_mosaic",
+    "inspect_scan", "inspect_target", "list_images", "read_image",
+]

@@ -1,0 +1,1 @@
+"""Stitching: camera calibration, tile registration and the fused OME-NGFF mosaic."""

@@ -1,0 +1,347 @@
+"""Camera calibration: pixel size and rotation of the camera against the stage axes.
+
+The stage is moved by known steps over a textured area (an ``n x n`` grid of overlapping
+frames, through the Micro-Manager core, so the same code runs on real hardware), the frames are
+registered pairwise (``registration.pairwise``) and placed by the global solve with a weak
+prior (``registration.solve``), and the affine map from commanded stage positions to the
+frames' pixel positions is fitted by least squares. Its 2x2 matrix gives the pixel size and
+the rotation. Fitting all frame positions at once (rather than averaging pair offsets) uses the
+whole span of the grid, so the stage's landing error (its repeatability) is divided by the grid
+span, not by one step.
+
+No library does this (Micro-Manager's Pixel Calibrator plugin is a Java GUI of the same idea).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scanner.errors import UserError
+from scanner.scanfolder import now_iso, write_json
+from scanner.stitching.registration.pairwise import register_pair
+from scanner.stitching.registration.scan import default_max_shift_px
+from scanner.stitching.registration.solve import solve_positions
+
+__all__ = ["CalibrationResult", "auto_grid", "calibrate_core", "calibrate_recipe",
+           "expected_error_rel", "fit_camera_matrix", "grid_positions"]
+
+
+@dataclass
+class CalibrationResult:
+    """What a calibration measured (written as JSON by :meth:`to_json`)."""
+
+    pixel_size_um: float
+    rotation_deg: float
+    stage_to_px: np.ndarray
+    pixel_size_x_um: float
+    pixel_size_y_um: float
+    skew_deg: float
+    residual_rms_um: float
+    pixel_size_sigma_rel: float
+    rotation_sigma_deg: float
+    n_frames: int
+    n_pairs_used: int
+    n_pairs: int
+    nominal_pixel_size_um: float
+    centre_um: tuple[float, float]
+    step_um: tuple[float, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-friendly dict; ``pixel_size_um`` and ``rotation_deg`` are what recipes read."""
+        return {
+            "pixel_size_um": self.pixel_size_um,
+            "rotation_deg": self.rotation_deg,
+            "stage_to_pixel": self.stage_to_px.tolist(),
+            "pixel_size_x_um": self.pixel_size_x_um,
+            "pixel_size_y_um": self.pixel_size_y_um,
+            "skew_deg": self.skew_deg,
+            "residual_rms_um": self.residual_rms_um,
+            "uncertainty": {"pixel_size_rel": self.pixel_size_sigma_rel,
+                            "rotation_deg": self.rotation_sigma_deg},
+            "nominal_pixel_size_um": self.nominal_pixel_size_um,
+            "centre_um": list(self.centre_um),
+            "step_um": list(self.step_um),
+            "n_frames": self.n_frames,
+            "n_pairs": self.n_pairs,
+            "n_pairs_used": self.n_pairs_used,
+            "created": now_iso(),
+            **self.extra,
+        }
+
+    def write(self, path: Path) -> None:
+        """Write the calibration file atomically."""
+        write_json(Path(path), self.to_json())
+
+
+def grid_positions(
+    centre_um: tuple[float, float], n: int, step_um: tuple[float, float]
+) -> list[tuple[int, int, float, float]]:
+    """``(row, col, x, y)`` of an ``n x n`` grid of stage positions centred on ``centre_um``."""
+    half = (n - 1) / 2
+    return [(r, c, centre_um[0] + (c - half) * step_um[0], centre_um[1] + (r - half) * step_um[1])
+            for r in range(n) for c in range(n)]
+
+
+def expected_error_rel(repeatability_um: float, step_um: float, n: int) -> float:
+    """Expected relative error (one sigma) of the pixel size from an ``n x n`` grid.
+
+    The slope of a line fitted to ``n * n`` points whose positions scatter by the stage's
+    repeatability: ``sigma / sqrt(sum (x - mean)^2)`` with ``n`` columns ``step`` apart. The
+    rotation's error in radians is the same number.
+    """
+    spread = step_um * n * math.sqrt((n * n - 1) / 12.0)
+    return repeatability_um / spread if spread > 0 else math.inf
+
+
+def auto_grid(repeatability_um: float, step_um: float, target_rel: float = 3e-4,
+              smallest: int = 5, largest: int = 15) -> int:
+    """Smallest grid (frames per side) whose expected pixel-size error is ``target_rel``."""
+    for n in range(smallest, largest + 1):
+        if expected_error_rel(repeatability_um, step_um, n) <= target_rel:
+            return n
+    return largest
+
+
+def fit_camera_matrix(
+    stage_um: np.ndarray, pixel_pos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares affine map ``pixel = A @ stage + b``.
+
+    Parameters
+    ----------
+    stage_um : ndarray
+        ``(N, 2)`` commanded stage positions ``(x, y)``.
+    pixel_pos : ndarray
+        ``(N, 2)`` measured frame positions ``(x, y)`` in camera pixels.
+
+    Returns
+    -------
+    A : ndarray
+        ``(2, 2)`` stage-to-pixel matrix.
+    residuals : ndarray
+        ``(N, 2)`` residuals in pixels.
+    cov_scale : ndarray
+        ``(2, 2)`` ``inv(X^T X)`` block of the centred stage positions (for uncertainties).
+    """
+    s = np.asarray(stage_um, dtype=float)
+    t = np.asarray(pixel_pos, dtype=float)
+    design = np.column_stack([s, np.ones(len(s))])
+    coef, *_ = np.linalg.lstsq(design, t, rcond=None)
+    a = coef[:2].T
+    residuals = t - design @ coef
+    sc = s - s.mean(axis=0)
+    return a, residuals, np.linalg.inv(sc.T @ sc)
+
+
+def _geometry(a: np.ndarray) -> tuple[float, float, float, float, float]:
+    """Pixel size, rotation (deg), per-axis pixel sizes and skew (deg) of a stage→pixel map.
+
+    For a camera rotated by ``theta`` with pixel ``p``, ``A = R(theta)^T / p``; the closest
+    similarity ``[[a, b], [-b, a]]`` gives ``p = 1 / hypot(a, b)``, ``theta = atan2(b, a)``.
+    """
+    sa = (a[0, 0] + a[1, 1]) / 2
+    sb = (a[0, 1] - a[1, 0]) / 2
+    pixel = 1.0 / math.hypot(sa, sb)
+    theta = math.degrees(math.atan2(sb, sa))
+    inv = np.linalg.inv(a)  # columns: stage µm per camera pixel along x and y
+    px_x, px_y = float(np.linalg.norm(inv[:, 0])), float(np.linalg.norm(inv[:, 1]))
+    cosang = float(inv[:, 0] @ inv[:, 1]) / (px_x * px_y)
+    skew = 90.0 - math.degrees(math.acos(max(-1.0, min(1.0, cosang))))
+    return pixel, theta, px_x, px_y, skew
+
+
+def calibrate_core(
+    core: Any,
+    nominal_pixel_size_um: float,
+    centre_um: tuple[float, float],
+    *,
+    grid: int | None = None,
+    step_fraction: float = 0.75,
+    repeatability_um: float = 2.0,
+    max_error: float = 0.03,
+    travel_um: tuple[tuple[float, float], tuple[float, float]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CalibrationResult:
+    """Measure the camera's pixel size and rotation by moving the stage by known steps.
+
+    Parameters
+    ----------
+    core : CMMCorePlus
+        Loaded core with a camera and an XY stage.
+    nominal_pixel_size_um : float
+        Pixel size believed so far (sets the step and the expected offsets).
+    centre_um : (float, float)
+        Centre of the calibration grid; the area around it must be textured.
+    grid : int, optional
+        Frames per side of the grid (at least 2); by default the smallest that brings the
+        expected error of the pixel size under 0.03 % (see :func:`auto_grid`).
+    step_fraction : float
+        Step between frames as a fraction of the field of view (frames must overlap).
+    repeatability_um : float
+        Stage repeatability (one sigma), for the registration's search window.
+    max_error : float
+        Largest relative error of the nominal geometry that is searched for (scale error plus
+        rotation in radians); 0.03 covers 1 % pixel size and 1°.
+    travel_um : ((xmin, xmax), (ymin, ymax)), optional
+        Stage travel; every grid position is checked before the first move.
+    progress : callable, optional
+        ``progress(done, total)`` per frame.
+
+    Raises
+    ------
+    UserError
+        A grid position outside the travel, or an area too plain to register.
+    """
+    if grid is not None and grid < 2:
+        raise UserError("calibrate: --grid must be at least 2")
+    if not 0.1 <= step_fraction <= 0.9:
+        raise UserError("calibrate: --step must be between 0.1 and 0.9 of the field of view")
+    w, h = int(core.getImageWidth()), int(core.getImageHeight())
+    p = float(nominal_pixel_size_um)
+    step_px = (round(step_fraction * w), round(step_fraction * h))
+    step_um = (step_px[0] * p, step_px[1] * p)
+    if grid is None:
+        grid = auto_grid(repeatability_um, min(step_um))
+    positions = grid_positions(centre_um, grid, step_um)
+    if travel_um is not None:
+        _check_travel(positions, travel_um)
+    frames = _snap_frames(core, positions, progress)
+
+    stage = np.array([(x, y) for _, _, x, y in positions])
+    centre_px = np.array([(w - 1) / 2, (h - 1) / 2])
+    prior = stage / p - centre_px
+    window = default_max_shift_px(repeatability_um, max(step_px), p) + max_error * max(step_px)
+    pairs = _register_grid(frames, positions, prior, window)
+    ok = [q for q in pairs if q.ok]
+    if len(ok) < max(3, len(pairs) // 2):
+        raise UserError(
+            f"calibrate: only {len(ok)} of {len(pairs)} frame pairs around "
+            f"({centre_um[0]:.0f}, {centre_um[1]:.0f}) µm could be registered; choose a "
+            "textured, non-repetitive area with --at X Y")
+    # the prior only fixes the free translation of the grid: the pairs alone decide the shape
+    solved = solve_positions(prior, 1e4, pairs)
+    use = solved.constrained
+    a, res, cov = fit_camera_matrix(stage[use], solved.positions[use])
+    return _result(a, res, cov, int(use.sum()), len(solved.used), len(pairs), len(positions), p,
+                   centre_um, step_um)
+
+
+def _result(a: np.ndarray, res: np.ndarray, cov: np.ndarray, n_used_frames: int,
+            n_pairs_used: int, n_pairs: int, n_frames: int, p: float,
+            centre_um: tuple[float, float], step_um: tuple[float, float]) -> CalibrationResult:
+    """The calibration from the fitted stage-to-pixel matrix ``a``, its residuals ``res`` and
+    covariance ``cov`` (:func:`fit_camera_matrix` over ``n_used_frames`` frames)."""
+    pixel, theta, px_x, px_y, skew = _geometry(a)
+    # residual in pixels is the stage's landing error (µm) times the scale
+    dof = max(1, 2 * n_used_frames - 6)
+    sigma_px = float(np.sqrt((res**2).sum() / dof))
+    slope_sigma = sigma_px * math.sqrt(float(np.trace(cov)) / 2)
+    scale = math.hypot((a[0, 0] + a[1, 1]) / 2, (a[0, 1] - a[1, 0]) / 2)
+    return CalibrationResult(
+        pixel_size_um=pixel,
+        rotation_deg=theta,
+        stage_to_px=a,
+        pixel_size_x_um=px_x,
+        pixel_size_y_um=px_y,
+        skew_deg=skew,
+        residual_rms_um=float(np.sqrt(np.mean(res**2))) * pixel,
+        pixel_size_sigma_rel=slope_sigma / scale / math.sqrt(2),
+        rotation_sigma_deg=math.degrees(slope_sigma / scale / math.sqrt(2)),
+        n_frames=n_frames,
+        n_pairs_used=n_pairs_used,
+        n_pairs=n_pairs,
+        nominal_pixel_size_um=p,
+        centre_um=(float(centre_um[0]), float(centre_um[1])),
+        step_um=step_um,
+    )
+
+
+def _check_travel(positions: list[tuple[int, int, float, float]],
+                  travel_um: tuple[tuple[float, float], tuple[float, float]]) -> None:
+    """Refuse a grid whose frames lie outside the stage travel, before the first move."""
+    for axis, k, (lo, hi) in (("x", 2, travel_um[0]), ("y", 3, travel_um[1])):
+        for pos in positions:
+            if not lo <= pos[k] <= hi:
+                raise UserError(
+                    f"microscope.stage.travel_{axis}_um: calibration frame at {axis} = "
+                    f"{pos[k]:.0f} µm is outside the travel [{lo:.0f}, {hi:.0f}] µm; "
+                    "move --at or use a smaller --grid/--step")
+
+
+def _snap_frames(core: Any, positions: list[tuple[int, int, float, float]],
+                 progress: Callable[[int, int], None] | None
+                 ) -> dict[tuple[int, int], np.ndarray]:
+    """One frame at each grid position, by ``(row, column)``."""
+    xy = core.getXYStageDevice()
+    frames: dict[tuple[int, int], np.ndarray] = {}
+    for i, (r, c, x, y) in enumerate(positions):
+        core.setXYPosition(x, y)
+        core.waitForDevice(xy)
+        core.snapImage()
+        frames[(r, c)] = np.asarray(core.getImage())
+        if progress is not None:
+            progress(i + 1, len(positions))
+    return frames
+
+
+def _register_grid(frames: dict[tuple[int, int], np.ndarray],
+                   positions: list[tuple[int, int, float, float]], prior: np.ndarray,
+                   window: float) -> list[Any]:
+    """Every frame registered with its right and lower neighbours, near the offsets the
+    nominal geometry predicts (``prior``: each frame's expected position in pixels)."""
+    ids = {(r, c): k for k, (r, c, _, _) in enumerate(positions)}
+    pairs = []
+    for (r, c), k in ids.items():
+        for nb in ((r, c + 1), (r + 1, c)):
+            if nb in ids:
+                j = ids[nb]
+                d = prior[j] - prior[k]
+                pairs.append(register_pair(frames[(r, c)], frames[nb], (d[0], d[1]), window,
+                                           ids=(k, j)))
+    return pairs
+
+
+def calibrate_recipe(
+    recipe: Any,
+    *,
+    centre_um: tuple[float, float] | None = None,
+    grid: int | None = None,
+    step_fraction: float = 0.75,
+    progress: Callable[[int, int], None] | None = None,
+) -> CalibrationResult:
+    """Calibrate the microscope of a recipe (simulated or Micro-Manager).
+
+    The grid is centred on ``centre_um`` or else on the centre of the recipe's sample region.
+    In simulation the true camera geometry is added to the result (``truth``) with the errors.
+    """
+    from devices.core import build_microscope
+    from scanner.geometry import usable_polygon
+
+    handle = build_microscope(recipe)
+    core = handle.core
+    if centre_um is None:
+        c = usable_polygon(recipe.sample, notch=False).centroid  # the sample's centre
+        centre_um = (float(c.x), float(c.y))
+    micro = recipe.microscope
+    stage = getattr(micro, "stage", None)
+    travel = (tuple(stage.travel_x_um), tuple(stage.travel_y_um)) if stage is not None else None
+    repeat = float(stage.repeatability_um) if stage is not None else 2.0
+    result = calibrate_core(core, float(core.getPixelSizeUm()), centre_um, grid=grid,
+                            step_fraction=step_fraction, repeatability_um=repeat,
+                            travel_um=travel, progress=progress)
+    truth = (handle.truth or {}).get("camera")
+    if truth:
+        result.extra["truth"] = {
+            "pixel_size_um": truth["pixel_size_um"],
+            "rotation_deg": truth["rotation_deg"],
+            "pixel_size_error_pct": 100 * (result.pixel_size_um / truth["pixel_size_um"] - 1),
+            "rotation_error_deg": result.rotation_deg - truth["rotation_deg"],
+        }
+    return result
