@@ -120,7 +120,7 @@ def auroc(scores: dict[str, float]) -> float:
 
 def run_waferscope(root: Path, pixel_um: float, epochs: int | None) -> dict:
     from models import load_model
-    from scanner.inspection.stage import inspect_images
+    from scanner.inspection.inspect import inspect_images
 
     t0 = time.perf_counter()
     how = "shipped model (no training available)"

@@ -304,7 +304,7 @@ if epochs != "none" and "epochs" in params:
 t0 = time.perf_counter()
 train_model([Path(good)], Path(stem), **kwargs)
 train_s = time.perf_counter() - t0
-from models.inspection import InspectionModel, load_network
+from models.modelfile import InspectionModel, load_network
 from models.network import InspectionNet
 net, card, weights = load_network(Path(stem).with_suffix(".safetensors"))
 if not isinstance(net, InspectionNet):

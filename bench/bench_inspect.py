@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scanner.defectlist import read_defects  # noqa: E402
-from scanner.inspection.stage import load_inspection_model  # noqa: E402
+from scanner.inspection.inspect import load_inspection_model  # noqa: E402
 from scanner.inspection.tiled import DEFAULT_CORE_PX, plan_tiling  # noqa: E402
 from scanner.pipeline import run_scan  # noqa: E402
 from scanner.recipe import load_recipe  # noqa: E402

@@ -120,7 +120,7 @@ def run_dask(folder: Path, workers: int, work: Path) -> tuple[float, Path, Path]
     Returns the tasks' wall time (fusion + maps), the mosaic and the folder of the maps.
     """
     from scanner.cluster import open_cluster
-    from scanner.inspection.stage import inspect_scan
+    from scanner.inspection.inspect import inspect_scan
     from scanner.stitching.stitch import MOSAIC, stitch
 
     scan = json.loads((folder / "scan.json").read_text(encoding="utf-8"))

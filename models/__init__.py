@@ -17,11 +17,11 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "InspectionModel": "models.inspection",
-    "default_model_path": "models.inspection",
-    "network_model_path": "models.inspection",
-    "load_model": "models.inspection",
-    "save_model": "models.inspection",
+    "InspectionModel": "models.modelfile",
+    "default_model_path": "models.modelfile",
+    "network_model_path": "models.modelfile",
+    "load_model": "models.modelfile",
+    "save_model": "models.modelfile",
     "PatchDetector": "models.detector",
     "build_detector": "models.build",
     "train_model": "models.train",

@@ -6,7 +6,7 @@ surface is held out: whole images when there are enough of them, else one quarte
 image. The rest is reduced to a greedy coreset (:func:`models.bank.greedy_coreset`): the
 memory bank. The held-out surface is then scored like an inspection would score it, which
 gives the score scale (``score_reference``), the threshold for the false-alarm rate per cm²
-the user asked for (:func:`models.calibrate.calibrate_threshold`), the uncertainty's scale and
+the user asked for (:func:`models.thresholds.calibrate_threshold`), the uncertainty's scale and
 the distribution of good scores that drift checks compare scans with.
 
 Nothing here needs a defect: no synthetic anomalies are painted, nothing is trained by
@@ -29,13 +29,13 @@ import torch
 
 from .backbone import FEATURE_DIM, FEATURE_STRIDE
 from .bank import greedy_coreset
-from .calibrate import calibrate_threshold
 from .data import GoodImage
 from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
 from .errors import InputError
 from .gaussian import choose_dims, descriptor, fit_position_model, pooled, to_output_stride
-from .inspection import card_path_for
+from .modelfile import card_path_for
+from .thresholds import calibrate_threshold
 from .variants import variants_of
 
 #: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
@@ -261,7 +261,7 @@ def _checked_inputs(images: Sequence[GoodImage], false_alarms_per_cm2: float,
         No images, a false-alarm target that is not a positive number, an ``init`` that is
         not a detector.
     """
-    from .inspection import load_model
+    from .modelfile import load_model
 
     if not images:
         raise InputError("--good: no good images to build the model from")
@@ -358,7 +358,7 @@ def _choose_bank(pool: torch.Tensor, n_cells: int, bank_max: int, start: torch.T
 class _Calibrated:
     """The bank's calibration on the held-out surface."""
 
-    result: Any  # models.calibrate.Calibration
+    result: Any  # models.thresholds.Calibration
     reference: float  # score_reference: the REFERENCE_QUANTILE of held-out distances
     tau: float  # uncertainty_log_scale
     values: np.ndarray  # held-out anomaly scores over the usable surface
@@ -420,7 +420,7 @@ def _with_held_out(bank: torch.Tensor, held: list[_HeldOut], bank_max: int, seed
 
 def _companion(companion_from: str | Path | None, init: str | Path | None) -> Any:
     """The roughness network that goes beside the detector (None: roughness is NaN)."""
-    from .inspection import load_network
+    from .modelfile import load_network
 
     try:
         return load_network(companion_from if companion_from is not None else init)[0]

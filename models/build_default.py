@@ -24,7 +24,7 @@ import torch
 
 from .build import build_detector, calibrate_by_kind
 from .data import PIXEL_RANGES_UM, simulated_good_images
-from .inspection import card_path_for, default_model_path, load_model, network_model_path
+from .modelfile import card_path_for, default_model_path, load_model, network_model_path
 
 #: simulated good images in the bank and their side (px)
 N_IMAGES = 288

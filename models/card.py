@@ -4,7 +4,7 @@ The card travels beside the weights (``NAME.json`` beside ``NAME.safetensors``):
 model is (``architecture``), the pixel sizes it runs at, and the thresholds calibrated on
 held-out good images: pooled (``threshold``), per recipe sample kind, per band of pixel
 sizes, and per neighbourhood context (quiet, plain, plain near structure). Every card read
-is validated against :class:`ModelCard` (``models.inspection.read_model_files``), so a card
+is validated against :class:`ModelCard` (``models.modelfile.read_model_files``), so a card
 with a field of the wrong type is refused naming it; keys it does not describe (provenance,
 training history) are kept as they are.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .calibrate import CONTEXT_CARD_KEYS
+from .thresholds import CONTEXT_CARD_KEYS
 
 
 class PixelBand(BaseModel):

@@ -1,7 +1,7 @@
 """Training data: a user's good images, and simulated good surfaces with known roughness.
 
 Every image becomes a :class:`GoodImage`: relative reflectance (the raw image divided by its
-brightness level, i.e. what :func:`models.inspection.normalize_image` feeds the network, before
+brightness level, i.e. what :func:`models.modelfile.normalize_image` feeds the network, before
 the fixed gain) plus, where known, the true roughness Sa (nm) per pixel.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from simulators.errors import UserError
 
-from .inspection import brightness_level, to_luminance
+from .modelfile import brightness_level, to_luminance
 
 #: file types read as good images
 IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp"}

@@ -31,7 +31,7 @@ from .backbone import FEATURE_DIM, FEATURE_STRIDE, extract
 from .bank import BankIndex
 from .data import relative
 from .gaussian import PositionModel, to_output_stride
-from .inspection import (
+from .modelfile import (
     GAIN,
     InspectionModel,
     brightness_level,
@@ -195,7 +195,7 @@ class PatchDetector:
             nan = np.full((x.shape[0], x.shape[1] // s, x.shape[2] // s), np.nan, np.float32)
             return {"roughness": nan, "roughness_sigma": nan.copy()}
         self.companion.num_threads = self.num_threads
-        # the network's input: (relative - 1) * gain, as models.inspection.normalize_image
+        # the network's input: (relative - 1) * gain, as models.modelfile.normalize_image
         rough = self.companion.predict((x - np.float32(1.0)) * np.float32(GAIN))
         return {"roughness": rough["roughness"], "roughness_sigma": rough["roughness_sigma"]}
 
@@ -313,7 +313,7 @@ def save_detector(bank: torch.Tensor, card: dict[str, Any], path: str | Path,
     roughness network's in one safetensors file, the card beside it; returns the weights
     path."""
     from .backbone import backbone_record
-    from .inspection import write_model_files
+    from .modelfile import write_model_files
 
     state = {"bank": bank.detach().to(torch.float16)}
     arch: dict[str, Any] = {"name": "PatchCore", "backbone": backbone_record(),
@@ -341,7 +341,7 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
     """
     from .backbone import BACKBONE_SHA256, FEATURE_DIM, backbone_record, feature_precision
     from .errors import InputError
-    from .inspection import network_from_state
+    from .modelfile import network_from_state
 
     arch = card["architecture"]
     backbone = arch.get("backbone") or {}

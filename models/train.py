@@ -11,7 +11,7 @@
    selection merit (AUROC and roughness error, :func:`selection_merit`) has not improved
    for ``patience`` epochs, and the best epoch within a roughness guard is kept.
 4. The decision threshold is calibrated on held-out good images to the false-alarm rate asked
-   for (:mod:`models.calibrate`), and the model is saved (safetensors + JSON card).
+   for (:mod:`models.thresholds`), and the model is saved (safetensors + JSON card).
 
 The batches are made in :mod:`models.train_batches`, the losses and validation metrics are in
 :mod:`models.train_losses`, the card is calibrated in :mod:`models.train_calibration`.
@@ -38,7 +38,7 @@ from .data import (
     simulated_good_images,
 )
 from .errors import InputError as UserError
-from .inspection import GAIN, InspectionModel, card_path_for, load_model, load_network, save_model
+from .modelfile import GAIN, InspectionModel, card_path_for, load_model, load_network, save_model
 from .network import InspectionNet, NetConfig, macs_per_pixel
 
 # the batches, the losses and the card's calibration live in their own modules; their names stay

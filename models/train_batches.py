@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from .data import GoodImage
-from .inspection import GAIN
+from .modelfile import GAIN
 from .network import OUTPUT_STRIDE, InspectionNet
 from .synth import add_anomalies
 

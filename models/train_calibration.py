@@ -2,7 +2,7 @@
 
 The pooled threshold and one per sample kind, the neighbourhood-context thresholds, the
 thresholds per band of pixel sizes and the review level of a defect's uncertainty, each to
-the false-alarm rate asked for (:mod:`models.calibrate` does the counting):
+the false-alarm rate asked for (:mod:`models.thresholds` does the counting):
 :func:`calibrate_card` for :func:`models.train.train_model`, :func:`recalibrate` for a trained
 model's card.
 """
@@ -17,7 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import (
+from .data import PIXEL_RANGES_UM, GoodImage, simulated_good_images
+from .modelfile import InspectionModel, card_path_for, load_model
+from .network import OUTPUT_STRIDE
+from .synth import add_anomalies
+from .thresholds import (
     CONTEXT_CARD_KEYS,
     Calibration,
     calibrate_contexts_on,
@@ -26,10 +30,6 @@ from .calibrate import (
     map_resolution,
     review_level,
 )
-from .data import PIXEL_RANGES_UM, GoodImage, simulated_good_images
-from .inspection import InspectionModel, card_path_for, load_model
-from .network import OUTPUT_STRIDE
-from .synth import add_anomalies
 
 #: ``progress(stage, done, total, info)``: the progress callback of training and calibration
 Progress = Callable[[str, int, int, dict], None]
@@ -137,13 +137,13 @@ def calibrate_contexts(
     """The thresholds of each neighbourhood context per recipe sample kind (``{"quiet": ...,
     "plain": ..., "plain_near_structure": ...}``).
 
-    :func:`models.calibrate.calibrate_contexts_on` each kind's held-out maps as inspection
+    :func:`models.thresholds.calibrate_contexts_on` each kind's held-out maps as inspection
     sees them (:func:`inspected_anomaly`). Each is kept only below the one it refines
     (:data:`CONTEXT_REFINES`; the kind's threshold where that one was not kept): quiet and
     plain near structure below the kind's threshold (``thresholds_by_kind``, else
     ``default``: the pooled one), plain below the kind's quiet threshold; kinds with too
     little area of a context in their held-out images get no entry for it, and each kind
-    only its own contexts (:func:`models.calibrate.kind_contexts`).
+    only its own contexts (:func:`models.thresholds.kind_contexts`).
     """
     out: dict[str, dict[str, Calibration]] = {context: {} for context in CONTEXT_CARD_KEYS}
     for kind, idx in _indices_by_kind(held_out).items():
@@ -388,7 +388,7 @@ def _defects_of(maps: dict[str, np.ndarray], threshold: float) -> list[_MapDefec
     the merge distance joined), with boxes in image pixels."""
     from scipy import ndimage
 
-    from .calibrate import DEFECT_MERGE_MAP_PX, label_defects
+    from .thresholds import DEFECT_MERGE_MAP_PX, label_defects
 
     a = np.asarray(maps["anomaly"], dtype=np.float32)
     high = a > threshold
@@ -420,7 +420,7 @@ def calibrate_review(
 
     False defects: every defect on the held-out good images, and defects off the painted
     anomalies on the same images with synthetic anomalies added; true defects: those on a
-    painted anomaly. The level best separates the two (:func:`models.calibrate.review_level`).
+    painted anomaly. The level best separates the two (:func:`models.thresholds.review_level`).
     """
     false_u = [d.uncertainty for m in good_maps for d in _defects_of(m, threshold)]
     true_u: list[float] = []

@@ -15,7 +15,7 @@ Two stages, because early stopping on one long one-cycle schedule cannot be resu
 ``--init MODEL`` skips stage 1 and fine-tunes ``MODEL`` (a stage-1 model made earlier).
 
 ``--calibrate-contexts N`` trains nothing: it adds the thresholds for the neighbourhood
-contexts (quiet, plain, plain near structure: ``models.calibrate.context_masks``) to the card
+contexts (quiet, plain, plain near structure: ``models.thresholds.context_masks``) to the card
 of ``--out``, calibrated on N new simulated images of each kind (seed ``CONTEXT_SEED``);
 models trained now get them from training. ``--calibrate N`` calibrates every threshold of
 the card and its review level again alike.
@@ -32,7 +32,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .inspection import network_model_path
+from .modelfile import network_model_path
 from .train import train_model
 
 #: stage 1 (from scratch) of the shipped model (recorded in its card)

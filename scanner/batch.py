@@ -59,7 +59,7 @@ def process_scan(folder: Path, *, model: Any, cluster: Any = None,
 def run_batch(folders: Sequence[Path], *, model: Any = None, cluster: Any = None,
               events: Any = None, allow_incomplete: bool = False) -> list[BatchItem]:
     """:func:`process_scan` on each folder in turn; a failure is recorded, not raised."""
-    from scanner.inspection.stage import load_inspection_model
+    from scanner.inspection.inspect import load_inspection_model
 
     model = load_inspection_model(model)  # once, not once per scan
     items = []

@@ -41,13 +41,13 @@ def validate(recipe: RecipeArg) -> None:
         estimate_alignment_time_s,
         wants_alignment,
     )
-    from scanner.pipeline import make_plan, plan_summary
+    from scanner.pipeline import make_plan
     from scanner.recipe import load_recipe
 
     rec = load_recipe(recipe)
     handle = build_microscope(rec)
     plan = make_plan(rec, handle)
-    summary = plan_summary(plan, rec)
+    summary = plan.summary()
     table = Table(title=f"{recipe.name}: plan", show_header=False)
     table.add_row("sample", rec.sample.kind)
     table.add_row("microscope", rec.microscope.kind)
@@ -144,7 +144,7 @@ def run(
     rec = load_recipe(recipe)
     loaded = None
     if inspect_:
-        from scanner.inspection.stage import load_inspection_model
+        from scanner.inspection.inspect import load_inspection_model
 
         loaded = load_inspection_model(model)  # a bad model fails before the stage moves
     with _cluster(dask) as cluster, _progress() as progress:
@@ -216,7 +216,7 @@ def inspect(
     dask: DaskOption = None,
 ) -> None:
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
-    from scanner.inspection.stage import inspect_target
+    from scanner.inspection.inspect import inspect_target
     from scanner.integrity import require_ready
     from scanner.scanfolder import SCAN_JSON
 

@@ -142,7 +142,7 @@ def drift(
 ) -> None:
     """Whether recent scans' good-surface scores moved beyond the model's calibration."""
     from scanner.inspection.drift import check_drift
-    from scanner.inspection.stage import load_inspection_model
+    from scanner.inspection.inspect import load_inspection_model
 
     report = check_drift(scans, load_inspection_model(model), out_dir)
     for skipped in report.skipped:
@@ -174,7 +174,7 @@ def calibrate(
 ) -> None:
     """Measure the camera's pixel size and rotation by moving the stage by known steps."""
     from scanner.recipe import load_recipe
-    from scanner.stitching.calibrate import calibrate_recipe
+    from scanner.stitching.cameracalibration import calibrate_recipe
 
     if out_file.exists() and not overwrite:
         raise UserError(f"{out_file}: exists; pass --overwrite to replace it")

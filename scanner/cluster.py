@@ -240,7 +240,7 @@ def _worker_model(path: str) -> Any:
     """The model of ``path``, loaded once per worker process, on the worker's threads."""
     import torch
 
-    from scanner.inspection.stage import load_inspection_model
+    from scanner.inspection.inspect import load_inspection_model
 
     if path not in _MODELS:
         _MODELS[path] = load_inspection_model(path)

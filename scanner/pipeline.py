@@ -20,13 +20,7 @@ from scanner.acquisition.acquire import acquire
 from scanner.acquisition.align import AlignmentError, align, wants_alignment
 from scanner.acquisition.alignrefine import refine_alignment
 from scanner.acquisition.focusreport import write_focus_outputs
-from scanner.acquisition.plan import (
-    ScanPlan,
-    check_travel,
-    estimate_hardware_time_s,
-    exposure_for,
-    plan_scan,
-)
+from scanner.acquisition.plan import ScanPlan, resolve_plan
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES
 from scanner.errors import UserError
 from scanner.events import StageEvents
@@ -79,28 +73,11 @@ class ScanResult:
         return {k: self.folder / v for k, v in names.items() if (self.folder / v).exists()}
 
 
-def plan_summary(plan: ScanPlan, recipe: Recipe) -> dict[str, Any]:
-    """What ``validate`` prints and ``scan.json`` records about the plan."""
-    return {
-        "n_tiles": len(plan.tiles),
-        "n_rows": plan.n_rows,
-        "n_cols": plan.n_cols,
-        "fov_um": list(plan.fov_um),
-        "step_um": list(plan.step_um),
-        "region_area_mm2": round(plan.region_area_mm2, 4),
-        "scanned_area_mm2": round(plan.scanned_area_mm2, 4),
-        "exposure_ms": exposure_for(recipe),
-        "estimated_hardware_s": round(estimate_hardware_time_s(plan, recipe), 3),
-    }
-
-
 def make_plan(recipe: Recipe, handle: MicroscopeHandle,
               alignment: dict[str, Any] | None = None) -> ScanPlan:
     """Plan the scan for a built microscope (where the alignment found the sample, if it
     ran) and refuse it if it leaves the travel range."""
-    plan = plan_scan(recipe, handle.fov_um(), alignment)
-    check_travel(plan, recipe)
-    return plan
+    return resolve_plan(recipe, handle.fov_um(), alignment)
 
 
 def run_scan(
@@ -147,7 +124,7 @@ def run_scan(
             **{k: v for k, v in handle.info.items() if k != "labels"},
             "devices": inventory_json(handle.core),
         },
-        "plan": plan_summary(plan, recipe),
+        "plan": plan.summary(),
         "acquired_tiles": 0,
         "timings": {},
     }
@@ -193,7 +170,7 @@ def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: Mic
         raise
     finally:
         events.stageFinished.emit("align")
-    scan["plan"] = plan_summary(plan, recipe)
+    scan["plan"] = plan.summary()
     scan["status"] = "acquiring"
     write_json(folder / SCAN_JSON, scan)
     return plan
@@ -243,7 +220,7 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
         # the recorded alignment, not a new one: the tiles taken lie where it put them
         plan = make_plan(recipe, handle, scan.get("alignment"))
         recorded = {k: scan["plan"].get(k) for k in ("n_tiles", "n_rows", "n_cols")}
-        now = {k: plan_summary(plan, recipe)[k] for k in recorded}
+        now = {k: plan.summary()[k] for k in recorded}
         if now != recorded:
             raise UserError(f"{folder}: cannot resume, the plan changed ({recorded} recorded, "
                             f"{now} now)")
@@ -532,7 +509,7 @@ def inspect_stage(
     cluster: Any = None,
 ) -> Any:
     """Inspect the scan folder's mosaic: maps, ``defects.json``/``.csv``, ``scan.json`` timings."""
-    from scanner.inspection.stage import inspect_scan
+    from scanner.inspection.inspect import inspect_scan
 
     events = events or StageEvents()
     started, last = False, 0

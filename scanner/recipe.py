@@ -18,6 +18,7 @@ import yaml
 from pydantic import (
     BaseModel,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -573,3 +574,26 @@ def recorded(scan: dict[str, Any], section: type[_SectionT]) -> _SectionT:
     except ValidationError as exc:
         where = ".".join(path)
         raise RecipeError(f"scan.json recipe.{where}: {format_validation_error(exc)}") from None
+
+
+_SAMPLE_ADAPTER: TypeAdapter[Any] = TypeAdapter(Sample)
+
+
+def recorded_sample(scan: dict[str, Any], base_dir: Path) -> Any:
+    """The sample section recorded in ``scan.json``, parsed by the recipe's own models.
+
+    As :func:`recorded`, for the sample (a union of kinds, so not a key of
+    :data:`RECORDED_SECTIONS`): relative paths resolve against ``base_dir`` (the scan folder).
+
+    Raises
+    ------
+    RecipeError
+        The recorded sample does not validate (it names the field), or there is none.
+    """
+    data = (scan.get("recipe") or {}).get("sample")
+    if not isinstance(data, dict):
+        raise RecipeError("scan.json recipe.sample: missing")
+    try:
+        return _SAMPLE_ADAPTER.validate_python(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        raise RecipeError(f"scan.json recipe.sample: {format_validation_error(exc)}") from None

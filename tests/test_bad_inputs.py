@@ -52,7 +52,7 @@ def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
     import json
     import shutil
 
-    from models.inspection import default_model_path
+    from models.modelfile import default_model_path
 
     weights = default_model_path()
     shutil.copyfile(weights, tmp_path / "m.safetensors")

@@ -13,7 +13,12 @@ from conftest import smooth_texture
 from typer.testing import CliRunner
 
 from scanner.cli import app
-from scanner.stitching.calibrate import _geometry, auto_grid, expected_error_rel, fit_camera_matrix
+from scanner.stitching.cameracalibration import (
+    _geometry,
+    auto_grid,
+    expected_error_rel,
+    fit_camera_matrix,
+)
 from scanner.stitching.registration.scan import CameraGeometry
 from scanner.stitching.stitch import load_calibration
 

@@ -256,7 +256,7 @@ def _busy_and_quiet(shape=(160, 320), seed=0) -> np.ndarray:
 
 
 def test_quiet_mask_follows_the_surface_not_a_small_defect():
-    from models.calibrate import quiet_mask
+    from models.thresholds import quiet_mask
 
     a = _busy_and_quiet()
     a[70:78, 250:262] = 0.6  # a defect on the quiet side
@@ -270,7 +270,7 @@ def test_quiet_mask_follows_the_surface_not_a_small_defect():
 
 
 def test_quiet_threshold_finds_a_faint_defect_on_the_quiet_surface_only():
-    from models.calibrate import quiet_mask
+    from models.thresholds import quiet_mask
 
     a = _busy_and_quiet()
     a[40:46, 240:246] = 0.6  # faint defect, quiet side
@@ -313,7 +313,7 @@ def _plain_surface(shape=(96, 192), seed=0) -> np.ndarray:
 
 
 def test_plain_mask_keeps_a_thin_scratch_plain_and_structure_not():
-    from models.calibrate import map_resolution, plain_mask
+    from models.thresholds import map_resolution, plain_mask
 
     img = _plain_surface()
     img[50:52, 120:180] = 1.25  # a thin scratch on the plain side

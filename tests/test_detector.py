@@ -16,7 +16,7 @@ from models.build import build_detector, features_of
 from models.data import GoodImage
 from models.detector import PatchDetector
 from models.errors import InputError
-from models.inspection import load_model
+from models.modelfile import load_model
 
 
 def _product(seed: int = 0) -> np.ndarray:

@@ -383,7 +383,7 @@ def test_a_layout_repeated_only_2x2_is_compared_on_a_padded_mosaic() -> None:
     from skimage import data
 
     from scanner.diegrid import estimate_grid
-    from scanner.inspection.stage import _with_room
+    from scanner.inspection.inspect import _with_room
 
     tile = data.brick()[:200, :200].astype(np.float32) + 20.0
     product = np.tile(tile, (2, 2))

@@ -56,7 +56,7 @@ def test_drift_is_reported_when_good_scores_move_and_not_otherwise(tmp_path: Pat
 def test_drift_command_names_a_model_without_good_scores(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from models.inspection import network_model_path
+    from models.modelfile import network_model_path
     from scanner.cli import app
 
     scan = _scan(tmp_path / "s", {"n": 10, "q50": 1.0})

@@ -107,7 +107,7 @@ def test_outside_the_sample_is_not_computed_and_zero(net_model, tmp_path):
 def test_reflectance_at_map_resolution_from_the_pyramid_or_the_model_grid(net_model, tmp_path):
     import dataclasses
 
-    from models.calibrate import map_resolution
+    from models.thresholds import map_resolution
     from scanner.inspection.maps import reflectance_at_map
 
     img = _texture((1100, 1030), seed=5)

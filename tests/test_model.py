@@ -117,7 +117,7 @@ def test_normalize_is_relative_to_the_brightness_level(saved: Path) -> None:
 
 def test_shipped_default_model_loads() -> None:
     from models.detector import PatchDetector
-    from models.inspection import network_model_path
+    from models.modelfile import network_model_path
 
     model = load_model(None)
     # the default is the one-class detector (under 50 MB), with the shipped network beside it
@@ -140,7 +140,7 @@ def test_compute_budget() -> None:
 
 
 def test_uncertainty_is_the_entropy_of_the_mean_probability() -> None:
-    from models.inspection import predictive_entropy
+    from models.modelfile import predictive_entropy
 
     p = torch.tensor([1e-9, 0.1, 0.5, 0.9, 1 - 1e-9])
     h = predictive_entropy(p)

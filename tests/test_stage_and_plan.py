@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from scanner.acquisition.plan import check_travel, estimate_hardware_time_s, plan_scan
+from scanner.acquisition.plan import (
+    check_travel,
+    estimate_hardware_time_s,
+    plan_scan,
+    resolve_plan,
+)
 from scanner.errors import PlanError
 from scanner.recipe import parse_recipe
 from simulators.clock import HardwareClock
@@ -105,6 +110,10 @@ def test_travel_check_names_tile_and_axis() -> None:
     plan = plan_scan(recipe, (300.0, 300.0))
     with pytest.raises(PlanError, match=r"travel_y_um: tile \d+ .* y = "):
         check_travel(plan, recipe)
+    # the plan a scan runs is resolved with the check: it cannot exist unchecked
+    with pytest.raises(PlanError, match=r"travel_y_um: tile \d+ .* y = "):
+        resolve_plan(recipe, (300.0, 300.0))
+    assert not plan.travel_checked
 
 
 def test_estimate_counts_moves_settle_and_exposure() -> None:
@@ -117,6 +126,11 @@ def test_estimate_counts_moves_settle_and_exposure() -> None:
     n = len(plan.tiles)
     assert est > n * (0.03 + 0.05) - 0.05
     assert est < n * (0.03 + 0.05 + 0.2)
+    # resolved once: the plan carries the exposure and the estimate that later stages read
+    resolved = resolve_plan(recipe, (400.0, 400.0))
+    assert resolved.travel_checked and resolved.exposure_ms == 10.0
+    assert resolved.estimated_hardware_s == pytest.approx(est)
+    assert resolved.summary()["estimated_hardware_s"] == round(est, 3)
 
 
 def test_realtime_clock_sleeps_only_what_is_left_after_computing() -> None:

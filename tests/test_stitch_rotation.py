@@ -15,7 +15,7 @@ from skimage.registration import phase_cross_correlation
 from scanner.ngff import open_mosaic
 from scanner.pipeline import run_scan
 from scanner.recipe import load_recipe
-from scanner.stitching.calibrate import calibrate_recipe
+from scanner.stitching.cameracalibration import calibrate_recipe
 from scanner.stitching.mosaic import fuse_mosaic
 from scanner.stitching.stitch import tile_origins_um
 from scanner.tilestore import read_tiles_csv

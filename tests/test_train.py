@@ -11,8 +11,8 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from models.calibrate import calibrate_threshold, count_components, review_level
 from models.synth import _is_flat, add_anomalies
+from models.thresholds import calibrate_threshold, count_components, review_level
 from models.train import select_epoch
 
 
@@ -176,7 +176,7 @@ def test_tiny_training_run_learns_and_writes_a_calibrated_model(tmp_path: Path) 
                         pixel_size_um=2.0, init=report.weights)
     card2 = json.loads(tuned.card_path.read_text())
     assert card2["training"]["init"]["weights_sha256"] == card["weights_sha256"]
-    from models.inspection import load_network
+    from models.modelfile import load_network
 
     start, tuned_net = load_network(report.weights)[0], load_network(tuned.weights)[0]
     learned = {k: v for k, v in start.state_dict().items() if "running" not in k
@@ -273,7 +273,7 @@ def test_review_level_separates_false_from_true_defects() -> None:
 
 def test_review_calibration_counts_painted_anomalies_as_true_defects() -> None:
     from models.data import simulated_good_images
-    from models.inspection import load_model
+    from models.modelfile import load_model
     from models.train import _defects_of, calibrate_review, held_out_maps
 
     model = load_model(None)
@@ -328,7 +328,7 @@ def test_a_time_limit_cuts_the_epochs_after_the_first(tmp_path: Path) -> None:
 
 
 def test_quiet_calibration_counts_only_quiet_areas():
-    from models.calibrate import calibrate_contexts_on
+    from models.thresholds import calibrate_contexts_on
 
     def calibrate_quiet(maps, areas, target_per_cm2=1.0):
         return calibrate_contexts_on(maps, None, areas, target_per_cm2)["quiet"]
@@ -351,7 +351,7 @@ def test_quiet_calibration_counts_only_quiet_areas():
 
 
 def test_plain_calibration_counts_only_plain_and_quiet_areas():
-    from models.calibrate import calibrate_contexts_on
+    from models.thresholds import calibrate_contexts_on
 
     rng = np.random.default_rng(0)
     maps, images = [], []
@@ -374,7 +374,7 @@ def test_plain_near_structure_reaches_a_scratch_beside_a_pad_column():
     """Bare silicon beside a die's last column of pads, with a thin scratch on it 2 map px
     from the pads: never plain in the wide sense (the pads are within reach), plain near
     structure; the pads are in neither context, the far bare silicon in both."""
-    from models.calibrate import context_masks
+    from models.thresholds import context_masks
 
     img = np.ones((160, 160), np.float32)
     anomaly = np.full(img.shape, 0.005, np.float32)
@@ -427,7 +427,7 @@ def test_pixel_bands_give_finer_pixels_their_own_higher_threshold(monkeypatch):
 def test_recalibrate_rewrites_every_threshold_of_a_card(tmp_path: Path) -> None:
     import shutil
 
-    from models.inspection import load_model, network_model_path
+    from models.modelfile import load_model, network_model_path
     from models.train import recalibrate
 
     src = network_model_path()

@@ -31,7 +31,7 @@ from devices.errors import HardwareTimeout, is_transient
 if TYPE_CHECKING:
     from scanner.acquisition.focusing import FocusController, TileFocus
 
-from scanner.acquisition.plan import ScanPlan, exposure_for, to_sequence
+from scanner.acquisition.plan import ScanPlan, to_sequence
 from scanner.recipe import Recipe
 from scanner.tilestore import TileRecord, TileStore, read_tiles_csv
 
@@ -310,7 +310,7 @@ def acquire(
         at once; its exceptions are logged and never stop the run.
     """
     core = handle.core
-    core.setExposure(exposure_for(recipe))
+    core.setExposure(plan.exposure_ms)
     # the core's own wait gives up after 5 s by default, sooner than a long real move
     core.setTimeoutMs(int(recipe.scan.device_timeout_s * 1000))
     hw_start = handle.hardware_time_s()
@@ -336,7 +336,7 @@ def acquire(
     core.mda.set_engine(engine)
     try:
         if todo:
-            core.mda.run(to_sequence(plan, recipe, todo))
+            core.mda.run(to_sequence(plan, todo))
     finally:
         store.close()
     hw_end = handle.hardware_time_s()

@@ -1,12 +1,16 @@
 """Planning: tile positions that cover the sample, checked against the stage's travel.
 
 The plan is computed from the recipe and the camera's field of view only; nothing moves.
+The recipe is resolved here once (:func:`resolve_plan`) into a frozen :class:`ScanPlan`:
+tiles, exposure, the travel check and the hardware-time estimate. The later stages read the
+plan rather than deriving these from the recipe again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import useq
@@ -35,7 +39,28 @@ class Tile:
 
 @dataclass(frozen=True)
 class ScanPlan:
-    """The tiles of a scan, in acquisition order, and what they cover."""
+    """The tiles of a scan, in acquisition order, what they cover and what they cost.
+
+    Attributes
+    ----------
+    tiles : tuple of Tile
+        The fields of view in acquisition order.
+    fov_um, step_um : (float, float)
+        Field of view and grid step (x, y) at the sample.
+    region : Polygon
+        The part of the sample the tiles cover (stage µm).
+    n_rows, n_cols : int
+        Size of the tile grid.
+    recipe_name : str
+        The recipe's name (the MDA sequence's metadata).
+    exposure_ms : float
+        Exposure of every tile (:func:`exposure_for`).
+    estimated_hardware_s : float
+        Moves, settling, exposures and readout (:func:`estimate_hardware_time_s`).
+    travel_checked : bool
+        Whether every tile was checked against the stage's and focus drive's travel
+        (:func:`resolve_plan` checks; :func:`plan_scan` alone does not).
+    """
 
     tiles: tuple[Tile, ...]
     fov_um: tuple[float, float]
@@ -43,6 +68,10 @@ class ScanPlan:
     region: Polygon
     n_rows: int
     n_cols: int
+    recipe_name: str = ""
+    exposure_ms: float = 10.0
+    estimated_hardware_s: float = 0.0
+    travel_checked: bool = False
 
     @property
     def region_area_mm2(self) -> float:
@@ -60,6 +89,20 @@ class ScanPlan:
     def positions_um(self) -> np.ndarray:
         """(N, 2) array of tile centres (x, y)."""
         return np.array([(t.x_um, t.y_um) for t in self.tiles], dtype=float)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``validate`` prints and ``scan.json`` records about the plan."""
+        return {
+            "n_tiles": len(self.tiles),
+            "n_rows": self.n_rows,
+            "n_cols": self.n_cols,
+            "fov_um": list(self.fov_um),
+            "step_um": list(self.step_um),
+            "region_area_mm2": round(self.region_area_mm2, 4),
+            "scanned_area_mm2": round(self.scanned_area_mm2, 4),
+            "exposure_ms": self.exposure_ms,
+            "estimated_hardware_s": round(self.estimated_hardware_s, 3),
+        }
 
 
 def _scanned_part(region: Polygon, recipe: Recipe) -> Polygon:
@@ -136,14 +179,32 @@ def plan_scan(recipe: Recipe, fov_um: tuple[float, float],
         Tile(i, int(r), int(c), float(x), float(y), float(z))
         for i, (r, c, x, y) in enumerate(zip(rows, cols, xs, ys, strict=True))
     )
-    return ScanPlan(
+    plan = ScanPlan(
         tiles=tiles,
         fov_um=fov_um,
         step_um=step,
         region=region,
         n_rows=int(rows.max()) + 1,
         n_cols=int(cols.max()) + 1,
+        recipe_name=recipe.name,
+        exposure_ms=exposure_for(recipe),
     )
+    return replace(plan, estimated_hardware_s=estimate_hardware_time_s(plan, recipe))
+
+
+def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
+                 alignment: dict | None = None) -> ScanPlan:
+    """The recipe resolved once for a scan: :func:`plan_scan`, refused by
+    :func:`check_travel` if any tile leaves the travel range (before anything moves).
+
+    Raises
+    ------
+    PlanError
+        If the plan is empty, too large, or needs a position outside the travel.
+    """
+    plan = plan_scan(recipe, fov_um, alignment)
+    check_travel(plan, recipe)
+    return replace(plan, travel_checked=True)
 
 
 def check_travel(plan: ScanPlan, recipe: Recipe) -> None:
@@ -182,7 +243,7 @@ def estimate_hardware_time_s(plan: ScanPlan, recipe: Recipe) -> float:
     The stage starts from the travel position nearest the origin.
     """
     stage = recipe.microscope.stage
-    exposure_ms = exposure_for(recipe)
+    exposure_ms = plan.exposure_ms
     readout_ms = getattr(getattr(recipe.microscope, "camera", None), "readout_ms", 0.0)
     x = min(max(0.0, stage.travel_x_um[0]), stage.travel_x_um[1])
     y = min(max(0.0, stage.travel_y_um[0]), stage.travel_y_um[1])
@@ -204,9 +265,7 @@ def exposure_for(recipe: Recipe) -> float:
     return camera.exposure_ms if camera is not None else 10.0
 
 
-def to_sequence(
-    plan: ScanPlan, recipe: Recipe, tiles: Sequence[Tile] | None = None
-) -> useq.MDASequence:
+def to_sequence(plan: ScanPlan, tiles: Sequence[Tile] | None = None) -> useq.MDASequence:
     """The useq sequence that the MDA runner executes: one event per tile.
 
     ``tiles`` (default: all of the plan's, in order) lets a resumed scan take only the
@@ -219,5 +278,5 @@ def to_sequence(
     return useq.MDASequence(
         stage_positions=positions,
         axis_order="p",
-        metadata={"waferscope": {"recipe": recipe.name, "n_tiles": len(plan.tiles)}},
+        metadata={"waferscope": {"recipe": plan.recipe_name, "n_tiles": len(plan.tiles)}},
     )

@@ -105,7 +105,7 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
     lower = {k: v for k, v in contexts.items() if v is not None and v < threshold}
     if not lower:
         return None
-    from models.calibrate import IMAGE_CONTEXTS, context_masks
+    from models.thresholds import IMAGE_CONTEXTS, context_masks
 
     anomaly = np.asarray(maps.maps["anomaly"][:])
     needs_image = any(context in lower for context in IMAGE_CONTEXTS)
@@ -125,7 +125,7 @@ def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
     """The defect list of refined maps. ``difference``: the die-to-die difference image of a
     mosaic window and its z-scores (None outside the compared dies; see ``extract_defects``
     and ``scanner.inspection.dietodie.Comparison.difference``)."""
-    from models.inspection import to_luminance
+    from models.modelfile import to_luminance
 
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
         # relative reflectance: a defect's contrast in units of the surface level

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from skimage import measure, morphology
 
-from models.calibrate import label_defects
+from models.thresholds import label_defects
 from scanner.defectlist import Defect
 
 # the classes live in their own module; their names stay importable from here (the tests
@@ -62,7 +62,7 @@ DEFAULT_REVIEW_UNCERTAINTY = 0.8
 BORDERLINE = 0.15
 #: fragments closer than this (model-grid pixels) are one defect (``extract_defects``'s
 #: ``merge_px``; module docstring). Training's component count uses the same gap on the map
-#: grid: ``models.calibrate.DEFECT_MERGE_MAP_PX`` = this / the output stride (4), checked by
+#: grid: ``models.thresholds.DEFECT_MERGE_MAP_PX`` = this / the output stride (4), checked by
 #: tests/test_single_source.py since models/ may not import scanner.
 MERGE_PX = 24.0
 

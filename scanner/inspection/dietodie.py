@@ -30,7 +30,7 @@ never exposed: :func:`alike_partial_dies`).
 
 A z-score of :attr:`DieToDie.z_threshold` means "a defect" and is put on the anomaly map's
 scale at the decision threshold (:func:`z_to_score`), so the two kinds of evidence join in one
-anomaly map and one defect list (:func:`scanner.inspection.stage.inspect_mosaic`).
+anomaly map and one defect list (:func:`scanner.inspection.inspect.inspect_mosaic`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import numpy as np
 from scanner.diegrid import DieGrid
 
 # the comparison's parts live in sibling modules; their names stay importable from here
-# (scanner.inspection.stage and the tests import them from scanner.inspection.dietodie)
+# (scanner.inspection.inspect and the tests import them from scanner.inspection.dietodie)
 from scanner.inspection.dietodie_alike import alike_dies, alike_partial_dies  # noqa: F401
 from scanner.inspection.dietodie_geometry import (  # noqa: F401
     Cell,

@@ -17,8 +17,8 @@ import numpy as np
 from models.data import GoodImage
 from scanner.errors import UserError
 from scanner.inspection.images import IMAGE_SUFFIXES
+from scanner.inspection.inspect import _saved_sample, _usable_polygon, read_image
 from scanner.inspection.polygonmask import polygon_mask, polygon_pixels
-from scanner.inspection.stage import _saved_sample, _usable_polygon, read_image
 from scanner.inspection.tiled import source_level
 from scanner.scanfolder import MOSAIC, SCAN_JSON, scan_json_if_any
 

@@ -95,10 +95,10 @@ def reflectance_at_map(maps: MapSet, chunk_rows: int = 256) -> np.ndarray:
     """The input as relative reflectance (raw / brightness level) at map resolution.
 
     Each map pixel gets the mean of its ``stride`` x ``stride`` input pixels (what
-    :func:`models.calibrate.plain_mask` reads). A mosaic read at its own pixel size has that
+    :func:`models.thresholds.plain_mask` reads). A mosaic read at its own pixel size has that
     already in its pyramid (level log2(stride)); otherwise the model grid is read in strips.
     """
-    from models.calibrate import map_resolution
+    from models.thresholds import map_resolution
 
     shape = tuple(int(n) for n in maps.maps["anomaly"].shape)
     s = int(maps.stride)

@@ -17,7 +17,7 @@ Steps, on the relative reflectance at map resolution (1 = the surface level):
    :attr:`PlainSurface.min_area_px` map pixels inside the usable area.
 3. **Ringed by plain surface**: the band 8 to 16 map pixels around the region lies in plain
    blocks (median absolute deviation, and the steps to neighbouring block medians / 3, under
-   :data:`models.calibrate.PLAIN_LEVEL`), the region's change is at least
+   :data:`models.thresholds.PLAIN_LEVEL`), the region's change is at least
    :attr:`PlainSurface.ring_contrast` times the band's own spread, and its core is uniform
    (median block MAD under the plain level): a uniform region on a plain surface, not
    texture, grains, circuitry or a field of fine lines.
@@ -68,7 +68,7 @@ class PlainSurface:
         Share of that band in plain blocks.
     ring_contrast : float
         A region's largest change over the band's own structure (median of its blocks' spread,
-        :data:`models.calibrate.PLAIN_LEVEL`'s statistic) must reach this: polished silicon
+        :data:`models.thresholds.PLAIN_LEVEL`'s statistic) must reach this: polished silicon
         around a stain spreads by 0.2-0.3 %, a field of fine lines that passes as plain by
         1-2 %, and a seam through it shifts its level by 3-5 %.
     repeat_correlation : float
@@ -90,14 +90,14 @@ class PlainSurface:
 
 def _blocks_all(mask: np.ndarray) -> np.ndarray:
     """Per 8 x 8 block: whether all its pixels are set (pixels past the edge count as set)."""
-    from models.calibrate import _blocks
+    from models.thresholds import _blocks
 
     b = _blocks(mask.astype(np.uint8), BLOCK, "edge")
     return b.min(axis=(1, 3)).astype(bool)
 
 
 def _per_pixel(per_block: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    from models.calibrate import _per_pixel as expand
+    from models.thresholds import _per_pixel as expand
 
     return expand(per_block, BLOCK, shape)
 
@@ -159,7 +159,7 @@ def plain_surface_defects(
         Per defect: the map region (row and column slices), the defect's pixels in it and
         the smoothed reflectance change there (signed, fraction of the surface level).
     """
-    from models.calibrate import PLAIN_LEVEL, block_statistics
+    from models.thresholds import PLAIN_LEVEL, block_statistics
 
     r = np.asarray(reflectance, dtype=np.float32)
     if usable is None:

@@ -325,7 +325,7 @@ def source_level(source: Any, grid: int = 8, window: int = 128,
             sub = sub[inside(rows, cols)]
         sub = sub.ravel()
     sub = sub[sub != 0]
-    from models.inspection import brightness_level
+    from models.modelfile import brightness_level
 
     return float(brightness_level(sub[None, :])) if sub.size else 1.0
 

@@ -5,6 +5,6 @@ wafers) and ``wafermap.png``. :func:`report` is the pipeline stage; the napari r
 :mod:`scanner.napari`.
 """
 
-from scanner.reports.stage import ReportResult, report
+from scanner.reports.report import ReportResult, report
 
 __all__ = ["ReportResult", "report"]

@@ -53,23 +53,15 @@ def _mosaic_pixel_size_um(mosaic: Path) -> float | None:
 
 
 def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
-    """The sample of the recipe saved in ``scan.json`` (None if unknown or unreadable)."""
+    """The sample recorded in ``scan.json`` (None if unknown or unreadable)."""
     if not scan or "recipe" not in scan:
         return None
-    from scanner.recipe import parse_recipe
+    from scanner.recipe import RecipeError, recorded_sample
 
     try:
-        return parse_recipe(scan["recipe"], base_dir=folder).sample
-    except Exception:  # an unreadable recipe must not stop inspection: inspect everything
+        return recorded_sample(scan, folder)
+    except RecipeError:  # an unreadable sample must not stop inspection: inspect everything
         return None
-
-
-
-
-
-
-
-
 
 
 def _usable_polygon(sample: Any, alignment: dict[str, Any] | None = None) -> Any:
