@@ -10,9 +10,10 @@ import pytest
 import tifffile
 import yaml
 
-#: the session's end-to-end scans: a test that uses one is marked slow here (``make test-fast``
-#: leaves the slow tests out; ``make test`` and CI run everything)
-SESSION_SCANS = frozenset({"wafer_scan", "reported_wafer", "pv_scan"})
+#: the end-to-end scans shared by tests: a test that uses one is marked slow here (``make
+#: test-fast`` leaves the slow tests out; ``make test`` and CI run everything). Tests that take
+#: over about 3 s on their own carry ``@pytest.mark.slow`` themselves
+SESSION_SCANS = frozenset({"wafer_scan", "reported_wafer", "pv_scan", "aligned_scan"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -318,6 +318,7 @@ def test_validate_shows_the_alignment_plan_and_its_time() -> None:
     assert routed < 0.15 * 33.8  # issue 22's target: alignment ≤ 15 % of the scan
 
 
+@pytest.mark.slow
 def test_auto_alignment_falls_back_where_a_field_cannot_see_the_notch(tmp_path) -> None:
     """A 0.5 mm field cannot hold a 1 mm notch: `auto` scans at the recipe's placement and
     says so; `align: true` refuses with one line."""

@@ -26,6 +26,7 @@ def _demo_cell(tmp_path: Path, seed: int, **scan: object):
     return data, parse_recipe(data, tmp_path, f"cell{seed}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [7, 13])
 def test_demo_cell_aligns_despite_fingers_ending_rays(tmp_path: Path, seed: int) -> None:
     """With a plain least-squares line per side, seed 7 came out 167 µm and 0.87° off (a

@@ -81,6 +81,7 @@ def test_coreset_started_from_a_bank_adds_only_what_it_does_not_cover() -> None:
     assert (chosen >= 100).all()  # the new, uncovered appearance; not copies of the old
 
 
+@pytest.mark.slow
 def test_features_of_a_large_image_match_the_windowed_inspection_grid() -> None:
     img = _relative(np.tile(data.brick().astype(np.float32), (4, 4)))[:1700, :1800]
     f = features_of(img)

@@ -271,6 +271,7 @@ def test_review_level_separates_false_from_true_defects() -> None:
     assert review_level([], [0.3]) is None and review_level([0.3], []) is None
 
 
+@pytest.mark.slow
 def test_review_calibration_counts_painted_anomalies_as_true_defects() -> None:
     from models.data import simulated_good_images
     from models.modelfile import load_model
