@@ -10,11 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from scanner.errors import UserError
+
+if TYPE_CHECKING:
+    from scanner.inspection.card import ModelRef
+    from scanner.inspection.tiled import Model
 
 __all__ = ["BatchItem", "run_batch"]
 
@@ -29,7 +33,7 @@ class BatchItem(BaseModel):
     error: str | None = None
 
 
-def process_scan(folder: Path, *, model: Any, cluster: Any = None,
+def process_scan(folder: Path, *, model: Model, cluster: Any = None,
                  events: Any = None, allow_incomplete: bool = False) -> int:
     """Stitch, inspect and report one scan folder; returns its number of defects.
 
@@ -56,7 +60,7 @@ def process_scan(folder: Path, *, model: Any, cluster: Any = None,
     return int(result.n_defects)
 
 
-def run_batch(folders: Sequence[Path], *, model: Any = None, cluster: Any = None,
+def run_batch(folders: Sequence[Path], *, model: ModelRef = None, cluster: Any = None,
               events: Any = None, allow_incomplete: bool = False) -> list[BatchItem]:
     """:func:`process_scan` on each folder in turn; a failure is recorded, not raised."""
     from scanner.inspection.inspect import load_inspection_model

@@ -24,11 +24,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from scanner.errors import UserError
+
+if TYPE_CHECKING:
+    from scanner.inspection.tiled import Model
 
 __all__ = ["Cluster", "ClusterSpec", "open_cluster"]
 
@@ -155,7 +158,7 @@ class Cluster:
     # ------------------------------------------------------------------ inspection
 
     def stream_maps(
-        self, model: Any, mosaic: Path, scale: float, arrays: dict[str, Any],
+        self, model: Model, mosaic: Path, scale: float, arrays: dict[str, Any],
         scratch_path: Path, *, tiling: Any, level: float, mask: Any, skip_empty: bool,
         progress: Callable[[int, int], None] | None = None,
     ) -> Any:

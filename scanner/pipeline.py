@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -47,6 +47,9 @@ from scanner.scanfolder import (
 from scanner.stitching.registration.live import LiveRegistrar, LiveResults
 from scanner.stitching.stitch import MOSAIC, camera_geometry, stitch_scan
 from scanner.tilestore import TILES_CSV, TileRecord, open_tiles, read_tiles_csv, stored_tiles
+
+if TYPE_CHECKING:
+    from scanner.inspection.card import ModelRef
 
 log = logging.getLogger("waferscope.pipeline")
 
@@ -87,7 +90,7 @@ def run_scan(
     overwrite: bool = False,
     events: StageEvents | None = None,
     inspect: bool = False,
-    model: Any = None,
+    model: ModelRef = None,
     cluster: Any = None,
 ) -> ScanResult:
     """Scan a recipe's sample into a new scan folder.
@@ -248,7 +251,7 @@ def _finish_scan(
     scan: dict[str, Any],
     recipe: Recipe,
     events: StageEvents,
-    model: Any,
+    model: ModelRef,
     *,
     handle: MicroscopeHandle | None,
     plan: ScanPlan | None,
@@ -503,7 +506,7 @@ def inspect_stage(
     folder: Path,
     scan: dict[str, Any] | None = None,
     *,
-    model: Any = None,
+    model: ModelRef = None,
     threshold: float | None = None,
     events: StageEvents | None = None,
     cluster: Any = None,

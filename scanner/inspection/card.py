@@ -24,9 +24,14 @@ from scanner.inspection.defects import (
     local_thresholds,
 )
 from scanner.inspection.maps import MapSet, reflectance_at_map
+from scanner.inspection.tiled import Model
+
+#: what a command is given as its model: a loaded one (:class:`scanner.inspection.tiled.Model`),
+#: the path of one, or None for the shipped default (:func:`load_inspection_model` resolves it)
+ModelRef = Model | str | Path | None
 
 
-def load_inspection_model(model: Any = None) -> Any:
+def load_inspection_model(model: ModelRef = None) -> Model:
     """The model to use: an already loaded one, a path, or None for the shipped default."""
     if model is not None and hasattr(model, "predict"):
         return model
@@ -35,7 +40,7 @@ def load_inspection_model(model: Any = None) -> Any:
     return load_model(model)
 
 
-def model_info(model: Any) -> dict[str, Any]:
+def model_info(model: Model) -> dict[str, Any]:
     """Identity of a model for the headers of outputs (name, file, weights hash, pixel size)."""
     card = dict(getattr(model, "card", {}) or {})
     path = getattr(model, "path", None)
@@ -53,7 +58,7 @@ def model_info(model: Any) -> dict[str, Any]:
     return info
 
 
-def card_threshold(model: Any, sample_kind: str | None = None,
+def card_threshold(model: Model, sample_kind: str | None = None,
                    pixel_size_um: float | None = None) -> tuple[float, str]:
     """The model's calibrated threshold for a kind of sample, and where it comes from.
 
@@ -65,7 +70,7 @@ def card_threshold(model: Any, sample_kind: str | None = None,
     return card_of(model).threshold_for(sample_kind, pixel_size_um, model.threshold)
 
 
-def _decision_threshold(model: Any, threshold: float | None, sample_kind: str | None,
+def _decision_threshold(model: Model, threshold: float | None, sample_kind: str | None,
                         pixel_size_um: float | None = None) -> tuple[float, str]:
     """The user's threshold when given, else the card's for the kind (:func:`card_threshold`).
 
@@ -79,7 +84,7 @@ def _decision_threshold(model: Any, threshold: float | None, sample_kind: str | 
     return thr, source
 
 
-def context_thresholds(model: Any, sample_kind: str | None, threshold_source: str,
+def context_thresholds(model: Model, sample_kind: str | None, threshold_source: str,
                        pixel_size_um: float | None = None) -> dict[str, float | None]:
     """The card's thresholds for the neighbourhood contexts of a kind of sample.
 
@@ -91,7 +96,7 @@ def context_thresholds(model: Any, sample_kind: str | None, threshold_source: st
     return card_of(model).context_thresholds(sample_kind, threshold_source, pixel_size_um)
 
 
-def _review_level(model: Any) -> float:
+def _review_level(model: Model) -> float:
     card = getattr(model, "card", {}) or {}
     return float(card.get("review_uncertainty", DEFAULT_REVIEW_UNCERTAINTY))
 
@@ -116,7 +121,7 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
                             anomaly.shape)
 
 
-def _defects_from(maps: MapSet, model: Any, threshold: float, level: float,
+def _defects_from(maps: MapSet, model: Model, threshold: float, level: float,
                   contexts: dict[str, float | None] | None = None,
                   reflectance: np.ndarray | None = None,
                   difference: Callable[[int, int, int, int],

@@ -13,13 +13,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.drift import DRIFT_FACTOR, drift_ratios, drift_verdict, score_summary
 from scanner.errors import UserError
 from scanner.scanfolder import read_scan_json
+
+if TYPE_CHECKING:
+    from scanner.inspection.tiled import Model
 
 #: windows read from a map for its good-surface scores (a grid of them, whatever its size)
 GRID = 16
@@ -68,7 +71,7 @@ class DriftReport:
                 f"calibration's (limits x{1 / DRIFT_FACTOR:.2f}-x{DRIFT_FACTOR:.2f})")
 
 
-def check_drift(scans: Sequence[Path], model: Any, out_dir: Path | None = None,
+def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None,
                 factor: float = DRIFT_FACTOR) -> DriftReport:
     """Compare scans' good-surface scores with a model's calibration; plot into ``out_dir``.
 

@@ -22,6 +22,7 @@ from models.data import read_image
 from scanner.defectlist import CSV_COLUMNS, InspectionResult
 from scanner.errors import UserError
 from scanner.inspection.card import (
+    ModelRef,
     _decision_threshold,
     _defects_from,
     context_thresholds,
@@ -71,7 +72,7 @@ def inspect_images(
     targets: Sequence[Path],
     out_dir: Path,
     *,
-    model: Any = None,
+    model: ModelRef = None,
     threshold: float | None = None,
     pixel_size_um: float | None = None,
     sample_kind: str | None = None,

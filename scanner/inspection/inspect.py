@@ -29,6 +29,7 @@ from scanner.acquisition.alignrefine import effective_alignment
 from scanner.defectlist import MAP_NAMES, InspectionResult, write_defects
 from scanner.errors import UserError
 from scanner.inspection.card import (
+    ModelRef,
     _decision_threshold,
     _defects_from,
     context_thresholds,
@@ -237,7 +238,7 @@ def inspect_mosaic(
     mosaic: Path,
     out_dir: Path | None = None,
     *,
-    model: Any = None,
+    model: ModelRef = None,
     threshold: float | None = None,
     polygon: Any = None,
     scan: dict[str, Any] | None = None,
@@ -388,7 +389,7 @@ def _record_in_scan(scan: dict[str, Any], folder: Path, header: dict[str, Any],
 def inspect_scan(
     folder: Path,
     *,
-    model: Any = None,
+    model: ModelRef = None,
     threshold: float | None = None,
     out_dir: Path | None = None,
     scan: dict[str, Any] | None = None,
@@ -420,7 +421,7 @@ def inspect_target(
     target: Sequence[Path],
     out_dir: Path | None = None,
     *,
-    model: Any = None,
+    model: ModelRef = None,
     threshold: float | None = None,
     pixel_size_um: float | None = None,
     sample_kind: str | None = None,
