@@ -33,10 +33,12 @@ class RecipeLike(Protocol):
     """
 
     @property
-    def sample(self) -> Any: ...
+    def sample(self) -> Any:
+        """The recipe's validated ``sample:`` section, read by attribute."""
 
     @property
-    def microscope(self) -> SimulatedMicroscope | MicroManagerMicroscope: ...
+    def microscope(self) -> SimulatedMicroscope | MicroManagerMicroscope:
+        """The recipe's ``microscope:`` section: a simulated or a Micro-Manager microscope."""
 
 
 @dataclass

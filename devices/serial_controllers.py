@@ -207,9 +207,15 @@ class ProScan(StageController):
         self.resolution_um = {"S": 1.0, "Z": 1.0}
 
     def unit_um(self, axis: str) -> float:
+        """One unit of ``axis`` in µm: the resolution ``connect`` read (``RES,z`` for Z, ``RES,s``
+        for X and Y)."""
         return self.resolution_um["Z" if axis == "Z" else "S"]
 
     def error_code(self, reply: str) -> int | None:
+        """The number ``n`` of an ``E,n`` reply, or None for any other reply.
+
+        An ``E,`` reply whose number does not parse raises :class:`GarbledReply`.
+        """
         if not reply.startswith("E,"):
             return None
         try:
@@ -227,6 +233,11 @@ class ProScan(StageController):
         self.connected = True
 
     def move(self, targets: dict[str, float]) -> None:
+        """Start an absolute move (µm): ``G,x,y`` for X and Y, ``G,x,y,z`` for all, ``V,z`` for Z.
+
+        Any other set of axes raises ValueError; a target outside the travel limits raises
+        :class:`TravelLimitRefused`. Nothing is sent then. The controller acknowledges ``R``.
+        """
         units = self.targets(targets)
         if set(units) == {"Z"}:
             command = f"V,{units['Z']}"
@@ -239,6 +250,7 @@ class ProScan(StageController):
         self.command(command, "R")
 
     def positions(self, axes: Iterable[str]) -> dict[str, float]:
+        """Positions of ``axes`` in µm: from ``PZ`` for Z alone, else from ``P`` (all three)."""
         axes = tuple(axes)
         if axes == ("Z",):
             return {"Z": self.query("PZ", int) * self.unit_um("Z")}
@@ -253,23 +265,34 @@ class ProScan(StageController):
         return self.query("P", parse)
 
     def busy_axes(self, axes: Iterable[str]) -> set[str]:
+        """Which of ``axes`` are moving, from the busy bits of ``$`` (1 X, 2 Y, 4 Z)."""
         mask = self.query("$", _decimal)
         return {a for a in axes if mask & (1 << "XYZ".index(a))}
 
     def limit_switches(self) -> set[str]:
+        """Limit switches that are hit, from the hexadecimal mask of ``LMT`` (``LIMIT_BITS``)."""
         mask = self.query("LMT", _hex)
         return {name for name, bit in self.LIMIT_BITS.items() if mask & bit}
 
     def stop(self) -> None:
+        """Stop every axis (``K``, acknowledged ``R``)."""
         # stopping twice is harmless, so a stop may be retried like a query
         self.query("K", _ack("R"))
 
     def set_origin(self, axis: str) -> None:
+        """Call the current position of ``axis`` zero (``PX,0``, ``PY,0`` or ``PZ,0``); its travel
+        limits follow.
+        """
         where = self.positions([axis])[axis]
         self.command(f"P{axis},0", "0")
         self.shift_limits(axis, -where)
 
     def home(self, axes: Iterable[str]) -> None:
+        """Home the XY stage (``SIS``): it drives to its lower limit switches and calls that 0,0.
+
+        ``axes`` must be X and Y (NotImplementedError otherwise: the focus has no homing
+        command); their travel limits move so that their lower ends become 0.
+        """
         axes = tuple(axes)
         if set(axes) != {"X", "Y"}:
             raise NotImplementedError(f"{self.name}: only the XY stage has a homing command")
@@ -296,9 +319,14 @@ class MS2000(StageController):
     }
 
     def unit_um(self, axis: str) -> float:
+        """One unit in µm: 0.1 on every axis (``UNIT_UM``)."""
         return self.UNIT_UM
 
     def error_code(self, reply: str) -> int | None:
+        """The number ``n`` of a ``:N-n`` reply, or None for any other reply.
+
+        A ``:N`` reply whose number does not parse raises :class:`GarbledReply`.
+        """
         if not reply.startswith(":N"):
             return None
         try:
@@ -312,10 +340,16 @@ class MS2000(StageController):
         self.connected = True
 
     def move(self, targets: dict[str, float]) -> None:
+        """Start an absolute move (µm) of the given axes: ``M X=x Y=y [Z=z]``, acknowledged ``:A``.
+
+        A target outside the travel limits raises :class:`TravelLimitRefused`; nothing is sent
+        then.
+        """
         units = self.targets(targets)
         self.command("M " + " ".join(f"{a}={n}" for a, n in units.items()), ":A")
 
     def positions(self, axes: Iterable[str]) -> dict[str, float]:
+        """Positions of ``axes`` in µm, from ``W`` (WHERE) naming them in the order given."""
         axes = tuple(axes)
 
         def parse(reply: str) -> dict[str, float]:
@@ -327,10 +361,14 @@ class MS2000(StageController):
         return self.query("W " + " ".join(axes), parse)
 
     def busy_axes(self, axes: Iterable[str]) -> set[str]:
+        """All of ``axes`` while ``/`` (STATUS) reports busy, else none: the status covers every
+        axis of the controller.
+        """
         busy = self.query("/", _one_of({"B": True, "N": False}))
         return set(axes) if busy else set()
 
     def limit_switches(self) -> set[str]:
+        """Limit switches of X and Y that are hit, from ``RS X- Y-`` (``U`` upper, ``L`` lower)."""
         def parse(reply: str) -> set[str]:
             if not reply.startswith(":A"):
                 raise ValueError(reply)
@@ -346,15 +384,21 @@ class MS2000(StageController):
         return self.query("RS X- Y-", parse)
 
     def stop(self) -> None:
+        """Stop every axis (``\\``, HALT; acknowledged ``:A``)."""
         # stopping twice is harmless, so a stop may be retried like a query
         self.query("\\", _ack(":A"))
 
     def set_origin(self, axis: str) -> None:
+        """Call the current position of ``axis`` zero (``H axis=0``); its travel limits follow."""
         where = self.positions([axis])[axis]
         self.command(f"H {axis}=0", ":A")
         self.shift_limits(axis, -where)
 
     def home(self, axes: Iterable[str]) -> None:
+        """Start the controller's homing move of ``axes`` (``! X Y``, HOME; acknowledged ``:A``).
+
+        The coordinates are not reset, so the travel limits stay as they are.
+        """
         self.command("! " + " ".join(axes), ":A")
 
 

@@ -68,6 +68,7 @@ class SharedPort:
 
     @timeout_s.setter
     def timeout_s(self, value: float) -> None:
+        """Set the reply timeout in seconds (under the port's lock)."""
         with self.lock:
             self.serial.timeout = float(value)
 

@@ -93,34 +93,55 @@ class SimCamera(SimpleCameraDevice):
         self.set_property_allowed_values(Keyword.Binning, self.BINNINGS)
 
     def set_property_value(self, prop_name: str, value: object) -> None:
+        """Set a property; a ``Binning`` given as text (``"2"``: a .cfg, the core's string API)
+        is taken as a number.
+        """
         # a .cfg's config groups and the core's string API give "2"
         if prop_name == Keyword.Binning and isinstance(value, str) and value.strip().isdigit():
             value = int(value)
         super().set_property_value(prop_name, value)
 
     def get_binning(self) -> int:
+        """Binning factor (1, 2 or 4)."""
         return self._binning
 
     def set_binning(self, value: int) -> None:
+        """Set the binning factor (1, 2 or 4); a software ROI, in the old binning's pixels, is
+        cleared.
+        """
         # the property's allowed values have checked it already (1, 2 or 4)
         self._binning = int(value)
         # a software ROI is in the old binning's pixels: cameras drop it when binning changes
         self.clear_roi()
 
     def get_exposure(self) -> float:
+        """Exposure in milliseconds (the simulated microscope's)."""
         return self._scope.exposure_ms
 
     def set_exposure(self, exposure: float) -> None:
+        """Set the exposure in milliseconds."""
         self._scope.exposure_ms = float(exposure)
 
     def sensor_shape(self) -> tuple[int, int]:
+        """Frame shape ``(height, width)`` at the current binning: the sensor's divided by it."""
         b = self._binning
         return (self._scope.camera.height // b, self._scope.camera.width // b)
 
     def dtype(self) -> np.dtype:
+        """Pixel dtype of the simulated sensor."""
         return np.dtype(self._scope.camera.dtype)
 
     def snap(self, buffer: np.ndarray) -> Mapping:
+        """Render one frame at the stage's true position, binned, into ``buffer``.
+
+        The exposure starts once the XY stage and the focus drive have arrived. With a
+        ``timeout_rate``, a frame may spend its exposure and raise :class:`HardwareTimeout`.
+
+        Returns
+        -------
+        Mapping
+            ``SimClock_s``: the simulated clock when the frame was read out.
+        """
         # the exposure starts once every axis has arrived (as after the core's waitForSystem)
         self._scope.xy.wait()
         self._scope.z.wait()
@@ -135,18 +156,22 @@ class SimCamera(SimpleCameraDevice):
 
     @pymm_property(is_read_only=True, name="BitDepth")
     def bit_depth(self) -> int:
+        """The sensor's bit depth (binning does not change it)."""
         return int(self._scope.camera.bit_depth)
 
     @pymm_property(is_read_only=True, name="SimTruePixelSize_um")
     def true_pixel_size_um(self) -> float:
+        """Pixel pitch really imaged at the sample, in µm (ground truth)."""
         return float(self._scope.camera.true_pixel_size_um)
 
     @pymm_property(is_read_only=True, name="SimRotation_deg")
     def rotation_deg(self) -> float:
+        """Rotation of the sensor against the stage axes, in degrees (ground truth)."""
         return float(self._scope.camera.rotation_deg)
 
     @pymm_property(is_read_only=True, name="SimVignetting")
     def vignetting(self) -> float:
+        """Fractional illumination loss at the sensor corners (ground truth)."""
         return float(self._scope.camera.vignetting)
 
 
@@ -183,6 +208,10 @@ class SimXYStage(_StageTruth, XYStageDevice):
         self._scope = _provided(scope, "SimXYStage")
 
     def set_position_um(self, x: float, y: float) -> None:
+        """Start a move to ``(x, y)`` µm and return at once; ``waitForDevice`` charges its time.
+
+        A target outside the travel range raises :class:`TravelLimitError` before moving.
+        """
         # starts the move (raises TravelLimitError before moving); waitForDevice charges it,
         # so a focus move commanded meanwhile runs at the same time, as on real controllers
         self._scope.xy.start_move_to(x, y)
@@ -194,16 +223,20 @@ class SimXYStage(_StageTruth, XYStageDevice):
         return False
 
     def get_position_um(self) -> tuple[float, float]:
+        """Reported position in µm: the commanded one, quantised to the encoder step."""
         x, y = self._scope.xy.reported()
         return float(x), float(y)
 
     def set_origin_x(self) -> None:
+        """Not supported: the simulated stage has a fixed origin (raises NotImplementedError)."""
         raise NotImplementedError("the simulated stage has a fixed origin")
 
     def set_origin_y(self) -> None:
+        """Not supported: the simulated stage has a fixed origin (raises NotImplementedError)."""
         raise NotImplementedError("the simulated stage has a fixed origin")
 
     def home(self) -> None:
+        """Move to (0, 0) µm and return once there, the move's time charged to the clock."""
         self._scope.xy.move_to(0.0, 0.0)
 
     def stop(self) -> None:
@@ -291,6 +324,10 @@ class SimFocus(StageDevice):
         self._scope = _provided(scope, "SimFocus")
 
     def set_position_um(self, val: float) -> None:
+        """Start a move to ``val`` µm and return at once; ``waitForDevice`` charges its time.
+
+        A target outside the safe range raises :class:`TravelLimitError` before moving.
+        """
         self._scope.z.start_move_to(val)
         self.core.events.stagePositionChanged.emit(self.get_label(), val)
 
@@ -300,23 +337,28 @@ class SimFocus(StageDevice):
         return False
 
     def get_position_um(self) -> float:
+        """Reported position in µm: the commanded one, quantised to the encoder step."""
         return float(self._scope.z.reported()[0])
 
     def home(self) -> None:
+        """Move to Z = 0 µm and return once there, the move's time charged to the clock."""
         self._scope.z.move_to(0.0)
 
     def stop(self) -> None:
         """Moves complete instantly in simulated time; nothing to stop."""
 
     def set_origin(self) -> None:
+        """Not supported: the simulated focus drive has a fixed origin (NotImplementedError)."""
         raise NotImplementedError("the simulated focus drive has a fixed origin")
 
     @pymm_property(is_read_only=True, name="SimTrueZ_um")
     def true_z_um(self) -> float:
+        """Where the focus drive really is, in µm (ground truth, repeatability error included)."""
         return float(self._scope.z.true[0])
 
     @pymm_property(is_read_only=True, name="SimFocalZ_um")
     def focal_z_um(self) -> float:
+        """The in-focus Z at the stage's true XY position, in µm (ground truth)."""
         x, y = self._scope.xy.true
         return self._scope.focal_z_um(float(x), float(y))
 
@@ -330,4 +372,5 @@ class SimClock(GenericDevice):
 
     @pymm_property(is_read_only=True, name="Elapsed_s")
     def elapsed_s(self) -> float:
+        """Simulated hardware time elapsed, in seconds."""
         return float(self._scope.clock.elapsed_s)

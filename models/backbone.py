@@ -98,6 +98,11 @@ class FeatureExtractor(nn.Module):
         self.blocks = nn.ModuleList(net._blocks[: max(LAYERS) + 1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, FEATURE_DIM, H/8, W/8)`` of relative reflectance ``x`` ``(N, 1, H, W)``.
+
+        The stride-4 features averaged 2 x 2, the stride-8 ones as they are and the stride-16
+        ones averaged 3 x 3 and upsampled, concatenated along the channels (module docstring).
+        """
         y = self.act(self.bn0(self.stem(self.pad(x))))
         taken = {}
         for i, block in enumerate(self.blocks):

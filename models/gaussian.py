@@ -149,6 +149,10 @@ class PositionModel:
 
     @classmethod
     def from_state(cls, record: dict, state: dict[str, torch.Tensor]) -> PositionModel:
+        """The model from its card record (:meth:`record`) and its saved tensors (:meth:`state`).
+
+        A card without ``k_nearest`` gets 20, the number such cards were built with.
+        """
         return cls(tuple(record["image_shape"]), state["position.dims"].long(),
                    state["position.mean"].float(), state["position.precision"].float(),
                    tuple(record["grid"]), state["position.ref_descriptors"].float(),

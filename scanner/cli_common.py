@@ -114,13 +114,16 @@ class RichObserver:
 
 
     def stage_started(self, stage: str, total: int) -> None:
+        """Add a bar of ``total`` steps for ``stage``, with its label (slot of ``stageStarted``)."""
         self.tasks[stage] = self.progress.add_task(self._LABELS.get(stage, stage), total=total)
 
     def advance(self, stage: str, done: int) -> None:
+        """Advance the bar of ``stage`` by ``done`` more steps (slot of ``stageAdvanced``)."""
         if stage in self.tasks:
             self.progress.advance(self.tasks[stage], done)
 
     def stage_finished(self, stage: str) -> None:
+        """Stop the clock of ``stage``'s bar: done, failed or interrupted (``stageFinished``)."""
         if stage in self.tasks:
             self.progress.stop_task(self.tasks[stage])
 
@@ -134,6 +137,7 @@ class RateColumn(ProgressColumn):
     """Items per second (tiles, chunks)."""
 
     def render(self, task: Task) -> Text:
+        """The task's rate per second (its final one once finished), or ``-/s`` while unknown."""
         speed = task.finished_speed or task.speed
         return Text(f"{speed:6.1f}/s" if speed else "     -/s", style="cyan")
 

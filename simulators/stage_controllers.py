@@ -103,12 +103,31 @@ class ProScanEmulator(ControllerEmulator):
         }
 
     def is_move(self, command: str) -> bool:
+        """Whether ``command`` starts a move: ``G``, ``GR``, ``M``, ``SIS``, ``V``, ``U``, ``D``."""
         return command.split(",")[0].strip().upper() in self.MOVES
 
     def format_error(self, code: int) -> str:
+        """The ProScan's error reply ``E,n`` for error ``code``."""
         return f"E,{code}"
 
     def execute(self, command: str, fault: Fault | None, targets: dict[str, float]) -> str:
+        """Run one command line ``HEAD[,arg,...]``; the reply text (without its terminator).
+
+        Parameters
+        ----------
+        command : str
+            The command line; its head is case-insensitive.
+        fault : Fault or None
+            The fault drawn for this command (a move passes it to the axes).
+        targets : dict
+            Filled with a move's targets (µm per axis) for the command log.
+
+        Raises
+        ------
+        CommandError
+            Code 4 for an unknown command or an argument that does not parse; others as the
+            ProScan numbers them (7 no focus axis, 8 value out of range, ...).
+        """
         parts = [p.strip() for p in command.split(",")]
         head = parts[0].upper()
         handler = self._handlers.get(head)
@@ -292,12 +311,32 @@ class MS2000Emulator(ControllerEmulator):
         return self.ALIASES.get(head, head)
 
     def is_move(self, command: str) -> bool:
+        """Whether ``command`` starts a move: ``M``, ``R`` or ``!`` (MOVE, MOVREL, HOME)."""
         return self._head(command) in self.MOVES
 
     def format_error(self, code: int) -> str:
+        """The MS-2000's error reply ``:N-n`` for error ``code``."""
         return f":N-{code}"
 
     def execute(self, command: str, fault: Fault | None, targets: dict[str, float]) -> str:
+        """Run one command line ``HEAD [AXIS=value ...]``; the reply text (without its terminator).
+
+        Parameters
+        ----------
+        command : str
+            The command line; its head (short or long name, ``M`` or ``MOVE``) is
+            case-insensitive.
+        fault : Fault or None
+            The fault drawn for this command (a move passes it to the axes).
+        targets : dict
+            Filled with a move's targets (µm per axis) for the command log.
+
+        Raises
+        ------
+        CommandError
+            Code 1 for an unknown command; others as the MS-2000 numbers them (2 unrecognised
+            axis, 3 missing parameters, 4 parameter out of range).
+        """
         handler = self._handlers.get(self._head(command))
         if handler is None:
             raise CommandError(1)

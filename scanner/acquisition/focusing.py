@@ -87,14 +87,17 @@ class FocusController:
 
     @property
     def spec(self):  # noqa: ANN201 - the recipe's FocusPlan model
+        """The recipe's focus plan (``scan.focus``)."""
         return self.recipe.scan.focus
 
     @property
     def z_range(self) -> tuple[float, float]:
+        """Safe range ``(min, max)`` of the focus drive in µm (``microscope.focus.range_um``)."""
         return tuple(self.recipe.microscope.focus.range_um)  # type: ignore[return-value]
 
     @property
     def measure(self) -> str:
+        """Name of the sharpness measure autofocus uses: the plan's, or ``DEFAULT_MEASURE``."""
         return self.spec.measure or DEFAULT_MEASURE
 
     # -- low level ----------------------------------------------------------------------------

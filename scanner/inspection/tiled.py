@@ -57,11 +57,29 @@ class Model(Protocol):
     threshold: float
     card: dict
 
-    def normalize(self, image: np.ndarray, level: float | None = None) -> np.ndarray: ...
+    def normalize(self, image: np.ndarray, level: float | None = None) -> np.ndarray:
+        """Raw camera counts to float32 network input, relative to a brightness level.
 
-    def brightness_level(self, image: np.ndarray) -> float: ...
+        ``level`` defaults to the image's own; the windows of one mosaic all get the same one.
+        """
 
-    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]: ...
+    def brightness_level(self, image: np.ndarray) -> float:
+        """Robust brightness level (median) of an image or of a subsample of a mosaic."""
+
+    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Anomaly, roughness and uncertainty maps of a batch of normalised windows.
+
+        Parameters
+        ----------
+        batch : ndarray, shape (N, H, W)
+            Output of :meth:`normalize`; ``H`` and ``W`` multiples of ``output_stride``.
+
+        Returns
+        -------
+        dict of ndarray
+            float32 maps ``(N, H / output_stride, W / output_stride)`` by name, at least those
+            of :data:`MAPS`.
+        """
 
 
 # --------------------------------------------------------------------------- reading the input
@@ -249,7 +267,8 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
 class RowSink(Protocol):
     """Receives finished map rows ``[r0, r0 + block.shape[0])`` (full width) per map name."""
 
-    def write(self, r0: int, blocks: dict[str, np.ndarray]) -> None: ...
+    def write(self, r0: int, blocks: dict[str, np.ndarray]) -> None:
+        """Take finished map rows from row ``r0`` on: one full-width block per map name."""
 
 
 class ArraySink:
@@ -259,6 +278,7 @@ class ArraySink:
         self.maps = {name: np.zeros(shape, dtype=np.float32) for name in MAPS}
 
     def write(self, r0: int, blocks: dict[str, np.ndarray]) -> None:
+        """Copy each block into rows ``[r0, r0 + len(block))`` of its in-memory map."""
         for name, block in blocks.items():
             self.maps[name][r0 : r0 + block.shape[0]] = block
 
@@ -270,6 +290,7 @@ class ZarrSink:
         self.arrays = arrays
 
     def write(self, r0: int, blocks: dict[str, np.ndarray]) -> None:
+        """Write each block into rows ``[r0, r0 + len(block))`` of its Zarr array."""
         for name, block in blocks.items():
             self.arrays[name][r0 : r0 + block.shape[0], :] = block
 

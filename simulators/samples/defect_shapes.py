@@ -130,6 +130,7 @@ class Blob(Defect):
     edge_um: float = 1.0
 
     def profile(self, dx: np.ndarray, dy: np.ndarray, p: float) -> np.ndarray:
+        """Coverage (0..1) of the lobed ellipse, its edge ramped over ``hypot(edge_um, p)``."""
         c, s = np.float32(np.cos(self.theta)), np.float32(np.sin(self.theta))
         u = dx[None, :] * c + dy[:, None] * s
         v = dy[:, None] * c - dx[None, :] * s
@@ -153,6 +154,7 @@ class Pit(Defect):
     rim_width: float = 1.0
 
     def profile(self, dx: np.ndarray, dy: np.ndarray, p: float) -> np.ndarray:
+        """Coverage (0..1) of the disk minus a Gaussian rim of ``rim_ratio`` along its edge."""
         d = np.sqrt(dx[None, :] ** 2 + dy[:, None] ** 2)
         core = _soft_disk(np.float32(self.radius) - d, p, 0.5, np.pi * self.radius**2)
         s0 = self.rim_width
@@ -172,6 +174,7 @@ class Polylines(Defect):
     lines: tuple[np.ndarray, ...] = ()
 
     def profile(self, dx: np.ndarray, dy: np.ndarray, p: float) -> np.ndarray:
+        """Maximum over all segments of their tapered Gaussian line profiles (strength 0..1)."""
         out = np.zeros((len(dy), len(dx)), dtype=np.float32)
         pix_var = p * p / 12.0
         for line in self.lines:
@@ -221,6 +224,7 @@ class Metaballs(Defect):
     t1: float = 0.6
 
     def profile(self, dx: np.ndarray, dy: np.ndarray, p: float) -> np.ndarray:
+        """Smoothstep (0..1) of the summed Gaussian balls' field between ``t0`` and ``t1``."""
         field = np.zeros((len(dy), len(dx)), dtype=np.float32)
         for bx, by, sigma in self.balls:
             k = np.float32(-0.5 / sigma**2)
@@ -239,6 +243,7 @@ class Patch(Defect):
     half_h: float = 1.0
 
     def profile(self, dx: np.ndarray, dy: np.ndarray, p: float) -> np.ndarray:
+        """Fraction (0..1) of each pixel that the rectangle covers (box-filtered, exact)."""
         cx = interval_coverage(dx, -self.half_w, self.half_w, p)
         cy = interval_coverage(dy, -self.half_h, self.half_h, p)
         return cy[:, None] * cx[None, :]
@@ -252,6 +257,7 @@ class Streak(Defect):
     sy: float = 1.0
 
     def profile(self, dx: np.ndarray, dy: np.ndarray, p: float) -> np.ndarray:
+        """Separable Gaussian of widths ``sx`` and ``sy``, widened by the pixel (integral kept)."""
         pv = p * p / 12.0
         sx2, sy2 = self.sx**2 + pv, self.sy**2 + pv
         gx = np.exp(dx * dx * np.float32(-0.5 / sx2)) * np.float32(self.sx / np.sqrt(sx2))
