@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from scanner.errors import UserError
 from scanner.scanfolder import write_json
 
@@ -143,9 +145,73 @@ CSV_COLUMNS: list[str] = [
 ]
 
 
+Section = dict[str, Any]
+
+
+class DefectListHeader(BaseModel):
+    """The header of ``defects.json``: what was inspected, how, and where it lies.
+
+    Inspection writes the first part (model, threshold, maps, timings), the report stage adds
+    where the sample lies (sample, dies, alignment, regions, counts). Every field is optional
+    (image-file inspections carry fewer), but each one present must have its type; keys added
+    by newer versions are kept.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    source: str | None = Field(None, description="the mosaic or images inspected")
+    created: str | None = None
+    model: Section | None = Field(None, description="which model (name, file, weights hash)")
+    threshold: float | None = Field(None, description="anomaly score that counts as a defect")
+    threshold_source: str | None = None
+    maps: dict[str, str] | None = Field(None, description="map name -> OME-NGFF file")
+    map_pixel_size_um: float | None = Field(None, gt=0)
+    masked_to_usable_area: bool | None = None
+    windows: int | None = Field(None, ge=0)
+    windows_skipped: int | None = Field(None, ge=0)
+    die_to_die: Section | None = None
+    plain_surface: Section | None = None
+    timings: dict[str, float] | None = None
+    n_defects: int | None = Field(None, ge=0)
+    good_scores: Section | None = None
+    sample: Section | None = None
+    recipe_sha256: str | None = None
+    versions: dict[str, str] | None = None
+    scan_started: str | None = None
+    scan_finished: str | None = None
+    scan_status: str | None = None
+    coordinates: str | None = None
+    counts: dict[str, int] | None = None
+    dies: Section | None = None
+    alignment: Section | None = None
+    regions: dict[str, int] | None = None
+    repeaters: Section | None = None
+
+
+def _checked_header(header: Any, source: str) -> dict[str, Any]:
+    """``header`` once it fits :class:`DefectListHeader`, as it is (a field of the wrong type
+    is named in one line)."""
+    if not isinstance(header, dict):
+        raise UserError(f"{source}: header: a JSON object is expected")
+    try:
+        DefectListHeader.model_validate(header)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{source}: header.{where}: {err['msg']}") from None
+    return dict(header)
+
+
 def write_defects(folder: Path, defects: list[Defect], header: dict[str, Any]) -> None:
-    """Write ``defects.json`` and ``defects.csv`` atomically (the same rows in both)."""
+    """Write ``defects.json`` and ``defects.csv`` atomically (the same rows in both).
+
+    Raises
+    ------
+    UserError
+        The header does not fit :class:`DefectListHeader` (nothing is written).
+    """
     folder = Path(folder)
+    header = _checked_header(header, str(folder / DEFECTS_JSON))
     write_json(folder / DEFECTS_JSON, {"header": header, "defects": [d.to_dict() for d in defects]})
     tmp = folder / (DEFECTS_CSV + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
@@ -173,9 +239,11 @@ def read_defects(folder: Path) -> tuple[dict[str, Any], list[Defect]]:
         raise UserError(f"{folder}: no {DEFECTS_JSON} (inspect the scan first)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return dict(data.get("header", {})), [Defect.from_dict(d) for d in data["defects"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        header = data.get("header", {})
+        defects = [Defect.from_dict(d) for d in data["defects"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path}: not a readable defect list ({exc})") from None
+    return _checked_header(header, str(path)), defects
 
 
 @dataclass

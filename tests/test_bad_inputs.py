@@ -71,3 +71,29 @@ def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "m.json" in lines[0], lines
     assert "thresholds_by_sample_kind.wafer" in lines[0]
+
+
+@pytest.mark.parametrize("header, field", [
+    ({"threshold": "high"}, "header.threshold"),
+    ({"counts": {"particle": 1.5}}, "header.counts.particle"),
+    ([], "header: a JSON object"),
+])
+def test_a_defect_list_header_of_the_wrong_shape_is_refused_naming_the_field(
+        tmp_path: Path, header: object, field: str) -> None:
+    import json
+
+    from scanner.defectlist import Defect, read_defects, write_defects
+    from scanner.errors import UserError
+
+    row = Defect(1, 10.0, 20.0, (5.0, 15.0, 15.0, 25.0), 80.0, 12.0, "particle", 1.5)
+    (tmp_path / "defects.json").write_text(json.dumps({"header": header,
+                                                       "defects": [row.to_dict()]}))
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        read_defects(tmp_path)
+    # and what the stages write is held to the same record: nothing is written
+    with pytest.raises(UserError, match=field.replace(".", r"\.")):
+        write_defects(tmp_path / "new", [row], header)  # type: ignore[arg-type]
+    assert not (tmp_path / "new").exists()
+    write_defects(tmp_path, [row], {"threshold": 1.2, "counts": {"particle": 1}})
+    got_header, got = read_defects(tmp_path)
+    assert got_header["threshold"] == 1.2 and got[0].defect_class == "particle"
