@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from devices.core import MicroscopeHandle, build_microscope
 from devices.inventory import inventory_json
@@ -27,9 +26,10 @@ from scanner.events import StageEvents
 from scanner.recipe import (
     OutputSpec,
     Recipe,
+    RecipeError,
     StageSpec,
     StitchSpec,
-    format_validation_error,
+    parse_recipe,
     recorded,
 )
 from scanner.scanfolder import (
@@ -204,11 +204,10 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
     if status == "complete":
         raise UserError(f"{folder}: the scan is complete; nothing to resume")
     try:
-        recipe = Recipe.model_validate(scan["recipe"], context={"base_dir": folder})
-    except (KeyError, ValidationError) as exc:
-        why = format_validation_error(exc) if isinstance(exc, ValidationError) else exc
+        recipe = parse_recipe(scan.get("recipe"), base_dir=folder)
+    except RecipeError as exc:
         raise UserError(f"{folder / SCAN_JSON}: cannot resume, the recorded recipe is not "
-                        f"valid now: {why}") from None
+                        f"valid now: {exc}") from None
     options = scan.get("options") or {"inspect": False, "model": None}
     handle = plan = None
     if wants_alignment(recipe) and not scan.get("alignment") \

@@ -97,3 +97,20 @@ def test_a_defect_list_header_of_the_wrong_shape_is_refused_naming_the_field(
     write_defects(tmp_path, [row], {"threshold": 1.2, "counts": {"particle": 1}})
     got_header, got = read_defects(tmp_path)
     assert got_header["threshold"] == 1.2 and got[0].defect_class == "particle"
+
+
+def test_resume_of_a_scan_whose_recorded_recipe_no_longer_validates_is_one_line(
+        tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    record = {"status": "interrupted", "plan": {"n_tiles": 4},
+              "recipe": {"name": "w", "sample": {"kind": "wafer", "diameter_mm": "big"}}}
+    (folder / "scan.json").write_text(json.dumps(record))
+    before = (folder / "scan.json").read_bytes()
+    result = runner.invoke(app, ["resume", str(folder)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot resume" in lines[0] and "diameter_mm" in lines[0], lines
+    assert (folder / "scan.json").read_bytes() == before

@@ -140,14 +140,14 @@ def refine_alignment(mosaic: Path, scan: dict[str, Any]) -> Refinement | None:
     seen (the pre-alignment then stays as it is)."""
     from scanner.geometry import usable_polygon
     from scanner.ngff import level_transform, open_mosaic
-    from scanner.recipe import WaferSample
+    from scanner.recipe import recorded_sample
 
     record = scan.get("alignment")
     sample = (scan.get("recipe") or {}).get("sample") or {}
     if not record or record.get("kind") != "wafer" or not record.get("die_grid") \
             or sample.get("kind") != "wafer":
         return None
-    wafer = WaferSample.model_validate(sample)
+    wafer = recorded_sample(scan, mosaic.parent)
     grid = DieGrid.from_sample(sample, record)
     region = usable_polygon(wafer, alignment=record)
     levels, transforms = open_mosaic(mosaic)

@@ -105,16 +105,13 @@ class ScanContext:
         """The sample's usable area in stage µm (wafers and PV cells; None for others)."""
         if self.kind not in ("wafer", "pv_cell"):
             return None
-        from pydantic import ValidationError
+        from scanner.recipe import RecipeError, recorded_sample
 
-        from scanner.recipe import PVCellSample, WaferSample, format_validation_error
-
-        model = WaferSample if self.kind == "wafer" else PVCellSample
         try:
-            return usable_polygon(model.model_validate(self.sample), alignment=self.alignment)
-        except ValidationError as exc:
-            raise UserError(f"{self.folder / 'scan.json'}: recipe sample: "
-                            f"{format_validation_error(exc)}") from None
+            sample = recorded_sample(self.scan, self.folder)
+        except RecipeError as exc:
+            raise UserError(f"{self.folder}/{exc}") from None  # ".../scan.json recipe.sample: ..."
+        return usable_polygon(sample, alignment=self.alignment)
 
     @property
     def alignment(self) -> dict[str, Any] | None:
