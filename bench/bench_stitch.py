@@ -17,8 +17,7 @@ only (no imports, no JVM start, no file I/O), like waferscope's.
 Accuracy: tile positions against the simulator's truth, in pixels, after removing the common
 offset of the textured tiles (no image can tell it). Tiles are classed by what their images
 can tell (``scanner.stitching.registration.accuracy``): textured (registered in both directions to
-the
-main group), partial (across an edge only, or a small island), featureless (no usable pair:
+the main group), partial (across an edge only, or a small island), featureless (no usable pair:
 they should keep their stage position). "all" is every tile.
 
 Run: ``.venv/bin/python bench/bench_stitch.py [--work DIR] [--only wafer|image]``.

@@ -7,9 +7,8 @@ corner; ``col`` grows with stage x and ``row`` with stage y (downwards in the mo
 cell is a die plus half a scribe lane on each side.
 
 A wafer that lies turned on the chuck (``scanner.acquisition.align``) turns its grid too:
-``rotation_deg``
-turns the grid's axes about die (0, 0)'s corner (from +x towards +y), so ``col`` and ``row``
-count along the wafer's own axes; the grid stays in stage micrometres.
+``rotation_deg`` turns the grid's axes about die (0, 0)'s corner (from +x towards +y), so ``col``
+and ``row`` count along the wafer's own axes; the grid stays in stage micrometres.
 """
 
 from __future__ import annotations
@@ -46,9 +45,8 @@ class DieGrid:
                     alignment: dict[str, Any] | None = None) -> DieGrid:
         """The grid of a wafer recipe's ``sample`` section (as stored in ``scan.json``).
 
-        With a measured ``alignment`` (``scan.json``'s record, :mod:`scanner.acquisition.align`)
-        the grid
-        is the one the alignment found on the stage.
+        With a measured ``alignment`` (``scan.json``'s record, :mod:`scanner.acquisition.align`) the
+        grid is the one the alignment found on the stage.
         """
         if alignment and alignment.get("die_grid"):
             g = alignment["die_grid"]

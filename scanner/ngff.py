@@ -2,8 +2,7 @@
 coordinates.
 
 The mosaic (:mod:`scanner.stitching.mosaic`) and the inspection's maps share it: create the empty
-levels
-in a ``*.tmp.zarr`` sibling (:func:`create_multiscale`), fill level 0, build the pyramid
+levels in a ``*.tmp.zarr`` sibling (:func:`create_multiscale`), fill level 0, build the pyramid
 (:func:`build_pyramid`, each level the 2 x 2 mean of the one below) and write the metadata
 and rename it over the destination (:func:`finish_multiscale`), so that an earlier image
 survives until the new one is complete. Level ``k`` has pixels of size ``p * 2**k``; its pixel

@@ -31,10 +31,8 @@ scale and translation); the measured centre and rotation move the plan and the u
 and turn the die grid and the wafer coordinates (:meth:`Alignment.to_wafer`).
 
 The record lives in :mod:`scanner.acquisition.alignrecord`, the route in
-:mod:`scanner.acquisition.alignplan` and
-the measures on one field's image in :mod:`scanner.acquisition.alignimage`; this module takes the
-fields
-and combines them.
+:mod:`scanner.acquisition.alignplan` and the measures on one field's image in
+:mod:`scanner.acquisition.alignimage`; this module takes the fields and combines them.
 """
 
 from __future__ import annotations

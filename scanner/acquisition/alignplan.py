@@ -177,9 +177,8 @@ def plan_route(recipe: Any, start: tuple[float, float],
 
 def _nominal_route(recipe: Any, fov_um: tuple[float, float] | None = None) -> Route:
     """:func:`plan_route` from the stage's start (the travel position nearest the origin,
-    as the simulated stage and :func:`scanner.acquisition.plan.estimate_hardware_time_s` have it)
-    to the
-    first tile of the plan where the recipe puts the sample."""
+    as the simulated stage and :func:`scanner.acquisition.plan.estimate_hardware_time_s` have it) to
+    the first tile of the plan where the recipe puts the sample."""
     from scanner.acquisition.plan import plan_scan
 
     stage = recipe.microscope.stage

@@ -2,8 +2,7 @@
 ``alignment``), the fields it was measured on, and the error that refuses a scan.
 
 Apart from :mod:`scanner.acquisition.align` (which measures it) so that readers of ``scan.json``
-(the
-wafer frame of :mod:`scanner.reports.locate`) need none of the measuring.
+(the wafer frame of :mod:`scanner.reports.locate`) need none of the measuring.
 """
 
 from __future__ import annotations

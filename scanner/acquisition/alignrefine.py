@@ -1,8 +1,7 @@
 """Fine alignment after stitching: the die grid and the rotation from the registered mosaic.
 
 The pre-alignment (:mod:`scanner.acquisition.align`) measures a few fields before the scan; each
-lands
-with the stage's repeatability error, which the stage does not report (3 µm on the demo
+lands with the stage's repeatability error, which the stage does not report (3 µm on the demo
 stage: two die sites 25 mm apart give the rotation to about 0.01° at one sigma, the edge
 circle the centre to a few micrometres). The stitched mosaic no longer carries that error:
 registration places every tile from its overlaps with a prior on each stage position, so the
@@ -11,9 +10,8 @@ really is, to a fraction of a pixel.
 
 So, once the mosaic exists, every corner where four whole dies meet (dozens, spread over the
 wafer) is measured in it at the place the pre-alignment's grid predicts (the middle of its two
-scribe lanes, :func:`scanner.acquisition.align.lane_cross`), and a turned grid of the recipe's
-pitch is
-fitted to all of them (least squares, outliers dropped): its origin and rotation replace the
+scribe lanes, :func:`scanner.acquisition.align.lane_cross`), and a turned grid of the recipe's pitch
+is fitted to all of them (least squares, outliers dropped): its origin and rotation replace the
 pre-alignment's for everything downstream of stitching (die-to-die comparison, die indices,
 wafer coordinates, KLARF). On a patterned wafer the wafer frame is the design's: its centre
 is where the recipe's ``die_origin_mm`` puts it from the measured grid (the edge fit stays in

@@ -19,8 +19,8 @@ The steps, all on the maps' grid (``1 / stride`` of the model grid):
 4. **Measurements** in stage µm: the anomaly-weighted centroid (sub-pixel), bounding box,
    area, Feret diameter, peak score, mean roughness, and the uncertainty at the peak.
 5. **Class** from shape and appearance only (:func:`classify`, in
-:mod:`scanner.inspection.defectclass`):
-   nothing here knows how any simulator draws its defects.
+   :mod:`scanner.inspection.defectclass`): nothing here knows how any simulator draws its
+   defects.
 
 Defects whose uncertainty is high, or whose score barely passes the threshold, get
 ``review=True``.
@@ -270,9 +270,8 @@ def extract_defects(
     difference : callable, optional
         ``difference(r0, c0, h, w)``: the die-to-die difference image in the units of
         ``image`` (0: no difference) and its z-scores
-        (:func:`scanner.inspection.dietodie.difference_z`),
-        None outside the dies compared. The difference is read instead of ``image`` where
-        there is one, so a defect's contrast, footprint and centre are its own rather than
+        (:func:`scanner.inspection.dietodie.difference_z`), None outside the dies compared. The
+        difference is read instead of ``image`` where there is one, so a defect's contrast, footprint and centre are its own rather than
         mixed with the design under it. A region where the neighbouring dies show the same
         (z under :data:`DESIGN_Z` all over it, or a difference that does not stand out of its
         surroundings: SNR under :data:`DESIGN_SNR`) is their common design, and is dropped.

@@ -215,9 +215,8 @@ def infer_mosaic(
 ) -> MapSet:
     """Stream a mosaic through the model and write the three OME-NGFF maps into ``out_dir``.
 
-    Memory is bounded in width as well as height (:mod:`scanner.inspection.streammaps`): windows
-    go to a
-    scratch store in ``out_dir`` (removed at the end) and the maps are blended chunk by chunk.
+    Memory is bounded in width as well as height (:mod:`scanner.inspection.streammaps`): windows go
+    to a scratch store in ``out_dir`` (removed at the end) and the maps are blended chunk by chunk.
 
     Parameters
     ----------

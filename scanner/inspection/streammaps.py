@@ -1,8 +1,7 @@
 """Inference over a mosaic in memory bounded in width as well as height.
 
 :func:`scanner.inspection.tiled.run_tiled` blends windows in a buffer one window row high and as
-wide
-as the mosaic (about 0.5 GB across a 300 mm wafer at 2 µm, 3 GB at 1 µm). Here the work is
+wide as the mosaic (about 0.5 GB across a 300 mm wafer at 2 µm, 3 GB at 1 µm). Here the work is
 cut in two steps that each hold a few windows only:
 
 1. **compute** (:func:`compute_windows`): each window's maps (its core and blend overlaps,
@@ -164,8 +163,7 @@ def blend_chunk_row(
 
     Each chunk sums the windows of rows ``ci - 1 .. ci + 1`` and of the three columns around
     it, row by row and column by column (the order of :func:`scanner.inspection.tiled.run_tiled`);
-    the
-    windows of three columns are kept while the chunk column moves right.
+    the windows of three columns are kept while the chunk column moves right.
     """
     step, ov = tiling.step, tiling.overlap
     mh, mw = tiling.map_shape
