@@ -271,10 +271,11 @@ def extract_defects(
         ``difference(r0, c0, h, w)``: the die-to-die difference image in the units of
         ``image`` (0: no difference) and its z-scores
         (:func:`scanner.inspection.dietodie.difference_z`), None outside the dies compared. The
-        difference is read instead of ``image`` where there is one, so a defect's contrast, footprint and centre are its own rather than
-        mixed with the design under it. A region where the neighbouring dies show the same
-        (z under :data:`DESIGN_Z` all over it, or a difference that does not stand out of its
-        surroundings: SNR under :data:`DESIGN_SNR`) is their common design, and is dropped.
+        difference is read instead of ``image`` where there is one, so a defect's contrast,
+        footprint and centre are its own rather than mixed with the design under it. A region
+        where the neighbouring dies show the same (z under :data:`DESIGN_Z` all over it, or a
+        difference that does not stand out of its surroundings: SNR under :data:`DESIGN_SNR`)
+        is their common design, and is dropped.
 
     Returns
     -------

@@ -283,8 +283,7 @@ def inspect_mosaic(
     if scan is None:
         scan = scan_json_if_any(folder)
     saved = _saved_sample(folder, scan)  # the recipe is parsed once, for both uses
-    # where the sample really lies (scanner.acquisition.align; refined on the mosaic after
-    # stitching)
+    # where the sample really lies (the pre-alignment, refined on the mosaic after stitching)
     alignment = effective_alignment((scan or {}).get("alignment"))
     if polygon is None:
         polygon = _usable_polygon(saved, alignment)
