@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pymmcore_plus.experimental.unicore import StageDevice, XYStageDevice, pymm_property
 
@@ -334,6 +334,23 @@ def _fmt(targets: dict[str, float]) -> str:
     return "(" + ", ".join(f"{a}={v:.2f}" for a, v in targets.items()) + ") µm"
 
 
+def _travel_limit(name: str, axis: str, end: int, doc: str) -> Any:
+    """A Micro-Manager property for one end (0: lower, 1: upper) of an axis' travel, in µm:
+    read from the stage's limits, and set through ``_set_limit`` (which checks it)."""
+
+    def get(self: _SerialStage) -> float:
+        return self._limits[axis][end]
+
+    get.__doc__ = doc
+    prop = pymm_property(name=name)(get)
+
+    @prop.setter
+    def _set(self: _SerialStage, value: float) -> None:
+        self._set_limit(axis, end, value)
+
+    return prop
+
+
 class _SerialXYStage(_SerialStage, XYStageDevice):
     """XY stage on a serial controller; see :class:`_SerialStage` for the parameters."""
 
@@ -375,41 +392,10 @@ class _SerialXYStage(_SerialStage, XYStageDevice):
         """The controller's homing move (Prior: SIS re-zeroes at the lower limits)."""
         self._home()
 
-    @pymm_property(name="TravelXMin_um")
-    def travel_x_min(self) -> float:
-        """Lower X travel limit (µm)."""
-        return self._limits["X"][0]
-
-    @travel_x_min.setter
-    def travel_x_min(self, value: float) -> None:
-        self._set_limit("X", 0, value)
-
-    @pymm_property(name="TravelXMax_um")
-    def travel_x_max(self) -> float:
-        """Upper X travel limit (µm)."""
-        return self._limits["X"][1]
-
-    @travel_x_max.setter
-    def travel_x_max(self, value: float) -> None:
-        self._set_limit("X", 1, value)
-
-    @pymm_property(name="TravelYMin_um")
-    def travel_y_min(self) -> float:
-        """Lower Y travel limit (µm)."""
-        return self._limits["Y"][0]
-
-    @travel_y_min.setter
-    def travel_y_min(self, value: float) -> None:
-        self._set_limit("Y", 0, value)
-
-    @pymm_property(name="TravelYMax_um")
-    def travel_y_max(self) -> float:
-        """Upper Y travel limit (µm)."""
-        return self._limits["Y"][1]
-
-    @travel_y_max.setter
-    def travel_y_max(self, value: float) -> None:
-        self._set_limit("Y", 1, value)
+    travel_x_min = _travel_limit("TravelXMin_um", "X", 0, "Lower X travel limit (µm).")
+    travel_x_max = _travel_limit("TravelXMax_um", "X", 1, "Upper X travel limit (µm).")
+    travel_y_min = _travel_limit("TravelYMin_um", "Y", 0, "Lower Y travel limit (µm).")
+    travel_y_max = _travel_limit("TravelYMax_um", "Y", 1, "Upper Y travel limit (µm).")
 
 
 class _SerialZStage(_SerialStage, StageDevice):
@@ -444,23 +430,8 @@ class _SerialZStage(_SerialStage, StageDevice):
         """The controller's focus homing move, where it has one."""
         self._home()
 
-    @pymm_property(name="TravelMin_um")
-    def travel_min(self) -> float:
-        """Lower focus travel limit (µm)."""
-        return self._limits["Z"][0]
-
-    @travel_min.setter
-    def travel_min(self, value: float) -> None:
-        self._set_limit("Z", 0, value)
-
-    @pymm_property(name="TravelMax_um")
-    def travel_max(self) -> float:
-        """Upper focus travel limit (µm)."""
-        return self._limits["Z"][1]
-
-    @travel_max.setter
-    def travel_max(self, value: float) -> None:
-        self._set_limit("Z", 1, value)
+    travel_min = _travel_limit("TravelMin_um", "Z", 0, "Lower focus travel limit (µm).")
+    travel_max = _travel_limit("TravelMax_um", "Z", 1, "Upper focus travel limit (µm).")
 
 
 class PriorXYStage(_SerialXYStage):

@@ -259,6 +259,12 @@ def test_driver_moves_land_and_read_back(driver: str, stage_name: str):
     core.setOriginXY()
     assert core.getXYPosition() == pytest.approx((0.0, 0.0))
     assert core.getProperty("XY", "TravelXMin_um") == pytest.approx(-11_200.0)
+    # the travel limits are settable properties: a narrower range refuses a move beyond it
+    core.setProperty("XY", "TravelXMax_um", 500.0)
+    core.setProperty("Z", "TravelMin_um", -20.0)
+    assert xy._limits["X"][1] == pytest.approx(500.0) and z._limits["Z"][0] == -20.0
+    with pytest.raises(RuntimeError, match="outside"):
+        core.setXYPosition(600.0, 0.0)
     core.stop("XY")
     core.unloadAllDevices()
 
