@@ -410,3 +410,42 @@ def test_a_layout_repeated_only_2x2_is_compared_on_a_padded_mosaic() -> None:
     assert stats.dies == 4
     over = np.argwhere(anomaly >= 0.7)
     assert len(over) and np.all(np.abs(over * 4 + 1.5 - (259, 309)) < 24)
+
+
+def test_mosaic_pixels_no_tile_covered_are_not_compared(monkeypatch) -> None:
+    # the stage landed the last tile row a few micrometres short: the mosaic's last rows
+    # inside the image are 0 over part of its width (no tile covered them)
+    from skimage import data
+
+    import scanner.inspection.dietodie as dietodie
+    from scanner.diegrid import estimate_grid
+    from scanner.inspection.inspect import _with_room
+
+    tile = data.brick()[:200, :200].astype(np.float32) + 20.0
+    product = np.tile(tile, (2, 2))
+    product[250:268, 300:318] *= 0.3  # a dark spot in die (1, 1)
+    img = np.pad(product, 2, mode="constant", constant_values=5.0)
+    rng = np.random.default_rng(0)
+    img = (img + rng.normal(0, 1.0, img.shape)).astype(np.float32)
+    img[397:, 230:380] = 0.0  # not scanned: the product's last 3 rows there, and beyond
+    geometry = MosaicGrid((-2.0, -2.0), 1.0, img.shape)
+    usable = box(-0.5, -0.5, 399.5, 399.5)
+    valid = np.zeros(img.shape, bool)
+    valid[2:402, 2:402] = True
+    grid = estimate_grid(img, 1.0, (-2.0, -2.0), valid)
+    image, _, area, pad = _with_room([img], geometry, grid, usable)
+    padded = MosaicGrid((-2.0 - pad, -2.0 - pad), 1.0, image.shape)
+
+    def flagged() -> np.ndarray:
+        anomaly = np.zeros((101, 101), np.float32)
+        patches, stats, _ = die_to_die_patches((1.5, 1.5), 4.0, image, padded, grid, area, 0.7,
+                                               settings=DieToDie(block_px=64))
+        assert stats.dies == 4
+        apply_patches(anomaly, patches)
+        return np.argwhere(anomaly >= 0.7) * 4 + 1.5  # product (row, col) of flagged pixels
+
+    over = flagged()
+    assert len(over) and np.all(np.abs(over - (259, 309)) < 24)  # the spot, and only it
+    # read as data, the zeros were a line of false defects along the strip
+    monkeypatch.setattr(dietodie, "scanned_mask", lambda test, mask: mask)
+    assert np.any(flagged()[:, 0] > 380)

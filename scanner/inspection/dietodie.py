@@ -120,6 +120,22 @@ def _margin(settings: DieToDie) -> int:
     return 2 * (int(settings.max_global_px) + int(math.ceil(settings.max_shift_px))) + 4
 
 
+def scanned_mask(test: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """``mask`` without the test pixels no tile covered (None: all compared).
+
+    The mosaic is 0 where no tile landed (``scanner.stitching.mosaic``; the inspection's
+    brightness level and empty windows read it so too). Such a strip can lie inside a die:
+    an image sample's last rows when the stage landed the last tile row a few micrometres
+    short. Compared as data, its zeros against the references' pattern were a line of
+    false defects along the die (z about 25); left out, the references' median stands in
+    for them (:func:`difference_z`) and they differ from nothing.
+    """
+    unscanned = test == 0
+    if not unscanned.any():
+        return mask
+    return ~unscanned if mask is None else mask & ~unscanned
+
+
 def global_shift(fixed: np.ndarray, moving: np.ndarray, max_px: float,
                  fixed_coarse: tuple[np.ndarray, int] | None = None) -> np.ndarray:
     """Whole-pixel shift ``(dy, dx)`` aligning a whole die onto another (0 if beyond ``max_px``).
@@ -341,6 +357,7 @@ class Comparison:
         mask = None
         if cell in self.partial and self.usable is not None:
             mask = self.usable(r0 - pad, c0 - pad, h + 2 * pad, w + 2 * pad)
+        mask = scanned_mask(test, mask)
         # levels matched here as difference_z matches them (there it is then a no-op)
         _, refs_img = match_levels(test, np.stack(aligned), mask)
         z = difference_z(test, refs_img, self.settings.scales_px, self.settings.tolerance_px,
@@ -454,6 +471,7 @@ def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int
                 x_lo, x_hi = max(0, used[0] - overlap), min(w_die, used[-1] + 1 + overlap)
                 mask = mask[:, x_lo:x_hi]
             test = _read(level0, tr + d0, tc + x_lo, h, x_hi - x_lo)
+            mask = scanned_mask(test, mask)
             aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
             for k, ref in enumerate(refs):
                 rr, rc, _ = die_origin_px(grid, mosaic, ref)
