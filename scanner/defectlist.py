@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scanner.errors import UserError
+from scanner.recipe import format_validation_error
 from scanner.scanfolder import write_json
 
 DEFECTS_JSON = "defects.json"
@@ -196,9 +197,7 @@ def _checked_header(header: Any, source: str) -> dict[str, Any]:
     try:
         DefectListHeader.model_validate(header)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise UserError(f"{source}: header.{where}: {err['msg']}") from None
+        raise UserError(f"{source}: header.{format_validation_error(exc)}") from None
     return dict(header)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scanner.errors import UserError
+from scanner.recipe import format_validation_error
 
 Section = dict[str, Any]
 
@@ -73,7 +74,5 @@ def validated_scan(data: Any, source: str) -> dict[str, Any]:
     try:
         ScanRecord.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise UserError(f"{source}: {where}: {err['msg']}") from None
+        raise UserError(f"{source}: {format_validation_error(exc)}") from None
     return data
