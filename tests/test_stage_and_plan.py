@@ -147,3 +147,16 @@ def test_realtime_clock_sleeps_only_what_is_left_after_computing() -> None:
     clock.advance(0.5, since=t1 - 10.0)
     assert time.perf_counter() - t1 < 0.4
     assert clock.elapsed_s == pytest.approx(0.7)
+
+
+def test_acquisition_refuses_a_plan_not_checked_against_the_travel(tmp_path) -> None:
+    from devices.core import build_microscope
+    from scanner.acquisition.acquire import acquire
+
+    recipe = parse_recipe({"sample": {"kind": "rectangle", "width_mm": 1, "height_mm": 1},
+                           "microscope": {"kind": "simulated"}}, base_dir=None)
+    handle = build_microscope(recipe)
+    before = handle.core.getXYPosition()
+    with pytest.raises(PlanError, match="not checked against the stage's travel"):
+        acquire(handle, plan_scan(recipe, handle.fov_um()), recipe, tmp_path)
+    assert handle.core.getXYPosition() == before and not any(tmp_path.iterdir())

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from scanner.acquisition.focusing import FocusController, TileFocus
 
 from scanner.acquisition.plan import ScanPlan, to_sequence
+from scanner.errors import PlanError
 from scanner.recipe import Recipe
 from scanner.tilestore import TileRecord, TileStore, read_tiles_csv
 
@@ -308,7 +309,17 @@ def acquire(
         ``on_tile(image, record)`` once each tile is stored and journaled, on the acquisition
         thread (processing while the stage moves, see ``registration.live``): it must return
         at once; its exceptions are logged and never stop the run.
+
+    Raises
+    ------
+    PlanError
+        The plan was not checked against the stage's travel (made by
+        :func:`scanner.acquisition.plan.plan_scan` alone, not by ``resolve_plan``): nothing
+        moves.
     """
+    if not plan.travel_checked:
+        raise PlanError("plan: not checked against the stage's travel (make it with "
+                        "resolve_plan); nothing was moved")
     core = handle.core
     core.setExposure(plan.exposure_ms)
     # the core's own wait gives up after 5 s by default, sooner than a long real move
