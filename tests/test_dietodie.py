@@ -370,11 +370,30 @@ def test_opened_max_at_the_map_pixels_equals_scipys_filters(size):
 
     rng = np.random.default_rng(size)
     z = rng.random((41, 53)).astype(np.float32)
-    full = ndimage.grey_opening(z, size=(2, 2))
-    full = ndimage.maximum_filter(full, size=size) if size > 1 else full
-    rows = np.array([0, 3, 7, 20, 39, 40])
-    cols = np.array([0, 1, 13, 26, 50, 52])
-    np.testing.assert_array_equal(opened_max_at(z, rows, cols, size), full[np.ix_(rows, cols)])
+    # the union of the openings by the two-pixel elements {centre, neighbour}
+    openings = []
+    for d in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)]:
+        pair = np.zeros((3, 3), dtype=bool)
+        pair[1, 1] = pair[d] = True
+        openings.append(ndimage.grey_opening(z, footprint=pair, mode="nearest"))
+    full = np.max(openings, axis=0)
+    full = ndimage.maximum_filter(full, size=size, mode="nearest") if size > 1 else full
+    # inside (scipy's border treatment of a one-sided element is not an opening's)
+    rows = np.array([3, 7, 20, 37])
+    cols = np.array([3, 13, 26, 49])
+    np.testing.assert_allclose(opened_max_at(z, rows, cols, size), full[np.ix_(rows, cols)])
+
+
+def test_the_opening_keeps_a_line_one_pixel_wide_and_drops_a_lone_pixel():
+    from scanner.inspection.dietodie import opened_max_at
+
+    z = np.zeros((40, 40), dtype=np.float32)
+    for k in range(5, 35):
+        z[k, k] = 30.0  # a diagonal scratch one pixel wide
+    z[30, 8] = 50.0  # a lone pixel
+    every = np.arange(40)
+    out = opened_max_at(z, every, every, 1)
+    assert out[20, 20] == 30.0 and out[30, 8] == 0.0
 
 
 def test_a_layout_repeated_only_2x2_is_compared_on_a_padded_mosaic() -> None:

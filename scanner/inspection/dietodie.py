@@ -314,6 +314,18 @@ class Comparison:
     partial: set[Cell]
     usable: UsableArea | None
 
+    def compared_mask(self, origin_um: tuple[float, float], pixel_um: float,
+                      shape: tuple[int, int]) -> np.ndarray:
+        """Which pixels of a map (``origin_um``: stage ``(x, y)`` of pixel ``(0, 0)``'s
+        centre) lie in a die this pass compared."""
+        out = np.zeros(shape, dtype=bool)
+        for cell in self.fields:
+            x0, y0, x1, y1 = self.grid.cell_box(*cell)
+            i0, i1 = (int(math.ceil((v - origin_um[1]) / pixel_um)) for v in (y0, y1))
+            j0, j1 = (int(math.ceil((v - origin_um[0]) / pixel_um)) for v in (x0, x1))
+            out[max(i0, 0):max(i1, 0), max(j0, 0):max(j1, 0)] = True
+        return out
+
     def difference(self, level0: Any, r0: int, c0: int, h: int, w: int
                    ) -> tuple[np.ndarray, np.ndarray] | None:
         """The test die minus the median of its aligned references over mosaic pixels

@@ -97,7 +97,7 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
         return None
     from scanner.diegrid import sample_grid
     from scanner.inspection.dietodie import MosaicGrid, apply_patches, die_to_die_patches
-    from scanner.ngff import level_transform, open_mosaic
+    from scanner.ngff import open_mosaic
 
     levels, transforms = open_mosaic(mosaic)
     grid, source = sample_grid(sample, alignment), "alignment" if alignment else "recipe"
@@ -106,10 +106,8 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     if grid is None:
         return None
 
-    def refine(maps: MapSet) -> tuple[dict[str, Any], Any]:
-        scale, trans = level_transform(transforms)
-        geometry = MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
-                              tuple(levels[0].shape))
+    def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None]:
+        geometry = _mosaic_grid(mosaic)
         image, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
         if pad:
             geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
@@ -119,13 +117,16 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
             maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
             pyramid=pyramid)
         apply_patches(maps.maps["anomaly"], patches)
-        difference = None
-        if comparison is not None and not maps.reader.resample and levels[0].ndim == 2:
-            difference = functools.partial(_shifted_difference, comparison, image, pad)
+        difference, compared = None, None
+        if comparison is not None:
+            compared = comparison.compared_mask(maps.origin_um, maps.pixel_size_um,
+                                                maps.maps["anomaly"].shape)
+            if not maps.reader.resample and levels[0].ndim == 2:
+                difference = functools.partial(_shifted_difference, comparison, image, pad)
         return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
                                              "origin_um": list(grid.origin_um),
                                              "rotation_deg": grid.rotation_deg,
-                                             "source": source}}, difference
+                                             "source": source}}, difference, compared
 
     return refine
 
@@ -209,29 +210,58 @@ PLAIN_SURFACE_KINDS = ("wafer", "rectangle")
 
 
 def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: Any,
-                   threshold: float) -> dict[str, Any]:
-    """Add large faint defects on plain surface to the anomaly map (see
-    :mod:`scanner.inspection.plainsurface`); returns what it found."""
+                   threshold: float, mosaic: Path | None = None,
+                   compared: np.ndarray | None = None) -> dict[str, Any]:
+    """Add defects on plain surface to the anomaly map: large faint ones at map resolution
+    (:mod:`scanner.inspection.plainsurface`) and, on a mosaic, small sharp ones at its own
+    resolution (:mod:`scanner.inspection.plainspots`) outside the ``compared`` dies (map
+    pixels; die-to-die judges those against the design); returns what they found."""
+    from scanner.inspection.dietodie import apply_patches
+    from scanner.inspection.plainspots import plain_spot_patches
     from scanner.inspection.plainsurface import (
         apply_plain_surface,
         die_pitch_in_map_px,
+        plain_surface_area,
         plain_surface_defects,
     )
     from scanner.inspection.polygonmask import polygon_mask
 
     t0 = time.perf_counter()
     shape = tuple(int(n) for n in maps.maps["anomaly"].shape)
-    usable = None
+    usable = np.ones(shape, dtype=bool)
     if polygon is not None:
         usable = polygon_mask(polygon, maps.origin_um, maps.pixel_size_um,
                               2 * maps.pixel_size_um)(0, 0, *shape)
         if usable is None:
             usable = np.zeros(shape, dtype=bool)
-    found = plain_surface_defects(reflectance, usable,
-                                  die_pitch_in_map_px(sample, maps.pixel_size_um))
+    map_pitch = die_pitch_in_map_px(sample, maps.pixel_size_um)
+    found = plain_surface_defects(reflectance, usable, map_pitch)
     raised = apply_plain_surface(maps.maps["anomaly"], found, threshold)
-    return {"regions": len(found), "map_pixels_raised": raised,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    record = {"regions": len(found), "map_pixels_raised": raised}
+    if mosaic is not None and maps.source_levels is not None and usable.any():
+        geometry = _mosaic_grid(mosaic)
+        pitch = None if map_pitch is None else tuple(
+            v * maps.pixel_size_um / geometry.pixel_size_um for v in map_pitch)
+        surface = plain_surface_area(reflectance, usable).plain
+        if compared is not None:
+            surface &= ~compared
+        patches, pixels = plain_spot_patches(
+            maps.source_levels[0], geometry, float(maps.stats.extra.get("level", 1.0)) or 1.0,
+            surface, maps.origin_um, maps.pixel_size_um, threshold, pitch)
+        apply_patches(maps.maps["anomaly"], patches)
+        record["spot_pixels"] = pixels
+    return {**record, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _mosaic_grid(mosaic: Path) -> Any:
+    """Where the pixels of level 0 of ``mosaic`` lie on the stage."""
+    from scanner.inspection.dietodie import MosaicGrid
+    from scanner.ngff import level_transform, open_mosaic
+
+    levels, transforms = open_mosaic(mosaic)
+    scale, trans = level_transform(transforms)
+    return MosaicGrid((float(trans[1]), float(trans[0])), float(scale[1]),
+                      tuple(int(n) for n in levels[0].shape[:2]))
 
 
 def inspect_mosaic(
@@ -292,7 +322,7 @@ def inspect_mosaic(
     thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
     contexts = context_thresholds(model, kind, thr_source, pixel_um)
     refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment),
-                         kind in PLAIN_SURFACE_KINDS, saved, polygon, thr)
+                         kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster)
     t1 = time.perf_counter()
@@ -322,24 +352,27 @@ class _Refinement:
     grid, large faint defects on plain surface for the kinds that have one."""
 
     def __init__(self, die_to_die: Callable[[MapSet], tuple[dict[str, Any], Any]] | None,
-                 plain_kind: bool, sample: Any, polygon: Any, threshold: float) -> None:
-        self.die_to_die, self.plain_kind = die_to_die, plain_kind
+                 plain_kind: bool, sample: Any, polygon: Any, threshold: float,
+                 mosaic: Path | None = None) -> None:
+        self.die_to_die, self.plain_kind, self.mosaic = die_to_die, plain_kind, mosaic
         self.sample, self.polygon, self.threshold = sample, polygon, threshold
         self.d2d: dict[str, Any] = {}
         self.plain: dict[str, Any] = {}
         #: the die-to-die difference reader, when dies were compared
         self.difference: Any = None
+        #: the map pixels in the dies compared die-to-die (None: none were)
+        self.compared: np.ndarray | None = None
         #: the input at map resolution, computed once for plain surface and defects
         self.reflectance: np.ndarray | None = None
 
     def __call__(self, maps: MapSet) -> None:
         if self.die_to_die is not None:
-            stats, self.difference = self.die_to_die(maps)
+            stats, self.difference, self.compared = self.die_to_die(maps)
             self.d2d.update(stats)
         if self.plain_kind:
             self.reflectance = reflectance_at_map(maps)
             self.plain.update(_plain_surface(maps, self.reflectance, self.sample, self.polygon,
-                                             self.threshold))
+                                             self.threshold, self.mosaic, self.compared))
 
 
 def _timings(wall: float, t_maps: float, t_defects: float, maps: MapSet,

@@ -133,6 +133,56 @@ def deviation_to_score(deviation: np.ndarray, min_contrast: float, threshold: fl
     return (threshold + (top - threshold) * (1.0 - min_contrast / (2.0 * d))).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class PlainArea:
+    """Where a map's surface is plain (see :func:`plain_surface_area`).
+
+    Attributes
+    ----------
+    reflectance : ndarray
+        The relative reflectance, the sample's median off the usable area.
+    block_median, block_mad : ndarray
+        Per 8 x 8 block: median and median absolute deviation.
+    spread : ndarray
+        Per pixel: its block's spread (MAD, or a third of the step to a neighbouring block's
+        median when larger).
+    inner : ndarray of bool
+        The usable area less half a background neighbourhood from its edge.
+    surface : ndarray of bool
+        Plain blocks inside ``inner``.
+    plain : ndarray of bool
+        Plain blocks inside the usable area (up to its edge: for what needs only a small
+        neighbourhood, :mod:`scanner.inspection.plainspots`).
+    """
+
+    reflectance: np.ndarray
+    block_median: np.ndarray
+    block_mad: np.ndarray
+    spread: np.ndarray
+    inner: np.ndarray
+    surface: np.ndarray
+    plain: np.ndarray
+
+
+def plain_surface_area(reflectance: np.ndarray, usable: np.ndarray) -> PlainArea:
+    """The plain surface of a map: blocks whose spread is under
+    :data:`models.thresholds.PLAIN_LEVEL`, inside the usable area (``usable``: bool, at map
+    resolution)."""
+    from models.thresholds import PLAIN_LEVEL, block_statistics
+
+    r = np.asarray(reflectance, dtype=np.float32)
+    # off the sample (the chuck, beyond a wafer's edge) is neither background nor a change
+    r = np.where(usable, r, np.float32(np.median(r[usable])) if usable.any() else 1.0)
+    med, mad, step = block_statistics(r, BLOCK)
+    spread = _per_pixel(np.maximum(mad, step / 3.0), r.shape)
+    # the background needs a whole neighbourhood of surface: within half of one from the
+    # usable area's edge (roll-off and edge bead of a wafer, a coupon's bevel) nothing is said
+    inner = _per_pixel(ndimage.binary_erosion(_blocks_all(usable), iterations=5,
+                                              border_value=0), r.shape) & usable
+    plain = (spread < PLAIN_LEVEL) & usable
+    return PlainArea(r, med, mad, spread, inner, plain & inner, plain)
+
+
 def plain_surface_defects(
     reflectance: np.ndarray,
     usable: np.ndarray | None = None,
@@ -159,25 +209,17 @@ def plain_surface_defects(
         Per defect: the map region (row and column slices), the defect's pixels in it and
         the smoothed reflectance change there (signed, fraction of the surface level).
     """
-    from models.thresholds import PLAIN_LEVEL, block_statistics
+    from models.thresholds import PLAIN_LEVEL
 
-    r = np.asarray(reflectance, dtype=np.float32)
     if usable is None:
-        usable = np.ones(r.shape, dtype=bool)
+        usable = np.ones(np.shape(reflectance), dtype=bool)
     if not usable.any():
         return []
-    # off the sample (the chuck, beyond a wafer's edge) is neither background nor a change
-    r = np.where(usable, r, np.float32(np.median(r[usable])))
-    med, mad, step = block_statistics(r, BLOCK)
-    spread_px = _per_pixel(np.maximum(mad, step / 3.0), r.shape)
-    plain = spread_px < PLAIN_LEVEL
-    mad_px = _per_pixel(mad, r.shape)
+    area = plain_surface_area(reflectance, usable)
+    r, med, spread_px, inner = area.reflectance, area.block_median, area.spread, area.inner
+    plain, surface = spread_px < PLAIN_LEVEL, area.surface
+    mad_px = _per_pixel(area.block_mad, r.shape)
     dev = ndimage.gaussian_filter(r, 1.5) - background(med, r.shape)
-    # the background needs a whole neighbourhood of surface: within half of one from the
-    # usable area's edge (roll-off and edge bead of a wafer, a coupon's bevel) nothing is said
-    inner = _per_pixel(ndimage.binary_erosion(_blocks_all(usable), iterations=5,
-                                              border_value=0), r.shape) & usable
-    surface = plain & inner
     if surface.sum() < settings.min_area_px:
         return []
     spread = dev[surface]
