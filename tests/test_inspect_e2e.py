@@ -94,9 +94,9 @@ def test_defects_match_the_truth(write_recipe, tmp_path):
             # centre error on compact defects, as bench/bench_inspect.py measures it
             if t["kind"] in ("particle", "pit", "stain") and t["size_um"] <= 32 * p:
                 errors.append(dist / p)
-    # regression floors of the shipped model on this sample (the pit lies inside a scratch's
-    # box and is reported with it, the 8 % stain is too faint); bench/bench_inspect.py
-    # measures the targets
-    assert hits >= 2
+    # regression floors on this sample: 5 of its 6 defects are found (the small sharp ones
+    # by the plain-surface channels; before them, 2), the pit lies inside a scratch's box
+    # and is reported with it; bench/bench_inspect.py measures the targets
+    assert hits >= 4
     assert len(found) <= len(truth) + 2
     assert errors and sorted(errors)[len(errors) // 2] <= 2.0
