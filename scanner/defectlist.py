@@ -172,6 +172,8 @@ class DefectListHeader(BaseModel):
     windows_skipped: int | None = Field(None, ge=0)
     die_to_die: Section | None = None
     plain_surface: Section | None = None
+    not_scanned_mm2: float | None = Field(
+        None, ge=0, description="usable area no tile covered: not inspected, no defect there")
     timings: dict[str, float] | None = None
     n_defects: int | None = Field(None, ge=0)
     good_scores: Section | None = None

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from models import InspectionModel
 from models.network import InspectionNet
 from scanner.cli import app
+from scanner.defectlist import read_defects
 from scanner.inspection.maps import infer_image, infer_mosaic
 from scanner.ngff import create_multiscale, finish_multiscale, open_mosaic
 
@@ -102,6 +103,28 @@ def test_outside_the_sample_is_not_computed_and_zero(net_model, tmp_path):
     an = np.asarray(maps.maps["anomaly"])
     assert np.all(an[:, 102:] == 0)  # map column 102 is centred at 409.5 µm
     assert np.all(an[:, :99] > 0)
+
+
+def test_mosaic_pixels_no_tile_covered_are_not_inspected(net_model, tmp_path):
+    # the stage landed the last tile row short: a strip of the mosaic is 0 (no tile there)
+    from scanner.inspection.inspect import inspect_mosaic
+
+    img = _texture((1024, 1024), seed=4)
+    img[900:, 300:800] = 0
+    mosaic = tmp_path / "mosaic.ome.zarr"
+    _write_mosaic(mosaic, img, 1.0, (0.0, 0.0))
+    maps = infer_mosaic(net_model, mosaic, tmp_path, core_px=256)
+    an = np.asarray(maps.maps["anomaly"])
+    assert np.all(an[225:, 75:200] == 0)  # map pixels 4i..4i+3: wholly in the strip
+    assert np.all(an[225:, 201:] > 0) and np.all(an[:224] > 0)
+    # the defect list says how much of the usable area was not inspected, and finds nothing
+    # there (read as data, the black strip scored as anything the network had not seen)
+    res = inspect_mosaic(mosaic, tmp_path / "out", model=net_model, threshold=0.5,
+                         polygon=box(0, 0, 1023, 1023), scan={})
+    header, defects = read_defects(tmp_path / "out")
+    assert header["not_scanned_mm2"] == pytest.approx(0.124 * 0.5, rel=0.05)
+    assert not [d for d in defects if d.y_um > 905 and 305 < d.x_um < 795]
+    assert res.n_defects == len(defects)
 
 
 def test_reflectance_at_map_resolution_from_the_pyramid_or_the_model_grid(net_model, tmp_path):

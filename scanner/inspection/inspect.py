@@ -234,6 +234,7 @@ def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: 
                               2 * maps.pixel_size_um)(0, 0, *shape)
         if usable is None:
             usable = np.zeros(shape, dtype=bool)
+    usable &= reflectance > 0  # no tile landed there: not inspected
     map_pitch = die_pitch_in_map_px(sample, maps.pixel_size_um)
     found = plain_surface_defects(reflectance, usable, map_pitch)
     raised = apply_plain_surface(maps.maps["anomaly"], found, threshold)
@@ -251,6 +252,19 @@ def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: 
         apply_patches(maps.maps["anomaly"], patches)
         record["spot_pixels"] = pixels
     return {**record, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _not_scanned_mm2(maps: MapSet, reflectance: np.ndarray, polygon: Any) -> float:
+    """Usable area (mm²) whose map pixels no tile covered (the mosaic is 0 there: not
+    inspected, see :func:`scanner.inspection.maps.scanned_mask`)."""
+    from scanner.inspection.polygonmask import polygon_mask
+
+    unscanned = reflectance <= 0
+    if polygon is not None:
+        inside = polygon_mask(polygon, maps.origin_um, maps.pixel_size_um)(0, 0,
+                                                                         *unscanned.shape)
+        unscanned &= inside if inside is not None else False
+    return round(float(np.count_nonzero(unscanned)) * (maps.pixel_size_um / 1000.0) ** 2, 4)
 
 
 def _mosaic_grid(mosaic: Path) -> Any:
@@ -360,6 +374,8 @@ class _Refinement:
         self.plain: dict[str, Any] = {}
         #: the die-to-die difference reader, when dies were compared
         self.difference: Any = None
+        #: usable area (mm²) that no tile covered: not inspected
+        self.not_scanned_mm2 = 0.0
         #: the map pixels in the dies compared die-to-die (None: none were)
         self.compared: np.ndarray | None = None
         #: the input at map resolution, computed once for plain surface and defects
@@ -369,8 +385,10 @@ class _Refinement:
         if self.die_to_die is not None:
             stats, self.difference, self.compared = self.die_to_die(maps)
             self.d2d.update(stats)
-        if self.plain_kind:
+        if self.plain_kind or self.polygon is not None:
             self.reflectance = reflectance_at_map(maps)
+            self.not_scanned_mm2 = _not_scanned_mm2(maps, self.reflectance, self.polygon)
+        if self.plain_kind:
             self.plain.update(_plain_surface(maps, self.reflectance, self.sample, self.polygon,
                                              self.threshold, self.mosaic, self.compared))
 
@@ -392,7 +410,8 @@ def _maps_record(maps: MapSet, refine: _Refinement, masked: bool) -> dict[str, A
     return {"maps": {k: v.name for k, v in maps.paths.items()},
             "map_pixel_size_um": maps.pixel_size_um, "masked_to_usable_area": masked,
             "windows": maps.stats.windows, "windows_skipped": maps.stats.skipped,
-            "die_to_die": refine.d2d or None, "plain_surface": refine.plain or None}
+            "die_to_die": refine.d2d or None, "plain_surface": refine.plain or None,
+            "not_scanned_mm2": refine.not_scanned_mm2}
 
 
 def _threshold_record(thr: float, source: str, contexts: dict[str, float | None]

@@ -123,6 +123,43 @@ def reflectance_at_map(maps: MapSet, chunk_rows: int = 256) -> np.ndarray:
 
 
 
+class _ScannedMask:
+    """A map mask (see ``mask`` of :func:`scanner.inspection.streammaps.stream_maps`): the
+    map pixels where some tile landed, inside ``inner`` (another mask, or everywhere).
+
+    A class, not a closure, so dask can send it to its workers (:mod:`scanner.cluster`).
+    """
+
+    def __init__(self, pooled: Any, inner: Any = None) -> None:
+        self.pooled, self.inner = pooled, inner
+
+    def __call__(self, r0: int, c0: int, h: int, w: int) -> np.ndarray | None:
+        inside = self.inner(r0, c0, h, w) if self.inner is not None else True
+        if inside is None:
+            return None
+        out = np.zeros((h, w), dtype=bool)
+        block = np.asarray(self.pooled[r0:r0 + h, c0:c0 + w]) > 0
+        out[:block.shape[0], :block.shape[1]] = block
+        return out & inside if inside is not True else out
+
+
+def scanned_mask(levels: list[Any], stride: int, inner: Any = None) -> Any:
+    """``inner`` (a map mask, or None) narrowed to the map pixels where some tile landed.
+
+    The mosaic is 0 where no tile landed (``scanner.stitching.mosaic``): a stage that
+    stopped short, a tile lost for good. Read as data, such a strip is black surface: the
+    network scores it as whatever black resembles, and the plain-surface channels as a
+    stain. Its map pixels (their ``stride`` x ``stride`` mosaic pixels all 0: the pyramid's
+    level log2(stride) is their mean) are left out like the area off the sample, and the
+    defect list's header counts them (``not_scanned_mm2``). Returns ``inner`` unchanged
+    when the pyramid has no such level.
+    """
+    k = int(round(math.log2(stride))) if stride > 0 else -1
+    if k < 0 or 2**k != stride or len(levels) <= k:
+        return inner
+    return _ScannedMask(levels[k], inner)
+
+
 def grid_pixel_um(model: Model, source_um: float) -> float:
     """Pixel size to run the model at for a source of ``source_um``.
 
@@ -261,6 +298,8 @@ def infer_mosaic(
     if polygon is not None:  # by default the model's reach across the border, >= 2 map px
         mask = polygon_mask(polygon, origin, p_map, edge_um if edge_um is not None else max(
             2 * p_map, float(getattr(model, "edge_px", 0)) * p_model))
+    if not reader.resample:  # pixels no tile covered are not inspected, not read as black
+        mask = scanned_mask(levels, s, mask)
     out_dir = Path(out_dir)
     tmps, arrays = _create_maps(out_dir, tiling)
     level0_maps = {k: a[0] for k, a in arrays.items()}
