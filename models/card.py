@@ -34,6 +34,17 @@ class PixelBand(BaseModel):
         return getattr(self, name, None)
 
 
+class DieToDieCalibration(BaseModel):
+    """The die-to-die comparison calibrated on good scans of a patterned product."""
+
+    model_config = ConfigDict(extra="allow")
+
+    good_max_z: float = Field(ge=0, description="largest z-score the good scans' dies reach")
+    dies: int = Field(ge=0, description="dies compared on the good scans")
+    scans: int | None = Field(None, ge=0)
+    z_threshold: float = Field(gt=0, description="z-score that counts as a defect")
+
+
 class ModelCard(BaseModel):
     """The top level of a model card (see the module docstring)."""
 
@@ -55,6 +66,9 @@ class ModelCard(BaseModel):
     thresholds_plain_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_plain_near_structure_by_sample_kind: dict[str, float] = Field(
         default_factory=dict)
+    die_to_die: DieToDieCalibration | None = Field(
+        None, description="die-to-die z threshold set on the good scans (inspection's "
+                          "default without it)")
 
     def pixel_band(self, sample_kind: str | None, pixel_size_um: float | None
                    ) -> PixelBand | None:

@@ -78,12 +78,39 @@ def train(
                 tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
+        extra: dict[str, Any] = {"good": [str(p) for p in paths]}
+        d2d = _good_die_to_die(paths, init)
+        if d2d is not None:
+            extra["die_to_die"] = d2d
         report = build_detector(images, target, pixel_size_um=pixel,
                                 false_alarms_per_cm2=false_alarms_per_cm2, init=init,
                                 seed=seed, augment_camera=variants,
-                                progress=on_progress,
-                                card_extra={"good": [str(p) for p in paths]})
+                                progress=on_progress, card_extra=extra)
     _print_model(report, len(images), pixel, false_alarms_per_cm2)
+
+
+def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | None:
+    """The die-to-die calibration of the good scan folders among ``paths`` (the largest
+    z-score their dies reach and the z threshold set from it: :func:`scanner.inspection.
+    inspect.good_scan_die_to_die`); without such scans, the one ``init``'s card holds."""
+    from scanner.inspection.dietodie import calibrated_z_threshold
+    from scanner.inspection.inspect import good_scan_die_to_die
+    from scanner.scanfolder import MOSAIC, SCAN_JSON
+
+    found = [good_scan_die_to_die(p) for p in paths
+             if p.is_dir() and (p / MOSAIC).exists() and (p / SCAN_JSON).is_file()]
+    found = [f for f in found if f is not None]
+    if found:
+        z = max(f["good_max_z"] for f in found)
+        return {"good_max_z": z, "dies": sum(f["dies"] for f in found), "scans": len(found),
+                "z_threshold": round(calibrated_z_threshold(z), 2)}
+    if init is not None:
+        import json
+
+        card = init.with_suffix(".json")
+        if card.is_file():
+            return (json.loads(card.read_text()) or {}).get("die_to_die")
+    return None
 
 
 def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
@@ -123,6 +150,10 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
     out.print(f"  threshold  {card['threshold']:.4f} (target {false_alarms_per_cm2:g} false "
               f"alarm/cm² on {cal['area_cm2']:.3g} cm² of held-out good surface, "
               f"{cal['held_out']})")
+    d2d = card.get("die_to_die")
+    if d2d:
+        out.print(f"  die-to-die z threshold {d2d['z_threshold']:g} (the good scan's dies reach "
+                  f"z {d2d['good_max_z']:g}, {d2d['dies']} dies)")
     out.print(f"  time       {_duration(report.build_time_s)}")
     for warning in report.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

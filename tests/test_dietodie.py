@@ -468,3 +468,24 @@ def test_mosaic_pixels_no_tile_covered_are_not_compared(monkeypatch) -> None:
     # read as data, the zeros were a line of false defects along the strip
     monkeypatch.setattr(dietodie, "scanned_mask", lambda test, mask: mask)
     assert np.any(flagged()[:, 0] > 380)
+
+
+def test_largest_z_of_a_good_mosaic_sets_the_z_threshold_a_defect_exceeds():
+    from scanner.inspection.dietodie import calibrated_z_threshold, largest_z
+
+    img, geometry, grid, usable, _ = _mosaic(defect=None)
+    good = largest_z(img, geometry, grid, usable, DieToDie(block_px=64))
+    assert good is not None
+    z_good, dies = good
+    assert dies == 9 and 0 < z_good < 13
+    bad, geometry, grid, usable, _ = _mosaic(defect=(1, 1))
+    z_bad, _ = largest_z(bad, geometry, grid, usable, DieToDie(block_px=64))
+    assert z_bad > calibrated_z_threshold(z_good)
+    # the calibration: 1.5 x the good scan's largest z, within [7, the default 13]
+    assert calibrated_z_threshold(2.0) == 7.0
+    assert calibrated_z_threshold(6.0) == 9.0
+    assert calibrated_z_threshold(20.0) == 13.0
+    # fewer than three dies: nothing to calibrate on
+    two = DieGrid(grid.pitch_um, grid.origin_um)
+    small = box(0, 0, 2 * grid.pitch_um[0] + 130, grid.pitch_um[1] + 130)
+    assert largest_z(img, geometry, two, small, DieToDie(block_px=64)) is None

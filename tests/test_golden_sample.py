@@ -60,12 +60,18 @@ def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
     assert res.exit_code == 0, res.output
     card = json.loads((tmp_path / "m.json").read_text())
     assert card["calibration"]["held_out"] == "the central quarter of each image"
+    # the die-to-die z threshold is set on the good scan's own dies
+    d2d = card["die_to_die"]
+    assert d2d["dies"] >= 9 and 0 < d2d["good_max_z"] and 7.0 <= d2d["z_threshold"] <= 13.0
+    assert d2d["z_threshold"] == pytest.approx(min(13.0, max(7.0, 1.5 * d2d["good_max_z"])),
+                                               abs=0.01)
     res = runner.invoke(app, ["run", str(tmp_path / "bad.yaml"), "--model", str(tmp_path / "m"),
                               "--out", str(tmp_path / "bad_scan")])
     assert res.exit_code == 0, res.output
     found = json.loads((tmp_path / "bad_scan" / "defects.json").read_text())
     header, defects = found["header"], found["defects"]
     assert header["die_to_die"]["grid"]["source"] == "found in the mosaic"
+    assert header["die_to_die"]["z_threshold"] == d2d["z_threshold"]
     assert header["die_to_die"]["grid"]["pitch_um"] == pytest.approx([256, 256], abs=1.0)
     for kind, (r, c, size) in painted.items():
         x, y = c + size / 2, r + size / 2

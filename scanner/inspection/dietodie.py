@@ -65,6 +65,7 @@ from scanner.inspection.dietodie_maps import (  # noqa: F401
     apply_patches,
     map_patch,
     opened_max_at,
+    pair_opening,
     z_to_score,
 )
 from scanner.inspection.dietodie_maths import (  # noqa: F401
@@ -609,3 +610,42 @@ def die_to_die_patches(
     return patches, stats, plans[0] if plans else None
 
 
+
+
+def largest_z(level0: Any, mosaic: MosaicGrid, grid: DieGrid, polygon: Any,
+              settings: DieToDie = DieToDie(), pyramid: list[Any] | None = None
+              ) -> tuple[float, int] | None:
+    """The largest z-score (after the pair opening the map applies) over every die compared,
+    and how many dies were (None: fewer than three). On a good scan, what the comparison's
+    noise reaches on this product: see :func:`calibrated_z_threshold`."""
+    cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
+    if len(cells) < 3 or min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
+        return None
+    partial = [(c, r) for c, r, _ in grid.cells_in(polygon) if (c, r) not in set(cells)]
+    best, compared = 0.0, set()
+    for cell, _, _, z in compare_dies(level0, mosaic, grid, cells, settings, partial, polygon,
+                                      pyramid):
+        compared.add(cell)
+        best = max(best, float(pair_opening(z).max()) if z.size else 0.0)
+    return (best, len(compared)) if compared else None
+
+
+#: the z threshold calibrated on a good scan: this many times the largest z it reaches ...
+GOOD_Z_MARGIN = 1.5
+#: ... never under this (a product whose dies agree to the noise still has rare outliers)
+MIN_Z_THRESHOLD = 7.0
+
+
+def calibrated_z_threshold(good_max_z: float, default: float = DieToDie().z_threshold
+                           ) -> float:
+    """The die-to-die z threshold for a product whose good scan reached ``good_max_z``.
+
+    The default (13) was set on simulated wafers, whose tile seams and busy circuitry make
+    the comparison noisy; a product whose dies agree better hides real differences under it
+    (a mirrored brick texture, 2 x 2 dies: the good scan's largest z 5.7, while missing
+    texture and 15-23 % stains on the defective copy scored z 8-12). Like the network's
+    threshold, this one is set on the user's own good data: :data:`GOOD_Z_MARGIN` times what
+    the good scan reached, at least :data:`MIN_Z_THRESHOLD`, and never above the default
+    (a good scan noisier than that says more about that scan than about the product).
+    """
+    return float(min(default, max(MIN_Z_THRESHOLD, GOOD_Z_MARGIN * good_max_z)))

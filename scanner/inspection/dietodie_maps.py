@@ -94,16 +94,23 @@ def opened_max_at(z: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) 
     sixteenth of the mosaic's at a 4 px map pixel) instead of filtering every mosaic pixel.
     """
     h, w = z.shape
+    opened = pair_opening(z)
+    lo, hi = -(size // 2), (size - 1) // 2
+    band = np.max([opened[np.clip(rows + d, 0, h - 1)] for d in range(lo, hi + 1)], axis=0)
+    return np.max([band[:, np.clip(cols + d, 0, w - 1)] for d in range(lo, hi + 1)], axis=0)
+
+
+def pair_opening(z: np.ndarray) -> np.ndarray:
+    """``z``'s opening by pairs of neighbouring pixels: at each pixel what it shares with its
+    strongest 8-neighbour, ``min(z, max of the 8 neighbours)`` (border replicated)."""
+    h, w = z.shape
     zp = np.pad(z, 1, mode="edge")
     neighbours = np.full(z.shape, -np.inf, dtype=z.dtype)
     for dr in (0, 1, 2):
         for dc in (0, 1, 2):
             if dr != 1 or dc != 1:
                 np.maximum(neighbours, zp[dr:dr + h, dc:dc + w], out=neighbours)
-    opened = np.minimum(z, neighbours)
-    lo, hi = -(size // 2), (size - 1) // 2
-    band = np.max([opened[np.clip(rows + d, 0, h - 1)] for d in range(lo, hi + 1)], axis=0)
-    return np.max([band[:, np.clip(cols + d, 0, w - 1)] for d in range(lo, hi + 1)], axis=0)
+    return np.minimum(z, neighbours)
 
 
 def apply_patches(anomaly: Any, patches: list[Patch], band_rows: int = 1024) -> None:

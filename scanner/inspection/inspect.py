@@ -77,45 +77,71 @@ def _usable_polygon(sample: Any, alignment: dict[str, Any] | None = None) -> Any
         return None
 
 
-def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
-                alignment: dict[str, Any] | None = None
-                ) -> Callable[[MapSet], tuple[dict[str, Any], Any]] | None:
-    """The map refinement that adds die-to-die evidence, or None when there is no die grid.
+def _die_grid(mosaic: Path, sample: Any, polygon: Any, alignment: dict[str, Any] | None
+              ) -> tuple[list[Any], Any, str] | None:
+    """The mosaic's levels, the die grid die-to-die compares on, and where the grid came
+    from; None when there is none.
 
     Wafers with ``die_to_die`` use the recipe's grid; image and rectangle samples the grid
     their recipe gives, else the repeat found in the mosaic (:func:`scanner.diegrid.
-    estimate_grid`) when ``die_to_die`` is true or auto. It runs after the model, not beside
-    it: on the 2-core reference machine a thread running it during inference slowed both
-    (demo wafer: inspection 18.2 -> 22.8 s). Returns what it did (dies compared, seconds,
-    the grid) and the reader of difference images and z-scores of the dies compared
-    (``difference(r0, c0, h, w)`` on the mosaic's level 0: ``Comparison.difference``; None
-    when none were, or when the maps are not on the mosaic's own grid).
+    estimate_grid`) when ``die_to_die`` is true or auto.
     """
     kind = getattr(sample, "kind", None)
     if sample is None or polygon is None or kind not in ("wafer", "image", "rectangle") \
             or getattr(sample, "die_to_die", False) is False:
         return None
     from scanner.diegrid import sample_grid
-    from scanner.inspection.dietodie import MosaicGrid, apply_patches, die_to_die_patches
     from scanner.ngff import open_mosaic
 
     levels, transforms = open_mosaic(mosaic)
     grid, source = sample_grid(sample, alignment), "alignment" if alignment else "recipe"
     if grid is None:
         grid, source = _found_grid(levels, transforms, polygon), "found in the mosaic"
-    if grid is None:
+    return None if grid is None else (levels, grid, source)
+
+
+def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any
+                    ) -> tuple[Any, Any, list[Any] | None, Any, int]:
+    """The image die-to-die compares, its geometry (padded: see :func:`_with_room`), the
+    pyramid, the usable area and the padding."""
+    from scanner.inspection.dietodie import MosaicGrid
+
+    geometry = _mosaic_grid(mosaic)
+    image, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
+    if pad:
+        geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
+                               geometry.origin_um[1] - pad * geometry.pixel_size_um),
+                              geometry.pixel_size_um, tuple(image.shape))
+    return image, geometry, pyramid, area, pad
+
+
+def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
+                alignment: dict[str, Any] | None = None, z_threshold: float | None = None
+                ) -> Callable[[MapSet], tuple[dict[str, Any], Any, Any]] | None:
+    """The map refinement that adds die-to-die evidence, or None when there is no die grid
+    (:func:`_die_grid`).
+
+    It runs after the model, not beside it: on the 2-core reference machine a thread running
+    it during inference slowed both (demo wafer: inspection 18.2 -> 22.8 s). Returns what it
+    did (dies compared, seconds, the grid), the reader of difference images and z-scores of
+    the dies compared (``difference(r0, c0, h, w)`` on the mosaic's level 0:
+    ``Comparison.difference``; None when none were, or when the maps are not on the mosaic's
+    own grid), and the map pixels of the dies compared. ``z_threshold``: the model card's,
+    calibrated on a good scan of the product (default: :class:`DieToDie`'s).
+    """
+    found = _die_grid(mosaic, sample, polygon, alignment)
+    if found is None:
         return None
+    from scanner.inspection.dietodie import DieToDie, apply_patches, die_to_die_patches
+
+    levels, grid, source = found
+    settings = DieToDie() if z_threshold is None else DieToDie(z_threshold=float(z_threshold))
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None]:
-        geometry = _mosaic_grid(mosaic)
-        image, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
-        if pad:
-            geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
-                                   geometry.origin_um[1] - pad * geometry.pixel_size_um),
-                                  geometry.pixel_size_um, tuple(image.shape))
+        image, geometry, pyramid, area, pad = _compared_image(mosaic, levels, grid, polygon)
         patches, stats, comparison = die_to_die_patches(
             maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
-            pyramid=pyramid)
+            settings, pyramid=pyramid)
         apply_patches(maps.maps["anomaly"], patches)
         difference, compared = None, None
         if comparison is not None:
@@ -129,6 +155,31 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
                                              "source": source}}, difference, compared
 
     return refine
+
+
+def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
+    """Die-to-die on a good scan folder: the largest z-score its dies reach, how many were
+    compared and the z threshold calibrated from it
+    (:func:`scanner.inspection.dietodie.calibrated_z_threshold`); None when the scan has no
+    die grid or fewer than three comparable dies."""
+    from scanner.inspection.dietodie import calibrated_z_threshold, largest_z
+
+    folder = Path(folder)
+    scan = scan_json_if_any(folder)
+    saved = _saved_sample(folder, scan)
+    alignment = effective_alignment((scan or {}).get("alignment"))
+    polygon = _usable_polygon(saved, alignment)
+    found = _die_grid(folder / MOSAIC, saved, polygon, alignment)
+    if found is None:
+        return None
+    levels, grid, _ = found
+    image, geometry, pyramid, area, _ = _compared_image(folder / MOSAIC, levels, grid, polygon)
+    reached = largest_z(image, geometry, grid, area, pyramid=pyramid)
+    if reached is None:
+        return None
+    z, dies = reached
+    return {"good_max_z": round(z, 2), "dies": dies,
+            "z_threshold": round(calibrated_z_threshold(z), 2)}
 
 
 #: a mosaic whose dies all touch its border is padded in memory up to this size (pixels)
@@ -335,7 +386,8 @@ def inspect_mosaic(
     pixel_um = _mosaic_pixel_size_um(mosaic)
     thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
     contexts = context_thresholds(model, kind, thr_source, pixel_um)
-    refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment),
+    z_thr = ((getattr(model, "card", None) or {}).get("die_to_die") or {}).get("z_threshold")
+    refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment, z_thr),
                          kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster)
