@@ -36,6 +36,7 @@ steps of 2-5 %) and flat-field residuals stay under :attr:`PlainSpots.min_contra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,30 +234,49 @@ def plain_spot_patches(
     halo, t = _halo(settings), int(settings.tile_px)
     patches: list[Patch] = []
     accepted = 0
-    for r0 in range(0, rows, t):
-        for c0 in range(0, cols, t):
-            ra, rb = max(r0 - halo, 0), min(r0 + t + halo, rows)
-            ca, cb = max(c0 - halo, 0), min(c0 + t + halo, cols)
-            ii, jj = mi[ra:rb], mj[ca:cb]
-            plain = surface[np.ix_(np.maximum(ii, 0), np.maximum(jj, 0))]
-            plain &= (ii >= 0)[:, None] & (jj >= 0)[None, :]
-            core = (slice(r0 - ra, min(r0 + t, rows) - ra), slice(c0 - ca, min(c0 + t, cols) - ca))
-            if not plain[core].any():
-                continue
-            found = spot_change(np.asarray(level0[ra:rb, ca:cb]), plain, level, settings)[core]
-            if die_pitch_px is not None and found.any():
-                found = _without_design(found, level0, r0, c0, die_pitch_px, settings)
-            if not found.any():
-                continue
-            accepted += int(np.count_nonzero(found))
-            at = map_samples(found.shape, r0, c0, mosaic, map_origin_um, map_pixel_um)
-            if at is None:
-                continue
-            i0, j0, ri, cj, size = at
-            peak = _max_at(found, ri, cj, size)
-            score = np.where(peak > 0, deviation_to_score(peak, settings.min_contrast,
-                                                            threshold), 0.0)
-            patches.append((i0, j0, score.astype(np.float32)))
+    def tile(r0: int, c0: int) -> np.ndarray | None:
+        """The accepted changes of the tile at mosaic pixel ``(r0, c0)`` (None: none)."""
+        ra, rb = max(r0 - halo, 0), min(r0 + t + halo, rows)
+        ca, cb = max(c0 - halo, 0), min(c0 + t + halo, cols)
+        ii, jj = mi[ra:rb], mj[ca:cb]
+        plain = surface[np.ix_(np.maximum(ii, 0), np.maximum(jj, 0))]
+        plain &= (ii >= 0)[:, None] & (jj >= 0)[None, :]
+        core = (slice(r0 - ra, min(r0 + t, rows) - ra), slice(c0 - ca, min(c0 + t, cols) - ca))
+        if not plain[core].any():
+            return None
+        found = spot_change(np.asarray(level0[ra:rb, ca:cb]), plain, level, settings)[core]
+        if die_pitch_px is not None and found.any():
+            found = _without_design(found, level0, r0, c0, die_pitch_px, settings)
+        return found if found.any() else None
+
+    # two threads: scipy's filters and the labelling release the GIL
+    from concurrent.futures import ThreadPoolExecutor
+
+    def done() -> Iterator[tuple[int, int, np.ndarray | None]]:
+        """The tiles' results in order, at most three computed ahead (memory stays flat)."""
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pending: list[tuple[int, int, Any]] = []
+            for r0 in range(0, rows, t):
+                for c0 in range(0, cols, t):
+                    pending.append((r0, c0, pool.submit(tile, r0, c0)))
+                    if len(pending) > 2:
+                        a, b, f = pending.pop(0)
+                        yield a, b, f.result()
+            for a, b, f in pending:
+                yield a, b, f.result()
+
+    for r0, c0, found in done():
+        if found is None:
+            continue
+        accepted += int(np.count_nonzero(found))
+        at = map_samples(found.shape, r0, c0, mosaic, map_origin_um, map_pixel_um)
+        if at is None:
+            continue
+        i0, j0, ri, cj, size = at
+        peak = _max_at(found, ri, cj, size)
+        score = np.where(peak > 0, deviation_to_score(peak, settings.min_contrast,
+                                                        threshold), 0.0)
+        patches.append((i0, j0, score.astype(np.float32)))
     return patches, accepted
 
 
