@@ -438,3 +438,33 @@ def test_a_region_the_neighbouring_dies_repeat_is_design_not_a_defect():
     assert found[0].defect_class == "particle"
     # without the comparison both are reported
     assert len(extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img + noise))) == 2
+
+
+def test_extent_threshold_is_raised_where_the_surface_scores_high():
+    # a busy die (the map near 1.0) beside plain surface (near 0.47): defects in the die
+    # must not flood through it and join into one box
+    from scanner.inspection.defects import (
+        MapGeometry,
+        extent_threshold,
+        extract_defects,
+        local_extent_thresholds,
+    )
+
+    rng = np.random.default_rng(0)
+    an = (0.45 + 0.05 * rng.random((256, 256))).astype(np.float32)
+    an[:, 192:] = (0.85 + 0.3 * rng.random((256, 64))).astype(np.float32)  # the die
+    an[40:44, 200:204] = 1.6  # two small defects in the die, far apart
+    an[200:204, 240:244] = 1.6
+    thr = 1.3
+    low = extent_threshold(an, thr)
+    blocks = local_extent_thresholds(an, thr, low)
+    assert blocks.shape == (8, 8)
+    assert np.all(blocks[:, :4] == pytest.approx(low))  # plain: the map-wide one
+    assert np.all(blocks[:, 6:] > low + 0.2)  # the die: halfway from 1.0 to the threshold
+    maps = {"anomaly": an, "roughness": np.zeros_like(an), "uncertainty": np.zeros_like(an)}
+    geometry = MapGeometry((0.0, 0.0), 4.0, 4)
+    found = extract_defects(maps, geometry, threshold=thr)
+    assert len(found) == 2 and all(d.bbox_um[2] - d.bbox_um[0] < 40 for d in found)
+    # one extent threshold for the whole map floods the die: one box over both
+    flooded = extract_defects(maps, geometry, threshold=thr, low=low)
+    assert len(flooded) == 1 and flooded[0].bbox_um[2] - flooded[0].bbox_um[0] > 200

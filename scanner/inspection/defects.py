@@ -127,24 +127,73 @@ def extent_threshold(anomaly: Any, threshold: float, chunk: int = 1024) -> float
     return max(threshold / 2, typical + 0.5 * (threshold - typical))
 
 
+#: side (map pixels) of the blocks whose typical anomaly sets the local extent threshold
+EXTENT_BLOCK = 32
+
+
+def local_extent_thresholds(anomaly: Any, threshold: float, low: float,
+                            block: int = EXTENT_BLOCK, chunk: int = 1024) -> np.ndarray:
+    """Per ``block`` x ``block`` block of the map: the extent threshold, raised where the
+    surface itself scores high (halfway from the block's typical anomaly to ``threshold``,
+    the typical being the median over 3 x 3 blocks of the blocks' medians; never under
+    ``low``).
+
+    One extent threshold for the whole map takes the typical anomaly of the whole map, most
+    of it plain. Where a die's circuitry scores near it (a simulated wafer's dies of 8.5
+    mm: median 0.84, 39 % of the die over the extent threshold of 0.90), the extents of
+    defects flooded through the die and joined everything in it: one reported box of 7.8 mm
+    held a scratch, a stain and a missing pattern. Zeros (off the sample) are left out.
+    """
+    h, w = (int(n) for n in anomaly.shape)
+    hb, wb = -(-h // block), -(-w // block)
+    chunk = max(block, chunk // block * block)
+    med = np.full((hb, wb), np.nan, dtype=np.float32)
+    for r0 in range(0, h, chunk):
+        rows = np.asarray(anomaly[r0 : r0 + chunk], dtype=np.float32)
+        n = -(-rows.shape[0] // block)
+        padded = np.zeros((n * block, wb * block), dtype=np.float32)
+        padded[: rows.shape[0], :w] = rows
+        blocks = padded.reshape(n, block, wb, block).swapaxes(1, 2).reshape(n, wb, -1)
+        blocks = np.where(blocks > 0, blocks, np.nan)
+        seen = np.isfinite(blocks).any(axis=2)
+        part = np.full((n, wb), np.nan, dtype=np.float32)
+        if seen.any():
+            part[seen] = np.nanmedian(blocks[seen], axis=1)
+        med[r0 // block : r0 // block + n] = part
+    from scipy import ndimage
+
+    filled = np.where(np.isfinite(med), med, 0.0)
+    typical = ndimage.median_filter(filled, size=3, mode="nearest")
+    return np.maximum(np.float32(low), typical + 0.5 * (threshold - typical)).astype(np.float32)
+
+
 def threshold_masks(
-    anomaly: Any, threshold: float, low: float, chunk: int = 1024,
-    local: np.ndarray | None = None,
+    anomaly: Any, threshold: float, low: float | np.ndarray, chunk: int = 1024,
+    local: np.ndarray | None = None, block: int = EXTENT_BLOCK,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Boolean ``(anomaly >= low, anomaly >= threshold)`` masks, read chunk row by chunk row.
 
-    ``local`` (optional, the map's shape) is the decision threshold of each pixel: both
-    thresholds are scaled by ``local / threshold`` there.
+    ``low``: one extent threshold, or one per ``block`` x ``block`` block
+    (:func:`local_extent_thresholds`); it is never above ``threshold``. ``local`` (optional,
+    the map's shape) is the decision threshold of each pixel: both thresholds are scaled by
+    ``local / threshold`` there.
     """
     h, w = (int(n) for n in anomaly.shape)
     lo = np.zeros((h, w), dtype=bool)
     hi = np.zeros((h, w), dtype=bool)
+    per_block = np.ndim(low) == 2
+    chunk = max(block, chunk // block * block) if per_block else chunk
     for r0 in range(0, h, chunk):
-        block = np.asarray(anomaly[r0 : r0 + chunk])
+        part = np.asarray(anomaly[r0 : r0 + chunk])
         if local is not None:
-            block = block * (np.float32(threshold) / local[r0 : r0 + chunk])
-        lo[r0 : r0 + chunk] = block >= low
-        hi[r0 : r0 + chunk] = block >= threshold
+            part = part * (np.float32(threshold) / local[r0 : r0 + chunk])
+        if per_block:
+            rows = np.asarray(low)[r0 // block : -(-(r0 + part.shape[0]) // block)]
+            cut = np.repeat(np.repeat(rows, block, axis=0), block, axis=1)
+            lo[r0 : r0 + chunk] = part >= np.minimum(cut[: part.shape[0], :w], threshold)
+        else:
+            lo[r0 : r0 + chunk] = part >= min(float(low), threshold)
+        hi[r0 : r0 + chunk] = part >= threshold
     return lo, hi
 
 
@@ -283,11 +332,14 @@ def extract_defects(
         Sorted by score (highest first), ids 1, 2, ...
     """
     maps = {k: _in_memory(v) for k, v in maps.items()}
+    extent: float | np.ndarray
     if low is None:
-        low = extent_threshold(maps["anomaly"], threshold)
-    low = min(low, threshold)
+        low = min(extent_threshold(maps["anomaly"], threshold), threshold)
+        extent = local_extent_thresholds(maps["anomaly"], threshold, low)
+    else:
+        low = extent = min(low, threshold)
     s = geometry.stride
-    lo, hi = threshold_masks(maps["anomaly"], threshold, low, local=local_threshold)
+    lo, hi = threshold_masks(maps["anomaly"], threshold, extent, local=local_threshold)
     labels = label_defects(lo, hi, merge_px / s)
     if merge_lines:
         labels = merge_collinear(labels)
