@@ -93,10 +93,15 @@ def opened_max_at(z: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) 
     (simulated wafer, 5 µm pixels). The max-filter is gathered at the map pixels (a
     sixteenth of the mosaic's at a 4 px map pixel) instead of filtering every mosaic pixel.
     """
-    h, w = z.shape
-    opened = pair_opening(z)
+    return max_at(pair_opening(z), rows, cols, size)
+
+
+def max_at(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
+    """``maximum_filter(values, size)`` (scipy's, border replicated) at the sampled ``rows``
+    and ``cols`` only."""
+    h, w = values.shape
     lo, hi = -(size // 2), (size - 1) // 2
-    band = np.max([opened[np.clip(rows + d, 0, h - 1)] for d in range(lo, hi + 1)], axis=0)
+    band = np.max([values[np.clip(rows + d, 0, h - 1)] for d in range(lo, hi + 1)], axis=0)
     return np.max([band[:, np.clip(cols + d, 0, w - 1)] for d in range(lo, hi + 1)], axis=0)
 
 

@@ -44,7 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from scanner.inspection.dietodie_geometry import MosaicGrid
-from scanner.inspection.dietodie_maps import Patch, map_samples
+from scanner.inspection.dietodie_maps import Patch, map_samples, max_at
 
 
 @dataclass(frozen=True)
@@ -173,14 +173,6 @@ def _noise(values: np.ndarray) -> float:
     return 1.4826 * float(np.median(np.abs(values - np.median(values))))
 
 
-def _max_at(values: np.ndarray, rows: np.ndarray, cols: np.ndarray, size: int) -> np.ndarray:
-    """``maximum_filter(values, size)`` at the sampled rows and columns only."""
-    h, w = values.shape
-    lo, hi = -(size // 2), (size - 1) // 2
-    band = np.max([values[np.clip(rows + d, 0, h - 1)] for d in range(lo, hi + 1)], axis=0)
-    return np.max([band[:, np.clip(cols + d, 0, w - 1)] for d in range(lo, hi + 1)], axis=0)
-
-
 def plain_spot_patches(
     level0: Any,
     mosaic: MosaicGrid,
@@ -273,7 +265,7 @@ def plain_spot_patches(
         if at is None:
             continue
         i0, j0, ri, cj, size = at
-        peak = _max_at(found, ri, cj, size)
+        peak = max_at(found, ri, cj, size)
         score = np.where(peak > 0, deviation_to_score(peak, settings.min_contrast,
                                                         threshold), 0.0)
         patches.append((i0, j0, score.astype(np.float32)))
