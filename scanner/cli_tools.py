@@ -107,7 +107,9 @@ def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | N
     if init is not None:
         import json
 
-        card = init.with_suffix(".json")
+        from models.modelfile import card_path_for, resolve_model_path
+
+        card = card_path_for(resolve_model_path(init))
         if card.is_file():
             return (json.loads(card.read_text()) or {}).get("die_to_die")
     return None
