@@ -287,14 +287,15 @@ def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: 
             usable = np.zeros(shape, dtype=bool)
     usable &= reflectance > 0  # no tile landed there: not inspected
     map_pitch = die_pitch_in_map_px(sample, maps.pixel_size_um)
-    found = plain_surface_defects(reflectance, usable, map_pitch)
+    area = plain_surface_area(reflectance, usable) if usable.any() else None
+    found = plain_surface_defects(reflectance, usable, map_pitch, area=area)
     raised = apply_plain_surface(maps.maps["anomaly"], found, threshold)
     record = {"regions": len(found), "map_pixels_raised": raised}
-    if mosaic is not None and maps.source_levels is not None and usable.any():
+    if mosaic is not None and maps.source_levels is not None and area is not None:
         geometry = _mosaic_grid(mosaic)
         pitch = None if map_pitch is None else tuple(
             v * maps.pixel_size_um / geometry.pixel_size_um for v in map_pitch)
-        surface = plain_surface_area(reflectance, usable).plain
+        surface = area.plain.copy()
         if compared is not None:
             surface &= ~compared
         patches, pixels = plain_spot_patches(

@@ -188,6 +188,7 @@ def plain_surface_defects(
     usable: np.ndarray | None = None,
     die_pitch_px: tuple[float, float] | None = None,
     settings: PlainSurface = PlainSurface(),
+    area: PlainArea | None = None,
 ) -> list[tuple[tuple[slice, slice], np.ndarray, np.ndarray]]:
     """Large faint defects on plain surface (see the module's description).
 
@@ -202,6 +203,8 @@ def plain_surface_defects(
         are design).
     settings : PlainSurface
         Detector settings.
+    area : PlainArea, optional
+        :func:`plain_surface_area` of ``reflectance`` and ``usable``, when the caller has it.
 
     Returns
     -------
@@ -215,7 +218,8 @@ def plain_surface_defects(
         usable = np.ones(np.shape(reflectance), dtype=bool)
     if not usable.any():
         return []
-    area = plain_surface_area(reflectance, usable)
+    if area is None:
+        area = plain_surface_area(reflectance, usable)
     r, med, spread_px, inner = area.reflectance, area.block_median, area.spread, area.inner
     plain, surface = spread_px < PLAIN_LEVEL, area.surface
     mad_px = _per_pixel(area.block_mad, r.shape)
