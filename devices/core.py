@@ -7,7 +7,7 @@ does not know whether the devices are simulated or real.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
     from .spec import MicroManagerMicroscope, SimulatedMicroscope
+
+log = logging.getLogger(__name__)
 
 PIXEL_CONFIG = "waferscope"
 SIM_LABELS = {"camera": "Camera", "xy": "XYStage", "z": "Focus", "clock": "SimClock"}
@@ -62,6 +64,39 @@ class MicroscopeHandle:
     truth: dict[str, Any] | None = None
     clock_device: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    closed: bool = field(default=False, init=False)
+
+    def close(self) -> None:
+        """Release the hardware: every device is unloaded (a serial controller's port is
+        closed, so the next scan or another program can open it) and the core stops
+        reporting to this process's handlers. Safe to call more than once.
+
+        A core is otherwise never freed in a long-running process: the C++ core holds its
+        Python callback relay, whose signals hold the acquisition's handlers, which hold the
+        core, a cycle Python's collector cannot see through; each leaked core keeps its
+        devices (and a simulated sample's images) and four C++ threads.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        core = self.core
+        try:
+            if core.mda.is_running():
+                core.mda.cancel()
+            core.unloadAllDevices()
+        except Exception:  # releasing must not hide why the scan ended; say it, go on
+            log.warning("could not unload every device of the microscope", exc_info=True)
+        # the handlers connected during the scan hold this handle: without them the core
+        # is an ordinary cycle, which the collector frees
+        for group in (core.events, core.mda.events):
+            with suppress(Exception):
+                group.disconnect()
+
+    def __enter__(self) -> MicroscopeHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def hardware_time_s(self) -> float | None:
         """Simulated hardware seconds so far, or None on real hardware (use wall time)."""
@@ -83,13 +118,13 @@ class MicroscopeHandle:
 @contextmanager
 def _quiet_discovery() -> Iterator[None]:
     """pymmcore-plus logs an error when no C++ adapters are installed; the simulator needs none."""
-    log = logging.getLogger("pymmcore-plus")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
+    mm_log = logging.getLogger("pymmcore-plus")
+    level = mm_log.level
+    mm_log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        log.setLevel(level)
+        mm_log.setLevel(level)
 
 
 def _set_pixel_size(core: UniMMCore, pixel_size_um: float) -> None:

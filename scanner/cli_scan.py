@@ -45,8 +45,9 @@ def validate(recipe: RecipeArg) -> None:
     from scanner.recipe import load_recipe
 
     rec = load_recipe(recipe)
-    handle = build_microscope(rec)
-    plan = make_plan(rec, handle)
+    with build_microscope(rec) as handle:
+        plan = make_plan(rec, handle)
+        fov, binned = handle.fov_um(), edge_binning(handle.core)
     summary = plan.summary()
     table = Table(title=f"{recipe.name}: plan", show_header=False)
     table.add_row("sample", rec.sample.kind)
@@ -59,16 +60,15 @@ def validate(recipe: RecipeArg) -> None:
     table.add_row("est. hardware time", _duration(summary["estimated_hardware_s"]))
     if wants_alignment(rec):
         # the nominal plan: the fields move with the sample, the time hardly does
-        fields = alignment_fields(rec, handle.fov_um())
+        fields = alignment_fields(rec, fov)
         kinds = Counter(kind for kind, _, _ in fields)
-        align_s = estimate_alignment_time_s(rec, handle.fov_um())
+        align_s = estimate_alignment_time_s(rec, fov)
         table.add_row("alignment", f"{len(fields)} fields ("
                       + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")")
         for kind, x, y in fields:
             table.add_row("", f"{kind} at ({x / 1000:.2f}, {y / 1000:.2f}) mm")
         # where the camera offers binning (the time is the same: the simulated camera reads
         # a binned frame out no faster)
-        binned = edge_binning(handle.core)
         if binned > 1 and rec.sample.kind == "wafer":
             table.add_row("", f"edge fields binned {binned}x")
         share = align_s / summary["estimated_hardware_s"] if summary[
@@ -93,30 +93,31 @@ def devices(
     from scanner.recipe import load_recipe
 
     rec = load_recipe(recipe)
-    handle = build_microscope(rec)
-    core = handle.core
-    table = Table(title=f"{recipe.name}: {rec.microscope.kind} microscope")
-    for column in ("label", "role", "library", "device", "port"):
-        table.add_column(column)
-    for d in inventory(core):
-        table.add_row(d.label, d.role or "-", d.library or "-", d.name, d.port or "-")
-    out.print(table)
-    stage = rec.microscope.stage
-    x, y = core.getXYPosition()
-    out.print(f"XY stage at ({x:.2f}, {y:.2f}) µm; travel x {list(stage.travel_x_um)} µm, "
-              f"y {list(stage.travel_y_um)} µm")
-    focus = rec.microscope.focus
-    out.print(f"focus at {core.getPosition():.2f} µm; range {list(focus.range_um)} µm")
-    out.print(f"pixel size {core.getPixelSizeUm():.4g} µm; exposure {core.getExposure():g} ms")
-    core.snapImage()
-    image = core.getImage()
-    out.print(f"test image: {image.shape[1]} x {image.shape[0]} px {image.dtype}, "
-              f"min {int(image.min())}, mean {float(np.mean(image)):.1f}, max {int(image.max())}")
-    if save is not None:
-        import tifffile
+    with build_microscope(rec) as handle:
+        core = handle.core
+        table = Table(title=f"{recipe.name}: {rec.microscope.kind} microscope")
+        for column in ("label", "role", "library", "device", "port"):
+            table.add_column(column)
+        for d in inventory(core):
+            table.add_row(d.label, d.role or "-", d.library or "-", d.name, d.port or "-")
+        out.print(table)
+        stage = rec.microscope.stage
+        x, y = core.getXYPosition()
+        out.print(f"XY stage at ({x:.2f}, {y:.2f}) µm; travel x {list(stage.travel_x_um)} µm, "
+                  f"y {list(stage.travel_y_um)} µm")
+        focus = rec.microscope.focus
+        out.print(f"focus at {core.getPosition():.2f} µm; range {list(focus.range_um)} µm")
+        out.print(f"pixel size {core.getPixelSizeUm():.4g} µm; exposure {core.getExposure():g} ms")
+        core.snapImage()
+        image = core.getImage()
+        out.print(f"test image: {image.shape[1]} x {image.shape[0]} px {image.dtype}, "
+                  f"min {int(image.min())}, mean {float(np.mean(image)):.1f}, "
+                  f"max {int(image.max())}")
+        if save is not None:
+            import tifffile
 
-        tifffile.imwrite(save, image)
-        out.print(f"saved: {save.resolve()}")
+            tifffile.imwrite(save, image)
+            out.print(f"saved: {save.resolve()}")
 
 
 @app.command()

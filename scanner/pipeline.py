@@ -104,42 +104,44 @@ def run_scan(
     and inspection run as dask tasks (the same mosaic; see :mod:`scanner.cluster`).
     """
     events = events or StageEvents()
-    handle = build_microscope(recipe)
-    plan = make_plan(recipe, handle)
-    folder = prepare_folder(out, recipe.output.root, recipe.output.name or recipe.name, overwrite)
-    pixel_size = handle.core.getPixelSizeUm()
-    model_path = getattr(model, "path", model)
-    scan: dict[str, Any] = {
-        "status": "acquiring",
-        "started": now_iso(),
-        "finished": None,
-        "process": this_process(),
-        "recipe": recipe.model_dump(mode="json"),
-        # what `resume` needs to finish the scan exactly as `run` would have
-        "options": {"inspect": bool(inspect),
-                    "model": str(Path(model_path).resolve()) if model_path else None},
-        "versions": software_versions(),
-        "microscope": {
-            "kind": handle.kind,
-            "pixel_size_um": pixel_size,
-            "camera_shape": [handle.core.getImageHeight(), handle.core.getImageWidth()],
-            "depth_of_field_um": handle.depth_of_field_um,
-            **{k: v for k, v in handle.info.items() if k != "labels"},
-            "devices": inventory_json(handle.core),
-        },
-        "plan": plan.summary(),
-        "acquired_tiles": 0,
-        "timings": {},
-    }
-    if wants_alignment(recipe):
-        scan["status"] = "aligning"
-    write_json(folder / SCAN_JSON, scan)
-    if handle.truth is not None:
-        write_json(folder / TRUTH_JSON, handle.truth)
-    if wants_alignment(recipe):
-        plan = _align_stage(folder, scan, recipe, handle, events)
-    return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
-                        cluster=cluster)
+    # the hardware is released however the scan ends (see MicroscopeHandle.close)
+    with build_microscope(recipe) as handle:
+        plan = make_plan(recipe, handle)
+        folder = prepare_folder(out, recipe.output.root, recipe.output.name or recipe.name,
+                                overwrite)
+        pixel_size = handle.core.getPixelSizeUm()
+        model_path = getattr(model, "path", model)
+        scan: dict[str, Any] = {
+            "status": "acquiring",
+            "started": now_iso(),
+            "finished": None,
+            "process": this_process(),
+            "recipe": recipe.model_dump(mode="json"),
+            # what `resume` needs to finish the scan exactly as `run` would have
+            "options": {"inspect": bool(inspect),
+                        "model": str(Path(model_path).resolve()) if model_path else None},
+            "versions": software_versions(),
+            "microscope": {
+                "kind": handle.kind,
+                "pixel_size_um": pixel_size,
+                "camera_shape": [handle.core.getImageHeight(), handle.core.getImageWidth()],
+                "depth_of_field_um": handle.depth_of_field_um,
+                **{k: v for k, v in handle.info.items() if k != "labels"},
+                "devices": inventory_json(handle.core),
+            },
+            "plan": plan.summary(),
+            "acquired_tiles": 0,
+            "timings": {},
+        }
+        if wants_alignment(recipe):
+            scan["status"] = "aligning"
+        write_json(folder / SCAN_JSON, scan)
+        if handle.truth is not None:
+            write_json(folder / TRUTH_JSON, handle.truth)
+        if wants_alignment(recipe):
+            plan = _align_stage(folder, scan, recipe, handle, events)
+        return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
+                            cluster=cluster)
 
 
 def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,
@@ -210,30 +212,34 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
                         f"valid now: {exc}") from None
     options = scan.get("options") or {"inspect": False, "model": None}
     handle = plan = None
-    if wants_alignment(recipe) and not scan.get("alignment") \
-            and not scan.get("alignment_skipped"):
-        # stopped while aligning: nothing was tiled yet, so align (and plan) now
-        handle = build_microscope(recipe)
-        plan = _align_stage(folder, scan, recipe, handle, events)
-    n = int(scan["plan"]["n_tiles"])
-    done = _acquired(folder, n)
-    if len(done) < n and plan is None:
-        handle = build_microscope(recipe)
-        # the recorded alignment, not a new one: the tiles taken lie where it put them
-        plan = make_plan(recipe, handle, scan.get("alignment"))
-        recorded = {k: scan["plan"].get(k) for k in ("n_tiles", "n_rows", "n_cols")}
-        now = {k: plan.summary()[k] for k in recorded}
-        if now != recorded:
-            raise UserError(f"{folder}: cannot resume, the plan changed ({recorded} recorded, "
-                            f"{now} now)")
-    scan.setdefault("resumed", []).append({"at": now_iso(), "previous_status": status,
-                                           "tiles_missing": n - len(done)})
-    scan.update(status="acquiring", process=this_process(), finished=None)
-    scan.pop("error", None)
-    write_json(folder / SCAN_JSON, scan)
-    return _finish_scan(folder, scan, recipe, events, options.get("model"),
-                        handle=handle, plan=plan, only=set(range(n)) - done,
-                        inspect=bool(options.get("inspect")), cluster=cluster)
+    try:  # the hardware is released however the resume ends
+        if wants_alignment(recipe) and not scan.get("alignment") \
+                and not scan.get("alignment_skipped"):
+            # stopped while aligning: nothing was tiled yet, so align (and plan) now
+            handle = build_microscope(recipe)
+            plan = _align_stage(folder, scan, recipe, handle, events)
+        n = int(scan["plan"]["n_tiles"])
+        done = _acquired(folder, n)
+        if len(done) < n and plan is None:
+            handle = build_microscope(recipe)
+            # the recorded alignment, not a new one: the tiles taken lie where it put them
+            plan = make_plan(recipe, handle, scan.get("alignment"))
+            recorded = {k: scan["plan"].get(k) for k in ("n_tiles", "n_rows", "n_cols")}
+            now = {k: plan.summary()[k] for k in recorded}
+            if now != recorded:
+                raise UserError(f"{folder}: cannot resume, the plan changed ({recorded} recorded, "
+                                f"{now} now)")
+        scan.setdefault("resumed", []).append({"at": now_iso(), "previous_status": status,
+                                               "tiles_missing": n - len(done)})
+        scan.update(status="acquiring", process=this_process(), finished=None)
+        scan.pop("error", None)
+        write_json(folder / SCAN_JSON, scan)
+        return _finish_scan(folder, scan, recipe, events, options.get("model"),
+                            handle=handle, plan=plan, only=set(range(n)) - done,
+                            inspect=bool(options.get("inspect")), cluster=cluster)
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def _acquired(folder: Path, n_planned: int) -> set[int]:
@@ -273,9 +279,12 @@ def _finish_scan(
             # while the stage moves (the stitch stage computes what is missing), see
             # scanner.stitching.registration.live
             live = _start_live(scan, handle, plan, only)
-            with _responsive_gil(live is not None):
-                _acquire_stage(folder, scan, recipe, handle, plan, events, only,
-                               on_tile=live.feed if live is not None else None)
+            try:
+                with _responsive_gil(live is not None):
+                    _acquire_stage(folder, scan, recipe, handle, plan, events, only,
+                                   on_tile=live.feed if live is not None else None)
+            finally:  # the stage, camera and ports are free while the mosaic is made
+                handle.close()
         last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
         precomputed = _finish_live(live)
         if precomputed is not None:

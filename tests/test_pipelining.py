@@ -338,3 +338,39 @@ def test_thumbnails_of_other_acquisitions_are_not_used(live_scan):
     again = [replace(r, time_s=r.time_s + 1.0) if r.index % 2 else r for r in records]
     assert results.thumbnails_for(again).keys() == {r.index for r in records
                                                      if r.index % 2 == 0}
+
+
+@slow
+def test_a_scan_releases_its_microscope_when_acquisition_ends(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """The devices are unloaded once the last tile is in (a serial controller's port is free
+    for the next scan), and the core is freed with its C++ threads, not kept by the engine
+    the scan gave it (each leaked core held four threads, its devices and the tile store)."""
+    import gc
+    import weakref
+
+    built = []
+    build = pipeline.build_microscope
+
+    def keep(recipe):
+        handle = build(recipe)
+        built.append((weakref.ref(handle.core), handle))
+        return handle
+
+    monkeypatch.setattr(pipeline, "build_microscope", keep)
+    stages: list[tuple[str, bool]] = []
+    stitch_stage = pipeline._stitch_stage
+
+    def stitch(*args, **kwargs):
+        stages.append(("stitch", built[-1][1].closed))
+        return stitch_stage(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_stitch_stage", stitch)
+    result = run_scan(_recipe(tmp_path), tmp_path / "scan")
+    assert result.status == "complete"
+    core_ref, handle = built.pop()
+    assert stages == [("stitch", True)]  # released before the mosaic is made
+    assert handle.closed and handle.core.getLoadedDevices() == ("Core",)
+    del handle
+    gc.collect()
+    assert core_ref() is None

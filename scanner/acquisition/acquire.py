@@ -344,12 +344,16 @@ def acquire(
     engine = ScanEngine(core, retries=recipe.scan.retries, clock=clock, focus=focus,
                         tiles=[t.index for t in todo], sink=sink, on_lost=on_lost,
                         timeout_s=recipe.scan.device_timeout_s)
-    core.mda.set_engine(engine)
+    previous = core.mda.set_engine(engine)
     try:
         if todo:
             core.mda.run(to_sequence(plan, todo))
     finally:
         store.close()
+        # the core is left with the engine it had: this one holds the store, the live
+        # processing and the handle, which a core kept by its C++ side would keep alive
+        if previous is not None and not core.mda.is_running():
+            core.mda.set_engine(previous)
     hw_end = handle.hardware_time_s()
     journal = read_tiles_csv(folder)
     return AcquisitionResult(

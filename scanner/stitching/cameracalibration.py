@@ -322,9 +322,17 @@ def calibrate_recipe(
     In simulation the true camera geometry is added to the result (``truth``) with the errors.
     """
     from devices.core import build_microscope
+
+    with build_microscope(recipe) as handle:
+        return _calibrate_handle(handle, recipe, centre_um, grid, step_fraction, progress)
+
+
+def _calibrate_handle(handle: Any, recipe: Any, centre_um: tuple[float, float] | None,
+                      grid: int | None, step_fraction: float,
+                      progress: Callable[[int, int], None] | None) -> CalibrationResult:
+    """:func:`calibrate_recipe` on a built microscope."""
     from scanner.geometry import usable_polygon
 
-    handle = build_microscope(recipe)
     core = handle.core
     if centre_um is None:
         c = usable_polygon(recipe.sample, notch=False).centroid  # the sample's centre
