@@ -196,6 +196,8 @@ def build_detector(
                       "from_held_out": extra, "from_init": 0 if start is None else len(start),
                       "images": len(images) - len(held_images)},
                 init=str(init) if init is not None else None, **(card_extra or {}))
+    card["sample_edge_seen"] = _sample_edge_seen(images) or bool(
+        base is not None and base.card.get("sample_edge_seen", True))
     if base is not None:
         card["history"] = _history(base)
     if position_cal is not None:
@@ -220,6 +222,12 @@ def _roles(images: Sequence[GoodImage], seed: int, augment_camera: bool | str
                and not augmenting and len({g.image.shape for g in images}) == 1
                and all(g.usable is None for g in images))
     return held_images, augmenting, choose_dims(FEATURE_DIM, seed) if aligned else None
+
+
+def _sample_edge_seen(images: Sequence[GoodImage]) -> bool:
+    """Whether a good image shows a sample's edge with what lies beyond it (the chuck),
+    as a scan does: a mosaic or a simulated window whose usable area is not all of it."""
+    return any(g.usable is not None and not bool(np.all(g.usable)) for g in images)
 
 
 def _history(base: PatchDetector) -> list[dict[str, Any]]:

@@ -66,6 +66,10 @@ class ModelCard(BaseModel):
     thresholds_plain_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_plain_near_structure_by_sample_kind: dict[str, float] = Field(
         default_factory=dict)
+    sample_edge_seen: bool | None = Field(
+        None, description="whether the good images showed a sample's edge with what lies "
+                          "beyond it, as a scan does (false: image files only; inspection "
+                          "then leaves a band along the edge out)")
     die_to_die: DieToDieCalibration | None = Field(
         None, description="die-to-die z threshold set on the good scans (inspection's "
                           "default without it)")

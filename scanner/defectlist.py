@@ -174,6 +174,9 @@ class DefectListHeader(BaseModel):
     plain_surface: Section | None = None
     not_scanned_mm2: float | None = Field(
         None, ge=0, description="usable area no tile covered: not inspected, no defect there")
+    edge_band_um: float | None = Field(
+        None, ge=0, description="band along the sample's edge not inspected: the model never "
+                                "saw a sample's edge as a scan shows it (built from files)")
     timings: dict[str, float] | None = None
     n_defects: int | None = Field(None, ge=0)
     good_scores: Section | None = None

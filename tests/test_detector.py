@@ -127,6 +127,7 @@ def test_card_records_backbone_calibration_and_warnings(product_model: PatchDete
     assert any("extrapolated" in w for w in cal["warnings"])  # 0.0007 cm² held out
     assert card["threshold"] >= cal["empirical_threshold"]
     assert card["good_scores"]["n"] > 1000
+    assert card["sample_edge_seen"] is False  # an image file: no sample edge, no chuck beyond
     maps = product_model.predict_image(_product(2))
     assert np.isfinite(maps["roughness"]).all()  # the roughness network runs beside it
     assert 0.0 <= maps["uncertainty"].min() and maps["uncertainty"].max() <= 1.0
@@ -271,3 +272,14 @@ def test_the_crops_of_one_large_good_scan_also_cover_the_stride_phases(tmp_path:
     second = _relative(_product(1))[3:, 5:]
     anomaly = model.predict_image(second)["anomaly"][4:-4, 4:-4]
     assert float(anomaly.max()) < model.threshold  # no false defect on a good second part
+
+
+def test_a_sample_edge_is_seen_only_in_images_that_reach_beyond_the_sample() -> None:
+    from models.build import _sample_edge_seen
+
+    img = np.ones((64, 64), dtype=np.float32)
+    edge = np.ones((64, 64), dtype=bool)
+    edge[:, 50:] = False  # the chuck beyond the sample's edge, as a scan's mosaic shows it
+    assert not _sample_edge_seen([GoodImage(img)])
+    assert not _sample_edge_seen([GoodImage(img, usable=np.ones((64, 64), dtype=bool))])
+    assert _sample_edge_seen([GoodImage(img), GoodImage(img, usable=edge)])

@@ -60,6 +60,7 @@ def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
     assert res.exit_code == 0, res.output
     card = json.loads((tmp_path / "m.json").read_text())
     assert card["calibration"]["held_out"] == "the central quarter of each image"
+    assert card["sample_edge_seen"] is True  # the scan shows the chuck beyond the coupon
     # the die-to-die z threshold is set on the good scan's own dies
     d2d = card["die_to_die"]
     assert d2d["dies"] >= 9 and 0 < d2d["good_max_z"] and 7.0 <= d2d["z_threshold"] <= 13.0
@@ -78,5 +79,6 @@ def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
         assert any(d["bbox_um"][0] - 4 <= x <= d["bbox_um"][2] + 4
                    and d["bbox_um"][1] - 4 <= y <= d["bbox_um"][3] + 4 for d in defects), kind
     assert len(defects) <= len(painted) + 1  # at most one false defect on 0.011 cm²
+    assert header["edge_band_um"] == 0.0  # a model that saw the edge judges all of it
     scan = json.loads((tmp_path / "bad_scan" / "scan.json").read_text())
     assert scan["inspection"]["good_scores"]["n"] > 1000  # for drift checks

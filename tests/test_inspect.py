@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import zarr
 from scipy import ndimage
 from shapely.geometry import box
 from typer.testing import CliRunner
@@ -103,6 +104,33 @@ def test_outside_the_sample_is_not_computed_and_zero(net_model, tmp_path):
     an = np.asarray(maps.maps["anomaly"])
     assert np.all(an[:, 102:] == 0)  # map column 102 is centred at 409.5 µm
     assert np.all(an[:, :99] > 0)
+
+
+def test_a_model_that_never_saw_a_sample_edge_leaves_a_band_along_it(tmp_path):
+    # a model built from image files only: its features at the edge reach onto the chuck,
+    # which its good images never showed (scanner.inspection.inspect.EDGE_CONTEXT_PX)
+    from scanner.inspection.inspect import EDGE_CONTEXT_PX, inspect_mosaic
+
+    torch.manual_seed(0)
+    mosaic = tmp_path / "mosaic.ome.zarr"
+    _write_mosaic(mosaic, _texture((1024, 1024), seed=5), 1.0, (0.0, 0.0))
+    poly = box(0, 0, 1023, 1023)
+    bands = {}
+    for seen in (True, False, None):
+        card = {"pixel_size_um": 1.0, "threshold": 0.5}
+        if seen is not None:
+            card["sample_edge_seen"] = seen
+        out = tmp_path / f"out-{seen}"
+        inspect_mosaic(mosaic, out, model=InspectionModel(InspectionNet(), card), threshold=0.5,
+                       polygon=poly, scan={})
+        header, _ = read_defects(out)
+        bands[seen] = header["edge_band_um"]
+        an = np.asarray(zarr.open_array(out / "anomaly.ome.zarr" / "0")[:])
+        # map pixel i is centred at 4 i + 1.5 um: the band's pixels are 0, the rest computed
+        inner = slice(14, an.shape[0] - 14)
+        assert np.all(an[inner, inner] > 0)
+        assert np.all(an[:11, :] == 0) == (seen is False)
+    assert bands == {True: 0.0, False: float(EDGE_CONTEXT_PX), None: 0.0}
 
 
 def test_mosaic_pixels_no_tile_covered_are_not_inspected(net_model, tmp_path):

@@ -319,6 +319,36 @@ def _not_scanned_mm2(maps: MapSet, reflectance: np.ndarray, polygon: Any) -> flo
     return round(float(np.count_nonzero(unscanned)) * (maps.pixel_size_um / 1000.0) ** 2, 4)
 
 
+#: model pixels along the sample's edge where a model built from image files alone is not
+#: trusted. Its features there reach beyond the sample, onto the chuck, which its good images
+#: never showed (their border is the file's). Measured on the products bench's coin grid
+#: (``bench/bench_products.py``), with the model from the good image file, on the good scan:
+#: the anomaly map's largest value 16-48 µm (px) from the edge was 1.38-1.41, against 1.23
+#: further in and a threshold of 1.36; a model from the good scan showed no such band.
+EDGE_CONTEXT_PX = 48
+
+
+def _edge_band_um(polygon: Any, model: Any, pixel_um: float | None) -> float:
+    """Width (µm) of the band along the sample's edge where ``model``'s map is not used
+    (0: the model's usual border only, see :func:`scanner.inspection.maps.infer_mosaic`).
+
+    A model whose card says its good images never showed a sample's edge with what lies
+    beyond it (``sample_edge_seen: false``: built from image files only) loses
+    :data:`EDGE_CONTEXT_PX` of its own pixels along the edge. A model built from a scan, the
+    shipped default and cards without the entry keep the whole area. Die-to-die and the plain
+    surface channels, which do not use the model, still judge the band.
+    """
+    card = getattr(model, "card", None) or {}
+    if polygon is None or card.get("sample_edge_seen", True):
+        return 0.0
+    pixel = max(float(card.get("pixel_size_um") or 0.0), float(pixel_um or 0.0))
+    band = EDGE_CONTEXT_PX * pixel
+    inner = polygon.buffer(-band) if band > 0 else polygon
+    if inner.is_empty or inner.area < 0.25 * polygon.area:
+        return 0.0  # a sample hardly larger than the band: the model judges all of it
+    return round(band, 3)
+
+
 def _mosaic_grid(mosaic: Path) -> Any:
     """Where the pixels of level 0 of ``mosaic`` lie on the stage."""
     from scanner.inspection.dietodie import MosaicGrid
@@ -385,13 +415,16 @@ def inspect_mosaic(
         polygon = _usable_polygon(saved, alignment)
     kind = sample_kind or (str(saved.kind) if saved is not None else None)
     pixel_um = _mosaic_pixel_size_um(mosaic)
+    # the model's own map leaves out the edge band it cannot judge; die-to-die and the plain
+    # surface, which compare the mosaic with itself, keep the whole usable area
+    edge_band_um = _edge_band_um(polygon, model, pixel_um)
     thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
     contexts = context_thresholds(model, kind, thr_source, pixel_um)
     z_thr = ((getattr(model, "card", None) or {}).get("die_to_die") or {}).get("z_threshold")
     refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment, z_thr),
                          kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
-                        refine=refine, cluster=cluster)
+                        refine=refine, cluster=cluster, edge_um=edge_band_um or None)
     t1 = time.perf_counter()
     t_maps = t1 - t0
     defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
@@ -402,6 +435,7 @@ def inspect_mosaic(
         "source": str(mosaic), "created": now_iso(), "model": model_info(model),
         **_threshold_record(thr, thr_source, contexts),
         **_maps_record(maps, refine, polygon is not None),
+        "edge_band_um": edge_band_um,
         "timings": timings, "n_defects": len(defects),
         "good_scores": good_surface_scores(maps.maps["anomaly"], thr),
     }
