@@ -68,13 +68,13 @@ class MicroscopeHandle:
 
     def close(self) -> None:
         """Release the hardware: every device is unloaded (a serial controller's port is
-        closed, so the next scan or another program can open it) and the core stops
-        reporting to this process's handlers. Safe to call more than once.
+        closed, so the next scan or another program can open it) and the handlers connected
+        to the core's signals are dropped. Safe to call more than once.
 
-        A core is otherwise never freed in a long-running process: the C++ core holds its
-        Python callback relay, whose signals hold the acquisition's handlers, which hold the
-        core, a cycle Python's collector cannot see through; each leaked core keeps its
-        devices (and a simulated sample's images) and four C++ threads.
+        The core object itself is freed once nothing holds it: a scan's acquisition hands the
+        core back its own MDA engine when it ends (:func:`scanner.acquisition.acquire.
+        acquire`), since a core that kept the scan's engine was never freed, with its four
+        C++ threads, its devices and the scan's tile store.
         """
         if self.closed:
             return
