@@ -47,7 +47,8 @@ def validate(recipe: RecipeArg) -> None:
     rec = load_recipe(recipe)
     with build_microscope(rec) as handle:
         plan = make_plan(rec, handle)
-        fov, binned = handle.fov_um(), edge_binning(handle.core)
+        fov = handle.fov_um()
+        binned = edge_binning(handle.core) if wants_alignment(rec) else 1
     summary = plan.summary()
     table = Table(title=f"{recipe.name}: plan", show_header=False)
     table.add_row("sample", rec.sample.kind)

@@ -295,9 +295,7 @@ def _plain_surface(maps: MapSet, reflectance: np.ndarray, sample: Any, polygon: 
         geometry = _mosaic_grid(mosaic)
         pitch = None if map_pitch is None else tuple(
             v * maps.pixel_size_um / geometry.pixel_size_um for v in map_pitch)
-        surface = area.plain.copy()
-        if compared is not None:
-            surface &= ~compared
+        surface = area.plain if compared is None else area.plain & ~compared
         patches, pixels = plain_spot_patches(
             maps.source_levels[0], geometry, float(maps.stats.extra.get("level", 1.0)) or 1.0,
             surface, maps.origin_um, maps.pixel_size_um, threshold, pitch)
