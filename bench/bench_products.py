@@ -93,6 +93,14 @@ PRODUCTS = {
                            cell_px=208, street_px=40, n_dies=9, crop_rc=(40, 170)),
     "brick_mirror": Product("brick_mirror", "mirror", "brick", seed=13, tiles=2),
     "gravel_mirror": Product("gravel_mirror", "mirror", "gravel", seed=14, tiles=2),
+    # held out from every choice made on the three default products (added 2026-12-03):
+    # printed text (fine, high-contrast strokes), a colour portrait under 10 % vignetting,
+    # and a grass texture
+    "page_grid": Product("page_grid", "grid", "page", seed=15, cell_px=176, street_px=24,
+                         n_dies=10, crop_rc=(8, 100)),
+    "astronaut_grid": Product("astronaut_grid", "grid", "astronaut", seed=16, vignetting=0.1,
+                              cell_px=240, street_px=16, n_dies=8, crop_rc=(100, 150)),
+    "grass_mirror": Product("grass_mirror", "mirror", "grass", seed=17, tiles=2),
 }
 DEFAULT_PRODUCTS = ["coins_grid", "camera_grid", "brick_mirror"]
 

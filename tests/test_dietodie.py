@@ -431,6 +431,29 @@ def test_a_layout_repeated_only_2x2_is_compared_on_a_padded_mosaic() -> None:
     assert len(over) and np.all(np.abs(over * 4 + 1.5 - (259, 309)) < 24)
 
 
+def test_a_2x2_layout_found_a_few_pixels_off_still_has_room_for_every_die() -> None:
+    # a grid found in a coarse pyramid level is good to a pixel of that level (4 um at
+    # level 2 of a 2,200 px mosaic): the lower dies then reach 4 um past the image, where
+    # the scan ended 2 px past it. Padded by the alignment margin alone they had no room
+    # (a mirrored grass texture: 2 dies, nothing compared)
+    from scanner.diegrid import DieGrid
+    from scanner.inspection.dietodie import _margin, full_dies
+    from scanner.inspection.inspect import _search_level, _with_room
+
+    side = 1100
+    img = np.pad(np.ones((2 * side, 2 * side), np.float32), 2, constant_values=0.1)
+    geometry = MosaicGrid((-2.0, -2.0), 1.0, img.shape)
+    usable = box(-0.5, -0.5, 2 * side - 0.5, 2 * side - 0.5)
+    levels = [img, img[::2, ::2], img[::4, ::4]]
+    assert _search_level(levels) == 2
+    grid = DieGrid(pitch_um=(float(side), float(side)), origin_um=(0.0, 4.0))
+    margin = _margin(DieToDie())
+    assert len(full_dies(grid, usable, geometry, margin_px=margin)) < 3  # no room as scanned
+    image, _, area, pad = _with_room(levels, geometry, grid, usable)
+    padded = MosaicGrid((-2.0 - pad, -2.0 - pad), 1.0, image.shape)
+    assert len(full_dies(grid, area, padded, margin_px=margin)) == 4
+
+
 def test_mosaic_pixels_no_tile_covered_are_not_compared(monkeypatch) -> None:
     # the stage landed the last tile row a few micrometres short: the mosaic's last rows
     # inside the image are 0 over part of its width (no tile covered them)

@@ -206,11 +206,15 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
     if len(full_dies(grid, polygon, geometry, margin_px=margin)) >= 3 or level0.ndim != 2 \
             or (level0.shape[0] + 2 * margin) * (level0.shape[1] + 2 * margin) > PAD_MAX_PX:
         return level0, levels, polygon, 0
-    padded = np.pad(np.asarray(level0[...]), margin + 1, mode="symmetric")
     # a found grid fits to a pixel of the level it was found in (_found_grid)
     k = _search_level(levels)
     slack = (2**k + 1) * geometry.pixel_size_um
-    return padded, None, polygon.buffer(slack, join_style="mitre"), margin + 1
+    # room for a margin around a die that reaches the slack past the usable area, where the
+    # scan may end: padded by the margin alone, a grass texture's dies found 4 um low left
+    # the lower row 2 px short of room, and no die was compared
+    pad = margin + 1 + 2**k + 1
+    padded = np.pad(np.asarray(level0[...]), pad, mode="symmetric")
+    return padded, None, polygon.buffer(slack, join_style="mitre"), pad
 
 
 def _shifted_difference(comparison: Any, source: Any, pad: int, r0: int, c0: int, h: int,
