@@ -8,7 +8,11 @@ real wafers and parts:
 - ``camera_grid``: a 208 px cell of ``skimage.data.camera()`` on a 248 px grid (40 px street),
   scanned with 20 % camera vignetting;
 - ``brick_mirror``: ``skimage.data.brick()`` mirrored into a seamless periodic texture;
-- ``gravel_mirror`` (not run by default): ``skimage.data.gravel()`` the same way.
+- ``gravel_mirror`` (not run by default): ``skimage.data.gravel()`` the same way;
+- held out (not run by default, and no choice of the detector was made on them):
+  ``page_grid`` (printed text, 176 px dies on a 200 px grid), ``astronaut_grid`` (a portrait,
+  240 px dies on a 256 px grid, 10 % vignetting) and ``grass_mirror`` (``skimage.data.grass()``
+  mirrored).
 
 Each product gets a good copy and a defective copy with 22 painted defects (dark spots, bright
 particles, thin scratches, missing pattern, faint stains; 8-80 px, all > 40 px from the border),

@@ -207,13 +207,13 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
             or (level0.shape[0] + 2 * margin) * (level0.shape[1] + 2 * margin) > PAD_MAX_PX:
         return level0, levels, polygon, 0
     # a found grid fits to a pixel of the level it was found in (_found_grid)
-    k = _search_level(levels)
-    slack = (2**k + 1) * geometry.pixel_size_um
+    slack_px = 2 ** _search_level(levels) + 1
     # room for a margin around a die that reaches the slack past the usable area, where the
     # scan may end: padded by the margin alone, a grass texture's dies found 4 um low left
     # the lower row 2 px short of room, and no die was compared
-    pad = margin + 1 + 2**k + 1
+    pad = margin + 1 + slack_px
     padded = np.pad(np.asarray(level0[...]), pad, mode="symmetric")
+    slack = slack_px * geometry.pixel_size_um
     return padded, None, polygon.buffer(slack, join_style="mitre"), pad
 
 
