@@ -17,6 +17,7 @@ The model's card (thresholds by sample kind, pixel size and context) is read by
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -207,14 +208,33 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
             or (level0.shape[0] + 2 * margin) * (level0.shape[1] + 2 * margin) > PAD_MAX_PX:
         return level0, levels, polygon, 0
     # a found grid fits to a pixel of the level it was found in (_found_grid)
-    slack_px = 2 ** _search_level(levels) + 1
-    # room for a margin around a die that reaches the slack past the usable area, where the
-    # scan may end: padded by the margin alone, a grass texture's dies found 4 um low left
-    # the lower row 2 px short of room, and no die was compared
-    pad = margin + 1 + slack_px
+    k = _search_level(levels)
+    area = polygon.buffer((2**k + 1) * geometry.pixel_size_um, join_style="mitre")
+    pad = _room_px(grid, area, geometry, margin)
     padded = np.pad(np.asarray(level0[...]), pad, mode="symmetric")
-    slack = slack_px * geometry.pixel_size_um
-    return padded, None, polygon.buffer(slack, join_style="mitre"), pad
+    return padded, None, area, pad
+
+
+def _room_px(grid: Any, area: Any, geometry: Any, margin: int) -> int:
+    """Padding (pixels, on each side) that gives every die wholly inside ``area`` a
+    ``margin`` inside the padded mosaic: at least ``margin + 1``.
+
+    A die found a few micrometres off (the grid's precision) reaches past the image, where
+    the scan may end: padded by the margin alone, a grass texture's dies found 4 um low left
+    the lower row 2 px short of room, and no die was compared. Only what is needed is added:
+    the dies' alignment reads the padding around them, so padding more than before moved the
+    z-scores of products that already had room (a brick's good scan: largest z 5.7 -> 6.9).
+    """
+    rows, cols = geometry.shape
+    need = margin + 1
+    for col, row, full in grid.cells_in(area):
+        if full:
+            x0, y0, x1, y1 = grid.cell_box(col, row)
+            r0, c0 = geometry.to_px(x0, y0)
+            r1, c1 = geometry.to_px(x1, y1)
+            need = max(need, math.ceil(margin - min(r0, c0)),
+                       math.floor(max(r1 - rows, c1 - cols) + margin + 2))
+    return int(need)
 
 
 def _shifted_difference(comparison: Any, source: Any, pad: int, r0: int, c0: int, h: int,
