@@ -59,6 +59,7 @@ from scanner.inspection.dietodie_geometry import (  # noqa: F401
     die_shape_px,
     full_dies,
     nearest_dies,
+    room_px,
 )
 from scanner.inspection.dietodie_maps import (  # noqa: F401
     Patch,

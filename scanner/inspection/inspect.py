@@ -17,7 +17,6 @@ The model's card (thresholds by sample kind, pixel size and context) is read by
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -200,7 +199,7 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
     (a pixel of the level it was found in), so that dies found from the image itself count as
     whole.
     """
-    from scanner.inspection.dietodie import DieToDie, _margin, full_dies
+    from scanner.inspection.dietodie import DieToDie, _margin, full_dies, room_px
 
     level0 = levels[0]
     margin = _margin(DieToDie())
@@ -210,31 +209,9 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
     # a found grid fits to a pixel of the level it was found in (_found_grid)
     k = _search_level(levels)
     area = polygon.buffer((2**k + 1) * geometry.pixel_size_um, join_style="mitre")
-    pad = _room_px(grid, area, geometry, margin)
+    pad = room_px(grid, area, geometry, margin)
     padded = np.pad(np.asarray(level0[...]), pad, mode="symmetric")
     return padded, None, area, pad
-
-
-def _room_px(grid: Any, area: Any, geometry: Any, margin: int) -> int:
-    """Padding (pixels, on each side) that gives every die wholly inside ``area`` a
-    ``margin`` inside the padded mosaic: at least ``margin + 1``.
-
-    A die found a few micrometres off (the grid's precision) reaches past the image, where
-    the scan may end: padded by the margin alone, a grass texture's dies found 4 um low left
-    the lower row 2 px short of room, and no die was compared. Only what is needed is added:
-    the dies' alignment reads the padding around them, so padding more than before moved the
-    z-scores of products that already had room (a brick's good scan: largest z 5.7 -> 6.9).
-    """
-    rows, cols = geometry.shape
-    need = margin + 1
-    for col, row, full in grid.cells_in(area):
-        if full:
-            x0, y0, x1, y1 = grid.cell_box(col, row)
-            r0, c0 = geometry.to_px(x0, y0)
-            r1, c1 = geometry.to_px(x1, y1)
-            need = max(need, math.ceil(margin - min(r0, c0)),
-                       math.floor(max(r1 - rows, c1 - cols) + margin + 2))
-    return int(need)
 
 
 def _shifted_difference(comparison: Any, source: Any, pad: int, r0: int, c0: int, h: int,
