@@ -39,6 +39,8 @@ def existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
     if value is None:
         return None
     path = resolve_path(value, info)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file")
     if not path.is_file():
         raise ValueError(f"file not found: {path}")
     return path

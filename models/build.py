@@ -185,7 +185,7 @@ def build_detector(
     position, position_cal = _position_model(
         seen.position, seen.position_desc, dims, images[0].image.shape, cal.area_cm2,
         false_alarms_per_cm2, cal.result.threshold) if dims is not None else (None, None)
-    warnings = _calibration_warnings(cal.result.to_dict(), len(seen.held), len(held_images))
+    warnings = _calibration_warnings(cal.result.to_dict(), len(images), len(held_images))
     if progress is not None:
         progress("calibrate", 1, 1)
     bank, extra = _with_held_out(bank, seen.held, bank_max, seed)
@@ -474,7 +474,7 @@ def _position_model(feats: dict[bool, list[torch.Tensor]], held_desc: list[torch
                    "train_images": len(feats[False]), "held_out_images": len(held)}
 
 
-def _calibration_warnings(cal: dict[str, Any], n_held: int, n_held_images: int) -> list[str]:
+def _calibration_warnings(cal: dict[str, Any], n_images: int, n_held_images: int) -> list[str]:
     """What the user should know about the calibration (too little held-out surface)."""
     out = []
     allowed = cal["target_per_cm2"] * cal["area_cm2"]
@@ -484,7 +484,7 @@ def _calibration_warnings(cal: dict[str, Any], n_held: int, n_held_images: int) 
                    "the threshold is extrapolated from the tail of good scores; add good "
                    "images for a measured one")
     if n_held_images == 0:
-        out.append(f"only {n_held} good image(s): the central quarter of each was held out for "
+        out.append(f"only {n_images} good image(s): the central quarter of each was held out for "
                    "calibration (give 8 or more good images to hold out whole ones)")
     return out
 

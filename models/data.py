@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from simulators.errors import UserError
+from simulators.picture import cmyk_to_rgb, read_picture, tiff_is_cmyk
 
 from .modelfile import brightness_level, to_luminance
 
@@ -59,8 +60,8 @@ def relative(raw: np.ndarray, level: float | None = None) -> np.ndarray:
 
 def read_image(path: Path) -> np.ndarray:
     """A 2-D float32 luminance image from a TIFF/PNG/JPEG/BMP file of any dtype and size
-    (planar RGB TIFFs and grey + alpha included): the one image reader of training and
-    inspection.
+    (planar RGB TIFFs, grey + alpha and CMYK included): the one image reader of training
+    and inspection.
 
     Raises
     ------
@@ -72,11 +73,13 @@ def read_image(path: Path) -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            img = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                img = tif.asarray()
+                if tiff_is_cmyk(tif) and img.shape[-1] == 4:
+                    img = cmyk_to_rgb(img, float(np.iinfo(img.dtype).max)
+                                      if np.issubdtype(img.dtype, np.integer) else 1.0)
         else:
-            import imageio.v3 as iio
-
-            img = iio.imread(path)
+            img = read_picture(path)
     except Exception as exc:  # any decoder error is a bad input file
         raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
                         f"{(str(exc).strip().splitlines() or [''])[0]})") from None

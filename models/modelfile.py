@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +278,8 @@ def write_model_files(state: dict[str, torch.Tensor], card: dict[str, Any],
     card.update(version=CARD_VERSION, weights_file=path.name, weights_sha256=_weights_sha256(tmp))
     card_tmp = card_path_for(path).with_name(card_path_for(path).name + ".tmp")
     card_tmp.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    # safetensors writes its file for the owner only; a model is shared like its card
+    shutil.copymode(card_tmp, tmp)
     tmp.replace(path)
     card_tmp.replace(card_path_for(path))
     return path

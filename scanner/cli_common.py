@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from models.errors import InputError
+from scanner.errors import UserError
 from scanner.events import StageEvents
 
 app = typer.Typer(
@@ -38,8 +39,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Paths are printed whole (no wrapping) so that they can be copied from the terminal.
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
+out = Console(soft_wrap=True, emoji=False)
+err = Console(stderr=True, emoji=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,6 +84,12 @@ def _friendly(func: F) -> F:
         except Exception as exc:
             if os.environ.get("WAFERSCOPE_DEBUG"):
                 raise
+            if _undecodable(exc):  # damaged stored data is bad input, not a bug
+                err.print(f"[bold red]error:[/] stored data is damaged: a compressed chunk "
+                          f"cannot be decoded ({escape(_first_line(exc))}); re-run `waferscope "
+                          "stitch SCAN` for a mosaic, or scan again for raw tiles",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             err.print(
                 f"[bold red]failed:[/] {type(exc).__name__}: {exc} "
                 "(set WAFERSCOPE_DEBUG=1 for the traceback)",
@@ -92,6 +99,46 @@ def _friendly(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_output(path: Path | None, option: str, folder: bool) -> None:
+    """Refuse, before any work, an output that cannot be written: a folder (``folder``) that
+    exists as a file, a file that exists as a folder, or a path under an existing file.
+
+    Raises
+    ------
+    UserError
+        Naming the option and the path.
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: exists and is not a folder")
+    if not folder and path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _undecodable(exc: BaseException) -> bool:
+    """Whether an error is a compressed chunk (Zarr codecs, TIFF tiles) that fails to decode:
+    the codecs raise ``zlib.error`` or RuntimeError / ValueError saying "decompress"."""
+    import zlib
+
+    while exc is not None:
+        if isinstance(exc, zlib.error) or (isinstance(exc, (RuntimeError, ValueError))
+                                           and "decompress" in str(exc).lower()):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 class RichObserver:

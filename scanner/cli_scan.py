@@ -21,6 +21,7 @@ from scanner.cli_common import (
     _print_result,
     _progress,
     app,
+    check_output,
     err,
     out,
     stage_bars,
@@ -93,6 +94,7 @@ def devices(
     from devices.inventory import inventory
     from scanner.recipe import load_recipe
 
+    check_output(save, "--save", folder=False)
     rec = load_recipe(recipe)
     with build_microscope(rec) as handle:
         core = handle.core
@@ -117,6 +119,7 @@ def devices(
         if save is not None:
             import tifffile
 
+            save.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(save, image)
             out.print(f"saved: {save.resolve()}")
 
@@ -222,6 +225,7 @@ def inspect(
     from scanner.integrity import require_ready
     from scanner.scanfolder import SCAN_JSON
 
+    check_output(out_dir, "--out", folder=True)
     for path in target:
         if (path / SCAN_JSON).is_file():
             require_ready(path, "inspect", allow_incomplete=allow_incomplete)

@@ -12,7 +12,16 @@ from rich.markup import escape
 from rich.progress import TaskID
 from rich.table import Table
 
-from scanner.cli_common import RecipeArg, _duration, _friendly, _progress, app, err, out
+from scanner.cli_common import (
+    RecipeArg,
+    _duration,
+    _friendly,
+    _progress,
+    app,
+    check_output,
+    err,
+    out,
+)
 from scanner.errors import UserError
 
 
@@ -125,6 +134,7 @@ def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
         raise UserError("--good: give good images, folders of them, or good scan folders")
     target = model_out if model_out.suffix == ".safetensors" else model_out.with_suffix(
         ".safetensors")
+    check_output(target, "--out", folder=False)
     if target.exists() and not overwrite:
         raise UserError(f"{target}: exists (use --overwrite to replace it)")
     if init is not None and init.resolve().with_suffix(".safetensors") == target.resolve():
@@ -177,6 +187,7 @@ def drift(
     from scanner.inspection.drift import check_drift
     from scanner.inspection.inspect import load_inspection_model
 
+    check_output(out_dir, "--out", folder=True)
     report = check_drift(scans, load_inspection_model(model), out_dir)
     for skipped in report.skipped:
         err.print(f"skipped {escape(skipped)}", highlight=False, soft_wrap=True)
@@ -209,6 +220,7 @@ def calibrate(
     from scanner.recipe import load_recipe
     from scanner.stitching.cameracalibration import calibrate_recipe
 
+    check_output(out_file, "--out", folder=False)
     if out_file.exists() and not overwrite:
         raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
     if at is not None and not all(map(math.isfinite, at)):

@@ -173,7 +173,13 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
     ValueError
         If the group has no OME-NGFF multiscales metadata.
     """
-    root = zarr.open_group(str(path), mode="r")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable group metadata: damage
+        raise UserError(f"{path}: cannot open the mosaic ({_first_line(exc)}); it is "
+                        "damaged (re-run `waferscope stitch`)") from None
     ome = root.attrs.get("ome")
     if not isinstance(ome, dict) or not ome.get("multiscales"):
         raise ValueError(f"{path} is not an OME-NGFF multiscale image (no 'ome' attributes)")
@@ -183,8 +189,19 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
         raise ValueError(f"{path}: invalid OME-NGFF 0.5 image metadata "
                          f"({exc.errors()[0]['msg']})") from None
     datasets = image.model_dump(mode="json", exclude_none=True)["multiscales"][0]["datasets"]
-    levels = [root[d["path"]] for d in datasets]
+    levels = []
+    for d in datasets:
+        try:
+            levels.append(root[d["path"]])
+        except Exception as exc:  # noqa: BLE001 - a level gone or its metadata unreadable
+            why = "missing" if isinstance(exc, KeyError) else f"unreadable ({_first_line(exc)})"
+            raise UserError(f"{path}: level {d['path']} is {why}; the mosaic is damaged "
+                            "(re-run `waferscope stitch`)") from None
     return levels, [d["coordinateTransformations"] for d in datasets]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def level_transform(transforms: list[dict], level: int = 0

@@ -193,8 +193,8 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
     Raises
     ------
     UserError
-        If the folder is not a scan, is complete, is still running, or its recipe or plan no
-        longer match.
+        If the folder is not a scan, is complete with every tile in its store, is still
+        running, or its recipe or plan no longer match.
     """
     events = events or StageEvents()
     folder = Path(folder)
@@ -203,8 +203,11 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
     if status in RUNNING:
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")
-    if status == "complete":
+    if status == "complete" and len(_acquired(folder, int(scan["plan"]["n_tiles"]))) \
+            == int(scan["plan"]["n_tiles"]):
         raise UserError(f"{folder}: the scan is complete; nothing to resume")
+    # a complete scan that has since lost tiles (a journal row or a tile's data gone) is
+    # resumed like a stopped one: the lost tiles are taken again
     try:
         recipe = parse_recipe(scan.get("recipe"), base_dir=folder)
     except RecipeError as exc:

@@ -113,6 +113,10 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
         If ``out`` exists, is not empty, and ``overwrite`` is False.
     """
     if out is None:
+        root = Path(root)
+        blocked = next((p for p in (root, *root.parents) if p.exists()), None)
+        if blocked is not None and not blocked.is_dir():
+            raise UserError(f"output.root {root}: {blocked} is a file, not a folder")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(root) / f"{name}-{stamp}"
         suffix = 1
@@ -122,6 +126,9 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"--out {out}: {above} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UserError(

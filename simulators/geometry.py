@@ -21,6 +21,8 @@ from .errors import UserError
 
 def image_shape(path: Path) -> tuple[int, int]:
     """(rows, cols) of an image file, read from its header only."""
+    if Path(path).is_dir():
+        raise UserError(f"sample.path: {path} is a folder, not an image file")
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -39,7 +41,8 @@ def image_shape(path: Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise UserError(f"sample.path: file not found: {path}") from None
     except Exception as exc:
-        raise UserError(f"sample.path: cannot read image {path}: {exc}") from None
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"sample.path: cannot read image {path}: {why}") from None
 
 
 def wafer_outline(

@@ -114,3 +114,58 @@ def test_resume_of_a_scan_whose_recorded_recipe_no_longer_validates_is_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot resume" in lines[0] and "diameter_mm" in lines[0], lines
     assert (folder / "scan.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("command, option", [
+    (["inspect", "IMG", "--out", "FILE"], "--out"),
+    (["train", "--good", "IMG", "--out", "FILE/m"], "--out"),
+])
+def test_an_output_that_is_a_file_is_refused_before_any_work(
+        tmp_path: Path, command: list[str], option: str) -> None:
+    import numpy as np
+    import tifffile
+
+    image = tmp_path / "good.tif"
+    tifffile.imwrite(image, (np.random.default_rng(0).random((96, 96)) * 4000).astype("u2"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    args = [str(image) if a == "IMG" else a.replace("FILE", str(blocker)) for a in command]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and option in lines[0] and "a_file" in lines[0], lines
+    assert blocker.read_text() == "keep me"
+
+
+def test_a_recipe_giving_a_key_twice_is_refused_naming_it(tmp_path: Path) -> None:
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("sample: {kind: rectangle, width_mm: 1, height_mm: 1}\n"
+                      "microscope: {kind: simulated}\n"
+                      "sample: {kind: rectangle, width_mm: 9, height_mm: 9}\n")
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "'sample' appears twice" in result.stderr and "line 3" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["fine camera", "huge image pixels"])
+def test_a_plan_of_billions_of_tiles_is_refused_before_it_is_listed(
+        tmp_path: Path, case: str) -> None:
+    import numpy as np
+    import tifffile
+    import yaml
+
+    stage = {"travel_x_um": [-2e5, 2e5], "travel_y_um": [-2e5, 2e5]}
+    if case == "fine camera":  # 200 mm at 1.6 um a tile: 10^10 tiles
+        data = {"sample": {"kind": "rectangle", "width_mm": 200, "height_mm": 200},
+                "microscope": {"kind": "simulated", "stage": stage,
+                               "camera": {"width": 16, "height": 16, "pixel_size_um": 0.1}}}
+    else:  # an image placed at 1e300 um a pixel
+        tifffile.imwrite(tmp_path / "img.tif", np.full((32, 32), 900, "u2"))
+        data = {"sample": {"kind": "image", "path": "img.tif", "pixel_size_um": 1e300},
+                "microscope": {"kind": "simulated", "stage": stage}}
+    recipe = tmp_path / "huge.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "scan.max_tiles" in lines[0], lines

@@ -226,6 +226,54 @@ def test_deleted_mosaic_chunk_is_refused_before_inspection(plain_scan: Path,
     assert not (folder / "defects.json").exists()
 
 
+def test_damaged_mosaic_chunk_or_level_is_one_line_and_exit_2(plain_scan: Path,
+                                                               tmp_path: Path) -> None:
+    # a chunk that cannot be decoded (truncated), a level gone, unreadable array metadata:
+    # the stored data is damaged, bad input to act on (re-stitch), not a crash (exit 1)
+    damage = {
+        "truncated": lambda f: (f / "mosaic.ome.zarr/0/c/0/0").write_bytes(
+            (f / "mosaic.ome.zarr/0/c/0/0").read_bytes()[:100]),
+        "level": lambda f: shutil.rmtree(f / "mosaic.ome.zarr/1"),
+        "metadata": lambda f: (f / "mosaic.ome.zarr/0/zarr.json").write_text("{"),
+    }
+    for name, spoil in damage.items():
+        folder = tmp_path / name
+        shutil.copytree(plain_scan, folder)
+        spoil(folder)
+        for args in (["inspect", str(folder)], ["train", "--good", str(folder), "--out",
+                                                 str(tmp_path / f"m_{name}")]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 2, (name, args[0], result.output)
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+            assert "damaged" in result.stderr
+        assert not (folder / "defects.json").exists()
+
+
+def test_a_good_scan_missing_a_mosaic_chunk_is_not_learnt_from(plain_scan: Path,
+                                                               tmp_path: Path) -> None:
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    shutil.rmtree(folder / "mosaic.ome.zarr" / "0" / "c" / "1")
+    result = runner.invoke(app, ["train", "--good", str(folder), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2, result.output
+    assert "missing" in result.stderr and "level 0" in result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_complete_scan_that_lost_a_tile_is_resumed(plain_scan: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    shutil.rmtree(folder / "tiles.zarr" / "c" / "5")
+    assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 2
+    result = runner.invoke(app, ["resume", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert (folder / "tiles.zarr" / "c" / "5").is_dir()
+    assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0
+    # whole again: nothing left to resume
+    again = runner.invoke(app, ["resume", str(folder)])
+    assert again.exit_code == 2 and "nothing to resume" in again.stderr
+
+
 def test_status_left_running_by_a_dead_process_reads_interrupted(plain_scan: Path,
                                                                  tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -465,7 +465,11 @@ def test_image_reads_lazily(tmp_path, monkeypatch):
     monkeypatch.setattr(ZarrTiffStore, "get", spy)
     tracemalloc.start()
     try:
+        # made, the sample reads the whole file once (damage and NaN are refused then), a
+        # strip at a time
         s = ImageSample(path, pixel_size_um=1.0)
+        _, survey_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
         keys.clear()
         img = s.render(1000.0, 2000.0, (128, 128), 1.0)
         _, peak = tracemalloc.get_traced_memory()
@@ -473,6 +477,7 @@ def test_image_reads_lazily(tmp_path, monkeypatch):
         tracemalloc.stop()
     np.testing.assert_array_equal(img, _ref(big[2000:2128, 1000:1128]))
     assert peak < 4 * 2**20  # the file holds 32 MiB of pixels
+    assert survey_peak < 12 * 2**20
     chunks = [k for k in keys if not k.endswith("zarr.json") and not k.endswith(".zarray")]
     assert 1 <= len(chunks) <= 4  # a 128 px window touches at most 2 x 2 tiles of 256 px
     s.close()
@@ -515,3 +520,51 @@ def test_die_template_with_unequal_pitches(pitch_um):
         assert coarse.shape == (fine.shape[0] // 2, fine.shape[1] // 2)
     patch = template.sample(np.linspace(0, pitch_um[0], 50), np.linspace(0, pitch_um[1], 40), 5.0)
     assert patch.shape == (40, 50) and np.isfinite(patch).all()
+
+
+def _picture() -> np.ndarray:
+    """A grey test picture (0..1) with structure in every direction."""
+    yy, xx = np.mgrid[0:96, 0:128]
+    return (0.5 + 0.3 * np.sin(xx / 5.0) * np.cos(yy / 7.0) + 0.1 * (xx / 128)).astype(float)
+
+
+@pytest.mark.parametrize("kind", ["int32", "uint32", "float_over_1", "cmyk_tiff", "cmyk_jpeg"])
+def test_image_pixels_of_unusual_types_are_read_as_the_picture_not_black(tmp_path, kind):
+    from PIL import Image
+
+    pic = _picture()
+    path = tmp_path / ("p.jpg" if kind == "cmyk_jpeg" else "p.tif")
+    grey8 = (pic * 255).round().astype(np.uint8)
+    if kind in ("int32", "uint32"):
+        tifffile.imwrite(path, (pic * 3e6).astype(kind))  # white is not 2**31
+    elif kind == "float_over_1":
+        tifffile.imwrite(path, (pic * 4095).astype(np.float32))  # raw counts as floats
+    else:
+        cmyk = Image.fromarray(np.stack([grey8] * 3, -1)).convert("CMYK")
+        if kind == "cmyk_jpeg":
+            cmyk.save(path, quality=95)
+        else:
+            tifffile.imwrite(path, np.asarray(cmyk), photometric="separated")
+    s = ImageSample(path, pixel_size_um=1.0)
+    seen = s.render(0.0, 0.0, (96, 128), 1.0)
+    assert np.corrcoef(seen.ravel(), pic.ravel())[0, 1] > 0.99
+    assert abs(float(seen.mean()) / float(pic.mean()) - 1) < 0.35  # bright, not black
+    from models.data import read_image
+
+    learnt = read_image(path)  # training and inspection read the file the same way
+    assert np.corrcoef(learnt.ravel(), pic.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("damage", ["nan", "truncated_tiles"])
+def test_a_damaged_image_file_is_refused_when_the_sample_is_made(tmp_path, damage):
+    path = tmp_path / "d.tif"
+    if damage == "nan":
+        pic = _picture().astype(np.float32)
+        pic[40:50, 60:70] = np.nan
+        tifffile.imwrite(path, pic)
+    else:  # a tiled, compressed file cut in half: its first tile still reads
+        big = np.tile((_picture() * 60000).astype(np.uint16), (8, 8))
+        tifffile.imwrite(path, big, tile=(64, 64), compression="zlib")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cannot read image"):
+        ImageSample(path, pixel_size_um=1.0)

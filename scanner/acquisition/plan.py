@@ -152,6 +152,15 @@ def plan_scan(recipe: Recipe, fov_um: tuple[float, float],
     region = _scanned_part(usable_polygon(recipe.sample, notch=False, alignment=alignment),
                            recipe)
     overlap_pct = recipe.scan.overlap * 100.0
+    # the tiles over the region's bounding box, counted before useq lists them: a region of
+    # 10^10 tiles (a pixel size off by 1000) would fill the memory before the limit below
+    x_min, y_min, x_max, y_max = region.bounds
+    sx, sy = (f * (1 - recipe.scan.overlap) for f in fov_um)
+    around = ((x_max - x_min) / sx + 2) * ((y_max - y_min) / sy + 2)  # float: may be inf
+    if around > max(100 * recipe.scan.max_tiles, 10_000_000):
+        raise PlanError(
+            f"scan.max_tiles: the plan needs about {around:.3g} tiles, more than the limit "
+            f"{recipe.scan.max_tiles} (check the sample's size and the camera's pixel size)")
     grid = useq.GridFromPolygon(
         vertices=[tuple(v) for v in np.asarray(region.exterior.coords)[:-1]],
         overlap=overlap_pct,

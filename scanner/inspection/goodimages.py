@@ -72,8 +72,13 @@ def _image_file(path: Path, name: str) -> GoodImage:
 
 def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
     """The good surface of a scan's mosaic: whole, or crops on a grid when large."""
-    from scanner.ngff import level_transform, open_mosaic
+    from scanner.integrity import require_ready
+    from scanner.ngff import check_complete, level_transform, open_mosaic
 
+    if (mosaic.parent / SCAN_JSON).is_file():
+        # what inspection would refuse is no good image either: a scan that did not take
+        # every planned tile, a journaled tile missing from its store
+        require_ready(mosaic.parent, "inspect")
     try:
         levels, transforms = open_mosaic(mosaic)
     except (FileNotFoundError, ValueError, KeyError) as exc:
@@ -81,6 +86,7 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
     arr = levels[0]
     if arr.ndim != 2:
         raise UserError(f"{mosaic}: expected a 2-D grey mosaic, got shape {arr.shape}")
+    check_complete(arr, f"{mosaic} level 0")  # a missing chunk would be learnt as black
     scale, trans = level_transform(transforms)
     p = float(scale[1])
     origin = (float(trans[1]), float(trans[0]))

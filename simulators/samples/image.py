@@ -9,28 +9,35 @@ is created.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..picture import cmyk_to_rgb, full_scale, read_picture, tiff_is_cmyk
 from .base import VirtualSample
 from .defects import ALL_KINDS, SURFACE_KINDS, DefectField, place_defects, resolve_kinds
 from .shapes import interval_coverage, pixel_axes, rect_polygon
 from .texture import chuck_background, over_chuck
 
+log = logging.getLogger(__name__)
+
 #: Rec. 709 luminance weights of linear R, G, B
 LUMA = (0.2126, 0.7152, 0.0722)
 #: most source pixels read at once when averaging down (bounds memory on overviews)
 _STRIP_PIXELS = 8_000_000
+#: ... and when the whole file is read once to check it (a few MB at a time)
+_SURVEY_PIXELS = 262_144
 
 
 class _Reader:
     """Raw window access to a 2-D luminance image (float64, in the file's units)."""
 
     shape: tuple[int, int]
-    scale: float  # the dtype's maximum: divide by it to get [0, 1]
+    dtype: np.dtype
+    scale: float = 1.0  # white: divide by it to get [0, 1] (set by ImageSample)
     lazy: bool
 
     def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -40,13 +47,21 @@ class _Reader:
         """Release the file (no-op for in-memory images)."""
 
 
-def _dtype_scale(dtype: np.dtype) -> float:
-    """Value of full white for a pixel type (1.0 for float images)."""
-    if dtype == np.bool_:
-        return 1.0
-    if np.issubdtype(dtype, np.integer):
-        return float(np.iinfo(dtype).max)
-    return 1.0
+def _survey(reader: _Reader, path: Path) -> float:
+    """Read the whole file once, strip by strip: a damaged chunk, or NaN or infinite pixels,
+    refuse it before a scan starts (not as a black tile in the middle of one, nor after an
+    earlier scan was overwritten); returns the largest luminance, which sets white for pixel
+    types without a conventional full scale (:func:`simulators.picture.full_scale`)."""
+    rows, cols = reader.shape
+    step = max(1, _SURVEY_PIXELS // max(cols, 1))
+    largest = 0.0
+    for r0 in range(0, rows, step):
+        window = reader.read(r0, min(rows, r0 + step), 0, cols)
+        if not np.isfinite(window).all():
+            raise ValueError("it holds non-finite pixels (NaN or infinity)")
+        if window.size:
+            largest = max(largest, float(window.max()))
+    return largest
 
 
 def _luminance(window: np.ndarray) -> np.ndarray:
@@ -67,14 +82,19 @@ class _TiffReader(_Reader):
         import tifffile
         import zarr
 
+        # tifffile logs its own warning about a damaged file before raising; the error says it
+        logging.getLogger("tifffile").setLevel(logging.ERROR)
         self._tif = tifffile.TiffFile(path)
         try:
+            if not self._tif.series:
+                raise ValueError("no image data in the TIFF file")
             series = self._tif.series[0]
             axes, shape = series.axes, series.shape
             if "Y" not in axes or "X" not in axes:
                 raise ValueError(f"no Y/X axes in {axes!r}")
             self.shape = (int(shape[axes.index("Y")]), int(shape[axes.index("X")]))
-            self.scale = _dtype_scale(np.dtype(series.dtype))
+            self.dtype = np.dtype(series.dtype)
+            self._cmyk = tiff_is_cmyk(self._tif)
             channel = "S" if "S" in axes else ("C" if "C" in axes else None)
             # index template: Y and X sliced per read, the channel axis kept, the rest at 0
             self._axes = axes
@@ -110,6 +130,10 @@ class _TiffReader(_Reader):
             window = np.moveaxis(window, kept.index(self._channel), -1)
             if window.shape[-1] == 1:
                 window = window[..., 0]
+            elif self._cmyk and window.shape[-1] == 4:
+                full = float(np.iinfo(self.dtype).max) \
+                    if np.issubdtype(self.dtype, np.integer) else 1.0
+                window = cmyk_to_rgb(window, full)
         return _luminance(window)
 
     def close(self) -> None:
@@ -121,14 +145,12 @@ class _ArrayReader(_Reader):
     """Whole image held in memory (formats without a random-access reader)."""
 
     def __init__(self, path: Path) -> None:
-        import imageio.v3 as iio
-
-        raw = np.asarray(iio.imread(path))
+        raw = read_picture(path)
         if raw.ndim == 3 and raw.shape[0] in (3, 4) and raw.shape[-1] not in (1, 2, 3, 4):
             raw = np.moveaxis(raw, 0, -1)
         if raw.ndim not in (2, 3):
             raise ValueError(f"unsupported image shape {raw.shape}")
-        self.scale = _dtype_scale(raw.dtype)
+        self.dtype = raw.dtype
         self._lum = _luminance(raw)
         self.shape = (int(self._lum.shape[0]), int(self._lum.shape[1]))
         self.lazy = False
@@ -141,8 +163,11 @@ class ImageSample(VirtualSample):
     """An image file on the stage, rendered by resampling at the camera's pixel size.
 
     Pixel ``(r, c)`` of the file is centred on stage ``origin_um + (c, r) * pixel_size_um``.
-    Values are the luminance (Rec. 709 for RGB, alpha ignored) divided by the maximum of the
-    pixel type (255, 65535, ...; float images are taken as already in [0, 1]). A camera pixel
+    Values are the luminance (Rec. 709 for RGB, alpha ignored; CMYK converted to RGB) divided
+    by white: the maximum of an 8- or 16-bit pixel type (255, 65535), the picture's own
+    maximum for wider integers, 1 for floats in [0, 1], else their maximum
+    (:func:`simulators.picture.full_scale`). The whole file is read once when the sample is
+    made: a damaged chunk or a NaN pixel is refused then. A camera pixel
     no larger than a file pixel is interpolated bilinearly (at the file's own pixel size and
     grid it reproduces the file exactly); a larger one is the exact area average of the file
     pixels under its footprint (no aliasing on overviews). Outside the image: the chuck.
@@ -189,6 +214,8 @@ class ImageSample(VirtualSample):
         seed: int = 0,
     ) -> None:
         self.path = Path(path).expanduser()
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a folder, not an image file")
         if not self.path.is_file():
             raise FileNotFoundError(f"image file not found: {self.path}")
         if not pixel_size_um > 0:
@@ -200,9 +227,14 @@ class ImageSample(VirtualSample):
                 self._reader: _Reader = _TiffReader(self.path)
             else:
                 self._reader = _ArrayReader(self.path)
-            self._reader.read(0, 1, 0, 1)  # fail now, not in the middle of a scan
+            largest = _survey(self._reader, self.path)  # fail now, not in a scan
         except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
-            raise ValueError(f"cannot read image {self.path}: {exc}") from None
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"cannot read image {self.path}: {why}") from None
+        self._reader.scale = full_scale(self._reader.dtype, largest)
+        if np.issubdtype(self._reader.dtype, np.floating) and largest > 1.0:
+            log.warning("%s: float pixels above 1 (largest %.4g): scaled to their largest",
+                        self.path, largest)
         rows, cols = self._reader.shape
         if region_px is None:
             region = (0, 0, rows, cols)
