@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -85,6 +86,9 @@ def _friendly(func: F) -> F:
             if os.environ.get("WAFERSCOPE_DEBUG"):
                 raise
             if _undecodable(exc):  # damaged stored data is bad input, not a bug
+                # zarr's other reads of that batch are abandoned; asyncio would log each
+                # pending one at exit, burying the one line under dozens
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 err.print(f"[bold red]error:[/] stored data is damaged: a compressed chunk "
                           f"cannot be decoded ({escape(_first_line(exc))}); re-run `waferscope "
                           "stitch SCAN` for a mosaic, or scan again for raw tiles",
