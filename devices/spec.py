@@ -9,7 +9,8 @@ re-exports them. :class:`SpecModel` and the path helpers are the base of every r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -23,6 +24,29 @@ class SpecModel(BaseModel):
 
     # inf/NaN would pass every range check of a float field and fail deep inside the plan
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_numbers(cls, data: object) -> object:
+        # pydantic's lax mode takes `true` for 1.0: `pixel_size_um: true` would scan at 1 um
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(key, str) else None
+                if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+                    raise ValueError(f"{key}: a number, not true/false")
+        return data
+
+
+def _numeric(annotation: object) -> bool:
+    """Whether a field takes numbers and not true/false (``float``, ``int | None``, ...)."""
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    if not args or bool in args:
+        return False
+    if get_origin(annotation) is Annotated:
+        return _numeric(args[0])
+    return get_origin(annotation) in (Union, UnionType) and any(_numeric(a) for a in args)
 
 
 def resolve_path(value: Path, info: ValidationInfo) -> Path:

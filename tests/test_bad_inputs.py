@@ -169,3 +169,15 @@ def test_a_plan_of_billions_of_tiles_is_refused_before_it_is_listed(
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "scan.max_tiles" in lines[0], lines
+
+
+def test_true_is_not_taken_for_a_number_in_a_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "yes.yaml"
+    recipe.write_text("sample: {kind: rectangle, width_mm: 1, height_mm: 1}\n"
+                      "microscope: {kind: simulated, camera: {pixel_size_um: true}}\n")
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert "pixel_size_um" in result.stderr and "not true/false" in result.stderr
+    recipe.write_text("sample: {kind: rectangle, width_mm: 1, height_mm: 1}\n"
+                      "microscope: {kind: simulated, camera: {pixel_size_um: 1}}\n")
+    assert runner.invoke(app, ["validate", str(recipe)]).exit_code == 0
