@@ -43,6 +43,13 @@ class DieToDieCalibration(BaseModel):
     dies: int = Field(ge=0, description="dies compared on the good scans")
     scans: int | None = Field(None, ge=0)
     z_threshold: float = Field(gt=0, description="z-score that counts as a defect")
+    texture_good_max_z: float | None = Field(
+        None, ge=0, description="largest texture z-score (fine-detail energy) they reach")
+    texture_z_threshold: float | None = Field(
+        None, gt=0, description="texture z-score that counts as a defect")
+    found_grid_repeats: bool | None = Field(
+        None, description="false: the repeat found in the good scans is no layout (their "
+                          "'dies' differ beyond any threshold); inspection leaves it")
 
 
 class ModelCard(BaseModel):

@@ -111,8 +111,15 @@ def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | N
     found = [f for f in found if f is not None]
     if found:
         z = max(f["good_max_z"] for f in found)
-        return {"good_max_z": z, "dies": sum(f["dies"] for f in found), "scans": len(found),
-                "z_threshold": round(calibrated_z_threshold(z), 2)}
+        zt = max(f["texture_good_max_z"] for f in found)
+        out = {"good_max_z": z, "dies": sum(f["dies"] for f in found), "scans": len(found),
+               "z_threshold": round(calibrated_z_threshold(z), 2),
+               "texture_good_max_z": zt,
+               "texture_z_threshold": round(calibrated_z_threshold(zt), 2)}
+        repeats = [f["found_grid_repeats"] for f in found if "found_grid_repeats" in f]
+        if repeats:
+            out["found_grid_repeats"] = all(repeats)
+        return out
     if init is not None:
         import json
 
@@ -164,8 +171,13 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
               f"{cal['held_out']})")
     d2d = card.get("die_to_die")
     if d2d:
+        texture = (f"; texture {d2d['texture_z_threshold']:g} (reach "
+                   f"{d2d['texture_good_max_z']:g})" if "texture_z_threshold" in d2d else "")
         out.print(f"  die-to-die z threshold {d2d['z_threshold']:g} (the good scan's dies reach "
-                  f"z {d2d['good_max_z']:g}, {d2d['dies']} dies)")
+                  f"z {d2d['good_max_z']:g}, {d2d['dies']} dies){texture}")
+        if d2d.get("found_grid_repeats") is False:
+            out.print("  die-to-die off: the repeat found in the good scan is no layout (its "
+                      "'dies' differ beyond any threshold)")
     out.print(f"  time       {_duration(report.build_time_s)}")
     for warning in report.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -499,10 +500,10 @@ def test_largest_z_of_a_good_mosaic_sets_the_z_threshold_a_defect_exceeds():
     img, geometry, grid, usable, _ = _mosaic(defect=None)
     good = largest_z(img, geometry, grid, usable, DieToDie(block_px=64))
     assert good is not None
-    z_good, dies = good
-    assert dies == 9 and 0 < z_good < 13
+    z_good, zt_good, dies = good
+    assert dies == 9 and 0 < z_good < 13 and 0 < zt_good < 13
     bad, geometry, grid, usable, _ = _mosaic(defect=(1, 1))
-    z_bad, _ = largest_z(bad, geometry, grid, usable, DieToDie(block_px=64))
+    z_bad, _, _ = largest_z(bad, geometry, grid, usable, DieToDie(block_px=64))
     assert z_bad > calibrated_z_threshold(z_good)
     # the calibration: 1.5 x the good scan's largest z, within [7, the default 13]
     assert calibrated_z_threshold(2.0) == 7.0
@@ -512,3 +513,59 @@ def test_largest_z_of_a_good_mosaic_sets_the_z_threshold_a_defect_exceeds():
     two = DieGrid(grid.pitch_um, grid.origin_um)
     small = box(0, 0, 2 * grid.pitch_um[0] + 130, grid.pitch_um[1] + 130)
     assert largest_z(img, geometry, two, small, DieToDie(block_px=64)) is None
+
+
+def test_texture_z_finds_a_flat_patch_that_the_intensity_envelope_hides():
+    from scipy import ndimage
+
+    from scanner.inspection.dietodie import band_z, difference_z, texture_z
+
+    rng = np.random.default_rng(3)
+    # a grass-like texture: fine detail of +-30 % around a level of 1000
+    base = 1000 * (1 + 0.3 * ndimage.gaussian_filter(rng.normal(size=(200, 200)), 1.2) / 0.2)
+    shots = [np.roll(base, (dy, dx), (0, 1)) + rng.normal(0, 5, base.shape)
+             for dy, dx in ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1))]  # 1 px misalignment
+    test, refs = shots[0].astype(np.float32), np.stack(shots[1:]).astype(np.float32)
+    patch = (slice(80, 110), slice(90, 120))
+    test[patch] = float(np.mean(base))  # the texture missing, filled with the level
+    settings = DieToDie()
+    z = difference_z(test, refs, settings.scales_px, settings.tolerance_px)
+    zt = texture_z(test, refs)
+    inside = (slice(88, 102), slice(98, 112))
+    assert z[inside].max() < settings.z_threshold  # inside the references' envelope
+    assert zt[inside].min() > 1.5 * settings.texture_z_threshold
+    away = (slice(10, 60), slice(10, 60))
+    assert zt[away].max() < 7.0  # misalignment by a pixel is not a texture difference
+    # put on the intensity's scale by the ratio of the thresholds
+    both = band_z(test, refs, DieToDie(z_threshold=8.0, texture_z_threshold=16.0))
+    assert np.allclose(both[inside], np.maximum(z, zt * 0.5)[inside])
+
+
+def test_a_found_grid_whose_good_dies_differ_far_beyond_any_threshold_is_left(monkeypatch):
+    from scanner.inspection import inspect as ins
+
+    calls = []
+    monkeypatch.setattr(ins, "scan_json_if_any", lambda folder: {})
+    monkeypatch.setattr(ins, "_saved_sample", lambda folder, scan: object())
+    monkeypatch.setattr(ins, "_usable_polygon", lambda sample, alignment=None: object())
+    monkeypatch.setattr(ins, "_compared_image",
+                        lambda *a: (None, None, None, None, 0))
+
+    def grid(source):
+        return lambda *a: ([None], object(), source)
+
+    for source, z in (("found in the mosaic", 38.5), ("found in the mosaic", 14.3),
+                      ("recipe", 38.5)):
+        monkeypatch.setattr(ins, "_die_grid", grid(source))
+        monkeypatch.setattr("scanner.inspection.dietodie.largest_z",
+                            lambda *a, z=z, **k: (z, 1.0, 8))
+        out = ins.good_scan_die_to_die(Path("scan"))
+        calls.append(out.get("found_grid_repeats"))
+        assert out["z_threshold"] == 13.0
+    assert calls == [False, True, None]  # a recipe's grid is the user's word: kept
+    # inspection then leaves a found grid, not a declared one
+    monkeypatch.setattr(ins, "_die_grid", grid("found in the mosaic"))
+    assert ins._die_to_die(Path("m"), object(), object(), 1.0, found_grid=False) is None
+    assert ins._die_to_die(Path("m"), object(), object(), 1.0, found_grid=True) is not None
+    monkeypatch.setattr(ins, "_die_grid", grid("recipe"))
+    assert ins._die_to_die(Path("m"), object(), object(), 1.0, found_grid=False) is not None

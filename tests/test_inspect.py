@@ -306,3 +306,18 @@ def test_context_thresholds_come_from_the_card_unless_the_user_sets_one() -> Non
     assert context_thresholds(model, "wafer", "user") == none
     assert context_thresholds(model, "pv_cell", "model card") == none
     assert context_thresholds(model, None, "model card") == none
+
+
+def test_a_window_reaching_far_past_the_image_is_mirrored_not_flat():
+    # a window holding 40 rows of the image and reaching 200 rows past it: the edge row
+    # repeated made a flat band the detector's bank never saw (a photograph's last map rows
+    # at 1.37 against 0.80 inside); mirrored, the rows past the edge read the image's
+    from scanner.inspection.tiled import GridReader
+
+    rng = np.random.default_rng(0)
+    img = rng.random((100, 60)).astype(np.float32)
+    win = GridReader(img, 1.0).read(60, -10, 240, 80)
+    np.testing.assert_array_equal(win[:40, 10:70], img[60:])
+    np.testing.assert_array_equal(win[40:79, 10:70], img[98:59:-1])  # mirrored about row 99
+    assert win[40:].std(axis=0).min() > 0.1  # no column of it is flat
+    np.testing.assert_array_equal(win[:40, :10], img[60:, 10:0:-1])

@@ -203,6 +203,25 @@ def test_spot_centroid_lands_at_its_stage_position(tmp_path: Path) -> None:
     assert ty + cy * P == pytest.approx(spot_y, abs=0.05 * P)
 
 
+def test_black_parts_of_a_sample_stay_distinct_from_unscanned(tmp_path: Path) -> None:
+    # 0 means "no tile landed here" downstream (inspection leaves such pixels out): a black
+    # part of the sample, read as 0 counts by the camera, is stored as 1, not as unscanned
+    origins = np.array([[0.0, 0.0], [0.0, 180.45], [140.7, 0.3], [141.2, 180.9]])
+    zeros = []
+    for name, black in (("grey", False), ("black", True)):
+        source = np.full((300, 400), 3000.0)
+        if black:
+            source[100:200, 120:260] = 0.0
+        tiles, positions = cut_tiles(source, origins, (150, 200), np.uint16)
+        info = fuse_mosaic(tiles, positions, P, tmp_path / f"{name}.zarr", chunk=64)
+        level0 = open_mosaic(info.path)[0][0][:]
+        zeros.append(level0 == 0)
+    inside = level0[110:190, 130:250]
+    assert inside.max() <= 1 and inside.min() == 1
+    # 0 only where no tile reached, as without the black part
+    np.testing.assert_array_equal(zeros[1], zeros[0])
+
+
 # --------------------------------------------------------------------------- streaming
 
 

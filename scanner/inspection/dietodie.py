@@ -20,7 +20,11 @@ For every full die of the recipe's die grid inside the usable area and the mosai
    coarse scales on block means) the smoothed test's distance outside the minimum-maximum
    envelope of the smoothed references over +-``tolerance_px`` is the difference, divided by
    the local die-to-die noise (how much the references differ from one another around the
-   pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`).
+   pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`); beside
+   it the energy of the fine detail, in log terms, against the references' (:func:`texture_z`):
+   a patch of missing design or texture filled flat hides inside the references' envelope of
+   intensities, not of energies. The texture z is put on the intensity z's scale by the ratio
+   of their thresholds, each calibrated on the user's good scan (:func:`band_z`).
 
 Edge dies cut by the usable area (or the mosaic's border) are compared too, on their usable
 part, as fab tools inspect partial dies: aligned around a whole-die shift predicted from the
@@ -75,6 +79,7 @@ from scanner.inspection.dietodie_maths import (  # noqa: F401
     coarse_die,
     difference_z,
     match_levels,
+    texture_z,
 )
 
 #: dies smaller than this (mosaic pixels a side) are not compared
@@ -105,9 +110,12 @@ class DieToDie:
         Gaussian sigmas (mosaic pixels) at which differences are scored.
     tolerance_px : int
         Local misalignment tolerated after alignment (see :func:`difference_z`).
+    texture_z_threshold : float
+        Texture z-score (:func:`texture_z`) that counts as a defect.
     """
 
     z_threshold: float = 13.0
+    texture_z_threshold: float = 13.0
     neighbours: int = 4
     block_px: int = 256
     band_px: int = 1024
@@ -374,8 +382,7 @@ class Comparison:
         mask = scanned_mask(test, mask)
         # levels matched here as difference_z matches them (there it is then a no-op)
         _, refs_img = match_levels(test, np.stack(aligned), mask)
-        z = difference_z(test, refs_img, self.settings.scales_px, self.settings.tolerance_px,
-                         mask)
+        z = band_z(test, refs_img, self.settings, mask)
         diff = test - np.median(refs_img, axis=0)
         if mask is not None:
             diff[~mask] = 0.0
@@ -393,8 +400,10 @@ def compare_dies(
     polygon: Any = None,
     pyramid: list[Any] | None = None,
     plans: list[Comparison] | None = None,
+    separate: bool = False,
 ) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
-    """Z-score maps of every die against its neighbours, band by band.
+    """Z-score maps of every die against its neighbours, band by band (:func:`band_z`; with
+    ``separate``, the intensity and texture z-scores stacked).
 
     Only the dies alike enough to be compared (:func:`alike_dies`) are; ``cells`` are all the
     full dies. ``partial`` dies (cut by the usable ``polygon`` or the mosaic's border: the
@@ -427,7 +436,8 @@ def compare_dies(
     plan = Comparison(mosaic, grid, settings, fields, refs_of, set(edge), usable)
     if plans is not None:
         plans.append(plan)
-    yield from _scored(_bands(level0, plan, [*cells, *edge], (h_die, w_die)), settings)
+    yield from _scored(_bands(level0, plan, [*cells, *edge], (h_die, w_die)), settings,
+                       separate)
 
 
 def _cached_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
@@ -506,14 +516,28 @@ def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int
                    aligned[:, :, x_lo:x_hi], mask)
 
 
-def _scored(jobs: Iterator[_Band], settings: DieToDie
+def band_z(test: np.ndarray, refs: np.ndarray, settings: DieToDie,
+           mask: np.ndarray | None = None, separate: bool = False) -> np.ndarray:
+    """The z-score of a test region against its aligned references: the intensity z
+    (:func:`difference_z`) and the texture z (:func:`texture_z`) scaled by
+    ``z_threshold / texture_z_threshold``, the larger of the two; with ``separate`` both
+    unscaled, stacked ``(2, h, w)`` (for calibration)."""
+    z = difference_z(test, refs, settings.scales_px, settings.tolerance_px, mask)
+    zt = texture_z(test, refs, mask)
+    if separate:
+        return np.stack([z, zt])
+    return np.maximum(z, zt * np.float32(settings.z_threshold / settings.texture_z_threshold))
+
+
+def _scored(jobs: Iterator[_Band], settings: DieToDie, separate: bool = False
             ) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
-    """The z-score maps of the bands, in order, scored by two worker threads."""
+    """The z-score maps of the bands (:func:`band_z`), in order, scored by two worker
+    threads."""
 
     def score(job: _Band) -> tuple[Cell, int, int, np.ndarray]:
         cell, r0, c0, rows, test, aligned, mask = job
-        z = difference_z(test, aligned, settings.scales_px, settings.tolerance_px, mask)
-        return cell, r0, c0, z[rows]
+        z = band_z(test, aligned, settings, mask, separate)
+        return cell, r0, c0, z[..., rows, :]
 
     # two worker threads score bands while the next is read and aligned (numpy and scipy
     # release the GIL for much of the scoring: demo wafer, 49 dies, 9.9 s with one worker,
@@ -615,20 +639,21 @@ def die_to_die_patches(
 
 def largest_z(level0: Any, mosaic: MosaicGrid, grid: DieGrid, polygon: Any,
               settings: DieToDie = DieToDie(), pyramid: list[Any] | None = None
-              ) -> tuple[float, int] | None:
-    """The largest z-score (after the pair opening the map applies) over every die compared,
-    and how many dies were (None: fewer than three). On a good scan, what the comparison's
-    noise reaches on this product: see :func:`calibrated_z_threshold`."""
+              ) -> tuple[float, float, int] | None:
+    """The largest intensity and texture z-scores (after the pair opening the map applies)
+    over every die compared, and how many dies were (None: fewer than three). On a good scan,
+    what the comparison's noise reaches on this product: see :func:`calibrated_z_threshold`."""
     cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
     if len(cells) < 3 or min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
         return None
     partial = [(c, r) for c, r, _ in grid.cells_in(polygon) if (c, r) not in set(cells)]
-    best, compared = 0.0, set()
+    best, compared = [0.0, 0.0], set()
     for cell, _, _, z in compare_dies(level0, mosaic, grid, cells, settings, partial, polygon,
-                                      pyramid):
+                                      pyramid, separate=True):
         compared.add(cell)
-        best = max(best, float(pair_opening(z).max()) if z.size else 0.0)
-    return (best, len(compared)) if compared else None
+        for k in range(2):
+            best[k] = max(best[k], float(pair_opening(z[k]).max()) if z[k].size else 0.0)
+    return (best[0], best[1], len(compared)) if compared else None
 
 
 #: the z threshold calibrated on a good scan: this many times the largest z it reaches ...

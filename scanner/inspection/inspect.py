@@ -116,7 +116,8 @@ def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any
 
 
 def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
-                alignment: dict[str, Any] | None = None, z_threshold: float | None = None
+                alignment: dict[str, Any] | None = None, z_threshold: float | None = None,
+                texture_z_threshold: float | None = None, found_grid: bool = True
                 ) -> Callable[[MapSet], tuple[dict[str, Any], Any, Any]] | None:
     """The map refinement that adds die-to-die evidence, or None when there is no die grid
     (:func:`_die_grid`).
@@ -126,16 +127,19 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     did (dies compared, seconds, the grid), the reader of difference images and z-scores of
     the dies compared (``difference(r0, c0, h, w)`` on the mosaic's level 0:
     ``Comparison.difference``; None when none were, or when the maps are not on the mosaic's
-    own grid), and the map pixels of the dies compared. ``z_threshold``: the model card's,
-    calibrated on a good scan of the product (default: :class:`DieToDie`'s).
+    own grid), and the map pixels of the dies compared. ``z_threshold`` and
+    ``texture_z_threshold``: the model card's, calibrated on a good scan of the product
+    (default: :class:`DieToDie`'s). ``found_grid`` false: a repeat found in the mosaic is not
+    compared (the good scan showed that the product's found "dies" are no copies).
     """
     found = _die_grid(mosaic, sample, polygon, alignment)
-    if found is None:
+    if found is None or (not found_grid and found[2] == "found in the mosaic"):
         return None
     from scanner.inspection.dietodie import DieToDie, apply_patches, die_to_die_patches
 
     levels, grid, source = found
-    settings = DieToDie() if z_threshold is None else DieToDie(z_threshold=float(z_threshold))
+    settings = DieToDie(**{k: float(v) for k, v in (("z_threshold", z_threshold),
+                           ("texture_z_threshold", texture_z_threshold)) if v is not None})
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None]:
         image, geometry, pyramid, area, pad = _compared_image(mosaic, levels, grid, polygon)
@@ -158,8 +162,8 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
 
 
 def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
-    """Die-to-die on a good scan folder: the largest z-score its dies reach, how many were
-    compared and the z threshold calibrated from it
+    """Die-to-die on a good scan folder: the largest intensity and texture z-scores its dies
+    reach, how many were compared and the z thresholds calibrated from them
     (:func:`scanner.inspection.dietodie.calibrated_z_threshold`); None when the scan has no
     die grid or fewer than three comparable dies."""
     from scanner.inspection.dietodie import calibrated_z_threshold, largest_z
@@ -172,14 +176,28 @@ def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
     found = _die_grid(folder / MOSAIC, saved, polygon, alignment)
     if found is None:
         return None
-    levels, grid, _ = found
+    levels, grid, source = found
     image, geometry, pyramid, area, _ = _compared_image(folder / MOSAIC, levels, grid, polygon)
     reached = largest_z(image, geometry, grid, area, pyramid=pyramid)
     if reached is None:
         return None
-    z, dies = reached
-    return {"good_max_z": round(z, 2), "dies": dies,
-            "z_threshold": round(calibrated_z_threshold(z), 2)}
+    z, zt, dies = reached
+    out: dict[str, Any] = {"good_max_z": round(z, 2), "dies": dies,
+                           "z_threshold": round(calibrated_z_threshold(z), 2),
+                           "texture_good_max_z": round(zt, 2),
+                           "texture_z_threshold": round(calibrated_z_threshold(zt), 2)}
+    if source == "found in the mosaic":
+        # a repeat found in a picture that has none (a moon photograph: "dies" of 468 um,
+        # its good scan's dies z 38): the good scan's own dies differing far beyond any
+        # threshold say the found grid is not a layout, and inspection leaves it
+        out["found_grid_repeats"] = bool(max(z, zt) <= NOT_A_REPEAT_Z)
+    return out
+
+
+#: a found grid whose good scan's dies differ by more than this z is no repeat (twice the
+#: default threshold: a product's own dies, aligned, stay under it; the camera-photo grid under
+#: 20 % vignetting reaches 14)
+NOT_A_REPEAT_Z = 26.0
 
 
 #: a mosaic whose dies all touch its border is padded in memory up to this size (pixels)
@@ -419,8 +437,10 @@ def inspect_mosaic(
     edge_band_um = _edge_band_um(polygon, model, pixel_um)
     thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
     contexts = context_thresholds(model, kind, thr_source, pixel_um)
-    z_thr = ((getattr(model, "card", None) or {}).get("die_to_die") or {}).get("z_threshold")
-    refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment, z_thr),
+    d2d = (getattr(model, "card", None) or {}).get("die_to_die") or {}
+    refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment,
+                                     d2d.get("z_threshold"), d2d.get("texture_z_threshold"),
+                                     d2d.get("found_grid_repeats", True) is not False),
                          kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster, edge_um=edge_band_um or None)

@@ -40,6 +40,7 @@ from scanner.inspection.tiled import (
     Tiling,
     _ramp,
     _threads,
+    core_in_source,
 )
 
 __all__ = ["blend_chunk_row", "compute_windows", "create_scratch", "planned_windows",
@@ -114,7 +115,7 @@ def compute_windows(
         t = time.perf_counter()
         r0, c0 = tiling.input_origin(i, j)
         raw = reader.read(r0, c0, side, side)
-        if skip_empty and not raw[ctx : side - ctx, ctx : side - ctx].any():
+        if skip_empty and not core_in_source(raw, r0, c0, ctx, reader.shape).any():
             return None, time.perf_counter() - t  # nothing scanned here
         data = np.asarray(model.normalize(raw, level), dtype=np.float32)
         return data, time.perf_counter() - t

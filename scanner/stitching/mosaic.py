@@ -157,6 +157,11 @@ class _Fusion:
                     t.wy[a0 - t.row0 : a1 - t.row0], t.wx[b0 - t.col0 : b1 - t.col0]
                 )
         np.divide(acc, wsum, out=acc, where=wsum > 0)  # acc is 0 where no tile has weight
+        # 0 means "no tile landed here" to everything downstream (inspection leaves such
+        # pixels out): a covered pixel of a black part (a camera reading 0 counts) is kept
+        # just above it, at 1 count (the least positive value of a float mosaic)
+        least = 1.0 if np.issubdtype(self.dtype, np.integer) else float(np.finfo(self.dtype).tiny)
+        np.maximum(acc, least, out=acc, where=wsum > 0)
         level0[r0:r1, c0:c1] = _cast(acc, self.dtype)
 
 
