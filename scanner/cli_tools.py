@@ -73,6 +73,12 @@ def train(
                                               false_alarms_per_cm2, camera_variants)
     images, scan_pixel = load_good(paths)
     pixel = float(pixel_size_um or scan_pixel or 1.0)
+    if pixel_size_um is None and scan_pixel is None:
+        # image files carry no pixel size: say what was taken, since scans at another pixel
+        # size are resampled to it (and the false-alarm area is counted at it)
+        err.print("[yellow]warning:[/] the good images are files with no pixel size: taken as "
+                  "1 µm/px (give --pixel-size if they are not)", highlight=False,
+                  soft_wrap=True)
     if simulated:
         from models.data import simulated_good_images
 

@@ -186,6 +186,7 @@ def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
                                  str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
     assert "threshold" in result.output
+    assert "taken as 1 µm/px" in result.stderr  # files carry no pixel size: it says so
     result = runner.invoke(app, ["inspect", str(test), "--model", str(tmp_path / "m"),
                                  "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
