@@ -32,8 +32,15 @@ class SpecModel(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 field = cls.model_fields.get(key) if isinstance(key, str) else None
-                if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+                if field is None:
+                    continue
+                if isinstance(value, bool) and _numeric(field.annotation):
                     raise ValueError(f"{key}: a number, not true/false")
+                # pydantic's own words name a Python class ("Input is not a valid path for
+                # <class 'pathlib.Path'>"), not what to write
+                if _takes(field.annotation, Path) and not isinstance(value, (str, Path)) \
+                        and not (value is None and _takes(field.annotation, type(None))):
+                    raise ValueError(f"{key}: a file path (text), got {value!r}")
         return data
 
 
@@ -47,6 +54,16 @@ def _numeric(annotation: object) -> bool:
     if get_origin(annotation) is Annotated:
         return _numeric(args[0])
     return get_origin(annotation) in (Union, UnionType) and any(_numeric(a) for a in args)
+
+
+def _takes(annotation: object, kind: type) -> bool:
+    """Whether a field's annotation is ``kind`` or a union holding it."""
+    if annotation is kind:
+        return True
+    if get_origin(annotation) is Annotated:
+        return _takes(get_args(annotation)[0], kind)
+    return get_origin(annotation) in (Union, UnionType) and \
+        any(_takes(a, kind) for a in get_args(annotation))
 
 
 def resolve_path(value: Path, info: ValidationInfo) -> Path:

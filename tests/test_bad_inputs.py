@@ -181,3 +181,14 @@ def test_true_is_not_taken_for_a_number_in_a_recipe(tmp_path: Path) -> None:
     recipe.write_text("sample: {kind: rectangle, width_mm: 1, height_mm: 1}\n"
                       "microscope: {kind: simulated, camera: {pixel_size_um: 1}}\n")
     assert runner.invoke(app, ["validate", str(recipe)]).exit_code == 0
+
+
+@pytest.mark.parametrize("value", ["5", "null", "[a]"])
+def test_a_path_that_is_not_text_is_named_in_plain_words(tmp_path: Path, value: str) -> None:
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(f"sample: {{kind: image, path: {value}, pixel_size_um: 1}}\n"
+                      "microscope: {kind: simulated}\n")
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sample.path: a file path (text)" in lines[0], lines
