@@ -75,10 +75,13 @@ from scanner.inspection.dietodie_maps import (  # noqa: F401
 )
 from scanner.inspection.dietodie_maths import (  # noqa: F401
     _correlate,
+    _difference_z,
+    _texture_z,
     block_shift,
     coarse_die,
     difference_z,
     match_levels,
+    matched,
     texture_z,
 )
 
@@ -522,8 +525,9 @@ def band_z(test: np.ndarray, refs: np.ndarray, settings: DieToDie,
     (:func:`difference_z`) and the texture z (:func:`texture_z`) scaled by
     ``z_threshold / texture_z_threshold``, the larger of the two; with ``separate`` both
     unscaled, stacked ``(2, h, w)`` (for calibration)."""
-    z = difference_z(test, refs, settings.scales_px, settings.tolerance_px, mask)
-    zt = texture_z(test, refs, mask)
+    test, refs, level_t = matched(test, refs, mask)  # once for both
+    z = _difference_z(test, refs, level_t, settings.scales_px, settings.tolerance_px, mask)
+    zt = _texture_z(test, refs, level_t, mask)
     if separate:
         return np.stack([z, zt])
     return np.maximum(z, zt * np.float32(settings.z_threshold / settings.texture_z_threshold))

@@ -142,11 +142,37 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
         The largest ``|excess| / noise`` over the scales, where the excess is how far the
         smoothed test lies outside the envelope of the smoothed references (0 inside).
     """
-    test = test.astype(np.float32)
-    k = refs.shape[0]
+    test, refs, level_t = matched(test, refs, mask)
+    return _difference_z(test, refs, level_t, scales_px, tolerance_px, mask)
+
+
+def matched(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """The test (float32; outside ``mask`` the references' median stands in for it, so
+    nothing there differs), the references scaled to its level (:func:`match_levels`) and
+    that level: what :func:`difference_z` and :func:`texture_z` compare."""
+    test = np.asarray(test, dtype=np.float32)
     level_t, refs = match_levels(test, refs, mask)
     if mask is not None:
         test = np.where(mask, test, np.median(refs, axis=0))
+    return test, refs, level_t
+
+
+def _local_noise(r: np.ndarray, size: int) -> np.ndarray:
+    """How much ``k`` aligned references ``r`` differ from one another around each pixel:
+    their unbiased variance averaged over ``size`` x ``size``, as the standard deviation of
+    a test minus the references' median (about ``1 + pi / (2k)`` times one die's variance)."""
+    k = r.shape[0]
+    var = ((r - r.mean(axis=0)) ** 2).sum(axis=0) / (k - 1)
+    var = ndimage.uniform_filter(var, size)
+    return np.sqrt(var * (1.0 + math.pi / (2 * k)))
+
+
+def _difference_z(test: np.ndarray, refs: np.ndarray, level_t: float,
+                  scales_px: tuple[float, ...], tolerance_px: int,
+                  mask: np.ndarray | None) -> np.ndarray:
+    """:func:`difference_z` of a test and references already :func:`matched`."""
+    k = refs.shape[0]
     floor = 1e-3 * max(abs(level_t), 1.0)  # noiseless (synthetic) images
     z = np.zeros(test.shape, dtype=np.float32)
     for s in scales_px:
@@ -168,14 +194,10 @@ def difference_z(test: np.ndarray, refs: np.ndarray, scales_px: tuple[float, ...
         hi = ndimage.maximum_filter(r.max(axis=0), size)
         excess = t - np.clip(t, lo, hi)
         # the local noise at this scale: how much the references differ from one another
-        # around each pixel (unbiased variance over the k references, averaged over a
-        # neighbourhood). Surface texture, grain and residual misalignment vary across a
+        # around each pixel. Surface texture, grain and residual misalignment vary across a
         # die, so one noise level per die would flag every textured area; a defect in the
         # test die does not raise its own noise estimate, as the references lack it
-        var = ((r - r.mean(axis=0)) ** 2).sum(axis=0) / (k - 1)
-        var = ndimage.uniform_filter(var, 2 * int(round(max(4.0, 3.0 * s) / f)) + 1)
-        # test minus median-of-k has about (1 + pi / (2k)) times the variance of one die
-        noise = np.sqrt(var * (1.0 + math.pi / (2 * k))) + floor
+        noise = _local_noise(r, 2 * int(round(max(4.0, 3.0 * s) / f)) + 1) + floor
         zs = np.abs(excess) / noise
         if f > 1:
             zs = np.repeat(np.repeat(zs, f, axis=0), f, axis=1)[:test.shape[0], :test.shape[1]]
@@ -228,10 +250,13 @@ def texture_z(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None = None
     -------
     ndarray, shape (h, w), float32
     """
-    test = np.asarray(test, dtype=np.float32)
-    level_t, refs = match_levels(test, refs, mask)
-    if mask is not None:
-        test = np.where(mask, test, np.median(refs, axis=0))
+    test, refs, level_t = matched(test, refs, mask)
+    return _texture_z(test, refs, level_t, mask)
+
+
+def _texture_z(test: np.ndarray, refs: np.ndarray, level_t: float, mask: np.ndarray | None
+               ) -> np.ndarray:
+    """:func:`texture_z` of a test and references already :func:`matched`."""
     # (1 % of the level)^2: camera noise; flat areas of every die meet at this floor
     floor = np.float32(1e-4 * max(abs(level_t), 1.0) ** 2)
     lt = np.log(texture_energy(test) + floor)
@@ -241,10 +266,7 @@ def texture_z(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None = None
     # only a loss of detail: added detail (a particle, a scratch) is what the intensity z
     # sees, and sharply located there, while the energy's window spreads it by ~8 px
     loss = np.maximum(lo - lt, 0.0)
-    k = len(refs)
-    var = ((lr - lr.mean(axis=0)) ** 2).sum(axis=0) / (k - 1)
-    var = ndimage.uniform_filter(var, 2 * int(round(3 * TEXTURE_WINDOW_PX)) + 1)
-    noise = np.sqrt(var * (1.0 + math.pi / (2 * k))) + TEXTURE_MIN_SPREAD
+    noise = _local_noise(lr, 2 * int(round(3 * TEXTURE_WINDOW_PX)) + 1) + TEXTURE_MIN_SPREAD
     z = (loss / noise).astype(np.float32)
     if mask is not None:
         z[~mask] = 0.0
