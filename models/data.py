@@ -76,8 +76,7 @@ def read_image(path: Path) -> np.ndarray:
             with tifffile.TiffFile(path) as tif:
                 img = tif.asarray()
                 if tiff_is_cmyk(tif) and img.shape[-1] == 4:
-                    img = cmyk_to_rgb(img, float(np.iinfo(img.dtype).max)
-                                      if np.issubdtype(img.dtype, np.integer) else 1.0)
+                    img = cmyk_to_rgb(img)
         else:
             img = read_picture(path)
     except Exception as exc:  # any decoder error is a bad input file

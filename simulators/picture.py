@@ -43,10 +43,13 @@ def tiff_is_cmyk(tif: Any) -> bool:
         int(getattr(page, "samplesperpixel", 0)) == 4
 
 
-def cmyk_to_rgb(ink: np.ndarray, full: float) -> np.ndarray:
-    """RGB light of ink amounts ``(..., 4)`` (0 = no ink, ``full`` = full ink), in the same
-    units: each colour is what its ink and the black ink let through."""
-    a = np.asarray(ink, dtype=np.float64) / full
+def cmyk_to_rgb(ink: np.ndarray) -> np.ndarray:
+    """RGB light of ink amounts ``(..., 4)`` (0 = no ink, the type's maximum or 1.0 for
+    floats = full ink), in the same units: each colour is what its ink and the black ink let
+    through."""
+    ink = np.asarray(ink)
+    full = float(np.iinfo(ink.dtype).max) if np.issubdtype(ink.dtype, np.integer) else 1.0
+    a = ink.astype(np.float64) / full
     k = 1.0 - a[..., 3]
     return np.stack([(1.0 - a[..., i]) * k for i in range(3)], axis=-1) * full
 

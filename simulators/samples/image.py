@@ -39,6 +39,7 @@ class _Reader:
     dtype: np.dtype
     scale: float = 1.0  # white: divide by it to get [0, 1] (set by ImageSample)
     lazy: bool
+    chunk: tuple[int, int] = (1, 1)  # rows, cols the file is stored in (decoded whole)
 
     def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         raise NotImplementedError
@@ -53,14 +54,19 @@ def _survey(reader: _Reader, path: Path) -> float:
     earlier scan was overwritten); returns the largest luminance, which sets white for pixel
     types without a conventional full scale (:func:`simulators.picture.full_scale`)."""
     rows, cols = reader.shape
-    step = max(1, _SURVEY_PIXELS // max(cols, 1))
+    # blocks of whole stored chunks, so that each chunk is decoded once (strips thinner
+    # than a tiled file's tiles decoded every tile again for each strip)
+    ch, cw = (max(1, int(v)) for v in reader.chunk)
+    step = ch * max(1, _SURVEY_PIXELS // max(cols, 1) // ch)
+    width = cw * max(1, _SURVEY_PIXELS // step // cw)
     largest = 0.0
     for r0 in range(0, rows, step):
-        window = reader.read(r0, min(rows, r0 + step), 0, cols)
-        if not np.isfinite(window).all():
-            raise ValueError("it holds non-finite pixels (NaN or infinity)")
-        if window.size:
-            largest = max(largest, float(window.max()))
+        for c0 in range(0, cols, width):
+            window = reader.read(r0, min(rows, r0 + step), c0, min(cols, c0 + width))
+            if not np.isfinite(window).all():
+                raise ValueError("it holds non-finite pixels (NaN or infinity)")
+            if window.size:
+                largest = max(largest, float(window.max()))
     return largest
 
 
@@ -108,6 +114,8 @@ class _TiffReader(_Reader):
                 self._array = None
             if self._array is None:
                 self._array = zarr.open_array(series.aszarr(level=0), mode="r")
+                chunks = self._array.chunks
+                self.chunk = (int(chunks[axes.index("Y")]), int(chunks[axes.index("X")]))
             self.lazy = True
         except Exception:
             self._tif.close()
@@ -131,9 +139,7 @@ class _TiffReader(_Reader):
             if window.shape[-1] == 1:
                 window = window[..., 0]
             elif self._cmyk and window.shape[-1] == 4:
-                full = float(np.iinfo(self.dtype).max) \
-                    if np.issubdtype(self.dtype, np.integer) else 1.0
-                window = cmyk_to_rgb(window, full)
+                window = cmyk_to_rgb(window)
         return _luminance(window)
 
     def close(self) -> None:
