@@ -37,6 +37,8 @@ class Calibration:
     rate_at_threshold_per_cm2: float
     extrapolated: bool
     tail_points: int
+    #: the tail's own answer where ``max_over_empirical`` lowered it (None: not lowered)
+    tail_threshold: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-serialisable dict."""
@@ -151,6 +153,7 @@ def calibrate_threshold(
     tail: int = 40,
     merge_map_px: float = DEFECT_MERGE_MAP_PX,
     scores: str = "probability",
+    max_over_empirical: float | None = None,
 ) -> Calibration:
     """Lowest anomaly threshold with at most ``target_per_cm2`` false defects per cm².
 
@@ -178,6 +181,9 @@ def calibrate_threshold(
         positive distances with no upper bound (the detector's: an exponential tail, linear
         in the distance itself; a power law, linear in its log, put the threshold of a model
         built from one good image four times above every score of a defective copy).
+    max_over_empirical : float, optional
+        The extrapolated threshold is never more than this many times the empirical one
+        (the tail's own answer is kept as ``tail_threshold``).
 
     Returns
     -------
@@ -202,6 +208,10 @@ def calibrate_threshold(
         candidate = _tail_threshold(peaks[:n_tail], allowed, scores)
         if candidate is not None and candidate > threshold:
             threshold, extrapolated = candidate, True
+    tail = None
+    if extrapolated and max_over_empirical is not None \
+            and threshold > max_over_empirical * empirical:
+        tail, threshold = threshold, max_over_empirical * empirical
     final_count = count_components(maps, threshold, merge_map_px)
     return Calibration(
         threshold=float(threshold),
@@ -212,6 +222,7 @@ def calibrate_threshold(
         rate_at_threshold_per_cm2=float(final_count / area_cm2),
         extrapolated=bool(extrapolated),
         tail_points=n_tail,
+        tail_threshold=None if tail is None else float(tail),
     )
 
 

@@ -90,6 +90,23 @@ def test_calibration_extrapolates_the_tail_on_small_areas() -> None:
     assert z_thr == pytest.approx(expected, abs=0.3)
 
 
+def test_an_extrapolated_threshold_is_held_to_a_bound_over_the_empirical_one() -> None:
+    # distances whose top peaks spread wide (a heavy tail, 40 peaks 1.0-1.8): extrapolated
+    # from 0.002 cm² to 1 cm² the tail goes far past every peak seen
+    peaks = np.linspace(1.0, 1.8, 40) ** 3 / 1.8**2
+    maps = [_blobs((64, 64), [(8 + 16 * (k % 3), 8 + 16 * (k // 3), float(p))
+                              for k, p in enumerate(peaks[i:i + 9])]) for i in range(0, 40, 9)]
+    free = calibrate_threshold(maps, area_cm2=0.002, scores="distance")
+    held = calibrate_threshold(maps, area_cm2=0.002, scores="distance", max_over_empirical=1.15)
+    assert free.extrapolated and free.threshold > 1.15 * free.empirical_threshold
+    assert held.threshold == pytest.approx(1.15 * held.empirical_threshold)
+    assert held.tail_threshold == pytest.approx(free.threshold)
+    assert free.tail_threshold is None
+    # a tail that stays under the bound is left as it is
+    mild = calibrate_threshold(maps, area_cm2=0.002, scores="distance", max_over_empirical=9.0)
+    assert mild.threshold == pytest.approx(free.threshold) and mild.tail_threshold is None
+
+
 def test_synthetic_anomalies_mark_what_changed() -> None:
     rng = np.random.default_rng(3)
     good = np.ones((96, 96), np.float32) + 0.01 * rng.standard_normal((96, 96)).astype(np.float32)
