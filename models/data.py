@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from simulators.errors import UserError
+from simulators.errors import UserError, first_line
 from simulators.picture import cmyk_to_rgb, read_picture, tiff_is_cmyk
 
 from .modelfile import brightness_level, to_luminance
@@ -81,7 +81,7 @@ def read_image(path: Path) -> np.ndarray:
             img = read_picture(path)
     except Exception as exc:  # any decoder error is a bad input file
         raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
-                        f"{(str(exc).strip().splitlines() or [''])[0]})") from None
+                        f"{first_line(exc)})") from None
     img = np.squeeze(np.asarray(img))
     if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
         img = np.moveaxis(img, 0, -1)  # planar RGB TIFF

@@ -31,6 +31,7 @@ from rich.text import Text
 from models.errors import InputError
 from scanner.errors import UserError
 from scanner.events import StageEvents
+from simulators.errors import first_line
 
 app = typer.Typer(
     name="waferscope",
@@ -90,7 +91,7 @@ def _friendly(func: F) -> F:
                 # pending one at exit, burying the one line under dozens
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
                 err.print(f"[bold red]error:[/] stored data is damaged: a compressed chunk "
-                          f"cannot be decoded ({escape(_first_line(exc))}); re-run `waferscope "
+                          f"cannot be decoded ({escape(first_line(exc))}); re-run `waferscope "
                           "stitch SCAN` for a mosaic, or scan again for raw tiles",
                           highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
@@ -121,15 +122,11 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
         raise UserError(f"{option} {path}: exists and is not a folder")
     if not folder and path.is_dir():
         raise UserError(f"{option} {path}: is a folder; give a file name")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"{option} {path}: {parent} is a file, not a folder")
-            break
+    from scanner.scanfolder import file_in_the_way
 
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    above = file_in_the_way(path)
+    if above is not None:
+        raise UserError(f"{option} {path}: {above} is a file, not a folder")
 
 
 def _undecodable(exc: BaseException) -> bool:

@@ -27,6 +27,7 @@ import zarr
 from yaozarrs import v05
 
 from scanner.errors import UserError
+from simulators.errors import first_line
 
 #: Worker threads used for fusion and pyramid building (numpy and the codecs release the GIL).
 _WORKERS = 2
@@ -178,7 +179,7 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable group metadata: damage
-        raise UserError(f"{path}: cannot open the mosaic ({_first_line(exc)}); it is "
+        raise UserError(f"{path}: cannot open the mosaic ({first_line(exc)}); it is "
                         "damaged (re-run `waferscope stitch`)") from None
     ome = root.attrs.get("ome")
     if not isinstance(ome, dict) or not ome.get("multiscales"):
@@ -194,14 +195,10 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
         try:
             levels.append(root[d["path"]])
         except Exception as exc:  # noqa: BLE001 - a level gone or its metadata unreadable
-            why = "missing" if isinstance(exc, KeyError) else f"unreadable ({_first_line(exc)})"
+            why = "missing" if isinstance(exc, KeyError) else f"unreadable ({first_line(exc)})"
             raise UserError(f"{path}: level {d['path']} is {why}; the mosaic is damaged "
                             "(re-run `waferscope stitch`)") from None
     return levels, [d["coordinateTransformations"] for d in datasets]
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def level_transform(transforms: list[dict], level: int = 0

@@ -93,6 +93,15 @@ def scan_json_if_any(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def file_in_the_way(path: Path, itself: bool = False) -> Path | None:
+    """The file that stops ``path`` being made as a folder or in one: its nearest existing
+    folder above it (or ``path`` itself with ``itself``), when that is a file; else None."""
+    path = Path(path)
+    nearest = next((p for p in ((path,) if itself else ()) + tuple(path.parents)
+                    if p.exists()), None)
+    return nearest if nearest is not None and not nearest.is_dir() else None
+
+
 def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = False) -> Path:
     """Choose and create the scan folder without destroying an earlier scan.
 
@@ -114,8 +123,8 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
     """
     if out is None:
         root = Path(root)
-        blocked = next((p for p in (root, *root.parents) if p.exists()), None)
-        if blocked is not None and not blocked.is_dir():
+        blocked = file_in_the_way(root, itself=True)
+        if blocked is not None:
             raise UserError(f"output.root {root}: {blocked} is a file, not a folder")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path(root) / f"{name}-{stamp}"
@@ -126,8 +135,8 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = file_in_the_way(out)
+    if above is not None:
         raise UserError(f"--out {out}: {above} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:

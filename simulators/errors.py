@@ -19,3 +19,9 @@ class UserError(InputError):
 
     The message must name the field or file at fault and say why, in one line.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): a
+    library's error often runs on over several lines of hints, and a user's error is one."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from shapely.geometry import Polygon, box
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def image_shape(path: Path) -> tuple[int, int]:
@@ -41,8 +41,7 @@ def image_shape(path: Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise UserError(f"sample.path: file not found: {path}") from None
     except Exception as exc:
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"sample.path: cannot read image {path}: {why}") from None
+        raise UserError(f"sample.path: cannot read image {path}: {first_line(exc)}") from None
 
 
 def wafer_outline(

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import first_line
 from ..picture import cmyk_to_rgb, full_scale, read_picture, tiff_is_cmyk
 from .base import VirtualSample
 from .defects import ALL_KINDS, SURFACE_KINDS, DefectField, place_defects, resolve_kinds
@@ -235,8 +236,7 @@ class ImageSample(VirtualSample):
                 self._reader = _ArrayReader(self.path)
             largest = _survey(self._reader, self.path)  # fail now, not in a scan
         except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"cannot read image {self.path}: {why}") from None
+            raise ValueError(f"cannot read image {self.path}: {first_line(exc)}") from None
         self._reader.scale = full_scale(self._reader.dtype, largest)
         if np.issubdtype(self._reader.dtype, np.floating) and largest > 1.0:
             log.warning("%s: float pixels above 1 (largest %.4g): scaled to their largest",
