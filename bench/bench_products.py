@@ -12,7 +12,9 @@ real wafers and parts:
 - held out (not run by default, and no choice of the detector was made on them):
   ``page_grid`` (printed text, 176 px dies on a 200 px grid), ``astronaut_grid`` (a portrait,
   240 px dies on a 256 px grid, 10 % vignetting) and ``grass_mirror`` (``skimage.data.grass()``
-  mirrored).
+  mirrored); and since 2026-12-04 ``coffee_grid`` (a colour still life, 10 % vignetting),
+  ``chelsea_grid`` (a cat's fur), ``hubble_grid`` (a dark star field with sparse bright
+  galaxies) and ``ihc_mirror`` (stained tissue, ``skimage.data.immunohistochemistry()``).
 
 Each product gets a good copy and a defective copy with 22 painted defects (dark spots, bright
 particles, thin scratches, missing pattern, faint stains; 8-80 px, all > 40 px from the border),
@@ -105,6 +107,16 @@ PRODUCTS = {
     "astronaut_grid": Product("astronaut_grid", "grid", "astronaut", seed=16, vignetting=0.1,
                               cell_px=240, street_px=16, n_dies=8, crop_rc=(100, 150)),
     "grass_mirror": Product("grass_mirror", "mirror", "grass", seed=17, tiles=2),
+    # held out from every choice made until then (added 2026-12-04): a colour still life under
+    # 10 % vignetting, a cat's fur, a dark star field with sparse bright galaxies, and stained
+    # tissue as a texture
+    "coffee_grid": Product("coffee_grid", "grid", "coffee", seed=18, vignetting=0.1,
+                           cell_px=224, street_px=24, n_dies=8, crop_rc=(100, 200)),
+    "chelsea_grid": Product("chelsea_grid", "grid", "chelsea", seed=19, cell_px=200,
+                            street_px=32, n_dies=8, crop_rc=(50, 120)),
+    "hubble_grid": Product("hubble_grid", "grid", "hubble_deep_field", seed=20, cell_px=240,
+                           street_px=16, n_dies=8, crop_rc=(300, 300)),
+    "ihc_mirror": Product("ihc_mirror", "mirror", "immunohistochemistry", seed=21, tiles=2),
 }
 DEFAULT_PRODUCTS = ["coins_grid", "camera_grid", "brick_mirror"]
 

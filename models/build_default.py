@@ -31,7 +31,7 @@ N_IMAGES = 288
 SIZE = 512
 SEED = 0
 #: new simulated windows per kind for the per-kind thresholds, their side, and their seed
-N_CALIBRATION = 48
+N_CALIBRATION = 96
 CALIBRATION_SIZE = 1024
 CALIBRATION_SEED = 778
 #: the recipe's sample kinds of the simulated kinds
@@ -98,6 +98,8 @@ def calibrate_kinds(weights: Path, n_per_kind: int, progress=None) -> dict:
     card = json.loads(card_path_for(weights).read_text(encoding="utf-8"))
     card["thresholds_by_sample_kind"] = {SAMPLE_KIND[k]: v["threshold"]
                                          for k, v in by_kind.items()}
+    card["thresholds_by_pixel_size"] = {SAMPLE_KIND[k]: bands for k, v in by_kind.items()
+                                        if (bands := v.pop("pixel_bands"))}
     card["calibration"]["by_sample_kind"] = {SAMPLE_KIND[k]: v for k, v in by_kind.items()}
     card["calibration"]["by_sample_kind_held_out"] = (
         f"{n_per_kind} new simulated windows of {CALIBRATION_SIZE} px per kind, seed "

@@ -40,6 +40,20 @@ gained there did not hold on the test half:
 - SPADE-style nearest-image patch distances (Cohen and Hoshen, 2020): mono-crystalline
   0.930, poly 0.843, overall 0.879; summed with this model 0.892.
 
+Tried on 2026-12-04 (two validation splits of half 0 as above; the test half read once per
+winner) and not adopted:
+
+- all 176 channels: validation +0.011 and +0.004, test 0.915 (CLI) against 0.913, at 2.6 x
+  the file size (51 MB);
+- levels cross-fitted (every good cell a level reference, scored by a model fitted without
+  its fold), 176 channels, 200 nearest: validation 0.902 and 0.916 against 0.881 and 0.907,
+  test 0.911 (how many nearest cells make a level depends on the mono/poly mix);
+- a mixture of two position models (2-means on the mean feature finds mono and poly almost
+  exactly): mono 0.93, poly 0.03-0.05 lower, overall no better;
+- each cell registered to the mean good cell (most are within 1-3 px): +0.005 and -0.006;
+- covariances shrunk towards the one shared by all positions, or dropping the 3-20 most
+  variant components (Rippel et al., 2020): no gain.
+
 Written here rather than taken from anomalib: its PaDiM needs its own training loop and
 backbone wrappers; this is the same few lines of linear algebra on our features.
 """

@@ -68,6 +68,14 @@ def review_level(false_uncertainty: Sequence[float], true_uncertainty: Sequence[
 DEFECT_MERGE_MAP_PX = 6.0
 
 
+def pixel_bands(sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edges of ``n`` bands of pixel sizes, equal in log from the smallest to the largest of
+    ``sizes``, and each size's band (the largest falls on the last edge, into the last band)."""
+    sizes = np.asarray(sizes, dtype=float)
+    edges = np.geomspace(sizes.min(), sizes.max(), n + 1)
+    return edges, np.minimum(np.searchsorted(edges, sizes, side="right") - 1, n - 1)
+
+
 def label_defects(
     low: np.ndarray, high: np.ndarray, merge_map_px: float
 ) -> np.ndarray:

@@ -28,6 +28,7 @@ from .thresholds import (
     calibrate_threshold,
     kind_contexts,
     map_resolution,
+    pixel_bands,
     review_level,
 )
 
@@ -209,9 +210,7 @@ def calibrate_pixel_bands(
                           for i in idx])
         if sizes.max() <= sizes.min() * 1.01:
             continue  # one pixel size: nothing to band
-        edges = np.geomspace(sizes.min(), sizes.max(), PIXEL_BANDS + 1)
-        # each window's band; the largest size falls on the last edge and into the last band
-        band_of = np.minimum(np.searchsorted(edges, sizes, side="right") - 1, PIXEL_BANDS - 1)
+        edges, band_of = pixel_bands(sizes, PIXEL_BANDS)
         bands = []
         for b in range(PIXEL_BANDS):
             band = [i for i, k in zip(idx, band_of, strict=True) if k == b]

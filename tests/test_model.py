@@ -125,6 +125,14 @@ def test_shipped_default_model_loads() -> None:
     assert default_model_path().stat().st_size < 50 * 1024 * 1024
     assert model.companion is not None
     assert set(model.card["thresholds_by_sample_kind"]) == {"wafer", "pv_cell", "rectangle"}
+    # PV cells are calibrated per band of pixel sizes: the demo's 30 um takes the coarse band
+    from models.card import card_of
+
+    card = card_of(model)
+    pv = model.card["thresholds_by_sample_kind"]["pv_cell"]
+    coarse, source = card.threshold_for("pv_cell", 30.0, model.threshold)
+    assert coarse < pv and "um pixels" in source
+    assert card.threshold_for("pv_cell", 9.0, model.threshold)[0] > pv
     assert model.card["pixel_size_range_um"][0] <= model.pixel_size_um
     out = model.predict(np.zeros((1, 64, 64), np.float32))
     assert out["anomaly"].shape == (1, 16, 16)

@@ -442,6 +442,40 @@ def test_pixel_bands_give_finer_pixels_their_own_higher_threshold(monkeypatch):
     assert train.calibrate_pixel_bands(images, maps, 10.0, 1.0, None, {}) == {}
 
 
+def test_detector_bands_hold_the_rate_per_cm2_at_each_pixel_size(monkeypatch) -> None:
+    """The detector's per-kind windows from 10 to 30 um, as many false peaks per window at
+    every size: a finer band covers less area, so it needs a higher threshold to hold 1 per
+    cm², the coarse band a lower one than the kind's; no bands on one size or too little
+    area."""
+    import models.build as build
+
+    rng = np.random.default_rng(3)
+    held = []
+    for px in np.repeat(np.geomspace(10.0, 30.0, 6), 4):
+        m = np.full((64, 64), 0.01, np.float32)
+        for _ in range(40):
+            r, c = rng.integers(2, 62, 2)
+            m[r, c] = rng.uniform(0.2, 0.9)
+        held.append((float(px), m, 1024 * 1024 * px * px * 1e-8))  # 1024 px windows
+    monkeypatch.setattr(build, "MIN_BAND_AREA_CM2", 0.1)
+    bands = build.calibrate_pixel_bands(held, 1.0)
+    assert len(bands) == build.PIXEL_BANDS
+    assert bands[0]["pixel_size_um"][0] == pytest.approx(10.0)
+    assert bands[-1]["pixel_size_um"][1] == pytest.approx(30.0)
+    kind = calibrate_threshold([m for _, m, _ in held], sum(a for _, _, a in held), 1.0,
+                               scores="distance").threshold
+    assert bands[0]["threshold"] > kind > bands[-1]["threshold"]
+    for k, band in enumerate(bands):  # each holds the rate on its own windows
+        lo, hi = band["pixel_size_um"]
+        last = k == len(bands) - 1
+        rows = [h for h in held if lo - 1e-6 <= h[0] and (h[0] < hi - 1e-6 or last)]
+        area = sum(a for _, _, a in rows)
+        assert count_components([m for _, m, _ in rows], band["threshold"], 6.0) <= area
+    assert build.calibrate_pixel_bands([(10.0, m, a) for _, m, a in held], 1.0) == []
+    monkeypatch.setattr(build, "MIN_BAND_AREA_CM2", 100.0)
+    assert build.calibrate_pixel_bands(held, 1.0) == []
+
+
 def test_recalibrate_rewrites_every_threshold_of_a_card(tmp_path: Path) -> None:
     import shutil
 
