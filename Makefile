@@ -56,7 +56,7 @@ bench-elpv: install
 
 # the shipped default detector (models/default.safetensors + .json): a memory bank of simulated
 # good wafers, PV cells and coupons, seed 0, with the shipped network (models/network.*, made by
-# `python -m models.train_default`) beside it for roughness; about 3 minutes on 2 cores
+# `python -m models.train_default`) beside it for roughness; about 5 minutes on 2 cores
 model: install
 	nice -n 10 $(PY) -m models.build_default
 
