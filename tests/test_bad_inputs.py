@@ -27,6 +27,31 @@ def test_a_file_that_is_not_an_image_is_one_line(tmp_path: Path, command: list[s
     assert not (out / "defects.json").exists() and not (out / "m.safetensors").exists()
 
 
+def test_a_damaged_image_among_good_ones_is_refused_before_any_is_inspected(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+    import tifffile
+
+    import scanner.inspection.images as images_module
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    tifffile.imwrite(images / "a_good.tif", np.full((64, 64), 1000, np.uint16))
+    tifffile.imwrite(images / "b_good.tif", np.full((64, 64), 1000, np.uint16))
+    data = (images / "b_good.tif").read_bytes()
+    (images / "c_cut.tif").write_bytes(data[: len(data) // 2])  # truncated: pixels lost
+    inspected = []
+    monkeypatch.setattr(images_module, "infer_image",
+                        lambda *a, **k: inspected.append(1) or (_ for _ in ()).throw(
+                            AssertionError("inspected before every image was read")))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["inspect", str(images), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "c_cut.tif" in lines[0]
+    assert not inspected and not (out / "scores.csv").exists()
+
+
 @pytest.mark.parametrize("record, field", [
     ({"status": "complete", "acquired_tiles": "many"}, "acquired_tiles"),
     ({"status": "complete", "timings": {"acquire": 12.0}}, "timings.acquire"),

@@ -95,6 +95,11 @@ def inspect_images(
         ``progress(done, total)`` images.
     """
     images = list_images(targets)
+    # every image is read once before any is inspected: a damaged one among thousands is
+    # refused in seconds, not after the hours spent on those before it (decoding is a few
+    # per cent of the network's time, and nothing is kept)
+    for _, path in images:
+        read_image(path)
     t0 = time.perf_counter()
     model = load_inspection_model(model)
     thr, thr_source = _decision_threshold(model, threshold, sample_kind, pixel_size_um)
