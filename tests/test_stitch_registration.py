@@ -55,6 +55,10 @@ def test_registered_mosaic_matches_source(write_recipe, coupon_tif: Path, tmp_pa
     assert {"register_s", "flatfield_s", "fuse_s"} <= timings.keys()
     assert scan["registration"]["n_pairs_used"] >= 0.9 * scan["registration"]["n_pairs"]
     assert scan["flatfield"]["path"] == "flatfield.npy"
+    # fitted to the overlaps, under which the overlapping tiles agree best
+    assert scan["flatfield"]["model"].startswith("overlaps")
+    assert scan["flatfield"]["overlap_mismatch"][scan["flatfield"]["model"]] == min(
+        scan["flatfield"]["overlap_mismatch"].values())
     ff = np.load(folder / "flatfield.npy")
     assert ff.shape == (256, 256)
     corners = np.mean([ff[:20, :20].mean(), ff[:20, -20:].mean(), ff[-20:, :20].mean(),

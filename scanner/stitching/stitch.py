@@ -20,10 +20,16 @@ from devices.calibration import read_camera_calibration
 from scanner.errors import UserError
 from scanner.scanfolder import MOSAIC
 from scanner.stitching.mosaic import MosaicInfo, fuse_mosaic
-from scanner.stitching.registration.flatfield import estimate_flatfield, flatfield_tiles
+from scanner.stitching.registration.flatfield import (
+    choose_flatfield,
+    estimate_flatfield,
+    flatfield_tiles,
+    median_thumbnail,
+    overlap_blocks,
+)
 from scanner.stitching.registration.live import LiveResults
 from scanner.stitching.registration.scan import CameraGeometry, register_scan
-from scanner.tilestore import TILES_CSV, check_journal, open_tiles, read_tiles_csv
+from scanner.tilestore import TILES_CSV, TileRecord, check_journal, open_tiles, read_tiles_csv
 
 FLATFIELD = "flatfield.npy"
 
@@ -207,7 +213,7 @@ def stitch_scan(
     ff_info = None
     if flatfield:
         t0 = time.perf_counter()
-        ff, ff_info = _flatfield_step(folder, precomputed)
+        ff, ff_info = _flatfield_step(folder, precomputed, camera)
         timings["flatfield_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     info = stitch(folder, camera.pixel_size_um, chunk=chunk, flatfield=ff,
@@ -217,22 +223,53 @@ def stitch_scan(
     return StitchResult(info, camera, reg_summary, ff_info, timings)
 
 
-def _flatfield_step(folder: Path, precomputed: LiveResults | None
+def _flatfield_step(folder: Path, precomputed: LiveResults | None, camera: CameraGeometry
                     ) -> tuple[np.ndarray | None, dict[str, Any]]:
     """Estimate the flat-field of the scan's good tiles and save it (``flatfield.npy``):
-    the gain (None: too few tiles) and its record for ``scan.json``."""
+    the gain (None: too few tiles, or none fits better than no correction) and its record
+    for ``scan.json``.
+
+    Fitted to the overlaps of neighbouring tiles and checked against the tiles' median fit
+    and no correction by how well the overlaps agree (:func:`choose_flatfield`); a scan
+    without overlaps gets the median fit.
+    """
     records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
     ok = [r.index for r in records]
+    tiles = open_tiles(folder)
     # thumbnails computed during acquisition, for these very acquisitions
     thumbs = precomputed.thumbnails_for(records) if precomputed is not None else {}
-    ff = estimate_flatfield(open_tiles(folder), ok, thumbnails=thumbs)
+    med = median_thumbnail(tiles, ok, thumbnails=thumbs)
+    samples = overlap_blocks(tiles, _tile_frame_px(records, camera))
+    ff, ff_info = None, {"path": None, "why": "too few tiles to estimate it"}
+    if samples:
+        ff, model, scores = choose_flatfield(med, tuple(tiles.shape[1:]), samples)
+        ff_info = {"model": model, "overlap_mismatch": scores, "overlap_pairs": len(samples)}
+        if ff is None:
+            ff_info.update(path=None, why="overlapping tiles agree best undivided")
+    elif med is not None:  # no overlaps to judge by: the tiles' median
+        ff = estimate_flatfield(tiles, ok, thumbnails=thumbs)
+        ff_info = {"model": "tile median, polynomial order 4", "overlap_pairs": 0}
     if ff is not None:
         tmp = folder / (FLATFIELD + ".tmp.npy")
         np.save(tmp, ff)
         tmp.replace(folder / FLATFIELD)
-        ff_info = {"path": FLATFIELD, "min": round(float(ff.min()), 4),
-                   "max": round(float(ff.max()), 4), "tiles_used": min(len(ok), 200)}
+        ff_info.update({"path": FLATFIELD, "min": round(float(ff.min()), 4),
+                        "max": round(float(ff.max()), 4), "tiles_used": min(len(ok), 200)})
     else:
-        ff_info = {"path": None, "why": "too few tiles to estimate it"}
+        (folder / FLATFIELD).unlink(missing_ok=True)  # an earlier stitch's is not this one's
     ff_info["thumbnails_precomputed"] = sum(i in thumbs for i in flatfield_tiles(ok))
     return ff, ff_info
+
+
+def _tile_frame_px(records: list[TileRecord], camera: CameraGeometry
+                   ) -> dict[int, tuple[float, float]]:
+    """Each tile's position (row, col) in the camera's own pixel frame: two tiles of one
+    camera, rotated alike, differ there by a translation only."""
+    th = np.deg2rad(camera.rotation_deg)
+    rot_t = np.array([[np.cos(th), np.sin(th)], [-np.sin(th), np.cos(th)]])
+    out = {}
+    for r in records:
+        x, y = (r.x_reg_um, r.y_reg_um) if np.isfinite(r.x_reg_um) else (r.x_um, r.y_um)
+        col, row = rot_t @ np.array([x, y]) / camera.pixel_size_um
+        out[r.index] = (float(row), float(col))
+    return out
