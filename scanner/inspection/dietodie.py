@@ -18,13 +18,14 @@ For every full die of the recipe's die grid inside the usable area and the mosai
    (up to ``neighbours``) are moved onto it, block by block;
 4. at each of a few scales (a thin scratch at the finest, a faint wide stain at the coarsest,
    coarse scales on block means) the smoothed test's distance outside the minimum-maximum
-   envelope of the smoothed references over +-``tolerance_px`` is the difference, divided by
-   the local die-to-die noise (how much the references differ from one another around the
-   pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`); beside
+   envelope of the smoothed references over +-``tolerance_px`` (and, at the finest scale, over a
+   little more blur of either side: dies sampled at other sub-pixel phases) is the difference,
+   divided by the local die-to-die noise (how much the references differ from one another around
+   the pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`); beside
    it the energy of the fine detail, in log terms, against the references' (:func:`texture_z`):
    a patch of missing design or texture filled flat hides inside the references' envelope of
-   intensities, not of energies. The texture z is put on the intensity z's scale by the ratio
-   of their thresholds, each calibrated on the user's good scan (:func:`band_z`).
+   intensities, not of energies. The texture z is put on the intensity z's scale by the ratio of
+   their thresholds, each calibrated on the user's good scan (:func:`band_z`).
 
 Edge dies cut by the usable area (or the mosaic's border) are compared too, on their usable
 part, as fab tools inspect partial dies: aligned around a whole-die shift predicted from the
@@ -449,74 +450,96 @@ def _cached_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cel
     mosaic read through a cache of their whole cells."""
     h_die, w_die = die_shape_px(grid, mosaic)
     margin = _margin(settings)
+    ctx = _context_px(settings)
     boxes = {}
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
         box = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
         if box[0] >= 0 and box[1] >= 0 and box[2] <= mosaic.shape[0] \
                 and box[3] <= mosaic.shape[1]:  # room to align it: else not compared
-            boxes[cell] = box
+            # cached with the context its bands are scored with (see _bands)
+            boxes[cell] = (max(0, box[0] - ctx), max(0, box[1] - ctx),
+                           min(mosaic.shape[0], box[2] + ctx), min(mosaic.shape[1], box[3] + ctx))
     cells = [c for c in cells if c in boxes]
     # more dies are kept while they fit
     return cells, _DieCache(level0, boxes, capacity=settings.neighbours + 2)
 
 
 #: one band of a die to score: the die, the mosaic pixel of the band's top-left corner, the
-#: band's rows within the read rows, the test rows, its aligned references and the usable mask
-_Band = tuple[Cell, int, int, slice, np.ndarray, np.ndarray, np.ndarray | None]
+#: band's rows and columns within the pixels read (the band and its context), the die's own
+#: pixels among them, the test pixels, its aligned references and the usable mask
+_Band = tuple[Cell, int, int, tuple[slice, slice], tuple[slice, slice], np.ndarray, np.ndarray,
+              np.ndarray | None]
 
 
 def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int, int]
            ) -> Iterator[_Band]:
     """Every compared die band by band, read with the references moved onto it block by
-    block (``plan``: the dies' shift fields, references and the usable area of edge dies)."""
+    block (``plan``: the dies' shift fields, references and the usable area of edge dies).
+
+    Each band is read with :func:`_context_px` pixels of the mosaic around it on every side,
+    the die's neighbours included (see :func:`_band_z_in_context` for what they are for).
+    """
     mosaic, grid, settings = plan.mosaic, plan.grid, plan.settings
     fields, usable = plan.fields, plan.usable
     h_die, w_die = die_shape
     margin = _margin(settings)
-    # bands are scored with this many rows of the die above and below, so the smoothing
-    # does not see a band's border
-    overlap = int(math.ceil(3 * max(settings.scales_px))) + 4
+    ctx = _context_px(settings)
     b = int(settings.block_px)
-    cols = _blocks(w_die, b)
     for cell in dies:
         tr, tc, _ = die_origin_px(grid, mosaic, cell)
         refs = plan.refs_of[cell]
         if len(refs) < 2:
             continue
+        n_br, n_bc = fields[cell].shape[:2]
         for br in range(0, h_die, settings.band_px):
             bh = min(settings.band_px, h_die - br)
-            top, bottom = min(overlap, br), min(overlap, h_die - br - bh)
-            d0, h = br - top, bh + top + bottom  # die rows [d0, d0 + h)
-            # a partial die: only the columns around its usable part of this band
+            d0, h = br - ctx, bh + 2 * ctx  # die rows [d0, d0 + h), the context included
             x_lo, x_hi, mask = 0, w_die, None
-            if usable is not None and cell in plan.partial:
-                mask = usable(tr + d0, tc, h, w_die)
-                used = np.flatnonzero(mask[top:top + bh].any(axis=0))
-                if not len(used):
-                    continue
-                x_lo, x_hi = max(0, used[0] - overlap), min(w_die, used[-1] + 1 + overlap)
-                mask = mask[:, x_lo:x_hi]
-            test = _read(level0, tr + d0, tc + x_lo, h, x_hi - x_lo)
+            if usable is not None:  # the context too may reach past the usable area
+                mask = usable(tr + d0, tc - ctx, h, w_die + 2 * ctx)
+                if cell in plan.partial:  # only the columns around its usable part
+                    used = np.flatnonzero(mask[ctx:ctx + bh, ctx:ctx + w_die].any(axis=0))
+                    if not len(used):
+                        continue
+                    x_lo, x_hi = int(used[0]), int(used[-1]) + 1
+                mask = mask[:, x_lo:x_hi + 2 * ctx]
+            e0, w = x_lo - ctx, x_hi - x_lo + 2 * ctx  # die columns [e0, e0 + w)
+            test = _read(level0, tr + d0, tc + e0, h, w)
             mask = scanned_mask(test, mask)
-            aligned = np.empty((len(refs), h, w_die), dtype=np.float32)
+            # the block each row and column is aligned with (the context: the nearest block)
+            rows = _runs(np.clip((d0 + np.arange(h)) // b, 0, n_br - 1))
+            cols = _runs(np.clip((e0 + np.arange(w)) // b, 0, n_bc - 1))
+            aligned = np.empty((len(refs), h, w), dtype=np.float32)
             for k, ref in enumerate(refs):
                 rr, rc, _ = die_origin_px(grid, mosaic, ref)
                 shifts = fields[ref] - fields[cell]
-                band = _read(level0, rr + d0 - margin, rc - margin,
-                             h + 2 * margin, w_die + 2 * margin)
-                y = 0
-                while y < h:  # rows of the band, cut where the block rows change
-                    i = (d0 + y) // b
-                    y1 = min(h, (i + 1) * b - d0)
-                    for j, (x0, x1) in enumerate(cols):
-                        if x1 <= x_lo or x0 >= x_hi:
-                            continue
-                        aligned[k, y:y1, x0:x1] = _shifted(band, y, x0, y1 - y, x1 - x0,
-                                                           shifts[i, j], margin)
-                    y = y1
-            yield (cell, tr + br, tc + x_lo, slice(top, top + bh), test,
-                   aligned[:, :, x_lo:x_hi], mask)
+                band = _read(level0, rr + d0 - margin, rc + e0 - margin, h + 2 * margin,
+                             w + 2 * margin)
+                for y0, y1, i in rows:
+                    for x0, x1, j in cols:
+                        aligned[k, y0:y1, x0:x1] = _shifted(band, y0, x0, y1 - y0, x1 - x0,
+                                                            shifts[i, j], margin)
+            # the die's own pixels among those read (a band inside the die has die rows
+            # around it, its first and last band and its sides the neighbours' pixels)
+            own = (slice(max(0, -d0), h - max(0, d0 + h - h_die)),
+                   slice(max(0, -e0), w - max(0, e0 + w - w_die)))
+            yield (cell, tr + br, tc + x_lo, (slice(ctx, ctx + bh), slice(ctx, ctx + x_hi - x_lo)),
+                   own, test, aligned, mask)
+
+
+def _context_px(settings: DieToDie) -> int:
+    """Pixels of context scored around a band: the reach of the largest smoothing and of the
+    references' envelope."""
+    return int(math.ceil(3 * max(settings.scales_px))) + int(settings.tolerance_px)
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(start, stop, value)`` of the runs of equal values of a 1-D integer array."""
+    cuts = np.flatnonzero(np.diff(index)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [len(index)]])
+    return [(int(a), int(z), int(index[a])) for a, z in zip(starts, stops, strict=True)]
 
 
 def band_z(test: np.ndarray, refs: np.ndarray, settings: DieToDie,
@@ -526,11 +549,74 @@ def band_z(test: np.ndarray, refs: np.ndarray, settings: DieToDie,
     ``z_threshold / texture_z_threshold``, the larger of the two; with ``separate`` both
     unscaled, stacked ``(2, h, w)`` (for calibration)."""
     test, refs, level_t = matched(test, refs, mask)  # once for both
+    return _matched_band_z(test, refs, level_t, settings, mask, separate)
+
+
+def _matched_band_z(test: np.ndarray, refs: np.ndarray, level_t: float, settings: DieToDie,
+                    mask: np.ndarray | None = None, separate: bool = False) -> np.ndarray:
+    """:func:`band_z` of a test and references already :func:`matched`."""
     z = _difference_z(test, refs, level_t, settings.scales_px, settings.tolerance_px, mask)
     zt = _texture_z(test, refs, level_t, mask)
     if separate:
         return np.stack([z, zt])
     return np.maximum(z, zt * np.float32(settings.z_threshold / settings.texture_z_threshold))
+
+
+def _band_z_in_context(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None,
+                       keep: tuple[slice, slice], own: tuple[slice, slice], settings: DieToDie,
+                       separate: bool = False) -> np.ndarray:
+    """:func:`band_z` of the pixels ``keep`` of a band read with context around it.
+
+    Scored on the die's own pixels (``own``; the smoothing and the envelope mirror the die at
+    its border) and, along the die's borders, again with context: the references with their
+    neighbours' pixels, the test with the references' median in place of its neighbours'
+    (elsewhere than ``own`` the test is masked out, see :func:`difference_z`); the smaller of
+    the two z-scores there. Mirrored, the references' envelope at a border sees one side
+    only, and a pixel of misalignment scored a line one map pixel wide along the die's edge
+    (one false "scratch" 150-200 um long on each of four die grids made from photographs).
+    In context, a test misaligned against its references by a pixel or two is stretched or
+    squeezed where its pixels meet the references' (z 7 at the coarsest scale along a die's
+    edge beside a dark street). The test's own neighbours as context would differ from the
+    references' wherever a die's neighbours do (the last die of a row beside the wafer's
+    edge or the mosaic's border). A defect differs both ways.
+    """
+    inside = np.zeros(test.shape, dtype=bool)
+    inside[own] = True
+    if mask is not None:
+        inside &= mask
+    # levels matched once on the die's own pixels (the test's context: the references' median)
+    test, refs, level_t = matched(test, refs, inside)
+
+    def z_of(region: tuple[slice, slice]) -> np.ndarray:
+        return _matched_band_z(test[region], refs[(slice(None), *region)], level_t, settings,
+                               inside[region], separate)
+
+    z = z_of(own)
+    # the kept pixels in the own pixels' coordinates
+    z = z[(..., *(slice(k.start - o.start, k.stop - o.start) for k, o in zip(keep, own,
+                                                                               strict=True)))]
+    c = _context_px(settings)
+    size = test.shape
+    for axis, at_start in ((0, True), (0, False), (1, True), (1, False)):
+        o, k = own[axis], keep[axis]
+        if (o.start == 0) if at_start else (o.stop == size[axis]):
+            continue  # nothing read beyond this side: not the die's border
+        # the strip along this border: c pixels of context and 3c of the die (the reach of
+        # the smoothing, the envelope and the noise's window at the coarsest scale), its
+        # start on the coarse scales' 4 x 4 blocks of the whole band; and the kept pixels
+        # within c of the border
+        lo, hi = (o.start - c, o.start + 3 * c) if at_start else (o.stop - 3 * c, o.stop + c)
+        lo, hi = max(lo - lo % 4, 0), min(hi, size[axis])
+        b0, b1 = (o.start, o.start + c) if at_start else (o.stop - c, o.stop)
+        b0, b1 = max(b0, k.start), min(b1, k.stop)
+        if b1 <= b0:
+            continue
+        strip, src, dst = [slice(None)] * 2, list(keep), [slice(None)] * 2
+        strip[axis], src[axis], dst[axis] = (slice(lo, hi), slice(b0 - lo, b1 - lo),
+                                             slice(b0 - k.start, b1 - k.start))
+        view = z[(..., *dst)]
+        np.minimum(view, z_of(tuple(strip))[(..., *src)], out=view)
+    return z
 
 
 def _scored(jobs: Iterator[_Band], settings: DieToDie, separate: bool = False
@@ -539,9 +625,9 @@ def _scored(jobs: Iterator[_Band], settings: DieToDie, separate: bool = False
     threads."""
 
     def score(job: _Band) -> tuple[Cell, int, int, np.ndarray]:
-        cell, r0, c0, rows, test, aligned, mask = job
-        z = band_z(test, aligned, settings, mask, separate)
-        return cell, r0, c0, z[..., rows, :]
+        cell, r0, c0, keep, own, test, aligned, mask = job
+        return cell, r0, c0, _band_z_in_context(test, aligned, mask, keep, own, settings,
+                                                separate)
 
     # two worker threads score bands while the next is read and aligned (numpy and scipy
     # release the GIL for much of the scoring: demo wafer, 49 dies, 9.9 s with one worker,
