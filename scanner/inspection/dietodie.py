@@ -18,8 +18,8 @@ For every full die of the recipe's die grid inside the usable area and the mosai
    (up to ``neighbours``) are moved onto it, block by block;
 4. at each of a few scales (a thin scratch at the finest, a faint wide stain at the coarsest,
    coarse scales on block means) the smoothed test's distance outside the minimum-maximum
-   envelope of the smoothed references over +-``tolerance_px`` (and, at the finest scale, over a
-   little more blur of either side: dies sampled at other sub-pixel phases) is the difference,
+   envelope of the smoothed references over +-``tolerance_px`` (and over a little more
+   blur of either side: dies sampled at other sub-pixel phases) is the difference,
    divided by the local die-to-die noise (how much the references differ from one another around
    the pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`); beside
    it the energy of the fine detail, in log terms, against the references' (:func:`texture_z`):
