@@ -601,7 +601,7 @@ def test_point_features_sampled_at_another_phase_are_not_defects(monkeypatch):
     z_spot = difference_z(np.where(spot, test * 0.85, test), refs, scales)
     assert z.max() < 7.0  # MIN_Z_THRESHOLD: the lowest a good scan can set
     assert z_spot[spot].max() > DieToDie().z_threshold
-    monkeypatch.setattr(maths, "SHARPNESS_TOLERANCE_PX", 0.0)
+    monkeypatch.setattr(maths, "PHASE_TOLERANCE_PX", 0.0)
     assert difference_z(test, refs, scales).max() > 7.0  # what the tolerance is for
 
 

@@ -18,14 +18,14 @@ For every full die of the recipe's die grid inside the usable area and the mosai
    (up to ``neighbours``) are moved onto it, block by block;
 4. at each of a few scales (a thin scratch at the finest, a faint wide stain at the coarsest,
    coarse scales on block means) the smoothed test's distance outside the minimum-maximum
-   envelope of the smoothed references over +-``tolerance_px`` (and over a little more
-   blur of either side: dies sampled at other sub-pixel phases) is the difference,
-   divided by the local die-to-die noise (how much the references differ from one another around
-   the pixel): a z-score per pixel, the largest over the scales (:func:`difference_z`); beside
-   it the energy of the fine detail, in log terms, against the references' (:func:`texture_z`):
-   a patch of missing design or texture filled flat hides inside the references' envelope of
-   intensities, not of energies. The texture z is put on the intensity z's scale by the ratio of
-   their thresholds, each calibrated on the user's good scan (:func:`band_z`).
+   envelope of the smoothed references over +-``tolerance_px`` is the difference, divided by the
+   local die-to-die noise (how much the references differ from one another around the pixel, and
+   how much a peak may change with the sampling's sub-pixel phase): a z-score per pixel, the
+   largest over the scales (:func:`difference_z`); beside it the energy of the fine detail, in
+   log terms, against the references' (:func:`texture_z`): a patch of missing design or texture
+   filled flat hides inside the references' envelope of intensities, not of energies. The
+   texture z is put on the intensity z's scale by the ratio of their thresholds, each calibrated
+   on the user's good scan (:func:`band_z`).
 
 Edge dies cut by the usable area (or the mosaic's border) are compared too, on their usable
 part, as fab tools inspect partial dies: aligned around a whole-die shift predicted from the
