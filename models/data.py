@@ -66,7 +66,8 @@ def read_image(path: Path) -> np.ndarray:
     Raises
     ------
     UserError
-        The file cannot be read as an image (it names the file and why, in one line).
+        The file cannot be read as an image, or holds non-finite pixels (it names the file
+        and why, in one line).
     """
     path = Path(path)
     try:
@@ -93,6 +94,9 @@ def read_image(path: Path) -> np.ndarray:
         img = img.astype(np.uint8)
     if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
         raise UserError(f"{path}: unsupported pixel type {img.dtype}")
+    if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
+        # damaged data is refused, never read as some number (NaN would flow into the maps)
+        raise UserError(f"{path}: image holds non-finite pixels (NaN or infinity)")
     try:
         return to_luminance(img)
     except ValueError as exc:

@@ -217,3 +217,25 @@ def test_a_path_that_is_not_text_is_named_in_plain_words(tmp_path: Path, value: 
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "sample.path: a file path (text)" in lines[0], lines
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_an_image_with_non_finite_pixels_is_refused_by_inspect_and_train(
+        tmp_path: Path, bad: float) -> None:
+    import numpy as np
+    import tifffile
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    tifffile.imwrite(images / "a_good.tif", np.full((64, 64), 0.5, np.float32))
+    damaged = np.full((64, 64), 0.5, np.float32)
+    damaged[10, 20] = bad
+    tifffile.imwrite(images / "b_damaged.tif", damaged)
+    for args in (["inspect", str(images), "--out", str(tmp_path / "out")],
+                 ["train", "--good", str(images), "--out", str(tmp_path / "m")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "b_damaged.tif" in lines[0] and "non-finite" in lines[0]
+    assert not (tmp_path / "out" / "scores.csv").exists()
+    assert not list(tmp_path.glob("m*.safetensors"))
