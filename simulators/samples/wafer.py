@@ -211,15 +211,19 @@ class WaferSample(VirtualSample):
         x0, y0, x1, y1 = self.bounds_um()
         i0, i1 = math.floor((x0 - ox) / px), math.ceil((x1 - ox) / px)
         j0, j1 = math.floor((y0 - oy) / py), math.ceil((y1 - oy) / py)
-        ii, jj = np.meshgrid(np.arange(i0, i1), np.arange(j0, j1))
+        valid = np.ones((j1 - j0, i1 - i0), dtype=bool)
+        if self.edge_dies != "bare":
+            return valid, i0, j0
         t = np.linspace(0.0, 1.0, 9)
         # 8 points per side: the region is not convex at the notch
         ox_pts = np.r_[t, np.ones(9), 1 - t, np.zeros(9)]
         oy_pts = np.r_[np.zeros(9), t, np.ones(9), 1 - t]
-        xs = ox + (ii[..., None] + ox_pts) * px
-        ys = oy + (jj[..., None] + oy_pts) * py
-        inside = self._in_usable(xs, ys)
-        valid = inside.all(axis=-1) if self.edge_dies == "bare" else np.ones(ii.shape, bool)
+        xs = ox + (np.arange(i0, i1)[:, None] + ox_pts) * px
+        # row by row of dies: all at once, a recipe's absurd diameter (20 m) asked for
+        # 4 GB here before the plan's size could be refused
+        for k, j in enumerate(range(j0, j1)):
+            ys = np.broadcast_to(oy + (j + oy_pts) * py, xs.shape)
+            valid[k] = self._in_usable(xs, ys).all(axis=-1)
         return valid, i0, j0
 
     # ------------------------------------------------------------------ defect hooks
