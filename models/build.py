@@ -35,7 +35,7 @@ from .drift import score_summary
 from .errors import InputError
 from .gaussian import choose_dims, descriptor, fit_position_model, pooled, to_output_stride
 from .modelfile import card_path_for
-from .thresholds import calibrate_threshold, pixel_bands
+from .thresholds import MIN_BAND_AREA_CM2, PIXEL_BANDS, calibrate_threshold, pixel_bands
 from .variants import variants_of
 
 #: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
@@ -514,12 +514,6 @@ def held_out_map(detector: PatchDetector, image: GoodImage) -> np.ndarray:
         u = np.asarray(image.usable, dtype=bool)[::s, ::s][: a.shape[0], : a.shape[1]]
         a = np.where(u, a, np.float32(0.0))
     return a
-
-
-#: bands of pixel sizes (equal in log) a kind's threshold is also calibrated in, when its
-#: held-out images span pixel sizes; a kind gets bands only when each holds this much area
-PIXEL_BANDS = 3
-MIN_BAND_AREA_CM2 = 20.0
 
 
 def calibrate_by_kind(detector: PatchDetector, images: Sequence[GoodImage],

@@ -68,7 +68,16 @@ def review_level(false_uncertainty: Sequence[float], true_uncertainty: Sequence[
 DEFECT_MERGE_MAP_PX = 6.0
 
 
-def pixel_bands(sizes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+#: bands of pixel sizes (equal in log) a threshold is also calibrated in, when the held-out
+#: windows span pixel sizes (the detector's, models.build, and the network's,
+#: models.train_calibration)
+PIXEL_BANDS = 3
+#: a kind gets bands only when every band holds at least this much held-out area: at 1 um a
+#: 1024 px wafer window is 0.01 cm², too little to count false alarms on
+MIN_BAND_AREA_CM2 = 20.0
+
+
+def pixel_bands(sizes: np.ndarray, n: int = PIXEL_BANDS) -> tuple[np.ndarray, np.ndarray]:
     """Edges of ``n`` bands of pixel sizes, equal in log from the smallest to the largest of
     ``sizes``, and each size's band (the largest falls on the last edge, into the last band)."""
     sizes = np.asarray(sizes, dtype=float)

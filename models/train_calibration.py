@@ -23,6 +23,8 @@ from .network import OUTPUT_STRIDE
 from .synth import add_anomalies
 from .thresholds import (
     CONTEXT_CARD_KEYS,
+    MIN_BAND_AREA_CM2,
+    PIXEL_BANDS,
     Calibration,
     calibrate_contexts_on,
     calibrate_threshold,
@@ -166,14 +168,6 @@ def calibrate_contexts(
 #: the context (or the kind's own threshold) each context's threshold must stay below:
 #: plain areas are quiet ones, plain ones near structure need not be
 CONTEXT_REFINES = {"quiet": "kind", "plain": "quiet", "plain_near_structure": "kind"}
-
-
-#: pixel-size bands: each kind's held-out windows are split into this many bands, equal in
-#: log pixel size over the sizes they were drawn at, and each band is calibrated on its own
-PIXEL_BANDS = 3
-#: a kind gets bands only when every band holds at least this much held-out area (whole
-#: windows): at 1 µm a 1024 px wafer window is 0.01 cm², too little to count false alarms on
-MIN_BAND_AREA_CM2 = 20.0
 
 
 def calibrate_pixel_bands(

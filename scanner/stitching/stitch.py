@@ -21,8 +21,9 @@ from scanner.errors import UserError
 from scanner.scanfolder import MOSAIC
 from scanner.stitching.mosaic import MosaicInfo, fuse_mosaic
 from scanner.stitching.registration.flatfield import (
+    MEDIAN_MODEL,
     choose_flatfield,
-    estimate_flatfield,
+    fit_median_gain,
     flatfield_tiles,
     median_thumbnail,
     overlap_blocks,
@@ -247,8 +248,8 @@ def _flatfield_step(folder: Path, precomputed: LiveResults | None, camera: Camer
         if ff is None:
             ff_info.update(path=None, why="overlapping tiles agree best undivided")
     elif med is not None:  # no overlaps to judge by: the tiles' median
-        ff = estimate_flatfield(tiles, ok, thumbnails=thumbs)
-        ff_info = {"model": "tile median, polynomial order 4", "overlap_pairs": 0}
+        ff = fit_median_gain(med, tuple(tiles.shape[1:]))
+        ff_info = {"model": MEDIAN_MODEL, "overlap_pairs": 0}
     if ff is not None:
         tmp = folder / (FLATFIELD + ".tmp.npy")
         np.save(tmp, ff)

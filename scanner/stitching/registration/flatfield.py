@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["choose_flatfield", "estimate_flatfield", "fit_overlap_gain", "flatfield_tiles",
-           "median_thumbnail", "overlap_blocks", "overlap_mismatch", "polynomial_surface",
-           "thumbnail"]
+__all__ = ["MEDIAN_MODEL", "choose_flatfield", "estimate_flatfield", "fit_median_gain",
+           "fit_overlap_gain", "flatfield_tiles", "median_thumbnail", "overlap_blocks",
+           "overlap_mismatch", "polynomial_surface", "thumbnail"]
 
 #: Thumbnail edge (pixels) tiles are reduced to before the statistics.
 _THUMB = 64
@@ -107,7 +107,17 @@ def estimate_flatfield(
     """
     med = median_thumbnail(tiles, indices, max_tiles=max_tiles, min_tiles=min_tiles,
                            thumbnails=thumbnails)
-    return None if med is None else _fit_gain(med, tuple(tiles.shape[1:]), order)
+    return None if med is None else fit_median_gain(med, tuple(tiles.shape[1:]), order)
+
+
+#: the name scan.json gives the gain of :func:`fit_median_gain` at its default order
+MEDIAN_MODEL = "tile median, polynomial order 4"
+
+
+def fit_median_gain(med: np.ndarray, shape: tuple[int, int], order: int = 4) -> np.ndarray:
+    """The gain (mean 1, full resolution ``shape``) of a polynomial of ``order`` fitted to
+    a :func:`median_thumbnail`: what :func:`estimate_flatfield` returns."""
+    return _fit_gain(med, shape, order)
 
 
 def median_thumbnail(tiles: Any, indices: Sequence[int], *, max_tiles: int = 200,
@@ -154,7 +164,7 @@ def choose_flatfield(med: np.ndarray | None, shape: tuple[int, int],
     if fitted is not None:
         candidates[f"overlaps, log-polynomial order {OVERLAP_ORDER}"] = fitted
     if med is not None:
-        candidates["tile median, polynomial order 4"] = _fit_gain(med, shape, 4)
+        candidates[MEDIAN_MODEL] = fit_median_gain(med, shape)
     candidates["none"] = None
     scores = {name: round(overlap_mismatch(g, samples), 5) for name, g in candidates.items()}
     best = min(scores, key=lambda k: scores[k])
