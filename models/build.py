@@ -34,6 +34,7 @@ from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
 from .errors import InputError
 from .gaussian import choose_dims, descriptor, fit_position_model, pooled, to_output_stride
+from .lines import calibrate_line_threshold
 from .modelfile import card_path_for
 from .thresholds import MIN_BAND_AREA_CM2, PIXEL_BANDS, calibrate_threshold, pixel_bands
 from .variants import variants_of
@@ -261,6 +262,7 @@ def _card(name: str, pixel_size_um: float, pixel_size_range_um: tuple[float, flo
         "score": "nearest-bank distance / score_reference",
         "score_reference": cal.reference,
         "threshold": float(cal.result.threshold),
+        "line_threshold": cal.line,
         "uncertainty_log_scale": cal.tau,
         "seed": int(seed),
         "calibration": calibration,
@@ -380,6 +382,7 @@ class _Calibrated:
     tau: float  # uncertainty_log_scale
     values: np.ndarray  # held-out anomaly scores over the usable surface
     area_cm2: float
+    line: float | None  # line threshold (models.lines; None: too little held-out area)
 
 
 def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: float,
@@ -414,7 +417,8 @@ def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: f
                              zip(maps, masks, strict=True)])
     q99, q999 = np.quantile(values, [0.99, 0.999])
     tau = float(max(0.02, np.log(max(q999, 1e-6) / max(q99, 1e-6))))
-    return _Calibrated(cal, reference, tau, values, area_cm2)
+    line = calibrate_line_threshold(maps, area_cm2, false_alarms_per_cm2, cal.threshold)
+    return _Calibrated(cal, reference, tau, values, area_cm2, line)
 
 
 def _with_held_out(bank: torch.Tensor, held: list[_HeldOut], bank_max: int, seed: int
@@ -524,7 +528,8 @@ def calibrate_by_kind(detector: PatchDetector, images: Sequence[GoodImage],
 
     ``images`` carry their kind (``GoodImage.kind``) and pixel size (``meta``); their area is
     what they cover. Returns ``{kind: Calibration.to_dict()}``, each with ``pixel_bands``
-    (:func:`calibrate_pixel_bands`; empty when the kind has none).
+    (:func:`calibrate_pixel_bands`; empty when the kind has none) and ``line``, the line
+    evidence's threshold (:func:`models.lines.calibrate_line_threshold`; None: none).
     """
     held: dict[str, list[tuple[float, np.ndarray, float]]] = {}
     for k, image in enumerate(images):
@@ -537,9 +542,12 @@ def calibrate_by_kind(detector: PatchDetector, images: Sequence[GoodImage],
             progress("calibrate", k + 1, len(images))
     out = {}
     for kind, rows in held.items():
-        cal = calibrate_threshold([m for _, m, _ in rows], sum(a for _, _, a in rows),
-                                  false_alarms_per_cm2, scores="distance").to_dict()
-        out[kind] = {**cal, "pixel_bands": calibrate_pixel_bands(rows, false_alarms_per_cm2)}
+        maps, area = [m for _, m, _ in rows], sum(a for _, _, a in rows)
+        cal = calibrate_threshold(maps, area, false_alarms_per_cm2, scores="distance")
+        out[kind] = {**cal.to_dict(),
+                     "pixel_bands": calibrate_pixel_bands(rows, false_alarms_per_cm2),
+                     "line": calibrate_line_threshold(maps, area, false_alarms_per_cm2,
+                                                      cal.threshold)}
     return out
 
 
@@ -566,9 +574,11 @@ def calibrate_pixel_bands(held: Sequence[tuple[float, np.ndarray, float]],
         area = sum(a for _, _, a in rows)
         if area < MIN_BAND_AREA_CM2:
             return []
-        cal = calibrate_threshold([m for _, m, _ in rows], area, false_alarms_per_cm2,
-                                  scores="distance")
+        maps = [m for _, m, _ in rows]
+        cal = calibrate_threshold(maps, area, false_alarms_per_cm2, scores="distance")
         bands.append({"pixel_size_um": [round(float(edges[b]), 3), round(float(edges[b + 1]), 3)],
                       "threshold": float(cal.threshold), "area_cm2": round(area, 2),
-                      "extrapolated": cal.extrapolated})
+                      "extrapolated": cal.extrapolated,
+                      "line": calibrate_line_threshold(maps, area, false_alarms_per_cm2,
+                                                       cal.threshold)})
     return bands

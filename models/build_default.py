@@ -100,6 +100,8 @@ def calibrate_kinds(weights: Path, n_per_kind: int, progress=None) -> dict:
                                          for k, v in by_kind.items()}
     card["thresholds_by_pixel_size"] = {SAMPLE_KIND[k]: bands for k, v in by_kind.items()
                                         if (bands := v.pop("pixel_bands"))}
+    card["thresholds_line_by_sample_kind"] = {SAMPLE_KIND[k]: line for k, v in by_kind.items()
+                                              if (line := v.pop("line")) is not None}
     card["calibration"]["by_sample_kind"] = {SAMPLE_KIND[k]: v for k, v in by_kind.items()}
     card["calibration"]["by_sample_kind_held_out"] = (
         f"{n_per_kind} new simulated windows of {CALIBRATION_SIZE} px per kind, seed "

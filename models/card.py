@@ -28,6 +28,7 @@ class PixelBand(BaseModel):
     quiet: float | None = None
     plain: float | None = None
     plain_near_structure: float | None = None
+    line: float | None = Field(None, description="line threshold (models.lines)")
 
     def context(self, name: str) -> float | None:
         """The band's threshold for a neighbourhood context (None: none)."""
@@ -60,6 +61,8 @@ class ModelCard(BaseModel):
     architecture: dict[str, Any] = Field(description="what the weights are: detector "
                                          "(PatchCore) or network, and their layout")
     threshold: float | None = Field(None, description="pooled decision threshold")
+    line_threshold: float | None = Field(
+        None, description="pooled threshold of the line evidence (models.lines; None: none)")
     pixel_size_um: float | None = Field(None, gt=0)
     pixel_size_range_um: tuple[float, float] | None = None
     output_stride: int | None = Field(None, gt=0)
@@ -69,6 +72,7 @@ class ModelCard(BaseModel):
     uncertainty_log_scale: float | None = Field(None, gt=0)
     thresholds_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_by_pixel_size: dict[str, list[PixelBand]] = Field(default_factory=dict)
+    thresholds_line_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_quiet_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_plain_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_plain_near_structure_by_sample_kind: dict[str, float] = Field(
@@ -105,6 +109,21 @@ class ModelCard(BaseModel):
         if sample_kind in self.thresholds_by_sample_kind:
             return self.thresholds_by_sample_kind[sample_kind], f"model card ({sample_kind})"
         return float(pooled), "model card"
+
+    def line_threshold_for(self, sample_kind: str | None, threshold_source: str,
+                           pixel_size_um: float | None = None) -> float | None:
+        """The line evidence's threshold (:mod:`models.lines`) that goes with
+        :meth:`threshold_for`'s: its pixel band's, else its kind's, else the pooled one.
+        None where the card has none or the user set the threshold (the line threshold was
+        calibrated beside the card's, not the user's)."""
+        if threshold_source == "user":
+            return None
+        band = self.pixel_band(sample_kind, pixel_size_um)
+        if band is not None:
+            return band.line
+        if sample_kind in self.thresholds_by_sample_kind:
+            return self.thresholds_line_by_sample_kind.get(sample_kind)
+        return self.line_threshold
 
     def context_thresholds(self, sample_kind: str | None, threshold_source: str,
                            pixel_size_um: float | None = None) -> dict[str, float | None]:

@@ -285,7 +285,7 @@ def test_thresholds_follow_the_band_of_the_scans_pixel_size() -> None:
     assert card_threshold(model, "pv_cell")[0] == 0.5  # pixel size unknown: the kind's
     assert card_threshold(model, "wafer", 10.0)[0] == 0.9  # a kind without bands
     assert context_thresholds(model, "pv_cell", "model card", 10.0) == {
-        "quiet": 0.6, "plain": None, "plain_near_structure": None}
+        "quiet": 0.6, "plain": None, "plain_near_structure": None, "line": None}
     assert context_thresholds(model, "pv_cell", "model card", 20.0)["plain"] == 0.2
     assert context_thresholds(model, "pv_cell", "model card")["quiet"] == 0.3
     assert context_thresholds(model, "pv_cell", "user", 10.0)["quiet"] is None
@@ -301,8 +301,8 @@ def test_context_thresholds_come_from_the_card_unless_the_user_sets_one() -> Non
             "thresholds_plain_near_structure_by_sample_kind": {"wafer": 0.5}}
     model = InspectionModel(InspectionNet(), card)
     assert context_thresholds(model, "wafer", "model card (wafer)") == {
-        "quiet": 0.75, "plain": 0.3, "plain_near_structure": 0.5}
-    none = {"quiet": None, "plain": None, "plain_near_structure": None}
+        "quiet": 0.75, "plain": 0.3, "plain_near_structure": 0.5, "line": None}
+    none = {"quiet": None, "plain": None, "plain_near_structure": None, "line": None}
     assert context_thresholds(model, "wafer", "user") == none
     assert context_thresholds(model, "pv_cell", "model card") == none
     assert context_thresholds(model, None, "model card") == none

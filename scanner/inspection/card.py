@@ -86,14 +86,26 @@ def _decision_threshold(model: Model, threshold: float | None, sample_kind: str 
 
 def context_thresholds(model: Model, sample_kind: str | None, threshold_source: str,
                        pixel_size_um: float | None = None) -> dict[str, float | None]:
-    """The card's thresholds for the neighbourhood contexts of a kind of sample.
+    """The card's thresholds beside the decision threshold, for a kind of sample.
 
-    ``{"quiet": t, "plain": t, "plain_near_structure": t}``, None where none applies: the
-    card has none for the kind, or the user set the threshold (a user's threshold applies
-    everywhere). A kind calibrated per band of pixel sizes takes its band's
-    (:meth:`models.card.ModelCard.context_thresholds`).
+    ``{"quiet": t, "plain": t, "plain_near_structure": t, "line": t}``: the neighbourhood
+    contexts' (:meth:`models.card.ModelCard.context_thresholds`) and the line evidence's
+    (:meth:`models.card.ModelCard.line_threshold_for`), None where none applies: the card
+    has none for the kind, or the user set the threshold (a user's threshold applies
+    everywhere). A kind calibrated per band of pixel sizes takes its band's.
     """
-    return card_of(model).context_thresholds(sample_kind, threshold_source, pixel_size_um)
+    card = card_of(model)
+    return {**card.context_thresholds(sample_kind, threshold_source, pixel_size_um),
+            "line": card.line_threshold_for(sample_kind, threshold_source, pixel_size_um)}
+
+
+def threshold_record(thr: float, source: str, contexts: dict[str, float | None]
+                     ) -> dict[str, Any]:
+    """The thresholds a defect list's header records (``contexts``: :func:`context_thresholds`)."""
+    return {"threshold": thr, "threshold_source": source,
+            "threshold_quiet": contexts["quiet"], "threshold_plain": contexts["plain"],
+            "threshold_plain_near_structure": contexts["plain_near_structure"],
+            "threshold_line": contexts["line"]}
 
 
 def _review_level(model: Model) -> float:
@@ -107,10 +119,12 @@ def _local_threshold(maps: MapSet, threshold: float, contexts: dict[str, float |
     uniform).
 
     ``reflectance``: the input at map resolution when already computed."""
-    lower = {k: v for k, v in contexts.items() if v is not None and v < threshold}
+    from models.thresholds import CONTEXT_CARD_KEYS, IMAGE_CONTEXTS, context_masks
+
+    lower = {k: v for k, v in contexts.items()
+             if k in CONTEXT_CARD_KEYS and v is not None and v < threshold}
     if not lower:
         return None
-    from models.thresholds import IMAGE_CONTEXTS, context_masks
 
     anomaly = np.asarray(maps.maps["anomaly"][:])
     needs_image = any(context in lower for context in IMAGE_CONTEXTS)
@@ -147,4 +161,5 @@ def _defects_from(maps: MapSet, model: Model, threshold: float, level: float,
                            review_uncertainty=_review_level(model),
                            local_threshold=_local_threshold(maps, threshold, contexts or {},
                                                             reflectance),
+                           line_threshold=(contexts or {}).get("line"),
                            difference=relative_difference if difference is not None else None)

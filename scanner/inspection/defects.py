@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from skimage import measure, morphology
 
+from models.lines import line_seeds
 from models.thresholds import label_defects
 from scanner.defectlist import Defect
 
@@ -284,6 +285,7 @@ def extract_defects(
     image: Callable[[int, int, int, int], np.ndarray] | None = None,
     local_threshold: np.ndarray | None = None,
     merge_lines: bool = True,
+    line_threshold: float | None = None,
     difference: Callable[[int, int, int, int],
                          tuple[np.ndarray, np.ndarray] | None] | None = None,
 ) -> list[Defect]:
@@ -316,6 +318,10 @@ def extract_defects(
     merge_lines : bool
         Join line-like fragments that continue one another across longer gaps
         (:func:`merge_collinear`).
+    line_threshold : float, optional
+        Pixels whose line evidence (:func:`models.lines.line_evidence`: the anomaly's mean
+        along a short segment) reaches it decide a defect too, as pixels over ``threshold``
+        do: a faint scratch whose pixels all score just under the threshold. None: off.
     difference : callable, optional
         ``difference(r0, c0, h, w)``: the die-to-die difference image in the units of
         ``image`` (0: no difference) and its z-scores
@@ -340,6 +346,8 @@ def extract_defects(
         low = extent = min(low, threshold)
     s = geometry.stride
     lo, hi = threshold_masks(maps["anomaly"], threshold, extent, local=local_threshold)
+    if line_threshold is not None:
+        hi |= lo & line_seeds(maps["anomaly"], line_threshold)
     labels = label_defects(lo, hi, merge_px / s)
     if merge_lines:
         labels = merge_collinear(labels)

@@ -28,6 +28,7 @@ from scanner.inspection.card import (
     context_thresholds,
     load_inspection_model,
     model_info,
+    threshold_record,
 )
 from scanner.inspection.maps import infer_image
 from scanner.scanfolder import now_iso, write_json
@@ -134,10 +135,8 @@ def inspect_images(
                    tiles="")
         defect_rows.append({"image": name, **{c: row.get(c) for c in CSV_COLUMNS}})
     _write_csv(out_dir / "defects.csv", ["image", *CSV_COLUMNS], defect_rows)
-    header = {"created": now_iso(), "model": model_info(model), "threshold": thr,
-              "threshold_source": thr_source, "threshold_quiet": contexts["quiet"],
-              "threshold_plain": contexts["plain"],
-              "threshold_plain_near_structure": contexts["plain_near_structure"],
+    header = {"created": now_iso(), "model": model_info(model),
+              **threshold_record(thr, thr_source, contexts),
               "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
               "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
               "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),

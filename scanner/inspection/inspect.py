@@ -35,6 +35,7 @@ from scanner.inspection.card import (
     context_thresholds,
     load_inspection_model,
     model_info,
+    threshold_record,
 )
 from scanner.inspection.drift import good_surface_scores
 from scanner.inspection.images import image_score, inspect_images, list_images
@@ -452,7 +453,7 @@ def inspect_mosaic(
     timings = _timings(time.perf_counter() - t0, t_maps, t_defects, maps, refine)
     header = {
         "source": str(mosaic), "created": now_iso(), "model": model_info(model),
-        **_threshold_record(thr, thr_source, contexts),
+        **threshold_record(thr, thr_source, contexts),
         **_maps_record(maps, refine, polygon is not None),
         "edge_band_um": edge_band_um,
         "timings": timings, "n_defects": len(defects),
@@ -518,14 +519,6 @@ def _maps_record(maps: MapSet, refine: _Refinement, masked: bool) -> dict[str, A
             "windows": maps.stats.windows, "windows_skipped": maps.stats.skipped,
             "die_to_die": refine.d2d or None, "plain_surface": refine.plain or None,
             "not_scanned_mm2": refine.not_scanned_mm2}
-
-
-def _threshold_record(thr: float, source: str, contexts: dict[str, float | None]
-                      ) -> dict[str, Any]:
-    """The thresholds a defect list's header records."""
-    return {"threshold": thr, "threshold_source": source,
-            "threshold_quiet": contexts["quiet"], "threshold_plain": contexts["plain"],
-            "threshold_plain_near_structure": contexts["plain_near_structure"]}
 
 
 def _record_in_scan(scan: dict[str, Any], folder: Path, header: dict[str, Any],
