@@ -14,8 +14,8 @@ On the simulated benchmark's PV cell at 30 µm a 8 mm scratch of contrast 0.23 p
 0.909 under the cell's threshold of 0.911 (missed), while its line evidence, 0.865, stood
 above all but 8 regions of the rest of the cell.
 
-scipy's ``ndimage.correlate`` does the filtering; the kernels are drawn here (no library
-offers an oriented line-mean bank as such).
+torch's convolution does the filtering; the kernels are drawn here (no library offers an
+oriented line-mean bank as such).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from scipy import ndimage
 
 from .thresholds import DEFECT_MERGE_MAP_PX, count_components
 
@@ -64,23 +63,33 @@ def line_evidence(anomaly: np.ndarray, length: int = LINE_LENGTH_MAP_PX,
     """The largest mean of ``anomaly`` along a segment centred on each pixel (float32).
 
     Outside the map counts as 0 (like the map's zeros off the sample), so a segment that
-    leaves the surface is diluted rather than extrapolated.
+    leaves the surface is diluted rather than extrapolated. One convolution with the ``n``
+    kernels as output channels (torch): 3 times faster than ``scipy.ndimage.correlate`` one
+    kernel after another (demo wafer's map, 5.4 Mpx: 0.5 s against 1.4 s); it holds ``n``
+    maps at once, so large maps go through :func:`line_seeds` in bounded chunks.
     """
-    a = np.asarray(anomaly, dtype=np.float32)
-    out = np.zeros_like(a)
-    for kernel in line_kernels(length, n):
-        np.maximum(out, ndimage.correlate(a, kernel, mode="constant", cval=0.0), out=out)
-    return out
+    import torch
+
+    a = torch.from_numpy(np.ascontiguousarray(anomaly, dtype=np.float32))
+    kernels = torch.from_numpy(np.stack(line_kernels(length, n))[:, None])
+    with torch.inference_mode():
+        out = torch.nn.functional.conv2d(a[None, None], kernels, padding=length // 2)
+        return out[0].amax(0).numpy()
 
 
-def line_seeds(anomaly: np.ndarray, line_threshold: float, halo: int = LINE_LENGTH_MAP_PX,
-               chunk: int = 256) -> np.ndarray:
+#: float32 values the chunks of :func:`line_seeds` hold at once (its orientations' maps)
+LINE_CHUNK_VALUES = 16_000_000
+
+
+def line_seeds(anomaly: np.ndarray, line_threshold: float,
+               halo: int = LINE_LENGTH_MAP_PX) -> np.ndarray:
     """Boolean map of pixels whose :func:`line_evidence` reaches ``line_threshold``, computed
-    in chunks of rows (with ``halo`` rows either side) so a mosaic's map is never copied as
-    float whole (a 300 mm wafer's map at 8 um is 37,500 pixels wide: 38 MB per float chunk
-    of 256 rows)."""
-    h = int(anomaly.shape[0])
-    out = np.zeros(tuple(int(n) for n in anomaly.shape), dtype=bool)
+    in chunks of rows (with ``halo`` rows either side) whose orientation maps hold at most
+    :data:`LINE_CHUNK_VALUES` values (64 MB), so a mosaic's map is never filtered whole (a
+    300 mm wafer's map at 8 um is 37,500 pixels wide: chunks of 26 rows)."""
+    h, w = (int(v) for v in anomaly.shape)
+    chunk = max(8, LINE_CHUNK_VALUES // (LINE_ORIENTATIONS * max(w, 1)) - 2 * halo)
+    out = np.zeros((h, w), dtype=bool)
     for r0 in range(0, h, chunk):
         a0, a1 = max(0, r0 - halo), min(h, r0 + chunk + halo)
         ev = line_evidence(np.asarray(anomaly[a0:a1]))

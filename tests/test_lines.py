@@ -52,7 +52,14 @@ def test_line_evidence_is_the_mean_along_the_best_segment():
 def test_line_seeds_in_chunks_equal_the_whole():
     a = _good_map(3, (300, 120))
     t = float(np.quantile(line_evidence(a), 0.99))
-    assert np.array_equal(line_seeds(a, t, chunk=64), line_evidence(a) >= t)
+    import models.lines as lines
+
+    small = lines.LINE_CHUNK_VALUES
+    try:  # chunks of 64 - 2 x 15 = 34 rows
+        lines.LINE_CHUNK_VALUES = 64 * lines.LINE_ORIENTATIONS * a.shape[1]
+        assert np.array_equal(line_seeds(a, t), line_evidence(a) >= t)
+    finally:
+        lines.LINE_CHUNK_VALUES = small
 
 
 def test_faint_scratch_under_the_threshold_is_found_and_the_good_surface_is_not():
