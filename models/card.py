@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 from .thresholds import CONTEXT_CARD_KEYS
 
@@ -28,7 +28,7 @@ class PixelBand(BaseModel):
     quiet: float | None = None
     plain: float | None = None
     plain_near_structure: float | None = None
-    line: float | None = Field(None, description="line threshold (models.lines)")
+    line: float | None = Field(None, gt=0, description="line threshold (models.lines)")
 
     def context(self, name: str) -> float | None:
         """The band's threshold for a neighbourhood context (None: none)."""
@@ -62,7 +62,8 @@ class ModelCard(BaseModel):
                                          "(PatchCore) or network, and their layout")
     threshold: float | None = Field(None, description="pooled decision threshold")
     line_threshold: float | None = Field(
-        None, description="pooled threshold of the line evidence (models.lines; None: none)")
+        None, gt=0, description="pooled threshold of the line evidence (models.lines; None: "
+                                "none)")
     pixel_size_um: float | None = Field(None, gt=0)
     pixel_size_range_um: tuple[float, float] | None = None
     output_stride: int | None = Field(None, gt=0)
@@ -72,7 +73,7 @@ class ModelCard(BaseModel):
     uncertainty_log_scale: float | None = Field(None, gt=0)
     thresholds_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_by_pixel_size: dict[str, list[PixelBand]] = Field(default_factory=dict)
-    thresholds_line_by_sample_kind: dict[str, float] = Field(default_factory=dict)
+    thresholds_line_by_sample_kind: dict[str, PositiveFloat] = Field(default_factory=dict)
     thresholds_quiet_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_plain_by_sample_kind: dict[str, float] = Field(default_factory=dict)
     thresholds_plain_near_structure_by_sample_kind: dict[str, float] = Field(

@@ -72,8 +72,14 @@ def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
     assert (folder / "scan.json").read_bytes() == before  # nothing written over it
 
 
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("thresholds_by_sample_kind", {"wafer": "high"}, "thresholds_by_sample_kind.wafer"),
+    # a line threshold of 0 or less would make every faint region a defect
+    ("line_threshold", -1.0, "line_threshold"),
+    ("thresholds_line_by_sample_kind", {"pv_cell": 0.0}, "thresholds_line_by_sample_kind"),
+])
 def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, key: str, value: object, named: str) -> None:
     import json
     import shutil
 
@@ -82,7 +88,7 @@ def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
     weights = default_model_path()
     shutil.copyfile(weights, tmp_path / "m.safetensors")
     card = json.loads(weights.with_suffix(".json").read_text())
-    card["thresholds_by_sample_kind"] = {"wafer": "high"}
+    card[key] = value
     (tmp_path / "m.json").write_text(json.dumps(card))
     images = tmp_path / "imgs"
     images.mkdir()
@@ -95,7 +101,7 @@ def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "m.json" in lines[0], lines
-    assert "thresholds_by_sample_kind.wafer" in lines[0]
+    assert named in lines[0]
 
 
 @pytest.mark.parametrize("header, field", [
