@@ -120,14 +120,14 @@ def calibrate_line_threshold(maps: list[np.ndarray], area_cm2: float, target_per
 
     if count(np.inf) >= allowed:
         return None
-    # candidates: the line evidence's own levels over the good surface, highest first
+    # candidates: the line evidence's own upper quantiles over the good surface, ascending;
+    # the count falls as the candidate rises (a split can break that locally), so bisect
     values = np.concatenate([e[e > 0].ravel() for e in evidence])
     candidates = np.unique(np.quantile(values, 1.0 - np.geomspace(1e-6, 0.2, 64)))
     lo, hi = -1, len(candidates)  # count(candidates[hi]) fits, count(candidates[lo]) not
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if count(float(candidates[mid])) <= allowed else (mid, hi)
-    if hi == len(candidates):
+    if hi == len(candidates):  # none fits: above every line evidence of the good surface
         return float(values.max()) * 1.001
-    # just above the highest candidate that did not fit
-    return float(candidates[hi])
+    return float(candidates[hi])  # the lowest candidate that fits
