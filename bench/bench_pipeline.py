@@ -145,16 +145,46 @@ def run_dask(folder: Path, workers: int, work: Path) -> tuple[float, Path, Path]
     return _tasks_s(fuse_s, result.timings), copy / MOSAIC, copy / "maps"
 
 
+#: a defect's values that follow the maps' float32 rounding (torch's sums depend on the thread
+#: count, which differs between the sequential path and a worker)
+_ROUNDED = ("score", "roughness", "uncertainty")
+#: what the report adds to a defect (``scanner.reports.locate``)
+_LOCATED = ("tiles", "wafer_x_mm", "wafer_y_mm", "die_col", "die_row", "die_x_um", "die_y_um",
+            "region")
+
+
+def _same_defects(a: Path, b: Path) -> bool:
+    """The same defects (where, how large, class, review flag) in two output folders; the
+    rounded values within 1e-4 relative. Where the defects were located (tiles, wafer and die
+    coordinates: ``run``'s report adds them, a re-inspection alone does not) is not compared."""
+    da, db = (json.loads((f / "defects.json").read_text(encoding="utf-8"))["defects"]
+              for f in (a, b))
+    if len(da) != len(db):
+        print(f"defects of {a} and {b}: {len(da)} and {len(db)}", file=sys.stderr)
+        return False
+    for d, e in zip(da, db, strict=True):
+        differ = {k: (v, e.get(k)) for k, v in d.items()
+                  if k not in _ROUNDED + _LOCATED and v != e.get(k)}
+        differ.update({k: (d[k], e[k]) for k in _ROUNDED if d.get(k) is not None
+                       and e.get(k) is not None
+                       and not np.isclose(float(d[k]), float(e[k]), rtol=1e-4, atol=1e-6)})
+        if differ:
+            print(f"defect {d.get('id')} of {a} and {b}: {differ}", file=sys.stderr)
+            return False
+    return True
+
+
 def _same(a: Path, b: Path, exact: bool) -> bool:
     from scanner.ngff import open_mosaic
 
     for x, y in zip(open_mosaic(a)[0], open_mosaic(b)[0], strict=True):
         x, y = np.asarray(x[:]), np.asarray(y[:])
         if x.shape != y.shape:
+            print(f"{a} and {b}: shapes {x.shape} and {y.shape}", file=sys.stderr)
             return False
-        if exact and not np.array_equal(x, y):
-            return False
-        if not exact and not np.allclose(x, y, rtol=1e-5, atol=1e-6):
+        if (not np.array_equal(x, y) if exact else
+                not np.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)):
+            print(f"{a} and {b} differ by up to {np.nanmax(np.abs(x - y)):.3g}", file=sys.stderr)
             return False
     return True
 
@@ -198,7 +228,8 @@ def main(argv: list[str]) -> None:
                         and all(_same(maps1 / f, maps2 / f, False) and
                                 _same(folder / f, maps1 / f, False)
                                 for f in ("anomaly.ome.zarr", "roughness.ome.zarr",
-                                          "uncertainty.ome.zarr")))
+                                          "uncertainty.ome.zarr"))
+                        and _same_defects(folder, maps1) and _same_defects(maps1, maps2))
                 row += [f"{t1:.1f}", f"{t2:.1f}", f"{t1 / t2:.2f}x",
                         f"{r['seq_tasks_s'] / t2:.2f}x", "yes" if same else "NO"]
             table.add_row(*row)

@@ -210,7 +210,7 @@ RecipeArg = Annotated[Path, typer.Argument(help="Scan recipe (YAML).", show_defa
 
 DaskOption = Annotated[str | None, typer.Option(
     "--dask", help="Run fusion and inspection as dask tasks: local:N (a local cluster of N "
-    "worker processes) or the address of a running dask scheduler (tcp://HOST:PORT).")]
+    "worker processes of one core each) or the address of a running dask scheduler (tcp://HOST:PORT).")]
 
 
 @contextmanager

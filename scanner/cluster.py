@@ -7,13 +7,17 @@ into groups of windows whose maps go to a scratch store, then chunk rows of the 
 from them (:mod:`scanner.inspection.streammaps`), each blend waiting only for its three window rows.
 The same chunks are computed by the same code, only elsewhere: the mosaic is that of the
 path without dask bit for bit, and so are the maps when a worker runs torch on as many threads
-as the path without dask does (``local:1``); torch's float sums depend on its thread count, so
-on fewer threads per worker (``local:2`` on two cores) the maps agree to float32 rounding
-(about 1e-7 relative) and the defect list is the same, its scores to that rounding.
+as the path without dask does; torch's float sums depend on its thread count, so on another
+count the maps agree to float32 rounding (about 1e-7 relative) and the defect list is the same,
+its scores to that rounding.
 
 A worker loads the model itself, once, from its file (a torch module is never pickled), and
-runs torch on its share of the cores: ``WAFERSCOPE_TORCH_THREADS`` when set (a ``local:N``
-cluster sets it to cores / N), else its own cores.
+runs torch on ``WAFERSCOPE_TORCH_THREADS`` threads when set, else on its own cores. A
+``local:N`` cluster is N worker processes of one core each (one task at a time, torch on one
+thread), the unit a cluster scales by: ``local:N`` with N the machine's cores uses all of it,
+and ``local:2`` against ``local:1`` measures what a second worker adds. Dask's nanny starts
+its workers with ``OMP_NUM_THREADS=1`` for the same reason: parallelism comes from workers,
+not from threads inside a task.
 """
 
 from __future__ import annotations
@@ -91,10 +95,9 @@ def open_cluster(spec: str | ClusterSpec) -> Iterator[Cluster]:
     spec = ClusterSpec.parse(spec) if isinstance(spec, str) else spec
     if spec.local_workers is not None:
         n = spec.local_workers
-        threads = max(1, _cores() // n)
-        # one task at a time per worker process: inference uses the worker's cores through
-        # torch, and two windows at once would double its memory
-        env = {THREADS_ENV: str(threads), "OMP_NUM_THREADS": str(threads)}
+        # one core per worker process (module docstring), one task at a time: two windows at
+        # once would double a worker's memory
+        env = {THREADS_ENV: "1", "OMP_NUM_THREADS": "1"}
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                           dashboard_address=None, env=env, memory_limit=0) as local, \
                 Client(local) as client:
