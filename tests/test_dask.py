@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,25 @@ def _defects(folder: Path) -> list[dict]:
 def cluster():
     with open_cluster("local:2") as c:
         yield c
+
+
+def _worker_threads() -> int:
+    import torch
+
+    from scanner.cluster import THREADS_ENV
+
+    torch.set_num_threads(int(os.environ[THREADS_ENV]))
+    return torch.get_num_threads()
+
+
+@pytest.mark.slow
+def test_a_local_worker_is_one_core():
+    # local:N is N workers of one core each (on any machine), so a second worker adds a core
+    # (the speed-up bench/bench_pipeline.py measures); one task at a time runs in each
+    with open_cluster("local:1") as c:
+        assert c.n_workers == 1
+        assert list(c.client.run(_worker_threads).values()) == [1]
+        assert [w["nthreads"] for w in c.client.scheduler_info()["workers"].values()] == [1]
 
 
 @pytest.mark.slow
