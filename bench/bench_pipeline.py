@@ -163,8 +163,8 @@ def _same_defects(a: Path, b: Path) -> bool:
         print(f"defects of {a} and {b}: {len(da)} and {len(db)}", file=sys.stderr)
         return False
     for d, e in zip(da, db, strict=True):
-        differ = {k: (v, e.get(k)) for k, v in d.items()
-                  if k not in _ROUNDED + _LOCATED and v != e.get(k)}
+        differ = {k: (d.get(k), e.get(k)) for k in d.keys() | e.keys()
+                  if k not in _ROUNDED + _LOCATED and d.get(k) != e.get(k)}
         differ.update({k: (d[k], e[k]) for k in _ROUNDED if d.get(k) is not None
                        and e.get(k) is not None
                        and not np.isclose(float(d[k]), float(e[k]), rtol=1e-4, atol=1e-6)})

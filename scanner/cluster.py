@@ -37,7 +37,7 @@ from scanner.errors import UserError
 if TYPE_CHECKING:
     from scanner.inspection.tiled import Model
 
-__all__ = ["Cluster", "ClusterSpec", "open_cluster"]
+__all__ = ["Cluster", "ClusterSpec", "open_cluster", "worker_threads"]
 
 #: Environment variable that sets torch's threads in a worker.
 THREADS_ENV = "WAFERSCOPE_TORCH_THREADS"
@@ -242,6 +242,12 @@ class _WindowJob(BaseModel):
 _MODELS: dict[str, Any] = {}
 
 
+def worker_threads() -> int:
+    """Torch threads of a task in this (worker) process: ``WAFERSCOPE_TORCH_THREADS`` when
+    set (1 in a ``local:N`` cluster), else the process's cores."""
+    return int(os.environ.get(THREADS_ENV, "0")) or _cores()
+
+
 def _worker_model(path: str) -> Any:
     """The model of ``path``, loaded once per worker process, on the worker's threads."""
     import torch
@@ -250,7 +256,7 @@ def _worker_model(path: str) -> Any:
 
     if path not in _MODELS:
         _MODELS[path] = load_inspection_model(path)
-    threads = int(os.environ.get(THREADS_ENV, "0")) or _cores()
+    threads = worker_threads()
     torch.set_num_threads(threads)
     model = _MODELS[path]
     if hasattr(model, "num_threads"):

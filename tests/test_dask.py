@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from scanner.cli import app
-from scanner.cluster import ClusterSpec, open_cluster
+from scanner.cluster import ClusterSpec, open_cluster, worker_threads
 from scanner.errors import UserError
 from scanner.ngff import open_mosaic
 from scanner.pipeline import run_scan
@@ -59,22 +58,13 @@ def cluster():
         yield c
 
 
-def _worker_threads() -> int:
-    import torch
-
-    from scanner.cluster import THREADS_ENV
-
-    torch.set_num_threads(int(os.environ[THREADS_ENV]))
-    return torch.get_num_threads()
-
-
 @pytest.mark.slow
 def test_a_local_worker_is_one_core():
     # local:N is N workers of one core each (on any machine), so a second worker adds a core
     # (the speed-up bench/bench_pipeline.py measures); one task at a time runs in each
     with open_cluster("local:1") as c:
         assert c.n_workers == 1
-        assert list(c.client.run(_worker_threads).values()) == [1]
+        assert list(c.client.run(worker_threads).values()) == [1]
         assert [w["nthreads"] for w in c.client.scheduler_info()["workers"].values()] == [1]
 
 
