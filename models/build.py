@@ -33,7 +33,15 @@ from .data import GoodImage
 from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
 from .errors import InputError
-from .gaussian import choose_dims, descriptor, fit_position_model, pooled, to_output_stride
+from .gaussian import (
+    PositionModel,
+    choose_dims,
+    descriptor,
+    fit_position_model,
+    pooled,
+    zoomed,
+    zooms_for,
+)
 from .lines import calibrate_line_threshold
 from .modelfile import card_path_for
 from .thresholds import MIN_BAND_AREA_CM2, PIXEL_BANDS, calibrate_threshold, pixel_bands
@@ -193,8 +201,8 @@ def build_detector(
                         bank_max, start, seed, progress)
     cal = _calibrate(bank, seen.held, false_alarms_per_cm2, progress)
     position, position_cal = _position_model(
-        seen.position, seen.position_desc, dims, images[0].image.shape, cal.area_cm2,
-        false_alarms_per_cm2, cal.result.threshold) if dims is not None else (None, None)
+        seen.position, dims, images[0].image.shape, cal.area_cm2, false_alarms_per_cm2,
+        cal.result.threshold) if dims is not None else (None, None)
     warnings = _calibration_warnings(cal.result.to_dict(), len(images), len(held_images))
     if progress is not None:
         progress("calibrate", 1, 1)
@@ -300,9 +308,17 @@ class _Features:
 
     pool: torch.Tensor
     held: list[_HeldOut]
-    position: dict[bool, list[torch.Tensor]]
-    position_desc: list[torch.Tensor]
+    position: dict[float, _Aligned]
     total_cells: int
+
+
+@dataclass
+class _Aligned:
+    """Pooled features of an aligned part's images at one zoom (by held out or not) and the
+    descriptors of the held-out ones."""
+
+    features: dict[bool, list[torch.Tensor]]
+    held_descriptors: list[torch.Tensor]
 
 
 def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmenting: bool,
@@ -310,7 +326,9 @@ def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmen
                       pixel_size_um: float, progress: Progress | None) -> _Features:
     """Features of every version of every good image, split into bank candidates (a random
     share, so that at most :data:`CANDIDATES_MAX` cells are kept) and held-out surface."""
-    seen = _Features(torch.zeros(0, FEATURE_DIM), [], {True: [], False: []}, [],
+    zooms = zooms_for(images[0].image.shape) if dims is not None else ()
+    seen = _Features(torch.zeros(0, FEATURE_DIM), [],
+                     {z: _Aligned({True: [], False: []}, []) for z in zooms},
                      sum(-(-g.image.shape[0] // FEATURE_STRIDE) * -(-g.image.shape[1] //
                          FEATURE_STRIDE) for g in images))
     per_cell_keep = min(1.0, CANDIDATES_MAX / max(seen.total_cells, 1))
@@ -322,10 +340,11 @@ def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmen
         n_held = sum(v.held for v in variants)
         for v in variants:
             feat = features_of(v.image)
-            if dims is not None:
-                seen.position[k in held_images].append(pooled(feat[None], dims)[0])
+            for z, aligned in seen.position.items():
+                fz = feat if z == 1.0 else features_of(zoomed(v.image, z))
+                aligned.features[k in held_images].append(pooled(fz[None], dims)[0])
                 if k in held_images:
-                    seen.position_desc.append(descriptor(feat[None])[0])
+                    aligned.held_descriptors.append(descriptor(fz[None])[0])
             usable = _usable_cells(v.usable, tuple(feat.shape[1:]))
             if k in held_images:
                 if v.held:
@@ -458,34 +477,36 @@ def variance_ratio(feats: torch.Tensor) -> float:
     return float(f.var(dim=0).mean() / total.clamp_min(1e-12))
 
 
-def _position_model(feats: dict[bool, list[torch.Tensor]], held_desc: list[torch.Tensor],
-                    dims: torch.Tensor, shape: tuple[int, int], area_cm2: float,
-                    target_per_cm2: float, threshold: float) -> tuple[Any, dict[str, Any]]:
-    """The position model of an aligned part, its maps scaled so that the card's
-    ``threshold`` gives the false-alarm rate asked for on the held-out images.
+def _position_model(aligned: dict[float, _Aligned], dims: torch.Tensor,
+                    shape: tuple[int, int], area_cm2: float, target_per_cm2: float,
+                    threshold: float) -> tuple[list[PositionModel] | None, dict[str, Any]]:
+    """The position models of an aligned part (one per zoom), their mean map scaled so that
+    the card's ``threshold`` gives the false-alarm rate asked for on the held-out images.
 
     Each held-out image's level comes from the *other* held-out images, as an unseen
     image's will."""
-    from .gaussian import POOL
-
-    train = torch.stack(feats[False])
+    train = torch.stack(aligned[1.0].features[False])
     ratio = variance_ratio(train)
     if ratio >= ALIGNED_MAX_VARIANCE_RATIO:
         return None, {"used": False, "variance_ratio": ratio,
                       "why": "the images are not aligned: features vary as much at one "
                              "position as across positions"}
-    held = torch.stack(feats[True])
-    desc = torch.stack(held_desc)
-    model = fit_position_model(train, held, desc, dims, tuple(shape))
-    a16 = model.distances_pooled(held) / model.levels(desc, exclude_self=True)[:, None, None]
-    h4, w4 = -(-shape[0] // OUTPUT_STRIDE), -(-shape[1] // OUTPUT_STRIDE)
-    up = to_output_stride(a16, POOL * FEATURE_STRIDE // OUTPUT_STRIDE, (h4, w4))
-    maps = [m.numpy() for m in up]
-    cal = calibrate_threshold(maps, area_cm2, target_per_cm2, scores="distance")
-    model.scale = float(threshold / max(cal.threshold, 1e-9))
-    return model, {"used": True, "variance_ratio": ratio, **cal.to_dict(),
-                   "scale": model.scale,
-                   "train_images": len(feats[False]), "held_out_images": len(held)}
+    models, maps = [], []
+    for zoom, seen in aligned.items():
+        held = torch.stack(seen.features[True])
+        desc = torch.stack(seen.held_descriptors)
+        model = fit_position_model(torch.stack(seen.features[False]), held, desc, dims,
+                                   tuple(shape), zoom)
+        a16 = model.distances_pooled(held) / model.levels(desc, exclude_self=True)[:, None, None]
+        maps.append(model.output_map(a16, OUTPUT_STRIDE))
+        models.append(model)
+    cal = calibrate_threshold(list(torch.stack(maps).mean(dim=0).numpy()), area_cm2,
+                              target_per_cm2, scores="distance")
+    for model in models:  # the mean of scaled maps is the scaled mean
+        model.scale = float(threshold / max(cal.threshold, 1e-9))
+    return models, {"used": True, "variance_ratio": ratio, **cal.to_dict(),
+                    "scale": models[0].scale, "zooms": [m.zoom for m in models],
+                    "train_images": len(train), "held_out_images": len(maps[0])}
 
 
 def _calibration_warnings(cal: dict[str, Any], n_images: int, n_held_images: int) -> list[str]:

@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from .backbone import FEATURE_DIM, FEATURE_STRIDE, extract
 from .bank import BankIndex
 from .data import relative
-from .gaussian import PositionModel, to_output_stride
+from .gaussian import PositionModel, position_from_state, position_record, zoomed
 from .modelfile import (
     GAIN,
     InspectionModel,
@@ -52,8 +52,6 @@ CORE_PX = 1536
 SMALL_IMAGE_CONTEXT_PX = 32
 #: the backbone needs sides that are multiples of its coarsest stride
 PAD_MULTIPLE = 16
-#: stride of a position model's maps (the stride-8 features pooled 2 x 2)
-POOL_STRIDE = 16
 
 
 class PatchDetector:
@@ -79,7 +77,7 @@ class PatchDetector:
 
     def __init__(self, bank: torch.Tensor, card: dict[str, Any],
                  companion: InspectionModel | None = None, path: Path | None = None,
-                 position: PositionModel | None = None) -> None:
+                 position: list[PositionModel] | None = None) -> None:
         self.bank = bank.float().contiguous()
         self.position = position
         self.index = BankIndex(self.bank)
@@ -217,18 +215,18 @@ class PatchDetector:
 
     def aligned_anomaly(self, x: np.ndarray) -> np.ndarray | None:
         """Anomaly map (output stride) of a whole normalised image of the aligned part the
-        detector also models per position (:mod:`models.gaussian`); None for any other
-        image (another shape, or no position model), which the bank alone scores."""
-        pm = self.position
-        if pm is None or tuple(x.shape) != tuple(pm.image_shape):
+        detector also models per position (:mod:`models.gaussian`): the mean of its models'
+        maps at each zoom. None for any other image (another shape, or no position model),
+        which the bank alone scores."""
+        if not self.position or tuple(x.shape) != tuple(self.position[0].image_shape):
             return None
         previous = torch.get_num_threads()
         torch.set_num_threads(self.num_threads)
         try:
             with torch.inference_mode():
-                s = self.output_stride
-                a = to_output_stride(pm.anomaly(features_of(x)[None]), POOL_STRIDE // s,
-                                     (-(-x.shape[0] // s), -(-x.shape[1] // s)))[0]
+                maps = [pm.output_map(pm.anomaly(features_of(zoomed(x, pm.zoom))[None]),
+                                      self.output_stride) for pm in self.position]
+                a = torch.stack(maps).mean(dim=0)[0]
         finally:
             torch.set_num_threads(previous)
         return a.contiguous().numpy()
@@ -308,8 +306,8 @@ def companion_network(net: InspectionNet | None, card: dict[str, Any]) -> Inspec
 
 def save_detector(bank: torch.Tensor, card: dict[str, Any], path: str | Path,
                   companion: InspectionNet | None = None,
-                  position: PositionModel | None = None) -> Path:
-    """Write a detector: the bank (float16), the position model's tensors (if any) and the
+                  position: list[PositionModel] | None = None) -> Path:
+    """Write a detector: the bank (float16), the position models' tensors (if any) and the
     roughness network's in one safetensors file, the card beside it; returns the weights
     path."""
     from .backbone import backbone_record
@@ -319,9 +317,10 @@ def save_detector(bank: torch.Tensor, card: dict[str, Any], path: str | Path,
     arch: dict[str, Any] = {"name": "PatchCore", "backbone": backbone_record(),
                             "bank_size": int(bank.shape[0]), "companion": None,
                             "position": None}
-    if position is not None:
-        state.update({k: v.contiguous() for k, v in position.state().items()})
-        arch["position"] = position.record()
+    if position:
+        for pm in position:
+            state.update({k: v.contiguous() for k, v in pm.state().items()})
+        arch["position"] = position_record(position)
     if companion is not None:
         state.update({f"companion.{k}": v for k, v in companion.state_dict().items()})
         arch["companion"] = {"name": "InspectionNet", **companion.config.to_dict()}
@@ -375,7 +374,7 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
     position = None
     if arch.get("position"):
         try:
-            position = PositionModel.from_state(arch["position"], state)
+            position = position_from_state(arch["position"], state)
         except (KeyError, ValueError, RuntimeError) as exc:
             raise InputError(f"{weights}: position model incomplete ({exc}); rebuild it "
                              "with waferscope train") from None

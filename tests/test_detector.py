@@ -239,6 +239,9 @@ def test_an_aligned_part_is_also_modelled_per_position(tmp_path: Path) -> None:
     build_detector(goods, tmp_path / "cells", pixel_size_um=1.0)
     model = load_model(tmp_path / "cells")
     assert model.position is not None and model.card["architecture"]["position"]["grid"] == [8, 8]
+    # modelled at three sizes (128 px halved is still 64 px), each kept in the file
+    assert [pm.zoom for pm in model.position] == [1.0, 0.75, 0.5]
+    assert [z["grid"] for z in model.card["architecture"]["position"]["zooms"]] == [[6, 6], [4, 4]]
     good = part + rng.normal(0, 3, part.shape).astype(np.float32)
     moved = np.full_like(good, 100.0) + rng.normal(0, 3, part.shape).astype(np.float32)
     moved[80:112, 80:112] = 200.0  # the same square where it never is
@@ -248,6 +251,30 @@ def test_an_aligned_part_is_also_modelled_per_position(tmp_path: Path) -> None:
     assert float(a_moved[20:28, 20:28].max()) > model.threshold  # found at its new place
     # another size is not the aligned part: the bank alone scores it
     assert model.aligned_anomaly(np.ones((120, 128), np.float32)) is None
+    # a dark spot is found where it is by the mean map (the coarse zooms place it to a cell)
+    spot = good.copy()
+    spot[84:100, 60:76] = 30.0
+    a_spot = infer_image(model, spot).maps["anomaly"]
+    peak = np.unravel_index(int(np.argmax(a_spot)), a_spot.shape)
+    assert a_spot.max() > model.threshold and abs(peak[0] - 23) <= 4 and abs(peak[1] - 17) <= 4
+
+
+def test_a_position_model_of_one_zoom_loads_as_written_before_zooms() -> None:
+    from models.gaussian import fit_position_model, position_from_state, position_record
+
+    rng = np.random.default_rng(2)
+    feats = torch.from_numpy(rng.normal(size=(12, 4, 3, 3)).astype(np.float32))
+    dims = torch.arange(4)
+    one = fit_position_model(feats[:8], feats[8:], feats[8:].mean(dim=(2, 3)), dims, (48, 48))
+    state = one.state()
+    record = position_record([one])
+    assert record["zooms"] == []
+    record.pop("zooms")
+    record.pop("zoom")  # a card of before zooms
+    (loaded,) = position_from_state(record, state)
+    assert loaded.zoom == 1.0
+    assert torch.equal(loaded.anomaly(feats[:2].repeat_interleave(2, 2).repeat_interleave(2, 3)),
+                       one.anomaly(feats[:2].repeat_interleave(2, 2).repeat_interleave(2, 3)))
 
 
 def test_random_crops_of_a_texture_are_not_taken_for_an_aligned_part(tmp_path: Path) -> None:
