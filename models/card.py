@@ -11,11 +11,14 @@ training history) are kept as they are.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 from .thresholds import CONTEXT_CARD_KEYS
+
+#: a decision threshold: positive and finite (NaN would flag nothing, and say nothing)
+Threshold = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class PixelBand(BaseModel):
@@ -24,10 +27,10 @@ class PixelBand(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     pixel_size_um: tuple[float, float]
-    threshold: float
-    quiet: float | None = None
-    plain: float | None = None
-    plain_near_structure: float | None = None
+    threshold: Threshold
+    quiet: Threshold | None = None
+    plain: Threshold | None = None
+    plain_near_structure: Threshold | None = None
     line: float | None = Field(None, gt=0, description="line threshold (models.lines)")
 
     def context(self, name: str) -> float | None:
@@ -60,7 +63,8 @@ class ModelCard(BaseModel):
 
     architecture: dict[str, Any] = Field(description="what the weights are: detector "
                                          "(PatchCore) or network, and their layout")
-    threshold: float | None = Field(None, description="pooled decision threshold")
+    kind: Literal["detector", "network"] | None = Field(None, description="what was built")
+    threshold: Threshold | None = Field(None, description="pooled decision threshold")
     line_threshold: float | None = Field(
         None, gt=0, description="pooled threshold of the line evidence (models.lines; None: "
                                 "none)")
@@ -71,12 +75,12 @@ class ModelCard(BaseModel):
     weights_sha256: str | None = None
     score_reference: float | None = Field(None, gt=0)
     uncertainty_log_scale: float | None = Field(None, gt=0)
-    thresholds_by_sample_kind: dict[str, float] = Field(default_factory=dict)
+    thresholds_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_by_pixel_size: dict[str, list[PixelBand]] = Field(default_factory=dict)
     thresholds_line_by_sample_kind: dict[str, PositiveFloat] = Field(default_factory=dict)
-    thresholds_quiet_by_sample_kind: dict[str, float] = Field(default_factory=dict)
-    thresholds_plain_by_sample_kind: dict[str, float] = Field(default_factory=dict)
-    thresholds_plain_near_structure_by_sample_kind: dict[str, float] = Field(
+    thresholds_quiet_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
+    thresholds_plain_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
+    thresholds_plain_near_structure_by_sample_kind: dict[str, Threshold] = Field(
         default_factory=dict)
     sample_edge_seen: bool | None = Field(
         None, description="whether the good images showed a sample's edge with what lies "

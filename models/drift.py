@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 #: quantiles recorded of the good-surface scores
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -31,6 +32,20 @@ def score_summary(values: np.ndarray) -> dict[str, Any]:
     q = np.quantile(v, QUANTILES)
     return {"n": int(v.size), "mean": float(v.mean()),
             **{f"q{100 * k:g}": float(x) for k, x in zip(QUANTILES, q, strict=True)}}
+
+
+class GoodScores(BaseModel):
+    """The record :func:`score_summary` writes (in a card and in ``scan.json``): what is read
+    back is checked against it, so a damaged record is refused, never compared."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    n: int = Field(ge=0)
+    mean: FiniteFloat | None = None
+    q50: FiniteFloat | None = None
+    q90: FiniteFloat | None = None
+    q99: FiniteFloat | None = None
+    q99_9: FiniteFloat | None = Field(None, alias="q99.9")
 
 
 def drift_ratios(reference: dict[str, Any], scan: dict[str, Any]) -> dict[str, float]:

@@ -368,6 +368,10 @@ def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str,
         err = exc.errors()[0]
         raise UserError(f"{card_file}: {'.'.join(str(p) for p in err['loc'])}: "
                         f"{err['msg']}") from None
+    if card.get("threshold") is None and card["architecture"].get("name") == "PatchCore":
+        # every detector is built calibrated: this card was edited
+        raise UserError(f"{card_file}: threshold: missing (the model's calibrated decision "
+                        "threshold)")
     expected = card.get("weights_sha256")
     if expected and expected != _weights_sha256(weights):
         raise UserError(f"{weights}: checksum does not match its card {card_file.name} "

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from scanner.errors import UserError
 
@@ -31,6 +31,8 @@ class BatchItem(BaseModel):
     n_defects: int | None = None
     wall_s: float = 0.0
     error: str | None = None
+    bad_input: bool = Field(False, description="the failure is the folder's (not a scan, "
+                            "damaged data, a full disk): the user can act on it")
 
 
 def process_scan(folder: Path, *, model: Model, cluster: Any = None,
@@ -76,5 +78,6 @@ def run_batch(folders: Sequence[Path], *, model: ModelRef = None, cluster: Any =
                                    wall_s=round(time.perf_counter() - t0, 3)))
         except (UserError, OSError, ValueError) as exc:
             items.append(BatchItem(folder=Path(folder), ok=False, error=str(exc),
-                                   wall_s=round(time.perf_counter() - t0, 3)))
+                                   wall_s=round(time.perf_counter() - t0, 3),
+                                   bad_input=isinstance(exc, UserError)))
     return items

@@ -127,16 +127,26 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
     above = file_in_the_way(path)
     if above is not None:
         raise UserError(f"{option} {path}: {above} is a file, not a folder")
+    # the nearest folder that exists must take new files: a read-only or forbidden place is
+    # refused now, not after minutes of work (access() reports a read-only mount as such)
+    nearest = next((p for p in ((path,) if folder else ()) + tuple(path.absolute().parents)
+                    if p.is_dir()), None)
+    if nearest is not None and not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: {nearest} cannot be written (read-only or no "
+                        "permission); choose another folder")
 
 
 def _undecodable(exc: BaseException) -> bool:
     """Whether an error is a compressed chunk (Zarr codecs, TIFF tiles) that fails to decode:
-    the codecs raise ``zlib.error`` or RuntimeError / ValueError saying "decompress"."""
+    the codecs raise ``zlib.error`` or RuntimeError / ValueError saying "decompress", and a
+    chunk that decodes to another size than its array's metadata says cannot be reshaped."""
     import zlib
 
     while exc is not None:
+        text = str(exc).lower()
         if isinstance(exc, zlib.error) or (isinstance(exc, (RuntimeError, ValueError))
-                                           and "decompress" in str(exc).lower()):
+                                           and ("decompress" in text
+                                                or "cannot reshape array" in text)):
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False

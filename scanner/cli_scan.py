@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from scanner.cli_common import (
@@ -223,12 +224,17 @@ def inspect(
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
     from scanner.inspection.inspect import inspect_target
     from scanner.integrity import require_ready
-    from scanner.scanfolder import SCAN_JSON
+    from scanner.scanfolder import MOSAIC, SCAN_JSON
 
     check_output(out_dir, "--out", folder=True)
     for path in target:
         if (path / SCAN_JSON).is_file():
             require_ready(path, "inspect", allow_incomplete=allow_incomplete)
+        elif (path / MOSAIC).exists():
+            # a scan folder that lost its record: inspecting it as a bare mosaic would
+            # overwrite its defect list with one made without its recipe (no usable area)
+            raise UserError(f"{path}: not a scan folder (no {SCAN_JSON}); to inspect its "
+                            f"mosaic alone: waferscope inspect {path / MOSAIC} --out DIR")
 
     if sample_kind is not None and sample_kind not in SAMPLE_KINDS:
         raise UserError(f"--sample-kind: one of {', '.join(SAMPLE_KINDS)}, got {sample_kind!r}")
@@ -277,9 +283,11 @@ def batch(
             out.print(f"{item.folder.resolve()}: {item.n_defects} defects "
                       f"({_duration(item.wall_s)})")
         else:
-            err.print(f"[red]{item.folder}: failed:[/] {item.error}")
-    if not all(item.ok for item in items):
-        raise typer.Exit(1)
+            err.print(f"[red]{escape(str(item.folder))}: failed:[/] {escape(str(item.error))}",
+                      highlight=False, soft_wrap=True)
+    failed = [item for item in items if not item.ok]
+    if failed:  # 2 when every failure is the folders' own (bad input), as for one folder
+        raise typer.Exit(2 if all(item.bad_input for item in failed) else 1)
 
 
 @app.command()

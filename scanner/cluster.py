@@ -71,8 +71,11 @@ class ClusterSpec(BaseModel):
         m = _LOCAL.match(text)
         if m:
             n = int(m.group(1))
-            if not 1 <= n <= 256:
-                raise UserError(f"--dask {text}: local:N needs 1 <= N <= 256")
+            # a worker is one core: more workers than cores only share them, and dozens of
+            # processes starting at once on a small machine time out before they serve
+            if not 1 <= n <= _cores():
+                raise UserError(f"--dask {text}: local:N needs 1 <= N <= {_cores()} (this "
+                                "machine's cores; each worker is one core)")
             return cls(local_workers=n)
         if _ADDRESS.match(text):
             return cls(address=text)

@@ -13,6 +13,7 @@ from typing import Any
 
 from scanner.defectlist import DEFECTS_JSON
 from scanner.errors import UserError
+from scanner.recipe import RecipeError, parse_recipe
 from scanner.scanfolder import MOSAIC, SCAN_JSON, effective_status, read_scan_json
 from scanner.tilestore import check_journal
 
@@ -42,6 +43,7 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
     """
     folder = Path(folder)
     scan = read_scan_json(folder)
+    check_recorded_recipe(folder, scan)
     status = effective_status(scan)
     # the mosaic and the defect list are written whole or not at all (renamed into place)
     needed = _NEEDS[command]
@@ -59,3 +61,27 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
         raise UserError(f"{folder}: scan {status}: {len(ok)} of {n_planned} planned tiles "
                         f"acquired (first missing: tile {missing[0]}); {hint}")
     return scan
+
+
+def check_recorded_recipe(folder: Path, scan: dict[str, Any]) -> None:
+    """Refuse a scan whose recorded recipe is gone or no longer validates: the stages read
+    the sample's outline, die grid and settings from it, and without them would inspect
+    everything with the wrong threshold instead of saying the record is damaged.
+
+    A sample or configuration file that has moved since the scan is no damage: the stages
+    that need the file say so themselves.
+
+    Raises
+    ------
+    UserError
+        Naming ``scan.json`` and the field.
+    """
+    where = Path(folder) / SCAN_JSON
+    if not isinstance(scan.get("recipe"), dict):
+        raise UserError(f"{where}: records no recipe; the scan record is damaged")
+    try:
+        parse_recipe(scan["recipe"], base_dir=Path(folder))
+    except RecipeError as exc:
+        if "file not found" in str(exc) or "is a folder, not a file" in str(exc):
+            return
+        raise UserError(f"{where} recipe: {exc}; the scan record is damaged") from None

@@ -198,6 +198,13 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
             why = "missing" if isinstance(exc, KeyError) else f"unreadable ({first_line(exc)})"
             raise UserError(f"{path}: level {d['path']} is {why}; the mosaic is damaged "
                             "(re-run `waferscope stitch`)") from None
+        scale = next((t.get("scale") for t in d["coordinateTransformations"]
+                      if t.get("type") == "scale"), None)
+        # OME-NGFF's schema takes any number; a pixel of size 0 (or NaN) places nothing
+        if scale is None or not all(math.isfinite(s) and s > 0 for s in scale):
+            raise UserError(f"{path}: level {d['path']} has scale {scale}; pixel sizes must be "
+                            "positive (the mosaic's metadata is damaged; re-run `waferscope "
+                            "stitch`)")
     return levels, [d["coordinateTransformations"] for d in datasets]
 
 
@@ -285,7 +292,8 @@ def create_multiscale(
             chunks=(chunk, chunk),
             dtype=dtype,
             fill_value=fill_value,
-            compressors=zarr.codecs.ZstdCodec(level=3),
+            # the frame checksum: a flipped bit is refused when read, never shown as data
+            compressors=zarr.codecs.ZstdCodec(level=3, checksum=True),
             dimension_names=["y", "x"],
             # every chunk is stored, background included, so that a missing chunk is damage
             # that can be found (zarr would read it back as fill value, i.e. black)

@@ -46,7 +46,9 @@ _SectionT = TypeVar("_SectionT", bound=BaseModel)
 class DefectSpec(_Model):
     """Synthetic defects placed on a simulated sample (ignored on real hardware)."""
 
-    count: Annotated[int, Field(ge=0)] = 20
+    # a simulated sample renders every defect on every frame it touches: thousands are a
+    # typo, and a billion would hang even `validate`
+    count: Annotated[int, Field(ge=0, le=10_000)] = 20
     kinds: list[str] | None = None
     seed: int = 0
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from scanner.errors import UserError
 from scanner.scanrecord import validated_scan
+from simulators.errors import first_line
 
 SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
@@ -77,8 +78,8 @@ def read_scan_json(folder: Path) -> dict[str, Any]:
         raise UserError(f"{folder}: not a scan folder (no {SCAN_JSON})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc})") from None
+    except (OSError, ValueError) as exc:  # JSON and UTF-8 decoding errors are ValueErrors
+        raise UserError(f"{path}: unreadable ({first_line(exc)})") from None
     return validated_scan(data, str(path))
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from scanner.errors import UserError
+from simulators.errors import first_line
 
 TILES_ZARR = "tiles.zarr"
 TILES_CSV = "tiles.csv"
@@ -107,6 +108,9 @@ class TileStore:
                 dtype=dtype,
                 fill_value=0,
                 dimension_names=("tile", "y", "x"),
+                # zarr's default Zstd with its frame checksum: a flipped bit in a raw tile is
+                # refused as damage when read, never stitched and inspected as data
+                compressors=zarr.codecs.ZstdCodec(level=0, checksum=True),
                 overwrite=True,
                 # every acquired tile gets its chunk, even an all-zero one, so that a missing
                 # chunk always means damage
@@ -157,12 +161,21 @@ def read_tiles_csv(folder: Path) -> list[TileRecord]:
     if not path.is_file():
         raise UserError(f"{folder}: no {TILES_CSV} (the scan acquired nothing)")
     by_index: dict[int, TileRecord] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            if None in row or any(row.get(c) is None for c in COLUMNS) or not row["status"]:
-                continue  # a partial last line
-            record = _parse_row(row)
-            by_index[record.index] = record
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                if None in row or any(row.get(c) is None for c in COLUMNS) or not row["status"]:
+                    continue  # a partial last line
+                try:
+                    record = _parse_row(row)
+                except ValueError as exc:
+                    raise UserError(f"{path}, line {reader.line_num}: {exc}; the journal is "
+                                    "damaged") from None
+                by_index[record.index] = record
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a text journal ({exc.reason}); the scan is damaged"
+                        ) from None
     return [by_index[i] for i in sorted(by_index)]
 
 
@@ -197,8 +210,23 @@ def write_tiles_csv(folder: Path, records: Iterable[TileRecord]) -> None:
 
 
 def open_tiles(folder: Path) -> zarr.Array:
-    """Open the raw tiles array of a scan folder (read-only)."""
-    return zarr.open_array(Path(folder) / TILES_ZARR, mode="r")
+    """Open the raw tiles array of a scan folder (read-only).
+
+    Raises
+    ------
+    UserError
+        The store is missing, unreadable, or not an array of 2-D tiles one chunk each.
+    """
+    path = Path(folder) / TILES_ZARR
+    try:
+        array = zarr.open_array(path, mode="r")
+    except Exception as exc:  # zarr raises FileNotFoundError, JSON and metadata errors
+        raise UserError(f"{path}: the raw tiles cannot be opened ({first_line(exc)}); the "
+                        "scan is damaged") from None
+    if array.ndim != 3 or tuple(array.chunks) != (1, *array.shape[1:]):
+        raise UserError(f"{path}: not a store of whole tiles (shape {array.shape}, chunks "
+                        f"{array.chunks}); the scan is damaged")
+    return array
 
 
 def stored_tiles(array: zarr.Array) -> set[int]:

@@ -77,6 +77,10 @@ def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
     # a line threshold of 0 or less would make every faint region a defect
     ("line_threshold", -1.0, "line_threshold"),
     ("thresholds_line_by_sample_kind", {"pv_cell": 0.0}, "thresholds_line_by_sample_kind"),
+    # NaN flags nothing and says nothing; a negative threshold flags everything
+    ("threshold", float("nan"), "threshold"),
+    ("threshold", -1.0, "threshold"),
+    ("kind", "banana", "kind"),
 ])
 def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
         tmp_path: Path, key: str, value: object, named: str) -> None:
@@ -245,3 +249,127 @@ def test_an_image_with_non_finite_pixels_is_refused_by_inspect_and_train(
         assert len(lines) == 1 and "b_damaged.tif" in lines[0] and "non-finite" in lines[0]
     assert not (tmp_path / "out" / "scores.csv").exists()
     assert not list(tmp_path.glob("m*.safetensors"))
+
+
+def _damaged_copy(scan: Path, tmp_path: Path, damage) -> Path:
+    import shutil
+
+    folder = tmp_path / "scan"
+    shutil.copytree(scan, folder)
+    damage(folder)
+    return folder
+
+
+def _random_bytes(path: Path) -> None:
+    import numpy as np
+
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+
+
+def _edit_json(path: Path, edit) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _flip_bits(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _garbled_journal(folder: Path) -> None:
+    lines = (folder / "tiles.csv").read_text().splitlines()
+    cells = lines[2].split(",")
+    cells[0] = "abc"  # the tile's index
+    lines[2] = ",".join(cells)
+    (folder / "tiles.csv").write_text("\n".join(lines) + "\n")
+
+
+def _zero_scale(data: dict) -> None:
+    data["attributes"]["ome"]["multiscales"][0]["datasets"][0][
+        "coordinateTransformations"][0]["scale"] = [0, 0]
+
+
+@pytest.mark.parametrize(("command", "damage", "named"), [
+    ("stitch", lambda f: _random_bytes(f / "scan.json"), "scan.json: unreadable"),
+    ("stitch", _garbled_journal, "tiles.csv, line 3"),
+    ("stitch", lambda f: __import__("shutil").rmtree(f / "tiles.zarr"), "tiles.zarr"),
+    ("stitch", lambda f: (f / "tiles.zarr" / "zarr.json").write_text("{bad"), "tiles.zarr"),
+    # zarr's Zstd checksum: a flipped bit in a raw tile is damage, not data
+    ("stitch", lambda f: _flip_bits(f / "tiles.zarr" / "c" / "4" / "0" / "0"), "damaged"),
+    ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "zarr.json", _zero_scale),
+     "scale"),
+    ("inspect", lambda f: _edit_json(f / "scan.json", lambda d: d.pop("recipe")),
+     "records no recipe"),
+    ("inspect", lambda f: _edit_json(
+        f / "scan.json", lambda d: d["recipe"]["sample"].update(diameter_mm=float("nan"))),
+     "recipe: sample"),
+    # a scan folder that lost its record is not inspected as a bare mosaic over its results
+    ("inspect", lambda f: (f / "scan.json").unlink(), "not a scan folder"),
+])
+def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
+        wafer_scan: Path, tmp_path: Path, command: str, damage, named: str) -> None:
+    folder = _damaged_copy(wafer_scan, tmp_path, damage)
+    before = (folder / "defects.json").read_bytes()
+    result = runner.invoke(app, [command, str(folder)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], lines
+    assert (folder / "defects.json").read_bytes() == before
+
+
+def test_batch_of_folders_that_are_not_scans_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    result = runner.invoke(app, ["batch", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all("not a scan folder" in line for line in lines), lines
+
+
+def test_more_local_workers_than_cores_are_refused() -> None:
+    import os
+
+    from scanner.cluster import ClusterSpec
+    from scanner.errors import UserError
+
+    with pytest.raises(UserError, match="cores"):
+        ClusterSpec.parse(f"local:{len(os.sched_getaffinity(0)) + 1}")
+    assert ClusterSpec.parse("local:1").local_workers == 1
+
+
+def test_a_pixel_size_that_would_resample_an_image_beyond_reason_is_refused(
+        tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "a.tif", np.full((64, 64), 1000, np.uint16))
+    result = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--pixel-size", "1e30",
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--pixel-size" in lines[0], lines
+
+
+def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import numpy as np
+    import tifffile
+
+    from models.modelfile import default_model_path
+
+    weights = default_model_path()
+    shutil.copyfile(weights, tmp_path / "m.safetensors")
+    card = json.loads(weights.with_suffix(".json").read_text())
+    card.pop("threshold")
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    tifffile.imwrite(tmp_path / "a.tif", np.full((64, 64), 1000, np.uint16))
+    result = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--model",
+                                 str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "threshold: missing" in result.stderr

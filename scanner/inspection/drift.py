@@ -16,10 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from models.drift import DRIFT_FACTOR, drift_ratios, drift_verdict, score_summary
+from models.drift import DRIFT_FACTOR, GoodScores, drift_ratios, drift_verdict, score_summary
 from scanner.errors import UserError
-from scanner.scanfolder import read_scan_json
+from scanner.recipe import format_validation_error
+from scanner.scanfolder import SCAN_JSON, read_scan_json
 
 if TYPE_CHECKING:
     from scanner.inspection.tiled import Model
@@ -82,7 +84,8 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
     UserError
         A folder that is not a scan, or a model card without good-surface scores.
     """
-    reference = (getattr(model, "card", {}) or {}).get("good_scores")
+    reference = _checked((getattr(model, "card", {}) or {}).get("good_scores"),
+                         "--model: its card's good_scores")
     if not reference or not reference.get("n"):
         raise UserError("--model: its card records no good-surface scores (build it with "
                         "waferscope train)")
@@ -91,7 +94,10 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
     for folder in scans:
         scan = read_scan_json(Path(folder))
         inspection = scan.get("inspection") or {}
-        scores = inspection.get("good_scores")
+        where = f"{Path(folder) / SCAN_JSON} inspection.good_scores"
+        if not isinstance(inspection, dict):
+            raise UserError(f"{Path(folder) / SCAN_JSON} inspection: not a mapping")
+        scores = _checked(inspection.get("good_scores"), where)
         used = (inspection.get("model") or {}).get("weights_sha256")
         if not scores or not scores.get("n"):
             skipped.append(f"{folder} (not inspected, or before good scores were recorded)")
@@ -104,6 +110,24 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
     drifted, move = drift_verdict(reference, [r["scores"] for r in rows], factor)
     plot = _plot(rows, reference, out_dir, factor) if out_dir is not None and rows else None
     return DriftReport(drifted, move, rows, skipped, plot)
+
+
+def _checked(scores: Any, where: str) -> dict[str, Any] | None:
+    """``scores`` (a recorded :func:`models.drift.score_summary`, or None) once it fits
+    :class:`models.drift.GoodScores`.
+
+    Raises
+    ------
+    UserError
+        Naming ``where`` and the field that does not fit.
+    """
+    if scores is None:
+        return None
+    try:
+        GoodScores.model_validate(scores)
+    except ValidationError as exc:
+        raise UserError(f"{where}: {format_validation_error(exc)}") from None
+    return scores
 
 
 def _plot(rows: list[dict[str, Any]], reference: dict[str, Any], out_dir: Path,

@@ -51,6 +51,9 @@ from scanner.ngff import (
 
 #: Scratch store of window maps next to the maps while a mosaic is inspected.
 WINDOWS_SCRATCH = "inspect-windows.tmp.zarr"
+#: longest side an image may take once resampled to the model's pixels (a 2 m wafer at 1 µm;
+#: beyond it a pixel size is a typo, and numpy refuses the array anyway)
+MAX_RESAMPLED_SIDE_PX = 2_000_000
 
 
 # --------------------------------------------------------------------------- maps of a sample
@@ -212,6 +215,11 @@ def infer_image(
     """
     p_img = float(pixel_size_um or model.pixel_size_um)
     p_model = grid_pixel_um(model, p_img)
+    resampled = [n * p_img / p_model for n in image.shape[:2]]
+    if not all(1 <= n <= MAX_RESAMPLED_SIDE_PX for n in resampled):
+        raise UserError(f"pixel size {p_img:g} µm: the model runs at {p_model:g} µm, so this "
+                        f"{image.shape[0]} x {image.shape[1]} px image would become "
+                        f"{resampled[0]:.3g} x {resampled[1]:.3g} px; check --pixel-size")
     reader = GridReader(image, p_model / p_img)
     s = int(model.output_stride)
     tiling = plan_tiling(reader.shape, s, int(model.context_px),

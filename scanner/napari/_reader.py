@@ -66,9 +66,11 @@ def open_multiscale(path: Path) -> tuple[list[Any], tuple[float, float], tuple[f
     """
     import dask.array as da
 
-    from scanner.ngff import level_transform, open_mosaic
+    from scanner.ngff import check_complete, level_transform, open_mosaic
 
     arrays, transforms = open_mosaic(path)  # the metadata validated (OME-NGFF 0.5)
+    for k, a in enumerate(arrays):  # a missing chunk is damage, never shown as black
+        check_complete(a, f"{path} level {k}")
     scale, trans = level_transform(transforms)
     levels = [da.from_zarr(a) for a in arrays]
     return levels, (float(scale[-2]), float(scale[-1])), (float(trans[-2]), float(trans[-1]))

@@ -101,6 +101,8 @@ class _TiffReader(_Reader):
                 raise ValueError(f"no Y/X axes in {axes!r}")
             self.shape = (int(shape[axes.index("Y")]), int(shape[axes.index("X")]))
             self.dtype = np.dtype(series.dtype)
+            if self.dtype.kind not in "biuf":  # complex, text, records: not intensities
+                raise ValueError(f"unsupported pixel type {self.dtype}")
             self._cmyk = tiff_is_cmyk(self._tif)
             channel = "S" if "S" in axes else ("C" if "C" in axes else None)
             # index template: Y and X sliced per read, the channel axis kept, the rest at 0
@@ -158,6 +160,8 @@ class _ArrayReader(_Reader):
         if raw.ndim not in (2, 3):
             raise ValueError(f"unsupported image shape {raw.shape}")
         self.dtype = raw.dtype
+        if self.dtype.kind not in "biuf":
+            raise ValueError(f"unsupported pixel type {self.dtype}")
         self._lum = _luminance(raw)
         self.shape = (int(self._lum.shape[0]), int(self._lum.shape[1]))
         self.lazy = False
