@@ -55,6 +55,10 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.E
                    errno.EPERM}
 
 
+#: the commands that acquire tiles (an interrupted one is continued with `resume`)
+_ACQUIRING = frozenset({"run", "resume"})
+
+
 def _friendly(func: F) -> F:
     """Turn bad input (UserError, a full disk) into one line + exit 2, anything else into one
     line + exit 1."""
@@ -78,8 +82,11 @@ def _friendly(func: F) -> F:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err.print("interrupted; what was acquired is kept in the scan folder "
-                      "(continue with `waferscope resume SCAN`)")
+            if func.__name__ in _ACQUIRING:
+                err.print("interrupted; what was acquired is kept in the scan folder "
+                          "(continue with `waferscope resume SCAN`)")
+            else:
+                err.print("interrupted")
             raise typer.Exit(130) from None
         except typer.Exit:
             raise

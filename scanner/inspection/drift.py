@@ -123,6 +123,9 @@ def _checked(scores: Any, where: str) -> dict[str, Any] | None:
     """
     if scores is None:
         return None
+    if not isinstance(scores, dict):
+        raise UserError(f"{where}: a mapping of score quantiles is expected, got "
+                        f"{str(scores)[:40]!r}")
     try:
         GoodScores.model_validate(scores)
     except ValidationError as exc:
