@@ -229,3 +229,14 @@ def test_repeaters_get_their_own_layer_while_they_belong_to_the_inspection(revie
     # a repeaters.json of an earlier inspection is not shown
     write_repeaters(folder, [group], "an older run", 30.0)
     assert repeater_points(folder) is None
+
+
+def test_a_mosaic_with_a_missing_chunk_is_refused_not_shown_black(review_scan: Path,
+                                                                  tmp_path: Path):
+    from scanner.errors import UserError
+
+    folder = tmp_path / "wafer"
+    shutil.copytree(review_scan, folder)
+    (folder / "mosaic.ome.zarr" / "0" / "c" / "0" / "0").unlink()
+    with pytest.raises(UserError, match="chunk"):
+        read_scan(str(folder))
