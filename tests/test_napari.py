@@ -31,7 +31,9 @@ def _write_map(path: Path, data: np.ndarray, pixel_um: float, origin_yx: tuple[f
 
     root = zarr.open_group(str(path), mode="w")
     for k, level in enumerate((data, data[::2, ::2])):
-        root.create_array(str(k), data=level.astype(np.float32), chunks=(64, 64))
+        # every chunk stored, as inspection stores them (a missing one is damage)
+        root.create_array(str(k), data=level.astype(np.float32), chunks=(64, 64),
+                          config={"write_empty_chunks": True})
     root.attrs["ome"] = ome_attributes(path.name, 2, pixel_um, (origin_yx[1], origin_yx[0]))
 
 
@@ -231,12 +233,13 @@ def test_repeaters_get_their_own_layer_while_they_belong_to_the_inspection(revie
     assert repeater_points(folder) is None
 
 
-def test_a_mosaic_with_a_missing_chunk_is_refused_not_shown_black(review_scan: Path,
-                                                                  tmp_path: Path):
+@pytest.mark.parametrize("image", ["mosaic.ome.zarr", "anomaly.ome.zarr"])
+def test_an_image_with_a_missing_chunk_is_refused_not_shown_black(review_scan: Path,
+                                                                  tmp_path: Path, image: str):
     from scanner.errors import UserError
 
     folder = tmp_path / "wafer"
     shutil.copytree(review_scan, folder)
-    (folder / "mosaic.ome.zarr" / "0" / "c" / "0" / "0").unlink()
-    with pytest.raises(UserError, match="chunk"):
+    (folder / image / "0" / "c" / "0" / "0").unlink()
+    with pytest.raises(UserError, match=f"{image} level 0: chunk"):
         read_scan(str(folder))

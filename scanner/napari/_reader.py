@@ -54,8 +54,7 @@ def get_reader(path: str | list[str]) -> Any:
     return read_scan if _scan_folder(path) is not None else None
 
 
-def open_multiscale(path: Path, complete: bool = False
-                    ) -> tuple[list[Any], tuple[float, float], tuple[float, float]]:
+def open_multiscale(path: Path) -> tuple[list[Any], tuple[float, float], tuple[float, float]]:
     """Open an OME-NGFF multiscale image lazily.
 
     Returns
@@ -70,9 +69,9 @@ def open_multiscale(path: Path, complete: bool = False
     from scanner.ngff import check_complete, level_transform, open_mosaic
 
     arrays, transforms = open_mosaic(path)  # the metadata validated (OME-NGFF 0.5)
-    if complete:  # a mosaic stores every chunk: a missing one is damage, never shown as black
-        for k, a in enumerate(arrays):
-            check_complete(a, f"{path} level {k}")
+    # mosaics and maps store every chunk: a missing one is damage, never shown as black
+    for k, a in enumerate(arrays):
+        check_complete(a, f"{path} level {k}")
     scale, trans = level_transform(transforms)
     levels = [da.from_zarr(a) for a in arrays]
     return levels, (float(scale[-2]), float(scale[-1])), (float(trans[-2]), float(trans[-1]))
@@ -89,8 +88,8 @@ def _limits(levels: list[Any], lo: float = 0.5, hi: float = 99.9) -> tuple[float
     return (float(a), float(b)) if b > a else (float(a), float(a) + 1.0)
 
 
-def _image_layer(path: Path, name: str, complete: bool = False, **kwargs: Any) -> LayerData:
-    levels, scale, translate = open_multiscale(path, complete)
+def _image_layer(path: Path, name: str, **kwargs: Any) -> LayerData:
+    levels, scale, translate = open_multiscale(path)
     data = levels if len(levels) > 1 else levels[0]
     return (data, {"name": name, "multiscale": len(levels) > 1, "scale": scale,
                    "units": ("micrometer", "micrometer"), "axis_labels": ("y", "x"),
@@ -210,8 +209,7 @@ def read_scan(path: str | list[str]) -> list[LayerData]:
     layers: list[LayerData] = []
     extent = None
     if (folder / MOSAIC).is_dir():
-        mosaic = _image_layer(folder / MOSAIC, "mosaic", complete=True, colormap="gray",
-                              blending="opaque")
+        mosaic = _image_layer(folder / MOSAIC, "mosaic", colormap="gray", blending="opaque")
         layers.append(mosaic)
         shape = np.asarray((mosaic[0][0] if mosaic[1]["multiscale"] else mosaic[0]).shape[-2:])
         extent = float(np.max(shape * np.asarray(mosaic[1]["scale"])))
