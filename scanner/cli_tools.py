@@ -160,6 +160,10 @@ def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
     variants = {"auto": "auto", "on": True, "off": False}.get(camera_variants)
     if variants is None:
         raise UserError("--camera-variants: auto, on or off")
+    if init is not None:  # a damaged model to extend is refused before anything is read
+        from models.modelfile import read_model_files
+
+        read_model_files(init)
     return target, variants
 
 
