@@ -10,6 +10,7 @@ re-exported here.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args
@@ -122,7 +123,9 @@ class WaferSample(_Model):
     kind: Literal["wafer"] = "wafer"
     diameter_mm: PositiveFloat = 100.0
     orientation: Literal["notch", "flat", "none"] = "notch"
-    flat_length_mm: PositiveFloat = 32.5
+    flat_length_mm: PositiveFloat = Field(
+        32.5, description="length of the flat (default: SEMI M1's primary flat for the "
+                          "diameter, e.g. 32.5 mm at 100 mm; 0.325 x other diameters)")
     notch_depth_mm: NonNegFloat = Field(1.0, description="depth of the V notch (SEMI M1: 1 mm)")
     edge_exclusion_mm: NonNegFloat = 3.0
     die_pitch_mm: tuple[PositiveFloat, PositiveFloat] = (10.0, 10.0)
@@ -142,11 +145,41 @@ class WaferSample(_Model):
     roughness: RoughnessSpec | None = None
     placement: PlacementSpec = PlacementSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_for_the_diameter(cls, data: Any) -> Any:
+        # one fixed default (100 mm's flat) is longer than a small wafer is wide, and cut a
+        # 30 mm wafer in half without a word
+        if isinstance(data, dict) and data.get("flat_length_mm") is None:
+            try:
+                diameter = float(data.get("diameter_mm", 100.0))
+            except (TypeError, ValueError):
+                return data  # the field's own check names it
+            if math.isfinite(diameter) and diameter > 0:
+                data = {**data, "flat_length_mm": semi_flat_length_mm(diameter)}
+        return data
+
     @model_validator(mode="after")
     def _check_geometry(self) -> WaferSample:
         if self.edge_exclusion_mm * 2 >= self.diameter_mm:
             raise ValueError("edge_exclusion_mm: leaves no usable area (must be < diameter_mm / 2)")
+        if self.orientation == "flat" and self.flat_length_mm >= self.diameter_mm:
+            raise ValueError(f"flat_length_mm: {self.flat_length_mm:g} mm is not shorter than "
+                             f"the wafer's diameter ({self.diameter_mm:g} mm)")
         return self
+
+
+#: SEMI M1 primary flat lengths (mm) by nominal diameter (mm)
+SEMI_FLATS_MM = {50.8: 15.88, 76.2: 22.22, 100.0: 32.5, 125.0: 42.5, 150.0: 57.5}
+
+
+def semi_flat_length_mm(diameter_mm: float) -> float:
+    """The primary flat SEMI M1 gives a wafer of this diameter (within 1 mm), else the same
+    share of the diameter as a 100 mm wafer's (0.325)."""
+    for nominal, flat in SEMI_FLATS_MM.items():
+        if abs(diameter_mm - nominal) <= 1.0:
+            return flat
+    return round(0.325 * diameter_mm, 3)
 
 
 class PVCellSample(_Model):

@@ -151,3 +151,19 @@ def test_a_scans_recorded_settings_are_read_back_by_their_own_models() -> None:
     assert recorded({}, OutputSpec).chunk_px == OutputSpec().chunk_px
     with pytest.raises(RecipeError, match=r"recipe\.output.*klarf_version"):
         recorded({"recipe": {"output": {"klarf_version": "9"}}}, OutputSpec)
+
+
+def test_a_flat_wafer_gets_the_flat_of_its_diameter(tmp_path: Path) -> None:
+    from scanner.recipe import parse_recipe
+
+    def flat(**sample):
+        data = {"sample": {"kind": "wafer", "orientation": "flat", **sample},
+                "microscope": {"kind": "simulated"}}
+        return parse_recipe(data, base_dir=tmp_path).sample.flat_length_mm
+
+    assert flat(diameter_mm=100) == 32.5 and flat(diameter_mm=150) == 57.5  # SEMI M1
+    # 100 mm's flat would be longer than a 30 mm wafer is wide (and cut it in half)
+    assert flat(diameter_mm=30) == pytest.approx(9.75)
+    assert flat(diameter_mm=30, flat_length_mm=8) == 8
+    with pytest.raises(RecipeError, match="flat_length_mm"):
+        flat(diameter_mm=30, flat_length_mm=40)

@@ -38,3 +38,27 @@ def test_bad_bands_are_refused(tmp_path):
         _recipe(tmp_path, {"band_mm": [1]})
     with pytest.raises(PlanError, match="misses"):
         plan_scan(_recipe(tmp_path, {"band_mm": [200, 210]}), (4096.0, 4096.0))
+
+
+def test_a_band_scan_reports_only_the_dies_it_imaged(tmp_path):
+    import numpy as np
+
+    from scanner.reports.locate import ScanContext, tested_dies
+
+    sample = {"kind": "wafer", "diameter_mm": 100, "edge_exclusion_mm": 3,
+              "die_pitch_mm": [10, 10], "orientation": "notch"}
+    scan = {"recipe": {"sample": sample}}
+    fov = (4000.0, 4000.0)
+    xs = np.arange(-50_000, 50_001, 3_600.0)
+    band = np.column_stack([np.arange(len(xs)), xs, np.zeros_like(xs)])  # y from -2 to 2 mm
+    whole = np.array([(k, x, y) for k, (x, y) in enumerate(
+        (x, y) for x in xs for y in np.arange(-50_000, 50_001, 3_600.0))], dtype=float)
+    all_dies = tested_dies(ScanContext(tmp_path, scan, sample, fov, whole), [])
+    band_dies = tested_dies(ScanContext(tmp_path, scan, sample, fov, band), [])
+    assert len(all_dies) > 60  # the whole wafer's dies, as before
+    ctx = ScanContext(tmp_path, scan, sample, fov, whole)
+    assert ctx.inspected_polygon().equals(ctx.usable_polygon())
+    # the band (y in [-2, 2] mm) crosses the two rows of dies either side of y = 0 only
+    assert {d["row"] for d in band_dies} == {-1, 0}
+    assert 0 < len(band_dies) < len(all_dies) / 3
+    assert not any(d["full"] for d in band_dies)  # every die was only partly imaged

@@ -113,6 +113,24 @@ class ScanContext:
             raise UserError(f"{self.folder}/{exc}") from None  # ".../scan.json recipe.sample: ..."
         return usable_polygon(sample, alignment=self.alignment)
 
+    def inspected_polygon(self) -> Polygon | None:
+        """The usable area that the acquired tiles cover (stage µm; None as
+        :meth:`usable_polygon`): all of it for a whole scan, the band of a band scan
+        (``scan.region``), what was acquired of an incomplete one. Dies and areas outside it
+        were never imaged and are not reported as tested."""
+        usable = self.usable_polygon()
+        if usable is None or not len(self.tiles):
+            return usable
+        from shapely import box, unary_union
+
+        w, h = self.fov_um
+        imaged = unary_union([box(x - w / 2, y - h / 2, x + w / 2, y + h / 2)
+                              for _, x, y in self.tiles])
+        if imaged.covers(usable):  # a whole scan: the usable area exactly as it is
+            return usable
+        part = usable.intersection(imaged)
+        return part if not part.is_empty else None
+
     @property
     def alignment(self) -> dict[str, Any] | None:
         """Where the alignment found the sample (``scan.json``; None: not aligned), refined
@@ -224,12 +242,13 @@ def locate(defects: list[Defect], ctx: ScanContext) -> list[Defect]:
 
 
 def tested_dies(ctx: ScanContext, defects: list[Defect]) -> list[dict[str, Any]]:
-    """Dies fully or partly inside the usable area, with their defect count and pass/fail.
+    """Dies fully or partly inside the inspected area (the usable area the tiles covered),
+    with their defect count and pass/fail.
 
     A die fails when at least one defect's centre lies in its cell. Returns an empty list for
     samples without a die grid.
     """
-    grid, region = ctx.die_grid(), ctx.usable_polygon()
+    grid, region = ctx.die_grid(), ctx.inspected_polygon()
     if grid is None or region is None:
         return []
     counts: dict[tuple[int, int], int] = {}

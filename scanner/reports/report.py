@@ -127,7 +127,7 @@ def _klarf(folder: Path, ctx: ScanContext, header: dict[str, Any], defects: list
            full_dies_only: bool, klarf_version: str) -> Path:
     """Write a wafer's ``defects.klarf``: the defects in the test plan (the dies the header
     lists as tested with ``full_dies_only``, else all) over the inspected area."""
-    region = ctx.usable_polygon()
+    region = ctx.inspected_polygon()
     micro = ctx.scan.get("microscope") or {}
     station = ("WAFERSCOPE", str(micro.get("kind", "microscope")).upper(),
                str(header.get("versions", {}).get("waferscope", "0")))

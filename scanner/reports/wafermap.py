@@ -322,7 +322,7 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     if ctx.kind == "wafer":
         dies = header.get("dies") or {}
         n, failed = int(dies.get("n_tested", 0)), int(dies.get("n_failed", 0))
-        region = ctx.usable_polygon()
+        region = ctx.inspected_polygon()
         area_cm2 = region.area * 1e-8 if region is not None else 0.0
         if area_cm2:
             summary.append(f"density  {len(defects) / area_cm2:.2f} /cm²")
