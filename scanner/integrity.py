@@ -84,4 +84,5 @@ def check_recorded_recipe(folder: Path, scan: dict[str, Any]) -> None:
     except RecipeError as exc:
         if "file not found" in str(exc) or "is a folder, not a file" in str(exc):
             return
-        raise UserError(f"{where} recipe: {exc}; the scan record is damaged") from None
+        raise UserError(f"{where} recipe: {exc}; the scan record is damaged (or written by "
+                        "another version)") from None
