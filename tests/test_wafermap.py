@@ -103,3 +103,25 @@ def test_repeaters_are_drawn_as_brown_crosses_with_a_legend_entry(wafer_scan: Pa
                                       repeaters=defects[:2]))
     assert _pixels_like(plain, REPEATER_COLOR, tol=8) == 0
     assert _pixels_like(marked, REPEATER_COLOR, tol=8) > 20
+
+
+@pytest.mark.parametrize("alignment", [
+    None,
+    {"kind": "wafer", "nominal_center_um": [1500.0, -800.0], "center_um": [1980.0, -1280.0],
+     "rotation_deg": 1.0, "edge_residual_um": 1.0, "n_edge_points": 40},
+])
+def test_the_map_puts_stage_points_where_the_defect_list_does(tmp_path: Path, alignment):
+    from scanner.reports.locate import ScanContext
+    from scanner.reports.wafermap import wafer_frame_mm
+
+    # a wafer placed off the recipe's centre and turned: the map's frame is the measured one
+    sample = {"kind": "wafer", "diameter_mm": 25, "center_um": [1500.0, -800.0],
+              "die_pitch_mm": [3.0, 2.5]}
+    scan = {"recipe": {"sample": sample}, "alignment": alignment}
+    ctx = ScanContext(tmp_path, scan, sample, (5120.0, 5120.0), np.zeros((0, 3)))
+    points = np.array([[1500.0, -800.0], [-6000.0, 4000.0], [9000.0, -7000.0]])
+    drawn = wafer_frame_mm(ctx)(points)
+    listed = np.array([ctx.to_wafer_um(x, y) for x, y in points]) / 1000.0
+    np.testing.assert_allclose(drawn, listed, atol=1e-9)
+    if alignment is not None:  # 0.68 mm off the recipe's centre, as the helper found it drawn
+        assert np.abs(drawn - (points - sample["center_um"]) / 1000.0).max() > 0.4

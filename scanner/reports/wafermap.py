@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from shapely import affinity
 from shapely.geometry import Point, Polygon, box
 
 from scanner.defectlist import CLASSES, Defect
@@ -56,12 +56,6 @@ def wafer_outline_mm(diameter_mm: float, orientation: str, flat_length_mm: float
         notch = Polygon([(0.0, apex), (-reach, apex + reach), (reach, apex + reach)])
         return disc.difference(notch)
     return disc
-
-
-def _to_mm(poly: Polygon, centre_um: tuple[float, float]) -> Polygon:
-    """Stage-µm polygon to mm from a centre."""
-    moved = affinity.translate(poly, -centre_um[0], -centre_um[1])
-    return affinity.scale(moved, 1e-3, 1e-3, origin=(0, 0))
 
 
 def _fill(ax: Axes, poly: Any, **kwargs: Any) -> list[Any]:
@@ -124,15 +118,39 @@ def _draw_repeaters(ax: Axes, repeaters: list[Defect], to_xy: Any) -> None:
     ax.scatter(xy[:, 0], xy[:, 1], s=16, marker="x", c=REPEATER_COLOR, linewidths=0.9, zorder=4.5)
 
 
+def wafer_frame_mm(ctx: ScanContext) -> Callable[[np.ndarray], np.ndarray]:
+    """Stage points ``(N, 2)`` µm to the wafer's own frame in mm, as the defect list's
+    ``wafer_x_mm``/``wafer_y_mm`` (:meth:`ScanContext.to_wafer_um`: from the measured centre,
+    along the measured axes), for many points at once."""
+    from scanner.acquisition.alignrecord import Alignment
+
+    if ctx.alignment:
+        a = Alignment.model_validate(ctx.alignment)
+        centre, th = np.asarray(a.center_um, float), math.radians(a.rotation_deg)
+    else:
+        centre, th = np.asarray(ctx.sample.get("center_um", (0.0, 0.0)), float), 0.0
+    c, s = math.cos(th), math.sin(th)
+
+    def to_mm(xy: np.ndarray) -> np.ndarray:
+        d = np.asarray(xy, float).reshape(-1, 2) - centre
+        return np.column_stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]]) / 1e3
+
+    return to_mm
+
+
 def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect],
            repeaters: list[Defect]) -> None:
+    """The wafer in its own frame: outline, usable area, tested dies and defects all put
+    there from the stage by the measured centre and rotation, as the defects' wafer mm are
+    (a wafer placed off the recipe's centre or turned is drawn where its defects say)."""
+    import shapely
     from matplotlib.collections import PolyCollection
 
     sample = ctx.sample
-    centre = tuple(float(v) for v in sample.get("center_um", (0.0, 0.0)))
+    frame = wafer_frame_mm(ctx)
     outline = wafer_outline_mm(float(sample["diameter_mm"]), sample.get("orientation", "notch"),
                                float(sample.get("flat_length_mm", 32.5)))
-    usable = _to_mm(ctx.usable_polygon(), centre)
+    usable = shapely.transform(ctx.usable_polygon(), frame)
     if sample.get("orientation") == "notch":
         # the planner's usable area is round; the exclusion also follows the notch
         usable = usable.intersection(outline.buffer(-float(sample["edge_exclusion_mm"])))
@@ -147,25 +165,26 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     small = max(pitch) < 0.045 * float(sample["diameter_mm"])
     cells, faces = [], []
     for die in tested:
-        x0, y0, _, _ = grid.cell_box(die["col"], die["row"])
-        x0, y0 = (x0 - centre[0]) / 1000.0, (y0 - centre[1]) / 1000.0
-        cells.append([(x0, y0), (x0 + pitch[0], y0), (x0 + pitch[0], y0 + pitch[1]),
-                      (x0, y0 + pitch[1])])
+        corners = frame(np.asarray(grid.cell_polygon(die["col"], die["row"]).exterior.coords)
+                        [:4])
+        cells.append(corners)
         faces.append(_FAIL_FACE if not die["pass"]
                      else (_PASS_FACE if die["full"] else _PARTIAL_FACE))
         if not die["pass"] and not small:
-            ax.text(x0 + 0.06 * pitch[0], y0 + 0.06 * pitch[1], str(die["defects"]),
-                    fontsize=6.5, color="#a01818", ha="left", va="top", zorder=3)
+            x0, y0 = corners[0] + 0.06 * (corners[2] - corners[0])
+            ax.text(x0, y0, str(die["defects"]), fontsize=6.5, color="#a01818", ha="left",
+                    va="top", zorder=3)
     # one collection of plain vertices: a 300 mm wafer of small dies has thousands of them
     dies = ax.add_collection(PolyCollection(cells, facecolors=faces, edgecolors=_EDGE,
                                             linewidths=0.6 if not small else 0.3, zorder=2))
     dies.set_clip_path(wafer_patch)
     _outline(ax, usable, color="#6c7a89", lw=0.9, ls="--", zorder=3)
     _outline(ax, outline, color="#2f3b48", lw=1.6, zorder=3)
-    _die_indices(ax, tested, grid, centre, float(sample["diameter_mm"]) / 2.0)
+    _die_indices(ax, tested, grid, frame, float(sample["diameter_mm"]) / 2.0)
 
     def to_mm(x: float, y: float) -> tuple[float, float]:
-        return (x - centre[0]) / 1000.0, (y - centre[1]) / 1000.0
+        u, v = frame(np.array([x, y]))[0]
+        return float(u), float(v)
 
     _draw_repeaters(ax, repeaters, to_mm)
     _draw_defects(ax, defects, to_mm, float(sample["diameter_mm"]))
@@ -178,22 +197,23 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
 
 
 def _die_indices(ax: Axes, tested: list[dict[str, Any]], grid: Any,
-                 centre: tuple[float, ...], radius_mm: float) -> None:
-    """Column numbers above the wafer and row numbers left of it."""
+                 frame: Callable[[np.ndarray], np.ndarray], radius_mm: float) -> None:
+    """Column numbers above the wafer and row numbers left of it, at their dies' centres."""
     if not tested:
         return
     cols = sorted({d["col"] for d in tested})
     rows = sorted({d["row"] for d in tested})
     step = max(1, math.ceil(max(len(cols), len(rows)) / 25))
-    px, py = grid.pitch_um[0] / 1000.0, grid.pitch_um[1] / 1000.0
-    ox, oy = (grid.origin_um[0] - centre[0]) / 1000.0, (grid.origin_um[1] - centre[1]) / 1000.0
+    px, py = grid.pitch_um
+    mid_c, mid_r = cols[len(cols) // 2], rows[len(rows) // 2]
     for c in cols[::step]:
-        ax.text(ox + (c + 0.5) * px, -radius_mm * 1.045, str(c), fontsize=6, color="#55606e",
+        x = frame(np.array(grid.to_stage((c + 0.5) * px, (mid_r + 0.5) * py)))[0, 0]
+        ax.text(x, -radius_mm * 1.045, str(c), fontsize=6, color="#55606e",
                 ha="center", va="bottom")
     for r in rows[::step]:
-        ax.text(-radius_mm * 1.045, oy + (r + 0.5) * py, str(r), fontsize=6, color="#55606e",
+        y = frame(np.array(grid.to_stage((mid_c + 0.5) * px, (r + 0.5) * py)))[0, 1]
+        ax.text(-radius_mm * 1.045, y, str(r), fontsize=6, color="#55606e",
                 ha="right", va="center")
-
 
 
 def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
