@@ -211,6 +211,10 @@ def drift(
 
     check_output(out_dir, "--out", folder=True)
     report = check_drift(scans, load_inspection_model(model), out_dir)
+    if not report.scans:  # nothing to judge: a verdict would only hide why
+        more = len(report.skipped) - 1
+        raise UserError(f"drift: no scan can be compared with the model's calibration: "
+                        f"{report.skipped[0]}" + (f" (and {more} more)" if more else ""))
     for skipped in report.skipped:
         err.print(f"skipped {escape(skipped)}", highlight=False, soft_wrap=True)
     for row in report.scans:

@@ -373,3 +373,15 @@ def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path) -> None:
                                  str(tmp_path / "m"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert "threshold: missing" in result.stderr
+
+
+def test_drift_with_no_scan_to_compare_is_one_line(tmp_path: Path) -> None:
+    import json
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    (folder / "scan.json").write_text(json.dumps({"status": "complete"}))  # never inspected
+    result = runner.invoke(app, ["drift", str(folder)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no scan can be compared" in lines[0], lines
