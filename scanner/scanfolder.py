@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import UserError
-from scanner.scanrecord import validated_scan
+from scanner.scanrecord import FINAL as FINAL  # re-exported with the folder's other names
+from scanner.scanrecord import RUNNING, validated_scan
 from simulators.errors import first_line
 
 SCAN_JSON = "scan.json"
@@ -26,10 +27,6 @@ TRUTH_JSON = "truth.json"
 #: the stitched OME-NGFF mosaic (written by ``scanner.stitching.stitch``)
 MOSAIC = "mosaic.ome.zarr"
 
-#: statuses written while a stage runs; found with no live process, they read as interrupted
-RUNNING = ("aligning", "acquiring", "stitching", "inspecting", "reporting")
-#: how every scan ends
-FINAL = ("complete", "incomplete", "interrupted", "failed")
 
 _PACKAGES = ("waferscope", "pymmcore-plus", "pymmcore", "useq-schema", "zarr", "numpy",
              "scikit-image", "scipy", "pydantic", "torch")

@@ -12,7 +12,7 @@ are mappings whose content that stage documents; keys added by newer versions ar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,6 +20,11 @@ from scanner.errors import UserError
 from scanner.recipe import format_validation_error
 
 Section = dict[str, Any]
+
+#: statuses written while a stage runs; found with no live process, they read as interrupted
+RUNNING = ("aligning", "acquiring", "stitching", "inspecting", "reporting")
+#: how every scan ends
+FINAL = ("complete", "incomplete", "interrupted", "failed")
 
 
 class ScanRecord(BaseModel):
@@ -31,9 +36,8 @@ class ScanRecord(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    status: str | None = Field(None, description="the stage running or the outcome: aligning, "
-                               "acquiring, stitching, inspecting, complete, incomplete, "
-                               "interrupted, failed")
+    status: Literal[RUNNING + FINAL] | None = Field(  # type: ignore[valid-type]
+        None, description="the stage running or the outcome")
     started: str | None = None
     finished: str | None = None
     error: str | None = Field(None, description="why the scan failed, in one line")

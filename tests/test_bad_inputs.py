@@ -56,6 +56,7 @@ def test_a_damaged_image_among_good_ones_is_refused_before_any_is_inspected(
     ({"status": "complete", "acquired_tiles": "many"}, "acquired_tiles"),
     ({"status": "complete", "timings": {"acquire": 12.0}}, "timings.acquire"),
     ([1, 2, 3], "not a scan record"),
+    ({"status": "bogus"}, "status"),
 ])
 def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
         tmp_path: Path, record: object, field: str) -> None:
