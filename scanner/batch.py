@@ -32,7 +32,7 @@ class BatchItem(BaseModel):
     wall_s: float = 0.0
     error: str | None = None
     bad_input: bool = Field(False, description="the failure is the folder's (not a scan, "
-                            "damaged data, a full disk): the user can act on it")
+                            "damaged or incomplete data): the user can act on it")
 
 
 def process_scan(folder: Path, *, model: Model, cluster: Any = None,

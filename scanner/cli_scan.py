@@ -224,17 +224,12 @@ def inspect(
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
     from scanner.inspection.inspect import inspect_target
     from scanner.integrity import require_ready
-    from scanner.scanfolder import MOSAIC, SCAN_JSON
+    from scanner.scanfolder import SCAN_JSON
 
     check_output(out_dir, "--out", folder=True)
     for path in target:
         if (path / SCAN_JSON).is_file():
             require_ready(path, "inspect", allow_incomplete=allow_incomplete)
-        elif (path / MOSAIC).exists():
-            # a scan folder that lost its record: inspecting it as a bare mosaic would
-            # overwrite its defect list with one made without its recipe (no usable area)
-            raise UserError(f"{path}: not a scan folder (no {SCAN_JSON}); to inspect its "
-                            f"mosaic alone: waferscope inspect {path / MOSAIC} --out DIR")
 
     if sample_kind is not None and sample_kind not in SAMPLE_KINDS:
         raise UserError(f"--sample-kind: one of {', '.join(SAMPLE_KINDS)}, got {sample_kind!r}")

@@ -589,6 +589,11 @@ def inspect_target(
         raise UserError("inspect: give a scan folder, a mosaic or image files")
     first = targets[0]
     if len(targets) == 1 and first.is_dir() and (first / MOSAIC).exists():
+        if not (first / SCAN_JSON).is_file():
+            # a scan folder that lost its record: inspected as a bare mosaic, its defect list
+            # would be overwritten by one made without its recipe (no usable area)
+            raise UserError(f"{first}: not a scan folder (no {SCAN_JSON}); to inspect its "
+                            f"mosaic alone: waferscope inspect {first / MOSAIC} --out DIR")
         return inspect_scan(first, model=model, threshold=threshold, out_dir=out_dir,
                             sample_kind=sample_kind, progress=progress, cluster=cluster)
     if len(targets) == 1 and first.name.endswith(".zarr"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,12 @@ class ScanContext:
         :meth:`usable_polygon`): all of it for a whole scan, the band of a band scan
         (``scan.region``), what was acquired of an incomplete one. Dies and areas outside it
         were never imaged and are not reported as tested."""
+        return self._inspected
+
+    @cached_property
+    def _inspected(self) -> Polygon | None:
+        # once per report: the union of a large scan's thousands of tiles is not free, and
+        # the die list, the KLARF and the wafer map all ask
         usable = self.usable_polygon()
         if usable is None or not len(self.tiles):
             return usable
