@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import UserError
-from scanner.scanrecord import FINAL as FINAL  # re-exported with the folder's other names
 from scanner.scanrecord import RUNNING, validated_scan
 from simulators.errors import first_line
 

@@ -71,6 +71,14 @@ def _survey(reader: _Reader, path: Path) -> float:
     return largest
 
 
+def _intensities(dtype: np.dtype) -> np.dtype:
+    """``dtype`` if its pixels are intensities (bool, integer, float); complex, text and
+    record pixels are refused (the imaginary part would be dropped without a word)."""
+    if dtype.kind not in "biuf":
+        raise ValueError(f"unsupported pixel type {dtype}")
+    return dtype
+
+
 def _luminance(window: np.ndarray) -> np.ndarray:
     """(rows, cols[, channels]) -> (rows, cols) float64; RGB(A) -> Rec. 709 luminance."""
     a = np.asarray(window)
@@ -100,9 +108,7 @@ class _TiffReader(_Reader):
             if "Y" not in axes or "X" not in axes:
                 raise ValueError(f"no Y/X axes in {axes!r}")
             self.shape = (int(shape[axes.index("Y")]), int(shape[axes.index("X")]))
-            self.dtype = np.dtype(series.dtype)
-            if self.dtype.kind not in "biuf":  # complex, text, records: not intensities
-                raise ValueError(f"unsupported pixel type {self.dtype}")
+            self.dtype = _intensities(np.dtype(series.dtype))
             self._cmyk = tiff_is_cmyk(self._tif)
             channel = "S" if "S" in axes else ("C" if "C" in axes else None)
             # index template: Y and X sliced per read, the channel axis kept, the rest at 0
@@ -159,9 +165,7 @@ class _ArrayReader(_Reader):
             raw = np.moveaxis(raw, 0, -1)
         if raw.ndim not in (2, 3):
             raise ValueError(f"unsupported image shape {raw.shape}")
-        self.dtype = raw.dtype
-        if self.dtype.kind not in "biuf":
-            raise ValueError(f"unsupported pixel type {self.dtype}")
+        self.dtype = _intensities(raw.dtype)
         self._lum = _luminance(raw)
         self.shape = (int(self._lum.shape[0]), int(self._lum.shape[1]))
         self.lazy = False
