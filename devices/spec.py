@@ -13,6 +13,7 @@ from types import UnionType
 from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -75,15 +76,22 @@ def resolve_path(value: Path, info: ValidationInfo) -> Path:
     return path.resolve()
 
 
+#: pydantic error type of a named file that is not there (or is a folder): a recorded recipe
+#: whose sample or configuration file has moved since the scan is told from a damaged one by it
+MISSING_FILE = "file_missing"
+
+
 def existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
-    """Resolve an optional path and check that the file exists."""
+    """Resolve an optional path and check that the file exists (error type
+    :data:`MISSING_FILE` when it does not)."""
     if value is None:
         return None
     path = resolve_path(value, info)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a file")
+        raise PydanticCustomError(MISSING_FILE, "{path} is a folder, not a file",
+                                  {"path": str(path)})
     if not path.is_file():
-        raise ValueError(f"file not found: {path}")
+        raise PydanticCustomError(MISSING_FILE, "file not found: {path}", {"path": str(path)})
     return path
 
 

@@ -11,7 +11,15 @@ from devices.errors import UserError as UserError
 
 
 class RecipeError(UserError):
-    """A recipe that cannot be read or does not validate."""
+    """A recipe that cannot be read or does not validate.
+
+    ``kinds`` holds the pydantic error types of the validation's problems (empty when the
+    recipe could not be read at all), so that callers need not match the message's text.
+    """
+
+    def __init__(self, message: str, kinds: frozenset[str] = frozenset()) -> None:
+        super().__init__(message)
+        self.kinds = kinds
 
 
 class PlanError(UserError):

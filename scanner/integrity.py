@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from devices.spec import MISSING_FILE
 from scanner.defectlist import DEFECTS_JSON
 from scanner.errors import UserError
 from scanner.recipe import RecipeError, parse_recipe
@@ -82,7 +83,7 @@ def check_recorded_recipe(folder: Path, scan: dict[str, Any]) -> None:
     try:
         parse_recipe(scan["recipe"], base_dir=Path(folder))
     except RecipeError as exc:
-        if "file not found" in str(exc) or "is a folder, not a file" in str(exc):
+        if exc.kinds and exc.kinds <= {MISSING_FILE}:
             return
         raise UserError(f"{where} recipe: {exc}; the scan record is damaged (or written by "
                         "another version)") from None

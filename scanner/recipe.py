@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from devices.spec import XY, NonNegFloat, PositiveFloat, existing_file
+from devices.spec import MISSING_FILE, XY, NonNegFloat, PositiveFloat, existing_file
 from devices.spec import CameraSpec as CameraSpec
 from devices.spec import FaultsSpec as FaultsSpec
 from devices.spec import FocusSpec as FocusSpec
@@ -431,7 +431,7 @@ def _format_error(error: dict[str, Any]) -> str:
         why = str(error["msg"])
     if kind == "literal_error":
         why = f"must be one of {ctx.get('expected', '')}"
-    if kind not in ("missing", "extra_forbidden") and "input" in error:
+    if kind not in ("missing", "extra_forbidden", MISSING_FILE) and "input" in error:
         got = error["input"]
         if isinstance(got, (str, int, float, bool)) or got is None:
             why += f" (got {got!r})"
@@ -510,9 +510,11 @@ def format_validation_error(exc: ValidationError) -> str:
     """Summarise a pydantic error as one line naming the first bad field.
 
     An unknown key is reported first: a misspelt key also makes its real key "missing",
-    and the misspelling is what the user has to fix.
+    and the misspelling is what the user has to fix. A file that is not there comes last:
+    in a scan's recorded recipe it has only moved, and the other problems are the damage.
     """
-    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    errors = sorted(exc.errors(), key=lambda e: (e["type"] != "extra_forbidden",
+                                                 e["type"] == MISSING_FILE))
     union = _union_error(errors)
     if union is not None:
         return union
@@ -549,7 +551,8 @@ def parse_recipe(data: Any, base_dir: Path, name: str = "scan") -> Recipe:
     try:
         return Recipe.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc)) from None
+        raise RecipeError(format_validation_error(exc),
+                          frozenset(e["type"] for e in exc.errors())) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -386,3 +386,19 @@ def test_drift_with_no_scan_to_compare_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "no scan can be compared" in lines[0], lines
+
+
+def test_a_recorded_recipe_whose_sample_file_moved_is_not_damage(tmp_path: Path) -> None:
+    from scanner.errors import UserError
+    from scanner.integrity import check_recorded_recipe
+
+    moved = {"recipe": {"sample": {"kind": "image", "path": "gone.tif", "pixel_size_um": 1}}}
+    check_recorded_recipe(tmp_path, moved)  # the stages that read the file say so themselves
+    # a moved file beside a field that no longer validates is damage all the same
+    both = {"recipe": {"sample": {"kind": "image", "path": "gone.tif", "pixel_size_um": -1}}}
+    with pytest.raises(UserError, match="pixel_size_um"):
+        check_recorded_recipe(tmp_path, both)
+    # a text that merely says "file not found" is not taken for a moved file
+    named = {"recipe": {"sample": {"kind": "wafer", "diameter_mm": "file not found"}}}
+    with pytest.raises(UserError, match="diameter_mm"):
+        check_recorded_recipe(tmp_path, named)
