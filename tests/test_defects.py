@@ -190,6 +190,31 @@ def test_centre_is_refined_on_the_full_resolution_image():
     assert d.y_um == pytest.approx(200 + (true_r - 1.5), abs=0.6)
 
 
+def test_a_feature_beside_a_defect_in_its_map_region_does_not_pull_its_centre_or_box():
+    # the map's region (blurred by the network) holds a 40 x 16 px dark defect and, 30 px
+    # away, a smaller dark feature of half its contrast: a die's mark beside a missing pattern
+    a = np.zeros((80, 80), np.float32)
+    a[rectangle((24, 30), end=(44, 50))] = 0.9
+    img = np.random.default_rng(3).normal(0, 0.01, (320, 320)).astype(np.float32)
+    img[130:170, 150:166] -= 0.5  # the defect: centre (149.5, 157.5) on the model grid
+    img[104:112, 184:192] -= 0.2  # the feature beside it
+    z = np.zeros_like(img)
+    z[130:170, 150:166] = 30.0
+    z[104:112, 184:192] = 8.0
+
+    def difference(r0, c0, h, w):
+        return _reader(img)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
+
+    for how in ({"image": _reader(img)}, {"difference": difference}):
+        d = extract_defects(_maps(a), GEOM, threshold=0.5, **how)[0]
+        assert d.x_um == pytest.approx(100 + 157.5 - 1.5, abs=1.0), how
+        assert d.y_um == pytest.approx(200 + 149.5 - 1.5, abs=1.0), how
+    # on a die-to-die difference the box is the defect's own, not the blurred region's
+    x0, y0, x1, y1 = d.bbox_um
+    assert x1 - x0 == pytest.approx(16, abs=2) and y1 - y0 == pytest.approx(40, abs=2)
+    assert d.area_um2 == pytest.approx(16 * 40, rel=0.1)
+
+
 def test_curved_scratch_centre_lies_on_the_scratch():
     a = np.zeros((120, 120), np.float32)
     t = np.linspace(-1.2, 1.2, 400)
