@@ -347,3 +347,26 @@ def test_auto_alignment_falls_back_where_a_field_cannot_see_the_notch(tmp_path) 
                                    str(tmp_path / "strict")])
     assert res.exit_code == 2
     assert len(res.stderr.strip().splitlines()) == 1 and "no notch found" in res.stderr
+
+
+def test_die_corners_in_fields_holding_several_dies_are_not_taken_a_pitch_off(
+        tmp_path: Path) -> None:
+    """bench_inspect's die-dense wafer: 2.2 mm dies in 5 mm fields. The corners' phase
+    correlation peaked one die pitch off, and a well-placed wafer was refused."""
+    from devices.core import build_microscope
+    from scanner.acquisition.align import align
+
+    side_mm = 1024 * 5.0 / 1000 * 3
+    data = {"sample": {"kind": "wafer", "diameter_mm": round(side_mm * 1.45, 3),
+                       "edge_exclusion_mm": round(side_mm * 0.05, 3),
+                       "die_pitch_mm": [round(side_mm / 7, 3)] * 2,
+                       "die_origin_mm": [round(side_mm / 14, 3)] * 2,
+                       "defects": {"count": 12, "seed": 90303}},
+            "microscope": {"kind": "simulated", "seed": 90303,
+                           "camera": {"width": 1024, "height": 1024, "pixel_size_um": 5.0,
+                                      "bit_depth": 12}},
+            "scan": {"overlap": 0.1}}
+    recipe = parse_recipe(data, tmp_path, "dense")
+    result = align(build_microscope(recipe), recipe)
+    assert result.die_grid is not None
+    assert np.hypot(*result.center_um) <= 5.0 and abs(result.rotation_deg) <= 0.02

@@ -449,6 +449,12 @@ def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotatio
             # shift of this corner's field against the first's: the same corner of the die
             shift, _, _ = phase_cross_correlation(template, image, upsample_factor=50,
                                                   normalization=None)
+            # a field holding more than one die repeats itself a pitch away, and the
+            # correlation's peak may be any of the repeats: the corners were snapped where
+            # the edge alignment puts them, far closer than half a pitch, so the nearest
+            # repeat is the shift (a 2.2 mm pitch in 5 mm fields measured one pitch short)
+            period = np.array([py, px]) / p
+            shift = shift - np.round(shift / period) * period
             relative = -np.array([shift[1], shift[0]]) * p
         measured.append((c, r, np.array([x, y]), absolute, relative))
     # absolute places from the lanes, relative ones from the correlation: the first corner's
