@@ -197,13 +197,13 @@ def test_a_feature_beside_a_defect_in_its_map_region_does_not_pull_its_centre_or
     a[rectangle((24, 30), end=(44, 50))] = 0.9
     img = np.random.default_rng(3).normal(0, 0.01, (320, 320)).astype(np.float32)
     img[130:170, 150:166] -= 0.5  # the defect: centre (149.5, 157.5) on the model grid
+    diff = img.copy()  # the neighbouring dies have the feature: their difference does not
     img[104:112, 184:192] -= 0.2  # the feature beside it
     z = np.zeros_like(img)
     z[130:170, 150:166] = 30.0
-    z[104:112, 184:192] = 8.0
 
     def difference(r0, c0, h, w):
-        return _reader(img)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
+        return _reader(diff)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
 
     for how in ({"image": _reader(img)}, {"difference": difference}):
         d = extract_defects(_maps(a), GEOM, threshold=0.5, **how)[0]
@@ -493,3 +493,37 @@ def test_extent_threshold_is_raised_where_the_surface_scores_high():
     # one extent threshold for the whole map floods the die: one box over both
     flooded = extract_defects(maps, geometry, threshold=thr, low=low)
     assert len(flooded) == 1 and flooded[0].bbox_um[2] - flooded[0].bbox_um[0] > 200
+
+
+def test_a_region_across_dies_that_the_dies_repeat_is_design_not_a_defect():
+    # a chain of design features over three dies, joined by the extent threshold: no one
+    # die's difference covers its window, so the map of what the dies repeat decides
+    a = np.zeros((60, 160), np.float32)
+    a[28:32, 10:150] = 0.4  # over the extent threshold only
+    for c in (20, 70, 120):
+        a[26:34, c:c + 8] = 0.9  # over the threshold: the same feature in every die
+    compared = np.ones(a.shape, bool)
+    repeated = compared.copy()
+    assert extract_defects(_maps(a), GEOM, threshold=0.5, low=0.3,
+                           dies=(compared, repeated)) == []
+    # where the dies differ (a defect on one copy of the feature) it is one defect
+    repeated[26:34, 70:78] = False
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, low=0.3,
+                               dies=(compared, repeated))) == 1
+    # over the threshold outside the dies compared (a street): not the dies' to judge
+    repeated[26:34, 70:78] = True
+    compared[26:34, 120:128] = repeated[26:34, 120:128] = False
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, low=0.3,
+                               dies=(compared, repeated))) == 1
+
+
+def test_repeated_mask_is_the_compared_pixels_no_patch_scores_as_different():
+    from scanner.inspection.dietodie import repeated_mask
+
+    compared = np.zeros((10, 10), bool)
+    compared[:, :6] = True
+    patch = np.zeros((4, 4), np.float32)
+    patch[1, 1] = 2.0
+    out = repeated_mask(compared, [(2, 3, patch), (8, 8, np.full((4, 4), 5.0, np.float32))],
+                        design_score=1.0)
+    assert not out[3, 4] and out[2, 3] and out[5, 5] and not out[:, 6:].any()

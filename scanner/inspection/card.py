@@ -139,11 +139,13 @@ def _defects_from(maps: MapSet, model: Model, threshold: float, level: float,
                   contexts: dict[str, float | None] | None = None,
                   reflectance: np.ndarray | None = None,
                   difference: Callable[[int, int, int, int],
-                                       tuple[np.ndarray, np.ndarray] | None] | None = None
+                                       tuple[np.ndarray, np.ndarray] | None] | None = None,
+                  dies: tuple[np.ndarray, np.ndarray] | None = None,
                   ) -> list[Defect]:
     """The defect list of refined maps. ``difference``: the die-to-die difference image of a
     mosaic window and its z-scores (None outside the compared dies; see ``extract_defects``
-    and ``scanner.inspection.dietodie.Comparison.difference``)."""
+    and ``scanner.inspection.dietodie.Comparison.difference``); ``dies``: the map pixels of
+    the dies compared and those of them that the neighbouring dies repeat."""
     from models.modelfile import to_luminance
 
     def image(r0: int, c0: int, h: int, w: int) -> np.ndarray:
@@ -162,4 +164,5 @@ def _defects_from(maps: MapSet, model: Model, threshold: float, level: float,
                            local_threshold=_local_threshold(maps, threshold, contexts or {},
                                                             reflectance),
                            line_threshold=(contexts or {}).get("line"),
-                           difference=relative_difference if difference is not None else None)
+                           difference=relative_difference if difference is not None else None,
+                           dies=dies)

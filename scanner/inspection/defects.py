@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from skimage import measure, morphology
 
 from models.lines import line_seeds
@@ -67,10 +66,6 @@ BORDERLINE = 0.15
 #: grid: ``models.thresholds.DEFECT_MERGE_MAP_PX`` = this / the output stride (4), checked by
 #: tests/test_single_source.py since models/ may not import scanner.
 MERGE_PX = 24.0
-
-#: clear deviations of a die-to-die difference this close (model-grid pixels) to a defect's
-#: footprint are part of it (its box and area)
-OWN_GAP_PX = 3
 
 #: maps of up to this many pixels are read into memory once: each defect reads its region of
 #: three maps, and a small read of a Zarr array costs about 6 ms (a PV cell with 190 defects
@@ -166,6 +161,8 @@ def local_extent_thresholds(anomaly: Any, threshold: float, low: float,
         if seen.any():
             part[seen] = np.nanmedian(blocks[seen], axis=1)
         med[r0 // block : r0 // block + n] = part
+
+    from scipy import ndimage
 
     filled = np.where(np.isfinite(med), med, 0.0)
     typical = ndimage.median_filter(filled, size=3, mode="nearest")
@@ -292,6 +289,7 @@ def extract_defects(
     line_threshold: float | None = None,
     difference: Callable[[int, int, int, int],
                          tuple[np.ndarray, np.ndarray] | None] | None = None,
+    dies: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[Defect]:
     """Defects of one set of maps, in stage coordinates.
 
@@ -335,6 +333,13 @@ def extract_defects(
         where the neighbouring dies show the same (z under :data:`DESIGN_Z` all over it, or a
         difference that does not stand out of its surroundings: SNR under :data:`DESIGN_SNR`)
         is their common design, and is dropped.
+    dies : tuple of two boolean arrays, optional
+        The map pixels of the dies compared die-to-die, and those of them where the
+        neighbouring dies show the same (z under :data:`DESIGN_Z`). A region whose window
+        ``difference`` cannot read (it crosses a die's edge, or spans several dies) is their
+        common design when every pixel over the threshold lies where the dies repeat and
+        none lies where they differ: thin design features at the dies' edges, chained from
+        die to die by the extent threshold, made one box over a whole product.
 
     Returns
     -------
@@ -360,7 +365,8 @@ def extract_defects(
         if region.area * s * s < min_area_px:
             continue
         defect = _region_defect(region, maps, geometry, threshold, low, review_uncertainty,
-                                image, local_threshold, difference)
+                                image, local_threshold, difference,
+                                None if dies is None else (hi, *dies))
         if defect is not None:
             found.append(defect)
     found.sort(key=lambda d: -d.score)
@@ -379,9 +385,11 @@ def _region_defect(
     image: Callable[[int, int, int, int], np.ndarray] | None,
     local_threshold: np.ndarray | None,
     difference: Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray] | None] | None,
+    dies: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> Defect | None:
     """One labelled region (``skimage.measure.regionprops``) of :func:`extract_defects` as a
-    defect with id 0; None where it is the neighbouring dies' common design."""
+    defect with id 0; None where it is the neighbouring dies' common design (``dies``: the
+    map's pixels over the threshold, those of the dies compared and those the dies repeat)."""
     s = geometry.stride
     p = geometry.pixel_size_um
     x0, y0 = geometry.origin_um
@@ -397,7 +405,8 @@ def _region_defect(
     cx = c0 + float((weights[rr, cc] * cc).sum() / wsum)
     m = _measure(sub, region.bbox, s, _Measured(cy, cx, shape_features(sub)), image,
                  difference)
-    if m is None:
+    if m is None or (not m.by_difference and dies is not None
+                     and _repeated(sub, region.slice, *dies)):
         return None  # the neighbouring dies show the same: their common design
     shape, cy, cx = m.shape, m.cy, m.cx
     feats = Features(
@@ -447,6 +456,17 @@ def _region_defect(
     )
 
 
+def _repeated(sub: np.ndarray, where: tuple[slice, slice], over: np.ndarray,
+              compared: np.ndarray, repeated: np.ndarray) -> bool:
+    """Whether a region (``sub`` at ``where`` on the map) is the dies' common design: its
+    pixels ``over`` the threshold all lie where the compared dies repeat one another, and
+    none of its pixels lies where they differ."""
+    seeds = sub & over[where]
+    same = repeated[where]
+    return bool(seeds.any() and same[seeds].all()
+                and not (sub & compared[where] & ~same).any())
+
+
 @dataclass
 class _Measured:
     """A region's centre (map pixels) and shape, and what its image says: contrast, noise,
@@ -467,6 +487,7 @@ class _Measured:
     #: die-to-die difference: the defect without the blur around it (None elsewhere)
     box: tuple[float, float, float, float] | None = None
     own_area: float = math.nan  # its pixels' area (map pixels)
+    by_difference: bool = False  # measured on a die-to-die difference
 
 
 def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measured,
@@ -497,6 +518,7 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
             or (math.isfinite(look.snr) and look.snr < DESIGN_SNR)):
         return None  # the neighbouring dies show the same: their common design
     m.contrast, m.snr, m.rim, m.body = look.contrast, look.snr, look.rim, look.body
+    m.by_difference = compared is not None
     if look.centre is not None:  # model-grid pixel -> map pixel coordinates
         m.cy = (pr0 + look.centre[0] - (s - 1) / 2) / s
         m.cx = (pc0 + look.centre[1] - (s - 1) / 2) / s
@@ -508,15 +530,13 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
         m.shape = {**fine, "feret": m.shape["feret"]}
         m.resolution = 1.0 / s
         if compared is not None:
-            # the clear deviations of either sign joined to the footprint (a missing
-            # pattern's difference is the design's own structure, of both signs, of which the
-            # footprint is one piece), not those a few pixels away from it
+            # every clear deviation of either sign in the region: a missing pattern's
+            # difference is the design's own structure, of both signs, of which the
+            # footprint is one piece, and two defects a few pixels apart make one region
             dev = patch - np.median(patch[~inside])
             noise = 1.4826 * float(np.median(np.abs(dev[~inside])))
-            clear = inside & (np.abs(dev) >= max(3 * noise, 0.3 * abs(look.contrast)))
-            clear |= look.footprint
-            groups, _ = ndimage.label(ndimage.binary_dilation(clear, iterations=OWN_GAP_PX))
-            own = clear & np.isin(groups, np.unique(groups[look.footprint]))
+            own = look.footprint | (inside & (np.abs(dev)
+                                              >= max(3 * noise, 0.3 * abs(look.contrast))))
             rows, cols = np.nonzero(own)
             m.own_area = float(own.sum()) / (s * s)
             edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates

@@ -72,6 +72,7 @@ from scanner.inspection.dietodie_maps import (  # noqa: F401
     map_patch,
     opened_max_at,
     pair_opening,
+    repeated_mask,
     z_to_score,
 )
 from scanner.inspection.dietodie_maths import (  # noqa: F401

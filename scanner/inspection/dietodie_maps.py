@@ -118,6 +118,21 @@ def pair_opening(z: np.ndarray) -> np.ndarray:
     return np.minimum(z, neighbours)
 
 
+def repeated_mask(compared: np.ndarray, patches: list[Patch], design_score: float
+                  ) -> np.ndarray:
+    """The map pixels of the dies ``compared`` where no patch reaches ``design_score``:
+    there the neighbouring dies show the same as the die (its design, however unusual it
+    looks to the network)."""
+    out = compared.copy()
+    mr, mc = out.shape
+    for i0, j0, sc in patches:
+        a0, b0 = max(i0, 0), max(j0, 0)
+        a1, b1 = min(i0 + sc.shape[0], mr), min(j0 + sc.shape[1], mc)
+        if a1 > a0 and b1 > b0:
+            out[a0:a1, b0:b1] &= sc[a0 - i0:a1 - i0, b0 - j0:b1 - j0] < design_score
+    return out
+
+
 def apply_patches(anomaly: Any, patches: list[Patch], band_rows: int = 1024) -> None:
     """Raise ``anomaly`` (numpy or Zarr, writable) to the patches' scores, in place.
 

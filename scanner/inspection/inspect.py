@@ -128,7 +128,8 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     did (dies compared, seconds, the grid), the reader of difference images and z-scores of
     the dies compared (``difference(r0, c0, h, w)`` on the mosaic's level 0:
     ``Comparison.difference``; None when none were, or when the maps are not on the mosaic's
-    own grid), and the map pixels of the dies compared. ``z_threshold`` and
+    own grid), the map pixels of the dies compared and those of them where the neighbouring
+    dies show the same (z under ``DESIGN_Z``, :func:`repeated_mask`). ``z_threshold`` and
     ``texture_z_threshold``: the model card's, calibrated on a good scan of the product
     (default: :class:`DieToDie`'s). ``found_grid`` false: a repeat found in the mosaic is not
     compared (the good scan showed that the product's found "dies" are no copies).
@@ -136,28 +137,39 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     found = _die_grid(mosaic, sample, polygon, alignment)
     if found is None or (not found_grid and found[2] == "found in the mosaic"):
         return None
-    from scanner.inspection.dietodie import DieToDie, apply_patches, die_to_die_patches
+    from scanner.inspection.defects import DESIGN_Z
+    from scanner.inspection.dietodie import (
+        DieToDie,
+        apply_patches,
+        die_to_die_patches,
+        repeated_mask,
+        z_to_score,
+    )
 
     levels, grid, source = found
     settings = DieToDie(**{k: float(v) for k, v in (("z_threshold", z_threshold),
                            ("texture_z_threshold", texture_z_threshold)) if v is not None})
 
-    def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None]:
+    def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
+                                      np.ndarray | None]:
         image, geometry, pyramid, area, pad = _compared_image(mosaic, levels, grid, polygon)
         patches, stats, comparison = die_to_die_patches(
             maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
             settings, pyramid=pyramid)
         apply_patches(maps.maps["anomaly"], patches)
-        difference, compared = None, None
+        difference, compared, repeated = None, None, None
         if comparison is not None:
             compared = comparison.compared_mask(maps.origin_um, maps.pixel_size_um,
                                                 maps.maps["anomaly"].shape)
+            repeated = repeated_mask(compared, patches,
+                                     float(z_to_score(DESIGN_Z, settings.z_threshold,
+                                                      threshold)))
             if not maps.reader.resample and levels[0].ndim == 2:
                 difference = functools.partial(_shifted_difference, comparison, image, pad)
         return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
                                              "origin_um": list(grid.origin_um),
                                              "rotation_deg": grid.rotation_deg,
-                                             "source": source}}, difference, compared
+                                             "source": source}}, difference, compared, repeated
 
     return refine
 
@@ -448,7 +460,9 @@ def inspect_mosaic(
     t1 = time.perf_counter()
     t_maps = t1 - t0
     defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
-                            refine.reflectance, refine.difference)
+                            refine.reflectance, refine.difference,
+                            None if refine.compared is None else (refine.compared,
+                                                                  refine.repeated))
     t_defects = time.perf_counter() - t1
     timings = _timings(time.perf_counter() - t0, t_maps, t_defects, maps, refine)
     header = {
@@ -483,14 +497,16 @@ class _Refinement:
         self.difference: Any = None
         #: usable area (mm²) that no tile covered: not inspected
         self.not_scanned_mm2 = 0.0
-        #: the map pixels in the dies compared die-to-die (None: none were)
+        #: the map pixels in the dies compared die-to-die (None: none were), and those of
+        #: them where the neighbouring dies show the same
         self.compared: np.ndarray | None = None
+        self.repeated: np.ndarray | None = None
         #: the input at map resolution, computed once for plain surface and defects
         self.reflectance: np.ndarray | None = None
 
     def __call__(self, maps: MapSet) -> None:
         if self.die_to_die is not None:
-            stats, self.difference, self.compared = self.die_to_die(maps)
+            stats, self.difference, self.compared, self.repeated = self.die_to_die(maps)
             self.d2d.update(stats)
         if self.plain_kind or self.polygon is not None:
             self.reflectance = reflectance_at_map(maps)
