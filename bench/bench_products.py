@@ -14,7 +14,10 @@ real wafers and parts:
   240 px dies on a 256 px grid, 10 % vignetting) and ``grass_mirror`` (``skimage.data.grass()``
   mirrored); and since 2026-12-04 ``coffee_grid`` (a colour still life, 10 % vignetting),
   ``chelsea_grid`` (a cat's fur), ``hubble_grid`` (a dark star field with sparse bright
-  galaxies) and ``ihc_mirror`` (stained tissue, ``skimage.data.immunohistochemistry()``).
+  galaxies) and ``ihc_mirror`` (stained tissue, ``skimage.data.immunohistochemistry()``); and
+  since 2026-12-05 ``horse_grid`` (a near-binary silhouette whose thin legs reach the dies'
+  edges), ``clock_grid`` (a smooth photograph, 15 % vignetting), ``microaneurysms_mirror`` (a
+  fine retinal texture mirrored 5 x 5) and ``cell_grid`` (a phase-contrast cell).
 
 Each product gets a good copy and a defective copy with 22 painted defects (dark spots, bright
 particles, thin scratches, missing pattern, faint stains; 8-80 px, all > 40 px from the border),
@@ -117,6 +120,19 @@ PRODUCTS = {
     "hubble_grid": Product("hubble_grid", "grid", "hubble_deep_field", seed=20, cell_px=240,
                            street_px=16, n_dies=8, crop_rc=(300, 300)),
     "ihc_mirror": Product("ihc_mirror", "mirror", "immunohistochemistry", seed=21, tiles=2),
+    # held out from every choice made until then (added 2026-12-05): a near-binary silhouette
+    # with thin legs reaching the dies' edges, a smooth photograph under 15 % vignetting, a
+    # fine retinal texture, and a phase-contrast cell. The horse's file-built model reported
+    # its legs as one box over the whole product (precision 0.36) before design regions
+    # across dies were told apart (scanner.inspection.defects._repeated)
+    "horse_grid": Product("horse_grid", "grid", "horse", seed=31, cell_px=224, street_px=24,
+                          n_dies=6, crop_rc=(100, 80)),
+    "clock_grid": Product("clock_grid", "grid", "clock", seed=32, vignetting=0.15,
+                          cell_px=224, street_px=24, n_dies=6, crop_rc=(40, 90)),
+    "microaneurysms_mirror": Product("microaneurysms_mirror", "mirror", "microaneurysms",
+                                     seed=33, tiles=5),
+    "cell_grid": Product("cell_grid", "grid", "cell", seed=35, cell_px=224, street_px=24,
+                         n_dies=6, crop_rc=(250, 290)),
 }
 DEFAULT_PRODUCTS = ["coins_grid", "camera_grid", "brick_mirror"]
 
