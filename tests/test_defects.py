@@ -506,10 +506,14 @@ def test_a_region_across_dies_that_the_dies_repeat_is_design_not_a_defect():
     repeated = compared.copy()
     assert extract_defects(_maps(a), GEOM, threshold=0.5, low=0.3,
                            dies=(compared, repeated)) == []
-    # where the dies differ (a defect on one copy of the feature) it is one defect
+    # where the dies differ (a defect on one copy of the feature) that copy is the defect,
+    # without the chain of design around it
     repeated[26:34, 70:78] = False
-    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, low=0.3,
-                               dies=(compared, repeated))) == 1
+    found = extract_defects(_maps(a), GEOM, threshold=0.5, low=0.3, dies=(compared, repeated))
+    assert len(found) == 1
+    x0, y0, x1, y1 = found[0].bbox_um
+    assert (x0, x1) == pytest.approx((100 + 69.5 * 4, 100 + 77.5 * 4))
+    assert (y0, y1) == pytest.approx((200 + 25.5 * 4, 200 + 33.5 * 4))
     # over the threshold outside the dies compared (a street): not the dies' to judge
     repeated[26:34, 70:78] = True
     compared[26:34, 120:128] = repeated[26:34, 120:128] = False
