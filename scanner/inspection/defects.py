@@ -338,7 +338,9 @@ def extract_defects(
         ``difference`` cannot read (it crosses a die's edge, or spans several dies) is their
         common design when every pixel over the threshold lies where the dies repeat and
         none lies where they differ: thin design features at the dies' edges, chained from
-        die to die by the extent threshold, made one box over a whole product.
+        die to die by the extent threshold, made one box over a whole product. A region with
+        pixels over the threshold of both kinds is cut into its pieces outside the repeated
+        pixels (:func:`_parts`).
 
     Returns
     -------
