@@ -213,10 +213,15 @@ class Appearance:
     body : float
         Median deviation over the footprint (units of the surface level; NaN without one):
         the defect's typical contrast, where ``contrast`` is its extreme.
+    background, noise : float
+        The ring's median and its noise (1.4826 x the median absolute deviation), which
+        ``contrast`` and ``snr`` are measured against.
     """
 
     contrast: float = math.nan
     snr: float = math.nan
+    background: float = math.nan
+    noise: float = math.nan
     centre: tuple[float, float] | None = None
     footprint: np.ndarray | None = None
     rim: float = math.nan
@@ -252,7 +257,7 @@ def appearance(patch: np.ndarray, inside: np.ndarray, ring_px: int) -> Appearanc
     # the defect may fill only a few per cent of its blurred footprint on the map
     hi, lo = float(np.percentile(dev, 98)), float(np.percentile(dev, 2))
     contrast = hi if abs(hi) >= abs(lo) else lo
-    out = Appearance(contrast=contrast, snr=abs(contrast) / noise)
+    out = Appearance(contrast=contrast, snr=abs(contrast) / noise, background=med, noise=noise)
     if out.snr < 3:
         return out
     sign = math.copysign(1.0, contrast)

@@ -571,10 +571,10 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
             # every clear deviation of either sign in the region: a missing pattern's
             # difference is the design's own structure, of both signs, of which the
             # footprint is one piece, and two defects a few pixels apart make one region
-            dev = patch - np.median(patch[~inside])
-            noise = 1.4826 * float(np.median(np.abs(dev[~inside])))
-            own = look.footprint | (inside & (np.abs(dev)
-                                              >= max(3 * noise, 0.3 * abs(look.contrast))))
+            # (against the ring that the contrast was measured against)
+            clear = np.abs(patch - look.background) >= max(3 * look.noise,
+                                                           0.3 * abs(look.contrast))
+            own = look.footprint | (inside & clear)
             rows, cols = np.nonzero(own)
             m.own_area = float(own.sum()) / (s * s)
             edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates
