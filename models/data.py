@@ -97,6 +97,11 @@ def read_image(path: Path) -> np.ndarray:
     if np.issubdtype(img.dtype, np.floating) and not np.isfinite(img).all():
         # damaged data is refused, never read as some number (NaN would flow into the maps)
         raise UserError(f"{path}: image holds non-finite pixels (NaN or infinity)")
+    lo, hi = img.min(), img.max()
+    if lo == hi:
+        # no camera gives one value everywhere: a blank frame (lamp, shutter, exposure) or a
+        # file written empty, which a model would learn from or pass as a flawless part
+        raise UserError(f"{path}: every pixel is {lo.item():g}: a blank image, nothing imaged")
     try:
         return to_luminance(img)
     except ValueError as exc:

@@ -267,9 +267,7 @@ def write_model_files(state: dict[str, torch.Tensor], card: dict[str, Any],
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(".safetensors")
+    path = weights_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -329,14 +327,21 @@ def load_network(path: str | Path | None = None) -> tuple[InspectionNet, dict[st
     return network_from_state(arch, state, weights), card, weights
 
 
+def weights_path(path: str | Path) -> Path:
+    """The ``.safetensors`` file a model path names, for writing and reading alike: the path
+    itself, its card's (``.json``) weights, or the path with ``.safetensors`` appended (a name
+    with a dot, ``coupon_v1.2``, keeps it: the model written is the one read back)."""
+    weights = Path(path)
+    if weights.suffix == ".json":
+        return weights.with_suffix(".safetensors")
+    if weights.suffix != ".safetensors":
+        return weights.with_name(weights.name + ".safetensors")
+    return weights
+
+
 def resolve_model_path(path: str | Path | None) -> Path:
     """The ``.safetensors`` file a model path names (None: the shipped default)."""
-    weights = default_model_path() if path is None else Path(path)
-    if weights.suffix == ".json":
-        weights = weights.with_suffix(".safetensors")
-    elif weights.suffix != ".safetensors":
-        weights = weights.with_name(weights.name + ".safetensors")
-    return weights
+    return default_model_path() if path is None else weights_path(path)
 
 
 def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str, torch.Tensor],

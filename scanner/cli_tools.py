@@ -145,12 +145,13 @@ def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
     camera variants (``"auto"``, True, False)."""
     if not paths:
         raise UserError("--good: give good images, folders of them, or good scan folders")
-    target = model_out if model_out.suffix == ".safetensors" else model_out.with_suffix(
-        ".safetensors")
+    from models.modelfile import weights_path
+
+    target = weights_path(model_out)
     check_output(target, "--out", folder=False)
     if target.exists() and not overwrite:
         raise UserError(f"{target}: exists (use --overwrite to replace it)")
-    if init is not None and init.resolve().with_suffix(".safetensors") == target.resolve():
+    if init is not None and weights_path(init).resolve() == target.resolve():
         raise UserError(f"--init {init}: give another --out (the model extended is kept)")
     if pixel_size_um is not None and not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
         raise UserError("--pixel-size: must be a positive number of µm")

@@ -12,6 +12,14 @@ from scanner.cli import app
 runner = CliRunner()
 
 
+def _plain():
+    """A plain surface as a camera gives it: level 1000 with noise (a blank image, every pixel
+    one value, is refused as nothing imaged)."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(900, 1100, (64, 64), dtype=np.uint16)
+
+
 @pytest.mark.parametrize("command", [["inspect", "IMGS", "--out", "OUT"],
                                      ["train", "--good", "IMGS", "--out", "OUT/m"]])
 def test_a_file_that_is_not_an_image_is_one_line(tmp_path: Path, command: list[str]) -> None:
@@ -29,15 +37,14 @@ def test_a_file_that_is_not_an_image_is_one_line(tmp_path: Path, command: list[s
 
 def test_a_damaged_image_among_good_ones_is_refused_before_any_is_inspected(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import numpy as np
     import tifffile
 
     import scanner.inspection.images as images_module
 
     images = tmp_path / "imgs"
     images.mkdir()
-    tifffile.imwrite(images / "a_good.tif", np.full((64, 64), 1000, np.uint16))
-    tifffile.imwrite(images / "b_good.tif", np.full((64, 64), 1000, np.uint16))
+    tifffile.imwrite(images / "a_good.tif", _plain())
+    tifffile.imwrite(images / "b_good.tif", _plain())
     data = (images / "b_good.tif").read_bytes()
     (images / "c_cut.tif").write_bytes(data[: len(data) // 2])  # truncated: pixels lost
     inspected = []
@@ -97,10 +104,9 @@ def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
     (tmp_path / "m.json").write_text(json.dumps(card))
     images = tmp_path / "imgs"
     images.mkdir()
-    import numpy as np
     import tifffile
 
-    tifffile.imwrite(images / "a.tif", np.full((64, 64), 1000, np.uint16))
+    tifffile.imwrite(images / "a.tif", _plain())
     result = runner.invoke(app, ["inspect", str(images), "--model", str(tmp_path / "m"),
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
@@ -238,7 +244,8 @@ def test_an_image_with_non_finite_pixels_is_refused_by_inspect_and_train(
 
     images = tmp_path / "imgs"
     images.mkdir()
-    tifffile.imwrite(images / "a_good.tif", np.full((64, 64), 0.5, np.float32))
+    tifffile.imwrite(images / "a_good.tif", np.random.default_rng(0).uniform(
+        0.4, 0.6, (64, 64)).astype(np.float32))
     damaged = np.full((64, 64), 0.5, np.float32)
     damaged[10, 20] = bad
     tifffile.imwrite(images / "b_damaged.tif", damaged)
@@ -344,10 +351,9 @@ def test_more_local_workers_than_cores_are_refused() -> None:
 
 def test_a_pixel_size_that_would_resample_an_image_beyond_reason_is_refused(
         tmp_path: Path) -> None:
-    import numpy as np
     import tifffile
 
-    tifffile.imwrite(tmp_path / "a.tif", np.full((64, 64), 1000, np.uint16))
+    tifffile.imwrite(tmp_path / "a.tif", _plain())
     result = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--pixel-size", "1e30",
                                  "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
@@ -359,7 +365,6 @@ def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path) -> None:
     import json
     import shutil
 
-    import numpy as np
     import tifffile
 
     from models.modelfile import default_model_path
@@ -369,7 +374,7 @@ def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path) -> None:
     card = json.loads(weights.with_suffix(".json").read_text())
     card.pop("threshold")
     (tmp_path / "m.json").write_text(json.dumps(card))
-    tifffile.imwrite(tmp_path / "a.tif", np.full((64, 64), 1000, np.uint16))
+    tifffile.imwrite(tmp_path / "a.tif", _plain())
     result = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--model",
                                  str(tmp_path / "m"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
@@ -402,3 +407,21 @@ def test_a_recorded_recipe_whose_sample_file_moved_is_not_damage(tmp_path: Path)
     named = {"recipe": {"sample": {"kind": "wafer", "diameter_mm": "file not found"}}}
     with pytest.raises(UserError, match="diameter_mm"):
         check_recorded_recipe(tmp_path, named)
+
+
+def test_a_blank_image_is_refused_by_inspect_and_train(tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    tifffile.imwrite(images / "a_good.tif", _plain())
+    tifffile.imwrite(images / "b_blank.tif", np.zeros((64, 64), np.uint16))  # lamp off
+    for args in (["inspect", str(images), "--out", str(tmp_path / "out")],
+                 ["train", "--good", str(images), "--out", str(tmp_path / "m")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "b_blank.tif" in lines[0] and "blank" in lines[0], lines
+    assert not (tmp_path / "out" / "scores.csv").exists()
+    assert not list(tmp_path.glob("m*.safetensors"))

@@ -182,12 +182,15 @@ def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
     tifffile.imwrite(test / "bad.tif", bad.clip(0, 255).astype(np.uint8))
     tifffile.imwrite(test / "ok.tif", _product(4).clip(0, 255).astype(np.uint8))
     runner = CliRunner()
+    # a name with a dot: the model written is the one the same name reads back
     result = runner.invoke(app, ["train", "--good", str(tmp_path / "good.tif"), "--out",
-                                 str(tmp_path / "m")])
+                                 str(tmp_path / "coupon_v1.2")])
     assert result.exit_code == 0, result.output
     assert "threshold" in result.output
     assert "taken as 1 µm/px" in result.stderr  # files carry no pixel size: it says so
-    result = runner.invoke(app, ["inspect", str(test), "--model", str(tmp_path / "m"),
+    assert (tmp_path / "coupon_v1.2.safetensors").is_file()
+    assert (tmp_path / "coupon_v1.2.json").is_file()
+    result = runner.invoke(app, ["inspect", str(test), "--model", str(tmp_path / "coupon_v1.2"),
                                  "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     rows = (tmp_path / "o" / "scores.csv").read_text().splitlines()

@@ -481,12 +481,18 @@ def inspect_mosaic(
     return InspectionResult(out_dir, len(defects), timings, outputs, defects)
 
 
+#: die-to-die over a scan's maps: its statistics, the difference reader, and the map pixels
+#: compared and, of them, those where the neighbouring dies repeat one another
+DieToDieStep = Callable[[MapSet], tuple[dict[str, Any], Any, np.ndarray | None,
+                                        np.ndarray | None]]
+
+
 class _Refinement:
     """The evidence added to the network's maps before defects are extracted (the ``refine``
     of :func:`scanner.inspection.maps.infer_mosaic`): die-to-die comparison where there is a die
     grid, large faint defects on plain surface for the kinds that have one."""
 
-    def __init__(self, die_to_die: Callable[[MapSet], tuple[dict[str, Any], Any]] | None,
+    def __init__(self, die_to_die: DieToDieStep | None,
                  plain_kind: bool, sample: Any, polygon: Any, threshold: float,
                  mosaic: Path | None = None) -> None:
         self.die_to_die, self.plain_kind, self.mosaic = die_to_die, plain_kind, mosaic
