@@ -33,7 +33,10 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     try:
         built = make_sample(sample.kind, **params)
     except (FileNotFoundError, ValueError) as exc:
-        raise UserError(f"sample: {exc}") from None
+        # "path: cannot read ..." from the sample names its field: say sample.path
+        field, sep, rest = str(exc).partition(": ")
+        where = f"sample.{field}" if sep and field in type(sample).model_fields else "sample"
+        raise UserError(f"{where}: {rest if where != 'sample' else exc}") from None
     return placed(built, getattr(sample, "placement", None))
 
 

@@ -586,9 +586,9 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
+        where = f": line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise RecipeError(f"{path}:{where}: {problem}") from None
+        raise RecipeError(f"{path}{where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
     if data is None:

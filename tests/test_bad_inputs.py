@@ -425,3 +425,19 @@ def test_a_blank_image_is_refused_by_inspect_and_train(tmp_path: Path) -> None:
         assert len(lines) == 1 and "b_blank.tif" in lines[0] and "blank" in lines[0], lines
     assert not (tmp_path / "out" / "scores.csv").exists()
     assert not list(tmp_path.glob("m*.safetensors"))
+
+
+def test_a_sample_image_that_is_not_an_image_and_a_file_that_is_not_yaml_are_named(
+        tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sample: {kind: image, path: notes.txt, pixel_size_um: 1}\n"
+                      "microscope: {kind: simulated}\n")
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sample.path: cannot read image" in lines[0], lines
+    recipe.write_bytes(b"\x00\x01junk")
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: {recipe}: not valid YAML"

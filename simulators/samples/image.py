@@ -244,7 +244,8 @@ class ImageSample(VirtualSample):
                 self._reader = _ArrayReader(self.path)
             largest = _survey(self._reader, self.path)  # fail now, not in a scan
         except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
-            raise ValueError(f"cannot read image {self.path}: {first_line(exc)}") from None
+            raise ValueError(f"path: cannot read image {self.path}: {first_line(exc)}"
+                             ) from None
         self._reader.scale = full_scale(self._reader.dtype, largest)
         if np.issubdtype(self._reader.dtype, np.floating) and largest > 1.0:
             log.warning("%s: float pixels above 1 (largest %.4g): scaled to their largest",
