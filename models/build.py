@@ -157,6 +157,7 @@ def build_detector(
     companion_from: str | Path | None = None,
     augment_camera: bool | str = "auto",
     progress: Progress | None = None,
+    golden: np.ndarray | None = None,
 ) -> BuildReport:
     """Build a detector from good images and calibrate its threshold; write it to ``out``.
 
@@ -188,6 +189,10 @@ def build_detector(
         or two; many images are taken as camera images of the kind they will inspect).
     progress : callable, optional
         ``progress(stage, done, total)`` with stages ``features``, ``bank``, ``calibrate``.
+    golden : ndarray, optional
+        The one good image of a design that does not repeat (relative reflectance, at
+        ``pixel_size_um``), kept in the model as the reference a scan of it is compared
+        with (:mod:`scanner.inspection.golden`).
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -221,7 +226,7 @@ def build_detector(
     if position_cal is not None:
         card["position_calibration"] = position_cal
     weights = save_detector(bank, card, out, companion=_companion(companion_from, init),
-                            position=position)
+                            position=position, golden=golden)
     written = json.loads(card_path_for(weights).read_text(encoding="utf-8"))  # hash included
     return BuildReport(weights, card_path_for(weights), written, time.perf_counter() - t0,
                        warnings)

@@ -66,6 +66,9 @@ class PatchDetector:
         The JSON card (threshold, ``score_reference``, calibration, backbone record).
     companion : InspectionModel or None
         The roughness network (its anomaly output is not used).
+    golden : ndarray (H, W) float32 or None
+        The one good image of a design that does not repeat, at ``pixel_size_um``, which a
+        scan of the design is compared with (:mod:`scanner.inspection.golden`).
     """
 
     output_stride = OUTPUT_STRIDE
@@ -77,9 +80,11 @@ class PatchDetector:
 
     def __init__(self, bank: torch.Tensor, card: dict[str, Any],
                  companion: InspectionModel | None = None, path: Path | None = None,
-                 position: list[PositionModel] | None = None) -> None:
+                 position: list[PositionModel] | None = None,
+                 golden: np.ndarray | None = None) -> None:
         self.bank = bank.float().contiguous()
         self.position = position
+        self.golden = golden
         self.index = BankIndex(self.bank)
         self.card = card
         self.companion = companion
@@ -306,10 +311,11 @@ def companion_network(net: InspectionNet | None, card: dict[str, Any]) -> Inspec
 
 def save_detector(bank: torch.Tensor, card: dict[str, Any], path: str | Path,
                   companion: InspectionNet | None = None,
-                  position: list[PositionModel] | None = None) -> Path:
-    """Write a detector: the bank (float16), the position models' tensors (if any) and the
-    roughness network's in one safetensors file, the card beside it; returns the weights
-    path."""
+                  position: list[PositionModel] | None = None,
+                  golden: np.ndarray | None = None) -> Path:
+    """Write a detector: the bank (float16), the position models' tensors (if any), the golden
+    image (float16, if any) and the roughness network's in one safetensors file, the card
+    beside it; returns the weights path."""
     from .backbone import backbone_record
     from .modelfile import write_model_files
 
@@ -321,6 +327,9 @@ def save_detector(bank: torch.Tensor, card: dict[str, Any], path: str | Path,
         for pm in position:
             state.update({k: v.contiguous() for k, v in pm.state().items()})
         arch["position"] = position_record(position)
+    if golden is not None:
+        state["golden"] = torch.from_numpy(np.ascontiguousarray(golden, np.float32)).half()
+        arch["golden"] = {"shape": [int(n) for n in golden.shape]}
     if companion is not None:
         state.update({f"companion.{k}": v for k, v in companion.state_dict().items()})
         arch["companion"] = {"name": "InspectionNet", **companion.config.to_dict()}
@@ -378,5 +387,13 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
         except (KeyError, ValueError, RuntimeError) as exc:
             raise InputError(f"{weights}: position model incomplete ({exc}); rebuild it "
                              "with waferscope train") from None
+    golden = None
+    if arch.get("golden"):
+        g = state.get("golden")
+        if g is None or g.ndim != 2 or list(g.shape) != list(arch["golden"].get("shape", [])) \
+                or not torch.isfinite(g).all():
+            raise InputError(f"{weights}: golden image missing or damaged (corrupt file); "
+                             "rebuild it with waferscope train")
+        golden = g.float().numpy()
     return PatchDetector(bank, card, companion_network(net, card), path=weights,
-                         position=position)
+                         position=position, golden=golden)

@@ -45,18 +45,20 @@ def noise_sigma(image: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2) * np.median(np.abs(response)) / 6.0)
 
 
-def camera_variants(image: np.ndarray, rng: np.random.Generator, n: int = 3
-                    ) -> list[np.ndarray]:
+def camera_variants(image: np.ndarray, rng: np.random.Generator, n: int = 3,
+                    gain_std: float = CAMERA_GAIN_STD) -> list[np.ndarray]:
     """``n`` copies of an image file as a microscope would see it, cycling through
-    :data:`CAMERA_VARIANTS`: blurred by the optics and with shot-like noise (proportional to
-    the square root of the signal) added up to the level (less what the blurred copy already
-    has)."""
+    :data:`CAMERA_VARIANTS`: blurred by the optics, shaded by a smooth random gain field of
+    relative standard deviation ``gain_std`` (0: none) and with shot-like noise (proportional
+    to the square root of the signal) added up to the level (less what the blurred copy
+    already has)."""
 
     out = []
     for i in range(n):
         sigma_px, level = CAMERA_VARIANTS[i % len(CAMERA_VARIANTS)]
         blurred = ndimage.gaussian_filter(image, sigma_px, mode="reflect")
-        blurred = blurred * gain_field(image.shape, CAMERA_GAIN_STD, rng)
+        if gain_std:
+            blurred = blurred * gain_field(image.shape, gain_std, rng)
         add = float(np.sqrt(max(level**2 - noise_sigma(blurred) ** 2, 0.0)))
         root = np.sqrt(np.clip(blurred, 0.0, None))
         out.append((blurred + root * rng.normal(0.0, add, image.shape)).astype(np.float32))

@@ -4,8 +4,9 @@ camera calibration, review in napari (registered on :data:`scanner.cli.app`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -23,6 +24,9 @@ from scanner.cli_common import (
     out,
 )
 from scanner.errors import UserError
+
+if TYPE_CHECKING:
+    from models.data import GoodImage
 
 
 @app.command()
@@ -66,6 +70,7 @@ def train(
 ) -> None:
     """Build a detector from good images and calibrate its threshold on held-out good surface."""
     from models.build import build_detector
+    from scanner.inspection.golden import golden_record
     from scanner.inspection.goodimages import load_good
 
     paths = list(good or []) + list(more_good or [])
@@ -94,31 +99,47 @@ def train(
             progress.update(tasks[stage], completed=done, total=total)
 
         extra: dict[str, Any] = {"good": [str(p) for p in paths]}
-        d2d = _good_die_to_die(paths, init)
+        d2d = _good_die_to_die(paths, init, images, pixel)
         if d2d is not None:
             extra["die_to_die"] = d2d
+        golden = _golden_of(images, d2d)
+        if golden is not None:
+            extra["golden"] = golden_record(golden.image, golden.source)
         report = build_detector(images, target, pixel_size_um=pixel,
                                 false_alarms_per_cm2=false_alarms_per_cm2, init=init,
                                 seed=seed, augment_camera=variants,
-                                progress=on_progress, card_extra=extra)
+                                progress=on_progress, card_extra=extra,
+                                golden=None if golden is None else golden.image)
     _print_model(report, len(images), pixel, false_alarms_per_cm2)
 
 
-def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | None:
+def _good_die_to_die(paths: list[Path], init: Path | None, images: Sequence[GoodImage] = (),
+                     pixel_um: float = 1.0) -> dict[str, Any] | None:
     """The die-to-die calibration of the good scan folders among ``paths`` (the largest
     z-score their dies reach and the z threshold set from it: :func:`scanner.inspection.
-    inspect.good_scan_die_to_die`); without such scans, the one ``init``'s card holds."""
+    inspect.good_scan_die_to_die`); without such scans, that of golden image files (fewer
+    than :data:`models.build.MIN_IMAGES_TO_HOLD_OUT`, as a scan would show them:
+    :func:`scanner.inspection.goodimages.good_image_die_to_die`); else the one ``init``'s card
+    holds."""
+    from models.build import MIN_IMAGES_TO_HOLD_OUT
     from scanner.inspection.dietodie import calibrated_z_threshold
+    from scanner.inspection.goodimages import good_image_die_to_die
     from scanner.inspection.inspect import good_scan_die_to_die
     from scanner.scanfolder import MOSAIC, SCAN_JSON
 
     found = [good_scan_die_to_die(p) for p in paths
              if p.is_dir() and (p / MOSAIC).exists() and (p / SCAN_JSON).is_file()]
     found = [f for f in found if f is not None]
+    source = "good scans"
+    files = [g for g in images if g.kind == "user" and not g.meta.get("acquired", False)]
+    if not found and files and len(images) < MIN_IMAGES_TO_HOLD_OUT:
+        found = [f for g in files if (f := good_image_die_to_die(g.image, pixel_um))]
+        source = "good image files, blurred and noisy as a scan shows them"
     if found:
         z = max(f["good_max_z"] for f in found)
         zt = max(f["texture_good_max_z"] for f in found)
         out = {"good_max_z": z, "dies": sum(f["dies"] for f in found), "scans": len(found),
+               "source": source,
                "z_threshold": round(calibrated_z_threshold(z), 2),
                "texture_good_max_z": zt,
                "texture_z_threshold": round(calibrated_z_threshold(zt), 2)}
@@ -135,6 +156,17 @@ def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | N
         if card.is_file():
             return (json.loads(card.read_text()) or {}).get("die_to_die")
     return None
+
+
+def _golden_of(images: Sequence[GoodImage], d2d: dict[str, Any] | None) -> GoodImage | None:
+    """The good image a model keeps as its golden reference (:mod:`scanner.inspection.
+    golden`): the one good image (a file, or a good scan's whole mosaic) of a design that
+    shows no repeat (no die-to-die calibration, or a found "grid" that is no layout)."""
+    if len(images) != 1 or images[0].kind != "user":
+        return None
+    if d2d is not None and d2d.get("found_grid_repeats", True) is not False:
+        return None
+    return images[0]
 
 
 def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
@@ -189,6 +221,11 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
         if d2d.get("found_grid_repeats") is False:
             out.print("  die-to-die off: the repeat found in the good scan is no layout (its "
                       "'dies' differ beyond any threshold)")
+    golden = card.get("golden")
+    if golden:
+        out.print(f"  golden     {golden['source']} ({golden['shape'][1]} x {golden['shape'][0]} "
+                  f"px): the design does not repeat, so scans of it are compared with this "
+                  f"image (z threshold {golden['z_threshold']:g})")
     out.print(f"  time       {_duration(report.build_time_s)}")
     for warning in report.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

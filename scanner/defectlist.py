@@ -171,6 +171,8 @@ class DefectListHeader(BaseModel):
     windows: int | None = Field(None, ge=0)
     windows_skipped: int | None = Field(None, ge=0)
     die_to_die: Section | None = None
+    golden: Section | None = Field(None, description="the comparison with the model's golden "
+                                   "image (a design that does not repeat)")
     plain_surface: Section | None = None
     not_scanned_mm2: float | None = Field(
         None, ge=0, description="usable area no tile covered: not inspected, no defect there")

@@ -82,3 +82,42 @@ def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
     assert header["edge_band_um"] == 0.0  # a model that saw the edge judges all of it
     scan = json.loads((tmp_path / "bad_scan" / "scan.json").read_text())
     assert scan["inspection"]["good_scores"]["n"] > 1000  # for drift checks
+
+
+def test_a_design_that_does_not_repeat_is_compared_with_its_golden_image(tmp_path: Path) -> None:
+    """One good image of a design with no repeat (a photograph): the model keeps it, and a
+    scan of a defective copy is compared with it (scanner.inspection.golden)."""
+    good = data.camera().astype(np.float32) * 150.0 + 2000.0
+    bad = good.copy()
+    # on the sky and on the coat: a dark spot, a bright scratch, a faint stain
+    painted = {"dark spot": (40, 240, 10, 10, 0.6), "bright scratch": (80, 290, 4, 50, 1.3),
+               "stain": (300, 200, 24, 24, 0.85)}
+    for r, c, h, w, factor in painted.values():
+        bad[r : r + h, c : c + w] *= factor
+    for seed, (name, img) in enumerate((("good", good), ("bad", bad))):
+        tifffile.imwrite(tmp_path / f"{name}.tif", img.astype(np.uint16))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"sample: {{kind: image, path: {name}.tif, pixel_size_um: 1.0, origin_um: [0, 0]}}\n"
+            f"microscope: {{kind: simulated, seed: {seed}, camera: {{width: 256, height: 256, "
+            "pixel_size_um: 1.0}}\nscan: {overlap: 0.1}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--good", str(tmp_path / "good.tif"), "--out",
+                              str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert "golden" in res.output
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["golden"]["shape"] == [512, 512] and card.get("die_to_die") is None
+    found = {}
+    for name in ("good", "bad"):
+        res = runner.invoke(app, ["run", str(tmp_path / f"{name}.yaml"), "--model",
+                                  str(tmp_path / "m"), "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        found[name] = json.loads((tmp_path / name / "defects.json").read_text())
+    assert found["bad"]["header"]["golden"]["placed"] is True
+    assert found["good"]["defects"] == []  # a good copy differs from its golden image nowhere
+    defects = found["bad"]["defects"]
+    for kind, (r, c, h, w, _) in painted.items():
+        x, y = c + w / 2, r + h / 2
+        assert any(d["bbox_um"][0] - 4 <= x <= d["bbox_um"][2] + 4
+                   and d["bbox_um"][1] - 4 <= y <= d["bbox_um"][3] + 4 for d in defects), kind
+    assert len(defects) <= len(painted) + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -114,3 +115,54 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
                                 usable=usable, meta={"acquired": True, "pixel_size_um": p}))
     step = max(1, len(images) // MAX_CROPS)
     return images[::step][:MAX_CROPS], p
+
+
+def good_image_die_to_die(image: np.ndarray, pixel_um: float, seed: int = 0
+                          ) -> dict[str, Any] | None:
+    """Die-to-die on a good image file as a microscope would show it: the calibration a good
+    scan gives (:func:`scanner.inspection.inspect.good_scan_die_to_die`) for a model built
+    from a golden image, None when the image shows no repeat (or fewer than three dies).
+
+    Without it a model built from an image file compared a scan's dies at the default z
+    threshold, set on simulated wafers whose seams and busy circuitry make the comparison
+    noisy, while a good scan of a repeating product calibrates it to its own dies' agreement.
+    The image is given the blur and noise of a scan (:func:`models.variants.camera_variants`,
+    its first and mildest version), its repeat is looked for as in a mosaic, and its dies are
+    compared as a scan's are. Not the bank's shading: its gain field, independent from one
+    256 px patch to the next, set neighbouring dies apart by a few per cent, which a scan's
+    flat-field leaves between neighbours nowhere (its dies' largest z on a horse die grid:
+    14 with it, while good scans of 11 products reached 2.0-2.8); the calibration's floor,
+    :data:`scanner.inspection.dietodie.MIN_Z_THRESHOLD`, keeps the margin a scan needs.
+    """
+    from shapely.geometry import box
+
+    from models.variants import camera_variants
+    from scanner.diegrid import estimate_grid
+    from scanner.inspection.dietodie import MosaicGrid, largest_z
+    from scanner.inspection.inspect import (
+        _search_level,
+        _with_room,
+        die_to_die_record,
+    )
+    from scanner.ngff import _downsample2
+
+    seen = camera_variants(np.asarray(image, dtype=np.float32), np.random.default_rng(seed),
+                           1, gain_std=0.0)[0]
+    levels = [seen]
+    while max(levels[-1].shape) > 1 and len(levels) < 12:
+        levels.append(_downsample2(levels[-1]))
+    k = _search_level(levels)
+    # pixel (0, 0) of level 0 centred on the stage origin; level k's on its 2**k block
+    h, w = seen.shape
+    polygon = box(-0.5 * pixel_um, -0.5 * pixel_um, (w - 0.5) * pixel_um, (h - 0.5) * pixel_um)
+    centre = (2**k - 1) / 2 * pixel_um
+    grid = estimate_grid(levels[k], pixel_um * 2**k, (centre, centre))
+    if grid is None:
+        return None
+    geometry = MosaicGrid((0.0, 0.0), pixel_um, (h, w))
+    compared, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
+    if pad:
+        geometry = MosaicGrid((-pad * pixel_um, -pad * pixel_um), pixel_um,
+                              tuple(compared.shape))
+    reached = largest_z(compared, geometry, grid, area, pyramid=pyramid)
+    return None if reached is None else die_to_die_record(reached, True)

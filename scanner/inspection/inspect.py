@@ -38,6 +38,7 @@ from scanner.inspection.card import (
     threshold_record,
 )
 from scanner.inspection.drift import good_surface_scores
+from scanner.inspection.golden import GOLDEN
 from scanner.inspection.images import image_score, inspect_images, list_images
 from scanner.inspection.maps import MapSet, infer_mosaic, reflectance_at_map
 from scanner.scanfolder import MOSAIC, SCAN_JSON, now_iso, scan_json_if_any, write_json
@@ -174,12 +175,55 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     return refine
 
 
+def _golden(mosaic: Path, model: Any, threshold: float) -> DieToDieStep | None:
+    """The map refinement that compares the scan with the model's golden image, the reference
+    of a design that does not repeat (:mod:`scanner.inspection.golden`); None when the model
+    keeps none. Its evidence, masks and difference reader are die-to-die's kind."""
+    golden = getattr(model, "golden", None)
+    if golden is None:
+        return None
+    from scanner.inspection.defects import DESIGN_Z
+    from scanner.inspection.dietodie import apply_patches, repeated_mask, z_to_score
+    from scanner.inspection.golden import GOLDEN, Z_THRESHOLD, golden_patches, place_golden
+    from scanner.ngff import open_mosaic
+
+    z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD))
+
+    def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
+                                      np.ndarray | None]:
+        t0 = time.perf_counter()
+        levels, _ = open_mosaic(mosaic)
+        placed = place_golden(golden, model.pixel_size_um, levels, _mosaic_grid(mosaic))
+        stats: dict[str, Any] = {"reference": GOLDEN, "z_threshold": z_threshold,
+                                 "placed": placed is not None}
+        if placed is None:  # the scan does not show the design: the model alone judges it
+            return {**stats, "seconds": round(time.perf_counter() - t0, 3)}, None, None, None
+        patches = golden_patches(placed, levels[0], maps.origin_um, maps.pixel_size_um,
+                                 z_threshold, threshold)
+        apply_patches(maps.maps["anomaly"], patches)
+        compared = placed.compared_mask(maps.origin_um, maps.pixel_size_um,
+                                        maps.maps["anomaly"].shape)
+        repeated = repeated_mask(compared, patches,
+                                 float(z_to_score(DESIGN_Z, z_threshold, threshold)))
+        difference = None
+        if not maps.reader.resample and levels[0].ndim == 2:
+            difference = functools.partial(placed.difference, levels[0])
+        stats.update(shift_px=[round(v, 2) for v in placed.shift],
+                     correlation=round(placed.correlation, 4),
+                     map_pixels_over_threshold=int(sum(np.count_nonzero(sc >= threshold)
+                                                       for _, _, sc in patches)),
+                     seconds=round(time.perf_counter() - t0, 3))
+        return stats, difference, compared, repeated
+
+    return refine
+
+
 def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
     """Die-to-die on a good scan folder: the largest intensity and texture z-scores its dies
     reach, how many were compared and the z thresholds calibrated from them
     (:func:`scanner.inspection.dietodie.calibrated_z_threshold`); None when the scan has no
     die grid or fewer than three comparable dies."""
-    from scanner.inspection.dietodie import calibrated_z_threshold, largest_z
+    from scanner.inspection.dietodie import largest_z
 
     folder = Path(folder)
     scan = scan_json_if_any(folder)
@@ -194,12 +238,21 @@ def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
     reached = largest_z(image, geometry, grid, area, pyramid=pyramid)
     if reached is None:
         return None
+    return die_to_die_record(reached, source == "found in the mosaic")
+
+
+def die_to_die_record(reached: tuple[float, float, int], found: bool) -> dict[str, Any]:
+    """The card's die-to-die calibration from the largest intensity and texture z-scores good
+    dies reached and how many were compared (:func:`scanner.inspection.dietodie.largest_z`),
+    on a grid ``found`` in the image or given."""
+    from scanner.inspection.dietodie import calibrated_z_threshold
+
     z, zt, dies = reached
     out: dict[str, Any] = {"good_max_z": round(z, 2), "dies": dies,
                            "z_threshold": round(calibrated_z_threshold(z), 2),
                            "texture_good_max_z": round(zt, 2),
                            "texture_z_threshold": round(calibrated_z_threshold(zt), 2)}
-    if source == "found in the mosaic":
+    if found:
         # a repeat found in a picture that has none (a moon photograph: "dies" of 468 um,
         # its good scan's dies z 38): the good scan's own dies differing far beyond any
         # threshold say the found grid is not a layout, and inspection leaves it
@@ -451,10 +504,11 @@ def inspect_mosaic(
     thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
     contexts = context_thresholds(model, kind, thr_source, pixel_um)
     d2d = (getattr(model, "card", None) or {}).get("die_to_die") or {}
-    refine = _Refinement(_die_to_die(mosaic, saved, polygon, thr, alignment,
-                                     d2d.get("z_threshold"), d2d.get("texture_z_threshold"),
-                                     d2d.get("found_grid_repeats", True) is not False),
-                         kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
+    compare = _die_to_die(mosaic, saved, polygon, thr, alignment, d2d.get("z_threshold"),
+                          d2d.get("texture_z_threshold"),
+                          d2d.get("found_grid_repeats", True) is not False) or \
+        _golden(mosaic, model, thr)
+    refine = _Refinement(compare, kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster, edge_um=edge_band_um or None)
     t1 = time.perf_counter()
@@ -498,6 +552,8 @@ class _Refinement:
         self.die_to_die, self.plain_kind, self.mosaic = die_to_die, plain_kind, mosaic
         self.sample, self.polygon, self.threshold = sample, polygon, threshold
         self.d2d: dict[str, Any] = {}
+        #: what the comparison with a golden image did (when it ran instead of die-to-die)
+        self.golden: dict[str, Any] = {}
         self.plain: dict[str, Any] = {}
         #: the die-to-die difference reader, when dies were compared
         self.difference: Any = None
@@ -513,7 +569,7 @@ class _Refinement:
     def __call__(self, maps: MapSet) -> None:
         if self.die_to_die is not None:
             stats, self.difference, self.compared, self.repeated = self.die_to_die(maps)
-            self.d2d.update(stats)
+            (self.golden if stats.get("reference") == GOLDEN else self.d2d).update(stats)
         if self.plain_kind or self.polygon is not None:
             self.reflectance = reflectance_at_map(maps)
             self.not_scanned_mm2 = _not_scanned_mm2(maps, self.reflectance, self.polygon)
@@ -529,6 +585,8 @@ def _timings(wall: float, t_maps: float, t_defects: float, maps: MapSet,
                "network_s": round(maps.stats.network_s, 3), "defects_s": round(t_defects, 3)}
     if refine.d2d.get("dies"):
         timings["die_to_die_s"] = round(float(refine.d2d["seconds"]), 3)
+    if refine.golden:
+        timings["golden_s"] = round(float(refine.golden["seconds"]), 3)
     if refine.plain:
         timings["plain_surface_s"] = refine.plain["seconds"]
     return timings
@@ -539,7 +597,8 @@ def _maps_record(maps: MapSet, refine: _Refinement, masked: bool) -> dict[str, A
     return {"maps": {k: v.name for k, v in maps.paths.items()},
             "map_pixel_size_um": maps.pixel_size_um, "masked_to_usable_area": masked,
             "windows": maps.stats.windows, "windows_skipped": maps.stats.skipped,
-            "die_to_die": refine.d2d or None, "plain_surface": refine.plain or None,
+            "die_to_die": refine.d2d or None, "golden": refine.golden or None,
+            "plain_surface": refine.plain or None,
             "not_scanned_mm2": refine.not_scanned_mm2}
 
 
@@ -553,7 +612,8 @@ def _record_in_scan(scan: dict[str, Any], folder: Path, header: dict[str, Any],
         "n_defects": len(defects), "n_review": sum(d.review for d in defects),
         "maps": header["maps"],
         "mosaic_megapixels": round(mosaic_px / 1e6, 3) if mosaic_px else None, **timings,
-        "die_to_die": header["die_to_die"], "good_scores": header["good_scores"],
+        "die_to_die": header["die_to_die"], "golden": header.get("golden"),
+        "good_scores": header["good_scores"],
     }
     write_json(folder / SCAN_JSON, scan)
 

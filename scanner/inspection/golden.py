@@ -1,0 +1,349 @@
+"""Golden-image comparison: a scan of a design that does not repeat, against its good image.
+
+Die-to-die (:mod:`scanner.inspection.dietodie`) judges a die by its neighbours. A design with no
+repeat (one large chip, a photograph, a board) has no neighbours, and a memory bank built from
+its one good image has seen its centre only in a held-out quarter: the threshold that quarter
+sets stands above the defects of a copy (a moon photograph: 0 of 22 found). Its good image, kept
+in the model (:func:`models.build.build_detector`), is its reference instead, as a golden die
+is a fab's reference for a die with no neighbour:
+
+1. **Registration**: the golden image is placed on the mosaic by phase correlation at about
+   512 px a side, then refined to 0.1 px on a central crop at full resolution
+   (:func:`scanner.inspection.dietodie_maths.block_shift`). A scan that does not show the
+   design (correlation under :data:`MIN_CORRELATION`) is not compared.
+2. **Shading**: a scan's flat-field leaves a few per cent of smooth gain that a golden image
+   lacks; the test is divided by the median ratio test / golden over blocks of
+   :data:`GAIN_BLOCK_PX`, smoothed (a stain of tens of pixels does not move a block median).
+3. **Difference**: at each of die-to-die's scales, how far the smoothed test lies outside the
+   envelope of the smoothed golden over +-``tolerance_px`` (blur and a pixel of stitching
+   error stay inside it), over the noise: the robust spread of test minus golden over the
+   block, with die-to-die's allowance for a sampling phase at peaks and valleys.
+
+The z-scores go onto the anomaly map as die-to-die's do (:func:`scanner.inspection.dietodie_maps.
+map_patch`), with their ``compared`` and ``repeated`` masks (where the scan shows the golden
+design, the network's novelty is design, not a defect) and a ``difference`` reader for the
+defects' measurement, so :mod:`scanner.inspection.defects` treats both alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from scanner.inspection.dietodie import DieToDie
+from scanner.inspection.dietodie_geometry import MosaicGrid, _read
+from scanner.inspection.dietodie_maps import Patch, map_patch
+from scanner.inspection.dietodie_maths import (
+    PHASE_TOLERANCE_PX,
+    TEXTURE_MIN_SPREAD,
+    TEXTURE_TOLERANCE_PX,
+    _mean_pool,
+    block_shift,
+    texture_energy,
+)
+
+#: what the maps' record calls this comparison (``reference``)
+GOLDEN = "golden image"
+#: side (px) of the pyramid level the golden image is first placed in
+COARSE_PX = 512
+#: side (px) of the central crop the placement is refined on
+FINE_PX = 1024
+#: the golden image and the scan must agree at least this well once placed (Pearson r at the
+#: coarse level) to be compared: a scan of another design is left to the model
+MIN_CORRELATION = 0.5
+#: side (px) of the blocks whose median ratio test / golden is the scan's shading
+GAIN_BLOCK_PX = 64
+#: side (px) of the blocks compared at a time (bounds memory)
+BLOCK_PX = 1024
+#: local misalignment tolerated after placement (px): a scan's stitching errors on featureless
+#: ground reach a pixel or two
+TOLERANCE_PX = 3
+#: pixels along the golden image's border left out of the comparison
+EDGE_PX = 2 * TOLERANCE_PX
+#: z-score that counts as a defect. Two scans of a moon photograph (its good scan as the
+#: golden image, the defective copy's scan compared) differed by up to z 8.3 away from the 22
+#: painted defects (seams where the two scans' tiles fall differently), which scored 11-650;
+#: the photograph itself as the golden image: up to 4.3, the defects 7.4-400
+Z_THRESHOLD = 9.0
+
+
+def golden_record(image: np.ndarray, source: str) -> dict[str, Any]:
+    """The card's record of a golden image (the pixels go in the weights file)."""
+    return {"source": source, "shape": [int(n) for n in image.shape],
+            "z_threshold": Z_THRESHOLD}
+
+
+@dataclass
+class GoldenComparison:
+    """A golden image placed on a mosaic, and the comparison made with it.
+
+    Attributes
+    ----------
+    golden : ndarray (H, W) float32
+        The good image at the mosaic's pixel size (relative reflectance).
+    shift : tuple of float
+        Where its pixel (0, 0) lies on the mosaic's level 0 (rows, columns).
+    mosaic : MosaicGrid
+        The mosaic's geometry.
+    correlation : float
+        How well the placed golden image agrees with the scan (Pearson r, coarse).
+    """
+
+    golden: np.ndarray
+    shift: tuple[float, float]
+    mosaic: MosaicGrid
+    correlation: float
+    settings: DieToDie = field(default_factory=DieToDie)
+
+    @property
+    def pad(self) -> int:
+        """Pixels read around a block: room for the smoothing and the envelope."""
+        return int(math.ceil(3 * max(self.settings.scales_px))) + TOLERANCE_PX + 4
+
+    def footprint(self) -> tuple[int, int, int, int]:
+        """Mosaic rows and columns ``(r0, c0, r1, c1)`` the golden image covers."""
+        h, w = self.golden.shape
+        r0, c0 = (int(math.ceil(v)) for v in self.shift)
+        r1 = int(math.floor(self.shift[0] + h - 1)) + 1
+        c1 = int(math.floor(self.shift[1] + w - 1)) + 1
+        rows, cols = self.mosaic.shape
+        return max(r0, 0), max(c0, 0), min(r1, rows), min(c1, cols)
+
+    def reference(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        """The golden image over mosaic pixels ``[r0, r0+h) x [c0, c0+w)`` (NaN off it)."""
+        rows = np.arange(r0, r0 + h, dtype=np.float64) - self.shift[0]
+        cols = np.arange(c0, c0 + w, dtype=np.float64) - self.shift[1]
+        coords = np.meshgrid(rows, cols, indexing="ij")
+        return ndimage.map_coordinates(self.golden, coords, order=1, mode="constant",
+                                       cval=np.nan).astype(np.float32)
+
+    def compare(self, level0: Any, r0: int, c0: int, h: int, w: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Test minus golden (the test's units), the z-scores and the pixels compared, over
+        mosaic pixels ``[r0, r0+h) x [c0, c0+w)``."""
+        p = self.pad
+        test = _read(level0, r0 - p, c0 - p, h + 2 * p, w + 2 * p)
+        ref = self.reference(r0 - p, c0 - p, h + 2 * p, w + 2 * p)
+        # not within EDGE_PX of the golden image's border: a scan blurs the product's edge
+        # into whatever lies beyond it, which the golden image does not show
+        on = ndimage.binary_erosion(np.isfinite(ref), iterations=EDGE_PX, border_value=1)
+        mask = on & (test != 0)
+        ref = np.where(mask, ref, 0.0).astype(np.float32)
+        ref *= shading(test, ref, mask)
+        z = np.maximum(golden_z(test, ref, mask, self.settings.scales_px),
+                       golden_texture_z(test, ref, mask))
+        diff = np.where(mask, test - ref, 0.0).astype(np.float32)
+        core = (slice(p, p + h), slice(p, p + w))
+        return diff[core], z[core], mask[core]
+
+    def difference(self, level0: Any, r0: int, c0: int, h: int, w: int
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+        """What :meth:`scanner.inspection.dietodie.Comparison.difference` gives: test minus
+        golden and the z-scores over a window (None unless it lies on the golden image)."""
+        fr0, fc0, fr1, fc1 = self.footprint()
+        if r0 < fr0 or c0 < fc0 or r0 + h > fr1 or c0 + w > fc1:
+            return None
+        diff, z, _ = self.compare(level0, r0, c0, h, w)
+        return diff, z
+
+    def compared_mask(self, origin_um: tuple[float, float], pixel_um: float,
+                      shape: tuple[int, int]) -> np.ndarray:
+        """Which pixels of a map lie on the golden image (inside its border's pad)."""
+        fr0, fc0, fr1, fc1 = self.footprint()
+        p, m = self.mosaic.pixel_size_um, self.pad
+        ys = origin_um[1] + np.arange(shape[0]) * pixel_um
+        xs = origin_um[0] + np.arange(shape[1]) * pixel_um
+        rows = (ys - self.mosaic.origin_um[1]) / p
+        cols = (xs - self.mosaic.origin_um[0]) / p
+        return ((rows >= fr0 + m) & (rows < fr1 - m))[:, None] & \
+            ((cols >= fc0 + m) & (cols < fc1 - m))[None, :]
+
+
+def place_golden(golden: np.ndarray, golden_pixel_um: float, levels: list[Any],
+                 mosaic: MosaicGrid) -> GoldenComparison | None:
+    """The golden image resampled to the mosaic's pixel size and placed on it (None: the scan
+    does not show it, or either is featureless). ``levels``: the mosaic's pyramid, level 0
+    first (a level of about :data:`COARSE_PX` a side is read whole, level 0 only in crops)."""
+    golden = np.asarray(golden, dtype=np.float32)
+    zoom = golden_pixel_um / mosaic.pixel_size_um
+    if abs(zoom - 1.0) > 1e-3:
+        if zoom < 1.0:  # anti-alias before shrinking, as the inspection's reader does
+            golden = ndimage.gaussian_filter(golden, 0.5 * math.sqrt(1.0 / zoom**2 - 1.0))
+        golden = ndimage.zoom(golden, zoom, order=1, grid_mode=True, mode="nearest")
+    coarse_m, f = _coarse_level(levels)
+    level = float(np.median(coarse_m[coarse_m > 0])) if np.any(coarse_m > 0) else 0.0
+    if level <= 0:
+        return None
+    coarse_m = coarse_m / np.float32(level)
+    coarse_g = _mean_pool(golden, f)
+    shape = (max(coarse_m.shape[0], coarse_g.shape[0]), max(coarse_m.shape[1], coarse_g.shape[1]))
+    fixed = _canvas(coarse_m, shape, coarse_m > 0)
+    moving = _canvas(coarse_g, shape, None)
+    if fixed.std() < 1e-6 or moving.std() < 1e-6:
+        return None
+    from skimage.registration import phase_cross_correlation
+
+    # whitened (phase) correlation: the scan's surround (a chuck beyond the product) and the
+    # canvas's fill would dominate a plain one
+    coarse, _, _ = phase_cross_correlation(fixed, moving)
+    shift = _refined(golden, levels[0], np.asarray(coarse, dtype=np.float64) * f, f)
+    placed = GoldenComparison(golden, (float(shift[0]), float(shift[1])), mosaic, 0.0)
+    placed.correlation = _agreement(coarse_g, coarse_m, shift / f)
+    return placed if placed.correlation >= MIN_CORRELATION else None
+
+
+def _coarse_level(levels: list[Any]) -> tuple[np.ndarray, int]:
+    """The first pyramid level of at most :data:`COARSE_PX` a side (the coarsest one, halved
+    further, when none is), and its pixel in level-0 pixels."""
+    k = next((i for i, a in enumerate(levels) if max(a.shape) <= COARSE_PX), len(levels) - 1)
+    image = np.asarray(levels[k][...], dtype=np.float32)
+    f = 2**k
+    while max(image.shape) > COARSE_PX:
+        image, f = _mean_pool(image, 2), 2 * f
+    return image, f
+
+
+def _canvas(a: np.ndarray, shape: tuple[int, int], valid: np.ndarray | None) -> np.ndarray:
+    """``a`` at the top left of ``shape``, the rest (and invalid pixels) at its median, its
+    mean removed."""
+    fill = float(np.median(a[valid])) if valid is not None and valid.any() else float(
+        np.median(a))
+    out = np.full(shape, fill, dtype=np.float32)
+    out[: a.shape[0], : a.shape[1]] = a if valid is None else np.where(valid, a, fill)
+    return out - out.mean()
+
+
+def _refined(golden: np.ndarray, level0: Any, shift: np.ndarray, f: int) -> np.ndarray:
+    """The coarse placement refined on a central crop of the golden image at full
+    resolution (unchanged where the crop has no clear match)."""
+    h, w = golden.shape
+    side = min(FINE_PX, h, w)
+    gr, gc = (h - side) // 2, (w - side) // 2
+    crop = golden[gr : gr + side, gc : gc + side]
+    r, c = int(round(gr + shift[0])), int(round(gc + shift[1]))
+    window = _read(level0, r, c, side, side)
+    if np.count_nonzero(window) < 0.9 * window.size:
+        return shift
+    fine = block_shift(window, crop, max_shift_px=2.0 * f + 4.0)
+    if fine is None:
+        return shift
+    # the crop moved by ``fine`` lands on the window: the golden lies ``fine`` further on
+    return np.array([r - gr + fine[0], c - gc + fine[1]], dtype=np.float64)
+
+
+def _agreement(golden: np.ndarray, image: np.ndarray, shift: np.ndarray) -> float:
+    """Pearson r of a (coarse) golden image placed at ``shift`` on a (coarse) scan, over the
+    pixels they share."""
+    rows = np.arange(image.shape[0], dtype=np.float64) - shift[0]
+    cols = np.arange(image.shape[1], dtype=np.float64) - shift[1]
+    ref = ndimage.map_coordinates(golden, np.meshgrid(rows, cols, indexing="ij"), order=1,
+                                  mode="constant", cval=np.nan)
+    ok = np.isfinite(ref) & (image > 0)
+    if ok.sum() < 64:
+        return 0.0
+    a, b = ref[ok].astype(np.float64), image[ok].astype(np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def shading(test: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The smooth gain of the test over the golden image: the median ratio test / golden in
+    blocks of :data:`GAIN_BLOCK_PX` (where the golden is not dark), a 3 x 3 median of the
+    blocks, interpolated bilinearly (1 where a block has too few pixels)."""
+    b = GAIN_BLOCK_PX
+    h, w = test.shape
+    nb_r, nb_c = -(-h // b), -(-w // b)
+    bright = mask & (ref > 0.3 * max(float(np.median(ref[mask])) if mask.any() else 0.0, 1e-6))
+    gains = np.full((nb_r, nb_c), np.nan, dtype=np.float32)
+    for i in range(nb_r):
+        for j in range(nb_c):
+            sel = bright[i * b:(i + 1) * b, j * b:(j + 1) * b]
+            if np.count_nonzero(sel) >= b * b // 8:
+                t = test[i * b:(i + 1) * b, j * b:(j + 1) * b][sel]
+                r = ref[i * b:(i + 1) * b, j * b:(j + 1) * b][sel]
+                gains[i, j] = np.median(t / r)
+    if not np.isfinite(gains).any():
+        return np.ones_like(test)
+    gains = np.where(np.isfinite(gains), gains, np.nanmedian(gains))
+    gains = ndimage.median_filter(gains, 3, mode="nearest")
+    rows = (np.arange(h) + 0.5) / b - 0.5
+    cols = (np.arange(w) + 0.5) / b - 0.5
+    coords = np.meshgrid(rows, cols, indexing="ij")
+    return ndimage.map_coordinates(gains, coords, order=1, mode="nearest").astype(np.float32)
+
+
+def golden_z(test: np.ndarray, ref: np.ndarray, mask: np.ndarray,
+             scales_px: tuple[float, ...], tolerance_px: int = TOLERANCE_PX) -> np.ndarray:
+    """The largest ``|excess| / noise`` over the scales: how far the smoothed test lies
+    outside the envelope of the smoothed golden image over ``+-tolerance_px``, over the
+    robust spread of their difference (plus die-to-die's sampling-phase allowance); 0 off
+    ``mask``."""
+    z = np.zeros(test.shape, dtype=np.float32)
+    if not mask.any():
+        return z
+    # off the compared pixels both read the golden's level: smoothed, they drop alike there
+    level = float(np.median(ref[mask]))
+    t_all = np.where(mask, test, np.float32(level))
+    ref = np.where(mask, ref, np.float32(level))
+    floor = 1e-3 * max(level, 1e-3)
+    size = 2 * tolerance_px + 1
+    for s in scales_px:
+        t = ndimage.gaussian_filter(t_all, s, truncate=2.5)
+        r = ndimage.gaussian_filter(ref, s, truncate=2.5)
+        lo = ndimage.minimum_filter(r, size)
+        hi = ndimage.maximum_filter(r, size)
+        excess = t - np.clip(t, lo, hi)
+        d = (t - r)[mask]
+        spread = 1.4826 * float(np.median(np.abs(d - np.median(d)))) + floor
+        curvature = np.abs(ndimage.laplace(r))
+        phase = np.float32(0.5 * PHASE_TOLERANCE_PX**2) * ndimage.maximum_filter(curvature, size)
+        np.maximum(z, np.abs(excess) / np.hypot(np.float32(spread), phase), out=z)
+    z[~mask] = 0.0
+    return z
+
+
+def golden_texture_z(test: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Z-score of the test's loss of fine-texture energy against the golden image's (see
+    :func:`scanner.inspection.dietodie_maths.texture_z`): a patch of missing texture filled
+    with the surface's level changes the intensities little (a moon photograph's two such
+    patches: intensity z 3-6) but empties the detail. The log-energies are compared within
+    the die-to-die envelope, after their median difference over the block (a scan's blur
+    and noise move the detail's energy everywhere alike), over its robust spread."""
+    z = np.zeros(test.shape, dtype=np.float32)
+    if not mask.any():
+        return z
+    level = float(np.median(ref[mask]))
+    floor = np.float32(1e-4 * max(level, 1e-3) ** 2)  # (1 % of the level)^2: camera noise
+    t_all = np.where(mask, test, np.float32(level))
+    r_all = np.where(mask, ref, np.float32(level))
+    lt = np.log(texture_energy(t_all) + floor)
+    lr = np.log(texture_energy(r_all) + floor)
+    d = (lt - lr)[mask]
+    centre = float(np.median(d))
+    spread = 1.4826 * float(np.median(np.abs(d - centre))) + TEXTURE_MIN_SPREAD
+    lo = ndimage.minimum_filter(lr, 2 * TEXTURE_TOLERANCE_PX + 1) + np.float32(centre)
+    z = (np.maximum(lo - lt, 0.0) / np.float32(spread)).astype(np.float32)
+    z[~mask] = 0.0
+    return z
+
+
+def golden_patches(placed: GoldenComparison, level0: Any, map_origin_um: tuple[float, float],
+                   map_pixel_um: float, z_threshold: float, threshold: float) -> list[Patch]:
+    """The golden comparison's z-scores over its footprint, as blocks of anomaly-map scores
+    (:func:`scanner.inspection.dietodie_maps.map_patch`)."""
+    fr0, fc0, fr1, fc1 = placed.footprint()
+    patches = []
+    for r0 in range(fr0, fr1, BLOCK_PX):
+        for c0 in range(fc0, fc1, BLOCK_PX):
+            h, w = min(BLOCK_PX, fr1 - r0), min(BLOCK_PX, fc1 - c0)
+            _, z, _ = placed.compare(level0, r0, c0, h, w)
+            patch = map_patch(z, r0, c0, placed.mosaic, map_origin_um, map_pixel_um,
+                              z_threshold, threshold)
+            if patch is not None:
+                patches.append(patch)
+    return patches

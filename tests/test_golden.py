@@ -1,0 +1,97 @@
+"""The golden-image comparison of a design that does not repeat (scanner.inspection.golden)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage import data
+
+from scanner.inspection.dietodie import MosaicGrid
+from scanner.inspection.golden import Z_THRESHOLD, place_golden
+
+
+def _golden() -> np.ndarray:
+    """A photograph with no repeat, as relative reflectance."""
+    img = data.camera().astype(np.float32) + 10.0
+    return img / np.float32(np.median(img))
+
+
+def _scan_of(golden: np.ndarray, shift: tuple[float, float], seed: int = 0) -> np.ndarray:
+    """``golden`` as a scan shows it: on a dark chuck, moved by ``shift`` px, blurred, with 2 %
+    smooth shading, noise, and counts of a 12-bit camera."""
+    rng = np.random.default_rng(seed)
+    canvas = np.full((640, 700), 0.1, dtype=np.float32)
+    canvas[40:40 + golden.shape[0], 60:60 + golden.shape[1]] = golden
+    moved = ndimage.shift(canvas, shift, order=1, mode="nearest")
+    seen = ndimage.gaussian_filter(moved, 1.0)
+    yy, xx = np.mgrid[: seen.shape[0], : seen.shape[1]]
+    seen *= 1.0 + 0.02 * np.sin(yy / 150.0) * np.cos(xx / 170.0)
+    seen += rng.normal(0.0, 0.01, seen.shape).astype(np.float32)
+    return (seen * 1500.0).astype(np.float32)
+
+
+def test_the_golden_image_is_placed_on_a_scan_to_a_tenth_of_a_pixel() -> None:
+    golden = _golden()
+    scan = _scan_of(golden, (3.4, -2.7))
+    placed = place_golden(golden, 1.0, [scan], MosaicGrid((0.0, 0.0), 1.0, scan.shape))
+    assert placed is not None and placed.correlation > 0.9
+    assert placed.shift == pytest.approx((40 + 3.4, 60 - 2.7), abs=0.15)
+    # a scan of another design is not compared with it
+    other = _scan_of(data.moon().astype(np.float32) / 120.0 + 0.1, (0.0, 0.0))
+    assert place_golden(golden, 1.0, [other], MosaicGrid((0.0, 0.0), 1.0, other.shape)) is None
+
+
+def test_a_defect_differs_from_the_golden_image_and_the_good_surface_does_not() -> None:
+    golden = _golden()
+    good = _scan_of(golden, (1.3, 0.6), seed=1)
+    bad = good.copy()
+    # on the sky: a dark spot of -30 %, 10 px, and a bright scratch of +25 %, 4 x 60 px
+    spot_at, scratch_at = (slice(80, 90), slice(300, 310)), (slice(120, 124), slice(350, 410))
+    bad[spot_at] *= 0.7
+    bad[scratch_at] *= 1.25
+    for scan, defective in ((good, False), (bad, True)):
+        placed = place_golden(golden, 1.0, [scan], MosaicGrid((0.0, 0.0), 1.0, scan.shape))
+        assert placed is not None
+        r0, c0, r1, c1 = placed.footprint()
+        _, z, mask = placed.compare(scan, r0, c0, r1 - r0, c1 - c0)
+        assert mask.mean() > 0.9
+        full = np.zeros(scan.shape, dtype=np.float32)
+        full[r0:r1, c0:c1] = z
+        if defective:
+            assert full[spot_at].max() > 2 * Z_THRESHOLD
+            assert full[scratch_at].max() > 2 * Z_THRESHOLD
+            full[70:100, 290:320] = 0
+            full[110:134, 340:420] = 0
+            assert full.max() < Z_THRESHOLD
+        else:
+            assert z.max() < Z_THRESHOLD
+
+
+def test_a_detector_keeps_its_golden_image_and_refuses_a_damaged_one(tmp_path: Path) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from models.detector import PatchDetector, save_detector
+    from models.modelfile import load_model
+
+    golden = _golden()
+    bank = torch.randn(64, 176)
+    save_detector(bank, {"threshold": 1.0, "pixel_size_um": 1.0}, tmp_path / "m", golden=golden)
+    model = load_model(tmp_path / "m")
+    assert isinstance(model, PatchDetector) and model.golden is not None
+    assert np.allclose(model.golden, golden, atol=2e-3 * golden.max())  # kept as float16
+    state = load_file(str(tmp_path / "m.safetensors"))
+    state["golden"] = state["golden"][:100]  # cut short
+    save_file(state, str(tmp_path / "m.safetensors"))
+    card = json.loads((tmp_path / "m.json").read_text())
+    from models.modelfile import _weights_sha256
+
+    card["weights_sha256"] = _weights_sha256(tmp_path / "m.safetensors")
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(Exception, match="golden image missing or damaged"):
+        load_model(tmp_path / "m")
