@@ -104,7 +104,8 @@ def train(
             extra["die_to_die"] = d2d
         golden = _golden_of(images, d2d)
         if golden is not None:
-            extra["golden"] = golden_record(golden.image, golden.source)
+            extra["golden"] = golden_record(golden.image, golden.source,
+                                            bool(golden.meta.get("acquired", False)))
         report = build_detector(images, target, pixel_size_um=pixel,
                                 false_alarms_per_cm2=false_alarms_per_cm2, init=init,
                                 seed=seed, augment_camera=variants,
@@ -160,9 +161,14 @@ def _good_die_to_die(paths: list[Path], init: Path | None, images: Sequence[Good
 
 def _golden_of(images: Sequence[GoodImage], d2d: dict[str, Any] | None) -> GoodImage | None:
     """The good image a model keeps as its golden reference (:mod:`scanner.inspection.
-    golden`): the one good image (a file, or a good scan's whole mosaic) of a design that
-    shows no repeat (no die-to-die calibration, or a found "grid" that is no layout)."""
-    if len(images) != 1 or images[0].kind != "user":
+    golden`): the one good image (a file, or a good scan's whole mosaic of an ``image``
+    sample) of a design that shows no repeat (no die-to-die calibration, or a found "grid"
+    that is no layout). Not a scan of a wafer, a PV cell or a coupon: no two of those show
+    the same grains, haze or texture, which a golden comparison would flag everywhere."""
+    from scanner.inspection.golden import GOLDEN_KINDS
+
+    if len(images) != 1 or images[0].kind != "user" or \
+            images[0].meta.get("sample_kind") not in GOLDEN_KINDS:
         return None
     if d2d is not None and d2d.get("found_grid_repeats", True) is not False:
         return None

@@ -10,7 +10,7 @@ from scipy import ndimage
 from skimage import data
 
 from scanner.inspection.dietodie import MosaicGrid
-from scanner.inspection.golden import Z_THRESHOLD, place_golden
+from scanner.inspection.golden import Z_THRESHOLD_FILE, place_golden
 
 
 def _golden() -> np.ndarray:
@@ -61,13 +61,13 @@ def test_a_defect_differs_from_the_golden_image_and_the_good_surface_does_not() 
         full = np.zeros(scan.shape, dtype=np.float32)
         full[r0:r1, c0:c1] = z
         if defective:
-            assert full[spot_at].max() > 2 * Z_THRESHOLD
-            assert full[scratch_at].max() > 2 * Z_THRESHOLD
+            assert full[spot_at].max() > 2 * Z_THRESHOLD_FILE
+            assert full[scratch_at].max() > 2 * Z_THRESHOLD_FILE
             full[70:100, 290:320] = 0
             full[110:134, 340:420] = 0
-            assert full.max() < Z_THRESHOLD
+            assert full.max() < Z_THRESHOLD_FILE
         else:
-            assert z.max() < Z_THRESHOLD
+            assert z.max() < Z_THRESHOLD_FILE
 
 
 def test_a_detector_keeps_its_golden_image_and_refuses_a_damaged_one(tmp_path: Path) -> None:
@@ -95,3 +95,21 @@ def test_a_detector_keeps_its_golden_image_and_refuses_a_damaged_one(tmp_path: P
     (tmp_path / "m.json").write_text(json.dumps(card))
     with pytest.raises(Exception, match="golden image missing or damaged"):
         load_model(tmp_path / "m")
+
+
+def test_a_golden_image_is_kept_only_for_one_image_of_a_design_without_a_repeat() -> None:
+    from models.data import GoodImage
+    from scanner.cli_tools import _golden_of
+
+    def good(kind: str | None, acquired: bool = True) -> GoodImage:
+        meta = {"acquired": acquired, "sample_kind": kind} if acquired else {}
+        return GoodImage(_golden(), meta=meta)
+
+    assert _golden_of([good(None, acquired=False)], None) is not None  # an image file
+    assert _golden_of([good("image")], None) is not None  # a good scan of an image sample
+    assert _golden_of([good("image")], {"found_grid_repeats": False, "z_threshold": 7}) \
+        is not None  # a "grid" found in it that is no layout
+    assert _golden_of([good("image")], {"z_threshold": 7}) is None  # it repeats: die-to-die
+    assert _golden_of([good("image"), good("image")], None) is None  # several good images
+    for kind in ("pv_cell", "wafer", "rectangle"):  # grains, haze, texture of their own
+        assert _golden_of([good(kind)], None) is None

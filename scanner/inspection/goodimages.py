@@ -91,7 +91,8 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
     origin = (float(trans[1]), float(trans[0]))
     folder = mosaic.parent
     scan = scan_json_if_any(folder)
-    polygon = _usable_polygon(_saved_sample(folder, scan))
+    sample = _saved_sample(folder, scan)
+    polygon = _usable_polygon(sample)
     mask = polygon_mask(polygon, origin, p, 2 * p) if polygon is not None else None
     level = source_level(arr, inside=polygon_pixels(polygon, origin, p)
                          if polygon is not None else None)
@@ -112,7 +113,9 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
         if usable.mean() < 0.05:
             continue
         images.append(GoodImage(block / np.float32(level), source=f"{folder.name}:{r0},{c0}",
-                                usable=usable, meta={"acquired": True, "pixel_size_um": p}))
+                                usable=usable, meta={"acquired": True, "pixel_size_um": p,
+                                                     "sample_kind": getattr(sample, "kind",
+                                                                            None)}))
     step = max(1, len(images) // MAX_CROPS)
     return images[::step][:MAX_CROPS], p
 

@@ -175,19 +175,28 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     return refine
 
 
-def _golden(mosaic: Path, model: Any, threshold: float) -> DieToDieStep | None:
+def _golden(mosaic: Path, model: Any, threshold: float, kind: str | None
+            ) -> DieToDieStep | None:
     """The map refinement that compares the scan with the model's golden image, the reference
     of a design that does not repeat (:mod:`scanner.inspection.golden`); None when the model
-    keeps none. Its evidence, masks and difference reader are die-to-die's kind."""
+    keeps none, or the sample is of a kind no golden image stands for. Its evidence, masks and
+    difference reader are die-to-die's kind."""
+    from scanner.inspection.golden import GOLDEN_KINDS
+
     golden = getattr(model, "golden", None)
-    if golden is None:
+    if golden is None or kind not in GOLDEN_KINDS:
         return None
     from scanner.inspection.defects import DESIGN_Z
     from scanner.inspection.dietodie import apply_patches, repeated_mask, z_to_score
-    from scanner.inspection.golden import GOLDEN, Z_THRESHOLD, golden_patches, place_golden
+    from scanner.inspection.golden import (
+        GOLDEN,
+        Z_THRESHOLD_SCAN,
+        golden_patches,
+        place_golden,
+    )
     from scanner.ngff import open_mosaic
 
-    z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD))
+    z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD_SCAN))
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
                                       np.ndarray | None]:
@@ -507,7 +516,7 @@ def inspect_mosaic(
     compare = _die_to_die(mosaic, saved, polygon, thr, alignment, d2d.get("z_threshold"),
                           d2d.get("texture_z_threshold"),
                           d2d.get("found_grid_repeats", True) is not False) or \
-        _golden(mosaic, model, thr)
+        _golden(mosaic, model, thr, kind)
     refine = _Refinement(compare, kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster, edge_um=edge_band_um or None)
