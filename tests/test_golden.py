@@ -113,3 +113,17 @@ def test_a_golden_image_is_kept_only_for_one_image_of_a_design_without_a_repeat(
     assert _golden_of([good("image"), good("image")], None) is None  # several good images
     for kind in ("pv_cell", "wafer", "rectangle"):  # grains, haze, texture of their own
         assert _golden_of([good(kind)], None) is None
+
+
+def test_a_defects_difference_image_is_the_comparison_around_it() -> None:
+    golden = _golden()
+    bad = _scan_of(golden, (0.4, -0.3), seed=2)
+    bad[80:90, 300:310] *= 0.7
+    placed = place_golden(golden, 1.0, [bad], MosaicGrid((0.0, 0.0), 1.0, bad.shape))
+    assert placed is not None
+    diff, z = placed.difference(bad, 55, 275, 60, 60)
+    assert diff.shape == z.shape == (60, 60)
+    assert diff[25:35, 25:35].mean() < -0.2 * 1500 * 0.9  # the spot's loss, in counts
+    assert np.abs(diff[:8, :8]).mean() < 0.03 * 1500  # the sky around it: noise
+    assert z[25:35, 25:35].max() > 2 * Z_THRESHOLD_FILE and z[:8, :8].max() < Z_THRESHOLD_FILE
+    assert placed.difference(bad, 0, 0, 20, 20) is None  # off the golden image

@@ -61,6 +61,8 @@ MIN_CORRELATION = 0.5
 GAIN_BLOCK_PX = 64
 #: side (px) of the blocks compared at a time (bounds memory)
 BLOCK_PX = 1024
+#: least side (px) of the window a defect's difference image is compared in
+DIFFERENCE_PX = 256
 #: local misalignment tolerated after placement (px): a scan's stitching errors on featureless
 #: ground reach a pixel or two
 TOLERANCE_PX = 3
@@ -160,8 +162,14 @@ class GoldenComparison:
         fr0, fc0, fr1, fc1 = self.footprint()
         if r0 < fr0 or c0 < fc0 or r0 + h > fr1 or c0 + w > fc1:
             return None
-        diff, z, _ = self.compare(level0, r0, c0, h, w)
-        return diff, z
+        # compared within at least DIFFERENCE_PX around, as the blocks of the map are: the
+        # shading and the noise are the surroundings', not a large stain's own
+        grow_r, grow_c = max(0, (DIFFERENCE_PX - h) // 2), max(0, (DIFFERENCE_PX - w) // 2)
+        a0, b0 = max(fr0, r0 - grow_r), max(fc0, c0 - grow_c)
+        a1, b1 = min(fr1, r0 + h + grow_r), min(fc1, c0 + w + grow_c)
+        diff, z, _ = self.compare(level0, a0, b0, a1 - a0, b1 - b0)
+        core = (slice(r0 - a0, r0 - a0 + h), slice(c0 - b0, c0 - b0 + w))
+        return diff[core], z[core]
 
     def compared_mask(self, origin_um: tuple[float, float], pixel_um: float,
                       shape: tuple[int, int]) -> np.ndarray:
