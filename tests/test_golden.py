@@ -101,18 +101,26 @@ def test_a_golden_image_is_kept_only_for_one_image_of_a_design_without_a_repeat(
     from models.data import GoodImage
     from scanner.cli_tools import _golden_of
 
-    def good(kind: str | None, acquired: bool = True) -> GoodImage:
+    def good(kind: str | None, acquired: bool = True, image: np.ndarray | None = None
+             ) -> GoodImage:
         meta = {"acquired": acquired, "sample_kind": kind} if acquired else {}
-        return GoodImage(_golden(), meta=meta)
+        return GoodImage(_golden() if image is None else image, meta=meta)
 
-    assert _golden_of([good(None, acquired=False)], None) is not None  # an image file
-    assert _golden_of([good("image")], None) is not None  # a good scan of an image sample
-    assert _golden_of([good("image")], {"found_grid_repeats": False, "z_threshold": 7}) \
-        is not None  # a "grid" found in it that is no layout
-    assert _golden_of([good("image")], {"z_threshold": 7}) is None  # it repeats: die-to-die
-    assert _golden_of([good("image"), good("image")], None) is None  # several good images
+    assert _golden_of([good(None, acquired=False)], None, 1.0) is not None  # an image file
+    assert _golden_of([good("image")], None, 1.0) is not None  # a good scan of an image sample
+    assert _golden_of([good("image")], {"found_grid_repeats": False, "z_threshold": 7},
+                      1.0) is not None  # a "grid" found in it that is no layout
+    assert _golden_of([good("image")], {"z_threshold": 7}, 1.0) is None  # it repeats
+    assert _golden_of([good("image"), good("image")], None, 1.0) is None  # several images
     for kind in ("pv_cell", "wafer", "rectangle"):  # grains, haze, texture of their own
-        assert _golden_of([good(kind)], None) is None
+        assert _golden_of([good(kind)], None, 1.0) is None
+    # an image file of a die grid: compared die-to-die, not with a golden image
+    die = _golden()[100:220, 100:220]
+    grid = np.full((4 * 136, 4 * 136), 0.2, dtype=np.float32)
+    for i in range(4):
+        for j in range(4):
+            grid[i * 136 + 8 : i * 136 + 128, j * 136 + 8 : j * 136 + 128] = die
+    assert _golden_of([good(None, acquired=False, image=grid)], None, 1.0) is None
 
 
 def test_a_defects_difference_image_is_the_comparison_around_it() -> None:
