@@ -17,7 +17,10 @@ real wafers and parts:
   galaxies) and ``ihc_mirror`` (stained tissue, ``skimage.data.immunohistochemistry()``); and
   since 2026-12-05 ``horse_grid`` (a near-binary silhouette whose thin legs reach the dies'
   edges), ``clock_grid`` (a smooth photograph, 15 % vignetting), ``microaneurysms_mirror`` (a
-  fine retinal texture mirrored 5 x 5) and ``cell_grid`` (a phase-contrast cell).
+  fine retinal texture mirrored 5 x 5) and ``cell_grid`` (a phase-contrast cell);
+- designs that do not repeat (not run by default, since 2026-12-05): ``moon_single``,
+  ``camera_single``, ``astronaut_single``, ``coffee_single``, ``hubble_single``, each one
+  photograph mirrored once (no translation repeats it), compared with its golden image.
 
 Each product gets a good copy and a defective copy with 22 painted defects (dark spots, bright
 particles, thin scratches, missing pattern, faint stains; 8-80 px, all > 40 px from the border),
@@ -133,6 +136,13 @@ PRODUCTS = {
                                      seed=33, tiles=5),
     "cell_grid": Product("cell_grid", "grid", "cell", seed=35, cell_px=224, street_px=24,
                          n_dies=6, crop_rc=(250, 290)),
+    # designs that do not repeat (added 2026-12-05): a photograph mirrored once, compared with
+    # its golden image (scanner.inspection.golden); before it, 0-0.32 of their defects found
+    "moon_single": Product("moon_single", "mirror", "moon", seed=34, tiles=1),
+    "camera_single": Product("camera_single", "mirror", "camera", seed=41, tiles=1),
+    "astronaut_single": Product("astronaut_single", "mirror", "astronaut", seed=42, tiles=1),
+    "coffee_single": Product("coffee_single", "mirror", "coffee", seed=43, tiles=1),
+    "hubble_single": Product("hubble_single", "mirror", "hubble_deep_field", seed=44, tiles=1),
 }
 DEFAULT_PRODUCTS = ["coins_grid", "camera_grid", "brick_mirror"]
 
