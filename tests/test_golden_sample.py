@@ -28,6 +28,20 @@ def _product() -> np.ndarray:
     return img
 
 
+def _write_copies(folder: Path, good: np.ndarray, bad: np.ndarray, camera_px: int) -> None:
+    """good.tif / bad.tif (16-bit) and recipes scanning each as an ``image`` sample at 1 um/px.
+
+    The defective copy is scanned as a second part would be, on another day: the simulated
+    microscope's seed differs (camera noise, stage landing, hence the stitch and where the
+    dies fall on the features' stride-8 grid)."""
+    for seed, (name, img) in enumerate((("good", good), ("bad", bad))):
+        tifffile.imwrite(folder / f"{name}.tif", img.astype(np.uint16))
+        (folder / f"{name}.yaml").write_text(
+            f"sample: {{kind: image, path: {name}.tif, pixel_size_um: 1.0, origin_um: [0, 0]}}\n"
+            f"microscope: {{kind: simulated, seed: {seed}, camera: {{width: {camera_px}, "
+            f"height: {camera_px}, pixel_size_um: 1.0}}}}\nscan: {{overlap: 0.1}}\n")
+
+
 def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
         tmp_path: Path) -> None:
     good = _product()
@@ -42,15 +56,7 @@ def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
     for kind, (r, c, size) in painted.items():
         value = {"dark spot": 0.0, "bright particle": 60000.0}.get(kind, 4000.0)
         bad[r : r + size, c : c + size] = value
-    # the defective copy is scanned as a second part would be, on another day: the simulated
-    # microscope's seed differs (camera noise, stage landing, hence the stitch and where the
-    # dies fall on the features' stride-8 grid)
-    for seed, (name, img) in enumerate((("good", good), ("bad", bad))):
-        tifffile.imwrite(tmp_path / f"{name}.tif", img.astype(np.uint16))
-        (tmp_path / f"{name}.yaml").write_text(
-            f"sample: {{kind: image, path: {name}.tif, pixel_size_um: 1.0, origin_um: [0, 0]}}\n"
-            f"microscope: {{kind: simulated, seed: {seed}, camera: {{width: 512, height: 512, "
-            "pixel_size_um: 1.0}}\nscan: {overlap: 0.1}\n")
+    _write_copies(tmp_path, good, bad, 512)
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(tmp_path / "good.yaml"), "--no-inspect", "--out",
                               str(tmp_path / "good_scan")])
@@ -94,12 +100,7 @@ def test_a_design_that_does_not_repeat_is_compared_with_its_golden_image(tmp_pat
                "stain": (300, 200, 24, 24, 0.85)}
     for r, c, h, w, factor in painted.values():
         bad[r : r + h, c : c + w] *= factor
-    for seed, (name, img) in enumerate((("good", good), ("bad", bad))):
-        tifffile.imwrite(tmp_path / f"{name}.tif", img.astype(np.uint16))
-        (tmp_path / f"{name}.yaml").write_text(
-            f"sample: {{kind: image, path: {name}.tif, pixel_size_um: 1.0, origin_um: [0, 0]}}\n"
-            f"microscope: {{kind: simulated, seed: {seed}, camera: {{width: 256, height: 256, "
-            "pixel_size_um: 1.0}}\nscan: {overlap: 0.1}\n")
+    _write_copies(tmp_path, good, bad, 256)
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--good", str(tmp_path / "good.tif"), "--out",
                               str(tmp_path / "m")])
