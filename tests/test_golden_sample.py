@@ -116,7 +116,20 @@ def test_a_design_that_does_not_repeat_is_compared_with_its_golden_image(tmp_pat
         found[name] = json.loads((tmp_path / name / "defects.json").read_text())
     assert found["bad"]["header"]["golden"]["placed"] is True
     assert found["good"]["defects"] == []  # a good copy differs from its golden image nowhere
-    defects = found["bad"]["defects"]
+    _assert_found(found["bad"]["defects"], painted)
+    # image files of the copies (no scan): compared with it too
+    res = runner.invoke(app, ["inspect", str(tmp_path / "good.tif"), str(tmp_path / "bad.tif"),
+                              "--model", str(tmp_path / "m"), "--out", str(tmp_path / "files")])
+    assert res.exit_code == 0, res.output
+    files = json.loads((tmp_path / "files" / "defects.json").read_text())
+    assert files["header"]["golden"]["images_compared"] == 2
+    assert files["images"]["good.tif"] == []
+    _assert_found(files["images"]["bad.tif"], painted)
+
+
+def _assert_found(defects: list[dict], painted: dict[str, tuple]) -> None:
+    """Each painted defect ``(row, col, height, width, ...)`` in px (1 um/px from 0, 0) lies in
+    a reported box, and at most one more defect was reported."""
     for kind, (r, c, h, w, _) in painted.items():
         x, y = c + w / 2, r + h / 2
         assert any(d["bbox_um"][0] - 4 <= x <= d["bbox_um"][2] + 4

@@ -36,7 +36,13 @@ from scipy import ndimage
 
 from scanner.inspection.dietodie import DieToDie
 from scanner.inspection.dietodie_geometry import MosaicGrid, _read
-from scanner.inspection.dietodie_maps import Patch, map_patch
+from scanner.inspection.dietodie_maps import (
+    Patch,
+    apply_patches,
+    map_patch,
+    repeated_mask,
+    z_to_score,
+)
 from scanner.inspection.dietodie_maths import (
     TEXTURE_MIN_SPREAD,
     TEXTURE_TOLERANCE_PX,
@@ -368,3 +374,47 @@ def golden_patches(placed: GoldenComparison, level0: Any, map_origin_um: tuple[f
             if patch is not None:
                 patches.append(patch)
     return patches
+
+
+def uses_golden(model: Any, kind: str | None) -> bool:
+    """Whether inspection compares a sample of ``kind`` with the model's golden image."""
+    return getattr(model, "golden", None) is not None and kind in GOLDEN_KINDS
+
+
+def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any,
+                    threshold: float) -> tuple[dict[str, Any], Any, np.ndarray | None,
+                                               np.ndarray | None]:
+    """Compare an image (a mosaic's pyramid, or one image as its only level) with the model's
+    golden image and raise its anomaly map where they differ, as die-to-die does: what was
+    done, the difference reader (None: not on the image's own grid), the map pixels compared
+    and, of them, those where the image shows the golden design (z under ``DESIGN_Z``).
+    Nothing is compared, and the model alone judges, when the image does not show the
+    design (:func:`place_golden` finds no placement)."""
+    import functools
+    import time
+
+    from scanner.inspection.defects import DESIGN_Z
+
+    t0 = time.perf_counter()
+    z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD_SCAN))
+    placed = place_golden(model.golden, model.pixel_size_um, levels, mosaic)
+    stats: dict[str, Any] = {"reference": GOLDEN, "z_threshold": z_threshold,
+                             "placed": placed is not None}
+    if placed is None:
+        return {**stats, "seconds": round(time.perf_counter() - t0, 3)}, None, None, None
+    anomaly = maps.maps["anomaly"]
+    patches = golden_patches(placed, levels[0], maps.origin_um, maps.pixel_size_um,
+                             z_threshold, threshold)
+    apply_patches(anomaly, patches)
+    compared = placed.compared_mask(maps.origin_um, maps.pixel_size_um, anomaly.shape)
+    repeated = repeated_mask(compared, patches,
+                             float(z_to_score(DESIGN_Z, z_threshold, threshold)))
+    difference = None
+    if not maps.reader.resample and levels[0].ndim == 2:
+        difference = functools.partial(placed.difference, levels[0])
+    stats.update(shift_px=[round(v, 2) for v in placed.shift],
+                 correlation=round(placed.correlation, 4),
+                 map_pixels_over_threshold=int(sum(np.count_nonzero(sc >= threshold)
+                                                   for _, _, sc in patches)),
+                 seconds=round(time.perf_counter() - t0, 3))
+    return stats, difference, compared, repeated

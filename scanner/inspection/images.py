@@ -30,6 +30,8 @@ from scanner.inspection.card import (
     model_info,
     threshold_record,
 )
+from scanner.inspection.dietodie_geometry import MosaicGrid
+from scanner.inspection.golden import golden_evidence, uses_golden
 from scanner.inspection.maps import infer_image
 from scanner.scanfolder import now_iso, write_json
 
@@ -110,12 +112,22 @@ def inspect_images(
     rows, all_defects, per_image = [], [], {}
     network_s = 0.0
     n_px = 0
+    compared_with_golden = 0
     for k, (name, path) in enumerate(images):
         img = read_image(path)
         n_px += img.size
         maps = infer_image(model, img, pixel_size_um=pixel_size_um)
         network_s += maps.stats.network_s
-        defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts)
+        difference, dies = None, None
+        if uses_golden(model, sample_kind):  # a design that does not repeat: its good image
+            geometry = MosaicGrid((0.0, 0.0), float(pixel_size_um or model.pixel_size_um),
+                                  tuple(img.shape))
+            stats, difference, compared, repeated = golden_evidence(model, [img], geometry,
+                                                                    maps, thr)
+            compared_with_golden += bool(stats["placed"])
+            dies = None if compared is None else (compared, repeated)
+        defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
+                                difference=difference, dies=dies)
         score = image_score(maps.maps["anomaly"])
         rows.append({"image": name, "score": round(score, 6), "n_defects": len(defects),
                      "n_review": sum(d.review for d in defects),
@@ -139,6 +151,8 @@ def inspect_images(
               **threshold_record(thr, thr_source, contexts),
               "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
               "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
+              **({"golden": {"images_compared": compared_with_golden}}
+                 if uses_golden(model, sample_kind) else {}),
               "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),
                           "megapixels": round(n_px / 1e6, 3)}}
     write_json(out_dir / "defects.json", {"header": header, "images": per_image})

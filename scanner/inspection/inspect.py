@@ -178,51 +178,18 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
 def _golden(mosaic: Path, model: Any, threshold: float, kind: str | None
             ) -> DieToDieStep | None:
     """The map refinement that compares the scan with the model's golden image, the reference
-    of a design that does not repeat (:mod:`scanner.inspection.golden`); None when the model
-    keeps none, or the sample is of a kind no golden image stands for. Its evidence, masks and
-    difference reader are die-to-die's kind."""
-    from scanner.inspection.golden import GOLDEN_KINDS
+    of a design that does not repeat (:func:`scanner.inspection.golden.golden_evidence`);
+    None when the model keeps none, or the sample is of a kind no golden image stands for."""
+    from scanner.inspection.golden import golden_evidence, uses_golden
 
-    golden = getattr(model, "golden", None)
-    if golden is None or kind not in GOLDEN_KINDS:
+    if not uses_golden(model, kind):
         return None
-    from scanner.inspection.defects import DESIGN_Z
-    from scanner.inspection.dietodie import apply_patches, repeated_mask, z_to_score
-    from scanner.inspection.golden import (
-        GOLDEN,
-        Z_THRESHOLD_SCAN,
-        golden_patches,
-        place_golden,
-    )
     from scanner.ngff import open_mosaic
-
-    z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD_SCAN))
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
                                       np.ndarray | None]:
-        t0 = time.perf_counter()
         levels, _ = open_mosaic(mosaic)
-        placed = place_golden(golden, model.pixel_size_um, levels, _mosaic_grid(mosaic))
-        stats: dict[str, Any] = {"reference": GOLDEN, "z_threshold": z_threshold,
-                                 "placed": placed is not None}
-        if placed is None:  # the scan does not show the design: the model alone judges it
-            return {**stats, "seconds": round(time.perf_counter() - t0, 3)}, None, None, None
-        patches = golden_patches(placed, levels[0], maps.origin_um, maps.pixel_size_um,
-                                 z_threshold, threshold)
-        apply_patches(maps.maps["anomaly"], patches)
-        compared = placed.compared_mask(maps.origin_um, maps.pixel_size_um,
-                                        maps.maps["anomaly"].shape)
-        repeated = repeated_mask(compared, patches,
-                                 float(z_to_score(DESIGN_Z, z_threshold, threshold)))
-        difference = None
-        if not maps.reader.resample and levels[0].ndim == 2:
-            difference = functools.partial(placed.difference, levels[0])
-        stats.update(shift_px=[round(v, 2) for v in placed.shift],
-                     correlation=round(placed.correlation, 4),
-                     map_pixels_over_threshold=int(sum(np.count_nonzero(sc >= threshold)
-                                                       for _, _, sc in patches)),
-                     seconds=round(time.perf_counter() - t0, 3))
-        return stats, difference, compared, repeated
+        return golden_evidence(model, levels, _mosaic_grid(mosaic), maps, threshold)
 
     return refine
 
