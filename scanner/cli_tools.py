@@ -103,14 +103,19 @@ def train(
         if d2d is not None:
             extra["die_to_die"] = d2d
         golden = _golden_of(images, d2d, pixel)
+        pixels = None
         if golden is not None:
             extra["golden"] = golden_record(golden.image, golden.source,
                                             bool(golden.meta.get("acquired", False)))
+            pixels = golden.image
+        elif init is not None:  # the model extended keeps its golden image, if any
+            pixels, extra["golden"] = _inherited_golden(init, pixel)
+            if pixels is None:
+                extra.pop("golden")
         report = build_detector(images, target, pixel_size_um=pixel,
                                 false_alarms_per_cm2=false_alarms_per_cm2, init=init,
                                 seed=seed, augment_camera=variants,
-                                progress=on_progress, card_extra=extra,
-                                golden=None if golden is None else golden.image)
+                                progress=on_progress, card_extra=extra, golden=pixels)
     _print_model(report, len(images), pixel, false_alarms_per_cm2)
 
 
@@ -172,6 +177,18 @@ def _golden_of(images: Sequence[GoodImage], d2d: dict[str, Any] | None, pixel_um
     if d2d is not None and d2d.get("found_grid_repeats", True) is not False:
         return None
     return images[0]
+
+
+def _inherited_golden(init: Path, pixel_um: float) -> tuple[Any, dict[str, Any] | None]:
+    """The golden image (pixels, card record) of the model ``init`` names, for a model that
+    extends it at the same pixel size; ``(None, None)`` when it keeps none."""
+    from models.modelfile import load_model
+
+    base = load_model(init)
+    pixels = getattr(base, "golden", None)
+    if pixels is None or abs(float(base.pixel_size_um) - pixel_um) > 1e-6 * pixel_um:
+        return None, None
+    return pixels, dict(base.card.get("golden") or {})
 
 
 def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,

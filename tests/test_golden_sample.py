@@ -125,6 +125,18 @@ def test_a_design_that_does_not_repeat_is_compared_with_its_golden_image(tmp_pat
     assert files["header"]["golden"]["images_compared"] == 2
     assert files["images"]["good.tif"] == []
     _assert_found(files["images"]["bad.tif"], painted)
+    # extended with two more good images (which would not make one golden image), the model
+    # keeps the golden image it was built with
+    res = runner.invoke(app, ["train", "--init", str(tmp_path / "m"), "--good",
+                              str(tmp_path / "good.tif"), str(tmp_path / "good.tif"), "--out",
+                              str(tmp_path / "m2")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m2.json").read_text())["golden"] == card["golden"]
+    res = runner.invoke(app, ["inspect", str(tmp_path / "bad.tif"), "--model",
+                              str(tmp_path / "m2"), "--out", str(tmp_path / "files2")])
+    assert res.exit_code == 0, res.output
+    _assert_found(json.loads((tmp_path / "files2" / "defects.json").read_text())["images"][
+        "bad.tif"], painted)
 
 
 def _assert_found(defects: list[dict], painted: dict[str, tuple]) -> None:
