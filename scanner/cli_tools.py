@@ -70,7 +70,6 @@ def train(
 ) -> None:
     """Build a detector from good images and calibrate its threshold on held-out good surface."""
     from models.build import build_detector
-    from scanner.inspection.golden import golden_record
     from scanner.inspection.goodimages import load_good
 
     paths = list(good or []) + list(more_good or [])
@@ -102,20 +101,13 @@ def train(
         d2d = _good_die_to_die(paths, init)
         if d2d is not None:
             extra["die_to_die"] = d2d
-        golden = _golden_of(images, d2d, pixel)
-        pixels = None
-        if golden is not None:
-            extra["golden"] = golden_record(golden.image, golden.source,
-                                            bool(golden.meta.get("acquired", False)))
-            pixels = golden.image
-        elif init is not None:  # the model extended keeps its golden image, if any
-            pixels, extra["golden"] = _inherited_golden(init, pixel)
-            if pixels is None:
-                extra.pop("golden")
+        golden, record = _golden_for_model(images, d2d, pixel, init)
+        if record is not None:
+            extra["golden"] = record
         report = build_detector(images, target, pixel_size_um=pixel,
                                 false_alarms_per_cm2=false_alarms_per_cm2, init=init,
                                 seed=seed, augment_camera=variants,
-                                progress=on_progress, card_extra=extra, golden=pixels)
+                                progress=on_progress, card_extra=extra, golden=golden)
     _print_model(report, len(images), pixel, false_alarms_per_cm2)
 
 
@@ -155,6 +147,20 @@ def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | N
         if card.is_file():
             return (json.loads(card.read_text()) or {}).get("die_to_die")
     return None
+
+
+def _golden_for_model(images: Sequence[GoodImage], d2d: dict[str, Any] | None,
+                      pixel_um: float, init: Path | None
+                      ) -> tuple[Any, dict[str, Any] | None]:
+    """The golden image a model keeps and its card record (``(None, None)``: none): the good
+    image of :func:`_golden_of`, else the golden image of the model it extends."""
+    from scanner.inspection.golden import golden_record
+
+    golden = _golden_of(images, d2d, pixel_um)
+    if golden is not None:
+        return golden.image, golden_record(golden.image, golden.source,
+                                           bool(golden.meta.get("acquired", False)))
+    return _inherited_golden(init, pixel_um) if init is not None else (None, None)
 
 
 def _golden_of(images: Sequence[GoodImage], d2d: dict[str, Any] | None, pixel_um: float
