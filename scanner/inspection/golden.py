@@ -219,9 +219,10 @@ def place_golden(golden: np.ndarray, golden_pixel_um: float, levels: list[Any],
     # canvas's fill would dominate a plain one
     coarse, _, _ = phase_cross_correlation(fixed, moving)
     shift = _refined(golden, levels[0], np.asarray(coarse, dtype=np.float64) * f, f)
-    placed = GoldenComparison(golden, (float(shift[0]), float(shift[1])), mosaic, 0.0)
-    placed.correlation = _agreement(coarse_g, coarse_m, shift / f)
-    return placed if placed.correlation >= MIN_CORRELATION else None
+    correlation = _agreement(coarse_g, coarse_m, shift / f)
+    if correlation < MIN_CORRELATION:
+        return None
+    return GoldenComparison(golden, (float(shift[0]), float(shift[1])), mosaic, correlation)
 
 
 def _coarse_level(levels: list[Any]) -> tuple[np.ndarray, int]:
@@ -314,10 +315,7 @@ def golden_z(test: np.ndarray, ref: np.ndarray, mask: np.ndarray,
     z = np.zeros(test.shape, dtype=np.float32)
     if not mask.any():
         return z
-    # off the compared pixels both read the golden's level: smoothed, they drop alike there
-    level = float(np.median(ref[mask]))
-    t_all = np.where(mask, test, np.float32(level))
-    ref = np.where(mask, ref, np.float32(level))
+    t_all, ref, level = _filled(test, ref, mask)
     floor = 1e-3 * max(level, 1e-3)
     size = 2 * tolerance_px + 1
     for s in scales_px:
@@ -326,13 +324,27 @@ def golden_z(test: np.ndarray, ref: np.ndarray, mask: np.ndarray,
         lo = ndimage.minimum_filter(r, size)
         hi = ndimage.maximum_filter(r, size)
         excess = t - np.clip(t, lo, hi)
-        d = (t - r)[mask]
-        spread = 1.4826 * float(np.median(np.abs(d - np.median(d)))) + floor
+        spread = _robust_spread((t - r)[mask]) + floor
         curvature = np.abs(ndimage.laplace(r))
         phase = np.float32(0.5 * GOLDEN_PHASE_PX**2) * ndimage.maximum_filter(curvature, size)
         np.maximum(z, np.abs(excess) / np.hypot(np.float32(spread), phase), out=z)
     z[~mask] = 0.0
     return z
+
+
+def _filled(test: np.ndarray, ref: np.ndarray, mask: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """The test and the golden image with both reading the golden's level (returned too) off
+    the compared pixels: smoothed, they drop alike there."""
+    level = float(np.median(ref[mask]))
+    return (np.where(mask, test, np.float32(level)), np.where(mask, ref, np.float32(level)),
+            level)
+
+
+def _robust_spread(d: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: the standard deviation of normal noise,
+    untouched by a defect's few pixels."""
+    return 1.4826 * float(np.median(np.abs(d - np.median(d))))
 
 
 def golden_texture_z(test: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -345,15 +357,13 @@ def golden_texture_z(test: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> np.
     z = np.zeros(test.shape, dtype=np.float32)
     if not mask.any():
         return z
-    level = float(np.median(ref[mask]))
+    t_all, r_all, level = _filled(test, ref, mask)
     floor = np.float32(1e-4 * max(level, 1e-3) ** 2)  # (1 % of the level)^2: camera noise
-    t_all = np.where(mask, test, np.float32(level))
-    r_all = np.where(mask, ref, np.float32(level))
     lt = np.log(texture_energy(t_all) + floor)
     lr = np.log(texture_energy(r_all) + floor)
     d = (lt - lr)[mask]
     centre = float(np.median(d))
-    spread = 1.4826 * float(np.median(np.abs(d - centre))) + TEXTURE_MIN_SPREAD
+    spread = _robust_spread(d) + TEXTURE_MIN_SPREAD
     lo = ndimage.minimum_filter(lr, 2 * TEXTURE_TOLERANCE_PX + 1) + np.float32(centre)
     z = (np.maximum(lo - lt, 0.0) / np.float32(spread)).astype(np.float32)
     z[~mask] = 0.0
