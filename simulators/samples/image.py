@@ -31,6 +31,10 @@ LUMA = (0.2126, 0.7152, 0.0722)
 _STRIP_PIXELS = 8_000_000
 #: ... and when the whole file is read once to check it (a few MB at a time)
 _SURVEY_PIXELS = 262_144
+#: Half-width of the Lanczos kernel that interpolates the file, and its taps' offsets from the
+#: file pixel at or below a coordinate.
+_LANCZOS_A = 3
+_TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
 
 
 class _Reader:
@@ -183,7 +187,7 @@ class ImageSample(VirtualSample):
     maximum for wider integers, 1 for floats in [0, 1], else their maximum
     (:func:`simulators.picture.full_scale`). The whole file is read once when the sample is
     made: a damaged chunk or a NaN pixel is refused then. A camera pixel
-    no larger than a file pixel is interpolated bilinearly (at the file's own pixel size and
+    no larger than a file pixel is interpolated (Lanczos-3: at the file's own pixel size and
     grid it reproduces the file exactly); a larger one is the exact area average of the file
     pixels under its footprint (no aliasing on overviews). Outside the image: the chuck.
 
@@ -333,7 +337,7 @@ class ImageSample(VirtualSample):
         cy = np.flatnonzero(cov_y)
         c0, c1, r0, r1 = int(cx[0]), int(cx[-1]) + 1, int(cy[0]), int(cy[-1]) + 1
         if p <= self.pixel_size_um * (1 + 1e-9):
-            inner = self._bilinear(gx[c0:c1], gy[r0:r1])
+            inner = self._interpolated(gx[c0:c1], gy[r0:r1])
         else:
             inner = self._area(gx[c0:c1], gy[r0:r1], p / self.pixel_size_um)
         img = np.zeros((len(ys), len(xs)), dtype=np.float32)
@@ -343,28 +347,41 @@ class ImageSample(VirtualSample):
             img = over_chuck(img, cov_y[:, None] * cov_x[None, :], xs, ys, p)
         return np.clip(img, 0.0, 1.0, out=img)
 
-    def _bilinear(self, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-        """Bilinear interpolation of the file at pixel coordinates (edge pixels extended)."""
+    def _interpolated(self, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+        """Lanczos-3 interpolation of the file at pixel coordinates (edge pixels extended).
+
+        A camera looks at a continuous surface: its image is as sharp wherever the stage puts
+        it. Bilinear lookup was not (half a pixel off the file's grid, it halved the picture's
+        detail at a quarter of the sampling frequency), so each tile of a scan came out as
+        sharp as its stage position's fraction of a pixel allowed, a texture difference no
+        microscope makes and die-to-die read as a stain. Lanczos-3 keeps 97-100 % of that
+        detail; on the file's own grid it reproduces the file exactly.
+        """
         rows, cols = self.image_shape
 
-        def axis(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        def axis(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, bool]:
+            """File indices ``(len(g), 6)`` (clamped to the file), their weights, and whether
+            every coordinate lies on the file's grid."""
             g = np.clip(g, 0.0, n - 1.0)
-            i0 = np.minimum(np.floor(g).astype(np.int64), n - 1)
-            return i0, np.minimum(i0 + 1, n - 1), g - i0
+            i0 = np.floor(g).astype(np.int64)
+            t = g - i0
+            x = t[:, None] - _TAPS[None, :]
+            w = np.sinc(x) * np.sinc(x / _LANCZOS_A)
+            return (np.clip(i0[:, None] + _TAPS[None, :], 0, n - 1),
+                    w / w.sum(axis=1, keepdims=True), not t.any())
 
-        ix0, ix1, wx = axis(gx, cols)
-        iy0, iy1, wy = axis(gy, rows)
-        # one window read (+1 px margin for the upper neighbours)
-        wr0, wr1 = int(iy0[0]), int(iy1[-1]) + 1
-        wc0, wc1 = int(ix0[0]), int(ix1[-1]) + 1
+        ix, wx, x_on_grid = axis(gx, cols)
+        iy, wy, y_on_grid = axis(gy, rows)
+        # one window read, with the kernel's reach
+        wr0, wr1 = int(iy.min()), int(iy.max()) + 1
+        wc0, wc1 = int(ix.min()), int(ix.max()) + 1
         win = self._reader.read(wr0, wr1, wc0, wc1)
-        ix0, ix1, iy0, iy1 = ix0 - wc0, ix1 - wc0, iy0 - wr0, iy1 - wr0
-        if not wx.any() and not wy.any():
-            return win[np.ix_(iy0, ix0)]  # on the file's grid: a plain gather
-        upper, lower = win[iy0], win[iy1]
-        top = upper[:, ix0] * (1.0 - wx) + upper[:, ix1] * wx
-        bottom = lower[:, ix0] * (1.0 - wx) + lower[:, ix1] * wx
-        return top * (1.0 - wy)[:, None] + bottom * wy[:, None]
+        ix, iy = ix - wc0, iy - wr0
+        centre = int(np.flatnonzero(_TAPS == 0)[0])
+        if x_on_grid and y_on_grid:
+            return win[np.ix_(iy[:, centre], ix[:, centre])]  # on the file's grid: a gather
+        across = sum(win[:, ix[:, k]] * wx[:, k] for k in range(len(_TAPS)))
+        return sum(across[iy[:, k]] * wy[:, k, None] for k in range(len(_TAPS)))
 
     def _area(self, gx: np.ndarray, gy: np.ndarray, width: float) -> np.ndarray:
         """Exact area average of the file under each pixel footprint (``width`` file px).
