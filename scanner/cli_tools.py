@@ -154,12 +154,12 @@ def _golden_for_model(images: Sequence[GoodImage], d2d: dict[str, Any] | None,
                       ) -> tuple[Any, dict[str, Any] | None]:
     """The golden image a model keeps and its card record (``(None, None)``: none): the good
     image of :func:`_golden_of`, else the golden image of the model it extends."""
-    from scanner.inspection.golden import golden_record
+    from scanner.inspection.golden import golden_pixels, golden_record
 
     golden = _golden_of(images, d2d, pixel_um)
     if golden is not None:
-        return golden.image, golden_record(golden.image, golden.source,
-                                           bool(golden.meta.get("acquired", False)))
+        return golden_pixels(golden.image, golden.usable), golden_record(
+            golden.image, golden.source, bool(golden.meta.get("acquired", False)))
     return _inherited_golden(init, pixel_um) if init is not None else (None, None)
 
 

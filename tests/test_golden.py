@@ -10,7 +10,13 @@ from scipy import ndimage
 from skimage import data
 
 from scanner.inspection.dietodie import MosaicGrid
-from scanner.inspection.golden import Z_THRESHOLD_FILE, place_golden
+from scanner.inspection.golden import (
+    BLACK_FLOOR,
+    EDGE_PX,
+    Z_THRESHOLD_FILE,
+    golden_pixels,
+    place_golden,
+)
 
 
 def _golden() -> np.ndarray:
@@ -68,6 +74,24 @@ def test_a_defect_differs_from_the_golden_image_and_the_good_surface_does_not() 
             assert full.max() < Z_THRESHOLD_FILE
         else:
             assert z.max() < Z_THRESHOLD_FILE
+
+
+def test_what_a_golden_scan_did_not_show_is_not_compared() -> None:
+    # a golden scan that stopped 5 px short of the product's right edge (its unscanned
+    # pixels 0) against a second good scan that reached it: no difference there; a
+    # photograph's black stays a reference
+    golden = _golden()
+    good = _scan_of(golden, (0.8, -0.4), seed=2)
+    usable = np.ones(golden.shape, dtype=bool)
+    usable[:, -5:] = False
+    kept = golden_pixels(golden, usable)
+    assert (kept[:, -5:] == 0).all() and kept[usable].min() >= BLACK_FLOOR
+    placed = place_golden(kept, 1.0, [good], MosaicGrid((0.0, 0.0), 1.0, good.shape))
+    assert placed is not None
+    r0, c0, r1, c1 = placed.footprint()
+    _, z, mask = placed.compare(good, r0, c0, r1 - r0, c1 - c0)
+    assert z.max() < Z_THRESHOLD_FILE
+    assert not mask[:, -5:].any() and mask[:, : -5 - 2 * EDGE_PX].mean() > 0.9
 
 
 def test_a_detector_keeps_its_golden_image_and_refuses_a_damaged_one(tmp_path: Path) -> None:
