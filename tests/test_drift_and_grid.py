@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shapely.geometry import box
 from skimage import data
 
 from models.drift import drift_verdict, score_summary
-from scanner.diegrid import estimate_grid
+from scanner.diegrid import DieGrid, estimate_grid
 from scanner.inspection.drift import check_drift, good_surface_scores
 
 
@@ -105,6 +106,22 @@ def test_a_layout_repeated_only_twice_is_found_with_cells_that_fit_the_image() -
     assert grid is not None and grid.pitch_um == pytest.approx((160.0, 160.0), abs=0.5)
     # a texture has no street: the cells start where two whole ones fit (pixel 0's lower edge)
     assert grid.origin_um == pytest.approx((-0.5, -0.5), abs=1.5)
+
+
+@pytest.mark.parametrize("short", [1, 3])
+def test_a_layout_of_two_repeats_a_few_pixels_short_of_them_is_found_whole(short: int) -> None:
+    # a 2 x 2 layout whose image (a scan's pyramid level) ends a pixel or three before the
+    # second repeat does: the repeat, cells from the image's start, and four whole dies
+    img = _texture_twice()[: 320 - short, : 320 - short]
+    grid = estimate_grid(img, 2.0, (0.0, 0.0))
+    assert grid is not None and grid.pitch_um == pytest.approx((320.0, 320.0), abs=1.0)
+    assert grid.origin_um == pytest.approx((-1.0, -1.0), abs=2.0)
+    extent = (320 - short) * 2.0
+    image = box(-1.0, -1.0, extent - 1.0, extent - 1.0)
+    assert sum(full for _, _, full in grid.cells_in(image)) == 4
+    # an exact grid (a recipe's) a pixel over the image has no whole die there
+    exact = DieGrid(grid.pitch_um, grid.origin_um)
+    assert sum(full for _, _, full in exact.cells_in(image)) == 1
 
 
 def test_the_surround_of_an_image_sample_is_left_out_of_its_layout() -> None:
