@@ -94,6 +94,18 @@ def test_what_a_golden_scan_did_not_show_is_not_compared() -> None:
     assert not mask[:, -5:].any() and mask[:, : -5 - 2 * EDGE_PX].mean() > 0.9
 
 
+def test_a_golden_scan_that_shows_part_of_its_array_is_placed_to_a_tenth_of_a_pixel() -> None:
+    # a golden scan keeps the product only (the chuck around it is 0): the photograph fills
+    # the lower left of its array, as the moon's did (half the array)
+    photo = _golden()
+    kept = np.zeros((720, 760), dtype=np.float32)
+    kept[200:200 + photo.shape[0], : photo.shape[1]] = golden_pixels(photo, None)
+    scan = _scan_of(photo, (1.6, 0.7), seed=3)
+    placed = place_golden(kept, 1.0, [scan], MosaicGrid((0.0, 0.0), 1.0, scan.shape))
+    assert placed is not None
+    assert placed.shift == pytest.approx((40 + 1.6 - 200, 60 + 0.7), abs=0.15)
+
+
 def test_a_detector_keeps_its_golden_image_and_refuses_a_damaged_one(tmp_path: Path) -> None:
     import json
 

@@ -270,11 +270,16 @@ def _canvas(a: np.ndarray, shape: tuple[int, int], valid: np.ndarray | None) -> 
 
 
 def _refined(golden: np.ndarray, level0: Any, shift: np.ndarray, f: int) -> np.ndarray:
-    """The coarse placement refined on a central crop of the golden image at full
-    resolution (unchanged where the crop has no clear match)."""
-    h, w = golden.shape
-    side = min(FINE_PX, h, w)
-    gr, gc = (h - side) // 2, (w - side) // 2
+    """The coarse placement refined on a crop at the centre of what the golden image shows
+    (not its unscanned margin: a golden scan of a photograph with the chuck left out shows
+    half its array, and a crop of its array's centre, a quarter of it empty, placed it a
+    pixel off), at full resolution (unchanged where the crop has no clear match)."""
+    rows, cols = np.nonzero((golden > 0).any(axis=1))[0], np.nonzero((golden > 0).any(axis=0))[0]
+    if not len(rows):
+        return shift
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = min(FINE_PX, r1 - r0, c1 - c0)
+    gr, gc = (r0 + r1 - side) // 2, (c0 + c1 - side) // 2
     crop = golden[gr : gr + side, gc : gc + side]
     r, c = int(round(gr + shift[0])), int(round(gc + shift[1]))
     window = _read(level0, r, c, side, side)
@@ -294,7 +299,7 @@ def _agreement(golden: np.ndarray, image: np.ndarray, shift: np.ndarray) -> floa
     cols = np.arange(image.shape[1], dtype=np.float64) - shift[1]
     ref = ndimage.map_coordinates(golden, np.meshgrid(rows, cols, indexing="ij"), order=1,
                                   mode="constant", cval=np.nan)
-    ok = np.isfinite(ref) & (image > 0)
+    ok = np.isfinite(ref) & (ref > 0) & (image > 0)
     if ok.sum() < 64:
         return 0.0
     a, b = ref[ok].astype(np.float64), image[ok].astype(np.float64)
