@@ -377,9 +377,8 @@ class ImageSample(VirtualSample):
         wc0, wc1 = int(ix.min()), int(ix.max()) + 1
         win = self._reader.read(wr0, wr1, wc0, wc1)
         ix, iy = ix - wc0, iy - wr0
-        centre = int(np.flatnonzero(_TAPS == 0)[0])
-        if x_on_grid and y_on_grid:
-            return win[np.ix_(iy[:, centre], ix[:, centre])]  # on the file's grid: a gather
+        if x_on_grid and y_on_grid:  # on the file's grid: a gather of the taps at offset 0
+            return win[np.ix_(iy[:, _LANCZOS_A - 1], ix[:, _LANCZOS_A - 1])]
         across = sum(win[:, ix[:, k]] * wx[:, k] for k in range(len(_TAPS)))
         return sum(across[iy[:, k]] * wy[:, k, None] for k in range(len(_TAPS)))
 
