@@ -13,7 +13,7 @@ from scanner.inspection.dietodie import MosaicGrid
 from scanner.inspection.golden import (
     BLACK_FLOOR,
     EDGE_PX,
-    Z_THRESHOLD_FILE,
+    Z_THRESHOLD,
     golden_pixels,
     place_golden,
 )
@@ -67,13 +67,13 @@ def test_a_defect_differs_from_the_golden_image_and_the_good_surface_does_not() 
         full = np.zeros(scan.shape, dtype=np.float32)
         full[r0:r1, c0:c1] = z
         if defective:
-            assert full[spot_at].max() > 2 * Z_THRESHOLD_FILE
-            assert full[scratch_at].max() > 2 * Z_THRESHOLD_FILE
+            assert full[spot_at].max() > 2 * Z_THRESHOLD
+            assert full[scratch_at].max() > 2 * Z_THRESHOLD
             full[70:100, 290:320] = 0
             full[110:134, 340:420] = 0
-            assert full.max() < Z_THRESHOLD_FILE
+            assert full.max() < Z_THRESHOLD
         else:
-            assert z.max() < Z_THRESHOLD_FILE
+            assert z.max() < Z_THRESHOLD
 
 
 def test_what_a_golden_scan_did_not_show_is_not_compared() -> None:
@@ -90,7 +90,7 @@ def test_what_a_golden_scan_did_not_show_is_not_compared() -> None:
     assert placed is not None
     r0, c0, r1, c1 = placed.footprint()
     _, z, mask = placed.compare(good, r0, c0, r1 - r0, c1 - c0)
-    assert z.max() < Z_THRESHOLD_FILE
+    assert z.max() < Z_THRESHOLD
     assert not mask[:, -5:].any() and mask[:, : -5 - 2 * EDGE_PX].mean() > 0.9
 
 
@@ -169,5 +169,5 @@ def test_a_defects_difference_image_is_the_comparison_around_it() -> None:
     assert diff.shape == z.shape == (60, 60)
     assert diff[25:35, 25:35].mean() < -0.2 * 1500 * 0.9  # the spot's loss, in counts
     assert np.abs(diff[:8, :8]).mean() < 0.03 * 1500  # the sky around it: noise
-    assert z[25:35, 25:35].max() > 2 * Z_THRESHOLD_FILE and z[:8, :8].max() < Z_THRESHOLD_FILE
+    assert z[25:35, 25:35].max() > 2 * Z_THRESHOLD and z[:8, :8].max() < Z_THRESHOLD
     assert placed.difference(bad, 0, 0, 20, 20) is None  # off the golden image

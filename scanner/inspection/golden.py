@@ -80,7 +80,7 @@ TOLERANCE_PX = 3
 GOLDEN_PHASE_PX = 0.5
 #: pixels along the golden image's border left out of the comparison
 EDGE_PX = 2 * TOLERANCE_PX
-#: z-score that counts as a defect, against a golden image file and against a golden scan:
+#: z-score that counts as a defect, against a golden image file or a golden scan alike:
 #: 1.5 times the worst a second good scan reaches (as die-to-die calibrates its threshold on a
 #: good scan), not under die-to-die's floor (7). Second good scans of five photographs that do
 #: not repeat (moon, camera, astronaut, coffee, Hubble deep field; products bench, z as
@@ -91,8 +91,7 @@ EDGE_PX = 2 * TOLERANCE_PX
 #: difference lowered the spread: the same scan's defects scored higher, and so did its
 #: seams). The painted defects' weakest reach 5.7-25 against a golden scan, 7.3-31 against
 #: the file
-Z_THRESHOLD_FILE = 7.0
-Z_THRESHOLD_SCAN = 7.0
+Z_THRESHOLD = 7.0
 
 
 #: a golden image's pixel of 0 is one it does not show (a good scan's unscanned margin, the
@@ -114,9 +113,10 @@ def golden_pixels(image: np.ndarray, usable: np.ndarray | None) -> np.ndarray:
 
 def golden_record(image: np.ndarray, source: str, acquired: bool) -> dict[str, Any]:
     """The card's record of a golden image (the pixels go in the weights file): where it
-    came from, its shape and the z threshold for a golden ``acquired`` by a scan or not."""
+    came from (a scan, ``acquired``, or a file), its shape and the z threshold it is
+    compared at (a model keeps the one it was built with)."""
     return {"source": source, "shape": [int(n) for n in image.shape], "acquired": acquired,
-            "z_threshold": Z_THRESHOLD_SCAN if acquired else Z_THRESHOLD_FILE}
+            "z_threshold": Z_THRESHOLD}
 
 
 @dataclass
@@ -434,7 +434,7 @@ def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any
     from scanner.inspection.defects import DESIGN_Z
 
     t0 = time.perf_counter()
-    z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD_SCAN))
+    z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD))
     placed = place_golden(model.golden, model.pixel_size_um, levels, mosaic)
     stats: dict[str, Any] = {"reference": GOLDEN, "z_threshold": z_threshold,
                              "placed": placed is not None}
