@@ -32,6 +32,13 @@ _HIGHPASS_SIGMA = 8.0
 _MIN_TEXTURE_SNR = 0.25
 #: Pixels around the best peak excluded when looking for the second best (peak ratio).
 _PEAK_EXCLUSION = 3
+#: A best candidate whose overlap disagrees this many times less than the next peak's
+#: (``1 - ncc``) is unambiguous, however close the two correlations' ratio: a texture that
+#: nearly repeats (bricks, fingers, fabric) matches the wrong period at NCC 0.8 and the right
+#: one at 0.997. Over 3,105 pairs of 64 simulated scans (wafers, PV cells, 20 photographs at
+#: 0.65 and 1 um) with the stage's truth, the wrong peaks the ratio rejected disagreed at most
+#: 2.2 times more than their best others; at 4, 418 right pairs more are used and no wrong one.
+_MIN_DISAGREEMENT_RATIO = 4.0
 #: Exponent of the spectral whitening (1 = phase correlation, 0 = plain cross-correlation).
 _WHITEN = 0.5
 #: Fraction of a strip's length tapered by the apodization window.
@@ -328,7 +335,9 @@ def register_pair(
         Pairs with a lower normalized cross-correlation after the shift are not ``ok``.
     min_peak_ratio : float
         Pairs whose best candidate does not correlate this much better than the second are
-        ambiguous (``ok`` False): a periodic pattern with more than one period in the window.
+        ambiguous (``ok`` False): a periodic pattern with more than one period in the window;
+        unless the second's overlap disagrees :data:`_MIN_DISAGREEMENT_RATIO` times more than
+        the best's (a texture that nearly repeats, matched to the noise at the best peak).
 
     Returns
     -------
@@ -423,8 +432,11 @@ def _measured_pair(tile_a: np.ndarray, tile_b: np.ndarray, scored: list[tuple],
     m = 2
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
     dy, dx = oy2 + fy, ox2 + fx
-    ratio = _peak_ratio(ncc, scored, dy, dx, edge, normal)
-    ok = ncc >= min_ncc and ratio >= min_peak_ratio
+    second = _second_peak(scored, dy, dx, edge, normal)
+    ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
+    # the best's integer-shift correlation: the other peaks are scored at integer shifts too
+    clear = (1.0 - second) >= _MIN_DISAGREEMENT_RATIO * (1.0 - scored[0][0])
+    ok = ncc >= min_ncc and (ratio >= min_peak_ratio or clear)
     if edge:
         ny, nx = float(normal[0]), float(normal[1])
         info = (nx * nx, nx * ny, ny * ny)
@@ -451,9 +463,9 @@ def _refine_from_peak(ha2: np.ndarray, hb2: np.ndarray, direction: np.ndarray | 
     return fy, fx, aligned
 
 
-def _peak_ratio(ncc: float, scored: list[tuple], dy: float, dx: float, edge: bool,
-                normal: np.ndarray) -> float:
-    """How much better the chosen peak correlates than the best other one (inf: none)."""
+def _second_peak(scored: list[tuple], dy: float, dx: float, edge: bool, normal: np.ndarray
+                 ) -> float:
+    """The correlation of the best candidate other than the chosen peak (0: none)."""
     # candidates more than a couple of pixels away are other peaks (periods, noise); along an
     # edge every shift is as good, so only the distance across it counts
     def apart(c: tuple) -> float:
@@ -461,5 +473,4 @@ def _peak_ratio(ncc: float, scored: list[tuple], dy: float, dx: float, edge: boo
         return abs(float(d @ normal)) if edge else float(np.hypot(*d))
 
     others = [c[0] for c in scored[1:] if apart(c) > 2.5]
-    second = max(others) if others else 0.0
-    return max(ncc, scored[0][0]) / second if second > 0 else math.inf
+    return max(others) if others else 0.0
