@@ -643,3 +643,22 @@ def test_a_die_border_cutting_through_structure_is_not_a_defect_and_one_there_is
     hot = [cell for cell, _, _, z in compare_dies(img, geometry, grid, cells, settings)
            if z.max() > settings.z_threshold]
     assert hot == [(1, 2)]
+
+
+@pytest.mark.parametrize("n", [1575, 551, 300, 100])
+def test_no_alignment_block_is_a_thin_strip(n):
+    # a die 1,575 px high left a block row of 39 px under its last 256 px blocks: aligned on
+    # its own it chose a shift 1.5 px off the die's on a brick wall's mortar line, and the
+    # good scan scored z 43 there. The remainder joins the last block; rows index blocks
+    # with min(row // b, count - 1), as the comparison reads them
+    from scanner.inspection.dietodie_geometry import _blocks
+
+    b = 256
+    blocks = _blocks(n, b)
+    assert blocks[0][0] == 0 and blocks[-1][1] == n
+    assert all(hi == lo for (_, hi), (lo, _) in zip(blocks[:-1], blocks[1:], strict=True))
+    assert all(hi - lo >= min(n, b / 2) for lo, hi in blocks)
+    rows = np.arange(n)
+    index = np.minimum(rows // b, len(blocks) - 1)
+    for k, (lo, hi) in enumerate(blocks):
+        assert np.all(index[lo:hi] == k)
