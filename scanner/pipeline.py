@@ -475,10 +475,14 @@ def _stitch_stage(
                                                 **result.timings}
     scan["registration"] = result.registration
     scan["flatfield"] = result.flatfield
+    calibration = (scan.get("recipe", {}).get("microscope") or {}).get("calibration")
+    measured = (result.registration or {}).get("camera_measured") or {}
     scan["stitch_camera"] = {"pixel_size_um": result.camera.pixel_size_um,
                              "rotation_deg": result.camera.rotation_deg,
-                             "calibration": (scan.get("recipe", {}).get("microscope")
-                                             or {}).get("calibration")}
+                             "calibration": calibration,
+                             "source": "calibration file" if calibration else
+                             "measured on this scan's tiles" if measured.get("rotation_applied")
+                             or measured.get("pixel_size_applied") else "nominal"}
     scan["mosaic"] = {"path": MOSAIC, "shape": list(info.shape), "levels": info.n_levels,
                       "pixel_size_um": info.pixel_size_um, "origin_um": list(info.origin_um)}
     if scan.get("alignment"):

@@ -13,13 +13,9 @@ from conftest import smooth_texture
 from typer.testing import CliRunner
 
 from scanner.cli import app
-from scanner.stitching.cameracalibration import (
-    _geometry,
-    auto_grid,
-    expected_error_rel,
-    fit_camera_matrix,
-)
+from scanner.stitching.cameracalibration import auto_grid, expected_error_rel
 from scanner.stitching.registration.scan import CameraGeometry
+from scanner.stitching.registration.selfcal import fit_camera_matrix, matrix_geometry
 from scanner.stitching.stitch import load_calibration
 
 
@@ -29,7 +25,7 @@ def test_fit_recovers_rotation_and_pixel_size():
     stage = rng.uniform(-500, 500, (30, 2))
     pixels = stage @ truth.T + (12.0, -7.0)
     a, res, _ = fit_camera_matrix(stage, pixels)
-    pixel, theta, px_x, px_y, skew = _geometry(a)
+    pixel, theta, px_x, px_y, skew = matrix_geometry(a)
     assert pixel == pytest.approx(1.37, rel=1e-9)
     assert theta == pytest.approx(-0.8, abs=1e-9)
     assert px_x == pytest.approx(1.37, rel=1e-9) and px_y == pytest.approx(1.37, rel=1e-9)

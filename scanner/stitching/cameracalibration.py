@@ -26,10 +26,15 @@ from scanner.errors import UserError
 from scanner.scanfolder import now_iso, write_json
 from scanner.stitching.registration.pairwise import register_pair
 from scanner.stitching.registration.scan import default_max_shift_px
+from scanner.stitching.registration.selfcal import (
+    fit_camera_matrix,
+    matrix_geometry,
+    slope_sigma,
+)
 from scanner.stitching.registration.solve import solve_positions
 
 __all__ = ["CalibrationResult", "auto_grid", "calibrate_core", "calibrate_recipe",
-           "expected_error_rel", "fit_camera_matrix", "grid_positions"]
+           "expected_error_rel", "grid_positions"]
 
 
 @dataclass
@@ -107,54 +112,6 @@ def auto_grid(repeatability_um: float, step_um: float, target_rel: float = 3e-4,
         if expected_error_rel(repeatability_um, step_um, n) <= target_rel:
             return n
     return largest
-
-
-def fit_camera_matrix(
-    stage_um: np.ndarray, pixel_pos: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Least-squares affine map ``pixel = A @ stage + b``.
-
-    Parameters
-    ----------
-    stage_um : ndarray
-        ``(N, 2)`` commanded stage positions ``(x, y)``.
-    pixel_pos : ndarray
-        ``(N, 2)`` measured frame positions ``(x, y)`` in camera pixels.
-
-    Returns
-    -------
-    A : ndarray
-        ``(2, 2)`` stage-to-pixel matrix.
-    residuals : ndarray
-        ``(N, 2)`` residuals in pixels.
-    cov_scale : ndarray
-        ``(2, 2)`` ``inv(X^T X)`` block of the centred stage positions (for uncertainties).
-    """
-    s = np.asarray(stage_um, dtype=float)
-    t = np.asarray(pixel_pos, dtype=float)
-    design = np.column_stack([s, np.ones(len(s))])
-    coef, *_ = np.linalg.lstsq(design, t, rcond=None)
-    a = coef[:2].T
-    residuals = t - design @ coef
-    sc = s - s.mean(axis=0)
-    return a, residuals, np.linalg.inv(sc.T @ sc)
-
-
-def _geometry(a: np.ndarray) -> tuple[float, float, float, float, float]:
-    """Pixel size, rotation (deg), per-axis pixel sizes and skew (deg) of a stage→pixel map.
-
-    For a camera rotated by ``theta`` with pixel ``p``, ``A = R(theta)^T / p``; the closest
-    similarity ``[[a, b], [-b, a]]`` gives ``p = 1 / hypot(a, b)``, ``theta = atan2(b, a)``.
-    """
-    sa = (a[0, 0] + a[1, 1]) / 2
-    sb = (a[0, 1] - a[1, 0]) / 2
-    pixel = 1.0 / math.hypot(sa, sb)
-    theta = math.degrees(math.atan2(sb, sa))
-    inv = np.linalg.inv(a)  # columns: stage µm per camera pixel along x and y
-    px_x, px_y = float(np.linalg.norm(inv[:, 0])), float(np.linalg.norm(inv[:, 1]))
-    cosang = float(inv[:, 0] @ inv[:, 1]) / (px_x * px_y)
-    skew = 90.0 - math.degrees(math.acos(max(-1.0, min(1.0, cosang))))
-    return pixel, theta, px_x, px_y, skew
 
 
 def calibrate_core(
@@ -238,12 +195,9 @@ def _result(a: np.ndarray, res: np.ndarray, cov: np.ndarray, n_used_frames: int,
             centre_um: tuple[float, float], step_um: tuple[float, float]) -> CalibrationResult:
     """The calibration from the fitted stage-to-pixel matrix ``a``, its residuals ``res`` and
     covariance ``cov`` (:func:`fit_camera_matrix` over ``n_used_frames`` frames)."""
-    pixel, theta, px_x, px_y, skew = _geometry(a)
+    pixel, theta, px_x, px_y, skew = matrix_geometry(a)
     # residual in pixels is the stage's landing error (µm) times the scale
-    dof = max(1, 2 * n_used_frames - 6)
-    sigma_px = float(np.sqrt((res**2).sum() / dof))
-    slope_sigma = sigma_px * math.sqrt(float(np.trace(cov)) / 2)
-    scale = math.hypot((a[0, 0] + a[1, 1]) / 2, (a[0, 1] - a[1, 0]) / 2)
+    sigma_rel = slope_sigma(res, cov, n_used_frames) * pixel
     return CalibrationResult(
         pixel_size_um=pixel,
         rotation_deg=theta,
@@ -252,8 +206,8 @@ def _result(a: np.ndarray, res: np.ndarray, cov: np.ndarray, n_used_frames: int,
         pixel_size_y_um=px_y,
         skew_deg=skew,
         residual_rms_um=float(np.sqrt(np.mean(res**2))) * pixel,
-        pixel_size_sigma_rel=slope_sigma / scale / math.sqrt(2),
-        rotation_sigma_deg=math.degrees(slope_sigma / scale / math.sqrt(2)),
+        pixel_size_sigma_rel=sigma_rel,
+        rotation_sigma_deg=math.degrees(sigma_rel),
         n_frames=n_frames,
         n_pairs_used=n_pairs_used,
         n_pairs=n_pairs,

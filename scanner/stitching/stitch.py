@@ -8,6 +8,7 @@ into ``tiles.csv``) → flat-field (``flatfield.npy``) → fuse at the registere
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from scanner.stitching.registration.scan import CameraGeometry, register_scan
 from scanner.tilestore import TILES_CSV, TileRecord, check_journal, open_tiles, read_tiles_csv
 
 FLATFIELD = "flatfield.npy"
+
+log = logging.getLogger("waferscope.stitch")
 
 
 def tile_origins_um(
@@ -202,12 +205,15 @@ def stitch_scan(
     reg_summary = None
     if registration:
         t0 = time.perf_counter()
-        summary = register_scan(
+        summary, camera, measured = register_scan(
             folder, camera, repeatability_um, max_shift_um=max_shift_um, min_ncc=min_ncc,
             progress=(lambda d, t: progress("register", d, t)) if progress else None,
-            precomputed=precomputed,
+            precomputed=precomputed, measure_camera=calibration is None,
         )
         reg_summary = summary.to_json()
+        if measured is not None:
+            reg_summary["camera_measured"] = measured
+            _tell_measured_camera(measured, summary.n_tiles)
         # with precomputed pairs: the pairs not measured during acquisition, and the solve
         timings["register_s"] = round(time.perf_counter() - t0, 3)
     ff = None
@@ -222,6 +228,23 @@ def stitch_scan(
                   progress=(lambda d, t: progress("fuse", d, t)) if progress else None)
     timings["fuse_s"] = round(time.perf_counter() - t0, 3)
     return StitchResult(info, camera, reg_summary, ff_info, timings)
+
+
+def _tell_measured_camera(measured: dict[str, Any], n_tiles: int) -> None:
+    """Warn that the camera's geometry was measured on this scan and used."""
+    parts = []
+    if measured["rotation_applied"]:
+        parts.append(f"turned {measured['rotation_deg']:+.3f} deg "
+                     f"(+- {measured['rotation_sigma_deg']:.2g}) against the stage")
+    if measured["pixel_size_applied"]:
+        parts.append(f"{measured['pixel_size_um']:.5g} um per pixel "
+                     f"(+- {100 * measured['pixel_size_sigma_rel']:.2g} %)")
+    if parts:
+        log.warning("the camera is %s, as %d of the %d tiles' registered positions show; the "
+                    "mosaic is placed with it (it moved tiles by up to %.1f px). "
+                    "`waferscope calibrate` measures it once for the microscope "
+                    "(microscope.calibration).", " and ".join(parts), measured["tiles"],
+                    n_tiles, measured["largest_effect_px"])
 
 
 def _flatfield_step(folder: Path, precomputed: LiveResults | None, camera: CameraGeometry

@@ -18,6 +18,7 @@ import numpy as np
 
 from scanner.stitching.registration.accuracy import classify_tiles
 from scanner.stitching.registration.pairwise import PairResult, register_pair, search_key
+from scanner.stitching.registration.selfcal import measured_camera
 from scanner.stitching.registration.solve import SolveResult, solve_positions
 from scanner.tilestore import TileRecord, open_tiles, read_tiles_csv, write_tiles_csv
 
@@ -374,19 +375,46 @@ def register_scan(
     min_ncc: float = 0.3,
     progress: Callable[[int, int], None] | None = None,
     precomputed: PairSource | None = None,
-) -> RegistrationSummary:
+    measure_camera: bool = False,
+) -> tuple[RegistrationSummary, CameraGeometry, dict[str, Any] | None]:
     """Register a scan folder's tiles and write ``x_reg_um``/``y_reg_um`` into ``tiles.csv``.
 
     See :func:`register_tiles` for the parameters. Lost tiles keep empty registered columns.
+    With ``measure_camera`` (no calibration file), the camera's rotation and pixel size are
+    measured on the registered tiles (:func:`~scanner.stitching.registration.selfcal.
+    measured_camera`) and, where they matter, the tiles are registered again with them.
+
+    Returns
+    -------
+    summary, camera, measured
+        What registration did, the geometry the positions were solved with and what was
+        measured of it (:func:`~scanner.stitching.registration.selfcal.measured_camera`;
+        None: not measured, or too few tiles registered in both directions).
     """
     folder = Path(folder)
     all_records = read_tiles_csv(folder)
     ok = [r for r in all_records if r.status == "ok"]
-    centres, summary, _, _ = register_tiles(open_tiles(folder), ok, camera, repeatability_um,
-                                            max_shift_um=max_shift_um, min_ncc=min_ncc,
-                                            progress=progress, precomputed=precomputed)
+    tiles = open_tiles(folder)
+    centres, summary, pairs, classes = register_tiles(
+        tiles, ok, camera, repeatability_um, max_shift_um=max_shift_um, min_ncc=min_ncc,
+        progress=progress, precomputed=precomputed)
+    measured = None
+    if measure_camera and ok:
+        stage = np.array([(r.x_um, r.y_um) for r in ok], dtype=float)
+        found = measured_camera(
+            stage, tile_prior(stage, camera, tuple(int(s) for s in tiles.shape[1:])), pairs,
+            classes == "textured", np.array([(r.row, r.col) for r in ok]),
+            camera.pixel_size_um, camera.rotation_deg)
+        if found is not None:
+            pixel, rotation, measured = found
+        if measured and (measured["rotation_applied"] or measured["pixel_size_applied"]):
+            camera = CameraGeometry(pixel, rotation)
+            # searched and solved again around where this geometry expects each tile
+            centres, summary, _, _ = register_tiles(
+                tiles, ok, camera, repeatability_um, max_shift_um=max_shift_um,
+                min_ncc=min_ncc, precomputed=precomputed)
     by_index = {r.index: (float(c[0]), float(c[1])) for r, c in zip(ok, centres, strict=True)}
     out = [replace(r, x_reg_um=by_index[r.index][0], y_reg_um=by_index[r.index][1])
            if r.index in by_index else r for r in all_records]
     write_tiles_csv(folder, out)
-    return summary
+    return summary, camera, measured
