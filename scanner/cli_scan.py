@@ -43,12 +43,13 @@ def validate(recipe: RecipeArg) -> None:
         estimate_alignment_time_s,
         wants_alignment,
     )
-    from scanner.pipeline import make_plan
+    from scanner.pipeline import make_plan, plan_warnings
     from scanner.recipe import load_recipe
 
     rec = load_recipe(recipe)
     with build_microscope(rec) as handle:
         plan = make_plan(rec, handle)
+        warnings = plan_warnings(rec, handle)
         fov = handle.fov_um()
         binned = edge_binning(handle.core) if wants_alignment(rec) else 1
     summary = plan.summary()
@@ -78,7 +79,9 @@ def validate(recipe: RecipeArg) -> None:
             "estimated_hardware_s"] > 0 else 0.0
         table.add_row("est. alignment time", f"{_duration(align_s)} ({share:.0%} of the scan)")
     out.print(table)
-    out.print("recipe OK")
+    for warning in warnings:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+    out.print("recipe OK" if not warnings else "recipe OK, with the warning above")
 
 
 @app.command()

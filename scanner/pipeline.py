@@ -19,7 +19,7 @@ from scanner.acquisition.acquire import acquire
 from scanner.acquisition.align import AlignmentError, align, wants_alignment
 from scanner.acquisition.alignrefine import refine_alignment
 from scanner.acquisition.focusreport import write_focus_outputs
-from scanner.acquisition.plan import ScanPlan, resolve_plan
+from scanner.acquisition.plan import ScanPlan, overlap_warning, resolve_plan
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES
 from scanner.errors import UserError
 from scanner.events import StageEvents
@@ -83,6 +83,13 @@ def make_plan(recipe: Recipe, handle: MicroscopeHandle,
     return resolve_plan(recipe, handle.fov_um(), alignment)
 
 
+def plan_warnings(recipe: Recipe, handle: MicroscopeHandle) -> list[str]:
+    """What in a recipe that can be scanned will likely spoil the scan (see
+    :func:`scanner.acquisition.plan.overlap_warning`)."""
+    found = overlap_warning(recipe, handle.fov_um(), float(handle.core.getPixelSizeUm()))
+    return [found] if found else []
+
+
 def run_scan(
     recipe: Recipe,
     out: Path | None = None,
@@ -107,6 +114,8 @@ def run_scan(
     # the hardware is released however the scan ends (see MicroscopeHandle.close)
     with build_microscope(recipe) as handle:
         plan = make_plan(recipe, handle)
+        for warning in plan_warnings(recipe, handle):
+            log.warning("%s", warning)
         folder = prepare_folder(out, recipe.output.root, recipe.output.name or recipe.name,
                                 overwrite)
         pixel_size = handle.core.getPixelSizeUm()

@@ -11,6 +11,7 @@ from shapely.geometry import box
 from scanner.acquisition.plan import (
     check_travel,
     estimate_hardware_time_s,
+    overlap_warning,
     plan_scan,
     resolve_plan,
 )
@@ -99,6 +100,27 @@ def test_wafer_plan_keeps_only_tiles_touching_usable_area() -> None:
     # and the disk is covered: about area / step^2 tiles
     expected = math.pi * usable_r**2 / 900.0**2
     assert expected < len(plan.tiles) < expected * 1.5
+
+
+def test_an_overlap_within_the_stage_landing_error_is_named() -> None:
+    # 5 % of 480 um is 24 um; a stage of 5 um repeatability lands two tiles up to 21 um
+    # nearer or farther: on a coin die grid, tiles 9 um off and half the reports false
+    sample = {"kind": "rectangle", "width_mm": 2, "height_mm": 2}
+    camera = {"width": 640, "height": 480, "pixel_size_um": 1.0}
+    stage = {"repeatability_um": 5.0}
+    tight = parse_recipe({"sample": sample, "microscope": {"kind": "simulated", "camera": camera,
+                                                           "stage": stage},
+                          "scan": {"overlap": 0.05}}, base_dir=None)
+    said = overlap_warning(tight, (640.0, 480.0), 1.0)
+    assert said is not None and said.startswith("scan.overlap: 0.05 leaves 24 µm")
+    assert "repeatability_um 5" in said and said.endswith("at least 0.10")
+    # enough with a better stage, or with a wider overlap
+    assert overlap_warning(_recipe(sample, camera, scan={"overlap": 0.05}), (640.0, 480.0),
+                           1.0) is None
+    wide = parse_recipe({"sample": sample, "microscope": {"kind": "simulated", "camera": camera,
+                                                          "stage": stage},
+                         "scan": {"overlap": 0.1}}, base_dir=None)
+    assert overlap_warning(wide, (640.0, 480.0), 1.0) is None
 
 
 def test_travel_check_names_tile_and_axis() -> None:

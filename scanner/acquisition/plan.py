@@ -8,6 +8,7 @@ plan rather than deriving these from the recipe again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -199,6 +200,36 @@ def plan_scan(recipe: Recipe, fov_um: tuple[float, float],
         exposure_ms=exposure_for(recipe),
     )
     return replace(plan, estimated_hardware_s=estimate_hardware_time_s(plan, recipe))
+
+
+#: two tiles land apart from plan by up to this many standard deviations of the difference
+#: of two landings (sqrt(2) x the stage's repeatability)
+LANDING_SIGMAS = 3.0
+#: narrowest overlap registration measures (camera pixels; ``registration.pairwise``)
+MIN_REGISTERED_OVERLAP_PX = 8
+
+
+def overlap_warning(recipe: Recipe, fov_um: tuple[float, float], pixel_size_um: float
+                    ) -> str | None:
+    """A warning when the tiles' overlap is not wider than the stage's landing error (None:
+    it is).
+
+    Two tiles then often overlap by less than registration can measure, or leave a gap: a
+    coin die grid scanned with 5 % overlap of a 640 x 480 px camera (24 um) on a stage of
+    5 um repeatability had tiles placed 9 um off and half its reports false; with 10 %, none.
+    """
+    overlap_um = recipe.scan.overlap * min(fov_um)
+    landing_um = LANDING_SIGMAS * math.sqrt(2.0) * recipe.microscope.stage.repeatability_um
+    needed_um = landing_um + MIN_REGISTERED_OVERLAP_PX * pixel_size_um
+    if overlap_um >= needed_um:
+        return None
+    suggest = math.ceil(20.0 * needed_um / min(fov_um)) / 20.0
+    rep = recipe.microscope.stage.repeatability_um
+    return (f"scan.overlap: {recipe.scan.overlap:g} leaves {overlap_um:.0f} µm between "
+            f"neighbouring tiles, but the stage lands two of them up to {landing_um:.0f} µm "
+            f"nearer to or farther from each other than planned ({LANDING_SIGMAS:g} sigma of "
+            f"microscope.stage.repeatability_um {rep:g}): some pairs will overlap too little "
+            f"to register, or not at all; use an overlap of at least {min(suggest, 0.5):.2f}")
 
 
 def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
