@@ -187,6 +187,11 @@ MIN_REPEATS = 3
 #: (a mirrored brick texture tiled 2 x 2 through the simulated microscope), the echoes of a
 #: natural texture or an unrelated motif 0.2-0.7
 MIN_TWICE_CORRELATION = 0.85
+#: largest turn of a found layout (degrees): a part placed by hand
+MAX_GRID_ROTATION_DEG = 5.0
+#: a found turn that moves the image's far side by less than this (pixels of the level
+#: searched) is no turn: an axis-aligned layout keeps its axes
+ROTATION_RESOLUTION_PX = 1.0
 #: how far past half the image's extent a repeat is looked for (pixels; at least, else 1 % of
 #: the extent): two repeats that fit but for the rounding of the image's edges
 REPEAT_SLACK_PX = 2
@@ -217,7 +222,11 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
     peak. Written here because no library finds a lattice's period: skimage's
     ``phase_cross_correlation`` registers two images, it does not find one image's repeat.
     The grid's origin is put in the street: the cell position whose column (row) of the mean
-    cell varies least across it.
+    cell varies least across it. A layout turned against the image (a part placed by hand,
+    up to :data:`MAX_GRID_ROTATION_DEG`) has its repeat off the axes: where the axis shows
+    none, the largest autocorrelation across a band around it is taken, and the repeat's
+    cross lag gives the grid's turn; the mean cell is then folded along the layout's axes.
+    An axis-aligned layout keeps ``rotation_deg`` 0 (:data:`ROTATION_RESOLUTION_PX`).
     """
     img = np.asarray(image, dtype=np.float64)
     ok = np.isfinite(img) if valid is None else (np.asarray(valid, dtype=bool) & np.isfinite(img))
@@ -227,17 +236,17 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
     w = ok.astype(np.float64)
     shape = tuple(2 * n for n in img.shape)
     fx, fw = np.fft.rfft2(x, shape), np.fft.rfft2(w, shape)
+    # circular over twice the image: index -k holds the lag -k
     ac = np.fft.irfft2(fx * np.conj(fx), shape)
-    overlap = np.fft.irfft2(fw * np.conj(fw), shape)
-    h, wd = img.shape
-    ac = ac[:h, :wd] / np.maximum(overlap[:h, :wd], 1.0)
+    ac /= np.maximum(np.fft.irfft2(fw * np.conj(fw), shape), 1.0)
     if ac[0, 0] <= 0:
         return None
     ac /= ac[0, 0]
+    h, wd = img.shape
     # the extent of the valid pixels along each axis: what the repeats must fit in
     rows_ok, cols_ok = np.nonzero(ok.any(axis=1))[0], np.nonzero(ok.any(axis=0))[0]
     span = {1: (int(cols_ok[0]), int(cols_ok[-1]) + 1), 0: (int(rows_ok[0]), int(rows_ok[-1]) + 1)}
-    pitch = []
+    vectors = []
     for axis in (1, 0):
         n = span[axis][1] - span[axis][0]
         # up to half the extent (two repeats), a little beyond, and one lag more to see that
@@ -245,28 +254,79 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
         # pitch at this pyramid level as often as not (a 2 x 2 layout scanned at 0.65 um: its
         # 787 px against a pitch of 393.9 px; no grid, no die-to-die, 7 of 22 defects found)
         reach = (n + _slack_px(n)) // 2 + 2
-        profile = ac[0, :reach] if axis == 1 else ac[:reach, 0]
-        lag = _first_repeat(profile, n)
-        if lag is None:
-            return None
-        pitch.append(lag)
-    px, py = pitch
-    # the mean cell, folded at the pitch, and its quietest column and row: the street
-    cols = np.round(np.arange(wd) % px).astype(int) % max(int(round(px)), 1)
-    rows = np.round(np.arange(h) % py).astype(int) % max(int(round(py)), 1)
+        a = ac if axis == 1 else ac.T  # lags along axis 1
+        lag = _first_repeat(a[0, :reach], n)
+        if lag is None:  # a turned layout: its repeat lies off the image's axis
+            lag = _first_repeat(_turned_profile(a, reach), n)
+            if lag is None:
+                return None
+        vectors.append((lag, _across(a, lag)))
+    (lx, dyx), (ly, dxy) = vectors
+    # the layout's turn: the x repeat runs towards +y by dyx, the y repeat towards -x by dxy
+    theta = 0.5 * (math.atan2(dyx, lx) - math.atan2(dxy, ly))
+    if abs(theta) * max(h, wd) < ROTATION_RESOLUTION_PX:
+        theta = 0.0  # not told from an axis-aligned layout at this level: none
+    px, py = (math.hypot(lx, dyx), math.hypot(ly, dxy)) if theta else (lx, ly)
+    c, s_ = math.cos(theta), math.sin(theta)
+    # the mean cell, folded at the pitch along the layout's own axes, and its quietest column
+    # and row: the street
+    yy, xx = np.mgrid[0:h, 0:wd]
+    u, v = (xx, yy) if not theta else (c * xx + s_ * yy, -s_ * xx + c * yy)
+    cols = np.round(u % px).astype(int) % max(int(round(px)), 1)
+    rows = np.round(v % py).astype(int) % max(int(round(py)), 1)
     nx, ny = int(cols.max()) + 1, int(rows.max()) + 1
     total = np.zeros((ny, nx))
     count = np.zeros((ny, nx))
-    np.add.at(total, (rows[:, None], cols[None, :]), np.where(ok, img, 0.0))
-    np.add.at(count, (rows[:, None], cols[None, :]), w)
+    np.add.at(total, (rows, cols), np.where(ok, img, 0.0))
+    np.add.at(count, (rows, cols), w)
     mean_cell = total / np.maximum(count, 1.0)
-    cx = _cell_start(_smooth(mean_cell.std(axis=0)), px, span[1])
-    cy = _cell_start(_smooth(mean_cell.std(axis=1)), py, span[0])
+    if theta:  # the valid extent along the layout's axes
+        span = {1: (int(np.floor(u[ok].min())), int(np.ceil(u[ok].max())) + 1),
+                0: (int(np.floor(v[ok].min())), int(np.ceil(v[ok].max())) + 1)}
+    cu = _cell_start(_smooth(mean_cell.std(axis=0)), px, span[1])
+    cv = _cell_start(_smooth(mean_cell.std(axis=1)), py, span[0])
+    cx, cy = c * cu - s_ * cv, s_ * cu + c * cv  # die (0, 0)'s corner, image pixels
     ox = origin_um[0] - 0.5 * pixel_um + cx * pixel_um
     oy = origin_um[1] - 0.5 * pixel_um + cy * pixel_um
     # cells may overhang the image by a pixel and the slack (see _cell_start)
     slack = 1 + _slack_px(max(span[0][1] - span[0][0], span[1][1] - span[1][0]))
-    return DieGrid((px * pixel_um, py * pixel_um), (ox, oy), precision_um=slack * pixel_um)
+    return DieGrid((px * pixel_um, py * pixel_um), (ox, oy), math.degrees(theta),
+                   precision_um=slack * pixel_um)
+
+
+def _band(lag: int) -> int:
+    """Cross lags searched on either side at ``lag``: the layout turned up to
+    :data:`MAX_GRID_ROTATION_DEG`."""
+    return int(math.tan(math.radians(MAX_GRID_ROTATION_DEG)) * lag) + 1
+
+
+def _turned_profile(ac: np.ndarray, reach: int) -> np.ndarray:
+    """The autocorrelation along axis 1 of ``ac``, each lag's largest within
+    :func:`_band` of the axis.
+
+    A part placed by hand lies turned a degree or two: its die grid's repeat is then off the
+    image's axes by the pitch's sine (9 px at 2 degrees of a 256 px pitch), where the
+    autocorrelation along the axis has no peak; a coin die grid turned 2 degrees had no grid.
+    """
+    out = ac[0, :reach].copy()
+    for lag in range(1, reach):
+        k = _band(lag)
+        out[lag] = max(ac[-k:, lag].max(), ac[:k + 1, lag].max())
+    return out
+
+
+def _across(ac: np.ndarray, lag: float) -> float:
+    """The cross lag (along axis 0 of ``ac``) of the repeat at ``lag``: its peak within
+    :func:`_band`, to a fraction of a pixel (a parabola)."""
+    i = int(round(lag))
+    k = _band(i)
+    band = np.concatenate([ac[-k:, i], ac[:k + 1, i]])  # cross lags -k .. k
+    j = int(np.argmax(band))
+    if j == 0 or j == len(band) - 1:
+        return 0.0  # no peak inside the band
+    a, b, c = band[j - 1], band[j], band[j + 1]
+    den = a - 2 * b + c
+    return j - k + (0.5 * (a - c) / den if den < 0 else 0.0)
 
 
 def _cell_start(variation: np.ndarray, pitch: float, span: tuple[int, int]) -> int:
