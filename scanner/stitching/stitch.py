@@ -232,19 +232,21 @@ def stitch_scan(
 
 def _tell_measured_camera(measured: dict[str, Any], n_tiles: int) -> None:
     """Warn that the camera's geometry was measured on this scan and used."""
-    parts = []
+    parts, moved = [], 0.0
     if measured["rotation_applied"]:
         parts.append(f"turned {measured['rotation_deg']:+.3f} deg "
                      f"(+- {measured['rotation_sigma_deg']:.2g}) against the stage")
+        moved = max(moved, measured["rotation_effect_px"])
     if measured["pixel_size_applied"]:
         parts.append(f"{measured['pixel_size_um']:.5g} um per pixel "
                      f"(+- {100 * measured['pixel_size_sigma_rel']:.2g} %)")
+        moved = max(moved, measured["pixel_size_effect_px"])
     if parts:
         log.warning("the camera is %s, as %d of the %d tiles' registered positions show; the "
-                    "mosaic is placed with it (it moved tiles by up to %.1f px). "
+                    "mosaic is placed with it (it moves tiles by up to %.1f px). "
                     "`waferscope calibrate` measures it once for the microscope "
                     "(microscope.calibration).", " and ".join(parts), measured["tiles"],
-                    n_tiles, measured["largest_effect_px"])
+                    n_tiles, moved)
 
 
 def _flatfield_step(folder: Path, precomputed: LiveResults | None, camera: CameraGeometry

@@ -407,12 +407,12 @@ def register_scan(
             camera.pixel_size_um, camera.rotation_deg)
         if found is not None:
             pixel, rotation, measured = found
-        if measured and (measured["rotation_applied"] or measured["pixel_size_applied"]):
-            camera = CameraGeometry(pixel, rotation)
-            # searched and solved again around where this geometry expects each tile
-            centres, summary, _, _ = register_tiles(
-                tiles, ok, camera, repeatability_um, max_shift_um=max_shift_um,
-                min_ncc=min_ncc, precomputed=precomputed)
+            if measured["rotation_applied"] or measured["pixel_size_applied"]:
+                camera = CameraGeometry(pixel, rotation)
+                # searched and solved again around where this geometry expects each tile
+                centres, summary, _, _ = register_tiles(
+                    tiles, ok, camera, repeatability_um, max_shift_um=max_shift_um,
+                    min_ncc=min_ncc, precomputed=precomputed)
     by_index = {r.index: (float(c[0]), float(c[1])) for r, c in zip(ok, centres, strict=True)}
     out = [replace(r, x_reg_um=by_index[r.index][0], y_reg_um=by_index[r.index][1])
            if r.index in by_index else r for r in all_records]

@@ -153,5 +153,6 @@ def measured_camera(
               "rotation_sigma_deg": float(f"{math.degrees(sigma):.3g}"),
               "tiles": int(use.sum()), "rotation_applied": bool(rotate),
               "pixel_size_applied": bool(rescale),
-              "largest_effect_px": round(max(effect_rot, effect_scale), 2)}
+              "rotation_effect_px": round(effect_rot, 2),
+              "pixel_size_effect_px": round(effect_scale, 2)}
     return (pixel if rescale else pixel_size_um, theta if rotate else rotation_deg, record)
