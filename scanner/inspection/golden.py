@@ -28,7 +28,7 @@ defects' measurement, so :mod:`scanner.inspection.defects` treats both alike.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -151,6 +151,9 @@ class GoldenComparison:
     #: the golden image's turn on the mosaic (a part placed by hand); mosaic pixel
     #: ``shift + R(turn) @ g`` shows golden pixel ``g`` (rows, columns)
     turn_deg: float = 0.0
+    #: the mosaic pixels that show the sample, :data:`EDGE_PX` inside its usable area's edge
+    #: (``usable(r0, c0, h, w)``, a bool mask; None: all of them)
+    usable: Any = None
 
     def to_golden(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Golden image (row, column) of mosaic pixels (row, column)."""
@@ -201,6 +204,11 @@ class GoldenComparison:
         on = ndimage.binary_erosion(np.isfinite(ref) & (ref > 0), iterations=EDGE_PX,
                                     border_value=1)
         mask = on & (test != 0)
+        if self.usable is not None:
+            # nor within EDGE_PX of the sample's edge: there the scan blurs in what lies
+            # beyond, which a golden image turned against the part does not run along (a
+            # photograph turned 1 deg: three false "scratches" along its edge)
+            mask &= self.usable(r0 - p, c0 - p, h + 2 * p, w + 2 * p)
         ref = np.where(mask, ref, 0.0).astype(np.float32)
         ref *= shading(test, ref, mask)
         z = np.maximum(golden_z(test, ref, mask, self.settings.scales_px),
@@ -568,8 +576,8 @@ def uses_golden(model: Any, kind: str | None) -> bool:
 
 
 def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any,
-                    threshold: float) -> tuple[dict[str, Any], Any, np.ndarray | None,
-                                               np.ndarray | None]:
+                    threshold: float, polygon: Any = None
+                    ) -> tuple[dict[str, Any], Any, np.ndarray | None, np.ndarray | None]:
     """Compare an image (a mosaic's pyramid, or one image as its only level) with the model's
     golden image and raise its anomaly map where they differ, as die-to-die does: what was
     done, the difference reader (None: not on the image's own grid), the map pixels compared
@@ -588,6 +596,11 @@ def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any
                              "placed": placed is not None}
     if placed is None:
         return {**stats, "seconds": round(time.perf_counter() - t0, 3)}, None, None, None
+    if polygon is not None:
+        from scanner.inspection.dietodie_geometry import UsableArea
+
+        placed = replace(placed, usable=UsableArea(polygon, mosaic, EDGE_PX))
+    stats["turn_deg"] = round(placed.turn_deg, 4)
     anomaly = maps.maps["anomaly"]
     patches = golden_patches(placed, levels[0], maps.origin_um, maps.pixel_size_um,
                              z_threshold, threshold)

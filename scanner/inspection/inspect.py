@@ -175,8 +175,8 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     return refine
 
 
-def _golden(mosaic: Path, model: Any, threshold: float, kind: str | None
-            ) -> DieToDieStep | None:
+def _golden(mosaic: Path, model: Any, threshold: float, kind: str | None,
+            polygon: Any = None) -> DieToDieStep | None:
     """The map refinement that compares the scan with the model's golden image, the reference
     of a design that does not repeat (:func:`scanner.inspection.golden.golden_evidence`);
     None when the model keeps none, or the sample is of a kind no golden image stands for."""
@@ -189,7 +189,7 @@ def _golden(mosaic: Path, model: Any, threshold: float, kind: str | None
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
                                       np.ndarray | None]:
         levels, _ = open_mosaic(mosaic)
-        return golden_evidence(model, levels, _mosaic_grid(mosaic), maps, threshold)
+        return golden_evidence(model, levels, _mosaic_grid(mosaic), maps, threshold, polygon)
 
     return refine
 
@@ -483,7 +483,7 @@ def inspect_mosaic(
     compare = _die_to_die(mosaic, saved, polygon, thr, alignment, d2d.get("z_threshold"),
                           d2d.get("texture_z_threshold"),
                           d2d.get("found_grid_repeats", True) is not False) or \
-        _golden(mosaic, model, thr, kind)
+        _golden(mosaic, model, thr, kind, polygon)
     refine = _Refinement(compare, kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster, edge_um=edge_band_um or None)
