@@ -404,7 +404,7 @@ def register_scan(
         found = measured_camera(
             stage, tile_prior(stage, camera, tuple(int(s) for s in tiles.shape[1:])), pairs,
             classes == "textured", np.array([(r.row, r.col) for r in ok]),
-            camera.pixel_size_um, camera.rotation_deg)
+            camera.pixel_size_um, camera.rotation_deg, repeatability_um)
         if found is not None:
             pixel, rotation, measured = found
             if measured["rotation_applied"] or measured["pixel_size_applied"]:

@@ -35,7 +35,7 @@ MIN_EFFECT_PX = 0.5
 #: nor one under this many standard deviations of its estimate
 MIN_SIGNIFICANCE = 5.0
 #: tiles registered in both directions needed, over at least two rows and two columns
-MIN_TILES = 6
+MIN_TILES = 9
 
 
 def fit_camera_matrix(
@@ -86,10 +86,12 @@ def matrix_geometry(a: np.ndarray) -> tuple[float, float, float, float, float]:
     return pixel, theta, px_x, px_y, skew
 
 
-def slope_sigma(residuals: np.ndarray, cov: np.ndarray, n_frames: int) -> float:
-    """Standard deviation (pixels per µm) of the fitted matrix's similarity part."""
+def slope_sigma(residuals: np.ndarray, cov: np.ndarray, n_frames: int,
+                floor_px: float = 0.0) -> float:
+    """Standard deviation (pixels per µm) of the fitted matrix's similarity part: from the
+    fit's residual (``floor_px``: at least this per frame and axis)."""
     dof = max(1, 2 * n_frames - 6)
-    sigma_px = float(np.sqrt((residuals**2).sum() / dof))
+    sigma_px = max(float(np.sqrt((residuals**2).sum() / dof)), floor_px)
     return sigma_px * math.sqrt(float(np.trace(cov)) / 2) / math.sqrt(2)
 
 
@@ -101,6 +103,7 @@ def measured_camera(
     rows_cols: np.ndarray,
     pixel_size_um: float,
     rotation_deg: float,
+    landing_sigma_um: float | None = None,
 ) -> tuple[float, float, dict[str, Any]] | None:
     """The pixel size and rotation a scan's registered tiles show, each kept where it differs
     from the given one enough to matter (see the module's notes).
@@ -120,6 +123,9 @@ def measured_camera(
         ``(N, 2)`` grid row and column of each tile.
     pixel_size_um, rotation_deg : float
         The geometry the scan was registered with.
+    landing_sigma_um : float, optional
+        The stage's repeatability (one sigma per axis): the least scatter of the tiles'
+        positions the uncertainty assumes.
 
     Returns
     -------
@@ -140,7 +146,11 @@ def measured_camera(
     stage = np.asarray(stage_um, dtype=float)
     a, res, cov = fit_camera_matrix(stage[use], solved.positions[use])
     pixel, theta, *_ = matrix_geometry(a)
-    sigma = slope_sigma(res, cov, int(use.sum())) * pixel  # relative, = radians
+    # the stage's own landing error (its repeatability) floors the residual's: six tiles
+    # once scattered 0.6 of it, and their 0.56 % "pixel size" error was noise (a good scan
+    # of a photograph scaled by it: two false defects at its edge against the golden image)
+    floor = 0.0 if landing_sigma_um is None else landing_sigma_um / pixel_size_um
+    sigma = slope_sigma(res, cov, int(use.sum()), floor) * pixel  # relative, = radians
     reach_um = float(np.hypot(*(stage - stage.mean(axis=0)).T).max())
     d_theta = math.radians(theta - rotation_deg)
     d_scale = pixel_size_um / pixel - 1.0
