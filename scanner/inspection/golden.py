@@ -413,7 +413,7 @@ def _fine_shift(window: np.ndarray, crop: np.ndarray
     On turned content the shift is that of where the crop's detail is (the pixels weigh by
     their gradient's square), not of its centre: 0.5 px apart at a corner of a photograph
     turned 0.6 deg. None: no convergence."""
-    from scanner.stitching.registration.pairwise import prepare_strip, refine_subpixel
+    from scanner.subpixel import prepare_strip, refine_subpixel
 
     a, b = prepare_strip(window), prepare_strip(crop)
     centre = (crop.shape[0] / 2, crop.shape[1] / 2)
