@@ -172,9 +172,8 @@ class GoldenComparison:
         """Mosaic rows and columns ``(r0, c0, r1, c1)`` the golden image covers."""
         h, w = self.golden.shape
         if self.turn_deg:  # the corners' bounding box (off the golden image: NaN, not compared)
-            c, s = math.cos(math.radians(self.turn_deg)), math.sin(math.radians(self.turn_deg))
             g = np.array([(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)], dtype=np.float64)
-            m = g @ np.array([[c, s], [-s, c]]) + np.asarray(self.shift)
+            m = g @ _rotation(math.radians(self.turn_deg)).T + np.asarray(self.shift)
             lo, hi = m.min(axis=0), m.max(axis=0)
         else:
             lo = np.asarray(self.shift, dtype=np.float64)
@@ -307,15 +306,31 @@ def _canvas(a: np.ndarray, shape: tuple[int, int], valid: np.ndarray | None) -> 
     return out - out.mean()
 
 
+def _shown_box(golden: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Rows and columns ``(r0, r1, c0, c1)`` of what a golden image shows (its pixels over 0,
+    see :func:`golden_pixels`; None: nothing)."""
+    rows, cols = np.nonzero((golden > 0).any(axis=1))[0], np.nonzero((golden > 0).any(axis=0))[0]
+    if not len(rows):
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def _rotation(theta: float) -> np.ndarray:
+    """The matrix turning (row, column) vectors by ``theta`` radians, as
+    :meth:`GoldenComparison.to_golden` undoes it."""
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([[c, -s], [s, c]])
+
+
 def _refined(golden: np.ndarray, level0: Any, shift: np.ndarray, f: int) -> np.ndarray:
     """The coarse placement refined on a crop at the centre of what the golden image shows
     (not its unscanned margin: a golden scan of a photograph with the chuck left out shows
     half its array, and a crop of its array's centre, a quarter of it empty, placed it a
     pixel off), at full resolution (unchanged where the crop has no clear match)."""
-    rows, cols = np.nonzero((golden > 0).any(axis=1))[0], np.nonzero((golden > 0).any(axis=0))[0]
-    if not len(rows):
+    box = _shown_box(golden)
+    if box is None:
         return shift
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    r0, r1, c0, c1 = box
     side = min(FINE_PX, r1 - r0, c1 - c0)
     gr, gc = (r0 + r1 - side) // 2, (c0 + c1 - side) // 2
     crop = golden[gr : gr + side, gc : gc + side]
@@ -338,16 +353,16 @@ def _turned(golden: np.ndarray, level0: Any, shift: np.ndarray, f: int
     A part placed by hand lies turned against the golden image by a fraction of a degree: 0.5
     deg moves a 1,100 px photograph's corners 7 px off a translation, and its outline and
     every edge became defects (precision 0.51). Crops on a 3 x 3 grid over what the golden
-    image shows are each placed around ``shift`` (phase correlation); the turn and the
-    translation that carry the crops' centres onto where they were found are fitted by least
-    squares, crops that miss it by more than :data:`TURN_MAX_RESIDUAL_PX` left out one at a
-    time (at least five kept). Kept when it moves the golden image's far corner by more than
-    :data:`TURN_RESOLUTION_PX`.
+    image shows are found on the scan around ``shift`` (phase correlation), and the turn and
+    translation that carry them onto where they were found are fitted by least squares, crops
+    that miss it by more than :data:`TURN_MAX_RESIDUAL_PX` left out one at a time (at least
+    five kept); then again around that fit, to a fraction of a pixel (:func:`_fine_shift`).
+    Kept when it moves the golden image's far corner by more than :data:`TURN_RESOLUTION_PX`.
     """
-    rows, cols = np.nonzero((golden > 0).any(axis=1))[0], np.nonzero((golden > 0).any(axis=0))[0]
-    if not len(rows):
+    box = _shown_box(golden)
+    if box is None:
         return 0.0, shift
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    r0, r1, c0, c1 = box
     side = min(TURN_CROP_PX, (r1 - r0) // 3, (c1 - c0) // 3)
     if side < 64:
         return 0.0, shift
@@ -375,7 +390,7 @@ def _crops_found(golden: np.ndarray, level0: Any, centres: list[tuple[float, flo
     centred at ``centres``, are found on the scan around where ``(theta, t)`` puts them
     (see :func:`_turned`; None: fewer than five agree): by phase correlation within
     ``search`` px, or (None) to a fraction of a pixel within a pixel or two."""
-    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    rot = _rotation(theta)
     found_g, found_m = [], []
     for cr, cc in centres:
         gr, gc = int(cr) - side // 2, int(cc) - side // 2
@@ -439,7 +454,7 @@ def _turn_fit(g: np.ndarray, m: np.ndarray) -> tuple[float, np.ndarray, np.ndarr
     design[1::2] = np.column_stack([g[:, 1], g[:, 0], np.zeros(len(g)), np.ones(len(g))])
     (a, b, *_), *_ = np.linalg.lstsq(design, m.reshape(-1), rcond=None)
     theta = math.atan2(b, a)
-    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
+    rot = _rotation(theta)
     t = (m - g @ rot.T).mean(axis=0)
     return theta, t, np.hypot(*(m - t - g @ rot.T).T)
 
