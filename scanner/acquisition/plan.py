@@ -219,12 +219,12 @@ def overlap_warning(recipe: Recipe, fov_um: tuple[float, float], pixel_size_um: 
     5 um repeatability had tiles placed 9 um off and half its reports false; with 10 %, none.
     """
     overlap_um = recipe.scan.overlap * min(fov_um)
-    landing_um = LANDING_SIGMAS * math.sqrt(2.0) * recipe.microscope.stage.repeatability_um
+    rep = recipe.microscope.stage.repeatability_um
+    landing_um = LANDING_SIGMAS * math.sqrt(2.0) * rep
     needed_um = landing_um + MIN_REGISTERED_OVERLAP_PX * pixel_size_um
     if overlap_um >= needed_um:
         return None
     suggest = math.ceil(20.0 * needed_um / min(fov_um)) / 20.0
-    rep = recipe.microscope.stage.repeatability_um
     return (f"scan.overlap: {recipe.scan.overlap:g} leaves {overlap_um:.0f} µm between "
             f"neighbouring tiles, but the stage lands two of them up to {landing_um:.0f} µm "
             f"nearer to or farther from each other than planned ({LANDING_SIGMAS:g} sigma of "
