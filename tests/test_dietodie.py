@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -662,3 +663,73 @@ def test_no_alignment_block_is_a_thin_strip(n):
     index = np.minimum(rows // b, len(blocks) - 1)
     for k, (lo, hi) in enumerate(blocks):
         assert np.all(index[lo:hi] == k)
+
+
+def _turned_part_on_a_chuck(turn_deg: float = 2.0, n: int = 5, die_px: int = 160,
+                            street_px: int = 24, pad: int = 90) -> tuple[np.ndarray, Any]:
+    """A part of n x n dies (one design, bright streets) laid ``turn_deg`` turned on a dark
+    chuck that the image shows around it; and the part's outline in image pixels."""
+    from shapely import affinity
+    from skimage.transform import rotate
+
+    pitch = die_px + street_px
+    side = n * pitch + 2 * pad
+    img = np.full((side, side), 400.0)  # the chuck
+    img[pad:pad + n * pitch, pad:pad + n * pitch] = 1000.0  # the part's streets
+    design = _design(die_px, die_px, seed=5)
+    for r in range(n):
+        for c in range(n):
+            y, x = pad + r * pitch + street_px // 2, pad + c * pitch + street_px // 2
+            img[y:y + die_px, x:x + die_px] = design
+    turned = rotate(img, turn_deg, order=1, mode="constant", cval=400.0, preserve_range=True)
+    outline = box(pad - 0.5, pad - 0.5, pad + n * pitch - 0.5, pad + n * pitch - 0.5)
+    # skimage turns the picture counter-clockwise on screen: clockwise in (column, row) axes
+    outline = affinity.rotate(outline, -turn_deg, origin=((side - 1) / 2, (side - 1) / 2))
+    return turned.astype(np.float32), outline
+
+
+def test_a_part_turned_on_its_chuck_is_compared_on_the_part_only(monkeypatch):
+    # the chuck fills a sliver of the edge dies, which still correlate with the others: before
+    # on_part they were compared there, and the good part's dies differed far beyond any
+    # threshold (its found layout judged no repeat)
+    import scanner.inspection.dietodie_alike as alike
+    from scanner.inspection.goodimages import good_image_die_to_die
+
+    img, outline = _turned_part_on_a_chuck()
+    pixel = 2.0
+    record = good_image_die_to_die(img, pixel)
+    assert record is not None and record["found_grid_repeats"]
+    assert record["good_max_z"] < 13.0 and record["dies"] >= 25
+
+    monkeypatch.setattr(alike, "on_part", lambda level0, mosaic, grid, polygon, pyramid=None:
+                        polygon)
+    unmasked = good_image_die_to_die(img, pixel)
+    assert unmasked is not None and unmasked["good_max_z"] > 26.0
+
+
+def test_on_part_leaves_out_the_chuck_but_not_a_defect_inside_the_part():
+    from shapely import affinity
+
+    from scanner.diegrid import estimate_grid
+    from scanner.inspection.dietodie_alike import on_part
+
+    img, outline = _turned_part_on_a_chuck()
+    img[500:530, 480:520] = 1000.0  # a missing piece of pattern, well inside the part
+    pixel = 2.0
+    part_um = affinity.scale(outline, pixel, pixel, origin=(0, 0))
+    geometry = MosaicGrid((0.0, 0.0), pixel, img.shape)
+    usable = box(-1.0, -1.0, img.shape[1] * pixel - 1.0, img.shape[0] * pixel - 1.0)
+    small = ndimage.zoom(img, 0.5, order=1)
+    grid = estimate_grid(small, 2 * pixel, (0.5 * pixel, 0.5 * pixel))
+    assert grid is not None and abs(abs(grid.rotation_deg) - 2.0) < 0.3
+    kept = on_part(img, geometry, grid, usable)
+    surround = usable.difference(part_um)
+    # most of the surround is left out, almost none of the part
+    assert kept.intersection(surround).area < 0.2 * surround.area
+    assert part_um.difference(kept).area < 0.03 * part_um.area
+    assert kept.contains(box(480 * pixel, 500 * pixel, 520 * pixel, 530 * pixel))
+    # a part filling the image: nothing is left out
+    full = img[200:700, 200:700].copy()
+    g2 = MosaicGrid((200 * pixel, 200 * pixel), pixel, full.shape)
+    u2 = box(199 * pixel, 199 * pixel, 699 * pixel, 699 * pixel)
+    assert on_part(full, g2, grid, u2).area == pytest.approx(u2.area)

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from scanner.diegrid import DieGrid
 from scanner.inspection.dietodie_geometry import (
@@ -113,3 +114,83 @@ def alike_partial_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: li
         if corr >= max(min_correlation, 3.0 / np.sqrt(keep.sum())):
             out.append(cell)
     return out
+
+
+#: a thumbnail pixel this many robust spreads from the dies' median shows no die there
+UNLIKE_Z = 8.0
+
+
+def on_part(level0: Any, mosaic: MosaicGrid, grid: DieGrid, polygon: Any,
+            pyramid: list[Any] | None = None, side_px: int = 64) -> Any:
+    """The usable ``polygon`` less what it shows of the part's surround (a chuck).
+
+    A part laid down by hand a degree or two turned, scanned with its surround, cuts its edge
+    dies at a slant: the surround fills a sliver of dies that still correlate with the others
+    as a whole (:func:`alike_dies`), and compared there the sliver is a defect on every good
+    scan (a camera-photo die grid turned 2 deg: good dies reached z 805, so the layout was
+    judged no repeat; compared anyway, 7 false defects along the part's edge). Here the
+    dies' thumbnails are compared with their median die: a region of thumbnail pixels far
+    from it (:data:`UNLIKE_Z` robust spreads of the dies there) that reaches the outside of
+    the usable area or of the mosaic is surround, and the dies it cuts become edge dies,
+    compared only on the part (:func:`alike_partial_dies`). A defect inside the part is no
+    such region unless it touches the surround (then the detector's own map still judges it).
+
+    Returns the polygon unchanged when no surround is seen, or fewer than three dies agree.
+    """
+    from shapely.geometry import box
+    from shapely.ops import unary_union
+
+    from scanner.inspection.dietodie_geometry import full_dies
+    from scanner.inspection.polygonmask import polygon_mask
+
+    kept, anchor = alike_dies(level0, mosaic, grid, full_dies(grid, polygon, mosaic))
+    if anchor is None:
+        return polygon
+    h_die, w_die = die_shape_px(grid, mosaic)
+    f = _thumbnail_factor(h_die, w_die, side_px)
+    th, tw = h_die // f, w_die // f
+    k = f.bit_length() - 1
+    if pyramid is not None and 0 < k < len(pyramid) and math.prod(pyramid[k].shape) <= 2**24:
+        pyramid = [*pyramid[:k], np.asarray(pyramid[k][...], dtype=np.float32)]  # read once
+
+    def thumb(cell: Cell) -> tuple[int, int, np.ndarray]:
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        return r0, c0, _thumbnail(level0, pyramid, r0, c0, th * f, tw * f, f)[:th, :tw]
+
+    dies = np.stack([thumb(c)[2] for c in kept])
+    median = np.median(dies, axis=0)
+    spread = 1.4826 * np.median(np.abs(dies - median), axis=0)
+    spread = np.maximum(spread, max(float(np.median(spread)), 1e-6))
+    rows, cols = mosaic.shape
+    shape = (-(-rows // f), -(-cols // f))
+    unlike = np.zeros(shape, dtype=bool)
+    p = mosaic.pixel_size_um
+    centre = (mosaic.origin_um[0] + (f - 1) / 2 * p, mosaic.origin_um[1] + (f - 1) / 2 * p)
+    inside = polygon_mask(polygon, centre, f * p)(0, 0, *shape)
+    outside = np.ones(shape, dtype=bool) if inside is None else ~inside
+    for col, row, _ in grid.cells_in(polygon):
+        r0, c0, t = thumb((col, row))
+        i0, j0 = int(round(r0 / f)), int(round(c0 / f))
+        a0, a1, b0, b1 = max(i0, 0), min(i0 + th, shape[0]), max(j0, 0), min(j0 + tw, shape[1])
+        if a1 > a0 and b1 > b0:
+            far = np.abs(t - median) > UNLIKE_Z * spread
+            unlike[a0:a1, b0:b1] |= far[a0 - i0:a1 - i0, b0 - j0:b1 - j0]
+    # a turned grid's stage-aligned die windows leave slivers between them: bridge them; and
+    # beyond the mosaic is outside too (a frame of one pixel)
+    bridged = np.pad(ndimage.binary_dilation(unlike, iterations=2) | outside, 1,
+                     constant_values=True)
+    labels, _ = ndimage.label(bridged, structure=np.ones((3, 3)))
+    touching = np.unique(labels[np.pad(outside, 1, constant_values=True)])
+    surround = unlike & np.isin(labels[1:-1, 1:-1], touching[touching > 0]) & ~outside
+    if not surround.any():
+        return polygon
+    boxes = []
+    for i in np.flatnonzero(surround.any(axis=1)):
+        runs = np.flatnonzero(np.diff(np.r_[0, surround[i].astype(np.int8), 0]))
+        for j0, j1 in zip(runs[::2], runs[1::2], strict=True):
+            x0 = mosaic.origin_um[0] + (j0 * f - 0.5) * p
+            y0 = mosaic.origin_um[1] + (i * f - 0.5) * p
+            boxes.append(box(x0, y0, x0 + (j1 - j0) * f * p, y0 + f * p))
+    # a thumbnail pixel's blur of the surround's edge, beyond what was measured far
+    seen = unary_union(boxes).buffer(f * p, join_style="mitre").simplify(0.5 * f * p)
+    return polygon.difference(seen)

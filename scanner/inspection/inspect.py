@@ -102,10 +102,13 @@ def _die_grid(mosaic: Path, sample: Any, polygon: Any, alignment: dict[str, Any]
     return None if grid is None else (levels, grid, source)
 
 
-def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any
-                    ) -> tuple[Any, Any, list[Any] | None, Any, int]:
+def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any,
+                    kind: str | None) -> tuple[Any, Any, list[Any] | None, Any, int]:
     """The image die-to-die compares, its geometry (padded: see :func:`_with_room`), the
-    pyramid, the usable area and the padding."""
+    pyramid, the usable area and the padding. The usable area of a part whose outline the
+    recipe does not give (``kind`` image or rectangle) leaves out the surround it shows
+    (:func:`scanner.inspection.dietodie_alike.on_part`); a wafer's is its edge-exclusion
+    circle, placed by the pre-alignment."""
     from scanner.inspection.dietodie import MosaicGrid
 
     geometry = _mosaic_grid(mosaic)
@@ -114,7 +117,15 @@ def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any
         geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
                                geometry.origin_um[1] - pad * geometry.pixel_size_um),
                               geometry.pixel_size_um, tuple(image.shape))
+    if kind in PART_KINDS:
+        from scanner.inspection.dietodie_alike import on_part
+
+        area = on_part(image, geometry, grid, area, pyramid)
     return image, geometry, pyramid, area, pad
+
+
+#: sample kinds whose die-to-die usable area is the part as the scan shows it (on_part)
+PART_KINDS = ("image", "rectangle")
 
 
 def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
@@ -153,7 +164,8 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
                                       np.ndarray | None]:
-        image, geometry, pyramid, area, pad = _compared_image(mosaic, levels, grid, polygon)
+        image, geometry, pyramid, area, pad = _compared_image(mosaic, levels, grid, polygon,
+                                                              getattr(sample, "kind", None))
         patches, stats, comparison = die_to_die_patches(
             maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
             settings, pyramid=pyramid)
@@ -210,7 +222,8 @@ def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
     if found is None:
         return None
     levels, grid, source = found
-    image, geometry, pyramid, area, _ = _compared_image(folder / MOSAIC, levels, grid, polygon)
+    image, geometry, pyramid, area, _ = _compared_image(folder / MOSAIC, levels, grid, polygon,
+                                                        getattr(saved, "kind", None))
     reached = largest_z(image, geometry, grid, area, pyramid=pyramid)
     if reached is None:
         return None
