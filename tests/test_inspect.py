@@ -236,6 +236,52 @@ def test_cli_inspect_bad_inputs_exit_2(tmp_path):
     assert res.exit_code == 2 and "--sample-kind" in res.output
 
 
+def test_images_of_the_same_name_in_two_lots_keep_their_own_results(tmp_path):
+    # results are filed by image name: two lots holding the same file names were filed under
+    # one name, and the second image's (empty) defect list replaced the first one's
+    import json
+
+    from scanner.inspection.images import list_images
+
+    tex = _texture((256, 256), seed=4)
+    bad = tex.copy()
+    bad[100:130, 100:130] = 0  # a dark square: defects in lot A only
+    for lot, img in (("lotA", bad), ("lotB", tex)):
+        (tmp_path / "dup" / lot).mkdir(parents=True)
+        tifffile.imwrite(tmp_path / "dup" / lot / "img001.tif", img)
+    targets = [tmp_path / "dup" / "lotA", tmp_path / "dup" / "lotB"]
+    assert [n for n, _ in list_images(targets)] == ["lotA/img001.tif", "lotB/img001.tif"]
+    # one folder: names stay relative to it, as before
+    assert [n for n, _ in list_images(targets[:1])] == ["img001.tif"]
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["inspect", *map(str, reversed(targets)), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    images = json.loads((out / "defects.json").read_text())["images"]
+    assert sorted(images) == ["lotA/img001.tif", "lotB/img001.tif"]
+    assert images["lotA/img001.tif"] and not images["lotB/img001.tif"]
+
+
+def test_inspect_out_into_another_scan_or_a_mosaic_is_refused(tmp_path):
+    from scanner.errors import UserError
+    from scanner.inspection.inspect import inspect_target
+
+    other = tmp_path / "other_scan"
+    other.mkdir()
+    (other / "scan.json").write_text("{}")
+    (other / "defects.json").write_text("{}")
+    image = tmp_path / "a.tif"
+    tifffile.imwrite(image, _texture((64, 64)))
+    with pytest.raises(UserError, match="another scan folder"):
+        inspect_target([image], other)
+    mosaic = tmp_path / "m.ome.zarr"
+    mosaic.mkdir()
+    with pytest.raises(UserError, match="inside the mosaic"):
+        inspect_target([mosaic], mosaic / "maps")
+    assert (other / "defects.json").read_text() == "{}"
+    res = runner.invoke(app, ["inspect", str(image), "--out", str(other)])
+    assert res.exit_code == 2 and "--out" in res.output
+
+
 def test_sample_kinds_of_the_cli_are_the_recipes() -> None:
     from scanner import recipe
     from scanner.cli import SAMPLE_KINDS

@@ -10,6 +10,7 @@ the scale of the model's threshold.
 from __future__ import annotations
 
 import csv
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +64,11 @@ def list_images(targets: Sequence[Path]) -> list[tuple[str, Path]]:
             raise UserError(f"{target}: file or folder not found")
     if not found:
         raise UserError(f"{', '.join(str(t) for t in targets)}: no image files found")
+    if len({name for name, _ in found}) < len(found):
+        # two folders (lots) holding the same file names: results are filed by name, so each
+        # is named by its path from the folder the targets share instead
+        base = Path(os.path.commonpath([p.resolve().parent for _, p in found]))
+        found = [(p.resolve().relative_to(base).as_posix(), p) for _, p in found]
     return found
 
 

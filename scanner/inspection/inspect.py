@@ -638,6 +638,30 @@ def inspect_scan(
 
 
 
+def _check_out_dir(out_dir: Path, targets: list[Path]) -> None:
+    """Refuse an output folder whose earlier results inspection would replace: another scan
+    folder (its defect list and maps would describe another sample while its ``scan.json``
+    still describes its own, and its reports would follow them), or a folder inside a
+    target's mosaic store.
+
+    Raises
+    ------
+    UserError
+        Naming ``--out`` and the folder.
+    """
+    out = out_dir.resolve()
+    for t in targets:
+        t = t.resolve()
+        zarr = t if t.name.endswith(".zarr") else t / MOSAIC
+        if out == zarr or zarr in out.parents:
+            raise UserError(f"--out {out_dir}: inside the mosaic {zarr}; choose a folder "
+                            "outside it")
+    if (out / SCAN_JSON).is_file() and not (len(targets) == 1 and targets[0].resolve() == out):
+        raise UserError(f"--out {out_dir}: is another scan folder, whose defects and maps would "
+                        "be replaced; choose a new folder (its own results: waferscope "
+                        f"inspect {out_dir})")
+
+
 def inspect_target(
     target: Sequence[Path],
     out_dir: Path | None = None,
@@ -658,6 +682,8 @@ def inspect_target(
     targets = [Path(t) for t in target]
     if not targets:
         raise UserError("inspect: give a scan folder, a mosaic or image files")
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir), targets)
     first = targets[0]
     if len(targets) == 1 and first.is_dir() and (first / MOSAIC).exists():
         if not (first / SCAN_JSON).is_file():
