@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from scanner.errors import UserError
+from scanner.errors import UserError, damaged_message, undecodable
 
 if TYPE_CHECKING:
     from scanner.inspection.card import ModelRef
@@ -76,8 +76,14 @@ def run_batch(folders: Sequence[Path], *, model: ModelRef = None, cluster: Any =
                              allow_incomplete=allow_incomplete)
             items.append(BatchItem(folder=Path(folder), ok=True, n_defects=n,
                                    wall_s=round(time.perf_counter() - t0, 3)))
-        except (UserError, OSError, ValueError) as exc:
-            items.append(BatchItem(folder=Path(folder), ok=False, error=str(exc),
+        except Exception as exc:
+            # damaged stored data is that folder's, as bad input is: recorded, and the batch
+            # goes on to the next scan; anything else is a fault of this program
+            damaged = undecodable(exc)
+            if not (damaged or isinstance(exc, (UserError, OSError, ValueError))):
+                raise
+            items.append(BatchItem(folder=Path(folder), ok=False,
+                                   error=damaged_message(exc) if damaged else str(exc),
                                    wall_s=round(time.perf_counter() - t0, 3),
-                                   bad_input=isinstance(exc, UserError)))
+                                   bad_input=damaged or isinstance(exc, UserError)))
     return items

@@ -29,9 +29,8 @@ from rich.progress import (
 from rich.text import Text
 
 from models.errors import InputError
-from scanner.errors import UserError
+from scanner.errors import UserError, damaged_message, undecodable
 from scanner.events import StageEvents
-from simulators.errors import first_line
 
 app = typer.Typer(
     name="waferscope",
@@ -93,13 +92,11 @@ def _friendly(func: F) -> F:
         except Exception as exc:
             if os.environ.get("WAFERSCOPE_DEBUG"):
                 raise
-            if _undecodable(exc):  # damaged stored data is bad input, not a bug
+            if undecodable(exc):  # damaged stored data is bad input, not a bug
                 # zarr's other reads of that batch are abandoned; asyncio would log each
                 # pending one at exit, burying the one line under dozens
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-                err.print(f"[bold red]error:[/] stored data is damaged: a compressed chunk "
-                          f"cannot be decoded ({escape(first_line(exc))}); re-run `waferscope "
-                          "stitch SCAN` for a mosaic, or scan again for raw tiles",
+                err.print(f"[bold red]error:[/] {escape(damaged_message(exc))}",
                           highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             err.print(
@@ -141,22 +138,6 @@ def check_output(path: Path | None, option: str, folder: bool) -> None:
     if nearest is not None and not os.access(nearest, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path}: {nearest} cannot be written (read-only or no "
                         "permission); choose another folder")
-
-
-def _undecodable(exc: BaseException) -> bool:
-    """Whether an error is a compressed chunk (Zarr codecs, TIFF tiles) that fails to decode:
-    the codecs raise ``zlib.error`` or RuntimeError / ValueError saying "decompress", and a
-    chunk that decodes to another size than its array's metadata says cannot be reshaped."""
-    import zlib
-
-    while exc is not None:
-        text = str(exc).lower()
-        if isinstance(exc, zlib.error) or (isinstance(exc, (RuntimeError, ValueError))
-                                           and ("decompress" in text
-                                                or "cannot reshape array" in text)):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return False
 
 
 class RichObserver:

@@ -24,3 +24,28 @@ class RecipeError(UserError):
 
 class PlanError(UserError):
     """A plan that the hardware cannot execute safely (e.g. outside the travel range)."""
+
+
+def undecodable(exc: BaseException | None) -> bool:
+    """Whether an error is a compressed chunk (Zarr codecs, TIFF tiles) that fails to decode:
+    the codecs raise ``zlib.error`` or RuntimeError / ValueError saying "decompress", and a
+    chunk that decodes to another size than its array's metadata says cannot be reshaped."""
+    import zlib
+
+    while exc is not None:
+        text = str(exc).lower()
+        if isinstance(exc, zlib.error) or (isinstance(exc, (RuntimeError, ValueError))
+                                           and ("decompress" in text
+                                                or "cannot reshape array" in text)):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def damaged_message(exc: BaseException) -> str:
+    """The one line a user reads for an :func:`undecodable` chunk, and what to do about it."""
+    from simulators.errors import first_line
+
+    return (f"stored data is damaged: a compressed chunk cannot be decoded ({first_line(exc)}); "
+            "re-run "
+            "`waferscope stitch SCAN` for a mosaic, or scan again for raw tiles")

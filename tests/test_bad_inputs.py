@@ -338,6 +338,24 @@ def test_batch_of_folders_that_are_not_scans_exits_2(tmp_path: Path) -> None:
     assert len(lines) == 2 and all("not a scan folder" in line for line in lines), lines
 
 
+def test_a_batch_names_the_scan_with_damaged_tiles_and_goes_on(wafer_scan: Path,
+                                                              tmp_path: Path) -> None:
+    # a damaged chunk raised past the batch's per-scan handling: the whole batch stopped on
+    # one unnamed line, and the scans after it were never processed
+    import shutil
+
+    bad = _damaged_copy(wafer_scan, tmp_path,
+                        lambda f: _flip_bits(f / "tiles.zarr" / "c" / "4" / "0" / "0"))
+    bad = bad.rename(tmp_path / "lot7_w3")
+    good = tmp_path / "good"
+    shutil.copytree(wafer_scan, good)
+    result = runner.invoke(app, ["batch", str(bad), str(good)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lot7_w3" in lines[0] and "damaged" in lines[0], lines
+    assert (good / "defects.json").stat().st_mtime > (bad / "defects.json").stat().st_mtime
+
+
 def test_more_local_workers_than_cores_are_refused() -> None:
     import os
 
@@ -441,3 +459,86 @@ def test_a_sample_image_that_is_not_an_image_and_a_file_that_is_not_yaml_are_nam
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == f"error: {recipe}: not valid YAML"
+
+
+@pytest.mark.parametrize("name, named", [("old.tif", "exists"), ("snap.png", ".png"),
+                                         ("recipe.yaml", ".yaml")])
+def test_devices_save_keeps_an_existing_file_and_refuses_a_name_that_is_not_tiff(
+        write_recipe, tmp_path: Path, name: str, named: str) -> None:
+    recipe = write_recipe({
+        "sample": {"kind": "rectangle", "width_mm": 1.0, "height_mm": 0.8},
+        "microscope": {"kind": "simulated",
+                       "camera": {"width": 64, "height": 64, "pixel_size_um": 2.0}}})
+    target = tmp_path / name
+    if not target.exists():
+        target.write_text("keep me")
+    before = target.read_bytes()
+    result = runner.invoke(app, ["devices", str(recipe), "--save", str(target)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--save" in lines[0] and named in lines[0], lines
+    assert target.read_bytes() == before
+    # asked for, an existing TIFF is replaced
+    tiff = tmp_path / "snap.tif"
+    tiff.write_text("old")
+    result = runner.invoke(app, ["devices", str(recipe), "--save", str(tiff), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert tiff.read_bytes()[:2] in (b"II", b"MM")
+
+
+@pytest.mark.parametrize("status", ["complete", "interrupted"])
+@pytest.mark.parametrize("plan", [None, {"n_tiles": "four"}])
+def test_resume_of_a_scan_that_records_no_plan_is_one_line(tmp_path: Path, status: str,
+                                                          plan: dict | None) -> None:
+    import json
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    record = {"status": status, "recipe": {
+        "name": "r", "sample": {"kind": "rectangle", "width_mm": 1, "height_mm": 1},
+        "microscope": {"kind": "simulated", "camera": {"width": 64, "height": 64}}}}
+    if plan is not None:
+        record["plan"] = plan
+    (folder / "scan.json").write_text(json.dumps(record))
+    before = (folder / "scan.json").read_bytes()
+    # as stitch, inspect and report say it (resume failed with KeyError: 'plan', exit 1)
+    for command in ("resume", "stitch"):
+        result = runner.invoke(app, [command, str(folder)])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "records no plan; not a waferscope scan" in lines[0], lines
+    assert (folder / "scan.json").read_bytes() == before
+    assert sorted(p.name for p in folder.iterdir()) == ["scan.json"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", ""])
+def test_a_tile_position_that_is_not_a_finite_number_is_a_damaged_journal(
+        tmp_path: Path, value: str) -> None:
+    import json
+
+    import numpy as np
+
+    from scanner.tilestore import TileRecord, TileStore
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    (folder / "scan.json").write_text(json.dumps({"status": "interrupted", "plan": {
+        "n_tiles": 2}, "recipe": {
+        "name": "r", "sample": {"kind": "rectangle", "width_mm": 1, "height_mm": 1},
+        "microscope": {"kind": "simulated", "camera": {"width": 64, "height": 64}}}}))
+    store = TileStore(folder, 2, (8, 8), np.dtype("u2"))
+    for i in (0, 1):
+        store.write(np.full((8, 8), 900 + i, "u2"), TileRecord(i, 0, i, 100.0 * i, 0, 0, i))
+    store.close()
+    lines = (folder / "tiles.csv").read_text().splitlines()
+    cells = lines[2].split(",")
+    cells[3] = value  # x_um of tile 1: stitch failed on "cannot convert float NaN to integer"
+    lines[2] = ",".join(cells)
+    (folder / "tiles.csv").write_text("\n".join(lines) + "\n")
+    before = (folder / "tiles.csv").read_bytes()
+    for command in ("stitch", "resume"):
+        result = runner.invoke(app, [command, str(folder)])
+        assert result.exit_code == 2, result.output
+        out = result.stderr.strip().splitlines()
+        assert len(out) == 1 and "tiles.csv, line 3: x_um" in out[0] and "damaged" in out[0], out
+    assert (folder / "tiles.csv").read_bytes() == before
