@@ -241,3 +241,44 @@ def test_a_texture_that_nearly_repeats_is_registered_where_it_matches_to_the_noi
         found.append((r.ok, float(np.hypot(r.dx - true[0], r.dy - true[1])), r.peak_ratio))
     assert all(ok and e < 0.2 for ok, e, _ in found), found
     assert min(ratio for *_, ratio in found) < 1.5  # the case: a close second period
+
+
+def test_a_faint_die_grid_registers_every_pair_the_stage_could_have_landed_on(tmp_path):
+    # coins dies at 10 % contrast under 1.5 % camera noise: strips along the streets matched
+    # right at NCC 0.86-0.93 but had a peak 19-23 px off (the window's edge) at 0.67-0.83, so
+    # seven of 24 pairs were called ambiguous and a corner tile kept the stage's error (3.8 um)
+    import tifffile
+    from skimage import data
+
+    from scanner.pipeline import run_scan
+    from scanner.recipe import parse_recipe
+    from scanner.scanfolder import read_scan_json
+    from scanner.tilestore import read_tiles_csv
+
+    die = np.full((256, 256), 0.1)
+    die[16:240, 16:240] = data.coins()[40:264, 40:264] / 255.0
+    image = 0.45 + 0.1 * np.tile(die, (7, 7))
+    tifffile.imwrite(tmp_path / "faint.tif", np.round(image * 65535).astype(np.uint16))
+    recipe = {"sample": {"kind": "image", "path": "faint.tif", "pixel_size_um": 1.0,
+                         "origin_um": [0.0, 0.0]},
+              "microscope": {"kind": "simulated", "seed": 0,
+                             "camera": {"width": 512, "height": 512, "pixel_size_um": 1.0}},
+              "scan": {"overlap": 0.1}}
+    folder = run_scan(parse_recipe(recipe, tmp_path, "faint"), tmp_path / "scan").folder
+    reg = read_scan_json(folder)["registration"]
+    assert reg["n_unconstrained_tiles"] == 0 and reg["n_pairs_used"] >= 22, reg
+    rows = read_tiles_csv(folder)
+    err = np.array([(r.x_reg_um - r.x_true_um, r.y_reg_um - r.y_true_um) for r in rows])
+    err -= np.median(err, axis=0)  # the mosaic's frame is the tiles' median placement
+    assert np.abs(err).max() < 0.5, np.abs(err).max()
+
+
+def test_a_far_peak_rivals_the_best_when_the_best_is_far_from_the_stage_too():
+    from scanner.stitching.registration.pairwise import _plausible_rivals
+
+    scored = [(0.93, 0, 461, None), (0.80, 0, 480, None), (0.78, 9, 461, None)]
+    # the best where the stage put the tile: the peak 19 px off (of a 19 px window) is none
+    near = _plausible_rivals(scored, 0.2, 461.3, (0, 461), (19.0, 19.0))
+    assert [c[2] for c in near] == [461, 461]
+    # the best 8 px off: the stage landed far, so every peak stays a rival
+    assert _plausible_rivals(scored, 8.0, 469.0, (0, 461), (19.0, 19.0)) == scored
