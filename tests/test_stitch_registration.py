@@ -133,3 +133,27 @@ def test_wafer_registration_textured_subpixel_bare_keeps_stage(write_recipe, tmp
     np.testing.assert_allclose(reg, centres, atol=1e-3)  # csv keeps 0.1 nm
     scan = json.loads((folder / "scan.json").read_text())
     assert scan["registration"]["n_textured_tiles"] == acc.counts["textured"]
+
+
+def test_tiles_whose_overlaps_match_only_ambiguously_are_named(tmp_path: Path, caplog):
+    # a grating finer than the stage's error: every overlap matches at several periods, so no
+    # pair places its tiles and each lies where the stage landed; the user is told which
+    import logging
+
+    import tifffile
+
+    from scanner.recipe import parse_recipe
+
+    yy, xx = np.mgrid[0:640, 0:640]
+    grating = 0.5 + 0.3 * np.sin(2 * np.pi * xx / 7.0) * np.sin(2 * np.pi * yy / 7.0)
+    tifffile.imwrite(tmp_path / "grating.tif", np.round(grating * 65535).astype(np.uint16))
+    recipe = {"sample": {"kind": "image", "path": "grating.tif", "pixel_size_um": 1.0,
+                         "origin_um": [0.0, 0.0]},
+              "microscope": {"kind": "simulated", "seed": 1,
+                             "camera": {"width": 256, "height": 256, "pixel_size_um": 1.0}},
+              "scan": {"overlap": 0.15}}
+    with caplog.at_level(logging.WARNING):
+        folder = run_scan(parse_recipe(recipe, tmp_path, "grating"), tmp_path / "s").folder
+    reg = json.loads((folder / "scan.json").read_text())["registration"]
+    assert reg["n_pairs_used"] == 0 and len(reg["unplaced_tiles"]) == reg["n_tiles"]
+    assert any("matched no neighbour unambiguously" in m for m in caplog.messages)

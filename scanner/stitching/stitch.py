@@ -211,6 +211,8 @@ def stitch_scan(
             precomputed=precomputed, measure_camera=calibration is None,
         )
         reg_summary = summary.to_json()
+        if summary.unplaced_tiles:
+            _tell_unplaced(summary.unplaced_tiles, repeatability_um)
         if measured is not None:
             reg_summary["camera_measured"] = measured
             _tell_measured_camera(measured, summary.n_tiles)
@@ -228,6 +230,16 @@ def stitch_scan(
                   progress=(lambda d, t: progress("fuse", d, t)) if progress else None)
     timings["fuse_s"] = round(time.perf_counter() - t0, 3)
     return StitchResult(info, camera, reg_summary, ff_info, timings)
+
+
+def _tell_unplaced(tiles: list[tuple[int, int]], repeatability_um: float) -> None:
+    """Warn that tiles with texture in their overlaps were placed by the stage alone."""
+    shown = ", ".join(f"row {r} col {c}" for r, c in tiles[:5])
+    more = f" and {len(tiles) - 5} more" if len(tiles) > 5 else ""
+    log.warning("%d tile(s) matched no neighbour unambiguously (%s%s) and lie where the stage "
+                "landed, up to %.3g um off (3 sigma of microscope.stage.repeatability_um): "
+                "seams there may read as defects; a larger scan.overlap gives their overlaps "
+                "more to match", len(tiles), shown, more, 3 * repeatability_um)
 
 
 def _tell_measured_camera(measured: dict[str, Any], n_tiles: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +64,9 @@ class RegistrationSummary:
     max_correction_um: float
     #: pairs taken from those measured during acquisition (the rest measured after it)
     n_pairs_precomputed: int = 0
+    #: tiles left where the stage landed although an overlap of theirs matched (every such
+    #: pair ambiguous or rejected by the solve): ``(row, col)``
+    unplaced_tiles: list[tuple[int, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (floats rounded)."""
@@ -255,8 +258,8 @@ def register_tiles(
     result = solve_positions(prior, repeatability_um / camera.pixel_size_um, pairs)
     centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
     classes = classify_tiles(n, result.used)
-    summary = _summary(n, pairs, result, classes, params.max_shift_px,
-                       float(np.abs(centres - stage).max()) if n else 0.0, len(found))
+    summary = _summary(records, pairs, result, classes, params.max_shift_px,
+                       float(np.abs(centres - stage).max()) if n else 0.0, len(found), min_ncc)
     return centres, summary, pairs, classes
 
 
@@ -342,13 +345,13 @@ def _measure_pairs(tiles: Any, records: list[TileRecord], grid: dict[tuple[int, 
     return results
 
 
-def _summary(n: int, pairs: list[PairResult], result: SolveResult, classes: np.ndarray,
-             max_shift: float, max_correction_um: float, n_precomputed: int
-             ) -> RegistrationSummary:
+def _summary(records: list[Any], pairs: list[PairResult], result: SolveResult,
+             classes: np.ndarray, max_shift: float, max_correction_um: float,
+             n_precomputed: int, min_ncc: float) -> RegistrationSummary:
     """What the registration did, from the pairs and the global solve's ``result``."""
     nccs = [q.ncc for q in result.used]
     return RegistrationSummary(
-        n_tiles=n,
+        n_tiles=len(records),
         n_pairs=len(pairs),
         n_pairs_used=len(result.used),
         n_pairs_rejected=len(result.rejected),
@@ -363,6 +366,10 @@ def _summary(n: int, pairs: list[PairResult], result: SolveResult, classes: np.n
         if result.residuals_px.size else 0.0,
         max_correction_um=max_correction_um,
         n_pairs_precomputed=n_precomputed,
+        unplaced_tiles=[(int(records[k].row), int(records[k].col))
+                        for k in sorted({t for q in pairs if math.isfinite(q.dx)
+                                         and q.ncc >= min_ncc for t in (q.a, q.b)})
+                        if not result.constrained[k]],
     )
 
 
