@@ -6,6 +6,7 @@ does not know whether the devices are simulated or real.
 
 from __future__ import annotations
 
+import gc
 import logging
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -133,17 +134,73 @@ def _set_pixel_size(core: UniMMCore, pixel_size_um: float) -> None:
     core.setPixelSizeConfig(PIXEL_CONFIG)
 
 
-def _require_initialized(core: UniMMCore, labels: Iterable[str]) -> None:
-    """UniMMCore logs a Python device's failed initialization and carries on; stop here."""
+#: the loggers of pymmcore-plus's modules (``pymmcore_plus.experimental.unicore`` logs a Python
+#: device's failed initialization there, with its traceback, and carries on)
+UNICORE_LOGGER = "pymmcore_plus"
+
+
+class _Collected(logging.Handler):
+    """Keeps the records it is given (see :func:`_initialization_log`)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def _initialization_log() -> Iterator[list[logging.LogRecord]]:
+    """Collect what pymmcore-plus logs while devices load and initialise, off the terminal.
+
+    UniMMCore logs a Python device that fails to initialise (a serial port that does not
+    exist) with a traceback on stderr, and the core then reports it only as "not initialized"
+    at its first use; :func:`_require_initialized` says why in one line instead. Records with
+    a traceback go to pymmcore-plus's own log file, where it writes one; the others reach the
+    terminal as before.
+    """
+    mm_log = logging.getLogger(UNICORE_LOGGER)
+    collected = _Collected()
+    propagate = mm_log.propagate
+    mm_log.addHandler(collected)
+    mm_log.propagate = False
+    try:
+        yield collected.records
+    finally:
+        mm_log.removeHandler(collected)
+        mm_log.propagate = propagate
+        from logging.handlers import RotatingFileHandler
+
+        files = [h for h in logging.getLogger("pymmcore-plus").handlers
+                 if isinstance(h, RotatingFileHandler)]
+        for record in collected.records:
+            if not record.exc_info:
+                logging.getLogger().handle(record)
+            for handler in files:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+
+
+def _require_initialized(core: UniMMCore, labels: Iterable[str],
+                         records: list[logging.LogRecord]) -> str | None:
+    """Why the first of ``labels`` that did not initialise failed (None: all did).
+
+    The cause is the exception logged for it (:func:`_initialization_log`), in one line.
+    """
     from pymmcore_plus import DeviceInitializationState
 
-    from .errors import HardwareError
-
     for label in labels:
-        if core.getDeviceInitializationState(label) != (
-            DeviceInitializationState.InitializedSuccessfully
+        # failed, not merely uninitialised: a .cfg may leave initialisation to its user
+        if core.getDeviceInitializationState(label) == (
+            DeviceInitializationState.InitializationFailed
         ):
-            raise HardwareError(f"device {label} failed to initialize (see the log)")
+            causes = [r.exc_info[1] for r in records
+                      if r.exc_info and r.exc_info[1] is not None and repr(label) in r.getMessage()]
+            why = (str(causes[0]).strip().splitlines() or [type(causes[0]).__name__])[0] \
+                if causes else "see the log"
+            return f"device {label} failed to initialize: {why}"
+    return None
 
 
 def make_scope(recipe: RecipeLike, spec: SimulatedMicroscope) -> Any:
@@ -218,8 +275,13 @@ def build_simulated(recipe: RecipeLike) -> MicroscopeHandle:
     core.loadPyDevice(labels["xy"], sim_xy_stage(spec, scope))
     core.loadPyDevice(labels["z"], SimFocus(scope))
     core.loadPyDevice(labels["clock"], SimClock(scope))
-    core.initializeAllDevices()
-    _require_initialized(core, labels.values())
+    with _initialization_log() as records:
+        core.initializeAllDevices()
+    failed = _require_initialized(core, labels.values(), records)
+    if failed:
+        from .errors import HardwareError
+
+        raise HardwareError(failed)  # the recipe's own simulator: a fault, not bad input
     core.setCameraDevice(labels["camera"])
     core.setXYStageDevice(labels["xy"])
     core.setFocusDevice(labels["z"])
@@ -266,7 +328,7 @@ def build_micromanager(recipe: RecipeLike) -> MicroscopeHandle:
         core = UniMMCore(adapter_paths=adapters)
     scope = _cfg_scope(recipe, summary)
     try:
-        with providing(scope):
+        with providing(scope), _initialization_log() as records:
             core.loadSystemConfiguration(str(spec.config))
     except Exception as exc:  # the C++ core raises plain RuntimeErrors with multi-line text
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -274,6 +336,22 @@ def build_micromanager(recipe: RecipeLike) -> MicroscopeHandle:
             f"microscope.config: cannot load {spec.config.name}: {first} "
             "(are the Micro-Manager device adapters installed? run `mmcore install`)"
         ) from None
+    # a C++ device that fails raises above; a Python device (a serial stage whose port does
+    # not exist) is only logged, and would fail at its first use as "not initialized"
+    from pymmcore_plus import Keyword
+
+    devices = [label for label in core.getLoadedDevices() if label != Keyword.CoreDevice]
+    failed = _require_initialized(core, devices, records)
+    if failed:
+        # released now (the ports the other devices opened are free again), and the failure's
+        # tracebacks and the core collected here: left to the interpreter's exit, they were
+        # sometimes collected in one of the core's C++ threads, which aborted the process
+        # after the one line was printed ("FATAL: exception not rethrown", exit 134)
+        MicroscopeHandle(core=core, kind="micromanager").close()
+        del core
+        records.clear()
+        gc.collect()
+        raise UserError(f"microscope.config: {spec.config.name}: {failed}")
     for role, label in roles.items():
         core.setProperty("Core", ROLE_PROPERTIES[role], label)
     missing = [

@@ -13,6 +13,7 @@ Ports are opened with ``serial.serial_for_url``: ``/dev/ttyUSB0``, ``COM3``,
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from typing import Any
@@ -34,7 +35,11 @@ def _open(url: str, baudrate: int, timeout_s: float) -> serial.SerialBase:
         return serial.serial_for_url(url, baudrate=baudrate, timeout=timeout_s,
                                      write_timeout=max(timeout_s, 1.0))
     except (serial.SerialException, ValueError, OSError) as exc:
-        raise HardwareError(f"cannot open serial port {url!r}: {exc}") from None
+        # pyserial repeats the port and the errno ("[Errno 2] could not open port X: [Errno 2]
+        # No such file or directory: 'X'"): the system's words for the errno say it once
+        errno = getattr(exc, "errno", None)
+        why = os.strerror(errno) if isinstance(errno, int) and errno > 0 else str(exc)
+        raise HardwareError(f"cannot open serial port {url!r}: {why}") from None
 
 
 class SharedPort:

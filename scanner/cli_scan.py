@@ -89,7 +89,8 @@ def validate(recipe: RecipeArg) -> None:
 def devices(
     recipe: RecipeArg,
     save: Annotated[Path | None, typer.Option(
-        "--save", help="Write the test image to this TIFF file.")] = None,
+        "--save", help="Write the test image to this TIFF file (.tif or .tiff).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --save file.")] = False,
 ) -> None:
     """List the recipe's microscope: devices, roles, positions and limits; snap one image."""
     import numpy as np
@@ -98,7 +99,7 @@ def devices(
     from devices.inventory import inventory
     from scanner.recipe import load_recipe
 
-    check_output(save, "--save", folder=False)
+    _check_save(save, overwrite)
     rec = load_recipe(recipe)
     with build_microscope(rec) as handle:
         core = handle.core
@@ -126,6 +127,28 @@ def devices(
             save.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(save, image)
             out.print(f"saved: {save.resolve()}")
+
+
+def _check_save(save: Path | None, overwrite: bool) -> None:
+    """Refuse, before the microscope is loaded, a ``--save`` file that would be written wrongly.
+
+    The image is written as TIFF whatever the name says, so another suffix would be a file
+    that lies about its format; an existing file may be the recipe itself, so it is replaced
+    only when asked.
+
+    Raises
+    ------
+    UserError
+        Naming ``--save`` and the path.
+    """
+    if save is None:
+        return
+    check_output(save, "--save", folder=False)
+    if save.suffix.lower() not in (".tif", ".tiff"):
+        raise UserError(f"--save {save}: the test image is written as TIFF; give a .tif or "
+                        f".tiff file name, not {save.suffix or 'no suffix'!r}")
+    if save.exists() and not overwrite:
+        raise UserError(f"--save {save}: exists (use --overwrite to replace it)")
 
 
 @app.command()

@@ -21,6 +21,10 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon
 
+#: dies smaller than this (mosaic pixels a side) are not compared die to die (here, in the
+#: core, so that a recipe's plan is checked against the same value inspection applies)
+MIN_DIE_PX = 32
+
 
 @dataclass(frozen=True)
 class DieGrid:

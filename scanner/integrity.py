@@ -51,9 +51,7 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
     if needed != "acquire" and not (folder / _OUTPUT[needed]).exists():
         raise UserError(f"{folder}: scan {status}: no {_OUTPUT[needed]} (its {needed} stage "
                         f"did not finish); run `waferscope {needed}` or `waferscope resume`")
-    n_planned = int((scan.get("plan") or {}).get("n_tiles", 0))
-    if n_planned <= 0:
-        raise UserError(f"{folder / SCAN_JSON}: records no plan; not a waferscope scan")
+    n_planned = planned_tiles(folder, scan)
     records = check_journal(folder, n_planned)
     ok = {r.index for r in records if r.status == "ok"}
     hint = "run `waferscope resume` on it, or pass --allow-incomplete"
@@ -62,6 +60,23 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
         raise UserError(f"{folder}: scan {status}: {len(ok)} of {n_planned} planned tiles "
                         f"acquired (first missing: tile {missing[0]}); {hint}")
     return scan
+
+
+def planned_tiles(folder: Path, scan: dict[str, Any]) -> int:
+    """How many tiles a scan planned (``plan.n_tiles`` of its ``scan.json``).
+
+    Every stage that reads a scan folder (and ``resume``) counts its tiles from here.
+
+    Raises
+    ------
+    UserError
+        If ``scan.json`` records no plan, or no positive whole number of tiles.
+    """
+    n = (scan.get("plan") or {}).get("n_tiles")
+    # bool is an int to Python, and a float count is not a count
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise UserError(f"{Path(folder) / SCAN_JSON}: records no plan; not a waferscope scan")
+    return n
 
 
 def check_recorded_recipe(folder: Path, scan: dict[str, Any]) -> None:

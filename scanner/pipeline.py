@@ -23,6 +23,7 @@ from scanner.acquisition.plan import ScanPlan, overlap_warning, resolve_plan
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES
 from scanner.errors import UserError
 from scanner.events import StageEvents
+from scanner.integrity import planned_tiles
 from scanner.recipe import (
     OutputSpec,
     Recipe,
@@ -79,8 +80,10 @@ class ScanResult:
 def make_plan(recipe: Recipe, handle: MicroscopeHandle,
               alignment: dict[str, Any] | None = None) -> ScanPlan:
     """Plan the scan for a built microscope (where the alignment found the sample, if it
-    ran) and refuse it if it leaves the travel range."""
-    return resolve_plan(recipe, handle.fov_um(), alignment)
+    ran) and refuse it if it leaves the travel range or its die grid is too fine for the
+    camera."""
+    return resolve_plan(recipe, handle.fov_um(), alignment,
+                        pixel_size_um=float(handle.core.getPixelSizeUm()))
 
 
 def plan_warnings(recipe: Recipe, handle: MicroscopeHandle) -> list[str]:
@@ -212,8 +215,8 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
     if status in RUNNING:
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")
-    if status == "complete" and len(_acquired(folder, int(scan["plan"]["n_tiles"]))) \
-            == int(scan["plan"]["n_tiles"]):
+    n = planned_tiles(folder, scan)  # before anything reads the plan: one line, not KeyError
+    if status == "complete" and len(_acquired(folder, n)) == n:
         raise UserError(f"{folder}: the scan is complete; nothing to resume")
     # a complete scan that has since lost tiles (a journal row or a tile's data gone) is
     # resumed like a stopped one: the lost tiles are taken again
@@ -230,7 +233,7 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
             # stopped while aligning: nothing was tiled yet, so align (and plan) now
             handle = build_microscope(recipe)
             plan = _align_stage(folder, scan, recipe, handle, events)
-        n = int(scan["plan"]["n_tiles"])
+            n = len(plan.tiles)  # planned again where the sample was found
         done = _acquired(folder, n)
         if len(done) < n and plan is None:
             handle = build_microscope(recipe)

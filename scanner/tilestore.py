@@ -9,9 +9,10 @@ whose chunk is missing is damage, never read as a black tile.
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -180,15 +181,41 @@ def read_tiles_csv(folder: Path) -> list[TileRecord]:
 
 
 def _parse_row(row: dict[str, str]) -> TileRecord:
+    """One journal row as written by :class:`TileStore`.
+
+    An empty optional column is its default (NaN: not measured, e.g. ``x_reg_um`` before
+    registration). The columns without a default (the tile's index and place, its read-back
+    position and time) are always written as numbers: an empty or non-finite one ("nan",
+    "inf") is damage, refused here rather than met by the stitching as a NaN position.
+
+    Raises
+    ------
+    ValueError
+        Naming the column.
+    """
     values: dict[str, object] = {}
     for field in fields(TileRecord):
         raw = row.get(field.name, "")
-        if field.type in ("int", int):
-            values[field.name] = int(raw) if raw not in ("", None) else 0
+        required = field.default is MISSING
+        if raw in ("", None):
+            if required:
+                raise ValueError(f"{field.name}: empty")
+            values[field.name] = field.default
+        elif field.type in ("int", int):
+            try:
+                values[field.name] = int(raw)
+            except ValueError:
+                raise ValueError(f"{field.name}: {raw!r} is not a whole number") from None
         elif field.type in ("float", float):
-            values[field.name] = float(raw) if raw not in ("", None) else float("nan")
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"{field.name}: {raw!r} is not a number") from None
+            if required and not math.isfinite(value):
+                raise ValueError(f"{field.name}: {raw!r} is not a finite number")
+            values[field.name] = value
         else:
-            values[field.name] = raw if raw not in ("", None) else field.default
+            values[field.name] = raw
     return TileRecord(**values)  # type: ignore[arg-type]
 
 

@@ -522,8 +522,10 @@ def test_a_tile_position_that_is_not_a_finite_number_is_a_damaged_journal(
 
     folder = tmp_path / "scan"
     folder.mkdir()
-    (folder / "scan.json").write_text(json.dumps({"status": "interrupted", "plan": {
-        "n_tiles": 2}, "recipe": {
+    (folder / "scan.json").write_text(json.dumps({
+        "status": "interrupted", "plan": {"n_tiles": 2, "n_rows": 1, "n_cols": 2},
+        "microscope": {"kind": "simulated", "pixel_size_um": 1.0, "camera_shape": [8, 8]},
+        "recipe": {
         "name": "r", "sample": {"kind": "rectangle", "width_mm": 1, "height_mm": 1},
         "microscope": {"kind": "simulated", "camera": {"width": 64, "height": 64}}}}))
     store = TileStore(folder, 2, (8, 8), np.dtype("u2"))

@@ -87,3 +87,20 @@ def test_calibrate_refuses_a_plain_area(write_recipe, tmp_path: Path):
     assert res.exit_code == 2
     assert "textured" in res.output
     assert not (tmp_path / "c.json").exists()
+
+
+@pytest.mark.parametrize(("grid", "named"), [("100000", "travel_x_um"), ("41", "--grid 41")])
+def test_calibrate_refuses_a_huge_grid_before_listing_its_frames(write_recipe, tmp_path: Path,
+                                                                  grid: str, named: str):
+    # 10^10 frames used to fill the memory before the travel was checked; a grid within the
+    # travel but of thousands of frames would hold them all
+    recipe = write_recipe(
+        "sample: {kind: rectangle, width_mm: 1, height_mm: 1, defects: {count: 0}}\n"
+        "microscope: {kind: simulated, camera: {width: 64, height: 64, pixel_size_um: 1.0},"
+        " stage: {travel_x_um: [-1e5, 1e5], travel_y_um: [-1e5, 1e5]}}\n")
+    res = CliRunner().invoke(app, ["calibrate", str(recipe), "--out", str(tmp_path / "c.json"),
+                                   "--grid", grid])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], lines
+    assert not (tmp_path / "c.json").exists()

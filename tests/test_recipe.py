@@ -71,6 +71,15 @@ BROKEN = [
      "scan.focus.strategi: unknown key (did you mean 'strategy'?)"),
     ("sample: {kind: wafer}\nscan: {align: maybe}\n",
      "scan.align: must be true or false or 'auto' (got 'maybe')"),
+    ("sample: {kind: wafer, diameter_mm: 8, notch_depth_mm: 3}\n",
+     "sample.notch_depth_mm: 3 mm is deeper than a 8 mm wafer allows"),
+    ("sample: {kind: wafer, die_pitch_mm: [0.05, 0.05]}\n",
+     "sample.scribe_width_um: 80 µm leaves no die"),
+    # a pitch given in µm for mm: millions of dies, refused before any is listed or drawn
+    ("sample: {kind: wafer, die_pitch_mm: [0.05, 0.05], scribe_width_um: 10}\n",
+     "sample.die_pitch_mm: [0.05, 0.05] mm puts about 4.01e+06 dies"),
+    ("sample: {kind: rectangle, width_mm: 1, height_mm: 0.8, die_pitch_mm: [0.0001, 0.0001]}\n",
+     "sample.die_pitch_mm: [0.0001, 0.0001] mm puts about 8e+07 dies"),
     ("sample: [kind, wafer\n", "line"),
     ("- just\n- a list\n", "recipe: must be a mapping"),
     ("", "recipe is empty"),
@@ -167,3 +176,37 @@ def test_a_flat_wafer_gets_the_flat_of_its_diameter(tmp_path: Path) -> None:
     assert flat(diameter_mm=30, flat_length_mm=8) == 8
     with pytest.raises(RecipeError, match="flat_length_mm"):
         flat(diameter_mm=30, flat_length_mm=40)
+
+
+@pytest.mark.parametrize(("sample", "expected"), [
+    # 0.05 mm at 10 µm pixels: 5 px a die, which the die-to-die comparison never compares
+    # (asked for: a wafer's default die_to_die leaves such dies to the detector alone)
+    ({"kind": "wafer", "diameter_mm": 4, "edge_exclusion_mm": 0.5, "die_pitch_mm": [0.05, 0.05],
+      "scribe_width_um": 10, "die_to_die": True},
+     "fewer than the 32 die-to-die comparison needs"),
+    ({"kind": "rectangle", "width_mm": 1, "height_mm": 1, "die_pitch_mm": [0.005, 0.005]},
+     "a die must span at least one pixel"),
+    # an image's extent is known from its file: 1000 x 1000 px of 30 µm, 12 µm dies
+    ({"kind": "image", "path": "big.tif", "pixel_size_um": 30.0,
+      "die_pitch_mm": [0.012, 0.012], "die_to_die": False}, "more than 2000000"),
+])
+def test_a_die_pitch_the_camera_cannot_resolve_is_refused_before_the_scan(
+        write_recipe, tmp_path: Path, sample: dict, expected: str) -> None:
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "big.tif", np.random.default_rng(0).integers(
+        900, 1100, (1000, 1000), dtype=np.uint16))
+    path = write_recipe({
+        "sample": sample,
+        "microscope": {"kind": "simulated", "stage": {
+            "travel_x_um": [-1e5, 1e5], "travel_y_um": [-1e5, 1e5]},
+            "camera": {"width": 256, "height": 256, "pixel_size_um": 10.0}}})
+    for command in (["validate", str(path)],
+                    ["run", str(path), "--out", str(tmp_path / "scan"), "--no-inspect"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "sample.die_pitch_mm" in lines[0] and expected in lines[0], \
+            lines
+    assert not (tmp_path / "scan").exists()

@@ -131,3 +131,26 @@ def test_micromanager_stage_travel_is_required(tmp_path: Path) -> None:
     res = runner.invoke(app, ["validate", str(path)])
     assert res.exit_code == 2
     assert "microscope.stage.travel_y_um: required for kind: micromanager" in res.stderr
+
+
+def test_a_serial_port_that_does_not_exist_is_one_line_naming_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    port = str(tmp_path / "ttyNOPE")
+    cfg = (RECIPES / "emulated_rig.cfg").read_text()
+    assert "waferscope-emu://prior?stage=waferscope" in cfg
+    path = _rig(tmp_path, cfg.replace("waferscope-emu://prior?stage=waferscope", port))
+    # the real command: pymmcore-plus logged the failure's traceback on the terminal, then
+    # validate said "recipe OK" and run failed at the first move with "not initialized"
+    res = subprocess.run([sys.executable, "-m", "scanner", "validate", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert f"cannot open serial port {port!r}: No such file or directory" in lines[0]
+    assert "XYStage" in lines[0] and "recipe OK" not in res.stdout
+    out = tmp_path / "scan"
+    res = runner.invoke(app, ["run", str(path), "--out", str(out), "--no-inspect"])
+    assert res.exit_code == 2 and port in res.stderr, res.output
+    assert not out.exists()

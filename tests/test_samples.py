@@ -602,3 +602,28 @@ def test_a_huge_wafer_is_built_in_bounded_memory() -> None:
     assert peak < 200e6
     valid = wafer._valid_dies()[0]
     assert valid.shape == (1000, 1000) and 0.7 < valid.mean() < 0.79  # about pi / 4 of the grid
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_an_image_with_negative_pixels_is_refused_not_clipped_to_black(tmp_path, dtype):
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    # a float picture centred on 0 (-0.26..0.21), an int16 one all below 0: both were
+    # clipped to black by the camera's rendering without a word
+    pic = _picture()
+    data = (pic - 0.55).astype(np.float32) if dtype == "float32" else (
+        pic * 120 - 200).astype(np.int16)
+    assert data.min() < 0
+    tifffile.imwrite(tmp_path / "neg.tif", data)
+    with pytest.raises(ValueError, match="negative pixel values"):
+        ImageSample(tmp_path / "neg.tif", pixel_size_um=1.0)
+    recipe = tmp_path / "neg.yaml"
+    recipe.write_text("sample: {kind: image, path: neg.tif, pixel_size_um: 1.0}\n"
+                      "microscope: {kind: simulated, camera: {width: 64, height: 64}}\n")
+    res = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: sample.path:") \
+        and "negative pixel values" in lines[0], lines

@@ -20,7 +20,7 @@ from shapely.geometry import Polygon, box
 
 from scanner.errors import PlanError
 from scanner.geometry import usable_polygon
-from scanner.recipe import Recipe
+from scanner.recipe import Recipe, die_count_problem
 from simulators.stage import xy_move_time_s
 
 _ORDER_MODES = {"serpentine": "row_wise_snake", "raster": "row_wise"}
@@ -232,16 +232,71 @@ def overlap_warning(recipe: Recipe, fov_um: tuple[float, float], pixel_size_um: 
             f"to register, or not at all; use an overlap of at least {min(suggest, 0.5):.2f}")
 
 
-def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
-                 alignment: dict | None = None) -> ScanPlan:
-    """The recipe resolved once for a scan: :func:`plan_scan`, refused by
-    :func:`check_travel` if any tile leaves the travel range (before anything moves).
+def check_die_grid(recipe: Recipe, pixel_size_um: float) -> None:
+    """Refuse a die grid that no report or die-to-die comparison can use on this camera.
+
+    A die smaller than a camera pixel cannot be told from its neighbours; one smaller than
+    the die-to-die comparison's least die (``MIN_DIE_PX`` pixels,
+    :mod:`scanner.diegrid`) is never compared, so ``die_to_die: true`` asks for
+    what cannot run; and a grid of more than :data:`scanner.recipe.MAX_DIES` cells would
+    fill the memory when the dies are listed (the recipe refuses that for a wafer or a
+    rectangle, whose extent it knows; an image's is known once its file is read). Checked
+    before anything moves, not after the scan.
+
+    Parameters
+    ----------
+    recipe : Recipe
+        Validated recipe.
+    pixel_size_um : float
+        The camera's pixel size at the sample (the mosaic's).
 
     Raises
     ------
     PlanError
-        If the plan is empty, too large, or needs a position outside the travel.
+        Naming ``sample.die_pitch_mm``.
     """
+    # the very limit the comparison applies, so that validation and inspection agree
+    from scanner.diegrid import MIN_DIE_PX, sample_grid
+
+    sample = recipe.sample
+    grid = sample_grid(sample)
+    if grid is None:
+        return
+    given = f"sample.die_pitch_mm: {[float(v) for v in sample.die_pitch_mm]} mm"
+    if pixel_size_um > 0:
+        pitch_px = min(grid.pitch_um) / pixel_size_um
+        if pitch_px < 1:
+            raise PlanError(f"{given} is {pitch_px:.3g} camera pixels ({pixel_size_um:g} µm) "
+                            "a die: a die must span at least one pixel (the pitch is in mm)")
+        # only when asked for: a wafer's die_to_die defaults to true, and inspection leaves
+        # dies that small to the detector alone, as it always has
+        if sample.die_to_die is True and "die_to_die" in sample.model_fields_set \
+                and pitch_px < MIN_DIE_PX:
+            raise PlanError(f"{given} is {pitch_px:.3g} camera pixels ({pixel_size_um:g} µm) "
+                            f"a die, fewer than the {MIN_DIE_PX} die-to-die comparison needs; "
+                            "set sample.die_to_die: false or use a finer camera")
+    x0, y0, x1, y1 = usable_polygon(sample, notch=False).bounds
+    problem = die_count_problem(sample.die_pitch_mm, ((x1 - x0) / 1000.0, (y1 - y0) / 1000.0))
+    if problem:
+        raise PlanError(f"sample.{problem}")
+
+
+def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
+                 alignment: dict | None = None, pixel_size_um: float | None = None
+                 ) -> ScanPlan:
+    """The recipe resolved once for a scan: :func:`plan_scan`, refused by
+    :func:`check_travel` if any tile leaves the travel range (before anything moves) and,
+    given the camera's ``pixel_size_um``, by :func:`check_die_grid` if its die grid
+    cannot be used.
+
+    Raises
+    ------
+    PlanError
+        If the plan is empty, too large, or needs a position outside the travel, or the
+        die grid is too fine.
+    """
+    if pixel_size_um is not None:
+        check_die_grid(recipe, pixel_size_um)
     plan = plan_scan(recipe, fov_um, alignment)
     check_travel(plan, recipe)
     return replace(plan, travel_checked=True)

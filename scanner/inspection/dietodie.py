@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from scanner.diegrid import DieGrid
+from scanner.diegrid import MIN_DIE_PX, DieGrid
 
 # the comparison's parts live in sibling modules; their names stay importable from here
 # (scanner.inspection.inspect and the tests import them from scanner.inspection.dietodie)
@@ -86,9 +86,6 @@ from scanner.inspection.dietodie_maths import (  # noqa: F401
     matched,
     texture_z,
 )
-
-#: dies smaller than this (mosaic pixels a side) are not compared
-MIN_DIE_PX = 32
 
 
 @dataclass(frozen=True)

@@ -54,17 +54,22 @@ class _Reader:
 
 
 def _survey(reader: _Reader, path: Path) -> float:
-    """Read the whole file once, strip by strip: a damaged chunk, or NaN or infinite pixels,
-    refuse it before a scan starts (not as a black tile in the middle of one, nor after an
-    earlier scan was overwritten); returns the largest luminance, which sets white for pixel
-    types without a conventional full scale (:func:`simulators.picture.full_scale`)."""
+    """Read the whole file once, strip by strip: a damaged chunk, NaN or infinite pixels, or
+    negative ones refuse it before a scan starts (not as a black tile in the middle of one,
+    nor after an earlier scan was overwritten); returns the largest luminance, which sets
+    white for pixel types without a conventional full scale
+    (:func:`simulators.picture.full_scale`).
+
+    A sample image is light, 0 (black) or more: negative pixels (a difference image, a
+    float picture centred on 0) were clipped to black, silently, by the camera's rendering.
+    """
     rows, cols = reader.shape
     # blocks of whole stored chunks, so that each chunk is decoded once (strips thinner
     # than a tiled file's tiles decoded every tile again for each strip)
     ch, cw = (max(1, int(v)) for v in reader.chunk)
     step = ch * max(1, _SURVEY_PIXELS // max(cols, 1) // ch)
     width = cw * max(1, _SURVEY_PIXELS // step // cw)
-    largest = 0.0
+    largest, least = 0.0, 0.0
     for r0 in range(0, rows, step):
         for c0 in range(0, cols, width):
             window = reader.read(r0, min(rows, r0 + step), c0, min(cols, c0 + width))
@@ -72,6 +77,11 @@ def _survey(reader: _Reader, path: Path) -> float:
                 raise ValueError("it holds non-finite pixels (NaN or infinity)")
             if window.size:
                 largest = max(largest, float(window.max()))
+                least = min(least, float(window.min()))
+    if least < 0:
+        # after the whole file: the message gives the true least value, not a strip's
+        raise ValueError(f"it holds negative pixel values (down to {least:.4g}); a sample "
+                         "image must be 0 (black) or more")
     return largest
 
 
