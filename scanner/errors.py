@@ -47,5 +47,5 @@ def damaged_message(exc: BaseException) -> str:
     from simulators.errors import first_line
 
     return (f"stored data is damaged: a compressed chunk cannot be decoded ({first_line(exc)}); "
-            "re-run "
-            "`waferscope stitch SCAN` for a mosaic, or scan again for raw tiles")
+            "re-run `waferscope stitch SCAN` for a mosaic, or `waferscope resume SCAN` to take "
+            "damaged raw tiles again")

@@ -47,7 +47,14 @@ from scanner.scanfolder import (
 )
 from scanner.stitching.registration.live import LiveRegistrar, LiveResults
 from scanner.stitching.stitch import MOSAIC, camera_geometry, stitch_scan
-from scanner.tilestore import TILES_CSV, TileRecord, open_tiles, read_tiles_csv, stored_tiles
+from scanner.tilestore import (
+    TILES_CSV,
+    TileRecord,
+    decodable_tiles,
+    open_tiles,
+    read_tiles_csv,
+    stored_tiles,
+)
 
 if TYPE_CHECKING:
     from scanner.inspection.card import ModelRef
@@ -216,7 +223,7 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")
     n = planned_tiles(folder, scan)  # before anything reads the plan: one line, not KeyError
-    if status == "complete" and len(_acquired(folder, n)) == n:
+    if status == "complete" and len(_acquired(folder, n, decode=True)) == n:
         raise UserError(f"{folder}: the scan is complete; nothing to resume")
     # a complete scan that has since lost tiles (a journal row or a tile's data gone) is
     # resumed like a stopped one: the lost tiles are taken again
@@ -234,7 +241,7 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
             handle = build_microscope(recipe)
             plan = _align_stage(folder, scan, recipe, handle, events)
             n = len(plan.tiles)  # planned again where the sample was found
-        done = _acquired(folder, n)
+        done = _acquired(folder, n, decode=True)
         if len(done) < n and plan is None:
             handle = build_microscope(recipe)
             # the recorded alignment, not a new one: the tiles taken lie where it put them
@@ -257,13 +264,17 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
             handle.close()
 
 
-def _acquired(folder: Path, n_planned: int) -> set[int]:
-    """Plan indices with an ``ok`` journal row and their data in the store."""
+def _acquired(folder: Path, n_planned: int, decode: bool = False) -> set[int]:
+    """Plan indices with an ``ok`` journal row and their data in the store (with ``decode``,
+    data that decodes: a resume reads every tile once, so that one cut short by a crash is
+    taken again rather than stopping the stitch)."""
     if not (folder / TILES_CSV).is_file():
         return set()
-    stored = stored_tiles(open_tiles(folder))
-    return {r.index for r in read_tiles_csv(folder)
+    array = open_tiles(folder)
+    stored = stored_tiles(array)
+    done = {r.index for r in read_tiles_csv(folder)
             if r.status == "ok" and r.index in stored and 0 <= r.index < n_planned}
+    return decodable_tiles(array, done) if decode else done
 
 
 def _finish_scan(

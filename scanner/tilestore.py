@@ -267,6 +267,23 @@ def stored_tiles(array: zarr.Array) -> set[int]:
     return present
 
 
+def decodable_tiles(array: zarr.Array, indices: Iterable[int]) -> set[int]:
+    """The tiles among ``indices`` whose chunk decodes: a chunk cut short by a crash while it
+    was written, or damaged since, is there but holds no tile (the resume takes it again)."""
+    from scanner.errors import undecodable
+
+    good = set()
+    for index in sorted(indices):
+        try:
+            array[index]
+        except Exception as exc:
+            if not undecodable(exc):
+                raise
+            continue
+        good.add(index)
+    return good
+
+
 def check_journal(folder: Path, n_planned: int) -> list[TileRecord]:
     """The journal's rows, checked against the plan and the store.
 

@@ -274,6 +274,21 @@ def test_a_complete_scan_that_lost_a_tile_is_resumed(plain_scan: Path, tmp_path:
     assert again.exit_code == 2 and "nothing to resume" in again.stderr
 
 
+def test_a_tile_chunk_cut_short_is_taken_again_by_resume(plain_scan: Path,
+                                                         tmp_path: Path) -> None:
+    # a crash while a chunk was written leaves it there but short: stitch refused it (damage,
+    # not black) and resume said "complete; nothing to resume", leaving no way forward
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    chunk = folder / "tiles.zarr" / "c" / "3" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    refused = runner.invoke(app, ["stitch", str(folder)])
+    assert refused.exit_code == 2 and "resume" in refused.stderr
+    result = runner.invoke(app, ["resume", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0
+
+
 def test_status_left_running_by_a_dead_process_reads_interrupted(plain_scan: Path,
                                                                  tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
