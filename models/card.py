@@ -56,10 +56,19 @@ class DieToDieCalibration(BaseModel):
                           "'dies' differ beyond any threshold); inspection leaves it")
 
 
+#: version of the card format (a card of a later one, written by a newer waferscope, may mean
+#: what this one cannot read: refused, not guessed at)
+CARD_VERSION = 1
+
+
 class ModelCard(BaseModel):
     """The top level of a model card (see the module docstring)."""
 
     model_config = ConfigDict(extra="allow")
+
+    version: int | None = Field(None, ge=1, le=CARD_VERSION,
+                                description="card format (this waferscope reads up to "
+                                            f"{CARD_VERSION})")
 
     architecture: dict[str, Any] = Field(description="what the weights are: detector "
                                          "(PatchCore) or network, and their layout")

@@ -18,12 +18,9 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from .card import ModelCard
+from .card import CARD_VERSION, ModelCard
 from .errors import InputError as UserError
 from .network import OUTPUT_STRIDE, InspectionNet, NetConfig, context_margin_px, fuse_batchnorm
-
-#: version of the card format
-CARD_VERSION = 1
 
 #: images are divided by a robust brightness level, then ``(x / level - 1) * GAIN``
 GAIN = 2.0

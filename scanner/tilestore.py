@@ -216,6 +216,9 @@ def _parse_row(row: dict[str, str]) -> TileRecord:
             values[field.name] = value
         else:
             values[field.name] = raw
+    status = str(values["status"])
+    if status != "ok" and not status.startswith("lost"):  # the only two a scan writes
+        raise ValueError(f"status: {status!r} is neither 'ok' nor 'lost: REASON'")
     return TileRecord(**values)  # type: ignore[arg-type]
 
 

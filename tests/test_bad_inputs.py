@@ -89,6 +89,8 @@ def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
     ("threshold", float("nan"), "threshold"),
     ("threshold", -1.0, "threshold"),
     ("kind", "banana", "kind"),
+    # a card format this waferscope does not know (a newer one's): refused, not guessed at
+    ("version", 999, "version"),
 ])
 def test_a_model_card_with_a_field_of_the_wrong_type_is_one_line_naming_it(
         tmp_path: Path, key: str, value: object, named: str) -> None:
@@ -511,9 +513,10 @@ def test_resume_of_a_scan_that_records_no_plan_is_one_line(tmp_path: Path, statu
     assert sorted(p.name for p in folder.iterdir()) == ["scan.json"]
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", ""])
+@pytest.mark.parametrize(("column", "value"), [(3, "nan"), (3, "inf"), (3, ""),
+                                               (-1, "banana")])  # -1: the tile's status
 def test_a_tile_position_that_is_not_a_finite_number_is_a_damaged_journal(
-        tmp_path: Path, value: str) -> None:
+        tmp_path: Path, column: int, value: str) -> None:
     import json
 
     import numpy as np
@@ -534,7 +537,8 @@ def test_a_tile_position_that_is_not_a_finite_number_is_a_damaged_journal(
     store.close()
     lines = (folder / "tiles.csv").read_text().splitlines()
     cells = lines[2].split(",")
-    cells[3] = value  # x_um of tile 1: stitch failed on "cannot convert float NaN to integer"
+    cells[column] = value  # x_um of tile 1: stitch failed on "cannot convert float NaN to
+    # integer"; a status a scan never writes was read as a tile still to take
     lines[2] = ",".join(cells)
     (folder / "tiles.csv").write_text("\n".join(lines) + "\n")
     before = (folder / "tiles.csv").read_bytes()
@@ -542,5 +546,7 @@ def test_a_tile_position_that_is_not_a_finite_number_is_a_damaged_journal(
         result = runner.invoke(app, [command, str(folder)])
         assert result.exit_code == 2, result.output
         out = result.stderr.strip().splitlines()
-        assert len(out) == 1 and "tiles.csv, line 3: x_um" in out[0] and "damaged" in out[0], out
+        named = "x_um" if column == 3 else "status"
+        assert len(out) == 1 and f"tiles.csv, line 3: {named}" in out[0] \
+            and "damaged" in out[0], out
     assert (folder / "tiles.csv").read_bytes() == before
