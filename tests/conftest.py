@@ -72,6 +72,25 @@ TRUTH_CLASSES = {"missing_pattern": "pattern", "dark_area": "stain",
                  "finger_interruption": "other"}
 
 
+def scan_of_image(root: Path, image: np.ndarray, *, camera_px: int = 512,
+                  overlap: float = 0.1, seed: int = 0) -> Path:
+    """Scan a picture (values in [0, 1], 1 um per pixel) as an ``image`` sample through the
+    simulated microscope (a square camera of ``camera_px`` at 1 um); the scan folder."""
+    import tifffile
+
+    from scanner.pipeline import run_scan
+    from scanner.recipe import parse_recipe
+
+    tifffile.imwrite(root / "sample.tif", np.round(image * 65535).astype(np.uint16))
+    recipe = {"sample": {"kind": "image", "path": "sample.tif", "pixel_size_um": 1.0,
+                         "origin_um": [0.0, 0.0]},
+              "microscope": {"kind": "simulated", "seed": seed,
+                             "camera": {"width": camera_px, "height": camera_px,
+                                        "pixel_size_um": 1.0}},
+              "scan": {"overlap": overlap}}
+    return run_scan(parse_recipe(recipe, root, "image"), root / "scan").folder
+
+
 def truth_defects(folder: Path) -> list:
     """A scan's true defects as contract rows (a stand-in for inspection's output in tests).
 

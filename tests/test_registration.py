@@ -249,24 +249,15 @@ def test_a_faint_die_grid_registers_every_pair_the_stage_could_have_landed_on(tm
     # coins dies at 10 % contrast under 1.5 % camera noise: strips along the streets matched
     # right at NCC 0.86-0.93 but had a peak 19-23 px off (the window's edge) at 0.67-0.83, so
     # seven of 24 pairs were called ambiguous and a corner tile kept the stage's error (3.8 um)
-    import tifffile
+    from conftest import scan_of_image
     from skimage import data
 
-    from scanner.pipeline import run_scan
-    from scanner.recipe import parse_recipe
     from scanner.scanfolder import read_scan_json
     from scanner.tilestore import read_tiles_csv
 
     die = np.full((256, 256), 0.1)
     die[16:240, 16:240] = data.coins()[40:264, 40:264] / 255.0
-    image = 0.45 + 0.1 * np.tile(die, (7, 7))
-    tifffile.imwrite(tmp_path / "faint.tif", np.round(image * 65535).astype(np.uint16))
-    recipe = {"sample": {"kind": "image", "path": "faint.tif", "pixel_size_um": 1.0,
-                         "origin_um": [0.0, 0.0]},
-              "microscope": {"kind": "simulated", "seed": 0,
-                             "camera": {"width": 512, "height": 512, "pixel_size_um": 1.0}},
-              "scan": {"overlap": 0.1}}
-    folder = run_scan(parse_recipe(recipe, tmp_path, "faint"), tmp_path / "scan").folder
+    folder = scan_of_image(tmp_path, 0.45 + 0.1 * np.tile(die, (7, 7)))
     reg = read_scan_json(folder)["registration"]
     assert reg["n_unconstrained_tiles"] == 0 and reg["n_pairs_used"] >= 22, reg
     rows = read_tiles_csv(folder)

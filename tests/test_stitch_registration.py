@@ -140,20 +140,12 @@ def test_tiles_whose_overlaps_match_only_ambiguously_are_named(tmp_path: Path, c
     # pair places its tiles and each lies where the stage landed; the user is told which
     import logging
 
-    import tifffile
-
-    from scanner.recipe import parse_recipe
+    from conftest import scan_of_image
 
     yy, xx = np.mgrid[0:640, 0:640]
     grating = 0.5 + 0.3 * np.sin(2 * np.pi * xx / 7.0) * np.sin(2 * np.pi * yy / 7.0)
-    tifffile.imwrite(tmp_path / "grating.tif", np.round(grating * 65535).astype(np.uint16))
-    recipe = {"sample": {"kind": "image", "path": "grating.tif", "pixel_size_um": 1.0,
-                         "origin_um": [0.0, 0.0]},
-              "microscope": {"kind": "simulated", "seed": 1,
-                             "camera": {"width": 256, "height": 256, "pixel_size_um": 1.0}},
-              "scan": {"overlap": 0.15}}
     with caplog.at_level(logging.WARNING):
-        folder = run_scan(parse_recipe(recipe, tmp_path, "grating"), tmp_path / "s").folder
+        folder = scan_of_image(tmp_path, grating, camera_px=256, overlap=0.15, seed=1)
     reg = json.loads((folder / "scan.json").read_text())["registration"]
     assert reg["n_pairs_used"] == 0 and len(reg["unplaced_tiles"]) == reg["n_tiles"]
     assert any("matched no neighbour unambiguously" in m for m in caplog.messages)
