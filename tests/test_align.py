@@ -370,3 +370,26 @@ def test_die_corners_in_fields_holding_several_dies_are_not_taken_a_pitch_off(
     result = align(build_microscope(recipe), recipe)
     assert result.die_grid is not None
     assert np.hypot(*result.center_um) <= 5.0 and abs(result.rotation_deg) <= 0.02
+
+
+def test_without_die_sites_the_recipe_grid_follows_the_measured_centre_and_turn():
+    # a wafer too small for two die sites far apart keeps no die_grid in its alignment: the
+    # recipe's grid was left at the nominal centre, 0.25-0.44 mm off in every die position
+    # of a wafer placed 0.4 mm off and 0.38 deg turned
+    import math
+
+    from scanner.diegrid import DieGrid
+
+    sample = {"die_pitch_mm": [4, 4], "die_origin_mm": [-2, -2], "center_um": [0, 0]}
+    record = {"center_um": [-270.0, 400.0], "rotation_deg": -0.38, "die_grid": None}
+    grid = DieGrid.from_sample(sample, record)
+    th = math.radians(-0.38)
+    # a point 1.3 mm and 1.0 mm into die (1, 2) of the placed wafer, in its own frame
+    u, v = -2000.0 + 4000.0 + 1300.0, -2000.0 + 8000.0 + 1000.0
+    x = -270.0 + math.cos(th) * u - math.sin(th) * v
+    y = 400.0 + math.sin(th) * u + math.cos(th) * v
+    assert grid.index(x, y) == (1, 2)
+    assert grid.in_die(x, y) == pytest.approx((1300.0, 1000.0), abs=1e-6)
+    assert grid.rotation_deg == pytest.approx(-0.38)
+    # no alignment: the recipe's grid as given
+    assert DieGrid.from_sample(sample).origin_um == (-2000.0, -2000.0)
