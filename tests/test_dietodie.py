@@ -733,3 +733,20 @@ def test_on_part_leaves_out_the_chuck_but_not_a_defect_inside_the_part():
     g2 = MosaicGrid((200 * pixel, 200 * pixel), pixel, full.shape)
     u2 = box(199 * pixel, 199 * pixel, 699 * pixel, 699 * pixel)
     assert on_part(full, g2, grid, u2).area == pytest.approx(u2.area)
+
+
+def test_die_to_die_on_a_band_counts_only_the_dies_the_band_holds():
+    # a band across a 100 mm wafer: the wafer's whole usable area counted 89 dies where none had
+    # room, so the band's dies were neither compared on their part nor left to the repeaters
+    from shapely.geometry import Point
+
+    from scanner.inspection.dietodie_geometry import full_dies
+    from scanner.inspection.inspect import _scanned_part
+
+    wafer = Point(0.0, 0.0).buffer(47_000.0, 256)
+    band = MosaicGrid((-48_000.0, -5_730.0), 5.0, (1947, 19200))  # y -5730 .. 4000 um
+    grid = DieGrid((8000.0, 8000.0), (-4000.0, -4000.0))
+    part = _scanned_part(wafer, band)
+    assert part.bounds[1] == pytest.approx(-5_732.5) and part.bounds[3] == pytest.approx(4_002.5)
+    assert len(grid.cells_in(part)) <= 39 < 100 < len(grid.cells_in(wafer))  # 3 rows of 13
+    assert not full_dies(grid, part, band, margin_px=8)  # row 0 ends 2.5 um from the band's edge

@@ -112,6 +112,7 @@ def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any,
     from scanner.inspection.dietodie import MosaicGrid
 
     geometry = _mosaic_grid(mosaic)
+    polygon = _scanned_part(polygon, geometry)
     image, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
     if pad:
         geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
@@ -122,6 +123,21 @@ def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any,
 
         area = on_part(image, geometry, grid, area, pyramid)
     return image, geometry, pyramid, area, pad
+
+
+def _scanned_part(polygon: Any, geometry: Any) -> Any:
+    """The usable area within the mosaic: a band across a wafer holds a few of its dies,
+    and the wafer's whole usable area counted 89 dies where none had room to be compared, so
+    the band's edge dies were neither compared on their part nor left to the repeater check."""
+    from shapely.geometry import box
+
+    ox, oy = geometry.origin_um
+    p = geometry.pixel_size_um
+    rows, cols = geometry.shape
+    inside = polygon.intersection(box(ox - 0.5 * p, oy - 0.5 * p, ox + (cols - 0.5) * p,
+                                      oy + (rows - 0.5) * p))
+    return inside if inside.geom_type in ("Polygon", "MultiPolygon") and not inside.is_empty \
+        else polygon
 
 
 #: sample kinds whose die-to-die usable area is the part as the scan shows it (on_part)
