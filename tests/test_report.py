@@ -57,6 +57,14 @@ def test_cells_in_a_disc_full_and_partial_match_a_brute_force_count():
                 assert cells.get((col, row)) is False
 
 
+def test_pv_regions_are_listed_busbar_by_busbar():
+    from scanner.reports.locate import region_order
+
+    names = ["finger area", "busbar 10", "edge", "busbar 2", "busbar 1"]
+    assert sorted(names, key=region_order) == ["busbar 1", "busbar 2", "busbar 10", "edge",
+                                               "finger area"]
+
+
 def test_pv_regions_edge_busbars_and_fingers():
     cell = {"width_mm": 30.0, "height_mm": 30.0, "busbars": 3, "busbar_width_mm": 1.0,
             "center_um": [100.0, 0.0]}

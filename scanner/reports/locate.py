@@ -190,6 +190,13 @@ def tiles_containing(x_um: float, y_um: float, tiles: np.ndarray,
     return sorted(int(i) for i in tiles[inside, 0])
 
 
+def region_order(name: str) -> tuple[str, int]:
+    """Sort key of a PV region: busbars in their order ("busbar 2" before "busbar 10"), not
+    as text."""
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem):] or 0)
+
+
 def pv_region(x_um: float, y_um: float, sample: dict[str, Any],
               edge_band_mm: float = PV_EDGE_BAND_MM) -> str:
     """Region of a PV cell a stage point lies in: ``"edge"``, ``"busbar N"`` or ``"finger area"``.
@@ -340,7 +347,7 @@ def build_header(
         regions: dict[str, int] = {}
         for d in defects:
             regions[d.region or "unknown"] = regions.get(d.region or "unknown", 0) + 1
-        header["regions"] = dict(sorted(regions.items()))
+        header["regions"] = dict(sorted(regions.items(), key=lambda kv: region_order(kv[0])))
     if ctx.kind == "wafer":
         dies = tested_dies(ctx, defects)
         if full_dies_only:
