@@ -223,7 +223,8 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")
     n = planned_tiles(folder, scan)  # before anything reads the plan: one line, not KeyError
-    if status == "complete" and len(_acquired(folder, n, decode=True)) == n:
+    done = _acquired(folder, n, decode=True)  # every raw tile read once, here only
+    if status == "complete" and len(done) == n:
         raise UserError(f"{folder}: the scan is complete; nothing to resume")
     # a complete scan that has since lost tiles (a journal row or a tile's data gone) is
     # resumed like a stopped one: the lost tiles are taken again
@@ -241,7 +242,7 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
             handle = build_microscope(recipe)
             plan = _align_stage(folder, scan, recipe, handle, events)
             n = len(plan.tiles)  # planned again where the sample was found
-        done = _acquired(folder, n, decode=True)
+            done = _acquired(folder, n, decode=True)
         if len(done) < n and plan is None:
             handle = build_microscope(recipe)
             # the recorded alignment, not a new one: the tiles taken lie where it put them
