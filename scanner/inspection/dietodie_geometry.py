@@ -32,6 +32,13 @@ class MosaicGrid:
         return ((y_um - self.origin_um[1]) / self.pixel_size_um,
                 (x_um - self.origin_um[0]) / self.pixel_size_um)
 
+    def outline(self) -> Any:
+        """The stage area the pixels cover (a shapely box, µm: pixel edges, not centres)."""
+        from shapely.geometry import box
+
+        (x0, y0), p, (rows, cols) = self.origin_um, self.pixel_size_um, self.shape
+        return box(x0 - 0.5 * p, y0 - 0.5 * p, x0 + (cols - 0.5) * p, y0 + (rows - 0.5) * p)
+
 
 def die_shape_px(grid: DieGrid, mosaic: MosaicGrid) -> tuple[int, int]:
     """``(rows, cols)`` of mosaic pixels compared per die: whole pixels of the die pitch."""

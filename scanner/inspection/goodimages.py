@@ -134,7 +134,6 @@ def good_image_die_to_die(image: np.ndarray, pixel_um: float, seed: int = 0
     grid's largest z 14 with it, 1.7 without). Its z-scores are no calibration for a scan's
     dies, which agree less (seams, focus: a cell die grid 2.3 here, 12.1 on its good scan).
     """
-    from shapely.geometry import box
 
     from models.variants import camera_variants
     from scanner.diegrid import estimate_grid
@@ -154,14 +153,12 @@ def good_image_die_to_die(image: np.ndarray, pixel_um: float, seed: int = 0
         levels.append(_downsample2(levels[-1]))
     k = _search_level(levels)
     # pixel (0, 0) of level 0 centred on the stage origin; level k's on its 2**k block
-    h, w = seen.shape
-    polygon = box(-0.5 * pixel_um, -0.5 * pixel_um, (w - 0.5) * pixel_um, (h - 0.5) * pixel_um)
     centre = (2**k - 1) / 2 * pixel_um
     grid = estimate_grid(levels[k], pixel_um * 2**k, (centre, centre))
     if grid is None:
         return None
-    geometry = MosaicGrid((0.0, 0.0), pixel_um, (h, w))
-    compared, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
+    geometry = MosaicGrid((0.0, 0.0), pixel_um, tuple(seen.shape))
+    compared, pyramid, area, pad = _with_room(levels, geometry, grid, geometry.outline())
     if pad:
         geometry = MosaicGrid((-pad * pixel_um, -pad * pixel_um), pixel_um,
                               tuple(compared.shape))

@@ -129,13 +129,7 @@ def _scanned_part(polygon: Any, geometry: Any) -> Any:
     """The usable area within the mosaic: a band across a wafer holds a few of its dies,
     and the wafer's whole usable area counted 89 dies where none had room to be compared, so
     the band's edge dies were neither compared on their part nor left to the repeater check."""
-    from shapely.geometry import box
-
-    ox, oy = geometry.origin_um
-    p = geometry.pixel_size_um
-    rows, cols = geometry.shape
-    inside = polygon.intersection(box(ox - 0.5 * p, oy - 0.5 * p, ox + (cols - 0.5) * p,
-                                      oy + (rows - 0.5) * p))
+    inside = polygon.intersection(geometry.outline())
     return inside if inside.geom_type in ("Polygon", "MultiPolygon") and not inside.is_empty \
         else polygon
 
