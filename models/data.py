@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from simulators.errors import UserError, first_line
-from simulators.picture import cmyk_to_rgb, read_picture, tiff_is_cmyk
+from simulators.picture import cmyk_to_rgb, read_picture, tiff_image_axes, tiff_is_cmyk
 
 from .modelfile import brightness_level, to_luminance
 
@@ -75,6 +75,8 @@ def read_image(path: Path) -> np.ndarray:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
+                if tif.series:
+                    tiff_image_axes(tif.series[0])
                 img = tif.asarray()
                 if tiff_is_cmyk(tif) and img.shape[-1] == 4:
                     img = cmyk_to_rgb(img)

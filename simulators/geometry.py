@@ -17,6 +17,7 @@ import numpy as np
 from shapely.geometry import Polygon, box
 
 from .errors import UserError, first_line
+from .picture import picture_shape, tiff_image_axes
 
 
 def image_shape(path: Path) -> tuple[int, int]:
@@ -29,15 +30,10 @@ def image_shape(path: Path) -> tuple[int, int]:
 
             with tifffile.TiffFile(path) as tif:
                 shape = tif.series[0].shape
-                axes = tif.series[0].axes
-            # keep the spatial axes (a colour or sample axis may come last or first)
-            rows = shape[axes.index("Y")] if "Y" in axes else shape[0]
-            cols = shape[axes.index("X")] if "X" in axes else shape[1]
-            return int(rows), int(cols)
-        import imageio.v3 as iio
-
-        props = iio.improps(path)
-        return int(props.shape[0]), int(props.shape[1])
+                # the spatial axes (a colour or sample axis may come last or first)
+                axes = tiff_image_axes(tif.series[0])
+            return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
+        return picture_shape(path)
     except FileNotFoundError:
         raise UserError(f"sample.path: file not found: {path}") from None
     except Exception as exc:

@@ -20,20 +20,80 @@ _PIL_CONVERT = ("CMYK", "YCbCr", "LAB", "HSV")
 _SEPARATED = 5
 
 
+#: EXIF tag of the orientation a camera records instead of turning the pixels
+_EXIF_ORIENTATION = 0x0112
+#: EXIF orientations that turn the picture a quarter (rows and columns swap)
+_EXIF_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _exif_orientation(im: Any) -> int:
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: the pixels as stored
+        return 1
+
+
 def read_picture(path: Path) -> np.ndarray:
-    """The pixels of a non-TIFF picture file (PNG, JPEG, BMP, ...), colour spaces other than
-    grey and RGB(A) converted to RGB by Pillow; otherwise as ``imageio`` reads it."""
+    """The pixels of a non-TIFF picture file (PNG, JPEG, BMP, ...) as a viewer shows them:
+    turned by their EXIF orientation (a phone or camera records the turn instead of turning
+    the pixels), colour spaces other than grey and RGB(A) converted to RGB by Pillow;
+    otherwise as ``imageio`` reads it."""
+    import imageio.v3 as iio
+
+    try:
+        from PIL import Image, ImageOps
+
+        with Image.open(path) as im:
+            turned = _exif_orientation(im) != 1
+            if turned:
+                im = ImageOps.exif_transpose(im)
+            if im.mode in _PIL_CONVERT:
+                return np.asarray(im.convert("RGB"))
+            if turned:
+                return np.asarray(im)
+    except Exception:  # noqa: BLE001 - not a Pillow format: imageio's other plugins decide
+        pass
+    return np.asarray(iio.imread(path))
+
+
+def picture_shape(path: Path) -> tuple[int, int]:
+    """(rows, cols) of a non-TIFF picture as :func:`read_picture` returns it, from its header."""
     import imageio.v3 as iio
 
     try:
         from PIL import Image
 
         with Image.open(path) as im:
-            if im.mode in _PIL_CONVERT:
-                return np.asarray(im.convert("RGB"))
+            cols, rows = im.size
+            if _exif_orientation(im) in _EXIF_QUARTER_TURNS:
+                rows, cols = cols, rows
+            return int(rows), int(cols)
     except Exception:  # noqa: BLE001 - not a Pillow format: imageio's other plugins decide
         pass
-    return np.asarray(iio.imread(path))
+    shape = iio.improps(path).shape
+    return int(shape[0]), int(shape[1])
+
+
+def tiff_image_axes(series: Any) -> str:
+    """The axes of a TIFF series that make one picture (``Y``, ``X`` and a colour-sample axis
+    ``S``/``C`` of 3 or 4), checked to hold one picture only.
+
+    Raises
+    ------
+    ValueError
+        The series stacks several pictures (pages of a z-stack, a time series, channels that
+        are not colours): which one is the sample is the user's choice, not page 0's.
+    """
+    axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"no Y/X axes in {axes!r}")
+    stacked = [(ax, n) for ax, n in zip(axes, shape, strict=True)
+               if ax not in "YX" and n > 1 and not (ax in "SC" and n in (3, 4))]
+    if stacked:
+        what = ", ".join(f"{n} along {ax}" for ax, n in stacked)
+        raise ValueError(f"holds several images ({what}; TIFF axes {axes}): save the one "
+                         "image to use as a file of its own")
+    return axes
 
 
 def tiff_is_cmyk(tif: Any) -> bool:

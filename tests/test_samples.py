@@ -574,6 +574,45 @@ def test_image_pixels_of_unusual_types_are_read_as_the_picture_not_black(tmp_pat
     assert np.corrcoef(learnt.ravel(), pic.ravel())[0, 1] > 0.99
 
 
+def test_a_phone_picture_is_read_turned_as_its_exif_says_everywhere(tmp_path):
+    from PIL import Image
+
+    from models.data import read_image
+    from simulators.geometry import image_shape
+
+    pic = _picture()
+    im = Image.fromarray((pic * 255).round().astype(np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # stored landscape, shown turned 90 deg clockwise
+    im.save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    shown = np.rot90(pic, -1)
+    # the plan, the scanned sample and the model all see the picture as a viewer shows it
+    assert image_shape(tmp_path / "phone.jpg") == shown.shape
+    seen = ImageSample(tmp_path / "phone.jpg", pixel_size_um=1.0).render(0.0, 0.0, shown.shape, 1.0)
+    assert np.corrcoef(seen.ravel(), shown.ravel())[0, 1] > 0.99
+    assert np.corrcoef(read_image(tmp_path / "phone.jpg").ravel(), shown.ravel())[0, 1] > 0.99
+
+
+def test_a_tiff_stack_is_refused_not_read_as_its_first_page(tmp_path):
+    from models.data import read_image
+    from scanner.errors import UserError
+    from simulators.geometry import image_shape
+
+    stack = (np.stack([_picture()] * 5) * 60000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "z.tif", stack)  # a z-stack: which page is the sample?
+    with pytest.raises(UserError, match="5 along Q"):
+        image_shape(tmp_path / "z.tif")
+    with pytest.raises(ValueError, match="holds several images"):
+        ImageSample(tmp_path / "z.tif", pixel_size_um=1.0)
+    with pytest.raises(UserError, match="holds several images"):
+        read_image(tmp_path / "z.tif")
+    # one picture with its colour samples is one image
+    rgb = (np.stack([_picture()] * 3, -1) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    assert image_shape(tmp_path / "rgb.tif") == rgb.shape[:2]
+    assert read_image(tmp_path / "rgb.tif").shape == rgb.shape[:2]
+
+
 @pytest.mark.parametrize("damage", ["nan", "truncated_tiles"])
 def test_a_damaged_image_file_is_refused_when_the_sample_is_made(tmp_path, damage):
     path = tmp_path / "d.tif"
