@@ -59,6 +59,8 @@ class DieToDieCalibration(BaseModel):
 #: version of the card format (a card of a later one, written by a newer waferscope, may mean
 #: what this one cannot read: refused, not guessed at)
 CARD_VERSION = 1
+#: relative difference of pixel sizes past which a card is said not to fit a source
+_PIXEL_SIZE_SLACK = 0.15
 
 
 class ModelCard(BaseModel):
@@ -79,6 +81,9 @@ class ModelCard(BaseModel):
                                 "none)")
     pixel_size_um: float | None = Field(None, gt=0)
     pixel_size_range_um: tuple[float, float] | None = None
+    pixel_size_assumed: bool | None = Field(
+        None, description="true: the good images were files with no pixel size and none was "
+                          "given, so pixel_size_um is an assumption (1 um)")
     output_stride: int | None = Field(None, gt=0)
     context_px: int | None = Field(None, ge=0)
     weights_sha256: str | None = None
@@ -111,6 +116,27 @@ class ModelCard(BaseModel):
             if lo <= pixel_size_um <= hi:
                 return band
         return bands[0] if pixel_size_um < bands[0].pixel_size_um[0] else bands[-1]
+
+    def pixel_size_warning(self, sample_kind: str | None, pixel_size_um: float | None
+                           ) -> str | None:
+        """Why this card may not fit a source at ``pixel_size_um``, in one sentence (None:
+        it fits): its pixel size was assumed and the source's differs by more than 15 %, or
+        the source lies more than 15 % outside every pixel band calibrated for its kind."""
+        if not pixel_size_um or pixel_size_um <= 0:
+            return None
+        if self.pixel_size_assumed and self.pixel_size_um and \
+                abs(pixel_size_um / self.pixel_size_um - 1) > _PIXEL_SIZE_SLACK:
+            return (f"the model was built from image files with no pixel size, taken as "
+                    f"{self.pixel_size_um:g} um/px; this source is at {pixel_size_um:g} um/px, "
+                    f"so the model sees it at another scale: rebuild it with --pixel-size")
+        bands = self.thresholds_by_pixel_size.get(sample_kind or "")
+        if bands:
+            lo, hi = bands[0].pixel_size_um[0], bands[-1].pixel_size_um[1]
+            if not lo / (1 + _PIXEL_SIZE_SLACK) <= pixel_size_um <= hi * (1 + _PIXEL_SIZE_SLACK):
+                return (f"the model's thresholds for {sample_kind} were calibrated at "
+                        f"{lo:g}-{hi:g} um/px; this source is at {pixel_size_um:g} um/px and "
+                        f"gets the nearest band's: check its false alarms on a good part")
+        return None
 
     def threshold_for(self, sample_kind: str | None, pixel_size_um: float | None,
                       pooled: float) -> tuple[float, str]:

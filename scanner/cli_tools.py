@@ -97,7 +97,8 @@ def train(
                 tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
-        extra: dict[str, Any] = {"good": [str(p) for p in paths]}
+        extra: dict[str, Any] = {"good": [str(p) for p in paths],
+                                 "pixel_size_assumed": pixel_size_um is None and scan_pixel is None}
         d2d = _good_die_to_die(paths, init)
         if d2d is not None:
             extra["die_to_die"] = d2d

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scanner.errors import UserError
 from scanner.recipe import format_validation_error
@@ -63,6 +63,15 @@ class ScanRecord(BaseModel):
     inspection: Section | None = None
     report: Section | None = None
     resumed: list[Section] | None = Field(None, description="each resume: when, from what")
+
+    @model_validator(mode="after")
+    def _no_more_tiles_than_planned(self) -> ScanRecord:
+        planned = (self.plan or {}).get("n_tiles")
+        if (self.acquired_tiles is not None and isinstance(planned, int)
+                and not isinstance(planned, bool) and self.acquired_tiles > planned):
+            raise ValueError(f"acquired_tiles: {self.acquired_tiles} acquired of {planned} "
+                             "planned (plan.n_tiles): the record was changed")
+        return self
 
 
 def validated_scan(data: Any, source: str) -> dict[str, Any]:

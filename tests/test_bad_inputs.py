@@ -64,6 +64,8 @@ def test_a_damaged_image_among_good_ones_is_refused_before_any_is_inspected(
     ({"status": "complete", "timings": {"acquire": 12.0}}, "timings.acquire"),
     ([1, 2, 3], "not a scan record"),
     ({"status": "bogus"}, "status"),
+    # more tiles than the plan has: a record changed by hand, or another scan's
+    ({"status": "complete", "plan": {"n_tiles": 4}, "acquired_tiles": 9}, "acquired_tiles"),
 ])
 def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
         tmp_path: Path, record: object, field: str) -> None:

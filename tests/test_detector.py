@@ -193,6 +193,7 @@ def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
     # a die grid: compared die-to-die, no golden image kept (nor a die-to-die calibration
     # from the file: a scan's dies agree less than a file's)
     assert "golden" not in card and "die_to_die" not in card
+    assert card["pixel_size_assumed"] is True
     result = runner.invoke(app, ["inspect", str(test), "--model", str(tmp_path / "coupon_v1.2"),
                                  "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
@@ -203,6 +204,30 @@ def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
                                  str(tmp_path / "m2")])
     assert result.exit_code == 2
     assert "nothing" in result.output
+
+
+def test_a_card_says_when_it_does_not_fit_the_pixel_size_inspected(caplog) -> None:
+    from models.card import ModelCard, card_of
+    from scanner.inspection.card import _decision_threshold
+
+    shipped = card_of(load_model(None))
+    # the PV cell bands span 8-38 um pixels: a 40 um scan is inside the slack, 60 um is not
+    assert shipped.pixel_size_warning("pv_cell", 20.0) is None
+    assert shipped.pixel_size_warning("pv_cell", 40.0) is None
+    assert "8.049-38.179 um/px" in shipped.pixel_size_warning("pv_cell", 60.0)
+    assert shipped.pixel_size_warning("wafer", 60.0) is None  # no bands for wafers
+    assumed = ModelCard(architecture={}, pixel_size_um=1.0, pixel_size_assumed=True)
+    assert assumed.pixel_size_warning(None, 1.1) is None
+    assert "--pixel-size" in assumed.pixel_size_warning(None, 2.0)
+    assert ModelCard(architecture={}, pixel_size_um=1.0).pixel_size_warning(None, 2.0) is None
+
+    class _Model:  # what inspection holds: a card and a threshold
+        card = {"architecture": {}, "pixel_size_um": 1.0, "pixel_size_assumed": True}
+        threshold = 0.5
+
+    with caplog.at_level("WARNING", logger="waferscope.inspect"):
+        assert _decision_threshold(_Model(), None, "image", 2.0)[0] == 0.5
+    assert "rebuild it with --pixel-size" in caplog.text
 
 
 def test_camera_variants_blur_an_image_file_and_bring_its_noise_to_each_level() -> None:

@@ -9,6 +9,7 @@ plain, plain near structure); the user's ``--threshold`` overrides them all.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from scanner.inspection.defects import (
 )
 from scanner.inspection.maps import MapSet, reflectance_at_map
 from scanner.inspection.tiled import Model
+
+log = logging.getLogger("waferscope.inspect")
 
 #: what a command is given as its model: a loaded one (:class:`scanner.inspection.tiled.Model`),
 #: the path of one, or None for the shipped default (:func:`load_inspection_model` resolves it)
@@ -77,6 +80,10 @@ def _decision_threshold(model: Model, threshold: float | None, sample_kind: str 
     A detector's uncertainty map is centred on it (``decision_threshold``): a defect just over
     the threshold applied is the uncertain one, not one near the card's pooled threshold.
     """
+    why = card_of(model).pixel_size_warning(None if threshold is not None else sample_kind,
+                                            pixel_size_um)
+    if why:  # the result is still given: the user may know better (a rebuilt model is theirs)
+        log.warning("%s", why)
     thr, source = ((float(threshold), "user") if threshold is not None
                    else card_threshold(model, sample_kind, pixel_size_um))
     if hasattr(model, "decision_threshold"):
