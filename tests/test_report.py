@@ -183,6 +183,31 @@ def test_pv_cell_defects_get_regions(pv_scan: Path, tmp_path: Path):
     assert "dies" not in header
 
 
+def test_a_rectangle_with_a_die_grid_gets_die_indices(tmp_path: Path):
+    from conftest import _scan_with_truth_defects
+
+    folder = _scan_with_truth_defects(tmp_path, "rect", {
+        "sample": {"kind": "rectangle", "width_mm": 6, "height_mm": 4,
+                   "center_um": [1000, -500], "die_pitch_mm": [1.5, 1.0],
+                   "die_origin_mm": [0.25, 0.0], "defects": {"count": 8, "seed": 4}},
+        "microscope": {"kind": "simulated",
+                       "camera": {"width": 256, "height": 256, "pixel_size_um": 20.0}, "seed": 3},
+        "scan": {"overlap": 0.1}})
+    report(folder)
+    header, defects = read_defects(folder)
+    assert defects
+    corner = (1000 - 3000 + 250, -500 - 2000)  # the lower corner, moved by die_origin_mm
+    for d in defects:
+        u, v = d.x_um - corner[0], d.y_um - corner[1]
+        assert (d.die_col, d.die_row) == (math.floor(u / 1500), math.floor(v / 1000))
+        assert (d.die_x_um, d.die_y_um) == pytest.approx((u % 1500, v % 1000), abs=1e-3)
+        assert d.wafer_x_mm is None and d.region is None  # not a wafer, not a cell
+    # the CSV carries them too
+    rows = (folder / "defects.csv").read_text().splitlines()
+    col = rows[0].split(",").index("die_col")
+    assert [int(r.split(",")[col]) for r in rows[1:]] == [d.die_col for d in defects]
+
+
 def test_a_stale_repeaters_file_in_a_cell_scan_is_emptied_not_a_crash(pv_scan: Path,
                                                                       tmp_path: Path):
     # a repeaters.json left in a folder that now holds a PV-cell scan: its defects take part

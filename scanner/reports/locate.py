@@ -37,8 +37,9 @@ COORDINATES = (
     "centre (the measured one when the scan aligned) along its axes (turned with the wafer; "
     "the notch or flat lies towards +y); die_col, die_row: index on the die grid (the "
     "aligned one when the scan aligned), (0, 0) is the die whose lower corner (smallest "
-    "wafer x and y) is die_origin_mm from the wafer centre; die_x_um, die_y_um: from that "
-    "lower corner of the die, along the wafer's axes."
+    "wafer x and y) is die_origin_mm from the wafer centre (for an image sample from the "
+    "stage position of its pixel (0, 0), for a rectangle from its lower corner); die_x_um, "
+    "die_y_um: from that lower corner of the die, along the wafer's axes."
 )
 
 
@@ -147,8 +148,19 @@ class ScanContext:
         return effective_alignment(self.scan.get("alignment")) or None
 
     def die_grid(self) -> DieGrid | None:
-        """The die grid (wafers only), the aligned one when the scan aligned."""
-        return DieGrid.from_sample(self.sample, self.alignment) if self.kind == "wafer" else None
+        """The die grid: a wafer's (the aligned one when the scan aligned), or the one an
+        image or rectangle recipe gives with ``die_pitch_mm`` (None: no grid given)."""
+        if self.kind == "wafer":
+            return DieGrid.from_sample(self.sample, self.alignment)
+        if self.kind not in ("image", "rectangle") or not self.sample.get("die_pitch_mm"):
+            return None
+        from scanner.diegrid import sample_grid
+        from scanner.recipe import RecipeError, recorded_sample
+
+        try:
+            return sample_grid(recorded_sample(self.scan, self.folder))
+        except RecipeError as exc:
+            raise UserError(f"{self.folder}/{exc}") from None
 
     def die_area_um2(self) -> float:
         """Area of one die cell (the die pitch's rectangle; wafers only)."""
@@ -226,10 +238,12 @@ def pv_region(x_um: float, y_um: float, sample: dict[str, Any],
 def locate(defects: list[Defect], ctx: ScanContext) -> list[Defect]:
     """Fill the location fields of each defect (a new list; the input is left as it is).
 
-    Wafer and die fields are filled for wafers, ``region`` for PV cells; ``tiles`` for all.
-    Ids are kept; fields that do not apply to the sample are set to None.
+    Wafer fields are filled for wafers, die fields for wafers and for image and rectangle
+    samples whose recipe gives a die grid, ``region`` for PV cells; ``tiles`` for all. Ids are
+    kept; fields that do not apply to the sample are set to None.
     """
     grid = ctx.die_grid()
+    wafer = ctx.kind == "wafer"
     out = []
     for d in defects:
         fields: dict[str, Any] = {
@@ -240,12 +254,10 @@ def locate(defects: list[Defect], ctx: ScanContext) -> list[Defect]:
         if grid is not None:
             col, row = grid.index(d.x_um, d.y_um)
             dx, dy = grid.in_die(d.x_um, d.y_um)
+            fields.update(die_col=col, die_row=row, die_x_um=round(dx, 3), die_y_um=round(dy, 3))
+        if wafer:
             wx, wy = ctx.to_wafer_um(d.x_um, d.y_um)
-            fields.update(
-                wafer_x_mm=round(wx / 1000.0, 6),
-                wafer_y_mm=round(wy / 1000.0, 6),
-                die_col=col, die_row=row, die_x_um=round(dx, 3), die_y_um=round(dy, 3),
-            )
+            fields.update(wafer_x_mm=round(wx / 1000.0, 6), wafer_y_mm=round(wy / 1000.0, 6))
         elif ctx.kind == "pv_cell":
             # the cell's regions in its own frame (turned and shifted as aligned)
             wx, wy = ctx.to_wafer_um(d.x_um, d.y_um)
