@@ -60,6 +60,8 @@ def test_wafer_outline_notch_and_flat_point_to_plus_y():
     assert flat.bounds[3] == pytest.approx(np.sqrt(50**2 - 16.25**2), abs=1e-6)
     assert flat.bounds[1] == pytest.approx(-50.0, abs=0.05)
     assert disc.area > notch.area > flat.area
+    deep = wafer_outline_mm(100.0, "notch", 32.5, notch_depth_mm=4.0)  # the recipe's depth
+    assert not deep.contains(_point(0.0, 46.5)) and deep.contains(_point(0.0, 45.5))
 
 
 def _point(x: float, y: float):
@@ -125,3 +127,26 @@ def test_the_map_puts_stage_points_where_the_defect_list_does(tmp_path: Path, al
     np.testing.assert_allclose(drawn, listed, atol=1e-9)
     if alignment is not None:  # 0.68 mm off the recipe's centre, as the helper found it drawn
         assert np.abs(drawn - (points - sample["center_um"]) / 1000.0).max() > 0.4
+
+
+def test_a_cell_placed_off_centre_and_turned_is_drawn_in_its_measured_frame(tmp_path: Path,
+                                                                            monkeypatch):
+    from scanner.reports import wafermap
+    from scanner.reports.locate import ScanContext
+
+    sample = {"kind": "pv_cell", "width_mm": 30, "height_mm": 30, "busbars": 3,
+              "busbar_width_mm": 1.0, "center_um": [0.0, 0.0]}
+    alignment = {"kind": "pv_cell", "nominal_center_um": [0.0, 0.0],
+                 "center_um": [450.0, -380.0], "rotation_deg": 0.9, "edge_residual_um": 1.0,
+                 "n_edge_points": 40}
+    ctx = ScanContext(tmp_path, {"recipe": {"sample": sample}, "alignment": alignment}, sample,
+                      (5120.0, 5120.0), np.zeros((0, 3)))
+    drawn = []
+    monkeypatch.setattr(wafermap, "_draw_defects",
+                        lambda ax, defects, to_xy, extent: drawn.append(to_xy))
+    wafermap.draw_wafermap(tmp_path / "m.png", ctx, {}, [])
+    (to_xy,) = drawn
+    for x, y in ((-13000.0, 9000.0), (450.0, -380.0), (12000.0, -14000.0)):
+        listed = np.array(ctx.to_wafer_um(x, y)) / 1000.0  # where the region was found
+        np.testing.assert_allclose(to_xy(x, y), listed, atol=1e-9)
+    assert abs(to_xy(-13000.0, 9000.0)[0] - (-13.0)) > 0.3  # not the recipe's frame

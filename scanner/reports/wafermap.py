@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from shapely.geometry import Point, Polygon, box
+from shapely.geometry import Polygon, box
 
 from scanner.defectlist import CLASSES, Defect
 from scanner.reports.style import CLASS_COLORS, REPEATER_COLOR
@@ -33,29 +33,23 @@ if TYPE_CHECKING:
 
 WAFERMAP = "wafermap.png"
 
-#: SEMI notch: a 90° V about 1 mm deep
-NOTCH_DEPTH_MM = 1.0
 _PASS_FACE, _FAIL_FACE, _PARTIAL_FACE = "#ffffff", "#f6b3b3", "#eeeeee"
 _EDGE = "#bdbdbd"
 #: edge exclusion ring (wafers) and edge band (PV cells)
 _EXCLUSION = {"facecolor": "#aab2bd", "edgecolor": "#7d8794", "hatch": "////", "alpha": 0.35}
 
 
-def wafer_outline_mm(diameter_mm: float, orientation: str, flat_length_mm: float) -> Polygon:
-    """Wafer outline in mm from its centre, with its notch or flat towards +y."""
-    r = diameter_mm / 2.0
-    disc = Point(0.0, 0.0).buffer(r, quad_segs=128)
-    if orientation == "flat":
-        half = min(flat_length_mm / 2.0, 0.99 * r)
-        h = math.sqrt(r * r - half * half)
-        return disc.intersection(box(-r, -r, r, h))
-    if orientation == "notch":
-        d = min(NOTCH_DEPTH_MM, 0.5 * r)
-        apex = r - d
-        reach = d + 1.0  # the V's sides run past the circle
-        notch = Polygon([(0.0, apex), (-reach, apex + reach), (reach, apex + reach)])
-        return disc.difference(notch)
-    return disc
+def wafer_outline_mm(diameter_mm: float, orientation: str, flat_length_mm: float,
+                     notch_depth_mm: float = 1.0) -> Polygon:
+    """Wafer outline in mm from its centre, with its notch or flat towards +y: the planner's
+    and the simulator's outline (:func:`scanner.geometry.wafer_outline`), in mm."""
+    from shapely import affinity
+
+    from scanner.geometry import wafer_outline
+
+    um = wafer_outline(diameter_mm, orientation, flat_length_mm, (0.0, 0.0), n_vertices=512,
+                       notch_depth_mm=notch_depth_mm)
+    return affinity.scale(um, 1e-3, 1e-3, origin=(0.0, 0.0))
 
 
 def _fill(ax: Axes, poly: Any, **kwargs: Any) -> list[Any]:
@@ -149,7 +143,8 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     sample = ctx.sample
     frame = wafer_frame_mm(ctx)
     outline = wafer_outline_mm(float(sample["diameter_mm"]), sample.get("orientation", "notch"),
-                               float(sample.get("flat_length_mm", 32.5)))
+                               float(sample.get("flat_length_mm", 32.5)),
+                               float(sample.get("notch_depth_mm", 1.0)))
     usable = shapely.transform(ctx.usable_polygon(), frame)
     if sample.get("orientation") == "notch":
         # the planner's usable area is round; the exclusion also follows the notch
@@ -223,7 +218,6 @@ def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
     from scanner.reports.locate import PV_EDGE_BAND_MM
 
     w, h = float(s["width_mm"]), float(s["height_mm"])
-    centre = tuple(float(v) for v in s.get("center_um", (0.0, 0.0)))
     ax.add_patch(Rectangle((-w / 2, -h / 2), w, h, facecolor="#dfe3e8", edgecolor="none",
                            zorder=0))
     band = PV_EDGE_BAND_MM
@@ -243,8 +237,11 @@ def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
                 color="#4a5563")
     ax.add_patch(Rectangle((-w / 2, -h / 2), w, h, fill=False, edgecolor="#2f3b48", lw=1.6,
                            zorder=3))
-    _draw_defects(ax, defects,
-                  lambda x, y: ((x - centre[0]) / 1000.0, (y - centre[1]) / 1000.0), max(w, h))
+    # the cell's own frame as aligned (its measured centre and turn), as the defects' regions
+    # are found: from the recipe's centre, a cell placed off it or turned was drawn with
+    # defects on the wrong busbar
+    frame = wafer_frame_mm(ctx)
+    _draw_defects(ax, defects, lambda x, y: tuple(frame(np.array([x, y]))[0]), max(w, h))
     pad = 0.06 * max(w, h)
     ax.set_xlim(-w / 2 - pad, w / 2 + pad)
     ax.set_ylim(h / 2 + pad, -h / 2 - pad)
