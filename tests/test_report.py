@@ -240,6 +240,15 @@ def test_report_command_with_lot_and_wafer(wafer_scan: Path, tmp_path: Path):
     # a later report without ids keeps the ones given on the command line
     assert runner.invoke(app, ["report", str(folder)]).exit_code == 0
     assert 'LotID "L-9";' in (folder / "defects.klarf").read_text()
+    # ... and so does one after inspection wrote a new defect list (a header without them)
+    from conftest import truth_defects
+
+    from scanner.defectlist import write_defects
+
+    write_defects(folder, truth_defects(folder), {"model": {"id": "again", "sha256": "1" * 64}})
+    assert runner.invoke(app, ["report", str(folder)]).exit_code == 0
+    klarf = (folder / "defects.klarf").read_text()
+    assert 'LotID "L-9";' in klarf and 'WaferID "W-3";' in klarf
     outputs = ScanResult(folder, "complete", 1, 1, {}).outputs
     assert {"defects", "defects csv", "klarf", "wafer map"} <= set(outputs)
 

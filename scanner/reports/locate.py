@@ -385,10 +385,14 @@ def _sample_info(ctx: ScanContext, recipe: dict[str, Any], previous: dict[str, A
     sample = ctx.sample
     info: dict[str, Any] = {"kind": ctx.kind, "name": recipe.get("name") or ctx.folder.name}
     if ctx.kind == "wafer":
+        # ids given to an earlier report stick: its defect list's header, or scan.json's
+        # report record when inspection has since written a new defect list
         old = previous.get("sample") or {}
+        kept = ctx.scan.get("report") or {}
         info.update(
-            lot_id=lot_id or old.get("lot_id") or sample.get("lot_id"),
-            wafer_id=wafer_id or old.get("wafer_id") or sample.get("wafer_id"),
+            lot_id=lot_id or old.get("lot_id") or kept.get("lot_id") or sample.get("lot_id"),
+            wafer_id=(wafer_id or old.get("wafer_id") or kept.get("wafer_id")
+                      or sample.get("wafer_id")),
             diameter_mm=sample.get("diameter_mm"), orientation=sample.get("orientation"),
             edge_exclusion_mm=sample.get("edge_exclusion_mm"),
         )

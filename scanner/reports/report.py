@@ -118,7 +118,9 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
         scan = read_scan_json(folder)
         scan.setdefault("timings", {})["report"] = {"wall_s": round(result.wall_s, 3)}
         scan["report"] = {"outputs": sorted(p.name for p in result.outputs.values()),
-                          "n_defects": len(defects)}
+                          "n_defects": len(defects),
+                          **{k: v for k in ("lot_id", "wafer_id")
+                             if (v := header["sample"].get(k)) is not None}}
         write_json(folder / SCAN_JSON, scan)
     return result
 
