@@ -187,6 +187,11 @@ def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: Mic
         else:
             scan["alignment"] = alignment
             scan["timings"]["align"] = {"hardware_s": alignment["hardware_s"]}
+            if alignment.get("die_sites_skipped"):
+                mark = getattr(recipe.sample, "orientation", "none")
+                log.warning("die sites skipped, the wafer is placed by its edge%s: %s",
+                            "" if mark == "none" else f" and {mark}",
+                            alignment["die_sites_skipped"])
         plan = make_plan(recipe, handle, alignment)
     except BaseException as exc:
         scan.update(status="failed", finished=now_iso(), error=f"{type(exc).__name__}: {exc}")

@@ -318,6 +318,57 @@ def test_validate_shows_the_alignment_plan_and_its_time() -> None:
     assert routed < 0.15 * 33.8  # issue 22's target: alignment ≤ 15 % of the scan
 
 
+@pytest.mark.parametrize(("placement", "camera_deg"), [
+    ({"rotation_deg": 2.5}, 0.0),
+    ({"rotation_deg": -4.0, "offset_um": [300, -200]}, 0.0),
+    # half a 5 mm field off: the notch's first field saw a part of the V only
+    ({"offset_um": [2500, 1800]}, 0.0),
+    # a camera turned against the stage (calibrated) and the wafer the other way
+    ({"rotation_deg": -0.5, "offset_um": [400, 0]}, 1.5),
+])
+def test_alignment_holds_for_turned_or_far_placed_wafers(tmp_path: Path, placement: dict,
+                                                         camera_deg: float) -> None:
+    from devices.core import build_microscope
+    from scanner.acquisition.align import align
+
+    data = json.loads(json.dumps(WAFER))
+    data["sample"]["placement"] = placement
+    if camera_deg:
+        data["microscope"]["camera"]["rotation_deg"] = camera_deg
+        (tmp_path / "cal.json").write_text(json.dumps({"pixel_size_um": 10.0,
+                                                       "rotation_deg": camera_deg}))
+        data["microscope"]["calibration"] = "cal.json"
+    recipe = parse_recipe(data, tmp_path, "turned")
+    handle = build_microscope(recipe)
+    result = align(handle, recipe, tmp_path)
+    truth = handle.truth["placement"]
+    # the die lanes were read (a turn over about 1 deg hid them) and the notch seen whole
+    assert result.die_grid is not None and result.die_sites_skipped is None
+    assert np.hypot(*(np.array(result.center_um) - truth["center_um"])) <= 5.0
+    assert abs(result.rotation_deg - truth["rotation_deg"]) <= 0.01
+
+
+def test_auto_keeps_the_edge_alignment_when_the_die_sites_cannot_be_read(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    from devices.core import build_microscope
+    from scanner.acquisition import align as align_module
+    from scanner.acquisition.alignrecord import AlignmentError
+
+    monkeypatch.setattr(align_module, "lane_cross", lambda *a, **k: None)  # lanes unseen
+    recipe = _recipe(tmp_path, {"offset_um": [420, -310], "rotation_deg": 0.7}, align="auto")
+    handle = build_microscope(recipe)
+    result = align_module.align(handle, recipe, tmp_path)
+    truth = handle.truth["placement"]
+    assert result.die_grid is None and "no scribe-lane crossing" in result.die_sites_skipped
+    # the edge and notch's centre and turn are kept, not the recipe's placement
+    assert np.hypot(*(np.array(result.center_um) - truth["center_um"])) <= 10.0
+    assert abs(result.rotation_deg - 0.7) <= 0.05
+    assert all(site.kind != "die" for site in result.sites)
+    strict = _recipe(tmp_path, {"offset_um": [420, -310]}, align=True)
+    with pytest.raises(AlignmentError, match="no scribe-lane crossing"):
+        align_module.align(build_microscope(strict), strict, tmp_path)
+
+
 @pytest.mark.slow
 def test_auto_alignment_falls_back_where_a_field_cannot_see_the_notch(tmp_path) -> None:
     """A 0.5 mm field cannot hold a 1 mm notch: `auto` scans at the recipe's placement and

@@ -70,6 +70,9 @@ MAX_DIE_EDGE_DISAGREEMENT_DEG = 0.15
 SITE_SIGMAS = 5.0
 #: what the lane and the correlation measure a corner to, in pixels, whatever the stage
 SITE_FLOOR_PX = 2.0
+#: a mark seen farther than this share of its field's side from the field's middle is taken
+#: again where the fitted circle puts it
+MARK_OFF_MIDDLE = 0.15
 #: edge points a field must give to count as "edge found"
 MIN_EDGE_POINTS = 20
 #: a PV cell side's RANSAC line takes points this many of the field's pixels off it: the
@@ -168,6 +171,23 @@ def _binning_now(core: Any, cam: str) -> int:
     return int(m[1]) if m else 1
 
 
+def camera_rotation_deg(core: Any) -> float:
+    """The camera's rotation (deg) in the core's pixel-to-stage affine (0: none set)."""
+    try:
+        a = [float(v) for v in core.getPixelSizeAffine()]
+    except Exception:  # noqa: BLE001 - no pixel configuration: the camera is not turned
+        return 0.0
+    if len(a) < 4 or not any(a[:2]) or not all(math.isfinite(v) for v in a[:4]):
+        return 0.0
+    return math.degrees(math.atan2(a[3], a[0]))
+
+
+def _turned(dx: float, dy: float, deg: float) -> np.ndarray:
+    """``(dx, dy)`` turned by ``deg`` (from +x towards +y)."""
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    return np.array([c * dx - s * dy, s * dx + c * dy])
+
+
 class _Scope:
     """Moves and snaps through the Micro-Manager core, with the scan's retries.
 
@@ -186,6 +206,10 @@ class _Scope:
                                  timeout_s=recipe.scan.device_timeout_s)
         self.lost = _TileLost
         self.pixel_um = float(self.core.getPixelSizeUm())
+        #: the camera's rotation against the stage (deg, from +x towards +y) as a calibration
+        #: set it in the core's pixel affine (0 without one): a die's lanes lie at the
+        #: wafer's rotation less this in the image, and a pixel offset is turned by it
+        self.camera_rotation_deg = camera_rotation_deg(self.core)
         #: one sigma per axis of where a field really lands (the stage reports the command)
         self.repeatability_um = float(recipe.microscope.stage.repeatability_um)
         #: ``(kind, x, y, image, pixel_um)`` of every field taken
@@ -266,7 +290,8 @@ def align(handle: Any, recipe: Any, folder: Path | None = None) -> Alignment:
             if recipe.sample.kind == "pv_cell":
                 result = _align_cell(scope, recipe.sample, seen, route)
             else:
-                result = _align_wafer(scope, recipe.sample, seen, route)
+                result = _align_wafer(scope, recipe.sample, seen, route,
+                                      strict=recipe.scan.align != "auto")
         finally:
             scope.unbin()
     except AlignmentError:
@@ -283,7 +308,7 @@ def align(handle: Any, recipe: Any, folder: Path | None = None) -> Alignment:
 
 
 def _edge_points(p: float, image: np.ndarray, fx: float, fy: float,
-                 centre: tuple[float, float], angle: float, r_nom: float
+                 centre: tuple[float, float], angle: float, r_nom: float, cam: float = 0.0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Edge points (stage µm) of one field of ``p`` µm pixels along rays through it:
     ``(angles, points)``."""
@@ -291,7 +316,7 @@ def _edge_points(p: float, image: np.ndarray, fx: float, fy: float,
     half = 0.5 * math.hypot(h, w) * p
     span = math.degrees(half / r_nom)
     angles = angle + np.linspace(-span, span, 2 * max(h, w))
-    r = ray_edges(image, (fx, fy), p, centre, angles, r_nom + half, r_nom - half)
+    r = ray_edges(image, (fx, fy), p, centre, angles, r_nom + half, r_nom - half, cam)
     ok = np.isfinite(r)
     ang = np.radians(angles[ok])
     pts = np.c_[centre[0] + r[ok] * np.cos(ang), centre[1] + r[ok] * np.sin(ang)]
@@ -299,7 +324,7 @@ def _edge_points(p: float, image: np.ndarray, fx: float, fy: float,
 
 
 def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
-                 route: Route) -> Alignment:
+                 route: Route, strict: bool = True) -> Alignment:
     nominal = tuple(float(v) for v in sample.center_um)
     r_nom = sample.diameter_mm * 500.0
     sites: list[Site] = []
@@ -310,7 +335,8 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         # edge and notch fields binned where the camera offers it; a flat's angle needs the
         # full resolution (see EDGE_BINNING)
         image, pf = scope.snap(kind, fx, fy, binned=kind != "flat")
-        _, pts = _edge_points(pf, image, fx, fy, nominal, angle, r_nom)
+        _, pts = _edge_points(pf, image, fx, fy, nominal, angle, r_nom,
+                              scope.camera_rotation_deg)
         seen.extend(map(tuple, pts))
         if kind == "edge":
             p = pf
@@ -332,6 +358,8 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         # tell the notch's arc from its V, and the fit below frees the radius again
         cx, cy, rms, keep = fit_circle_radius(pts, nominal, r_nom, clip_um=3 * p)
         r = r_nom
+    if mark_field is not None:
+        mark_field = _mark_in_view(scope, sample, mark_field, (cx, cy), r)
     if mark_field is not None and mark_field[0] == "notch":
         # the notch's field shows the circle beside the V too: another arc, so that each
         # field's landing error (the stage's repeatability) weighs less in the centre. Not
@@ -339,7 +367,7 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         # for an arc once the tolerance grew with binned edge fields (their residual; the
         # centre 0.14-0.36 mm off along the flat's normal)
         kind, fx, fy, angle, image, pm = mark_field
-        _, more = _edge_points(pm, image, fx, fy, (cx, cy), angle, r)
+        _, more = _edge_points(pm, image, fx, fy, (cx, cy), angle, r, scope.camera_rotation_deg)
         res = np.hypot(more[:, 0] - cx, more[:, 1] - cy) - r
         # relative to the arc's own level: a wafer's radius off the nominal (two arcs) moves
         # the whole arc, the V lies far inside it
@@ -353,35 +381,65 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
     mark_angle = None
     if mark_field is not None:
         kind, fx, fy, angle, image, pm = mark_field
-        mark_angle, n_mark = _mark_angle(pm, sample, kind, image, fx, fy, (cx, cy), r)
+        mark_angle, n_mark = _mark_angle(pm, sample, kind, image, fx, fy, (cx, cy), r,
+                                         scope.camera_rotation_deg)
         rotation = mark_angle - MARK_ANGLE_DEG
         sites.insert(1, Site(kind=kind, x_um=fx, y_um=fy, n_points=n_mark))
     edge_rotation = rotation
     grid = None
     die_rms = None
+    skipped = None
     if getattr(sample, "die_to_die", True):
-        refined = _align_dies(scope, sample, (cx, cy), rotation, sites, route.dies)
-        if refined is not None:
-            grid, rotation, die_rms = refined
-            if mark_field is not None and abs(rotation - edge_rotation) \
-                    > MAX_DIE_EDGE_DISAGREEMENT_DEG:
+        try:
+            refined = _align_dies(scope, sample, (cx, cy), rotation, sites, route.dies)
+            if refined is not None and mark_field is not None and \
+                    abs(refined[1] - edge_rotation) > MAX_DIE_EDGE_DISAGREEMENT_DEG:
                 raise AlignmentError(
-                    f"scan.align: the die grid is turned {rotation:.3f}° but the "
+                    f"scan.align: the die grid is turned {refined[1]:.3f}° but the "
                     f"{sample.orientation} {edge_rotation:.3f}° (sites disagree beyond "
                     f"{MAX_DIE_EDGE_DISAGREEMENT_DEG}°; see {ALIGNMENT_PNG})")
+        except AlignmentError as exc:
+            if strict:
+                raise
+            # `auto`: the edge and the mark placed the wafer; throwing that away for the
+            # recipe's placement put a wafer turned 1.4° 300 µm off in every coordinate
+            refined, skipped = None, str(exc)
+            sites[:] = [site for site in sites if site.kind != "die"]
+        if refined is not None:
+            grid, rotation, die_rms = refined
     return Alignment(
         kind="wafer", nominal_center_um=nominal, center_um=(cx, cy), rotation_deg=rotation,
         edge_rotation_deg=edge_rotation if mark_field is not None else None,
         mark=sample.orientation, mark_angle_deg=mark_angle, radius_um=r,
         edge_residual_um=rms, n_edge_points=n_edge, die_grid=grid, die_residual_um=die_rms,
-        sites=tuple(sites))
+        die_sites_skipped=skipped, sites=tuple(sites))
+
+
+def _mark_in_view(scope: _Scope, sample: Any, field: tuple, centre: tuple[float, float],
+                  radius: float) -> tuple:
+    """The mark's field, taken again where the fitted circle puts the mark when the first
+    one, at the recipe's placement, saw it off its middle.
+
+    A wafer placed 2.5 mm off in a 5 mm field showed only part of the notch's V, and its
+    angle came out 0.84° (the die sites then disagreed and the alignment was dropped).
+    """
+    kind, fx, fy, angle, image, pf = field
+    depth = radius - _flat_distance(sample) if kind == "flat" else 0.0
+    th = math.radians(MARK_ANGLE_DEG)
+    ex = centre[0] + (radius - depth) * math.cos(th)
+    ey = centre[1] + (radius - depth) * math.sin(th)
+    if math.hypot(ex - fx, ey - fy) <= MARK_OFF_MIDDLE * min(image.shape) * pf:
+        return field
+    image, pf = scope.snap(kind, ex, ey, binned=kind != "flat")
+    return kind, ex, ey, angle, image, pf
 
 
 def _mark_angle(p: float, sample: Any, kind: str, image: np.ndarray, fx: float,
-                fy: float, centre: tuple[float, float], radius: float) -> tuple[float, int]:
+                fy: float, centre: tuple[float, float], radius: float, cam: float = 0.0
+                ) -> tuple[float, int]:
     """Direction (deg) of the notch's axis or the flat's normal, seen from the centre
-    (``p``: the field's pixel size, µm)."""
-    angles, pts = _edge_points(p, image, fx, fy, centre, MARK_ANGLE_DEG, radius)
+    (``p``: the field's pixel size, µm; ``cam``: the camera's rotation, deg)."""
+    angles, pts = _edge_points(p, image, fx, fy, centre, MARK_ANGLE_DEG, radius, cam)
     depth = radius - np.hypot(pts[:, 0] - centre[0], pts[:, 1] - centre[1])
     if kind == "notch":
         nominal_depth = min(sample.notch_depth_mm * 1000.0, 0.5 * radius)
@@ -432,16 +490,18 @@ def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotatio
 
     measured = []
     template = None
+    cam = scope.camera_rotation_deg  # pixel offsets are turned by it onto the stage
     for c, r in corners:
         x, y = predicted(c, r, th)
         image, _ = scope.snap("die", x, y)
         h, w = image.shape
-        cross = lane_cross(image, sample.scribe_width_um, p)
+        cross = lane_cross(image, sample.scribe_width_um, p, rotation - cam)
         if cross is None:
             raise AlignmentError(
                 f"sample.die_origin_mm: no scribe-lane crossing seen at die ({c}, {r}) "
                 f"corner ({x:.0f}, {y:.0f}) µm (see {ALIGNMENT_PNG})")
-        absolute = np.array([x + (cross[0] - (w - 1) / 2) * p, y + (cross[1] - (h - 1) / 2) * p])
+        absolute = np.array([x, y]) + _turned((cross[0] - (w - 1) / 2) * p,
+                                              (cross[1] - (h - 1) / 2) * p, cam)
         if template is None:
             template = image
             relative = np.zeros(2)
@@ -455,7 +515,7 @@ def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotatio
             # repeat is the shift (a 2.2 mm pitch in 5 mm fields measured one pitch short)
             period = np.array([py, px]) / p
             shift = shift - np.round(shift / period) * period
-            relative = -np.array([shift[1], shift[0]]) * p
+            relative = -_turned(shift[1] * p, shift[0] * p, cam)
         measured.append((c, r, np.array([x, y]), absolute, relative))
     # absolute places from the lanes, relative ones from the correlation: the first corner's
     # place is the mean that both agree on
@@ -506,7 +566,7 @@ def _align_cell(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         # the coarser pixel grid, as a flat does)
         image, p = scope.snap(kind, fx, fy)
         dist = math.hypot(fx - nominal[0], fy - nominal[1])
-        _, pts = _edge_points(p, image, fx, fy, nominal, angle, dist)
+        _, pts = _edge_points(p, image, fx, fy, nominal, angle, dist, scope.camera_rotation_deg)
         seen.extend(map(tuple, pts))
         if len(pts) < MIN_EDGE_POINTS:
             raise AlignmentError(

@@ -54,6 +54,9 @@ class Alignment(BaseModel):
     n_edge_points: int
     die_grid: dict[str, Any] | None = None
     die_residual_um: float | None = None
+    #: why the die sites did not refine the edge's alignment (``scan.align: auto``: the edge
+    #: and mark's centre and rotation are kept; None: refined, or not asked for)
+    die_sites_skipped: str | None = None
     sites: tuple[Site, ...] = ()
     hardware_s: float | None = None
     #: camera binning of the edge and notch fields (1: unbinned; a flat's and the die
