@@ -43,6 +43,8 @@ def validate(recipe: RecipeArg) -> None:
         estimate_alignment_time_s,
         wants_alignment,
     )
+    from scanner.acquisition.travel import check_positions, travel_limits
+    from scanner.errors import PlanError
     from scanner.pipeline import make_plan, plan_warnings
     from scanner.recipe import load_recipe
 
@@ -52,6 +54,14 @@ def validate(recipe: RecipeArg) -> None:
         warnings = plan_warnings(rec, handle)
         fov = handle.fov_um()
         binned = edge_binning(handle.core) if wants_alignment(rec) else 1
+        outside = check_positions(travel_limits(rec, handle.core), [
+            (f"the {kind} alignment field", x, y) for kind, x, y in alignment_fields(rec, fov)
+        ]) if wants_alignment(rec) else None
+    if outside and rec.scan.align is True:
+        raise PlanError(f"{outside}; the alignment cannot be taken (scan.align: true)")
+    if outside:
+        warnings.append(f"{outside}: the alignment will be skipped and the recipe's "
+                        "placement used (scan.align: auto)")
     summary = plan.summary()
     table = Table(title=f"{recipe.name}: plan", show_header=False)
     table.add_row("sample", rec.sample.kind)

@@ -90,7 +90,7 @@ def make_plan(recipe: Recipe, handle: MicroscopeHandle,
     ran) and refuse it if it leaves the travel range or its die grid is too fine for the
     camera."""
     return resolve_plan(recipe, handle.fov_um(), alignment,
-                        pixel_size_um=float(handle.core.getPixelSizeUm()))
+                        pixel_size_um=float(handle.core.getPixelSizeUm()), core=handle.core)
 
 
 def plan_warnings(recipe: Recipe, handle: MicroscopeHandle) -> list[str]:

@@ -130,12 +130,87 @@ def test_travel_check_names_tile_and_axis() -> None:
                                           "stage": {"travel_y_um": [-50_000, 50_000]}}},
                           base_dir=None)
     plan = plan_scan(recipe, (300.0, 300.0))
-    with pytest.raises(PlanError, match=r"travel_y_um: tile \d+ .* y = "):
+    with pytest.raises(PlanError, match=r"travel_y_um: tile \d+ .* needs y at "):
         check_travel(plan, recipe)
     # the plan a scan runs is resolved with the check: it cannot exist unchecked
-    with pytest.raises(PlanError, match=r"travel_y_um: tile \d+ .* y = "):
+    with pytest.raises(PlanError, match=r"travel_y_um: tile \d+ .* needs y at "):
         resolve_plan(recipe, (300.0, 300.0))
     assert not plan.travel_checked
+
+
+class _DriverLimits:
+    """A core whose XY stage and focus drive know travel limits of their own."""
+
+    def __init__(self, props: dict[str, dict[str, float]]) -> None:
+        self.props = props
+
+    def getXYStageDevice(self) -> str:  # noqa: N802 - Micro-Manager's name
+        return "XY"
+
+    def getFocusDevice(self) -> str:  # noqa: N802
+        return "Z"
+
+    def hasProperty(self, device: str, name: str) -> bool:  # noqa: N802
+        return name in self.props.get(device, {})
+
+    def getProperty(self, device: str, name: str) -> str:  # noqa: N802
+        return str(self.props[device][name])
+
+
+def test_a_drivers_narrower_limits_refuse_the_plan_before_anything_moves() -> None:
+    from scanner.acquisition.travel import travel_limits
+
+    recipe = parse_recipe({"sample": {"kind": "rectangle", "width_mm": 4, "height_mm": 4,
+                                      "center_um": [99_000, 0]},
+                           "microscope": {"kind": "simulated",
+                                          "stage": {"travel_x_um": [-150_000, 150_000]}}},
+                          base_dir=None)
+    plan = plan_scan(recipe, (1000.0, 1000.0))
+    check_travel(plan, recipe)  # inside the recipe's travel
+    prior = _DriverLimits({"XY": {"TravelXMin_um": -100_000, "TravelXMax_um": 100_000}})
+    limits = travel_limits(recipe, prior)
+    assert (limits["x"].lo, limits["x"].hi, limits["x"].narrowed_by) == (-100_000, 100_000, "XY")
+    assert limits["y"].narrowed_by is None  # the driver says nothing of y
+    # tiles past the controller's own limit were lost one by one during the scan
+    with pytest.raises(PlanError, match=r"travel_x_um: tile .* the XY controller's own"):
+        check_travel(plan, recipe, prior)
+    # a focus drive that stops short of the focus range would fail the first focus search
+    short_z = _DriverLimits({"Z": {"TravelMin_um": -20, "TravelMax_um": 20}})
+    with pytest.raises(PlanError, match=r"focus.range_um: .* inside \[-20, 20\]"):
+        check_travel(plan_scan(recipe.model_copy(update={"sample": recipe.sample.model_copy(
+            update={"center_um": (0.0, 0.0)})}), (1000.0, 1000.0)), recipe, short_z)
+
+
+def test_alignment_fields_outside_the_travel_are_never_driven_to(tmp_path) -> None:
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+    from scanner.pipeline import run_scan
+
+    # a 20 mm wafer whose 4 tiles fit a 12 mm travel, its edge fields (at 10 mm) do not
+    data = {"sample": {"kind": "wafer", "diameter_mm": 20, "edge_exclusion_mm": 1.0,
+                       "die_pitch_mm": [3.0, 2.5],
+                       "defects": {"count": 0}},
+            "microscope": {"kind": "simulated", "seed": 1,
+                           "camera": {"width": 256, "height": 256, "pixel_size_um": 40.0},
+                           "stage": {"travel_x_um": [-6000, 6000],
+                                     "travel_y_um": [-6000, 6000]}},
+            "scan": {"overlap": 0.1}}
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0 and "alignment will be skipped" in res.output
+    result = run_scan(parse_recipe(data, tmp_path, "w"), tmp_path / "scan")
+    scan = json.loads((result.folder / "scan.json").read_text())
+    assert "edge alignment field needs y at -10000" in scan["alignment_skipped"]
+    assert result.status == "complete"
+    data["scan"]["align"] = True
+    path.write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2 and "travel_y_um" in res.stderr
 
 
 def test_estimate_counts_moves_settle_and_exposure() -> None:

@@ -60,6 +60,7 @@ from scanner.acquisition.alignrecord import Alignment, AlignmentError, Site
 from scanner.acquisition.alignrecord import (
     to_wafer_frame as to_wafer_frame,  # scanner.reports.locate
 )
+from scanner.acquisition.travel import check_positions, travel_limits
 
 ALIGNMENT_PNG = "alignment.png"
 
@@ -210,6 +211,8 @@ class _Scope:
         #: set it in the core's pixel affine (0 without one): a die's lanes lie at the
         #: wafer's rotation less this in the image, and a pixel offset is turned by it
         self.camera_rotation_deg = camera_rotation_deg(self.core)
+        #: where the stage may go (every field is checked before the stage moves to it)
+        self.travel = travel_limits(recipe, self.core)
         #: one sigma per axis of where a field really lands (the stage reports the command)
         self.repeatability_um = float(recipe.microscope.stage.repeatability_um)
         #: ``(kind, x, y, image, pixel_um)`` of every field taken
@@ -248,6 +251,10 @@ class _Scope:
         """The field at ``(x, y)`` and its pixel size (µm); ``binned``: at the edge fields'
         binning."""
         core = self.core
+        outside = check_positions(self.travel, [(f"the {kind} alignment field", x, y)])
+        if outside:
+            # never driven there: a stage without limits of its own would go
+            raise AlignmentError(outside)
         xy = core.getXYStageDevice()
         if binned:
             self._set_binning(self.edge_binning)

@@ -282,8 +282,8 @@ def check_die_grid(recipe: Recipe, pixel_size_um: float) -> None:
 
 
 def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
-                 alignment: dict | None = None, pixel_size_um: float | None = None
-                 ) -> ScanPlan:
+                 alignment: dict | None = None, pixel_size_um: float | None = None,
+                 core: Any = None) -> ScanPlan:
     """The recipe resolved once for a scan: :func:`plan_scan`, refused by
     :func:`check_travel` if any tile leaves the travel range (before anything moves) and,
     given the camera's ``pixel_size_um``, by :func:`check_die_grid` if its die grid
@@ -298,12 +298,14 @@ def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
     if pixel_size_um is not None:
         check_die_grid(recipe, pixel_size_um)
     plan = plan_scan(recipe, fov_um, alignment)
-    check_travel(plan, recipe)
+    check_travel(plan, recipe, core)
     return replace(plan, travel_checked=True)
 
 
-def check_travel(plan: ScanPlan, recipe: Recipe) -> None:
-    """Refuse a plan with any position outside the stage's or focus drive's travel.
+def check_travel(plan: ScanPlan, recipe: Recipe, core: Any = None) -> None:
+    """Refuse a plan with any position outside the stage's or focus drive's travel (the
+    recipe's, narrowed by the drivers' own limits when ``core`` is given:
+    :func:`scanner.acquisition.travel.travel_limits`).
 
     Called before the first move, so a bad plan never drives the stage into its limits.
 
@@ -312,24 +314,23 @@ def check_travel(plan: ScanPlan, recipe: Recipe) -> None:
     PlanError
         Naming the first offending tile and the limit it breaks.
     """
-    stage = recipe.microscope.stage
-    (xlo, xhi), (ylo, yhi) = stage.travel_x_um, stage.travel_y_um
-    zlo, zhi = recipe.microscope.focus.range_um
+    from scanner.acquisition.travel import travel_limits
+
+    limits = travel_limits(recipe, core)
     for t in plan.tiles:
-        for axis, value, lo, hi in (
-            ("x", t.x_um, xlo, xhi),
-            ("y", t.y_um, ylo, yhi),
-            ("z", t.z_um, zlo, zhi),
-        ):
-            if not lo <= value <= hi:
-                field = f"microscope.stage.travel_{axis}_um" if axis != "z" else (
-                    "microscope.focus.range_um"
-                )
-                raise PlanError(
-                    f"{field}: tile {t.index} (row {t.row}, col {t.col}) needs {axis} = "
-                    f"{value:.0f} µm, outside the travel [{lo:.0f}, {hi:.0f}] µm; move "
-                    "sample.center_um/origin_um or scan a smaller region"
-                )
+        for axis, value in (("x", t.x_um), ("y", t.y_um), ("z", t.z_um)):
+            why = limits[axis].refusal(value, f"tile {t.index} (row {t.row}, col {t.col}) "
+                                              f"needs {axis}")
+            if why:
+                hint = ("move sample.center_um/origin_um or scan a smaller region"
+                        if axis != "z" else "move the focus range inside the drive's travel")
+                raise PlanError(f"{why}; {hint}")
+    z = limits["z"]
+    if z.narrowed_by:
+        # focusing searches the whole range: a drive that stops short of it fails mid-scan
+        lo, hi = recipe.microscope.focus.range_um
+        raise PlanError(f"{z.field}: [{lo:g}, {hi:g}] µm reaches outside the {z.narrowed_by} "
+                        f"drive's own travel; give a range inside [{z.lo:g}, {z.hi:g}] µm")
 
 
 def estimate_hardware_time_s(plan: ScanPlan, recipe: Recipe) -> float:
