@@ -76,3 +76,51 @@ def test_too_few_points_for_the_chosen_model_do_not_fail_the_scan(write_recipe,
     assert focus["surface"]["model"] in ("plane", "quadratic")
     err, _ = _errors(result.folder)
     assert err.max() <= 1.0
+
+
+def test_focus_moves_and_snaps_get_the_scans_retries(tmp_path: Path, monkeypatch) -> None:
+    """A stuck-busy move or a camera timeout during the focus map is retried as a tile's is
+    (it failed the whole scan), and a point whose move never clears is left out of the map."""
+    import yaml
+
+    from devices.core import build_microscope
+    from devices.errors import HardwareTimeout
+    from scanner.acquisition.acquire import _focus_controller
+    from scanner.pipeline import make_plan
+    from scanner.recipe import parse_recipe
+
+    data = yaml.safe_load(RECIPE.format(strategy="focus_map").replace("{{", "{")
+                          .replace("}}", "}"))
+    recipe = parse_recipe(data, tmp_path, "flaky")
+    handle = build_microscope(recipe)
+    plan = make_plan(recipe, handle)
+    core = handle.core
+    faults = {"setXYPosition": 2, "setPosition": 3, "snapImage": 2}
+
+    def flaky(name: str):
+        real = getattr(core, name)
+
+        def call(*args):
+            if faults[name] > 0:
+                faults[name] -= 1
+                raise HardwareTimeout(f"{name}: controller busy")
+            return real(*args)
+        return call
+
+    for name in faults:
+        monkeypatch.setattr(core, name, flaky(name))
+    focus = _focus_controller(handle, recipe, plan)
+    assert faults == {"setXYPosition": 0, "setPosition": 0, "snapImage": 0}
+    assert len(focus.map_points) == 9 and all(p["ok"] for p in focus.map_points)
+    # a focus-map point the stage cannot reach is left out; the scan goes on
+    real_xy = core.setXYPosition
+
+    def refused(x: float, y: float) -> None:
+        if abs(x) < 1.0 and abs(y) < 1.0:
+            raise RuntimeError("XY target refused by the controller")
+        real_xy(x, y)
+
+    monkeypatch.setattr(core, "setXYPosition", refused)
+    focus = _focus_controller(handle, recipe, plan)
+    assert 7 <= len(focus.map_points) <= 8
+    handle.close()

@@ -375,7 +375,12 @@ def _focus_controller(handle: MicroscopeHandle, recipe: Recipe, plan: ScanPlan
         return None
     from scanner.acquisition.focusing import FocusController
 
-    focus = FocusController(handle.core, recipe, plan, handle.depth_of_field_um)
+    # the focus's moves and snaps get the tiles' retries: a serial hiccup during a focus
+    # search failed the whole scan
+    runner = ScanEngine(handle.core, retries=recipe.scan.retries,
+                        timeout_s=recipe.scan.device_timeout_s)
+    focus = FocusController(handle.core, recipe, plan, handle.depth_of_field_um,
+                            retry=runner._retry)
     focus.prepare()
     return focus
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,15 @@ class FocusController:
     _current: int | None = None
     _pair_noise: PairNoise | None = None
     _tiles: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    #: runs a device action with the scan's retries (``ScanEngine._retry``: transient faults
+    #: retried with back-off, a RuntimeError once given up); None: each action runs once
+    retry: Callable[[Callable[[], object], str], None] | None = None
+
+    def _act(self, action: Callable[[], object], what: str) -> None:
+        if self.retry is None:
+            action()
+        else:
+            self.retry(action, what)
 
     @property
     def spec(self):  # noqa: ANN201 - the recipe's FocusPlan model
@@ -106,12 +116,13 @@ class FocusController:
         lo, hi = self.z_range
         if not lo <= z <= hi:  # never drive outside the safe range, whatever asked for it
             raise ValueError(f"focus {z:.2f} µm outside the safe range [{lo}, {hi}] µm")
-        self.core.setPosition(z)
-        self.core.waitForDevice(self.core.getFocusDevice())
+        core = self.core
+        self._act(lambda: (core.setPosition(z), core.waitForDevice(core.getFocusDevice())),
+                  f"focus move to {z:.2f} µm")
 
     def _snap_at(self, z: float) -> np.ndarray:
         self._move_z(z)
-        self.core.snapImage()
+        self._act(self.core.snapImage, "autofocus snap")
         image = self.core.getImage()
         if self._frames is not None:  # focus-map point: evidence for the re-check
             self._frames.append((z, band_energy(image)))
@@ -133,14 +144,18 @@ class FocusController:
             return FocusResult(z_um=z if ok else z_start, confidence=1.0 if ok else 0.0,
                                n_images=0, samples=[], ok=ok,
                                reason="" if ok else "outside the safe range")
-        result = autofocus(
-            self._snap_at,
-            z_start,
-            self.depth_of_field_um,
-            (lo, hi),
-            measure=self.measure,
-            search_span_um=self.spec.search_span_um,
-        )
+        try:
+            result = autofocus(
+                self._snap_at,
+                z_start,
+                self.depth_of_field_um,
+                (lo, hi),
+                measure=self.measure,
+                search_span_um=self.spec.search_span_um,
+            )
+        except RuntimeError as exc:  # a device fault its retries did not clear
+            log.warning("autofocus failed: %s", exc)
+            return None
         self.af_runs += 1
         self.af_images += result.n_images
         if result.ok and not lo <= result.z_um <= hi:
@@ -193,9 +208,16 @@ class FocusController:
 
     def _measure_point(self, x: float, y: float, z_guess: float
                        ) -> tuple[FocusResult | None, list[tuple[float, BandEnergy]]]:
-        """Autofocus at one focus-map point, keeping its frames' evidence for the re-check."""
-        self.core.setXYPosition(x, y)
-        self.core.waitForDevice(self.core.getXYStageDevice())
+        """Autofocus at one focus-map point, keeping its frames' evidence for the re-check
+        (``(None, [])``: the stage could not be moved there; the map does without it)."""
+        core = self.core
+        try:
+            self._act(lambda: (core.setXYPosition(x, y),
+                               core.waitForDevice(core.getXYStageDevice())),
+                      f"focus-map move to ({x:.0f}, {y:.0f}) µm")
+        except RuntimeError as exc:
+            log.warning("focus-map point (%.0f, %.0f) µm left out: %s", x, y, exc)
+            return None, []
         self._frames = []
         result = self._autofocus_here(z_guess)
         frames, self._frames = self._frames, None
