@@ -337,3 +337,31 @@ def test_any_write_on_a_full_disk_is_one_line_and_exit_2(tmp_path: Path) -> None
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "cannot write" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_tile_taken_where_the_stage_was_not_planned_is_lost_then_resumed(
+        tmp_path: Path, monkeypatch) -> None:
+    """Another program moved the stage (a second process on the serial port): the tile's
+    read-back lies millimetres off its plan, so it is not kept at the wrong place."""
+    from scanner.acquisition import acquire
+    from scanner.pipeline import resume_scan
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    real = acquire.ScanEngine._where
+    moved = []
+
+    def elsewhere(self, event):
+        where = real(self, event)
+        if self.tile_index(event) == 2:
+            where["x_um"] += 6700.0  # where the other program left it
+            moved.append(2)
+        return where
+
+    monkeypatch.setattr(acquire.ScanEngine, "_where", elsewhere)
+    result = run_scan(parse_recipe(data, tmp_path, "moved"), tmp_path / "scan")
+    assert moved and result.status == "incomplete"
+    lost = _scan(result.folder)["lost_tiles"]
+    assert list(lost) == ["2"] and "6700 µm from the planned" in str(lost["2"])
+    monkeypatch.setattr(acquire.ScanEngine, "_where", real)
+    assert resume_scan(result.folder).status == "complete"

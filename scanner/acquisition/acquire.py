@@ -65,6 +65,10 @@ class ScanEngine(MDAEngine):
         Watchdog: a move or snap that has not returned after this long is a hardware timeout.
     backoff_s : float
         Wait before the first retry, doubled at each further one.
+    position_tolerance_um : float, optional
+        A tile whose stage read-back lies farther than this from its planned position is
+        lost, not kept at a place it was not planned for (another program moved the stage,
+        or it did not go where it was told); None: not checked.
     """
 
     def __init__(
@@ -78,8 +82,10 @@ class ScanEngine(MDAEngine):
         on_lost: Callable[[int, str], None] | None = None,
         timeout_s: float = 60.0,
         backoff_s: float = 0.05,
+        position_tolerance_um: float | None = None,
     ) -> None:
         super().__init__(mmcore)
+        self.position_tolerance_um = position_tolerance_um
         self.retries = retries
         self.clock = clock
         self.focus = focus
@@ -158,6 +164,10 @@ class ScanEngine(MDAEngine):
         except _TileLost as exc:
             self._lose(index, str(exc))
             return
+        off = self._off_plan(where)
+        if off is not None:
+            self._lose(index, off)
+            return
         meta = self.get_frame_metadata(event, include_position=True)
         meta[META_KEY] = where  # type: ignore[literal-required]
         if self.sink is not None:  # a storage error propagates and stops the run
@@ -167,6 +177,21 @@ class ScanEngine(MDAEngine):
         yield image, event, meta
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _off_plan(self, where: dict[str, float]) -> str | None:
+        """Why a tile's read-back position is not its planned one (None: it is, within the
+        tolerance, or nothing to compare)."""
+        tol = self.position_tolerance_um
+        x, y = where["x_um"], where["y_um"]
+        px, py = where["x_planned_um"], where["y_planned_um"]
+        if tol is None or not all(np.isfinite((x, y, px, py))):
+            return None
+        d = float(np.hypot(x - px, y - py))
+        if d <= tol:
+            return None
+        return (f"the stage reads ({x:.0f}, {y:.0f}) µm, {d:.0f} µm from the planned "
+                f"({px:.0f}, {py:.0f}) µm (more than {tol:.0f} µm): moved by another program, "
+                "or it did not go where it was told; not kept (resume takes it again)")
 
     def _lose(self, index: int, reason: str) -> None:
         log.error("tile %d lost: %s", index, reason)
@@ -343,7 +368,8 @@ def acquire(
     sink, on_lost = _tile_sinks(store, plan, shape, np.dtype(dtype), clock, on_tile)
     engine = ScanEngine(core, retries=recipe.scan.retries, clock=clock, focus=focus,
                         tiles=[t.index for t in todo], sink=sink, on_lost=on_lost,
-                        timeout_s=recipe.scan.device_timeout_s)
+                        timeout_s=recipe.scan.device_timeout_s,
+                        position_tolerance_um=position_tolerance_um(recipe, plan))
     previous = core.mda.set_engine(engine)
     try:
         if todo:
@@ -366,6 +392,19 @@ def acquire(
         hardware_s=(hw_end - hw_start) if hw_end is not None and hw_start is not None
         else time.perf_counter() - wall_start,
     )
+
+
+#: a tile's read-back may lie this many stage repeatabilities (one sigma) from its plan ...
+READBACK_SIGMAS = 10.0
+#: ... or this share of the field of view, whichever is more
+READBACK_FOV_SHARE = 0.05
+
+
+def position_tolerance_um(recipe: Recipe, plan: ScanPlan) -> float:
+    """How far a tile's stage read-back may lie from its planned position: far beyond the
+    stage's landing noise, well inside the tiles' overlap."""
+    return max(READBACK_SIGMAS * float(recipe.microscope.stage.repeatability_um),
+               READBACK_FOV_SHARE * float(min(plan.fov_um)))
 
 
 def _focus_controller(handle: MicroscopeHandle, recipe: Recipe, plan: ScanPlan
