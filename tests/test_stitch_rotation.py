@@ -152,3 +152,27 @@ def test_an_uncalibrated_camera_is_measured_on_the_scan(write_recipe, tmp_path: 
     err = np.array([(r.x_reg_um - r.x_true_um, r.y_reg_um - r.y_true_um) for r in records])
     rel = np.hypot(*(err - err.mean(axis=0)).T)
     assert np.sqrt(np.mean(rel**2)) <= 0.3 and rel.max() <= 1.0
+
+
+@pytest.mark.slow
+def test_a_camera_turned_beyond_the_search_window_is_still_measured(tmp_path: Path):
+    """A 2 deg camera shifts each neighbour 16 px sideways, beyond the 8.5 px window: 13 of
+    60 pairs matched, the turn went unmeasured and tiles were placed up to 56 um off. A wider
+    search finds the turn, and the scan is registered with it."""
+    from scanner.recipe import parse_recipe
+
+    recipe = parse_recipe({
+        "sample": {"kind": "wafer", "diameter_mm": 30, "die_pitch_mm": [4.3, 3.1],
+                   "die_origin_mm": [-1.3, 0.7], "scribe_width_um": 100, "edge_exclusion_mm": 1.5,
+                   "defects": {"count": 0}},
+        "microscope": {"kind": "simulated", "seed": 1, "stage": {"repeatability_um": 3.0},
+                       "camera": {"width": 512, "height": 512, "pixel_size_um": 10.0,
+                                  "rotation_deg": 2.0}},
+        "scan": {"overlap": 0.1, "align": False}}, tmp_path, "turned")
+    folder = run_scan(recipe, tmp_path / "scan", inspect=False).folder
+    scan = json.loads((folder / "scan.json").read_text())
+    assert scan["registration"]["camera_measured"]["rotation_deg"] == pytest.approx(2.0, abs=0.02)
+    assert scan["registration"]["n_pairs_used"] >= 50
+    records = read_tiles_csv(folder)
+    err = np.array([(r.x_reg_um - r.x_true_um, r.y_reg_um - r.y_true_um) for r in records])
+    assert np.hypot(*(err - err.mean(axis=0)).T).max() <= 10.0  # one pixel

@@ -373,6 +373,30 @@ def _summary(records: list[Any], pairs: list[PairResult], result: SolveResult,
     )
 
 
+#: the largest camera turn against the stage a scan without a calibration is searched for
+MAX_CAMERA_TURN_DEG = 5.0
+#: a first registration matching under this share of its pairs that are not blank is
+#: searched again with a window wide enough for such a turn
+FEW_MATCHED = 0.5
+
+
+def _few_matched(summary: RegistrationSummary) -> bool:
+    textured = summary.n_pairs - summary.n_blank_pairs
+    return textured > 0 and summary.n_pairs_used < FEW_MATCHED * textured
+
+
+def _wide_window_um(records: list[TileRecord], window_um: float) -> float:
+    """The usual window plus a neighbour's sideways shift under a camera turned by
+    :data:`MAX_CAMERA_TURN_DEG`."""
+    at = {(r.row, r.col): (r.x_um, r.y_um) for r in records}
+    steps = [math.hypot(at[(r, c + 1)][0] - x, at[(r, c + 1)][1] - y)
+             for (r, c), (x, y) in at.items() if (r, c + 1) in at]
+    steps += [math.hypot(at[(r + 1, c)][0] - x, at[(r + 1, c)][1] - y)
+              for (r, c), (x, y) in at.items() if (r + 1, c) in at]
+    step = float(np.median(steps)) if steps else 0.0
+    return window_um + step * math.sin(math.radians(MAX_CAMERA_TURN_DEG))
+
+
 def register_scan(
     folder: Path,
     camera: CameraGeometry,
@@ -407,19 +431,34 @@ def register_scan(
         progress=progress, precomputed=precomputed)
     measured = None
     if measure_camera and ok:
+        found_in = (pairs, classes)
+        if max_shift_um is None and _few_matched(summary):
+            # a camera turned more than about a degree shifts each neighbour sideways by
+            # more than the window (2 deg over 460 px: 16 px against 8.5): few pairs match,
+            # and its turn cannot be measured from them. A wider window finds the turn; the
+            # scan is then registered with it at the usual window below.
+            wide = _wide_window_um(ok, summary.max_shift_px * camera.pixel_size_um)
+            _, wide_summary, wide_pairs, wide_classes = register_tiles(
+                tiles, ok, camera, repeatability_um, max_shift_um=wide, min_ncc=min_ncc)
+            if wide_summary.n_pairs_used > summary.n_pairs_used:
+                found_in = (wide_pairs, wide_classes)
         stage = np.array([(r.x_um, r.y_um) for r in ok], dtype=float)
         found = measured_camera(
-            stage, tile_prior(stage, camera, tuple(int(s) for s in tiles.shape[1:])), pairs,
-            classes == "textured", np.array([(r.row, r.col) for r in ok]),
+            stage, tile_prior(stage, camera, tuple(int(s) for s in tiles.shape[1:])),
+            found_in[0], found_in[1] == "textured", np.array([(r.row, r.col) for r in ok]),
             camera.pixel_size_um, camera.rotation_deg, repeatability_um)
         if found is not None:
             pixel, rotation, measured = found
             if measured["rotation_applied"] or measured["pixel_size_applied"]:
-                camera = CameraGeometry(pixel, rotation)
+                turned = CameraGeometry(pixel, rotation)
                 # searched and solved again around where this geometry expects each tile
-                centres, summary, _, _ = register_tiles(
-                    tiles, ok, camera, repeatability_um, max_shift_um=max_shift_um,
-                    min_ncc=min_ncc, precomputed=precomputed)
+                again = register_tiles(tiles, ok, turned, repeatability_um,
+                                       max_shift_um=max_shift_um, min_ncc=min_ncc,
+                                       precomputed=precomputed)
+                if again[1].n_pairs_used >= summary.n_pairs_used:
+                    camera, (centres, summary) = turned, again[:2]
+                else:  # the geometry matched fewer pairs than the given one: not taken
+                    measured = None
     by_index = {r.index: (float(c[0]), float(c[1])) for r, c in zip(ok, centres, strict=True)}
     out = [replace(r, x_reg_um=by_index[r.index][0], y_reg_um=by_index[r.index][1])
            if r.index in by_index else r for r in all_records]
