@@ -104,3 +104,20 @@ def test_calibrate_refuses_a_huge_grid_before_listing_its_frames(write_recipe, t
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], lines
     assert not (tmp_path / "c.json").exists()
+
+
+def test_the_automatic_grid_keeps_its_frames_on_the_sample(tmp_path: Path):
+    """The shipped emulated rig (a 20 mm wafer, 10 mm fields): the automatic 5 x 5 grid of
+    7.7 mm steps spanned 41 mm, its outer frames saw the bare chuck and calibration was
+    refused; the grid now stays on the wafer, and the pixel size is found."""
+    import shutil
+
+    from scanner.recipe import load_recipe
+    from scanner.stitching.cameracalibration import calibrate_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for name in ("emulated_rig.yaml", "emulated_rig.cfg"):
+        shutil.copy(root / name, tmp_path / name)
+    result = calibrate_recipe(load_recipe(tmp_path / "emulated_rig.yaml"))
+    assert result.n_frames == 9
+    assert result.pixel_size_um == pytest.approx(10.0, rel=5e-4)

@@ -131,6 +131,7 @@ def calibrate_core(
     max_error: float = 0.03,
     travel_um: tuple[tuple[float, float], tuple[float, float]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    area: Any = None,
 ) -> CalibrationResult:
     """Measure the camera's pixel size and rotation by moving the stage by known steps.
 
@@ -156,6 +157,9 @@ def calibrate_core(
         Stage travel; every grid position is checked before the first move.
     progress : callable, optional
         ``progress(done, total)`` per frame.
+    area : shapely Polygon, optional
+        Where the sample lies (stage µm): a grid chosen here keeps its frames on it (at
+        least 3 x 3); a given ``grid`` is taken as it is.
 
     Raises
     ------
@@ -172,6 +176,10 @@ def calibrate_core(
     step_um = (step_px[0] * p, step_px[1] * p)
     if grid is None:
         grid = auto_grid(repeatability_um, min(step_um))
+        if area is not None:
+            # frames off the sample see the bare chuck and do not register: the 5 x 5 grid
+            # of 7.7 mm steps spanned 41 mm over a 20 mm wafer, and 12 of 40 pairs matched
+            grid = min(grid, max(3, _grid_on(area, centre_um, step_um, (w * p, h * p))))
     # the grid's corners before its n x n positions are listed: --grid 100000 (10^10
     # positions) filled the memory before the travel check could refuse it
     if travel_um is not None:
@@ -275,6 +283,21 @@ def _register_grid(frames: dict[tuple[int, int], np.ndarray],
     return pairs
 
 
+def _grid_on(area: Any, centre_um: tuple[float, float], step_um: tuple[float, float],
+             fov_um: tuple[float, float]) -> int:
+    """Most frames per side whose fields all lie on ``area`` (0: not even one)."""
+    from shapely.geometry import box
+
+    n = 0
+    while n < MAX_GRID:
+        half = (n * step_um[0] / 2 + fov_um[0] / 2, n * step_um[1] / 2 + fov_um[1] / 2)
+        if not area.contains(box(centre_um[0] - half[0], centre_um[1] - half[1],
+                                 centre_um[0] + half[0], centre_um[1] + half[1])):
+            return n
+        n += 1
+    return n
+
+
 def calibrate_recipe(
     recipe: Any,
     *,
@@ -298,19 +321,24 @@ def _calibrate_handle(handle: Any, recipe: Any, centre_um: tuple[float, float] |
                       grid: int | None, step_fraction: float,
                       progress: Callable[[int, int], None] | None) -> CalibrationResult:
     """:func:`calibrate_recipe` on a built microscope."""
+    from scanner.acquisition.travel import travel_limits
     from scanner.geometry import usable_polygon
 
     core = handle.core
-    if centre_um is None:
-        c = usable_polygon(recipe.sample, notch=False).centroid  # the sample's centre
+    area = None
+    if centre_um is None:  # on the sample (a grid at --at X Y is the user's choice)
+        area = usable_polygon(recipe.sample, notch=False)
+        c = area.centroid  # the sample's centre
         centre_um = (float(c.x), float(c.y))
     micro = recipe.microscope
     stage = getattr(micro, "stage", None)
-    travel = (tuple(stage.travel_x_um), tuple(stage.travel_y_um)) if stage is not None else None
+    limits = travel_limits(recipe, core) if stage is not None else None
+    travel = ((limits["x"].lo, limits["x"].hi), (limits["y"].lo, limits["y"].hi)) \
+        if limits is not None else None
     repeat = float(stage.repeatability_um) if stage is not None else 2.0
     result = calibrate_core(core, float(core.getPixelSizeUm()), centre_um, grid=grid,
                             step_fraction=step_fraction, repeatability_um=repeat,
-                            travel_um=travel, progress=progress)
+                            travel_um=travel, progress=progress, area=area)
     truth = (handle.truth or {}).get("camera")
     if truth:
         result.extra["truth"] = {
