@@ -318,16 +318,19 @@ def test_validate_shows_the_alignment_plan_and_its_time() -> None:
     assert routed < 0.15 * 33.8  # issue 22's target: alignment ≤ 15 % of the scan
 
 
-@pytest.mark.parametrize(("placement", "camera_deg"), [
-    ({"rotation_deg": 2.5}, 0.0),
-    ({"rotation_deg": -4.0, "offset_um": [300, -200]}, 0.0),
+@pytest.mark.parametrize(("placement", "camera_deg", "calibrated"), [
+    ({"rotation_deg": 2.5}, 0.0, False),
+    ({"rotation_deg": -4.0, "offset_um": [300, -200]}, 0.0, False),
     # half a 5 mm field off: the notch's first field saw a part of the V only
-    ({"offset_um": [2500, 1800]}, 0.0),
+    ({"offset_um": [2500, 1800]}, 0.0, False),
     # a camera turned against the stage (calibrated) and the wafer the other way
-    ({"rotation_deg": -0.5, "offset_um": [400, 0]}, 1.5),
+    ({"rotation_deg": -0.5, "offset_um": [400, 0]}, 1.5, True),
+    # ... and one no calibration tells of: the lanes are found at the pattern's own angle
+    ({"rotation_deg": 0.6}, 2.5, False),
 ])
 def test_alignment_holds_for_turned_or_far_placed_wafers(tmp_path: Path, placement: dict,
-                                                         camera_deg: float) -> None:
+                                                         camera_deg: float,
+                                                         calibrated: bool) -> None:
     from devices.core import build_microscope
     from scanner.acquisition.align import align
 
@@ -335,6 +338,7 @@ def test_alignment_holds_for_turned_or_far_placed_wafers(tmp_path: Path, placeme
     data["sample"]["placement"] = placement
     if camera_deg:
         data["microscope"]["camera"]["rotation_deg"] = camera_deg
+    if calibrated:
         (tmp_path / "cal.json").write_text(json.dumps({"pixel_size_um": 10.0,
                                                        "rotation_deg": camera_deg}))
         data["microscope"]["calibration"] = "cal.json"
@@ -344,7 +348,10 @@ def test_alignment_holds_for_turned_or_far_placed_wafers(tmp_path: Path, placeme
     truth = handle.truth["placement"]
     # the die lanes were read (a turn over about 1 deg hid them) and the notch seen whole
     assert result.die_grid is not None and result.die_sites_skipped is None
-    assert np.hypot(*(np.array(result.center_um) - truth["center_um"])) <= 5.0
+    # an uncalibrated camera's turn moves the edge points at a field's rim (the fine
+    # alignment on the mosaic, which measures the camera, takes the centre further)
+    near = 5.0 if calibrated or not camera_deg else 50.0
+    assert np.hypot(*(np.array(result.center_um) - truth["center_um"])) <= near
     assert abs(result.rotation_deg - truth["rotation_deg"]) <= 0.01
 
 

@@ -171,6 +171,30 @@ def lane_cross(image: np.ndarray, lane_um: float, pixel_um: float, angle_deg: fl
     512 px field, wider than itself, and no column was quiet.
     """
     img = np.asarray(image, dtype=np.float32)
+    found = _lane_cross_at(img, lane_um, pixel_um, angle_deg)
+    if found is None:
+        # the camera may be turned against the stage without a calibration saying so: the
+        # lanes then lie at the pattern's own angle, not the expected one
+        seen = manhattan_angle(img, angle_deg)
+        if abs(seen - angle_deg) > 0.05:
+            found = _lane_cross_at(img, lane_um, pixel_um, seen)
+    return found
+
+
+def manhattan_angle(image: np.ndarray, near_deg: float = 0.0) -> float:
+    """The turn (deg, from +col towards +row) of a pattern drawn along two perpendicular
+    directions (a die's lanes, pads and lines), from its gradients' directions folded onto a
+    quarter turn; the one nearest ``near_deg``."""
+    img = np.asarray(image, dtype=np.float32)
+    gy, gx = np.gradient(ndimage.gaussian_filter(img, 1.0))
+    weight = np.hypot(gx, gy)
+    z = np.sum(weight * np.exp(4j * np.arctan2(gy, gx)))
+    angle = math.degrees(math.atan2(z.imag, z.real)) / 4.0
+    return angle + 90.0 * round((near_deg - angle) / 90.0)
+
+
+def _lane_cross_at(img: np.ndarray, lane_um: float, pixel_um: float, angle_deg: float
+                   ) -> tuple[float, float] | None:
     h, w = img.shape
     th = math.radians(angle_deg)
     if abs(math.tan(th)) * max(h, w) > SLANT_PX:
@@ -180,7 +204,7 @@ def lane_cross(image: np.ndarray, lane_um: float, pixel_um: float, angle_deg: fl
         centre = np.array([(h - 1) / 2, (w - 1) / 2])
         straight = ndimage.affine_transform(img, m, offset=centre - m @ centre, order=1,
                                             mode="nearest")
-        found = lane_cross(straight, lane_um, pixel_um)
+        found = _lane_cross_at(straight, lane_um, pixel_um, 0.0)
         if found is None:
             return None
         dc, dr = found[0] - centre[1], found[1] - centre[0]
