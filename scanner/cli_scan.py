@@ -43,10 +43,10 @@ def validate(recipe: RecipeArg) -> None:
         estimate_alignment_time_s,
         wants_alignment,
     )
-    from scanner.acquisition.travel import check_positions, travel_limits
     from scanner.errors import PlanError
     from scanner.pipeline import make_plan, plan_warnings
     from scanner.recipe import load_recipe
+    from scanner.travel import check_positions, travel_limits
 
     rec = load_recipe(recipe)
     with build_microscope(rec) as handle:

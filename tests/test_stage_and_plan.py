@@ -158,7 +158,7 @@ class _DriverLimits:
 
 
 def test_a_drivers_narrower_limits_refuse_the_plan_before_anything_moves() -> None:
-    from scanner.acquisition.travel import travel_limits
+    from scanner.travel import travel_limits
 
     recipe = parse_recipe({"sample": {"kind": "rectangle", "width_mm": 4, "height_mm": 4,
                                       "center_um": [99_000, 0]},

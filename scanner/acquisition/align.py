@@ -60,7 +60,7 @@ from scanner.acquisition.alignrecord import Alignment, AlignmentError, Site
 from scanner.acquisition.alignrecord import (
     to_wafer_frame as to_wafer_frame,  # scanner.reports.locate
 )
-from scanner.acquisition.travel import check_positions, travel_limits
+from scanner.travel import check_positions, travel_limits
 
 ALIGNMENT_PNG = "alignment.png"
 

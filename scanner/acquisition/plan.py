@@ -305,7 +305,7 @@ def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
 def check_travel(plan: ScanPlan, recipe: Recipe, core: Any = None) -> None:
     """Refuse a plan with any position outside the stage's or focus drive's travel (the
     recipe's, narrowed by the drivers' own limits when ``core`` is given:
-    :func:`scanner.acquisition.travel.travel_limits`).
+    :func:`scanner.travel.travel_limits`).
 
     Called before the first move, so a bad plan never drives the stage into its limits.
 
@@ -314,7 +314,7 @@ def check_travel(plan: ScanPlan, recipe: Recipe, core: Any = None) -> None:
     PlanError
         Naming the first offending tile and the limit it breaks.
     """
-    from scanner.acquisition.travel import travel_limits
+    from scanner.travel import travel_limits
 
     limits = travel_limits(recipe, core)
     for t in plan.tiles:

@@ -321,8 +321,8 @@ def _calibrate_handle(handle: Any, recipe: Any, centre_um: tuple[float, float] |
                       grid: int | None, step_fraction: float,
                       progress: Callable[[int, int], None] | None) -> CalibrationResult:
     """:func:`calibrate_recipe` on a built microscope."""
-    from scanner.acquisition.travel import travel_limits
     from scanner.geometry import usable_polygon
+    from scanner.travel import travel_limits
 
     core = handle.core
     area = None
