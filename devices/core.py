@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -128,10 +129,31 @@ def _quiet_discovery() -> Iterator[None]:
         mm_log.setLevel(level)
 
 
-def _set_pixel_size(core: UniMMCore, pixel_size_um: float) -> None:
-    core.definePixelSizeConfig(PIXEL_CONFIG)
-    core.setPixelSizeUm(PIXEL_CONFIG, pixel_size_um)
-    core.setPixelSizeConfig(PIXEL_CONFIG)
+def _set_pixel_size(core: UniMMCore, pixel_size_um: float,
+                    affine: tuple[float, ...] | None = None) -> str:
+    """Make ``pixel_size_um`` (and the pixel→stage ``affine``) what the core uses.
+
+    The core's pixel size is that of the first pixel-size preset whose settings match the
+    devices' present state (``getCurrentPixelSizeConfig``), so a preset of our own beside a
+    ``.cfg``'s matching one (``Res10x`` on the objective in place) is never used, and the
+    scan went on with the file's size instead of the calibration. The values therefore go
+    on the preset that matches now (in this core only: the file is not changed); a preset
+    without settings, which matches any state, is defined only where none matches (no
+    preset, or none for the objective in place).
+
+    Returns
+    -------
+    str
+        The preset that now carries the pixel size.
+    """
+    preset = core.getCurrentPixelSizeConfig()
+    if not preset:
+        core.definePixelSizeConfig(PIXEL_CONFIG)
+        preset = PIXEL_CONFIG
+    core.setPixelSizeUm(preset, pixel_size_um)
+    if affine is not None:
+        core.setPixelSizeAffine(preset, list(affine))
+    return preset
 
 
 #: the loggers of pymmcore-plus's modules (``pymmcore_plus.experimental.unicore`` logs a Python
@@ -315,7 +337,7 @@ def build_micromanager(recipe: RecipeLike) -> MicroscopeHandle:
     (applied by :func:`build_microscope`), else the file's pixel-size presets, else the recipe.
     """
     from .errors import ConfigError
-    from .mmconfig import ROLE_PROPERTIES, check_config
+    from .mmconfig import check_config
 
     spec: MicroManagerMicroscope = recipe.microscope  # type: ignore[assignment]
     roles = spec.roles.model_dump(exclude_none=True) if spec.roles is not None else {}
@@ -327,33 +349,73 @@ def build_micromanager(recipe: RecipeLike) -> MicroscopeHandle:
     with _quiet_discovery():
         core = UniMMCore(adapter_paths=adapters)
     scope = _cfg_scope(recipe, summary)
-    try:
-        with providing(scope), _initialization_log() as records:
-            core.loadSystemConfiguration(str(spec.config))
-    except Exception as exc:  # the C++ core raises plain RuntimeErrors with multi-line text
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"microscope.config: cannot load {spec.config.name}: {first} "
-            "(are the Micro-Manager device adapters installed? run `mmcore install`)"
-        ) from None
-    # a C++ device that fails raises above; a Python device (a serial stage whose port does
-    # not exist) is only logged, and would fail at its first use as "not initialized"
+    failure = _load_config(core, spec, summary, roles, scope)
+    if failure is not None:
+        # released now (the ports the devices opened are free again), and the core collected
+        # here, with the failure's tracebacks that held it (the message is raised with no
+        # traceback of the load): left to the interpreter's exit, they were sometimes
+        # collected in one of the core's C++ threads, which aborted the process after the
+        # one line was printed ("FATAL: exception not rethrown", exit 134)
+        MicroscopeHandle(core=core, kind="micromanager").close()
+        del core
+        gc.collect()
+        raise UserError(failure)
+    clock = next((label for label in core.getLoadedDevices()
+                  if core.getDeviceName(label) == "SimClock"), None)
+    return MicroscopeHandle(
+        core=core,
+        kind="micromanager",
+        truth=scope.sample.truth() if scope is not None else None,
+        clock_device=clock,
+        info={"config": str(spec.config), "depth_of_field_um": spec.objective.depth_of_field_um,
+              "effective_depth_of_field_um": round(
+                  spec.objective.effective_depth_of_field_um(core.getPixelSizeUm()), 3)},
+    )
+
+
+def _load_config(core: UniMMCore, spec: MicroManagerMicroscope, summary: Any,
+                 roles: dict[str, str], scope: Any) -> str | None:
+    """Load ``spec.config`` into ``core`` and set its roles, pixel size and travel.
+
+    Returns
+    -------
+    str or None
+        Why the microscope cannot be used, in one line (bad input: the caller releases the
+        core and raises it), or None.
+    """
     from pymmcore_plus import Keyword
 
+    from .mmconfig import loadable_config
+
+    with providing(scope), _initialization_log() as records, loadable_config(
+            spec.config) as path:
+        try:
+            core.loadSystemConfiguration(str(path))
+        except Exception as exc:  # the loader wraps each line's error in multi-line text
+            return _load_failure(spec.config.name, exc)
+    # a C++ device that fails raises above; a Python device (a serial stage whose port does
+    # not exist) is only logged, and would fail at its first use as "not initialized"
     devices = [label for label in core.getLoadedDevices() if label != Keyword.CoreDevice]
     failed = _require_initialized(core, devices, records)
     if failed:
-        # released now (the ports the other devices opened are free again), and the failure's
-        # tracebacks and the core collected here: left to the interpreter's exit, they were
-        # sometimes collected in one of the core's C++ threads, which aborted the process
-        # after the one line was printed ("FATAL: exception not rethrown", exit 134)
-        MicroscopeHandle(core=core, kind="micromanager").close()
-        del core
-        records.clear()
-        gc.collect()
-        raise UserError(f"microscope.config: {spec.config.name}: {failed}")
-    for role, label in roles.items():
-        core.setProperty("Core", ROLE_PROPERTIES[role], label)
+        return f"microscope.config: {spec.config.name}: {failed}"
+    try:
+        for role, label in roles.items():
+            _set_role(core, role, label)
+        _require_roles_and_pixel_size(core, spec)
+        if spec.pixel_size_um is not None and (
+                summary.pixel_size_um is None or core.getPixelSizeUm() <= 0):
+            _set_pixel_size(core, spec.pixel_size_um)
+        if not core.getShutterDevice():
+            core.setAutoShutter(False)
+        _limit_travel(core, spec.stage)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
+def _require_roles_and_pixel_size(core: UniMMCore, spec: MicroManagerMicroscope) -> None:
+    """Refuse a core without a camera, XY stage or focus drive, or without a pixel size."""
     missing = [
         what
         for what, label in (
@@ -366,28 +428,75 @@ def build_micromanager(recipe: RecipeLike) -> MicroscopeHandle:
     if missing:
         raise UserError(f"microscope.roles: {spec.config.name} defines no {', '.join(missing)} "
                         "(set it in the .cfg's Core properties or in microscope.roles)")
-    if summary.pixel_size_um is None or core.getPixelSizeUm() <= 0:
-        if spec.pixel_size_um is None and spec.calibration is None:
-            raise UserError(
-                f"microscope.pixel_size_um: {spec.config.name} has no pixel size calibration; "
-                "give pixel_size_um in the recipe"
-            )
-        if spec.pixel_size_um is not None:
-            _set_pixel_size(core, spec.pixel_size_um)
-    if not core.getShutterDevice():
-        core.setAutoShutter(False)
-    _limit_travel(core, spec.stage)
-    clock = next((label for label in core.getLoadedDevices()
-                  if core.getDeviceName(label) == "SimClock"), None)
-    return MicroscopeHandle(
-        core=core,
-        kind="micromanager",
-        truth=scope.sample.truth() if scope is not None else None,
-        clock_device=clock,
-        info={"config": str(spec.config), "depth_of_field_um": spec.objective.depth_of_field_um,
-              "effective_depth_of_field_um": round(
-                  spec.objective.effective_depth_of_field_um(core.getPixelSizeUm()), 3)},
-    )
+    if core.getPixelSizeUm() <= 0 and spec.pixel_size_um is None and spec.calibration is None:
+        raise UserError(
+            f"microscope.pixel_size_um: {spec.config.name} has no pixel size calibration; "
+            "give pixel_size_um in the recipe"
+        )
+
+
+#: the core's setter of each role's current device, and the device type it takes: the setters
+#: reach UniMMCore's Python devices too, where ``setProperty("Core", "Camera", label)`` goes to
+#: the C++ core, which knows only its own devices ("Cannot set Core property Camera to invalid
+#: value"); UniMMCore's setters do not check the type, and a wrong one failed later
+ROLE_SETTERS = {"camera": ("setCameraDevice", "CameraDevice", "a camera"),
+                "xy_stage": ("setXYStageDevice", "XYStageDevice", "an XY stage"),
+                "focus": ("setFocusDevice", "StageDevice", "a focus drive (stage)"),
+                "autofocus": ("setAutoFocusDevice", "AutoFocusDevice", "an autofocus"),
+                "shutter": ("setShutterDevice", "ShutterDevice", "a shutter")}
+
+
+def _set_role(core: UniMMCore, role: str, label: str) -> None:
+    """Make ``label`` the core's current device of ``role`` (``microscope.roles``)."""
+    from pymmcore_plus import DeviceType
+
+    setter, kind, words = ROLE_SETTERS[role]
+    actual = DeviceType(core.getDeviceType(label))
+    if actual != DeviceType[kind]:
+        raise UserError(f"microscope.roles.{role}: {label!r} is not {words} "
+                        f"(its type: {actual.name})")
+    try:
+        getattr(core, setter)(label)
+    except Exception as exc:  # the core's refusal, in one line
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(f"microscope.roles.{role}: cannot use {label!r}: {why}") from None
+
+
+#: words of a load error about a device adapter (a library) rather than the file's content
+_ADAPTER_WORDS = ("device adapter", "deviceadapter", "adapter module", "mmgr_dal",
+                  "failed to load device", "device interface version")
+#: the loader's own wrappers around a line's error (pymmcore-plus's ``load_from_string`` and
+#: its command executor)
+_WRAPPERS = ("Error in configuration file", "Error executing command")
+_LINE_ERROR = re.compile(r"at line (\d+): (.*)$")
+
+
+def _load_failure(name: str, exc: BaseException) -> str:
+    """One line for a ``.cfg`` that failed to load: its line and the real cause.
+
+    The loader's message is ``Error in configuration file '...' at line N: 'LINE'`` and, on
+    the next lines, the cause, itself wrapped once more ("Error executing command ..."); the
+    first exception of the chain that is not a wrapper says what was wrong ("Device
+    'XYStage' has no property ..."). Only an adapter that cannot be loaded gets the hint to
+    install Micro-Manager's adapters.
+    """
+    text = str(exc).strip()
+    where = _LINE_ERROR.search(text.splitlines()[0]) if text else None
+    cause: BaseException = exc
+    while cause.__cause__ is not None and str(cause).lstrip().startswith(_WRAPPERS):
+        cause = cause.__cause__
+    # a KeyError's str() is its repr ("\"Device 'X' has no property 'Y'.\"")
+    message = cause.args[0] if isinstance(cause, KeyError) and len(cause.args) == 1 else cause
+    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith(_WRAPPERS[0]) and where:  # no chain: the text after it
+        lines = lines[1:]
+    if lines and lines[0].startswith(_WRAPPERS[1]) and "]: " in lines[0]:
+        lines[0] = lines[0].split("]: ", 1)[1]
+    why = "; ".join(lines) or type(cause).__name__
+    at = f"line {where.group(1)} {where.group(2)}: " if where else ""
+    hint = (" (are the Micro-Manager device adapters installed? run `mmcore install`)"
+            if any(w in why.lower() for w in _ADAPTER_WORDS) else "")
+    return f"microscope.config: cannot load {name}: {at}{why}{hint}"
 
 
 #: emulator stage name that a shipped or user ``.cfg`` binds its emulated controller to
@@ -457,7 +566,6 @@ def apply_calibration(core: UniMMCore, path: Any) -> None:
     from .calibration import read_camera_calibration
 
     p, rotation_deg = read_camera_calibration(path)
-    _set_pixel_size(core, p)
     th = math.radians(rotation_deg)
-    core.setPixelSizeAffine(PIXEL_CONFIG, [p * math.cos(th), -p * math.sin(th), 0.0,
-                                           p * math.sin(th), p * math.cos(th), 0.0])
+    _set_pixel_size(core, p, (p * math.cos(th), -p * math.sin(th), 0.0,
+                              p * math.sin(th), p * math.cos(th), 0.0))

@@ -1,8 +1,10 @@
 """Typed errors of the device layer.
 
 The acquisition retries only :class:`HardwareError` (and its subclasses): a controller that
-answered with an error, a garbled or missing reply, a camera that timed out. Anything else
-(a programming error, a travel-limit refusal) is not a transient fault and is never retried.
+answered with an error, a garbled or missing reply, a camera that timed out. A limit switch
+that stopped a move (:class:`LimitSwitchHit`) is a hardware error too but is never retried:
+the same move would drive into the same switch. Anything else (a programming error, a
+travel-limit refusal) is not a transient fault and is never retried either.
 :class:`UserError` is bad input (a recipe's sample, a calibration file); ``scanner.errors``
 re-exports it.
 """
@@ -25,15 +27,24 @@ class TravelLimitRefused(RuntimeError):
     """A move outside the travel range was refused before any command was sent (not retried)."""
 
 
+class LimitSwitchHit(HardwareError):
+    """A limit switch stopped a move short of its target (the controller reported it).
+
+    Not transient: the stage's physical travel ends before the target, so trying the move
+    again only drives into the hard stop again (see :func:`is_transient`).
+    """
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a device error may go away when the action is tried again.
 
     True for the device layer's :class:`HardwareError`, for timeouts and I/O errors (a serial
     port that hiccupped), and for the plain ``RuntimeError`` that pymmcore raises for every
-    C++ adapter error. Subclasses of ``RuntimeError`` that mean a refusal (a travel limit) and
-    programming errors (``TypeError``, ``AttributeError``...) are not transient.
+    C++ adapter error. Subclasses of ``RuntimeError`` that mean a refusal (a travel limit),
+    a move stopped by a limit switch, and programming errors (``TypeError``,
+    ``AttributeError``...) are not transient.
     """
-    if isinstance(exc, TravelLimitRefused):
+    if isinstance(exc, (TravelLimitRefused, LimitSwitchHit)):
         return False
     if isinstance(exc, (HardwareError, TimeoutError, OSError)):
         return True

@@ -8,10 +8,14 @@ every Python device (``#py pyDevice`` lines) that cannot be imported, in one lin
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import os
 import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +81,58 @@ def _py_device_found(module: str, cls: str) -> bool:
         return False
 
 
+def config_text(path: Path) -> str:
+    """The text of a ``.cfg``, read as tolerantly as its meaning allows.
+
+    pymmcore-plus reads a file as strict UTF-8, so a byte-order mark (Windows editors save
+    one) became part of the first command's name, and a Latin-1 "µ" in a comment refused
+    the whole file with a byte offset. The mark is dropped; a comment line (``#``, not
+    ``#py``) is never parsed, so its undecodable bytes are replaced; anywhere else they
+    are an error naming the line.
+
+    Raises
+    ------
+    ConfigError
+        A command line that is not UTF-8 text.
+    """
+    path = Path(path)
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for number, line in enumerate(raw.splitlines(keepends=True), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            command = line.strip()
+            if not command.startswith(b"#") or command.startswith(_PY_PREFIX.encode()):
+                raise ConfigError(
+                    f"microscope.config: {path.name}: line {number} is not UTF-8 text "
+                    f"(byte 0x{line[exc.start]:02x}); save the file as UTF-8") from None
+            lines.append(line.decode("utf-8", errors="replace"))
+    return "".join(lines)
+
+
+@contextmanager
+def loadable_config(path: Path) -> Iterator[Path]:
+    """A path that ``loadSystemConfiguration`` reads as :func:`config_text` does.
+
+    The file itself where it is plain UTF-8; else a UTF-8 copy of the same name (and the
+    same lines, so errors name the user's line numbers), removed afterwards.
+    """
+    path = Path(path)
+    text = config_text(path)
+    if path.read_bytes() == text.encode("utf-8"):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="waferscope-cfg-") as folder:
+        copy = Path(folder) / path.name
+        copy.write_text(text, encoding="utf-8")
+        yield copy
+
+
 def read_config(path: Path) -> ConfigSummary:
     """Parse a ``.cfg`` without loading anything.
 
@@ -86,16 +142,18 @@ def read_config(path: Path) -> ConfigSummary:
         If the file cannot be parsed.
     """
     path = Path(path)
+    text = config_text(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the model warns about lines it cannot apply offline
         try:
-            model = Microscope.create_from_config(str(path))
+            model = Microscope()
+            model.load_config(text)
         except Exception as exc:  # the parser raises plain exceptions with the line
             raise ConfigError(f"microscope.config: {path.name}: cannot be read ({exc})") from None
     summary = ConfigSummary()
     for device in model.devices:
         summary.devices[device.name] = (device.library, device.adapter_name)
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line.startswith(_PY_PREFIX):
             tokens = [t.strip() for t in line[len(_PY_PREFIX):].split(",")]
@@ -154,4 +212,12 @@ def check_config(path: Path, adapter_path: Path | None = None,
         if label not in labels:
             raise ConfigError(f"microscope.roles.{role}: {label!r} is not a device of "
                               f"{Path(path).name} (devices: {', '.join(sorted(labels))})")
+    for role, label in summary.roles.items():
+        # the loader ignores a Core property naming no device; the role was then missing
+        # with no word of the label that was meant
+        if role not in (roles or {}) and label not in labels:
+            raise ConfigError(
+                f"microscope.config: {Path(path).name}: Core,{ROLE_PROPERTIES[role]},{label} "
+                f"names no device of the file (devices: {', '.join(sorted(labels))}; or set "
+                f"microscope.roles.{role})")
     return summary

@@ -25,15 +25,12 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from .errors import HardwareError, TravelLimitRefused
+from .errors import LimitSwitchHit as LimitSwitchHit  # defined with the other device errors
 from .serial_port import SharedPort
 
 log = logging.getLogger("waferscope.serial")
 
 T = TypeVar("T")
-
-
-class LimitSwitchHit(HardwareError):
-    """A limit switch stopped a move short of its target (the controller reported it)."""
 
 
 class GarbledReply(HardwareError):

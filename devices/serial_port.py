@@ -7,11 +7,13 @@ command, read its reply) holds the port's lock: a poll from one device can never
 reply meant for another.
 
 Ports are opened with ``serial.serial_for_url``: ``/dev/ttyUSB0``, ``COM3``,
-``socket://host:port`` and the emulator's ``waferscope-emu://prior`` take the same path.
+``socket://host:port`` and the emulator's ``waferscope-emu://prior`` take the same path. A
+device port is opened exclusively: one process drives a controller at a time.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -27,19 +29,42 @@ log = logging.getLogger("waferscope.serial")
 EMULATOR_SCHEME = "waferscope-emu"
 
 
+#: what flock() answers when another process holds the port's exclusive lock
+_LOCKED = {errno.EAGAIN, errno.EWOULDBLOCK}
+
+
 def _open(url: str, baudrate: int, timeout_s: float) -> serial.SerialBase:
+    """Open ``url`` for this process alone (see :func:`_why`).
+
+    ``exclusive=True`` makes pyserial take an exclusive ``flock`` on a POSIX device, so a
+    second program (another waferscope: ``calibrate`` during a ``run``) cannot open the port
+    and move the stage under a scan; Windows opens ports exclusively anyway, and the URL
+    handlers (``loop://``, ``socket://``, the emulator) accept the setting and ignore it.
+    """
     if url.lower().startswith(EMULATOR_SCHEME + "://"):
         # importing the emulator registers its URL scheme with pyserial
         import simulators.serial_emu  # noqa: F401
     try:
         return serial.serial_for_url(url, baudrate=baudrate, timeout=timeout_s,
-                                     write_timeout=max(timeout_s, 1.0))
+                                     write_timeout=max(timeout_s, 1.0), exclusive=True)
     except (serial.SerialException, ValueError, OSError) as exc:
-        # pyserial repeats the port and the errno ("[Errno 2] could not open port X: [Errno 2]
-        # No such file or directory: 'X'"): the system's words for the errno say it once
-        errno = getattr(exc, "errno", None)
-        why = os.strerror(errno) if isinstance(errno, int) and errno > 0 else str(exc)
-        raise HardwareError(f"cannot open serial port {url!r}: {why}") from None
+        raise HardwareError(f"cannot open serial port {url!r}: {_why(exc)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    """Why a port did not open, said once.
+
+    pyserial repeats the port and the errno ("[Errno 2] could not open port X: [Errno 2]
+    No such file or directory: 'X'"): the system's words for the errno say it once. A port
+    that another process holds is named as such ("Resource temporarily unavailable" said
+    nothing a user could act on).
+    """
+    code = getattr(exc, "errno", None)
+    if not isinstance(code, int) or code <= 0:
+        return str(exc)
+    if code in _LOCKED and "lock" in str(exc).lower():
+        return "port busy: in use by another program (a waferscope run or calibrate still going?)"
+    return os.strerror(code)
 
 
 class SharedPort:

@@ -30,14 +30,8 @@ from typing import Any, ClassVar
 
 from pymmcore_plus.experimental.unicore import StageDevice, XYStageDevice, pymm_property
 
-from .errors import HardwareError, HardwareTimeout
-from .serial_controllers import (
-    MS2000,
-    PROTOCOLS,
-    LimitSwitchHit,
-    ProScan,
-    StageController,
-)
+from .errors import HardwareError, HardwareTimeout, LimitSwitchHit
+from .serial_controllers import MS2000, PROTOCOLS, ProScan, StageController
 from .serial_port import SharedPort, acquire_port, release_port
 
 __all__ = [
@@ -225,9 +219,11 @@ class _SerialStage:
         hit = {s for s in self._ctrl.limit_switches() if s[1:] in self.axes}
         if hit:
             self._last_targets = None  # where it stopped is not where it was sent
+            # not retried (devices.errors.is_transient): the same move meets the same switch
             raise LimitSwitchHit(
                 f"{self._ctrl.name}: limit switch {', '.join(sorted(hit))} hit; the move to "
-                f"{_fmt(move.targets)} stopped short"
+                f"{_fmt(move.targets)} stopped short (the stage's physical travel ends inside "
+                "its travel limits; not retried)"
             )
         return False
 

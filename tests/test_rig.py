@@ -154,3 +154,140 @@ def test_a_serial_port_that_does_not_exist_is_one_line_naming_it(tmp_path: Path)
     res = runner.invoke(app, ["run", str(path), "--out", str(out), "--no-inspect"])
     assert res.exit_code == 2 and port in res.stderr, res.output
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- .cfg files
+
+RIG_CFG = (RECIPES / "emulated_rig.cfg").read_text()
+
+
+def test_roles_name_the_configs_python_devices(tmp_path: Path) -> None:
+    from devices.core import build_microscope
+
+    # the shipped drivers under other labels, the roles given by the recipe: setting them as
+    # Core properties reached only the C++ core ("invalid value \"Cam1\"")
+    cfg = "".join(line.replace(",Camera,", ",Cam1,").replace(",XYStage,", ",Stage-A,")
+                  .replace(",Focus,", ",ZDrive,") + "\n"
+                  for line in RIG_CFG.splitlines() if "Property,Core,Camera" not in line
+                  and "Property,Core,XYStage" not in line and "Property,Core,Focus" not in line)
+    path = _rig(tmp_path, cfg, "  roles: {camera: Cam1, xy_stage: Stage-A, focus: ZDrive}\n")
+    with build_microscope(load_recipe(path)) as handle:
+        core = handle.core
+        assert (core.getCameraDevice(), core.getXYStageDevice(), core.getFocusDevice()) == (
+            "Cam1", "Stage-A", "ZDrive")
+        core.setXYPosition(1000.0, -500.0)
+        core.waitForDevice("Stage-A")
+        assert core.getXYPosition() == pytest.approx((1000.0, -500.0), abs=5.0)
+        core.snapImage()
+        assert core.getImage().shape == (core.getImageHeight(), core.getImageWidth())
+    # a role on a device of another type: one line naming the field
+    path = _rig(tmp_path, cfg, "  roles: {camera: Stage-A, xy_stage: Stage-A, focus: ZDrive}\n")
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip() == "error: microscope.roles.camera: 'Stage-A' is not a camera " \
+                                 "(its type: XYStageDevice)"
+
+
+def _preset_core(kind: str):
+    import pymmcore
+    from pymmcore_plus.experimental.unicore import UniMMCore
+
+    core = pymmcore.CMMCore() if kind == "cpp" else UniMMCore()
+    # a preset on a Core property stands in for "Objective,Label,10X" (no adapters here)
+    core.definePixelSizeConfig("Res10x", "Core", "AutoShutter", "1")
+    core.setPixelSizeUm("Res10x", 1.0)
+    core.definePixelSizeConfig("Res20x", "Core", "AutoShutter", "0")
+    core.setPixelSizeUm("Res20x", 0.5)
+    core.setAutoShutter(True)
+    return core
+
+
+@pytest.mark.parametrize("kind", ["cpp", "unicore"])
+def test_a_calibration_is_what_the_core_uses_beside_a_matching_preset(
+        tmp_path: Path, kind: str) -> None:
+    import math
+
+    from devices.core import apply_calibration
+
+    core = _preset_core(kind)
+    assert core.getPixelSizeUm() == 1.0
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"pixel_size_um": 5.2, "rotation_deg": 0.5}))
+    apply_calibration(core, cal)
+    # the .cfg's matching preset won over a preset of waferscope's own: 1.0, not 5.2
+    assert core.getPixelSizeUm() == pytest.approx(5.2)
+    th = math.radians(0.5)
+    assert core.getPixelSizeAffine() == pytest.approx(
+        (5.2 * math.cos(th), -5.2 * math.sin(th), 0.0, 5.2 * math.sin(th), 5.2 * math.cos(th),
+         0.0))
+    core.setAutoShutter(False)  # another objective: its own preset, not this calibration
+    assert core.getPixelSizeUm() == pytest.approx(0.5)
+
+
+def test_a_calibration_wins_over_the_configs_preset(tmp_path: Path) -> None:
+    from devices.core import build_microscope
+
+    cfg = RIG_CFG + "ConfigPixelSize,Res10x,Core,AutoShutter,0\nPixelSize_um,Res10x,1.0\n"
+    (tmp_path / "cal.json").write_text(json.dumps({"pixel_size_um": 5.2, "rotation_deg": 0.0}))
+    path = _rig(tmp_path, cfg, "  calibration: cal.json\n")
+    with build_microscope(load_recipe(path)) as handle:
+        assert handle.core.getPixelSizeUm() == pytest.approx(5.2)
+        assert handle.fov_um()[0] == pytest.approx(5.2 * handle.core.getImageWidth())
+
+
+def test_a_config_line_error_keeps_its_cause(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = _rig(tmp_path, RIG_CFG + "#py Property,XYStage,AnswerTimout_s,0.2\n")
+    line = len(RIG_CFG.splitlines()) + 1
+    # the real command: it also aborted after the line ("FATAL: exception not rethrown")
+    res = subprocess.run([sys.executable, "-m", "scanner", "validate", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"error: microscope.config: cannot load rig.cfg: line {line} "
+        "'Property,XYStage,AnswerTimout_s,0.2': Device 'XYStage' has no property "
+        "'AnswerTimout_s'."]
+
+
+@pytest.mark.parametrize(("adapter", "cause"), [
+    ("libmmgr_dal_DemoCamera.so.0", 'Failed to load device adapter "DemoCamera"'),
+    ("libmmgr_dal_DemoCamera.so", "'DemoCamera' is not a known Micro-manager DeviceAdapter"),
+])
+def test_an_adapter_that_does_not_load_suggests_installing_them(
+        tmp_path: Path, adapter: str, cause: str) -> None:
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / adapter).write_bytes(b"")  # present, but no library
+    path = _rig(tmp_path, "Device,Camera,DemoCamera,DCam\n",
+                f"  adapter_path: {adapters}\n")
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert f"line 1 'Device,Camera,DemoCamera,DCam': {cause}" in lines[0], res.stderr
+    assert lines[0].endswith("(are the Micro-Manager device adapters installed? run "
+                             "`mmcore install`)")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    # a Latin-1 "µ" in a comment: comments are not parsed
+    (b"# objective 10x 0.5\xb5m pixel\n" + RIG_CFG.encode(), None),
+    (b"\xef\xbb\xbf" + RIG_CFG.encode(), None),  # saved with a byte-order mark
+    (RIG_CFG.encode().replace(b"stage=waferscope", b"stage=wafer\xb5scope"),
+     "microscope.config: rig.cfg: line 10 is not UTF-8 text (byte 0xb5); save the file as "
+     "UTF-8"),
+    (RIG_CFG.encode().replace(b"Core,Focus,Focus", b"Core,Focus,Z"),
+     "microscope.config: rig.cfg: Core,Focus,Z names no device of the file (devices: "
+     "Camera, Focus, SimClock, XYStage; or set microscope.roles.focus)"),
+])
+def test_config_file_text(tmp_path: Path, raw: bytes, expected: str | None) -> None:
+    path = _rig(tmp_path, "")
+    (tmp_path / "rig.cfg").write_bytes(raw)
+    res = runner.invoke(app, ["validate", str(path)])
+    if expected is None:
+        assert res.exit_code == 0 and "recipe OK" in res.stdout, res.output
+    else:
+        assert res.exit_code == 2, res.output
+        assert res.stderr.strip() == f"error: {expected}"

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymmcore_plus.experimental.unicore import UniMMCore
 
-from devices.errors import HardwareError, HardwareTimeout, TravelLimitRefused
+from devices.errors import HardwareError, HardwareTimeout, TravelLimitRefused, is_transient
 from devices.serial_stage import (
     ASIXYStage,
     ASIZStage,
@@ -230,6 +230,54 @@ def test_emulator_on_a_pty():
         proc.wait(timeout=10)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="ptys and flock are POSIX")
+def test_a_port_held_by_another_process_is_refused_as_busy():
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "simulators.serial_emu", "prior"],
+                            stdout=subprocess.PIPE, text=True, cwd=repo)
+    # a second program on the same port (calibrate during a run) moved the scan's stage
+    other = ("from devices.serial_port import acquire_port\n"
+             "try:\n    acquire_port(%r, 9600, 1.0)\nexcept Exception as exc:\n    print(exc)\n"
+             "else:\n    print('opened')\n")
+    try:
+        assert proc.stdout is not None
+        path = proc.stdout.readline().strip()
+        core = _core()
+        core.loadPyDevice("XY", PriorXYStage(path, answer_timeout_s=2))
+        core.loadPyDevice("Z", PriorZStage(path, answer_timeout_s=2))  # same process: shared
+        core.initializeAllDevices()
+        res = subprocess.run([sys.executable, "-c", other % path], capture_output=True,
+                             text=True, cwd=repo, timeout=60)
+        assert res.stdout.strip() == (f"cannot open serial port {path!r}: port busy: in use by "
+                                      "another program (a waferscope run or calibrate still "
+                                      "going?)"), res.stdout + res.stderr
+        core.setXYPosition("XY", 100.0, 200.0)
+        core.waitForDevice("XY")
+        assert core.getXYPosition("XY") == pytest.approx((100.0, 200.0))
+        core.unloadAllDevices()  # released: the other program may have it now
+        res = subprocess.run([sys.executable, "-c", other % path], capture_output=True,
+                             text=True, cwd=repo, timeout=60)
+        assert res.stdout.strip() == "opened", res.stdout + res.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_url_ports_open_with_the_exclusive_setting(stage_name: str):
+    import socket
+
+    from devices.serial_port import acquire_port, release_port
+
+    # exclusive=True is a flock on a POSIX device; the URL handlers accept it and ignore it
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        urls = ["loop://", f"socket://127.0.0.1:{server.getsockname()[1]}",
+                emulator_url("prior", stage_name)]
+        for url in urls:
+            port = acquire_port(url, 9600, 0.1)
+            assert port.serial.is_open and port.serial.exclusive
+            release_port(port)
+
+
 # --------------------------------------------------------------------------- drivers
 
 
@@ -287,13 +335,44 @@ def test_each_fault_raises_its_type_from_busy(driver: str, kind: str, stage_name
     core.setXYPosition(3000.0, 2000.0)  # the fault is latched, not raised here
     with pytest.raises(kind_of_error, match=text) as info:
         core.waitForDevice("XY")
-    assert "travel" not in str(info.value).lower()  # the acquisition retries these
+    # the acquisition retries these, but not a limit switch (the same move meets it again)
+    assert is_transient(info.value) == (kind != "limit")
+    if kind != "limit":
+        assert "travel" not in str(info.value).lower()
     # the latch is cleared: the retried move lands
     core.setXYPosition(3000.0, 2000.0)
     core.waitForDevice("XY")
     assert core.getXYPosition() == pytest.approx((3000.0, 2000.0))
     if kind == "stuck":
         assert any(r.command in ("K", "\\") for r in emu.log)  # stopped after the timeout
+
+
+@pytest.mark.parametrize("driver", ["prior", "asi"])
+def test_a_limit_switch_hit_is_not_driven_into_again(driver: str):
+    from scanner.acquisition.acquire import ScanEngine
+
+    # the stage's physical travel (±5 mm) ends inside the driver's limits (±10 mm): a move
+    # to x = 7 mm stops on the +X switch; retried, it drove into the hard stop 4 times
+    name = f"test-{next(_NAMES)}"
+    clock, rng = HardwareClock(), np.random.default_rng(0)
+    register_stage(name, StageAxes([(-5_000.0, 5_000.0)] * 2, 20_000.0, 200_000.0, 0.03,
+                                   0.0, clock, rng))
+    try:
+        core, emu = _load(driver, emulator_url(driver, name))
+        engine = ScanEngine(core, retries=3, backoff_s=0.0)
+        with pytest.raises(RuntimeError, match=r"move to tile 7: .*limit switch \+X hit"):
+            engine._retry(lambda: (core.setXYPosition(7_000.0, 0.0), core.waitForDevice("XY")),
+                          "move to tile 7")
+        assert [r.targets_um for r in emu.log if r.targets_um] == [
+            pytest.approx({"X": 7_000.0, "Y": 0.0})]  # sent once
+        assert engine.retried == 0
+        # the stage still works: the next tile inside the physical travel is taken
+        engine._retry(lambda: (core.setXYPosition(4_000.0, 0.0), core.waitForDevice("XY")),
+                      "move to tile 8")
+        assert core.getXYPosition() == pytest.approx((4_000.0, 0.0))
+        core.unloadAllDevices()
+    finally:
+        unregister_stage(name)
 
 
 @pytest.mark.parametrize("driver", ["prior", "asi"])
