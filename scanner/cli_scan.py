@@ -108,6 +108,7 @@ def devices(
     from devices.core import build_microscope
     from devices.inventory import inventory
     from scanner.recipe import load_recipe
+    from scanner.travel import travel_limits
 
     _check_save(save, overwrite)
     rec = load_recipe(recipe)
@@ -119,12 +120,17 @@ def devices(
         for d in inventory(core):
             table.add_row(d.label, d.role or "-", d.library or "-", d.name, d.port or "-")
         out.print(table)
-        stage = rec.microscope.stage
+        # where scans may go: the recipe's travel narrowed by the drivers' own limits
+        limits = travel_limits(rec, core)
+
+        def span(axis: str) -> str:
+            a = limits[axis]
+            by = f" ({a.narrowed_by}'s own limits)" if a.narrowed_by else ""
+            return f"[{a.lo:g}, {a.hi:g}] µm{by}"
+
         x, y = core.getXYPosition()
-        out.print(f"XY stage at ({x:.2f}, {y:.2f}) µm; travel x {list(stage.travel_x_um)} µm, "
-                  f"y {list(stage.travel_y_um)} µm")
-        focus = rec.microscope.focus
-        out.print(f"focus at {core.getPosition():.2f} µm; range {list(focus.range_um)} µm")
+        out.print(f"XY stage at ({x:.2f}, {y:.2f}) µm; travel x {span('x')}, y {span('y')}")
+        out.print(f"focus at {core.getPosition():.2f} µm; range {span('z')}")
         out.print(f"pixel size {core.getPixelSizeUm():.4g} µm; exposure {core.getExposure():g} ms")
         core.snapImage()
         image = core.getImage()
