@@ -17,7 +17,7 @@ from devices.core import MicroscopeHandle, build_microscope
 from devices.inventory import inventory_json
 from scanner.acquisition.acquire import acquire
 from scanner.acquisition.align import AlignmentError, align, wants_alignment
-from scanner.acquisition.alignrefine import refine_alignment
+from scanner.acquisition.alignrefine import camera_turn, refine_alignment
 from scanner.acquisition.focusreport import write_focus_outputs
 from scanner.acquisition.plan import ScanPlan, overlap_warning, resolve_plan
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES
@@ -518,8 +518,13 @@ def _stitch_stage(
         # the die grid and rotation from the registered mosaic (free of the stage's landing
         # error); the plan keeps the pre-alignment the tiles were taken with
         fine = refine_alignment(folder / MOSAIC, scan)
+        # a rotation read off the fields' images (a PV cell's sides) is off by the camera's
+        # turn the fields did not know of: without a calibration, a camera turned 2 deg put
+        # an unturned cell at -2 deg, its regions and usable area with it
         scan["alignment"] = {**scan["alignment"],
-                             "refined": None if fine is None else fine.model_dump(mode="json")}
+                             "refined": None if fine is None else fine.model_dump(mode="json"),
+                             "camera_turn_deg": camera_turn(scan["alignment"],
+                                                            result.camera.rotation_deg)}
     write_json(folder / SCAN_JSON, scan)
 
 

@@ -85,3 +85,41 @@ def test_a_side_without_a_straight_edge_is_refused_in_one_line(tmp_path: Path,
     assert res.exit_code == 2
     assert len(res.stderr.strip().splitlines()) == 1
     assert "no straight cell edge" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_camera_turned_without_a_calibration_does_not_turn_the_cell(tmp_path: Path) -> None:
+    """The sides are read in the fields' images: a camera turned 2 deg that no calibration
+    tells of read an unturned cell as turned -2 deg, and its regions, usable area and map
+    were turned with it. Stitching measures the camera on the tiles; the cell's rotation is
+    corrected by it for everything after."""
+    import json
+
+    from scanner.acquisition.alignrefine import effective_alignment
+    from scanner.pipeline import run_scan
+    from scanner.reports.locate import ScanContext, pv_region
+
+    data = {"sample": {"kind": "pv_cell", "width_mm": 40, "height_mm": 40, "busbars": 3,
+                       "busbar_width_mm": 1.5, "finger_pitch_mm": 2.0,
+                       "placement": {"offset_um": [300, -200], "rotation_deg": 0.4},
+                       "defects": {"count": 0}},
+            "microscope": {"kind": "simulated", "seed": 2,
+                           "camera": {"width": 512, "height": 512, "pixel_size_um": 30.0,
+                                      "rotation_deg": 2.0},
+                           "stage": {"repeatability_um": 3.0}},
+            "scan": {"overlap": 0.1}}
+    folder = run_scan(parse_recipe(data, tmp_path, "turned"), tmp_path / "scan").folder
+    scan = json.loads((folder / "scan.json").read_text())
+    record = scan["alignment"]
+    assert record["rotation_deg"] == pytest.approx(0.4 - 2.0, abs=0.05)  # as the fields read it
+    assert record["camera_turn_deg"] == pytest.approx(2.0, abs=0.02)
+    assert effective_alignment(record)["rotation_deg"] == pytest.approx(0.4, abs=0.03)
+    # a point beside busbar 1's edge lies in the busbar region only in the true frame
+    ctx = ScanContext.load(folder)
+    truth = json.loads((folder / "truth.json").read_text())["placement"]
+    th = np.radians(truth["rotation_deg"])
+    u, v = -40_000 / 3 + 650.0, 15_000.0  # 0.1 mm inside busbar 1's right edge, far up
+    x = truth["center_um"][0] + np.cos(th) * u - np.sin(th) * v
+    y = truth["center_um"][1] + np.sin(th) * u + np.cos(th) * v
+    wx, wy = ctx.to_wafer_um(x, y)
+    assert pv_region(wx, wy, {**data["sample"], "center_um": (0.0, 0.0)}) == "busbar 1"

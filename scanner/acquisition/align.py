@@ -308,7 +308,8 @@ def align(handle: Any, recipe: Any, folder: Path | None = None) -> Alignment:
     t1 = handle.hardware_time_s()
     result = result.model_copy(update={"hardware_s": None if t0 is None or t1 is None
                                        else round(t1 - t0, 3),
-                                       "edge_binning": scope.used_binning})
+                                       "edge_binning": scope.used_binning,
+                                       "camera_rotation_deg": scope.camera_rotation_deg})
     if folder is not None:
         draw_alignment(folder / ALIGNMENT_PNG, scope, seen, result)
     return result
@@ -419,7 +420,8 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         edge_rotation_deg=edge_rotation if mark_field is not None else None,
         mark=sample.orientation, mark_angle_deg=mark_angle, radius_um=r,
         edge_residual_um=rms, n_edge_points=n_edge, die_grid=grid, die_residual_um=die_rms,
-        die_sites_skipped=skipped, sites=tuple(sites))
+        die_sites_skipped=skipped, sites=tuple(sites),
+        rotation_seen_in_image=grid is None and sample.orientation == "flat")
 
 
 def _mark_in_view(scope: _Scope, sample: Any, field: tuple, centre: tuple[float, float],
@@ -604,7 +606,7 @@ def _align_cell(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
                      rotation_deg=rotation, mark="edges",
                      edge_residual_um=float(np.sqrt(np.mean([ln[2] ** 2 for ln in lines]))),
                      n_edge_points=n_inliers, sites=tuple(sites),
-                     edge_rotation_deg=rotation)
+                     edge_rotation_deg=rotation, rotation_seen_in_image=True)
 
 
 def _midline_cross(lines: list[tuple[np.ndarray, np.ndarray, float, float]]

@@ -62,6 +62,17 @@ class Alignment(BaseModel):
     #: camera binning of the edge and notch fields (1: unbinned; a flat's and the die
     #: fields always are)
     edge_binning: int = 1
+    #: the camera's rotation against the stage the fields were read with (a calibration's;
+    #: 0 without one)
+    camera_rotation_deg: float = 0.0
+    #: whether ``rotation_deg`` is a direction seen in the fields' images (a flat, a PV
+    #: cell's sides: a camera turned by c reads it c less) rather than a position on the
+    #: stage (die sites, a notch's place on the circle: no camera turn moves them)
+    rotation_seen_in_image: bool = False
+    #: turn to add to ``rotation_deg`` once the scan's own tiles measured the camera's
+    #: rotation (stitching): that rotation less ``camera_rotation_deg``, for a rotation seen
+    #: in the image (None: none needed)
+    camera_turn_deg: float | None = None
 
     @property
     def offset_um(self) -> tuple[float, float]:

@@ -61,13 +61,29 @@ class Refinement(BaseModel):
     scale: float
 
 
+def camera_turn(record: dict[str, Any], camera_rotation_deg: float) -> float | None:
+    """The turn (deg) an alignment's rotation needs once stitching measured the camera at
+    ``camera_rotation_deg`` (:attr:`Alignment.camera_turn_deg`; None: none)."""
+    if not record.get("rotation_seen_in_image"):
+        return None
+    turn = float(camera_rotation_deg) - float(record.get("camera_rotation_deg") or 0.0)
+    return turn if abs(turn) > 1e-4 else None
+
+
 def effective_alignment(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The alignment that coordinates use: the fine one when stitching refined it.
+    """The alignment that coordinates use: the fine one when stitching refined it, else the
+    pre-alignment with its rotation corrected by the camera's turn stitching measured.
 
     The plan (and ``resume``) use the record as it is: the tiles lie where it put them.
     """
-    if not record or not record.get("refined"):
+    if not record:
         return record
+    if not record.get("refined"):
+        turn = record.get("camera_turn_deg")
+        if not turn:
+            return record
+        # a cell's sides (or a flat) read with a camera turned more than the fields assumed
+        return {**record, "rotation_deg": float(record["rotation_deg"]) + float(turn)}
     fine = record["refined"]
     return {**record, "center_um": list(fine["center_um"]),
             "rotation_deg": float(fine["rotation_deg"]), "die_grid": fine["die_grid"]}
