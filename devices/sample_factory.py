@@ -11,6 +11,9 @@ from simulators.surface import FocalSurface
 
 from .errors import UserError
 
+#: the simulator's parameters that a recipe names otherwise (its errors name the recipe's)
+_RECIPE_FIELD = {"defect_kinds": "defects.kinds", "n_defects": "defects.count"}
+
 
 def sample_for_recipe(sample: Any) -> VirtualSample:
     """Build the simulator's virtual sample for a recipe sample model.
@@ -35,7 +38,9 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     except (FileNotFoundError, ValueError) as exc:
         # "path: cannot read ..." from the sample names its field: say sample.path
         field, sep, rest = str(exc).partition(": ")
-        where = f"sample.{field}" if sep and field in type(sample).model_fields else "sample"
+        field = _RECIPE_FIELD.get(field, field)
+        known = field in type(sample).model_fields or field in _RECIPE_FIELD.values()
+        where = f"sample.{field}" if sep and known else "sample"
         raise UserError(f"{where}: {rest if where != 'sample' else exc}") from None
     return placed(built, getattr(sample, "placement", None))
 

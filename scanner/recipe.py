@@ -233,6 +233,24 @@ class PVCellSample(_Model):
     roughness: RoughnessSpec | None = None
     placement: PlacementSpec = PlacementSpec()
 
+    @model_validator(mode="after")
+    def _check_layout(self) -> PVCellSample:
+        # busbars are evenly spaced across the width (busbar k centred at (k + 0.5) * width /
+        # busbars): wider than that spacing they overlap, and the cell is all busbar
+        if self.busbars and self.busbar_width_mm >= self.width_mm / self.busbars:
+            raise ValueError(
+                f"busbar_width_mm: {self.busbar_width_mm:g} mm busbars do not fit {self.busbars} "
+                f"to a {self.width_mm:g} mm cell (each must be narrower than "
+                f"{self.width_mm / self.busbars:.4g} mm, the busbars' spacing)")
+        if self.finger_pitch_mm >= self.height_mm:
+            raise ValueError(f"finger_pitch_mm: {self.finger_pitch_mm:g} mm leaves no finger "
+                             f"pattern on a {self.height_mm:g} mm cell (the fingers run "
+                             "along x, one per pitch down the cell)")
+        if self.finger_width_um >= self.finger_pitch_mm * 1000.0:
+            raise ValueError(f"finger_width_um: {self.finger_width_um:g} µm fingers fill their "
+                             f"{self.finger_pitch_mm:g} mm pitch (must be narrower)")
+        return self
+
 
 class _RepeatKeys(_Model):
     """The die-grid keys of samples that may repeat a layout (an image, a coupon)."""

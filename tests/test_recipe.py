@@ -80,6 +80,16 @@ BROKEN = [
      "sample.die_pitch_mm: [0.05, 0.05] mm puts about 4.01e+06 dies"),
     ("sample: {kind: rectangle, width_mm: 1, height_mm: 0.8, die_pitch_mm: [0.0001, 0.0001]}\n",
      "sample.die_pitch_mm: [0.0001, 0.0001] mm puts about 8e+07 dies"),
+    # PV layouts that cannot be drawn: busbars wider than their spacing, fingers that fill
+    # their pitch, a pitch longer than the cell (all ran, on an all-busbar or all-dark cell)
+    ("sample: {kind: pv_cell, width_mm: 40, busbars: 12, busbar_width_mm: 4}\n",
+     "sample.busbar_width_mm: 4 mm busbars do not fit 12 to a 40 mm cell"),
+    ("sample: {kind: pv_cell, width_mm: 40, busbars: 1, busbar_width_mm: 45}\n",
+     "sample.busbar_width_mm: 45 mm busbars do not fit 1"),
+    ("sample: {kind: pv_cell, finger_pitch_mm: 2, finger_width_um: 3000}\n",
+     "sample.finger_width_um: 3000 µm fingers fill their 2 mm pitch"),
+    ("sample: {kind: pv_cell, height_mm: 40, finger_pitch_mm: 100}\n",
+     "sample.finger_pitch_mm: 100 mm leaves no finger pattern"),
     ("sample: [kind, wafer\n", "line"),
     ("- just\n- a list\n", "recipe: must be a mapping"),
     ("", "recipe is empty"),
@@ -210,3 +220,12 @@ def test_a_die_pitch_the_camera_cannot_resolve_is_refused_before_the_scan(
         assert len(lines) == 1 and "sample.die_pitch_mm" in lines[0] and expected in lines[0], \
             lines
     assert not (tmp_path / "scan").exists()
+
+
+def test_a_defect_kind_the_sample_cannot_show_names_the_recipes_field(write_recipe) -> None:
+    path = write_recipe("sample: {kind: pv_cell, defects: {kinds: [missing_pattern]}}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    # the simulator's parameter is defect_kinds; the recipe's field is named
+    assert "sample.defects.kinds: 'missing_pattern' cannot be drawn on a pv_cell" in \
+        result.stderr
