@@ -123,3 +123,24 @@ def test_a_camera_turned_without_a_calibration_does_not_turn_the_cell(tmp_path: 
     y = truth["center_um"][1] + np.sin(th) * u + np.cos(th) * v
     wx, wy = ctx.to_wafer_um(x, y)
     assert pv_region(wx, wy, {**data["sample"], "center_um": (0.0, 0.0)}) == "busbar 1"
+
+
+def test_a_coupon_smaller_than_the_field_is_aligned_by_its_sides_middles(tmp_path: Path) -> None:
+    """A 15 mm coupon under a 20 mm field: each side's field also holds the sides beside it,
+    and their points made no line with its own ("no straight cell edge", exit 2, under the
+    default align: auto). Rays on the middle of each side only."""
+    from devices.core import build_microscope
+    from scanner.acquisition.align import align
+
+    data = {"sample": {"kind": "pv_cell", "width_mm": 15, "height_mm": 15, "busbars": 2,
+                       "placement": {"offset_um": [250, -150], "rotation_deg": 0.5},
+                       "defects": {"count": 0}},
+            "microscope": {"kind": "simulated", "seed": 3,
+                           "camera": {"width": 1024, "height": 1024, "pixel_size_um": 20.0}},
+            "scan": {"overlap": 0.1}}
+    recipe = parse_recipe(data, tmp_path, "coupon")
+    handle = build_microscope(recipe)
+    result = align(handle, recipe)
+    truth = handle.truth["placement"]
+    assert np.hypot(*(np.array(result.center_um) - truth["center_um"])) <= 25.0
+    assert abs(result.rotation_deg - truth["rotation_deg"]) <= 0.02

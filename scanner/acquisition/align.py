@@ -80,6 +80,8 @@ MIN_EDGE_POINTS = 20
 #: edge is found to a fraction of a pixel (the demo cell's sides: 1-3.4 µm rms on 30 µm
 #: pixels), a ray that ends on a finger or a busbar ends one to hundreds of pixels inside
 SIDE_INLIER_PX = 2.0
+#: share of a PV cell side's half-length (either side of its middle) its rays may reach
+SIDE_MIDDLE = 0.6
 #: a side whose line keeps less than this share of its edge points is refused (the demo cell
 #: keeps 93-100 %, 20 placements)
 MIN_SIDE_INLIERS = 0.5
@@ -316,13 +318,15 @@ def align(handle: Any, recipe: Any, folder: Path | None = None) -> Alignment:
 
 
 def _edge_points(p: float, image: np.ndarray, fx: float, fy: float,
-                 centre: tuple[float, float], angle: float, r_nom: float, cam: float = 0.0
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 centre: tuple[float, float], angle: float, r_nom: float, cam: float = 0.0,
+                 max_span_deg: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Edge points (stage µm) of one field of ``p`` µm pixels along rays through it:
-    ``(angles, points)``."""
+    ``(angles, points)``; rays at most ``max_span_deg`` either side of ``angle``."""
     h, w = image.shape
     half = 0.5 * math.hypot(h, w) * p
     span = math.degrees(half / r_nom)
+    if max_span_deg is not None:
+        span = min(span, max_span_deg)
     angles = angle + np.linspace(-span, span, 2 * max(h, w))
     r = ray_edges(image, (fx, fy), p, centre, angles, r_nom + half, r_nom - half, cam)
     ok = np.isfinite(r)
@@ -575,7 +579,12 @@ def _align_cell(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         # the coarser pixel grid, as a flat does)
         image, p = scope.snap(kind, fx, fy)
         dist = math.hypot(fx - nominal[0], fy - nominal[1])
-        _, pts = _edge_points(p, image, fx, fy, nominal, angle, dist, scope.camera_rotation_deg)
+        # rays on the side's middle only: a field wider than a small coupon also holds the
+        # sides beside it, whose points are no line with this one's
+        along = (sample.height_mm if angle % 180.0 == 0.0 else sample.width_mm) * 500.0
+        reach = math.degrees(math.atan2(SIDE_MIDDLE * along, dist))
+        _, pts = _edge_points(p, image, fx, fy, nominal, angle, dist, scope.camera_rotation_deg,
+                              max_span_deg=reach)
         seen.extend(map(tuple, pts))
         if len(pts) < MIN_EDGE_POINTS:
             raise AlignmentError(
