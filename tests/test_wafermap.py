@@ -150,3 +150,24 @@ def test_a_cell_placed_off_centre_and_turned_is_drawn_in_its_measured_frame(tmp_
         listed = np.array(ctx.to_wafer_um(x, y)) / 1000.0  # where the region was found
         np.testing.assert_allclose(to_xy(x, y), listed, atol=1e-9)
     assert abs(to_xy(-13000.0, 9000.0)[0] - (-13.0)) > 0.3  # not the recipe's frame
+
+
+def test_a_cell_scanned_in_a_band_shows_what_was_not_scanned(tmp_path: Path, monkeypatch):
+    from scanner.reports import wafermap
+    from scanner.reports.locate import ScanContext
+
+    sample = {"kind": "pv_cell", "width_mm": 30, "height_mm": 30, "busbars": 3,
+              "busbar_width_mm": 1.0, "center_um": [0.0, 0.0]}
+    # three 10 mm tiles across the middle: a band 10 mm high of a 30 mm cell
+    tiles = np.array([[0, -10_000.0, 0.0], [1, 0.0, 0.0], [2, 10_000.0, 0.0]])
+    ctx = ScanContext(tmp_path, {"recipe": {"sample": sample}}, sample, (10_000.0, 10_000.0),
+                      tiles)
+    missing = wafermap._unscanned(ctx)
+    assert missing is not None
+    assert missing.area == pytest.approx(ctx.usable_polygon().area * 2 / 3, rel=0.02)
+    whole = ScanContext(tmp_path, {"recipe": {"sample": sample}}, sample, (40_000.0, 40_000.0),
+                        np.array([[0, 0.0, 0.0]]))
+    assert wafermap._unscanned(whole) is None
+    drawn = iio.imread(wafermap.draw_wafermap(tmp_path / "band.png", ctx, {}, []))
+    plain = iio.imread(wafermap.draw_wafermap(tmp_path / "whole.png", whole, {}, []))
+    assert drawn.shape == plain.shape and np.abs(drawn.astype(int) - plain).sum() > 0

@@ -37,6 +37,8 @@ _PASS_FACE, _FAIL_FACE, _PARTIAL_FACE = "#ffffff", "#f6b3b3", "#eeeeee"
 _EDGE = "#bdbdbd"
 #: edge exclusion ring (wafers) and edge band (PV cells)
 _EXCLUSION = {"facecolor": "#aab2bd", "edgecolor": "#7d8794", "hatch": "////", "alpha": 0.35}
+#: a PV cell's area the tiles never imaged (a band scan, lost tiles)
+_UNSCANNED = {"facecolor": "#ffffff", "edgecolor": "#9aa3ad", "hatch": "..", "alpha": 0.85}
 
 
 def wafer_outline_mm(diameter_mm: float, orientation: str, flat_length_mm: float,
@@ -241,12 +243,27 @@ def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
     # are found: from the recipe's centre, a cell placed off it or turned was drawn with
     # defects on the wrong busbar
     frame = wafer_frame_mm(ctx)
+    unscanned = _unscanned(ctx)
+    if unscanned is not None:
+        # a band scan, or tiles lost: what the tiles never imaged is not drawn as inspected
+        import shapely
+
+        _fill(ax, shapely.transform(unscanned, frame), lw=0, zorder=2.6, **_UNSCANNED)
     _draw_defects(ax, defects, lambda x, y: tuple(frame(np.array([x, y]))[0]), max(w, h))
     pad = 0.06 * max(w, h)
     ax.set_xlim(-w / 2 - pad, w / 2 + pad)
     ax.set_ylim(h / 2 + pad, -h / 2 - pad)
     ax.set_xlabel("cell x (mm from centre)")
     ax.set_ylabel("cell y (mm, stage +y down)")
+
+
+def _unscanned(ctx: ScanContext) -> Any:
+    """The part of the usable area the acquired tiles never imaged (stage µm; None: none)."""
+    usable, inspected = ctx.usable_polygon(), ctx.inspected_polygon()
+    if usable is None or inspected is None or inspected.equals(usable):
+        return None
+    missing = usable.difference(inspected)
+    return None if missing.is_empty or missing.area < 1e-6 * usable.area else missing
 
 
 def _other(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
@@ -360,6 +377,8 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
         for name, n in (header.get("regions") or {}).items():
             summary.append(f"    {name}  {n}")
         handles += [Patch(lw=0, label="edge band", **_EXCLUSION)]
+        if _unscanned(ctx) is not None:
+            handles.append(Patch(lw=0, label="not scanned", **_UNSCANNED))
     ax.text(0.0, 0.76, "\n".join(summary), fontsize=10, va="top", linespacing=1.6,
             transform=ax.transAxes, family="DejaVu Sans")
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 0.0), frameon=False,
