@@ -365,3 +365,36 @@ def test_a_tile_taken_where_the_stage_was_not_planned_is_lost_then_resumed(
     assert list(lost) == ["2"] and "6700 µm from the planned" in str(lost["2"])
     monkeypatch.setattr(acquire.ScanEngine, "_where", real)
     assert resume_scan(result.folder).status == "complete"
+
+
+def test_hardware_that_stops_answering_stops_the_scan_and_resume_finishes(
+        tmp_path: Path, monkeypatch) -> None:
+    """A controller unplugged mid-scan: each further tile spent its retries and timeouts to be
+    lost the same way. Five lost in a row stop the acquisition, keep what was taken, and
+    `resume` finishes once the hardware answers again."""
+    from devices.errors import HardwareTimeout
+    from scanner.acquisition import acquire
+    from scanner.pipeline import resume_scan
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False, retries=1)
+    real = acquire.ScanEngine.exec_single_event
+    taken = []
+
+    def unplugged(self, event):
+        if len(taken) >= 3:  # after three tiles, nothing answers any more
+            self.mmcore.snapImage = lambda: (_ for _ in ()).throw(
+                HardwareTimeout("camera: no answer"))
+        for frame in real(self, event):
+            taken.append(frame)
+            yield frame
+
+    monkeypatch.setattr(acquire.ScanEngine, "exec_single_event", unplugged)
+    with pytest.raises(Exception, match="5 tiles in a row lost"):
+        run_scan(parse_recipe(data, tmp_path, "unplugged"), tmp_path / "scan")
+    folder = tmp_path / "scan"
+    scan = _scan(folder)
+    assert scan["status"] == "failed" and scan["acquired_tiles"] == 3
+    assert "5 tiles in a row lost" in scan["error"]
+    monkeypatch.setattr(acquire.ScanEngine, "exec_single_event", real)
+    assert resume_scan(folder).status == "complete"

@@ -26,7 +26,7 @@ from pymmcore_plus.metadata import FrameMetaV1
 from useq import MDAEvent
 
 from devices.core import MicroscopeHandle
-from devices.errors import HardwareTimeout, is_transient
+from devices.errors import HardwareError, HardwareTimeout, is_transient
 
 if TYPE_CHECKING:
     from scanner.acquisition.focusing import FocusController, TileFocus
@@ -95,6 +95,7 @@ class ScanEngine(MDAEngine):
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
         self.retried = 0
+        self._lost_in_a_row = 0
         self._tile_focus: dict[int, TileFocus] = {}
 
     def tile_index(self, event: MDAEvent) -> int:
@@ -172,6 +173,7 @@ class ScanEngine(MDAEngine):
         meta[META_KEY] = where  # type: ignore[literal-required]
         if self.sink is not None:  # a storage error propagates and stops the run
             self.sink(image, index, meta[META_KEY])
+        self._lost_in_a_row = 0
         # the runner unpacks a plain (image, event, metadata) tuple (pymmcore-plus's public
         # engine protocol); its ImagePayload named tuple lives in a private module
         yield image, event, meta
@@ -197,6 +199,14 @@ class ScanEngine(MDAEngine):
         log.error("tile %d lost: %s", index, reason)
         if self.on_lost is not None:
             self.on_lost(index, reason)
+        self._lost_in_a_row += 1
+        if self._lost_in_a_row >= MAX_LOST_IN_A_ROW:
+            # the hardware is gone (a controller unplugged, a camera dead): every further tile
+            # would spend its retries and timeouts to be lost the same way
+            raise HardwareError(
+                f"acquisition stopped: {self._lost_in_a_row} tiles in a row lost (the last, "
+                f"tile {index}: {reason}); the tiles taken are kept: put the hardware right "
+                "and run `waferscope resume` on the scan folder")
 
     def _move_z(self, z: float, index: int) -> None:
         core = self.mmcore
@@ -255,6 +265,11 @@ class ScanEngine(MDAEngine):
             if dev and core.hasProperty(dev, prop):
                 where[key] = float(core.getProperty(dev, prop))
         return where
+
+
+#: tiles lost one after another after which the acquisition stops (a random fault loses a
+#: tile now and then; five in a row is hardware that no longer answers)
+MAX_LOST_IN_A_ROW = 5
 
 
 class _TileLost(RuntimeError):
