@@ -352,3 +352,55 @@ def test_a_golden_image_shows_comparable_dies_only_where_it_repeats() -> None:
     assert product["good_max_z"] < 4.0 and product["z_threshold"] == 7.0
     for picture in (data.camera(), data.moon()):  # photographs with no repeat: no dies
         assert good_image_die_to_die(_relative(picture.astype(np.float32) + 1.0), 1.0) is None
+
+
+@pytest.mark.slow
+def test_a_model_extended_with_image_files_keeps_its_pixel_size(tmp_path: Path) -> None:
+    """A 5 um model extended with files and no --pixel-size was written as 1 um (assumed):
+    inspected at 5 um, a good image gave 464 defects."""
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    tifffile.imwrite(tmp_path / "good.tif", _product(0).clip(0, 255).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "more.tif", _product(4).clip(0, 255).astype(np.uint8))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--good", str(tmp_path / "good.tif"), "--pixel-size", "5",
+                              "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "--init", str(tmp_path / "m"), "--good",
+                              str(tmp_path / "more.tif"), "--out", str(tmp_path / "m2")])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "m2.json").read_text())
+    assert card["pixel_size_um"] == 5.0 and card["pixel_size_assumed"] is False
+    assert "taken as 1 µm/px" not in res.stderr
+
+
+def test_image_inspection_skips_hidden_files_and_keeps_out_of_the_image_folder(
+        tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+    from scanner.inspection.images import list_images
+
+    images = tmp_path / "lot"
+    (images / ".thumbs").mkdir(parents=True)
+    tifffile.imwrite(images / "a.tif", _product(1).clip(0, 255).astype(np.uint8))
+    (images / "._a.tif").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    tifffile.imwrite(images / ".thumbs" / "a.tif", np.zeros((8, 8), np.uint8))
+    assert [name for name, _ in list_images([images])] == ["a.tif"]
+    (images / "defects.csv").write_text("the user's own list\n")
+    res = CliRunner().invoke(app, ["inspect", str(images), "--out", str(images)])
+    assert res.exit_code == 2 and "is the folder of images inspected" in res.stderr
+    assert (images / "defects.csv").read_text() == "the user's own list\n"
+
+
+def test_a_pixel_size_that_would_fill_the_memory_is_named(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from scanner.errors import UserError
+    from scanner.inspection.maps import infer_image
+
+    model = SimpleNamespace(card={}, pixel_size_um=5.0, output_stride=4, context_px=32)
+    with pytest.raises(UserError, match="check --pixel-size"):
+        infer_image(model, np.zeros((1024, 1024), np.float32), pixel_size_um=1000.0)

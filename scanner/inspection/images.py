@@ -53,8 +53,13 @@ def list_images(targets: Sequence[Path]) -> list[tuple[str, Path]]:
         target = Path(target)
         if target.is_dir():
             for p in sorted(target.rglob("*")):
+                rel = p.relative_to(target)
+                # hidden files and folders are no one's images: macOS's "._name.png" resource
+                # forks (unreadable as pictures) stopped a whole folder's inspection
+                if any(part.startswith(".") for part in rel.parts):
+                    continue
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append((p.relative_to(target).as_posix(), p))
+                    found.append((rel.as_posix(), p))
         elif target.is_file():
             if target.suffix.lower() not in IMAGE_SUFFIXES:
                 raise UserError(f"{target}: not an image file (expected "

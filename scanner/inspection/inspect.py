@@ -662,6 +662,12 @@ def _check_out_dir(out_dir: Path, targets: list[Path]) -> None:
     out = out_dir.resolve()
     for t in targets:
         t = t.resolve()
+        if t.is_dir() and not (t / SCAN_JSON).is_file() and not t.name.endswith(".zarr") \
+                and out == t:
+            # results written among the images: a user's own defects.csv or scores.csv there
+            # was replaced, and the next inspection of the folder would read the maps' folder
+            raise UserError(f"--out {out_dir}: is the folder of images inspected; choose "
+                            "another folder for the results")
         zarr = t if t.name.endswith(".zarr") else t / MOSAIC
         if out == zarr or zarr in out.parents:
             raise UserError(f"--out {out_dir}: inside the mosaic {zarr}; choose a folder "

@@ -54,6 +54,9 @@ WINDOWS_SCRATCH = "inspect-windows.tmp.zarr"
 #: longest side an image may take once resampled to the model's pixels (a 2 m wafer at 1 µm;
 #: beyond it a pixel size is a typo, and numpy refuses the array anyway)
 MAX_RESAMPLED_SIDE_PX = 2_000_000
+#: most pixels an image held in memory may take once resampled (4 GB of float32): a pixel
+#: size off by 200 x asked numpy for 36-244 GiB (MemoryError) instead of naming the option
+MAX_RESAMPLED_IMAGE_PX = 1_000_000_000
 
 
 # --------------------------------------------------------------------------- maps of a sample
@@ -216,7 +219,8 @@ def infer_image(
     p_img = float(pixel_size_um or model.pixel_size_um)
     p_model = grid_pixel_um(model, p_img)
     resampled = [n * p_img / p_model for n in image.shape[:2]]
-    if not all(1 <= n <= MAX_RESAMPLED_SIDE_PX for n in resampled):
+    if not all(1 <= n <= MAX_RESAMPLED_SIDE_PX for n in resampled) \
+            or resampled[0] * resampled[1] > MAX_RESAMPLED_IMAGE_PX:
         raise UserError(f"pixel size {p_img:g} µm: the model runs at {p_model:g} µm, so this "
                         f"{image.shape[0]} x {image.shape[1]} px image would become "
                         f"{resampled[0]:.3g} x {resampled[1]:.3g} px; check --pixel-size")
