@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 
 from simulators.errors import UserError, first_line
-from simulators.picture import cmyk_to_rgb, read_picture, tiff_image_axes, tiff_is_cmyk
+from simulators.picture import (
+    cmyk_to_rgb,
+    main_series,
+    read_picture,
+    tiff_image_axes,
+    tiff_is_cmyk,
+)
 
 from .modelfile import brightness_level, to_luminance
 
@@ -75,9 +81,9 @@ def read_image(path: Path) -> np.ndarray:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                if tif.series:
-                    tiff_image_axes(tif.series[0])
-                img = tif.asarray()
+                series = main_series(tif)
+                tiff_image_axes(series)
+                img = series.asarray()
                 if tiff_is_cmyk(tif) and img.shape[-1] == 4:
                     img = cmyk_to_rgb(img)
         else:

@@ -17,7 +17,7 @@ import numpy as np
 from shapely.geometry import Polygon, box
 
 from .errors import UserError, first_line
-from .picture import picture_shape, tiff_image_axes
+from .picture import main_series, picture_shape, tiff_image_axes
 
 
 def image_shape(path: Path) -> tuple[int, int]:
@@ -29,9 +29,10 @@ def image_shape(path: Path) -> tuple[int, int]:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:
-                shape = tif.series[0].shape
+                series = main_series(tif)
+                shape = series.shape
                 # the spatial axes (a colour or sample axis may come last or first)
-                axes = tiff_image_axes(tif.series[0])
+                axes = tiff_image_axes(series)
             return int(shape[axes.index("Y")]), int(shape[axes.index("X")])
         return picture_shape(path)
     except FileNotFoundError:

@@ -96,9 +96,29 @@ def tiff_image_axes(series: Any) -> str:
     return axes
 
 
+def main_series(tif: Any) -> Any:
+    """The picture of an open ``tifffile.TiffFile``: its largest series (Y x X).
+
+    A file may hold a thumbnail, a label or a preview beside its picture, in any order: the
+    first series of one such file was a 200 x 300 thumbnail, inspected in place of the
+    picture with no defect found.
+    """
+    def area(series: Any) -> int:
+        axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
+        if "Y" not in axes or "X" not in axes:
+            return 0
+        return shape[axes.index("Y")] * shape[axes.index("X")]
+
+    series = list(tif.series)
+    if not series:
+        raise ValueError("no image data in the TIFF file")
+    return max(series, key=area)  # the first of equal ones
+
+
 def tiff_is_cmyk(tif: Any) -> bool:
-    """Whether an open ``tifffile.TiffFile`` holds ink separations (4 samples: C, M, Y, K)."""
-    page = tif.pages[0]
+    """Whether an open ``tifffile.TiffFile``'s picture holds ink separations (4 samples: C, M,
+    Y, K)."""
+    page = main_series(tif).keyframe
     return int(getattr(page, "photometric", 0)) == _SEPARATED and \
         int(getattr(page, "samplesperpixel", 0)) == 4
 

@@ -593,6 +593,21 @@ def test_a_phone_picture_is_read_turned_as_its_exif_says_everywhere(tmp_path):
     assert np.corrcoef(read_image(tmp_path / "phone.jpg").ravel(), shown.ravel())[0, 1] > 0.99
 
 
+def test_a_tiff_with_a_thumbnail_first_is_read_as_its_picture(tmp_path):
+    from models.data import read_image
+    from simulators.geometry import image_shape
+
+    pic = _picture()
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tif:
+        tif.write((pic[::8, ::8] * 255).astype(np.uint8))  # a preview, written first
+        tif.write((pic * 65535).astype(np.uint16))
+    # the plan, the scanned sample and the model all take the picture, not the preview
+    assert image_shape(tmp_path / "two.tif") == pic.shape
+    seen = ImageSample(tmp_path / "two.tif", pixel_size_um=1.0).render(0.0, 0.0, pic.shape, 1.0)
+    assert np.corrcoef(seen.ravel(), pic.ravel())[0, 1] > 0.99
+    assert read_image(tmp_path / "two.tif").shape == pic.shape
+
+
 def test_a_tiff_stack_is_refused_not_read_as_its_first_page(tmp_path):
     from models.data import read_image
     from scanner.errors import UserError

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import first_line
-from ..picture import cmyk_to_rgb, full_scale, read_picture, tiff_image_axes, tiff_is_cmyk
+from ..picture import (
+    cmyk_to_rgb,
+    full_scale,
+    main_series,
+    read_picture,
+    tiff_image_axes,
+    tiff_is_cmyk,
+)
 from .base import VirtualSample
 from .defects import ALL_KINDS, SURFACE_KINDS, DefectField, place_defects, resolve_kinds
 from .shapes import interval_coverage, pixel_axes, rect_polygon
@@ -115,9 +122,7 @@ class _TiffReader(_Reader):
         logging.getLogger("tifffile").setLevel(logging.ERROR)
         self._tif = tifffile.TiffFile(path)
         try:
-            if not self._tif.series:
-                raise ValueError("no image data in the TIFF file")
-            series = self._tif.series[0]
+            series = main_series(self._tif)
             axes, shape = tiff_image_axes(series), series.shape
             self.shape = (int(shape[axes.index("Y")]), int(shape[axes.index("X")]))
             self.dtype = _intensities(np.dtype(series.dtype))
