@@ -32,6 +32,7 @@ from scanner.stitching.registration.selfcal import (
     slope_sigma,
 )
 from scanner.stitching.registration.solve import solve_positions
+from scanner.travel import check_positions, travel_limits
 
 __all__ = ["CalibrationResult", "auto_grid", "calibrate_core", "calibrate_recipe",
            "expected_error_rel", "grid_positions"]
@@ -129,7 +130,7 @@ def calibrate_core(
     step_fraction: float = 0.75,
     repeatability_um: float = 2.0,
     max_error: float = 0.03,
-    travel_um: tuple[tuple[float, float], tuple[float, float]] | None = None,
+    travel: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     area: Any = None,
 ) -> CalibrationResult:
@@ -153,8 +154,9 @@ def calibrate_core(
     max_error : float
         Largest relative error of the nominal geometry that is searched for (scale error plus
         rotation in radians); 0.03 covers 1 % pixel size and 1°.
-    travel_um : ((xmin, xmax), (ymin, ymax)), optional
-        Stage travel; every grid position is checked before the first move.
+    travel : dict, optional
+        Where the stage may go (:func:`scanner.travel.travel_limits`); the grid's corners
+        are checked before the first move.
     progress : callable, optional
         ``progress(done, total)`` per frame.
     area : shapely Polygon, optional
@@ -182,9 +184,12 @@ def calibrate_core(
             grid = min(grid, max(3, _grid_on(area, centre_um, step_um, (w * p, h * p))))
     # the grid's corners before its n x n positions are listed: --grid 100000 (10^10
     # positions) filled the memory before the travel check could refuse it
-    if travel_um is not None:
-        _check_travel(grid_positions(centre_um, 2, ((grid - 1) * step_um[0],
-                                                    (grid - 1) * step_um[1])), travel_um)
+    if travel is not None:
+        corners = grid_positions(centre_um, 2, ((grid - 1) * step_um[0], (grid - 1) * step_um[1]))
+        outside = check_positions(travel, [("a calibration frame", x, y)
+                                           for _, _, x, y in corners])
+        if outside:
+            raise UserError(f"{outside}; move --at or use a smaller --grid/--step")
     if grid > MAX_GRID:
         raise UserError(f"calibrate: --grid {grid} is more than {MAX_GRID} frames per side "
                         "(every frame is held until the frames are registered; leave --grid "
@@ -236,18 +241,6 @@ def _result(a: np.ndarray, res: np.ndarray, cov: np.ndarray, n_used_frames: int,
         centre_um=(float(centre_um[0]), float(centre_um[1])),
         step_um=step_um,
     )
-
-
-def _check_travel(positions: list[tuple[int, int, float, float]],
-                  travel_um: tuple[tuple[float, float], tuple[float, float]]) -> None:
-    """Refuse a grid whose frames lie outside the stage travel, before the first move."""
-    for axis, k, (lo, hi) in (("x", 2, travel_um[0]), ("y", 3, travel_um[1])):
-        for pos in positions:
-            if not lo <= pos[k] <= hi:
-                raise UserError(
-                    f"microscope.stage.travel_{axis}_um: calibration frame at {axis} = "
-                    f"{pos[k]:.0f} µm is outside the travel [{lo:.0f}, {hi:.0f}] µm; "
-                    "move --at or use a smaller --grid/--step")
 
 
 def _snap_frames(core: Any, positions: list[tuple[int, int, float, float]],
@@ -322,7 +315,6 @@ def _calibrate_handle(handle: Any, recipe: Any, centre_um: tuple[float, float] |
                       progress: Callable[[int, int], None] | None) -> CalibrationResult:
     """:func:`calibrate_recipe` on a built microscope."""
     from scanner.geometry import usable_polygon
-    from scanner.travel import travel_limits
 
     core = handle.core
     area = None
@@ -332,13 +324,11 @@ def _calibrate_handle(handle: Any, recipe: Any, centre_um: tuple[float, float] |
         centre_um = (float(c.x), float(c.y))
     micro = recipe.microscope
     stage = getattr(micro, "stage", None)
-    limits = travel_limits(recipe, core) if stage is not None else None
-    travel = ((limits["x"].lo, limits["x"].hi), (limits["y"].lo, limits["y"].hi)) \
-        if limits is not None else None
+    travel = travel_limits(recipe, core) if stage is not None else None
     repeat = float(stage.repeatability_um) if stage is not None else 2.0
     result = calibrate_core(core, float(core.getPixelSizeUm()), centre_um, grid=grid,
                             step_fraction=step_fraction, repeatability_um=repeat,
-                            travel_um=travel, progress=progress, area=area)
+                            travel=travel, progress=progress, area=area)
     truth = (handle.truth or {}).get("camera")
     if truth:
         result.extra["truth"] = {
