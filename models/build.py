@@ -49,6 +49,10 @@ from .variants import variants_of
 
 #: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
 BANK_MAX = 16384
+#: most bank features of an extended model (``--init``): extending adds to the bank what a
+#: model built from the new images alone would hold, and past this size the old features the
+#: new ones repeat are dropped (the search's cost grows with the bank)
+BANK_MAX_EXTENDED = 4 * BANK_MAX
 #: fewest bank features (a small good image keeps all of its cells up to this)
 BANK_MIN = 2048
 #: share of the candidate cells kept by the coreset (PatchCore keeps 1-10 %)
@@ -202,8 +206,9 @@ def build_detector(
     seen = _collect_features(images, held_images, augmenting, dims, rng, pixel_size_um,
                              progress)
     start = base.bank if base is not None else None
-    bank = _choose_bank(seen.pool, int(seen.total_cells * (1 - len(held_images) / len(images))),
-                        bank_max, start, seed, progress)
+    bank, from_init = _choose_bank(
+        seen.pool, int(seen.total_cells * (1 - len(held_images) / len(images))), bank_max,
+        start, seed, progress)
     cal = _calibrate(bank, seen.held, false_alarms_per_cm2, progress)
     position, position_cal = _position_model(
         seen.position, dims, images[0].image.shape, cal.area_cm2, false_alarms_per_cm2,
@@ -211,12 +216,13 @@ def build_detector(
     warnings = _calibration_warnings(cal.result.to_dict(), len(images), len(held_images))
     if progress is not None:
         progress("calibrate", 1, 1)
-    bank, extra = _with_held_out(bank, seen.held, bank_max, seed)
+    # an extended model has the room a model of the new images alone would have
+    bank, extra = _with_held_out(bank, seen.held, bank_max + from_init, seed)
     card = _card(Path(out).stem, pixel_size_um, pixel_size_range_um, seed, cal, {
         **cal.result.to_dict(), "held_out_images": len(seen.held), "warnings": warnings,
         "held_out": "whole images" if held_images else "the central quarter of each image"})
     card.update(bank={"features": int(len(bank)), "candidates": int(len(seen.pool)),
-                      "from_held_out": extra, "from_init": 0 if start is None else len(start),
+                      "from_held_out": extra, "from_init": from_init,
                       "images": len(images) - len(held_images)},
                 init=str(init) if init is not None else None, **(card_extra or {}))
     card["sample_edge_seen"] = _sample_edge_seen(images) or bool(
@@ -379,22 +385,31 @@ def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmen
 
 
 def _choose_bank(pool: torch.Tensor, n_cells: int, bank_max: int, start: torch.Tensor | None,
-                 seed: int, progress: Progress | None) -> torch.Tensor:
-    """The memory bank: a greedy coreset of the candidates (a share of the cells the bank
-    images hold), after the bank of the model extended (``start``) when there is one."""
+                 seed: int, progress: Progress | None) -> tuple[torch.Tensor, int]:
+    """The memory bank (a greedy coreset of the candidates, a share of the cells the bank
+    images hold) and how many of its features come from the extended model's bank ``start``.
+
+    Extending adds what a model of the new images alone would hold, chosen after the old bank
+    (what the old bank covers is taken last), so that a full bank still learns a new
+    appearance: given no room, a model extended with one image of a new product kept the old
+    bank alone, scored the whole product as far from it, and found 1 of its 21 defects. Past
+    :data:`BANK_MAX_EXTENDED` the old features that the new ones repeat most are dropped.
+    """
     size = int(min(bank_max, max(BANK_MIN, BANK_FRACTION * n_cells), len(pool)))
     if progress is not None:
         progress("bank", 0, 1)
-    if start is not None:
-        size = max(0, min(size, bank_max - len(start)))
     chosen = greedy_coreset(pool, size, start=start, seed=seed) if size else \
         torch.zeros(0, dtype=torch.long)
     bank = pool[chosen]
+    kept = 0
     if start is not None:
-        bank = torch.cat([start, bank])
+        room = max(0, BANK_MAX_EXTENDED - len(bank))
+        if len(start) > room:
+            start = start[greedy_coreset(start, room, start=bank, seed=seed)]
+        bank, kept = torch.cat([start, bank]), len(start)
     if progress is not None:
         progress("bank", 1, 1)
-    return bank
+    return bank, kept
 
 
 @dataclass

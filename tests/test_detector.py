@@ -150,6 +150,44 @@ def test_init_extends_a_detector_and_leaves_it_unchanged(
         product_model.predict_image(other)["anomaly"].max()
 
 
+def test_a_full_bank_extended_learns_the_new_images_and_stays_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose bank was full kept its old bank alone when extended (no room): a new
+    product then scored as far from everything, and 1 of its 21 defects was found."""
+    import models.build as build
+
+    full = build_detector([GoodImage(_relative(_product(0)))], tmp_path / "full",
+                          augment_camera=False, bank_max=600)
+    old = load_model(full.weights)
+    assert len(old.bank) == 600  # full
+    other = np.tile(data.grass()[:136, :136].astype(np.float32), (4, 4))
+    report = build_detector([GoodImage(_relative(other))], tmp_path / "more",
+                            init=full.weights, augment_camera=False, bank_max=600)
+    more = load_model(report.weights)
+    assert len(more.bank) > 600 and report.card["bank"]["from_init"] == 600
+    assert torch.equal(more.bank[:600], old.bank)
+    # the grass is normal now: the extended model scores a defect on it as a model of the
+    # grass alone does (before: both painted defects under the threshold, at 1.03 and 0.86)
+    alone = load_model(build_detector([GoodImage(_relative(other))], tmp_path / "alone",
+                                      augment_camera=False, bank_max=600).weights)
+    bad = other.copy()
+    bad[200:216, 60:76] = 1.5 * other.max()  # a bright particle
+    bad[329:334, 300:360] = 1.5 * other.max()  # a bright scratch
+    for model in (more, alone):
+        a = model.predict_image(bad)["anomaly"]
+        assert a[50:54, 15:19].max() > 1.5 * model.threshold
+        assert a[82:84, 75:90].max() > 1.5 * model.threshold
+    assert np.quantile(more.predict_image(other)["anomaly"], 0.99) < 1.1 * np.quantile(
+        alone.predict_image(other)["anomaly"], 0.99)
+    # past the cap, the old features that the new ones repeat are dropped, the new ones kept
+    monkeypatch.setattr(build, "BANK_MAX_EXTENDED", 700)
+    capped = build_detector([GoodImage(_relative(other))], tmp_path / "capped",
+                            init=full.weights, augment_camera=False, bank_max=600)
+    bank = load_model(capped.weights).bank
+    kept = capped.card["bank"]["from_init"]
+    assert kept < 600 and len(bank) - kept - capped.card["bank"]["from_held_out"] == 700 - kept
+
+
 def test_a_damaged_detector_file_is_refused_with_the_file_named(
         product_model: PatchDetector, tmp_path: Path) -> None:
     from safetensors.torch import save_file
