@@ -126,9 +126,9 @@ class ModelCard(BaseModel):
             return None
         if self.pixel_size_assumed and self.pixel_size_um and \
                 abs(pixel_size_um / self.pixel_size_um - 1) > _PIXEL_SIZE_SLACK:
-            return (f"the model was built from image files with no pixel size, taken as "
-                    f"{self.pixel_size_um:g} um/px; this source is at {pixel_size_um:g} um/px, "
-                    f"so the model sees it at another scale: rebuild it with --pixel-size")
+            return (f"the model was built from image files with no pixel size; it runs at "
+                    f"this source's {pixel_size_um:g} um/px, as if its good images had been "
+                    f"taken so (if not, rebuild it with their --pixel-size)")
         bands = self.thresholds_by_pixel_size.get(sample_kind or "")
         if bands:
             lo, hi = bands[0].pixel_size_um[0], bands[-1].pixel_size_um[1]

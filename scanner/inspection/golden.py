@@ -50,6 +50,7 @@ from scanner.inspection.dietodie_maths import (
     block_shift,
     texture_energy,
 )
+from scanner.inspection.maps import grid_pixel_um
 
 #: the kinds of sample a golden image stands for (None: image files, mosaics of unknown
 #: samples); every wafer, PV cell or coupon shows grains, haze or texture of its own
@@ -606,7 +607,9 @@ def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any
 
     t0 = time.perf_counter()
     z_threshold = float((model.card.get("golden") or {}).get("z_threshold", Z_THRESHOLD))
-    placed = place_golden(model.golden, model.pixel_size_um, levels, mosaic)
+    # the golden image is at the model's pixel size, or at the mosaic's when that was assumed
+    placed = place_golden(model.golden, grid_pixel_um(model, mosaic.pixel_size_um), levels,
+                          mosaic)
     stats: dict[str, Any] = {"reference": GOLDEN, "z_threshold": z_threshold,
                              "placed": placed is not None}
     if placed is None:
