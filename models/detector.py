@@ -254,7 +254,11 @@ class PatchDetector:
         stride), and where the image's first map pixel lies in the padded image's maps."""
         s, m = self.output_stride, SMALL_IMAGE_CONTEXT_PX
         h, w = x.shape
-        return np.pad(x, ((m, m + (-h) % s), (m, m + (-w) % s)), mode="symmetric"), m // s
+        # mirrored about the border pixel, as the bank's images (features_of) and inspection's
+        # windows (scanner.inspection.tiled) are: mirrored with the border pixel repeated
+        # ("symmetric"), a texture's border cells scored 10-20 x their distance in the bank,
+        # and the default's thresholds were calibrated on those
+        return _window(x, -m, -m, h + 2 * m + (-h) % s, w + 2 * m + (-w) % s), m // s
 
 
 def features_of(image: np.ndarray) -> torch.Tensor:

@@ -118,6 +118,21 @@ def test_a_detector_built_from_one_good_image_finds_painted_defects(
     assert a_bad.max() > 1.5 * a_good.max()
 
 
+def test_an_image_predicted_whole_is_mirrored_as_its_bank_saw_it(
+        product_model: PatchDetector) -> None:
+    """The whole-image path (calibration's held-out windows) mirrored with the border pixel
+    repeated while the bank's images and inspection's windows do not: a texture's border
+    cells scored 10-20 x their distance in the bank."""
+    other = np.tile(data.grass()[:136, :136].astype(np.float32), (2, 2))
+    x = product_model.normalize(other)
+    f = features_of(x)
+    bank_view = product_model.index.distances(f.permute(1, 2, 0).reshape(-1, f.shape[0]))
+    xp, k = product_model._with_context(x)
+    k8 = k * product_model.output_stride // 8
+    whole = product_model.distances(xp[None])[0, k8 : k8 + f.shape[1], k8 : k8 + f.shape[2]]
+    assert torch.allclose(whole.reshape(-1), bank_view, rtol=1e-3, atol=1e-3)
+
+
 def test_card_records_backbone_calibration_and_warnings(product_model: PatchDetector) -> None:
     card = product_model.card
     assert card["architecture"]["name"] == "PatchCore"
@@ -265,7 +280,15 @@ def test_a_card_says_when_it_does_not_fit_the_pixel_size_inspected(caplog) -> No
 
     with caplog.at_level("WARNING", logger="waferscope.inspect"):
         assert _decision_threshold(_Model(), None, "image", 2.0)[0] == 0.5
-    assert "rebuild it with --pixel-size" in caplog.text
+    assert "runs at this source's 2 um/px" in caplog.text
+    # and it does: resampled to the assumed 1 um, a part scanned at 2 or 0.5 um showed 1 of
+    # 8 and 0 of 9 of its defects
+    from scanner.inspection.maps import grid_pixel_um
+
+    assert grid_pixel_um(_Model(), 2.0) == 2.0 and grid_pixel_um(_Model(), 0.5) == 0.5
+    _Model.card = {"architecture": {}, "pixel_size_um": 1.0}
+    _Model.pixel_size_um = 1.0
+    assert grid_pixel_um(_Model(), 2.0) == 1.0  # a model built at a known size runs at it
 
 
 def test_camera_variants_blur_an_image_file_and_bring_its_noise_to_each_level() -> None:
