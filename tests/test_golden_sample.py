@@ -147,3 +147,35 @@ def _assert_found(defects: list[dict], painted: dict[str, tuple]) -> None:
         assert any(d["bbox_um"][0] - 4 <= x <= d["bbox_um"][2] + 4
                    and d["bbox_um"][1] - 4 <= y <= d["bbox_um"][3] + 4 for d in defects), kind
     assert len(defects) <= len(painted) + 1
+
+
+def test_a_repeat_that_holds_no_whole_die_leaves_the_comparison_to_the_golden_image() -> None:
+    """A fine grating's lines were found as a "die grid" (14 x 299 um, no die to compare),
+    and the golden image, which the model kept, was not compared: 15 false defects on a
+    second good copy of the grating (3 with it)."""
+    from scanner.inspection.golden import GOLDEN
+    from scanner.inspection.inspect import _Refinement
+
+    ran: list[str] = []
+    compared = np.ones((4, 4), bool)
+
+    def die_to_die(dies: int):
+        def step(maps):
+            ran.append("die-to-die")
+            return ({"dies": dies}, None, compared if dies else None,
+                    np.zeros((4, 4), bool) if dies else None)
+        return step
+
+    def golden(maps):
+        ran.append("golden")
+        return {"reference": GOLDEN, "placed": True}, "reader", compared, ~compared
+
+    nothing = _Refinement(die_to_die(0), False, None, None, 1.0, fallback=golden)
+    nothing(None)
+    assert ran == ["die-to-die", "golden"]
+    assert nothing.d2d == {"dies": 0} and nothing.golden["placed"] is True
+    assert nothing.compared is compared and nothing.difference == "reader"
+    ran.clear()
+    dies = _Refinement(die_to_die(9), False, None, None, 1.0, fallback=golden)
+    dies(None)
+    assert ran == ["die-to-die"] and dies.golden == {} and dies.d2d == {"dies": 9}

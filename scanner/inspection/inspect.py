@@ -505,9 +505,10 @@ def inspect_mosaic(
     d2d = (getattr(model, "card", None) or {}).get("die_to_die") or {}
     compare = _die_to_die(mosaic, saved, polygon, thr, alignment, d2d.get("z_threshold"),
                           d2d.get("texture_z_threshold"),
-                          d2d.get("found_grid_repeats", True) is not False) or \
-        _golden(mosaic, model, thr, kind, polygon)
-    refine = _Refinement(compare, kind in PLAIN_SURFACE_KINDS, saved, polygon, thr, mosaic)
+                          d2d.get("found_grid_repeats", True) is not False)
+    golden = _golden(mosaic, model, thr, kind, polygon)
+    refine = _Refinement(compare or golden, kind in PLAIN_SURFACE_KINDS, saved, polygon, thr,
+                         mosaic, fallback=golden if compare is not None else None)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster, edge_um=edge_band_um or None)
     t1 = time.perf_counter()
@@ -547,8 +548,10 @@ class _Refinement:
 
     def __init__(self, die_to_die: DieToDieStep | None,
                  plain_kind: bool, sample: Any, polygon: Any, threshold: float,
-                 mosaic: Path | None = None) -> None:
+                 mosaic: Path | None = None, fallback: DieToDieStep | None = None) -> None:
         self.die_to_die, self.plain_kind, self.mosaic = die_to_die, plain_kind, mosaic
+        #: the comparison run when ``die_to_die`` compared no die (the golden image's)
+        self.fallback = fallback
         self.sample, self.polygon, self.threshold = sample, polygon, threshold
         self.d2d: dict[str, Any] = {}
         #: what the comparison with a golden image did (when it ran instead of die-to-die)
@@ -568,6 +571,11 @@ class _Refinement:
     def __call__(self, maps: MapSet) -> None:
         if self.die_to_die is not None:
             stats, self.difference, self.compared, self.repeated = self.die_to_die(maps)
+            if self.compared is None and self.fallback is not None:
+                # a repeat found in a fine pattern (a grating's lines) that holds no whole
+                # die took the place of the golden image and compared nothing
+                self.d2d.update(stats)
+                stats, self.difference, self.compared, self.repeated = self.fallback(maps)
             (self.golden if stats.get("reference") == GOLDEN else self.d2d).update(stats)
         if self.plain_kind or self.polygon is not None:
             self.reflectance = reflectance_at_map(maps)
