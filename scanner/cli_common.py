@@ -58,6 +58,18 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.E
 _ACQUIRING = frozenset({"run", "resume"})
 
 
+def _storage_message(exc: OSError) -> str:
+    """One line for a storage error: a file that may not be read (a calibration, a ``.cfg``, a
+    model made unreadable), else a destination that cannot be written."""
+    name = exc.filename
+    where = f"{name}: " if name else ""
+    if exc.errno in (errno.EACCES, errno.EPERM) and name and os.path.exists(name) \
+            and not os.access(name, os.R_OK):
+        return f"{where}cannot read ({exc.strerror}); check its permissions"
+    return (f"{where}cannot write ({exc.strerror}); free space or choose another folder (a "
+            "stopped scan continues with `waferscope resume SCAN`)")
+
+
 def _friendly(func: F) -> F:
     """Turn bad input (UserError, a full disk) into one line + exit 2, anything else into one
     line + exit 1."""
@@ -70,11 +82,10 @@ def _friendly(func: F) -> F:
             except OSError as exc:
                 if exc.errno not in _STORAGE_ERRNOS or os.environ.get("WAFERSCOPE_DEBUG"):
                     raise
-                # a full or read-only disk: the user can act on it, as on bad input
-                where = f"{exc.filename}: " if exc.filename else ""
-                err.print(f"[bold red]error:[/] {escape(where)}cannot write ({exc.strerror}); "
-                          "free space or choose another folder (a stopped scan continues with "
-                          "`waferscope resume SCAN`)", highlight=False, soft_wrap=True)
+                # a full or read-only disk, or a file we may not read: the user can act on
+                # it, as on bad input
+                err.print(f"[bold red]error:[/] {escape(_storage_message(exc))}",
+                          highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
         except InputError as exc:  # ours and the model package's bad input (UserError derives)
             # escaped: a message may hold brackets ("waferscope[napari]") that are not markup

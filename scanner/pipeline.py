@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from devices.core import MicroscopeHandle, build_microscope
+from devices.errors import HardwareError
 from devices.inventory import inventory_json
 from scanner.acquisition.acquire import acquire
 from scanner.acquisition.align import AlignmentError, align, wants_alignment
@@ -318,6 +319,12 @@ def _finish_scan(
             finally:  # the stage, camera and ports are free while the mosaic is made
                 handle.close()
         last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
+        if not _acquired(folder, n_tiles):
+            # a scan shorter than the lost-in-a-row limit lost every tile: nothing to stitch
+            raise HardwareError(
+                f"acquisition: none of the {n_tiles} planned tiles was acquired (every one "
+                "lost, see the log above); put the hardware right and run `waferscope "
+                "resume` on the scan folder")
         precomputed = _finish_live(live)
         if precomputed is not None:
             _record_live(scan, precomputed.stats)

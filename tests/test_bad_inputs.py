@@ -552,3 +552,32 @@ def test_a_tile_position_that_is_not_a_finite_number_is_a_damaged_journal(
         assert len(out) == 1 and f"tiles.csv, line 3: {named}" in out[0] \
             and "damaged" in out[0], out
     assert (folder / "tiles.csv").read_bytes() == before
+
+
+def test_a_file_that_may_not_be_read_is_named_as_unreadable(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """A calibration (or .cfg, or model) made unreadable was reported as a failed write
+    ("cal.json: cannot write (Permission denied); free space or choose another folder")."""
+    import os
+
+    cal = tmp_path / "cal.json"
+    cal.write_text('{"pixel_size_um": 1.0, "rotation_deg": 0.0}')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sample: {kind: rectangle, width_mm: 1.0, height_mm: 1.0}\n"
+                      "microscope: {kind: simulated, calibration: cal.json}\n")
+    real_open, real_access = open, os.access
+
+    def forbidden(path, *args, **kwargs):  # what a file with mode 000 gives a user (not root)
+        if Path(path) == cal:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", forbidden)
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: forbidden(self).read()
+                        if self == cal else real_open(self, encoding="utf-8").read())
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if Path(path) == cal
+                        else real_access(path, mode, *a, **k))
+    res = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert res.exit_code == 2
+    assert "cal.json: cannot read (Permission denied)" in res.output
+    assert "cannot write" not in res.output

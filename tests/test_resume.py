@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import zarr
 from conftest import SMALL_WAFER as SMALL
 from typer.testing import CliRunner
@@ -398,3 +399,33 @@ def test_hardware_that_stops_answering_stops_the_scan_and_resume_finishes(
     assert "5 tiles in a row lost" in scan["error"]
     monkeypatch.setattr(acquire.ScanEngine, "exec_single_event", real)
     assert resume_scan(folder).status == "complete"
+
+
+def test_a_small_scan_that_loses_every_tile_says_so_and_resume_finishes(
+        tmp_path: Path) -> None:
+    """A 2-tile scan (under the lost-in-a-row limit) whose camera never answered went on to
+    stitch nothing and failed with "ValueError: matmul: Input operand 1 has a mismatch"."""
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+    from scanner.pipeline import resume_scan
+
+    recipe = {"sample": {"kind": "rectangle", "width_mm": 1.5, "height_mm": 1.0,
+                         "defects": {"count": 0}},
+              "microscope": {"kind": "simulated",
+                             "camera": {"width": 512, "height": 512, "pixel_size_um": 2.0},
+                             "faults": {"camera_timeout_rate": 0.99}},
+              "scan": {"overlap": 0.1, "retries": 1}}
+    path = tmp_path / "dead_camera.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "s"),
+                                   "--no-inspect"])
+    assert res.exit_code == 1
+    assert "none of the 2 planned tiles was acquired" in res.output
+    scan = _scan(tmp_path / "s")
+    assert scan["status"] == "failed" and scan["acquired_tiles"] == 0
+    assert "none of the 2 planned tiles" in scan["error"]
+    # the camera answers again (the recorded recipe's fault rate put right): resume finishes
+    scan["recipe"]["microscope"]["faults"]["camera_timeout_rate"] = 0.0
+    (tmp_path / "s" / "scan.json").write_text(json.dumps(scan))
+    assert resume_scan(tmp_path / "s").status == "complete"
