@@ -124,3 +124,22 @@ def test_focus_moves_and_snaps_get_the_scans_retries(tmp_path: Path, monkeypatch
     focus = _focus_controller(handle, recipe, plan)
     assert 7 <= len(focus.map_points) <= 8
     handle.close()
+
+
+def test_a_focus_map_of_a_sample_hardly_larger_than_a_field_lays_its_points_on_it(
+        write_recipe, tmp_path: Path) -> None:
+    """A 1.5 x 1 mm coupon under a 1 mm field: no point lies half a field inside it, and the
+    scan failed after its folder was made ("no area left inside the polygon after the
+    margin"; with --overwrite the earlier scan was gone)."""
+    text = """
+sample: {kind: rectangle, width_mm: 1.5, height_mm: 1.0, defects: {count: 0}}
+microscope:
+  kind: simulated
+  camera: {width: 512, height: 512, pixel_size_um: 2.0}
+scan: {overlap: 0.1, focus: {strategy: focus_map}}
+"""
+    result = run_scan(load_recipe(write_recipe(text)), tmp_path / "coupon")
+    assert result.status == "complete"
+    points = json.loads((result.folder / "focus_map.json").read_text())["points"]
+    assert len(points) >= 3 and all(p["ok"] for p in points)
+    assert all(abs(p["x_um"]) <= 750 and abs(p["y_um"]) <= 500 for p in points)

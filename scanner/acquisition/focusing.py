@@ -172,8 +172,14 @@ class FocusController:
             return
         polygon = np.asarray(self.plan.region.exterior.coords)[:-1]
         fov = min(self.plan.fov_um)
+        # points half a field inside the region, so that each field sees the sample; on a
+        # sample hardly larger than a field (a 1.5 x 1 mm coupon under a 1 mm field) nothing
+        # is left that far inside, and the fields reach past its edge instead
+        margin = fov / 2
+        while margin > 1.0 and self.plan.region.buffer(-margin).is_empty:
+            margin /= 2
         points = focus_points_layout(polygon, self.spec.points, self.spec.layout,
-                                     margin_um=fov / 2)
+                                     margin_um=margin if margin > 1.0 else 0.0)
         # a short stage path from where the stage is to the scan's first tile
         first = self.plan.tiles[0]
         points = points[tour_order(points, self.core.getXYPosition(), (first.x_um, first.y_um))]
