@@ -55,6 +55,8 @@ class TileRecord:
 
 
 COLUMNS = [f.name for f in fields(TileRecord)]
+#: the columns without a default: a journal whose header lacks one is damaged
+REQUIRED_COLUMNS = [f.name for f in fields(TileRecord) if f.default is MISSING]
 
 
 def _fmt(value: object) -> str:
@@ -89,8 +91,16 @@ class TileStore:
                  resume: bool = False) -> None:
         self.folder = Path(folder)
         # a scan stopped before its first tile has no store yet: start one
-        resume = resume and (self.folder / TILES_ZARR).is_dir() and (
-            self.folder / TILES_CSV).is_file()
+        resume = resume and (self.folder / TILES_ZARR).is_dir()
+        if resume and not (self.folder / TILES_CSV).is_file():
+            # stopped before the journal's header, or the journal lost: with tiles stored, a
+            # new store would replace them (taken again where the chuck may hold another part)
+            stored = stored_tiles(open_tiles(self.folder))
+            if stored:
+                raise UserError(f"{self.folder}: {TILES_CSV} is missing while {TILES_ZARR} "
+                                f"holds {len(stored)} tiles; restore the journal (nothing was "
+                                "changed)")
+            resume = False
         if resume:
             self.array = zarr.open_array(self.folder / TILES_ZARR, mode="r+")
             if self.array.shape != (n_tiles, *shape) or self.array.dtype != np.dtype(dtype):
@@ -156,17 +166,31 @@ def read_tiles_csv(folder: Path) -> list[TileRecord]:
     """Read the journal of a scan folder (last row wins for a re-acquired tile).
 
     A row cut short (the process killed while writing it) is dropped: its tile counts as not
-    acquired.
+    acquired. Only the last row can be cut short so: a short or long row before others, or a
+    header without the journal's columns, is damage (the rows cannot be trusted, and a
+    journal read as empty would have ``resume`` take every stored tile again). A byte-order
+    mark (a spreadsheet's "CSV UTF-8") is read past.
     """
     path = Path(folder) / TILES_CSV
     if not path.is_file():
         raise UserError(f"{folder}: no {TILES_CSV} (the scan acquired nothing)")
     by_index: dict[int, TileRecord] = {}
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
+            names = reader.fieldnames or COLUMNS
+            missing = [c for c in REQUIRED_COLUMNS if c not in names]
+            if missing:
+                raise UserError(f"{path}: its header lacks {', '.join(missing)}; the journal "
+                                "is damaged")
+            cut = 0  # the line of a row cut short, damage unless it is the last
             for row in reader:
-                if None in row or any(row.get(c) is None for c in COLUMNS) or not row["status"]:
+                if cut:
+                    raise UserError(f"{path}, line {cut}: not the {len(names)} columns of its "
+                                    "header; the journal is damaged")
+                if None in row or any(row.get(c) is None for c in names) or \
+                        not row.get("status", "ok"):
+                    cut = reader.line_num
                     continue  # a partial last line
                 try:
                     record = _parse_row(row)

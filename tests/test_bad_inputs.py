@@ -301,6 +301,10 @@ def _garbled_journal(folder: Path) -> None:
     (folder / "tiles.csv").write_text("\n".join(lines) + "\n")
 
 
+def _edit_lines(path: Path, edit) -> None:
+    path.write_text("\n".join(edit(path.read_text().splitlines())) + "\n")
+
+
 def _zero_scale(data: dict) -> None:
     data["attributes"]["ome"]["multiscales"][0]["datasets"][0][
         "coordinateTransformations"][0]["scale"] = [0, 0]
@@ -309,6 +313,13 @@ def _zero_scale(data: dict) -> None:
 @pytest.mark.parametrize(("command", "damage", "named"), [
     ("stitch", lambda f: _random_bytes(f / "scan.json"), "scan.json: unreadable"),
     ("stitch", _garbled_journal, "tiles.csv, line 3"),
+    # a journal that lost its header, or a row cut short before others, was read as fewer
+    # acquired tiles ("0 of 9": resume then took every stored tile again)
+    ("stitch", lambda f: _edit_lines(f / "tiles.csv", lambda ls: ls[1:]), "header lacks"),
+    ("resume", lambda f: _edit_lines(f / "tiles.csv", lambda ls: ls[1:]), "header lacks"),
+    ("stitch", lambda f: _edit_lines(f / "tiles.csv", lambda ls: ls[:3] + [ls[3][:20]]
+                                     + ls[4:]), "tiles.csv, line 4"),
+    ("resume", lambda f: (f / "tiles.csv").unlink(), "tiles.csv is missing"),
     ("stitch", lambda f: __import__("shutil").rmtree(f / "tiles.zarr"), "tiles.zarr"),
     ("stitch", lambda f: (f / "tiles.zarr" / "zarr.json").write_text("{bad"), "tiles.zarr"),
     # zarr's Zstd checksum: a flipped bit in a raw tile is damage, not data
@@ -581,3 +592,15 @@ def test_a_file_that_may_not_be_read_is_named_as_unreadable(tmp_path: Path,
     assert res.exit_code == 2
     assert "cal.json: cannot read (Permission denied)" in res.output
     assert "cannot write" not in res.output
+
+
+def test_a_journal_saved_with_a_byte_order_mark_is_read(wafer_scan: Path,
+                                                        tmp_path: Path) -> None:
+    """A spreadsheet's "CSV UTF-8" puts a BOM before the header: its first column was not
+    "index", every row was dropped, and resume took every stored tile again."""
+    from scanner.tilestore import read_tiles_csv
+
+    folder = _damaged_copy(wafer_scan, tmp_path, lambda f: (f / "tiles.csv").write_bytes(
+        b"\xef\xbb\xbf" + (f / "tiles.csv").read_bytes()))
+    assert read_tiles_csv(folder) == read_tiles_csv(wafer_scan)
+    assert len(read_tiles_csv(folder)) > 0
