@@ -38,9 +38,11 @@ from scanner.scanfolder import (
     RUNNING,
     SCAN_JSON,
     TRUTH_JSON,
+    discard,
     effective_status,
     now_iso,
     prepare_folder,
+    put_back,
     read_scan_json,
     software_versions,
     this_process,
@@ -127,41 +129,55 @@ def run_scan(
         plan = make_plan(recipe, handle)
         for warning in plan_warnings(recipe, handle):
             log.warning("%s", warning)
-        folder = prepare_folder(out, recipe.output.root, recipe.output.name or recipe.name,
-                                overwrite)
-        pixel_size = handle.core.getPixelSizeUm()
-        model_path = getattr(model, "path", model)
-        scan: dict[str, Any] = {
-            "status": "acquiring",
-            "started": now_iso(),
-            "finished": None,
-            "process": this_process(),
-            "recipe": recipe.model_dump(mode="json"),
-            # what `resume` needs to finish the scan exactly as `run` would have
-            "options": {"inspect": bool(inspect),
-                        "model": str(Path(model_path).resolve()) if model_path else None},
-            "versions": software_versions(),
-            "microscope": {
-                "kind": handle.kind,
-                "pixel_size_um": pixel_size,
-                "camera_shape": [handle.core.getImageHeight(), handle.core.getImageWidth()],
-                "depth_of_field_um": handle.depth_of_field_um,
-                **{k: v for k, v in handle.info.items() if k != "labels"},
-                "devices": inventory_json(handle.core),
-            },
-            "plan": plan.summary(),
-            "acquired_tiles": 0,
-            "timings": {},
-        }
-        if wants_alignment(recipe):
-            scan["status"] = "aligning"
-        write_json(folder / SCAN_JSON, scan)
-        if handle.truth is not None:
-            write_json(folder / TRUTH_JSON, handle.truth)
-        if wants_alignment(recipe):
-            plan = _align_stage(folder, scan, recipe, handle, events)
+        folder, aside = prepare_folder(out, recipe.output.root,
+                                       recipe.output.name or recipe.name, overwrite)
+        try:
+            scan, plan = _start_scan(folder, recipe, handle, plan, events, inspect, model)
+        except BaseException:
+            put_back(folder, aside)  # refused before its first tile: the earlier scan stays
+            raise
+        discard(aside)
         return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
                             cluster=cluster)
+
+
+def _start_scan(folder: Path, recipe: Recipe, handle: MicroscopeHandle, plan: ScanPlan,
+                events: StageEvents, inspect: bool, model: ModelRef
+                ) -> tuple[dict[str, Any], ScanPlan]:
+    """The new scan's record written and its sample aligned (when asked): what
+    :func:`run_scan` does before the first tile."""
+    pixel_size = handle.core.getPixelSizeUm()
+    model_path = getattr(model, "path", model)
+    scan: dict[str, Any] = {
+        "status": "acquiring",
+        "started": now_iso(),
+        "finished": None,
+        "process": this_process(),
+        "recipe": recipe.model_dump(mode="json"),
+        # what `resume` needs to finish the scan exactly as `run` would have
+        "options": {"inspect": bool(inspect),
+                    "model": str(Path(model_path).resolve()) if model_path else None},
+        "versions": software_versions(),
+        "microscope": {
+            "kind": handle.kind,
+            "pixel_size_um": pixel_size,
+            "camera_shape": [handle.core.getImageHeight(), handle.core.getImageWidth()],
+            "depth_of_field_um": handle.depth_of_field_um,
+            **{k: v for k, v in handle.info.items() if k != "labels"},
+            "devices": inventory_json(handle.core),
+        },
+        "plan": plan.summary(),
+        "acquired_tiles": 0,
+        "timings": {},
+    }
+    if wants_alignment(recipe):
+        scan["status"] = "aligning"
+    write_json(folder / SCAN_JSON, scan)
+    if handle.truth is not None:
+        write_json(folder / TRUTH_JSON, handle.truth)
+    if wants_alignment(recipe):
+        plan = _align_stage(folder, scan, recipe, handle, events)
+    return scan, plan
 
 
 def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: MicroscopeHandle,

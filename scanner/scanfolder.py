@@ -99,8 +99,14 @@ def file_in_the_way(path: Path, itself: bool = False) -> Path | None:
     return nearest if nearest is not None and not nearest.is_dir() else None
 
 
-def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = False) -> Path:
-    """Choose and create the scan folder without destroying an earlier scan.
+def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = False
+                   ) -> tuple[Path, Path | None]:
+    """Choose and create the scan folder without destroying an earlier scan: the folder, and
+    where an earlier scan it replaces was set aside (None: none).
+
+    An earlier scan replaced (``overwrite``) is moved aside, not deleted: the new scan can
+    still be refused (a wafer not found where the recipe puts it) before its first tile, and
+    :func:`put_back` then restores it; :func:`discard` deletes it once the new scan started.
 
     Parameters
     ----------
@@ -142,9 +148,28 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
             )
         if not (out / SCAN_JSON).is_file():
             raise UserError(f"--out {out}: not a scan folder; refusing to overwrite it")
-        shutil.rmtree(out)
+        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        if aside.exists():
+            shutil.rmtree(aside)
+        out.rename(aside)
+        out.mkdir()
+        return out, aside
     out.mkdir(parents=True, exist_ok=True)
-    return out
+    return out, None
+
+
+def put_back(folder: Path, aside: Path | None) -> None:
+    """Restore the earlier scan :func:`prepare_folder` set aside, replacing ``folder``."""
+    if aside is None or not aside.is_dir():
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    aside.rename(folder)
+
+
+def discard(aside: Path | None) -> None:
+    """Delete the earlier scan :func:`prepare_folder` set aside (the new one has started)."""
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def this_process() -> dict[str, Any]:

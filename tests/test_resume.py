@@ -429,3 +429,33 @@ def test_a_small_scan_that_loses_every_tile_says_so_and_resume_finishes(
     scan["recipe"]["microscope"]["faults"]["camera_timeout_rate"] = 0.0
     (tmp_path / "s" / "scan.json").write_text(json.dumps(scan))
     assert resume_scan(tmp_path / "s").status == "complete"
+
+
+def test_an_overwrite_refused_before_its_first_tile_keeps_the_earlier_scan(
+        tmp_path: Path) -> None:
+    """`run --out OLD --overwrite` deleted the earlier scan before the new one was refused
+    (a wafer not where the recipe puts it: no edge found): only the refusal's scan.json and
+    alignment.png were left."""
+    from scanner.errors import UserError
+    from scanner.recipe import parse_recipe
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    first = run_scan(parse_recipe(data, tmp_path, "first"), tmp_path / "scan")
+    before = {p.relative_to(first.folder): p.read_bytes()
+              for p in first.folder.rglob("*") if p.is_file()}
+    misplaced = json.loads(json.dumps(SMALL))
+    misplaced["sample"]["placement"] = {"offset_um": [20000, 0]}  # off the 20 mm wafer's place
+    misplaced["scan"].update(align=True)
+    with pytest.raises(UserError, match="center_um"):
+        run_scan(parse_recipe(misplaced, tmp_path, "misplaced"), tmp_path / "scan",
+                 overwrite=True)
+    after = {p.relative_to(first.folder): p.read_bytes()
+             for p in first.folder.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]  # nothing left aside
+    # an overwrite that starts replaces it, and leaves nothing aside either
+    second = run_scan(parse_recipe(data, tmp_path, "second"), tmp_path / "scan",
+                      overwrite=True)
+    assert second.status == "complete" and _scan(second.folder)["recipe"]["name"] == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
