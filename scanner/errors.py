@@ -34,9 +34,13 @@ def undecodable(exc: BaseException | None) -> bool:
 
     while exc is not None:
         text = str(exc).lower()
+        # numpy's words for a chunk whose bytes are not the array's dtype and size (a codec
+        # dropped from the metadata): "When changing to a larger dtype, its size must be a
+        # divisor of the total size in bytes of the last axis of the array"
         if isinstance(exc, zlib.error) or (isinstance(exc, (RuntimeError, ValueError))
                                            and ("decompress" in text
-                                                or "cannot reshape array" in text)):
+                                                or "cannot reshape array" in text
+                                                or "changing to a larger dtype" in text)):
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False

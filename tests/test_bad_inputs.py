@@ -326,6 +326,12 @@ def _zero_scale(data: dict) -> None:
     ("stitch", lambda f: _flip_bits(f / "tiles.zarr" / "c" / "4" / "0" / "0"), "damaged"),
     ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "zarr.json", _zero_scale),
      "scale"),
+    # a wafer's die grid read the mosaic before its checked opening: exit 1, a traceback's line
+    ("inspect", lambda f: (f / "mosaic.ome.zarr" / "zarr.json").unlink(), "mosaic.ome.zarr"),
+    ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "zarr.json",
+                                     lambda d: d.update(attributes={})), "OME-NGFF"),
+    ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "0" / "zarr.json",
+                                     lambda d: d.update(codecs=d["codecs"][:1])), "damaged"),
     ("inspect", lambda f: _edit_json(f / "scan.json", lambda d: d.pop("recipe")),
      "records no recipe"),
     ("inspect", lambda f: _edit_json(

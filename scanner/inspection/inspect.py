@@ -40,7 +40,7 @@ from scanner.inspection.card import (
 from scanner.inspection.drift import good_surface_scores
 from scanner.inspection.golden import GOLDEN
 from scanner.inspection.images import image_score, inspect_images, list_images
-from scanner.inspection.maps import MapSet, infer_mosaic, reflectance_at_map
+from scanner.inspection.maps import MapSet, infer_mosaic, open_readable, reflectance_at_map
 from scanner.scanfolder import MOSAIC, SCAN_JSON, now_iso, scan_json_if_any, write_json
 
 
@@ -483,6 +483,7 @@ def inspect_mosaic(
     mosaic = Path(mosaic)
     if not mosaic.exists():
         raise UserError(f"{mosaic}: mosaic not found")
+    open_readable(mosaic)  # damaged metadata is refused before the die grid reads it
     folder = mosaic.parent
     out_dir = Path(out_dir) if out_dir is not None else folder
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -348,13 +348,19 @@ def _create_maps(out_dir: Path, tiling: Tiling) -> tuple[dict[str, Path], dict[s
     return tmps, arrays
 
 
+def open_readable(mosaic: Path) -> tuple[list[Any], list[Any]]:
+    """A mosaic's levels and transforms, refused (:class:`UserError`) when its metadata is not
+    a readable OME-NGFF image."""
+    try:
+        return open_mosaic(mosaic)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise UserError(f"{mosaic}: not a readable OME-NGFF mosaic ({exc})") from None
+
+
 def _open_complete(mosaic: Path) -> tuple[list[Any], list[Any]]:
     """A mosaic's levels and transforms, refused when unreadable or when a chunk is missing
     (damaged data is never read as black)."""
-    try:
-        levels, transforms = open_mosaic(mosaic)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise UserError(f"{mosaic}: not a readable OME-NGFF mosaic ({exc})") from None
+    levels, transforms = open_readable(mosaic)
     for k, level in enumerate(levels):
         check_complete(level, f"{mosaic} level {k}")
     return levels, transforms
