@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from scanner.errors import UserError
@@ -112,6 +113,25 @@ class Defect:
     def __post_init__(self) -> None:
         if self.defect_class not in CLASSES:
             raise ValueError(f"defect_class: {self.defect_class!r} is not one of {list(CLASSES)}")
+        # a list edited by hand or by another tool: where a defect lies and how large it is
+        # must be numbers (a NaN centre crashed the die index, or was written as an empty
+        # cell of the report), the rest of the right type
+        if not _is_int(self.id):
+            raise ValueError(f"id: {self.id!r} is not a whole number")
+        for name in ("x_um", "y_um", "area_um2", "size_um"):
+            if not _is_finite(getattr(self, name)):
+                raise ValueError(f"defect {self.id}: {name}: {getattr(self, name)!r} is not a "
+                                 "finite number")
+        if not isinstance(self.bbox_um, tuple | list) or len(self.bbox_um) != 4 or not all(
+                _is_finite(v) for v in self.bbox_um):
+            raise ValueError(f"defect {self.id}: bbox_um: {self.bbox_um!r} is not 4 finite "
+                             "numbers")
+        for name in ("score", "roughness", "uncertainty"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"defect {self.id}: {name}: {getattr(self, name)!r} is not a "
+                                 "number")
+        if not isinstance(self.review, bool):
+            raise ValueError(f"defect {self.id}: review: {self.review!r} is not true or false")
         self.bbox_um = tuple(float(v) for v in self.bbox_um)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +149,19 @@ class Defect:
         values["bbox_um"] = tuple(values.get("bbox_um") or (math.nan,) * 4)
         values["tiles"] = [int(t) for t in values.get("tiles") or []]
         return cls(**values)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
 
 
 def _clean(value: Any) -> Any:
@@ -247,6 +280,9 @@ def read_defects(folder: Path) -> tuple[dict[str, Any], list[Defect]]:
         data = json.loads(path.read_text(encoding="utf-8"))
         header = data.get("header", {})
         defects = [Defect.from_dict(d) for d in data["defects"]]
+        ids = [d.id for d in defects]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"id: {next(i for i in ids if ids.count(i) > 1)} is given twice")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"{path}: not a readable defect list ({exc})") from None
     return _checked_header(header, str(path)), defects

@@ -337,6 +337,18 @@ def _zero_scale(data: dict) -> None:
     ("inspect", lambda f: _edit_json(
         f / "scan.json", lambda d: d["recipe"]["sample"].update(diameter_mm=float("nan"))),
      "recipe: sample"),
+    # a defect list edited by hand: a NaN centre crashed the die index (exit 1) or was
+    # written as an empty report cell (exit 0); ids given twice were carried into the reports
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["defects"][0].update(x_um=None)), "x_um"),
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["defects"][0].update(bbox_um=[0, 1, 2])),
+     "bbox_um"),
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["defects"][0].update(review="no")), "review"),
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["defects"][1].update(id=d["defects"][0]["id"])),
+     "given twice"),
     # a scan folder that lost its record is not inspected as a bare mosaic over its results
     ("inspect", lambda f: (f / "scan.json").unlink(), "not a scan folder"),
 ])
