@@ -137,12 +137,19 @@ def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
             continue
         if (path / "scan.json").exists() or path.name.endswith(".ome.zarr"):
             raise UserError(f"{path}: a scan folder (build from it with waferscope train)")
-        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-        for f in files:
+        for f in image_files(path):
             out.append(GoodImage(relative(read_image(f)), source=str(f.relative_to(path))))
     if not out and list(paths):
         raise UserError(f"--good: no images found in {', '.join(str(p) for p in paths)}")
     return out
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted; hidden files and folders are no one's images
+    (macOS's "._name.png" resource forks beside every picture copied from a Mac)."""
+    return sorted(f for f in folder.rglob("*") if f.is_file()
+                  and f.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def scan_pixel_size_um(paths: Iterable[str | Path]) -> float | None:

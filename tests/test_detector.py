@@ -450,6 +450,12 @@ def test_image_inspection_skips_hidden_files_and_keeps_out_of_the_image_folder(
     (images / "._a.tif").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
     tifffile.imwrite(images / ".thumbs" / "a.tif", np.zeros((8, 8), np.uint8))
     assert [name for name, _ in list_images([images])] == ["a.tif"]
+    # train reads the same folder as inspect does (it stopped on "._a.tif": cannot read)
+    from models.data import load_good_images
+    from scanner.inspection.goodimages import load_good
+
+    assert [g.source for g in load_good([images])[0]] == ["a.tif"]
+    assert [g.source for g in load_good_images([images])] == ["a.tif"]
     (images / "defects.csv").write_text("the user's own list\n")
     res = CliRunner().invoke(app, ["inspect", str(images), "--out", str(images)])
     assert res.exit_code == 2 and "is the folder of images inspected" in res.stderr

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.data import GoodImage
+from models.data import GoodImage, image_files
 from scanner.errors import UserError
 from scanner.inspection.images import IMAGE_SUFFIXES
 from scanner.inspection.inspect import _saved_sample, _usable_polygon, read_image
@@ -56,9 +56,7 @@ def load_good(paths: Iterable[str | Path]) -> tuple[list[GoodImage], float | Non
         elif (path / SCAN_JSON).is_file():
             raise UserError(f"{path}: good scan has no {MOSAIC} (stitch it first)")
         else:
-            files = sorted(f for f in path.rglob("*") if f.is_file()
-                           and f.suffix.lower() in IMAGE_SUFFIXES)
-            out += [_image_file(f, str(f.relative_to(path))) for f in files]
+            out += [_image_file(f, str(f.relative_to(path))) for f in image_files(path)]
     if not out:
         raise UserError(f"--good: no images found in {', '.join(str(p) for p in paths)}")
     return out, pixel_um
