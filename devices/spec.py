@@ -15,9 +15,17 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from .calibration import MAX_PIXEL_SIZE_UM, read_camera_calibration
+from .errors import UserError
+
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 XY = tuple[float, float]
+#: a random seed: numpy's generators refuse a negative one (deep in the build, with no field)
+Seed = Annotated[int, Field(ge=0)]
+#: a pixel size at the sample (µm): above a millimetre it is a slip of the unit, and it was
+#: reported as a die pitch too small to see
+PixelSize = Annotated[float, Field(gt=0, le=MAX_PIXEL_SIZE_UM)]
 
 
 class SpecModel(BaseModel):
@@ -37,6 +45,10 @@ class SpecModel(BaseModel):
                     continue
                 if isinstance(value, bool) and _numeric(field.annotation):
                     raise ValueError(f"{key}: a number, not true/false")
+                # the same in a pair or list of numbers: `die_pitch_mm: [true, true]` is 1 mm
+                if isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value) \
+                        and _numeric_items(field.annotation):
+                    raise ValueError(f"{key}: numbers, not true/false (got {list(value)!r})")
                 # pydantic's own words name a Python class ("Input is not a valid path for
                 # <class 'pathlib.Path'>"), not what to write
                 if _takes(field.annotation, Path) and not isinstance(value, (str, Path)) \
@@ -55,6 +67,16 @@ def _numeric(annotation: object) -> bool:
     if get_origin(annotation) is Annotated:
         return _numeric(args[0])
     return get_origin(annotation) in (Union, UnionType) and any(_numeric(a) for a in args)
+
+
+def _numeric_items(annotation: object) -> bool:
+    """Whether a field takes a tuple or list of numbers (``tuple[float, float] | None``...)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _numeric_items(get_args(annotation)[0])
+    if origin in (tuple, list):
+        return any(_numeric(a) for a in get_args(annotation) if a is not Ellipsis)
+    return origin in (Union, UnionType) and any(_numeric_items(a) for a in get_args(annotation))
 
 
 def _takes(annotation: object, kind: type) -> bool:
@@ -101,7 +123,7 @@ class CameraSpec(SpecModel):
 
     width: Annotated[int, Field(gt=0, le=16384)] = 1024
     height: Annotated[int, Field(gt=0, le=16384)] = 1024
-    pixel_size_um: PositiveFloat = 1.0
+    pixel_size_um: PixelSize = 1.0
     bit_depth: Literal[8, 10, 12, 14, 16] = 12
     exposure_ms: PositiveFloat = 10.0
     readout_ms: NonNegFloat = 20.0
@@ -195,7 +217,14 @@ class _CalibratedMicroscope(SpecModel):
     @field_validator("calibration")
     @classmethod
     def _calibration_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return existing_file(value, info)
+        path = existing_file(value, info)
+        if path is not None:
+            # its values too: a NaN or zero pixel size failed inside the plan, with no field
+            try:
+                read_camera_calibration(path)
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+        return path
 
 
 class FaultsSpec(SpecModel):
@@ -207,7 +236,7 @@ class FaultsSpec(SpecModel):
         "prior or asi")
     camera_timeout_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
         0.0, description="share of snaps that time out")
-    seed: int = Field(0, description="seed of the fault draws")
+    seed: Seed = Field(0, description="seed of the fault draws")
 
 
 class SimulatedMicroscope(_CalibratedMicroscope):
@@ -219,7 +248,7 @@ class SimulatedMicroscope(_CalibratedMicroscope):
     focus: FocusSpec = FocusSpec()
     objective: ObjectiveSpec = ObjectiveSpec()
     realtime: bool = Field(False, description="really sleep the simulated hardware time")
-    seed: int = 0
+    seed: Seed = 0
     faults: FaultsSpec = FaultsSpec()
 
     @field_validator("stage")
@@ -265,7 +294,7 @@ class MicroManagerMicroscope(_CalibratedMicroscope):
     kind: Literal["micromanager"] = "micromanager"
     config: Path
     adapter_path: Path | None = None
-    pixel_size_um: PositiveFloat | None = Field(
+    pixel_size_um: PixelSize | None = Field(
         None, description="pixel size when neither a calibration nor the configuration's "
         "pixel-size presets give one"
     )
@@ -287,9 +316,13 @@ class MicroManagerMicroscope(_CalibratedMicroscope):
             if key not in value.model_fields_set:
                 raise ValueError(f"{key}: required for kind: micromanager (the stage's safe "
                                  "travel in stage µm, e.g. [-50000, 50000])")
-        if value.driver != "direct" or value.port is not None:
+        # each key named on its own: a port alone was reported as the driver
+        if value.driver != "direct":
             raise ValueError("driver: only for kind: simulated (a real rig names its stage "
                              "driver in the .cfg)")
+        if value.port is not None:
+            raise ValueError("port: only for kind: simulated (a real rig names its stage's "
+                             "port in the .cfg)")
         return value
 
     @field_validator("config")

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from devices.spec import MISSING_FILE, XY, NonNegFloat, PositiveFloat, existing_file
+from devices.spec import MISSING_FILE, XY, NonNegFloat, PositiveFloat, Seed, existing_file
 from devices.spec import CameraSpec as CameraSpec
 from devices.spec import FaultsSpec as FaultsSpec
 from devices.spec import FocusSpec as FocusSpec
@@ -37,7 +37,7 @@ from devices.spec import RolesSpec as RolesSpec
 from devices.spec import SimulatedMicroscope as SimulatedMicroscope
 from devices.spec import SpecModel as _Model
 from devices.spec import StageSpec as StageSpec
-from scanner.errors import RecipeError
+from scanner.errors import RecipeError, UserError
 
 _SectionT = TypeVar("_SectionT", bound=BaseModel)
 
@@ -51,7 +51,7 @@ class DefectSpec(_Model):
     # typo, and a billion would hang even `validate`
     count: Annotated[int, Field(ge=0, le=10_000)] = 20
     kinds: list[str] | None = None
-    seed: int = 0
+    seed: Seed = 0
 
 
 class BumpSpec(_Model):
@@ -62,15 +62,28 @@ class BumpSpec(_Model):
     radius_um: PositiveFloat
 
 
+#: steepest simulated tilt (µm/mm, = mrad): 50 is about 3°, a sample not lying on the chuck
+MAX_TILT_UM_PER_MM = 50.0
+#: largest simulated bow (µm): a wafer's bow or warp is at most a few hundred µm, and the
+#: default focus drive spans 1000
+MAX_BOW_UM = 1000.0
+#: largest simulated waviness (µm): local waviness is far below the bow
+MAX_WAVINESS_UM = 100.0
+
+# beyond these the surface is out of focus by kilometres: the simulated camera's blur kernel
+# grew with the defocus and ran out of memory (a tilt of 1e12) or hung (a bow of 1e6)
+Tilt = Annotated[float, Field(ge=-MAX_TILT_UM_PER_MM, le=MAX_TILT_UM_PER_MM)]
+
+
 class SurfaceSpec(_Model):
     """Shape of a simulated sample's surface along the focus axis (ignored on real hardware)."""
 
-    tilt_um_per_mm: XY = (0.0, 0.0)
-    bow_um: float = 0.0
-    waviness_um: NonNegFloat = 0.0
+    tilt_um_per_mm: tuple[Tilt, Tilt] = (0.0, 0.0)
+    bow_um: Annotated[float, Field(ge=-MAX_BOW_UM, le=MAX_BOW_UM)] = 0.0
+    waviness_um: Annotated[float, Field(ge=0, le=MAX_WAVINESS_UM)] = 0.0
     waviness_period_mm: PositiveFloat = 10.0
     z0_um: float = 0.0
-    seed: int = 0
+    seed: Seed = 0
     bumps: list[BumpSpec] = Field(
         default_factory=list, description="local raised-cosine bumps (stage µm)"
     )
@@ -84,10 +97,12 @@ class RoughnessSpec(_Model):
 
     sa_nm: NonNegFloat = 5.0
     variation: Annotated[float, Field(ge=0.0, le=0.95)] = 0.0
-    variation_period_mm: PositiveFloat = 20.0
+    # Sa is a mean over many correlation lengths: it cannot change over less than 0.1 mm, and
+    # the Sa map's noise lattice (one cell a period) filled the memory at 1e-12 mm
+    variation_period_mm: Annotated[float, Field(ge=0.1)] = 20.0
     correlation_um: PositiveFloat = 2.0
     wavelength_um: PositiveFloat = 0.55
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PlacementSpec(_Model):
@@ -102,7 +117,7 @@ class PlacementSpec(_Model):
     offset_um: XY = (0.0, 0.0)
     rotation_deg: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.0
     random: bool = False
-    seed: int = 0
+    seed: Seed = 0
     max_offset_um: NonNegFloat = 500.0
     max_rotation_deg: Annotated[float, Field(ge=0.0, le=10.0)] = 1.0
 
@@ -115,6 +130,12 @@ class PlacementSpec(_Model):
             raise ValueError(f"{sorted(given)[0]}: not with random: true (the placement is "
                              "drawn from seed)")
         return self
+
+
+#: smallest and largest wafer diameter (mm): small simulated wafers scan in seconds; SEMI's
+#: largest wafer is 450 mm. Out of range, the flat's default made from the diameter or the die
+#: grid was reported instead of the diameter
+MIN_WAFER_MM, MAX_WAFER_MM = 1.0, 450.0
 
 
 class WaferSample(_Model):
@@ -145,6 +166,14 @@ class WaferSample(_Model):
     roughness: RoughnessSpec | None = None
     placement: PlacementSpec = PlacementSpec()
 
+    @field_validator("diameter_mm")
+    @classmethod
+    def _wafer_size(cls, value: float) -> float:
+        if not MIN_WAFER_MM <= value <= MAX_WAFER_MM:
+            raise ValueError(f"{value:g} mm is no wafer (must be {MIN_WAFER_MM:g} to "
+                             f"{MAX_WAFER_MM:g} mm)")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _flat_for_the_diameter(cls, data: Any) -> Any:
@@ -155,12 +184,21 @@ class WaferSample(_Model):
                 diameter = float(data.get("diameter_mm", 100.0))
             except (TypeError, ValueError):
                 return data  # the field's own check names it
-            if math.isfinite(diameter) and diameter > 0:
+            if math.isfinite(diameter) and MIN_WAFER_MM <= diameter <= MAX_WAFER_MM:
                 data = {**data, "flat_length_mm": semi_flat_length_mm(diameter)}
         return data
 
     @model_validator(mode="after")
     def _check_geometry(self) -> WaferSample:
+        # a pitch the recipe gives (the default 10 mm, which a dumped recipe carries too,
+        # stays what it always was on a small wafer: a bare one)
+        given = "die_pitch_mm" in self.model_fields_set and \
+            self.die_pitch_mm != type(self).model_fields["die_pitch_mm"].default
+        problem = given and die_pitch_problem(
+            self.die_pitch_mm, (self.diameter_mm, self.diameter_mm),
+            f"the {self.diameter_mm:g} mm wafer")
+        if problem:
+            raise ValueError(problem)
         if self.edge_exclusion_mm * 2 >= self.diameter_mm:
             raise ValueError("edge_exclusion_mm: leaves no usable area (must be < diameter_mm / 2)")
         if self.orientation == "flat" and self.flat_length_mm >= self.diameter_mm:
@@ -202,6 +240,27 @@ def die_count_problem(pitch_mm: tuple[float, float], extent_mm: tuple[float, flo
         return None
     return (f"die_pitch_mm: {[float(v) for v in pitch_mm]} mm puts about {n:.3g} dies on the "
             f"sample, more than {MAX_DIES} (the pitch is in mm)")
+
+
+def die_pitch_problem(pitch_mm: tuple[float, float], extent_mm: tuple[float, float],
+                      sample: str, times: float = 1.0) -> str | None:
+    """Why a die pitch does not fit a sample of this extent (x, y mm), as
+    ``die_pitch_mm: why``; None when it does.
+
+    A die larger than a wafer puts no die grid on it (a pitch given in µm for mm), and the
+    simulated die is drawn at its pitch (1e6 mm hung ``validate``): refused first. A coupon
+    or an image may be a piece of one large die (its pitch gives the die coordinates), so
+    ``times`` lets the pitch exceed their extent that many times.
+    """
+    if pitch_mm[0] <= times * extent_mm[0] and pitch_mm[1] <= times * extent_mm[1]:
+        return None
+    larger = "larger than" if times == 1.0 else f"over {times:g} times"
+    return (f"die_pitch_mm: {[float(v) for v in pitch_mm]} mm is {larger} {sample} "
+            f"({extent_mm[0]:g} x {extent_mm[1]:g} mm; the pitch is in mm)")
+
+
+#: how many times its extent the die pitch of a coupon or an image may be (a piece of a die)
+PIECE_OF_A_DIE = 10.0
 
 
 #: SEMI M1 primary flat lengths (mm) by nominal diameter (mm)
@@ -296,6 +355,22 @@ class ImageSample(_RepeatKeys):
             raise ValueError("must be (row >= 0, col >= 0, rows > 0, cols > 0)")
         return value
 
+    @model_validator(mode="after")
+    def _check_die_pitch(self) -> ImageSample:
+        if self.die_pitch_mm is None:
+            return self
+        from simulators.geometry import image_shape
+
+        try:  # the header only
+            rows, cols = image_shape(self.path)
+        except UserError:
+            return self  # the plan names sample.path and why
+        extent = (cols * self.pixel_size_um / 1000.0, rows * self.pixel_size_um / 1000.0)
+        problem = die_pitch_problem(self.die_pitch_mm, extent, "the image", PIECE_OF_A_DIE)
+        if problem:
+            raise ValueError(problem)
+        return self
+
 
 class RectangleSample(_RepeatKeys):
     """A plain rectangular region (a coupon, a die, a test area)."""
@@ -311,7 +386,9 @@ class RectangleSample(_RepeatKeys):
     @model_validator(mode="after")
     def _check_die_count(self) -> RectangleSample:
         if self.die_pitch_mm is not None:
-            problem = die_count_problem(self.die_pitch_mm, (self.width_mm, self.height_mm))
+            problem = die_pitch_problem(self.die_pitch_mm, (self.width_mm, self.height_mm),
+                                        "the rectangle", PIECE_OF_A_DIE) \
+                or die_count_problem(self.die_pitch_mm, (self.width_mm, self.height_mm))
             if problem:
                 raise ValueError(problem)
         return self
@@ -371,7 +448,8 @@ class ScanSpec(_Model):
     exposure_ms: PositiveFloat | None = Field(None, description="default: the camera's exposure")
     max_tiles: Annotated[int, Field(gt=0)] = 20_000
     retries: Annotated[int, Field(ge=0, le=10)] = 3
-    device_timeout_s: PositiveFloat = Field(
+    # at most an hour: no move or snap takes longer, and 1e10 s overflowed the thread wait
+    device_timeout_s: Annotated[float, Field(gt=0, le=3600)] = Field(
         60.0, description="watchdog: a move or snap not done after this long is a hardware fault"
     )
     focus: FocusPlan = FocusPlan()

@@ -140,6 +140,10 @@ class Optics:
         sigma_px = math.sqrt(max(extra, 0.0)) / pixel_size_um
         if sigma_px < 0.02:
             return image
+        # a blur wider than half the frame leaves it an even grey (under 1 % contrast at the
+        # frame's own scale): a wider kernel only costs memory, and a surface kilometres out
+        # of focus asked for terabytes of it
+        sigma_px = min(sigma_px, max(0.5 * max(image.shape), 1.0))
         kernel = _discrete_gaussian(sigma_px)
         src = image if image.dtype.kind == "f" else image.astype(np.float32)
         out = ndimage.correlate1d(src, kernel, axis=0, mode="nearest")

@@ -85,6 +85,16 @@ def value_noise(xs: np.ndarray, ys: np.ndarray, cell_um: float, seed: int) -> np
     ix0, wx = _lattice_weights(xs, cell_um)
     iy0, wy = _lattice_weights(ys, cell_um)
     xmin, ymin = int(ix0.min()), int(iy0.min())
+    lattice = (int(ix0.max()) - xmin + 2) * (int(iy0.max()) - ymin + 2)
+    if lattice > 4 * (len(xs) + 1) * (len(ys) + 1):
+        # a lattice finer than the pixels (a cell far below the pixel size) ran out of memory:
+        # hash only the four corners each pixel uses, which gives the very same values
+        def along(iy: np.ndarray) -> np.ndarray:
+            return (hash_uniform(ix0[None, :], iy[:, None], seed) * (np.float32(1.0) - wx)
+                    + hash_uniform(ix0[None, :] + 1, iy[:, None], seed) * wx)
+
+        wy2 = wy[:, None]
+        return along(iy0) * (np.float32(1.0) - wy2) + along(iy0 + 1) * wy2
     gx = np.arange(xmin, int(ix0.max()) + 2)
     gy = np.arange(ymin, int(iy0.max()) + 2)
     grid = hash_uniform(gx[None, :], gy[:, None], seed)
