@@ -219,6 +219,9 @@ def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
         raise UserError("--good: give good images, folders of them, or good scan folders")
     from models.modelfile import weights_path
 
+    # a folder given as --out (a scan folder, "models/") would get its weights beside it,
+    # named after it
+    check_output(model_out, "--out", folder=False)
     target = weights_path(model_out)
     check_output(target, "--out", folder=False)
     if target.exists() and not overwrite:

@@ -49,6 +49,10 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
     # the mosaic and the defect list are written whole or not at all (renamed into place)
     needed = _NEEDS[command]
     if needed != "acquire" and not (folder / _OUTPUT[needed]).exists():
+        if needed == "inspect" and not (scan.get("options") or {}).get("inspect", True):
+            # run with --no-inspect: resume has nothing to finish ("complete")
+            raise UserError(f"{folder}: scan {status}: no {_OUTPUT[needed]} (it was run "
+                            "with --no-inspect); run `waferscope inspect` on it")
         raise UserError(f"{folder}: scan {status}: no {_OUTPUT[needed]} (its {needed} stage "
                         f"did not finish); run `waferscope {needed}` or `waferscope resume`")
     n_planned = planned_tiles(folder, scan)

@@ -459,3 +459,17 @@ def test_an_overwrite_refused_before_its_first_tile_keeps_the_earlier_scan(
                       overwrite=True)
     assert second.status == "complete" and _scan(second.folder)["recipe"]["name"] == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
+
+
+def test_report_of_a_scan_run_without_inspection_says_to_inspect_it(tmp_path: Path) -> None:
+    """It said the inspect stage "did not finish" and to run `resume`, which answered that the
+    scan was complete and had nothing to resume."""
+    from scanner.recipe import parse_recipe
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    folder = run_scan(parse_recipe(data, tmp_path, "plain"), tmp_path / "scan").folder
+    res = CliRunner().invoke(app, ["report", str(folder)])
+    assert res.exit_code == 2
+    assert "--no-inspect" in res.output and "waferscope inspect" in res.output
+    assert "resume" not in res.output

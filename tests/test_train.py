@@ -213,6 +213,12 @@ def test_train_command_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     res = runner.invoke(app, ["train", "--good", str(tmp_path / "missing"), "--out",
                               str(tmp_path / "m")])
     assert res.exit_code == 2 and "missing" in res.output and "Traceback" not in res.output
+    # a folder as --out got the model written beside it, named after it (exit 0)
+    (tmp_path / "models").mkdir()
+    res = runner.invoke(app, ["train", "--good", str(tmp_path), "--out",
+                              str(tmp_path / "models")])
+    assert res.exit_code == 2 and "is a folder; give a file name" in res.output
+    assert not (tmp_path / "models.safetensors").exists()
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     res = runner.invoke(app, ["train", "--good", str(bad), "--out", str(tmp_path / "m")])
