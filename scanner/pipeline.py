@@ -92,6 +92,12 @@ def make_plan(recipe: Recipe, handle: MicroscopeHandle,
     """Plan the scan for a built microscope (where the alignment found the sample, if it
     ran) and refuse it if it leaves the travel range or its die grid is too fine for the
     camera."""
+    focus = recipe.scan.focus
+    if focus.strategy != "none" and focus.method == "hardware" and \
+            not handle.core.getAutoFocusDevice():
+        # every autofocus then failed, and the scan ended "complete" with no tile focused
+        raise RecipeError("scan.focus.method: hardware, but the microscope has no autofocus "
+                          "device (Core AutoFocus role); use method: image or configure one")
     return resolve_plan(recipe, handle.fov_um(), alignment,
                         pixel_size_um=float(handle.core.getPixelSizeUm()), core=handle.core)
 

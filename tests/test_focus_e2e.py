@@ -143,3 +143,22 @@ scan: {overlap: 0.1, focus: {strategy: focus_map}}
     points = json.loads((result.folder / "focus_map.json").read_text())["points"]
     assert len(points) >= 3 and all(p["ok"] for p in points)
     assert all(abs(p["x_um"]) <= 750 and abs(p["y_um"]) <= 500 for p in points)
+
+
+def test_hardware_autofocus_on_a_microscope_without_one_is_refused_before_the_stage_moves(
+        write_recipe, tmp_path: Path) -> None:
+    """Every tile's autofocus failed ("Error (code 43)") and the scan ended complete with no
+    tile focused."""
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    path = write_recipe("""
+sample: {kind: rectangle, width_mm: 1.5, height_mm: 1.0}
+microscope: {kind: simulated, camera: {width: 512, height: 512, pixel_size_um: 2.0}}
+scan: {focus: {strategy: every_tile, method: hardware}}
+""")
+    for command in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "s")]):
+        res = CliRunner().invoke(app, command)
+        assert res.exit_code == 2 and "scan.focus.method" in res.output, res.output
+    assert not (tmp_path / "s").exists()
