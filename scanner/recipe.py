@@ -570,6 +570,11 @@ def _format_error(error: dict[str, Any]) -> str:
         why = str(error["msg"])
     if kind == "literal_error":
         why = f"must be one of {ctx.get('expected', '')}"
+    if kind == "union_tag_invalid":
+        # the tag is the section's kind: name it and what was given ("Wafer")
+        where += f".{ctx.get('discriminator', 'kind').strip(chr(39))}"
+        why += f" (got {ctx.get('tag')!r})"
+        return f"{where}: {why}"
     if kind not in ("missing", "extra_forbidden", MISSING_FILE) and "input" in error:
         got = error["input"]
         if isinstance(got, (str, int, float, bool)) or got is None:

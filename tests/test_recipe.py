@@ -38,7 +38,9 @@ def test_shipped_recipes_validate() -> None:
 BROKEN = [
     ("sample: {kind: wafer, diameter_mm: -5}\n", "sample.diameter_mm: must be > 0"),
     ("sample: {kind: wafer, diamter_mm: 100}\n", "sample.diamter_mm: unknown key"),
-    ("sample: {kind: disk}\n", "sample: must be one of"),
+    ("sample: {kind: disk}\n", "sample.kind: must be one of"),
+    ("sample: {kind: Wafer}\n", "sample.kind: must be one of 'wafer', 'pv_cell', 'image', "
+     "'rectangle' (got 'Wafer')"),
     ("sample: {diameter_mm: 100}\n", "sample: needs a 'kind'"),
     ("microscope: {kind: simulated}\n", "sample: required"),
     ("sample: {kind: image, path: nope.tif, pixel_size_um: 1}\n", "sample.path: file not found"),
