@@ -15,7 +15,7 @@ from devices.spec import MISSING_FILE
 from scanner.defectlist import DEFECTS_JSON
 from scanner.errors import UserError
 from scanner.recipe import RecipeError, parse_recipe
-from scanner.scanfolder import MOSAIC, SCAN_JSON, effective_status, read_scan_json
+from scanner.scanfolder import MOSAIC, RUNNING, SCAN_JSON, effective_status, read_scan_json
 from scanner.tilestore import check_journal
 
 #: the stage a command reads from, by command
@@ -46,6 +46,9 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
     scan = read_scan_json(folder)
     check_recorded_recipe(folder, scan)
     status = effective_status(scan)
+    if status in RUNNING:  # its outputs are being written: they would change underneath
+        raise UserError(f"{folder}: the scan is still {status} (process "
+                        f"{(scan.get('process') or {}).get('pid')} is alive); wait for it")
     # the mosaic and the defect list are written whole or not at all (renamed into place)
     needed = _NEEDS[command]
     if needed != "acquire" and not (folder / _OUTPUT[needed]).exists():

@@ -473,3 +473,27 @@ def test_report_of_a_scan_run_without_inspection_says_to_inspect_it(tmp_path: Pa
     assert res.exit_code == 2
     assert "--no-inspect" in res.output and "waferscope inspect" in res.output
     assert "resume" not in res.output
+
+
+def test_a_scan_another_process_is_still_working_on_is_not_restitched_or_inspected(
+        plain_scan: Path, tmp_path: Path) -> None:
+    """stitch, inspect and report ran (exit 0) on a scan whose scan.json said a live process
+    was inspecting it, writing its outputs underneath that process; resume already refused."""
+    import shutil
+
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        scan = {**_scan(folder), "status": "inspecting",
+                "process": {"pid": busy.pid, "host": _scan(folder)["process"]["host"]}}
+        (folder / "scan.json").write_text(json.dumps(scan))
+        mosaic = sorted(p.stat().st_mtime for p in (folder / "mosaic.ome.zarr").rglob("*"))
+        for command in ("stitch", "inspect", "report", "resume"):
+            res = CliRunner().invoke(app, [command, str(folder)])
+            assert res.exit_code == 2 and "still inspecting" in res.output, (command, res.output)
+        assert sorted(p.stat().st_mtime for p in (folder / "mosaic.ome.zarr").rglob("*")) \
+            == mosaic
+    finally:
+        busy.kill()
+        busy.wait()
