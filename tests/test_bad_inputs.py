@@ -326,6 +326,9 @@ def _zero_scale(data: dict) -> None:
     ("stitch", lambda f: _flip_bits(f / "tiles.zarr" / "c" / "4" / "0" / "0"), "damaged"),
     ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "zarr.json", _zero_scale),
      "scale"),
+    ("inspect", lambda f: _flip_bits(next(p for p in sorted(
+        (f / "mosaic.ome.zarr" / "0").rglob("*")) if p.is_file() and p.name != "zarr.json"
+        and p.stat().st_size > 200)), "damaged"),
     # a wafer's die grid read the mosaic before its checked opening: exit 1, a traceback's line
     ("inspect", lambda f: (f / "mosaic.ome.zarr" / "zarr.json").unlink(), "mosaic.ome.zarr"),
     ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "zarr.json",
@@ -361,6 +364,8 @@ def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], lines
     assert (folder / "defects.json").read_bytes() == before
+    # nothing half-written is left behind (refused inspections left their maps' .tmp stores)
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
 
 
 def test_batch_of_folders_that_are_not_scans_exits_2(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ position of the mosaic origin plus ``(s - 1) / 2 * p``.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -320,20 +321,26 @@ def infer_mosaic(
         mask = scanned_mask(levels, s, mask)
     out_dir = Path(out_dir)
     tmps, arrays = _create_maps(out_dir, tiling)
-    level0_maps = {k: a[0] for k, a in arrays.items()}
-    scratch = out_dir / WINDOWS_SCRATCH
-    options = {"tiling": tiling, "mask": mask, "skip_empty": True, "progress": progress,
-               "level": _surface_level(level0, polygon, (x0, y0), p_mosaic)}
-    if cluster is not None:  # the same two steps as dask tasks (scanner.cluster)
-        stats = cluster.stream_maps(model, Path(mosaic), reader.scale, level0_maps, scratch,
-                                    **options)
-    else:
-        from scanner.inspection.streammaps import stream_maps
+    try:
+        level0_maps = {k: a[0] for k, a in arrays.items()}
+        scratch = out_dir / WINDOWS_SCRATCH
+        options = {"tiling": tiling, "mask": mask, "skip_empty": True, "progress": progress,
+                   "level": _surface_level(level0, polygon, (x0, y0), p_mosaic)}
+        if cluster is not None:  # the same two steps as dask tasks (scanner.cluster)
+            stats = cluster.stream_maps(model, Path(mosaic), reader.scale, level0_maps,
+                                        scratch, **options)
+        else:
+            from scanner.inspection.streammaps import stream_maps
 
-        stats = stream_maps(model, reader, level0_maps, scratch, batch=batch, **options)
-    stats.extra["mosaic_px"] = int(level0.shape[0]) * int(level0.shape[1])
-    if refine is not None:
-        refine(MapSet(level0_maps, p_map, origin, s, reader, stats, source_levels=levels))
+            stats = stream_maps(model, reader, level0_maps, scratch, batch=batch, **options)
+        stats.extra["mosaic_px"] = int(level0.shape[0]) * int(level0.shape[1])
+        if refine is not None:
+            refine(MapSet(level0_maps, p_map, origin, s, reader, stats, source_levels=levels))
+    except BaseException:
+        # refused (damaged data) or stopped: the half-written maps go, the earlier ones stay
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     paths = _finish_maps(arrays, tmps, out_dir, tiling.step, p_map, origin)
     maps = {name: open_mosaic(paths[name])[0][0] for name in MAPS}
     return MapSet(maps, p_map, origin, s, reader, stats, paths, levels)
