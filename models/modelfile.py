@@ -375,7 +375,10 @@ def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str,
         raise UserError(f"{card_file}: threshold: missing (the model's calibrated decision "
                         "threshold)")
     expected = card.get("weights_sha256")
-    if expected and expected != _weights_sha256(weights):
+    if not expected:  # every model is written with it: without it, damage goes unseen
+        raise UserError(f"{card_file}: weights_sha256: missing (the checksum of "
+                        f"{weights.name}; the card was edited)")
+    if expected != _weights_sha256(weights):
         raise UserError(f"{weights}: checksum does not match its card {card_file.name} "
                         "(corrupt or replaced weights)")
     try:

@@ -212,6 +212,13 @@ def test_a_damaged_detector_file_is_refused_with_the_file_named(
     save_file({"bank": torch.full((10, 176), float("nan"))}, str(weights))
     card.pop("weights_sha256")
     (tmp_path / "m.json").write_text(json.dumps(card))
+    # a card without its checksum: flipped weights were loaded unchecked
+    with pytest.raises(InputError, match="weights_sha256: missing"):
+        load_model(weights)
+    from models.modelfile import _weights_sha256
+
+    card["weights_sha256"] = _weights_sha256(weights)
+    (tmp_path / "m.json").write_text(json.dumps(card))
     with pytest.raises(InputError, match="non-finite"):
         load_model(weights)
     card["architecture"] = {**card["architecture"],
