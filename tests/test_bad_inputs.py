@@ -320,6 +320,10 @@ def _zero_scale(data: dict) -> None:
     ("stitch", lambda f: _edit_lines(f / "tiles.csv", lambda ls: ls[:3] + [ls[3][:20]]
                                      + ls[4:]), "tiles.csv, line 4"),
     ("resume", lambda f: (f / "tiles.csv").unlink(), "tiles.csv is missing"),
+    # a read-back position edited 10 m away: a mosaic 5 million pixels wide was stitched
+    ("stitch", lambda f: _edit_lines(f / "tiles.csv", lambda ls: ls[:2] + [
+        ",".join(c if k != 3 else str(float(c) + 1e7) for k, c in enumerate(ls[2].split(",")))]
+        + ls[3:]), "from its plan"),
     ("stitch", lambda f: __import__("shutil").rmtree(f / "tiles.zarr"), "tiles.zarr"),
     ("stitch", lambda f: (f / "tiles.zarr" / "zarr.json").write_text("{bad"), "tiles.zarr"),
     # zarr's Zstd checksum: a flipped bit in a raw tile is damage, not data
