@@ -142,7 +142,7 @@ def run_scan(
         except BaseException:
             put_back(folder, aside)  # refused before its first tile: the earlier scan stays
             raise
-        discard(aside)
+        discard(aside, folder)
         return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
                             cluster=cluster)
 

@@ -25,6 +25,15 @@ SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
 #: the stitched OME-NGFF mosaic (written by ``scanner.stitching.stitch``)
 MOSAIC = "mosaic.ome.zarr"
+#: every name a scan writes into its folder (each stage's own constant; tests/test_resume.py
+#: checks that they are all here): what `run --overwrite` replaces. Anything else in the
+#: folder (the user's recipe or notes kept beside the scan) is carried into the new scan
+SCAN_OUTPUTS = frozenset({
+    "scan.json", "truth.json", "tiles.csv", "tiles.zarr", "mosaic.ome.zarr", "flatfield.npy",
+    "alignment.png", "focus_map.json", "focus_map.png", "anomaly.ome.zarr",
+    "roughness.ome.zarr", "uncertainty.ome.zarr", "defects.json", "defects.csv",
+    "defects.klarf", "wafermap.png", "repeaters.json", "scores.csv",
+})
 
 
 _PACKAGES = ("waferscope", "pymmcore-plus", "pymmcore", "useq-schema", "zarr", "numpy",
@@ -166,10 +175,17 @@ def put_back(folder: Path, aside: Path | None) -> None:
     aside.rename(folder)
 
 
-def discard(aside: Path | None) -> None:
-    """Delete the earlier scan :func:`prepare_folder` set aside (the new one has started)."""
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+def discard(aside: Path | None, folder: Path) -> None:
+    """Delete the earlier scan :func:`prepare_folder` set aside (the new one in ``folder`` has
+    started); what it held that no scan writes (:data:`SCAN_OUTPUTS`; a recipe, notes) is
+    moved into ``folder`` first, not deleted with it."""
+    if aside is None:
+        return
+    for entry in sorted(aside.iterdir()) if aside.is_dir() else []:
+        if entry.name not in SCAN_OUTPUTS and ".tmp" not in entry.name \
+                and not (folder / entry.name).exists():
+            entry.rename(folder / entry.name)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def this_process() -> dict[str, Any]:

@@ -454,11 +454,31 @@ def test_an_overwrite_refused_before_its_first_tile_keeps_the_earlier_scan(
              for p in first.folder.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]  # nothing left aside
-    # an overwrite that starts replaces it, and leaves nothing aside either
+    # an overwrite that starts replaces it, and leaves nothing aside either; what the user
+    # kept in the folder is kept (their recipe was deleted with the scan)
+    (first.folder / "my_recipe.yaml").write_text("notes\n")
     second = run_scan(parse_recipe(data, tmp_path, "second"), tmp_path / "scan",
                       overwrite=True)
     assert second.status == "complete" and _scan(second.folder)["recipe"]["name"] == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
+    assert (second.folder / "my_recipe.yaml").read_text() == "notes\n"
+
+
+def test_every_name_a_scan_writes_is_one_run_overwrite_replaces() -> None:
+    """A scan output missing from SCAN_OUTPUTS would be carried from a replaced scan into the
+    new one, as a user's file is."""
+    from scanner import defectlist, scanfolder, tilestore
+    from scanner.acquisition import align, focusreport
+    from scanner.inspection import images
+    from scanner.reports import klarf, repeaters, wafermap
+    from scanner.stitching import stitch
+
+    written = {tilestore.TILES_ZARR, tilestore.TILES_CSV, align.ALIGNMENT_PNG,
+               focusreport.FOCUS_JSON, focusreport.FOCUS_PNG, images.SCORES_CSV,
+               scanfolder.SCAN_JSON, scanfolder.TRUTH_JSON, scanfolder.MOSAIC, klarf.KLARF,
+               repeaters.REPEATERS_JSON, wafermap.WAFERMAP, stitch.FLATFIELD,
+               defectlist.DEFECTS_JSON, defectlist.DEFECTS_CSV, *defectlist.MAP_NAMES.values()}
+    assert written <= scanfolder.SCAN_OUTPUTS
 
 
 def test_report_of_a_scan_run_without_inspection_says_to_inspect_it(tmp_path: Path) -> None:
