@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from typing import Any
 
 # importing the command modules registers their commands on the app, in this order (the
@@ -33,7 +34,23 @@ def main() -> None:
     # handler whatever the root's level, so the handler itself must filter them.
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING)
-    app()
+    import typer
+
+    # click's (or typer's own copy of click's) base of usage errors, whichever typer uses
+    click_exception = next(c for c in typer.BadParameter.__mro__
+                           if c.__name__ == "ClickException")
+    try:
+        code = app(standalone_mode=False)
+    except click_exception as exc:
+        # a usage error (a missing argument, an unknown option, a value that is no number) is
+        # bad input: one line, as every other (click draws a usage block and a boxed panel)
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) else "waferscope"
+        if exc.format_message():  # none: no arguments at all, and the help was shown
+            print(f"error: {exc.format_message()} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -631,3 +631,21 @@ def test_a_journal_saved_with_a_byte_order_mark_is_read(wafer_scan: Path,
         b"\xef\xbb\xbf" + (f / "tiles.csv").read_bytes()))
     assert read_tiles_csv(folder) == read_tiles_csv(wafer_scan)
     assert len(read_tiles_csv(folder)) > 0
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["run"], "Missing argument 'recipe'"),
+    (["inspect", "--threshold", "abc", "x"], "'--threshold'"),
+    (["nosuch"], "No such command 'nosuch'"),
+    (["run", "--bogus", "x"], "No such option: --bogus"),
+])
+def test_a_usage_error_is_one_line_from_the_command_line(args: list[str], named: str) -> None:
+    """click drew a usage block and a boxed panel of 3-5 lines for these."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "scanner", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "--help" in lines[0], lines
