@@ -12,6 +12,7 @@ are mappings whose content that stage documents; keys added by newer versions ar
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -65,6 +66,24 @@ class ScanRecord(BaseModel):
     resumed: list[Section] | None = Field(None, description="each resume: when, from what")
 
     @model_validator(mode="after")
+    def _alignment_places_the_sample(self) -> ScanRecord:
+        # every report locates its defects with it (scanner.acquisition.alignrefine.
+        # effective_alignment): a "refined" that was no mapping failed `report` with exit 1
+        for where, record in (("alignment", self.alignment),
+                              ("alignment.refined", (self.alignment or {}).get("refined"))):
+            if not record:
+                continue
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: not a mapping (got {record!r})")
+            centre, turn = record.get("center_um"), record.get("rotation_deg")
+            if centre is not None and not (isinstance(centre, list) and len(centre) == 2
+                                           and all(_finite(v) for v in centre)):
+                raise ValueError(f"{where}.center_um: not two numbers (got {centre!r})")
+            if turn is not None and not _finite(turn):
+                raise ValueError(f"{where}.rotation_deg: not a number (got {turn!r})")
+        return self
+
+    @model_validator(mode="after")
     def _no_more_tiles_than_planned(self) -> ScanRecord:
         planned = (self.plan or {}).get("n_tiles")
         if (self.acquired_tiles is not None and isinstance(planned, int)
@@ -72,6 +91,11 @@ class ScanRecord(BaseModel):
             raise ValueError(f"acquired_tiles: {self.acquired_tiles} acquired of {planned} "
                              "planned (plan.n_tiles): the record was changed")
         return self
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def validated_scan(data: Any, source: str) -> dict[str, Any]:

@@ -344,6 +344,11 @@ def _zero_scale(data: dict) -> None:
     ("inspect", lambda f: _edit_json(
         f / "scan.json", lambda d: d["recipe"]["sample"].update(diameter_mm=float("nan"))),
      "recipe: sample"),
+    # an alignment edited by hand: report failed with exit 1 ("string indices must be
+    # integers")
+    ("report", lambda f: _edit_json(f / "scan.json", lambda d: d.setdefault(
+        "alignment", {"center_um": [0, 0], "rotation_deg": 0}).update(refined="x")),
+     "alignment.refined: not a mapping"),
     # a defect list edited by hand: a NaN centre crashed the die index (exit 1) or was
     # written as an empty report cell (exit 0); ids given twice were carried into the reports
     ("report", lambda f: _edit_json(f / "defects.json",
