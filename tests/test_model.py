@@ -80,9 +80,17 @@ def test_corrupt_or_missing_files_are_user_errors(saved: Path, tmp_path: Path) -
     card = json.loads(card_file.read_text())
     card.pop("weights_sha256")
     card_file.write_text(json.dumps(card))
+    with pytest.raises(UserError, match="weights_sha256: missing"):  # damage would go unseen
+        load_model(saved)
+    from models.modelfile import _weights_sha256
+
+    card["weights_sha256"] = _weights_sha256(saved)  # the checksum of the truncated file
+    card_file.write_text(json.dumps(card))
     with pytest.raises(UserError, match="corrupt model weights"):
         load_model(saved)
     saved.write_bytes(b"\x00" * 64)
+    card["weights_sha256"] = _weights_sha256(saved)
+    card_file.write_text(json.dumps(card))
     with pytest.raises(UserError, match="corrupt"):
         load_model(saved)
     card_file.write_text("{not json")
@@ -94,8 +102,7 @@ def test_weights_of_another_architecture_are_rejected(tmp_path: Path) -> None:
     path = save_model(InspectionNet(SMALL), {}, tmp_path / "a")
     card_file = path.with_suffix(".json")
     card = json.loads(card_file.read_text())
-    card["architecture"]["widths"] = [32, 32, 32]
-    card.pop("weights_sha256")
+    card["architecture"]["widths"] = [32, 32, 32]  # the weights (and their checksum) kept
     card_file.write_text(json.dumps(card))
     with pytest.raises(UserError, match="architecture"):
         load_model(path)
