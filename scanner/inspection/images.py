@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from models.data import read_image
+from models.data import IMAGE_SUFFIXES as MODEL_IMAGE_SUFFIXES
+from models.data import image_files, read_image
 from scanner.defectlist import CSV_COLUMNS, InspectionResult
 from scanner.errors import UserError
 from scanner.inspection.card import (
@@ -36,7 +37,7 @@ from scanner.inspection.golden import golden_evidence, uses_golden
 from scanner.inspection.maps import infer_image
 from scanner.scanfolder import now_iso, write_json
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = tuple(sorted(MODEL_IMAGE_SUFFIXES))  # one list: what the model reads
 SCORES_CSV = "scores.csv"
 
 
@@ -52,14 +53,9 @@ def list_images(targets: Sequence[Path]) -> list[tuple[str, Path]]:
     for target in targets:
         target = Path(target)
         if target.is_dir():
-            for p in sorted(target.rglob("*")):
-                rel = p.relative_to(target)
-                # hidden files and folders are no one's images: macOS's "._name.png" resource
-                # forks (unreadable as pictures) stopped a whole folder's inspection
-                if any(part.startswith(".") for part in rel.parts):
-                    continue
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append((rel.as_posix(), p))
+            # hidden files and folders are skipped: macOS's "._name.png" resource forks
+            # (unreadable as pictures) stopped a whole folder's inspection
+            found += [(p.relative_to(target).as_posix(), p) for p in image_files(target)]
         elif target.is_file():
             if target.suffix.lower() not in IMAGE_SUFFIXES:
                 raise UserError(f"{target}: not an image file (expected "
