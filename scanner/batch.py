@@ -45,20 +45,22 @@ def process_scan(folder: Path, *, model: Model, cluster: Any = None,
         The folder is not a scan that can be stitched (see
         :func:`scanner.integrity.require_ready`).
     """
-    from scanner.integrity import require_ready
+    from scanner.integrity import claim
     from scanner.pipeline import _report_stage, inspect_stage, restitch
     from scanner.scanfolder import read_scan_json
 
-    require_ready(folder, "stitch", allow_incomplete=allow_incomplete)
-    restitch(folder, events=events, cluster=cluster)
-    scan = read_scan_json(folder)
-    result = inspect_stage(folder, scan, model=model, events=events, cluster=cluster)
-    if events is not None:
-        _report_stage(folder, events)
-    else:
-        from scanner.reports import report
+    with claim(folder, "batch", allow_incomplete=allow_incomplete) as working:
+        restitch(folder, events=events, cluster=cluster)
+        working("inspecting")
+        scan = read_scan_json(folder)
+        result = inspect_stage(folder, scan, model=model, events=events, cluster=cluster)
+        working("reporting")
+        if events is not None:
+            _report_stage(folder, events)
+        else:
+            from scanner.reports import report
 
-        report(folder)
+            report(folder)
     return int(result.n_defects)
 
 
@@ -69,7 +71,11 @@ def run_batch(folders: Sequence[Path], *, model: ModelRef = None, cluster: Any =
 
     model = load_inspection_model(model)  # once, not once per scan
     items = []
+    seen: set[Path] = set()
     for folder in folders:
+        if Path(folder).resolve() in seen:  # one folder named twice (`A A/`): done once
+            continue
+        seen.add(Path(folder).resolve())
         t0 = time.perf_counter()
         try:
             n = process_scan(Path(folder), model=model, cluster=cluster, events=events,

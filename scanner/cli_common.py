@@ -91,8 +91,11 @@ def _friendly(func: F) -> F:
             # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            if func.__name__ in _ACQUIRING:
+        except KeyboardInterrupt as exc:
+            if exc.args:  # the scan said what it kept (a replaced scan put back)
+                err.print(f"interrupted: {escape(str(exc.args[0]))}", highlight=False,
+                          soft_wrap=True)
+            elif func.__name__ in _ACQUIRING:
                 err.print("interrupted; what was acquired is kept in the scan folder "
                           "(continue with `waferscope resume SCAN`)")
             else:

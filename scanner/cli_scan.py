@@ -4,6 +4,7 @@ batch, report (registered on :data:`scanner.cli.app`)."""
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -230,11 +231,11 @@ def stitch(
     dask: DaskOption = None,
 ) -> None:
     """Re-stitch the mosaic of an existing scan folder."""
-    from scanner.integrity import require_ready
+    from scanner.integrity import claim
     from scanner.pipeline import restitch
 
-    require_ready(scan, "stitch", allow_incomplete=allow_incomplete)
-    with _cluster(dask) as cluster, _progress() as progress:
+    with claim(scan, "stitch", allow_incomplete=allow_incomplete), _cluster(dask) as cluster, \
+            _progress() as progress:
         result = restitch(scan, events=stage_bars(progress), cluster=cluster)
     _print_result(result)
 
@@ -265,13 +266,17 @@ def inspect(
 ) -> None:
     """Find the defects of a scan folder, a mosaic, or image files (writes scores.csv)."""
     from scanner.inspection.inspect import inspect_target
-    from scanner.integrity import require_ready
+    from scanner.integrity import claim, require_ready
     from scanner.scanfolder import SCAN_JSON
 
     check_output(out_dir, "--out", folder=True)
     for path in target:
         if (path / SCAN_JSON).is_file():
             require_ready(path, "inspect", allow_incomplete=allow_incomplete)
+    scan = target[0] if len(target) == 1 and (target[0] / SCAN_JSON).is_file() else None
+    # a scan inspected into its own folder gets its reports made again from the new defects
+    # (as `run` does), not left describing the earlier ones
+    into_scan = scan is not None and (out_dir is None or out_dir.resolve() == scan.resolve())
 
     if sample_kind is not None and sample_kind not in SAMPLE_KINDS:
         raise UserError(f"--sample-kind: one of {', '.join(SAMPLE_KINDS)}, got {sample_kind!r}")
@@ -279,7 +284,13 @@ def inspect(
         raise UserError(f"--threshold: must be a positive finite number, got {threshold}")
     if pixel_size is not None and not (pixel_size > 0 and math.isfinite(pixel_size)):
         raise UserError(f"--pixel-size: must be a positive finite number, got {pixel_size}")
-    with _cluster(dask) as cluster, _progress() as progress:
+    with ExitStack() as stack:
+        working = None
+        if scan is not None:
+            working = stack.enter_context(claim(scan, "inspect", write=into_scan,
+                                                allow_incomplete=allow_incomplete))
+        cluster = stack.enter_context(_cluster(dask))
+        progress = stack.enter_context(_progress())
         task = None
 
         def on_progress(done: int, total: int) -> None:
@@ -291,9 +302,15 @@ def inspect(
         result = inspect_target(target, out_dir, model=model, threshold=threshold,
                                 pixel_size_um=pixel_size, sample_kind=sample_kind,
                                 progress=on_progress, cluster=cluster)
+        outputs = {name: Path(path) for name, path in result.outputs.items()}
+        if into_scan and working is not None:
+            from scanner.reports import report as run_report
+
+            working("reporting")
+            outputs.update(run_report(scan).outputs)
     out.print(f"defects: {result.n_defects}")
-    for name, path in result.outputs.items():
-        out.print(f"  {name:<16} {Path(path).resolve()}")
+    for name, path in outputs.items():
+        out.print(f"  {name:<16} {path.resolve()}")
     out.print("  inspect time: " + ", ".join(
         f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
         for k, v in result.timings.items()))
@@ -345,16 +362,16 @@ def report(
         "(their defects stay in defects.json, not in the KLARF).")] = False,
 ) -> None:
     """Regenerate the reports of a scan folder: located defects.json/csv, KLARF, wafer map."""
-    from scanner.integrity import require_ready
+    from scanner.integrity import claim
     from scanner.reports import report as run_report
     from scanner.reports.klarf import KLARF_VERSIONS
 
     if klarf_version is not None and klarf_version not in KLARF_VERSIONS:
         raise UserError(f"--klarf-version: {klarf_version} is not one of "
                         f"{', '.join(KLARF_VERSIONS)}")
-    require_ready(scan, "report", allow_incomplete=allow_incomplete)
-    result = run_report(scan, lot_id=lot, wafer_id=wafer, klarf_version=klarf_version,
-                        full_dies_only=full_dies_only)
+    with claim(scan, "report", allow_incomplete=allow_incomplete):
+        result = run_report(scan, lot_id=lot, wafer_id=wafer, klarf_version=klarf_version,
+                            full_dies_only=full_dies_only)
     out.print(f"scan folder: {result.folder.resolve()}  ({result.n_defects} defects)")
     for name, path in result.outputs.items():
         out.print(f"  {name:<16} {path.resolve()}")

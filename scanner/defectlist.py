@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from scanner.errors import UserError
+from scanner.errors import UserError, is_finite_number, is_number
 from scanner.recipe import format_validation_error
 from scanner.scanfolder import write_json
 
@@ -119,15 +119,15 @@ class Defect:
         if not _is_int(self.id):
             raise ValueError(f"id: {self.id!r} is not a whole number")
         for name in ("x_um", "y_um", "area_um2", "size_um"):
-            if not _is_finite(getattr(self, name)):
+            if not is_finite_number(getattr(self, name)):
                 raise ValueError(f"defect {self.id}: {name}: {getattr(self, name)!r} is not a "
                                  "finite number")
         if not isinstance(self.bbox_um, tuple | list) or len(self.bbox_um) != 4 or not all(
-                _is_finite(v) for v in self.bbox_um):
+                is_finite_number(v) for v in self.bbox_um):
             raise ValueError(f"defect {self.id}: bbox_um: {self.bbox_um!r} is not 4 finite "
                              "numbers")
         for name in ("score", "roughness", "uncertainty"):
-            if not _is_number(getattr(self, name)):
+            if not is_number(getattr(self, name)):
                 raise ValueError(f"defect {self.id}: {name}: {getattr(self, name)!r} is not a "
                                  "number")
         if not isinstance(self.review, bool):
@@ -153,15 +153,6 @@ class Defect:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
-        value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    return _is_number(value) and math.isfinite(value)
 
 
 def _clean(value: Any) -> Any:

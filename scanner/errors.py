@@ -6,6 +6,11 @@ with code 2 (bad input); everything else is a bug or a hardware fault and exits 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+import numpy as np
+
 # the very class that devices and simulators raise (defined in the lowest layer)
 from devices.errors import UserError as UserError
 
@@ -53,3 +58,15 @@ def damaged_message(exc: BaseException) -> str:
     return (f"stored data is damaged: a compressed chunk cannot be decoded ({first_line(exc)}); "
             "re-run `waferscope stitch SCAN` for a mosaic, or `waferscope resume SCAN` to take "
             "damaged raw tiles again")
+
+
+def is_number(value: Any) -> bool:
+    """Whether a value read from a record (JSON, a defect list) is a number: a bool is an int
+    to Python, and ``true`` in a coordinate is damage, not 1."""
+    return isinstance(value, int | float | np.integer | np.floating) and \
+        not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """:func:`is_number`, and finite (NaN and infinities are damage in a record)."""
+    return is_number(value) and math.isfinite(value)

@@ -8,6 +8,8 @@ would otherwise be read as a black tile.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,93 @@ from devices.spec import MISSING_FILE
 from scanner.defectlist import DEFECTS_JSON
 from scanner.errors import UserError
 from scanner.recipe import RecipeError, parse_recipe
-from scanner.scanfolder import MOSAIC, RUNNING, SCAN_JSON, effective_status, read_scan_json
+from scanner.scanfolder import (
+    MOSAIC,
+    RUNNING,
+    SCAN_JSON,
+    effective_status,
+    hold,
+    now_iso,
+    read_scan_json,
+    this_process,
+    write_json,
+)
 from scanner.tilestore import check_journal
 
-#: the stage a command reads from, by command
-_NEEDS = {"stitch": "acquire", "inspect": "stitch", "report": "inspect"}
+#: the stage a command reads from, by command (``batch`` stitches, inspects and reports)
+_NEEDS = {"stitch": "acquire", "inspect": "stitch", "report": "inspect", "batch": "acquire"}
 _OUTPUT = {"stitch": MOSAIC, "inspect": DEFECTS_JSON}
+#: the status a scan shows while a command works on it, by command
+_WORKING = {"stitch": "stitching", "inspect": "inspecting", "report": "reporting",
+            "batch": "stitching"}
+#: how a scan ends whole (what a run's last stage writes, see scanner.pipeline)
+_ENDED = ("complete", "incomplete")
+
+
+@contextmanager
+def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: bool = True
+          ) -> Iterator[Callable[[str], None]]:
+    """Hold a scan folder for a command that runs stages on it alone (``stitch``,
+    ``inspect``, ``report``, ``batch``), as ``run`` and ``resume`` hold theirs.
+
+    The folder is locked (:func:`scanner.scanfolder.hold`) and checked
+    (:func:`require_ready`). With ``write``, ``scan.json`` shows the stage running and this
+    process while it runs, so that ``resume``, ``run --overwrite`` and the other commands
+    refuse it; when the command ends, the status it had comes back, or, once the command
+    wrote the scan's last outputs (the reports; the mosaic of a scan run without
+    inspection), the status a run ends with: a stopped scan finished this way is
+    ``complete`` (or ``incomplete``), not ``interrupted`` for ever.
+
+    Yields
+    ------
+    callable
+        ``working(status)`` records the stage that now runs (``"inspecting"``, ...).
+
+    Raises
+    ------
+    UserError
+        As :func:`require_ready`, or when another process holds the folder.
+    """
+    folder = Path(folder)
+    _ready(folder, command, allow_incomplete)  # refused before a lock file is made in it
+    with hold(folder, write=write):
+        scan, n_ok, n_planned = _ready(folder, command, allow_incomplete)  # as it is now
+        if not write:
+            yield lambda status: None
+            return
+        before = effective_status(scan)
+
+        def working(status: str) -> None:
+            _update(folder, status=status, process=this_process())
+
+        working(_WORKING[command])
+        try:
+            yield working
+        except BaseException:
+            _update(folder, status=before)  # outputs are replaced whole or not at all
+            raise
+        if before not in _ENDED and _ends_scan(command, scan):
+            _update(folder, status="complete" if n_ok == n_planned else "incomplete",
+                    finished=now_iso(), acquired_tiles=n_ok, error=None)
+        else:
+            _update(folder, status=before)
+
+
+def _ends_scan(command: str, scan: dict[str, Any]) -> bool:
+    """Whether ``command`` writes the last outputs a run of ``scan`` would have written."""
+    inspects = bool((scan.get("options") or {}).get("inspect", True))
+    return command in ("report", "batch", "inspect") or (command == "stitch" and not inspects)
+
+
+def _update(folder: Path, **fields: Any) -> None:
+    """Set fields of ``scan.json`` (None removes one), as it is now on disk."""
+    scan = read_scan_json(folder)
+    for key, value in fields.items():
+        if value is None:
+            scan.pop(key, None)
+        else:
+            scan[key] = value
+    write_json(folder / SCAN_JSON, scan)
 
 
 def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
@@ -31,7 +114,7 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
     ----------
     folder : Path
         Scan folder.
-    command : {"stitch", "inspect", "report"}
+    command : {"stitch", "inspect", "report", "batch"}
         What is about to run.
     allow_incomplete : bool
         Accept a scan whose acquisition did not take every planned tile
@@ -42,6 +125,12 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
     UserError
         One line naming the scan's status, the missing tiles or the damaged tile.
     """
+    return _ready(folder, command, allow_incomplete)[0]
+
+
+def _ready(folder: Path, command: str, allow_incomplete: bool
+           ) -> tuple[dict[str, Any], int, int]:
+    """:func:`require_ready`'s check: the scan, its tiles acquired and planned."""
     folder = Path(folder)
     scan = read_scan_json(folder)
     check_recorded_recipe(folder, scan)
@@ -66,7 +155,7 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
         missing = sorted(set(range(n_planned)) - ok)
         raise UserError(f"{folder}: scan {status}: {len(ok)} of {n_planned} planned tiles "
                         f"acquired (first missing: tile {missing[0]}); {hint}")
-    return scan
+    return scan, len(ok & set(range(n_planned))), n_planned
 
 
 def planned_tiles(folder: Path, scan: dict[str, Any]) -> int:

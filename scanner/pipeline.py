@@ -40,10 +40,12 @@ from scanner.scanfolder import (
     TRUTH_JSON,
     discard,
     effective_status,
+    hold,
     now_iso,
     prepare_folder,
     put_back,
     read_scan_json,
+    set_aside_path,
     software_versions,
     this_process,
     write_json,
@@ -137,14 +139,20 @@ def run_scan(
             log.warning("%s", warning)
         folder, aside = prepare_folder(out, recipe.output.root,
                                        recipe.output.name or recipe.name, overwrite)
-        try:
-            scan, plan = _start_scan(folder, recipe, handle, plan, events, inspect, model)
-        except BaseException:
-            put_back(folder, aside)  # refused before its first tile: the earlier scan stays
-            raise
-        discard(aside, folder)
-        return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
-                            cluster=cluster)
+        with hold(folder):
+            try:
+                scan, plan = _start_scan(folder, recipe, handle, plan, events, inspect, model)
+            except BaseException as exc:
+                if aside is None or not aside.is_dir():
+                    raise
+                put_back(folder, aside)  # refused before its first tile: the earlier scan stays
+                if isinstance(exc, KeyboardInterrupt):  # not this scan to resume: the old one
+                    raise KeyboardInterrupt(f"stopped before the first tile; the earlier scan "
+                                            f"in {folder} is kept as it was") from None
+                raise
+            discard(aside, folder)
+            return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
+                                cluster=cluster)
 
 
 def _start_scan(folder: Path, recipe: Recipe, handle: MicroscopeHandle, plan: ScanPlan,
@@ -217,7 +225,11 @@ def _align_stage(folder: Path, scan: dict[str, Any], recipe: Recipe, handle: Mic
                             alignment["die_sites_skipped"])
         plan = make_plan(recipe, handle, alignment)
     except BaseException as exc:
-        scan.update(status="failed", finished=now_iso(), error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, SIGTERM: resumable
+            scan.update(status="interrupted", finished=now_iso())
+        else:
+            scan.update(status="failed", finished=now_iso(),
+                        error=f"{type(exc).__name__}: {exc}")
         write_json(folder / SCAN_JSON, scan)
         raise
     finally:
@@ -245,6 +257,14 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
     """
     events = events or StageEvents()
     folder = Path(folder)
+    scan = read_scan_json(folder)  # not a scan: refused before a lock file is made in it
+    planned_tiles(folder, scan)
+    with hold(folder):
+        return _resume(folder, events, cluster)
+
+
+def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
+    """:func:`resume_scan` with the folder held."""
     scan = read_scan_json(folder)
     status = effective_status(scan)
     if status in RUNNING:
@@ -280,6 +300,9 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
             if now != recorded:
                 raise UserError(f"{folder}: cannot resume, the plan changed ({recorded} recorded, "
                                 f"{now} now)")
+        # the scan this one replaced (`run --overwrite`), when that run was killed before
+        # it could delete it: this scan has started, so it goes
+        discard(set_aside_path(folder), folder)
         scan.setdefault("resumed", []).append({"at": now_iso(), "previous_status": status,
                                                "tiles_missing": n - len(done)})
         scan.update(status="acquiring", process=this_process(), finished=None)

@@ -13,9 +13,13 @@ import os
 import platform
 import shutil
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from scanner.errors import UserError
 from scanner.scanrecord import RUNNING, validated_scan
@@ -25,6 +29,8 @@ SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
 #: the stitched OME-NGFF mosaic (written by ``scanner.stitching.stitch``)
 MOSAIC = "mosaic.ome.zarr"
+#: the lock a process holds on a scan folder while it works on it (see :func:`hold`)
+LOCK = ".waferscope.lock"
 #: every name a scan writes into its folder (each stage's own constant; tests/test_resume.py
 #: checks that they are all here): what `run --overwrite` replaces. Anything else in the
 #: folder (the user's recipe or notes kept beside the scan) is carried into the new scan
@@ -32,7 +38,7 @@ SCAN_OUTPUTS = frozenset({
     "scan.json", "truth.json", "tiles.csv", "tiles.zarr", "mosaic.ome.zarr", "flatfield.npy",
     "alignment.png", "focus_map.json", "focus_map.png", "anomaly.ome.zarr",
     "roughness.ome.zarr", "uncertainty.ome.zarr", "defects.json", "defects.csv",
-    "defects.klarf", "wafermap.png", "repeaters.json", "scores.csv",
+    "defects.klarf", "wafermap.png", "repeaters.json", "scores.csv", LOCK,
 })
 
 
@@ -157,14 +163,29 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
             )
         if not (out / SCAN_JSON).is_file():
             raise UserError(f"--out {out}: not a scan folder; refusing to overwrite it")
-        aside = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        if aside.exists():
-            shutil.rmtree(aside)
-        out.rename(aside)
+        scan = scan_json_if_any(out)
+        status = effective_status(scan) if scan is not None else None
+        if status in RUNNING:
+            raise UserError(f"--out {out}: the scan there is still {status} (process "
+                            f"{(scan or {}).get('process', {}).get('pid')} is alive); wait "
+                            "for it or choose another folder")
+        aside = set_aside_path(out)
+        if aside.exists():  # left by a replacing run that was killed: that scan had started
+            discard(aside, out)
+        with hold(out):  # no other process starts on it while it is moved
+            out.rename(aside)
         out.mkdir()
         return out, aside
     out.mkdir(parents=True, exist_ok=True)
     return out, None
+
+
+def set_aside_path(folder: Path) -> Path:
+    """Where :func:`prepare_folder` sets aside the earlier scan in ``folder`` that a new one
+    replaces (one fixed name, so that a run killed before it could discard it leaves nothing
+    that the next run or ``resume`` does not clear)."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.replaced")
 
 
 def put_back(folder: Path, aside: Path | None) -> None:
@@ -186,6 +207,46 @@ def discard(aside: Path | None, folder: Path) -> None:
                 and not (folder / entry.name).exists():
             entry.rename(folder / entry.name)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def hold(folder: Path, *, write: bool = True) -> Iterator[None]:
+    """Keep other waferscope processes off a scan folder while this one works on it.
+
+    Two commands at once on one scan (``batch`` and ``inspect``, ``resume`` and ``stitch``)
+    would write the same temporary stores and maps under each other. The lock is the operating
+    system's (``flock``, through :mod:`filelock`) on a file in the folder, so a process that
+    dies, ``kill -9`` included, leaves no stale lock behind.
+
+    Parameters
+    ----------
+    folder : Path
+        Scan folder.
+    write : bool
+        The process writes into the folder. A folder where the lock cannot be made (read-only)
+        is then refused; a process that only reads it goes on without the lock.
+
+    Raises
+    ------
+    UserError
+        If another process holds the folder, or (``write``) the lock cannot be made there.
+    """
+    lock = FileLock(Path(folder) / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{folder}: another waferscope process is working on this scan; "
+                        "wait for it") from None
+    except OSError as exc:
+        if write:
+            raise UserError(f"{folder}: cannot write in the scan folder "
+                            f"({first_line(exc)})") from None
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def this_process() -> dict[str, Any]:

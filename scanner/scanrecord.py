@@ -12,12 +12,11 @@ are mappings whose content that stage documents; keys added by newer versions ar
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scanner.errors import UserError
+from scanner.errors import UserError, is_finite_number
 from scanner.recipe import format_validation_error
 
 Section = dict[str, Any]
@@ -77,9 +76,9 @@ class ScanRecord(BaseModel):
                 raise ValueError(f"{where}: not a mapping (got {record!r})")
             centre, turn = record.get("center_um"), record.get("rotation_deg")
             if centre is not None and not (isinstance(centre, list) and len(centre) == 2
-                                           and all(_finite(v) for v in centre)):
+                                           and all(is_finite_number(v) for v in centre)):
                 raise ValueError(f"{where}.center_um: not two numbers (got {centre!r})")
-            if turn is not None and not _finite(turn):
+            if turn is not None and not is_finite_number(turn):
                 raise ValueError(f"{where}.rotation_deg: not a number (got {turn!r})")
         return self
 
@@ -91,11 +90,6 @@ class ScanRecord(BaseModel):
             raise ValueError(f"acquired_tiles: {self.acquired_tiles} acquired of {planned} "
                              "planned (plan.n_tiles): the record was changed")
         return self
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and \
-        math.isfinite(value)
 
 
 def validated_scan(data: Any, source: str) -> dict[str, Any]:

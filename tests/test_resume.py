@@ -509,11 +509,181 @@ def test_a_scan_another_process_is_still_working_on_is_not_restitched_or_inspect
                 "process": {"pid": busy.pid, "host": _scan(folder)["process"]["host"]}}
         (folder / "scan.json").write_text(json.dumps(scan))
         mosaic = sorted(p.stat().st_mtime for p in (folder / "mosaic.ome.zarr").rglob("*"))
-        for command in ("stitch", "inspect", "report", "resume"):
-            res = CliRunner().invoke(app, [command, str(folder)])
-            assert res.exit_code == 2 and "still inspecting" in res.output, (command, res.output)
+        recipe = _recipe(tmp_path)
+        for args in (["stitch"], ["inspect"], ["report"], ["resume"],
+                     ["run", str(recipe), "--overwrite", "--out"]):
+            res = CliRunner().invoke(app, [*args, str(folder)])
+            assert res.exit_code == 2 and "still inspecting" in res.output, (args, res.output)
         assert sorted(p.stat().st_mtime for p in (folder / "mosaic.ome.zarr").rglob("*")) \
             == mosaic
     finally:
         busy.kill()
         busy.wait()
+
+
+def test_two_commands_on_one_scan_are_kept_apart(plain_scan: Path, tmp_path: Path) -> None:
+    """`batch` and `inspect` (or `batch` and `resume`) at once on one scan wrote the same
+    temporary stores under each other: batch exited 0 with half-filled maps."""
+    from scanner.scanfolder import hold
+
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    before = _scan(folder)
+    recipe = _recipe(tmp_path)
+    with hold(folder):  # as another process working on it would
+        for args in (["stitch", str(folder)], ["inspect", str(folder)],
+                     ["resume", str(folder)], ["batch", str(folder)],
+                     ["run", str(recipe), "--out", str(folder), "--overwrite"]):
+            res = runner.invoke(app, args)
+            assert res.exit_code == 2, (args, res.output)
+            assert "another waferscope process is working on this scan" in res.output, args
+    assert _scan(folder) == before and folder.is_dir()
+    assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0  # released
+
+
+def test_a_stage_run_alone_shows_in_scan_json_and_finishes_a_stopped_scan(
+        plain_scan: Path, tmp_path: Path) -> None:
+    """stitch, inspect, report and batch wrote no status or process to scan.json (so `resume`
+    and `run --overwrite` could start on the scan beneath them), and a stopped scan they
+    finished stayed `interrupted`."""
+    from scanner.integrity import claim
+    from scanner.pipeline import resume_scan
+
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    scan = {**_scan(folder), "status": "interrupted", "error": "SIGTERM"}
+    (folder / "scan.json").write_text(json.dumps(scan))
+    with pytest.raises(KeyboardInterrupt), claim(folder, "stitch"):
+        now = _scan(folder)
+        assert now["status"] == "stitching" and now["process"]["pid"] == os.getpid()
+        assert effective_status(now) == "stitching"
+        raise KeyboardInterrupt
+    assert _scan(folder)["status"] == "interrupted"  # stopped: as it was
+    with claim(folder, "stitch") as working:
+        working("inspecting")
+        assert _scan(folder)["status"] == "inspecting"
+        with pytest.raises(Exception, match="another waferscope process"):
+            resume_scan(folder)
+    # the scan was run without inspection: its mosaic is its last output
+    after = _scan(folder)
+    assert after["status"] == "complete" and "error" not in after
+    assert after["acquired_tiles"] == after["plan"]["n_tiles"]
+    # a scan that ended whole keeps its status
+    with claim(folder, "stitch"):
+        pass
+    assert _scan(folder)["status"] == "complete"
+
+
+def test_overwrite_and_resume_clear_a_scan_set_aside_by_a_killed_run(
+        plain_scan: Path, tmp_path: Path) -> None:
+    """`run --overwrite` killed -9 before its first tile left `.NAME.replaced-PID` (the old
+    scan) for ever, beside the new scan that `resume` finished."""
+    from scanner.pipeline import resume_scan
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    folder = tmp_path / "scan"
+    for finish in ("run", "resume"):
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(plain_scan, folder)
+        aside = tmp_path / ".scan.replaced"  # the earlier scan the killed run set aside
+        shutil.copytree(plain_scan, aside)
+        (aside / "notes.txt").write_text("kept\n")
+        if finish == "run":
+            result = run_scan(parse_recipe(data, tmp_path, "again"), folder, overwrite=True)
+        else:
+            scan = {**_scan(folder), "status": "interrupted"}
+            (folder / "scan.json").write_text(json.dumps(scan))
+            (folder / "tiles.csv").write_text(
+                "".join((folder / "tiles.csv").read_text().splitlines(True)[:-2]))
+            result = resume_scan(folder)
+        assert result.status == "complete", finish
+        assert sorted(p.name for p in tmp_path.iterdir() if "scan" in p.name) == ["scan"]
+        assert (folder / "notes.txt").read_text() == "kept\n", finish
+
+
+def test_a_run_stopped_while_aligning_is_interrupted_and_an_overwrite_says_what_it_kept(
+        tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM during alignment recorded `failed`; stopping a `run --overwrite` then put the
+    earlier scan back, while the message said to resume it."""
+    import scanner.pipeline
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    first = run_scan(parse_recipe(data, tmp_path, "first"), tmp_path / "scan").folder
+    before = _scan(first)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scanner.pipeline, "align", stopped)
+    recipe = tmp_path / "aligned.yaml"
+    recipe.write_text(yaml.safe_dump({**SMALL, "name": "aligned"}))
+    res = runner.invoke(app, ["run", str(recipe), "--out", str(first), "--overwrite"])
+    assert res.exit_code == 130
+    assert "stopped before the first tile" in res.output and "resume" not in res.output
+    assert _scan(first) == before
+    res = runner.invoke(app, ["run", str(recipe), "--out", str(tmp_path / "new")])
+    assert res.exit_code == 130 and "waferscope resume" in res.output
+    assert _scan(tmp_path / "new")["status"] == "interrupted"
+
+
+def test_a_fusion_stopped_midway_leaves_no_half_written_store(plain_scan: Path,
+                                                             tmp_path: Path,
+                                                             monkeypatch) -> None:
+    import scanner.stitching.mosaic
+    from scanner.pipeline import restitch
+
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    mosaic = sorted(p.stat().st_mtime for p in (folder / "mosaic.ome.zarr").rglob("*"))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scanner.stitching.mosaic, "_fill_levels", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        restitch(folder)
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
+    assert sorted(p.stat().st_mtime for p in (folder / "mosaic.ome.zarr").rglob("*")) == mosaic
+
+
+def test_view_of_a_scan_not_yet_stitched_says_so(plain_scan: Path, tmp_path: Path) -> None:
+    """It opened an empty canvas (exit 0, an empty screenshot)."""
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    shutil.rmtree(folder / "mosaic.ome.zarr")
+    res = runner.invoke(app, ["view", str(folder), "--screenshot", str(tmp_path / "s.png")])
+    assert res.exit_code == 2 and "no mosaic.ome.zarr yet" in res.output
+    assert not (tmp_path / "s.png").exists()
+
+
+def _klarf_n_defects(folder: Path) -> int:
+    lines = (folder / "defects.klarf").read_text().splitlines()
+    return int(lines[lines.index("SummaryList") + 1].split()[1])
+
+
+def test_inspect_of_a_scan_remakes_its_reports(reference: Path, tmp_path: Path) -> None:
+    """`inspect SCAN` wrote a new defects.json beside the KLARF and wafer map of the earlier
+    defects; `scan.json` stays as a whole run left it."""
+    folder = tmp_path / "scan"
+    shutil.copytree(reference, folder)
+    n_before = len(_defects(folder))
+    assert n_before > 0 and _klarf_n_defects(folder) == n_before
+    # the reports of earlier defects (here: of a list with the first defect dropped)
+    (folder / "defects.klarf").write_text((folder / "defects.klarf").read_text().replace(
+        f"SummaryList\n 1 {n_before} ", f"SummaryList\n 1 {n_before - 1} "))
+    assert _klarf_n_defects(folder) == n_before - 1
+    (folder / "wafermap.png").write_bytes(b"stale")
+    res = runner.invoke(app, ["inspect", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert "defects.klarf" in res.output and "wafermap.png" in res.output
+    assert _klarf_n_defects(folder) == len(_defects(folder)) == n_before
+    assert (folder / "wafermap.png").read_bytes()[:4] == b"\x89PNG"
+    assert _scan(folder)["status"] == "complete"
+    # inspected into another folder, the scan's own outputs stay as they were
+    klarf = (folder / "defects.klarf").read_bytes()
+    res = runner.invoke(app, ["inspect", str(folder), "--out", str(tmp_path / "elsewhere")])
+    assert res.exit_code == 0, res.output
+    assert (folder / "defects.klarf").read_bytes() == klarf
+    assert len(_defects(folder)) == n_before

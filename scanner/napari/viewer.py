@@ -57,9 +57,13 @@ def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (
     UserError
         If napari is not installed, no display is available, or the folder is not a scan.
     """
-    check_napari()
-    if _scan_folder(folder) is None:
+    found = _scan_folder(folder)
+    if found is None:
         raise UserError(f"{folder}: not a scan folder (no {SCAN_JSON} or {MOSAIC})")
+    if not (found / MOSAIC).is_dir():  # nothing to show: an empty canvas is no review
+        raise UserError(f"{found}: no {MOSAIC} yet (the scan was not stitched); run "
+                        "`waferscope resume` or `waferscope stitch` on it")
+    check_napari()
     _check_display()
     import napari
 

@@ -27,6 +27,7 @@ OME-NGFF writing and reading in :mod:`scanner.ngff` (its public names are import
 from __future__ import annotations
 
 import math
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,7 +259,11 @@ def fuse_mosaic(
     total = sum(math.ceil(r / chunk) * math.ceil(c / chunk) for r, c in shapes)
     tmp, arrays = create_multiscale(out_path, fusion.shape, chunk=chunk, dtype=fusion.dtype,
                                     min_level_size=min_level_size)
-    _fill_levels(fusion, arrays, band, cluster, _ticker(progress, total))
+    try:
+        _fill_levels(fusion, arrays, band, cluster, _ticker(progress, total))
+    except BaseException:  # stopped or refused: the half-written store goes, the mosaic stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finish_multiscale(tmp, out_path, len(shapes), fusion.p, fusion.origin, name)
     return MosaicInfo(
         path=out_path,
