@@ -31,6 +31,9 @@ def sample_for_recipe(sample: Any) -> VirtualSample:
     params = sample.model_dump(exclude=exclude)
     params["n_defects"] = sample.defects.count
     params["seed"] = sample.defects.seed
+    # the design (die layout, texture) follows defects.seed unless the recipe seeds it apart
+    if params.get("design_seed") is None:
+        params.pop("design_seed", None)
     if sample.defects.kinds is not None:
         params["defect_kinds"] = list(sample.defects.kinds)
     try:

@@ -43,6 +43,11 @@ _SectionT = TypeVar("_SectionT", bound=BaseModel)
 
 # --------------------------------------------------------------------------- samples
 
+#: a simulated sample's design (die layout, grains, texture): copies of one product share it,
+#: whatever their defects
+DesignSeed = Annotated[Seed | None, Field(description="simulated sample: seed of its design "
+                                          "(die layout, grains, texture); default: defects.seed")]
+
 
 class DefectSpec(_Model):
     """Synthetic defects placed on a simulated sample (ignored on real hardware)."""
@@ -162,6 +167,7 @@ class WaferSample(_Model):
         "bare", description="simulated wafer: whether the dies cut by the usable area's edge "
                             "carry the pattern (steppers often expose edge fields)")
     defects: DefectSpec = DefectSpec()
+    design_seed: DesignSeed = None
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
     placement: PlacementSpec = PlacementSpec()
@@ -288,6 +294,7 @@ class PVCellSample(_Model):
     finger_width_um: PositiveFloat = 60.0
     center_um: XY = (0.0, 0.0)
     defects: DefectSpec = DefectSpec()
+    design_seed: DesignSeed = None
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
     placement: PlacementSpec = PlacementSpec()
@@ -380,6 +387,7 @@ class RectangleSample(_RepeatKeys):
     height_mm: PositiveFloat
     center_um: XY = (0.0, 0.0)
     defects: DefectSpec = DefectSpec(count=10)
+    design_seed: DesignSeed = None
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
 

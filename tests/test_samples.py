@@ -681,3 +681,84 @@ def test_an_image_with_negative_pixels_is_refused_not_clipped_to_black(tmp_path,
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: sample.path:") \
         and "negative pixel values" in lines[0], lines
+
+
+# ----------------------------------------------------------------------------- design seed
+
+#: small samples of each kind with a design, and a region (x0, y0, pixel µm) of their design
+DESIGNED = {
+    "wafer": ({"kind": "wafer", "diameter_mm": 20.0, "die_pitch_mm": [2.0, 2.0],
+               "edge_exclusion_mm": 1.0}, (-1500.0, -1500.0, 10.0)),
+    "rectangle": ({"kind": "rectangle", "width_mm": 3.0, "height_mm": 3.0},
+                  (-1000.0, -1000.0, 10.0)),
+    "pv_cell": ({"kind": "pv_cell", "width_mm": 20.0, "height_mm": 20.0, "busbars": 2},
+                (-6000.0, -6000.0, 100.0)),
+}
+SHAPE = (64, 96)
+#: a defects seed whose 4 defects all lie away from the kind's design region (design_seed 42)
+CLEAR_SEED = {"wafer": 5, "rectangle": 4, "pv_cell": 5}
+
+
+def _recipe_sample(kind: str, count: int, seed: int, **keys):
+    """The simulator's sample of a parsed recipe, as a scan builds it."""
+    from devices.sample_factory import sample_for_recipe
+    from scanner.recipe import parse_recipe
+
+    spec = {**DESIGNED[kind][0], **keys, "defects": {"count": count, "seed": seed}}
+    return sample_for_recipe(parse_recipe({"sample": spec}, Path("."), "t").sample)
+
+
+def _design_region(sample, kind: str) -> np.ndarray:
+    x0, y0, p = DESIGNED[kind][1]
+    return sample.render(x0, y0, SHAPE, p)
+
+
+def _clear_of_defects(sample, kind: str) -> bool:
+    """Whether no defect of the sample comes near the design region."""
+    x0, y0, p = DESIGNED[kind][1]
+    x1, y1 = x0 + SHAPE[1] * p, y0 + SHAPE[0] * p
+    m = 5 * p
+    return all(b[2] < x0 - m or b[0] > x1 + m or b[3] < y0 - m or b[1] > y1 + m
+               for b in (d.bbox_um for d in sample.defects()))
+
+
+@pytest.mark.parametrize("kind", list(DESIGNED))
+def test_without_design_seed_the_defects_seed_still_sets_the_design(kind):
+    old = _design_region(_recipe_sample(kind, 0, 4), kind)
+    assert "design_seed" not in _recipe_sample(kind, 0, 4).truth()["sample"]
+    # as before: another defects seed, another design
+    assert not np.array_equal(old, _design_region(_recipe_sample(kind, 0, 5), kind))
+    # design_seed equal to the defects seed is the old sample exactly
+    same = _recipe_sample(kind, 0, 4, design_seed=4)
+    np.testing.assert_array_equal(old, _design_region(same, kind))
+
+
+@pytest.mark.parametrize("kind", list(DESIGNED))
+def test_copies_with_one_design_seed_share_their_design_whatever_their_defects(kind):
+    golden = _recipe_sample(kind, 0, 1, design_seed=42)
+    seed = CLEAR_SEED[kind]
+    defective = _recipe_sample(kind, 4, seed, design_seed=42)
+    other = _recipe_sample(kind, 4, seed + 1, design_seed=42)
+    assert len(defective.defects()) == 4
+    assert _clear_of_defects(defective, kind)
+    np.testing.assert_array_equal(_design_region(golden, kind),
+                                  _design_region(defective, kind))
+    # the defects still come from defects.seed, and another design_seed is another product
+    assert [d.to_dict() for d in defective.defects()] != [d.to_dict() for d in other.defects()]
+    assert not np.array_equal(_design_region(golden, kind),
+                              _design_region(_recipe_sample(kind, 0, 1, design_seed=43), kind))
+    truth = json.loads(json.dumps(defective.truth()))
+    assert truth["sample"]["design_seed"] == 42 and truth["sample"]["seed"] == seed
+
+
+def test_design_seed_is_checked_and_only_where_a_sample_has_a_design(tmp_path):
+    from scanner.errors import RecipeError
+    from scanner.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="sample.design_seed"):
+        parse_recipe({"sample": {**DESIGNED["wafer"][0], "design_seed": -1}}, tmp_path)
+    # an image's design is its file: the seed only places its defects
+    tifffile.imwrite(tmp_path / "a.tif", _texture((40, 50), seed=2))
+    with pytest.raises(RecipeError, match="sample.design_seed"):
+        parse_recipe({"sample": {"kind": "image", "path": "a.tif", "pixel_size_um": 1.0,
+                                 "design_seed": 1}}, tmp_path)

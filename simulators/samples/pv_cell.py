@@ -53,7 +53,10 @@ class PVCellSample(VirtualSample):
     defect_kinds : sequence of str, optional
         Kinds to place (default ``CELL_KINDS``).
     seed : int
-        Seed of the grains and the defects.
+        Seed of the defects, and of the grains and texture unless ``design_seed`` is given.
+    design_seed : int, optional
+        Seed of the grains and texture (default ``seed``): copies of one product share it,
+        whatever their defects.
     """
 
     kind = "pv_cell"
@@ -71,6 +74,7 @@ class PVCellSample(VirtualSample):
         n_defects: int = 20,
         defect_kinds: Sequence[str] | None = None,
         seed: int = 0,
+        design_seed: int | None = None,
     ) -> None:
         if width_mm <= 0 or height_mm <= 0 or finger_pitch_mm <= 0 or busbars < 0:
             raise ValueError("width_mm, height_mm, finger_pitch_mm must be > 0, busbars >= 0")
@@ -83,6 +87,8 @@ class PVCellSample(VirtualSample):
         self.grain_size_mm = float(grain_size_mm)
         self.n_defects = int(n_defects)
         self.seed = int(seed)
+        self.design_seed = None if design_seed is None else int(design_seed)
+        self._design = self.seed if self.design_seed is None else self.design_seed
         allowed = tuple(k for k in ALL_KINDS if k != "missing_pattern")
         self.defect_kinds = resolve_kinds(defect_kinds, CELL_KINDS, allowed, "pv_cell")
 
@@ -110,13 +116,16 @@ class PVCellSample(VirtualSample):
 
     def parameters(self) -> dict[str, Any]:
         """Constructor parameters."""
-        return {
+        out = {
             "width_mm": self.width_mm, "height_mm": self.height_mm, "busbars": self.busbars,
             "busbar_width_mm": self.busbar_width_mm, "finger_pitch_mm": self.finger_pitch_mm,
             "finger_width_um": self.finger_width_um, "center_um": self.center_um,
             "grain_size_mm": self.grain_size_mm, "n_defects": self.n_defects,
             "defect_kinds": list(self.defect_kinds), "seed": self.seed,
         }
+        if self.design_seed is not None:
+            out["design_seed"] = self.design_seed
+        return out
 
     def bounds_um(self) -> tuple[float, float, float, float]:
         """The cell rectangle."""
@@ -163,7 +172,7 @@ class PVCellSample(VirtualSample):
         i_lo, j_lo = gi[0], gj[0]
         ci = np.arange(i_lo - 1, gi[-1] + 2)
         cj = np.arange(j_lo - 1, gj[-1] + 2)
-        s = self.seed * 31 + 5
+        s = self._design * 31 + 5
         ccx = (ci[None, :] + 0.1 + 0.8 * hash_uniform(ci[None, :], cj[:, None], s)) * g
         ccy = (cj[:, None] + 0.1 + 0.8 * hash_uniform(ci[None, :], cj[:, None], s + 1)) * g
         bright = GRAIN_LO + (GRAIN_HI - GRAIN_LO) * hash_uniform(ci[None, :], cj[:, None], s + 2)
@@ -214,7 +223,7 @@ class PVCellSample(VirtualSample):
             img = np.full((len(ys), len(xs)), 0.5 * (GRAIN_LO + GRAIN_HI), dtype=np.float32)
         # cloudy intra-grain variation (dislocation density, lifetime)
         img *= np.float32(1.0) + fractal_noise(
-            xs, ys, p, [(2500.0, 0.25), (700.0, 0.12)], self.seed * 31 + 7
+            xs, ys, p, [(2500.0, 0.25), (700.0, 0.12)], self._design * 31 + 7
         )
         # emission falls off towards the cell edges (recombination at the cut surfaces)
         x0, y0, x1, y1 = self._box

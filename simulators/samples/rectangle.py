@@ -32,7 +32,10 @@ class RectangleSample(VirtualSample):
     defect_kinds : sequence of str, optional
         Kinds to place (default ``SURFACE_KINDS``: particle, scratch, pit, stain).
     seed : int
-        Seed of the texture and the defects.
+        Seed of the defects, and of the texture unless ``design_seed`` is given.
+    design_seed : int, optional
+        Seed of the texture (default ``seed``): copies of one product share it, whatever
+        their defects.
     """
 
     kind = "rectangle"
@@ -45,6 +48,7 @@ class RectangleSample(VirtualSample):
         n_defects: int = 10,
         defect_kinds: Sequence[str] | None = None,
         seed: int = 0,
+        design_seed: int | None = None,
     ) -> None:
         if width_mm <= 0 or height_mm <= 0:
             raise ValueError("width_mm and height_mm must be > 0")
@@ -52,6 +56,8 @@ class RectangleSample(VirtualSample):
         self.center_um = (float(center_um[0]), float(center_um[1]))
         self.n_defects = int(n_defects)
         self.seed = int(seed)
+        self.design_seed = None if design_seed is None else int(design_seed)
+        self._design = self.seed if self.design_seed is None else self.design_seed
         allowed = tuple(k for k in ALL_KINDS if k not in ("missing_pattern",))
         self.defect_kinds = resolve_kinds(defect_kinds, SURFACE_KINDS, allowed, "rectangle")
         cx, cy = self.center_um
@@ -64,11 +70,14 @@ class RectangleSample(VirtualSample):
 
     def parameters(self) -> dict[str, Any]:
         """Constructor parameters."""
-        return {
+        out = {
             "width_mm": self.width_mm, "height_mm": self.height_mm, "center_um": self.center_um,
             "n_defects": self.n_defects, "defect_kinds": list(self.defect_kinds),
             "seed": self.seed,
         }
+        if self.design_seed is not None:
+            out["design_seed"] = self.design_seed
+        return out
 
     def bounds_um(self) -> tuple[float, float, float, float]:
         """The rectangle."""
@@ -89,7 +98,7 @@ class RectangleSample(VirtualSample):
         cov_y = interval_coverage(ys, by0, by1, p)
         if not cov_x.any() or not cov_y.any():
             return chuck_background(xs, ys, p)
-        img = fractal_noise(xs, ys, p, TEXTURE, seed=self.seed * 131 + 17)
+        img = fractal_noise(xs, ys, p, TEXTURE, seed=self._design * 131 + 17)
         img += np.float32(SURFACE)
         self._field.draw(img, xs, ys, p)
         if cov_x.min() < 1.0 or cov_y.min() < 1.0:

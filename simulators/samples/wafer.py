@@ -59,11 +59,14 @@ class WaferSample(VirtualSample):
     defect_kinds : sequence of str, optional
         Kinds to place (default ``WAFER_KINDS``).
     seed : int
-        Seed of the die layout and the defects.
+        Seed of the defects, and of the die layout unless ``design_seed`` is given.
     edge_dies : {"bare", "patterned"}
         Whether dies cut by the usable area's edge carry the pattern.
     lot_id, wafer_id : str, optional
         Labels copied into the truth record.
+    design_seed : int, optional
+        Seed of the die layout (default ``seed``): copies of one product share it, whatever
+        their defects.
     """
 
     kind = "wafer"
@@ -86,6 +89,7 @@ class WaferSample(VirtualSample):
         lot_id: str | None = None,
         wafer_id: str | None = None,
         edge_dies: str = "bare",
+        design_seed: int | None = None,
     ) -> None:
         if orientation not in ("notch", "flat", "none"):
             raise ValueError(f"orientation: must be notch, flat or none, got {orientation!r}")
@@ -108,6 +112,7 @@ class WaferSample(VirtualSample):
         self.orientation_angle_deg = float(orientation_angle_deg)
         self.n_defects = int(n_defects)
         self.seed = int(seed)
+        self.design_seed = None if design_seed is None else int(design_seed)
         self.lot_id, self.wafer_id = lot_id, wafer_id
         self.defect_kinds = resolve_kinds(defect_kinds, WAFER_KINDS, ALL_KINDS, "wafer")
 
@@ -123,7 +128,8 @@ class WaferSample(VirtualSample):
         self._origin = (self.center_um[0] + self.die_origin_mm[0] * 1000.0,
                         self.center_um[1] + self.die_origin_mm[1] * 1000.0)
 
-        self.template = DieTemplate(self._pitch, self.scribe_width_um, self.seed)
+        design = self.seed if self.design_seed is None else self.design_seed
+        self.template = DieTemplate(self._pitch, self.scribe_width_um, design)
         self._valid, self._valid_i0, self._valid_j0 = self._valid_dies()
         if not self._valid.any() and "missing_pattern" in self.defect_kinds:
             # no patterned die: a missing pattern would be invisible
@@ -149,6 +155,8 @@ class WaferSample(VirtualSample):
             "n_defects": self.n_defects, "defect_kinds": list(self.defect_kinds),
             "seed": self.seed, "n_patterned_dies": int(self._valid.sum()),
         }
+        if self.design_seed is not None:
+            out["design_seed"] = self.design_seed
         if self.lot_id is not None:
             out["lot_id"] = self.lot_id
         if self.wafer_id is not None:
