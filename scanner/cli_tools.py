@@ -286,7 +286,9 @@ def drift(
         Path | None, typer.Option("--out", help="Folder for drift.png (default: no plot).")
     ] = None,
 ) -> None:
-    """Whether recent scans' good-surface scores moved beyond the model's calibration."""
+    """Whether recent scans' good-surface scores moved beyond the model's calibration, and
+    their image (level, noise, sharpness) from the oldest scan's."""
+    from models.drift import image_drifted
     from scanner.inspection.drift import check_drift
     from scanner.inspection.inspect import load_inspection_model
 
@@ -300,6 +302,11 @@ def drift(
         err.print(f"skipped {escape(skipped)}", highlight=False, soft_wrap=True)
     for row in report.scans:
         ratios = ", ".join(f"{k} x{v:.2f}" for k, v in row["ratios"].items())
+        image = row.get("image_ratios") or {}
+        if image:  # against the oldest scan's image
+            moved = image_drifted(image)
+            ratios += "; image " + ", ".join(f"{k} x{v:.2f}" + (" (moved)" if k in moved else "")
+                                             for k, v in image.items())
         out.print(f"  {escape(Path(row['scan']).name)}: {ratios}", highlight=False)
     if report.plot is not None:
         out.print(f"plot: {report.plot.resolve()}")

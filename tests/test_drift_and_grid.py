@@ -167,3 +167,97 @@ def test_the_surround_of_an_image_sample_is_left_out_of_its_layout() -> None:
     grid = estimate_grid(img, 1.0, (0.0, 0.0), valid)
     assert grid is not None and grid.pitch_um == pytest.approx((160.0, 160.0), abs=0.5)
     assert grid.origin_um == pytest.approx((59.5, 59.5), abs=1.5)
+
+
+def _windows(image: np.ndarray, size: int = 64) -> list[np.ndarray]:
+    return [image[r:r + size, c:c + size] for r in range(0, image.shape[0] - size + 1, size)
+            for c in range(0, image.shape[1] - size + 1, size)]
+
+
+def test_image_quality_sees_less_light_and_lost_focus_not_another_good_image() -> None:
+    """The detector reads windows relative to their level, so a scan with 16 x less light or
+    150 um out of focus scored as its calibration did (drift said "no drift") while most of
+    its defects went unfound."""
+    from scipy import ndimage as ndi
+
+    from models.drift import image_drifted, image_quality, image_ratios
+
+    surface = 0.6 + 0.4 * data.camera()[:384, :384].astype(np.float64) / 255.0
+
+    def snap(light: float, blur: float = 0.8, seed: int = 0) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        electrons = rng.poisson(ndi.gaussian_filter(surface, blur) * 4000.0 * light)
+        return (electrons / 4.0 + rng.normal(0, 3.0, surface.shape)).clip(0)
+
+    good = image_quality(_windows(snap(1.0)))
+    assert good["n"] == 36
+    assert image_drifted(image_ratios(good, image_quality(_windows(snap(1.0, seed=1))))) == []
+    dim = image_ratios(good, image_quality(_windows(snap(1 / 16))))
+    assert dim["noise"] > 2.5 and 0.7 < dim["sharpness"] < 1.4, dim
+    assert image_drifted(dim) == ["level", "noise"]
+    blurred = image_ratios(good, image_quality(_windows(snap(1.0, blur=3.0))))
+    assert blurred["sharpness"] < 0.4 and 0.8 < blurred["noise"] < 1.25, blurred
+    assert image_drifted(blurred) == ["sharpness"]
+    # a chuck or a surround not scanned is not the surface
+    framed = snap(1.0)
+    framed[:, :128] = 0.0
+    assert image_quality(_windows(framed))["n"] == 24
+
+
+def test_drift_is_judged_on_the_newest_scans(tmp_path: Path) -> None:
+    """The verdict was the median over every scan given: three drifted scans after five
+    good ones read "no drift"."""
+    rng = np.random.default_rng(2)
+    reference = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    good = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    moved = score_summary(1.6 * rng.gamma(4.0, 0.2, 50_000))
+    scans = []
+    for i, scores in enumerate([good] * 5 + [moved] * 3):
+        folder = _scan(tmp_path / f"s{i}", scores)
+        record = json.loads((folder / "scan.json").read_text())
+        record["started"] = f"2026-12-0{i + 1}T10:00:00+01:00"
+        (folder / "scan.json").write_text(json.dumps(record))
+        scans.append(folder)
+    report = check_drift(scans[::-1], _Model(reference))  # given newest first: by start time
+    assert report.drifted and report.move == pytest.approx(1.6, rel=0.05)
+    assert [Path(r["scan"]).name for r in report.scans] == [f"s{i}" for i in range(8)]
+    assert not check_drift(scans[:6], _Model(reference)).drifted
+
+
+@pytest.mark.slow
+def test_drift_names_a_scan_with_less_light_or_out_of_focus(tmp_path: Path) -> None:
+    """Through the commands: scans of one small wafer, good, then with 16 x less light, then
+    150 um out of focus; drift said "no drift" for both."""
+    import yaml
+    from conftest import SMALL_WAFER
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    def scan(name: str, seed: int = 1, exposure_ms: float | None = None, z0_um: float = 0.0):
+        recipe = json.loads(json.dumps(SMALL_WAFER))
+        recipe["name"] = name
+        recipe["sample"].update(diameter_mm=10, die_pitch_mm=[2.0, 2.0],
+                                surface={"z0_um": z0_um})
+        recipe["microscope"]["seed"] = seed
+        if exposure_ms is not None:
+            recipe["scan"]["exposure_ms"] = exposure_ms
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+        res = CliRunner().invoke(app, ["run", str(tmp_path / f"{name}.yaml"),
+                                       "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+        return str(tmp_path / name)
+
+    good, again = scan("good"), scan("again", seed=2)
+    dim, blurred = scan("dim", exposure_ms=10.0 / 16), scan("blurred", z0_um=150.0)
+    runner = CliRunner()
+    res = runner.invoke(app, ["drift", good, again])
+    assert res.exit_code == 0 and res.output.strip().splitlines()[-1].startswith("no drift")
+    for drifted, moved in ((dim, "noise"), (blurred, "sharpness")):
+        res = runner.invoke(app, ["drift", good, drifted, "--out", str(tmp_path / "d")])
+        assert res.exit_code == 0, res.output
+        verdict = res.output.strip().splitlines()[-1]
+        assert verdict.startswith("DRIFT") and f"{moved} x" in verdict, verdict
+        assert f"{moved} x" in next(line for line in res.output.splitlines()
+                                   if line.strip().startswith(Path(drifted).name))
+        assert (tmp_path / "d" / "drift.png").is_file()

@@ -37,7 +37,7 @@ from scanner.inspection.card import (
     model_info,
     threshold_record,
 )
-from scanner.inspection.drift import good_surface_scores
+from scanner.inspection.drift import good_surface_scores, surface_image
 from scanner.inspection.golden import GOLDEN
 from scanner.inspection.images import image_score, inspect_images, list_images
 from scanner.inspection.maps import MapSet, infer_mosaic, open_readable, reflectance_at_map
@@ -527,6 +527,8 @@ def inspect_mosaic(
         "edge_band_um": edge_band_um,
         "timings": timings, "n_defects": len(defects),
         "good_scores": good_surface_scores(maps.maps["anomaly"], thr),
+        "surface_image": surface_image(maps.source_levels[0]) if maps.source_levels
+        else {"n": 0},
     }
     write_defects(out_dir, defects, header)
     if scan is not None and out_dir.resolve() == folder.resolve():
@@ -621,7 +623,7 @@ def _record_in_scan(scan: dict[str, Any], folder: Path, header: dict[str, Any],
         "maps": header["maps"],
         "mosaic_megapixels": round(mosaic_px / 1e6, 3) if mosaic_px else None, **timings,
         "die_to_die": header["die_to_die"], "golden": header.get("golden"),
-        "good_scores": header["good_scores"],
+        "good_scores": header["good_scores"], "surface_image": header["surface_image"],
     }
     write_json(folder / SCAN_JSON, scan)
 
