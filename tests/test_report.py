@@ -321,3 +321,23 @@ def test_run_scan_reports_when_inspection_left_a_defect_list(tmp_path: Path, mon
     assert "report" in result.timings
     _, defects = read_defects(result.folder)
     assert len(defects) == 5 and all(d.die_col is not None and d.tiles for d in defects)
+
+
+@pytest.mark.slow
+def test_a_cell_report_keeps_the_lot_and_id_it_is_given(pv_scan: Path, tmp_path: Path):
+    """`report --lot L --wafer W` on a PV cell exited 0 and wrote them nowhere."""
+    folder = tmp_path / "scan"
+    shutil.copytree(pv_scan, folder)
+    res = runner.invoke(app, ["report", str(folder), "--lot", "L-9", "--wafer", "C-3"])
+    assert res.exit_code == 0, res.output
+    header, _ = read_defects(folder)
+    assert (header["sample"]["lot_id"], header["sample"]["wafer_id"]) == ("L-9", "C-3")
+    assert runner.invoke(app, ["report", str(folder)]).exit_code == 0  # they stick
+    header, _ = read_defects(folder)
+    assert (header["sample"]["lot_id"], header["sample"]["wafer_id"]) == ("L-9", "C-3")
+    assert json.loads((folder / "scan.json").read_text())["report"]["lot_id"] == "L-9"
+    # a cell given none has none
+    shutil.rmtree(folder)
+    shutil.copytree(pv_scan, folder)
+    assert runner.invoke(app, ["report", str(folder)]).exit_code == 0
+    assert "lot_id" not in read_defects(folder)[0]["sample"]

@@ -384,19 +384,22 @@ def _sample_info(ctx: ScanContext, recipe: dict[str, Any], previous: dict[str, A
     """The header's ``sample``: kind and name, a wafer's ids and geometry, a PV cell's."""
     sample = ctx.sample
     info: dict[str, Any] = {"kind": ctx.kind, "name": recipe.get("name") or ctx.folder.name}
+    # ids given to an earlier report stick: its defect list's header, or scan.json's report
+    # record when inspection has since written a new defect list; a PV cell or coupon
+    # carries them too when given (`report --lot`), it has no recipe keys for them
+    old = previous.get("sample") or {}
+    kept = ctx.scan.get("report") or {}
+    ids = {key: given or old.get(key) or kept.get(key) or sample.get(key)
+           for key, given in (("lot_id", lot_id), ("wafer_id", wafer_id))}
     if ctx.kind == "wafer":
-        # ids given to an earlier report stick: its defect list's header, or scan.json's
-        # report record when inspection has since written a new defect list
-        old = previous.get("sample") or {}
-        kept = ctx.scan.get("report") or {}
         info.update(
-            lot_id=lot_id or old.get("lot_id") or kept.get("lot_id") or sample.get("lot_id"),
-            wafer_id=(wafer_id or old.get("wafer_id") or kept.get("wafer_id")
-                      or sample.get("wafer_id")),
+            **ids,
             diameter_mm=sample.get("diameter_mm"), orientation=sample.get("orientation"),
             edge_exclusion_mm=sample.get("edge_exclusion_mm"),
         )
-    elif ctx.kind == "pv_cell":
+    else:
+        info.update({k: v for k, v in ids.items() if v is not None})
+    if ctx.kind == "pv_cell":
         info.update(width_mm=sample.get("width_mm"), height_mm=sample.get("height_mm"),
                     busbars=sample.get("busbars"), edge_band_mm=PV_EDGE_BAND_MM)
     return info
