@@ -14,11 +14,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
-from scanner.errors import UserError
+from scanner.errors import UserError, undecodable
 from simulators.errors import first_line
 
 TILES_ZARR = "tiles.zarr"
@@ -283,6 +284,36 @@ def open_tiles(folder: Path) -> zarr.Array:
     return array
 
 
+class ScanTiles:
+    """The raw tiles of a scan folder as the stitch stage reads them: ``tiles[i]``, ``shape``,
+    ``dtype`` (and it pickles, for dask workers).
+
+    A tile whose chunk does not decode is refused naming the tile and how to take it again;
+    zarr's own error names only the codec.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.array = open_tiles(self.folder)
+        self.shape = tuple(self.array.shape)
+        self.dtype = self.array.dtype
+        self.ndim = self.array.ndim
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        try:
+            return self.array[key]
+        except Exception as exc:
+            if not undecodable(exc):
+                raise
+            index = key[0] if isinstance(key, tuple) else key
+            raise UserError(f"{self.folder / TILES_ZARR}: tile {index} is damaged (its chunk "
+                            f"cannot be decoded: {first_line(exc)}); run `waferscope resume "
+                            f"{self.folder}` to take it again") from None
+
+
 def stored_tiles(array: zarr.Array) -> set[int]:
     """Indices of the tiles whose chunk is in the store (a tile is exactly one chunk)."""
     root = Path(str(array.store_path.store.root)) / array.store_path.path
@@ -297,8 +328,6 @@ def stored_tiles(array: zarr.Array) -> set[int]:
 def decodable_tiles(array: zarr.Array, indices: Iterable[int]) -> set[int]:
     """The tiles among ``indices`` whose chunk decodes: a chunk cut short by a crash while it
     was written, or damaged since, is there but holds no tile (the resume takes it again)."""
-    from scanner.errors import undecodable
-
     good = set()
     for index in sorted(indices):
         try:

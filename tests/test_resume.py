@@ -285,6 +285,9 @@ def test_a_tile_chunk_cut_short_is_taken_again_by_resume(plain_scan: Path,
     chunk.write_bytes(chunk.read_bytes()[:100])
     refused = runner.invoke(app, ["stitch", str(folder)])
     assert refused.exit_code == 2 and "resume" in refused.stderr
+    # the tile is named (zarr's error names only the codec)
+    assert "tiles.zarr: tile 3 is damaged" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
     result = runner.invoke(app, ["resume", str(folder)])
     assert result.exit_code == 0, result.output
     assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0

@@ -31,7 +31,14 @@ from scanner.stitching.registration.flatfield import (
 )
 from scanner.stitching.registration.live import LiveResults
 from scanner.stitching.registration.scan import CameraGeometry, register_scan
-from scanner.tilestore import TILES_CSV, TileRecord, check_journal, open_tiles, read_tiles_csv
+from scanner.tilestore import (
+    TILES_CSV,
+    ScanTiles,
+    TileRecord,
+    check_journal,
+    open_tiles,
+    read_tiles_csv,
+)
 
 FLATFIELD = "flatfield.npy"
 
@@ -88,7 +95,7 @@ def stitch(
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
         raise UserError(f"{folder}: not a scan folder (no {TILES_CSV})")
-    tiles = open_tiles(folder)
+    tiles = ScanTiles(folder)
     # a journaled tile whose data is missing stops the stitch: it must not be fused as black
     records = [r for r in check_journal(folder, tiles.shape[0]) if r.status == "ok"]
     if not records:
@@ -273,7 +280,7 @@ def _flatfield_step(folder: Path, precomputed: LiveResults | None, camera: Camer
     """
     records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
     ok = [r.index for r in records]
-    tiles = open_tiles(folder)
+    tiles = ScanTiles(folder)
     # thumbnails computed during acquisition, for these very acquisitions
     thumbs = precomputed.thumbnails_for(records) if precomputed is not None else {}
     med = median_thumbnail(tiles, ok, thumbnails=thumbs)

@@ -20,7 +20,7 @@ from scanner.stitching.registration.accuracy import classify_tiles
 from scanner.stitching.registration.pairwise import PairResult, register_pair, search_key
 from scanner.stitching.registration.selfcal import measured_camera
 from scanner.stitching.registration.solve import SolveResult, solve_positions
-from scanner.tilestore import TileRecord, open_tiles, read_tiles_csv, write_tiles_csv
+from scanner.tilestore import ScanTiles, TileRecord, read_tiles_csv, write_tiles_csv
 
 __all__ = ["CameraGeometry", "PairSource", "RegistrationSummary", "SearchParams",
            "kept_region", "register_scan", "register_tiles", "search_params",
@@ -425,7 +425,7 @@ def register_scan(
     folder = Path(folder)
     all_records = read_tiles_csv(folder)
     ok = [r for r in all_records if r.status == "ok"]
-    tiles = open_tiles(folder)
+    tiles = ScanTiles(folder)
     centres, summary, pairs, classes = register_tiles(
         tiles, ok, camera, repeatability_um, max_shift_um=max_shift_um, min_ncc=min_ncc,
         progress=progress, precomputed=precomputed)
