@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt
 from scipy import ndimage as ndi
 
 #: quantiles recorded of the good-surface scores
@@ -36,6 +36,9 @@ DRIFT_FACTOR = 1.25
 IMAGE_FACTOR = 1.5
 #: the quantile of the windows' sharpness recorded
 SHARPNESS_QUANTILE = 0.9
+#: the structure (gradient energy over the noise's share of it, at that quantile) a
+#: reference scan must show for sharpness to be compared with it
+MIN_STRUCTURE = 20.0
 #: what :func:`image_quality` records
 IMAGE_KEYS = ("level", "noise", "sharpness")
 #: the verdict rests on the newest scans (a median over them: one odd scan is no drift)
@@ -72,6 +75,22 @@ class GoodScores(BaseModel):
     q99_9: FiniteFloat | None = Field(None, alias="q99.9")
 
 
+#: a positive finite number, not a bool or a string
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+
+
+class ImageQuality(BaseModel):
+    """The record :func:`image_quality` writes (``scan.json`` ``inspection.surface_image``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    n: Annotated[StrictInt, Field(ge=0)]
+    level: _Positive | None = None
+    noise: _Positive | None = None
+    sharpness: _Positive | None = None
+    structure: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] | None = None
+
+
 def image_quality(windows: Sequence[np.ndarray]) -> dict[str, Any]:
     """Brightness level, relative noise and sharpness of a surface, from windows of its image.
 
@@ -90,7 +109,9 @@ def image_quality(windows: Sequence[np.ndarray]) -> dict[str, Any]:
         deviation: robust to edges and texture), the medians over the windows, and
         ``sharpness`` (the mean squared gradient of the image smoothed by a 1 px Gaussian, less
         what the noise contributes to it, over the level squared), the
-        :data:`SHARPNESS_QUANTILE` quantile over the windows. ``{"n": 0}`` when no window
+        :data:`SHARPNESS_QUANTILE` quantile over the windows, and ``structure`` (at that
+        quantile, the gradient energy above the noise's share over that share: how much
+        the surface shows to measure sharpness on). ``{"n": 0}`` when no window
         shows the surface.
 
     Notes
@@ -116,17 +137,20 @@ def image_quality(windows: Sequence[np.ndarray]) -> dict[str, Any]:
         inner = (slice(_MARGIN, -_MARGIN),) * 2
         energy = float(np.mean(ndi.sobel(smooth, 0)[inner] ** 2
                                + ndi.sobel(smooth, 1)[inner] ** 2))
-        kept.append((level, sigma / level,
-                     max(energy - _gradient_noise_gain() * sigma ** 2, 0.0) / level ** 2))
+        noise_part = _gradient_noise_gain() * sigma ** 2
+        kept.append((level, sigma / level, max(energy - noise_part, 0.0) / level ** 2,
+                     max(energy - noise_part, 0.0) / max(noise_part, 1e-12)))
     if not kept:
         return {"n": 0}
     kept = np.asarray(kept)
     # sharpness where the surface shows structure: a plain window measures only its noise
     # (a 10 mm wafer of 2 mm dies at 10 um: median 0.0005, as good as zero, 90th percentile
     # 0.28, and 0.10 at 150 um out of focus)
+    sharpness = float(np.quantile(kept[:, 2], SHARPNESS_QUANTILE))
     return {"n": len(kept), "level": float(np.median(kept[:, 0])),
             "noise": float(np.median(kept[:, 1])),
-            "sharpness": float(np.quantile(kept[:, 2], SHARPNESS_QUANTILE))}
+            "sharpness": sharpness if sharpness > 0 else None,
+            "structure": float(np.quantile(kept[:, 3], SHARPNESS_QUANTILE))}
 
 
 @functools.cache
@@ -140,8 +164,16 @@ def _gradient_noise_gain() -> float:
 
 
 def image_ratios(reference: dict[str, Any], scan: dict[str, Any]) -> dict[str, float]:
-    """Each :data:`IMAGE_KEYS` quantity of a scan divided by the reference's."""
-    return {k: float(scan[k]) / float(reference[k]) for k in IMAGE_KEYS
+    """Each :data:`IMAGE_KEYS` quantity of a scan divided by the reference's.
+
+    Sharpness is compared only when the reference shows :data:`MIN_STRUCTURE`: a ratio to
+    the sharpness of a surface with little to measure it on flags any scan that shows a
+    defect or another grain (a textured coupon at 4 um: structure 4-6, sharpness 1-8 x
+    between good scans; die grids, PV cells and photographs: 1,000 and more, within 5 %).
+    """
+    keys = [k for k in IMAGE_KEYS if k != "sharpness"
+            or float(reference.get("structure") or 0.0) >= MIN_STRUCTURE]
+    return {k: float(scan[k]) / float(reference[k]) for k in keys
             if isinstance(scan.get(k), int | float) and isinstance(reference.get(k), int | float)
             and reference[k] > 0}
 
@@ -160,16 +192,27 @@ def drift_ratios(reference: dict[str, Any], scan: dict[str, Any]) -> dict[str, f
     return out
 
 
+def steady_median(values: Sequence[float]) -> float:
+    """The median of ratios; of an even count, the middle one nearer 1 (no change): when
+    half the scans moved and half did not, the process has not yet been seen to drift."""
+    v = sorted(float(x) for x in values)
+    if len(v) % 2:
+        return v[len(v) // 2]
+    a, b = v[len(v) // 2 - 1], v[len(v) // 2]
+    return a if abs(np.log(max(a, 1e-12))) <= abs(np.log(max(b, 1e-12))) else b
+
+
 def drift_verdict(reference: dict[str, Any], scans: Sequence[dict[str, Any]],
                   factor: float = DRIFT_FACTOR) -> tuple[bool, float]:
-    """Whether the scans' good-surface scores moved beyond the calibration's, and by what.
+    """Whether the scans' good-surface scores moved beyond the reference's, and by what.
 
-    The move is the median over scans of the median over quantiles of the ratio scan /
-    reference (1: no change); drift when it is above ``factor`` or below ``1 / factor``.
+    The move is the :func:`steady_median` over scans of the median over quantiles of the
+    ratio scan / reference (1: no change); drift when it is above ``factor`` or below
+    ``1 / factor``.
     """
     moves = [float(np.median(list(r.values()))) for r in
              (drift_ratios(reference, s) for s in scans) if r]
     if not moves:
         return False, float("nan")
-    move = float(np.median(moves))
+    move = steady_median(moves)
     return bool(move > factor or move < 1.0 / factor), move

@@ -286,8 +286,10 @@ def drift(
         Path | None, typer.Option("--out", help="Folder for drift.png (default: no plot).")
     ] = None,
 ) -> None:
-    """Whether recent scans' good-surface scores moved beyond the model's calibration, and
-    their image (level, noise, sharpness) from the oldest scan's."""
+    """Whether the newest scans' good-surface scores or image (level, noise, sharpness) moved
+    from the oldest scan's (one scan: its scores from the model's calibration)."""
+    import numpy as np
+
     from models.drift import image_drifted
     from scanner.inspection.drift import check_drift
     from scanner.inspection.inspect import load_inspection_model
@@ -301,7 +303,11 @@ def drift(
     for skipped in report.skipped:
         err.print(f"skipped {escape(skipped)}", highlight=False, soft_wrap=True)
     for row in report.scans:
-        ratios = ", ".join(f"{k} x{v:.2f}" for k, v in row["ratios"].items())
+        # the scores against the oldest scan (one scan: against the calibration)
+        since = row.get("since_oldest")
+        ratios = ", ".join(f"{k} x{v:.2f}" for k, v in (since or row["ratios"]).items())
+        if since is not None and row["ratios"]:
+            ratios += f" (x{float(np.median(list(row['ratios'].values()))):.2f} the calibration's)"
         image = row.get("image_ratios") or {}
         if image:  # against the oldest scan's image
             moved = image_drifted(image)

@@ -261,3 +261,86 @@ def test_drift_names_a_scan_with_less_light_or_out_of_focus(tmp_path: Path) -> N
         assert f"{moved} x" in next(line for line in res.output.splitlines()
                                    if line.strip().startswith(Path(drifted).name))
         assert (tmp_path / "d" / "drift.png").is_file()
+
+
+def _inspected(folder: Path, scores: dict, image: dict | None, started: str | None,
+               sha: str = "abc") -> Path:
+    folder.mkdir()
+    inspection = {"good_scores": scores, "model": {"weights_sha256": sha}}
+    if image is not None:
+        inspection["surface_image"] = image
+    record = {"inspection": inspection}
+    if started is not None:
+        record["started"] = started
+    (folder / "scan.json").write_text(json.dumps(record))
+    return folder
+
+
+GOOD_IMAGE = {"n": 200, "level": 1700.0, "noise": 0.014, "sharpness": 0.46,
+              "structure": 1200.0}
+
+
+def test_drift_follows_the_oldest_scan_not_a_calibration_on_another_scale(
+        tmp_path: Path) -> None:
+    """A model built from a good scan calibrates on held-out variants that score higher than
+    scans of the product do: its good scans read DRIFT x0.79. One dark scan after good ones
+    read DRIFT too (the median of two was their mean)."""
+    rng = np.random.default_rng(3)
+    calibration = score_summary(1.3 * rng.gamma(4.0, 0.2, 50_000))
+    good = [score_summary(rng.gamma(4.0, 0.2, 50_000)) for _ in range(3)]
+    dark = {**GOOD_IMAGE, "level": 110.0, "noise": 0.05}
+    g = [_inspected(tmp_path / f"g{i}", s, GOOD_IMAGE, f"2026-12-0{i + 1}T08:00:00+00:00")
+         for i, s in enumerate(good)]
+    d1 = _inspected(tmp_path / "d1", good[0], dark, "2026-12-05T08:00:00+00:00")
+    d2 = _inspected(tmp_path / "d2", good[1], dark, "2026-12-06T08:00:00+00:00")
+    report = check_drift(g, _Model(calibration))
+    assert not report.drifted and report.move == pytest.approx(1.0, abs=0.03)
+    assert report.calibration_move == pytest.approx(1 / 1.3, rel=0.05)
+    assert "x0.77 the calibration's" in report.verdict()
+    # one scan alone is judged against the calibration, and says so
+    alone = check_drift(g[:1], _Model(calibration))
+    assert alone.drifted and "give earlier scans" in alone.verdict()
+    # one scan of three moved: not yet drift; most of them: drift, and the folder given twice
+    # counts once
+    assert not check_drift([g[0], g[1], d1, d1], _Model(calibration)).drifted
+    report = check_drift([d2, g[0], d1], _Model(calibration))  # by start time, not as given
+    assert report.drifted and report.image_moved == ["level", "noise"]
+    assert report.image["noise"] == pytest.approx(0.05 / 0.014)
+
+
+def test_drift_says_what_it_could_not_compare(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    calibration = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    scores = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    plain = {**GOOD_IMAGE, "sharpness": 0.001, "structure": 5.0}  # a plain coupon
+    textured = {**GOOD_IMAGE, "sharpness": 0.05, "structure": 120.0}  # rough, or a defect
+    a = _inspected(tmp_path / "a", scores, plain, "2026-12-01T08:00:00+00:00")
+    b = _inspected(tmp_path / "b", scores, textured, "2026-12-02T08:00:00+00:00")
+    report = check_drift([a, b], _Model(calibration))
+    assert not report.drifted and "sharpness" not in report.image
+    assert "sharpness not compared" in report.verdict()
+    old = _inspected(tmp_path / "old", scores, None, None)  # before images were recorded
+    verdict = check_drift([old, b], _Model(calibration)).verdict()
+    assert "image not compared" in verdict and "order given: old records no start" in verdict
+
+
+@pytest.mark.parametrize("field, value", [
+    ("level", -1735.0), ("level", 0), ("noise", float("nan")), ("sharpness", float("inf")),
+    ("sharpness", True), ("level", "abc"), ("n", "many"), ("n", -5)])
+def test_a_damaged_surface_image_record_is_refused_naming_it(tmp_path: Path, field: str,
+                                                           value: object) -> None:
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    default = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
+    sha = json.loads(default.with_suffix(".json").read_text())["weights_sha256"]
+    scores = score_summary(np.random.default_rng(5).gamma(4.0, 0.2, 10_000))
+    a = _inspected(tmp_path / "a", scores, GOOD_IMAGE, "2026-12-01T08:00:00+00:00", sha)
+    b = _inspected(tmp_path / "b", scores, {**GOOD_IMAGE, field: value},
+                   "2026-12-02T08:00:00+00:00", sha)
+    where = f"{b / 'scan.json'} inspection.surface_image"
+    res = CliRunner().invoke(app, ["drift", str(a), str(b), "--model", str(default)])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and where in lines[0], res.output
+    assert f"{field}" in lines[0].split(where)[1]

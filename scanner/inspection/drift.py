@@ -20,19 +20,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from models.drift import (
     DRIFT_FACTOR,
     IMAGE_FACTOR,
+    IMAGE_KEYS,
     RECENT,
     GoodScores,
+    ImageQuality,
     drift_ratios,
     drift_verdict,
     image_drifted,
     image_quality,
     image_ratios,
     score_summary,
+    steady_median,
 )
 from scanner.errors import UserError
 from scanner.recipe import format_validation_error
@@ -97,135 +100,197 @@ def _window_spans(n: int) -> list[tuple[int, int]]:
 
 @dataclass
 class DriftReport:
-    """The verdict of :func:`check_drift` and what it rests on."""
+    """The verdict of :func:`check_drift` and what it rests on.
+
+    With two scans or more, the newest :data:`models.drift.RECENT` scans (the oldest left
+    out) are compared with the oldest scan, their good-surface scores as their image: a
+    card's calibration is measured on held-out variants of its good images, which score
+    higher than scans of the product do (a model built from a good wafer scan: its good
+    scans at x0.72-0.87 of the card's scores), so it cannot tell a move from where a product
+    starts. One scan alone is compared with the calibration.
+    """
 
     drifted: bool
+    #: the median score ratio of the scans judged (to the oldest scan, or the calibration)
     move: float
     scans: list[dict[str, Any]]
     skipped: list[str]
     plot: Path | None
-    #: the newest scans' image against the oldest scan's (:func:`models.drift.image_ratios`,
-    #: median over the newest scans), and which of it moved too far
+    #: the judged scans' image against the oldest scan's (median ratio per quantity), and
+    #: which of it moved too far
     image: dict[str, float] = field(default_factory=dict)
     image_moved: list[str] = field(default_factory=list)
-    image_reference: str | None = None
+    #: the scan the others are compared with (None: the calibration, one scan)
+    reference: str | None = None
+    #: how many scans the verdict rests on
+    judged: int = 0
+    #: what the verdict could not use, said with it
+    notes: list[str] = field(default_factory=list)
+    #: the judged scans' scores against the calibration (median ratio)
+    calibration_move: float = float("nan")
 
     def verdict(self) -> str:
         """One line for the terminal."""
-        n = len(self.scans)
-        if not n:
+        if not self.scans:
             return "drift: no scan inspected with this model records good-surface scores"
         word = "DRIFT" if self.drifted else "no drift"
-        recent = min(n, RECENT)
-        line = (f"{word}: good-surface scores of the newest {recent} of {n} scan(s) are "
-                f"x{self.move:.2f} the calibration's (limits x{1 / DRIFT_FACTOR:.2f}-"
-                f"x{DRIFT_FACTOR:.2f})")
+        limits = f"limits x{1 / DRIFT_FACTOR:.2f}-x{DRIFT_FACTOR:.2f}"
+        if self.reference is None:
+            line = (f"{word}: good-surface scores of the one scan are x{self.move:.2f} the "
+                    f"calibration's ({limits}; give earlier scans of the product to follow "
+                    "it)")
+        else:
+            line = (f"{word}: the newest {self.judged} of {len(self.scans)} scans against the "
+                    f"oldest ({Path(self.reference).name}): good-surface scores x"
+                    f"{self.move:.2f} ({limits}; x{self.calibration_move:.2f} the "
+                    "calibration's)")
         if self.image:
-            line += ("; their image against the oldest scan's "
-                     f"({Path(self.image_reference or '').name}): "
-                     + ", ".join(f"{k} x{v:.2f}" + (" (moved)" if k in self.image_moved else "")
-                                 for k, v in self.image.items())
-                     + f" (limits x{1 / IMAGE_FACTOR:.2f}-x{IMAGE_FACTOR:.2f})")
-        return line
+            line += ("; image " + ", ".join(
+                f"{k} x{v:.2f}" + (" (moved)" if k in self.image_moved else "")
+                for k, v in self.image.items())
+                + f" (limits x{1 / IMAGE_FACTOR:.2f}-x{IMAGE_FACTOR:.2f})")
+        return line + "".join(f"; {note}" for note in self.notes)
 
 
 def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None,
                 factor: float = DRIFT_FACTOR) -> DriftReport:
-    """Compare scans' good-surface scores with a model's calibration; plot into ``out_dir``.
+    """Whether the newest scans' good-surface scores or image moved from the oldest scan's
+    (one scan: its scores from the model's calibration); plot into ``out_dir``.
 
-    Scans inspected with another model (another weights hash) are skipped and named.
+    Scans inspected with another model (another weights hash) are skipped and named; a
+    folder given twice is taken once. The scans are taken in the order they were started.
 
     Raises
     ------
     UserError
-        A folder that is not a scan, or a model card without good-surface scores.
+        A folder that is not a scan, a damaged record, or a model card without good-surface
+        scores.
     """
     reference = _checked((getattr(model, "card", {}) or {}).get("good_scores"),
-                         "--model: its card's good_scores")
+                         "--model: its card's good_scores", GoodScores)
     if not reference or not reference.get("n"):
         raise UserError("--model: its card records no good-surface scores (build it with "
                         "waferscope train)")
     sha = model.card.get("weights_sha256")
-    rows, skipped = [], []
+    rows, skipped, seen = [], [], set()
     for folder in scans:
-        scan = read_scan_json(Path(folder))
-        inspection = scan.get("inspection") or {}
-        where = f"{Path(folder) / SCAN_JSON} inspection.good_scores"
-        if not isinstance(inspection, dict):
-            raise UserError(f"{Path(folder) / SCAN_JSON} inspection: not a mapping")
-        scores = _checked(inspection.get("good_scores"), where)
-        used = (inspection.get("model") or {}).get("weights_sha256")
-        if not scores or not scores.get("n"):
-            skipped.append(f"{folder} (not inspected, or before good scores were recorded)")
+        if Path(folder).resolve() in seen:
             continue
-        if sha and used and used != sha:
-            skipped.append(f"{folder} (inspected with another model)")
-            continue
-        image = inspection.get("surface_image")
-        rows.append({"scan": str(folder), "started": scan.get("started"),
-                     "ratios": drift_ratios(reference, scores), "scores": scores,
-                     "image": image if isinstance(image, dict) and image.get("n") else None})
-    rows = _oldest_first(rows)
-    recent = rows[-RECENT:]
-    drifted, move = drift_verdict(reference, [r["scores"] for r in recent], factor)
-    image, moved, oldest = _image_drift(rows, recent)
-    plot = _plot(rows, reference, out_dir, factor) if out_dir is not None and rows else None
-    return DriftReport(drifted or bool(moved), move, rows, skipped, plot, image, moved, oldest)
+        seen.add(Path(folder).resolve())
+        row = _row(Path(folder), sha, reference)
+        if isinstance(row, str):
+            skipped.append(row)
+        else:
+            rows.append(row)
+    rows, notes = _oldest_first(rows)
+    if len(rows) >= 2:
+        oldest, judged = rows[0], rows[1:][-RECENT:]
+        for r in rows:
+            r["since_oldest"] = drift_ratios(oldest["scores"], r["scores"])
+        drifted, move = drift_verdict(oldest["scores"], [r["scores"] for r in judged], factor)
+    else:
+        oldest, judged = None, rows
+        drifted, move = drift_verdict(reference, [r["scores"] for r in judged], factor)
+    image, moved = _image_drift(rows, oldest, judged, notes)
+    plot = _plot(rows, out_dir, factor) if out_dir is not None and rows else None
+    return DriftReport(
+        drifted or bool(moved), move, rows, skipped, plot, image, moved,
+        None if oldest is None else oldest["scan"], len(judged), notes,
+        drift_verdict(reference, [r["scores"] for r in judged], factor)[1])
 
 
-def _oldest_first(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _row(folder: Path, sha: str | None, reference: dict[str, Any]) -> dict[str, Any] | str:
+    """What drift reads of one scan folder, or why it is skipped."""
+    scan = read_scan_json(folder)
+    inspection = scan.get("inspection") or {}
+    if not isinstance(inspection, dict):
+        raise UserError(f"{folder / SCAN_JSON} inspection: not a mapping")
+    where = f"{folder / SCAN_JSON} inspection"
+    scores = _checked(inspection.get("good_scores"), f"{where}.good_scores", GoodScores)
+    used = (inspection.get("model") or {}).get("weights_sha256")
+    if not scores or not scores.get("n"):
+        return f"{folder} (not inspected, or before good scores were recorded)"
+    if sha and used and used != sha:
+        return f"{folder} (inspected with another model)"
+    image = _checked(inspection.get("surface_image"), f"{where}.surface_image", ImageQuality)
+    return {"scan": str(folder), "started": scan.get("started"),
+            "ratios": drift_ratios(reference, scores), "scores": scores,
+            "image": image if image and image.get("n") else None}
+
+
+def _oldest_first(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """The scans in the order they were started (``scan.json`` ``started``), or as given when
-    one of them does not say."""
+    one of them does not say (then said in the notes)."""
     try:
         started = [_dt.datetime.fromisoformat(r["started"]) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: started[i])
-    except (TypeError, ValueError):  # not recorded, not a time, or with and without offsets
-        return rows
-    return [rows[i] for i in order]
+    except (TypeError, ValueError) as exc:  # not recorded, not a time, or mixed offsets
+        odd = next((r for r in rows if not _is_time(r["started"])), None)
+        why = (f"{Path(odd['scan']).name} records no start time" if odd is not None
+               else f"their start times cannot be compared ({exc})")
+        return rows, [f"scans taken in the order given: {why}"] if len(rows) > 1 else []
+    return [rows[i] for i in order], []
 
 
-def _image_drift(rows: list[dict[str, Any]], recent: list[dict[str, Any]]
-                 ) -> tuple[dict[str, float], list[str], str | None]:
-    """The newest scans' image against the oldest scan's that records one: the median ratio
-    of each quantity, those beyond :data:`models.drift.IMAGE_FACTOR`, and the oldest scan."""
-    with_image = [r for r in rows if r["image"]]
-    if len(with_image) < 2:
-        return {}, [], None
-    oldest = with_image[0]
-    for r in with_image:
-        r["image_ratios"] = image_ratios(oldest["image"], r["image"])
-    newest = [r["image_ratios"] for r in recent if r["image"] and r is not oldest]
-    if not newest:
-        return {}, [], None
-    keys = [k for k in newest[0] if all(k in n for n in newest)]
-    image = {k: float(np.median([n[k] for n in newest])) for k in keys}
-    return image, image_drifted(image), oldest["scan"]
+def _is_time(value: Any) -> bool:
+    try:
+        _dt.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
-def _checked(scores: Any, where: str) -> dict[str, Any] | None:
-    """``scores`` (a recorded :func:`models.drift.score_summary`, or None) once it fits
-    :class:`models.drift.GoodScores`.
+def _image_drift(rows: list[dict[str, Any]], oldest: dict[str, Any] | None,
+                 judged: list[dict[str, Any]], notes: list[str]
+                 ) -> tuple[dict[str, float], list[str]]:
+    """The judged scans' image against the oldest scan's: the steady median ratio of each
+    quantity (:func:`models.drift.steady_median`) and those beyond
+    :data:`models.drift.IMAGE_FACTOR`; why not, in ``notes``, when it cannot be compared."""
+    if oldest is None:
+        return {}, []
+    if not oldest["image"]:
+        notes.append(f"image not compared: {Path(oldest['scan']).name} records none (inspected "
+                     "before images were recorded)")
+        return {}, []
+    for r in rows:
+        if r["image"]:
+            r["image_ratios"] = image_ratios(oldest["image"], r["image"])
+    ratios = [r["image_ratios"] for r in judged if r["image"]]
+    if len(ratios) < len(judged):
+        notes.append(f"image of {len(judged) - len(ratios)} scan(s) not recorded")
+    if not ratios:
+        return {}, []
+    keys = [k for k in ratios[0] if all(k in n for n in ratios)]
+    unmeasured = [k for k in IMAGE_KEYS if k not in keys]
+    if unmeasured:
+        notes.append(f"{', '.join(unmeasured)} not compared (no structure to measure it on)")
+    image = {k: steady_median([n[k] for n in ratios]) for k in keys}
+    return image, image_drifted(image)
+
+
+def _checked(record: Any, where: str, schema: type[BaseModel]) -> dict[str, Any] | None:
+    """``record`` (a recorded :func:`models.drift.score_summary` or
+    :func:`models.drift.image_quality`, or None) once it fits ``schema``.
 
     Raises
     ------
     UserError
         Naming ``where`` and the field that does not fit.
     """
-    if scores is None:
+    if record is None:
         return None
-    if not isinstance(scores, dict):
-        raise UserError(f"{where}: a mapping of score quantiles is expected, got "
-                        f"{str(scores)[:40]!r}")
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a mapping is expected, got {str(record)[:40]!r}")
     try:
-        GoodScores.model_validate(scores)
+        schema.model_validate(record)
     except ValidationError as exc:
         raise UserError(f"{where}: {format_validation_error(exc)}") from None
-    return scores
+    return record
 
 
-def _plot(rows: list[dict[str, Any]], reference: dict[str, Any], out_dir: Path,
-          factor: float) -> Path:
-    """Each scan's quantile ratios against the calibration, in scan order."""
+def _plot(rows: list[dict[str, Any]], out_dir: Path, factor: float) -> Path:
+    """Each scan's score quantiles and image against the oldest scan's (one scan: its scores
+    against the calibration), in scan order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,20 +298,21 @@ def _plot(rows: list[dict[str, Any]], reference: dict[str, Any], out_dir: Path,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in reference if k.startswith("q")]
+    against = "since_oldest" if len(rows) >= 2 else "ratios"
+    keys = list(rows[0][against])
     fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(rows) + 3), 3.5), dpi=120)
     x = np.arange(len(rows))
     for key in keys:
-        ax.plot(x, [r["ratios"].get(key, math.nan) for r in rows], "o-", label=key)
-    for key in ("noise", "sharpness", "level"):
+        ax.plot(x, [r[against].get(key, math.nan) for r in rows], "o-", label=f"score {key}")
+    for key in IMAGE_KEYS:
         values = [(r.get("image_ratios") or {}).get(key, math.nan) for r in rows]
         if not all(math.isnan(v) for v in values):
             ax.plot(x, values, "s--", label=f"image {key}")
-    ax.axhspan(1 / factor, factor, color="0.9", zorder=0, label="no drift")
+    ax.axhspan(1 / factor, factor, color="0.9", zorder=0, label="no drift (scores)")
     ax.axhline(1.0, color="0.5", lw=0.8)
     ax.set_xticks(x, [Path(r["scan"]).name for r in rows], rotation=45, ha="right",
                   fontsize=7)
-    ax.set_ylabel("score / calibration; image / oldest")
+    ax.set_ylabel("/ oldest scan" if against == "since_oldest" else "/ calibration")
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     path = out_dir / "drift.png"
