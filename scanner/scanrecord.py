@@ -12,9 +12,9 @@ are mappings whose content that stage documents; keys added by newer versions ar
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
 from scanner.errors import UserError, is_finite_number
 from scanner.recipe import format_validation_error
@@ -25,6 +25,32 @@ Section = dict[str, Any]
 RUNNING = ("aligning", "acquiring", "stitching", "inspecting", "reporting")
 #: how every scan ends
 FINAL = ("complete", "incomplete", "interrupted", "failed")
+
+
+#: a positive finite number (not a bool or a string: a hand-edited record)
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+_PositiveInt = Annotated[StrictInt, Field(gt=0)]
+
+
+class MicroscopeRecord(BaseModel):
+    """``scan.json`` ``microscope``: the numbers the stages compute with."""
+
+    model_config = ConfigDict(extra="allow")
+
+    pixel_size_um: _Positive | None = None
+    camera_shape: tuple[_PositiveInt, _PositiveInt] | None = None
+    depth_of_field_um: _Positive | None = None
+
+
+class PlanRecord(BaseModel):
+    """``scan.json`` ``plan`` (``n_tiles`` is checked by
+    :func:`scanner.integrity.planned_tiles`, which says the folder is no scan without it)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    fov_um: tuple[_Positive, _Positive] | None = None
+    n_rows: _PositiveInt | None = None
+    n_cols: _PositiveInt | None = None
 
 
 class ScanRecord(BaseModel):
@@ -45,8 +71,8 @@ class ScanRecord(BaseModel):
     recipe: Section | None = Field(None, description="the recipe as validated, paths resolved")
     options: Section | None = None
     versions: dict[str, str] | None = None
-    microscope: Section | None = None
-    plan: Section | None = Field(None, description="tiles, travel and time estimate")
+    microscope: MicroscopeRecord | None = None
+    plan: PlanRecord | None = Field(None, description="tiles, travel and time estimate")
     acquired_tiles: int | None = Field(None, ge=0)
     lost_tiles: dict[str, Any] | None = Field(None, description="tiles that could not be "
                                               "acquired, by index, and why")
@@ -84,7 +110,7 @@ class ScanRecord(BaseModel):
 
     @model_validator(mode="after")
     def _no_more_tiles_than_planned(self) -> ScanRecord:
-        planned = (self.plan or {}).get("n_tiles")
+        planned = getattr(self.plan, "n_tiles", None)
         if (self.acquired_tiles is not None and isinstance(planned, int)
                 and not isinstance(planned, bool) and self.acquired_tiles > planned):
             raise ValueError(f"acquired_tiles: {self.acquired_tiles} acquired of {planned} "

@@ -66,6 +66,13 @@ def test_a_damaged_image_among_good_ones_is_refused_before_any_is_inspected(
     ({"status": "bogus"}, "status"),
     # more tiles than the plan has: a record changed by hand, or another scan's
     ({"status": "complete", "plan": {"n_tiles": 4}, "acquired_tiles": 9}, "acquired_tiles"),
+    # numbers the stages compute with, edited by hand: `batch` and `stitch` exited 1
+    ({"status": "complete", "microscope": {"pixel_size_um": "abc"}}, "microscope.pixel_size_um"),
+    ({"status": "complete", "microscope": {"pixel_size_um": 0}}, "microscope.pixel_size_um"),
+    ({"status": "complete", "microscope": {"camera_shape": [512, True]}},
+     "microscope.camera_shape"),
+    ({"status": "complete", "plan": {"n_tiles": 4, "fov_um": [1.0, float("inf")]}},
+     "plan.fov_um"),
 ])
 def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
         tmp_path: Path, record: object, field: str) -> None:
