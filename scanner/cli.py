@@ -8,9 +8,11 @@ The commands are in :mod:`scanner.cli_scan` (a scan's stages) and :mod:`scanner.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import signal
 import sys
+import threading
 from typing import Any
 
 # importing the command modules registers their commands on the app, in this order (the
@@ -24,9 +26,28 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _redeliver_interrupt(unraisable: Any) -> None:
+    """``sys.unraisablehook``: a Ctrl-C or SIGTERM whose KeyboardInterrupt was raised while
+    Python ran a callback it cannot raise from (a weak reference's, a ``__del__``) is
+    delivered again, to the code the callback interrupted; it was printed as "Exception
+    ignored" and lost, and the scan ran on to its end (1 SIGTERM in about 12)."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        # from another thread, a moment later: raised now, it would land in this hook (and be
+        # ignored again); SIGTERM's handler, as SIGINT may be ignored (a background job)
+        threading.Timer(0.05, _thread.interrupt_main, args=(signal.SIGTERM,)).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM stops a command as Ctrl-C does, and neither is lost in a callback."""
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = _redeliver_interrupt
+
+
 def main() -> None:
     """Entry point for ``python -m scanner``."""
-    signal.signal(signal.SIGTERM, _terminate)
+    install_signal_handlers()
     # a log file that cannot be written (a full disk) must not bury the one line that says so
     logging.raiseExceptions = False
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

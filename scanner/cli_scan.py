@@ -270,6 +270,7 @@ def inspect(
     from scanner.scanfolder import SCAN_JSON
 
     check_output(out_dir, "--out", folder=True)
+    target = _scan_for_store(target, out_dir)
     for path in target:
         if (path / SCAN_JSON).is_file():
             require_ready(path, "inspect", allow_incomplete=allow_incomplete)
@@ -314,6 +315,23 @@ def inspect(
     out.print("  inspect time: " + ", ".join(
         f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
         for k, v in result.timings.items()))
+
+
+def _scan_for_store(target: list[Path], out_dir: Path | None) -> list[Path]:
+    """The scan folder for a store inside one whose outputs would go into it: its mosaic is
+    inspected as the scan is (held, its reports made again), not written over it bare."""
+    from scanner.scanfolder import MOSAIC, SCAN_JSON
+
+    if len(target) != 1 or not target[0].name.endswith(".zarr"):
+        return target
+    folder = target[0].parent
+    if not (folder / SCAN_JSON).is_file() or (
+            out_dir is not None and out_dir.resolve() != folder.resolve()):
+        return target
+    if target[0].resolve() != (folder / MOSAIC).resolve():
+        raise UserError(f"{target[0]}: not the mosaic of the scan {folder}, whose outputs "
+                        f"would be written over; give --out DIR")
+    return [folder]
 
 
 @app.command()

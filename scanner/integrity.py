@@ -52,7 +52,9 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
     refuse it; when the command ends, the status it had comes back, or, once the command
     wrote the scan's last outputs (the reports; the mosaic of a scan run without
     inspection), the status a run ends with: a stopped scan finished this way is
-    ``complete`` (or ``incomplete``), not ``interrupted`` for ever.
+    ``complete`` (or ``incomplete``), not ``interrupted`` for ever. An ``inspect``,
+    ``report`` or ``batch`` stopped (Ctrl-C, SIGTERM) leaves it ``interrupted``: its outputs
+    are replaced one by one, and some may be new, some old.
 
     Yields
     ------
@@ -79,8 +81,12 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
         working(_WORKING[command])
         try:
             yield working
-        except BaseException:
-            _update(folder, status=before)  # outputs are replaced whole or not at all
+        except BaseException as exc:
+            stopped = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            # a mosaic is replaced whole or not at all; the maps, the defect list and the
+            # reports one by one: stopped among them, the scan is left to finish again
+            # (`resume`, or the command); refused (damaged data) before any was written
+            _update(folder, status="interrupted" if stopped and command != "stitch" else before)
             raise
         if before not in _ENDED and _ends_scan(command, scan):
             _update(folder, status="complete" if n_ok == n_planned else "incomplete",

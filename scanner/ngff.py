@@ -284,8 +284,18 @@ def create_multiscale(
     tmp = _tmp_path(out_path)
     _remove(tmp)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return tmp, _create_levels(tmp, shapes, chunk, dtype, fill_value)
+    except BaseException:  # stopped (or refused) while creating: nothing half-made is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _create_levels(tmp: Path, shapes: list[tuple[int, int]], chunk: int, dtype: Any,
+                   fill_value: Any) -> list[zarr.Array]:
+    """The empty level arrays of :func:`create_multiscale` in the group ``tmp``."""
     root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    arrays = [
+    return [
         root.create_array(
             str(k),
             shape=s,
@@ -301,7 +311,6 @@ def create_multiscale(
         )
         for k, s in enumerate(shapes)
     ]
-    return tmp, arrays
 
 
 def check_complete(array: zarr.Array, what: str) -> None:

@@ -134,11 +134,15 @@ def run_scan(
     events = events or StageEvents()
     # the hardware is released however the scan ends (see MicroscopeHandle.close)
     with build_microscope(recipe) as handle:
-        plan = make_plan(recipe, handle)
-        for warning in plan_warnings(recipe, handle):
-            log.warning("%s", warning)
-        folder, aside = prepare_folder(out, recipe.output.root,
-                                       recipe.output.name or recipe.name, overwrite)
+        try:
+            plan = make_plan(recipe, handle)
+            for warning in plan_warnings(recipe, handle):
+                log.warning("%s", warning)
+            folder, aside = prepare_folder(out, recipe.output.root,
+                                           recipe.output.name or recipe.name, overwrite)
+        except KeyboardInterrupt:  # no scan to resume
+            raise KeyboardInterrupt("stopped before the scan began; nothing was written") \
+                from None
         with hold(folder):
             try:
                 scan, plan = _start_scan(folder, recipe, handle, plan, events, inspect, model)

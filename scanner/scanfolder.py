@@ -151,12 +151,19 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
             out = Path(root) / f"{name}-{stamp}-{suffix}"
             suffix += 1
     out = Path(out)
+    if out.is_symlink():  # the folder it points to holds the scan; the link stays a link
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     above = file_in_the_way(out)
     if above is not None:
         raise UserError(f"--out {out}: {above} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if (not out.exists() or out.is_dir() and not _holds_anything(out)) \
+            and set_aside_path(out).is_dir():
+        # a replacing run stopped before it wrote its record (nothing but its lock there):
+        # the scan it set aside comes back
+        put_back(out, set_aside_path(out))
+    if out.is_dir() and _holds_anything(out):
         if not overwrite:
             raise UserError(
                 f"--out {out}: folder is not empty; choose another folder or pass --overwrite"
@@ -178,6 +185,12 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
         return out, aside
     out.mkdir(parents=True, exist_ok=True)
     return out, None
+
+
+def _holds_anything(folder: Path) -> bool:
+    """Whether a folder holds more than a lock file (a run stopped right after it took the
+    folder leaves only that)."""
+    return any(entry.name != LOCK for entry in folder.iterdir())
 
 
 def set_aside_path(folder: Path) -> Path:

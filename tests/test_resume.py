@@ -690,3 +690,152 @@ def test_inspect_of_a_scan_remakes_its_reports(reference: Path, tmp_path: Path) 
     assert res.exit_code == 0, res.output
     assert (folder / "defects.klarf").read_bytes() == klarf
     assert len(_defects(folder)) == n_before
+
+
+def test_a_sigterm_that_lands_in_a_callback_is_not_lost() -> None:
+    """SIGTERM during inspection was printed as "Exception ignored in: WeakKeyDictionary" and
+    the scan ran on to its end: the KeyboardInterrupt was raised inside a weak reference's
+    callback, where Python discards exceptions."""
+    import weakref
+
+    from scanner.cli import install_signal_handlers
+
+    before = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    install_signal_handlers()
+    try:
+        class Thing:
+            pass
+
+        def callback(_ref) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(200_000):  # the handler runs here, inside the callback
+                pass
+
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        with pytest.raises(KeyboardInterrupt):
+            del thing
+            for _ in range(2000):
+                time.sleep(0.001)
+        assert ref() is None
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        sys.unraisablehook = before[1]
+
+
+def test_the_mosaic_of_a_scan_is_inspected_as_the_scan(reference: Path, tmp_path: Path
+                                                       ) -> None:
+    """`inspect S/mosaic.ome.zarr` wrote into S with no lock and no status (two at once: 5
+    defects of 7, a .tmp store left) and replaced its located defect list with a bare one."""
+    from scanner.scanfolder import hold
+
+    folder = tmp_path / "scan"
+    shutil.copytree(reference, folder)
+    header = json.loads((folder / "defects.json").read_text())["header"]
+    with hold(folder):
+        res = runner.invoke(app, ["inspect", str(folder / "mosaic.ome.zarr")])
+        assert res.exit_code == 2 and "another waferscope process" in res.output
+    res = runner.invoke(app, ["inspect", str(folder / "mosaic.ome.zarr")])
+    assert res.exit_code == 0 and "defects.klarf" in res.output, res.output
+    after = json.loads((folder / "defects.json").read_text())["header"]
+    assert set(header) <= set(after)  # located as before: dies, sample, coordinates
+    assert _defects(folder) == _defects(reference)
+    # another store of the scan is not written over as a mosaic
+    res = runner.invoke(app, ["inspect", str(folder / "anomaly.ome.zarr")])
+    assert res.exit_code == 2 and "--out" in res.output
+
+
+def test_a_run_stopped_right_after_taking_its_folder_leaves_no_dead_end(
+        plain_scan: Path, tmp_path: Path) -> None:
+    """A run stopped between locking its new folder and writing scan.json left a folder
+    holding only the lock, which run, run --overwrite and resume all refused, and a replaced
+    scan set aside for good."""
+    from scanner.scanfolder import LOCK
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    recipe = parse_recipe(data, tmp_path, "small")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / LOCK).write_text("")
+    assert run_scan(recipe, bare).status == "complete"
+    # the same with an earlier scan set aside: it comes back, and is replaced only on request
+    shutil.copytree(plain_scan, tmp_path / ".old.replaced")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / LOCK).write_text("")
+    with pytest.raises(Exception, match="not empty"):
+        run_scan(recipe, tmp_path / "old")
+    assert _scan(tmp_path / "old") == _scan(plain_scan)
+    assert not (tmp_path / ".old.replaced").exists()
+
+
+def test_an_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(
+        plain_scan: Path, tmp_path: Path) -> None:
+    """The link was replaced by a folder, a `.link.replaced` link left, and the next
+    overwrite failed (exit 1, NotADirectoryError)."""
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    real = tmp_path / "real"
+    shutil.copytree(plain_scan, real)
+    (tmp_path / "link").symlink_to(real)
+    for _ in range(2):
+        result = run_scan(parse_recipe(data, tmp_path, "again"), tmp_path / "link",
+                          overwrite=True)
+        assert result.status == "complete"
+        assert (tmp_path / "link").is_symlink() and (real / "scan.json").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_stopped_while_its_stores_are_created_nothing_is_left(plain_scan: Path,
+                                                              tmp_path: Path,
+                                                              monkeypatch) -> None:
+    import scanner.ngff
+    from scanner.pipeline import restitch
+
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    real = scanner.ngff._create_levels
+
+    def stopped(tmp, *args):
+        real(tmp, *args)  # the store is there, empty
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scanner.ngff, "_create_levels", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        restitch(folder)
+    assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
+
+
+def test_an_inspection_stopped_leaves_the_scan_to_finish_again(reference: Path,
+                                                               tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Stopped while writing its reports, `inspect` put the status back to complete over a
+    new defect list and the old wafer map."""
+    import scanner.reports
+
+    folder = tmp_path / "scan"
+    shutil.copytree(reference, folder)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scanner.reports, "report", stopped)
+    res = runner.invoke(app, ["inspect", str(folder)])
+    assert res.exit_code == 130
+    assert _scan(folder)["status"] == "interrupted"
+    monkeypatch.undo()
+    assert runner.invoke(app, ["inspect", str(folder)]).exit_code == 0
+    assert _scan(folder)["status"] == "complete"
+
+
+def test_a_run_stopped_before_its_folder_says_nothing_was_written(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    import scanner.pipeline
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scanner.pipeline, "make_plan", stopped)
+    res = runner.invoke(app, ["run", str(_recipe(tmp_path)), "--out", str(tmp_path / "s")])
+    assert res.exit_code == 130 and "nothing was written" in res.output
+    assert "resume" not in res.output and not (tmp_path / "s").exists()

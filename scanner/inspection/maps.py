@@ -349,9 +349,15 @@ def infer_mosaic(
 def _create_maps(out_dir: Path, tiling: Tiling) -> tuple[dict[str, Path], dict[str, Any]]:
     """Empty multiscale maps, in temporary stores beside their final places."""
     tmps, arrays = {}, {}
-    for name in MAPS:
-        tmps[name], arrays[name] = create_multiscale(
-            out_dir / MAP_NAMES[name], tiling.map_shape, chunk=tiling.step, dtype=np.float32)
+    try:
+        for name in MAPS:
+            tmps[name], arrays[name] = create_multiscale(
+                out_dir / MAP_NAMES[name], tiling.map_shape, chunk=tiling.step,
+                dtype=np.float32)
+    except BaseException:  # stopped between two maps: the ones made go too
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return tmps, arrays
 
 
