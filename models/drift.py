@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from scipy import ndimage as ndi
 
 #: quantiles recorded of the good-surface scores
@@ -37,8 +37,10 @@ IMAGE_FACTOR = 1.5
 #: the quantile of the windows' sharpness recorded
 SHARPNESS_QUANTILE = 0.9
 #: the structure (gradient energy over the noise's share of it, at that quantile) a
-#: reference scan must show for sharpness to be compared with it
-MIN_STRUCTURE = 20.0
+#: reference scan must show for sharpness to be compared with it: a textured coupon at 4 um
+#: shows 4-6 (21 with a few defects), a photograph under 1.8 % camera noise 62, a rough
+#: coupon 120, die grids, PV cells and photographed products at 1-2 um 1,000 and more
+MIN_STRUCTURE = 50.0
 #: what :func:`image_quality` records
 IMAGE_KEYS = ("level", "noise", "sharpness")
 #: the verdict rests on the newest scans (a median over them: one odd scan is no drift)
@@ -61,22 +63,27 @@ def score_summary(values: np.ndarray) -> dict[str, Any]:
             **{f"q{100 * k:g}": float(x) for k, x in zip(QUANTILES, q, strict=True)}}
 
 
+#: a finite number, not a bool or a string (a hand-edited record)
+_Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+
+
 class GoodScores(BaseModel):
     """The record :func:`score_summary` writes (in a card and in ``scan.json``): what is read
     back is checked against it, so a damaged record is refused, never compared."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    n: int = Field(ge=0)
-    mean: FiniteFloat | None = None
-    q50: FiniteFloat | None = None
-    q90: FiniteFloat | None = None
-    q99: FiniteFloat | None = None
-    q99_9: FiniteFloat | None = Field(None, alias="q99.9")
+    n: Annotated[StrictInt, Field(ge=0)]
+    mean: _Finite | None = None
+    q50: _Finite | None = None
+    q90: _Finite | None = None
+    q99: _Finite | None = None
+    q99_9: _Finite | None = Field(None, alias="q99.9")
 
 
-#: a positive finite number, not a bool or a string
-_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+#: a positive finite number, not a bool or a string, in a range no image reaches the ends of
+#: (a level of 1e-320 made every ratio infinite)
+_Positive = Annotated[float, Field(ge=1e-12, le=1e12, allow_inf_nan=False, strict=True)]
 
 
 class ImageQuality(BaseModel):
@@ -168,14 +175,24 @@ def image_ratios(reference: dict[str, Any], scan: dict[str, Any]) -> dict[str, f
 
     Sharpness is compared only when the reference shows :data:`MIN_STRUCTURE`: a ratio to
     the sharpness of a surface with little to measure it on flags any scan that shows a
-    defect or another grain (a textured coupon at 4 um: structure 4-6, sharpness 1-8 x
-    between good scans; die grids, PV cells and photographs: 1,000 and more, within 5 %).
+    defect or another grain (a textured coupon at 4 um: its sharpness 1-8 x between good
+    scans; die grids, PV cells and photographs: within 5 %). A scan whose sharpness was
+    recorded as none (nothing sharp left) reads 0.
     """
-    keys = [k for k in IMAGE_KEYS if k != "sharpness"
-            or float(reference.get("structure") or 0.0) >= MIN_STRUCTURE]
-    return {k: float(scan[k]) / float(reference[k]) for k in keys
-            if isinstance(scan.get(k), int | float) and isinstance(reference.get(k), int | float)
-            and reference[k] > 0}
+    out = {k: float(scan[k]) / float(reference[k]) for k in IMAGE_KEYS
+           if isinstance(scan.get(k), int | float) and isinstance(reference.get(k), int | float)
+           and reference[k] > 0}
+    if not sharpness_comparable(reference):
+        out.pop("sharpness", None)
+    elif "sharpness" not in out and "sharpness" in scan:  # recorded as none: nothing sharp
+        out["sharpness"] = 0.0
+    return out
+
+
+def sharpness_comparable(reference: dict[str, Any]) -> bool:
+    """Whether a reference's sharpness can be compared with (see :func:`image_ratios`)."""
+    return isinstance(reference.get("sharpness"), int | float) and \
+        float(reference.get("structure") or 0.0) >= MIN_STRUCTURE
 
 
 def image_drifted(ratios: dict[str, float], factor: float = IMAGE_FACTOR) -> list[str]:
@@ -186,9 +203,10 @@ def image_drifted(ratios: dict[str, float], factor: float = IMAGE_FACTOR) -> lis
 def drift_ratios(reference: dict[str, Any], scan: dict[str, Any]) -> dict[str, float]:
     """Each recorded quantile of a scan divided by the reference's (missing ones left out)."""
     out = {}
-    for key, ref in reference.items():
-        if key.startswith("q") and key in scan and ref and ref > 0:
-            out[key] = float(scan[key]) / float(ref)
+    for key in (f"q{100 * k:g}" for k in QUANTILES):  # what score_summary records
+        ref, value = reference.get(key), scan.get(key)
+        if isinstance(ref, int | float) and isinstance(value, int | float) and ref > 0:
+            out[key] = float(value) / float(ref)
     return out
 
 

@@ -109,6 +109,7 @@ def train(
             progress.update(tasks[stage], completed=done, total=total)
 
         extra: dict[str, Any] = {"good": [str(p) for p in paths],
+                                 "good_scans": _scan_identities(paths),
                                  "pixel_size_assumed": assumed}
         d2d = _good_die_to_die(paths, init)
         if d2d is not None:
@@ -207,6 +208,21 @@ def _inherited_golden(init: Path, pixel_um: float) -> tuple[Any, dict[str, Any] 
     if pixels is None or abs(float(base.pixel_size_um) - pixel_um) > 1e-6 * pixel_um:
         return None, None
     return pixels, dict(base.card.get("golden") or {})
+
+
+def _scan_identities(paths: list[Path]) -> list[dict[str, Any]]:
+    """The good scan folders among ``paths``, as ``drift`` recognises them later (a copy
+    included): folder, start time and recipe name. A scan a model was built from is in its
+    bank and scores low; ``drift`` does not take it as the product's reference."""
+    from scanner.scanfolder import SCAN_JSON, scan_json_if_any
+
+    found = []
+    for path in paths:
+        scan = scan_json_if_any(path) if (Path(path) / SCAN_JSON).is_file() else None
+        if scan is not None:
+            found.append({"path": str(Path(path).resolve()), "started": scan.get("started"),
+                          "name": (scan.get("recipe") or {}).get("name")})
+    return found
 
 
 def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,

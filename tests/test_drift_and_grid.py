@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +345,51 @@ def test_a_damaged_surface_image_record_is_refused_naming_it(tmp_path: Path, fie
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and where in lines[0], res.output
     assert f"{field}" in lines[0].split(where)[1]
+
+
+def test_drift_leaves_out_the_scans_a_model_was_built_from(tmp_path: Path) -> None:
+    """Its training scan, in its bank, scored low: as the oldest scan it made good scans of a
+    PV cell read DRIFT x1.37 and of a coupon x1.45."""
+    rng = np.random.default_rng(6)
+    trained_on = score_summary(0.7 * rng.gamma(4.0, 0.2, 50_000))
+    good = [score_summary(rng.gamma(4.0, 0.2, 50_000)) for _ in range(3)]
+    g0 = _inspected(tmp_path / "g0", trained_on, GOOD_IMAGE, "2026-12-01T08:00:00+00:00")
+    copy = _inspected(tmp_path / "copy", trained_on, GOOD_IMAGE, "2026-12-01T08:00:00+00:00")
+    g = [_inspected(tmp_path / f"g{i + 1}", s, GOOD_IMAGE, f"2026-12-0{i + 2}T08:00:00+00:00")
+         for i, s in enumerate(good)]
+    model = _Model(good[0])
+    assert check_drift([g0, *g], model).drifted  # taken as the product's reference
+    model.card["good_scans"] = [{"path": str(g0.resolve()), "started": None, "name": None}]
+    report = check_drift([g0, *g], model)
+    assert not report.drifted and "built from it" in report.skipped[0]
+    # a copy of it is recognised by its start time and recipe name
+    for folder in (g0, copy):
+        record = json.loads((folder / "scan.json").read_text())
+        record["recipe"] = {"name": "golden"}
+        (folder / "scan.json").write_text(json.dumps(record))
+    model.card["good_scans"] = [{"path": "/elsewhere", "started": "2026-12-01T08:00:00+00:00",
+                                 "name": "golden"}]
+    assert not check_drift([copy, *g], model).drifted
+
+
+def test_drift_reads_a_lost_sharpness_and_only_known_score_quantiles(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    scores = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    a = _inspected(tmp_path / "a", {**scores, "q75": "abc"},  # an extra key is not read
+                   GOOD_IMAGE, "2026-12-01T08:00:00+00:00")
+    b = _inspected(tmp_path / "b", scores, {**GOOD_IMAGE, "sharpness": None},
+                   "2026-12-02T08:00:00+00:00")
+    report = check_drift([a, b], _Model(scores))
+    assert report.drifted and report.image["sharpness"] == 0.0  # nothing sharp left
+    alone = check_drift([a], _Model(scores)).verdict()
+    assert "image not compared (one scan" in alone
+    for damage in ({"q50": "1.0"}, {"q99": True}, {"n": 2.5}):
+        c = _inspected(tmp_path / f"c{len(damage)}{list(damage)[0]}", {**scores, **damage},
+                       GOOD_IMAGE, "2026-12-03T08:00:00+00:00")
+        with pytest.raises(Exception, match="inspection.good_scores"):
+            check_drift([a, c], _Model(scores))
+        shutil.rmtree(c)
+    tiny = _inspected(tmp_path / "tiny", scores, {**GOOD_IMAGE, "level": 1e-320},
+                      "2026-12-03T08:00:00+00:00")
+    with pytest.raises(Exception, match="surface_image"):
+        check_drift([a, tiny], _Model(scores))

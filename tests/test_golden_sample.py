@@ -67,6 +67,11 @@ def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
     card = json.loads((tmp_path / "m.json").read_text())
     assert card["calibration"]["held_out"] == "the central quarter of each image"
     assert card["sample_edge_seen"] is True  # the scan shows the chuck beyond the coupon
+    # the scan it was built from, as drift recognises it (it is in the bank: it scores low)
+    good_scan = json.loads((tmp_path / "good_scan" / "scan.json").read_text())
+    assert card["good_scans"] == [{"path": str((tmp_path / "good_scan").resolve()),
+                                   "started": good_scan["started"],
+                                   "name": good_scan["recipe"]["name"]}]
     # the die-to-die z threshold is set on the good scan's own dies
     d2d = card["die_to_die"]
     assert d2d["dies"] >= 9 and 0 < d2d["good_max_z"] and 7.0 <= d2d["z_threshold"] <= 13.0

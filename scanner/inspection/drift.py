@@ -172,6 +172,7 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         raise UserError("--model: its card records no good-surface scores (build it with "
                         "waferscope train)")
     sha = model.card.get("weights_sha256")
+    built_from = model.card.get("good_scans") or []
     rows, skipped, seen = [], [], set()
     for folder in scans:
         if Path(folder).resolve() in seen:
@@ -180,6 +181,9 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         row = _row(Path(folder), sha, reference)
         if isinstance(row, str):
             skipped.append(row)
+        elif _built_from(row, built_from):
+            skipped.append(f"{folder} (the model was built from it: in its bank, it scores "
+                           "lower than the product's other scans)")
         else:
             rows.append(row)
     rows, notes = _oldest_first(rows)
@@ -199,6 +203,20 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         drift_verdict(reference, [r["scores"] for r in judged], factor)[1])
 
 
+def _built_from(row: dict[str, Any], built_from: list[Any]) -> bool:
+    """Whether a scan is one a model was built from (its card's ``good_scans``): the same
+    folder, or a copy of it (the same start time and recipe name)."""
+    for scan in built_from:
+        if not isinstance(scan, dict):
+            continue
+        if scan.get("path") and Path(str(scan["path"])) == Path(row["scan"]).resolve():
+            return True
+        if scan.get("started") and (scan.get("started"), scan.get("name")) == (
+                row["started"], row["name"]):
+            return True
+    return False
+
+
 def _row(folder: Path, sha: str | None, reference: dict[str, Any]) -> dict[str, Any] | str:
     """What drift reads of one scan folder, or why it is skipped."""
     scan = read_scan_json(folder)
@@ -214,6 +232,8 @@ def _row(folder: Path, sha: str | None, reference: dict[str, Any]) -> dict[str, 
         return f"{folder} (inspected with another model)"
     image = _checked(inspection.get("surface_image"), f"{where}.surface_image", ImageQuality)
     return {"scan": str(folder), "started": scan.get("started"),
+            "name": (scan.get("recipe") or {}).get("name") if isinstance(
+                scan.get("recipe"), dict) else None,
             "ratios": drift_ratios(reference, scores), "scores": scores,
             "image": image if image and image.get("n") else None}
 
@@ -247,6 +267,8 @@ def _image_drift(rows: list[dict[str, Any]], oldest: dict[str, Any] | None,
     quantity (:func:`models.drift.steady_median`) and those beyond
     :data:`models.drift.IMAGE_FACTOR`; why not, in ``notes``, when it cannot be compared."""
     if oldest is None:
+        if judged:
+            notes.append("image not compared (one scan: give earlier scans of the product)")
         return {}, []
     if not oldest["image"]:
         notes.append(f"image not compared: {Path(oldest['scan']).name} records none (inspected "
@@ -261,9 +283,11 @@ def _image_drift(rows: list[dict[str, Any]], oldest: dict[str, Any] | None,
     if not ratios:
         return {}, []
     keys = [k for k in ratios[0] if all(k in n for n in ratios)]
-    unmeasured = [k for k in IMAGE_KEYS if k not in keys]
-    if unmeasured:
-        notes.append(f"{', '.join(unmeasured)} not compared (no structure to measure it on)")
+    if "sharpness" not in keys:
+        notes.append("sharpness not compared (" + (
+            "the oldest scan shows too little structure to measure it on)"
+            if isinstance(oldest["image"].get("sharpness"), int | float)
+            else "not measured on the oldest scan)"))
     image = {k: steady_median([n[k] for n in ratios]) for k in keys}
     return image, image_drifted(image)
 
