@@ -271,10 +271,10 @@ def inspect(
 
     check_output(out_dir, "--out", folder=True)
     target = _scan_for_store(target, out_dir)
-    for path in target:
-        if (path / SCAN_JSON).is_file():
-            require_ready(path, "inspect", allow_incomplete=allow_incomplete)
     scan = target[0] if len(target) == 1 and (target[0] / SCAN_JSON).is_file() else None
+    for path in target:  # a scan inspected alone is checked as it is held (claim, below)
+        if path is not scan and (path / SCAN_JSON).is_file():
+            require_ready(path, "inspect", allow_incomplete=allow_incomplete)
     # a scan inspected into its own folder gets its reports made again from the new defects
     # (as `run` does), not left describing the earlier ones
     into_scan = scan is not None and (out_dir is None or out_dir.resolve() == scan.resolve())

@@ -5,9 +5,9 @@ Inspection records, in ``scan.json``, the quantiles of the anomaly map over the 
 surface below the decision threshold (``inspection.good_scores``,
 :func:`good_surface_scores`) and the level, noise and sharpness of the mosaic's surface
 (``inspection.surface_image``, :func:`surface_image`). ``waferscope drift SCAN... --model M``
-compares the scores with those the model was calibrated on (its card's ``good_scores``) and the
-images with the oldest scan's, scan by scan, draws the ratios, and gives a one-line verdict on
-the newest scans (:func:`models.drift.drift_verdict`).
+compares the newest scans' scores and images with the oldest scan's (one scan: its scores with
+those the model was calibrated on, its card's ``good_scores``), draws the ratios, and gives a
+one-line verdict (:func:`check_drift`).
 """
 
 from __future__ import annotations
