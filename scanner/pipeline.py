@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -364,7 +365,9 @@ def _finish_scan(
             try:
                 with _responsive_gil(live is not None):
                     _acquire_stage(folder, scan, recipe, handle, plan, events, only,
-                                   on_tile=live.feed if live is not None else None)
+                                   on_tile=_counting_tiles(
+                                       folder, scan, plan, only,
+                                       live.feed if live is not None else None))
             finally:  # the stage, camera and ports are free while the mosaic is made
                 handle.close()
         last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
@@ -412,6 +415,31 @@ def _finish_scan(
                 finished=now_iso(), acquired_tiles=n_acquired)
     write_json(folder / SCAN_JSON, scan)
     return ScanResult(folder, scan["status"], n_tiles, n_acquired, scan["timings"])
+
+
+#: how often (s) ``scan.json``'s ``acquired_tiles`` follows the acquisition
+COUNT_EVERY_S = 2.0
+
+
+def _counting_tiles(folder: Path, scan: dict[str, Any], plan: ScanPlan, only: set[int] | None,
+                    on_tile: Callable[[np.ndarray, TileRecord], None] | None
+                    ) -> Callable[[np.ndarray, TileRecord], None]:
+    """``on_tile`` that also keeps ``scan.json``'s ``acquired_tiles`` current (every
+    :data:`COUNT_EVERY_S`): a scan killed -9 while acquiring said 0 until it was resumed."""
+    done = {t.index for t in plan.tiles} - only if only is not None else set()
+    last = -math.inf  # the first tile is counted at once
+
+    def counted(image: np.ndarray, record: TileRecord) -> None:
+        nonlocal last
+        done.add(record.index)
+        if on_tile is not None:
+            on_tile(image, record)
+        if time.monotonic() - last >= COUNT_EVERY_S:
+            last = time.monotonic()
+            scan["acquired_tiles"] = len(done)
+            write_json(folder / SCAN_JSON, scan)
+
+    return counted
 
 
 #: Interpreter switch interval (s) while the background works during acquisition.

@@ -839,3 +839,26 @@ def test_a_run_stopped_before_its_folder_says_nothing_was_written(tmp_path: Path
     res = runner.invoke(app, ["run", str(_recipe(tmp_path)), "--out", str(tmp_path / "s")])
     assert res.exit_code == 130 and "nothing was written" in res.output
     assert "resume" not in res.output and not (tmp_path / "s").exists()
+
+
+def test_a_scan_killed_while_acquiring_says_how_many_tiles_it_took(tmp_path: Path) -> None:
+    """kill -9 left `acquired_tiles: 0` in scan.json until the scan was resumed."""
+    from scanner.pipeline import COUNT_EVERY_S
+
+    out = tmp_path / "scan"
+    proc = subprocess.Popen([*WAFERSCOPE, "run", str(_recipe(tmp_path, realtime=True)),
+                             "--no-inspect", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        started = _started(out)
+        deadline = time.monotonic() + 60
+        while not (out / "tiles.csv").is_file() or len(_ok_rows(out)) < 3 \
+                or time.perf_counter() - started < COUNT_EVERY_S:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    scan = _scan(out)
+    assert scan["status"] == "acquiring"  # killed while acquiring (reads as interrupted)
+    assert 1 <= scan["acquired_tiles"] <= len(_ok_rows(out)) < scan["plan"]["n_tiles"]
