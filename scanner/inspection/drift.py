@@ -60,13 +60,9 @@ def good_surface_scores(anomaly: Any, threshold: float) -> dict[str, Any]:
     if h * w <= (GRID * WINDOW) ** 2:
         values = np.asarray(anomaly[...], dtype=np.float32).ravel()
     else:
-        rows = np.unique(np.concatenate([np.arange(WINDOW) + max(0, min(h - WINDOW, int(
-            (i + 0.5) * h / GRID) - WINDOW // 2)) for i in range(GRID)]))
-        cols = np.unique(np.concatenate([np.arange(WINDOW) + max(0, min(w - WINDOW, int(
-            (j + 0.5) * w / GRID) - WINDOW // 2)) for j in range(GRID)]))
-        block = anomaly.oindex[rows, cols] if hasattr(anomaly, "oindex") else \
-            np.asarray(anomaly)[np.ix_(rows, cols)]
-        values = np.asarray(block, dtype=np.float32).ravel()
+        rows = np.unique(np.concatenate([np.arange(a, a + WINDOW) for a in _spread(h)]))
+        cols = np.unique(np.concatenate([np.arange(a, a + WINDOW) for a in _spread(w)]))
+        values = _read(anomaly, rows, cols).astype(np.float32).ravel()
     values = values[(values != 0) & np.isfinite(values) & (values < threshold)]
     return score_summary(values)
 
@@ -77,10 +73,8 @@ def surface_image(mosaic: Any) -> dict[str, Any]:
     size)."""
     rows = _window_spans(int(mosaic.shape[-2]))
     cols = _window_spans(int(mosaic.shape[-1]))
-    r_index = np.concatenate([np.arange(a, a + n) for a, n in rows])
-    c_index = np.concatenate([np.arange(a, a + n) for a, n in cols])
-    block = np.asarray(mosaic.oindex[r_index, c_index] if hasattr(mosaic, "oindex")
-                       else np.asarray(mosaic)[np.ix_(r_index, c_index)])
+    block = _read(mosaic, np.concatenate([np.arange(a, a + n) for a, n in rows]),
+                  np.concatenate([np.arange(a, a + n) for a, n in cols]))
     r_at = np.cumsum([0] + [n for _, n in rows])
     c_at = np.cumsum([0] + [n for _, n in cols])
     return image_quality([block[r_at[i]:r_at[i + 1], c_at[j]:c_at[j + 1]]
@@ -94,8 +88,21 @@ def _window_spans(n: int) -> list[tuple[int, int]]:
         return [(0, n)]
     if n < GRID * WINDOW:
         return [(a, WINDOW) for a in range(0, n - WINDOW + 1, WINDOW)]
-    return [(max(0, min(n - WINDOW, int((i + 0.5) * n / GRID) - WINDOW // 2)), WINDOW)
+    return [(a, WINDOW) for a in _spread(n)]
+
+
+def _spread(n: int) -> list[int]:
+    """Starts of :data:`GRID` windows of :data:`WINDOW` pixels spread evenly along ``n``
+    pixels (overlapping when ``n`` holds fewer)."""
+    return [max(0, min(n - WINDOW, int((i + 0.5) * n / GRID) - WINDOW // 2))
             for i in range(GRID)]
+
+
+def _read(array: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The rows x cols of a (Zarr or numpy) 2-D array, each chunk read once."""
+    if hasattr(array, "oindex"):
+        return np.asarray(array.oindex[rows, cols])
+    return np.asarray(array)[np.ix_(rows, cols)]
 
 
 @dataclass
@@ -187,20 +194,19 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         else:
             rows.append(row)
     rows, notes = _oldest_first(rows)
-    if len(rows) >= 2:
-        oldest, judged = rows[0], rows[1:][-RECENT:]
+    oldest, judged = (rows[0], rows[1:][-RECENT:]) if len(rows) >= 2 else (None, rows)
+    scores = [r["scores"] for r in judged]
+    calibration = drift_verdict(reference, scores, factor)
+    drifted, move = calibration
+    if oldest is not None:
         for r in rows:
             r["since_oldest"] = drift_ratios(oldest["scores"], r["scores"])
-        drifted, move = drift_verdict(oldest["scores"], [r["scores"] for r in judged], factor)
-    else:
-        oldest, judged = None, rows
-        drifted, move = drift_verdict(reference, [r["scores"] for r in judged], factor)
+        drifted, move = drift_verdict(oldest["scores"], scores, factor)
     image, moved = _image_drift(rows, oldest, judged, notes)
     plot = _plot(rows, out_dir, factor) if out_dir is not None and rows else None
     return DriftReport(
         drifted or bool(moved), move, rows, skipped, plot, image, moved,
-        None if oldest is None else oldest["scan"], len(judged), notes,
-        drift_verdict(reference, [r["scores"] for r in judged], factor)[1])
+        None if oldest is None else oldest["scan"], len(judged), notes, calibration[1])
 
 
 def _built_from(row: dict[str, Any], built_from: list[Any]) -> bool:
@@ -241,23 +247,23 @@ def _row(folder: Path, sha: str | None, reference: dict[str, Any]) -> dict[str, 
 def _oldest_first(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
     """The scans in the order they were started (``scan.json`` ``started``), or as given when
     one of them does not say (then said in the notes)."""
+    started = [_start_time(r["started"]) for r in rows]
+    odd = next((r for r, t in zip(rows, started, strict=True) if t is None), None)
     try:
-        started = [_dt.datetime.fromisoformat(r["started"]) for r in rows]
-        order = sorted(range(len(rows)), key=lambda i: started[i])
-    except (TypeError, ValueError) as exc:  # not recorded, not a time, or mixed offsets
-        odd = next((r for r in rows if not _is_time(r["started"])), None)
-        why = (f"{Path(odd['scan']).name} records no start time" if odd is not None
-               else f"their start times cannot be compared ({exc})")
-        return rows, [f"scans taken in the order given: {why}"] if len(rows) > 1 else []
-    return [rows[i] for i in order], []
+        if odd is None:
+            return [rows[i] for i in sorted(range(len(rows)), key=lambda i: started[i])], []
+        why = f"{Path(odd['scan']).name} records no start time"
+    except TypeError as exc:  # times with and without an offset
+        why = f"their start times cannot be compared ({exc})"
+    return rows, [f"scans taken in the order given: {why}"] if len(rows) > 1 else []
 
 
-def _is_time(value: Any) -> bool:
+def _start_time(value: Any) -> _dt.datetime | None:
+    """A recorded start time, None when it is none."""
     try:
-        _dt.datetime.fromisoformat(value)
+        return _dt.datetime.fromisoformat(value)
     except (TypeError, ValueError):
-        return False
-    return True
+        return None
 
 
 def _image_drift(rows: list[dict[str, Any]], oldest: dict[str, Any] | None,
