@@ -84,6 +84,7 @@ from scanner.inspection.dietodie_maths import (  # noqa: F401
     difference_z,
     match_levels,
     matched,
+    median_of,
     texture_z,
 )
 
@@ -385,7 +386,7 @@ class Comparison:
         # levels matched here as difference_z matches them (there it is then a no-op)
         _, refs_img = match_levels(test, np.stack(aligned), mask)
         z = band_z(test, refs_img, self.settings, mask)
-        diff = test - np.median(refs_img, axis=0)
+        diff = test - median_of(refs_img)
         if mask is not None:
             diff[~mask] = 0.0
         core = (slice(pad, pad + h), slice(pad, pad + w))

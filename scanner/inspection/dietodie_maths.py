@@ -58,6 +58,20 @@ def _correlate(fixed: np.ndarray, moving: np.ndarray, upsample: int) -> np.ndarr
     return np.asarray(shift, dtype=np.float64)
 
 
+def median_of(images: np.ndarray) -> np.ndarray:
+    """The pixelwise median of ``k`` aligned images ``(k, h, w)`` (float).
+
+    Three or four images (a die's usual references): the sum less the smallest and the
+    largest, over ``k - 2``; 20 x faster than ``np.median``'s partition along the first axis
+    (a band of 4 x 1044 x 1044: 57 ms -> 3 ms) and equal to it up to float rounding.
+    """
+    k = images.shape[0]
+    if k in (3, 4):
+        return (images.sum(axis=0) - images.min(axis=0) - images.max(axis=0)) \
+            / np.asarray(k - 2, dtype=images.dtype)
+    return np.median(images, axis=0)
+
+
 def _mean_pool(a: np.ndarray, f: int) -> np.ndarray:
     """``f x f`` block means over the last two axes, ``f`` a power of two (edges replicated).
 
@@ -154,7 +168,7 @@ def matched(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None
     test = np.asarray(test, dtype=np.float32)
     level_t, refs = match_levels(test, refs, mask)
     if mask is not None:
-        test = np.where(mask, test, np.median(refs, axis=0))
+        test = np.where(mask, test, median_of(refs))
     return test, refs, level_t
 
 
@@ -242,11 +256,21 @@ TEXTURE_TOLERANCE_PX = 2
 TEXTURE_MIN_SPREAD = 0.05
 
 
-def texture_energy(image: np.ndarray) -> np.ndarray:
-    """Local energy of an image's fine detail: ``G_w((I - G_d(I))**2)`` (float32)."""
+def texture_energy(image: np.ndarray, f: int = 1) -> np.ndarray:
+    """Local energy of an image's fine detail: ``G_w((I - G_d(I))**2)`` (float32).
+
+    ``f`` 2: the energy at half resolution (``f x f`` means of the squared detail, then the
+    Gaussian that makes up ``G_w``): the window is 8 pixels wide, so the energy holds nothing
+    finer than 2 pixels, and this costs a third as much (die-to-die's texture z on 16 bands of
+    the demo wafer: 3.4 -> 1.2 s, the largest z within 0.4 of the full-resolution one).
+    """
     a = np.asarray(image, dtype=np.float32)
     detail = a - ndimage.gaussian_filter(a, TEXTURE_DETAIL_PX)
-    return ndimage.gaussian_filter(detail * detail, TEXTURE_WINDOW_PX)
+    if f == 1:
+        return ndimage.gaussian_filter(detail * detail, TEXTURE_WINDOW_PX)
+    # a block mean of f pixels has a variance of (f^2 - 1) / 12 pixels^2 along each axis
+    sigma = math.sqrt(TEXTURE_WINDOW_PX ** 2 - (f * f - 1) / 12.0) / f
+    return ndimage.gaussian_filter(_mean_pool(detail * detail, f), sigma)
 
 
 def texture_z(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None = None
@@ -284,15 +308,18 @@ def _texture_z(test: np.ndarray, refs: np.ndarray, level_t: float, mask: np.ndar
     """:func:`texture_z` of a test and references already :func:`matched`."""
     # (1 % of the level)^2: camera noise; flat areas of every die meet at this floor
     floor = np.float32(1e-4 * max(abs(level_t), 1.0) ** 2)
-    lt = np.log(texture_energy(test) + floor)
-    lr = np.stack([np.log(texture_energy(r) + floor) for r in refs])
-    size = 2 * TEXTURE_TOLERANCE_PX + 1
+    f = 2  # compared at half resolution: see texture_energy
+    lt = np.log(texture_energy(test, f) + floor)
+    lr = np.stack([np.log(texture_energy(r, f) + floor) for r in refs])
+    size = 2 * (TEXTURE_TOLERANCE_PX // f) + 1
     lo = ndimage.minimum_filter(lr.min(axis=0), size)
     # only a loss of detail: added detail (a particle, a scratch) is what the intensity z
     # sees, and sharply located there, while the energy's window spreads it by ~8 px
     loss = np.maximum(lo - lt, 0.0)
-    noise = _local_noise(lr, 2 * int(round(3 * TEXTURE_WINDOW_PX)) + 1) + TEXTURE_MIN_SPREAD
+    noise = _local_noise(lr, 2 * int(round(3 * TEXTURE_WINDOW_PX / f)) + 1) \
+        + TEXTURE_MIN_SPREAD
     z = (loss / noise).astype(np.float32)
+    z = np.repeat(np.repeat(z, f, axis=0), f, axis=1)[:test.shape[0], :test.shape[1]]
     if mask is not None:
         z[~mask] = 0.0
     return z
