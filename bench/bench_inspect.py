@@ -161,7 +161,7 @@ def evaluate(folder: Path) -> dict[str, float]:
     header, found = read_defects(folder)
     true = [t for t in truth["defects"] if t["size_um"] >= 4 * pixel_um]
     groups = overlapping(true)
-    matched_true, used = 0, set()
+    matched_true, used, missed = 0, set(), []
     errors = []
     classes = []  # (expected, reported) of every found true defect
     for group in groups:
@@ -183,6 +183,9 @@ def evaluate(folder: Path) -> dict[str, float]:
             classes.append((EXPECTED_CLASS.get(t["kind"], "other"), found[best].defect_class))
             if t["kind"] in COMPACT and t["size_um"] <= COMPACT_MAX_PX * pixel_um:
                 errors.append(best_d / pixel_um)
+        else:
+            missed.append(" + ".join(f"{m['kind']} {m['size_um']:.0f} um at "
+                                     f"({m['x_um']:.0f}, {m['y_um']:.0f})" for m in group))
     # a reported defect that holds any true defect (even one under 4 px) is not false
     false = 0
     wrong = []
@@ -205,7 +208,7 @@ def evaluate(folder: Path) -> dict[str, float]:
         "centre_err_px": float(np.median(errors)) if errors else math.nan,
         "unc_rho": _spearman(unc, np.array(wrong)),
         "inspect": scan["inspection"],
-        "unc": unc.tolist(), "wrong": wrong, "classes": classes,
+        "unc": unc.tolist(), "wrong": wrong, "classes": classes, "missed": missed,
     }
 
 
@@ -269,7 +272,7 @@ def main(argv: list[str]) -> None:
                 "centre err px", "class acc.", "unc. ρ", "Zarr→Zarr MP/s"):
         table.add_column(col, justify="right")
     total = {"true": 0, "found": 0, "false": 0, "area": 0.0, "mp": 0.0, "s": 0.0}
-    errs, uncs, wrongs, classes = [], [], [], []
+    errs, uncs, wrongs, classes, missed = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in recipes(pixels, args.quick).items():
             path = Path(tmp) / f"{name}.yaml"
@@ -290,6 +293,7 @@ def main(argv: list[str]) -> None:
             uncs += r["unc"]
             wrongs += r["wrong"]
             classes += r["classes"]
+            missed += [f"{name}: {m}" for m in r["missed"]]
             table.add_row(name, f"{mp:.1f}", str(r["true"]), str(r["found"]),
                           f"{r['found'] / max(r['true'], 1):.2f}", str(r["false"]),
                           f"{r['false'] / r['area_cm2']:.2f}", f"{r['centre_err_px']:.2f}",
@@ -307,6 +311,7 @@ def main(argv: list[str]) -> None:
     confusions = Counter(f"{e}→{c}" for e, c in classes if e != c)
     console.print("class confusions (expected→reported): "
                   + (", ".join(f"{k} {n}" for k, n in confusions.most_common()) or "none"))
+    console.print("missed: " + ("; ".join(missed) or "none"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dense.yaml"
         path.write_text(yaml.safe_dump(dense_wafer(pixels["wafer"], args.quick)))
@@ -319,7 +324,8 @@ def main(argv: list[str]) -> None:
             f"MP, {ins['mosaic_megapixels'] / ins['maps_s']:.2f} MP/s Zarr→Zarr (network "
             f"{ins['network_s']:.1f} s, die-to-die {d2d.get('seconds', 0.0):.1f} s of "
             f"{ins['maps_s']:.1f} s); found {r['found']}/{r['true']}, {r['false']} false "
-            f"({r['false'] / r['area_cm2']:.2f}/cm²)")
+            f"({r['false'] / r['area_cm2']:.2f}/cm²)"
+            + (f"; missed {'; '.join(r['missed'])}" if r["missed"] else ""))
     console.print(f"network alone: {network_rate(model):.2f} MP/s (one window, "
                   f"{model.output_stride}x output stride)")
     with tempfile.TemporaryDirectory() as tmp:

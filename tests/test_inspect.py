@@ -234,6 +234,14 @@ def test_cli_inspect_bad_inputs_exit_2(tmp_path):
     assert runner.invoke(app, ["inspect", str(empty)]).exit_code == 2
     res = runner.invoke(app, ["inspect", str(empty), "--sample-kind", "moon"])
     assert res.exit_code == 2 and "--sample-kind" in res.output
+    # two mosaics (or a mosaic and images) at once: named, not "no image files found"
+    for name in ("a", "c"):
+        (tmp_path / name / "mosaic.ome.zarr").mkdir(parents=True)
+    res = runner.invoke(app, ["inspect", str(tmp_path / "a" / "mosaic.ome.zarr"),
+                              str(tmp_path / "c" / "mosaic.ome.zarr"), "--out",
+                              str(tmp_path / "o2")])
+    assert res.exit_code == 2 and "batch" in res.output and "no image files" not in res.output
+    assert not (tmp_path / "o2").exists()
 
 
 def test_images_of_the_same_name_in_two_lots_keep_their_own_results(tmp_path):

@@ -709,6 +709,12 @@ def inspect_target(
     targets = [Path(t) for t in target]
     if not targets:
         raise UserError("inspect: give a scan folder, a mosaic or image files")
+    stores = [t for t in targets if t.name.endswith(".zarr") or (t / SCAN_JSON).is_file()]
+    if stores and len(targets) > 1:
+        # a scan or a mosaic is inspected alone (its defects and maps go to one folder); read
+        # among image files, a store's folder held "no image files"
+        raise UserError(f"{stores[0]}: a scan folder or mosaic is inspected on its own; for "
+                        "many scans: waferscope batch SCAN...")
     if out_dir is not None:
         _check_out_dir(Path(out_dir), targets)
     first = targets[0]
