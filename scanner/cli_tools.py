@@ -406,6 +406,12 @@ def view(
     """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
     from scanner.napari.viewer import view as open_view
 
+    if screenshot is not None:
+        # checked before napari starts: a .jpg failed after the window opened (RGBA), leaving
+        # an empty file, and any other suffix got PNG bytes under its name
+        if screenshot.suffix.lower() != ".png":
+            raise UserError(f"--screenshot {screenshot}: give a .png file name")
+        check_output(screenshot, "--screenshot", folder=False)
     saved = open_view(scan, screenshot=screenshot, canvas_only=not window)
     if saved is not None:
         out.print(f"screenshot: {saved.resolve()}")

@@ -99,6 +99,41 @@ def test_reader_layers_are_lazy_and_in_stage_micrometres(review_scan: Path):
     assert kind == "shapes" and len(rects) == header["dies"]["n_tested"] and not kw["visible"]
 
 
+def test_die_grid_layer_follows_the_alignment_and_a_clean_scan_opens(review_scan: Path,
+                                                                     tmp_path: Path):
+    from shapely.geometry import Point, Polygon
+
+    # a wafer the alignment found 150 um off and turned 0.4 deg: the layer drew the recipe's
+    # grid, up to 270 um from the dies the list names
+    folder = tmp_path / "turned"
+    shutil.copytree(review_scan, folder)
+    scan = json.loads((folder / "scan.json").read_text())
+    sample = scan["recipe"]["sample"]
+    cx, cy = (v + d for v, d in zip(sample.get("center_um", (0, 0)), (150.0, -90.0),
+                                    strict=True))
+    scan["alignment"] = {"kind": "wafer", "nominal_center_um": sample.get("center_um", [0, 0]),
+                         "center_um": [cx, cy], "rotation_deg": 0.4, "mark": "notch",
+                         "edge_residual_um": 1.0, "n_edge_points": 40}
+    (folder / "scan.json").write_text(json.dumps(scan))
+    report(folder)
+    layers = {kw["name"]: (data, kw) for data, kw, _ in read_scan(str(folder))}
+    shapes, kw = layers["die grid"]
+    assert kw["shape_type"] == "polygon"
+    outline = {die: Polygon(np.asarray(yx)[:, ::-1]) for die, yx in
+               zip(kw["features"]["die"], shapes, strict=True)}
+    _, defects = read_defects(folder)
+    placed = [d for d in defects if d.die_col is not None]
+    assert placed
+    for d in placed:  # each defect inside the outline of the die the list names
+        assert outline[f"{d.die_col},{d.die_row}"].buffer(1.0).contains(Point(d.x_um, d.y_um))
+    # a clean scan: no defects layer (an empty one with colour arrays failed in napari)
+    header = json.loads((folder / "defects.json").read_text())
+    header["defects"] = []
+    (folder / "defects.json").write_text(json.dumps(header))
+    names = [kw["name"] for _, kw, _ in read_scan(str(folder))]
+    assert "mosaic" in names and "defects" not in names
+
+
 @needs_napari
 def test_plugin_is_registered_and_layers_are_valid_for_napari(review_scan: Path):
     import npe2
@@ -194,6 +229,12 @@ def test_view_without_napari_or_display_is_a_clear_error(review_scan: Path, monk
         assert res.exit_code == 2 and "no display" in res.output
     res = runner.invoke(app, ["view", str(review_scan.parent)])
     assert res.exit_code == 2
+    # a screenshot that could not be written: refused before napari starts, nothing left
+    (review_scan.parent / "file").write_text("x")
+    for shot in (review_scan.parent / "shot.jpg", review_scan.parent / "file" / "shot.png"):
+        res = runner.invoke(app, ["view", str(review_scan), "--screenshot", str(shot)])
+        assert res.exit_code == 2 and "--screenshot" in res.output, res.output
+        assert not shot.exists()
 
 
 def test_reader_imports_no_napari_or_qt():

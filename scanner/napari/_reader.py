@@ -111,6 +111,8 @@ def defect_points(folder: Path, extent_um: float | None = None) -> LayerData | N
     if not (folder / DEFECTS_JSON).is_file():
         return None
     _, defects = read_defects(folder)
+    if not defects:
+        return None  # a clean scan (napari cannot colour an empty points layer by arrays)
     coords = np.array([(d.y_um, d.x_um) for d in defects], dtype=float).reshape(-1, 2)
     floor = 0.006 * extent_um if extent_um else 0.0
     sizes = np.array([max(1.3 * d.size_um, floor, 1.0) for d in defects], dtype=float)
@@ -174,25 +176,28 @@ def repeater_points(folder: Path, extent_um: float | None = None) -> LayerData |
 
 
 def die_grid_shapes(folder: Path) -> LayerData | None:
-    """Tested dies of a wafer scan as rectangles (None when there are none)."""
+    """Tested dies of a wafer scan as their outlines (None when there are none): the grid
+    the alignment found, as the defect list, the KLARF and the wafer map place dies (the
+    recipe's grid drew a wafer placed 150 um off and turned 0.4 deg 270 um off)."""
     if not (folder / DEFECTS_JSON).is_file():
         return None
 
-    from scanner.diegrid import DieGrid
+    from scanner.reports.locate import ScanContext
 
     header, _ = read_defects(folder)
     tested = (header.get("dies") or {}).get("tested") or []
-    scan = read_scan_json(folder)
-    sample = (scan.get("recipe") or {}).get("sample") or {}
+    sample = (read_scan_json(folder).get("recipe") or {}).get("sample") or {}
     if not tested or sample.get("kind") != "wafer":
         return None
-    grid = DieGrid.from_sample(sample)
+    grid = ScanContext.load(folder).die_grid()
+    if grid is None:
+        return None
     rects, edges = [], []
     for d in tested:
-        x0, y0, x1, y1 = grid.cell_box(d["col"], d["row"])
-        rects.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], dtype=float))
+        corners = np.asarray(grid.cell_polygon(d["col"], d["row"]).exterior.coords)[:4]
+        rects.append(corners[:, ::-1].astype(float))  # (y, x), as napari's world
         edges.append((1.0, 0.25, 0.25, 1.0) if not d["pass"] else (0.6, 0.8, 1.0, 0.8))
-    return rects, {"name": "die grid", "shape_type": "rectangle",
+    return rects, {"name": "die grid", "shape_type": "polygon",
                    "units": ("micrometer", "micrometer"), "edge_color": np.array(edges),
                    "face_color": "transparent", "edge_width": 0.01 * min(grid.pitch_um),
                    "visible": False, "opacity": 0.8,

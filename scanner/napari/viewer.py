@@ -81,6 +81,7 @@ def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (
         QApplication.processEvents()
     viewer.reset_view()
     QApplication.processEvents()
+    Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(screenshot), canvas_only=canvas_only, flash=False)
     viewer.close()
     return Path(screenshot)
