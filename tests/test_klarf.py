@@ -203,3 +203,11 @@ def test_report_klarf18_with_full_dies_only(reported_wafer: Path, tmp_path: Path
     ids = {row[0] for row in wafer["DefectList"]["Data"]}
     assert ids == {d.id for d in defects if (d.die_col, d.die_row) in full}
     assert len(defects) > len(ids) or all((d.die_col, d.die_row) in full for d in defects)
+
+
+def test_numbers_have_no_negative_zero():
+    from scanner.reports.klarf import _fixed, _sci
+
+    # a die origin of -0.0 mm (x = 0 written as a negated product) read "-0.0000000000e+00"
+    assert _sci(-0.0) == "0.0000000000e+00" and _sci(-1.5) == "-1.5000000000e+00"
+    assert _fixed(-0.0001) == "0.000"

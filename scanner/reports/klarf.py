@@ -83,7 +83,7 @@ def _token(value: Any) -> str:
 
 
 def _sci(value: float) -> str:
-    return f"{float(value):.10e}"
+    return f"{float(value) + 0.0:.10e}"  # + 0.0: no "-0.0000000000e+00"
 
 
 def _fixed(value: float, digits: int = 3) -> str:
