@@ -15,6 +15,7 @@ gradient descent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -38,7 +39,9 @@ from .gaussian import (
     choose_dims,
     descriptor,
     fit_position_model,
+    merged_position_model,
     pooled,
+    top_level,
     zoomed,
     zooms_for,
 )
@@ -202,18 +205,27 @@ def build_detector(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     base = _checked_inputs(images, false_alarms_per_cm2, init)
-    held_images, augmenting, dims = _roles(images, seed, augment_camera)
+    base_position = base.position if base is not None else None
+    held_images, augmenting, dims = _roles(images, seed, augment_camera, base_position)
+    zooms = tuple(m.zoom for m in base_position) if base_position and dims is not None else None
     seen = _collect_features(images, held_images, augmenting, dims, rng, pixel_size_um,
-                             progress)
+                             progress, zooms)
     start = base.bank if base is not None else None
     bank, from_init = _choose_bank(
         seen.pool, int(seen.total_cells * (1 - len(held_images) / len(images))), bank_max,
         start, seed, progress)
     cal = _calibrate(bank, seen.held, false_alarms_per_cm2, progress)
-    position, position_cal = _position_model(
-        seen.position, dims, images[0].image.shape, cal.area_cm2, false_alarms_per_cm2,
-        cal.result.threshold) if dims is not None else (None, None)
     warnings = _calibration_warnings(cal.result.to_dict(), len(images), len(held_images))
+    if dims is not None:
+        position, position_cal = _position_model(
+            seen.position, dims, images[0].image.shape, cal.area_cm2, false_alarms_per_cm2,
+            cal.result.threshold, base)
+    elif base_position:
+        position, position_cal, why = _kept_position_model(base, cal.result.threshold,
+                                                           images)
+        warnings.append(why)
+    else:
+        position, position_cal = None, None
     if progress is not None:
         progress("calibrate", 1, 1)
     # an extended model has the room a model of the new images alone would have
@@ -238,18 +250,24 @@ def build_detector(
                        warnings)
 
 
-def _roles(images: Sequence[GoodImage], seed: int, augment_camera: bool | str
+def _roles(images: Sequence[GoodImage], seed: int, augment_camera: bool | str,
+           base: list[PositionModel] | None = None
            ) -> tuple[set[int], bool, torch.Tensor | None]:
     """The images held out whole (none: the centre of each is held out), whether image
     files also enter as a microscope would see them, and the channels of a position model
     (None unless the images show one aligned part: same shape, no usable masks, enough of
-    them held out)."""
+    them held out). Extending a model of an aligned part (``base``, its position models),
+    new images of its shape add to its Gaussians, however few (with its channels)."""
     held_images = _held_out_images(len(images), seed)
     augmenting = bool(augment_camera) and not (
         augment_camera == "auto" and len(images) >= MIN_IMAGES_TO_HOLD_OUT)
-    aligned = (len(images) >= POSITION_MIN_IMAGES and len(held_images) >= 2
-               and not augmenting and len({g.image.shape for g in images}) == 1
+    shapes = {g.image.shape for g in images}
+    aligned = (len(held_images) >= 2 and not augmenting and len(shapes) == 1
                and all(g.usable is None for g in images))
+    if base:
+        aligned = aligned and shapes == {tuple(base[0].image_shape)}
+        return held_images, augmenting, base[0].dims.clone() if aligned else None
+    aligned = aligned and len(images) >= POSITION_MIN_IMAGES
     return held_images, augmenting, choose_dims(FEATURE_DIM, seed) if aligned else None
 
 
@@ -334,10 +352,16 @@ class _Aligned:
 
 def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmenting: bool,
                       dims: torch.Tensor | None, rng: np.random.Generator,
-                      pixel_size_um: float, progress: Progress | None) -> _Features:
+                      pixel_size_um: float, progress: Progress | None,
+                      zooms: tuple[float, ...] | None = None) -> _Features:
     """Features of every version of every good image, split into bank candidates (a random
-    share, so that at most :data:`CANDIDATES_MAX` cells are kept) and held-out surface."""
-    zooms = zooms_for(images[0].image.shape) if dims is not None else ()
+    share, so that at most :data:`CANDIDATES_MAX` cells are kept) and held-out surface;
+    with ``dims``, also at each of ``zooms`` (default :func:`zooms_for` the images) for a
+    position model."""
+    if dims is None:
+        zooms = ()
+    elif zooms is None:
+        zooms = zooms_for(images[0].image.shape)
     seen = _Features(torch.zeros(0, FEATURE_DIM), [],
                      {z: _Aligned({True: [], False: []}, []) for z in zooms},
                      sum(-(-g.image.shape[0] // FEATURE_STRIDE) * -(-g.image.shape[1] //
@@ -499,15 +523,20 @@ def variance_ratio(feats: torch.Tensor) -> float:
 
 def _position_model(aligned: dict[float, _Aligned], dims: torch.Tensor,
                     shape: tuple[int, int], area_cm2: float, target_per_cm2: float,
-                    threshold: float) -> tuple[list[PositionModel] | None, dict[str, Any]]:
+                    threshold: float, base: PatchDetector | None = None
+                    ) -> tuple[list[PositionModel] | None, dict[str, Any]]:
     """The position models of an aligned part (one per zoom), their mean map scaled so that
     the card's ``threshold`` gives the false-alarm rate asked for on the held-out images.
 
     Each held-out image's level comes from the *other* held-out images, as an unseen
-    image's will."""
+    image's will. Extending ``base`` (a model of this part), its Gaussians and the new
+    images' are pooled (:func:`merged_position_model`)."""
     train = torch.stack(aligned[1.0].features[False])
     ratio = variance_ratio(train)
-    if ratio >= ALIGNED_MAX_VARIANCE_RATIO:
+    old = {m.zoom: m for m in (base.position or [])} if base is not None else {}
+    n_old = int(((base.card.get("position_calibration") or {}).get("train_images")) or 0) \
+        if old else 0
+    if ratio >= ALIGNED_MAX_VARIANCE_RATIO and not old:
         return None, {"used": False, "variance_ratio": ratio,
                       "why": "the images are not aligned: features vary as much at one "
                              "position as across positions"}
@@ -517,6 +546,11 @@ def _position_model(aligned: dict[float, _Aligned], dims: torch.Tensor,
         desc = torch.stack(seen.held_descriptors)
         model = fit_position_model(torch.stack(seen.features[False]), held, desc, dims,
                                    tuple(shape), zoom)
+        if zoom in old:
+            # a card without its count of images: weighed as its held-out references
+            n = n_old or len(old[zoom].ref_levels)
+            model = merged_position_model(old[zoom], n, model, len(train))
+            model.ref_levels[: len(held)] = top_level(model.distances_pooled(held))
         a16 = model.distances_pooled(held) / model.levels(desc, exclude_self=True)[:, None, None]
         maps.append(model.output_map(a16, OUTPUT_STRIDE))
         models.append(model)
@@ -526,7 +560,24 @@ def _position_model(aligned: dict[float, _Aligned], dims: torch.Tensor,
         model.scale = float(threshold / max(cal.threshold, 1e-9))
     return models, {"used": True, "variance_ratio": ratio, **cal.to_dict(),
                     "scale": models[0].scale, "zooms": [m.zoom for m in models],
-                    "train_images": len(train), "held_out_images": len(maps[0])}
+                    "train_images": len(train) + n_old, "held_out_images": len(maps[0]),
+                    **({"from_init_images": n_old} if old else {})}
+
+
+def _kept_position_model(base: PatchDetector, threshold: float, images: Sequence[GoodImage]
+                         ) -> tuple[list[PositionModel], dict[str, Any], str]:
+    """An extended model's position models kept as they were, when the new images cannot
+    add to them (another shape, masks, too few to hold any out), rescaled to the new card's
+    threshold (the same maps, the same false-alarm rate), and what the user is told."""
+    ratio = threshold / max(float(base.threshold), 1e-9)
+    kept = [dataclasses.replace(m, scale=m.scale * ratio) for m in base.position or []]
+    shape = "x".join(str(v) for v in kept[0].image_shape)
+    cal = dict(base.card.get("position_calibration") or {})
+    cal.update(used=True, scale=kept[0].scale, kept_from_init=True)
+    why = (f"the per-position model of the extended model (images of {shape} px) is kept as "
+           "it was: the new images cannot add to it (give 8 or more unmasked images of "
+           f"{shape} px); images of other sizes are scored by the memory bank")
+    return kept, cal, why
 
 
 def _calibration_warnings(cal: dict[str, Any], n_images: int, n_held_images: int) -> list[str]:

@@ -284,10 +284,50 @@ def fit_position_model(train: torch.Tensor, held: torch.Tensor, held_descriptors
     mean = xs.mean(dim=1)
     xc = xs - mean[:, None]
     cov = xc.transpose(1, 2) @ xc / max(n - 1, 1)
-    shrink = EPS * cov.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None]
-    # numpy's batched inverse: torch's (oneMKL, 2.13 CPU) failed on this batch of 361
-    precision = torch.from_numpy(np.linalg.inv((cov + shrink * torch.eye(d)).double().numpy()))
-    model = PositionModel(image_shape, dims, mean, precision.float(), (h, w),
+    model = PositionModel(image_shape, dims, mean, _precision(cov), (h, w),
                           held_descriptors.float(), torch.ones(len(held)), zoom=zoom)
     model.ref_levels = top_level(model.distances_pooled(held.float()))
     return model
+
+
+def _precision(cov: torch.Tensor) -> torch.Tensor:
+    """Inverse of covariances ``(P, d, d)`` shrunk by :data:`EPS` towards their mean variance."""
+    d = cov.shape[-1]
+    shrink = EPS * cov.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None]
+    # numpy's batched inverse: torch's (oneMKL, 2.13 CPU) failed on this batch of 361
+    return torch.from_numpy(np.linalg.inv((cov + shrink * torch.eye(d)).double().numpy())).float()
+
+
+def _covariance(model: PositionModel) -> torch.Tensor:
+    """The covariances a model's precisions were made from (:func:`_precision` undone: the
+    shrunk matrix's mean variance is ``1 + EPS`` times the covariance's)."""
+    shrunk = np.linalg.inv(model.precision.double().numpy())
+    shrink = EPS / (1 + EPS) * shrunk.diagonal(axis1=1, axis2=2).mean(axis=1)[:, None, None]
+    return torch.from_numpy(shrunk - shrink * np.eye(shrunk.shape[-1])).float()
+
+
+def merged_position_model(old: PositionModel, n_old: int, new: PositionModel, n_new: int
+                          ) -> PositionModel:
+    """One part's Gaussians fitted on ``n_old`` images (``old``, an extended model's) and on
+    ``n_new`` new ones, as if fitted on all of them (pooled means and covariances); the
+    held-out images of both give levels, the new ones first (see :meth:`PositionModel.levels`
+    with ``exclude_self``). ``scale`` is left at 1.
+
+    Raises
+    ------
+    ValueError
+        The two model other shapes, channels or zooms.
+    """
+    if (tuple(old.image_shape) != tuple(new.image_shape) or old.zoom != new.zoom
+            or not torch.equal(old.dims, new.dims) or tuple(old.grid) != tuple(new.grid)):
+        raise ValueError("the position models differ in shape, channels or zoom")
+    n = n_old + n_new
+    mean = (n_old * old.mean + n_new * new.mean) / n
+    cov = torch.zeros_like(old.precision)
+    for m, k, c in ((old, n_old, _covariance(old)), (new, n_new, _covariance(new))):
+        shift = m.mean - mean
+        cov += (k - 1) * c + k * shift[:, :, None] * shift[:, None, :]
+    return PositionModel(new.image_shape, new.dims, mean, _precision(cov / max(n - 1, 1)),
+                         new.grid, torch.cat([new.ref_descriptors, old.ref_descriptors]),
+                         torch.cat([new.ref_levels, old.ref_levels]), 1.0, new.k_nearest,
+                         new.zoom)

@@ -358,6 +358,60 @@ def test_an_aligned_part_is_also_modelled_per_position(tmp_path: Path) -> None:
     assert a_spot.max() > model.threshold and abs(peak[0] - 23) <= 4 and abs(peak[1] - 17) <= 4
 
 
+def test_gaussians_of_two_image_sets_merge_as_fitted_on_all() -> None:
+    from models.gaussian import fit_position_model, merged_position_model
+
+    rng = np.random.default_rng(3)
+    dims = torch.arange(6)
+    feats = torch.from_numpy(rng.normal(0, 1, (60, 6, 3, 4)).astype(np.float32))
+    feats[30:] += 0.5  # the second set a little different: the pooled means move
+    held = torch.from_numpy(rng.normal(0, 1, (5, 6, 3, 4)).astype(np.float32))
+    desc = held.mean(dim=(2, 3))
+    whole = fit_position_model(feats, held, desc, dims, (48, 64))
+    a = fit_position_model(feats[:30], held, desc, dims, (48, 64))
+    b = fit_position_model(feats[30:], held, desc, dims, (48, 64))
+    m = merged_position_model(a, 30, b, 30)
+    torch.testing.assert_close(m.mean, whole.mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.precision, whole.precision, atol=1e-3, rtol=1e-3)
+    assert len(m.ref_levels) == 10  # the new held-out images first, then the old ones
+
+
+def test_a_model_of_an_aligned_part_extended_keeps_its_position_model(tmp_path: Path) -> None:
+    from scanner.inspection.maps import infer_image
+
+    rng = np.random.default_rng(0)
+    part = np.full((128, 128), 100.0, dtype=np.float32)
+    part[16:48, 16:48] = 200.0
+
+    def cells(n: int, shape: tuple[int, int] = (128, 128)) -> list[GoodImage]:
+        return [GoodImage(_relative((part * np.float32(1 + rng.normal(0, 0.02))
+                                     + rng.normal(0, 3, part.shape))[: shape[0], : shape[1]]
+                                    .astype(np.float32))) for _ in range(n)]
+
+    build_detector(cells(48), tmp_path / "base", pixel_size_um=1.0)
+    base_bytes = (tmp_path / "base.safetensors").read_bytes()
+    moved = np.full_like(part, 100.0) + rng.normal(0, 3, part.shape).astype(np.float32)
+    moved[80:112, 80:112] = 200.0  # the square where it never is
+    good = part + rng.normal(0, 3, part.shape).astype(np.float32)
+    # 12 more cells of the part: its Gaussians take them in (they were dropped: the bank
+    # alone scored the extended model's cells, and flagged good ones)
+    build_detector(cells(12), tmp_path / "more", init=tmp_path / "base.safetensors")
+    more = load_model(tmp_path / "more")
+    assert more.position is not None and [pm.zoom for pm in more.position] == [1.0, 0.75, 0.5]
+    cal = more.card["position_calibration"]
+    assert cal["used"] and cal["from_init_images"] > 0
+    assert cal["train_images"] > cal["from_init_images"]
+    assert float(infer_image(more, good).maps["anomaly"].max()) < more.threshold
+    assert float(infer_image(more, moved).maps["anomaly"][20:28, 20:28].max()) > more.threshold
+    # images of another size cannot add to it: kept as it was, and the card says so
+    build_detector(cells(10, (120, 128)), tmp_path / "other", init=tmp_path / "base.safetensors")
+    other = load_model(tmp_path / "other")
+    assert other.position is not None and other.card["position_calibration"]["kept_from_init"]
+    assert any("per-position model" in w for w in other.card["calibration"]["warnings"])
+    assert float(infer_image(other, moved).maps["anomaly"][20:28, 20:28].max()) > other.threshold
+    assert (tmp_path / "base.safetensors").read_bytes() == base_bytes
+
+
 def test_a_position_model_of_one_zoom_loads_as_written_before_zooms() -> None:
     from models.gaussian import fit_position_model, position_from_state, position_record
 
