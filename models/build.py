@@ -131,14 +131,43 @@ def _split_image(feat: torch.Tensor, usable: np.ndarray, pixel_um: float
     which no other part of the image shows (the bank never learns it), so the corner alone
     set the threshold of a model built from one good scan.
     """
-    _, h, w = feat.shape
-    rows, cols = slice(h // 4, h // 4 + max(h // 2, 1)), slice(w // 4, w // 4 + max(w // 2, 1))
+    rows, cols, keep = _held_block(usable)
     held = _HeldOut(feat[:, rows, cols].clone(), usable[rows, cols].copy(),
                     float(usable[rows, cols].sum()) * (FEATURE_STRIDE * pixel_um) ** 2)
+    return feat.permute(1, 2, 0)[torch.from_numpy(keep)], held
+
+
+def _held_block(usable: np.ndarray) -> tuple[slice, slice, np.ndarray]:
+    """The rows and columns of cells :func:`_split_image` holds out, and the usable cells it
+    keeps for the bank (beyond :data:`GAP_CELLS` of the held-out block)."""
+    h, w = usable.shape
+    rows, cols = slice(h // 4, h // 4 + max(h // 2, 1)), slice(w // 4, w // 4 + max(w // 2, 1))
     keep = usable.copy()
     g = GAP_CELLS
     keep[max(rows.start - g, 0) : rows.stop + g, max(cols.start - g, 0) : cols.stop + g] = False
-    return feat.permute(1, 2, 0)[torch.from_numpy(keep)], held
+    return rows, cols, keep
+
+
+def _check_room_to_learn(images: Sequence[GoodImage]) -> None:
+    """Refuse, before any features are computed, good images too few and too small to keep
+    anything for the bank once the centre of each is held out (it failed after the work,
+    naming no size)."""
+    if len(images) >= MIN_IMAGES_TO_HOLD_OUT:
+        return
+    if any(_held_block(np.ones((-(-g.image.shape[0] // FEATURE_STRIDE),
+                                -(-g.image.shape[1] // FEATURE_STRIDE)), bool))[2].any()
+           for g in images):
+        return
+    h, w = max(g.image.shape[0] for g in images), max(g.image.shape[1] for g in images)
+    # the side from which every larger square image keeps cells (the held-out block's
+    # rounding leaves none at some sizes above the first that keeps any)
+    cells = 1 + max(n for n in range(1, 64) if not _held_block(np.ones((n, n), bool))[2].any())
+    side = (cells - 1) * FEATURE_STRIDE + 1
+    raise InputError(f"--good: {len(images)} image(s) of at most {h} x {w} px: with fewer "
+                     f"than {MIN_IMAGES_TO_HOLD_OUT} good images the centre of each is held "
+                     "out to calibrate on, and nothing is left to learn from; give "
+                     f"{MIN_IMAGES_TO_HOLD_OUT} or more good images, or images of at least "
+                     f"{side} px a side")
 
 
 def _held_out_images(n: int, seed: int) -> set[int]:
@@ -205,6 +234,7 @@ def build_detector(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     base = _checked_inputs(images, false_alarms_per_cm2, init)
+    _check_room_to_learn(images)
     base_position = base.position if base is not None else None
     held_images, augmenting, dims = _roles(images, seed, augment_camera, base_position)
     zooms = tuple(m.zoom for m in base_position) if base_position and dims is not None else None

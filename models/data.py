@@ -77,6 +77,11 @@ def read_image(path: Path) -> np.ndarray:
     """
     path = Path(path)
     try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: empty file (0 bytes): nothing was written to it")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -106,6 +111,11 @@ def read_image(path: Path) -> np.ndarray:
         # damaged data is refused, never read as some number (NaN would flow into the maps)
         raise UserError(f"{path}: image holds non-finite pixels (NaN or infinity)")
     lo, hi = img.min(), img.max()
+    if lo < 0:
+        # light is never negative: an image standardised or differenced away from its counts
+        # (read as it is, its dark half scored as defects)
+        raise UserError(f"{path}: pixels down to {lo.item():g}: give intensities (0 or more), "
+                        "not an image shifted below zero")
     if lo == hi:
         # no camera gives one value everywhere: a blank frame (lamp, shutter, exposure) or a
         # file written empty, which a model would learn from or pass as a flawless part
@@ -147,9 +157,14 @@ def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
 def image_files(folder: Path) -> list[Path]:
     """The image files under ``folder``, sorted; hidden files and folders are no one's images
     (macOS's "._name.png" resource forks beside every picture copied from a Mac)."""
-    return sorted(f for f in folder.rglob("*") if f.is_file()
-                  and f.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    found = sorted(f for f in folder.rglob("*")
+                   if (f.is_file() or (f.is_symlink() and not f.exists()))
+                   and f.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    for f in found:
+        if not f.exists():  # an image whose file is gone is refused, as a damaged one is
+            raise UserError(f"{f}: broken link (its target is missing)")
+    return found
 
 
 def scan_pixel_size_um(paths: Iterable[str | Path]) -> float | None:

@@ -376,7 +376,8 @@ def test_gaussians_of_two_image_sets_merge_as_fitted_on_all() -> None:
     assert len(m.ref_levels) == 10  # the new held-out images first, then the old ones
 
 
-def test_a_model_of_an_aligned_part_extended_keeps_its_position_model(tmp_path: Path) -> None:
+def test_a_model_of_an_aligned_part_extended_keeps_its_position_model(tmp_path: Path,
+                                                                       caplog) -> None:
     from scanner.inspection.maps import infer_image
 
     rng = np.random.default_rng(0)
@@ -410,6 +411,18 @@ def test_a_model_of_an_aligned_part_extended_keeps_its_position_model(tmp_path: 
     assert any("per-position model" in w for w in other.card["calibration"]["warnings"])
     assert float(infer_image(other, moved).maps["anomaly"][20:28, 20:28].max()) > other.threshold
     assert (tmp_path / "base.safetensors").read_bytes() == base_bytes
+    # images of another shape inspected with it: said, since the bank scores them
+    import logging
+
+    from scanner.inspection.images import inspect_images
+
+    folder = tmp_path / "cells"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a.tif", (good * 10).astype(np.uint16))
+    tifffile.imwrite(folder / "b.tif", (good[:120] * 10).astype(np.uint16))
+    with caplog.at_level(logging.WARNING, logger="waferscope.inspect"):
+        inspect_images([folder], tmp_path / "out", model=tmp_path / "more.safetensors")
+    assert "1 of 2 images are not 128 x 128 px" in caplog.text and "b.tif" in caplog.text
 
 
 def test_a_position_model_of_one_zoom_loads_as_written_before_zooms() -> None:

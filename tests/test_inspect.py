@@ -375,3 +375,46 @@ def test_a_window_reaching_far_past_the_image_is_mirrored_not_flat():
     np.testing.assert_array_equal(win[40:79, 10:70], img[98:59:-1])  # mirrored about row 99
     assert win[40:].std(axis=0).min() > 0.1  # no column of it is flat
     np.testing.assert_array_equal(win[:40, :10], img[60:, 10:0:-1])
+
+
+def test_image_lists_name_each_file_once_and_refuse_what_is_not_an_image(tmp_path):
+    from scanner.errors import UserError
+    from scanner.inspection.images import list_images
+
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    d1.mkdir()
+    d2.mkdir()
+    tifffile.imwrite(d2 / "x.tif", _texture((64, 64)))
+    (d1 / "x.tif").symlink_to(d2 / "x.tif")
+    # a folder and a file in it: listed once (it was scored and listed twice)
+    assert [n for n, _ in list_images([d2, d2 / "x.tif"])] == ["x.tif"]
+    # a link is named where the user put it, not after its target's folder
+    assert sorted(n for n, _ in list_images([d1, d2])) == ["d1/x.tif", "d2/x.tif"]
+    (d1 / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(UserError, match="broken link"):
+        list_images([d1])
+    (d1 / "gone.png").unlink()
+    from models.data import read_image
+
+    (d1 / "empty.png").write_bytes(b"")
+    with pytest.raises(UserError, match="empty file"):
+        read_image(d1 / "empty.png")
+    img = _texture((64, 64)).astype(np.float32)
+    shifted = (img - img.mean()) / img.std()  # standardised: half of it below zero
+    tifffile.imwrite(d1 / "neg.tif", shifted)
+    with pytest.raises(UserError, match="0 or more"):
+        read_image(d1 / "neg.tif")
+    res = runner.invoke(app, ["inspect", str(d2), "--model", str(d2 / "x.tif"), "--out",
+                              str(tmp_path / "o")])
+    assert res.exit_code == 2 and "x.tif: not a model" in res.output, res.output
+
+
+def test_too_few_small_good_images_are_refused_before_any_work(tmp_path):
+    from models.build import build_detector
+    from models.data import GoodImage
+    from models.errors import InputError
+
+    goods = [GoodImage(_texture((128, 128), seed=k).astype(np.float32) / 2500) for k in range(3)]
+    with pytest.raises(InputError, match="8 or more good images, or images of at least 129"):
+        build_detector(goods, tmp_path / "m")
+    assert not list(tmp_path.iterdir())
