@@ -111,9 +111,10 @@ def read_image(path: Path) -> np.ndarray:
         # damaged data is refused, never read as some number (NaN would flow into the maps)
         raise UserError(f"{path}: image holds non-finite pixels (NaN or infinity)")
     lo, hi = img.min(), img.max()
-    if lo < 0:
+    if lo < -0.05 * max(float(hi), 0.0):
         # light is never negative: an image standardised or differenced away from its counts
-        # (read as it is, its dark half scored as defects)
+        # (read as it is, its dark half scored as defects); a dark-subtracted camera frame's
+        # noise dips a little below zero and is read
         raise UserError(f"{path}: pixels down to {lo.item():g}: give intensities (0 or more), "
                         "not an image shifted below zero")
     if lo == hi:
