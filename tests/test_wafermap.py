@@ -178,3 +178,22 @@ def test_a_cell_scanned_in_a_band_shows_what_was_not_scanned(tmp_path: Path, mon
     drawn = iio.imread(wafermap.draw_wafermap(tmp_path / "band.png", ctx, {}, []))
     plain = iio.imread(wafermap.draw_wafermap(tmp_path / "whole.png", whole, {}, []))
     assert drawn.shape == plain.shape and np.abs(drawn.astype(int) - plain).sum() > 0
+
+
+def test_a_wafer_scanned_in_a_band_shows_what_was_not_scanned(tmp_path: Path):
+    from scanner.reports import wafermap
+    from scanner.reports.locate import ScanContext
+
+    sample = {"kind": "wafer", "diameter_mm": 30, "edge_exclusion_mm": 1.0,
+              "orientation": "notch", "center_um": [0.0, 0.0], "die_pitch_mm": [5.0, 5.0]}
+    band = np.array([[k, x, 0.0] for k, x in enumerate((-10_000.0, 0.0, 10_000.0))])
+    ctx = ScanContext(tmp_path, {"recipe": {"sample": sample}}, sample, (10_000.0, 10_000.0),
+                      band)
+    missing = wafermap._unscanned(ctx)
+    assert missing is not None and missing.area > 0.4 * ctx.usable_polygon().area
+    whole = ScanContext(tmp_path, {"recipe": {"sample": sample}}, sample, (40_000.0, 40_000.0),
+                        np.array([[0, 0.0, 0.0]]))
+    drawn = iio.imread(wafermap.draw_wafermap(tmp_path / "band.png", ctx, {}, []))
+    plain = iio.imread(wafermap.draw_wafermap(tmp_path / "whole.png", whole, {}, []))
+    # the hatch covers the wafer above and below the band (it was drawn as the whole wafer)
+    assert drawn.shape == plain.shape and np.abs(drawn.astype(int) - plain).sum() > 0

@@ -175,6 +175,10 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     dies = ax.add_collection(PolyCollection(cells, facecolors=faces, edgecolors=_EDGE,
                                             linewidths=0.6 if not small else 0.3, zorder=2))
     dies.set_clip_path(wafer_patch)
+    unscanned = _unscanned(ctx)
+    if unscanned is not None:
+        # a band scan, or tiles lost: dies the tiles never imaged are not drawn as tested
+        _fill(ax, shapely.transform(unscanned, frame), lw=0, zorder=2.6, **_UNSCANNED)
     _outline(ax, usable, color="#6c7a89", lw=0.9, ls="--", zorder=3)
     _outline(ax, outline, color="#2f3b48", lw=1.6, zorder=3)
     _die_indices(ax, tested, grid, frame, float(sample["diameter_mm"]) / 2.0)
@@ -378,6 +382,8 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
                     Patch(facecolor=_FAIL_FACE, edgecolor=_EDGE, label="die: fail (count)"),
                     Patch(facecolor=_PARTIAL_FACE, edgecolor=_EDGE, label="partial edge die"),
                     Patch(lw=0, label="edge exclusion", **_EXCLUSION)]
+        if _unscanned(ctx) is not None:
+            handles.append(Patch(lw=0, label="not scanned", **_UNSCANNED))
     elif ctx.kind == "pv_cell":
         summary.append("by region:")
         for name, n in (header.get("regions") or {}).items():
