@@ -288,6 +288,9 @@ def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path, 
         assert any(d.bbox_um[0] - 2 * p <= t["x_um"] <= d.bbox_um[2] + 2 * p
                    and d.bbox_um[1] - 2 * p <= t["y_um"] <= d.bbox_um[3] + 2 * p
                    for d in found), t
+    for d in found:  # a defect's size fits its box (a box of 80 x 70 um read 288 um across)
+        x0, y0, x1, y1 = d.bbox_um
+        assert d.size_um <= math.hypot(x1 - x0, y1 - y0) + 2 * p, d
 
 
 def test_many_small_dies_smaller_than_a_block():
