@@ -304,11 +304,16 @@ def inspect(
                                 pixel_size_um=pixel_size, sample_kind=sample_kind,
                                 progress=on_progress, cluster=cluster)
         outputs = {name: Path(path) for name, path in result.outputs.items()}
-        if into_scan and working is not None:
+        if scan is not None:
             from scanner.reports import report as run_report
 
-            working("reporting")
-            outputs.update(run_report(scan).outputs)
+            if into_scan and working is not None:
+                working("reporting")
+                outputs.update(run_report(scan).outputs)
+            elif out_dir is not None:
+                # inspected into another folder: its defects located with the scan's
+                # geometry (wafer mm, dies, regions) and reported there, as in the scan's own
+                outputs.update(run_report(scan, out=out_dir).outputs)
     out.print(f"defects: {result.n_defects}")
     for name, path in outputs.items():
         out.print(f"  {name:<16} {path.resolve()}")

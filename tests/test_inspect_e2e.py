@@ -65,6 +65,9 @@ def test_run_inspects_after_stitching_and_inspect_reruns(write_recipe, tmp_path)
     assert res.exit_code == 0, res.output
     assert (scan / "defects.json").read_text() == before
     assert read_defects(out)[0]["threshold"] == 0.99
+    # located and reported there with the scan's geometry (the rows were left unlocated)
+    assert "coordinates" in read_defects(out)[0] and (out / "wafermap.png").is_file()
+    assert json.loads((scan / "scan.json").read_text())["timings"] == info["timings"]
     assert zarr.open_group(str(out / MAP_NAMES["anomaly"]), mode="r").attrs["ome"]
 
 

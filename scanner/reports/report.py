@@ -51,13 +51,17 @@ class ReportResult:
 
 def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = None,
            record: bool = True, klarf_version: str | None = None,
-           full_dies_only: bool = False) -> ReportResult:
+           full_dies_only: bool = False, out: Path | None = None) -> ReportResult:
     """Locate the defects of a scan folder and write all report outputs.
 
     Parameters
     ----------
     folder : Path
         Scan folder with ``scan.json``, ``tiles.csv`` and ``defects.json``.
+    out : Path, optional
+        The folder ``waferscope inspect SCAN --out`` wrote the scan's ``defects.json`` to:
+        its defects are located with the scan's geometry and the reports written there
+        (nothing is recorded in the scan folder).
     lot_id, wafer_id : str, optional
         Override the recipe's lot and wafer ids (KLARF ``LotID`` / ``WaferID``).
     record : bool
@@ -76,8 +80,9 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
         If the folder is not a scan folder or has no readable ``defects.json``.
     """
     t0 = time.perf_counter()
-    folder = Path(folder)
-    ctx = ScanContext.load(folder)
+    ctx = ScanContext.load(Path(folder))
+    folder = Path(out) if out is not None else Path(folder)
+    record = record and out is None
     previous, defects = read_defects(folder)
     created = previous.get("created")
     # defects an earlier run of this stage moved to repeaters.json take part again
