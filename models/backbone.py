@@ -118,6 +118,8 @@ class FeatureExtractor(nn.Module):
 
 #: the precisions the backbone can run in, by the name cards and the environment use
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the environment variable that forces one
+PRECISION_ENV = "WAFERSCOPE_FEATURE_PRECISION"
 
 
 def native_bfloat16() -> bool:
@@ -131,10 +133,10 @@ def native_bfloat16() -> bool:
 
 def feature_precision() -> str:
     """The precision the backbone runs in on this machine (module docstring)."""
-    forced = os.environ.get("WAFERSCOPE_FEATURE_PRECISION", "").strip().lower()
+    forced = os.environ.get(PRECISION_ENV, "").strip().lower()
     if forced:
         if forced not in PRECISIONS:
-            raise InputError(f"WAFERSCOPE_FEATURE_PRECISION={forced}: not one of "
+            raise InputError(f"{PRECISION_ENV}={forced}: not one of "
                              f"{', '.join(PRECISIONS)}")
         return forced
     return "bfloat16" if native_bfloat16() else "float32"

@@ -7,8 +7,9 @@ worker as well as many small ones do. A scan that fails is recorded and the batc
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from scanner.inspection.tiled import Model
 
 __all__ = ["BatchItem", "run_batch"]
+
+log = logging.getLogger("waferscope.batch")
 
 
 class BatchItem(BaseModel):
@@ -49,6 +52,8 @@ def process_scan(folder: Path, *, model: Model, cluster: Any = None,
     from scanner.pipeline import _report_stage, inspect_stage, restitch
     from scanner.scanfolder import read_scan_json
 
+    if not Path(folder).exists():
+        raise UserError(f"{folder}: no such folder")
     with claim(folder, "batch", allow_incomplete=allow_incomplete) as working:
         restitch(folder, events=events, cluster=cluster)
         working("inspecting")
@@ -65,8 +70,10 @@ def process_scan(folder: Path, *, model: Model, cluster: Any = None,
 
 
 def run_batch(folders: Sequence[Path], *, model: ModelRef = None, cluster: Any = None,
-              events: Any = None, allow_incomplete: bool = False) -> list[BatchItem]:
-    """:func:`process_scan` on each folder in turn; a failure is recorded, not raised."""
+              events: Any = None, allow_incomplete: bool = False,
+              on_item: Callable[[BatchItem], None] | None = None) -> list[BatchItem]:
+    """:func:`process_scan` on each folder in turn; a failure is recorded, not raised, and
+    ``on_item`` hears of each folder as it ends."""
     from scanner.inspection.inspect import load_inspection_model
 
     model = load_inspection_model(model)  # once, not once per scan
@@ -84,12 +91,18 @@ def run_batch(folders: Sequence[Path], *, model: ModelRef = None, cluster: Any =
                                    wall_s=round(time.perf_counter() - t0, 3)))
         except Exception as exc:
             # damaged stored data is that folder's, as bad input is: recorded, and the batch
-            # goes on to the next scan; anything else is a fault of this program
+            # goes on to the next scan. Anything else (a fault of this program, a cluster
+            # lost) is recorded as a failure too, named by its type, so that the scans done
+            # before it are still reported; WAFERSCOPE_DEBUG=1 shows its traceback
             damaged = undecodable(exc)
-            if not (damaged or isinstance(exc, (UserError, OSError, ValueError))):
-                raise
-            items.append(BatchItem(folder=Path(folder), ok=False,
-                                   error=damaged_message(exc) if damaged else str(exc),
+            known = damaged or isinstance(exc, (UserError, OSError, ValueError))
+            if not known:
+                log.debug("batch: %s failed", folder, exc_info=True)
+            error = damaged_message(exc) if damaged else str(exc) if known else \
+                f"{type(exc).__name__}: {exc}"
+            items.append(BatchItem(folder=Path(folder), ok=False, error=error,
                                    wall_s=round(time.perf_counter() - t0, 3),
                                    bad_input=damaged or isinstance(exc, UserError)))
+        if on_item is not None:
+            on_item(items[-1])
     return items

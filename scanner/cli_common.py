@@ -225,6 +225,21 @@ DaskOption = Annotated[str | None, typer.Option(
     "worker processes of one core each) or the address of a running dask scheduler (tcp://HOST:PORT).")]
 
 
+def check_dask(spec: str | None) -> None:
+    """Refuse a ``--dask`` that cannot be parsed before anything else is touched (a scan
+    folder's lock and record)."""
+    if spec is not None:
+        from scanner.cluster import ClusterSpec
+
+        ClusterSpec.parse(spec)
+
+
+def for_workers(path: Path, spec: str | None) -> Path:
+    """``path`` absolute when tasks run on dask workers: a worker of a running cluster has its
+    own working folder, and a relative scan folder was fused there (an empty mosaic here)."""
+    return Path(path).absolute() if spec is not None else Path(path)
+
+
 @contextmanager
 def _cluster(spec: str | None) -> Iterator[Any]:
     """The dask cluster of ``--dask`` (None without it: nothing changes)."""

@@ -23,8 +23,10 @@ from scanner.cli_common import (
     _print_result,
     _progress,
     app,
+    check_dask,
     check_output,
     err,
+    for_workers,
     out,
     stage_bars,
 )
@@ -190,7 +192,11 @@ def run(
     from scanner.pipeline import run_scan
     from scanner.recipe import load_recipe
 
+    check_dask(dask)
     rec = load_recipe(recipe)
+    if dask is not None:  # the scan folder's path as workers of a running cluster see it
+        out_dir = for_workers(out_dir, dask) if out_dir is not None else None
+        rec.output.root = for_workers(rec.output.root, dask)
     loaded = None
     if inspect_:
         from scanner.inspection.inspect import load_inspection_model
@@ -218,8 +224,10 @@ def resume(scan: Annotated[Path, typer.Argument(help="Scan folder of a stopped s
     """Finish a stopped scan: acquire only the missing tiles, then stitch, inspect, report."""
     from scanner.pipeline import resume_scan
 
+    check_dask(dask)
     with _cluster(dask) as cluster, _progress() as progress:
-        result = resume_scan(scan, events=stage_bars(progress), cluster=cluster)
+        result = resume_scan(for_workers(scan, dask), events=stage_bars(progress),
+                             cluster=cluster)
     _print_scan(result)
 
 
@@ -234,6 +242,8 @@ def stitch(
     from scanner.integrity import claim
     from scanner.pipeline import restitch
 
+    check_dask(dask)  # before the folder is claimed: a refused option changes nothing
+    scan = for_workers(scan, dask)
     with claim(scan, "stitch", allow_incomplete=allow_incomplete), _cluster(dask) as cluster, \
             _progress() as progress:
         result = restitch(scan, events=stage_bars(progress), cluster=cluster)
@@ -270,8 +280,17 @@ def inspect(
     from scanner.scanfolder import SCAN_JSON
 
     check_output(out_dir, "--out", folder=True)
+    check_dask(dask)  # before a scan folder is claimed: a refused option changes nothing
     target = _scan_for_store(target, out_dir)
     scan = target[0] if len(target) == 1 and (target[0] / SCAN_JSON).is_file() else None
+    if dask is not None:
+        if scan is None and not (len(target) == 1 and target[0].name.endswith(".zarr")):
+            err.print("[yellow]warning:[/] --dask: image files are inspected in this process")
+            dask = None
+        else:
+            target = [for_workers(t, dask) for t in target]
+            scan = target[0] if scan is not None else None
+            out_dir = for_workers(out_dir, dask) if out_dir is not None else None
     for path in target:  # a scan inspected alone is checked as it is held (claim, below)
         if path is not scan and (path / SCAN_JSON).is_file():
             require_ready(path, "inspect", allow_incomplete=allow_incomplete)
@@ -352,16 +371,20 @@ def batch(
     """Stitch, inspect and report many scan folders (on a dask cluster with --dask)."""
     from scanner.batch import run_batch
 
-    with _cluster(dask) as cluster, _progress() as progress:
-        items = run_batch(scans, model=model, cluster=cluster, events=stage_bars(progress),
-                          allow_incomplete=allow_incomplete)
-    for item in items:
+    check_dask(dask)
+
+    def said(item: Any) -> None:  # as each scan ends: a batch stopped later keeps them said
         if item.ok:
             out.print(f"{item.folder.resolve()}: {item.n_defects} defects "
                       f"({_duration(item.wall_s)})")
         else:
             err.print(f"[red]{escape(str(item.folder))}: failed:[/] {escape(str(item.error))}",
                       highlight=False, soft_wrap=True)
+
+    with _cluster(dask) as cluster, _progress() as progress:
+        items = run_batch([for_workers(s, dask) for s in scans], model=model, cluster=cluster,
+                          events=stage_bars(progress), allow_incomplete=allow_incomplete,
+                          on_item=said)
     failed = [item for item in items if not item.ok]
     if failed:  # 2 when every failure is the folders' own (bad input), as for one folder
         raise typer.Exit(2 if all(item.bad_input for item in failed) else 1)

@@ -106,12 +106,46 @@ def open_cluster(spec: str | ClusterSpec) -> Iterator[Cluster]:
                 Client(local) as client:
             yield Cluster(client)
         return
+    _check_scheduler(spec.address)
     try:
         client = Client(spec.address, timeout="20s")
     except OSError as exc:
         raise UserError(f"--dask {spec.address}: no dask scheduler there ({exc})") from None
     with client:
+        try:
+            client.wait_for_workers(1, timeout=WORKERS_WAIT_S)
+        except TimeoutError:
+            # tasks would wait for ever (a scheduler whose workers are gone or not started)
+            raise UserError(f"--dask {spec.address}: the scheduler has no workers (none "
+                            f"joined in {WORKERS_WAIT_S:g} s); start some with `dask worker "
+                            f"{spec.address}`") from None
         yield Cluster(client)
+
+
+#: how long a scheduler is given to answer dask's handshake, and to have a worker
+HANDSHAKE_S = 20.0
+WORKERS_WAIT_S = 30.0
+
+
+def _check_scheduler(address: str) -> None:
+    """Refuse an address where no dask scheduler answers its handshake in
+    :data:`HANDSHAKE_S`: a server of another protocol there (a web server) accepted the
+    connection and the client waited for its answer for ever."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(connect(address, timeout=f"{HANDSHAKE_S:g}s"),
+                                      HANDSHAKE_S + 5)
+        await comm.close()
+
+    try:
+        asyncio.run(handshake())
+    except (OSError, ValueError) as exc:  # TimeoutError is an OSError
+        why = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(
+            exc).__name__
+        raise UserError(f"--dask {address}: no dask scheduler there ({why})") from None
 
 
 class Cluster:
@@ -186,7 +220,13 @@ class Cluster:
         stats = InferenceStats(skipped=skipped)
         stats.extra["level"] = float(level)
         scratch = create_scratch(Path(scratch_path), tiling)
-        job = _WindowJob(model=str(Path(path).resolve()), mosaic=str(mosaic), scale=scale,
+        from models.backbone import feature_precision
+
+        weights = Path(path).resolve()
+        stat = weights.stat()
+        job = _WindowJob(model=str(weights), model_version=(stat.st_mtime_ns, stat.st_size),
+                         precision=feature_precision(),
+                         mosaic=str(Path(mosaic).absolute()), scale=scale,
                          tiling=tiling, level=level, skip_empty=skip_empty, scratch=scratch,
                          decision_threshold=getattr(model, "decision_threshold", None))
         by_row: list[list[Any]] = [[] for _ in range(n_rows)]
@@ -231,6 +271,12 @@ class _WindowJob(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     model: str
+    #: the model file's modification time (ns) and size: a worker that loaded an earlier
+    #: file of that name (a model trained again with --overwrite) loads it again
+    model_version: tuple[int, int] = (0, 0)
+    #: the client's backbone precision (WAFERSCOPE_FEATURE_PRECISION there): a worker of a
+    #: running cluster has its own environment, and bfloat16 features moved maps by 13 %
+    precision: str = "float32"
     mosaic: str
     scale: float
     tiling: Any
@@ -241,8 +287,8 @@ class _WindowJob(BaseModel):
     decision_threshold: float | None = None
 
 
-#: models loaded in this (worker) process, by file
-_MODELS: dict[str, Any] = {}
+#: models loaded in this (worker) process, by file and its version
+_MODELS: dict[tuple[str, tuple[int, int]], Any] = {}
 
 
 def worker_threads() -> int:
@@ -251,17 +297,21 @@ def worker_threads() -> int:
     return int(os.environ.get(THREADS_ENV, "0")) or _cores()
 
 
-def _worker_model(path: str) -> Any:
-    """The model of ``path``, loaded once per worker process, on the worker's threads."""
+def _worker_model(path: str, version: tuple[int, int] = (0, 0)) -> Any:
+    """The model of ``path`` (its file at ``version``), loaded once per worker process, on
+    the worker's threads."""
     import torch
 
     from scanner.inspection.inspect import load_inspection_model
 
-    if path not in _MODELS:
-        _MODELS[path] = load_inspection_model(path)
+    key = (path, tuple(version))
+    if key not in _MODELS:
+        for old in [k for k in _MODELS if k[0] == path]:
+            del _MODELS[old]  # an earlier file of that name
+        _MODELS[key] = load_inspection_model(path)
     threads = worker_threads()
     torch.set_num_threads(threads)
-    model = _MODELS[path]
+    model = _MODELS[key]
     if hasattr(model, "num_threads"):
         model.num_threads = threads
     return model
@@ -271,11 +321,13 @@ def _compute_task(job: _WindowJob, windows: list[tuple[int, int]]) -> dict[str, 
     """Compute ``windows`` into the scratch store (a dask task); returns its statistics."""
     import torch
 
+    from models.backbone import PRECISION_ENV
     from scanner.inspection.streammaps import compute_windows
     from scanner.inspection.tiled import GridReader
     from scanner.ngff import open_mosaic
 
-    model = _worker_model(job.model)
+    os.environ[PRECISION_ENV] = job.precision  # the client's, not this worker's own
+    model = _worker_model(job.model, job.model_version)
     if job.decision_threshold is not None and hasattr(model, "decision_threshold"):
         model.decision_threshold = job.decision_threshold
     reader = GridReader(open_mosaic(Path(job.mosaic))[0][0], job.scale)

@@ -120,3 +120,101 @@ def test_stitch_inspect_report_on_two_workers_equal_the_sequential_scan(cluster,
             {k: v for k, v in e.items() if k not in values}
         assert [d[k] for k in values] == pytest.approx([e[k] for k in values], rel=1e-5)
     assert not list(par.glob("*.tmp.zarr"))
+
+
+def test_an_address_where_no_scheduler_answers_is_refused_in_time(monkeypatch):
+    import socket
+    import threading
+
+    import scanner.cluster as cluster_mod
+
+    # a server that accepts and never answers (a web server there): the client waited for
+    # dask's handshake for ever, holding the scan folder's lock
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    held = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setattr(cluster_mod, "HANDSHAKE_S", 1.0)
+    try:
+        with pytest.raises(UserError, match="no dask scheduler there"):
+            with open_cluster(f"tcp://127.0.0.1:{server.getsockname()[1]}"):
+                pass
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_a_batch_reports_each_scan_as_it_ends_and_goes_on_after_a_fault(monkeypatch, tmp_path):
+    import scanner.batch as batch
+
+    def process(folder, **_):
+        if folder.name == "b":
+            raise RuntimeError("scheduler-connection-lost")
+        return 3
+
+    monkeypatch.setattr(batch, "process_scan", process)
+    heard = []
+    items = batch.run_batch([tmp_path / "a", tmp_path / "b", tmp_path / "c"], model=None,
+                            on_item=heard.append)
+    assert [i.ok for i in items] == [True, False, True] and heard == items
+    assert "RuntimeError: scheduler-connection-lost" in items[1].error
+    assert not items[1].bad_input
+
+
+def test_a_missing_scan_folder_in_a_batch_is_named_as_missing(tmp_path):
+    from scanner.batch import run_batch
+
+    items = run_batch([tmp_path / "nowhere"], model=None)
+    assert not items[0].ok and "no such folder" in items[0].error and items[0].bad_input
+
+
+@pytest.mark.slow
+def test_a_relative_scan_folder_is_stitched_where_the_workers_see_it(cluster, tmp_path,
+                                                                     monkeypatch):
+    # the workers' working folder is not the client's (a running scheduler's workers): a
+    # relative scan folder was fused into the workers' folder, leaving an empty mosaic here
+    recipe = parse_recipe(WAFER, base_dir=tmp_path)
+    seq = tmp_path / "seq"
+    assert run_scan(recipe, seq, inspect=False).status == "complete"
+    (tmp_path / "client").mkdir()
+    shutil.copytree(seq, tmp_path / "client" / "rel")
+    monkeypatch.chdir(tmp_path / "client")
+    address = cluster.client.scheduler.address
+    res = runner.invoke(app, ["stitch", "rel", "--dask", address])
+    assert res.exit_code == 0, res.output
+    for a, b in zip(_levels(seq / "mosaic.ome.zarr"),
+                    _levels(tmp_path / "client" / "rel" / "mosaic.ome.zarr"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # a refused --dask leaves the folder as it was (no lock, no record of the command)
+    before = (tmp_path / "client" / "rel" / "scan.json").read_text()
+    assert runner.invoke(app, ["stitch", "rel", "--dask", "local:0"]).exit_code == 2
+    assert (tmp_path / "client" / "rel" / "scan.json").read_text() == before
+
+
+def test_a_worker_loads_a_model_file_again_once_it_changed(monkeypatch):
+    import scanner.cluster as cluster_mod
+    import scanner.inspection.inspect as inspect_mod
+
+    loads = []
+    monkeypatch.setattr(inspect_mod, "load_inspection_model",
+                        lambda path: loads.append(path) or object())
+    monkeypatch.setattr(cluster_mod, "_MODELS", {})
+    a = cluster_mod._worker_model("/m.safetensors", (1, 10))
+    assert cluster_mod._worker_model("/m.safetensors", (1, 10)) is a  # once per version
+    b = cluster_mod._worker_model("/m.safetensors", (2, 12))  # trained again, --overwrite
+    assert b is not a and len(loads) == 2 and len(cluster_mod._MODELS) == 1
