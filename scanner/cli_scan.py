@@ -196,7 +196,8 @@ def run(
     rec = load_recipe(recipe)
     if dask is not None:  # the scan folder's path as workers of a running cluster see it
         out_dir = for_workers(out_dir, dask) if out_dir is not None else None
-        rec.output.root = for_workers(rec.output.root, dask)
+        rec = rec.model_copy(update={"output": rec.output.model_copy(
+            update={"root": for_workers(rec.output.root, dask)})})
     loaded = None
     if inspect_:
         from scanner.inspection.inspect import load_inspection_model

@@ -200,6 +200,17 @@ def test_a_relative_scan_folder_is_stitched_where_the_workers_see_it(cluster, tm
     for a, b in zip(_levels(seq / "mosaic.ome.zarr"),
                     _levels(tmp_path / "client" / "rel" / "mosaic.ome.zarr"), strict=True):
         np.testing.assert_array_equal(a, b)
+    # run with the recipe's relative output.root: the same
+    import yaml
+
+    (tmp_path / "client" / "w.yaml").write_text(yaml.safe_dump(
+        {**WAFER, "name": "w", "output": {**WAFER["output"], "root": "scans"}}))
+    res = runner.invoke(app, ["run", "w.yaml", "--no-inspect", "--dask", address])
+    assert res.exit_code == 0, res.output
+    (made,) = (tmp_path / "client" / "scans").iterdir()
+    for a, b in zip(_levels(seq / "mosaic.ome.zarr"), _levels(made / "mosaic.ome.zarr"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
     # a refused --dask leaves the folder as it was (no lock, no record of the command)
     before = (tmp_path / "client" / "rel" / "scan.json").read_text()
     assert runner.invoke(app, ["stitch", "rel", "--dask", "local:0"]).exit_code == 2
