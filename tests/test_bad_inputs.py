@@ -389,7 +389,8 @@ def test_batch_of_folders_that_are_not_scans_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(app, ["batch", str(tmp_path / "a"), str(tmp_path / "b")])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2 and all("not a scan folder" in line for line in lines), lines
+    assert len(lines) == 2 and "not a scan folder" in lines[0], lines
+    assert "b: no such folder" in lines[1], lines  # a missing folder is named as missing
 
 
 def test_a_batch_names_the_scan_with_damaged_tiles_and_goes_on(wafer_scan: Path,

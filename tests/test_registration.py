@@ -275,3 +275,35 @@ def test_a_far_peak_rivals_the_best_when_the_best_is_far_from_the_stage_too():
     assert [c[2] for c in near] == [461, 461]
     # the best 8 px off: the stage landed far, so every peak stays a rival
     assert _plausible_rivals(scored, 8.0, 469.0, (0, 461), (19.0, 19.0)) == scored
+
+
+def test_structure_strong_across_and_repeating_along_is_measured_across():
+    # strong lines across x (streets, die edges) and a faint pattern repeating every 9 px in
+    # y: the rivals lie along y only, so x is measured, as an edge's (y left to the others);
+    # refused whole, such pairs left a die grid's columns at their stage places in x
+    rr, cc = np.mgrid[0:700, 0:700]
+    lines = ndimage.gaussian_filter(((cc % 37) < 5).astype(float), 1.0)
+    scene = 0.6 * lines + 0.07 * np.sin(2 * np.pi * rr / 9.0) + 0.2
+    true = np.array([-4.4, 160.0 + 3.2])  # tile b below tile a, the stage 4.4 px off in x
+    a = _tile(scene, 300, 300)
+    b = _tile(scene, 300 + true[0], 300 + true[1], seed=1)
+    r = register_pair(a, b, (0.0, 160.0), max_shift_px=12.0)
+    assert r.ok and r.is_edge
+    assert abs(r.dx - true[0]) < 0.3  # across the lines: measured
+    xx, _, yy = r.info
+    assert xx > 0.9 and yy < 1e-4  # along them: left to the other pairs and the stage
+
+
+def test_tiles_that_no_overlap_measures_along_an_axis_are_named():
+    from scanner.stitching.registration.scan import _off_the_main_chain
+
+    def pair(a: int, b: int, info: tuple[float, float, float]) -> PairResult:
+        return PairResult(a, b, 0.0, 0.0, 0.99, 9.0, 50.0, True, info)
+
+    # 2 x 2 tiles over streets: left-right overlaps measure y only, top-bottom x only
+    only_y, only_x, both = (0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (1.0, 0.0, 1.0)
+    used = [pair(0, 1, only_y), pair(2, 3, only_y), pair(0, 2, only_x), pair(1, 3, only_x)]
+    assert len(_off_the_main_chain(4, used, "x")) == 2  # the columns: placed by the stage
+    assert len(_off_the_main_chain(4, used, "y")) == 2
+    used[0] = pair(0, 1, both)  # one overlap with texture both ways links them
+    assert _off_the_main_chain(4, used, "x") == [] and _off_the_main_chain(4, used, "y") == [2, 3]

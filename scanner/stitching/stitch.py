@@ -220,6 +220,8 @@ def stitch_scan(
         reg_summary = summary.to_json()
         if summary.unplaced_tiles:
             _tell_unplaced(summary.unplaced_tiles, repeatability_um)
+        if summary.stage_placed_axes:
+            _tell_stage_placed_axes(summary.stage_placed_axes, repeatability_um)
         if measured is not None:
             reg_summary["camera_measured"] = measured
             _tell_measured_camera(measured, summary.n_tiles)
@@ -247,6 +249,20 @@ def _tell_unplaced(tiles: list[tuple[int, int]], repeatability_um: float) -> Non
                 "landed, up to %.3g um off (3 sigma of microscope.stage.repeatability_um): "
                 "seams there may read as defects; a larger scan.overlap gives their overlaps "
                 "more to match", len(tiles), shown, more, 3 * repeatability_um)
+
+
+def _tell_stage_placed_axes(tiles: list[tuple[int, int, str]], repeatability_um: float
+                            ) -> None:
+    """Warn that some tiles' overlaps measured their offset along one axis only."""
+    axes = sorted({a for _, _, a in tiles})
+    shown = ", ".join(f"row {r} col {c} in {a}" for r, c, a in tiles[:5])
+    more = f" and {len(tiles) - 5} more" if len(tiles) > 5 else ""
+    log.warning("%d tile position(s) lie where the stage landed along %s (%s%s): their "
+                "overlaps hold structure along that axis only (streets, die edges), so no "
+                "neighbour measures it; up to %.3g um off (3 sigma of "
+                "microscope.stage.repeatability_um), seams there may read as defects; a larger "
+                "scan.overlap gives the overlaps more to match", len(tiles),
+                " and ".join(axes), shown, more, 3 * repeatability_um)
 
 
 def _tell_measured_camera(measured: dict[str, Any], n_tiles: int) -> None:

@@ -54,6 +54,8 @@ _TAPER = 0.5
 #: Below this ratio of the structure tensor's eigenvalues a strip is an edge (see _structure):
 #: only the shift across the edge is measured.
 _EDGE_ISOTROPY = 0.05
+#: Below this ratio a strip whose rivals lie along its weak direction is measured as an edge
+_WEAK_ISOTROPY = 0.25
 #: Smoothing (pixels) before the structure tensor, so that pixel noise (isotropic) does not
 #: pass a straight edge for texture.
 _TENSOR_SIGMA = 1.5
@@ -377,6 +379,16 @@ def _measured_pair(tile_a: np.ndarray, tile_b: np.ndarray, scored: list[tuple],
     # the best's integer-shift correlation: the other peaks are scored at integer shifts too
     clear = (1.0 - second) >= _MIN_DISAGREEMENT_RATIO * (1.0 - scored[0][0])
     ok = ncc >= min_ncc and (ratio >= min_peak_ratio or clear)
+    if not ok and not edge and ncc >= min_ncc and isotropy < _WEAK_ISOTROPY:
+        # texture strong across one direction, weak along the other (streets and die edges
+        # that run along the strip, a little structure across): the rivals may lie along the
+        # weak direction only, and then the shift across is still measured. Taken as an
+        # edge's (across only): refused, the tiles of a sky-and-streets die grid at 0.5 um
+        # kept their stage places in x, 4-8 px seams
+        across = _second_peak(rivals, dy, dx, True, normal)
+        ratio = max(ncc, scored[0][0]) / across if across > 0 else math.inf
+        clear = (1.0 - across) >= _MIN_DISAGREEMENT_RATIO * (1.0 - scored[0][0])
+        edge = ok = ratio >= min_peak_ratio or clear
     if edge:
         ny, nx = float(normal[0]), float(normal[1])
         info = (nx * nx, nx * ny, ny * ny)

@@ -67,6 +67,10 @@ class RegistrationSummary:
     #: tiles left where the stage landed although an overlap of theirs matched (every such
     #: pair ambiguous or rejected by the solve): ``(row, col)``
     unplaced_tiles: list[tuple[int, int]] = field(default_factory=list)
+    #: tiles placed by the stage along one axis: no chain of matched overlaps measures their
+    #: offset along it from the largest group of tiles that it links (overlaps whose only
+    #: structure runs along that axis, streets and die edges): ``(row, col, "x" | "y")``
+    stage_placed_axes: list[tuple[int, int, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-friendly dict (floats rounded)."""
@@ -370,7 +374,37 @@ def _summary(records: list[Any], pairs: list[PairResult], result: SolveResult,
                         for k in sorted({t for q in pairs if math.isfinite(q.dx)
                                          and q.ncc >= min_ncc for t in (q.a, q.b)})
                         if not result.constrained[k]],
+        stage_placed_axes=[(int(records[k].row), int(records[k].col), axis)
+                           for axis in ("x", "y")
+                           for k in _off_the_main_chain(len(records), result.used, axis)
+                           # a tile at a sample's rim (partial) is matched across the rim
+                           # only, as a rim allows: not worth a warning on every wafer
+                           if result.constrained[k] and classes[k] == "textured"],
     )
+
+
+def _off_the_main_chain(n_tiles: int, used: list[PairResult], axis: str) -> list[int]:
+    """Tiles that no chain of used pairs measuring ``axis`` links to the largest such group
+    (none when no pair measures it: a scan that matched nothing is told as unplaced)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    k = 0 if axis == "x" else 2
+    links = [(q.a, q.b) for q in used if q.info[k] > _MEASURED_INFO]
+    if not links:
+        return []
+    a, b = np.array(links).T
+    graph = coo_matrix((np.ones(len(links)), (a, b)), shape=(n_tiles, n_tiles))
+    _, label = connected_components(graph, directed=False)
+    touched = np.zeros(n_tiles, bool)
+    touched[a] = touched[b] = True
+    main = np.bincount(label[touched]).argmax()
+    return [t for t in range(n_tiles) if label[t] != main]
+
+
+#: a pair measures an axis when its information along it is at least this share of its
+#: strongest direction's
+_MEASURED_INFO = 0.1
 
 
 #: the largest camera turn against the stage a scan without a calibration is searched for
