@@ -283,8 +283,9 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
     golden = card.get("golden")
     if golden:
         out.print(f"  golden     {golden['source']} ({golden['shape'][1]} x {golden['shape'][0]} "
-                  f"px): the design does not repeat, so scans of it are compared with this "
-                  f"image (z threshold {golden['z_threshold']:g})")
+                  f"px): no repeat of dies that can be compared was found (none, or finer "
+                  f"than die-to-die compares), so scans of it are compared with this image "
+                  f"(z threshold {golden['z_threshold']:g})")
     out.print(f"  time       {_duration(report.build_time_s)}")
     for warning in report.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

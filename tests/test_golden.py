@@ -196,3 +196,17 @@ def test_a_defects_difference_image_is_the_comparison_around_it() -> None:
     assert np.abs(diff[:8, :8]).mean() < 0.03 * 1500  # the sky around it: noise
     assert z[25:35, 25:35].max() > 2 * Z_THRESHOLD and z[:8, :8].max() < Z_THRESHOLD
     assert placed.difference(bad, 0, 0, 20, 20) is None  # off the golden image
+
+
+def test_a_golden_image_not_found_in_the_scan_is_said(caplog) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from scanner.inspection.golden import golden_evidence
+
+    model = SimpleNamespace(golden=_golden(), card={"pixel_size_um": 1.0}, pixel_size_um=1.0)
+    other = np.random.default_rng(3).random((640, 700)).astype(np.float32)  # another product
+    with caplog.at_level(logging.WARNING, logger="waferscope.inspect"):
+        stats, *_ = golden_evidence(model, [other], MosaicGrid((0.0, 0.0), 1.0, other.shape),
+                                    None, 1.0)
+    assert stats["placed"] is False and "golden image was not found" in caplog.text

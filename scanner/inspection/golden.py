@@ -613,6 +613,13 @@ def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any
     stats: dict[str, Any] = {"reference": GOLDEN, "z_threshold": z_threshold,
                              "placed": placed is not None}
     if placed is None:
+        # said, not only recorded: the model alone then judges a product whose defects the
+        # golden comparison was kept for (a fine grating: 9 of 23 found, nothing said)
+        import logging
+
+        logging.getLogger("waferscope.inspect").warning(
+            "the model's golden image was not found in this image (another product, or "
+            "placed beyond the search): compared with nothing, the model alone judges it")
         return {**stats, "seconds": round(time.perf_counter() - t0, 3)}, None, None, None
     if polygon is not None:
         from scanner.inspection.dietodie_geometry import UsableArea
