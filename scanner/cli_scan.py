@@ -416,6 +416,12 @@ def report(
     if klarf_version is not None and klarf_version not in KLARF_VERSIONS:
         raise UserError(f"--klarf-version: {klarf_version} is not one of "
                         f"{', '.join(KLARF_VERSIONS)}")
+    from scanner.recipe import klarf_id_problem
+
+    for option, value in (("--lot", lot), ("--wafer", wafer)):
+        problem = klarf_id_problem(value) if value is not None else None
+        if problem:
+            raise UserError(f"{option}: {problem}")
     with claim(scan, "report", allow_incomplete=allow_incomplete):
         result = run_report(scan, lot_id=lot, wafer_id=wafer, klarf_version=klarf_version,
                             full_dies_only=full_dies_only)

@@ -143,6 +143,22 @@ class PlacementSpec(_Model):
 MIN_WAFER_MM, MAX_WAFER_MM = 1.0, 450.0
 
 
+#: what a KLARF id cannot hold: its strings' quotes, its records' ends and its 1.8 blocks'
+#: delimiters (written, they were replaced by "_" without a word)
+_KLARF_ID_FORBIDDEN = re.compile(r'["\r\n;,{}]')
+
+
+def klarf_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a lot or wafer id in a KLARF (None: it can)."""
+    if not str(value).strip():
+        return "an id cannot be empty"
+    bad = sorted(set(_KLARF_ID_FORBIDDEN.findall(str(value))))
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        return f"{value!r} holds {shown}, which a KLARF cannot carry in an id"
+    return None
+
+
 class WaferSample(_Model):
     """A round wafer with a die grid."""
 
@@ -171,6 +187,14 @@ class WaferSample(_Model):
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
     placement: PlacementSpec = PlacementSpec()
+
+    @field_validator("lot_id", "wafer_id")
+    @classmethod
+    def _fab_id(cls, value: str) -> str:
+        problem = klarf_id_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("diameter_mm")
     @classmethod

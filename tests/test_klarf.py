@@ -211,3 +211,19 @@ def test_numbers_have_no_negative_zero():
     # a die origin of -0.0 mm (x = 0 written as a negated product) read "-0.0000000000e+00"
     assert _sci(-0.0) == "0.0000000000e+00" and _sci(-1.5) == "-1.5000000000e+00"
     assert _fixed(-0.0001) == "0.000"
+
+
+def test_ids_a_klarf_cannot_carry_are_refused_naming_the_option(reported_wafer: Path):
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+    from scanner.recipe import RecipeError, parse_recipe
+
+    before = (reported_wafer / "defects.klarf").read_bytes()
+    # written, "MY LOT;1" became MY LOT_1 (1.2) or MY_LOT_1 (1.8) without a word
+    res = CliRunner().invoke(app, ["report", str(reported_wafer), "--lot", "MY LOT;1"])
+    assert res.exit_code == 2 and "--lot" in res.output and "';'" in res.output
+    assert (reported_wafer / "defects.klarf").read_bytes() == before
+    with pytest.raises(RecipeError, match="wafer_id"):
+        parse_recipe({"sample": {"kind": "wafer", "diameter_mm": 100, "wafer_id": "W{1}"},
+                      "microscope": {"kind": "simulated"}}, reported_wafer)
