@@ -251,8 +251,7 @@ def build_detector(
             seen.position, dims, images[0].image.shape, cal.area_cm2, false_alarms_per_cm2,
             cal.result.threshold, base)
     elif base_position:
-        position, position_cal, why = _kept_position_model(base, cal.result.threshold,
-                                                           images)
+        position, position_cal, why = _kept_position_model(base, cal.result.threshold)
         warnings.append(why)
     else:
         position, position_cal = None, None
@@ -594,7 +593,7 @@ def _position_model(aligned: dict[float, _Aligned], dims: torch.Tensor,
                     **({"from_init_images": n_old} if old else {})}
 
 
-def _kept_position_model(base: PatchDetector, threshold: float, images: Sequence[GoodImage]
+def _kept_position_model(base: PatchDetector, threshold: float
                          ) -> tuple[list[PositionModel], dict[str, Any], str]:
     """An extended model's position models kept as they were, when the new images cannot
     add to them (another shape, masks, too few to hold any out), rescaled to the new card's

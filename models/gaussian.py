@@ -316,7 +316,7 @@ def merged_position_model(old: PositionModel, n_old: int, new: PositionModel, n_
     Raises
     ------
     ValueError
-        The two model other shapes, channels or zooms.
+        The two models differ in shape, channels or zoom.
     """
     if (tuple(old.image_shape) != tuple(new.image_shape) or old.zoom != new.zoom
             or not torch.equal(old.dims, new.dims) or tuple(old.grid) != tuple(new.grid)):
