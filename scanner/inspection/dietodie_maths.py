@@ -87,6 +87,14 @@ def _mean_pool(a: np.ndarray, f: int) -> np.ndarray:
     return a
 
 
+def _blown_up(a: np.ndarray, f: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A map computed on ``f x f`` block means (:func:`_mean_pool`) back on the pixels of
+    ``shape``: each value repeated over its block."""
+    if f == 1:
+        return a
+    return np.repeat(np.repeat(a, f, axis=0), f, axis=1)[: shape[0], : shape[1]]
+
+
 def match_levels(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | None = None
                  ) -> tuple[float, np.ndarray]:
     """The test's level (median) and the references scaled to it (a float32 copy): the
@@ -237,10 +245,7 @@ def _difference_z(test: np.ndarray, refs: np.ndarray, level_t: float,
         noise = _local_noise(r, 2 * int(round(max(4.0, 3.0 * s) / f)) + 1) + floor
         if PHASE_TOLERANCE_PX > 0:
             noise = np.hypot(noise, _phase_noise(r, size, f))
-        zs = np.abs(excess) / noise
-        if f > 1:
-            zs = np.repeat(np.repeat(zs, f, axis=0), f, axis=1)[:test.shape[0], :test.shape[1]]
-        np.maximum(z, zs, out=z)
+        np.maximum(z, _blown_up(np.abs(excess) / noise, f, test.shape), out=z)
     if mask is not None:
         z[~mask] = 0.0
     return z
@@ -318,8 +323,7 @@ def _texture_z(test: np.ndarray, refs: np.ndarray, level_t: float, mask: np.ndar
     loss = np.maximum(lo - lt, 0.0)
     noise = _local_noise(lr, 2 * int(round(3 * TEXTURE_WINDOW_PX / f)) + 1) \
         + TEXTURE_MIN_SPREAD
-    z = (loss / noise).astype(np.float32)
-    z = np.repeat(np.repeat(z, f, axis=0), f, axis=1)[:test.shape[0], :test.shape[1]]
+    z = _blown_up((loss / noise).astype(np.float32), f, test.shape)
     if mask is not None:
         z[~mask] = 0.0
     return z

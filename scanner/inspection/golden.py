@@ -615,9 +615,9 @@ def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any
     if placed is None:
         # said, not only recorded: the model alone then judges a product whose defects the
         # golden comparison was kept for (a fine grating: 9 of 23 found, nothing said)
-        import logging
+        from scanner.inspection.card import log
 
-        logging.getLogger("waferscope.inspect").warning(
+        log.warning(
             "the model's golden image was not found in this image (another product, or "
             "placed beyond the search): compared with nothing, the model alone judges it")
         return {**stats, "seconds": round(time.perf_counter() - t0, 3)}, None, None, None

@@ -27,7 +27,7 @@ import numpy as np
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
 from scanner.reports.repeaters import REPEATERS_JSON, read_repeaters
 from scanner.reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
-from scanner.scanfolder import MOSAIC, SCAN_JSON, read_scan_json
+from scanner.scanfolder import MOSAIC, SCAN_JSON
 
 LayerData = tuple[Any, dict[str, Any], str]
 
@@ -186,10 +186,10 @@ def die_grid_shapes(folder: Path) -> LayerData | None:
 
     header, _ = read_defects(folder)
     tested = (header.get("dies") or {}).get("tested") or []
-    sample = (read_scan_json(folder).get("recipe") or {}).get("sample") or {}
-    if not tested or sample.get("kind") != "wafer":
+    if not tested:
         return None
-    grid = ScanContext.load(folder).die_grid()
+    ctx = ScanContext.load(folder)  # scan.json read once, as the reports read it
+    grid = ctx.die_grid() if ctx.kind == "wafer" else None
     if grid is None:
         return None
     rects, edges = [], []

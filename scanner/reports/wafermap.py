@@ -135,7 +135,7 @@ def wafer_frame_mm(ctx: ScanContext) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect],
-           repeaters: list[Defect]) -> None:
+           repeaters: list[Defect], unscanned: Any) -> None:
     """The wafer in its own frame: outline, usable area, tested dies and defects all put
     there from the stage by the measured centre and rotation, as the defects' wafer mm are
     (a wafer placed off the recipe's centre or turned is drawn where its defects say)."""
@@ -175,7 +175,6 @@ def _wafer(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
     dies = ax.add_collection(PolyCollection(cells, facecolors=faces, edgecolors=_EDGE,
                                             linewidths=0.6 if not small else 0.3, zorder=2))
     dies.set_clip_path(wafer_patch)
-    unscanned = _unscanned(ctx)
     if unscanned is not None:
         # a band scan, or tiles lost: dies the tiles never imaged are not drawn as tested
         _fill(ax, shapely.transform(unscanned, frame), lw=0, zorder=2.6, **_UNSCANNED)
@@ -217,7 +216,7 @@ def _die_indices(ax: Axes, tested: list[dict[str, Any]], grid: Any,
                 ha="right", va="center")
 
 
-def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
+def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect], unscanned: Any) -> None:
     from matplotlib.patches import Rectangle
 
     s = ctx.sample
@@ -247,7 +246,6 @@ def _pv_cell(ax: Axes, ctx: ScanContext, defects: list[Defect]) -> None:
     # are found: from the recipe's centre, a cell placed off it or turned was drawn with
     # defects on the wrong busbar
     frame = wafer_frame_mm(ctx)
-    unscanned = _unscanned(ctx)
     if unscanned is not None:
         # a band scan, or tiles lost: what the tiles never imaged is not drawn as inspected
         import shapely
@@ -316,7 +314,7 @@ def _when(iso: str | None) -> str:
 
 
 def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Defect],
-           repeaters: list[Defect]) -> None:
+           repeaters: list[Defect], unscanned: Any) -> None:
     """Side panel: identity of the scan, counts by class, dies or regions."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -382,14 +380,14 @@ def _panel(ax: Axes, ctx: ScanContext, header: dict[str, Any], defects: list[Def
                     Patch(facecolor=_FAIL_FACE, edgecolor=_EDGE, label="die: fail (count)"),
                     Patch(facecolor=_PARTIAL_FACE, edgecolor=_EDGE, label="partial edge die"),
                     Patch(lw=0, label="edge exclusion", **_EXCLUSION)]
-        if _unscanned(ctx) is not None:
+        if unscanned is not None:
             handles.append(Patch(lw=0, label="not scanned", **_UNSCANNED))
     elif ctx.kind == "pv_cell":
         summary.append("by region:")
         for name, n in (header.get("regions") or {}).items():
             summary.append(f"    {name}  {n}")
         handles += [Patch(lw=0, label="edge band", **_EXCLUSION)]
-        if _unscanned(ctx) is not None:
+        if unscanned is not None:
             handles.append(Patch(lw=0, label="not scanned", **_UNSCANNED))
     ax.text(0.0, 0.76, "\n".join(summary), fontsize=10, va="top", linespacing=1.6,
             transform=ax.transAxes, family="DejaVu Sans")
@@ -427,14 +425,16 @@ def draw_wafermap(path: Path, ctx: ScanContext, header: dict[str, Any],
     ax = fig.add_subplot(grid[0, 0])
     ax.set_aspect("equal")
     ax.tick_params(labelsize=8)
+    # once for the map and its legend: tiles unioned, slivers opened (see _unscanned)
+    unscanned = _unscanned(ctx)
     if ctx.kind == "wafer":
-        _wafer(ax, ctx, header, defects, repeaters or [])
+        _wafer(ax, ctx, header, defects, repeaters or [], unscanned)
     elif ctx.kind == "pv_cell":
-        _pv_cell(ax, ctx, defects)
+        _pv_cell(ax, ctx, defects, unscanned)
     else:
         _other(ax, ctx, defects)
     ax.set_axisbelow(True)
-    _panel(fig.add_subplot(grid[0, 1]), ctx, header, defects, repeaters or [])
+    _panel(fig.add_subplot(grid[0, 1]), ctx, header, defects, repeaters or [], unscanned)
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.15)

@@ -374,21 +374,26 @@ def _measured_pair(tile_a: np.ndarray, tile_b: np.ndarray, scored: list[tuple],
     ncc = _ncc(ha2[m:-m, m:-m], aligned[m:-m, m:-m]) if min(ha2.shape) > 2 * m + 2 else 0.0
     dy, dx = oy2 + fy, ox2 + fx
     rivals = _plausible_rivals(scored, dy, dx, *prior) if ncc >= _PRIOR_NCC else scored
-    second = _second_peak(rivals, dy, dx, edge, normal)
-    ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
-    # the best's integer-shift correlation: the other peaks are scored at integer shifts too
-    clear = (1.0 - second) >= _MIN_DISAGREEMENT_RATIO * (1.0 - scored[0][0])
-    ok = ncc >= min_ncc and (ratio >= min_peak_ratio or clear)
+
+    def lead(across_only: bool) -> tuple[float, bool]:
+        """The best's lead over the rivals (their distance across the edge only, or in
+        full) and whether it is unambiguous."""
+        second = _second_peak(rivals, dy, dx, across_only, normal)
+        ratio = max(ncc, scored[0][0]) / second if second > 0 else math.inf
+        # the best's integer-shift correlation: the other peaks are scored at integer shifts
+        clear = (1.0 - second) >= _MIN_DISAGREEMENT_RATIO * (1.0 - scored[0][0])
+        return ratio, ratio >= min_peak_ratio or clear
+
+    ratio, unambiguous = lead(edge)
+    ok = ncc >= min_ncc and unambiguous
     if not ok and not edge and ncc >= min_ncc and isotropy < _WEAK_ISOTROPY:
         # texture strong across one direction, weak along the other (streets and die edges
         # that run along the strip, a little structure across): the rivals may lie along the
         # weak direction only, and then the shift across is still measured. Taken as an
         # edge's (across only): refused, the tiles of a sky-and-streets die grid at 0.5 um
         # kept their stage places in x, 4-8 px seams
-        across = _second_peak(rivals, dy, dx, True, normal)
-        ratio = max(ncc, scored[0][0]) / across if across > 0 else math.inf
-        clear = (1.0 - across) >= _MIN_DISAGREEMENT_RATIO * (1.0 - scored[0][0])
-        edge = ok = ratio >= min_peak_ratio or clear
+        ratio, unambiguous = lead(True)
+        edge = ok = unambiguous
     if edge:
         ny, nx = float(normal[0]), float(normal[1])
         info = (nx * nx, nx * ny, ny * ny)
