@@ -284,3 +284,26 @@ def test_an_image_with_a_missing_chunk_is_refused_not_shown_black(review_scan: P
     (folder / image / "0" / "c" / "0" / "0").unlink()
     with pytest.raises(UserError, match=f"{image} level 0: chunk"):
         read_scan(str(folder))
+
+
+def test_an_inspection_written_elsewhere_opens_with_its_scans_mosaic(review_scan: Path,
+                                                                    tmp_path: Path):
+    # `inspect SCAN --out DIR` leaves the mosaic in SCAN; `view DIR` was refused as "not a
+    # scan folder"
+    out = tmp_path / "review_out"
+    out.mkdir()
+    for name in ("defects.json", *MAP_NAMES.values()):
+        src = review_scan / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, out / name)
+    doc = json.loads((out / "defects.json").read_text())
+    doc["header"]["source"] = str((review_scan / "mosaic.ome.zarr").resolve())
+    (out / "defects.json").write_text(json.dumps(doc))
+    assert get_reader(str(out)) is read_scan
+    layers = {kw["name"]: (data, kw) for data, kw, _ in read_scan(str(out))}
+    assert layers["mosaic"][1]["metadata"]["path"] == doc["header"]["source"]
+    assert {"anomaly", "defects", "die grid"} <= set(layers)
+    assert len(layers["defects"][0]) == len(doc["defects"])
+    # a source that is gone: nothing to show, as for any folder without a mosaic
+    doc["header"]["source"] = str(tmp_path / "gone" / "mosaic.ome.zarr")
+    (out / "defects.json").write_text(json.dumps(doc))
+    assert get_reader(str(out)) is None

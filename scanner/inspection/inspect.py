@@ -521,7 +521,7 @@ def inspect_mosaic(
     t_defects = time.perf_counter() - t1
     timings = _timings(time.perf_counter() - t0, t_maps, t_defects, maps, refine)
     header = {
-        "source": str(mosaic), "created": now_iso(), "model": model_info(model),
+        "source": str(Path(mosaic).resolve()), "created": now_iso(), "model": model_info(model),
         **threshold_record(thr, thr_source, contexts),
         **_maps_record(maps, refine, polygon is not None),
         "edge_band_um": edge_band_um,

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
+from scanner.errors import UserError
 from scanner.reports.repeaters import REPEATERS_JSON, read_repeaters
 from scanner.reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
 from scanner.scanfolder import MOSAIC, SCAN_JSON
@@ -36,7 +37,8 @@ MAP_COLORMAPS = {"anomaly": "inferno", "roughness": "viridis", "uncertainty": "m
 
 
 def _scan_folder(path: str | list[str] | Path) -> Path | None:
-    """The scan folder a path points at (the folder, or a file or mosaic inside it)."""
+    """The scan folder a path points at (the folder, or a file or mosaic inside it), or the
+    folder an inspection of a scan was written to (``inspect SCAN --out DIR``)."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
@@ -44,9 +46,41 @@ def _scan_folder(path: str | list[str] | Path) -> Path | None:
     p = Path(path)
     for candidate in (p, p.parent):
         if candidate.is_dir() and ((candidate / SCAN_JSON).is_file()
-                                   or (candidate / MOSAIC).is_dir()):
+                                   or (candidate / MOSAIC).is_dir()
+                                   or inspected_mosaic(candidate) is not None):
             return candidate
     return None
+
+
+def inspected_mosaic(folder: Path) -> Path | None:
+    """The mosaic a folder shows: its own, or the one its inspection's ``defects.json``
+    names as its source when the inspection was written elsewhere (``inspect SCAN --out
+    DIR``: DIR holds the maps and defects, the scan keeps its mosaic); None when neither
+    exists."""
+    if (folder / MOSAIC).is_dir():
+        return folder / MOSAIC
+    if not (folder / DEFECTS_JSON).is_file():
+        return None
+    try:
+        header, _ = read_defects(folder)
+    except UserError:  # not a scan inspection's list (image files'): nothing to show
+        return None
+    source = header.get("source")
+    if not isinstance(source, str) or not source.endswith(".zarr"):
+        return None
+    mosaic = Path(source)
+    if not mosaic.is_absolute():  # recorded as given; inspect now records it resolved
+        mosaic = folder / mosaic
+    return mosaic if mosaic.is_dir() else None
+
+
+def _context_folder(folder: Path) -> Path:
+    """The scan folder whose ``scan.json`` places a folder's defects: its own, or that of the
+    scan whose mosaic it shows (:func:`inspected_mosaic`)."""
+    if (folder / SCAN_JSON).is_file():
+        return folder
+    mosaic = inspected_mosaic(folder)
+    return mosaic.parent if mosaic is not None else folder
 
 
 def get_reader(path: str | list[str]) -> Any:
@@ -188,7 +222,7 @@ def die_grid_shapes(folder: Path) -> LayerData | None:
     tested = (header.get("dies") or {}).get("tested") or []
     if not tested:
         return None
-    ctx = ScanContext.load(folder)  # scan.json read once, as the reports read it
+    ctx = ScanContext.load(_context_folder(folder))  # scan.json read once, as the reports do
     grid = ctx.die_grid() if ctx.kind == "wafer" else None
     if grid is None:
         return None
@@ -213,8 +247,9 @@ def read_scan(path: str | list[str]) -> list[LayerData]:
         raise ValueError(f"{path}: not a waferscope scan folder (no {SCAN_JSON} or {MOSAIC})")
     layers: list[LayerData] = []
     extent = None
-    if (folder / MOSAIC).is_dir():
-        mosaic = _image_layer(folder / MOSAIC, "mosaic", colormap="gray", blending="opaque")
+    source = inspected_mosaic(folder)
+    if source is not None:
+        mosaic = _image_layer(source, "mosaic", colormap="gray", blending="opaque")
         layers.append(mosaic)
         shape = np.asarray((mosaic[0][0] if mosaic[1]["multiscale"] else mosaic[0]).shape[-2:])
         extent = float(np.max(shape * np.asarray(mosaic[1]["scale"])))

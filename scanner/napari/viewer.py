@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from scanner.errors import UserError
-from scanner.napari._reader import _scan_folder, read_scan
+from scanner.napari._reader import _scan_folder, inspected_mosaic, read_scan
 from scanner.scanfolder import MOSAIC, SCAN_JSON
 
 
@@ -60,7 +60,7 @@ def view(folder: Path, screenshot: Path | None = None, size: tuple[int, int] = (
     found = _scan_folder(folder)
     if found is None:
         raise UserError(f"{folder}: not a scan folder (no {SCAN_JSON} or {MOSAIC})")
-    if not (found / MOSAIC).is_dir():  # nothing to show: an empty canvas is no review
+    if inspected_mosaic(found) is None:  # nothing to show: an empty canvas is no review
         raise UserError(f"{found}: no {MOSAIC} yet (the scan was not stitched); run "
                         "`waferscope resume` or `waferscope stitch` on it")
     check_napari()
