@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 
+from . import edgeband
 from .backbone import FEATURE_DIM, FEATURE_STRIDE
-from .bank import greedy_coreset
+from .bank import BankIndex, greedy_coreset
 from .data import GoodImage
 from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
@@ -74,6 +76,10 @@ POSITION_MIN_IMAGES = 40
 #: where a position means nothing
 ALIGNED_MAX_VARIANCE_RATIO = 0.85
 HOLD_OUT_FRACTION = 0.2
+#: images held out by their centre get their border calibrated on its own
+#: (:mod:`models.edgeband`) from this many cells a side (768 px): on smaller ones the border
+#: band is most of what the bank learns from
+EDGE_MIN_CELLS = 96
 #: stride-8 cells left out of the bank around a held-out quarter, so that the bank does not
 #: see the held-out surface through the features' receptive field
 GAP_CELLS = 4
@@ -120,21 +126,47 @@ class _HeldOut:
     features: torch.Tensor  # (D, h, w)
     usable: np.ndarray  # (h, w) bool
     area_um2: float
+    #: which usable cells lie in the image's border band (:func:`models.edgeband.band`)
+    edge: np.ndarray | None = None
 
 
-def _split_image(feat: torch.Tensor, usable: np.ndarray, pixel_um: float
-                 ) -> tuple[torch.Tensor, _HeldOut]:
-    """Bank candidates and the held-out central block (half the rows and half the columns:
-    a quarter of the area) of one image's cells.
+@dataclass
+class _Border:
+    """A held-out segment of one image's border band (:mod:`models.edgeband`): its features
+    and cells, and the image's cells whose bank features it is scored without (the segment
+    and :data:`GAP_CELLS` around it), so that it is new to the bank as the held-out block is
+    without taking those cells out of the bank."""
+
+    features: torch.Tensor  # (n, D): the segments' cells
+    image: int
+    zone: np.ndarray  # (H, W) bool over the whole image
+
+
+def _split_image(feat: torch.Tensor, usable: np.ndarray, pixel_um: float, image: int,
+                 image_border: bool = True
+                 ) -> tuple[torch.Tensor, np.ndarray, _HeldOut, _Border | None]:
+    """Bank candidates and their cells, the held-out central block (half the rows and half
+    the columns: a quarter of the area) of one image's cells, and the held-out segments of
+    its border band (:func:`models.edgeband.held_segments`; none on images under
+    :data:`EDGE_MIN_CELLS` cells a side, where the band is most of what is left).
+    ``image_border`` false: the image is a crop of a larger one, whose border is no edge.
 
     The centre, not a corner quarter: a corner quarter holds one of the image's four corners,
     which no other part of the image shows (the bank never learns it), so the corner alone
     set the threshold of a model built from one good scan.
     """
     rows, cols, keep = _held_block(usable)
+    band = edgeband.band(usable, image_border)
     held = _HeldOut(feat[:, rows, cols].clone(), usable[rows, cols].copy(),
-                    float(usable[rows, cols].sum()) * (FEATURE_STRIDE * pixel_um) ** 2)
-    return feat.permute(1, 2, 0)[torch.from_numpy(keep)], held
+                    float(usable[rows, cols].sum()) * (FEATURE_STRIDE * pixel_um) ** 2,
+                    band[rows, cols].copy())
+    border = None
+    if min(usable.shape) >= EDGE_MIN_CELLS:
+        segments = edgeband.held_segments(usable, rows, cols, image_border)
+        if segments.any():
+            border = _Border(feat.permute(1, 2, 0)[torch.from_numpy(segments)].clone(), image,
+                             ndimage.maximum_filter(segments, size=2 * GAP_CELLS + 1))
+    return feat.permute(1, 2, 0)[torch.from_numpy(keep)], np.argwhere(keep), held, border
 
 
 def _held_block(usable: np.ndarray) -> tuple[slice, slice, np.ndarray]:
@@ -241,10 +273,12 @@ def build_detector(
     seen = _collect_features(images, held_images, augmenting, dims, rng, pixel_size_um,
                              progress, zooms)
     start = base.bank if base is not None else None
-    bank, from_init = _choose_bank(
+    bank, from_init, chosen = _choose_bank(
         seen.pool, int(seen.total_cells * (1 - len(held_images) / len(images))), bank_max,
         start, seed, progress)
     cal = _calibrate(bank, seen.held, false_alarms_per_cm2, progress)
+    sources = np.concatenate([np.full((from_init, 3), -1), seen.sources[chosen.numpy()]])
+    edge = _edge_calibration(bank, sources, cal, seen.held, seen.borders)
     warnings = _calibration_warnings(cal.result.to_dict(), len(images), len(held_images))
     if dims is not None:
         position, position_cal = _position_model(
@@ -261,7 +295,8 @@ def build_detector(
     bank, extra = _with_held_out(bank, seen.held, bank_max + from_init, seed)
     card = _card(Path(out).stem, pixel_size_um, pixel_size_range_um, seed, cal, {
         **cal.result.to_dict(), "held_out_images": len(seen.held), "warnings": warnings,
-        "held_out": "whole images" if held_images else "the central quarter of each image"})
+        "held_out": "whole images" if held_images else "the central quarter of each image",
+        **({"edge": edge} if edge is not None else {})})
     card.update(bank={"features": int(len(bank)), "candidates": int(len(seen.pool)),
                       "from_held_out": extra, "from_init": from_init,
                       "images": len(images) - len(held_images)},
@@ -368,6 +403,9 @@ class _Features:
     held: list[_HeldOut]
     position: dict[float, _Aligned]
     total_cells: int
+    #: (image, row, col) of each pool feature's cell
+    sources: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    borders: list[_Border] = field(default_factory=list)
 
 
 @dataclass
@@ -397,8 +435,10 @@ def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmen
                          FEATURE_STRIDE) for g in images))
     per_cell_keep = min(1.0, CANDIDATES_MAX / max(seen.total_cells, 1))
     candidates: list[torch.Tensor] = []
+    sources: list[np.ndarray] = []
     for k, image in enumerate(images):
         p = float(image.meta.get("pixel_size_um", pixel_size_um))
+        image_border = not image.meta.get("cropped", False)  # a crop's border is no edge
         variants = variants_of(image, augmenting, rng, k, k in held_images)
         n_bank = sum(v.bank for v in variants)
         n_held = sum(v.held for v in variants)
@@ -413,34 +453,42 @@ def _collect_features(images: Sequence[GoodImage], held_images: set[int], augmen
             if k in held_images:
                 if v.held:
                     seen.held.append(_HeldOut(feat, usable, float(usable.sum()) / n_held
-                                              * (FEATURE_STRIDE * p) ** 2))
+                                              * (FEATURE_STRIDE * p) ** 2,
+                                              edgeband.band(usable, image_border)))
                 continue
             if not held_images:
-                cand, h = _split_image(feat, usable, p)
+                cand, cells, h, border = _split_image(feat, usable, p, k, image_border)
                 if v.held:
                     h.area_um2 /= n_held
                     seen.held.append(h)
+                    if border is not None:
+                        seen.borders.append(border)
             else:
-                cand = feat.permute(1, 2, 0)[torch.from_numpy(usable)]
+                cand, cells = feat.permute(1, 2, 0)[torch.from_numpy(usable)], np.argwhere(usable)
             if not v.bank:
                 continue
             keep = per_cell_keep / n_bank
             if keep < 1.0 and len(cand):
-                cand = cand[torch.from_numpy(rng.random(len(cand)) < keep)]
+                drawn = rng.random(len(cand)) < keep
+                cand, cells = cand[torch.from_numpy(drawn)], cells[drawn]
             candidates.append(cand.reshape(-1, FEATURE_DIM))
+            sources.append(np.column_stack([np.full(len(cells), k), cells]))
         if progress is not None:
             progress("features", k + 1, len(images))
     if candidates:
         seen.pool = torch.cat(candidates)
+        seen.sources = np.concatenate(sources).astype(np.int64)
     if not len(seen.pool):
         raise InputError("--good: the good images hold no usable surface to build from")
     return seen
 
 
 def _choose_bank(pool: torch.Tensor, n_cells: int, bank_max: int, start: torch.Tensor | None,
-                 seed: int, progress: Progress | None) -> tuple[torch.Tensor, int]:
+                 seed: int, progress: Progress | None
+                 ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The memory bank (a greedy coreset of the candidates, a share of the cells the bank
-    images hold) and how many of its features come from the extended model's bank ``start``.
+    images hold), how many of its features come from the extended model's bank ``start``
+    (they come first) and which candidates the others are.
 
     Extending adds what a model of the new images alone would hold, chosen after the old bank
     (what the old bank covers is taken last), so that a full bank still learns a new
@@ -462,7 +510,7 @@ def _choose_bank(pool: torch.Tensor, n_cells: int, bank_max: int, start: torch.T
         bank, kept = torch.cat([start, bank]), len(start)
     if progress is not None:
         progress("bank", 1, 1)
-    return bank, kept
+    return bank, kept, chosen
 
 
 @dataclass
@@ -475,6 +523,7 @@ class _Calibrated:
     values: np.ndarray  # held-out anomaly scores over the usable surface
     area_cm2: float
     line: float | None  # line threshold (models.lines; None: too little held-out area)
+    distances: list[torch.Tensor]  # the held-out cells' nearest-bank distances (h, w)
 
 
 def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: float,
@@ -510,7 +559,35 @@ def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: f
     q99, q999 = np.quantile(values, [0.99, 0.999])
     tau = float(max(0.02, np.log(max(q999, 1e-6) / max(q99, 1e-6))))
     line = calibrate_line_threshold(maps, area_cm2, false_alarms_per_cm2, cal.threshold)
-    return _Calibrated(cal, reference, tau, values, area_cm2, line)
+    return _Calibrated(cal, reference, tau, values, area_cm2, line, distances)
+
+
+def _edge_calibration(bank: torch.Tensor, sources: np.ndarray, cal: _Calibrated,
+                      held: list[_HeldOut], borders: list[_Border]) -> dict[str, Any] | None:
+    """The border band's calibration (:func:`models.edgeband.edge_factor`): held-out cells'
+    scores on the border (held-out images' bands, and the held-out segments of images held
+    out by their centre) against those inside (the rest of the held-out surface).
+
+    A segment is scored against the bank without the features of its own image's cells near
+    it (``_Border.zone``; ``sources``: the image, row and column of each bank feature, -1 for
+    an extended model's), as if they had been held out as the central block is.
+    """
+    inside, edge = [], []
+    for h, d in zip(held, cal.distances, strict=True):
+        band = h.edge if h.edge is not None else np.zeros_like(h.usable)
+        inside.append(d[torch.from_numpy(h.usable & ~band)])
+        edge.append(d[torch.from_numpy(h.usable & band)])
+    for k in sorted({b.image for b in borders}):
+        of_k = [b for b in borders if b.image == k]
+        mine = np.flatnonzero(sources[:, 0] == k)
+        near = np.zeros(len(sources), dtype=bool)
+        near[mine] = of_k[0].zone[sources[mine, 1], sources[mine, 2]]
+        if near.all():
+            continue
+        scorer = BankIndex(bank[torch.from_numpy(~near)].contiguous())
+        edge += [scorer.distances(b.features) for b in of_k]
+    return edgeband.edge_factor(torch.cat(inside).numpy() / cal.reference,
+                                torch.cat(edge).numpy() / cal.reference)
 
 
 def _with_held_out(bank: torch.Tensor, held: list[_HeldOut], bank_max: int, seed: int

@@ -200,7 +200,7 @@ class Cluster:
     def stream_maps(
         self, model: Model, mosaic: Path, scale: float, arrays: dict[str, Any],
         scratch_path: Path, *, tiling: Any, level: float, mask: Any, skip_empty: bool,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[int, int], None] | None = None, edge: Any = None,
     ) -> Any:
         """:func:`scanner.inspection.streammaps.stream_maps` as dask tasks (see the module's
         notes)."""
@@ -239,7 +239,7 @@ class Cluster:
                 by_row[i].append(fut)
                 compute.append(fut)
         blends = [
-            self.client.submit(_blend_task, ci, scratch, tiling, arrays, mask,
+            self.client.submit(_blend_task, ci, scratch, tiling, arrays, mask, edge,
                                [f for r in (ci - 1, ci, ci + 1) if 0 <= r < n_rows
                                 for f in by_row[r]], pure=False)
             for ci in range(n_rows)
@@ -339,10 +339,10 @@ def _compute_task(job: _WindowJob, windows: list[tuple[int, int]]) -> dict[str, 
 
 
 def _blend_task(ci: int, scratch: Any, tiling: Any, arrays: dict[str, Any], mask: Any,
-                _after: list[Any]) -> int:
+                edge: Any, _after: list[Any]) -> int:
     """Blend chunk row ``ci`` of the maps (a dask task, run once its windows are stored)."""
     from scanner.inspection.streammaps import blend_chunk_row
 
-    blend_chunk_row(ci, scratch, tiling, arrays, mask)
+    blend_chunk_row(ci, scratch, tiling, arrays, mask, edge)
     return ci
 

@@ -545,3 +545,66 @@ def test_a_pixel_size_that_would_fill_the_memory_is_named(tmp_path: Path) -> Non
     model = SimpleNamespace(card={}, pixel_size_um=5.0, output_stride=4, context_px=32)
     with pytest.raises(UserError, match="check --pixel-size"):
         infer_image(model, np.zeros((1024, 1024), np.float32), pixel_size_um=1000.0)
+
+
+def test_the_border_band_is_held_out_in_the_middle_of_each_side_never_a_corner() -> None:
+    from models import edgeband
+    from models.build import _held_block
+
+    usable = np.ones((120, 100), dtype=bool)
+    usable[:, 90:] = False  # the part ends before the image does
+    band = edgeband.band(usable)
+    assert band[0, 50] and band[60, 89 - edgeband.EDGE_CELLS + 1] and not band[60, 50]
+    # a crop of a larger image: only the part's own border is an edge
+    crop = edgeband.band(usable, image_border=False)
+    assert not crop[0, 50] and crop[60, 85] and not crop[60, 5]
+    rows, cols, _ = _held_block(usable)
+    seg = edgeband.held_segments(usable, rows, cols)
+    assert seg[60, 0] and seg[0, 45] and seg[119, 45] and seg[60, 89]
+    for r, c in ((0, 0), (0, 89), (119, 0), (119, 89)):  # no corner
+        assert not seg[max(r - 10, 0):r + 10, max(c - 10, 0):c + 10].any()
+    assert not (seg & ~band).any()
+    assert edgeband.edge_factor(np.ones(10), np.ones(10)) is None  # too few cells to say
+    cal = edgeband.edge_factor(np.linspace(0, 1, 5000), np.linspace(0, 1.3, 500))
+    assert cal["factor"] == pytest.approx(1.3, rel=0.01) and cal["band_px"] == 64
+    # a border scoring lower than the inside is not made more sensitive
+    assert edgeband.edge_factor(np.linspace(0, 1, 5000), np.linspace(0, 0.5, 500))[
+        "factor"] == 1.0
+
+
+def _plain(seed: int, n: int = 1024) -> np.ndarray:
+    """A plain textured coupon (1 % relief) with 0.6 % camera noise, relative reflectance."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    tex = ndimage.gaussian_filter(rng.normal(size=(n, n)), 2)
+    img = 0.6 + tex / tex.std() * 0.01 + rng.normal(0, 0.006, (n, n))
+    return (img / 0.6).astype(np.float32)
+
+
+@pytest.mark.slow
+def test_a_plain_parts_border_is_calibrated_apart_and_raises_no_false_alarm(
+        tmp_path: Path) -> None:
+    # a plain part's border scores higher than its inside, which the threshold is calibrated
+    # on (the centre of one good image): second copies peaked over the threshold there
+    from scanner.inspection.maps import infer_image
+
+    report = build_detector([GoodImage(_plain(0), source="good", meta={"acquired": True})],
+                            tmp_path / "plain", pixel_size_um=1.0)
+    edge = report.card["calibration"]["edge"]
+    assert edge["factor"] > 1.05 and edge["edge_cells"] > 1000
+    model = load_model(report.weights)
+    flat = load_model(report.weights)
+    flat.card["calibration"].pop("edge")
+    b = edge["band_px"] // 4
+    for seed in (1, 2):
+        image = _plain(seed) * 1000
+        a = infer_image(model, image).maps["anomaly"]
+        a0 = infer_image(flat, image).maps["anomaly"]
+        inner = (slice(b, -b), slice(b, -b))
+        np.testing.assert_array_equal(a[inner], a0[inner])  # only the band changes
+        ring = np.ones(a.shape, dtype=bool)
+        ring[inner] = False
+        assert a0[ring].max() > a0[inner].max()  # the border is where the map peaks
+        np.testing.assert_allclose(a[ring], a0[ring] / edge["factor"], rtol=1e-5)
+        assert a.max() < model.threshold  # a good copy: nothing over the threshold

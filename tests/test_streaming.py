@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +63,26 @@ def test_streamed_maps_equal_the_row_buffer(net_model, tmp_path, masked):
     assert stats.skipped > 0
     for name in MAPS:
         np.testing.assert_array_equal(np.asarray(maps.maps[name]), ref[name][:])
+
+
+def test_a_calibrated_border_band_is_divided_by_its_factor_and_nothing_else(net_model,
+                                                                          tmp_path):
+    # a card whose border band scored 1.6 x its inside (models.edgeband): the anomaly map
+    # within 64 model px of the usable area's border is divided by 1.6, the rest unchanged
+    mosaic = tmp_path / "mosaic.ome.zarr"
+    _mosaic(mosaic, (700, 1000))
+    poly = Point(450, 350).buffer(330)
+    edged = copy.copy(net_model)
+    edged.card = {**net_model.card, "calibration": {"edge": {"band_px": 64, "factor": 1.6}}}
+    plain = infer_mosaic(net_model, mosaic, tmp_path / "plain", polygon=poly, edge_um=0,
+                         core_px=192)
+    banded = infer_mosaic(edged, mosaic, tmp_path / "banded", polygon=poly, edge_um=0,
+                          core_px=192)
+    a, b = np.asarray(plain.maps["anomaly"][:]), np.asarray(banded.maps["anomaly"][:])
+    inner = polygon_mask(poly.buffer(-64), plain.origin_um, plain.pixel_size_um)(
+        0, 0, *a.shape)
+    inside = polygon_mask(poly, plain.origin_um, plain.pixel_size_um)(0, 0, *a.shape)
+    band = inside & ~inner & (a > 0)
+    assert band.sum() > 1000 and (inner & (a > 0)).sum() > 1000
+    np.testing.assert_array_equal(b[~band], a[~band])
+    np.testing.assert_allclose(b[band], a[band] / 1.6, rtol=1e-6)

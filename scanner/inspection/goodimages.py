@@ -113,7 +113,9 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
         images.append(GoodImage(block / np.float32(level), source=f"{folder.name}:{r0},{c0}",
                                 usable=usable, meta={"acquired": True, "pixel_size_um": p,
                                                      "sample_kind": getattr(sample, "kind",
-                                                                            None)}))
+                                                                            None),
+                                                     # a crop's border is no edge of the part
+                                                     "cropped": len(boxes) > 1}))
     step = max(1, len(images) // MAX_CROPS)
     return images[::step][:MAX_CROPS], p
 

@@ -251,9 +251,27 @@ def infer_image(
                           (origin_um[0] + half, origin_um[1] + half), s, reader, stats)
     sink = ArraySink(tiling.map_shape)
     stats = run_tiled(model, reader, sink, tiling=tiling, batch=batch)
+    _image_edge_band(model, sink.maps, s)
     half = (s - 1) / 2 * p_model
     return MapSet(sink.maps, s * p_model, (origin_um[0] + half, origin_um[1] + half), s,
                   reader, stats)
+
+
+def _image_edge_band(model: Model, maps: dict[str, np.ndarray], stride: int) -> None:
+    """Calibrate an image's border band in its maps, in place, as the model's card says
+    (:mod:`models.edgeband`; an image file's border is its part's)."""
+    from models.edgeband import calibrated_band, card_band
+
+    found = card_band(getattr(model, "card", None))
+    if found is None:
+        return
+    band_px, factor = found
+    b = max(1, int(round(band_px / stride)))
+    band = np.ones(maps["anomaly"].shape, dtype=bool)
+    band[b:-b, b:-b] = False
+    calibrated_band(maps["anomaly"], maps.get("uncertainty"), band, factor,
+                    float(getattr(model, "decision_threshold", model.threshold)),
+                    float(getattr(model, "uncertainty_log_scale", 0.1)))
 
 
 def infer_mosaic(
@@ -319,13 +337,15 @@ def infer_mosaic(
             2 * p_map, float(getattr(model, "edge_px", 0)) * p_model))
     if not reader.resample:  # pixels no tile covered are not inspected, not read as black
         mask = scanned_mask(levels, s, mask)
+    edge = _edge_band(model, polygon, (x0, y0), p_mosaic, tuple(level0.shape[:2]), origin,
+                      p_map, p_model)
     out_dir = Path(out_dir)
     tmps, arrays = _create_maps(out_dir, tiling)
     try:
         level0_maps = {k: a[0] for k, a in arrays.items()}
         scratch = out_dir / WINDOWS_SCRATCH
         options = {"tiling": tiling, "mask": mask, "skip_empty": True, "progress": progress,
-                   "level": _surface_level(level0, polygon, (x0, y0), p_mosaic)}
+                   "level": _surface_level(level0, polygon, (x0, y0), p_mosaic), "edge": edge}
         if cluster is not None:  # the same two steps as dask tasks (scanner.cluster)
             stats = cluster.stream_maps(model, Path(mosaic), reader.scale, level0_maps,
                                         scratch, **options)
@@ -344,6 +364,30 @@ def infer_mosaic(
     paths = _finish_maps(arrays, tmps, out_dir, tiling.step, p_map, origin)
     maps = {name: open_mosaic(paths[name])[0][0] for name in MAPS}
     return MapSet(maps, p_map, origin, s, reader, stats, paths, levels)
+
+
+def _edge_band(model: Model, polygon: Any, mosaic_origin_um: tuple[float, float],
+               p_mosaic: float, shape: tuple[int, int], origin: tuple[float, float],
+               p_map: float, p_model: float) -> Any:
+    """The usable area's border band as the model's card calibrated it
+    (:mod:`models.edgeband`; None when it scores no higher than the inside): measured from
+    the usable area's border, or the mosaic's without one."""
+    from models.edgeband import card_band
+    from scanner.inspection.streammaps import EdgeBand
+
+    found = card_band(getattr(model, "card", None))
+    if found is None:
+        return None
+    band_px, factor = found
+    if polygon is None:
+        from shapely.geometry import box
+
+        (x0, y0), (rows, cols) = mosaic_origin_um, shape
+        polygon = box(x0 - 0.5 * p_mosaic, y0 - 0.5 * p_mosaic, x0 + (cols - 0.5) * p_mosaic,
+                      y0 + (rows - 0.5) * p_mosaic)
+    return EdgeBand(polygon_mask(polygon, origin, p_map, band_px * p_model), factor,
+                    float(getattr(model, "decision_threshold", model.threshold)),
+                    float(getattr(model, "uncertainty_log_scale", 0.1)))
 
 
 def _create_maps(out_dir: Path, tiling: Tiling) -> tuple[dict[str, Path], dict[str, Any]]:

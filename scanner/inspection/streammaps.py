@@ -26,12 +26,14 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from models.edgeband import calibrated_band
 from scanner.inspection.tiled import (
     MAPS,
     GridReader,
@@ -47,6 +49,18 @@ __all__ = ["blend_chunk_row", "compute_windows", "create_scratch", "planned_wind
            "stream_maps"]
 
 Mask = Callable[[int, int, int, int], np.ndarray | None]
+
+
+@dataclass(frozen=True)
+class EdgeBand:
+    """The border band of the usable area calibrated on its own (:mod:`models.edgeband`):
+    the anomaly map there is divided by ``factor`` (the uncertainty recomputed around
+    ``threshold``). ``inner``: the mask of the usable area beyond the band."""
+
+    inner: Mask
+    factor: float
+    threshold: float
+    log_scale: float
 
 
 def create_scratch(path: Path, tiling: Tiling) -> zarr.Array:
@@ -158,9 +172,10 @@ def compute_windows(
 
 def blend_chunk_row(
     ci: int, scratch: zarr.Array, tiling: Tiling, arrays: dict[str, Any],
-    mask: Mask | None,
+    mask: Mask | None, edge: EdgeBand | None = None,
 ) -> None:
-    """Blend, normalise, mask and write chunk row ``ci`` of the maps, chunk by chunk.
+    """Blend, normalise, mask and write chunk row ``ci`` of the maps, chunk by chunk (and
+    calibrate the usable area's border band: ``edge``).
 
     Each chunk sums the windows of rows ``ci - 1 .. ci + 1`` and of the three columns around
     it, row by row and column by column (the order of :func:`scanner.inspection.tiled.run_tiled`);
@@ -211,6 +226,7 @@ def blend_chunk_row(
                 wsum[dst] += w2
         valid = wsum > 0
         inside = mask(r0, c0, h, w) if mask is not None else True
+        blocks = {}
         for k, name in enumerate(MAPS):
             blk = np.zeros((h, w), dtype=np.float32)
             np.divide(acc[k], wsum, out=blk, where=valid)
@@ -218,6 +234,15 @@ def blend_chunk_row(
                 blk[:] = 0
             elif inside is not True:
                 blk[~inside] = 0
+            blocks[name] = blk
+        if edge is not None and inside is not None:
+            inner = edge.inner(r0, c0, h, w)
+            band = np.ones((h, w), dtype=bool) if inside is True else inside.copy()
+            if inner is not None:
+                band &= ~inner
+            calibrated_band(blocks["anomaly"], blocks.get("uncertainty"), band, edge.factor,
+                            edge.threshold, edge.log_scale)
+        for name, blk in blocks.items():
             arrays[name][r0 : r0 + h, c0 : c0 + w] = blk
 
 
@@ -250,6 +275,7 @@ def stream_maps(
     skip_empty: bool = False,
     batch: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    edge: EdgeBand | None = None,
 ) -> InferenceStats:
     """Fill the level-0 map ``arrays`` (chunks of ``tiling.step``), in this process.
 
@@ -281,10 +307,10 @@ def stream_maps(
                                 skip_empty=skip_empty, batch=batch, stats=stats,
                                 on_window=tick)
                 if i >= 1:
-                    blend_chunk_row(i - 1, scratch, tiling, arrays, mask)
+                    blend_chunk_row(i - 1, scratch, tiling, arrays, mask, edge)
                 if i >= 2:
                     drop_scratch_row(scratch, i - 2)
-            blend_chunk_row(n_rows - 1, scratch, tiling, arrays, mask)
+            blend_chunk_row(n_rows - 1, scratch, tiling, arrays, mask, edge)
     finally:
         torch.set_num_threads(old_threads)
         shutil.rmtree(scratch_path, ignore_errors=True)
