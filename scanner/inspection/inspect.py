@@ -109,20 +109,32 @@ def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any,
     recipe does not give (``kind`` image or rectangle) leaves out the surround it shows
     (:func:`scanner.inspection.dietodie_alike.on_part`); a wafer's is its edge-exclusion
     circle, placed by the pre-alignment."""
+    from scanner.inspection.dietodie_alike import on_part
+
+    mosaic_geometry = _mosaic_grid(mosaic)
+    polygon = _scanned_part(polygon, mosaic_geometry)
+    image, pyramid, area, pad = _with_room(levels, mosaic_geometry, grid, polygon)
+    geometry = _padded(mosaic_geometry, pad, image)
+    if kind in PART_KINDS:
+        area = on_part(image, geometry, grid, area, pyramid)
+        if not pad and area is not polygon:
+            # what the part's surround took may leave too few dies with room to be aligned
+            # (a staggered layout found at another phase: 4 whole dies, 2 once the empty
+            # ends of its rows were left out, and nothing compared): room is made again
+            image, pyramid, area, pad = _with_room(levels, mosaic_geometry, grid, area)
+            geometry = _padded(mosaic_geometry, pad, image)
+    return image, geometry, pyramid, area, pad
+
+
+def _padded(geometry: Any, pad: int, image: Any) -> Any:
+    """The geometry of a mosaic padded by ``pad`` pixels on each side (:func:`_with_room`)."""
     from scanner.inspection.dietodie import MosaicGrid
 
-    geometry = _mosaic_grid(mosaic)
-    polygon = _scanned_part(polygon, geometry)
-    image, pyramid, area, pad = _with_room(levels, geometry, grid, polygon)
-    if pad:
-        geometry = MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
-                               geometry.origin_um[1] - pad * geometry.pixel_size_um),
-                              geometry.pixel_size_um, tuple(image.shape))
-    if kind in PART_KINDS:
-        from scanner.inspection.dietodie_alike import on_part
-
-        area = on_part(image, geometry, grid, area, pyramid)
-    return image, geometry, pyramid, area, pad
+    if not pad:
+        return geometry
+    return MosaicGrid((geometry.origin_um[0] - pad * geometry.pixel_size_um,
+                       geometry.origin_um[1] - pad * geometry.pixel_size_um),
+                      geometry.pixel_size_um, tuple(image.shape))
 
 
 def _scanned_part(polygon: Any, geometry: Any) -> Any:
