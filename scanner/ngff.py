@@ -205,6 +205,14 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
             raise UserError(f"{path}: level {d['path']} has scale {scale}; pixel sizes must be "
                             "positive (the mosaic's metadata is damaged; re-run `waferscope "
                             "stitch`)")
+    for k in range(1, len(levels)):
+        # each level halves the one before (rounded either way by other writers): a level
+        # whose metadata says otherwise was edited or damaged, and would be read as a corner
+        prev, shape = levels[k - 1].shape[-2:], levels[k].shape[-2:]
+        if any(n not in (m // 2, -(-m // 2)) for m, n in zip(prev, shape, strict=True)):
+            raise UserError(f"{path}: level {k} is {' x '.join(map(str, shape))} px, level "
+                            f"{k - 1} {' x '.join(map(str, prev))}: the levels disagree; the "
+                            "mosaic's metadata is damaged (re-run `waferscope stitch`)")
     return levels, [d["coordinateTransformations"] for d in datasets]
 
 

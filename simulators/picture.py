@@ -112,7 +112,14 @@ def main_series(tif: Any) -> Any:
     series = list(tif.series)
     if not series:
         raise ValueError("no image data in the TIFF file")
-    return max(series, key=area)  # the first of equal ones
+    largest = max(series, key=area)
+    if sum(area(s) == area(largest) for s in series) > 1:
+        # a thumbnail is smaller than its picture; pictures of one size are separate images
+        # (the first was used without a word)
+        n = sum(area(s) == area(largest) for s in series)
+        raise ValueError(f"holds several images ({n} of the same size): save the one to use "
+                         "in a file of its own")
+    return largest
 
 
 def tiff_is_cmyk(tif: Any) -> bool:

@@ -346,6 +346,14 @@ def _zero_scale(data: dict) -> None:
                                      lambda d: d.update(attributes={})), "OME-NGFF"),
     ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "0" / "zarr.json",
                                      lambda d: d.update(codecs=d["codecs"][:1])), "damaged"),
+    # a level's shape edited: a 100 x 100 corner was inspected as the whole (exit 0, 0 of
+    # 3 defects); with every level edited alike, the scan's record tells
+    ("inspect", lambda f: _edit_json(f / "mosaic.ome.zarr" / "0" / "zarr.json",
+                                     lambda d: d.update(shape=[100, 100])), "levels disagree"),
+    ("inspect", lambda f: [_edit_json(f / "mosaic.ome.zarr" / str(k) / "zarr.json",
+                                      lambda d, k=k: d.update(shape=[-(-100 // 2**k)] * 2))
+                           for k in range(len(list((f / "mosaic.ome.zarr").glob("[0-9]*"))))],
+     "the scan recorded"),
     ("inspect", lambda f: _edit_json(f / "scan.json", lambda d: d.pop("recipe")),
      "records no recipe"),
     ("inspect", lambda f: _edit_json(

@@ -809,3 +809,20 @@ def test_room_is_made_again_when_the_parts_surround_leaves_too_few_dies(monkeypa
                                                       scanned, "image")
     assert pad > 0 and image.shape == (img.shape[0] + 2 * pad, img.shape[1] + 2 * pad)
     assert len(full_dies(grid, area, padded, margin_px=margin)) == 6
+
+
+def test_many_dies_are_each_judged_against_a_sample_of_the_others(monkeypatch):
+    # a repeat of a few pixels found in an image sample made 32,000 "dies": their n x n
+    # correlation matrix took 4 GB and minutes; each die now meets at most MAX_COMPARED
+    import scanner.inspection.dietodie_alike as alike_module
+
+    rng = np.random.default_rng(0)
+    design = rng.random((16, 16)).astype(np.float32)
+    img = np.tile(design, (30, 30)) + rng.normal(0, 0.02, (480, 480)).astype(np.float32)
+    img[16 * 7:16 * 8, 16 * 11:16 * 12] = rng.random((16, 16))  # one die of another design
+    geometry = MosaicGrid((0.0, 0.0), 1.0, img.shape)
+    grid = DieGrid(pitch_um=(16.0, 16.0), origin_um=(-0.5, -0.5))
+    cells = [(c, r) for r in range(30) for c in range(30)]
+    monkeypatch.setattr(alike_module, "MAX_COMPARED", 100)
+    kept, anchor = alike_dies(img, geometry, grid, cells)
+    assert (11, 7) not in kept and len(kept) == len(cells) - 1 and anchor in kept

@@ -621,6 +621,14 @@ def test_a_tiff_stack_is_refused_not_read_as_its_first_page(tmp_path):
         ImageSample(tmp_path / "z.tif", pixel_size_um=1.0)
     with pytest.raises(UserError, match="holds several images"):
         read_image(tmp_path / "z.tif")
+    # two pictures of one size written one after the other: the first was used silently
+    pic = (_picture() * 60000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "two.tif", pic)
+    tifffile.imwrite(tmp_path / "two.tif", pic[::-1], append=True)
+    with pytest.raises(UserError, match="2 of the same size"):
+        read_image(tmp_path / "two.tif")
+    with pytest.raises(ValueError, match="2 of the same size"):
+        ImageSample(tmp_path / "two.tif", pixel_size_um=1.0)
     # one picture with its colour samples is one image
     rgb = (np.stack([_picture()] * 3, -1) * 255).astype(np.uint8)
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")

@@ -25,6 +25,9 @@ from scanner.inspection.dietodie_geometry import (
 )
 from scanner.inspection.dietodie_maths import _mean_pool
 
+#: dies each die is correlated with at most (:func:`alike_dies`): the median over a sample
+MAX_COMPARED = 512
+
 
 def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
                min_correlation: float = 0.5, side_px: int = 64) -> tuple[list[Cell], Cell | None]:
@@ -46,8 +49,15 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
         t = _thumbnail(level0, None, r0, c0, h_die, w_die, f)
         t = t - t.mean()
         thumbs.append((t.ravel() / (np.linalg.norm(t) + 1e-12)).astype(np.float32))
-    corr = np.array(thumbs) @ np.array(thumbs).T  # n x n: small thumbnails keep it cheap
-    np.fill_diagonal(corr, np.nan)
+    thumbs = np.array(thumbs)
+    # each die against the others, or against a fixed sample of them when there are many
+    # (a repeat of 8 px found in a 1 mm image made 32,000 "dies": an n x n matrix of 4 GB)
+    others = np.arange(len(cells))
+    if len(cells) > MAX_COMPARED:
+        others = np.sort(np.random.default_rng(0).choice(len(cells), MAX_COMPARED,
+                                                         replace=False))
+    corr = thumbs @ thumbs[others].T
+    corr[others, np.arange(len(others))] = np.nan  # a die against itself
     typical = np.nanmedian(corr, axis=1)
     keep = [c for c, v in zip(cells, typical, strict=True) if v >= min_correlation]
     if len(keep) < 3:

@@ -109,13 +109,15 @@ def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any,
     recipe does not give (``kind`` image or rectangle) leaves out the surround it shows
     (:func:`scanner.inspection.dietodie_alike.on_part`); a wafer's is its edge-exclusion
     circle, placed by the pre-alignment."""
+    from scanner.diegrid import MIN_DIE_PX
     from scanner.inspection.dietodie_alike import on_part
 
     mosaic_geometry = _mosaic_grid(mosaic)
     polygon = _scanned_part(polygon, mosaic_geometry)
     image, pyramid, area, pad = _with_room(levels, mosaic_geometry, grid, polygon)
     geometry = _padded(mosaic_geometry, pad, image)
-    if kind in PART_KINDS:
+    if kind in PART_KINDS and min(grid.pitch_um) / geometry.pixel_size_um >= MIN_DIE_PX:
+        # (a repeat of a few pixels has nothing to align or compare: die_to_die_patches)
         area = on_part(image, geometry, grid, area, pyramid)
         if not pad and area is not polygon:
             # what the part's surround took may leave too few dies with room to be aligned
@@ -655,20 +657,31 @@ def inspect_scan(
     folder = Path(folder)
     if not (folder / MOSAIC).exists():
         raise UserError(f"{folder}: no {MOSAIC} (stitch the scan first)")
+    _check_recorded_shape(folder, scan if scan is not None else scan_json_if_any(folder))
     return inspect_mosaic(folder / MOSAIC, out_dir, model=model, threshold=threshold,
                           scan=scan, sample_kind=sample_kind, progress=progress,
                           cluster=cluster)
 
 
+def _check_recorded_shape(folder: Path, scan: dict[str, Any] | None) -> None:
+    """Refuse a mosaic whose level 0 is not the shape its scan recorded: metadata edited or
+    damaged would have a corner inspected as the whole (0 defects where there were 3)."""
+    from scanner.ngff import open_mosaic
+
+    recorded = ((scan or {}).get("mosaic") or {}).get("shape")
+    if not recorded:
+        return
+    try:
+        shape = [int(n) for n in open_mosaic(folder / MOSAIC)[0][0].shape[:2]]
+    except Exception:  # noqa: BLE001 - unreadable: the inspection's own opening names it
+        return
+    if shape != [int(n) for n in recorded]:
+        raise UserError(f"{folder / MOSAIC}: level 0 is {shape[0]} x {shape[1]} px, the scan "
+                        f"recorded {recorded[0]} x {recorded[1]}: the mosaic is damaged (re-run "
+                        "`waferscope stitch`)")
+
+
 # --------------------------------------------------------------------------- plain images
-
-
-
-
-
-
-
-
 
 
 def _check_out_dir(out_dir: Path, targets: list[Path]) -> None:
