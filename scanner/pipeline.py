@@ -287,6 +287,13 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
         raise UserError(f"{folder / SCAN_JSON}: cannot resume, the recorded recipe is not "
                         f"valid now: {exc}") from None
     options = scan.get("options") or {"inspect": False, "model": None}
+    model = options.get("model")
+    if options.get("inspect"):
+        from scanner.inspection.inspect import load_inspection_model
+
+        # before the stage moves, as `run` does: a model file gone since was found only
+        # after every missing tile had been taken and stitched
+        model = load_inspection_model(model)
     handle = plan = None
     try:  # the hardware is released however the resume ends
         if wants_alignment(recipe) and not scan.get("alignment") \
@@ -313,7 +320,7 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
         scan.update(status="acquiring", process=this_process(), finished=None)
         scan.pop("error", None)
         write_json(folder / SCAN_JSON, scan)
-        return _finish_scan(folder, scan, recipe, events, options.get("model"),
+        return _finish_scan(folder, scan, recipe, events, model,
                             handle=handle, plan=plan, only=set(range(n)) - done,
                             inspect=bool(options.get("inspect")), cluster=cluster)
     finally:

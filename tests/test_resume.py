@@ -862,3 +862,22 @@ def test_a_scan_killed_while_acquiring_says_how_many_tiles_it_took(tmp_path: Pat
     scan = _scan(out)
     assert scan["status"] == "acquiring"  # killed while acquiring (reads as interrupted)
     assert 1 <= scan["acquired_tiles"] <= len(_ok_rows(out)) < scan["plan"]["n_tiles"]
+
+
+def test_resume_refuses_a_model_gone_since_before_the_stage_moves(plain_scan: Path,
+                                                                 tmp_path: Path) -> None:
+    """`run` loads its model before the stage moves; `resume` found it gone only after
+    taking and stitching every missing tile."""
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    scan = _scan(folder)
+    gone = tmp_path / "models" / "m.safetensors"
+    scan.update(status="interrupted", options={"inspect": True, "model": str(gone)})
+    (folder / "scan.json").write_text(json.dumps(scan))
+    lines = (folder / "tiles.csv").read_text().splitlines(keepends=True)
+    (folder / "tiles.csv").write_text("".join(lines[:-2]))  # two tiles left to take
+    journal = (folder / "tiles.csv").read_bytes()
+    res = runner.invoke(app, ["resume", str(folder)])
+    assert res.exit_code == 2 and "m.safetensors" in res.output, res.output
+    assert (folder / "tiles.csv").read_bytes() == journal  # nothing taken
+    assert _scan(folder)["status"] == "interrupted"
