@@ -109,6 +109,19 @@ def test_no_edge_where_expected_is_refused_with_a_picture(tmp_path: Path) -> Non
     assert (tmp_path / "alignment.png").is_file()
 
 
+@pytest.mark.parametrize("offset", [[20000, 0], [1e9, 0]])
+def test_a_bare_chuck_where_the_wafer_should_be_is_no_edge(tmp_path: Path, offset) -> None:
+    # the chuck's blotches gave enough "edge points", on no circle (1000+ um from it): the
+    # wafer was aligned there and scanned, exit 0
+    from devices.core import build_microscope
+    from scanner.acquisition.align import AlignmentError, align
+
+    recipe = _recipe(tmp_path, {"offset_um": offset})
+    with pytest.raises(AlignmentError, match="no wafer edge found .* from the best circle"):
+        align(build_microscope(recipe), recipe, tmp_path)
+    assert (tmp_path / "alignment.png").is_file()
+
+
 def test_missing_notch_is_refused(tmp_path: Path) -> None:
     from devices.core import build_microscope
     from scanner.acquisition.align import AlignmentError, align

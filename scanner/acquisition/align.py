@@ -74,6 +74,11 @@ SITE_FLOOR_PX = 2.0
 #: a mark seen farther than this share of its field's side from the field's middle is taken
 #: again where the fitted circle puts it
 MARK_OFF_MIDDLE = 0.15
+#: a wafer's edge points lie on their circle within this many edge-field pixels (about 0.2
+#: on the simulated wafers, a few where the stage lands each field microns off) ...
+EDGE_FIT_PIXELS = 5.0
+#: ... or this many micrometres (fine pixels: the fields' landing errors dominate)
+EDGE_FIT_MIN_UM = 25.0
 #: edge points a field must give to count as "edge found"
 MIN_EDGE_POINTS = 20
 #: a PV cell side's RANSAC line takes points this many of the field's pixels off it: the
@@ -370,6 +375,14 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         # tell the notch's arc from its V, and the fit below frees the radius again
         cx, cy, rms, keep = fit_circle_radius(pts, nominal, r_nom, clip_um=3 * p)
         r = r_nom
+    limit = max(EDGE_FIT_PIXELS * p, EDGE_FIT_MIN_UM)
+    if not rms <= limit:
+        # enough "edge points" on a field of bare chuck (its blotches), but on no circle: a
+        # wafer 20 mm off its place was aligned to a 476 um residual and scanned (exit 0)
+        raise AlignmentError(
+            f"sample.center_um: no wafer edge found where the recipe puts the wafer: the edge "
+            f"fields' points lie {rms:.0f} µm from the best circle (a wafer's edge, within "
+            f"{limit:.0f} µm); see {ALIGNMENT_PNG}")
     if mark_field is not None:
         mark_field = _mark_in_view(scope, sample, mark_field, (cx, cy), r)
     if mark_field is not None and mark_field[0] == "notch":
