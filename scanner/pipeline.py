@@ -41,6 +41,7 @@ from scanner.scanfolder import (
     TRUTH_JSON,
     discard,
     effective_status,
+    file_sha256,
     hold,
     now_iso,
     prepare_folder,
@@ -160,6 +161,28 @@ def run_scan(
                                 cluster=cluster)
 
 
+def _sample_picture(recipe: Recipe) -> dict[str, str] | None:
+    """The picture an ``image`` sample is made from, and its SHA-256 (None for other
+    samples): a resume checks that its missing tiles show the same picture."""
+    path = getattr(recipe.sample, "path", None)
+    if getattr(recipe.sample, "kind", None) != "image" or path is None:
+        return None
+    path = Path(path).resolve()
+    return {"path": str(path), "sha256": file_sha256(path)} if path.is_file() else None
+
+
+def _check_sample_picture(folder: Path, scan: dict[str, Any]) -> None:
+    """Refuse to resume a scan of an ``image`` sample whose picture changed since it started:
+    the new tiles would show another part than those taken (mixed without a word)."""
+    recorded = scan.get("sample_file")
+    if not isinstance(recorded, dict) or not recorded.get("path"):
+        return
+    path = Path(recorded["path"])
+    if path.is_file() and file_sha256(path) != recorded.get("sha256"):
+        raise UserError(f"sample.path: {path} changed since the scan started; the tiles taken "
+                        "show the earlier picture (scan the new one with `waferscope run`)")
+
+
 def _start_scan(folder: Path, recipe: Recipe, handle: MicroscopeHandle, plan: ScanPlan,
                 events: StageEvents, inspect: bool, model: ModelRef
                 ) -> tuple[dict[str, Any], ScanPlan]:
@@ -189,6 +212,9 @@ def _start_scan(folder: Path, recipe: Recipe, handle: MicroscopeHandle, plan: Sc
         "acquired_tiles": 0,
         "timings": {},
     }
+    picture = _sample_picture(recipe)
+    if picture is not None:
+        scan["sample_file"] = picture
     if wants_alignment(recipe):
         scan["status"] = "aligning"
     write_json(folder / SCAN_JSON, scan)
@@ -286,6 +312,8 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
     except RecipeError as exc:
         raise UserError(f"{folder / SCAN_JSON}: cannot resume, the recorded recipe is not "
                         f"valid now: {exc}") from None
+    if len(done) < n:
+        _check_sample_picture(folder, scan)
     options = scan.get("options") or {"inspect": False, "model": None}
     model = options.get("model")
     if options.get("inspect"):

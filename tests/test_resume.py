@@ -881,3 +881,33 @@ def test_resume_refuses_a_model_gone_since_before_the_stage_moves(plain_scan: Pa
     assert res.exit_code == 2 and "m.safetensors" in res.output, res.output
     assert (folder / "tiles.csv").read_bytes() == journal  # nothing taken
     assert _scan(folder)["status"] == "interrupted"
+
+
+def test_resume_refuses_an_image_sample_whose_picture_changed(tmp_path: Path) -> None:
+    """The picture of an image sample overwritten between a kill and its resume: the new
+    tiles showed the other picture and were stitched in with the rest (exit 0)."""
+    import tifffile
+    from conftest import scan_of_image
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    picture = ndimage.gaussian_filter(rng.random((600, 600)), 3)
+    picture = (picture - picture.min()) / np.ptp(picture)
+    folder = scan_of_image(tmp_path, picture, camera_px=256)
+    scan = _scan(folder)
+    assert scan["sample_file"]["sha256"]
+    scan["status"] = "interrupted"
+    (folder / "scan.json").write_text(json.dumps(scan))
+    lines = (folder / "tiles.csv").read_text().splitlines(keepends=True)
+    (folder / "tiles.csv").write_text("".join(lines[:-2]))  # two tiles left to take
+    journal = (folder / "tiles.csv").read_bytes()
+    tifffile.imwrite(tmp_path / "sample.tif",
+                     np.round((1 - picture) * 65535).astype(np.uint16))
+    res = runner.invoke(app, ["resume", str(folder)])
+    assert res.exit_code == 2 and "sample.path" in res.output and "changed" in res.output
+    assert (folder / "tiles.csv").read_bytes() == journal
+    # the picture put back: the scan resumes
+    tifffile.imwrite(tmp_path / "sample.tif", np.round(picture * 65535).astype(np.uint16))
+    res = runner.invoke(app, ["resume", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert _scan(folder)["status"] == "complete"
