@@ -230,8 +230,6 @@ def _difference_z(test: np.ndarray, refs: np.ndarray, level_t: float,
         # die to die only in its sampling (or focus) averages out there
         t = ndimage.gaussian_filter(tp, s / f, truncate=2.5)
         r = np.stack([ndimage.gaussian_filter(rp[i], s / f, truncate=2.5) for i in range(k)])
-        noise_size = 2 * int(round(max(4.0, 3.0 * s) / f)) + 1
-        r = without_odd_reference(r, noise_size, floor)
         # the envelope of every reference's neighbourhood: a pixel differs only when it lies
         # outside what all the references show nearby (arbitration over the neighbours;
         # tolerates residual misalignment, e.g. stitching offsets where tiles overlap on
@@ -244,60 +242,13 @@ def _difference_z(test: np.ndarray, refs: np.ndarray, level_t: float,
         # around each pixel. Surface texture, grain and residual misalignment vary across a
         # die, so one noise level per die would flag every textured area; a defect in the
         # test die does not raise its own noise estimate, as the references lack it
-        noise = _local_noise(r, noise_size) + floor
+        noise = _local_noise(r, 2 * int(round(max(4.0, 3.0 * s) / f)) + 1) + floor
         if PHASE_TOLERANCE_PX > 0:
             noise = np.hypot(noise, _phase_noise(r, size, f))
         np.maximum(z, _blown_up(np.abs(excess) / noise, f, test.shape), out=z)
     if mask is not None:
         z[~mask] = 0.0
     return z
-
-
-#: a reference lying this many noise standard deviations from the references' median is odd
-#: there (:func:`without_odd_reference`): never in Gaussian noise (0 of 262,144 pixels for
-#: 3-6 references; 4 deviations: 0.1 %)
-ODD_REFERENCE_SPREADS = 6.0
-#: the standard deviation of the ``k - 1`` of ``k`` Gaussian samples nearest their median, in
-#: units of the noise's (measured on 262,144 draws): the spread of the others without the odd
-#: one underestimates the noise by this much
-_NEAREST_SPREAD = {3: 0.415, 4: 0.601, 5: 0.688}
-
-
-def without_odd_reference(r: np.ndarray, size: int, floor: float) -> np.ndarray:
-    """The references ``r`` ``(k, h, w)`` with, at each pixel, the one farthest from their
-    median replaced by the median where it lies more than :data:`ODD_REFERENCE_SPREADS`
-    noise deviations away (the other references' variance averaged over ``size`` x ``size``,
-    as a noise deviation: :data:`_NEAREST_SPREAD`; plus ``floor``); unchanged with fewer
-    than three references.
-
-    A reference die that carries a defect of its own (a stain over a whole die, a particle)
-    would otherwise widen the min-max envelope and the noise estimate at its place, and hide
-    a defect of the test die there: on a die grid of printed text with a 180 px stain in one
-    die, four defects of the dies compared with it scored z 1-7 against a threshold of 7
-    (26-118 elsewhere). Fab tools arbitrate the same way: one reference is not allowed to
-    outvote the others. Where the references agree, nothing changes.
-    """
-    k = r.shape[0]
-    if k < 3:
-        return r
-    med = median_of(r)
-    d = r - med
-    far = np.argmax(np.abs(d), axis=0)
-    d_far = np.take_along_axis(d, far[None], 0)[0]
-    # the others' unbiased variance from sums over the deviations (small numbers: no
-    # cancellation in float32), without the farthest reference
-    s1 = d.sum(axis=0) - d_far
-    s2 = (d * d).sum(axis=0) - d_far * d_far
-    var = np.maximum(s2 - s1 * s1 / (k - 1), 0.0) / (k - 2)
-    spread = np.sqrt(ndimage.uniform_filter(var, size)) / _NEAREST_SPREAD.get(k, 0.73) + floor
-    odd = np.abs(d_far) > ODD_REFERENCE_SPREADS * spread
-    if not odd.any():
-        return r
-    r = r.copy()
-    for i in range(k):
-        pick = odd & (far == i)
-        r[i][pick] = med[pick]
-    return r
 
 
 #: Gaussian sigmas (pixels) of the texture energy: detail finer than the first, averaged over
