@@ -162,7 +162,7 @@ def _split_image(feat: torch.Tensor, usable: np.ndarray, pixel_um: float, image:
                     band[rows, cols].copy())
     border = None
     if min(usable.shape) >= EDGE_MIN_CELLS:
-        segments = edgeband.held_segments(usable, rows, cols, image_border)
+        segments = edgeband.held_segments(band, rows, cols)
         if segments.any():
             border = _Border(feat.permute(1, 2, 0)[torch.from_numpy(segments)].clone(), image,
                              ndimage.maximum_filter(segments, size=2 * GAP_CELLS + 1))

@@ -54,6 +54,14 @@ SMALL_IMAGE_CONTEXT_PX = 32
 PAD_MULTIPLE = 16
 
 
+def uncertainty_bits(anomaly: torch.Tensor, threshold: float, log_scale: float
+                     ) -> torch.Tensor:
+    """Entropy (bits) of the defect probability ``sigmoid(log(anomaly / threshold) /
+    log_scale)`` of an anomaly map: 1 at the threshold, falling to 0 as the score leaves it."""
+    z = torch.log(anomaly.clamp_min(1e-6) / threshold) / log_scale
+    return predictive_entropy(torch.sigmoid(z))
+
+
 class PatchDetector:
     """A memory-bank detector with its card, ready for inference (the ``Model`` protocol of
     :mod:`scanner.inspection.maps`).
@@ -151,9 +159,7 @@ class PatchDetector:
     def uncertainty(self, anomaly: torch.Tensor) -> torch.Tensor:
         """Entropy (bits) of the defect probability of an anomaly map (module docstring),
         highest at :attr:`decision_threshold`."""
-        z = (torch.log(anomaly.clamp_min(1e-6) / self.decision_threshold)
-             / self.uncertainty_log_scale)
-        return predictive_entropy(torch.sigmoid(z))
+        return uncertainty_bits(anomaly, self.decision_threshold, self.uncertainty_log_scale)
 
     def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Anomaly, roughness and uncertainty maps of a batch of normalised windows.

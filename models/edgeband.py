@@ -47,16 +47,16 @@ def band(usable: np.ndarray, image_border: bool = True, cells: int = EDGE_CELLS
     return u & (d <= cells)
 
 
-def held_segments(usable: np.ndarray, rows: slice, cols: slice, image_border: bool = True
-                  ) -> np.ndarray:
-    """The band cells held out of one image: those in the middle half of the rows or of the
-    columns (``rows``, ``cols``: the central block held out beside them), so the middle half
-    of each side of a rectangle and never a corner, which no other part of the image shows."""
-    cross = np.zeros(usable.shape, dtype=bool)
+def held_segments(edge: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    """The cells of an image's border band ``edge`` (:func:`band`) held out: those in the
+    middle half of the rows or of the columns (``rows``, ``cols``: the central block held out
+    beside them), so the middle half of each side of a rectangle and never a corner, which no
+    other part of the image shows."""
+    cross = np.zeros(edge.shape, dtype=bool)
     cross[rows, :] = True
     cross[:, cols] = True
     cross[rows, cols] = False
-    return band(usable, image_border) & cross
+    return edge & cross
 
 
 def edge_factor(inside: np.ndarray, edge: np.ndarray) -> dict[str, float] | None:
@@ -103,8 +103,9 @@ def calibrated_band(anomaly: np.ndarray, uncertainty: np.ndarray | None, band_ma
         return
     anomaly[band_mask] /= np.float32(factor)
     if uncertainty is not None:
-        z = np.log(np.maximum(anomaly[band_mask], 1e-6) / threshold) / log_scale
-        prob = 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
-        q = np.clip(prob, 1e-12, 1 - 1e-12)
-        bits = -(q * np.log2(q) + (1 - q) * np.log2(1 - q))
-        uncertainty[band_mask] = np.where((prob <= 1e-12) | (prob >= 1 - 1e-12), 0.0, bits)
+        import torch
+
+        from .detector import uncertainty_bits
+
+        uncertainty[band_mask] = uncertainty_bits(torch.from_numpy(anomaly[band_mask]),
+                                                  threshold, log_scale).numpy()

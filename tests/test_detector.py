@@ -559,7 +559,7 @@ def test_the_border_band_is_held_out_in_the_middle_of_each_side_never_a_corner()
     crop = edgeband.band(usable, image_border=False)
     assert not crop[0, 50] and crop[60, 85] and not crop[60, 5]
     rows, cols, _ = _held_block(usable)
-    seg = edgeband.held_segments(usable, rows, cols)
+    seg = edgeband.held_segments(band, rows, cols)
     assert seg[60, 0] and seg[0, 45] and seg[119, 45] and seg[60, 89]
     for r, c in ((0, 0), (0, 89), (119, 0), (119, 89)):  # no corner
         assert not seg[max(r - 10, 0):r + 10, max(c - 10, 0):c + 10].any()

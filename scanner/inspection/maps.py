@@ -380,11 +380,9 @@ def _edge_band(model: Model, polygon: Any, mosaic_origin_um: tuple[float, float]
         return None
     band_px, factor = found
     if polygon is None:
-        from shapely.geometry import box
+        from scanner.inspection.dietodie_geometry import MosaicGrid
 
-        (x0, y0), (rows, cols) = mosaic_origin_um, shape
-        polygon = box(x0 - 0.5 * p_mosaic, y0 - 0.5 * p_mosaic, x0 + (cols - 0.5) * p_mosaic,
-                      y0 + (rows - 0.5) * p_mosaic)
+        polygon = MosaicGrid(mosaic_origin_um, p_mosaic, shape).outline()
     return EdgeBand(polygon_mask(polygon, origin, p_map, band_px * p_model), factor,
                     float(getattr(model, "decision_threshold", model.threshold)),
                     float(getattr(model, "uncertainty_log_scale", 0.1)))
