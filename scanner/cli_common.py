@@ -70,6 +70,17 @@ def _storage_message(exc: OSError) -> str:
             "stopped scan continues with `waferscope resume SCAN`)")
 
 
+def _read(kwargs: dict[str, Any]) -> str | None:
+    """The folders or files a command reads (its ``scan``, ``target`` or ``--good``), as
+    given, to name them in a message about damaged data; None when it names none."""
+    for key in ("scan", "target", "good"):
+        value = kwargs.get(key)
+        paths = value if isinstance(value, list | tuple) else [value] if value else []
+        if paths:
+            return ", ".join(str(p) for p in paths)
+    return None
+
+
 def _friendly(func: F) -> F:
     """Turn bad input (UserError, a full disk) into one line + exit 2, anything else into one
     line + exit 1."""
@@ -110,7 +121,7 @@ def _friendly(func: F) -> F:
                 # zarr's other reads of that batch are abandoned; asyncio would log each
                 # pending one at exit, burying the one line under dozens
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-                err.print(f"[bold red]error:[/] {escape(damaged_message(exc))}",
+                err.print(f"[bold red]error:[/] {escape(damaged_message(exc, _read(kwargs)))}",
                           highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             err.print(

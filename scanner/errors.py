@@ -51,13 +51,15 @@ def undecodable(exc: BaseException | None) -> bool:
     return False
 
 
-def damaged_message(exc: BaseException) -> str:
-    """The one line a user reads for an :func:`undecodable` chunk, and what to do about it."""
+def damaged_message(exc: BaseException, where: str | None = None) -> str:
+    """The one line a user reads for an :func:`undecodable` chunk, and what to do about it;
+    ``where``: the scan folder (or folders) being read, when known."""
     from simulators.errors import first_line
 
-    return (f"stored data is damaged: a compressed chunk cannot be decoded ({first_line(exc)}); "
-            "re-run `waferscope stitch SCAN` for a mosaic, or `waferscope resume SCAN` to take "
-            "damaged raw tiles again")
+    scan = where if where and "," not in where else "SCAN"
+    return (f"{where + ': ' if where else ''}stored data is damaged: a compressed chunk "
+            f"cannot be decoded ({first_line(exc)}); re-run `waferscope stitch {scan}` for a "
+            f"mosaic, or `waferscope resume {scan}` to take damaged raw tiles again")
 
 
 def is_number(value: Any) -> bool:

@@ -247,6 +247,8 @@ def test_damaged_mosaic_chunk_or_level_is_one_line_and_exit_2(plain_scan: Path,
             assert result.exit_code == 2, (name, args[0], result.output)
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
             assert "damaged" in result.stderr
+            # the folder is named (a chunk that cannot be decoded said "re-run ... SCAN")
+            assert str(folder) in result.stderr.replace("\n", ""), result.stderr
         assert not (folder / "defects.json").exists()
 
 
