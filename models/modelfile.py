@@ -356,6 +356,9 @@ def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str,
     weights = resolve_model_path(path)
     card_file = card_path_for(weights)
     given = Path(path) if path is not None else weights
+    if given.is_dir():  # named as given, not as the DIR.safetensors looked for
+        raise UserError(f"{given}: a folder, not a model (give the .safetensors file "
+                        "`waferscope train` wrote, or its .json card)")
     if given.is_file() and given.suffix.lower() not in (".safetensors", ".json"):
         # an image or another file given as the model: named as given (the name looked
         # for, base.png.safetensors, was one the user never typed)

@@ -520,6 +520,13 @@ class OutputSpec(_Model):
         "1.2", description="KLARF version of defects.klarf: 1.2 (flat) or 1.8 (nested "
         "records); `report --klarf-version` overrides it")
 
+    @field_validator("klarf_version", mode="before")
+    @classmethod
+    def _version_as_written(cls, value: Any) -> Any:
+        # YAML reads `klarf_version: 1.8` as a number: "must be one of '1.2' or '1.8' (got
+        # 1.8)" was no help
+        return f"{value:.1f}" if isinstance(value, float) and value in (1.2, 1.8) else value
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:

@@ -393,3 +393,15 @@ def test_drift_reads_a_lost_sharpness_and_only_known_score_quantiles(tmp_path: P
                       "2026-12-03T08:00:00+00:00")
     with pytest.raises(Exception, match="surface_image"):
         check_drift([a, tiny], _Model(scores))
+
+
+def test_a_ratio_beside_a_limit_is_not_rounded_onto_it() -> None:
+    # "DRIFT ... x0.80 (limits x0.80-x1.25)": the ratio 0.7996 read as the limit itself
+    from scanner.inspection.drift import DriftReport
+
+    report = DriftReport(drifted=True, move=0.7996, scans=[{}], skipped=[], plot=None)
+    assert "x0.7996 the calibration's (limits x0.80-x1.25" in report.verdict()
+    report = DriftReport(drifted=False, move=0.87, scans=[{}], skipped=[], plot=None,
+                         image={"level": 1.0004})
+    line = report.verdict()
+    assert "are x0.87 the" in line and "level x1.00" in line

@@ -407,6 +407,10 @@ def test_image_lists_name_each_file_once_and_refuse_what_is_not_an_image(tmp_pat
     res = runner.invoke(app, ["inspect", str(d2), "--model", str(d2 / "x.tif"), "--out",
                               str(tmp_path / "o")])
     assert res.exit_code == 2 and "x.tif: not a model" in res.output, res.output
+    # a folder given as the model: named as given (it said "d2.safetensors: not found")
+    res = runner.invoke(app, ["inspect", str(d2), "--model", str(d2), "--out",
+                              str(tmp_path / "o")])
+    assert res.exit_code == 2 and f"{d2}: a folder, not a model" in res.output, res.output
 
 
 def test_too_few_small_good_images_are_refused_before_any_work(tmp_path):

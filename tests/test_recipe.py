@@ -172,6 +172,12 @@ def test_a_scans_recorded_settings_are_read_back_by_their_own_models() -> None:
     assert recorded({}, OutputSpec).chunk_px == OutputSpec().chunk_px
     with pytest.raises(RecipeError, match=r"recipe\.output.*klarf_version"):
         recorded({"recipe": {"output": {"klarf_version": "9"}}}, OutputSpec)
+    # `klarf_version: 1.8` unquoted is a number to YAML: "must be one of '1.2' or '1.8' (got
+    # 1.8)"
+    assert OutputSpec(klarf_version=1.8).klarf_version == "1.8"
+    assert OutputSpec(klarf_version=1.2).klarf_version == "1.2"
+    with pytest.raises(ValueError):
+        OutputSpec(klarf_version=1.5)
 
 
 def test_a_flat_wafer_gets_the_flat_of_its_diameter(tmp_path: Path) -> None:

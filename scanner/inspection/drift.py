@@ -105,6 +105,17 @@ def _read(array: Any, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.asarray(array)[np.ix_(rows, cols)]
 
 
+def _times(ratio: float, factor: float) -> str:
+    """A ratio as ``x0.87``, with as many decimals as it takes not to read as one of the
+    limits ``1 / factor`` and ``factor`` it is not ("DRIFT ... x0.80 (limits x0.80-x1.25)")."""
+    for digits in range(2, 7):
+        text = f"{ratio:.{digits}f}"
+        limits = (f"{1 / factor:.{digits}f}", f"{factor:.{digits}f}")
+        if text not in limits or ratio in (1 / factor, factor):
+            return "x" + text
+    return f"x{ratio:.6f}"
+
+
 @dataclass
 class DriftReport:
     """The verdict of :func:`check_drift` and what it rests on.
@@ -142,18 +153,18 @@ class DriftReport:
             return "drift: no scan inspected with this model records good-surface scores"
         word = "DRIFT" if self.drifted else "no drift"
         limits = f"limits x{1 / DRIFT_FACTOR:.2f}-x{DRIFT_FACTOR:.2f}"
+        move = _times(self.move, DRIFT_FACTOR)
         if self.reference is None:
-            line = (f"{word}: good-surface scores of the one scan are x{self.move:.2f} the "
+            line = (f"{word}: good-surface scores of the one scan are {move} the "
                     f"calibration's ({limits}; give earlier scans of the product to follow "
                     "it)")
         else:
             line = (f"{word}: the newest {self.judged} of {len(self.scans)} scans against the "
-                    f"oldest ({Path(self.reference).name}): good-surface scores x"
-                    f"{self.move:.2f} ({limits}; x{self.calibration_move:.2f} the "
-                    "calibration's)")
+                    f"oldest ({Path(self.reference).name}): good-surface scores "
+                    f"{move} ({limits}; x{self.calibration_move:.2f} the calibration's)")
         if self.image:
             line += ("; image " + ", ".join(
-                f"{k} x{v:.2f}" + (" (moved)" if k in self.image_moved else "")
+                f"{k} {_times(v, IMAGE_FACTOR)}" + (" (moved)" if k in self.image_moved else "")
                 for k, v in self.image.items())
                 + f" (limits x{1 / IMAGE_FACTOR:.2f}-x{IMAGE_FACTOR:.2f})")
         return line + "".join(f"; {note}" for note in self.notes)
