@@ -70,7 +70,7 @@ def _storage_message(exc: OSError) -> str:
             "stopped scan continues with `waferscope resume SCAN`)")
 
 
-def _read(kwargs: dict[str, Any]) -> str | None:
+def _inputs_named(kwargs: dict[str, Any]) -> str | None:
     """The folders or files a command reads (its ``scan``, ``target`` or ``--good``), as
     given, to name them in a message about damaged data; None when it names none."""
     for key in ("scan", "target", "good"):
@@ -121,8 +121,9 @@ def _friendly(func: F) -> F:
                 # zarr's other reads of that batch are abandoned; asyncio would log each
                 # pending one at exit, burying the one line under dozens
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-                err.print(f"[bold red]error:[/] {escape(damaged_message(exc, _read(kwargs)))}",
-                          highlight=False, soft_wrap=True)
+                message = damaged_message(exc, _inputs_named(kwargs))
+                err.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
+                          soft_wrap=True)
                 raise typer.Exit(2) from None
             err.print(
                 f"[bold red]failed:[/] {type(exc).__name__}: {exc} "

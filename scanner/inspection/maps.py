@@ -260,18 +260,30 @@ def infer_image(
 def _image_edge_band(model: Model, maps: dict[str, np.ndarray], stride: int) -> None:
     """Calibrate an image's border band in its maps, in place, as the model's card says
     (:mod:`models.edgeband`; an image file's border is its part's)."""
-    from models.edgeband import calibrated_band, card_band
+    from models.edgeband import calibrated_band
 
-    found = card_band(getattr(model, "card", None))
+    found = _band_calibration(model)
     if found is None:
         return
-    band_px, factor = found
+    band_px, factor, threshold, log_scale = found
     b = max(1, int(round(band_px / stride)))
     band = np.ones(maps["anomaly"].shape, dtype=bool)
     band[b:-b, b:-b] = False
-    calibrated_band(maps["anomaly"], maps.get("uncertainty"), band, factor,
-                    float(getattr(model, "decision_threshold", model.threshold)),
-                    float(getattr(model, "uncertainty_log_scale", 0.1)))
+    calibrated_band(maps["anomaly"], maps.get("uncertainty"), band, factor, threshold,
+                    log_scale)
+
+
+def _band_calibration(model: Model) -> tuple[int, float, float, float] | None:
+    """``(band_px, factor, threshold, log_scale)`` of the border band the model's card
+    calibrated (:func:`models.edgeband.card_band`), with the threshold and log scale the
+    band's uncertainty is recomputed around; None when the band scores no higher."""
+    from models.edgeband import card_band
+
+    found = card_band(getattr(model, "card", None))
+    if found is None:
+        return None
+    return (*found, float(getattr(model, "decision_threshold", model.threshold)),
+            float(getattr(model, "uncertainty_log_scale", 0.1)))
 
 
 def infer_mosaic(
@@ -372,20 +384,18 @@ def _edge_band(model: Model, polygon: Any, mosaic_origin_um: tuple[float, float]
     """The usable area's border band as the model's card calibrated it
     (:mod:`models.edgeband`; None when it scores no higher than the inside): measured from
     the usable area's border, or the mosaic's without one."""
-    from models.edgeband import card_band
     from scanner.inspection.streammaps import EdgeBand
 
-    found = card_band(getattr(model, "card", None))
+    found = _band_calibration(model)
     if found is None:
         return None
-    band_px, factor = found
+    band_px, factor, threshold, log_scale = found
     if polygon is None:
         from scanner.inspection.dietodie_geometry import MosaicGrid
 
         polygon = MosaicGrid(mosaic_origin_um, p_mosaic, shape).outline()
     return EdgeBand(polygon_mask(polygon, origin, p_map, band_px * p_model), factor,
-                    float(getattr(model, "decision_threshold", model.threshold)),
-                    float(getattr(model, "uncertainty_log_scale", 0.1)))
+                    threshold, log_scale)
 
 
 def _create_maps(out_dir: Path, tiling: Tiling) -> tuple[dict[str, Path], dict[str, Any]]:

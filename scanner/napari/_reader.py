@@ -46,7 +46,6 @@ def _scan_folder(path: str | list[str] | Path) -> Path | None:
     p = Path(path)
     for candidate in (p, p.parent):
         if candidate.is_dir() and ((candidate / SCAN_JSON).is_file()
-                                   or (candidate / MOSAIC).is_dir()
                                    or inspected_mosaic(candidate) is not None):
             return candidate
     return None
