@@ -147,6 +147,8 @@ def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | N
                "z_threshold": round(calibrated_z_threshold(z), 2),
                "texture_good_max_z": zt,
                "texture_z_threshold": round(calibrated_z_threshold(zt), 2)}
+        if any(f.get("mode") for f in found):
+            out["mode"] = next(f["mode"] for f in found if f.get("mode"))
         repeats = [f["found_grid_repeats"] for f in found if "found_grid_repeats" in f]
         if repeats:
             out["found_grid_repeats"] = all(repeats)
@@ -275,8 +277,13 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
     if d2d:
         texture = (f"; texture {d2d['texture_z_threshold']:g} (reach "
                    f"{d2d['texture_good_max_z']:g})" if "texture_z_threshold" in d2d else "")
-        out.print(f"  die-to-die z threshold {d2d['z_threshold']:g} (the good scan's dies reach "
-                  f"z {d2d['good_max_z']:g}, {d2d['dies']} dies){texture}")
+        if d2d.get("mode") == "cell to cell":
+            out.print(f"  cell-to-cell z threshold {d2d['z_threshold']:g} (a repeat finer than a "
+                      f"die, each cell against its neighbours; the good scan reaches z "
+                      f"{d2d['good_max_z']:g}){texture}")
+        else:
+            out.print(f"  die-to-die z threshold {d2d['z_threshold']:g} (the good scan's dies "
+                      f"reach z {d2d['good_max_z']:g}, {d2d['dies']} dies){texture}")
         if d2d.get("found_grid_repeats") is False:
             out.print("  die-to-die off: the repeat found in the good scan is no layout (its "
                       "'dies' differ beyond any threshold)")

@@ -135,9 +135,13 @@ def test_wafer_registration_textured_subpixel_bare_keeps_stage(write_recipe, tmp
     assert scan["registration"]["n_textured_tiles"] == acc.counts["textured"]
 
 
-def test_tiles_whose_overlaps_match_only_ambiguously_are_named(tmp_path: Path, caplog):
+def test_tiles_whose_overlaps_match_only_ambiguously_are_placed_on_the_patterns_lattice(
+        tmp_path: Path, caplog):
     # a grating finer than the stage's error: every overlap matches at several periods, so no
-    # pair places its tiles and each lies where the stage landed; the user is told which
+    # pair measures its tiles' offset; each tile is placed from its neighbours on the
+    # pattern's lattice nearest where the stage landed: off by whole periods at most, never a
+    # fraction (left where the stage landed, tiles 3-6 um apart showed the pattern twice,
+    # out of phase, along every seam)
     import logging
 
     from conftest import scan_of_image
@@ -147,5 +151,16 @@ def test_tiles_whose_overlaps_match_only_ambiguously_are_named(tmp_path: Path, c
     with caplog.at_level(logging.WARNING):
         folder = scan_of_image(tmp_path, grating, camera_px=256, overlap=0.15, seed=1)
     reg = json.loads((folder / "scan.json").read_text())["registration"]
-    assert reg["n_pairs_used"] == 0 and len(reg["unplaced_tiles"]) == reg["n_tiles"]
-    assert any("matched no neighbour unambiguously" in m for m in caplog.messages)
+    assert reg["n_pairs_used"] == 0
+    assert reg["lattice_placed_tiles"] == reg["n_tiles"] and reg["unplaced_tiles"] == []
+    assert not any("matched no neighbour unambiguously" in m for m in caplog.messages)
+    records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+    error = np.array([(r.x_reg_um - r.x_true_um, r.y_reg_um - r.y_true_um) for r in records])
+    landed = np.array([(r.x_um - r.x_true_um, r.y_um - r.y_true_um) for r in records])
+    # every tile in phase with the first (the pattern repeats every 3.5 um along a diagonal
+    # and 7 um along the axes: a whole translation is a multiple of 3.5 um along each axis)
+    relative = error - error[0]
+    assert np.abs(relative / 3.5 - np.round(relative / 3.5)).max() * 3.5 < 0.5, relative
+    # the stage left tiles out of phase
+    off = landed - landed[0]
+    assert (np.abs(off / 3.5 - np.round(off / 3.5)) * 3.5).max() > 1.0

@@ -186,7 +186,8 @@ def _local_noise(r: np.ndarray, size: int) -> np.ndarray:
     a test minus the references' median (about ``1 + pi / (2k)`` times one die's variance)."""
     k = r.shape[0]
     var = ((r - r.mean(axis=0)) ** 2).sum(axis=0) / (k - 1)
-    var = ndimage.uniform_filter(var, size)
+    # (a running mean of a variance may dip a rounding error under 0 beside bright pixels)
+    var = np.maximum(ndimage.uniform_filter(var, size), 0.0)
     return np.sqrt(var * (1.0 + math.pi / (2 * k)))
 
 

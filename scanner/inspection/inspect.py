@@ -183,8 +183,14 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     )
 
     levels, grid, source = found
-    settings = DieToDie(**{k: float(v) for k, v in (("z_threshold", z_threshold),
-                           ("texture_z_threshold", texture_z_threshold)) if v is not None})
+    calibrated = {k: float(v) for k, v in (("z_threshold", z_threshold),
+                                           ("texture_z_threshold", texture_z_threshold))
+                  if v is not None}
+    if getattr(sample, "kind", None) in PART_KINDS:
+        cells = _cell_to_cell(mosaic, levels, grid, polygon, threshold, source, calibrated)
+        if cells is not None:
+            return cells
+    settings = DieToDie(**calibrated)
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
                                       np.ndarray | None]:
@@ -203,6 +209,45 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
                                                       threshold)))
             if not maps.reader.resample and levels[0].ndim == 2:
                 difference = functools.partial(_shifted_difference, comparison, image, pad)
+        return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
+                                             "origin_um": list(grid.origin_um),
+                                             "rotation_deg": grid.rotation_deg,
+                                             "source": source}}, difference, compared, repeated
+
+    return refine
+
+
+def _cell_to_cell(mosaic: Path, levels: list[Any], grid: Any, polygon: Any, threshold: float,
+                  source: str, calibrated: dict[str, float]) -> DieToDieStep | None:
+    """The map refinement that compares a repeat finer than a die cell to cell
+    (:mod:`scanner.inspection.celltocell`), as :func:`_die_to_die` returns; None when the
+    grid is a die grid."""
+    from scanner.inspection.celltocell import CellToCell, cell_comparison, cell_to_cell_patches
+    from scanner.inspection.defects import DESIGN_Z
+    from scanner.inspection.dietodie import apply_patches, repeated_mask, z_to_score
+    from scanner.inspection.polygonmask import polygon_mask
+
+    geometry = _mosaic_grid(mosaic)
+    comparison = cell_comparison(geometry, grid, _scanned_part(polygon, geometry),
+                                 CellToCell(**calibrated))
+    if comparison is None:
+        return None
+
+    def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
+                                      np.ndarray | None]:
+        level0 = levels[0]
+        patches, stats = cell_to_cell_patches(maps.origin_um, maps.pixel_size_um, level0,
+                                              comparison, comparison.usable.polygon, threshold)
+        apply_patches(maps.maps["anomaly"], patches)
+        shape = maps.maps["anomaly"].shape
+        inside = polygon_mask(comparison.usable.polygon, maps.origin_um,
+                              maps.pixel_size_um)(0, 0, *shape)
+        compared = inside if inside is not None else np.zeros(shape, dtype=bool)
+        repeated = repeated_mask(compared, patches, float(z_to_score(
+            DESIGN_Z, comparison.settings.z_threshold, threshold)))
+        difference = None
+        if not maps.reader.resample and level0.ndim == 2:
+            difference = functools.partial(comparison.difference, level0)
         return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
                                              "origin_um": list(grid.origin_um),
                                              "rotation_deg": grid.rotation_deg,
@@ -246,6 +291,17 @@ def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
     if found is None:
         return None
     levels, grid, source = found
+    if getattr(saved, "kind", None) in PART_KINDS:
+        from scanner.inspection.celltocell import cell_comparison, largest_cell_z
+
+        geometry = _mosaic_grid(folder / MOSAIC)
+        part = _scanned_part(polygon, geometry)
+        cells = cell_comparison(geometry, grid, part)
+        if cells is not None:
+            reached = largest_cell_z(levels[0], cells, part)
+            return None if reached is None else {
+                **die_to_die_record(reached, source == "found in the mosaic"),
+                "mode": "cell to cell"}
     image, geometry, pyramid, area, _ = _compared_image(folder / MOSAIC, levels, grid, polygon,
                                                         getattr(saved, "kind", None))
     reached = largest_z(image, geometry, grid, area, pyramid=pyramid)

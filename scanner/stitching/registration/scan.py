@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from scanner.stitching.registration.accuracy import classify_tiles
+from scanner.stitching.registration.lattice import place_on_lattice
 from scanner.stitching.registration.pairwise import PairResult, register_pair, search_key
 from scanner.stitching.registration.selfcal import measured_camera
 from scanner.stitching.registration.solve import SolveResult, solve_positions
@@ -67,6 +68,9 @@ class RegistrationSummary:
     #: tiles left where the stage landed although an overlap of theirs matched (every such
     #: pair ambiguous or rejected by the solve): ``(row, col)``
     unplaced_tiles: list[tuple[int, int]] = field(default_factory=list)
+    #: tiles whose overlaps matched at several periods of a repeating pattern, placed on its
+    #: lattice nearest where the stage landed (:mod:`scanner.stitching.registration.lattice`)
+    lattice_placed_tiles: int = 0
     #: tiles placed by the stage along one axis: no chain of matched overlaps measures their
     #: offset along it from the largest group of tiles that it links (overlaps whose only
     #: structure runs along that axis, streets and die edges): ``(row, col, "x" | "y")``
@@ -260,10 +264,13 @@ def register_tiles(
                                for a, k, _ in order]
 
     result = solve_positions(prior, repeatability_um / camera.pixel_size_um, pairs)
+    on_lattice = place_on_lattice(result.positions, result.constrained, prior, pairs,
+                                  lambda k: tiles[records[k].index], params.max_shift_px)
     centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
     classes = classify_tiles(n, result.used)
     summary = _summary(records, pairs, result, classes, params.max_shift_px,
-                       float(np.abs(centres - stage).max()) if n else 0.0, len(found), min_ncc)
+                       float(np.abs(centres - stage).max()) if n else 0.0, len(found), min_ncc,
+                       on_lattice)
     return centres, summary, pairs, classes
 
 
@@ -351,7 +358,7 @@ def _measure_pairs(tiles: Any, records: list[TileRecord], grid: dict[tuple[int, 
 
 def _summary(records: list[Any], pairs: list[PairResult], result: SolveResult,
              classes: np.ndarray, max_shift: float, max_correction_um: float,
-             n_precomputed: int, min_ncc: float) -> RegistrationSummary:
+             n_precomputed: int, min_ncc: float, on_lattice: np.ndarray) -> RegistrationSummary:
     """What the registration did, from the pairs and the global solve's ``result``."""
     nccs = [q.ncc for q in result.used]
     return RegistrationSummary(
@@ -373,7 +380,8 @@ def _summary(records: list[Any], pairs: list[PairResult], result: SolveResult,
         unplaced_tiles=[(int(records[k].row), int(records[k].col))
                         for k in sorted({t for q in pairs if math.isfinite(q.dx)
                                          and q.ncc >= min_ncc for t in (q.a, q.b)})
-                        if not result.constrained[k]],
+                        if not result.constrained[k] and not on_lattice[k]],
+        lattice_placed_tiles=int(on_lattice.sum()),
         stage_placed_axes=[(int(records[k].row), int(records[k].col), axis)
                            for axis in ("x", "y")
                            for k in _off_the_main_chain(len(records), result.used, axis)

@@ -1,0 +1,130 @@
+"""Tiles whose overlaps match at several periods of a repeating pattern: placed on its lattice.
+
+A pattern finer than the stage's error (a memory array, a via field, a grating) matches an
+overlap at every period inside the search window, and registration refuses such a pair
+(:func:`scanner.stitching.registration.pairwise.register_pair`): no measurement tells which
+period the stage landed on. Left where the stage landed, neighbouring tiles lie a *fraction*
+of a period apart, and where they overlap the fused mosaic shows the pattern twice, out of
+phase (a 12 um via array, tiles placed 3-6 um apart: ghost vias along every seam, and
+cell-to-cell comparison across a seam reads the cells at another phase).
+
+Every such pair does measure its offset exactly up to a whole lattice translation. So the
+tiles are placed from one another along the best-matching of those pairs (a maximum spanning
+tree, strongest match first), each on the lattice translation that puts it nearest where the
+stage landed: every seam then joins the pattern in phase, and a tile may lie a whole period
+off (as the stage alone could put it), never a fraction. Tiles the global solve placed keep
+their places and anchor the rest. The lattice is found in a tile
+(:func:`scanner.diegrid.estimate_grid`); a placement further from where the stage landed than
+the search window is left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from scanner.stitching.registration.pairwise import PairResult
+
+#: a refused pair matched at least this well (NCC) at its best period to place tiles from:
+#: a clean match, as :data:`scanner.stitching.registration.pairwise._PRIOR_NCC`
+MIN_LATTICE_NCC = 0.8
+
+
+def lattice_vectors(tile: np.ndarray, max_shift_px: float) -> list[np.ndarray]:
+    """The repeat vectors ``(x, y)`` (camera pixels) of the pattern in a tile that are short
+    enough to make an overlap ambiguous (within twice the search window); none when the tile
+    shows no repeat."""
+    from scanner.diegrid import estimate_grid
+
+    grid = estimate_grid(np.asarray(tile, dtype=np.float32), 1.0, (0.0, 0.0))
+    if grid is None:
+        return []
+    t = math.radians(grid.rotation_deg)
+    px, py = grid.pitch_um
+    vectors = [np.array([px * math.cos(t), px * math.sin(t)]),
+               np.array([-py * math.sin(t), py * math.cos(t)])]
+    return [v for v in vectors if float(np.hypot(*v)) <= 2.0 * max_shift_px]
+
+
+def _nearest_translation(d: np.ndarray, target: np.ndarray, vectors: list[np.ndarray],
+                         reach: float) -> np.ndarray:
+    """Of ``d`` moved by whole lattice translations, the one nearest ``target``."""
+    spans = [range(-int(math.ceil(reach / np.hypot(*v))) - 1,
+                   int(math.ceil(reach / np.hypot(*v))) + 2) for v in vectors]
+    best, gap = d, math.inf
+    for i in spans[0]:
+        for j in spans[1] if len(vectors) > 1 else (0,):
+            moved = d + i * vectors[0] + (j * vectors[1] if len(vectors) > 1 else 0.0)
+            g = float(np.hypot(*(moved - target)))
+            if g < gap:
+                best, gap = moved, g
+    return best
+
+
+def place_on_lattice(positions: np.ndarray, placed: np.ndarray, prior: np.ndarray,
+                     pairs: Sequence[PairResult], tile_of: Any, max_shift_px: float
+                     ) -> np.ndarray:
+    """Place the tiles left to the stage from their periodic overlaps (see the module).
+
+    Parameters
+    ----------
+    positions : ndarray
+        ``(N, 2)`` positions ``(x, y)`` after the global solve (camera pixels); updated in
+        place for the tiles placed here.
+    placed : ndarray of bool
+        ``(N,)`` tiles the solve placed from matched overlaps (they anchor the rest).
+    prior : ndarray
+        ``(N, 2)`` where the stage landed.
+    pairs : sequence of PairResult
+        Every measured pair.
+    tile_of : callable
+        ``tile_of(k)``: the image of tile ``k`` (to find the pattern's lattice in).
+    max_shift_px : float
+        The search window: no tile is placed further than this from where the stage landed.
+
+    Returns
+    -------
+    ndarray of bool
+        The tiles placed here.
+    """
+    links = [p for p in pairs if not p.ok and math.isfinite(p.dx) and math.isfinite(p.dy)
+             and p.ncc >= MIN_LATTICE_NCC and not (placed[p.a] and placed[p.b])]
+    done = np.zeros(len(positions), dtype=bool)
+    if not links:
+        return done
+    vectors = lattice_vectors(tile_of(links[0].b), max_shift_px)
+    if not vectors:
+        return done
+    here = placed.copy()
+    anchor = None
+    if not here.any():  # nothing anchors the tiles: the first one keeps where it landed
+        anchor = links[0].a
+        here[anchor] = True
+    links.sort(key=lambda p: -p.ncc)
+    grew = True
+    while grew:
+        grew = False
+        for p in links:
+            if here[p.a] == here[p.b]:
+                continue
+            d = np.array([p.dx, p.dy])
+            if here[p.a]:
+                new, step = p.b, _nearest_translation(d, prior[p.b] - positions[p.a], vectors,
+                                                      max_shift_px)
+                at = positions[p.a] + step
+            else:
+                new, step = p.a, _nearest_translation(d, positions[p.b] - prior[p.a], vectors,
+                                                      max_shift_px)
+                at = positions[p.b] - step
+            if float(np.abs(at - prior[new]).max()) > max_shift_px:
+                continue
+            positions[new] = at
+            here[new] = done[new] = True
+            grew = True
+            break  # the strongest link of the grown tree first, again
+    if anchor is not None and done.any():
+        done[anchor] = True  # the others' reference: on the same lattice
+    return done
