@@ -50,6 +50,9 @@ class DieGrid:
     origin_um: tuple[float, float]
     rotation_deg: float = 0.0
     precision_um: float = 0.0
+    #: axes ``(x, y)`` along which the layout does not change at all (a grating's lines, found
+    #: in an image: :func:`estimate_grid`); their pitch is the image's extent
+    uniform_axes: tuple[bool, bool] = (False, False)
 
     @classmethod
     def from_sample(cls, sample: dict[str, Any],
@@ -200,6 +203,9 @@ MIN_REPEATS = 3
 #: (a mirrored brick texture tiled 2 x 2 through the simulated microscope), the echoes of a
 #: natural texture or an unrelated motif 0.2-0.7
 MIN_TWICE_CORRELATION = 0.85
+#: an axis along which the autocorrelation stays at least this at every lag is one the layout
+#: does not change along (a grating's lines): a repeat along the other axis alone is a layout
+UNIFORM_CORRELATION = 0.9
 #: largest turn of a found layout (degrees): a part placed by hand
 MAX_GRID_ROTATION_DEG = 5.0
 #: a found turn that moves the image's far side by less than this (pixels of the level
@@ -260,6 +266,7 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
     rows_ok, cols_ok = np.nonzero(ok.any(axis=1))[0], np.nonzero(ok.any(axis=0))[0]
     span = {1: (int(cols_ok[0]), int(cols_ok[-1]) + 1), 0: (int(rows_ok[0]), int(rows_ok[-1]) + 1)}
     vectors = []
+    uniform = {1: False, 0: False}
     for axis in (1, 0):
         n = span[axis][1] - span[axis][0]
         # up to half the extent (two repeats), a little beyond, and one lag more to see that
@@ -268,16 +275,24 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
         # 787 px against a pitch of 393.9 px; no grid, no die-to-die, 7 of 22 defects found)
         reach = (n + _slack_px(n)) // 2 + 2
         a = ac if axis == 1 else ac.T  # lags along axis 1
+        if float(a[0, 1:reach].min()) >= UNIFORM_CORRELATION:
+            # nothing changes along this axis (a grating's lines): one cell spans the image
+            uniform[axis] = True
+            vectors.append((float(n), 0.0))
+            continue
         lag = _first_repeat(a[0, :reach], n)
         if lag is None:  # a turned layout: its repeat lies off the image's axis
             lag = _first_repeat(_turned_profile(a, reach), n)
             if lag is None:
                 return None
         vectors.append((lag, _across(a, lag)))
+    if uniform[0] and uniform[1]:
+        return None  # a plain (or smoothly shaded) image: no layout
     (lx, dyx), (ly, dxy) = vectors
     # the layout's turn: the x repeat runs towards +y by dyx, the y repeat towards -x by dxy
     theta = 0.5 * (math.atan2(dyx, lx) - math.atan2(dxy, ly))
-    if abs(theta) * max(h, wd) < ROTATION_RESOLUTION_PX:
+    if abs(theta) * max(h, wd) < ROTATION_RESOLUTION_PX or uniform[0] or uniform[1]:
+        # (a grating uniform along an image axis lies along it)
         theta = 0.0  # not told from an axis-aligned layout at this level: none
     px, py = (math.hypot(lx, dyx), math.hypot(ly, dxy)) if theta else (lx, ly)
     c, s_ = math.cos(theta), math.sin(theta)
@@ -304,7 +319,7 @@ def estimate_grid(image: np.ndarray, pixel_um: float, origin_um: tuple[float, fl
     # cells may overhang the image by a pixel and the slack (see _cell_start)
     slack = 1 + _slack_px(max(span[0][1] - span[0][0], span[1][1] - span[1][0]))
     return DieGrid((px * pixel_um, py * pixel_um), (ox, oy), math.degrees(theta),
-                   precision_um=slack * pixel_um)
+                   precision_um=slack * pixel_um, uniform_axes=(uniform[1], uniform[0]))
 
 
 def _band(lag: int) -> int:

@@ -137,3 +137,38 @@ def test_a_via_array_scanned_as_a_golden_sample_finds_the_defects_of_a_copy(tmp_
         assert any(d["bbox_um"][0] - 4 <= c <= d["bbox_um"][2] + 4
                    and d["bbox_um"][1] - 4 <= r <= d["bbox_um"][3] + 4 for d in defects), kind
     assert len(defects) <= len(DEFECTS) + 1
+
+
+def test_a_grating_is_a_layout_uniform_along_its_lines():
+    yy, xx = np.mgrid[0:400, 0:400]
+    rng = np.random.default_rng(0)
+    grating = 1000.0 + 500.0 * np.sin(2 * np.pi * xx / 9.4) + rng.normal(0, 5, xx.shape)
+    grid = estimate_grid(grating, 1.0, (0.0, 0.0))
+    assert grid is not None and grid.uniform_axes == (False, True)
+    assert abs(grid.pitch_um[0] - 9.4) < 0.05 and grid.rotation_deg == 0.0
+    # compared along both axes: across the lines at their period, along them anywhere
+    axes = fine_axes(grid, 1.0)
+    assert len(axes) == 2 and abs(axes[0][1] - 9.4) < 0.05 and axes[1][1] == 0.0
+    # a smoothly shaded image does not change much along either axis: no layout
+    assert estimate_grid(1000.0 + 0.5 * yy + 0.2 * xx, 1.0, (0.0, 0.0)) is None
+
+
+def test_tiles_of_a_grating_are_placed_on_its_lines_period_and_keep_the_stage_along_them(
+        tmp_path: Path):
+    from conftest import scan_of_image
+
+    from scanner.tilestore import read_tiles_csv
+
+    yy, xx = np.mgrid[0:640, 0:640]
+    folder = scan_of_image(tmp_path, 0.5 + 0.3 * np.sin(2 * np.pi * xx / 7.0), camera_px=256,
+                           overlap=0.15, seed=1)
+    reg = json.loads((folder / "scan.json").read_text())["registration"]
+    # (an overlap across the lines may pass as an edge measured across it: its tiles are
+    # placed by the solve, the others from them)
+    assert reg["lattice_placed_tiles"] > 0 and reg["unplaced_tiles"] == []
+    records = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+    dx = np.array([r.x_reg_um - r.x_true_um for r in records])
+    assert np.abs((dx - dx[0]) / 7.0 - np.round((dx - dx[0]) / 7.0)).max() * 7.0 < 0.5
+    # along the lines nothing is measured: the stage's place is kept
+    np.testing.assert_allclose([r.y_reg_um for r in records], [r.y_um for r in records],
+                               atol=1e-3)

@@ -87,9 +87,14 @@ def fine_axes(grid: DieGrid, pixel_um: float, settings: CellToCell = CellToCell(
     """The lattice's axes compared cell to cell, as ``(rows, cols)`` vectors of mosaic
     pixels; none when the repeat is a die die-to-die compares (no period under
     :data:`MIN_DIE_PX`), or no period is under half the reach."""
-    periods = [p / pixel_um for p in grid.pitch_um]
-    if min(periods) >= MIN_DIE_PX:
+    periods = [p / pixel_um for p, flat in zip(grid.pitch_um, grid.uniform_axes, strict=True)
+               if not flat]
+    if not periods or min(periods) >= MIN_DIE_PX:
         return []
+    # along an axis the layout does not change along (a grating's lines), copies are read
+    # as a period would space them
+    periods = [settings.reach_px / settings.per_direction if flat else p / pixel_um
+               for p, flat in zip(grid.pitch_um, grid.uniform_axes, strict=True)]
     t = math.radians(grid.rotation_deg)
     c, s = math.cos(t), math.sin(t)
     # the grid's x axis turned from +x towards +y, its y axis likewise (DieGrid)

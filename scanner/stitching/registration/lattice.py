@@ -31,33 +31,42 @@ from scanner.stitching.registration.pairwise import PairResult
 #: a refused pair matched at least this well (NCC) at its best period to place tiles from:
 #: a clean match, as :data:`scanner.stitching.registration.pairwise._PRIOR_NCC`
 MIN_LATTICE_NCC = 0.8
+#: tiles the lattice is looked for in, at most
+LATTICE_TRIES = 6
 
 
-def lattice_vectors(tile: np.ndarray, max_shift_px: float) -> list[np.ndarray]:
+def lattice_vectors(tile: np.ndarray, max_shift_px: float
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The repeat vectors ``(x, y)`` (camera pixels) of the pattern in a tile that are short
-    enough to make an overlap ambiguous (within twice the search window); none when the tile
-    shows no repeat."""
+    enough to make an overlap ambiguous (within twice the search window), and the unit
+    vectors of the axes it does not change along at all (a grating's lines: any offset along
+    them matches); none when the tile shows no repeat."""
     from scanner.diegrid import estimate_grid
 
     grid = estimate_grid(np.asarray(tile, dtype=np.float32), 1.0, (0.0, 0.0))
     if grid is None:
-        return []
+        return [], []
     t = math.radians(grid.rotation_deg)
     px, py = grid.pitch_um
-    vectors = [np.array([px * math.cos(t), px * math.sin(t)]),
-               np.array([-py * math.sin(t), py * math.cos(t)])]
-    return [v for v in vectors if float(np.hypot(*v)) <= 2.0 * max_shift_px]
+    units = [np.array([math.cos(t), math.sin(t)]), np.array([-math.sin(t), math.cos(t)])]
+    vectors = [u * p for u, p, flat in zip(units, (px, py), grid.uniform_axes, strict=True)
+               if not flat and p <= 2.0 * max_shift_px]
+    return vectors, [u for u, flat in zip(units, grid.uniform_axes, strict=True) if flat]
 
 
 def _nearest_translation(d: np.ndarray, target: np.ndarray, vectors: list[np.ndarray],
-                         reach: float) -> np.ndarray:
-    """Of ``d`` moved by whole lattice translations, the one nearest ``target``."""
+                         along: list[np.ndarray], reach: float) -> np.ndarray:
+    """Of ``d`` moved by whole lattice translations, the one nearest ``target``; along the
+    axes the pattern does not change along (``along``), the target's own offset."""
     spans = [range(-int(math.ceil(reach / np.hypot(*v))) - 1,
                    int(math.ceil(reach / np.hypot(*v))) + 2) for v in vectors]
     best, gap = d, math.inf
-    for i in spans[0]:
+    for i in spans[0] if vectors else (0,):
         for j in spans[1] if len(vectors) > 1 else (0,):
-            moved = d + i * vectors[0] + (j * vectors[1] if len(vectors) > 1 else 0.0)
+            moved = d + (i * vectors[0] if vectors else 0.0) + \
+                (j * vectors[1] if len(vectors) > 1 else 0.0)
+            for u in along:
+                moved = moved + float((target - moved) @ u) * u
             g = float(np.hypot(*(moved - target)))
             if g < gap:
                 best, gap = moved, g
@@ -95,7 +104,13 @@ def place_on_lattice(positions: np.ndarray, placed: np.ndarray, prior: np.ndarra
     done = np.zeros(len(positions), dtype=bool)
     if not links:
         return done
-    vectors = lattice_vectors(tile_of(links[0].b), max_shift_px)
+    # the lattice of the first of a few of these tiles that shows one whole (a tile at the
+    # part's edge holds the surround too)
+    vectors, along = [], []
+    for k in list(dict.fromkeys(t for p in links for t in (p.b, p.a)))[:LATTICE_TRIES]:
+        vectors, along = lattice_vectors(tile_of(k), max_shift_px)
+        if vectors:
+            break
     if not vectors:
         return done
     here = placed.copy()
@@ -113,11 +128,11 @@ def place_on_lattice(positions: np.ndarray, placed: np.ndarray, prior: np.ndarra
             d = np.array([p.dx, p.dy])
             if here[p.a]:
                 new, step = p.b, _nearest_translation(d, prior[p.b] - positions[p.a], vectors,
-                                                      max_shift_px)
+                                                      along, max_shift_px)
                 at = positions[p.a] + step
             else:
                 new, step = p.a, _nearest_translation(d, positions[p.b] - prior[p.a], vectors,
-                                                      max_shift_px)
+                                                      along, max_shift_px)
                 at = positions[p.b] - step
             if float(np.abs(at - prior[new]).max()) > max_shift_px:
                 continue
