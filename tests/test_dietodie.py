@@ -797,3 +797,23 @@ def test_many_dies_are_each_judged_against_a_sample_of_the_others(monkeypatch):
     monkeypatch.setattr(alike_module, "MAX_COMPARED", 100)
     kept, anchor = alike_dies(img, geometry, grid, cells)
     assert (11, 7) not in kept and len(kept) == len(cells) - 1 and anchor in kept
+
+
+def test_a_defect_crossing_a_die_border_is_bridged_and_one_die_alone_is_not():
+    from scanner.inspection.dietodie_maps import bridge_die_borders
+
+    grid = DieGrid((40.0, 40.0), (0.0, 0.0))  # lines every 40 map px (1 um map pixels)
+    anomaly = np.zeros((120, 120), np.float32)
+    anomaly[50:60, 30:37] = 2.0  # a stain's left part, dipping towards the line at x = 40
+    anomaly[50:60, 44:50] = 1.8  # ... and its right part
+    anomaly[90:100, 72:78] = 2.0  # one die's defect beside the line at x = 80, nothing across
+    compared = np.ones(anomaly.shape, bool)
+    raised = bridge_die_borders(anomaly, compared, grid, (0.0, 0.0), 1.0, gap_px=3)
+    assert raised > 0
+    assert (anomaly[50:60, 37:44] == 1.8).all()  # across the line: what both sides hold
+    assert anomaly[90:100, 78:90].max() == 0.0  # not carried across
+    assert anomaly[:50].max() == 0.0 and anomaly[60:90].max() == 0.0
+    # outside the dies compared nothing moves
+    again = np.zeros((120, 120), np.float32)
+    again[50:60, 30:37], again[50:60, 44:50] = 2.0, 1.8
+    assert bridge_die_borders(again, np.zeros(again.shape, bool), grid, (0.0, 0.0), 1.0, 3) == 0

@@ -237,8 +237,8 @@ def check_die_grid(recipe: Recipe, pixel_size_um: float) -> None:
 
     A die smaller than a camera pixel cannot be told from its neighbours; one smaller than
     the die-to-die comparison's least die (``MIN_DIE_PX`` pixels,
-    :mod:`scanner.diegrid`) is never compared, so ``die_to_die: true`` asks for
-    what cannot run; and a grid of more than :data:`scanner.recipe.MAX_DIES` cells would
+    :mod:`scanner.diegrid`) is never compared on a wafer, so ``die_to_die: true`` asks for
+    what cannot run there; and a grid of more than :data:`scanner.recipe.MAX_DIES` cells would
     fill the memory when the dies are listed (the recipe refuses that for a wafer or a
     rectangle, whose extent it knows; an image's is known once its file is read). Checked
     before anything moves, not after the scan.
@@ -269,9 +269,10 @@ def check_die_grid(recipe: Recipe, pixel_size_um: float) -> None:
             raise PlanError(f"{given} is {pitch_px:.3g} camera pixels ({pixel_size_um:g} µm) "
                             "a die: a die must span at least one pixel (the pitch is in mm)")
         # only when asked for: a wafer's die_to_die defaults to true, and inspection leaves
-        # dies that small to the detector alone, as it always has
+        # dies that small to the detector alone, as it always has (an image's or a
+        # rectangle's are compared cell to cell: scanner.inspection.celltocell)
         if sample.die_to_die is True and "die_to_die" in sample.model_fields_set \
-                and pitch_px < MIN_DIE_PX:
+                and pitch_px < MIN_DIE_PX and sample.kind == "wafer":
             raise PlanError(f"{given} is {pitch_px:.3g} camera pixels ({pixel_size_um:g} µm) "
                             f"a die, fewer than the {MIN_DIE_PX} die-to-die comparison needs; "
                             "set sample.die_to_die: false or use a finer camera")

@@ -158,3 +158,62 @@ def apply_patches(anomaly: Any, patches: list[Patch], band_rows: int = 1024) -> 
             view = band[r0 - b0:r1 - b0, j0:j0 + w]
             np.maximum(view, sc[r0 - i0:r1 - i0, :w], out=view)
         anomaly[b0:b1] = band
+
+
+def bridge_die_borders(anomaly: Any, compared: np.ndarray, grid: Any,
+                       map_origin_um: tuple[float, float], map_pixel_um: float,
+                       gap_px: float, reach: int = 2) -> int:
+    """Raise the map across the die grid's lines to what both sides of each line hold, in
+    place (numpy or Zarr); returns how many map pixels were raised.
+
+    Die-to-die scores a die's border with the references' own surroundings as context and
+    keeps the smaller z there (:func:`scanner.inspection.dietodie._band_z_in_context`), so a
+    defect that crosses from one die into the next dips along the line between them: a faint
+    stain 150 um wide across four dies of a photograph die grid was reported as five pieces,
+    none of them over its centre. Along each line of the grid (within ``gap_px`` map pixels
+    of it, inside the dies ``compared``), a map pixel is raised to the smaller of the largest
+    values ``reach`` pixels beyond the gap on either side: what both dies show continues
+    across the line; what one die shows alone is not carried over. A grid turned by more than
+    a map pixel across the map is left as it is.
+    """
+    mr, mc = anomaly.shape
+    if not compared.any():
+        return 0
+    turn = math.radians(float(getattr(grid, "rotation_deg", 0.0)))
+    if abs(math.tan(turn)) * max(mr, mc) > 1.0:
+        return 0
+    rows = np.nonzero(compared.any(axis=1))[0]
+    cols = np.nonzero(compared.any(axis=0))[0]
+    g = int(math.ceil(gap_px))
+    raised = 0
+    for axis in (1, 0):  # vertical lines (x = const), then horizontal ones
+        pitch = float(grid.pitch_um[0 if axis == 1 else 1]) / map_pixel_um
+        start = (float(grid.origin_um[0 if axis == 1 else 1])
+                 - map_origin_um[0 if axis == 1 else 1]) / map_pixel_um
+        lo_px, hi_px = (cols if axis == 1 else rows)[[0, -1]]
+        across = (rows if axis == 1 else cols)[[0, -1]]
+        k0 = int(math.ceil((lo_px - start) / pitch))
+        k1 = int(math.floor((hi_px - start) / pitch))
+        for k in range(k0, k1 + 1):
+            line = start + k * pitch
+            a, b = int(math.floor(line)) - g, int(math.ceil(line)) + g
+            if a - reach < 0 or b + reach >= (mc if axis == 1 else mr):
+                continue
+            sl = slice(a - reach, b + reach + 1)
+            span = slice(int(across[0]), int(across[1]) + 1)
+            strip = np.asarray(anomaly[span, sl] if axis == 1 else anomaly[sl, span],
+                               dtype=np.float32)
+            strip = strip if axis == 1 else strip.T
+            inside = (compared[span, sl] if axis == 1 else compared[sl, span].T)
+            both = np.minimum(strip[:, :reach].max(axis=1), strip[:, -reach:].max(axis=1))
+            mid = strip[:, reach:-reach]
+            up = (both[:, None] > mid) & inside[:, reach:-reach]
+            if not up.any():
+                continue
+            raised += int(np.count_nonzero(up))
+            mid[up] = np.broadcast_to(both[:, None], mid.shape)[up]
+            if axis == 1:
+                anomaly[span, sl] = strip
+            else:
+                anomaly[sl, span] = strip.T
+    return raised

@@ -176,11 +176,13 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     from scanner.inspection.defects import DESIGN_Z
     from scanner.inspection.dietodie import (
         DieToDie,
+        _context_px,
         apply_patches,
         die_to_die_patches,
         repeated_mask,
         z_to_score,
     )
+    from scanner.inspection.dietodie_maps import bridge_die_borders
 
     levels, grid, source = found
     calibrated = {k: float(v) for k, v in (("z_threshold", z_threshold),
@@ -204,6 +206,10 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
         if comparison is not None:
             compared = comparison.compared_mask(maps.origin_um, maps.pixel_size_um,
                                                 maps.maps["anomaly"].shape)
+            # a defect crossing from die to die dips along the line between them
+            bridge_die_borders(maps.maps["anomaly"], compared, grid, maps.origin_um,
+                               maps.pixel_size_um, _context_px(settings)
+                               * geometry.pixel_size_um / maps.pixel_size_um)
             repeated = repeated_mask(compared, patches,
                                      float(z_to_score(DESIGN_Z, settings.z_threshold,
                                                       threshold)))
