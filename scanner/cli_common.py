@@ -58,16 +58,26 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.E
 _ACQUIRING = frozenset({"run", "resume"})
 
 
-def _storage_message(exc: OSError) -> str:
+def _storage_message(exc: OSError, output: str | None = None) -> str:
     """One line for a storage error: a file that may not be read (a calibration, a ``.cfg``, a
-    model made unreadable), else a destination that cannot be written."""
-    name = exc.filename
+    model made unreadable), else a destination that cannot be written; ``output``: the
+    command's destination, named when the error names no file (a full disk met inside a
+    library's write: "cannot write (File too large)" said not where)."""
+    name = exc.filename or output
     where = f"{name}: " if name else ""
     if exc.errno in (errno.EACCES, errno.EPERM) and name and os.path.exists(name) \
             and not os.access(name, os.R_OK):
         return f"{where}cannot read ({exc.strerror}); check its permissions"
     return (f"{where}cannot write ({exc.strerror}); free space or choose another folder (a "
             "stopped scan continues with `waferscope resume SCAN`)")
+
+
+def _output_named(kwargs: dict[str, Any]) -> str | None:
+    """The folder or file a command writes (``--out``), as given; None when it names none."""
+    for key in ("out_dir", "model_out", "save"):
+        if kwargs.get(key) is not None:
+            return str(kwargs[key])
+    return None
 
 
 def _inputs_named(kwargs: dict[str, Any]) -> str | None:
@@ -95,8 +105,9 @@ def _friendly(func: F) -> F:
                     raise
                 # a full or read-only disk, or a file we may not read: the user can act on
                 # it, as on bad input
-                err.print(f"[bold red]error:[/] {escape(_storage_message(exc))}",
-                          highlight=False, soft_wrap=True)
+                message = _storage_message(exc, _output_named(kwargs))
+                err.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
+                          soft_wrap=True)
                 raise typer.Exit(2) from None
         except InputError as exc:  # ours and the model package's bad input (UserError derives)
             # escaped: a message may hold brackets ("waferscope[napari]") that are not markup

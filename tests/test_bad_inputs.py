@@ -642,6 +642,29 @@ def test_a_file_that_may_not_be_read_is_named_as_unreadable(tmp_path: Path,
     assert "cannot write" not in res.output
 
 
+def test_a_full_disk_met_inside_a_library_names_the_commands_destination(
+        tmp_path: Path, monkeypatch) -> None:
+    """A write that fails inside a library raises an OSError naming no file: the message
+    named nothing ("cannot write (No space left on device); free space ...")."""
+    import errno
+
+    import scanner.inspection.inspect as inspect_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(inspect_module, "inspect_target", full)
+    image = tmp_path / "a.png"
+    import numpy as np
+    from skimage import io
+
+    io.imsave(image, np.full((64, 64), 128, np.uint8), check_contrast=False)
+    res = CliRunner().invoke(app, ["inspect", str(image), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert f"{tmp_path / 'out'}: cannot write (No space left on device)" in " ".join(
+        res.output.split()), res.output
+
+
 def test_a_journal_saved_with_a_byte_order_mark_is_read(wafer_scan: Path,
                                                         tmp_path: Path) -> None:
     """A spreadsheet's "CSV UTF-8" puts a BOM before the header: its first column was not

@@ -343,6 +343,8 @@ def test_any_write_on_a_full_disk_is_one_line_and_exit_2(tmp_path: Path) -> None
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "cannot write" in lines[0] and "Traceback" not in proc.stderr
+    # the file, or else the destination, is named (a library's write may name no file)
+    assert str(tmp_path / "scan") in lines[0], lines[0]
 
 
 def test_a_tile_taken_where_the_stage_was_not_planned_is_lost_then_resumed(
