@@ -97,6 +97,31 @@ def test_difference_z_flags_a_faint_spot_and_tolerates_noise_and_misalignment():
     assert z[far].max() < thr
 
 
+def test_a_reference_with_a_defect_where_the_test_has_one_is_outvoted():
+    """A faint stain on the test die, and a stain of its own on one of four references at
+    the same place: the envelope of the references held the test's stain, which was not
+    seen; the other three outvote that reference (inside the die)."""
+    from scanner.inspection.dietodie_maths import _difference_z, matched
+
+    rng = np.random.default_rng(5)
+    design = _design(200, 240)
+    refs = np.stack([design + rng.normal(0, 10, design.shape) for _ in range(4)])
+    yy, xx = np.mgrid[:200, :240]
+    stain = (yy - 100) ** 2 + (xx - 120) ** 2 <= 30 ** 2
+    test = np.where(stain, design * 1.10, design) + rng.normal(0, 10, design.shape)
+    refs[2] = np.where(stain, refs[2] * 1.12, refs[2])  # the same stain on one reference
+    t, r, level = matched(test, refs, None)
+    scales, tol = DieToDie().scales_px, DieToDie().tolerance_px
+    hidden = _difference_z(t, r, level, scales, tol, None)
+    outvoted = _difference_z(t, r, level, scales, tol, None, arbitrate=True)
+    thr = DieToDie().z_threshold
+    assert hidden[stain].max() < thr < outvoted[stain].max()
+    # nothing else rises: the clean test against the same references
+    clean = design + rng.normal(0, 10, design.shape)
+    t, r, level = matched(clean, refs, None)
+    assert _difference_z(t, r, level, scales, tol, None, arbitrate=True).max() < thr
+
+
 @pytest.mark.parametrize("surface", ["two_levels", "flat"])
 def test_match_levels_finds_the_gain_between_dies(surface):
     """Lines on a dark ground cover half the window (the median jumps between the two

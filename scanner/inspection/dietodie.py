@@ -113,6 +113,9 @@ class DieToDie:
         Gaussian sigmas (mosaic pixels) at which differences are scored.
     tolerance_px : int
         Local misalignment tolerated after alignment (see :func:`difference_z`).
+    arbitrate : bool
+        Inside a die, leave out a reference that alone departs far from the others at a pixel
+        (:func:`scanner.inspection.dietodie_maths._without_odd_reference`).
     texture_z_threshold : float
         Texture z-score (:func:`texture_z`) that counts as a defect.
     """
@@ -126,6 +129,7 @@ class DieToDie:
     max_global_px: int = 16
     tolerance_px: int = 4
     scales_px: tuple[float, ...] = (1.0, 2.5, 6.0)
+    arbitrate: bool = True
 
 
 def _margin(settings: DieToDie) -> int:
@@ -552,9 +556,12 @@ def band_z(test: np.ndarray, refs: np.ndarray, settings: DieToDie,
 
 
 def _matched_band_z(test: np.ndarray, refs: np.ndarray, level_t: float, settings: DieToDie,
-                    mask: np.ndarray | None = None, separate: bool = False) -> np.ndarray:
-    """:func:`band_z` of a test and references already :func:`matched`."""
-    z = _difference_z(test, refs, level_t, settings.scales_px, settings.tolerance_px, mask)
+                    mask: np.ndarray | None = None, separate: bool = False,
+                    arbitrate: bool = False) -> np.ndarray:
+    """:func:`band_z` of a test and references already :func:`matched` (``arbitrate``: see
+    :func:`scanner.inspection.dietodie_maths._difference_z`)."""
+    z = _difference_z(test, refs, level_t, settings.scales_px, settings.tolerance_px, mask,
+                      arbitrate)
     zt = _texture_z(test, refs, level_t, mask)
     if separate:
         return np.stack([z, zt])
@@ -586,11 +593,13 @@ def _band_z_in_context(test: np.ndarray, refs: np.ndarray, mask: np.ndarray | No
     # levels matched once on the die's own pixels (the test's context: the references' median)
     test, refs, level_t = matched(test, refs, inside)
 
-    def z_of(region: tuple[slice, slice]) -> np.ndarray:
+    def z_of(region: tuple[slice, slice], arbitrate: bool = False) -> np.ndarray:
         return _matched_band_z(test[region], refs[(slice(None), *region)], level_t, settings,
-                               inside[region], separate)
+                               inside[region], separate, arbitrate)
 
-    z = z_of(own)
+    # a reference odd at a pixel is outvoted inside the die; along its borders the z in
+    # context, without that, is the smaller (a mirrored layout's dies differ there by design)
+    z = z_of(own, settings.arbitrate)
     # the kept pixels in the own pixels' coordinates
     z = z[(..., *(slice(k.start - o.start, k.stop - o.start) for k, o in zip(keep, own,
                                                                                strict=True)))]

@@ -214,10 +214,43 @@ def _phase_noise(r: np.ndarray, size: int, f: int) -> np.ndarray:
     return np.float32(0.5 * eps * eps) * ndimage.maximum_filter(curvature, size)
 
 
+#: a reference that departs from the references' median at a pixel this many times more than
+#: the others do on average, and by more than :data:`ODD_REFERENCE_LEVEL` of the level, is left
+#: out there (:func:`_without_odd_reference`)
+ODD_REFERENCE_RATIO = 4.0
+ODD_REFERENCE_LEVEL = 0.02
+
+
+def _without_odd_reference(r: np.ndarray, level: float) -> np.ndarray:
+    """Smoothed references ``(k, h, w)``, each pixel where one departs from their median far
+    more than the others do replaced there by that median.
+
+    A reference die with a defect of its own where the test has one (a faint stain wider
+    than a die, a particle) widens the envelope and the noise the test is judged by: the
+    test's defect lies inside what that one reference shows and is not seen. With at least
+    three references the odd one is outvoted, as fab tools arbitrate between neighbours.
+    """
+    k = r.shape[0]
+    med = median_of(r)
+    dev = np.abs(r - med)
+    worst = dev.argmax(axis=0)
+    top = np.take_along_axis(dev, worst[None], axis=0)[0]
+    rest = (dev.sum(axis=0) - top) / (k - 1)
+    odd = top > ODD_REFERENCE_RATIO * rest + ODD_REFERENCE_LEVEL * max(abs(level), 1.0)
+    if not odd.any():
+        return r
+    r = r.copy()
+    rows, cols = np.nonzero(odd)
+    r[worst[rows, cols], rows, cols] = med[rows, cols]
+    return r
+
+
 def _difference_z(test: np.ndarray, refs: np.ndarray, level_t: float,
                   scales_px: tuple[float, ...], tolerance_px: int,
-                  mask: np.ndarray | None) -> np.ndarray:
-    """:func:`difference_z` of a test and references already :func:`matched`."""
+                  mask: np.ndarray | None, arbitrate: bool = False) -> np.ndarray:
+    """:func:`difference_z` of a test and references already :func:`matched`; with
+    ``arbitrate`` (and three references or more) a reference odd at a pixel is left out
+    there (:func:`_without_odd_reference`)."""
     k = refs.shape[0]
     floor = 1e-3 * max(abs(level_t), 1.0)  # noiseless (synthetic) images
     z = np.zeros(test.shape, dtype=np.float32)
@@ -231,6 +264,8 @@ def _difference_z(test: np.ndarray, refs: np.ndarray, level_t: float,
         # die to die only in its sampling (or focus) averages out there
         t = ndimage.gaussian_filter(tp, s / f, truncate=2.5)
         r = np.stack([ndimage.gaussian_filter(rp[i], s / f, truncate=2.5) for i in range(k)])
+        if arbitrate and k >= 3:
+            r = _without_odd_reference(r, level_t)
         # the envelope of every reference's neighbourhood: a pixel differs only when it lies
         # outside what all the references show nearby (arbitration over the neighbours;
         # tolerates residual misalignment, e.g. stitching offsets where tiles overlap on

@@ -137,9 +137,10 @@ def good_image_die_to_die(image: np.ndarray, pixel_um: float, seed: int = 0
 
     from models.variants import camera_variants
     from scanner.diegrid import estimate_grid
-    from scanner.inspection.dietodie import MosaicGrid, largest_z
+    from scanner.inspection.dietodie import DieToDie, MosaicGrid, largest_z
     from scanner.inspection.dietodie_alike import on_part
     from scanner.inspection.inspect import (
+        _arbitrated,
         _search_level,
         _with_room,
         die_to_die_record,
@@ -163,5 +164,6 @@ def good_image_die_to_die(image: np.ndarray, pixel_um: float, seed: int = 0
         geometry = MosaicGrid((-pad * pixel_um, -pad * pixel_um), pixel_um,
                               tuple(compared.shape))
     area = on_part(compared, geometry, grid, area, pyramid)
-    reached = largest_z(compared, geometry, grid, area, pyramid=pyramid)
+    reached = largest_z(compared, geometry, grid, area, _arbitrated(DieToDie(), pad),
+                        pyramid=pyramid)
     return None if reached is None else die_to_die_record(reached, True)

@@ -200,7 +200,7 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
                                                               getattr(sample, "kind", None))
         patches, stats, comparison = die_to_die_patches(
             maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
-            settings, pyramid=pyramid)
+            _arbitrated(settings, pad), pyramid=pyramid)
         apply_patches(maps.maps["anomaly"], patches)
         difference, compared, repeated = None, None, None
         if comparison is not None:
@@ -286,7 +286,7 @@ def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
     reach, how many were compared and the z thresholds calibrated from them
     (:func:`scanner.inspection.dietodie.calibrated_z_threshold`); None when the scan has no
     die grid or fewer than three comparable dies."""
-    from scanner.inspection.dietodie import largest_z
+    from scanner.inspection.dietodie import DieToDie, largest_z
 
     folder = Path(folder)
     scan = scan_json_if_any(folder)
@@ -308,12 +308,23 @@ def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
             return None if reached is None else {
                 **die_to_die_record(reached, source == "found in the mosaic"),
                 "mode": "cell to cell"}
-    image, geometry, pyramid, area, _ = _compared_image(folder / MOSAIC, levels, grid, polygon,
-                                                        getattr(saved, "kind", None))
-    reached = largest_z(image, geometry, grid, area, pyramid=pyramid)
+    image, geometry, pyramid, area, pad = _compared_image(folder / MOSAIC, levels, grid,
+                                                          polygon, getattr(saved, "kind", None))
+    reached = largest_z(image, geometry, grid, area, _arbitrated(DieToDie(), pad),
+                        pyramid=pyramid)
     if reached is None:
         return None
     return die_to_die_record(reached, source == "found in the mosaic")
+
+
+def _arbitrated(settings: Any, pad: int) -> Any:
+    """Die-to-die settings for a mosaic padded by ``pad`` pixels (:func:`_with_room`): no
+    arbitration between references there (every die of a layout repeated 2 x 2 touches the
+    mirrored padding, whose references differ by design along the border: outvoting one
+    left false scratches along the die borders of a mirrored brick product)."""
+    import dataclasses
+
+    return dataclasses.replace(settings, arbitrate=False) if pad else settings
 
 
 def die_to_die_record(reached: tuple[float, float, int], found: bool) -> dict[str, Any]:
