@@ -215,12 +215,16 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
                                                       threshold)))
             if not maps.reader.resample and levels[0].ndim == 2:
                 difference = functools.partial(_shifted_difference, comparison, image, pad)
-        return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
-                                             "origin_um": list(grid.origin_um),
-                                             "rotation_deg": grid.rotation_deg,
-                                             "source": source}}, difference, compared, repeated
+        return {**stats.to_dict(), "grid": _grid_record(grid, source)}, difference, compared, \
+            repeated
 
     return refine
+
+
+def _grid_record(grid: Any, source: str) -> dict[str, Any]:
+    """The die grid compared, as the defect list's header records it."""
+    return {"pitch_um": list(grid.pitch_um), "origin_um": list(grid.origin_um),
+            "rotation_deg": grid.rotation_deg, "source": source}
 
 
 def _cell_to_cell(mosaic: Path, levels: list[Any], grid: Any, polygon: Any, threshold: float,
@@ -254,10 +258,8 @@ def _cell_to_cell(mosaic: Path, levels: list[Any], grid: Any, polygon: Any, thre
         difference = None
         if not maps.reader.resample and level0.ndim == 2:
             difference = functools.partial(comparison.difference, level0)
-        return {**stats.to_dict(), "grid": {"pitch_um": list(grid.pitch_um),
-                                             "origin_um": list(grid.origin_um),
-                                             "rotation_deg": grid.rotation_deg,
-                                             "source": source}}, difference, compared, repeated
+        return {**stats.to_dict(), "grid": _grid_record(grid, source)}, difference, compared, \
+            repeated
 
     return refine
 
