@@ -144,6 +144,12 @@ PRODUCTS = {
     "astronaut_single": Product("astronaut_single", "mirror", "astronaut", seed=42, tiles=1),
     "coffee_single": Product("coffee_single", "mirror", "coffee", seed=43, tiles=1),
     "hubble_single": Product("hubble_single", "mirror", "hubble_deep_field", seed=44, tiles=1),
+    # a repeat finer than a die (added 2026-12-06): a 12 px crop of the coins repeated every
+    # 16 px, as a via field or a memory array would be: compared cell to cell
+    # (scanner.inspection.celltocell), its tiles placed on its lattice
+    # (scanner.stitching.registration.lattice)
+    "coins_array": Product("coins_array", "grid", "coins", seed=51, cell_px=12, street_px=4,
+                           n_dies=100, crop_rc=(60, 100)),
 }
 DEFAULT_PRODUCTS = ["coins_grid", "camera_grid", "brick_mirror"]
 
@@ -237,8 +243,9 @@ def paint_defects(img: np.ndarray, pattern: np.ndarray, p: Product) -> tuple[np.
             if any(r0 < b[2] + 30 and r1 + 30 > b[0] and c0 < b[3] + 30 and c1 + 30 > b[1]
                    for b in boxes):
                 continue
-            if kind == "missing_pattern" and not pattern[r0 - 4 : r1 + 5, c0 - 4 : c1 + 5].all():
-                continue  # inside one die (or anywhere on a texture)
+            if kind == "missing_pattern" and p.cell_px >= 64 \
+                    and not pattern[r0 - 4 : r1 + 5, c0 - 4 : c1 + 5].all():
+                continue  # inside one die (or anywhere on a texture, or across an array's cells)
             break
         else:
             raise RuntimeError(f"{p.name}: no room for defect {idx} ({kind})")
