@@ -151,7 +151,11 @@ class CellComparison:
         test, mask = win[core], ok[core]
         if not mask.any():
             return None
-        refs = np.stack([_nanmedian(np.stack([self._copy(win, ok, m, h, w, shift)
+        # the test's blocks, transformed once for every copy's phase correlation
+        b = int(self.settings.block_px)
+        tb = _blocks(np.where(mask, test, 0.0), b)
+        spectra = np.fft.rfft2(tb - tb.mean(axis=(-2, -1), keepdims=True))
+        refs = np.stack([_nanmedian(np.stack([self._copy(win, ok, m, h, w, shift, spectra)
                                               for shift in group]))
                          for group in self.groups]).astype(np.float32)
         others = _nanmedian(refs)
@@ -163,7 +167,7 @@ class CellComparison:
         return test, _arbitrated(test, refs), mask
 
     def _copy(self, win: np.ndarray, ok: np.ndarray, m: int, h: int, w: int,
-              shift: np.ndarray) -> np.ndarray:
+              shift: np.ndarray, spectra: np.ndarray) -> np.ndarray:
         """The copy of the test window ``shift`` away (NaN where it is not usable), each
         block of :attr:`CellToCell.block_px` moved onto the test's lattice.
 
@@ -172,19 +176,18 @@ class CellComparison:
         next) lie a fraction of a period apart: a copy read across such a seam shows the
         cells at another phase. Each block's offset is the peak of its phase correlation
         with the test's block, taken to the nearest lattice position (any period fits as
-        well) and kept where it matches better than the nominal shift.
+        well) and kept where it matches better than the nominal shift. ``spectra``: the
+        Fourier transforms of the test's mean-removed blocks (:func:`_blocks`).
         """
         b = int(self.settings.block_px)
         base = np.array([int(round(float(shift[0]))), int(round(float(shift[1])))])
         nominal = (slice(m + base[0], m + base[0] + h), slice(m + base[1], m + base[1] + w))
         test, t_ok = win[m:m + h, m:m + w], ok[m:m + h, m:m + w]
-        tb, cb = _blocks(np.where(t_ok, test, 0.0), b), _blocks(np.where(ok[nominal],
-                                                                          win[nominal], 0.0), b)
-        tb -= tb.mean(axis=(-2, -1), keepdims=True)
+        cb = _blocks(np.where(ok[nominal], win[nominal], 0.0), b)
         cb -= cb.mean(axis=(-2, -1), keepdims=True)
-        cross = np.fft.rfft2(tb) * np.conj(np.fft.rfft2(cb))
+        cross = spectra * np.conj(np.fft.rfft2(cb))
         corr = np.fft.irfft2(cross / (np.abs(cross) + 1e-9), s=(b, b))
-        nr, nc = tb.shape[:2]
+        nr, nc = spectra.shape[:2]
         peak = np.argmax(corr.reshape(nr, nc, -1), axis=-1)
         d = np.stack(np.unravel_index(peak, (b, b)), axis=-1)
         d = np.where(d >= b // 2, d - b, d).astype(np.float64)  # test(x) ~ copy(x - d)
