@@ -674,6 +674,21 @@ def test_a_die_border_cutting_through_structure_is_not_a_defect_and_one_there_is
     assert hot == [(1, 2)]
 
 
+@pytest.mark.parametrize("inside_px", [2, 10])
+def test_the_same_defect_in_two_neighbouring_dies_near_their_border_is_found_in_both(inside_px):
+    # each die is the other's reference: along a die's border the z in context left the
+    # odd reference in, its spot held the test's inside the envelope, and both were missed
+    # (z under 4 up to 10 px inside); arbitrated there too, as inside the die, z over 40
+    img, geometry, grid, cells = _grid_cut_through_structure()
+    settings = DieToDie(block_px=64)
+    for col in (1, 2):  # an 8 px spot 40 % darker, inside_px inside dies (1, 2) and (2, 2)
+        y, x = 60 + 2 * 160 + 70, 60 + col * 160 + inside_px
+        img[y:y + 8, x:x + 8] *= 0.6
+    hot = [cell for cell, _, _, z in compare_dies(img, geometry, grid, cells, settings)
+           if z.max() > settings.z_threshold]
+    assert hot == [(1, 2), (2, 2)]
+
+
 @pytest.mark.parametrize("n", [1575, 551, 300, 100])
 def test_no_alignment_block_is_a_thin_strip(n):
     # a die 1,575 px high left a block row of 39 px under its last 256 px blocks: aligned on
