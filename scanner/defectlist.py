@@ -43,6 +43,9 @@ CLASSES: dict[str, int] = {
     "other": 7,
 }
 
+#: the farthest a defect may lie from the stage origin (µm): 1 m, beyond any stage's travel
+MAX_COORDINATE_UM = 1e6
+
 #: Anomaly maps written next to the mosaic by inspection (OME-NGFF, same stage transforms).
 MAP_NAMES: dict[str, str] = {
     "anomaly": "anomaly.ome.zarr",
@@ -118,14 +121,27 @@ class Defect:
         # cell of the report), the rest of the right type
         if not _is_int(self.id):
             raise ValueError(f"id: {self.id!r} is not a whole number")
+        if self.id < 0:
+            raise ValueError(f"id: {self.id} is negative")
         for name in ("x_um", "y_um", "area_um2", "size_um"):
             if not is_finite_number(getattr(self, name)):
                 raise ValueError(f"defect {self.id}: {name}: {getattr(self, name)!r} is not a "
                                  "finite number")
+        for name in ("area_um2", "size_um"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"defect {self.id}: {name}: {getattr(self, name)!r} is negative")
         if not isinstance(self.bbox_um, tuple | list) or len(self.bbox_um) != 4 or not all(
                 is_finite_number(v) for v in self.bbox_um):
             raise ValueError(f"defect {self.id}: bbox_um: {self.bbox_um!r} is not 4 finite "
                              "numbers")
+        x0, y0, x1, y1 = self.bbox_um
+        if x0 > x1 or y0 > y1:
+            raise ValueError(f"defect {self.id}: bbox_um: {list(self.bbox_um)!r} is not "
+                             "[xmin, ymin, xmax, ymax]")
+        # a stage coordinate a kilometre away is damage (1e300 was written back as given)
+        if max(abs(self.x_um), abs(self.y_um), *map(abs, self.bbox_um)) > MAX_COORDINATE_UM:
+            raise ValueError(f"defect {self.id}: lies more than {MAX_COORDINATE_UM:.0e} um from "
+                             "the stage origin")
         for name in ("score", "roughness", "uncertainty"):
             if not is_number(getattr(self, name)):
                 raise ValueError(f"defect {self.id}: {name}: {getattr(self, name)!r} is not a "
@@ -187,7 +203,8 @@ class DefectListHeader(BaseModel):
     source: str | None = Field(None, description="the mosaic or images inspected")
     created: str | None = None
     model: Section | None = Field(None, description="which model (name, file, weights hash)")
-    threshold: float | None = Field(None, description="anomaly score that counts as a defect")
+    threshold: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="anomaly score that counts as a defect")
     threshold_source: str | None = None
     maps: dict[str, str] | None = Field(None, description="map name -> OME-NGFF file")
     map_pixel_size_um: float | None = Field(None, gt=0)
@@ -269,6 +286,13 @@ def read_defects(folder: Path) -> tuple[dict[str, Any], list[Defect]]:
         raise UserError(f"{folder}: no {DEFECTS_JSON} (inspect the scan first)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("a JSON object with 'header' and 'defects' is expected")
+        if not isinstance(data.get("defects"), list):
+            # "" or {} iterated as no defects, and the report rewrote the list empty
+            raise ValueError("defects: a JSON list is expected")
+        if not all(isinstance(d, dict) for d in data["defects"]):
+            raise ValueError("defects: each defect must be a JSON object")
         header = data.get("header", {})
         defects = [Defect.from_dict(d) for d in data["defects"]]
         ids = [d.id for d in defects]

@@ -376,6 +376,20 @@ def _zero_scale(data: dict) -> None:
     ("report", lambda f: _edit_json(f / "defects.json",
                                     lambda d: d["defects"][1].update(id=d["defects"][0]["id"])),
      "given twice"),
+    # read as no defect at all: the report rewrote both lists empty and exited 0
+    ("report", lambda f: _edit_json(f / "defects.json", lambda d: d.update(defects="")),
+     "defects: a JSON list"),
+    ("report", lambda f: _edit_json(f / "defects.json", lambda d: d.update(defects={})),
+     "defects: a JSON list"),
+    # values no inspection writes were written back as given (exit 0)
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["defects"][0].update(size_um=-1)), "size_um"),
+    ("report", lambda f: _edit_json(f / "defects.json", lambda d: d["defects"][0].update(
+        bbox_um=d["defects"][0]["bbox_um"][2:] + d["defects"][0]["bbox_um"][:2])), "bbox_um"),
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["defects"][0].update(x_um=1e300)), "stage origin"),
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["header"].update(threshold=-1)), "threshold"),
     # a scan folder that lost its record is not inspected as a bare mosaic over its results
     ("inspect", lambda f: (f / "scan.json").unlink(), "not a scan folder"),
 ])
