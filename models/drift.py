@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from scipy import ndimage as ndi
 
 #: quantiles recorded of the good-surface scores
@@ -63,8 +63,9 @@ def score_summary(values: np.ndarray) -> dict[str, Any]:
             **{f"q{100 * k:g}": float(x) for k, x in zip(QUANTILES, q, strict=True)}}
 
 
-#: a finite number, not a bool or a string (a hand-edited record)
-_Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+#: an anomaly score's statistic: a finite number >= 0, not a bool or a string (a hand-edited
+#: record); the maps' scores are distances, levels or probabilities, none negative
+_Score = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
 
 
 class GoodScores(BaseModel):
@@ -74,11 +75,28 @@ class GoodScores(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     n: Annotated[StrictInt, Field(ge=0)]
-    mean: _Finite | None = None
-    q50: _Finite | None = None
-    q90: _Finite | None = None
-    q99: _Finite | None = None
-    q99_9: _Finite | None = Field(None, alias="q99.9")
+    mean: _Score | None = None
+    q50: _Score | None = None
+    q90: _Score | None = None
+    q99: _Score | None = None
+    q99_9: _Score | None = Field(None, alias="q99.9")
+
+    @model_validator(mode="after")
+    def _whole(self) -> GoodScores:
+        """What :func:`score_summary` writes for scores it saw: every quantile, in order, not
+        all 0 (a record edited to 0, negative or missing quantiles was compared as "x0.00"
+        or "xnan", and the verdict was "no drift")."""
+        if self.n == 0:
+            return self
+        q = [self.q50, self.q90, self.q99, self.q99_9]
+        if self.mean is None or any(v is None for v in q):
+            raise ValueError(f"n is {self.n} but mean, q50, q90, q99 and q99.9 are not all "
+                             "given")
+        if any(a > b for a, b in zip(q, q[1:], strict=False)):
+            raise ValueError(f"the quantiles {q} do not rise from q50 to q99.9")
+        if q[-1] <= 0:
+            raise ValueError("every quantile is 0: no score to compare with")
+        return self
 
 
 #: a positive finite number, not a bool or a string, in a range no image reaches the ends of

@@ -395,6 +395,24 @@ def test_drift_reads_a_lost_sharpness_and_only_known_score_quantiles(tmp_path: P
         check_drift([a, tiny], _Model(scores))
 
 
+@pytest.mark.parametrize("damage", [{"q99.9": 0.0}, {"q50": -5.0}, {"q90": 0.1},
+                                    {"mean": None, "q50": None, "q90": None}])
+def test_score_quantiles_no_inspection_writes_are_refused_not_compared(
+        tmp_path: Path, damage: dict) -> None:
+    # negative, falling or missing quantiles were compared as "x0.00" or "xnan" and the
+    # verdict was "no drift" (exit 0)
+    rng = np.random.default_rng(8)
+    scores = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    edited = {k: v for k, v in {**scores, **damage}.items() if v is not None}
+    scan = _scan(tmp_path / "a", edited)
+    with pytest.raises(Exception, match="inspection.good_scores"):
+        check_drift([scan], _Model(scores))
+    # and a card whose quantiles are all 0 has nothing to compare with
+    zeros = {**scores, **{k: 0.0 for k in scores if k.startswith("q")}}
+    with pytest.raises(Exception, match="good_scores"):
+        check_drift([_scan(tmp_path / "b", scores)], _Model(zeros))
+
+
 def test_a_ratio_beside_a_limit_is_not_rounded_onto_it() -> None:
     # "DRIFT ... x0.80 (limits x0.80-x1.25)": the ratio 0.7996 read as the limit itself
     from scanner.inspection.drift import DriftReport
