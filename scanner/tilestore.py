@@ -358,15 +358,16 @@ def check_journal(folder: Path, n_planned: int) -> list[TileRecord]:
         if r.status == "ok" and r.index not in present:
             raise UserError(f"{folder / TILES_ZARR}: tile {r.index} (row {r.row}, col {r.col}) "
                             "is journaled but its data is missing; the scan is damaged")
-    _check_read_back(folder, records)
+    check_positions(folder, records)
     return records
 
 
-def _check_read_back(folder: Path, records: list[TileRecord]) -> None:
-    """Refuse a kept tile whose read-back position lies a whole tile step or more from its
-    plan: acquisition loses such a tile (5 % of a field is its limit), so the row was changed
-    since (an edit turned 1064.24 into 10001064.24, and a mosaic 5 million pixels wide was
-    stitched)."""
+def check_positions(folder: Path, records: list[TileRecord]) -> None:
+    """Refuse a kept tile whose read-back or registered position lies a whole tile step or
+    more from its plan: acquisition loses such a tile (5 % of a field is its limit) and
+    registration moves one by the stage's error, so the row was changed since (an edit turned
+    1064.24 into 10001064.24, and a mosaic 5 million pixels wide was stitched; a registered x
+    of 1e9 took every defect's tile away in the report)."""
     ok = [r for r in records if r.status == "ok" and math.isfinite(r.x_planned_um)
           and math.isfinite(r.y_planned_um)]
     if len(ok) < 2:
@@ -379,8 +380,11 @@ def _check_read_back(folder: Path, records: list[TileRecord]) -> None:
     if not math.isfinite(step) or step <= 0:
         return
     for r in ok:
-        off = math.hypot(r.x_um - r.x_planned_um, r.y_um - r.y_planned_um)
-        if off >= step:
-            raise UserError(f"{folder / TILES_CSV}: tile {r.index} read back at ({r.x_um:.1f}, "
-                            f"{r.y_um:.1f}) um, {off:.0f} um from its plan (a tile step is "
-                            f"{step:.0f} um); the journal is damaged")
+        for what, x, y in (("read back", r.x_um, r.y_um), ("registered", r.x_reg_um, r.y_reg_um)):
+            if what == "registered" and not (math.isfinite(x) and math.isfinite(y)):
+                continue  # not registered (yet)
+            off = math.hypot(x - r.x_planned_um, y - r.y_planned_um)
+            if off >= step:
+                raise UserError(f"{folder / TILES_CSV}: tile {r.index} {what} at ({x:.1f}, "
+                                f"{y:.1f}) um, {off:.0f} um from its plan (a tile step is "
+                                f"{step:.0f} um); the journal is damaged")

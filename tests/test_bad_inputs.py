@@ -293,6 +293,17 @@ def _edit_json(path: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
+def _edit_csv_cell(path: Path, row: int, column: str, value: str) -> None:
+    """Set one cell of a CSV file (``row`` 1: the first row after the header)."""
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows[row][rows[0].index(column)] = value
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
 def _flip_bits(path: Path) -> None:
     data = bytearray(path.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 64):
@@ -376,6 +387,10 @@ def _zero_scale(data: dict) -> None:
     ("report", lambda f: _edit_json(f / "defects.json",
                                     lambda d: d["defects"][1].update(id=d["defects"][0]["id"])),
      "given twice"),
+    # a registered position edited a kilometre away: the report took every defect's tile from
+    # it and rewrote the lists (exit 0)
+    ("report", lambda f: _edit_csv_cell(f / "tiles.csv", 1, "x_reg_um", "1e9"),
+     "registered at"),
     # read as no defect at all: the report rewrote both lists empty and exited 0
     ("report", lambda f: _edit_json(f / "defects.json", lambda d: d.update(defects="")),
      "defects: a JSON list"),

@@ -25,7 +25,7 @@ from scanner.diegrid import DieGrid
 from scanner.errors import UserError
 from scanner.geometry import usable_polygon
 from scanner.scanfolder import read_scan_json, software_versions
-from scanner.tilestore import TILES_CSV, read_tiles_csv
+from scanner.tilestore import TILES_CSV, check_positions, read_tiles_csv
 
 #: width of the band along a PV cell's border reported as region "edge" (mm)
 PV_EDGE_BAND_MM = 2.0
@@ -90,7 +90,9 @@ class ScanContext:
             fov = (cols * p, rows * p)
         if not (folder / TILES_CSV).is_file():
             raise UserError(f"{folder}: no {TILES_CSV} (the scan never acquired)")
-        rows_ok = [r for r in read_tiles_csv(folder) if r.status == "ok"]
+        records = read_tiles_csv(folder)
+        check_positions(folder, records)
+        rows_ok = [r for r in records if r.status == "ok"]
         tiles = np.array(
             [(r.index, *((r.x_reg_um, r.y_reg_um) if np.isfinite(r.x_reg_um) else (r.x_um, r.y_um)))
              for r in rows_ok],
