@@ -101,8 +101,11 @@ def read_image(path: Path) -> np.ndarray:
         img = np.moveaxis(img, 0, -1)  # planar RGB TIFF
     if img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha
         img = img[..., 0]
-    if img.ndim not in (2, 3) or min(img.shape[:2]) < 8:
+    if img.ndim not in (2, 3):
         raise UserError(f"{path}: not a 2-D image (shape {img.shape})")
+    if min(img.shape[:2]) < 8:
+        raise UserError(f"{path}: {img.shape[0]} x {img.shape[1]} px is too small to inspect "
+                        "(8 px a side at least)")
     if img.dtype == bool:
         img = img.astype(np.uint8)
     if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):
@@ -122,9 +125,15 @@ def read_image(path: Path) -> np.ndarray:
         # file written empty, which a model would learn from or pass as a flawless part
         raise UserError(f"{path}: every pixel is {lo.item():g}: a blank image, nothing imaged")
     try:
-        return to_luminance(img)
+        with np.errstate(over="ignore", invalid="ignore"):
+            lum = to_luminance(img)
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
+    if not np.isfinite(lum).all():
+        # float64 pixels beyond float32's range became infinite (and then NaN in the maps)
+        raise UserError(f"{path}: pixels up to {hi.item():g} do not fit 32-bit floats: give "
+                        "intensities of a camera's range")
+    return lum
 
 
 def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:

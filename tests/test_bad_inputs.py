@@ -270,6 +270,23 @@ def test_an_image_with_non_finite_pixels_is_refused_by_inspect_and_train(
     assert not list(tmp_path.glob("m*.safetensors"))
 
 
+@pytest.mark.parametrize("shape, named", [((64, 64), "32-bit floats"), ((3, 3), "too small")])
+def test_pixels_beyond_float32_and_an_image_of_a_few_pixels_are_named(
+        tmp_path: Path, shape: tuple[int, int], named: str) -> None:
+    # float64 pixels of 1e300 were cast to infinity and inspected (a score of 2.9e17, exit
+    # 0); a 3 x 3 image was "not a 2-D image"
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).uniform(1e300, 1.7e308, shape))
+    result = runner.invoke(app, ["inspect", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a.tif" in lines[0] and named in lines[0], lines
+    assert not (tmp_path / "out" / "scores.csv").exists()
+
+
 def _damaged_copy(scan: Path, tmp_path: Path, damage) -> Path:
     import shutil
 
