@@ -20,7 +20,12 @@ from .errors import UserError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
-XY = tuple[float, float]
+#: the largest coordinate or length a recipe may give (1 km in µm, or in mm): beyond any stage
+#: or sample; at 1e19 µm adding a sample's half-width is lost in rounding, and a polygon of
+#: one point was refused deep in the plan (exit 1, naming no field)
+MAX_COORDINATE = 1e9
+Coordinate = Annotated[float, Field(ge=-MAX_COORDINATE, le=MAX_COORDINATE)]
+XY = tuple[Coordinate, Coordinate]
 #: a random seed: numpy's generators refuse a negative one (deep in the build, with no field)
 Seed = Annotated[int, Field(ge=0)]
 #: a pixel size at the sample (µm): above a millimetre it is a slip of the unit, and it was

@@ -94,6 +94,22 @@ def test_a_negative_seed_is_refused_naming_it(write_recipe, text: str, field: st
     _refused(write_recipe(text), f"{field}: must be >= 0 (got -1)")
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("sample: {kind: rectangle, width_mm: 1, height_mm: 1, center_um: [1.0e+19, 0]}\n",
+     "sample.center_um.0: must be <="),
+    ("sample: {kind: wafer, diameter_mm: 50, center_um: [0, -1.0e+300]}\n",
+     "sample.center_um.1: must be >="),
+    ("sample: {kind: rectangle, width_mm: 1, height_mm: 1}\n"
+     "microscope: {kind: simulated, stage: {travel_x_um: [-1.0e+308, 1.0e+308]}}\n",
+     "microscope.stage.travel_x_um.0: must be >="),
+])
+def test_a_coordinate_beyond_a_kilometre_is_refused_naming_it(write_recipe, text: str,
+                                                                expected: str) -> None:
+    # a polygon of one point (1e19 + 500 um is 1e19) was refused deep in the plan by
+    # pydantic in four lines naming no field of the recipe (exit 1)
+    _refused(write_recipe(text), expected)
+
+
 # --------------------------------------------------------------------------- F08
 
 
