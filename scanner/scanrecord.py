@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from scanner.errors import UserError, is_finite_number
 from scanner.recipe import format_validation_error
@@ -53,6 +61,27 @@ class PlanRecord(BaseModel):
     n_cols: _PositiveInt | None = None
 
 
+class OptionsRecord(BaseModel):
+    """``scan.json`` ``options``: what ``resume`` finishes the scan with (a model given as a
+    number failed ``resume`` with exit 1, "expected str ... not int")."""
+
+    model_config = ConfigDict(extra="allow")
+
+    inspect: StrictBool | None = None
+    model: str | None = Field(None, description="the model file `run` was given (None: shipped)")
+
+
+class InspectionRecord(BaseModel):
+    """``scan.json`` ``inspection``: the sections other commands read back (``drift`` read a
+    ``model`` that was no mapping: exit 1, "'str' object has no attribute 'get'")."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Section | None = Field(None, description="which model (name, file, weights hash)")
+    good_scores: Section | None = None
+    surface_image: Section | None = None
+
+
 class ScanRecord(BaseModel):
     """The top level of ``scan.json``.
 
@@ -69,7 +98,7 @@ class ScanRecord(BaseModel):
     error: str | None = Field(None, description="why the scan failed, in one line")
     process: Section | None = Field(None, description="host and pid of the running process")
     recipe: Section | None = Field(None, description="the recipe as validated, paths resolved")
-    options: Section | None = None
+    options: OptionsRecord | None = None
     versions: dict[str, str] | None = None
     microscope: MicroscopeRecord | None = None
     plan: PlanRecord | None = Field(None, description="tiles, travel and time estimate")
@@ -86,7 +115,7 @@ class ScanRecord(BaseModel):
     flatfield: Section | None = None
     stitch_camera: Section | None = None
     mosaic: Section | None = None
-    inspection: Section | None = None
+    inspection: InspectionRecord | None = None
     report: Section | None = None
     resumed: list[Section] | None = Field(None, description="each resume: when, from what")
 

@@ -73,6 +73,12 @@ def test_a_damaged_image_among_good_ones_is_refused_before_any_is_inspected(
      "microscope.camera_shape"),
     ({"status": "complete", "plan": {"n_tiles": 4, "fov_um": [1.0, float("inf")]}},
      "plan.fov_um"),
+    # what resume and drift read back: a model given as a number failed resume ("expected
+    # str ... not int"), one given as a word failed drift ("'str' object has no attribute
+    # 'get'"), both exit 1; "yes" was taken for true
+    ({"status": "interrupted", "options": {"inspect": True, "model": 5}}, "options.model"),
+    ({"status": "interrupted", "options": {"inspect": "yes"}}, "options.inspect"),
+    ({"status": "complete", "inspection": {"model": "abc"}}, "inspection.model"),
 ])
 def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
         tmp_path: Path, record: object, field: str) -> None:
