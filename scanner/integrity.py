@@ -154,7 +154,8 @@ def _ready(folder: Path, command: str, allow_incomplete: bool
         raise UserError(f"{folder}: scan {status}: no {_OUTPUT[needed]} (its {needed} stage "
                         f"did not finish); run `waferscope {needed}` or `waferscope resume`")
     n_planned = planned_tiles(folder, scan)
-    records = check_journal(folder, n_planned)
+    plan = scan.get("plan") or {}
+    records = check_journal(folder, n_planned, (plan.get("n_rows"), plan.get("n_cols")))
     ok = {r.index for r in records if r.status == "ok"}
     hint = "run `waferscope resume` on it, or pass --allow-incomplete"
     if len(ok) < n_planned and not allow_incomplete:

@@ -105,6 +105,12 @@ def scan_json_if_any(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def planned_grid(folder: Path) -> tuple[Any, Any] | None:
+    """The plan's rows and columns from a scan folder's ``scan.json`` (None without one)."""
+    plan = (scan_json_if_any(folder) or {}).get("plan") or {}
+    return plan.get("n_rows"), plan.get("n_cols")
+
+
 def file_in_the_way(path: Path, itself: bool = False) -> Path | None:
     """The file that stops ``path`` being made as a folder or in one: its nearest existing
     folder above it (or ``path`` itself with ``itself``), when that is a file; else None."""

@@ -340,21 +340,34 @@ def decodable_tiles(array: zarr.Array, indices: Iterable[int]) -> set[int]:
     return good
 
 
-def check_journal(folder: Path, n_planned: int) -> list[TileRecord]:
+def check_journal(folder: Path, n_planned: int, grid: tuple[Any, Any] | None = None
+                  ) -> list[TileRecord]:
     """The journal's rows, checked against the plan and the store.
+
+    ``grid``: the plan's rows and columns (``scan.json`` ``plan.n_rows``, ``n_cols``; either
+    may be None when not recorded).
 
     Raises
     ------
     UserError
-        If a row names a tile outside the plan, or a journaled tile's chunk is missing
-        (damage, which must never be read as a black tile).
+        If a row names a tile outside the plan (its index, or its row or column), or a
+        journaled tile's chunk is missing (damage, which must never be read as a black
+        tile).
     """
     records = read_tiles_csv(folder)
     present = stored_tiles(open_tiles(folder))
+    n_rows, n_cols = grid or (None, None)
     for r in records:
         if not 0 <= r.index < n_planned:
             raise UserError(f"{folder / TILES_CSV}: tile {r.index} is not in the plan "
                             f"of {n_planned} tiles")
+        # a row or column beyond the plan's (an edit): the tile was stitched without its
+        # neighbours, and the mosaic changed shape (exit 0)
+        for name, value, n in (("row", r.row, n_rows), ("col", r.col, n_cols)):
+            if value < 0 or (isinstance(n, int) and value >= n):
+                raise UserError(f"{folder / TILES_CSV}: tile {r.index}: {name} {value} is not "
+                                f"in the plan" + (f" of {n} {name}s" if isinstance(n, int)
+                                                  else ""))
         if r.status == "ok" and r.index not in present:
             raise UserError(f"{folder / TILES_ZARR}: tile {r.index} (row {r.row}, col {r.col}) "
                             "is journaled but its data is missing; the scan is damaged")

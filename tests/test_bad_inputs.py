@@ -414,6 +414,10 @@ def _zero_scale(data: dict) -> None:
     # it and rewrote the lists (exit 0)
     ("report", lambda f: _edit_csv_cell(f / "tiles.csv", 1, "x_reg_um", "1e9"),
      "registered at"),
+    # a row and column beyond the plan's: the tile was stitched without its neighbours, and
+    # the mosaic changed shape (exit 0)
+    ("stitch", lambda f: _edit_csv_cell(f / "tiles.csv", 1, "row", "77"), "row 77 is not in"),
+    ("stitch", lambda f: _edit_csv_cell(f / "tiles.csv", 1, "col", "-1"), "col -1 is not in"),
     # read as no defect at all: the report rewrote both lists empty and exited 0
     ("report", lambda f: _edit_json(f / "defects.json", lambda d: d.update(defects="")),
      "defects: a JSON list"),

@@ -19,7 +19,7 @@ import numpy as np
 
 from devices.calibration import read_camera_calibration
 from scanner.errors import UserError
-from scanner.scanfolder import MOSAIC
+from scanner.scanfolder import MOSAIC, planned_grid
 from scanner.stitching.mosaic import MosaicInfo, fuse_mosaic
 from scanner.stitching.registration.flatfield import (
     MEDIAN_MODEL,
@@ -97,7 +97,8 @@ def stitch(
         raise UserError(f"{folder}: not a scan folder (no {TILES_CSV})")
     tiles = ScanTiles(folder)
     # a journaled tile whose data is missing stops the stitch: it must not be fused as black
-    records = [r for r in check_journal(folder, tiles.shape[0]) if r.status == "ok"]
+    records = [r for r in check_journal(folder, tiles.shape[0], planned_grid(folder))
+               if r.status == "ok"]
     if not records:
         raise UserError(f"{folder / TILES_CSV}: no acquired tiles to stitch")
     centres = np.array(
@@ -206,7 +207,8 @@ def stitch_scan(
     folder = Path(folder)
     if not (folder / TILES_CSV).is_file():
         raise UserError(f"{folder}: not a scan folder (no {TILES_CSV})")
-    check_journal(folder, open_tiles(folder).shape[0])  # before registration rewrites it
+    # before registration rewrites it
+    check_journal(folder, open_tiles(folder).shape[0], planned_grid(folder))
     camera = camera_geometry(calibration, nominal_pixel_size_um)
     timings: dict[str, float] = {}
     reg_summary = None
