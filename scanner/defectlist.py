@@ -163,7 +163,11 @@ class Defect:
             if values.get(key) is None:
                 values[key] = float("nan")
         values["bbox_um"] = tuple(values.get("bbox_um") or (math.nan,) * 4)
-        values["tiles"] = [int(t) for t in values.get("tiles") or []]
+        tiles = values.get("tiles") or []
+        if not isinstance(tiles, list) or not all(_is_int(t) for t in tiles):
+            raise ValueError(f"defect {values.get('id')}: tiles: {tiles!r} is not a list of tile "
+                             "indices")
+        values["tiles"] = [int(t) for t in tiles]
         return cls(**values)
 
 

@@ -418,6 +418,9 @@ def _zero_scale(data: dict) -> None:
     # the mosaic changed shape (exit 0)
     ("stitch", lambda f: _edit_csv_cell(f / "tiles.csv", 1, "row", "77"), "row 77 is not in"),
     ("stitch", lambda f: _edit_csv_cell(f / "tiles.csv", 1, "col", "-1"), "col -1 is not in"),
+    ("report", lambda f: _edit_json(f / "defects.json",
+                                    lambda d: d["defects"][0].update(tiles=["a"])),
+     "tiles: ['a'] is not a list of tile indices"),
     # read as no defect at all: the report rewrote both lists empty and exited 0
     ("report", lambda f: _edit_json(f / "defects.json", lambda d: d.update(defects="")),
      "defects: a JSON list"),
