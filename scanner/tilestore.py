@@ -295,6 +295,17 @@ class ScanTiles:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.array = open_tiles(self.folder)
+        from scanner.scanfolder import scan_json_if_any
+
+        # a store whose metadata was edited reads every tile as damaged, and `resume` (the
+        # advice then) refuses the store's shape: named here, as what it is
+        camera = ((scan_json_if_any(self.folder) or {}).get("microscope") or {}).get(
+            "camera_shape")
+        if camera and tuple(self.array.shape[1:]) != tuple(camera):
+            raise UserError(f"{self.folder / TILES_ZARR}: holds tiles of "
+                            f"{self.array.shape[1]} x {self.array.shape[2]} px but the camera "
+                            f"took {camera[0]} x {camera[1]} px (scan.json microscope."
+                            "camera_shape); the store's zarr.json is damaged")
         self.shape = tuple(self.array.shape)
         self.dtype = self.array.dtype
         self.ndim = self.array.ndim

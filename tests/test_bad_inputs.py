@@ -421,6 +421,11 @@ def _zero_scale(data: dict) -> None:
     ("report", lambda f: _edit_json(f / "defects.json",
                                     lambda d: d["defects"][0].update(tiles=["a"])),
      "tiles: ['a'] is not a list of tile indices"),
+    # "tile 0 is damaged ... run `waferscope resume`", which then refused the store's shape
+    ("stitch", lambda f: _edit_json(f / "tiles.zarr" / "zarr.json", lambda d: d.update(
+        shape=[d["shape"][0], d["shape"][1] // 2, d["shape"][2] // 2],
+        chunk_grid={**d["chunk_grid"], "configuration": {"chunk_shape": [
+            1, d["shape"][1] // 2, d["shape"][2] // 2]}})), "zarr.json is damaged"),
     # read as no defect at all: the report rewrote both lists empty and exited 0
     ("report", lambda f: _edit_json(f / "defects.json", lambda d: d.update(defects="")),
      "defects: a JSON list"),
