@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from devices.spec import MAX_COORDINATE
 from scanner.errors import UserError, is_finite_number, is_number
 from scanner.recipe import format_validation_error
 from scanner.scanfolder import write_json
@@ -42,9 +43,6 @@ CLASSES: dict[str, int] = {
     "pattern": 6,
     "other": 7,
 }
-
-#: the farthest a defect may lie from the stage origin (µm): 1 m, beyond any stage's travel
-MAX_COORDINATE_UM = 1e6
 
 #: Anomaly maps written next to the mosaic by inspection (OME-NGFF, same stage transforms).
 MAP_NAMES: dict[str, str] = {
@@ -139,8 +137,9 @@ class Defect:
             raise ValueError(f"defect {self.id}: bbox_um: {list(self.bbox_um)!r} is not "
                              "[xmin, ymin, xmax, ymax]")
         # a stage coordinate a kilometre away is damage (1e300 was written back as given)
-        if max(abs(self.x_um), abs(self.y_um), *map(abs, self.bbox_um)) > MAX_COORDINATE_UM:
-            raise ValueError(f"defect {self.id}: lies more than {MAX_COORDINATE_UM:.0e} um from "
+        # (the bound a recipe's coordinates have: a defect lies where a recipe may scan)
+        if max(abs(self.x_um), abs(self.y_um), *map(abs, self.bbox_um)) > MAX_COORDINATE:
+            raise ValueError(f"defect {self.id}: lies more than {MAX_COORDINATE:.0e} um from "
                              "the stage origin")
         for name in ("score", "roughness", "uncertainty"):
             if not is_number(getattr(self, name)):

@@ -105,8 +105,9 @@ def scan_json_if_any(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def planned_grid(folder: Path) -> tuple[Any, Any] | None:
-    """The plan's rows and columns from a scan folder's ``scan.json`` (None without one)."""
+def planned_grid(folder: Path) -> tuple[Any, Any]:
+    """The plan's rows and columns from a scan folder's ``scan.json`` (each None when it
+    records none)."""
     plan = (scan_json_if_any(folder) or {}).get("plan") or {}
     return plan.get("n_rows"), plan.get("n_cols")
 
