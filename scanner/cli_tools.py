@@ -367,8 +367,12 @@ def calibrate(
     check_output(out_file, "--out", folder=False)
     if out_file.exists() and not overwrite:
         raise UserError(f"{out_file}: exists; pass --overwrite to replace it")
-    if at is not None and not all(map(math.isfinite, at)):
-        raise UserError(f"--at: must be finite stage coordinates, got {at}")
+    from devices.spec import MAX_COORDINATE
+
+    if at is not None and not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in at):
+        # (1e300 was echoed back later as a 300-digit number of µm)
+        raise UserError(f"--at: must be stage coordinates within {MAX_COORDINATE:.0e} um, got "
+                        f"{at[0]:g} {at[1]:g}")
     if not (0 < step <= 1):
         raise UserError(f"--step: must be in (0, 1], got {step}")
     rec = load_recipe(recipe)

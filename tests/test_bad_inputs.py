@@ -757,3 +757,18 @@ def test_a_usage_error_is_one_line_from_the_command_line(args: list[str], named:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and "--help" in lines[0], lines
+
+
+def test_calibrate_at_a_point_beyond_any_stage_is_refused_in_one_short_line(
+        tmp_path: Path) -> None:
+    # 1e300 um was echoed back as a 300-digit number of um
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("sample: {kind: rectangle, width_mm: 1.0, height_mm: 1.0}\n"
+                      "microscope: {kind: simulated}\n")
+    res = runner.invoke(app, ["calibrate", str(recipe), "--at", "1e300", "0",
+                              "--out", str(tmp_path / "cal.json")])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--at" in lines[0] and "1e+300" in lines[0], lines
+    assert len(lines[0]) < 200
+    assert not (tmp_path / "cal.json").exists()
