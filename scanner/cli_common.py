@@ -7,6 +7,7 @@ import errno
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,7 +112,8 @@ def _friendly(func: F) -> F:
                 raise typer.Exit(2) from None
         except InputError as exc:  # ours and the model package's bad input (UserError derives)
             # escaped: a message may hold brackets ("waferscope[napari]") that are not markup
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            message = _naming_recipe(str(exc), kwargs.get("recipe"))
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
             if exc.args:  # the scan said what it kept (a replaced scan put back)
@@ -145,6 +147,20 @@ def _friendly(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: a recipe field's name, as errors raised after the recipe was read name it (the simulated
+#: sample's ``sample.defects.kinds``, the microscope's ``microscope.config``)
+_RECIPE_FIELD = re.compile(r"(sample|microscope|scan|output|stitch)(\.\w+)*:")
+
+
+def _naming_recipe(message: str, recipe: Any) -> str:
+    """``message`` with the recipe file's name in front when it names one of its fields and
+    not yet the file (the recipe's own validation does; the microscope and the plan do not)."""
+    if (isinstance(recipe, Path) and _RECIPE_FIELD.match(message)
+            and not message.startswith("scan.json")):
+        return f"{recipe.name}: {message}"
+    return message
 
 
 def check_output(path: Path | None, option: str, folder: bool) -> None:

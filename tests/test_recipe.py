@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 from typer.testing import CliRunner
 
 from scanner.cli import app
@@ -235,5 +237,40 @@ def test_a_defect_kind_the_sample_cannot_show_names_the_recipes_field(write_reci
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2, result.output
     # the simulator's parameter is defect_kinds; the recipe's field is named
-    assert "sample.defects.kinds: 'missing_pattern' cannot be drawn on a pv_cell" in \
-        result.stderr
+    assert "recipe.yaml: sample.defects.kinds: 'missing_pattern' cannot be drawn on a " \
+        "pv_cell" in result.stderr
+
+
+def test_a_micromanager_config_that_cannot_be_read_names_the_recipe_file(
+        write_recipe, tmp_path) -> None:
+    (tmp_path / "rig.cfg").write_text("garbage line here\n")
+    path = write_recipe("sample: {kind: rectangle, width_mm: 2, height_mm: 2}\n"
+                        "microscope: {kind: micromanager, config: rig.cfg, pixel_size_um: 5}\n",
+                        name="my_rig.yaml")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: my_rig.yaml: microscope.config: "), \
+        lines
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 64)])
+def test_a_sample_image_too_small_to_inspect_is_refused_before_the_scan(
+        write_recipe, tmp_path, shape) -> None:
+    tifffile.imwrite(tmp_path / "tiny.tif", np.full(shape, 100, np.uint8))
+    path = write_recipe("sample: {kind: image, path: tiny.tif, pixel_size_um: 1}\n")
+    for command in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "s")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert f"recipe.yaml: sample.path: {shape[0]} x {shape[1]} px is too small" in \
+            result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sample_region_too_small_to_inspect_is_refused(write_recipe, tmp_path) -> None:
+    tifffile.imwrite(tmp_path / "part.tif", np.full((64, 64), 100, np.uint8))
+    path = write_recipe("sample: {kind: image, path: part.tif, pixel_size_um: 1, "
+                        "region_px: [0, 0, 2, 40]}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "recipe.yaml: sample.region_px: 2 x 40 px is too small" in result.stderr

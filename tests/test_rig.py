@@ -184,8 +184,8 @@ def test_roles_name_the_configs_python_devices(tmp_path: Path) -> None:
     path = _rig(tmp_path, cfg, "  roles: {camera: Stage-A, xy_stage: Stage-A, focus: ZDrive}\n")
     res = runner.invoke(app, ["validate", str(path)])
     assert res.exit_code == 2, res.output
-    assert res.stderr.strip() == "error: microscope.roles.camera: 'Stage-A' is not a camera " \
-                                 "(its type: XYStageDevice)"
+    assert res.stderr.strip() == "error: rig.yaml: microscope.roles.camera: 'Stage-A' is not " \
+                                 "a camera (its type: XYStageDevice)"
 
 
 def _preset_core(kind: str):
@@ -246,7 +246,7 @@ def test_a_config_line_error_keeps_its_cause(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.strip().splitlines() == [
-        f"error: microscope.config: cannot load rig.cfg: line {line} "
+        f"error: rig.yaml: microscope.config: cannot load rig.cfg: line {line} "
         "'Property,XYStage,AnswerTimout_s,0.2': Device 'XYStage' has no property "
         "'AnswerTimout_s'."]
 
@@ -290,4 +290,4 @@ def test_config_file_text(tmp_path: Path, raw: bytes, expected: str | None) -> N
         assert res.exit_code == 0 and "recipe OK" in res.stdout, res.output
     else:
         assert res.exit_code == 2, res.output
-        assert res.stderr.strip() == f"error: {expected}"
+        assert res.stderr.strip() == f"error: rig.yaml: {expected}"

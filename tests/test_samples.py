@@ -687,7 +687,7 @@ def test_an_image_with_negative_pixels_is_refused_not_clipped_to_black(tmp_path,
     res = CliRunner().invoke(app, ["validate", str(recipe)])
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: sample.path:") \
+    assert len(lines) == 1 and lines[0].startswith("error: neg.yaml: sample.path:") \
         and "negative pixel values" in lines[0], lines
 
 
