@@ -86,7 +86,9 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             # a mosaic is replaced whole or not at all; the maps, the defect list and the
             # reports one by one: stopped among them, the scan is left to finish again
             # (`resume`, or the command); refused (damaged data) before any was written
-            _update(folder, status="interrupted" if stopped and command != "stitch" else before)
+            # and the process that ran the scan before (a refused command leaves no trace)
+            _update(folder, status="interrupted" if stopped and command != "stitch" else before,
+                    process=scan.get("process"))
             raise
         if before not in _ENDED and _ends_scan(command, scan):
             _update(folder, status="complete" if n_ok == n_planned else "incomplete",

@@ -57,6 +57,7 @@ from scanner.stitching.stitch import MOSAIC, camera_geometry, stitch_scan
 from scanner.tilestore import (
     TILES_CSV,
     TileRecord,
+    check_journal_kept,
     decodable_tiles,
     open_tiles,
     read_tiles_csv,
@@ -302,6 +303,7 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")
     n = planned_tiles(folder, scan)  # before anything reads the plan: one line, not KeyError
+    check_journal_kept(folder)  # refused before the scan is marked as resumed
     done = _acquired(folder, n, decode=True)  # every raw tile read once, here only
     if status == "complete" and len(done) == n:
         raise UserError(f"{folder}: the scan is complete; nothing to resume")

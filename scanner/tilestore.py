@@ -70,6 +70,24 @@ class StorageError(UserError):
     """A tile could not be written (disk full, permissions): the scan stops at once."""
 
 
+def check_journal_kept(folder: Path) -> None:
+    """Refuse a folder whose tile store holds tiles but whose journal is gone.
+
+    Raises
+    ------
+    UserError
+        ``tiles.csv`` is missing while ``tiles.zarr`` holds tiles: a new store would replace
+        them (taken again where the chuck may hold another part).
+    """
+    folder = Path(folder)
+    if (folder / TILES_CSV).is_file() or not (folder / TILES_ZARR).is_dir():
+        return
+    stored = stored_tiles(open_tiles(folder))
+    if stored:
+        raise UserError(f"{folder}: {TILES_CSV} is missing while {TILES_ZARR} holds "
+                        f"{len(stored)} tiles; restore the journal (nothing was changed)")
+
+
 class TileStore:
     """Writes tiles and their journal into a scan folder.
 
@@ -94,14 +112,8 @@ class TileStore:
         # a scan stopped before its first tile has no store yet: start one
         resume = resume and (self.folder / TILES_ZARR).is_dir()
         if resume and not (self.folder / TILES_CSV).is_file():
-            # stopped before the journal's header, or the journal lost: with tiles stored, a
-            # new store would replace them (taken again where the chuck may hold another part)
-            stored = stored_tiles(open_tiles(self.folder))
-            if stored:
-                raise UserError(f"{self.folder}: {TILES_CSV} is missing while {TILES_ZARR} "
-                                f"holds {len(stored)} tiles; restore the journal (nothing was "
-                                "changed)")
-            resume = False
+            check_journal_kept(self.folder)
+            resume = False  # stopped before the journal's header: no tile stored yet
         if resume:
             self.array = zarr.open_array(self.folder / TILES_ZARR, mode="r+")
             if self.array.shape != (n_tiles, *shape) or self.array.dtype != np.dtype(dtype):

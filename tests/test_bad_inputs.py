@@ -445,13 +445,30 @@ def _zero_scale(data: dict) -> None:
 ])
 def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
         wafer_scan: Path, tmp_path: Path, command: str, damage, named: str) -> None:
-    folder = _damaged_copy(wafer_scan, tmp_path, damage)
+    import json
+
+    # as if another process (here, one of another host) had run the scan
+    folder = _damaged_copy(wafer_scan, tmp_path, lambda f: (_edit_json(
+        f / "scan.json", lambda d: d.update(process={"pid": 1, "host": "acquisition-pc"})),
+        damage(f)))
     before = (folder / "defects.json").read_bytes()
+    record = folder / "scan.json"
+
+    def recorded() -> object:
+        try:
+            return json.loads(record.read_text())
+        except (OSError, ValueError):  # gone, or the damage itself
+            return record.read_bytes() if record.is_file() else None
+
+    record_before = recorded()
     result = runner.invoke(app, [command, str(folder)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], lines
     assert (folder / "defects.json").read_bytes() == before
+    # the scan's record says what it said: its status, and the process that ran it (a
+    # refused stitch or inspect left its own process id there)
+    assert recorded() == record_before
     # nothing half-written is left behind (refused inspections left their maps' .tmp stores)
     assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
 
