@@ -18,7 +18,13 @@ from devices.core import MicroscopeHandle, build_microscope
 from devices.errors import HardwareError
 from devices.inventory import inventory_json
 from scanner.acquisition.acquire import acquire
-from scanner.acquisition.align import AlignmentError, align, wants_alignment
+from scanner.acquisition.align import (
+    ALIGNMENT_PNG,
+    REFUSED_ALIGNMENT_PNG,
+    AlignmentError,
+    align,
+    wants_alignment,
+)
 from scanner.acquisition.alignrefine import camera_turn, refine_alignment
 from scanner.acquisition.focusreport import write_focus_outputs
 from scanner.acquisition.plan import ScanPlan, overlap_warning, resolve_plan
@@ -152,14 +158,33 @@ def run_scan(
             except BaseException as exc:
                 if aside is None or not aside.is_dir():
                     raise
-                put_back(folder, aside)  # refused before its first tile: the earlier scan stays
-                if isinstance(exc, KeyboardInterrupt):  # not this scan to resume: the old one
-                    raise KeyboardInterrupt(f"stopped before the first tile; the earlier scan "
-                                            f"in {folder} is kept as it was") from None
-                raise
+                # refused before its first tile: the earlier scan stays
+                raise _kept_earlier_scan(folder, aside, exc) from None
             discard(aside, folder)
             return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
                                 cluster=cluster)
+
+
+def _kept_earlier_scan(folder: Path, aside: Path, exc: BaseException) -> BaseException:
+    """Put back the earlier scan a ``run --overwrite`` refused before its first tile set
+    aside, and the error to raise: ``exc``, saying that scan is kept, and where the picture of
+    a refused alignment (which the error cites) now is: in the earlier scan, as
+    :data:`REFUSED_ALIGNMENT_PNG` (its own ``alignment.png`` is left as it was)."""
+    seen = folder / ALIGNMENT_PNG
+    kept = seen.is_file() and not isinstance(exc, KeyboardInterrupt)
+    if kept:
+        seen.replace(aside / REFUSED_ALIGNMENT_PNG)
+    put_back(folder, aside)
+    if isinstance(exc, KeyboardInterrupt):  # not this scan to resume: the old one
+        return KeyboardInterrupt(f"stopped before the first tile; the earlier scan in {folder} "
+                                 "is kept as it was")
+    if not (isinstance(exc, UserError) and kept):
+        return exc
+    picture = folder / REFUSED_ALIGNMENT_PNG
+    message = str(exc).replace(f"see {ALIGNMENT_PNG}", f"see {picture}")
+    if str(picture) not in message:
+        message += f" (what it saw: {picture})"
+    return UserError(f"{message}; the earlier scan in {folder} is kept as it was")
 
 
 def _sample_picture(recipe: Recipe) -> dict[str, str] | None:

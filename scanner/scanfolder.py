@@ -36,7 +36,7 @@ LOCK = ".waferscope.lock"
 #: folder (the user's recipe or notes kept beside the scan) is carried into the new scan
 SCAN_OUTPUTS = frozenset({
     "scan.json", "truth.json", "tiles.csv", "tiles.zarr", "mosaic.ome.zarr", "flatfield.npy",
-    "alignment.png", "focus_map.json", "focus_map.png", "anomaly.ome.zarr",
+    "alignment.png", "alignment_refused.png", "focus_map.json", "focus_map.png", "anomaly.ome.zarr",
     "roughness.ome.zarr", "uncertainty.ome.zarr", "defects.json", "defects.csv",
     "defects.klarf", "wafermap.png", "repeaters.json", "scores.csv", LOCK,
 })

@@ -443,6 +443,7 @@ def test_an_overwrite_refused_before_its_first_tile_keeps_the_earlier_scan(
     """`run --out OLD --overwrite` deleted the earlier scan before the new one was refused
     (a wafer not where the recipe puts it: no edge found): only the refusal's scan.json and
     alignment.png were left."""
+    from scanner.acquisition import align
     from scanner.errors import UserError
     from scanner.recipe import parse_recipe
 
@@ -454,11 +455,16 @@ def test_an_overwrite_refused_before_its_first_tile_keeps_the_earlier_scan(
     misplaced = json.loads(json.dumps(SMALL))
     misplaced["sample"]["placement"] = {"offset_um": [20000, 0]}  # off the 20 mm wafer's place
     misplaced["scan"].update(align=True)
-    with pytest.raises(UserError, match="center_um"):
+    with pytest.raises(UserError, match="center_um") as refused:
         run_scan(parse_recipe(misplaced, tmp_path, "misplaced"), tmp_path / "scan",
                  overwrite=True)
     after = {p.relative_to(first.folder): p.read_bytes()
              for p in first.folder.rglob("*") if p.is_file()}
+    # the refusal says to see the picture of what its alignment saw: kept beside the earlier
+    # scan, which is as it was (the picture it cited was the earlier scan's own)
+    picture = Path(align.REFUSED_ALIGNMENT_PNG)
+    assert after.pop(picture)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(first.folder / picture) in str(refused.value)
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]  # nothing left aside
     # an overwrite that starts replaces it, and leaves nothing aside either; what the user
@@ -469,6 +475,7 @@ def test_an_overwrite_refused_before_its_first_tile_keeps_the_earlier_scan(
     assert second.status == "complete" and _scan(second.folder)["recipe"]["name"] == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]
     assert (second.folder / "my_recipe.yaml").read_text() == "notes\n"
+    assert not (second.folder / picture).exists()  # the refused run's, not this scan's
 
 
 def test_every_name_a_scan_writes_is_one_run_overwrite_replaces() -> None:

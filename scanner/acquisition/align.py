@@ -63,6 +63,9 @@ from scanner.acquisition.alignrecord import (
 from scanner.travel import check_positions, travel_limits
 
 ALIGNMENT_PNG = "alignment.png"
+#: the picture of a `run --overwrite` whose alignment was refused, kept in the earlier scan it
+#: left in place (the refusal cites it)
+REFUSED_ALIGNMENT_PNG = "alignment_refused.png"
 
 #: a die-grid rotation further than this from the edge's is a disagreement
 MAX_DIE_EDGE_DISAGREEMENT_DEG = 0.15
