@@ -32,6 +32,7 @@ from scipy import ndimage
 from . import edgeband
 from .backbone import FEATURE_DIM, FEATURE_STRIDE
 from .bank import BankIndex, greedy_coreset
+from .card import PIXEL_SIZE_SLACK
 from .data import GoodImage
 from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
@@ -265,7 +266,7 @@ def build_detector(
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    base = _checked_inputs(images, false_alarms_per_cm2, init)
+    base = _checked_inputs(images, false_alarms_per_cm2, init, pixel_size_um)
     _check_room_to_learn(images)
     base_position = base.position if base is not None else None
     held_images, augmenting, dims = _roles(images, seed, augment_camera, base_position)
@@ -372,14 +373,14 @@ def _card(name: str, pixel_size_um: float, pixel_size_range_um: tuple[float, flo
 
 
 def _checked_inputs(images: Sequence[GoodImage], false_alarms_per_cm2: float,
-                    init: str | Path | None) -> PatchDetector | None:
+                    init: str | Path | None, pixel_size_um: float) -> PatchDetector | None:
     """The detector ``init`` names (None without one), once the inputs are usable.
 
     Raises
     ------
     InputError
         No images, a false-alarm target that is not a positive number, an ``init`` that is
-        not a detector.
+        not a detector or was built at other pixel sizes than the new images'.
     """
     from .modelfile import load_model
 
@@ -391,6 +392,17 @@ def _checked_inputs(images: Sequence[GoodImage], false_alarms_per_cm2: float,
     if base is not None and not isinstance(base, PatchDetector):
         raise InputError(f"--init {init}: not a detector (a network-only model cannot be "
                          "extended; build a new one)")
+    if base is not None:
+        # its bank holds features of its own scale: new ones of another would mix the two
+        # (a 2 um model extended with 3 um images was written as a 3 um model)
+        card = base.card
+        lo, hi = card.get("pixel_size_range_um") or [card.get("pixel_size_um")] * 2
+        if lo is not None and hi is not None and not (
+                lo / (1 + PIXEL_SIZE_SLACK) <= pixel_size_um <= hi * (1 + PIXEL_SIZE_SLACK)):
+            built = f"{lo:g} um" if lo == hi else f"{lo:g}-{hi:g} um"
+            raise InputError(f"--init {init}: built at {built} per pixel, the new good images "
+                             f"are at {pixel_size_um:g} um; give images at its pixel size "
+                             "(--pixel-size) or build a new model")
     return base
 
 

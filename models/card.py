@@ -60,7 +60,7 @@ class DieToDieCalibration(BaseModel):
 #: what this one cannot read: refused, not guessed at)
 CARD_VERSION = 1
 #: relative difference of pixel sizes past which a card is said not to fit a source
-_PIXEL_SIZE_SLACK = 0.15
+PIXEL_SIZE_SLACK = 0.15
 
 
 class ModelCard(BaseModel):
@@ -125,14 +125,14 @@ class ModelCard(BaseModel):
         if not pixel_size_um or pixel_size_um <= 0:
             return None
         if self.pixel_size_assumed and self.pixel_size_um and \
-                abs(pixel_size_um / self.pixel_size_um - 1) > _PIXEL_SIZE_SLACK:
+                abs(pixel_size_um / self.pixel_size_um - 1) > PIXEL_SIZE_SLACK:
             return (f"the model was built from image files with no pixel size; it runs at "
                     f"this source's {pixel_size_um:g} um/px, as if its good images had been "
                     f"taken so (if not, rebuild it with their --pixel-size)")
         bands = self.thresholds_by_pixel_size.get(sample_kind or "")
         if bands:
             lo, hi = bands[0].pixel_size_um[0], bands[-1].pixel_size_um[1]
-            if not lo / (1 + _PIXEL_SIZE_SLACK) <= pixel_size_um <= hi * (1 + _PIXEL_SIZE_SLACK):
+            if not lo / (1 + PIXEL_SIZE_SLACK) <= pixel_size_um <= hi * (1 + PIXEL_SIZE_SLACK):
                 return (f"the model's thresholds for {sample_kind} were calibrated at "
                         f"{lo:g}-{hi:g} um/px; this source is at {pixel_size_um:g} um/px and "
                         f"gets the nearest band's: check its false alarms on a good part")

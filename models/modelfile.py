@@ -379,10 +379,13 @@ def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str,
         err = exc.errors()[0]
         raise UserError(f"{card_file}: {'.'.join(str(p) for p in err['loc'])}: "
                         f"{err['msg']}") from None
-    if card.get("threshold") is None and card["architecture"].get("name") == "PatchCore":
-        # every detector is built calibrated: this card was edited
-        raise UserError(f"{card_file}: threshold: missing (the model's calibrated decision "
-                        "threshold)")
+    if card["architecture"].get("name") == "PatchCore":
+        # every detector is built calibrated: this card was edited (without its score scale,
+        # raw distances were compared with the threshold: a score of 143 where 1.7 was due)
+        for key, what in (("threshold", "the model's calibrated decision threshold"),
+                          ("score_reference", "the scale of its scores")):
+            if card.get(key) is None:
+                raise UserError(f"{card_file}: {key}: missing ({what})")
     expected = card.get("weights_sha256")
     if not expected:  # every model is written with it: without it, damage goes unseen
         raise UserError(f"{card_file}: weights_sha256: missing (the checksum of "

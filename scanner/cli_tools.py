@@ -382,6 +382,7 @@ def calibrate(
             rec, centre_um=at, grid=grid, step_fraction=step,
             progress=lambda d, t: progress.update(task, completed=d, total=t),
         )
+    out_file.parent.mkdir(parents=True, exist_ok=True)  # as `devices --save` does
     result.write(out_file)
     data = result.to_json()
     table = Table(title=f"{recipe.name}: camera calibration", show_header=False)

@@ -523,7 +523,8 @@ def test_a_pixel_size_that_would_resample_an_image_beyond_reason_is_refused(
     assert len(lines) == 1 and "--pixel-size" in lines[0], lines
 
 
-def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["threshold", "score_reference"])
+def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path, key: str) -> None:
     import json
     import shutil
 
@@ -534,13 +535,13 @@ def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path) -> None:
     weights = default_model_path()
     shutil.copyfile(weights, tmp_path / "m.safetensors")
     card = json.loads(weights.with_suffix(".json").read_text())
-    card.pop("threshold")
+    card.pop(key)  # without its score scale, raw distances were compared with the threshold
     (tmp_path / "m.json").write_text(json.dumps(card))
     tifffile.imwrite(tmp_path / "a.tif", _plain())
     result = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--model",
                                  str(tmp_path / "m"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
-    assert "threshold: missing" in result.stderr
+    assert f"{key}: missing" in result.stderr
 
 
 def test_drift_with_no_scan_to_compare_is_one_line(tmp_path: Path) -> None:

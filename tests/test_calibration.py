@@ -53,7 +53,7 @@ def textured_recipe(tmp_path: Path, write_recipe):
 
 @pytest.mark.slow
 def test_calibrate_command_recovers_the_simulated_camera(textured_recipe: Path, tmp_path: Path):
-    out = tmp_path / "calib.json"
+    out = tmp_path / "rig" / "calib.json"  # a folder not made yet (failed after the stage moved)
     runner = CliRunner()
     res = runner.invoke(app, ["calibrate", str(textured_recipe), "--out", str(out)])
     assert res.exit_code == 0, res.output

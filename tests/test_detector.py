@@ -509,6 +509,15 @@ def test_a_model_extended_with_image_files_keeps_its_pixel_size(tmp_path: Path) 
     card = json.loads((tmp_path / "m2.json").read_text())
     assert card["pixel_size_um"] == 5.0 and card["pixel_size_assumed"] is False
     assert "taken as 1 µm/px" not in res.stderr
+    # images of another pixel size do not extend it: its bank's features are of its own
+    # scale (a 5 um model extended at 3 um was written as a 3 um model, exit 0)
+    res = runner.invoke(app, ["train", "--init", str(tmp_path / "m"), "--good",
+                              str(tmp_path / "more.tif"), "--pixel-size", "3",
+                              "--out", str(tmp_path / "m3")])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "built at 5 um per pixel" in lines[0], lines
+    assert not (tmp_path / "m3.json").exists()
 
 
 def test_image_inspection_skips_hidden_files_and_keeps_out_of_the_image_folder(
