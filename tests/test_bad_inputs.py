@@ -442,6 +442,8 @@ def _zero_scale(data: dict) -> None:
                                     lambda d: d["header"].update(threshold=-1)), "threshold"),
     # a scan folder that lost its record is not inspected as a bare mosaic over its results
     ("inspect", lambda f: (f / "scan.json").unlink(), "not a scan folder"),
+    # a folder where a report file goes: found after defects.json and .csv were replaced
+    ("report", lambda f: (f / "wafermap.png").mkdir(), "a folder where the report writes"),
 ])
 def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
         wafer_scan: Path, tmp_path: Path, command: str, damage, named: str) -> None:

@@ -83,6 +83,10 @@ def report(folder: Path, *, lot_id: str | None = None, wafer_id: str | None = No
     ctx = ScanContext.load(Path(folder))
     folder = Path(out) if out is not None else Path(folder)
     record = record and out is None
+    for name in (DEFECTS_JSON, DEFECTS_CSV, REPEATERS_JSON, KLARF, WAFERMAP):
+        if (folder / name).is_dir():  # found after the first outputs were replaced (exit 1)
+            raise UserError(f"{folder / name}: a folder where the report writes its file; "
+                            "move it away")
     previous, defects = read_defects(folder)
     created = previous.get("created")
     # defects an earlier run of this stage moved to repeaters.json take part again
