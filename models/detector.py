@@ -359,7 +359,7 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
     """
     from .backbone import BACKBONE_SHA256, FEATURE_DIM, backbone_record, feature_precision
     from .errors import InputError
-    from .modelfile import network_from_state
+    from .modelfile import card_path_for, network_from_state
 
     arch = card["architecture"]
     backbone = arch.get("backbone") or {}
@@ -372,6 +372,11 @@ def detector_from_files(card: dict[str, Any], state: dict[str, torch.Tensor],
             [ours["layers"], ours["layer_weights"]]:
         raise InputError(f"{weights}: built on other backbone features (layers "
                          f"{backbone.get('layers')}); rebuild it with waferscope train")
+    for key in ("feature_stride", "feature_dim"):  # (cards before them lack them)
+        if key in backbone and backbone[key] != ours[key]:
+            raise InputError(f"{card_path_for(weights)}: architecture.backbone.{key}: "
+                             f"{backbone[key]!r}, the installed backbone's is {ours[key]!r} "
+                             "(an edited card, or another backbone's model)")
     built, here = backbone.get("precision", "float32"), feature_precision()
     if built != here:
         # features differ by about 3 % between the two precisions: scores shift a little

@@ -525,7 +525,7 @@ def test_a_pixel_size_that_would_resample_an_image_beyond_reason_is_refused(
     assert len(lines) == 1 and "--pixel-size" in lines[0], lines
 
 
-@pytest.mark.parametrize("key", ["threshold", "score_reference"])
+@pytest.mark.parametrize("key", ["threshold", "score_reference", "feature_dim"])
 def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path, key: str) -> None:
     import json
     import shutil
@@ -537,13 +537,22 @@ def test_a_model_card_without_its_threshold_is_refused(tmp_path: Path, key: str)
     weights = default_model_path()
     shutil.copyfile(weights, tmp_path / "m.safetensors")
     card = json.loads(weights.with_suffix(".json").read_text())
-    card.pop(key)  # without its score scale, raw distances were compared with the threshold
+    if key == "feature_dim":  # edited: it was read past
+        card["architecture"]["backbone"][key] = 99
+    else:  # without its score scale, raw distances were compared with the threshold
+        card.pop(key)
     (tmp_path / "m.json").write_text(json.dumps(card))
     tifffile.imwrite(tmp_path / "a.tif", _plain())
-    result = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--model",
-                                 str(tmp_path / "m"), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2, result.output
-    assert f"{key}: missing" in result.stderr
+    for command in (["inspect", str(tmp_path / "a.tif"), "--model", str(tmp_path / "m"),
+                     "--out", str(tmp_path / "out")],
+                    ["train", "--good", str(tmp_path / "a.tif"), "--init", str(tmp_path / "m"),
+                     "--out", str(tmp_path / "m2")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and (f"{key}: missing" in lines[0] or f"{key}: 99" in lines[0]), \
+            lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m2.json").exists()
 
 
 def test_drift_with_no_scan_to_compare_is_one_line(tmp_path: Path) -> None:
