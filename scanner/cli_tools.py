@@ -340,7 +340,12 @@ def drift(
         out.print(f"  {escape(Path(row['scan']).name)}: {ratios}", highlight=False)
     if report.plot is not None:
         out.print(f"plot: {report.plot.resolve()}")
-    out.print(report.verdict(), highlight=False)
+    verdict = report.verdict()
+    if report.skipped:  # the verdict is not about them: the newest given may be one
+        n = len(report.skipped)
+        verdict += (f" ({n} scan{'s' if n > 1 else ''} given {'were' if n > 1 else 'was'} "
+                    "not compared: skipped above)")
+    out.print(verdict, highlight=False)
 
 
 @app.command()

@@ -347,6 +347,26 @@ def test_a_damaged_surface_image_record_is_refused_naming_it(tmp_path: Path, fie
     assert f"{field}" in lines[0].split(where)[1]
 
 
+def test_a_drift_verdict_says_when_a_scan_given_was_not_compared(tmp_path: Path) -> None:
+    """The newest scan, inspected with another model, was skipped on a line of its own and the
+    verdict ("no drift", about the other scans alone) did not say so."""
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    default = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
+    sha = json.loads(default.with_suffix(".json").read_text())["weights_sha256"]
+    scores = score_summary(np.random.default_rng(5).gamma(4.0, 0.2, 10_000))
+    a = _inspected(tmp_path / "a", scores, GOOD_IMAGE, "2026-12-01T08:00:00+00:00", sha)
+    b = _inspected(tmp_path / "b", scores, GOOD_IMAGE, "2026-12-02T08:00:00+00:00", sha)
+    c = _inspected(tmp_path / "c", scores, GOOD_IMAGE, "2026-12-03T08:00:00+00:00", "other")
+    res = CliRunner().invoke(app, ["drift", str(a), str(b), str(c), "--model", str(default)])
+    assert res.exit_code == 0, res.output
+    verdict = res.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("no drift") and "1 scan given was not compared" in verdict
+    assert "skipped" in res.stderr and str(c) in res.stderr
+
+
 def test_drift_leaves_out_the_scans_a_model_was_built_from(tmp_path: Path) -> None:
     """Its training scan, in its bank, scored low: as the oldest scan it made good scans of a
     PV cell read DRIFT x1.37 and of a coupon x1.45."""
