@@ -8,6 +8,7 @@ would otherwise be read as a black tile.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,8 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             yield lambda status: None
             return
         before = effective_status(scan)
+        record = folder / SCAN_JSON
+        original = record.read_bytes(), record.stat()
 
         def working(status: str) -> None:
             _update(folder, status=status, process=this_process())
@@ -89,6 +92,8 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             # and the process that ran the scan before (a refused command leaves no trace)
             _update(folder, status="interrupted" if stopped and command != "stitch" else before,
                     process=scan.get("process"))
+            if record.read_bytes() == original[0]:  # as it was: its time too (backups look)
+                os.utime(record, ns=(original[1].st_atime_ns, original[1].st_mtime_ns))
             raise
         if before not in _ENDED and _ends_scan(command, scan):
             _update(folder, status="complete" if n_ok == n_planned else "incomplete",

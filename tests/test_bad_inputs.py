@@ -449,10 +449,13 @@ def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
         wafer_scan: Path, tmp_path: Path, command: str, damage, named: str) -> None:
     import json
 
-    # as if another process (here, one of another host) had run the scan
-    folder = _damaged_copy(wafer_scan, tmp_path, lambda f: (_edit_json(
-        f / "scan.json", lambda d: d.update(process={"pid": 1, "host": "acquisition-pc"})),
-        damage(f)))
+    from scanner.scanfolder import read_scan_json, write_json
+
+    def elsewhere(f: Path) -> None:  # as if another host's process had run the scan
+        write_json(f / "scan.json", {**read_scan_json(f),
+                                     "process": {"pid": 1, "host": "acquisition-pc"}})
+
+    folder = _damaged_copy(wafer_scan, tmp_path, lambda f: (elsewhere(f), damage(f)))
     before = (folder / "defects.json").read_bytes()
     record = folder / "scan.json"
 
@@ -463,6 +466,8 @@ def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
             return record.read_bytes() if record.is_file() else None
 
     record_before = recorded()
+    bytes_before = record.read_bytes() if record.is_file() else None
+    mtime_before = record.stat().st_mtime_ns if record.is_file() else None
     result = runner.invoke(app, [command, str(folder)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -471,6 +476,8 @@ def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
     # the scan's record says what it said: its status, and the process that ran it (a
     # refused stitch or inspect left its own process id there)
     assert recorded() == record_before
+    if bytes_before is not None and record.is_file() and record.read_bytes() == bytes_before:
+        assert record.stat().st_mtime_ns == mtime_before  # not even touched
     # nothing half-written is left behind (refused inspections left their maps' .tmp stores)
     assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
 
