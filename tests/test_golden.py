@@ -142,7 +142,8 @@ def test_a_detector_keeps_its_golden_image_and_refuses_a_damaged_one(tmp_path: P
 
     golden = _golden()
     bank = torch.randn(64, 176)
-    save_detector(bank, {"threshold": 1.0, "pixel_size_um": 1.0}, tmp_path / "m", golden=golden)
+    save_detector(bank, {"threshold": 1.0, "score_reference": 1.0, "pixel_size_um": 1.0},
+                  tmp_path / "m", golden=golden)
     model = load_model(tmp_path / "m")
     assert isinstance(model, PatchDetector) and model.golden is not None
     assert np.allclose(model.golden, golden, atol=2e-3 * golden.max())  # kept as float16
