@@ -32,7 +32,7 @@ from scipy import ndimage
 from . import edgeband
 from .backbone import FEATURE_DIM, FEATURE_STRIDE
 from .bank import BankIndex, greedy_coreset
-from .card import PIXEL_SIZE_SLACK
+from .card import within_pixel_sizes
 from .data import GoodImage
 from .detector import OUTPUT_STRIDE, PatchDetector, features_of, save_detector
 from .drift import score_summary
@@ -397,8 +397,7 @@ def _checked_inputs(images: Sequence[GoodImage], false_alarms_per_cm2: float,
         # (a 2 um model extended with 3 um images was written as a 3 um model)
         card = base.card
         lo, hi = card.get("pixel_size_range_um") or [card.get("pixel_size_um")] * 2
-        if lo is not None and hi is not None and not (
-                lo / (1 + PIXEL_SIZE_SLACK) <= pixel_size_um <= hi * (1 + PIXEL_SIZE_SLACK)):
+        if lo is not None and hi is not None and not within_pixel_sizes(pixel_size_um, lo, hi):
             built = f"{lo:g} um" if lo == hi else f"{lo:g}-{hi:g} um"
             raise InputError(f"--init {init}: built at {built} per pixel, the new good images "
                              f"are at {pixel_size_um:g} um; give images at its pixel size "

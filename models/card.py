@@ -63,6 +63,11 @@ CARD_VERSION = 1
 PIXEL_SIZE_SLACK = 0.15
 
 
+def within_pixel_sizes(pixel_size_um: float, lo: float, hi: float) -> bool:
+    """Whether a pixel size lies in ``[lo, hi]`` widened by :data:`PIXEL_SIZE_SLACK`."""
+    return lo / (1 + PIXEL_SIZE_SLACK) <= pixel_size_um <= hi * (1 + PIXEL_SIZE_SLACK)
+
+
 class ModelCard(BaseModel):
     """The top level of a model card (see the module docstring)."""
 
@@ -132,7 +137,7 @@ class ModelCard(BaseModel):
         bands = self.thresholds_by_pixel_size.get(sample_kind or "")
         if bands:
             lo, hi = bands[0].pixel_size_um[0], bands[-1].pixel_size_um[1]
-            if not lo / (1 + PIXEL_SIZE_SLACK) <= pixel_size_um <= hi * (1 + PIXEL_SIZE_SLACK):
+            if not within_pixel_sizes(pixel_size_um, lo, hi):
                 return (f"the model's thresholds for {sample_kind} were calibrated at "
                         f"{lo:g}-{hi:g} um/px; this source is at {pixel_size_um:g} um/px and "
                         f"gets the nearest band's: check its false alarms on a good part")

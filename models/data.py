@@ -17,6 +17,7 @@ import numpy as np
 
 from simulators.errors import UserError, first_line
 from simulators.picture import (
+    MIN_IMAGE_PX,
     cmyk_to_rgb,
     main_series,
     read_picture,
@@ -103,9 +104,9 @@ def read_image(path: Path) -> np.ndarray:
         img = img[..., 0]
     if img.ndim not in (2, 3):
         raise UserError(f"{path}: not a 2-D image (shape {img.shape})")
-    if min(img.shape[:2]) < 8:
+    if min(img.shape[:2]) < MIN_IMAGE_PX:
         raise UserError(f"{path}: {img.shape[0]} x {img.shape[1]} px is too small to inspect "
-                        "(8 px a side at least)")
+                        f"({MIN_IMAGE_PX} px a side at least)")
     if img.dtype == bool:
         img = img.astype(np.uint8)
     if not (np.issubdtype(img.dtype, np.integer) or np.issubdtype(img.dtype, np.floating)):

@@ -289,9 +289,6 @@ def die_pitch_problem(pitch_mm: tuple[float, float], extent_mm: tuple[float, flo
             f"({extent_mm[0]:g} x {extent_mm[1]:g} mm; the pitch is in mm)")
 
 
-#: shortest side (px) of a sample image: inspection's smallest image
-MIN_IMAGE_PX = 8
-
 #: how many times its extent the die pitch of a coupon or an image may be (a piece of a die)
 PIECE_OF_A_DIE = 10.0
 
@@ -397,14 +394,15 @@ class ImageSample(_RepeatKeys):
             rows, cols = image_shape(self.path)
         except UserError:
             return self  # the plan names sample.path and why
-        field = "path"
-        if self.region_px is not None:
-            field, (rows, cols) = "region_px", self.region_px[2:]
-        if min(rows, cols) < MIN_IMAGE_PX:
-            # inspection refuses images this small (models.data.read_image): say so before
+        from simulators.picture import MIN_IMAGE_PX
+
+        field, scanned = ("path", (rows, cols)) if self.region_px is None else \
+            ("region_px", self.region_px[2:])
+        if min(scanned) < MIN_IMAGE_PX:
+            # inspection refuses images this small (models.data.read_image): said before
             # the stage moves, not after the scan
-            raise ValueError(f"{field}: {rows} x {cols} px is too small to scan and inspect "
-                             f"({MIN_IMAGE_PX} px a side at least)")
+            raise ValueError(f"{field}: {scanned[0]} x {scanned[1]} px is too small to scan "
+                             f"and inspect ({MIN_IMAGE_PX} px a side at least)")
         if self.die_pitch_mm is None:
             return self
         extent = (cols * self.pixel_size_um / 1000.0, rows * self.pixel_size_um / 1000.0)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+#: shortest side (px) of a picture that is scanned as a sample, learnt from or inspected
+MIN_IMAGE_PX = 8
 #: PIL modes that are not light intensities: converted to RGB before use
 _PIL_CONVERT = ("CMYK", "YCbCr", "LAB", "HSV")
 #: TIFF photometric interpretation of ink separations (CMYK)
