@@ -76,7 +76,7 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             return
         before = effective_status(scan)
         record = folder / SCAN_JSON
-        original = record.read_bytes(), record.stat()
+        original_bytes, original_stat = record.read_bytes(), record.stat()
 
         def working(status: str) -> None:
             _update(folder, status=status, process=this_process())
@@ -92,8 +92,8 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             # and the process that ran the scan before (a refused command leaves no trace)
             _update(folder, status="interrupted" if stopped and command != "stitch" else before,
                     process=scan.get("process"))
-            if record.read_bytes() == original[0]:  # as it was: its time too (backups look)
-                os.utime(record, ns=(original[1].st_atime_ns, original[1].st_mtime_ns))
+            if record.read_bytes() == original_bytes:  # as it was: its time too (backups look)
+                os.utime(record, ns=(original_stat.st_atime_ns, original_stat.st_mtime_ns))
             raise
         if before not in _ENDED and _ends_scan(command, scan):
             _update(folder, status="complete" if n_ok == n_planned else "incomplete",

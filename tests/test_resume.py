@@ -488,6 +488,7 @@ def test_every_name_a_scan_writes_is_one_run_overwrite_replaces() -> None:
     from scanner.stitching import stitch
 
     written = {tilestore.TILES_ZARR, tilestore.TILES_CSV, align.ALIGNMENT_PNG,
+               align.REFUSED_ALIGNMENT_PNG,
                focusreport.FOCUS_JSON, focusreport.FOCUS_PNG, images.SCORES_CSV,
                scanfolder.SCAN_JSON, scanfolder.TRUTH_JSON, scanfolder.MOSAIC, klarf.KLARF,
                repeaters.REPEATERS_JSON, wafermap.WAFERMAP, stitch.FLATFIELD,
