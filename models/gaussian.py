@@ -89,6 +89,17 @@ validation folds move by about 0.005 between sets and did not predict the test h
 channels at these three sizes: 0.914 / 0.922 / 0.918, but a 92 MB file instead of 32 MB for a
 300 px cell (about 0.9 GB for a 1024 px part), for +0.001 on the test half.
 
+Tried on 2026-12-07 on cached features (two other validation folds of half 0; this model 0.905 /
+0.903) and not adopted, none helping either fold: each position's distance divided by its
+mean or median over the held-out images (0.900-0.901 / 0.898-0.899: the border's heavier tail
+is partly real); an image-level Gaussian of the three sizes' mean features added to the peak
+(0.870-0.900 / 0.873-0.903); the map's line evidence (:mod:`models.lines`, segments of 5-21
+cells) with or instead of the peak (0.901-0.906 / 0.900-0.904); a thin dark line filter on the
+image (``skimage.filters.sato``, sigma 1-2), its per-position z alone 0.64-0.65 (grain
+boundaries of poly-crystalline cells are dark lines too) and with the peak 0.82-0.90. The
+defective cells scored lowest are mostly mono-crystalline cells with one faint crack of 1-2 px,
+which the features at stride 16 do not resolve, while some functional cells show such lines too.
+
 Written here rather than taken from anomalib: its PaDiM needs its own training loop and
 backbone wrappers; this is the same few lines of linear algebra on our features.
 """
