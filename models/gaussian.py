@@ -89,7 +89,7 @@ validation folds move by about 0.005 between sets and did not predict the test h
 channels at these three sizes: 0.914 / 0.922 / 0.918, but a 92 MB file instead of 32 MB for a
 300 px cell (about 0.9 GB for a 1024 px part), for +0.001 on the test half.
 
-Tried on 2026-12-07 on cached features (two other validation folds of half 0; this model 0.905 /
+Tried on 2026-12-06 on cached features (two other validation folds of half 0; this model 0.905 /
 0.903) and not adopted, none helping either fold: each position's distance divided by its
 mean or median over the held-out images (0.900-0.901 / 0.898-0.899: the border's heavier tail
 is partly real); an image-level Gaussian of the three sizes' mean features added to the peak
