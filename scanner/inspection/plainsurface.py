@@ -250,8 +250,8 @@ def plain_surface_defects(
         if ringed is None:
             continue
         box, region, ring = ringed
-        if not (_spot_uniform(r[box], region, ring, strong) if edge
-                else _uniform(r[box], dev[box], region, mad_px[box], ring, strong)):
+        if not (_spot_uniform(r[box], region, ring, strong)
+                or (not edge and _uniform(r[box], dev[box], region, mad_px[box]))):
             continue
         if die_pitch_px is not None and _repeats(r, box, region, die_pitch_px, usable,
                                                  settings) is not False:
@@ -260,18 +260,17 @@ def plain_surface_defects(
     return found
 
 
-def _uniform(r: np.ndarray, dev: np.ndarray, region: np.ndarray, mad_px: np.ndarray,
-             ring: np.ndarray, strong: float) -> bool:
+def _uniform(r: np.ndarray, dev: np.ndarray, region: np.ndarray, mad_px: np.ndarray) -> bool:
     """Whether a candidate region is uniform inside: the median spread (8 x 8 block MAD) over
     its core is under :data:`models.thresholds.PLAIN_LEVEL`, measured on the reflectance as
-    it is, or with the region's own smoothed change (``dev``) taken out; or, for a region
-    that fits in two blocks a side, the spread of its own inner pixels is (:func:`_spot_uniform`).
+    it is, or with the region's own smoothed change (``dev``) taken out (a spot a few blocks
+    wide may pass on its own pixels instead: :func:`_spot_uniform`).
 
     The blocks lie on a fixed grid: a small stain that covers about half of each block it
     touches gives those blocks a MAD of half its contrast whatever its inside looks like (the
     demo wafer's 205 µm stain of -6 %: 0.029, missed; with its change taken out 0.004). Sharp
     small defects need the first form (taking out a change smoothed over 1.5 px leaves their
-    edges: 0.03-0.05); texture, grains or circuitry are busy in all three.
+    edges: 0.03-0.05); texture, grains or circuitry are busy in both.
     """
     from models.thresholds import PLAIN_LEVEL, block_statistics
 
@@ -281,9 +280,7 @@ def _uniform(r: np.ndarray, dev: np.ndarray, region: np.ndarray, mad_px: np.ndar
     if float(np.median(mad_px[core])) < PLAIN_LEVEL:
         return True
     _, mad, _ = block_statistics(r - np.where(region, dev, 0.0).astype(np.float32), BLOCK)
-    if float(np.median(_per_pixel(mad, r.shape)[core])) < PLAIN_LEVEL:
-        return True
-    return _spot_uniform(r, region, ring, strong)
+    return float(np.median(_per_pixel(mad, r.shape)[core])) < PLAIN_LEVEL
 
 
 #: pixels of a spot's edge left out of its inner spread (map pixels): the 1.5 px smoothing
