@@ -17,7 +17,10 @@ real wafers and parts:
   galaxies) and ``ihc_mirror`` (stained tissue, ``skimage.data.immunohistochemistry()``); and
   since 2026-12-05 ``horse_grid`` (a near-binary silhouette whose thin legs reach the dies'
   edges), ``clock_grid`` (a smooth photograph, 15 % vignetting), ``microaneurysms_mirror`` (a
-  fine retinal texture mirrored 5 x 5) and ``cell_grid`` (a phase-contrast cell);
+  fine retinal texture mirrored 5 x 5) and ``cell_grid`` (a phase-contrast cell); and since
+  2026-12-06 ``text_grid`` (printed words), ``retina_grid`` (vessels, 10 % vignetting),
+  ``phantom_grid`` (near-flat dies with faint ellipses) and ``checker_mirror`` (a
+  checkerboard, period 50 px);
 - designs that do not repeat (not run by default, since 2026-12-05): ``moon_single``,
   ``camera_single``, ``astronaut_single``, ``coffee_single``, ``hubble_single``, each one
   photograph mirrored once (no translation repeats it), compared with its golden image.
@@ -150,6 +153,16 @@ PRODUCTS = {
     # (scanner.stitching.registration.lattice)
     "coins_array": Product("coins_array", "grid", "coins", seed=51, cell_px=12, street_px=4,
                            n_dies=100, crop_rc=(60, 100)),
+    # held out from every choice made until then (added 2026-12-06): printed words on a fine
+    # grid, a retina's vessels under 10 % vignetting, a phantom's near-flat dies with faint
+    # ellipses, and a high-contrast checkerboard (period 50 px) as a texture
+    "text_grid": Product("text_grid", "grid", "text", seed=61, cell_px=160, street_px=24,
+                         n_dies=8, crop_rc=(6, 140)),
+    "retina_grid": Product("retina_grid", "grid", "retina", seed=62, vignetting=0.1,
+                           cell_px=240, street_px=24, n_dies=6, crop_rc=(560, 600)),
+    "phantom_grid": Product("phantom_grid", "grid", "shepp_logan_phantom", seed=63,
+                            cell_px=224, street_px=24, n_dies=6, crop_rc=(88, 88)),
+    "checker_mirror": Product("checker_mirror", "mirror", "checkerboard", seed=64, tiles=3),
 }
 DEFAULT_PRODUCTS = ["coins_grid", "camera_grid", "brick_mirror"]
 

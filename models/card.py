@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, ConfigDict, Field
 
 from .thresholds import CONTEXT_CARD_KEYS
 
-#: a decision threshold: positive and finite (NaN would flag nothing, and say nothing)
-Threshold = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: a decision threshold: a positive and finite number (NaN would flag nothing, and say nothing;
+#: strict, so that an edited card's ``"1.2"`` or ``true`` is refused rather than read as one)
+Threshold = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 
 
 class PixelBand(BaseModel):
@@ -31,7 +32,7 @@ class PixelBand(BaseModel):
     quiet: Threshold | None = None
     plain: Threshold | None = None
     plain_near_structure: Threshold | None = None
-    line: float | None = Field(None, gt=0, description="line threshold (models.lines)")
+    line: Threshold | None = Field(None, description="line threshold (models.lines)")
 
     def context(self, name: str) -> float | None:
         """The band's threshold for a neighbourhood context (None: none)."""
@@ -46,11 +47,11 @@ class DieToDieCalibration(BaseModel):
     good_max_z: float = Field(ge=0, description="largest z-score the good scans' dies reach")
     dies: int = Field(ge=0, description="dies compared on the good scans")
     scans: int | None = Field(None, ge=0)
-    z_threshold: float = Field(gt=0, description="z-score that counts as a defect")
+    z_threshold: Threshold = Field(description="z-score that counts as a defect")
     texture_good_max_z: float | None = Field(
         None, ge=0, description="largest texture z-score (fine-detail energy) they reach")
-    texture_z_threshold: float | None = Field(
-        None, gt=0, description="texture z-score that counts as a defect")
+    texture_z_threshold: Threshold | None = Field(
+        None, description="texture z-score that counts as a defect")
     found_grid_repeats: bool | None = Field(
         None, description="false: the repeat found in the good scans is no layout (their "
                           "'dies' differ beyond any threshold); inspection leaves it")
@@ -81,8 +82,8 @@ class ModelCard(BaseModel):
                                          "(PatchCore) or network, and their layout")
     kind: Literal["detector", "network"] | None = Field(None, description="what was built")
     threshold: Threshold | None = Field(None, description="pooled decision threshold")
-    line_threshold: float | None = Field(
-        None, gt=0, description="pooled threshold of the line evidence (models.lines; None: "
+    line_threshold: Threshold | None = Field(
+        None, description="pooled threshold of the line evidence (models.lines; None: "
                                 "none)")
     pixel_size_um: float | None = Field(None, gt=0)
     pixel_size_range_um: tuple[float, float] | None = None
@@ -96,7 +97,7 @@ class ModelCard(BaseModel):
     uncertainty_log_scale: float | None = Field(None, gt=0)
     thresholds_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_by_pixel_size: dict[str, list[PixelBand]] = Field(default_factory=dict)
-    thresholds_line_by_sample_kind: dict[str, PositiveFloat] = Field(default_factory=dict)
+    thresholds_line_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_quiet_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_plain_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_plain_near_structure_by_sample_kind: dict[str, Threshold] = Field(

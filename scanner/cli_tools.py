@@ -28,6 +28,10 @@ from scanner.errors import UserError
 if TYPE_CHECKING:
     from models.data import GoodImage
 
+#: the most false alarms per cm² a threshold may be calibrated to (one per 100 x 100 µm): beyond
+#: it the threshold would sit in the good surface's own noise
+MAX_FALSE_ALARMS_PER_CM2 = 1e4
+
 
 @app.command()
 @_friendly
@@ -251,6 +255,9 @@ def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
     if not (false_alarms_per_cm2 > 0 and math.isfinite(false_alarms_per_cm2)):
         raise UserError(f"--false-alarms-per-cm2: must be a positive number, got "
                         f"{false_alarms_per_cm2}")
+    if false_alarms_per_cm2 > MAX_FALSE_ALARMS_PER_CM2:
+        raise UserError(f"--false-alarms-per-cm2: {false_alarms_per_cm2:g} is more than one per "
+                        f"100 x 100 µm (must be at most {MAX_FALSE_ALARMS_PER_CM2:g})")
     variants = {"auto": "auto", "on": True, "off": False}.get(camera_variants)
     if variants is None:
         raise UserError("--camera-variants: auto, on or off")

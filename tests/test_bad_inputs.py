@@ -103,6 +103,9 @@ def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
     # NaN flags nothing and says nothing; a negative threshold flags everything
     ("threshold", float("nan"), "threshold"),
     ("threshold", -1.0, "threshold"),
+    # an edited card's number in quotes, or a boolean, is not read as a number
+    ("threshold", "1.2", "threshold"),
+    ("thresholds_by_sample_kind", {"wafer": True}, "thresholds_by_sample_kind.wafer"),
     ("kind", "banana", "kind"),
     # a card format this waferscope does not know (a newer one's): refused, not guessed at
     ("version", 999, "version"),
