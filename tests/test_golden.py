@@ -211,3 +211,33 @@ def test_a_golden_image_not_found_in_the_scan_is_said(caplog) -> None:
         stats, *_ = golden_evidence(model, [other], MosaicGrid((0.0, 0.0), 1.0, other.shape),
                                     None, 1.0)
     assert stats["placed"] is False and "golden image was not found" in caplog.text
+
+
+def test_a_black_defect_on_an_image_file_is_compared_with_the_golden_image(tmp_path: Path
+                                                                           ) -> None:
+    """0 in a mosaic means "no tile landed here"; in an image file it is surface. A black
+    square (exact zeros, as a clipped camera gives) on a photograph was left out of the golden
+    comparison, and the memory bank alone scored it under the threshold."""
+    import csv
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    runner = CliRunner()
+    photo = data.camera()[:256, :256]
+    noisy = np.clip(photo + np.random.default_rng(0).normal(0, 2.5, photo.shape), 0, 255)
+    Image.fromarray(noisy.astype(np.uint8)).save(tmp_path / "good.png")
+    res = runner.invoke(app, ["train", "--good", str(tmp_path / "good.png"),
+                              "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    bad = photo.copy()
+    bad[150:170, 200:220] = 0  # on the mid-grey wall, 36 px from the border
+    Image.fromarray(bad).save(tmp_path / "bad.png")
+    res = runner.invoke(app, ["inspect", str(tmp_path / "bad.png"), "--model",
+                              str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "out" / "defects.csv").open()))
+    assert any(abs(float(r["x_um"]) - 209.5) < 12 and abs(float(r["y_um"]) - 159.5) < 12
+               for r in rows), rows

@@ -86,6 +86,14 @@ def image_score(anomaly: np.ndarray) -> float:
     return float(ndimage.gaussian_filter(np.asarray(anomaly, np.float32), 1.0).max())
 
 
+def covered(img: np.ndarray) -> np.ndarray:
+    """An image file's pixels as a mosaic's: every pixel of a file is surface, while 0 in a
+    mosaic means "no tile landed here" and is never compared, so a file's black pixels are
+    raised to the least positive value, as fusion raises a scan's (a black 20 x 20 px square
+    on a photograph was left out of the golden comparison and not found)."""
+    return np.where(img == 0, np.float32(np.finfo(np.float32).tiny), img).astype(np.float32)
+
+
 def inspect_images(
     targets: Sequence[Path],
     out_dir: Path,
@@ -137,8 +145,8 @@ def inspect_images(
         if uses_golden(model, sample_kind):  # a design that does not repeat: its good image
             geometry = MosaicGrid((0.0, 0.0), float(pixel_size_um or model.pixel_size_um),
                                   tuple(img.shape))
-            stats, difference, compared, repeated = golden_evidence(model, [img], geometry,
-                                                                    maps, thr)
+            stats, difference, compared, repeated = golden_evidence(
+                model, [covered(img)], geometry, maps, thr)
             compared_with_golden += bool(stats["placed"])
             dies = None if compared is None else (compared, repeated)
         defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
