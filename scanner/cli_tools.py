@@ -179,7 +179,37 @@ def _golden_for_model(images: Sequence[GoodImage], d2d: dict[str, Any] | None,
     if golden is not None:
         return golden_pixels(golden.image, golden.usable), golden_record(
             golden.image, golden.source, bool(golden.meta.get("acquired", False)))
+    stacked = _stacked_golden_of(images, pixel_um)
+    if stacked is not None:
+        return stacked
     return _inherited_golden(init, pixel_um) if init is not None else (None, None)
+
+
+def _stacked_golden_of(images: Sequence[GoodImage], pixel_um: float
+                       ) -> tuple[Any, dict[str, Any]] | None:
+    """The golden image (pixels, card record) of a few good image files of one part: their
+    registered median (:mod:`scanner.inspection.goldenstack`); None when they are no such
+    files, or do not show one part alike. A part whose dies repeat keeps one too: image
+    files are not compared die to die (scans are, before any golden image). From as many
+    images as a model per position needs (``models.build.POSITION_MIN_IMAGES``), that model
+    judges."""
+    from models.build import POSITION_MIN_IMAGES
+    from scanner.inspection.golden import GOLDEN_KINDS, golden_pixels, golden_record
+    from scanner.inspection.goldenstack import stacked_golden
+
+    if not 2 <= len(images) < POSITION_MIN_IMAGES or any(
+            im.kind != "user" or im.meta.get("acquired", False) or im.usable is not None
+            or im.meta.get("sample_kind") not in GOLDEN_KINDS for im in images):
+        return None
+    if len({im.image.shape for im in images}) != 1:
+        return None
+    found = stacked_golden([im.image for im in images])
+    if found is None:
+        return None
+    median, z_threshold = found
+    record = golden_record(median, f"median of {len(images)} good images "
+                           f"({images[0].source}, ...)", False, z_threshold)
+    return golden_pixels(median, None), {**record, "images": len(images)}
 
 
 def _golden_of(images: Sequence[GoodImage], d2d: dict[str, Any] | None, pixel_um: float
@@ -295,7 +325,12 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
             out.print("  die-to-die off: the repeat found in the good scan is no layout (its "
                       "'dies' differ beyond any threshold)")
     golden = card.get("golden")
-    if golden:
+    if golden and golden.get("images"):
+        out.print(f"  golden     {golden['source']} ({golden['shape'][1]} x {golden['shape'][0]} "
+                  f"px): the good images show one part alike, so images and scans of it are "
+                  f"compared with their registered median (z threshold "
+                  f"{golden['z_threshold']:g}, set on the good images)")
+    elif golden:
         out.print(f"  golden     {golden['source']} ({golden['shape'][1]} x {golden['shape'][0]} "
                   f"px): no repeat of dies that can be compared was found (none, or finer "
                   f"than die-to-die compares), so scans of it are compared with this image "

@@ -241,3 +241,64 @@ def test_a_black_defect_on_an_image_file_is_compared_with_the_golden_image(tmp_p
     rows = list(csv.DictReader((tmp_path / "out" / "defects.csv").open()))
     assert any(abs(float(r["x_um"]) - 209.5) < 12 and abs(float(r["y_um"]) - 159.5) < 12
                for r in rows), rows
+
+
+def _shots(photo: np.ndarray, n: int, seed: int) -> list[np.ndarray]:
+    """``n`` good pictures of one part: moved by up to 2 px, 5 % gain, 1 % noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        shift = (0.0, 0.0) if i == 0 else tuple(rng.uniform(-2, 2, 2))
+        moved = ndimage.shift(photo, shift, order=1, mode="nearest")
+        out.append(moved * rng.uniform(0.95, 1.05) + rng.normal(0, 0.01, photo.shape))
+    return [a.astype(np.float32) for a in out]
+
+
+def test_several_good_images_of_one_part_give_a_golden_image_and_a_texture_none() -> None:
+    from scanner.inspection.goldenstack import stacked_golden
+
+    photo = _golden()[:300, :300]
+    found = stacked_golden(_shots(photo, 4, 0))
+    assert found is not None
+    median, z_threshold = found
+    assert median.shape == photo.shape and Z_THRESHOLD <= z_threshold <= 13.0
+    assert np.median(np.abs(median - photo)) < 0.01  # registered onto the first: no blur
+    # crops of a texture show no one part: none is kept, the bank judges
+    grass = data.grass().astype(np.float32) / 128.0
+    assert stacked_golden([grass[r:r + 256, c:c + 256]
+                           for r, c in ((0, 0), (100, 150), (200, 50))]) is None
+    assert stacked_golden(_shots(photo, 1, 0)) is None
+
+
+def test_a_defect_on_an_image_file_is_found_against_a_few_good_images(tmp_path: Path) -> None:
+    """Four good pictures of a part: before their registered median was kept as the golden
+    image, the memory bank alone judged and a dark square on the grey wall (-60 %) scored
+    under its threshold."""
+    import csv
+    import json
+
+    import tifffile
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    runner = CliRunner()
+    photo = (data.camera()[:256, :256].astype(np.float32) + 10.0) / 255.0
+    good = tmp_path / "good"
+    good.mkdir()
+    for i, shot in enumerate(_shots(photo, 4, 1)):
+        tifffile.imwrite(good / f"g{i}.tif", np.clip(shot * 40000, 0, 65535).astype(np.uint16))
+    res = runner.invoke(app, ["train", "--good", str(good), "--out", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["golden"]["images"] == 4, card.get("golden")
+    fresh, bad = _shots(photo, 3, 7)[1:]
+    bad[150:166, 200:216] *= 0.4
+    for name, img in (("fresh.tif", fresh), ("bad.tif", bad)):
+        tifffile.imwrite(tmp_path / name, np.clip(img * 40000, 0, 65535).astype(np.uint16))
+    res = runner.invoke(app, ["inspect", str(tmp_path / "fresh.tif"), str(tmp_path / "bad.tif"),
+                              "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "out" / "defects.csv").open()))
+    assert [r["image"] for r in rows] == ["bad.tif"], rows
+    assert abs(float(rows[0]["x_um"]) - 207.5) < 12 and abs(float(rows[0]["y_um"]) - 157.5) < 12

@@ -120,12 +120,13 @@ def golden_pixels(image: np.ndarray, usable: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def golden_record(image: np.ndarray, source: str, acquired: bool) -> dict[str, Any]:
+def golden_record(image: np.ndarray, source: str, acquired: bool,
+                  z_threshold: float = Z_THRESHOLD) -> dict[str, Any]:
     """The card's record of a golden image (the pixels go in the weights file): where it
     came from (a scan, ``acquired``, or a file), its shape and the z threshold it is
     compared at (a model keeps the one it was built with)."""
     return {"source": source, "shape": [int(n) for n in image.shape], "acquired": acquired,
-            "z_threshold": Z_THRESHOLD}
+            "z_threshold": round(float(z_threshold), 3)}
 
 
 @dataclass
