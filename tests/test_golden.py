@@ -302,3 +302,25 @@ def test_a_defect_on_an_image_file_is_found_against_a_few_good_images(tmp_path: 
     rows = list(csv.DictReader((tmp_path / "out" / "defects.csv").open()))
     assert [r["image"] for r in rows] == ["bad.tif"], rows
     assert abs(float(rows[0]["x_um"]) - 207.5) < 12 and abs(float(rows[0]["y_um"]) - 157.5) < 12
+
+
+def test_a_stack_whose_median_inspection_would_place_a_period_off_keeps_none(monkeypatch
+                                                                             ) -> None:
+    """On a design that repeats within the picture (a mirrored brick texture, period 1024 px
+    of 2048), the golden placement found the others' median one period off: compared there,
+    good copies reached z 16-18. Such a median is not kept."""
+    from dataclasses import replace
+
+    from scanner.inspection import goldenstack
+
+    photo = _golden()[:300, :300]
+    shots = _shots(photo, 3, 0)
+    assert goldenstack.stacked_golden(shots) is not None
+    real = goldenstack.place_golden
+
+    def a_period_off(*args, **kwargs):
+        placed = real(*args, **kwargs)
+        return placed if placed is None else replace(placed, shift=(0.0, 150.0))
+
+    monkeypatch.setattr(goldenstack, "place_golden", a_period_off)
+    assert goldenstack.stacked_golden(shots) is None

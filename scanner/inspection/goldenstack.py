@@ -8,14 +8,15 @@ it looks like what is normal elsewhere: a black 20 x 20 px square on the grey wa
 photograph scored 0.91-0.94 against a threshold of 1.23 with four good copies, while the
 golden comparison of one copy found it.
 
-So the images are registered onto the first (:func:`scanner.inspection.golden.place_golden`:
-shift only) and their pixel-wise median is the golden image, which the camera noise of each
-copy leaves. Its z threshold is set on the images themselves, as die-to-die's is on a good
-scan: each image is compared with the median of the others, and the threshold is
-``GOOD_Z_MARGIN`` times the largest z any reaches, at least the golden's default. Images that
-do not show one part alike (random crops of a texture, cells whose grains differ) either do
-not register or differ beyond die-to-die's default threshold: then none is kept, and the bank
-judges as before.
+So the images are registered onto the first (shift only, within a tenth of their side) and
+their pixel-wise median is the golden image, which the camera noise of each copy leaves. Its z
+threshold is set on the images themselves, as die-to-die's is on a good scan: each image is
+compared with the median of the others, and the threshold is ``GOOD_Z_MARGIN`` times the
+largest z any reaches, at least the golden's default. Images that do not show one part alike
+(random crops of a texture, cells whose grains differ) do not register or differ beyond
+die-to-die's default threshold, and a design that repeats so that inspection's placement finds
+the median a period off (a mirrored texture) would be compared where it is not: none is kept
+then, and the bank judges as before.
 
 A part whose dies repeat keeps one too: image files are not compared die to die (a scan of
 one is, before any golden image). On four good copies (shifted by up to 2 px, 5 % gain, 1 %
@@ -39,10 +40,14 @@ from scanner.inspection.dietodie import (
     calibrated_z_threshold,
 )
 from scanner.inspection.dietodie_maps import pair_opening
+from scanner.inspection.dietodie_maths import block_shift
 from scanner.inspection.golden import Z_THRESHOLD, place_golden
 
 #: most images registered and stacked (the rest add little to a median and cost time)
 MAX_IMAGES = 16
+#: largest shift between two good images of the part (share of the shorter side): pictures of
+#: one part framed alike
+MAX_SHIFT_SHARE = 0.1
 
 
 def stacked_golden(images: Sequence[np.ndarray]) -> tuple[np.ndarray, float] | None:
@@ -76,27 +81,31 @@ def stacked_golden(images: Sequence[np.ndarray]) -> tuple[np.ndarray, float] | N
 
 
 def _registered(images: list[np.ndarray]) -> np.ndarray | None:
-    """The images moved onto the first's grid ``(N, H, W)`` (bilinear); None when one does
-    not register on it, or shows it turned (a turned copy would blur the median)."""
+    """The images moved onto the first's grid ``(N, H, W)`` (cubic spline); None when one
+    does not register on it within :data:`MAX_SHIFT_SHARE` of its side.
+
+    Phase correlation of the whole images, Hann-windowed (:func:`scanner.inspection.
+    dietodie_maths.block_shift`), not the golden placement's global search: a design that
+    repeats matches itself a period off as well (a mirrored brick texture: 1024 px)."""
     first = images[0]
-    grid = MosaicGrid((0.0, 0.0), 1.0, first.shape)
+    limit = MAX_SHIFT_SHARE * min(first.shape)
     out = [first]
     for img in images[1:]:
-        placed = place_golden(first, 1.0, [img], grid)
-        if placed is None or placed.turn_deg:
+        shift = block_shift(first, img, limit)
+        if shift is None:
             return None
-        # the first image's pixel r lies at r + shift of this one
-        out.append(ndimage.shift(img, [-v for v in placed.shift], order=1, mode="nearest"))
+        out.append(ndimage.shift(img, shift, order=3, mode="nearest"))
     return np.stack(out).astype(np.float32)
 
 
 def _largest_z(test: np.ndarray, reference: np.ndarray) -> float:
     """The largest z of ``test`` compared with ``reference`` as inspection compares an image
     with its golden image, after the pair opening inspection's maps get (a lone pixel of
-    noise is no defect)."""
+    noise is no defect); infinite when inspection's placement would not find the reference
+    where it is (within a pixel, unturned), as on a design that repeats."""
     grid = MosaicGrid((0.0, 0.0), 1.0, test.shape)
     placed = place_golden(reference, 1.0, [test], grid)
-    if placed is None:
+    if placed is None or placed.turn_deg or max(abs(v) for v in placed.shift) > 1.0:
         return float("inf")
     _, z, _ = placed.compare(test, 0, 0, *test.shape)
     return float(pair_opening(z).max()) if z.size else 0.0
