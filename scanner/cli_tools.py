@@ -172,17 +172,20 @@ def _golden_for_model(images: Sequence[GoodImage], d2d: dict[str, Any] | None,
                       pixel_um: float, init: Path | None
                       ) -> tuple[Any, dict[str, Any] | None]:
     """The golden image a model keeps and its card record (``(None, None)``: none): the good
-    image of :func:`_golden_of`, else the golden image of the model it extends."""
+    image of :func:`_golden_of`, else the golden image of the model it extends, else the
+    median of a few good image files (:func:`_stacked_golden_of`)."""
     from scanner.inspection.golden import golden_pixels, golden_record
 
     golden = _golden_of(images, d2d, pixel_um)
     if golden is not None:
         return golden_pixels(golden.image, golden.usable), golden_record(
             golden.image, golden.source, bool(golden.meta.get("acquired", False)))
+    if init is not None:
+        inherited = _inherited_golden(init, pixel_um)
+        if inherited[0] is not None:  # an extended model keeps the golden image it had
+            return inherited
     stacked = _stacked_golden_of(images, pixel_um)
-    if stacked is not None:
-        return stacked
-    return _inherited_golden(init, pixel_um) if init is not None else (None, None)
+    return stacked if stacked is not None else (None, None)
 
 
 def _stacked_golden_of(images: Sequence[GoodImage], pixel_um: float
