@@ -268,6 +268,14 @@ def test_several_good_images_of_one_part_give_a_golden_image_and_a_texture_none(
     assert stacked_golden([grass[r:r + 256, c:c + 256]
                            for r, c in ((0, 0), (100, 150), (200, 50))]) is None
     assert stacked_golden(_shots(photo, 1, 0)) is None
+    # a part placed by hand, turned by 0.4 deg: registered with its turn, no blur either
+    turned = [ndimage.rotate(a / np.median(a), 0.4 * (i % 2), reshape=False, order=3,
+                             mode="nearest")
+              for i, a in enumerate(_shots(_golden()[:400, :400], 3, 2))]
+    found = stacked_golden(turned)
+    assert found is not None
+    inner = (slice(20, -20), slice(20, -20))
+    assert np.median(np.abs(found[0] - turned[0])[inner]) < 0.01
 
 
 def test_a_defect_on_an_image_file_is_found_against_a_few_good_images(tmp_path: Path) -> None:

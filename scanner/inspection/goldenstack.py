@@ -8,7 +8,7 @@ it looks like what is normal elsewhere: a black 20 x 20 px square on the grey wa
 photograph scored 0.91-0.94 against a threshold of 1.23 with four good copies, while the
 golden comparison of one copy found it.
 
-So the images are registered onto the first (shift only, within a tenth of their side) and
+So the images are registered onto the first (a shift within a tenth of their side, and a turn) and
 their pixel-wise median is the golden image, which the camera noise of each copy leaves. Its z
 threshold is set on the images themselves, as die-to-die's is on a good scan: each image is
 compared with the median of the others, and the threshold is ``GOOD_Z_MARGIN`` times the
@@ -28,6 +28,7 @@ with no defect on three more good copies (``docs/model.md``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,7 +42,7 @@ from scanner.inspection.dietodie import (
 )
 from scanner.inspection.dietodie_maps import pair_opening
 from scanner.inspection.dietodie_maths import block_shift
-from scanner.inspection.golden import Z_THRESHOLD, place_golden
+from scanner.inspection.golden import Z_THRESHOLD, _rotation, place_golden
 
 #: most images registered and stacked (the rest add little to a median and cost time: eight
 #: of 4 Mpx took 35 s and 0.74 GB on the 2-core machine)
@@ -49,6 +50,9 @@ MAX_IMAGES = 8
 #: largest shift between two good images of the part (share of the shorter side): pictures of
 #: one part framed alike
 MAX_SHIFT_SHARE = 0.1
+#: the placement's turn is taken when its shift at the images' centre is within this (px) of
+#: the correlation's
+TURN_AGREEMENT_PX = 2.0
 
 
 def stacked_golden(images: Sequence[np.ndarray]) -> tuple[np.ndarray, float] | None:
@@ -85,17 +89,35 @@ def _registered(images: list[np.ndarray]) -> np.ndarray | None:
     """The images moved onto the first's grid ``(N, H, W)`` (cubic spline); None when one
     does not register on it within :data:`MAX_SHIFT_SHARE` of its side.
 
-    Phase correlation of the whole images, Hann-windowed (:func:`scanner.inspection.
-    dietodie_maths.block_shift`), not the golden placement's global search: a design that
-    repeats matches itself a period off as well (a mirrored brick texture: 1024 px)."""
+    The shift is the phase correlation of the whole images, Hann-windowed (:func:`scanner.
+    inspection.dietodie_maths.block_shift`), not the golden placement's global search: a
+    design that repeats matches itself a period off as well (a mirrored brick texture:
+    1024 px). A turn (a part placed by hand) is the placement's, taken when its shift agrees
+    with that one."""
     first = images[0]
     limit = MAX_SHIFT_SHARE * min(first.shape)
+    grid = MosaicGrid((0.0, 0.0), 1.0, first.shape)
+    rows, cols = np.mgrid[: first.shape[0], : first.shape[1]].astype(np.float64)
     out = [first]
     for img in images[1:]:
         shift = block_shift(first, img, limit)
         if shift is None:
             return None
-        out.append(ndimage.shift(img, shift, order=3, mode="nearest"))
+        placed = place_golden(first, 1.0, [img], grid)
+        turned = placed is not None and placed.turn_deg != 0.0
+        if turned:
+            # the image's pixel p + R g shows the first's pixel g; at the centre that is a
+            # shift, which must be the correlation's (else the placement is a period off)
+            rot = _rotation(math.radians(placed.turn_deg))
+            centre = (np.asarray(first.shape, dtype=np.float64) - 1) / 2
+            moved = np.asarray(placed.shift) + rot @ centre - centre
+            turned = float(np.max(np.abs(moved + shift))) <= TURN_AGREEMENT_PX
+        if turned:
+            coords = np.einsum("ij,jhw->ihw", rot, np.stack([rows, cols]))
+            coords += np.asarray(placed.shift)[:, None, None]
+            out.append(ndimage.map_coordinates(img, coords, order=3, mode="nearest"))
+        else:
+            out.append(ndimage.shift(img, shift, order=3, mode="nearest"))
     return np.stack(out).astype(np.float32)
 
 
