@@ -204,8 +204,6 @@ def _stacked_golden_of(images: Sequence[GoodImage], pixel_um: float
             im.kind != "user" or im.meta.get("acquired", False) or im.usable is not None
             or im.meta.get("sample_kind") not in GOLDEN_KINDS for im in images):
         return None
-    if len({im.image.shape for im in images}) != 1:
-        return None
     found = stacked_golden([im.image for im in images])
     if found is None:
         return None

@@ -68,11 +68,11 @@ def stacked_golden(images: Sequence[np.ndarray]) -> tuple[np.ndarray, float] | N
     (ndarray, float) or None
         The median of the images registered onto the first, and the z-score that counts as a
         defect against it; None when they do not show one part alike (see the module
-        docstring), or are fewer than two.
+        docstring), are fewer than two, or not all of one shape.
     """
-    images = [np.asarray(a, dtype=np.float32) for a in images[:MAX_IMAGES]]
-    if len(images) < 2 or len({a.shape for a in images}) != 1:
+    if len(images) < 2 or len({np.shape(a) for a in images}) != 1:
         return None
+    images = [np.asarray(a, dtype=np.float32) for a in images[:MAX_IMAGES]]
     aligned = _registered(images)
     if aligned is None:
         return None
@@ -97,7 +97,6 @@ def _registered(images: list[np.ndarray]) -> np.ndarray | None:
     first = images[0]
     limit = MAX_SHIFT_SHARE * min(first.shape)
     grid = MosaicGrid((0.0, 0.0), 1.0, first.shape)
-    rows, cols = np.mgrid[: first.shape[0], : first.shape[1]].astype(np.float64)
     out = [first]
     for img in images[1:]:
         shift = block_shift(first, img, limit)
@@ -113,7 +112,7 @@ def _registered(images: list[np.ndarray]) -> np.ndarray | None:
             moved = np.asarray(placed.shift) + rot @ centre - centre
             turned = float(np.max(np.abs(moved + shift))) <= TURN_AGREEMENT_PX
         if turned:
-            coords = np.einsum("ij,jhw->ihw", rot, np.stack([rows, cols]))
+            coords = np.einsum("ij,jhw->ihw", rot, np.indices(first.shape, dtype=np.float64))
             coords += np.asarray(placed.shift)[:, None, None]
             out.append(ndimage.map_coordinates(img, coords, order=3, mode="nearest"))
         else:
