@@ -40,14 +40,18 @@ class PixelBand(BaseModel):
 
 
 class DieToDieCalibration(BaseModel):
-    """The die-to-die comparison calibrated on good scans of a patterned product."""
+    """The die-to-die comparison calibrated on good scans of a patterned product, or what
+    good image files of it showed (whether their dies repeat; no z threshold: a file's dies
+    agree far better than a scan's)."""
 
     model_config = ConfigDict(extra="allow")
 
     good_max_z: float = Field(ge=0, description="largest z-score the good scans' dies reach")
     dies: int = Field(ge=0, description="dies compared on the good scans")
     scans: int | None = Field(None, ge=0)
-    z_threshold: Threshold = Field(description="z-score that counts as a defect")
+    z_threshold: Threshold | None = Field(
+        None, description="z-score that counts as a defect (none: inspection's default)")
+    source: str | None = Field(None, description="the good image file judged (not scans)")
     texture_good_max_z: float | None = Field(
         None, ge=0, description="largest texture z-score (fine-detail energy) they reach")
     texture_z_threshold: Threshold | None = Field(
@@ -108,7 +112,7 @@ class ModelCard(BaseModel):
                           "then leaves a band along the edge out)")
     die_to_die: DieToDieCalibration | None = Field(
         None, description="die-to-die z threshold set on the good scans (inspection's "
-                          "default without it)")
+                          "default without it), or whether good image files' dies repeat")
 
     def pixel_band(self, sample_kind: str | None, pixel_size_um: float | None
                    ) -> PixelBand | None:

@@ -115,10 +115,13 @@ def train(
         extra: dict[str, Any] = {"good": [str(p) for p in paths],
                                  "good_scans": _scan_identities(paths),
                                  "pixel_size_assumed": assumed}
-        d2d = _good_die_to_die(paths, init)
+        files_d2d = _files_die_to_die(images, pixel)
+        d2d = _good_die_to_die(paths, init) or files_d2d
         if d2d is not None:
             extra["die_to_die"] = d2d
-        golden, record = _golden_for_model(images, d2d, pixel, init)
+        # a file is judged by its own dies, not by the scans of a model it extends
+        files = bool(images) and not images[0].meta.get("acquired", False)
+        golden, record = _golden_for_model(images, files_d2d if files else d2d, pixel, init)
         if record is not None:
             extra["golden"] = record
         report = build_detector(images, target, pixel_size_um=pixel,
@@ -168,6 +171,31 @@ def _good_die_to_die(paths: list[Path], init: Path | None) -> dict[str, Any] | N
     return None
 
 
+def _files_die_to_die(images: Sequence[GoodImage], pixel_um: float
+                      ) -> dict[str, Any] | None:
+    """Whether good image files (fewer than a model per position takes) show a repeat whose
+    dies compare alike, judged on the first as a scan would show it (:func:`scanner.
+    inspection.goodimages.good_image_die_to_die`): the card's ``die_to_die`` record, without
+    z thresholds (the file's dies agree far better than a scan's: see
+    :func:`_good_die_to_die`), so that inspection leaves a repeat found in a product that
+    has none (``found_grid_repeats`` false); None when no repeat is found, or they are no
+    such files."""
+    from models.build import POSITION_MIN_IMAGES
+    from scanner.inspection.golden import GOLDEN_KINDS
+    from scanner.inspection.goodimages import good_image_die_to_die
+
+    if not 1 <= len(images) < POSITION_MIN_IMAGES or any(
+            im.kind != "user" or im.meta.get("acquired", False)
+            or im.meta.get("sample_kind") not in GOLDEN_KINDS for im in images):
+        return None
+    found = good_image_die_to_die(images[0].image, pixel_um)
+    if found is None:
+        return None
+    return {"source": f"good image file {images[0].source}",
+            **{k: found[k] for k in ("good_max_z", "texture_good_max_z", "dies",
+                                     "found_grid_repeats")}}
+
+
 def _golden_for_model(images: Sequence[GoodImage], d2d: dict[str, Any] | None,
                       pixel_um: float, init: Path | None
                       ) -> tuple[Any, dict[str, Any] | None]:
@@ -192,8 +220,8 @@ def _stacked_golden_of(images: Sequence[GoodImage], pixel_um: float
                        ) -> tuple[Any, dict[str, Any]] | None:
     """The golden image (pixels, card record) of a few good image files of one part: their
     registered median (:mod:`scanner.inspection.goldenstack`); None when they are no such
-    files, or do not show one part alike. A part whose dies repeat keeps one too: image
-    files are not compared die to die (scans are, before any golden image). From as many
+    files, or do not show one part alike. A part whose dies repeat keeps one too, for what
+    holds no whole die to compare (a grating's lines): die to die comes first. From as many
     images as a model per position needs (``models.build.POSITION_MIN_IMAGES``), that model
     judges."""
     from models.build import POSITION_MIN_IMAGES
@@ -223,13 +251,10 @@ def _golden_of(images: Sequence[GoodImage], d2d: dict[str, Any] | None, pixel_um
     PV cell or a coupon: no two of those show the same grains, haze or texture, which a
     golden comparison would flag everywhere."""
     from scanner.inspection.golden import GOLDEN_KINDS
-    from scanner.inspection.goodimages import good_image_die_to_die
 
     if len(images) != 1 or images[0].kind != "user" or \
             images[0].meta.get("sample_kind") not in GOLDEN_KINDS:
         return None
-    if not images[0].meta.get("acquired", False):
-        d2d = good_image_die_to_die(images[0].image, pixel_um)
     if d2d is not None and d2d.get("found_grid_repeats", True) is not False:
         return None
     return images[0]
@@ -312,7 +337,13 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
               f"alarm/cm² on {cal['area_cm2']:.3g} cm² of held-out good surface, "
               f"{cal['held_out']})")
     d2d = card.get("die_to_die")
-    if d2d:
+    if d2d and "z_threshold" not in d2d:  # good image files: whether their dies repeat
+        verdict = ("its dies are compared with one another in images and scans of it"
+                   if d2d.get("found_grid_repeats") else "die-to-die off: its 'dies' differ "
+                   "beyond any threshold, the repeat found is no layout")
+        out.print(f"  die grid   found in {d2d['source']} ({d2d['dies']} dies, z up to "
+                  f"{d2d['good_max_z']:g}): {verdict}")
+    elif d2d:
         texture = (f"; texture {d2d['texture_z_threshold']:g} (reach "
                    f"{d2d['texture_good_max_z']:g})" if "texture_z_threshold" in d2d else "")
         if d2d.get("mode") == "cell to cell":

@@ -250,9 +250,10 @@ def test_cli_trains_on_a_good_image_and_scores_images(tmp_path: Path) -> None:
     assert "taken as 1 µm/px" in result.stderr  # files carry no pixel size: it says so
     assert (tmp_path / "coupon_v1.2.safetensors").is_file()
     card = json.loads((tmp_path / "coupon_v1.2.json").read_text())
-    # a die grid: compared die-to-die, no golden image kept (nor a die-to-die calibration
-    # from the file: a scan's dies agree less than a file's)
-    assert "golden" not in card and "die_to_die" not in card
+    # a die grid: compared die-to-die, no golden image kept; the card says its dies repeat
+    # but sets no z threshold from the file (a scan's dies agree less than a file's)
+    assert "golden" not in card and card["die_to_die"]["found_grid_repeats"] is True
+    assert card["die_to_die"]["dies"] >= 3 and "z_threshold" not in card["die_to_die"]
     assert card["pixel_size_assumed"] is True
     result = runner.invoke(app, ["inspect", str(test), "--model", str(tmp_path / "coupon_v1.2"),
                                  "--out", str(tmp_path / "o")])

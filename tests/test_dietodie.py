@@ -579,6 +579,7 @@ def test_a_found_grid_whose_good_dies_differ_far_beyond_any_threshold_is_left(mo
     monkeypatch.setattr(ins, "_usable_polygon", lambda sample, alignment=None: object())
     monkeypatch.setattr(ins, "_compared_image",
                         lambda *a: (None, None, None, None, 0))
+    monkeypatch.setattr(ins, "_mosaic_grid", lambda mosaic: None)
 
     def grid(source):
         return lambda *a: ([None], object(), source)
@@ -813,11 +814,9 @@ def test_room_is_made_again_when_the_parts_surround_leaves_too_few_dies(monkeypa
     margin = _margin(DieToDie())
     assert len(full_dies(grid, scanned, geometry, margin_px=margin)) == 3  # one in the surround
     assert len(full_dies(grid, part, geometry, margin_px=margin)) == 2
-    monkeypatch.setattr(ins, "_mosaic_grid", lambda mosaic: geometry)
     monkeypatch.setattr(alike, "on_part", lambda level0, mosaic, grid, polygon, pyramid=None:
                         part)
-    image, padded, _, area, pad = ins._compared_image(Path("mosaic.ome.zarr"), [img], grid,
-                                                      scanned, "image")
+    image, padded, _, area, pad = ins._compared_image(geometry, [img], grid, scanned, "image")
     assert pad > 0 and image.shape == (img.shape[0] + 2 * pad, img.shape[1] + 2 * pad)
     assert len(full_dies(grid, area, padded, margin_px=margin)) == 6
 

@@ -144,6 +144,39 @@ def test_a_design_that_does_not_repeat_is_compared_with_its_golden_image(tmp_pat
         "bad.tif"], painted)
 
 
+def test_image_files_of_a_die_grid_are_compared_die_to_die(tmp_path: Path) -> None:
+    """One good image file of a product whose dies repeat, and image files to inspect (no
+    scan): each file's dies are compared with one another, as a scan's are. Judged by the
+    memory bank alone, none of these faint defects was found."""
+    rng = np.random.default_rng(0)
+    good = _product()
+
+    def shot(img: np.ndarray) -> np.ndarray:  # a camera's noise, 16 bits
+        return np.clip(img + rng.normal(0, 300, img.shape), 0, 65535).astype(np.uint16)
+
+    bad = good.copy()
+    # a faint stain on a coin, a dim spot, a small bright particle on a street
+    painted = {"stain": (620, 360, 20, 20, 0.8), "dim spot": (830, 830, 10, 10, 0.7),
+               "particle": (290, 500, 6, 6, 1.5)}
+    for r, c, h, w, factor in painted.values():
+        bad[r : r + h, c : c + w] *= factor
+    for name, img in (("good.tif", good), ("good2.tif", good), ("bad.tif", bad)):
+        tifffile.imwrite(tmp_path / name, shot(img))
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--good", str(tmp_path / "good.tif"), "--out",
+                              str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert "golden" not in card and card["die_to_die"]["found_grid_repeats"] is True
+    res = runner.invoke(app, ["inspect", str(tmp_path / "bad.tif"), str(tmp_path / "good2.tif"),
+                              "--model", str(tmp_path / "m"), "--out", str(tmp_path / "files")])
+    assert res.exit_code == 0, res.output
+    files = json.loads((tmp_path / "files" / "defects.json").read_text())
+    assert files["header"]["die_to_die"]["images_compared"] == 2
+    assert files["images"]["good2.tif"] == []
+    _assert_found(files["images"]["bad.tif"], painted)
+
+
 def _assert_found(defects: list[dict], painted: dict[str, tuple]) -> None:
     """Each painted defect ``(row, col, height, width, ...)`` in px (1 um/px from 0, 0) lies in
     a reported box, and at most one more defect was reported."""

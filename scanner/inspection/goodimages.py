@@ -136,26 +136,20 @@ def good_image_die_to_die(image: np.ndarray, pixel_um: float, seed: int = 0
     """
 
     from models.variants import camera_variants
-    from scanner.diegrid import estimate_grid
     from scanner.inspection.dietodie import DieToDie, MosaicGrid, largest_z
     from scanner.inspection.dietodie_alike import on_part
     from scanner.inspection.inspect import (
         _arbitrated,
-        _search_level,
         _with_room,
         die_to_die_record,
+        image_grid,
+        image_levels,
     )
-    from scanner.ngff import _downsample2
 
     seen = camera_variants(np.asarray(image, dtype=np.float32), np.random.default_rng(seed),
                            1, gain_std=0.0)[0]
-    levels = [seen]
-    while max(levels[-1].shape) > 1 and len(levels) < 12:
-        levels.append(_downsample2(levels[-1]))
-    k = _search_level(levels)
-    # pixel (0, 0) of level 0 centred on the stage origin; level k's on its 2**k block
-    centre = (2**k - 1) / 2 * pixel_um
-    grid = estimate_grid(levels[k], pixel_um * 2**k, (centre, centre))
+    levels = image_levels(seen)
+    grid = image_grid(levels, pixel_um)
     if grid is None:
         return None
     geometry = MosaicGrid((0.0, 0.0), pixel_um, tuple(seen.shape))

@@ -34,7 +34,7 @@ from scanner.inspection.card import (
     threshold_record,
 )
 from scanner.inspection.dietodie_geometry import MosaicGrid
-from scanner.inspection.golden import golden_evidence, uses_golden
+from scanner.inspection.golden import GOLDEN, golden_evidence, uses_golden
 from scanner.inspection.maps import infer_image
 from scanner.scanfolder import now_iso, write_json
 
@@ -135,20 +135,16 @@ def inspect_images(
     rows, all_defects, per_image = [], [], {}
     network_s = 0.0
     n_px = 0
-    compared_with_golden = 0
+    compared_with: dict[str | None, int] = {}
     for k, (name, path) in enumerate(images):
         img = read_image(path)
         n_px += img.size
         maps = infer_image(model, img, pixel_size_um=pixel_size_um)
         network_s += maps.stats.network_s
-        difference, dies = None, None
-        if uses_golden(model, sample_kind):  # a design that does not repeat: its good image
-            geometry = MosaicGrid((0.0, 0.0), float(pixel_size_um or model.pixel_size_um),
-                                  tuple(img.shape))
-            stats, difference, compared, repeated = golden_evidence(
-                model, [covered(img)], geometry, maps, thr)
-            compared_with_golden += bool(stats["placed"])
-            dies = None if compared is None else (compared, repeated)
+        reference, difference, dies = _compared(model, img, float(pixel_size_um or
+                                                                  model.pixel_size_um),
+                                                maps, thr, sample_kind)
+        compared_with[reference] = compared_with.get(reference, 0) + 1
         defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
                                 difference=difference, dies=dies)
         score = image_score(maps.maps["anomaly"])
@@ -174,8 +170,9 @@ def inspect_images(
               **threshold_record(thr, thr_source, contexts),
               "score": "peak of the anomaly map smoothed with a Gaussian of sigma 1 map pixel",
               "pixel_size_um": float(pixel_size_um or model.pixel_size_um),
-              **({"golden": {"images_compared": compared_with_golden}}
+              **({"golden": {"images_compared": compared_with.get(GOLDEN, 0)}}
                  if uses_golden(model, sample_kind) else {}),
+              "die_to_die": {"images_compared": compared_with.get(DIE_TO_DIE, 0)},
               "timings": {"wall_s": round(wall, 3), "network_s": round(network_s, 3),
                           "megapixels": round(n_px / 1e6, 3)}}
     write_json(out_dir / "defects.json", {"header": header, "images": per_image})
@@ -184,6 +181,51 @@ def inspect_images(
         {"scores": out_dir / SCORES_CSV, "defects": out_dir / "defects.csv",
          "defects json": out_dir / "defects.json"},
         [d for _, d in all_defects], {r["image"]: r["score"] for r in rows})
+
+
+#: what the header counts an image compared die to die (or cell to cell) under
+DIE_TO_DIE = "die to die"
+
+
+def _compared(model: Any, img: np.ndarray, pixel_um: float, maps: Any, thr: float,
+              kind: str | None) -> tuple[str | None, Any, Any]:
+    """Compare an image file with a reference and raise its anomaly map where they differ, as
+    a scan is: its own dies where it repeats (the repeat found in the image: die to die, or
+    cell to cell for a repeat finer than a die), else the model's golden image. Returns the
+    reference compared with (None: none), the difference reader and the ``dies`` masks
+    :func:`scanner.inspection.card._defects_from` takes.
+
+    Not die to die: an image of the aligned part the model judges per position (its
+    positions are the reference), nor under a card whose good scan showed that the repeat
+    found in the product is none (``found_grid_repeats`` false). A die grid's file judged by
+    the bank alone found 0.77 of a camera die grid's painted defects, the same product
+    scanned and compared die to die 1.00.
+    """
+    from scanner.inspection.inspect import die_to_die_step, image_grid, image_levels
+
+    geometry = MosaicGrid((0.0, 0.0), pixel_um, tuple(img.shape))
+    seen = covered(img)
+    card = (getattr(model, "card", None) or {}).get("die_to_die") or {}
+    position = getattr(model, "position", None)
+    aligned_part = bool(position) and tuple(img.shape[:2]) == \
+        tuple(position[0].image_shape)
+    result: tuple[dict[str, Any], Any, Any, Any] = ({}, None, None, None)
+    reference = None
+    if img.ndim == 2 and not aligned_part and card.get("found_grid_repeats") is not False:
+        levels = image_levels(seen)
+        grid = image_grid(levels, pixel_um)
+        if grid is not None:
+            step = die_to_die_step(levels, geometry, grid, "found in the image",
+                                   geometry.outline(), kind or "image", thr,
+                                   card.get("z_threshold"), card.get("texture_z_threshold"))
+            result, reference = step(maps), DIE_TO_DIE
+    if result[2] is None:
+        reference = None
+        if uses_golden(model, kind):  # a design that does not repeat: its good image
+            result = golden_evidence(model, [seen], geometry, maps, thr)
+            reference = GOLDEN if result[0]["placed"] else None
+    _, difference, compared, repeated = result
+    return reference, difference, None if compared is None else (compared, repeated)
 
 
 #: images thinner than this (px) are scored mostly on their mirrored context: a good 8-10 px

@@ -102,7 +102,7 @@ def _die_grid(mosaic: Path, sample: Any, polygon: Any, alignment: dict[str, Any]
     return None if grid is None else (levels, grid, source)
 
 
-def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any,
+def _compared_image(mosaic_geometry: Any, levels: list[Any], grid: Any, polygon: Any,
                     kind: str | None) -> tuple[Any, Any, list[Any] | None, Any, int]:
     """The image die-to-die compares, its geometry (padded: see :func:`_with_room`), the
     pyramid, the usable area and the padding. The usable area of a part whose outline the
@@ -112,7 +112,6 @@ def _compared_image(mosaic: Path, levels: list[Any], grid: Any, polygon: Any,
     from scanner.diegrid import MIN_DIE_PX
     from scanner.inspection.dietodie_alike import on_part
 
-    mosaic_geometry = _mosaic_grid(mosaic)
     polygon = _scanned_part(polygon, mosaic_geometry)
     image, pyramid, area, pad = _with_room(levels, mosaic_geometry, grid, polygon)
     geometry = _padded(mosaic_geometry, pad, image)
@@ -173,6 +172,20 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     found = _die_grid(mosaic, sample, polygon, alignment)
     if found is None or (not found_grid and found[2] == "found in the mosaic"):
         return None
+    levels, grid, source = found
+    return die_to_die_step(levels, _mosaic_grid(mosaic), grid, source, polygon,
+                           getattr(sample, "kind", None), threshold, z_threshold,
+                           texture_z_threshold)
+
+
+def die_to_die_step(levels: list[Any], geometry: Any, grid: Any, source: str, polygon: Any,
+                    kind: str | None, threshold: float, z_threshold: float | None = None,
+                    texture_z_threshold: float | None = None) -> DieToDieStep:
+    """The map refinement of :func:`_die_to_die` on an image's pyramid ``levels`` (a
+    mosaic's, or an image file's held in memory) whose level 0 lies at ``geometry``, with
+    the die ``grid`` found or given (``source`` says which) and the usable ``polygon``:
+    compared cell to cell when the repeat is finer than a die and the sample a part
+    (``kind`` image or rectangle), die to die otherwise."""
     from scanner.inspection.defects import DESIGN_Z
     from scanner.inspection.dietodie import (
         DieToDie,
@@ -184,20 +197,20 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     )
     from scanner.inspection.dietodie_maps import bridge_die_borders
 
-    levels, grid, source = found
     calibrated = {k: float(v) for k, v in (("z_threshold", z_threshold),
                                            ("texture_z_threshold", texture_z_threshold))
                   if v is not None}
-    if getattr(sample, "kind", None) in PART_KINDS:
-        cells = _cell_to_cell(mosaic, levels, grid, polygon, threshold, source, calibrated)
+    if kind in PART_KINDS:
+        cells = _cell_to_cell(levels, geometry, grid, polygon, threshold, source, calibrated)
         if cells is not None:
             return cells
     settings = DieToDie(**calibrated)
+    mosaic_geometry = geometry
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
                                       np.ndarray | None]:
-        image, geometry, pyramid, area, pad = _compared_image(mosaic, levels, grid, polygon,
-                                                              getattr(sample, "kind", None))
+        image, geometry, pyramid, area, pad = _compared_image(mosaic_geometry, levels, grid,
+                                                              polygon, kind)
         patches, stats, comparison = die_to_die_patches(
             maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
             _arbitrated(settings, pad), pyramid=pyramid)
@@ -227,8 +240,9 @@ def _grid_record(grid: Any, source: str) -> dict[str, Any]:
             "rotation_deg": grid.rotation_deg, "source": source}
 
 
-def _cell_to_cell(mosaic: Path, levels: list[Any], grid: Any, polygon: Any, threshold: float,
-                  source: str, calibrated: dict[str, float]) -> DieToDieStep | None:
+def _cell_to_cell(levels: list[Any], geometry: Any, grid: Any, polygon: Any,
+                  threshold: float, source: str, calibrated: dict[str, float]
+                  ) -> DieToDieStep | None:
     """The map refinement that compares a repeat finer than a die cell to cell
     (:mod:`scanner.inspection.celltocell`), as :func:`_die_to_die` returns; None when the
     grid is a die grid."""
@@ -237,7 +251,6 @@ def _cell_to_cell(mosaic: Path, levels: list[Any], grid: Any, polygon: Any, thre
     from scanner.inspection.dietodie import apply_patches, repeated_mask, z_to_score
     from scanner.inspection.polygonmask import polygon_mask
 
-    geometry = _mosaic_grid(mosaic)
     comparison = cell_comparison(geometry, grid, _scanned_part(polygon, geometry),
                                  CellToCell(**calibrated))
     if comparison is None:
@@ -310,8 +323,9 @@ def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
             return None if reached is None else {
                 **die_to_die_record(reached, source == "found in the mosaic"),
                 "mode": "cell to cell"}
-    image, geometry, pyramid, area, pad = _compared_image(folder / MOSAIC, levels, grid,
-                                                          polygon, getattr(saved, "kind", None))
+    image, geometry, pyramid, area, pad = _compared_image(_mosaic_grid(folder / MOSAIC),
+                                                          levels, grid, polygon,
+                                                          getattr(saved, "kind", None))
     reached = largest_z(image, geometry, grid, area, _arbitrated(DieToDie(), pad),
                         pyramid=pyramid)
     if reached is None:
@@ -425,6 +439,28 @@ def _found_grid(levels: list[Any], transforms: list[Any], polygon: Any = None) -
         inside = polygon_mask(polygon, origin, pixel)(0, 0, *image.shape)
         valid &= inside if inside is not None else False
     return estimate_grid(image, pixel, origin, valid)
+
+
+def image_levels(image: np.ndarray, max_levels: int = 12) -> list[np.ndarray]:
+    """An image held in memory as a mosaic's pyramid: itself, then halved (by 2 x 2 means,
+    as a mosaic's levels are written) down to one pixel or ``max_levels`` levels."""
+    from scanner.ngff import _downsample2
+
+    levels = [np.asarray(image, dtype=np.float32)]
+    while max(levels[-1].shape) > 1 and len(levels) < max_levels:
+        levels.append(_downsample2(levels[-1]))
+    return levels
+
+
+def image_grid(levels: list[np.ndarray], pixel_um: float) -> Any:
+    """The repeat found in an image's pyramid (:func:`image_levels`) whose pixel ``(0, 0)`` of
+    level 0 is centred on the stage origin, as :func:`_found_grid` finds a mosaic's (None: no
+    clear repeat)."""
+    from scanner.diegrid import estimate_grid
+
+    k = _search_level(levels)
+    centre = (2**k - 1) / 2 * pixel_um  # level k's pixel (0, 0) is centred on its 2**k block
+    return estimate_grid(levels[k], pixel_um * 2**k, (centre, centre))
 
 
 #: sample kinds whose surface can be plain (polished wafers between and around dies, blank
