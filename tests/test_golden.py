@@ -161,14 +161,16 @@ def test_a_detector_keeps_its_golden_image_and_refuses_a_damaged_one(tmp_path: P
 
 def test_a_golden_image_is_kept_only_for_one_image_of_a_design_without_a_repeat() -> None:
     from models.data import GoodImage
-    from scanner.cli_tools import _golden_of
+    from scanner.cli_tools import _files_die_to_die, _golden_of
 
     def good(kind: str | None, acquired: bool = True, image: np.ndarray | None = None
              ) -> GoodImage:
         meta = {"acquired": acquired, "sample_kind": kind} if acquired else {}
         return GoodImage(_golden() if image is None else image, meta=meta)
 
-    assert _golden_of([good(None, acquired=False)], None, 1.0) is not None  # an image file
+    photo = [good(None, acquired=False)]
+    assert _files_die_to_die(photo, 1.0) is None  # no repeat found in it
+    assert _golden_of(photo, None, 1.0) is not None  # an image file
     assert _golden_of([good("image")], None, 1.0) is not None  # a good scan of an image sample
     assert _golden_of([good("image")], {"found_grid_repeats": False, "z_threshold": 7},
                       1.0) is not None  # a "grid" found in it that is no layout
@@ -182,7 +184,11 @@ def test_a_golden_image_is_kept_only_for_one_image_of_a_design_without_a_repeat(
     for i in range(4):
         for j in range(4):
             grid[i * 136 + 8 : i * 136 + 128, j * 136 + 8 : j * 136 + 128] = die
-    assert _golden_of([good(None, acquired=False, image=grid)], None, 1.0) is None
+    files = [good(None, acquired=False, image=grid)]
+    verdict = _files_die_to_die(files, 1.0)
+    assert verdict["found_grid_repeats"] is True and verdict["dies"] == 16
+    assert "z_threshold" not in verdict  # a file's dies are no calibration for a scan's
+    assert _golden_of(files, verdict, 1.0) is None
 
 
 def test_a_defects_difference_image_is_the_comparison_around_it() -> None:
