@@ -175,6 +175,23 @@ def test_image_files_of_a_die_grid_are_compared_die_to_die(tmp_path: Path) -> No
     assert files["header"]["die_to_die"]["images_compared"] == 2
     assert files["images"]["good2.tif"] == []
     _assert_found(files["images"]["bad.tif"], painted)
+    # the defective copy as a bare OME-NGFF mosaic (stitched elsewhere: no scan.json, no
+    # recipe): its repeat is found and compared die to die too
+    from scanner.ngff import build_pyramid, create_multiscale, finish_multiscale
+
+    mosaic = tmp_path / "bare" / "mosaic.ome.zarr"
+    mosaic.parent.mkdir()
+    img = tifffile.imread(tmp_path / "bad.tif").astype(np.float32)
+    tmp, arrays = create_multiscale(mosaic, img.shape, chunk=256, dtype=img.dtype)
+    arrays[0][:] = img
+    build_pyramid(arrays, 256)
+    finish_multiscale(tmp, mosaic, len(arrays), 1.0, (0.0, 0.0), "mosaic")
+    res = runner.invoke(app, ["inspect", str(mosaic), "--model", str(tmp_path / "m"), "--out",
+                              str(tmp_path / "bare_out")])
+    assert res.exit_code == 0, res.output
+    bare = json.loads((tmp_path / "bare_out" / "defects.json").read_text())
+    assert bare["header"]["die_to_die"]["grid"]["source"] == "found in the mosaic"
+    _assert_found(bare["defects"], painted)
 
 
 def _assert_found(defects: list[dict], painted: dict[str, tuple]) -> None:

@@ -20,6 +20,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -169,13 +170,20 @@ def _die_to_die(mosaic: Path, sample: Any, polygon: Any, threshold: float,
     (default: :class:`DieToDie`'s). ``found_grid`` false: a repeat found in the mosaic is not
     compared (the good scan showed that the product's found "dies" are no copies).
     """
+    kind = getattr(sample, "kind", None)
+    if sample is None and polygon is None:
+        # a mosaic with no recipe (stitched by another tool, or its recipe unreadable) is
+        # looked for a repeat as an image sample is: judged by the bank alone, a die grid's
+        # mosaic was not compared die to die while the same product as image files was
+        polygon, kind = _mosaic_grid(mosaic).outline(), "image"
+        sample = SimpleNamespace(kind=kind, die_to_die="auto")  # no pitch: found in it
     found = _die_grid(mosaic, sample, polygon, alignment)
     if found is None or (not found_grid and found[2] == "found in the mosaic"):
         return None
     levels, grid, source = found
-    return die_to_die_step(levels, _mosaic_grid(mosaic), grid, source, polygon,
-                           getattr(sample, "kind", None), threshold, z_threshold,
-                           texture_z_threshold)
+    return die_to_die_step(levels, _mosaic_grid(mosaic), grid, source, polygon, kind,
+                           threshold, z_threshold, texture_z_threshold)
+
 
 
 def die_to_die_step(levels: list[Any], geometry: Any, grid: Any, source: str, polygon: Any,
