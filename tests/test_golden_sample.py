@@ -175,6 +175,13 @@ def test_image_files_of_a_die_grid_are_compared_die_to_die(tmp_path: Path) -> No
     assert files["header"]["die_to_die"]["images_compared"] == 2
     assert files["images"]["good2.tif"] == []
     _assert_found(files["images"]["bad.tif"], painted)
+    # the shipped model knows nothing of this product: no die-to-die on its say (the "dies"
+    # found in real EL cells, their busbars' repeat, are no copies of one another)
+    res = runner.invoke(app, ["inspect", str(tmp_path / "bad.tif"), "--out",
+                              str(tmp_path / "shipped")])
+    assert res.exit_code == 0, res.output
+    shipped = json.loads((tmp_path / "shipped" / "defects.json").read_text())
+    assert shipped["header"]["die_to_die"]["images_compared"] == 0
     # the defective copy as a bare OME-NGFF mosaic (stitched elsewhere: no scan.json, no
     # recipe): its repeat is found and compared die to die too
     from scanner.ngff import build_pyramid, create_multiscale, finish_multiscale

@@ -201,13 +201,13 @@ def _compared(model: Any, img: np.ndarray, pixel_um: float, maps: Any, thr: floa
     reference than the image's own neighbouring dies (camera die grid, four good files: 1.00
     of the painted defects found against the median, 0.95 die to die).
 
-    Not die to die: an image of the aligned part the model judges per position (its
-    positions are the reference), nor under a card whose good scan showed that the repeat
-    found in the product is none (``found_grid_repeats`` false). A die grid's file judged by
+    Die to die only under a model whose good images showed that the product repeats
+    (:func:`scanner.inspection.inspect.repeats`), and not an image of the aligned part the
+    model judges per position (its positions are the reference). A die grid's file judged by
     the bank alone found 0.77 of a camera die grid's painted defects, the same product
     scanned and compared die to die 1.00.
     """
-    from scanner.inspection.inspect import die_to_die_step, image_grid, image_levels
+    from scanner.inspection.inspect import die_to_die_step, image_grid, image_levels, repeats
 
     geometry = MosaicGrid((0.0, 0.0), pixel_um, tuple(img.shape))
     seen = covered(img)
@@ -220,8 +220,7 @@ def _compared(model: Any, img: np.ndarray, pixel_um: float, maps: Any, thr: floa
     if uses_golden(model, kind):
         result = golden_evidence(model, [seen], geometry, maps, thr)
         reference = GOLDEN if result[2] is not None else None
-    if reference is None and img.ndim == 2 and not aligned_part \
-            and card.get("found_grid_repeats") is not False:
+    if reference is None and img.ndim == 2 and not aligned_part and repeats(card):
         levels = image_levels(seen)
         grid = image_grid(levels, pixel_um)
         if grid is not None:
