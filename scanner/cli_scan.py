@@ -324,6 +324,13 @@ def inspect(
                                 pixel_size_um=pixel_size, sample_kind=sample_kind,
                                 progress=on_progress, cluster=cluster)
         outputs = {name: Path(path) for name, path in result.outputs.items()}
+        if "scores" in outputs:  # image files: a review picture of each with defects
+            from scanner.inspection.images import list_images
+            from scanner.reports.overlays import write_overlays
+
+            pictures = write_overlays(outputs["defects json"], list_images(target))
+            if pictures is not None:
+                outputs["overlays"] = pictures
         if scan is not None:
             from scanner.reports import report as run_report
 

@@ -175,6 +175,8 @@ def test_image_files_of_a_die_grid_are_compared_die_to_die(tmp_path: Path) -> No
     assert files["header"]["die_to_die"]["images_compared"] == 2
     assert files["images"]["good2.tif"] == []
     _assert_found(files["images"]["bad.tif"], painted)
+    # a review picture of the image with defects, none of the good one
+    assert [p.name for p in (tmp_path / "files" / "overlays").iterdir()] == ["bad.tif.png"]
     # the shipped model knows nothing of this product: no die-to-die on its say (the "dies"
     # found in real EL cells, their busbars' repeat, are no copies of one another)
     res = runner.invoke(app, ["inspect", str(tmp_path / "bad.tif"), "--out",

@@ -341,3 +341,39 @@ def test_a_cell_report_keeps_the_lot_and_id_it_is_given(pv_scan: Path, tmp_path:
     shutil.copytree(pv_scan, folder)
     assert runner.invoke(app, ["report", str(folder)]).exit_code == 0
     assert "lot_id" not in read_defects(folder)[0]["sample"]
+
+
+def test_an_image_files_review_picture_outlines_its_defects_in_their_class_colours(tmp_path):
+    import json
+
+    import imageio.v3 as iio
+    import tifffile
+
+    from scanner.reports.overlays import MAX_SIDE_PX, OVERLAYS, overlay, write_overlays
+    from scanner.reports.style import CLASS_COLORS
+
+    img = np.full((300, 400), 1000.0, dtype=np.float32)
+    img[200:, :] = 2000.0  # not blank: a blank image is refused as nothing imaged
+    scratch = {"bbox_um": [100.0, 50.0, 160.0, 54.0], "defect_class": "scratch",
+               "review": False}  # at 2 um/px: columns 50-80, rows 25-27
+    pic = overlay(img, [scratch], 2.0)
+    blue = np.array([int(CLASS_COLORS["scratch"][i : i + 2], 16) for i in (1, 3, 5)])
+    assert pic.shape == (300, 400, 3) and pic.dtype == np.uint8
+    assert (pic[25, 48] == blue).all() and (pic[25, 82] == blue).all()  # the box's sides
+    assert not (pic[26, 65] == blue).all()  # the defect itself is left to be seen
+    # a small defect gets a box of 16 px at least; a large image is scaled down
+    spot = {"bbox_um": [400.0, 400.0, 402.0, 402.0], "defect_class": "particle"}
+    big = overlay(np.ones((5000, 3000), np.float32), [spot], 1.0)
+    assert max(big.shape[:2]) == MAX_SIDE_PX
+    marked = np.argwhere((big != big[0, 0]).any(axis=2))
+    assert 16 <= np.ptp(marked[:, 0]) <= 24 and 16 <= np.ptp(marked[:, 1]) <= 24
+    # written for the images with defects only
+    tifffile.imwrite(tmp_path / "a.tif", img.astype(np.uint16))
+    tifffile.imwrite(tmp_path / "b.tif", img.astype(np.uint16))
+    doc = {"header": {"pixel_size_um": 2.0}, "images": {"a.tif": [scratch], "b.tif": []}}
+    (tmp_path / "defects.json").write_text(json.dumps(doc))
+    folder = write_overlays(tmp_path / "defects.json", [("a.tif", tmp_path / "a.tif"),
+                                                        ("b.tif", tmp_path / "b.tif")])
+    assert folder == tmp_path / OVERLAYS
+    assert sorted(p.name for p in folder.iterdir()) == ["a.tif.png"]
+    assert (iio.imread(folder / "a.tif.png") == pic).all()
