@@ -217,6 +217,18 @@ def test_a_golden_image_not_found_in_the_scan_is_said(caplog) -> None:
         stats, *_ = golden_evidence(model, [other], MosaicGrid((0.0, 0.0), 1.0, other.shape),
                                     None, 1.0)
     assert stats["placed"] is False and "golden image was not found" in caplog.text
+    # not said by the comparison where the caller compares the image otherwise; an image file
+    # compared with nothing else gets it said once
+    from scanner.inspection.images import _compared
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="waferscope.inspect"):
+        golden_evidence(model, [other], MosaicGrid((0.0, 0.0), 1.0, other.shape), None, 1.0,
+                        say_unplaced=False)
+    assert "golden image was not found" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="waferscope.inspect"):
+        assert _compared(model, other, 1.0, None, 1.0, None) == (None, None, None)
+    assert caplog.text.count("golden image was not found") == 1
 
 
 def test_a_black_defect_on_an_image_file_is_compared_with_the_golden_image(tmp_path: Path

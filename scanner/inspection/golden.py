@@ -592,15 +592,24 @@ def uses_golden(model: Any, kind: str | None) -> bool:
     return getattr(model, "golden", None) is not None and kind in GOLDEN_KINDS
 
 
+def say_golden_unplaced() -> None:
+    """Warn that the golden image was not found in the image inspected."""
+    from scanner.inspection.card import log
+
+    log.warning("the model's golden image was not found in this image (another product, or "
+                "placed beyond the search): compared with nothing, the model alone judges it")
+
+
 def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any,
-                    threshold: float, polygon: Any = None
+                    threshold: float, polygon: Any = None, say_unplaced: bool = True
                     ) -> tuple[dict[str, Any], Any, np.ndarray | None, np.ndarray | None]:
     """Compare an image (a mosaic's pyramid, or one image as its only level) with the model's
     golden image and raise its anomaly map where they differ, as die-to-die does: what was
     done, the difference reader (None: not on the image's own grid), the map pixels compared
     and, of them, those where the image shows the golden design (z under ``DESIGN_Z``).
     Nothing is compared, and the model alone judges, when the image does not show the
-    design (:func:`place_golden` finds no placement)."""
+    design (:func:`place_golden` finds no placement), which is said unless ``say_unplaced``
+    is false (the caller compares the image with something else then)."""
     import functools
     import time
 
@@ -614,13 +623,10 @@ def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any
     stats: dict[str, Any] = {"reference": GOLDEN, "z_threshold": z_threshold,
                              "placed": placed is not None}
     if placed is None:
-        # said, not only recorded: the model alone then judges a product whose defects the
-        # golden comparison was kept for (a fine grating: 9 of 23 found, nothing said)
-        from scanner.inspection.card import log
-
-        log.warning(
-            "the model's golden image was not found in this image (another product, or "
-            "placed beyond the search): compared with nothing, the model alone judges it")
+        if say_unplaced:
+            # said, not only recorded: the model alone then judges a product whose defects
+            # the golden comparison was kept for (a fine grating: 9 of 23 found, nothing said)
+            say_golden_unplaced()
         return {**stats, "seconds": round(time.perf_counter() - t0, 3)}, None, None, None
     if polygon is not None:
         from scanner.inspection.dietodie_geometry import UsableArea

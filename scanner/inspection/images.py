@@ -34,7 +34,12 @@ from scanner.inspection.card import (
     threshold_record,
 )
 from scanner.inspection.dietodie_geometry import MosaicGrid
-from scanner.inspection.golden import GOLDEN, golden_evidence, uses_golden
+from scanner.inspection.golden import (
+    GOLDEN,
+    golden_evidence,
+    say_golden_unplaced,
+    uses_golden,
+)
 from scanner.inspection.maps import infer_image
 from scanner.scanfolder import now_iso, write_json
 
@@ -218,7 +223,7 @@ def _compared(model: Any, img: np.ndarray, pixel_um: float, maps: Any, thr: floa
     result: tuple[dict[str, Any], Any, Any, Any] = ({}, None, None, None)
     reference = None
     if uses_golden(model, kind):
-        result = golden_evidence(model, [seen], geometry, maps, thr)
+        result = golden_evidence(model, [seen], geometry, maps, thr, say_unplaced=False)
         reference = GOLDEN if result[2] is not None else None
     if reference is None and img.ndim == 2 and not aligned_part and repeats(card):
         levels = image_levels(seen)
@@ -229,6 +234,8 @@ def _compared(model: Any, img: np.ndarray, pixel_um: float, maps: Any, thr: floa
                                    card.get("z_threshold"), card.get("texture_z_threshold"))
             result = step(maps)
             reference = DIE_TO_DIE if result[2] is not None else None
+    if reference is None and uses_golden(model, kind):
+        say_golden_unplaced()  # nor compared die to die: the model alone judges it
     _, difference, compared, repeated = result
     return reference, difference, None if compared is None else (compared, repeated)
 
