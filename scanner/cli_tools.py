@@ -220,8 +220,8 @@ def _stacked_golden_of(images: Sequence[GoodImage], pixel_um: float
                        ) -> tuple[Any, dict[str, Any]] | None:
     """The golden image (pixels, card record) of a few good image files of one part: their
     registered median (:mod:`scanner.inspection.goldenstack`); None when they are no such
-    files, or do not show one part alike. A part whose dies repeat keeps one too, for what
-    holds no whole die to compare (a grating's lines): die to die comes first. From as many
+    files, or do not show one part alike. A part whose dies repeat keeps one too: image files
+    are compared with it before their own dies, scans die to die first. From as many
     images as a model per position needs (``models.build.POSITION_MIN_IMAGES``), that model
     judges."""
     from models.build import POSITION_MIN_IMAGES

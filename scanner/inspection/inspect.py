@@ -189,7 +189,6 @@ def repeats(card_die_to_die: dict[str, Any] | None) -> bool:
     return bool(card_die_to_die) and card_die_to_die.get("found_grid_repeats") is not False
 
 
-
 def die_to_die_step(levels: list[Any], geometry: Any, grid: Any, source: str, polygon: Any,
                     kind: str | None, threshold: float, z_threshold: float | None = None,
                     texture_z_threshold: float | None = None) -> DieToDieStep:
@@ -217,14 +216,13 @@ def die_to_die_step(levels: list[Any], geometry: Any, grid: Any, source: str, po
         if cells is not None:
             return cells
     settings = DieToDie(**calibrated)
-    mosaic_geometry = geometry
 
     def refine(maps: MapSet) -> tuple[dict[str, Any], Any, np.ndarray | None,
                                       np.ndarray | None]:
-        image, geometry, pyramid, area, pad = _compared_image(mosaic_geometry, levels, grid,
-                                                              polygon, kind)
+        image, padded, pyramid, area, pad = _compared_image(geometry, levels, grid, polygon,
+                                                            kind)
         patches, stats, comparison = die_to_die_patches(
-            maps.origin_um, maps.pixel_size_um, image, geometry, grid, area, threshold,
+            maps.origin_um, maps.pixel_size_um, image, padded, grid, area, threshold,
             _arbitrated(settings, pad), pyramid=pyramid)
         apply_patches(maps.maps["anomaly"], patches)
         difference, compared, repeated = None, None, None
