@@ -350,3 +350,27 @@ def test_a_stack_whose_median_inspection_would_place_a_period_off_keeps_none(mon
 
     monkeypatch.setattr(goldenstack, "place_golden", a_period_off)
     assert goldenstack.stacked_golden(shots) is None
+
+
+def test_a_good_files_repeat_that_is_no_layout_turns_die_to_die_off(monkeypatch) -> None:
+    """A "grid" found in a good file whose dies differ beyond any threshold (a texture that
+    does not repeat) goes on the card as no layout, and images inspected under that card are
+    not compared die to die; a card without a record (the shipped model's) compares none."""
+    from models.data import GoodImage
+    from scanner.cli_tools import _files_die_to_die
+    from scanner.inspection import goodimages
+    from scanner.inspection.inspect import repeats
+
+    found = {"good_max_z": 38.0, "texture_good_max_z": 3.0, "dies": 9,
+             "found_grid_repeats": False, "z_threshold": 13.0}
+    monkeypatch.setattr(goodimages, "good_image_die_to_die", lambda image, pixel: found)
+    record = _files_die_to_die([GoodImage(_golden(), source="a.tif")], 1.0)
+    assert record == {"source": "good image file a.tif", "good_max_z": 38.0,
+                      "texture_good_max_z": 3.0, "dies": 9, "found_grid_repeats": False}
+    assert not repeats(record) and not repeats(None) and not repeats({})
+    assert repeats({**record, "found_grid_repeats": True})
+    # a scan's calibration says nothing of a found grid (a recipe's grid): it repeats
+    assert repeats({"good_max_z": 4.0, "dies": 12, "z_threshold": 7.0})
+    # acquired images (scans) are judged on the scans, not here
+    scan = GoodImage(_golden(), meta={"acquired": True, "sample_kind": "image"})
+    assert _files_die_to_die([scan], 1.0) is None
