@@ -217,9 +217,7 @@ def _compared(model: Any, img: np.ndarray, pixel_um: float, maps: Any, thr: floa
     geometry = MosaicGrid((0.0, 0.0), pixel_um, tuple(img.shape))
     seen = covered(img)
     card = (getattr(model, "card", None) or {}).get("die_to_die") or {}
-    position = getattr(model, "position", None)
-    aligned_part = bool(position) and tuple(img.shape[:2]) == \
-        tuple(position[0].image_shape)
+    aligned_part = tuple(img.shape[:2]) == _part_shape(model)
     result: tuple[dict[str, Any], Any, Any, Any] = ({}, None, None, None)
     reference = None
     if uses_golden(model, kind):
@@ -250,9 +248,8 @@ def _warn_about_shapes(model: Any, shapes: dict[str, tuple[int, ...]]) -> None:
     aligned part it models per position (the memory bank alone scores them, on its own
     scale: a cell cut 4 px short ranked defects 0.95 instead of 1.00 against good ones), or
     thinner than :data:`MIN_SIDE_PX`."""
-    position = getattr(model, "position", None)
-    if position:
-        part = tuple(position[0].image_shape)
+    part = _part_shape(model)
+    if part is not None:
         other = [name for name, shape in shapes.items() if tuple(shape[:2]) != part]
         if other:
             log.warning("%d of %d images are not %d x %d px, the aligned part the model was "
@@ -263,6 +260,13 @@ def _warn_about_shapes(model: Any, shapes: dict[str, tuple[int, ...]]) -> None:
     if thin:
         log.warning("%d images are thinner than %d px (e.g. %s): scored mostly on mirrored "
                     "context, expect false defects", len(thin), MIN_SIDE_PX, thin[0])
+
+
+def _part_shape(model: Any) -> tuple[int, ...] | None:
+    """The shape of the aligned part a model judges per position (None: it has no such
+    model)."""
+    position = getattr(model, "position", None)
+    return tuple(position[0].image_shape) if position else None
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
