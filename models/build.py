@@ -48,6 +48,7 @@ from .gaussian import (
     zoomed,
     zooms_for,
 )
+from .heap import reused_heap
 from .lines import calibrate_line_threshold
 from .modelfile import card_path_for
 from .thresholds import MIN_BAND_AREA_CM2, PIXEL_BANDS, calibrate_threshold, pixel_bands
@@ -212,6 +213,7 @@ def _held_out_images(n: int, seed: int) -> set[int]:
     return set(ranked[: max(2, round(HOLD_OUT_FRACTION * n))])
 
 
+@reused_heap()
 def build_detector(
     images: Sequence[GoodImage],
     out: str | Path,

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from models.data import IMAGE_SUFFIXES as MODEL_IMAGE_SUFFIXES
 from models.data import image_files, read_image
+from models.heap import reused_heap
 from scanner.defectlist import CSV_COLUMNS, InspectionResult
 from scanner.errors import UserError
 from scanner.inspection.card import (
@@ -99,6 +100,7 @@ def covered(img: np.ndarray) -> np.ndarray:
     return np.where(img == 0, np.float32(np.finfo(np.float32).tiny), img).astype(np.float32)
 
 
+@reused_heap()
 def inspect_images(
     targets: Sequence[Path],
     out_dir: Path,

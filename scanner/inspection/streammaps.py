@@ -34,6 +34,7 @@ import numpy as np
 import zarr
 
 from models.edgeband import calibrated_band
+from models.heap import reused_heap
 from scanner.inspection.tiled import (
     MAPS,
     GridReader,
@@ -99,6 +100,7 @@ def planned_windows(tiling: Tiling, mask: Mask | None) -> tuple[list[tuple[int, 
     return todo, skipped
 
 
+@reused_heap()
 def compute_windows(
     model: Model,
     reader: GridReader,
@@ -263,6 +265,7 @@ def _by_row(windows: list[tuple[int, int]], n_rows: int) -> Iterator[list[tuple[
     yield from rows
 
 
+@reused_heap()
 def stream_maps(
     model: Model,
     reader: GridReader,
