@@ -3,7 +3,7 @@
 The backbone allocates the same large activations for every window (tens of MB each) and
 frees them at the end of the window. glibc serves blocks over its mmap threshold with fresh
 ``mmap`` calls and returns them with ``munmap``, so every window faults in and zeroes those
-pages again: on the demo wafer's inspection (45 windows of 1792 px, 2 cores) the kernel's share
+pages again: on the demo wafer's inspection (45 windows of 1664 px, 2 cores) the kernel's share
 was 25 of 122 CPU seconds and the network took 38 s; with the heap kept, 4 s and 24-25 s
 (inspection 65 -> 48-53 s, peak RSS 1.13 -> 1.29 GB: the freed blocks stay in each thread's
 heap; one heap for every thread, ``M_ARENA_MAX = 1``, kept more, 1.5-1.6 GB).
@@ -11,7 +11,8 @@ heap; one heap for every thread, ``M_ARENA_MAX = 1``, kept more, 1.5-1.6 GB).
 and, on leaving, restores its limits and returns the free pages (``malloc_trim``). Elsewhere
 than glibc (macOS, musl) it does nothing.
 
-Written by hand because no library exposes ``mallopt``; it is four calls through ctypes.
+Written by hand because no library exposes ``mallopt`` and ``malloc_trim``; two C calls
+through ctypes.
 """
 
 from __future__ import annotations
