@@ -18,7 +18,6 @@ through ctypes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,11 +39,13 @@ _depth = 0
 def _glibc() -> ctypes.CDLL | None:
     """The C library when it is glibc (it has ``malloc_trim``), else None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # the symbols the interpreter is linked with: no library search (find_library runs
+        # ldconfig in a subprocess, at every import)
+        libc = ctypes.CDLL(None)
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
         return libc
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no such symbols; Windows: no None
         return None
 
 
