@@ -62,6 +62,18 @@ def uncertainty_bits(anomaly: torch.Tensor, threshold: float, log_scale: float
     return predictive_entropy(torch.sigmoid(z))
 
 
+def needed_cells(cells: int, out: int, margin: int) -> slice:
+    """The stride-8 cells that the output-stride map pixels ``[margin, out - margin)`` read.
+
+    :meth:`PatchDetector.anomaly_from_distances` upsamples the cells 2x bilinearly (half-pixel
+    centres): map pixel ``o`` reads cells ``floor(o / 2 - 1/4)`` and the one after it.
+    """
+    if margin <= 0 or out - 2 * margin <= 0:
+        return slice(0, cells)
+    last = out - margin - 1
+    return slice(max(0, margin // 2 - 1), min(cells, (last + 1) // 2 + 1))
+
+
 class PatchDetector:
     """A memory-bank detector with its card, ready for inference (the ``Model`` protocol of
     :mod:`scanner.inspection.maps`).
@@ -129,11 +141,14 @@ class PatchDetector:
 
     # ------------------------------------------------------------------ inference
 
-    def distances(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def distances(self, batch: np.ndarray | torch.Tensor, margin: int = 0) -> torch.Tensor:
         """Nearest-bank distance of every stride-8 cell, ``(N, H/8, W/8)`` (sides rounded up).
 
         ``batch``: relative reflectance ``(N, H, W)``; padded by reflection to multiples of
-        16 for the backbone, the padding's cells dropped again.
+        16 for the backbone, the padding's cells dropped again. ``margin``: output-stride
+        map pixels along each side that the caller drops (a mosaic window's context); the
+        bank is not searched for the cells only they read (:func:`needed_cells`), which
+        hold NaN.
         """
         x = torch.as_tensor(np.asarray(batch, dtype=np.float32))
         if x.ndim == 2:
@@ -147,8 +162,16 @@ class PatchDetector:
         feat = extract(x)  # (N, D, H'/8, W'/8)
         hh, ww = -(-h // FEATURE_STRIDE), -(-w // FEATURE_STRIDE)
         feat = feat[:, :, :hh, :ww]
-        q = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
-        return self.index.distances(q).view(n, hh, ww)
+        rows = needed_cells(hh, h // OUTPUT_STRIDE, margin)
+        cols = needed_cells(ww, w // OUTPUT_STRIDE, margin)
+        if rows == slice(0, hh) and cols == slice(0, ww):
+            q = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
+            return self.index.distances(q).view(n, hh, ww)
+        kept = feat[:, :, rows, cols]
+        q = kept.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
+        d = torch.full((n, hh, ww), float("nan"))
+        d[:, rows, cols] = self.index.distances(q).view(n, *kept.shape[2:])
+        return d
 
     def anomaly_from_distances(self, d: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         """Stride-8 distances ``(N, h, w)`` to the anomaly map at the output stride."""
@@ -161,13 +184,17 @@ class PatchDetector:
         highest at :attr:`decision_threshold`."""
         return uncertainty_bits(anomaly, self.decision_threshold, self.uncertainty_log_scale)
 
-    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, batch: np.ndarray, margin: int = 0) -> dict[str, np.ndarray]:
         """Anomaly, roughness and uncertainty maps of a batch of normalised windows.
 
         Parameters
         ----------
         batch : ndarray, shape (N, H, W)
             Output of :meth:`normalize`; ``H`` and ``W`` multiples of ``output_stride``.
+        margin : int
+            Map pixels along each side that the caller drops (a mosaic window's context):
+            their anomaly and uncertainty are not computed (NaN), the rest are exactly those
+            of ``margin=0``.
 
         Returns
         -------
@@ -187,7 +214,7 @@ class PatchDetector:
         torch.set_num_threads(self.num_threads)
         try:
             with torch.inference_mode():
-                anomaly = self.anomaly_from_distances(self.distances(x), shape)
+                anomaly = self.anomaly_from_distances(self.distances(x, margin), shape)
                 out = {"anomaly": anomaly, "uncertainty": self.uncertainty(anomaly),
                        "spread": torch.zeros_like(anomaly)}
                 result = {k: v.float().contiguous().numpy() for k, v in out.items()}

@@ -147,7 +147,8 @@ class InspectionModel:
 
     # ------------------------------------------------------------------ inference
 
-    def predict(self, batch: np.ndarray, mc_samples: int = 0) -> dict[str, np.ndarray]:
+    def predict(self, batch: np.ndarray, mc_samples: int = 0, margin: int = 0
+                ) -> dict[str, np.ndarray]:
         """Anomaly, roughness and uncertainty maps of a batch of normalised images.
 
         Parameters
@@ -158,6 +159,10 @@ class InspectionModel:
         mc_samples : int
             0 (default): the head ensemble's probabilities. > 0: Monte-Carlo dropout with this
             many passes of the heads (for the comparison in docs/model.md).
+        margin : int
+            Map pixels along each side the caller drops; accepted for the ``Model`` protocol
+            (the network's heads cost little beside its features, which need the context),
+            every pixel is computed.
 
         Returns
         -------

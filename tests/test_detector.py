@@ -133,6 +133,31 @@ def test_an_image_predicted_whole_is_mirrored_as_its_bank_saw_it(
     assert torch.allclose(whole.reshape(-1), bank_view, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("large_bank", [False, True])
+def test_a_windows_context_is_not_searched_and_its_kept_maps_are_exact(
+        product_model: PatchDetector, large_bank: bool) -> None:
+    """Mosaic windows drop ``margin`` map pixels of context on each side: the bank is not
+    searched for the cells only they read, and every kept pixel is bit for bit the same."""
+    model = product_model
+    if large_bank:  # the faiss inverted file instead of the exact search
+        gen = torch.Generator().manual_seed(0)
+        extra = model.bank[torch.randint(len(model.bank), (5000,), generator=gen)]
+        model = PatchDetector(extra + 0.05 * torch.randn(extra.shape, generator=gen),
+                              dict(model.card))
+        assert model.index.index is not None
+    x = _relative(_product(2))[:328, :296][None]  # 82 x 74 map pixels, 41 x 37 cells
+    whole = model.predict(x)
+    for margin in (1, 2, 7, 8, 13):
+        part = model.predict(x, margin=margin)
+        keep = (0, slice(margin, 82 - margin), slice(margin, 74 - margin))
+        for name in ("anomaly", "uncertainty"):
+            assert np.array_equal(part[name][keep], whole[name][keep]), (name, margin)
+        if margin >= 4:  # cells only the dropped pixels read were not searched
+            assert np.isnan(part["anomaly"][0, 0, 0]) and np.isnan(part["anomaly"][0, -1, -1])
+    # the whole map when nothing is dropped
+    assert np.array_equal(model.predict(x, margin=0)["anomaly"], whole["anomaly"])
+
+
 def test_card_records_backbone_calibration_and_warnings(product_model: PatchDetector) -> None:
     card = product_model.card
     assert card["architecture"]["name"] == "PatchCore"

@@ -59,9 +59,9 @@ class _Spy:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def predict(self, batch):
+    def predict(self, batch, margin=0):
         self.depths.append(heap._depth)
-        return self._model.predict(batch)
+        return self._model.predict(batch, margin=margin)
 
 
 def test_a_mosaics_windows_run_in_the_reused_heap(tmp_path):

@@ -158,7 +158,7 @@ def compute_windows(
             if not batch_x:
                 continue
             t = time.perf_counter()
-            out = model.predict(np.stack(batch_x))
+            out = model.predict(np.stack(batch_x), margin=ctx_m)
             stats.network_s += time.perf_counter() - t
             stats.windows += len(batch_x)
             stats.input_px += len(batch_x) * (n_win * s) ** 2

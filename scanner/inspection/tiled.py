@@ -66,13 +66,16 @@ class Model(Protocol):
     def brightness_level(self, image: np.ndarray) -> float:
         """Robust brightness level (median) of an image or of a subsample of a mosaic."""
 
-    def predict(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+    def predict(self, batch: np.ndarray, margin: int = 0) -> dict[str, np.ndarray]:
         """Anomaly, roughness and uncertainty maps of a batch of normalised windows.
 
         Parameters
         ----------
         batch : ndarray, shape (N, H, W)
             Output of :meth:`normalize`; ``H`` and ``W`` multiples of ``output_stride``.
+        margin : int
+            Map pixels along each side that the caller drops (the window's context); the
+            model may leave them uncomputed (NaN).
 
         Returns
         -------
@@ -496,7 +499,7 @@ class _Pass:
                 k += 1
             if batch_x:
                 t = time.perf_counter()
-                out = self.model.predict(np.stack(batch_x))
+                out = self.model.predict(np.stack(batch_x), margin=ctx_m)
                 stats.network_s += time.perf_counter() - t
                 stats.windows += len(batch_x)
                 stats.input_px += len(batch_x) * (self.n_win * self.s) ** 2
