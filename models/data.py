@@ -97,7 +97,13 @@ def read_image(path: Path) -> np.ndarray:
     except Exception as exc:  # any decoder error is a bad input file
         raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
                         f"{first_line(exc)})") from None
-    img = np.squeeze(np.asarray(img))
+    img = np.asarray(img)
+    # singleton axes dropped, but never rows or columns: a 1-pixel-thin picture is too small,
+    # not "not 2-D"
+    while img.ndim > 2 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
     if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
         img = np.moveaxis(img, 0, -1)  # planar RGB TIFF
     if img.ndim == 3 and img.shape[-1] == 2:  # grey + alpha

@@ -39,7 +39,14 @@ def read_picture(path: Path) -> np.ndarray:
     """The pixels of a non-TIFF picture file (PNG, JPEG, BMP, ...) as a viewer shows them:
     turned by their EXIF orientation (a phone or camera records the turn instead of turning
     the pixels), colour spaces other than grey and RGB(A) converted to RGB by Pillow;
-    otherwise as ``imageio`` reads it."""
+    otherwise as ``imageio`` reads it. A PNG whose pixel data stops short is refused
+    (:func:`check_png_complete`)."""
+    pixels = _decoded(path)
+    check_png_complete(path)  # after the decoder's own checks (size, CRCs), whose words are clearer
+    return pixels
+
+
+def _decoded(path: Path) -> np.ndarray:
     import imageio.v3 as iio
 
     try:
@@ -56,6 +63,72 @@ def read_picture(path: Path) -> np.ndarray:
     except Exception:  # noqa: BLE001 - not a Pillow format: imageio's other plugins decide
         pass
     return np.asarray(iio.imread(path))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: samples per pixel of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA)
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+#: Adam7 interlacing's passes: first column, first row, column step, row step
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))
+
+
+def check_png_complete(path: Path) -> None:
+    """Refuse a PNG whose compressed pixel data holds fewer rows than its header declares.
+
+    Pillow (and so imageio) fills the rows missing from a PNG whose data stream ends early
+    with 0 and raises nothing: a file cut short, or written by a program stopped half way,
+    was inspected with its lower half black (a "crack" where the data stops) and learnt from
+    as a good image. Written here because no library that reads PNG says so: the file's
+    chunks are walked (stdlib ``zlib``; the CRCs are Pillow's to check) and the inflated
+    size compared with the header's. Other files are left alone.
+
+    Raises
+    ------
+    ValueError
+        The pixel data ends early (the file was cut, or its data stream stops).
+    """
+    import struct
+    import zlib
+
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return
+        header, inflate, got = None, zlib.decompressobj(), 0
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break  # no IEND: what the data holds decides
+            length, kind = struct.unpack(">I4s", head)
+            data = f.read(length)
+            f.seek(4, 1)  # the chunk's CRC
+            if kind == b"IHDR":
+                header = struct.unpack(">IIBBBBB", data[:13])
+            elif kind == b"IDAT":
+                chunk = inflate.decompress(data, 1 << 24)
+                while chunk:
+                    got += len(chunk)
+                    chunk = inflate.decompress(inflate.unconsumed_tail, 1 << 24)
+            elif kind == b"IEND":
+                break
+        got += len(inflate.flush())
+    if header is None:
+        return  # no header: the decoder refuses it
+    width, height, depth, colour, _, _, interlace = header
+    bits = _PNG_SAMPLES.get(colour, 1) * depth
+
+    def size(w: int, h: int) -> int:
+        return 0 if w <= 0 or h <= 0 else h * (1 + (w * bits + 7) // 8)
+
+    if interlace:
+        expected = sum(size(-(-(width - x0) // dx), -(-(height - y0) // dy))
+                       for x0, y0, dx, dy in _ADAM7)
+    else:
+        expected = size(width, height)
+    if got < expected:
+        raise ValueError(f"the PNG's pixel data ends early ({got} of {expected} bytes: "
+                         f"about {height * got // max(expected, 1)} of its {height} rows); "
+                         "the file was cut short or written incompletely")
 
 
 def picture_shape(path: Path) -> tuple[int, int]:

@@ -811,3 +811,95 @@ def test_calibrate_at_a_point_beyond_any_stage_is_refused_in_one_short_line(
     assert len(lines) == 1 and "--at" in lines[0] and "1e+300" in lines[0], lines
     assert len(lines[0]) < 200
     assert not (tmp_path / "cal.json").exists()
+
+
+def _png(path: Path, rows: list[bytes], width: int, height: int, interlace: int = 0) -> None:
+    """A grey 8-bit PNG of ``rows`` (each a filter byte and its pixels), written by hand."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, interlace)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+def test_a_png_whose_pixel_data_stops_short_is_refused_not_read_as_black(
+        tmp_path: Path) -> None:
+    # checksums and the compressed stream are whole, but it holds 150 of the 300 rows its
+    # header declares: Pillow filled the rest with 0 and inspection reported a "crack" where
+    # the data stopped (exit 0), and train learnt the black half as good
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(20, 220, (300, 400), dtype=np.uint8)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    _png(images / "cut.png", [b"\x00" + r.tobytes() for r in pixels[:150]], 400, 300)
+    for args in (["inspect", str(images / "cut.png"), "--out", str(tmp_path / "out")],
+                 ["train", "--good", str(images), "--out", str(tmp_path / "m")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "cut.png" in lines[0] and "150 of its 300 rows" in lines[0]
+    assert not (tmp_path / "out" / "scores.csv").exists()
+
+
+def test_whole_pngs_interlaced_or_of_any_depth_are_read_as_pillow_decodes_them(
+        tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from models.data import read_image
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(20, 220, (37, 53), dtype=np.uint8)
+    # Adam7: seven passes over sub-grids of the picture, each row after its filter byte
+    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4),
+              (1, 0, 2, 2), (0, 1, 1, 2))
+    rows = [b"\x00" + row.tobytes() for x0, y0, dx, dy in passes
+            for row in pixels[y0::dy, x0::dx] if row.size]
+    _png(tmp_path / "adam7.png", rows, 53, 37, interlace=1)
+    with Image.open(tmp_path / "adam7.png") as im:
+        assert np.array_equal(np.asarray(im), pixels)
+    assert np.array_equal(read_image(tmp_path / "adam7.png"), pixels.astype(np.float32))
+    for mode, array in (("I;16", rng.integers(0, 65535, (40, 30), dtype=np.uint16)),
+                        ("1", rng.random((40, 30)) > 0.5), ("RGB", rng.integers(
+                            0, 255, (40, 30, 3), dtype=np.uint8))):
+        Image.fromarray(array).save(tmp_path / f"{mode[:1]}.png")
+        assert read_image(tmp_path / f"{mode[:1]}.png").shape == (40, 30)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 100), (1, 1, 3), (100, 1)])
+def test_a_picture_one_pixel_thin_is_too_small_not_shapeless(tmp_path: Path,
+                                                            shape: tuple[int, ...]) -> None:
+    # a 1 x 1 picture was "not a 2-D image (shape ())", a 1 x 100 one "(shape (100,))"
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "thin.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)).save(path)
+    result = runner.invoke(app, ["inspect", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "thin.png" in lines[0] and "too small" in lines[0], lines
+
+
+@pytest.mark.parametrize("compression", ["lzw", "zlib", "zstd", "jpeg"])
+def test_compressed_tiffs_as_fiji_and_cameras_write_them_are_read(
+        tmp_path: Path, compression: str) -> None:
+    # an LZW TIFF was refused: "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"
+    import numpy as np
+    import tifffile
+
+    from models.data import read_image
+
+    pixels = np.random.default_rng(0).integers(20, 220, (64, 80), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "a.tif", pixels, compression=compression)
+    read = read_image(tmp_path / "a.tif")
+    if compression == "jpeg":  # lossy
+        assert read.shape == pixels.shape and np.abs(read - pixels).mean() < 8
+    else:
+        assert np.array_equal(read, pixels.astype(np.float32))
