@@ -171,23 +171,56 @@ def load_good_images(paths: Iterable[str | Path]) -> list[GoodImage]:
     return out
 
 
+#: what waferscope writes into a folder of image inspection results (``scores.csv``, the
+#: overlays' folder) and of a scan (``scan.json``, ``scanner.scanfolder.SCAN_JSON``, which
+#: stays free of this torch-importing module): such folders hold no one's images
+INSPECTION_SCORES = "scores.csv"
+OVERLAYS_FOLDER = "overlays"
+SCAN_RECORD = "scan.json"
+
+
 def image_files(folder: Path) -> list[Path]:
     """The image files under ``folder``, sorted; hidden files and folders are no one's images
-    (macOS's "._name.png" resource forks beside every picture copied from a Mac)."""
+    (macOS's "._name.png" resource forks beside every picture copied from a Mac), nor are
+    waferscope's own outputs: a scan folder's or an inspection's below ``folder``, and the
+    overlays of an inspection written into ``folder`` itself (:func:`is_output_folder`)."""
+    verdicts: dict[Path, bool] = {}
+
+    def output(d: Path) -> bool:
+        if d not in verdicts:
+            verdicts[d] = is_output_folder(d)
+        return verdicts[d]
+
+    def ours(f: Path) -> bool:
+        parents = f.relative_to(folder).parents  # "a/b/x.png": "a/b", "a", "."
+        if any(output(folder / p) for p in list(parents)[:-1]):
+            return True
+        top = f.relative_to(folder).parts
+        return len(top) > 1 and top[0] == OVERLAYS_FOLDER and output(folder)
+
     found = sorted(f for f in folder.rglob("*")
                    if (f.is_file() or (f.is_symlink() and not f.exists()))
                    and f.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts)
+                   and not ours(f))
     for f in found:
         if not f.exists():  # an image whose file is gone is refused, as a damaged one is
             raise UserError(f"{f}: broken link (its target is missing)")
     return found
 
 
+def is_output_folder(folder: Path) -> bool:
+    """Whether waferscope wrote ``folder``: the results of an image inspection (its scores and
+    the pictures of its defects, which a later inspection or training of the folder above
+    read as images: boxes drawn on a copy of each image) or a scan folder (its wafer map and
+    alignment pictures)."""
+    return (folder / INSPECTION_SCORES).is_file() or (folder / SCAN_RECORD).is_file()
+
+
 def scan_pixel_size_um(paths: Iterable[str | Path]) -> float | None:
     """Pixel size recorded in a good scan folder's scan.json, if any of the paths is one."""
     for p in paths:
-        scan = Path(p) / "scan.json"
+        scan = Path(p) / SCAN_RECORD
         if scan.is_file():
             try:
                 recipe = json.loads(scan.read_text())["recipe"]

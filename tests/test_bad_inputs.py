@@ -903,3 +903,34 @@ def test_compressed_tiffs_as_fiji_and_cameras_write_them_are_read(
         assert read.shape == pixels.shape and np.abs(read - pixels).mean() < 8
     else:
         assert np.array_equal(read, pixels.astype(np.float32))
+
+
+def test_inspection_results_inside_an_image_folder_are_not_read_as_its_images(
+        tmp_path: Path) -> None:
+    # `inspect C --out C/results` (or `inspect C/a.png --out C`), then `inspect C`: the
+    # overlays (boxes drawn on a copy of a.png) were inspected as images, and `train --good C`
+    # learnt them as good
+    import numpy as np
+    import tifffile
+
+    from models.data import image_files
+
+    images = tmp_path / "C"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", np.random.default_rng(0).integers(
+        20, 220, (96, 96), dtype=np.uint8))
+    assert runner.invoke(app, ["inspect", str(images), "--out", str(images / "results"),
+                               "--threshold", "0.01"]).exit_code == 0
+    assert runner.invoke(app, ["inspect", str(images / "a.tif"), "--out", str(images),
+                               "--threshold", "0.01"]).exit_code == 0
+    assert list((images / "results" / "overlays").iterdir())  # defects drawn: pictures exist
+    assert list((images / "overlays").iterdir())
+    assert image_files(images) == [images / "a.tif"]
+    result = runner.invoke(app, ["inspect", str(images), "--out", str(tmp_path / "D")])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "D" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("a.tif,"), rows
+    # a folder of the user's own that is merely called "overlays" is read
+    (images / "sub" / "overlays").mkdir(parents=True)
+    tifffile.imwrite(images / "sub" / "overlays" / "b.tif", np.full((16, 16), 9, np.uint8))
+    assert images / "sub" / "overlays" / "b.tif" in image_files(images)

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from models.data import IMAGE_SUFFIXES as MODEL_IMAGE_SUFFIXES
-from models.data import image_files, read_image
+from models.data import INSPECTION_SCORES, image_files, read_image
 from models.heap import reused_heap
 from scanner.defectlist import CSV_COLUMNS, InspectionResult
 from scanner.errors import UserError
@@ -45,7 +45,7 @@ from scanner.inspection.maps import infer_image
 from scanner.scanfolder import now_iso, write_json
 
 IMAGE_SUFFIXES = tuple(sorted(MODEL_IMAGE_SUFFIXES))  # one list: what the model reads
-SCORES_CSV = "scores.csv"
+SCORES_CSV = INSPECTION_SCORES  # (models.data: image folders holding it are outputs)
 
 
 def list_images(targets: Sequence[Path]) -> list[tuple[str, Path]]:

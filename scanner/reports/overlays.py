@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from models.data import read_image
+from models.data import OVERLAYS_FOLDER, read_image
 from scanner.reports.style import CLASS_COLORS
 
 #: folder of the pictures, inside the inspection's output folder
-OVERLAYS = "overlays"
+OVERLAYS = OVERLAYS_FOLDER  # (models.data: image folders skip it)
 #: longest side of a picture (px): a review picture, not a copy of the image
 MAX_SIDE_PX = 2048
 #: least side of a box on the picture (px)
