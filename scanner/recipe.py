@@ -842,4 +842,5 @@ def recorded_sample(scan: dict[str, Any], base_dir: Path) -> Any:
     try:
         return _SAMPLE_ADAPTER.validate_python(data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        raise RecipeError(f"scan.json recipe.sample: {format_validation_error(exc)}") from None
+        raise RecipeError(f"scan.json recipe.sample: {format_validation_error(exc)}",
+                          frozenset(e["type"] for e in exc.errors())) from None

@@ -934,3 +934,25 @@ def test_inspection_results_inside_an_image_folder_are_not_read_as_its_images(
     (images / "sub" / "overlays").mkdir(parents=True)
     tifffile.imwrite(images / "sub" / "overlays" / "b.tif", np.full((16, 16), 9, np.uint8))
     assert images / "sub" / "overlays" / "b.tif" in image_files(images)
+
+
+@pytest.mark.slow
+def test_a_scan_whose_sample_picture_has_moved_is_refused_naming_it(tmp_path: Path) -> None:
+    # the whole mosaic, the chuck around the picture included, was inspected without the
+    # sample's outline and without a word (a defect reported outside the sample)
+    import numpy as np
+
+    from tests.conftest import scan_of_image
+
+    picture = 0.4 + 0.2 * np.random.default_rng(0).random((300, 400))
+    folder = scan_of_image(tmp_path, picture, camera_px=256)
+    (tmp_path / "sample.tif").rename(tmp_path / "moved.tif")
+    for args in (["inspect", str(folder), "--out", str(tmp_path / "out")],
+                 ["train", "--good", str(folder), "--out", str(tmp_path / "m")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "sample.tif" in lines[0] and "put the file back" in lines[0]
+    (tmp_path / "moved.tif").rename(tmp_path / "sample.tif")
+    result = runner.invoke(app, ["inspect", str(folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output

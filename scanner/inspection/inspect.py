@@ -57,15 +57,27 @@ def _mosaic_pixel_size_um(mosaic: Path) -> float | None:
 
 
 def _saved_sample(folder: Path, scan: dict[str, Any] | None) -> Any:
-    """The sample recorded in ``scan.json`` (None if unknown or unreadable)."""
+    """The sample recorded in ``scan.json`` (None if unknown or unreadable).
+
+    Raises
+    ------
+    UserError
+        The sample's file (an image sample's picture) is no longer where the scan read it:
+        the sample's outline comes from it, and without it the whole mosaic, the chuck
+        around the sample included, was inspected (or learnt as good) without a word.
+    """
     if not scan or "recipe" not in scan:
         return None
+    from devices.spec import MISSING_FILE
     from scanner.recipe import RecipeError, recorded_sample
 
     try:
         return recorded_sample(scan, folder)
-    except RecipeError:  # an unreadable sample must not stop inspection: inspect everything
-        return None
+    except RecipeError as exc:
+        if exc.kinds and exc.kinds <= {MISSING_FILE}:
+            raise UserError(f"{folder}/{exc}: the sample's outline, the area inspected, is "
+                            "read from it; put the file back where the scan read it") from None
+        return None  # an unreadable sample must not stop inspection: inspect everything
 
 
 def _usable_polygon(sample: Any, alignment: dict[str, Any] | None = None) -> Any:
