@@ -119,7 +119,7 @@ def _update(folder: Path, **fields: Any) -> None:
     write_json(folder / SCAN_JSON, scan)
 
 
-def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
+def require_ready(folder: Path, command: str, *, allow_incomplete: bool | None = False
                   ) -> dict[str, Any]:
     """Check that a scan folder can be given to ``command``; return its ``scan.json``.
 
@@ -129,9 +129,10 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
         Scan folder.
     command : {"stitch", "inspect", "report", "batch"}
         What is about to run.
-    allow_incomplete : bool
+    allow_incomplete : bool or None
         Accept a scan whose acquisition did not take every planned tile
-        (``--allow-incomplete``); damage is refused all the same.
+        (``--allow-incomplete``); damage is refused all the same. None: never, and the
+        command has no such option to offer (``train``: a good scan is learnt from whole).
 
     Raises
     ------
@@ -141,7 +142,7 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool = False
     return _ready(folder, command, allow_incomplete)[0]
 
 
-def _ready(folder: Path, command: str, allow_incomplete: bool
+def _ready(folder: Path, command: str, allow_incomplete: bool | None
            ) -> tuple[dict[str, Any], int, int]:
     """:func:`require_ready`'s check: the scan, its tiles acquired and planned."""
     folder = Path(folder)
@@ -164,7 +165,8 @@ def _ready(folder: Path, command: str, allow_incomplete: bool
     plan = scan.get("plan") or {}
     records = check_journal(folder, n_planned, (plan.get("n_rows"), plan.get("n_cols")))
     ok = {r.index for r in records if r.status == "ok"}
-    hint = "run `waferscope resume` on it, or pass --allow-incomplete"
+    hint = "run `waferscope resume` on it" + ("" if allow_incomplete is None
+                                                else ", or pass --allow-incomplete")
     if len(ok) < n_planned and not allow_incomplete:
         missing = sorted(set(range(n_planned)) - ok)
         raise UserError(f"{folder}: scan {status}: {len(ok)} of {n_planned} planned tiles "

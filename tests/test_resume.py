@@ -212,6 +212,12 @@ def test_truncated_journal_is_refused_and_left_as_it_is(plain_scan: Path,
     assert len((folder / "tiles.csv").read_text().splitlines()) == 3
     # accepted as incomplete when asked, and then fused from the two tiles only
     assert runner.invoke(app, ["stitch", str(folder), "--allow-incomplete"]).exit_code == 0
+    # train learns from whole good scans only, and offers no option it does not have (it
+    # said "or pass --allow-incomplete", then "No such option")
+    result = runner.invoke(app, ["train", "--good", str(folder), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2, result.output
+    assert "planned tiles" in result.stderr and "resume" in result.stderr
+    assert "--allow-incomplete" not in result.stderr
 
 
 def test_deleted_mosaic_chunk_is_refused_before_inspection(plain_scan: Path,

@@ -75,7 +75,7 @@ def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:
     if (mosaic.parent / SCAN_JSON).is_file():
         # what inspection would refuse is no good image either: a scan that did not take
         # every planned tile, a journaled tile missing from its store
-        require_ready(mosaic.parent, "inspect")
+        require_ready(mosaic.parent, "inspect", allow_incomplete=None)
     try:
         levels, transforms = open_mosaic(mosaic)
     except (FileNotFoundError, ValueError, KeyError) as exc:
