@@ -22,10 +22,10 @@ from scanner.scanfolder import (
     MOSAIC,
     RUNNING,
     SCAN_JSON,
-    effective_status,
     hold,
     now_iso,
     read_scan_json,
+    running_status,
     this_process,
     write_json,
 )
@@ -69,12 +69,13 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
     """
     folder = Path(folder)
     _ready(folder, command, allow_incomplete)  # refused before a lock file is made in it
-    with hold(folder, write=write):
-        scan, n_ok, n_planned = _ready(folder, command, allow_incomplete)  # as it is now
+    with hold(folder, write=write) as held:
+        scan, n_ok, n_planned = _ready(folder, command, allow_incomplete,
+                                       held_here=held)  # as it is now
         if not write:
             yield lambda status: None
             return
-        before = effective_status(scan)
+        before = running_status(folder, scan, held_here=held)
         record = folder / SCAN_JSON
         original_bytes, original_stat = record.read_bytes(), record.stat()
 
@@ -142,13 +143,14 @@ def require_ready(folder: Path, command: str, *, allow_incomplete: bool | None =
     return _ready(folder, command, allow_incomplete)[0]
 
 
-def _ready(folder: Path, command: str, allow_incomplete: bool | None
-           ) -> tuple[dict[str, Any], int, int]:
-    """:func:`require_ready`'s check: the scan, its tiles acquired and planned."""
+def _ready(folder: Path, command: str, allow_incomplete: bool | None, *,
+           held_here: bool = False) -> tuple[dict[str, Any], int, int]:
+    """:func:`require_ready`'s check: the scan, its tiles acquired and planned
+    (``held_here``: this process holds the folder)."""
     folder = Path(folder)
     scan = read_scan_json(folder)
     check_recorded_recipe(folder, scan)
-    status = effective_status(scan)
+    status = running_status(folder, scan, held_here=held_here)
     if status in RUNNING:  # its outputs are being written: they would change underneath
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{(scan.get('process') or {}).get('pid')} is alive); wait for it")

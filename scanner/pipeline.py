@@ -323,7 +323,7 @@ def resume_scan(folder: Path, *, events: StageEvents | None = None,
 def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
     """:func:`resume_scan` with the folder held."""
     scan = read_scan_json(folder)
-    status = effective_status(scan)
+    status = effective_status(scan, others_hold=False)  # (this process holds the folder)
     if status in RUNNING:
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")

@@ -178,7 +178,7 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
         if not (out / SCAN_JSON).is_file():
             raise UserError(f"--out {out}: not a scan folder; refusing to overwrite it")
         scan = scan_json_if_any(out)
-        status = effective_status(scan) if scan is not None else None
+        status = running_status(out, scan) if scan is not None else None
         if status in RUNNING:
             raise UserError(f"--out {out}: the scan there is still {status} (process "
                             f"{(scan or {}).get('process', {}).get('pid')} is alive); wait "
@@ -230,7 +230,7 @@ def discard(aside: Path | None, folder: Path) -> None:
 
 
 @contextmanager
-def hold(folder: Path, *, write: bool = True) -> Iterator[None]:
+def hold(folder: Path, *, write: bool = True) -> Iterator[bool]:
     """Keep other waferscope processes off a scan folder while this one works on it.
 
     Two commands at once on one scan (``batch`` and ``inspect``, ``resume`` and ``stitch``)
@@ -245,6 +245,11 @@ def hold(folder: Path, *, write: bool = True) -> Iterator[None]:
     write : bool
         The process writes into the folder. A folder where the lock cannot be made (read-only)
         is then refused; a process that only reads it goes on without the lock.
+
+    Yields
+    ------
+    bool
+        Whether this process holds the lock (False: a read-only folder, ``write`` False).
 
     Raises
     ------
@@ -261,12 +266,32 @@ def hold(folder: Path, *, write: bool = True) -> Iterator[None]:
         if write:
             raise UserError(f"{folder}: cannot write in the scan folder "
                             f"({first_line(exc)})") from None
-        yield
+        yield False
         return
     try:
-        yield
+        yield True
     finally:
         lock.release()
+
+
+def held_elsewhere(folder: Path) -> bool | None:
+    """Whether another process holds ``folder`` (:func:`hold`); None when it cannot be told
+    (no lock can be made there: a read-only folder).
+
+    Every process that records a running stage in ``scan.json`` holds the folder while it
+    runs, so a free lock means the recorded process is gone, whatever its process id now
+    names: after a reboot the id may belong to another program, and a process recorded by
+    another computer sharing the folder cannot be asked at all.
+    """
+    lock = FileLock(Path(folder) / LOCK, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return None
+    lock.release()
+    return False
 
 
 def this_process() -> dict[str, Any]:
@@ -296,12 +321,25 @@ def _alive(process: dict[str, Any] | None) -> bool:
     return state not in ("Z", "X")
 
 
-def effective_status(scan: dict[str, Any]) -> str:
+def effective_status(scan: dict[str, Any], *, others_hold: bool | None = None) -> str:
     """The scan's status, with a running stage whose process is gone read as ``interrupted``.
 
     A ``kill -9`` leaves ``scan.json`` at the stage that was running; nothing else can fix it.
+    ``others_hold``: whether another process holds the scan folder (:func:`held_elsewhere`;
+    False too when the caller holds it). False: a running stage is over; None (not known):
+    the recorded process is looked for on this computer, and one of another computer is
+    taken to be alive.
     """
     status = str(scan.get("status", "unknown"))
-    if status in RUNNING and not _alive(scan.get("process")):
+    if status in RUNNING and (others_hold is False
+                              or (others_hold is None and not _alive(scan.get("process")))):
         return "interrupted"
     return status
+
+
+def running_status(folder: Path, scan: dict[str, Any], *, held_here: bool = False) -> str:
+    """:func:`effective_status` of the scan in ``folder``, its lock asked only when the record
+    shows a running stage (``held_here``: this process holds the folder)."""
+    recorded = str(scan.get("status", "unknown"))
+    others = False if held_here else held_elsewhere(folder) if recorded in RUNNING else None
+    return effective_status(scan, others_hold=others)

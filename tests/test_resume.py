@@ -524,8 +524,13 @@ def test_a_scan_another_process_is_still_working_on_is_not_restitched_or_inspect
 
     folder = tmp_path / "scan"
     shutil.copytree(plain_scan, folder)
-    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # a process working on a scan holds its folder (scanner.scanfolder.hold)
+    holder = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+              "lock.acquire(); print('held', flush=True); time.sleep(60)")
+    busy = subprocess.Popen([sys.executable, "-c", holder, str(folder / ".waferscope.lock")],
+                            stdout=subprocess.PIPE, text=True)
     try:
+        assert busy.stdout.readline().strip() == "held"
         scan = {**_scan(folder), "status": "inspecting",
                 "process": {"pid": busy.pid, "host": _scan(folder)["process"]["host"]}}
         (folder / "scan.json").write_text(json.dumps(scan))
@@ -534,12 +539,32 @@ def test_a_scan_another_process_is_still_working_on_is_not_restitched_or_inspect
         for args in (["stitch"], ["inspect"], ["report"], ["resume"],
                      ["run", str(recipe), "--overwrite", "--out"]):
             res = CliRunner().invoke(app, [*args, str(folder)])
-            assert res.exit_code == 2 and "still inspecting" in res.output, (args, res.output)
+            assert res.exit_code == 2, (args, res.output)
+            assert "still inspecting" in res.output or \
+                "another waferscope process is working" in res.output, (args, res.output)
         assert sorted(p.stat().st_mtime for p in (folder / "mosaic.ome.zarr").rglob("*")) \
             == mosaic
     finally:
         busy.kill()
         busy.wait()
+
+
+@pytest.mark.parametrize("process", ["live, not ours", "another computer's"])
+def test_a_running_status_whose_process_holds_nothing_is_over(
+        plain_scan: Path, tmp_path: Path, process: str) -> None:
+    """A status left running by a process id that now names another program (after a reboot),
+    or recorded by another computer, refused the scan for ever: "the scan is still
+    inspecting (process 4242 is alive); wait for it", though nothing held the folder."""
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    recorded = {"pid": os.getppid(), "host": _scan(folder)["process"]["host"]} \
+        if process.startswith("live") else {"pid": 4242, "host": "another-lab-pc"}
+    scan = {**_scan(folder), "status": "inspecting", "process": recorded}
+    (folder / "scan.json").write_text(json.dumps(scan))
+    assert effective_status(scan) == "inspecting"  # the process alone cannot tell
+    res = runner.invoke(app, ["stitch", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert _scan(folder)["status"] == "complete"  # (run without inspection: the mosaic ends it)
 
 
 def test_two_commands_on_one_scan_are_kept_apart(plain_scan: Path, tmp_path: Path) -> None:
