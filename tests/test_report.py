@@ -377,3 +377,15 @@ def test_an_image_files_review_picture_outlines_its_defects_in_their_class_colou
     assert folder == tmp_path / OVERLAYS
     assert sorted(p.name for p in folder.iterdir()) == ["a.tif.png"]
     assert (iio.imread(folder / "a.tif.png") == pic).all()
+    # inspected again into the same folder: b now has the defect and a none; a's picture of
+    # the first inspection, whose box the new list no longer holds, is gone
+    doc["images"] = {"a.tif": [], "b.tif": [scratch]}
+    (tmp_path / "defects.json").write_text(json.dumps(doc))
+    write_overlays(tmp_path / "defects.json", [("a.tif", tmp_path / "a.tif"),
+                                               ("b.tif", tmp_path / "b.tif")])
+    assert sorted(p.name for p in folder.iterdir()) == ["b.tif.png"]
+    doc["images"] = {"a.tif": [], "b.tif": []}
+    (tmp_path / "defects.json").write_text(json.dumps(doc))
+    assert write_overlays(tmp_path / "defects.json", [("a.tif", tmp_path / "a.tif"),
+                                                      ("b.tif", tmp_path / "b.tif")]) is None
+    assert not list(folder.glob("*.png"))

@@ -48,16 +48,22 @@ def write_overlays(defects_json: Path, images: Sequence[tuple[str, Path]]) -> Pa
     doc = json.loads(Path(defects_json).read_text())
     pixel_um = float(doc["header"]["pixel_size_um"])
     found = {name: d for name, d in doc["images"].items() if d}
-    if not found:
-        return None
     out = Path(defects_json).parent / OVERLAYS
-    out.mkdir(exist_ok=True)
+    written: set[Path] = set()
     for name, path in images:
         if name in found:
             picture = overlay(read_image(path), found[name], pixel_um)
             target = out / (name.replace("/", "__") + ".png")
+            out.mkdir(exist_ok=True)
             _write_png(target, picture)
-    return out
+            written.add(target)
+    # the pictures of an earlier inspection into the same folder that this one did not draw
+    # again (an image now without defects, or no longer inspected) would show boxes the new
+    # defect list does not hold
+    for stale in sorted(out.glob("*.png")) if out.is_dir() else []:
+        if stale not in written:
+            stale.unlink()
+    return out if written else None
 
 
 def overlay(image: np.ndarray, defects: list[dict[str, Any]], pixel_um: float) -> np.ndarray:
