@@ -275,6 +275,41 @@ def test_fuse_raises_the_anomaly_map_at_the_defect_only():
     assert comparison.difference(img, 0, 0, 40, 40) is None
 
 
+def test_a_defects_difference_is_scored_on_its_surroundings_only_and_the_same(monkeypatch):
+    """A defect's difference window is read with as much around it as the window is wide
+    (the levels matched are the surroundings'), and its z-scores were computed over all of
+    that: 5 s and 1 GB for one 600 x 1,176 px window of a 533-tile wafer. They are scored on
+    the window and the reach of the filters only, with the same result."""
+    from scanner.inspection import dietodie
+
+    img, geometry, grid, usable, truth = _mosaic()
+    _, _, comparison = die_to_die_patches(
+        (0.0, 0.0), 8.0, img, geometry, grid, usable, threshold=0.7,
+        settings=DieToDie(block_px=64))
+    scored: list[tuple[int, int]] = []
+    band = dietodie._matched_band_z
+
+    def spy(test, *args, **kwargs):
+        scored.append(test.shape)
+        return band(test, *args, **kwargs)
+
+    monkeypatch.setattr(dietodie, "_matched_band_z", spy)
+    # in die (1, 1), rows and columns 220-380: around the defect, beside it, a small one
+    windows = [(230, 232, 110, 140), (225, 227, 120, 131), (truth[0] - 5, truth[1] - 7, 13, 17)]
+    cropped = [comparison.difference(img, *win) for win in windows]
+    crop_shapes = list(scored)
+    monkeypatch.setattr(dietodie, "_context_px", lambda settings: 10_000)  # the whole read
+    whole = [comparison.difference(img, *win) for win in windows]
+    for (d1, z1), (d2, z2), win in zip(cropped, whole, windows, strict=True):
+        assert np.array_equal(z1, z2) and np.array_equal(d1, d2)
+        assert z1.shape == win[2:]
+    assert cropped[0][1].max() > DieToDie().z_threshold  # the defect is in the first
+    # the large windows were scored on less than their read (their side on each side)
+    assert crop_shapes[0][0] < 110 + 2 * 140 and crop_shapes[1][1] < 131 + 2 * 131
+    assert scored[len(windows):][:2] == [(110 + 2 * 140, 140 + 2 * 140),
+                                         (120 + 2 * 131, 131 + 2 * 131)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("edge_dies", ["bare", "patterned"])
 def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path, edge_dies):
