@@ -956,3 +956,16 @@ def test_a_scan_whose_sample_picture_has_moved_is_refused_naming_it(tmp_path: Pa
     (tmp_path / "moved.tif").rename(tmp_path / "sample.tif")
     result = runner.invoke(app, ["inspect", str(folder), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+
+
+def test_a_pixel_size_refused_part_way_leaves_no_output_folder(tmp_path: Path) -> None:
+    # the refusal (exit 2) left an empty --out folder behind
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "a.tif"
+    tifffile.imwrite(path, np.random.default_rng(0).integers(20, 220, (64, 64), np.uint8))
+    result = runner.invoke(app, ["inspect", str(path), "--out", str(tmp_path / "out"),
+                                 "--pixel-size", "1e9"])
+    assert result.exit_code == 2, result.output
+    assert "--pixel-size" in result.stderr and not (tmp_path / "out").exists()

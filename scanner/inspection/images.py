@@ -138,7 +138,6 @@ def inspect_images(
     thr, thr_source = _decision_threshold(model, threshold, sample_kind, pixel_size_um)
     contexts = context_thresholds(model, sample_kind, thr_source, pixel_size_um)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     rows, all_defects, per_image = [], [], {}
     network_s = 0.0
     n_px = 0
@@ -163,6 +162,7 @@ def inspect_images(
         if progress is not None:
             progress(k + 1, len(images))
     wall = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)  # (an input refused on the way leaves none)
     _write_csv(out_dir / SCORES_CSV, ["image", "score", "n_defects", "n_review", "height",
                                       "width"], rows)
     defect_rows = []
