@@ -100,14 +100,16 @@ def label_defects(
     keep[np.unique(lab[high])] = True
     keep[0] = False
     kept = keep[lab]
+    del lab  # (map-sized arrays freed as soon as done with: a mosaic's map is tens of Mpx)
     radius = int(math.ceil(merge_map_px / 2))
     if radius >= 1:
         grown = ndimage.binary_dilation(kept, structure=morphology.disk(radius))
-        groups, _ = ndimage.label(grown, structure=np.ones((3, 3)))
-        out = np.where(kept, groups, 0)
+        out, _ = ndimage.label(grown, structure=np.ones((3, 3)))
+        del grown
+        out[~kept] = 0
     else:
         out, _ = ndimage.label(kept, structure=np.ones((3, 3)))
-    return out.astype(np.int32)
+    return out.astype(np.int32, copy=False)
 
 
 

@@ -70,8 +70,10 @@ MERGE_PX = 24.0
 
 #: maps of up to this many pixels are read into memory once: each defect reads its region of
 #: three maps, and a small read of a Zarr array costs about 6 ms (a PV cell with 190 defects
-#: spent 4.5 s on them). Larger maps (gigapixel mosaics) are read region by region.
-IN_MEMORY_MAP_PX = 64_000_000
+#: spent 4.5 s on them). Larger maps are read region by region: three maps of 64 Mpx held
+#: 0.8 GB (a 533-tile wafer's 33 Mpx maps 0.4 GB at its inspection's peak, for a few seconds
+#: of reads saved), and memory is not to grow with the wafer.
+IN_MEMORY_MAP_PX = 16_000_000
 
 #: a region whose die-to-die difference stands out of the difference's own noise around it by
 #: less than this is the design the neighbouring dies repeat (see ``extract_defects``)

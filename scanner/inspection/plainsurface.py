@@ -103,6 +103,13 @@ def _per_pixel(per_block: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return expand(per_block, BLOCK, shape)
 
 
+def _per_pixel_box(per_block: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
+    """``_per_pixel(per_block, shape)[box]`` without the map-sized array."""
+    rows = np.arange(box[0].start, box[0].stop) // BLOCK
+    cols = np.arange(box[1].start, box[1].stop) // BLOCK
+    return per_block[np.ix_(rows, cols)]
+
+
 def background(block_median: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The surface level around each pixel: block medians' median over 9 x 9 blocks,
     interpolated bilinearly to ``shape``."""
@@ -223,12 +230,17 @@ def plain_surface_defects(
         area = plain_surface_area(reflectance, usable)
     r, med, spread_px, inner = area.reflectance, area.block_median, area.spread, area.inner
     plain, surface = spread_px < PLAIN_LEVEL, area.surface
-    mad_px = _per_pixel(area.block_mad, r.shape)
-    dev = ndimage.gaussian_filter(r, 1.5) - background(med, r.shape)
+    # (the map-sized arrays are made in place: a 533-tile wafer's maps are 33 Mpx, and each
+    # copy of one 134 MB)
+    dev = ndimage.gaussian_filter(r, 1.5)
+    dev -= background(med, r.shape)
     if surface.sum() < settings.min_area_px:
         return []
     spread = dev[surface]
-    noise = 1.4826 * float(np.median(np.abs(spread - np.median(spread))))
+    centre = np.median(spread, overwrite_input=True)
+    np.abs(np.subtract(spread, centre, out=spread), out=spread)
+    noise = 1.4826 * float(np.median(spread, overwrite_input=True))
+    del spread
     strong = max(settings.min_contrast, settings.noise_factor * noise)
     labels, n = ndimage.label((np.abs(dev) >= settings.min_contrast) & usable)
     if n == 0:
@@ -251,7 +263,8 @@ def plain_surface_defects(
             continue
         box, region, ring = ringed
         if not (_spot_uniform(r[box], region, ring, strong)
-                or (not edge and _uniform(r[box], dev[box], region, mad_px[box]))):
+                or (not edge and _uniform(r[box], dev[box], region,
+                                          _per_pixel_box(area.block_mad, box)))):
             continue
         if die_pitch_px is not None and _repeats(r, box, region, die_pitch_px, usable,
                                                  settings) is not False:
