@@ -12,6 +12,15 @@ from scanner.cli import app
 runner = CliRunner()
 
 
+def _refused_in_one_line(args: list[str], *named: str) -> str:
+    """Run the CLI and check that it refused (exit 2) in one line naming each of ``named``."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(word in lines[0] for word in named), lines
+    return lines[0]
+
+
 def _plain():
     """A plain surface as a camera gives it: level 1000 with noise (a blank image, every pixel
     one value, is refused as nothing imaged)."""
@@ -271,10 +280,7 @@ def test_an_image_with_non_finite_pixels_is_refused_by_inspect_and_train(
     tifffile.imwrite(images / "b_damaged.tif", damaged)
     for args in (["inspect", str(images), "--out", str(tmp_path / "out")],
                  ["train", "--good", str(images), "--out", str(tmp_path / "m")]):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 2, result.output
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "b_damaged.tif" in lines[0] and "non-finite" in lines[0]
+        _refused_in_one_line(args, "b_damaged.tif", "non-finite")
     assert not (tmp_path / "out" / "scores.csv").exists()
     assert not list(tmp_path.glob("m*.safetensors"))
 
@@ -840,10 +846,7 @@ def test_a_png_whose_pixel_data_stops_short_is_refused_not_read_as_black(
     _png(images / "cut.png", [b"\x00" + r.tobytes() for r in pixels[:150]], 400, 300)
     for args in (["inspect", str(images / "cut.png"), "--out", str(tmp_path / "out")],
                  ["train", "--good", str(images), "--out", str(tmp_path / "m")]):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 2, result.output
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "cut.png" in lines[0] and "150 of its 300 rows" in lines[0]
+        _refused_in_one_line(args, "cut.png", "150 of its 300 rows")
     assert not (tmp_path / "out" / "scores.csv").exists()
 
 
@@ -881,10 +884,8 @@ def test_a_picture_one_pixel_thin_is_too_small_not_shapeless(tmp_path: Path,
 
     path = tmp_path / "thin.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)).save(path)
-    result = runner.invoke(app, ["inspect", str(path), "--out", str(tmp_path / "out")])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "thin.png" in lines[0] and "too small" in lines[0], lines
+    _refused_in_one_line(["inspect", str(path), "--out", str(tmp_path / "out")], "thin.png",
+                         "too small")
 
 
 @pytest.mark.parametrize("compression", ["lzw", "zlib", "zstd", "jpeg"])
@@ -949,10 +950,7 @@ def test_a_scan_whose_sample_picture_has_moved_is_refused_naming_it(tmp_path: Pa
     (tmp_path / "sample.tif").rename(tmp_path / "moved.tif")
     for args in (["inspect", str(folder), "--out", str(tmp_path / "out")],
                  ["train", "--good", str(folder), "--out", str(tmp_path / "m")]):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 2, result.output
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and "sample.tif" in lines[0] and "put the file back" in lines[0]
+        _refused_in_one_line(args, "sample.tif", "put the file back")
     (tmp_path / "moved.tif").rename(tmp_path / "sample.tif")
     result = runner.invoke(app, ["inspect", str(folder), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output

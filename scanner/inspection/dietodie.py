@@ -397,8 +397,8 @@ class Comparison:
         # px of a 533-tile wafer took 5 s and 1 GB; the crop starts on the block-mean grid
         # (4 px), so the z-scores of the core are the same
         reach = 4 * _context_px(self.settings)
-        lo_r, lo_c = (max(0, (pad - reach) // 4 * 4) for _ in range(2))
-        zone = (slice(lo_r, pad + h + reach), slice(lo_c, pad + w + reach))
+        lo = max(0, (pad - reach) // 4 * 4)  # (the read has ``pad`` on every side)
+        zone = (slice(lo, pad + h + reach), slice(lo, pad + w + reach))
         t = np.asarray(test[zone], dtype=np.float32)
         r = refs_z[(slice(None), *zone)]
         m = None if mask is None else mask[zone]
@@ -408,7 +408,7 @@ class Comparison:
         diff = test[core] - median_of(refs_img[(slice(None), *core)])
         if mask is not None:
             diff[~mask[core]] = 0.0
-        inner = (slice(pad - lo_r, pad - lo_r + h), slice(pad - lo_c, pad - lo_c + w))
+        inner = (slice(pad - lo, pad - lo + h), slice(pad - lo, pad - lo + w))
         return diff.astype(np.float32), z[inner]
 
 
