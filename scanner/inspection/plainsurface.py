@@ -151,9 +151,9 @@ class PlainArea:
         The relative reflectance, the sample's median off the usable area.
     block_median, block_mad : ndarray
         Per 8 x 8 block: median and median absolute deviation.
-    spread : ndarray
-        Per pixel: its block's spread (MAD, or a third of the step to a neighbouring block's
-        median when larger).
+    block_spread : ndarray
+        Per 8 x 8 block: its spread (MAD, or a third of the step to a neighbouring block's
+        median when larger); per block, not per pixel: a mosaic's map is tens of Mpx.
     inner : ndarray of bool
         The usable area less half a background neighbourhood from its edge.
     surface : ndarray of bool
@@ -166,7 +166,7 @@ class PlainArea:
     reflectance: np.ndarray
     block_median: np.ndarray
     block_mad: np.ndarray
-    spread: np.ndarray
+    block_spread: np.ndarray
     inner: np.ndarray
     surface: np.ndarray
     plain: np.ndarray
@@ -180,14 +180,15 @@ def plain_surface_area(reflectance: np.ndarray, usable: np.ndarray) -> PlainArea
 
     r = np.asarray(reflectance, dtype=np.float32)
     # off the sample (the chuck, beyond a wafer's edge) is neither background nor a change
-    r = np.where(usable, r, np.float32(np.median(r[usable])) if usable.any() else 1.0)
+    level = np.median(r[usable], overwrite_input=True) if usable.any() else 1.0  # (a copy)
+    r = np.where(usable, r, np.float32(level))
     med, mad, step = block_statistics(r, BLOCK)
-    spread = _per_pixel(np.maximum(mad, step / 3.0), r.shape)
+    spread = np.maximum(mad, step / 3.0)
     # the background needs a whole neighbourhood of surface: within half of one from the
     # usable area's edge (roll-off and edge bead of a wafer, a coupon's bevel) only spots are judged
     inner = _per_pixel(ndimage.binary_erosion(_blocks_all(usable), iterations=5,
                                               border_value=0), r.shape) & usable
-    plain = (spread < PLAIN_LEVEL) & usable
+    plain = _per_pixel(spread < PLAIN_LEVEL, r.shape) & usable
     return PlainArea(r, med, mad, spread, inner, plain & inner, plain)
 
 
@@ -228,8 +229,8 @@ def plain_surface_defects(
         return []
     if area is None:
         area = plain_surface_area(reflectance, usable)
-    r, med, spread_px, inner = area.reflectance, area.block_median, area.spread, area.inner
-    plain, surface = spread_px < PLAIN_LEVEL, area.surface
+    r, med, inner = area.reflectance, area.block_median, area.inner
+    plain, surface = _per_pixel(area.block_spread < PLAIN_LEVEL, r.shape), area.surface
     # (the map-sized arrays are made in place: a 533-tile wafer's maps are 33 Mpx, and each
     # copy of one 134 MB)
     dev = ndimage.gaussian_filter(r, 1.5)
@@ -258,7 +259,8 @@ def plain_surface_defects(
         edge = not inner[sl][own].all()
         if peak < strong or (edge and not _fits_spot(own)):
             continue
-        ringed = _ringed_region(labels, k, sl, peak, usable, plain, spread_px, settings)
+        ringed = _ringed_region(labels, k, sl, peak, usable, plain, area.block_spread,
+                                settings)
         if ringed is None:
             continue
         box, region, ring = ringed
@@ -337,7 +339,7 @@ def _spot_uniform(r: np.ndarray, region: np.ndarray, ring: np.ndarray, strong: f
 
 
 def _ringed_region(labels: np.ndarray, k: int, sl: tuple[slice, slice], peak: float,
-                   usable: np.ndarray, plain: np.ndarray, spread_px: np.ndarray,
+                   usable: np.ndarray, plain: np.ndarray, block_spread: np.ndarray,
                    settings: PlainSurface
                    ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
     """Candidate ``k`` (``peak``: its largest change) in a box with room for the ring around
@@ -353,7 +355,7 @@ def _ringed_region(labels: np.ndarray, k: int, sl: tuple[slice, slice], peak: fl
     ring = (dist > ring_in) & (dist <= ring_out) & usable[box]
     if ring.sum() < 8 or plain[box][ring].mean() < settings.ring_plain:
         return None
-    if peak < settings.ring_contrast * float(np.median(spread_px[box][ring])):
+    if peak < settings.ring_contrast * float(np.median(_per_pixel_box(block_spread, box)[ring])):
         return None
     return box, region, ring
 
