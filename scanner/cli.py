@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import signal
 import sys
 import threading
@@ -45,6 +46,20 @@ def install_signal_handlers() -> None:
     sys.unraisablehook = _redeliver_interrupt
 
 
+class OneLineFormatter(logging.Formatter):
+    """A logged error is one line, its exception's type and message after it: work that fails
+    in the background (a full disk while a tile is processed) printed a traceback over the
+    one line that says what to do. ``WAFERSCOPE_DEBUG=1`` shows tracebacks."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord({
+                **record.__dict__, "msg": f"{record.getMessage()}: {type(exc).__name__}: {exc}",
+                "args": None, "exc_info": None, "exc_text": None})
+        return super().format(record)
+
+
 def main() -> None:
     """Entry point for ``python -m scanner``."""
     install_signal_handlers()
@@ -55,6 +70,8 @@ def main() -> None:
     # handler whatever the root's level, so the handler itself must filter them.
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING)
+        if not os.environ.get("WAFERSCOPE_DEBUG"):
+            handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     import typer
 
     # click's (or typer's own copy of click's) base of usage errors, whichever typer uses

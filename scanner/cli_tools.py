@@ -494,6 +494,8 @@ def view(
     window: Annotated[
         bool, typer.Option("--window", help="Screenshot the whole window, not only the canvas.")
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --screenshot file.")
+                         ] = False,
 ) -> None:
     """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
     from scanner.napari.viewer import view as open_view
@@ -504,6 +506,8 @@ def view(
         if screenshot.suffix.lower() != ".png":
             raise UserError(f"--screenshot {screenshot}: give a .png file name")
         check_output(screenshot, "--screenshot", folder=False)
+        if screenshot.exists() and not overwrite:  # (it may be a scan's own wafermap.png)
+            raise UserError(f"--screenshot {screenshot}: exists (use --overwrite to replace it)")
     saved = open_view(scan, screenshot=screenshot, canvas_only=not window)
     if saved is not None:
         out.print(f"screenshot: {saved.resolve()}")

@@ -144,8 +144,9 @@ MIN_WAFER_MM, MAX_WAFER_MM = 1.0, 450.0
 
 
 #: what a KLARF id cannot hold: its strings' quotes, its records' ends and its 1.8 blocks'
-#: delimiters (written, they were replaced by "_" without a word)
-_KLARF_ID_FORBIDDEN = re.compile(r'["\r\n;,{}]')
+#: delimiters (written, they were replaced by "_" without a word), and anything but printable
+#: ASCII, which a KLARF file is (written, "Łódź" became "??d?" and two wafers one id)
+_KLARF_ID_FORBIDDEN = re.compile(r'["\r\n;,{}]|[^\x20-\x7e]')
 
 
 def klarf_id_problem(value: str) -> str | None:
@@ -155,7 +156,8 @@ def klarf_id_problem(value: str) -> str | None:
     bad = sorted(set(_KLARF_ID_FORBIDDEN.findall(str(value))))
     if bad:
         shown = " ".join(repr(c) for c in bad)
-        return f"{value!r} holds {shown}, which a KLARF cannot carry in an id"
+        return (f"{value!r} holds {shown}, which a KLARF cannot carry in an id (printable "
+                'ASCII without " ; , { })')
     return None
 
 
@@ -519,6 +521,15 @@ class StitchSpec(_Model):
     )
 
 
+def plain_folder_name(value: str) -> str:
+    """A scan's name as it becomes a folder under ``output.root``: it must not climb out of
+    it, name another folder, or hold control characters (a newline in a folder's name)."""
+    if (not value.strip() or value in (".", "..") or any(c in value for c in "/\\:")
+            or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise ValueError(f"must be a plain folder name inside output.root (got {value!r})")
+    return value
+
+
 class OutputSpec(_Model):
     """Where the scan folder goes (relative paths are relative to the working directory)."""
 
@@ -539,14 +550,7 @@ class OutputSpec(_Model):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
-        # the name becomes a folder under root: it must not climb out of it or name another
-        if value is not None and (
-            not value.strip() or value in (".", "..") or any(c in value for c in "/\\:\0")
-        ):
-            raise ValueError(
-                f"must be a plain folder name inside output.root (got {value!r})"
-            )
-        return value
+        return None if value is None else plain_folder_name(value)
 
 
 class Recipe(_Model):
@@ -557,7 +561,13 @@ class Recipe(_Model):
     scan: ScanSpec = ScanSpec()
     output: OutputSpec = OutputSpec()
     stitch: StitchSpec = StitchSpec()
+    #: the scan folder's name when ``output.name`` is not given
     name: str = "scan"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return plain_folder_name(value)
 
 
 # --------------------------------------------------------------------------- loading
@@ -739,6 +749,10 @@ def parse_recipe(data: Any, base_dir: Path, name: str = "scan") -> Recipe:
         raise RecipeError(
             "recipe: must be a mapping with sample, microscope, scan, output sections"
         )
+    try:  # a recipe file's name that would not make a folder name gives the default
+        name = plain_folder_name(name)
+    except ValueError:
+        name = "scan"
     data = {"name": name, **data}
     try:
         return Recipe.model_validate(data, context={"base_dir": base_dir})
@@ -754,6 +768,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # ``<<: *defaults``: its keys are the defaults the mapping's own override
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, str) and key in seen:
                 raise yaml.constructor.ConstructorError(

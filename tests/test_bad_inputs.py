@@ -967,3 +967,40 @@ def test_a_pixel_size_refused_part_way_leaves_no_output_folder(tmp_path: Path) -
                                  "--pixel-size", "1e9"])
     assert result.exit_code == 2, result.output
     assert "--pixel-size" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_error_logged_from_background_work_is_one_line() -> None:
+    """A full disk while a tile was processed during acquisition printed its traceback (12
+    lines) above the one line saying what to do; WAFERSCOPE_DEBUG=1 still shows it."""
+    import logging
+    import os
+    import subprocess
+    import sys
+
+    from scanner.cli import OneLineFormatter
+
+    record = None
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        record = logging.LogRecord("waferscope.acquire", logging.ERROR, __file__, 1,
+                                   "processing of tile %d failed", (16,), sys.exc_info())
+    line = OneLineFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+    assert line == ("ERROR waferscope.acquire: processing of tile 16 failed: OSError: "
+                    "[Errno 28] No space left on device")
+    # the command line installs it on the handler its logging writes through
+    code = ("import logging, sys; from scanner.cli import OneLineFormatter, main; "
+            "sys.argv = ['waferscope', '--help']; "
+            "import contextlib, io\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: main()\n"
+            "    except SystemExit: pass\n"
+            "print(all(isinstance(h.formatter, OneLineFormatter) "
+            "for h in logging.getLogger().handlers))")
+    for debug, expected in (("", "True"), ("1", "False")):
+        env = {k: v for k, v in os.environ.items() if k != "WAFERSCOPE_DEBUG"}
+        if debug:
+            env["WAFERSCOPE_DEBUG"] = debug
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == expected, out.stdout + out.stderr

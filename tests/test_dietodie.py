@@ -351,6 +351,16 @@ def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path, 
     for d in found:  # a defect's size fits its box (a box of 80 x 70 um read 288 um across)
         x0, y0, x1, y1 = d.bbox_um
         assert d.size_um <= math.hypot(x1 - x0, y1 - y0) + 2 * p, d
+    if edge_dies == "bare":
+        # a user's --threshold cuts the die-to-die evidence as it cuts the model's map: above
+        # every score nothing is reported (the evidence was put at the user's threshold, and
+        # the same defects came back at any threshold, their scores rescaled)
+        strict = tmp_path / "strict"
+        top = max(d.score for d in found)
+        res = CliRunner().invoke(app, ["inspect", str(out), "--threshold", f"{top * 1.05:.4f}",
+                                       "--out", str(strict)])
+        assert res.exit_code == 0, res.output
+        assert read_defects(strict)[1] == []
 
 
 def test_many_small_dies_smaller_than_a_block():

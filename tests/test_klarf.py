@@ -224,6 +224,13 @@ def test_ids_a_klarf_cannot_carry_are_refused_naming_the_option(reported_wafer: 
     res = CliRunner().invoke(app, ["report", str(reported_wafer), "--lot", "MY LOT;1"])
     assert res.exit_code == 2 and "--lot" in res.output and "';'" in res.output
     assert (reported_wafer / "defects.klarf").read_bytes() == before
+    # a KLARF is ASCII: "Łódź" was written "??d?", and two wafers "晶圆7", "硅片7" both "??7";
+    # a tab went in raw
+    for option, value, shown in (("--lot", "Łódź", "'Ł'"), ("--wafer", "晶圆7", "'晶'"),
+                                 ("--lot", "A\tB", "'\\t'")):
+        res = CliRunner().invoke(app, ["report", str(reported_wafer), option, value])
+        assert res.exit_code == 2 and option in res.output and shown in res.output, res.output
+    assert (reported_wafer / "defects.klarf").read_bytes() == before
     with pytest.raises(RecipeError, match="wafer_id"):
         parse_recipe({"sample": {"kind": "wafer", "diameter_mm": 100, "wafer_id": "W{1}"},
                       "microscope": {"kind": "simulated"}}, reported_wafer)

@@ -235,6 +235,12 @@ def test_view_without_napari_or_display_is_a_clear_error(review_scan: Path, monk
         res = runner.invoke(app, ["view", str(review_scan), "--screenshot", str(shot)])
         assert res.exit_code == 2 and "--screenshot" in res.output, res.output
         assert not shot.exists()
+    # an existing file (here the scan's own wafer map) is replaced only with --overwrite
+    kept = review_scan / "wafermap.png"
+    before = kept.read_bytes()
+    res = runner.invoke(app, ["view", str(review_scan), "--screenshot", str(kept)])
+    assert res.exit_code == 2 and "--overwrite" in res.output, res.output
+    assert kept.read_bytes() == before
 
 
 def test_reader_imports_no_napari_or_qt():

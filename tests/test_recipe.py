@@ -70,6 +70,9 @@ BROKEN = [
      "microscope.stage.travel_x_um.0: must be a finite number"),
     ("sample: {kind: wafer}\noutput: {name: ../../x}\n", "output.name: must be a plain folder"),
     ("sample: {kind: wafer}\noutput: {name: /tmp/x}\n", "output.name: must be a plain folder"),
+    # the top-level name is the folder's when output.name is not given: it wrote outside root
+    ("sample: {kind: wafer}\nname: ../escaped\n", "name: must be a plain folder"),
+    ("sample: {kind: wafer}\nname: \"a\\nb\"\n", "name: must be a plain folder"),
     ("sampel: {kind: wafer}\n", "sampel: unknown key (did you mean 'sample'?)"),
     ("sample: {kind: wafer}\nscan: {focus: {strategi: none}}\n",
      "scan.focus.strategi: unknown key (did you mean 'strategy'?)"),
@@ -114,6 +117,35 @@ def test_broken_recipe_gives_one_line_and_exit_2(
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     assert expected.split(":")[0] in lines[0]
+
+
+def test_yaml_merge_keys_give_defaults_and_a_key_twice_is_still_refused(write_recipe) -> None:
+    # the loader that refuses a key given twice read "<<:" as an unknown tag
+    recipe = load_recipe(write_recipe(
+        "sample: {kind: rectangle, width_mm: 3, height_mm: 3}\n"
+        "microscope: {kind: simulated, camera: {<<: {width: 256, height: 256}, height: 128}}\n"))
+    assert (recipe.microscope.camera.width, recipe.microscope.camera.height) == (256, 128)
+    with pytest.raises(RecipeError, match="'height' appears twice"):
+        load_recipe(write_recipe(
+            "sample: {kind: rectangle, width_mm: 3, height_mm: 3}\n"
+            "microscope: {kind: simulated, camera: {<<: {width: 64}, height: 8, height: 9}}\n"))
+
+
+@pytest.mark.parametrize("sample", [
+    "{kind: rectangle, width_mm: 0.01, height_mm: 0.01}",  # half a camera pixel
+    "{kind: image, path: coupon.tif, pixel_size_um: 0.01}",  # an image of a few um
+])
+def test_a_sample_a_few_camera_pixels_wide_is_refused_before_the_scan(
+        sample: str, write_recipe, coupon_tif: Path) -> None:
+    # it was scanned, inspected by no window and reported without a defect (exit 0)
+    path = write_recipe(f"sample: {sample}\n"
+                        "microscope: {kind: simulated, camera: {width: 256, height: 256, "
+                        "pixel_size_um: 20}}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sample: the scanned region" in lines[0] \
+        and "too small to inspect" in lines[0], lines
 
 
 def test_missing_recipe_file(tmp_path: Path) -> None:

@@ -299,8 +299,34 @@ def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
     if pixel_size_um is not None:
         check_die_grid(recipe, pixel_size_um)
     plan = plan_scan(recipe, fov_um, alignment)
+    if pixel_size_um is not None:
+        check_region_size(plan, pixel_size_um)
     check_travel(plan, recipe, core)
     return replace(plan, travel_checked=True)
+
+
+def check_region_size(plan: ScanPlan, pixel_size_um: float) -> None:
+    """Refuse a scanned region narrower than the least image inspection takes
+    (:data:`simulators.picture.MIN_IMAGE_PX` camera pixels a side): a sample of 0.01 mm under
+    20 µm pixels was scanned, inspected by no window and reported without a defect.
+
+    Raises
+    ------
+    PlanError
+        Naming the sample and its size in camera pixels.
+    """
+    from simulators.picture import MIN_IMAGE_PX
+
+    if pixel_size_um <= 0:
+        return
+    x0, y0, x1, y1 = plan.region.bounds
+    w_px, h_px = (x1 - x0) / pixel_size_um, (y1 - y0) / pixel_size_um
+    if min(w_px, h_px) < MIN_IMAGE_PX:
+        raise PlanError(
+            f"sample: the scanned region is {(x1 - x0) / 1000:.3g} x {(y1 - y0) / 1000:.3g} mm, "
+            f"{w_px:.3g} x {h_px:.3g} camera pixels of {pixel_size_um:g} µm: too small to "
+            f"inspect ({MIN_IMAGE_PX} pixels a side at least); check the sample's size (mm) "
+            "and pixel size, or use a finer camera pixel")
 
 
 def check_travel(plan: ScanPlan, recipe: Recipe, core: Any = None) -> None:

@@ -91,6 +91,19 @@ def _decision_threshold(model: Model, threshold: float | None, sample_kind: str 
     return thr, source
 
 
+def evidence_threshold(model: Model, threshold: float, threshold_source: str,
+                       sample_kind: str | None, pixel_size_um: float | None = None) -> float:
+    """The anomaly-map score that die-to-die, golden-image and plain-surface evidence puts its
+    own threshold at: the card's threshold for the kind, also when the user gave
+    ``--threshold``, so that the user's threshold cuts that evidence as it cuts the model's
+    map. Put at the user's threshold, every difference the comparison finds passed any
+    threshold: a die-to-die wafer gave the same defects at ``--threshold 3`` and ``1e30``,
+    their scores only rescaled."""
+    if threshold_source != "user":
+        return threshold
+    return card_threshold(model, sample_kind, pixel_size_um)[0]
+
+
 def context_thresholds(model: Model, sample_kind: str | None, threshold_source: str,
                        pixel_size_um: float | None = None) -> dict[str, float | None]:
     """The card's thresholds beside the decision threshold, for a kind of sample.

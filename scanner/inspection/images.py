@@ -29,6 +29,7 @@ from scanner.inspection.card import (
     _decision_threshold,
     _defects_from,
     context_thresholds,
+    evidence_threshold,
     load_inspection_model,
     log,
     model_info,
@@ -137,6 +138,7 @@ def inspect_images(
     _warn_about_shapes(model, shapes)
     thr, thr_source = _decision_threshold(model, threshold, sample_kind, pixel_size_um)
     contexts = context_thresholds(model, sample_kind, thr_source, pixel_size_um)
+    evidence_thr = evidence_threshold(model, thr, thr_source, sample_kind, pixel_size_um)
     out_dir = Path(out_dir)
     rows, all_defects, per_image = [], [], {}
     network_s = 0.0
@@ -149,7 +151,7 @@ def inspect_images(
         network_s += maps.stats.network_s
         reference, difference, dies = _compared(model, img, float(pixel_size_um or
                                                                   model.pixel_size_um),
-                                                maps, thr, sample_kind)
+                                                maps, evidence_thr, sample_kind)
         compared_with[reference] = compared_with.get(reference, 0) + 1
         defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
                                 difference=difference, dies=dies)

@@ -34,6 +34,7 @@ from scanner.inspection.card import (
     _decision_threshold,
     _defects_from,
     context_thresholds,
+    evidence_threshold,
     load_inspection_model,
     model_info,
     threshold_record,
@@ -650,6 +651,7 @@ def inspect_mosaic(
     edge_band_um = _edge_band_um(polygon, model, pixel_um)
     thr, thr_source = _decision_threshold(model, threshold, kind, pixel_um)
     contexts = context_thresholds(model, kind, thr_source, pixel_um)
+    evidence_thr = evidence_threshold(model, thr, thr_source, kind, pixel_um)
     d2d = (getattr(model, "card", None) or {}).get("die_to_die") or {}
     compared_sample, compared_polygon = saved, polygon
     if saved is None and polygon is None and repeats(d2d):
@@ -657,12 +659,12 @@ def inspect_mosaic(
         # product whose good images repeat is looked for a repeat as an image sample is
         compared_sample = SimpleNamespace(kind="image", die_to_die="auto")  # pitch: found
         compared_polygon = _mosaic_grid(mosaic).outline()
-    compare = _die_to_die(mosaic, compared_sample, compared_polygon, thr, alignment,
+    compare = _die_to_die(mosaic, compared_sample, compared_polygon, evidence_thr, alignment,
                           d2d.get("z_threshold"), d2d.get("texture_z_threshold"),
                           d2d.get("found_grid_repeats", True) is not False)
-    golden = _golden(mosaic, model, thr, kind, polygon)
-    refine = _Refinement(compare or golden, kind in PLAIN_SURFACE_KINDS, saved, polygon, thr,
-                         mosaic, fallback=golden if compare is not None else None)
+    golden = _golden(mosaic, model, evidence_thr, kind, polygon)
+    refine = _Refinement(compare or golden, kind in PLAIN_SURFACE_KINDS, saved, polygon,
+                         evidence_thr, mosaic, fallback=golden if compare is not None else None)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster, edge_um=edge_band_um or None)
     t1 = time.perf_counter()
