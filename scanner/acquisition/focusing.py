@@ -17,6 +17,7 @@ import numpy as np
 from pymmcore_plus import CMMCorePlus
 
 from scanner.acquisition.focus.measures import DEFAULT_MEASURE, MEASURES
+from scanner.acquisition.focus.points import focus_map_points, tour_order
 from scanner.acquisition.focus.recheck import (
     BandEnergy,
     PairNoise,
@@ -28,13 +29,7 @@ from scanner.acquisition.focus.recheck import (
     strip_energies,
 )
 from scanner.acquisition.focus.search import FocusResult, autofocus
-from scanner.acquisition.focus.surface import (
-    MIN_POINTS,
-    FocusSurface,
-    fit_focus_surface,
-    focus_points_layout,
-    tour_order,
-)
+from scanner.acquisition.focus.surface import MIN_POINTS, FocusSurface, fit_focus_surface
 from scanner.acquisition.plan import ScanPlan
 from scanner.recipe import Recipe
 
@@ -170,16 +165,8 @@ class FocusController:
         """Measure the focus map (strategy ``focus_map``) before the first tile."""
         if self.spec.strategy != "focus_map":
             return
-        polygon = np.asarray(self.plan.region.exterior.coords)[:-1]
         fov = min(self.plan.fov_um)
-        # points half a field inside the region, so that each field sees the sample; on a
-        # sample hardly larger than a field (a 1.5 x 1 mm coupon under a 1 mm field) nothing
-        # is left that far inside, and the fields reach past its edge instead
-        margin = fov / 2
-        while margin > 1.0 and self.plan.region.buffer(-margin).is_empty:
-            margin /= 2
-        points = focus_points_layout(polygon, self.spec.points, self.spec.layout,
-                                     margin_um=margin if margin > 1.0 else 0.0)
+        points = focus_map_points(self.plan.region, fov, self.spec.points, self.spec.layout)
         # a short stage path from where the stage is to the scan's first tile
         first = self.plan.tiles[0]
         points = points[tour_order(points, self.core.getXYPosition(), (first.x_um, first.y_um))]

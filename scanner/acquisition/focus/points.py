@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["focus_points_layout", "tour_order"]
+__all__ = ["focus_map_points", "focus_points_layout", "tour_order"]
 
 
 def focus_points_layout(
@@ -58,6 +58,19 @@ def focus_points_layout(
     if len(best) == 0:
         return c[None, :]
     return best
+
+
+def focus_map_points(region: Any, fov_um: float, n_points: int,
+                     layout: Literal["grid", "rings"] = "grid") -> np.ndarray:
+    """A focus map's points over a scan's region (a shapely polygon, µm): half a field
+    (``fov_um``, the field's shorter side) inside it, so that each field sees the sample. On a
+    sample hardly larger than a field nothing is left that far inside, and the fields reach
+    past its edge instead (see :func:`focus_points_layout`)."""
+    margin = fov_um / 2
+    while margin > 1.0 and region.buffer(-margin).is_empty:
+        margin /= 2
+    return focus_points_layout(np.asarray(region.exterior.coords)[:-1], n_points, layout,
+                               margin_um=margin if margin > 1.0 else 0.0)
 
 
 def _region(polygon_xy: np.ndarray, n_points: int, layout: str, margin_um: float) -> Any:
