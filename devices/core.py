@@ -402,7 +402,9 @@ def _load_config(core: UniMMCore, spec: MicroManagerMicroscope, summary: Any,
     try:
         for role, label in roles.items():
             _set_role(core, role, label)
-        _require_roles_and_pixel_size(core, spec)
+        if core.getPixelSizeUm() <= 0:
+            _match_pixel_preset(core, summary.pixel_presets)
+        _require_roles_and_pixel_size(core, spec, summary.pixel_presets)
         if spec.pixel_size_um is not None and (
                 summary.pixel_size_um is None or core.getPixelSizeUm() <= 0):
             _set_pixel_size(core, spec.pixel_size_um)
@@ -414,7 +416,38 @@ def _load_config(core: UniMMCore, spec: MicroManagerMicroscope, summary: Any,
     return None
 
 
-def _require_roles_and_pixel_size(core: UniMMCore, spec: MicroManagerMicroscope) -> None:
+def _match_pixel_preset(core: UniMMCore, presets: dict[str, Any]) -> str | None:
+    """Apply the first of a ``.cfg``'s pixel-size presets whose settings the devices show now,
+    and return its name (None: none does).
+
+    The C++ core matches presets against its own devices only: a preset on a Python (``#py``)
+    device, such as ``Camera Binning 1`` on the emulated rig's camera, never matched, and the
+    file's pixel size was said to be missing. ``getProperty`` reaches both kinds.
+    """
+    for name, (size, affine, settings) in presets.items():
+        try:
+            shown = all(_same_value(core.getProperty(device, prop), value)
+                        for device, prop, value in settings)
+        except Exception:  # a device or property the loaded core does not have
+            shown = False
+        if shown:
+            _set_pixel_size(core, size, affine)
+            return name
+    return None
+
+
+def _same_value(shown: Any, value: str) -> bool:
+    """A property's value as the core shows it against one a ``.cfg`` gives ("1" and "1.0")."""
+    if str(shown) == value:
+        return True
+    try:
+        return float(shown) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _require_roles_and_pixel_size(core: UniMMCore, spec: MicroManagerMicroscope,
+                                  presets: dict[str, Any] | None = None) -> None:
     """Refuse a core without a camera, XY stage or focus drive, or without a pixel size."""
     missing = [
         what
@@ -429,6 +462,14 @@ def _require_roles_and_pixel_size(core: UniMMCore, spec: MicroManagerMicroscope)
         raise UserError(f"microscope.roles: {spec.config.name} defines no {', '.join(missing)} "
                         "(set it in the .cfg's Core properties or in microscope.roles)")
     if core.getPixelSizeUm() <= 0 and spec.pixel_size_um is None and spec.calibration is None:
+        if presets:
+            shown = "; ".join(f"{name}: " + (", ".join(f"{d} {p} = {v}" for d, p, v in settings)
+                                             or "no settings")
+                              for name, (_, _, settings) in presets.items())
+            raise UserError(
+                f"microscope.pixel_size_um: none of {spec.config.name}'s pixel size presets "
+                f"({shown}) matches the devices' present settings; correct the preset or give "
+                "pixel_size_um in the recipe")
         raise UserError(
             f"microscope.pixel_size_um: {spec.config.name} has no pixel size calibration; "
             "give pixel_size_um in the recipe"

@@ -29,6 +29,10 @@ ROLE_PROPERTIES = {"camera": "Camera", "xy_stage": "XYStage", "focus": "Focus",
 _PY_PREFIX = "#py "
 
 
+#: a pixel-size preset's affine when the file gives none (the core then uses the size alone)
+_DEFAULT_AFFINE = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
 @dataclass
 class ConfigSummary:
     """What a ``.cfg`` declares.
@@ -43,12 +47,17 @@ class ConfigSummary:
         Role → device label, from the Core properties the file sets.
     pixel_size_um : float or None
         The first pixel-size preset's size, if the file defines one.
+    pixel_presets : dict
+        Preset name → ``(pixel size µm, affine or None, [(device, property, value), ...])``:
+        each pixel-size preset with a size, and the settings it applies to.
     """
 
     devices: dict[str, tuple[str, str]] = field(default_factory=dict)
     py_devices: dict[str, tuple[str, str]] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)
     pixel_size_um: float | None = None
+    pixel_presets: dict[str, tuple[float, tuple[float, ...] | None,
+                                   list[tuple[str, str, str]]]] = field(default_factory=dict)
 
 
 def _adapter_dirs(adapter_path: Path | None) -> list[Path]:
@@ -167,8 +176,15 @@ def read_config(path: Path) -> ConfigSummary:
         role = {v: k for k, v in ROLE_PROPERTIES.items()}.get(prop.name)
         if role and prop.value and role not in summary.roles:
             summary.roles[role] = str(prop.value)
-    sizes = [p.pixel_size_um for p in model.pixel_size_group.presets.values()
-             if p.pixel_size_um > 0]
+    for name, preset in model.pixel_size_group.presets.items():
+        if preset.pixel_size_um > 0:
+            affine = tuple(float(v) for v in preset.affine) if preset.affine else None
+            summary.pixel_presets[name] = (
+                float(preset.pixel_size_um),
+                None if affine == _DEFAULT_AFFINE else affine,
+                [(s.device_name, s.property_name, str(s.property_value))
+                 for s in preset.settings])
+    sizes = [size for size, _, _ in summary.pixel_presets.values()]
     summary.pixel_size_um = float(sizes[0]) if sizes else None
     return summary
 

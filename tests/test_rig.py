@@ -188,6 +188,24 @@ def test_roles_name_the_configs_python_devices(tmp_path: Path) -> None:
                                  "a camera (its type: XYStageDevice)"
 
 
+def test_a_pixel_size_preset_on_a_python_camera_is_used(tmp_path: Path) -> None:
+    from devices.core import build_microscope
+
+    # the C++ core matches presets on its own devices only: "Camera Binning 1" on the
+    # emulated rig's (#py) camera never matched, and the file's size was said to be missing
+    cfg = RIG_CFG + "ConfigPixelSize,Res10x,Camera,Binning,1\nPixelSize_um,Res10x,5\n"
+    path = _rig(tmp_path, cfg)
+    path.write_text(path.read_text().replace("  pixel_size_um: 10.0\n", ""))
+    with build_microscope(load_recipe(path)) as handle:
+        assert handle.core.getPixelSizeUm() == 5.0
+    # a preset that the devices do not show is named, not called missing
+    path = _rig(tmp_path, cfg.replace("Binning,1", "Binning,4"))
+    path.write_text(path.read_text().replace("  pixel_size_um: 10.0\n", ""))
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2, res.output
+    assert "none of rig.cfg's pixel size presets (Res10x: Camera Binning = 4)" in res.stderr
+
+
 def _preset_core(kind: str):
     import pymmcore
     from pymmcore_plus.experimental.unicore import UniMMCore
