@@ -249,6 +249,13 @@ class WaferSample(_Model):
         problem = die_count_problem(self.die_pitch_mm, (self.diameter_mm, self.diameter_mm))
         if problem:
             raise ValueError(problem)
+        # any die's corner gives the same grid, so one far off the wafer is a typo (an origin
+        # of [1e8, -1e8] was taken: die indices of -20000001 in the KLARF)
+        off = math.hypot(*self.die_origin_mm)
+        if off > self.diameter_mm:
+            raise ValueError(f"die_origin_mm: {[float(v) for v in self.die_origin_mm]} lies "
+                             f"{off:.4g} mm from the centre of a {self.diameter_mm:g} mm wafer; "
+                             "give the corner of a die on the wafer (mm from its centre)")
         return self
 
 

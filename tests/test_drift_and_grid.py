@@ -13,6 +13,7 @@ from skimage import data
 
 from models.drift import drift_verdict, score_summary
 from scanner.diegrid import DieGrid, estimate_grid
+from scanner.errors import UserError
 from scanner.inspection.drift import check_drift, good_surface_scores
 
 
@@ -223,6 +224,33 @@ def test_drift_is_judged_on_the_newest_scans(tmp_path: Path) -> None:
     assert report.drifted and report.move == pytest.approx(1.6, rel=0.05)
     assert [Path(r["scan"]).name for r in report.scans] == [f"s{i}" for i in range(8)]
     assert not check_drift(scans[:6], _Model(reference)).drifted
+
+
+@pytest.mark.parametrize(("second", "named"), [
+    ({"recipe": {"sample": {"kind": "pv_cell"}}, "mosaic": {"pixel_size_um": 5.0}},
+     "(wafer) and"),
+    ({"recipe": {"sample": {"kind": "wafer"}}, "mosaic": {"pixel_size_um": 20.0}},
+     "(5.0 um pixels) and")])
+def test_drift_refuses_scans_of_different_products(tmp_path: Path, second: dict,
+                                                   named: str) -> None:
+    """A PV cell at 30 um beside wafers at 10 and 20 um read "DRIFT ... sharpness x1.55"."""
+    rng = np.random.default_rng(3)
+    scores = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    scans = []
+    for i, extra in enumerate([{"recipe": {"sample": {"kind": "wafer"}},
+                                "mosaic": {"pixel_size_um": 5.0}}, second]):
+        folder = _scan(tmp_path / f"s{i}", scores)
+        record = json.loads((folder / "scan.json").read_text())
+        (folder / "scan.json").write_text(json.dumps({**record, **extra}))
+        scans.append(folder)
+    with pytest.raises(UserError, match="drift compares scans of one product") as info:
+        check_drift(scans, _Model(scores))
+    assert named in str(info.value) and "s1" in str(info.value)
+    # the same product at a pixel size within 1 %: compared
+    record = json.loads((scans[1] / "scan.json").read_text())
+    record.update({"recipe": {"sample": {"kind": "wafer"}}, "mosaic": {"pixel_size_um": 5.02}})
+    (scans[1] / "scan.json").write_text(json.dumps(record))
+    assert not check_drift(scans, _Model(scores)).drifted
 
 
 @pytest.mark.slow

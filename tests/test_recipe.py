@@ -70,6 +70,8 @@ BROKEN = [
      "microscope.stage.travel_x_um.0: must be a finite number"),
     ("sample: {kind: wafer}\noutput: {name: ../../x}\n", "output.name: must be a plain folder"),
     ("sample: {kind: wafer}\noutput: {name: /tmp/x}\n", "output.name: must be a plain folder"),
+    ("sample: {kind: wafer, diameter_mm: 10, die_origin_mm: [1.0e+8, -1.0e+8]}\n",
+     "sample.die_origin_mm: [100000000.0, -100000000.0] lies 1.414e+08 mm from the centre"),
     # the top-level name is the folder's when output.name is not given: it wrote outside root
     ("sample: {kind: wafer}\nname: ../escaped\n", "name: must be a plain folder"),
     ("sample: {kind: wafer}\nname: \"a\\nb\"\n", "name: must be a plain folder"),

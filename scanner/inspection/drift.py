@@ -204,6 +204,7 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
                            "lower than the product's other scans)")
         else:
             rows.append(row)
+    _one_product(rows)
     rows, notes = _oldest_first(rows)
     oldest, judged = (rows[0], rows[1:][-RECENT:]) if len(rows) >= 2 else (None, rows)
     scores = [r["scores"] for r in judged]
@@ -218,6 +219,21 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
     return DriftReport(
         drifted or bool(moved), move, rows, skipped, plot, image, moved,
         None if oldest is None else oldest["scan"], len(judged), notes, calibration[1])
+
+
+def _one_product(rows: list[dict[str, Any]]) -> None:
+    """Refuse scans of different kinds of sample or at different pixel sizes (more than 1 %
+    apart): their scores and images differ by what they show, not by drift (a PV cell at 30
+    um beside wafers at 10 and 20 um read "DRIFT ... sharpness x1.55")."""
+    for key, unit in (("kind", ""), ("pixel_size_um", " um pixels")):
+        known = [r for r in rows if r.get(key) is not None]
+        for r in known[1:]:
+            first = known[0]
+            if r[key] != first[key] if key == "kind" else \
+                    abs(r[key] - first[key]) > 0.01 * first[key]:
+                raise UserError(f"drift compares scans of one product: {first['scan']} "
+                                f"({first[key]}{unit}) and {r['scan']} ({r[key]}{unit}) "
+                                "differ; give the scans of one recipe")
 
 
 def _built_from(row: dict[str, Any], built_from: list[Any]) -> bool:
@@ -248,7 +264,12 @@ def _row(folder: Path, sha: str | None, reference: dict[str, Any]) -> dict[str, 
     if sha and used and used != sha:
         return f"{folder} (inspected with another model)"
     image = _checked(inspection.get("surface_image"), f"{where}.surface_image", ImageQuality)
+    recipe, mosaic = scan.get("recipe"), scan.get("mosaic")
+    sample = recipe.get("sample") if isinstance(recipe, dict) else None
+    pixel = mosaic.get("pixel_size_um") if isinstance(mosaic, dict) else None
     return {"scan": str(folder), "started": scan.get("started"),
+            "kind": sample.get("kind") if isinstance(sample, dict) else None,
+            "pixel_size_um": float(pixel) if isinstance(pixel, int | float) else None,
             "name": (scan.get("recipe") or {}).get("name") if isinstance(
                 scan.get("recipe"), dict) else None,
             "ratios": drift_ratios(reference, scores), "scores": scores,
