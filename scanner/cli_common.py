@@ -59,18 +59,31 @@ _STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.E
 _ACQUIRING = frozenset({"run", "resume"})
 
 
-def _storage_message(exc: OSError, output: str | None = None) -> str:
+def _storage_message(exc: OSError, output: str | None = None, acquiring: bool = False) -> str:
     """One line for a storage error: a file that may not be read (a calibration, a ``.cfg``, a
     model made unreadable), else a destination that cannot be written; ``output``: the
     command's destination, named when the error names no file (a full disk met inside a
-    library's write: "cannot write (File too large)" said not where)."""
+    library's write: "cannot write (File too large)" said not where). ``acquiring`` (run,
+    resume): where a scan was started, ``resume`` is offered."""
     name = exc.filename or output
     where = f"{name}: " if name else ""
     if exc.errno in (errno.EACCES, errno.EPERM) and name and os.path.exists(name) \
             and not os.access(name, os.R_OK):
         return f"{where}cannot read ({exc.strerror}); check its permissions"
-    return (f"{where}cannot write ({exc.strerror}); free space or choose another folder (a "
-            "stopped scan continues with `waferscope resume SCAN`)")
+    resume = " (a stopped scan continues with `waferscope resume SCAN`)" \
+        if acquiring and _in_a_scan(name) else ""
+    return f"{where}cannot write ({exc.strerror}); free space or choose another folder{resume}"
+
+
+def _in_a_scan(path: str | None) -> bool:
+    """Whether ``path`` lies in a scan folder that has its record (a scan to resume); a run
+    refused before it could write one (a read-only disk) has none, and was told to resume."""
+    from scanner.scanfolder import SCAN_JSON
+
+    if not path:
+        return False
+    here = Path(path).absolute()
+    return any((p / SCAN_JSON).is_file() for p in [here, *here.parents][:5])
 
 
 def _output_named(kwargs: dict[str, Any]) -> str | None:
@@ -106,7 +119,8 @@ def _friendly(func: F) -> F:
                     raise
                 # a full or read-only disk, or a file we may not read: the user can act on
                 # it, as on bad input
-                message = _storage_message(exc, _output_named(kwargs))
+                message = _storage_message(exc, _output_named(kwargs),
+                                           func.__name__ in _ACQUIRING)
                 err.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
                           soft_wrap=True)
                 raise typer.Exit(2) from None

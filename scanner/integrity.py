@@ -26,6 +26,7 @@ from scanner.scanfolder import (
     now_iso,
     read_scan_json,
     running_status,
+    set_aside_path,
     this_process,
     write_json,
 )
@@ -154,21 +155,27 @@ def _ready(folder: Path, command: str, allow_incomplete: bool | None, *,
     if status in RUNNING:  # its outputs are being written: they would change underneath
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{(scan.get('process') or {}).get('pid')} is alive); wait for it")
+    # a replacing run stopped before its first tile: where the scan it replaces is
+    aside = set_aside_path(folder)
+    kept = (f" (the earlier scan this one replaces is kept in {aside}: resume deletes it at "
+            "the first tile; to keep it instead, put it back in place of this folder)"
+            if aside.is_dir() else "")
     # the mosaic and the defect list are written whole or not at all (renamed into place)
     needed = _NEEDS[command]
     if needed != "acquire" and not (folder / _OUTPUT[needed]).exists():
         if needed == "inspect" and not (scan.get("options") or {}).get("inspect", True):
             # run with --no-inspect: resume has nothing to finish ("complete")
             raise UserError(f"{folder}: scan {status}: no {_OUTPUT[needed]} (it was run "
-                            "with --no-inspect); run `waferscope inspect` on it")
+                            f"with --no-inspect); run `waferscope inspect` on it{kept}")
         raise UserError(f"{folder}: scan {status}: no {_OUTPUT[needed]} (its {needed} stage "
-                        f"did not finish); run `waferscope {needed}` or `waferscope resume`")
+                        f"did not finish); run `waferscope {needed}` or `waferscope "
+                        f"resume`{kept}")
     n_planned = planned_tiles(folder, scan)
     plan = scan.get("plan") or {}
     records = check_journal(folder, n_planned, (plan.get("n_rows"), plan.get("n_cols")))
     ok = {r.index for r in records if r.status == "ok"}
     hint = "run `waferscope resume` on it" + ("" if allow_incomplete is None
-                                                else ", or pass --allow-incomplete")
+                                                else ", or pass --allow-incomplete") + kept
     if len(ok) < n_planned and not allow_incomplete:
         missing = sorted(set(range(n_planned)) - ok)
         raise UserError(f"{folder}: scan {status}: {len(ok)} of {n_planned} planned tiles "

@@ -1004,3 +1004,29 @@ def test_an_error_logged_from_background_work_is_one_line() -> None:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=env, timeout=120)
         assert out.stdout.strip().splitlines()[-1] == expected, out.stdout + out.stderr
+
+
+def test_an_inspections_map_is_not_inspected_as_a_mosaic(tmp_path: Path) -> None:
+    # its scores were read as a mosaic and "inspected" (exit 0)
+    (tmp_path / "anomaly.ome.zarr").mkdir()
+    _refused_in_one_line(["inspect", str(tmp_path / "anomaly.ome.zarr"), "--out",
+                          str(tmp_path / "out")], "anomaly.ome.zarr", "not a mosaic")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_is_offered_for_a_failed_write_only_where_a_scan_was_started(
+        tmp_path: Path) -> None:
+    """`run --out` on a read-only disk was told "a stopped scan continues with `waferscope
+    resume SCAN`", with nothing there to resume; train and report were told the same."""
+    import errno
+
+    from scanner.cli_common import _storage_message
+
+    started = tmp_path / "scan"
+    (started / "tiles.zarr").mkdir(parents=True)
+    (started / "scan.json").write_text("{}")
+    full = OSError(errno.ENOSPC, "No space left on device", str(started / "tiles.zarr" / "c"))
+    refused = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "new" / "scan.json"))
+    assert "waferscope resume" in _storage_message(full, acquiring=True)
+    assert "waferscope resume" not in _storage_message(refused, acquiring=True)
+    assert "waferscope resume" not in _storage_message(full, acquiring=False)

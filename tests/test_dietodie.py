@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -312,7 +313,8 @@ def test_a_defects_difference_is_scored_on_its_surroundings_only_and_the_same(mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("edge_dies", ["bare", "patterned"])
-def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path, edge_dies):
+def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path, edge_dies,
+                                                        caplog):
     """A simulated wafer whose defects are all missing pattern inside dies (edge dies too
     when they carry the pattern)."""
     from scanner.cli import app
@@ -361,6 +363,12 @@ def test_wafer_scan_finds_missing_pattern_by_die_to_die(write_recipe, tmp_path, 
                                        "--out", str(strict)])
         assert res.exit_code == 0, res.output
         assert read_defects(strict)[1] == []
+        # another kind's threshold is used when asked, and said (it was silently)
+        with caplog.at_level(logging.WARNING, logger="waferscope"):
+            res = CliRunner().invoke(app, ["inspect", str(out), "--sample-kind", "pv_cell",
+                                           "--out", str(tmp_path / "as_pv")])
+        assert res.exit_code == 0, res.output
+        assert "--sample-kind pv_cell: the scan's recipe says wafer" in caplog.text
 
 
 def test_many_small_dies_smaller_than_a_block():

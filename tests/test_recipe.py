@@ -150,6 +150,16 @@ def test_a_sample_a_few_camera_pixels_wide_is_refused_before_the_scan(
         and "too small to inspect" in lines[0], lines
 
 
+def test_a_finger_pitch_under_a_camera_pixel_is_refused(write_recipe) -> None:
+    # 0.002 mm (a pitch in um for mm) was scanned at 30 um as a uniform grey cell
+    path = write_recipe("sample: {kind: pv_cell, width_mm: 20, height_mm: 20, "
+                        "finger_pitch_mm: 0.002, finger_width_um: 1}\n"
+                        "microscope: {kind: simulated, camera: {pixel_size_um: 30}}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "sample.finger_pitch_mm: 0.002 mm is 0.0667 camera pixels" in result.stderr
+
+
 def test_missing_recipe_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2

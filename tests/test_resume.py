@@ -646,6 +646,15 @@ def test_overwrite_and_resume_clear_a_scan_set_aside_by_a_killed_run(
         assert result.status == "complete", finish
         assert sorted(p.name for p in tmp_path.iterdir() if "scan" in p.name) == ["scan"]
         assert (folder / "notes.txt").read_text() == "kept\n", finish
+    # stopped before its first tile: a command that refuses the new scan says where the one it
+    # replaces is (it said only "run resume", which deletes that one at the first tile)
+    scan = {**_scan(folder), "status": "interrupted"}
+    (folder / "scan.json").write_text(json.dumps(scan))
+    (folder / "tiles.csv").write_text((folder / "tiles.csv").read_text().splitlines(True)[0])
+    shutil.copytree(plain_scan, tmp_path / ".scan.replaced")
+    res = runner.invoke(app, ["report", str(folder)])
+    assert res.exit_code == 2, res.output
+    assert f"this one replaces is kept in {tmp_path / '.scan.replaced'}" in res.stderr
 
 
 def test_a_run_stopped_while_aligning_is_interrupted_and_an_overwrite_says_what_it_kept(

@@ -298,11 +298,31 @@ def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
     """
     if pixel_size_um is not None:
         check_die_grid(recipe, pixel_size_um)
+        check_finger_pitch(recipe, pixel_size_um)
     plan = plan_scan(recipe, fov_um, alignment)
     if pixel_size_um is not None:
         check_region_size(plan, pixel_size_um)
     check_travel(plan, recipe, core)
     return replace(plan, travel_checked=True)
+
+
+def check_finger_pitch(recipe: Recipe, pixel_size_um: float) -> None:
+    """Refuse a PV cell whose finger pitch is under a camera pixel, as a die pitch is (0.002
+    mm, a pitch given in µm for mm, was scanned at 30 µm as a uniform grey cell).
+
+    Raises
+    ------
+    PlanError
+        Naming ``sample.finger_pitch_mm``.
+    """
+    sample = recipe.sample
+    if sample.kind != "pv_cell" or pixel_size_um <= 0:
+        return
+    pitch_px = sample.finger_pitch_mm * 1000.0 / pixel_size_um
+    if pitch_px < 1:
+        raise PlanError(f"sample.finger_pitch_mm: {sample.finger_pitch_mm:g} mm is "
+                        f"{pitch_px:.3g} camera pixels ({pixel_size_um:g} µm): the fingers' "
+                        "pitch must span at least one pixel (the pitch is in mm)")
 
 
 def check_region_size(plan: ScanPlan, pixel_size_um: float) -> None:

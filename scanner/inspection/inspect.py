@@ -36,6 +36,7 @@ from scanner.inspection.card import (
     context_thresholds,
     evidence_threshold,
     load_inspection_model,
+    log,
     model_info,
     threshold_record,
 )
@@ -645,6 +646,9 @@ def inspect_mosaic(
     if polygon is None:
         polygon = _usable_polygon(saved, alignment)
     kind = sample_kind or (str(saved.kind) if saved is not None else None)
+    if sample_kind and saved is not None and sample_kind != str(saved.kind):
+        log.warning("--sample-kind %s: the scan's recipe says %s; the %s threshold is used, "
+                    "as asked", sample_kind, saved.kind, sample_kind)
     pixel_um = _mosaic_pixel_size_um(mosaic)
     # the model's own map leaves out the edge band it cannot judge; die-to-die and the plain
     # surface, which compare the mosaic with itself, keep the whole usable area
@@ -893,6 +897,9 @@ def inspect_target(
         return inspect_scan(first, model=model, threshold=threshold, out_dir=out_dir,
                             sample_kind=sample_kind, progress=progress, cluster=cluster)
     if len(targets) == 1 and first.name.endswith(".zarr"):
+        if first.name in MAP_NAMES.values():  # its scores were inspected as an image
+            raise UserError(f"{first}: an inspection's map, not a mosaic; inspect the scan "
+                            f"folder or its {MOSAIC}")
         return inspect_mosaic(first, out_dir, model=model, threshold=threshold,
                               sample_kind=sample_kind, progress=progress, cluster=cluster)
     if len(targets) == 1 and first.is_dir() and (first / SCAN_JSON).is_file():
