@@ -183,13 +183,19 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
                         "damaged (re-run `waferscope stitch`)") from None
     ome = root.attrs.get("ome")
     if not isinstance(ome, dict) or not ome.get("multiscales"):
+        if root.attrs.get("multiscales"):  # written by a tool of OME-NGFF 0.4's time
+            raise UserError(f"{path}: an OME-NGFF 0.4 (Zarr v2) image; waferscope reads OME-NGFF "
+                            "0.5 (Zarr v3): convert it (e.g. ngff-zarr or bioformats2raw's "
+                            "current release)")
         raise ValueError(f"{path} is not an OME-NGFF multiscale image (no 'ome' attributes)")
     try:
         image = yaozarrs.validate_ome_object(ome, v05.Image)
     except pydantic.ValidationError as exc:
         raise ValueError(f"{path}: invalid OME-NGFF 0.5 image metadata "
                          f"({exc.errors()[0]['msg']})") from None
-    datasets = image.model_dump(mode="json", exclude_none=True)["multiscales"][0]["datasets"]
+    multiscale = image.model_dump(mode="json", exclude_none=True)["multiscales"][0]
+    to_um = _micrometres_per_unit(path, multiscale["axes"])
+    datasets = multiscale["datasets"]
     levels = []
     for d in datasets:
         try:
@@ -205,6 +211,7 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
             raise UserError(f"{path}: level {d['path']} has scale {scale}; pixel sizes must be "
                             "positive (the mosaic's metadata is damaged; re-run `waferscope "
                             "stitch`)")
+        d["coordinateTransformations"] = _in_micrometres(path, d, to_um)
     for k in range(1, len(levels)):
         # each level halves the one before (rounded either way by other writers): a level
         # whose metadata says otherwise was edited or damaged, and would be read as a corner
@@ -214,6 +221,54 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
                             f"{k - 1} {' x '.join(map(str, prev))}: the levels disagree; the "
                             "mosaic's metadata is damaged (re-run `waferscope stitch`)")
     return levels, [d["coordinateTransformations"] for d in datasets]
+
+
+#: micrometres per length unit of OME-NGFF's axes (UDUNITS-2 names); an axis without a unit is
+#: taken as micrometres, as waferscope writes them
+_UNIT_UM = {"angstrom": 1e-4, "nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3,
+            "centimeter": 1e4, "meter": 1e6}
+
+
+def _micrometres_per_unit(path: Path, axes: list[dict]) -> float:
+    """The axes of a mosaic checked (``y`` then ``x``, of one length unit), and how many µm
+    its unit is.
+
+    Raises
+    ------
+    UserError
+        Other axes (channels, a z-stack, time), another order, or a unit that is no length.
+    """
+    names = [a.get("name") for a in axes]
+    if names != ["y", "x"]:
+        raise UserError(f"{path}: the mosaic's axes are {names}; waferscope inspects 2-D grey "
+                        "mosaics with axes [y, x] (one plane or channel, rows first)")
+    units = {a.get("unit") or "micrometer" for a in axes}
+    unit = units.pop()
+    if units or unit not in _UNIT_UM:
+        raise UserError(f"{path}: the mosaic's axes are in {[a.get('unit') for a in axes]}; "
+                        f"waferscope reads one length unit for both ({', '.join(_UNIT_UM)})")
+    return _UNIT_UM[unit]
+
+
+def _in_micrometres(path: Path, dataset: dict, to_um: float) -> list[dict]:
+    """A level's ``scale`` and ``translation`` in µm (a translation left out is 0, as
+    OME-NGFF allows: a store written without one crashed inspection).
+
+    Raises
+    ------
+    UserError
+        Pixels that are not square (placed as square, a defect's y was half of where it is).
+    """
+    entries = dataset["coordinateTransformations"]
+    scale = [float(v) * to_um for v in next(t["scale"] for t in entries
+                                            if t.get("type") == "scale")]
+    trans = next((t.get("translation") for t in entries if t.get("type") == "translation"),
+                 None) or [0.0, 0.0]
+    if not math.isclose(scale[0], scale[1], rel_tol=1e-6):
+        raise UserError(f"{path}: level {dataset['path']} has pixels of {scale[0]:g} x "
+                        f"{scale[1]:g} µm (y x); waferscope reads square pixels: resample it")
+    return [{"type": "scale", "scale": scale},
+            {"type": "translation", "translation": [float(v) * to_um for v in trans]}]
 
 
 def level_transform(transforms: list[dict], level: int = 0

@@ -149,6 +149,10 @@ def picture_shape(path: Path) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+#: TIFF photometric interpretations whose samples are colours: RGB, CMYK (separated), YCbCr
+_COLOUR_PHOTOMETRIC = (2, 5, 6)
+
+
 def tiff_image_axes(series: Any) -> str:
     """The axes of a TIFF series that make one picture (``Y``, ``X`` and a colour-sample axis
     ``S``/``C`` of 3 or 4), checked to hold one picture only.
@@ -162,8 +166,12 @@ def tiff_image_axes(series: Any) -> str:
     axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
     if "Y" not in axes or "X" not in axes:
         raise ValueError(f"no Y/X axes in {axes!r}")
+    # a C axis is colour only in an RGB, CMYK or YCbCr file: three fluorescence channels
+    # (ImageJ or OME-TIFF, grey pages) were mixed into one "luminance" while 2 or 5 were refused
+    colour = int(getattr(series.keyframe, "photometric", 2) or 0) in _COLOUR_PHOTOMETRIC
     stacked = [(ax, n) for ax, n in zip(axes, shape, strict=True)
-               if ax not in "YX" and n > 1 and not (ax in "SC" and n in (3, 4))]
+               if ax not in "YX" and n > 1
+               and not ((ax == "S" or ax == "C" and colour) and n in (3, 4))]
     if stacked:
         what = ", ".join(f"{n} along {ax}" for ax, n in stacked)
         raise ValueError(f"holds several images ({what}; TIFF axes {axes}): save the one "

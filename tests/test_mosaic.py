@@ -10,7 +10,7 @@ import pytest
 import zarr
 from scipy import ndimage
 
-from scanner.ngff import mosaic_region, open_mosaic
+from scanner.ngff import level_transform, mosaic_region, open_mosaic
 from scanner.stitching.mosaic import MosaicInfo, fuse_mosaic, mosaic_geometry
 
 P = 0.65  # pixel size, µm
@@ -456,3 +456,63 @@ def test_mismatched_inputs_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         fuse_mosaic(np.zeros((10, 10), np.uint16), np.zeros((1, 2)), 1.0, tmp_path / "x.zarr")
     assert not (tmp_path / "x.zarr").exists()
+
+
+def _foreign_store(path: Path, axes: list[str], units: str | None, scale: list[float],
+                   translation: list[float] | None, zarr_format: int = 3) -> Path:
+    """A one-level OME-NGFF store as other tools write them (its image: a 64 x 64 ramp)."""
+    import zarr
+
+    lead = len(axes) - 2
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    level = group.create_array("0", shape=(1,) * lead + (64, 64), dtype="uint16",
+                               chunks=(1,) * lead + (64, 64))
+    level[...] = np.arange(64 * 64, dtype="uint16").reshape((1,) * lead + (64, 64)) + 100
+    transforms = [{"type": "scale", "scale": [1.0] * lead + scale}]
+    if translation is not None:
+        transforms.append({"type": "translation", "translation": [0.0] * lead + translation})
+    spaces = {"t": "time", "c": "channel"}
+    multiscale = {"axes": [{"name": a, "type": spaces.get(a, "space"),
+                            **({"unit": units} if units and a not in spaces else {})}
+                           for a in axes],
+                  "datasets": [{"path": "0", "coordinateTransformations": transforms}]}
+    if zarr_format == 2:
+        group.attrs["multiscales"] = [{**multiscale, "version": "0.4"}]
+    else:
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
+    return path
+
+
+@pytest.mark.parametrize(("units", "scale", "translation", "um"), [
+    ("nanometer", [1000.0, 1000.0], [2000.0, -500.0], (1.0, [2.0, -0.5])),
+    ("millimeter", [0.002, 0.002], [1.0, 0.0], (2.0, [1000.0, 0.0])),
+    (None, [3.0, 3.0], None, (3.0, [0.0, 0.0])),  # no unit: µm; no translation: 0
+])
+def test_a_mosaic_from_another_tool_is_read_in_micrometres(tmp_path: Path, units, scale,
+                                                          translation, um) -> None:
+    # a scale in nm was read as µm (defects 1000 x off), and a store without a translation
+    # (optional in OME-NGFF) crashed inspection with StopIteration
+    path = _foreign_store(tmp_path / "m.ome.zarr", ["y", "x"], units, scale, translation)
+    _, transforms = open_mosaic(path)
+    got_scale, got_trans = level_transform(transforms)
+    assert got_scale == pytest.approx([um[0]] * 2) and got_trans == pytest.approx(um[1])
+
+
+@pytest.mark.parametrize(("axes", "units", "scale", "fmt", "said"), [
+    (["t", "c", "z", "y", "x"], "micrometer", [1.0, 1.0], 3, "axes are ['t', 'c', 'z', 'y', 'x']"),
+    (["x", "y"], "micrometer", [1.0, 1.0], 3, "axes are ['x', 'y']"),
+    (["y", "x"], "micrometer", [2.0, 1.0], 3, "pixels of 2 x 1 µm"),
+    (["y", "x"], "second", [1.0, 1.0], 3, "one length unit"),
+    (["y", "x"], "micrometer", [1.0, 1.0], 2, "an OME-NGFF 0.4 (Zarr v2) image"),
+])
+def test_a_mosaic_waferscope_cannot_place_is_refused_in_one_line(
+        tmp_path: Path, axes, units, scale, fmt, said) -> None:
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    path = _foreign_store(tmp_path / "m.ome.zarr", axes, units, scale, [0.0, 0.0], fmt)
+    res = CliRunner().invoke(app, ["inspect", str(path), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0] and "m.ome.zarr" in lines[0], lines

@@ -634,6 +634,14 @@ def test_a_tiff_stack_is_refused_not_read_as_its_first_page(tmp_path):
     tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
     assert image_shape(tmp_path / "rgb.tif") == rgb.shape[:2]
     assert read_image(tmp_path / "rgb.tif").shape == rgb.shape[:2]
+    planar = np.moveaxis(rgb, -1, 0)
+    tifffile.imwrite(tmp_path / "planar.tif", planar, photometric="rgb", planarconfig="separate")
+    assert read_image(tmp_path / "planar.tif").shape == rgb.shape[:2]
+    # three grey channels (ImageJ, OME-TIFF) are no colour: they were mixed into one
+    # "luminance" while two or five were refused
+    tifffile.imwrite(tmp_path / "ch3.tif", planar, imagej=True, metadata={"axes": "CYX"})
+    with pytest.raises(UserError, match="3 along C"):
+        read_image(tmp_path / "ch3.tif")
 
 
 @pytest.mark.parametrize("damage", ["nan", "truncated_tiles"])
