@@ -4,6 +4,7 @@ batch, report (registered on :data:`scanner.cli.app`)."""
 from __future__ import annotations
 
 import math
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any
@@ -341,12 +342,37 @@ def inspect(
                 # inspected into another folder: its defects located with the scan's
                 # geometry (wafer mm, dies, regions) and reported there, as in the scan's own
                 outputs.update(run_report(scan, out=out_dir).outputs)
+    if out_dir is not None and not into_scan:
+        _remove_other_results(out_dir, outputs.values())
     out.print(f"defects: {result.n_defects}")
     for name, path in outputs.items():
         out.print(f"  {name:<16} {path.resolve()}")
     out.print("  inspect time: " + ", ".join(
         f"{k.removesuffix('_s')} {_duration(v) if k.endswith('_s') else v}"
         for k, v in result.timings.items()))
+
+
+def _remove_other_results(out_dir: Path, written: Any) -> None:
+    """Remove from ``--out`` what an earlier inspection of another kind of target left there
+    and this one did not write again (a scan's KLARF and wafer map beside a mosaic's defect
+    list, image files' scores and review pictures beside a scan's): only waferscope's own
+    output names."""
+    from models.data import INSPECTION_SCORES, OVERLAYS_FOLDER
+    from scanner.defectlist import DEFECTS_CSV, DEFECTS_JSON, MAP_NAMES
+    from scanner.reports.klarf import KLARF
+    from scanner.reports.repeaters import REPEATERS_JSON
+    from scanner.reports.wafermap import WAFERMAP
+
+    kept = {Path(p).resolve() for p in written}
+    for name in (INSPECTION_SCORES, OVERLAYS_FOLDER, DEFECTS_JSON, DEFECTS_CSV, KLARF,
+                 WAFERMAP, REPEATERS_JSON, *MAP_NAMES.values()):
+        path = Path(out_dir) / name
+        if path.resolve() in kept or not path.exists():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _scan_for_store(target: list[Path], out_dir: Path | None) -> list[Path]:

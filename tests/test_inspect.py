@@ -422,3 +422,27 @@ def test_too_few_small_good_images_are_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match="8 or more good images, or images of at least 129"):
         build_detector(goods, tmp_path / "m")
     assert not list(tmp_path.iterdir())
+
+
+def test_results_of_another_kind_of_target_in_the_same_out_are_removed(tmp_path):
+    """A mosaic inspected into the --out of image files left their scores.csv, defects.csv and
+    review pictures beside its own defect list; image files after it left its maps."""
+    tex = _texture((300, 400), seed=5)
+    tex[100:130, 150:180] = 200  # a dark patch: a defect, so a review picture is drawn
+    tifffile.imwrite(tmp_path / "a.tif", tex)
+    _write_mosaic(tmp_path / "m.ome.zarr", tex, 1.0, (0.0, 0.0))
+    out = tmp_path / "out"
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("mine")
+    res = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert {"scores.csv", "defects.csv", "overlays"} <= {p.name for p in out.iterdir()}
+    res = runner.invoke(app, ["inspect", str(tmp_path / "m.ome.zarr"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "anomaly.ome.zarr", "defects.json", "notes.txt", "roughness.ome.zarr",
+        "uncertainty.ome.zarr"]
+    res = runner.invoke(app, ["inspect", str(tmp_path / "a.tif"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert not any(p.name.endswith(".ome.zarr") for p in out.iterdir())
+    assert (out / "notes.txt").read_text() == "mine"
