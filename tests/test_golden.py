@@ -296,6 +296,26 @@ def test_several_good_images_of_one_part_give_a_golden_image_and_a_texture_none(
     assert np.median(np.abs(found[0] - turned[0])[inner]) < 0.01
 
 
+def test_good_pictures_framed_a_few_percent_apart_keep_a_golden_image() -> None:
+    """Copies framed more than about 4 % of their side apart kept none (here 4-6 %): the band
+    each does not show, filled from its border, scored z 9-24 against the others' median."""
+    from scanner.inspection.goldenstack import stacked_golden
+
+    photo = _golden()
+    rng = np.random.default_rng(3)
+    shots = []
+    for dy, dx in ((0, 0), (18, -16), (-17, 19), (15, 18)):  # up to 6 % of 300 px
+        crop = photo[40 + dy:340 + dy, 40 + dx:340 + dx]
+        shots.append((crop * rng.uniform(0.95, 1.05)
+                      + rng.normal(0, 0.01, crop.shape)).astype(np.float32))
+    found = stacked_golden(shots)
+    assert found is not None
+    median, z_threshold = found
+    assert median.shape == (300, 300) and np.isfinite(median).all()
+    # registered onto the first (its gain and noise aside, its picture: no blur)
+    assert np.median(np.abs(median - photo[40:340, 40:340])[30:-30, 30:-30]) < 0.03
+
+
 def test_a_defect_on_an_image_file_is_found_against_a_few_good_images(tmp_path: Path) -> None:
     """Four good pictures of a part: before their registered median was kept as the golden
     image, the memory bank alone judged and a dark square on the grey wall (-60 %) scored

@@ -9,7 +9,9 @@ photograph scored 0.91-0.94 against a threshold of 1.23 with four good copies, w
 golden comparison of one copy found it.
 
 So the images are registered onto the first (a shift within a tenth of their side, and a turn) and
-their pixel-wise median is the golden image, which the camera noise of each copy leaves. Its z
+their pixel-wise median is the golden image, which the camera noise of each copy leaves (each
+pixel the median of the copies that show it: a copy framed further off does not show a band along
+its border, which filling from its edge turned into differences of z 9-24). Its z
 threshold is set on the images themselves, as die-to-die's is on a good scan: each image is
 compared with the median of the others, and the threshold is ``GOOD_Z_MARGIN`` times the
 largest z any reaches, at least the golden's default. Images that do not show one part alike
@@ -29,7 +31,9 @@ with no defect on three more good copies (``docs/model.md``).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -73,21 +77,37 @@ def stacked_golden(images: Sequence[np.ndarray]) -> tuple[np.ndarray, float] | N
     if len(images) < 2 or len({np.shape(a) for a in images}) != 1:
         return None
     images = [np.asarray(a, dtype=np.float32) for a in images[:MAX_IMAGES]]
-    aligned = _registered(images)
-    if aligned is None:
+    registered = _registered(images)
+    if registered is None:
         return None
-    worst = max(_largest_z(aligned[i], np.median(np.delete(aligned, i, axis=0), axis=0))
-                for i in range(len(aligned)))
+    aligned, seen = registered
+    # what a copy moved onto the first's grid does not show (a band along its border) is
+    # left out: filled from the border pixel, it scored z 9-24 there and no golden was kept
+    # for copies shifted by more than about 4 % of their side
+    aligned = np.where(seen, aligned, np.nan)
+    everywhere = seen.all(axis=0)
+    with warnings.catch_warnings():  # a pixel only the first shows: no other's median
+        warnings.simplefilter("ignore", RuntimeWarning)
+        worst = max(_largest_z(aligned[i], np.nanmedian(np.delete(aligned, i, axis=0), axis=0),
+                               everywhere) for i in range(len(aligned)))
     default = DieToDie().z_threshold
     if GOOD_Z_MARGIN * worst > default:
         return None
     z_threshold = max(calibrated_z_threshold(worst, default), Z_THRESHOLD)
-    return np.median(aligned, axis=0).astype(np.float32), z_threshold
+    return np.nanmedian(aligned, axis=0).astype(np.float32), z_threshold  # the first: all
 
 
-def _registered(images: list[np.ndarray]) -> np.ndarray | None:
-    """The images moved onto the first's grid ``(N, H, W)`` (cubic spline); None when one
-    does not register on it within :data:`MAX_SHIFT_SHARE` of its side.
+def _moved(img: np.ndarray, move: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``move(array, order, mode, cval)`` applied to an image (cubic spline) and to where it
+    shows anything (nearest: the pixels it covers)."""
+    shown = move(np.ones(img.shape, np.float32), 0, "constant", 0.0) > 0.5
+    return move(img, 3, "nearest", 0.0), shown
+
+
+def _registered(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The images moved onto the first's grid ``(N, H, W)`` (cubic spline) and where each
+    shows the part (bool, ``(N, H, W)``); None when one does not register on it within
+    :data:`MAX_SHIFT_SHARE` of its side.
 
     The shift is the phase correlation of the whole images, Hann-windowed (:func:`scanner.
     inspection.dietodie_maths.block_shift`), not the golden placement's global search: a
@@ -97,7 +117,7 @@ def _registered(images: list[np.ndarray]) -> np.ndarray | None:
     first = images[0]
     limit = MAX_SHIFT_SHARE * min(first.shape)
     grid = MosaicGrid((0.0, 0.0), 1.0, first.shape)
-    out = [first]
+    out, shown = [first], [np.ones(first.shape, bool)]
     for img in images[1:]:
         shift = block_shift(first, img, limit)
         if shift is None:
@@ -114,20 +134,31 @@ def _registered(images: list[np.ndarray]) -> np.ndarray | None:
         if turned:
             coords = np.einsum("ij,jhw->ihw", rot, np.indices(first.shape, dtype=np.float64))
             coords += np.asarray(placed.shift)[:, None, None]
-            out.append(ndimage.map_coordinates(img, coords, order=3, mode="nearest"))
+            moved, seen = _moved(img, lambda a, order, mode, cval, c=coords:
+                                 ndimage.map_coordinates(a, c, order=order, mode=mode,
+                                                         cval=cval))
         else:
-            out.append(ndimage.shift(img, shift, order=3, mode="nearest"))
-    return np.stack(out).astype(np.float32)
+            moved, seen = _moved(img, lambda a, order, mode, cval, s=shift:
+                                 ndimage.shift(a, s, order=order, mode=mode, cval=cval))
+        out.append(moved)
+        shown.append(seen)
+    return np.stack(out).astype(np.float32), np.stack(shown)
 
 
-def _largest_z(test: np.ndarray, reference: np.ndarray) -> float:
+def _largest_z(test: np.ndarray, reference: np.ndarray, where: np.ndarray) -> float:
     """The largest z of ``test`` compared with ``reference`` as inspection compares an image
     with its golden image, after the pair opening inspection's maps get (a lone pixel of
-    noise is no defect); infinite when inspection's placement would not find the reference
-    where it is (within a pixel, unturned), as on a design that repeats."""
+    noise is no defect), over ``where`` (what every copy shows); infinite when inspection's
+    placement would not find the reference where it is (within a pixel, unturned), as on a
+    design that repeats. Pixels a copy does not show (NaN) are the other image's."""
+    test = np.where(np.isnan(test), reference, test)
+    reference = np.where(np.isnan(reference), test, reference)
     grid = MosaicGrid((0.0, 0.0), 1.0, test.shape)
     placed = place_golden(reference, 1.0, [test], grid)
     if placed is None or placed.turn_deg or max(abs(v) for v in placed.shift) > 1.0:
         return float("inf")
     _, z, _ = placed.compare(test, 0, 0, *test.shape)
-    return float(pair_opening(z).max()) if z.size else 0.0
+    z = pair_opening(z)
+    if z.shape == where.shape:
+        z = z[where]
+    return float(z.max()) if z.size else 0.0
