@@ -306,6 +306,10 @@ def inspect(
         raise UserError(f"--threshold: must be a positive finite number, got {threshold}")
     if pixel_size is not None and not (pixel_size > 0 and math.isfinite(pixel_size)):
         raise UserError(f"--pixel-size: must be a positive finite number, got {pixel_size}")
+    if pixel_size is not None and (scan is not None or target[0].name.endswith(".zarr")):
+        # it was accepted and ignored: a mosaic's own metadata places its pixels
+        raise UserError("--pixel-size: for image files only; a scan or mosaic carries its "
+                        "pixel size in its metadata")
     with ExitStack() as stack:
         working = None
         if scan is not None:

@@ -1030,3 +1030,9 @@ def test_resume_is_offered_for_a_failed_write_only_where_a_scan_was_started(
     assert "waferscope resume" in _storage_message(full, acquiring=True)
     assert "waferscope resume" not in _storage_message(refused, acquiring=True)
     assert "waferscope resume" not in _storage_message(full, acquiring=False)
+
+
+def test_a_pixel_size_given_for_a_mosaic_is_refused_not_ignored(tmp_path: Path) -> None:
+    (tmp_path / "m.ome.zarr").mkdir()
+    _refused_in_one_line(["inspect", str(tmp_path / "m.ome.zarr"), "--pixel-size", "2",
+                          "--out", str(tmp_path / "out")], "--pixel-size", "image files only")
