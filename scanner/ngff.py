@@ -211,7 +211,7 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
             raise UserError(f"{path}: level {d['path']} has scale {scale}; pixel sizes must be "
                             "positive (the mosaic's metadata is damaged; re-run `waferscope "
                             "stitch`)")
-        d["coordinateTransformations"] = _in_micrometres(path, d, to_um)
+        d["coordinateTransformations"] = _in_micrometres(path, d, scale, to_um)
     for k in range(1, len(levels)):
         # each level halves the one before (rounded either way by other writers): a level
         # whose metadata says otherwise was edited or damaged, and would be read as a corner
@@ -250,7 +250,7 @@ def _micrometres_per_unit(path: Path, axes: list[dict]) -> float:
     return _UNIT_UM[unit]
 
 
-def _in_micrometres(path: Path, dataset: dict, to_um: float) -> list[dict]:
+def _in_micrometres(path: Path, dataset: dict, scale: list[float], to_um: float) -> list[dict]:
     """A level's ``scale`` and ``translation`` in µm (a translation left out is 0, as
     OME-NGFF allows: a store written without one crashed inspection).
 
@@ -259,11 +259,9 @@ def _in_micrometres(path: Path, dataset: dict, to_um: float) -> list[dict]:
     UserError
         Pixels that are not square (placed as square, a defect's y was half of where it is).
     """
-    entries = dataset["coordinateTransformations"]
-    scale = [float(v) * to_um for v in next(t["scale"] for t in entries
-                                            if t.get("type") == "scale")]
-    trans = next((t.get("translation") for t in entries if t.get("type") == "translation"),
-                 None) or [0.0, 0.0]
+    scale = [float(v) * to_um for v in scale]
+    trans = next((t.get("translation") for t in dataset["coordinateTransformations"]
+                  if t.get("type") == "translation"), None) or [0.0, 0.0]
     if not math.isclose(scale[0], scale[1], rel_tol=1e-6):
         raise UserError(f"{path}: level {dataset['path']} has pixels of {scale[0]:g} x "
                         f"{scale[1]:g} µm (y x); waferscope reads square pixels: resample it")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -98,10 +99,11 @@ def stacked_golden(images: Sequence[np.ndarray]) -> tuple[np.ndarray, float] | N
 
 
 def _moved(img: np.ndarray, move: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``move(array, order, mode, cval)`` applied to an image (cubic spline) and to where it
-    shows anything (nearest: the pixels it covers)."""
-    shown = move(np.ones(img.shape, np.float32), 0, "constant", 0.0) > 0.5
-    return move(img, 3, "nearest", 0.0), shown
+    """``move`` (``scipy.ndimage``'s ``shift`` or ``map_coordinates``, its motion bound)
+    applied to an image (cubic spline) and to where it shows anything (the pixels it
+    covers)."""
+    shown = move(np.ones(img.shape, np.float32), order=0, mode="constant", cval=0.0) > 0.5
+    return move(img, order=3, mode="nearest"), shown
 
 
 def _registered(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -134,12 +136,9 @@ def _registered(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | Non
         if turned:
             coords = np.einsum("ij,jhw->ihw", rot, np.indices(first.shape, dtype=np.float64))
             coords += np.asarray(placed.shift)[:, None, None]
-            moved, seen = _moved(img, lambda a, order, mode, cval, c=coords:
-                                 ndimage.map_coordinates(a, c, order=order, mode=mode,
-                                                         cval=cval))
+            moved, seen = _moved(img, partial(ndimage.map_coordinates, coordinates=coords))
         else:
-            moved, seen = _moved(img, lambda a, order, mode, cval, s=shift:
-                                 ndimage.shift(a, s, order=order, mode=mode, cval=cval))
+            moved, seen = _moved(img, partial(ndimage.shift, shift=shift))
         out.append(moved)
         shown.append(seen)
     return np.stack(out).astype(np.float32), np.stack(shown)
