@@ -592,12 +592,19 @@ def uses_golden(model: Any, kind: str | None) -> bool:
     return getattr(model, "golden", None) is not None and kind in GOLDEN_KINDS
 
 
-def say_golden_unplaced() -> None:
-    """Warn that the golden image was not found in the image inspected."""
+def say_golden_unplaced(images: list[str] | None = None, of: int = 1) -> None:
+    """Warn that the golden image was not found in the image inspected, or in ``images`` of
+    ``of`` image files (said once for them all: it was said once per image, naming none)."""
     from scanner.inspection.card import log
 
-    log.warning("the model's golden image was not found in this image (another product, or "
-                "placed beyond the search): compared with nothing, the model alone judges it")
+    if images is None:
+        log.warning("the model's golden image was not found in this image (another product, or "
+                    "placed beyond the search): compared with nothing, the model alone judges it")
+        return
+    shown = ", ".join(images[:3]) + (", ..." if len(images) > 3 else "")
+    log.warning("the model's golden image was not found in %d of %d images (%s: another "
+                "product, or placed beyond the search): the model alone judged them",
+                len(images), of, shown)
 
 
 def golden_evidence(model: Any, levels: list[Any], mosaic: MosaicGrid, maps: Any,

@@ -144,6 +144,7 @@ def inspect_images(
     network_s = 0.0
     n_px = 0
     compared_with: dict[str | None, int] = {}
+    unplaced: list[str] = []
     for k, (name, path) in enumerate(images):
         img = read_image(path)
         n_px += img.size
@@ -153,6 +154,8 @@ def inspect_images(
                                                                   model.pixel_size_um),
                                                 maps, evidence_thr, sample_kind)
         compared_with[reference] = compared_with.get(reference, 0) + 1
+        if reference is None and uses_golden(model, sample_kind):
+            unplaced.append(name)  # nor compared die to die: the model alone judges it
         defects = _defects_from(maps, model, thr, maps.stats.extra["level"], contexts,
                                 difference=difference, dies=dies)
         score = image_score(maps.maps["anomaly"])
@@ -163,6 +166,8 @@ def inspect_images(
         all_defects += [(name, d) for d in defects]
         if progress is not None:
             progress(k + 1, len(images))
+    if unplaced:
+        say_golden_unplaced(unplaced, len(images))
     wall = time.perf_counter() - t0
     out_dir.mkdir(parents=True, exist_ok=True)  # (an input refused on the way leaves none)
     _write_csv(out_dir / SCORES_CSV, ["image", "score", "n_defects", "n_review", "height",
@@ -236,8 +241,6 @@ def _compared(model: Any, img: np.ndarray, pixel_um: float, maps: Any, thr: floa
                                    card.get("z_threshold"), card.get("texture_z_threshold"))
             result = step(maps)
             reference = DIE_TO_DIE if result[2] is not None else None
-    if reference is None and uses_golden(model, kind):
-        say_golden_unplaced()  # nor compared die to die: the model alone judges it
     _, difference, compared, repeated = result
     return reference, difference, None if compared is None else (compared, repeated)
 
