@@ -80,6 +80,16 @@ def train(
     target, variants = _checked_train_options(paths, model_out, overwrite, init, pixel_size_um,
                                               false_alarms_per_cm2, camera_variants)
     images, scan_pixel = load_good(paths)
+    if scan_pixel is not None and pixel_size_um is not None and \
+            abs(pixel_size_um - scan_pixel) > 0.01 * scan_pixel:
+        # the scans' pixels were relabelled: a bank of 8 um pixels carded as 3 um, and every
+        # mosaic then resampled to 3 um for it
+        raise UserError(f"--pixel-size {pixel_size_um:g}: the good scans' pixels are "
+                        f"{scan_pixel:g} µm (their mosaics say so); give --pixel-size for image "
+                        "files only")
+    if scan_pixel is not None and any(not im.meta.get("acquired") for im in images):
+        err.print(f"[yellow]warning:[/] the good image files are taken at the scans' pixel "
+                  f"size, {scan_pixel:g} µm", highlight=False, soft_wrap=True)
     assumed = pixel_size_um is None and scan_pixel is None
     if assumed and init is not None:
         # files extending a model are at its pixel size (a model of 5 um pixels extended as

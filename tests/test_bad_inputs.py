@@ -1036,3 +1036,12 @@ def test_a_pixel_size_given_for_a_mosaic_is_refused_not_ignored(tmp_path: Path) 
     (tmp_path / "m.ome.zarr").mkdir()
     _refused_in_one_line(["inspect", str(tmp_path / "m.ome.zarr"), "--pixel-size", "2",
                           "--out", str(tmp_path / "out")], "--pixel-size", "image files only")
+
+
+def test_a_pixel_size_given_for_good_scans_is_refused_not_a_relabel(wafer_scan: Path,
+                                                                     tmp_path: Path) -> None:
+    # the scans' pixels were carded at the given size: a bank of 8 um pixels labelled 3 um
+    _refused_in_one_line(["train", "--good", str(wafer_scan), "--pixel-size", "0.123",
+                          "--out", str(tmp_path / "m")], "--pixel-size 0.123",
+                         "the good scans' pixels are")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.safetensors").exists()
