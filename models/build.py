@@ -756,10 +756,21 @@ def calibrate_by_kind(detector: PatchDetector, images: Sequence[GoodImage],
         maps, area = [m for _, m, _ in rows], sum(a for _, _, a in rows)
         cal = calibrate_threshold(maps, area, false_alarms_per_cm2, scores="distance")
         out[kind] = {**cal.to_dict(),
+                     "good_scores": good_scores_below(maps, cal.threshold),
                      "pixel_bands": calibrate_pixel_bands(rows, false_alarms_per_cm2),
                      "line": calibrate_line_threshold(maps, area, false_alarms_per_cm2,
                                                       cal.threshold)}
     return out
+
+
+def good_scores_below(maps: Sequence[np.ndarray], threshold: float) -> dict[str, Any]:
+    """:func:`models.drift.score_summary` of held-out maps as an inspected scan records its
+    own (``scanner.inspection.drift.good_surface_scores``): the surface scored (not 0) and
+    below the threshold. Per kind and pixel band, since their scores differ as their
+    thresholds do: a rough coupon's fresh scan scored x0.71 the pooled calibration's, and
+    drift said "DRIFT" on the first scan of an unchanged product."""
+    values = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in maps])
+    return score_summary(values[(values != 0) & (values < threshold)])
 
 
 def calibrate_pixel_bands(held: Sequence[tuple[float, np.ndarray, float]],
@@ -789,6 +800,7 @@ def calibrate_pixel_bands(held: Sequence[tuple[float, np.ndarray, float]],
         cal = calibrate_threshold(maps, area, false_alarms_per_cm2, scores="distance")
         bands.append({"pixel_size_um": [round(float(edges[b]), 3), round(float(edges[b + 1]), 3)],
                       "threshold": float(cal.threshold), "area_cm2": round(area, 2),
+                      "good_scores": good_scores_below(maps, cal.threshold),
                       "extrapolated": cal.extrapolated,
                       "line": calibrate_line_threshold(maps, area, false_alarms_per_cm2,
                                                        cal.threshold)})

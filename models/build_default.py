@@ -98,6 +98,8 @@ def calibrate_kinds(weights: Path, n_per_kind: int, progress=None) -> dict:
     card = json.loads(card_path_for(weights).read_text(encoding="utf-8"))
     card["thresholds_by_sample_kind"] = {SAMPLE_KIND[k]: v["threshold"]
                                          for k, v in by_kind.items()}
+    card["good_scores_by_sample_kind"] = {SAMPLE_KIND[k]: v.pop("good_scores")
+                                          for k, v in by_kind.items()}
     card["thresholds_by_pixel_size"] = {SAMPLE_KIND[k]: bands for k, v in by_kind.items()
                                         if (bands := v.pop("pixel_bands"))}
     card["thresholds_line_by_sample_kind"] = {SAMPLE_KIND[k]: line for k, v in by_kind.items()

@@ -33,6 +33,9 @@ class PixelBand(BaseModel):
     plain: Threshold | None = None
     plain_near_structure: Threshold | None = None
     line: Threshold | None = Field(None, description="line threshold (models.lines)")
+    good_scores: dict[str, Any] | None = Field(
+        None, description="held-out good-surface scores of the band (models.drift."
+                          "score_summary), what drift compares one scan with")
 
     def context(self, name: str) -> float | None:
         """The band's threshold for a neighbourhood context (None: none)."""
@@ -102,6 +105,9 @@ class ModelCard(BaseModel):
     thresholds_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_by_pixel_size: dict[str, list[PixelBand]] = Field(default_factory=dict)
     thresholds_line_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
+    good_scores_by_sample_kind: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="held-out good-surface scores per sample kind, "
+                                          "beside thresholds_by_sample_kind")
     thresholds_quiet_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_plain_by_sample_kind: dict[str, Threshold] = Field(default_factory=dict)
     thresholds_plain_near_structure_by_sample_kind: dict[str, Threshold] = Field(
@@ -159,6 +165,19 @@ class ModelCard(BaseModel):
         if sample_kind in self.thresholds_by_sample_kind:
             return self.thresholds_by_sample_kind[sample_kind], f"model card ({sample_kind})"
         return float(pooled), "model card"
+
+    def good_scores_for(self, sample_kind: str | None, pixel_size_um: float | None,
+                        pooled: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """The held-out good-surface scores that go with :meth:`threshold_for`'s threshold
+        and where they come from: its pixel band's, else its kind's, else ``pooled`` (the
+        card's ``good_scores``; said as "")."""
+        band = self.pixel_band(sample_kind, pixel_size_um)
+        if band is not None and band.good_scores:
+            lo, hi = band.pixel_size_um
+            return band.good_scores, f"{sample_kind}, {lo:g}-{hi:g} um pixels"
+        if sample_kind in self.good_scores_by_sample_kind:
+            return self.good_scores_by_sample_kind[sample_kind], str(sample_kind)
+        return pooled, ""
 
     def line_threshold_for(self, sample_kind: str | None, threshold_source: str,
                            pixel_size_um: float | None = None) -> float | None:

@@ -416,7 +416,8 @@ def batch(
             out.print(f"{item.folder.resolve()}: {item.n_defects} defects "
                       f"({_duration(item.wall_s)})")
         else:
-            err.print(f"[red]{escape(str(item.folder))}: failed:[/] {escape(str(item.error))}",
+            err.print(f"[red]{escape(str(item.folder.resolve()))}: failed:[/] "
+                      f"{escape(str(item.error))}",
                       highlight=False, soft_wrap=True)
 
     with _cluster(dask) as cluster, _progress() as progress:

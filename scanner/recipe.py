@@ -146,6 +146,9 @@ MIN_WAFER_MM, MAX_WAFER_MM = 1.0, 450.0
 #: what a KLARF id cannot hold: its strings' quotes, its records' ends and its 1.8 blocks'
 #: delimiters (written, they were replaced by "_" without a word), and anything but printable
 #: ASCII, which a KLARF file is (written, "Łódź" became "??d?" and two wafers one id)
+#: the longest lot or wafer id (SEMI E90 substrate ids are at most 80 characters; a 300
+#: character lot squeezed the wafer map into a corner of a 6413 px picture)
+KLARF_ID_MAX = 64
 _KLARF_ID_FORBIDDEN = re.compile(r'["\r\n;,{}]|[^\x20-\x7e]')
 
 
@@ -153,6 +156,9 @@ def klarf_id_problem(value: str) -> str | None:
     """Why ``value`` cannot be a lot or wafer id in a KLARF (None: it can)."""
     if not str(value).strip():
         return "an id cannot be empty"
+    if len(str(value)) > KLARF_ID_MAX:
+        return (f"an id of {len(str(value))} characters; at most {KLARF_ID_MAX} (a fab's "
+                "lot and wafer ids are short, and the wafer map's title carries them)")
     bad = sorted(set(_KLARF_ID_FORBIDDEN.findall(str(value))))
     if bad:
         shown = " ".join(repr(c) for c in bad)

@@ -491,13 +491,17 @@ def test_a_damaged_scan_folder_is_one_line_and_keeps_its_results(
     assert not [p.name for p in folder.iterdir() if ".tmp" in p.name]
 
 
-def test_batch_of_folders_that_are_not_scans_exits_2(tmp_path: Path) -> None:
+def test_batch_of_folders_that_are_not_scans_exits_2(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "a").mkdir()
-    result = runner.invoke(app, ["batch", str(tmp_path / "a"), str(tmp_path / "b")])
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["batch", "a", str(tmp_path / "b")])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 2 and "not a scan folder" in lines[0], lines
     assert "b: no such folder" in lines[1], lines  # a missing folder is named as missing
+    # each scan is named by its whole path, as the scans done are (a relative one was named
+    # as given when it failed, resolved when it succeeded)
+    assert lines[0].startswith(f"{tmp_path.resolve() / 'a'}: failed"), lines
 
 
 def test_a_batch_names_the_scan_with_damaged_tiles_and_goes_on(wafer_scan: Path,

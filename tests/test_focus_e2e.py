@@ -162,3 +162,26 @@ scan: {focus: {strategy: every_tile, method: hardware}}
         res = CliRunner().invoke(app, command)
         assert res.exit_code == 2 and "scan.focus.method" in res.output, res.output
     assert not (tmp_path / "s").exists()
+
+
+def test_focus_map_points_stay_inside_the_travel(write_recipe, tmp_path: Path, caplog) -> None:
+    # a sample narrower than a field: the tile grid sits flush with its corner, half a field
+    # from its centre, where the focus points were; with the travel ending between the two
+    # the points lay outside it (the serial driver refused the moves and the map fell back
+    # to the fixed focus; a C++ stage without limits of its own would have driven there)
+    recipe = load_recipe(write_recipe("""\
+sample: {kind: rectangle, width_mm: 0.3, height_mm: 0.3, center_um: [0, 0]}
+microscope:
+  kind: simulated
+  camera: {width: 1024, height: 1024, pixel_size_um: 2.0}
+  stage: {travel_x_um: [500, 100000], travel_y_um: [-100000, -500], driver: prior}
+scan: {overlap: 0.1, focus: {strategy: focus_map, points: 5}}
+"""))
+    result = run_scan(recipe, tmp_path / "scan")
+    assert "left out" not in caplog.text and "outside the travel" not in caplog.text
+    points = json.loads((result.folder / "focus_map.json").read_text())["points"]
+    tiles = read_tiles_csv(result.folder)
+    assert points and all(p["ok"] for p in points)
+    for p in points:  # inside the travel, and where the tiles are
+        assert p["x_um"] >= 500 and p["y_um"] <= -500
+        assert min(t.x_um for t in tiles) <= p["x_um"] <= max(t.x_um for t in tiles)

@@ -227,7 +227,9 @@ def test_ids_a_klarf_cannot_carry_are_refused_naming_the_option(reported_wafer: 
     # a KLARF is ASCII: "Łódź" was written "??d?", and two wafers "晶圆7", "硅片7" both "??7";
     # a tab went in raw
     for option, value, shown in (("--lot", "Łódź", "'Ł'"), ("--wafer", "晶圆7", "'晶'"),
-                                 ("--lot", "A\tB", "'\\t'")):
+                                 ("--lot", "A\tB", "'\\t'"),
+                                 # 300 characters squeezed the wafer map into a corner
+                                 ("--lot", "x" * 300, "at most 64")):
         res = CliRunner().invoke(app, ["report", str(reported_wafer), option, value])
         assert res.exit_code == 2 and option in res.output and shown in res.output, res.output
     assert (reported_wafer / "defects.klarf").read_bytes() == before

@@ -17,7 +17,7 @@ import numpy as np
 from pymmcore_plus import CMMCorePlus
 
 from scanner.acquisition.focus.measures import DEFAULT_MEASURE, MEASURES
-from scanner.acquisition.focus.points import focus_map_points, tour_order
+from scanner.acquisition.focus.points import focus_map_points, inside_tiles, tour_order
 from scanner.acquisition.focus.recheck import (
     BandEnergy,
     PairNoise,
@@ -166,7 +166,9 @@ class FocusController:
         if self.spec.strategy != "focus_map":
             return
         fov = min(self.plan.fov_um)
-        points = focus_map_points(self.plan.region, fov, self.spec.points, self.spec.layout)
+        tiles = np.array([(t.x_um, t.y_um) for t in self.plan.tiles])
+        points = inside_tiles(
+            focus_map_points(self.plan.region, fov, self.spec.points, self.spec.layout), tiles)
         # a short stage path from where the stage is to the scan's first tile
         first = self.plan.tiles[0]
         points = points[tour_order(points, self.core.getXYPosition(), (first.x_um, first.y_um))]
@@ -176,7 +178,7 @@ class FocusController:
             result, frames = self._measure_point(float(x), float(y), z_guess)
             # A featureless field (bare area between dies, a busbar) says nothing: try up to
             # two places one field of view away, towards the centre first.
-            for ax, ay in self._alternatives(float(x), float(y), fov, inner):
+            for ax, ay in self._alternatives(float(x), float(y), fov, inner, tiles):
                 if result is None or result.ok or "featureless" not in result.reason:
                     break
                 result, frames = self._measure_point(ax, ay, z_guess)
@@ -216,14 +218,16 @@ class FocusController:
         frames, self._frames = self._frames, None
         return result, frames
 
-    def _alternatives(self, x: float, y: float, fov: float, inner: Any
+    def _alternatives(self, x: float, y: float, fov: float, inner: Any, tiles: np.ndarray
                       ) -> list[tuple[float, float]]:
-        """Up to two positions one field away, inside the region, nearest the centre first."""
+        """Up to two positions one field away, inside the region and the tiles' box (which
+        the travel holds: :func:`inside_tiles`), nearest the centre first."""
         from shapely import contains_xy
 
         c = inner.centroid if not inner.is_empty else self.plan.region.centroid
         cand = [(x + dx * fov, y + dy * fov) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
-        cand = [p for p in cand if not inner.is_empty and contains_xy(inner, *p)]
+        cand = [p for p in cand if not inner.is_empty and contains_xy(inner, *p)
+                and np.array_equal(inside_tiles(np.array(p), tiles)[0], np.array(p))]
         cand.sort(key=lambda p: math.hypot(p[0] - c.x, p[1] - c.y))
         return cand[:2]
 

@@ -416,7 +416,7 @@ def autofocus_time_s(plan: ScanPlan, recipe: Recipe, start_xy: tuple[float, floa
     autofocus device's time (``method: hardware``) is not known and not counted. A focus map
     of 400 points on a 4-tile coupon was estimated at 1 s and took 2 minutes.
     """
-    from scanner.acquisition.focus.points import focus_map_points, tour_order
+    from scanner.acquisition.focus.points import focus_map_points, inside_tiles, tour_order
 
     focus = recipe.scan.focus
     if focus.strategy == "none" or focus.method == "hardware" or not plan.tiles:
@@ -434,7 +434,9 @@ def autofocus_time_s(plan: ScanPlan, recipe: Recipe, start_xy: tuple[float, floa
     stage = recipe.microscope.stage
     first = (plan.tiles[0].x_um, plan.tiles[0].y_um)
     try:
-        points = focus_map_points(plan.region, min(plan.fov_um), focus.points, focus.layout)
+        points = inside_tiles(
+            focus_map_points(plan.region, min(plan.fov_um), focus.points, focus.layout),
+            np.array([(t.x_um, t.y_um) for t in plan.tiles]))
     except ValueError:  # nothing inside the region: the scan says so
         return 0.0, start_xy
     total, (x, y) = 0.0, start_xy

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from models.card import card_of
 from models.drift import (
     DRIFT_FACTOR,
     IMAGE_FACTOR,
@@ -146,6 +147,9 @@ class DriftReport:
     notes: list[str] = field(default_factory=list)
     #: the judged scans' scores against the calibration (median ratio)
     calibration_move: float = float("nan")
+    #: what the calibration's scores are of (a kind of sample and pixel band; "": the
+    #: model's own, pooled)
+    calibrated_on: str = ""
 
     def verdict(self) -> str:
         """One line for the terminal."""
@@ -156,8 +160,8 @@ class DriftReport:
         move = _times(self.move, DRIFT_FACTOR)
         if self.reference is None:
             line = (f"{word}: good-surface scores of the one scan are {move} the "
-                    f"calibration's ({limits}; give earlier scans of the product to follow "
-                    "it)")
+                    f"calibration's ({self.calibrated_on + '; ' if self.calibrated_on else ''}"
+                    f"{limits}; give earlier scans of the product to follow it)")
         else:
             line = (f"{word}: the newest {self.judged} of {len(self.scans)} scans against the "
                     f"oldest ({Path(self.reference).name}): good-surface scores "
@@ -184,9 +188,9 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         A folder that is not a scan, a damaged record, or a model card without good-surface
         scores.
     """
-    reference = _checked((getattr(model, "card", {}) or {}).get("good_scores"),
-                         "--model: its card's good_scores", GoodScores)
-    if not reference or not reference.get("n"):
+    pooled = _checked((getattr(model, "card", {}) or {}).get("good_scores"),
+                      "--model: its card's good_scores", GoodScores)
+    if not pooled or not pooled.get("n"):
         raise UserError("--model: its card records no good-surface scores (build it with "
                         "waferscope train)")
     sha = model.card.get("weights_sha256")
@@ -196,7 +200,7 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         if Path(folder).resolve() in seen:
             continue
         seen.add(Path(folder).resolve())
-        row = _row(Path(folder), sha, reference)
+        row = _row(Path(folder), sha)
         if isinstance(row, str):
             skipped.append(row)
         elif _built_from(row, built_from):
@@ -205,6 +209,9 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         else:
             rows.append(row)
     _one_product(rows)
+    reference, calibrated_on = _calibration_of(model, rows, pooled)
+    for r in rows:
+        r["ratios"] = drift_ratios(reference, r["scores"])
     rows, notes = _oldest_first(rows)
     oldest, judged = (rows[0], rows[1:][-RECENT:]) if len(rows) >= 2 else (None, rows)
     scores = [r["scores"] for r in judged]
@@ -218,7 +225,21 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
     plot = _plot(rows, out_dir, factor) if out_dir is not None and rows else None
     return DriftReport(
         drifted or bool(moved), move, rows, skipped, plot, image, moved,
-        None if oldest is None else oldest["scan"], len(judged), notes, calibration[1])
+        None if oldest is None else oldest["scan"], len(judged), notes, calibration[1],
+        calibrated_on)
+
+
+def _calibration_of(model: Model, rows: list[dict[str, Any]], pooled: dict[str, Any]
+                    ) -> tuple[dict[str, Any], str]:
+    """The card's held-out good scores for the scans' product: those of its kind of sample
+    and pixel band where the card has them (the default's are per kind and band, as its
+    thresholds are), else ``pooled``; and what they are of."""
+    kind = next((r["kind"] for r in rows if r.get("kind")), None)
+    pixel = next((r["pixel_size_um"] for r in rows if r.get("pixel_size_um")), None)
+    scores, source = card_of(model).good_scores_for(kind, pixel, pooled)
+    if scores is pooled:
+        return pooled, source
+    return _checked(scores, f"--model: its card's good scores ({source})", GoodScores), source
 
 
 def _one_product(rows: list[dict[str, Any]]) -> None:
@@ -250,7 +271,7 @@ def _built_from(row: dict[str, Any], built_from: list[Any]) -> bool:
     return False
 
 
-def _row(folder: Path, sha: str | None, reference: dict[str, Any]) -> dict[str, Any] | str:
+def _row(folder: Path, sha: str | None) -> dict[str, Any] | str:
     """What drift reads of one scan folder, or why it is skipped."""
     scan = read_scan_json(folder)
     inspection = scan.get("inspection") or {}
@@ -272,7 +293,7 @@ def _row(folder: Path, sha: str | None, reference: dict[str, Any]) -> dict[str, 
             "pixel_size_um": float(pixel) if isinstance(pixel, int | float) else None,
             "name": (scan.get("recipe") or {}).get("name") if isinstance(
                 scan.get("recipe"), dict) else None,
-            "ratios": drift_ratios(reference, scores), "scores": scores,
+            "scores": scores,
             "image": image if image and image.get("n") else None}
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["focus_map_points", "focus_points_layout", "tour_order"]
+__all__ = ["focus_map_points", "focus_points_layout", "inside_tiles", "tour_order"]
 
 
 def focus_points_layout(
@@ -71,6 +71,27 @@ def focus_map_points(region: Any, fov_um: float, n_points: int,
         margin /= 2
     return focus_points_layout(np.asarray(region.exterior.coords)[:-1], n_points, layout,
                                margin_um=margin if margin > 1.0 else 0.0)
+
+
+def inside_tiles(points: np.ndarray, tiles_xy: np.ndarray) -> np.ndarray:
+    """Focus points moved into the box of the scan's tile centres (``tiles_xy``, (n, 2) µm).
+
+    The tiles were checked against the stage's travel before the first move, and the travel
+    is a box, so every point of their box is reachable. A point of the region itself need
+    not be: on a region narrower than a field the tile grid sits flush with the region's
+    corner, its centre up to half a field away from the region's, and a focus point at the
+    region's centre lay outside the travel that the tiles kept inside (the serial driver
+    refused the move; a C++ adapter without limits of its own would have driven there).
+    Points that land on one place are kept once.
+    """
+    p = np.asarray(points, dtype=float).reshape(-1, 2)
+    t = np.asarray(tiles_xy, dtype=float).reshape(-1, 2)
+    if not len(t):
+        return p
+    q = np.clip(p, t.min(axis=0), t.max(axis=0))
+    # points moved onto one place are measured there once, in their first one's turn
+    _, first = np.unique(np.round(q, 3), axis=0, return_index=True)
+    return q[np.sort(first)]
 
 
 def _region(polygon_xy: np.ndarray, n_points: int, layout: str, margin_um: float) -> Any:
