@@ -594,7 +594,12 @@ def _edge_calibration(bank: torch.Tensor, sources: np.ndarray, cal: _Calibrated,
         of_k = [b for b in borders if b.image == k]
         mine = np.flatnonzero(sources[:, 0] == k)
         near = np.zeros(len(sources), dtype=bool)
-        near[mine] = of_k[0].zone[sources[mine, 1], sources[mine, 2]]
+        # the image's variants (shifted by half a cell) can have a row or column of cells
+        # more than the one whose zone this is (an image 1178 px high: 148 against 147):
+        # such a cell is taken as its neighbour within the zone's grid
+        zone = of_k[0].zone
+        near[mine] = zone[np.minimum(sources[mine, 1], zone.shape[0] - 1),
+                          np.minimum(sources[mine, 2], zone.shape[1] - 1)]
         if near.all():
             continue
         scorer = BankIndex(bank[torch.from_numpy(~near)].contiguous())

@@ -643,3 +643,14 @@ def test_a_plain_parts_border_is_calibrated_apart_and_raises_no_false_alarm(
         assert a0[ring].max() > a0[inner].max()  # the border is where the map peaks
         np.testing.assert_allclose(a[ring], a0[ring] / edge["factor"], rtol=1e-5)
         assert a.max() < model.threshold  # a good copy: nothing over the threshold
+
+
+@pytest.mark.slow
+def test_a_good_image_file_of_any_height_builds(tmp_path: Path) -> None:
+    # an image file's variants (shifted by half a cell) have a row of cells more than the
+    # image itself at heights of 8k + 1 and 8k + 2 px: the border band's calibration indexed
+    # past its grid ("IndexError: index 147 is out of bounds", train exit 1 on 1178 px)
+    image = _plain(3, 784)[:778] * 1000  # 778 = 8 x 97 + 2
+    report = build_detector([GoodImage(image, source="good.tif")], tmp_path / "m",
+                            pixel_size_um=1.0)
+    assert report.card["calibration"]["edge"]["edge_cells"] > 0
