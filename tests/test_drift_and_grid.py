@@ -326,9 +326,14 @@ def test_drift_follows_the_oldest_scan_not_a_calibration_on_another_scale(
     assert not report.drifted and report.move == pytest.approx(1.0, abs=0.03)
     assert report.calibration_move == pytest.approx(1 / 1.3, rel=0.05)
     assert "x0.77 the calibration's" in report.verdict()
-    # one scan alone is judged against the calibration, and says so
+    # one scan alone is judged against the calibration, for a rise only, and says so (the
+    # shipped coupon recipe's first scan read "DRIFT x0.71": good scans score below the
+    # held-out surface)
     alone = check_drift(g[:1], _Model(calibration))
-    assert alone.drifted and "give earlier scans" in alone.verdict()
+    assert not alone.drifted and "give earlier scans" in alone.verdict()
+    assert "above it only" in alone.verdict()
+    risen = check_drift(g[:1], _Model(score_summary(0.7 * rng.gamma(4.0, 0.2, 50_000))))
+    assert risen.drifted and risen.verdict().startswith("DRIFT")
     # one scan of three moved: not yet drift; most of them: drift, and the folder given twice
     # counts once
     assert not check_drift([g[0], g[1], d1, d1], _Model(calibration)).drifted
@@ -465,9 +470,42 @@ def test_a_ratio_beside_a_limit_is_not_rounded_onto_it() -> None:
     # "DRIFT ... x0.80 (limits x0.80-x1.25)": the ratio 0.7996 read as the limit itself
     from scanner.inspection.drift import DriftReport
 
-    report = DriftReport(drifted=True, move=0.7996, scans=[{}], skipped=[], plot=None)
-    assert "x0.7996 the calibration's (limits x0.80-x1.25" in report.verdict()
+    report = DriftReport(drifted=True, move=1.2504, scans=[{}], skipped=[], plot=None)
+    assert "x1.2504 the calibration's (limits x0.80-x1.25" in report.verdict()
+    report = DriftReport(drifted=True, move=0.7996, scans=[{}, {}], skipped=[], plot=None,
+                         reference="a")
+    assert "x0.7996 (limits x0.80-x1.25" in report.verdict()
     report = DriftReport(drifted=False, move=0.87, scans=[{}], skipped=[], plot=None,
                          image={"level": 1.0004})
     line = report.verdict()
     assert "are x0.87 the" in line and "level x1.00" in line
+
+
+def test_one_scan_is_compared_with_its_kinds_and_pixel_bands_calibration(
+        tmp_path: Path) -> None:
+    # the shipped default's thresholds are per kind and pixel band, and so are its
+    # held-out scores: a PV cell compared with the pooled ones moved by what kind it is
+    from models.drift import score_summary
+    from scanner.inspection.drift import check_drift
+
+    rng = np.random.default_rng(8)
+    base = rng.gamma(4.0, 0.2, 50_000)
+    folder = tmp_path / "pv"
+    folder.mkdir()
+    (folder / "scan.json").write_text(json.dumps({
+        "recipe": {"sample": {"kind": "pv_cell"}}, "mosaic": {"pixel_size_um": 30.0},
+        "inspection": {"good_scores": score_summary(1.5 * base),
+                       "model": {"weights_sha256": "abc"}}}))
+    model = _Model(score_summary(base))
+    assert check_drift([folder], model).drifted  # x1.5 the pooled scores
+    model.card["good_scores_by_sample_kind"] = {"pv_cell": score_summary(1.45 * base),
+                                                "wafer": score_summary(0.5 * base)}
+    report = check_drift([folder], model)
+    assert not report.drifted and "(pv_cell;" in report.verdict()
+    model.card["thresholds_by_pixel_size"] = {"pv_cell": [
+        {"pixel_size_um": [8, 20], "threshold": 1.0, "good_scores": score_summary(base)},
+        {"pixel_size_um": [20, 40], "threshold": 0.9,
+         "good_scores": score_summary(1.52 * base)}]}
+    report = check_drift([folder], model)
+    assert not report.drifted and "(pv_cell, 20-40 um pixels;" in report.verdict()
+    assert report.move == pytest.approx(1.5 / 1.52, rel=0.02)
