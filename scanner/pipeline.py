@@ -367,6 +367,7 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
             if now != recorded:
                 raise UserError(f"{folder}: cannot resume, the plan changed ({recorded} recorded, "
                                 f"{now} now)")
+            _check_same_optics(folder, scan, plan, float(handle.core.getPixelSizeUm()))
         # the scan this one replaced (`run --overwrite`), when that run was killed before
         # it could delete it: this scan has started, so it goes
         discard(set_aside_path(folder), folder)
@@ -381,6 +382,31 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
     finally:
         if handle is not None:
             handle.close()
+
+
+#: relative change of the pixel size or field past which a resume is refused
+OPTICS_TOLERANCE = 1e-3
+
+
+def _check_same_optics(folder: Path, scan: dict[str, Any], plan: ScanPlan,
+                       pixel_size_um: float) -> None:
+    """Refuse a resume whose microscope images at another scale than the scan recorded (an
+    objective changed, a pixel-size preset or calibration file edited): the missing tiles
+    were taken at 10.3 um/px on a grid moved for it, into a mosaic of 10 um pixels."""
+    checks = [("pixel size", scan.get("microscope", {}).get("pixel_size_um"), pixel_size_um,
+               "um"),
+              ("field of view", scan.get("plan", {}).get("fov_um"), list(plan.fov_um), "um"),
+              ("tile step", scan.get("plan", {}).get("step_um"), list(plan.step_um), "um")]
+    for what, was, now, unit in checks:
+        try:
+            a, b = np.atleast_1d(np.asarray(was, float)), np.atleast_1d(np.asarray(now, float))
+            same = a.shape == b.shape and bool(np.all(np.abs(a - b) <= OPTICS_TOLERANCE * abs(b)))
+        except (TypeError, ValueError):
+            same = False
+        if not same:
+            raise UserError(f"{folder}: cannot resume, the microscope's {what} changed ({was} "
+                            f"{unit} recorded, {now} {unit} now: another objective, pixel-size "
+                            "preset or calibration file); put it back as it was, or scan again")
 
 
 def _acquired(folder: Path, n_planned: int, decode: bool = False) -> set[int]:

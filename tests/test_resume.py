@@ -963,3 +963,31 @@ def test_resume_refuses_an_image_sample_whose_picture_changed(tmp_path: Path) ->
     res = runner.invoke(app, ["resume", str(folder)])
     assert res.exit_code == 0, res.output
     assert _scan(folder)["status"] == "complete"
+
+
+def test_resume_refuses_a_microscope_that_now_images_at_another_scale(tmp_path: Path) -> None:
+    """The calibration file rewritten (or another objective's pixel-size preset) between a
+    stop and its resume: the missing tiles were taken at 10.3 um/px, on a grid moved for it,
+    into a mosaic of 10 um pixels (exit 0)."""
+    data = json.loads(json.dumps(SMALL))
+    calibration = tmp_path / "cal.json"
+    calibration.write_text(json.dumps({"pixel_size_um": 10.0, "rotation_deg": 0.0}))
+    data["microscope"]["calibration"] = str(calibration)
+    data["scan"]["align"] = False
+    result = run_scan(parse_recipe(data, tmp_path, "cal"), tmp_path / "scan")
+    folder = result.folder
+    scan = _scan(folder)
+    scan["status"] = "interrupted"
+    (folder / "scan.json").write_text(json.dumps(scan))
+    lines = (folder / "tiles.csv").read_text().splitlines(keepends=True)
+    (folder / "tiles.csv").write_text("".join(lines[:-2]))  # two tiles left to take
+    journal = (folder / "tiles.csv").read_bytes()
+    calibration.write_text(json.dumps({"pixel_size_um": 10.3, "rotation_deg": 0.0}))
+    res = runner.invoke(app, ["resume", str(folder)])
+    assert res.exit_code == 2 and "pixel size changed" in res.output, res.output
+    assert "10.0 um recorded, 10.3 um now" in res.output
+    assert (folder / "tiles.csv").read_bytes() == journal
+    calibration.write_text(json.dumps({"pixel_size_um": 10.0, "rotation_deg": 0.0}))
+    res = runner.invoke(app, ["resume", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert _scan(folder)["status"] == "complete"
