@@ -160,6 +160,20 @@ def test_a_finger_pitch_under_a_camera_pixel_is_refused(write_recipe) -> None:
     assert "sample.finger_pitch_mm: 0.002 mm is 0.0667 camera pixels" in result.stderr
 
 
+def test_an_exposure_the_watchdog_would_not_wait_for_is_refused(write_recipe) -> None:
+    # 3 s exposures under a 2 s watchdog: every snap timed out and the scan took no tile
+    path = write_recipe("sample: {kind: rectangle, width_mm: 5, height_mm: 5}\n"
+                        "microscope: {kind: simulated, camera: {exposure_ms: 3000}}\n"
+                        "scan: {device_timeout_s: 2}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "scan.device_timeout_s: 2 s" in result.stderr
+    ok = write_recipe("sample: {kind: rectangle, width_mm: 5, height_mm: 5}\n"
+                      "microscope: {kind: simulated, camera: {exposure_ms: 3000}}\n"
+                      "scan: {device_timeout_s: 4}\n", "ok.yaml")
+    assert runner.invoke(app, ["validate", str(ok)]).exit_code == 0
+
+
 def test_missing_recipe_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2

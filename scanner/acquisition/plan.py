@@ -296,6 +296,7 @@ def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
         If the plan is empty, too large, or needs a position outside the travel, or the
         die grid is too fine.
     """
+    check_exposure(recipe)
     if pixel_size_um is not None:
         check_die_grid(recipe, pixel_size_um)
         check_finger_pitch(recipe, pixel_size_um)
@@ -304,6 +305,26 @@ def resolve_plan(recipe: Recipe, fov_um: tuple[float, float],
         check_region_size(plan, pixel_size_um)
     check_travel(plan, recipe, core)
     return replace(plan, travel_checked=True)
+
+
+def check_exposure(recipe: Recipe) -> None:
+    """Refuse an exposure (and the camera's readout) that the watchdog would never wait for:
+    3 s exposures under a 2 s ``scan.device_timeout_s`` timed out on every snap, each retry
+    starting a snap while the last one still ran, and the scan ended with no tile (its
+    recorded recipe cannot change for a resume).
+
+    Raises
+    ------
+    PlanError
+        Naming ``scan.device_timeout_s``.
+    """
+    camera = getattr(recipe.microscope, "camera", None)
+    snap_s = (exposure_for(recipe) + float(getattr(camera, "readout_ms", 0.0) or 0.0)) / 1000
+    timeout = recipe.scan.device_timeout_s
+    if snap_s >= timeout:
+        raise PlanError(f"scan.device_timeout_s: {timeout:g} s is shorter than one snap "
+                        f"({snap_s:g} s of exposure and readout): give a longer watchdog, or a "
+                        "shorter scan.exposure_ms")
 
 
 def check_finger_pitch(recipe: Recipe, pixel_size_um: float) -> None:
