@@ -165,10 +165,11 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
     above = file_in_the_way(out)
     if above is not None:
         raise UserError(f"--out {out}: {above} is a file, not a folder")
-    if (not out.exists() or out.is_dir() and not _holds_anything(out)) \
-            and set_aside_path(out).is_dir():
-        # a replacing run stopped before it wrote its record (nothing but its lock there):
-        # the scan it set aside comes back
+    if set_aside_path(out).is_dir() and not _took_a_tile(out):
+        # a replacing run stopped before its first tile (killed while it aligned, or right
+        # after it took the folder): the scan it set aside comes back, as it would have had
+        # the run been refused or interrupted there
+        _not_running(out)
         put_back(out, set_aside_path(out))
     if out.is_dir() and _holds_anything(out):
         if not overwrite:
@@ -177,12 +178,7 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
             )
         if not (out / SCAN_JSON).is_file():
             raise UserError(f"--out {out}: not a scan folder; refusing to overwrite it")
-        scan = scan_json_if_any(out)
-        status = running_status(out, scan) if scan is not None else None
-        if status in RUNNING:
-            raise UserError(f"--out {out}: the scan there is still {status} (process "
-                            f"{(scan or {}).get('process', {}).get('pid')} is alive); wait "
-                            "for it or choose another folder")
+        _not_running(out)
         aside = set_aside_path(out)
         if aside.exists():  # left by a replacing run that was killed: that scan had started
             discard(aside, out)
@@ -192,6 +188,27 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
         return out, aside
     out.mkdir(parents=True, exist_ok=True)
     return out, None
+
+
+def _not_running(folder: Path) -> None:
+    """Refuse a scan folder whose scan another process is still working on."""
+    scan = scan_json_if_any(folder) if folder.is_dir() else None
+    status = running_status(folder, scan) if scan is not None else None
+    if status in RUNNING:
+        raise UserError(f"--out {folder}: the scan there is still {status} (process "
+                        f"{(scan or {}).get('process', {}).get('pid')} is alive); wait "
+                        "for it or choose another folder")
+
+
+def _took_a_tile(folder: Path) -> bool:
+    """Whether the scan in ``folder`` has a row in its tile journal (it reached the stage's
+    first tile: the scan it replaced was discarded just before)."""
+    try:
+        # the tile journal (scanner.tilestore.TILES_CSV: that module brings zarr)
+        with open(folder / "tiles.csv", encoding="utf-8", errors="replace") as journal:
+            return bool(journal.readline() and journal.readline().strip())
+    except OSError:  # no folder, no journal
+        return False
 
 
 def _holds_anything(folder: Path) -> bool:

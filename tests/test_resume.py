@@ -991,3 +991,30 @@ def test_resume_refuses_a_microscope_that_now_images_at_another_scale(tmp_path: 
     res = runner.invoke(app, ["resume", str(folder)])
     assert res.exit_code == 0, res.output
     assert _scan(folder)["status"] == "complete"
+
+
+def test_an_overwrite_killed_while_aligning_gives_the_earlier_scan_back(
+        plain_scan: Path, tmp_path: Path) -> None:
+    """`run --overwrite` killed -9 while it aligned (its record written, no tile taken): the
+    next run took the earlier, complete scan set aside for one that had started, and deleted
+    it without a word."""
+    from scanner.errors import UserError
+    from scanner.scanfolder import prepare_folder
+
+    folder = tmp_path / "scan"
+    aside = tmp_path / ".scan.replaced"
+    shutil.copytree(plain_scan, aside)  # the earlier scan, set aside by the killed run
+    folder.mkdir()
+    killed = {**_scan(plain_scan), "status": "aligning", "process": {"pid": 999999999}}
+    (folder / "scan.json").write_text(json.dumps(killed))
+    with pytest.raises(UserError, match="not empty"):  # without --overwrite: it is back
+        prepare_folder(folder, tmp_path, "scan")
+    assert not aside.exists() and _scan(folder) == _scan(plain_scan)
+    # with --overwrite the earlier scan is set aside again, for the new run
+    shutil.rmtree(folder)
+    shutil.copytree(plain_scan, aside)
+    folder.mkdir()
+    (folder / "scan.json").write_text(json.dumps(killed))
+    out, kept = prepare_folder(folder, tmp_path, "scan", overwrite=True)
+    assert kept == aside and _scan(aside) == _scan(plain_scan)
+    assert list(out.iterdir()) == []
