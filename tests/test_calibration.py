@@ -121,3 +121,27 @@ def test_the_automatic_grid_keeps_its_frames_on_the_sample(tmp_path: Path):
     result = calibrate_recipe(load_recipe(tmp_path / "emulated_rig.yaml"))
     assert result.n_frames == 9
     assert result.pixel_size_um == pytest.approx(10.0, rel=5e-4)
+
+
+def test_calibrate_retries_serial_faults_as_a_scan_does(write_recipe, tmp_path: Path, caplog):
+    # the calibration moved and snapped without the scan's retries: one garbled reply from
+    # the stage controller (5 % of them here) failed it, where `run` retries and goes on
+    text = """\
+sample: {kind: wafer, diameter_mm: 20, edge_exclusion_mm: 1.0, die_pitch_mm: [3.0, 2.5],
+         defects: {count: 4, seed: 3}}
+microscope:
+  kind: simulated
+  camera: {width: 512, height: 512, pixel_size_um: 10.0}
+  stage: {driver: prior, port: "waferscope-emu://prior?faults=lost,garbled,error"}
+  faults: {serial_error_rate: 0.05, seed: 3}
+scan: {retries: %d}
+"""
+    res = CliRunner().invoke(app, ["calibrate", str(write_recipe(text % 3)),
+                                   "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    assert "failed (attempt 1/4)" in caplog.text  # a fault came, and was retried
+    assert json.loads((tmp_path / "c.json").read_text())["pixel_size_um"] == pytest.approx(
+        10.0, rel=1e-3)
+    res = CliRunner().invoke(app, ["calibrate", str(write_recipe(text % 0, "none.yaml")),
+                                   "--out", str(tmp_path / "c0.json")])
+    assert res.exit_code == 1 and "after 1 attempts" in res.output, res.output

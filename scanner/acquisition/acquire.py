@@ -12,7 +12,6 @@ disk would lose tiles silently while the stage kept moving.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,8 +24,9 @@ from pymmcore_plus.mda import MDAEngine, SkipEvent
 from pymmcore_plus.metadata import FrameMetaV1
 from useq import MDAEvent
 
+from devices.calls import GaveUp, retried
 from devices.core import MicroscopeHandle
-from devices.errors import HardwareError, HardwareTimeout, is_transient
+from devices.errors import HardwareError
 
 if TYPE_CHECKING:
     from scanner.acquisition.focusing import FocusController, TileFocus
@@ -216,28 +216,21 @@ class ScanEngine(MDAEngine):
         )
 
     def _retry(self, action: Callable[[], object], what: str) -> None:
-        """Run ``action`` under the watchdog; retry hardware faults with back-off.
+        """Run ``action`` under the watchdog; retry hardware faults with back-off
+        (:func:`devices.calls.retried`).
 
         Only transient hardware faults (:func:`devices.errors.is_transient`) are retried; a
         move refused for leaving the travel range loses the tile at once, and a programming
         error propagates (it would fail the same way on every tile).
         """
-        for attempt in range(self.retries + 1):
-            try:
-                _watched(action, self.timeout_s, what)
-                return
-            except Exception as exc:
-                if not is_transient(exc):
-                    if isinstance(exc, RuntimeError):  # a device's refusal: lose this tile
-                        raise _TileLost(f"{what}: {exc}") from None
-                    raise
-                log.warning("%s failed (attempt %d/%d): %s: %s", what, attempt + 1,
-                            self.retries + 1, type(exc).__name__, exc)
-                if attempt == self.retries:
-                    raise _TileLost(f"{what}: {type(exc).__name__}: {exc} "
-                                    f"(after {self.retries + 1} attempts)") from None
-                self.retried += 1
-                time.sleep(self.backoff_s * 2**attempt)
+        try:
+            retried(action, what, retries=self.retries, timeout_s=self.timeout_s,
+                    backoff_s=self.backoff_s, on_retry=self._count_retry)
+        except GaveUp as exc:
+            raise _TileLost(str(exc)) from None
+
+    def _count_retry(self) -> None:
+        self.retried += 1
 
     def _where(self, event: MDAEvent) -> dict[str, float]:
         """Read back the stage position and any ground truth the devices expose."""
@@ -274,29 +267,6 @@ MAX_LOST_IN_A_ROW = 5
 
 class _TileLost(RuntimeError):
     """A tile given up after its retries (journaled as lost; the scan goes on)."""
-
-
-def _watched(action: Callable[[], object], timeout_s: float, what: str) -> None:
-    """Run ``action``; raise :class:`HardwareTimeout` if it has not returned in ``timeout_s``.
-
-    A call into a device cannot be cancelled from outside, so it runs on a daemon thread that
-    is abandoned if it hangs (the next attempt, or the operator, deals with the device).
-    """
-    box: dict[str, BaseException] = {}
-
-    def target() -> None:
-        try:
-            action()
-        except BaseException as exc:  # handed to the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name=f"watchdog {what}", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise HardwareTimeout(f"{what} did not finish within {timeout_s:g} s")
-    if "error" in box:
-        raise box["error"]
 
 
 @dataclass

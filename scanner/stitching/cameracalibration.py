@@ -14,6 +14,8 @@ No library does this (Micro-Manager's Pixel Calibrator plugin is a Java GUI of t
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ from scanner.stitching.registration.selfcal import (
 )
 from scanner.stitching.registration.solve import solve_positions
 from scanner.travel import check_positions, travel_limits
+
+log = logging.getLogger("waferscope.calibrate")
 
 __all__ = ["CalibrationResult", "auto_grid", "calibrate_core", "calibrate_recipe",
            "expected_error_rel", "grid_positions"]
@@ -133,6 +137,8 @@ def calibrate_core(
     travel: dict[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
     area: Any = None,
+    retries: int = 3,
+    timeout_s: float = 60.0,
 ) -> CalibrationResult:
     """Measure the camera's pixel size and rotation by moving the stage by known steps.
 
@@ -162,6 +168,8 @@ def calibrate_core(
     area : shapely Polygon, optional
         Where the sample lies (stage µm): a grid chosen here keeps its frames on it (at
         least 3 x 3); a given ``grid`` is taken as it is.
+    retries, timeout_s : int, float
+        The scan's ``scan.retries`` and ``scan.device_timeout_s`` for each move and snap.
 
     Raises
     ------
@@ -195,7 +203,7 @@ def calibrate_core(
                         "(every frame is held until the frames are registered; leave --grid "
                         "out for a grid that brings the pixel size within 0.03 %)")
     positions = grid_positions(centre_um, grid, step_um)
-    frames = _snap_frames(core, positions, progress)
+    frames = _snap_frames(core, positions, progress, retries, timeout_s)
 
     stage = np.array([(x, y) for _, _, x, y in positions])
     centre_px = np.array([(w - 1) / 2, (h - 1) / 2])
@@ -244,15 +252,24 @@ def _result(a: np.ndarray, res: np.ndarray, cov: np.ndarray, n_used_frames: int,
 
 
 def _snap_frames(core: Any, positions: list[tuple[int, int, float, float]],
-                 progress: Callable[[int, int], None] | None
+                 progress: Callable[[int, int], None] | None, retries: int, timeout_s: float
                  ) -> dict[tuple[int, int], np.ndarray]:
-    """One frame at each grid position, by ``(row, column)``."""
+    """One frame at each grid position, by ``(row, column)``; moves and snaps under the
+    scan's watchdog and retries (:func:`devices.calls.retried`): one garbled serial reply
+    failed the calibration, and a stuck stage was left moving after the core's 5 s wait."""
+    from devices.calls import GaveUp, retried
+    from devices.errors import HardwareError
+
     xy = core.getXYStageDevice()
     frames: dict[tuple[int, int], np.ndarray] = {}
     for i, (r, c, x, y) in enumerate(positions):
-        core.setXYPosition(x, y)
-        core.waitForDevice(xy)
-        core.snapImage()
+        try:
+            retried(lambda x=x, y=y: (core.setXYPosition(x, y), core.waitForDevice(xy)),
+                    f"calibration move to ({x:.0f}, {y:.0f}) µm", retries=retries,
+                    timeout_s=timeout_s)
+            retried(core.snapImage, "calibration snap", retries=retries, timeout_s=timeout_s)
+        except GaveUp as exc:
+            raise HardwareError(f"calibrate: {exc}") from None
         frames[(r, c)] = np.asarray(core.getImage())
         if progress is not None:
             progress(i + 1, len(positions))
@@ -306,8 +323,20 @@ def calibrate_recipe(
     """
     from devices.core import build_microscope
 
+    failure = None
     with build_microscope(recipe) as handle:
-        return _calibrate_handle(handle, recipe, centre_um, grid, step_fraction, progress)
+        try:
+            return _calibrate_handle(handle, recipe, centre_um, grid, step_fraction, progress)
+        except Exception as exc:  # noqa: BLE001 - raised again below, its traceback dropped
+            log.debug("calibration failed", exc_info=True)
+            failure = exc
+    # the failure's traceback holds the core: collected here, not at the interpreter's exit
+    # in one of the core's C++ threads, which aborted the process after the one line was
+    # printed ("FATAL: exception not rethrown", exit 134), as devices.core's load does
+    failure.__traceback__ = failure.__context__ = failure.__cause__ = None
+    del handle
+    gc.collect()
+    raise failure
 
 
 def _calibrate_handle(handle: Any, recipe: Any, centre_um: tuple[float, float] | None,
@@ -326,9 +355,13 @@ def _calibrate_handle(handle: Any, recipe: Any, centre_um: tuple[float, float] |
     stage = getattr(micro, "stage", None)
     travel = travel_limits(recipe, core) if stage is not None else None
     repeat = float(stage.repeatability_um) if stage is not None else 2.0
+    # the core's own wait for a device (5 s by default) as the watchdog's: a stuck stage is
+    # then stopped by its driver's move timeout, not abandoned moving
+    core.setTimeoutMs(int(recipe.scan.device_timeout_s * 1000))
     result = calibrate_core(core, float(core.getPixelSizeUm()), centre_um, grid=grid,
                             step_fraction=step_fraction, repeatability_um=repeat,
-                            travel=travel, progress=progress, area=area)
+                            travel=travel, progress=progress, area=area,
+                            retries=recipe.scan.retries, timeout_s=recipe.scan.device_timeout_s)
     truth = (handle.truth or {}).get("camera")
     if truth:
         result.extra["truth"] = {
