@@ -484,7 +484,9 @@ def test_no_command_ever_targets_outside_the_limits():
         core.unloadAllDevices()
 
     check()
-    assert sum(sent_per_example) >= 30  # it moved, not only refused
+    # it moved, not only refused: 29-40 moves alone, 24 with other test modules collected
+    # beside it (the 2 ms answer timeout then loses more connections); none would be 0
+    assert sum(sent_per_example) >= 12
 
 
 # --------------------------------------------------------------------------- scans
