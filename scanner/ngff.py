@@ -13,6 +13,7 @@ survives until the new one is complete. Level ``k`` has pixels of size ``p * 2**
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -374,8 +375,33 @@ def _create_levels(tmp: Path, shapes: list[tuple[int, int]], chunk: int, dtype: 
     ]
 
 
+#: the root attribute waferscope's multiscale images carry: every chunk was stored
+#: (``write_empty_chunks``), so a missing one is damage
+EVERY_CHUNK_STORED = {"every_chunk_stored": True}
+
+
+def every_chunk_stored(group: Path) -> bool:
+    """Whether a multiscale image promises every chunk stored: waferscope wrote it (its root
+    attribute ``waferscope``, or it lies in a scan folder, as every earlier version's
+    mosaic and maps do). Other writers need not: the Zarr spec reads a chunk never written
+    as the fill value, and zarr-python 3 leaves out the chunks that hold only it by default
+    (``write_empty_chunks`` false), so a foreign mosaic with a black surround was refused as
+    damaged."""
+    group = Path(group)
+    if (group.parent / "scan.json").is_file():
+        return True
+    try:
+        attrs = json.loads((group / "zarr.json").read_text(encoding="utf-8")).get(
+            "attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: the strict reading (open_mosaic says what is wrong)
+    return attrs.get("waferscope") == EVERY_CHUNK_STORED
+
+
 def check_complete(array: zarr.Array, what: str) -> None:
-    """Refuse an image with a missing chunk: zarr would read it as fill value (black).
+    """Refuse an image with a missing chunk: zarr would read it as fill value (black). An
+    image that does not promise every chunk stored (:func:`every_chunk_stored`: not
+    waferscope's) reads a missing chunk as its fill value, as the Zarr spec says.
 
     Raises
     ------
@@ -383,6 +409,8 @@ def check_complete(array: zarr.Array, what: str) -> None:
         Naming the first missing chunk (its pixel rows and columns).
     """
     if array.nchunks_initialized == array.nchunks:
+        return
+    if not every_chunk_stored(Path(str(array.store_path.store.root))):
         return
     root = Path(str(array.store_path.store.root)) / array.store_path.path
     grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks, strict=True)]
@@ -436,4 +464,5 @@ def finish_multiscale(
     """
     root = zarr.open_group(str(tmp), mode="r+")
     root.attrs["ome"] = ome_attributes(name, n_levels, float(pixel_size_um), origin_um)
+    root.attrs["waferscope"] = EVERY_CHUNK_STORED
     _replace_dir(Path(tmp), Path(out_path))

@@ -516,3 +516,31 @@ def test_a_mosaic_waferscope_cannot_place_is_refused_in_one_line(
     assert res.exit_code == 2, res.output
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and said in lines[0] and "m.ome.zarr" in lines[0], lines
+
+
+def test_a_foreign_mosaic_reads_chunks_it_never_wrote_as_its_fill_value(tmp_path: Path) -> None:
+    # zarr-python 3 leaves out chunks that hold only the fill value (write_empty_chunks is
+    # false by default), as the Zarr spec allows: a mosaic with a black surround was refused
+    # as damaged. waferscope's own mosaics store every chunk, and a missing one stays damage.
+    from scanner.errors import UserError
+    from scanner.ngff import check_complete
+
+    group = zarr.open_group(str(tmp_path / "m.ome.zarr"), mode="w")
+    level = group.create_array("0", shape=(128, 128), dtype="uint16", chunks=(64, 64))
+    image = np.zeros((128, 128), np.uint16)
+    image[:64] = 500  # the lower chunks are black: never written
+    level[...] = image
+    group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [{"path": "0", "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, 1.0]}]}]}]}
+    levels, _ = open_mosaic(tmp_path / "m.ome.zarr")
+    assert levels[0].nchunks_initialized == 2
+    check_complete(levels[0], "m")  # not refused
+    np.testing.assert_array_equal(levels[0][...], image)
+    ours = tmp_path / "ours.ome.zarr"
+    fuse_mosaic(np.full((1, 64, 64), 300, np.uint16), np.zeros((1, 2)), 1.0, ours, chunk=32)
+    (ours / "0" / "c" / "0" / "0").unlink()
+    with pytest.raises(UserError, match="missing"):
+        check_complete(open_mosaic(ours)[0][0], "ours")
