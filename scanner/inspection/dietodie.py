@@ -534,6 +534,9 @@ def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int
                 mask = mask[:, x_lo:x_hi + 2 * ctx]
             e0, w = x_lo - ctx, x_hi - x_lo + 2 * ctx  # die columns [e0, e0 + w)
             test = _read(level0, tr + d0, tc + e0, h, w)
+            unlike = _unlike_neighbours(plan, cell, refs, tr + d0, tc + e0, h, w)
+            if unlike is not None:
+                mask = ~unlike if mask is None else mask & ~unlike
             mask = scanned_mask(test, mask)
             # the block each row and column is aligned with (the context: the nearest block)
             rows = _runs(np.clip((d0 + np.arange(h)) // b, 0, n_br - 1))
@@ -554,6 +557,47 @@ def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int
                    slice(max(0, -e0), w - max(0, e0 + w - w_die)))
             yield (cell, tr + br, tc + x_lo, (slice(ctx, ctx + bh), slice(ctx, ctx + x_hi - x_lo)),
                    own, test, aligned, mask)
+
+
+def _unlike_neighbours(plan: Comparison, cell: Cell, refs: list[Cell], r0: int, c0: int,
+                       h: int, w: int) -> np.ndarray | None:
+    """Mosaic pixels ``[r0, r0+h) x [c0, c0+w)`` of a die's window that lie in a neighbouring
+    die cell which, for the test or one of its references, is not a compared die (None: none).
+
+    On a turned grid the stage-aligned window (:meth:`DieGrid.cell_box`) holds wedges of the
+    neighbouring cells, up to the pitch times the turn's sine wide (61 um at 0.7 degrees on
+    5 mm dies). Each die's wedge holds its own neighbour: beside a bare (unexposed, off-wafer
+    or edge-excluded) edge die the test's wedge is bare where its references' are patterned,
+    or the other way round, and the wedge scored z 27-100 along the die's border (five false
+    "scratches" 1.0-1.7 mm long on a 50 mm wafer placed 0.7 degrees turned). Those pixels
+    are not the test's to compare; between compared dies they stay compared as before.
+    """
+    grid, mosaic = plan.grid, plan.mosaic
+    if not grid.rotation_deg:
+        return None
+    p = mosaic.pixel_size_um
+    px, py = grid.pitch_um
+    x = mosaic.origin_um[0] + (c0 + np.arange(w)) * p
+    y = mosaic.origin_um[1] + (r0 + np.arange(h)) * p
+    turn = math.radians(grid.rotation_deg)
+    cs, sn = math.cos(turn), math.sin(turn)
+    dx = x[None, :] - grid.origin_um[0]
+    dy = y[:, None] - grid.origin_um[1]
+    u = cs * dx + sn * dy - cell[0] * px
+    v = -sn * dx + cs * dy - cell[1] * py
+    tol = p  # the corner's rounding to a whole pixel is not a neighbour's wedge
+    dc = np.where(u < -tol, -1, np.where(u >= px + tol, 1, 0))
+    dr = np.where(v < -tol, -1, np.where(v >= py + tol, 1, 0))
+    if not ((dc != 0) | (dr != 0)).any():
+        return None
+    out = np.zeros((h, w), dtype=bool)
+    for i in (-1, 0, 1):
+        for j in (-1, 0, 1):
+            if (i, j) == (0, 0):
+                continue
+            if any((c[0] + i, c[1] + j) not in plan.fields for c in [cell, *refs]):
+                out |= (dc == i) & (dr == j)
+    return out if out.any() else None
 
 
 def _context_px(settings: DieToDie) -> int:
