@@ -668,7 +668,8 @@ def inspect_mosaic(
                           d2d.get("found_grid_repeats", True) is not False)
     golden = _golden(mosaic, model, evidence_thr, kind, polygon)
     refine = _Refinement(compare or golden, kind in PLAIN_SURFACE_KINDS, saved, polygon,
-                         evidence_thr, mosaic, fallback=golden if compare is not None else None)
+                         evidence_thr, mosaic, fallback=golden if compare is not None else None,
+                         alignment=alignment)
     maps = infer_mosaic(model, mosaic, out_dir, polygon=polygon, progress=progress,
                         refine=refine, cluster=cluster, edge_um=edge_band_um or None)
     t1 = time.perf_counter()
@@ -710,8 +711,13 @@ class _Refinement:
 
     def __init__(self, die_to_die: DieToDieStep | None,
                  plain_kind: bool, sample: Any, polygon: Any, threshold: float,
-                 mosaic: Path | None = None, fallback: DieToDieStep | None = None) -> None:
+                 mosaic: Path | None = None, fallback: DieToDieStep | None = None,
+                 alignment: dict[str, Any] | None = None) -> None:
         self.die_to_die, self.plain_kind, self.mosaic = die_to_die, plain_kind, mosaic
+        #: where the sample lies (a PV cell's busbars are placed with it)
+        self.alignment = alignment
+        #: map pixels lowered to the level a PV cell's busbars score (their design)
+        self.busbar_pixels = 0
         #: the comparison run when ``die_to_die`` compared no die (the golden image's)
         self.fallback = fallback
         self.sample, self.polygon, self.threshold = sample, polygon, threshold
@@ -739,6 +745,13 @@ class _Refinement:
                 self.d2d.update(stats)
                 stats, self.difference, self.compared, self.repeated = self.fallback(maps)
             (self.golden if stats.get("reference") == GOLDEN else self.d2d).update(stats)
+        if self.sample is not None and str(getattr(self.sample, "kind", "")) == "pv_cell":
+            # a busbar is the cell's design: its own level along it is not a defect
+            from scanner.inspection.busbars import flatten_busbars
+
+            self.busbar_pixels = flatten_busbars(
+                maps.maps["anomaly"], maps.origin_um, maps.pixel_size_um, maps.stride,
+                self.sample, self.alignment)
         if self.plain_kind or self.polygon is not None:
             self.reflectance = reflectance_at_map(maps)
             self.not_scanned_mm2 = _not_scanned_mm2(maps, self.reflectance, self.polygon)
@@ -768,6 +781,7 @@ def _maps_record(maps: MapSet, refine: _Refinement, masked: bool) -> dict[str, A
             "windows": maps.stats.windows, "windows_skipped": maps.stats.skipped,
             "die_to_die": refine.d2d or None, "golden": refine.golden or None,
             "plain_surface": refine.plain or None,
+            "busbar_pixels_lowered": refine.busbar_pixels,
             "not_scanned_mm2": refine.not_scanned_mm2}
 
 

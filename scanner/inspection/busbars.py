@@ -1,0 +1,114 @@
+"""A PV cell's busbars on the anomaly map: the cell's design, not defects.
+
+The memory bank knows the busbars it was built from (the simulated cells' 1.2 mm ones, 30 to
+150 pixels wide at 8-40 um); a narrower one, a dark line a dozen pixels wide, is a structure it
+never saw, and the features whose field covers it score the whole busbar high: along a 0.3 mm
+busbar at 30 um the map's median was 0.80-0.95 (threshold 0.911, line threshold 0.785, the
+finger area 0.58), and every busbar came out as a crack as long as the cell.
+
+The busbars are known from the recipe and the alignment, so the map is compared with itself
+along each of them, as cell-to-cell compares a repeat: at each offset across a busbar (within
+its band, the busbar and the field of the features either side), the map's running median
+along the busbar over :data:`ALONG_MM` is what the design scores there, and its excess over the
+surface just outside the band is taken off. A defect on a busbar shorter than about half that
+window, and one crossing it, still stand out by what they add to the design's level.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import median_filter
+
+#: length of the running median along a busbar (mm): what the design scores there
+ALONG_MM = 12.0
+#: the band either side of a busbar's edge where the features see it (image pixels at the
+#: detector's input: its stride-16 features, averaged over 3 x 3 cells, raise the map about
+#: 30 px beyond a thin busbar's edge)
+MARGIN_PX = 32.0
+#: map pixels just outside the band that give the surface's own level beside the busbar
+BESIDE_PX = 3
+
+
+def busbar_lines(sample: Any, alignment: dict[str, Any] | None
+                 ) -> tuple[tuple[float, float], float, list[float], float] | None:
+    """The cell's centre (stage um), rotation (rad), the busbars' centres across the cell
+    (um from its centre, in its own frame) and their half width (um); None without busbars."""
+    if sample is None or str(getattr(sample, "kind", "")) != "pv_cell":
+        return None
+    n = int(getattr(sample, "busbars", 0) or 0)
+    if n <= 0:
+        return None
+    centre = tuple(float(v) for v in getattr(sample, "center_um", (0.0, 0.0)))
+    theta = 0.0
+    if alignment:
+        centre = tuple(float(v) for v in alignment.get("center_um", centre))
+        theta = math.radians(float(alignment.get("rotation_deg", 0.0) or 0.0))
+    hw = float(sample.width_mm) * 500.0
+    spacing = 2 * hw / n
+    return ((centre[0], centre[1]), theta, [-hw + (k + 0.5) * spacing for k in range(n)],
+            float(sample.busbar_width_mm) * 500.0)
+
+
+def _running_median(values: np.ndarray, valid: np.ndarray, size: int) -> np.ndarray:
+    """Median of each column of ``values`` over ``size`` rows, of its valid rows only."""
+    out = np.zeros_like(values)
+    for j in range(values.shape[1]):
+        keep = valid[:, j]
+        if keep.sum() >= 3:
+            out[keep, j] = median_filter(values[keep, j], size=min(size, int(keep.sum())),
+                                         mode="nearest")
+    return out
+
+
+def flatten_busbars(anomaly: Any, origin_um: tuple[float, float], map_pixel_um: float,
+                    stride: int, sample: Any, alignment: dict[str, Any] | None) -> int:
+    """Take the busbars' own level off ``anomaly`` (numpy or Zarr, writable; 0: not
+    inspected). Returns the number of map pixels lowered."""
+    lines = busbar_lines(sample, alignment)
+    if lines is None:
+        return 0
+    (cx, cy), theta, centres, half = lines
+    p = float(map_pixel_um)
+    input_px = p / max(int(stride), 1)
+    m = int(math.ceil((half + MARGIN_PX * input_px) / p))  # band half width (map px)
+    size = max(31, int(round(ALONG_MM * 1000.0 / p)) | 1)
+    h, w = (int(v) for v in anomaly.shape)
+    x0, y0 = origin_um
+    rows = np.arange(h)
+    y = y0 + rows * p
+    cos, sin = math.cos(theta), math.sin(theta)
+    lowered = 0
+    for u in centres:
+        # the busbar's centre column on each map row (stage = centre + R(theta) (u, v))
+        v = (y - cy - u * sin) / cos
+        col = np.rint((cx + u * cos - v * sin - x0) / p).astype(int)
+        reach = m + BESIDE_PX
+        lo, hi = int(col.min()) - reach, int(col.max()) + reach + 1
+        c0, c1 = max(lo, 0), min(hi, w)
+        if c1 <= c0:
+            continue
+        strip = np.zeros((h, hi - lo), dtype=np.float32)
+        strip[:, c0 - lo : c1 - lo] = np.asarray(anomaly[:, c0:c1], dtype=np.float32)
+        offsets = np.arange(-reach, reach + 1)
+        idx = (col - lo)[:, None] + offsets[None, :]
+        band = np.take_along_axis(strip, idx, axis=1)  # rows x offsets across the busbar
+        valid = band > 0
+        ref = _running_median(band, valid, size)
+        beside = np.r_[0:BESIDE_PX, 2 * reach + 1 - BESIDE_PX : 2 * reach + 1]
+        ok = valid[:, beside]
+        base = np.where(ok.any(1), (ref[:, beside] * ok).sum(1) / np.maximum(ok.sum(1), 1),
+                        np.inf)
+        inner = slice(BESIDE_PX, 2 * reach + 1 - BESIDE_PX)
+        excess = np.clip(ref[:, inner] - base[:, None], 0.0, None)
+        cur = band[:, inner]
+        new = np.where(valid[:, inner], np.maximum(cur - excess, 1e-3), cur)
+        changed = new < cur
+        if not changed.any():
+            continue
+        lowered += int(changed.sum())
+        np.put_along_axis(strip, idx[:, inner], new, axis=1)
+        anomaly[:, c0:c1] = strip[:, c0 - lo : c1 - lo]
+    return lowered
