@@ -371,10 +371,11 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
         # the scan this one replaced (`run --overwrite`), when that run was killed before
         # it could delete it: this scan goes on, so it goes (said: `run --overwrite` again
         # would have put it back)
-        if set_aside_path(folder).is_dir():
+        aside = set_aside_path(folder)
+        if aside.is_dir():
             log.warning("the earlier scan this one replaced (kept in %s) is deleted: this one "
-                        "is resumed", set_aside_path(folder))
-        discard(set_aside_path(folder), folder)
+                        "is resumed", aside)
+        discard(aside, folder)
         scan.setdefault("resumed", []).append({"at": now_iso(), "previous_status": status,
                                                "tiles_missing": n - len(done)})
         scan.update(status="acquiring", process=this_process(), finished=None)

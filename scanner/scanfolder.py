@@ -27,6 +27,8 @@ from simulators.errors import first_line
 
 SCAN_JSON = "scan.json"
 TRUTH_JSON = "truth.json"
+#: the tile journal (written by ``scanner.tilestore``)
+TILES_CSV = "tiles.csv"
 #: the stitched OME-NGFF mosaic (written by ``scanner.stitching.stitch``)
 MOSAIC = "mosaic.ome.zarr"
 #: the lock a process holds on a scan folder while it works on it (see :func:`hold`)
@@ -204,8 +206,7 @@ def _took_a_tile(folder: Path) -> bool:
     """Whether the scan in ``folder`` has a row in its tile journal (it reached the stage's
     first tile: the scan it replaced was discarded just before)."""
     try:
-        # the tile journal (scanner.tilestore.TILES_CSV: that module brings zarr)
-        with open(folder / "tiles.csv", encoding="utf-8", errors="replace") as journal:
+        with open(folder / TILES_CSV, encoding="utf-8", errors="replace") as journal:
             return bool(journal.readline() and journal.readline().strip())
     except OSError:  # no folder, no journal
         return False

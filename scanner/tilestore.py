@@ -20,10 +20,10 @@ import numpy as np
 import zarr
 
 from scanner.errors import UserError, undecodable
+from scanner.scanfolder import TILES_CSV
 from simulators.errors import first_line
 
 TILES_ZARR = "tiles.zarr"
-TILES_CSV = "tiles.csv"
 
 
 @dataclass

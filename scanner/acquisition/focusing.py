@@ -226,8 +226,9 @@ class FocusController:
 
         c = inner.centroid if not inner.is_empty else self.plan.region.centroid
         cand = [(x + dx * fov, y + dy * fov) for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+        lo, hi = tiles.min(axis=0), tiles.max(axis=0)
         cand = [p for p in cand if not inner.is_empty and contains_xy(inner, *p)
-                and np.array_equal(inside_tiles(np.array(p), tiles)[0], np.array(p))]
+                and lo[0] <= p[0] <= hi[0] and lo[1] <= p[1] <= hi[1]]
         cand.sort(key=lambda p: math.hypot(p[0] - c.x, p[1] - c.y))
         return cand[:2]
 
