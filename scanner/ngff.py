@@ -28,6 +28,7 @@ import zarr
 from yaozarrs import v05
 
 from scanner.errors import UserError
+from scanner.scanfolder import SCAN_JSON
 from simulators.errors import first_line
 
 #: Worker threads used for fusion and pyramid building (numpy and the codecs release the GIL).
@@ -388,7 +389,7 @@ def every_chunk_stored(group: Path) -> bool:
     (``write_empty_chunks`` false), so a foreign mosaic with a black surround was refused as
     damaged."""
     group = Path(group)
-    if (group.parent / "scan.json").is_file():
+    if (group.parent / SCAN_JSON).is_file():
         return True
     try:
         attrs = json.loads((group / "zarr.json").read_text(encoding="utf-8")).get(
