@@ -507,7 +507,8 @@ def view(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --screenshot file.")
                          ] = False,
 ) -> None:
-    """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope[napari])."""
+    # (the backslash keeps rich from reading "[napari]" as markup in --help)
+    """Review a scan in napari: mosaic, inspection maps and defects (needs waferscope\\[napari])."""
     from scanner.napari.viewer import view as open_view
 
     if screenshot is not None:

@@ -1049,3 +1049,11 @@ def test_a_pixel_size_given_for_good_scans_is_refused_not_a_relabel(wafer_scan: 
                           "--out", str(tmp_path / "m")], "--pixel-size 0.123",
                          "the good scans' pixels are")
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.safetensors").exists()
+
+
+def test_help_keeps_the_brackets_of_an_install_extra() -> None:
+    # rich read "[napari]" as markup and printed "needs waferscope" alone
+    for args in (["--help"], ["view", "--help"]):
+        res = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert "waferscope[napari]" in res.output, res.output
