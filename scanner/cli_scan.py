@@ -145,7 +145,11 @@ def devices(
             import tifffile
 
             save.parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(save, image)
+            # the pixel size goes into the file (pixels per cm, which every reader takes and
+            # train / inspect read back: scanner.inspection.pixelsize)
+            p = float(core.getPixelSizeUm())
+            tifffile.imwrite(save, image, **({"resolution": (1e4 / p, 1e4 / p),
+                                              "resolutionunit": "CENTIMETER"} if p > 0 else {}))
             out.print(f"saved: {save.resolve()}")
 
 

@@ -660,6 +660,9 @@ def test_devices_save_keeps_an_existing_file_and_refuses_a_name_that_is_not_tiff
     result = runner.invoke(app, ["devices", str(recipe), "--save", str(tiff), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert tiff.read_bytes()[:2] in (b"II", b"MM")
+    from scanner.inspection.pixelsize import stated_pixel_um
+
+    assert stated_pixel_um(tiff) == pytest.approx(2.0)  # train and inspect read it back
 
 
 @pytest.mark.parametrize("status", ["complete", "interrupted"])

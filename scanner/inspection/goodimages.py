@@ -19,6 +19,7 @@ from models.data import GoodImage, image_files
 from scanner.errors import UserError
 from scanner.inspection.images import IMAGE_SUFFIXES
 from scanner.inspection.inspect import _saved_sample, _usable_polygon, read_image
+from scanner.inspection.pixelsize import stated_pixel_um
 from scanner.inspection.polygonmask import polygon_mask, polygon_pixels
 from scanner.inspection.tiled import source_level
 from scanner.scanfolder import MOSAIC, SCAN_JSON, scan_json_if_any
@@ -64,7 +65,8 @@ def load_good(paths: Iterable[str | Path]) -> tuple[list[GoodImage], float | Non
 
 def _image_file(path: Path, name: str) -> GoodImage:
     img = read_image(path)  # refuses non-finite pixels
-    return GoodImage(img / np.float32(source_level(img)), source=name)
+    return GoodImage(img / np.float32(source_level(img)), source=name,
+                     meta={"stated_pixel_um": stated_pixel_um(path)})
 
 
 def _scan(mosaic: Path) -> tuple[list[GoodImage], float]:

@@ -43,6 +43,7 @@ from scanner.inspection.golden import (
     uses_golden,
 )
 from scanner.inspection.maps import infer_image
+from scanner.inspection.pixelsize import images_pixel_um
 from scanner.scanfolder import now_iso, write_json
 
 IMAGE_SUFFIXES = tuple(sorted(MODEL_IMAGE_SUFFIXES))  # one list: what the model reads
@@ -123,7 +124,8 @@ def inspect_images(
     model, threshold
         As in :func:`inspect_mosaic`.
     pixel_size_um : float, optional
-        Pixel size of the images (default: the model's; images are resampled otherwise).
+        Pixel size of the images (default: the size the files state, else the model's; images
+        are resampled to the model's where it differs).
         Defect coordinates are in µm from the centre of each image's pixel (0, 0).
     progress : callable, optional
         ``progress(done, total)`` images.
@@ -133,6 +135,8 @@ def inspect_images(
     # refused in seconds, not after the hours spent on those before it (decoding is a few
     # per cent of the network's time, and nothing is kept)
     shapes = {name: read_image(path).shape for name, path in images}
+    # a microscope's file states its pixel size: taken where --pixel-size is not given
+    pixel_size_um = images_pixel_um([path for _, path in images], pixel_size_um)
     t0 = time.perf_counter()
     model = load_inspection_model(model)
     _warn_about_shapes(model, shapes)
