@@ -405,6 +405,7 @@ def _load_config(core: UniMMCore, spec: MicroManagerMicroscope, summary: Any,
         if core.getPixelSizeUm() <= 0:
             _match_pixel_preset(core, summary.pixel_presets)
         _require_roles_and_pixel_size(core, spec, summary.pixel_presets)
+        _require_drivable_orientation(core, spec.config.name, summary.pixel_presets)
         if spec.pixel_size_um is not None and (
                 summary.pixel_size_um is None or core.getPixelSizeUm() <= 0):
             _set_pixel_size(core, spec.pixel_size_um)
@@ -474,6 +475,49 @@ def _require_roles_and_pixel_size(core: UniMMCore, spec: MicroManagerMicroscope,
             f"microscope.pixel_size_um: {spec.config.name} has no pixel size calibration; "
             "give pixel_size_um in the recipe"
         )
+
+
+def _require_drivable_orientation(core: UniMMCore, name: str,
+                                  presets: dict[str, Any] | None = None) -> None:
+    """Refuse a pixel-size affine that mirrors the image against the stage or turns it by more
+    than :data:`devices.calibration.MAX_ROTATION_DEG`.
+
+    The affine (``stage = A @ (column, row)``) is how a ``.cfg`` says that a camera is mounted
+    upside down or mirrored, or that a stage axis runs the other way. The alignment read its
+    angle (180 degrees for a camera mounted upside down) while the tiles were stitched
+    unturned at their stage positions: the scan ended "complete" with every defect
+    millimetres from where it is. A mirrored one was stitched mirrored (or its alignment
+    said the wafer was not where the recipe puts it).
+    """
+    import math
+
+    from .calibration import MAX_ROTATION_DEG
+
+    try:
+        a = [float(v) for v in core.getPixelSizeAffine()]
+    except Exception:  # noqa: BLE001 - no pixel configuration: nothing turns the camera
+        return
+    if len(a) < 5 or not all(math.isfinite(v) for v in a[:5]) or not any(a[:2] + a[3:5]):
+        return
+    det = a[0] * a[4] - a[1] * a[3]
+    angle = math.degrees(math.atan2(a[3], a[0]))
+    if det < 0:
+        what = "mirrors the image against the stage (or a stage axis runs the other way)"
+    elif abs(angle) > MAX_ROTATION_DEG:
+        what = f"turns the image {angle:+.0f} degrees against the stage"
+    else:
+        return
+    # the .cfg's name of the preset (one on a Python device is applied under our own name)
+    preset = next((n for n, (_, affine, _) in (presets or {}).items()
+                   if affine is not None and all(math.isclose(u, v, abs_tol=1e-9)
+                                                 for u, v in zip(affine, a, strict=False))),
+                  core.getCurrentPixelSizeConfig() or "?")
+    raise UserError(
+        f"microscope.config: {name}: pixel size preset {preset}'s affine "
+        f"({', '.join(f'{v:g}' for v in a[:6])}) {what}; waferscope stitches images whose "
+        f"columns count along the stage's +x and rows along +y, turned at most "
+        f"{MAX_ROTATION_DEG:g} degrees: set the camera's or the stage's own transpose/mirror "
+        "properties so that they do, and correct the affine")
 
 
 #: the core's setter of each role's current device, and the device type it takes: the setters

@@ -67,6 +67,23 @@ def _why(exc: BaseException) -> str:
     return os.strerror(code)
 
 
+#: most bytes of a reply that never ended that an error quotes
+PARTIAL_BYTES = 32
+
+
+def _partial(raw: bytes) -> str:
+    """What came of a reply that never ended, short enough for one line.
+
+    A controller at another baud rate sends noise with no terminator: the whole of it was
+    quoted, some 45,000 characters in one "line" for half a second of it.
+    """
+    if len(raw) <= PARTIAL_BYTES:
+        return repr(raw)
+    noise = sum(b > 0x7E or (b < 0x20 and b not in b"\r\n\t") for b in raw) > len(raw) // 4
+    return (f"{raw[:PARTIAL_BYTES]!r}... {len(raw)} bytes"
+            + ("; is the port's baud rate the controller's?" if noise else ""))
+
+
 class SharedPort:
     """One open serial port and the lock that makes each exchange atomic.
 
@@ -121,7 +138,7 @@ class SharedPort:
         except (serial.SerialException, OSError) as exc:
             raise HardwareError(f"serial port {self.url}: {exc}") from None
         if not raw.endswith(terminator):
-            partial = f" (got only {raw!r})" if raw else ""
+            partial = f" (got only {_partial(raw)})" if raw else ""
             raise HardwareTimeout(
                 f"no reply to {command!r} on {self.url} within {self.timeout_s:g} s{partial}"
             )

@@ -145,3 +145,42 @@ scan: {retries: %d}
     res = CliRunner().invoke(app, ["calibrate", str(write_recipe(text % 0, "none.yaml")),
                                    "--out", str(tmp_path / "c0.json")])
     assert res.exit_code == 1 and "after 1 attempts" in res.output, res.output
+
+
+MIRRORED_CAMERA = '''
+import numpy as np
+from devices.simulated import SimCamera
+
+
+class MirrorXCamera(SimCamera):
+    """The simulated camera mounted mirrored: its columns count against the stage's x."""
+
+    def snap(self, buffer):
+        frame = np.empty_like(buffer)
+        meta = super().snap(frame)
+        buffer[:] = frame[:, ::-1]
+        return meta
+'''
+
+
+def test_a_grid_registered_along_one_axis_only_is_refused(tmp_path: Path):
+    """A camera mounted mirrored in x: every pair along y matched, none along x, and the x
+    scale came back as the nominal one: a calibration of 10.000 um and 0.004 degrees was
+    written for a camera whose image runs against the stage."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    shutil.copy(root / "emulated_rig.yaml", tmp_path / "emulated_rig.yaml")
+    cfg = (root / "emulated_rig.cfg").read_text()
+    assert "devices.simulated,SimCamera" in cfg
+    (tmp_path / "emulated_rig.cfg").write_text(
+        cfg.replace("devices.simulated,SimCamera", "mirrorx_cam_for_test,MirrorXCamera"))
+    (tmp_path / "mirrorx_cam_for_test.py").write_text(MIRRORED_CAMERA)
+    out = tmp_path / "c.json"
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "emulated_rig.yaml"),
+                                   "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no frame pair a step apart along the stage's x" in lines[0], \
+        res.stderr
+    assert not out.exists()

@@ -206,6 +206,32 @@ def test_a_pixel_size_preset_on_a_python_camera_is_used(tmp_path: Path) -> None:
     assert "none of rig.cfg's pixel size presets (Res10x: Camera Binning = 4)" in res.stderr
 
 
+@pytest.mark.parametrize(("affine", "expected"), [
+    ("-10,0,0,0,10,0", "mirrors the image against the stage"),
+    ("0,10,0,10,0,0", "mirrors the image against the stage"),  # transposed
+    ("-10,0,0,0,-10,0", "turns the image +180 degrees"),  # mounted upside down
+    ("0,-10,0,10,0,0", "turns the image +90 degrees"),
+])
+def test_a_pixel_affine_that_mirrors_or_turns_the_camera_is_refused(
+        tmp_path: Path, affine: str, expected: str) -> None:
+    # the alignment read the affine's 180 degrees, the stitching placed the tiles unturned:
+    # "complete", with every defect millimetres off; a mirror failed the alignment as a
+    # wafer "not where the recipe puts it"
+    cfg = RIG_CFG + ("ConfigPixelSize,Res10x,Camera,Binning,1\nPixelSize_um,Res10x,10\n"
+                     f"PixelSizeAffine,Res10x,{affine}\n")
+    path = _rig(tmp_path, cfg)
+    path.write_text(path.read_text().replace("  pixel_size_um: 10.0\n", ""))
+    res = runner.invoke(app, ["validate", str(path)])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], res.stderr
+    assert "pixel size preset Res10x's affine" in lines[0]
+    # turned within what the stitching measures and corrects, it is used
+    path = _rig(tmp_path, cfg.replace(affine, "9.99,-0.17,0,0.17,9.99,0"))
+    path.write_text(path.read_text().replace("  pixel_size_um: 10.0\n", ""))
+    assert runner.invoke(app, ["validate", str(path)]).exit_code == 0
+
+
 def _preset_core(kind: str):
     import pymmcore
     from pymmcore_plus.experimental.unicore import UniMMCore

@@ -550,3 +550,32 @@ def test_camera_timeouts_are_typed_and_seeded(tmp_path: Path):
         assert core.getProperty("XYStage", "Controller") == "MS-2000"
     assert runs[0] == runs[1]  # same seed, same faults
     assert any(runs[0]) and not all(runs[0])
+
+
+def test_a_reply_that_never_ends_is_quoted_short():
+    from devices.serial_port import SharedPort
+
+    class Noise:  # a controller at another baud rate: bytes, never a terminator
+        timeout = 0.5
+
+        def reset_input_buffer(self) -> None:
+            pass
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def read_until(self, terminator: bytes) -> bytes:
+            return bytes([0xF0, 0x0F, 0x80]) * 5000
+
+        def close(self) -> None:
+            pass
+
+    port = SharedPort("loop://", 9600, 0.5)
+    port.serial.close()
+    port.serial = Noise()
+    with pytest.raises(HardwareTimeout) as err:
+        port.exchange("COMP,0", b"\r")
+    message = str(err.value)
+    # the whole of it was quoted: 45,000 characters in the one line of the error
+    assert len(message) < 300, message
+    assert "15000 bytes" in message and "baud rate" in message
