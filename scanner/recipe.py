@@ -159,6 +159,9 @@ def klarf_id_problem(value: str) -> str | None:
     if len(str(value)) > KLARF_ID_MAX:
         return (f"an id of {len(str(value))} characters; at most {KLARF_ID_MAX} (a fab's "
                 "lot and wafer ids are short, and the wafer map's title carries them)")
+    if str(value) != str(value).strip():
+        # " W1" and "W1" would be two wafers to a fab's system, one to anyone reading the map
+        return f"{value!r} starts or ends with a space"
     bad = sorted(set(_KLARF_ID_FORBIDDEN.findall(str(value))))
     if bad:
         shown = " ".join(repr(c) for c in bad)

@@ -229,7 +229,9 @@ def test_ids_a_klarf_cannot_carry_are_refused_naming_the_option(reported_wafer: 
     for option, value, shown in (("--lot", "Łódź", "'Ł'"), ("--wafer", "晶圆7", "'晶'"),
                                  ("--lot", "A\tB", "'\\t'"),
                                  # 300 characters squeezed the wafer map into a corner
-                                 ("--lot", "x" * 300, "at most 64")):
+                                 ("--lot", "x" * 300, "at most 64"),
+                                 # " W1" and "W1": two wafers to a fab, one on the map
+                                 ("--wafer", " W1", "starts or ends with a space")):
         res = CliRunner().invoke(app, ["report", str(reported_wafer), option, value])
         assert res.exit_code == 2 and option in res.output and shown in res.output, res.output
     assert (reported_wafer / "defects.klarf").read_bytes() == before
