@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import re
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pymmcore_plus.experimental.unicore import UniMMCore
@@ -412,9 +413,27 @@ def _load_config(core: UniMMCore, spec: MicroManagerMicroscope, summary: Any,
         if not core.getShutterDevice():
             core.setAutoShutter(False)
         _limit_travel(core, spec.stage)
+        if scope is not None:
+            _simulate_pixel_in_use(core, scope)
     except UserError as exc:
         return str(exc)
     return None
+
+
+def _simulate_pixel_in_use(core: UniMMCore, scope: Any) -> None:
+    """Render a ``.cfg``'s simulated camera at the pixel size the core uses, per unbinned
+    pixel (the camera bins by summing blocks): the scope is made before the devices are
+    loaded, from the file's first preset, and with a binned preset listed first (Res20,
+    binning 2, before Res10, binning 1) it rendered 20 um pixels that the scan recorded as
+    10 um."""
+    camera = core.getCameraDevice()
+    size = core.getPixelSizeUm()
+    if not camera or size <= 0:
+        return
+    binning = core.getProperty(camera, "Binning") if core.hasProperty(camera, "Binning") else 1
+    unbinned = size / max(int(float(binning or 1)), 1)
+    if not math.isclose(scope.camera.pixel_size_um, unbinned, rel_tol=1e-9):
+        scope.camera = replace(scope.camera, pixel_size_um=unbinned)
 
 
 def _match_pixel_preset(core: UniMMCore, presets: dict[str, Any]) -> str | None:
@@ -489,8 +508,6 @@ def _require_drivable_orientation(core: UniMMCore, name: str,
     millimetres from where it is. A mirrored one was stitched mirrored (or its alignment
     said the wafer was not where the recipe puts it).
     """
-    import math
-
     from .calibration import MAX_ROTATION_DEG
 
     try:

@@ -198,6 +198,17 @@ def test_a_pixel_size_preset_on_a_python_camera_is_used(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("  pixel_size_um: 10.0\n", ""))
     with build_microscope(load_recipe(path)) as handle:
         assert handle.core.getPixelSizeUm() == 5.0
+    # a binned preset listed first: the simulated camera rendered its 20 um pixels while the
+    # core said 10 um (the scope was made from the file's first preset)
+    binned = RIG_CFG + ("ConfigPixelSize,Res20x,Camera,Binning,2\nPixelSize_um,Res20x,20\n"
+                        "ConfigPixelSize,Res10x,Camera,Binning,1\nPixelSize_um,Res10x,10\n")
+    path = _rig(tmp_path, binned)
+    path.write_text(path.read_text().replace("  pixel_size_um: 10.0\n", ""))
+    with build_microscope(load_recipe(path)) as handle:
+        core = handle.core
+        assert core.getPixelSizeUm() == 10.0
+        camera = core.getCameraDevice()
+        assert float(core.getProperty(camera, "SimTruePixelSize_um")) == pytest.approx(10.0)
     # a preset that the devices do not show is named, not called missing
     path = _rig(tmp_path, cfg.replace("Binning,1", "Binning,4"))
     path.write_text(path.read_text().replace("  pixel_size_um: 10.0\n", ""))
