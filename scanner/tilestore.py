@@ -188,6 +188,13 @@ def read_tiles_csv(folder: Path) -> list[TileRecord]:
     if not path.is_file():
         raise UserError(f"{folder}: no {TILES_CSV} (the scan acquired nothing)")
     by_index: dict[int, TileRecord] = {}
+    # every row is written whole with its line end: a last line without one was cut short,
+    # even where what is left of it still parses column by column (a status cut to "o")
+    with open(path, "rb") as raw:
+        raw.seek(0, os.SEEK_END)
+        size = raw.tell()
+        raw.seek(max(0, size - 1))
+        unterminated = size > 0 and raw.read(1) not in (b"\n", b"\r")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -208,6 +215,9 @@ def read_tiles_csv(folder: Path) -> list[TileRecord]:
                 try:
                     record = _parse_row(row)
                 except ValueError as exc:
+                    if unterminated:  # the last line, if no row follows (checked above)
+                        cut = reader.line_num
+                        continue
                     raise UserError(f"{path}, line {reader.line_num}: {exc}; the journal is "
                                     "damaged") from None
                 by_index[record.index] = record

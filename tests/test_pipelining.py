@@ -374,3 +374,33 @@ def test_a_scan_releases_its_microscope_when_acquisition_ends(tmp_path: Path,
     del handle
     gc.collect()
     assert core_ref() is None
+
+
+def test_a_scan_stopped_while_a_tile_is_processed_logs_no_failure(caplog):
+    # the scan stops (a full disk, Ctrl-C) while the worker is inside a tile: abort() shuts
+    # the pool down under it, and its next pair could not be submitted. That was logged as an
+    # ERROR with a traceback ("live registration of tile 1 failed; the stitch stage measures
+    # its pairs": no stitch stage follows) under the one line that says why the scan stopped
+    rng = np.random.default_rng(0)
+    image = (rng.random((64, 64)) * 4000).astype(np.uint16)
+    registrar = LiveRegistrar((64, 64), CameraGeometry(10.0), 2.0,
+                              planned=[(0, 0, 0, 0.0, 0.0), (1, 0, 1, 576.0, 0.0)],
+                              coming=[0, 1])
+    slots = registrar._slots
+
+    class StoppedMeanwhile:
+        def acquire(self):
+            registrar.abort()  # the scan stopped between the worker's check and its submit
+            return slots.acquire()
+
+        def release(self):
+            slots.release()
+
+    registrar._slots = StoppedMeanwhile()
+    registrar.feed(image, live.TileRecord(0, 0, 0, 0.0, 0.0, 0.0, 0.1))
+    registrar.feed(image, live.TileRecord(1, 0, 1, 576.0, 0.0, 0.0, 0.2))
+    with caplog.at_level("DEBUG", logger="waferscope.live"):
+        registrar._thread.join(10)
+    assert not registrar._thread.is_alive()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert registrar.stats["failures"] == 0

@@ -301,6 +301,35 @@ def test_a_tile_chunk_cut_short_is_taken_again_by_resume(plain_scan: Path,
     assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0
 
 
+def test_a_journal_row_cut_short_in_its_status_is_taken_again_by_resume(
+        plain_scan: Path, tmp_path: Path) -> None:
+    # the last row cut short (a full disk's short write, a crash) inside its status column:
+    # "...,o" has every column, and was refused as "status: 'o' is neither 'ok' nor 'lost:
+    # REASON'; the journal is damaged", so the scan could not be resumed
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    journal = folder / "tiles.csv"
+    text = journal.read_bytes()
+    assert text.endswith(b",ok\r\n")
+    journal.write_bytes(text[:-len(b"k\r\n")])
+    n = _scan(folder)["plan"]["n_tiles"]
+    from scanner.tilestore import read_tiles_csv
+
+    assert len(read_tiles_csv(folder)) == n - 1  # the cut row is no row
+    refused = runner.invoke(app, ["stitch", str(folder)])
+    assert refused.exit_code == 2 and f"{n - 1} of {n} planned tiles" in refused.stderr
+    result = runner.invoke(app, ["resume", str(folder)])
+    assert result.exit_code == 0, result.output
+    rows = _ok_rows(folder)
+    assert sorted(rows) == list(range(n)) and set(rows.values()) == {1}
+    # a row before others that does not parse is still damage
+    lines = journal.read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace(",ok", ",o")
+    journal.write_text("".join(lines))
+    refused = runner.invoke(app, ["stitch", str(folder)])
+    assert refused.exit_code == 2 and "damaged" in refused.stderr
+
+
 def test_status_left_running_by_a_dead_process_reads_interrupted(plain_scan: Path,
                                                                  tmp_path: Path) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

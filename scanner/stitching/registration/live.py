@@ -308,6 +308,11 @@ class LiveRegistrar:
                 with self._lock:
                     self.stats["tiles"] += 1
             except Exception:
+                if self._aborted:  # the scan stopped under it (abort() shut the pool down):
+                    # no stitch stage follows, and the error that stopped it is said already
+                    log.debug("live registration of tile %d stopped with the scan",
+                              record.index, exc_info=True)
+                    continue
                 log.exception("live registration of tile %d failed; the stitch stage "
                               "measures its pairs", record.index)
                 with self._lock:
