@@ -76,7 +76,7 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
         if not write:
             yield lambda status: None
             return
-        before = running_status(folder, scan, held_here=held)
+        before = _status_before(folder, scan, held)
         record = folder / SCAN_JSON
         original_bytes, original_stat = record.read_bytes(), record.stat()
 
@@ -84,6 +84,9 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             _update(folder, status=status, process=this_process())
 
         working(_WORKING[command])
+        # what this command replaced, for the next one should this process die (kill -9)
+        _update(folder, claimed={"command": command, "status": before,
+                                 "process": this_process()})
         try:
             yield working
         except BaseException as exc:
@@ -93,15 +96,29 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             # (`resume`, or the command); refused (damaged data) before any was written
             # and the process that ran the scan before (a refused command leaves no trace)
             _update(folder, status="interrupted" if stopped and command != "stitch" else before,
-                    process=scan.get("process"))
+                    process=scan.get("process"), claimed=None)
             if record.read_bytes() == original_bytes:  # as it was: its time too (backups look)
                 os.utime(record, ns=(original_stat.st_atime_ns, original_stat.st_mtime_ns))
             raise
         if before not in _ENDED and _ends_scan(command, scan):
             _update(folder, status="complete" if n_ok == n_planned else "incomplete",
-                    finished=now_iso(), acquired_tiles=n_ok, error=None)
+                    finished=now_iso(), acquired_tiles=n_ok, error=None, claimed=None)
         else:
-            _update(folder, status=before)
+            _update(folder, status=before, claimed=None)
+
+
+def _status_before(folder: Path, scan: dict[str, Any], held: bool) -> str:
+    """The scan's status as a command finds it. A ``stitch`` command that died (``kill -9``)
+    replaced the mosaic whole or not at all, as one stopped by Ctrl-C, which gives the status
+    back: its ``claimed`` record gives back the status it replaced (a complete scan stayed
+    ``interrupted`` until it was resumed, inspected or reported again)."""
+    status = running_status(folder, scan, held_here=held)
+    claimed = scan.get("claimed")
+    if status == "interrupted" and isinstance(claimed, dict) and \
+            claimed.get("command") == "stitch" and claimed.get("process") == scan.get("process") \
+            and claimed.get("status") in _ENDED:
+        return str(claimed["status"])
+    return status
 
 
 def _ends_scan(command: str, scan: dict[str, Any]) -> bool:

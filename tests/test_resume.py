@@ -342,6 +342,31 @@ def test_status_left_running_by_a_dead_process_reads_interrupted(plain_scan: Pat
     assert effective_status({**scan, "status": "complete"}) == "complete"
 
 
+def test_a_stitch_killed_outright_gives_the_status_it_replaced_back(plain_scan: Path,
+                                                                      tmp_path: Path) -> None:
+    # stitch of an inspected, complete scan killed with kill -9: the mosaic is replaced whole
+    # or not at all (as with Ctrl-C, which gives the status back), yet the scan read
+    # "interrupted" for ever, a second stitch included, until it was resumed or inspected
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "scan"
+    shutil.copytree(plain_scan, folder)
+    scan = _scan(folder)
+    process = {"pid": dead.pid, "host": scan["process"]["host"]}
+    scan.update(status="stitching", process=process,
+                options={**scan.get("options", {}), "inspect": True},
+                claimed={"command": "stitch", "status": "complete", "process": process})
+    (folder / "scan.json").write_text(json.dumps(scan))
+    assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0
+    after = _scan(folder)
+    assert after["status"] == "complete" and "claimed" not in after
+    # a run's own stage left by a dead process claims nothing: it stays for resume
+    scan.update(claimed={"command": "inspect", "status": "complete", "process": process})
+    (folder / "scan.json").write_text(json.dumps(scan))
+    assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0
+    assert _scan(folder)["status"] == "interrupted"
+
+
 def test_lost_tiles_leave_an_incomplete_scan_that_resume_completes(tmp_path: Path) -> None:
     data = json.loads(json.dumps(SMALL))
     data["microscope"]["faults"] = {"camera_timeout_rate": 0.3, "seed": 2}
