@@ -87,9 +87,10 @@ def _in_a_scan(path: str | None) -> bool:
 
 
 def _output_named(kwargs: dict[str, Any]) -> str | None:
-    """The folder or file a command writes (``--out``), as given; None when it names none."""
-    for key in ("out_dir", "model_out", "save"):
-        if kwargs.get(key) is not None:
+    """The folder or file a command writes (``--out``; else the scan folder that ``resume``,
+    ``stitch`` and ``report`` write into), as given; None when it names none."""
+    for key in ("out_dir", "model_out", "save", "scan"):
+        if isinstance(kwargs.get(key), str | os.PathLike):
             return str(kwargs[key])
     return None
 

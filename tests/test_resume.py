@@ -1072,3 +1072,16 @@ def test_an_overwrite_killed_while_aligning_gives_the_earlier_scan_back(
     out, kept = prepare_folder(folder, tmp_path, "scan", overwrite=True)
     assert kept == aside and _scan(aside) == _scan(plain_scan)
     assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_met_by_resume_names_the_scan_and_offers_resume(plain_scan: Path) -> None:
+    import errno
+
+    from scanner.cli_common import _output_named, _storage_message
+
+    # a library's write named no file: "error: cannot write (No space left on device); free
+    # space or choose another folder", neither where nor that resume goes on
+    full = OSError(errno.ENOSPC, "No space left on device")
+    line = _storage_message(full, _output_named({"scan": plain_scan, "dask": None}),
+                            acquiring=True)
+    assert line.startswith(f"{plain_scan}: cannot write") and "waferscope resume" in line
