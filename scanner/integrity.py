@@ -9,6 +9,7 @@ would otherwise be read as a black tile.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +78,10 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
             yield lambda status: None
             return
         before = _status_before(folder, scan, held)
+        for stale in folder.glob("*.tmp.zarr"):
+            # a store a killed command was writing (kill -9 leaves it; no one else writes
+            # here now, the folder is held): left for ever when the next command was report
+            shutil.rmtree(stale, ignore_errors=True)
         record = folder / SCAN_JSON
         original_bytes, original_stat = record.read_bytes(), record.stat()
 

@@ -357,9 +357,11 @@ def test_a_stitch_killed_outright_gives_the_status_it_replaced_back(plain_scan: 
                 options={**scan.get("options", {}), "inspect": True},
                 claimed={"command": "stitch", "status": "complete", "process": process})
     (folder / "scan.json").write_text(json.dumps(scan))
+    (folder / "anomaly.tmp.zarr").mkdir()  # what the killed command was writing
     assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0
     after = _scan(folder)
     assert after["status"] == "complete" and "claimed" not in after
+    assert not list(folder.glob("*.tmp.zarr"))  # cleared by the next command to hold it
     # a run's own stage left by a dead process claims nothing: it stays for resume
     scan.update(claimed={"command": "inspect", "status": "complete", "process": process})
     (folder / "scan.json").write_text(json.dumps(scan))
