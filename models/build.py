@@ -280,9 +280,12 @@ def build_detector(
         seen.pool, int(seen.total_cells * (1 - len(held_images) / len(images))), bank_max,
         start, seed, progress)
     cal = _calibrate(bank, seen.held, false_alarms_per_cm2, progress)
+    kept = _threshold_of_init(base, init, cal)
     sources = np.concatenate([np.full((from_init, 3), -1), seen.sources[chosen.numpy()]])
     edge = _edge_calibration(bank, sources, cal, seen.held, seen.borders)
     warnings = _calibration_warnings(cal.result.to_dict(), len(images), len(held_images))
+    if kept is not None:
+        warnings.append(kept["why"])
     if dims is not None:
         position, position_cal = _position_model(
             seen.position, dims, images[0].image.shape, cal.area_cm2, false_alarms_per_cm2,
@@ -299,7 +302,9 @@ def build_detector(
     card = _card(Path(out).stem, pixel_size_um, pixel_size_range_um, seed, cal, {
         **cal.result.to_dict(), "held_out_images": len(seen.held), "warnings": warnings,
         "held_out": "whole images" if held_images else "the central quarter of each image",
-        **({"edge": edge} if edge is not None else {})})
+        **({"edge": edge} if edge is not None else {}),
+        **({"init_threshold": {k: v for k, v in kept.items() if k != "why"}}
+           if kept is not None else {})})
     card.update(bank={"features": int(len(bank)), "candidates": int(len(seen.pool)),
                       "from_held_out": extra, "from_init": from_init,
                       "images": len(images) - len(held_images)},
@@ -573,6 +578,37 @@ def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: f
     tau = float(max(0.02, np.log(max(q999, 1e-6) / max(q99, 1e-6))))
     line = calibrate_line_threshold(maps, area_cm2, false_alarms_per_cm2, cal.threshold)
     return _Calibrated(cal, reference, tau, values, area_cm2, line, distances)
+
+
+def _threshold_of_init(base: PatchDetector | None, init: str | Path | None,
+                       cal: _Calibrated) -> dict[str, Any] | None:
+    """Keep an extended model's threshold at least its base's, in nearest-bank distance;
+    what was kept (None: the new calibration stands, or there is no base).
+
+    Only the new good images are held out, and their score reference rescales every score:
+    a new appearance whose good cells lie closer together (a smoother surface) lowered the
+    reference, so the base's own good surface, as near its (kept) bank as before, scored
+    x1.12 higher, and a gravel model extended with a smoothed gravel flagged 12 false defects
+    on 3.5 cm² of the old gravel where the base had flagged none. The extended bank holds
+    the base's, so a distance threshold at least the base's keeps the base's calibrated rate
+    on its good surface."""
+    if base is None:
+        return None
+    ref, threshold = base.card.get("score_reference"), base.card.get("threshold")
+    if not isinstance(ref, int | float) or not isinstance(threshold, int | float) or \
+            not ref > 0 or not threshold > 0:
+        return None
+    floor = float(threshold) * float(ref) / cal.reference
+    calibrated = float(cal.result.threshold)
+    if floor <= calibrated:
+        return None
+    cal.result.threshold = floor
+    return {"threshold": floor, "calibrated_on_new_images": calibrated,
+            "model_threshold": float(threshold), "model_score_reference": float(ref),
+            "why": f"threshold {floor:.4g}, not the {calibrated:.4g} calibrated on the new "
+                   f"images: --init {init}'s threshold ({float(threshold):.4g} of its score "
+                   f"reference {float(ref):.4g}) on this model's scale, so that its good "
+                   "surface flags no more than it did"}
 
 
 def _edge_calibration(bank: torch.Tensor, sources: np.ndarray, cal: _Calibrated,

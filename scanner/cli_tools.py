@@ -106,13 +106,16 @@ def train(
         base = card_of(load_model(init))
         if base.pixel_size_um:
             pixel_size_um = float(base.pixel_size_um)
-            assumed = bool(base.pixel_size_assumed)
+            # a model built over a range of pixel sizes (the shipped default: 0.5-40 um)
+            # has no one pixel size the files could be at: its nominal one is a guess too
+            lo, hi = base.pixel_size_range_um or (pixel_size_um, pixel_size_um)
+            assumed = bool(base.pixel_size_assumed) or not math.isclose(lo, hi, rel_tol=0.01)
     pixel = float(pixel_size_um or scan_pixel or 1.0)
     if assumed:
         # image files carry no pixel size: say what was taken, since scans at another pixel
         # size are resampled to it (and the false-alarm area is counted at it)
         err.print("[yellow]warning:[/] the good images are files with no pixel size: taken as "
-                  "1 µm/px (give --pixel-size if they are not)", highlight=False,
+                  f"{pixel:g} µm/px (give --pixel-size if they are not)", highlight=False,
                   soft_wrap=True)
     if simulated:
         from models.data import simulated_good_images

@@ -342,6 +342,33 @@ def test_drift_follows_the_oldest_scan_not_a_calibration_on_another_scale(
     assert report.image["noise"] == pytest.approx(0.05 / 0.014)
 
 
+def test_drift_is_seen_when_most_scans_moved_each_on_its_own(tmp_path: Path) -> None:
+    """Scans of a grass-photograph coupon: after a good one, one lost light (level x0.55),
+    the next focus (sharpness x0.15, noise x0.27), the next gained noise (x1.93); each
+    measure's median over the three stayed near 1 and drift said "no drift"."""
+    rng = np.random.default_rng(4)
+    scores = [score_summary(rng.gamma(4.0, 0.2, 50_000)) for _ in range(5)]
+    images = [GOOD_IMAGE, {**GOOD_IMAGE, "level": 0.55 * GOOD_IMAGE["level"]},
+              {**GOOD_IMAGE, "noise": 0.27 * GOOD_IMAGE["noise"],
+               "sharpness": 0.15 * GOOD_IMAGE["sharpness"]},
+              {**GOOD_IMAGE, "noise": 1.93 * GOOD_IMAGE["noise"]},
+              {**GOOD_IMAGE, "noise": 1.02 * GOOD_IMAGE["noise"]}]
+    names = ["good", "dim", "blurred", "noisy", "again"]
+    scans = [_inspected(tmp_path / n, s, im, f"2026-12-0{i + 1}T08:00:00+00:00")
+             for i, (n, s, im) in enumerate(zip(names, scores, images, strict=True))]
+    model = _Model(scores[0])
+    report = check_drift(scans[:4], model)
+    assert report.drifted and report.image_moved == []
+    verdict = report.verdict()
+    assert verdict.startswith("DRIFT") and "3 of the newest 3 scans moved" in verdict
+    assert "dim (level x0.55)" in verdict and "blurred (noise x0.27, sharpness x0.15)" in verdict
+    # two of three moved: drift; one of three, or one of two: not yet
+    assert check_drift([scans[0], scans[1], scans[2], scans[4]], model).drifted
+    assert not check_drift([scans[0], scans[1], scans[4], scans[4]], model).drifted
+    assert not check_drift([scans[0], scans[1], scans[4]], model).drifted
+    assert not check_drift([scans[0], scans[4]], model).drifted
+
+
 def test_drift_says_what_it_could_not_compare(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     calibration = score_summary(rng.gamma(4.0, 0.2, 50_000))
