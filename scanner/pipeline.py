@@ -160,24 +160,39 @@ def run_scan(
                     raise
                 # refused before its first tile: the earlier scan stays
                 raise _kept_earlier_scan(folder, aside, exc) from None
-            discard(aside, folder)
-            return _finish_scan(folder, scan, recipe, events, model, handle=handle, plan=plan,
-                                cluster=cluster)
+            try:
+                # the earlier scan goes at the new scan's first tile stored, not before: a
+                # camera that gives no frame (every tile lost) or a stop before the first
+                # tile replaced a complete scan with one that had acquired nothing
+                return _finish_scan(folder, scan, recipe, events, model, handle=handle,
+                                    plan=plan, cluster=cluster, replaces=aside)
+            except BaseException as exc:
+                if aside is None or not aside.is_dir():
+                    raise
+                raise _kept_earlier_scan(folder, aside, exc, aligned=True) from None
 
 
-def _kept_earlier_scan(folder: Path, aside: Path, exc: BaseException) -> BaseException:
+def _kept_earlier_scan(folder: Path, aside: Path, exc: BaseException, *,
+                       aligned: bool = False) -> BaseException:
     """Put back the earlier scan a ``run --overwrite`` refused before its first tile set
     aside, and the error to raise: ``exc``, saying that scan is kept, and where the picture of
     a refused alignment (which the error cites) now is: in the earlier scan, as
-    :data:`REFUSED_ALIGNMENT_PNG` (its own ``alignment.png`` is left as it was)."""
+    :data:`REFUSED_ALIGNMENT_PNG` (its own ``alignment.png`` is left as it was). ``aligned``:
+    the new scan's alignment was not what stopped it (no tile was stored after it)."""
     seen = folder / ALIGNMENT_PNG
-    kept = seen.is_file() and not isinstance(exc, KeyboardInterrupt)
+    kept = seen.is_file() and not isinstance(exc, KeyboardInterrupt) and not aligned
     if kept:
         seen.replace(aside / REFUSED_ALIGNMENT_PNG)
     put_back(folder, aside)
     if isinstance(exc, KeyboardInterrupt):  # not this scan to resume: the old one
         return KeyboardInterrupt(f"stopped before the first tile; the earlier scan in {folder} "
                                  "is kept as it was")
+    if isinstance(exc, HardwareError) and not isinstance(exc, UserError):
+        # not this scan to resume either (it acquired nothing): the old one is back
+        said = "; ".join(part for part in str(exc).split("; ")
+                         if "resume" not in part and "tiles taken are kept" not in part)
+        return HardwareError(f"{said}; no tile was stored and the earlier scan in {folder} is "
+                             "kept as it was (put the hardware right and run again)")
     if not (isinstance(exc, UserError) and kept):
         return exc
     picture = folder / REFUSED_ALIGNMENT_PNG
@@ -439,11 +454,14 @@ def _finish_scan(
     only: set[int] | None = None,
     inspect: bool | None = None,
     cluster: Any = None,
+    replaces: Path | None = None,
 ) -> ScanResult:
     """Acquire (what is missing), stitch, inspect and report, keeping ``scan.json`` current.
 
     Whatever stops the scan, ``scan.json`` ends as ``interrupted`` (Ctrl-C, SIGTERM) or
-    ``failed`` (an error), with the number of tiles acquired.
+    ``failed`` (an error), with the number of tiles acquired. ``replaces``: the earlier scan
+    a ``run --overwrite`` set aside, deleted once this scan stored its first tile (left
+    where it is when none was: the caller puts it back).
     """
     if inspect is None:
         inspect = bool(scan["options"]["inspect"])
@@ -458,9 +476,9 @@ def _finish_scan(
             try:
                 with _responsive_gil(live is not None):
                     _acquire_stage(folder, scan, recipe, handle, plan, events, only,
-                                   on_tile=_counting_tiles(
+                                   on_tile=_replacing(replaces, folder, _counting_tiles(
                                        folder, scan, plan, only,
-                                       live.feed if live is not None else None))
+                                       live.feed if live is not None else None)))
             finally:  # the stage, camera and ports are free while the mosaic is made
                 handle.close()
         last_tile = time.perf_counter()  # what follows is the wait after the stage stopped
@@ -508,6 +526,23 @@ def _finish_scan(
                 finished=now_iso(), acquired_tiles=n_acquired)
     write_json(folder / SCAN_JSON, scan)
     return ScanResult(folder, scan["status"], n_tiles, n_acquired, scan["timings"])
+
+
+def _replacing(aside: Path | None, folder: Path,
+               on_tile: Callable[[np.ndarray, TileRecord], None]
+               ) -> Callable[[np.ndarray, TileRecord], None]:
+    """``on_tile`` that first deletes the earlier scan ``aside`` (``run --overwrite``) once,
+    at the first tile stored: until then the new scan has acquired nothing."""
+    if aside is None:
+        return on_tile
+    pending = [aside]
+
+    def first_discards(image: np.ndarray, record: TileRecord) -> None:
+        if pending:
+            discard(pending.pop(), folder)
+        on_tile(image, record)
+
+    return first_discards
 
 
 #: how often (s) ``scan.json``'s ``acquired_tiles`` follows the acquisition

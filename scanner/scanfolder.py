@@ -6,6 +6,7 @@ each stage reads what the previous one wrote, so stages can be re-run alone.
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import hashlib
 import json
@@ -203,11 +204,12 @@ def _not_running(folder: Path) -> None:
 
 
 def _took_a_tile(folder: Path) -> bool:
-    """Whether the scan in ``folder`` has a row in its tile journal (it reached the stage's
-    first tile: the scan it replaced was discarded just before)."""
+    """Whether the scan in ``folder`` has an ``ok`` row in its tile journal (it stored a
+    tile: the scan it replaced was discarded then); rows of lost tiles alone acquired
+    nothing."""
     try:
         with open(folder / TILES_CSV, encoding="utf-8", errors="replace") as journal:
-            return bool(journal.readline() and journal.readline().strip())
+            return any(row.get("status") == "ok" for row in csv.DictReader(journal))
     except OSError:  # no folder, no journal
         return False
 

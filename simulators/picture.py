@@ -202,7 +202,26 @@ def main_series(tif: Any) -> Any:
         n = sum(area(s) == area(largest) for s in series)
         raise ValueError(f"holds several images ({n} of the same size): save the one to use "
                          "in a file of its own")
+    _check_segments(largest)
     return largest
+
+
+def _check_segments(series: Any) -> None:
+    """Refuse a TIFF picture a strip or tile of which is not in the file (offset or byte
+    count 0: a file cut short by its writer, or its index damaged): tifffile reads such a
+    segment as zeros without a word, a black band scanned, learnt from or inspected as if
+    imaged."""
+    for number, page in enumerate(series.pages):
+        if page is None:
+            raise ValueError(f"page {number} of the picture is missing: the file is damaged")
+        offsets = tuple(getattr(page, "dataoffsets", ()) or ())
+        counts = tuple(getattr(page, "databytecounts", ()) or ())
+        what = "tile" if getattr(page, "is_tiled", False) else "strip"
+        for index, (offset, count) in enumerate(zip(offsets, counts, strict=False)):
+            if not offset or not count:
+                raise ValueError(f"{what} {index} of {len(offsets)} holds no data (offset "
+                                 f"{offset}, {count} bytes): the file is damaged or "
+                                 "incomplete, and that part would be read as black")
 
 
 def tiff_is_cmyk(tif: Any) -> bool:

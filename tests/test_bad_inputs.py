@@ -1060,3 +1060,55 @@ def test_help_keeps_the_brackets_of_an_install_extra() -> None:
         res = runner.invoke(app, args, env={"COLUMNS": "200"})
         assert res.exit_code == 0, res.output
         assert "waferscope[napari]" in res.output, res.output
+
+
+@pytest.mark.parametrize("layout", ["strips", "tiles", "uncompressed"])
+@pytest.mark.parametrize("index", ["offsets", "bytecounts"])
+def test_a_tiff_missing_a_strip_or_tile_is_refused_not_read_as_black(
+        tmp_path: Path, layout: str, index: str) -> None:
+    # a TIFF whose index gives a strip or tile no place in the file (offset or byte count 0:
+    # written cut short, or its index damaged) was read with that band black: a recipe's
+    # image sample validated and scanned, `inspect` scored it and `train` learnt it as good
+    import struct
+
+    import numpy as np
+    import tifffile
+
+    from models.data import read_image
+    from scanner.errors import UserError
+    from simulators.samples.image import ImageSample
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(20000, 40000, (256, 256), dtype=np.uint16)
+    good = tmp_path / "good.tif"
+    options = {"strips": {"rowsperstrip": 32, "compression": "zlib"},
+               "tiles": {"tile": (64, 64), "compression": "zlib"},
+               "uncompressed": {"rowsperstrip": 32}}[layout]
+    tifffile.imwrite(good, pixels, **options)
+    assert np.array_equal(read_image(good), pixels.astype(np.float32))
+    name = ("Tile" if layout == "tiles" else "Strip") + \
+        ("Offsets" if index == "offsets" else "ByteCounts")
+    with tifffile.TiffFile(good) as tif:
+        tag = tif.pages[0].tags[name]
+        at, size = tag.valueoffset, struct.calcsize({3: "H", 4: "I", 16: "Q"}[int(tag.dtype)])
+    data = bytearray(good.read_bytes())
+    data[at + 2 * size: at + 3 * size] = bytes(size)  # the third segment's entry is 0
+    images = tmp_path / "imgs"
+    images.mkdir()
+    damaged = images / "damaged.tif"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="damaged.tif.*holds no data"):
+        read_image(damaged)
+    with pytest.raises(ValueError, match="holds no data"):
+        ImageSample(damaged, pixel_size_um=1.0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"sample: {{kind: image, path: {damaged}, pixel_size_um: 1.0, origin_um: [0, 0]}}\n"
+        "microscope: {kind: simulated, camera: {width: 128, height: 128, pixel_size_um: 1.0}}\n"
+        "scan: {overlap: 0.1}\n")
+    _refused_in_one_line(["validate", str(recipe)], "sample.path", "damaged.tif", "no data")
+    _refused_in_one_line(["inspect", str(damaged), "--out", str(tmp_path / "out")],
+                         "damaged.tif", "no data")
+    _refused_in_one_line(["train", "--good", str(images), "--out", str(tmp_path / "m")],
+                         "damaged.tif", "no data")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("m.*"))

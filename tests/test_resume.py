@@ -1087,3 +1087,40 @@ def test_a_full_disk_met_by_resume_names_the_scan_and_offers_resume(plain_scan: 
     line = _storage_message(full, _output_named({"scan": plain_scan, "dask": None}),
                             acquiring=True)
     assert line.startswith(f"{plain_scan}: cannot write") and "waferscope resume" in line
+
+
+def test_an_overwrite_that_acquires_no_tile_keeps_the_earlier_scan(tmp_path: Path) -> None:
+    """`run --out OLD --overwrite` with a camera that gives no frame deleted the complete
+    earlier scan before its first tile and left a `failed` scan of lost tiles only in its
+    place: the earlier scan goes at the new scan's first tile stored, not before."""
+    from devices.errors import HardwareError
+    from scanner.errors import UserError
+    from scanner.scanfolder import prepare_folder
+
+    data = json.loads(json.dumps(SMALL))
+    data["scan"].update(align=False)
+    first = run_scan(parse_recipe(data, tmp_path, "first"), tmp_path / "scan")
+    (first.folder / "notes.txt").write_text("mine\n")
+    before = {p.relative_to(first.folder): p.read_bytes()
+              for p in first.folder.rglob("*") if p.is_file()}
+    dead = json.loads(json.dumps(data))
+    dead["microscope"]["faults"] = {"camera_timeout_rate": 0.99, "seed": 1}
+    dead["scan"].update(retries=0)
+    with pytest.raises(HardwareError, match="earlier scan in .* is kept") as failed:
+        run_scan(parse_recipe(dead, tmp_path, "dead"), tmp_path / "scan", overwrite=True)
+    assert "resume" not in str(failed.value)  # not the new scan to resume: it is gone
+    after = {p.relative_to(first.folder): p.read_bytes()
+             for p in first.folder.rglob("*") if p.is_file()}
+    assert after == before
+    assert _scan(first.folder)["status"] == "complete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan"]  # nothing left aside
+    # killed -9 after lost tiles only: the next run puts the earlier scan back, as it does
+    # for one killed before its first tile
+    aside = tmp_path / ".scan.replaced"
+    first.folder.rename(aside)
+    (tmp_path / "scan").mkdir()
+    (tmp_path / "scan" / "tiles.csv").write_text(
+        "index,row,col,x_um,y_um,z_um,time_s,status\r\n0,0,0,0,0,0,0.1,lost: no frame\r\n")
+    with pytest.raises(UserError, match="not empty"):
+        prepare_folder(tmp_path / "scan", tmp_path, "again")
+    assert not aside.exists() and _scan(tmp_path / "scan")["status"] == "complete"
