@@ -804,6 +804,8 @@ def load_recipe(path: str | Path) -> Recipe:
         If the file is missing, is not valid YAML, or does not validate.
     """
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path}: a folder, not a recipe file")
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:

@@ -178,6 +178,10 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2
     assert "recipe file not found" in result.stderr
+    # a folder named like a recipe was called "not found"
+    (tmp_path / "folder.yaml").mkdir()
+    result = runner.invoke(app, ["validate", str(tmp_path / "folder.yaml")])
+    assert result.exit_code == 2 and "folder.yaml: a folder, not a recipe file" in result.stderr
 
 
 def test_plan_outside_travel_is_refused_before_moving(write_recipe, tmp_path: Path) -> None:
