@@ -749,10 +749,12 @@ def _calibration_warnings(cal: dict[str, Any], n_images: int, n_held_images: int
                    f"{1 / cal['target_per_cm2']:.3g} cm² in which one false alarm is allowed: "
                    "the threshold is extrapolated from the tail of good scores; add good "
                    "images for a measured one")
-    if cal.get("tail_threshold") is not None:
-        out.append(f"the tail of held-out scores extrapolated to {cal['tail_threshold']:.3g}, "
+    tail = cal.get("tail_threshold")
+    if tail is not None and tail > 1.001 * cal["threshold"]:
+        # (a tail a hair above the bound read "extrapolated to 1.24, held to ...: 1.24")
+        out.append(f"the tail of held-out scores extrapolated to {tail:.4g}, "
                    f"held to {MAX_OVER_HELD_OUT:g} x their highest peak "
-                   f"({cal['empirical_threshold']:.3g}): {cal['threshold']:.3g}; the rate "
+                   f"({cal['empirical_threshold']:.4g}): {cal['threshold']:.4g}; the rate "
                    "asked for is not measured on so little surface")
     if n_held_images == 0:
         out.append(f"only {n_images} good image(s): the central quarter of each was held out for "

@@ -107,6 +107,17 @@ def test_an_extrapolated_threshold_is_held_to_a_bound_over_the_empirical_one() -
     assert mild.threshold == pytest.approx(free.threshold) and mild.tail_threshold is None
 
 
+def test_a_bound_tail_is_said_only_where_it_was_bound() -> None:
+    from models.build import _calibration_warnings
+
+    cal = {"target_per_cm2": 1.0, "area_cm2": 5.0, "empirical_threshold": 0.62,
+           "threshold": 1.24, "tail_threshold": 1.2401}
+    # a tail a hair above the bound read "extrapolated to 1.24, held to ...: 1.24"
+    assert not any("tail" in w for w in _calibration_warnings(cal, 10, 3))
+    said = _calibration_warnings({**cal, "tail_threshold": 1.9}, 10, 3)
+    assert any("extrapolated to 1.9, held to" in w and ": 1.24;" in w for w in said), said
+
+
 def test_synthetic_anomalies_mark_what_changed() -> None:
     rng = np.random.default_rng(3)
     good = np.ones((96, 96), np.float32) + 0.01 * rng.standard_normal((96, 96)).astype(np.float32)
