@@ -61,3 +61,55 @@ def test_the_busbars_of_a_cell_placed_turned_are_followed_where_the_alignment_pu
     flatten_busbars(untouched, origin, p, 4, _cell(), {"center_um": list(centre),
                                                         "rotation_deg": 0.8})
     assert untouched[:, 80:85].min() == np.float32(0.95)
+
+
+def _sides_map(p, centre=(0.0, 0.0), turn_deg=0.0, level=0.95):
+    """A 20 x 20 mm cell's map in a 26 x 26 mm mosaic: 0 off the cell and in the model's
+    border (4 map px inside the edge), the surface at 0.6, and the band the features see
+    the chuck from (the next 6 px) rising to ``level`` towards all four sides."""
+    n = int(26000 / p)
+    origin = (-13000.0, -13000.0)
+    yy, xx = np.mgrid[0:n, 0:n]
+    x, y = origin[0] + xx * p - centre[0], origin[1] + yy * p - centre[1]
+    t = math.radians(turn_deg)
+    u, v = math.cos(t) * x + math.sin(t) * y, -math.sin(t) * x + math.cos(t) * y
+    inside = 10000.0 - np.maximum(np.abs(u), np.abs(v))  # um from the nearest side
+    a = np.where(inside > 4 * p, 0.6, 0.0).astype(np.float32)
+    band = (inside > 4 * p) & (inside <= 10 * p)
+    a[band] = 0.6 + (level - 0.6) * (10 * p - inside[band]) / (6 * p)
+    return a, origin, inside
+
+
+def test_the_level_of_a_cells_sides_is_removed_and_a_defect_at_the_edge_kept():
+    from scanner.inspection.busbars import flatten_sides
+
+    p = 120.0
+    a, origin, inside = _sides_map(p)
+    r = int(round((0.0 - origin[1]) / p))
+    c = int(round((10000.0 - 6 * p - origin[0]) / p))
+    a[r : r + 4, c - 1 : c + 1] = 1.6  # a short defect in the right side's band
+    cell = SimpleNamespace(kind="pv_cell", busbars=0, busbar_width_mm=1.2, width_mm=20.0,
+                           height_mm=20.0, center_um=(0.0, 0.0))
+    lowered = flatten_sides(a, origin, p, 4, cell, None)
+    assert lowered > 0
+    band = (inside > 4 * p) & (inside <= 10 * p)
+    band[r : r + 4, c - 1 : c + 1] = False
+    assert a[band].max() < 0.7  # every side, the top and bottom ones too
+    assert a[r : r + 4, c - 1 : c + 1].min() > 1.2  # still over any threshold near 0.9
+    assert np.allclose(a[inside > 16 * p], 0.6)  # the surface further in untouched
+    assert (a[inside <= 4 * p] == 0).all()  # nothing inspected where the map has nothing
+
+
+def test_the_sides_of_a_turned_cell_are_followed_and_other_samples_left():
+    from scanner.inspection.busbars import flatten_sides
+
+    p = 120.0
+    centre = (300.0, -200.0)
+    a, origin, inside = _sides_map(p, centre, 0.8)
+    cell = SimpleNamespace(kind="pv_cell", busbars=0, busbar_width_mm=1.2, width_mm=20.0,
+                           height_mm=20.0, center_um=(0.0, 0.0))
+    before = a.copy()
+    assert flatten_sides(a, origin, p, 4, SimpleNamespace(kind="wafer"), None) == 0
+    np.testing.assert_array_equal(a, before)
+    flatten_sides(a, origin, p, 4, cell, {"center_um": list(centre), "rotation_deg": 0.8})
+    assert a.max() < 0.7

@@ -718,6 +718,8 @@ class _Refinement:
         self.alignment = alignment
         #: map pixels lowered to the level a PV cell's busbars score (their design)
         self.busbar_pixels = 0
+        #: map pixels lowered to the level a PV cell's sides score (the chuck beyond them)
+        self.side_pixels = 0
         #: the comparison run when ``die_to_die`` compared no die (the golden image's)
         self.fallback = fallback
         self.sample, self.polygon, self.threshold = sample, polygon, threshold
@@ -746,10 +748,14 @@ class _Refinement:
                 stats, self.difference, self.compared, self.repeated = self.fallback(maps)
             (self.golden if stats.get("reference") == GOLDEN else self.d2d).update(stats)
         if self.sample is not None and str(getattr(self.sample, "kind", "")) == "pv_cell":
-            # a busbar is the cell's design: its own level along it is not a defect
-            from scanner.inspection.busbars import flatten_busbars
+            # a busbar is the cell's design: its own level along it is not a defect; nor is
+            # the level its sides score where the chuck lies beyond them
+            from scanner.inspection.busbars import flatten_busbars, flatten_sides
 
             self.busbar_pixels = flatten_busbars(
+                maps.maps["anomaly"], maps.origin_um, maps.pixel_size_um, maps.stride,
+                self.sample, self.alignment)
+            self.side_pixels = flatten_sides(
                 maps.maps["anomaly"], maps.origin_um, maps.pixel_size_um, maps.stride,
                 self.sample, self.alignment)
         if self.plain_kind or self.polygon is not None:
@@ -782,6 +788,7 @@ def _maps_record(maps: MapSet, refine: _Refinement, masked: bool) -> dict[str, A
             "die_to_die": refine.d2d or None, "golden": refine.golden or None,
             "plain_surface": refine.plain or None,
             "busbar_pixels_lowered": refine.busbar_pixels,
+            "side_pixels_lowered": refine.side_pixels,
             "not_scanned_mm2": refine.not_scanned_mm2}
 
 
