@@ -335,6 +335,9 @@ class PVCellSample(_Model):
     finger_pitch_mm: PositiveFloat = 2.0
     finger_width_um: PositiveFloat = 60.0
     center_um: XY = (0.0, 0.0)
+    grain_size_mm: Annotated[float, Field(
+        ge=0.0, le=1000.0, description="simulated cell: mean grain size of a multicrystalline "
+        "cell; 0 for a monocrystalline one")] = 5.0
     defects: DefectSpec = DefectSpec()
     design_seed: DesignSeed = None
     surface: SurfaceSpec = SurfaceSpec()

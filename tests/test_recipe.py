@@ -336,3 +336,20 @@ def test_a_sample_region_too_small_to_inspect_is_refused(write_recipe, tmp_path)
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2, result.output
     assert "recipe.yaml: sample.region_px: 2 x 40 px is too small" in result.stderr
+
+
+def test_a_simulated_cell_may_be_monocrystalline(tmp_path: Path) -> None:
+    from devices.sample_factory import sample_for_recipe
+    from scanner.recipe import RecipeError, parse_recipe
+
+    # the simulator and the training data have mono cells (grain size 0); a recipe could not
+    # ask for one ("sample.grain_size_mm: unknown key")
+    base = {"microscope": {"kind": "simulated"}}
+    mono = parse_recipe({"sample": {"kind": "pv_cell", "width_mm": 20, "height_mm": 20,
+                                    "grain_size_mm": 0}, **base}, tmp_path)
+    multi = parse_recipe({"sample": {"kind": "pv_cell", "width_mm": 20, "height_mm": 20},
+                          **base}, tmp_path)
+    assert sample_for_recipe(mono.sample).grain_size_mm == 0.0
+    assert sample_for_recipe(multi.sample).grain_size_mm == 5.0
+    with pytest.raises(RecipeError, match="sample.grain_size_mm"):
+        parse_recipe({"sample": {"kind": "pv_cell", "grain_size_mm": -1}, **base}, tmp_path)
