@@ -212,7 +212,7 @@ def _files_die_to_die(images: Sequence[GoodImage], pixel_um: float
         return None
     return {"source": f"good image file {images[0].source}",
             **{k: found[k] for k in ("good_max_z", "texture_good_max_z", "dies",
-                                     "found_grid_repeats")}}
+                                     "found_grid_repeats", "mode") if k in found}}
 
 
 def _golden_for_model(images: Sequence[GoodImage], d2d: dict[str, Any] | None,
@@ -360,8 +360,14 @@ def _print_model(report: Any, n_images: int, pixel: float, false_alarms_per_cm2:
         verdict = ("its dies are compared with one another in images and scans of it"
                    if d2d.get("found_grid_repeats") else "die-to-die off: its 'dies' differ "
                    "beyond any threshold, the repeat found is no layout")
-        out.print(f"  die grid   found in {d2d['source']} ({d2d['dies']} dies, z up to "
-                  f"{d2d['good_max_z']:g}): {verdict}")
+        if d2d.get("mode") == "cell to cell":  # a repeat finer than a die
+            if d2d.get("found_grid_repeats"):
+                verdict = "its cells are compared with one another in images and scans of it"
+            out.print(f"  cell grid  a repeat finer than a die found in {d2d['source']} (z up "
+                      f"to {d2d['good_max_z']:g}): {verdict}")
+        else:
+            out.print(f"  die grid   found in {d2d['source']} ({d2d['dies']} dies, z up to "
+                      f"{d2d['good_max_z']:g}): {verdict}")
     elif d2d:
         texture = (f"; texture {d2d['texture_z_threshold']:g} (reach "
                    f"{d2d['texture_good_max_z']:g})" if "texture_z_threshold" in d2d else "")
