@@ -16,7 +16,7 @@ Conventions
   level-0 pixels at the origin, so its centre lies at ``origin + (2**k - 1) / 2 * p``. This is
   the ``translation`` stored in the OME-NGFF metadata (in ``[y, x]`` order, as the axes).
 
-Placement is sub-pixel: each tile is resampled (bilinear) by the fractional part of its offset
+Placement is sub-pixel: each tile is resampled (Lanczos-3) by the fractional part of its offset
 in mosaic pixels, on the tile only. Overlaps are blended with feathered weights (a linear ramp
 that falls to ~0 at each tile border, the product of the x and y ramps), so there are no seams.
 
@@ -215,7 +215,7 @@ def fuse_mosaic(
     positions_um : np.ndarray
         ``(N, 2)`` stage ``(x_um, y_um)`` of the centre of each tile's pixel ``(0, 0)``. Stage x
         grows with the image column, stage y with the image row. Positions need not be whole
-        numbers of pixels: tiles are placed with sub-pixel accuracy (bilinear resampling).
+        numbers of pixels: tiles are placed with sub-pixel accuracy (Lanczos-3 resampling).
     pixel_size_um : float
         Pixel size of the tiles (and of mosaic level 0) in µm.
     out_path : Path
@@ -237,7 +237,7 @@ def fuse_mosaic(
     rotation_deg : float, optional
         Rotation of the camera against the stage axes (from a calibration): tile pixel
         ``(r, c)`` lies at stage ``position + R(rotation) @ (c, r) * pixel_size_um``. Rotated
-        tiles are resampled (bilinear) onto the stage-aligned mosaic grid; the mosaic then
+        tiles are resampled (a cubic spline) onto the stage-aligned mosaic grid; the mosaic then
         covers the bounding box of all rotated footprints.
     cluster : scanner.cluster.Cluster, optional
         Fuse blocks of chunks and build the pyramid as dask tasks (``tiles`` must pickle, as
