@@ -232,8 +232,7 @@ class PatchDetector:
             return {"roughness": nan, "roughness_sigma": nan.copy()}
         self.companion.num_threads = self.num_threads
         # the network's input: (relative - 1) * gain, as models.modelfile.normalize_image
-        rough = self.companion.predict((x - np.float32(1.0)) * np.float32(GAIN))
-        return {"roughness": rough["roughness"], "roughness_sigma": rough["roughness_sigma"]}
+        return self.companion.predict_roughness((x - np.float32(1.0)) * np.float32(GAIN))
 
     def predict_aligned(self, x: np.ndarray) -> dict[str, np.ndarray] | None:
         """Every map of a whole normalised image of the aligned part (see

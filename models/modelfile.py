@@ -214,6 +214,32 @@ class InspectionModel:
         finally:
             torch.set_num_threads(previous)
 
+    def predict_roughness(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``roughness`` and ``roughness_sigma`` of :meth:`predict` alone (the same values):
+        the anomaly heads, their ensemble statistics and entropy are not computed (a
+        detector's companion network gives only its roughness)."""
+        x = np.asarray(batch, dtype=np.float32)
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3:
+            raise ValueError(f"batch must be (N, H, W), got {x.shape}")
+        s = self.output_stride
+        if x.shape[1] % s or x.shape[2] % s:
+            raise ValueError(f"H and W must be multiples of {s}, got {x.shape[1:]}")
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            with torch.inference_mode():
+                t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
+                t = t.contiguous(memory_format=torch.channels_last)
+                # the heads' dropout (identity at inference), as predict's heads apply it
+                out = self._net.roughness_heads(self._net.drop(self._net.features(t)))
+                result = {"roughness": out["roughness"][:, 0],
+                          "roughness_sigma": torch.exp(0.5 * out["roughness_logvar"][:, 0])}
+                return {k: v.float().contiguous().numpy() for k, v in result.items()}
+        finally:
+            torch.set_num_threads(previous)
+
     def predict_image(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """Maps of one raw image of any size (padded by reflection to a multiple of 4).
 

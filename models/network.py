@@ -127,10 +127,14 @@ class InspectionNet(nn.Module):
         else:
             feat = self.drop(feat)
         logits = self.anomaly_out(F.relu(self.anomaly_hidden(feat)))
+        return {"anomaly_logits": logits, **self.roughness_heads(feat)}
+
+    def roughness_heads(self, feat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The roughness head alone on shared features (after :meth:`heads`' dropout):
+        ``roughness`` and ``roughness_logvar``, as :meth:`heads` gives them."""
         r = self.rough_out(F.relu(self.rough_hidden(feat)))
         # softplus keeps Sa positive; log-variance clamped for a stable Gaussian NLL
         return {
-            "anomaly_logits": logits,
             "roughness": F.softplus(r[:, :1]) * 10.0,
             "roughness_logvar": r[:, 1:].clamp(-8.0, 8.0),
         }

@@ -700,3 +700,32 @@ def test_a_good_image_file_of_any_height_builds(tmp_path: Path) -> None:
     report = build_detector([GoodImage(image, source="good.tif")], tmp_path / "m",
                             pixel_size_um=1.0)
     assert report.card["calibration"]["edge"]["edge_cells"] > 0
+
+
+def test_traced_backbone_gives_the_eager_features() -> None:
+    """The backbone is traced without torch's trace check (it cost 4 s of CPU at every
+    load): the traced, frozen module is what runs, and its float32 features are the eager
+    module's (to 1e-4)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from models.backbone import (
+        BACKBONE,
+        FeatureExtractor,
+        _optimized,
+        backbone_weights_path,
+    )
+
+    net = EfficientNet.from_name(BACKBONE)
+    net.load_state_dict(torch.load(backbone_weights_path(), map_location="cpu",
+                                   weights_only=True))
+    eager = FeatureExtractor(net).eval().to(memory_format=torch.channels_last)
+    for p in eager.parameters():
+        p.requires_grad_(False)
+    traced = _optimized(eager, torch.float32)
+    assert isinstance(traced, torch.jit.ScriptModule)
+    x = torch.from_numpy(np.random.default_rng(0).uniform(0.5, 1.5, (1, 1, 96, 128))
+                         .astype(np.float32)).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want, got = eager(x), traced(x)
+    assert got.shape == want.shape == (1, 176, 12, 16)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -970,3 +970,61 @@ def test_dies_beside_bare_ones_on_a_turned_grid_are_not_defects(turn_deg):
     settings = DieToDie(block_px=64)
     worst = max(float(z.max()) for *_, z in compare_dies(img, geometry, grid, cells, settings))
     assert worst <= settings.z_threshold, worst
+
+
+def _unlike_by_every_pixel(plan: Any, cell: tuple[int, int], refs: list[tuple[int, int]],
+                           r0: int, c0: int, h: int, w: int) -> np.ndarray | None:
+    """``_unlike_neighbours`` as it was written first: the cell coordinates of every pixel."""
+    grid, mosaic = plan.grid, plan.mosaic
+    p = mosaic.pixel_size_um
+    px, py = grid.pitch_um
+    x = mosaic.origin_um[0] + (c0 + np.arange(w)) * p
+    y = mosaic.origin_um[1] + (r0 + np.arange(h)) * p
+    turn = math.radians(grid.rotation_deg)
+    cs, sn = math.cos(turn), math.sin(turn)
+    dx, dy = x[None, :] - grid.origin_um[0], y[:, None] - grid.origin_um[1]
+    u = cs * dx + sn * dy - cell[0] * px
+    v = -sn * dx + cs * dy - cell[1] * py
+    dc = np.where(u < -p, -1, np.where(u >= px + p, 1, 0))
+    dr = np.where(v < -p, -1, np.where(v >= py + p, 1, 0))
+    out = np.zeros((h, w), dtype=bool)
+    for i in (-1, 0, 1):
+        for j in (-1, 0, 1):
+            if (i, j) != (0, 0) and any((c[0] + i, c[1] + j) not in plan.fields
+                                        for c in [cell, *refs]):
+                out |= (dc == i) & (dr == j)
+    return out if out.any() else None
+
+
+@pytest.mark.parametrize("turn_deg", [0.7, -0.0011, -0.4, 3.0])
+def test_unlike_neighbours_found_by_bisection_as_by_every_pixel(turn_deg: float) -> None:
+    """The wedges of neighbouring cells not compared are the pixels the cell coordinates of
+    every pixel give (found by bisection along rows and columns), and a die amid compared
+    dies has none."""
+    from types import SimpleNamespace
+
+    from scanner.inspection.dietodie import _unlike_neighbours
+
+    p = 2.5
+    geometry = MosaicGrid((-37.3, 12.9), p, (4000, 4000))
+    grid = DieGrid((1000.0, 750.0), (3.1, 40.7), rotation_deg=turn_deg)
+    compared = {(c, r) for c in range(1, 8) for r in range(1, 10)} - {(4, 5)}
+    plan = SimpleNamespace(grid=grid, mosaic=geometry, fields=dict.fromkeys(compared))
+    ctx = 22
+    cases = 0
+    for cell, refs in [((3, 3), [(2, 3), (4, 3), (3, 2), (3, 4)]),  # amid compared dies
+                       ((4, 4), [(3, 4), (5, 4), (4, 3)]),  # a reference beside (4, 5)
+                       ((1, 1), [(2, 1), (1, 2)]),  # at the corner of the compared dies
+                       ((7, 9), [(6, 9), (7, 8)])]:
+        r0 = int(round((grid.origin_um[1] + cell[1] * 750.0 - geometry.origin_um[1]) / p)) - ctx
+        c0 = int(round((grid.origin_um[0] + cell[0] * 1000.0 - geometry.origin_um[0]) / p)) - ctx
+        for h, w in [(300 + 2 * ctx, 400 + 2 * ctx), (57, 400 + 2 * ctx)]:
+            want = _unlike_by_every_pixel(plan, cell, refs, r0, c0, h, w)
+            got = _unlike_neighbours(plan, cell, refs, r0, c0, h, w)
+            assert (want is None) == (got is None), (cell, h, w)
+            if want is not None:
+                assert np.array_equal(got, want), (cell, h, w)
+                cases += 1
+    assert cases >= 4
+    assert _unlike_neighbours(plan, (3, 3), [(2, 3), (4, 3), (3, 2), (3, 4)], 0, 0, 64,
+                              64) is None

@@ -161,3 +161,16 @@ def test_uncertainty_is_the_entropy_of_the_mean_probability() -> None:
     h = predictive_entropy(p)
     assert h[2] == pytest.approx(1.0) and h[0] < 1e-4 and h[4] < 1e-4
     assert h[1] == pytest.approx(h[3]) and h[1] == pytest.approx(0.469, abs=1e-3)
+
+
+def test_roughness_alone_equals_predict(saved: Path) -> None:
+    """``predict_roughness`` (a detector's companion: no anomaly heads) gives the roughness
+    maps of ``predict``, bit for bit."""
+    model = load_model(saved)
+    batch = np.random.default_rng(3).normal(0.0, 1.0, (2, 64, 96)).astype(np.float32)
+    full = model.predict(batch)
+    alone = model.predict_roughness(batch)
+    assert set(alone) == {"roughness", "roughness_sigma"}
+    for name in alone:
+        assert alone[name].dtype == np.float32 and alone[name].shape == (2, 16, 24)
+        np.testing.assert_array_equal(alone[name], full[name])

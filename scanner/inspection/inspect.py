@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from models.blas import single_blas_thread
 from models.data import read_image
 from scanner.acquisition.alignrefine import effective_alignment
 from scanner.defectlist import MAP_NAMES, InspectionResult, write_defects
@@ -320,6 +321,7 @@ def _golden(mosaic: Path, model: Any, threshold: float, kind: str | None,
     return refine
 
 
+@single_blas_thread()  # many tiny products (phase correlation): models/blas.py
 def good_scan_die_to_die(folder: Path) -> dict[str, Any] | None:
     """Die-to-die on a good scan folder: the largest intensity and texture z-scores its dies
     reach, how many were compared and the z thresholds calibrated from them
@@ -591,6 +593,7 @@ def _mosaic_grid(mosaic: Path) -> Any:
                       tuple(int(n) for n in levels[0].shape[:2]))
 
 
+@single_blas_thread()  # many tiny products (phase correlation): models/blas.py
 def inspect_mosaic(
     mosaic: Path,
     out_dir: Path | None = None,
