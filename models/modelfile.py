@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -174,50 +176,45 @@ class InspectionModel:
             disagreement alone); ``roughness``: areal roughness Sa in nm;
             ``roughness_sigma``: predicted standard deviation of the roughness (nm).
         """
-        x = np.asarray(batch, dtype=np.float32)
-        if x.ndim == 2:
-            x = x[None]
-        if x.ndim != 3:
-            raise ValueError(f"batch must be (N, H, W), got {x.shape}")
-        s = self.output_stride
-        if x.shape[1] % s or x.shape[2] % s:
-            raise ValueError(f"H and W must be multiples of {s}, got {x.shape[1:]}")
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.num_threads)
-        try:
-            with torch.inference_mode():
-                t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
-                t = t.contiguous(memory_format=torch.channels_last)
-                feat = self._net.features(t)
-                out = self._net.heads(feat)
-                probs = torch.sigmoid(out["anomaly_logits"])
-                if mc_samples > 0:
-                    self._net.mc_dropout = True
-                    try:
-                        draws = torch.stack([
-                            torch.sigmoid(self._net.heads(feat)["anomaly_logits"]).mean(1)
-                            for _ in range(mc_samples)
-                        ])
-                    finally:
-                        self._net.mc_dropout = False
-                    mean, spread = draws.mean(0), draws.std(0)
-                else:
-                    mean, spread = probs.mean(1), probs.std(1)
-                result = {
-                    "anomaly": mean,
-                    "roughness": out["roughness"][:, 0],
-                    "uncertainty": predictive_entropy(mean),
-                    "spread": spread,
-                    "roughness_sigma": torch.exp(0.5 * out["roughness_logvar"][:, 0]),
-                }
-                return {k: v.float().contiguous().numpy() for k, v in result.items()}
-        finally:
-            torch.set_num_threads(previous)
+        with self._threads(), torch.inference_mode():
+            feat = self._net.features(self._tensor(batch))
+            out = self._net.heads(feat)
+            probs = torch.sigmoid(out["anomaly_logits"])
+            if mc_samples > 0:
+                self._net.mc_dropout = True
+                try:
+                    draws = torch.stack([
+                        torch.sigmoid(self._net.heads(feat)["anomaly_logits"]).mean(1)
+                        for _ in range(mc_samples)
+                    ])
+                finally:
+                    self._net.mc_dropout = False
+                mean, spread = draws.mean(0), draws.std(0)
+            else:
+                mean, spread = probs.mean(1), probs.std(1)
+            result = {
+                "anomaly": mean,
+                "roughness": out["roughness"][:, 0],
+                "uncertainty": predictive_entropy(mean),
+                "spread": spread,
+                "roughness_sigma": torch.exp(0.5 * out["roughness_logvar"][:, 0]),
+            }
+            return {k: v.float().contiguous().numpy() for k, v in result.items()}
 
     def predict_roughness(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """``roughness`` and ``roughness_sigma`` of :meth:`predict` alone (the same values):
         the anomaly heads, their ensemble statistics and entropy are not computed (a
         detector's companion network gives only its roughness)."""
+        with self._threads(), torch.inference_mode():
+            # the heads' dropout (identity at inference), as predict's heads apply it
+            feat = self._net.drop(self._net.features(self._tensor(batch)))
+            out = self._net.roughness_heads(feat)
+            result = {"roughness": out["roughness"][:, 0],
+                      "roughness_sigma": torch.exp(0.5 * out["roughness_logvar"][:, 0])}
+            return {k: v.float().contiguous().numpy() for k, v in result.items()}
+
+    def _tensor(self, batch: np.ndarray) -> torch.Tensor:
+        """A batch ``(N, H, W)`` (or one ``(H, W)`` image) as the network's input tensor."""
         x = np.asarray(batch, dtype=np.float32)
         if x.ndim == 2:
             x = x[None]
@@ -226,17 +223,16 @@ class InspectionModel:
         s = self.output_stride
         if x.shape[1] % s or x.shape[2] % s:
             raise ValueError(f"H and W must be multiples of {s}, got {x.shape[1:]}")
+        t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
+        return t.contiguous(memory_format=torch.channels_last)
+
+    @contextmanager
+    def _threads(self) -> Iterator[None]:
+        """torch on :attr:`num_threads` threads while inside, its own count after."""
         previous = torch.get_num_threads()
         torch.set_num_threads(self.num_threads)
         try:
-            with torch.inference_mode():
-                t = torch.from_numpy(np.ascontiguousarray(x))[:, None]
-                t = t.contiguous(memory_format=torch.channels_last)
-                # the heads' dropout (identity at inference), as predict's heads apply it
-                out = self._net.roughness_heads(self._net.drop(self._net.features(t)))
-                result = {"roughness": out["roughness"][:, 0],
-                          "roughness_sigma": torch.exp(0.5 * out["roughness_logvar"][:, 0])}
-                return {k: v.float().contiguous().numpy() for k, v in result.items()}
+            yield
         finally:
             torch.set_num_threads(previous)
 

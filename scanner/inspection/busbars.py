@@ -38,23 +38,32 @@ MARGIN_PX = 32.0
 BESIDE_PX = 3
 
 
-def busbar_lines(sample: Any, alignment: dict[str, Any] | None
-                 ) -> tuple[tuple[float, float], float, list[float], float] | None:
-    """The cell's centre (stage um), rotation (rad), the busbars' centres across the cell
-    (um from its centre, in its own frame) and their half width (um); None without busbars."""
+def cell_sides(sample: Any, alignment: dict[str, Any] | None
+               ) -> tuple[tuple[float, float], float, float, float] | None:
+    """The cell's centre (stage um), rotation (rad) and half width and height (um); None for
+    another kind of sample."""
     if sample is None or str(getattr(sample, "kind", "")) != "pv_cell":
-        return None
-    n = int(getattr(sample, "busbars", 0) or 0)
-    if n <= 0:
         return None
     centre = tuple(float(v) for v in getattr(sample, "center_um", (0.0, 0.0)))
     theta = 0.0
     if alignment:
         centre = tuple(float(v) for v in alignment.get("center_um", centre))
         theta = math.radians(float(alignment.get("rotation_deg", 0.0) or 0.0))
-    hw = float(sample.width_mm) * 500.0
+    return ((centre[0], centre[1]), theta, float(sample.width_mm) * 500.0,
+            float(sample.height_mm) * 500.0)
+
+
+def busbar_lines(sample: Any, alignment: dict[str, Any] | None
+                 ) -> tuple[tuple[float, float], float, list[float], float] | None:
+    """The cell's centre (stage um), rotation (rad), the busbars' centres across the cell
+    (um from its centre, in its own frame) and their half width (um); None without busbars."""
+    cell = cell_sides(sample, alignment)
+    n = int(getattr(sample, "busbars", 0) or 0)
+    if cell is None or n <= 0:
+        return None
+    centre, theta, hw, _ = cell
     spacing = 2 * hw / n
-    return ((centre[0], centre[1]), theta, [-hw + (k + 0.5) * spacing for k in range(n)],
+    return (centre, theta, [-hw + (k + 0.5) * spacing for k in range(n)],
             float(sample.busbar_width_mm) * 500.0)
 
 
@@ -89,21 +98,6 @@ def flatten_busbars(anomaly: Any, origin_um: tuple[float, float], map_pixel_um: 
         lowered += _flatten_line(anomaly, origin_um, p, (cx, cy), theta, u, offsets,
                                  lambda valid: (inner, beside))
     return lowered
-
-
-def cell_sides(sample: Any, alignment: dict[str, Any] | None
-               ) -> tuple[tuple[float, float], float, float, float] | None:
-    """The cell's centre (stage um), rotation (rad) and half width and height (um); None for
-    another kind of sample."""
-    if sample is None or str(getattr(sample, "kind", "")) != "pv_cell":
-        return None
-    centre = tuple(float(v) for v in getattr(sample, "center_um", (0.0, 0.0)))
-    theta = 0.0
-    if alignment:
-        centre = tuple(float(v) for v in alignment.get("center_um", centre))
-        theta = math.radians(float(alignment.get("rotation_deg", 0.0) or 0.0))
-    return ((centre[0], centre[1]), theta, float(sample.width_mm) * 500.0,
-            float(sample.height_mm) * 500.0)
 
 
 def flatten_sides(anomaly: Any, origin_um: tuple[float, float], map_pixel_um: float,
