@@ -81,11 +81,10 @@ def train(
     target, variants = _checked_train_options(paths, model_out, overwrite, init, pixel_size_um,
                                               false_alarms_per_cm2, camera_variants)
     images, scan_pixel = load_good(paths)
-    stated = {im.source: im.meta.get("stated_pixel_um") for im in images
-              if not im.meta.get("acquired")}
     if scan_pixel is None:
         # a microscope's files state their pixel size: taken where --pixel-size is not given
-        pixel_size_um = resolved_pixel_um(stated, pixel_size_um)
+        pixel_size_um = resolved_pixel_um({im.source: im.meta.get("stated_pixel_um")
+                                           for im in images}, pixel_size_um)
     if scan_pixel is not None and pixel_size_um is not None and \
             abs(pixel_size_um - scan_pixel) > 0.01 * scan_pixel:
         # the scans' pixels were relabelled: a bank of 8 um pixels carded as 3 um, and every

@@ -88,10 +88,9 @@ def claim(folder: Path, command: str, *, allow_incomplete: bool = False, write: 
         def working(status: str) -> None:
             _update(folder, status=status, process=this_process())
 
-        working(_WORKING[command])
-        # what this command replaced, for the next one should this process die (kill -9)
-        _update(folder, claimed={"command": command, "status": before,
-                                 "process": this_process()})
+        # with what this command replaced, for the next one should this process die (kill -9)
+        _update(folder, status=_WORKING[command], process=this_process(),
+                claimed={"command": command, "status": before, "process": this_process()})
         try:
             yield working
         except BaseException as exc:

@@ -234,7 +234,7 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         drifted, move = drift_verdict(oldest["scores"], scores, factor)
     image, moved = _image_drift(rows, oldest, judged, notes)
     if oldest is not None and not drifted and not moved:
-        drifted = _most_moved(judged, factor, notes)
+        drifted = _most_moved(oldest, judged, factor, notes)
     plot = _plot(rows, out_dir, factor) if out_dir is not None and rows else None
     return DriftReport(
         drifted or bool(moved), move, rows, skipped, plot, image, moved,
@@ -242,26 +242,25 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         calibrated_on)
 
 
-def _moved_alone(row: dict[str, Any], factor: float) -> list[str]:
+def _moved_alone(oldest: dict[str, Any], row: dict[str, Any], factor: float) -> list[str]:
     """What of one scan moved beyond the limits from the oldest scan's (its good-surface
-    scores, by the median of its quantiles' ratios, and its image's quantities)."""
+    scores, as :func:`models.drift.drift_verdict` judges them, and its image's quantities)."""
     out = []
-    ratios = row.get("since_oldest") or {}
-    if ratios:
-        move = float(np.median(list(ratios.values())))
-        if not 1.0 / factor <= move <= factor:
-            out.append(f"scores {_times(move, factor)}")
+    moved, move = drift_verdict(oldest["scores"], [row["scores"]], factor)
+    if moved:
+        out.append(f"scores {_times(move, factor)}")
     image = row.get("image_ratios") or {}
     out += [f"{k} {_times(image[k], IMAGE_FACTOR)}" for k in image_drifted(image)]
     return out
 
 
-def _most_moved(judged: list[dict[str, Any]], factor: float, notes: list[str]) -> bool:
+def _most_moved(oldest: dict[str, Any], judged: list[dict[str, Any]], factor: float,
+                notes: list[str]) -> bool:
     """Whether most of the judged scans moved, each on its own measure (one lost light,
     the next focus: the median of each measure over the scans stays near 1, while no scan
     is like the oldest); said in ``notes``. Like the medians, one odd scan of three, or
     half of them, is not yet drift."""
-    moved = {Path(r["scan"]).name: m for r in judged if (m := _moved_alone(r, factor))}
+    moved = {Path(r["scan"]).name: m for r in judged if (m := _moved_alone(oldest, r, factor))}
     if 2 * len(moved) <= len(judged):
         return False
     notes.append(f"{len(moved)} of the newest {len(judged)} scans moved each on its own: "
