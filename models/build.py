@@ -51,7 +51,14 @@ from .gaussian import (
 from .heap import reused_heap
 from .lines import calibrate_line_threshold
 from .modelfile import card_path_for
-from .thresholds import MIN_BAND_AREA_CM2, PIXEL_BANDS, calibrate_threshold, pixel_bands
+from .thresholds import (
+    DEFECT_MERGE_MAP_PX,
+    MIN_BAND_AREA_CM2,
+    PIXEL_BANDS,
+    calibrate_threshold,
+    count_components,
+    pixel_bands,
+)
 from .variants import variants_of
 
 #: most bank features; the search costs bank size x 176 multiply-adds per stride-8 cell
@@ -542,6 +549,7 @@ class _Calibrated:
     area_cm2: float
     line: float | None  # line threshold (models.lines; None: too little held-out area)
     distances: list[torch.Tensor]  # the held-out cells' nearest-bank distances (h, w)
+    maps: list[np.ndarray]  # the held-out anomaly maps, 0 outside the usable area
 
 
 def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: float,
@@ -577,7 +585,7 @@ def _calibrate(bank: torch.Tensor, held: list[_HeldOut], false_alarms_per_cm2: f
     q99, q999 = np.quantile(values, [0.99, 0.999])
     tau = float(max(0.02, np.log(max(q999, 1e-6) / max(q99, 1e-6))))
     line = calibrate_line_threshold(maps, area_cm2, false_alarms_per_cm2, cal.threshold)
-    return _Calibrated(cal, reference, tau, values, area_cm2, line, distances)
+    return _Calibrated(cal, reference, tau, values, area_cm2, line, distances, maps)
 
 
 def _threshold_of_init(base: PatchDetector | None, init: str | Path | None,
@@ -602,7 +610,11 @@ def _threshold_of_init(base: PatchDetector | None, init: str | Path | None,
     calibrated = float(cal.result.threshold)
     if floor <= calibrated:
         return None
+    # the card's rate is the one at the threshold it keeps, not at the one it replaced
+    count = count_components(cal.maps, floor, DEFECT_MERGE_MAP_PX)
     cal.result.threshold = floor
+    cal.result.components_at_threshold = count
+    cal.result.rate_at_threshold_per_cm2 = count / cal.area_cm2
     return {"threshold": floor, "calibrated_on_new_images": calibrated,
             "model_threshold": float(threshold), "model_score_reference": float(ref),
             "why": f"threshold {floor:.4g}, not the {calibrated:.4g} calibrated on the new "

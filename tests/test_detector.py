@@ -729,3 +729,28 @@ def test_traced_backbone_gives_the_eager_features() -> None:
         want, got = eager(x), traced(x)
     assert got.shape == want.shape == (1, 176, 12, 16)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_init_floor_gives_the_rate_at_the_threshold_it_keeps() -> None:
+    """Raised to its base's threshold, an extended model's card kept the false-alarm rate of
+    the lower threshold calibrated on the new images: a bound, not the rate it has."""
+    from types import SimpleNamespace
+
+    from models.build import _Calibrated, _threshold_of_init
+    from models.thresholds import calibrate_threshold
+
+    maps = []
+    for peak in (1.0, 1.1, 1.2):  # three good images, one spot each, far apart
+        m = np.full((40, 40), 0.2, dtype=np.float32)
+        m[20, 20] = peak
+        maps.append(m)
+    area = 1.0
+    cal = calibrate_threshold(maps, area, 3.0, scores="distance")
+    assert cal.components_at_threshold == 3
+    calibrated = _Calibrated(cal, 1.0, 0.1, np.concatenate([m.ravel() for m in maps]), area,
+                             None, [], maps)
+    base = SimpleNamespace(card={"score_reference": 1.0, "threshold": 1.15})
+    kept = _threshold_of_init(base, "base.safetensors", calibrated)
+    assert kept is not None and cal.threshold == pytest.approx(1.15)
+    assert cal.components_at_threshold == 1  # only the 1.2 spot is above 1.15
+    assert cal.rate_at_threshold_per_cm2 == pytest.approx(1.0)
