@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field
 
-from scanner.errors import UserError, damaged_message, undecodable
+from scanner.errors import UserError, undecodable
 
 if TYPE_CHECKING:
     from scanner.inspection.card import ModelRef
@@ -98,8 +98,12 @@ def run_batch(folders: Sequence[Path], *, model: ModelRef = None, cluster: Any =
             known = damaged or isinstance(exc, (UserError, OSError, ValueError))
             if not known:
                 log.debug("batch: %s failed", folder, exc_info=True)
-            error = damaged_message(exc) if damaged else str(exc) if known else \
-                f"{type(exc).__name__}: {exc}"
+            if damaged:
+                from scanner.integrity import damaged_data_message
+
+                error = damaged_data_message(exc, str(folder))  # names the chunk's file
+            else:
+                error = str(exc) if known else f"{type(exc).__name__}: {exc}"
             items.append(BatchItem(folder=Path(folder), ok=False, error=error,
                                    wall_s=round(time.perf_counter() - t0, 3),
                                    bad_input=damaged or isinstance(exc, UserError)))

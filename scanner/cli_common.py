@@ -30,7 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from models.errors import InputError
-from scanner.errors import UserError, damaged_message, undecodable
+from scanner.errors import UserError, undecodable
 from scanner.events import StageEvents
 
 app = typer.Typer(
@@ -149,7 +149,9 @@ def _friendly(func: F) -> F:
                 # zarr's other reads of that batch are abandoned; asyncio would log each
                 # pending one at exit, burying the one line under dozens
                 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-                message = damaged_message(exc, _inputs_named(kwargs))
+                from scanner.integrity import damaged_data_message
+
+                message = damaged_data_message(exc, _inputs_named(kwargs))  # names the file
                 err.print(f"[bold red]error:[/] {escape(message)}", highlight=False,
                           soft_wrap=True)
                 raise typer.Exit(2) from None

@@ -8,16 +8,19 @@ would otherwise be read as a black tile.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from devices.spec import MISSING_FILE
-from scanner.defectlist import DEFECTS_JSON
-from scanner.errors import UserError
+from scanner.defectlist import DEFECTS_JSON, MAP_NAMES
+from scanner.errors import UserError, damaged_message, undecodable
 from scanner.recipe import RecipeError, parse_recipe
 from scanner.scanfolder import (
     MOSAIC,
@@ -31,7 +34,8 @@ from scanner.scanfolder import (
     this_process,
     write_json,
 )
-from scanner.tilestore import check_journal
+from scanner.tilestore import TILES_ZARR, check_journal
+from simulators.errors import first_line
 
 #: the stage a command reads from, by command (``batch`` stitches, inspects and reports)
 _NEEDS = {"stitch": "acquire", "inspect": "stitch", "report": "inspect", "batch": "acquire"}
@@ -244,3 +248,126 @@ def check_recorded_recipe(folder: Path, scan: dict[str, Any]) -> None:
             return
         raise UserError(f"{where} recipe: {exc}; the scan record is damaged (or written by "
                         "another version)") from None
+
+
+def recorded_pixel_size(folder: Path, scan: dict[str, Any]) -> float:
+    """The pixel size a scan's tiles were taken at (``scan.json`` ``microscope.pixel_size_um``,
+    written with the plan before the first tile), which the stitch stage places them with.
+
+    Raises
+    ------
+    UserError
+        Naming ``scan.json`` and the field when the record lacks it (a hand-edit removed the
+        section: ``stitch`` failed with exit 1, "KeyError: 'microscope'").
+    """
+    value = (scan.get("microscope") or {}).get("pixel_size_um")
+    if value is None:  # its type, where present, is checked by scanner.scanrecord
+        raise UserError(f"{Path(folder) / SCAN_JSON}: records no microscope.pixel_size_um; "
+                        "the scan record is damaged")
+    return float(value)
+
+
+def _stores(path: Path) -> list[Path]:
+    """The Zarr stores a command given ``path`` reads: the store itself, or a scan folder's
+    (the mosaic, then the maps, then the raw tiles: the order the stages read them)."""
+    path = Path(path)
+    if (path / "zarr.json").is_file():
+        return [path]
+    if not path.is_dir():
+        return []
+    first = [path / MOSAIC, *(path / name for name in MAP_NAMES.values()),
+             path / TILES_ZARR]
+    rest = sorted(p for p in path.glob("*.zarr") if p not in first and ".tmp" not in p.name)
+    return [p for p in first + rest if (p / "zarr.json").is_file()]
+
+
+def _arrays(store: Path) -> Iterator[tuple[Path, Any]]:
+    """The arrays of a store (an array, or a group's arrays one level down), opened read-only;
+    metadata that cannot be read is left to the readers, which name it."""
+    import zarr
+
+    for meta in [store / "zarr.json", *sorted(store.glob("*/zarr.json"))]:
+        try:
+            if json.loads(meta.read_text(encoding="utf-8")).get("node_type") != "array":
+                continue
+            yield meta.parent, zarr.open_array(str(meta.parent), mode="r")
+        except Exception:  # noqa: BLE001,S112 - unreadable metadata: said by the readers
+            continue
+
+
+def find_undecodable_chunk(paths: Iterable[Path]) -> tuple[Path, Path, BaseException] | None:
+    """The first stored chunk under ``paths`` (scan folders or Zarr stores) that does not
+    decode: ``(store, chunk file, error)``, or None when every chunk decodes.
+
+    The error a codec raises names no file ("Zstd decompression error: invalid input data");
+    this is asked only after one was raised, to name the file in the one line the user reads
+    (each chunk is read once: a few seconds for a wafer's raw tiles).
+    """
+    for store in itertools.chain.from_iterable(_stores(Path(p)) for p in paths):
+        for where, array in _arrays(store):
+            grid = [range(-(-n // c)) for n, c in zip(array.shape, array.chunks, strict=True)]
+            for ij in itertools.product(*grid):
+                chunk = where / array.metadata.encode_chunk_key(ij)
+                if not chunk.is_file():
+                    continue  # a missing chunk is refused as such where it is read
+                try:
+                    array.get_block_selection(ij)
+                except Exception as exc:  # noqa: BLE001 - only a chunk that fails to decode
+                    if undecodable(exc):
+                        return store, chunk, exc
+                    raise
+    return None
+
+
+def damaged_data_message(exc: BaseException, where: str | None) -> str:
+    """The one line for a chunk that failed to decode (:func:`scanner.errors.undecodable`),
+    naming the chunk's file and what writes it again: ``resume`` a raw tile, ``stitch`` the
+    mosaic, ``inspect`` a map. ``where``: the inputs the command was given, comma-separated
+    (:func:`scanner.errors.damaged_message` is the line when no damaged chunk is found
+    there)."""
+    paths = [Path(p.strip()) for p in where.split(",")] if where else []
+    found = find_undecodable_chunk(paths)
+    if found is None:
+        return damaged_message(exc, where)
+    store, chunk, error = found
+    scan = store.parent if (store.parent / SCAN_JSON).is_file() else None
+    stem = store.name.split(".")[0]
+    if scan is None:
+        again = "the image is damaged; write it again"
+    elif store.name == TILES_ZARR:
+        tile = chunk.relative_to(store).parts[1]
+        again = f"raw tile {tile} is damaged; run `waferscope resume {scan}` to take it again"
+    elif stem in MAP_NAMES:
+        again = f"the {stem} map is damaged; run `waferscope inspect {scan}` to write it again"
+    else:
+        again = f"the mosaic is damaged; run `waferscope stitch {scan}` to fuse it again"
+    return f"{chunk}: a compressed chunk cannot be decoded ({first_line(error)}); {again}"
+
+
+def damaged_output(folder: Path) -> str | None:
+    """What is damaged among the images a scan's stages wrote (the mosaic, the inspection's
+    maps): the one line a reader of it would refuse with (a level or chunk missing, metadata
+    unreadable, a chunk that does not decode), or None when they are whole.
+
+    ``resume`` asks it of a complete scan: the damage is redone from the intact raw tiles
+    (stitched, inspected and reported again) rather than refused as "nothing to resume".
+    """
+    from scanner.ngff import check_complete, open_mosaic
+
+    folder = Path(folder)
+    if not (folder / MOSAIC).exists():  # `inspect` sends to `stitch` or `resume`
+        return f"{folder / MOSAIC} is missing"
+    images = [p for p in (folder / MOSAIC, *(folder / n for n in MAP_NAMES.values()))
+              if p.exists()]
+    for image in images:
+        try:
+            levels, _ = open_mosaic(image)
+            for k, level in enumerate(levels):
+                check_complete(level, f"{image} level {k}")
+        except (UserError, ValueError) as exc:  # its advice is what resume does now
+            return re.sub(r" \(re-run `waferscope \w+`\)", "", str(exc))
+    found = find_undecodable_chunk(images)
+    if found is not None:
+        _, chunk, exc = found
+        return f"{chunk}: a compressed chunk cannot be decoded ({first_line(exc)})"
+    return None

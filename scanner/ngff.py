@@ -27,6 +27,7 @@ import yaozarrs
 import zarr
 from yaozarrs import v05
 
+from scanner.defectlist import MAP_NAMES
 from scanner.errors import UserError
 from scanner.scanfolder import SCAN_JSON
 from simulators.errors import first_line
@@ -155,6 +156,16 @@ def downsample_block(src: Any, dst: Any, chunk: int, chunks: list[tuple[int, int
     return len(chunks)
 
 
+def damaged_image(path: Path) -> str:
+    """What a damaged multiscale image is and what writes it again: an inspection map
+    (``anomaly.ome.zarr``...) is written by ``inspect``, the mosaic by ``stitch`` (re-stitching
+    left a damaged map as it was)."""
+    stem = Path(path).name.split(".")[0]
+    if stem in MAP_NAMES and Path(path).name == MAP_NAMES[stem]:
+        return f"the {stem} map is damaged (re-run `waferscope inspect`)"
+    return "the mosaic is damaged (re-run `waferscope stitch`)"
+
+
 def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
     """Open a mosaic written by :func:`scanner.stitching.mosaic.fuse_mosaic`.
 
@@ -181,8 +192,8 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - unreadable group metadata: damage
-        raise UserError(f"{path}: cannot open the mosaic ({first_line(exc)}); it is "
-                        "damaged (re-run `waferscope stitch`)") from None
+        raise UserError(f"{path}: cannot be opened ({first_line(exc)}); "
+                        f"{damaged_image(path)}") from None
     ome = root.attrs.get("ome")
     if not isinstance(ome, dict) or not ome.get("multiscales"):
         if root.attrs.get("multiscales"):  # written by a tool of OME-NGFF 0.4's time
@@ -204,15 +215,14 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
             levels.append(root[d["path"]])
         except Exception as exc:  # noqa: BLE001 - a level gone or its metadata unreadable
             why = "missing" if isinstance(exc, KeyError) else f"unreadable ({first_line(exc)})"
-            raise UserError(f"{path}: level {d['path']} is {why}; the mosaic is damaged "
-                            "(re-run `waferscope stitch`)") from None
+            raise UserError(f"{path}: level {d['path']} is {why}; "
+                            f"{damaged_image(path)}") from None
         scale = next((t.get("scale") for t in d["coordinateTransformations"]
                       if t.get("type") == "scale"), None)
         # OME-NGFF's schema takes any number; a pixel of size 0 (or NaN) places nothing
         if scale is None or not all(math.isfinite(s) and s > 0 for s in scale):
             raise UserError(f"{path}: level {d['path']} has scale {scale}; pixel sizes must be "
-                            "positive (the mosaic's metadata is damaged; re-run `waferscope "
-                            "stitch`)")
+                            f"positive: its metadata is damaged; {damaged_image(path)}")
         d["coordinateTransformations"] = _in_micrometres(path, d, scale, to_um)
     for k in range(1, len(levels)):
         # each level halves the one before (rounded either way by other writers): a level
@@ -220,8 +230,8 @@ def open_mosaic(path: Path) -> tuple[list[zarr.Array], list[dict]]:
         prev, shape = levels[k - 1].shape[-2:], levels[k].shape[-2:]
         if any(n not in (m // 2, -(-m // 2)) for m, n in zip(prev, shape, strict=True)):
             raise UserError(f"{path}: level {k} is {' x '.join(map(str, shape))} px, level "
-                            f"{k - 1} {' x '.join(map(str, prev))}: the levels disagree; the "
-                            "mosaic's metadata is damaged (re-run `waferscope stitch`)")
+                            f"{k - 1} {' x '.join(map(str, prev))}: the levels disagree, its "
+                            f"metadata is damaged; {damaged_image(path)}")
     return levels, [d["coordinateTransformations"] for d in datasets]
 
 
@@ -419,7 +429,7 @@ def check_complete(array: zarr.Array, what: str) -> None:
         if not (root / array.metadata.encode_chunk_key(ij)).is_file():
             r, c = (i * n for i, n in zip(ij, array.chunks, strict=True))
             raise UserError(f"{what}: chunk {ij} (rows {r}.., cols {c}..) is missing; "
-                            "the image is damaged (re-run `waferscope stitch`)")
+                            f"{damaged_image(Path(str(array.store_path.store.root)))}")
 
 
 def build_pyramid(

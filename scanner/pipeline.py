@@ -31,7 +31,7 @@ from scanner.acquisition.plan import ScanPlan, overlap_warning, resolve_plan
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES
 from scanner.errors import UserError
 from scanner.events import StageEvents
-from scanner.integrity import planned_tiles
+from scanner.integrity import damaged_output, planned_tiles, recorded_pixel_size
 from scanner.recipe import (
     OutputSpec,
     Recipe,
@@ -62,6 +62,7 @@ from scanner.stitching.registration.live import LiveRegistrar, LiveResults
 from scanner.stitching.stitch import MOSAIC, camera_geometry, stitch_scan
 from scanner.tilestore import (
     TILES_CSV,
+    TILES_ZARR,
     TileRecord,
     check_journal_kept,
     decodable_tiles,
@@ -343,10 +344,16 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")
     n = planned_tiles(folder, scan)  # before anything reads the plan: one line, not KeyError
+    recorded_pixel_size(folder, scan)  # what the stitch stage places the tiles with
     check_journal_kept(folder)  # refused before the scan is marked as resumed
     done = _acquired(folder, n, decode=True)  # every raw tile read once, here only
     if status == "complete" and len(done) == n:
-        raise UserError(f"{folder}: the scan is complete; nothing to resume")
+        damage = damaged_output(folder)
+        if damage is None:
+            raise UserError(f"{folder}: the scan is complete; nothing to resume")
+        # what a later stage wrote is damaged, its raw tiles whole: written again from them
+        log.warning("%s; stitched, inspected and reported again from the intact raw tiles",
+                    damage)
     # a complete scan that has since lost tiles (a journal row or a tile's data gone) is
     # resumed like a stopped one: the lost tiles are taken again
     try:
@@ -391,8 +398,10 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
             log.warning("the earlier scan this one replaced (kept in %s) is deleted: this one "
                         "is resumed", aside)
         discard(aside, folder)
+        damaged = _say_damaged_tiles(folder, n, done)
         scan.setdefault("resumed", []).append({"at": now_iso(), "previous_status": status,
-                                               "tiles_missing": n - len(done)})
+                                               "tiles_missing": n - len(done),
+                                               **({"tiles_damaged": damaged} if damaged else {})})
         scan.update(status="acquiring", process=this_process(), finished=None)
         scan.pop("error", None)
         write_json(folder / SCAN_JSON, scan)
@@ -427,6 +436,25 @@ def _check_same_optics(folder: Path, scan: dict[str, Any], plan: ScanPlan,
             raise UserError(f"{folder}: cannot resume, the microscope's {what} changed ({was} "
                             f"{unit} recorded, {now} {unit} now: another objective, pixel-size "
                             "preset or calibration file); put it back as it was, or scan again")
+
+
+def _say_damaged_tiles(folder: Path, n_planned: int, done: set[int]) -> list[int]:
+    """Warn of the tiles a resume takes again because their data is damaged: journaled
+    ``ok`` but their chunk missing or not decodable (read as such, never as black). A resume
+    that redoes damaged data says so: the scan then holds tiles of two sessions. Returns
+    their indices."""
+    journaled = {r.index: r for r in read_tiles_csv(folder)
+                 if r.status == "ok" and 0 <= r.index < n_planned}
+    damaged = sorted(set(journaled) - done)
+    if damaged:
+        stored = stored_tiles(open_tiles(folder))
+        named = ", ".join(f"{i} (row {journaled[i].row}, col {journaled[i].col}: "
+                          f"{'cannot be decoded' if i in stored else 'missing'})"
+                          for i in damaged[:5])
+        more = f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        log.warning("%s: the data of journaled tile%s %s%s is damaged; taken again",
+                    folder / TILES_ZARR, "s" if len(damaged) > 1 else "", named, more)
+    return damaged
 
 
 def _acquired(folder: Path, n_planned: int, decode: bool = False) -> set[int]:
@@ -495,7 +523,7 @@ def _finish_scan(
             scan.pop("during_acquisition", None)
             scan["timings"].pop("during_acquisition", None)
         _set_status(folder, scan, "stitching")
-        pixel_size = float(scan["microscope"]["pixel_size_um"])
+        pixel_size = recorded_pixel_size(folder, scan)
         _stitch_stage(folder, scan, pixel_size, recipe.output.chunk_px, events, cluster,
                       precomputed=precomputed)
         # acquisition is over: the journal no longer changes (read once)
@@ -755,7 +783,7 @@ def restitch(folder: Path, events: StageEvents | None = None, cluster: Any = Non
     """Re-run the stitch stage on an existing scan folder."""
     events = events or StageEvents()
     scan = read_scan_json(folder)
-    pixel_size = float(scan["microscope"]["pixel_size_um"])
+    pixel_size = recorded_pixel_size(folder, scan)  # one line, not KeyError
     chunk = recorded(scan, OutputSpec).chunk_px
     _stitch_stage(Path(folder), scan, pixel_size, chunk, events, cluster)
     n = int(scan.get("plan", {}).get("n_tiles", 0))
