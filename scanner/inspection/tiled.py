@@ -335,7 +335,7 @@ CLOSE_PX = 15
 MODE_WIDTH = 0.2
 
 
-def surface_level(image: np.ndarray, valid: np.ndarray) -> float:
+def lit_level(image: np.ndarray, valid: np.ndarray) -> float:
     """The level of the lit surface of ``image`` (its ``valid`` pixels), robust to large dark
     and bright areas.
 
@@ -375,7 +375,7 @@ def source_level(source: Any, grid: int = 8, window: int = 128,
 
     ``grid x grid`` windows of ``window`` pixels spread evenly over the source are read (a few
     chunks of a mosaic, whatever its size) and the level of the lit surface is taken over
-    their pixels (:func:`surface_level`), leaving out zeros (unscanned
+    their pixels (:func:`lit_level`), leaving out zeros (unscanned
     mosaic areas) and, with ``inside(rows, cols)`` (a boolean grid, see
     :func:`polygon_pixels`), what lies off the sample. Full-resolution pixels, not a pyramid
     level, because averaging changes the median of a patterned surface.
@@ -399,7 +399,7 @@ def source_level(source: Any, grid: int = 8, window: int = 128,
     valid = np.asarray(valid, dtype=bool) & (sub != 0)
     if not valid.any():
         return 1.0
-    return surface_level(sub, valid)
+    return lit_level(sub, valid)
 
 
 def run_tiled(
