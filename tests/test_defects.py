@@ -531,3 +531,58 @@ def test_repeated_mask_is_the_compared_pixels_no_patch_scores_as_different():
     out = repeated_mask(compared, [(2, 3, patch), (8, 8, np.full((4, 4), 5.0, np.float32))],
                         design_score=1.0)
     assert not out[3, 4] and out[2, 3] and out[5, 5] and not out[:, 6:].any()
+
+
+def test_two_strong_defects_whose_blurred_tails_join_are_two_defects():
+    """On a polished, nearly featureless part the network's blur of a defect scoring several
+    times the threshold stays over the extent threshold far around it: two particles 24 map
+    px apart were one box. Where the peak is that high, each is its own defect."""
+    yy, xx = np.mgrid[0:64, 0:96]
+    a = np.full((64, 96), 0.8, np.float32)
+    for cy, cx, peak in ((32, 36, 5.0), (32, 60, 3.5)):
+        a += peak * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 4.0**2))
+    defects = sorted(extract_defects(_maps(a), GEOM, threshold=1.16), key=lambda d: d.x_um)
+    assert len(defects) == 2
+    for d, cx in zip(defects, (36, 60), strict=True):
+        assert d.x_um == pytest.approx(100 + cx * 4.0, abs=4.0)
+        assert d.y_um == pytest.approx(200 + 32 * 4.0, abs=4.0)
+    # one strong defect stays one, and so does a faint pair (nothing over the threshold's
+    # share of a high peak: their extent is as before)
+    one = np.full((64, 96), 0.8, np.float32) + 5.0 * np.exp(
+        -((yy - 32) ** 2 + (xx - 48) ** 2) / (2 * 6.0**2))
+    assert len(extract_defects(_maps(one), GEOM, threshold=1.16)) == 1
+
+
+def test_a_small_piece_beyond_a_lines_end_on_its_axis_joins_the_line():
+    """A scratch crossing a dark street loses a stretch; its last few pixels beyond the gap
+    are too short to have a direction and were reported as a "particle" of their own. A
+    piece as far off the axis stays apart."""
+    a = np.zeros((60, 80), np.float32)
+    a[rectangle((29, 10), end=(30, 39))] = 0.9  # the line: rows 29-30, columns 10-39
+    a[29:31, 48:50] = 0.9  # 8 px beyond its end, on its axis
+    a[44:46, 48:50] = 0.9  # as far on, 15 px off the axis
+    defects = extract_defects(_maps(a), GEOM, threshold=0.5, merge_px=24)
+    assert len(defects) == 2
+    line = max(defects, key=lambda d: d.bbox_um[2] - d.bbox_um[0])
+    assert line.bbox_um[2] == pytest.approx(100 + 49.5 * 4.0)
+
+
+def test_a_missing_patterns_centre_is_that_of_its_whole_difference():
+    """A missing pattern's die-to-die difference is the design it lacks, strongest where that
+    was brightest: a bright edge along one side of the hole drew the centre there (a 32 px
+    hole of a photograph die grid: 9 px off). The centre is that of the whole clear
+    deviation joined to it."""
+    a = np.zeros((80, 80), np.float32)
+    a[rectangle((34, 34), end=(43, 42))] = 0.9
+    diff = np.random.default_rng(4).normal(0, 0.01, (320, 320)).astype(np.float32)
+    diff[140:172, 138:166] -= 0.3  # the hole: centre (155.5, 151.5) on the model grid
+    diff[140:172, 160:166] -= 0.5  # where the design was brightest: its right edge
+    z = np.zeros_like(diff)
+    z[140:172, 138:166] = 30.0
+
+    def difference(r0, c0, h, w):
+        return _reader(diff)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
+
+    d = extract_defects(_maps(a), GEOM, threshold=0.5, difference=difference)[0]
+    assert d.x_um == pytest.approx(100 + 151.5 - 1.5, abs=3.0)
+    assert d.y_um == pytest.approx(200 + 155.5 - 1.5, abs=3.0)

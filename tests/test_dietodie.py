@@ -1028,3 +1028,43 @@ def test_unlike_neighbours_found_by_bisection_as_by_every_pixel(turn_deg: float)
     assert cases >= 4
     assert _unlike_neighbours(plan, (3, 3), [(2, 3), (4, 3), (3, 2), (3, 4)], 0, 0, 64,
                               64) is None
+
+
+def test_a_stain_covering_a_small_die_is_not_scaled_away_as_its_illumination():
+    """48 px dies (a fine array): a 13 % stain over most of one die moved that die's own
+    bright pixels' median, so matching the references' gain on the die alone took the stain
+    for the illumination and scaled it away. Matched over the die and the context read
+    around it, the stain stands out and only that die is hot."""
+    img, geometry, grid, usable, _ = _mosaic(n=12, die_px=48, defect=None, seed=3)
+    cy, cx = 60 + 5 * 48 + 24, 60 + 7 * 48 + 24  # the centre of die (7, 5)
+    yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
+    stain = ndimage.gaussian_filter(((yy - cy) ** 2 + (xx - cx) ** 2 < 19.5 ** 2).astype(float),
+                                    1.5)
+    img = (img * (1.0 + 0.13 * stain)).astype(np.float32)
+    cells = full_dies(grid, usable, geometry, margin_px=8)
+    zmax = {cell: float(z.max()) for cell, *_, z in compare_dies(img, geometry, grid, cells)}
+    hot = {cell for cell, z in zmax.items() if z > DieToDie().z_threshold}
+    assert hot == {(7, 5)}, sorted(zmax.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_a_difference_window_reaching_past_its_dies_border_gives_the_dies_part():
+    """A defect 12 px inside a die's border: the window its measurement reads (the blurred
+    map region and a margin) reaches into the street and the next die. It got no difference
+    at all and was measured on the image, where a missing pattern's surroundings (the
+    design) stand out more than the hole. Now the die's part of the window is compared and
+    the rest is NaN."""
+    img, geometry, grid, usable, _ = _mosaic(defect=None)
+    r0, c0 = 60 + 160 + 6, 60 + 160 + 70  # a dark spot 6 px inside die (1, 1)'s top
+    img[r0:r0 + 12, c0:c0 + 16] -= 400.0
+    _, _, comparison = die_to_die_patches(
+        (0.0, 0.0), 8.0, img, geometry, grid, usable, threshold=0.7,
+        settings=DieToDie(block_px=64))
+    got = comparison.difference(img, r0 - 20, c0 - 12, 52, 40)  # 14 px past the border
+    assert got is not None
+    diff, z = got
+    assert diff.shape == z.shape == (52, 40)
+    assert np.isnan(z[:14]).all() and not np.isnan(z[14:]).any()
+    assert np.all(diff[:14] == 0.0)
+    assert np.nanmax(z[20:32, 12:28]) > DieToDie().z_threshold
+    whole = comparison.difference(img, r0 - 6, c0 - 12, 38, 40)  # inside the die: as before
+    assert whole is not None and np.array_equal(whole[1], z[14:])

@@ -233,7 +233,7 @@ def merge_collinear(labels: np.ndarray, max_angle_deg: float = 10.0,
     props = [r for r in measure.regionprops(labels)
              if r.area >= 3 and r.axis_major_length >= 4
              and r.axis_major_length >= min_elongation * max(r.axis_minor_length, 1.0)]
-    if not 2 <= len(props) <= max_regions:
+    if not 1 <= len(props) <= max_regions:
         return labels  # nothing to join, or a map of noise (every piece would be a defect)
     tol = math.radians(max_angle_deg)
     parent = {r.label: r.label for r in props}
@@ -269,10 +269,48 @@ def merge_collinear(labels: np.ndarray, max_angle_deg: float = 10.0,
                 abs(dy * math.sin(r.orientation) - dx * math.cos(r.orientation)) <= off
                 for r in (a, b)):
             parent[root(b.label)] = root(a.label)
+    _join_line_ends(labels, props, parent, root)
     lut = np.arange(int(labels.max()) + 1, dtype=labels.dtype)
     for k in parent:
         lut[k] = root(k)
     return lut[labels]
+
+
+def _join_line_ends(labels: np.ndarray, lines: list[Any], parent: dict[int, int],
+                    root: Callable[[int], int]) -> None:
+    """Join to a line-like region (``lines``, :func:`merge_collinear`) the small compact
+    pieces that continue it beyond one of its ends: a scratch's last few pixels, cut off
+    where it crosses a dark street, are too short to have a direction of their own (a
+    bright scratch across an array of 48 px dies was reported as itself and, 24 um beyond its
+    end, a "particle" of 8 um). A piece joins when its centroid lies on the line's axis
+    (within 2 px or 5 % of the distance), beyond the line's end by no more than the line's
+    own length, and it is smaller than the line (``parent``, ``root``: the union-find of
+    :func:`merge_collinear`, updated in place)."""
+    line_labels = {r.label for r in lines}
+    small = [r for r in measure.regionprops(labels)
+             if r.label not in line_labels and r.axis_major_length < 4]
+    if not small or len(small) > 5000:
+        return
+    for piece in small:
+        py, px = piece.centroid
+        best = None
+        for line in lines:
+            if piece.area >= line.area:
+                continue
+            cy, cx = line.centroid
+            # skimage's orientation: the angle from the row axis to the major axis
+            uy, ux = math.cos(line.orientation), math.sin(line.orientation)
+            t = (py - cy) * uy + (px - cx) * ux  # along the axis
+            n = abs(-(py - cy) * ux + (px - cx) * uy)  # across it
+            half = line.axis_major_length / 2
+            if abs(t) <= half or abs(t) - half > 2 * half:
+                continue  # beside the line (the 24 px gap groups that), or too far on
+            if n <= max(2.0, 0.05 * math.hypot(py - cy, px - cx)):
+                if best is None or abs(t) - half < best[0]:
+                    best = (abs(t) - half, line.label)
+        if best is not None:
+            parent[piece.label] = piece.label
+            parent[root(piece.label)] = root(best[1])
 
 
 def extract_defects(
@@ -364,8 +402,11 @@ def extract_defects(
     if merge_lines:
         labels = merge_collinear(labels)
     found: list[Defect] = []
+    gap = merge_px / s
     for region in measure.regionprops(labels):
-        for part in [region] if dies is None else _parts(region, hi, dies[1], merge_px / s):
+        parts = [region] if dies is None else _parts(region, hi, dies[1], gap)
+        for part in (piece for whole in parts
+                     for piece in _peaks(whole, maps["anomaly"], hi, low, threshold, gap)):
             if part.area * s * s < min_area_px:
                 continue
             defect = _region_defect(part, maps, geometry, threshold, low, review_uncertainty,
@@ -500,6 +541,51 @@ def _parts(region: Any, over: np.ndarray, repeated: np.ndarray, merge_map_px: fl
     return out
 
 
+#: a strong defect's own extent, to tell two defects apart whose blurred tails join: the
+#: pixels over this fraction of the way from the extent threshold to the region's peak
+#: (:func:`_peaks`)
+PEAK_EXTENT = 0.25
+
+
+def _peaks(region: Any, anomaly: np.ndarray, over: np.ndarray, low: float, threshold: float,
+           merge_map_px: float) -> list[Any]:
+    """``region`` as it is, or, when it holds strong defects whose blurred tails the extent
+    threshold joined, one part per defect.
+
+    The extent threshold lies just above the surface's typical score; a defect scoring
+    several times the threshold keeps its network-blurred tail over it far around (on a
+    polished, nearly featureless part a 17 px particle at 4.6 times the threshold was boxed
+    120 x 100 px), and defects 40-100 px apart became one box. Where the region's peak lies
+    so high that :data:`PEAK_EXTENT` of the way from the extent threshold to it is over the
+    decision threshold, the pixels over that level are grouped as fragments are
+    (:func:`label_defects`, :func:`merge_collinear`: a scratch that fades in places stays
+    one); with two groups or more, each pixel of the region goes to the nearest group.
+    """
+    where = region.slice
+    sub = region.image
+    a = np.asarray(anomaly[where], dtype=np.float32)
+    peak = float(a[sub].max())
+    cut = low + PEAK_EXTENT * (peak - low)
+    if cut <= threshold:
+        return [region]
+    strong = sub & (a >= cut)
+    groups = merge_collinear(label_defects(strong, strong & over[where], merge_map_px))
+    if len(np.unique(groups[groups > 0])) < 2:
+        return [region]
+    _, (ii, jj) = ndimage.distance_transform_edt(groups == 0, return_indices=True)
+    nearest = np.where(sub, groups[ii, jj], 0)
+    r0, c0 = where[0].start, where[1].start
+    out = []
+    for k, sl in enumerate(ndimage.find_objects(nearest), start=1):
+        if sl is None:
+            continue
+        image = nearest[sl] == k
+        bbox = (r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop, c0 + sl[1].stop)
+        out.append(_Part(bbox, image, float(image.sum()),
+                         (slice(bbox[0], bbox[2]), slice(bbox[1], bbox[3]))))
+    return out
+
+
 def _repeated(sub: np.ndarray, where: tuple[slice, slice], over: np.ndarray,
               compared: np.ndarray, repeated: np.ndarray) -> bool:
     """Whether a region (``sub`` at ``where`` on the map) is the dies' common design: its
@@ -547,20 +633,32 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
     pr0, pc0 = (r0 - margin) * s, (c0 - margin) * s
     ph, pw = (r1 - r0 + 2 * margin) * s, (c1 - c0 + 2 * margin) * s
     compared = difference(pr0, pc0, ph, pw) if difference is not None else None
+    inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
+    inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
+    inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
+    ring_px = min(max(2, margin * s // 2), 24)
+    look = None
+    if compared is not None:
+        z_all = np.asarray(compared[1], dtype=np.float32)
+        z_in = z_all[inside]
+        # a window reaching past the die's border (NaN there): near a die's border the
+        # z-scores are the smaller of two (the die mirrored, the die in its neighbours'
+        # context) and say less; where they do not show the region, the image does
+        past_die = bool(np.isnan(z_all).any())
+        look = appearance(np.asarray(compared[0], dtype=np.float32), inside, ring_px)
+        if float(np.nanmax(z_in, initial=0.0)) < DESIGN_Z \
+                or (math.isfinite(look.snr) and look.snr < DESIGN_SNR):
+            if not past_die:
+                return None  # the neighbouring dies show the same: their common design
+            compared = look = None  # the die's part does not show it: the image says
     patch = compared[0] if compared is not None else None
     if patch is None and image is not None:
         patch = image(pr0, pc0, ph, pw)
     if patch is None:
         return m
     patch = np.asarray(patch, dtype=np.float32)
-    inside = np.zeros((r1 - r0 + 2 * margin, c1 - c0 + 2 * margin), dtype=bool)
-    inside[margin : margin + r1 - r0, margin : margin + c1 - c0] = sub
-    inside = np.repeat(np.repeat(inside, s, axis=0), s, axis=1)
-    look = appearance(patch, inside, ring_px=min(max(2, margin * s // 2), 24))
-    if compared is not None and (
-            float(compared[1][inside].max(initial=0.0)) < DESIGN_Z
-            or (math.isfinite(look.snr) and look.snr < DESIGN_SNR)):
-        return None  # the neighbouring dies show the same: their common design
+    if look is None:
+        look = appearance(patch, inside, ring_px)
     m.contrast, m.snr, m.rim, m.body = look.contrast, look.snr, look.rim, look.body
     m.by_difference = compared is not None
     if look.centre is not None:  # model-grid pixel -> map pixel coordinates
@@ -581,12 +679,39 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
             clear = np.abs(patch - look.background) >= max(3 * look.noise,
                                                            0.3 * abs(look.contrast))
             own = look.footprint | (inside & clear)
+            m.cy, m.cx = _own_centre(patch, own, look, pr0, pc0, s, (m.cy, m.cx))
             rows, cols = np.nonzero(own)
             m.own_area = float(own.sum()) / (s * s)
             edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates
             m.box = ((pr0 + rows.min() - edge) / s, (pc0 + cols.min() - edge) / s,
                      (pr0 + rows.max() + 1 - edge) / s, (pc0 + cols.max() + 1 - edge) / s)
     return m
+
+
+def _own_centre(patch: np.ndarray, own: np.ndarray, look: Any, pr0: int, pc0: int, s: int,
+                centre: tuple[float, float]) -> tuple[float, float]:
+    """The centre (map pixels) of a defect on a die-to-die difference: of the clear
+    deviation of either sign (``own``) joined to its footprint, each pixel weighted by its
+    deviation up to half the contrast.
+
+    The footprint is the strongest piece of one sign: a missing pattern's difference is the
+    design it lacks, and where that was brightest (a photograph die's bright edge along one
+    side of a 32 px hole) drew its centre 9 px off the hole's (0.6 px now). Pieces of
+    ``own`` not joined to the footprint (another die's mark in the map's region) are left
+    out, as the centre of :func:`appearance` leaves them out.
+    """
+    labels, _ = ndimage.label(own, structure=np.ones((3, 3), dtype=bool))
+    keep = np.unique(labels[look.footprint & own])
+    piece = np.isin(labels, keep[keep > 0])
+    if not piece.any():
+        return centre
+    rows, cols = np.nonzero(piece)
+    w = np.minimum(np.abs(patch[rows, cols] - look.background), 0.5 * abs(look.contrast))
+    if not float(w.sum()) > 0:
+        return centre
+    cy = float((w * rows).sum() / w.sum())
+    cx = float((w * cols).sum() / w.sum())
+    return (pr0 + cy - (s - 1) / 2) / s, (pc0 + cx - (s - 1) / 2) / s
 
 
 def _on_skeleton(mask: np.ndarray, cy: float, cx: float) -> tuple[float, float]:
