@@ -344,7 +344,6 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
         raise UserError(f"{folder}: the scan is still {status} (process "
                         f"{scan.get('process', {}).get('pid')} is alive)")
     n = planned_tiles(folder, scan)  # before anything reads the plan: one line, not KeyError
-    recorded_pixel_size(folder, scan)  # what the stitch stage places the tiles with
     check_journal_kept(folder)  # refused before the scan is marked as resumed
     done = _acquired(folder, n, decode=True)  # every raw tile read once, here only
     if status == "complete" and len(done) == n:
@@ -361,6 +360,7 @@ def _resume(folder: Path, events: StageEvents, cluster: Any) -> ScanResult:
     except RecipeError as exc:
         raise UserError(f"{folder / SCAN_JSON}: cannot resume, the recorded recipe is not "
                         f"valid now: {exc}") from None
+    recorded_pixel_size(folder, scan)  # what the stitch stage places the tiles with
     if len(done) < n:
         _check_sample_picture(folder, scan)
     options = scan.get("options") or {"inspect": False, "model": None}
