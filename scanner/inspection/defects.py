@@ -528,13 +528,18 @@ def _parts(region: Any, over: np.ndarray, repeated: np.ndarray, merge_map_px: fl
     seeds = region.image & over[where]
     if not (seeds & same).any() or not (seeds & ~same).any():
         return [region]
-    pieces = label_defects(region.image & ~same, seeds & ~same, merge_map_px)
+    return _labelled_parts(label_defects(region.image & ~same, seeds & ~same, merge_map_px),
+                           where)
+
+
+def _labelled_parts(labels: np.ndarray, where: tuple[slice, slice]) -> list[_Part]:
+    """One part per label of ``labels`` (a region's box, at ``where`` on the map)."""
     r0, c0 = where[0].start, where[1].start
     out = []
-    for k, sl in enumerate(ndimage.find_objects(pieces), start=1):
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
-        image = pieces[sl] == k
+        image = labels[sl] == k
         bbox = (r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop, c0 + sl[1].stop)
         out.append(_Part(bbox, image, float(image.sum()),
                          (slice(bbox[0], bbox[2]), slice(bbox[1], bbox[3]))))
@@ -573,17 +578,7 @@ def _peaks(region: Any, anomaly: np.ndarray, over: np.ndarray, low: float, thres
     if len(np.unique(groups[groups > 0])) < 2:
         return [region]
     _, (ii, jj) = ndimage.distance_transform_edt(groups == 0, return_indices=True)
-    nearest = np.where(sub, groups[ii, jj], 0)
-    r0, c0 = where[0].start, where[1].start
-    out = []
-    for k, sl in enumerate(ndimage.find_objects(nearest), start=1):
-        if sl is None:
-            continue
-        image = nearest[sl] == k
-        bbox = (r0 + sl[0].start, c0 + sl[1].start, r0 + sl[0].stop, c0 + sl[1].stop)
-        out.append(_Part(bbox, image, float(image.sum()),
-                         (slice(bbox[0], bbox[2]), slice(bbox[1], bbox[3]))))
-    return out
+    return _labelled_parts(np.where(sub, groups[ii, jj], 0), where)
 
 
 def _repeated(sub: np.ndarray, where: tuple[slice, slice], over: np.ndarray,
