@@ -17,7 +17,7 @@ import numpy as np
 from devices.core import MicroscopeHandle, build_microscope
 from devices.errors import HardwareError
 from devices.inventory import inventory_json
-from scanner.acquisition.acquire import acquire
+from scanner.acquisition.acquire import acquire, camera_dtype
 from scanner.acquisition.align import (
     ALIGNMENT_PNG,
     REFUSED_ALIGNMENT_PNG,
@@ -65,6 +65,7 @@ from scanner.tilestore import (
     TILES_ZARR,
     TileRecord,
     check_journal_kept,
+    check_recorded_camera,
     decodable_tiles,
     open_tiles,
     read_tiles_csv,
@@ -246,6 +247,9 @@ def _start_scan(folder: Path, recipe: Recipe, handle: MicroscopeHandle, plan: Sc
             "kind": handle.kind,
             "pixel_size_um": pixel_size,
             "camera_shape": [handle.core.getImageHeight(), handle.core.getImageWidth()],
+            # what the raw tiles are stored as: a store whose zarr.json was edited to another
+            # type (int16) read every tile's bytes as that type, wrapped
+            "camera_dtype": str(camera_dtype(handle.core)),
             "depth_of_field_um": handle.depth_of_field_um,
             **{k: v for k, v in handle.info.items() if k != "labels"},
             "devices": inventory_json(handle.core),
@@ -464,6 +468,8 @@ def _acquired(folder: Path, n_planned: int, decode: bool = False) -> set[int]:
     if not (folder / TILES_CSV).is_file():
         return set()
     array = open_tiles(folder)
+    if decode:  # the tiles read as the camera took them, or not at all
+        check_recorded_camera(folder, array)
     stored = stored_tiles(array)
     done = {r.index for r in read_tiles_csv(folder)
             if r.status == "ok" and r.index in stored and 0 <= r.index < n_planned}

@@ -621,16 +621,19 @@ _MESSAGES = {
 _KIND_TAGS = {"wafer", "pv_cell", "image", "rectangle", "simulated", "micromanager"}
 
 
-def _format_error(error: dict[str, Any]) -> str:
-    """One validation error as ``section.field: why``."""
+def _format_error(error: dict[str, Any], root: str = "recipe") -> str:
+    """One validation error as ``section.field: why`` (``root``: what a model validator of
+    the top level is named by, "" for nothing: its message names its own field)."""
     loc = [str(p) for p in error["loc"]]
     # pydantic puts the union's tag in the location (sample.wafer.diameter_mm): drop it
     if len(loc) >= 2 and loc[0] in ("sample", "microscope") and loc[1] in _KIND_TAGS:
         del loc[1]
-    where = ".".join(loc) or "recipe"
+    where = ".".join(loc) or root
     kind = error["type"]
     if kind in ("value_error", "assertion_error"):
         message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if not where:  # scan.json's top level: "acquired_tiles: ...", "alignment.center_um: ..."
+            return message
         # a model validator may already name its field ("edge_exclusion_mm: ...")
         if ": " in message and message.split(": ", 1)[0].isidentifier():
             field, why = message.split(": ", 1)
@@ -656,7 +659,7 @@ def _format_error(error: dict[str, Any]) -> str:
         got = error["input"]
         if isinstance(got, (str, int, float, bool)) or got is None:
             why += f" (got {got!r})"
-    return f"{where}: {why}"
+    return f"{where}: {why}" if where else why
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -727,8 +730,9 @@ def _union_error(errors: list[dict[str, Any]]) -> str | None:
     return f"{_format_error(first).split(': ', 1)[0]}: must be {' or '.join(accepted)}{shown}"
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """Summarise a pydantic error as one line naming the first bad field.
+def format_validation_error(exc: ValidationError, root: str = "recipe") -> str:
+    """Summarise a pydantic error as one line naming the first bad field (``root``: the name
+    of the validated document's top level, "" where its fields are named alone).
 
     An unknown key is reported first: a misspelt key also makes its real key "missing",
     and the misspelling is what the user has to fix. A file that is not there comes last:
@@ -739,7 +743,7 @@ def format_validation_error(exc: ValidationError) -> str:
     union = _union_error(errors)
     if union is not None:
         return union
-    line = _format_error(errors[0])
+    line = _format_error(errors[0], root)
     if errors[0]["type"] == "extra_forbidden":
         line += _suggest(errors[0])
     if len(errors) > 1:

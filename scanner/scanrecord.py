@@ -47,6 +47,7 @@ class MicroscopeRecord(BaseModel):
 
     pixel_size_um: _Positive | None = None
     camera_shape: tuple[_PositiveInt, _PositiveInt] | None = None
+    camera_dtype: str | None = Field(None, description="the raw tiles' pixel type (uint16)")
     depth_of_field_um: _Positive | None = None
 
 
@@ -160,5 +161,5 @@ def validated_scan(data: Any, source: str) -> dict[str, Any]:
     try:
         ScanRecord.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"{source}: {format_validation_error(exc)}") from None
+        raise UserError(f"{source}: {format_validation_error(exc, root='')}") from None
     return data

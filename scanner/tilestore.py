@@ -306,6 +306,36 @@ def open_tiles(folder: Path) -> zarr.Array:
     return array
 
 
+def check_recorded_camera(folder: Path, array: zarr.Array) -> None:
+    """Refuse a raw tile store whose metadata says other tiles than the camera took
+    (``scan.json`` ``microscope.camera_shape``, ``camera_dtype``; a scan that records
+    neither, written before they were, is not checked).
+
+    Its ``zarr.json`` was edited: another shape reads every tile as damaged (and ``resume``,
+    the advice then, refuses the store's shape); another type (``int16`` for ``uint16``) reads
+    every tile's bytes as that type, bright pixels wrapped to negative ones.
+
+    Raises
+    ------
+    UserError
+        Naming the store's ``zarr.json`` and the field of ``scan.json``.
+    """
+    from scanner.scanfolder import scan_json_if_any
+
+    camera = ((scan_json_if_any(folder) or {}).get("microscope") or {})
+    meta = Path(folder) / TILES_ZARR / "zarr.json"
+    shape = camera.get("camera_shape")
+    if shape and tuple(array.shape[1:]) != tuple(shape):
+        raise UserError(f"{meta}: holds tiles of {array.shape[1]} x {array.shape[2]} px but "
+                        f"the camera took {shape[0]} x {shape[1]} px (scan.json microscope."
+                        "camera_shape); the store's zarr.json is damaged")
+    dtype = camera.get("camera_dtype")
+    if dtype is not None and str(array.dtype) != dtype:
+        raise UserError(f"{meta}: holds {array.dtype} tiles but the camera took {dtype} "
+                        "(scan.json microscope.camera_dtype); the store's zarr.json is "
+                        "damaged")
+
+
 class ScanTiles:
     """The raw tiles of a scan folder as the stitch stage reads them: ``tiles[i]``, ``shape``,
     ``dtype`` (and it pickles, for dask workers).
@@ -317,17 +347,7 @@ class ScanTiles:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.array = open_tiles(self.folder)
-        from scanner.scanfolder import scan_json_if_any
-
-        # a store whose metadata was edited reads every tile as damaged, and `resume` (the
-        # advice then) refuses the store's shape: named here, as what it is
-        camera = ((scan_json_if_any(self.folder) or {}).get("microscope") or {}).get(
-            "camera_shape")
-        if camera and tuple(self.array.shape[1:]) != tuple(camera):
-            raise UserError(f"{self.folder / TILES_ZARR}: holds tiles of "
-                            f"{self.array.shape[1]} x {self.array.shape[2]} px but the camera "
-                            f"took {camera[0]} x {camera[1]} px (scan.json microscope."
-                            "camera_shape); the store's zarr.json is damaged")
+        check_recorded_camera(self.folder, self.array)
         self.shape = tuple(self.array.shape)
         self.dtype = self.array.dtype
         self.ndim = self.array.ndim

@@ -75,6 +75,9 @@ def test_a_damaged_image_among_good_ones_is_refused_before_any_is_inspected(
     ({"status": "bogus"}, "status"),
     # more tiles than the plan has: a record changed by hand, or another scan's
     ({"status": "complete", "plan": {"n_tiles": 4}, "acquired_tiles": 9}, "acquired_tiles"),
+    # a check of the whole record names its top-level field as scan.json has it (it was
+    # "recipe.acquired_tiles", "recipe: alignment.center_um")
+    ({"status": "complete", "alignment": {"center_um": "x"}}, "alignment.center_um"),
     # numbers the stages compute with, edited by hand: `batch` and `stitch` exited 1
     ({"status": "complete", "microscope": {"pixel_size_um": "abc"}}, "microscope.pixel_size_um"),
     ({"status": "complete", "microscope": {"pixel_size_um": 0}}, "microscope.pixel_size_um"),
@@ -101,6 +104,8 @@ def test_a_scan_record_of_the_wrong_shape_is_one_line_naming_the_field(
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "scan.json" in lines[0] and field in lines[0], lines
+    if isinstance(record, dict):  # the field, as scan.json names it, right after the file
+        assert f"scan.json: {field}" in lines[0], lines
     assert (folder / "scan.json").read_bytes() == before  # nothing written over it
 
 

@@ -185,3 +185,82 @@ def test_resume_redoes_a_damaged_mosaic_or_map_from_the_intact_tiles(
     assert (folder / "uncertainty.ome.zarr/0/c/0/0").is_file()
     with pytest.raises(UserError, match="nothing to resume"):
         resume_scan(folder)
+
+
+def test_a_tile_store_edited_to_another_type_is_refused_naming_its_metadata(
+        inspected: Path, tmp_path: Path, caplog) -> None:
+    # tiles.zarr/zarr.json's data_type edited from uint16 to int16: stitch and resume read
+    # every tile's bytes as int16 (bright pixels wrapped to negative) and exited 0
+    record = json.loads((inspected / "scan.json").read_text())
+    assert record["microscope"]["camera_dtype"] == "uint16"  # recorded with the camera
+    folder = _copy(inspected, tmp_path)
+    meta = folder / "tiles.zarr/zarr.json"
+    store = json.loads(meta.read_text())
+    assert store["data_type"] == "uint16"
+    meta.write_text(json.dumps({**store, "data_type": "int16"}))
+    for command in ("stitch", "resume"):
+        if command == "resume":  # a stopped scan, so that resume gets to its tiles
+            (folder / "scan.json").write_text(json.dumps({**record, "status": "interrupted"}))
+        before = _files(folder)
+        result = runner.invoke(app, [command, str(folder)])
+        assert result.exit_code == 2, (command, result.output)
+        line = result.stderr.strip()
+        assert len(line.splitlines()) == 1, line
+        assert line.startswith(f"error: {meta}: holds int16 tiles but the camera took uint16"), line
+        assert "scan.json microscope.camera_dtype" in line, line
+        assert _files(folder) == before, command
+    # inspect reads no raw tile: it goes on, and says so
+    with caplog.at_level(logging.WARNING):
+        result = runner.invoke(app, ["inspect", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert f"{meta}: holds int16 tiles" in caplog.text
+    # a scan written before the type was recorded is read as before
+    old = _copy(inspected, tmp_path, "old")
+    del record["microscope"]["camera_dtype"]
+    (old / "scan.json").write_text(json.dumps(record))
+    result = runner.invoke(app, ["stitch", str(old)])
+    assert result.exit_code == 0, result.output
+
+
+def test_inspect_warns_of_a_cut_raw_tile_and_goes_on(inspected: Path, tmp_path: Path,
+                                                     caplog) -> None:
+    # a raw tile's chunk cut in half after stitching: the mosaic is whole, so inspect reads it
+    # as before, but said nothing of the damage (found only at the next stitch); it now names
+    # the chunk and what takes it again. report, which reads only the defect list, goes on
+    # without decoding every tile
+    folder = _copy(inspected, tmp_path)
+    chunk = folder / "tiles.zarr/c/2/0/0"
+    _truncate(chunk)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = runner.invoke(app, ["inspect", str(folder)])
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "cannot be decoded" in r.getMessage()]
+    assert len(said) == 1 and len(said[0].splitlines()) == 1, caplog.text
+    assert said[0].startswith(f"{chunk}: raw tile 2 cannot be decoded"), said[0]
+    assert f"waferscope resume {folder}" in said[0], said[0]
+    assert runner.invoke(app, ["report", str(folder)]).exit_code == 0
+    # what they wrote is what the whole scan gives
+    got = json.loads((folder / "defects.json").read_text())["defects"]
+    assert got == json.loads((inspected / "defects.json").read_text())["defects"]
+    # an intact scan: not a word
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        result = runner.invoke(app, ["inspect", str(_copy(inspected, tmp_path, "whole"))])
+    assert result.exit_code == 0 and "cannot be decoded" not in caplog.text, caplog.text
+
+
+def test_the_napari_reader_names_an_undecodable_chunk(inspected: Path, tmp_path: Path) -> None:
+    # napari calls read_scan itself and shows the exception's text: it was zarr's codec
+    # error, "Zstd decompression error: invalid input data", which names no file
+    from scanner.errors import UserError
+    from scanner.napari._reader import read_scan
+
+    folder = _copy(inspected, tmp_path)
+    chunk = folder / "mosaic.ome.zarr/1/c/0/0"  # the level its contrast limits are read from
+    _truncate(chunk)
+    with pytest.raises(UserError) as caught:
+        read_scan(str(folder))
+    message = str(caught.value)
+    assert message.startswith(f"{chunk}: a compressed chunk cannot be decoded"), message
+    assert f"waferscope stitch {folder}" in message, message

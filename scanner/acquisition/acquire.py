@@ -287,6 +287,12 @@ class AcquisitionResult:
         return self.n_acquired == self.n_planned
 
 
+def camera_dtype(core: CMMCorePlus) -> np.dtype:
+    """The pixel type the camera's images are stored as (``tiles.zarr``; recorded in
+    ``scan.json`` ``microscope.camera_dtype``)."""
+    return np.dtype(np.uint8 if core.getBytesPerPixel() == 1 else np.uint16)
+
+
 def acquire(
     handle: MicroscopeHandle,
     plan: ScanPlan,
@@ -344,7 +350,7 @@ def acquire(
         )
 
     shape = (core.getImageHeight(), core.getImageWidth())
-    dtype = np.uint8 if core.getBytesPerPixel() == 1 else np.uint16
+    dtype = camera_dtype(core)
     # the store is opened before anything moves: a folder that cannot be written stops here
     store = TileStore(folder, len(plan.tiles), shape, np.dtype(dtype), resume=only is not None)
     focus = _focus_controller(handle, recipe, plan)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from scanner.defectlist import DEFECTS_JSON, MAP_NAMES, read_defects
-from scanner.errors import UserError
+from scanner.errors import UserError, undecodable
 from scanner.reports.repeaters import REPEATERS_JSON, read_repeaters
 from scanner.reports.style import CLASS_COLORS, REPEATER_COLOR, class_rgba
 from scanner.scanfolder import MOSAIC, SCAN_JSON
@@ -240,10 +240,32 @@ def die_grid_shapes(folder: Path) -> LayerData | None:
 
 
 def read_scan(path: str | list[str]) -> list[LayerData]:
-    """Layers of a scan folder (see the module docstring)."""
+    """Layers of a scan folder (see the module docstring).
+
+    Raises
+    ------
+    UserError
+        A store that is damaged, naming its file and the command that writes it again (a
+        chunk that does not decode raised zarr's codec error, which names no file: napari
+        shows the exception's text).
+    """
     folder = _scan_folder(path)
     if folder is None:
         raise ValueError(f"{path}: not a waferscope scan folder (no {SCAN_JSON} or {MOSAIC})")
+    try:
+        return _layers(folder)
+    except Exception as exc:
+        if not undecodable(exc):
+            raise
+        from scanner.integrity import damaged_data_message
+
+        source = inspected_mosaic(folder)  # (in another scan's folder: `inspect --out DIR`)
+        where = [folder, *([source.parent] if source and source.parent != folder else [])]
+        raise UserError(damaged_data_message(exc, ",".join(map(str, where)))) from exc
+
+
+def _layers(folder: Path) -> list[LayerData]:
+    """:func:`read_scan`'s layers of a scan folder."""
     layers: list[LayerData] = []
     extent = None
     source = inspected_mosaic(folder)
