@@ -423,7 +423,8 @@ def check_journal(folder: Path, n_planned: int, grid: tuple[Any, Any] | None = N
                                                   else ""))
         if r.status == "ok" and r.index not in present:
             raise UserError(f"{folder / TILES_ZARR}: tile {r.index} (row {r.row}, col {r.col}) "
-                            "is journaled but its data is missing; the scan is damaged")
+                            "is journaled but its data is missing; the scan is damaged: "
+                            f"`waferscope resume {folder}` takes it again")
     check_positions(folder, records)
     return records
 

@@ -197,7 +197,11 @@ def test_deleted_tile_chunk_is_refused_not_fused_as_black(plain_scan: Path,
         result = runner.invoke(app, [command, str(folder)])
         assert result.exit_code == 2, result.output
         assert "tile 5" in result.stderr and "missing" in result.stderr
+        assert f"waferscope resume {folder}" in result.stderr  # what takes it again
         assert len(result.stderr.strip().splitlines()) == 1
+    # and resume does
+    assert runner.invoke(app, ["resume", str(folder)]).exit_code == 0
+    assert runner.invoke(app, ["stitch", str(folder)]).exit_code == 0
 
 
 def test_truncated_journal_is_refused_and_left_as_it_is(plain_scan: Path,
