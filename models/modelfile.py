@@ -400,6 +400,11 @@ def read_model_files(path: str | Path | None) -> tuple[dict[str, Any], dict[str,
         raise UserError(f"{card_file}: not a valid model card ({exc})") from None
     if not isinstance(card, dict) or not isinstance(card.get("architecture"), dict):
         raise UserError(f"{card_file}: not a waferscope model card (no 'architecture')")
+    version = card.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > CARD_VERSION:
+        # pydantic's "Input should be less than or equal to 1" said not what to do
+        raise UserError(f"{card_file}: version: {version}, a card of a later waferscope (this "
+                        f"one reads up to version {CARD_VERSION}); upgrade waferscope to use it")
     try:
         ModelCard.model_validate(card)
     except ValidationError as exc:

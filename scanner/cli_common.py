@@ -52,7 +52,7 @@ SAMPLE_KINDS = ("wafer", "pv_cell", "rectangle", "image")
 
 #: errors of a full, over-quota, read-only or forbidden destination (exit 2, one line)
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                   errno.EPERM}
+                   errno.EPERM, errno.ENAMETOOLONG}
 
 
 #: the commands that acquire tiles (an interrupted one is continued with `resume`)
@@ -67,6 +67,8 @@ def _storage_message(exc: OSError, output: str | None = None, acquiring: bool = 
     resume): where a scan was started, ``resume`` is offered."""
     name = exc.filename or output
     where = f"{name}: " if name else ""
+    if exc.errno == errno.ENAMETOOLONG:  # a path given, not the disk: no space to free
+        return f"{where}name too long for the file system ({exc.strerror}); choose a shorter one"
     if exc.errno in (errno.EACCES, errno.EPERM) and name and os.path.exists(name) \
             and not os.access(name, os.R_OK):
         return f"{where}cannot read ({exc.strerror}); check its permissions"

@@ -69,7 +69,8 @@ def train(
         str, typer.Option(help="Let image files enter the bank also blurred and noisy as a "
                                "microscope sees them: auto (with fewer than 8 images), on, off.")
     ] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed: same data and seed give the same model.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**64 - 1, help="Seed: same data and seed "
+                                      "give the same model.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing model file.")] = False,
 ) -> None:
     """Build a detector from good images and calibrate its threshold on held-out good surface."""
@@ -324,8 +325,13 @@ def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
         raise UserError(f"{target}: exists (use --overwrite to replace it)")
     if init is not None and weights_path(init).resolve() == target.resolve():
         raise UserError(f"--init {init}: give another --out (the model extended is kept)")
-    if pixel_size_um is not None and not (pixel_size_um > 0 and math.isfinite(pixel_size_um)):
-        raise UserError("--pixel-size: must be a positive number of µm")
+    from devices.calibration import MAX_PIXEL_SIZE_UM
+
+    if pixel_size_um is not None and not (0 < pixel_size_um <= MAX_PIXEL_SIZE_UM):
+        # a recipe's camera and a calibration take no coarser pixel: a model of 1 km pixels
+        # was built, and every scan inspected with it resampled a billionfold
+        raise UserError(f"--pixel-size: must be a positive number of µm, at most "
+                        f"{MAX_PIXEL_SIZE_UM:g} (got {pixel_size_um:g})")
     if not (false_alarms_per_cm2 > 0 and math.isfinite(false_alarms_per_cm2)):
         raise UserError(f"--false-alarms-per-cm2: must be a positive number, got "
                         f"{false_alarms_per_cm2}")

@@ -78,6 +78,8 @@ class ClusterSpec(BaseModel):
                                 "machine's cores; each worker is one core)")
             return cls(local_workers=n)
         if _ADDRESS.match(text):
+            if not 0 < int(text.rsplit(":", 1)[1]) <= 65535:
+                raise UserError(f"--dask {text}: a port is a number from 1 to 65535")
             return cls(address=text)
         raise UserError(f"--dask {text}: expected local:N (N worker processes here) or the "
                         "address of a dask scheduler (tcp://HOST:PORT)")
@@ -135,6 +137,8 @@ def _check_scheduler(address: str) -> None:
 
     from distributed.comm import connect
 
+    _check_listening(address)
+
     async def handshake() -> None:
         comm = await asyncio.wait_for(connect(address, timeout=f"{HANDSHAKE_S:g}s"),
                                       HANDSHAKE_S + 5)
@@ -146,6 +150,37 @@ def _check_scheduler(address: str) -> None:
         why = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(
             exc).__name__
         raise UserError(f"--dask {address}: no dask scheduler there ({why})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever answered, it is no dask scheduler
+        # a web server there (the dashboard's port, 8787, given for the scheduler's) sent
+        # "HTTP/1.1 400...", read by dask as a frame of 3 EiB: MemoryError, exit 1
+        raise UserError(f"--dask {address}: no dask scheduler there (what answers does not "
+                        f"speak dask's protocol: {type(exc).__name__})") from None
+
+
+def _check_listening(address: str) -> None:
+    """Refuse at once a TCP address where nothing listens: dask's connect retries a refused
+    connection until its timeout (``--dask tcp://127.0.0.1:1`` took 20 s to say so)."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        if scheme != "tcp":
+            return  # tls, ucx, ...: dask's own connect says why
+        host, port = parse_host_port(location)
+    except ValueError:
+        return
+    try:
+        with socket.create_connection((host, port), timeout=HANDSHAKE_S):
+            pass
+    except ConnectionRefusedError:
+        raise UserError(f"--dask {address}: no dask scheduler there (connection refused: "
+                        "nothing listens on that port)") from None
+    except socket.gaierror as exc:
+        raise UserError(f"--dask {address}: no such host {host!r} ({exc.strerror})") from None
+    except (OSError, OverflowError, ValueError):
+        return  # a timeout, a name that does not resolve: the handshake says why
 
 
 class Cluster:

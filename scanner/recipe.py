@@ -540,12 +540,24 @@ class StitchSpec(_Model):
     )
 
 
+#: the longest scan name (UTF-8 bytes): a file system's 255 less the time stamp and number
+#: that the scan folder's name adds (``-20260101-120000-99``)
+MAX_NAME_BYTES = 255 - 24
+
+
 def plain_folder_name(value: str) -> str:
     """A scan's name as it becomes a folder under ``output.root``: it must not climb out of
     it, name another folder, or hold control characters (a newline in a folder's name)."""
     if (not value.strip() or value in (".", "..") or any(c in value for c in "/\\:")
             or any(ord(c) < 32 or ord(c) == 127 for c in value)):
         raise ValueError(f"must be a plain folder name inside output.root (got {value!r})")
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        # the folder is NAME-YYYYMMDD-HHMMSS[-N]: past the file system's 255 bytes a name
+        # failed when the scan folder was made ("File name too long", exit 1)
+        raise ValueError(f"{size} bytes is too long for a folder name (at most "
+                         f"{MAX_NAME_BYTES}, leaving room for the scan's time stamp); give a "
+                         "shorter output.name")
     return value
 
 
@@ -587,6 +599,64 @@ class Recipe(_Model):
     @classmethod
     def _plain_name(cls, value: str) -> str:
         return plain_folder_name(value)
+
+    @model_validator(mode="after")
+    def _image_within_reach(self) -> Recipe:
+        problem = image_beyond_reach(self)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+#: how much a simulated camera's field may exceed its nominal one (a calibration's or the
+#: camera's pixel-size error): the bounds of :func:`image_beyond_reach` are never tighter
+#: than the plan's
+_FIELD_MARGIN = 1.25
+
+
+def image_beyond_reach(recipe: Recipe) -> str | None:
+    """Why an image sample's scanned part, from its file's header, can never be planned on a
+    simulated microscope: it reaches beyond the stage travel by more than a field, or it
+    needs more than ``scan.max_tiles`` fields even without overlap; None when it might be.
+
+    The whole file is read once when the sample is built (before the plan), to refuse
+    damaged or negative pixels: a file of billions of pixels (a size typed wrong, a header
+    declaring 200,000 x 200,000) was read for minutes before the plan refused it.
+    """
+    sample, scope = recipe.sample, recipe.microscope
+    if not isinstance(sample, ImageSample) or not isinstance(scope, SimulatedMicroscope):
+        return None
+    from simulators.geometry import image_shape
+
+    try:
+        rows, cols = image_shape(sample.path)
+    except UserError:
+        return None  # named by the sample's own check or the plan
+    r0, c0, nr, nc = sample.region_px or (0, 0, rows, cols)
+    px = sample.pixel_size_um
+    fov = (scope.camera.width * scope.camera.pixel_size_um * _FIELD_MARGIN,
+           scope.camera.height * scope.camera.pixel_size_um * _FIELD_MARGIN)
+    low = (sample.origin_um[0] + c0 * px, sample.origin_um[1] + r0 * px)
+    size = (nc * px, nr * px)
+    travel = (scope.stage.travel_x_um, scope.stage.travel_y_um)
+    part = "the image" if sample.region_px is None else "its region_px"
+    what = (f"{part} ({nc} x {nr} px at {px:g} µm/px: {size[0] / 1000:.4g} x "
+            f"{size[1] / 1000:.4g} mm)")
+    band = recipe.scan.region.band_mm if recipe.scan.region is not None else None
+    # a band of stage y (scan.region) is scanned across the whole width only
+    tall = size[1] if band is None else min(size[1], (band[1] - band[0]) * 1000.0)
+    fields = (size[0] // fov[0]) * (tall // fov[1])  # inf for 1e300 µm pixels
+    if fields > recipe.scan.max_tiles:
+        return (f"scan.max_tiles: {what} needs more than {min(fields, 1e15):.3g} camera "
+                f"fields, more than the limit {recipe.scan.max_tiles} (check "
+                "sample.pixel_size_um, or scan a sample.region_px)")
+    for axis, key in enumerate(("travel_x_um", "travel_y_um")[:1 if band else 2]):
+        lo, hi = travel[axis]
+        if low[axis] < lo - fov[axis] or low[axis] + size[axis] > hi + fov[axis]:
+            return (f"sample.path: {what} reaches beyond the stage travel "
+                    f"microscope.stage.{key} [{lo:g}, {hi:g}] µm (check sample.pixel_size_um, "
+                    "origin_um and region_px)")
+    return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -638,6 +708,10 @@ def _format_error(error: dict[str, Any], root: str = "recipe") -> str:
         if ": " in message and message.split(": ", 1)[0].isidentifier():
             field, why = message.split(": ", 1)
             return f"{where}.{field}: {why}"
+        # the whole recipe's validator names a field of any section (sample.path: ...)
+        if not loc and ": " in message and all(
+                part.isidentifier() for part in message.split(": ", 1)[0].split(".")):
+            return message
         return f"{where}: {message}"
     template = _MESSAGES.get(kind)
     ctx = error.get("ctx") or {}

@@ -1117,3 +1117,128 @@ def test_a_tiff_missing_a_strip_or_tile_is_refused_not_read_as_black(
     _refused_in_one_line(["train", "--good", str(images), "--out", str(tmp_path / "m")],
                          "damaged.tif", "no data")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("m.*"))
+
+
+@pytest.mark.parametrize("case", ["too many fields", "beyond the travel"])
+def test_an_image_sample_too_big_to_plan_is_refused_from_its_header(tmp_path: Path,
+                                                                     case: str) -> None:
+    """A TIFF declaring 200,000 x 200,000 px was read whole (40 GB, minutes; here its header
+    alone, and the whole array allocated) before the plan could refuse it: refused from the
+    header, naming the limit it breaks."""
+    import os
+
+    import numpy as np
+    import tifffile
+    import yaml
+
+    tifffile.imwrite(tmp_path / "huge.tif", shape=(200_000, 200_000), dtype=np.uint8)
+    os.truncate(tmp_path / "huge.tif", 4096)  # the header only: never read past it
+    sample = {"kind": "image", "path": "huge.tif", "pixel_size_um": 4.0, "origin_um": [0, 0]}
+    if case == "beyond the travel":  # a part of it, placed past the stage's reach
+        sample.update(origin_um=[150_000.0, 0.0], region_px=[0, 0, 600, 600])
+    recipe = tmp_path / "huge.yaml"
+    recipe.write_text(yaml.safe_dump({"sample": sample, "microscope": {
+        "kind": "simulated", "camera": {"width": 256, "height": 256, "pixel_size_um": 4.0}}}))
+    line = _refused_in_one_line(["validate", str(recipe)], "huge.yaml")
+    assert "cannot read" not in line
+    named = "scan.max_tiles" if case == "too many fields" else "microscope.stage.travel_x_um"
+    assert named in line and ("200000 x 200000 px" in line or "600 x 600 px" in line)
+
+
+def test_a_scan_name_too_long_for_a_folder_is_refused_naming_output_name(
+        tmp_path: Path) -> None:
+    """A 300-character output.name was accepted, and the run failed making its folder
+    ("File name too long", exit 1); so did a recipe file of a long name without one."""
+    import yaml
+
+    data = {"sample": {"kind": "rectangle", "width_mm": 1, "height_mm": 1},
+            "microscope": {"kind": "simulated"}, "output": {"name": "x" * 300}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    _refused_in_one_line(["validate", str(recipe)], "output.name", "too long")
+    data["output"]["name"] = "é" * 115  # 230 bytes: fits with the time stamp
+    recipe.write_text(yaml.safe_dump(data))
+    assert runner.invoke(app, ["validate", str(recipe)]).exit_code == 0
+    # a recipe file's name too long for a folder gives the default name, as one with a '/'
+    from scanner.recipe import load_recipe
+
+    del data["output"]
+    long_file = tmp_path / ("r" * 240 + ".yaml")
+    long_file.write_text(yaml.safe_dump(data))
+    assert load_recipe(long_file).name == "scan"
+
+
+def test_an_out_path_whose_name_is_too_long_is_one_line(tmp_path: Path) -> None:
+    """--out with a 300-character folder name: exit 1 "failed: OSError" before."""
+    import tifffile
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", _plain())
+    out = tmp_path / ("o" * 300)
+    _refused_in_one_line(["inspect", str(images), "--out", str(out)], "name too long")
+
+
+@pytest.mark.parametrize(("option", "value"), [("--pixel-size", "1e9"), ("--seed", "-1"),
+                                               ("--seed", str(2**70))])
+def test_train_refuses_a_pixel_size_or_seed_out_of_range_before_any_work(
+        tmp_path: Path, option: str, value: str) -> None:
+    """--pixel-size 1e9 built a model of 1 km pixels (a recipe's camera and a calibration take
+    at most 1000 µm); --seed -1 and 2**70 failed in the build (exit 1, "expected non-negative
+    integer", "Overflow when unpacking long long": torch takes seeds below 2**64)."""
+    import tifffile
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    tifffile.imwrite(images / "a.tif", _plain())
+    model = tmp_path / "m.safetensors"
+    result = runner.invoke(app, ["train", "--good", str(images), "--out", str(model), option,
+                                 value])
+    assert result.exit_code == 2, result.output  # a usage error for --seed: one line in main
+    assert option in result.stderr and "Traceback" not in result.output
+    assert not model.exists()
+
+
+def test_train_refuses_a_scan_folder_without_its_record_as_inspect_does(
+        tmp_path: Path) -> None:
+    """A folder holding a mosaic but no scan.json (a scan that lost its record) was learnt
+    from as a bare mosaic, its chuck and sample edge taken for good surface, where inspect
+    refuses it."""
+    import numpy as np
+
+    from scanner.ngff import build_pyramid, create_multiscale, finish_multiscale
+
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    img = np.random.default_rng(0).integers(900, 1100, (256, 256), dtype=np.uint16)
+    tmp, arrays = create_multiscale(folder / "mosaic.ome.zarr", img.shape, chunk=128,
+                                    dtype=img.dtype)
+    arrays[0][:] = img
+    build_pyramid(arrays, 128)
+    finish_multiscale(tmp, folder / "mosaic.ome.zarr", len(arrays), 4.0, (0.0, 0.0), "mosaic")
+    model = tmp_path / "m.safetensors"
+    _refused_in_one_line(["train", "--good", str(folder), "--out", str(model)],
+                         "no scan.json", "mosaic.ome.zarr")
+    assert not model.exists()
+
+
+def test_a_card_of_a_later_version_says_a_newer_waferscope_wrote_it(tmp_path: Path) -> None:
+    """A card of version 2 was refused as "version: Input should be less than or equal to
+    1", which said neither what the number is nor what to do."""
+    import json
+    import shutil
+
+    from models.modelfile import default_model_path
+
+    weights = default_model_path()
+    shutil.copyfile(weights, tmp_path / "m.safetensors")
+    card = json.loads(weights.with_suffix(".json").read_text())
+    card["version"] = 2
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    import tifffile
+
+    tifffile.imwrite(images / "a.tif", _plain())
+    _refused_in_one_line(["inspect", str(images), "--model", str(tmp_path / "m"), "--out",
+                          str(tmp_path / "out")], "m.json: version: 2", "upgrade waferscope")

@@ -159,6 +159,67 @@ def test_an_address_where_no_scheduler_answers_is_refused_in_time(monkeypatch):
         server.close()
 
 
+def test_a_web_server_at_the_address_is_refused_as_no_scheduler() -> None:
+    """A web server there (the dashboard's port given for the scheduler's) answered dask's
+    handshake with "HTTP/1.1 400 ...", which dask read as a frame of 3 EiB: exit 1,
+    "MemoryError", not the one line of bad input."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def serve() -> None:
+        server.settimeout(10)
+        for _ in range(3):  # each connection that says something gets a web server's reply
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    if conn.recv(4096):
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n"
+                                     b"content-length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(UserError, match="no dask scheduler there"):
+            with open_cluster(f"tcp://127.0.0.1:{server.getsockname()[1]}"):
+                pass
+    finally:
+        server.close()
+        thread.join(5)
+    assert time.monotonic() - start < 10  # the reply read, not a handshake timed out
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once() -> None:
+    """dask's connect retries a refused connection until its timeout: `--dask
+    tcp://127.0.0.1:1` took 20 s to be refused; a port out of range was taken as an address."""
+    import socket
+    import time
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # bound, never listening: nothing answers there now
+    start = time.monotonic()
+    with pytest.raises(UserError, match="connection refused"):
+        with open_cluster(f"tcp://127.0.0.1:{port}"):
+            pass
+    assert time.monotonic() - start < 5
+    for bad in ("tcp://127.0.0.1:99999", "127.0.0.1:0"):
+        with pytest.raises(UserError, match="port"):
+            ClusterSpec.parse(bad)
+
+
 def test_a_batch_reports_each_scan_as_it_ends_and_goes_on_after_a_fault(monkeypatch, tmp_path):
     import scanner.batch as batch
 

@@ -51,6 +51,11 @@ def load_good(paths: Iterable[str | Path]) -> tuple[list[GoodImage], float | Non
                 raise UserError(f"{path}: not an image file ({', '.join(IMAGE_SUFFIXES)})")
             out.append(_image_file(path, path.name))
         elif path.name.endswith(".ome.zarr") or (path / MOSAIC).exists():
+            if not path.name.endswith(".ome.zarr") and not (path / SCAN_JSON).is_file():
+                # a scan folder that lost its record (or is not one): its mosaic was learnt
+                # whole, chuck and sample edge taken for good surface, as inspection refuses
+                raise UserError(f"{path}: not a scan folder (no {SCAN_JSON}); to learn from "
+                                f"its mosaic alone, give {path / MOSAIC}")
             images, p = _scan(path if path.name.endswith(".ome.zarr") else path / MOSAIC)
             out += images
             pixel_um = pixel_um or p
