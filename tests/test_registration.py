@@ -307,3 +307,54 @@ def test_tiles_that_no_overlap_measures_along_an_axis_are_named():
     assert len(_off_the_main_chain(4, used, "y")) == 2
     used[0] = pair(0, 1, both)  # one overlap with texture both ways links them
     assert _off_the_main_chain(4, used, "x") == [] and _off_the_main_chain(4, used, "y") == [2, 3]
+
+
+def _line_grating(shape: tuple[int, int], period: float = 6.0) -> np.ndarray:
+    """Bright lines along y, half a period wide, every ``period`` px along x (PV fingers,
+    metal lines), softened by a 0.7 px blur as optics would."""
+    xx = np.arange(shape[1])
+    lines = np.where((xx % period) < period / 2, 0.7, 0.12)
+    return ndimage.gaussian_filter1d(np.tile(lines, (shape[0], 1)), 0.7, axis=1)
+
+
+@pytest.mark.parametrize("turn", [False, True])
+def test_a_fine_line_grating_is_texture_not_blank(turn: bool):
+    # every neighbour along x differs by the lines' contrast: taken for noise, the strip was
+    # called blank and its tiles left where the stage landed, the lines broken at every seam.
+    # Its overlap matches at every period across the lines (a refused pair, placed on the
+    # lattice), with the NCC of a clean match
+    scene = _line_grating((700, 700))
+    a, b = _tile(scene, 100.0, 100.0, seed=1), _tile(scene, 260.0, 100.0, seed=2)
+    expected = (160.0, 0.0)
+    if turn:  # the lines along x, the neighbour below
+        a, b, expected = a.T.copy(), b.T.copy(), (0.0, 160.0)
+    r = register_pair(a, b, expected, max_shift_px=10.0)
+    assert r.texture > 5.0
+    assert r.ncc > 0.9
+    across = r.dx if not turn else r.dy
+    assert abs((across - 160.0 + 3.0) % 6.0 - 3.0) < 0.1  # in phase: whole periods off at most
+
+
+def test_groups_the_solve_placed_apart_are_put_in_phase_on_the_lattice():
+    # a grating's overlaps: a few pairs (the part's edge) are kept by the solve, the rest match
+    # at several periods. Tiles 0-1 and 2-3 are two groups of kept pairs, each where its
+    # stages landed on average, 2.5 px (not a whole period) apart; the refused pair 1-2
+    # matches in phase. The larger group stays, the other moves as a whole onto the lattice
+    from scanner.stitching.registration.lattice import place_on_lattice
+
+    scene = _line_grating((192, 192))
+    true = np.array([(0.0, 0.0), (160.0, 0.0), (320.0, 0.0), (480.0, 0.0), (640.0, 0.0)])
+    prior = true + np.array([(0.0, 0.0), (0.0, 0.0), (2.5, 0.0), (2.5, 0.0), (1.0, 0.0)])
+    positions = prior.copy()
+    placed = np.array([True, True, True, True, False])
+    kept = [PairResult(0, 1, 160.0, 0.0, 0.99, np.inf, 40.0, True, (1.0, 0.0, 0.0)),
+            PairResult(2, 3, 160.0, 0.0, 0.99, np.inf, 40.0, True, (1.0, 0.0, 0.0))]
+    refused = [PairResult(1, 2, 166.0, 0.0, 0.99, 1.01, 40.0, False, (1.0, 0.0, 0.0)),
+               PairResult(3, 4, 154.0, 0.0, 0.99, 1.01, 40.0, False, (1.0, 0.0, 0.0))]
+    done = place_on_lattice(positions, placed, prior, kept + refused, lambda k: scene, 10.0)
+    rel = positions[:, 0] - true[:, 0]
+    # (the period as found in one tile: within a hundredth of a pixel over a few periods)
+    assert np.abs((rel - rel[0] + 3.0) % 6.0 - 3.0).max() < 0.05, rel
+    assert done.tolist() == [False, False, True, True, True]
+    # a whole period nearest where the stage put each: the moved group 0.5 px back
+    np.testing.assert_allclose(rel, [0.0, 0.0, 0.0, 0.0, 0.0], atol=0.05)

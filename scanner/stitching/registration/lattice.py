@@ -13,7 +13,10 @@ tiles are placed from one another along the best-matching of those pairs (a maxi
 tree, strongest match first), each on the lattice translation that puts it nearest where the
 stage landed: every seam then joins the pattern in phase, and a tile may lie a whole period
 off (as the stage alone could put it), never a fraction. Tiles the global solve placed keep
-their places and anchor the rest. The lattice is found in a tile
+their places and anchor the rest: the largest group that its kept pairs join does; another
+group (a grating's edge pairs measure one way only, and each group of them floats where its
+stages landed) is moved as a whole onto the lattice, as a single tile is. The lattice is
+found in a tile
 (:func:`scanner.diegrid.estimate_grid`); a placement further from where the stage landed than
 the search window is left.
 """
@@ -74,8 +77,8 @@ def _nearest_translation(d: np.ndarray, target: np.ndarray, vectors: list[np.nda
 
 
 def place_on_lattice(positions: np.ndarray, placed: np.ndarray, prior: np.ndarray,
-                     pairs: Sequence[PairResult], tile_of: Any, max_shift_px: float
-                     ) -> np.ndarray:
+                     pairs: Sequence[PairResult], tile_of: Any, max_shift_px: float,
+                     used: Sequence[PairResult] | None = None) -> np.ndarray:
     """Place the tiles left to the stage from their periodic overlaps (see the module).
 
     Parameters
@@ -93,14 +96,23 @@ def place_on_lattice(positions: np.ndarray, placed: np.ndarray, prior: np.ndarra
         ``tile_of(k)``: the image of tile ``k`` (to find the pattern's lattice in).
     max_shift_px : float
         The search window: no tile is placed further than this from where the stage landed.
+    used : sequence of PairResult, optional
+        The pairs the solve kept (default: those of ``pairs`` that are ``ok``). The tiles
+        they join form groups placed from one another; groups that no kept pair joins each
+        float where their stages landed, a fraction of a period apart (a grating's overlaps:
+        a few pairs match one way only, the rest at several periods). The largest group
+        anchors; each other group is moved as a whole onto the lattice from the refused
+        pairs, as a single tile is.
 
     Returns
     -------
     ndarray of bool
         The tiles placed here.
     """
+    group = _groups(placed, [p for p in pairs if p.ok] if used is None else used)
     links = [p for p in pairs if not p.ok and math.isfinite(p.dx) and math.isfinite(p.dy)
-             and p.ncc >= MIN_LATTICE_NCC and not (placed[p.a] and placed[p.b])]
+             and p.ncc >= MIN_LATTICE_NCC
+             and not (placed[p.a] and placed[p.b] and group[p.a] == group[p.b])]
     done = np.zeros(len(positions), dtype=bool)
     if not links:
         return done
@@ -113,9 +125,12 @@ def place_on_lattice(positions: np.ndarray, placed: np.ndarray, prior: np.ndarra
             break
     if not vectors:
         return done
-    here = placed.copy()
     anchor = None
-    if not here.any():  # nothing anchors the tiles: the first one keeps where it landed
+    if placed.any():  # the largest group the solve placed anchors (the first of equals)
+        sizes = np.bincount(group[placed])
+        here = group == int(np.argmax(sizes))
+    else:  # nothing anchors the tiles: the first one keeps where it landed
+        here = placed.copy()
         anchor = links[0].a
         here[anchor] = True
     links.sort(key=lambda p: -p.ncc)
@@ -126,20 +141,41 @@ def place_on_lattice(positions: np.ndarray, placed: np.ndarray, prior: np.ndarra
             if here[p.a] == here[p.b]:
                 continue
             d = np.array([p.dx, p.dy])
+            new = p.b if here[p.a] else p.a
+            # a tile alone: nearest where the stage landed; a group: where the solve put it
+            target = positions[new] if placed[new] else prior[new]
             if here[p.a]:
-                new, step = p.b, _nearest_translation(d, prior[p.b] - positions[p.a], vectors,
-                                                      along, max_shift_px)
-                at = positions[p.a] + step
+                at = positions[p.a] + _nearest_translation(d, target - positions[p.a],
+                                                           vectors, along, max_shift_px)
             else:
-                new, step = p.a, _nearest_translation(d, positions[p.b] - prior[p.a], vectors,
-                                                      along, max_shift_px)
-                at = positions[p.b] - step
-            if float(np.abs(at - prior[new]).max()) > max_shift_px:
+                at = positions[p.b] - _nearest_translation(d, positions[p.b] - target,
+                                                           vectors, along, max_shift_px)
+            members = group == group[new] if placed[new] else np.arange(len(here)) == new
+            moved = positions[members] + (at - positions[new])
+            if float(np.abs(moved - prior[members]).max()) > max_shift_px:
                 continue
-            positions[new] = at
-            here[new] = done[new] = True
+            positions[members] = moved
+            here[members] = done[members] = True
             grew = True
             break  # the strongest link of the grown tree first, again
     if anchor is not None and done.any():
         done[anchor] = True  # the others' reference: on the same lattice
     return done
+
+
+def _groups(placed: np.ndarray, used: Sequence[PairResult]) -> np.ndarray:
+    """Per tile, the group of placed tiles that kept pairs join (scipy's connected
+    components); -1 for tiles the solve did not place."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(placed)
+    a = np.array([p.a for p in used], dtype=int)
+    b = np.array([p.b for p in used], dtype=int)
+    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    # numbered 0.. over the placed tiles only, so that np.bincount counts groups
+    _, ids = np.unique(labels[placed], return_inverse=True)
+    out = np.full(n, -1, dtype=int)
+    out[placed] = ids
+    return out

@@ -265,7 +265,8 @@ def register_tiles(
 
     result = solve_positions(prior, repeatability_um / camera.pixel_size_um, pairs)
     on_lattice = place_on_lattice(result.positions, result.constrained, prior, pairs,
-                                  lambda k: tiles[records[k].index], params.max_shift_px)
+                                  lambda k: tiles[records[k].index], params.max_shift_px,
+                                  result.used)
     centres = (result.positions + centre_px) @ np.linalg.inv(to_px).T
     classes = classify_tiles(n, result.used)
     summary = _summary(records, pairs, result, classes, params.max_shift_px,
