@@ -88,6 +88,8 @@ def read_scan_json(folder: Path) -> dict[str, Any]:
         :class:`scanner.scanrecord.ScanRecord` (the field is named).
     """
     path = Path(folder) / SCAN_JSON
+    if not Path(folder).exists():  # a path typed wrong is no folder at all
+        raise UserError(f"{folder}: no such folder")
     if not path.is_file():
         raise UserError(f"{folder}: not a scan folder (no {SCAN_JSON})")
     try:

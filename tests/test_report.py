@@ -255,6 +255,9 @@ def test_report_command_with_lot_and_wafer(wafer_scan: Path, tmp_path: Path):
 
 def test_report_command_errors_are_one_line_and_exit_2(tmp_path: Path):
     res = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and f"{tmp_path / 'nowhere'}: no such folder" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["report", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "not a scan folder" in res.output
     (tmp_path / "scan.json").write_text(json.dumps({"recipe": {"sample": {"kind": "wafer"}}}))
     (tmp_path / "tiles.csv").write_text("index,row,col,x_um,y_um,z_um,time_s\n")
