@@ -896,14 +896,25 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f": line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "not valid YAML"
         raise RecipeError(f"{path}{where}: {problem}") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: {_not_utf8(path, exc)}") from None
     if data is None:
         raise RecipeError(f"{path}: recipe is empty")
     try:
         return parse_recipe(data, base_dir=path.resolve().parent, name=path.stem)
     except RecipeError as exc:
         raise RecipeError(f"{path.name}: {exc}") from None
+
+
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> str:
+    """Why a recipe file did not decode: binary data, or text in another encoding than UTF-8
+    (a recipe saved as Latin-1 by an editor), with the line of the first byte that is not."""
+    raw = path.read_bytes()
+    if b"\0" in raw[:8192]:
+        return "not a text file"
+    line = raw[: exc.start].count(b"\n") + 1
+    return (f"line {line}: byte 0x{raw[exc.start]:02x} is not UTF-8 (save the recipe as "
+            "UTF-8 text)")
 
 
 #: where each section a finished scan reads back sits in the recipe ``scan.json`` records

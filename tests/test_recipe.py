@@ -353,3 +353,20 @@ def test_a_simulated_cell_may_be_monocrystalline(tmp_path: Path) -> None:
     assert sample_for_recipe(multi.sample).grain_size_mm == 5.0
     with pytest.raises(RecipeError, match="sample.grain_size_mm"):
         parse_recipe({"sample": {"kind": "pv_cell", "grain_size_mm": -1}, **base}, tmp_path)
+
+
+def test_a_recipe_not_in_utf8_is_named_with_its_line_and_a_binary_file_as_not_text(
+        tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("# wafer of lot 7\nsample: {kind: wafer, diameter_mm: 50}\n"
+                       "# opérateur: Zoë\n".encode("latin-1"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(latin1)
+    assert str(info.value) == (f"{latin1}: line 3: byte 0xe9 is not UTF-8 (save the recipe "
+                               "as UTF-8 text)")
+    binary = tmp_path / "scan.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    with pytest.raises(RecipeError, match=r"scan\.yaml: not a text file$"):
+        load_recipe(binary)
+    result = runner.invoke(app, ["validate", str(latin1)])
+    assert result.exit_code == 2 and "line 3: byte 0xe9" in result.output
