@@ -126,6 +126,10 @@ def open_cluster(spec: str | ClusterSpec) -> Iterator[Cluster]:
 
 #: how long a scheduler is given to answer dask's handshake, and to have a worker
 HANDSHAKE_S = 20.0
+#: how long its host is given to accept a TCP connection: a scheduler on the network
+#: accepts in milliseconds; an address where no host answers (a firewall that drops, a host
+#: that is off) otherwise held the command for the whole handshake
+CONNECT_S = 5.0
 WORKERS_WAIT_S = 30.0
 
 
@@ -172,15 +176,19 @@ def _check_listening(address: str) -> None:
     except ValueError:
         return
     try:
-        with socket.create_connection((host, port), timeout=HANDSHAKE_S):
+        with socket.create_connection((host, port), timeout=CONNECT_S):
             pass
+    except TimeoutError:
+        raise UserError(f"--dask {address}: no dask scheduler there (no host accepted the "
+                        f"connection in {CONNECT_S:g} s: is the address right and the "
+                        "scheduler's host on?)") from None
     except ConnectionRefusedError:
         raise UserError(f"--dask {address}: no dask scheduler there (connection refused: "
                         "nothing listens on that port)") from None
     except socket.gaierror as exc:
         raise UserError(f"--dask {address}: no such host {host!r} ({exc.strerror})") from None
     except (OSError, OverflowError, ValueError):
-        return  # a timeout, a name that does not resolve: the handshake says why
+        return  # no route, a name that does not resolve: the handshake says why
 
 
 class Cluster:

@@ -290,3 +290,24 @@ def test_a_worker_loads_a_model_file_again_once_it_changed(monkeypatch):
     assert cluster_mod._worker_model("/m.safetensors", (1, 10)) is a  # once per version
     b = cluster_mod._worker_model("/m.safetensors", (2, 12))  # trained again, --overwrite
     assert b is not a and len(loads) == 2 and len(cluster_mod._MODELS) == 1
+
+
+def test_an_address_where_no_host_answers_is_refused_after_the_connect_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An address that drops packets (a host that is off, a firewall) held the command for
+    dask's whole 20 s handshake; the TCP connect is given CONNECT_S."""
+    import socket
+
+    import scanner.cluster as cluster_mod
+
+    asked = []
+
+    def silent(address: tuple[str, int], timeout: float) -> socket.socket:
+        asked.append((address, timeout))
+        raise TimeoutError("timed out")  # what create_connection raises when no SYN-ACK comes
+
+    monkeypatch.setattr(socket, "create_connection", silent)
+    with pytest.raises(UserError, match=r"no host accepted the connection in 5 s"):
+        with open_cluster("tcp://10.255.255.1:8786"):
+            pass
+    assert asked == [(("10.255.255.1", 8786), cluster_mod.CONNECT_S)]
