@@ -103,3 +103,30 @@ def test_a_mark_repeated_one_die_away_is_design_and_a_particle_is_not():
     anomaly[:] = 0
     apply_patches(anomaly, patches)
     assert np.count_nonzero(anomaly[70:80, 15:25] >= 1.0) > 0
+
+
+def test_a_structure_cut_by_a_band_edge_is_not_a_spot_and_a_particle_still_is():
+    """A band across a wafer (``scan.region``) ends inside the usable area: a design edge
+    cut by the mosaic's edge, ringed by quiet surface on its three other sides, was a
+    'scratch' at score 2.5 (probe P10, a 76 mm wafer band: 8 false defects, all along the
+    band's two edges)."""
+    img = _surface((600, 700), seed=6)
+    img[:90, 300:302] *= 1.4  # a bright design line running into the band's top edge
+    img[590:, 500:502] *= 0.6  # a dark one 10 px from its bottom edge, and on to it
+    _disc(img, (300, 200), 4, -0.5)  # a particle in the middle of the band
+    geometry = MosaicGrid((0.0, 0.0), 1.0, img.shape)
+    surface = np.ones((150, 175), dtype=bool)  # plain up to the mosaic's edges
+    origin = (1.5, 1.5)
+
+    def hot(surface):
+        from scanner.inspection.dietodie import apply_patches
+
+        anomaly = np.zeros(surface.shape, np.float32)
+        patches, _ = plain_spot_patches(img, geometry, LEVEL, surface, origin, 4.0, 1.0)
+        apply_patches(anomaly, patches)
+        return np.argwhere(anomaly >= 1.0)
+
+    found = hot(surface)
+    assert len(found) > 0
+    # only the particle, at map pixel (75, 50) = mosaic (300, 200) / 4
+    assert np.all(np.hypot(found[:, 0] - 75, found[:, 1] - 50) <= 3), found

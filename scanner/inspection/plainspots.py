@@ -109,7 +109,9 @@ def surface_level(image: np.ndarray, blocks: int) -> np.ndarray:
 
 
 def spot_change(image: np.ndarray, plain: np.ndarray, level: float,
-                settings: PlainSpots = PlainSpots()) -> np.ndarray:
+                settings: PlainSpots = PlainSpots(),
+                open_sides: tuple[bool, bool, bool, bool] = (False, False, False, False),
+                ) -> np.ndarray:
     """The accepted changes of one tile (steps 1-3 of the module): ``|change|`` (fraction of
     ``level``) on the pixels of accepted groups, 0 elsewhere.
 
@@ -123,6 +125,12 @@ def spot_change(image: np.ndarray, plain: np.ndarray, level: float,
         The scan's brightness level (the surface's grey value).
     settings : PlainSpots
         Channel settings.
+    open_sides : (top, bottom, left, right) of bool
+        Sides of ``image`` that are the mosaic's edge with plain surface beyond it (a band
+        across a wafer): a group within the reach of its ring and background (:func:`_halo`)
+        of such a side is not ringed by surface anyone saw, so it is not accepted (the edge
+        of a design structure cut by the band's edge looked like a scratch, ringed by quiet
+        surface on its three other sides).
     """
     image = np.asarray(image, dtype=np.float32)
     out = np.zeros(image.shape, dtype=np.float32)
@@ -148,9 +156,14 @@ def spot_change(image: np.ndarray, plain: np.ndarray, level: float,
     sizes = np.bincount(labels.ravel())
     ring_in, ring_out = settings.ring_px
     h, w = image.shape
+    reach = _halo(settings)
     for k, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None or sizes[k] < settings.min_px or sharp_count[k] < 2:
             continue
+        top, bottom, left, right = open_sides
+        if ((top and sl[0].start < reach) or (bottom and sl[0].stop > h - reach)
+                or (left and sl[1].start < reach) or (right and sl[1].stop > w - reach)):
+            continue  # its ring or background reach past the mosaic, onto unseen surface
         r0, r1 = max(sl[0].start - ring_out - 1, 0), min(sl[0].stop + ring_out + 1, h)
         c0, c1 = max(sl[1].start - ring_out - 1, 0), min(sl[1].stop + ring_out + 1, w)
         box = (slice(r0, r1), slice(c0, c1))
@@ -236,7 +249,12 @@ def plain_spot_patches(
         core = (slice(r0 - ra, min(r0 + t, rows) - ra), slice(c0 - ca, min(c0 + t, cols) - ca))
         if not plain[core].any():
             return None
-        found = spot_change(np.asarray(level0[ra:rb, ca:cb]), plain, level, settings)[core]
+        # a side at the mosaic's edge is open where the plain surface reaches it (the usable
+        # area goes on past a band's edge; a sample's own edge is not plain)
+        sides = (ra == 0 and bool(plain[0].any()), rb == rows and bool(plain[-1].any()),
+                 ca == 0 and bool(plain[:, 0].any()), cb == cols and bool(plain[:, -1].any()))
+        found = spot_change(np.asarray(level0[ra:rb, ca:cb]), plain, level, settings,
+                            sides)[core]
         if die_pitch_px is not None and found.any():
             found = _without_design(found, level0, r0, c0, die_pitch_px, settings)
         return found if found.any() else None
