@@ -769,8 +769,11 @@ def _stitch_stage(
         # an unturned cell at -2 deg, its regions and usable area with it
         scan["alignment"] = {**scan["alignment"],
                              "refined": None if fine is None else fine.model_dump(mode="json"),
-                             "camera_turn_deg": camera_turn(scan["alignment"],
-                                                            result.camera.rotation_deg)}
+                             # a camera left nominal measured nothing (the alignment may
+                             # have found its turn in the edge fields: scanner.acquisition.align)
+                             "camera_turn_deg": None if scan["stitch_camera"]["source"]
+                             == "nominal" else camera_turn(scan["alignment"],
+                                                           result.camera.rotation_deg)}
     write_json(folder / SCAN_JSON, scan)
 
 

@@ -464,3 +464,26 @@ def test_without_die_sites_the_recipe_grid_follows_the_measured_centre_and_turn(
     assert grid.rotation_deg == pytest.approx(-0.38)
     # no alignment: the recipe's grid as given
     assert DieGrid.from_sample(sample).origin_um == (-2000.0, -2000.0)
+
+
+def test_an_uncalibrated_camera_turned_4_degrees_is_found_in_the_edge_fields(
+        tmp_path: Path) -> None:
+    """A camera turned -4 deg (within the simulated camera's 5) and no calibration: on a
+    1024 px field the edge points at a field's rim lay 350 µm off the circle, and a good,
+    well-placed wafer was refused ("no wafer edge found where the recipe puts the wafer",
+    exit 2; probe P10, a 25 mm wafer on 8 mm fields). The turn that puts the fields' points
+    on a circle is the camera's; the alignment then reads the notch (and die sites) with it."""
+    from devices.core import build_microscope
+    from scanner.acquisition.align import align
+
+    data = json.loads(json.dumps(WAFER))
+    data["microscope"]["camera"].update(width=1024, height=1024, rotation_deg=-4.0)
+    data["sample"]["placement"] = {"offset_um": [300, -200], "rotation_deg": 0.5}
+    recipe = parse_recipe(data, tmp_path, "turned")
+    handle = build_microscope(recipe)
+    result = align(handle, recipe, tmp_path)
+    truth = handle.truth["placement"]
+    assert result.camera_rotation_deg == pytest.approx(-4.0, abs=0.05)
+    assert np.hypot(*(np.array(result.center_um) - truth["center_um"])) <= 10.0
+    assert abs(result.rotation_deg - truth["rotation_deg"]) <= 0.02  # the notch's place
+    assert [s.kind for s in result.sites].count("edge") >= 2

@@ -37,6 +37,7 @@ The record lives in :mod:`scanner.acquisition.alignrecord`, the route in
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ from scanner.acquisition.alignrecord import (
 )
 from scanner.travel import check_positions, travel_limits
 
+log = logging.getLogger("waferscope.align")
+
 ALIGNMENT_PNG = "alignment.png"
 #: the picture of a `run --overwrite` whose alignment was refused, kept in the earlier scan it
 #: left in place (the refusal cites it)
@@ -84,6 +87,9 @@ EDGE_FIT_PIXELS = 5.0
 EDGE_FIT_MIN_UM = 25.0
 #: edge points a field must give to count as "edge found"
 MIN_EDGE_POINTS = 20
+#: the largest camera turn (deg) looked for in the edge fields when none is calibrated and
+#: their points fit no circle as read (the turns stitching looks for, see README)
+MAX_CAMERA_TURN_DEG = 5.0
 #: a PV cell side's RANSAC line takes points this many of the field's pixels off it: the
 #: edge is found to a fraction of a pixel (the demo cell's sides: 1-3.4 µm rms on 30 µm
 #: pixels), a ray that ends on a finger or a busbar ends one to hundreds of pixels inside
@@ -370,15 +376,31 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
             sites.append(Site(kind="edge", x_um=fx, y_um=fy, n_points=len(pts)))
         else:
             mark_field = (kind, fx, fy, angle, image, pf)
-    pts = np.concatenate(circle_pts)
-    if len(circle_pts) >= 3:
-        cx, cy, r, rms, keep = fit_circle(pts, (*nominal, r_nom), clip_um=3 * p)
-    else:
+    def fit(pts: np.ndarray) -> tuple[float, float, float, float, np.ndarray]:
+        if len(circle_pts) >= 3:
+            return fit_circle(pts, (*nominal, r_nom), clip_um=3 * p)
         # two arcs hardly fix a radius: the nominal one places the centre near enough to
         # tell the notch's arc from its V, and the fit below frees the radius again
         cx, cy, rms, keep = fit_circle_radius(pts, nominal, r_nom, clip_um=3 * p)
-        r = r_nom
+        return cx, cy, r_nom, rms, keep
+
+    pts = np.concatenate(circle_pts)
+    cx, cy, r, rms, keep = fit(pts)
     limit = max(EDGE_FIT_PIXELS * p, EDGE_FIT_MIN_UM)
+    if not rms <= limit and scope.camera_rotation_deg == 0.0:
+        # no calibration: a camera turned against the stage moves each field's points about
+        # its middle, by the turn times their distance from it (4 deg on an 8 mm field: the
+        # rim 280 µm off, a good wafer refused); the turn that puts them on a circle is the
+        # camera's
+        fields = [(site.x_um, site.y_um) for site in sites]
+        turn = _camera_turn(fields, circle_pts, fit, limit)
+        if turn is not None:
+            cam, pts, (cx, cy, r, rms, keep) = turn
+            scope.camera_rotation_deg = cam
+            log.warning("the edge fields fit the wafer's circle with the camera turned "
+                        "%.2f deg against the stage (no microscope.calibration); the "
+                        "alignment reads the fields so (waferscope calibrate measures it)",
+                        cam)
     if not rms <= limit:
         # enough "edge points" on a field of bare chuck (its blotches), but on no circle: a
         # wafer 20 mm off its place was aligned to a 476 um residual and scanned (exit 0)
@@ -442,6 +464,33 @@ def _align_wafer(scope: _Scope, sample: Any, seen: list[tuple[float, float]],
         edge_residual_um=rms, n_edge_points=n_edge, die_grid=grid, die_residual_um=die_rms,
         die_sites_skipped=skipped, sites=tuple(sites),
         rotation_seen_in_image=grid is None and sample.orientation == "flat")
+
+
+def _camera_turn(fields: list[tuple[float, float]], points: list[np.ndarray],
+                 fit: Any, limit: float) -> tuple[float, np.ndarray, tuple] | None:
+    """The camera turn (deg, within :data:`MAX_CAMERA_TURN_DEG`) under which the edge
+    fields' ``points`` (read unturned, one array per field centred at ``fields``) fit a
+    circle within ``limit``: ``(turn, points turned, fit(points turned))`` (None: none)."""
+    from scipy.optimize import minimize_scalar
+
+    def turned(deg: float) -> np.ndarray:
+        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        rot = np.array([[c, -s], [s, c]])
+        return np.concatenate([f + (pts - f) @ rot.T
+                               for f, pts in zip(np.asarray(fields), points, strict=True)])
+
+    def rms(deg: float) -> float:
+        return fit(turned(deg))[3]
+
+    grid = np.arange(-MAX_CAMERA_TURN_DEG, MAX_CAMERA_TURN_DEG + 1e-9, 0.25)
+    best = float(grid[int(np.argmin([rms(d) for d in grid]))])
+    found = minimize_scalar(rms, bounds=(max(best - 0.25, -MAX_CAMERA_TURN_DEG),
+                                         min(best + 0.25, MAX_CAMERA_TURN_DEG)),
+                            method="bounded", options={"xatol": 1e-3})
+    deg = float(found.x)
+    pts = turned(deg)
+    result = fit(pts)
+    return (deg, pts, result) if result[3] <= limit else None
 
 
 def _mark_in_view(scope: _Scope, sample: Any, field: tuple, centre: tuple[float, float],
