@@ -1068,3 +1068,24 @@ def test_a_difference_window_reaching_past_its_dies_border_gives_the_dies_part()
     assert np.nanmax(z[20:32, 12:28]) > DieToDie().z_threshold
     whole = comparison.difference(img, r0 - 6, c0 - 12, 38, 40)  # inside the die: as before
     assert whole is not None and np.array_equal(whole[1], z[14:])
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (9, 40), (40, 3), (2, 2)])
+@pytest.mark.parametrize("size", [2, 3, 5, 9])
+def test_extreme_filter_is_scipys(shape, size):
+    """The envelope's minimum and maximum filters (dietodie_maths.extreme_filter, done as
+    running extremes for speed) give scipy's values exactly, border (reflect) included, and
+    the same for several images at once as one by one (texture_energy on a stack)."""
+    from scanner.inspection.dietodie_maths import extreme_filter, texture_energy
+
+    a = np.random.default_rng(size).normal(0.0, 1.0, shape).astype(np.float32)
+    for op, ref in ((np.minimum, ndimage.minimum_filter), (np.maximum, ndimage.maximum_filter)):
+        out = extreme_filter(a, size, op)
+        assert out.dtype == a.dtype and np.array_equal(out, ref(a, size))
+        holed = a.copy()
+        holed[0, 0] = np.nan  # (scipy's result then depends on its order: scipy's own)
+        assert np.array_equal(extreme_filter(holed, size, op), ref(holed, size), equal_nan=True)
+    stack = np.random.default_rng(1).normal(100.0, 5.0, (3, 32, 40)).astype(np.float32)
+    for f in (1, 2):
+        one_by_one = np.stack([texture_energy(img, f) for img in stack])
+        assert np.array_equal(texture_energy(stack, f), one_by_one)

@@ -130,3 +130,17 @@ def test_a_structure_cut_by_a_band_edge_is_not_a_spot_and_a_particle_still_is():
     assert len(found) > 0
     # only the particle, at map pixel (75, 50) = mosaic (300, 200) / 4
     assert np.all(np.hypot(found[:, 0] - 75, found[:, 1] - 50) <= 3), found
+
+
+def test_surface_level_median_is_scipys():
+    """The surface level's median of block means (a partition of each window's values, for
+    speed) is scipy's median filter exactly, edges (nearest) included."""
+    from scanner.inspection.plainspots import _median_filter
+
+    rng = np.random.default_rng(3)
+    for shape in [(40, 52), (7, 7), (3, 30)]:
+        a = rng.normal(LEVEL, 20.0, shape).astype(np.float32)
+        a[0, :3] = LEVEL  # ties
+        for size in (3, 7):
+            expected = ndimage.median_filter(a, size=size, mode="nearest")
+            assert np.array_equal(_median_filter(a, size), expected)
