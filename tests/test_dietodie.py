@@ -849,6 +849,79 @@ def test_die_to_die_on_a_band_counts_only_the_dies_the_band_holds():
     assert not full_dies(grid, part, band, margin_px=8)  # row 0 ends 2.5 um from the band's edge
 
 
+def _band_of_partial_dies(defect: tuple[int, int] | None = (1, 1),
+                          blank: tuple[int, int] | None = None):
+    """A band across 4 x 4 dies of 160 px, narrower than two dies and holding none whole:
+    die row 1 cut at its in-die row 40, die row 2 at its row 120 (the mosaic is the band
+    and 5 px beyond it, as a band scan's)."""
+    img, _, grid, _, truth = _mosaic(n=4, defect=defect, blank=blank)
+    p = 2.0
+    r0 = 250  # mosaic rows 250-504: die row 1 from its row 30, die row 2 to its row 125
+    band = img[r0:505]
+    geometry = MosaicGrid((0.0, r0 * p), p, band.shape)
+    usable = box(-1.0, (60 + 160 + 40) * p, img.shape[1] * p, (60 + 320 + 120) * p)
+    truth = None if truth is None else (truth[0] - r0, truth[1])
+    return band, geometry, grid, usable, truth
+
+
+def test_a_band_holding_no_whole_die_compares_the_dies_it_cuts_alike():
+    # a band narrower than a die (a 76 mm wafer's band of 6 mm, dies 4.8 mm high cut by it):
+    # no full die, so nothing was compared and the network alone missed every in-band defect
+    from scanner.inspection.dietodie import calibrated_z_threshold, largest_z
+
+    band, geometry, grid, usable, truth = _band_of_partial_dies()
+    settings = DieToDie(block_px=64)
+    assert not full_dies(grid, usable, geometry, margin_px=8)
+    partial = [(c, r) for c, r, _ in grid.cells_in(usable)]
+    hot, seen = [], set()
+    for cell, r0, c0, z in compare_dies(band, geometry, grid, [], settings, partial, usable):
+        seen.add(cell)
+        if z.max() > settings.z_threshold:
+            rr, cc = np.unravel_index(np.argmax(z), z.shape)
+            hot.append((cell, r0 + rr, c0 + cc))
+    assert seen == {(c, r) for c in range(4) for r in (1, 2)}
+    assert [h[0] for h in hot] == [(1, 1)]  # the defect, in its own die only
+    assert math.hypot(hot[0][1] - truth[0], hot[0][2] - truth[1]) < 12
+    patches, stats, comparison = die_to_die_patches((0.0, geometry.origin_um[1]), 8.0, band,
+                                                    geometry, grid, usable, 0.7, settings)
+    assert (stats.dies, stats.partial_dies) == (0, 8) and comparison is not None and patches
+    # the defect list measures the defect on its difference from the same row's dies
+    r, c = truth
+    z_at = [float(np.nanmax(comparison.difference(band, r - 16, c - 16 + dc, 32, 32)[1]))
+            for dc in (0, 160)]  # the defect, and the same place of the next die
+    assert z_at[0] > settings.z_threshold and z_at[1] < 4.0
+    # the calibration on a good band: the same comparison, its largest z under a defect's
+    good, geometry, grid, usable, _ = _band_of_partial_dies(defect=None)
+    z_good, zt_good, dies = largest_z(good, geometry, grid, usable, settings)
+    assert dies == 8 and 0 < z_good < 13 and 0 < zt_good < 13
+    z_bad, _, _ = largest_z(band, geometry, grid, usable, settings)
+    assert z_bad > calibrated_z_threshold(z_good)
+    # a blank die of a row is neither compared nor a reference of its row's dies
+    blank, geometry, grid, usable, _ = _band_of_partial_dies(defect=None, blank=(2, 1))
+    out = list(compare_dies(blank, geometry, grid, [], settings, partial, usable))
+    assert {c for c, *_ in out} == seen - {(2, 1)}
+    assert max(float(z.max()) for *_, z in out) < settings.z_threshold
+    # the dies of each die row are cut alike: one group per row; the empty surround beside
+    # the dies (columns -1 and 4, in the band too) is unlike them
+    from scanner.inspection.dietodie_alike import partial_die_groups
+    from scanner.inspection.dietodie_geometry import UsableArea
+
+    groups, _, _ = partial_die_groups(band, geometry, grid, partial,
+                                      UsableArea(usable, geometry, settings.tolerance_px))
+    assert sorted(sorted(g) for g, _ in groups) == [[(c, 1) for c in range(4)],
+                                                     [(c, 2) for c in range(4)]]
+
+
+def test_a_band_holding_no_whole_die_is_compared_unpadded():
+    # padding a band by mirroring makes no die whole; compared in the mirror, a die row's
+    # dies, mirrored at rows a pixel apart, differed there (false scratches along the band)
+    from scanner.inspection.inspect import _with_room
+
+    band, geometry, grid, usable, _ = _band_of_partial_dies()
+    image, pyramid, area, pad = _with_room([band], geometry, grid, usable)
+    assert pad == 0 and image is band and area is usable and pyramid == [band]
+
+
 def test_room_is_made_again_when_the_parts_surround_leaves_too_few_dies(monkeypatch):
     # a staggered layout found at another phase: 4 whole dies had room to be aligned until
     # the part's surround (the empty ends of its rows) was left out; then 2, and nothing was

@@ -33,6 +33,13 @@ full dies (:func:`partial_fields`), referenced to their nearest full dies, and l
 their usable part does not look like the same part of the other dies (an edge field that was
 never exposed: :func:`alike_partial_dies`).
 
+When the usable area holds fewer than three full dies (a band across a wafer narrower than a
+die), the partial dies cut alike by it (a die row's dies, cut by the band at the same in-die
+rows) are compared with each other as full dies are: grouped by their usable part, each
+group's dies aligned onto one of them on the part they share (:func:`partial_group_fields`),
+and each die compared with its nearest dies of the group on their common usable part
+(:func:`compare_partial_dies`).
+
 A z-score of :attr:`DieToDie.z_threshold` means "a defect" and is put on the anomaly map's
 scale at the decision threshold (:func:`z_to_score`), so the two kinds of evidence join in one
 anomaly map and one defect list (:func:`scanner.inspection.inspect.inspect_mosaic`).
@@ -51,7 +58,11 @@ from scanner.diegrid import MIN_DIE_PX, DieGrid
 
 # the comparison's parts live in sibling modules; their names stay importable from here
 # (scanner.inspection.inspect and the tests import them from scanner.inspection.dietodie)
-from scanner.inspection.dietodie_alike import alike_dies, alike_partial_dies  # noqa: F401
+from scanner.inspection.dietodie_alike import (  # noqa: F401
+    alike_dies,
+    alike_partial_dies,
+    partial_die_groups,
+)
 from scanner.inspection.dietodie_geometry import (  # noqa: F401
     Cell,
     MosaicGrid,
@@ -256,6 +267,59 @@ def partial_fields(
     return out
 
 
+def partial_group_fields(
+    level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], anchor: Cell,
+    footprints: dict[Cell, np.ndarray], f: int, usable: UsableArea, settings: DieToDie
+) -> dict[Cell, np.ndarray]:
+    """Per-block shifts of a group of partial dies onto one of them, ``anchor``, when no full
+    dies predict their whole-die shift (:func:`partial_fields`).
+
+    Each die's whole-die shift is found as :func:`shift_fields` finds a full die's, by the
+    coarse correlation, but on the part of the die usable in both (``footprints``: the usable
+    thumbnail pixels of ``f x f`` of each die, see
+    :func:`scanner.inspection.dietodie_alike.partial_footprints`; elsewhere both are filled
+    with their mean); then the blocks usable in both are aligned on their own.
+    """
+    b = int(settings.block_px)
+    h_die, w_die = die_shape_px(grid, mosaic)
+
+    def share(cell: Cell) -> np.ndarray:
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        return np.array([[usable(r0 + y0, c0 + x0, y1 - y0, x1 - x0).mean()
+                          for x0, x1 in _blocks(w_die, b)] for y0, y1 in _blocks(h_die, b)])
+
+    ar, ac, _ = die_origin_px(grid, mosaic, anchor)
+    anchor_blocks = share(anchor) >= 0.9
+    out = {anchor: _die_field(level0, mosaic, grid, anchor, anchor, None, settings)}
+    for cell in cells:
+        if cell == anchor:
+            continue
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        common = footprints[cell] & footprints[anchor]
+        g = np.zeros(2)
+        if common.any():
+            ti, tj = np.flatnonzero(common.any(axis=1)), np.flatnonzero(common.any(axis=0))
+            y0, x0 = ti[0] * f, tj[0] * f
+            inside = np.kron(common[ti[0]:ti[-1] + 1, tj[0]:tj[-1] + 1],
+                             np.ones((f, f), dtype=bool))
+
+            def part(r: int, c: int, inside: np.ndarray = inside, y0: int = y0,
+                     x0: int = x0) -> np.ndarray:
+                a = _read(level0, r + y0, c + x0, *inside.shape)
+                return np.where(inside, a, np.float32(a[inside].mean()))
+
+            fixed, moving = part(ar, ac), part(r0, c0)
+            g = global_shift(fixed, moving, settings.max_global_px)
+            # kept only when it matches the anchor better than the grid's position does
+            # (see shift_fields)
+            if np.any(g != 0) and _mean_square(fixed - part(r0 - int(g[0]), c0 - int(g[1]))) \
+                    >= _mean_square(fixed - moving):
+                g = np.zeros(2)
+        out[cell] = _die_field(level0, mosaic, grid, cell, anchor, g, settings,
+                               aligned_blocks=(share(cell) >= 0.9) & anchor_blocks)
+    return out
+
+
 def _die_field(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cell: Cell, anchor: Cell,
                g: np.ndarray | None, settings: DieToDie,
                aligned_blocks: np.ndarray | None = None) -> np.ndarray:
@@ -413,6 +477,7 @@ class Comparison:
         mask = None
         if cell in self.partial and self.usable is not None:
             mask = self.usable(r0 - pad, c0 - pad, h + 2 * pad, w + 2 * pad)
+            mask &= _refs_usable(self, cell, refs, dr - pad, dc - pad, h + 2 * pad, w + 2 * pad)
         mask = scanned_mask(test, mask)
         # levels matched over the whole read (its surroundings), and then again as band_z
         # matches them (a no-op up to rounding, kept so that the scores are band_z's)
@@ -459,7 +524,8 @@ def compare_dies(
     edge dies of a wafer) are compared on their usable part against their nearest full
     dies, when that part looks like the same part of the anchor die (an edge field left
     unexposed is not a defect; ``pyramid``: the mosaic's levels, for
-    :func:`alike_partial_dies`).
+    :func:`alike_partial_dies`). With fewer than three full dies, the partial dies and those
+    full dies are compared with each other (:func:`compare_partial_dies`).
     The dies compared and their alignment are appended to ``plans`` as a :class:`Comparison`
     (for difference images of the defects found).
 
@@ -469,6 +535,11 @@ def compare_dies(
         A die, the mosaic pixel of the band's top-left corner and the band's z-score map.
     """
     h_die, w_die = die_shape_px(grid, mosaic)
+    if len(cells) < 3 and partial and polygon is not None:
+        # too few full dies to compare anything with: the partial dies with each other
+        yield from compare_partial_dies(level0, mosaic, grid, [*cells, *partial], settings,
+                                        polygon, pyramid, plans, separate)
+        return
     cells, level0 = _cached_dies(level0, mosaic, grid, cells, settings)
     cells, anchor = alike_dies(level0, mosaic, grid, cells)
     if anchor is None:
@@ -489,22 +560,77 @@ def compare_dies(
                        separate)
 
 
-def _cached_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
-                 settings: DieToDie) -> tuple[list[Cell], _DieCache]:
-    """The dies with room around them to be aligned (the others are not compared), and the
-    mosaic read through a cache of their whole cells."""
+def compare_partial_dies(
+    level0: Any, mosaic: MosaicGrid, grid: DieGrid, dies: list[Cell], settings: DieToDie,
+    polygon: Any, pyramid: list[Any] | None = None, plans: list[Comparison] | None = None,
+    separate: bool = False,
+) -> Iterator[tuple[Cell, int, int, np.ndarray]]:
+    """:func:`compare_dies` of dies that are mostly partial: too few full dies lie in the
+    usable ``polygon`` to compare the others with (a band across a wafer narrower than a die:
+    every in-band defect was left to the network, missing patterns scored under its threshold
+    and features repeated at the die pitch over it).
+
+    The dies cut alike by the usable area are grouped
+    (:func:`scanner.inspection.dietodie_alike.partial_die_groups`: a die row cut by a band at
+    the same in-die rows), aligned within each group (:func:`partial_group_fields`), and each
+    die is compared with its nearest dies of the group whose usable part covers its own
+    (:data:`scanner.inspection.dietodie_alike.COVER`; any of the group when fewer than two
+    do) on the usable part they share (:func:`_bands`). Band by band, as full dies are.
+    """
+    from scanner.inspection.dietodie_alike import COVER
+
+    h_die, w_die = die_shape_px(grid, mosaic)
+    usable = UsableArea(polygon, mosaic, settings.tolerance_px)
+    groups, footprints, f = partial_die_groups(level0, mosaic, grid, dies, usable,
+                                               pyramid=pyramid)
+    if not groups:
+        return
+    level0 = _DieCache(level0, _die_boxes(mosaic, grid, [c for g, _ in groups for c in g],
+                                          settings, clip=True),
+                       capacity=settings.neighbours + 2)
+    fields: dict[Cell, np.ndarray] = {}
+    refs_of: dict[Cell, list[Cell]] = {}
+    for members, anchor in groups:
+        fields.update(partial_group_fields(level0, mosaic, grid, members, anchor, footprints,
+                                           f, usable, settings))
+        keep = np.stack([footprints[c].ravel() for c in members]).astype(np.float32)
+        common = keep @ keep.T  # thumbnail pixels each pair of dies shares
+        for i, cell in enumerate(members):
+            covering = [o for j, o in enumerate(members)
+                        if j != i and common[i, j] >= COVER * common[i, i]]
+            among = covering if len(covering) >= 2 else members
+            refs_of[cell] = nearest_dies([cell], settings.neighbours, among=among)[cell]
+    compared = [c for g, _ in groups for c in g]
+    plan = Comparison(mosaic, grid, settings, fields, refs_of, set(compared), usable)
+    if plans is not None:
+        plans.append(plan)
+    yield from _scored(_bands(level0, plan, compared, (h_die, w_die)), settings, separate)
+
+
+def _die_boxes(mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell], settings: DieToDie,
+               clip: bool = False) -> dict[Cell, tuple[int, int, int, int]]:
+    """Mosaic pixels ``(r0, c0, r1, c1)`` of each die with room to align it and the context
+    its bands are scored with; the dies without that room are left out (``clip``: cut at the
+    mosaic's border instead, for partial dies read beyond it)."""
     h_die, w_die = die_shape_px(grid, mosaic)
     margin = _margin(settings)
     ctx = _context_px(settings)
+    rows, cols = mosaic.shape
     boxes = {}
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
         box = (r0 - margin, c0 - margin, r0 + h_die + margin, c0 + w_die + margin)
-        if box[0] >= 0 and box[1] >= 0 and box[2] <= mosaic.shape[0] \
-                and box[3] <= mosaic.shape[1]:  # room to align it: else not compared
-            # cached with the context its bands are scored with (see _bands)
+        if clip or (box[0] >= 0 and box[1] >= 0 and box[2] <= rows and box[3] <= cols):
             boxes[cell] = (max(0, box[0] - ctx), max(0, box[1] - ctx),
-                           min(mosaic.shape[0], box[2] + ctx), min(mosaic.shape[1], box[3] + ctx))
+                           min(rows, box[2] + ctx), min(cols, box[3] + ctx))
+    return boxes
+
+
+def _cached_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
+                 settings: DieToDie) -> tuple[list[Cell], _DieCache]:
+    """The dies with room around them to be aligned (the others are not compared), and the
+    mosaic read through a cache of their whole cells."""
+    boxes = _die_boxes(mosaic, grid, cells, settings)
     cells = [c for c in cells if c in boxes]
     # more dies are kept while they fit
     return cells, _DieCache(level0, boxes, capacity=settings.neighbours + 2)
@@ -543,6 +669,7 @@ def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int
             x_lo, x_hi, mask = 0, w_die, None
             if usable is not None:  # the context too may reach past the usable area
                 mask = usable(tr + d0, tc - ctx, h, w_die + 2 * ctx)
+                mask &= _refs_usable(plan, cell, refs, d0, -ctx, h, w_die + 2 * ctx)
                 if cell in plan.partial:  # only the columns around its usable part
                     used = np.flatnonzero(mask[ctx:ctx + bh, ctx:ctx + w_die].any(axis=0))
                     if not len(used):
@@ -574,6 +701,22 @@ def _bands(level0: Any, plan: Comparison, dies: list[Cell], die_shape: tuple[int
                    slice(max(0, -e0), w - max(0, e0 + w - w_die)))
             yield (cell, tr + br, tc + x_lo, (slice(ctx, ctx + bh), slice(ctx, ctx + x_hi - x_lo)),
                    own, test, aligned, mask)
+
+
+def _refs_usable(plan: Comparison, cell: Cell, refs: list[Cell], d0: int, e0: int, h: int,
+                 w: int) -> np.ndarray | bool:
+    """Where the partial references of a partial die are usable too, die pixels
+    ``[d0, d0+h) x [e0, e0+w)`` (True: the references are full dies): partial dies compared
+    with each other are compared on their common usable part only (:func:`compare_partial_dies`;
+    the usable area is shrunk by ``tolerance_px``, room for their alignment)."""
+    out: np.ndarray | bool = True
+    if plan.usable is None or cell not in plan.partial:
+        return out
+    for ref in refs:
+        if ref in plan.partial:
+            rr, rc, _ = die_origin_px(plan.grid, plan.mosaic, ref)
+            out = out & plan.usable(rr + d0, rc + e0, h, w)
+    return out
 
 
 def _unlike_neighbours(plan: Comparison, cell: Cell, refs: list[Cell], r0: int, c0: int,
@@ -863,10 +1006,9 @@ def die_to_die_patches(
     if min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
         return patches, stats, None  # dies of a few pixels: nothing to align or compare
     cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
-    if len(cells) < 3:
-        return patches, stats, None
-    stats.dies = len(cells)
     partial = [(c, r) for c, r, _ in grid.cells_in(polygon) if (c, r) not in set(cells)]
+    if len(cells) < 3 and not partial:
+        return patches, stats, None
     compared = set()
     plans: list[Comparison] = []
     for cell, r0, c0, z in compare_dies(level0, mosaic, grid, cells, settings, partial,
@@ -878,6 +1020,8 @@ def die_to_die_patches(
             stats.pixels_over += int(np.count_nonzero(patch[2] >= threshold))
             patches.append(patch)
     stats.partial_dies = len(compared.intersection(partial))
+    # the full dies; with fewer than three, those compared with the partial dies
+    stats.dies = len(cells) if len(cells) >= 3 else len(compared.difference(partial))
     stats.seconds = time.perf_counter() - t0
     return patches, stats, plans[0] if plans else None
 
@@ -888,12 +1032,15 @@ def largest_z(level0: Any, mosaic: MosaicGrid, grid: DieGrid, polygon: Any,
               settings: DieToDie = DieToDie(), pyramid: list[Any] | None = None
               ) -> tuple[float, float, int] | None:
     """The largest intensity and texture z-scores (after the pair opening the map applies)
-    over every die compared, and how many dies were (None: fewer than three). On a good scan,
-    what the comparison's noise reaches on this product: see :func:`calibrated_z_threshold`."""
+    over every die compared, and how many dies were (None: none was). With fewer than three
+    full dies, those of the partial dies compared with each other (:func:`compare_dies`), as
+    the inspection compares them. On a good scan, what the comparison's noise reaches on this
+    product: see :func:`calibrated_z_threshold`."""
     cells = full_dies(grid, polygon, mosaic, margin_px=_margin(settings))
-    if len(cells) < 3 or min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
-        return None
     partial = [(c, r) for c, r, _ in grid.cells_in(polygon) if (c, r) not in set(cells)]
+    if (len(cells) < 3 and not partial) \
+            or min(grid.pitch_um) / mosaic.pixel_size_um < MIN_DIE_PX:
+        return None
     best, compared = [0.0, 0.0], set()
     for cell, _, _, z in compare_dies(level0, mosaic, grid, cells, settings, partial, polygon,
                                       pyramid, separate=True):

@@ -9,6 +9,7 @@ only where its usable part looks like the same part of the anchor die
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -204,3 +205,146 @@ def on_part(level0: Any, mosaic: MosaicGrid, grid: DieGrid, polygon: Any,
     # a thumbnail pixel's blur of the surround's edge, beyond what was measured far
     seen = unary_union(boxes).buffer(f * p, join_style="mitre").simplify(0.5 * f * p)
     return polygon.difference(seen)
+
+
+#: a partial die joins a group of alike partial dies when the group's anchor is usable over
+#: this share of its usable part (:func:`partial_die_groups`)
+COVER = 0.9
+
+
+def partial_footprints(mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
+                       usable: UsableArea, side_px: int = 64) -> tuple[dict[Cell, np.ndarray],
+                                                                         int]:
+    """Which thumbnail pixels of each die are wholly usable (in-die coordinates, the
+    thumbnail factor of :func:`alike_dies`), for the dies with a few of them (at least 16,
+    as :func:`alike_partial_dies` asks), and the thumbnail factor."""
+    h_die, w_die = die_shape_px(grid, mosaic)
+    f = _thumbnail_factor(h_die, w_die, side_px)
+    out = {}
+    for cell in cells:
+        r0, c0, _ = die_origin_px(grid, mosaic, cell)
+        keep = usable(r0, c0, (h_die // f) * f, (w_die // f) * f, step=f)
+        if keep.sum() >= 16:
+            out[cell] = keep
+    return out, f
+
+
+def partial_die_groups(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
+                       usable: UsableArea, min_correlation: float = 0.5, side_px: int = 64,
+                       pyramid: list[Any] | None = None
+                       ) -> tuple[list[tuple[list[Cell], Cell]], dict[Cell, np.ndarray], int]:
+    """Groups of dies cut alike by the usable area, each to be compared within itself when too
+    few full dies are there to compare them with (a band across a wafer narrower than a die:
+    each die row is cut by it at the same in-die rows).
+
+    Dies are taken by the size of their usable part (:func:`partial_footprints`), largest
+    first; each joins the group whose first die is usable over at least :data:`COVER` of its
+    own usable part (the most alike such footprint), or starts a group. Within a group the
+    dies are correlated pair by pair as thumbnails on the usable part each pair shares, and
+    those unlike the group's dies are left out (an unexposed field, a sliver of the surround
+    beside the dies: :func:`_agreeing`). A group keeps at least three dies, and its anchor is
+    the die with the group's largest footprint nearest the group's middle.
+
+    Returns the groups as ``(dies, anchor)``, each die's footprint and the thumbnail factor.
+    """
+    keep, f = partial_footprints(mosaic, grid, cells, usable, side_px)
+    size = {c: int(k.sum()) for c, k in keep.items()}
+    groups: list[list[Cell]] = []
+    for cell in sorted(keep, key=lambda c: (-size[c], c[1], c[0])):
+        best, best_iou = None, 0.0
+        for group in groups:
+            first = keep[group[0]]
+            common = int(np.count_nonzero(first & keep[cell]))
+            if common >= COVER * size[cell]:
+                iou = common / int(np.count_nonzero(first | keep[cell]))
+                if iou > best_iou:
+                    best, best_iou = group, iou
+        if best is None:
+            groups.append([cell])
+        else:
+            best.append(cell)
+    h_die, w_die = die_shape_px(grid, mosaic)
+    th, tw = h_die // f, w_die // f
+    out = []
+    for group in groups:
+        if len(group) < 3:
+            continue
+        masks = np.stack([keep[c].ravel() for c in group]).astype(np.float32)
+        thumbs = []
+        for cell in group:
+            r0, c0, _ = die_origin_px(grid, mosaic, cell)
+            thumbs.append(_thumbnail(level0, pyramid, r0, c0, th * f, tw * f, f)[:th, :tw]
+                          .ravel())
+        corr, others = _masked_correlations(np.array(thumbs, dtype=np.float32), masks)
+        kept = _agreeing(group, corr, others, np.array([size[c] for c in group]),
+                         min_correlation)
+        if len(kept) < 3:
+            continue
+        largest = max(size[c] for c in kept)
+        first = keep[group[0]]
+        # the anchor: a die with the group's whole footprint (every die's blocks are
+        # aligned on it), the nearest such to the middle of the group
+        whole = [c for c in kept if size[c] >= 0.98 * largest
+                 and np.count_nonzero(first & keep[c]) >= 0.98 * size[group[0]]] or kept
+        centre = np.mean(np.array(kept, dtype=float), axis=0)
+        anchor = min(whole, key=lambda c: (math.hypot(c[0] - centre[0], c[1] - centre[1]),
+                                           c[1], c[0]))
+        out.append((kept, anchor))
+    return out, keep, f
+
+
+def _agreeing(group: list[Cell], corr: np.ndarray, others: np.ndarray, size: np.ndarray,
+              min_correlation: float) -> list[Cell]:
+    """The dies of a group that look alike (``corr``: their correlations with the dies
+    ``others``, NaN where unknown; ``size``: their usable thumbnail pixels).
+
+    Two dies agree when they correlate by ``min_correlation`` and by three times the chance
+    level of the pixels the smaller has (see :func:`alike_partial_dies`). The die that agrees
+    with the most others and those that agree with it are the candidates (a band's die row
+    holds slivers of the surround at its ends beside its dies: over the whole row of a short
+    band, a die's median correlation was theirs); of them, those whose median correlation
+    with the other candidates reaches the same bar are kept, as :func:`alike_dies` keeps
+    full dies.
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bar = np.maximum(min_correlation, 3.0 / np.sqrt(np.minimum.outer(size, size[others])))
+        agree = corr >= bar
+    counts = agree[others].sum(axis=1)  # of the dies correlated with all the others
+    if not counts.any():
+        return []
+    k = int(np.argmax(counts))  # (the first of the most agreeing: the largest footprint)
+    candidates = np.flatnonzero(agree[:, k])
+    candidates = np.union1d(candidates, [others[k]])
+    cols = np.flatnonzero(np.isin(others, candidates))
+    if len(candidates) < 3:
+        return []
+    with warnings.catch_warnings():  # a die sharing too little with the others: NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        typical = np.nanmedian(corr[np.ix_(candidates, cols)], axis=1)
+    return [group[i] for i, v in zip(candidates, typical, strict=True)
+            if np.isfinite(v) and v >= max(min_correlation, 3.0 / np.sqrt(size[i]))]
+
+
+def _masked_correlations(thumbs: np.ndarray, masks: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson correlation of every thumbnail ``(n, p)`` with the ``others`` over the pixels
+    both masks ``(n, p)`` (0 or 1) keep, NaN for pairs sharing under 16 pixels or for a die
+    with itself, and ``others``: all the dies, or a fixed sample of :data:`MAX_COMPARED`."""
+    n = len(thumbs)
+    others = np.arange(n)
+    if n > MAX_COMPARED:
+        others = np.sort(np.random.default_rng(0).choice(n, MAX_COMPARED, replace=False))
+    a, ma = thumbs.astype(np.float64), masks.astype(np.float64)
+    b, mb = a[others], ma[others]
+    # sums over the common pixels, as matrix products (no n x n x p array)
+    count = ma @ mb.T
+    sa, sb = (a * ma) @ mb.T, ma @ (b * mb).T
+    saa, sbb = (a * a * ma) @ mb.T, ma @ (b * b * mb).T
+    sab = (a * ma) @ (b * mb).T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cov = sab - sa * sb / count
+        var = (saa - sa ** 2 / count) * (sbb - sb ** 2 / count)
+        corr = cov / (np.sqrt(np.maximum(var, 0.0)) + 1e-12)
+    corr[count < 16] = np.nan
+    corr[others, np.arange(len(others))] = np.nan
+    return corr, others

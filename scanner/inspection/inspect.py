@@ -409,7 +409,8 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
     a small mosaic is padded in memory by mirroring (the padding is never compared: it lies
     outside the usable area) and the usable area is let out by the precision of a found grid
     (a pixel of the level it was found in), so that dies found from the image itself count as
-    whole.
+    whole. Not when fewer than three dies would be whole even so (a band across a wafer
+    narrower than a die): its partial dies are compared with each other on what was scanned.
     """
     from scanner.inspection.dietodie import DieToDie, _margin, full_dies, room_px
 
@@ -421,6 +422,14 @@ def _with_room(levels: list[Any], geometry: Any, grid: Any, polygon: Any
     # a found grid fits to a pixel of the level it was found in (_found_grid)
     k = _search_level(levels)
     area = polygon.buffer((2**k + 1) * geometry.pixel_size_um, join_style="mitre")
+    if sum(whole for *_, whole in grid.cells_in(area)) < 3:
+        # padding makes no die whole (a band across a wafer narrower than a die): the partial
+        # dies are compared with each other on the scanned pixels alone
+        # (scanner.inspection.dietodie.compare_partial_dies). Compared in a mirrored padding
+        # and in the area let out into it, a die row's dies, each mirrored a pixel apart
+        # from the others at the band's edge, differed there (two false "scratches" 1.4 and
+        # 3.4 mm long along a 76 mm wafer's band)
+        return level0, levels, polygon, 0
     pad = room_px(grid, area, geometry, margin)
     padded = np.pad(np.asarray(level0[...]), pad, mode="symmetric")
     return padded, None, area, pad
@@ -774,7 +783,7 @@ def _timings(wall: float, t_maps: float, t_defects: float, maps: MapSet,
     """The inspection's timings (seconds; die-to-die and plain surface are part of maps_s)."""
     timings = {"wall_s": round(wall, 3), "maps_s": round(t_maps, 3),
                "network_s": round(maps.stats.network_s, 3), "defects_s": round(t_defects, 3)}
-    if refine.d2d.get("dies"):
+    if refine.d2d.get("dies") or refine.d2d.get("partial_dies"):
         timings["die_to_die_s"] = round(float(refine.d2d["seconds"]), 3)
     if refine.golden:
         timings["golden_s"] = round(float(refine.golden["seconds"]), 3)
