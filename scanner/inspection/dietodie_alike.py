@@ -51,12 +51,7 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
         t = t - t.mean()
         thumbs.append((t.ravel() / (np.linalg.norm(t) + 1e-12)).astype(np.float32))
     thumbs = np.array(thumbs)
-    # each die against the others, or against a fixed sample of them when there are many
-    # (a repeat of 8 px found in a 1 mm image made 32,000 "dies": an n x n matrix of 4 GB)
-    others = np.arange(len(cells))
-    if len(cells) > MAX_COMPARED:
-        others = np.sort(np.random.default_rng(0).choice(len(cells), MAX_COMPARED,
-                                                         replace=False))
+    others = _compared_with(len(cells))
     corr = thumbs @ thumbs[others].T
     corr[others, np.arange(len(others))] = np.nan  # a die against itself
     typical = np.nanmedian(corr, axis=1)
@@ -65,8 +60,22 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
         return [], None
     # the anchor: the kept die nearest the middle of the kept ones (every die is aligned to
     # it, so a central one keeps the offsets small)
-    centre = np.mean(np.array(keep, dtype=float), axis=0)
-    return keep, min(keep, key=lambda c: (math.hypot(c[0] - centre[0], c[1] - centre[1]),
+    return keep, _nearest_middle(keep, keep)
+
+
+def _compared_with(n: int) -> np.ndarray:
+    """The dies each of ``n`` dies is correlated with: all of them, or a fixed sample of
+    :data:`MAX_COMPARED` when there are many (a repeat of 8 px found in a 1 mm image made
+    32,000 "dies": an n x n matrix of 4 GB)."""
+    if n <= MAX_COMPARED:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, MAX_COMPARED, replace=False))
+
+
+def _nearest_middle(candidates: list[Cell], dies: list[Cell]) -> Cell:
+    """The candidate die nearest the middle of ``dies`` (ties: by row, then column)."""
+    centre = np.mean(np.array(dies, dtype=float), axis=0)
+    return min(candidates, key=lambda c: (math.hypot(c[0] - centre[0], c[1] - centre[1]),
                                           c[1], c[0]))
 
 
@@ -286,10 +295,7 @@ def partial_die_groups(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: li
         # aligned on it), the nearest such to the middle of the group
         whole = [c for c in kept if size[c] >= 0.98 * largest
                  and np.count_nonzero(first & keep[c]) >= 0.98 * size[group[0]]] or kept
-        centre = np.mean(np.array(kept, dtype=float), axis=0)
-        anchor = min(whole, key=lambda c: (math.hypot(c[0] - centre[0], c[1] - centre[1]),
-                                           c[1], c[0]))
-        out.append((kept, anchor))
+        out.append((kept, _nearest_middle(whole, kept)))
     return out, keep, f
 
 
@@ -330,10 +336,7 @@ def _masked_correlations(thumbs: np.ndarray, masks: np.ndarray
     """Pearson correlation of every thumbnail ``(n, p)`` with the ``others`` over the pixels
     both masks ``(n, p)`` (0 or 1) keep, NaN for pairs sharing under 16 pixels or for a die
     with itself, and ``others``: all the dies, or a fixed sample of :data:`MAX_COMPARED`."""
-    n = len(thumbs)
-    others = np.arange(n)
-    if n > MAX_COMPARED:
-        others = np.sort(np.random.default_rng(0).choice(n, MAX_COMPARED, replace=False))
+    others = _compared_with(len(thumbs))
     a, ma = thumbs.astype(np.float64), masks.astype(np.float64)
     b, mb = a[others], ma[others]
     # sums over the common pixels, as matrix products (no n x n x p array)
