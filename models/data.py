@@ -23,6 +23,7 @@ from simulators.picture import (
     read_picture,
     tiff_image_axes,
     tiff_is_cmyk,
+    tiff_light,
 )
 
 from .modelfile import brightness_level, to_luminance
@@ -88,8 +89,13 @@ def read_image(path: Path) -> np.ndarray:
 
             with tifffile.TiffFile(path) as tif:
                 series = main_series(tif)
-                tiff_image_axes(series)
+                axes = tiff_image_axes(series)
                 img = series.asarray()
+                if img.ndim == len(axes) and "S" in axes and axes.index("S") < axes.index("Y"):
+                    # samples stored plane by plane (S, Y, X): colour last, before the ink
+                    # of a CMYK file is looked for there (its planes were read as R, G, B, A)
+                    img = np.moveaxis(img, axes.index("S"), -1)
+                img = tiff_light(series.keyframe, img)
                 if tiff_is_cmyk(tif) and img.shape[-1] == 4:
                     img = cmyk_to_rgb(img)
         else:

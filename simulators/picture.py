@@ -54,6 +54,13 @@ def _decoded(path: Path) -> np.ndarray:
 
         with Image.open(path) as im:
             turned = _exif_orientation(im) != 1
+            if not turned and im.format == "PNG" and _png_colour_16bit(path):
+                # Pillow keeps 8 of a 16-bit colour PNG's bits: a 12-bit camera's RGB was read
+                # as 9 grey levels, its defects flattened away; imagecodecs (tifffile's codecs)
+                # decodes the file's own samples
+                import imagecodecs
+
+                return np.asarray(imagecodecs.png_decode(path.read_bytes()))
             if turned:
                 im = ImageOps.exif_transpose(im)
             if im.mode in _PIL_CONVERT:
@@ -66,6 +73,17 @@ def _decoded(path: Path) -> np.ndarray:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_colour_16bit(path: Path) -> bool:
+    """Whether a PNG holds 16-bit colour or grey + alpha samples (colour types 2, 4, 6), which
+    Pillow reduces to 8 bits (16-bit grey it keeps)."""
+    with open(path, "rb") as f:
+        head = f.read(29)  # signature, IHDR's length and type, width, height, depth, colour
+    return len(head) == 29 and head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR" \
+        and head[24] == 16 and head[25] in (2, 4, 6)
+
+
 #: samples per pixel of each PNG colour type (grey, RGB, palette, grey + alpha, RGBA)
 _PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 #: Adam7 interlacing's passes: first column, first row, column step, row step
@@ -151,6 +169,88 @@ def picture_shape(path: Path) -> tuple[int, int]:
 
 #: TIFF photometric interpretations whose samples are colours: RGB, CMYK (separated), YCbCr
 _COLOUR_PHOTOMETRIC = (2, 5, 6)
+#: TIFF photometric interpretations of grey where 0 is white, of colour-map indices, and of
+#: luma + chroma samples
+_MINISWHITE, _PALETTE, _YCBCR = 0, 3, 6
+#: TIFF photometric interpretations read as light: MinIsWhite, MinIsBlack, RGB, palette,
+#: CMYK, YCbCr (CIE L*a*b*, a camera's raw colour-filter mosaic and the rest are not)
+_READ_PHOTOMETRIC = (0, 1, 2, 3, 5, 6)
+#: TIFF compression of JPEG data, whose decoder returns RGB from YCbCr (old-style 6, new 7)
+_JPEG = (6, 7)
+#: TIFF ExtraSamples values of alpha (associated, unassociated)
+_ASSOCIATED_ALPHA, _ALPHA = 1, 2
+
+
+def tiff_light(page: Any, pixels: np.ndarray) -> np.ndarray:
+    """A TIFF picture's samples ``(Y, X)`` or ``(Y, X, S)`` as light, as a viewer shows them
+    (``page``: its keyframe).
+
+    * ``MinIsWhite`` grey (scanners', some X-ray and document cameras'): 0 is white, so the
+      samples are turned over (white minus each): read as stored, a dark scratch came out
+      bright and the picture negative.
+    * a colour map's indices (palette): the colours they index (indices were read as grey
+      levels, the picture's contrast whatever the palette's order made it).
+    * YCbCr not JPEG-compressed (tifffile returns the stored luma and chroma; a JPEG
+      decoder converts to RGB itself): the luma, less its black (``ReferenceBlackWhite``),
+      is the grey (it was mixed with the chroma as if R, G, B, its contrast cut six-fold).
+
+    Other pictures are returned as they are.
+
+    Raises
+    ------
+    ValueError
+        Samples that are not light, grey or colour (CIE L*a*b*, a raw colour-filter mosaic,
+        ...), or a palette picture without its colour map.
+    """
+    photometric = int(getattr(page, "photometric", 1) or 0)
+    tags = getattr(page, "tags", None)
+    if photometric == _MINISWHITE and tags is not None and \
+            "PhotometricInterpretation" not in tags:
+        # no tag (tifffile then says MinIsWhite): a program that wrote bare samples, grey as
+        # they are (libtiff's reading too)
+        photometric = 1
+    if photometric not in _READ_PHOTOMETRIC:
+        import tifffile
+
+        try:
+            name = tifffile.PHOTOMETRIC(photometric).name
+        except ValueError:
+            name = str(photometric)
+        raise ValueError(f"its samples are {name} (TIFF photometric {photometric}), not grey or "
+                         "colour light: save the picture as grey or RGB")
+    if photometric == _PALETTE:
+        colormap = getattr(page, "colormap", None)
+        if colormap is None:
+            raise ValueError("a palette picture without its colour map")
+        return np.moveaxis(np.asarray(colormap)[:, pixels], 0, -1)  # (Y, X, RGB)
+    if photometric == _MINISWHITE:
+        grey = pixels[..., 0] if pixels.ndim == 3 else pixels
+        if grey.dtype == np.bool_:
+            grey = ~grey
+        elif np.issubdtype(grey.dtype, np.integer) and grey.dtype.itemsize <= 2:
+            bits = int(getattr(page, "bitspersample", 8 * grey.dtype.itemsize) or 0)
+            white = (1 << bits) - 1 if 0 < bits < 8 * grey.dtype.itemsize \
+                else int(np.iinfo(grey.dtype).max)
+            grey = white - grey.astype(np.int64)
+        else:
+            grey = full_scale(grey.dtype, float(np.max(grey))) - grey.astype(np.float64)
+        if pixels.ndim == 3:  # grey + alpha: the alpha stays as it is
+            return np.stack([grey, pixels[..., 1].astype(grey.dtype)], axis=-1)
+        return grey
+    if photometric == _YCBCR and int(getattr(page, "compression", 1) or 0) not in _JPEG \
+            and pixels.ndim == 3:
+        black = 0.0
+        tag = tags.get("ReferenceBlackWhite") if tags is not None else None
+        if tag is not None:
+            values = tuple(tag.value)
+            if values and isinstance(values[0], tuple):  # rationals as (numerator, denominator)
+                values = tuple(n / d if d else 0.0 for n, d in values)
+            elif len(values) == 12:  # rationals as a flat list
+                values = tuple(values[i] / values[i + 1] if values[i + 1] else 0.0
+                               for i in range(0, 12, 2))
+            black = float(values[0]) if values else 0.0
+        return pixels[..., 0].astype(np.float64) - black
+    return pixels
 
 
 def tiff_image_axes(series: Any) -> str:
@@ -169,9 +269,14 @@ def tiff_image_axes(series: Any) -> str:
     # a C axis is colour only in an RGB, CMYK or YCbCr file: three fluorescence channels
     # (ImageJ or OME-TIFF, grey pages) were mixed into one "luminance" while 2 or 5 were refused
     colour = int(getattr(series.keyframe, "photometric", 2) or 0) in _COLOUR_PHOTOMETRIC
+    # grey + alpha (GIMP's, Photoshop's grey TIFF with transparency): 2 samples, one of them
+    # marked as alpha, is one picture, as a grey + alpha PNG is (it was "several images")
+    extra = tuple(getattr(series.keyframe, "extrasamples", ()) or ())
+    alpha = _ALPHA in extra or _ASSOCIATED_ALPHA in extra
     stacked = [(ax, n) for ax, n in zip(axes, shape, strict=True)
                if ax not in "YX" and n > 1
-               and not ((ax == "S" or ax == "C" and colour) and n in (3, 4))]
+               and not ((ax == "S" or ax == "C" and colour) and n in (3, 4))
+               and not (ax == "S" and n == 2 and not colour and alpha)]
     if stacked:
         what = ", ".join(f"{n} along {ax}" for ax, n in stacked)
         raise ValueError(f"holds several images ({what}; TIFF axes {axes}): save the one "
