@@ -35,6 +35,9 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 from skimage import measure, morphology
 
 from models.lines import line_seeds
@@ -546,6 +549,12 @@ def _labelled_parts(labels: np.ndarray, where: tuple[slice, slice]) -> list[_Par
     return out
 
 
+#: groups of a region farther apart than the merging gap are parts of their own when each
+#: peaks this far up the range from the threshold to :func:`score_ceiling` (:func:`_apart`):
+#: two clear defects (a spot and a particle at 0.87-0.98 of the range on a photographed
+#: product), while the faint pieces of a PV stain (0.18-0.33 beside 0.86-3.3) stay one
+APART_STRONG = 0.5
+
 #: a strong defect's own extent, to tell two defects apart whose blurred tails join: the
 #: pixels over this fraction of the way from the extent threshold to the region's peak
 #: (:func:`_peaks`)
@@ -565,7 +574,76 @@ def _peaks(region: Any, anomaly: np.ndarray, over: np.ndarray, low: float, thres
     decision threshold, the pixels over that level are grouped as fragments are
     (:func:`label_defects`, :func:`merge_collinear`: a scratch that fades in places stays
     one); with two groups or more, each pixel of the region goes to the nearest group.
+    Before that, groups of pixels over the decision threshold farther apart than
+    ``merge_map_px`` are parts of their own whatever the peak (:func:`_apart`).
     """
+    return [piece for part in _apart(region, anomaly, over, threshold, merge_map_px)
+            for piece in _strong_peaks(part, anomaly, over, low, threshold, merge_map_px)]
+
+
+def _apart(region: Any, anomaly: np.ndarray, over: np.ndarray, threshold: float,
+           merge_map_px: float) -> list[Any]:
+    """``region`` as it is, or, when its pixels over the threshold (``over``) form groups
+    farther apart than ``merge_map_px`` that the extent threshold joined, and two or more of
+    them peak in the upper half of the range over ``threshold`` (:data:`APART_STRONG`), one
+    part per such group, each pixel of the region going to the nearest.
+
+    :func:`label_defects` groups regions of the extent threshold: a dark spot 2 times over
+    the threshold whose nearest pixels over it lay 7 map px from a bright particle's, their
+    blurred tails touching, was one region with the particle, measured and boxed as the
+    particle, and lost. Groups whose nearest pixels lie within ``merge_map_px`` stay one,
+    and so do groups along one line (:func:`merge_collinear`, :func:`join_line_pieces`: a
+    scratch that fades in places, seen in pieces, stays one defect).
+    """
+    where = region.slice
+    sub = region.image
+    seeds = sub & over[where]
+    groups, n = ndimage.label(seeds, structure=np.ones((3, 3), dtype=bool))
+    if n < 2:
+        return [region]
+    # groups whose nearest pixels lie within the merging distance are one (label_defects
+    # grows each by half the distance rounded up, which joins pixels 7-8 px apart); the
+    # nearest pixels of two groups are on their edges
+    edge = seeds & ~ndimage.binary_erosion(seeds, structure=np.ones((3, 3), dtype=bool))
+    pts = np.argwhere(edge)
+    owner = groups[edge]
+    pairs = cKDTree(pts).query_pairs(merge_map_px, output_type="ndarray")
+    a, b = owner[pairs[:, 0]], owner[pairs[:, 1]]
+    graph = coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n + 1, n + 1))
+    _, joined = connected_components(graph, directed=False)
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[1:] = joined[1:] + 1
+    groups = merge_collinear(lut[groups])
+    # only groups in the upper half of the range over the threshold are defects of their own
+    # (:data:`APART_STRONG`); a weaker one stays with the nearest: a defect's fringe crossing
+    # the threshold in places (a coin die's missing pattern gave off a "crack" 114 um away,
+    # scoring 1.16 against 1.13), or a fragment of a faint extended one (a PV stain's pieces
+    # at 0.2-0.3 of the range, split off and called a crack)
+    peaks = ndimage.maximum(np.asarray(anomaly[where], dtype=np.float32), groups,
+                            np.arange(1, int(groups.max()) + 1))
+    strong = threshold + APART_STRONG * (score_ceiling(threshold) - threshold)
+    clear = np.zeros(int(groups.max()) + 1, dtype=bool)
+    clear[1:] = np.atleast_1d(peaks) >= strong
+    groups = np.where(clear[groups], groups, 0)
+    if len(np.unique(groups[groups > 0])) < 2:
+        return [region]
+    return _nearest_parts(region, groups)
+
+
+def _nearest_parts(region: Any, groups: np.ndarray) -> list[Any]:
+    """The pixels of ``region`` shared among the labelled ``groups`` (in its box), each
+    going to the nearest group, with the pieces of one line joined (:func:`join_line_pieces`);
+    ``region`` as it is when that leaves one part."""
+    _, (ii, jj) = ndimage.distance_transform_edt(groups == 0, return_indices=True)
+    parts = join_line_pieces(np.where(region.image, groups[ii, jj], 0), groups)
+    if len(np.unique(parts[parts > 0])) < 2:
+        return [region]
+    return _labelled_parts(parts, region.slice)
+
+
+def _strong_peaks(region: Any, anomaly: np.ndarray, over: np.ndarray, low: float,
+                  threshold: float, merge_map_px: float) -> list[Any]:
+    """``region`` split among its strong defects (:func:`_peaks`)."""
     where = region.slice
     sub = region.image
     a = np.asarray(anomaly[where], dtype=np.float32)
@@ -577,11 +655,7 @@ def _peaks(region: Any, anomaly: np.ndarray, over: np.ndarray, low: float, thres
     groups = merge_collinear(label_defects(strong, strong & over[where], merge_map_px))
     if len(np.unique(groups[groups > 0])) < 2:
         return [region]
-    _, (ii, jj) = ndimage.distance_transform_edt(groups == 0, return_indices=True)
-    parts = join_line_pieces(np.where(sub, groups[ii, jj], 0), groups)
-    if len(np.unique(parts[parts > 0])) < 2:
-        return [region]
-    return _labelled_parts(parts, where)
+    return _nearest_parts(region, groups)
 
 
 #: a piece is line-like from this length / width on (:func:`join_line_pieces`)
