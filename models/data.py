@@ -101,6 +101,10 @@ def read_image(path: Path) -> np.ndarray:
         else:
             img = read_picture(path)
     except Exception as exc:  # any decoder error is a bad input file
+        if str(exc).startswith("Could not find a backend"):
+            # imageio's words for content that no decoder knows (a text file named .png)
+            raise UserError(f"{path}: not a picture: no decoder knows its content (PNG, JPEG, "
+                            "TIFF, BMP and the other picture formats are read)") from None
         raise UserError(f"{path}: cannot read image ({type(exc).__name__}: "
                         f"{first_line(exc)})") from None
     img = np.asarray(img)
