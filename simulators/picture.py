@@ -181,9 +181,90 @@ _JPEG = (6, 7)
 _ASSOCIATED_ALPHA, _ALPHA = 1, 2
 
 
-def tiff_light(page: Any, pixels: np.ndarray) -> np.ndarray:
+def _photometric(page: Any) -> int:
+    """A TIFF page's photometric interpretation; a file without the tag (tifffile then says
+    MinIsWhite, 0) is MinIsBlack: a program that wrote bare samples, grey as they are
+    (libtiff's reading too)."""
+    photometric = int(getattr(page, "photometric", 1) or 0)
+    tags = getattr(page, "tags", None)
+    if photometric == _MINISWHITE and tags is not None and \
+            "PhotometricInterpretation" not in tags:
+        return 1
+    return photometric
+
+
+def _ycbcr_luma(page: Any) -> bool:
+    """Whether tifffile returns the page's stored luma and chroma (YCbCr not JPEG-compressed:
+    a JPEG decoder converts to RGB itself)."""
+    return _photometric(page) == _YCBCR and \
+        int(getattr(page, "compression", 1) or 0) not in _JPEG
+
+
+def _reference_black_white(page: Any) -> tuple[float, float] | None:
+    """The luma's black and white of a YCbCr page's ``ReferenceBlackWhite`` tag (None: no
+    tag)."""
+    tags = getattr(page, "tags", None)
+    tag = tags.get("ReferenceBlackWhite") if tags is not None else None
+    if tag is None:
+        return None
+    values = tuple(tag.value)
+    if values and isinstance(values[0], tuple):  # rationals as (numerator, denominator)
+        values = tuple(n / d if d else 0.0 for n, d in values)
+    elif len(values) == 12:  # rationals as a flat list
+        values = tuple(values[i] / values[i + 1] if values[i + 1] else 0.0
+                       for i in range(0, 12, 2))
+    if len(values) < 2:
+        return (float(values[0]), float("nan")) if values else None
+    return float(values[0]), float(values[1])
+
+
+def tiff_white_from_pixels(page: Any) -> bool:
+    """Whether a page is MinIsWhite with samples whose white is the picture's own largest
+    (:func:`full_scale`: floats, 32/64-bit integers): a reader of windows finds it over the
+    whole picture first and passes it to :func:`tiff_light` (each window's own largest
+    sample would be another white for every window)."""
+    dtype = getattr(page, "dtype", None)
+    if _photometric(page) != _MINISWHITE or dtype is None:
+        return False
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or (dtype.kind in "iu" and dtype.itemsize > 2)
+
+
+def tiff_light_white(page: Any) -> float | None:
+    """White of the light :func:`tiff_light` returns for a page whose file says it, else None
+    (the pixel type's :func:`full_scale`): a palette's colour-map maximum (its colours are
+    16-bit whatever its indices are), the luma's ``ReferenceBlackWhite`` range of YCbCr, and
+    ``2**bits - 1`` for integer samples narrower than their type (a 4- or 12-bit picture is
+    not 255 or 65535 dark). Used by the image sample, which renders light divided by white
+    window by window."""
+    photometric = _photometric(page)
+    if photometric == _PALETTE:
+        colormap = getattr(page, "colormap", None)
+        if colormap is None:
+            return None
+        dtype = np.asarray(colormap).dtype
+        return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else None
+    dtype = getattr(page, "dtype", None)
+    if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
+        return None
+    dtype = np.dtype(dtype)
+    white = float(np.iinfo(dtype).max) if dtype.itemsize <= 2 else None
+    bits = int(getattr(page, "bitspersample", 8 * dtype.itemsize) or 0)
+    if 0 < bits < 8 * dtype.itemsize:
+        white = float((1 << bits) - 1)
+    if white is not None and _ycbcr_luma(page):
+        reference = _reference_black_white(page)
+        if reference is not None and np.isfinite(reference[1]) and reference[1] > reference[0]:
+            return reference[1] - reference[0]
+    return white
+
+
+def tiff_light(page: Any, pixels: np.ndarray, white: float | None = None) -> np.ndarray:
     """A TIFF picture's samples ``(Y, X)`` or ``(Y, X, S)`` as light, as a viewer shows them
-    (``page``: its keyframe).
+    (``page``: its keyframe). ``pixels`` may be any window of the picture: the light of each
+    pixel depends on the file's tags only, except a floating-point MinIsWhite picture's,
+    whose white is the largest sample of the whole picture (``white``: pass it when
+    ``pixels`` is a window; default: the largest of ``pixels``).
 
     * ``MinIsWhite`` grey (scanners', some X-ray and document cameras'): 0 is white, so the
       samples are turned over (white minus each): read as stored, a dark scratch came out
@@ -202,13 +283,7 @@ def tiff_light(page: Any, pixels: np.ndarray) -> np.ndarray:
         Samples that are not light, grey or colour (CIE L*a*b*, a raw colour-filter mosaic,
         ...), or a palette picture without its colour map.
     """
-    photometric = int(getattr(page, "photometric", 1) or 0)
-    tags = getattr(page, "tags", None)
-    if photometric == _MINISWHITE and tags is not None and \
-            "PhotometricInterpretation" not in tags:
-        # no tag (tifffile then says MinIsWhite): a program that wrote bare samples, grey as
-        # they are (libtiff's reading too)
-        photometric = 1
+    photometric = _photometric(page)
     if photometric not in _READ_PHOTOMETRIC:
         import tifffile
 
@@ -229,26 +304,19 @@ def tiff_light(page: Any, pixels: np.ndarray) -> np.ndarray:
             grey = ~grey
         elif np.issubdtype(grey.dtype, np.integer) and grey.dtype.itemsize <= 2:
             bits = int(getattr(page, "bitspersample", 8 * grey.dtype.itemsize) or 0)
-            white = (1 << bits) - 1 if 0 < bits < 8 * grey.dtype.itemsize \
+            top = (1 << bits) - 1 if 0 < bits < 8 * grey.dtype.itemsize \
                 else int(np.iinfo(grey.dtype).max)
-            grey = white - grey.astype(np.int64)
+            grey = top - grey.astype(np.int64)
         else:
-            grey = full_scale(grey.dtype, float(np.max(grey))) - grey.astype(np.float64)
+            if white is None:
+                white = full_scale(grey.dtype, float(np.max(grey)) if grey.size else 0.0)
+            grey = white - grey.astype(np.float64)
         if pixels.ndim == 3:  # grey + alpha: the alpha stays as it is
             return np.stack([grey, pixels[..., 1].astype(grey.dtype)], axis=-1)
         return grey
-    if photometric == _YCBCR and int(getattr(page, "compression", 1) or 0) not in _JPEG \
-            and pixels.ndim == 3:
-        black = 0.0
-        tag = tags.get("ReferenceBlackWhite") if tags is not None else None
-        if tag is not None:
-            values = tuple(tag.value)
-            if values and isinstance(values[0], tuple):  # rationals as (numerator, denominator)
-                values = tuple(n / d if d else 0.0 for n, d in values)
-            elif len(values) == 12:  # rationals as a flat list
-                values = tuple(values[i] / values[i + 1] if values[i + 1] else 0.0
-                               for i in range(0, 12, 2))
-            black = float(values[0]) if values else 0.0
+    if _ycbcr_luma(page) and pixels.ndim == 3:
+        reference = _reference_black_white(page)
+        black = reference[0] if reference is not None else 0.0
         return pixels[..., 0].astype(np.float64) - black
     return pixels
 

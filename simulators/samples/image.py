@@ -24,6 +24,9 @@ from ..picture import (
     read_picture,
     tiff_image_axes,
     tiff_is_cmyk,
+    tiff_light,
+    tiff_light_white,
+    tiff_white_from_pixels,
 )
 from .base import VirtualSample
 from .defects import ALL_KINDS, SURFACE_KINDS, DefectField, place_defects, resolve_kinds
@@ -50,6 +53,7 @@ class _Reader:
     shape: tuple[int, int]
     dtype: np.dtype
     scale: float = 1.0  # white: divide by it to get [0, 1] (set by ImageSample)
+    white: float | None = None  # white the file states (else the pixel type's full scale)
     lazy: bool
     chunk: tuple[int, int] = (1, 1)  # rows, cols the file is stored in (decoded whole)
 
@@ -112,7 +116,16 @@ def _luminance(window: np.ndarray) -> np.ndarray:
 
 
 class _TiffReader(_Reader):
-    """Lazy TIFF window reader (memory map if possible, else tifffile's Zarr store)."""
+    """Lazy TIFF window reader (memory map if possible, else tifffile's Zarr store).
+
+    Each window is read as light the way the model's image reader reads the whole file
+    (:func:`simulators.picture.tiff_light`: MinIsWhite turned over, a palette's indices
+    looked up in its colour map, uncompressed YCbCr's luma; CMYK converted; CIE L*a*b* and
+    other samples that are not light refused), so that a picture scanned as a sample is the
+    picture a model was trained on. Everything a window's light needs comes from the file's
+    tags, except a floating-point (or 32-bit) MinIsWhite picture's white, its largest
+    sample, which is found once over the whole file, window by window.
+    """
 
     def __init__(self, path: Path) -> None:
         import tifffile
@@ -126,6 +139,10 @@ class _TiffReader(_Reader):
             axes, shape = tiff_image_axes(series), series.shape
             self.shape = (int(shape[axes.index("Y")]), int(shape[axes.index("X")]))
             self.dtype = _intensities(np.dtype(series.dtype))
+            self._page = series.keyframe
+            tiff_light(self._page, np.zeros((1, 1), self.dtype))  # not light: refused now
+            self.white = tiff_light_white(self._page)
+            self._stored_white: float | None = None  # MinIsWhite's white, when the data's
             self._cmyk = tiff_is_cmyk(self._tif)
             channel = "S" if "S" in axes else ("C" if "C" in axes else None)
             # index template: Y and X sliced per read, the channel axis kept, the rest at 0
@@ -143,11 +160,18 @@ class _TiffReader(_Reader):
                 chunks = self._array.chunks
                 self.chunk = (int(chunks[axes.index("Y")]), int(chunks[axes.index("X")]))
             self.lazy = True
+            if tiff_white_from_pixels(self._page):
+                # white is the largest stored sample of the whole picture (as the file reader
+                # takes it), not of each window
+                largest = _survey(_StoredSamples(self), path)
+                self._stored_white = full_scale(self.dtype, largest)
+                self.white = self._stored_white
         except Exception:
             self._tif.close()
             raise
 
-    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    def stored(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """The window's samples as the file stores them, ``(rows, cols[, samples])``."""
         index: list[Any] = []
         for ax in self._axes:
             if ax == "Y":
@@ -164,13 +188,30 @@ class _TiffReader(_Reader):
             window = np.moveaxis(window, kept.index(self._channel), -1)
             if window.shape[-1] == 1:
                 window = window[..., 0]
-            elif self._cmyk and window.shape[-1] == 4:
-                window = cmyk_to_rgb(window)
+        return window
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        window = tiff_light(self._page, self.stored(r0, r1, c0, c1), white=self._stored_white)
+        if self._cmyk and window.ndim == 3 and window.shape[-1] == 4:
+            window = cmyk_to_rgb(window)
         return _luminance(window)
 
     def close(self) -> None:
         self._array = None
         self._tif.close()
+
+
+class _StoredSamples(_Reader):
+    """A TIFF reader's samples as stored (grey, or its first sample), for finding the
+    largest."""
+
+    def __init__(self, tiff: _TiffReader) -> None:
+        self._tiff = tiff
+        self.shape, self.dtype, self.chunk, self.lazy = tiff.shape, tiff.dtype, tiff.chunk, True
+
+    def read(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        window = self._tiff.stored(r0, r1, c0, c1)
+        return (window[..., 0] if window.ndim == 3 else window).astype(np.float64)
 
 
 class _ArrayReader(_Reader):
@@ -263,7 +304,8 @@ class ImageSample(VirtualSample):
         except Exception as exc:  # noqa: BLE001 - any decoder error means "unreadable"
             raise ValueError(f"path: cannot read image {self.path}: {first_line(exc)}"
                              ) from None
-        self._reader.scale = full_scale(self._reader.dtype, largest)
+        white = self._reader.white
+        self._reader.scale = white if white else full_scale(self._reader.dtype, largest)
         if np.issubdtype(self._reader.dtype, np.floating) and largest > 1.0:
             log.warning("%s: float pixels above 1 (largest %.4g): scaled to their largest",
                         self.path, largest)
