@@ -487,3 +487,81 @@ def test_an_uncalibrated_camera_turned_4_degrees_is_found_in_the_edge_fields(
     assert np.hypot(*(np.array(result.center_um) - truth["center_um"])) <= 10.0
     assert abs(result.rotation_deg - truth["rotation_deg"]) <= 0.02  # the notch's place
     assert [s.kind for s in result.sites].count("edge") >= 2
+
+
+def _true_die_origin(recipe) -> np.ndarray:
+    s = recipe.sample
+    return np.array([s.center_um[0] + s.die_origin_mm[0] * 1000.0,
+                     s.center_um[1] + s.die_origin_mm[1] * 1000.0])
+
+
+def _coarse_wafer(**camera: object) -> dict:
+    """A 100 mm wafer on 60 µm pixels (31 mm fields, several 7.3 x 9.1 mm dies each, its
+    80 µm lanes 1.3 px wide), placed and gridded off the round numbers (probe P16)."""
+    return {"sample": {"kind": "wafer", "diameter_mm": 100, "orientation": "notch",
+                       "edge_exclusion_mm": 3, "die_pitch_mm": [7.3, 9.1],
+                       "die_origin_mm": [-1.7, 2.3], "center_um": [2000, -1500],
+                       "defects": {"count": 0, "seed": 11}},
+            "microscope": {"kind": "simulated", "seed": 1,
+                           "camera": {"width": 512, "height": 512, "pixel_size_um": 60.0,
+                                      **camera},
+                           "stage": {"travel_x_um": [-150000, 150000],
+                                     "travel_y_um": [-150000, 150000]}},
+            "scan": {"overlap": 0.1}}
+
+
+def test_lane_crossings_the_correlation_disowns_are_no_die_sites(tmp_path: Path) -> None:
+    """Both die sites' "lane crossings" lay 2.3 mm off alike (lanes 1.3 px wide in fields
+    of several dies), the sites' distance agreed with the pitch, and the grid was taken: every
+    die index of the scan one row off (probe P16: 10 of 20 defects, KLARF and defects.json).
+    The lanes and the fields' correlation then disagree by far more than the stage's landing
+    error: the sites are refused, and `auto` keeps the edge and notch's placement."""
+    from devices.core import build_microscope
+    from scanner.acquisition.align import align
+    from scanner.diegrid import DieGrid
+
+    recipe = parse_recipe(_coarse_wafer(), tmp_path, "coarse")
+    result = align(build_microscope(recipe), recipe)
+    grid = DieGrid.from_sample(recipe.sample.model_dump(mode="json"),
+                               result.model_dump(mode="json"))
+    # within a pixel (it was 2300 um off: a row)
+    assert np.hypot(*(np.array(grid.origin_um) - _true_die_origin(recipe))) <= 60.0
+
+
+@pytest.mark.slow
+def test_a_mosaic_whose_die_corners_fit_no_grid_keeps_the_pre_alignment(tmp_path: Path) -> None:
+    """A camera turned 2 deg, no calibration, a band one tile row high: stitching cannot
+    measure the turn, the mosaic's fields stay turned, and the die corners in it fit the grid
+    to 90 um rms (4.5 px). The fine alignment replaced the pre-alignment's grid (1.4 um from
+    the truth) with one 174 um off along x: every in-die position and the die index near a
+    die's edge wrong (probe P16). A fit that bad measured no grid: the pre-alignment stays."""
+    from scanner.acquisition.alignrefine import effective_alignment
+    from scanner.diegrid import DieGrid
+    from scanner.pipeline import run_scan
+
+    data = _coarse_wafer(rotation_deg=2.0)
+    data["sample"]["center_um"] = [0, 0]
+    data["microscope"]["camera"]["pixel_size_um"] = 20.0
+    data["scan"]["region"] = {"band_mm": [-2, 2]}
+    recipe = parse_recipe(data, tmp_path, "turned")
+    folder = run_scan(recipe, tmp_path / "scan").folder
+    scan = json.loads((folder / "scan.json").read_text(encoding="utf-8"))
+    grid = DieGrid.from_sample(scan["recipe"]["sample"],
+                               effective_alignment(scan["alignment"]))
+    assert np.hypot(*(np.array(grid.origin_um) - _true_die_origin(recipe))) <= 20.0
+
+
+def test_a_notch_read_in_a_wide_field_by_a_turned_camera_is_read_at_its_v(
+        tmp_path: Path) -> None:
+    """31 mm fields, a camera turned 2 deg that nothing measured (the edge circle still fits
+    within its 5 binned pixels): the arc at one side of the notch's field lay 0.5 mm below
+    the circle, more than a quarter of the notch's depth, and was weighed as notch. The
+    wafer, not turned at all, was aligned 7.4 deg turned (probe P16: every die index and
+    coordinate of the scan wrong, mm off). The notch's axis is read about its V only."""
+    from devices.core import build_microscope
+    from scanner.acquisition.align import align
+
+    recipe = parse_recipe(_coarse_wafer(rotation_deg=2.0), tmp_path, "turned")
+    result = align(build_microscope(recipe), recipe)
+    assert abs(result.rotation_deg) <= 0.15
+    assert np.hypot(*(np.array(result.center_um) - recipe.sample.center_um)) <= 120.0

@@ -530,6 +530,13 @@ def _mark_angle(p: float, sample: Any, kind: str, image: np.ndarray, fx: float,
         # the V is symmetric about its axis: weights growing with the depth below a level
         # near its mouth average to the axis (rays from the centre, evenly spaced in angle)
         wts = np.clip(depth - 0.25 * nominal_depth, 0.0, None)
+        # only about the V (its 90 deg opening is twice its depth wide): a field many
+        # millimetres wide read with a camera turned 2 deg that nothing measured has its
+        # arc a quarter of the notch's depth below the circle at one side, and weighed
+        # there the notch's axis came out 7.4 deg off (probe P16)
+        bottom = float(np.median(angles[depth >= 0.75 * depth.max()]))
+        half = math.degrees(2.0 * nominal_depth / radius)
+        wts[np.abs(angles - bottom) > half] = 0.0
         return float(np.sum(angles * wts) / np.sum(wts)), int(np.count_nonzero(wts))
     sagitta = radius - _flat_distance(sample)
     on_flat = depth > 0.2 * sagitta
@@ -620,6 +627,14 @@ def _align_dies(scope: _Scope, sample: Any, centre: tuple[float, float], rotatio
             f"{np.hypot(*d):.1f} µm apart, the die pitch puts them {np.hypot(*nominal_vec):.1f}"
             f" µm apart (sites disagree beyond {tolerance:.1f} µm, {SITE_SIGMAS:g} sigma of "
             f"the stage's repeatability; see {ALIGNMENT_PNG})")
+    if lane_rms > tolerance:
+        # the lanes and the correlation place the same corners apart: a "lane" that is none
+        # (lanes of a pixel or two in fields holding several dies: both sites 2.3 mm off
+        # alike passed the distance check, and every die index of the scan was one row off)
+        raise AlignmentError(
+            f"scan.align: the scribe-lane crossings at die corners ({c0}, {r0}) and ({c1}, "
+            f"{r1}) lie {lane_rms:.1f} µm (rms) from where the fields' correlation puts "
+            f"them (beyond {tolerance:.1f} µm; see {ALIGNMENT_PNG})")
     tr = math.radians(turned)
     origin = np.mean([pl - np.array([math.cos(tr) * c * px - math.sin(tr) * r * py,
                                      math.sin(tr) * c * px + math.cos(tr) * r * py])

@@ -43,6 +43,11 @@ CORNER_WINDOW_PX = 64
 MIN_CORNERS = 6
 #: a corner off the fitted grid by more than this many robust sigmas is dropped
 OUTLIER_SIGMAS = 4.0
+#: a fit whose corners lie farther (rms, mosaic pixels) from its grid measured no grid: the
+#: pre-alignment stays (good fits: 0.02-0.17 px; a camera turned 2 deg that a one-row band
+#: could not measure left the mosaic's fields turned, the fit 4.5 px rms, and it moved a
+#: 1.4 um-right grid 174 um off)
+MAX_RESIDUAL_PX = 1.0
 
 
 class Refinement(BaseModel):
@@ -204,6 +209,9 @@ def refine_alignment(mosaic: Path, scan: dict[str, Any]) -> Refinement | None:
         if new.sum() < MIN_CORNERS or (new == keep).all():
             break
         keep = new
+    residual = float(np.sqrt(np.mean(res ** 2)))
+    if residual > MAX_RESIDUAL_PX * p:
+        return None
     fine = DieGrid(grid.pitch_um, (float(origin[0]), float(origin[1])), rotation)
     # the design's centre: die (0, 0)'s corner lies at die_origin_mm from it
     ox, oy = (float(v) * 1000.0 for v in wafer.die_origin_mm)
@@ -216,4 +224,4 @@ def refine_alignment(mosaic: Path, scan: dict[str, Any]) -> Refinement | None:
                                                                  fine.origin_um[1]],
                   "rotation_deg": rotation},
         n_corners=int(keep.sum()), n_dropped=int((~keep).sum()),
-        residual_um=round(float(np.sqrt(np.mean(res ** 2))), 3), scale=round(sim_scale, 7))
+        residual_um=round(residual, 3), scale=round(sim_scale, 7))
