@@ -320,6 +320,9 @@ def build_detector(
         base is not None and base.card.get("sample_edge_seen", True))
     if base is not None:
         card["history"] = _history(base)
+        card.update(_calibrations_of_init(
+            base, cal.reference, pixel_size_range_um,
+            {str(im.meta["sample_kind"]) for im in images if im.meta.get("sample_kind")}))
     if position_cal is not None:
         card["position_calibration"] = position_cal
     weights = save_detector(bank, card, out, companion=_companion(companion_from, init),
@@ -361,6 +364,59 @@ def _history(base: PatchDetector) -> list[dict[str, Any]]:
     return [*base.card.get("history", []),
             {"model": str(base.path), "sha256": base.card.get("weights_sha256"),
              "bank": int(len(base.bank))}]
+
+
+#: the card's thresholds per sample kind, on the scale of its score reference
+_KIND_THRESHOLD_KEYS = ("thresholds_by_sample_kind", "thresholds_line_by_sample_kind")
+
+
+def _calibrations_of_init(base: PatchDetector, reference: float,
+                          pixel_size_range_um: tuple[float, float] | None,
+                          new_kinds: set[str]) -> dict[str, Any]:
+    """What an extended model keeps of its base's calibration per sample kind and pixel band
+    (thresholds, line thresholds, good-surface scores), rescaled from the base's score
+    reference to ``reference``, and the base's range of pixel sizes; empty without them.
+    The kinds of sample of the new good images (``new_kinds``, scans') are left to the new
+    calibration.
+
+    The extended bank holds the base's, so a kind's good surface lies as near it as before:
+    its threshold in nearest-bank distance keeps the rate the base was calibrated to. They
+    were dropped: the shipped default extended with 3 small photographs judged wafers and PV
+    cells at every pixel size with the one new pooled threshold (wafers 83.6 -> 72.1 in
+    distance, PV cells at 10 um 65.8 -> 72.1) and ran only at 1 um (range 0.5-40 -> 1-1)."""
+    ref = base.card.get("score_reference")
+    if not isinstance(ref, int | float) or not ref > 0 or not reference > 0:
+        return {}
+    k = float(ref) / float(reference)
+
+    def scaled(value: Any) -> Any:
+        return float(value) * k if isinstance(value, int | float) and \
+            not isinstance(value, bool) else value
+
+    def scores(record: Any) -> Any:
+        return {key: (v if key == "n" else scaled(v)) for key, v in record.items()} \
+            if isinstance(record, dict) else record
+
+    out: dict[str, Any] = {}
+    for key in _KIND_THRESHOLD_KEYS:
+        if base.card.get(key):
+            out[key] = {kind: scaled(t) for kind, t in base.card[key].items()
+                        if kind not in new_kinds}
+    if base.card.get("good_scores_by_sample_kind"):
+        out["good_scores_by_sample_kind"] = {
+            kind: scores(s) for kind, s in base.card["good_scores_by_sample_kind"].items()
+            if kind not in new_kinds}
+    if base.card.get("thresholds_by_pixel_size"):
+        out["thresholds_by_pixel_size"] = {
+            kind: [{**band, "threshold": scaled(band.get("threshold")),
+                    "line": scaled(band.get("line")),
+                    "good_scores": scores(band.get("good_scores"))} for band in bands]
+            for kind, bands in base.card["thresholds_by_pixel_size"].items()
+            if kind not in new_kinds}
+    span = base.card.get("pixel_size_range_um")
+    if pixel_size_range_um is None and isinstance(span, list | tuple) and len(span) == 2:
+        out["pixel_size_range_um"] = [float(span[0]), float(span[1])]
+    return out
 
 
 def _card(name: str, pixel_size_um: float, pixel_size_range_um: tuple[float, float] | None,

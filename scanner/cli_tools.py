@@ -423,6 +423,8 @@ def drift(
     from scanner.inspection.inspect import load_inspection_model
 
     check_output(out_dir, "--out", folder=True)
+    if out_dir is not None:  # a folder in the plot's place failed after the comparison
+        check_output(Path(out_dir) / "drift.png", "--out", folder=False)
     report = check_drift(scans, load_inspection_model(model), out_dir)
     if not report.scans:  # nothing to judge: a verdict would only hide why
         more = len(report.skipped) - 1

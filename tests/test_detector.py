@@ -754,3 +754,57 @@ def test_the_init_floor_gives_the_rate_at_the_threshold_it_keeps() -> None:
     assert kept is not None and cal.threshold == pytest.approx(1.15)
     assert cal.components_at_threshold == 1  # only the 1.2 spot is above 1.15
     assert cal.rate_at_threshold_per_cm2 == pytest.approx(1.0)
+
+
+def test_the_default_extended_keeps_its_kinds_and_pixel_bands_calibration(
+        tmp_path: Path) -> None:
+    """The shipped default extended with a photograph dropped its thresholds per sample kind
+    and pixel band and its 0.5-40 um range: wafers and PV cells were judged with the new
+    pooled threshold (wafers 83.6 -> 72.1 in nearest-bank distance: more false alarms; PV
+    cells at 10 um 65.8 -> 72.1: defects missed), and every scan was resampled to 1 um."""
+    from models.card import card_of
+
+    base = load_model(default_model_path())
+    before = Path(base.path).read_bytes()
+    gravel = data.gravel()[:256, :256].astype(np.float32)
+    report = build_detector([GoodImage(_relative(gravel))], tmp_path / "more",
+                            init=base.path, augment_camera=False)
+    assert Path(base.path).read_bytes() == before
+    more = load_model(report.weights)
+    assert more.pixel_size_range_um == base.pixel_size_range_um
+    ref_base, ref_more = base.card["score_reference"], more.card["score_reference"]
+    for kind, pixel in (("wafer", 10.0), ("pv_cell", 10.0), ("pv_cell", 30.0),
+                        ("rectangle", 5.0)):
+        t_base, src_base = card_of(base).threshold_for(kind, pixel, base.card["threshold"])
+        t_more, src_more = card_of(more).threshold_for(kind, pixel, more.card["threshold"])
+        assert src_more == src_base
+        assert t_more * ref_more == pytest.approx(t_base * ref_base, rel=1e-6)
+        s_base = card_of(base).good_scores_for(kind, pixel, base.card["good_scores"])[0]
+        s_more = card_of(more).good_scores_for(kind, pixel, more.card["good_scores"])[0]
+        assert s_more["n"] == s_base["n"]
+        assert s_more["q99"] * ref_more == pytest.approx(s_base["q99"] * ref_base, rel=1e-6)
+    line_base = card_of(base).line_threshold_for("wafer", "model card (wafer)", 10.0)
+    line_more = card_of(more).line_threshold_for("wafer", "model card (wafer)", 10.0)
+    assert line_more * ref_more == pytest.approx(line_base * ref_base, rel=1e-6)
+
+
+def test_an_extension_leaves_the_kind_of_its_new_images_to_their_calibration() -> None:
+    """The base's thresholds per kind are kept rescaled to the new score reference, except
+    for the kind the new good images are of: those calibrate it."""
+    from types import SimpleNamespace
+
+    from models.build import _calibrations_of_init
+
+    band = {"pixel_size_um": [8.0, 13.5], "threshold": 1.0, "area_cm2": 40.0, "line": 0.8,
+            "good_scores": {"n": 10, "q50": 0.5}}
+    base = SimpleNamespace(card={
+        "score_reference": 60.0, "pixel_size_range_um": [0.5, 40.0],
+        "thresholds_by_sample_kind": {"wafer": 1.2, "pv_cell": 0.9},
+        "thresholds_by_pixel_size": {"pv_cell": [band], "wafer": [band]}})
+    kept = _calibrations_of_init(base, 40.0, None, {"pv_cell"})
+    assert kept["thresholds_by_sample_kind"] == {"wafer": pytest.approx(1.8)}
+    assert list(kept["thresholds_by_pixel_size"]) == ["wafer"]
+    wafer = kept["thresholds_by_pixel_size"]["wafer"][0]
+    assert wafer["threshold"] == pytest.approx(1.5) and wafer["line"] == pytest.approx(1.2)
+    assert wafer["good_scores"] == {"n": 10, "q50": pytest.approx(0.75)}
+    assert kept["pixel_size_range_um"] == [0.5, 40.0]

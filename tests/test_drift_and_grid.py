@@ -536,3 +536,56 @@ def test_one_scan_is_compared_with_its_kinds_and_pixel_bands_calibration(
     report = check_drift([folder], model)
     assert not report.drifted and "(pv_cell, 20-40 um pixels;" in report.verdict()
     assert report.move == pytest.approx(1.5 / 1.52, rel=0.02)
+
+
+def test_drift_refuses_a_folder_in_the_plots_place_before_comparing(tmp_path: Path) -> None:
+    """``--out DIR`` with DIR/drift.png a folder: "failed: IsADirectoryError" (exit 1) after
+    the comparison, and no verdict at all."""
+    from typer.testing import CliRunner
+
+    from scanner.cli import app
+
+    default = Path(__file__).resolve().parents[1] / "models" / "default.safetensors"
+    sha = json.loads(default.with_suffix(".json").read_text())["weights_sha256"]
+    scores = score_summary(np.random.default_rng(5).gamma(4.0, 0.2, 10_000))
+    a = _inspected(tmp_path / "a", scores, GOOD_IMAGE, "2026-12-01T08:00:00+00:00", sha)
+    b = _inspected(tmp_path / "b", scores, GOOD_IMAGE, "2026-12-02T08:00:00+00:00", sha)
+    (tmp_path / "out" / "drift.png").mkdir(parents=True)
+    (tmp_path / "out" / "drift.png" / "mine.txt").write_text("kept")
+    res = CliRunner().invoke(app, ["drift", str(a), str(b), "--model", str(default),
+                                   "--out", str(tmp_path / "out")])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "--out" in lines[0] and "drift.png" in lines[0] and "Error" not in lines[0]
+    assert (tmp_path / "out" / "drift.png" / "mine.txt").read_text() == "kept"
+
+
+def test_a_record_missing_its_quantiles_is_named_by_its_own_field(tmp_path: Path) -> None:
+    """A good_scores record with n but no quantiles was refused as "...good_scores: recipe:
+    n is 100 but ...": no recipe is involved."""
+    scores = score_summary(np.random.default_rng(9).gamma(4.0, 0.2, 10_000))
+    scan = _scan(tmp_path / "a", {"n": 100})
+    with pytest.raises(UserError) as info:
+        check_drift([scan], _Model(scores))
+    assert "inspection.good_scores: n is 100" in str(info.value)
+    assert "recipe" not in str(info.value)
+    with pytest.raises(UserError) as info:
+        check_drift([_scan(tmp_path / "b", scores)], _Model({"n": 3}))
+    assert "good_scores: n is 3" in str(info.value) and "recipe" not in str(info.value)
+
+
+def test_a_scan_that_does_not_say_which_model_scored_it_is_refused(tmp_path: Path) -> None:
+    """A scan whose inspection record lost its model (weights_sha256) was compared as if
+    the --model had scored it: a scan inspected with the default, against a model built for
+    the product, read "no drift ... x1.09" on scores of another scale."""
+    rng = np.random.default_rng(3)
+    scores = score_summary(rng.gamma(4.0, 0.2, 10_000))
+    ok = _inspected(tmp_path / "a", scores, GOOD_IMAGE, "2026-12-01T08:00:00+00:00")
+    lost = tmp_path / "b"
+    lost.mkdir()
+    (lost / "scan.json").write_text(json.dumps(
+        {"started": "2026-12-02T08:00:00+00:00",
+         "inspection": {"good_scores": score_summary(1.6 * rng.gamma(4.0, 0.2, 10_000)),
+                        "surface_image": GOOD_IMAGE}}))
+    with pytest.raises(UserError, match=r"b/scan\.json inspection\.model\.weights_sha256"):
+        check_drift([ok, lost], _Model(scores))

@@ -321,7 +321,13 @@ def _row(folder: Path, sha: str | None) -> dict[str, Any] | str:
     used = (inspection.get("model") or {}).get("weights_sha256")
     if not scores or not scores.get("n"):
         return f"{folder} (not inspected, or before good scores were recorded)"
-    if sha and used and used != sha:
+    if sha and not used:
+        # every inspection that records good scores records its model's hash: without it
+        # the scores may be another model's, on another scale (a scan inspected with the
+        # default, its model record lost, was compared with one built for the product)
+        raise UserError(f"{where}.model.weights_sha256: not recorded, so which model scored "
+                        "its good surface cannot be told; inspect the scan again with --model")
+    if sha and used != sha:
         return f"{folder} (inspected with another model)"
     image = _checked(inspection.get("surface_image"), f"{where}.surface_image", ImageQuality)
     recipe, mosaic = scan.get("recipe"), scan.get("mosaic")
@@ -406,7 +412,7 @@ def _checked(record: Any, where: str, schema: type[BaseModel]) -> dict[str, Any]
     try:
         schema.model_validate(record)
     except ValidationError as exc:
-        raise UserError(f"{where}: {format_validation_error(exc)}") from None
+        raise UserError(f"{where}: {format_validation_error(exc, root='')}") from None
     return record
 
 
