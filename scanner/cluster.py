@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -103,8 +105,10 @@ def open_cluster(spec: str | ClusterSpec) -> Iterator[Cluster]:
         # one core per worker process (module docstring), one task at a time: two windows at
         # once would double a worker's memory
         env = {THREADS_ENV: "1", "OMP_NUM_THREADS": "1"}
+        # the workers leave Ctrl-C to this process (dask_setup below)
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                          dashboard_address=None, env=env, memory_limit=0) as local, \
+                          dashboard_address=None, env=env, memory_limit=0,
+                          preload=[__name__]) as local, \
                 Client(local) as client:
             yield Cluster(client)
         return
@@ -122,6 +126,17 @@ def open_cluster(spec: str | ClusterSpec) -> Iterator[Cluster]:
                             f"joined in {WORKERS_WAIT_S:g} s); start some with `dask worker "
                             f"{spec.address}`") from None
         yield Cluster(client)
+
+
+def dask_setup(worker: Any) -> None:
+    """A ``local:N`` worker's preload: Ctrl-C is left to the process that started it.
+
+    A terminal sends Ctrl-C to the whole process group: each worker died of it, printing
+    dask's KeyboardInterrupt traceback around waferscope's one line, while that process
+    stops the workers itself as the scan is left interrupted.
+    """
+    if threading.current_thread() is threading.main_thread():  # a worker process's own
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 #: how long a scheduler is given to answer dask's handshake, and to have a worker

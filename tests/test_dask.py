@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +316,56 @@ def test_an_address_where_no_host_answers_is_refused_after_the_connect_timeout(
         with open_cluster("tcp://10.255.255.1:8786"):
             pass
     assert asked == [(("10.255.255.1", 8786), cluster_mod.CONNECT_S)]
+
+
+_CTRL_C = """
+import os, sys, time
+
+from scanner.cli import install_signal_handlers
+from scanner.cluster import open_cluster
+
+
+def nap(k):
+    time.sleep(0.1)
+    return k
+
+
+if __name__ == "__main__":
+    install_signal_handlers()
+    try:
+        with open_cluster("local:1") as cluster:
+            print(*cluster.client.run(os.getpid).values(), flush=True)
+            futures = [cluster.client.submit(nap, k, pure=False) for k in range(600)]
+            cluster._wait(futures, lambda result: None)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_in_a_terminal_leaves_the_local_workers_to_this_process(tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group: each `local:N` worker died of
+    it too, printing dask's KeyboardInterrupt traceback around `run`'s one line (probe P17)."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(_CTRL_C)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 1, proc.stderr.read() if proc.poll() is not None else "no pid"
+        ignored = next(int(line.split()[1], 16) for line in
+                       Path(f"/proc/{pids[0]}/status").read_text().splitlines()
+                       if line.startswith("SigIgn:"))
+        assert ignored & (1 << (signal.SIGINT - 1)), "the worker takes Ctrl-C itself"
+        time.sleep(0.5)  # tasks running
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "interrupted" in stderr.splitlines(), stderr
