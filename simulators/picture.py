@@ -230,6 +230,16 @@ def tiff_white_from_pixels(page: Any) -> bool:
     return dtype.kind == "f" or (dtype.kind in "iu" and dtype.itemsize > 2)
 
 
+def _integer_white(page: Any, dtype: np.dtype) -> int | None:
+    """White of a page's integer samples of ``dtype``: ``2**bits - 1`` when the file stores
+    fewer bits than the type holds (a 4- or 12-bit picture), else the type's maximum up to 16
+    bits; None for wider types (their white is the picture's own largest sample)."""
+    bits = int(getattr(page, "bitspersample", 8 * dtype.itemsize) or 0)
+    if 0 < bits < 8 * dtype.itemsize:
+        return (1 << bits) - 1
+    return int(np.iinfo(dtype).max) if dtype.itemsize <= 2 else None
+
+
 def tiff_light_white(page: Any) -> float | None:
     """White of the light :func:`tiff_light` returns for a page whose file says it, else None
     (the pixel type's :func:`full_scale`): a palette's colour-map maximum (its colours are
@@ -247,11 +257,8 @@ def tiff_light_white(page: Any) -> float | None:
     dtype = getattr(page, "dtype", None)
     if dtype is None or not np.issubdtype(np.dtype(dtype), np.integer):
         return None
-    dtype = np.dtype(dtype)
-    white = float(np.iinfo(dtype).max) if dtype.itemsize <= 2 else None
-    bits = int(getattr(page, "bitspersample", 8 * dtype.itemsize) or 0)
-    if 0 < bits < 8 * dtype.itemsize:
-        white = float((1 << bits) - 1)
+    top = _integer_white(page, np.dtype(dtype))
+    white = None if top is None else float(top)
     if white is not None and _ycbcr_luma(page):
         reference = _reference_black_white(page)
         if reference is not None and np.isfinite(reference[1]) and reference[1] > reference[0]:
@@ -303,10 +310,7 @@ def tiff_light(page: Any, pixels: np.ndarray, white: float | None = None) -> np.
         if grey.dtype == np.bool_:
             grey = ~grey
         elif np.issubdtype(grey.dtype, np.integer) and grey.dtype.itemsize <= 2:
-            bits = int(getattr(page, "bitspersample", 8 * grey.dtype.itemsize) or 0)
-            top = (1 << bits) - 1 if 0 < bits < 8 * grey.dtype.itemsize \
-                else int(np.iinfo(grey.dtype).max)
-            grey = top - grey.astype(np.int64)
+            grey = _integer_white(page, grey.dtype) - grey.astype(np.int64)
         else:
             if white is None:
                 white = full_scale(grey.dtype, float(np.max(grey)) if grey.size else 0.0)
