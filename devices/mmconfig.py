@@ -142,6 +142,45 @@ def loadable_config(path: Path) -> Iterator[Path]:
         yield copy
 
 
+def _mark_py_lines(text: str) -> str:
+    """The text with every Python device's line under the ``#py`` prefix.
+
+    UniMMCore also loads them unprefixed (``pyDevice,...`` and the settings of its devices,
+    as pymmcore-plus saves a file with ``prefix_py_devices=False``), which the C++ file
+    model refuses ("Invalid command name: 'pyDevice'"), as it does a property of a device
+    it does not know. (Presets and labels on them are kept: the model keeps those of any
+    label, and the pixel-size presets are read from it.)
+    """
+    lines = text.splitlines()
+    labels = set()
+    for line in lines:
+        tokens = line.strip().removeprefix(_PY_PREFIX).strip().split(",")
+        if tokens[0] == "pyDevice" and len(tokens) > 1:
+            labels.add(tokens[1])
+    if not labels:
+        return text
+    marked = []
+    for line in lines:
+        tokens = line.strip().split(",")
+        if tokens[0] == "pyDevice" or (tokens[0] == "Property" and len(tokens) > 1
+                                       and tokens[1] in labels):
+            line = _PY_PREFIX + line.strip()
+        marked.append(line)
+    return "\n".join(marked) + "\n"
+
+
+def _where(text: str, exc: Exception) -> str:
+    """``line N 'command': `` of the line the model's parser refused, where it can be told."""
+    message = str(exc)
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if repr(line) in message or message.endswith(f": {line.split(',')[0]!r}"):
+            return f"line {number} {line!r}: "
+    return ""
+
+
 def read_config(path: Path) -> ConfigSummary:
     """Parse a ``.cfg`` without loading anything.
 
@@ -151,14 +190,15 @@ def read_config(path: Path) -> ConfigSummary:
         If the file cannot be parsed.
     """
     path = Path(path)
-    text = config_text(path)
+    text = _mark_py_lines(config_text(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the model warns about lines it cannot apply offline
         try:
             model = Microscope()
             model.load_config(text)
         except Exception as exc:  # the parser raises plain exceptions with the line
-            raise ConfigError(f"microscope.config: {path.name}: cannot be read ({exc})") from None
+            raise ConfigError(f"microscope.config: {path.name}: cannot be read "
+                              f"({_where(text, exc)}{exc})") from None
     summary = ConfigSummary()
     for device in model.devices:
         summary.devices[device.name] = (device.library, device.adapter_name)
@@ -209,31 +249,36 @@ def check_config(path: Path, adapter_path: Path | None = None,
         naming no device.
     """
     summary = read_config(path)
+    name = Path(path).name
     dirs = _adapter_dirs(adapter_path)
     missing = sorted({lib for lib, _ in summary.devices.values()
                       if not _adapter_installed(lib, dirs)})
+    # every problem in the one line: installing the adapters must not reveal the next one
+    problems = []
     if missing:
-        raise ConfigError(
-            f"microscope.config: {Path(path).name} needs device adapters not installed here: "
-            f"{', '.join(missing)} (run `mmcore install`, or set microscope.adapter_path)")
+        problems.append(f"{name} needs device adapters not installed here: "
+                        f"{', '.join(missing)} (run `mmcore install`, or set "
+                        "microscope.adapter_path)")
     if str(Path(path).parent) not in sys.path:  # a .cfg may name modules beside it
         sys.path.append(str(Path(path).parent))
     bad = [f"{label} ({module}.{cls})" for label, (module, cls) in summary.py_devices.items()
            if not _py_device_found(module, cls)]
     if bad:
-        raise ConfigError(f"microscope.config: {Path(path).name}: Python devices that cannot "
-                          f"be imported: {', '.join(bad)}")
+        problems.append(f"{name}: Python devices that cannot be imported: {', '.join(bad)}")
     labels = set(summary.devices) | set(summary.py_devices)
     for role, label in (roles or {}).items():
         if label not in labels:
-            raise ConfigError(f"microscope.roles.{role}: {label!r} is not a device of "
-                              f"{Path(path).name} (devices: {', '.join(sorted(labels))})")
+            problems.append(f"microscope.roles.{role}: {label!r} is not a device of "
+                            f"{name} (devices: {', '.join(sorted(labels))})")
     for role, label in summary.roles.items():
         # the loader ignores a Core property naming no device; the role was then missing
         # with no word of the label that was meant
         if role not in (roles or {}) and label not in labels:
-            raise ConfigError(
-                f"microscope.config: {Path(path).name}: Core,{ROLE_PROPERTIES[role]},{label} "
-                f"names no device of the file (devices: {', '.join(sorted(labels))}; or set "
-                f"microscope.roles.{role})")
+            problems.append(
+                f"{name}: Core,{ROLE_PROPERTIES[role]},{label} names no device of the file "
+                f"(devices: {', '.join(sorted(labels))}; or set microscope.roles.{role})")
+    if problems:
+        first = problems[0] if problems[0].startswith("microscope.") else (
+            f"microscope.config: {problems[0]}")
+        raise ConfigError("; ".join([first, *problems[1:]]))
     return summary
