@@ -691,11 +691,11 @@ def join_line_pieces(parts: np.ndarray, cores: np.ndarray) -> np.ndarray:
     Returns the labels with joined parts sharing one label.
     """
     labels = [int(k) for k in np.unique(parts[parts > 0])]
-    line_like = set()
+    line_like: dict[int, float] = {}  # the line-like parts' lengths
     for k in labels:
         (major, minor), (cmajor, cminor) = _axes(parts == k), _axes(cores == k)
         if min(major / minor, cmajor / cminor) >= PIECE_ELONGATION:
-            line_like.add(k)
+            line_like[k] = major
     out = parts.copy()
     for i, a in enumerate(labels):
         if a not in line_like:
@@ -704,7 +704,7 @@ def join_line_pieces(parts: np.ndarray, cores: np.ndarray) -> np.ndarray:
         for b in labels[i + 1:]:
             if b not in line_like or not (grown & (parts == b)).any():
                 continue
-            ma, mb = _axes(parts == a)[0], _axes(parts == b)[0]
+            ma, mb = line_like[a], line_like[b]
             union, _ = _axes((parts == a) | (parts == b))
             if union - max(ma, mb) >= END_TO_END * min(ma, mb):
                 out[out == out[parts == b][0]] = out[parts == a][0]
