@@ -392,6 +392,7 @@ class ImageSample(_RepeatKeys):
     defects: DefectSpec = DefectSpec(count=0)
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
+    placement: PlacementSpec = PlacementSpec()
 
     @field_validator("path")
     @classmethod
@@ -444,6 +445,7 @@ class RectangleSample(_RepeatKeys):
     design_seed: DesignSeed = None
     surface: SurfaceSpec = SurfaceSpec()
     roughness: RoughnessSpec | None = None
+    placement: PlacementSpec = PlacementSpec()
 
     @model_validator(mode="after")
     def _check_die_count(self) -> RectangleSample:
