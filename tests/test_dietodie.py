@@ -785,11 +785,11 @@ def _turned_part_on_a_chuck(turn_deg: float = 2.0, n: int = 5, die_px: int = 160
     return turned.astype(np.float32), outline
 
 
-def test_a_part_turned_on_its_chuck_is_compared_on_the_part_only(monkeypatch):
+def test_a_part_turned_on_its_chuck_is_compared_on_the_part_only():
     # the chuck fills a sliver of the edge dies, which still correlate with the others: before
     # on_part they were compared there, and the good part's dies differed far beyond any
-    # threshold (its found layout judged no repeat)
-    import scanner.inspection.dietodie_alike as alike
+    # threshold (its found layout judged no repeat). (Since the found grid's cells start in
+    # its street, the chuck no longer reaches into whole dies here: on_part's own test follows.)
     from scanner.inspection.goodimages import good_image_die_to_die
 
     img, outline = _turned_part_on_a_chuck()
@@ -797,11 +797,6 @@ def test_a_part_turned_on_its_chuck_is_compared_on_the_part_only(monkeypatch):
     record = good_image_die_to_die(img, pixel)
     assert record is not None and record["found_grid_repeats"]
     assert record["good_max_z"] < 13.0 and record["dies"] >= 25
-
-    monkeypatch.setattr(alike, "on_part", lambda level0, mosaic, grid, polygon, pyramid=None:
-                        polygon)
-    unmasked = good_image_die_to_die(img, pixel)
-    assert unmasked is not None and unmasked["good_max_z"] > 26.0
 
 
 def test_on_part_leaves_out_the_chuck_but_not_a_defect_inside_the_part():
@@ -829,7 +824,10 @@ def test_on_part_leaves_out_the_chuck_but_not_a_defect_inside_the_part():
     full = img[200:700, 200:700].copy()
     g2 = MosaicGrid((200 * pixel, 200 * pixel), pixel, full.shape)
     u2 = box(199 * pixel, 199 * pixel, 699 * pixel, 699 * pixel)
-    assert on_part(full, g2, grid, u2).area == pytest.approx(u2.area)
+    # (blocks of the thumbnails that the image's border cuts read part zeros: before they were
+    # taken for surround, and strips along the border and a corner, 1.1 % of the part, were
+    # left out once the found grid's cells started in the street)
+    assert on_part(full, g2, grid, u2).area > 0.999 * u2.area
 
 
 def test_die_to_die_on_a_band_counts_only_the_dies_the_band_holds():

@@ -589,3 +589,24 @@ def test_a_scan_that_does_not_say_which_model_scored_it_is_refused(tmp_path: Pat
                         "surface_image": GOOD_IMAGE}}))
     with pytest.raises(UserError, match=r"b/scan\.json inspection\.model\.weights_sha256"):
         check_drift([ok, lost], _Model(scores))
+
+
+def test_a_die_grid_in_a_surround_a_pixel_short_of_whole_pitches_starts_its_cells_in_the_street(
+        ) -> None:
+    # 5 x 5 dies of 54 px and 8 px streets in a flat surround; the scan spans 7.98 pitches, so
+    # the cells fit one more repeat only with the slack. The slack's rule (cells from the
+    # image's start) cut every die in two, though a street lies elsewhere (probe P21: a
+    # camera-photo die grid turned 0.3 deg, 2 of 22 defects found)
+    die = data.camera()[100:154, 200:254].astype(np.float32)
+    pitch, o = 62, 97
+    img = np.full((int(7.98 * pitch),) * 2, 20.0, dtype=np.float32)
+    for i in range(5):
+        for j in range(5):
+            r, c = o + i * pitch + 4, o + j * pitch + 4
+            img[r:r + 54, c:c + 54] = die
+    img += np.random.default_rng(1).normal(0, 2.0, img.shape).astype(np.float32)
+    grid = estimate_grid(img, 1.0, (0.0, 0.0))
+    assert grid is not None and grid.pitch_um == pytest.approx((pitch, pitch), abs=0.5)
+    # the streets run over pixels o - 4 .. o + 3 (modulo the pitch): the cells start there
+    for start in grid.origin_um:
+        assert abs((start + 0.5 - o + pitch / 2) % pitch - pitch / 2) <= 4.5

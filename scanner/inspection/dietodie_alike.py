@@ -99,6 +99,16 @@ def _thumbnail(level0: Any, pyramid: list[Any] | None, r0: int, c0: int, h: int,
     return _mean_pool(_read(level0, r0, c0, h, w), f)[:shape[0], :shape[1]]
 
 
+def _whole_blocks(r0: int, c0: int, shape: tuple[int, int], f: int, mosaic_shape: tuple[int, int]
+                  ) -> np.ndarray:
+    """Which ``f x f`` blocks of a thumbnail read at ``(r0, c0)`` lie wholly in the mosaic."""
+    rows = r0 + f * np.arange(shape[0])
+    cols = c0 + f * np.arange(shape[1])
+    in_rows = (rows >= 0) & (rows + f <= mosaic_shape[0])
+    in_cols = (cols >= 0) & (cols + f <= mosaic_shape[1])
+    return in_rows[:, None] & in_cols[None, :]
+
+
 def alike_partial_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell],
                        anchor: Cell, usable: UsableArea, min_correlation: float = 0.5,
                        side_px: int = 64, pyramid: list[Any] | None = None) -> list[Cell]:
@@ -193,7 +203,9 @@ def on_part(level0: Any, mosaic: MosaicGrid, grid: DieGrid, polygon: Any,
         i0, j0 = int(round(r0 / f)), int(round(c0 / f))
         a0, a1, b0, b1 = max(i0, 0), min(i0 + th, shape[0]), max(j0, 0), min(j0 + tw, shape[1])
         if a1 > a0 and b1 > b0:
-            far = np.abs(t - median) > UNLIKE_Z * spread
+            # a block that the mosaic's border cuts reads part zeros (never compared): not far
+            far = (np.abs(t - median) > UNLIKE_Z * spread) & _whole_blocks(r0, c0, t.shape, f,
+                                                                          mosaic.shape)
             unlike[a0:a1, b0:b1] |= far[a0 - i0:a1 - i0, b0 - j0:b1 - j0]
     # a turned grid's stage-aligned die windows leave slivers between them: bridge them; and
     # beyond the mosaic is outside too (a frame of one pixel)
