@@ -295,14 +295,24 @@ def _scan_identities(paths: list[Path]) -> list[dict[str, Any]]:
     """The good scan folders among ``paths``, as ``drift`` recognises them later (a copy
     included): folder, start time and recipe name. A scan a model was built from is in its
     bank and scores low; ``drift`` does not take it as the product's reference."""
-    from scanner.scanfolder import SCAN_JSON, scan_json_if_any
+    from scanner.inspection.drift import surface_image
+    from scanner.ngff import open_mosaic
+    from scanner.scanfolder import MOSAIC, SCAN_JSON, scan_json_if_any
 
     found = []
     for path in paths:
         scan = scan_json_if_any(path) if (Path(path) / SCAN_JSON).is_file() else None
         if scan is not None:
+            mosaic = scan.get("mosaic") if isinstance(scan.get("mosaic"), dict) else {}
+            pixel = mosaic.get("pixel_size_um")
+            # its image (level, noise, sharpness), as inspection records a scan's: ``drift``
+            # compares a later part's with it when there is no earlier scan to compare with
+            image = surface_image(open_mosaic(Path(path) / MOSAIC)[0][0]) \
+                if (Path(path) / MOSAIC).is_dir() else {"n": 0}
             found.append({"path": str(Path(path).resolve()), "started": scan.get("started"),
-                          "name": (scan.get("recipe") or {}).get("name")})
+                          "name": (scan.get("recipe") or {}).get("name"),
+                          "pixel_size_um": float(pixel) if isinstance(pixel, int | float)
+                          else None, "surface_image": image})
     return found
 
 

@@ -610,3 +610,67 @@ def test_a_die_grid_in_a_surround_a_pixel_short_of_whole_pitches_starts_its_cell
     # the streets run over pixels o - 4 .. o + 3 (modulo the pitch): the cells start there
     for start in grid.origin_um:
         assert abs((start + 0.5 - o + pitch / 2) % pitch - pitch / 2) <= 4.5
+
+
+def test_one_scan_is_compared_with_the_image_of_the_good_scan_the_model_was_built_from(
+        tmp_path: Path) -> None:
+    """A golden sample trained once (``train --good GOLDEN_SCAN``) and parts inspected one by
+    one: ``drift PART`` compared the part's good-surface scores with the calibration, for a
+    rise only, and its image with nothing ("image not compared"), so a part scanned with
+    16 x less light, whose scores stay where they were while its defects go unfound, read
+    "no drift". The card now records the good scan's image and one scan's is compared with
+    it."""
+    rng = np.random.default_rng(8)
+    calibration = score_summary(1.3 * rng.gamma(4.0, 0.2, 50_000))
+    good = score_summary(rng.gamma(4.0, 0.2, 50_000))
+    model = _Model(calibration)
+    model.card["good_scans"] = [{"path": str(tmp_path / "golden"), "started": None,
+                                 "name": "golden", "pixel_size_um": 1.0,
+                                 "surface_image": GOOD_IMAGE}]
+    dark = {**GOOD_IMAGE, "level": 110.0, "noise": 0.05}
+    part = _inspected(tmp_path / "part", good, dark, "2026-12-05T08:00:00+00:00")
+    report = check_drift([part], model)
+    assert report.drifted and report.image_moved == ["level", "noise"]
+    assert report.image["level"] == pytest.approx(110.0 / 1700.0)
+    verdict = report.verdict()
+    assert verdict.startswith("DRIFT") and "level x0.06 (moved)" in verdict
+    assert "built from (golden)" in verdict
+    # a part imaged as the golden was: no drift, its image compared
+    same = _inspected(tmp_path / "same", good, {**GOOD_IMAGE, "level": 1650.0},
+                      "2026-12-05T09:00:00+00:00")
+    report = check_drift([same], model)
+    assert not report.drifted and report.image["level"] == pytest.approx(1650.0 / 1700.0)
+    # at another pixel size the image cannot be compared (noise and sharpness are per pixel),
+    # and the line says so
+    record = json.loads((part / "scan.json").read_text())
+    record["mosaic"] = {"pixel_size_um": 1.1}
+    (part / "scan.json").write_text(json.dumps(record))
+    report = check_drift([part], model)
+    assert not report.image and "imaged at 1 um pixels, this scan at 1.1" in report.verdict()
+    # a damaged record in the card is refused naming it
+    model.card["good_scans"][0]["surface_image"] = {"n": 3, "level": "bright"}
+    with pytest.raises(UserError, match=r"good_scans\[0\]\.surface_image"):
+        check_drift([same], model)
+
+
+def test_train_records_the_image_of_each_good_scan(tmp_path: Path) -> None:
+    """What ``drift`` compares a part's image with: the good scan's level (the simulated
+    camera puts a reflectance of 1 at 80 % of its 12-bit range), noise and sharpness, as
+    inspection measures a scan's."""
+    from conftest import scan_of_image
+
+    from models.drift import image_ratios
+    from scanner.cli_tools import _scan_identities
+
+    surface = 0.5 + 0.2 * data.camera()[:400, :400].astype(np.float64) / 255.0
+    folder = scan_of_image(tmp_path, surface, camera_px=256)
+    [record] = _scan_identities([folder, tmp_path / "sample.tif"])
+    assert record["path"] == str(folder.resolve()) and record["pixel_size_um"] == 1.0
+    image = record["surface_image"]
+    assert image["n"] >= 16
+    assert image["level"] == pytest.approx(0.8 * 4095 * float(np.median(surface)), rel=0.1)
+    assert 0.002 < image["noise"] < 0.05
+    (tmp_path / "again").mkdir()
+    again = scan_of_image(tmp_path / "again", surface, camera_px=256, seed=3)
+    ratios = image_ratios(image, _scan_identities([again])[0]["surface_image"])
+    assert all(0.9 < v < 1.1 for v in ratios.values()), ratios

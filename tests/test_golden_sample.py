@@ -69,9 +69,11 @@ def test_a_detector_from_one_good_scan_finds_the_defects_of_a_defective_copy(
     assert card["sample_edge_seen"] is True  # the scan shows the chuck beyond the coupon
     # the scan it was built from, as drift recognises it (it is in the bank: it scores low)
     good_scan = json.loads((tmp_path / "good_scan" / "scan.json").read_text())
-    assert card["good_scans"] == [{"path": str((tmp_path / "good_scan").resolve()),
-                                   "started": good_scan["started"],
-                                   "name": good_scan["recipe"]["name"]}]
+    [record] = card["good_scans"]
+    assert {k: record[k] for k in ("path", "started", "name", "pixel_size_um")} == {
+        "path": str((tmp_path / "good_scan").resolve()), "started": good_scan["started"],
+        "name": good_scan["recipe"]["name"], "pixel_size_um": 1.0}
+    assert record["surface_image"]["n"] > 0  # its image, for drift to compare a part with
     # the die-to-die z threshold is set on the good scan's own dies
     d2d = card["die_to_die"]
     assert d2d["dies"] >= 9 and 0 < d2d["good_max_z"] and 7.0 <= d2d["z_threshold"] <= 13.0

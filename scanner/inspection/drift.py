@@ -6,7 +6,8 @@ surface below the decision threshold (``inspection.good_scores``,
 :func:`good_surface_scores`) and the level, noise and sharpness of the mosaic's surface
 (``inspection.surface_image``, :func:`surface_image`). ``waferscope drift SCAN... --model M``
 compares the newest scans' scores and images with the oldest scan's (one scan: its scores with
-those the model was calibrated on, its card's ``good_scores``), draws the ratios, and gives a
+those the model was calibrated on, its card's ``good_scores``, and its image with that of the
+good scan the model was built from, its card's ``good_scans``), draws the ratios, and gives a
 one-line verdict (:func:`check_drift`).
 """
 
@@ -232,7 +233,8 @@ def check_drift(scans: Sequence[Path], model: Model, out_dir: Path | None = None
         for r in rows:
             r["since_oldest"] = drift_ratios(oldest["scores"], r["scores"])
         drifted, move = drift_verdict(oldest["scores"], scores, factor)
-    image, moved = _image_drift(rows, oldest, judged, notes)
+    image, moved = _image_drift(rows, oldest, judged, notes,
+                                None if oldest is not None else _built_from_image(built_from))
     if oldest is not None and not drifted and not moved:
         drifted = _most_moved(oldest, judged, factor, notes)
     plot = _plot(rows, out_dir, factor) if out_dir is not None and rows else None
@@ -364,16 +366,52 @@ def _start_time(value: Any) -> _dt.datetime | None:
         return None
 
 
+def _built_from_image(built_from: list[Any]) -> dict[str, Any] | None:
+    """The image (:func:`surface_image`) of the first good scan a model was built from whose
+    card entry records one (``train`` measures it on the scan's mosaic), with its folder's
+    name as ``scan`` and its pixel size; None when none does (image files, older cards)."""
+    for i, scan in enumerate(built_from):
+        if not isinstance(scan, dict) or scan.get("surface_image") is None:
+            continue
+        image = _checked(scan["surface_image"],
+                         f"--model: its card's good_scans[{i}].surface_image", ImageQuality)
+        pixel = scan.get("pixel_size_um")
+        if image and image.get("n"):
+            return {"scan": str(scan.get("path") or "the good scan"), "image": image,
+                    "pixel_size_um": float(pixel) if isinstance(pixel, int | float) else None}
+    return None
+
+
 def _image_drift(rows: list[dict[str, Any]], oldest: dict[str, Any] | None,
-                 judged: list[dict[str, Any]], notes: list[str]
-                 ) -> tuple[dict[str, float], list[str]]:
+                 judged: list[dict[str, Any]], notes: list[str],
+                 good: dict[str, Any] | None = None) -> tuple[dict[str, float], list[str]]:
     """The judged scans' image against the oldest scan's: the steady median ratio of each
     quantity (:func:`models.drift.steady_median`) and those beyond
-    :data:`models.drift.IMAGE_FACTOR`; why not, in ``notes``, when it cannot be compared."""
+    :data:`models.drift.IMAGE_FACTOR`; why not, in ``notes``, when it cannot be compared.
+
+    With no earlier scan, ``good`` (:func:`_built_from_image`: the good scan the model was
+    built from) is the reference when it was imaged at the judged scans' pixel size: a
+    golden sample trained once and parts inspected one by one had their light and focus
+    compared with nothing: a part scanned with half or a sixteenth of the light, or a
+    wafer at 5 um pixels 40 um out of focus, read "no drift" (probe P23)."""
     if oldest is None:
-        if judged:
-            notes.append("image not compared (one scan: give earlier scans of the product)")
-        return {}, []
+        pixel = next((r["pixel_size_um"] for r in judged if r.get("pixel_size_um")), None)
+        if good is not None and judged and (good["pixel_size_um"] is None or pixel is None
+                                            or abs(pixel - good["pixel_size_um"])
+                                            <= 0.01 * good["pixel_size_um"]):
+            notes.append(f"image against the good scan the model was built from "
+                         f"({Path(good['scan']).name})")
+            oldest = good
+        elif good is not None and judged:
+            notes.append(f"image not compared: the good scan the model was built from was "
+                         f"imaged at {good['pixel_size_um']:g} um pixels, this scan at "
+                         f"{pixel:g} (give earlier scans of the product)")
+            return {}, []
+        else:
+            if judged:
+                notes.append("image not compared (one scan: give earlier scans of the "
+                             "product)")
+            return {}, []
     if not oldest["image"]:
         notes.append(f"image not compared: {Path(oldest['scan']).name} records none (inspected "
                      "before images were recorded)")
@@ -388,10 +426,11 @@ def _image_drift(rows: list[dict[str, Any]], oldest: dict[str, Any] | None,
         return {}, []
     keys = [k for k in ratios[0] if all(k in n for n in ratios)]
     if "sharpness" not in keys:
+        which = "the good scan" if oldest is good else "the oldest scan"
         notes.append("sharpness not compared (" + (
-            "the oldest scan shows too little structure to measure it on)"
+            f"{which} shows too little structure to measure it on)"
             if isinstance(oldest["image"].get("sharpness"), int | float)
-            else "not measured on the oldest scan)"))
+            else f"not measured on {which})"))
     image = {k: steady_median([n[k] for n in ratios]) for k in keys}
     return image, image_drifted(image)
 
