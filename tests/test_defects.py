@@ -698,3 +698,134 @@ def test_a_missing_pattern_in_a_grating_is_not_taken_for_the_design():
         return _reader(same)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
 
     assert extract_defects(_maps(a), GEOM, threshold=0.5, difference=repeated) == []
+
+
+@pytest.mark.parametrize("via", ["image", "difference"])
+def test_a_cluster_of_separate_spots_is_one_defect_per_spot(via):
+    """Four 9 px spots 20 px apart and a line of three 28 px apart are one region each on the
+    map (the network's reach joins them), yet each spot is a particle of its own in a fab's
+    defect list: one defect each, centred and boxed on it (probe P22: a 2 x 2 cluster was one
+    "particle" boxed 48 x 48 px)."""
+    a = np.zeros((100, 100), np.float32)
+    a[rectangle((18, 18), end=(34, 34))] = 0.9  # model grid 72-136: the 2 x 2 cluster
+    a[rectangle((60, 20), end=(68, 46))] = 0.9  # model grid 240-272 x 80-184: the line
+    img = np.random.default_rng(5).normal(0, 0.01, (400, 400)).astype(np.float32)
+    centres = [(94, 94), (94, 114), (114, 94), (114, 114), (256, 104), (256, 132), (256, 160)]
+    for cy, cx in centres:
+        img[disk((cy, cx), 4.5, shape=img.shape)] = -0.8
+    if via == "image":
+        found = extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img))
+    else:
+        z = np.where(np.abs(img) > 0.1, 40.0, 0.0).astype(np.float32)
+
+        def difference(r0, c0, h, w):
+            return _reader(img)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
+
+        found = extract_defects(_maps(a), GEOM, threshold=0.5, difference=difference)
+    assert len(found) == len(centres)
+    for cy, cx in centres:
+        d = min(found, key=lambda d: math.hypot(d.x_um - (100 + cx - 1.5),
+                                                d.y_um - (200 + cy - 1.5)))
+        assert math.hypot(d.x_um - (100 + cx - 1.5), d.y_um - (200 + cy - 1.5)) < 2.0
+        x0, y0, x1, y1 = d.bbox_um
+        assert 7 <= x1 - x0 <= 16 and 7 <= y1 - y0 <= 16
+        assert d.defect_class in ("particle", "pit")
+
+
+def test_a_stain_with_strong_parts_and_a_missing_pattern_stay_one_defect():
+    """What deviates between its strongest parts is one defect: a stain whose strongest parts
+    lie apart, a missing pattern whose difference is the design it lacks (two bright bands of
+    it joined by a fainter one), and a large stain cut into quarters by a dark street."""
+    a = np.zeros((100, 100), np.float32)
+    a[rectangle((20, 20), end=(45, 45))] = 0.9
+    img = np.random.default_rng(6).normal(0, 0.01, (400, 400)).astype(np.float32)
+    img[disk((130, 130), 40, shape=img.shape)] -= 0.08
+    img[disk((115, 115), 8, shape=img.shape)] -= 0.08
+    img[disk((145, 145), 8, shape=img.shape)] -= 0.08
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img))) == 1
+    diff = np.random.default_rng(7).normal(0, 0.01, (400, 400)).astype(np.float32)
+    diff[100:160, 100:160] -= 0.15
+    diff[104:118, 104:118] -= 0.4
+    diff[140:154, 140:154] -= 0.4
+    z = np.zeros_like(diff)
+    z[100:160, 100:160] = 30.0
+
+    def difference(r0, c0, h, w):
+        return _reader(diff)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
+
+    assert len(extract_defects(_maps(a), GEOM, threshold=0.5, difference=difference)) == 1
+    # a large stain over a street crossing, where the dark street hides it: its four quarters
+    # are compact and apart, yet far wider than a spot
+    a = np.zeros((120, 120), np.float32)
+    a[rectangle((15, 15), end=(100, 100))] = 0.9
+    img = np.random.default_rng(8).normal(0, 0.01, (480, 480)).astype(np.float32)
+    img[disk((230, 230), 150, shape=img.shape)] -= 0.2
+    img[214:246, :] *= 0.1
+    img[:, 214:246] *= 0.1
+    found = extract_defects(_maps(a), GEOM, threshold=0.5, image=_reader(img))
+    assert len(found) == 1
+
+
+def test_a_scratch_cut_by_a_street_where_the_dies_repeat_stays_one_defect():
+    """A long scratch crossing a street: where it crosses, it is faint and the compared dies
+    repeat one another, so the region is cut outside those pixels; its two pieces lie on one
+    line and are one defect (probe P22: a 555 um scratch over three dies was two)."""
+    a = np.zeros((60, 200), np.float32)
+    rr, cc = line(20, 10, 34, 190)  # a gentle slope, 180 map px long
+    for dr in (-1, 0, 1):
+        a[rr + dr, cc] = 0.9
+    compared = np.ones(a.shape, bool)
+    repeated = np.zeros(a.shape, bool)
+    repeated[:, 120:131] = True  # the street and the dies' edges beside it
+    found = extract_defects(_maps(a), GEOM, threshold=0.5, low=0.3, dies=(compared, repeated))
+    assert len(found) == 1
+    x0, _, x1, _ = found[0].bbox_um
+    assert x0 <= 100 + 10 * 4 and x1 >= 100 + 190 * 4
+    assert found[0].defect_class == "scratch"
+
+
+def test_pieces_of_one_region_boxing_the_same_deviation_are_one_defect():
+    """A large defect cut into parts on the map, each measured again on the image around it,
+    boxes the same deviation twice (probe P22: a smudge over most of a die was a 212 x 208 um
+    "crack" and a 132 x 132 um "particle" inside it): one defect, boxed over both, with the
+    higher score. Pieces boxed apart (a cluster's spots) stay apart."""
+    from scanner.defectlist import Defect
+    from scanner.inspection.defects import merge_overlapping
+
+    def defect(box, score, cls):
+        return Defect(id=0, x_um=(box[0] + box[2]) / 2, y_um=(box[1] + box[3]) / 2,
+                      bbox_um=box, area_um2=100.0, size_um=10.0, defect_class=cls,
+                      score=score, roughness=0.0, uncertainty=0.1, review=False)
+
+    big = defect((1022.0, 531.0, 1234.0, 739.0), 2.09, "stain")
+    inner = defect((1106.0, 523.0, 1238.0, 655.0), 2.3, "particle")
+    apart = defect((1300.0, 600.0, 1310.0, 610.0), 2.5, "particle")
+    out = merge_overlapping([inner, apart, big])
+    assert len(out) == 2
+    (one,) = [d for d in out if d.defect_class == "stain"]
+    assert one.bbox_um == (1022.0, 523.0, 1238.0, 739.0)
+    assert one.score == 2.3
+    assert merge_overlapping([apart]) == [apart]
+
+
+def test_a_stain_across_a_street_is_boxed_over_both_dies():
+    """A window reaching past its die: the other compared die's part of the difference (its
+    z-scores NaN, the window's die decides), which ``Comparison.difference`` now fills in
+    (tests/test_dietodie.py), boxes the defect too (probe P22: a 239 um stain across a
+    street was boxed over its right 106 um, the part in the window's die)."""
+    a = np.zeros((60, 100), np.float32)
+    a[rectangle((20, 10), end=(40, 80))] = 0.9  # model grid rows 80-163, cols 40-323
+    diff = np.random.default_rng(9).normal(0, 0.01, (240, 400)).astype(np.float32)
+    diff[90:150, 50:290] -= 0.2  # the stain, model grid cols 50-289
+    diff[:, 160:176] = 0.0  # the street: dark, it hides the stain
+    z = np.where(diff < -0.1, 30.0, 1.0).astype(np.float32)
+
+    def difference(r0, c0, h, w):
+        d, zz = _reader(diff)(r0, c0, h, w), _reader(z)(r0, c0, h, w)
+        cols = np.arange(c0, c0 + w)
+        zz[:, cols < 176] = np.nan  # the other die: its z-scores are not the window's
+        return d, zz
+
+    (d,) = extract_defects(_maps(a), GEOM, threshold=0.5, difference=difference)
+    x0, _, x1, _ = d.bbox_um
+    assert x0 == pytest.approx(100 + 50 - 2, abs=6) and x1 == pytest.approx(100 + 290 - 2, abs=6)

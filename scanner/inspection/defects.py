@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -412,6 +412,7 @@ def extract_defects(
     gap = merge_px / s
     for region in measure.regionprops(labels):
         parts = [region] if dies is None else _parts(region, hi, dies[1], gap)
+        pieces: list[Defect] = []
         for part in (piece for whole in parts
                      for piece in _peaks(whole, maps["anomaly"], hi, low, threshold, gap)):
             if part.area * s * s < min_area_px:
@@ -420,7 +421,8 @@ def extract_defects(
                                     image, local_threshold, difference,
                                     None if dies is None else (hi, *dies))
             if defect is not None:
-                found.append(defect)
+                pieces.extend(defect)
+        found.extend(merge_overlapping(pieces))
     found.sort(key=lambda d: -d.score)
     for k, d in enumerate(found, start=1):
         d.id = k
@@ -438,10 +440,11 @@ def _region_defect(
     local_threshold: np.ndarray | None,
     difference: Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray] | None] | None,
     dies: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> Defect | None:
+) -> list[Defect] | None:
     """One labelled region (``skimage.measure.regionprops``) of :func:`extract_defects` as a
-    defect with id 0; None where it is the neighbouring dies' common design (``dies``: the
-    map's pixels over the threshold, those of the dies compared and those the dies repeat)."""
+    defect with id 0, or as several where it holds separate spots (:func:`_spots`); None where
+    it is the neighbouring dies' common design (``dies``: the map's pixels over the threshold,
+    those of the dies compared and those the dies repeat)."""
     s = geometry.stride
     p = geometry.pixel_size_um
     x0, y0 = geometry.origin_um
@@ -497,7 +500,7 @@ def _region_defect(
         # the size within that box too (a defect boxed 80 x 70 um was 288 um across: the
         # map region's Feret diameter, blur included)
         size_px = min(size_px, max(math.hypot(bottom - top, right - left), 1.0))
-    return Defect(
+    whole = Defect(
         id=0,
         x_um=x0 + cx * p,
         y_um=y0 + cy * p,
@@ -510,6 +513,87 @@ def _region_defect(
         uncertainty=uncertainty,
         review=bool(uncertainty >= review_uncertainty or is_borderline(score, applied)),
     )
+    if not m.spots or (defect_class in ("scratch", "crack") and m.resolution < 1.0):
+        return [whole]  # a line seen on the image (its pieces are joined as one line)
+    out = []
+    for (top, left, bottom, right), (sy, sx), mask in m.spots:
+        # each spot's score and uncertainty: the map's peak in the region nearest the spot
+        near = np.zeros_like(sub)
+        near[max(int(math.floor(top)) - r0, 0):max(int(math.ceil(bottom)) - r0 + 1, 0),
+             max(int(math.floor(left)) - c0, 0):max(int(math.ceil(right)) - c0 + 1, 0)] = True
+        near &= sub
+        if not near.any():
+            near = sub
+        k = np.unravel_index(int(np.argmax(np.where(near, an, -np.inf))), an.shape)
+        f = shape_features(mask)
+        spot_class = classify(replace(feats, area=f["area"], length=f["length"],
+                                      width=f["width"], elongation=f["elongation"],
+                                      solidity=f["solidity"], extent=f["extent"],
+                                      branches=int(f["branches"]), tortuosity=f["tortuosity"],
+                                      skeleton=int(f["skeleton"]), corners=bool(f["corners"]),
+                                      resolution=1.0 / s, map_winding=False))
+        spot_score, spot_unc = float(an[k]), float(unc[k])
+        out.append(replace(
+            whole, x_um=x0 + sx * p, y_um=y0 + sy * p,
+            bbox_um=(x0 + left * p, y0 + top * p, x0 + right * p, y0 + bottom * p),
+            area_um2=float(mask.sum()) / (s * s) * p * p,
+            size_um=max(f["feret"] / s, 1.0) * p, defect_class=spot_class, score=spot_score,
+            uncertainty=spot_unc,
+            review=bool(spot_unc >= review_uncertainty or is_borderline(spot_score, applied))))
+    return out
+
+
+#: two defects of one map region are one when this share of the smaller one's box lies in
+#: the other's (:func:`merge_overlapping`)
+OVERLAP_SHARE = 0.5
+
+
+def merge_overlapping(defects: list[Defect]) -> list[Defect]:
+    """The defects of one map region with the pieces of one defect joined: two whose boxes
+    overlap by :data:`OVERLAP_SHARE` of the smaller box are one, boxed over both, with the
+    larger one's class and centre and the higher score.
+
+    A large defect is cut into parts on the map (its strong peaks, its pixels the compared
+    dies repeat), and each part measured again on the image or difference around it boxes
+    the same deviation: a smudge over most of a 224 px die was reported as a 212 x 208 px
+    "crack" and a 132 x 132 px "particle" inside it (probe P22). Separate defects of one
+    region (a cluster's spots, two defects whose blurred tails joined) are boxed apart.
+    """
+    out = sorted(defects, key=lambda d: -_box_area(d.bbox_um))
+    merged = True
+    while merged and len(out) > 1:
+        merged = False
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                a, b = out[i], out[j]
+                share = _box_overlap(a.bbox_um, b.bbox_um) / max(
+                    min(_box_area(a.bbox_um), _box_area(b.bbox_um)), 1e-12)
+                if share >= OVERLAP_SHARE:
+                    top = a if a.score >= b.score else b
+                    out[i] = replace(
+                        a, bbox_um=(min(a.bbox_um[0], b.bbox_um[0]),
+                                    min(a.bbox_um[1], b.bbox_um[1]),
+                                    max(a.bbox_um[2], b.bbox_um[2]),
+                                    max(a.bbox_um[3], b.bbox_um[3])),
+                        area_um2=max(a.area_um2, b.area_um2), size_um=max(a.size_um, b.size_um),
+                        score=top.score, uncertainty=top.uncertainty,
+                        review=top.review)
+                    del out[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return out
+
+
+def _box_area(b: tuple[float, float, float, float]) -> float:
+    return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+
+
+def _box_overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]
+                 ) -> float:
+    return (max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+            * max(min(a[3], b[3]) - max(a[1], b[1]), 0.0))
 
 
 @dataclass
@@ -527,16 +611,19 @@ def _parts(region: Any, over: np.ndarray, repeated: np.ndarray, merge_map_px: fl
     """``region`` as it is, or, when some of its pixels over the threshold lie where the
     compared dies repeat one another and others do not, its pieces outside the repeated
     pixels that hold one of the others (grouped across gaps as :func:`label_defects` groups
-    fragments): design features of every die chained by the extent threshold to real
-    defects made one box over a whole product (a horse die grid: 4 reported boxes for 22
-    defects)."""
+    fragments, and pieces of one line joined): design features of every die chained by the
+    extent threshold to real defects made one box over a whole product (a horse die grid: 4
+    reported boxes for 22 defects)."""
     where = region.slice
     same = repeated[where] & region.image
     seeds = region.image & over[where]
     if not (seeds & same).any() or not (seeds & ~same).any():
         return [region]
-    return _labelled_parts(label_defects(region.image & ~same, seeds & ~same, merge_map_px),
-                           where)
+    # the pieces of one line stay one (:func:`merge_collinear`): a scratch crossing a street,
+    # where it is faint and the dies repeat one another, was two defects (probe P22: a
+    # 555 um scratch over three dies, cut at the second street)
+    return _labelled_parts(merge_collinear(label_defects(region.image & ~same, seeds & ~same,
+                                                         merge_map_px)), where)
 
 
 def _labelled_parts(labels: np.ndarray, where: tuple[slice, slice]) -> list[_Part]:
@@ -743,6 +830,11 @@ class _Measured:
     box: tuple[float, float, float, float] | None = None
     own_area: float = math.nan  # its pixels' area (map pixels)
     by_difference: bool = False  # measured on a die-to-die difference
+    #: separate compact spots of one region (:func:`_spots`): ``(top, left, bottom, right)``
+    #: box edges and ``(cy, cx)`` centre (map pixels) and the spot's mask (model-grid pixels)
+    #: of each; empty when the region is one defect
+    spots: list[tuple[tuple[float, float, float, float], tuple[float, float], np.ndarray]] \
+        = field(default_factory=list)
 
 
 def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measured,
@@ -770,7 +862,10 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
         # z-scores are the smaller of two (the die mirrored, the die in its neighbours'
         # context) and say less; where they do not show the region, the image does
         past_die = bool(np.isnan(z_all).any())
-        diff = np.asarray(compared[0], dtype=np.float32)
+        # the window's parts in other compared dies (their z-scores NaN: the die's own
+        # decide) only box a defect that crosses a street; the rest is the die's own part
+        whole = np.nan_to_num(np.asarray(compared[0], dtype=np.float32))
+        diff = np.where(np.isnan(z_all), np.float32(0.0), whole) if past_die else whole
         look = appearance(diff, inside, ring_px)
         if math.isfinite(look.snr) and look.snr < DESIGN_SNR:
             # a design finer than two pixels (a grating) differs from its references by a
@@ -778,6 +873,7 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
             # 367 um missing pattern in a grating (z 22) stood out of that by 1.9 noise
             # widths, and of the difference smoothed over a pixel by 15
             diff = ndimage.gaussian_filter(diff, FINE_DESIGN_PX)
+            whole = ndimage.gaussian_filter(whole, FINE_DESIGN_PX)
             look = appearance(diff, inside, ring_px)
         if float(np.nanmax(z_in, initial=0.0)) < DESIGN_Z \
                 or (math.isfinite(look.snr) and look.snr < DESIGN_SNR):
@@ -785,7 +881,7 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
                 return None  # the neighbouring dies show the same: their common design
             compared = look = None  # the die's part does not show it: the image says
         else:
-            compared = (diff, compared[1])
+            compared = (diff, whole)
     patch = compared[0] if compared is not None else None
     if patch is None and image is not None:
         patch = image(pr0, pc0, ph, pw)
@@ -799,6 +895,8 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
     if look.centre is not None:  # model-grid pixel -> map pixel coordinates
         m.cy = (pr0 + look.centre[0] - (s - 1) / 2) / s
         m.cx = (pc0 + look.centre[1] - (s - 1) / 2) / s
+    if look.snr >= 5:  # several equal spots have no footprint (none is the largest by far)
+        m.spots = _spots(patch, inside, look, pr0, pc0, s)
     if look.footprint is not None:  # the class from the defect itself, not its blur
         fine = shape_features(look.footprint)
         # size stays the map region's, and so does the course of the whole defect:
@@ -811,10 +909,12 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
             # difference is the design's own structure, of both signs, of which the
             # footprint is one piece, and two defects a few pixels apart make one region
             # (against the ring that the contrast was measured against)
-            clear = np.abs(patch - look.background) >= max(3 * look.noise,
+            # (the window's parts in other compared dies too: a stain across a street)
+            whole = compared[1]
+            clear = np.abs(whole - look.background) >= max(3 * look.noise,
                                                            0.3 * abs(look.contrast))
             own = look.footprint | (inside & clear)
-            m.cy, m.cx = _own_centre(patch, own, look, pr0, pc0, s, (m.cy, m.cx))
+            m.cy, m.cx = _own_centre(whole, own, look, pr0, pc0, s, (m.cy, m.cx))
             rows, cols = np.nonzero(own)
             m.own_area = float(own.sum()) / (s * s)
             edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates
@@ -847,6 +947,77 @@ def _own_centre(patch: np.ndarray, own: np.ndarray, look: Any, pr0: int, pc0: in
     cy = float((w * rows).sum() / w.sum())
     cx = float((w * cols).sum() / w.sum())
     return (pr0 + cy - (s - 1) / 2) / s, (pc0 + cx - (s - 1) / 2) / s
+
+
+#: separate spots (:func:`_spots`): each holds at least this many model-grid pixels over
+#: :data:`SPOT_CORE` of the region's contrast, is at most this long for its width (a piece of
+#: a line is no spot) and fills this share of its convex hull
+SPOT_MIN_PX = 6
+SPOT_MAX_ELONGATION = 2.5
+SPOT_MIN_SOLIDITY = 0.6
+SPOT_MAX_COUNT = 12
+#: a spot's core: its pixels over this share of the region's contrast
+SPOT_CORE = 0.4
+#: spots are apart when the deviation between them falls under this share of the region's
+#: contrast (a saddle): a stain, or a missing pattern's difference (the design it lacks),
+#: deviates between its strongest parts too
+SPOT_SADDLE = 0.15
+
+
+def _spots(patch: np.ndarray, inside: np.ndarray, look: Any, pr0: int, pc0: int, s: int
+           ) -> list[tuple[tuple[float, float, float, float], tuple[float, float], np.ndarray]]:
+    """Separate compact spots in one map region, each a defect of its own.
+
+    The network's features reach 16-32 px, so a cluster of particles 15-30 px apart is one
+    region on the map (a 2 x 2 cluster of 9 px spots 20 px apart was reported as one
+    "particle" boxed 48 x 48 px), while a fab's defect list (KLARF) lists each particle with
+    its own size and leaves grouping them into a cluster to its spatial analysis. The
+    region's deviation of its sign is cut where it falls under :data:`SPOT_SADDLE` of its
+    contrast (and 3 noise widths); it is several spots when that leaves 2 to
+    :data:`SPOT_MAX_COUNT` pieces holding a core (:data:`SPOT_CORE`, :data:`SPOT_MIN_PX`),
+    each compact (:data:`SPOT_MAX_ELONGATION`, :data:`SPOT_MIN_SOLIDITY`) and no wider than
+    the merging gap (:data:`MERGE_PX`: larger parts the map itself tells apart; the quarters
+    of a stain over a street crossing, where the dark street hides it, are one stain), no
+    other piece as large as a spot without a core (a faint part of one extended defect), and
+    no strong deviation of the other sign (a missing pattern's difference is the design it
+    lacks, of both signs). Returns each spot's box edges and centre (map pixels) and mask (``patch``
+    pixels); empty when the region is one defect.
+    """
+    sign = math.copysign(1.0, look.contrast)
+    dev = (patch - look.background) * sign
+    core = inside & (dev > max(4 * look.noise, SPOT_CORE * abs(look.contrast)))
+    if (inside & (-dev > max(4 * look.noise, SPOT_CORE * abs(look.contrast)))).any():
+        return []
+    low = inside & (dev > max(3 * look.noise, SPOT_SADDLE * abs(look.contrast)))
+    labels, n = ndimage.label(low, structure=np.ones((3, 3), dtype=bool))
+    if not 2 <= n <= 4 * SPOT_MAX_COUNT:
+        return []
+    cores = ndimage.sum(core, labels, np.arange(1, n + 1))
+    sizes = ndimage.sum(low, labels, np.arange(1, n + 1))
+    spots = [k + 1 for k in range(n) if cores[k] >= SPOT_MIN_PX]
+    if not 2 <= len(spots) <= SPOT_MAX_COUNT:
+        return []
+    if any(cores[k] < SPOT_MIN_PX and sizes[k] >= min(sizes[j - 1] for j in spots)
+           for k in range(n)):
+        return []
+    objects = ndimage.find_objects(labels)
+    for k in spots:
+        f = shape_features(labels[objects[k - 1]] == k)
+        if f["elongation"] > SPOT_MAX_ELONGATION or f["solidity"] < SPOT_MIN_SOLIDITY \
+                or f["feret"] > MERGE_PX:
+            return []
+    edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates
+    out = []
+    for k in spots:
+        own = labels == k
+        rows, cols = np.nonzero(own)
+        w = dev[rows, cols]
+        cy, cx = float((w * rows).sum() / w.sum()), float((w * cols).sum() / w.sum())
+        box = ((pr0 + rows.min() - edge) / s, (pc0 + cols.min() - edge) / s,
+               (pr0 + rows.max() + 1 - edge) / s, (pc0 + cols.max() + 1 - edge) / s)
+        out.append((box, ((pr0 + cy - (s - 1) / 2) / s, (pc0 + cx - (s - 1) / 2) / s),
+                    own & (dev > 0.5 * float(dev[own].max()))))
+    return out
 
 
 def _on_skeleton(mask: np.ndarray, cy: float, cx: float) -> tuple[float, float]:

@@ -417,6 +417,34 @@ class Comparison:
             out[max(i0, 0):max(i1, 0), max(j0, 0):max(j1, 0)] = True
         return out
 
+    def _other_dies(self, level0: Any, cell: Cell, r0: int, c0: int, diff: np.ndarray
+                    ) -> None:
+        """Fill in the difference of the parts of a window (mosaic pixels from ``r0, c0``,
+        the shape of ``diff``) that lie in compared dies other than ``cell``, each against
+        its own references (in place; their z-scores stay NaN, so what is decided about
+        the window is decided on ``cell``'s part): a defect across a street (a stain over
+        two dies) is then boxed whole, not as the part in the die of the window's centre
+        (probe P22: a 239 um stain across a street was boxed over its right 106 um)."""
+        h, w = diff.shape
+        h_die, w_die = die_shape_px(self.grid, self.mosaic)
+        p = self.mosaic.pixel_size_um
+        ox, oy = self.mosaic.origin_um
+        corners = [self.grid.index(ox + c * p, oy + r * p)
+                   for r in (r0, r0 + h - 1) for c in (c0, c0 + w - 1)]
+        for col in range(min(k[0] for k in corners), max(k[0] for k in corners) + 1):
+            for row in range(min(k[1] for k in corners), max(k[1] for k in corners) + 1):
+                other = (col, row)
+                if other == cell or other not in self.fields:
+                    continue
+                tr, tc, _ = die_origin_px(self.grid, self.mosaic, other)
+                a0, b0 = max(r0, tr), max(c0, tc)
+                a1, b1 = min(r0 + h, tr + h_die), min(c0 + w, tc + w_die)
+                if a1 - a0 < 8 or b1 - b0 < 8:
+                    continue
+                part = self.difference(level0, a0, b0, a1 - a0, b1 - b0)
+                if part is not None:
+                    diff[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = part[0]
+
     def difference(self, level0: Any, r0: int, c0: int, h: int, w: int
                    ) -> tuple[np.ndarray, np.ndarray] | None:
         """The test die minus the median of its aligned references over mosaic pixels
@@ -427,8 +455,9 @@ class Comparison:
         blob, missing pattern a patch of the design's own structure with both signs; z under
         a few means the neighbouring dies show the same. None unless the window's centre lies
         in a compared die (where the window reaches past that die, its z-scores are NaN and
-        its difference 0); 0 outside a partial die's usable part. The references are moved
-        by the shift of the block at the window's centre.
+        its difference that of the other compared dies there against their own references,
+        :meth:`_other_dies`, else 0); 0 outside a partial die's usable part. The references
+        are moved by the shift of the block at the window's centre.
         """
         h_die, w_die = die_shape_px(self.grid, self.mosaic)
         p = self.mosaic.pixel_size_um
@@ -456,6 +485,7 @@ class Comparison:
             z = np.full((h, w), np.nan, dtype=np.float32)
             inner = (slice(a0 - dr, a1 - dr), slice(b0 - dc, b1 - dc))
             diff[inner], z[inner] = part
+            self._other_dies(level0, cell, r0, c0, diff)
             return diff, z
         b = int(self.settings.block_px)
         field = self.fields[cell]
