@@ -226,7 +226,8 @@ def set_aside_path(folder: Path) -> Path:
     """Where :func:`prepare_folder` sets aside the earlier scan in ``folder`` that a new one
     replaces (one fixed name, so that a run killed before it could discard it leaves nothing
     that the next run or ``resume`` does not clear)."""
-    folder = Path(folder)
+    # normalised first: a scan folder given as "." or "sub/.." has no name of its own
+    folder = Path(os.path.abspath(folder))
     return folder.with_name(f".{folder.name}.replaced")
 
 

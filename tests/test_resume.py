@@ -1128,3 +1128,14 @@ def test_an_overwrite_that_acquires_no_tile_keeps_the_earlier_scan(tmp_path: Pat
     with pytest.raises(UserError, match="not empty"):
         prepare_folder(tmp_path / "scan", tmp_path, "again")
     assert not aside.exists() and _scan(tmp_path / "scan")["status"] == "complete"
+
+
+def test_a_scan_folder_given_as_dot_has_its_set_aside_place_beside_it(tmp_path, monkeypatch):
+    # `waferscope inspect .` in a scan folder failed with "PosixPath('.') has an empty name"
+    from scanner.scanfolder import set_aside_path
+
+    scan = tmp_path / "scan1"
+    (scan / "sub").mkdir(parents=True)
+    monkeypatch.chdir(scan)
+    assert set_aside_path(Path(".")) == tmp_path / ".scan1.replaced"
+    assert set_aside_path(Path("sub/..")) == tmp_path / ".scan1.replaced"
