@@ -1168,3 +1168,20 @@ def test_extreme_filter_is_scipys(shape, size):
     for f in (1, 2):
         one_by_one = np.stack([texture_energy(img, f) for img in stack])
         assert np.array_equal(texture_energy(stack, f), one_by_one)
+
+
+def test_dies_among_more_bare_cells_than_dies_are_kept():
+    # a part of 5 x 5 dies scanned with its plain surround: 56 of the grid's 81 cells are bare.
+    # Each die's median correlation over all the cells was that with bare ones, near 0, and
+    # no die was kept (probe P21: a camera-photo grid of 25 dies among 49 cells)
+    rng = np.random.default_rng(4)
+    design = rng.random((40, 40)).astype(np.float32)
+    img = np.full((360, 360), 0.5, dtype=np.float32)
+    img[80:280, 80:280] = np.tile(design, (5, 5))
+    img += rng.normal(0, 0.01, img.shape).astype(np.float32)
+    geometry = MosaicGrid((0.0, 0.0), 1.0, img.shape)
+    grid = DieGrid(pitch_um=(40.0, 40.0), origin_um=(-0.5, -0.5))
+    cells = [(c, r) for r in range(9) for c in range(9)]
+    kept, anchor = alike_dies(img, geometry, grid, cells)
+    assert sorted(kept) == sorted((c, r) for r in range(2, 7) for c in range(2, 7))
+    assert anchor == (4, 4)

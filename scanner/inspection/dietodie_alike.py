@@ -26,6 +26,9 @@ from scanner.inspection.dietodie_geometry import (
 )
 from scanner.inspection.dietodie_maths import _mean_pool
 
+#: a cell whose thumbnail varies less than this share of what the upper quarter of the cells'
+#: do is bare: no die the others are correlated with (:func:`alike_dies`)
+BARE_SPREAD = 0.1
 #: dies each die is correlated with at most (:func:`alike_dies`): the median over a sample
 MAX_COMPARED = 512
 
@@ -44,14 +47,23 @@ def alike_dies(level0: Any, mosaic: MosaicGrid, grid: DieGrid, cells: list[Cell]
         return [], None
     h_die, w_die = die_shape_px(grid, mosaic)
     f = _thumbnail_factor(h_die, w_die, side_px)
-    thumbs = []
+    thumbs, spread = [], []
     for cell in cells:
         r0, c0, _ = die_origin_px(grid, mosaic, cell)
         t = _thumbnail(level0, None, r0, c0, h_die, w_die, f)
         t = t - t.mean()
+        spread.append(float(t.std()))
         thumbs.append((t.ravel() / (np.linalg.norm(t) + 1e-12)).astype(np.float32))
     thumbs = np.array(thumbs)
-    others = _compared_with(len(cells))
+    # bare cells (a part's plain surround, a wafer's bare edge dies) correlate with nothing:
+    # the median is over the cells that show structure, or a part scanned with a surround
+    # holding as many bare cells as dies had every die's median correlation near 0 and kept
+    # none (a camera-photo grid of 25 dies among 49 cells; probe P21)
+    spread = np.array(spread)
+    shown = np.flatnonzero(spread >= BARE_SPREAD * np.percentile(spread, 75))
+    if len(shown) < 3:
+        return [], None
+    others = shown[_compared_with(len(shown))]
     corr = thumbs @ thumbs[others].T
     corr[others, np.arange(len(others))] = np.nan  # a die against itself
     typical = np.nanmedian(corr, axis=1)
