@@ -77,6 +77,15 @@ def test_a_defect_differs_from_the_golden_image_and_the_good_surface_does_not() 
             assert z.max() < Z_THRESHOLD
 
 
+def _turned_scan(canvas: np.ndarray, turn_deg: float, seed: int) -> np.ndarray:
+    """``canvas`` turned about its centre, counter-clockwise as displayed (rows down), and
+    imaged: blurred a pixel, 1 % noise, in camera counts."""
+    turned = ndimage.rotate(canvas, turn_deg, reshape=False, order=3, mode="nearest")
+    rng = np.random.default_rng(seed)
+    scan = (ndimage.gaussian_filter(turned, 1.0) + rng.normal(0, 0.01, turned.shape)) * 1500.0
+    return scan.astype(np.float32)
+
+
 @pytest.mark.parametrize("turn_deg", [0.6, -1.5])
 def test_a_part_placed_turned_is_compared_with_the_golden_image_turned_alike(turn_deg) -> None:
     # a part placed by hand lies turned against its golden image: 0.5 deg of a 1,100 px
@@ -85,11 +94,7 @@ def test_a_part_placed_turned_is_compared_with_the_golden_image_turned_alike(tur
     golden = _golden()
     canvas = np.full((640, 700), 0.1, dtype=np.float32)
     canvas[40:40 + golden.shape[0], 60:60 + golden.shape[1]] = golden
-    # turned about the canvas's centre, counter-clockwise as displayed (rows down)
-    turned = ndimage.rotate(canvas, turn_deg, reshape=False, order=3, mode="nearest")
-    rng = np.random.default_rng(4)
-    scan = (ndimage.gaussian_filter(turned, 1.0) + rng.normal(0, 0.01, turned.shape)) * 1500.0
-    scan = scan.astype(np.float32)
+    scan = _turned_scan(canvas, turn_deg, seed=4)
     mosaic = MosaicGrid((0.0, 0.0), 1.0, scan.shape)
     placed = place_golden(golden, 1.0, [scan], mosaic)
     assert placed is not None
@@ -114,10 +119,7 @@ def test_a_part_placed_off_and_turned_against_its_golden_scan_is_compared_turned
     golden[64:64 + photo.shape[0], 64:64 + photo.shape[1]] = photo
     canvas = np.full((640, 640), 0.1, dtype=np.float32)
     canvas[114:114 + photo.shape[0], 14:14 + photo.shape[1]] = photo
-    turned = ndimage.rotate(canvas, turn_deg, reshape=False, order=3, mode="nearest")
-    rng = np.random.default_rng(6)
-    scan = (ndimage.gaussian_filter(turned, 1.0) + rng.normal(0, 0.01, turned.shape)) * 1500.0
-    scan = scan.astype(np.float32)
+    scan = _turned_scan(canvas, turn_deg, seed=6)
     placed = place_golden(golden, 1.0, [scan], MosaicGrid((0.0, 0.0), 1.0, scan.shape))
     assert placed is not None
     # (the photograph's straight edge on the plain surround biases the fit a little)
