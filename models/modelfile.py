@@ -354,8 +354,12 @@ def load_network(path: str | Path | None = None) -> tuple[InspectionNet, dict[st
 def weights_path(path: str | Path) -> Path:
     """The ``.safetensors`` file a model path names, for writing and reading alike: the path
     itself, its card's (``.json``) weights, or the path with ``.safetensors`` appended (a name
-    with a dot, ``coupon_v1.2``, keeps it: the model written is the one read back)."""
+    with a dot, ``coupon_v1.2``, keeps it: the model written is the one read back). A path
+    with no name of its own (``.``, ``sub/..``) is taken whole first: it names a folder, which
+    the readers refuse as such (it failed with "PosixPath('.') has an empty name")."""
     weights = Path(path)
+    if weights.name in ("", ".."):
+        weights = Path(os.path.abspath(weights))
     if weights.suffix == ".json":
         return weights.with_suffix(".safetensors")
     if weights.suffix != ".safetensors":

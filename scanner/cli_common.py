@@ -108,12 +108,34 @@ def _inputs_named(kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def typed_path(value: Any) -> Any:
+    """A path as the user typed it, made what they meant, once, for every command: ``~``
+    expanded (quoted, or after ``--out=``, the shell leaves it: a folder named ``~`` was made
+    in the working folder), and a path with no name of its own (``.``, ``..``, ``sub/..``)
+    made absolute (``--model .`` failed with "PosixPath('.') has an empty name", ``inspect .``
+    inside a mosaic took it for a folder of images, ``drift .`` printed an empty scan name).
+    Lists and tuples of paths are made so item by item; anything else is returned as it is."""
+    if isinstance(value, list | tuple):
+        return type(value)(typed_path(v) for v in value)
+    if not isinstance(value, Path):
+        return value
+    if value.parts and value.parts[0].startswith("~"):
+        try:
+            value = value.expanduser()
+        except RuntimeError:  # no home folder known for that user: named as typed
+            pass
+    if value.name in ("", ".."):
+        value = Path(os.path.abspath(value))
+    return value
+
+
 def _friendly(func: F) -> F:
     """Turn bad input (UserError, a full disk) into one line + exit 2, anything else into one
-    line + exit 1."""
+    line + exit 1. The command's paths are taken as :func:`typed_path` makes them."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs = {key: typed_path(value) for key, value in kwargs.items()}
         try:
             try:
                 return func(*args, **kwargs)

@@ -324,15 +324,18 @@ def _checked_train_options(paths: list[Path], model_out: Path, overwrite: bool,
     camera variants (``"auto"``, True, False)."""
     if not paths:
         raise UserError("--good: give good images, folders of them, or good scan folders")
-    from models.modelfile import weights_path
+    from models.modelfile import card_path_for, weights_path
 
     # a folder given as --out (a scan folder, "models/") would get its weights beside it,
     # named after it
     check_output(model_out, "--out", folder=False)
     target = weights_path(model_out)
-    check_output(target, "--out", folder=False)
-    if target.exists() and not overwrite:
-        raise UserError(f"{target}: exists (use --overwrite to replace it)")
+    # the card is written too: `--out cal.json` wrote over a calibration file of that name
+    # (no cal.safetensors yet: nothing was said), as `--out m` over an m.json
+    for written in (target, card_path_for(target)):
+        check_output(written, "--out", folder=False)
+        if written.exists() and not overwrite:
+            raise UserError(f"{written}: exists (use --overwrite to replace it)")
     if init is not None and weights_path(init).resolve() == target.resolve():
         raise UserError(f"--init {init}: give another --out (the model extended is kept)")
     from devices.calibration import MAX_PIXEL_SIZE_UM

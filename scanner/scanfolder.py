@@ -184,6 +184,7 @@ def prepare_folder(out: Path | None, root: Path, name: str, overwrite: bool = Fa
         if not (out / SCAN_JSON).is_file():
             raise UserError(f"--out {out}: not a scan folder; refusing to overwrite it")
         _not_running(out)
+        _not_the_working_folder(out)
         aside = set_aside_path(out)
         if aside.exists():  # left by a replacing run that was killed: that scan had started
             discard(aside, out)
@@ -203,6 +204,21 @@ def _not_running(folder: Path) -> None:
         raise UserError(f"--out {folder}: the scan there is still {status} (process "
                         f"{(scan or {}).get('process', {}).get('pid')} is alive); wait "
                         "for it or choose another folder")
+
+
+def _not_the_working_folder(folder: Path) -> None:
+    """Refuse to replace the scan folder this command runs in (``run --out . --overwrite``
+    inside it): it failed with "OSError: [Errno 16] Device or resource busy" given as ``.``,
+    and moved aside and deleted under the shell's feet given by name (a shell left in a
+    deleted folder, where the next command cannot even tell where it is)."""
+    try:
+        here = Path.cwd().resolve()
+    except OSError:  # the working folder itself is gone: it is not this one
+        return
+    there = Path(folder).resolve()
+    if here == there or there in here.parents:
+        raise UserError(f"--out {folder}: the working folder is inside it; run from "
+                        "outside the scan folder to replace it (cd ..)")
 
 
 def _took_a_tile(folder: Path) -> bool:
