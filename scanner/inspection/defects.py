@@ -881,7 +881,7 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
                 return None  # the neighbouring dies show the same: their common design
             compared = look = None  # the die's part does not show it: the image says
         else:
-            compared = (diff, whole)
+            compared = (diff, compared[1])
     patch = compared[0] if compared is not None else None
     if patch is None and image is not None:
         patch = image(pr0, pc0, ph, pw)
@@ -909,8 +909,8 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
             # difference is the design's own structure, of both signs, of which the
             # footprint is one piece, and two defects a few pixels apart make one region
             # (against the ring that the contrast was measured against)
-            # (the window's parts in other compared dies too: a stain across a street)
-            whole = compared[1]
+            # (``whole``: the window's parts in other compared dies too, a stain across a
+            # street)
             clear = np.abs(whole - look.background) >= max(3 * look.noise,
                                                            0.3 * abs(look.contrast))
             own = look.footprint | (inside & clear)
