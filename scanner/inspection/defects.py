@@ -915,12 +915,18 @@ def _measure(sub: np.ndarray, bbox: tuple[int, int, int, int], s: int, m: _Measu
                                                            0.3 * abs(look.contrast))
             own = look.footprint | (inside & clear)
             m.cy, m.cx = _own_centre(whole, own, look, pr0, pc0, s, (m.cy, m.cx))
-            rows, cols = np.nonzero(own)
             m.own_area = float(own.sum()) / (s * s)
-            edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates
-            m.box = ((pr0 + rows.min() - edge) / s, (pc0 + cols.min() - edge) / s,
-                     (pr0 + rows.max() + 1 - edge) / s, (pc0 + cols.max() + 1 - edge) / s)
+            m.box = _map_box(own, pr0, pc0, s)
     return m
+
+
+def _map_box(own: np.ndarray, pr0: int, pc0: int, s: int) -> tuple[float, float, float, float]:
+    """The box ``(top, left, bottom, right)`` in map pixel coordinates of the pixels ``own``
+    of a patch read at model-grid pixel ``(pr0, pc0)`` (``s`` model-grid pixels a map pixel)."""
+    rows, cols = np.nonzero(own)
+    edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates
+    return ((pr0 + rows.min() - edge) / s, (pc0 + cols.min() - edge) / s,
+            (pr0 + rows.max() + 1 - edge) / s, (pc0 + cols.max() + 1 - edge) / s)
 
 
 def _own_centre(patch: np.ndarray, own: np.ndarray, look: Any, pr0: int, pc0: int, s: int,
@@ -1015,17 +1021,14 @@ def _spots(patch: np.ndarray, inside: np.ndarray, look: Any, pr0: int, pc0: int,
         own = labels == k
         if ndimage.distance_transform_edt(~(held & ~own))[own].min() < SPOT_MIN_GAP_PX:
             return []
-    edge = (s - 1) / 2 + 0.5  # model-grid pixel edges -> map pixel coordinates
     out = []
     for k in spots:
         own = labels == k
         rows, cols = np.nonzero(own)
         w = dev[rows, cols]
         cy, cx = float((w * rows).sum() / w.sum()), float((w * cols).sum() / w.sum())
-        box = ((pr0 + rows.min() - edge) / s, (pc0 + cols.min() - edge) / s,
-               (pr0 + rows.max() + 1 - edge) / s, (pc0 + cols.max() + 1 - edge) / s)
-        out.append((box, ((pr0 + cy - (s - 1) / 2) / s, (pc0 + cx - (s - 1) / 2) / s),
-                    own & (dev > 0.5 * float(dev[own].max()))))
+        centre = ((pr0 + cy - (s - 1) / 2) / s, (pc0 + cx - (s - 1) / 2) / s)
+        out.append((_map_box(own, pr0, pc0, s), centre, own & (dev > 0.5 * float(dev[own].max()))))
     return out
 
 
